@@ -1,0 +1,21 @@
+//! ferry's API and domain types: VM, disk, NIC, pool, volume, task and event definitions,
+//! with serde, OpenAPI schemas and validation. Shared by the daemon, the CLI and the UI;
+//! this crate does no I/O.
+
+pub mod error;
+pub mod event;
+pub mod size;
+pub mod state;
+pub mod storage;
+pub mod task;
+pub mod validate;
+pub mod vm;
+
+pub use error::ApiErrorBody;
+pub use event::Event;
+pub use size::ByteSize;
+pub use state::{VmAction, VmState};
+pub use storage::{Pool, PoolKind, PoolSpec, Volume, VolumeCreate, VolumeImport, VolumeResize};
+pub use task::{Task, TaskAccepted, TaskState};
+pub use validate::{Invalid, ValidationErrors};
+pub use vm::*;

@@ -1,0 +1,136 @@
+//! The VM state machine.
+//!
+//! ```text
+//!             start                 QMP up
+//!  Stopped ----------> Starting ------------> Running <----- resume ----- Paused
+//!  Crashed ----------^     |                   |   |  ------ pause ------>  |
+//!     ^                    | QEMU failed       |   | shutdown (ACPI)        |
+//!     |                    v                   |   v                        |
+//!     |                 Stopped         ShuttingDown --- exit / timeout+kill |
+//!     |                                        |                            |
+//!     |           stop (kill) from Running, Paused, ShuttingDown            |
+//!     |                                        v                            |
+//!     +---- QEMU died unexpectedly ------   Stopped   <---------------------+
+//! ```
+//! `Crashed` is `Stopped` with the knowledge that QEMU ended without being asked to
+//! (killed, died, guest panic); it may be started again.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use utoipa::ToSchema;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    Stopped,
+    Starting,
+    Running,
+    Paused,
+    ShuttingDown,
+    Crashed,
+}
+
+/// What a user (or the agent) asks of a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VmAction {
+    Start,
+    /// ACPI power button, then kill after a timeout.
+    Shutdown,
+    /// Hard stop (kill QEMU).
+    Stop,
+    Reboot,
+    Pause,
+    Resume,
+    Delete,
+    Edit,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("Cannot {action} a VM that is {state}")]
+pub struct InvalidTransition {
+    pub action: VmAction,
+    pub state: VmState,
+}
+
+impl VmState {
+    /// True while a QEMU process exists for the VM.
+    pub fn has_process(self) -> bool {
+        matches!(
+            self,
+            VmState::Starting | VmState::Running | VmState::Paused | VmState::ShuttingDown
+        )
+    }
+
+    /// Whether `action` is allowed in this state (deleting a running VM needs `force`,
+    /// checked by the caller).
+    pub fn check(self, action: VmAction) -> Result<(), InvalidTransition> {
+        use VmAction as A;
+        use VmState as S;
+        let ok = match action {
+            A::Start | A::Edit | A::Delete => matches!(self, S::Stopped | S::Crashed),
+            A::Shutdown | A::Reboot => matches!(self, S::Running | S::Paused),
+            A::Stop => self.has_process(),
+            A::Pause => self == S::Running,
+            A::Resume => self == S::Paused,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(InvalidTransition {
+                action,
+                state: self,
+            })
+        }
+    }
+}
+
+impl fmt::Display for VmState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            VmState::Stopped => "stopped",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::ShuttingDown => "shutting down",
+            VmState::Crashed => "crashed",
+        };
+        f.write_str(s)
+    }
+}
+
+impl fmt::Display for VmAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = serde_json::to_value(self).ok();
+        f.write_str(s.as_ref().and_then(|v| v.as_str()).unwrap_or("?"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_allowed_only_when_stopped_or_crashed() {
+        assert!(VmState::Stopped.check(VmAction::Start).is_ok());
+        assert!(VmState::Crashed.check(VmAction::Start).is_ok());
+        for s in [VmState::Running, VmState::Paused, VmState::Starting] {
+            assert!(s.check(VmAction::Start).is_err());
+        }
+    }
+
+    #[test]
+    fn pause_resume_pairs() {
+        assert!(VmState::Running.check(VmAction::Pause).is_ok());
+        assert!(VmState::Paused.check(VmAction::Pause).is_err());
+        assert!(VmState::Paused.check(VmAction::Resume).is_ok());
+        assert!(VmState::Running.check(VmAction::Resume).is_err());
+    }
+
+    #[test]
+    fn edit_and_delete_refused_while_running() {
+        let e = VmState::Running.check(VmAction::Delete).unwrap_err();
+        assert_eq!(e.to_string(), "Cannot delete a VM that is running");
+        assert!(VmState::Running.check(VmAction::Edit).is_err());
+    }
+}

@@ -1,0 +1,109 @@
+//! Storage pools and volumes.
+
+use crate::size::ByteSize;
+use crate::validate::{check_name, ValidationErrors};
+use crate::vm::DiskFormat;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// What backs a pool.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum PoolKind {
+    /// Volumes are qcow2/raw files in a local directory.
+    Dir { path: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSpec {
+    pub name: String,
+    #[serde(flatten)]
+    pub kind: PoolKind,
+}
+
+impl PoolSpec {
+    pub fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut e = ValidationErrors::default();
+        check_name(&mut e, "name", &self.name);
+        match &self.kind {
+            PoolKind::Dir { path } => {
+                if !path.starts_with('/') || path.split('/').any(|c| c == "..") {
+                    e.push("path", "must be an absolute path without '..'");
+                }
+            }
+        }
+        e.into_result()
+    }
+}
+
+/// A pool with its capacity figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Pool {
+    pub spec: PoolSpec,
+    pub capacity_bytes: u64,
+    pub available_bytes: u64,
+    /// Bytes allocated by the pool's volumes.
+    pub used_bytes: u64,
+    pub volumes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Volume {
+    pub pool: String,
+    pub name: String,
+    pub format: String,
+    /// Size the guest sees.
+    pub virtual_bytes: u64,
+    /// Space taken on the host.
+    pub allocated_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeCreate {
+    pub name: String,
+    pub size: ByteSize,
+    #[serde(default)]
+    pub format: DiskFormat,
+}
+
+/// Import a host file (disk image or ISO) into a pool as a new volume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeImport {
+    pub name: String,
+    /// Absolute path of the file on the daemon's host.
+    pub source: String,
+    /// Convert to this format; by default the file is copied as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<DiskFormat>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeResize {
+    pub size: ByteSize,
+}
+
+impl VolumeCreate {
+    pub fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut e = ValidationErrors::default();
+        check_name(&mut e, "name", &self.name);
+        if self.size.0 < 1 << 20 {
+            e.push("size", "must be at least 1M");
+        }
+        e.into_result()
+    }
+}
+
+impl VolumeImport {
+    pub fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut e = ValidationErrors::default();
+        check_name(&mut e, "name", &self.name);
+        if !self.source.starts_with('/') {
+            e.push("source", "must be an absolute path");
+        }
+        e.into_result()
+    }
+}

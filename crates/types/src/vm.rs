@@ -1,0 +1,471 @@
+//! The VM definition (seed 000: CPU, RAM, disks on SCSI/IDE/SATA/virtio, optical drives,
+//! NICs) and its structural validation. Checks that need the host (does the bridge or
+//! pool exist, is there that much memory) are done by the agent.
+
+use crate::size::ByteSize;
+use crate::state::VmState;
+use crate::validate::{check_ifname, check_name, ValidationErrors};
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use utoipa::ToSchema;
+
+pub const MIN_MEMORY_MIB: u64 = 16;
+/// 16 TiB: beyond any host ferry runs on; larger is a typo.
+pub const MAX_MEMORY_MIB: u64 = 16 << 20;
+pub const MAX_CPUS: u32 = 255;
+pub const MAX_DISKS: usize = 32;
+pub const MAX_NICS: usize = 16;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskBus {
+    #[default]
+    Virtio,
+    Scsi,
+    Sata,
+    Ide,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    #[default]
+    Qcow2,
+    Raw,
+}
+
+impl DiskFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Qcow2 => "qcow2",
+            DiskFormat::Raw => "raw",
+        }
+    }
+}
+
+/// Host page cache use, as QEMU's `cache=` modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    /// O_DIRECT, guest flushes honoured (the safe default for shared storage).
+    #[default]
+    None,
+    Writeback,
+    Writethrough,
+    Directsync,
+    Unsafe,
+}
+
+impl CacheMode {
+    /// (cache.direct, cache.no-flush, write-cache on the device)
+    pub fn qemu_flags(self) -> (bool, bool, bool) {
+        match self {
+            CacheMode::None => (true, false, true),
+            CacheMode::Writeback => (false, false, true),
+            CacheMode::Writethrough => (false, false, false),
+            CacheMode::Directsync => (true, false, false),
+            CacheMode::Unsafe => (false, true, true),
+        }
+    }
+}
+
+/// A virtual disk. On create, give `size` for a new volume in `pool`, or `volume` to
+/// attach an existing one; the stored definition always names its volume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    #[serde(default)]
+    pub bus: DiskBus,
+    #[serde(default = "default_pool")]
+    pub pool: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<ByteSize>,
+    #[serde(default)]
+    pub format: DiskFormat,
+    #[serde(default)]
+    pub cache: CacheMode,
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CdromBus {
+    #[default]
+    Ide,
+    Sata,
+    Scsi,
+}
+
+/// An optical drive, empty or with an ISO volume from a pool.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CdromSpec {
+    #[serde(default)]
+    pub bus: CdromBus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NicModel {
+    #[default]
+    Virtio,
+    E1000,
+}
+
+/// A network card: a tap on the named host bridge. The MAC is generated once at create
+/// and kept for the VM's life (also across migration).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NicSpec {
+    #[serde(default)]
+    pub model: NicModel,
+    pub bridge: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Machine {
+    /// i440fx: IDE built in (SATA through an added AHCI controller).
+    #[default]
+    Pc,
+    /// Q35: SATA (AHCI) built in, no IDE.
+    Q35,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    #[default]
+    Bios,
+    /// OVMF; needs the `ovmf` package on the host.
+    Uefi,
+}
+
+/// Direct kernel boot (host paths), as for the test guest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DirectBoot {
+    pub kernel: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    #[serde(default)]
+    pub cmdline: String,
+}
+
+/// A VM definition as the user gives it (create, edit).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    pub name: String,
+    #[serde(default = "one")]
+    pub cpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    #[serde(default)]
+    pub machine: Machine,
+    #[serde(default)]
+    pub firmware: Firmware,
+    #[serde(default)]
+    pub disks: Vec<DiskSpec>,
+    #[serde(default)]
+    pub cdroms: Vec<CdromSpec>,
+    #[serde(default)]
+    pub nics: Vec<NicSpec>,
+    /// Device ids in boot order: `disk0`, `cdrom0`, `net0`, ... Empty: disks, CD-ROMs, NICs.
+    #[serde(default)]
+    pub boot_order: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_boot: Option<DirectBoot>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+}
+
+/// A defined VM with its runtime status, as the API returns it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Vm {
+    /// Small number unique on the host; names taps (`tap{id}i{n}`) and volumes.
+    pub id: u32,
+    pub spec: VmSpec,
+    pub state: VmState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<i32>,
+    /// `kvm` or `tcg` while running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<String>,
+    /// Why the VM last stopped or crashed, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<String>,
+}
+
+/// Query flags for `DELETE /api/v1/vms/{name}`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteVmParams {
+    /// Kill a running VM first.
+    #[serde(default)]
+    pub force: bool,
+    /// Keep the VM's own volumes (`vm-{id}-*`) instead of deleting them.
+    #[serde(default)]
+    pub keep_disks: bool,
+}
+
+/// Options of shutdown.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownParams {
+    /// Seconds to wait for the guest before killing QEMU (default 60).
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_pool() -> String {
+    "local".into()
+}
+
+/// Locally administered unicast MAC in QEMU's 52:54:00 range.
+pub fn random_mac() -> String {
+    let b: [u8; 3] = rand::random();
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`; refuses multicast and all-zero addresses.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], &'static str> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err("expected six hex bytes separated by ':'");
+    }
+    let mut out = [0u8; 6];
+    for (o, p) in out.iter_mut().zip(&parts) {
+        if p.len() != 2 {
+            return Err("expected six hex bytes separated by ':'");
+        }
+        *o = u8::from_str_radix(p, 16).map_err(|_| "not a hex byte")?;
+    }
+    if out[0] & 1 == 1 {
+        return Err("multicast address");
+    }
+    if out == [0; 6] {
+        return Err("all-zero address");
+    }
+    Ok(out)
+}
+
+impl VmSpec {
+    /// Device ids in the default boot order.
+    pub fn device_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = (0..self.disks.len()).map(|i| format!("disk{i}")).collect();
+        ids.extend((0..self.cdroms.len()).map(|i| format!("cdrom{i}")));
+        ids.extend((0..self.nics.len()).map(|i| format!("net{i}")));
+        ids
+    }
+
+    /// The effective boot order (explicit, or disks, CD-ROMs, NICs).
+    pub fn effective_boot_order(&self) -> Vec<String> {
+        if self.boot_order.is_empty() {
+            self.device_ids()
+        } else {
+            self.boot_order.clone()
+        }
+    }
+
+    /// Structural checks; reports every problem, not just the first.
+    pub fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut e = ValidationErrors::default();
+        check_name(&mut e, "name", &self.name);
+        if self.cpus == 0 || self.cpus > MAX_CPUS {
+            e.push("cpus", format!("must be between 1 and {MAX_CPUS}"));
+        }
+        if self.memory_mib < MIN_MEMORY_MIB {
+            e.push("memory_mib", format!("must be at least {MIN_MEMORY_MIB} MiB"));
+        } else if self.memory_mib > MAX_MEMORY_MIB {
+            e.push("memory_mib", format!("{} MiB is absurd (at most 16 TiB)", self.memory_mib));
+        }
+        if self.disks.len() > MAX_DISKS {
+            e.push("disks", format!("at most {MAX_DISKS} disks"));
+        }
+        if self.nics.len() > MAX_NICS {
+            e.push("nics", format!("at most {MAX_NICS} NICs"));
+        }
+        let mut vols = HashSet::new();
+        for (i, d) in self.disks.iter().enumerate() {
+            let f = format!("disks[{i}]");
+            check_name(&mut e, &format!("{f}.pool"), &d.pool);
+            match (&d.volume, d.size) {
+                (None, None) => e.push(&f, "give a size for a new volume or the name of an existing volume"),
+                (Some(v), _) => {
+                    check_name(&mut e, &format!("{f}.volume"), v);
+                    if !vols.insert((d.pool.clone(), v.clone())) {
+                        e.push(format!("{f}.volume"), format!("volume {v} is used twice"));
+                    }
+                }
+                (None, Some(s)) => {
+                    if s.0 < 1 << 20 {
+                        e.push(format!("{f}.size"), "must be at least 1M");
+                    } else if s.0 > 1 << 50 {
+                        e.push(format!("{f}.size"), "larger than 1 PiB");
+                    }
+                }
+            }
+            if d.bus == DiskBus::Ide && self.machine == Machine::Q35 {
+                e.push(format!("{f}.bus"), "the q35 machine has no IDE controller; use sata");
+            }
+        }
+        for (i, c) in self.cdroms.iter().enumerate() {
+            let f = format!("cdroms[{i}]");
+            match (&c.pool, &c.volume) {
+                (Some(p), Some(v)) => {
+                    check_name(&mut e, &format!("{f}.pool"), p);
+                    check_name(&mut e, &format!("{f}.volume"), v);
+                }
+                (None, None) => {}
+                _ => e.push(&f, "give both pool and volume for an ISO, or neither for an empty drive"),
+            }
+            if c.bus == CdromBus::Ide && self.machine == Machine::Q35 {
+                e.push(format!("{f}.bus"), "the q35 machine has no IDE controller; use sata");
+            }
+        }
+        let ide = self.disks.iter().filter(|d| d.bus == DiskBus::Ide).count()
+            + self.cdroms.iter().filter(|c| c.bus == CdromBus::Ide).count();
+        if ide > 4 {
+            e.push("disks", format!("{ide} IDE devices; IDE has 4 slots"));
+        }
+        let sata = self.disks.iter().filter(|d| d.bus == DiskBus::Sata).count()
+            + self.cdroms.iter().filter(|c| c.bus == CdromBus::Sata).count();
+        if sata > 6 {
+            e.push("disks", format!("{sata} SATA devices; the AHCI controller has 6 ports"));
+        }
+        let mut macs = HashSet::new();
+        for (i, n) in self.nics.iter().enumerate() {
+            let f = format!("nics[{i}]");
+            check_ifname(&mut e, &format!("{f}.bridge"), &n.bridge);
+            if let Some(m) = &n.mac {
+                match parse_mac(m) {
+                    Err(r) => e.push(format!("{f}.mac"), format!("{m:?}: {r}")),
+                    Ok(b) => {
+                        if !macs.insert(b) {
+                            e.push(format!("{f}.mac"), format!("{m} is used twice"));
+                        }
+                    }
+                }
+            }
+        }
+        let ids = self.device_ids();
+        let mut seen = HashSet::new();
+        for b in &self.boot_order {
+            if !ids.contains(b) {
+                e.push("boot_order", format!("no device {b:?} (have: {})", ids.join(", ")));
+            } else if !seen.insert(b) {
+                e.push("boot_order", format!("{b} listed twice"));
+            }
+        }
+        if let Some(k) = &self.direct_boot {
+            for (f, p) in [("direct_boot.kernel", Some(&k.kernel)), ("direct_boot.initrd", k.initrd.as_ref())] {
+                if let Some(p) = p {
+                    if !p.starts_with('/') || p.split('/').any(|c| c == "..") {
+                        e.push(f, "must be an absolute path without '..'");
+                    }
+                }
+            }
+            if k.cmdline.contains('\n') || k.cmdline.len() > 4096 {
+                e.push("direct_boot.cmdline", "must be one line of at most 4096 bytes");
+            }
+        }
+        if self.description.len() > 4096 {
+            e.push("description", "at most 4096 bytes");
+        }
+        e.into_result()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> VmSpec {
+        serde_json::from_value(serde_json::json!({
+            "name": "web1", "cpus": 2, "memory_mib": 512,
+            "disks": [{"bus": "virtio", "size": "1G"}, {"bus": "scsi", "pool": "p2", "volume": "data"}],
+            "cdroms": [{}],
+            "nics": [{"bridge": "vmbr0"}]
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn validate_good_spec_passes() {
+        spec().validate().unwrap();
+        assert_eq!(spec().effective_boot_order(), ["disk0", "disk1", "cdrom0", "net0"]);
+    }
+
+    #[test]
+    fn validate_reports_every_problem() {
+        let mut s = spec();
+        s.memory_mib = 0;
+        s.cpus = 0;
+        s.disks[1].volume = Some("../etc/passwd".into());
+        s.boot_order = vec!["disk7".into()];
+        let errs = s.validate().unwrap_err();
+        let fields: Vec<&str> = errs.0.iter().map(|e| e.field.as_str()).collect();
+        assert!(fields.contains(&"memory_mib"), "{errs}");
+        assert!(fields.contains(&"cpus"), "{errs}");
+        assert!(fields.contains(&"disks[1].volume"), "{errs}");
+        assert!(fields.contains(&"boot_order"), "{errs}");
+    }
+
+    #[test]
+    fn validate_absurd_memory_rejected() {
+        let mut s = spec();
+        s.memory_mib = u64::MAX;
+        assert!(s.validate().unwrap_err().to_string().contains("absurd"));
+    }
+
+    #[test]
+    fn unknown_fields_and_buses_rejected() {
+        let r: Result<VmSpec, _> = serde_json::from_value(serde_json::json!({
+            "name": "a", "memory_mib": 64, "colour": "red"}));
+        assert!(r.unwrap_err().to_string().contains("colour"));
+        let r: Result<VmSpec, _> = serde_json::from_value(serde_json::json!({
+            "name": "a", "memory_mib": 64, "disks": [{"bus": "floppy", "size": "1G"}]}));
+        assert!(r.unwrap_err().to_string().contains("floppy"));
+    }
+
+    #[test]
+    fn ide_on_q35_rejected() {
+        let mut s = spec();
+        s.machine = Machine::Q35;
+        s.disks[0].bus = DiskBus::Ide;
+        assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn mac_parsing() {
+        assert!(parse_mac("52:54:00:12:34:56").is_ok());
+        assert!(parse_mac("01:00:5e:00:00:01").is_err());
+        assert!(parse_mac("52:54:00:12:34").is_err());
+        assert!(parse_mac("zz:54:00:12:34:56").is_err());
+        assert!(parse_mac(&random_mac()).is_ok());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn validate_never_panics(name in ".{0,80}", cpus in 0u32..1000, mem in 0u64..u64::MAX,
+                                 vol in ".{0,20}", order in proptest::collection::vec(".{0,8}", 0..4)) {
+            let mut s = spec();
+            s.name = name; s.cpus = cpus; s.memory_mib = mem;
+            s.disks[1].volume = Some(vol); s.boot_order = order;
+            let _ = s.validate();
+        }
+    }
+}

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Builds the tiny test guest, cached outside the repo in ${FERRY_GUEST_DIR:-/var/cache/ferry/guest}:
+#   vmlinux    the ELF kernel from Debian's cloud kernel package (boots directly, PVH)
+#   initrd.img busybox-static + virtio modules + scripts/guest-init
+# Idempotent: rebuilds only when the inputs changed.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+out=${FERRY_GUEST_DIR:-/var/cache/ferry/guest}
+mkdir -p "$out"
+
+kpkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | sed -n 's/.*Depends: \(linux-image-[0-9].*\)$/\1/p' | head -1)
+[ -n "$kpkg" ] || { echo "build-guest: cannot resolve the cloud kernel package (apt-get update?)" >&2; exit 1; }
+stamp="$kpkg $(sha256sum "$here/guest-init" "$0" | sha256sum | cut -c1-16)"
+if [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$stamp" ] && [ -f "$out/vmlinux" ] && [ -f "$out/initrd.img" ]; then
+  echo "build-guest: cached ($stamp) in $out"
+  exit 0
+fi
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+echo "build-guest: downloading $kpkg"
+apt-get download -q "$kpkg" >/dev/null
+dpkg-deb -x ./*.deb root
+kver=${kpkg#linux-image-}
+bz=root/boot/vmlinuz-$kver
+
+# The bzImage carries an LZ4 (legacy frame) compressed ELF vmlinux; extract it to boot it
+# directly (PVH entry), skipping real-mode setup.
+python3 - "$bz" vmlinux <<'PY'
+import subprocess, sys
+data = open(sys.argv[1], 'rb').read()
+magic = b'\x02\x21\x4c\x18'
+pos = data.find(magic)
+while pos >= 0:
+    p = subprocess.run(['lz4', '-dc'], input=data[pos:], capture_output=True)
+    if p.stdout[:4] == b'\x7fELF':
+        open(sys.argv[2], 'wb').write(p.stdout)
+        sys.exit(0)
+    pos = data.find(magic, pos + 1)
+sys.exit('no LZ4-compressed ELF kernel found in ' + sys.argv[1])
+PY
+
+mkdir -p ird/bin ird/sbin ird/etc ird/proc ird/sys ird/dev ird/tmp ird/run ird/mnt ird/www/cgi-bin ird/lib/modules ird/root
+cp /bin/busybox ird/bin/busybox
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover \
+         virtio_net virtio_blk scsi_common scsi_mod sd_mod virtio_scsi virtio_console; do
+  f=$(find root/lib/modules -name "$m.ko*" | head -1)
+  [ -n "$f" ] || { echo "build-guest: module $m not in $kpkg (built in?)"; continue; }
+  case "$f" in
+    *.xz) xz -dc "$f" > "ird/lib/modules/$m.ko" ;;
+    *.zst) zstd -dcq "$f" > "ird/lib/modules/$m.ko" ;;
+    *) cp "$f" "ird/lib/modules/$m.ko" ;;
+  esac
+  echo "$m" >> ird/lib/modules/order
+done
+cp "$here/guest-init" ird/init
+chmod +x ird/init
+(cd ird && find . | cpio -o -H newc --quiet | gzip -1) > initrd.img
+
+install -m 0644 vmlinux "$out/vmlinux.tmp" && mv "$out/vmlinux.tmp" "$out/vmlinux"
+install -m 0644 initrd.img "$out/initrd.img.tmp" && mv "$out/initrd.img.tmp" "$out/initrd.img"
+echo "$stamp" > "$out/stamp"
+echo "build-guest: built $out (kernel $kver)"

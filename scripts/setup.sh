@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs everything ferry needs on a fresh Debian 12 machine, idempotently:
+# QEMU 10 from bookworm-backports, busybox-static, OVMF, iproute2, and the test guest
+# (Debian cloud kernel + busybox initramfs) under $FERRY_CACHE (default ~/.cache/ferry).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+export DEBIAN_FRONTEND=noninteractive
+
+need_pkgs=()
+have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -n 's/.*version \([0-9]*\)\..*/\1/p'; }
+
+if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+  echo "setup: adding bookworm-backports"
+  cat > /etc/apt/sources.list.d/ferry-backports.sources <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+  rm -f /var/lib/ferry-setup-apt-updated
+fi
+
+for p in busybox-static ovmf iproute2 cpio lz4 protobuf-compiler; do have "$p" || need_pkgs+=("$p"); done
+q=$(qemu_major || true)
+if [ -z "$q" ] || [ "$q" -lt 10 ] || ! have qemu-utils; then need_qemu=1; else need_qemu=0; fi
+
+if [ ${#need_pkgs[@]} -gt 0 ] || [ "$need_qemu" = 1 ]; then
+  if [ ! -e /var/lib/ferry-setup-apt-updated ]; then
+    apt-get update -q
+    touch /var/lib/ferry-setup-apt-updated
+  fi
+  if [ "$need_qemu" = 1 ]; then
+    apt-get install -y -q -t bookworm-backports --no-install-recommends qemu-system-x86 qemu-utils
+  fi
+  if [ ${#need_pkgs[@]} -gt 0 ]; then
+    apt-get install -y -q --no-install-recommends "${need_pkgs[@]}"
+  fi
+fi
+
+"$here/build-guest.sh"
