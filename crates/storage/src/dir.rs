@@ -1,0 +1,253 @@
+//! The `dir` pool: volumes are files directly in one directory.
+
+use crate::qemu_img::{self, run};
+use crate::StorageError;
+use ferry_types::validate::check_name;
+use ferry_types::{ByteSize, DiskFormat, ValidationErrors, Volume};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct DirPool {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+/// Files being written get this prefix and are never listed as volumes.
+const PARTIAL: &str = ".partial-";
+
+impl DirPool {
+    pub fn new(name: impl Into<String>, path: impl Into<PathBuf>) -> DirPool {
+        DirPool {
+            name: name.into(),
+            path: path.into(),
+        }
+    }
+
+    /// Creates the directory if it is missing.
+    pub fn ensure(&self) -> Result<(), StorageError> {
+        std::fs::create_dir_all(&self.path).map_err(|source| StorageError::PoolDir {
+            path: self.path.display().to_string(),
+            source,
+        })
+    }
+
+    /// The file of volume `name`; refuses any name that could leave the pool.
+    pub fn volume_path(&self, name: &str) -> Result<PathBuf, StorageError> {
+        let mut e = ValidationErrors::default();
+        check_name(&mut e, "volume", name);
+        e.into_result()?;
+        Ok(self.path.join(name))
+    }
+
+    fn existing(&self, name: &str) -> Result<PathBuf, StorageError> {
+        let p = self.volume_path(name)?;
+        if !p.is_file() {
+            return Err(StorageError::NotFound(format!("{}/{name}", self.name)));
+        }
+        Ok(p)
+    }
+
+    pub async fn create(&self, name: &str, size: ByteSize, format: DiskFormat) -> Result<Volume, StorageError> {
+        let p = self.volume_path(name)?;
+        if p.exists() {
+            return Err(StorageError::Exists(format!("{}/{name}", self.name)));
+        }
+        let tmp = self.path.join(format!("{PARTIAL}{name}"));
+        let size_arg = size.0.to_string();
+        let r = run(
+            "create",
+            &["create".as_ref(), "-q".as_ref(), "-f".as_ref(), format.as_str().as_ref(), tmp.as_os_str(), size_arg.as_ref()],
+        )
+        .await;
+        if let Err(e) = r {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        self.publish(&tmp, &p)?;
+        self.info(name).await
+    }
+
+    /// Moves a finished file into place; fails (and removes it) if the name got taken.
+    fn publish(&self, tmp: &Path, p: &Path) -> Result<(), StorageError> {
+        let r = std::fs::hard_link(tmp, p);
+        let _ = std::fs::remove_file(tmp);
+        r.map_err(|source| match source.kind() {
+            std::io::ErrorKind::AlreadyExists => StorageError::Exists(p.display().to_string()),
+            _ => StorageError::PoolDir {
+                path: p.display().to_string(),
+                source,
+            },
+        })
+    }
+
+    pub async fn info(&self, name: &str) -> Result<Volume, StorageError> {
+        let p = self.existing(name)?;
+        let i = qemu_img::info(&p).await?;
+        Ok(Volume {
+            pool: self.name.clone(),
+            name: name.to_string(),
+            format: i.format,
+            virtual_bytes: i.virtual_size,
+            allocated_bytes: i.actual_size,
+        })
+    }
+
+    pub async fn list(&self) -> Result<Vec<Volume>, StorageError> {
+        let rd = std::fs::read_dir(&self.path).map_err(|source| StorageError::PoolDir {
+            path: self.path.display().to_string(),
+            source,
+        })?;
+        let mut names: Vec<String> = rd
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        names.sort();
+        let mut out = vec![];
+        for n in names {
+            match self.info(&n).await {
+                Ok(v) => out.push(v),
+                Err(e) => tracing::warn!(pool = %self.name, volume = %n, error = %e, "unreadable volume"),
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<(), StorageError> {
+        let p = self.existing(name)?;
+        std::fs::remove_file(&p).map_err(|source| StorageError::Delete {
+            path: p.display().to_string(),
+            source,
+        })
+    }
+
+    /// Grows a volume (offline; a running VM's disk grows through QMP `block_resize`).
+    pub async fn resize(&self, name: &str, size: ByteSize) -> Result<Volume, StorageError> {
+        let v = self.info(name).await?;
+        if size.0 < v.virtual_bytes {
+            return Err(StorageError::Shrink {
+                volume: format!("{}/{name}", self.name),
+                from: v.virtual_bytes,
+                to: size.0,
+            });
+        }
+        let p = self.existing(name)?;
+        let size_arg = size.0.to_string();
+        run(
+            "resize",
+            &["resize".as_ref(), "-q".as_ref(), "-f".as_ref(), v.format.as_str().as_ref(), p.as_os_str(), size_arg.as_ref()],
+        )
+        .await?;
+        self.info(name).await
+    }
+
+    /// Imports a host file (image or ISO): copied, or converted to `format`.
+    pub async fn import(
+        &self,
+        name: &str,
+        source: &Path,
+        format: Option<DiskFormat>,
+        progress: impl FnMut(f32) + Send,
+    ) -> Result<Volume, StorageError> {
+        let p = self.volume_path(name)?;
+        if p.exists() {
+            return Err(StorageError::Exists(format!("{}/{name}", self.name)));
+        }
+        std::fs::metadata(source)
+            .and_then(|m| {
+                if m.is_file() {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"))
+                }
+            })
+            .map_err(|e| StorageError::Source {
+                path: source.display().to_string(),
+                source: e,
+            })?;
+        let src = qemu_img::info(source).await?;
+        // Never follow a backing file of an imported image: it could read any host file.
+        if src.backing_filename.is_some() {
+            return Err(StorageError::Source {
+                path: source.display().to_string(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "images with a backing file are not imported"),
+            });
+        }
+        let dst_fmt = format.map(|f| f.as_str().to_string()).unwrap_or_else(|| match src.format.as_str() {
+            "qcow2" => "qcow2".into(),
+            _ => "raw".into(),
+        });
+        let src_fmt = if src.format == "qcow2" { "qcow2" } else { "raw" };
+        let tmp = self.path.join(format!("{PARTIAL}{name}"));
+        if let Err(e) = qemu_img::convert(source, src_fmt, &tmp, &dst_fmt, progress).await {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        self.publish(&tmp, &p)?;
+        self.info(name).await
+    }
+
+    /// (capacity, available) of the file system under the pool.
+    pub fn capacity(&self) -> Result<(u64, u64), StorageError> {
+        let s = nix::sys::statvfs::statvfs(&self.path).map_err(|e| StorageError::PoolDir {
+            path: self.path.display().to_string(),
+            source: e.into(),
+        })?;
+        let f = s.fragment_size() as u64;
+        Ok((s.blocks() as u64 * f, s.blocks_available() as u64 * f))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool() -> (tempfile::TempDir, DirPool) {
+        let d = tempfile::tempdir().unwrap();
+        let p = DirPool::new("local", d.path().join("pool"));
+        p.ensure().unwrap();
+        (d, p)
+    }
+
+    #[tokio::test]
+    async fn create_list_resize_delete_real_qemu_img() {
+        let (_d, p) = pool();
+        let v = p.create("a", "64M".parse().unwrap(), DiskFormat::Qcow2).await.unwrap();
+        assert_eq!((v.format.as_str(), v.virtual_bytes), ("qcow2", 64 << 20));
+        p.create("b", "1M".parse().unwrap(), DiskFormat::Raw).await.unwrap();
+        let names: Vec<_> = p.list().await.unwrap().into_iter().map(|v| v.name).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert!(matches!(p.create("a", ByteSize::mib(1), DiskFormat::Raw).await, Err(StorageError::Exists(_))));
+        let v = p.resize("a", "128M".parse().unwrap()).await.unwrap();
+        assert_eq!(v.virtual_bytes, 128 << 20);
+        assert!(matches!(p.resize("a", ByteSize::mib(1)).await, Err(StorageError::Shrink { .. })));
+        p.delete("a").await.unwrap();
+        assert!(matches!(p.info("a").await, Err(StorageError::NotFound(_))));
+        let (cap, avail) = p.capacity().unwrap();
+        assert!(cap >= avail && cap > 0);
+    }
+
+    #[tokio::test]
+    async fn names_outside_pool_refused() {
+        let (_d, p) = pool();
+        for n in ["../x", "/etc/passwd", "..", ".hidden", "a/b"] {
+            let r = p.create(n, ByteSize::mib(1), DiskFormat::Raw).await;
+            assert!(matches!(r, Err(StorageError::Invalid(_))), "{n}: {r:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn import_converts_and_reports_progress() {
+        let (d, p) = pool();
+        let src = d.path().join("src.raw");
+        std::fs::write(&src, vec![7u8; 4 << 20]).unwrap();
+        let mut last = 0.0;
+        let v = p.import("img", &src, Some(DiskFormat::Qcow2), |f| last = f).await.unwrap();
+        assert_eq!((v.format.as_str(), v.virtual_bytes), ("qcow2", 4 << 20));
+        assert!(last > 0.99, "progress ended at {last}");
+        let r = p.import("x", &d.path().join("missing"), None, |_| {}).await;
+        assert!(matches!(r, Err(StorageError::Source { .. })));
+        assert!(p.list().await.unwrap().len() == 1, "a failed import left a volume");
+    }
+}

@@ -1,0 +1,63 @@
+//! Storage pools and their volumes. A `dir` pool keeps each volume as one qcow2 or raw
+//! file in a directory; every operation goes through `qemu-img` (never a shell), and a
+//! volume name can never point outside its pool.
+
+mod dir;
+mod qemu_img;
+
+pub use dir::DirPool;
+pub use qemu_img::ImageInfo;
+
+use ferry_types::ValidationErrors;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error(transparent)]
+    Invalid(#[from] ValidationErrors),
+    #[error("Volume {0} not found")]
+    NotFound(String),
+    #[error("Volume {0} already exists")]
+    Exists(String),
+    #[error("Pool directory {path}")]
+    PoolDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Run qemu-img {op}")]
+    Spawn {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("qemu-img {op} failed: {stderr}")]
+    QemuImg { op: &'static str, stderr: String },
+    #[error("Source file {path}")]
+    Source {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Cannot shrink {volume} from {from} to {to} bytes")]
+    Shrink { volume: String, from: u64, to: u64 },
+    #[error("Delete volume file {path}")]
+    Delete {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StorageError {
+    /// Whether the caller's input, not the host, is at fault (an HTTP 4xx).
+    pub fn is_client_error(&self) -> bool {
+        matches!(
+            self,
+            StorageError::Invalid(_)
+                | StorageError::NotFound(_)
+                | StorageError::Exists(_)
+                | StorageError::Shrink { .. }
+                | StorageError::Source { .. }
+        )
+    }
+}
