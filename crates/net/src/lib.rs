@@ -1,0 +1,48 @@
+//! Host networking for VMs. A VM NIC is a persistent tap created with the `TUNSETIFF`
+//! ioctl (the kernel refuses tap creation over rtnetlink), attached to a host bridge and
+//! brought up over rtnetlink; QEMU opens it by name. Bridges are created only on request.
+
+mod link;
+mod tap;
+
+pub use link::{attach_up, bridge_exists, create_bridge, delete_link, link_exists, link_stats, LinkStats};
+pub use tap::create_tap;
+
+/// The tap of NIC `nic` of VM `vm_id` (at most 15 bytes for ids below 10^8).
+pub fn tap_name(vm_id: u32, nic: usize) -> String {
+    format!("tap{vm_id}i{nic}")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("Open /dev/net/tun")]
+    OpenTun(#[source] std::io::Error),
+    #[error("Create tap {name}")]
+    CreateTap {
+        name: String,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("Open netlink socket")]
+    Netlink(#[source] std::io::Error),
+    #[error("{op} {name}")]
+    Link {
+        op: &'static str,
+        name: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("No network interface {0}")]
+    NoSuchLink(String),
+    #[error("{0} is not a bridge")]
+    NotABridge(String),
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tap_names_fit_ifnamsiz() {
+        assert_eq!(super::tap_name(100, 0), "tap100i0");
+        assert!(super::tap_name(99_999_999, 15).len() <= 15);
+    }
+}

@@ -1,0 +1,102 @@
+//! Links over rtnetlink: bridges, attach, up, delete; statistics from sysfs.
+
+use crate::NetError;
+use futures::TryStreamExt;
+use rtnetlink::{Handle, LinkBridge, LinkUnspec};
+use std::path::Path;
+
+fn connect() -> Result<Handle, NetError> {
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(NetError::Netlink)?;
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+async fn index(h: &Handle, name: &str) -> Result<u32, NetError> {
+    let mut links = h.link().get().match_name(name.to_string()).execute();
+    match links.try_next().await {
+        Ok(Some(m)) => Ok(m.header.index),
+        Ok(None) | Err(_) => Err(NetError::NoSuchLink(name.to_string())),
+    }
+}
+
+pub fn link_exists(name: &str) -> bool {
+    !name.contains('/') && Path::new("/sys/class/net").join(name).exists()
+}
+
+pub fn bridge_exists(name: &str) -> bool {
+    !name.contains('/') && Path::new("/sys/class/net").join(name).join("bridge").exists()
+}
+
+/// Creates bridge `name` and brings it up (no error if it already exists as a bridge).
+pub async fn create_bridge(name: &str) -> Result<(), NetError> {
+    if bridge_exists(name) {
+        return Ok(());
+    }
+    let h = connect()?;
+    h.link()
+        .add(LinkBridge::new(name).build())
+        .execute()
+        .await
+        .map_err(|source| NetError::Link {
+            op: "Create bridge",
+            name: name.to_string(),
+            source,
+        })
+}
+
+/// Attaches `link` to `bridge` and brings it up.
+pub async fn attach_up(link: &str, bridge: &str) -> Result<(), NetError> {
+    if !bridge_exists(bridge) {
+        return Err(NetError::NotABridge(bridge.to_string()));
+    }
+    let h = connect()?;
+    let br = index(&h, bridge).await?;
+    let idx = index(&h, link).await?;
+    h.link()
+        .set(LinkUnspec::new_with_index(idx).controller(br).up().build())
+        .execute()
+        .await
+        .map_err(|source| NetError::Link {
+            op: "Attach to bridge",
+            name: link.to_string(),
+            source,
+        })
+}
+
+/// Deletes a link; a link that is already gone is not an error.
+pub async fn delete_link(name: &str) -> Result<(), NetError> {
+    let h = connect()?;
+    let idx = match index(&h, name).await {
+        Ok(i) => i,
+        Err(NetError::NoSuchLink(_)) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    h.link().del(idx).execute().await.map_err(|source| NetError::Link {
+        op: "Delete link",
+        name: name.to_string(),
+        source,
+    })
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+}
+
+/// Counters of a link as the host sees them (a tap's rx is the guest's tx).
+pub fn link_stats(name: &str) -> Option<LinkStats> {
+    if name.contains('/') {
+        return None;
+    }
+    let dir = Path::new("/sys/class/net").join(name).join("statistics");
+    let read = |f: &str| -> Option<u64> { std::fs::read_to_string(dir.join(f)).ok()?.trim().parse().ok() };
+    Some(LinkStats {
+        rx_bytes: read("rx_bytes")?,
+        tx_bytes: read("tx_bytes")?,
+        rx_packets: read("rx_packets")?,
+        tx_packets: read("tx_packets")?,
+    })
+}

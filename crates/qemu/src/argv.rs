@@ -1,0 +1,342 @@
+//! The QEMU command line for a VM, as data. Block devices, devices and netdevs use
+//! QEMU's JSON syntax, so paths with commas need no escaping.
+
+use crate::accel::Accel;
+use crate::process::RunPaths;
+use ferry_types::{CdromBus, DiskBus, DiskSpec, Firmware, Machine, NicModel, VmSpec};
+use serde_json::{json, Value};
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+/// A disk with its volume file located.
+#[derive(Debug, Clone)]
+pub struct ResolvedDisk {
+    pub spec: DiskSpec,
+    pub path: PathBuf,
+    /// The file's real format (`qcow2`/`raw`), from qemu-img.
+    pub format: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ResolvedCdrom {
+    pub bus: CdromBus,
+    pub iso: Option<PathBuf>,
+}
+
+/// Everything needed to start one VM.
+#[derive(Debug, Clone)]
+pub struct LaunchPlan {
+    pub spec: VmSpec,
+    pub accel: Accel,
+    pub run: RunPaths,
+    pub disks: Vec<ResolvedDisk>,
+    pub cdroms: Vec<ResolvedCdrom>,
+    /// Tap names, one per NIC, with the MAC from the spec.
+    pub taps: Vec<String>,
+    /// (code, vars) for UEFI.
+    pub ovmf: Option<(PathBuf, PathBuf)>,
+}
+
+struct Args(Vec<OsString>);
+
+impl Args {
+    fn push(&mut self, flag: &str, v: impl Into<OsString>) {
+        self.0.push(flag.into());
+        self.0.push(v.into());
+    }
+    fn json(&mut self, flag: &str, v: Value) {
+        self.push(flag, v.to_string());
+    }
+}
+
+/// Where IDE, SATA and SCSI devices go.
+#[derive(Default)]
+struct Slots {
+    ide: usize,
+    sata: usize,
+    scsi: usize,
+}
+
+fn bus_placement(machine: Machine, slots: &mut Slots, bus: &str) -> Value {
+    match bus {
+        "ide" => {
+            let k = slots.ide;
+            slots.ide += 1;
+            json!({"bus": format!("ide.{}", k / 2), "unit": k % 2})
+        }
+        "sata" => {
+            let k = slots.sata;
+            slots.sata += 1;
+            let ctl = if machine == Machine::Q35 { "ide" } else { "ahci0" };
+            json!({"bus": format!("{ctl}.{k}")})
+        }
+        _ => {
+            let k = slots.scsi;
+            slots.scsi += 1;
+            json!({"bus": "scsi0.0", "channel": 0, "scsi-id": k, "lun": 0})
+        }
+    }
+}
+
+fn merge(mut a: Value, b: Value) -> Value {
+    if let (Some(a), Value::Object(b)) = (a.as_object_mut(), b) {
+        a.extend(b);
+    }
+    a
+}
+
+/// The full argv (without the binary).
+pub fn build_argv(p: &LaunchPlan) -> Vec<OsString> {
+    let s = &p.spec;
+    let mut a = Args(vec![]);
+    a.push("-name", format!("guest={},debug-threads=on", s.name));
+    let machine = match s.machine {
+        Machine::Pc => "pc",
+        Machine::Q35 => "q35",
+    };
+    let mut mach = machine.to_string();
+    if p.ovmf.is_some() && s.firmware == Firmware::Uefi {
+        mach.push_str(",pflash0=pflash0,pflash1=pflash1");
+    }
+    a.push("-machine", mach);
+    match p.accel {
+        Accel::Kvm => {
+            a.push("-accel", "kvm");
+            a.push("-cpu", "host");
+        }
+        Accel::Tcg => a.push("-accel", "tcg,thread=single"),
+    }
+    a.push("-smp", s.cpus.to_string());
+    a.push("-m", format!("{}M", s.memory_mib));
+    a.0.extend(["-nodefaults", "-no-user-config", "-daemonize"].map(OsString::from));
+    a.push("-pidfile", p.run.pidfile.clone());
+    a.push("-qmp", format!("unix:{},server=on,wait=off", p.run.qmp.display()));
+    a.push(
+        "-chardev",
+        format!(
+            "socket,id=serial0,path={},server=on,wait=off,logfile={},logappend=on",
+            p.run.serial.display(),
+            p.run.serial_log.display()
+        ),
+    );
+    a.push("-serial", "chardev:serial0");
+    a.push("-vga", "std");
+    a.push("-display", "none");
+    a.push("-vnc", format!("unix:{}", p.run.vnc.display()));
+
+    if let (Some((code, vars)), Firmware::Uefi) = (&p.ovmf, s.firmware) {
+        a.json("-blockdev", json!({"driver": "file", "filename": code, "node-name": "pflash0", "read-only": true}));
+        a.json("-blockdev", json!({"driver": "file", "filename": vars, "node-name": "pflash1"}));
+    }
+    if let Some(k) = &s.direct_boot {
+        a.push("-kernel", k.kernel.clone());
+        if let Some(i) = &k.initrd {
+            a.push("-initrd", i.clone());
+        }
+        if !k.cmdline.is_empty() {
+            a.push("-append", k.cmdline.clone());
+        }
+    }
+
+    let order = s.effective_boot_order();
+    let bootindex = |id: &str| -> Option<usize> {
+        if s.direct_boot.is_some() {
+            None
+        } else {
+            order.iter().position(|o| o == id)
+        }
+    };
+    let uses = |bus: &str| {
+        s.disks.iter().any(|d| format!("{:?}", d.bus).eq_ignore_ascii_case(bus))
+            || s.cdroms.iter().any(|c| format!("{:?}", c.bus).eq_ignore_ascii_case(bus))
+    };
+    if uses("scsi") {
+        a.json("-device", json!({"driver": "virtio-scsi-pci", "id": "scsi0"}));
+    }
+    if uses("sata") && s.machine == Machine::Pc {
+        a.json("-device", json!({"driver": "ahci", "id": "ahci0"}));
+    }
+
+    let mut slots = Slots::default();
+    for (i, d) in p.disks.iter().enumerate() {
+        let (direct, no_flush, wce) = d.spec.cache.qemu_flags();
+        let cache = json!({"direct": direct, "no-flush": no_flush});
+        let ro = d.spec.readonly;
+        a.json(
+            "-blockdev",
+            json!({"driver": "file", "filename": d.path, "node-name": format!("file-disk{i}"),
+                   "cache": cache, "read-only": ro, "discard": "unmap"}),
+        );
+        a.json(
+            "-blockdev",
+            json!({"driver": d.format, "file": format!("file-disk{i}"), "node-name": format!("disk{i}"),
+                   "cache": cache, "read-only": ro, "discard": "unmap"}),
+        );
+        let id = format!("disk{i}");
+        let mut dev = match d.spec.bus {
+            DiskBus::Virtio => json!({"driver": "virtio-blk-pci"}),
+            DiskBus::Scsi => merge(json!({"driver": "scsi-hd"}), bus_placement(s.machine, &mut slots, "scsi")),
+            DiskBus::Sata => merge(json!({"driver": "ide-hd"}), bus_placement(s.machine, &mut slots, "sata")),
+            DiskBus::Ide => merge(json!({"driver": "ide-hd"}), bus_placement(s.machine, &mut slots, "ide")),
+        };
+        dev = merge(dev, json!({"drive": id, "id": id, "write-cache": if wce { "on" } else { "off" }}));
+        if let Some(b) = bootindex(&id) {
+            dev["bootindex"] = json!(b);
+        }
+        a.json("-device", dev);
+    }
+    for (j, c) in p.cdroms.iter().enumerate() {
+        let id = format!("cdrom{j}");
+        let busname = match c.bus {
+            CdromBus::Ide => "ide",
+            CdromBus::Sata => "sata",
+            CdromBus::Scsi => "scsi",
+        };
+        let driver = if c.bus == CdromBus::Scsi { "scsi-cd" } else { "ide-cd" };
+        let mut dev = merge(json!({"driver": driver, "id": id}), bus_placement(s.machine, &mut slots, busname));
+        if let Some(iso) = &c.iso {
+            a.json(
+                "-blockdev",
+                json!({"driver": "file", "filename": iso, "node-name": format!("file-{id}"), "read-only": true}),
+            );
+            a.json(
+                "-blockdev",
+                json!({"driver": "raw", "file": format!("file-{id}"), "node-name": format!("media-{id}"), "read-only": true}),
+            );
+            dev["drive"] = json!(format!("media-{id}"));
+        }
+        if let Some(b) = bootindex(&id) {
+            dev["bootindex"] = json!(b);
+        }
+        a.json("-device", dev);
+    }
+    for (k, (n, tap)) in s.nics.iter().zip(&p.taps).enumerate() {
+        let id = format!("net{k}");
+        a.json(
+            "-netdev",
+            json!({"type": "tap", "id": id, "ifname": tap, "script": "no", "downscript": "no",
+                   "vhost": p.accel == Accel::Kvm}),
+        );
+        let driver = match n.model {
+            NicModel::Virtio => "virtio-net-pci",
+            NicModel::E1000 => "e1000",
+        };
+        let mut dev = json!({"driver": driver, "netdev": id, "id": id, "mac": n.mac});
+        if s.direct_boot.is_some() {
+            // No PXE needed: skip loading the option ROM.
+            dev["romfile"] = json!("");
+        }
+        if let Some(b) = bootindex(&id) {
+            dev["bootindex"] = json!(b);
+        }
+        a.json("-device", dev);
+    }
+    a.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_types::{DiskFormat, NicSpec};
+
+    fn plan() -> LaunchPlan {
+        let spec: VmSpec = serde_json::from_value(json!({
+            "name": "web1", "cpus": 2, "memory_mib": 256,
+            "disks": [{"bus": "virtio", "volume": "a"}, {"bus": "scsi", "volume": "b"},
+                      {"bus": "sata", "volume": "c"}, {"bus": "ide", "volume": "d", "cache": "writeback"}],
+            "cdroms": [{"bus": "ide", "pool": "local", "volume": "x.iso"}, {}],
+            "nics": [{"bridge": "vmbr0", "mac": "52:54:00:00:00:01"}],
+            "boot_order": ["cdrom0", "disk0", "net0"]
+        }))
+        .unwrap();
+        let disks = spec
+            .disks
+            .iter()
+            .map(|d| ResolvedDisk {
+                spec: d.clone(),
+                path: PathBuf::from(format!("/pool/{}", d.volume.clone().unwrap())),
+                format: DiskFormat::Qcow2.as_str().into(),
+            })
+            .collect();
+        LaunchPlan {
+            accel: Accel::Tcg,
+            run: RunPaths::new("/run/ferry/7"),
+            disks,
+            cdroms: vec![
+                ResolvedCdrom { bus: CdromBus::Ide, iso: Some("/pool/x.iso".into()) },
+                ResolvedCdrom { bus: CdromBus::Ide, iso: None },
+            ],
+            taps: vec!["tap7i0".into()],
+            ovmf: None,
+            spec,
+        }
+    }
+
+    fn devices(argv: &[OsString], flag: &str) -> Vec<Value> {
+        argv.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| serde_json::from_str(w[1].to_str().unwrap()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn argv_places_each_bus_and_boot_order() {
+        let argv = build_argv(&plan());
+        let dev = devices(&argv, "-device");
+        let find = |id: &str| dev.iter().find(|d| d["id"] == id).cloned().unwrap();
+        assert_eq!(find("disk0")["driver"], "virtio-blk-pci");
+        assert_eq!(find("disk1")["driver"], "scsi-hd");
+        assert_eq!(find("disk1")["bus"], "scsi0.0");
+        assert_eq!(find("disk2")["bus"], "ahci0.0");
+        assert_eq!(find("disk3")["bus"], "ide.0");
+        assert_eq!(find("disk3")["unit"], 0);
+        assert_eq!(find("cdrom0")["bus"], "ide.0");
+        assert_eq!(find("cdrom0")["unit"], 1);
+        assert_eq!(find("cdrom1")["bus"], "ide.1");
+        assert!(find("cdrom1").get("drive").is_none(), "empty drive has no medium");
+        assert_eq!(find("cdrom0")["bootindex"], 0);
+        assert_eq!(find("disk0")["bootindex"], 1);
+        assert_eq!(find("net0")["bootindex"], 2);
+        assert!(find("disk1").get("bootindex").is_none());
+        assert_eq!(find("net0")["mac"], "52:54:00:00:00:01");
+        assert!(dev.iter().any(|d| d["driver"] == "virtio-scsi-pci"));
+        assert!(dev.iter().any(|d| d["driver"] == "ahci"));
+        assert_eq!(find("disk3")["write-cache"], "on");
+    }
+
+    #[test]
+    fn argv_cache_modes_and_accel() {
+        let mut p = plan();
+        let argv = build_argv(&p);
+        let bd = devices(&argv, "-blockdev");
+        let d0 = bd.iter().find(|b| b["node-name"] == "disk0").unwrap();
+        assert_eq!(d0["cache"]["direct"], true);
+        let d3 = bd.iter().find(|b| b["node-name"] == "disk3").unwrap();
+        assert_eq!(d3["cache"]["direct"], false);
+        let s: Vec<String> = argv.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert!(s.windows(2).any(|w| w[0] == "-accel" && w[1].starts_with("tcg")));
+        assert!(s.contains(&"-daemonize".to_string()));
+        p.accel = Accel::Kvm;
+        let s: Vec<String> = build_argv(&p).iter().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert!(s.windows(2).any(|w| w[0] == "-accel" && w[1] == "kvm"));
+        let nd = devices(&build_argv(&p), "-netdev");
+        assert_eq!(nd[0]["vhost"], true);
+    }
+
+    #[test]
+    fn argv_q35_sata_uses_builtin_ahci() {
+        let mut p = plan();
+        p.spec.machine = Machine::Q35;
+        p.spec.disks.retain(|d| d.bus != DiskBus::Ide);
+        p.disks.retain(|d| d.spec.bus != DiskBus::Ide);
+        p.spec.cdroms = vec![];
+        p.cdroms = vec![];
+        p.spec.boot_order = vec![];
+        p.spec.nics = vec![NicSpec { model: NicModel::E1000, bridge: "b".into(), mac: Some("52:54:00:00:00:02".into()) }];
+        let dev = devices(&build_argv(&p), "-device");
+        let sata = dev.iter().find(|d| d["id"] == "disk2").unwrap();
+        assert_eq!(sata["bus"], "ide.0");
+        assert!(!dev.iter().any(|d| d["driver"] == "ahci"));
+        assert!(dev.iter().any(|d| d["driver"] == "e1000"));
+    }
+}

@@ -1,0 +1,136 @@
+//! Detached QEMU processes and their run dir (pidfile, QMP, serial and VNC sockets).
+
+use crate::QemuError;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+/// The files of one running VM.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunPaths {
+    pub dir: PathBuf,
+    pub pidfile: PathBuf,
+    pub qmp: PathBuf,
+    pub serial: PathBuf,
+    pub serial_log: PathBuf,
+    pub vnc: PathBuf,
+}
+
+impl RunPaths {
+    pub fn new(dir: impl Into<PathBuf>) -> RunPaths {
+        let dir = dir.into();
+        RunPaths {
+            pidfile: dir.join("qemu.pid"),
+            qmp: dir.join("qmp.sock"),
+            serial: dir.join("serial.sock"),
+            serial_log: dir.join("serial.log"),
+            vnc: dir.join("vnc.sock"),
+            dir,
+        }
+    }
+
+    /// Makes the dir and removes stale sockets and pidfile of an earlier run.
+    pub fn prepare(&self) -> Result<(), QemuError> {
+        std::fs::create_dir_all(&self.dir).map_err(|source| QemuError::RunDir {
+            path: self.dir.display().to_string(),
+            source,
+        })?;
+        for f in [&self.pidfile, &self.qmp, &self.serial, &self.vnc] {
+            let _ = std::fs::remove_file(f);
+        }
+        Ok(())
+    }
+}
+
+/// Starts QEMU with `-daemonize` (in the argv): returns once QEMU has initialised and
+/// detached, with its pid. Errors carry QEMU's own message.
+pub async fn spawn_detached(binary: &str, argv: &[OsString], run: &RunPaths) -> Result<i32, QemuError> {
+    run.prepare()?;
+    let out = tokio::process::Command::new(binary)
+        .args(argv)
+        .current_dir(&run.dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .await
+        .map_err(|source| QemuError::Spawn {
+            binary: binary.to_string(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(QemuError::Start {
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    read_pid(run).ok_or_else(|| QemuError::Start {
+        stderr: "QEMU started but wrote no pidfile".into(),
+    })
+}
+
+/// The pid of the QEMU of this run dir, if its pidfile names a live QEMU that uses this
+/// run dir's QMP socket (so a reused pid is never mistaken for our VM).
+pub fn read_pid(run: &RunPaths) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(&run.pidfile).ok()?.trim().parse().ok()?;
+    pid_alive(pid, &run.qmp).then_some(pid)
+}
+
+/// True if `pid` runs (not a zombie) and its command line mentions `qmp_path`.
+pub fn pid_alive(pid: i32, qmp_path: &Path) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    let Ok(stat) = std::fs::read_to_string(proc.join("stat")) else {
+        return false;
+    };
+    // The state follows the parenthesised command name.
+    let state = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next());
+    if matches!(state, Some("Z") | Some("X") | None) {
+        return false;
+    }
+    let Ok(cmdline) = std::fs::read(proc.join("cmdline")) else {
+        return false;
+    };
+    let needle = qmp_path.as_os_str().as_encoded_bytes();
+    cmdline.windows(needle.len()).any(|w| w == needle)
+}
+
+/// SIGKILLs the process and waits (up to 10 s) until it is gone.
+pub async fn kill_and_wait(pid: i32, qmp_path: &Path) -> Result<(), QemuError> {
+    if pid_alive(pid, qmp_path) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
+    for _ in 0..1000 {
+        if !pid_alive(pid, qmp_path) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Err(QemuError::NoExit { pid })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pid_alive_checks_cmdline_not_just_pid() {
+        let me = std::process::id() as i32;
+        assert!(!pid_alive(me, Path::new("/nonexistent/qmp.sock")));
+        assert!(!pid_alive(0, Path::new("/x")));
+        assert!(!pid_alive(-5, Path::new("/x")));
+    }
+
+    #[tokio::test]
+    async fn spawn_failure_reports_qemu_message() {
+        let d = tempfile::tempdir().unwrap();
+        let run = RunPaths::new(d.path().join("r"));
+        let r = spawn_detached("qemu-system-x86_64", &["-no-such-option".into()], &run).await;
+        match r {
+            Err(QemuError::Start { stderr }) => assert!(stderr.contains("no-such-option"), "{stderr}"),
+            r => panic!("{r:?}"),
+        }
+    }
+}
