@@ -4,6 +4,7 @@
 
 pub mod error;
 pub mod event;
+pub mod host;
 pub mod size;
 pub mod state;
 pub mod storage;
@@ -13,6 +14,7 @@ pub mod vm;
 
 pub use error::ApiErrorBody;
 pub use event::Event;
+pub use host::HostInfo;
 pub use size::ByteSize;
 pub use state::{VmAction, VmState};
 pub use storage::{Pool, PoolKind, PoolSpec, Volume, VolumeCreate, VolumeImport, VolumeResize};

@@ -1,0 +1,66 @@
+//! The agent's errors, classified for the API (which maps them to status codes).
+
+use ferry_types::state::InvalidTransition;
+use ferry_types::ValidationErrors;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Invalid(#[from] ValidationErrors),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    State(#[from] InvalidTransition),
+    #[error(transparent)]
+    Storage(#[from] ferry_storage::StorageError),
+    #[error("Start QEMU")]
+    Qemu(#[from] ferry_qemu::QemuError),
+    #[error("QMP")]
+    Qmp(#[from] ferry_qmp::QmpError),
+    #[error("Host networking")]
+    Net(#[from] ferry_net::NetError),
+    #[error("State store")]
+    Store(#[from] ferry_store::StoreError),
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How the API should answer an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    BadRequest,
+    NotFound,
+    Conflict,
+    Internal,
+}
+
+impl AgentError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            AgentError::Invalid(_) => ErrorClass::BadRequest,
+            AgentError::NotFound(_) => ErrorClass::NotFound,
+            AgentError::Conflict(_) | AgentError::State(_) => ErrorClass::Conflict,
+            AgentError::Storage(e) => match e {
+                ferry_storage::StorageError::NotFound(_) => ErrorClass::NotFound,
+                ferry_storage::StorageError::Exists(_) => ErrorClass::Conflict,
+                e if e.is_client_error() => ErrorClass::BadRequest,
+                _ => ErrorClass::Internal,
+            },
+            _ => ErrorClass::Internal,
+        }
+    }
+
+    pub fn invalid(field: &str, reason: impl Into<String>) -> AgentError {
+        let mut e = ValidationErrors::default();
+        e.push(field, reason);
+        AgentError::Invalid(e)
+    }
+}
+
+pub type Result<T, E = AgentError> = std::result::Result<T, E>;

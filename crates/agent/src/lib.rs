@@ -1,0 +1,153 @@
+//! The per-host agent: owns the VM definitions in the store, turns them into QEMU
+//! processes and back (start, shutdown, stop, reboot, pause, resume, delete, edit),
+//! supervises each QEMU over QMP, holds the serial consoles, runs long operations as
+//! tasks and keeps the event log. QEMU runs detached: a restarted agent re-adopts every
+//! VM from its run dir (`{run_dir}/{vm id}/`).
+//!
+//! Request flow: API handler → [`Agent`] method → (store, storage, net, qemu, qmp).
+//! Lifecycle operations on one VM are serialised by that VM's operation lock; the
+//! supervisor task of a running VM follows QMP events and notices QEMU's exit.
+
+mod console;
+mod error;
+mod events;
+mod lifecycle;
+mod metrics;
+mod pools;
+mod records;
+mod runtime;
+mod tasks;
+mod vms;
+
+pub use console::Console;
+pub use error::{AgentError, ErrorClass, Result};
+pub use events::EventLog;
+pub use tasks::{TaskCtx, Tasks};
+pub use ferry_types::HostInfo;
+
+use ferry_qemu::{Accel, AccelSetting};
+use ferry_store::Store;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+/// How this host runs VMs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Store, pools, per-VM state (UEFI vars).
+    pub state_dir: PathBuf,
+    /// Per-VM run dirs (sockets, pidfiles).
+    pub run_dir: PathBuf,
+    pub accel: AccelSetting,
+    pub qemu_binary: String,
+}
+
+struct Inner {
+    cfg: AgentConfig,
+    accel: Accel,
+    store: Arc<dyn Store>,
+    events: EventLog,
+    tasks: Tasks,
+    slots: Mutex<HashMap<String, Arc<runtime::Slot>>>,
+    qemu_version: String,
+}
+
+/// The agent. Cheap to clone.
+#[derive(Clone)]
+pub struct Agent {
+    inner: Arc<Inner>,
+}
+
+impl Agent {
+    /// Opens the agent on `store`: makes the default pool, then re-adopts every VM.
+    pub async fn open(cfg: AgentConfig, store: Arc<dyn Store>) -> Result<Agent> {
+        for d in [&cfg.state_dir, &cfg.run_dir] {
+            std::fs::create_dir_all(d).map_err(|source| AgentError::Io {
+                what: format!("Create {}", d.display()),
+                source,
+            })?;
+        }
+        let accel = ferry_qemu::detect_accel(cfg.accel);
+        let events = EventLog::load(store.clone()).await?;
+        let tasks = Tasks::load(store.clone(), events.clone()).await?;
+        let qemu_version = qemu_version(&cfg.qemu_binary).await;
+        let agent = Agent {
+            inner: Arc::new(Inner {
+                cfg,
+                accel,
+                store,
+                events,
+                tasks,
+                slots: Mutex::new(HashMap::new()),
+                qemu_version,
+            }),
+        };
+        agent.ensure_default_pool().await?;
+        agent.adopt_all().await?;
+        tracing::info!(%accel, "agent ready");
+        Ok(agent)
+    }
+
+    pub fn events(&self) -> &EventLog {
+        &self.inner.events
+    }
+
+    pub fn tasks(&self) -> &Tasks {
+        &self.inner.tasks
+    }
+
+    pub fn accel(&self) -> Accel {
+        self.inner.accel
+    }
+
+    pub async fn host_info(&self) -> Result<HostInfo> {
+        let vms = self.list_vms().await?;
+        Ok(HostInfo {
+            hostname: nix_hostname(),
+            accel: self.inner.accel.to_string(),
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            memory_bytes: host_memory_bytes(),
+            qemu_version: self.inner.qemu_version.clone(),
+            vms_running: vms.iter().filter(|v| v.state.has_process()).count(),
+            vms_defined: vms.len(),
+        })
+    }
+}
+
+/// An error and its sources, outermost first.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> Vec<String> {
+    let mut v = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let m = s.to_string();
+        if v.last() != Some(&m) {
+            v.push(m);
+        }
+        cur = s.source();
+    }
+    v
+}
+
+fn nix_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+/// MemTotal from /proc/meminfo.
+pub fn host_memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+async fn qemu_version(bin: &str) -> String {
+    match tokio::process::Command::new(bin).arg("--version").output().await {
+        Ok(o) => String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string(),
+        Err(e) => format!("unavailable: {e}"),
+    }
+}

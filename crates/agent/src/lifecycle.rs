@@ -1,0 +1,433 @@
+//! Start, shutdown, stop, reboot, pause, resume; the supervisor of a running QEMU; and
+//! re-adoption of running QEMUs when the daemon starts.
+
+use crate::console::{tail, Console};
+use crate::error::{AgentError, Result};
+use crate::records::VmRecord;
+use crate::runtime::Slot;
+use crate::Agent;
+use ferry_qemu::{build_argv, kill_and_wait, read_pid, spawn_detached, LaunchPlan, ResolvedCdrom, ResolvedDisk, RunPaths};
+use ferry_qmp::Qmp;
+use ferry_types::{Firmware, VmAction, VmState};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+const QMP_CONNECT: Duration = Duration::from_secs(10);
+const STOP_WAIT: Duration = Duration::from_secs(10);
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// OVMF code and vars templates, if installed.
+pub(crate) fn ovmf_paths() -> Option<(PathBuf, PathBuf)> {
+    [
+        ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
+        ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
+    ]
+    .into_iter()
+    .map(|(c, v)| (PathBuf::from(c), PathBuf::from(v)))
+    .find(|(c, v)| c.is_file() && v.is_file())
+}
+
+impl Agent {
+    fn set_state(&self, name: &str, slot: &Slot, state: VmState) {
+        let old = slot.with(|rt| std::mem::replace(&mut rt.state, state));
+        if old != state {
+            self.inner.events.emit(Some(name), "state", format!("{old} -> {state}"));
+        }
+    }
+
+    /// Resolves volumes, ISOs, taps and firmware into a launch plan.
+    async fn plan(&self, rec: &VmRecord) -> Result<LaunchPlan> {
+        let spec = &rec.spec;
+        let mut disks = vec![];
+        for d in &spec.disks {
+            let vol = d.volume.as_deref().ok_or_else(|| AgentError::invalid("disks", "disk without volume"))?;
+            let dp = self.dir_pool(&d.pool).await?;
+            let info = dp.info(vol).await?;
+            disks.push(ResolvedDisk {
+                spec: d.clone(),
+                path: dp.volume_path(vol)?,
+                format: if info.format == "qcow2" { "qcow2".into() } else { "raw".into() },
+            });
+        }
+        let mut cdroms = vec![];
+        for c in &spec.cdroms {
+            let iso = match (&c.pool, &c.volume) {
+                (Some(p), Some(v)) => {
+                    let dp = self.dir_pool(p).await?;
+                    dp.info(v).await?;
+                    Some(dp.volume_path(v)?)
+                }
+                _ => None,
+            };
+            cdroms.push(ResolvedCdrom { bus: c.bus, iso });
+        }
+        for n in &spec.nics {
+            if !ferry_net::bridge_exists(&n.bridge) {
+                return Err(AgentError::Conflict(format!("Bridge {} does not exist on this host", n.bridge)));
+            }
+        }
+        let ovmf = if spec.firmware == Firmware::Uefi {
+            let (code, vars_tpl) = ovmf_paths()
+                .ok_or_else(|| AgentError::Conflict("UEFI needs OVMF (Debian package ovmf)".into()))?;
+            let dir = self.vm_state_dir(rec.id);
+            let vars = dir.join("efivars.fd");
+            if !vars.exists() {
+                std::fs::create_dir_all(&dir)
+                    .and_then(|_| std::fs::copy(&vars_tpl, &vars).map(|_| ()))
+                    .map_err(|source| AgentError::Io {
+                        what: format!("Create UEFI variables {}", vars.display()),
+                        source,
+                    })?;
+            }
+            Some((code, vars))
+        } else {
+            None
+        };
+        Ok(LaunchPlan {
+            spec: spec.clone(),
+            accel: self.inner.accel,
+            run: self.run_paths(rec.id),
+            disks,
+            cdroms,
+            taps: (0..spec.nics.len()).map(|i| ferry_net::tap_name(rec.id, i)).collect(),
+            ovmf,
+        })
+    }
+
+    async fn remove_taps(&self, id: u32, nics: usize) {
+        for i in 0..nics {
+            let t = ferry_net::tap_name(id, i);
+            if let Err(e) = ferry_net::delete_link(&t).await {
+                tracing::warn!(tap = %t, error = %e, "cannot delete tap");
+            }
+        }
+    }
+
+    pub async fn start_vm(&self, name: &str) -> Result<()> {
+        let slot = self.slot(name);
+        let _op = slot.op.lock().await;
+        self.start_locked(name, &slot).await
+    }
+
+    async fn start_locked(&self, name: &str, slot: &Arc<Slot>) -> Result<()> {
+        let (rec, _) = self.record(name).await?;
+        slot.state().check(VmAction::Start)?;
+        let plan = self.plan(&rec).await?;
+        self.set_state(name, slot, VmState::Starting);
+        match self.launch(name, slot, &rec, &plan).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.remove_taps(rec.id, rec.spec.nics.len()).await;
+                slot.with(|rt| {
+                    rt.pid = None;
+                    rt.qmp = None;
+                    rt.console = None;
+                    rt.last_exit = Some(format!("start failed: {}", crate::error_chain(&e).join(": ")));
+                });
+                self.set_state(name, slot, VmState::Stopped);
+                self.save_state(name, VmState::Stopped, slot.with(|rt| rt.last_exit.clone())).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn launch(&self, name: &str, slot: &Arc<Slot>, rec: &VmRecord, plan: &LaunchPlan) -> Result<()> {
+        for (n, tap) in rec.spec.nics.iter().zip(&plan.taps) {
+            ferry_net::create_tap(tap)?;
+            ferry_net::attach_up(tap, &n.bridge).await?;
+        }
+        let _ = std::fs::remove_file(&plan.run.serial_log);
+        let argv = build_argv(plan);
+        tracing::debug!(vm = name, ?argv, "starting QEMU");
+        let pid = spawn_detached(&self.inner.cfg.qemu_binary, &argv, &plan.run).await?;
+        let connected = async {
+            let qmp = Qmp::connect_retry(&plan.run.qmp, QMP_CONNECT).await?;
+            let console = Console::attach(&plan.run.serial, &[]).await.map_err(|source| AgentError::Io {
+                what: "Connect to the serial console".into(),
+                source,
+            })?;
+            Ok::<_, AgentError>((qmp, console))
+        }
+        .await;
+        let (qmp, console) = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = kill_and_wait(pid, &plan.run.qmp).await;
+                return Err(e);
+            }
+        };
+        self.attach_runtime(name, slot, pid, qmp, console);
+        self.set_state(name, slot, VmState::Running);
+        slot.with(|rt| rt.last_exit = None);
+        self.save_state(name, VmState::Running, None).await;
+        Ok(())
+    }
+
+    /// Records a live QEMU in the slot and starts its supervisor.
+    fn attach_runtime(&self, name: &str, slot: &Arc<Slot>, pid: i32, qmp: Qmp, console: Console) {
+        let events = qmp.events();
+        let generation = slot.with(|rt| {
+            rt.pid = Some(pid);
+            rt.qmp = Some(qmp.clone());
+            rt.console = Some(console);
+            rt.accel = Some(self.inner.accel);
+            rt.expect_exit = false;
+            rt.guest_shutdown = false;
+            rt.generation += 1;
+            rt.generation
+        });
+        let agent = self.clone();
+        let name = name.to_string();
+        let slot = slot.clone();
+        tokio::spawn(async move { agent.supervise(name, slot, generation, qmp, events).await });
+    }
+
+    /// Follows one QEMU until it exits: QMP events to states and events, then cleanup.
+    async fn supervise(
+        self,
+        name: String,
+        slot: Arc<Slot>,
+        generation: u64,
+        mut qmp: Qmp,
+        mut events: tokio::sync::broadcast::Receiver<ferry_qmp::QmpEvent>,
+    ) {
+        let current = |slot: &Slot| slot.with(|rt| rt.generation) == generation;
+        loop {
+            tokio::select! {
+                ev = events.recv() => {
+                    let Ok(ev) = ev else { continue };
+                    if !current(&slot) { return; }
+                    match ev.name.as_str() {
+                        "STOP" if slot.state() == VmState::Running => self.set_state(&name, &slot, VmState::Paused),
+                        "RESUME" if slot.state() == VmState::Paused => self.set_state(&name, &slot, VmState::Running),
+                        "SHUTDOWN" => {
+                            if ev.data.get("guest").and_then(|g| g.as_bool()) == Some(true) {
+                                slot.with(|rt| rt.guest_shutdown = true);
+                            }
+                        }
+                        "GUEST_PANICKED" => slot.with(|rt| rt.last_exit = Some("guest panicked".into())),
+                        _ => {}
+                    }
+                    self.inner.events.emit(Some(&name), "qmp", ev.name.clone());
+                }
+                _ = qmp.closed() => {
+                    if !current(&slot) { return; }
+                    let (pid, run) = match self.record(&name).await {
+                        Ok((r, _)) => (slot.with(|rt| rt.pid), self.run_paths(r.id)),
+                        Err(_) => (slot.with(|rt| rt.pid), RunPaths::new("/nonexistent")),
+                    };
+                    // QEMU closes QMP as it exits; give it a moment to be gone.
+                    let mut alive = true;
+                    for _ in 0..200 {
+                        alive = pid.is_some_and(|p| ferry_qemu::pid_alive(p, &run.qmp));
+                        if !alive { break; }
+                        tokio::time::sleep(Duration::from_millis(25)).await;
+                    }
+                    if alive {
+                        // QMP dropped but QEMU lives: reconnect.
+                        match Qmp::connect_retry(&run.qmp, QMP_CONNECT).await {
+                            Ok(q) => {
+                                events = q.events();
+                                slot.with(|rt| rt.qmp = Some(q.clone()));
+                                qmp = q;
+                                continue;
+                            }
+                            Err(e) => tracing::warn!(vm = %name, error = %e, "QMP lost; QEMU still running"),
+                        }
+                    }
+                    self.on_exit(&name, &slot, generation).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// QEMU is gone: clean up and decide between stopped and crashed.
+    async fn on_exit(&self, name: &str, slot: &Slot, generation: u64) {
+        let (expected, guest, reason) = slot.with(|rt| (rt.expect_exit, rt.guest_shutdown, rt.last_exit.clone()));
+        if slot.with(|rt| rt.generation) != generation {
+            return;
+        }
+        let (state, why) = if expected {
+            (VmState::Stopped, None)
+        } else if guest {
+            (VmState::Stopped, Some("guest powered off".to_string()))
+        } else {
+            (VmState::Crashed, Some(reason.unwrap_or_else(|| "QEMU exited unexpectedly".into())))
+        };
+        slot.with(|rt| {
+            rt.pid = None;
+            rt.qmp = None;
+            rt.console = None;
+            rt.accel = None;
+            rt.last_exit = why.clone();
+        });
+        if let Ok((r, _)) = self.record(name).await {
+            self.remove_taps(r.id, r.spec.nics.len()).await;
+        }
+        self.set_state(name, slot, state);
+        self.save_state(name, state, why).await;
+    }
+
+    async fn wait_gone(&self, slot: &Slot, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        while tokio::time::Instant::now() < deadline {
+            if !slot.state().has_process() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        !slot.state().has_process()
+    }
+
+    /// Hard stop: QMP `quit`, then SIGKILL if QEMU lingers.
+    pub async fn stop_vm(&self, name: &str) -> Result<()> {
+        let slot = self.slot(name);
+        let _op = slot.op.lock().await;
+        self.stop_locked(name, &slot).await
+    }
+
+    async fn stop_locked(&self, name: &str, slot: &Slot) -> Result<()> {
+        let (rec, _) = self.record(name).await?;
+        slot.state().check(VmAction::Stop)?;
+        let (qmp, pid) = slot.with(|rt| {
+            rt.expect_exit = true;
+            (rt.qmp.clone(), rt.pid)
+        });
+        if let Some(q) = qmp {
+            let _ = q.execute("quit", None).await;
+        }
+        if !self.wait_gone(slot, STOP_WAIT).await {
+            if let Some(pid) = pid {
+                kill_and_wait(pid, &self.run_paths(rec.id).qmp).await?;
+            }
+            if !self.wait_gone(slot, STOP_WAIT).await {
+                return Err(AgentError::Conflict(format!("VM {name} did not stop")));
+            }
+        }
+        Ok(())
+    }
+
+    /// ACPI power button; after `timeout` QEMU is killed.
+    pub async fn shutdown_vm(&self, name: &str, timeout: Option<Duration>) -> Result<bool> {
+        let slot = self.slot(name);
+        let _op = slot.op.lock().await;
+        self.shutdown_locked(name, &slot, timeout.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT)).await
+    }
+
+    /// Returns whether the guest powered off by itself (false: it was killed).
+    async fn shutdown_locked(&self, name: &str, slot: &Slot, timeout: Duration) -> Result<bool> {
+        slot.state().check(VmAction::Shutdown)?;
+        let qmp = slot
+            .with(|rt| rt.qmp.clone())
+            .ok_or_else(|| AgentError::Conflict(format!("VM {name} has no QMP connection")))?;
+        if slot.state() == VmState::Paused {
+            // A paused guest cannot react to the power button.
+            qmp.execute("cont", None).await?;
+        }
+        slot.with(|rt| rt.expect_exit = true);
+        self.set_state(name, slot, VmState::ShuttingDown);
+        qmp.execute("system_powerdown", None).await?;
+        if self.wait_gone(slot, timeout).await {
+            return Ok(true);
+        }
+        self.inner
+            .events
+            .emit(Some(name), "vm", format!("guest did not power off within {timeout:?}; killing"));
+        self.stop_locked(name, slot).await?;
+        Ok(false)
+    }
+
+    /// Shutdown (ACPI, killed after the timeout) and start again.
+    pub async fn reboot_vm(&self, name: &str, timeout: Option<Duration>) -> Result<()> {
+        let slot = self.slot(name);
+        let _op = slot.op.lock().await;
+        self.shutdown_locked(name, &slot, timeout.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT)).await?;
+        self.start_locked(name, &slot).await
+    }
+
+    pub async fn pause_vm(&self, name: &str) -> Result<()> {
+        self.pause_resume(name, VmAction::Pause, "stop", VmState::Paused).await
+    }
+
+    pub async fn resume_vm(&self, name: &str) -> Result<()> {
+        self.pause_resume(name, VmAction::Resume, "cont", VmState::Running).await
+    }
+
+    async fn pause_resume(&self, name: &str, action: VmAction, cmd: &str, to: VmState) -> Result<()> {
+        let slot = self.slot(name);
+        let _op = slot.op.lock().await;
+        self.record(name).await?;
+        slot.state().check(action)?;
+        let qmp = self.qmp(name)?;
+        qmp.execute(cmd, None).await?;
+        self.set_state(name, &slot, to);
+        self.save_state(name, to, None).await;
+        Ok(())
+    }
+
+    /// At daemon start: find every VM's QEMU again, or report it stopped/crashed.
+    pub(crate) async fn adopt_all(&self) -> Result<()> {
+        for rec in self.records().await? {
+            let name = rec.spec.name.clone();
+            let slot = self.slot(&name);
+            let run = self.run_paths(rec.id);
+            match read_pid(&run) {
+                Some(pid) => match self.adopt(&name, &slot, pid, &run).await {
+                    Ok(state) => {
+                        self.inner.events.emit(Some(&name), "vm", format!("re-adopted QEMU pid {pid} ({state})"));
+                    }
+                    Err(e) => {
+                        tracing::error!(vm = %name, pid, error = %e, "cannot re-adopt running QEMU");
+                        slot.with(|rt| {
+                            rt.state = VmState::Running;
+                            rt.pid = Some(pid);
+                            rt.last_exit = Some(format!("re-adoption failed: {e}"));
+                        });
+                    }
+                },
+                None => {
+                    let was = rec.last_state;
+                    let state = if was.has_process() { VmState::Crashed } else { was };
+                    let why = if was.has_process() {
+                        Some("QEMU ended while the daemon was not running".to_string())
+                    } else {
+                        rec.last_exit.clone()
+                    };
+                    slot.with(|rt| {
+                        rt.state = state;
+                        rt.last_exit = why.clone();
+                    });
+                    if was.has_process() {
+                        self.remove_taps(rec.id, rec.spec.nics.len()).await;
+                        self.save_state(&name, state, why).await;
+                        self.inner.events.emit(Some(&name), "state", format!("{was} -> {state} (found dead at start)"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn adopt(&self, name: &str, slot: &Arc<Slot>, pid: i32, run: &RunPaths) -> Result<VmState> {
+        let qmp = Qmp::connect_retry(&run.qmp, Duration::from_secs(5)).await?;
+        let status: serde_json::Value = qmp.execute("query-status", None).await?;
+        let state = match status.get("status").and_then(|s| s.as_str()) {
+            Some("running") => VmState::Running,
+            Some("paused") | Some("prelaunch") | Some("suspended") => VmState::Paused,
+            Some("shutdown") => VmState::ShuttingDown,
+            _ => VmState::Running,
+        };
+        let console = Console::attach(&run.serial, &tail(&run.serial_log, 256 * 1024))
+            .await
+            .map_err(|source| AgentError::Io {
+                what: "Reconnect to the serial console".into(),
+                source,
+            })?;
+        slot.with(|rt| rt.state = state);
+        self.attach_runtime(name, slot, pid, qmp, console);
+        self.save_state(name, state, None).await;
+        Ok(state)
+    }
+}

@@ -1,0 +1,98 @@
+//! What the agent knows of a VM's QEMU at run time.
+
+use crate::console::Console;
+use crate::error::{AgentError, Result};
+use crate::Agent;
+use ferry_qemu::{Accel, RunPaths};
+use ferry_qmp::Qmp;
+use ferry_types::VmState;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+#[derive(Default)]
+pub(crate) struct Runtime {
+    pub state: VmState,
+    pub pid: Option<i32>,
+    pub qmp: Option<Qmp>,
+    pub console: Option<Console>,
+    pub accel: Option<Accel>,
+    pub last_exit: Option<String>,
+    /// Set when the agent asked QEMU to end (shutdown/stop): its exit is not a crash.
+    pub expect_exit: bool,
+    /// Set by a guest-initiated SHUTDOWN event.
+    pub guest_shutdown: bool,
+    /// Bumped at every start/adoption, so a stale supervisor never touches a new run.
+    pub generation: u64,
+}
+
+/// One VM's runtime and the lock that serialises its lifecycle operations.
+#[derive(Default)]
+pub(crate) struct Slot {
+    pub op: tokio::sync::Mutex<()>,
+    pub rt: Mutex<Runtime>,
+}
+
+impl Slot {
+    pub fn state(&self) -> VmState {
+        self.rt.lock().unwrap_or_else(|e| e.into_inner()).state
+    }
+    pub fn with<T>(&self, f: impl FnOnce(&mut Runtime) -> T) -> T {
+        f(&mut self.rt.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl Agent {
+    pub(crate) fn slot(&self, name: &str) -> Arc<Slot> {
+        self.inner
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    pub(crate) fn run_paths(&self, id: u32) -> RunPaths {
+        RunPaths::new(self.inner.cfg.run_dir.join(id.to_string()))
+    }
+
+    pub(crate) fn vm_state_dir(&self, id: u32) -> PathBuf {
+        self.inner.cfg.state_dir.join("vms").join(id.to_string())
+    }
+
+    /// The QMP connection of a running VM.
+    pub fn qmp(&self, name: &str) -> Result<Qmp> {
+        self.slot(name)
+            .with(|rt| rt.qmp.clone())
+            .ok_or_else(|| AgentError::Conflict(format!("VM {name} is not running")))
+    }
+
+    /// The serial console of a running VM.
+    pub fn console(&self, name: &str) -> Result<Console> {
+        self.slot(name)
+            .with(|rt| rt.console.clone())
+            .ok_or_else(|| AgentError::Conflict(format!("VM {name} is not running (no console)")))
+    }
+
+    /// The VNC socket of a running VM.
+    pub async fn vnc_socket(&self, name: &str) -> Result<PathBuf> {
+        let (r, _) = self.record(name).await?;
+        if !self.slot(name).state().has_process() {
+            return Err(AgentError::Conflict(format!("VM {name} is not running")));
+        }
+        Ok(self.run_paths(r.id).vnc)
+    }
+
+    /// The block node of `pool/volume` if VM `vm` runs with it.
+    pub(crate) async fn running_disk_node(&self, vm: &str, pool: &str, volume: &str) -> Option<String> {
+        if !self.slot(vm).state().has_process() {
+            return None;
+        }
+        let (r, _) = self.record(vm).await.ok()?;
+        r.spec
+            .disks
+            .iter()
+            .position(|d| d.pool == pool && d.volume.as_deref() == Some(volume))
+            .map(|i| format!("disk{i}"))
+    }
+}

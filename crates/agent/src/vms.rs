@@ -1,0 +1,226 @@
+//! VM definitions: create, list, show, edit, delete.
+
+use crate::error::{AgentError, Result};
+use crate::records::{vm_key, VmRecord};
+use crate::Agent;
+use ferry_store::StoreJson;
+use ferry_types::{random_mac, DeleteVmParams, Vm, VmAction, VmSpec, VmState};
+use std::collections::HashSet;
+
+impl Agent {
+    pub(crate) fn to_vm(&self, r: VmRecord) -> Vm {
+        let slot = self.slot(&r.spec.name);
+        let rt = slot.rt.lock().unwrap_or_else(|e| e.into_inner());
+        Vm {
+            id: r.id,
+            state: rt.state,
+            pid: rt.pid,
+            accel: rt.accel.map(|a| a.to_string()),
+            last_exit: rt.last_exit.clone().or(r.last_exit),
+            spec: r.spec,
+        }
+    }
+
+    pub async fn list_vms(&self) -> Result<Vec<Vm>> {
+        Ok(self.records().await?.into_iter().map(|r| self.to_vm(r)).collect())
+    }
+
+    pub async fn get_vm(&self, name: &str) -> Result<Vm> {
+        let (r, _) = self.record(name).await?;
+        Ok(self.to_vm(r))
+    }
+
+    /// Checks of a spec against this host: pools, volumes, bridges, memory, MACs.
+    async fn check_host(&self, spec: &VmSpec, own_name: Option<&str>) -> Result<()> {
+        let mut e = ferry_types::ValidationErrors::default();
+        let host_mem_mib = crate::host_memory_bytes() >> 20;
+        if host_mem_mib > 0 && spec.memory_mib > host_mem_mib {
+            e.push(
+                "memory_mib",
+                format!("{} MiB is more than this host has ({host_mem_mib} MiB)", spec.memory_mib),
+            );
+        }
+        for (i, d) in spec.disks.iter().enumerate() {
+            match self.dir_pool(&d.pool).await {
+                Err(_) => e.push(format!("disks[{i}].pool"), format!("no pool {}", d.pool)),
+                Ok(dp) => {
+                    if let Some(v) = &d.volume {
+                        if !dp.volume_path(v).map(|p| p.is_file()).unwrap_or(false) {
+                            e.push(format!("disks[{i}].volume"), format!("no volume {v} in pool {}", d.pool));
+                        }
+                    }
+                }
+            }
+        }
+        for (i, c) in spec.cdroms.iter().enumerate() {
+            if let (Some(p), Some(v)) = (&c.pool, &c.volume) {
+                let ok = match self.dir_pool(p).await {
+                    Ok(dp) => dp.volume_path(v).map(|p| p.is_file()).unwrap_or(false),
+                    Err(_) => false,
+                };
+                if !ok {
+                    e.push(format!("cdroms[{i}]"), format!("no volume {v} in pool {p}"));
+                }
+            }
+        }
+        for (i, n) in spec.nics.iter().enumerate() {
+            if !ferry_net::bridge_exists(&n.bridge) {
+                e.push(
+                    format!("nics[{i}].bridge"),
+                    format!("no bridge {} on this host (create it with `ferry net bridge create`)", n.bridge),
+                );
+            }
+        }
+        if let Some(k) = &spec.direct_boot {
+            for (f, p) in [("direct_boot.kernel", Some(&k.kernel)), ("direct_boot.initrd", k.initrd.as_ref())] {
+                if let Some(p) = p {
+                    if !std::path::Path::new(p).is_file() {
+                        e.push(f, format!("{p} is not a file on this host"));
+                    }
+                }
+            }
+        }
+        if spec.firmware == ferry_types::Firmware::Uefi && crate::lifecycle::ovmf_paths().is_none() {
+            e.push("firmware", "UEFI needs OVMF (Debian package ovmf), which this host lacks");
+        }
+        // MACs must be unique among all VMs of the host.
+        let mut used = HashSet::new();
+        for r in self.records().await? {
+            if Some(r.spec.name.as_str()) == own_name {
+                continue;
+            }
+            for n in r.spec.nics {
+                if let Some(m) = n.mac {
+                    used.insert(m.to_ascii_lowercase());
+                }
+            }
+        }
+        for (i, n) in spec.nics.iter().enumerate() {
+            if let Some(m) = &n.mac {
+                if used.contains(&m.to_ascii_lowercase()) {
+                    e.push(format!("nics[{i}].mac"), format!("{m} is used by another VM"));
+                }
+            }
+        }
+        e.into_result()?;
+        Ok(())
+    }
+
+    /// Fills in MACs: kept from `old` for the same NIC position, else newly generated.
+    async fn assign_macs(&self, spec: &mut VmSpec, old: Option<&VmSpec>) -> Result<()> {
+        let mut used: HashSet<String> = HashSet::new();
+        for r in self.records().await? {
+            for n in r.spec.nics {
+                used.extend(n.mac.map(|m| m.to_ascii_lowercase()));
+            }
+        }
+        for (i, n) in spec.nics.iter_mut().enumerate() {
+            if n.mac.is_none() {
+                let keep = old.and_then(|o| o.nics.get(i)).and_then(|o| o.mac.clone());
+                n.mac = Some(match keep {
+                    Some(m) => m,
+                    None => loop {
+                        let m = random_mac();
+                        if used.insert(m.clone()) {
+                            break m;
+                        }
+                    },
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Defines a VM. Either everything is created (record and new volumes) or nothing.
+    pub async fn create_vm(&self, mut spec: VmSpec) -> Result<Vm> {
+        spec.validate()?;
+        if self.inner.store.get(&vm_key(&spec.name)).await?.is_some() {
+            return Err(AgentError::Conflict(format!("VM {} already exists", spec.name)));
+        }
+        self.check_host(&spec, None).await?;
+        self.assign_macs(&mut spec, None).await?;
+        let id = self.allocate_id().await?;
+        let made = self.create_spec_volumes(id, &mut spec).await?;
+        let rec = VmRecord {
+            id,
+            spec: spec.clone(),
+            last_state: VmState::Stopped,
+            last_exit: None,
+        };
+        match self.inner.store.create_json(&vm_key(&spec.name), &rec).await {
+            Ok(true) => {}
+            Ok(false) => {
+                self.remove_volumes(&made).await;
+                return Err(AgentError::Conflict(format!("VM {} already exists", spec.name)));
+            }
+            Err(e) => {
+                self.remove_volumes(&made).await;
+                return Err(e.into());
+            }
+        }
+        self.inner.events.emit(Some(&spec.name), "vm", format!("defined (id {id})"));
+        Ok(self.to_vm(rec))
+    }
+
+    /// Replaces the definition of a stopped VM (new disks with a size are created).
+    pub async fn edit_vm(&self, name: &str, mut spec: VmSpec) -> Result<Vm> {
+        spec.validate()?;
+        if spec.name != name {
+            return Err(AgentError::invalid("name", "renaming is not supported; the name must match the URL"));
+        }
+        let slot = self.slot(name);
+        let _op = slot.op.lock().await;
+        let (old, rev) = self.record(name).await?;
+        slot.state().check(VmAction::Edit)?;
+        self.check_host(&spec, Some(name)).await?;
+        self.assign_macs(&mut spec, Some(&old.spec)).await?;
+        let made = self.create_spec_volumes(old.id, &mut spec).await?;
+        let rec = VmRecord { spec, ..old };
+        match self.inner.store.cas_json(&vm_key(name), rev, &rec).await {
+            Ok(true) => {}
+            Ok(false) => {
+                self.remove_volumes(&made).await;
+                return Err(AgentError::Conflict(format!("VM {name} was changed meanwhile; retry")));
+            }
+            Err(e) => {
+                self.remove_volumes(&made).await;
+                return Err(e.into());
+            }
+        }
+        self.inner.events.emit(Some(name), "vm", "definition changed");
+        Ok(self.to_vm(rec))
+    }
+
+    /// Deletes a VM and (unless kept) its own volumes `vm-{id}-*`.
+    pub async fn delete_vm(&self, name: &str, params: DeleteVmParams) -> Result<()> {
+        let slot = self.slot(name);
+        let (rec, _) = self.record(name).await?;
+        if slot.state().has_process() {
+            if !params.force {
+                return Err(AgentError::Conflict(format!(
+                    "VM {name} is {}; stop it first or delete with force",
+                    slot.state()
+                )));
+            }
+            self.stop_vm(name).await?;
+        }
+        let _op = slot.op.lock().await;
+        slot.state().check(VmAction::Delete)?;
+        if !params.keep_disks {
+            let prefix = format!("vm-{}-", rec.id);
+            let own: Vec<(String, String)> = rec
+                .spec
+                .disks
+                .iter()
+                .filter_map(|d| d.volume.as_ref().filter(|v| v.starts_with(&prefix)).map(|v| (d.pool.clone(), v.clone())))
+                .collect();
+            self.remove_volumes(&own).await;
+        }
+        self.inner.store.delete(&vm_key(name)).await?;
+        let _ = std::fs::remove_dir_all(self.run_paths(rec.id).dir);
+        let _ = std::fs::remove_dir_all(self.vm_state_dir(rec.id));
+        self.inner.slots.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+        self.inner.events.emit(Some(name), "vm", "deleted");
+        Ok(())
+    }
+}
