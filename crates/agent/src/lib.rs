@@ -25,7 +25,7 @@ pub use events::EventLog;
 pub use tasks::{TaskCtx, Tasks};
 pub use ferry_types::HostInfo;
 
-use ferry_qemu::{Accel, AccelSetting};
+pub use ferry_qemu::{Accel, AccelSetting};
 use ferry_store::Store;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -120,7 +120,8 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> Vec<String> {
     let mut cur = e.source();
     while let Some(s) = cur {
         let m = s.to_string();
-        if v.last() != Some(&m) {
+        // Some errors repeat their source in their own message: keep it once.
+        if !v.last().is_some_and(|l| l.contains(&m)) {
             v.push(m);
         }
         cur = s.source();

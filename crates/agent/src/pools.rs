@@ -19,9 +19,8 @@ impl Agent {
             let path = self.inner.cfg.state_dir.join("pools").join("local");
             let spec = PoolSpec {
                 name: "local".into(),
-                kind: PoolKind::Dir {
-                    path: path.display().to_string(),
-                },
+                kind: PoolKind::Dir,
+                path: path.display().to_string(),
             };
             DirPool::new("local", &path).ensure()?;
             self.inner.store.create_json(&pool_key("local"), &spec).await?;
@@ -32,7 +31,7 @@ impl Agent {
     pub(crate) async fn dir_pool(&self, name: &str) -> Result<DirPool> {
         match self.inner.store.get_json::<PoolSpec>(&pool_key(name)).await? {
             Some((spec, _)) => match spec.kind {
-                PoolKind::Dir { path } => Ok(DirPool::new(name, path)),
+                PoolKind::Dir => Ok(DirPool::new(name, spec.path)),
             },
             None => Err(AgentError::NotFound(format!("Pool {name}"))),
         }
@@ -68,14 +67,13 @@ impl Agent {
 
     pub async fn create_pool(&self, spec: PoolSpec) -> Result<Pool> {
         spec.validate()?;
-        let PoolKind::Dir { path } = &spec.kind;
+        let path = &spec.path;
         let p = Path::new(path);
         if p.exists() && !p.is_dir() {
             return Err(AgentError::invalid("path", format!("{path} exists and is not a directory")));
         }
         for other in self.inner.store.list_json::<PoolSpec>(POOLS).await? {
-            let PoolKind::Dir { path: op } = &other.kind;
-            if op == path {
+            if &other.path == path {
                 return Err(AgentError::Conflict(format!("Pool {} already uses {path}", other.name)));
             }
         }

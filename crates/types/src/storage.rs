@@ -7,28 +7,31 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 /// What backs a pool.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "lowercase")]
 pub enum PoolKind {
     /// Volumes are qcow2/raw files in a local directory.
-    Dir { path: String },
+    #[default]
+    Dir,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PoolSpec {
     pub name: String,
-    #[serde(flatten)]
+    #[serde(rename = "type", default)]
     pub kind: PoolKind,
+    /// The directory (type `dir`).
+    pub path: String,
 }
 
 impl PoolSpec {
     pub fn validate(&self) -> Result<(), ValidationErrors> {
         let mut e = ValidationErrors::default();
         check_name(&mut e, "name", &self.name);
-        match &self.kind {
-            PoolKind::Dir { path } => {
-                if !path.starts_with('/') || path.split('/').any(|c| c == "..") {
+        match self.kind {
+            PoolKind::Dir => {
+                if !self.path.starts_with('/') || self.path.split('/').any(|c| c == "..") {
                     e.push("path", "must be an absolute path without '..'");
                 }
             }

@@ -1,0 +1,90 @@
+//! ferry's HTTP API: REST resources under `/api/v1` (OpenAPI generated from the types,
+//! served at `/api/v1/openapi.json`, Swagger UI at `/api/docs`), websockets for the
+//! serial console, VNC and events, Prometheus metrics at `/metrics`. Handlers only
+//! translate between HTTP and the [`Agent`]; errors become JSON in `error.rs`.
+
+mod error;
+mod pools;
+mod tasks;
+mod vms;
+mod ws;
+
+pub use error::ApiError;
+pub use pools::Bridge;
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::Router;
+use ferry_agent::Agent;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use utoipa_swagger_ui::SwaggerUi;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "ferry", description = "KVM virtualization cluster manager: REST API"),
+    tags(
+        (name = "vms", description = "VM definitions and lifecycle"),
+        (name = "storage", description = "Pools and volumes"),
+        (name = "network", description = "Host bridges"),
+        (name = "tasks", description = "Long operations"),
+        (name = "events", description = "Event log"),
+        (name = "host", description = "This host"),
+    )
+)]
+struct ApiDoc;
+
+fn api() -> OpenApiRouter<Agent> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(vms::list_vms, vms::create_vm))
+        .routes(routes!(vms::get_vm, vms::put_vm, vms::delete_vm))
+        .routes(routes!(vms::start_vm))
+        .routes(routes!(vms::stop_vm))
+        .routes(routes!(vms::shutdown_vm))
+        .routes(routes!(vms::reboot_vm))
+        .routes(routes!(vms::pause_vm))
+        .routes(routes!(vms::resume_vm))
+        .routes(routes!(vms::console_history))
+        .routes(routes!(pools::list_pools, pools::create_pool))
+        .routes(routes!(pools::get_pool, pools::delete_pool))
+        .routes(routes!(pools::list_volumes, pools::create_volume))
+        .routes(routes!(pools::get_volume, pools::delete_volume))
+        .routes(routes!(pools::resize_volume))
+        .routes(routes!(pools::import_volume))
+        .routes(routes!(pools::list_bridges, pools::create_bridge))
+        .routes(routes!(tasks::list_tasks))
+        .routes(routes!(tasks::get_task))
+        .routes(routes!(tasks::list_events))
+        .routes(routes!(tasks::host))
+}
+
+/// The OpenAPI document (checked in as `openapi.json`).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api().split_for_parts().1
+}
+
+async fn metrics(State(a): State<Agent>) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        a.render_metrics().await,
+    )
+}
+
+/// The whole HTTP service.
+pub fn router(agent: Agent) -> Router {
+    let (api, doc) = api().split_for_parts();
+    api.route("/api/v1/vms/{name}/console", get(ws::console))
+        .route("/api/v1/vms/{name}/vnc", get(ws::vnc))
+        .route("/api/v1/events/stream", get(ws::events))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            error::ApiError::new(axum::http::StatusCode::NOT_FOUND, "No such resource")
+        })
+        .with_state(agent)
+        .merge(SwaggerUi::new("/api/docs").url("/api/v1/openapi.json", doc))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,44 @@
+//! `/api/v1/tasks`, `/api/v1/events`, `/api/v1/host`.
+
+use crate::error::{ApiError, ApiPath, ApiQuery, ApiResult};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use ferry_agent::Agent;
+use ferry_types::{ApiErrorBody, Event, HostInfo, Task};
+use serde::Deserialize;
+
+#[utoipa::path(get, path = "/api/v1/tasks", tag = "tasks", responses((status = 200, description = "Newest first", body = Vec<Task>)))]
+pub async fn list_tasks(State(a): State<Agent>) -> Json<Vec<Task>> {
+    Json(a.tasks().list())
+}
+
+#[utoipa::path(get, path = "/api/v1/tasks/{id}", tag = "tasks", params(("id" = String, Path)),
+    responses((status = 200, body = Task), (status = 404, body = ApiErrorBody)))]
+pub async fn get_task(State(a): State<Agent>, ApiPath(id): ApiPath<String>) -> ApiResult<Json<Task>> {
+    a.tasks()
+        .get(&id)
+        .map(Json)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("Task {id} not found")))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct EventQuery {
+    /// Only events with a larger sequence number.
+    #[serde(default)]
+    pub after: u64,
+    /// Only events of this VM.
+    pub vm: Option<String>,
+}
+
+#[utoipa::path(get, path = "/api/v1/events", tag = "events", params(EventQuery),
+    responses((status = 200, description = "Kept events, oldest first", body = Vec<Event>)))]
+pub async fn list_events(State(a): State<Agent>, ApiQuery(q): ApiQuery<EventQuery>) -> Json<Vec<Event>> {
+    Json(a.events().list(q.after, q.vm.as_deref()))
+}
+
+#[utoipa::path(get, path = "/api/v1/host", tag = "host", responses((status = 200, body = HostInfo)))]
+pub async fn host(State(a): State<Agent>) -> ApiResult<Json<HostInfo>> {
+    Ok(Json(a.host_info().await?))
+}

@@ -1,0 +1,185 @@
+//! API tests against a real agent (SQLite store, dir pool, qemu-img); no VM is started.
+
+use super::*;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use tower::ServiceExt;
+
+async fn app() -> (tempfile::TempDir, Router, Agent) {
+    let d = tempfile::tempdir().unwrap();
+    let store = ferry_store::SqliteStore::open(&d.path().join("store.db")).unwrap();
+    let agent = Agent::open(
+        ferry_agent::AgentConfig {
+            state_dir: d.path().join("state"),
+            run_dir: d.path().join("run"),
+            accel: ferry_qemu_setting(),
+            qemu_binary: "qemu-system-x86_64".into(),
+        },
+        Arc::new(store),
+    )
+    .await
+    .unwrap();
+    (d, router(agent.clone()), agent)
+}
+
+fn ferry_qemu_setting() -> ferry_agent::AccelSetting {
+    ferry_agent::AccelSetting::Tcg
+}
+
+async fn call(app: &Router, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
+    let mut req = Request::builder().method(method).uri(uri);
+    let body = match body {
+        Some(b) => {
+            req = req.header("content-type", "application/json");
+            Body::from(b.to_string())
+        }
+        None => Body::empty(),
+    };
+    let resp = app.clone().oneshot(req.body(body).unwrap()).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let v = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+    (status, v)
+}
+
+#[tokio::test]
+async fn create_get_list_delete_vm_with_new_disk() {
+    let (_d, app, _) = app().await;
+    let (s, vm) = call(&app, "POST", "/api/v1/vms", Some(json!({
+        "name": "web1", "cpus": 2, "memory_mib": 128,
+        "disks": [{"bus": "virtio", "size": "16M"}, {"bus": "sata", "size": "8M", "format": "raw"}],
+        "cdroms": [{}]
+    }))).await;
+    assert_eq!(s, StatusCode::CREATED, "{vm}");
+    assert_eq!(vm["state"], "stopped");
+    let id = vm["id"].as_u64().unwrap();
+    assert_eq!(vm["spec"]["disks"][0]["volume"], format!("vm-{id}-disk-0"));
+    let (_, vols) = call(&app, "GET", "/api/v1/pools/local/volumes", None).await;
+    assert_eq!(vols.as_array().unwrap().len(), 2);
+    let (s, list) = call(&app, "GET", "/api/v1/vms", None).await;
+    assert_eq!((s, list.as_array().unwrap().len()), (StatusCode::OK, 1));
+    // The volume is in use: it cannot be deleted under the VM.
+    let (s, e) = call(&app, "DELETE", &format!("/api/v1/pools/local/volumes/vm-{id}-disk-0"), None).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{e}");
+    let (s, _) = call(&app, "DELETE", "/api/v1/vms/web1", None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (_, vols) = call(&app, "GET", "/api/v1/pools/local/volumes", None).await;
+    assert_eq!(vols, json!([]), "own volumes removed with the VM");
+    let (s, _) = call(&app, "GET", "/api/v1/vms/web1", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn bad_input_is_4xx_with_reason_and_creates_nothing() {
+    let (_d, app, _) = app().await;
+    let cases = [
+        (json!({"name": "a", "memory_mib": 0}), "memory_mib"),
+        (json!({"name": "a", "memory_mib": 99999999999u64}), "memory_mib"),
+        (json!({"name": "a", "memory_mib": 64, "disks": [{"bus": "floppy", "size": "1G"}]}), "floppy"),
+        (json!({"name": "a", "memory_mib": 64, "disks": [{"volume": "../../etc/passwd"}]}), "disks[0].volume"),
+        (json!({"name": "a", "memory_mib": 64, "nics": [{"bridge": "nosuchbr0"}]}), "no bridge nosuchbr0"),
+        (json!({"name": "a", "memory_mib": 64, "disks": [{"pool": "nopool", "size": "1G"}]}), "no pool nopool"),
+        (json!({"name": "a", "memory_mib": 64, "colour": "red"}), "colour"),
+        (json!({"name": "../x", "memory_mib": 64}), "name"),
+        (json!({"name": "a", "memory_mib": 64, "disks": [{"size": "16M"}, {"pool": "nopool", "size": "1G"}]}), "nopool"),
+    ];
+    for (body, needle) in cases {
+        let (s, e) = call(&app, "POST", "/api/v1/vms", Some(body.clone())).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body} -> {e}");
+        assert!(e.to_string().contains(needle), "{body}: {e} lacks {needle}");
+    }
+    let (_, list) = call(&app, "GET", "/api/v1/vms", None).await;
+    assert_eq!(list, json!([]));
+    let (_, vols) = call(&app, "GET", "/api/v1/pools/local/volumes", None).await;
+    assert_eq!(vols, json!([]), "a refused create left volumes");
+    let (s, _) = call(&app, "POST", "/api/v1/vms", Some(json!({"name": "a", "memory_mib": 64}))).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, e) = call(&app, "POST", "/api/v1/vms", Some(json!({"name": "a", "memory_mib": 64}))).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{e}");
+}
+
+#[tokio::test]
+async fn actions_in_wrong_state_are_409_and_unknown_vm_404() {
+    let (_d, app, _) = app().await;
+    call(&app, "POST", "/api/v1/vms", Some(json!({"name": "a", "memory_mib": 64}))).await;
+    for act in ["stop", "shutdown", "pause", "resume", "reboot"] {
+        let (s, e) = call(&app, "POST", &format!("/api/v1/vms/a/{act}"), None).await;
+        assert_eq!(s, StatusCode::CONFLICT, "{act}: {e}");
+        assert!(e["error"].as_str().unwrap().contains("stopped"), "{e}");
+    }
+    let (s, _) = call(&app, "POST", "/api/v1/vms/nope/start", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, e) = call(&app, "POST", "/api/v1/vms/a/shutdown", Some(json!({"timeout": 3}))).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+}
+
+#[tokio::test]
+async fn edit_keeps_mac_and_id() {
+    let (_d, app, _) = app().await;
+    let (_, br) = call(&app, "GET", "/api/v1/bridges", None).await;
+    let _ = br;
+    let (s, vm) = call(&app, "POST", "/api/v1/vms", Some(json!({"name": "e", "memory_mib": 64}))).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, vm2) = call(&app, "PUT", "/api/v1/vms/e", Some(json!({"name": "e", "memory_mib": 96, "cpus": 2}))).await;
+    assert_eq!(s, StatusCode::OK, "{vm2}");
+    assert_eq!(vm2["id"], vm["id"]);
+    assert_eq!(vm2["spec"]["memory_mib"], 96);
+    let (s, e) = call(&app, "PUT", "/api/v1/vms/e", Some(json!({"name": "other", "memory_mib": 96}))).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+}
+
+#[tokio::test]
+async fn pools_and_volumes_crud_and_import_task() {
+    let (d, app, agent) = app().await;
+    let p = d.path().join("p2");
+    let (s, pool) = call(&app, "POST", "/api/v1/pools", Some(json!({"name": "p2", "type": "dir", "path": p}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{pool}");
+    let (s, v) = call(&app, "POST", "/api/v1/pools/p2/volumes", Some(json!({"name": "v1", "size": "32M"}))).await;
+    assert_eq!((s, v["virtual_bytes"].as_u64()), (StatusCode::CREATED, Some(32 << 20)));
+    let (s, v) = call(&app, "POST", "/api/v1/pools/p2/volumes/v1/resize", Some(json!({"size": "64M"}))).await;
+    assert_eq!((s, v["virtual_bytes"].as_u64()), (StatusCode::OK, Some(64 << 20)));
+    let (s, _) = call(&app, "POST", "/api/v1/pools/p2/volumes/v1/resize", Some(json!({"size": "1M"}))).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let iso = d.path().join("boot.iso");
+    std::fs::write(&iso, vec![1u8; 1 << 20]).unwrap();
+    let (s, t) = call(&app, "POST", "/api/v1/pools/p2/import", Some(json!({"name": "boot.iso", "source": iso}))).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{t}");
+    let task = agent.tasks().wait(t["task"].as_str().unwrap()).await.unwrap();
+    assert_eq!(task.state, ferry_types::TaskState::Succeeded, "{task:?}");
+    let (_, v) = call(&app, "GET", "/api/v1/pools/p2/volumes/boot.iso", None).await;
+    assert_eq!(v["format"], "raw");
+    let (s, _) = call(&app, "DELETE", "/api/v1/pools/p2", None).await;
+    assert_eq!(s, StatusCode::CONFLICT, "pool with volumes deleted");
+    let (s, _) = call(&app, "POST", "/api/v1/pools/p2/import", Some(json!({"name": "x", "source": "/nonexistent"}))).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn metrics_and_openapi_served() {
+    let (_d, app, _) = app().await;
+    call(&app, "POST", "/api/v1/vms", Some(json!({"name": "m", "memory_mib": 64}))).await;
+    let (s, m) = call(&app, "GET", "/metrics", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(m.as_str().unwrap().contains("ferry_vm_up{vm=\"m\"} 0"), "{m}");
+    let (s, doc) = call(&app, "GET", "/api/v1/openapi.json", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(doc["paths"]["/api/v1/vms/{name}/start"].is_object());
+    let (s, e) = call(&app, "GET", "/api/v1/nothing", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{e}");
+}
+
+/// The checked-in OpenAPI document must match the code. Regenerate with
+/// `FERRY_UPDATE_OPENAPI=1 cargo test -p ferry-api openapi_file_is_current`.
+#[test]
+fn openapi_file_is_current() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../openapi.json");
+    let now = openapi().to_pretty_json().unwrap() + "\n";
+    if std::env::var_os("FERRY_UPDATE_OPENAPI").is_some() {
+        std::fs::write(&path, &now).unwrap();
+    }
+    let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(checked_in == now, "openapi.json is stale: run FERRY_UPDATE_OPENAPI=1 cargo test -p ferry-api openapi_file_is_current");
+}

@@ -1,0 +1,136 @@
+//! `/api/v1/vms`: definitions and lifecycle actions (actions are tasks: 202 + task id).
+
+use crate::error::{optional_json, ApiJson, ApiPath, ApiQuery, ApiResult};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::body::Bytes;
+use axum::Json;
+use ferry_agent::Agent;
+use ferry_types::{DeleteVmParams, ShutdownParams, TaskAccepted, Vm, VmAction, VmSpec};
+use std::time::Duration;
+
+#[utoipa::path(get, path = "/api/v1/vms", tag = "vms",
+    responses((status = 200, description = "Every VM of this host", body = Vec<Vm>)))]
+pub async fn list_vms(State(a): State<Agent>) -> ApiResult<Json<Vec<Vm>>> {
+    Ok(Json(a.list_vms().await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/vms", tag = "vms", request_body = VmSpec,
+    responses((status = 201, description = "Defined", body = Vm),
+              (status = 400, description = "Invalid definition", body = ferry_types::ApiErrorBody),
+              (status = 409, description = "Name taken", body = ferry_types::ApiErrorBody)))]
+pub async fn create_vm(State(a): State<Agent>, ApiJson(spec): ApiJson<VmSpec>) -> ApiResult<(StatusCode, Json<Vm>)> {
+    Ok((StatusCode::CREATED, Json(a.create_vm(spec).await?)))
+}
+
+#[utoipa::path(get, path = "/api/v1/vms/{name}", tag = "vms",
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 200, body = Vm), (status = 404, body = ferry_types::ApiErrorBody)))]
+pub async fn get_vm(State(a): State<Agent>, ApiPath(name): ApiPath<String>) -> ApiResult<Json<Vm>> {
+    Ok(Json(a.get_vm(&name).await?))
+}
+
+#[utoipa::path(put, path = "/api/v1/vms/{name}", tag = "vms", request_body = VmSpec,
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 200, description = "Definition replaced (VM must be stopped)", body = Vm),
+              (status = 400, body = ferry_types::ApiErrorBody), (status = 409, body = ferry_types::ApiErrorBody)))]
+pub async fn put_vm(
+    State(a): State<Agent>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(spec): ApiJson<VmSpec>,
+) -> ApiResult<Json<Vm>> {
+    Ok(Json(a.edit_vm(&name, spec).await?))
+}
+
+#[utoipa::path(delete, path = "/api/v1/vms/{name}", tag = "vms",
+    params(("name" = String, Path, description = "VM name"), DeleteVmParams),
+    responses((status = 204, description = "Deleted"),
+              (status = 409, description = "Running and not forced", body = ferry_types::ApiErrorBody)))]
+pub async fn delete_vm(
+    State(a): State<Agent>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(p): ApiQuery<DeleteVmParams>,
+) -> ApiResult<StatusCode> {
+    a.delete_vm(&name, p).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Checks existence and state now (so a bad request is a 4xx, not a failed task), then
+/// runs the action as a task.
+async fn action<F, Fut>(a: &Agent, name: &str, act: VmAction, kind: &'static str, f: F) -> ApiResult<(StatusCode, Json<TaskAccepted>)>
+where
+    F: FnOnce(Agent, String) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ferry_agent::Result<()>> + Send + 'static,
+{
+    let vm = a.get_vm(name).await?;
+    vm.state.check(act).map_err(ferry_agent::AgentError::from)?;
+    let agent = a.clone();
+    let n = name.to_string();
+    let task = a.tasks().spawn(kind, name, move |ctx| async move {
+        ctx.log(format!("{kind} {n}"));
+        f(agent, n).await
+    });
+    Ok((StatusCode::ACCEPTED, Json(TaskAccepted { task })))
+}
+
+macro_rules! vm_action {
+    ($fn:ident, $path:literal, $act:expr, $kind:literal, $doc:literal, |$ag:ident, $n:ident| $body:expr) => {
+        #[doc = $doc]
+        #[utoipa::path(post, path = $path, tag = "vms",
+            params(("name" = String, Path, description = "VM name")),
+            responses((status = 202, description = "Task started", body = TaskAccepted),
+                      (status = 404, body = ferry_types::ApiErrorBody),
+                      (status = 409, description = "Not allowed in the VM's state", body = ferry_types::ApiErrorBody)))]
+        pub async fn $fn(State(a): State<Agent>, ApiPath(name): ApiPath<String>) -> ApiResult<(StatusCode, Json<TaskAccepted>)> {
+            action(&a, &name, $act, $kind, |$ag, $n| async move { $body }).await
+        }
+    };
+}
+
+vm_action!(start_vm, "/api/v1/vms/{name}/start", VmAction::Start, "vm.start", "Start the VM.",
+    |a, n| a.start_vm(&n).await);
+vm_action!(stop_vm, "/api/v1/vms/{name}/stop", VmAction::Stop, "vm.stop", "Hard stop (QEMU quits at once).",
+    |a, n| a.stop_vm(&n).await);
+vm_action!(pause_vm, "/api/v1/vms/{name}/pause", VmAction::Pause, "vm.pause", "Pause the vCPUs.",
+    |a, n| a.pause_vm(&n).await);
+vm_action!(resume_vm, "/api/v1/vms/{name}/resume", VmAction::Resume, "vm.resume", "Resume a paused VM.",
+    |a, n| a.resume_vm(&n).await);
+
+#[utoipa::path(post, path = "/api/v1/vms/{name}/shutdown", tag = "vms", request_body(content = ShutdownParams, description = "Optional"),
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 202, description = "Task started: ACPI power button, QEMU killed after the timeout", body = TaskAccepted),
+              (status = 409, body = ferry_types::ApiErrorBody)))]
+pub async fn shutdown_vm(
+    State(a): State<Agent>,
+    ApiPath(name): ApiPath<String>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<TaskAccepted>)> {
+    let t = optional_json::<ShutdownParams>(&body)?.and_then(|b| b.timeout_secs).map(Duration::from_secs);
+    action(&a, &name, VmAction::Shutdown, "vm.shutdown", move |a, n| async move {
+        a.shutdown_vm(&n, t).await.map(|_| ())
+    })
+    .await
+}
+
+#[utoipa::path(post, path = "/api/v1/vms/{name}/reboot", tag = "vms", request_body(content = ShutdownParams, description = "Optional"),
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 202, description = "Task started: shutdown (killed after the timeout), then start", body = TaskAccepted),
+              (status = 409, body = ferry_types::ApiErrorBody)))]
+pub async fn reboot_vm(
+    State(a): State<Agent>,
+    ApiPath(name): ApiPath<String>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<TaskAccepted>)> {
+    let t = optional_json::<ShutdownParams>(&body)?.and_then(|b| b.timeout_secs).map(Duration::from_secs);
+    action(&a, &name, VmAction::Reboot, "vm.reboot", move |a, n| async move { a.reboot_vm(&n, t).await }).await
+}
+
+#[utoipa::path(get, path = "/api/v1/vms/{name}/console/history", tag = "vms",
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 200, description = "The serial console output kept so far", body = String, content_type = "text/plain"),
+              (status = 409, body = ferry_types::ApiErrorBody)))]
+pub async fn console_history(State(a): State<Agent>, ApiPath(name): ApiPath<String>) -> ApiResult<String> {
+    a.get_vm(&name).await?;
+    let c = a.console(&name)?;
+    Ok(String::from_utf8_lossy(&c.history()).into_owned())
+}
