@@ -68,7 +68,11 @@ impl Console {
 
     /// The history so far and a receiver for everything after it.
     pub fn subscribe(&self) -> (Vec<u8>, broadcast::Receiver<Bytes>) {
-        let h = self.shared.history.lock().unwrap_or_else(|e| e.into_inner());
+        let h = self
+            .shared
+            .history
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let rx = self.shared.out.subscribe();
         (h.iter().copied().collect(), rx)
     }

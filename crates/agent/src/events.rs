@@ -12,7 +12,10 @@ const KEEP: usize = 1000;
 const PREFIX: &str = "/events/";
 
 pub(crate) fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
 }
 
 struct Ring {
@@ -29,7 +32,11 @@ pub struct EventLog {
 
 impl EventLog {
     pub async fn load(store: Arc<dyn Store>) -> Result<EventLog, ferry_store::StoreError> {
-        let recent: VecDeque<Event> = store.list_json::<Event>(PREFIX).await?.into_iter().collect();
+        let recent: VecDeque<Event> = store
+            .list_json::<Event>(PREFIX)
+            .await?
+            .into_iter()
+            .collect();
         let seq = recent.back().map_or(0, |e| e.seq);
         let (tx, _) = broadcast::channel(512);
         Ok(EventLog {
@@ -65,7 +72,9 @@ impl EventLog {
         let _ = self.tx.send(ev.clone());
         let store = self.store.clone();
         tokio::spawn(async move {
-            let _ = store.put_json(&format!("{PREFIX}{:016}", ev.seq), &ev).await;
+            let _ = store
+                .put_json(&format!("{PREFIX}{:016}", ev.seq), &ev)
+                .await;
             for s in prune {
                 let _ = store.delete(&format!("{PREFIX}{s:016}")).await;
             }

@@ -22,8 +22,8 @@ mod vms;
 pub use console::Console;
 pub use error::{AgentError, ErrorClass, Result};
 pub use events::EventLog;
-pub use tasks::{TaskCtx, Tasks};
 pub use ferry_types::HostInfo;
+pub use tasks::{TaskCtx, Tasks};
 
 pub use ferry_qemu::{Accel, AccelSetting};
 use ferry_store::Store;
@@ -130,7 +130,9 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> Vec<String> {
 }
 
 fn nix_hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// MemTotal from /proc/meminfo.
@@ -147,8 +149,16 @@ pub fn host_memory_bytes() -> u64 {
 }
 
 async fn qemu_version(bin: &str) -> String {
-    match tokio::process::Command::new(bin).arg("--version").output().await {
-        Ok(o) => String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string(),
+    match tokio::process::Command::new(bin)
+        .arg("--version")
+        .output()
+        .await
+    {
+        Ok(o) => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string(),
         Err(e) => format!("unavailable: {e}"),
     }
 }

@@ -6,7 +6,10 @@ use crate::error::{AgentError, Result};
 use crate::records::VmRecord;
 use crate::runtime::Slot;
 use crate::Agent;
-use ferry_qemu::{build_argv, kill_and_wait, read_pid, spawn_detached, LaunchPlan, ResolvedCdrom, ResolvedDisk, RunPaths};
+use ferry_qemu::{
+    build_argv, kill_and_wait, read_pid, spawn_detached, LaunchPlan, ResolvedCdrom, ResolvedDisk,
+    RunPaths,
+};
 use ferry_qmp::Qmp;
 use ferry_types::{Firmware, VmAction, VmState};
 use std::path::PathBuf;
@@ -20,8 +23,14 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
 /// OVMF code and vars templates, if installed.
 pub(crate) fn ovmf_paths() -> Option<(PathBuf, PathBuf)> {
     [
-        ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
-        ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
+        (
+            "/usr/share/OVMF/OVMF_CODE_4M.fd",
+            "/usr/share/OVMF/OVMF_VARS_4M.fd",
+        ),
+        (
+            "/usr/share/OVMF/OVMF_CODE.fd",
+            "/usr/share/OVMF/OVMF_VARS.fd",
+        ),
     ]
     .into_iter()
     .map(|(c, v)| (PathBuf::from(c), PathBuf::from(v)))
@@ -32,7 +41,9 @@ impl Agent {
     fn set_state(&self, name: &str, slot: &Slot, state: VmState) {
         let old = slot.with(|rt| std::mem::replace(&mut rt.state, state));
         if old != state {
-            self.inner.events.emit(Some(name), "state", format!("{old} -> {state}"));
+            self.inner
+                .events
+                .emit(Some(name), "state", format!("{old} -> {state}"));
         }
     }
 
@@ -41,13 +52,20 @@ impl Agent {
         let spec = &rec.spec;
         let mut disks = vec![];
         for d in &spec.disks {
-            let vol = d.volume.as_deref().ok_or_else(|| AgentError::invalid("disks", "disk without volume"))?;
+            let vol = d
+                .volume
+                .as_deref()
+                .ok_or_else(|| AgentError::invalid("disks", "disk without volume"))?;
             let dp = self.dir_pool(&d.pool).await?;
             let info = dp.info(vol).await?;
             disks.push(ResolvedDisk {
                 spec: d.clone(),
                 path: dp.volume_path(vol)?,
-                format: if info.format == "qcow2" { "qcow2".into() } else { "raw".into() },
+                format: if info.format == "qcow2" {
+                    "qcow2".into()
+                } else {
+                    "raw".into()
+                },
             });
         }
         let mut cdroms = vec![];
@@ -64,12 +82,16 @@ impl Agent {
         }
         for n in &spec.nics {
             if !ferry_net::bridge_exists(&n.bridge) {
-                return Err(AgentError::Conflict(format!("Bridge {} does not exist on this host", n.bridge)));
+                return Err(AgentError::Conflict(format!(
+                    "Bridge {} does not exist on this host",
+                    n.bridge
+                )));
             }
         }
         let ovmf = if spec.firmware == Firmware::Uefi {
-            let (code, vars_tpl) = ovmf_paths()
-                .ok_or_else(|| AgentError::Conflict("UEFI needs OVMF (Debian package ovmf)".into()))?;
+            let (code, vars_tpl) = ovmf_paths().ok_or_else(|| {
+                AgentError::Conflict("UEFI needs OVMF (Debian package ovmf)".into())
+            })?;
             let dir = self.vm_state_dir(rec.id);
             let vars = dir.join("efivars.fd");
             if !vars.exists() {
@@ -90,7 +112,9 @@ impl Agent {
             run: self.run_paths(rec.id),
             disks,
             cdroms,
-            taps: (0..spec.nics.len()).map(|i| ferry_net::tap_name(rec.id, i)).collect(),
+            taps: (0..spec.nics.len())
+                .map(|i| ferry_net::tap_name(rec.id, i))
+                .collect(),
             ovmf,
         })
     }
@@ -123,16 +147,26 @@ impl Agent {
                     rt.pid = None;
                     rt.qmp = None;
                     rt.console = None;
-                    rt.last_exit = Some(format!("start failed: {}", crate::error_chain(&e).join(": ")));
+                    rt.last_exit = Some(format!(
+                        "start failed: {}",
+                        crate::error_chain(&e).join(": ")
+                    ));
                 });
                 self.set_state(name, slot, VmState::Stopped);
-                self.save_state(name, VmState::Stopped, slot.with(|rt| rt.last_exit.clone())).await;
+                self.save_state(name, VmState::Stopped, slot.with(|rt| rt.last_exit.clone()))
+                    .await;
                 Err(e)
             }
         }
     }
 
-    async fn launch(&self, name: &str, slot: &Arc<Slot>, rec: &VmRecord, plan: &LaunchPlan) -> Result<()> {
+    async fn launch(
+        &self,
+        name: &str,
+        slot: &Arc<Slot>,
+        rec: &VmRecord,
+        plan: &LaunchPlan,
+    ) -> Result<()> {
         for (n, tap) in rec.spec.nics.iter().zip(&plan.taps) {
             ferry_net::create_tap(tap)?;
             ferry_net::attach_up(tap, &n.bridge).await?;
@@ -143,10 +177,12 @@ impl Agent {
         let pid = spawn_detached(&self.inner.cfg.qemu_binary, &argv, &plan.run).await?;
         let connected = async {
             let qmp = Qmp::connect_retry(&plan.run.qmp, QMP_CONNECT).await?;
-            let console = Console::attach(&plan.run.serial, &[]).await.map_err(|source| AgentError::Io {
-                what: "Connect to the serial console".into(),
-                source,
-            })?;
+            let console = Console::attach(&plan.run.serial, &[])
+                .await
+                .map_err(|source| AgentError::Io {
+                    what: "Connect to the serial console".into(),
+                    source,
+                })?;
             Ok::<_, AgentError>((qmp, console))
         }
         .await;
@@ -245,7 +281,8 @@ impl Agent {
 
     /// QEMU is gone: clean up and decide between stopped and crashed.
     async fn on_exit(&self, name: &str, slot: &Slot, generation: u64) {
-        let (expected, guest, reason) = slot.with(|rt| (rt.expect_exit, rt.guest_shutdown, rt.last_exit.clone()));
+        let (expected, guest, reason) =
+            slot.with(|rt| (rt.expect_exit, rt.guest_shutdown, rt.last_exit.clone()));
         if slot.with(|rt| rt.generation) != generation {
             return;
         }
@@ -254,7 +291,10 @@ impl Agent {
         } else if guest {
             (VmState::Stopped, Some("guest powered off".to_string()))
         } else {
-            (VmState::Crashed, Some(reason.unwrap_or_else(|| "QEMU exited unexpectedly".into())))
+            (
+                VmState::Crashed,
+                Some(reason.unwrap_or_else(|| "QEMU exited unexpectedly".into())),
+            )
         };
         slot.with(|rt| {
             rt.pid = None;
@@ -313,7 +353,8 @@ impl Agent {
     pub async fn shutdown_vm(&self, name: &str, timeout: Option<Duration>) -> Result<bool> {
         let slot = self.slot(name);
         let _op = slot.op.lock().await;
-        self.shutdown_locked(name, &slot, timeout.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT)).await
+        self.shutdown_locked(name, &slot, timeout.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT))
+            .await
     }
 
     /// Returns whether the guest powered off by itself (false: it was killed).
@@ -332,9 +373,11 @@ impl Agent {
         if self.wait_gone(slot, timeout).await {
             return Ok(true);
         }
-        self.inner
-            .events
-            .emit(Some(name), "vm", format!("guest did not power off within {timeout:?}; killing"));
+        self.inner.events.emit(
+            Some(name),
+            "vm",
+            format!("guest did not power off within {timeout:?}; killing"),
+        );
         self.stop_locked(name, slot).await?;
         Ok(false)
     }
@@ -343,19 +386,28 @@ impl Agent {
     pub async fn reboot_vm(&self, name: &str, timeout: Option<Duration>) -> Result<()> {
         let slot = self.slot(name);
         let _op = slot.op.lock().await;
-        self.shutdown_locked(name, &slot, timeout.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT)).await?;
+        self.shutdown_locked(name, &slot, timeout.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT))
+            .await?;
         self.start_locked(name, &slot).await
     }
 
     pub async fn pause_vm(&self, name: &str) -> Result<()> {
-        self.pause_resume(name, VmAction::Pause, "stop", VmState::Paused).await
+        self.pause_resume(name, VmAction::Pause, "stop", VmState::Paused)
+            .await
     }
 
     pub async fn resume_vm(&self, name: &str) -> Result<()> {
-        self.pause_resume(name, VmAction::Resume, "cont", VmState::Running).await
+        self.pause_resume(name, VmAction::Resume, "cont", VmState::Running)
+            .await
     }
 
-    async fn pause_resume(&self, name: &str, action: VmAction, cmd: &str, to: VmState) -> Result<()> {
+    async fn pause_resume(
+        &self,
+        name: &str,
+        action: VmAction,
+        cmd: &str,
+        to: VmState,
+    ) -> Result<()> {
         let slot = self.slot(name);
         let _op = slot.op.lock().await;
         self.record(name).await?;
@@ -376,7 +428,11 @@ impl Agent {
             match read_pid(&run) {
                 Some(pid) => match self.adopt(&name, &slot, pid, &run).await {
                     Ok(state) => {
-                        self.inner.events.emit(Some(&name), "vm", format!("re-adopted QEMU pid {pid} ({state})"));
+                        self.inner.events.emit(
+                            Some(&name),
+                            "vm",
+                            format!("re-adopted QEMU pid {pid} ({state})"),
+                        );
                     }
                     Err(e) => {
                         tracing::error!(vm = %name, pid, error = %e, "cannot re-adopt running QEMU");
@@ -389,7 +445,11 @@ impl Agent {
                 },
                 None => {
                     let was = rec.last_state;
-                    let state = if was.has_process() { VmState::Crashed } else { was };
+                    let state = if was.has_process() {
+                        VmState::Crashed
+                    } else {
+                        was
+                    };
                     let why = if was.has_process() {
                         Some("QEMU ended while the daemon was not running".to_string())
                     } else {
@@ -402,7 +462,11 @@ impl Agent {
                     if was.has_process() {
                         self.remove_taps(rec.id, rec.spec.nics.len()).await;
                         self.save_state(&name, state, why).await;
-                        self.inner.events.emit(Some(&name), "state", format!("{was} -> {state} (found dead at start)"));
+                        self.inner.events.emit(
+                            Some(&name),
+                            "state",
+                            format!("{was} -> {state} (found dead at start)"),
+                        );
                     }
                 }
             }
@@ -410,7 +474,13 @@ impl Agent {
         Ok(())
     }
 
-    async fn adopt(&self, name: &str, slot: &Arc<Slot>, pid: i32, run: &RunPaths) -> Result<VmState> {
+    async fn adopt(
+        &self,
+        name: &str,
+        slot: &Arc<Slot>,
+        pid: i32,
+        run: &RunPaths,
+    ) -> Result<VmState> {
         let qmp = Qmp::connect_retry(&run.qmp, Duration::from_secs(5)).await?;
         let status: serde_json::Value = qmp.execute("query-status", None).await?;
         let state = match status.get("status").and_then(|s| s.as_str()) {

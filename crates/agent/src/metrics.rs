@@ -40,7 +40,9 @@ fn proc_rss_bytes(pid: i32) -> Option<u64> {
 impl Agent {
     async fn sample(&self) -> Vec<VmSample> {
         let mut out = vec![];
-        let Ok(recs) = self.records().await else { return out };
+        let Ok(recs) = self.records().await else {
+            return out;
+        };
         for r in recs {
             let slot = self.slot(&r.spec.name);
             let (pid, qmp) = slot.with(|rt| (rt.pid, rt.qmp.clone()));
@@ -55,17 +57,33 @@ impl Agent {
             };
             if let Some(q) = qmp {
                 let q = q.with_timeout(Duration::from_secs(2));
-                if let Ok(v) = q.execute("query-blockstats", Some(serde_json::json!({"query-nodes": false}))).await {
+                if let Ok(v) = q
+                    .execute(
+                        "query-blockstats",
+                        Some(serde_json::json!({"query-nodes": false})),
+                    )
+                    .await
+                {
                     for b in v.as_array().into_iter().flatten() {
                         let id = b
                             .get("qdev")
                             .and_then(|d| d.as_str())
-                            .map(|d| d.trim_start_matches("/machine/peripheral/").trim_end_matches("/virtio-backend").to_string())
+                            .map(|d| {
+                                d.trim_start_matches("/machine/peripheral/")
+                                    .trim_end_matches("/virtio-backend")
+                                    .to_string()
+                            })
                             .unwrap_or_default();
                         let st = &b["stats"];
                         let g = |k: &str| st.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
                         if id.starts_with("disk") {
-                            s.disks.push((id, g("rd_bytes"), g("wr_bytes"), g("rd_operations"), g("wr_operations")));
+                            s.disks.push((
+                                id,
+                                g("rd_bytes"),
+                                g("wr_bytes"),
+                                g("rd_operations"),
+                                g("wr_operations"),
+                            ));
                         }
                     }
                 }
@@ -74,7 +92,13 @@ impl Agent {
                 for i in 0..r.spec.nics.len() {
                     if let Some(t) = ferry_net::link_stats(&ferry_net::tap_name(r.id, i)) {
                         // The tap's tx is what the guest receives.
-                        s.nics.push((format!("net{i}"), t.tx_bytes, t.rx_bytes, t.tx_packets, t.rx_packets));
+                        s.nics.push((
+                            format!("net{i}"),
+                            t.tx_bytes,
+                            t.rx_bytes,
+                            t.tx_packets,
+                            t.rx_packets,
+                        ));
                     }
                 }
             }
@@ -101,7 +125,8 @@ impl Agent {
             for s in &samples {
                 let vm = s.name.clone();
                 gauge!("ferry_vm_up", "vm" => vm.clone()).set(if s.up { 1.0 } else { 0.0 });
-                gauge!("ferry_vm_memory_configured_bytes", "vm" => vm.clone()).set(s.memory_bytes as f64);
+                gauge!("ferry_vm_memory_configured_bytes", "vm" => vm.clone())
+                    .set(s.memory_bytes as f64);
                 if let Some(c) = s.cpu_seconds {
                     gauge!("ferry_vm_cpu_seconds_total", "vm" => vm.clone()).set(c);
                 }

@@ -23,13 +23,21 @@ impl Agent {
                 path: path.display().to_string(),
             };
             DirPool::new("local", &path).ensure()?;
-            self.inner.store.create_json(&pool_key("local"), &spec).await?;
+            self.inner
+                .store
+                .create_json(&pool_key("local"), &spec)
+                .await?;
         }
         Ok(())
     }
 
     pub(crate) async fn dir_pool(&self, name: &str) -> Result<DirPool> {
-        match self.inner.store.get_json::<PoolSpec>(&pool_key(name)).await? {
+        match self
+            .inner
+            .store
+            .get_json::<PoolSpec>(&pool_key(name))
+            .await?
+        {
             Some((spec, _)) => match spec.kind {
                 PoolKind::Dir => Ok(DirPool::new(name, spec.path)),
             },
@@ -59,7 +67,12 @@ impl Agent {
     }
 
     pub async fn get_pool(&self, name: &str) -> Result<Pool> {
-        match self.inner.store.get_json::<PoolSpec>(&pool_key(name)).await? {
+        match self
+            .inner
+            .store
+            .get_json::<PoolSpec>(&pool_key(name))
+            .await?
+        {
             Some((spec, _)) => self.pool_status(spec).await,
             None => Err(AgentError::NotFound(format!("Pool {name}"))),
         }
@@ -70,18 +83,34 @@ impl Agent {
         let path = &spec.path;
         let p = Path::new(path);
         if p.exists() && !p.is_dir() {
-            return Err(AgentError::invalid("path", format!("{path} exists and is not a directory")));
+            return Err(AgentError::invalid(
+                "path",
+                format!("{path} exists and is not a directory"),
+            ));
         }
         for other in self.inner.store.list_json::<PoolSpec>(POOLS).await? {
             if &other.path == path {
-                return Err(AgentError::Conflict(format!("Pool {} already uses {path}", other.name)));
+                return Err(AgentError::Conflict(format!(
+                    "Pool {} already uses {path}",
+                    other.name
+                )));
             }
         }
         DirPool::new(&spec.name, p).ensure()?;
-        if !self.inner.store.create_json(&pool_key(&spec.name), &spec).await? {
-            return Err(AgentError::Conflict(format!("Pool {} already exists", spec.name)));
+        if !self
+            .inner
+            .store
+            .create_json(&pool_key(&spec.name), &spec)
+            .await?
+        {
+            return Err(AgentError::Conflict(format!(
+                "Pool {} already exists",
+                spec.name
+            )));
         }
-        self.inner.events.emit(None, "pool", format!("pool {} created", spec.name));
+        self.inner
+            .events
+            .emit(None, "pool", format!("pool {} created", spec.name));
         self.get_pool(&spec.name).await
     }
 
@@ -90,10 +119,15 @@ impl Agent {
     pub async fn delete_pool(&self, name: &str) -> Result<()> {
         let pool = self.get_pool(name).await?;
         if pool.volumes > 0 {
-            return Err(AgentError::Conflict(format!("Pool {name} still holds {} volumes", pool.volumes)));
+            return Err(AgentError::Conflict(format!(
+                "Pool {name} still holds {} volumes",
+                pool.volumes
+            )));
         }
         self.inner.store.delete(&pool_key(name)).await?;
-        self.inner.events.emit(None, "pool", format!("pool {name} removed"));
+        self.inner
+            .events
+            .emit(None, "pool", format!("pool {name} removed"));
         Ok(())
     }
 
@@ -107,8 +141,16 @@ impl Agent {
 
     pub async fn create_volume(&self, pool: &str, req: VolumeCreate) -> Result<Volume> {
         req.validate()?;
-        let v = self.dir_pool(pool).await?.create(&req.name, req.size, req.format).await?;
-        self.inner.events.emit(None, "volume", format!("volume {pool}/{} created", req.name));
+        let v = self
+            .dir_pool(pool)
+            .await?
+            .create(&req.name, req.size, req.format)
+            .await?;
+        self.inner.events.emit(
+            None,
+            "volume",
+            format!("volume {pool}/{} created", req.name),
+        );
         Ok(v)
     }
 
@@ -119,8 +161,13 @@ impl Agent {
             .await?
             .into_iter()
             .filter(|r| {
-                r.spec.disks.iter().any(|d| d.pool == pool && d.volume.as_deref() == Some(volume))
-                    || r.spec.cdroms.iter().any(|c| c.pool.as_deref() == Some(pool) && c.volume.as_deref() == Some(volume))
+                r.spec
+                    .disks
+                    .iter()
+                    .any(|d| d.pool == pool && d.volume.as_deref() == Some(volume))
+                    || r.spec.cdroms.iter().any(|c| {
+                        c.pool.as_deref() == Some(pool) && c.volume.as_deref() == Some(volume)
+                    })
             })
             .map(|r| r.spec.name)
             .collect())
@@ -129,10 +176,15 @@ impl Agent {
     pub async fn delete_volume(&self, pool: &str, name: &str) -> Result<()> {
         let users = self.volume_users(pool, name).await?;
         if !users.is_empty() {
-            return Err(AgentError::Conflict(format!("Volume {pool}/{name} is used by VM {}", users.join(", "))));
+            return Err(AgentError::Conflict(format!(
+                "Volume {pool}/{name} is used by VM {}",
+                users.join(", ")
+            )));
         }
         self.dir_pool(pool).await?.delete(name).await?;
-        self.inner.events.emit(None, "volume", format!("volume {pool}/{name} deleted"));
+        self.inner
+            .events
+            .emit(None, "volume", format!("volume {pool}/{name} deleted"));
         Ok(())
     }
 
@@ -151,9 +203,16 @@ impl Agent {
                     .into());
                 }
                 self.qmp(&vm)?
-                    .execute("block_resize", Some(serde_json::json!({"node-name": node, "size": size.0})))
+                    .execute(
+                        "block_resize",
+                        Some(serde_json::json!({"node-name": node, "size": size.0})),
+                    )
                     .await?;
-                self.inner.events.emit(Some(&vm), "volume", format!("disk {pool}/{name} grown online to {size}"));
+                self.inner.events.emit(
+                    Some(&vm),
+                    "volume",
+                    format!("disk {pool}/{name} grown online to {size}"),
+                );
                 return Ok(dp.info(name).await?);
             }
         }
@@ -166,29 +225,47 @@ impl Agent {
         let dp = self.dir_pool(pool).await?;
         let src = Path::new(&req.source);
         if !src.is_file() {
-            return Err(AgentError::invalid("source", format!("{} is not a readable file", req.source)));
+            return Err(AgentError::invalid(
+                "source",
+                format!("{} is not a readable file", req.source),
+            ));
         }
         if dp.volume_path(&req.name)?.exists() {
-            return Err(AgentError::Conflict(format!("Volume {pool}/{} already exists", req.name)));
+            return Err(AgentError::Conflict(format!(
+                "Volume {pool}/{} already exists",
+                req.name
+            )));
         }
         let agent = self.clone();
         let target = format!("{pool}/{}", req.name);
         let tgt = target.clone();
-        Ok(self.inner.tasks.spawn("volume.import", &tgt, move |ctx| async move {
-            ctx.log(format!("importing {} into {}", req.source, target));
-            let c = ctx.clone();
-            let v = dp
-                .import(&req.name, Path::new(&req.source), req.format, move |p| c.progress(p))
-                .await?;
-            ctx.log(format!("{} bytes, format {}", v.virtual_bytes, v.format));
-            agent.inner.events.emit(None, "volume", format!("volume {target} imported"));
-            Ok(())
-        }))
+        Ok(self
+            .inner
+            .tasks
+            .spawn("volume.import", &tgt, move |ctx| async move {
+                ctx.log(format!("importing {} into {}", req.source, target));
+                let c = ctx.clone();
+                let v = dp
+                    .import(&req.name, Path::new(&req.source), req.format, move |p| {
+                        c.progress(p)
+                    })
+                    .await?;
+                ctx.log(format!("{} bytes, format {}", v.virtual_bytes, v.format));
+                agent
+                    .inner
+                    .events
+                    .emit(None, "volume", format!("volume {target} imported"));
+                Ok(())
+            }))
     }
 
     /// Creates the new volumes a spec asks for (`size` without `volume`), naming them
     /// `vm-{id}-disk-{n}`; on failure removes those it made.
-    pub(crate) async fn create_spec_volumes(&self, id: u32, spec: &mut ferry_types::VmSpec) -> Result<Vec<(String, String)>> {
+    pub(crate) async fn create_spec_volumes(
+        &self,
+        id: u32,
+        spec: &mut ferry_types::VmSpec,
+    ) -> Result<Vec<(String, String)>> {
         let mut made: Vec<(String, String)> = vec![];
         let mut n = 0;
         for i in 0..spec.disks.len() {
@@ -235,4 +312,3 @@ impl Agent {
         }
     }
 }
-

@@ -40,7 +40,9 @@ impl Agent {
     /// Writes the record's state fields, keeping whatever else changed meanwhile.
     pub(crate) async fn save_state(&self, name: &str, state: VmState, last_exit: Option<String>) {
         for _ in 0..5 {
-            let Ok((mut r, rev)) = self.record(name).await else { return };
+            let Ok((mut r, rev)) = self.record(name).await else {
+                return;
+            };
             r.last_state = state;
             r.last_exit = last_exit.clone();
             match self.inner.store.cas_json(&vm_key(name), rev, &r).await {

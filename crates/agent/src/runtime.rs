@@ -84,7 +84,12 @@ impl Agent {
     }
 
     /// The block node of `pool/volume` if VM `vm` runs with it.
-    pub(crate) async fn running_disk_node(&self, vm: &str, pool: &str, volume: &str) -> Option<String> {
+    pub(crate) async fn running_disk_node(
+        &self,
+        vm: &str,
+        pool: &str,
+        volume: &str,
+    ) -> Option<String> {
         if !self.slot(vm).state().has_process() {
             return None;
         }

@@ -37,12 +37,16 @@ impl TaskCtx {
         self.tasks.update(&self.id, |t| t.log.push(line));
     }
     pub fn progress(&self, p: f32) {
-        self.tasks.update(&self.id, |t| t.progress = p.clamp(0.0, 1.0));
+        self.tasks
+            .update(&self.id, |t| t.progress = p.clamp(0.0, 1.0));
     }
 }
 
 impl Tasks {
-    pub async fn load(store: Arc<dyn Store>, events: EventLog) -> Result<Tasks, ferry_store::StoreError> {
+    pub async fn load(
+        store: Arc<dyn Store>,
+        events: EventLog,
+    ) -> Result<Tasks, ferry_store::StoreError> {
         let mut map = HashMap::new();
         for mut t in store.list_json::<Task>(PREFIX).await? {
             if t.state == TaskState::Running {
@@ -61,18 +65,33 @@ impl Tasks {
     }
 
     fn update(&self, id: &str, f: impl FnOnce(&mut Task)) {
-        if let Some(t) = self.map.lock().unwrap_or_else(|e| e.into_inner()).get_mut(id) {
+        if let Some(t) = self
+            .map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(id)
+        {
             f(t);
         }
     }
 
     pub fn get(&self, id: &str) -> Option<Task> {
-        self.map.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
     }
 
     /// All tasks, newest first.
     pub fn list(&self) -> Vec<Task> {
-        let mut v: Vec<Task> = self.map.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        let mut v: Vec<Task> = self
+            .map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
         v.sort_by(|a, b| b.started_ms.cmp(&a.started_ms).then(b.id.cmp(&a.id)));
         v
     }
@@ -95,14 +114,24 @@ impl Tasks {
             started_ms: now_ms(),
             ended_ms: None,
         };
-        self.map.lock().unwrap_or_else(|e| e.into_inner()).insert(id.clone(), task.clone());
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone(), task.clone());
         let tasks = self.clone();
-        let ctx = TaskCtx { id: id.clone(), tasks: tasks.clone() };
+        let ctx = TaskCtx {
+            id: id.clone(),
+            tasks: tasks.clone(),
+        };
         let store = self.store.clone();
         tokio::spawn(async move {
             let _ = store.put_json(&format!("{PREFIX}{}", task.id), &task).await;
             let vm = (task.kind.starts_with("vm.")).then_some(task.target.clone());
-            tasks.events.emit(vm.as_deref(), "task", format!("{} started ({})", task.kind, task.id));
+            tasks.events.emit(
+                vm.as_deref(),
+                "task",
+                format!("{} started ({})", task.kind, task.id),
+            );
             let r = work(ctx).await;
             tasks.update(&task.id, |t| {
                 t.ended_ms = Some(now_ms());

@@ -22,7 +22,12 @@ impl Agent {
     }
 
     pub async fn list_vms(&self) -> Result<Vec<Vm>> {
-        Ok(self.records().await?.into_iter().map(|r| self.to_vm(r)).collect())
+        Ok(self
+            .records()
+            .await?
+            .into_iter()
+            .map(|r| self.to_vm(r))
+            .collect())
     }
 
     pub async fn get_vm(&self, name: &str) -> Result<Vm> {
@@ -37,7 +42,10 @@ impl Agent {
         if host_mem_mib > 0 && spec.memory_mib > host_mem_mib {
             e.push(
                 "memory_mib",
-                format!("{} MiB is more than this host has ({host_mem_mib} MiB)", spec.memory_mib),
+                format!(
+                    "{} MiB is more than this host has ({host_mem_mib} MiB)",
+                    spec.memory_mib
+                ),
             );
         }
         for (i, d) in spec.disks.iter().enumerate() {
@@ -46,7 +54,10 @@ impl Agent {
                 Ok(dp) => {
                     if let Some(v) = &d.volume {
                         if !dp.volume_path(v).map(|p| p.is_file()).unwrap_or(false) {
-                            e.push(format!("disks[{i}].volume"), format!("no volume {v} in pool {}", d.pool));
+                            e.push(
+                                format!("disks[{i}].volume"),
+                                format!("no volume {v} in pool {}", d.pool),
+                            );
                         }
                     }
                 }
@@ -67,12 +78,18 @@ impl Agent {
             if !ferry_net::bridge_exists(&n.bridge) {
                 e.push(
                     format!("nics[{i}].bridge"),
-                    format!("no bridge {} on this host (create it with `ferry net bridge create`)", n.bridge),
+                    format!(
+                        "no bridge {} on this host (create it with `ferry net bridge create`)",
+                        n.bridge
+                    ),
                 );
             }
         }
         if let Some(k) = &spec.direct_boot {
-            for (f, p) in [("direct_boot.kernel", Some(&k.kernel)), ("direct_boot.initrd", k.initrd.as_ref())] {
+            for (f, p) in [
+                ("direct_boot.kernel", Some(&k.kernel)),
+                ("direct_boot.initrd", k.initrd.as_ref()),
+            ] {
                 if let Some(p) = p {
                     if !std::path::Path::new(p).is_file() {
                         e.push(f, format!("{p} is not a file on this host"));
@@ -80,8 +97,12 @@ impl Agent {
                 }
             }
         }
-        if spec.firmware == ferry_types::Firmware::Uefi && crate::lifecycle::ovmf_paths().is_none() {
-            e.push("firmware", "UEFI needs OVMF (Debian package ovmf), which this host lacks");
+        if spec.firmware == ferry_types::Firmware::Uefi && crate::lifecycle::ovmf_paths().is_none()
+        {
+            e.push(
+                "firmware",
+                "UEFI needs OVMF (Debian package ovmf), which this host lacks",
+            );
         }
         // MACs must be unique among all VMs of the host.
         let mut used = HashSet::new();
@@ -98,7 +119,10 @@ impl Agent {
         for (i, n) in spec.nics.iter().enumerate() {
             if let Some(m) = &n.mac {
                 if used.contains(&m.to_ascii_lowercase()) {
-                    e.push(format!("nics[{i}].mac"), format!("{m} is used by another VM"));
+                    e.push(
+                        format!("nics[{i}].mac"),
+                        format!("{m} is used by another VM"),
+                    );
                 }
             }
         }
@@ -135,7 +159,10 @@ impl Agent {
     pub async fn create_vm(&self, mut spec: VmSpec) -> Result<Vm> {
         spec.validate()?;
         if self.inner.store.get(&vm_key(&spec.name)).await?.is_some() {
-            return Err(AgentError::Conflict(format!("VM {} already exists", spec.name)));
+            return Err(AgentError::Conflict(format!(
+                "VM {} already exists",
+                spec.name
+            )));
         }
         self.check_host(&spec, None).await?;
         self.assign_macs(&mut spec, None).await?;
@@ -147,18 +174,28 @@ impl Agent {
             last_state: VmState::Stopped,
             last_exit: None,
         };
-        match self.inner.store.create_json(&vm_key(&spec.name), &rec).await {
+        match self
+            .inner
+            .store
+            .create_json(&vm_key(&spec.name), &rec)
+            .await
+        {
             Ok(true) => {}
             Ok(false) => {
                 self.remove_volumes(&made).await;
-                return Err(AgentError::Conflict(format!("VM {} already exists", spec.name)));
+                return Err(AgentError::Conflict(format!(
+                    "VM {} already exists",
+                    spec.name
+                )));
             }
             Err(e) => {
                 self.remove_volumes(&made).await;
                 return Err(e.into());
             }
         }
-        self.inner.events.emit(Some(&spec.name), "vm", format!("defined (id {id})"));
+        self.inner
+            .events
+            .emit(Some(&spec.name), "vm", format!("defined (id {id})"));
         Ok(self.to_vm(rec))
     }
 
@@ -166,7 +203,10 @@ impl Agent {
     pub async fn edit_vm(&self, name: &str, mut spec: VmSpec) -> Result<Vm> {
         spec.validate()?;
         if spec.name != name {
-            return Err(AgentError::invalid("name", "renaming is not supported; the name must match the URL"));
+            return Err(AgentError::invalid(
+                "name",
+                "renaming is not supported; the name must match the URL",
+            ));
         }
         let slot = self.slot(name);
         let _op = slot.op.lock().await;
@@ -180,14 +220,18 @@ impl Agent {
             Ok(true) => {}
             Ok(false) => {
                 self.remove_volumes(&made).await;
-                return Err(AgentError::Conflict(format!("VM {name} was changed meanwhile; retry")));
+                return Err(AgentError::Conflict(format!(
+                    "VM {name} was changed meanwhile; retry"
+                )));
             }
             Err(e) => {
                 self.remove_volumes(&made).await;
                 return Err(e.into());
             }
         }
-        self.inner.events.emit(Some(name), "vm", "definition changed");
+        self.inner
+            .events
+            .emit(Some(name), "vm", "definition changed");
         Ok(self.to_vm(rec))
     }
 
@@ -212,14 +256,23 @@ impl Agent {
                 .spec
                 .disks
                 .iter()
-                .filter_map(|d| d.volume.as_ref().filter(|v| v.starts_with(&prefix)).map(|v| (d.pool.clone(), v.clone())))
+                .filter_map(|d| {
+                    d.volume
+                        .as_ref()
+                        .filter(|v| v.starts_with(&prefix))
+                        .map(|v| (d.pool.clone(), v.clone()))
+                })
                 .collect();
             self.remove_volumes(&own).await;
         }
         self.inner.store.delete(&vm_key(name)).await?;
         let _ = std::fs::remove_dir_all(self.run_paths(rec.id).dir);
         let _ = std::fs::remove_dir_all(self.vm_state_dir(rec.id));
-        self.inner.slots.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+        self.inner
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
         self.inner.events.emit(Some(name), "vm", "deleted");
         Ok(())
     }

@@ -40,7 +40,11 @@ impl From<AgentError> for ApiError {
         let body = match &e {
             AgentError::Invalid(v) => ApiErrorBody {
                 error: "Invalid input".into(),
-                causes: v.0.iter().map(|i| format!("{}: {}", i.field, i.reason)).collect(),
+                causes: v
+                    .0
+                    .iter()
+                    .map(|i| format!("{}: {}", i.field, i.reason))
+                    .collect(),
             },
             _ => {
                 let mut chain = error_chain(&e);

@@ -66,7 +66,10 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 
 async fn metrics(State(a): State<Agent>) -> ([(axum::http::HeaderName, &'static str); 1], String) {
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
         a.render_metrics().await,
     )
 }

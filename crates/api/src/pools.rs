@@ -5,7 +5,9 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use ferry_agent::Agent;
-use ferry_types::{ApiErrorBody, Pool, PoolSpec, TaskAccepted, Volume, VolumeCreate, VolumeImport, VolumeResize};
+use ferry_types::{
+    ApiErrorBody, Pool, PoolSpec, TaskAccepted, Volume, VolumeCreate, VolumeImport, VolumeResize,
+};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -16,27 +18,39 @@ pub async fn list_pools(State(a): State<Agent>) -> ApiResult<Json<Vec<Pool>>> {
 
 #[utoipa::path(post, path = "/api/v1/pools", tag = "storage", request_body = PoolSpec,
     responses((status = 201, body = Pool), (status = 400, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
-pub async fn create_pool(State(a): State<Agent>, ApiJson(spec): ApiJson<PoolSpec>) -> ApiResult<(StatusCode, Json<Pool>)> {
+pub async fn create_pool(
+    State(a): State<Agent>,
+    ApiJson(spec): ApiJson<PoolSpec>,
+) -> ApiResult<(StatusCode, Json<Pool>)> {
     Ok((StatusCode::CREATED, Json(a.create_pool(spec).await?)))
 }
 
 #[utoipa::path(get, path = "/api/v1/pools/{pool}", tag = "storage",
     params(("pool" = String, Path)), responses((status = 200, body = Pool), (status = 404, body = ApiErrorBody)))]
-pub async fn get_pool(State(a): State<Agent>, ApiPath(pool): ApiPath<String>) -> ApiResult<Json<Pool>> {
+pub async fn get_pool(
+    State(a): State<Agent>,
+    ApiPath(pool): ApiPath<String>,
+) -> ApiResult<Json<Pool>> {
     Ok(Json(a.get_pool(&pool).await?))
 }
 
 #[utoipa::path(delete, path = "/api/v1/pools/{pool}", tag = "storage",
     params(("pool" = String, Path)),
     responses((status = 204, description = "Definition removed; files stay"), (status = 409, body = ApiErrorBody)))]
-pub async fn delete_pool(State(a): State<Agent>, ApiPath(pool): ApiPath<String>) -> ApiResult<StatusCode> {
+pub async fn delete_pool(
+    State(a): State<Agent>,
+    ApiPath(pool): ApiPath<String>,
+) -> ApiResult<StatusCode> {
     a.delete_pool(&pool).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(get, path = "/api/v1/pools/{pool}/volumes", tag = "storage",
     params(("pool" = String, Path)), responses((status = 200, body = Vec<Volume>)))]
-pub async fn list_volumes(State(a): State<Agent>, ApiPath(pool): ApiPath<String>) -> ApiResult<Json<Vec<Volume>>> {
+pub async fn list_volumes(
+    State(a): State<Agent>,
+    ApiPath(pool): ApiPath<String>,
+) -> ApiResult<Json<Vec<Volume>>> {
     Ok(Json(a.list_volumes(&pool).await?))
 }
 
@@ -48,7 +62,10 @@ pub async fn create_volume(
     ApiPath(pool): ApiPath<String>,
     ApiJson(req): ApiJson<VolumeCreate>,
 ) -> ApiResult<(StatusCode, Json<Volume>)> {
-    Ok((StatusCode::CREATED, Json(a.create_volume(&pool, req).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(a.create_volume(&pool, req).await?),
+    ))
 }
 
 #[utoipa::path(post, path = "/api/v1/pools/{pool}/import", tag = "storage", request_body = VolumeImport,
@@ -66,14 +83,20 @@ pub async fn import_volume(
 #[utoipa::path(get, path = "/api/v1/pools/{pool}/volumes/{volume}", tag = "storage",
     params(("pool" = String, Path), ("volume" = String, Path)),
     responses((status = 200, body = Volume), (status = 404, body = ApiErrorBody)))]
-pub async fn get_volume(State(a): State<Agent>, ApiPath((pool, vol)): ApiPath<(String, String)>) -> ApiResult<Json<Volume>> {
+pub async fn get_volume(
+    State(a): State<Agent>,
+    ApiPath((pool, vol)): ApiPath<(String, String)>,
+) -> ApiResult<Json<Volume>> {
     Ok(Json(a.get_volume(&pool, &vol).await?))
 }
 
 #[utoipa::path(delete, path = "/api/v1/pools/{pool}/volumes/{volume}", tag = "storage",
     params(("pool" = String, Path), ("volume" = String, Path)),
     responses((status = 204, description = "Deleted"), (status = 409, description = "Used by a VM", body = ApiErrorBody)))]
-pub async fn delete_volume(State(a): State<Agent>, ApiPath((pool, vol)): ApiPath<(String, String)>) -> ApiResult<StatusCode> {
+pub async fn delete_volume(
+    State(a): State<Agent>,
+    ApiPath((pool, vol)): ApiPath<(String, String)>,
+) -> ApiResult<StatusCode> {
     a.delete_volume(&pool, &vol).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -115,14 +138,23 @@ pub async fn list_bridges() -> ApiResult<Json<Vec<Bridge>>> {
 #[utoipa::path(post, path = "/api/v1/bridges", tag = "network", request_body = Bridge,
     responses((status = 201, description = "Created (or already a bridge)", body = Bridge),
               (status = 400, body = ApiErrorBody), (status = 409, description = "Name used by a non-bridge", body = ApiErrorBody)))]
-pub async fn create_bridge(State(a): State<Agent>, ApiJson(b): ApiJson<Bridge>) -> ApiResult<(StatusCode, Json<Bridge>)> {
+pub async fn create_bridge(
+    State(a): State<Agent>,
+    ApiJson(b): ApiJson<Bridge>,
+) -> ApiResult<(StatusCode, Json<Bridge>)> {
     let mut e = ferry_types::ValidationErrors::default();
     ferry_types::validate::check_ifname(&mut e, "name", &b.name);
     e.into_result().map_err(ferry_agent::AgentError::from)?;
     if ferry_net::link_exists(&b.name) && !ferry_net::bridge_exists(&b.name) {
-        return Err(ApiError::new(StatusCode::CONFLICT, format!("{} exists and is not a bridge", b.name)));
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("{} exists and is not a bridge", b.name),
+        ));
     }
-    ferry_net::create_bridge(&b.name).await.map_err(ferry_agent::AgentError::from)?;
-    a.events().emit(None, "network", format!("bridge {} created", b.name));
+    ferry_net::create_bridge(&b.name)
+        .await
+        .map_err(ferry_agent::AgentError::from)?;
+    a.events()
+        .emit(None, "network", format!("bridge {} created", b.name));
     Ok((StatusCode::CREATED, Json(b)))
 }

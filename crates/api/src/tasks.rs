@@ -15,7 +15,10 @@ pub async fn list_tasks(State(a): State<Agent>) -> Json<Vec<Task>> {
 
 #[utoipa::path(get, path = "/api/v1/tasks/{id}", tag = "tasks", params(("id" = String, Path)),
     responses((status = 200, body = Task), (status = 404, body = ApiErrorBody)))]
-pub async fn get_task(State(a): State<Agent>, ApiPath(id): ApiPath<String>) -> ApiResult<Json<Task>> {
+pub async fn get_task(
+    State(a): State<Agent>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<Task>> {
     a.tasks()
         .get(&id)
         .map(Json)
@@ -34,7 +37,10 @@ pub struct EventQuery {
 
 #[utoipa::path(get, path = "/api/v1/events", tag = "events", params(EventQuery),
     responses((status = 200, description = "Kept events, oldest first", body = Vec<Event>)))]
-pub async fn list_events(State(a): State<Agent>, ApiQuery(q): ApiQuery<EventQuery>) -> Json<Vec<Event>> {
+pub async fn list_events(
+    State(a): State<Agent>,
+    ApiQuery(q): ApiQuery<EventQuery>,
+) -> Json<Vec<Event>> {
     Json(a.events().list(q.after, q.vm.as_deref()))
 }
 

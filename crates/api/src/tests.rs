@@ -41,7 +41,8 @@ async fn call(app: &Router, method: &str, uri: &str, body: Option<Value>) -> (St
     let resp = app.clone().oneshot(req.body(body).unwrap()).await.unwrap();
     let status = resp.status();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    let v = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+    let v = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
     (status, v)
 }
 
@@ -62,7 +63,13 @@ async fn create_get_list_delete_vm_with_new_disk() {
     let (s, list) = call(&app, "GET", "/api/v1/vms", None).await;
     assert_eq!((s, list.as_array().unwrap().len()), (StatusCode::OK, 1));
     // The volume is in use: it cannot be deleted under the VM.
-    let (s, e) = call(&app, "DELETE", &format!("/api/v1/pools/local/volumes/vm-{id}-disk-0"), None).await;
+    let (s, e) = call(
+        &app,
+        "DELETE",
+        &format!("/api/v1/pools/local/volumes/vm-{id}-disk-0"),
+        None,
+    )
+    .await;
     assert_eq!(s, StatusCode::CONFLICT, "{e}");
     let (s, _) = call(&app, "DELETE", "/api/v1/vms/web1", None).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
@@ -77,14 +84,35 @@ async fn bad_input_is_4xx_with_reason_and_creates_nothing() {
     let (_d, app, _) = app().await;
     let cases = [
         (json!({"name": "a", "memory_mib": 0}), "memory_mib"),
-        (json!({"name": "a", "memory_mib": 99999999999u64}), "memory_mib"),
-        (json!({"name": "a", "memory_mib": 64, "disks": [{"bus": "floppy", "size": "1G"}]}), "floppy"),
-        (json!({"name": "a", "memory_mib": 64, "disks": [{"volume": "../../etc/passwd"}]}), "disks[0].volume"),
-        (json!({"name": "a", "memory_mib": 64, "nics": [{"bridge": "nosuchbr0"}]}), "no bridge nosuchbr0"),
-        (json!({"name": "a", "memory_mib": 64, "disks": [{"pool": "nopool", "size": "1G"}]}), "no pool nopool"),
-        (json!({"name": "a", "memory_mib": 64, "colour": "red"}), "colour"),
+        (
+            json!({"name": "a", "memory_mib": 99999999999u64}),
+            "memory_mib",
+        ),
+        (
+            json!({"name": "a", "memory_mib": 64, "disks": [{"bus": "floppy", "size": "1G"}]}),
+            "floppy",
+        ),
+        (
+            json!({"name": "a", "memory_mib": 64, "disks": [{"volume": "../../etc/passwd"}]}),
+            "disks[0].volume",
+        ),
+        (
+            json!({"name": "a", "memory_mib": 64, "nics": [{"bridge": "nosuchbr0"}]}),
+            "no bridge nosuchbr0",
+        ),
+        (
+            json!({"name": "a", "memory_mib": 64, "disks": [{"pool": "nopool", "size": "1G"}]}),
+            "no pool nopool",
+        ),
+        (
+            json!({"name": "a", "memory_mib": 64, "colour": "red"}),
+            "colour",
+        ),
         (json!({"name": "../x", "memory_mib": 64}), "name"),
-        (json!({"name": "a", "memory_mib": 64, "disks": [{"size": "16M"}, {"pool": "nopool", "size": "1G"}]}), "nopool"),
+        (
+            json!({"name": "a", "memory_mib": 64, "disks": [{"size": "16M"}, {"pool": "nopool", "size": "1G"}]}),
+            "nopool",
+        ),
     ];
     for (body, needle) in cases {
         let (s, e) = call(&app, "POST", "/api/v1/vms", Some(body.clone())).await;
@@ -95,16 +123,34 @@ async fn bad_input_is_4xx_with_reason_and_creates_nothing() {
     assert_eq!(list, json!([]));
     let (_, vols) = call(&app, "GET", "/api/v1/pools/local/volumes", None).await;
     assert_eq!(vols, json!([]), "a refused create left volumes");
-    let (s, _) = call(&app, "POST", "/api/v1/vms", Some(json!({"name": "a", "memory_mib": 64}))).await;
+    let (s, _) = call(
+        &app,
+        "POST",
+        "/api/v1/vms",
+        Some(json!({"name": "a", "memory_mib": 64})),
+    )
+    .await;
     assert_eq!(s, StatusCode::CREATED);
-    let (s, e) = call(&app, "POST", "/api/v1/vms", Some(json!({"name": "a", "memory_mib": 64}))).await;
+    let (s, e) = call(
+        &app,
+        "POST",
+        "/api/v1/vms",
+        Some(json!({"name": "a", "memory_mib": 64})),
+    )
+    .await;
     assert_eq!(s, StatusCode::CONFLICT, "{e}");
 }
 
 #[tokio::test]
 async fn actions_in_wrong_state_are_409_and_unknown_vm_404() {
     let (_d, app, _) = app().await;
-    call(&app, "POST", "/api/v1/vms", Some(json!({"name": "a", "memory_mib": 64}))).await;
+    call(
+        &app,
+        "POST",
+        "/api/v1/vms",
+        Some(json!({"name": "a", "memory_mib": 64})),
+    )
+    .await;
     for act in ["stop", "shutdown", "pause", "resume", "reboot"] {
         let (s, e) = call(&app, "POST", &format!("/api/v1/vms/a/{act}"), None).await;
         assert_eq!(s, StatusCode::CONFLICT, "{act}: {e}");
@@ -112,7 +158,13 @@ async fn actions_in_wrong_state_are_409_and_unknown_vm_404() {
     }
     let (s, _) = call(&app, "POST", "/api/v1/vms/nope/start", None).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
-    let (s, e) = call(&app, "POST", "/api/v1/vms/a/shutdown", Some(json!({"timeout": 3}))).await;
+    let (s, e) = call(
+        &app,
+        "POST",
+        "/api/v1/vms/a/shutdown",
+        Some(json!({"timeout": 3})),
+    )
+    .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
 }
 
@@ -121,13 +173,31 @@ async fn edit_keeps_mac_and_id() {
     let (_d, app, _) = app().await;
     let (_, br) = call(&app, "GET", "/api/v1/bridges", None).await;
     let _ = br;
-    let (s, vm) = call(&app, "POST", "/api/v1/vms", Some(json!({"name": "e", "memory_mib": 64}))).await;
+    let (s, vm) = call(
+        &app,
+        "POST",
+        "/api/v1/vms",
+        Some(json!({"name": "e", "memory_mib": 64})),
+    )
+    .await;
     assert_eq!(s, StatusCode::CREATED);
-    let (s, vm2) = call(&app, "PUT", "/api/v1/vms/e", Some(json!({"name": "e", "memory_mib": 96, "cpus": 2}))).await;
+    let (s, vm2) = call(
+        &app,
+        "PUT",
+        "/api/v1/vms/e",
+        Some(json!({"name": "e", "memory_mib": 96, "cpus": 2})),
+    )
+    .await;
     assert_eq!(s, StatusCode::OK, "{vm2}");
     assert_eq!(vm2["id"], vm["id"]);
     assert_eq!(vm2["spec"]["memory_mib"], 96);
-    let (s, e) = call(&app, "PUT", "/api/v1/vms/e", Some(json!({"name": "other", "memory_mib": 96}))).await;
+    let (s, e) = call(
+        &app,
+        "PUT",
+        "/api/v1/vms/e",
+        Some(json!({"name": "other", "memory_mib": 96})),
+    )
+    .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
 }
 
@@ -135,35 +205,90 @@ async fn edit_keeps_mac_and_id() {
 async fn pools_and_volumes_crud_and_import_task() {
     let (d, app, agent) = app().await;
     let p = d.path().join("p2");
-    let (s, pool) = call(&app, "POST", "/api/v1/pools", Some(json!({"name": "p2", "type": "dir", "path": p}))).await;
+    let (s, pool) = call(
+        &app,
+        "POST",
+        "/api/v1/pools",
+        Some(json!({"name": "p2", "type": "dir", "path": p})),
+    )
+    .await;
     assert_eq!(s, StatusCode::CREATED, "{pool}");
-    let (s, v) = call(&app, "POST", "/api/v1/pools/p2/volumes", Some(json!({"name": "v1", "size": "32M"}))).await;
-    assert_eq!((s, v["virtual_bytes"].as_u64()), (StatusCode::CREATED, Some(32 << 20)));
-    let (s, v) = call(&app, "POST", "/api/v1/pools/p2/volumes/v1/resize", Some(json!({"size": "64M"}))).await;
-    assert_eq!((s, v["virtual_bytes"].as_u64()), (StatusCode::OK, Some(64 << 20)));
-    let (s, _) = call(&app, "POST", "/api/v1/pools/p2/volumes/v1/resize", Some(json!({"size": "1M"}))).await;
+    let (s, v) = call(
+        &app,
+        "POST",
+        "/api/v1/pools/p2/volumes",
+        Some(json!({"name": "v1", "size": "32M"})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["virtual_bytes"].as_u64()),
+        (StatusCode::CREATED, Some(32 << 20))
+    );
+    let (s, v) = call(
+        &app,
+        "POST",
+        "/api/v1/pools/p2/volumes/v1/resize",
+        Some(json!({"size": "64M"})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["virtual_bytes"].as_u64()),
+        (StatusCode::OK, Some(64 << 20))
+    );
+    let (s, _) = call(
+        &app,
+        "POST",
+        "/api/v1/pools/p2/volumes/v1/resize",
+        Some(json!({"size": "1M"})),
+    )
+    .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     let iso = d.path().join("boot.iso");
     std::fs::write(&iso, vec![1u8; 1 << 20]).unwrap();
-    let (s, t) = call(&app, "POST", "/api/v1/pools/p2/import", Some(json!({"name": "boot.iso", "source": iso}))).await;
+    let (s, t) = call(
+        &app,
+        "POST",
+        "/api/v1/pools/p2/import",
+        Some(json!({"name": "boot.iso", "source": iso})),
+    )
+    .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{t}");
-    let task = agent.tasks().wait(t["task"].as_str().unwrap()).await.unwrap();
+    let task = agent
+        .tasks()
+        .wait(t["task"].as_str().unwrap())
+        .await
+        .unwrap();
     assert_eq!(task.state, ferry_types::TaskState::Succeeded, "{task:?}");
     let (_, v) = call(&app, "GET", "/api/v1/pools/p2/volumes/boot.iso", None).await;
     assert_eq!(v["format"], "raw");
     let (s, _) = call(&app, "DELETE", "/api/v1/pools/p2", None).await;
     assert_eq!(s, StatusCode::CONFLICT, "pool with volumes deleted");
-    let (s, _) = call(&app, "POST", "/api/v1/pools/p2/import", Some(json!({"name": "x", "source": "/nonexistent"}))).await;
+    let (s, _) = call(
+        &app,
+        "POST",
+        "/api/v1/pools/p2/import",
+        Some(json!({"name": "x", "source": "/nonexistent"})),
+    )
+    .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
 }
 
 #[tokio::test]
 async fn metrics_and_openapi_served() {
     let (_d, app, _) = app().await;
-    call(&app, "POST", "/api/v1/vms", Some(json!({"name": "m", "memory_mib": 64}))).await;
+    call(
+        &app,
+        "POST",
+        "/api/v1/vms",
+        Some(json!({"name": "m", "memory_mib": 64})),
+    )
+    .await;
     let (s, m) = call(&app, "GET", "/metrics", None).await;
     assert_eq!(s, StatusCode::OK);
-    assert!(m.as_str().unwrap().contains("ferry_vm_up{vm=\"m\"} 0"), "{m}");
+    assert!(
+        m.as_str().unwrap().contains("ferry_vm_up{vm=\"m\"} 0"),
+        "{m}"
+    );
     let (s, doc) = call(&app, "GET", "/api/v1/openapi.json", None).await;
     assert_eq!(s, StatusCode::OK);
     assert!(doc["paths"]["/api/v1/vms/{name}/start"].is_object());

@@ -1,9 +1,9 @@
 //! `/api/v1/vms`: definitions and lifecycle actions (actions are tasks: 202 + task id).
 
 use crate::error::{optional_json, ApiJson, ApiPath, ApiQuery, ApiResult};
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::body::Bytes;
 use axum::Json;
 use ferry_agent::Agent;
 use ferry_types::{DeleteVmParams, ShutdownParams, TaskAccepted, Vm, VmAction, VmSpec};
@@ -19,7 +19,10 @@ pub async fn list_vms(State(a): State<Agent>) -> ApiResult<Json<Vec<Vm>>> {
     responses((status = 201, description = "Defined", body = Vm),
               (status = 400, description = "Invalid definition", body = ferry_types::ApiErrorBody),
               (status = 409, description = "Name taken", body = ferry_types::ApiErrorBody)))]
-pub async fn create_vm(State(a): State<Agent>, ApiJson(spec): ApiJson<VmSpec>) -> ApiResult<(StatusCode, Json<Vm>)> {
+pub async fn create_vm(
+    State(a): State<Agent>,
+    ApiJson(spec): ApiJson<VmSpec>,
+) -> ApiResult<(StatusCode, Json<Vm>)> {
     Ok((StatusCode::CREATED, Json(a.create_vm(spec).await?)))
 }
 
@@ -57,7 +60,13 @@ pub async fn delete_vm(
 
 /// Checks existence and state now (so a bad request is a 4xx, not a failed task), then
 /// runs the action as a task.
-async fn action<F, Fut>(a: &Agent, name: &str, act: VmAction, kind: &'static str, f: F) -> ApiResult<(StatusCode, Json<TaskAccepted>)>
+async fn action<F, Fut>(
+    a: &Agent,
+    name: &str,
+    act: VmAction,
+    kind: &'static str,
+    f: F,
+) -> ApiResult<(StatusCode, Json<TaskAccepted>)>
 where
     F: FnOnce(Agent, String) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ferry_agent::Result<()>> + Send + 'static,
@@ -87,14 +96,38 @@ macro_rules! vm_action {
     };
 }
 
-vm_action!(start_vm, "/api/v1/vms/{name}/start", VmAction::Start, "vm.start", "Start the VM.",
-    |a, n| a.start_vm(&n).await);
-vm_action!(stop_vm, "/api/v1/vms/{name}/stop", VmAction::Stop, "vm.stop", "Hard stop (QEMU quits at once).",
-    |a, n| a.stop_vm(&n).await);
-vm_action!(pause_vm, "/api/v1/vms/{name}/pause", VmAction::Pause, "vm.pause", "Pause the vCPUs.",
-    |a, n| a.pause_vm(&n).await);
-vm_action!(resume_vm, "/api/v1/vms/{name}/resume", VmAction::Resume, "vm.resume", "Resume a paused VM.",
-    |a, n| a.resume_vm(&n).await);
+vm_action!(
+    start_vm,
+    "/api/v1/vms/{name}/start",
+    VmAction::Start,
+    "vm.start",
+    "Start the VM.",
+    |a, n| a.start_vm(&n).await
+);
+vm_action!(
+    stop_vm,
+    "/api/v1/vms/{name}/stop",
+    VmAction::Stop,
+    "vm.stop",
+    "Hard stop (QEMU quits at once).",
+    |a, n| a.stop_vm(&n).await
+);
+vm_action!(
+    pause_vm,
+    "/api/v1/vms/{name}/pause",
+    VmAction::Pause,
+    "vm.pause",
+    "Pause the vCPUs.",
+    |a, n| a.pause_vm(&n).await
+);
+vm_action!(
+    resume_vm,
+    "/api/v1/vms/{name}/resume",
+    VmAction::Resume,
+    "vm.resume",
+    "Resume a paused VM.",
+    |a, n| a.resume_vm(&n).await
+);
 
 #[utoipa::path(post, path = "/api/v1/vms/{name}/shutdown", tag = "vms", request_body(content = ShutdownParams, description = "Optional"),
     params(("name" = String, Path, description = "VM name")),
@@ -105,10 +138,16 @@ pub async fn shutdown_vm(
     ApiPath(name): ApiPath<String>,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<TaskAccepted>)> {
-    let t = optional_json::<ShutdownParams>(&body)?.and_then(|b| b.timeout_secs).map(Duration::from_secs);
-    action(&a, &name, VmAction::Shutdown, "vm.shutdown", move |a, n| async move {
-        a.shutdown_vm(&n, t).await.map(|_| ())
-    })
+    let t = optional_json::<ShutdownParams>(&body)?
+        .and_then(|b| b.timeout_secs)
+        .map(Duration::from_secs);
+    action(
+        &a,
+        &name,
+        VmAction::Shutdown,
+        "vm.shutdown",
+        move |a, n| async move { a.shutdown_vm(&n, t).await.map(|_| ()) },
+    )
     .await
 }
 
@@ -121,15 +160,27 @@ pub async fn reboot_vm(
     ApiPath(name): ApiPath<String>,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<TaskAccepted>)> {
-    let t = optional_json::<ShutdownParams>(&body)?.and_then(|b| b.timeout_secs).map(Duration::from_secs);
-    action(&a, &name, VmAction::Reboot, "vm.reboot", move |a, n| async move { a.reboot_vm(&n, t).await }).await
+    let t = optional_json::<ShutdownParams>(&body)?
+        .and_then(|b| b.timeout_secs)
+        .map(Duration::from_secs);
+    action(
+        &a,
+        &name,
+        VmAction::Reboot,
+        "vm.reboot",
+        move |a, n| async move { a.reboot_vm(&n, t).await },
+    )
+    .await
 }
 
 #[utoipa::path(get, path = "/api/v1/vms/{name}/console/history", tag = "vms",
     params(("name" = String, Path, description = "VM name")),
     responses((status = 200, description = "The serial console output kept so far", body = String, content_type = "text/plain"),
               (status = 409, body = ferry_types::ApiErrorBody)))]
-pub async fn console_history(State(a): State<Agent>, ApiPath(name): ApiPath<String>) -> ApiResult<String> {
+pub async fn console_history(
+    State(a): State<Agent>,
+    ApiPath(name): ApiPath<String>,
+) -> ApiResult<String> {
     a.get_vm(&name).await?;
     let c = a.console(&name)?;
     Ok(String::from_utf8_lossy(&c.history()).into_owned())

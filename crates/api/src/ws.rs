@@ -12,13 +12,21 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// `GET /api/v1/vms/{name}/console`: binary frames of console output; frames sent by the
 /// client (text or binary) are typed into the console.
-pub async fn console(State(a): State<Agent>, ApiPath(name): ApiPath<String>, ws: WebSocketUpgrade) -> ApiResult<Response> {
+pub async fn console(
+    State(a): State<Agent>,
+    ApiPath(name): ApiPath<String>,
+    ws: WebSocketUpgrade,
+) -> ApiResult<Response> {
     a.get_vm(&name).await?;
     let console = a.console(&name)?;
     Ok(ws.on_upgrade(move |socket| async move {
         let (history, mut live) = console.subscribe();
         let (mut tx, mut rx) = socket.split();
-        if tx.send(Message::Binary(Bytes::from(history))).await.is_err() {
+        if tx
+            .send(Message::Binary(Bytes::from(history)))
+            .await
+            .is_err()
+        {
             return;
         }
         let out = async {
@@ -56,13 +64,21 @@ pub async fn console(State(a): State<Agent>, ApiPath(name): ApiPath<String>, ws:
 }
 
 /// `GET /api/v1/vms/{name}/vnc`: the VM's VNC server (RFB) over binary frames.
-pub async fn vnc(State(a): State<Agent>, ApiPath(name): ApiPath<String>, ws: WebSocketUpgrade) -> ApiResult<Response> {
+pub async fn vnc(
+    State(a): State<Agent>,
+    ApiPath(name): ApiPath<String>,
+    ws: WebSocketUpgrade,
+) -> ApiResult<Response> {
     let path = a.vnc_socket(&name).await?;
-    let stream = tokio::net::UnixStream::connect(&path).await.map_err(|source| ferry_agent::AgentError::Io {
-        what: format!("Connect to VNC of {name}"),
-        source,
-    })?;
-    Ok(ws.protocols(["binary"]).on_upgrade(move |socket| pump(socket, stream)))
+    let stream = tokio::net::UnixStream::connect(&path)
+        .await
+        .map_err(|source| ferry_agent::AgentError::Io {
+            what: format!("Connect to VNC of {name}"),
+            source,
+        })?;
+    Ok(ws
+        .protocols(["binary"])
+        .on_upgrade(move |socket| pump(socket, stream)))
 }
 
 async fn pump(socket: WebSocket, stream: tokio::net::UnixStream) {
@@ -74,7 +90,11 @@ async fn pump(socket: WebSocket, stream: tokio::net::UnixStream) {
             match rd.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if tx.send(Message::Binary(Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
+                    if tx
+                        .send(Message::Binary(Bytes::copy_from_slice(&buf[..n])))
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                 }

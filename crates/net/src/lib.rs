@@ -5,7 +5,9 @@
 mod link;
 mod tap;
 
-pub use link::{attach_up, bridge_exists, create_bridge, delete_link, link_exists, link_stats, LinkStats};
+pub use link::{
+    attach_up, bridge_exists, create_bridge, delete_link, link_exists, link_stats, LinkStats,
+};
 pub use tap::create_tap;
 
 /// The tap of NIC `nic` of VM `vm_id` (at most 15 bytes for ids below 10^8).

@@ -24,7 +24,11 @@ pub fn link_exists(name: &str) -> bool {
 }
 
 pub fn bridge_exists(name: &str) -> bool {
-    !name.contains('/') && Path::new("/sys/class/net").join(name).join("bridge").exists()
+    !name.contains('/')
+        && Path::new("/sys/class/net")
+            .join(name)
+            .join("bridge")
+            .exists()
 }
 
 /// Creates bridge `name` and brings it up (no error if it already exists as a bridge).
@@ -71,11 +75,15 @@ pub async fn delete_link(name: &str) -> Result<(), NetError> {
         Err(NetError::NoSuchLink(_)) => return Ok(()),
         Err(e) => return Err(e),
     };
-    h.link().del(idx).execute().await.map_err(|source| NetError::Link {
-        op: "Delete link",
-        name: name.to_string(),
-        source,
-    })
+    h.link()
+        .del(idx)
+        .execute()
+        .await
+        .map_err(|source| NetError::Link {
+            op: "Delete link",
+            name: name.to_string(),
+            source,
+        })
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -92,7 +100,13 @@ pub fn link_stats(name: &str) -> Option<LinkStats> {
         return None;
     }
     let dir = Path::new("/sys/class/net").join(name).join("statistics");
-    let read = |f: &str| -> Option<u64> { std::fs::read_to_string(dir.join(f)).ok()?.trim().parse().ok() };
+    let read = |f: &str| -> Option<u64> {
+        std::fs::read_to_string(dir.join(f))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
     Some(LinkStats {
         rx_bytes: read("rx_bytes")?,
         tx_bytes: read("tx_bytes")?,

@@ -61,7 +61,11 @@ pub fn decide(setting: AccelSetting, kvm_opens: bool, cpuinfo: &str) -> Accel {
 }
 
 pub fn detect_accel(setting: AccelSetting) -> Accel {
-    let kvm = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     decide(setting, kvm, &cpuinfo)
 }

@@ -67,7 +67,11 @@ fn bus_placement(machine: Machine, slots: &mut Slots, bus: &str) -> Value {
         "sata" => {
             let k = slots.sata;
             slots.sata += 1;
-            let ctl = if machine == Machine::Q35 { "ide" } else { "ahci0" };
+            let ctl = if machine == Machine::Q35 {
+                "ide"
+            } else {
+                "ahci0"
+            };
             json!({"bus": format!("{ctl}.{k}")})
         }
         _ => {
@@ -110,7 +114,10 @@ pub fn build_argv(p: &LaunchPlan) -> Vec<OsString> {
     a.push("-m", format!("{}M", s.memory_mib));
     a.0.extend(["-nodefaults", "-no-user-config", "-daemonize"].map(OsString::from));
     a.push("-pidfile", p.run.pidfile.clone());
-    a.push("-qmp", format!("unix:{},server=on,wait=off", p.run.qmp.display()));
+    a.push(
+        "-qmp",
+        format!("unix:{},server=on,wait=off", p.run.qmp.display()),
+    );
     a.push(
         "-chardev",
         format!(
@@ -125,8 +132,14 @@ pub fn build_argv(p: &LaunchPlan) -> Vec<OsString> {
     a.push("-vnc", format!("unix:{}", p.run.vnc.display()));
 
     if let (Some((code, vars)), Firmware::Uefi) = (&p.ovmf, s.firmware) {
-        a.json("-blockdev", json!({"driver": "file", "filename": code, "node-name": "pflash0", "read-only": true}));
-        a.json("-blockdev", json!({"driver": "file", "filename": vars, "node-name": "pflash1"}));
+        a.json(
+            "-blockdev",
+            json!({"driver": "file", "filename": code, "node-name": "pflash0", "read-only": true}),
+        );
+        a.json(
+            "-blockdev",
+            json!({"driver": "file", "filename": vars, "node-name": "pflash1"}),
+        );
     }
     if let Some(k) = &s.direct_boot {
         a.push("-kernel", k.kernel.clone());
@@ -147,11 +160,18 @@ pub fn build_argv(p: &LaunchPlan) -> Vec<OsString> {
         }
     };
     let uses = |bus: &str| {
-        s.disks.iter().any(|d| format!("{:?}", d.bus).eq_ignore_ascii_case(bus))
-            || s.cdroms.iter().any(|c| format!("{:?}", c.bus).eq_ignore_ascii_case(bus))
+        s.disks
+            .iter()
+            .any(|d| format!("{:?}", d.bus).eq_ignore_ascii_case(bus))
+            || s.cdroms
+                .iter()
+                .any(|c| format!("{:?}", c.bus).eq_ignore_ascii_case(bus))
     };
     if uses("scsi") {
-        a.json("-device", json!({"driver": "virtio-scsi-pci", "id": "scsi0"}));
+        a.json(
+            "-device",
+            json!({"driver": "virtio-scsi-pci", "id": "scsi0"}),
+        );
     }
     if uses("sata") && s.machine == Machine::Pc {
         a.json("-device", json!({"driver": "ahci", "id": "ahci0"}));
@@ -175,11 +195,23 @@ pub fn build_argv(p: &LaunchPlan) -> Vec<OsString> {
         let id = format!("disk{i}");
         let mut dev = match d.spec.bus {
             DiskBus::Virtio => json!({"driver": "virtio-blk-pci"}),
-            DiskBus::Scsi => merge(json!({"driver": "scsi-hd"}), bus_placement(s.machine, &mut slots, "scsi")),
-            DiskBus::Sata => merge(json!({"driver": "ide-hd"}), bus_placement(s.machine, &mut slots, "sata")),
-            DiskBus::Ide => merge(json!({"driver": "ide-hd"}), bus_placement(s.machine, &mut slots, "ide")),
+            DiskBus::Scsi => merge(
+                json!({"driver": "scsi-hd"}),
+                bus_placement(s.machine, &mut slots, "scsi"),
+            ),
+            DiskBus::Sata => merge(
+                json!({"driver": "ide-hd"}),
+                bus_placement(s.machine, &mut slots, "sata"),
+            ),
+            DiskBus::Ide => merge(
+                json!({"driver": "ide-hd"}),
+                bus_placement(s.machine, &mut slots, "ide"),
+            ),
         };
-        dev = merge(dev, json!({"drive": id, "id": id, "write-cache": if wce { "on" } else { "off" }}));
+        dev = merge(
+            dev,
+            json!({"drive": id, "id": id, "write-cache": if wce { "on" } else { "off" }}),
+        );
         if let Some(b) = bootindex(&id) {
             dev["bootindex"] = json!(b);
         }
@@ -192,8 +224,15 @@ pub fn build_argv(p: &LaunchPlan) -> Vec<OsString> {
             CdromBus::Sata => "sata",
             CdromBus::Scsi => "scsi",
         };
-        let driver = if c.bus == CdromBus::Scsi { "scsi-cd" } else { "ide-cd" };
-        let mut dev = merge(json!({"driver": driver, "id": id}), bus_placement(s.machine, &mut slots, busname));
+        let driver = if c.bus == CdromBus::Scsi {
+            "scsi-cd"
+        } else {
+            "ide-cd"
+        };
+        let mut dev = merge(
+            json!({"driver": driver, "id": id}),
+            bus_placement(s.machine, &mut slots, busname),
+        );
         if let Some(iso) = &c.iso {
             a.json(
                 "-blockdev",
@@ -263,8 +302,14 @@ mod tests {
             run: RunPaths::new("/run/ferry/7"),
             disks,
             cdroms: vec![
-                ResolvedCdrom { bus: CdromBus::Ide, iso: Some("/pool/x.iso".into()) },
-                ResolvedCdrom { bus: CdromBus::Ide, iso: None },
+                ResolvedCdrom {
+                    bus: CdromBus::Ide,
+                    iso: Some("/pool/x.iso".into()),
+                },
+                ResolvedCdrom {
+                    bus: CdromBus::Ide,
+                    iso: None,
+                },
             ],
             taps: vec!["tap7i0".into()],
             ovmf: None,
@@ -293,7 +338,10 @@ mod tests {
         assert_eq!(find("cdrom0")["bus"], "ide.0");
         assert_eq!(find("cdrom0")["unit"], 1);
         assert_eq!(find("cdrom1")["bus"], "ide.1");
-        assert!(find("cdrom1").get("drive").is_none(), "empty drive has no medium");
+        assert!(
+            find("cdrom1").get("drive").is_none(),
+            "empty drive has no medium"
+        );
         assert_eq!(find("cdrom0")["bootindex"], 0);
         assert_eq!(find("disk0")["bootindex"], 1);
         assert_eq!(find("net0")["bootindex"], 2);
@@ -313,11 +361,19 @@ mod tests {
         assert_eq!(d0["cache"]["direct"], true);
         let d3 = bd.iter().find(|b| b["node-name"] == "disk3").unwrap();
         assert_eq!(d3["cache"]["direct"], false);
-        let s: Vec<String> = argv.iter().map(|a| a.to_string_lossy().into_owned()).collect();
-        assert!(s.windows(2).any(|w| w[0] == "-accel" && w[1].starts_with("tcg")));
+        let s: Vec<String> = argv
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert!(s
+            .windows(2)
+            .any(|w| w[0] == "-accel" && w[1].starts_with("tcg")));
         assert!(s.contains(&"-daemonize".to_string()));
         p.accel = Accel::Kvm;
-        let s: Vec<String> = build_argv(&p).iter().map(|a| a.to_string_lossy().into_owned()).collect();
+        let s: Vec<String> = build_argv(&p)
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
         assert!(s.windows(2).any(|w| w[0] == "-accel" && w[1] == "kvm"));
         let nd = devices(&build_argv(&p), "-netdev");
         assert_eq!(nd[0]["vhost"], true);
@@ -332,7 +388,11 @@ mod tests {
         p.spec.cdroms = vec![];
         p.cdroms = vec![];
         p.spec.boot_order = vec![];
-        p.spec.nics = vec![NicSpec { model: NicModel::E1000, bridge: "b".into(), mac: Some("52:54:00:00:00:02".into()) }];
+        p.spec.nics = vec![NicSpec {
+            model: NicModel::E1000,
+            bridge: "b".into(),
+            mac: Some("52:54:00:00:00:02".into()),
+        }];
         let dev = devices(&build_argv(&p), "-device");
         let sata = dev.iter().find(|d| d["id"] == "disk2").unwrap();
         assert_eq!(sata["bus"], "ide.0");

@@ -45,7 +45,11 @@ impl RunPaths {
 
 /// Starts QEMU with `-daemonize` (in the argv): returns once QEMU has initialised and
 /// detached, with its pid. Errors carry QEMU's own message.
-pub async fn spawn_detached(binary: &str, argv: &[OsString], run: &RunPaths) -> Result<i32, QemuError> {
+pub async fn spawn_detached(
+    binary: &str,
+    argv: &[OsString],
+    run: &RunPaths,
+) -> Result<i32, QemuError> {
     run.prepare()?;
     let out = tokio::process::Command::new(binary)
         .args(argv)
@@ -72,7 +76,11 @@ pub async fn spawn_detached(binary: &str, argv: &[OsString], run: &RunPaths) -> 
 /// The pid of the QEMU of this run dir, if its pidfile names a live QEMU that uses this
 /// run dir's QMP socket (so a reused pid is never mistaken for our VM).
 pub fn read_pid(run: &RunPaths) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(&run.pidfile).ok()?.trim().parse().ok()?;
+    let pid: i32 = std::fs::read_to_string(&run.pidfile)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     pid_alive(pid, &run.qmp).then_some(pid)
 }
 
@@ -86,7 +94,9 @@ pub fn pid_alive(pid: i32, qmp_path: &Path) -> bool {
         return false;
     };
     // The state follows the parenthesised command name.
-    let state = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next());
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, r)| r.split_whitespace().next());
     if matches!(state, Some("Z") | Some("X") | None) {
         return false;
     }
@@ -100,7 +110,10 @@ pub fn pid_alive(pid: i32, qmp_path: &Path) -> bool {
 /// SIGKILLs the process and waits (up to 10 s) until it is gone.
 pub async fn kill_and_wait(pid: i32, qmp_path: &Path) -> Result<(), QemuError> {
     if pid_alive(pid, qmp_path) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
     for _ in 0..1000 {
         if !pid_alive(pid, qmp_path) {
@@ -129,7 +142,9 @@ mod tests {
         let run = RunPaths::new(d.path().join("r"));
         let r = spawn_detached("qemu-system-x86_64", &["-no-such-option".into()], &run).await;
         match r {
-            Err(QemuError::Start { stderr }) => assert!(stderr.contains("no-such-option"), "{stderr}"),
+            Err(QemuError::Start { stderr }) => {
+                assert!(stderr.contains("no-such-option"), "{stderr}")
+            }
             r => panic!("{r:?}"),
         }
     }

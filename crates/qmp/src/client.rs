@@ -46,10 +46,12 @@ impl Qmp {
     /// Connects, reads the greeting and negotiates capabilities.
     pub async fn connect(path: impl AsRef<Path>) -> Result<Qmp, QmpError> {
         let path = path.as_ref();
-        let stream = UnixStream::connect(path).await.map_err(|source| QmpError::Connect {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|source| QmpError::Connect {
+                path: path.display().to_string(),
+                source,
+            })?;
         Self::handshake(stream).await
     }
 
@@ -61,7 +63,9 @@ impl Qmp {
             match Self::connect(path.as_ref()).await {
                 Ok(q) => return Ok(q),
                 Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
-                Err(QmpError::Connect { .. }) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(QmpError::Connect { .. }) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -79,7 +83,9 @@ impl Qmp {
                             return Ok(g);
                         }
                     }
-                    Ok(None) => return Err(QmpError::Handshake("closed before the greeting".into())),
+                    Ok(None) => {
+                        return Err(QmpError::Handshake("closed before the greeting".into()))
+                    }
                     Err(e) => return Err(QmpError::Io(e)),
                 }
             }
@@ -96,7 +102,12 @@ impl Qmp {
             events,
             closed: closed_rx,
         });
-        tokio::spawn(read_loop(lines, Arc::downgrade(&inner), inner.events.clone(), closed_tx));
+        tokio::spawn(read_loop(
+            lines,
+            Arc::downgrade(&inner),
+            inner.events.clone(),
+            closed_tx,
+        ));
         let qmp = Qmp {
             inner,
             timeout: Duration::from_secs(30),
@@ -167,7 +178,13 @@ impl Qmp {
             }
         };
         let res = tokio::time::timeout(self.timeout, fut).await;
-        if let Some(map) = self.inner.pending.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        if let Some(map) = self
+            .inner
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
             map.remove(&id);
         }
         res.map_err(|_| QmpError::Timeout {
@@ -177,7 +194,11 @@ impl Qmp {
     }
 
     /// Executes a command and decodes its `return` value.
-    pub async fn call<T: DeserializeOwned>(&self, command: &str, args: Option<Value>) -> Result<T, QmpError> {
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        command: &str,
+        args: Option<Value>,
+    ) -> Result<T, QmpError> {
         let v = self.execute(command, args).await?;
         serde_json::from_value(v).map_err(|source| QmpError::Decode {
             command: command.to_string(),
@@ -206,8 +227,16 @@ async fn read_loop(
             continue;
         };
         let (id, reply) = match msg {
-            Message::Event { name, data, timestamp_us } => {
-                let _ = events.send(QmpEvent { name, data, timestamp_us });
+            Message::Event {
+                name,
+                data,
+                timestamp_us,
+            } => {
+                let _ = events.send(QmpEvent {
+                    name,
+                    data,
+                    timestamp_us,
+                });
                 continue;
             }
             Message::Return { id, value } => (id, Ok(value)),
@@ -232,7 +261,11 @@ async fn read_loop(
     }
     if let Some(inner) = inner.upgrade() {
         // Dropping the senders wakes every waiter with Closed.
-        inner.pending.lock().unwrap_or_else(|e| e.into_inner()).take();
+        inner
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
     }
     let _ = closed.send(true);
 }

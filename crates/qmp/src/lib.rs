@@ -50,6 +50,9 @@ pub enum QmpError {
 impl QmpError {
     /// Whether reconnecting may help (the connection, not the command, failed).
     pub fn should_reconnect(&self) -> bool {
-        matches!(self, QmpError::Closed | QmpError::Io(_) | QmpError::Connect { .. })
+        matches!(
+            self,
+            QmpError::Closed | QmpError::Io(_) | QmpError::Connect { .. }
+        )
     }
 }

@@ -47,7 +47,12 @@ impl DirPool {
         Ok(p)
     }
 
-    pub async fn create(&self, name: &str, size: ByteSize, format: DiskFormat) -> Result<Volume, StorageError> {
+    pub async fn create(
+        &self,
+        name: &str,
+        size: ByteSize,
+        format: DiskFormat,
+    ) -> Result<Volume, StorageError> {
         let p = self.volume_path(name)?;
         if p.exists() {
             return Err(StorageError::Exists(format!("{}/{name}", self.name)));
@@ -56,7 +61,14 @@ impl DirPool {
         let size_arg = size.0.to_string();
         let r = run(
             "create",
-            &["create".as_ref(), "-q".as_ref(), "-f".as_ref(), format.as_str().as_ref(), tmp.as_os_str(), size_arg.as_ref()],
+            &[
+                "create".as_ref(),
+                "-q".as_ref(),
+                "-f".as_ref(),
+                format.as_str().as_ref(),
+                tmp.as_os_str(),
+                size_arg.as_ref(),
+            ],
         )
         .await;
         if let Err(e) = r {
@@ -108,7 +120,9 @@ impl DirPool {
         for n in names {
             match self.info(&n).await {
                 Ok(v) => out.push(v),
-                Err(e) => tracing::warn!(pool = %self.name, volume = %n, error = %e, "unreadable volume"),
+                Err(e) => {
+                    tracing::warn!(pool = %self.name, volume = %n, error = %e, "unreadable volume")
+                }
             }
         }
         Ok(out)
@@ -136,7 +150,14 @@ impl DirPool {
         let size_arg = size.0.to_string();
         run(
             "resize",
-            &["resize".as_ref(), "-q".as_ref(), "-f".as_ref(), v.format.as_str().as_ref(), p.as_os_str(), size_arg.as_ref()],
+            &[
+                "resize".as_ref(),
+                "-q".as_ref(),
+                "-f".as_ref(),
+                v.format.as_str().as_ref(),
+                p.as_os_str(),
+                size_arg.as_ref(),
+            ],
         )
         .await?;
         self.info(name).await
@@ -159,7 +180,10 @@ impl DirPool {
                 if m.is_file() {
                     Ok(())
                 } else {
-                    Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"))
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "not a regular file",
+                    ))
                 }
             })
             .map_err(|e| StorageError::Source {
@@ -171,14 +195,24 @@ impl DirPool {
         if src.backing_filename.is_some() {
             return Err(StorageError::Source {
                 path: source.display().to_string(),
-                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "images with a backing file are not imported"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "images with a backing file are not imported",
+                ),
             });
         }
-        let dst_fmt = format.map(|f| f.as_str().to_string()).unwrap_or_else(|| match src.format.as_str() {
-            "qcow2" => "qcow2".into(),
-            _ => "raw".into(),
-        });
-        let src_fmt = if src.format == "qcow2" { "qcow2" } else { "raw" };
+        let dst_fmt =
+            format
+                .map(|f| f.as_str().to_string())
+                .unwrap_or_else(|| match src.format.as_str() {
+                    "qcow2" => "qcow2".into(),
+                    _ => "raw".into(),
+                });
+        let src_fmt = if src.format == "qcow2" {
+            "qcow2"
+        } else {
+            "raw"
+        };
         let tmp = self.path.join(format!("{PARTIAL}{name}"));
         if let Err(e) = qemu_img::convert(source, src_fmt, &tmp, &dst_fmt, progress).await {
             let _ = std::fs::remove_file(&tmp);
@@ -213,15 +247,32 @@ mod tests {
     #[tokio::test]
     async fn create_list_resize_delete_real_qemu_img() {
         let (_d, p) = pool();
-        let v = p.create("a", "64M".parse().unwrap(), DiskFormat::Qcow2).await.unwrap();
+        let v = p
+            .create("a", "64M".parse().unwrap(), DiskFormat::Qcow2)
+            .await
+            .unwrap();
         assert_eq!((v.format.as_str(), v.virtual_bytes), ("qcow2", 64 << 20));
-        p.create("b", "1M".parse().unwrap(), DiskFormat::Raw).await.unwrap();
-        let names: Vec<_> = p.list().await.unwrap().into_iter().map(|v| v.name).collect();
+        p.create("b", "1M".parse().unwrap(), DiskFormat::Raw)
+            .await
+            .unwrap();
+        let names: Vec<_> = p
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
         assert_eq!(names, ["a", "b"]);
-        assert!(matches!(p.create("a", ByteSize::mib(1), DiskFormat::Raw).await, Err(StorageError::Exists(_))));
+        assert!(matches!(
+            p.create("a", ByteSize::mib(1), DiskFormat::Raw).await,
+            Err(StorageError::Exists(_))
+        ));
         let v = p.resize("a", "128M".parse().unwrap()).await.unwrap();
         assert_eq!(v.virtual_bytes, 128 << 20);
-        assert!(matches!(p.resize("a", ByteSize::mib(1)).await, Err(StorageError::Shrink { .. })));
+        assert!(matches!(
+            p.resize("a", ByteSize::mib(1)).await,
+            Err(StorageError::Shrink { .. })
+        ));
         p.delete("a").await.unwrap();
         assert!(matches!(p.info("a").await, Err(StorageError::NotFound(_))));
         let (cap, avail) = p.capacity().unwrap();
@@ -243,11 +294,17 @@ mod tests {
         let src = d.path().join("src.raw");
         std::fs::write(&src, vec![7u8; 4 << 20]).unwrap();
         let mut last = 0.0;
-        let v = p.import("img", &src, Some(DiskFormat::Qcow2), |f| last = f).await.unwrap();
+        let v = p
+            .import("img", &src, Some(DiskFormat::Qcow2), |f| last = f)
+            .await
+            .unwrap();
         assert_eq!((v.format.as_str(), v.virtual_bytes), ("qcow2", 4 << 20));
         assert!(last > 0.99, "progress ended at {last}");
         let r = p.import("x", &d.path().join("missing"), None, |_| {}).await;
         assert!(matches!(r, Err(StorageError::Source { .. })));
-        assert!(p.list().await.unwrap().len() == 1, "a failed import left a volume");
+        assert!(
+            p.list().await.unwrap().len() == 1,
+            "a failed import left a volume"
+        );
     }
 }

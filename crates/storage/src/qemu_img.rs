@@ -18,7 +18,10 @@ pub struct ImageInfo {
     pub backing_filename: Option<String>,
 }
 
-pub(crate) async fn run(op: &'static str, args: &[&std::ffi::OsStr]) -> Result<Vec<u8>, StorageError> {
+pub(crate) async fn run(
+    op: &'static str,
+    args: &[&std::ffi::OsStr],
+) -> Result<Vec<u8>, StorageError> {
     let out = Command::new("qemu-img")
         .args(args)
         .stdin(Stdio::null())
@@ -36,7 +39,16 @@ pub(crate) async fn run(op: &'static str, args: &[&std::ffi::OsStr]) -> Result<V
 
 /// `qemu-img info` (with `-U`, so it works on images a running QEMU holds locked).
 pub async fn info(path: &Path) -> Result<ImageInfo, StorageError> {
-    let out = run("info", &["info".as_ref(), "-U".as_ref(), "--output=json".as_ref(), path.as_os_str()]).await?;
+    let out = run(
+        "info",
+        &[
+            "info".as_ref(),
+            "-U".as_ref(),
+            "--output=json".as_ref(),
+            path.as_os_str(),
+        ],
+    )
+    .await?;
     serde_json::from_slice(&out).map_err(|e| StorageError::QemuImg {
         op: "info",
         stderr: e.to_string(),
@@ -59,7 +71,10 @@ pub async fn convert(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|source| StorageError::Spawn { op: "convert", source })?;
+        .map_err(|source| StorageError::Spawn {
+            op: "convert",
+            source,
+        })?;
     let mut stdout = child.stdout.take().expect("piped");
     let mut stderr = child.stderr.take().expect("piped");
     let err_task = tokio::spawn(async move {
@@ -78,14 +93,21 @@ pub async fn convert(
         acc.push_str(&String::from_utf8_lossy(&buf[..n]));
         while let Some(end) = acc.find(['\r', '\n']) {
             let piece: String = acc.drain(..=end).collect();
-            if let Some(p) = piece.trim().strip_prefix('(').and_then(|s| s.split('/').next()) {
+            if let Some(p) = piece
+                .trim()
+                .strip_prefix('(')
+                .and_then(|s| s.split('/').next())
+            {
                 if let Ok(v) = p.parse::<f32>() {
                     progress(v / 100.0);
                 }
             }
         }
     }
-    let status = child.wait().await.map_err(|source| StorageError::Spawn { op: "convert", source })?;
+    let status = child.wait().await.map_err(|source| StorageError::Spawn {
+        op: "convert",
+        source,
+    })?;
     let stderr = err_task.await.unwrap_or_default();
     if !status.success() {
         return Err(StorageError::QemuImg {

@@ -74,7 +74,11 @@ pub enum Compare {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
     Get(String),
-    Put { key: String, value: Vec<u8>, lease: Option<LeaseId> },
+    Put {
+        key: String,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    },
     Delete(String),
     DeletePrefix(String),
 }
@@ -115,7 +119,12 @@ pub trait Store: Send + Sync + 'static {
     /// Every key starting with `prefix`, in key order.
     async fn list(&self, prefix: &str) -> Result<Vec<KeyValue>, StoreError>;
     /// Returns the new revision.
-    async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<i64, StoreError>;
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    ) -> Result<i64, StoreError>;
     /// Returns whether the key existed.
     async fn delete(&self, key: &str) -> Result<bool, StoreError>;
     async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError>;
@@ -124,6 +133,10 @@ pub trait Store: Send + Sync + 'static {
     async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError>;
     async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError>;
     /// Events under `prefix` after revision `after` (`None`: from now on).
-    async fn watch(&self, prefix: &str, after: Option<i64>) -> Result<mpsc::Receiver<WatchEvent>, StoreError>;
+    async fn watch(
+        &self,
+        prefix: &str,
+        after: Option<i64>,
+    ) -> Result<mpsc::Receiver<WatchEvent>, StoreError>;
     async fn revision(&self) -> Result<i64, StoreError>;
 }

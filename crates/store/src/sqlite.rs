@@ -1,7 +1,9 @@
 //! The one-host backend: one SQLite file (WAL, synchronous=FULL). Every write is one SQLite
 //! transaction, so a crash leaves either the whole operation or none of it.
 
-use crate::{Cmp, Compare, EventKind, KeyValue, LeaseId, Op, Store, StoreError, Txn, TxnResponse, WatchEvent};
+use crate::{
+    Cmp, Compare, EventKind, KeyValue, LeaseId, Op, Store, StoreError, Txn, TxnResponse, WatchEvent,
+};
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use std::path::Path;
@@ -23,7 +25,10 @@ pub struct SqliteStore {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as i64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as i64
 }
 
 impl SqliteStore {
@@ -78,7 +83,11 @@ impl SqliteStore {
         tokio::task::spawn_blocking(move || {
             let mut conn = shared.conn.lock().unwrap_or_else(|e| e.into_inner());
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let mut batch = Batch { tx, events: vec![], rev: None };
+            let mut batch = Batch {
+                tx,
+                events: vec![],
+                rev: None,
+            };
             let out = f(&mut batch)?;
             let events = batch.finish()?;
             for e in events {
@@ -100,7 +109,9 @@ struct Batch<'c> {
 
 impl Batch<'_> {
     fn revision(&self) -> Result<i64, StoreError> {
-        Ok(self.tx.query_row("SELECT v FROM meta WHERE k='revision'", [], |r| r.get(0))?)
+        Ok(self
+            .tx
+            .query_row("SELECT v FROM meta WHERE k='revision'", [], |r| r.get(0))?)
     }
     /// The revision this batch writes at (current + 1), allocated on the first write.
     fn write_rev(&mut self) -> Result<i64, StoreError> {
@@ -108,7 +119,8 @@ impl Batch<'_> {
             return Ok(r);
         }
         let r = self.revision()? + 1;
-        self.tx.execute("UPDATE meta SET v=?1 WHERE k='revision'", [r])?;
+        self.tx
+            .execute("UPDATE meta SET v=?1 WHERE k='revision'", [r])?;
         self.rev = Some(r);
         Ok(r)
     }
@@ -124,8 +136,10 @@ impl Batch<'_> {
     }
     fn put(&mut self, key: &str, value: &[u8], lease: Option<LeaseId>) -> Result<(), StoreError> {
         if let Some(l) = lease {
-            let ok: Option<i64> =
-                self.tx.query_row("SELECT id FROM leases WHERE id=?1", [l], |r| r.get(0)).optional()?;
+            let ok: Option<i64> = self
+                .tx
+                .query_row("SELECT id FROM leases WHERE id=?1", [l], |r| r.get(0))
+                .optional()?;
             if ok.is_none() {
                 return Err(StoreError::LeaseNotFound(l));
             }
@@ -153,13 +167,21 @@ impl Batch<'_> {
         }
         Ok(())
     }
-    fn record(&mut self, rev: i64, kind: EventKind, key: &str, value: &[u8]) -> Result<(), StoreError> {
+    fn record(
+        &mut self,
+        rev: i64,
+        kind: EventKind,
+        key: &str,
+        value: &[u8],
+    ) -> Result<(), StoreError> {
         let k = match kind {
             EventKind::Put => 0,
             EventKind::Delete => 1,
         };
-        self.tx
-            .execute("INSERT INTO history (rev, key, kind, value) VALUES (?1, ?2, ?3, ?4)", params![rev, key, k, value])?;
+        self.tx.execute(
+            "INSERT INTO history (rev, key, kind, value) VALUES (?1, ?2, ?3, ?4)",
+            params![rev, key, k, value],
+        )?;
         self.events.push(WatchEvent {
             revision: rev,
             kind,
@@ -171,7 +193,8 @@ impl Batch<'_> {
     fn finish(self) -> Result<Vec<WatchEvent>, StoreError> {
         if let Some(rev) = self.rev {
             if rev % 100 == 0 {
-                self.tx.execute("DELETE FROM history WHERE rev <= ?1", [rev - HISTORY])?;
+                self.tx
+                    .execute("DELETE FROM history WHERE rev <= ?1", [rev - HISTORY])?;
             }
         }
         self.tx.commit()?;
@@ -212,7 +235,8 @@ fn check(cmp: Cmp, ord: std::cmp::Ordering) -> bool {
 
 fn expire_leases(b: &mut Batch, now: i64) -> Result<(), StoreError> {
     let ids: Vec<i64> = {
-        let mut st = b.tx.prepare("SELECT id FROM leases WHERE expires_ms <= ?1")?;
+        let mut st =
+            b.tx.prepare("SELECT id FROM leases WHERE expires_ms <= ?1")?;
         let rows = st.query_map([now], |r| r.get(0))?;
         rows.collect::<Result<_, _>>()?
     };
@@ -245,7 +269,12 @@ impl Store for SqliteStore {
         let prefix = prefix.to_string();
         self.blocking(move |b| list(&b.tx, &prefix)).await
     }
-    async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<i64, StoreError> {
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    ) -> Result<i64, StoreError> {
         let key = key.to_string();
         self.blocking(move |b| {
             b.put(&key, &value, lease)?;
@@ -294,15 +323,26 @@ impl Store for SqliteStore {
                 Some(r) => r,
                 None => b.revision()?,
             };
-            Ok(TxnResponse { succeeded: ok, revision, gets })
+            Ok(TxnResponse {
+                succeeded: ok,
+                revision,
+                gets,
+            })
         })
         .await
     }
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
         let ttl_ms = ttl.as_millis() as i64;
         self.blocking(move |b| {
-            let id: i64 = b.tx.query_row("UPDATE meta SET v=v+1 WHERE k='lease' RETURNING v", [], |r| r.get(0))?;
-            b.tx.execute("INSERT INTO leases VALUES (?1, ?2, ?3)", params![id, ttl_ms, now_ms() + ttl_ms])?;
+            let id: i64 = b.tx.query_row(
+                "UPDATE meta SET v=v+1 WHERE k='lease' RETURNING v",
+                [],
+                |r| r.get(0),
+            )?;
+            b.tx.execute(
+                "INSERT INTO leases VALUES (?1, ?2, ?3)",
+                params![id, ttl_ms, now_ms() + ttl_ms],
+            )?;
             Ok(id)
         })
         .await
@@ -324,7 +364,11 @@ impl Store for SqliteStore {
     async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
         self.blocking(move |b| revoke(b, lease)).await
     }
-    async fn watch(&self, prefix: &str, after: Option<i64>) -> Result<mpsc::Receiver<WatchEvent>, StoreError> {
+    async fn watch(
+        &self,
+        prefix: &str,
+        after: Option<i64>,
+    ) -> Result<mpsc::Receiver<WatchEvent>, StoreError> {
         let prefix = prefix.to_string();
         // Subscribe first, then read the history, so nothing falls between the two.
         let mut live = self.shared.events.subscribe();
@@ -367,12 +411,16 @@ impl Store for SqliteStore {
             loop {
                 match live.recv().await {
                     Ok(e) => {
-                        if e.revision > seen && e.key.starts_with(&prefix) && tx.send(e).await.is_err() {
+                        if e.revision > seen
+                            && e.key.starts_with(&prefix)
+                            && tx.send(e).await.is_err()
+                        {
                             return;
                         }
                     }
                     // A watcher that falls behind is closed; it re-lists, as after compaction.
-                    Err(broadcast::error::RecvError::Lagged(_)) | Err(broadcast::error::RecvError::Closed) => return,
+                    Err(broadcast::error::RecvError::Lagged(_))
+                    | Err(broadcast::error::RecvError::Closed) => return,
                 }
             }
         });

@@ -6,13 +6,21 @@ use serde::{de::DeserializeOwned, Serialize};
 
 #[async_trait]
 pub trait StoreJson {
-    async fn get_json<T: DeserializeOwned>(&self, key: &str) -> Result<Option<(T, KeyValue)>, StoreError>;
+    async fn get_json<T: DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<(T, KeyValue)>, StoreError>;
     async fn list_json<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<T>, StoreError>;
     async fn put_json<T: Serialize + Sync>(&self, key: &str, v: &T) -> Result<i64, StoreError>;
     /// Creates `key` only if it does not exist; returns false if it did.
     async fn create_json<T: Serialize + Sync>(&self, key: &str, v: &T) -> Result<bool, StoreError>;
     /// Replaces `key` only if its mod revision is still `mod_rev`.
-    async fn cas_json<T: Serialize + Sync>(&self, key: &str, mod_rev: i64, v: &T) -> Result<bool, StoreError>;
+    async fn cas_json<T: Serialize + Sync>(
+        &self,
+        key: &str,
+        mod_rev: i64,
+        v: &T,
+    ) -> Result<bool, StoreError>;
 }
 
 fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, StoreError> {
@@ -28,7 +36,10 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 
 #[async_trait]
 impl<S: Store + ?Sized> StoreJson for S {
-    async fn get_json<T: DeserializeOwned>(&self, key: &str) -> Result<Option<(T, KeyValue)>, StoreError> {
+    async fn get_json<T: DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<(T, KeyValue)>, StoreError> {
         match self.get(key).await? {
             Some(kv) => Ok(Some((decode(&kv)?, kv))),
             None => Ok(None),
@@ -44,17 +55,30 @@ impl<S: Store + ?Sized> StoreJson for S {
         let r = self
             .txn(Txn {
                 compare: vec![Compare::Version(key.into(), Cmp::Equal, 0)],
-                success: vec![Op::Put { key: key.into(), value: encode(v), lease: None }],
+                success: vec![Op::Put {
+                    key: key.into(),
+                    value: encode(v),
+                    lease: None,
+                }],
                 failure: vec![],
             })
             .await?;
         Ok(r.succeeded)
     }
-    async fn cas_json<T: Serialize + Sync>(&self, key: &str, mod_rev: i64, v: &T) -> Result<bool, StoreError> {
+    async fn cas_json<T: Serialize + Sync>(
+        &self,
+        key: &str,
+        mod_rev: i64,
+        v: &T,
+    ) -> Result<bool, StoreError> {
         let r = self
             .txn(Txn {
                 compare: vec![Compare::ModRev(key.into(), Cmp::Equal, mod_rev)],
-                success: vec![Op::Put { key: key.into(), value: encode(v), lease: None }],
+                success: vec![Op::Put {
+                    key: key.into(),
+                    value: encode(v),
+                    lease: None,
+                }],
                 failure: vec![],
             })
             .await?;

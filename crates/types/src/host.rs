@@ -15,4 +15,3 @@ pub struct HostInfo {
     pub vms_running: usize,
     pub vms_defined: usize,
 }
-

@@ -114,7 +114,11 @@ impl utoipa::PartialSchema for ByteSize {
                     .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
                     .minimum(Some(0)),
             )
-            .item(ObjectBuilder::new().schema_type(Type::String).examples(["10G"]))
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .examples(["10G"]),
+            )
             .description(Some(
                 "A size in bytes, or a string with a binary suffix: 512M, 10G",
             ))

@@ -54,7 +54,11 @@ pub fn check_name(errs: &mut ValidationErrors, field: &str, name: &str) {
         errs.push(field, "must be 1 to 63 characters long");
         return;
     }
-    if !name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric()) {
+    if !name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric())
+    {
         errs.push(field, "must start with a letter or digit");
     }
     if let Some(c) = name
@@ -72,7 +76,12 @@ pub fn check_name(errs: &mut ValidationErrors, field: &str, name: &str) {
 pub fn check_ifname(errs: &mut ValidationErrors, field: &str, name: &str) {
     if name.is_empty() || name.len() > 15 {
         errs.push(field, "interface names are 1 to 15 characters long");
-    } else if name == "." || name == ".." || name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) {
+    } else if name == "."
+        || name == ".."
+        || name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace())
+    {
         errs.push(field, "not a valid interface name");
     }
 }

@@ -288,9 +288,15 @@ impl VmSpec {
             e.push("cpus", format!("must be between 1 and {MAX_CPUS}"));
         }
         if self.memory_mib < MIN_MEMORY_MIB {
-            e.push("memory_mib", format!("must be at least {MIN_MEMORY_MIB} MiB"));
+            e.push(
+                "memory_mib",
+                format!("must be at least {MIN_MEMORY_MIB} MiB"),
+            );
         } else if self.memory_mib > MAX_MEMORY_MIB {
-            e.push("memory_mib", format!("{} MiB is absurd (at most 16 TiB)", self.memory_mib));
+            e.push(
+                "memory_mib",
+                format!("{} MiB is absurd (at most 16 TiB)", self.memory_mib),
+            );
         }
         if self.disks.len() > MAX_DISKS {
             e.push("disks", format!("at most {MAX_DISKS} disks"));
@@ -303,7 +309,10 @@ impl VmSpec {
             let f = format!("disks[{i}]");
             check_name(&mut e, &format!("{f}.pool"), &d.pool);
             match (&d.volume, d.size) {
-                (None, None) => e.push(&f, "give a size for a new volume or the name of an existing volume"),
+                (None, None) => e.push(
+                    &f,
+                    "give a size for a new volume or the name of an existing volume",
+                ),
                 (Some(v), _) => {
                     check_name(&mut e, &format!("{f}.volume"), v);
                     if !vols.insert((d.pool.clone(), v.clone())) {
@@ -319,7 +328,10 @@ impl VmSpec {
                 }
             }
             if d.bus == DiskBus::Ide && self.machine == Machine::Q35 {
-                e.push(format!("{f}.bus"), "the q35 machine has no IDE controller; use sata");
+                e.push(
+                    format!("{f}.bus"),
+                    "the q35 machine has no IDE controller; use sata",
+                );
             }
         }
         for (i, c) in self.cdroms.iter().enumerate() {
@@ -330,21 +342,38 @@ impl VmSpec {
                     check_name(&mut e, &format!("{f}.volume"), v);
                 }
                 (None, None) => {}
-                _ => e.push(&f, "give both pool and volume for an ISO, or neither for an empty drive"),
+                _ => e.push(
+                    &f,
+                    "give both pool and volume for an ISO, or neither for an empty drive",
+                ),
             }
             if c.bus == CdromBus::Ide && self.machine == Machine::Q35 {
-                e.push(format!("{f}.bus"), "the q35 machine has no IDE controller; use sata");
+                e.push(
+                    format!("{f}.bus"),
+                    "the q35 machine has no IDE controller; use sata",
+                );
             }
         }
         let ide = self.disks.iter().filter(|d| d.bus == DiskBus::Ide).count()
-            + self.cdroms.iter().filter(|c| c.bus == CdromBus::Ide).count();
+            + self
+                .cdroms
+                .iter()
+                .filter(|c| c.bus == CdromBus::Ide)
+                .count();
         if ide > 4 {
             e.push("disks", format!("{ide} IDE devices; IDE has 4 slots"));
         }
         let sata = self.disks.iter().filter(|d| d.bus == DiskBus::Sata).count()
-            + self.cdroms.iter().filter(|c| c.bus == CdromBus::Sata).count();
+            + self
+                .cdroms
+                .iter()
+                .filter(|c| c.bus == CdromBus::Sata)
+                .count();
         if sata > 6 {
-            e.push("disks", format!("{sata} SATA devices; the AHCI controller has 6 ports"));
+            e.push(
+                "disks",
+                format!("{sata} SATA devices; the AHCI controller has 6 ports"),
+            );
         }
         let mut macs = HashSet::new();
         for (i, n) in self.nics.iter().enumerate() {
@@ -365,13 +394,19 @@ impl VmSpec {
         let mut seen = HashSet::new();
         for b in &self.boot_order {
             if !ids.contains(b) {
-                e.push("boot_order", format!("no device {b:?} (have: {})", ids.join(", ")));
+                e.push(
+                    "boot_order",
+                    format!("no device {b:?} (have: {})", ids.join(", ")),
+                );
             } else if !seen.insert(b) {
                 e.push("boot_order", format!("{b} listed twice"));
             }
         }
         if let Some(k) = &self.direct_boot {
-            for (f, p) in [("direct_boot.kernel", Some(&k.kernel)), ("direct_boot.initrd", k.initrd.as_ref())] {
+            for (f, p) in [
+                ("direct_boot.kernel", Some(&k.kernel)),
+                ("direct_boot.initrd", k.initrd.as_ref()),
+            ] {
                 if let Some(p) = p {
                     if !p.starts_with('/') || p.split('/').any(|c| c == "..") {
                         e.push(f, "must be an absolute path without '..'");
@@ -379,7 +414,10 @@ impl VmSpec {
                 }
             }
             if k.cmdline.contains('\n') || k.cmdline.len() > 4096 {
-                e.push("direct_boot.cmdline", "must be one line of at most 4096 bytes");
+                e.push(
+                    "direct_boot.cmdline",
+                    "must be one line of at most 4096 bytes",
+                );
             }
         }
         if self.description.len() > 4096 {
@@ -406,7 +444,10 @@ mod tests {
     #[test]
     fn validate_good_spec_passes() {
         spec().validate().unwrap();
-        assert_eq!(spec().effective_boot_order(), ["disk0", "disk1", "cdrom0", "net0"]);
+        assert_eq!(
+            spec().effective_boot_order(),
+            ["disk0", "disk1", "cdrom0", "net0"]
+        );
     }
 
     #[test]

@@ -6,16 +6,20 @@ use tokio::net::UnixListener;
 
 /// A fake QEMU: greets, then answers each command through `respond`, which returns the
 /// lines to send (events, replies in any order).
-async fn fake(respond: impl Fn(&Value) -> Vec<Value> + Send + 'static) -> (tempfile::TempDir, std::path::PathBuf) {
+async fn fake(
+    respond: impl Fn(&Value) -> Vec<Value> + Send + 'static,
+) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("qmp.sock");
     let listener = UnixListener::bind(&path).unwrap();
     tokio::spawn(async move {
         let (s, _) = listener.accept().await.unwrap();
         let (rd, mut wr) = s.into_split();
-        wr.write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"major\": 10}}, \"capabilities\": []}}\r\n")
-            .await
-            .unwrap();
+        wr.write_all(
+            b"{\"QMP\": {\"version\": {\"qemu\": {\"major\": 10}}, \"capabilities\": []}}\r\n",
+        )
+        .await
+        .unwrap();
         let mut lines = BufReader::new(rd).lines();
         while let Ok(Some(l)) = lines.next_line().await {
             let cmd: Value = serde_json::from_str(&l).unwrap();
@@ -105,8 +109,14 @@ async fn unanswered_command_times_out() {
         _ => vec![],
     })
     .await;
-    let q = Qmp::connect(&path).await.unwrap().with_timeout(Duration::from_millis(100));
-    assert!(matches!(q.execute("hang", None).await, Err(QmpError::Timeout { .. })));
+    let q = Qmp::connect(&path)
+        .await
+        .unwrap()
+        .with_timeout(Duration::from_millis(100));
+    assert!(matches!(
+        q.execute("hang", None).await,
+        Err(QmpError::Timeout { .. })
+    ));
 }
 
 #[tokio::test]
@@ -119,14 +129,20 @@ async fn server_close_wakes_waiters_and_closed() {
     let q = Qmp::connect(&path).await.unwrap();
     let e = q.execute("die", None).await.unwrap_err();
     assert!(e.should_reconnect(), "{e:?}");
-    tokio::time::timeout(Duration::from_secs(2), q.closed()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(2), q.closed())
+        .await
+        .unwrap();
     assert!(q.is_closed());
-    assert!(matches!(q.execute("again", None).await, Err(QmpError::Closed)));
+    assert!(matches!(
+        q.execute("again", None).await,
+        Err(QmpError::Closed)
+    ));
 }
 
 #[tokio::test]
 async fn garbage_lines_are_skipped() {
-    let (_d, path) = fake(|cmd| vec![json!("not qmp"), json!({"weird": true}), ret(cmd, json!(5))]).await;
+    let (_d, path) =
+        fake(|cmd| vec![json!("not qmp"), json!({"weird": true}), ret(cmd, json!(5))]).await;
     let q = Qmp::connect(&path).await.unwrap();
     assert_eq!(q.call::<u32>("x", None).await.unwrap(), 5);
 }

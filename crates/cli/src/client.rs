@@ -1,0 +1,137 @@
+//! A small typed client for the REST API.
+
+use anyhow::{anyhow, bail, Context, Result};
+use ferry_types::{ApiErrorBody, Task, TaskAccepted, TaskState};
+use indicatif::{ProgressBar, ProgressStyle};
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use std::time::Duration;
+
+#[derive(Clone)]
+pub struct Client {
+    pub base: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(base: &str) -> Client {
+        Client {
+            base: base.trim_end_matches('/').to_string(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub async fn request<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<T> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method.clone(), &url);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("Cannot reach the ferry daemon at {} (is `ferry serve` running? --server/FERRY_SERVER)", self.base))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.context("Read the daemon's answer")?;
+        if !status.is_success() {
+            match serde_json::from_slice::<ApiErrorBody>(&bytes) {
+                Ok(e) if e.causes.is_empty() => bail!("{} ({})", e.error, status.as_u16()),
+                Ok(e) => bail!(
+                    "{} ({}):\n  - {}",
+                    e.error,
+                    status.as_u16(),
+                    e.causes.join("\n  - ")
+                ),
+                Err(_) => bail!(
+                    "{method} {path} failed: {status}: {}",
+                    String::from_utf8_lossy(&bytes)
+                ),
+            }
+        }
+        if status == StatusCode::NO_CONTENT || bytes.is_empty() {
+            return serde_json::from_value(Value::Null).map_err(|e| anyhow!("Empty answer: {e}"));
+        }
+        serde_json::from_slice(&bytes)
+            .with_context(|| format!("Unexpected answer to {method} {path}"))
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.request(Method::GET, path, None).await
+    }
+
+    pub async fn get_text(&self, path: &str) -> Result<String> {
+        let url = format!("{}{path}", self.base);
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .with_context(|| format!("Cannot reach {}", self.base))?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        if !status.is_success() {
+            let e: ApiErrorBody = serde_json::from_str(&text).unwrap_or(ApiErrorBody {
+                error: text,
+                causes: vec![],
+            });
+            bail!("{} ({})", e.error, status.as_u16());
+        }
+        Ok(text)
+    }
+
+    /// Waits for a task, with a progress bar unless `quiet`; fails if the task failed.
+    pub async fn wait_task(&self, accepted: TaskAccepted, quiet: bool) -> Result<Task> {
+        let bar = if quiet {
+            ProgressBar::hidden()
+        } else {
+            let b = ProgressBar::new(1000);
+            b.set_style(
+                ProgressStyle::with_template("{spinner} {prefix} [{bar:30}] {percent:>3}% {msg}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            b
+        };
+        let mut shown = 0;
+        loop {
+            let t: Task = self
+                .get(&format!("/api/v1/tasks/{}", accepted.task))
+                .await?;
+            bar.set_prefix(format!("{} {}", t.kind, t.target));
+            bar.set_position((t.progress * 1000.0) as u64);
+            for l in t.log.iter().skip(shown) {
+                bar.println(format!("  {l}"));
+            }
+            shown = t.log.len();
+            match t.state {
+                TaskState::Running => tokio::time::sleep(Duration::from_millis(150)).await,
+                TaskState::Succeeded => {
+                    bar.finish_and_clear();
+                    return Ok(t);
+                }
+                TaskState::Failed => {
+                    bar.abandon();
+                    bail!(
+                        "Task {} failed: {}",
+                        t.id,
+                        t.error.clone().unwrap_or_default()
+                    );
+                }
+            }
+        }
+    }
+
+    pub fn ws_url(&self, path: &str) -> String {
+        let b = self
+            .base
+            .replacen("http://", "ws://", 1)
+            .replacen("https://", "wss://", 1);
+        format!("{b}{path}")
+    }
+}

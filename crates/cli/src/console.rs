@@ -1,0 +1,96 @@
+//! `ferry vm console`: the serial console over the daemon's websocket. On a terminal it
+//! switches to raw mode and Ctrl-] detaches; otherwise stdin is forwarded as it comes.
+
+use crate::client::Client;
+use anyhow::{Context, Result};
+use futures::{SinkExt, StreamExt};
+use std::io::{IsTerminal, Write};
+use tokio::io::AsyncReadExt;
+use tokio_tungstenite::tungstenite::Message;
+
+const DETACH: u8 = 0x1d; // Ctrl-]
+
+struct RawGuard;
+impl Drop for RawGuard {
+    fn drop(&mut self) {
+        let _ = crossterm::terminal::disable_raw_mode();
+    }
+}
+
+pub async fn attach(c: &Client, name: &str) -> Result<()> {
+    let url = c.ws_url(&format!("/api/v1/vms/{name}/console"));
+    let (ws, _) = match tokio_tungstenite::connect_async(&url).await {
+        Ok(x) => x,
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            let body = resp
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default();
+            anyhow::bail!(
+                "Cannot open the console of {name}: {} {body}",
+                resp.status()
+            );
+        }
+        Err(e) => return Err(e).with_context(|| format!("Connect to {url}")),
+    };
+    let tty = std::io::stdin().is_terminal();
+    let _guard = if tty {
+        crossterm::terminal::enable_raw_mode().context("Raw terminal mode")?;
+        eprint!("[ferry: console of {name}; Ctrl-] detaches]\r\n");
+        Some(RawGuard)
+    } else {
+        None
+    };
+    let (mut tx, mut rx) = ws.split();
+    let output = async {
+        let mut out = std::io::stdout();
+        while let Some(Ok(m)) = rx.next().await {
+            match m {
+                Message::Binary(b) => {
+                    let _ = out.write_all(&b);
+                    let _ = out.flush();
+                }
+                Message::Text(t) => {
+                    let _ = out.write_all(t.as_bytes());
+                    let _ = out.flush();
+                }
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+    };
+    let input = async {
+        let mut stdin = tokio::io::stdin();
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = match stdin.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let data = &buf[..n];
+            if tty {
+                if let Some(p) = data.iter().position(|b| *b == DETACH) {
+                    if p > 0 {
+                        let _ = tx.send(Message::Binary(data[..p].to_vec().into())).await;
+                    }
+                    return;
+                }
+            }
+            if tx
+                .send(Message::Binary(data.to_vec().into()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        // stdin ended (a pipe): let the output of what was typed arrive, then leave.
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    };
+    tokio::select! { _ = output => {}, _ = input => {} }
+    if tty {
+        eprint!("\r\n[ferry: detached]\r\n");
+    }
+    Ok(())
+}

@@ -1,0 +1,646 @@
+//! The `ferry` command line: every subcommand but `serve` talks to a daemon over REST
+//! (`--server URL` or `FERRY_SERVER`, default `http://127.0.0.1:8470`). Lists print as
+//! tables, everything prints as JSON with `--json`, long operations show progress.
+
+mod client;
+mod console;
+mod specs;
+
+pub use client::Client;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
+use ferry_types::{ByteSize, Event, HostInfo, Pool, Task, TaskAccepted, Vm, Volume};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8470";
+
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// The daemon's URL.
+    #[arg(long, global = true, env = "FERRY_SERVER", default_value = DEFAULT_SERVER)]
+    pub server: String,
+    /// Print JSON instead of tables and messages.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Virtual machines.
+    #[command(subcommand)]
+    Vm(VmCmd),
+    /// Storage pools.
+    #[command(subcommand)]
+    Pool(PoolCmd),
+    /// Volumes in pools.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Long operations.
+    #[command(subcommand)]
+    Task(TaskCmd),
+    /// Host networking.
+    #[command(subcommand)]
+    Net(NetCmd),
+    /// The event log.
+    Events {
+        /// Only this VM's events.
+        #[arg(long)]
+        vm: Option<String>,
+    },
+    /// Facts about the daemon's host.
+    Host,
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct SpecArgs {
+    /// Number of vCPUs.
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    /// Memory: 512M, 2G (a plain number is MiB).
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// A disk: bus=virtio|scsi|sata|ide,pool=local,size=10G[,format=qcow2|raw][,cache=none|writeback|...][,volume=NAME][,readonly]. Repeatable.
+    #[arg(long = "disk")]
+    pub disks: Vec<String>,
+    /// A CD-ROM: POOL/VOLUME[,bus=ide|sata|scsi], or `empty`. Repeatable.
+    #[arg(long = "cdrom")]
+    pub cdroms: Vec<String>,
+    /// A NIC: bridge=NAME[,model=virtio|e1000][,mac=52:54:00:..]. Repeatable.
+    #[arg(long = "nic")]
+    pub nics: Vec<String>,
+    /// Boot order: device ids, e.g. cdrom0,disk0,net0.
+    #[arg(long)]
+    pub boot: Option<String>,
+    /// pc (i440fx, default) or q35.
+    #[arg(long)]
+    pub machine: Option<String>,
+    /// bios (default) or uefi.
+    #[arg(long)]
+    pub firmware: Option<String>,
+    /// Direct boot: kernel file on the host.
+    #[arg(long)]
+    pub kernel: Option<String>,
+    /// Direct boot: initrd file on the host.
+    #[arg(long)]
+    pub initrd: Option<String>,
+    /// Direct boot: kernel command line.
+    #[arg(long)]
+    pub append: Option<String>,
+    #[arg(long)]
+    pub description: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VmCmd {
+    /// List VMs.
+    List,
+    /// Show one VM.
+    Show {
+        name: String,
+    },
+    /// Define a VM.
+    Create {
+        name: String,
+        #[command(flatten)]
+        spec: SpecArgs,
+    },
+    /// Change a stopped VM's definition (given options replace, disks/NICs/CD-ROMs are added).
+    Edit {
+        name: String,
+        #[command(flatten)]
+        spec: SpecArgs,
+    },
+    /// Start a VM.
+    Start {
+        name: String,
+    },
+    /// Shut down through ACPI; killed after the timeout.
+    #[command(alias = "shutdown")]
+    Stop {
+        name: String,
+        /// Seconds to wait for the guest.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Stop at once (QEMU quits without asking the guest).
+    Kill {
+        name: String,
+    },
+    /// Shut down and start again.
+    Reboot {
+        name: String,
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    Pause {
+        name: String,
+    },
+    Resume {
+        name: String,
+    },
+    /// Delete a VM and its own disks.
+    Delete {
+        name: String,
+        /// Kill it first if it runs.
+        #[arg(long)]
+        force: bool,
+        /// Keep its volumes.
+        #[arg(long)]
+        keep_disks: bool,
+    },
+    /// Attach to the serial console (Ctrl-] detaches).
+    Console {
+        name: String,
+        /// Print the console history and exit.
+        #[arg(long)]
+        history: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PoolCmd {
+    List,
+    Show {
+        name: String,
+    },
+    /// Define a dir pool.
+    Create {
+        name: String,
+        #[arg(long)]
+        path: String,
+    },
+    /// Remove an empty pool's definition.
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VolumeCmd {
+    List {
+        pool: String,
+    },
+    Create {
+        pool: String,
+        name: String,
+        #[arg(long)]
+        size: ByteSize,
+        #[arg(long, default_value = "qcow2")]
+        format: String,
+    },
+    Delete {
+        pool: String,
+        name: String,
+    },
+    /// Grow a volume (online if a running VM uses it).
+    Resize {
+        pool: String,
+        name: String,
+        #[arg(long)]
+        size: ByteSize,
+    },
+    /// Import a host file (disk image or ISO).
+    Import {
+        pool: String,
+        name: String,
+        #[arg(long)]
+        source: String,
+        /// Convert to qcow2 or raw.
+        #[arg(long)]
+        format: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TaskCmd {
+    List,
+    Show {
+        id: String,
+    },
+    /// Wait for a task to end.
+    Wait {
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NetCmd {
+    #[command(subcommand)]
+    Bridge(BridgeCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BridgeCmd {
+    List,
+    /// Create a Linux bridge on the daemon's host.
+    Create {
+        name: String,
+    },
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_BORDERS_ONLY).set_header(header.to_vec());
+    t
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn mib(m: u64) -> String {
+    ByteSize::mib(m).to_string()
+}
+
+/// Runs a CLI command.
+pub async fn run(g: Global, cmd: Command) -> Result<()> {
+    let c = Client::new(&g.server);
+    match cmd {
+        Command::Vm(v) => vm(&c, &g, v).await,
+        Command::Pool(p) => pool(&c, &g, p).await,
+        Command::Volume(v) => volume(&c, &g, v).await,
+        Command::Task(t) => task(&c, &g, t).await,
+        Command::Net(NetCmd::Bridge(b)) => match b {
+            BridgeCmd::List => {
+                let v: Value = c.get("/api/v1/bridges").await?;
+                if g.json {
+                    return print_json(&v);
+                }
+                for b in v.as_array().into_iter().flatten() {
+                    println!("{}", b["name"].as_str().unwrap_or(""));
+                }
+                Ok(())
+            }
+            BridgeCmd::Create { name } => {
+                let v: Value = c
+                    .request(
+                        Method::POST,
+                        "/api/v1/bridges",
+                        Some(&json!({"name": name})),
+                    )
+                    .await?;
+                if g.json {
+                    return print_json(&v);
+                }
+                println!("bridge {name} ready");
+                Ok(())
+            }
+        },
+        Command::Events { vm } => {
+            let q = vm.map(|v| format!("?vm={v}")).unwrap_or_default();
+            let ev: Vec<Event> = c.get(&format!("/api/v1/events{q}")).await?;
+            if g.json {
+                return print_json(&ev);
+            }
+            for e in ev {
+                println!(
+                    "{:>6} {:>13} {:<12} {:<6} {}",
+                    e.seq,
+                    e.time_ms,
+                    e.vm.unwrap_or_default(),
+                    e.kind,
+                    e.message
+                );
+            }
+            Ok(())
+        }
+        Command::Host => {
+            let h: HostInfo = c.get("/api/v1/host").await?;
+            if g.json {
+                return print_json(&h);
+            }
+            println!(
+                "{}: {} CPUs, {} memory, accel {}, {}; {} of {} VMs running",
+                h.hostname,
+                h.cpus,
+                ByteSize(h.memory_bytes),
+                h.accel,
+                h.qemu_version,
+                h.vms_running,
+                h.vms_defined
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn action(c: &Client, g: &Global, name: &str, act: &str, body: Option<Value>) -> Result<()> {
+    let t: TaskAccepted = c
+        .request(
+            Method::POST,
+            &format!("/api/v1/vms/{name}/{act}"),
+            body.as_ref(),
+        )
+        .await?;
+    let done = c.wait_task(t, g.json).await?;
+    if g.json {
+        return print_json(&done);
+    }
+    let vm: Vm = c.get(&format!("/api/v1/vms/{name}")).await?;
+    println!("{name}: {}", vm.state);
+    Ok(())
+}
+
+async fn vm(c: &Client, g: &Global, cmd: VmCmd) -> Result<()> {
+    match cmd {
+        VmCmd::List => {
+            let vms: Vec<Vm> = c.get("/api/v1/vms").await?;
+            if g.json {
+                return print_json(&vms);
+            }
+            let mut t = table(&[
+                "ID", "NAME", "STATE", "CPUS", "MEMORY", "DISKS", "NICS", "PID",
+            ]);
+            for v in vms {
+                t.add_row(vec![
+                    v.id.to_string(),
+                    v.spec.name.clone(),
+                    v.state.to_string(),
+                    v.spec.cpus.to_string(),
+                    mib(v.spec.memory_mib),
+                    v.spec.disks.len().to_string(),
+                    v.spec.nics.len().to_string(),
+                    v.pid.map(|p| p.to_string()).unwrap_or_default(),
+                ]);
+            }
+            println!("{t}");
+            Ok(())
+        }
+        VmCmd::Show { name } => {
+            let v: Vm = c.get(&format!("/api/v1/vms/{name}")).await?;
+            print_json(&v)
+        }
+        VmCmd::Create { name, spec } => {
+            let body = specs::spec_json(&name, &spec, None)?;
+            let v: Vm = c.request(Method::POST, "/api/v1/vms", Some(&body)).await?;
+            if g.json {
+                return print_json(&v);
+            }
+            println!(
+                "VM {} defined (id {}, {} disks, {} NICs)",
+                v.spec.name,
+                v.id,
+                v.spec.disks.len(),
+                v.spec.nics.len()
+            );
+            Ok(())
+        }
+        VmCmd::Edit { name, spec } => {
+            let cur: Vm = c.get(&format!("/api/v1/vms/{name}")).await?;
+            let body = specs::spec_json(&name, &spec, Some(&cur.spec))?;
+            let v: Vm = c
+                .request(Method::PUT, &format!("/api/v1/vms/{name}"), Some(&body))
+                .await?;
+            if g.json {
+                return print_json(&v);
+            }
+            println!("VM {name} changed");
+            Ok(())
+        }
+        VmCmd::Start { name } => action(c, g, &name, "start", None).await,
+        VmCmd::Stop { name, timeout } => {
+            action(
+                c,
+                g,
+                &name,
+                "shutdown",
+                Some(json!({"timeout_secs": timeout})),
+            )
+            .await
+        }
+        VmCmd::Kill { name } => action(c, g, &name, "stop", None).await,
+        VmCmd::Reboot { name, timeout } => {
+            action(
+                c,
+                g,
+                &name,
+                "reboot",
+                Some(json!({"timeout_secs": timeout})),
+            )
+            .await
+        }
+        VmCmd::Pause { name } => action(c, g, &name, "pause", None).await,
+        VmCmd::Resume { name } => action(c, g, &name, "resume", None).await,
+        VmCmd::Delete {
+            name,
+            force,
+            keep_disks,
+        } => {
+            let _: Value = c
+                .request(
+                    Method::DELETE,
+                    &format!("/api/v1/vms/{name}?force={force}&keep_disks={keep_disks}"),
+                    None,
+                )
+                .await?;
+            if !g.json {
+                println!("VM {name} deleted");
+            }
+            Ok(())
+        }
+        VmCmd::Console { name, history } => {
+            if history {
+                print!(
+                    "{}",
+                    c.get_text(&format!("/api/v1/vms/{name}/console/history"))
+                        .await?
+                );
+                return Ok(());
+            }
+            console::attach(c, &name).await
+        }
+    }
+}
+
+async fn pool(c: &Client, g: &Global, cmd: PoolCmd) -> Result<()> {
+    match cmd {
+        PoolCmd::List => {
+            let pools: Vec<Pool> = c.get("/api/v1/pools").await?;
+            if g.json {
+                return print_json(&pools);
+            }
+            let mut t = table(&[
+                "NAME",
+                "TYPE",
+                "PATH",
+                "VOLUMES",
+                "USED",
+                "AVAILABLE",
+                "CAPACITY",
+            ]);
+            for p in pools {
+                t.add_row(vec![
+                    p.spec.name.clone(),
+                    format!("{:?}", p.spec.kind).to_lowercase(),
+                    p.spec.path.clone(),
+                    p.volumes.to_string(),
+                    ByteSize(p.used_bytes).to_string(),
+                    ByteSize(p.available_bytes).to_string(),
+                    ByteSize(p.capacity_bytes).to_string(),
+                ]);
+            }
+            println!("{t}");
+            Ok(())
+        }
+        PoolCmd::Show { name } => {
+            print_json(&c.get::<Pool>(&format!("/api/v1/pools/{name}")).await?)
+        }
+        PoolCmd::Create { name, path } => {
+            let p: Pool = c
+                .request(
+                    Method::POST,
+                    "/api/v1/pools",
+                    Some(&json!({"name": name, "type": "dir", "path": path})),
+                )
+                .await?;
+            if g.json {
+                return print_json(&p);
+            }
+            println!("pool {name} created at {path}");
+            Ok(())
+        }
+        PoolCmd::Delete { name } => {
+            let _: Value = c
+                .request(Method::DELETE, &format!("/api/v1/pools/{name}"), None)
+                .await?;
+            println!("pool {name} removed (its directory stays)");
+            Ok(())
+        }
+    }
+}
+
+async fn volume(c: &Client, g: &Global, cmd: VolumeCmd) -> Result<()> {
+    let show = |v: &Volume| {
+        println!(
+            "{}/{}: {} {} ({} allocated)",
+            v.pool,
+            v.name,
+            v.format,
+            ByteSize(v.virtual_bytes),
+            ByteSize(v.allocated_bytes)
+        )
+    };
+    match cmd {
+        VolumeCmd::List { pool } => {
+            let vols: Vec<Volume> = c.get(&format!("/api/v1/pools/{pool}/volumes")).await?;
+            if g.json {
+                return print_json(&vols);
+            }
+            let mut t = table(&["NAME", "FORMAT", "SIZE", "ALLOCATED"]);
+            for v in vols {
+                t.add_row(vec![
+                    v.name,
+                    v.format,
+                    ByteSize(v.virtual_bytes).to_string(),
+                    ByteSize(v.allocated_bytes).to_string(),
+                ]);
+            }
+            println!("{t}");
+            Ok(())
+        }
+        VolumeCmd::Create {
+            pool,
+            name,
+            size,
+            format,
+        } => {
+            let v: Volume = c
+                .request(
+                    Method::POST,
+                    &format!("/api/v1/pools/{pool}/volumes"),
+                    Some(&json!({"name": name, "size": size.0, "format": format})),
+                )
+                .await?;
+            if g.json {
+                return print_json(&v);
+            }
+            show(&v);
+            Ok(())
+        }
+        VolumeCmd::Delete { pool, name } => {
+            let _: Value = c
+                .request(
+                    Method::DELETE,
+                    &format!("/api/v1/pools/{pool}/volumes/{name}"),
+                    None,
+                )
+                .await?;
+            println!("volume {pool}/{name} deleted");
+            Ok(())
+        }
+        VolumeCmd::Resize { pool, name, size } => {
+            let v: Volume = c
+                .request(
+                    Method::POST,
+                    &format!("/api/v1/pools/{pool}/volumes/{name}/resize"),
+                    Some(&json!({"size": size.0})),
+                )
+                .await?;
+            if g.json {
+                return print_json(&v);
+            }
+            show(&v);
+            Ok(())
+        }
+        VolumeCmd::Import {
+            pool,
+            name,
+            source,
+            format,
+        } => {
+            let mut body = json!({"name": name, "source": source});
+            if let Some(f) = format {
+                body["format"] = json!(f);
+            }
+            let t: TaskAccepted = c
+                .request(
+                    Method::POST,
+                    &format!("/api/v1/pools/{pool}/import"),
+                    Some(&body),
+                )
+                .await?;
+            c.wait_task(t, g.json).await?;
+            let v: Volume = c
+                .get(&format!("/api/v1/pools/{pool}/volumes/{name}"))
+                .await?;
+            if g.json {
+                return print_json(&v);
+            }
+            show(&v);
+            Ok(())
+        }
+    }
+}
+
+async fn task(c: &Client, g: &Global, cmd: TaskCmd) -> Result<()> {
+    match cmd {
+        TaskCmd::List => {
+            let tasks: Vec<Task> = c.get("/api/v1/tasks").await?;
+            if g.json {
+                return print_json(&tasks);
+            }
+            let mut t = table(&["ID", "KIND", "TARGET", "STATE", "PROGRESS", "ERROR"]);
+            for k in tasks {
+                t.add_row(vec![
+                    k.id,
+                    k.kind,
+                    k.target,
+                    format!("{:?}", k.state).to_lowercase(),
+                    format!("{:.0}%", k.progress * 100.0),
+                    k.error.unwrap_or_default(),
+                ]);
+            }
+            println!("{t}");
+            Ok(())
+        }
+        TaskCmd::Show { id } => print_json(&c.get::<Task>(&format!("/api/v1/tasks/{id}")).await?),
+        TaskCmd::Wait { id } => {
+            let t = c.wait_task(TaskAccepted { task: id }, g.json).await?;
+            print_json(&t)
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! Turning command-line options (`--disk bus=virtio,size=10G`) into the JSON of a VmSpec.
+//! Unknown keys are passed through, so the daemon's validation names them.
+
+use crate::SpecArgs;
+use anyhow::{bail, Context, Result};
+use ferry_types::{ByteSize, VmSpec};
+use serde_json::{json, Map, Value};
+
+/// `k=v,k=v,flag` into a JSON object; `flags` are keys that stand alone as `true`.
+fn kv(s: &str, flags: &[&str]) -> Result<Map<String, Value>> {
+    let mut m = Map::new();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('=') {
+            Some((k, v)) => {
+                m.insert(k.trim().to_string(), json!(v.trim()));
+            }
+            None if flags.contains(&part) => {
+                m.insert(part.to_string(), json!(true));
+            }
+            None => bail!("expected key=value in {s:?}, found {part:?}"),
+        }
+    }
+    Ok(m)
+}
+
+fn memory_mib(s: &str) -> Result<u64> {
+    if s.chars().all(|c| c.is_ascii_digit()) {
+        return s.parse().context("memory");
+    }
+    let b: ByteSize = s.parse()?;
+    if b.0 % (1 << 20) != 0 {
+        bail!("memory must be a whole number of MiB, not {s}");
+    }
+    Ok(b.as_mib())
+}
+
+fn cdrom(s: &str) -> Result<Value> {
+    if s == "empty" || s == "none" {
+        return Ok(json!({}));
+    }
+    let (first, rest) = s.split_once(',').unwrap_or((s, ""));
+    let mut m = kv(rest, &[])?;
+    if first.contains('=') {
+        m.extend(kv(first, &[])?);
+    } else {
+        let (pool, vol) = first
+            .split_once('/')
+            .context("a CD-ROM is POOL/VOLUME, key=value options, or `empty`")?;
+        m.insert("pool".into(), json!(pool));
+        m.insert("volume".into(), json!(vol));
+    }
+    Ok(Value::Object(m))
+}
+
+/// The spec JSON for create (`base` None) or edit (options replace, devices are added).
+pub fn spec_json(name: &str, a: &SpecArgs, base: Option<&VmSpec>) -> Result<Value> {
+    let mut v = match base {
+        Some(b) => serde_json::to_value(b)?,
+        None => json!({"name": name, "cpus": 1, "memory_mib": 512}),
+    };
+    if let Some(c) = a.cpus {
+        v["cpus"] = json!(c);
+    }
+    if let Some(m) = &a.memory {
+        v["memory_mib"] = json!(memory_mib(m)?);
+    }
+    let push = |v: &mut Value, key: &str, items: Vec<Value>| {
+        if !items.is_empty() {
+            let arr = v.get_mut(key).and_then(Value::as_array_mut);
+            match arr {
+                Some(arr) => arr.extend(items),
+                None => v[key] = Value::Array(items),
+            }
+        }
+    };
+    let mut disks = vec![];
+    for d in &a.disks {
+        let mut m = kv(d, &["readonly"])?;
+        if let Some(Value::String(s)) = m.get("readonly") {
+            let b = s == "true" || s == "on" || s == "1";
+            m.insert("readonly".into(), json!(b));
+        }
+        disks.push(Value::Object(m));
+    }
+    push(&mut v, "disks", disks);
+    push(
+        &mut v,
+        "cdroms",
+        a.cdroms.iter().map(|c| cdrom(c)).collect::<Result<_>>()?,
+    );
+    push(
+        &mut v,
+        "nics",
+        a.nics
+            .iter()
+            .map(|n| kv(n, &[]).map(Value::Object))
+            .collect::<Result<_>>()?,
+    );
+    if let Some(b) = &a.boot {
+        v["boot_order"] = json!(b.split(',').filter(|s| !s.is_empty()).collect::<Vec<_>>());
+    }
+    if let Some(m) = &a.machine {
+        v["machine"] = json!(m);
+    }
+    if let Some(f) = &a.firmware {
+        v["firmware"] = json!(f);
+    }
+    if a.kernel.is_some() || a.initrd.is_some() || a.append.is_some() {
+        let mut k = v.get("direct_boot").cloned().unwrap_or(json!({}));
+        if let Some(x) = &a.kernel {
+            k["kernel"] = json!(x);
+        }
+        if let Some(x) = &a.initrd {
+            k["initrd"] = json!(x);
+        }
+        if let Some(x) = &a.append {
+            k["cmdline"] = json!(x);
+        }
+        v["direct_boot"] = k;
+    }
+    if let Some(d) = &a.description {
+        v["description"] = json!(d);
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_json_parses_devices() {
+        let a = SpecArgs {
+            cpus: Some(2),
+            memory: Some("1G".into()),
+            disks: vec!["bus=scsi,size=10G,readonly".into()],
+            cdroms: vec!["local/debian.iso,bus=sata".into(), "empty".into()],
+            nics: vec!["bridge=vmbr0,model=e1000".into()],
+            boot: Some("cdrom0,disk0".into()),
+            ..Default::default()
+        };
+        let v = spec_json("web1", &a, None).unwrap();
+        assert_eq!(v["memory_mib"], 1024);
+        assert_eq!(
+            v["disks"][0],
+            json!({"bus": "scsi", "size": "10G", "readonly": true})
+        );
+        assert_eq!(
+            v["cdroms"][0],
+            json!({"pool": "local", "volume": "debian.iso", "bus": "sata"})
+        );
+        assert_eq!(v["cdroms"][1], json!({}));
+        assert_eq!(v["nics"][0]["model"], "e1000");
+        let spec: VmSpec = serde_json::from_value(v).unwrap();
+        spec.validate().unwrap();
+    }
+
+    #[test]
+    fn spec_json_rejects_garbage() {
+        let a = SpecArgs {
+            disks: vec!["bus".into()],
+            ..Default::default()
+        };
+        assert!(spec_json("x", &a, None).is_err());
+        let a = SpecArgs {
+            memory: Some("lots".into()),
+            ..Default::default()
+        };
+        assert!(spec_json("x", &a, None).is_err());
+        let a = SpecArgs {
+            cdroms: vec!["noslash".into()],
+            ..Default::default()
+        };
+        assert!(spec_json("x", &a, None).is_err());
+    }
+}

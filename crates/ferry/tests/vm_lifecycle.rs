@@ -1,0 +1,313 @@
+//! End to end against real QEMU (TCG here, as on any host without working KVM): the
+//! `ferry` binary as daemon and CLI inside a lab network namespace, the tiny test guest.
+
+use anyhow::Result;
+use ferry_lab::{guest, pid_runs_qemu_of, Lab};
+use serde_json::Value;
+use std::time::Duration;
+
+const BOOT: Duration = Duration::from_secs(90);
+
+fn lab() -> Result<Lab> {
+    let mut lab = Lab::new(env!("CARGO_BIN_EXE_ferry"))?;
+    lab.start_daemon()?;
+    Ok(lab)
+}
+
+fn create_guest(lab: &Lab, name: &str, ip: &str, extra: &[&str]) -> Result<Value> {
+    let g = guest()?;
+    let append = format!("console=ttyS0 quiet ip={ip}/24 ferry.hostname={name}");
+    let mut args = vec![
+        "vm",
+        "create",
+        name,
+        "--cpus",
+        "1",
+        "--memory",
+        "256M",
+        "--kernel",
+        g.kernel.to_str().unwrap(),
+        "--initrd",
+        g.initrd.to_str().unwrap(),
+        "--append",
+        &append,
+    ];
+    args.extend_from_slice(extra);
+    lab.ferry_ok(&args)?;
+    lab.ferry_json(&["vm", "show", name])
+}
+
+fn state(lab: &Lab, name: &str) -> Result<(String, Option<i64>)> {
+    let v = lab.ferry_json(&["vm", "show", name])?;
+    Ok((
+        v["state"].as_str().unwrap_or("").to_string(),
+        v["pid"].as_i64(),
+    ))
+}
+
+#[test]
+fn vm_boots_answers_pings_console_and_survives_daemon_crash() -> Result<()> {
+    let mut lab = lab()?;
+    let vm = create_guest(
+        &lab,
+        "web1",
+        "10.77.0.10",
+        &[
+            "--disk",
+            "bus=virtio,size=64M",
+            "--disk",
+            "bus=scsi,size=32M,format=raw",
+            "--cdrom",
+            "empty",
+            "--nic",
+            "bridge=br0",
+        ],
+    )?;
+    let mac = vm["spec"]["nics"][0]["mac"].as_str().unwrap().to_string();
+    assert!(mac.starts_with("52:54:00:"), "{vm}");
+
+    lab.ferry_ok(&["vm", "start", "web1"])?;
+    lab.wait_console("web1", "FERRY-READY", BOOT)?;
+    let (st, pid) = state(&lab, "web1")?;
+    assert_eq!(st, "running");
+    let pid = pid.expect("running VM has a pid") as i32;
+    let tap = format!("tap{}i0", vm["id"]);
+    let master = lab.ip(&["-o", "link", "show", &tap])?;
+    assert!(
+        String::from_utf8_lossy(&master.stdout).contains("master br0"),
+        "tap not on br0"
+    );
+    assert!(lab.ping("10.77.0.10", 3), "guest does not answer pings");
+
+    // Typing into the console: the guest's shell answers; both disks are there.
+    let out = lab.console_type(
+        "web1",
+        "echo MARK-$((6*7)); ls /sys/block | tr '\\n' ' '; echo; cat /sys/class/net/eth0/address\n",
+    )?;
+    assert!(out.contains("MARK-42"), "console output: {out}");
+    assert!(
+        out.contains("vda") && out.contains("sda"),
+        "disks not seen by the guest: {out}"
+    );
+    assert!(out.contains(&mac), "guest MAC differs from the spec: {out}");
+
+    // Pause and resume.
+    lab.ferry_ok(&["vm", "pause", "web1"])?;
+    assert_eq!(state(&lab, "web1")?.0, "paused");
+    assert!(!lab.ping("10.77.0.10", 1), "paused guest answered");
+    lab.ferry_ok(&["vm", "resume", "web1"])?;
+    assert_eq!(state(&lab, "web1")?.0, "running");
+
+    // The daemon crashes (SIGKILL) and comes back: the VM ran on and is re-adopted.
+    lab.stop_daemon(true)?;
+    assert!(
+        pid_runs_qemu_of(pid, &lab.run_dir()),
+        "QEMU died with the daemon"
+    );
+    assert!(
+        lab.ping("10.77.0.10", 2),
+        "guest unreachable while the daemon was down"
+    );
+    lab.start_daemon()?;
+    let (st, pid2) = state(&lab, "web1")?;
+    assert_eq!((st.as_str(), pid2), ("running", Some(pid as i64)));
+    let hist = lab.ferry_ok(&["vm", "console", "web1", "--history"])?;
+    assert!(
+        hist.contains("FERRY-READY"),
+        "console history lost over the restart"
+    );
+    let out = lab.console_type("web1", "echo AGAIN-$((7*7))\n")?;
+    assert!(out.contains("AGAIN-49"), "console after restart: {out}");
+
+    // A graceful daemon restart too.
+    lab.stop_daemon(false)?;
+    lab.start_daemon()?;
+    assert_eq!(state(&lab, "web1")?.0, "running");
+
+    // Deleting a running VM needs force.
+    let o = lab.ferry(&["vm", "delete", "web1"])?;
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("running"));
+
+    // ACPI shutdown: the guest powers off, the tap goes away.
+    lab.ferry_ok(&["vm", "stop", "web1", "--timeout", "60"])?;
+    let v = lab.ferry_json(&["vm", "show", "web1"])?;
+    assert_eq!(v["state"], "stopped", "{v}");
+    assert!(!pid_runs_qemu_of(pid, &lab.run_dir()));
+    assert!(lab.ip(&["link", "show", &tap]).is_err(), "tap left behind");
+
+    // Events were kept.
+    let ev = lab.ferry_json(&["events", "--vm", "web1"])?;
+    let msgs: Vec<String> = ev
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["message"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(
+        msgs.iter().any(|m| m.contains("stopped -> starting")),
+        "{msgs:?}"
+    );
+    assert!(msgs.iter().any(|m| m.contains("re-adopted")), "{msgs:?}");
+
+    lab.ferry_ok(&["vm", "delete", "web1"])?;
+    assert!(lab.ferry(&["vm", "show", "web1"])?.status.code() == Some(1));
+    Ok(())
+}
+
+#[test]
+fn vm_dead_while_daemon_down_is_crashed_and_kill_reboot_work() -> Result<()> {
+    let mut lab = lab()?;
+    create_guest(
+        &lab,
+        "db1",
+        "10.77.0.11",
+        &["--nic", "bridge=br0,model=virtio"],
+    )?;
+    lab.ferry_ok(&["vm", "start", "db1"])?;
+    lab.wait_console("db1", "FERRY-READY", BOOT)?;
+
+    // Reboot: shutdown then start; a new QEMU boots the guest again.
+    let (_, pid1) = state(&lab, "db1")?;
+    lab.ferry_ok(&["vm", "reboot", "db1"])?;
+    let (st, pid2) = state(&lab, "db1")?;
+    assert_eq!(st, "running");
+    assert_ne!(pid1, pid2);
+    lab.wait_console("db1", "FERRY-READY", BOOT)?;
+
+    // QEMU killed while the daemon runs: crashed.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid2.unwrap() as i32),
+        nix::sys::signal::SIGKILL,
+    )?;
+    let t = std::time::Instant::now();
+    while state(&lab, "db1")?.0 != "crashed" && t.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let v = lab.ferry_json(&["vm", "show", "db1"])?;
+    assert_eq!(v["state"], "crashed", "{v}");
+
+    // Killed while the daemon is down: reported crashed after the restart, not lost.
+    lab.ferry_ok(&["vm", "start", "db1"])?;
+    let (_, pid3) = state(&lab, "db1")?;
+    lab.stop_daemon(true)?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid3.unwrap() as i32),
+        nix::sys::signal::SIGKILL,
+    )?;
+    std::thread::sleep(Duration::from_millis(300));
+    lab.start_daemon()?;
+    let v = lab.ferry_json(&["vm", "show", "db1"])?;
+    assert_eq!(v["state"], "crashed", "{v}");
+    assert!(
+        v["last_exit"]
+            .as_str()
+            .unwrap_or("")
+            .contains("daemon was not running"),
+        "{v}"
+    );
+
+    // Hard stop.
+    lab.ferry_ok(&["vm", "start", "db1"])?;
+    lab.ferry_ok(&["vm", "kill", "db1"])?;
+    assert_eq!(state(&lab, "db1")?.0, "stopped");
+    assert!(lab.qemu_pids().is_empty());
+    Ok(())
+}
+
+#[test]
+fn every_disk_bus_cdrom_nic_model_and_uefi_start_in_qemu() -> Result<()> {
+    let lab = lab()?;
+    lab.ferry_ok(&[
+        "volume",
+        "create",
+        "local",
+        "install.iso",
+        "--size",
+        "4M",
+        "--format",
+        "raw",
+    ])?;
+    // pc machine: virtio, SCSI, SATA (added AHCI) and IDE disks, IDE CD-ROM with an ISO, e1000.
+    create_guest(
+        &lab,
+        "allbus",
+        "10.77.0.12",
+        &[
+            "--disk",
+            "bus=virtio,size=16M",
+            "--disk",
+            "bus=scsi,size=16M",
+            "--disk",
+            "bus=sata,size=16M",
+            "--disk",
+            "bus=ide,size=16M,cache=writeback",
+            "--cdrom",
+            "local/install.iso",
+            "--nic",
+            "bridge=br0,model=e1000",
+        ],
+    )?;
+    lab.ferry_ok(&["vm", "start", "allbus"])?;
+    lab.wait_console("allbus", "FERRY-READY", BOOT)?;
+    // QEMU reports a block device for every disk: the metrics show their counters.
+    let m = String::from_utf8(
+        lab.cmd("curl")
+            .args(["-s", "http://127.0.0.1:8470/metrics"])
+            .output()?
+            .stdout,
+    )?;
+    for d in ["disk0", "disk1", "disk2", "disk3"] {
+        assert!(
+            m.contains(&format!(
+                "ferry_vm_disk_read_bytes_total{{vm=\"allbus\",disk=\"{d}\"}}"
+            )),
+            "{d} missing:\n{m}"
+        );
+    }
+    assert!(
+        m.contains("ferry_vm_cpu_seconds_total{vm=\"allbus\"}"),
+        "{m}"
+    );
+    // The guest (virtio drivers only) sees the virtio disk; the SCSI disk via virtio-scsi.
+    let out = lab.console_type("allbus", "ls /sys/block | tr '\\n' ' '; echo\n")?;
+    assert!(out.contains("vda") && out.contains("sda"), "{out}");
+    lab.ferry_ok(&["vm", "kill", "allbus"])?;
+
+    // q35 with UEFI (OVMF) and SATA on the built-in AHCI.
+    if std::path::Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd").exists() {
+        lab.ferry_ok(&[
+            "vm",
+            "create",
+            "efi1",
+            "--memory",
+            "256M",
+            "--machine",
+            "q35",
+            "--firmware",
+            "uefi",
+            "--disk",
+            "bus=sata,size=16M",
+            "--cdrom",
+            "local/install.iso,bus=sata",
+        ])?;
+        lab.ferry_ok(&["vm", "start", "efi1"])?;
+        assert_eq!(state(&lab, "efi1")?.0, "running");
+        lab.ferry_ok(&["vm", "kill", "efi1"])?;
+        let o = lab.ferry(&[
+            "vm",
+            "create",
+            "efi2",
+            "--memory",
+            "256M",
+            "--machine",
+            "q35",
+            "--disk",
+            "bus=ide,size=16M",
+        ])?;
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("q35 machine has no IDE"),
+            "{o:?}"
+        );
+    }
+    Ok(())
+}
