@@ -237,10 +237,8 @@ impl Agent {
                     match ev.name.as_str() {
                         "STOP" if slot.state() == VmState::Running => self.set_state(&name, &slot, VmState::Paused),
                         "RESUME" if slot.state() == VmState::Paused => self.set_state(&name, &slot, VmState::Running),
-                        "SHUTDOWN" => {
-                            if ev.data.get("guest").and_then(|g| g.as_bool()) == Some(true) {
-                                slot.with(|rt| rt.guest_shutdown = true);
-                            }
+                        "SHUTDOWN" if ev.data.get("guest").and_then(|g| g.as_bool()) == Some(true) => {
+                            slot.with(|rt| rt.guest_shutdown = true);
                         }
                         "GUEST_PANICKED" => slot.with(|rt| rt.last_exit = Some("guest panicked".into())),
                         _ => {}

@@ -104,11 +104,7 @@ async fn pump(socket: WebSocket, stream: tokio::net::UnixStream) {
     let down = async {
         while let Some(Ok(m)) = rx.next().await {
             match m {
-                Message::Binary(b) => {
-                    if wr.write_all(&b).await.is_err() {
-                        break;
-                    }
-                }
+                Message::Binary(b) if wr.write_all(&b).await.is_err() => break,
                 Message::Close(_) => break,
                 _ => {}
             }

@@ -105,13 +105,13 @@ pub enum VmCmd {
     Create {
         name: String,
         #[command(flatten)]
-        spec: SpecArgs,
+        spec: Box<SpecArgs>,
     },
     /// Change a stopped VM's definition (given options replace, disks/NICs/CD-ROMs are added).
     Edit {
         name: String,
         #[command(flatten)]
-        spec: SpecArgs,
+        spec: Box<SpecArgs>,
     },
     /// Start a VM.
     Start {

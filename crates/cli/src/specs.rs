@@ -28,7 +28,7 @@ fn memory_mib(s: &str) -> Result<u64> {
         return s.parse().context("memory");
     }
     let b: ByteSize = s.parse()?;
-    if b.0 % (1 << 20) != 0 {
+    if !b.0.is_multiple_of(1 << 20) {
         bail!("memory must be a whole number of MiB, not {s}");
     }
     Ok(b.as_mib())

@@ -69,17 +69,11 @@ impl FromStr for ByteSize {
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        for (c, m) in UNITS.iter().rev() {
-            if b >= *m && b % (*m / 1024).max(1) == 0 && b % *m == 0 {
-                return write!(f, "{}{}", b / m, c);
-            }
+        match UNITS.iter().rev().find(|(_, m)| b >= *m) {
+            Some((c, m)) if b.is_multiple_of(*m) => write!(f, "{}{c}", b / m),
+            Some((c, m)) => write!(f, "{:.1}{c}", b as f64 / *m as f64),
+            None => write!(f, "{b}"),
         }
-        for (c, m) in UNITS.iter().rev() {
-            if b >= *m {
-                return write!(f, "{:.1}{}", b as f64 / *m as f64, c);
-            }
-        }
-        write!(f, "{b}")
     }
 }
 
@@ -153,6 +147,8 @@ mod tests {
             let b: ByteSize = s.parse().unwrap();
             assert_eq!(b.to_string(), s);
         }
+        assert_eq!(ByteSize(24682416 * 1024).to_string(), "23.5G");
+        assert_eq!(ByteSize(100).to_string(), "100");
     }
 
     #[test]
