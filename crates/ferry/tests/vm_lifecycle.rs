@@ -311,3 +311,80 @@ fn every_disk_bus_cdrom_nic_model_and_uefi_start_in_qemu() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn websockets_stream_events_console_and_vnc() -> Result<()> {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let lab = lab()?;
+    create_guest(&lab, "ws1", "10.77.0.13", &[])?;
+    ferry_lab::in_netns(&lab.ns, || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(async {
+                let base = "127.0.0.1:8470";
+                let (mut events, _) =
+                    tokio_tungstenite::connect_async(format!("ws://{base}/api/v1/events/stream"))
+                        .await?;
+                let c = reqwest::Client::new();
+                let r = c
+                    .post(format!("http://{base}/api/v1/vms/ws1/start"))
+                    .send()
+                    .await?;
+                assert_eq!(r.status().as_u16(), 202);
+                let mut seen = vec![];
+                while !seen
+                    .iter()
+                    .any(|m: &String| m.contains("starting -> running"))
+                {
+                    let m = tokio::time::timeout(Duration::from_secs(60), events.next())
+                        .await?
+                        .expect("event stream open")?;
+                    let e: Value = serde_json::from_str(m.to_text()?)?;
+                    seen.push(e["message"].as_str().unwrap_or("").to_string());
+                }
+                assert!(
+                    seen.iter().any(|m| m.contains("stopped -> starting")),
+                    "{seen:?}"
+                );
+
+                // The console websocket: history first, then live output; input is typed.
+                let (mut con, _) =
+                    tokio_tungstenite::connect_async(format!("ws://{base}/api/v1/vms/ws1/console"))
+                        .await?;
+                let mut out = String::new();
+                let t = std::time::Instant::now();
+                while !out.contains("FERRY-READY") && t.elapsed() < BOOT {
+                    if let Ok(Some(m)) =
+                        tokio::time::timeout(Duration::from_secs(1), con.next()).await
+                    {
+                        out.push_str(&String::from_utf8_lossy(&m?.into_data()));
+                    }
+                }
+                assert!(out.contains("FERRY-READY"), "{out}");
+                con.send(Message::Text("echo WS-$((2+3))\n".into())).await?;
+                while !out.contains("WS-5") && t.elapsed() < BOOT {
+                    if let Ok(Some(m)) =
+                        tokio::time::timeout(Duration::from_secs(1), con.next()).await
+                    {
+                        out.push_str(&String::from_utf8_lossy(&m?.into_data()));
+                    }
+                }
+                assert!(out.contains("WS-5"), "{out}");
+
+                // VNC over websocket: QEMU's RFB greeting comes through.
+                let (mut vnc, _) =
+                    tokio_tungstenite::connect_async(format!("ws://{base}/api/v1/vms/ws1/vnc"))
+                        .await?;
+                let m = tokio::time::timeout(Duration::from_secs(10), vnc.next())
+                    .await?
+                    .expect("vnc open")?;
+                let greeting = String::from_utf8_lossy(&m.into_data()).into_owned();
+                assert!(greeting.starts_with("RFB 003.00"), "{greeting:?}");
+                Ok::<_, anyhow::Error>(())
+            })
+    })??;
+    lab.ferry_ok(&["vm", "kill", "ws1"])?;
+    Ok(())
+}

@@ -61,6 +61,7 @@ pub struct Lab {
 impl Lab {
     /// A new namespace with `br0` up at 10.77.0.1/24. `ferry` is the binary to run.
     pub fn new(ferry: impl Into<PathBuf>) -> Result<Lab> {
+        sweep_stale();
         let ns = format!(
             "fy{}-{}",
             std::process::id(),
@@ -104,6 +105,13 @@ impl Lab {
 
     /// Starts `ferry serve` in the namespace and waits until its API answers.
     pub fn start_daemon(&mut self) -> Result<u32> {
+        let pid = self.spawn_daemon()?;
+        self.wait_daemon()?;
+        Ok(pid)
+    }
+
+    /// Starts `ferry serve` in the namespace without waiting for it.
+    pub fn spawn_daemon(&mut self) -> Result<u32> {
         if self.daemon.is_some() {
             bail!("daemon already running");
         }
@@ -132,6 +140,11 @@ impl Lab {
             .context("spawn ferry serve")?;
         let pid = child.id();
         self.daemon = Some(child);
+        Ok(pid)
+    }
+
+    /// Waits until the daemon's API answers the CLI.
+    pub fn wait_daemon(&mut self) -> Result<()> {
         let t = Instant::now();
         while t.elapsed() < Duration::from_secs(30) {
             if self
@@ -139,7 +152,7 @@ impl Lab {
                 .map(|o| o.status.success())
                 .unwrap_or(false)
             {
-                return Ok(pid);
+                return Ok(());
             }
             if let Some(c) = self.daemon.as_mut() {
                 if let Ok(Some(st)) = c.try_wait() {
@@ -296,6 +309,59 @@ pub fn pid_runs_qemu_of(pid: i32, dir: &Path) -> bool {
     !stat.is_empty() && !zombie && cmdline.windows(needle.len()).any(|w| w == needle)
 }
 
+/// Removes what labs of test processes that no longer exist left behind (a test killed
+/// before its drop ran): their namespaces, the processes in them, their directories.
+fn sweep_stale() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some((pid, _)) = name.strip_prefix("fy").and_then(|r| r.split_once('-')) else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<u32>() else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        // Every process still inside that namespace was started by that lab.
+        if let Ok(o) = Command::new("ip").args(["netns", "pids", name]).output() {
+            for p in String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p),
+                    nix::sys::signal::SIGKILL,
+                );
+            }
+        }
+        let dir = PathBuf::from("/var/tmp/ferry-lab").join(name);
+        if let Ok(rd) = std::fs::read_dir(dir.join("run")) {
+            for e in rd.flatten() {
+                let run = e.path();
+                if let Some(p) = std::fs::read_to_string(run.join("qemu.pid"))
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                {
+                    if pid_runs_qemu_of(p, &run) {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(p),
+                            nix::sys::signal::SIGKILL,
+                        );
+                    }
+                }
+            }
+        }
+        let _ = Command::new("ip").args(["netns", "del", name]).status();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
         if let Some(mut c) = self.daemon.take() {
@@ -313,4 +379,20 @@ impl Drop for Lab {
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Runs `f` on a thread that has entered network namespace `ns` (setns is per thread;
+/// sockets made there live in `ns`).
+pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
+    let path = PathBuf::from("/var/run/netns").join(ns);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let fd =
+                std::fs::File::open(&path).with_context(|| format!("open {}", path.display()))?;
+            nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
+    })
 }

@@ -1,0 +1,312 @@
+//! `ferry-bench`: ferry's core figures side by side with bare QEMU, in one run.
+//!
+//! - daemon start → API ready (median of N);
+//! - `vm create` + `start` → the guest's ready marker on the serial console (median of N),
+//!   against a bare `qemu-system-x86_64` start of the same guest (ferry's overhead as a ratio);
+//! - defining 1,000 VMs, then `GET /api/v1/vms` requests/s with them defined.
+//!
+//! Usage: `ferry-bench [--runs N] [--vms N] [--json]` (as root; the `ferry` binary next to
+//! this one, or `FERRY_BIN`). Everything runs in a lab namespace, removed at the end.
+
+use anyhow::{bail, Context, Result};
+use ferry_lab::{guest, in_netns, Lab, API_PORT};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn arg(name: &str, default: usize) -> usize {
+    let a: Vec<String> = std::env::args().collect();
+    a.iter()
+        .position(|x| x == name)
+        .and_then(|i| a.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+const BASE: &str = "http://127.0.0.1:8470";
+
+fn spec(name: &str, g: &ferry_lab::Guest) -> Value {
+    json!({
+        "name": name, "cpus": 1, "memory_mib": 256,
+        "direct_boot": {"kernel": g.kernel, "initrd": g.initrd, "cmdline": "console=ttyS0 quiet"}
+    })
+}
+
+/// Bare QEMU: same guest, same accelerator; time from spawn to the ready marker.
+fn bare_qemu(g: &ferry_lab::Guest) -> Result<f64> {
+    let t = Instant::now();
+    let mut child = Command::new("qemu-system-x86_64")
+        .args([
+            "-machine",
+            "pc",
+            "-accel",
+            "tcg,thread=single",
+            "-smp",
+            "1",
+            "-m",
+            "256M",
+        ])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+        ])
+        .arg("-kernel")
+        .arg(&g.kernel)
+        .arg("-initrd")
+        .arg(&g.initrd)
+        .args(["-append", "console=ttyS0 quiet"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("spawn qemu")?;
+    let out = child.stdout.take().context("stdout")?;
+    let mut found = None;
+    for line in BufReader::new(out).lines() {
+        let line = line.unwrap_or_default();
+        if line.contains("FERRY-READY") {
+            found = Some(t.elapsed().as_secs_f64());
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(120) {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    found.context("bare QEMU: no ready marker")
+}
+
+async fn task_wait(c: &reqwest::Client, accepted: &Value) -> Result<()> {
+    let id = accepted["task"].as_str().context("task id")?;
+    loop {
+        let t: Value = c
+            .get(format!("{BASE}/api/v1/tasks/{id}"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        match t["state"].as_str() {
+            Some("running") => tokio::time::sleep(Duration::from_millis(5)).await,
+            Some("succeeded") => return Ok(()),
+            _ => bail!("task failed: {t}"),
+        }
+    }
+}
+
+/// Create + start one VM and wait for the ready marker; then remove it.
+async fn ferry_boot(c: &reqwest::Client, name: &str, g: &ferry_lab::Guest) -> Result<f64> {
+    let t = Instant::now();
+    let r = c
+        .post(format!("{BASE}/api/v1/vms"))
+        .json(&spec(name, g))
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        bail!("create: {}", r.text().await?);
+    }
+    let a: Value = c
+        .post(format!("{BASE}/api/v1/vms/{name}/start"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    task_wait(c, &a).await?;
+    loop {
+        let h = c
+            .get(format!("{BASE}/api/v1/vms/{name}/console/history"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        if h.contains("FERRY-READY") {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(120) {
+            bail!("no ready marker from {name}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let a: Value = c
+        .post(format!("{BASE}/api/v1/vms/{name}/stop"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    task_wait(c, &a).await?;
+    c.delete(format!("{BASE}/api/v1/vms/{name}")).send().await?;
+    Ok(secs)
+}
+
+async fn wait_api(c: &reqwest::Client, t: Instant) -> Result<f64> {
+    while t.elapsed() < Duration::from_secs(30) {
+        if let Ok(r) = c.get(format!("{BASE}/api/v1/host")).send().await {
+            if r.status().is_success() {
+                return Ok(t.elapsed().as_secs_f64());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    bail!("API not ready within 30 s")
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn main() -> Result<()> {
+    let runs = arg("--runs", 10);
+    let nvms = arg("--vms", 1000);
+    let as_json = std::env::args().any(|a| a == "--json");
+    let ferry = std::env::var("FERRY_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::env::current_exe()
+                .expect("exe")
+                .parent()
+                .expect("dir")
+                .join("ferry")
+        });
+    let g = guest()?;
+    let mut lab = Lab::new(&ferry)?;
+    let ns = lab.ns.clone();
+
+    // 1. Daemon start → API ready.
+    let mut starts = vec![];
+    for _ in 0..runs {
+        let t = Instant::now();
+        lab.spawn_daemon()?;
+        starts.push(in_netns(&ns, || {
+            rt().block_on(wait_api(&reqwest::Client::new(), t))
+        })??);
+        lab.stop_daemon(false)?;
+    }
+    lab.start_daemon()?;
+
+    // 2. Boot to ready marker: ferry vs bare QEMU, interleaved.
+    let mut ferry_boots = vec![];
+    let mut qemu_boots = vec![];
+    for i in 0..runs {
+        let name = format!("bench{i}");
+        ferry_boots.push(in_netns(&ns, || {
+            rt().block_on(ferry_boot(&reqwest::Client::new(), &name, &g))
+        })??);
+        qemu_boots.push(bare_qemu(&g)?);
+    }
+
+    // 3. 1,000 VMs defined; list throughput.
+    let (define_rate, list_rate, list_p50_ms) = in_netns(&ns, || {
+        rt().block_on(async {
+            let c = reqwest::Client::new();
+            let t = Instant::now();
+            for i in 0..nvms {
+                let r = c
+                    .post(format!("{BASE}/api/v1/vms"))
+                    .json(&spec(&format!("many{i:04}"), &g))
+                    .send()
+                    .await?;
+                if !r.status().is_success() {
+                    bail!("define: {}", r.text().await?);
+                }
+            }
+            let define_rate = nvms as f64 / t.elapsed().as_secs_f64();
+            let window = Duration::from_secs(5);
+            let t = Instant::now();
+            let workers = (0..4).map(|_| {
+                let c = c.clone();
+                async move {
+                    let mut lat = vec![];
+                    while t.elapsed() < window {
+                        let s = Instant::now();
+                        let v: Vec<Value> = c
+                            .get(format!("{BASE}/api/v1/vms"))
+                            .send()
+                            .await?
+                            .json()
+                            .await?;
+                        if v.len() != nvms {
+                            bail!("listed {} VMs", v.len());
+                        }
+                        lat.push(s.elapsed().as_secs_f64() * 1000.0);
+                    }
+                    Ok::<_, anyhow::Error>(lat)
+                }
+            });
+            let mut all = vec![];
+            for r in futures::future::join_all(workers).await {
+                all.extend(r?);
+            }
+            let rate = all.len() as f64 / t.elapsed().as_secs_f64();
+            Ok((define_rate, rate, median(all)))
+        })
+    })??;
+
+    let qemu_version = String::from_utf8_lossy(
+        &Command::new("qemu-system-x86_64")
+            .arg("--version")
+            .output()?
+            .stdout,
+    )
+    .lines()
+    .next()
+    .unwrap_or("")
+    .to_string();
+    let fb = median(ferry_boots.clone());
+    let qb = median(qemu_boots.clone());
+    let out = json!({
+        "date": String::from_utf8_lossy(&Command::new("date").arg("-u").arg("+%Y-%m-%d").output()?.stdout).trim(),
+        "accel": "tcg", "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "qemu": qemu_version, "runs": runs, "api_port": API_PORT,
+        "daemon_start_ms_median": median(starts) * 1000.0,
+        "boot_to_ready_s_median": {"ferry": fb, "bare_qemu": qb, "ratio": fb / qb},
+        "boot_to_ready_s_all": {"ferry": ferry_boots, "bare_qemu": qemu_boots},
+        "define_vms_per_s": define_rate, "vms_defined": nvms,
+        "list_vms_req_per_s": list_rate, "list_vms_p50_ms": list_p50_ms,
+    });
+    if as_json {
+        println!("{out}");
+        return Ok(());
+    }
+    println!(
+        "ferry core benchmark, {} ({}; {} cores, TCG; median of {runs})",
+        out["date"].as_str().unwrap_or(""),
+        out["qemu"].as_str().unwrap_or(""),
+        out["cpus"]
+    );
+    println!();
+    println!("| measure | ferry | peer | ratio |");
+    println!("|---|---|---|---|");
+    println!(
+        "| daemon start → API ready | {:.0} ms | — | — |",
+        out["daemon_start_ms_median"].as_f64().unwrap_or(0.0)
+    );
+    println!("| VM create + start → ready marker on serial | {fb:.2} s | bare qemu-system-x86_64: {qb:.2} s | {:.2}× |", fb / qb);
+    println!(
+        "| define {nvms} VMs (POST /api/v1/vms, sequential) | {define_rate:.0} VMs/s | — | — |"
+    );
+    println!("| GET /api/v1/vms with {nvms} VMs, 4 clients | {list_rate:.0} req/s (p50 {list_p50_ms:.1} ms) | — | — |");
+    drop(lab);
+    Ok(())
+}
