@@ -8,6 +8,7 @@
 //! Lifecycle operations on one VM are serialised by that VM's operation lock; the
 //! supervisor task of a running VM follows QMP events and notices QEMU's exit.
 
+mod clones;
 mod console;
 mod error;
 mod events;
@@ -16,6 +17,8 @@ mod metrics;
 mod pools;
 mod records;
 mod runtime;
+mod snapshots;
+mod suspend;
 mod tasks;
 mod vms;
 

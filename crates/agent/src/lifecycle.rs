@@ -51,21 +51,37 @@ impl Agent {
     async fn plan(&self, rec: &VmRecord) -> Result<LaunchPlan> {
         let spec = &rec.spec;
         let mut disks = vec![];
-        for d in &spec.disks {
+        let run = self.run_paths(rec.id);
+        for (i, d) in spec.disks.iter().enumerate() {
             let vol = d
                 .volume
                 .as_deref()
                 .ok_or_else(|| AgentError::invalid("disks", "disk without volume"))?;
             let dp = self.dir_pool(&d.pool).await?;
             let info = dp.info(vol).await?;
+            let mut path = dp.volume_path(vol)?;
+            let mut format = if info.format == "qcow2" {
+                "qcow2"
+            } else {
+                "raw"
+            }
+            .to_string();
+            if d.nonpersistent {
+                // Writes go to a fresh overlay in the run dir; the volume is only read.
+                let overlay = run.dir.join(format!("overlay-disk{i}.qcow2"));
+                std::fs::create_dir_all(&run.dir).map_err(|source| AgentError::Io {
+                    what: format!("Create {}", run.dir.display()),
+                    source,
+                })?;
+                let _ = std::fs::remove_file(&overlay);
+                ferry_storage::create_overlay(&overlay, &path, &format).await?;
+                path = overlay;
+                format = "qcow2".into();
+            }
             disks.push(ResolvedDisk {
                 spec: d.clone(),
-                path: dp.volume_path(vol)?,
-                format: if info.format == "qcow2" {
-                    "qcow2".into()
-                } else {
-                    "raw".into()
-                },
+                path,
+                format,
             });
         }
         let mut cdroms = vec![];
@@ -116,6 +132,8 @@ impl Agent {
                 .map(|i| ferry_net::tap_name(rec.id, i))
                 .collect(),
             ovmf,
+            paused: false,
+            incoming: false,
         })
     }
 
@@ -134,27 +152,70 @@ impl Agent {
         self.start_locked(name, &slot).await
     }
 
-    async fn start_locked(&self, name: &str, slot: &Arc<Slot>) -> Result<()> {
+    pub(crate) async fn start_locked(&self, name: &str, slot: &Arc<Slot>) -> Result<()> {
+        self.start_with(name, slot, false).await
+    }
+
+    /// Starts QEMU; `paused` leaves the vCPUs stopped (to load a snapshot first).
+    /// A suspended VM resumes from its state file.
+    pub(crate) async fn start_with(
+        &self,
+        name: &str,
+        slot: &Arc<Slot>,
+        paused: bool,
+    ) -> Result<()> {
         let (rec, _) = self.record(name).await?;
         slot.state().check(VmAction::Start)?;
-        let plan = self.plan(&rec).await?;
+        if rec.template {
+            return Err(AgentError::Conflict(format!(
+                "{name} is a template; templates are not started (clone it)"
+            )));
+        }
+        let mut plan = self.plan(&rec).await?;
+        plan.paused = paused;
+        let resume_from = if slot.state() == VmState::Suspended {
+            rec.suspend_file.clone()
+        } else {
+            None
+        };
+        plan.incoming = resume_from.is_some();
+        let before = slot.state();
         self.set_state(name, slot, VmState::Starting);
-        match self.launch(name, slot, &rec, &plan).await {
+        let launched = match self.launch(name, slot, &rec, &plan).await {
+            Ok(()) => match &resume_from {
+                Some(f) => self.load_suspended(name, slot, f).await,
+                None => Ok(()),
+            },
+            Err(e) => Err(e),
+        };
+        match launched {
             Ok(()) => Ok(()),
             Err(e) => {
+                let pid = slot.with(|rt| {
+                    rt.expect_exit = true;
+                    rt.generation += 1; // the supervisor of this failed run must not act
+                    rt.pid.take()
+                });
+                if let Some(pid) = pid {
+                    let _ = kill_and_wait(pid, &plan.run.qmp).await;
+                }
                 self.remove_taps(rec.id, rec.spec.nics.len()).await;
+                self.remove_overlays(rec.id);
+                let msg = format!("start failed: {}", crate::error_chain(&e).join(": "));
                 slot.with(|rt| {
-                    rt.pid = None;
                     rt.qmp = None;
                     rt.console = None;
-                    rt.last_exit = Some(format!(
-                        "start failed: {}",
-                        crate::error_chain(&e).join(": ")
-                    ));
+                    rt.expect_exit = false;
+                    rt.last_exit = Some(msg.clone());
                 });
-                self.set_state(name, slot, VmState::Stopped);
-                self.save_state(name, VmState::Stopped, slot.with(|rt| rt.last_exit.clone()))
-                    .await;
+                // A suspended VM whose resume failed keeps its state file and stays suspended.
+                let back = if before == VmState::Suspended {
+                    before
+                } else {
+                    VmState::Stopped
+                };
+                self.set_state(name, slot, back);
+                self.save_state(name, back, Some(msg)).await;
                 Err(e)
             }
         }
@@ -194,9 +255,14 @@ impl Agent {
             }
         };
         self.attach_runtime(name, slot, pid, qmp, console);
-        self.set_state(name, slot, VmState::Running);
+        let state = if plan.paused || plan.incoming {
+            VmState::Paused
+        } else {
+            VmState::Running
+        };
+        self.set_state(name, slot, state);
         slot.with(|rt| rt.last_exit = None);
-        self.save_state(name, VmState::Running, None).await;
+        self.save_state(name, state, None).await;
         Ok(())
     }
 
@@ -301,11 +367,26 @@ impl Agent {
             rt.accel = None;
             rt.last_exit = why.clone();
         });
+        let suspended = slot.with(|rt| std::mem::take(&mut rt.suspending));
+        let state = if suspended { VmState::Suspended } else { state };
+        let why = if suspended { None } else { why };
         if let Ok((r, _)) = self.record(name).await {
             self.remove_taps(r.id, r.spec.nics.len()).await;
+            self.remove_overlays(r.id);
         }
         self.set_state(name, slot, state);
         self.save_state(name, state, why).await;
+    }
+
+    /// Throws away the writes of non-persistent disks.
+    pub(crate) fn remove_overlays(&self, id: u32) {
+        if let Ok(rd) = std::fs::read_dir(self.run_paths(id).dir) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with("overlay-") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
     }
 
     async fn wait_gone(&self, slot: &Slot, within: Duration) -> bool {
@@ -326,7 +407,7 @@ impl Agent {
         self.stop_locked(name, &slot).await
     }
 
-    async fn stop_locked(&self, name: &str, slot: &Slot) -> Result<()> {
+    pub(crate) async fn stop_locked(&self, name: &str, slot: &Slot) -> Result<()> {
         let (rec, _) = self.record(name).await?;
         slot.state().check(VmAction::Stop)?;
         let (qmp, pid) = slot.with(|rt| {
@@ -394,7 +475,11 @@ impl Agent {
             .await
     }
 
+    /// Resumes a paused VM, or a suspended one from its state file.
     pub async fn resume_vm(&self, name: &str) -> Result<()> {
+        if self.slot(name).state() == VmState::Suspended {
+            return self.start_vm(name).await;
+        }
         self.pause_resume(name, VmAction::Resume, "cont", VmState::Running)
             .await
     }

@@ -23,6 +23,15 @@ pub(crate) struct VmRecord {
     pub last_state: VmState,
     #[serde(default)]
     pub last_exit: Option<String>,
+    #[serde(default)]
+    pub template: bool,
+    #[serde(default)]
+    pub current_snapshot: Option<String>,
+    #[serde(default)]
+    pub clone_of: Option<ferry_types::CloneOf>,
+    /// While suspended: the file holding RAM and device state.
+    #[serde(default)]
+    pub suspend_file: Option<String>,
 }
 
 impl Agent {
@@ -39,19 +48,28 @@ impl Agent {
 
     /// Writes the record's state fields, keeping whatever else changed meanwhile.
     pub(crate) async fn save_state(&self, name: &str, state: VmState, last_exit: Option<String>) {
-        for _ in 0..5 {
-            let Ok((mut r, rev)) = self.record(name).await else {
-                return;
-            };
-            r.last_state = state;
-            r.last_exit = last_exit.clone();
-            match self.inner.store.cas_json(&vm_key(name), rev, &r).await {
-                Ok(true) => return,
-                Ok(false) => continue,
-                Err(e) => {
-                    tracing::warn!(vm = name, error = %e, "cannot save VM state");
-                    return;
-                }
+        if let Err(e) = self
+            .update_record(name, |r| {
+                r.last_state = state;
+                r.last_exit = last_exit.clone();
+            })
+            .await
+        {
+            tracing::warn!(vm = name, error = %e, "cannot save VM state");
+        }
+    }
+
+    /// Read-modify-write of a VM record with compare-and-swap (retried on races).
+    pub(crate) async fn update_record(
+        &self,
+        name: &str,
+        f: impl Fn(&mut VmRecord),
+    ) -> Result<VmRecord> {
+        loop {
+            let (mut r, rev) = self.record(name).await?;
+            f(&mut r);
+            if self.inner.store.cas_json(&vm_key(name), rev, &r).await? {
+                return Ok(r);
             }
         }
     }

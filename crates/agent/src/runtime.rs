@@ -21,6 +21,8 @@ pub(crate) struct Runtime {
     pub expect_exit: bool,
     /// Set by a guest-initiated SHUTDOWN event.
     pub guest_shutdown: bool,
+    /// Set while suspend-to-disk ends QEMU: its exit means `Suspended`.
+    pub suspending: bool,
     /// Bumped at every start/adoption, so a stale supervisor never touches a new run.
     pub generation: u64,
 }

@@ -17,6 +17,9 @@ impl Agent {
             pid: rt.pid,
             accel: rt.accel.map(|a| a.to_string()),
             last_exit: rt.last_exit.clone().or(r.last_exit),
+            template: r.template,
+            current_snapshot: r.current_snapshot,
+            clone_of: r.clone_of,
             spec: r.spec,
         }
     }
@@ -155,6 +158,11 @@ impl Agent {
         Ok(())
     }
 
+    /// Gives every NIC without a MAC a new one, unique on this host.
+    pub(crate) async fn assign_new_macs(&self, spec: &mut VmSpec) -> Result<()> {
+        self.assign_macs(spec, None).await
+    }
+
     /// Defines a VM. Either everything is created (record and new volumes) or nothing.
     pub async fn create_vm(&self, mut spec: VmSpec) -> Result<Vm> {
         spec.validate()?;
@@ -173,6 +181,10 @@ impl Agent {
             spec: spec.clone(),
             last_state: VmState::Stopped,
             last_exit: None,
+            template: false,
+            current_snapshot: None,
+            clone_of: None,
+            suspend_file: None,
         };
         match self
             .inner
@@ -212,6 +224,11 @@ impl Agent {
         let _op = slot.op.lock().await;
         let (old, rev) = self.record(name).await?;
         slot.state().check(VmAction::Edit)?;
+        if old.template {
+            return Err(AgentError::Conflict(format!(
+                "{name} is a template; templates are immutable (clone it)"
+            )));
+        }
         self.check_host(&spec, Some(name)).await?;
         self.assign_macs(&mut spec, Some(&old.spec)).await?;
         let made = self.create_spec_volumes(old.id, &mut spec).await?;
@@ -235,6 +252,17 @@ impl Agent {
         Ok(self.to_vm(rec))
     }
 
+    /// Marks a stopped VM as a template: immutable, cloned but never started or edited.
+    pub async fn make_template(&self, name: &str) -> Result<Vm> {
+        let slot = self.slot(name);
+        let _op = slot.op.lock().await;
+        self.record(name).await?;
+        slot.state().check(VmAction::Edit)?;
+        let r = self.update_record(name, |r| r.template = true).await?;
+        self.inner.events.emit(Some(name), "vm", "made a template");
+        Ok(self.to_vm(r))
+    }
+
     /// Deletes a VM and (unless kept) its own volumes `vm-{id}-*`.
     pub async fn delete_vm(&self, name: &str, params: DeleteVmParams) -> Result<()> {
         let slot = self.slot(name);
@@ -250,6 +278,27 @@ impl Agent {
         }
         let _op = slot.op.lock().await;
         slot.state().check(VmAction::Delete)?;
+        let linked: Vec<String> = self
+            .records()
+            .await?
+            .into_iter()
+            .filter(|r| {
+                r.clone_of
+                    .as_ref()
+                    .is_some_and(|c| c.linked && c.vm == name)
+            })
+            .map(|r| r.spec.name)
+            .collect();
+        if !linked.is_empty() {
+            return Err(AgentError::Conflict(format!(
+                "{name} has linked clones ({}); delete them or make full clones first",
+                linked.join(", ")
+            )));
+        }
+        if let Some(f) = &rec.suspend_file {
+            let _ = std::fs::remove_file(f);
+        }
+        self.delete_snapshot_records(name).await?;
         if !params.keep_disks {
             let prefix = format!("vm-{}-", rec.id);
             let own: Vec<(String, String)> = rec

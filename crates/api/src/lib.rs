@@ -5,6 +5,7 @@
 
 mod error;
 mod pools;
+mod snapshots;
 mod tasks;
 mod vms;
 mod ws;
@@ -26,6 +27,7 @@ use utoipa_swagger_ui::SwaggerUi;
     info(title = "ferry", description = "KVM virtualization cluster manager: REST API"),
     tags(
         (name = "vms", description = "VM definitions and lifecycle"),
+        (name = "snapshots", description = "Snapshots, templates and clones"),
         (name = "storage", description = "Pools and volumes"),
         (name = "network", description = "Host bridges"),
         (name = "tasks", description = "Long operations"),
@@ -46,6 +48,15 @@ fn api() -> OpenApiRouter<Agent> {
         .routes(routes!(vms::pause_vm))
         .routes(routes!(vms::resume_vm))
         .routes(routes!(vms::console_history))
+        .routes(routes!(
+            snapshots::list_snapshots,
+            snapshots::create_snapshot
+        ))
+        .routes(routes!(snapshots::revert_snapshot))
+        .routes(routes!(snapshots::delete_snapshot))
+        .routes(routes!(snapshots::clone_vm))
+        .routes(routes!(snapshots::make_template))
+        .routes(routes!(snapshots::suspend_vm))
         .routes(routes!(pools::list_pools, pools::create_pool))
         .routes(routes!(pools::get_pool, pools::delete_pool))
         .routes(routes!(pools::list_volumes, pools::create_volume))

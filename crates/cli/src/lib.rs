@@ -151,6 +151,44 @@ pub enum VmCmd {
         #[arg(long)]
         keep_disks: bool,
     },
+    /// Take a snapshot (disk-only, or --with-memory of a running VM).
+    Snapshot {
+        name: String,
+        snapshot: String,
+        #[arg(long)]
+        with_memory: bool,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// The snapshot tree.
+    Snapshots {
+        name: String,
+    },
+    /// Go back to a snapshot.
+    Revert {
+        name: String,
+        snapshot: String,
+    },
+    /// Delete a snapshot (its data merges into what remains).
+    SnapshotDelete {
+        name: String,
+        snapshot: String,
+    },
+    /// Clone a stopped VM or a template (--linked: instant overlay clone of a template).
+    Clone {
+        name: String,
+        new_name: String,
+        #[arg(long)]
+        linked: bool,
+    },
+    /// Make a stopped VM an immutable template.
+    Template {
+        name: String,
+    },
+    /// Save RAM and device state to disk and stop (resume continues the guest).
+    Suspend {
+        name: String,
+    },
     /// Attach to the serial console (Ctrl-] detaches).
     Console {
         name: String,
@@ -424,6 +462,81 @@ async fn vm(c: &Client, g: &Global, cmd: VmCmd) -> Result<()> {
             .await
         }
         VmCmd::Pause { name } => action(c, g, &name, "pause", None).await,
+        VmCmd::Suspend { name } => action(c, g, &name, "suspend", None).await,
+        VmCmd::Snapshot {
+            name,
+            snapshot,
+            with_memory,
+            description,
+        } => {
+            let body =
+                json!({"name": snapshot, "with_memory": with_memory, "description": description});
+            action(c, g, &name, "snapshots", Some(body)).await
+        }
+        VmCmd::Revert { name, snapshot } => {
+            action(c, g, &name, &format!("snapshots/{snapshot}/revert"), None).await
+        }
+        VmCmd::SnapshotDelete { name, snapshot } => {
+            let t: TaskAccepted = c
+                .request(
+                    Method::DELETE,
+                    &format!("/api/v1/vms/{name}/snapshots/{snapshot}"),
+                    None,
+                )
+                .await?;
+            c.wait_task(t, g.json).await?;
+            if !g.json {
+                println!("snapshot {snapshot} of {name} deleted");
+            }
+            Ok(())
+        }
+        VmCmd::Snapshots { name } => {
+            let l: ferry_types::SnapshotList =
+                c.get(&format!("/api/v1/vms/{name}/snapshots")).await?;
+            if g.json {
+                return print_json(&l);
+            }
+            print_tree(&l, None, 0);
+            if l.current.is_none() {
+                println!("(no snapshot yet)");
+            }
+            Ok(())
+        }
+        VmCmd::Clone {
+            name,
+            new_name,
+            linked,
+        } => {
+            let body = json!({"name": new_name, "linked": linked});
+            let t: TaskAccepted = c
+                .request(
+                    Method::POST,
+                    &format!("/api/v1/vms/{name}/clone"),
+                    Some(&body),
+                )
+                .await?;
+            c.wait_task(t, g.json).await?;
+            let v: Vm = c.get(&format!("/api/v1/vms/{new_name}")).await?;
+            if g.json {
+                return print_json(&v);
+            }
+            println!(
+                "{} clone {new_name} of {name} (id {})",
+                if linked { "linked" } else { "full" },
+                v.id
+            );
+            Ok(())
+        }
+        VmCmd::Template { name } => {
+            let v: Vm = c
+                .request(Method::POST, &format!("/api/v1/vms/{name}/template"), None)
+                .await?;
+            if g.json {
+                return print_json(&v);
+            }
+            println!("{name} is now a template");
+            Ok(())
+        }
         VmCmd::Resume { name } => action(c, g, &name, "resume", None).await,
         VmCmd::Delete {
             name,
@@ -453,6 +566,19 @@ async fn vm(c: &Client, g: &Global, cmd: VmCmd) -> Result<()> {
             }
             console::attach(c, &name).await
         }
+    }
+}
+
+fn print_tree(l: &ferry_types::SnapshotList, parent: Option<&str>, depth: usize) {
+    for s in l.snapshots.iter().filter(|s| s.parent.as_deref() == parent) {
+        let here = if l.current.as_deref() == Some(s.name.as_str()) {
+            "  <- current"
+        } else {
+            ""
+        };
+        let mem = if s.with_memory { " (with memory)" } else { "" };
+        println!("{}{}{mem}{here}", "  ".repeat(depth), s.name);
+        print_tree(l, Some(&s.name), depth + 1);
     }
 }
 

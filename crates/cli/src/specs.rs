@@ -75,10 +75,12 @@ pub fn spec_json(name: &str, a: &SpecArgs, base: Option<&VmSpec>) -> Result<Valu
     };
     let mut disks = vec![];
     for d in &a.disks {
-        let mut m = kv(d, &["readonly"])?;
-        if let Some(Value::String(s)) = m.get("readonly") {
-            let b = s == "true" || s == "on" || s == "1";
-            m.insert("readonly".into(), json!(b));
+        let mut m = kv(d, &["readonly", "nonpersistent"])?;
+        for flag in ["readonly", "nonpersistent"] {
+            if let Some(Value::String(s)) = m.get(flag) {
+                let b = s == "true" || s == "on" || s == "1";
+                m.insert(flag.into(), json!(b));
+            }
         }
         disks.push(Value::Object(m));
     }

@@ -2,7 +2,7 @@
 //! `ferry` binary as daemon and CLI inside a lab network namespace, the tiny test guest.
 
 use anyhow::Result;
-use ferry_lab::{guest, pid_runs_qemu_of, Lab};
+use ferry_lab::{pid_runs_qemu_of, Lab};
 use serde_json::Value;
 use std::time::Duration;
 
@@ -15,34 +15,11 @@ fn lab() -> Result<Lab> {
 }
 
 fn create_guest(lab: &Lab, name: &str, ip: &str, extra: &[&str]) -> Result<Value> {
-    let g = guest()?;
-    let append = format!("console=ttyS0 quiet ip={ip}/24 ferry.hostname={name}");
-    let mut args = vec![
-        "vm",
-        "create",
-        name,
-        "--cpus",
-        "1",
-        "--memory",
-        "256M",
-        "--kernel",
-        g.kernel.to_str().unwrap(),
-        "--initrd",
-        g.initrd.to_str().unwrap(),
-        "--append",
-        &append,
-    ];
-    args.extend_from_slice(extra);
-    lab.ferry_ok(&args)?;
-    lab.ferry_json(&["vm", "show", name])
+    lab.create_test_vm(name, ip, extra)
 }
 
 fn state(lab: &Lab, name: &str) -> Result<(String, Option<i64>)> {
-    let v = lab.ferry_json(&["vm", "show", name])?;
-    Ok((
-        v["state"].as_str().unwrap_or("").to_string(),
-        v["pid"].as_i64(),
-    ))
+    lab.vm_state(name)
 }
 
 #[test]
@@ -90,6 +67,58 @@ fn vm_boots_answers_pings_console_and_survives_daemon_crash() -> Result<()> {
         "disks not seen by the guest: {out}"
     );
     assert!(out.contains(&mac), "guest MAC differs from the spec: {out}");
+
+    // The guest's control service (used by later checkers) answers over the network.
+    let up = lab
+        .cmd("curl")
+        .args(["-s", "--max-time", "10", "http://10.77.0.10/cgi-bin/uptime"])
+        .output()?;
+    let up = String::from_utf8_lossy(&up.stdout).trim().to_string();
+    assert!(
+        up.parse::<f64>().is_ok_and(|u| u > 0.0),
+        "control service answered {up:?}"
+    );
+
+    // On a terminal the console is raw and Ctrl-] detaches (script(1) provides the pty).
+    let mut tty = lab
+        .cmd("script")
+        .args([
+            "-qfec",
+            "ferry --server http://127.0.0.1:8470 vm console web1",
+            "/dev/null",
+        ])
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                std::path::Path::new(env!("CARGO_BIN_EXE_ferry"))
+                    .parent()
+                    .unwrap()
+                    .display(),
+                std::env::var("PATH")?
+            ),
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    {
+        use std::io::Write;
+        let mut stdin = tty.stdin.take().unwrap();
+        std::thread::sleep(Duration::from_millis(800));
+        stdin.write_all(b"echo TTY-$((3*3))\r")?;
+        stdin.flush()?;
+        std::thread::sleep(Duration::from_millis(2500));
+        stdin.write_all(b"\x1d")?;
+        stdin.flush()?;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let o = tty.wait_with_output()?;
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "console on a tty failed: {text}");
+    assert!(
+        text.contains("TTY-9") && text.contains("detached"),
+        "tty console: {text}"
+    );
 
     // Pause and resume.
     lab.ferry_ok(&["vm", "pause", "web1"])?;

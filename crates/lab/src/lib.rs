@@ -218,6 +218,59 @@ impl Lab {
         serde_json::from_str(&out).with_context(|| format!("JSON from ferry {args:?}: {out}"))
     }
 
+    /// Defines a VM booting the test guest (1 vCPU, 256 MiB) with `ip` on its first NIC,
+    /// plus `extra` CLI options; returns `ferry vm show`.
+    pub fn create_test_vm(&self, name: &str, ip: &str, extra: &[&str]) -> Result<Value> {
+        let g = guest()?;
+        let append = format!("console=ttyS0 quiet ip={ip}/24 ferry.hostname={name}");
+        let (k, i) = (
+            g.kernel.display().to_string(),
+            g.initrd.display().to_string(),
+        );
+        let mut args = vec![
+            "vm", "create", name, "--cpus", "1", "--memory", "256M", "--kernel", &k, "--initrd", &i,
+        ];
+        args.extend_from_slice(&["--append", &append]);
+        args.extend_from_slice(extra);
+        self.ferry_ok(&args)?;
+        self.ferry_json(&["vm", "show", name])
+    }
+
+    /// (state, pid) of a VM.
+    pub fn vm_state(&self, name: &str) -> Result<(String, Option<i64>)> {
+        let v = self.ferry_json(&["vm", "show", name])?;
+        Ok((
+            v["state"].as_str().unwrap_or("").to_string(),
+            v["pid"].as_i64(),
+        ))
+    }
+
+    /// Runs a shell line in the guest over its console and returns the text between
+    /// two markers (so echoes and prompts are left out).
+    pub fn guest_sh(&self, vm: &str, line: &str) -> Result<String> {
+        let tag = format!(
+            "{}x{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let out = self.console_type(vm, &format!("echo BEGIN-{tag}; {line}; echo END-{tag}\n"))?;
+        // The output line is "BEGIN-tag" alone; the echoed input has "BEGIN-tag;".
+        let start = out
+            .rfind(&format!("BEGIN-{tag}\r"))
+            .or_else(|| out.rfind(&format!("BEGIN-{tag}\n")));
+        let (Some(a), Some(b)) = (start, out.rfind(&format!("END-{tag}"))) else {
+            bail!("no answer from {vm} to {line:?}: {out}");
+        };
+        let body = &out[a..b];
+        Ok(body
+            .split_once('\n')
+            .map(|(_, r)| r)
+            .unwrap_or("")
+            .replace('\r', "")
+            .trim()
+            .to_string())
+    }
+
     /// Types `input` into a VM's console through `ferry vm console` and returns what it printed.
     pub fn console_type(&self, vm: &str, input: &str) -> Result<String> {
         use std::io::Write;

@@ -35,6 +35,10 @@ pub struct LaunchPlan {
     pub taps: Vec<String>,
     /// (code, vars) for UEFI.
     pub ovmf: Option<(PathBuf, PathBuf)>,
+    /// Start with the vCPUs stopped (`-S`).
+    pub paused: bool,
+    /// Wait for incoming migration state (`-incoming defer`).
+    pub incoming: bool,
 }
 
 struct Args(Vec<OsString>);
@@ -130,6 +134,12 @@ pub fn build_argv(p: &LaunchPlan) -> Vec<OsString> {
     a.push("-vga", "std");
     a.push("-display", "none");
     a.push("-vnc", format!("unix:{}", p.run.vnc.display()));
+    if p.paused {
+        a.0.push("-S".into());
+    }
+    if p.incoming {
+        a.push("-incoming", "defer");
+    }
 
     if let (Some((code, vars)), Firmware::Uefi) = (&p.ovmf, s.firmware) {
         a.json(
@@ -313,6 +323,8 @@ mod tests {
             ],
             taps: vec!["tap7i0".into()],
             ovmf: None,
+            paused: false,
+            incoming: false,
             spec,
         }
     }

@@ -222,6 +222,69 @@ impl DirPool {
         self.info(name).await
     }
 
+    /// Internal qcow2 snapshots of a stopped volume: `-c` create, `-a` apply, `-d` delete.
+    pub async fn snapshot(
+        &self,
+        name: &str,
+        op: SnapshotOp,
+        tag: &str,
+    ) -> Result<(), StorageError> {
+        let p = self.existing(name)?;
+        let flag = match op {
+            SnapshotOp::Create => "-c",
+            SnapshotOp::Apply => "-a",
+            SnapshotOp::Delete => "-d",
+        };
+        run(
+            "snapshot",
+            &[
+                "snapshot".as_ref(),
+                flag.as_ref(),
+                tag.as_ref(),
+                p.as_os_str(),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// A new qcow2 volume whose backing file is `base` (another volume of this pool):
+    /// instant, whatever the size. The base must never change afterwards.
+    pub async fn create_linked(&self, base: &str, name: &str) -> Result<Volume, StorageError> {
+        let b = self.existing(base)?;
+        let info = self.info(base).await?;
+        let p = self.volume_path(name)?;
+        if p.exists() {
+            return Err(StorageError::Exists(format!("{}/{name}", self.name)));
+        }
+        let tmp = self.path.join(format!("{PARTIAL}{name}"));
+        create_overlay(&tmp, &b, &info.format).await?;
+        self.publish(&tmp, &p)?;
+        self.info(name).await
+    }
+
+    /// A full, independent copy of volume `base` (backing chain flattened), with progress.
+    pub async fn copy(
+        &self,
+        base: &str,
+        name: &str,
+        progress: impl FnMut(f32) + Send,
+    ) -> Result<Volume, StorageError> {
+        let b = self.existing(base)?;
+        let info = self.info(base).await?;
+        let p = self.volume_path(name)?;
+        if p.exists() {
+            return Err(StorageError::Exists(format!("{}/{name}", self.name)));
+        }
+        let tmp = self.path.join(format!("{PARTIAL}{name}"));
+        if let Err(e) = qemu_img::convert(&b, &info.format, &tmp, &info.format, progress).await {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        self.publish(&tmp, &p)?;
+        self.info(name).await
+    }
+
     /// (capacity, available) of the file system under the pool.
     pub fn capacity(&self) -> Result<(u64, u64), StorageError> {
         let s = nix::sys::statvfs::statvfs(&self.path).map_err(|e| StorageError::PoolDir {
@@ -233,9 +296,71 @@ impl DirPool {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotOp {
+    Create,
+    Apply,
+    Delete,
+}
+
+/// A qcow2 overlay at `path` on `backing` (absolute path) of format `backing_fmt`.
+pub async fn create_overlay(
+    path: &Path,
+    backing: &Path,
+    backing_fmt: &str,
+) -> Result<(), StorageError> {
+    let r = run(
+        "create",
+        &[
+            "create".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-F".as_ref(),
+            backing_fmt.as_ref(),
+            "-b".as_ref(),
+            backing.as_os_str(),
+            path.as_os_str(),
+        ],
+    )
+    .await;
+    if r.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    r.map(|_| ())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn linked_and_full_copies_and_offline_snapshots() {
+        let (_d, p) = pool();
+        p.create("base", "64M".parse().unwrap(), DiskFormat::Qcow2)
+            .await
+            .unwrap();
+        let l = p.create_linked("base", "linked").await.unwrap();
+        assert_eq!((l.format.as_str(), l.virtual_bytes), ("qcow2", 64 << 20));
+        let b = qemu_img::info(&p.volume_path("linked").unwrap())
+            .await
+            .unwrap();
+        assert!(b.backing_filename.unwrap().ends_with("/base"));
+        let mut last = 0.0;
+        p.copy("linked", "full", |f| last = f).await.unwrap();
+        let f = qemu_img::info(&p.volume_path("full").unwrap())
+            .await
+            .unwrap();
+        assert!(
+            f.backing_filename.is_none(),
+            "full copy still has a backing file"
+        );
+        assert!(last > 0.99);
+        p.snapshot("full", SnapshotOp::Create, "s1").await.unwrap();
+        p.snapshot("full", SnapshotOp::Apply, "s1").await.unwrap();
+        p.snapshot("full", SnapshotOp::Delete, "s1").await.unwrap();
+        assert!(p.snapshot("full", SnapshotOp::Apply, "s1").await.is_err());
+    }
 
     fn pool() -> (tempfile::TempDir, DirPool) {
         let d = tempfile::tempdir().unwrap();

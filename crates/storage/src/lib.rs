@@ -5,7 +5,7 @@
 mod dir;
 mod qemu_img;
 
-pub use dir::DirPool;
+pub use dir::{create_overlay, DirPool, SnapshotOp};
 pub use qemu_img::ImageInfo;
 
 use ferry_types::ValidationErrors;

@@ -12,6 +12,8 @@
 //!     |                                        v                            |
 //!     +---- QEMU died unexpectedly ------   Stopped   <---------------------+
 //! ```
+//! Running/Paused --suspend (state saved to a file)--> Suspended --start/resume--> Running
+//!
 //! `Crashed` is `Stopped` with the knowledge that QEMU ended without being asked to
 //! (killed, died, guest panic); it may be started again.
 
@@ -29,6 +31,8 @@ pub enum VmState {
     Paused,
     ShuttingDown,
     Crashed,
+    /// RAM and device state saved to a file in a pool, QEMU ended ("hibernate").
+    Suspended,
 }
 
 /// What a user (or the agent) asks of a VM.
@@ -45,6 +49,10 @@ pub enum VmAction {
     Resume,
     Delete,
     Edit,
+    /// Save RAM and device state to a file and end QEMU.
+    Suspend,
+    Snapshot,
+    Clone,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -69,11 +77,14 @@ impl VmState {
         use VmAction as A;
         use VmState as S;
         let ok = match action {
-            A::Start | A::Edit | A::Delete => matches!(self, S::Stopped | S::Crashed),
-            A::Shutdown | A::Reboot => matches!(self, S::Running | S::Paused),
+            A::Start => matches!(self, S::Stopped | S::Crashed | S::Suspended),
+            A::Edit | A::Clone => matches!(self, S::Stopped | S::Crashed),
+            A::Delete => matches!(self, S::Stopped | S::Crashed | S::Suspended),
+            A::Shutdown | A::Reboot | A::Suspend => matches!(self, S::Running | S::Paused),
             A::Stop => self.has_process(),
             A::Pause => self == S::Running,
-            A::Resume => self == S::Paused,
+            A::Resume => matches!(self, S::Paused | S::Suspended),
+            A::Snapshot => matches!(self, S::Stopped | S::Crashed | S::Running | S::Paused),
         };
         if ok {
             Ok(())
@@ -95,6 +106,7 @@ impl fmt::Display for VmState {
             VmState::Paused => "paused",
             VmState::ShuttingDown => "shutting down",
             VmState::Crashed => "crashed",
+            VmState::Suspended => "suspended",
         };
         f.write_str(s)
     }

@@ -88,6 +88,14 @@ pub struct DiskSpec {
     pub cache: CacheMode,
     #[serde(default)]
     pub readonly: bool,
+    /// Kiosk mode: every start begins from the same content; writes go to a throw-away
+    /// overlay discarded at power-off and at start. The volume itself never changes.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub nonpersistent: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
@@ -204,6 +212,64 @@ pub struct Vm {
     /// Why the VM last stopped or crashed, if known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_exit: Option<String>,
+    /// Templates are immutable: they are cloned, never started or edited.
+    #[serde(default)]
+    pub template: bool,
+    /// The snapshot the VM's current state descends from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_snapshot: Option<String>,
+    /// The VM this one was cloned from, and whether its disks are linked to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_of: Option<CloneOf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CloneOf {
+    pub vm: String,
+    pub linked: bool,
+}
+
+/// `POST /api/v1/vms/{name}/clone`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloneRequest {
+    /// Name of the new VM.
+    pub name: String,
+    /// A linked clone's disks are qcow2 overlays on the template's (instant, needs a
+    /// template); a full clone copies them.
+    #[serde(default)]
+    pub linked: bool,
+}
+
+/// A snapshot of a VM: its disks, and with `with_memory` also its RAM and device state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Snapshot {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    pub with_memory: bool,
+    pub created_ms: u64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreate {
+    pub name: String,
+    /// Also save RAM and device state (the VM must be running or paused).
+    #[serde(default)]
+    pub with_memory: bool,
+    #[serde(default)]
+    pub description: String,
+}
+
+/// All snapshots of a VM (parents before children) and where the VM stands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotList {
+    pub snapshots: Vec<Snapshot>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current: Option<String>,
 }
 
 /// Query flags for `DELETE /api/v1/vms/{name}`.

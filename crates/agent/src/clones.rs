@@ -1,0 +1,124 @@
+//! Templates and clones (seed 000: "copy or clone a VM and have an identical environment
+//! in a short time"). A linked clone's disks are qcow2 overlays on the template's
+//! volumes: instant whatever their size, which is why the base must never change (only
+//! templates, which are immutable, can be cloned linked). A full clone copies every disk
+//! (with progress) and is independent. Clones get a new id, name and MACs.
+
+use crate::error::{AgentError, Result};
+use crate::records::{vm_key, VmRecord};
+use crate::tasks::TaskCtx;
+use crate::Agent;
+use ferry_store::StoreJson;
+use ferry_types::validate::check_name;
+use ferry_types::{CloneOf, CloneRequest, ValidationErrors, VmAction, VmState};
+
+impl Agent {
+    /// Checks a clone request before any work (for an immediate 4xx).
+    pub async fn check_clone(&self, src: &str, req: &CloneRequest) -> Result<()> {
+        let mut e = ValidationErrors::default();
+        check_name(&mut e, "name", &req.name);
+        e.into_result()?;
+        let (rec, _) = self.record(src).await?;
+        if self.inner.store.get(&vm_key(&req.name)).await?.is_some() {
+            return Err(AgentError::Conflict(format!(
+                "VM {} already exists",
+                req.name
+            )));
+        }
+        if !rec.template {
+            self.slot(src).state().check(VmAction::Clone)?;
+        }
+        if req.linked && !rec.template {
+            return Err(AgentError::Conflict(format!(
+                "linked clones need a template, so their base never changes: run `ferry vm template {src}` first"
+            )));
+        }
+        Ok(())
+    }
+
+    pub async fn clone_vm(
+        &self,
+        src: &str,
+        req: CloneRequest,
+        ctx: Option<&TaskCtx>,
+    ) -> Result<()> {
+        self.check_clone(src, &req).await?;
+        let slot = self.slot(src);
+        let _op = slot.op.lock().await;
+        let (rec, _) = self.record(src).await?;
+        let id = self.allocate_id().await?;
+        let mut spec = rec.spec.clone();
+        spec.name = req.name.clone();
+        for n in &mut spec.nics {
+            n.mac = None;
+        }
+        self.assign_new_macs(&mut spec).await?;
+        let mut made: Vec<(String, String)> = vec![];
+        let total = spec.disks.len().max(1) as f32;
+        for i in 0..spec.disks.len() {
+            let d = spec.disks[i].clone();
+            let base = d.volume.clone().unwrap_or_default();
+            let new = format!("vm-{id}-disk-{i}");
+            let dp = self.dir_pool(&d.pool).await?;
+            let r = if req.linked {
+                dp.create_linked(&base, &new).await
+            } else {
+                let c = ctx.cloned();
+                dp.copy(&base, &new, move |p| {
+                    if let Some(c) = &c {
+                        c.progress((i as f32 + p) / total);
+                    }
+                })
+                .await
+            };
+            match r {
+                Ok(_) => {
+                    if let Some(c) = ctx {
+                        c.log(format!("disk{i}: {}/{base} -> {}/{new}", d.pool, d.pool));
+                    }
+                    made.push((d.pool.clone(), new.clone()));
+                    spec.disks[i].volume = Some(new);
+                    spec.disks[i].size = None;
+                }
+                Err(e) => {
+                    self.remove_volumes(&made).await;
+                    return Err(e.into());
+                }
+            }
+        }
+        let rec = VmRecord {
+            id,
+            spec,
+            last_state: VmState::Stopped,
+            last_exit: None,
+            template: false,
+            current_snapshot: None,
+            clone_of: Some(CloneOf {
+                vm: src.to_string(),
+                linked: req.linked,
+            }),
+            suspend_file: None,
+        };
+        match self.inner.store.create_json(&vm_key(&req.name), &rec).await {
+            Ok(true) => {}
+            Ok(false) => {
+                self.remove_volumes(&made).await;
+                return Err(AgentError::Conflict(format!(
+                    "VM {} already exists",
+                    req.name
+                )));
+            }
+            Err(e) => {
+                self.remove_volumes(&made).await;
+                return Err(e.into());
+            }
+        }
+        let kind = if req.linked { "linked" } else { "full" };
+        self.inner.events.emit(
+            Some(&req.name),
+            "vm",
+            format!("{kind} clone of {src} (id {id})"),
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,323 @@
+//! Snapshots: QEMU's internal qcow2 snapshots. With memory, the `snapshot-save` /
+//! `snapshot-load` / `snapshot-delete` jobs store RAM and device state inside the first
+//! disk and snapshot every disk under the same tag, atomically for the VM; disk-only
+//! snapshots of a running VM are one `transaction` of `blockdev-snapshot-internal-sync`,
+//! of a stopped VM `qemu-img snapshot`. Why internal: a snapshot is then part of the
+//! volume itself (no overlay chains to track, merge or lose), deleting one needs no data
+//! copy (qcow2 refcounts "merge" it), any snapshot of the tree can be reverted to, and it
+//! works for disks on different pools. The tree (parents, current position) lives in
+//! the store. Raw disks cannot hold internal snapshots and are refused with that reason.
+
+use crate::error::{AgentError, Result};
+use crate::tasks::TaskCtx;
+use crate::Agent;
+use ferry_qmp::Qmp;
+use ferry_storage::SnapshotOp;
+use ferry_store::{Op, StoreJson, Txn};
+use ferry_types::validate::check_name;
+use ferry_types::{Snapshot, SnapshotCreate, SnapshotList, ValidationErrors, VmAction, VmState};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+fn snap_prefix(vm: &str) -> String {
+    format!("/snapshots/{vm}/")
+}
+
+/// Runs a QMP job to its end, reporting progress; fails with QEMU's reason.
+pub(crate) async fn run_job(
+    qmp: &Qmp,
+    cmd: &str,
+    mut args: Value,
+    ctx: Option<&TaskCtx>,
+) -> Result<()> {
+    let id = format!("ferry-{:08x}", rand::random::<u32>());
+    args["job-id"] = json!(id);
+    qmp.execute(cmd, Some(args)).await?;
+    loop {
+        let jobs = qmp.execute("query-jobs", None).await?;
+        let job = jobs
+            .as_array()
+            .and_then(|a| a.iter().find(|j| j["id"] == json!(id)))
+            .cloned();
+        let Some(job) = job else {
+            return Err(AgentError::Conflict(format!("QEMU job {cmd} vanished")));
+        };
+        if let (Some(c), Some(t)) = (
+            job["current-progress"].as_f64(),
+            job["total-progress"].as_f64(),
+        ) {
+            if let (Some(ctx), true) = (ctx, t > 0.0) {
+                ctx.progress((c / t) as f32);
+            }
+        }
+        if job["status"] == "concluded" {
+            let _ = qmp.execute("job-dismiss", Some(json!({"id": id}))).await;
+            if let Some(e) = job.get("error").and_then(|e| e.as_str()) {
+                return Err(AgentError::Conflict(format!("QEMU refused {cmd}: {e}")));
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+impl Agent {
+    pub async fn list_snapshots(&self, vm: &str) -> Result<SnapshotList> {
+        let (rec, _) = self.record(vm).await?;
+        let mut snapshots: Vec<Snapshot> = self.inner.store.list_json(&snap_prefix(vm)).await?;
+        snapshots.sort_by_key(|s| s.created_ms);
+        Ok(SnapshotList {
+            snapshots,
+            current: rec.current_snapshot,
+        })
+    }
+
+    async fn snapshot(&self, vm: &str, snap: &str) -> Result<Snapshot> {
+        match self
+            .inner
+            .store
+            .get_json::<Snapshot>(&format!("{}{snap}", snap_prefix(vm)))
+            .await?
+        {
+            Some((s, _)) => Ok(s),
+            None => Err(AgentError::NotFound(format!("Snapshot {snap} of {vm}"))),
+        }
+    }
+
+    /// The disks a snapshot covers, as (pool, volume); refuses VMs it cannot snapshot.
+    async fn snapshot_disks(&self, vm: &str) -> Result<Vec<(String, String)>> {
+        let (rec, _) = self.record(vm).await?;
+        if rec.template {
+            return Err(AgentError::Conflict(format!(
+                "{vm} is a template; templates are immutable"
+            )));
+        }
+        if rec.spec.disks.is_empty() {
+            return Err(AgentError::Conflict(format!(
+                "{vm} has no disk: snapshots live in its qcow2 disks"
+            )));
+        }
+        let mut out = vec![];
+        for (i, d) in rec.spec.disks.iter().enumerate() {
+            let vol = d.volume.clone().unwrap_or_default();
+            if d.nonpersistent {
+                return Err(AgentError::Conflict(format!(
+                    "disk{i} is non-persistent: its content is thrown away at power-off, so {vm} cannot be snapshotted"
+                )));
+            }
+            let info = self.dir_pool(&d.pool).await?.info(&vol).await?;
+            if info.format != "qcow2" {
+                return Err(AgentError::Conflict(format!(
+                    "disk{i} ({}/{vol}) is {}; snapshots need qcow2 disks",
+                    d.pool, info.format
+                )));
+            }
+            out.push((d.pool.clone(), vol));
+        }
+        Ok(out)
+    }
+
+    async fn offline_snapshot(
+        &self,
+        disks: &[(String, String)],
+        op: SnapshotOp,
+        tag: &str,
+    ) -> Result<()> {
+        for (pool, vol) in disks {
+            self.dir_pool(pool).await?.snapshot(vol, op, tag).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn create_snapshot(
+        &self,
+        vm: &str,
+        req: SnapshotCreate,
+        ctx: Option<&TaskCtx>,
+    ) -> Result<Snapshot> {
+        let mut e = ValidationErrors::default();
+        check_name(&mut e, "name", &req.name);
+        e.into_result()?;
+        let slot = self.slot(vm);
+        let _op = slot.op.lock().await;
+        let (rec, _) = self.record(vm).await?;
+        slot.state().check(VmAction::Snapshot)?;
+        let key = format!("{}{}", snap_prefix(vm), req.name);
+        if self.inner.store.get(&key).await?.is_some() {
+            return Err(AgentError::Conflict(format!(
+                "{vm} already has a snapshot {}",
+                req.name
+            )));
+        }
+        let disks = self.snapshot_disks(vm).await?;
+        let devices: Vec<String> = (0..disks.len()).map(|i| format!("disk{i}")).collect();
+        if slot.state().has_process() {
+            let qmp = self.qmp(vm)?;
+            if req.with_memory {
+                run_job(
+                    &qmp,
+                    "snapshot-save",
+                    json!({"tag": req.name, "vmstate": "disk0", "devices": devices}),
+                    ctx,
+                )
+                .await?;
+                // The job stops the vCPUs while it saves; make sure they run again.
+                if slot.state() == VmState::Running {
+                    let st = qmp.execute("query-status", None).await?;
+                    if st["status"] != "running" {
+                        qmp.execute("cont", None).await?;
+                    }
+                }
+            } else {
+                let actions: Vec<Value> = devices
+                    .iter()
+                    .map(|d| json!({"type": "blockdev-snapshot-internal-sync", "data": {"device": d, "name": req.name}}))
+                    .collect();
+                qmp.execute("transaction", Some(json!({"actions": actions})))
+                    .await?;
+            }
+        } else {
+            if req.with_memory {
+                return Err(AgentError::Conflict(format!(
+                    "{vm} is not running: there is no memory to save (take a disk-only snapshot)"
+                )));
+            }
+            let mut done: Vec<(String, String)> = vec![];
+            for d in &disks {
+                if let Err(err) = self
+                    .offline_snapshot(std::slice::from_ref(d), SnapshotOp::Create, &req.name)
+                    .await
+                {
+                    let _ = self
+                        .offline_snapshot(&done, SnapshotOp::Delete, &req.name)
+                        .await;
+                    return Err(err);
+                }
+                done.push(d.clone());
+            }
+        }
+        let snap = Snapshot {
+            name: req.name.clone(),
+            parent: rec.current_snapshot.clone(),
+            with_memory: req.with_memory,
+            created_ms: crate::events::now_ms(),
+            description: req.description,
+        };
+        self.inner.store.put_json(&key, &snap).await?;
+        self.update_record(vm, |r| r.current_snapshot = Some(req.name.clone()))
+            .await?;
+        let kind = if req.with_memory {
+            "with memory"
+        } else {
+            "disk-only"
+        };
+        self.inner.events.emit(
+            Some(vm),
+            "snapshot",
+            format!("snapshot {} taken ({kind})", req.name),
+        );
+        Ok(snap)
+    }
+
+    /// Returns the VM to a snapshot: with memory it runs on exactly where it was;
+    /// disk-only leaves it stopped with the disks as they were.
+    pub async fn revert_snapshot(&self, vm: &str, name: &str, ctx: Option<&TaskCtx>) -> Result<()> {
+        let slot = self.slot(vm);
+        let _op = slot.op.lock().await;
+        let snap = self.snapshot(vm, name).await?;
+        let disks = self.snapshot_disks(vm).await?;
+        let devices: Vec<String> = (0..disks.len()).map(|i| format!("disk{i}")).collect();
+        if snap.with_memory {
+            if !slot.state().has_process() {
+                self.start_with(vm, &slot, true).await?;
+            }
+            let qmp = self.qmp(vm)?;
+            run_job(
+                &qmp,
+                "snapshot-load",
+                json!({"tag": name, "vmstate": "disk0", "devices": devices}),
+                ctx,
+            )
+            .await?;
+            let st = qmp.execute("query-status", None).await?;
+            if st["status"] != "running" {
+                qmp.execute("cont", None).await?;
+            }
+            self.set_running(vm, &slot).await;
+        } else {
+            if slot.state().has_process() {
+                self.stop_locked(vm, &slot).await?;
+            }
+            self.offline_snapshot(&disks, SnapshotOp::Apply, name)
+                .await?;
+        }
+        self.update_record(vm, |r| r.current_snapshot = Some(name.to_string()))
+            .await?;
+        self.inner
+            .events
+            .emit(Some(vm), "snapshot", format!("reverted to {name}"));
+        Ok(())
+    }
+
+    pub async fn delete_snapshot(&self, vm: &str, name: &str, ctx: Option<&TaskCtx>) -> Result<()> {
+        let slot = self.slot(vm);
+        let _op = slot.op.lock().await;
+        let snap = self.snapshot(vm, name).await?;
+        let disks = self.snapshot_disks(vm).await?;
+        if slot.state().has_process() {
+            let devices: Vec<String> = (0..disks.len()).map(|i| format!("disk{i}")).collect();
+            run_job(
+                &self.qmp(vm)?,
+                "snapshot-delete",
+                json!({"tag": name, "devices": devices}),
+                ctx,
+            )
+            .await?;
+        } else {
+            self.offline_snapshot(&disks, SnapshotOp::Delete, name)
+                .await?;
+        }
+        // Children hang on the deleted snapshot's parent; one transaction for the tree.
+        let mut ops = vec![Op::Delete(format!("{}{name}", snap_prefix(vm)))];
+        for mut child in self.list_snapshots(vm).await?.snapshots {
+            if child.parent.as_deref() == Some(name) {
+                child.parent = snap.parent.clone();
+                ops.push(Op::Put {
+                    key: format!("{}{}", snap_prefix(vm), child.name),
+                    value: serde_json::to_vec(&child).expect("serialises"),
+                    lease: None,
+                });
+            }
+        }
+        self.inner
+            .store
+            .txn(Txn {
+                compare: vec![],
+                success: ops,
+                failure: vec![],
+            })
+            .await?;
+        self.update_record(vm, |r| {
+            if r.current_snapshot.as_deref() == Some(name) {
+                r.current_snapshot = snap.parent.clone();
+            }
+        })
+        .await?;
+        self.inner
+            .events
+            .emit(Some(vm), "snapshot", format!("snapshot {name} deleted"));
+        Ok(())
+    }
+
+    pub(crate) async fn delete_snapshot_records(&self, vm: &str) -> Result<()> {
+        self.inner
+            .store
+            .txn(Txn {
+                compare: vec![],
+                success: vec![Op::DeletePrefix(snap_prefix(vm))],
+                failure: vec![],
+            })
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,265 @@
+//! Snapshots with memory, templates and clones, non-persistent disks, suspend/resume —
+//! end to end on real QEMU with the test guest.
+
+use anyhow::Result;
+use ferry_lab::Lab;
+use std::time::{Duration, Instant};
+
+const BOOT: Duration = Duration::from_secs(90);
+
+fn lab() -> Result<Lab> {
+    let mut lab = Lab::new(env!("CARGO_BIN_EXE_ferry"))?;
+    lab.start_daemon()?;
+    Ok(lab)
+}
+
+fn uptime(lab: &Lab, vm: &str) -> Result<f64> {
+    let s = lab.guest_sh(vm, "cut -d' ' -f1 /proc/uptime")?;
+    Ok(s.trim().parse()?)
+}
+
+fn boot(lab: &Lab, vm: &str) -> Result<()> {
+    lab.ferry_ok(&["vm", "start", vm])?;
+    lab.wait_console(vm, "FERRY-READY", BOOT)?;
+    Ok(())
+}
+
+#[test]
+fn snapshot_with_memory_reverts_processes_and_ram() -> Result<()> {
+    let lab = lab()?;
+    lab.create_test_vm(
+        "s1",
+        "10.77.0.20",
+        &[
+            "--disk",
+            "bus=virtio,size=64M",
+            "--disk",
+            "bus=scsi,size=32M",
+        ],
+    )?;
+    boot(&lab, "s1")?;
+    // A guest process counts in RAM (tmpfs) five times a second.
+    lab.guest_sh("s1", "echo before > /tmp/marker; (i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done) & :")?;
+    std::thread::sleep(Duration::from_secs(1));
+    lab.ferry_ok(&["vm", "snapshot", "s1", "snap1", "--with-memory"])?;
+    assert_eq!(
+        lab.vm_state("s1")?.0,
+        "running",
+        "VM not running after a memory snapshot"
+    );
+    let at_snap: u64 = lab.guest_sh("s1", "cat /tmp/count")?.parse()?;
+    lab.guest_sh("s1", "echo after > /tmp/marker")?;
+    std::thread::sleep(Duration::from_secs(3));
+    let before_revert: u64 = lab.guest_sh("s1", "cat /tmp/count")?.parse()?;
+    lab.ferry_ok(&["vm", "revert", "s1", "snap1"])?;
+    assert_eq!(lab.vm_state("s1")?.0, "running");
+    // The tmpfs marker is back, and the counting process runs on from where it was.
+    assert_eq!(lab.guest_sh("s1", "cat /tmp/marker")?, "before");
+    let after: u64 = lab.guest_sh("s1", "cat /tmp/count")?.parse()?;
+    assert!(
+        after < before_revert,
+        "counter {after} not rewound (was {before_revert}, {at_snap} at the snapshot)"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let later: u64 = lab.guest_sh("s1", "cat /tmp/count")?.parse()?;
+    assert!(
+        later > after,
+        "the guest's process does not run after the revert"
+    );
+
+    // A disk-only snapshot while running becomes a child of snap1.
+    lab.ferry_ok(&["vm", "snapshot", "s1", "snap2"])?;
+    let l = lab.ferry_json(&["vm", "snapshots", "s1"])?;
+    assert_eq!(l["current"], "snap2");
+    let s2 = l["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "snap2")
+        .unwrap()
+        .clone();
+    assert_eq!(s2["parent"], "snap1");
+    // Deleting snap1 re-parents snap2.
+    lab.ferry_ok(&["vm", "snapshot-delete", "s1", "snap1"])?;
+    let l = lab.ferry_json(&["vm", "snapshots", "s1"])?;
+    assert_eq!(l["snapshots"].as_array().unwrap().len(), 1);
+    assert!(l["snapshots"][0].get("parent").is_none(), "{l}");
+
+    // Offline: disk snapshot of the stopped VM, then revert to it.
+    lab.ferry_ok(&["vm", "kill", "s1"])?;
+    let o = lab.ferry(&["vm", "snapshot", "s1", "m", "--with-memory"])?;
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no memory to save"),
+        "{o:?}"
+    );
+    lab.ferry_ok(&["vm", "snapshot", "s1", "offline"])?;
+    lab.ferry_ok(&["vm", "revert", "s1", "offline"])?;
+    assert_eq!(
+        lab.ferry_json(&["vm", "snapshots", "s1"])?["current"],
+        "offline"
+    );
+
+    // Raw disks cannot hold snapshots: refused with the reason, nothing recorded.
+    lab.ferry_ok(&[
+        "vm",
+        "create",
+        "raw1",
+        "--memory",
+        "64M",
+        "--disk",
+        "bus=virtio,size=8M,format=raw",
+    ])?;
+    let o = lab.ferry(&["vm", "snapshot", "raw1", "x"])?;
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("need qcow2"),
+        "{o:?}"
+    );
+    assert_eq!(
+        lab.ferry_json(&["vm", "snapshots", "raw1"])?["snapshots"],
+        serde_json::json!([])
+    );
+    Ok(())
+}
+
+#[test]
+fn templates_linked_and_full_clones_and_nonpersistent_disks() -> Result<()> {
+    let lab = lab()?;
+    let base = lab.create_test_vm(
+        "tmpl",
+        "10.77.0.30",
+        &["--disk", "bus=virtio,size=256M", "--nic", "bridge=br0"],
+    )?;
+    lab.ferry_ok(&["vm", "template", "tmpl"])?;
+    let o = lab.ferry(&["vm", "start", "tmpl"])?;
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("template"),
+        "template started: {o:?}"
+    );
+    let o = lab.ferry(&["vm", "edit", "tmpl", "--cpus", "2"])?;
+    assert!(!o.status.success(), "template edited");
+
+    let t = Instant::now();
+    lab.ferry_ok(&["vm", "clone", "tmpl", "c1", "--linked"])?;
+    let linked_secs = t.elapsed().as_secs_f64();
+    assert!(linked_secs < 5.0, "linked clone took {linked_secs} s");
+    lab.ferry_ok(&["vm", "clone", "tmpl", "c2"])?;
+    let c1 = lab.ferry_json(&["vm", "show", "c1"])?;
+    assert_eq!(c1["clone_of"]["linked"], true);
+    assert_ne!(
+        c1["spec"]["nics"][0]["mac"], base["spec"]["nics"][0]["mac"],
+        "clone kept the MAC"
+    );
+    assert_ne!(c1["id"], base["id"]);
+
+    // Linked clones keep the template alive.
+    let o = lab.ferry(&["vm", "delete", "tmpl"])?;
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("linked clones"),
+        "{o:?}"
+    );
+    // A linked clone needs a template.
+    let o = lab.ferry(&["vm", "clone", "c2", "c3", "--linked"])?;
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("need a template"),
+        "{o:?}"
+    );
+
+    // The linked clone boots from the template's disk content and writes its own.
+    boot(&lab, "c1")?;
+    lab.guest_sh(
+        "c1",
+        "echo CLONE-DATA | dd of=/dev/vda bs=512 count=1 conv=fsync 2>/dev/null",
+    )?;
+    lab.ferry_ok(&["vm", "kill", "c1"])?;
+    let tdisk = base["spec"]["disks"][0]["volume"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let tpath = lab.state_dir().join("pools/local").join(&tdisk);
+    let head = std::fs::read(&tpath)?;
+    assert!(
+        !String::from_utf8_lossy(&head).contains("CLONE-DATA"),
+        "template disk changed by its clone"
+    );
+
+    // Full clone is independent: the template can go once the linked clone is gone.
+    lab.ferry_ok(&["vm", "delete", "c1"])?;
+    lab.ferry_ok(&["vm", "delete", "tmpl"])?;
+    boot(&lab, "c2")?;
+    lab.ferry_ok(&["vm", "kill", "c2"])?;
+
+    // Non-persistent disk: writes vanish at power-off, the volume never changes.
+    let k = lab.create_test_vm(
+        "kiosk",
+        "10.77.0.31",
+        &["--disk", "bus=virtio,size=16M,nonpersistent"],
+    )?;
+    let vol = lab
+        .state_dir()
+        .join("pools/local")
+        .join(k["spec"]["disks"][0]["volume"].as_str().unwrap());
+    let before = std::fs::read(&vol)?;
+    boot(&lab, "kiosk")?;
+    lab.guest_sh(
+        "kiosk",
+        "echo KIOSK-FILE | dd of=/dev/vda bs=512 count=1 conv=fsync 2>/dev/null",
+    )?;
+    assert!(lab
+        .guest_sh(
+            "kiosk",
+            "dd if=/dev/vda bs=512 count=1 2>/dev/null | head -c 10"
+        )?
+        .contains("KIOSK-FILE"));
+    lab.ferry_ok(&["vm", "stop", "kiosk"])?;
+    assert_eq!(
+        std::fs::read(&vol)?,
+        before,
+        "the non-persistent disk's volume changed"
+    );
+    boot(&lab, "kiosk")?;
+    let again = lab.guest_sh(
+        "kiosk",
+        "dd if=/dev/vda bs=512 count=1 2>/dev/null | head -c 10 | od -c | head -1",
+    )?;
+    assert!(
+        !again.contains("K   I   O   S   K"),
+        "write survived a power cycle: {again}"
+    );
+    lab.ferry_ok(&["vm", "kill", "kiosk"])?;
+    Ok(())
+}
+
+#[test]
+fn suspend_to_disk_and_resume_continues_the_guest() -> Result<()> {
+    let mut lab = lab()?;
+    lab.create_test_vm(
+        "hib",
+        "10.77.0.40",
+        &["--disk", "bus=virtio,size=64M", "--nic", "bridge=br0"],
+    )?;
+    boot(&lab, "hib")?;
+    lab.guest_sh("hib", "echo still-here > /tmp/marker")?;
+    let u1 = uptime(&lab, "hib")?;
+    lab.ferry_ok(&["vm", "suspend", "hib"])?;
+    let (st, pid) = lab.vm_state("hib")?;
+    assert_eq!((st.as_str(), pid), ("suspended", None));
+    assert!(lab.qemu_pids().is_empty(), "QEMU still runs after suspend");
+    // A daemon restart keeps the suspended state.
+    lab.stop_daemon(false)?;
+    lab.start_daemon()?;
+    assert_eq!(lab.vm_state("hib")?.0, "suspended");
+    std::thread::sleep(Duration::from_secs(2));
+    lab.ferry_ok(&["vm", "resume", "hib"])?;
+    assert_eq!(lab.vm_state("hib")?.0, "running");
+    assert_eq!(lab.guest_sh("hib", "cat /tmp/marker")?, "still-here");
+    let u2 = uptime(&lab, "hib")?;
+    assert!(
+        u2 > u1 && u2 < u1 + 30.0,
+        "uptime did not continue: {u1} -> {u2}"
+    );
+    assert!(
+        lab.ping("10.77.0.40", 2),
+        "resumed guest does not answer pings"
+    );
+    Ok(())
+}
