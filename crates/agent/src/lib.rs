@@ -10,6 +10,7 @@
 
 mod clones;
 mod console;
+mod devices;
 mod error;
 mod events;
 mod lifecycle;

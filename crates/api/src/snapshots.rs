@@ -138,3 +138,46 @@ pub async fn suspend_vm(
         move |ctx| async move { agent.suspend_vm(&n, Some(&ctx)).await },
     )))
 }
+
+/// The index of an attached disk.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct DiskAttached {
+    pub index: usize,
+}
+
+#[utoipa::path(post, path = "/api/v1/vms/{name}/disks", tag = "vms", request_body = ferry_types::DiskSpec,
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 201, description = "Attached (hot-plugged if running: virtio or scsi)", body = DiskAttached),
+              (status = 400, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+pub async fn attach_disk(
+    State(a): State<Agent>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(disk): ApiJson<ferry_types::DiskSpec>,
+) -> ApiResult<(StatusCode, Json<DiskAttached>)> {
+    let index = a.attach_disk(&name, disk).await?;
+    Ok((StatusCode::CREATED, Json(DiskAttached { index })))
+}
+
+#[utoipa::path(delete, path = "/api/v1/vms/{name}/disks/{index}", tag = "vms",
+    params(("name" = String, Path, description = "VM name"), ("index" = usize, Path)),
+    responses((status = 204, description = "Detached; the volume stays"), (status = 409, body = ApiErrorBody)))]
+pub async fn detach_disk(
+    State(a): State<Agent>,
+    ApiPath((name, index)): ApiPath<(String, usize)>,
+) -> ApiResult<StatusCode> {
+    a.detach_disk(&name, index).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(put, path = "/api/v1/vms/{name}/cdroms/{index}", tag = "vms", request_body = ferry_types::CdromSpec,
+    params(("name" = String, Path, description = "VM name"), ("index" = usize, Path)),
+    responses((status = 200, description = "Medium changed (pool+volume) or ejected (neither), also while running", body = Vm),
+              (status = 404, body = ApiErrorBody)))]
+pub async fn change_cdrom(
+    State(a): State<Agent>,
+    ApiPath((name, index)): ApiPath<(String, usize)>,
+    ApiJson(media): ApiJson<ferry_types::CdromSpec>,
+) -> ApiResult<Json<Vm>> {
+    a.change_cdrom(&name, index, media).await?;
+    Ok(Json(a.get_vm(&name).await?))
+}

@@ -189,12 +189,36 @@ pub enum VmCmd {
     Suspend {
         name: String,
     },
+    /// Disks of a VM (hot-plugged while running: virtio and scsi).
+    #[command(subcommand)]
+    Disk(DiskCmd),
+    /// Insert an ISO (POOL/VOLUME) into a CD-ROM, or `eject` it; also while running.
+    Cdrom {
+        name: String,
+        index: usize,
+        media: String,
+    },
     /// Attach to the serial console (Ctrl-] detaches).
     Console {
         name: String,
         /// Print the console history and exit.
         #[arg(long)]
         history: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DiskCmd {
+    /// Add a disk: bus=virtio,size=10G (new volume) or volume=NAME (existing).
+    Attach { name: String, disk: String },
+    /// Remove disk INDEX (its volume stays); while running only the last one.
+    Detach { name: String, index: usize },
+    /// Grow disk INDEX (online while running).
+    Resize {
+        name: String,
+        index: usize,
+        #[arg(long)]
+        size: ByteSize,
     },
 }
 
@@ -462,6 +486,33 @@ async fn vm(c: &Client, g: &Global, cmd: VmCmd) -> Result<()> {
             .await
         }
         VmCmd::Pause { name } => action(c, g, &name, "pause", None).await,
+        VmCmd::Disk(d) => disk(c, g, d).await,
+        VmCmd::Cdrom { name, index, media } => {
+            let body = if media == "eject" {
+                json!({})
+            } else {
+                specs::cdrom_json(&media)?
+            };
+            let v: Vm = c
+                .request(
+                    Method::PUT,
+                    &format!("/api/v1/vms/{name}/cdroms/{index}"),
+                    Some(&body),
+                )
+                .await?;
+            if g.json {
+                return print_json(&v);
+            }
+            println!(
+                "{name}: cdrom{index} {}",
+                if media == "eject" {
+                    "ejected".to_string()
+                } else {
+                    format!("holds {media}")
+                }
+            );
+            Ok(())
+        }
         VmCmd::Suspend { name } => action(c, g, &name, "suspend", None).await,
         VmCmd::Snapshot {
             name,
@@ -565,6 +616,58 @@ async fn vm(c: &Client, g: &Global, cmd: VmCmd) -> Result<()> {
                 return Ok(());
             }
             console::attach(c, &name).await
+        }
+    }
+}
+
+async fn disk(c: &Client, g: &Global, cmd: DiskCmd) -> Result<()> {
+    match cmd {
+        DiskCmd::Attach { name, disk } => {
+            let body = specs::disk_json(&disk)?;
+            let v: Value = c
+                .request(
+                    Method::POST,
+                    &format!("/api/v1/vms/{name}/disks"),
+                    Some(&body),
+                )
+                .await?;
+            if g.json {
+                return print_json(&v);
+            }
+            println!("{name}: disk{} attached", v["index"]);
+            Ok(())
+        }
+        DiskCmd::Detach { name, index } => {
+            let _: Value = c
+                .request(
+                    Method::DELETE,
+                    &format!("/api/v1/vms/{name}/disks/{index}"),
+                    None,
+                )
+                .await?;
+            println!("{name}: disk{index} detached");
+            Ok(())
+        }
+        DiskCmd::Resize { name, index, size } => {
+            let vm: Vm = c.get(&format!("/api/v1/vms/{name}")).await?;
+            let d = vm
+                .spec
+                .disks
+                .get(index)
+                .ok_or_else(|| anyhow::anyhow!("{name} has no disk{index}"))?;
+            let vol = d.volume.clone().unwrap_or_default();
+            let v: Volume = c
+                .request(
+                    Method::POST,
+                    &format!("/api/v1/pools/{}/volumes/{vol}/resize", d.pool),
+                    Some(&json!({"size": size.0})),
+                )
+                .await?;
+            if g.json {
+                return print_json(&v);
+            }
+            println!("{name}: disk{index} is now {}", ByteSize(v.virtual_bytes));
+            Ok(())
         }
     }
 }

@@ -34,6 +34,23 @@ fn memory_mib(s: &str) -> Result<u64> {
     Ok(b.as_mib())
 }
 
+/// One `--disk` option as JSON.
+pub fn disk_json(d: &str) -> Result<Value> {
+    let mut m = kv(d, &["readonly", "nonpersistent"])?;
+    for flag in ["readonly", "nonpersistent"] {
+        if let Some(Value::String(s)) = m.get(flag) {
+            let b = s == "true" || s == "on" || s == "1";
+            m.insert(flag.into(), json!(b));
+        }
+    }
+    Ok(Value::Object(m))
+}
+
+/// One `--cdrom` option as JSON.
+pub fn cdrom_json(s: &str) -> Result<Value> {
+    cdrom(s)
+}
+
 fn cdrom(s: &str) -> Result<Value> {
     if s == "empty" || s == "none" {
         return Ok(json!({}));
@@ -75,14 +92,7 @@ pub fn spec_json(name: &str, a: &SpecArgs, base: Option<&VmSpec>) -> Result<Valu
     };
     let mut disks = vec![];
     for d in &a.disks {
-        let mut m = kv(d, &["readonly", "nonpersistent"])?;
-        for flag in ["readonly", "nonpersistent"] {
-            if let Some(Value::String(s)) = m.get(flag) {
-                let b = s == "true" || s == "on" || s == "1";
-                m.insert(flag.into(), json!(b));
-            }
-        }
-        disks.push(Value::Object(m));
+        disks.push(disk_json(d)?);
     }
     push(&mut v, "disks", disks);
     push(

@@ -263,3 +263,86 @@ fn suspend_to_disk_and_resume_continues_the_guest() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn disks_hotplug_grow_online_and_cdrom_media_change() -> Result<()> {
+    let lab = lab()?;
+    lab.ferry_ok(&[
+        "volume",
+        "create",
+        "local",
+        "media.iso",
+        "--size",
+        "4M",
+        "--format",
+        "raw",
+    ])?;
+    lab.create_test_vm(
+        "dev1",
+        "10.77.0.50",
+        &["--disk", "bus=virtio,size=64M", "--cdrom", "empty"],
+    )?;
+    boot(&lab, "dev1")?;
+    let wait_guest = |cmd: &str, want: &dyn Fn(&str) -> bool| -> Result<String> {
+        let t = Instant::now();
+        loop {
+            let out = lab.guest_sh("dev1", cmd)?;
+            if want(&out) || t.elapsed() > Duration::from_secs(30) {
+                return Ok(out);
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    // Hot-plug a new virtio disk: the guest sees vdb.
+    lab.ferry_ok(&["vm", "disk", "attach", "dev1", "bus=virtio,size=32M"])?;
+    let blocks = wait_guest("ls /sys/block | tr '\\n' ' '", &|o| o.contains("vdb"))?;
+    assert!(
+        blocks.contains("vdb"),
+        "hot-plugged disk not seen: {blocks}"
+    );
+    // Grow disk0 online: the guest sees the new size (512-byte sectors).
+    lab.ferry_ok(&["vm", "disk", "resize", "dev1", "0", "--size", "128M"])?;
+    let sectors = wait_guest("cat /sys/block/vda/size", &|o| o == "262144")?;
+    assert_eq!(sectors, "262144", "online resize not seen by the guest");
+    let o = lab.ferry(&["vm", "disk", "resize", "dev1", "0", "--size", "64M"])?;
+    assert!(!o.status.success(), "shrinking was accepted");
+    // CD-ROM media change while running, then eject.
+    lab.ferry_ok(&["vm", "cdrom", "dev1", "0", "local/media.iso"])?;
+    assert_eq!(
+        lab.ferry_json(&["vm", "show", "dev1"])?["spec"]["cdroms"][0]["volume"],
+        "media.iso"
+    );
+    lab.ferry_ok(&["vm", "cdrom", "dev1", "0", "eject"])?;
+    assert!(
+        lab.ferry_json(&["vm", "show", "dev1"])?["spec"]["cdroms"][0]
+            .get("volume")
+            .is_none()
+    );
+    // Only the last disk can leave a running VM; then the guest loses vdb.
+    let o = lab.ferry(&["vm", "disk", "detach", "dev1", "0"])?;
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("only its last disk"),
+        "{o:?}"
+    );
+    lab.ferry_ok(&["vm", "disk", "detach", "dev1", "1"])?;
+    let blocks = wait_guest("ls /sys/block | tr '\\n' ' '", &|o| !o.contains("vdb"))?;
+    assert!(
+        !blocks.contains("vdb"),
+        "detached disk still in the guest: {blocks}"
+    );
+    assert_eq!(
+        lab.ferry_json(&["vm", "show", "dev1"])?["spec"]["disks"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    // SATA cannot be hot-plugged: a clear refusal, nothing changes.
+    let o = lab.ferry(&["vm", "disk", "attach", "dev1", "bus=sata,size=8M"])?;
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("cannot be hot-plugged"),
+        "{o:?}"
+    );
+    lab.ferry_ok(&["vm", "kill", "dev1"])?;
+    Ok(())
+}

@@ -1,0 +1,241 @@
+//! Changing a VM's devices, also while it runs: CD-ROM media, disks attached and
+//! detached (hot-plug on virtio-blk and virtio-scsi; SATA/IDE only while stopped).
+//! Running disks keep their QEMU names `disk{index}`, so a running VM only loses its
+//! last disk; a stopped one any.
+
+use crate::error::{AgentError, Result};
+use crate::Agent;
+use ferry_types::{CdromSpec, DiskBus, DiskSpec, VmState};
+use serde_json::json;
+use std::time::Duration;
+
+impl Agent {
+    /// Inserts an ISO (`pool` + `volume`) into CD-ROM `index`, or ejects it (neither).
+    pub async fn change_cdrom(&self, name: &str, index: usize, media: CdromSpec) -> Result<()> {
+        let slot = self.slot(name);
+        let _op = slot.op.lock().await;
+        let (rec, _) = self.record(name).await?;
+        let Some(cur) = rec.spec.cdroms.get(index) else {
+            return Err(AgentError::NotFound(format!("CD-ROM {index} of {name}")));
+        };
+        let iso = match (&media.pool, &media.volume) {
+            (Some(p), Some(v)) => {
+                let dp = self.dir_pool(p).await?;
+                dp.info(v).await?;
+                Some(dp.volume_path(v)?)
+            }
+            (None, None) => None,
+            _ => {
+                return Err(AgentError::invalid(
+                    "media",
+                    "give both pool and volume, or neither to eject",
+                ))
+            }
+        };
+        if slot.state().has_process() {
+            let qmp = self.qmp(name)?;
+            let id = format!("cdrom{index}");
+            match &iso {
+                Some(path) => {
+                    qmp.execute(
+                        "blockdev-change-medium",
+                        Some(json!({"id": id, "filename": path, "format": "raw", "read-only-mode": "read-only"})),
+                    )
+                    .await?;
+                }
+                None => {
+                    qmp.execute("eject", Some(json!({"id": id, "force": true})))
+                        .await?;
+                }
+            }
+        }
+        let bus = cur.bus;
+        self.update_record(name, |r| {
+            r.spec.cdroms[index] = CdromSpec {
+                bus,
+                pool: media.pool.clone(),
+                volume: media.volume.clone(),
+            };
+        })
+        .await?;
+        let what = match (&media.pool, &media.volume) {
+            (Some(p), Some(v)) => format!("inserted {p}/{v} into cdrom{index}"),
+            _ => format!("ejected cdrom{index}"),
+        };
+        self.inner.events.emit(Some(name), "vm", what);
+        Ok(())
+    }
+
+    /// Adds a disk (a new volume with `size`, or an existing `volume`); hot-plugged when
+    /// the VM runs. Returns the disk's index.
+    pub async fn attach_disk(&self, name: &str, disk: DiskSpec) -> Result<usize> {
+        let slot = self.slot(name);
+        let _op = slot.op.lock().await;
+        let (rec, _) = self.record(name).await?;
+        if rec.template {
+            return Err(AgentError::Conflict(format!(
+                "{name} is a template; templates are immutable"
+            )));
+        }
+        if slot.state() == VmState::Suspended {
+            return Err(AgentError::Conflict(format!(
+                "{name} is suspended; its devices cannot change"
+            )));
+        }
+        let running = slot.state().has_process();
+        if running && !matches!(disk.bus, DiskBus::Virtio | DiskBus::Scsi) {
+            return Err(AgentError::Conflict(format!(
+                "{:?} disks cannot be hot-plugged; stop {name} first or use virtio/scsi",
+                disk.bus
+            )));
+        }
+        if running
+            && disk.bus == DiskBus::Scsi
+            && !rec.spec.disks.iter().any(|d| d.bus == DiskBus::Scsi)
+        {
+            return Err(AgentError::Conflict(format!(
+                "{name} has no SCSI controller yet; stop it to add the first SCSI disk"
+            )));
+        }
+        let mut spec = rec.spec.clone();
+        spec.disks.push(disk);
+        spec.validate()?;
+        let made = self.create_spec_volumes(rec.id, &mut spec).await?;
+        let index = spec.disks.len() - 1;
+        if running {
+            if let Err(e) = self.hotplug_disk(name, &spec.disks[index], index).await {
+                self.remove_volumes(&made).await;
+                return Err(e);
+            }
+        }
+        let d = spec.disks[index].clone();
+        self.update_record(name, |r| r.spec.disks.push(d.clone()))
+            .await?;
+        self.inner
+            .events
+            .emit(Some(name), "vm", format!("disk{index} attached"));
+        Ok(index)
+    }
+
+    async fn hotplug_disk(&self, name: &str, d: &DiskSpec, i: usize) -> Result<()> {
+        let qmp = self.qmp(name)?;
+        let dp = self.dir_pool(&d.pool).await?;
+        let vol = d.volume.clone().unwrap_or_default();
+        let info = dp.info(&vol).await?;
+        let (direct, no_flush, wce) = d.cache.qemu_flags();
+        let cache = json!({"direct": direct, "no-flush": no_flush});
+        let fmt = if info.format == "qcow2" {
+            "qcow2"
+        } else {
+            "raw"
+        };
+        qmp.execute(
+            "blockdev-add",
+            Some(json!({"driver": fmt, "node-name": format!("disk{i}"), "cache": cache, "read-only": d.readonly,
+                        "file": {"driver": "file", "filename": dp.volume_path(&vol)?, "cache": cache}})),
+        )
+        .await?;
+        let mut dev = json!({"id": format!("disk{i}"), "drive": format!("disk{i}"), "write-cache": if wce { "on" } else { "off" }});
+        if d.bus == DiskBus::Scsi {
+            dev["driver"] = json!("scsi-hd");
+            dev["bus"] = json!("scsi0.0");
+            dev["scsi-id"] = json!(i);
+        } else {
+            dev["driver"] = json!("virtio-blk-pci");
+        }
+        if let Err(e) = qmp.execute("device_add", Some(dev)).await {
+            let _ = qmp
+                .execute(
+                    "blockdev-del",
+                    Some(json!({"node-name": format!("disk{i}")})),
+                )
+                .await;
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Removes disk `index` from the VM (its volume stays); hot-unplugged when running
+    /// (only the last disk then).
+    pub async fn detach_disk(&self, name: &str, index: usize) -> Result<()> {
+        let slot = self.slot(name);
+        let _op = slot.op.lock().await;
+        let (rec, _) = self.record(name).await?;
+        if index >= rec.spec.disks.len() {
+            return Err(AgentError::NotFound(format!("disk{index} of {name}")));
+        }
+        if slot.state().has_process() {
+            if index + 1 != rec.spec.disks.len() {
+                return Err(AgentError::Conflict(format!(
+                    "while {name} runs only its last disk (disk{}) can be detached",
+                    rec.spec.disks.len() - 1
+                )));
+            }
+            let d = &rec.spec.disks[index];
+            if !matches!(d.bus, DiskBus::Virtio | DiskBus::Scsi) {
+                return Err(AgentError::Conflict(format!(
+                    "{:?} disks cannot be hot-unplugged",
+                    d.bus
+                )));
+            }
+            let qmp = self.qmp(name)?;
+            let mut ev = qmp.events();
+            qmp.execute("device_del", Some(json!({"id": format!("disk{index}")})))
+                .await?;
+            let wait = async {
+                loop {
+                    match ev.recv().await {
+                        Ok(e)
+                            if e.name == "DEVICE_DELETED"
+                                && e.data["device"] == json!(format!("disk{index}")) =>
+                        {
+                            return
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                        _ => {}
+                    }
+                }
+            };
+            if tokio::time::timeout(Duration::from_secs(30), wait)
+                .await
+                .is_err()
+            {
+                return Err(AgentError::Conflict(format!(
+                    "the guest did not release disk{index} within 30 s"
+                )));
+            }
+            qmp.execute(
+                "blockdev-del",
+                Some(json!({"node-name": format!("disk{index}")})),
+            )
+            .await?;
+        } else if slot.state() == VmState::Suspended {
+            return Err(AgentError::Conflict(format!(
+                "{name} is suspended; its devices cannot change"
+            )));
+        }
+        self.update_record(name, |r| {
+            if index < r.spec.disks.len() {
+                r.spec.disks.remove(index);
+                // Boot entries follow the renumbering of the disks after it.
+                r.spec.boot_order = r
+                    .spec
+                    .boot_order
+                    .iter()
+                    .filter_map(|b| {
+                        match b.strip_prefix("disk").and_then(|n| n.parse::<usize>().ok()) {
+                            Some(n) if n == index => None,
+                            Some(n) if n > index => Some(format!("disk{}", n - 1)),
+                            _ => Some(b.clone()),
+                        }
+                    })
+                    .collect();
+            }
+        })
+        .await?;
+        self.inner
+            .events
+            .emit(Some(name), "vm", format!("disk{index} detached"));
+        Ok(())
+    }
+}
