@@ -47,6 +47,20 @@ impl Agent {
         let _op = slot.op.lock().await;
         let (rec, _) = self.record(src).await?;
         let id = self.allocate_id().await?;
+        self.write_intent(id, &req.name, "clone").await?;
+        let r = self.clone_into(src, &req, &rec, id, ctx).await;
+        self.clear_intent(id).await;
+        r
+    }
+
+    async fn clone_into(
+        &self,
+        src: &str,
+        req: &CloneRequest,
+        rec: &VmRecord,
+        id: u32,
+        ctx: Option<&TaskCtx>,
+    ) -> Result<()> {
         let mut spec = rec.spec.clone();
         spec.name = req.name.clone();
         for n in &mut spec.nics {
@@ -86,7 +100,7 @@ impl Agent {
                 }
             }
         }
-        let rec = VmRecord {
+        let new_rec = VmRecord {
             id,
             spec,
             last_state: VmState::Stopped,
@@ -99,7 +113,12 @@ impl Agent {
             }),
             suspend_file: None,
         };
-        match self.inner.store.create_json(&vm_key(&req.name), &rec).await {
+        match self
+            .inner
+            .store
+            .create_json(&vm_key(&req.name), &new_rec)
+            .await
+        {
             Ok(true) => {}
             Ok(false) => {
                 self.remove_volumes(&made).await;

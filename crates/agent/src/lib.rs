@@ -17,6 +17,7 @@ mod lifecycle;
 mod metrics;
 mod pools;
 mod records;
+mod repair;
 mod runtime;
 mod snapshots;
 mod suspend;
@@ -88,6 +89,7 @@ impl Agent {
         };
         agent.ensure_default_pool().await?;
         agent.adopt_all().await?;
+        agent.repair().await?;
         tracing::info!(%accel, "agent ready");
         Ok(agent)
     }

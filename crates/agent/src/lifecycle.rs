@@ -565,10 +565,31 @@ impl Agent {
         run: &RunPaths,
     ) -> Result<VmState> {
         let qmp = Qmp::connect_retry(&run.qmp, Duration::from_secs(5)).await?;
+        // Jobs the previous daemon started (snapshots) run on in QEMU: let them end, so
+        // the repair pass sees their result, and dismiss them.
+        for _ in 0..600 {
+            let jobs = qmp.execute("query-jobs", None).await?;
+            let jobs = jobs.as_array().cloned().unwrap_or_default();
+            for j in jobs.iter().filter(|j| j["status"] == "concluded") {
+                let _ = qmp
+                    .execute("job-dismiss", Some(serde_json::json!({"id": j["id"]})))
+                    .await;
+            }
+            if jobs.iter().all(|j| j["status"] == "concluded") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let status: serde_json::Value = qmp.execute("query-status", None).await?;
         let state = match status.get("status").and_then(|s| s.as_str()) {
             Some("running") => VmState::Running,
-            Some("paused") | Some("prelaunch") | Some("suspended") => VmState::Paused,
+            Some("paused")
+            | Some("prelaunch")
+            | Some("suspended")
+            | Some("postmigrate")
+            | Some("finish-migrate")
+            | Some("save-vm")
+            | Some("restore-vm") => VmState::Paused,
             Some("shutdown") => VmState::ShuttingDown,
             _ => VmState::Running,
         };

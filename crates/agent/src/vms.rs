@@ -175,7 +175,14 @@ impl Agent {
         self.check_host(&spec, None).await?;
         self.assign_macs(&mut spec, None).await?;
         let id = self.allocate_id().await?;
-        let made = self.create_spec_volumes(id, &mut spec).await?;
+        self.write_intent(id, &spec.name, "create").await?;
+        let made = match self.create_spec_volumes(id, &mut spec).await {
+            Ok(m) => m,
+            Err(e) => {
+                self.clear_intent(id).await;
+                return Err(e);
+            }
+        };
         let rec = VmRecord {
             id,
             spec: spec.clone(),
@@ -186,12 +193,13 @@ impl Agent {
             clone_of: None,
             suspend_file: None,
         };
-        match self
+        let created = self
             .inner
             .store
             .create_json(&vm_key(&spec.name), &rec)
-            .await
-        {
+            .await;
+        self.clear_intent(id).await;
+        match created {
             Ok(true) => {}
             Ok(false) => {
                 self.remove_volumes(&made).await;

@@ -346,3 +346,195 @@ fn disks_hotplug_grow_online_and_cdrom_media_change() -> Result<()> {
     lab.ferry_ok(&["vm", "kill", "dev1"])?;
     Ok(())
 }
+
+/// `curl -X POST` inside the lab: starts an operation without waiting for it.
+fn fire(lab: &Lab, path: &str, body: &str) -> Result<()> {
+    let o = lab
+        .cmd("curl")
+        .args([
+            "-s",
+            "-f",
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            body,
+        ])
+        .arg(format!("http://127.0.0.1:8470{path}"))
+        .output()?;
+    anyhow::ensure!(
+        o.status.success(),
+        "POST {path} failed: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    Ok(())
+}
+
+/// The internal snapshot tags of a qcow2 volume.
+fn tags(path: &std::path::Path) -> Result<Vec<String>> {
+    let o = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(path)
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    let mut t: Vec<String> = v["snapshots"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["name"].as_str().map(String::from))
+        .collect();
+    t.sort();
+    Ok(t)
+}
+
+fn stored(lab: &Lab, vm: &str) -> Result<Vec<String>> {
+    let l = lab.ferry_json(&["vm", "snapshots", vm])?;
+    let mut t: Vec<String> = l["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect();
+    t.sort();
+    Ok(t)
+}
+
+#[test]
+fn crashes_mid_snapshot_or_clone_leave_store_and_files_agreeing() -> Result<()> {
+    let mut lab = lab()?;
+    let vm = lab.create_test_vm(
+        "cr",
+        "10.77.0.70",
+        &[
+            "--disk",
+            "bus=virtio,size=64M",
+            "--disk",
+            "bus=virtio,size=32M",
+        ],
+    )?;
+    let disks: Vec<std::path::PathBuf> = vm["spec"]["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            lab.state_dir()
+                .join("pools/local")
+                .join(d["volume"].as_str().unwrap())
+        })
+        .collect();
+    boot(&lab, "cr")?;
+    lab.guest_sh(
+        "cr",
+        "dd if=/dev/urandom of=/tmp/fill bs=1M count=96 2>/dev/null; echo ok",
+    )?;
+
+    // 1. The daemon dies (SIGKILL) right after a memory snapshot started.
+    fire(
+        &lab,
+        "/api/v1/vms/cr/snapshots",
+        r#"{"name": "c1", "with_memory": true}"#,
+    )?;
+    std::thread::sleep(Duration::from_millis(150));
+    lab.stop_daemon(true)?;
+    lab.start_daemon()?;
+    assert_eq!(
+        lab.vm_state("cr")?.0,
+        "running",
+        "VM not running after the daemon's crash"
+    );
+    for d in &disks {
+        assert_eq!(
+            tags(d)?,
+            stored(&lab, "cr")?,
+            "store and {} disagree",
+            d.display()
+        );
+    }
+    if stored(&lab, "cr")?.contains(&"c1".to_string()) {
+        lab.ferry_ok(&["vm", "revert", "cr", "c1"])?;
+    }
+    assert_eq!(lab.guest_sh("cr", "echo alive")?, "alive");
+
+    // 2. QEMU dies in the middle of a memory snapshot: the VM is crashed, starts again.
+    let (_, pid) = lab.vm_state("cr")?;
+    fire(
+        &lab,
+        "/api/v1/vms/cr/snapshots",
+        r#"{"name": "c2", "with_memory": true}"#,
+    )?;
+    std::thread::sleep(Duration::from_millis(100));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid.unwrap() as i32),
+        nix::sys::signal::SIGKILL,
+    )?;
+    let t = Instant::now();
+    while lab.vm_state("cr")?.0 != "crashed" && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(lab.vm_state("cr")?.0, "crashed");
+    lab.stop_daemon(false)?;
+    lab.start_daemon()?;
+    for d in &disks {
+        assert_eq!(
+            tags(d)?,
+            stored(&lab, "cr")?,
+            "store and {} disagree after a QEMU crash",
+            d.display()
+        );
+    }
+    boot(&lab, "cr")?;
+    lab.ferry_ok(&["vm", "kill", "cr"])?;
+
+    // 3. The daemon dies during a full clone: no clone, no stray volumes or files remain.
+    lab.ferry_ok(&[
+        "vm",
+        "create",
+        "big",
+        "--memory",
+        "64M",
+        "--disk",
+        "bus=virtio,size=2G",
+    ])?;
+    let big = lab.ferry_json(&["vm", "show", "big"])?;
+    let bigvol = lab
+        .state_dir()
+        .join("pools/local")
+        .join(big["spec"]["disks"][0]["volume"].as_str().unwrap());
+    let o = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x5a 0 768M"])
+        .arg(&bigvol)
+        .output()?;
+    anyhow::ensure!(o.status.success(), "qemu-io: {o:?}");
+    let before: Vec<String> = lab
+        .ferry_json(&["volume", "list", "local"])?
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect();
+    fire(&lab, "/api/v1/vms/big/clone", r#"{"name": "bigcopy"}"#)?;
+    std::thread::sleep(Duration::from_millis(300));
+    lab.stop_daemon(true)?;
+    lab.start_daemon()?;
+    assert!(
+        lab.ferry(&["vm", "show", "bigcopy"])?.status.code() == Some(1),
+        "a half-made clone exists"
+    );
+    let after: Vec<String> = lab
+        .ferry_json(&["volume", "list", "local"])?
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(before, after, "volumes left by the interrupted clone");
+    let partial: Vec<_> = std::fs::read_dir(lab.state_dir().join("pools/local"))?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".partial-"))
+        .collect();
+    assert!(partial.is_empty(), "unfinished files left: {partial:?}");
+    // And the clone works when tried again.
+    lab.ferry_ok(&["vm", "clone", "big", "bigcopy"])?;
+    Ok(())
+}

@@ -245,30 +245,32 @@ impl Lab {
         ))
     }
 
-    /// Runs a shell line in the guest over its console and returns the text between
-    /// two markers (so echoes and prompts are left out).
+    /// Runs a shell line in the guest over its console and returns what it printed
+    /// (between two markers, so the echoed input and prompts are left out). Waits up to
+    /// two minutes for the line to finish.
     pub fn guest_sh(&self, vm: &str, line: &str) -> Result<String> {
         let tag = format!(
             "{}x{}",
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         );
-        let out = self.console_type(vm, &format!("echo BEGIN-{tag}; {line}; echo END-{tag}\n"))?;
-        // The output line is "BEGIN-tag" alone; the echoed input has "BEGIN-tag;".
-        let start = out
-            .rfind(&format!("BEGIN-{tag}\r"))
-            .or_else(|| out.rfind(&format!("BEGIN-{tag}\n")));
-        let (Some(a), Some(b)) = (start, out.rfind(&format!("END-{tag}"))) else {
-            bail!("no answer from {vm} to {line:?}: {out}");
-        };
-        let body = &out[a..b];
-        Ok(body
-            .split_once('\n')
-            .map(|(_, r)| r)
-            .unwrap_or("")
-            .replace('\r', "")
-            .trim()
-            .to_string())
+        self.console_type(vm, &format!("echo BEGIN-{tag}; {line}; echo; echo END-{tag}\n"))?;
+        // Output lines start a line; the echoed input has "echo BEGIN-tag;".
+        let (begin, end) = (format!("\nBEGIN-{tag}"), format!("\nEND-{tag}"));
+        let t = Instant::now();
+        loop {
+            let hist = self.ferry_ok(&["vm", "console", vm, "--history"])?;
+            if let (Some(a), Some(b)) = (hist.rfind(&begin), hist.rfind(&end)) {
+                if a < b {
+                    let body = &hist[a + begin.len()..b];
+                    return Ok(body.replace('\r', "").trim().to_string());
+                }
+            }
+            if t.elapsed() > Duration::from_secs(120) {
+                bail!("no answer from {vm} to {line:?}; console:\n{hist}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// Types `input` into a VM's console through `ferry vm console` and returns what it printed.

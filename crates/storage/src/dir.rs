@@ -104,6 +104,18 @@ impl DirPool {
         })
     }
 
+    /// Files left by interrupted creates, imports and copies.
+    pub fn partial_files(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(&self.path)
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with(PARTIAL))
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     pub async fn list(&self) -> Result<Vec<Volume>, StorageError> {
         let rd = std::fs::read_dir(&self.path).map_err(|source| StorageError::PoolDir {
             path: self.path.display().to_string(),

@@ -6,7 +6,7 @@ mod dir;
 mod qemu_img;
 
 pub use dir::{create_overlay, DirPool, SnapshotOp};
-pub use qemu_img::ImageInfo;
+pub use qemu_img::{info as image_info, ImageInfo, InternalSnapshot};
 
 use ferry_types::ValidationErrors;
 

@@ -16,6 +16,16 @@ pub struct ImageInfo {
     pub actual_size: u64,
     #[serde(rename = "backing-filename", default)]
     pub backing_filename: Option<String>,
+    /// Internal snapshots (qcow2).
+    #[serde(default)]
+    pub snapshots: Vec<InternalSnapshot>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct InternalSnapshot {
+    pub name: String,
+    #[serde(rename = "vm-state-size", default)]
+    pub vm_state_size: u64,
 }
 
 pub(crate) async fn run(

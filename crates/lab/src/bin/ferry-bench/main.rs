@@ -5,8 +5,15 @@
 //!   against a bare `qemu-system-x86_64` start of the same guest (ferry's overhead as a ratio);
 //! - defining 1,000 VMs, then `GET /api/v1/vms` requests/s with them defined.
 //!
-//! Usage: `ferry-bench [--runs N] [--vms N] [--json]` (as root; the `ferry` binary next to
-//! this one, or `FERRY_BIN`). Everything runs in a lab namespace, removed at the end.
+//! `ferry-bench snapshots`: snapshot with memory (create, revert), disk-only snapshot,
+//! suspend and resume for 256 MiB and 1 GiB guests with RAM filled; linked clone, and full
+//! clone of a 2 GiB disk against `qemu-img convert` of the same disk alone.
+//!
+//! Usage: `ferry-bench [core|snapshots] [--runs N] [--vms N] [--json]` (as root; the
+//! `ferry` binary next to this one, or `FERRY_BIN`). Everything runs in a lab namespace,
+//! removed at the end.
+
+mod snapbench;
 
 use anyhow::{bail, Context, Result};
 use ferry_lab::{guest, in_netns, Lab, API_PORT};
@@ -15,7 +22,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
         return f64::NAN;
@@ -37,7 +44,7 @@ fn arg(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-const BASE: &str = "http://127.0.0.1:8470";
+pub(crate) const BASE: &str = "http://127.0.0.1:8470";
 
 fn spec(name: &str, g: &ferry_lab::Guest) -> Value {
     json!({
@@ -95,7 +102,7 @@ fn bare_qemu(g: &ferry_lab::Guest) -> Result<f64> {
     found.context("bare QEMU: no ready marker")
 }
 
-async fn task_wait(c: &reqwest::Client, accepted: &Value) -> Result<()> {
+pub(crate) async fn task_wait(c: &reqwest::Client, accepted: &Value) -> Result<()> {
     let id = accepted["task"].as_str().context("task id")?;
     loop {
         let t: Value = c
@@ -169,7 +176,7 @@ async fn wait_api(c: &reqwest::Client, t: Instant) -> Result<f64> {
     bail!("API not ready within 30 s")
 }
 
-fn rt() -> tokio::runtime::Runtime {
+pub(crate) fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -177,6 +184,9 @@ fn rt() -> tokio::runtime::Runtime {
 }
 
 fn main() -> Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("snapshots") {
+        return snapbench::run();
+    }
     let runs = arg("--runs", 10);
     let nvms = arg("--vms", 1000);
     let as_json = std::env::args().any(|a| a == "--json");

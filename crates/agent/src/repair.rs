@@ -1,0 +1,287 @@
+//! The check-and-repair pass at start-up: after a crash (daemon or QEMU killed in the
+//! middle of an operation) the store and the files are brought back into agreement.
+//!
+//! - VM creations and clones write an intent (`/intents/{id}`) before they make volumes
+//!   and remove it with the VM record; an intent without a record means the operation
+//!   died: its `vm-{id}-*` volumes are removed.
+//! - Half-written files (`.partial-*`) of interrupted creates, imports and copies go.
+//! - Snapshots: a tag present on every disk but missing from the store (the daemon died
+//!   after QEMU finished) is adopted into the tree; a tag on only some disks is removed
+//!   from them; a stored snapshot whose tag is gone from the disks is dropped.
+//! - Suspend files no VM points to are removed; a suspended VM whose file is gone is
+//!   reported stopped.
+//!   Every fix is an event (`repair`).
+
+use crate::error::Result;
+use crate::records::VmRecord;
+use crate::Agent;
+use ferry_store::{Op, StoreJson, Txn};
+use ferry_types::{PoolSpec, Snapshot, VmState};
+use serde_json::json;
+use std::collections::{HashMap, HashSet};
+
+pub(crate) const INTENTS: &str = "/intents/";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(crate) struct Intent {
+    pub vm: String,
+    pub op: String,
+}
+
+impl Agent {
+    pub(crate) async fn write_intent(&self, id: u32, vm: &str, op: &str) -> Result<()> {
+        let i = Intent {
+            vm: vm.to_string(),
+            op: op.to_string(),
+        };
+        self.inner
+            .store
+            .put_json(&format!("{INTENTS}{id}"), &i)
+            .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn clear_intent(&self, id: u32) {
+        let _ = self.inner.store.delete(&format!("{INTENTS}{id}")).await;
+    }
+
+    fn fixed(&self, vm: Option<&str>, msg: String) {
+        tracing::warn!(vm = vm.unwrap_or(""), "repair: {msg}");
+        self.inner.events.emit(vm, "repair", msg);
+    }
+
+    pub(crate) async fn repair(&self) -> Result<()> {
+        let records = self.records().await?;
+        let ids: HashSet<u32> = records.iter().map(|r| r.id).collect();
+        let pools: Vec<PoolSpec> = self.inner.store.list_json("/pools/").await?;
+
+        // Interrupted creations and clones.
+        for kv in self.inner.store.list(INTENTS).await? {
+            let id: u32 = kv.key.trim_start_matches(INTENTS).parse().unwrap_or(0);
+            let intent: Option<Intent> = serde_json::from_slice(&kv.value).ok();
+            if !ids.contains(&id) {
+                let prefix = format!("vm-{id}-");
+                for p in &pools {
+                    let Ok(dp) = self.dir_pool(&p.name).await else {
+                        continue;
+                    };
+                    for v in dp.list().await.unwrap_or_default() {
+                        if v.name.starts_with(&prefix) && dp.delete(&v.name).await.is_ok() {
+                            self.fixed(
+                                intent.as_ref().map(|i| i.vm.as_str()),
+                                format!(
+                                    "removed volume {}/{} of an interrupted {}",
+                                    p.name,
+                                    v.name,
+                                    intent.as_ref().map_or("operation", |i| i.op.as_str())
+                                ),
+                            );
+                        }
+                    }
+                }
+            }
+            self.inner.store.delete(&kv.key).await?;
+        }
+
+        // Half-written files.
+        for p in &pools {
+            let Ok(dp) = self.dir_pool(&p.name).await else {
+                continue;
+            };
+            for f in dp.partial_files() {
+                if std::fs::remove_file(&f).is_ok() {
+                    self.fixed(None, format!("removed unfinished file {}", f.display()));
+                }
+            }
+            // Suspend files nobody points to.
+            let wanted: HashSet<String> = records
+                .iter()
+                .filter_map(|r| r.suspend_file.clone())
+                .collect();
+            if let Ok(rd) = std::fs::read_dir(&dp.path) {
+                for e in rd.flatten() {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    let path = e.path().display().to_string();
+                    if n.starts_with(".vm-")
+                        && n.ends_with("-suspend.state")
+                        && !wanted.contains(&path)
+                    {
+                        let _ = std::fs::remove_file(e.path());
+                        self.fixed(None, format!("removed stale suspend file {path}"));
+                    }
+                }
+            }
+        }
+
+        for r in &records {
+            self.repair_suspend(r).await?;
+            self.repair_snapshots(r).await?;
+        }
+        Ok(())
+    }
+
+    async fn repair_suspend(&self, r: &VmRecord) -> Result<()> {
+        let name = &r.spec.name;
+        let slot = self.slot(name);
+        if slot.state() == VmState::Suspended
+            && r.suspend_file
+                .as_ref()
+                .is_none_or(|f| !std::path::Path::new(f).exists())
+        {
+            slot.with(|rt| rt.state = VmState::Stopped);
+            self.update_record(name, |r| {
+                r.suspend_file = None;
+                r.last_state = VmState::Stopped;
+                r.last_exit = Some("its suspend file was lost; the saved state is gone".into());
+            })
+            .await?;
+            self.fixed(
+                Some(name),
+                "suspended, but the state file is missing: now stopped".into(),
+            );
+        }
+        Ok(())
+    }
+
+    async fn repair_snapshots(&self, r: &VmRecord) -> Result<()> {
+        let name = &r.spec.name;
+        // Tags per disk (qcow2 only; VMs with other disks have no snapshots).
+        let mut per_disk: Vec<HashMap<String, u64>> = vec![];
+        for d in &r.spec.disks {
+            let Ok(dp) = self.dir_pool(&d.pool).await else {
+                return Ok(());
+            };
+            let Ok(path) = dp.volume_path(d.volume.as_deref().unwrap_or("")) else {
+                return Ok(());
+            };
+            let Ok(info) = ferry_storage::image_info(&path).await else {
+                return Ok(());
+            };
+            if info.format != "qcow2" {
+                return Ok(());
+            }
+            per_disk.push(
+                info.snapshots
+                    .iter()
+                    .map(|s| (s.name.clone(), s.vm_state_size))
+                    .collect(),
+            );
+        }
+        let stored: Vec<Snapshot> = self
+            .inner
+            .store
+            .list_json(&format!("/snapshots/{name}/"))
+            .await?;
+        let stored_names: HashSet<&str> = stored.iter().map(|s| s.name.as_str()).collect();
+        let all_tags: HashSet<String> = per_disk.iter().flat_map(|m| m.keys().cloned()).collect();
+        let running = self.slot(name).state().has_process();
+        for tag in &all_tags {
+            let on: Vec<usize> = (0..per_disk.len())
+                .filter(|i| per_disk[*i].contains_key(tag))
+                .collect();
+            if on.len() == per_disk.len() {
+                if !stored_names.contains(tag.as_str()) {
+                    let snap = Snapshot {
+                        name: tag.clone(),
+                        parent: r.current_snapshot.clone(),
+                        with_memory: per_disk[0].get(tag).copied().unwrap_or(0) > 0,
+                        created_ms: crate::events::now_ms(),
+                        description: "recovered after an interrupted snapshot".into(),
+                    };
+                    self.inner
+                        .store
+                        .put_json(&format!("/snapshots/{name}/{tag}"), &snap)
+                        .await?;
+                    let t = tag.clone();
+                    self.update_record(name, |r| r.current_snapshot = Some(t.clone()))
+                        .await?;
+                    self.fixed(
+                        Some(name),
+                        format!("snapshot {tag} found on every disk: added to the tree"),
+                    );
+                }
+            } else {
+                for i in on {
+                    let d = &r.spec.disks[i];
+                    let res = if running {
+                        match self.qmp(name) {
+                            Ok(q) => q
+                                .execute(
+                                    "blockdev-snapshot-delete-internal-sync",
+                                    Some(json!({"device": format!("disk{i}"), "name": tag})),
+                                )
+                                .await
+                                .map(|_| ())
+                                .map_err(crate::AgentError::from),
+                            Err(e) => Err(e),
+                        }
+                    } else {
+                        match self.dir_pool(&d.pool).await {
+                            Ok(dp) => dp
+                                .snapshot(
+                                    d.volume.as_deref().unwrap_or(""),
+                                    ferry_storage::SnapshotOp::Delete,
+                                    tag,
+                                )
+                                .await
+                                .map_err(crate::AgentError::from),
+                            Err(e) => Err(e),
+                        }
+                    };
+                    match res {
+                        Ok(()) => self.fixed(
+                            Some(name),
+                            format!("removed partial snapshot {tag} from disk{i}"),
+                        ),
+                        Err(e) => self.fixed(
+                            Some(name),
+                            format!("cannot remove partial snapshot {tag} from disk{i}: {e}"),
+                        ),
+                    }
+                }
+            }
+        }
+        // Stored snapshots whose data is not on every disk.
+        for s in &stored {
+            let complete = !per_disk.is_empty() && per_disk.iter().all(|m| m.contains_key(&s.name));
+            if !complete {
+                let mut ops = vec![Op::Delete(format!("/snapshots/{name}/{}", s.name))];
+                for c in stored
+                    .iter()
+                    .filter(|c| c.parent.as_deref() == Some(s.name.as_str()))
+                {
+                    let mut c = c.clone();
+                    c.parent = s.parent.clone();
+                    ops.push(Op::Put {
+                        key: format!("/snapshots/{name}/{}", c.name),
+                        value: serde_json::to_vec(&c).expect("serialises"),
+                        lease: None,
+                    });
+                }
+                self.inner
+                    .store
+                    .txn(Txn {
+                        compare: vec![],
+                        success: ops,
+                        failure: vec![],
+                    })
+                    .await?;
+                let (sn, parent) = (s.name.clone(), s.parent.clone());
+                self.update_record(name, |r| {
+                    if r.current_snapshot.as_deref() == Some(sn.as_str()) {
+                        r.current_snapshot = parent.clone();
+                    }
+                })
+                .await?;
+                self.fixed(
+                    Some(name),
+                    format!(
+                        "snapshot {} has no data on the disks: removed from the tree",
+                        s.name
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+}
