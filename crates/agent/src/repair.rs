@@ -15,7 +15,7 @@
 use crate::error::Result;
 use crate::records::VmRecord;
 use crate::Agent;
-use ferry_store::{Op, StoreJson, Txn};
+use ferry_store::StoreJson;
 use ferry_types::{PoolSpec, Snapshot, VmState};
 use serde_json::json;
 use std::collections::{HashMap, HashSet};
@@ -245,34 +245,7 @@ impl Agent {
         for s in &stored {
             let complete = !per_disk.is_empty() && per_disk.iter().all(|m| m.contains_key(&s.name));
             if !complete {
-                let mut ops = vec![Op::Delete(format!("/snapshots/{name}/{}", s.name))];
-                for c in stored
-                    .iter()
-                    .filter(|c| c.parent.as_deref() == Some(s.name.as_str()))
-                {
-                    let mut c = c.clone();
-                    c.parent = s.parent.clone();
-                    ops.push(Op::Put {
-                        key: format!("/snapshots/{name}/{}", c.name),
-                        value: serde_json::to_vec(&c).expect("serialises"),
-                        lease: None,
-                    });
-                }
-                self.inner
-                    .store
-                    .txn(Txn {
-                        compare: vec![],
-                        success: ops,
-                        failure: vec![],
-                    })
-                    .await?;
-                let (sn, parent) = (s.name.clone(), s.parent.clone());
-                self.update_record(name, |r| {
-                    if r.current_snapshot.as_deref() == Some(sn.as_str()) {
-                        r.current_snapshot = parent.clone();
-                    }
-                })
-                .await?;
+                self.forget_snapshot(name, s).await?;
                 self.fixed(
                     Some(name),
                     format!(

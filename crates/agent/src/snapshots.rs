@@ -277,10 +277,19 @@ impl Agent {
             self.offline_snapshot(&disks, SnapshotOp::Delete, name)
                 .await?;
         }
-        // Children hang on the deleted snapshot's parent; one transaction for the tree.
-        let mut ops = vec![Op::Delete(format!("{}{name}", snap_prefix(vm)))];
+        self.forget_snapshot(vm, &snap).await?;
+        self.inner
+            .events
+            .emit(Some(vm), "snapshot", format!("snapshot {name} deleted"));
+        Ok(())
+    }
+
+    /// Removes a snapshot from the tree: its children hang on its parent (one
+    /// transaction), and the VM's current position moves up if it stood there.
+    pub(crate) async fn forget_snapshot(&self, vm: &str, snap: &Snapshot) -> Result<()> {
+        let mut ops = vec![Op::Delete(format!("{}{}", snap_prefix(vm), snap.name))];
         for mut child in self.list_snapshots(vm).await?.snapshots {
-            if child.parent.as_deref() == Some(name) {
+            if child.parent.as_deref() == Some(snap.name.as_str()) {
                 child.parent = snap.parent.clone();
                 ops.push(Op::Put {
                     key: format!("{}{}", snap_prefix(vm), child.name),
@@ -298,14 +307,11 @@ impl Agent {
             })
             .await?;
         self.update_record(vm, |r| {
-            if r.current_snapshot.as_deref() == Some(name) {
+            if r.current_snapshot.as_deref() == Some(snap.name.as_str()) {
                 r.current_snapshot = snap.parent.clone();
             }
         })
         .await?;
-        self.inner
-            .events
-            .emit(Some(vm), "snapshot", format!("snapshot {name} deleted"));
         Ok(())
     }
 

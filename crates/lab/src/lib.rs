@@ -254,7 +254,10 @@ impl Lab {
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         );
-        self.console_type(vm, &format!("echo BEGIN-{tag}; {line}; echo; echo END-{tag}\n"))?;
+        self.console_type(
+            vm,
+            &format!("echo BEGIN-{tag}; {line}; echo; echo END-{tag}\n"),
+        )?;
         // Output lines start a line; the echoed input has "echo BEGIN-tag;".
         let (begin, end) = (format!("\nBEGIN-{tag}"), format!("\nEND-{tag}"));
         let t = Instant::now();

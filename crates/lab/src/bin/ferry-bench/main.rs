@@ -176,6 +176,19 @@ async fn wait_api(c: &reqwest::Client, t: Instant) -> Result<f64> {
     bail!("API not ready within 30 s")
 }
 
+/// The `ferry` binary: `FERRY_BIN`, or the one next to this benchmark.
+pub(crate) fn ferry_bin() -> std::path::PathBuf {
+    std::env::var("FERRY_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::env::current_exe()
+                .expect("exe")
+                .parent()
+                .expect("dir")
+                .join("ferry")
+        })
+}
+
 pub(crate) fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -190,15 +203,7 @@ fn main() -> Result<()> {
     let runs = arg("--runs", 10);
     let nvms = arg("--vms", 1000);
     let as_json = std::env::args().any(|a| a == "--json");
-    let ferry = std::env::var("FERRY_BIN")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| {
-            std::env::current_exe()
-                .expect("exe")
-                .parent()
-                .expect("dir")
-                .join("ferry")
-        });
+    let ferry = ferry_bin();
     let g = guest()?;
     let mut lab = Lab::new(&ferry)?;
     let ns = lab.ns.clone();

@@ -43,15 +43,7 @@ fn secs(cmd: &mut Command) -> Result<f64> {
 
 pub fn run() -> Result<()> {
     let as_json = std::env::args().any(|a| a == "--json");
-    let ferry = std::env::var("FERRY_BIN")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| {
-            std::env::current_exe()
-                .expect("exe")
-                .parent()
-                .expect("dir")
-                .join("ferry")
-        });
+    let ferry = crate::ferry_bin();
     let mut lab = Lab::new(&ferry)?;
     lab.start_daemon()?;
     let ns = lab.ns.clone();
