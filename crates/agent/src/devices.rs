@@ -1,11 +1,12 @@
-//! Changing a VM's devices, also while it runs: CD-ROM media, disks attached and
-//! detached (hot-plug on virtio-blk and virtio-scsi; SATA/IDE only while stopped).
+//! Changing a VM's devices, also while it runs: CD-ROM media, disks and NICs attached
+//! and detached (hot-plug on virtio-blk, virtio-scsi and PCI NICs; SATA/IDE only while
+//! stopped).
 //! Running disks keep their QEMU names `disk{index}`, so a running VM only loses its
 //! last disk; a stopped one any.
 
 use crate::error::{AgentError, Result};
 use crate::Agent;
-use ferry_types::{CdromSpec, DiskBus, DiskSpec, VmState};
+use ferry_types::{CdromSpec, DiskBus, DiskSpec, NicModel, NicSpec, VmState};
 use serde_json::json;
 use std::time::Duration;
 
@@ -178,32 +179,8 @@ impl Agent {
                     d.bus
                 )));
             }
+            self.unplug(name, &format!("disk{index}")).await?;
             let qmp = self.qmp(name)?;
-            let mut ev = qmp.events();
-            qmp.execute("device_del", Some(json!({"id": format!("disk{index}")})))
-                .await?;
-            let wait = async {
-                loop {
-                    match ev.recv().await {
-                        Ok(e)
-                            if e.name == "DEVICE_DELETED"
-                                && e.data["device"] == json!(format!("disk{index}")) =>
-                        {
-                            return
-                        }
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                        _ => {}
-                    }
-                }
-            };
-            if tokio::time::timeout(Duration::from_secs(30), wait)
-                .await
-                .is_err()
-            {
-                return Err(AgentError::Conflict(format!(
-                    "the guest did not release disk{index} within 30 s"
-                )));
-            }
             qmp.execute(
                 "blockdev-del",
                 Some(json!({"node-name": format!("disk{index}")})),
@@ -237,5 +214,138 @@ impl Agent {
             .events
             .emit(Some(name), "vm", format!("disk{index} detached"));
         Ok(())
+    }
+}
+
+impl Agent {
+    /// Adds a NIC (a new MAC unless given); hot-plugged with its tap when the VM runs.
+    /// Returns the NIC's index.
+    pub async fn attach_nic(&self, name: &str, nic: NicSpec) -> Result<usize> {
+        let slot = self.slot(name);
+        let _op = slot.op.lock().await;
+        let (rec, _) = self.record(name).await?;
+        if rec.template {
+            return Err(AgentError::Conflict(format!(
+                "{name} is a template; templates are immutable"
+            )));
+        }
+        if slot.state() == VmState::Suspended {
+            return Err(AgentError::Conflict(format!(
+                "{name} is suspended; its devices cannot change"
+            )));
+        }
+        let mut spec = rec.spec.clone();
+        spec.nics.push(nic);
+        spec.validate()?;
+        let i = spec.nics.len() - 1;
+        if !ferry_net::bridge_exists(&spec.nics[i].bridge) {
+            return Err(AgentError::invalid(
+                &format!("nics[{i}].bridge"),
+                format!("no bridge {} on this host", spec.nics[i].bridge),
+            ));
+        }
+        self.assign_new_macs(&mut spec).await?;
+        let n = spec.nics[i].clone();
+        if slot.state().has_process() {
+            let tap = ferry_net::tap_name(rec.id, i);
+            ferry_net::create_tap(&tap)?;
+            let plugged = async {
+                ferry_net::attach_up(&tap, &n.bridge).await?;
+                let qmp = self.qmp(name)?;
+                qmp.execute(
+                    "netdev_add",
+                    Some(json!({"type": "tap", "id": format!("net{i}"), "ifname": tap, "script": "no",
+                                "downscript": "no", "vhost": self.accel() == ferry_qemu::Accel::Kvm})),
+                )
+                .await?;
+                let driver = match n.model {
+                    NicModel::Virtio => "virtio-net-pci",
+                    NicModel::E1000 => "e1000",
+                };
+                if let Err(e) = qmp
+                    .execute(
+                        "device_add",
+                        Some(json!({"driver": driver, "netdev": format!("net{i}"), "id": format!("net{i}"), "mac": n.mac})),
+                    )
+                    .await
+                {
+                    let _ = qmp.execute("netdev_del", Some(json!({"id": format!("net{i}")}))).await;
+                    return Err(e.into());
+                }
+                Ok::<_, AgentError>(())
+            }
+            .await;
+            if let Err(e) = plugged {
+                let _ = ferry_net::delete_link(&tap).await;
+                return Err(e);
+            }
+        }
+        self.update_record(name, |r| r.spec.nics.push(n.clone()))
+            .await?;
+        self.inner.events.emit(
+            Some(name),
+            "vm",
+            format!("net{i} attached ({})", n.mac.clone().unwrap_or_default()),
+        );
+        Ok(i)
+    }
+
+    /// Removes NIC `index`; hot-unplugged when running (only the last NIC then).
+    pub async fn detach_nic(&self, name: &str, index: usize) -> Result<()> {
+        let slot = self.slot(name);
+        let _op = slot.op.lock().await;
+        let (rec, _) = self.record(name).await?;
+        if index >= rec.spec.nics.len() {
+            return Err(AgentError::NotFound(format!("net{index} of {name}")));
+        }
+        if slot.state().has_process() {
+            if index + 1 != rec.spec.nics.len() {
+                return Err(AgentError::Conflict(format!(
+                    "while {name} runs only its last NIC (net{}) can be detached",
+                    rec.spec.nics.len() - 1
+                )));
+            }
+            self.unplug(name, &format!("net{index}")).await?;
+            let qmp = self.qmp(name)?;
+            qmp.execute("netdev_del", Some(json!({"id": format!("net{index}")})))
+                .await?;
+            ferry_net::delete_link(&ferry_net::tap_name(rec.id, index)).await?;
+        } else if slot.state() == VmState::Suspended {
+            return Err(AgentError::Conflict(format!(
+                "{name} is suspended; its devices cannot change"
+            )));
+        }
+        self.update_record(name, |r| {
+            if index < r.spec.nics.len() {
+                r.spec.nics.remove(index);
+                r.spec.boot_order.retain(|b| b != &format!("net{index}"));
+            }
+        })
+        .await?;
+        self.inner
+            .events
+            .emit(Some(name), "vm", format!("net{index} detached"));
+        Ok(())
+    }
+
+    /// `device_del` and wait until the guest let the device go.
+    async fn unplug(&self, name: &str, id: &str) -> Result<()> {
+        let qmp = self.qmp(name)?;
+        let mut ev = qmp.events();
+        qmp.execute("device_del", Some(json!({"id": id}))).await?;
+        let wait = async {
+            loop {
+                match ev.recv().await {
+                    Ok(e) if e.name == "DEVICE_DELETED" && e.data["device"] == json!(id) => return,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    _ => {}
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), wait)
+            .await
+            .map_err(|_| {
+                AgentError::Conflict(format!("the guest did not release {id} within 30 s"))
+            })
     }
 }

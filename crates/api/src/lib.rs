@@ -60,6 +60,8 @@ fn api() -> OpenApiRouter<Agent> {
         .routes(routes!(snapshots::attach_disk))
         .routes(routes!(snapshots::detach_disk))
         .routes(routes!(snapshots::change_cdrom))
+        .routes(routes!(snapshots::attach_nic))
+        .routes(routes!(snapshots::detach_nic))
         .routes(routes!(pools::list_pools, pools::create_pool))
         .routes(routes!(pools::get_pool, pools::delete_pool))
         .routes(routes!(pools::list_volumes, pools::create_volume))

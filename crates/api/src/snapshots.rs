@@ -181,3 +181,33 @@ pub async fn change_cdrom(
     a.change_cdrom(&name, index, media).await?;
     Ok(Json(a.get_vm(&name).await?))
 }
+
+/// The index of an attached NIC.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct NicAttached {
+    pub index: usize,
+}
+
+#[utoipa::path(post, path = "/api/v1/vms/{name}/nics", tag = "vms", request_body = ferry_types::NicSpec,
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 201, description = "Attached (hot-plugged with its tap if running)", body = NicAttached),
+              (status = 400, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+pub async fn attach_nic(
+    State(a): State<Agent>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(nic): ApiJson<ferry_types::NicSpec>,
+) -> ApiResult<(StatusCode, Json<NicAttached>)> {
+    let index = a.attach_nic(&name, nic).await?;
+    Ok((StatusCode::CREATED, Json(NicAttached { index })))
+}
+
+#[utoipa::path(delete, path = "/api/v1/vms/{name}/nics/{index}", tag = "vms",
+    params(("name" = String, Path, description = "VM name"), ("index" = usize, Path)),
+    responses((status = 204, description = "Detached"), (status = 409, body = ApiErrorBody)))]
+pub async fn detach_nic(
+    State(a): State<Agent>,
+    ApiPath((name, index)): ApiPath<(String, usize)>,
+) -> ApiResult<StatusCode> {
+    a.detach_nic(&name, index).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

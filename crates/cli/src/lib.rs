@@ -192,6 +192,9 @@ pub enum VmCmd {
     /// Disks of a VM (hot-plugged while running: virtio and scsi).
     #[command(subcommand)]
     Disk(DiskCmd),
+    /// NICs of a VM (hot-plugged while running).
+    #[command(subcommand)]
+    Nic(NicCmd),
     /// Insert an ISO (POOL/VOLUME) into a CD-ROM, or `eject` it; also while running.
     Cdrom {
         name: String,
@@ -220,6 +223,14 @@ pub enum DiskCmd {
         #[arg(long)]
         size: ByteSize,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NicCmd {
+    /// Add a NIC: bridge=NAME[,model=virtio|e1000][,mac=...].
+    Attach { name: String, nic: String },
+    /// Remove NIC INDEX; while running only the last one.
+    Detach { name: String, index: usize },
 }
 
 #[derive(Subcommand, Debug)]
@@ -487,6 +498,32 @@ async fn vm(c: &Client, g: &Global, cmd: VmCmd) -> Result<()> {
         }
         VmCmd::Pause { name } => action(c, g, &name, "pause", None).await,
         VmCmd::Disk(d) => disk(c, g, d).await,
+        VmCmd::Nic(NicCmd::Attach { name, nic }) => {
+            let body = specs::nic_json(&nic)?;
+            let v: Value = c
+                .request(
+                    Method::POST,
+                    &format!("/api/v1/vms/{name}/nics"),
+                    Some(&body),
+                )
+                .await?;
+            if g.json {
+                return print_json(&v);
+            }
+            println!("{name}: net{} attached", v["index"]);
+            Ok(())
+        }
+        VmCmd::Nic(NicCmd::Detach { name, index }) => {
+            let _: Value = c
+                .request(
+                    Method::DELETE,
+                    &format!("/api/v1/vms/{name}/nics/{index}"),
+                    None,
+                )
+                .await?;
+            println!("{name}: net{index} detached");
+            Ok(())
+        }
         VmCmd::Cdrom { name, index, media } => {
             let body = if media == "eject" {
                 json!({})

@@ -46,6 +46,11 @@ pub fn disk_json(d: &str) -> Result<Value> {
     Ok(Value::Object(m))
 }
 
+/// One `--nic` option as JSON.
+pub fn nic_json(n: &str) -> Result<Value> {
+    kv(n, &[]).map(Value::Object)
+}
+
 /// One `--cdrom` option as JSON.
 pub fn cdrom_json(s: &str) -> Result<Value> {
     cdrom(s)

@@ -27,6 +27,9 @@ fn boot(lab: &Lab, vm: &str) -> Result<()> {
 #[test]
 fn snapshot_with_memory_reverts_processes_and_ram() -> Result<()> {
     let lab = lab()?;
+    // Its disks lie on two pools.
+    let p2 = lab.dir.join("pool2");
+    lab.ferry_ok(&["pool", "create", "p2", "--path", p2.to_str().unwrap()])?;
     lab.create_test_vm(
         "s1",
         "10.77.0.20",
@@ -34,7 +37,7 @@ fn snapshot_with_memory_reverts_processes_and_ram() -> Result<()> {
             "--disk",
             "bus=virtio,size=64M",
             "--disk",
-            "bus=scsi,size=32M",
+            "bus=scsi,size=32M,pool=p2",
         ],
     )?;
     boot(&lab, "s1")?;
@@ -337,6 +340,33 @@ fn disks_hotplug_grow_online_and_cdrom_media_change() -> Result<()> {
             .len(),
         1
     );
+    // A NIC hot-plugged with its tap: the guest gets eth0 with the MAC and answers pings.
+    lab.ferry_ok(&["vm", "nic", "attach", "dev1", "bridge=br0"])?;
+    let mac = lab.ferry_json(&["vm", "show", "dev1"])?["spec"]["nics"][0]["mac"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let addr = wait_guest("cat /sys/class/net/eth0/address 2>/dev/null", &|o| {
+        !o.is_empty()
+    })?;
+    assert_eq!(addr, mac, "hot-plugged NIC has another MAC");
+    lab.guest_sh(
+        "dev1",
+        "ip link set eth0 up; ip addr add 10.77.0.50/24 dev eth0",
+    )?;
+    assert!(lab.ping("10.77.0.50", 3), "hot-plugged NIC does not answer");
+    lab.ferry_ok(&["vm", "nic", "detach", "dev1", "0"])?;
+    let gone = wait_guest("ls /sys/class/net | tr '\\n' ' '", &|o| !o.contains("eth0"))?;
+    assert!(
+        !gone.contains("eth0"),
+        "unplugged NIC still in the guest: {gone}"
+    );
+    let id = lab.ferry_json(&["vm", "show", "dev1"])?["id"].clone();
+    assert!(
+        lab.ip(&["link", "show", &format!("tap{id}i0")]).is_err(),
+        "tap left behind"
+    );
+
     // SATA cannot be hot-plugged: a clear refusal, nothing changes.
     let o = lab.ferry(&["vm", "disk", "attach", "dev1", "bus=sata,size=8M"])?;
     assert!(

@@ -228,8 +228,11 @@ impl Lab {
             g.initrd.display().to_string(),
         );
         let mut args = vec![
-            "vm", "create", name, "--cpus", "1", "--memory", "256M", "--kernel", &k, "--initrd", &i,
+            "vm", "create", name, "--cpus", "1", "--kernel", &k, "--initrd", &i,
         ];
+        if !extra.contains(&"--memory") {
+            args.extend_from_slice(&["--memory", "256M"]);
+        }
         args.extend_from_slice(&["--append", &append]);
         args.extend_from_slice(extra);
         self.ferry_ok(&args)?;
