@@ -50,18 +50,23 @@ pub fn run() -> Result<()> {
     let in_ns = |f: &(dyn Fn(&reqwest::Client) -> Result<f64> + Sync)| -> Result<f64> {
         in_netns(&ns, || f(&reqwest::Client::new()))?
     };
+    // The guest disk's cache mode (`--cache none|writeback|...`): the memory state is
+    // written into it.
+    let a: Vec<String> = std::env::args().collect();
+    let cache = a
+        .iter()
+        .position(|x| x == "--cache")
+        .and_then(|i| a.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| "none".into());
+    let disk = format!("bus=virtio,size=2G,cache={cache}");
     let mut rows = vec![];
     for mem in [256u64, 1024] {
         let vm = format!("m{mem}");
         lab.create_test_vm(
             &vm,
             "10.77.0.60",
-            &[
-                "--memory",
-                &format!("{mem}M"),
-                "--disk",
-                "bus=virtio,size=2G",
-            ],
+            &["--memory", &format!("{mem}M"), "--disk", &disk],
         )?;
         lab.ferry_ok(&["vm", "start", &vm])?;
         lab.wait_console(&vm, "FERRY-READY", std::time::Duration::from_secs(120))?;
@@ -108,21 +113,47 @@ pub fn run() -> Result<()> {
             .arg(&vol),
     )?;
     lab.ferry_ok(&["vm", "template", "tmpl"])?;
+    // Dirty pages of one copy must not slow the next one: flush before each timing.
+    let sync = || Command::new("sync").status();
+    sync()?;
     let linked = in_ns(&|c| {
         post(
             "/api/v1/vms/tmpl/clone",
             Some(json!({"name": "lc", "linked": true})),
         )(c)
     })?;
-    let full = in_ns(&|c| post("/api/v1/vms/tmpl/clone", Some(json!({"name": "fc"})))(c))?;
+    // Full clone vs qemu-img convert alone: alternating which goes first (the second
+    // of two large copies in a row is slower here, whichever it is), medians of 4.
     let peer_dst = lab.dir.join("peer.qcow2");
-    let peer = secs(
-        Command::new("qemu-img")
-            .args(["convert", "-f", "qcow2", "-O", "qcow2"])
-            .arg(&vol)
-            .arg(&peer_dst),
-    )?;
-    let _ = std::fs::remove_file(&peer_dst);
+    let (mut fulls, mut peers) = (vec![], vec![]);
+    for round in 0..4 {
+        let ferry_copy = || -> Result<f64> {
+            sync()?;
+            let name = format!("fc{round}");
+            let t = in_ns(&|c| post("/api/v1/vms/tmpl/clone", Some(json!({"name": name})))(c))?;
+            lab.ferry_ok(&["vm", "delete", &name])?;
+            Ok(t)
+        };
+        let peer_copy = || -> Result<f64> {
+            sync()?;
+            let t = secs(
+                Command::new("qemu-img")
+                    .args(["convert", "-f", "qcow2", "-O", "qcow2"])
+                    .arg(&vol)
+                    .arg(&peer_dst),
+            )?;
+            let _ = std::fs::remove_file(&peer_dst);
+            Ok(t)
+        };
+        if round % 2 == 0 {
+            fulls.push(ferry_copy()?);
+            peers.push(peer_copy()?);
+        } else {
+            peers.push(peer_copy()?);
+            fulls.push(ferry_copy()?);
+        }
+    }
+    let (full, peer) = (crate::median(fulls), crate::median(peers));
 
     let out = json!({"guests": rows, "linked_clone_s": linked, "full_clone_2g_s": full,
         "qemu_img_convert_2g_s": peer, "full_clone_ratio": full / peer});
@@ -130,7 +161,7 @@ pub fn run() -> Result<()> {
         println!("{out}");
         return Ok(());
     }
-    println!("ferry snapshot/clone benchmark (TCG; guest RAM 40 % filled with random data; times include the API task)\n");
+    println!("ferry snapshot/clone benchmark (TCG; guest RAM 40 % filled with random data; disk cache={cache}; times include the API task)\n");
     println!("| guest RAM | snapshot with memory | revert with memory | disk-only snapshot (running) | suspend | resume |");
     println!("|---|---|---|---|---|---|");
     for r in &rows {
@@ -152,7 +183,7 @@ pub fn run() -> Result<()> {
     println!("|---|---|---|---|");
     println!("| linked clone | {linked:.3} s | — | — |");
     println!(
-        "| full clone | {full:.2} s | {peer:.2} s | {:.2}× |",
+        "| full clone (median of 4, order alternated) | {full:.2} s | {peer:.2} s | {:.2}× |",
         full / peer
     );
     drop(lab);
