@@ -3,6 +3,7 @@
 //! serial console, VNC and events, Prometheus metrics at `/metrics`. Handlers only
 //! translate between HTTP and the [`Agent`]; errors become JSON in `error.rs`.
 
+mod devices;
 mod error;
 mod pools;
 mod snapshots;
@@ -57,11 +58,11 @@ fn api() -> OpenApiRouter<Agent> {
         .routes(routes!(snapshots::clone_vm))
         .routes(routes!(snapshots::make_template))
         .routes(routes!(snapshots::suspend_vm))
-        .routes(routes!(snapshots::attach_disk))
-        .routes(routes!(snapshots::detach_disk))
-        .routes(routes!(snapshots::change_cdrom))
-        .routes(routes!(snapshots::attach_nic))
-        .routes(routes!(snapshots::detach_nic))
+        .routes(routes!(devices::attach_disk))
+        .routes(routes!(devices::detach_disk))
+        .routes(routes!(devices::change_cdrom))
+        .routes(routes!(devices::attach_nic))
+        .routes(routes!(devices::detach_nic))
         .routes(routes!(pools::list_pools, pools::create_pool))
         .routes(routes!(pools::get_pool, pools::delete_pool))
         .routes(routes!(pools::list_volumes, pools::create_volume))

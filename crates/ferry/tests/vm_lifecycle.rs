@@ -57,9 +57,9 @@ fn vm_boots_answers_pings_console_and_survives_daemon_crash() -> Result<()> {
     assert!(lab.ping("10.77.0.10", 3), "guest does not answer pings");
 
     // Typing into the console: the guest's shell answers; both disks are there.
-    let out = lab.console_type(
+    let out = lab.guest_sh(
         "web1",
-        "echo MARK-$((6*7)); ls /sys/block | tr '\\n' ' '; echo; cat /sys/class/net/eth0/address\n",
+        "echo MARK-$((6*7)); ls /sys/block | tr '\\n' ' '; echo; cat /sys/class/net/eth0/address",
     )?;
     assert!(out.contains("MARK-42"), "console output: {out}");
     assert!(
@@ -102,23 +102,43 @@ fn vm_boots_answers_pings_console_and_survives_daemon_crash() -> Result<()> {
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     {
-        use std::io::Write;
+        // Read the pty's output on a thread; type, wait for the answer, then detach.
+        use std::io::{Read, Write};
+        let mut stdout = tty.stdout.take().unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+        let s2 = seen.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                s2.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        let has = |needle: &str| String::from_utf8_lossy(&seen.lock().unwrap()).contains(needle);
         let mut stdin = tty.stdin.take().unwrap();
-        std::thread::sleep(Duration::from_millis(800));
+        let t = std::time::Instant::now();
+        while !has("Ctrl-] detaches") && t.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         stdin.write_all(b"echo TTY-$((3*3))\r")?;
         stdin.flush()?;
-        std::thread::sleep(Duration::from_millis(2500));
+        while !has("TTY-9") && t.elapsed() < Duration::from_secs(40) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         stdin.write_all(b"\x1d")?;
         stdin.flush()?;
-        std::thread::sleep(Duration::from_millis(500));
+        let status = tty.wait()?;
+        drop(stdin);
+        reader.join().unwrap();
+        let text = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+        assert!(status.success(), "console on a tty failed: {text}");
+        assert!(
+            text.contains("TTY-9") && text.contains("detached"),
+            "tty console: {text}"
+        );
     }
-    let o = tty.wait_with_output()?;
-    let text = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "console on a tty failed: {text}");
-    assert!(
-        text.contains("TTY-9") && text.contains("detached"),
-        "tty console: {text}"
-    );
 
     // Pause and resume.
     lab.ferry_ok(&["vm", "pause", "web1"])?;
@@ -145,7 +165,7 @@ fn vm_boots_answers_pings_console_and_survives_daemon_crash() -> Result<()> {
         hist.contains("FERRY-READY"),
         "console history lost over the restart"
     );
-    let out = lab.console_type("web1", "echo AGAIN-$((7*7))\n")?;
+    let out = lab.guest_sh("web1", "echo AGAIN-$((7*7))")?;
     assert!(out.contains("AGAIN-49"), "console after restart: {out}");
 
     // A graceful daemon restart too.
@@ -298,7 +318,7 @@ fn every_disk_bus_cdrom_nic_model_and_uefi_start_in_qemu() -> Result<()> {
         "{m}"
     );
     // The guest (virtio drivers only) sees the virtio disk; the SCSI disk via virtio-scsi.
-    let out = lab.console_type("allbus", "ls /sys/block | tr '\\n' ' '; echo\n")?;
+    let out = lab.guest_sh("allbus", "ls /sys/block | tr '\\n' ' '")?;
     assert!(out.contains("vda") && out.contains("sda"), "{out}");
     lab.ferry_ok(&["vm", "kill", "allbus"])?;
 
