@@ -138,4 +138,3 @@ pub async fn suspend_vm(
         move |ctx| async move { agent.suspend_vm(&n, Some(&ctx)).await },
     )))
 }
-
