@@ -486,6 +486,33 @@ fn crashes_mid_snapshot_or_clone_leave_store_and_files_agreeing() -> Result<()> 
     }
     assert_eq!(lab.guest_sh("cr", "echo alive")?, "alive");
 
+    // 1b. The daemon dies right after deleting a memory snapshot started.
+    lab.ferry_ok(&["vm", "snapshot", "cr", "d1", "--with-memory"])?;
+    let o = lab
+        .cmd("curl")
+        .args([
+            "-s",
+            "-f",
+            "-X",
+            "DELETE",
+            "http://127.0.0.1:8470/api/v1/vms/cr/snapshots/d1",
+        ])
+        .output()?;
+    anyhow::ensure!(o.status.success(), "DELETE failed: {o:?}");
+    std::thread::sleep(Duration::from_millis(50));
+    lab.stop_daemon(true)?;
+    lab.start_daemon()?;
+    assert_eq!(lab.vm_state("cr")?.0, "running");
+    for d in &disks {
+        assert_eq!(
+            tags(d)?,
+            stored(&lab, "cr")?,
+            "store and {} disagree after a delete crash",
+            d.display()
+        );
+    }
+    assert_eq!(lab.guest_sh("cr", "echo alive")?, "alive");
+
     // 2. QEMU dies in the middle of a memory snapshot: the VM is crashed, starts again.
     let (_, pid) = lab.vm_state("cr")?;
     fire(
