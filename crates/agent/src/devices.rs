@@ -10,6 +10,26 @@ use ferry_types::{CdromSpec, DiskBus, DiskSpec, NicModel, NicSpec, VmState};
 use serde_json::json;
 use std::time::Duration;
 
+/// Devices of templates (immutable) and suspended VMs (their state file describes the
+/// devices) cannot change.
+fn changeable(
+    name: &str,
+    rec: &crate::records::VmRecord,
+    slot: &crate::runtime::Slot,
+) -> Result<()> {
+    if rec.template {
+        return Err(AgentError::Conflict(format!(
+            "{name} is a template; templates are immutable"
+        )));
+    }
+    if slot.state() == VmState::Suspended {
+        return Err(AgentError::Conflict(format!(
+            "{name} is suspended; its devices cannot change"
+        )));
+    }
+    Ok(())
+}
+
 impl Agent {
     /// Inserts an ISO (`pool` + `volume`) into CD-ROM `index`, or ejects it (neither).
     pub async fn change_cdrom(&self, name: &str, index: usize, media: CdromSpec) -> Result<()> {
@@ -73,16 +93,7 @@ impl Agent {
         let slot = self.slot(name);
         let _op = slot.op.lock().await;
         let (rec, _) = self.record(name).await?;
-        if rec.template {
-            return Err(AgentError::Conflict(format!(
-                "{name} is a template; templates are immutable"
-            )));
-        }
-        if slot.state() == VmState::Suspended {
-            return Err(AgentError::Conflict(format!(
-                "{name} is suspended; its devices cannot change"
-            )));
-        }
+        changeable(name, &rec, &slot)?;
         let running = slot.state().has_process();
         if running && !matches!(disk.bus, DiskBus::Virtio | DiskBus::Scsi) {
             return Err(AgentError::Conflict(format!(
@@ -224,16 +235,7 @@ impl Agent {
         let slot = self.slot(name);
         let _op = slot.op.lock().await;
         let (rec, _) = self.record(name).await?;
-        if rec.template {
-            return Err(AgentError::Conflict(format!(
-                "{name} is a template; templates are immutable"
-            )));
-        }
-        if slot.state() == VmState::Suspended {
-            return Err(AgentError::Conflict(format!(
-                "{name} is suspended; its devices cannot change"
-            )));
-        }
+        changeable(name, &rec, &slot)?;
         let mut spec = rec.spec.clone();
         spec.nics.push(nic);
         spec.validate()?;

@@ -55,17 +55,34 @@ pub async fn revert_snapshot(
     State(a): State<Agent>,
     ApiPath((name, snap)): ApiPath<(String, String)>,
 ) -> ApiResult<Accepted> {
+    on_snapshot(&a, name, snap, "vm.revert", |agent, n, s, ctx| async move {
+        agent.revert_snapshot(&n, &s, Some(&ctx)).await
+    })
+    .await
+}
+
+/// Checks that the snapshot exists (404 at once), then runs `f` on it as a task.
+async fn on_snapshot<F, Fut>(
+    a: &Agent,
+    name: String,
+    snap: String,
+    kind: &'static str,
+    f: F,
+) -> ApiResult<Accepted>
+where
+    F: FnOnce(Agent, String, String, ferry_agent::TaskCtx) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ferry_agent::Result<()>> + Send + 'static,
+{
     let list = a.list_snapshots(&name).await?;
     if !list.snapshots.iter().any(|s| s.name == snap) {
         return Err(AgentError::NotFound(format!("Snapshot {snap} of {name}")).into());
     }
     let agent = a.clone();
     let n = name.clone();
-    Ok(accepted(a.tasks().spawn(
-        "vm.revert",
-        &name,
-        move |ctx| async move { agent.revert_snapshot(&n, &snap, Some(&ctx)).await },
-    )))
+    Ok(accepted(
+        a.tasks()
+            .spawn(kind, &name, move |ctx| f(agent, n, snap, ctx)),
+    ))
 }
 
 #[utoipa::path(delete, path = "/api/v1/vms/{name}/snapshots/{snapshot}", tag = "snapshots",
@@ -75,17 +92,14 @@ pub async fn delete_snapshot(
     State(a): State<Agent>,
     ApiPath((name, snap)): ApiPath<(String, String)>,
 ) -> ApiResult<Accepted> {
-    let list = a.list_snapshots(&name).await?;
-    if !list.snapshots.iter().any(|s| s.name == snap) {
-        return Err(AgentError::NotFound(format!("Snapshot {snap} of {name}")).into());
-    }
-    let agent = a.clone();
-    let n = name.clone();
-    Ok(accepted(a.tasks().spawn(
+    on_snapshot(
+        &a,
+        name,
+        snap,
         "vm.snapshot-delete",
-        &name,
-        move |ctx| async move { agent.delete_snapshot(&n, &snap, Some(&ctx)).await },
-    )))
+        |agent, n, s, ctx| async move { agent.delete_snapshot(&n, &s, Some(&ctx)).await },
+    )
+    .await
 }
 
 #[utoipa::path(post, path = "/api/v1/vms/{name}/clone", tag = "snapshots", request_body = CloneRequest,
