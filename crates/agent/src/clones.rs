@@ -10,7 +10,7 @@ use crate::tasks::TaskCtx;
 use crate::Agent;
 use ferry_store::StoreJson;
 use ferry_types::validate::check_name;
-use ferry_types::{CloneOf, CloneRequest, ValidationErrors, VmAction, VmState};
+use ferry_types::{CloneOf, CloneRequest, ValidationErrors, VmAction};
 
 impl Agent {
     /// Checks a clone request before any work (for an immediate 4xx).
@@ -101,17 +101,11 @@ impl Agent {
             }
         }
         let new_rec = VmRecord {
-            id,
-            spec,
-            last_state: VmState::Stopped,
-            last_exit: None,
-            template: false,
-            current_snapshot: None,
             clone_of: Some(CloneOf {
                 vm: src.to_string(),
                 linked: req.linked,
             }),
-            suspend_file: None,
+            ..VmRecord::new(id, spec)
         };
         match self
             .inner

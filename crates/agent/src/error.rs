@@ -23,6 +23,15 @@ pub enum AgentError {
     Net(#[from] ferry_net::NetError),
     #[error("State store")]
     Store(#[from] ferry_store::StoreError),
+    #[error(transparent)]
+    Lock(#[from] ferry_storage::LockError),
+    #[error("Host {host}: {what}")]
+    Peer {
+        host: String,
+        what: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
     #[error("{what}")]
     Io {
         what: String,
@@ -46,6 +55,7 @@ impl AgentError {
             AgentError::Invalid(_) => ErrorClass::BadRequest,
             AgentError::NotFound(_) => ErrorClass::NotFound,
             AgentError::Conflict(_) | AgentError::State(_) => ErrorClass::Conflict,
+            AgentError::Lock(ferry_storage::LockError::Held { .. }) => ErrorClass::Conflict,
             AgentError::Storage(e) => match e {
                 ferry_storage::StorageError::NotFound(_) => ErrorClass::NotFound,
                 ferry_storage::StorageError::Exists(_) => ErrorClass::Conflict,

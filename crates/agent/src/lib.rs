@@ -9,12 +9,16 @@
 //! supervisor task of a running VM follows QMP events and notices QEMU's exit.
 
 mod clones;
+mod cluster;
 mod console;
 mod devices;
 mod error;
 mod events;
 mod lifecycle;
+mod locks;
+mod maintenance;
 mod metrics;
+mod migration;
 mod pools;
 mod records;
 mod repair;
@@ -28,6 +32,7 @@ pub use console::Console;
 pub use error::{AgentError, ErrorClass, Result};
 pub use events::EventLog;
 pub use ferry_types::HostInfo;
+pub use maintenance::plan_evacuation;
 pub use tasks::{TaskCtx, Tasks};
 
 pub use ferry_qemu::{Accel, AccelSetting};
@@ -45,6 +50,10 @@ pub struct AgentConfig {
     pub run_dir: PathBuf,
     pub accel: AccelSetting,
     pub qemu_binary: String,
+    /// This host's name in the cluster.
+    pub host_name: String,
+    /// The cluster file (hosts, their APIs and migration addresses), if in a cluster.
+    pub cluster_file: Option<PathBuf>,
 }
 
 struct Inner {
@@ -55,6 +64,8 @@ struct Inner {
     tasks: Tasks,
     slots: Mutex<HashMap<String, Arc<runtime::Slot>>>,
     qemu_version: String,
+    /// Outgoing live migrations: VM → (destination, QEMU's last status).
+    outgoing: Mutex<HashMap<String, (String, String)>>,
 }
 
 /// The agent. Cheap to clone.
@@ -85,11 +96,13 @@ impl Agent {
                 tasks,
                 slots: Mutex::new(HashMap::new()),
                 qemu_version,
+                outgoing: Mutex::new(HashMap::new()),
             }),
         };
         agent.ensure_default_pool().await?;
         agent.adopt_all().await?;
         agent.repair().await?;
+        agent.recover_migrations().await;
         tracing::info!(%accel, "agent ready");
         Ok(agent)
     }
@@ -108,14 +121,19 @@ impl Agent {
 
     pub async fn host_info(&self) -> Result<HostInfo> {
         let vms = self.list_vms().await?;
+        let live = vms.iter().filter(|v| v.state.has_process());
         Ok(HostInfo {
+            name: self.host_name().to_string(),
             hostname: nix_hostname(),
             accel: self.inner.accel.to_string(),
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
             memory_bytes: host_memory_bytes(),
+            memory_available_bytes: meminfo("MemAvailable:"),
+            vm_memory_bytes: live.clone().map(|v| v.spec.memory_mib << 20).sum(),
             qemu_version: self.inner.qemu_version.clone(),
-            vms_running: vms.iter().filter(|v| v.state.has_process()).count(),
+            vms_running: live.count(),
             vms_defined: vms.len(),
+            maintenance: self.in_maintenance().await?,
         })
     }
 }
@@ -143,11 +161,16 @@ fn nix_hostname() -> String {
 
 /// MemTotal from /proc/meminfo.
 pub fn host_memory_bytes() -> u64 {
+    meminfo("MemTotal:")
+}
+
+/// A /proc/meminfo figure in bytes.
+fn meminfo(key: &str) -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
             m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
+                .find(|l| l.starts_with(key))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|k| k.parse::<u64>().ok())
         })

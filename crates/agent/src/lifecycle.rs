@@ -38,7 +38,7 @@ pub(crate) fn ovmf_paths() -> Option<(PathBuf, PathBuf)> {
 }
 
 impl Agent {
-    fn set_state(&self, name: &str, slot: &Slot, state: VmState) {
+    pub(crate) fn set_state(&self, name: &str, slot: &Slot, state: VmState) {
         let old = slot.with(|rt| std::mem::replace(&mut rt.state, state));
         if old != state {
             self.inner
@@ -137,7 +137,7 @@ impl Agent {
         })
     }
 
-    async fn remove_taps(&self, id: u32, nics: usize) {
+    pub(crate) async fn remove_taps(&self, id: u32, nics: usize) {
         for i in 0..nics {
             let t = ferry_net::tap_name(id, i);
             if let Err(e) = ferry_net::delete_link(&t).await {
@@ -149,6 +149,12 @@ impl Agent {
     pub async fn start_vm(&self, name: &str) -> Result<()> {
         let slot = self.slot(name);
         let _op = slot.op.lock().await;
+        if self.in_maintenance().await? {
+            return Err(AgentError::Conflict(format!(
+                "Host {} is in maintenance: no VM starts here (ferry host activate)",
+                self.host_name()
+            )));
+        }
         self.start_locked(name, &slot).await
     }
 
@@ -157,7 +163,8 @@ impl Agent {
     }
 
     /// Starts QEMU; `paused` leaves the vCPUs stopped (to load a snapshot first).
-    /// A suspended VM resumes from its state file.
+    /// A suspended VM resumes from its state file. The VM's shared volumes are locked
+    /// first (refused if another host holds them).
     pub(crate) async fn start_with(
         &self,
         name: &str,
@@ -179,10 +186,39 @@ impl Agent {
             None
         };
         plan.incoming = resume_from.is_some();
+        self.lock_disks(name, &rec.spec).await?;
+        let r = self
+            .run_plan(name, slot, &rec, &plan, resume_from.as_deref())
+            .await;
+        if r.is_err() && slot.state() != VmState::Suspended {
+            self.unlock_disks(&rec.spec).await;
+        }
+        r
+    }
+
+    /// Starts QEMU waiting for a live migration (`-incoming defer`); the source holds
+    /// the disk locks until the migration finishes.
+    pub(crate) async fn start_incoming(&self, name: &str, slot: &Arc<Slot>) -> Result<()> {
+        let (rec, _) = self.record(name).await?;
+        let mut plan = self.plan(&rec).await?;
+        plan.incoming = true;
+        self.run_plan(name, slot, &rec, &plan, None).await
+    }
+
+    /// Launches `plan`; on failure everything it made is removed and the VM is back
+    /// where it was (stopped, or suspended with its state file).
+    async fn run_plan(
+        &self,
+        name: &str,
+        slot: &Arc<Slot>,
+        rec: &VmRecord,
+        plan: &LaunchPlan,
+        resume_from: Option<&str>,
+    ) -> Result<()> {
         let before = slot.state();
         self.set_state(name, slot, VmState::Starting);
-        let launched = match self.launch(name, slot, &rec, &plan).await {
-            Ok(()) => match &resume_from {
+        let launched = match self.launch(name, slot, rec, plan).await {
+            Ok(()) => match resume_from {
                 Some(f) => self.load_suspended(name, slot, f).await,
                 None => Ok(()),
             },
@@ -373,6 +409,10 @@ impl Agent {
         if let Ok((r, _)) = self.record(name).await {
             self.remove_taps(r.id, r.spec.nics.len()).await;
             self.remove_overlays(r.id);
+            if state != VmState::Suspended {
+                // After a live migration the locks are the destination's: a no-op then.
+                self.unlock_disks(&r.spec).await;
+            }
         }
         self.set_state(name, slot, state);
         self.save_state(name, state, why).await;
@@ -389,7 +429,7 @@ impl Agent {
         }
     }
 
-    async fn wait_gone(&self, slot: &Slot, within: Duration) -> bool {
+    pub(crate) async fn wait_gone(&self, slot: &Slot, within: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + within;
         while tokio::time::Instant::now() < deadline {
             if !slot.state().has_process() {
@@ -544,6 +584,7 @@ impl Agent {
                     });
                     if was.has_process() {
                         self.remove_taps(rec.id, rec.spec.nics.len()).await;
+                        self.unlock_disks(&rec.spec).await;
                         self.save_state(&name, state, why).await;
                         self.inner.events.emit(
                             Some(&name),
@@ -584,6 +625,7 @@ impl Agent {
         let state = match status.get("status").and_then(|s| s.as_str()) {
             Some("running") => VmState::Running,
             Some("paused")
+            | Some("inmigrate")
             | Some("prelaunch")
             | Some("suspended")
             | Some("postmigrate")

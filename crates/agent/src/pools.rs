@@ -39,8 +39,27 @@ impl Agent {
             .await?
         {
             Some((spec, _)) => match spec.kind {
-                PoolKind::Dir => Ok(DirPool::new(name, spec.path)),
+                PoolKind::Dir | PoolKind::Shared => Ok(DirPool::new(name, spec.path)),
             },
+            None => Err(AgentError::NotFound(format!("Pool {name}"))),
+        }
+    }
+
+    pub(crate) async fn pool_specs(&self) -> Result<Vec<PoolSpec>> {
+        Ok(self.inner.store.list_json::<PoolSpec>(POOLS).await?)
+    }
+
+    /// The lock directory of pool `name` if it is shared (None for local pools).
+    pub(crate) async fn pool_locks(&self, name: &str) -> Result<Option<ferry_storage::LockDir>> {
+        match self
+            .inner
+            .store
+            .get_json::<PoolSpec>(&pool_key(name))
+            .await?
+        {
+            Some((spec, _)) => Ok(
+                (spec.kind == PoolKind::Shared).then(|| ferry_storage::LockDir::new(&spec.path))
+            ),
             None => Err(AgentError::NotFound(format!("Pool {name}"))),
         }
     }

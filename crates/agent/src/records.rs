@@ -32,6 +32,35 @@ pub(crate) struct VmRecord {
     /// While suspended: the file holding RAM and device state.
     #[serde(default)]
     pub suspend_file: Option<String>,
+    /// Source: a live migration to this host is under way.
+    #[serde(default)]
+    pub migrating_to: Option<String>,
+    /// Destination: the VM is arriving from this host (not ours until it finishes).
+    #[serde(default)]
+    pub incoming_from: Option<String>,
+    /// The id the VM had where it was created, when it arrived here under another
+    /// (its volumes keep names with that id).
+    #[serde(default)]
+    pub origin_id: Option<u32>,
+}
+
+impl VmRecord {
+    /// A stopped VM that has never run.
+    pub fn new(id: u32, spec: VmSpec) -> VmRecord {
+        VmRecord {
+            id,
+            spec,
+            last_state: VmState::Stopped,
+            last_exit: None,
+            template: false,
+            current_snapshot: None,
+            clone_of: None,
+            suspend_file: None,
+            migrating_to: None,
+            incoming_from: None,
+            origin_id: None,
+        }
+    }
 }
 
 impl Agent {
@@ -74,8 +103,35 @@ impl Agent {
         }
     }
 
-    /// A new VM id, unique on this host (compare-and-swap on a counter).
+    /// A new VM id, unique on this host (compare-and-swap on a counter), skipping ids
+    /// whose volumes exist in a pool (another host of the cluster made them on a shared
+    /// pool).
     pub(crate) async fn allocate_id(&self) -> Result<u32> {
+        loop {
+            let id = self.next_counter().await?;
+            if !self.id_has_volumes(id).await? {
+                return Ok(id);
+            }
+        }
+    }
+
+    /// Whether any pool holds a `vm-{id}-*` file.
+    pub(crate) async fn id_has_volumes(&self, id: u32) -> Result<bool> {
+        let prefix = format!("vm-{id}-");
+        for p in self.pool_specs().await? {
+            if let Ok(rd) = std::fs::read_dir(&p.path) {
+                if rd
+                    .flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    async fn next_counter(&self) -> Result<u32> {
         let store = &self.inner.store;
         loop {
             let cur = store.get_json::<u32>(NEXT_ID).await?;

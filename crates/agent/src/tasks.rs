@@ -36,6 +36,10 @@ impl TaskCtx {
         tracing::info!(task = %self.id, "{line}");
         self.tasks.update(&self.id, |t| t.log.push(line));
     }
+    /// Sets what the task produced.
+    pub fn result(&self, v: serde_json::Value) {
+        self.tasks.update(&self.id, |t| t.result = Some(v));
+    }
     pub fn progress(&self, p: f32) {
         self.tasks
             .update(&self.id, |t| t.progress = p.clamp(0.0, 1.0));
@@ -111,6 +115,7 @@ impl Tasks {
             progress: 0.0,
             log: vec![],
             error: None,
+            result: None,
             started_ms: now_ms(),
             ended_ms: None,
         };

@@ -4,7 +4,7 @@ use crate::error::{AgentError, Result};
 use crate::records::{vm_key, VmRecord};
 use crate::Agent;
 use ferry_store::StoreJson;
-use ferry_types::{random_mac, DeleteVmParams, Vm, VmAction, VmSpec, VmState};
+use ferry_types::{random_mac, DeleteVmParams, Vm, VmAction, VmSpec};
 use std::collections::HashSet;
 
 impl Agent {
@@ -20,6 +20,11 @@ impl Agent {
             template: r.template,
             current_snapshot: r.current_snapshot,
             clone_of: r.clone_of,
+            migration: match (&r.migrating_to, &r.incoming_from) {
+                (Some(to), _) => Some(format!("to {to}")),
+                (_, Some(from)) => Some(format!("from {from}")),
+                _ => None,
+            },
             spec: r.spec,
         }
     }
@@ -183,16 +188,7 @@ impl Agent {
                 return Err(e);
             }
         };
-        let rec = VmRecord {
-            id,
-            spec: spec.clone(),
-            last_state: VmState::Stopped,
-            last_exit: None,
-            template: false,
-            current_snapshot: None,
-            clone_of: None,
-            suspend_file: None,
-        };
+        let rec = VmRecord::new(id, spec.clone());
         let created = self
             .inner
             .store
@@ -309,6 +305,7 @@ impl Agent {
         self.delete_snapshot_records(name).await?;
         if !params.keep_disks {
             let prefix = format!("vm-{}-", rec.id);
+            let origin = rec.origin_id.map(|o| format!("vm-{o}-"));
             let own: Vec<(String, String)> = rec
                 .spec
                 .disks
@@ -316,12 +313,16 @@ impl Agent {
                 .filter_map(|d| {
                     d.volume
                         .as_ref()
-                        .filter(|v| v.starts_with(&prefix))
+                        .filter(|v| {
+                            v.starts_with(&prefix)
+                                || origin.as_ref().is_some_and(|o| v.starts_with(o))
+                        })
                         .map(|v| (d.pool.clone(), v.clone()))
                 })
                 .collect();
             self.remove_volumes(&own).await;
         }
+        self.unlock_disks(&rec.spec).await;
         self.inner.store.delete(&vm_key(name)).await?;
         let _ = std::fs::remove_dir_all(self.run_paths(rec.id).dir);
         let _ = std::fs::remove_dir_all(self.vm_state_dir(rec.id));

@@ -5,6 +5,7 @@
 
 mod devices;
 mod error;
+mod migration;
 mod pools;
 mod snapshots;
 mod tasks;
@@ -33,7 +34,8 @@ use utoipa_swagger_ui::SwaggerUi;
         (name = "network", description = "Host bridges"),
         (name = "tasks", description = "Long operations"),
         (name = "events", description = "Event log"),
-        (name = "host", description = "This host"),
+        (name = "host", description = "This host and its cluster"),
+        (name = "migration", description = "Live migration (and the host-to-host calls it makes)"),
     )
 )]
 struct ApiDoc;
@@ -74,6 +76,13 @@ fn api() -> OpenApiRouter<Agent> {
         .routes(routes!(tasks::get_task))
         .routes(routes!(tasks::list_events))
         .routes(routes!(tasks::host))
+        .routes(routes!(migration::migrate_vm))
+        .routes(routes!(migration::prepare_incoming))
+        .routes(routes!(migration::finish_incoming))
+        .routes(routes!(migration::get_migration))
+        .routes(routes!(migration::cluster_hosts))
+        .routes(routes!(migration::enter_maintenance))
+        .routes(routes!(migration::activate_host))
 }
 
 /// The OpenAPI document (checked in as `openapi.json`).

@@ -17,6 +17,8 @@ async fn app() -> (tempfile::TempDir, Router, Agent) {
             run_dir: d.path().join("run"),
             accel: ferry_qemu_setting(),
             qemu_binary: "qemu-system-x86_64".into(),
+            host_name: "test".into(),
+            cluster_file: None,
         },
         Arc::new(store),
     )

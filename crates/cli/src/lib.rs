@@ -8,10 +8,12 @@ mod specs;
 
 pub use client::Client;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
-use ferry_types::{ByteSize, Event, HostInfo, Pool, Task, TaskAccepted, Vm, Volume};
+use ferry_types::{
+    ByteSize, ClusterHost, Event, HostInfo, MigrationReport, Pool, Task, TaskAccepted, Vm, Volume,
+};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -50,8 +52,26 @@ pub enum Command {
         #[arg(long)]
         vm: Option<String>,
     },
-    /// Facts about the daemon's host.
-    Host,
+    /// The daemon's host, the cluster's hosts, maintenance mode.
+    Host {
+        #[command(subcommand)]
+        cmd: Option<HostCmd>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum HostCmd {
+    /// Facts about the daemon's host (the default).
+    Show,
+    /// The hosts of the cluster.
+    List,
+    /// Maintenance mode: move every running VM away (live), take no new ones.
+    Maintenance {
+        /// The host (default: the daemon's).
+        host: Option<String>,
+    },
+    /// End maintenance mode.
+    Activate { host: Option<String> },
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -189,6 +209,29 @@ pub enum VmCmd {
     Suspend {
         name: String,
     },
+    /// Move a running VM to another host while it runs (live migration).
+    Migrate {
+        name: String,
+        /// The destination host.
+        #[arg(long)]
+        to: String,
+        /// Also copy disks on local pools (mirrored over NBD while the guest runs).
+        #[arg(long)]
+        with_storage: bool,
+        /// With --with-storage: the destination's pool for the copies.
+        #[arg(long)]
+        target_pool: Option<String>,
+        /// Longest pause allowed at switchover, ms (default 50).
+        #[arg(long)]
+        downtime: Option<u64>,
+        /// Bandwidth cap, MiB/s (default 1024).
+        #[arg(long)]
+        bandwidth: Option<u64>,
+        /// Never switch to post-copy (a guest that dirties faster than the link then
+        /// only converges by throttling).
+        #[arg(long)]
+        no_postcopy: bool,
+    },
     /// Disks of a VM (hot-plugged while running: virtio and scsi).
     #[command(subcommand)]
     Disk(DiskCmd),
@@ -244,6 +287,10 @@ pub enum PoolCmd {
         name: String,
         #[arg(long)]
         path: String,
+        /// dir (this host only) or shared (a directory every host mounts; volumes
+        /// locked to one writer).
+        #[arg(long = "type", default_value = "dir")]
+        kind: String,
     },
     /// Remove an empty pool's definition.
     Delete {
@@ -381,21 +428,114 @@ pub async fn run(g: Global, cmd: Command) -> Result<()> {
             }
             Ok(())
         }
-        Command::Host => {
+        Command::Host { cmd } => host(&c, &g, cmd.unwrap_or(HostCmd::Show)).await,
+    }
+}
+
+/// The client of host `name` of the cluster (`None`: the daemon's own).
+async fn host_client(c: &Client, name: Option<&str>) -> Result<Client> {
+    let Some(name) = name else {
+        return Ok(c.clone());
+    };
+    let hosts: Vec<ClusterHost> = c.get("/api/v1/cluster/hosts").await?;
+    hosts
+        .iter()
+        .find(|h| h.name == name)
+        .map(|h| Client::new(&h.api))
+        .with_context(|| {
+            format!(
+                "no host {name} in the cluster (hosts: {})",
+                hosts
+                    .iter()
+                    .map(|h| h.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+}
+
+async fn host(c: &Client, g: &Global, cmd: HostCmd) -> Result<()> {
+    match cmd {
+        HostCmd::Show => {
             let h: HostInfo = c.get("/api/v1/host").await?;
             if g.json {
                 return print_json(&h);
             }
             println!(
-                "{}: {} CPUs, {} memory, accel {}, {}; {} of {} VMs running",
+                "{} ({}): {} CPUs, {} memory ({} available), accel {}, {}; {} of {} VMs running{}",
+                h.name,
                 h.hostname,
                 h.cpus,
                 ByteSize(h.memory_bytes),
+                ByteSize(h.memory_available_bytes),
                 h.accel,
                 h.qemu_version,
                 h.vms_running,
-                h.vms_defined
+                h.vms_defined,
+                if h.maintenance {
+                    "; IN MAINTENANCE"
+                } else {
+                    ""
+                }
             );
+            Ok(())
+        }
+        HostCmd::List => {
+            let hosts: Vec<ClusterHost> = c.get("/api/v1/cluster/hosts").await?;
+            let mut rows = vec![];
+            for h in &hosts {
+                let info: Result<HostInfo> = Client::new(&h.api).get("/api/v1/host").await;
+                rows.push((h.clone(), info.ok()));
+            }
+            if g.json {
+                let v: Vec<Value> = rows
+                    .iter()
+                    .map(|(h, i)| json!({"host": h, "info": i}))
+                    .collect();
+                return print_json(&v);
+            }
+            let mut t = table(&["HOST", "ADDRESS", "STATE", "VMS", "VM MEMORY", "AVAILABLE"]);
+            for (h, i) in rows {
+                match i {
+                    Some(i) => t.add_row(vec![
+                        h.name,
+                        h.address,
+                        if i.maintenance {
+                            "maintenance"
+                        } else {
+                            "online"
+                        }
+                        .to_string(),
+                        format!("{}/{}", i.vms_running, i.vms_defined),
+                        ByteSize(i.vm_memory_bytes).to_string(),
+                        ByteSize(i.memory_available_bytes).to_string(),
+                    ]),
+                    None => t.add_row(vec![h.name, h.address, "unreachable".into()]),
+                };
+            }
+            println!("{t}");
+            Ok(())
+        }
+        HostCmd::Maintenance { host } => {
+            let hc = host_client(c, host.as_deref()).await?;
+            let t: TaskAccepted = hc
+                .request(Method::POST, "/api/v1/host/maintenance", None)
+                .await?;
+            let done = hc.wait_task(t, g.json).await?;
+            if g.json {
+                return print_json(&done);
+            }
+            for l in &done.log {
+                println!("{l}");
+            }
+            println!("{} is in maintenance", done.target);
+            Ok(())
+        }
+        HostCmd::Activate { host } => {
+            let hc = host_client(c, host.as_deref()).await?;
+            hc.request::<Value>(Method::POST, "/api/v1/host/activate", None)
+                .await?;
+            println!("{} active", host.unwrap_or_else(|| "host".into()));
             Ok(())
         }
     }
@@ -551,6 +691,63 @@ async fn vm(c: &Client, g: &Global, cmd: VmCmd) -> Result<()> {
             Ok(())
         }
         VmCmd::Suspend { name } => action(c, g, &name, "suspend", None).await,
+        VmCmd::Migrate {
+            name,
+            to,
+            with_storage,
+            target_pool,
+            downtime,
+            bandwidth,
+            no_postcopy,
+        } => {
+            let mut body = json!({"to": to, "with_storage": with_storage});
+            if let Some(p) = target_pool {
+                body["target_pool"] = json!(p);
+            }
+            if let Some(d) = downtime {
+                body["downtime_limit_ms"] = json!(d);
+            }
+            if let Some(b) = bandwidth {
+                body["max_bandwidth_mib"] = json!(b);
+            }
+            if no_postcopy {
+                body["allow_postcopy"] = json!(false);
+            }
+            let t: TaskAccepted = c
+                .request(
+                    Method::POST,
+                    &format!("/api/v1/vms/{name}/migrate"),
+                    Some(&body),
+                )
+                .await?;
+            let done = c.wait_task(t, g.json).await?;
+            let report: MigrationReport = done
+                .result
+                .clone()
+                .map(serde_json::from_value)
+                .transpose()?
+                .context("the migration task gave no report")?;
+            if g.json {
+                return print_json(&report);
+            }
+            println!(
+                "{name} now runs on {}: {} ms total, QEMU downtime {} ms, {} of RAM sent in {} passes{}",
+                report.to,
+                report.total_ms,
+                report.downtime_ms,
+                ByteSize(report.ram_transferred_bytes),
+                report.passes,
+                if report.disk_transferred_bytes > 0 {
+                    format!(", {} of disk", ByteSize(report.disk_transferred_bytes))
+                } else {
+                    String::new()
+                }
+            );
+            for s in &report.policy_steps {
+                println!("  policy: {s}");
+            }
+            Ok(())
+        }
         VmCmd::Snapshot {
             name,
             snapshot,
@@ -755,12 +952,12 @@ async fn pool(c: &Client, g: &Global, cmd: PoolCmd) -> Result<()> {
         PoolCmd::Show { name } => {
             print_json(&c.get::<Pool>(&format!("/api/v1/pools/{name}")).await?)
         }
-        PoolCmd::Create { name, path } => {
+        PoolCmd::Create { name, path, kind } => {
             let p: Pool = c
                 .request(
                     Method::POST,
                     "/api/v1/pools",
-                    Some(&json!({"name": name, "type": "dir", "path": path})),
+                    Some(&json!({"name": name, "type": kind, "path": path})),
                 )
                 .await?;
             if g.json {

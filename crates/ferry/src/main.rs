@@ -1,6 +1,8 @@
 //! The `ferry` binary: `ferry serve` runs the daemon; every other subcommand is the CLI,
 //! talking to a daemon over REST.
 
+mod lab;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use ferry_agent::{AccelSetting, Agent, AgentConfig};
@@ -21,6 +23,9 @@ struct Cli {
 enum Cmd {
     /// Run the daemon (API, agent) on this host.
     Serve(ServeArgs),
+    /// A cluster on this machine: hosts in network namespaces, faults on demand.
+    #[command(subcommand)]
+    Lab(lab::LabCmd),
     #[command(flatten)]
     Cli(ferry_cli::Command),
 }
@@ -42,6 +47,12 @@ struct ServeArgs {
     /// The QEMU binary.
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: String,
+    /// This host's name in the cluster (default: the hostname).
+    #[arg(long)]
+    host_name: Option<String>,
+    /// The cluster file: JSON `{"hosts": [{"name", "api", "address"}]}`.
+    #[arg(long)]
+    cluster: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -56,6 +67,13 @@ fn main() -> Result<()> {
                 )
                 .init();
             rt.block_on(serve(a))
+        }
+        Cmd::Lab(l) => {
+            if let Err(e) = lab::run(l) {
+                eprintln!("ferry lab: {e:#}");
+                std::process::exit(1);
+            }
+            Ok(())
         }
         Cmd::Cli(c) => {
             let r = rt.block_on(ferry_cli::run(cli.global, c));
@@ -86,6 +104,12 @@ async fn serve(a: ServeArgs) -> Result<()> {
             run_dir: a.run_dir.clone(),
             accel: a.accel,
             qemu_binary: a.qemu.clone(),
+            host_name: a.host_name.clone().unwrap_or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_string())
+                    .unwrap_or_else(|_| "localhost".into())
+            }),
+            cluster_file: a.cluster.clone(),
         },
         Arc::new(store),
     )

@@ -4,8 +4,18 @@
 //! namespace, its directory — is removed on drop, also when a test fails.
 //! Only addresses inside the lab's own namespace are ever used.
 
+mod cli;
+mod cluster;
+mod ping;
+mod records;
+mod sweep;
+
+pub use cli::Cli;
+pub use cluster::{ClusterLab, LabHost, CLIENT_ADDR, LAN_PREFIX, SHARED_POOL};
+pub use ping::{PingRecorder, PingReport};
+pub use records::{verify_records, RecordReport, RECORD_WRITER};
+
 use anyhow::{bail, Context, Result};
-use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -15,7 +25,7 @@ use std::time::{Duration, Instant};
 pub const BRIDGE_ADDR: &str = "10.77.0.1";
 pub const API_PORT: u16 = 8470;
 
-static SEQ: AtomicU32 = AtomicU32::new(0);
+pub(crate) static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// The tiny test guest built by `scripts/build-guest.sh`.
 pub struct Guest {
@@ -54,14 +64,21 @@ fn run(cmd: &mut Command) -> Result<Output> {
 pub struct Lab {
     pub ns: String,
     pub dir: PathBuf,
-    ferry: PathBuf,
+    cli: Cli,
     daemon: Option<Child>,
+}
+
+impl std::ops::Deref for Lab {
+    type Target = Cli;
+    fn deref(&self) -> &Cli {
+        &self.cli
+    }
 }
 
 impl Lab {
     /// A new namespace with `br0` up at 10.77.0.1/24. `ferry` is the binary to run.
     pub fn new(ferry: impl Into<PathBuf>) -> Result<Lab> {
-        sweep_stale();
+        sweep::sweep_stale();
         let ns = format!(
             "fy{}-{}",
             std::process::id(),
@@ -72,9 +89,13 @@ impl Lab {
         std::fs::create_dir_all(&dir)?;
         run(Command::new("ip").args(["netns", "add", &ns]))?;
         let lab = Lab {
+            cli: Cli {
+                ferry: ferry.into(),
+                ns: ns.clone(),
+                server: format!("http://127.0.0.1:{API_PORT}"),
+            },
             ns,
             dir,
-            ferry: ferry.into(),
             daemon: None,
         };
         lab.ip(&["link", "set", "lo", "up"])?;
@@ -87,13 +108,6 @@ impl Lab {
     /// `ip -n NS ARGS`.
     pub fn ip(&self, args: &[&str]) -> Result<Output> {
         run(Command::new("ip").arg("-n").arg(&self.ns).args(args))
-    }
-
-    /// A command run inside the namespace.
-    pub fn cmd(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.ns, program]);
-        c
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -120,7 +134,7 @@ impl Lab {
             .append(true)
             .open(self.dir.join("daemon.log"))?;
         let child = self
-            .cmd(self.ferry.to_str().context("ferry path")?)
+            .cmd(self.cli.ferry.to_str().context("ferry path")?)
             .args([
                 "serve",
                 "--listen",
@@ -187,156 +201,6 @@ impl Lab {
         Ok(())
     }
 
-    /// Runs the CLI in the namespace against the lab daemon.
-    pub fn ferry(&self, args: &[&str]) -> Result<Output> {
-        self.cmd(self.ferry.to_str().context("ferry path")?)
-            .args(["--server", &format!("http://127.0.0.1:{API_PORT}")])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .context("run ferry CLI")
-    }
-
-    /// Runs the CLI and fails with its stderr unless it succeeded.
-    pub fn ferry_ok(&self, args: &[&str]) -> Result<String> {
-        let o = self.ferry(args)?;
-        if !o.status.success() {
-            bail!(
-                "ferry {args:?} failed: {}{}",
-                String::from_utf8_lossy(&o.stderr),
-                String::from_utf8_lossy(&o.stdout)
-            );
-        }
-        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
-    }
-
-    /// `ferry --json ARGS` parsed.
-    pub fn ferry_json(&self, args: &[&str]) -> Result<Value> {
-        let mut a = vec!["--json"];
-        a.extend_from_slice(args);
-        let out = self.ferry_ok(&a)?;
-        serde_json::from_str(&out).with_context(|| format!("JSON from ferry {args:?}: {out}"))
-    }
-
-    /// Defines a VM booting the test guest (1 vCPU, 256 MiB) with `ip` on its first NIC,
-    /// plus `extra` CLI options; returns `ferry vm show`.
-    pub fn create_test_vm(&self, name: &str, ip: &str, extra: &[&str]) -> Result<Value> {
-        let g = guest()?;
-        let append = format!("console=ttyS0 quiet ip={ip}/24 ferry.hostname={name}");
-        let (k, i) = (
-            g.kernel.display().to_string(),
-            g.initrd.display().to_string(),
-        );
-        let mut args = vec![
-            "vm", "create", name, "--cpus", "1", "--kernel", &k, "--initrd", &i,
-        ];
-        if !extra.contains(&"--memory") {
-            args.extend_from_slice(&["--memory", "256M"]);
-        }
-        args.extend_from_slice(&["--append", &append]);
-        args.extend_from_slice(extra);
-        self.ferry_ok(&args)?;
-        self.ferry_json(&["vm", "show", name])
-    }
-
-    /// (state, pid) of a VM.
-    pub fn vm_state(&self, name: &str) -> Result<(String, Option<i64>)> {
-        let v = self.ferry_json(&["vm", "show", name])?;
-        Ok((
-            v["state"].as_str().unwrap_or("").to_string(),
-            v["pid"].as_i64(),
-        ))
-    }
-
-    /// Runs a shell line in the guest over its console and returns what it printed
-    /// (between two markers, so the echoed input and prompts are left out). Waits up to
-    /// two minutes for the line to finish.
-    pub fn guest_sh(&self, vm: &str, line: &str) -> Result<String> {
-        let tag = format!(
-            "{}x{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        );
-        self.console_type(
-            vm,
-            &format!("echo BEGIN-{tag}; {line}; echo; echo END-{tag}\n"),
-        )?;
-        // Output lines start a line; the echoed input has "echo BEGIN-tag;".
-        let (begin, end) = (format!("\nBEGIN-{tag}"), format!("\nEND-{tag}"));
-        let t = Instant::now();
-        loop {
-            let hist = self.ferry_ok(&["vm", "console", vm, "--history"])?;
-            if let (Some(a), Some(b)) = (hist.rfind(&begin), hist.rfind(&end)) {
-                if a < b {
-                    let body = &hist[a + begin.len()..b];
-                    return Ok(body.replace('\r', "").trim().to_string());
-                }
-            }
-            if t.elapsed() > Duration::from_secs(120) {
-                bail!("no answer from {vm} to {line:?}; console:\n{hist}");
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    /// Types `input` into a VM's console through `ferry vm console` and returns what it printed.
-    pub fn console_type(&self, vm: &str, input: &str) -> Result<String> {
-        use std::io::Write;
-        let mut child = self
-            .cmd(self.ferry.to_str().context("ferry path")?)
-            .args([
-                "--server",
-                &format!("http://127.0.0.1:{API_PORT}"),
-                "vm",
-                "console",
-                vm,
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        child
-            .stdin
-            .take()
-            .context("stdin")?
-            .write_all(input.as_bytes())?;
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "ferry vm console failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    /// Waits until the console history of `vm` contains `needle`.
-    pub fn wait_console(&self, vm: &str, needle: &str, within: Duration) -> Result<String> {
-        let t = Instant::now();
-        let mut last = String::new();
-        while t.elapsed() < within {
-            if let Ok(o) = self.ferry(&["vm", "console", vm, "--history"]) {
-                last = String::from_utf8_lossy(&o.stdout).into_owned();
-                if last.contains(needle) {
-                    return Ok(last);
-                }
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
-        bail!("{needle:?} not on the console of {vm} within {within:?}; console so far:\n{last}")
-    }
-
-    /// Pings `addr` from the namespace; true if any reply came.
-    pub fn ping(&self, addr: &str, count: u32) -> bool {
-        self.cmd("ping")
-            .args(["-c", &count.to_string(), "-W", "2", "-i", "0.3", addr])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-    }
-
     /// Pids of QEMUs whose pidfiles lie in this lab's run dir and still run them.
     pub fn qemu_pids(&self) -> Vec<i32> {
         let mut out = vec![];
@@ -368,59 +232,6 @@ pub fn pid_runs_qemu_of(pid: i32, dir: &Path) -> bool {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let needle = dir.as_os_str().as_encoded_bytes();
     !stat.is_empty() && !zombie && cmdline.windows(needle.len()).any(|w| w == needle)
-}
-
-/// Removes what labs of test processes that no longer exist left behind (a test killed
-/// before its drop ran): their namespaces, the processes in them, their directories.
-fn sweep_stale() {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
-        return;
-    };
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Some(name) = line.split_whitespace().next() else {
-            continue;
-        };
-        let Some((pid, _)) = name.strip_prefix("fy").and_then(|r| r.split_once('-')) else {
-            continue;
-        };
-        let Ok(pid) = pid.parse::<u32>() else {
-            continue;
-        };
-        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
-            continue;
-        }
-        // Every process still inside that namespace was started by that lab.
-        if let Ok(o) = Command::new("ip").args(["netns", "pids", name]).output() {
-            for p in String::from_utf8_lossy(&o.stdout)
-                .split_whitespace()
-                .filter_map(|p| p.parse::<i32>().ok())
-            {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(p),
-                    nix::sys::signal::SIGKILL,
-                );
-            }
-        }
-        let dir = PathBuf::from("/var/tmp/ferry-lab").join(name);
-        if let Ok(rd) = std::fs::read_dir(dir.join("run")) {
-            for e in rd.flatten() {
-                let run = e.path();
-                if let Some(p) = std::fs::read_to_string(run.join("qemu.pid"))
-                    .ok()
-                    .and_then(|s| s.trim().parse().ok())
-                {
-                    if pid_runs_qemu_of(p, &run) {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(p),
-                            nix::sys::signal::SIGKILL,
-                        );
-                    }
-                }
-            }
-        }
-        let _ = Command::new("ip").args(["netns", "del", name]).status();
-        let _ = std::fs::remove_dir_all(dir);
-    }
 }
 
 impl Drop for Lab {

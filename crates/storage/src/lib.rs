@@ -3,9 +3,11 @@
 //! volume name can never point outside its pool.
 
 mod dir;
+mod lock;
 mod qemu_img;
 
 pub use dir::{create_overlay, DirPool, SnapshotOp};
+pub use lock::{LockDir, LockError, VolumeLock};
 pub use qemu_img::{info as image_info, ImageInfo, InternalSnapshot};
 
 use ferry_types::ValidationErrors;

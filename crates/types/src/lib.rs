@@ -5,6 +5,7 @@
 pub mod error;
 pub mod event;
 pub mod host;
+pub mod migration;
 pub mod size;
 pub mod state;
 pub mod storage;
@@ -14,7 +15,8 @@ pub mod vm;
 
 pub use error::ApiErrorBody;
 pub use event::Event;
-pub use host::HostInfo;
+pub use host::{ClusterFile, ClusterHost, HostInfo};
+pub use migration::*;
 pub use size::ByteSize;
 pub use state::{VmAction, VmState};
 pub use storage::{Pool, PoolKind, PoolSpec, Volume, VolumeCreate, VolumeImport, VolumeResize};

@@ -13,6 +13,9 @@ pub enum PoolKind {
     /// Volumes are qcow2/raw files in a local directory.
     #[default]
     Dir,
+    /// Like `dir`, on a directory every host of the cluster mounts (NFS); a volume is
+    /// open read-write on one host at a time (a lock with owner and generation).
+    Shared,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -30,7 +33,7 @@ impl PoolSpec {
         let mut e = ValidationErrors::default();
         check_name(&mut e, "name", &self.name);
         match self.kind {
-            PoolKind::Dir => {
+            PoolKind::Dir | PoolKind::Shared => {
                 if !self.path.starts_with('/') || self.path.split('/').any(|c| c == "..") {
                     e.push("path", "must be an absolute path without '..'");
                 }

@@ -221,6 +221,10 @@ pub struct Vm {
     /// The VM this one was cloned from, and whether its disks are linked to it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clone_of: Option<CloneOf>,
+    /// A live migration under way: `to HOST` on the source, `from HOST` on the
+    /// destination.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

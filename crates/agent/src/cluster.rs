@@ -1,0 +1,139 @@
+//! The other hosts: who they are (the cluster file; the cluster store later) and a
+//! small HTTP client to their APIs for host-to-host calls (migration).
+
+use crate::error::{AgentError, Result};
+use crate::Agent;
+use ferry_types::{ApiErrorBody, ClusterFile, ClusterHost};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::time::Duration;
+
+/// A call to another host's API.
+#[derive(Clone)]
+pub(crate) struct Peer {
+    pub host: ClusterHost,
+    http: reqwest::Client,
+}
+
+impl Peer {
+    fn err(&self, what: String, source: Option<reqwest::Error>) -> AgentError {
+        AgentError::Peer {
+            host: self.host.name.clone(),
+            what,
+            source: source.map(|e| Box::new(e) as _),
+        }
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+        what: &str,
+    ) -> Result<T> {
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| self.err(format!("{what}: cannot reach {}", self.host.api), Some(e)))?;
+        let status = resp.status();
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| self.err(format!("{what}: read the answer"), Some(e)))?;
+        if !status.is_success() {
+            let msg = serde_json::from_slice::<ApiErrorBody>(&bytes)
+                .map(|b| {
+                    let mut m = b.error;
+                    for c in b.causes {
+                        m.push_str(&format!("; {c}"));
+                    }
+                    m
+                })
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            return Err(if status == reqwest::StatusCode::NOT_FOUND {
+                AgentError::NotFound(format!("{msg} (on host {})", self.host.name))
+            } else {
+                self.err(format!("{what}: {msg} ({status})"), None)
+            });
+        }
+        let body = if bytes.is_empty() {
+            &b"null"[..]
+        } else {
+            &bytes[..]
+        };
+        serde_json::from_slice(body)
+            .map_err(|e| self.err(format!("{what}: unexpected answer ({e})"), None))
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let req = self.http.get(format!("{}{path}", self.host.api));
+        self.send(req, &format!("GET {path}")).await
+    }
+
+    pub async fn post<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T> {
+        let req = self
+            .http
+            .post(format!("{}{path}", self.host.api))
+            .json(body);
+        self.send(req, &format!("POST {path}")).await
+    }
+}
+
+impl Agent {
+    /// This host's name in the cluster.
+    pub fn host_name(&self) -> &str {
+        &self.inner.cfg.host_name
+    }
+
+    /// The cluster's hosts (this one included); just this host without a cluster file.
+    pub fn cluster_hosts(&self) -> Result<Vec<ClusterHost>> {
+        let Some(path) = &self.inner.cfg.cluster_file else {
+            return Ok(vec![]);
+        };
+        let bytes = std::fs::read(path).map_err(|source| AgentError::Io {
+            what: format!("Read the cluster file {}", path.display()),
+            source,
+        })?;
+        let f: ClusterFile = serde_json::from_slice(&bytes)
+            .map_err(|e| AgentError::Conflict(format!("Cluster file {}: {e}", path.display())))?;
+        Ok(f.hosts)
+    }
+
+    /// The API client of another host.
+    pub(crate) fn peer(&self, name: &str) -> Result<Peer> {
+        self.peer_with_timeout(name, Duration::from_secs(30))
+    }
+
+    pub(crate) fn peer_with_timeout(&self, name: &str, timeout: Duration) -> Result<Peer> {
+        if name == self.host_name() {
+            return Err(AgentError::invalid("to", format!("{name} is this host")));
+        }
+        let hosts = self.cluster_hosts()?;
+        let host = hosts
+            .into_iter()
+            .find(|h| h.name == name)
+            .ok_or_else(|| AgentError::NotFound(format!("Host {name} in the cluster")))?;
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(Duration::from_secs(3))
+            .build()
+            .map_err(|e| AgentError::Peer {
+                host: name.into(),
+                what: "HTTP client".into(),
+                source: Some(Box::new(e)),
+            })?;
+        Ok(Peer { host, http })
+    }
+
+    /// This host's migration address (from the cluster file).
+    pub(crate) fn own_address(&self) -> Result<String> {
+        self.cluster_hosts()?
+            .into_iter()
+            .find(|h| h.name == self.host_name())
+            .map(|h| h.address)
+            .ok_or_else(|| {
+                AgentError::Conflict(format!(
+                    "This host ({}) is not in the cluster file",
+                    self.host_name()
+                ))
+            })
+    }
+}

@@ -1,0 +1,379 @@
+//! Live migration, the destination's side: a QEMU waiting with `-incoming` (taps on the
+//! bridge before switchover, MAC announcements right after), optional NBD exports for
+//! copied disks, and a watchdog: the VM becomes this host's when the source says so,
+//! or by itself once QEMU completed the migration and the source stays silent; it is
+//! dropped when the source gave up or vanished before completion.
+
+use crate::error::{AgentError, Result};
+use crate::records::{vm_key, VmRecord};
+use crate::runtime::Slot;
+use crate::Agent;
+use ferry_store::StoreJson;
+use ferry_types::{ByteSize, IncomingReady, IncomingRequest, MigrationInfo, VmState};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long the destination waits for an unreachable source before dropping its copy.
+const SOURCE_SILENCE: Duration = Duration::from_secs(30);
+/// How long it waits for the source's word after QEMU completed.
+const FINISH_GRACE: Duration = Duration::from_secs(5);
+
+impl Agent {
+    /// Prepares to receive `req.vm`: record (marked incoming), volumes for copied
+    /// disks, QEMU listening. All or nothing.
+    pub async fn prepare_incoming(&self, req: IncomingRequest) -> Result<IncomingReady> {
+        let name = req.vm.spec.name.clone();
+        req.vm.spec.validate()?;
+        if self.in_maintenance().await? {
+            return Err(AgentError::Conflict(format!(
+                "Host {} is in maintenance: it takes no VMs",
+                self.host_name()
+            )));
+        }
+        if self.record(&name).await.is_ok() {
+            return Err(AgentError::Conflict(format!(
+                "A VM named {name} exists on {} already",
+                self.host_name()
+            )));
+        }
+        let need = req.vm.spec.memory_mib << 20;
+        let avail = crate::meminfo("MemAvailable:");
+        if avail > 0 && need > avail {
+            return Err(AgentError::Conflict(format!(
+                "{name} needs {} MiB; {} has {} MiB available",
+                need >> 20,
+                self.host_name(),
+                avail >> 20
+            )));
+        }
+        let addr = self.own_address()?;
+        let slot = self.slot(&name);
+        let _op = slot.op.lock().await;
+        let id = match req.origin_id {
+            Some(o) if !self.id_taken_here(o).await? => o,
+            _ => self.allocate_id().await?,
+        };
+        let mut spec = req.vm.spec.clone();
+        let mut made = vec![];
+        let pool = req.target_pool.clone().unwrap_or_else(|| "local".into());
+        let made_ok: Result<()> = async {
+            for (k, &i) in req.copy_disks.iter().enumerate() {
+                let size = *req
+                    .copy_sizes
+                    .get(k)
+                    .ok_or_else(|| AgentError::invalid("copy_sizes", "one size per copied disk"))?;
+                let d = spec
+                    .disks
+                    .get_mut(i)
+                    .ok_or_else(|| AgentError::invalid("copy_disks", format!("no disk {i}")))?;
+                let vol = format!("vm-{id}-disk-{i}");
+                self.dir_pool(&pool)
+                    .await?
+                    .create(&vol, ByteSize(size), d.format)
+                    .await?;
+                made.push((pool.clone(), vol.clone()));
+                d.pool = pool.clone();
+                d.volume = Some(vol);
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = made_ok {
+            self.remove_volumes(&made).await;
+            return Err(e);
+        }
+        let origin = req.origin_id.filter(|&o| o != id);
+        let rec = VmRecord {
+            template: req.vm.template,
+            current_snapshot: req.vm.current_snapshot.clone(),
+            clone_of: req.vm.clone_of.clone(),
+            incoming_from: Some(req.source.clone()),
+            origin_id: origin,
+            ..VmRecord::new(id, spec)
+        };
+        if !self.inner.store.create_json(&vm_key(&name), &rec).await? {
+            self.remove_volumes(&made).await;
+            return Err(AgentError::Conflict(format!("A VM named {name} exists")));
+        }
+        let r = async {
+            for s in &req.vm.snapshots {
+                self.inner
+                    .store
+                    .put_json(&format!("/snapshots/{name}/{}", s.name), s)
+                    .await?;
+            }
+            self.start_incoming(&name, &slot).await?;
+            let qmp = self.qmp(&name)?;
+            qmp.execute(
+                "migrate-set-capabilities",
+                Some(json!({"capabilities": [
+                    {"capability": "postcopy-ram", "state": req.postcopy},
+                ]})),
+            )
+            .await?;
+            // Announce the MACs at once and a few times more (the LAN's bridges learn
+            // where the VM is from these), instead of QEMU's 50 ms first delay.
+            qmp.execute(
+                "migrate-set-parameters",
+                Some(json!({
+                    "announce-initial": 1, "announce-max": 100,
+                    "announce-rounds": 6, "announce-step": 20,
+                })),
+            )
+            .await?;
+            qmp.execute(
+                "migrate-incoming",
+                Some(json!({"uri": format!("tcp:{addr}:0")})),
+            )
+            .await?;
+            let info = qmp.execute("query-migrate", None).await?;
+            let port = info["socket-address"]
+                .as_array()
+                .and_then(|a| a.first())
+                .and_then(|s| s["port"].as_str().map(String::from))
+                .ok_or_else(|| {
+                    AgentError::Conflict(format!("QEMU did not say where it listens: {info}"))
+                })?;
+            let mut ready = IncomingReady {
+                uri: format!("tcp:{addr}:{port}"),
+                nbd: None,
+                exports: vec![],
+                volumes: made.iter().map(|(_, v)| v.clone()).collect(),
+            };
+            if !req.copy_disks.is_empty() {
+                ready.nbd = Some(self.start_nbd(&qmp, &addr).await?);
+                for &i in &req.copy_disks {
+                    let export = format!("disk{i}");
+                    qmp.execute(
+                        "block-export-add",
+                        Some(json!({
+                            "type": "nbd", "id": format!("mig-{export}"),
+                            "node-name": export, "name": export, "writable": true,
+                            "allow-inactive": true,
+                        })),
+                    )
+                    .await?;
+                    ready.exports.push(export);
+                }
+            }
+            Ok::<_, AgentError>(ready)
+        }
+        .await;
+        match r {
+            Ok(ready) => {
+                self.inner.events.emit(
+                    Some(&name),
+                    "migration",
+                    format!("waiting for {name} from {} on {}", req.source, ready.uri),
+                );
+                let agent = self.clone();
+                let n = name.clone();
+                tokio::spawn(async move { agent.watch_incoming(n).await });
+                Ok(ready)
+            }
+            Err(e) => {
+                self.drop_incoming_locked(&name, &slot).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether `id` names a VM or a run dir on this host.
+    async fn id_taken_here(&self, id: u32) -> Result<bool> {
+        Ok(self.records().await?.iter().any(|r| r.id == id) || self.run_paths(id).dir.exists())
+    }
+
+    async fn start_nbd(&self, qmp: &ferry_qmp::Qmp, addr: &str) -> Result<String> {
+        let mut last = None;
+        for _ in 0..20 {
+            let port = 20000 + rand::random::<u16>() % 20000;
+            match qmp
+                .execute(
+                    "nbd-server-start",
+                    Some(json!({"addr": {"type": "inet", "data": {"host": addr, "port": port.to_string()}}})),
+                )
+                .await
+            {
+                Ok(_) => return Ok(format!("{addr}:{port}")),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last
+            .map(AgentError::from)
+            .unwrap_or_else(|| AgentError::Conflict("no free port for the NBD server".into())))
+    }
+
+    /// The source's word: `success` makes the VM this host's (locks taken over), else
+    /// the prepared copy goes. Returns the locks as "volume@host:generation".
+    pub async fn finish_incoming(&self, name: &str, success: bool) -> Result<Vec<String>> {
+        let slot = self.slot(name);
+        let _op = slot.op.lock().await;
+        self.finish_incoming_locked(name, &slot, success).await
+    }
+
+    async fn finish_incoming_locked(
+        &self,
+        name: &str,
+        slot: &Arc<Slot>,
+        success: bool,
+    ) -> Result<Vec<String>> {
+        let (rec, _) = self.record(name).await?;
+        let Some(source) = rec.incoming_from.clone() else {
+            if success {
+                return Ok(vec![]); // finished already (a retry)
+            }
+            return Err(AgentError::Conflict(format!(
+                "VM {name} runs on {} (the migration finished)",
+                self.host_name()
+            )));
+        };
+        if !success {
+            self.drop_incoming_locked(name, slot).await;
+            return Ok(vec![]);
+        }
+        let qmp = self.qmp(name)?;
+        let t = Instant::now();
+        loop {
+            let st = qmp.execute("query-migrate", None).await?;
+            match st["status"].as_str() {
+                Some("completed") => break,
+                Some("failed") | Some("cancelled") => {
+                    return Err(AgentError::Conflict(format!(
+                        "the incoming migration of {name} {}",
+                        st["status"]
+                    )))
+                }
+                _ if t.elapsed() > Duration::from_secs(10) => {
+                    return Err(AgentError::Conflict(format!(
+                        "QEMU has not completed the incoming migration of {name} ({})",
+                        st["status"]
+                    )))
+                }
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        let locks = self.take_over_locks(&rec.spec, &source).await?;
+        let _ = qmp.execute("nbd-server-stop", None).await;
+        let state = slot.state();
+        let state = if state == VmState::Starting {
+            VmState::Running
+        } else {
+            state
+        };
+        self.update_record(name, |r| {
+            r.incoming_from = None;
+            r.last_state = state;
+        })
+        .await?;
+        self.inner.events.emit(
+            Some(name),
+            "migration",
+            format!("{name} arrived from {source} and runs here"),
+        );
+        Ok(locks)
+    }
+
+    /// Removes a prepared VM that never became this host's: QEMU, record, volumes made
+    /// for copied disks (disks on pools only this host sees).
+    pub(crate) async fn drop_incoming_locked(&self, name: &str, slot: &Arc<Slot>) {
+        let Ok((rec, _)) = self.record(name).await else {
+            return;
+        };
+        if rec.incoming_from.is_none() {
+            return;
+        }
+        if slot.state().has_process() {
+            if let Err(e) = self.stop_locked(name, slot).await {
+                tracing::warn!(vm = name, error = %e, "cannot stop the incoming QEMU");
+            }
+        }
+        let mut copies = vec![];
+        for d in &rec.spec.disks {
+            if let (Ok(None), Some(v)) = (self.pool_locks(&d.pool).await, &d.volume) {
+                copies.push((d.pool.clone(), v.clone()));
+            }
+        }
+        self.remove_volumes(&copies).await;
+        if let Err(e) = self.forget_vm(name, &rec).await {
+            tracing::warn!(vm = name, error = %e, "cannot remove the incoming VM's record");
+        }
+        self.inner.events.emit(
+            Some(name),
+            "migration",
+            format!(
+                "dropped the incoming copy of {name} (the source {} keeps it)",
+                rec.incoming_from.unwrap_or_default()
+            ),
+        );
+    }
+
+    /// Follows an incoming VM until it is this host's or dropped.
+    pub(crate) async fn watch_incoming(self, name: String) {
+        let mut completed_at: Option<Instant> = None;
+        let mut silent_since: Option<Instant> = None;
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let Ok((rec, _)) = self.record(&name).await else {
+                return;
+            };
+            let Some(source) = rec.incoming_from.clone() else {
+                return;
+            };
+            let slot = self.slot(&name);
+            let status = match self.qmp(&name) {
+                Ok(q) => q
+                    .execute("query-migrate", None)
+                    .await
+                    .ok()
+                    .and_then(|v| v["status"].as_str().map(String::from))
+                    .unwrap_or_default(),
+                Err(_) => {
+                    let _op = slot.op.lock().await;
+                    self.drop_incoming_locked(&name, &slot).await;
+                    return;
+                }
+            };
+            if status == "completed" {
+                let at = *completed_at.get_or_insert_with(Instant::now);
+                if at.elapsed() >= FINISH_GRACE {
+                    tracing::warn!(vm = %name, %source, "source silent after completion; taking over");
+                    if let Err(e) = self.finish_incoming(&name, true).await {
+                        tracing::error!(vm = %name, error = %e, "cannot take over the migrated VM");
+                    }
+                    return;
+                }
+                continue;
+            }
+            let drop_it = match self.peer_with_timeout(&source, Duration::from_secs(3)) {
+                Ok(p) => match p
+                    .get::<MigrationInfo>(&format!("/api/v1/migrations/{name}"))
+                    .await
+                {
+                    Ok(i) => {
+                        silent_since = None;
+                        i.to != self.host_name() || i.status == "failed" || i.status == "cancelled"
+                    }
+                    Err(AgentError::NotFound(_)) => true,
+                    Err(_) => {
+                        let since = *silent_since.get_or_insert_with(Instant::now);
+                        since.elapsed() >= SOURCE_SILENCE && !status.starts_with("postcopy")
+                    }
+                },
+                Err(_) => true,
+            };
+            if drop_it {
+                let _op = slot.op.lock().await;
+                // Checked again under the lock: the source may have finished meanwhile.
+                if self
+                    .record(&name)
+                    .await
+                    .is_ok_and(|(r, _)| r.incoming_from.is_some())
+                {
+                    self.drop_incoming_locked(&name, &slot).await;
+                }
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,413 @@
+//! Live migration, the source's side (seed 004's three steps): the destination prepares
+//! a QEMU with `-incoming` (same devices, same MACs, taps already on its bridge), this
+//! QEMU sends RAM in passes over TCP between the hosts' addresses with a dirty bitmap
+//! while the guest runs, then pauses it for the last pages and device state; the
+//! destination resumes it and announces its MACs. The disk locks and the VM record move
+//! when it completes; on failure the VM keeps running here and the destination removes
+//! what it prepared. `incoming.rs` is the destination's side, `policy.rs` decides
+//! throttling and post-copy, `recover.rs` finishes migrations a daemon restart cut off.
+
+mod incoming;
+pub(crate) mod policy;
+mod recover;
+mod storage;
+
+use crate::error::{AgentError, Result};
+use crate::tasks::TaskCtx;
+use crate::Agent;
+use ferry_qmp::Qmp;
+use ferry_types::{
+    IncomingFinish, IncomingReady, IncomingRequest, MigrateRequest, MigrationInfo, MigrationReport,
+    VmState, VmTransfer,
+};
+use policy::{Decision, Policy, PolicyConfig, Sample};
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+const POLL: Duration = Duration::from_millis(100);
+const DEFAULT_DOWNTIME_MS: u64 = 50;
+const DEFAULT_BANDWIDTH_MIB: u64 = 1024;
+
+impl Agent {
+    /// Outgoing migrations (the destination asks while it waits).
+    pub fn outgoing_migration(&self, vm: &str) -> Option<MigrationInfo> {
+        self.inner
+            .outgoing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(vm)
+            .map(|(to, status)| MigrationInfo {
+                vm: vm.to_string(),
+                to: to.clone(),
+                status: status.clone(),
+            })
+    }
+
+    fn set_outgoing(&self, vm: &str, to: Option<(&str, &str)>) {
+        let mut m = self
+            .inner
+            .outgoing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match to {
+            Some((to, status)) => {
+                m.insert(vm.to_string(), (to.to_string(), status.to_string()));
+            }
+            None => {
+                m.remove(vm);
+            }
+        }
+    }
+
+    /// Moves running VM `name` to host `req.to` while it runs.
+    pub async fn migrate_vm(
+        &self,
+        name: &str,
+        req: MigrateRequest,
+        ctx: &TaskCtx,
+    ) -> Result<MigrationReport> {
+        req.validate()?;
+        let t0 = Instant::now();
+        let slot = self.slot(name);
+        let _op = slot.op.lock().await;
+        let (rec, _) = self.record(name).await?;
+        let state = slot.state();
+        if !matches!(state, VmState::Running | VmState::Paused) {
+            return Err(AgentError::Conflict(format!(
+                "VM {name} is {state}: only running or paused VMs migrate live (a stopped VM moves with ferry vm move)"
+            )));
+        }
+        if rec.incoming_from.is_some() || rec.migrating_to.is_some() {
+            return Err(AgentError::Conflict(format!(
+                "VM {name} is already migrating"
+            )));
+        }
+        let peer = self.peer(&req.to)?;
+        let mut copy = vec![];
+        let mut copy_sizes = vec![];
+        for (i, d) in rec.spec.disks.iter().enumerate() {
+            if d.nonpersistent {
+                return Err(AgentError::Conflict(format!(
+                    "disk {i} is non-persistent: its writes live in this host's run dir; stop the VM to move it"
+                )));
+            }
+            if self.pool_locks(&d.pool).await?.is_none() {
+                if !req.with_storage {
+                    return Err(AgentError::Conflict(format!(
+                        "disk {i} is on pool {}, which only this host sees: migrate with --with-storage to copy it",
+                        d.pool
+                    )));
+                }
+                let vol = d.volume.as_deref().unwrap_or_default();
+                copy_sizes.push(self.dir_pool(&d.pool).await?.info(vol).await?.virtual_bytes);
+                copy.push(i);
+            }
+        }
+        let snapshots = self.list_snapshots(name).await?.snapshots;
+        if !copy.is_empty() && !snapshots.is_empty() {
+            return Err(AgentError::Conflict(format!(
+                "VM {name} has snapshots, which a disk copy while running does not carry; delete them or put its disks on a shared pool"
+            )));
+        }
+        let qmp = self.qmp(name)?;
+        let postcopy = req.allow_postcopy.unwrap_or(true) && copy.is_empty();
+        let transfer = VmTransfer {
+            spec: rec.spec.clone(),
+            template: rec.template,
+            current_snapshot: rec.current_snapshot.clone(),
+            clone_of: rec.clone_of.clone(),
+            snapshots,
+        };
+        let incoming = IncomingRequest {
+            source: self.host_name().to_string(),
+            vm: transfer,
+            copy_disks: copy.clone(),
+            copy_sizes,
+            target_pool: req.target_pool.clone(),
+            postcopy,
+            origin_id: Some(rec.origin_id.unwrap_or(rec.id)),
+        };
+        self.set_outgoing(name, Some((&req.to, "setup")));
+        self.update_record(name, |r| r.migrating_to = Some(req.to.clone()))
+            .await?;
+        self.inner.events.emit(
+            Some(name),
+            "migration",
+            format!("live migration to {} started", req.to),
+        );
+        ctx.log(format!("preparing {} to receive {name}", req.to));
+        let r = async {
+            let ready: IncomingReady = peer.post("/api/v1/migrations/incoming", &incoming).await?;
+            ctx.log(format!("destination QEMU listens on {}", ready.uri));
+            let r = self
+                .run_migration(name, &qmp, &req, &ready, &copy, postcopy, ctx)
+                .await;
+            if r.is_err() {
+                let abort = IncomingFinish { success: false };
+                if let Err(e) = peer
+                    .post::<serde_json::Value>(
+                        &format!("/api/v1/migrations/incoming/{name}/finish"),
+                        &abort,
+                    )
+                    .await
+                {
+                    ctx.log(format!(
+                        "could not tell {} to drop its copy ({e}); it removes it by itself",
+                        req.to
+                    ));
+                }
+            }
+            r
+        }
+        .await;
+        let mut report = match r {
+            Ok(report) => report,
+            Err(e) => {
+                self.set_outgoing(name, None);
+                let _ = self.update_record(name, |r| r.migrating_to = None).await;
+                self.inner.events.emit(
+                    Some(name),
+                    "migration",
+                    format!(
+                        "migration to {} failed: {}; the VM stays here",
+                        req.to,
+                        crate::error_chain(&e).join(": ")
+                    ),
+                );
+                return Err(e);
+            }
+        };
+        // The destination runs the VM: make it the owner, end the paused QEMU here.
+        self.set_outgoing(name, Some((&req.to, "completed")));
+        match peer
+            .post::<Vec<String>>(
+                &format!("/api/v1/migrations/incoming/{name}/finish"),
+                &IncomingFinish { success: true },
+            )
+            .await
+        {
+            Ok(locks) => report.locks = locks,
+            Err(e) => ctx.log(format!(
+                "{} did not confirm ({e}); it takes over by itself",
+                req.to
+            )),
+        }
+        self.finish_outgoing(name, &slot, &copy).await?;
+        self.set_outgoing(name, None);
+        report.from = self.host_name().to_string();
+        report.to = req.to.clone();
+        report.vm = name.to_string();
+        report.total_ms = t0.elapsed().as_millis() as u64;
+        self.inner.events.emit(
+            Some(name),
+            "migration",
+            format!(
+                "migrated to {} in {} ms (downtime {} ms)",
+                req.to, report.total_ms, report.downtime_ms
+            ),
+        );
+        ctx.log(format!(
+            "done: {} ms total, QEMU downtime {} ms, {} MiB sent in {} passes",
+            report.total_ms,
+            report.downtime_ms,
+            report.ram_transferred_bytes >> 20,
+            report.passes
+        ));
+        Ok(report)
+    }
+
+    /// The migration proper, from capabilities to a terminal status.
+    #[allow(clippy::too_many_arguments)]
+    async fn run_migration(
+        &self,
+        name: &str,
+        qmp: &Qmp,
+        req: &MigrateRequest,
+        ready: &IncomingReady,
+        copy: &[usize],
+        postcopy: bool,
+        ctx: &TaskCtx,
+    ) -> Result<MigrationReport> {
+        let caps = json!({"capabilities": [
+            {"capability": "auto-converge", "state": true},
+            {"capability": "postcopy-ram", "state": postcopy},
+            {"capability": "pause-before-switchover", "state": !copy.is_empty()},
+        ]});
+        qmp.execute("migrate-set-capabilities", Some(caps)).await?;
+        let bw = req.max_bandwidth_mib.unwrap_or(DEFAULT_BANDWIDTH_MIB) << 20;
+        qmp.execute(
+            "migrate-set-parameters",
+            Some(json!({
+                "downtime-limit": req.downtime_limit_ms.unwrap_or(DEFAULT_DOWNTIME_MS),
+                "max-bandwidth": bw,
+                "max-postcopy-bandwidth": bw,
+                "cpu-throttle-initial": 30,
+                "cpu-throttle-increment": 20,
+            })),
+        )
+        .await?;
+        let mut disk_bytes = 0;
+        if !copy.is_empty() {
+            disk_bytes = self.mirror_disks(name, qmp, ready, copy, ctx).await?;
+        }
+        let t = Instant::now();
+        qmp.execute("migrate", Some(json!({"uri": ready.uri})))
+            .await?;
+        let mut policy = Policy::new(PolicyConfig {
+            allow_postcopy: postcopy,
+            ..Default::default()
+        });
+        let mut last_pass = 0;
+        let final_info = loop {
+            tokio::time::sleep(POLL).await;
+            let info = qmp.execute("query-migrate", None).await?;
+            let s = Sample::from_qmp(&info, t.elapsed());
+            self.set_outgoing(name, Some((&req.to, &s.status)));
+            if s.total > 0 {
+                let done = s.total.saturating_sub(s.remaining) as f32 / s.total as f32;
+                ctx.progress(0.05 + 0.9 * done);
+            }
+            if s.passes > last_pass {
+                last_pass = s.passes;
+                ctx.log(format!(
+                    "pass {}: {} MiB left, dirtying {} MiB/s, link {} MiB/s{}{}",
+                    s.passes,
+                    s.remaining >> 20,
+                    s.dirty_bytes_rate() >> 20,
+                    s.link_bytes_rate() >> 20,
+                    info["expected-downtime"]
+                        .as_u64()
+                        .map(|d| format!(", expected downtime {d} ms"))
+                        .unwrap_or_default(),
+                    if s.throttle_pct > 0 {
+                        format!(", throttle {}%", s.throttle_pct)
+                    } else {
+                        String::new()
+                    }
+                ));
+            }
+            match s.status.as_str() {
+                "completed" | "failed" | "cancelled" => break info,
+                "pre-switchover" => {
+                    self.complete_mirrors(qmp, copy).await?;
+                    qmp.execute("migrate-continue", Some(json!({"state": "pre-switchover"})))
+                        .await?;
+                    continue;
+                }
+                _ => {}
+            }
+            match policy.observe(&s) {
+                Decision::Continue => {}
+                Decision::StartPostcopy => {
+                    ctx.log(policy.steps.last().cloned().unwrap_or_default());
+                    qmp.execute("migrate-start-postcopy", None).await?;
+                }
+                Decision::Cancel(why) => {
+                    ctx.log(format!("cancelling: {why}"));
+                    let _ = qmp.execute("migrate_cancel", None).await;
+                }
+            }
+        };
+        policy.finish();
+        let status = final_info["status"].as_str().unwrap_or("");
+        if status != "completed" {
+            let why = final_info["error-desc"]
+                .as_str()
+                .map(String::from)
+                .or_else(|| {
+                    policy
+                        .steps
+                        .iter()
+                        .rev()
+                        .find(|s| s.starts_with("cancel"))
+                        .cloned()
+                })
+                .unwrap_or_else(|| status.to_string());
+            self.recover_source(name, qmp, copy).await;
+            return Err(AgentError::Conflict(format!(
+                "migration {status}: {why}; {name} keeps running on {}",
+                self.host_name()
+            )));
+        }
+        let ram = &final_info["ram"];
+        Ok(MigrationReport {
+            migration_ms: final_info["total-time"].as_u64().unwrap_or(0),
+            downtime_ms: final_info["downtime"].as_u64().unwrap_or(0),
+            ram_transferred_bytes: ram["transferred"].as_u64().unwrap_or(0),
+            ram_total_bytes: ram["total"].as_u64().unwrap_or(0),
+            passes: ram["dirty-sync-count"].as_u64().unwrap_or(0),
+            max_dirty_pages_rate: policy.max_dirty_pages_rate,
+            disk_transferred_bytes: disk_bytes,
+            postcopy: policy.phase == policy::Phase::PostCopy,
+            policy_steps: policy.steps,
+            ..Default::default()
+        })
+    }
+
+    /// After a failed or cancelled migration: the guest runs here again, mirrors gone.
+    async fn recover_source(&self, name: &str, qmp: &Qmp, copy: &[usize]) {
+        self.cancel_mirrors(qmp, copy).await;
+        let was_running = self
+            .record(name)
+            .await
+            .map(|(r, _)| r.last_state == VmState::Running)
+            .unwrap_or(true);
+        if let Ok(st) = qmp.execute("query-status", None).await {
+            if st["status"] != "running" && was_running {
+                if let Err(e) = qmp.execute("cont", None).await {
+                    tracing::warn!(vm = name, error = %e, "cannot resume after a failed migration");
+                }
+            }
+        }
+    }
+
+    /// The destination owns the VM now: end the QEMU here (paused since switchover),
+    /// forget the VM, remove copied-away local volumes.
+    async fn finish_outgoing(
+        &self,
+        name: &str,
+        slot: &std::sync::Arc<crate::runtime::Slot>,
+        copied: &[usize],
+    ) -> Result<()> {
+        let (rec, _) = self.record(name).await?;
+        let (qmp, pid) = slot.with(|rt| {
+            rt.expect_exit = true;
+            (rt.qmp.clone(), rt.pid)
+        });
+        if let Some(q) = qmp {
+            let _ = q.execute("quit", None).await;
+        }
+        if !self.wait_gone(slot, Duration::from_secs(10)).await {
+            if let Some(pid) = pid {
+                let _ = ferry_qemu::kill_and_wait(pid, &self.run_paths(rec.id).qmp).await;
+            }
+            self.wait_gone(slot, Duration::from_secs(5)).await;
+        }
+        self.forget_vm(name, &rec).await?;
+        let vols: Vec<(String, String)> = copied
+            .iter()
+            .filter_map(|&i| rec.spec.disks.get(i))
+            .filter_map(|d| d.volume.clone().map(|v| (d.pool.clone(), v)))
+            .collect();
+        self.remove_volumes(&vols).await;
+        Ok(())
+    }
+
+    /// Removes a VM that now lives on another host: record, snapshot records, run and
+    /// state dirs, runtime slot. Volumes stay.
+    pub(crate) async fn forget_vm(&self, name: &str, rec: &crate::records::VmRecord) -> Result<()> {
+        self.delete_snapshot_records(name).await?;
+        self.inner
+            .store
+            .delete(&crate::records::vm_key(name))
+            .await?;
+        let _ = std::fs::remove_dir_all(self.run_paths(rec.id).dir);
+        let _ = std::fs::remove_dir_all(self.vm_state_dir(rec.id));
+        self.inner
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        Ok(())
+    }
+}

@@ -1,0 +1,305 @@
+//! The convergence policy of a live migration, as a state machine without I/O: it is
+//! fed `query-migrate` samples and answers what to do.
+//!
+//! ```text
+//!  PreCopy --stall (dirty rate ≥ link, remaining not shrinking)--> Throttling
+//!  Throttling --QEMU's auto-converge raises the vCPU throttle each pass--> (converges)
+//!  Throttling --throttle ≥ limit and still stalled, or pre-copy budget spent--> PostCopy
+//!  any --no bytes moved for `no_progress`--> Cancel
+//! ```
+//!
+//! Auto-converge is QEMU's: it is enabled from the start and throttles the vCPUs when
+//! the guest dirties faster than the link carries; the policy watches the throttle and
+//! the remaining RAM and decides the switch to post-copy (which always completes: the
+//! destination runs the guest and pulls missing pages on demand).
+
+use std::time::Duration;
+
+/// One `query-migrate` answer, reduced to what the policy needs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sample {
+    pub elapsed: Duration,
+    pub status: String,
+    pub remaining: u64,
+    pub transferred: u64,
+    pub total: u64,
+    /// Dirty-bitmap syncs so far (a pass each).
+    pub passes: u64,
+    pub dirty_pages_rate: u64,
+    pub page_size: u64,
+    /// Link throughput QEMU measured, Mbit/s.
+    pub mbps: f64,
+    pub throttle_pct: u64,
+}
+
+impl Sample {
+    /// Parses `query-migrate`'s answer.
+    pub fn from_qmp(v: &serde_json::Value, elapsed: Duration) -> Sample {
+        let ram = &v["ram"];
+        let u = |x: &serde_json::Value| x.as_u64().unwrap_or(0);
+        Sample {
+            elapsed,
+            status: v["status"].as_str().unwrap_or("none").to_string(),
+            remaining: u(&ram["remaining"]),
+            transferred: u(&ram["transferred"]),
+            total: u(&ram["total"]),
+            passes: u(&ram["dirty-sync-count"]),
+            dirty_pages_rate: u(&ram["dirty-pages-rate"]),
+            page_size: ram["page-size"].as_u64().unwrap_or(4096),
+            mbps: ram["mbps"].as_f64().unwrap_or(0.0),
+            throttle_pct: u(&v["cpu-throttle-percentage"]),
+        }
+    }
+
+    /// Bytes per second the guest dirties.
+    pub fn dirty_bytes_rate(&self) -> u64 {
+        self.dirty_pages_rate * self.page_size
+    }
+
+    /// Bytes per second the link carries.
+    pub fn link_bytes_rate(&self) -> u64 {
+        (self.mbps * 1e6 / 8.0) as u64
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    pub allow_postcopy: bool,
+    /// Passes without the remaining RAM shrinking by 10 % that make a stall.
+    pub stall_passes: u32,
+    /// The throttle at which, still stalled, post-copy starts.
+    pub throttle_limit: u64,
+    /// Pre-copy time after which post-copy starts regardless.
+    pub precopy_budget: Duration,
+    /// No bytes moved for this long: the link is gone, cancel.
+    pub no_progress: Duration,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            allow_postcopy: true,
+            stall_passes: 4,
+            throttle_limit: 70,
+            precopy_budget: Duration::from_secs(30),
+            no_progress: Duration::from_secs(8),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    PreCopy,
+    Throttling,
+    PostCopy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Continue,
+    StartPostcopy,
+    Cancel(String),
+}
+
+#[derive(Debug)]
+pub struct Policy {
+    cfg: PolicyConfig,
+    pub phase: Phase,
+    best_remaining: u64,
+    stalled_for: u32,
+    last_pass: u64,
+    last_transferred: u64,
+    last_progress: Duration,
+    max_throttle: u64,
+    pub max_dirty_pages_rate: u64,
+    /// What the policy did, for the report.
+    pub steps: Vec<String>,
+}
+
+impl Policy {
+    pub fn new(cfg: PolicyConfig) -> Policy {
+        Policy {
+            cfg,
+            phase: Phase::PreCopy,
+            best_remaining: u64::MAX,
+            stalled_for: 0,
+            last_pass: 0,
+            last_transferred: 0,
+            last_progress: Duration::ZERO,
+            max_throttle: 0,
+            max_dirty_pages_rate: 0,
+            steps: vec![],
+        }
+    }
+
+    fn stalled(&self) -> bool {
+        self.stalled_for >= self.cfg.stall_passes
+    }
+
+    pub fn observe(&mut self, s: &Sample) -> Decision {
+        self.max_dirty_pages_rate = self.max_dirty_pages_rate.max(s.dirty_pages_rate);
+        if s.transferred != self.last_transferred {
+            self.last_transferred = s.transferred;
+            self.last_progress = s.elapsed;
+        } else if s.status != "pre-switchover"
+            && s.elapsed.saturating_sub(self.last_progress) >= self.cfg.no_progress
+        {
+            let why = format!(
+                "no data moved for {:?} (network or destination gone)",
+                self.cfg.no_progress
+            );
+            self.steps.push(format!("cancel: {why}"));
+            return Decision::Cancel(why);
+        }
+        if s.status == "postcopy-active" || self.phase == Phase::PostCopy {
+            return Decision::Continue;
+        }
+        if s.passes > self.last_pass {
+            self.last_pass = s.passes;
+            if s.remaining < self.best_remaining / 10 * 9 {
+                self.best_remaining = s.remaining;
+                self.stalled_for = 0;
+            } else {
+                self.stalled_for += 1;
+                if self.stalled_for == self.cfg.stall_passes {
+                    self.steps.push(format!(
+                        "stall at pass {}: dirtying {} MiB/s, link {} MiB/s, {} MiB left",
+                        s.passes,
+                        s.dirty_bytes_rate() >> 20,
+                        s.link_bytes_rate() >> 20,
+                        s.remaining >> 20
+                    ));
+                }
+            }
+        }
+        if s.throttle_pct > self.max_throttle {
+            if self.max_throttle == 0 {
+                self.phase = Phase::Throttling;
+                self.steps.push(format!(
+                    "auto-converge: vCPUs throttled {}%",
+                    s.throttle_pct
+                ));
+            }
+            self.max_throttle = s.throttle_pct;
+        }
+        let budget_spent = s.elapsed >= self.cfg.precopy_budget;
+        let throttled_out = self.max_throttle >= self.cfg.throttle_limit && self.stalled();
+        if self.cfg.allow_postcopy && s.status == "active" && (throttled_out || budget_spent) {
+            self.phase = Phase::PostCopy;
+            self.steps.push(format!(
+                "post-copy at pass {} ({}; throttle {}%, {} MiB left)",
+                s.passes,
+                if throttled_out {
+                    "still stalled"
+                } else {
+                    "pre-copy budget spent"
+                },
+                self.max_throttle,
+                s.remaining >> 20
+            ));
+            return Decision::StartPostcopy;
+        }
+        Decision::Continue
+    }
+
+    /// Closes the report's steps with the highest throttle reached.
+    pub fn finish(&mut self) {
+        if self.max_throttle > 0 {
+            self.steps
+                .push(format!("highest vCPU throttle {}%", self.max_throttle));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(ms: u64, pass: u64, remaining: u64, transferred: u64, throttle: u64) -> Sample {
+        Sample {
+            elapsed: Duration::from_millis(ms),
+            status: "active".into(),
+            remaining,
+            transferred,
+            total: 256 << 20,
+            passes: pass,
+            dirty_pages_rate: 40_000,
+            page_size: 4096,
+            mbps: 800.0,
+            throttle_pct: throttle,
+        }
+    }
+
+    #[test]
+    fn a_converging_migration_is_left_alone() {
+        let mut p = Policy::new(PolicyConfig::default());
+        for (i, rem) in [200u64, 100, 40, 10, 1].iter().enumerate() {
+            let d = p.observe(&s(
+                i as u64 * 100,
+                i as u64 + 1,
+                rem << 20,
+                i as u64 * 1000 + 1,
+                0,
+            ));
+            assert_eq!(d, Decision::Continue);
+        }
+        assert_eq!(p.phase, Phase::PreCopy);
+        assert!(p.steps.is_empty());
+    }
+
+    #[test]
+    fn stall_then_throttle_then_postcopy() {
+        let mut p = Policy::new(PolicyConfig::default());
+        let mut t = 0;
+        let mut d = Decision::Continue;
+        for pass in 1..=12u64 {
+            t += 1;
+            let throttle = if pass > 3 { 20 + (pass - 4) * 10 } else { 0 };
+            d = p.observe(&s(pass * 300, pass, 100 << 20, t * 1000, throttle));
+            if d != Decision::Continue {
+                break;
+            }
+        }
+        assert_eq!(d, Decision::StartPostcopy);
+        assert_eq!(p.phase, Phase::PostCopy);
+        assert!(
+            p.steps.iter().any(|x| x.starts_with("stall")),
+            "{:?}",
+            p.steps
+        );
+        assert!(p.steps.iter().any(|x| x.starts_with("auto-converge")));
+        assert!(p.steps.last().unwrap().starts_with("post-copy"));
+        // Once in post-copy the policy only watches for a dead link.
+        let mut ps = s(5000, 13, 1 << 20, 99_999, 90);
+        ps.status = "postcopy-active".into();
+        assert_eq!(p.observe(&ps), Decision::Continue);
+    }
+
+    #[test]
+    fn no_postcopy_when_not_allowed_but_budget_is_reported() {
+        let mut p = Policy::new(PolicyConfig {
+            allow_postcopy: false,
+            ..Default::default()
+        });
+        for pass in 1..=20u64 {
+            assert_eq!(
+                p.observe(&s(pass * 3000, pass, 100 << 20, pass * 1000, 99)),
+                Decision::Continue
+            );
+        }
+    }
+
+    #[test]
+    fn a_dead_link_cancels() {
+        let mut p = Policy::new(PolicyConfig::default());
+        assert_eq!(p.observe(&s(0, 1, 100 << 20, 5000, 0)), Decision::Continue);
+        assert_eq!(
+            p.observe(&s(4000, 1, 100 << 20, 5000, 0)),
+            Decision::Continue
+        );
+        assert!(matches!(
+            p.observe(&s(8100, 1, 100 << 20, 5000, 0)),
+            Decision::Cancel(_)
+        ));
+    }
+}

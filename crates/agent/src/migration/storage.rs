@@ -1,0 +1,148 @@
+//! Live migration with local disks (libvirt's copy-storage-all): every local disk is
+//! mirrored into an NBD export of the destination's QEMU while the guest runs; RAM
+//! migrates once the mirrors are in sync, and at the pause before switchover the
+//! mirrors are completed (their last writes flushed) before the device state moves.
+
+use crate::error::{AgentError, Result};
+use crate::tasks::TaskCtx;
+use crate::Agent;
+use ferry_qmp::Qmp;
+use ferry_types::IncomingReady;
+use serde_json::json;
+use std::time::Duration;
+
+fn job(i: usize) -> String {
+    format!("mirror-disk{i}")
+}
+
+impl Agent {
+    /// Starts the mirrors and waits until each is in sync; returns the bytes copied.
+    pub(super) async fn mirror_disks(
+        &self,
+        name: &str,
+        qmp: &Qmp,
+        ready: &IncomingReady,
+        copy: &[usize],
+        ctx: &TaskCtx,
+    ) -> Result<u64> {
+        let nbd = ready.nbd.as_deref().ok_or_else(|| {
+            AgentError::Conflict("the destination offered no NBD server for the disks".into())
+        })?;
+        let (host, port) = nbd
+            .rsplit_once(':')
+            .ok_or_else(|| AgentError::Conflict(format!("bad NBD address {nbd}")))?;
+        for (k, &i) in copy.iter().enumerate() {
+            let export = ready.exports.get(k).ok_or_else(|| {
+                AgentError::Conflict(format!("the destination exports no disk {i}"))
+            })?;
+            qmp.execute(
+                "blockdev-add",
+                Some(json!({
+                    "driver": "nbd", "node-name": job(i),
+                    "server": {"type": "inet", "host": host, "port": port},
+                    "export": export,
+                })),
+            )
+            .await?;
+            qmp.execute(
+                "blockdev-mirror",
+                Some(json!({
+                    "job-id": job(i), "device": format!("disk{i}"), "target": job(i),
+                    "sync": "full",
+                })),
+            )
+            .await?;
+            ctx.log(format!("mirroring disk {i} of {name} to {nbd}/{export}"));
+        }
+        let mut stalled = 0;
+        let mut last = 0;
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let jobs = qmp.execute("query-block-jobs", None).await?;
+            let jobs: Vec<_> = jobs
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|j| copy.iter().any(|&i| j["device"] == job(i)))
+                .collect();
+            if jobs.len() != copy.len() {
+                return Err(AgentError::Conflict(
+                    "a disk mirror ended before it was in sync (destination gone?)".into(),
+                ));
+            }
+            let (off, len) = jobs.iter().fold((0, 0), |(o, l), j| {
+                (
+                    o + j["offset"].as_u64().unwrap_or(0),
+                    l + j["len"].as_u64().unwrap_or(0),
+                )
+            });
+            if len > 0 {
+                ctx.progress(0.05 * off as f32 / len as f32);
+            }
+            if jobs.iter().all(|j| j["ready"] == true) {
+                ctx.log(format!("disks in sync ({} MiB)", len >> 20));
+                return Ok(len);
+            }
+            stalled = if off == last { stalled + 1 } else { 0 };
+            last = off;
+            if stalled > 50 {
+                return Err(AgentError::Conflict(
+                    "disk mirror made no progress for 10 s".into(),
+                ));
+            }
+        }
+    }
+
+    /// At the pause before switchover: ends the mirrors with the target complete.
+    pub(super) async fn complete_mirrors(&self, qmp: &Qmp, copy: &[usize]) -> Result<()> {
+        for &i in copy {
+            qmp.execute("block-job-cancel", Some(json!({"device": job(i)})))
+                .await?;
+        }
+        self.wait_jobs_gone(qmp, copy).await;
+        for &i in copy {
+            let _ = qmp
+                .execute("blockdev-del", Some(json!({"node-name": job(i)})))
+                .await;
+        }
+        Ok(())
+    }
+
+    /// After a failure: stops the mirrors and drops the NBD clients.
+    pub(super) async fn cancel_mirrors(&self, qmp: &Qmp, copy: &[usize]) {
+        for &i in copy {
+            let _ = qmp
+                .execute(
+                    "block-job-cancel",
+                    Some(json!({"device": job(i), "force": true})),
+                )
+                .await;
+        }
+        self.wait_jobs_gone(qmp, copy).await;
+        for &i in copy {
+            let _ = qmp
+                .execute("blockdev-del", Some(json!({"node-name": job(i)})))
+                .await;
+        }
+    }
+
+    async fn wait_jobs_gone(&self, qmp: &Qmp, copy: &[usize]) {
+        for _ in 0..300 {
+            let Ok(jobs) = qmp.execute("query-block-jobs", None).await else {
+                return;
+            };
+            let left = jobs
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .any(|j| copy.iter().any(|&i| j["device"] == job(i)))
+                })
+                .unwrap_or(false);
+            if !left {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}

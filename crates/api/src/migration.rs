@@ -1,0 +1,106 @@
+//! Live migration and maintenance: `/api/v1/vms/{name}/migrate`, the host-to-host
+//! `/api/v1/migrations/...` calls, `/api/v1/cluster/hosts`, `/api/v1/host/maintenance`.
+
+use crate::error::{ApiJson, ApiPath, ApiResult};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use ferry_agent::{Agent, AgentError};
+use ferry_types::{
+    ApiErrorBody, ClusterHost, IncomingFinish, IncomingReady, IncomingRequest, MigrateRequest,
+    MigrationInfo, MigrationReport, TaskAccepted, VmState,
+};
+
+type Accepted = (StatusCode, Json<TaskAccepted>);
+
+#[utoipa::path(post, path = "/api/v1/vms/{name}/migrate", tag = "migration", request_body = MigrateRequest,
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 202, description = "Migration task started; its result is a MigrationReport", body = TaskAccepted),
+              (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+pub async fn migrate_vm(
+    State(a): State<Agent>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(req): ApiJson<MigrateRequest>,
+) -> ApiResult<Accepted> {
+    req.validate().map_err(AgentError::from)?;
+    let vm = a.get_vm(&name).await?;
+    if !matches!(vm.state, VmState::Running | VmState::Paused) {
+        return Err(AgentError::Conflict(format!(
+            "VM {name} is {}: only running or paused VMs migrate live",
+            vm.state
+        ))
+        .into());
+    }
+    if !a.cluster_hosts()?.iter().any(|h| h.name == req.to) {
+        return Err(AgentError::NotFound(format!("Host {} in the cluster", req.to)).into());
+    }
+    let agent = a.clone();
+    let n = name.clone();
+    let task = a.tasks().spawn("vm.migrate", &name, move |ctx| async move {
+        let report: MigrationReport = agent.migrate_vm(&n, req, &ctx).await?;
+        ctx.result(serde_json::to_value(&report).unwrap_or_default());
+        Ok(())
+    });
+    Ok((StatusCode::ACCEPTED, Json(TaskAccepted { task })))
+}
+
+#[utoipa::path(post, path = "/api/v1/migrations/incoming", tag = "migration", request_body = IncomingRequest,
+    responses((status = 200, description = "QEMU waits for the migration", body = IncomingReady),
+              (status = 400, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+pub async fn prepare_incoming(
+    State(a): State<Agent>,
+    ApiJson(req): ApiJson<IncomingRequest>,
+) -> ApiResult<Json<IncomingReady>> {
+    Ok(Json(a.prepare_incoming(req).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/migrations/incoming/{name}/finish", tag = "migration", request_body = IncomingFinish,
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 200, description = "Done; the locks taken over (volume@host:generation)", body = Vec<String>),
+              (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+pub async fn finish_incoming(
+    State(a): State<Agent>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(req): ApiJson<IncomingFinish>,
+) -> ApiResult<Json<Vec<String>>> {
+    Ok(Json(a.finish_incoming(&name, req.success).await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/migrations/{name}", tag = "migration",
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 200, description = "An outgoing migration of this host", body = MigrationInfo),
+              (status = 404, body = ApiErrorBody)))]
+pub async fn get_migration(
+    State(a): State<Agent>,
+    ApiPath(name): ApiPath<String>,
+) -> ApiResult<Json<MigrationInfo>> {
+    a.outgoing_migration(&name)
+        .map(Json)
+        .ok_or_else(|| AgentError::NotFound(format!("Outgoing migration of {name}")).into())
+}
+
+#[utoipa::path(get, path = "/api/v1/cluster/hosts", tag = "host",
+    responses((status = 200, description = "The cluster's hosts (empty outside a cluster)", body = Vec<ClusterHost>)))]
+pub async fn cluster_hosts(State(a): State<Agent>) -> ApiResult<Json<Vec<ClusterHost>>> {
+    Ok(Json(a.cluster_hosts()?))
+}
+
+#[utoipa::path(post, path = "/api/v1/host/maintenance", tag = "host",
+    responses((status = 202, description = "Maintenance task: evacuates every running VM by live migration", body = TaskAccepted)))]
+pub async fn enter_maintenance(State(a): State<Agent>) -> ApiResult<Accepted> {
+    let agent = a.clone();
+    let host = a.host_name().to_string();
+    let task = a
+        .tasks()
+        .spawn("host.maintenance", &host, move |ctx| async move {
+            agent.enter_maintenance(&ctx).await
+        });
+    Ok((StatusCode::ACCEPTED, Json(TaskAccepted { task })))
+}
+
+#[utoipa::path(post, path = "/api/v1/host/activate", tag = "host",
+    responses((status = 204, description = "Maintenance ended")))]
+pub async fn activate_host(State(a): State<Agent>) -> ApiResult<StatusCode> {
+    a.activate_host().await?;
+    Ok(StatusCode::NO_CONTENT)
+}

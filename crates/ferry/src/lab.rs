@@ -1,0 +1,131 @@
+//! `ferry lab`: a cluster of ferry hosts on this machine (network namespaces, see
+//! `ferry_lab::ClusterLab`), kept between commands, with fault injection.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use ferry_lab::ClusterLab;
+
+#[derive(Args, Debug, Clone)]
+pub struct LabName {
+    /// The lab's name (prefix of its namespaces).
+    #[arg(long, default_value = "lab")]
+    name: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LabCmd {
+    /// Create the LAN, N hosts with their daemons, the client and the shared pool.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        hosts: usize,
+        #[command(flatten)]
+        lab: LabName,
+    },
+    /// Remove everything the lab made (also leftovers of a crashed lab).
+    Down {
+        #[command(flatten)]
+        lab: LabName,
+    },
+    /// Hosts, links, daemons and VMs.
+    Status {
+        #[command(flatten)]
+        lab: LabName,
+    },
+    /// Pull HOST's LAN cable.
+    Cut {
+        host: String,
+        #[command(flatten)]
+        lab: LabName,
+    },
+    /// Plug HOST's LAN cable back in.
+    Heal {
+        host: String,
+        #[command(flatten)]
+        lab: LabName,
+    },
+    /// Kill every process of HOST (daemon and QEMUs): a power loss.
+    Kill {
+        host: String,
+        #[command(flatten)]
+        lab: LabName,
+    },
+    /// Kill HOST's daemon only (its VMs run on).
+    KillDaemon {
+        host: String,
+        #[command(flatten)]
+        lab: LabName,
+    },
+    /// Start HOST's daemon again.
+    Start {
+        host: String,
+        #[command(flatten)]
+        lab: LabName,
+    },
+    /// Run a command inside HOST's namespace (or `client`'s), with FERRY_SERVER set to
+    /// that host's API (h1's for the client): `ferry lab exec h1 -- ferry vm list`.
+    Exec {
+        host: String,
+        #[command(flatten)]
+        lab: LabName,
+        #[arg(trailing_var_arg = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
+pub fn run(cmd: LabCmd) -> Result<()> {
+    let me = std::env::current_exe().context("the ferry binary's path")?;
+    match cmd {
+        LabCmd::Up { hosts, lab } => {
+            let l = ClusterLab::up(&me, &lab.name, hosts)?;
+            print!("{}", l.status()?);
+            println!(
+                "CLI on a host: ferry lab exec h1 -- ferry vm list   (VM NICs: bridge=br0; free addresses {}.100-250)",
+                ferry_lab::LAN_PREFIX
+            );
+            l.keep();
+            Ok(())
+        }
+        LabCmd::Down { lab } => {
+            let n = ClusterLab::down(&lab.name)?;
+            println!("lab {}: {n} namespaces removed", lab.name);
+            Ok(())
+        }
+        LabCmd::Status { lab } => {
+            print!("{}", ClusterLab::open(&me, &lab.name)?.status()?);
+            Ok(())
+        }
+        LabCmd::Cut { host, lab } => ClusterLab::open(&me, &lab.name)?.set_link(&host, false),
+        LabCmd::Heal { host, lab } => ClusterLab::open(&me, &lab.name)?.set_link(&host, true),
+        LabCmd::Kill { host, lab } => {
+            let n = ClusterLab::open(&me, &lab.name)?.kill_host(&host)?;
+            println!("{host}: {n} processes killed");
+            Ok(())
+        }
+        LabCmd::KillDaemon { host, lab } => ClusterLab::open(&me, &lab.name)?.kill_daemon(&host),
+        LabCmd::Start { host, lab } => {
+            let mut l = ClusterLab::open(&me, &lab.name)?;
+            l.start_daemon(&host)?;
+            l.wait_daemon(&host)
+        }
+        LabCmd::Exec { host, lab, command } => {
+            let l = ClusterLab::open(&me, &lab.name)?;
+            let (ns, api) = if host == "client" {
+                let h1 = l.hosts.first().context("the lab has no hosts")?;
+                (l.client_ns(), h1.api())
+            } else {
+                let h = l.host(&host)?;
+                (h.ns.clone(), h.api())
+            };
+            let st = std::process::Command::new("ip")
+                .args(["netns", "exec", &ns])
+                .args(&command)
+                .env("FERRY_SERVER", api)
+                .status()
+                .context("run the command")?;
+            if !st.success() {
+                bail!("{} exited with {st}", command[0]);
+            }
+            Ok(())
+        }
+    }
+}

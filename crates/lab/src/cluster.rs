@@ -1,0 +1,524 @@
+//! A cluster on one machine: a LAN namespace holding a bridge, N host namespaces (each
+//! with its own bridge `br0` enslaving its LAN veth, an address on the LAN and its own
+//! `ferry serve`), a client namespace for pings and load, and a directory every host
+//! sees as the shared pool. `ferry lab up/down/status/cut/heal/kill/kill-daemon` and the
+//! multi-host tests drive this. Every address lives inside the lab's namespaces.
+//!
+//! Names: namespaces `{prefix}-lan`, `{prefix}-h1`.., `{prefix}-client`; files under
+//! `/var/tmp/ferry-lab/{prefix}/` (`lab.json` says what was made, so `down` works from
+//! another process and after a crash).
+
+use crate::cli::Cli;
+use crate::{pid_runs_qemu_of, run, API_PORT};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The LAN's /24; hosts are .11, .12, ..; the client .2; guests may use .100–.250.
+pub const LAN_PREFIX: &str = "10.78.0";
+pub const CLIENT_ADDR: &str = "10.78.0.2";
+/// The pool every host of a lab has on the shared directory.
+pub const SHARED_POOL: &str = "shared";
+
+const LAB_ROOT: &str = "/var/tmp/ferry-lab";
+
+/// One host of the lab.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabHost {
+    pub name: String,
+    pub ns: String,
+    /// Its address on the LAN (API and migration traffic).
+    pub addr: String,
+    #[serde(default)]
+    pub daemon_pid: Option<u32>,
+}
+
+impl LabHost {
+    pub fn api(&self) -> String {
+        format!("http://{}:{API_PORT}", self.addr)
+    }
+}
+
+/// What `lab.json` records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LabFile {
+    prefix: String,
+    hosts: Vec<LabHost>,
+}
+
+/// A running lab cluster. Dropping it tears everything down unless [`ClusterLab::keep`]
+/// was called (the `ferry lab up` CLI keeps it for later commands).
+pub struct ClusterLab {
+    pub prefix: String,
+    pub dir: PathBuf,
+    pub hosts: Vec<LabHost>,
+    ferry: PathBuf,
+    keep: bool,
+}
+
+impl ClusterLab {
+    /// A lab for a test: prefix `fy{pid}-{n}` (swept when the test process is gone).
+    pub fn for_test(ferry: impl Into<PathBuf>, hosts: usize) -> Result<ClusterLab> {
+        crate::sweep::sweep_stale();
+        let prefix = format!(
+            "fy{}-{}",
+            std::process::id(),
+            crate::SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        ClusterLab::up(ferry, &prefix, hosts)
+    }
+
+    /// Creates the namespaces, links and daemons, and the shared pool on every host.
+    /// A failure part-way removes what was made.
+    pub fn up(ferry: impl Into<PathBuf>, prefix: &str, hosts: usize) -> Result<ClusterLab> {
+        check_prefix(prefix)?;
+        if !(1..=9).contains(&hosts) {
+            bail!("--hosts must be 1 to 9");
+        }
+        if !namespaces_of(prefix).is_empty() {
+            bail!("a lab named {prefix} exists already (ferry lab down --name {prefix})");
+        }
+        let dir = Path::new(LAB_ROOT).join(prefix);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("shared"))?;
+        let mut lab = ClusterLab {
+            prefix: prefix.to_string(),
+            dir,
+            hosts: (1..=hosts)
+                .map(|i| LabHost {
+                    name: format!("h{i}"),
+                    ns: format!("{prefix}-h{i}"),
+                    addr: format!("{LAN_PREFIX}.{}", 10 + i),
+                    daemon_pid: None,
+                })
+                .collect(),
+            ferry: ferry.into(),
+            keep: false,
+        };
+        // On error the drop tears down the part that exists.
+        lab.build_network()?;
+        lab.write_cluster_file()?;
+        for h in lab.hosts.clone() {
+            lab.start_daemon(&h.name)?;
+        }
+        for h in lab.hosts.clone() {
+            lab.wait_daemon(&h.name)?;
+            let shared = lab.dir.join("shared").display().to_string();
+            lab.cli(&h.name)?.ferry_ok(&[
+                "pool",
+                "create",
+                SHARED_POOL,
+                "--type",
+                "shared",
+                "--path",
+                &shared,
+            ])?;
+        }
+        Ok(lab)
+    }
+
+    /// The lab `prefix` made earlier (by `ferry lab up`).
+    pub fn open(ferry: impl Into<PathBuf>, prefix: &str) -> Result<ClusterLab> {
+        check_prefix(prefix)?;
+        let dir = Path::new(LAB_ROOT).join(prefix);
+        let f: LabFile = serde_json::from_slice(
+            &std::fs::read(dir.join("lab.json"))
+                .with_context(|| format!("no lab named {prefix} (ferry lab up)"))?,
+        )?;
+        Ok(ClusterLab {
+            prefix: f.prefix,
+            dir,
+            hosts: f.hosts,
+            ferry: ferry.into(),
+            keep: true,
+        })
+    }
+
+    /// Leaves the lab running when this value is dropped.
+    pub fn keep(mut self) {
+        self.keep = true;
+    }
+
+    pub fn lan_ns(&self) -> String {
+        format!("{}-lan", self.prefix)
+    }
+
+    pub fn client_ns(&self) -> String {
+        format!("{}-client", self.prefix)
+    }
+
+    pub fn host(&self, name: &str) -> Result<&LabHost> {
+        self.hosts.iter().find(|h| h.name == name).with_context(|| {
+            format!(
+                "no host {name} in lab {} (hosts: {})",
+                self.prefix,
+                self.hosts
+                    .iter()
+                    .map(|h| h.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+    }
+
+    /// The CLI run inside `host`'s namespace against its daemon (works while cut).
+    pub fn cli(&self, host: &str) -> Result<Cli> {
+        let h = self.host(host)?;
+        Ok(Cli {
+            ferry: self.ferry.clone(),
+            ns: h.ns.clone(),
+            server: h.api(),
+        })
+    }
+
+    /// A command run in the client namespace.
+    pub fn client_cmd(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.client_ns(), program]);
+        c
+    }
+
+    pub fn state_dir(&self, host: &str) -> PathBuf {
+        self.dir.join(host).join("state")
+    }
+
+    pub fn run_dir(&self, host: &str) -> PathBuf {
+        self.dir.join(host).join("run")
+    }
+
+    pub fn shared_dir(&self) -> PathBuf {
+        self.dir.join("shared")
+    }
+
+    fn ip(&self, ns: &str, args: &[&str]) -> Result<()> {
+        run(Command::new("ip").arg("-n").arg(ns).args(args)).map(|_| ())
+    }
+
+    fn build_network(&self) -> Result<()> {
+        let lan = self.lan_ns();
+        run(Command::new("ip").args(["netns", "add", &lan]))?;
+        self.ip(&lan, &["link", "set", "lo", "up"])?;
+        self.ip(&lan, &["link", "add", "lan0", "type", "bridge"])?;
+        self.ip(&lan, &["link", "set", "lan0", "up"])?;
+        let mut ends: Vec<(String, String, String)> = self
+            .hosts
+            .iter()
+            .map(|h| (h.name.clone(), h.ns.clone(), h.addr.clone()))
+            .collect();
+        ends.push(("client".into(), self.client_ns(), CLIENT_ADDR.into()));
+        for (port, ns, addr) in ends {
+            run(Command::new("ip").args(["netns", "add", &ns]))?;
+            self.ip(&ns, &["link", "set", "lo", "up"])?;
+            self.ip(
+                &lan,
+                &[
+                    "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+                ],
+            )?;
+            self.ip(&lan, &["link", "set", &port, "master", "lan0", "up"])?;
+            let addr = format!("{addr}/24");
+            if port == "client" {
+                self.ip(&ns, &["addr", "add", &addr, "dev", "eth0"])?;
+                self.ip(&ns, &["link", "set", "eth0", "up"])?;
+            } else {
+                // Like a hypervisor's vmbr0: the host's address on a bridge that also
+                // holds the VMs' taps.
+                self.ip(&ns, &["link", "add", "br0", "type", "bridge"])?;
+                self.ip(&ns, &["link", "set", "eth0", "master", "br0", "up"])?;
+                self.ip(&ns, &["addr", "add", &addr, "dev", "br0"])?;
+                self.ip(&ns, &["link", "set", "br0", "up"])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `cluster.json`: the hosts every daemon knows (name, API, migration address).
+    fn write_cluster_file(&self) -> Result<()> {
+        let hosts: Vec<_> = self
+            .hosts
+            .iter()
+            .map(|h| serde_json::json!({"name": h.name, "api": h.api(), "address": h.addr}))
+            .collect();
+        std::fs::write(
+            self.dir.join("cluster.json"),
+            serde_json::to_vec_pretty(&serde_json::json!({ "hosts": hosts }))?,
+        )?;
+        self.save()
+    }
+
+    fn save(&self) -> Result<()> {
+        let f = LabFile {
+            prefix: self.prefix.clone(),
+            hosts: self.hosts.clone(),
+        };
+        std::fs::write(self.dir.join("lab.json"), serde_json::to_vec_pretty(&f)?)?;
+        Ok(())
+    }
+
+    /// Whether `host`'s daemon process is alive.
+    pub fn daemon_alive(&self, host: &str) -> bool {
+        self.host(host)
+            .ok()
+            .and_then(|h| h.daemon_pid)
+            .is_some_and(|p| pid_runs_qemu_of(p as i32, &self.state_dir(host)))
+    }
+
+    /// Starts `ferry serve` in `host`'s namespace (detached: it outlives this process).
+    pub fn start_daemon(&mut self, host: &str) -> Result<u32> {
+        if self.daemon_alive(host) {
+            bail!("the daemon of {host} is running already");
+        }
+        let h = self.host(host)?.clone();
+        std::fs::create_dir_all(self.dir.join(host))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(host).join("daemon.log"))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &h.ns])
+            .arg(&self.ferry)
+            .args([
+                "serve",
+                "--listen",
+                &format!("{}:{API_PORT}", h.addr),
+                "--host-name",
+                &h.name,
+            ])
+            .arg("--cluster")
+            .arg(self.dir.join("cluster.json"))
+            .arg("--state-dir")
+            .arg(self.state_dir(host))
+            .arg("--run-dir")
+            .arg(self.run_dir(host))
+            .env("RUST_LOG", "info,ferry_agent=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .context("spawn ferry serve")?;
+        // `ip netns exec` execs the program: the child's pid is the daemon's.
+        let pid = child.id();
+        // Reaped by whoever waits; a detached daemon of the CLI is reparented at exit.
+        std::mem::forget(child);
+        if let Some(x) = self.hosts.iter_mut().find(|x| x.name == host) {
+            x.daemon_pid = Some(pid);
+        }
+        self.save()?;
+        Ok(pid)
+    }
+
+    /// Waits until `host`'s daemon answers.
+    pub fn wait_daemon(&self, host: &str) -> Result<()> {
+        let cli = self.cli(host)?;
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(30) {
+            if cli
+                .ferry(&["host"])
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+            {
+                return Ok(());
+            }
+            if !self.daemon_alive(host) {
+                bail!("ferry serve on {host} exited: {}", self.daemon_log(host));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("ferry serve on {host} did not answer within 30 s")
+    }
+
+    pub fn daemon_log(&self, host: &str) -> String {
+        std::fs::read_to_string(self.dir.join(host).join("daemon.log")).unwrap_or_default()
+    }
+
+    /// SIGKILLs `host`'s daemon (a crash); its VMs keep running.
+    pub fn kill_daemon(&mut self, host: &str) -> Result<()> {
+        let h = self.host(host)?.clone();
+        match h.daemon_pid {
+            Some(p) if self.daemon_alive(host) => kill_wait(p as i32),
+            _ => bail!("the daemon of {host} is not running"),
+        }
+        if let Some(x) = self.hosts.iter_mut().find(|x| x.name == host) {
+            x.daemon_pid = None;
+        }
+        self.save()
+    }
+
+    /// SIGKILLs every process of `host` (daemon, QEMUs): the host lost power.
+    pub fn kill_host(&mut self, host: &str) -> Result<usize> {
+        let ns = self.host(host)?.ns.clone();
+        let pids = netns_pids(&ns);
+        for &p in &pids {
+            kill_wait(p);
+        }
+        if let Some(x) = self.hosts.iter_mut().find(|x| x.name == host) {
+            x.daemon_pid = None;
+        }
+        self.save()?;
+        Ok(pids.len())
+    }
+
+    /// Takes `host`'s LAN link down (cable pulled) or up again.
+    pub fn set_link(&self, host: &str, up: bool) -> Result<()> {
+        self.host(host)?;
+        self.ip(
+            &self.lan_ns(),
+            &["link", "set", host, if up { "up" } else { "down" }],
+        )
+    }
+
+    /// One line per host: address, daemon, link, VMs.
+    pub fn status(&self) -> Result<String> {
+        let mut out = format!(
+            "lab {}: LAN {LAN_PREFIX}.0/24 (namespace {}), client {CLIENT_ADDR} (namespace {}), shared pool {}\n",
+            self.prefix,
+            self.lan_ns(),
+            self.client_ns(),
+            self.shared_dir().display()
+        );
+        for h in &self.hosts {
+            let link = Command::new("ip")
+                .args(["-n", &self.lan_ns(), "-br", "link", "show", &h.name])
+                .output()
+                .ok()
+                .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+                .unwrap_or_default();
+            let link = if link.contains("DOWN") && !link.contains("LOWER_UP") {
+                "cut"
+            } else {
+                "up"
+            };
+            let alive = self.daemon_alive(&h.name);
+            let vms = if alive {
+                self.cli(&h.name)?
+                    .ferry_json(&["vm", "list"])
+                    .ok()
+                    .and_then(|v| {
+                        v.as_array().map(|a| {
+                            a.iter()
+                                .map(|vm| {
+                                    format!(
+                                        "{}({})",
+                                        vm["spec"]["name"].as_str().unwrap_or("?"),
+                                        vm["state"].as_str().unwrap_or("?")
+                                    )
+                                })
+                                .collect::<Vec<_>>()
+                                .join(" ")
+                        })
+                    })
+                    .unwrap_or_else(|| "?".into())
+            } else {
+                "-".into()
+            };
+            out.push_str(&format!(
+                "{:<4} {:<12} ns {:<14} link {:<4} daemon {:<8} VMs {}\n",
+                h.name,
+                h.addr,
+                h.ns,
+                link,
+                if alive {
+                    format!("pid {}", h.daemon_pid.unwrap_or(0))
+                } else {
+                    "down".into()
+                },
+                vms
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Removes the lab `prefix`: every process in its namespaces, the namespaces, its
+    /// directory. Works on leftovers (no `lab.json`, half-made labs).
+    pub fn down(prefix: &str) -> Result<usize> {
+        check_prefix(prefix)?;
+        let nss = namespaces_of(prefix);
+        for ns in &nss {
+            for p in netns_pids(ns) {
+                kill_wait(p);
+            }
+        }
+        for ns in &nss {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = std::fs::remove_dir_all(Path::new(LAB_ROOT).join(prefix));
+        Ok(nss.len())
+    }
+}
+
+impl Drop for ClusterLab {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = ClusterLab::down(&self.prefix);
+        }
+    }
+}
+
+fn check_prefix(prefix: &str) -> Result<()> {
+    if prefix.is_empty()
+        || prefix.len() > 20
+        || !prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        bail!("lab name {prefix:?}: 1-20 characters of a-z, 0-9, '-', '_'");
+    }
+    Ok(())
+}
+
+/// The namespaces of lab `prefix`.
+fn namespaces_of(prefix: &str) -> Vec<String> {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return vec![];
+    };
+    let roles = |r: &str| {
+        r == "lan" || r == "client" || (r.starts_with('h') && r[1..].parse::<u32>().is_ok())
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| {
+            n.strip_prefix(prefix)
+                .and_then(|r| r.strip_prefix('-'))
+                .is_some_and(roles)
+        })
+        .map(String::from)
+        .collect()
+}
+
+/// The processes inside namespace `ns` (all of them started by the lab).
+fn netns_pids(ns: &str) -> Vec<i32> {
+    Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// SIGKILL and wait until the process is gone (reaped or a zombie of someone else).
+fn kill_wait(pid: i32) {
+    use nix::sys::wait::{waitpid, WaitPidFlag};
+    let p = nix::unistd::Pid::from_raw(pid);
+    let _ = nix::sys::signal::kill(p, nix::sys::signal::SIGKILL);
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(10) {
+        let _ = waitpid(p, Some(WaitPidFlag::WNOHANG));
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().next());
+        if stat.is_empty() || state == Some("Z") {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

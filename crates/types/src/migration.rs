@@ -1,0 +1,152 @@
+//! Live migration: the request, the host-to-host protocol, the report.
+
+use crate::validate::{check_name, ValidationErrors};
+use crate::vm::{CloneOf, Snapshot, VmSpec};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// `POST /vms/{name}/migrate`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// The destination host (a name from the cluster).
+    pub to: String,
+    /// Also copy disks that live on a local pool (mirror to the destination over NBD).
+    #[serde(default)]
+    pub with_storage: bool,
+    /// With `with_storage`: the destination's pool for the copies (default `local`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_pool: Option<String>,
+    /// The pause QEMU may take at switchover (default 50 ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_limit_ms: Option<u64>,
+    /// Bandwidth cap in MiB/s (default 1024).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bandwidth_mib: Option<u64>,
+    /// Allow the switch to post-copy when throttling does not make it converge
+    /// (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_postcopy: Option<bool>,
+}
+
+impl MigrateRequest {
+    pub fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut e = ValidationErrors::default();
+        check_name(&mut e, "to", &self.to);
+        if let Some(p) = &self.target_pool {
+            check_name(&mut e, "target_pool", p);
+            if !self.with_storage {
+                e.push("target_pool", "only with with_storage");
+            }
+        }
+        if let Some(d) = self.downtime_limit_ms {
+            if !(1..=60_000).contains(&d) {
+                e.push("downtime_limit_ms", "must be 1 to 60000");
+            }
+        }
+        if let Some(b) = self.max_bandwidth_mib {
+            if !(1..=1 << 20).contains(&b) {
+                e.push("max_bandwidth_mib", "must be 1 to 1048576");
+            }
+        }
+        e.into_result()
+    }
+}
+
+/// What moves with a VM from host to host besides its disks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VmTransfer {
+    pub spec: VmSpec,
+    #[serde(default)]
+    pub template: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_snapshot: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_of: Option<CloneOf>,
+    #[serde(default)]
+    pub snapshots: Vec<Snapshot>,
+}
+
+/// Source → destination: prepare to receive a running VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct IncomingRequest {
+    /// The source host's name.
+    pub source: String,
+    pub vm: VmTransfer,
+    /// Disks to receive over NBD (indexes into `vm.spec.disks`) and the pool for them.
+    #[serde(default)]
+    pub copy_disks: Vec<usize>,
+    /// Virtual size of each copied disk (same order).
+    #[serde(default)]
+    pub copy_sizes: Vec<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_pool: Option<String>,
+    /// The VM's id where it was created (its volumes are named with it); kept as the
+    /// id on the destination when that id is free there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin_id: Option<u32>,
+    /// The migration runs with post-copy enabled (both sides must say so).
+    #[serde(default)]
+    pub postcopy: bool,
+}
+
+/// Destination → source: QEMU listens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct IncomingReady {
+    /// `tcp:ADDR:PORT` for `migrate`.
+    pub uri: String,
+    /// With copied disks: NBD server `ADDR:PORT` and the export of each copied disk
+    /// (same order as `copy_disks`), with the volume made for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<String>,
+    #[serde(default)]
+    pub exports: Vec<String>,
+    #[serde(default)]
+    pub volumes: Vec<String>,
+}
+
+/// Source → destination at the end.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct IncomingFinish {
+    /// true: the VM runs on the destination now; false: abort (the source keeps it).
+    pub success: bool,
+}
+
+/// An outgoing migration as the source reports it (the destination asks while it waits).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MigrationInfo {
+    pub vm: String,
+    pub to: String,
+    /// QEMU's migration status (`active`, `postcopy-active`, `completed`, `failed`, ...).
+    pub status: String,
+}
+
+/// How a migration went.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MigrationReport {
+    pub vm: String,
+    pub from: String,
+    pub to: String,
+    /// From the request to the VM running on the destination, cleanup included.
+    pub total_ms: u64,
+    /// QEMU's `total-time` of the RAM migration.
+    pub migration_ms: u64,
+    /// QEMU's reported downtime (the pause it measured).
+    pub downtime_ms: u64,
+    /// Bytes of RAM sent (all passes).
+    pub ram_transferred_bytes: u64,
+    pub ram_total_bytes: u64,
+    /// Dirty-bitmap sync passes.
+    pub passes: u64,
+    /// Highest dirty rate seen, pages/s.
+    pub max_dirty_pages_rate: u64,
+    /// Bytes of disk mirrored (with storage).
+    #[serde(default)]
+    pub disk_transferred_bytes: u64,
+    /// Steps of the convergence policy (e.g. "throttle 30%", "post-copy").
+    pub policy_steps: Vec<String>,
+    pub postcopy: bool,
+    /// Lock generations after the move, per shared volume.
+    #[serde(default)]
+    pub locks: Vec<String>,
+}
