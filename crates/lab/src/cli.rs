@@ -37,6 +37,31 @@ impl Cli {
             .context("run ferry CLI")
     }
 
+    /// Starts the CLI in the background (output piped).
+    pub fn spawn(&self, args: &[&str]) -> Result<std::process::Child> {
+        self.cmd(self.ferry.to_str().context("ferry path")?)
+            .args(["--server", &self.server])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawn ferry CLI")
+    }
+
+    /// Names of the VMs the daemon knows.
+    pub fn vm_names(&self) -> Result<Vec<String>> {
+        Ok(self
+            .ferry_json(&["vm", "list"])?
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v["spec"]["name"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
     /// Runs the CLI and fails with its stderr unless it succeeded.
     pub fn ferry_ok(&self, args: &[&str]) -> Result<String> {
         let o = self.ferry(args)?;

@@ -189,6 +189,11 @@ impl ClusterLab {
         self.dir.join(host).join("run")
     }
 
+    /// Live QEMUs of `host`.
+    pub fn qemu_pids(&self, host: &str) -> Vec<i32> {
+        crate::qemu_pids_in(&self.run_dir(host))
+    }
+
     pub fn shared_dir(&self) -> PathBuf {
         self.dir.join("shared")
     }

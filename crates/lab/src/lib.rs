@@ -203,23 +203,28 @@ impl Lab {
 
     /// Pids of QEMUs whose pidfiles lie in this lab's run dir and still run them.
     pub fn qemu_pids(&self) -> Vec<i32> {
-        let mut out = vec![];
-        let Ok(rd) = std::fs::read_dir(self.run_dir()) else {
-            return out;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            if let Some(pid) = std::fs::read_to_string(p.join("qemu.pid"))
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-            {
-                if pid_runs_qemu_of(pid, &p) {
-                    out.push(pid);
-                }
+        qemu_pids_in(&self.run_dir())
+    }
+}
+
+/// Pids of live QEMUs whose pidfiles lie in `run_dir/*/qemu.pid`.
+pub fn qemu_pids_in(run_dir: &Path) -> Vec<i32> {
+    let mut out = vec![];
+    let Ok(rd) = std::fs::read_dir(run_dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if let Some(pid) = std::fs::read_to_string(p.join("qemu.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            if pid_runs_qemu_of(pid, &p) {
+                out.push(pid);
             }
         }
-        out
     }
+    out
 }
 
 /// Whether `pid` is alive (not a zombie) and its command line mentions `dir`.

@@ -1,0 +1,299 @@
+//! Live migration between lab hosts (network namespaces, one daemon each, a shared
+//! pool), with real QEMU: the guest keeps its memory, disk, MAC and address; locks move;
+//! failures (destination killed, network cut, source daemon killed) leave the VM in
+//! exactly one place; maintenance mode evacuates.
+
+use anyhow::{bail, Context, Result};
+use ferry_lab::{verify_records, Cli, ClusterLab, PingRecorder, RECORD_WRITER};
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+const READY: Duration = Duration::from_secs(120);
+
+/// A running test VM on `cli`'s host: 256 MiB, NIC on br0, `disk` options if any.
+fn boot(cli: &Cli, name: &str, ip: &str, disk: Option<&str>) -> Result<Value> {
+    let mut extra = vec!["--nic", "bridge=br0"];
+    if let Some(d) = disk {
+        extra.extend_from_slice(&["--disk", d]);
+    }
+    cli.create_test_vm(name, ip, &extra)?;
+    cli.ferry_ok(&["vm", "start", name])?;
+    cli.wait_console(name, "FERRY-READY", READY)?;
+    cli.ferry_json(&["vm", "show", name])
+}
+
+fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
+    let t = Instant::now();
+    let mut last = None;
+    while t.elapsed() < within {
+        match f() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bail!("{what} not within {within:?} (last error: {last:?})")
+}
+
+fn lock_of(lab: &ClusterLab, volume: &str) -> Result<Value> {
+    let p = lab
+        .shared_dir()
+        .join(".locks")
+        .join(format!("{volume}.json"));
+    Ok(serde_json::from_slice(
+        &std::fs::read(&p).with_context(|| format!("read {}", p.display()))?,
+    )?)
+}
+
+fn client_ping(lab: &ClusterLab, addr: &str) -> bool {
+    lab.client_cmd("ping")
+        .args(["-c", "3", "-W", "2", "-i", "0.3", addr])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+#[test]
+fn live_migration_keeps_memory_disk_mac_and_address() -> Result<()> {
+    let lab = ClusterLab::for_test(FERRY, 3)?;
+    let (h1, h2, h3) = (lab.cli("h1")?, lab.cli("h2")?, lab.cli("h3")?);
+    let vm = boot(
+        &h1,
+        "web",
+        "10.78.0.100",
+        Some("pool=shared,size=16M,format=raw"),
+    )?;
+    let mac = vm["spec"]["nics"][0]["mac"].as_str().unwrap().to_string();
+    let vol = vm["spec"]["disks"][0]["volume"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(lock_of(&lab, &vol)?["host"], "h1");
+    // A guest process writes sequence-numbered records to the shared disk throughout.
+    h1.guest_sh(
+        "web",
+        &format!("{RECORD_WRITER}; echo kept > /tmp/marker; (ferry_writer one /dev/vda 0 > /dev/null 2>&1 &)"),
+    )?;
+    let ping = PingRecorder::start(&lab.client_ns(), "10.78.0.100", Duration::from_millis(10))?;
+    std::thread::sleep(Duration::from_secs(1));
+    let report = h1.ferry_json(&["vm", "migrate", "web", "--to", "h2"])?;
+    std::thread::sleep(Duration::from_secs(1));
+    let pings = ping.stop();
+    eprintln!("migration report: {report}\nclient pings: {pings}");
+    assert_eq!(report["from"], "h1");
+    assert_eq!(report["to"], "h2");
+    assert!(report["passes"].as_u64().unwrap() >= 1);
+    assert!(report["ram_transferred_bytes"].as_u64().unwrap() > 0);
+    assert!(pings.received > 0, "{pings}");
+
+    // The VM lives on h2 only, same MAC, its QEMU on h1 gone.
+    assert!(
+        h1.vm_names()?.is_empty(),
+        "h1 still lists {:?}",
+        h1.vm_names()?
+    );
+    assert!(lab.qemu_pids("h1").is_empty(), "QEMU left on h1");
+    let on2 = h2.ferry_json(&["vm", "show", "web"])?;
+    assert_eq!(on2["state"], "running");
+    assert_eq!(on2["spec"]["nics"][0]["mac"], mac.as_str());
+    assert!(on2.get("migration").is_none(), "{on2}");
+    // Same boot: the tmpfs marker survived; the address answers the client.
+    assert_eq!(h2.guest_sh("web", "cat /tmp/marker")?, "kept");
+    assert!(client_ping(&lab, "10.78.0.100"));
+    // The disk lock moved with a new generation.
+    let lock = lock_of(&lab, &vol)?;
+    assert_eq!(lock["host"], "h2");
+    assert_eq!(lock["generation"], 2);
+    // Another host may not start anything on that disk: the holder is named.
+    h3.create_test_vm(
+        "thief",
+        "10.78.0.101",
+        &["--disk", &format!("pool=shared,volume={vol},format=raw")],
+    )?;
+    let o = h3.ferry(&["vm", "start", "thief"])?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "second writer started");
+    assert!(err.contains("in use by VM web on host h2"), "{err}");
+    assert_eq!(h3.vm_state("thief")?.0, "stopped");
+
+    // The records the guest wrote before, during and after the move are all there,
+    // from one instance, in order.
+    let last: u64 = h2
+        .guest_sh(
+            "web",
+            "touch /tmp/stop-writer; sleep 2; cat /tmp/writer-seq",
+        )?
+        .trim()
+        .parse()?;
+    let rep = verify_records(&lab.shared_dir().join(&vol))?;
+    eprintln!("records: {rep}");
+    assert!(rep.is_clean(), "{rep}");
+    assert_eq!(rep.runs.len(), 1);
+    assert_eq!(rep.last_seq, Some(last));
+
+    // And back, while the guest runs on.
+    let back = h2.ferry_json(&["vm", "migrate", "web", "--to", "h1"])?;
+    assert_eq!(back["to"], "h1");
+    assert_eq!(h1.guest_sh("web", "cat /tmp/marker")?, "kept");
+    assert_eq!(lock_of(&lab, &vol)?["generation"], 3);
+    Ok(())
+}
+
+#[test]
+fn bad_migration_requests_change_nothing() -> Result<()> {
+    let lab = ClusterLab::for_test(FERRY, 2)?;
+    let h1 = lab.cli("h1")?;
+    boot(&h1, "loc", "10.78.0.110", Some("pool=local,size=16M"))?;
+    let cases: &[(&[&str], &str)] = &[
+        (&["vm", "migrate", "loc", "--to", "h9"], "Host h9"),
+        (&["vm", "migrate", "loc", "--to", "h1"], "is this host"),
+        (&["vm", "migrate", "loc", "--to", "h2"], "--with-storage"),
+        (&["vm", "migrate", "nosuch", "--to", "h2"], "not found"),
+    ];
+    for (args, want) in cases {
+        let o = h1.ferry(args)?;
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    assert_eq!(h1.vm_state("loc")?.0, "running");
+    assert!(lab.cli("h2")?.vm_names()?.is_empty());
+    Ok(())
+}
+
+/// Starts a slow migration (bandwidth capped) of `vm` from `from` to `to` in the
+/// background and waits until the destination has its QEMU.
+fn slow_migration(lab: &ClusterLab, vm: &str, from: &str, to: &str) -> Result<std::process::Child> {
+    let child = lab
+        .cli(from)?
+        .spawn(&["vm", "migrate", vm, "--to", to, "--bandwidth", "4"])?;
+    let dest = lab.cli(to)?;
+    wait_for(
+        "incoming QEMU on the destination",
+        Duration::from_secs(30),
+        || Ok(dest.vm_names()?.iter().any(|n| n == vm) && !lab.qemu_pids(to).is_empty()),
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(child)
+}
+
+fn failed(child: std::process::Child) -> Result<String> {
+    let o = child.wait_with_output()?;
+    assert!(!o.status.success(), "the migration succeeded");
+    Ok(String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+#[test]
+fn failed_migrations_leave_the_vm_running_on_the_source() -> Result<()> {
+    let mut lab = ClusterLab::for_test(FERRY, 2)?;
+    let (h1, h2) = (lab.cli("h1")?, lab.cli("h2")?);
+    let vm = boot(&h1, "db", "10.78.0.120", Some("pool=shared,size=16M"))?;
+    let vol = vm["spec"]["disks"][0]["volume"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    h1.guest_sh("db", "echo here > /tmp/marker")?;
+    let gone_from_h2 = |lab: &ClusterLab| -> Result<()> {
+        wait_for("h2 dropping its copy", Duration::from_secs(60), || {
+            Ok(h2.vm_names()?.is_empty() && lab.qemu_pids("h2").is_empty())
+        })
+    };
+
+    // 1. The destination's QEMU dies mid-migration.
+    let child = slow_migration(&lab, "db", "h1", "h2")?;
+    for pid in lab.qemu_pids("h2") {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL)?;
+    }
+    let err = failed(child)?;
+    assert!(err.contains("keeps running on h1"), "{err}");
+    gone_from_h2(&lab)?;
+    assert_eq!(h1.vm_state("db")?.0, "running");
+    assert_eq!(h1.guest_sh("db", "cat /tmp/marker")?, "here");
+    assert_eq!(lock_of(&lab, &vol)?["host"], "h1");
+
+    // 2. The destination's network is cut mid-migration.
+    let child = slow_migration(&lab, "db", "h1", "h2")?;
+    lab.set_link("h2", false)?;
+    let err = failed(child)?;
+    eprintln!("cut: {err}");
+    assert!(err.contains("keeps running on h1"), "{err}");
+    assert_eq!(h1.vm_state("db")?.0, "running");
+    assert!(client_ping(&lab, "10.78.0.120"));
+    lab.set_link("h2", true)?;
+    gone_from_h2(&lab)?;
+    assert_eq!(lock_of(&lab, &vol)?["host"], "h1");
+
+    // 3. The source's daemon is killed mid-migration and comes back.
+    let child = slow_migration(&lab, "db", "h1", "h2")?;
+    lab.kill_daemon("h1")?;
+    let _ = child.wait_with_output();
+    lab.start_daemon("h1")?;
+    lab.wait_daemon("h1")?;
+    // Exactly one host runs it, and that host holds the lock.
+    let mut owner = String::new();
+    wait_for("one owner", Duration::from_secs(90), || {
+        let on1 = h1.vm_names()?.contains(&"db".to_string());
+        let on2 = h2.vm_names()?.contains(&"db".to_string());
+        let settled = |c: &Cli| -> Result<bool> {
+            let v = c.ferry_json(&["vm", "show", "db"])?;
+            Ok(v["state"] == "running" && v.get("migration").is_none())
+        };
+        Ok(match (on1, on2) {
+            (true, false) if settled(&h1)? => {
+                owner = "h1".into();
+                true
+            }
+            (false, true) if settled(&h2)? => {
+                owner = "h2".into();
+                true
+            }
+            _ => false,
+        })
+    })?;
+    eprintln!("after the source daemon's restart the VM runs on {owner}");
+    let other = if owner == "h1" { "h2" } else { "h1" };
+    assert!(lab.qemu_pids(other).is_empty(), "QEMU left on {other}");
+    assert_eq!(lock_of(&lab, &vol)?["host"], owner.as_str());
+    assert_eq!(lab.cli(&owner)?.guest_sh("db", "cat /tmp/marker")?, "here");
+    Ok(())
+}
+
+#[test]
+fn maintenance_evacuates_over_the_other_hosts() -> Result<()> {
+    let lab = ClusterLab::for_test(FERRY, 3)?;
+    let h1 = lab.cli("h1")?;
+    boot(&h1, "a", "10.78.0.131", Some("pool=shared,size=16M"))?;
+    boot(&h1, "b", "10.78.0.132", None)?;
+    h1.ferry_ok(&["host", "maintenance"])?;
+    assert!(h1.vm_names()?.is_empty());
+    let on2 = lab.cli("h2")?.vm_names()?;
+    let on3 = lab.cli("h3")?.vm_names()?;
+    assert_eq!(
+        (on2.len(), on3.len()),
+        (1, 1),
+        "not spread: h2 {on2:?}, h3 {on3:?}"
+    );
+    for (h, n) in [("h2", &on2[0]), ("h3", &on3[0])] {
+        assert_eq!(lab.cli(h)?.vm_state(n)?.0, "running");
+    }
+    assert!(client_ping(&lab, "10.78.0.131") && client_ping(&lab, "10.78.0.132"));
+    assert_eq!(h1.ferry_json(&["host"])?["maintenance"], true);
+    // Nothing starts or arrives on a host in maintenance.
+    h1.create_test_vm("c", "10.78.0.133", &[])?;
+    let o = h1.ferry(&["vm", "start", "c"])?;
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("maintenance"));
+    let o = lab
+        .cli("h2")?
+        .ferry(&["vm", "migrate", &on2[0], "--to", "h1"])?;
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("maintenance"));
+    assert_eq!(lab.cli("h2")?.vm_state(&on2[0])?.0, "running");
+    h1.ferry_ok(&["host", "activate"])?;
+    assert_eq!(h1.ferry_json(&["host"])?["maintenance"], false);
+    h1.ferry_ok(&["vm", "start", "c"])?;
+    Ok(())
+}
