@@ -79,6 +79,7 @@ fn api() -> OpenApiRouter<Agent> {
         .routes(routes!(migration::migrate_vm))
         .routes(routes!(migration::prepare_incoming))
         .routes(routes!(migration::finish_incoming))
+        .routes(routes!(migration::claim_incoming))
         .routes(routes!(migration::get_migration))
         .routes(routes!(migration::cluster_hosts))
         .routes(routes!(migration::enter_maintenance))

@@ -66,6 +66,18 @@ pub async fn finish_incoming(
     Ok(Json(a.finish_incoming(&name, req.success).await?))
 }
 
+#[utoipa::path(post, path = "/api/v1/migrations/incoming/{name}/claim", tag = "migration",
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 204, description = "The VM's MACs announced from this host"),
+              (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+pub async fn claim_incoming(
+    State(a): State<Agent>,
+    ApiPath(name): ApiPath<String>,
+) -> ApiResult<StatusCode> {
+    a.claim_incoming(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 #[utoipa::path(get, path = "/api/v1/migrations/{name}", tag = "migration",
     params(("name" = String, Path, description = "VM name")),
     responses((status = 200, description = "An outgoing migration of this host", body = MigrationInfo),

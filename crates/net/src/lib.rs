@@ -2,11 +2,14 @@
 //! ioctl (the kernel refuses tap creation over rtnetlink), attached to a host bridge and
 //! brought up over rtnetlink; QEMU opens it by name. Bridges are created only on request.
 
+mod announce;
 mod link;
 mod tap;
 
+pub use announce::{announce_mac, rarp_frame};
 pub use link::{
-    attach_up, bridge_exists, create_bridge, delete_link, link_exists, link_stats, LinkStats,
+    attach_up, bridge_exists, create_bridge, delete_link, fdb_point, link_exists, link_stats,
+    LinkStats,
 };
 pub use tap::create_tap;
 
@@ -36,6 +39,12 @@ pub enum NetError {
     },
     #[error("No network interface {0}")]
     NoSuchLink(String),
+    #[error("Send an announcement out of {ifname}")]
+    Announce {
+        ifname: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{0} is not a bridge")]
     NotABridge(String),
 }

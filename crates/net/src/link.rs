@@ -114,3 +114,24 @@ pub fn link_stats(name: &str) -> Option<LinkStats> {
         tx_packets: read("tx_packets")?,
     })
 }
+
+/// Points `mac` at port `link` in the forwarding table of the bridge `link` is in
+/// (`bridge fdb replace MAC dev LINK master dynamic`): frames for the MAC arriving at
+/// that bridge go to `link`, whatever the bridge learned before.
+pub async fn fdb_point(link: &str, mac: [u8; 6]) -> Result<(), NetError> {
+    use rtnetlink::packet_route::neighbour::{NeighbourFlags, NeighbourState};
+    let h = connect()?;
+    let idx = index(&h, link).await?;
+    h.neighbours()
+        .add_bridge(idx, &mac)
+        .state(NeighbourState::Reachable)
+        .flags(NeighbourFlags::Controller)
+        .replace()
+        .execute()
+        .await
+        .map_err(|source| NetError::Link {
+            op: "Point the bridge's forwarding entry at",
+            name: link.to_string(),
+            source,
+        })
+}

@@ -133,6 +133,10 @@ pub struct MigrationReport {
     pub migration_ms: u64,
     /// QEMU's reported downtime (the pause it measured).
     pub downtime_ms: u64,
+    /// Of the downtime: the pause before switchover (mirrors completed, MACs claimed by
+    /// the destination), ms.
+    #[serde(default)]
+    pub switchover_ms: u64,
     /// Bytes of RAM sent (all passes).
     pub ram_transferred_bytes: u64,
     pub ram_total_bytes: u64,

@@ -204,6 +204,31 @@ impl Agent {
             .unwrap_or_else(|| AgentError::Conflict("no free port for the NBD server".into())))
     }
 
+    /// The source paused the guest for switchover: make the LAN send the VM's frames
+    /// here (they wait in the taps until the guest runs) instead of to the paused source.
+    pub async fn claim_incoming(&self, name: &str) -> Result<()> {
+        let (rec, _) = self.record(name).await?;
+        if rec.incoming_from.is_none() {
+            return Err(AgentError::Conflict(format!("{name} is not arriving here")));
+        }
+        // This host's bridge may have learned the MAC on its uplink while the VM ran
+        // elsewhere: it would drop the VM's frames coming in there. Point it at the tap.
+        for (k, n) in rec.spec.nics.iter().enumerate() {
+            if let Some(mac) = n
+                .mac
+                .as_deref()
+                .and_then(|m| ferry_types::parse_mac(m).ok())
+            {
+                let tap = ferry_net::tap_name(rec.id, k);
+                if let Err(e) = ferry_net::fdb_point(&tap, mac).await {
+                    tracing::warn!(vm = name, %tap, error = %e, "cannot point the bridge at the tap");
+                }
+            }
+        }
+        self.announce_vm(&rec.spec);
+        Ok(())
+    }
+
     /// The source's word: `success` makes the VM this host's (locks taken over), else
     /// the prepared copy goes. Returns the locks as "volume@host:generation".
     pub async fn finish_incoming(&self, name: &str, success: bool) -> Result<Vec<String>> {

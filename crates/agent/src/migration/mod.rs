@@ -228,10 +228,13 @@ impl Agent {
         postcopy: bool,
         ctx: &TaskCtx,
     ) -> Result<MigrationReport> {
+        // The pause before switchover is where the destination claims the MACs (and
+        // disk mirrors complete); events tell it without polling.
         let caps = json!({"capabilities": [
+            {"capability": "events", "state": true},
             {"capability": "auto-converge", "state": true},
             {"capability": "postcopy-ram", "state": postcopy},
-            {"capability": "pause-before-switchover", "state": !copy.is_empty()},
+            {"capability": "pause-before-switchover", "state": true},
         ]});
         qmp.execute("migrate-set-capabilities", Some(caps)).await?;
         let bw = req.max_bandwidth_mib.unwrap_or(DEFAULT_BANDWIDTH_MIB) << 20;
@@ -251,15 +254,32 @@ impl Agent {
             disk_bytes = self.mirror_disks(name, qmp, ready, copy, ctx).await?;
         }
         let t = Instant::now();
+        let mut events = qmp.events();
         qmp.execute("migrate", Some(json!({"uri": ready.uri})))
             .await?;
+        let mut switched = false;
+        let mut switchover = Duration::ZERO;
+        let mut tick = tokio::time::interval(POLL);
         let mut policy = Policy::new(PolicyConfig {
             allow_postcopy: postcopy,
             ..Default::default()
         });
         let mut last_pass = 0;
         let final_info = loop {
-            tokio::time::sleep(POLL).await;
+            tokio::select! {
+                ev = events.recv() => {
+                    let pre = matches!(&ev, Ok(e) if e.name == "MIGRATION"
+                        && e.data["status"] == "pre-switchover");
+                    if pre && !switched {
+                        switched = true;
+                        let t = Instant::now();
+                        self.switchover(name, qmp, req, copy, ctx).await?;
+                        switchover = t.elapsed();
+                    }
+                    continue;
+                }
+                _ = tick.tick() => {}
+            }
             let info = qmp.execute("query-migrate", None).await?;
             let s = Sample::from_qmp(&info, t.elapsed());
             self.set_outgoing(name, Some((&req.to, &s.status)));
@@ -289,9 +309,12 @@ impl Agent {
             match s.status.as_str() {
                 "completed" | "failed" | "cancelled" => break info,
                 "pre-switchover" => {
-                    self.complete_mirrors(qmp, copy).await?;
-                    qmp.execute("migrate-continue", Some(json!({"state": "pre-switchover"})))
-                        .await?;
+                    if !switched {
+                        switched = true;
+                        let t = Instant::now();
+                        self.switchover(name, qmp, req, copy, ctx).await?;
+                        switchover = t.elapsed();
+                    }
                     continue;
                 }
                 _ => {}
@@ -333,6 +356,7 @@ impl Agent {
         Ok(MigrationReport {
             migration_ms: final_info["total-time"].as_u64().unwrap_or(0),
             downtime_ms: final_info["downtime"].as_u64().unwrap_or(0),
+            switchover_ms: switchover.as_millis() as u64,
             ram_transferred_bytes: ram["transferred"].as_u64().unwrap_or(0),
             ram_total_bytes: ram["total"].as_u64().unwrap_or(0),
             passes: ram["dirty-sync-count"].as_u64().unwrap_or(0),
@@ -344,9 +368,58 @@ impl Agent {
         })
     }
 
-    /// After a failed or cancelled migration: the guest runs here again, mirrors gone.
+    /// The guest is paused for the last pages and the device state: complete the disk
+    /// mirrors, have the destination claim the MACs, continue. The claim runs alongside
+    /// the device state transfer: frames that reach the source before it lands are lost
+    /// either way, so waiting for it would only lengthen the pause.
+    async fn switchover(
+        &self,
+        name: &str,
+        qmp: &Qmp,
+        req: &MigrateRequest,
+        copy: &[usize],
+        ctx: &TaskCtx,
+    ) -> Result<()> {
+        self.complete_mirrors(qmp, copy).await?;
+        let peer = self.peer_with_timeout(&req.to, Duration::from_secs(2))?;
+        let (path, ctx2, to) = (
+            format!("/api/v1/migrations/incoming/{name}/claim"),
+            ctx.clone(),
+            req.to.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = peer.post::<serde_json::Value>(&path, &json!({})).await {
+                ctx2.log(format!("{to} could not claim the MACs early ({e})"));
+            }
+        });
+        qmp.execute("migrate-continue", Some(json!({"state": "pre-switchover"})))
+            .await?;
+        Ok(())
+    }
+
+    /// Sends a RARP for each NIC of `spec` out of its bridge on this host.
+    pub(crate) fn announce_vm(&self, spec: &ferry_types::VmSpec) {
+        for n in &spec.nics {
+            let Some(mac) = n
+                .mac
+                .as_deref()
+                .and_then(|m| ferry_types::parse_mac(m).ok())
+            else {
+                continue;
+            };
+            if let Err(e) = ferry_net::announce_mac(&n.bridge, mac) {
+                tracing::warn!(vm = %spec.name, bridge = %n.bridge, error = %e, "cannot announce MAC");
+            }
+        }
+    }
+
+    /// After a failed or cancelled migration: the guest runs here again, mirrors gone,
+    /// the LAN told where it is (the destination may have claimed its MACs).
     async fn recover_source(&self, name: &str, qmp: &Qmp, copy: &[usize]) {
         self.cancel_mirrors(qmp, copy).await;
+        if let Ok((r, _)) = self.record(name).await {
+            self.announce_vm(&r.spec);
+        }
         let was_running = self
             .record(name)
             .await
