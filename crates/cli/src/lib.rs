@@ -224,7 +224,7 @@ pub enum VmCmd {
         /// Longest pause allowed at switchover, ms (default 50).
         #[arg(long)]
         downtime: Option<u64>,
-        /// Bandwidth cap, MiB/s (default 1024).
+        /// Bandwidth cap, MiB/s (default 10240: the link's speed).
         #[arg(long)]
         bandwidth: Option<u64>,
         /// Never switch to post-copy (a guest that dirties faster than the link then

@@ -233,6 +233,18 @@ impl ClusterLab {
                 // holds the VMs' taps.
                 self.ip(&ns, &["link", "add", "br0", "type", "bridge"])?;
                 self.ip(&ns, &["link", "set", "eth0", "master", "br0", "up"])?;
+                // A bridge takes the lowest MAC of its ports unless given one: every VM
+                // tap added later could change the host's MAC under its neighbours'
+                // ARP caches (connections to the host then stall for a minute). Pin it
+                // to the uplink's, as hypervisor hosts do.
+                let o = run(Command::new("ip").args(["-n", &ns, "-br", "link", "show", "eth0"]))?;
+                let line = String::from_utf8_lossy(&o.stdout).to_string();
+                let mac = line
+                    .split_whitespace()
+                    .nth(2)
+                    .with_context(|| format!("MAC of eth0 in {ns}: {line}"))?
+                    .to_string();
+                self.ip(&ns, &["link", "set", "br0", "address", &mac])?;
                 self.ip(&ns, &["addr", "add", &addr, "dev", "br0"])?;
                 self.ip(&ns, &["link", "set", "br0", "up"])?;
             }

@@ -20,7 +20,7 @@ pub struct MigrateRequest {
     /// The pause QEMU may take at switchover (default 50 ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downtime_limit_ms: Option<u64>,
-    /// Bandwidth cap in MiB/s (default 1024).
+    /// Bandwidth cap in MiB/s (default 10240: the link's speed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_bandwidth_mib: Option<u64>,
     /// Allow the switch to post-copy when throttling does not make it converge

@@ -24,9 +24,17 @@ use policy::{Decision, Policy, PolicyConfig, Sample};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
+/// How one attempt at migrating ended (errors aside).
+enum Attempt {
+    Done(MigrationReport),
+    /// Pre-copy stalled even with throttling: retry with post-copy armed.
+    RetryWithPostcopy(Vec<String>),
+}
+
 const POLL: Duration = Duration::from_millis(100);
 const DEFAULT_DOWNTIME_MS: u64 = 50;
-const DEFAULT_BANDWIDTH_MIB: u64 = 1024;
+/// No cap unless asked: the migration link is the hosts' (like Proxmox's default).
+const DEFAULT_BANDWIDTH_MIB: u64 = 10 * 1024;
 
 impl Agent {
     /// Outgoing migrations (the destination asks while it waits).
@@ -110,7 +118,10 @@ impl Agent {
             )));
         }
         let qmp = self.qmp(name)?;
-        let postcopy = req.allow_postcopy.unwrap_or(true) && copy.is_empty();
+        // Post-copy costs a return path that lengthens every switchover, so the first
+        // attempt is pre-copy only; a migration the policy finds stalled even with
+        // throttling is restarted with post-copy armed.
+        let may_postcopy = req.allow_postcopy.unwrap_or(true) && copy.is_empty();
         let transfer = VmTransfer {
             spec: rec.spec.clone(),
             template: rec.template,
@@ -118,13 +129,13 @@ impl Agent {
             clone_of: rec.clone_of.clone(),
             snapshots,
         };
-        let incoming = IncomingRequest {
+        let mut incoming = IncomingRequest {
             source: self.host_name().to_string(),
             vm: transfer,
             copy_disks: copy.clone(),
             copy_sizes,
             target_pool: req.target_pool.clone(),
-            postcopy,
+            postcopy: false,
             origin_id: Some(rec.origin_id.unwrap_or(rec.id)),
         };
         self.set_outgoing(name, Some((&req.to, "setup")));
@@ -136,13 +147,20 @@ impl Agent {
             format!("live migration to {} started", req.to),
         );
         ctx.log(format!("preparing {} to receive {name}", req.to));
-        let r = async {
-            let ready: IncomingReady = peer.post("/api/v1/migrations/incoming", &incoming).await?;
+        let mut earlier_steps = vec![];
+        let r = loop {
+            let ready: Result<IncomingReady> =
+                peer.post("/api/v1/migrations/incoming", &incoming).await;
+            let ready = match ready {
+                Ok(r) => r,
+                Err(e) => break Err(e),
+            };
             ctx.log(format!("destination QEMU listens on {}", ready.uri));
             let r = self
-                .run_migration(name, &qmp, &req, &ready, &copy, postcopy, ctx)
+                .run_migration(name, &qmp, &req, &ready, &copy, incoming.postcopy, ctx)
                 .await;
-            if r.is_err() {
+            let retry = matches!(&r, Ok(Attempt::RetryWithPostcopy(_)));
+            if r.is_err() || retry {
                 let abort = IncomingFinish { success: false };
                 if let Err(e) = peer
                     .post::<serde_json::Value>(
@@ -157,11 +175,30 @@ impl Agent {
                     ));
                 }
             }
-            r
-        }
-        .await;
+            match r {
+                Ok(Attempt::RetryWithPostcopy(steps)) if may_postcopy && !incoming.postcopy => {
+                    earlier_steps = steps;
+                    earlier_steps.push("pre-copy cancelled: restarting with post-copy armed".into());
+                    ctx.log("pre-copy does not converge: restarting with post-copy armed");
+                    incoming.postcopy = true;
+                }
+                Ok(Attempt::RetryWithPostcopy(steps)) => {
+                    break Err(AgentError::Conflict(format!(
+                        "migration does not converge ({}); {name} keeps running on {} (allow post-copy, raise the downtime limit or the bandwidth)",
+                        steps.join("; "),
+                        self.host_name()
+                    )))
+                }
+                Ok(Attempt::Done(r)) => break Ok(r),
+                Err(e) => break Err(e),
+            }
+        };
         let mut report = match r {
-            Ok(report) => report,
+            Ok(mut report) => {
+                earlier_steps.append(&mut report.policy_steps);
+                report.policy_steps = earlier_steps;
+                report
+            }
             Err(e) => {
                 self.set_outgoing(name, None);
                 let _ = self.update_record(name, |r| r.migrating_to = None).await;
@@ -227,7 +264,7 @@ impl Agent {
         copy: &[usize],
         postcopy: bool,
         ctx: &TaskCtx,
-    ) -> Result<MigrationReport> {
+    ) -> Result<Attempt> {
         // The pause before switchover is where the destination claims the MACs (and
         // disk mirrors complete); events tell it without polling.
         let caps = json!({"capabilities": [
@@ -260,10 +297,14 @@ impl Agent {
         let mut switched = false;
         let mut switchover = Duration::ZERO;
         let mut tick = tokio::time::interval(POLL);
+        // Without post-copy armed, the policy's post-copy decision means: give up this
+        // attempt (the caller restarts with post-copy if allowed).
         let mut policy = Policy::new(PolicyConfig {
-            allow_postcopy: postcopy,
+            allow_postcopy: true,
+            postcopy_after_first_pass: postcopy,
             ..Default::default()
         });
+        let mut give_up = false;
         let mut last_pass = 0;
         let final_info = loop {
             tokio::select! {
@@ -276,7 +317,12 @@ impl Agent {
                         self.switchover(name, qmp, req, copy, ctx).await?;
                         switchover = t.elapsed();
                     }
-                    continue;
+                    // An end status is read at once rather than at the next tick.
+                    let end = matches!(&ev, Ok(e) if e.name == "MIGRATION"
+                        && matches!(e.data["status"].as_str(), Some("completed" | "failed" | "cancelled")));
+                    if !end {
+                        continue;
+                    }
                 }
                 _ = tick.tick() => {}
             }
@@ -321,9 +367,21 @@ impl Agent {
             }
             match policy.observe(&s) {
                 Decision::Continue => {}
-                Decision::StartPostcopy => {
+                Decision::SetDowntime(ms) => {
+                    ctx.log(policy.steps.last().cloned().unwrap_or_default());
+                    qmp.execute(
+                        "migrate-set-parameters",
+                        Some(json!({"downtime-limit": ms})),
+                    )
+                    .await?;
+                }
+                Decision::StartPostcopy if postcopy => {
                     ctx.log(policy.steps.last().cloned().unwrap_or_default());
                     qmp.execute("migrate-start-postcopy", None).await?;
+                }
+                Decision::StartPostcopy => {
+                    give_up = true;
+                    let _ = qmp.execute("migrate_cancel", None).await;
                 }
                 Decision::Cancel(why) => {
                     ctx.log(format!("cancelling: {why}"));
@@ -333,6 +391,10 @@ impl Agent {
         };
         policy.finish();
         let status = final_info["status"].as_str().unwrap_or("");
+        if give_up && status != "completed" {
+            self.recover_source(name, qmp, copy).await;
+            return Ok(Attempt::RetryWithPostcopy(policy.steps));
+        }
         if status != "completed" {
             let why = final_info["error-desc"]
                 .as_str()
@@ -353,7 +415,7 @@ impl Agent {
             )));
         }
         let ram = &final_info["ram"];
-        Ok(MigrationReport {
+        Ok(Attempt::Done(MigrationReport {
             migration_ms: final_info["total-time"].as_u64().unwrap_or(0),
             downtime_ms: final_info["downtime"].as_u64().unwrap_or(0),
             switchover_ms: switchover.as_millis() as u64,
@@ -365,7 +427,7 @@ impl Agent {
             postcopy: policy.phase == policy::Phase::PostCopy,
             policy_steps: policy.steps,
             ..Default::default()
-        })
+        }))
     }
 
     /// The guest is paused for the last pages and the device state: complete the disk

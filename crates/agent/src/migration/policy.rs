@@ -2,6 +2,8 @@
 //! fed `query-migrate` samples and answers what to do.
 //!
 //! ```text
+//!  PreCopy --stall, and the rest fits in `max_downtime` at link speed--> raise the
+//!            downtime limit to what the rest needs (completes at the next pass)
 //!  PreCopy --stall (dirty rate ≥ link, remaining not shrinking)--> Throttling
 //!  Throttling --QEMU's auto-converge raises the vCPU throttle each pass--> (converges)
 //!  Throttling --throttle ≥ limit and still stalled, or pre-copy budget spent--> PostCopy
@@ -73,6 +75,11 @@ pub struct PolicyConfig {
     pub precopy_budget: Duration,
     /// No bytes moved for this long: the link is gone, cancel.
     pub no_progress: Duration,
+    /// Switch to post-copy once the first full pass is done (an earlier attempt of this
+    /// migration stalled already).
+    pub postcopy_after_first_pass: bool,
+    /// The longest pause the policy may allow to finish a stalled pre-copy, ms.
+    pub max_downtime_ms: u64,
 }
 
 impl Default for PolicyConfig {
@@ -83,6 +90,8 @@ impl Default for PolicyConfig {
             throttle_limit: 70,
             precopy_budget: Duration::from_secs(30),
             no_progress: Duration::from_secs(8),
+            postcopy_after_first_pass: false,
+            max_downtime_ms: 300,
         }
     }
 }
@@ -97,6 +106,8 @@ pub enum Phase {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     Continue,
+    /// Set QEMU's downtime limit to this many ms.
+    SetDowntime(u64),
     StartPostcopy,
     Cancel(String),
 }
@@ -111,6 +122,7 @@ pub struct Policy {
     last_transferred: u64,
     last_progress: Duration,
     max_throttle: u64,
+    downtime_raised: bool,
     pub max_dirty_pages_rate: u64,
     /// What the policy did, for the report.
     pub steps: Vec<String>,
@@ -127,6 +139,7 @@ impl Policy {
             last_transferred: 0,
             last_progress: Duration::ZERO,
             max_throttle: 0,
+            downtime_raised: false,
             max_dirty_pages_rate: 0,
             steps: vec![],
         }
@@ -181,6 +194,30 @@ impl Policy {
                 ));
             }
             self.max_throttle = s.throttle_pct;
+        }
+        if self.cfg.allow_postcopy
+            && self.cfg.postcopy_after_first_pass
+            && s.status == "active"
+            && s.passes >= 2
+        {
+            self.phase = Phase::PostCopy;
+            self.steps.push(format!(
+                "post-copy after the first pass ({} MiB left)",
+                s.remaining >> 20
+            ));
+            return Decision::StartPostcopy;
+        }
+        if self.stalled() && !self.downtime_raised && s.link_bytes_rate() > 0 {
+            self.downtime_raised = true;
+            // What the last pages need at the measured link speed, with a margin.
+            let need = s.remaining.saturating_mul(1000) / s.link_bytes_rate() * 5 / 4 + 5;
+            if need <= self.cfg.max_downtime_ms {
+                self.steps.push(format!(
+                    "downtime limit raised to {need} ms for the last {} MiB",
+                    s.remaining >> 20
+                ));
+                return Decision::SetDowntime(need);
+            }
         }
         let budget_spent = s.elapsed >= self.cfg.precopy_budget;
         let throttled_out = self.max_throttle >= self.cfg.throttle_limit && self.stalled();
@@ -287,6 +324,26 @@ mod tests {
                 Decision::Continue
             );
         }
+    }
+
+    #[test]
+    fn a_small_stalled_rest_gets_a_longer_pause_instead() {
+        let mut p = Policy::new(PolicyConfig::default());
+        let mut d = Decision::Continue;
+        for pass in 1..=6u64 {
+            // 8 MiB left at 100 MB/s: 84 ms, within the 300 ms ceiling.
+            let mut x = s(pass * 300, pass, 8 << 20, pass * 1000, 0);
+            x.mbps = 800.0;
+            d = p.observe(&x);
+            if d != Decision::Continue {
+                break;
+            }
+        }
+        match d {
+            Decision::SetDowntime(ms) => assert!((90..=120).contains(&ms), "{ms}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(p.steps.last().unwrap().starts_with("downtime limit raised"));
     }
 
     #[test]

@@ -9,10 +9,15 @@
 //! suspend and resume for 256 MiB and 1 GiB guests with RAM filled; linked clone, and full
 //! clone of a 2 GiB disk against `qemu-img convert` of the same disk alone.
 //!
-//! Usage: `ferry-bench [core|snapshots] [--runs N] [--vms N] [--json]` (as root; the
+//! `ferry-bench migration [--sizes 256,1024]`: live migration in a 3-host lab, idle and
+//! dirtying guests, pings lost and longest gap at 10 ms and 1 ms, against plain QEMU
+//! migrating the same guest with its defaults.
+//!
+//! Usage: `ferry-bench [core|snapshots|migration] [--runs N] [--vms N] [--json]` (as root; the
 //! `ferry` binary next to this one, or `FERRY_BIN`). Everything runs in a lab namespace,
 //! removed at the end.
 
+mod migbench;
 mod snapbench;
 
 use anyhow::{bail, Context, Result};
@@ -42,6 +47,15 @@ fn arg(name: &str, default: usize) -> usize {
         .and_then(|i| a.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+pub(crate) fn arg_str(name: &str, default: &str) -> String {
+    let a: Vec<String> = std::env::args().collect();
+    a.iter()
+        .position(|x| x == name)
+        .and_then(|i| a.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| default.to_string())
 }
 
 pub(crate) const BASE: &str = "http://127.0.0.1:8470";
@@ -199,6 +213,9 @@ pub(crate) fn rt() -> tokio::runtime::Runtime {
 fn main() -> Result<()> {
     if std::env::args().nth(1).as_deref() == Some("snapshots") {
         return snapbench::run();
+    }
+    if std::env::args().nth(1).as_deref() == Some("migration") {
+        return migbench::run();
     }
     let runs = arg("--runs", 10);
     let nvms = arg("--vms", 1000);
