@@ -68,6 +68,30 @@ impl Peer {
         self.send(req, &format!("GET {path}")).await
     }
 
+    /// Streams a file as the body of a PUT (no overall timeout: disks are large).
+    pub async fn put_file(&self, path: &str, file: &std::path::Path) -> Result<()> {
+        let f = tokio::fs::File::open(file)
+            .await
+            .map_err(|source| AgentError::Io {
+                what: format!("Open {}", file.display()),
+                source,
+            })?;
+        let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .build()
+            .map_err(|e| self.err("HTTP client".into(), Some(e)))?;
+        let req = http
+            .put(format!("{}{path}", self.host.api))
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .body(reqwest::Body::wrap_stream(
+                tokio_util::io::ReaderStream::new(f),
+            ));
+        self.send::<serde_json::Value>(req, &format!("PUT {path}"))
+            .await
+            .map(|_| ())
+    }
+
     pub async fn post<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T> {
         let req = self
             .http

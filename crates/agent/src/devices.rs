@@ -190,13 +190,11 @@ impl Agent {
                     d.bus
                 )));
             }
+            let node = self.disk_node(name, index).await;
             self.unplug(name, &format!("disk{index}")).await?;
             let qmp = self.qmp(name)?;
-            qmp.execute(
-                "blockdev-del",
-                Some(json!({"node-name": format!("disk{index}")})),
-            )
-            .await?;
+            qmp.execute("blockdev-del", Some(json!({"node-name": node})))
+                .await?;
         } else if slot.state() == VmState::Suspended {
             return Err(AgentError::Conflict(format!(
                 "{name} is suspended; its devices cannot change"

@@ -19,6 +19,7 @@ mod locks;
 mod maintenance;
 mod metrics;
 mod migration;
+mod movedisk;
 mod pools;
 mod records;
 mod repair;

@@ -203,12 +203,13 @@ impl Agent {
             } else {
                 for i in on {
                     let d = &r.spec.disks[i];
+                    let node = self.disk_node(name, i).await;
                     let res = if running {
                         match self.qmp(name) {
                             Ok(q) => q
                                 .execute(
                                     "blockdev-snapshot-delete-internal-sync",
-                                    Some(json!({"device": format!("disk{i}"), "name": tag})),
+                                    Some(json!({"device": node, "name": tag})),
                                 )
                                 .await
                                 .map(|_| ())

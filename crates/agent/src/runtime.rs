@@ -96,10 +96,11 @@ impl Agent {
             return None;
         }
         let (r, _) = self.record(vm).await.ok()?;
-        r.spec
+        let i = r
+            .spec
             .disks
             .iter()
-            .position(|d| d.pool == pool && d.volume.as_deref() == Some(volume))
-            .map(|i| format!("disk{i}"))
+            .position(|d| d.pool == pool && d.volume.as_deref() == Some(volume))?;
+        Some(self.disk_node(vm, i).await)
     }
 }

@@ -150,7 +150,7 @@ impl Agent {
             )));
         }
         let disks = self.snapshot_disks(vm).await?;
-        let devices: Vec<String> = (0..disks.len()).map(|i| format!("disk{i}")).collect();
+        let devices = self.disk_nodes(vm, disks.len()).await;
         if slot.state().has_process() {
             let qmp = self.qmp(vm)?;
             if req.with_memory {
@@ -226,7 +226,7 @@ impl Agent {
         let _op = slot.op.lock().await;
         let snap = self.snapshot(vm, name).await?;
         let disks = self.snapshot_disks(vm).await?;
-        let devices: Vec<String> = (0..disks.len()).map(|i| format!("disk{i}")).collect();
+        let devices = self.disk_nodes(vm, disks.len()).await;
         if snap.with_memory {
             if !slot.state().has_process() {
                 self.start_with(vm, &slot, true).await?;
@@ -265,7 +265,7 @@ impl Agent {
         let snap = self.snapshot(vm, name).await?;
         let disks = self.snapshot_disks(vm).await?;
         if slot.state().has_process() {
-            let devices: Vec<String> = (0..disks.len()).map(|i| format!("disk{i}")).collect();
+            let devices = self.disk_nodes(vm, disks.len()).await;
             run_job(
                 &self.qmp(vm)?,
                 "snapshot-delete",

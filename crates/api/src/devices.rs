@@ -5,7 +5,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use ferry_agent::Agent;
-use ferry_types::{ApiErrorBody, Vm};
+use ferry_types::{ApiErrorBody, DiskMove, TaskAccepted, Vm};
 
 /// The index of an attached disk.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
@@ -77,5 +77,41 @@ pub async fn detach_nic(
     ApiPath((name, index)): ApiPath<(String, usize)>,
 ) -> ApiResult<StatusCode> {
     a.detach_nic(&name, index).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/api/v1/vms/{name}/disks/{index}/move", tag = "vms", request_body = DiskMove,
+    params(("name" = String, Path, description = "VM name"), ("index" = usize, Path)),
+    responses((status = 202, description = "Move task started (mirror while running, copy while stopped)", body = TaskAccepted),
+              (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+pub async fn move_disk(
+    State(a): State<Agent>,
+    ApiPath((name, index)): ApiPath<(String, usize)>,
+    ApiJson(req): ApiJson<DiskMove>,
+) -> ApiResult<(StatusCode, Json<TaskAccepted>)> {
+    let vm = a.get_vm(&name).await?;
+    if index >= vm.spec.disks.len() {
+        return Err(ferry_agent::AgentError::NotFound(format!("disk{index} of {name}")).into());
+    }
+    a.get_pool(&req.pool).await?;
+    let agent = a.clone();
+    let n = name.clone();
+    let task = a
+        .tasks()
+        .spawn("vm.move-disk", &name, move |ctx| async move {
+            agent.move_disk(&n, index, &req.pool, &ctx).await
+        });
+    Ok((StatusCode::ACCEPTED, Json(TaskAccepted { task })))
+}
+
+#[utoipa::path(delete, path = "/api/v1/vms/{name}/disks/{index}/move", tag = "vms",
+    params(("name" = String, Path, description = "VM name"), ("index" = usize, Path)),
+    responses((status = 204, description = "The running move was aborted; the disk stays where it was"),
+              (status = 409, body = ApiErrorBody)))]
+pub async fn abort_move_disk(
+    State(a): State<Agent>,
+    ApiPath((name, index)): ApiPath<(String, usize)>,
+) -> ApiResult<StatusCode> {
+    a.abort_move_disk(&name, index).await?;
     Ok(StatusCode::NO_CONTENT)
 }

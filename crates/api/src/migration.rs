@@ -7,8 +7,8 @@ use axum::http::StatusCode;
 use axum::Json;
 use ferry_agent::{Agent, AgentError};
 use ferry_types::{
-    ApiErrorBody, ClusterHost, IncomingFinish, IncomingReady, IncomingRequest, MigrateRequest,
-    MigrationInfo, MigrationReport, TaskAccepted, VmState,
+    ApiErrorBody, ClusterHost, ColdIncoming, IncomingFinish, IncomingReady, IncomingRequest,
+    MigrateRequest, MigrationInfo, MigrationReport, MoveRequest, TaskAccepted, VmState,
 };
 
 type Accepted = (StatusCode, Json<TaskAccepted>);
@@ -115,4 +115,120 @@ pub async fn enter_maintenance(State(a): State<Agent>) -> ApiResult<Accepted> {
 pub async fn activate_host(State(a): State<Agent>) -> ApiResult<StatusCode> {
     a.activate_host().await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/api/v1/vms/{name}/move", tag = "migration", request_body = MoveRequest,
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 202, description = "Cold migration task started", body = TaskAccepted),
+              (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+pub async fn move_vm(
+    State(a): State<Agent>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(req): ApiJson<MoveRequest>,
+) -> ApiResult<Accepted> {
+    let vm = a.get_vm(&name).await?;
+    if !matches!(
+        vm.state,
+        VmState::Stopped | VmState::Crashed | VmState::Suspended
+    ) {
+        return Err(AgentError::Conflict(format!(
+            "VM {name} is {}: running VMs move with migrate",
+            vm.state
+        ))
+        .into());
+    }
+    if !a.cluster_hosts()?.iter().any(|h| h.name == req.to) {
+        return Err(AgentError::NotFound(format!("Host {} in the cluster", req.to)).into());
+    }
+    let agent = a.clone();
+    let n = name.clone();
+    let task = a.tasks().spawn("vm.move", &name, move |ctx| async move {
+        agent.move_vm(&n, &req.to, &ctx).await
+    });
+    Ok((StatusCode::ACCEPTED, Json(TaskAccepted { task })))
+}
+
+#[utoipa::path(post, path = "/api/v1/migrations/cold", tag = "migration", request_body = ColdIncoming,
+    responses((status = 204, description = "Registered, waiting for its files"),
+              (status = 400, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+pub async fn prepare_cold(
+    State(a): State<Agent>,
+    ApiJson(req): ApiJson<ColdIncoming>,
+) -> ApiResult<StatusCode> {
+    a.prepare_cold(req).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Writes the request body to `partial`, then publishes it at `path`.
+async fn receive(
+    a: &Agent,
+    name: &str,
+    disk: Option<usize>,
+    body: axum::body::Body,
+) -> ApiResult<StatusCode> {
+    use futures::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    let (path, partial) = a.cold_upload_target(name, disk).await?;
+    let io = |what: String| move |source: std::io::Error| AgentError::Io { what, source };
+    let mut f = tokio::fs::File::create(&partial)
+        .await
+        .map_err(io(format!("Create {}", partial.display())))?;
+    let mut stream = body.into_data_stream();
+    let r: Result<(), AgentError> = async {
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| {
+                io("Receive the upload".into())(std::io::Error::other(e.to_string()))
+            })?;
+            f.write_all(&chunk)
+                .await
+                .map_err(io(format!("Write {}", partial.display())))?;
+        }
+        f.sync_all()
+            .await
+            .map_err(io(format!("Sync {}", partial.display())))?;
+        Ok(())
+    }
+    .await;
+    if let Err(e) = r {
+        let _ = tokio::fs::remove_file(&partial).await;
+        return Err(e.into());
+    }
+    a.cold_upload_done(name, disk, &partial, &path).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(put, path = "/api/v1/migrations/cold/{name}/disks/{index}", tag = "migration",
+    params(("name" = String, Path, description = "VM name"), ("index" = usize, Path)),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The volume file"),
+    responses((status = 204, description = "Stored"), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+pub async fn upload_cold_disk(
+    State(a): State<Agent>,
+    ApiPath((name, index)): ApiPath<(String, usize)>,
+    body: axum::body::Body,
+) -> ApiResult<StatusCode> {
+    receive(&a, &name, Some(index), body).await
+}
+
+#[utoipa::path(put, path = "/api/v1/migrations/cold/{name}/state", tag = "migration",
+    params(("name" = String, Path, description = "VM name")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The suspended state file"),
+    responses((status = 204, description = "Stored"), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+pub async fn upload_cold_state(
+    State(a): State<Agent>,
+    ApiPath(name): ApiPath<String>,
+    body: axum::body::Body,
+) -> ApiResult<StatusCode> {
+    receive(&a, &name, None, body).await
+}
+
+#[utoipa::path(post, path = "/api/v1/migrations/cold/{name}/finish", tag = "migration", request_body = IncomingFinish,
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 200, description = "Done; locks taken over", body = Vec<String>),
+              (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+pub async fn finish_cold(
+    State(a): State<Agent>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(req): ApiJson<IncomingFinish>,
+) -> ApiResult<Json<Vec<String>>> {
+    Ok(Json(a.finish_cold(&name, req.success).await?))
 }

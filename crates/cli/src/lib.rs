@@ -209,6 +209,24 @@ pub enum VmCmd {
     Suspend {
         name: String,
     },
+    /// Move a disk to another pool, also while the VM runs (Storage vMotion).
+    MoveDisk {
+        name: String,
+        /// The disk: its index or `diskN`.
+        disk: String,
+        /// The pool to move it to.
+        #[arg(long, required_unless_present = "abort")]
+        to_pool: Option<String>,
+        /// Abort a move under way (the disk stays where it was).
+        #[arg(long)]
+        abort: bool,
+    },
+    /// Move a stopped or suspended VM to another host (its local disks are copied).
+    Move {
+        name: String,
+        #[arg(long)]
+        to: String,
+    },
     /// Move a running VM to another host while it runs (live migration).
     Migrate {
         name: String,
@@ -691,6 +709,47 @@ async fn vm(c: &Client, g: &Global, cmd: VmCmd) -> Result<()> {
             Ok(())
         }
         VmCmd::Suspend { name } => action(c, g, &name, "suspend", None).await,
+        VmCmd::Move { name, to } => {
+            let t: TaskAccepted = c
+                .request(
+                    Method::POST,
+                    &format!("/api/v1/vms/{name}/move"),
+                    Some(&json!({"to": to})),
+                )
+                .await?;
+            let done = c.wait_task(t, g.json).await?;
+            if g.json {
+                return print_json(&done);
+            }
+            println!("{name} now on {to}");
+            Ok(())
+        }
+        VmCmd::MoveDisk {
+            name,
+            disk,
+            to_pool,
+            abort,
+        } => {
+            let index: usize = disk
+                .strip_prefix("disk")
+                .unwrap_or(&disk)
+                .parse()
+                .with_context(|| format!("disk {disk:?}: an index or diskN"))?;
+            let path = format!("/api/v1/vms/{name}/disks/{index}/move");
+            if abort {
+                c.request::<Value>(Method::DELETE, &path, None).await?;
+                println!("{name}: move of disk{index} aborted");
+                return Ok(());
+            }
+            let body = json!({"pool": to_pool});
+            let t: TaskAccepted = c.request(Method::POST, &path, Some(&body)).await?;
+            let done = c.wait_task(t, g.json).await?;
+            if g.json {
+                return print_json(&done);
+            }
+            println!("{name}: disk{index} now on {}", to_pool.unwrap_or_default());
+            Ok(())
+        }
         VmCmd::Migrate {
             name,
             to,

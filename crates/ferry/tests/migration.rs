@@ -297,3 +297,279 @@ fn maintenance_evacuates_over_the_other_hosts() -> Result<()> {
     h1.ferry_ok(&["vm", "start", "c"])?;
     Ok(())
 }
+
+#[test]
+fn migration_with_local_disks_copies_them() -> Result<()> {
+    let lab = ClusterLab::for_test(FERRY, 2)?;
+    let (h1, h2) = (lab.cli("h1")?, lab.cli("h2")?);
+    let vm = boot(
+        &h1,
+        "loc",
+        "10.78.0.140",
+        Some("pool=local,size=32M,format=raw"),
+    )?;
+    let old_vol = vm["spec"]["disks"][0]["volume"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    h1.guest_sh(
+        "loc",
+        &format!("{RECORD_WRITER}; (ferry_writer loc /dev/vda 0 > /dev/null 2>&1 &)"),
+    )?;
+    std::thread::sleep(Duration::from_secs(2));
+    let report = h1.ferry_json(&["vm", "migrate", "loc", "--to", "h2", "--with-storage"])?;
+    eprintln!("with storage: {report}");
+    assert!(report["disk_transferred_bytes"].as_u64().unwrap() >= 32 << 20);
+    let on2 = h2.ferry_json(&["vm", "show", "loc"])?;
+    assert_eq!(on2["state"], "running");
+    assert_eq!(on2["spec"]["disks"][0]["pool"], "local");
+    let new_vol = on2["spec"]["disks"][0]["volume"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The source's copy is gone; the destination's holds every record, written on
+    // both hosts, in order.
+    assert!(!lab
+        .state_dir("h1")
+        .join("pools/local")
+        .join(&old_vol)
+        .exists());
+    let last: u64 = h2
+        .guest_sh(
+            "loc",
+            "touch /tmp/stop-writer; sleep 2; cat /tmp/writer-seq",
+        )?
+        .trim()
+        .parse()?;
+    let rep = verify_records(&lab.state_dir("h2").join("pools/local").join(&new_vol))?;
+    eprintln!("records: {rep}");
+    assert!(rep.is_clean(), "{rep}");
+    assert_eq!(rep.last_seq, Some(last));
+    Ok(())
+}
+
+#[test]
+fn a_guest_dirtying_faster_than_the_link_still_moves() -> Result<()> {
+    let lab = ClusterLab::for_test(FERRY, 2)?;
+    let (h1, h2) = (lab.cli("h1")?, lab.cli("h2")?);
+    boot(&h1, "busy", "10.78.0.145", None)?;
+    h1.guest_sh("busy", "yes abcdefghijklmnop | head -c 33554432 > /tmp/src")?;
+    h1.guest_sh(
+        "busy",
+        "(while :; do dd if=/tmp/src of=/tmp/dst bs=1M count=32 conv=notrunc 2>/dev/null; done &)",
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+    // A 16 MiB/s link against a guest rewriting 32 MiB many times a second: pre-copy
+    // alone never ends (plain QEMU gives up); the policy must finish it.
+    let report = h1.ferry_json(&["vm", "migrate", "busy", "--to", "h2", "--bandwidth", "16"])?;
+    eprintln!("busy: {report}");
+    let steps: Vec<&str> = report["policy_steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s.as_str())
+        .collect();
+    assert!(
+        steps.iter().any(|s| s.starts_with("stall")),
+        "no stall seen: {steps:?}"
+    );
+    assert!(
+        steps
+            .iter()
+            .any(|s| s.starts_with("post-copy") || s.starts_with("downtime limit raised")),
+        "{steps:?}"
+    );
+    assert_eq!(h2.vm_state("busy")?.0, "running");
+    assert_eq!(h2.guest_sh("busy", "echo alive")?, "alive");
+    assert!(h1.vm_names()?.is_empty());
+    Ok(())
+}
+
+#[test]
+fn storage_vmotion_moves_a_running_disk_between_pools() -> Result<()> {
+    let lab = ClusterLab::for_test(FERRY, 1)?;
+    let h1 = lab.cli("h1")?;
+    let vm = boot(
+        &h1,
+        "sv",
+        "10.78.0.146",
+        Some("pool=local,size=32M,format=raw"),
+    )?;
+    let vol = vm["spec"]["disks"][0]["volume"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    h1.guest_sh(
+        "sv",
+        &format!("{RECORD_WRITER}; (ferry_writer sv /dev/vda 0 > /dev/null 2>&1 &)"),
+    )?;
+    std::thread::sleep(Duration::from_secs(2));
+    // Bad input changes nothing.
+    for (args, want) in [
+        (
+            vec!["vm", "move-disk", "sv", "7", "--to-pool", "shared"],
+            "not found",
+        ),
+        (
+            vec!["vm", "move-disk", "sv", "0", "--to-pool", "nope"],
+            "not found",
+        ),
+        (
+            vec!["vm", "move-disk", "sv", "0", "--to-pool", "local"],
+            "already",
+        ),
+    ] {
+        let o = h1.ferry(&args)?;
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    h1.ferry_ok(&["vm", "move-disk", "sv", "disk0", "--to-pool", "shared"])?;
+    let after = h1.ferry_json(&["vm", "show", "sv"])?;
+    assert_eq!(after["spec"]["disks"][0]["pool"], "shared");
+    assert_eq!(after["state"], "running");
+    let old = lab.state_dir("h1").join("pools/local").join(&vol);
+    assert!(!old.exists(), "old volume left");
+    assert_eq!(lock_of(&lab, &vol)?["host"], "h1");
+    // The guest kept writing through the pivot; every record is in the new volume.
+    let last: u64 = h1
+        .guest_sh("sv", "touch /tmp/stop-writer; sleep 2; cat /tmp/writer-seq")?
+        .trim()
+        .parse()?;
+    let rep = verify_records(&lab.shared_dir().join(&vol))?;
+    assert!(rep.is_clean(), "{rep}");
+    assert_eq!(rep.last_seq, Some(last));
+    // After a restart QEMU opens the new place.
+    h1.ferry_ok(&["vm", "stop", "sv"])?;
+    h1.ferry_ok(&["vm", "start", "sv"])?;
+    h1.wait_console("sv", "FERRY-READY", READY)?;
+    assert_eq!(h1.vm_state("sv")?.0, "running");
+    Ok(())
+}
+
+#[test]
+fn lab_cli_builds_breaks_and_removes_a_cluster() -> Result<()> {
+    let name = format!("fy{}-cli", std::process::id());
+    let lab = |args: &[&str]| -> Result<std::process::Output> {
+        Ok(std::process::Command::new(FERRY)
+            .arg("lab")
+            .args(args)
+            .args(["--name", &name])
+            .output()?)
+    };
+    let ok = |args: &[&str]| -> Result<String> {
+        let o = lab(args)?;
+        if !o.status.success() {
+            bail!("ferry lab {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let r = (|| -> Result<()> {
+        let up = ok(&["up", "--hosts", "2"])?;
+        assert!(up.contains("h1") && up.contains("h2"), "{up}");
+        assert!(!lab(&["up", "--hosts", "2"])?.status.success(), "second up");
+        ok(&["exec", "h1", "--", FERRY, "host"])?;
+        ok(&[
+            "exec",
+            "client",
+            "--",
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "2",
+            "10.78.0.12",
+        ])?;
+        ok(&["cut", "h2"])?;
+        assert!(ok(&["status"])?.contains("cut"));
+        assert!(!lab(&[
+            "exec",
+            "client",
+            "--",
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "1",
+            "10.78.0.12"
+        ])?
+        .status
+        .success());
+        ok(&["heal", "h2"])?;
+        ok(&[
+            "exec",
+            "client",
+            "--",
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "2",
+            "10.78.0.12",
+        ])?;
+        ok(&["kill-daemon", "h2"])?;
+        assert!(ok(&["status"])?.contains("daemon down"));
+        ok(&["start", "h2"])?;
+        ok(&["exec", "h2", "--", FERRY, "host"])?;
+        let killed = ok(&["kill", "h1"])?;
+        assert!(killed.contains("processes killed"), "{killed}");
+        assert!(!lab(&["exec", "h1", "--", FERRY, "host"])?.status.success());
+        Ok(())
+    })();
+    let down = ok(&["down"]);
+    r?;
+    assert!(down?.contains("5 namespaces removed"));
+    let left = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()?;
+    assert!(!String::from_utf8_lossy(&left.stdout).contains(&name));
+    // Down again on nothing is fine (leftovers or not).
+    ok(&["down"])?;
+    Ok(())
+}
+
+#[test]
+fn cold_migration_moves_stopped_and_suspended_vms() -> Result<()> {
+    let lab = ClusterLab::for_test(FERRY, 2)?;
+    let (h1, h2) = (lab.cli("h1")?, lab.cli("h2")?);
+    // Suspended, with a local disk: disk and state file travel; it resumes on h2.
+    let vm = boot(&h1, "sus", "10.78.0.150", Some("pool=local,size=16M"))?;
+    let old_vol = vm["spec"]["disks"][0]["volume"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    h1.guest_sh("sus", "echo before > /tmp/marker")?;
+    h1.ferry_ok(&["vm", "suspend", "sus"])?;
+    let o = h1.ferry(&["vm", "move", "sus", "--to", "h9"])?;
+    assert!(!o.status.success());
+    h1.ferry_ok(&["vm", "move", "sus", "--to", "h2"])?;
+    assert!(h1.vm_names()?.is_empty());
+    assert!(!lab
+        .state_dir("h1")
+        .join("pools/local")
+        .join(&old_vol)
+        .exists());
+    assert_eq!(h2.vm_state("sus")?.0, "suspended");
+    h2.ferry_ok(&["vm", "resume", "sus"])?;
+    assert_eq!(h2.guest_sh("sus", "cat /tmp/marker")?, "before");
+    // Running VMs are refused (they migrate live).
+    let o = h2.ferry(&["vm", "move", "sus", "--to", "h1"])?;
+    assert!(String::from_utf8_lossy(&o.stderr).contains("migrate"));
+
+    // Stopped, with an internal snapshot inside its local qcow2: it arrives with it.
+    h1.create_test_vm("cold", "10.78.0.151", &["--disk", "pool=local,size=16M"])?;
+    h1.ferry_ok(&["vm", "snapshot", "cold", "s1"])?;
+    h1.ferry_ok(&["vm", "move", "cold", "--to", "h2"])?;
+    let on2 = h2.ferry_json(&["vm", "show", "cold"])?;
+    assert_eq!(on2["state"], "stopped");
+    let snaps = h2.ferry_json(&["vm", "snapshots", "cold"])?;
+    assert_eq!(snaps["snapshots"][0]["name"], "s1", "{snaps}");
+    let vol = on2["spec"]["disks"][0]["volume"].as_str().unwrap();
+    let info = std::process::Command::new("qemu-img")
+        .args(["snapshot", "-l", "-U"])
+        .arg(lab.state_dir("h2").join("pools/local").join(vol))
+        .output()?;
+    assert!(String::from_utf8_lossy(&info.stdout).contains("s1"));
+    h2.ferry_ok(&["vm", "revert", "cold", "s1"])?;
+    Ok(())
+}

@@ -154,3 +154,39 @@ pub struct MigrationReport {
     #[serde(default)]
     pub locks: Vec<String>,
 }
+
+/// `POST /vms/{name}/disks/{index}/move`: Storage vMotion.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskMove {
+    /// The pool the disk moves to.
+    pub pool: String,
+}
+
+/// Source → destination: register a stopped or suspended VM arriving cold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ColdIncoming {
+    pub source: String,
+    pub vm: VmTransfer,
+    /// Suspended (resumes from its state file) rather than stopped.
+    #[serde(default)]
+    pub suspended: bool,
+    /// Disks (indexes) whose files will be uploaded into the destination's `local` pool.
+    #[serde(default)]
+    pub upload_disks: Vec<usize>,
+    /// The suspended state file will be uploaded too.
+    #[serde(default)]
+    pub state_upload: bool,
+    /// The state file when it lies on a shared pool (it stays there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspend_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin_id: Option<u32>,
+}
+
+/// `POST /vms/{name}/move`: cold migration of a stopped or suspended VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MoveRequest {
+    pub to: String,
+}

@@ -169,7 +169,7 @@ impl Agent {
                 );
                 let agent = self.clone();
                 let n = name.clone();
-                tokio::spawn(async move { agent.watch_incoming(n).await });
+                tokio::spawn(async move { agent.watch_incoming(n, false).await });
                 Ok(ready)
             }
             Err(e) => {
@@ -333,8 +333,9 @@ impl Agent {
         );
     }
 
-    /// Follows an incoming VM until it is this host's or dropped.
-    pub(crate) async fn watch_incoming(self, name: String) {
+    /// Follows an incoming VM until it is this host's or dropped (`cold`: no QEMU, the
+    /// source uploads files).
+    pub(crate) async fn watch_incoming(self, name: String, cold: bool) {
         let mut completed_at: Option<Instant> = None;
         let mut silent_since: Option<Instant> = None;
         loop {
@@ -347,6 +348,7 @@ impl Agent {
             };
             let slot = self.slot(&name);
             let status = match self.qmp(&name) {
+                _ if cold => String::new(),
                 Ok(q) => q
                     .execute("query-migrate", None)
                     .await

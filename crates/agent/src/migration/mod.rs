@@ -7,6 +7,7 @@
 //! what it prepared. `incoming.rs` is the destination's side, `policy.rs` decides
 //! throttling and post-copy, `recover.rs` finishes migrations a daemon restart cut off.
 
+mod cold;
 mod incoming;
 pub(crate) mod policy;
 mod recover;

@@ -25,7 +25,7 @@ impl Agent {
                 let slot = self.slot(&name);
                 if slot.state().has_process() {
                     let agent = self.clone();
-                    tokio::spawn(async move { agent.watch_incoming(name).await });
+                    tokio::spawn(async move { agent.watch_incoming(name, false).await });
                 } else {
                     let _op = slot.op.lock().await;
                     self.drop_incoming_locked(&name, &slot).await;

@@ -32,6 +32,7 @@ impl Agent {
             .rsplit_once(':')
             .ok_or_else(|| AgentError::Conflict(format!("bad NBD address {nbd}")))?;
         for (k, &i) in copy.iter().enumerate() {
+            let node = self.disk_node(name, i).await;
             let export = ready.exports.get(k).ok_or_else(|| {
                 AgentError::Conflict(format!("the destination exports no disk {i}"))
             })?;
@@ -47,7 +48,7 @@ impl Agent {
             qmp.execute(
                 "blockdev-mirror",
                 Some(json!({
-                    "job-id": job(i), "device": format!("disk{i}"), "target": job(i),
+                    "job-id": job(i), "device": node, "target": job(i),
                     "sync": "full",
                 })),
             )

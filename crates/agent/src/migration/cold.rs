@@ -1,0 +1,282 @@
+//! Cold migration (seed 000): a stopped VM moves to another host by moving its
+//! definition; disks on pools only this host sees are streamed over HTTP (qcow2 files
+//! as they are, internal snapshots included); a suspended VM's state file goes along
+//! (or stays where it is on a shared pool) and it resumes on the destination.
+
+use crate::error::{AgentError, Result};
+use crate::records::{vm_key, VmRecord};
+use crate::tasks::TaskCtx;
+use crate::Agent;
+use ferry_store::StoreJson;
+use ferry_types::{ColdIncoming, IncomingFinish, VmState, VmTransfer};
+use std::path::{Path, PathBuf};
+
+impl Agent {
+    /// Moves stopped or suspended VM `name` to host `to`.
+    pub async fn move_vm(&self, name: &str, to: &str, ctx: &TaskCtx) -> Result<()> {
+        let slot = self.slot(name);
+        let _op = slot.op.lock().await;
+        let (rec, _) = self.record(name).await?;
+        let state = slot.state();
+        if !matches!(
+            state,
+            VmState::Stopped | VmState::Crashed | VmState::Suspended
+        ) {
+            return Err(AgentError::Conflict(format!(
+                "VM {name} is {state}: running VMs move with ferry vm migrate"
+            )));
+        }
+        let peer = self.peer(to)?;
+        let mut uploads = vec![];
+        for (i, d) in rec.spec.disks.iter().enumerate() {
+            if self.pool_locks(&d.pool).await?.is_none() {
+                uploads.push(i);
+            }
+        }
+        // A state file on a shared pool stays put; any other one travels.
+        let mut state_upload = false;
+        let mut shared_state = None;
+        if state == VmState::Suspended {
+            let f = rec.suspend_file.clone().ok_or_else(|| {
+                AgentError::Conflict(format!("{name} is suspended but has no state file"))
+            })?;
+            if self.in_shared_pool(Path::new(&f)).await? {
+                shared_state = Some(f);
+            } else {
+                state_upload = true;
+            }
+        }
+        let req = ColdIncoming {
+            source: self.host_name().to_string(),
+            vm: VmTransfer {
+                spec: rec.spec.clone(),
+                template: rec.template,
+                current_snapshot: rec.current_snapshot.clone(),
+                clone_of: rec.clone_of.clone(),
+                snapshots: self.list_snapshots(name).await?.snapshots,
+            },
+            suspended: state == VmState::Suspended,
+            upload_disks: uploads.clone(),
+            state_upload,
+            suspend_file: shared_state,
+            origin_id: Some(rec.origin_id.unwrap_or(rec.id)),
+        };
+        ctx.log(format!("registering {name} on {to}"));
+        self.set_outgoing(name, Some((to, "cold")));
+        peer.post::<serde_json::Value>("/api/v1/migrations/cold", &req)
+            .await?;
+        let sent = async {
+            let n = uploads.len() + usize::from(state_upload);
+            for (k, &i) in uploads.iter().enumerate() {
+                let d = &rec.spec.disks[i];
+                let path = self
+                    .dir_pool(&d.pool)
+                    .await?
+                    .volume_path(d.volume.as_deref().unwrap_or_default())?;
+                ctx.log(format!("copying disk{i} ({})", path.display()));
+                peer.put_file(&format!("/api/v1/migrations/cold/{name}/disks/{i}"), &path)
+                    .await?;
+                ctx.progress((k + 1) as f32 / (n + 1) as f32);
+            }
+            if state_upload {
+                let f = PathBuf::from(rec.suspend_file.clone().unwrap_or_default());
+                ctx.log("copying the suspended state");
+                peer.put_file(&format!("/api/v1/migrations/cold/{name}/state"), &f)
+                    .await?;
+            }
+            peer.post::<Vec<String>>(
+                &format!("/api/v1/migrations/cold/{name}/finish"),
+                &IncomingFinish { success: true },
+            )
+            .await
+        }
+        .await;
+        self.set_outgoing(name, None);
+        if let Err(e) = sent {
+            let _ = peer
+                .post::<serde_json::Value>(
+                    &format!("/api/v1/migrations/cold/{name}/finish"),
+                    &IncomingFinish { success: false },
+                )
+                .await;
+            return Err(e);
+        }
+        // The destination owns it now.
+        self.forget_vm(name, &rec).await?;
+        let vols: Vec<(String, String)> = uploads
+            .iter()
+            .filter_map(|&i| rec.spec.disks.get(i))
+            .filter_map(|d| d.volume.clone().map(|v| (d.pool.clone(), v)))
+            .collect();
+        self.remove_volumes(&vols).await;
+        if state_upload {
+            if let Some(f) = &rec.suspend_file {
+                let _ = std::fs::remove_file(f);
+            }
+        }
+        self.inner.events.emit(
+            Some(name),
+            "migration",
+            format!("{name} moved to {to} (cold)"),
+        );
+        Ok(())
+    }
+
+    async fn in_shared_pool(&self, path: &Path) -> Result<bool> {
+        for p in self.pool_specs().await? {
+            if p.kind == ferry_types::PoolKind::Shared && path.starts_with(&p.path) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Destination: registers a VM arriving cold (not startable until finished).
+    pub async fn prepare_cold(&self, req: ColdIncoming) -> Result<()> {
+        let name = req.vm.spec.name.clone();
+        req.vm.spec.validate()?;
+        if self.in_maintenance().await? {
+            return Err(AgentError::Conflict(format!(
+                "Host {} is in maintenance: it takes no VMs",
+                self.host_name()
+            )));
+        }
+        let slot = self.slot(&name);
+        let _op = slot.op.lock().await;
+        if self.record(&name).await.is_ok() {
+            return Err(AgentError::Conflict(format!(
+                "A VM named {name} exists on {} already",
+                self.host_name()
+            )));
+        }
+        let id = self.allocate_id().await?;
+        let mut spec = req.vm.spec.clone();
+        for (i, d) in spec.disks.iter_mut().enumerate() {
+            if req.upload_disks.contains(&i) {
+                // Arrives into this host's local pool.
+                d.pool = "local".into();
+                d.volume = Some(format!("vm-{id}-disk-{i}"));
+            } else if self.pool_locks(&d.pool).await?.is_none() {
+                return Err(AgentError::Conflict(format!(
+                    "disk{i}'s pool {} is not shared on {}",
+                    d.pool,
+                    self.host_name()
+                )));
+            }
+        }
+        let rec = VmRecord {
+            template: req.vm.template,
+            current_snapshot: req.vm.current_snapshot.clone(),
+            clone_of: req.vm.clone_of.clone(),
+            incoming_from: Some(req.source.clone()),
+            origin_id: req.origin_id.filter(|&o| o != id),
+            suspend_file: req.suspend_file.clone(),
+            last_state: if req.suspended {
+                VmState::Suspended
+            } else {
+                VmState::Stopped
+            },
+            ..VmRecord::new(id, spec)
+        };
+        if !self.inner.store.create_json(&vm_key(&name), &rec).await? {
+            return Err(AgentError::Conflict(format!("A VM named {name} exists")));
+        }
+        for s in &req.vm.snapshots {
+            self.inner
+                .store
+                .put_json(&format!("/snapshots/{name}/{}", s.name), s)
+                .await?;
+        }
+        let agent = self.clone();
+        tokio::spawn(async move { agent.watch_incoming(name, true).await });
+        Ok(())
+    }
+
+    /// Destination: where an uploaded piece of an arriving VM goes (disk `i`, or the
+    /// suspended state with `None`), as (final path, partial path).
+    pub async fn cold_upload_target(
+        &self,
+        name: &str,
+        disk: Option<usize>,
+    ) -> Result<(PathBuf, PathBuf)> {
+        let (rec, _) = self.record(name).await?;
+        if rec.incoming_from.is_none() {
+            return Err(AgentError::Conflict(format!("{name} is not arriving here")));
+        }
+        let dp = self.dir_pool("local").await?;
+        let file = match disk {
+            Some(i) => {
+                let d = rec
+                    .spec
+                    .disks
+                    .get(i)
+                    .ok_or_else(|| AgentError::NotFound(format!("disk{i} of {name}")))?;
+                if d.pool != "local" {
+                    return Err(AgentError::Conflict(format!(
+                        "disk{i} of {name} is not copied"
+                    )));
+                }
+                d.volume.clone().unwrap_or_default()
+            }
+            None => format!(".vm-{}-suspend.state", rec.id),
+        };
+        let path = dp
+            .volume_path(file.trim_start_matches('.'))
+            .map(|p| p.with_file_name(&file))?;
+        let partial = path.with_file_name(format!(".partial-{}", file.trim_start_matches('.')));
+        Ok((path, partial))
+    }
+
+    /// Destination: an uploaded piece is complete.
+    pub async fn cold_upload_done(
+        &self,
+        name: &str,
+        disk: Option<usize>,
+        partial: &Path,
+        path: &Path,
+    ) -> Result<()> {
+        std::fs::rename(partial, path).map_err(|source| AgentError::Io {
+            what: format!("Publish {}", path.display()),
+            source,
+        })?;
+        if disk.is_none() {
+            let f = path.display().to_string();
+            self.update_record(name, |r| r.suspend_file = Some(f.clone()))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Destination: the source's word on a cold move.
+    pub async fn finish_cold(&self, name: &str, success: bool) -> Result<Vec<String>> {
+        let slot = self.slot(name);
+        let _op = slot.op.lock().await;
+        let (rec, _) = self.record(name).await?;
+        let Some(source) = rec.incoming_from.clone() else {
+            return Ok(vec![]);
+        };
+        if !success {
+            if let Some(f) = &rec.suspend_file {
+                if !self.in_shared_pool(Path::new(f)).await? {
+                    let _ = std::fs::remove_file(f);
+                }
+            }
+            self.drop_incoming_locked(name, &slot).await;
+            return Ok(vec![]);
+        }
+        let locks = if rec.last_state == VmState::Suspended {
+            // A suspended VM keeps its disks locked; they change hands now.
+            self.take_over_locks(&rec.spec, &source).await?
+        } else {
+            vec![]
+        };
+        self.update_record(name, |r| r.incoming_from = None).await?;
+        slot.with(|rt| rt.state = rec.last_state);
+        self.inner.events.emit(
+            Some(name),
+            "migration",
+            format!("{name} arrived from {source} ({})", rec.last_state),
+        );
+        Ok(locks)
+    }
+}

@@ -1,0 +1,305 @@
+//! Storage vMotion (seed 003): a disk moves to another pool while its VM runs. QEMU
+//! mirrors the disk into a new volume (`blockdev-mirror`, guest writes go to both),
+//! then pivots to it (`job-complete`); the old volume is removed afterwards. A failed
+//! or aborted mirror leaves the old disk in use and removes the half-made copy. A
+//! stopped VM's disk is copied with `qemu-img convert`.
+
+use crate::error::{AgentError, Result};
+use crate::tasks::TaskCtx;
+use crate::Agent;
+use ferry_types::{ByteSize, DiskFormat, VmState};
+use serde_json::json;
+use std::time::Duration;
+
+impl Agent {
+    /// The block node QEMU uses for disk `i` of running VM `vm` (`disk{i}` unless a
+    /// pivot renamed it); `disk{i}` when the VM does not run.
+    pub(crate) async fn disk_node(&self, vm: &str, i: usize) -> String {
+        let fallback = format!("disk{i}");
+        let Ok(qmp) = self.qmp(vm) else {
+            return fallback;
+        };
+        let Ok(blocks) = qmp.execute("query-block", None).await else {
+            return fallback;
+        };
+        let dev = format!("/machine/peripheral/disk{i}/");
+        blocks
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|b| {
+                b["qdev"]
+                    .as_str()
+                    .is_some_and(|q| q == fallback || q.starts_with(&dev))
+            })
+            .and_then(|b| b["inserted"]["node-name"].as_str().map(String::from))
+            .unwrap_or(fallback)
+    }
+
+    /// The block nodes of disks 0..n.
+    pub(crate) async fn disk_nodes(&self, vm: &str, n: usize) -> Vec<String> {
+        let mut v = Vec::with_capacity(n);
+        for i in 0..n {
+            v.push(self.disk_node(vm, i).await);
+        }
+        v
+    }
+
+    /// Moves disk `index` of VM `name` to pool `to_pool` (running or stopped).
+    pub async fn move_disk(
+        &self,
+        name: &str,
+        index: usize,
+        to_pool: &str,
+        ctx: &TaskCtx,
+    ) -> Result<()> {
+        let slot = self.slot(name);
+        let _op = slot.op.lock().await;
+        let (rec, _) = self.record(name).await?;
+        let d = rec
+            .spec
+            .disks
+            .get(index)
+            .cloned()
+            .ok_or_else(|| AgentError::NotFound(format!("disk{index} of {name}")))?;
+        if d.pool == to_pool {
+            return Err(AgentError::invalid(
+                "pool",
+                format!("disk{index} is on {to_pool} already"),
+            ));
+        }
+        if d.nonpersistent {
+            return Err(AgentError::Conflict(format!(
+                "disk{index} is non-persistent; change its pool while the VM is stopped"
+            )));
+        }
+        let state = slot.state();
+        if !matches!(
+            state,
+            VmState::Running | VmState::Paused | VmState::Stopped | VmState::Crashed
+        ) {
+            return Err(AgentError::Conflict(format!(
+                "{name} is {state}; its disks cannot move now"
+            )));
+        }
+        if !self.list_snapshots(name).await?.snapshots.is_empty() {
+            return Err(AgentError::Conflict(format!(
+                "{name} has snapshots, stored inside its disks; a moved copy would not carry them (delete them first)"
+            )));
+        }
+        let old = d.volume.clone().unwrap_or_default();
+        let src = self.dir_pool(&d.pool).await?;
+        let dst = self.dir_pool(to_pool).await?;
+        let info = src.info(&old).await?;
+        if dst.volume_path(&old)?.exists() {
+            return Err(AgentError::Conflict(format!(
+                "Volume {to_pool}/{old} already exists"
+            )));
+        }
+        let format = if info.format == "qcow2" {
+            DiskFormat::Qcow2
+        } else {
+            DiskFormat::Raw
+        };
+        // The new copy must be this host's to write before anything is written.
+        if let Some(locks) = self.pool_locks(to_pool).await? {
+            locks.acquire(&old, self.host_name(), name)?;
+        }
+        ctx.log(format!(
+            "disk{index}: {}/{old} → {to_pool}/{old} ({})",
+            d.pool,
+            ByteSize(info.virtual_bytes)
+        ));
+        let moved = if state.has_process() {
+            self.mirror_to(
+                name,
+                index,
+                &dst,
+                &old,
+                format,
+                info.virtual_bytes,
+                d.cache,
+                ctx,
+            )
+            .await
+        } else {
+            let c = ctx.clone();
+            dst.import(&old, &src.volume_path(&old)?, Some(format), move |p| {
+                c.progress(p)
+            })
+            .await
+            .map(|_| ())
+            .map_err(AgentError::from)
+        };
+        if let Err(e) = moved {
+            if let Ok(p) = dst.volume_path(&old) {
+                if p.exists() {
+                    let _ = dst.delete(&old).await;
+                }
+            }
+            if let Some(locks) = self.pool_locks(to_pool).await? {
+                let _ = locks.release(&old, self.host_name());
+            }
+            return Err(e);
+        }
+        let from_pool = d.pool.clone();
+        self.update_record(name, |r| {
+            if let Some(x) = r.spec.disks.get_mut(index) {
+                x.pool = to_pool.to_string();
+            }
+        })
+        .await?;
+        if let Some(locks) = self.pool_locks(&from_pool).await? {
+            let _ = locks.release(&old, self.host_name());
+        }
+        src.delete(&old).await?;
+        self.inner.events.emit(
+            Some(name),
+            "vm",
+            format!("disk{index} moved from {from_pool} to {to_pool}"),
+        );
+        Ok(())
+    }
+
+    /// Aborts a running disk move: the mirror stops, the old disk stays in use.
+    pub async fn abort_move_disk(&self, name: &str, index: usize) -> Result<()> {
+        let qmp = self.qmp(name)?;
+        qmp.execute(
+            "job-cancel",
+            Some(json!({"id": format!("move-disk{index}")})),
+        )
+        .await
+        .map_err(|e| {
+            AgentError::Conflict(format!("no move of disk{index} of {name} to abort ({e})"))
+        })?;
+        Ok(())
+    }
+
+    /// Mirrors the running disk into a new volume and pivots to it.
+    #[allow(clippy::too_many_arguments)]
+    async fn mirror_to(
+        &self,
+        name: &str,
+        index: usize,
+        dst: &ferry_storage::DirPool,
+        vol: &str,
+        format: DiskFormat,
+        size: u64,
+        cache: ferry_types::CacheMode,
+        ctx: &TaskCtx,
+    ) -> Result<()> {
+        dst.create(vol, ByteSize(size), format).await?;
+        let qmp = self.qmp(name)?;
+        let old_node = self.disk_node(name, index).await;
+        let new_node = format!("disk{index}-{:x}", rand::random::<u16>());
+        let (direct, no_flush, _) = cache.qemu_flags();
+        let c = json!({"direct": direct, "no-flush": no_flush});
+        let driver = if format == DiskFormat::Qcow2 {
+            "qcow2"
+        } else {
+            "raw"
+        };
+        qmp.execute(
+            "blockdev-add",
+            Some(json!({"driver": driver, "node-name": new_node, "cache": c,
+                        "file": {"driver": "file", "filename": dst.volume_path(vol)?, "cache": c}})),
+        )
+        .await?;
+        let job = format!("move-disk{index}");
+        let r = async {
+            qmp.execute(
+                "blockdev-mirror",
+                Some(
+                    json!({"job-id": job, "device": old_node, "target": new_node,
+                            "sync": "full", "auto-dismiss": false}),
+                ),
+            )
+            .await?;
+            let mut completing = false;
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let jobs = qmp.execute("query-jobs", None).await?;
+                let Some(j) = jobs
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|j| j["id"] == job.as_str())
+                    .cloned()
+                else {
+                    return Err(AgentError::Conflict("the mirror job vanished".into()));
+                };
+                let (cur, total) = (
+                    j["current-progress"].as_u64().unwrap_or(0),
+                    j["total-progress"].as_u64().unwrap_or(0),
+                );
+                if total > 0 {
+                    ctx.progress(cur as f32 / total as f32 * 0.95);
+                }
+                match j["status"].as_str() {
+                    Some("ready") if !completing => {
+                        ctx.log("in sync: pivoting to the new volume");
+                        completing = true;
+                        qmp.execute("job-complete", Some(json!({"id": job})))
+                            .await?;
+                    }
+                    Some("concluded") => {
+                        let _ = qmp.execute("job-dismiss", Some(json!({"id": job}))).await;
+                        if let Some(e) = j["error"].as_str() {
+                            return Err(AgentError::Conflict(format!("mirror failed: {e}")));
+                        }
+                        if !completing {
+                            // Cancelled (an abort): no pivot happened.
+                            return Err(AgentError::Conflict(format!(
+                                "move aborted; disk{index} stays where it was"
+                            )));
+                        }
+                        return Ok(());
+                    }
+                    _ => {}
+                }
+            }
+        }
+        .await;
+        match r {
+            Ok(()) => {
+                // The device reads and writes the new node now; drop the old ones.
+                let _ = qmp
+                    .execute("blockdev-del", Some(json!({"node-name": old_node})))
+                    .await;
+                let _ = qmp
+                    .execute(
+                        "blockdev-del",
+                        Some(json!({"node-name": format!("file-disk{index}")})),
+                    )
+                    .await;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = qmp
+                    .execute("job-cancel", Some(json!({"id": job, "force": true})))
+                    .await;
+                for _ in 0..50 {
+                    let gone = qmp
+                        .execute("query-jobs", None)
+                        .await
+                        .map(|j| {
+                            !j.as_array()
+                                .into_iter()
+                                .flatten()
+                                .any(|x| x["id"] == job.as_str() && x["status"] != "concluded")
+                        })
+                        .unwrap_or(true);
+                    if gone {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let _ = qmp.execute("job-dismiss", Some(json!({"id": job}))).await;
+                let _ = qmp
+                    .execute("blockdev-del", Some(json!({"node-name": new_node})))
+                    .await;
+                Err(e)
+            }
+        }
+    }
+}
