@@ -149,8 +149,9 @@ impl Agent {
                         "block-export-add",
                         Some(json!({
                             "type": "nbd", "id": format!("mig-{export}"),
+                            // Not allow-inactive: the export activates the node,
+                            // which the mirror's writes need before switchover.
                             "node-name": export, "name": export, "writable": true,
-                            "allow-inactive": true,
                         })),
                     )
                     .await?;
