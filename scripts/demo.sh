@@ -2,7 +2,9 @@
 # The demo: installs what ferry needs, builds it, starts `ferry serve` on 127.0.0.1:8470
 # (state in /var/tmp/ferry-demo), defines the test VM `demo1` (1 vCPU, 256 MiB, a 1 GiB
 # virtio disk, an empty CD-ROM, a NIC on the isolated bridge ferrydemo0), boots it, and
-# shows `ferry vm list` and its console. The daemon and VM keep running afterwards:
+# shows `ferry vm list` and its console. Then a 3-host lab cluster (`ferry lab up --name
+# demo`: namespaces, one daemon per host, a shared pool) with VM `web` on the shared pool,
+# moved live to another host while the client pings it. Everything keeps running:
 #   target/release/ferry vm console demo1     (type commands; Ctrl-] detaches)
 #   target/release/ferry vm stop demo1        (ACPI shutdown)
 # Run it again at any time; it reuses what is there.
@@ -46,6 +48,39 @@ echo "== ferry vm list"
 echo "== the guest answers on its serial console"
 printf 'echo "hello from $(hostname): up $(cut -d" " -f1 /proc/uptime)s, disks: $(ls /sys/block | tr "\\n" " ")"\n' \
   | "$ferry" vm console demo1 | tail -n 3
+echo
+echo "== a 3-host lab cluster: ferry lab up --hosts 3 --name demo"
+if ! "$ferry" lab status --name demo >/dev/null 2>&1; then
+  "$ferry" lab down --name demo >/dev/null
+  "$ferry" lab up --hosts 3 --name demo
+fi
+on() { local h=$1; shift; "$ferry" lab exec --name demo "$h" -- "$ferry" "$@"; }
+where=""
+for h in h1 h2 h3; do
+  if on "$h" vm show web >/dev/null 2>&1; then where=$h; fi
+done
+if [ -z "$where" ]; then
+  echo "== defining web on h1 (disk on the shared pool, NIC on the host bridge)"
+  on h1 vm create web --cpus 1 --memory 256M --disk pool=shared,size=1G --nic bridge=br0 \
+    --kernel "$guest/vmlinux" --initrd "$guest/initrd.img" \
+    --append "console=ttyS0 quiet ip=10.78.0.100/24 ferry.hostname=web"
+  where=h1
+fi
+state=$(on "$where" --json vm show web | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])')
+[ "$state" = running ] || on "$where" vm start web
+for _ in $(seq 240); do
+  on "$where" vm console web --history 2>/dev/null | grep -q FERRY-READY && break
+  sleep 0.25
+done
+to=h2; [ "$where" = h2 ] && to=h3
+echo "== live migration of web: $where -> $to, while the client pings it every 10 ms"
+"$ferry" lab exec --name demo client -- ping -q -i 0.01 -w 4 10.78.0.100 > "$demo/ping.txt" 2>&1 &
+sleep 1
+on "$where" vm migrate web --to "$to"
+wait || true
+tail -n 2 "$demo/ping.txt"
+"$ferry" lab status --name demo
+
 cat <<MSG
 
 ferry is running: API http://127.0.0.1:8470/api/v1 (Swagger UI: http://127.0.0.1:8470/api/docs)
@@ -53,4 +88,9 @@ ferry is running: API http://127.0.0.1:8470/api/v1 (Swagger UI: http://127.0.0.1
   $ferry vm list | host | events | task list
   $ferry vm stop demo1        # ACPI shutdown
   kill \$(cat $demo/daemon.pid)   # stops the daemon; VMs keep running and are re-adopted at the next start
+The lab cluster (hosts h1-h3 at 10.78.0.11-13, web at 10.78.0.100, client 10.78.0.2):
+  $ferry lab status --name demo
+  $ferry lab exec --name demo $to -- $ferry vm migrate web --to h1
+  $ferry lab exec --name demo h1 -- $ferry host list
+  $ferry lab cut h2 --name demo ; $ferry lab heal h2 --name demo ; $ferry lab down --name demo
 MSG

@@ -219,9 +219,18 @@ impl Policy {
                 return Decision::SetDowntime(need);
             }
         }
-        let budget_spent = s.elapsed >= self.cfg.precopy_budget;
+        // The budget grows with the guest: three first passes' worth at the link's speed.
+        let first_pass = match s.link_bytes_rate() {
+            0 => Duration::ZERO,
+            r => Duration::from_secs_f64(s.total as f64 / r as f64),
+        };
+        let budget_spent = s.elapsed >= self.cfg.precopy_budget.max(first_pass * 3);
         let throttled_out = self.max_throttle >= self.cfg.throttle_limit && self.stalled();
-        if self.cfg.allow_postcopy && s.status == "active" && (throttled_out || budget_spent) {
+        // A slow migration that still makes headway is left alone.
+        if self.cfg.allow_postcopy
+            && s.status == "active"
+            && (throttled_out || (budget_spent && self.stalled()))
+        {
             self.phase = Phase::PostCopy;
             self.steps.push(format!(
                 "post-copy at pass {} ({}; throttle {}%, {} MiB left)",
@@ -344,6 +353,18 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(p.steps.last().unwrap().starts_with("downtime limit raised"));
+    }
+
+    #[test]
+    fn a_slow_migration_making_headway_is_not_switched() {
+        let mut p = Policy::new(PolicyConfig::default());
+        let mut rem = 200u64 << 20;
+        for pass in 1..=20u64 {
+            rem = rem * 3 / 4;
+            // 40 s and more: past the budget, but every pass shrinks the rest.
+            let d = p.observe(&s(40_000 + pass * 1000, pass, rem, pass * 1000, 0));
+            assert_eq!(d, Decision::Continue, "pass {pass}");
+        }
     }
 
     #[test]
