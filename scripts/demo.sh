@@ -75,9 +75,10 @@ done
 to=h2; [ "$where" = h2 ] && to=h3
 echo "== live migration of web: $where -> $to, while the client pings it every 10 ms"
 "$ferry" lab exec --name demo client -- ping -q -i 0.01 -w 4 10.78.0.100 > "$demo/ping.txt" 2>&1 &
+pinger=$!
 sleep 1
 on "$where" vm migrate web --to "$to"
-wait || true
+wait "$pinger" || true
 tail -n 2 "$demo/ping.txt"
 "$ferry" lab status --name demo
 

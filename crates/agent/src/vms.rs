@@ -323,14 +323,7 @@ impl Agent {
             self.remove_volumes(&own).await;
         }
         self.unlock_disks(&rec.spec).await;
-        self.inner.store.delete(&vm_key(name)).await?;
-        let _ = std::fs::remove_dir_all(self.run_paths(rec.id).dir);
-        let _ = std::fs::remove_dir_all(self.vm_state_dir(rec.id));
-        self.inner
-            .slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
+        self.forget_vm(name, &rec).await?;
         self.inner.events.emit(Some(name), "vm", "deleted");
         Ok(())
     }

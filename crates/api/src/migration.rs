@@ -13,6 +13,15 @@ use ferry_types::{
 
 type Accepted = (StatusCode, Json<TaskAccepted>);
 
+/// 404 unless `to` is a host of the cluster.
+fn known_host(a: &Agent, to: &str) -> Result<(), AgentError> {
+    if a.cluster_hosts()?.iter().any(|h| h.name == to) {
+        Ok(())
+    } else {
+        Err(AgentError::NotFound(format!("Host {to} in the cluster")))
+    }
+}
+
 #[utoipa::path(post, path = "/api/v1/vms/{name}/migrate", tag = "migration", request_body = MigrateRequest,
     params(("name" = String, Path, description = "VM name")),
     responses((status = 202, description = "Migration task started; its result is a MigrationReport", body = TaskAccepted),
@@ -31,9 +40,7 @@ pub async fn migrate_vm(
         ))
         .into());
     }
-    if !a.cluster_hosts()?.iter().any(|h| h.name == req.to) {
-        return Err(AgentError::NotFound(format!("Host {} in the cluster", req.to)).into());
-    }
+    known_host(&a, &req.to)?;
     let agent = a.clone();
     let n = name.clone();
     let task = a.tasks().spawn("vm.migrate", &name, move |ctx| async move {
@@ -137,9 +144,7 @@ pub async fn move_vm(
         ))
         .into());
     }
-    if !a.cluster_hosts()?.iter().any(|h| h.name == req.to) {
-        return Err(AgentError::NotFound(format!("Host {} in the cluster", req.to)).into());
-    }
+    known_host(&a, &req.to)?;
     let agent = a.clone();
     let n = name.clone();
     let task = a.tasks().spawn("vm.move", &name, move |ctx| async move {

@@ -134,21 +134,9 @@ impl Agent {
     /// Destination: registers a VM arriving cold (not startable until finished).
     pub async fn prepare_cold(&self, req: ColdIncoming) -> Result<()> {
         let name = req.vm.spec.name.clone();
-        req.vm.spec.validate()?;
-        if self.in_maintenance().await? {
-            return Err(AgentError::Conflict(format!(
-                "Host {} is in maintenance: it takes no VMs",
-                self.host_name()
-            )));
-        }
         let slot = self.slot(&name);
         let _op = slot.op.lock().await;
-        if self.record(&name).await.is_ok() {
-            return Err(AgentError::Conflict(format!(
-                "A VM named {name} exists on {} already",
-                self.host_name()
-            )));
-        }
+        self.may_receive(&req.vm.spec).await?;
         let id = self.allocate_id().await?;
         let mut spec = req.vm.spec.clone();
         for (i, d) in spec.disks.iter_mut().enumerate() {

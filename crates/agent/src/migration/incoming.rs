@@ -24,19 +24,7 @@ impl Agent {
     /// disks, QEMU listening. All or nothing.
     pub async fn prepare_incoming(&self, req: IncomingRequest) -> Result<IncomingReady> {
         let name = req.vm.spec.name.clone();
-        req.vm.spec.validate()?;
-        if self.in_maintenance().await? {
-            return Err(AgentError::Conflict(format!(
-                "Host {} is in maintenance: it takes no VMs",
-                self.host_name()
-            )));
-        }
-        if self.record(&name).await.is_ok() {
-            return Err(AgentError::Conflict(format!(
-                "A VM named {name} exists on {} already",
-                self.host_name()
-            )));
-        }
+        self.may_receive(&req.vm.spec).await?;
         let need = req.vm.spec.memory_mib << 20;
         let avail = crate::meminfo("MemAvailable:");
         if avail > 0 && need > avail {
@@ -178,6 +166,25 @@ impl Agent {
                 Err(e)
             }
         }
+    }
+
+    /// Checks that this host may take VM `spec` (valid, not in maintenance, name free).
+    pub(crate) async fn may_receive(&self, spec: &ferry_types::VmSpec) -> Result<()> {
+        spec.validate()?;
+        if self.in_maintenance().await? {
+            return Err(AgentError::Conflict(format!(
+                "Host {} is in maintenance: it takes no VMs",
+                self.host_name()
+            )));
+        }
+        if self.record(&spec.name).await.is_ok() {
+            return Err(AgentError::Conflict(format!(
+                "A VM named {} exists on {} already",
+                spec.name,
+                self.host_name()
+            )));
+        }
+        Ok(())
     }
 
     /// Whether `id` names a VM or a run dir on this host.
