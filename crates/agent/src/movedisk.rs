@@ -50,9 +50,10 @@ impl Agent {
         &self,
         name: &str,
         index: usize,
-        to_pool: &str,
+        req: &ferry_types::DiskMove,
         ctx: &TaskCtx,
     ) -> Result<()> {
+        let to_pool = req.pool.as_str();
         let slot = self.slot(name);
         let _op = slot.op.lock().await;
         let (rec, _) = self.record(name).await?;
@@ -119,6 +120,7 @@ impl Agent {
                 format,
                 info.virtual_bytes,
                 d.cache,
+                req.bandwidth_mib.map_or(0, |b| b << 20),
                 ctx,
             )
             .await
@@ -186,6 +188,7 @@ impl Agent {
         format: DiskFormat,
         size: u64,
         cache: ferry_types::CacheMode,
+        speed: u64,
         ctx: &TaskCtx,
     ) -> Result<()> {
         dst.create(vol, ByteSize(size), format).await?;
@@ -211,7 +214,7 @@ impl Agent {
                 "blockdev-mirror",
                 Some(
                     json!({"job-id": job, "device": old_node, "target": new_node,
-                            "sync": "full", "auto-dismiss": false}),
+                            "sync": "full", "auto-dismiss": false, "speed": speed}),
                 ),
             )
             .await?;

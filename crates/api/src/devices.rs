@@ -99,7 +99,7 @@ pub async fn move_disk(
     let task = a
         .tasks()
         .spawn("vm.move-disk", &name, move |ctx| async move {
-            agent.move_disk(&n, index, &req.pool, &ctx).await
+            agent.move_disk(&n, index, &req, &ctx).await
         });
     Ok((StatusCode::ACCEPTED, Json(TaskAccepted { task })))
 }

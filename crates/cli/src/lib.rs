@@ -220,6 +220,9 @@ pub enum VmCmd {
         /// Abort a move under way (the disk stays where it was).
         #[arg(long)]
         abort: bool,
+        /// Cap the copy, MiB/s (while the VM runs).
+        #[arg(long)]
+        bandwidth: Option<u64>,
     },
     /// Move a stopped or suspended VM to another host (its local disks are copied).
     Move {
@@ -729,6 +732,7 @@ async fn vm(c: &Client, g: &Global, cmd: VmCmd) -> Result<()> {
             disk,
             to_pool,
             abort,
+            bandwidth,
         } => {
             let index: usize = disk
                 .strip_prefix("disk")
@@ -741,7 +745,10 @@ async fn vm(c: &Client, g: &Global, cmd: VmCmd) -> Result<()> {
                 println!("{name}: move of disk{index} aborted");
                 return Ok(());
             }
-            let body = json!({"pool": to_pool});
+            let mut body = json!({"pool": to_pool});
+            if let Some(b) = bandwidth {
+                body["bandwidth_mib"] = json!(b);
+            }
             let t: TaskAccepted = c.request(Method::POST, &path, Some(&body)).await?;
             let done = c.wait_task(t, g.json).await?;
             if g.json {

@@ -424,6 +424,31 @@ fn storage_vmotion_moves_a_running_disk_between_pools() -> Result<()> {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains(want), "{args:?}: {err}");
     }
+    // A move aborted half-way leaves the disk where it was, in use, and no copy.
+    let mut slow = h1.spawn(&[
+        "vm",
+        "move-disk",
+        "sv",
+        "0",
+        "--to-pool",
+        "shared",
+        "--bandwidth",
+        "2",
+    ])?;
+    wait_for("the copy under way", Duration::from_secs(30), || {
+        Ok(lab.shared_dir().join(&vol).exists())
+    })?;
+    std::thread::sleep(Duration::from_secs(2));
+    h1.ferry_ok(&["vm", "move-disk", "sv", "0", "--abort"])?;
+    let out = slow.wait()?;
+    assert!(!out.success(), "the aborted move reported success");
+    let _ = slow.stdout.take();
+    let still = h1.ferry_json(&["vm", "show", "sv"])?;
+    assert_eq!(still["spec"]["disks"][0]["pool"], "local");
+    assert!(!lab.shared_dir().join(&vol).exists(), "half copy left");
+    assert!(lab.state_dir("h1").join("pools/local").join(&vol).exists());
+    assert_eq!(h1.guest_sh("sv", "echo alive")?, "alive");
+
     h1.ferry_ok(&["vm", "move-disk", "sv", "disk0", "--to-pool", "shared"])?;
     let after = h1.ferry_json(&["vm", "show", "sv"])?;
     assert_eq!(after["spec"]["disks"][0]["pool"], "shared");

@@ -437,3 +437,35 @@ fn websockets_stream_events_console_and_vnc() -> Result<()> {
     lab.ferry_ok(&["vm", "kill", "ws1"])?;
     Ok(())
 }
+
+#[test]
+fn bridges_made_by_ferry_keep_their_mac_when_ports_join() -> Result<()> {
+    let lab = lab()?;
+    lab.ferry_ok(&["net", "bridge", "create", "vmbr9"])?;
+    let mac = |dev: &str| -> Result<String> {
+        let o = lab.ip(&["-br", "link", "show", dev])?;
+        Ok(String::from_utf8_lossy(&o.stdout)
+            .split_whitespace()
+            .nth(2)
+            .unwrap_or_default()
+            .to_string())
+    };
+    let before = mac("vmbr9")?;
+    // A port with a lower MAC than the bridge's would take over an unset bridge MAC.
+    lab.ip(&[
+        "link",
+        "add",
+        "lowport",
+        "address",
+        "00:00:00:00:00:01",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "lowpeer",
+    ])?;
+    lab.ip(&["link", "set", "lowport", "master", "vmbr9", "up"])?;
+    assert_eq!(mac("vmbr9")?, before);
+    assert_ne!(before, "00:00:00:00:00:01");
+    Ok(())
+}

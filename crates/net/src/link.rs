@@ -19,6 +19,12 @@ async fn index(h: &Handle, name: &str) -> Result<u32, NetError> {
     }
 }
 
+fn bridge_mac() -> Vec<u8> {
+    let mut mac: [u8; 6] = rand::random();
+    mac[0] = (mac[0] & 0xfc) | 0x02; // unicast, locally administered
+    mac.to_vec()
+}
+
 pub fn link_exists(name: &str) -> bool {
     !name.contains('/') && Path::new("/sys/class/net").join(name).exists()
 }
@@ -32,13 +38,16 @@ pub fn bridge_exists(name: &str) -> bool {
 }
 
 /// Creates bridge `name` and brings it up (no error if it already exists as a bridge).
+/// Its MAC is set at creation (locally administered, random): a bridge whose MAC is not
+/// set takes the lowest MAC of its ports, so every VM tap added could change the MAC
+/// under the neighbours' ARP caches.
 pub async fn create_bridge(name: &str) -> Result<(), NetError> {
     if bridge_exists(name) {
         return Ok(());
     }
     let h = connect()?;
     h.link()
-        .add(LinkBridge::new(name).build())
+        .add(LinkBridge::new(name).address(bridge_mac()).build())
         .execute()
         .await
         .map_err(|source| NetError::Link {

@@ -161,6 +161,9 @@ pub struct MigrationReport {
 pub struct DiskMove {
     /// The pool the disk moves to.
     pub pool: String,
+    /// Cap of the copy while the VM runs, MiB/s (like Proxmox's bwlimit; default none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_mib: Option<u64>,
 }
 
 /// Source → destination: register a stopped or suspended VM arriving cold.
