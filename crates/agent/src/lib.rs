@@ -34,6 +34,7 @@ pub use error::{AgentError, ErrorClass, Result};
 pub use events::EventLog;
 pub use ferry_types::HostInfo;
 pub use maintenance::plan_evacuation;
+pub use migration::ColdPiece;
 pub use tasks::{TaskCtx, Tasks};
 
 pub use ferry_qemu::{Accel, AccelSetting};

@@ -5,7 +5,7 @@ use crate::error::{ApiJson, ApiPath, ApiResult};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use ferry_agent::{Agent, AgentError};
+use ferry_agent::{Agent, AgentError, ColdPiece};
 use ferry_types::{
     ApiErrorBody, ClusterHost, ColdIncoming, IncomingFinish, IncomingReady, IncomingRequest,
     MigrateRequest, MigrationInfo, MigrationReport, MoveRequest, TaskAccepted, VmState,
@@ -168,12 +168,12 @@ pub async fn prepare_cold(
 async fn receive(
     a: &Agent,
     name: &str,
-    disk: Option<usize>,
+    piece: ColdPiece,
     body: axum::body::Body,
 ) -> ApiResult<StatusCode> {
     use futures::StreamExt;
     use tokio::io::AsyncWriteExt;
-    let (path, partial) = a.cold_upload_target(name, disk).await?;
+    let (path, partial) = a.cold_upload_target(name, piece).await?;
     let io = |what: String| move |source: std::io::Error| AgentError::Io { what, source };
     let mut f = tokio::fs::File::create(&partial)
         .await
@@ -198,7 +198,7 @@ async fn receive(
         let _ = tokio::fs::remove_file(&partial).await;
         return Err(e.into());
     }
-    a.cold_upload_done(name, disk, &partial, &path).await?;
+    a.cold_upload_done(name, piece, &partial, &path).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -211,7 +211,7 @@ pub async fn upload_cold_disk(
     ApiPath((name, index)): ApiPath<(String, usize)>,
     body: axum::body::Body,
 ) -> ApiResult<StatusCode> {
-    receive(&a, &name, Some(index), body).await
+    receive(&a, &name, ColdPiece::Disk(index), body).await
 }
 
 #[utoipa::path(put, path = "/api/v1/migrations/cold/{name}/state", tag = "migration",
@@ -223,7 +223,19 @@ pub async fn upload_cold_state(
     ApiPath(name): ApiPath<String>,
     body: axum::body::Body,
 ) -> ApiResult<StatusCode> {
-    receive(&a, &name, None, body).await
+    receive(&a, &name, ColdPiece::State, body).await
+}
+
+#[utoipa::path(put, path = "/api/v1/migrations/cold/{name}/efivars", tag = "migration",
+    params(("name" = String, Path, description = "VM name")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The UEFI variables file"),
+    responses((status = 204, description = "Stored"), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+pub async fn upload_cold_efivars(
+    State(a): State<Agent>,
+    ApiPath(name): ApiPath<String>,
+    body: axum::body::Body,
+) -> ApiResult<StatusCode> {
+    receive(&a, &name, ColdPiece::Efivars, body).await
 }
 
 #[utoipa::path(post, path = "/api/v1/migrations/cold/{name}/finish", tag = "migration", request_body = IncomingFinish,

@@ -598,5 +598,29 @@ fn cold_migration_moves_stopped_and_suspended_vms() -> Result<()> {
         .output()?;
     assert!(String::from_utf8_lossy(&info.stdout).contains("s1"));
     h2.ferry_ok(&["vm", "revert", "cold", "s1"])?;
+
+    // A stopped UEFI VM's variables (its boot entries) exist only in its vars file.
+    h1.create_test_vm("efi", "10.78.0.152", &["--firmware", "uefi"])?;
+    h1.ferry_ok(&["vm", "start", "efi"])?;
+    h1.ferry_ok(&["vm", "kill", "efi"])?;
+    let id1 = h1.ferry_json(&["vm", "show", "efi"])?["id"]
+        .as_u64()
+        .unwrap();
+    let vars1 = lab.state_dir("h1").join(format!("vms/{id1}/efivars.fd"));
+    let mut bytes = std::fs::read(&vars1)?;
+    let n = bytes.len();
+    bytes[n - 16..].copy_from_slice(b"ferry-nvram-mark");
+    std::fs::write(&vars1, &bytes)?;
+    h1.ferry_ok(&["vm", "move", "efi", "--to", "h2"])?;
+    let id2 = h2.ferry_json(&["vm", "show", "efi"])?["id"]
+        .as_u64()
+        .unwrap();
+    let vars2 = lab.state_dir("h2").join(format!("vms/{id2}/efivars.fd"));
+    assert_eq!(
+        std::fs::read(&vars2)?,
+        bytes,
+        "UEFI variables not carried over"
+    );
+    assert!(!vars1.exists());
     Ok(())
 }

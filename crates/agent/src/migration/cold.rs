@@ -11,6 +11,17 @@ use ferry_store::StoreJson;
 use ferry_types::{ColdIncoming, IncomingFinish, VmState, VmTransfer};
 use std::path::{Path, PathBuf};
 
+/// A file of a VM arriving cold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColdPiece {
+    /// The volume of disk N (into the `local` pool).
+    Disk(usize),
+    /// The suspended state.
+    State,
+    /// The UEFI variables (a stopped VM's only copy of its boot entries).
+    Efivars,
+}
+
 impl Agent {
     /// Moves stopped or suspended VM `name` to host `to`.
     pub async fn move_vm(&self, name: &str, to: &str, ctx: &TaskCtx) -> Result<()> {
@@ -82,6 +93,12 @@ impl Agent {
                 let f = PathBuf::from(rec.suspend_file.clone().unwrap_or_default());
                 ctx.log("copying the suspended state");
                 peer.put_file(&format!("/api/v1/migrations/cold/{name}/state"), &f)
+                    .await?;
+            }
+            let vars = self.vm_state_dir(rec.id).join("efivars.fd");
+            if vars.is_file() {
+                ctx.log("copying the UEFI variables");
+                peer.put_file(&format!("/api/v1/migrations/cold/{name}/efivars"), &vars)
                     .await?;
             }
             peer.post::<Vec<String>>(
@@ -180,20 +197,28 @@ impl Agent {
         Ok(())
     }
 
-    /// Destination: where an uploaded piece of an arriving VM goes (disk `i`, or the
-    /// suspended state with `None`), as (final path, partial path).
+    /// Destination: where an uploaded piece of an arriving VM goes, as (final path,
+    /// partial path).
     pub async fn cold_upload_target(
         &self,
         name: &str,
-        disk: Option<usize>,
+        piece: ColdPiece,
     ) -> Result<(PathBuf, PathBuf)> {
         let (rec, _) = self.record(name).await?;
         if rec.incoming_from.is_none() {
             return Err(AgentError::Conflict(format!("{name} is not arriving here")));
         }
+        if piece == ColdPiece::Efivars {
+            let dir = self.vm_state_dir(rec.id);
+            std::fs::create_dir_all(&dir).map_err(|source| AgentError::Io {
+                what: format!("Create {}", dir.display()),
+                source,
+            })?;
+            return Ok((dir.join("efivars.fd"), dir.join(".partial-efivars.fd")));
+        }
         let dp = self.dir_pool("local").await?;
-        let file = match disk {
-            Some(i) => {
+        let file = match piece {
+            ColdPiece::Disk(i) => {
                 let d = rec
                     .spec
                     .disks
@@ -206,7 +231,7 @@ impl Agent {
                 }
                 d.volume.clone().unwrap_or_default()
             }
-            None => format!(".vm-{}-suspend.state", rec.id),
+            _ => format!(".vm-{}-suspend.state", rec.id),
         };
         let path = dp
             .volume_path(file.trim_start_matches('.'))
@@ -219,7 +244,7 @@ impl Agent {
     pub async fn cold_upload_done(
         &self,
         name: &str,
-        disk: Option<usize>,
+        piece: ColdPiece,
         partial: &Path,
         path: &Path,
     ) -> Result<()> {
@@ -227,7 +252,7 @@ impl Agent {
             what: format!("Publish {}", path.display()),
             source,
         })?;
-        if disk.is_none() {
+        if piece == ColdPiece::State {
             let f = path.display().to_string();
             self.update_record(name, |r| r.suspend_file = Some(f.clone()))
                 .await?;

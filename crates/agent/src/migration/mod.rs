@@ -8,6 +8,7 @@
 //! throttling and post-copy, `recover.rs` finishes migrations a daemon restart cut off.
 
 mod cold;
+pub use cold::ColdPiece;
 mod incoming;
 pub(crate) mod policy;
 mod recover;
