@@ -37,6 +37,24 @@ fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> Result<bool>) -
     bail!("{what} not within {within:?} (last error: {last:?})")
 }
 
+/// Stops the guest's record writer and checks the disk: clean, and the last record the
+/// guest wrote is the last on disk.
+fn stop_writer_and_verify(
+    cli: &Cli,
+    vm: &str,
+    disk: &std::path::Path,
+) -> Result<ferry_lab::RecordReport> {
+    let last: u64 = cli
+        .guest_sh(vm, "touch /tmp/stop-writer; sleep 2; cat /tmp/writer-seq")?
+        .trim()
+        .parse()?;
+    let rep = verify_records(disk)?;
+    eprintln!("records of {vm}: {rep}");
+    assert!(rep.is_clean(), "{rep}");
+    assert_eq!(rep.last_seq, Some(last), "{rep}");
+    Ok(rep)
+}
+
 fn lock_of(lab: &ClusterLab, volume: &str) -> Result<Value> {
     let p = lab
         .shared_dir()
@@ -121,18 +139,8 @@ fn live_migration_keeps_memory_disk_mac_and_address() -> Result<()> {
 
     // The records the guest wrote before, during and after the move are all there,
     // from one instance, in order.
-    let last: u64 = h2
-        .guest_sh(
-            "web",
-            "touch /tmp/stop-writer; sleep 2; cat /tmp/writer-seq",
-        )?
-        .trim()
-        .parse()?;
-    let rep = verify_records(&lab.shared_dir().join(&vol))?;
-    eprintln!("records: {rep}");
-    assert!(rep.is_clean(), "{rep}");
+    let rep = stop_writer_and_verify(&h2, "web", &lab.shared_dir().join(&vol))?;
     assert_eq!(rep.runs.len(), 1);
-    assert_eq!(rep.last_seq, Some(last));
 
     // And back, while the guest runs on.
     let back = h2.ferry_json(&["vm", "migrate", "web", "--to", "h1"])?;
@@ -334,17 +342,11 @@ fn migration_with_local_disks_copies_them() -> Result<()> {
         .join("pools/local")
         .join(&old_vol)
         .exists());
-    let last: u64 = h2
-        .guest_sh(
-            "loc",
-            "touch /tmp/stop-writer; sleep 2; cat /tmp/writer-seq",
-        )?
-        .trim()
-        .parse()?;
-    let rep = verify_records(&lab.state_dir("h2").join("pools/local").join(&new_vol))?;
-    eprintln!("records: {rep}");
-    assert!(rep.is_clean(), "{rep}");
-    assert_eq!(rep.last_seq, Some(last));
+    stop_writer_and_verify(
+        &h2,
+        "loc",
+        &lab.state_dir("h2").join("pools/local").join(&new_vol),
+    )?;
     Ok(())
 }
 
@@ -457,13 +459,7 @@ fn storage_vmotion_moves_a_running_disk_between_pools() -> Result<()> {
     assert!(!old.exists(), "old volume left");
     assert_eq!(lock_of(&lab, &vol)?["host"], "h1");
     // The guest kept writing through the pivot; every record is in the new volume.
-    let last: u64 = h1
-        .guest_sh("sv", "touch /tmp/stop-writer; sleep 2; cat /tmp/writer-seq")?
-        .trim()
-        .parse()?;
-    let rep = verify_records(&lab.shared_dir().join(&vol))?;
-    assert!(rep.is_clean(), "{rep}");
-    assert_eq!(rep.last_seq, Some(last));
+    stop_writer_and_verify(&h1, "sv", &lab.shared_dir().join(&vol))?;
     // After a restart QEMU opens the new place.
     h1.ferry_ok(&["vm", "stop", "sv"])?;
     h1.ferry_ok(&["vm", "start", "sv"])?;

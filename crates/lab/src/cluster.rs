@@ -508,7 +508,7 @@ fn namespaces_of(prefix: &str) -> Vec<String> {
 }
 
 /// The processes inside namespace `ns` (all of them started by the lab).
-fn netns_pids(ns: &str) -> Vec<i32> {
+pub(crate) fn netns_pids(ns: &str) -> Vec<i32> {
     Command::new("ip")
         .args(["netns", "pids", ns])
         .output()
@@ -522,7 +522,7 @@ fn netns_pids(ns: &str) -> Vec<i32> {
 }
 
 /// SIGKILL and wait until the process is gone (reaped or a zombie of someone else).
-fn kill_wait(pid: i32) {
+pub(crate) fn kill_wait(pid: i32) {
     use nix::sys::wait::{waitpid, WaitPidFlag};
     let p = nix::unistd::Pid::from_raw(pid);
     let _ = nix::sys::signal::kill(p, nix::sys::signal::SIGKILL);

@@ -1,6 +1,7 @@
 //! Leftovers of labs whose test process died before cleaning up.
 
-use crate::pid_runs_qemu_of;
+use crate::cluster::{kill_wait, netns_pids};
+use crate::qemu_pids_in;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -24,35 +25,14 @@ pub(crate) fn sweep_stale() {
             continue;
         }
         // Every process still inside that namespace was started by that lab.
-        if let Ok(o) = Command::new("ip").args(["netns", "pids", name]).output() {
-            for p in String::from_utf8_lossy(&o.stdout)
-                .split_whitespace()
-                .filter_map(|p| p.parse::<i32>().ok())
-            {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(p),
-                    nix::sys::signal::SIGKILL,
-                );
-            }
+        for p in netns_pids(name) {
+            kill_wait(p);
         }
         // A cluster lab's namespaces are fy{pid}-{n}-{role}; its directory is fy{pid}-{n}.
         let id: String = name.splitn(3, '-').take(2).collect::<Vec<_>>().join("-");
         let dir = PathBuf::from("/var/tmp/ferry-lab").join(id);
-        if let Ok(rd) = std::fs::read_dir(dir.join("run")) {
-            for e in rd.flatten() {
-                let run = e.path();
-                if let Some(p) = std::fs::read_to_string(run.join("qemu.pid"))
-                    .ok()
-                    .and_then(|s| s.trim().parse().ok())
-                {
-                    if pid_runs_qemu_of(p, &run) {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(p),
-                            nix::sys::signal::SIGKILL,
-                        );
-                    }
-                }
-            }
+        for p in qemu_pids_in(&dir.join("run")) {
+            kill_wait(p);
         }
         let _ = Command::new("ip").args(["netns", "del", name]).status();
         let _ = std::fs::remove_dir_all(dir);

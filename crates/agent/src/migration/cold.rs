@@ -119,13 +119,7 @@ impl Agent {
             return Err(e);
         }
         // The destination owns it now.
-        self.forget_vm(name, &rec).await?;
-        let vols: Vec<(String, String)> = uploads
-            .iter()
-            .filter_map(|&i| rec.spec.disks.get(i))
-            .filter_map(|d| d.volume.clone().map(|v| (d.pool.clone(), v)))
-            .collect();
-        self.remove_volumes(&vols).await;
+        self.hand_off(name, &rec, &uploads).await?;
         if state_upload {
             if let Some(f) = &rec.suspend_file {
                 let _ = std::fs::remove_file(f);

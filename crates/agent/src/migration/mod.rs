@@ -520,7 +520,18 @@ impl Agent {
             }
             self.wait_gone(slot, Duration::from_secs(5)).await;
         }
-        self.forget_vm(name, &rec).await?;
+        self.hand_off(name, &rec, copied).await
+    }
+
+    /// The VM lives on another host now: forget it here and remove the volumes of the
+    /// disks that were copied over (`copied`: disk indexes).
+    pub(crate) async fn hand_off(
+        &self,
+        name: &str,
+        rec: &crate::records::VmRecord,
+        copied: &[usize],
+    ) -> Result<()> {
+        self.forget_vm(name, rec).await?;
         let vols: Vec<(String, String)> = copied
             .iter()
             .filter_map(|&i| rec.spec.disks.get(i))

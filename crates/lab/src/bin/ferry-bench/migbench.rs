@@ -107,13 +107,11 @@ fn ferry_case(
     let (p10, p1) = pingers(lab)?;
     std::thread::sleep(Duration::from_millis(500));
     let t = Instant::now();
-    let extra = std::env::var("FERRY_BENCH_MIGRATE_ARGS").unwrap_or_default();
     let cap_s = cap.map(|c| c.to_string()).unwrap_or_default();
     let mut args = vec!["--json", "vm", "migrate", "bench", "--to", "h2"];
     if cap.is_some() {
         args.extend(["--bandwidth", &cap_s]);
     }
-    args.extend(extra.split_whitespace());
     let out = h1.ferry(&args)?;
     let total_s = t.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_millis(700));
@@ -322,9 +320,6 @@ fn peer_case(lab: &ClusterLab, argv: &[String], load: Load, cap: Option<u64>) ->
             if let [a, b] = n[..] {
                 load_rate = (b - a) * load.mib / 3;
             }
-            if std::env::var("FERRY_BENCH_DEBUG").is_ok() {
-                eprintln!("peer console: {}", &log[log.len().saturating_sub(900)..]);
-            }
         }
         let rt = rt();
         let q = src.qmp(&rt)?;
@@ -346,7 +341,6 @@ fn peer_case(lab: &ClusterLab, argv: &[String], load: Load, cap: Option<u64>) ->
             Some(uri),
         )?);
         d.qmp(&rt)?;
-        let ready = t.elapsed();
         rt.block_on(q.execute("migrate", Some(json!({"uri": uri}))))?;
         let mut max_dirty = 0;
         let (info, completed) = loop {
@@ -364,9 +358,6 @@ fn peer_case(lab: &ClusterLab, argv: &[String], load: Load, cap: Option<u64>) ->
             }
         };
         let total_s = t.elapsed().as_secs_f64();
-        if std::env::var("FERRY_BENCH_DEBUG").is_ok() {
-            eprintln!("peer: destination ready after {ready:?}; {info}");
-        }
         std::thread::sleep(Duration::from_millis(700));
         Ok(Outcome {
             total_s,
@@ -468,11 +459,7 @@ pub fn run() -> Result<()> {
     };
     let ferry = crate::ferry_bin();
     let lab = ClusterLab::for_test(&ferry, 3)?;
-    let rate = if std::env::var("FERRY_BENCH_NO_LINK").is_ok() {
-        1.0e9
-    } else {
-        link_rate(&lab)?
-    };
+    let rate = link_rate(&lab)?;
     println!(
         "Live migration, h1 → h2 in a 3-host lab (TCG, 1 vCPU; link h1→h2 {:.0} MiB/s by TCP). Pings from the client: lost / longest gap (ms).",
         rate / (1u64 << 20) as f64
