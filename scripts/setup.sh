@@ -22,7 +22,7 @@ SRC
   rm -f /var/lib/ferry-setup-apt-updated
 fi
 
-for p in busybox-static ovmf iproute2 iputils-ping curl cpio lz4 python3 protobuf-compiler; do have "$p" || need_pkgs+=("$p"); done
+for p in busybox-static ovmf iproute2 iputils-ping curl cpio lz4 python3 protobuf-compiler libprotobuf-dev etcd-server etcd-client; do have "$p" || need_pkgs+=("$p"); done
 q=$(qemu_major || true)
 if [ -z "$q" ] || [ "$q" -lt 10 ] || ! have qemu-utils; then need_qemu=1; else need_qemu=0; fi
 
@@ -37,6 +37,11 @@ if [ ${#need_pkgs[@]} -gt 0 ] || [ "$need_qemu" = 1 ]; then
   if [ ${#need_pkgs[@]} -gt 0 ]; then
     apt-get install -y -q --no-install-recommends "${need_pkgs[@]}"
   fi
+fi
+
+# ferry runs its own etcd member per host; the package's system service stays off.
+if [ -d /run/systemd/system ] && systemctl is-enabled -q etcd 2>/dev/null; then
+  systemctl disable --now etcd || true
 fi
 
 "$here/build-guest.sh"

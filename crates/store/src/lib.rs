@@ -8,9 +8,14 @@
 //! - watches on a prefix from a revision (history kept for a bounded window; asking for
 //!   an older revision gives [`StoreError::Compacted`], so the caller re-lists).
 
+mod etcd;
+pub mod member;
 mod sqlite;
+#[cfg(test)]
+mod tests;
 mod typed;
 
+pub use etcd::EtcdStore;
 pub use sqlite::SqliteStore;
 pub use typed::StoreJson;
 
@@ -42,6 +47,16 @@ pub enum StoreError {
     },
     #[error("Store task failed: {0}")]
     Join(String),
+    #[error("Connect to etcd at {endpoints}")]
+    Connect {
+        endpoints: String,
+        #[source]
+        source: etcd_client::Error,
+    },
+    #[error("etcd request failed")]
+    Etcd(#[source] etcd_client::Error),
+    #[error("etcd did not answer in time ({0})")]
+    Timeout(&'static str),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -430,6 +430,3 @@ impl Store for SqliteStore {
         self.blocking(|b| b.revision()).await
     }
 }
-
-#[cfg(test)]
-mod tests;

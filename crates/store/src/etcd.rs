@@ -1,0 +1,331 @@
+//! The etcd backend: the same [`Store`] over etcd's v3 API, with every key under a
+//! namespace prefix (one etcd holds the whole cluster; each host's agent sees its own
+//! subtree, the cluster code the shared one).
+//!
+//! Requests go out with `require_leader`, so a member cut off from the majority answers
+//! "no leader" at once instead of serving stale reads; every call has a timeout.
+
+use crate::{
+    Cmp, Compare, EventKind, KeyValue, LeaseId, Op, Store, StoreError, Txn, TxnResponse, WatchEvent,
+};
+use async_trait::async_trait;
+use etcd_client as ec;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// How long one etcd request may take before it counts as failed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: ec::Client,
+    prefix: String,
+}
+
+impl EtcdStore {
+    /// Connects to `endpoints` (`http://host:port`); keys live under `prefix`.
+    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<EtcdStore, StoreError> {
+        let opts = ec::ConnectOptions::new()
+            .with_require_leader(true)
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        let client = ec::Client::connect(endpoints, Some(opts))
+            .await
+            .map_err(|source| StoreError::Connect {
+                endpoints: endpoints.join(","),
+                source,
+            })?;
+        Ok(EtcdStore {
+            client,
+            prefix: prefix.to_string(),
+        })
+    }
+
+    /// The same connection with keys under another prefix.
+    pub fn scoped(&self, prefix: &str) -> EtcdStore {
+        EtcdStore {
+            client: self.client.clone(),
+            prefix: prefix.to_string(),
+        }
+    }
+
+    /// The raw client, for cluster membership calls.
+    pub fn client(&self) -> ec::Client {
+        self.client.clone()
+    }
+
+    fn full(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    fn kv(&self, kv: &ec::KeyValue) -> KeyValue {
+        let key = String::from_utf8_lossy(kv.key());
+        KeyValue {
+            key: key.strip_prefix(&self.prefix).unwrap_or(&key).to_string(),
+            value: kv.value().to_vec(),
+            create_rev: kv.create_revision(),
+            mod_rev: kv.mod_revision(),
+            version: kv.version(),
+            lease: (kv.lease() != 0).then_some(kv.lease()),
+        }
+    }
+
+    fn op(&self, op: &Op) -> ec::TxnOp {
+        match op {
+            Op::Get(k) => ec::TxnOp::get(self.full(k), None),
+            Op::Put { key, value, lease } => ec::TxnOp::put(
+                self.full(key),
+                value.clone(),
+                lease.map(|l| ec::PutOptions::new().with_lease(l)),
+            ),
+            Op::Delete(k) => ec::TxnOp::delete(self.full(k), None),
+            Op::DeletePrefix(p) => {
+                ec::TxnOp::delete(self.full(p), Some(ec::DeleteOptions::new().with_prefix()))
+            }
+        }
+    }
+}
+
+fn cmp(c: Cmp) -> ec::CompareOp {
+    match c {
+        Cmp::Equal => ec::CompareOp::Equal,
+        Cmp::NotEqual => ec::CompareOp::NotEqual,
+        Cmp::Less => ec::CompareOp::Less,
+        Cmp::Greater => ec::CompareOp::Greater,
+    }
+}
+
+/// Maps etcd's "lease not found" to our error; everything else stays an etcd error.
+fn err(e: ec::Error, lease: Option<LeaseId>) -> StoreError {
+    if let Some(l) = lease {
+        let msg = match &e {
+            ec::Error::GRpcStatus(s) => s.message().to_string(),
+            ec::Error::LeaseKeepAliveError(m) => m.clone(),
+            _ => String::new(),
+        };
+        if msg.contains("lease not found") {
+            return StoreError::LeaseNotFound(l);
+        }
+    }
+    StoreError::Etcd(e)
+}
+
+fn header_rev(h: Option<&ec::ResponseHeader>) -> i64 {
+    h.map_or(0, |h| h.revision())
+}
+
+#[async_trait]
+impl Store for EtcdStore {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        let r = self
+            .client
+            .kv_client()
+            .get(self.full(key), None)
+            .await
+            .map_err(|e| err(e, None))?;
+        Ok(r.kvs().first().map(|kv| self.kv(kv)))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<KeyValue>, StoreError> {
+        let r = self
+            .client
+            .kv_client()
+            .get(
+                self.full(prefix),
+                Some(
+                    ec::GetOptions::new()
+                        .with_prefix()
+                        .with_sort(ec::SortTarget::Key, ec::SortOrder::Ascend),
+                ),
+            )
+            .await
+            .map_err(|e| err(e, None))?;
+        Ok(r.kvs().iter().map(|kv| self.kv(kv)).collect())
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    ) -> Result<i64, StoreError> {
+        let r = self
+            .client
+            .kv_client()
+            .put(
+                self.full(key),
+                value,
+                lease.map(|l| ec::PutOptions::new().with_lease(l)),
+            )
+            .await
+            .map_err(|e| err(e, lease))?;
+        Ok(header_rev(r.header()))
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+        let r = self
+            .client
+            .kv_client()
+            .delete(self.full(key), None)
+            .await
+            .map_err(|e| err(e, None))?;
+        Ok(r.deleted() > 0)
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
+        let compares: Vec<ec::Compare> = txn
+            .compare
+            .iter()
+            .map(|c| match c {
+                Compare::Version(k, c, v) => ec::Compare::version(self.full(k), cmp(*c), *v),
+                Compare::ModRev(k, c, v) => ec::Compare::mod_revision(self.full(k), cmp(*c), *v),
+                Compare::Value(k, c, v) => ec::Compare::value(self.full(k), cmp(*c), v.clone()),
+            })
+            .collect();
+        let lease = txn
+            .success
+            .iter()
+            .chain(&txn.failure)
+            .find_map(|o| match o {
+                Op::Put { lease, .. } => *lease,
+                _ => None,
+            });
+        let t = ec::Txn::new()
+            .when(compares)
+            .and_then(txn.success.iter().map(|o| self.op(o)).collect::<Vec<_>>())
+            .or_else(txn.failure.iter().map(|o| self.op(o)).collect::<Vec<_>>());
+        let r = self
+            .client
+            .kv_client()
+            .txn(t)
+            .await
+            .map_err(|e| err(e, lease))?;
+        let gets = r
+            .op_responses()
+            .into_iter()
+            .filter_map(|o| match o {
+                ec::TxnOpResponse::Get(g) => Some(g.kvs().first().map(|kv| self.kv(kv))),
+                _ => None,
+            })
+            .collect();
+        Ok(TxnResponse {
+            succeeded: r.succeeded(),
+            revision: header_rev(r.header()),
+            gets,
+        })
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+        // etcd counts in whole seconds (and raises a TTL below its minimum to it).
+        let secs = ttl.as_secs_f64().ceil().max(1.0) as i64;
+        let r = self
+            .client
+            .lease_client()
+            .grant(secs, None)
+            .await
+            .map_err(|e| err(e, None))?;
+        Ok(r.id())
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
+        let (mut keeper, mut stream) = self
+            .client
+            .lease_client()
+            .keep_alive(lease)
+            .await
+            .map_err(|e| err(e, Some(lease)))?;
+        keeper.keep_alive().await.map_err(|e| err(e, Some(lease)))?;
+        let reply = tokio::time::timeout(REQUEST_TIMEOUT, stream.message())
+            .await
+            .map_err(|_| StoreError::Timeout("lease keep-alive"))?
+            .map_err(|e| err(e, Some(lease)))?;
+        match reply {
+            Some(r) if r.ttl() > 0 => Ok(()),
+            _ => Err(StoreError::LeaseNotFound(lease)),
+        }
+    }
+
+    async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+        self.client
+            .lease_client()
+            .revoke(lease)
+            .await
+            .map_err(|e| err(e, Some(lease)))?;
+        Ok(())
+    }
+
+    async fn watch(
+        &self,
+        prefix: &str,
+        after: Option<i64>,
+    ) -> Result<mpsc::Receiver<WatchEvent>, StoreError> {
+        let mut opts = ec::WatchOptions::new().with_prefix();
+        if let Some(a) = after {
+            opts = opts.with_start_revision(a + 1);
+        }
+        let mut stream = self
+            .client
+            .watch_client()
+            .watch(self.full(prefix), Some(opts))
+            .await
+            .map_err(|e| err(e, None))?;
+        let (tx, rx) = mpsc::channel(256);
+        let me = self.clone();
+        // The first answer says whether the start revision is still there.
+        let first = stream.message().await.map_err(|e| err(e, None))?;
+        if let Some(r) = &first {
+            if r.compact_revision() > 0 {
+                return Err(StoreError::Compacted {
+                    requested: after.unwrap_or(0),
+                    oldest: r.compact_revision(),
+                });
+            }
+        }
+        tokio::spawn(async move {
+            let mut next = first;
+            loop {
+                let Some(r) = next else { return };
+                if r.canceled() {
+                    // Compaction or cancellation: closing the channel tells the caller
+                    // to re-list.
+                    return;
+                }
+                for e in r.events() {
+                    let Some(kv) = e.kv() else { continue };
+                    let kv = me.kv(kv);
+                    let ev = WatchEvent {
+                        revision: kv.mod_rev,
+                        kind: match e.event_type() {
+                            ec::EventType::Put => EventKind::Put,
+                            ec::EventType::Delete => EventKind::Delete,
+                        },
+                        key: kv.key,
+                        value: kv.value,
+                    };
+                    if tx.send(ev).await.is_err() {
+                        return;
+                    }
+                }
+                next = match stream.message().await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "etcd watch ended");
+                        return;
+                    }
+                };
+            }
+        });
+        Ok(rx)
+    }
+
+    async fn revision(&self) -> Result<i64, StoreError> {
+        let r = self
+            .client
+            .kv_client()
+            .get(self.full(""), Some(ec::GetOptions::new().with_count_only()))
+            .await
+            .map_err(|e| err(e, None))?;
+        Ok(header_rev(r.header()))
+    }
+}

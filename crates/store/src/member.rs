@@ -1,0 +1,171 @@
+//! Running an etcd member: its command line, starting it detached (it outlives a
+//! restarting ferry daemon, like QEMU does), finding it again by pidfile, stopping it.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemberError {
+    #[error("Start etcd ({binary})")]
+    Spawn {
+        binary: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("etcd member {name} did not become healthy within {secs} s (log: {log})")]
+    Unhealthy {
+        name: String,
+        secs: u64,
+        log: String,
+    },
+}
+
+/// One etcd member of the cluster.
+#[derive(Debug, Clone)]
+pub struct MemberConfig {
+    pub name: String,
+    pub data_dir: PathBuf,
+    /// `http://ADDR:2379`
+    pub client_url: String,
+    /// `http://ADDR:2380`
+    pub peer_url: String,
+    /// `name=peer_url,...` of every member, this one included.
+    pub initial_cluster: String,
+    /// A new cluster (first member) or joining an existing one.
+    pub new_cluster: bool,
+    pub heartbeat_ms: u64,
+    pub election_ms: u64,
+}
+
+impl MemberConfig {
+    pub fn argv(&self) -> Vec<String> {
+        let mut client_listen = self.client_url.clone();
+        if !self.client_url.contains("127.0.0.1") {
+            // Local tools reach the member over loopback too.
+            client_listen.push_str(",http://127.0.0.1:");
+            client_listen.push_str(self.client_url.rsplit(':').next().unwrap_or("2379"));
+        }
+        vec![
+            format!("--name={}", self.name),
+            format!("--data-dir={}", self.data_dir.display()),
+            format!("--listen-client-urls={client_listen}"),
+            format!("--advertise-client-urls={}", self.client_url),
+            format!("--listen-peer-urls={}", self.peer_url),
+            format!("--initial-advertise-peer-urls={}", self.peer_url),
+            format!("--initial-cluster={}", self.initial_cluster),
+            format!(
+                "--initial-cluster-state={}",
+                if self.new_cluster { "new" } else { "existing" }
+            ),
+            "--initial-cluster-token=ferry".into(),
+            format!("--heartbeat-interval={}", self.heartbeat_ms),
+            format!("--election-timeout={}", self.election_ms),
+            // Keep a day of history for watches; compact the rest.
+            "--auto-compaction-mode=periodic".into(),
+            "--auto-compaction-retention=24h".into(),
+            "--logger=zap".into(),
+            "--log-outputs=stderr".into(),
+        ]
+    }
+}
+
+/// Starts etcd detached from the caller (own session, re-parented to init), output
+/// appended to `log`; writes and returns its pid.
+pub async fn spawn(
+    binary: &str,
+    cfg: &MemberConfig,
+    log: &Path,
+    pidfile: &Path,
+) -> Result<i32, MemberError> {
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|source| MemberError::Spawn {
+        binary: binary.into(),
+        source,
+    })?;
+    let out = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"log=$1; shift; setsid "$@" >>"$log" 2>&1 </dev/null & echo $!"#)
+        .arg("sh")
+        .arg(log)
+        .arg(binary)
+        .args(cfg.argv())
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|source| MemberError::Spawn {
+            binary: binary.into(),
+            source,
+        })?;
+    let pid: i32 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .map_err(|_| MemberError::Spawn {
+            binary: binary.into(),
+            source: std::io::Error::other("no pid from the shell"),
+        })?;
+    std::fs::write(pidfile, pid.to_string()).map_err(|source| MemberError::Spawn {
+        binary: binary.into(),
+        source,
+    })?;
+    Ok(pid)
+}
+
+/// The pid in `pidfile` if it is a live etcd on `data_dir`.
+pub fn running(pidfile: &Path, data_dir: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let zombie = stat
+        .rsplit_once(')')
+        .and_then(|(_, r)| r.split_whitespace().next())
+        .is_none_or(|s| s == "Z" || s == "X");
+    let needle = format!("--data-dir={}", data_dir.display());
+    let ours = cmd.split(|b| *b == 0).any(|a| a == needle.as_bytes());
+    (ours && !zombie).then_some(pid)
+}
+
+/// Stops the member (SIGTERM, then SIGKILL after 5 s).
+pub async fn stop(pidfile: &Path, data_dir: &Path) {
+    let Some(pid) = running(pidfile, data_dir) else {
+        return;
+    };
+    let p = nix::unistd::Pid::from_raw(pid);
+    let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGTERM);
+    for i in 0..100 {
+        if running(pidfile, data_dir).is_none() {
+            break;
+        }
+        if i == 50 {
+            let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = std::fs::remove_file(pidfile);
+}
+
+/// Waits until the member answers on `client_url` with a leader.
+pub async fn wait_healthy(
+    name: &str,
+    client_url: &str,
+    log: &Path,
+    timeout: Duration,
+) -> Result<(), MemberError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        let opts = etcd_client::ConnectOptions::new()
+            .with_require_leader(true)
+            .with_timeout(Duration::from_secs(1))
+            .with_connect_timeout(Duration::from_millis(500));
+        if let Ok(mut c) = etcd_client::Client::connect([client_url], Some(opts)).await {
+            if c.get("/ferry/health", None).await.is_ok() {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(MemberError::Unhealthy {
+        name: name.into(),
+        secs: timeout.as_secs(),
+        log: log.display().to_string(),
+    })
+}

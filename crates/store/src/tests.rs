@@ -1,0 +1,306 @@
+//! One suite of store tests, run against every backend: SQLite in a temp dir and a real
+//! etcd member started for the test.
+
+use crate::member::{self, MemberConfig};
+use crate::StoreJson;
+use crate::*;
+
+/// Lease timings per backend (etcd's lease TTL has a floor of about 2 s).
+#[derive(Clone, Copy)]
+struct LeaseTimes {
+    short: Duration,
+    kept: Duration,
+    tick: Duration,
+    rounds: u32,
+}
+
+macro_rules! suite {
+    ($backend:ident, $open:ident, $lease:expr) => {
+        mod $backend {
+            use super::*;
+            #[tokio::test]
+            async fn put_get_list_delete_revisions() {
+                let (_g, s) = $open().await;
+                super::put_get_list_delete_revisions(&*s).await
+            }
+            #[tokio::test]
+            async fn txn_compare_and_swap_only_one_winner() {
+                let (_g, s) = $open().await;
+                super::txn_compare_and_swap_only_one_winner(&*s).await
+            }
+            #[tokio::test]
+            async fn txn_failure_branch_and_gets() {
+                let (_g, s) = $open().await;
+                super::txn_failure_branch_and_gets(&*s).await
+            }
+            #[tokio::test]
+            async fn lease_expiry_deletes_keys_and_keepalive_extends() {
+                let (_g, s) = $open().await;
+                super::lease_expiry_deletes_keys_and_keepalive_extends(&*s, $lease).await
+            }
+            #[tokio::test]
+            async fn watch_replays_history_then_live_events() {
+                let (_g, s) = $open().await;
+                super::watch_replays_history_then_live_events(&*s).await
+            }
+            #[tokio::test]
+            async fn failed_txn_op_rolls_back_everything() {
+                let (_g, s) = $open().await;
+                super::failed_txn_op_rolls_back_everything(&*s).await
+            }
+        }
+    };
+}
+
+suite!(
+    sqlite,
+    open_sqlite,
+    LeaseTimes {
+        short: Duration::from_millis(300),
+        kept: Duration::from_millis(600),
+        tick: Duration::from_millis(150),
+        rounds: 8,
+    }
+);
+suite!(
+    etcd,
+    open_etcd,
+    LeaseTimes {
+        short: Duration::from_secs(2),
+        kept: Duration::from_secs(3),
+        tick: Duration::from_millis(500),
+        rounds: 9,
+    }
+);
+
+async fn open_sqlite() -> (tempfile::TempDir, Box<dyn Store>) {
+    let d = tempfile::tempdir().unwrap();
+    let s = SqliteStore::open(&d.path().join("s.db")).unwrap();
+    (d, Box::new(s))
+}
+
+/// A real etcd member on loopback, killed (by pid) when dropped.
+pub(crate) struct TestEtcd {
+    _dir: tempfile::TempDir,
+    pub url: String,
+    pid: i32,
+}
+
+impl TestEtcd {
+    pub async fn start() -> TestEtcd {
+        let dir = tempfile::tempdir().unwrap();
+        let port = |_| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let (c, p) = (port(0), port(1));
+        let cfg = MemberConfig {
+            name: "t".into(),
+            data_dir: dir.path().join("data"),
+            client_url: format!("http://127.0.0.1:{c}"),
+            peer_url: format!("http://127.0.0.1:{p}"),
+            initial_cluster: format!("t=http://127.0.0.1:{p}"),
+            new_cluster: true,
+            heartbeat_ms: 100,
+            election_ms: 1000,
+        };
+        let log = dir.path().join("etcd.log");
+        let pid = member::spawn("etcd", &cfg, &log, &dir.path().join("pid"))
+            .await
+            .unwrap();
+        let e = TestEtcd {
+            _dir: dir,
+            url: cfg.client_url.clone(),
+            pid,
+        };
+        member::wait_healthy("t", &e.url, &log, Duration::from_secs(20))
+            .await
+            .unwrap();
+        e
+    }
+}
+
+impl Drop for TestEtcd {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+async fn open_etcd() -> (TestEtcd, Box<dyn Store>) {
+    let e = TestEtcd::start().await;
+    let s = EtcdStore::connect(std::slice::from_ref(&e.url), "/test/")
+        .await
+        .unwrap();
+    (e, Box::new(s))
+}
+
+#[tokio::test]
+async fn etcd_prefixes_keep_hosts_apart() {
+    let (_e, s) = open_etcd().await;
+    let s = s.as_ref();
+    s.put("/vms/a", b"1".to_vec(), None).await.unwrap();
+    let e = EtcdStore::connect(std::slice::from_ref(&_e.url), "/other/")
+        .await
+        .unwrap();
+    assert!(e.get("/vms/a").await.unwrap().is_none());
+    e.put("/vms/b", b"2".to_vec(), None).await.unwrap();
+    let keys: Vec<_> = s
+        .list("/vms/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|k| k.key)
+        .collect();
+    assert_eq!(keys, ["/vms/a"]);
+    let scoped = e.scoped("/test/");
+    assert_eq!(scoped.get("/vms/a").await.unwrap().unwrap().value, b"1");
+}
+
+async fn put_get_list_delete_revisions(s: &dyn Store) {
+    let r1 = s.put("/vms/a", b"1".to_vec(), None).await.unwrap();
+    let r2 = s.put("/vms/b", b"2".to_vec(), None).await.unwrap();
+    let r3 = s.put("/vms/a", b"3".to_vec(), None).await.unwrap();
+    s.put("/vmsx", b"no".to_vec(), None).await.unwrap();
+    assert!(r1 < r2 && r2 < r3);
+    let a = s.get("/vms/a").await.unwrap().unwrap();
+    assert_eq!(
+        (a.value.as_slice(), a.create_rev, a.mod_rev, a.version),
+        (&b"3"[..], r1, r3, 2)
+    );
+    let l = s.list("/vms/").await.unwrap();
+    assert_eq!(
+        l.iter().map(|k| k.key.as_str()).collect::<Vec<_>>(),
+        ["/vms/a", "/vms/b"]
+    );
+    assert!(s.delete("/vms/a").await.unwrap());
+    assert!(!s.delete("/vms/a").await.unwrap());
+    assert!(s.get("/vms/a").await.unwrap().is_none());
+}
+
+async fn txn_compare_and_swap_only_one_winner(s: &dyn Store) {
+    assert!(s.create_json("/owner/vm1", &"host1").await.unwrap());
+    assert!(!s.create_json("/owner/vm1", &"host2").await.unwrap());
+    let (_, kv) = s.get_json::<String>("/owner/vm1").await.unwrap().unwrap();
+    assert!(s
+        .cas_json("/owner/vm1", kv.mod_rev, &"host2")
+        .await
+        .unwrap());
+    // The old revision no longer matches.
+    assert!(!s
+        .cas_json("/owner/vm1", kv.mod_rev, &"host3")
+        .await
+        .unwrap());
+    let (v, _) = s.get_json::<String>("/owner/vm1").await.unwrap().unwrap();
+    assert_eq!(v, "host2");
+}
+
+async fn txn_failure_branch_and_gets(s: &dyn Store) {
+    s.put("k", b"v".to_vec(), None).await.unwrap();
+    let r = s
+        .txn(Txn {
+            compare: vec![Compare::Value("k".into(), Cmp::Equal, b"other".to_vec())],
+            success: vec![Op::Delete("k".into())],
+            failure: vec![
+                Op::Get("k".into()),
+                Op::Put {
+                    key: "f".into(),
+                    value: b"1".to_vec(),
+                    lease: None,
+                },
+            ],
+        })
+        .await
+        .unwrap();
+    assert!(!r.succeeded);
+    assert_eq!(r.gets[0].as_ref().unwrap().value, b"v");
+    assert!(s.get("f").await.unwrap().is_some());
+}
+
+async fn lease_expiry_deletes_keys_and_keepalive_extends(s: &dyn Store, l: LeaseTimes) {
+    let short = s.grant_lease(l.short).await.unwrap();
+    let kept = s.grant_lease(l.kept).await.unwrap();
+    s.put("/hosts/a", b"up".to_vec(), Some(short))
+        .await
+        .unwrap();
+    s.put("/hosts/b", b"up".to_vec(), Some(kept)).await.unwrap();
+    for _ in 0..l.rounds {
+        tokio::time::sleep(l.tick).await;
+        s.keep_alive(kept).await.unwrap();
+    }
+    assert!(
+        s.get("/hosts/a").await.unwrap().is_none(),
+        "expired lease's key survived"
+    );
+    assert!(s.get("/hosts/b").await.unwrap().is_some());
+    let r = s.keep_alive(short).await;
+    assert!(matches!(r, Err(StoreError::LeaseNotFound(_))), "{r:?}");
+    assert!(matches!(
+        s.put("x", vec![], Some(short)).await,
+        Err(StoreError::LeaseNotFound(_))
+    ));
+}
+
+async fn watch_replays_history_then_live_events(s: &dyn Store) {
+    let r1 = s.put("/vms/a", b"1".to_vec(), None).await.unwrap();
+    s.put("/other", b"x".to_vec(), None).await.unwrap();
+    s.put("/vms/b", b"2".to_vec(), None).await.unwrap();
+    let mut w = s.watch("/vms/", Some(r1 - 1)).await.unwrap();
+    s.delete("/vms/a").await.unwrap();
+    let mut got = vec![];
+    for _ in 0..3 {
+        let e = tokio::time::timeout(Duration::from_secs(2), w.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        got.push((e.key, e.kind));
+    }
+    assert_eq!(
+        got,
+        [
+            ("/vms/a".into(), EventKind::Put),
+            ("/vms/b".into(), EventKind::Put),
+            ("/vms/a".into(), EventKind::Delete)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn sqlite_reopen_keeps_data_and_revision() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("s.db");
+    let rev = {
+        let s = SqliteStore::open(&p).unwrap();
+        s.put("a", b"1".to_vec(), None).await.unwrap()
+    };
+    let s = SqliteStore::open(&p).unwrap();
+    assert_eq!(s.revision().await.unwrap(), rev);
+    assert_eq!(s.get("a").await.unwrap().unwrap().value, b"1");
+}
+
+async fn failed_txn_op_rolls_back_everything(s: &dyn Store) {
+    let before = s.revision().await.unwrap();
+    let r = s
+        .txn(Txn {
+            compare: vec![],
+            success: vec![
+                Op::Put {
+                    key: "a".into(),
+                    value: b"1".to_vec(),
+                    lease: None,
+                },
+                Op::Put {
+                    key: "b".into(),
+                    value: b"1".to_vec(),
+                    lease: Some(999),
+                },
+            ],
+            failure: vec![],
+        })
+        .await;
+    assert!(r.is_err());
+    assert!(s.get("a").await.unwrap().is_none());
+    assert_eq!(s.revision().await.unwrap(), before);
+}
