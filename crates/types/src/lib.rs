@@ -2,6 +2,7 @@
 //! with serde, OpenAPI schemas and validation. Shared by the daemon, the CLI and the UI;
 //! this crate does no I/O.
 
+pub mod cluster;
 pub mod error;
 pub mod event;
 pub mod host;
@@ -13,6 +14,7 @@ pub mod task;
 pub mod validate;
 pub mod vm;
 
+pub use cluster::*;
 pub use error::ApiErrorBody;
 pub use event::Event;
 pub use host::{ClusterFile, ClusterHost, HostInfo};

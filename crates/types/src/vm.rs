@@ -195,6 +195,9 @@ pub struct VmSpec {
     pub direct_boot: Option<DirectBoot>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub description: String,
+    /// High availability (restart after a crash or a host failure).
+    #[serde(default, skip_serializing_if = "crate::cluster::HaPolicy::is_off")]
+    pub ha: crate::cluster::HaPolicy,
 }
 
 /// A defined VM with its runtime status, as the API returns it.

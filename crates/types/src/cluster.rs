@@ -1,0 +1,173 @@
+//! Cluster membership (etcd), host states and the HA policy of a VM.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// How HA treats a VM.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HaMode {
+    /// Not HA-managed: a crash or a host failure leaves it stopped.
+    #[default]
+    Off,
+    /// Restarted after a crash (in place, then elsewhere) and after its host fails.
+    Restart,
+}
+
+fn default_max_restarts() -> u32 {
+    3
+}
+
+/// A VM's HA policy (part of its definition).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HaPolicy {
+    #[serde(default)]
+    pub mode: HaMode,
+    /// Higher first when several VMs are recovered at once.
+    #[serde(default)]
+    pub priority: i32,
+    /// Crash restarts on one host (within 10 minutes) before HA moves it elsewhere.
+    #[serde(default = "default_max_restarts")]
+    pub max_restarts: u32,
+    /// VMs sharing this group are kept on different hosts when HA places them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anti_affinity: Option<String>,
+}
+
+impl Default for HaPolicy {
+    fn default() -> Self {
+        HaPolicy {
+            mode: HaMode::Off,
+            priority: 0,
+            max_restarts: default_max_restarts(),
+            anti_affinity: None,
+        }
+    }
+}
+
+impl HaPolicy {
+    pub fn enabled(&self) -> bool {
+        self.mode == HaMode::Restart
+    }
+
+    /// The default (serialised as absent).
+    pub fn is_off(&self) -> bool {
+        *self == HaPolicy::default()
+    }
+}
+
+/// What the cluster thinks of a host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    /// Holds its lease.
+    Online,
+    /// Holds its lease, takes no VMs.
+    Maintenance,
+    /// Lost its lease: its HA VMs were (or are being) recovered elsewhere.
+    Fenced,
+    /// Lost its lease and runs no HA VMs to recover.
+    Offline,
+}
+
+/// This host's membership, kept in its state dir.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterConfig {
+    /// This host's name (its etcd member name too).
+    pub name: String,
+    /// This host's cluster address (etcd peer/client traffic, migration).
+    pub address: String,
+    /// This host's API base URL.
+    pub api: String,
+    /// etcd client URLs.
+    pub endpoints: Vec<String>,
+    /// ferry runs the local etcd member (false: an external etcd given by URL).
+    pub managed_etcd: bool,
+    /// `name=peer_url,...` the member was started with.
+    #[serde(default)]
+    pub initial_cluster: String,
+    /// Host lease TTL in seconds.
+    pub lease_ttl_s: u64,
+}
+
+/// `POST /cluster/init`
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ClusterInit {
+    /// This host's cluster address (an IP of this host).
+    pub address: String,
+    /// This host's API URL as the other hosts reach it (default `http://ADDRESS:PORT`
+    /// with the daemon's port).
+    #[serde(default)]
+    pub api: Option<String>,
+    /// Use this external etcd instead of running a member here.
+    #[serde(default)]
+    pub etcd: Vec<String>,
+    /// Host lease TTL in seconds (2–60, default 5).
+    #[serde(default)]
+    pub lease_ttl_s: Option<u64>,
+}
+
+/// `POST /cluster/join`: sent to the joining host's own daemon.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ClusterJoin {
+    /// API URL (or address) of any member.
+    pub peer: String,
+    /// This host's cluster address.
+    pub address: String,
+    #[serde(default)]
+    pub api: Option<String>,
+}
+
+/// `POST /cluster/members`: a joining host asks a member to add it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MemberAdd {
+    pub name: String,
+    pub address: String,
+    pub api: String,
+    /// The joiner's etcd peer URL, when it runs a member.
+    #[serde(default)]
+    pub peer_url: Option<String>,
+}
+
+/// The answer to [`MemberAdd`].
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MemberAdded {
+    pub initial_cluster: String,
+    pub endpoints: Vec<String>,
+    pub lease_ttl_s: u64,
+}
+
+/// One host in `ferry cluster status`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MemberStatus {
+    pub name: String,
+    pub address: String,
+    pub api: String,
+    pub state: HostState,
+    /// Runs an etcd member (a voter).
+    pub etcd_member: bool,
+    pub etcd_leader: bool,
+    /// Seconds left on its lease, if it holds one.
+    #[serde(default)]
+    pub lease_ttl_left_s: Option<i64>,
+    pub ha_manager: bool,
+}
+
+/// `GET /cluster/status`
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ClusterStatus {
+    /// False on a host that is not in a cluster (the rest is empty then).
+    pub clustered: bool,
+    pub name: String,
+    pub members: Vec<MemberStatus>,
+    pub etcd_voters: usize,
+    /// Voters needed for quorum.
+    pub quorum: usize,
+    pub has_quorum: bool,
+    #[serde(default)]
+    pub ha_manager: Option<String>,
+    pub lease_ttl_s: u64,
+    /// Advice (e.g. a two-voter cluster needs a witness).
+    #[serde(default)]
+    pub warnings: Vec<String>,
+}
