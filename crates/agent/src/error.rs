@@ -25,6 +25,19 @@ pub enum AgentError {
     Store(#[from] ferry_store::StoreError),
     #[error(transparent)]
     Lock(#[from] ferry_storage::LockError),
+    #[error("etcd member")]
+    Member(#[from] ferry_store::member::MemberError),
+    #[error("{what}")]
+    Etcd {
+        what: String,
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// This host lost its cluster lease: it runs no HA VMs and takes no work.
+    #[error(
+        "Host {0} is fenced (it lost its cluster lease); it takes no work until it holds one again"
+    )]
+    Fenced(String),
     #[error("Host {host}: {what}")]
     Peer {
         host: String,
@@ -54,7 +67,9 @@ impl AgentError {
         match self {
             AgentError::Invalid(_) => ErrorClass::BadRequest,
             AgentError::NotFound(_) => ErrorClass::NotFound,
-            AgentError::Conflict(_) | AgentError::State(_) => ErrorClass::Conflict,
+            AgentError::Conflict(_) | AgentError::State(_) | AgentError::Fenced(_) => {
+                ErrorClass::Conflict
+            }
             AgentError::Lock(ferry_storage::LockError::Held { .. }) => ErrorClass::Conflict,
             AgentError::Storage(e) => match e {
                 ferry_storage::StorageError::NotFound(_) => ErrorClass::NotFound,

@@ -29,6 +29,8 @@ mod suspend;
 mod tasks;
 mod vms;
 
+pub use cluster::lease::{kill_ha_qemus, run_watchdog};
+pub use cluster::{connect as connect_cluster, load_config as load_cluster_config, ClusterLink};
 pub use console::Console;
 pub use error::{AgentError, ErrorClass, Result};
 pub use events::EventLog;
@@ -54,8 +56,11 @@ pub struct AgentConfig {
     pub qemu_binary: String,
     /// This host's name in the cluster.
     pub host_name: String,
-    /// The cluster file (hosts, their APIs and migration addresses), if in a cluster.
+    /// The cluster file (hosts, their APIs and migration addresses) of a static
+    /// cluster; an etcd cluster's members come from etcd instead.
     pub cluster_file: Option<PathBuf>,
+    /// The port of this daemon's API (for the API URL other hosts use).
+    pub api_port: u16,
 }
 
 struct Inner {
@@ -68,6 +73,11 @@ struct Inner {
     qemu_version: String,
     /// Outgoing live migrations: VM → (destination, QEMU's last status).
     outgoing: Mutex<HashMap<String, (String, String)>>,
+    /// The etcd cluster this host belongs to.
+    cluster: Option<cluster::ClusterLink>,
+    lease: Mutex<cluster::lease::LeaseState>,
+    restarts: Mutex<cluster::ha::Restarts>,
+    restart: tokio::sync::Notify,
 }
 
 /// The agent. Cheap to clone.
@@ -79,6 +89,21 @@ pub struct Agent {
 impl Agent {
     /// Opens the agent on `store`: makes the default pool, then re-adopts every VM.
     pub async fn open(cfg: AgentConfig, store: Arc<dyn Store>) -> Result<Agent> {
+        Agent::open_with(cfg, store, None).await
+    }
+
+    /// Opens the agent as a member of an etcd cluster: its store is its subtree in
+    /// etcd; the host lease, self-fencing and HA run alongside.
+    pub async fn open_in_cluster(cfg: AgentConfig, link: ClusterLink) -> Result<Agent> {
+        let store = Arc::new(link.host_store());
+        Agent::open_with(cfg, store, Some(link)).await
+    }
+
+    async fn open_with(
+        cfg: AgentConfig,
+        store: Arc<dyn Store>,
+        cluster: Option<ClusterLink>,
+    ) -> Result<Agent> {
         for d in [&cfg.state_dir, &cfg.run_dir] {
             std::fs::create_dir_all(d).map_err(|source| AgentError::Io {
                 what: format!("Create {}", d.display()),
@@ -99,12 +124,20 @@ impl Agent {
                 slots: Mutex::new(HashMap::new()),
                 qemu_version,
                 outgoing: Mutex::new(HashMap::new()),
+                cluster,
+                lease: Mutex::new(Default::default()),
+                restarts: Mutex::new(Default::default()),
+                restart: tokio::sync::Notify::new(),
             }),
         };
         agent.ensure_default_pool().await?;
         agent.adopt_all().await?;
         agent.repair().await?;
         agent.recover_migrations().await;
+        if agent.inner.cluster.is_some() {
+            tokio::spawn(agent.clone().lease_loop());
+            tokio::spawn(agent.clone().ha_loop());
+        }
         tracing::info!(%accel, "agent ready");
         Ok(agent)
     }

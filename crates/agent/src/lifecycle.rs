@@ -173,6 +173,9 @@ impl Agent {
     ) -> Result<()> {
         let (rec, _) = self.record(name).await?;
         slot.state().check(VmAction::Start)?;
+        if rec.spec.ha.enabled() {
+            self.check_not_fenced()?;
+        }
         if rec.template {
             return Err(AgentError::Conflict(format!(
                 "{name} is a template; templates are not started (clone it)"
@@ -186,7 +189,10 @@ impl Agent {
             None
         };
         plan.incoming = resume_from.is_some();
-        self.lock_disks(name, &rec.spec).await?;
+        let generations = self
+            .lock_disks(name, &rec.spec, rec.ha_from.as_deref())
+            .await?;
+        self.save_lock_generations(name, generations).await?;
         let r = self
             .run_plan(name, slot, &rec, &plan, resume_from.as_deref())
             .await;
@@ -269,6 +275,18 @@ impl Agent {
             ferry_net::attach_up(tap, &n.bridge).await?;
         }
         let _ = std::fs::remove_file(&plan.run.serial_log);
+        // HA VMs are the ones self-fencing and the watchdog kill.
+        let marker = plan.run.dir.join("ha");
+        if rec.spec.ha.enabled() {
+            std::fs::create_dir_all(&plan.run.dir)
+                .and_then(|_| std::fs::write(&marker, b""))
+                .map_err(|source| AgentError::Io {
+                    what: format!("Write {}", marker.display()),
+                    source,
+                })?;
+        } else {
+            let _ = std::fs::remove_file(&marker);
+        }
         let argv = build_argv(plan);
         tracing::debug!(vm = name, ?argv, "starting QEMU");
         let pid = spawn_detached(&self.inner.cfg.qemu_binary, &argv, &plan.run).await?;
@@ -342,7 +360,14 @@ impl Agent {
                         "SHUTDOWN" if ev.data.get("guest").and_then(|g| g.as_bool()) == Some(true) => {
                             slot.with(|rt| rt.guest_shutdown = true);
                         }
-                        "GUEST_PANICKED" => slot.with(|rt| rt.last_exit = Some("guest panicked".into())),
+                        "GUEST_PANICKED" => {
+                            slot.with(|rt| rt.last_exit = Some("guest panicked".into()));
+                            // A panicked HA guest is ended so it counts as a crash and HA
+                            // restarts it; others stay paused for a look.
+                            if self.record(&name).await.is_ok_and(|(r, _)| r.spec.ha.enabled()) {
+                                let _ = qmp.execute("quit", None).await;
+                            }
+                        }
                         _ => {}
                     }
                     self.inner.events.emit(Some(&name), "qmp", ev.name.clone());
@@ -548,6 +573,18 @@ impl Agent {
             let name = rec.spec.name.clone();
             let slot = self.slot(&name);
             let run = self.run_paths(rec.id);
+            if let Some(pid) = read_pid(&run) {
+                if let Ok(Err(why)) = self.locks_still_ours(&rec).await {
+                    // Fenced on the storage side: another host runs this VM now.
+                    tracing::error!(vm = %name, pid, why, "killing a QEMU that lost its disk locks");
+                    let _ = kill_and_wait(pid, &run.qmp).await;
+                    self.inner.events.emit(
+                        Some(&name),
+                        "ha",
+                        format!("killed QEMU {pid} at adoption: {why}"),
+                    );
+                }
+            }
             match read_pid(&run) {
                 Some(pid) => match self.adopt(&name, &slot, pid, &run).await {
                     Ok(state) => {

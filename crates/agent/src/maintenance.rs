@@ -77,11 +77,11 @@ impl Agent {
             return Ok(());
         }
         let mut hosts = vec![];
-        for h in self.cluster_hosts()? {
+        for h in self.cluster_hosts().await? {
             if h.name == self.host_name() {
                 continue;
             }
-            match self.peer(&h.name) {
+            match self.peer(&h.name).await {
                 Ok(p) => match p.get::<HostInfo>("/api/v1/host").await {
                     Ok(i) if !i.maintenance => {
                         hosts.push((h.name.clone(), i.memory_available_bytes))

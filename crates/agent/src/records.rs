@@ -42,6 +42,16 @@ pub(crate) struct VmRecord {
     /// (its volumes keep names with that id).
     #[serde(default)]
     pub origin_id: Option<u32>,
+    /// HA moved the VM here from this (fenced or crash-looping) host: its disk locks
+    /// are taken over from it at the next start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ha_from: Option<String>,
+    /// The host gave up restarting it; the HA manager moves it elsewhere.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ha_relocate: bool,
+    /// Shared volume → the lock generation this host got (the fencing token).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub lock_generations: std::collections::BTreeMap<String, u64>,
 }
 
 impl VmRecord {
@@ -59,6 +69,9 @@ impl VmRecord {
             migrating_to: None,
             incoming_from: None,
             origin_id: None,
+            ha_from: None,
+            ha_relocate: false,
+            lock_generations: Default::default(),
         }
     }
 }
@@ -86,6 +99,21 @@ impl Agent {
         {
             tracing::warn!(vm = name, error = %e, "cannot save VM state");
         }
+    }
+
+    /// Records the lock generations got at start; the HA origin is settled then.
+    pub(crate) async fn save_lock_generations(
+        &self,
+        name: &str,
+        generations: std::collections::BTreeMap<String, u64>,
+    ) -> Result<()> {
+        self.update_record(name, |r| {
+            r.lock_generations = generations.clone();
+            r.ha_from = None;
+            r.ha_relocate = false;
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Read-modify-write of a VM record with compare-and-swap (retried on races).
@@ -132,18 +160,22 @@ impl Agent {
     }
 
     async fn next_counter(&self) -> Result<u32> {
-        let store = &self.inner.store;
+        // In a cluster the counter is the cluster's: ids stay unique when VMs move.
+        let (store, key): (&dyn ferry_store::Store, &str) = match &self.inner.cluster {
+            Some(c) => (&c.root, crate::cluster::membership::NEXT_ID),
+            None => (&*self.inner.store, NEXT_ID),
+        };
         loop {
-            let cur = store.get_json::<u32>(NEXT_ID).await?;
+            let cur = store.get_json::<u32>(key).await?;
             let (next, rev) = match &cur {
                 Some((n, kv)) => (*n, kv.mod_rev),
                 None => (100, 0),
             };
             let r = store
                 .txn(Txn {
-                    compare: vec![Compare::ModRev(NEXT_ID.into(), Cmp::Equal, rev)],
+                    compare: vec![Compare::ModRev(key.into(), Cmp::Equal, rev)],
                     success: vec![Op::Put {
-                        key: NEXT_ID.into(),
+                        key: key.into(),
                         value: serde_json::to_vec(&(next + 1)).expect("u32 serialises"),
                         lease: None,
                     }],

@@ -38,6 +38,36 @@ impl Agent {
             .collect())
     }
 
+    /// Changes the HA policy, in any state (a running VM's fencing marker follows).
+    pub async fn set_ha(&self, name: &str, ha: ferry_types::HaPolicy) -> Result<Vm> {
+        let mut errs = ferry_types::ValidationErrors::default();
+        if let Some(g) = &ha.anti_affinity {
+            ferry_types::validate::check_name(&mut errs, "anti_affinity", g);
+        }
+        errs.into_result()?;
+        let rec = self
+            .update_record(name, |r| {
+                r.spec.ha = ha.clone();
+                r.ha_relocate = false;
+            })
+            .await?;
+        let marker = self.run_paths(rec.id).dir.join("ha");
+        if ha.enabled() && self.slot(name).with(|rt| rt.pid.is_some()) {
+            let _ = std::fs::write(&marker, b"");
+        } else {
+            let _ = std::fs::remove_file(&marker);
+        }
+        self.inner.events.emit(
+            Some(name),
+            "ha",
+            format!(
+                "HA policy: {}",
+                serde_json::to_string(&ha).unwrap_or_default()
+            ),
+        );
+        Ok(self.to_vm(rec))
+    }
+
     pub async fn get_vm(&self, name: &str) -> Result<Vm> {
         let (r, _) = self.record(name).await?;
         Ok(self.to_vm(r))

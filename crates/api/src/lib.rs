@@ -3,6 +3,7 @@
 //! serial console, VNC and events, Prometheus metrics at `/metrics`. Handlers only
 //! translate between HTTP and the [`Agent`]; errors become JSON in `error.rs`.
 
+mod cluster;
 mod devices;
 mod error;
 mod migration;
@@ -36,6 +37,7 @@ use utoipa_swagger_ui::SwaggerUi;
         (name = "events", description = "Event log"),
         (name = "host", description = "This host and its cluster"),
         (name = "migration", description = "Live migration (and the host-to-host calls it makes)"),
+        (name = "cluster", description = "etcd cluster membership, host leases, HA"),
     )
 )]
 struct ApiDoc;
@@ -44,6 +46,7 @@ fn api() -> OpenApiRouter<Agent> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(vms::list_vms, vms::create_vm))
         .routes(routes!(vms::get_vm, vms::put_vm, vms::delete_vm))
+        .routes(routes!(vms::put_vm_ha))
         .routes(routes!(vms::start_vm))
         .routes(routes!(vms::stop_vm))
         .routes(routes!(vms::shutdown_vm))
@@ -91,6 +94,11 @@ fn api() -> OpenApiRouter<Agent> {
         .routes(routes!(migration::cluster_hosts))
         .routes(routes!(migration::enter_maintenance))
         .routes(routes!(migration::activate_host))
+        .routes(routes!(cluster::cluster_status))
+        .routes(routes!(cluster::cluster_init))
+        .routes(routes!(cluster::cluster_join))
+        .routes(routes!(cluster::add_member))
+        .routes(routes!(cluster::cluster_leave))
 }
 
 /// The OpenAPI document (checked in as `openapi.json`).

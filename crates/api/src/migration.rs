@@ -14,8 +14,8 @@ use ferry_types::{
 type Accepted = (StatusCode, Json<TaskAccepted>);
 
 /// 404 unless `to` is a host of the cluster.
-fn known_host(a: &Agent, to: &str) -> Result<(), AgentError> {
-    if a.cluster_hosts()?.iter().any(|h| h.name == to) {
+async fn known_host(a: &Agent, to: &str) -> Result<(), AgentError> {
+    if a.cluster_hosts().await?.iter().any(|h| h.name == to) {
         Ok(())
     } else {
         Err(AgentError::NotFound(format!("Host {to} in the cluster")))
@@ -40,7 +40,7 @@ pub async fn migrate_vm(
         ))
         .into());
     }
-    known_host(&a, &req.to)?;
+    known_host(&a, &req.to).await?;
     let agent = a.clone();
     let n = name.clone();
     let task = a.tasks().spawn("vm.migrate", &name, move |ctx| async move {
@@ -101,7 +101,7 @@ pub async fn get_migration(
 #[utoipa::path(get, path = "/api/v1/cluster/hosts", tag = "host",
     responses((status = 200, description = "The cluster's hosts (empty outside a cluster)", body = Vec<ClusterHost>)))]
 pub async fn cluster_hosts(State(a): State<Agent>) -> ApiResult<Json<Vec<ClusterHost>>> {
-    Ok(Json(a.cluster_hosts()?))
+    Ok(Json(a.cluster_hosts().await?))
 }
 
 #[utoipa::path(post, path = "/api/v1/host/maintenance", tag = "host",
@@ -144,7 +144,7 @@ pub async fn move_vm(
         ))
         .into());
     }
-    known_host(&a, &req.to)?;
+    known_host(&a, &req.to).await?;
     let agent = a.clone();
     let n = name.clone();
     let task = a.tasks().spawn("vm.move", &name, move |ctx| async move {

@@ -19,6 +19,7 @@ async fn app() -> (tempfile::TempDir, Router, Agent) {
             qemu_binary: "qemu-system-x86_64".into(),
             host_name: "test".into(),
             cluster_file: None,
+            api_port: 0,
         },
         Arc::new(store),
     )

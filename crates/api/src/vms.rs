@@ -6,7 +6,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use ferry_agent::Agent;
-use ferry_types::{DeleteVmParams, ShutdownParams, TaskAccepted, Vm, VmAction, VmSpec};
+use ferry_types::{DeleteVmParams, HaPolicy, ShutdownParams, TaskAccepted, Vm, VmAction, VmSpec};
 use std::time::Duration;
 
 #[utoipa::path(get, path = "/api/v1/vms", tag = "vms",
@@ -43,6 +43,18 @@ pub async fn put_vm(
     ApiJson(spec): ApiJson<VmSpec>,
 ) -> ApiResult<Json<Vm>> {
     Ok(Json(a.edit_vm(&name, spec).await?))
+}
+
+#[utoipa::path(put, path = "/api/v1/vms/{name}/ha", tag = "vms", request_body = HaPolicy,
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 200, description = "HA policy changed (in any state)", body = Vm),
+              (status = 400, body = ferry_types::ApiErrorBody)))]
+pub async fn put_vm_ha(
+    State(a): State<Agent>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(ha): ApiJson<HaPolicy>,
+) -> ApiResult<Json<Vm>> {
+    Ok(Json(a.set_ha(&name, ha).await?))
 }
 
 #[utoipa::path(delete, path = "/api/v1/vms/{name}", tag = "vms",

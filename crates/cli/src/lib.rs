@@ -3,6 +3,7 @@
 //! tables, everything prints as JSON with `--json`, long operations show progress.
 
 mod client;
+mod cluster;
 mod console;
 mod specs;
 
@@ -52,6 +53,9 @@ pub enum Command {
         #[arg(long)]
         vm: Option<String>,
     },
+    /// The etcd cluster: init, join, leave, status.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
     /// The daemon's host, the cluster's hosts, maintenance mode.
     Host {
         #[command(subcommand)]
@@ -111,6 +115,78 @@ pub struct SpecArgs {
     pub append: Option<String>,
     #[arg(long)]
     pub description: Option<String>,
+    #[command(flatten)]
+    pub ha: HaArgs,
+}
+
+/// A VM's HA policy.
+#[derive(Args, Debug, Clone, Default)]
+pub struct HaArgs {
+    /// HA: restart (after a crash, and on another host when its host fails) or off.
+    #[arg(long = "ha")]
+    pub mode: Option<String>,
+    /// HA priority: higher ones are recovered first.
+    #[arg(long = "ha-priority")]
+    pub priority: Option<i32>,
+    /// Crash restarts on one host (within 10 min) before HA moves the VM.
+    #[arg(long = "ha-max-restarts")]
+    pub max_restarts: Option<u32>,
+    /// Anti-affinity group: HA keeps VMs of one group on different hosts.
+    #[arg(long = "ha-group")]
+    pub group: Option<String>,
+}
+
+impl HaArgs {
+    /// Applies the given options to the JSON policy `cur`.
+    pub fn apply(&self, mut cur: Value) -> Result<Value> {
+        if let Some(m) = &self.mode {
+            if m != "restart" && m != "off" {
+                anyhow::bail!("--ha {m}: use restart or off");
+            }
+            cur["mode"] = json!(m);
+        }
+        if let Some(p) = self.priority {
+            cur["priority"] = json!(p);
+        }
+        if let Some(n) = self.max_restarts {
+            cur["max_restarts"] = json!(n);
+        }
+        if let Some(g) = &self.group {
+            cur["anti_affinity"] = if g.is_empty() { Value::Null } else { json!(g) };
+        }
+        Ok(cur)
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCmd {
+    /// Found a cluster on the daemon's host (it runs the first etcd member).
+    Init {
+        /// This host's cluster address (one of its IPs).
+        #[arg(long)]
+        address: String,
+        /// This host's API URL for the other hosts (default http://ADDRESS:PORT).
+        #[arg(long)]
+        api: Option<String>,
+        /// Use an external etcd (client URL, repeatable) instead of running a member.
+        #[arg(long)]
+        etcd: Vec<String>,
+        /// Host lease TTL in seconds (2–60): how long a silent host keeps its VMs.
+        #[arg(long)]
+        lease_ttl: Option<u64>,
+    },
+    /// Join the cluster of PEER (a member's address or API URL).
+    Join {
+        peer: String,
+        #[arg(long)]
+        address: String,
+        #[arg(long)]
+        api: Option<String>,
+    },
+    /// Leave the cluster (no VM may run here).
+    Leave,
+    /// Members, host states, leases, etcd leader and quorum, HA manager.
+    Status,
 }
 
 #[derive(Subcommand, Debug)]
@@ -132,6 +208,12 @@ pub enum VmCmd {
         name: String,
         #[command(flatten)]
         spec: Box<SpecArgs>,
+    },
+    /// Change a VM's HA policy (also while it runs).
+    Ha {
+        name: String,
+        #[command(flatten)]
+        ha: HaArgs,
     },
     /// Start a VM.
     Start {
@@ -450,6 +532,7 @@ pub async fn run(g: Global, cmd: Command) -> Result<()> {
             Ok(())
         }
         Command::Host { cmd } => host(&c, &g, cmd.unwrap_or(HostCmd::Show)).await,
+        Command::Cluster(cmd) => cluster::run(&c, &g, cmd).await,
     }
 }
 
@@ -633,6 +716,18 @@ async fn vm(c: &Client, g: &Global, cmd: VmCmd) -> Result<()> {
                 return print_json(&v);
             }
             println!("VM {name} changed");
+            Ok(())
+        }
+        VmCmd::Ha { name, ha } => {
+            let cur: Vm = c.get(&format!("/api/v1/vms/{name}")).await?;
+            let body = ha.apply(serde_json::to_value(&cur.spec.ha)?)?;
+            let v: Vm = c
+                .request(Method::PUT, &format!("/api/v1/vms/{name}/ha"), Some(&body))
+                .await?;
+            if g.json {
+                return print_json(&v);
+            }
+            println!("VM {name}: HA {}", serde_json::to_string(&v.spec.ha)?);
             Ok(())
         }
         VmCmd::Start { name } => action(c, g, &name, "start", None).await,

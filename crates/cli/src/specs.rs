@@ -138,6 +138,14 @@ pub fn spec_json(name: &str, a: &SpecArgs, base: Option<&VmSpec>) -> Result<Valu
     if let Some(d) = &a.description {
         v["description"] = json!(d);
     }
+    if a.ha.mode.is_some()
+        || a.ha.priority.is_some()
+        || a.ha.max_restarts.is_some()
+        || a.ha.group.is_some()
+    {
+        let cur = v.get("ha").cloned().unwrap_or(json!({}));
+        v["ha"] = a.ha.apply(cur)?;
+    }
     Ok(v)
 }
 

@@ -18,6 +18,18 @@ pub enum LabCmd {
     Up {
         #[arg(long, default_value_t = 3)]
         hosts: usize,
+        /// A static cluster file instead of an etcd cluster (no HA).
+        #[arg(long = "static")]
+        static_cluster: bool,
+        /// Host lease TTL in seconds (etcd cluster).
+        #[arg(long, default_value_t = 3)]
+        lease_ttl: u64,
+        #[command(flatten)]
+        lab: LabName,
+    },
+    /// Kill a host's etcd member (the host and its daemon stay).
+    KillEtcd {
+        host: String,
         #[command(flatten)]
         lab: LabName,
     },
@@ -75,8 +87,22 @@ pub enum LabCmd {
 pub fn run(cmd: LabCmd) -> Result<()> {
     let me = std::env::current_exe().context("the ferry binary's path")?;
     match cmd {
-        LabCmd::Up { hosts, lab } => {
-            let l = ClusterLab::up(&me, &lab.name, hosts)?;
+        LabCmd::KillEtcd { host, lab } => {
+            ClusterLab::open(&me, &lab.name)?.kill_etcd(&host)?;
+            println!("{host}: etcd member killed");
+            Ok(())
+        }
+        LabCmd::Up {
+            hosts,
+            static_cluster,
+            lease_ttl,
+            lab,
+        } => {
+            let opts = ferry_lab::LabOptions {
+                etcd: !static_cluster,
+                lease_ttl_s: lease_ttl,
+            };
+            let l = ClusterLab::up_with(&me, &lab.name, hosts, opts)?;
             print!("{}", l.status()?);
             println!(
                 "CLI on a host: ferry lab exec h1 -- ferry vm list   (VM NICs: bridge=br0; free addresses {}.100-250)",

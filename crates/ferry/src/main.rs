@@ -26,6 +26,13 @@ enum Cmd {
     /// A cluster on this machine: hosts in network namespaces, faults on demand.
     #[command(subcommand)]
     Lab(lab::LabCmd),
+    /// The HA watchdog (started by `ferry serve` in a cluster): kills this host's HA
+    /// VMs when the daemon stops renewing the cluster lease.
+    #[command(hide = true)]
+    Watchdog {
+        #[arg(long)]
+        run_dir: PathBuf,
+    },
     #[command(flatten)]
     Cli(ferry_cli::Command),
 }
@@ -68,6 +75,7 @@ fn main() -> Result<()> {
                 .init();
             rt.block_on(serve(a))
         }
+        Cmd::Watchdog { run_dir } => ferry_agent::run_watchdog(&run_dir),
         Cmd::Lab(l) => {
             if let Err(e) = lab::run(l) {
                 eprintln!("ferry lab: {e:#}");
@@ -94,27 +102,87 @@ fn lock_state_dir(dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::Fi
         .map_err(|(_, e)| anyhow::anyhow!("Another ferry daemon uses {} ({e})", dir.display()))
 }
 
+/// Starts `ferry watchdog` for `run_dir` unless one runs; it outlives the daemon.
+fn ensure_watchdog(run_dir: &std::path::Path, log: &std::path::Path) -> Result<()> {
+    let pidfile = run_dir.join("watchdog.pid");
+    let needle = run_dir.as_os_str().as_encoded_bytes().to_vec();
+    let running = std::fs::read_to_string(&pidfile)
+        .ok()
+        .and_then(|p| p.trim().parse::<i32>().ok())
+        .and_then(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).ok())
+        .is_some_and(|c| {
+            c.split(|b| *b == 0).any(|a| a == b"watchdog")
+                && c.split(|b| *b == 0).any(|a| a == needle.as_slice())
+        });
+    if running {
+        return Ok(());
+    }
+    std::fs::create_dir_all(run_dir).context("Create the run dir")?;
+    let exe = std::env::current_exe().context("Find the ferry binary")?;
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"log=$1; shift; setsid "$@" </dev/null >/dev/null 2>>"$log" & echo $!"#)
+        .arg("sh")
+        .arg(log)
+        .arg(exe)
+        .arg("watchdog")
+        .arg("--run-dir")
+        .arg(run_dir)
+        .output()
+        .context("Start the watchdog")?;
+    let pid = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    std::fs::write(&pidfile, &pid).context("Write the watchdog pidfile")?;
+    tracing::info!(pid, "watchdog started");
+    Ok(())
+}
+
 async fn serve(a: ServeArgs) -> Result<()> {
-    let _lock = lock_state_dir(&a.state_dir)?;
-    let store = ferry_store::SqliteStore::open(&a.state_dir.join("ferry.db"))
-        .context("Open the state store")?;
-    let agent = Agent::open(
-        AgentConfig {
-            state_dir: a.state_dir.clone(),
-            run_dir: a.run_dir.clone(),
-            accel: a.accel,
-            qemu_binary: a.qemu.clone(),
-            host_name: a.host_name.clone().unwrap_or_else(|| {
-                std::fs::read_to_string("/proc/sys/kernel/hostname")
-                    .map(|h| h.trim().to_string())
-                    .unwrap_or_else(|_| "localhost".into())
-            }),
-            cluster_file: a.cluster.clone(),
-        },
-        Arc::new(store),
-    )
-    .await
-    .context("Start the agent")?;
+    let lock = lock_state_dir(&a.state_dir)?;
+    let cfg = AgentConfig {
+        state_dir: a.state_dir.clone(),
+        run_dir: a.run_dir.clone(),
+        accel: a.accel,
+        qemu_binary: a.qemu.clone(),
+        host_name: a.host_name.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "localhost".into())
+        }),
+        cluster_file: a.cluster.clone(),
+        api_port: a.listen.port(),
+    };
+    let agent = match ferry_agent::load_cluster_config(&a.state_dir)? {
+        Some(cc) => {
+            ensure_watchdog(
+                &a.run_dir,
+                &a.state_dir.join("cluster").join("watchdog.log"),
+            )?;
+            let link = ferry_agent::connect_cluster(&a.state_dir, &a.run_dir, &cc)
+                .await
+                .context("Connect to the cluster's etcd")?;
+            // Without quorum the store does not answer: wait for it.
+            let mut tries = 0u32;
+            loop {
+                match Agent::open_in_cluster(cfg.clone(), link.clone()).await {
+                    Ok(agent) => break agent,
+                    Err(e) => {
+                        tries += 1;
+                        if tries % 5 == 1 {
+                            tracing::warn!(error = %ferry_agent::error_chain(&e).join(": "), "cluster store not ready; retrying");
+                        }
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        }
+        None => {
+            let store = ferry_store::SqliteStore::open(&a.state_dir.join("ferry.db"))
+                .context("Open the state store")?;
+            Agent::open(cfg, Arc::new(store))
+                .await
+                .context("Start the agent")?
+        }
+    };
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("Listen on {}", a.listen))?;
@@ -124,18 +192,34 @@ async fn serve(a: ServeArgs) -> Result<()> {
         a.listen,
         agent.accel()
     );
+    let restart = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (r, ag) = (restart.clone(), agent.clone());
     axum::serve(listener, ferry_api::router(agent))
-        .with_graceful_shutdown(async {
+        .with_graceful_shutdown(async move {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                     .expect("SIGTERM handler");
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {},
                 _ = term.recv() => {},
+                _ = ag.restart_requested() => {
+                    // Let the answer that asked for it reach the client first.
+                    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                    r.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
             }
             tracing::info!("stopping the daemon; VMs keep running");
         })
         .await
         .context("Serve the API")?;
+    if restart.load(std::sync::atomic::Ordering::SeqCst) {
+        use std::os::unix::process::CommandExt;
+        drop(lock);
+        tracing::info!("restarting the daemon on the new store");
+        let e = std::process::Command::new("/proc/self/exe")
+            .args(std::env::args_os().skip(1))
+            .exec();
+        return Err(e).context("Restart the daemon");
+    }
     Ok(())
 }

@@ -4,37 +4,19 @@
 //! exactly one place; maintenance mode evacuates.
 
 use anyhow::{bail, Context, Result};
-use ferry_lab::{verify_records, Cli, ClusterLab, PingRecorder, RECORD_WRITER};
+use ferry_lab::{verify_records, wait_for, Cli, ClusterLab, PingRecorder, RECORD_WRITER};
 use serde_json::Value;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 const READY: Duration = Duration::from_secs(120);
 
 /// A running test VM on `cli`'s host: 256 MiB, NIC on br0, `disk` options if any.
 fn boot(cli: &Cli, name: &str, ip: &str, disk: Option<&str>) -> Result<Value> {
-    let mut extra = vec!["--nic", "bridge=br0"];
-    if let Some(d) = disk {
-        extra.extend_from_slice(&["--disk", d]);
+    match disk {
+        Some(d) => cli.boot_vm(name, ip, &["--disk", d]),
+        None => cli.boot_vm(name, ip, &[]),
     }
-    cli.create_test_vm(name, ip, &extra)?;
-    cli.ferry_ok(&["vm", "start", name])?;
-    cli.wait_console(name, "FERRY-READY", READY)?;
-    cli.ferry_json(&["vm", "show", name])
-}
-
-fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
-    let t = Instant::now();
-    let mut last = None;
-    while t.elapsed() < within {
-        match f() {
-            Ok(true) => return Ok(()),
-            Ok(false) => {}
-            Err(e) => last = Some(e),
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    bail!("{what} not within {within:?} (last error: {last:?})")
 }
 
 /// Stops the guest's record writer and checks the disk: clean, and the last record the

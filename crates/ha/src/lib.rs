@@ -46,9 +46,17 @@ pub struct VmView {
 #[serde(tag = "command", rename_all = "snake_case")]
 pub enum Command {
     /// Move the VM's ownership from a fenced host to `to`, which starts it.
-    Recover { vm: String, from: String, to: String },
+    Recover {
+        vm: String,
+        from: String,
+        to: String,
+    },
     /// Move a crash-looping VM from a live host to `to`.
-    Relocate { vm: String, from: String, to: String },
+    Relocate {
+        vm: String,
+        from: String,
+        to: String,
+    },
     /// No host can take the VM now; tried again on the next round.
     NoPlace { vm: String, reason: String },
 }

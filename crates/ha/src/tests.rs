@@ -44,14 +44,22 @@ fn nothing_to_do_while_every_host_is_alive() {
 
 #[test]
 fn dead_hosts_vms_go_to_the_host_with_most_free_memory() {
-    let hosts = [host("h1", false, 8), host("h2", true, 8), host("h3", true, 8)];
+    let hosts = [
+        host("h1", false, 8),
+        host("h2", true, 8),
+        host("h3", true, 8),
+    ];
     let vms = [vm("a", "h1", 2), vm("x", "h2", 3)];
     assert_eq!(plan(&hosts, &vms), vec![recover("a", "h1", "h3")]);
 }
 
 #[test]
 fn priority_first_and_placements_count_against_the_target() {
-    let hosts = [host("h1", false, 8), host("h2", true, 4), host("h3", true, 3)];
+    let hosts = [
+        host("h1", false, 8),
+        host("h2", true, 4),
+        host("h3", true, 3),
+    ];
     let mut low = vm("a-low", "h1", 3);
     low.ha.priority = 0;
     let mut high = vm("z-high", "h1", 3);
@@ -78,7 +86,12 @@ fn non_ha_stopped_and_unknown_host_vms_are_left_alone() {
 fn maintenance_full_and_anti_affinity_hosts_are_skipped_with_reasons() {
     let mut m = host("h2", true, 16);
     m.maintenance = true;
-    let hosts = [host("h1", false, 8), m, host("h3", true, 2), host("h4", true, 8)];
+    let hosts = [
+        host("h1", false, 8),
+        m,
+        host("h3", true, 2),
+        host("h4", true, 8),
+    ];
     let mut a = vm("db1", "h1", 1);
     a.ha.anti_affinity = Some("db".into());
     let mut other = vm("db2", "h4", 1);
@@ -102,7 +115,9 @@ fn no_place_names_each_hosts_reason() {
     assert_eq!(name, "big");
     assert!(reason.contains("h2: maintenance") && reason.contains("h3: 1024 MiB free"));
     let none = plan(&[host("h1", false, 8)], &[vm("a", "h1", 1)]);
-    assert!(matches!(&none[0], Command::NoPlace { reason, .. } if reason.contains("no other host")));
+    assert!(
+        matches!(&none[0], Command::NoPlace { reason, .. } if reason.contains("no other host"))
+    );
 }
 
 #[test]

@@ -104,6 +104,17 @@ impl Cli {
         self.ferry_json(&["vm", "show", name])
     }
 
+    /// Defines and starts a test VM (256 MiB, NIC on br0, plus `extra` options) and
+    /// waits for its ready marker.
+    pub fn boot_vm(&self, name: &str, ip: &str, extra: &[&str]) -> Result<Value> {
+        let mut all = vec!["--nic", "bridge=br0"];
+        all.extend_from_slice(extra);
+        self.create_test_vm(name, ip, &all)?;
+        self.ferry_ok(&["vm", "start", name])?;
+        self.wait_console(name, "FERRY-READY", Duration::from_secs(120))?;
+        self.ferry_json(&["vm", "show", name])
+    }
+
     /// (state, pid) of a VM.
     pub fn vm_state(&self, name: &str) -> Result<(String, Option<i64>)> {
         let v = self.ferry_json(&["vm", "show", name])?;

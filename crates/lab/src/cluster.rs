@@ -47,6 +47,27 @@ impl LabHost {
 struct LabFile {
     prefix: String,
     hosts: Vec<LabHost>,
+    #[serde(default)]
+    opts: LabOptions,
+}
+
+/// How a lab's hosts form their cluster.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct LabOptions {
+    /// An etcd cluster (`ferry cluster init` on h1, `join` on the others; HA on);
+    /// false: a static cluster file, no HA.
+    pub etcd: bool,
+    /// Host lease TTL (seconds) of the etcd cluster.
+    pub lease_ttl_s: u64,
+}
+
+impl Default for LabOptions {
+    fn default() -> Self {
+        LabOptions {
+            etcd: true,
+            lease_ttl_s: 3,
+        }
+    }
 }
 
 /// A running lab cluster. Dropping it tears everything down unless [`ClusterLab::keep`]
@@ -55,6 +76,7 @@ pub struct ClusterLab {
     pub prefix: String,
     pub dir: PathBuf,
     pub hosts: Vec<LabHost>,
+    pub opts: LabOptions,
     ferry: PathBuf,
     keep: bool,
 }
@@ -62,18 +84,35 @@ pub struct ClusterLab {
 impl ClusterLab {
     /// A lab for a test: prefix `fy{pid}-{n}` (swept when the test process is gone).
     pub fn for_test(ferry: impl Into<PathBuf>, hosts: usize) -> Result<ClusterLab> {
+        ClusterLab::for_test_with(ferry, hosts, LabOptions::default())
+    }
+
+    pub fn for_test_with(
+        ferry: impl Into<PathBuf>,
+        hosts: usize,
+        opts: LabOptions,
+    ) -> Result<ClusterLab> {
         crate::sweep::sweep_stale();
         let prefix = format!(
             "fy{}-{}",
             std::process::id(),
             crate::SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         );
-        ClusterLab::up(ferry, &prefix, hosts)
+        ClusterLab::up_with(ferry, &prefix, hosts, opts)
     }
 
-    /// Creates the namespaces, links and daemons, and the shared pool on every host.
-    /// A failure part-way removes what was made.
     pub fn up(ferry: impl Into<PathBuf>, prefix: &str, hosts: usize) -> Result<ClusterLab> {
+        ClusterLab::up_with(ferry, prefix, hosts, LabOptions::default())
+    }
+
+    /// Creates the namespaces, links and daemons, forms the cluster, and makes the
+    /// shared pool on every host. A failure part-way removes what was made.
+    pub fn up_with(
+        ferry: impl Into<PathBuf>,
+        prefix: &str,
+        hosts: usize,
+        opts: LabOptions,
+    ) -> Result<ClusterLab> {
         check_prefix(prefix)?;
         if !(1..=9).contains(&hosts) {
             bail!("--hosts must be 1 to 9");
@@ -97,6 +136,7 @@ impl ClusterLab {
                 .collect(),
             ferry: ferry.into(),
             keep: false,
+            opts,
         };
         // On error the drop tears down the part that exists.
         lab.build_network()?;
@@ -106,6 +146,11 @@ impl ClusterLab {
         }
         for h in lab.hosts.clone() {
             lab.wait_daemon(&h.name)?;
+        }
+        if opts.etcd {
+            lab.form_cluster()?;
+        }
+        for h in lab.hosts.clone() {
             let shared = lab.dir.join("shared").display().to_string();
             lab.cli(&h.name)?.ferry_ok(&[
                 "pool",
@@ -132,9 +177,56 @@ impl ClusterLab {
             prefix: f.prefix,
             dir,
             hosts: f.hosts,
+            opts: f.opts,
             ferry: ferry.into(),
             keep: true,
         })
+    }
+
+    /// `ferry cluster init` on h1, `join` on the others (one at a time, as etcd adds
+    /// members one by one).
+    fn form_cluster(&self) -> Result<()> {
+        let first = &self.hosts[0];
+        self.cli(&first.name)?.ferry_ok(&[
+            "cluster",
+            "init",
+            "--address",
+            &first.addr,
+            "--lease-ttl",
+            &self.opts.lease_ttl_s.to_string(),
+        ])?;
+        for h in &self.hosts[1..] {
+            self.cli(&h.name)?
+                .ferry_ok(&["cluster", "join", &first.addr, "--address", &h.addr])?;
+        }
+        Ok(())
+    }
+
+    /// The pid of `host`'s etcd member, if it runs.
+    pub fn etcd_pid(&self, host: &str) -> Option<i32> {
+        let pid: i32 = std::fs::read_to_string(self.run_dir(host).join("etcd.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let needle = self.state_dir(host);
+        let needle = needle.as_os_str().as_encoded_bytes();
+        cmd.windows(needle.len())
+            .any(|w| w == needle)
+            .then_some(pid)
+    }
+
+    /// SIGKILLs `host`'s etcd member (the host and its daemon stay).
+    pub fn kill_etcd(&self, host: &str) -> Result<()> {
+        let pid = self
+            .etcd_pid(host)
+            .with_context(|| format!("no etcd runs on {host}"))?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+        Ok(())
     }
 
     /// Leaves the lab running when this value is dropped.
@@ -270,6 +362,7 @@ impl ClusterLab {
         let f = LabFile {
             prefix: self.prefix.clone(),
             hosts: self.hosts.clone(),
+            opts: self.opts,
         };
         std::fs::write(self.dir.join("lab.json"), serde_json::to_vec_pretty(&f)?)?;
         Ok(())
@@ -304,8 +397,11 @@ impl ClusterLab {
                 "--host-name",
                 &h.name,
             ])
-            .arg("--cluster")
-            .arg(self.dir.join("cluster.json"))
+            .args(if self.opts.etcd {
+                vec![]
+            } else {
+                vec!["--cluster".into(), self.dir.join("cluster.json")]
+            })
             .arg("--state-dir")
             .arg(self.state_dir(host))
             .arg("--run-dir")
@@ -369,6 +465,11 @@ impl ClusterLab {
     pub fn kill_host(&mut self, host: &str) -> Result<usize> {
         let ns = self.host(host)?.ns.clone();
         let pids = netns_pids(&ns);
+        // All at once, like a power cut; then wait for each.
+        for &p in &pids {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::SIGKILL);
+        }
         for &p in &pids {
             kill_wait(p);
         }

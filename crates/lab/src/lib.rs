@@ -4,14 +4,16 @@
 //! namespace, its directory — is removed on drop, also when a test fails.
 //! Only addresses inside the lab's own namespace are ever used.
 
+mod acks;
 mod cli;
 mod cluster;
 mod ping;
 mod records;
 mod sweep;
 
+pub use acks::AckWatcher;
 pub use cli::Cli;
-pub use cluster::{ClusterLab, LabHost, CLIENT_ADDR, LAN_PREFIX, SHARED_POOL};
+pub use cluster::{ClusterLab, LabHost, LabOptions, CLIENT_ADDR, LAN_PREFIX, SHARED_POOL};
 pub use ping::{PingRecorder, PingReport};
 pub use records::{verify_records, RecordReport, RECORD_WRITER};
 
@@ -272,4 +274,23 @@ pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
         .join()
         .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
     })
+}
+
+/// Polls `f` every 200 ms until it says yes; fails after `within` with the last error.
+pub fn wait_for(
+    what: &str,
+    within: std::time::Duration,
+    mut f: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let t = std::time::Instant::now();
+    let mut last = None;
+    while t.elapsed() < within {
+        match f() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    anyhow::bail!("{what} not within {within:?} (last error: {last:?})")
 }

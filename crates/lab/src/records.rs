@@ -10,9 +10,10 @@ use std::path::Path;
 use std::process::Command;
 
 /// Defines `ferry_writer INSTANCE DEVICE [FIRST_SEQ]`, which appends records until
-/// `/tmp/stop-writer` exists, keeping the last written number in `/tmp/writer-seq`.
-/// `ferry_writer_next DEVICE` prints the number after the highest record on the device.
-pub const RECORD_WRITER: &str = r#"ferry_writer() { i=$1; d=$2; s=${3:-0}; while [ ! -e /tmp/stop-writer ]; do c=$(echo "$i $s" | md5sum | cut -c1-8); printf '%-511s\n' "FREC $i $s $c" | dd of=$d bs=512 seek=$s count=1 oflag=direct conv=notrunc,fsync 2>/dev/null || break; echo $s > /tmp/writer-seq; s=$((s+1)); done; }"#;
+/// `/tmp/stop-writer` exists, keeping the last written (acknowledged) number in
+/// `/tmp/writer-seq` and in `/www/seq` (served by the guest's httpd, so an observer
+/// outside the VM learns which records were acknowledged: [`crate::AckWatcher`]).
+pub const RECORD_WRITER: &str = r#"ferry_writer() { i=$1; d=$2; s=${3:-0}; while [ ! -e /tmp/stop-writer ]; do c=$(echo "$i $s" | md5sum | cut -c1-8); printf '%-511s\n' "FREC $i $s $c" | dd of=$d bs=512 seek=$s count=1 oflag=direct conv=notrunc,fsync 2>/dev/null || break; echo $s > /tmp/writer-seq; echo $s > /www/seq; s=$((s+1)); done; }"#;
 
 const SECTOR: usize = 512;
 

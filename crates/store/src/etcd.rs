@@ -3,56 +3,175 @@
 //! subtree, the cluster code the shared one).
 //!
 //! Requests go out with `require_leader`, so a member cut off from the majority answers
-//! "no leader" at once instead of serving stale reads; every call has a timeout.
+//! "no leader" at once instead of serving stale reads; every call has a timeout. The
+//! store talks to one member at a time (the first endpoint: the host's own); when that
+//! member is unreachable or has no leader, it switches to the next one that answers.
 
 use crate::{
     Cmp, Compare, EventKind, KeyValue, LeaseId, Op, Store, StoreError, Txn, TxnResponse, WatchEvent,
 };
 use async_trait::async_trait;
 use etcd_client as ec;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// How long one etcd request may take before it counts as failed.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// The connection shared by every scope: the member in use and the others to try.
+struct Conn {
+    endpoints: std::sync::RwLock<Vec<String>>,
+    cur: std::sync::RwLock<(usize, ec::Client)>,
+    switching: tokio::sync::Mutex<()>,
+}
+
 #[derive(Clone)]
 pub struct EtcdStore {
-    client: ec::Client,
+    conn: Arc<Conn>,
     prefix: String,
 }
 
+async fn connect_one(endpoint: &str) -> Result<ec::Client, ec::Error> {
+    let opts = ec::ConnectOptions::new()
+        .with_require_leader(true)
+        .with_timeout(REQUEST_TIMEOUT)
+        .with_connect_timeout(Duration::from_secs(1))
+        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+    ec::Client::connect([endpoint], Some(opts)).await
+}
+
+/// Errors after which another member may do better.
+fn member_unusable(e: &ec::Error) -> bool {
+    match e {
+        ec::Error::TransportError(_) | ec::Error::IoError(_) => true,
+        ec::Error::GRpcStatus(s) => matches!(
+            s.code(),
+            tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+        ),
+        _ => false,
+    }
+}
+
 impl EtcdStore {
-    /// Connects to `endpoints` (`http://host:port`); keys live under `prefix`.
+    /// Connects to the first of `endpoints` (`http://host:port`) that takes a connection;
+    /// keys live under `prefix`.
     pub async fn connect(endpoints: &[String], prefix: &str) -> Result<EtcdStore, StoreError> {
-        let opts = ec::ConnectOptions::new()
-            .with_require_leader(true)
-            .with_timeout(REQUEST_TIMEOUT)
-            .with_connect_timeout(Duration::from_secs(2))
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
-        let client = ec::Client::connect(endpoints, Some(opts))
-            .await
-            .map_err(|source| StoreError::Connect {
-                endpoints: endpoints.join(","),
-                source,
-            })?;
-        Ok(EtcdStore {
-            client,
-            prefix: prefix.to_string(),
+        let mut last = None;
+        for (i, ep) in endpoints.iter().enumerate() {
+            match connect_one(ep).await {
+                Ok(c) => {
+                    return Ok(EtcdStore {
+                        conn: Arc::new(Conn {
+                            endpoints: std::sync::RwLock::new(endpoints.to_vec()),
+                            cur: std::sync::RwLock::new((i, c)),
+                            switching: tokio::sync::Mutex::new(()),
+                        }),
+                        prefix: prefix.to_string(),
+                    })
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(StoreError::Connect {
+            endpoints: endpoints.join(","),
+            source: last.unwrap_or_else(|| ec::Error::InvalidArgs("no etcd endpoints".into())),
         })
     }
 
     /// The same connection with keys under another prefix.
     pub fn scoped(&self, prefix: &str) -> EtcdStore {
         EtcdStore {
-            client: self.client.clone(),
+            conn: self.conn.clone(),
             prefix: prefix.to_string(),
         }
     }
 
-    /// The raw client, for cluster membership calls.
+    /// The raw client of the member in use, for cluster membership calls.
     pub fn client(&self) -> ec::Client {
-        self.client.clone()
+        self.conn
+            .cur
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .clone()
+    }
+
+    /// The member endpoint in use.
+    pub fn endpoint(&self) -> String {
+        let i = self.conn.cur.read().unwrap_or_else(|e| e.into_inner()).0;
+        self.conn
+            .endpoints
+            .read()
+            .unwrap_or_else(|e| e.into_inner())[i]
+            .clone()
+    }
+
+    /// Adds members to fail over to (a member that joined later).
+    pub fn add_endpoints(&self, more: &[String]) {
+        let mut eps = self
+            .conn
+            .endpoints
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        for m in more {
+            if !eps.contains(m) {
+                eps.push(m.clone());
+            }
+        }
+    }
+
+    /// Moves to the next member that answers with a leader.
+    async fn switch_member(&self) {
+        let Ok(_g) = self.conn.switching.try_lock() else {
+            return; // another request is at it
+        };
+        let start = self.conn.cur.read().unwrap_or_else(|e| e.into_inner()).0;
+        let eps = self
+            .conn
+            .endpoints
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for k in 1..=eps.len() {
+            let j = (start + k) % eps.len();
+            let Ok(mut c) = connect_one(&eps[j]).await else {
+                continue;
+            };
+            let ok = tokio::time::timeout(
+                Duration::from_secs(1),
+                c.get(
+                    "/ferry/health",
+                    Some(ec::GetOptions::new().with_count_only()),
+                ),
+            )
+            .await
+            .is_ok_and(|r| r.is_ok());
+            if ok {
+                if j != start {
+                    tracing::info!(from = %eps[start], to = %eps[j], "etcd: switched member");
+                }
+                *self.conn.cur.write().unwrap_or_else(|e| e.into_inner()) = (j, c);
+                return;
+            }
+        }
+    }
+
+    /// Passes a result on; a member that failed us is replaced for the next request.
+    async fn check<T>(
+        &self,
+        r: Result<T, ec::Error>,
+        lease: Option<LeaseId>,
+    ) -> Result<T, StoreError> {
+        match r {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if member_unusable(&e) {
+                    self.switch_member().await;
+                }
+                Err(err(e, lease))
+            }
+        }
     }
 
     fn full(&self, key: &str) -> String {
@@ -118,18 +237,14 @@ fn header_rev(h: Option<&ec::ResponseHeader>) -> i64 {
 #[async_trait]
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        let r = self
-            .client
-            .kv_client()
-            .get(self.full(key), None)
-            .await
-            .map_err(|e| err(e, None))?;
+        let r = self.client().kv_client().get(self.full(key), None).await;
+        let r = self.check(r, None).await?;
         Ok(r.kvs().first().map(|kv| self.kv(kv)))
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<KeyValue>, StoreError> {
         let r = self
-            .client
+            .client()
             .kv_client()
             .get(
                 self.full(prefix),
@@ -139,8 +254,8 @@ impl Store for EtcdStore {
                         .with_sort(ec::SortTarget::Key, ec::SortOrder::Ascend),
                 ),
             )
-            .await
-            .map_err(|e| err(e, None))?;
+            .await;
+        let r = self.check(r, None).await?;
         Ok(r.kvs().iter().map(|kv| self.kv(kv)).collect())
     }
 
@@ -151,25 +266,21 @@ impl Store for EtcdStore {
         lease: Option<LeaseId>,
     ) -> Result<i64, StoreError> {
         let r = self
-            .client
+            .client()
             .kv_client()
             .put(
                 self.full(key),
                 value,
                 lease.map(|l| ec::PutOptions::new().with_lease(l)),
             )
-            .await
-            .map_err(|e| err(e, lease))?;
+            .await;
+        let r = self.check(r, lease).await?;
         Ok(header_rev(r.header()))
     }
 
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
-        let r = self
-            .client
-            .kv_client()
-            .delete(self.full(key), None)
-            .await
-            .map_err(|e| err(e, None))?;
+        let r = self.client().kv_client().delete(self.full(key), None).await;
+        let r = self.check(r, None).await?;
         Ok(r.deleted() > 0)
     }
 
@@ -195,12 +306,8 @@ impl Store for EtcdStore {
             .when(compares)
             .and_then(txn.success.iter().map(|o| self.op(o)).collect::<Vec<_>>())
             .or_else(txn.failure.iter().map(|o| self.op(o)).collect::<Vec<_>>());
-        let r = self
-            .client
-            .kv_client()
-            .txn(t)
-            .await
-            .map_err(|e| err(e, lease))?;
+        let r = self.client().kv_client().txn(t).await;
+        let r = self.check(r, lease).await?;
         let gets = r
             .op_responses()
             .into_iter()
@@ -219,27 +326,20 @@ impl Store for EtcdStore {
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
         // etcd counts in whole seconds (and raises a TTL below its minimum to it).
         let secs = ttl.as_secs_f64().ceil().max(1.0) as i64;
-        let r = self
-            .client
-            .lease_client()
-            .grant(secs, None)
-            .await
-            .map_err(|e| err(e, None))?;
+        let r = self.client().lease_client().grant(secs, None).await;
+        let r = self.check(r, None).await?;
         Ok(r.id())
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
-        let (mut keeper, mut stream) = self
-            .client
-            .lease_client()
-            .keep_alive(lease)
-            .await
-            .map_err(|e| err(e, Some(lease)))?;
-        keeper.keep_alive().await.map_err(|e| err(e, Some(lease)))?;
+        let r = self.client().lease_client().keep_alive(lease).await;
+        let (mut keeper, mut stream) = self.check(r, Some(lease)).await?;
+        let r = keeper.keep_alive().await;
+        self.check(r, Some(lease)).await?;
         let reply = tokio::time::timeout(REQUEST_TIMEOUT, stream.message())
             .await
-            .map_err(|_| StoreError::Timeout("lease keep-alive"))?
-            .map_err(|e| err(e, Some(lease)))?;
+            .map_err(|_| StoreError::Timeout("lease keep-alive"))?;
+        let reply = self.check(reply, Some(lease)).await?;
         match reply {
             Some(r) if r.ttl() > 0 => Ok(()),
             _ => Err(StoreError::LeaseNotFound(lease)),
@@ -247,11 +347,8 @@ impl Store for EtcdStore {
     }
 
     async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
-        self.client
-            .lease_client()
-            .revoke(lease)
-            .await
-            .map_err(|e| err(e, Some(lease)))?;
+        let r = self.client().lease_client().revoke(lease).await;
+        self.check(r, Some(lease)).await?;
         Ok(())
     }
 
@@ -264,16 +361,17 @@ impl Store for EtcdStore {
         if let Some(a) = after {
             opts = opts.with_start_revision(a + 1);
         }
-        let mut stream = self
-            .client
+        let r = self
+            .client()
             .watch_client()
             .watch(self.full(prefix), Some(opts))
-            .await
-            .map_err(|e| err(e, None))?;
+            .await;
+        let mut stream = self.check(r, None).await?;
         let (tx, rx) = mpsc::channel(256);
         let me = self.clone();
         // The first answer says whether the start revision is still there.
-        let first = stream.message().await.map_err(|e| err(e, None))?;
+        let r = stream.message().await;
+        let first = self.check(r, None).await?;
         if let Some(r) = &first {
             if r.compact_revision() > 0 {
                 return Err(StoreError::Compacted {
@@ -321,11 +419,11 @@ impl Store for EtcdStore {
 
     async fn revision(&self) -> Result<i64, StoreError> {
         let r = self
-            .client
+            .client()
             .kv_client()
             .get(self.full(""), Some(ec::GetOptions::new().with_count_only()))
-            .await
-            .map_err(|e| err(e, None))?;
+            .await;
+        let r = self.check(r, None).await?;
         Ok(header_rev(r.header()))
     }
 }

@@ -37,7 +37,7 @@ impl Agent {
                 "VM {name} is {state}: running VMs move with ferry vm migrate"
             )));
         }
-        let peer = self.peer(to)?;
+        let peer = self.peer(to).await?;
         let mut uploads = vec![];
         for (i, d) in rec.spec.disks.iter().enumerate() {
             if self.pool_locks(&d.pool).await?.is_none() {

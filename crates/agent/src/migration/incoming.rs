@@ -35,7 +35,7 @@ impl Agent {
                 avail >> 20
             )));
         }
-        let addr = self.own_address()?;
+        let addr = self.own_address().await?;
         let slot = self.slot(&name);
         let _op = slot.op.lock().await;
         let id = match req.origin_id {
@@ -380,7 +380,10 @@ impl Agent {
                 }
                 continue;
             }
-            let drop_it = match self.peer_with_timeout(&source, Duration::from_secs(3)) {
+            let drop_it = match self
+                .peer_with_timeout(&source, Duration::from_secs(3))
+                .await
+            {
                 Ok(p) => match p
                     .get::<MigrationInfo>(&format!("/api/v1/migrations/{name}"))
                     .await

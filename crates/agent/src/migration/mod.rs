@@ -92,7 +92,7 @@ impl Agent {
                 "VM {name} is already migrating"
             )));
         }
-        let peer = self.peer(&req.to)?;
+        let peer = self.peer(&req.to).await?;
         let mut copy = vec![];
         let mut copy_sizes = vec![];
         for (i, d) in rec.spec.disks.iter().enumerate() {
@@ -445,7 +445,9 @@ impl Agent {
         ctx: &TaskCtx,
     ) -> Result<()> {
         self.complete_mirrors(qmp, copy).await?;
-        let peer = self.peer_with_timeout(&req.to, Duration::from_secs(2))?;
+        let peer = self
+            .peer_with_timeout(&req.to, Duration::from_secs(2))
+            .await?;
         let (path, ctx2, to) = (
             format!("/api/v1/migrations/incoming/{name}/claim"),
             ctx.clone(),

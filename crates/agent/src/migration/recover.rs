@@ -53,7 +53,7 @@ impl Agent {
     /// One step; true when settled.
     async fn resolve_once(&self, name: &str, to: &str) -> crate::Result<bool> {
         let slot = self.slot(name);
-        let peer = self.peer_with_timeout(to, Duration::from_secs(5))?;
+        let peer = self.peer_with_timeout(to, Duration::from_secs(5)).await?;
         let copied: Vec<usize> = {
             let (rec, _) = self.record(name).await?;
             let mut v = vec![];

@@ -1,5 +1,12 @@
-//! The other hosts: who they are (the cluster file; the cluster store later) and a
-//! small HTTP client to their APIs for host-to-host calls (migration).
+//! The cluster: membership in etcd ([`membership`]), the host lease and self-fencing
+//! ([`lease`]), the HA manager and the local restart logic ([`ha`]); here the other
+//! hosts (from etcd, or a static cluster file) and a small HTTP client to their APIs.
+
+pub(crate) mod ha;
+pub(crate) mod lease;
+pub(crate) mod membership;
+
+pub use membership::{connect, load_config, ClusterLink};
 
 use crate::error::{AgentError, Result};
 use crate::Agent;
@@ -16,6 +23,19 @@ pub(crate) struct Peer {
 }
 
 impl Peer {
+    pub fn new(host: ClusterHost, timeout: Duration) -> Result<Peer> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(Duration::from_secs(3))
+            .build()
+            .map_err(|e| AgentError::Peer {
+                host: host.name.clone(),
+                what: "HTTP client".into(),
+                source: Some(Box::new(e)),
+            })?;
+        Ok(Peer { host, http })
+    }
+
     fn err(&self, what: String, source: Option<reqwest::Error>) -> AgentError {
         AgentError::Peer {
             host: self.host.name.clone(),
@@ -107,8 +127,12 @@ impl Agent {
         &self.inner.cfg.host_name
     }
 
-    /// The cluster's hosts (this one included); just this host without a cluster file.
-    pub fn cluster_hosts(&self) -> Result<Vec<ClusterHost>> {
+    /// The cluster's hosts (this one included): etcd's members, else the cluster file;
+    /// none outside a cluster.
+    pub async fn cluster_hosts(&self) -> Result<Vec<ClusterHost>> {
+        if let Some(c) = &self.inner.cluster {
+            return c.members().await;
+        }
         let Some(path) = &self.inner.cfg.cluster_file else {
             return Ok(vec![]);
         };
@@ -122,34 +146,26 @@ impl Agent {
     }
 
     /// The API client of another host.
-    pub(crate) fn peer(&self, name: &str) -> Result<Peer> {
-        self.peer_with_timeout(name, Duration::from_secs(30))
+    pub(crate) async fn peer(&self, name: &str) -> Result<Peer> {
+        self.peer_with_timeout(name, Duration::from_secs(30)).await
     }
 
-    pub(crate) fn peer_with_timeout(&self, name: &str, timeout: Duration) -> Result<Peer> {
+    pub(crate) async fn peer_with_timeout(&self, name: &str, timeout: Duration) -> Result<Peer> {
         if name == self.host_name() {
             return Err(AgentError::invalid("to", format!("{name} is this host")));
         }
-        let hosts = self.cluster_hosts()?;
+        let hosts = self.cluster_hosts().await?;
         let host = hosts
             .into_iter()
             .find(|h| h.name == name)
             .ok_or_else(|| AgentError::NotFound(format!("Host {name} in the cluster")))?;
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(Duration::from_secs(3))
-            .build()
-            .map_err(|e| AgentError::Peer {
-                host: name.into(),
-                what: "HTTP client".into(),
-                source: Some(Box::new(e)),
-            })?;
-        Ok(Peer { host, http })
+        Peer::new(host, timeout)
     }
 
     /// This host's migration address (from the cluster file).
-    pub(crate) fn own_address(&self) -> Result<String> {
-        self.cluster_hosts()?
+    pub(crate) async fn own_address(&self) -> Result<String> {
+        self.cluster_hosts()
+            .await?
             .into_iter()
             .find(|h| h.name == self.host_name())
             .map(|h| h.address)

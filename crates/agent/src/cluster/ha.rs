@@ -1,0 +1,346 @@
+//! HA at run time: every agent with a lease runs the local part (restart its crashed HA
+//! VMs with back-off, give up after `max_restarts` within 10 minutes and ask for a
+//! relocation); the one elected manager (key `/cluster/ha/manager` under its lease)
+//! reads the cluster, lets [`ferry_ha::plan`] decide and carries the commands out by
+//! compare-and-swap: a VM's record moves from the dead host's subtree to the target's
+//! only if the dead host still has no lease and the record is unchanged. The target
+//! then starts it, taking its disk locks over from the dead host.
+
+use crate::error::Result;
+use crate::records::VmRecord;
+use crate::Agent;
+use ferry_ha::{Command, HostView, VmView};
+use ferry_store::{Cmp, Compare, KeyValue, Op, Store, StoreJson, Txn};
+use ferry_types::VmState;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use super::lease::Alive;
+use super::membership::{ALIVE, FENCED, MANAGER};
+
+const TICK: Duration = Duration::from_millis(500);
+const RESTART_WINDOW: Duration = Duration::from_secs(600);
+
+/// Crash restarts per VM on this host (in memory).
+#[derive(Default)]
+pub(crate) struct Restarts(HashMap<String, Vec<Instant>>);
+
+/// Should an HA VM in this state be running?
+fn wanted(state: VmState) -> bool {
+    state.has_process() || state == VmState::Crashed
+}
+
+fn decode(kv: &KeyValue) -> Option<VmRecord> {
+    serde_json::from_slice(&kv.value).ok()
+}
+
+impl Agent {
+    pub(crate) async fn ha_loop(self) {
+        loop {
+            tokio::time::sleep(TICK).await;
+            if !self.holds_lease() {
+                continue;
+            }
+            if let Err(e) = self.local_round().await {
+                tracing::debug!(error = %e, "HA local round");
+            }
+            match self.try_manager().await {
+                Ok(true) => {
+                    if let Err(e) = self.manager_round().await {
+                        tracing::warn!(error = %e, "HA manager round");
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => tracing::debug!(error = %e, "HA manager election"),
+            }
+        }
+    }
+
+    /// Restarts this host's crashed HA VMs (back-off 1, 2, 4 ... s), or marks them for
+    /// relocation after too many restarts.
+    async fn local_round(&self) -> Result<()> {
+        for rec in self.records().await? {
+            let name = rec.spec.name.clone();
+            if !rec.spec.ha.enabled()
+                || rec.template
+                || rec.incoming_from.is_some()
+                || rec.migrating_to.is_some()
+                || rec.ha_relocate
+                || !wanted(rec.last_state)
+            {
+                continue;
+            }
+            let slot = self.slot(&name);
+            if slot.with(|rt| rt.pid.is_some()) || slot.op.try_lock().is_err() {
+                continue; // running, or someone works on it
+            }
+            let now = Instant::now();
+            let (count, last) = {
+                let mut r = self
+                    .inner
+                    .restarts
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                let v = r.0.entry(name.clone()).or_default();
+                v.retain(|t| now.duration_since(*t) < RESTART_WINDOW);
+                (v.len(), v.last().copied())
+            };
+            if count as u32 >= rec.spec.ha.max_restarts {
+                self.mark_relocate(&name).await?;
+                continue;
+            }
+            if let Some(last) = last {
+                let backoff = Duration::from_secs(1 << count.min(6));
+                if now.duration_since(last) < backoff {
+                    continue;
+                }
+            }
+            self.inner
+                .restarts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .0
+                .entry(name.clone())
+                .or_default()
+                .push(now);
+            let why = rec.last_exit.clone().unwrap_or_default();
+            self.inner.events.emit(
+                Some(&name),
+                "ha",
+                format!(
+                    "HA restart {} of {} ({why})",
+                    count + 1,
+                    rec.spec.ha.max_restarts
+                ),
+            );
+            let agent = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = agent.start_vm(&name).await {
+                    agent.inner.events.emit(
+                        Some(&name),
+                        "ha",
+                        format!("HA restart failed: {}", crate::error_chain(&e).join(": ")),
+                    );
+                }
+            });
+        }
+        Ok(())
+    }
+
+    async fn mark_relocate(&self, name: &str) -> Result<()> {
+        let (mut rec, rev) = self.record(name).await?;
+        if rec.ha_relocate {
+            return Ok(());
+        }
+        rec.ha_relocate = true;
+        if self
+            .inner
+            .store
+            .cas_json(&crate::records::vm_key(name), rev, &rec)
+            .await?
+        {
+            self.inner.events.emit(
+                Some(name),
+                "ha",
+                format!(
+                    "{} restarts within 10 min: HA moves it to another host",
+                    rec.spec.ha.max_restarts
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// Becomes (or stays) the HA manager if nobody else is.
+    async fn try_manager(&self) -> Result<bool> {
+        let link = self.cluster_link()?;
+        let Some(lease) = self
+            .inner
+            .lease
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .lease
+        else {
+            return Ok(false);
+        };
+        let me = serde_json::to_vec(self.host_name()).expect("serialises");
+        let r = link
+            .root
+            .txn(Txn {
+                compare: vec![Compare::Version(MANAGER.into(), Cmp::Equal, 0)],
+                success: vec![Op::Put {
+                    key: MANAGER.into(),
+                    value: me.clone(),
+                    lease: Some(lease),
+                }],
+                failure: vec![Op::Get(MANAGER.into())],
+            })
+            .await?;
+        if r.succeeded {
+            self.inner.events.emit(
+                None,
+                "ha",
+                format!("{} is the HA manager", self.host_name()),
+            );
+            return Ok(true);
+        }
+        Ok(r.gets
+            .first()
+            .and_then(|g| g.as_ref())
+            .is_some_and(|kv| kv.value == me))
+    }
+
+    /// One manager round: read the cluster, plan, carry out.
+    async fn manager_round(&self) -> Result<()> {
+        let link = self.cluster_link()?;
+        let root = &link.root;
+        let mut hosts = vec![];
+        let mut vms = vec![];
+        let mut records: HashMap<(String, String), (VmRecord, i64)> = HashMap::new();
+        let members = link.members().await?;
+        for h in &members {
+            let alive = root
+                .get_json::<Alive>(&format!("{ALIVE}{}", h.name))
+                .await?;
+            let maintenance = root
+                .get(&format!("/hosts/{}/meta/maintenance", h.name))
+                .await?
+                .is_some();
+            hosts.push(HostView {
+                name: h.name.clone(),
+                alive: alive.is_some(),
+                maintenance,
+                memory_bytes: alive.map_or(0, |(a, _)| a.memory_bytes),
+            });
+            for kv in root.list(&format!("/hosts/{}/vms/", h.name)).await? {
+                let Some(rec) = decode(&kv) else { continue };
+                if rec.incoming_from.is_some() || rec.template {
+                    continue;
+                }
+                if let Some(to) = &rec.migrating_to {
+                    // Mid-migration: the destination may own it by now; leave it to
+                    // the migration's own recovery while the destination has a copy.
+                    let there = root
+                        .get(&format!("/hosts/{to}/vms/{}", rec.spec.name))
+                        .await?;
+                    if there.is_some() {
+                        continue;
+                    }
+                }
+                vms.push(VmView {
+                    name: rec.spec.name.clone(),
+                    host: h.name.clone(),
+                    ha: rec.spec.ha.clone(),
+                    memory_bytes: rec.spec.memory_mib << 20,
+                    running: rec.last_state.has_process(),
+                    wanted: wanted(rec.last_state),
+                    relocate: rec.ha_relocate,
+                });
+                records.insert((h.name.clone(), rec.spec.name.clone()), (rec, kv.mod_rev));
+            }
+        }
+        for cmd in ferry_ha::plan(&hosts, &vms) {
+            match cmd {
+                Command::Recover { vm, from, to } | Command::Relocate { vm, from, to } => {
+                    let Some((rec, rev)) = records.get(&(from.clone(), vm.clone())) else {
+                        continue;
+                    };
+                    let dead = !hosts.iter().any(|h| h.name == from && h.alive);
+                    self.move_owner(rec.clone(), *rev, &from, &to, dead).await?;
+                }
+                Command::NoPlace { vm, reason } => {
+                    tracing::warn!(vm, reason, "HA: no host can take the VM now");
+                }
+            }
+        }
+        // Host states for `cluster status`: fenced while dead with HA VMs it owned.
+        for h in &hosts {
+            let key = format!("{FENCED}{}", h.name);
+            let had_ha = vms.iter().any(|v| v.host == h.name && v.ha.enabled());
+            if h.alive {
+                if root.get(&key).await?.is_some() {
+                    root.delete(&key).await?;
+                }
+            } else if had_ha && root.get(&key).await?.is_none() {
+                root.put_json(&key, &self.host_name()).await?;
+                self.inner.events.emit(
+                    None,
+                    "ha",
+                    format!("host {} lost its lease: fenced", h.name),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves `rec` from host `from` to `to` in one transaction: only if `from` still has
+    /// no lease (when it is dead), the record is unchanged and `to` has no VM of that name.
+    async fn move_owner(
+        &self,
+        mut rec: VmRecord,
+        rev: i64,
+        from: &str,
+        to: &str,
+        dead: bool,
+    ) -> Result<()> {
+        let root = &self.cluster_link()?.root;
+        let name = rec.spec.name.clone();
+        let from_key = format!("/hosts/{from}/vms/{name}");
+        let to_key = format!("/hosts/{to}/vms/{name}");
+        rec.last_state = VmState::Crashed;
+        rec.last_exit = Some(if dead {
+            format!("host {from} failed; restarted by HA on {to}")
+        } else {
+            format!("crashed repeatedly on {from}; moved by HA to {to}")
+        });
+        rec.ha_from = Some(from.to_string());
+        rec.ha_relocate = false;
+        rec.migrating_to = None;
+        let mut compare = vec![
+            Compare::ModRev(from_key.clone(), Cmp::Equal, rev),
+            Compare::Version(to_key.clone(), Cmp::Equal, 0),
+            Compare::Version(format!("{ALIVE}{to}"), Cmp::Greater, 0),
+        ];
+        if dead {
+            compare.push(Compare::Version(format!("{ALIVE}{from}"), Cmp::Equal, 0));
+        }
+        let mut success = vec![
+            Op::Delete(from_key),
+            Op::Put {
+                key: to_key,
+                value: serde_json::to_vec(&rec).expect("serialises"),
+                lease: None,
+            },
+        ];
+        // The snapshot tree goes along (the snapshots live in the shared volumes).
+        let snaps = format!("/hosts/{from}/snapshots/{name}/");
+        for kv in root.list(&snaps).await? {
+            let rest = &kv.key[snaps.len()..];
+            success.push(Op::Put {
+                key: format!("/hosts/{to}/snapshots/{name}/{rest}"),
+                value: kv.value,
+                lease: None,
+            });
+        }
+        success.push(Op::DeletePrefix(snaps));
+        let r = root
+            .txn(Txn {
+                compare,
+                success,
+                failure: vec![],
+            })
+            .await?;
+        if r.succeeded {
+            tracing::info!(vm = %name, from, to, "HA moved the VM");
+            self.inner.events.emit(
+                Some(&name),
+                "ha",
+                format!(
+                    "HA: {name} from {from} to {to} ({})",
+                    rec.last_exit.unwrap_or_default()
+                ),
+            );
+        }
+        Ok(())
+    }
+}

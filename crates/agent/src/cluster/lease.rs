@@ -1,0 +1,297 @@
+//! The host lease and self-fencing.
+//!
+//! The agent holds an etcd lease (TTL `lease_ttl_s`) with the key
+//! `/cluster/alive/{host}` on it and renews it every TTL/5. Each renewal that succeeds
+//! moves two deadlines, both counted from the moment the renewal was *sent* (etcd's
+//! expiry is at least a TTL after that):
+//! - the agent's own fence deadline, TTL − TTL/3: past it, the agent kills every
+//!   HA-managed QEMU on this host (and keeps killing any that appears) and refuses work;
+//! - the watchdog's deadline, TTL − TTL/6, written to `{run_dir}/watchdog`: a separate
+//!   process (`ferry watchdog`) kills the HA QEMUs when it passes, so a hung or killed
+//!   agent cannot keep them alive.
+//!
+//! So when the HA manager sees the lease expire, the host's HA VMs are already gone.
+//! A restarted daemon re-uses its lease (id in `{run_dir}/cluster-lease`) if it still
+//! lives: no failover for a daemon restart within the grace. If it expired, the agent
+//! fences first, then announces itself with a new lease.
+
+use crate::error::{AgentError, Result};
+use crate::Agent;
+use ferry_store::{LeaseId, Op, Store, StoreError, Txn};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::membership::ALIVE;
+
+/// What a live host publishes under its lease.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Alive {
+    pub memory_bytes: u64,
+    pub cpus: usize,
+    pub pid: u32,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct LeaseState {
+    pub lease: Option<LeaseId>,
+    /// Past this, HA VMs must not run here.
+    pub deadline: Option<Instant>,
+    pub fenced: bool,
+}
+
+/// What `{run_dir}/watchdog` holds.
+#[derive(Debug, Serialize, Deserialize)]
+struct WatchdogFile {
+    /// CLOCK_MONOTONIC nanoseconds.
+    deadline_ns: u64,
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds (the same clock in every process of the host).
+pub fn mono_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC exists");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+fn watchdog_path(run_dir: &Path) -> PathBuf {
+    run_dir.join("watchdog")
+}
+
+/// The watchdog's deadline, if armed.
+fn watchdog_deadline(run_dir: &Path) -> Option<u64> {
+    let b = std::fs::read(watchdog_path(run_dir)).ok()?;
+    serde_json::from_slice::<WatchdogFile>(&b)
+        .ok()
+        .map(|w| w.deadline_ns)
+}
+
+/// SIGKILLs every HA-managed QEMU under `run_dir` (VM run dirs with an `ha` marker and
+/// a live QEMU); returns their pids.
+pub fn kill_ha_qemus(run_dir: &Path) -> Vec<i32> {
+    let mut killed = vec![];
+    let Ok(rd) = std::fs::read_dir(run_dir) else {
+        return killed;
+    };
+    for e in rd.flatten() {
+        let dir = e.path();
+        if !dir.join("ha").exists() {
+            continue;
+        }
+        let run = ferry_qemu::RunPaths::new(&dir);
+        if let Some(pid) = ferry_qemu::read_pid(&run) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            killed.push(pid);
+        }
+    }
+    killed
+}
+
+/// `ferry watchdog`: every 100 ms, once the deadline in `{run_dir}/watchdog` has
+/// passed, kills the HA QEMUs. Disarmed while the file is absent. Runs until killed.
+pub fn run_watchdog(run_dir: &Path) -> ! {
+    let mut fired = false;
+    loop {
+        match watchdog_deadline(run_dir) {
+            Some(d) if mono_ns() > d => {
+                let killed = kill_ha_qemus(run_dir);
+                if !killed.is_empty() || !fired {
+                    eprintln!(
+                        "ferry watchdog: the agent stopped renewing the cluster lease; killed HA QEMU {killed:?}"
+                    );
+                }
+                fired = true;
+            }
+            _ => fired = false,
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+impl Agent {
+    fn lease_file(&self) -> PathBuf {
+        self.inner.cfg.run_dir.join("cluster-lease")
+    }
+
+    /// May HA VMs run here now? Always outside a cluster.
+    pub(crate) fn holds_lease(&self) -> bool {
+        if self.inner.cluster.is_none() {
+            return true;
+        }
+        let s = self.inner.lease.lock().unwrap_or_else(|e| e.into_inner());
+        s.lease.is_some() && !s.fenced && s.deadline.is_some_and(|d| Instant::now() < d)
+    }
+
+    /// Refuses work on a host that lost its lease.
+    pub(crate) fn check_not_fenced(&self) -> Result<()> {
+        if self.holds_lease() {
+            Ok(())
+        } else {
+            Err(AgentError::Fenced(self.host_name().to_string()))
+        }
+    }
+
+    fn write_watchdog(&self, deadline_ns: u64) {
+        let p = watchdog_path(&self.inner.cfg.run_dir);
+        let tmp = p.with_extension("tmp");
+        let body = serde_json::to_vec(&WatchdogFile { deadline_ns }).expect("serialises");
+        if std::fs::write(&tmp, body)
+            .and_then(|_| std::fs::rename(&tmp, &p))
+            .is_err()
+        {
+            tracing::warn!("cannot feed the watchdog");
+        }
+    }
+
+    pub(crate) fn disarm_watchdog(&self) {
+        let _ = std::fs::remove_file(watchdog_path(&self.inner.cfg.run_dir));
+    }
+
+    /// Kills this host's HA VMs: it may no longer run them.
+    fn self_fence(&self, why: &str) {
+        let first = {
+            let mut s = self.inner.lease.lock().unwrap_or_else(|e| e.into_inner());
+            !std::mem::replace(&mut s.fenced, true)
+        };
+        let killed = kill_ha_qemus(&self.inner.cfg.run_dir);
+        if first || !killed.is_empty() {
+            tracing::error!(why, ?killed, "self-fence: HA VMs killed");
+            self.inner.events.emit(
+                None,
+                "ha",
+                format!("self-fence ({why}): killed HA QEMU {killed:?}"),
+            );
+        }
+    }
+
+    /// Grants a lease and publishes this host as alive under it.
+    async fn announce(&self, ttl: Duration) -> Result<LeaseId> {
+        let link = self.cluster_link()?;
+        let lease = link.root.grant_lease(ttl).await?;
+        let alive = Alive {
+            memory_bytes: crate::host_memory_bytes(),
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            pid: std::process::id(),
+        };
+        link.root
+            .txn(Txn {
+                compare: vec![],
+                success: vec![Op::Put {
+                    key: format!("{ALIVE}{}", self.host_name()),
+                    value: serde_json::to_vec(&alive).expect("serialises"),
+                    lease: Some(lease),
+                }],
+                failure: vec![],
+            })
+            .await?;
+        let _ = std::fs::write(self.lease_file(), lease.to_string());
+        self.inner.events.emit(
+            None,
+            "ha",
+            format!("host lease {lease:x} granted ({} s)", ttl.as_secs()),
+        );
+        Ok(lease)
+    }
+
+    /// Keeps the lease, fences on loss. Runs for the daemon's life.
+    pub(crate) async fn lease_loop(self) {
+        let Ok(link) = self.cluster_link().cloned() else {
+            return;
+        };
+        let ttl = Duration::from_secs(link.cfg.lease_ttl_s);
+        let tick = ttl / 5;
+        let margin = ttl / 3;
+        let mut lease: Option<LeaseId> = std::fs::read_to_string(self.lease_file())
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        // A previous daemon's promise to the watchdog still holds until it runs out.
+        if let Some(d) = watchdog_deadline(&self.inner.cfg.run_dir) {
+            let left = Duration::from_nanos(d.saturating_sub(mono_ns()));
+            let mut s = self.inner.lease.lock().unwrap_or_else(|e| e.into_inner());
+            s.deadline = Some(Instant::now() + left.saturating_sub(margin / 2));
+        }
+        let mut lost = false;
+        let mut round = 0u64;
+        loop {
+            let sent = Instant::now();
+            let sent_ns = mono_ns();
+            let mut ok = false;
+            if let Some(l) = lease {
+                match tokio::time::timeout(
+                    tick.max(Duration::from_millis(500)),
+                    link.root.keep_alive(l),
+                )
+                .await
+                {
+                    Ok(Ok(())) => ok = true,
+                    Ok(Err(StoreError::LeaseNotFound(_))) => {
+                        tracing::warn!("the cluster lease expired");
+                        lease = None;
+                        lost = true;
+                    }
+                    Ok(Err(e)) => tracing::debug!(error = %e, "lease renewal failed"),
+                    Err(_) => tracing::debug!("lease renewal timed out"),
+                }
+            }
+            if lease.is_none() {
+                if lost {
+                    // Recovered elsewhere by now, or about to be: never run them here too.
+                    self.self_fence("the cluster lease expired");
+                }
+                match self.announce(ttl).await {
+                    Ok(l) => {
+                        lease = Some(l);
+                        lost = false;
+                        ok = true;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "cannot get a cluster lease"),
+                }
+            }
+            if ok {
+                {
+                    let mut s = self.inner.lease.lock().unwrap_or_else(|e| e.into_inner());
+                    s.lease = lease;
+                    s.deadline = Some(sent + ttl - margin);
+                    if s.fenced {
+                        tracing::info!("cluster lease held again: HA work resumes");
+                    }
+                    s.fenced = false;
+                }
+                self.write_watchdog(sent_ns + (ttl - margin / 2).as_nanos() as u64);
+            }
+            let past = {
+                let s = self.inner.lease.lock().unwrap_or_else(|e| e.into_inner());
+                s.deadline.is_some_and(|d| Instant::now() >= d)
+            };
+            if past {
+                self.self_fence("the cluster lease could not be renewed in time");
+            }
+            if round % 20 == 0 {
+                self.refresh_endpoints(&link).await;
+            }
+            if round % 5 == 4 {
+                self.ensure_member().await;
+            }
+            round += 1;
+            tokio::time::sleep(tick.saturating_sub(sent.elapsed())).await;
+        }
+    }
+
+    /// Learns every etcd member's client URL, to fail over to when the local member
+    /// is down (members that joined after this host are not in its config).
+    async fn refresh_endpoints(&self, link: &super::ClusterLink) {
+        let mut c = link.root.client();
+        let Ok(list) = c.member_list().await else {
+            return;
+        };
+        let urls: Vec<String> = list
+            .members()
+            .iter()
+            .flat_map(|m| m.client_urls().iter().cloned())
+            .collect();
+        link.root.add_endpoints(&urls);
+    }
+}

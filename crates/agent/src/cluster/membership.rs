@@ -1,0 +1,603 @@
+//! Cluster membership: `init` makes this host the first etcd member, `join` adds it to a
+//! running cluster through any member, `leave` takes it out again. The host's state
+//! (VMs, pools, tasks, events) moves from its SQLite store into etcd under
+//! `/ferry/hosts/{name}/` and back; the daemon restarts itself afterwards so every part
+//! of it runs on the new store.
+//!
+//! etcd keys (under `/ferry`):
+//! - `/cluster/members/{host}`: [`ClusterHost`] (name, API, address);
+//! - `/cluster/alive/{host}`: under the host's lease (see [`super::lease`]);
+//! - `/cluster/ha/manager`: the elected HA manager, under its lease;
+//! - `/cluster/fenced/{host}`: set by the manager for a host whose VMs it recovered;
+//! - `/cluster/next-vm-id`: VM ids are unique in the cluster;
+//! - `/hosts/{host}/...`: the host's own store (its VMs: ownership is where the record is).
+
+use crate::error::{AgentError, Result};
+use crate::Agent;
+use ferry_store::member::{self, MemberConfig};
+use ferry_store::{EtcdStore, Store, StoreJson};
+use ferry_types::{
+    ClusterConfig, ClusterHost, ClusterInit, ClusterJoin, ClusterStatus, HostState, MemberAdd,
+    MemberAdded, MemberStatus,
+};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub(crate) const MEMBERS: &str = "/cluster/members/";
+pub(crate) const ALIVE: &str = "/cluster/alive/";
+pub(crate) const FENCED: &str = "/cluster/fenced/";
+pub(crate) const MANAGER: &str = "/cluster/ha/manager";
+pub(crate) const NEXT_ID: &str = "/cluster/next-vm-id";
+const ROOT: &str = "/ferry";
+const CLIENT_PORT: u16 = 2379;
+const PEER_PORT: u16 = 2380;
+const DEFAULT_TTL_S: u64 = 5;
+
+/// The daemon's connection to the cluster.
+#[derive(Clone)]
+pub struct ClusterLink {
+    pub cfg: ClusterConfig,
+    /// Keys under `/ferry`.
+    pub root: EtcdStore,
+}
+
+impl ClusterLink {
+    /// This host's own store (its subtree).
+    pub fn host_store(&self) -> EtcdStore {
+        self.root.scoped(&host_prefix(&self.cfg.name))
+    }
+
+    pub(crate) async fn members(&self) -> Result<Vec<ClusterHost>> {
+        Ok(self.root.list_json::<ClusterHost>(MEMBERS).await?)
+    }
+}
+
+fn host_prefix(name: &str) -> String {
+    format!("{ROOT}/hosts/{name}")
+}
+
+fn cluster_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("cluster")
+}
+
+fn config_path(state_dir: &Path) -> PathBuf {
+    cluster_dir(state_dir).join("config.json")
+}
+
+struct EtcdPaths {
+    data: PathBuf,
+    log: PathBuf,
+    pidfile: PathBuf,
+}
+
+fn etcd_paths(state_dir: &Path, run_dir: &Path) -> EtcdPaths {
+    EtcdPaths {
+        data: cluster_dir(state_dir).join("etcd"),
+        log: cluster_dir(state_dir).join("etcd.log"),
+        pidfile: run_dir.join("etcd.pid"),
+    }
+}
+
+/// This host's membership, if it is in a cluster.
+pub fn load_config(state_dir: &Path) -> Result<Option<ClusterConfig>> {
+    let p = config_path(state_dir);
+    match std::fs::read(&p) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| AgentError::Conflict(format!("Cluster config {}: {e}", p.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(AgentError::Io {
+            what: format!("Read {}", p.display()),
+            source,
+        }),
+    }
+}
+
+fn save_config(state_dir: &Path, cfg: &ClusterConfig) -> Result<()> {
+    let p = config_path(state_dir);
+    let io = |source| AgentError::Io {
+        what: format!("Write {}", p.display()),
+        source,
+    };
+    std::fs::create_dir_all(cluster_dir(state_dir)).map_err(io)?;
+    let tmp = p.with_extension("json.tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(cfg).expect("config serialises"),
+    )
+    .map_err(io)?;
+    std::fs::rename(&tmp, &p).map_err(io)
+}
+
+fn member_config(cfg: &ClusterConfig, paths: &EtcdPaths, new: bool) -> MemberConfig {
+    MemberConfig {
+        name: cfg.name.clone(),
+        data_dir: paths.data.clone(),
+        client_url: format!("http://{}:{CLIENT_PORT}", cfg.address),
+        peer_url: format!("http://{}:{PEER_PORT}", cfg.address),
+        initial_cluster: cfg.initial_cluster.clone(),
+        new_cluster: new,
+        heartbeat_ms: 100,
+        election_ms: 1000,
+    }
+}
+
+/// At daemon start: makes sure the local etcd member runs (when ferry manages it) and
+/// connects. Does not wait for quorum; the agent's store calls do.
+pub async fn connect(state_dir: &Path, run_dir: &Path, cfg: &ClusterConfig) -> Result<ClusterLink> {
+    if cfg.managed_etcd {
+        let paths = etcd_paths(state_dir, run_dir);
+        if member::running(&paths.pidfile, &paths.data).is_none() {
+            let mc = member_config(cfg, &paths, false);
+            let pid = member::spawn("etcd", &mc, &paths.log, &paths.pidfile).await?;
+            tracing::info!(pid, "started the local etcd member");
+        }
+    }
+    let root = EtcdStore::connect(&cfg.endpoints, ROOT).await?;
+    Ok(ClusterLink {
+        cfg: cfg.clone(),
+        root,
+    })
+}
+
+fn etcd_err(what: impl Into<String>) -> impl FnOnce(etcd_client::Error) -> AgentError {
+    let what = what.into();
+    move |source| AgentError::Etcd { what, source }
+}
+
+/// `address` must be an IP of this host (something we can bind).
+fn check_own_address(address: &str) -> Result<()> {
+    let ip: std::net::IpAddr = address
+        .parse()
+        .map_err(|_| AgentError::invalid("address", format!("{address} is not an IP address")))?;
+    std::net::TcpListener::bind((ip, 0)).map_err(|e| {
+        AgentError::invalid(
+            "address",
+            format!("{address} is not an address of this host ({e})"),
+        )
+    })?;
+    Ok(())
+}
+
+impl Agent {
+    /// Restarts the local etcd member if ferry manages it and it died.
+    pub(crate) async fn ensure_member(&self) {
+        let Some(link) = &self.inner.cluster else {
+            return;
+        };
+        // Not once the host is leaving (its config is gone).
+        if !link.cfg.managed_etcd || !config_path(&self.inner.cfg.state_dir).exists() {
+            return;
+        }
+        let paths = etcd_paths(&self.inner.cfg.state_dir, &self.inner.cfg.run_dir);
+        if member::running(&paths.pidfile, &paths.data).is_some() {
+            return;
+        }
+        let mc = member_config(&link.cfg, &paths, false);
+        match member::spawn("etcd", &mc, &paths.log, &paths.pidfile).await {
+            Ok(pid) => self.inner.events.emit(
+                None,
+                "cluster",
+                format!("local etcd member had stopped; restarted (pid {pid})"),
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot restart the local etcd member"),
+        }
+    }
+
+    pub(crate) fn cluster_link(&self) -> Result<&ClusterLink> {
+        self.inner.cluster.as_ref().ok_or_else(|| {
+            AgentError::Conflict("This host is not in a cluster (ferry cluster init|join)".into())
+        })
+    }
+
+    fn refuse_if_clustered(&self) -> Result<()> {
+        if self.inner.cluster.is_some() || load_config(&self.inner.cfg.state_dir)?.is_some() {
+            return Err(AgentError::Conflict(format!(
+                "Host {} is already in a cluster (ferry cluster leave first)",
+                self.host_name()
+            )));
+        }
+        Ok(())
+    }
+
+    fn default_api(&self, address: &str, api: Option<String>) -> String {
+        api.unwrap_or_else(|| format!("http://{address}:{}", self.inner.cfg.api_port))
+    }
+
+    /// Makes this host the first member of a new cluster. The daemon restarts afterwards.
+    pub async fn cluster_init(&self, req: ClusterInit) -> Result<ClusterConfig> {
+        self.refuse_if_clustered()?;
+        check_own_address(&req.address)?;
+        let ttl = req.lease_ttl_s.unwrap_or(DEFAULT_TTL_S);
+        if !(2..=60).contains(&ttl) {
+            return Err(AgentError::invalid(
+                "lease_ttl_s",
+                format!("{ttl} s is outside 2–60 s"),
+            ));
+        }
+        let name = self.host_name().to_string();
+        let managed = req.etcd.is_empty();
+        let mut cfg = ClusterConfig {
+            name: name.clone(),
+            address: req.address.clone(),
+            api: self.default_api(&req.address, req.api),
+            endpoints: if managed {
+                vec![format!("http://{}:{CLIENT_PORT}", req.address)]
+            } else {
+                req.etcd.clone()
+            },
+            managed_etcd: managed,
+            initial_cluster: format!("{name}=http://{}:{PEER_PORT}", req.address),
+            lease_ttl_s: ttl,
+        };
+        let paths = etcd_paths(&self.inner.cfg.state_dir, &self.inner.cfg.run_dir);
+        if managed {
+            let _ = std::fs::remove_dir_all(&paths.data);
+            let mc = member_config(&cfg, &paths, true);
+            member::spawn("etcd", &mc, &paths.log, &paths.pidfile).await?;
+            let up =
+                member::wait_healthy(&name, &mc.client_url, &paths.log, Duration::from_secs(20))
+                    .await;
+            if let Err(e) = up {
+                member::stop(&paths.pidfile, &paths.data).await;
+                return Err(e.into());
+            }
+        }
+        let done = self.enter_cluster(&mut cfg).await;
+        if done.is_err() && managed {
+            member::stop(&paths.pidfile, &paths.data).await;
+            let _ = std::fs::remove_dir_all(&paths.data);
+        }
+        done?;
+        Ok(cfg)
+    }
+
+    /// On a member: lets host `req.name` in (etcd member first, then the registry).
+    pub async fn cluster_add_member(&self, req: MemberAdd) -> Result<MemberAdded> {
+        let link = self.cluster_link()?;
+        let mut errs = ferry_types::ValidationErrors::default();
+        ferry_types::validate::check_name(&mut errs, "name", &req.name);
+        errs.into_result()?;
+        if link
+            .root
+            .get(&format!("{MEMBERS}{}", req.name))
+            .await?
+            .is_some()
+        {
+            return Err(AgentError::Conflict(format!(
+                "A host named {} is already a member",
+                req.name
+            )));
+        }
+        // Registered first: once etcd counts the new member, nothing commits until it
+        // runs (a one-member cluster has no quorum between the two steps).
+        let key = format!("{MEMBERS}{}", req.name);
+        link.root
+            .put_json(
+                &key,
+                &ClusterHost {
+                    name: req.name.clone(),
+                    api: req.api.clone(),
+                    address: req.address.clone(),
+                },
+            )
+            .await?;
+        let mut client = link.root.client();
+        let mut initial = vec![];
+        let mut endpoints = vec![];
+        if let Some(peer) = &req.peer_url {
+            // etcd refuses a new member until the last one has been connected a while
+            // ("unhealthy cluster"): retry for up to 30 s.
+            let mut tries = 0;
+            let added = loop {
+                match client.member_add([peer.as_str()], None).await {
+                    Ok(a) => break a,
+                    Err(e) if tries < 60 && e.to_string().contains("unhealthy cluster") => {
+                        tries += 1;
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    Err(e) => {
+                        let _ = link.root.delete(&key).await;
+                        return Err(etcd_err(format!("Add etcd member {}", req.name))(e));
+                    }
+                }
+            };
+            for m in added.member_list() {
+                let name = if m.name().is_empty() {
+                    req.name.as_str()
+                } else {
+                    m.name()
+                };
+                if let Some(u) = m.peer_urls().first() {
+                    initial.push(format!("{name}={u}"));
+                }
+                endpoints.extend(m.client_urls().iter().cloned());
+            }
+            endpoints.push(format!("http://{}:{CLIENT_PORT}", req.address));
+        } else {
+            endpoints = link.cfg.endpoints.clone();
+        }
+        self.inner
+            .events
+            .emit(None, "cluster", format!("host {} joins", req.name));
+        Ok(MemberAdded {
+            initial_cluster: initial.join(","),
+            endpoints,
+            lease_ttl_s: link.cfg.lease_ttl_s,
+        })
+    }
+
+    /// Joins the cluster `req.peer` belongs to. The daemon restarts afterwards.
+    pub async fn cluster_join(&self, req: ClusterJoin) -> Result<ClusterConfig> {
+        self.refuse_if_clustered()?;
+        check_own_address(&req.address)?;
+        let name = self.host_name().to_string();
+        let api = self.default_api(&req.address, req.api);
+        let peer_api = if req.peer.contains("://") {
+            req.peer.trim_end_matches('/').to_string()
+        } else {
+            format!("http://{}:{}", req.peer, self.inner.cfg.api_port)
+        };
+        let peer = super::Peer::new(
+            ClusterHost {
+                name: req.peer.clone(),
+                api: peer_api,
+                address: String::new(),
+            },
+            Duration::from_secs(30),
+        )?;
+        let added: MemberAdded = peer
+            .post(
+                "/api/v1/cluster/members",
+                &MemberAdd {
+                    name: name.clone(),
+                    address: req.address.clone(),
+                    api: api.clone(),
+                    peer_url: Some(format!("http://{}:{PEER_PORT}", req.address)),
+                },
+            )
+            .await?;
+        // The own member first: the store talks to it while it answers.
+        let own = format!("http://{}:{CLIENT_PORT}", req.address);
+        let mut endpoints = vec![own.clone()];
+        endpoints.extend(added.endpoints.iter().filter(|e| **e != own).cloned());
+        let mut cfg = ClusterConfig {
+            name: name.clone(),
+            address: req.address.clone(),
+            api,
+            endpoints,
+            managed_etcd: true,
+            initial_cluster: added.initial_cluster.clone(),
+            lease_ttl_s: added.lease_ttl_s,
+        };
+        let paths = etcd_paths(&self.inner.cfg.state_dir, &self.inner.cfg.run_dir);
+        let _ = std::fs::remove_dir_all(&paths.data);
+        let mc = member_config(&cfg, &paths, false);
+        member::spawn("etcd", &mc, &paths.log, &paths.pidfile).await?;
+        member::wait_healthy(&name, &mc.client_url, &paths.log, Duration::from_secs(30)).await?;
+        self.enter_cluster(&mut cfg).await?;
+        Ok(cfg)
+    }
+
+    /// Copies this host's store into etcd, registers it, writes the config.
+    async fn enter_cluster(&self, cfg: &mut ClusterConfig) -> Result<()> {
+        let root = EtcdStore::connect(&cfg.endpoints, ROOT).await?;
+        let host = root.scoped(&host_prefix(&cfg.name));
+        if !host.list("/").await?.is_empty() {
+            return Err(AgentError::Conflict(format!(
+                "The cluster already holds state of a host named {} (ferry cluster leave on it, or pick another --host-name)",
+                cfg.name
+            )));
+        }
+        let mine = self.inner.store.list("").await?;
+        for kv in &mine {
+            host.put(&kv.key, kv.value.clone(), None).await?;
+        }
+        // VM ids stay unique across the cluster: start the counter above ours.
+        let next: u32 = self
+            .inner
+            .store
+            .get_json::<u32>("/meta/next-vm-id")
+            .await?
+            .map_or(100, |(n, _)| n);
+        let cur = root.get_json::<u32>(NEXT_ID).await?.map_or(100, |(n, _)| n);
+        root.put_json(NEXT_ID, &cur.max(next)).await?;
+        root.put_json(
+            &format!("{MEMBERS}{}", cfg.name),
+            &ClusterHost {
+                name: cfg.name.clone(),
+                api: cfg.api.clone(),
+                address: cfg.address.clone(),
+            },
+        )
+        .await?;
+        save_config(&self.inner.cfg.state_dir, cfg)?;
+        tracing::info!(keys = mine.len(), "host state copied into etcd");
+        Ok(())
+    }
+
+    /// Takes this host out of the cluster: its state goes back to SQLite, its etcd
+    /// member is removed and stopped. Refused while VMs run here (migrate them first).
+    pub async fn cluster_leave(&self) -> Result<()> {
+        let link = self.cluster_link()?.clone();
+        let running: Vec<String> = self
+            .list_vms()
+            .await?
+            .into_iter()
+            .filter(|v| v.state.has_process())
+            .map(|v| v.spec.name)
+            .collect();
+        if !running.is_empty() {
+            return Err(AgentError::Conflict(format!(
+                "VMs still run on this host: {} (migrate or stop them first)",
+                running.join(", ")
+            )));
+        }
+        let sqlite = ferry_store::SqliteStore::open(&self.inner.cfg.state_dir.join("ferry.db"))?;
+        for kv in sqlite.list("").await? {
+            sqlite.delete(&kv.key).await?;
+        }
+        let host = link.host_store();
+        for kv in host.list("").await? {
+            sqlite.put(&kv.key, kv.value, None).await?;
+        }
+        let name = &link.cfg.name;
+        if link.cfg.managed_etcd {
+            let mut client = link.root.client();
+            let list = client
+                .member_list()
+                .await
+                .map_err(etcd_err("List etcd members"))?;
+            if let Some(m) = list.members().iter().find(|m| m.name() == name.as_str()) {
+                if list.members().len() > 1 {
+                    let id = m.id();
+                    let mut tries = 0;
+                    loop {
+                        match link.root.client().member_remove(id).await {
+                            Ok(_) => break,
+                            Err(e) if tries < 60 && e.to_string().contains("unhealthy cluster") => {
+                                tries += 1;
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                            }
+                            Err(e) => {
+                                return Err(etcd_err(format!("Remove etcd member {name}"))(e))
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Our member is gone (or going): the store moves on to another one.
+        let mut tries = 0;
+        loop {
+            let r = link
+                .root
+                .txn(ferry_store::Txn {
+                    compare: vec![],
+                    success: vec![
+                        ferry_store::Op::DeletePrefix(format!("/hosts/{name}/")),
+                        ferry_store::Op::Delete(format!("{MEMBERS}{name}")),
+                        ferry_store::Op::Delete(format!("{ALIVE}{name}")),
+                        ferry_store::Op::Delete(format!("{FENCED}{name}")),
+                    ],
+                    failure: vec![],
+                })
+                .await;
+            match r {
+                Ok(_) => break,
+                Err(e) if tries < 10 => {
+                    tracing::debug!(error = %e, "removing the host's keys; retrying");
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.disarm_watchdog();
+        if link.cfg.managed_etcd {
+            let paths = etcd_paths(&self.inner.cfg.state_dir, &self.inner.cfg.run_dir);
+            member::stop(&paths.pidfile, &paths.data).await;
+            let _ = std::fs::remove_dir_all(&paths.data);
+        }
+        let _ = std::fs::remove_file(config_path(&self.inner.cfg.state_dir));
+        Ok(())
+    }
+
+    /// Members, their states and leases, etcd's leader and quorum, the HA manager.
+    pub async fn cluster_status(&self) -> Result<ClusterStatus> {
+        let Some(link) = &self.inner.cluster else {
+            return Ok(ClusterStatus {
+                clustered: false,
+                name: self.host_name().to_string(),
+                members: vec![],
+                etcd_voters: 0,
+                quorum: 0,
+                has_quorum: false,
+                ha_manager: None,
+                lease_ttl_s: 0,
+                warnings: vec![],
+            });
+        };
+        let mut client = link.root.client();
+        let list = client
+            .member_list()
+            .await
+            .map_err(etcd_err("List etcd members"))?;
+        let leader = client.status().await.map(|s| s.leader()).unwrap_or(0);
+        let voters = list.members().iter().filter(|m| !m.is_learner()).count();
+        let manager = link.root.get_json::<String>(MANAGER).await?.map(|(m, _)| m);
+        let mut members = vec![];
+        for h in link.members().await? {
+            let alive = link.root.get(&format!("{ALIVE}{}", h.name)).await?;
+            let left = match alive.as_ref().and_then(|a| a.lease) {
+                Some(l) => client
+                    .lease_time_to_live(l, None)
+                    .await
+                    .ok()
+                    .map(|t| t.ttl()),
+                None => None,
+            };
+            let maintenance = link
+                .root
+                .get(&format!("/hosts/{}/meta/maintenance", h.name))
+                .await?
+                .is_some();
+            let fenced = link
+                .root
+                .get(&format!("{FENCED}{}", h.name))
+                .await?
+                .is_some();
+            let state = match (alive.is_some(), maintenance, fenced) {
+                (true, true, _) => HostState::Maintenance,
+                (true, false, _) => HostState::Online,
+                (false, _, true) => HostState::Fenced,
+                (false, _, false) => HostState::Offline,
+            };
+            let em = list.members().iter().find(|m| m.name() == h.name);
+            members.push(MemberStatus {
+                etcd_member: em.is_some(),
+                etcd_leader: em.is_some_and(|m| m.id() == leader),
+                lease_ttl_left_s: left,
+                ha_manager: manager.as_deref() == Some(h.name.as_str()),
+                name: h.name,
+                address: h.address,
+                api: h.api,
+                state,
+            });
+        }
+        let quorum = voters / 2 + 1;
+        let mut warnings = vec![];
+        if voters == 2 {
+            warnings.push(
+                "Two etcd voters: losing either stops the cluster. Add a third voter (a witness etcd member on a third machine, like a corosync QDevice).".into(),
+            );
+        }
+        if voters % 2 == 0 && voters > 2 {
+            warnings.push(format!(
+                "{voters} etcd voters tolerate no more failures than {}",
+                voters - 1
+            ));
+        }
+        Ok(ClusterStatus {
+            clustered: true,
+            name: link.cfg.name.clone(),
+            members,
+            etcd_voters: voters,
+            quorum,
+            has_quorum: leader != 0,
+            ha_manager: manager,
+            lease_ttl_s: link.cfg.lease_ttl_s,
+            warnings,
+        })
+    }
+
+    /// Asks `ferry serve` to restart itself (after init/join/leave: the store changed).
+    pub fn request_restart(&self) {
+        self.inner.restart.notify_one();
+    }
+
+    /// Resolves when a restart was asked for.
+    pub async fn restart_requested(&self) {
+        self.inner.restart.notified().await
+    }
+}

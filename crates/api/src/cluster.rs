@@ -1,0 +1,53 @@
+//! `/api/v1/cluster`: membership (init, join, leave), status; members add joiners.
+
+use crate::error::{ApiJson, ApiResult};
+use axum::extract::State;
+use axum::Json;
+use ferry_agent::Agent;
+use ferry_types::{ClusterConfig, ClusterInit, ClusterJoin, ClusterStatus, MemberAdd, MemberAdded};
+
+#[utoipa::path(get, path = "/api/v1/cluster/status", tag = "cluster",
+    responses((status = 200, description = "Members with state and lease, etcd leader and quorum, HA manager", body = ClusterStatus)))]
+pub async fn cluster_status(State(a): State<Agent>) -> ApiResult<Json<ClusterStatus>> {
+    Ok(Json(a.cluster_status().await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/cluster/init", tag = "cluster", request_body = ClusterInit,
+    responses((status = 200, description = "This host founded a cluster; the daemon restarts on etcd", body = ClusterConfig),
+              (status = 409, description = "Already in a cluster")))]
+pub async fn cluster_init(
+    State(a): State<Agent>,
+    ApiJson(req): ApiJson<ClusterInit>,
+) -> ApiResult<Json<ClusterConfig>> {
+    let cfg = a.cluster_init(req).await?;
+    a.request_restart();
+    Ok(Json(cfg))
+}
+
+#[utoipa::path(post, path = "/api/v1/cluster/join", tag = "cluster", request_body = ClusterJoin,
+    responses((status = 200, description = "This host joined; the daemon restarts on etcd", body = ClusterConfig)))]
+pub async fn cluster_join(
+    State(a): State<Agent>,
+    ApiJson(req): ApiJson<ClusterJoin>,
+) -> ApiResult<Json<ClusterConfig>> {
+    let cfg = a.cluster_join(req).await?;
+    a.request_restart();
+    Ok(Json(cfg))
+}
+
+#[utoipa::path(post, path = "/api/v1/cluster/members", tag = "cluster", request_body = MemberAdd,
+    responses((status = 200, description = "The host may start its etcd member with this", body = MemberAdded)))]
+pub async fn add_member(
+    State(a): State<Agent>,
+    ApiJson(req): ApiJson<MemberAdd>,
+) -> ApiResult<Json<MemberAdded>> {
+    Ok(Json(a.cluster_add_member(req).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/cluster/leave", tag = "cluster",
+    responses((status = 204, description = "This host left; the daemon restarts on its own store")))]
+pub async fn cluster_leave(State(a): State<Agent>) -> ApiResult<axum::http::StatusCode> {
+    a.cluster_leave().await?;
+    a.request_restart();
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}

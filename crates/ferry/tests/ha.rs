@@ -1,0 +1,418 @@
+//! HA in the lab's etcd cluster, with real QEMU and etcd: the fault matrix of issue 5.
+//! Every HA VM writes numbered records to its shared disk; a client watches which
+//! records were acknowledged and pings the guest. After each fault the VM runs again
+//! exactly once, the disk holds every acknowledged record, and no two instances ever
+//! wrote alternately.
+
+use anyhow::{bail, Context, Result};
+use ferry_lab::{
+    verify_records, wait_for, AckWatcher, Cli, ClusterLab, PingRecorder, RecordReport,
+    RECORD_WRITER,
+};
+use serde_json::Value;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+const READY: Duration = Duration::from_secs(120);
+
+/// An HA test VM: its name, address, and the file of its shared disk.
+struct HaVm {
+    name: String,
+    ip: String,
+    disk: PathBuf,
+}
+
+/// Boots an HA VM on `host` with a shared raw disk and starts writer instance `inst`.
+fn ha_vm(lab: &ClusterLab, host: &str, name: &str, ip: &str, inst: &str) -> Result<HaVm> {
+    let cli = lab.cli(host)?;
+    let v = cli.boot_vm(
+        name,
+        ip,
+        &[
+            "--disk",
+            "pool=shared,size=16M,format=raw",
+            "--ha",
+            "restart",
+        ],
+    )?;
+    let vol = v["spec"]["disks"][0]["volume"]
+        .as_str()
+        .context("volume name")?;
+    let vm = HaVm {
+        name: name.into(),
+        ip: ip.into(),
+        disk: lab.shared_dir().join(vol),
+    };
+    start_writer(&cli, &vm, inst)?;
+    Ok(vm)
+}
+
+/// Starts writer instance `inst` after the last record on the disk.
+fn start_writer(cli: &Cli, vm: &HaVm, inst: &str) -> Result<()> {
+    let next = verify_records(&vm.disk)?.last_seq.map_or(0, |s| s + 1);
+    cli.guest_sh(
+        &vm.name,
+        &format!("{RECORD_WRITER}; (ferry_writer {inst} /dev/vda {next} > /dev/null 2>&1 &)"),
+    )?;
+    Ok(())
+}
+
+/// The hosts (with a live daemon) where `vm` runs, with its QEMU pid.
+fn running_on(lab: &ClusterLab, vm: &str) -> Vec<(String, i64)> {
+    let mut out = vec![];
+    for h in &lab.hosts {
+        if !lab.daemon_alive(&h.name) {
+            continue;
+        }
+        let Ok(cli) = lab.cli(&h.name) else { continue };
+        if let Ok(v) = cli.ferry_json(&["vm", "show", vm]) {
+            if v["state"] == "running" {
+                out.push((h.name.clone(), v["pid"].as_i64().unwrap_or(0)));
+            }
+        }
+    }
+    out
+}
+
+/// Waits until `vm` runs on a host other than `not_on` and its guest is up; returns
+/// the host and how long it took.
+fn wait_recovered(lab: &ClusterLab, vm: &str, not_on: &str, t0: Instant) -> Result<String> {
+    let mut host = None;
+    wait_for(
+        &format!("{vm} running elsewhere"),
+        Duration::from_secs(90),
+        || {
+            let r = running_on(lab, vm);
+            host = r.into_iter().map(|(h, _)| h).find(|h| h != not_on);
+            Ok(host.is_some())
+        },
+    )?;
+    let host = host.context("recovered host")?;
+    eprintln!(
+        "{vm}: QEMU running on {host} {:.1} s after the fault",
+        t0.elapsed().as_secs_f64()
+    );
+    lab.cli(&host)?.wait_console(vm, "FERRY-READY", READY)?;
+    eprintln!(
+        "{vm}: guest up on {host} {:.1} s after the fault",
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(host)
+}
+
+/// Stops the writer on `host` and checks the disk: no gap, no corruption, instances in
+/// `insts` order with no interleaving, and every acknowledged record present.
+fn verify(cli: &Cli, vm: &HaVm, insts: &[&str], acked: Option<u64>) -> Result<RecordReport> {
+    let last: u64 = cli
+        .guest_sh(
+            &vm.name,
+            "touch /tmp/stop-writer; sleep 2; cat /tmp/writer-seq",
+        )?
+        .trim()
+        .parse()?;
+    let rep = verify_records(&vm.disk)?;
+    eprintln!(
+        "records of {}: {rep}; acknowledged before the fault: {acked:?}",
+        vm.name
+    );
+    assert!(rep.is_clean(), "{rep}");
+    assert_eq!(rep.last_seq, Some(last), "{rep}");
+    let order: Vec<&str> = rep.runs.iter().map(|(i, _)| i.as_str()).collect();
+    assert_eq!(order, insts, "{rep}");
+    if let (Some(a), Some((first, n))) = (acked, rep.runs.first()) {
+        // The first instance's records reach at least the last one acknowledged.
+        assert!(
+            *n > a,
+            "acknowledged record {a} lost ({first} has {n}): {rep}"
+        );
+    }
+    Ok(rep)
+}
+
+fn cluster_status(cli: &Cli) -> Result<Value> {
+    cli.ferry_json(&["cluster", "status"])
+}
+
+fn host_state(st: &Value, host: &str) -> String {
+    st["members"]
+        .as_array()
+        .and_then(|m| m.iter().find(|x| x["name"] == host))
+        .and_then(|x| x["state"].as_str())
+        .unwrap_or("?")
+        .to_string()
+}
+
+fn manager(cli: &Cli) -> Result<String> {
+    let mut m = None;
+    wait_for("an HA manager", Duration::from_secs(20), || {
+        m = cluster_status(cli)?["ha_manager"]
+            .as_str()
+            .map(String::from);
+        Ok(m.is_some())
+    })?;
+    m.context("manager")
+}
+
+#[test]
+fn host_failures_restart_ha_vms_elsewhere_exactly_once() -> Result<()> {
+    let mut lab = ClusterLab::for_test(FERRY, 3)?;
+    let h1 = lab.cli("h1")?;
+    let st = cluster_status(&h1)?;
+    assert_eq!(st["etcd_voters"], 3, "{st}");
+    assert_eq!(st["has_quorum"], true, "{st}");
+    let mgr = manager(&h1)?;
+    let other = lab
+        .hosts
+        .iter()
+        .map(|h| h.name.clone())
+        .find(|h| *h != mgr)
+        .context("a non-manager host")?;
+    // One HA VM on a plain host, one on the manager's host, one non-HA VM.
+    let a = ha_vm(&lab, &other, "a", "10.78.0.100", "a1")?;
+    let b = ha_vm(&lab, &mgr, "b", "10.78.0.101", "b1")?;
+    let plain = lab.cli(&other)?;
+    plain.create_test_vm("plain", "10.78.0.102", &["--nic", "bridge=br0"])?;
+    plain.ferry_ok(&["vm", "start", "plain"])?;
+
+    // 1. A host dies (every process: daemon, etcd member, watchdog, QEMU).
+    let acks = AckWatcher::start(&lab.client_ns(), &a.ip);
+    let ping = PingRecorder::start(&lab.client_ns(), &a.ip, Duration::from_millis(100))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let t0 = Instant::now();
+    lab.kill_host(&other)?;
+    let to = wait_recovered(&lab, "a", &other, t0)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let pings = ping.stop();
+    let acked = acks.stop();
+    eprintln!("host failure: client pings {pings}");
+    assert!(pings.longest_gap < Duration::from_secs(60), "{pings}");
+    let survivor = lab.cli(&to)?;
+    assert_eq!(host_state(&cluster_status(&survivor)?, &other), "fenced");
+    // The non-HA VM is not restarted anywhere.
+    assert!(running_on(&lab, "plain").is_empty());
+    start_writer(&survivor, &a, "a2")?;
+    std::thread::sleep(Duration::from_secs(2));
+    verify(&survivor, &a, &["a1", "a2"], acked)?;
+
+    // The dead host comes back (daemon restarts its etcd member): it rejoins, runs
+    // nothing of a, and is online again.
+    lab.start_daemon(&other)?;
+    lab.wait_daemon(&other)?;
+    wait_for("the host back online", Duration::from_secs(30), || {
+        Ok(host_state(&cluster_status(&survivor)?, &other) == "online")
+    })?;
+    assert!(
+        lab.qemu_pids(&other).is_empty(),
+        "QEMU came back on {other}"
+    );
+    assert_eq!(running_on(&lab, "a").len(), 1);
+
+    // 2. The HA manager's host dies: a new manager is elected and recovers b.
+    let acks = AckWatcher::start(&lab.client_ns(), &b.ip);
+    std::thread::sleep(Duration::from_secs(1));
+    let t0 = Instant::now();
+    lab.kill_host(&mgr)?;
+    let to = wait_recovered(&lab, "b", &mgr, t0)?;
+    let acked = acks.stop();
+    let c = lab.cli(&to)?;
+    let new_mgr = manager(&c)?;
+    assert_ne!(new_mgr, mgr);
+    start_writer(&c, &b, "b2")?;
+    std::thread::sleep(Duration::from_secs(2));
+    verify(&c, &b, &["b1", "b2"], acked)?;
+    // a was untouched by all this.
+    assert_eq!(running_on(&lab, "a").len(), 1);
+    Ok(())
+}
+
+#[test]
+fn a_partitioned_host_fences_itself_and_does_not_resume_after_healing() -> Result<()> {
+    let lab = ClusterLab::for_test(FERRY, 3)?;
+    let p = ha_vm(&lab, "h3", "p", "10.78.0.110", "p1")?;
+    let acks = AckWatcher::start(&lab.client_ns(), &p.ip);
+    let ping = PingRecorder::start(&lab.client_ns(), &p.ip, Duration::from_millis(100))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let t0 = Instant::now();
+    lab.set_link("h3", false)?;
+    // The isolated host kills its HA QEMU before its lease can run out (TTL 3 s).
+    wait_for("self-fence on h3", Duration::from_secs(6), || {
+        Ok(lab.qemu_pids("h3").is_empty())
+    })?;
+    eprintln!(
+        "h3 fenced itself {:.1} s after the cut",
+        t0.elapsed().as_secs_f64()
+    );
+    let to = wait_recovered(&lab, "p", "h3", t0)?;
+    let pings = ping.stop();
+    let acked = acks.stop();
+    eprintln!("partition: client pings {pings}");
+    let c = lab.cli(&to)?;
+    assert_eq!(host_state(&cluster_status(&c)?, "h3"), "fenced");
+    // The isolated side refuses work while it has no lease.
+    let o = lab.cli("h3")?.ferry(&["vm", "list"])?;
+    assert!(!o.status.success(), "h3 answered without quorum");
+
+    // Heal: h3 gets a new lease, sees p is no longer its VM, starts nothing.
+    lab.set_link("h3", true)?;
+    wait_for("h3 online again", Duration::from_secs(30), || {
+        Ok(host_state(&cluster_status(&c)?, "h3") == "online")
+    })?;
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        lab.qemu_pids("h3").is_empty(),
+        "h3 resumed the old instance"
+    );
+    assert!(lab.cli("h3")?.vm_names()?.is_empty());
+    assert_eq!(
+        running_on(&lab, "p"),
+        vec![(to.clone(), running_on(&lab, "p")[0].1)]
+    );
+    start_writer(&c, &p, "p2")?;
+    std::thread::sleep(Duration::from_secs(2));
+    verify(&c, &p, &["p1", "p2"], acked)?;
+    Ok(())
+}
+
+#[test]
+fn daemon_qemu_and_etcd_member_faults_keep_exactly_one_instance() -> Result<()> {
+    let mut lab = ClusterLab::for_test(FERRY, 3)?;
+    let d = ha_vm(&lab, "h2", "d", "10.78.0.120", "d1")?;
+    let h2 = lab.cli("h2")?;
+    let pid = running_on(&lab, "d")[0].1;
+
+    // 1. The daemon is killed and restarted within the lease: nothing moves.
+    lab.kill_daemon("h2")?;
+    std::thread::sleep(Duration::from_millis(500));
+    lab.start_daemon("h2")?;
+    lab.wait_daemon("h2")?;
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(running_on(&lab, "d"), vec![("h2".to_string(), pid)]);
+
+    // 2. The host's etcd member dies: the agent keeps its lease through the other
+    // members and restarts the member; nothing moves.
+    let etcd = lab.etcd_pid("h2").context("etcd on h2")?;
+    lab.kill_etcd("h2")?;
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(running_on(&lab, "d"), vec![("h2".to_string(), pid)]);
+    assert_eq!(
+        host_state(&cluster_status(&lab.cli("h1")?)?, "h2"),
+        "online"
+    );
+    wait_for("etcd member restarted", Duration::from_secs(20), || {
+        Ok(lab.etcd_pid("h2").is_some_and(|p| p != etcd))
+    })?;
+
+    // 3. QEMU is killed: HA restarts it in place.
+    let acks = AckWatcher::start(&lab.client_ns(), &d.ip);
+    std::thread::sleep(Duration::from_secs(1));
+    let t0 = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    wait_for("d restarted on h2", Duration::from_secs(60), || {
+        Ok(running_on(&lab, "d")
+            .iter()
+            .any(|(h, p)| h == "h2" && *p != pid))
+    })?;
+    h2.wait_console("d", "FERRY-READY", READY)?;
+    eprintln!(
+        "QEMU kill: guest up again {:.1} s later",
+        t0.elapsed().as_secs_f64()
+    );
+    let acked = acks.stop();
+    start_writer(&h2, &d, "d2")?;
+    std::thread::sleep(Duration::from_secs(2));
+    verify(&h2, &d, &["d1", "d2"], acked)?;
+    let events = String::from_utf8_lossy(&h2.ferry(&["events", "--vm", "d"])?.stdout).into_owned();
+    assert!(events.contains("HA restart 1 of 3"), "{events}");
+
+    // 4. The daemon dies for good: the watchdog kills the HA QEMU before the lease
+    // expires, then HA restarts the VM elsewhere; the restarted daemon runs nothing.
+    h2.guest_sh("d", &format!("rm -f /tmp/stop-writer; {RECORD_WRITER}; (ferry_writer d3 /dev/vda $(( $(cat /tmp/writer-seq) + 1 )) > /dev/null 2>&1 &)"))?;
+    let acks = AckWatcher::start(&lab.client_ns(), &d.ip);
+    std::thread::sleep(Duration::from_secs(2));
+    let qemu = lab.qemu_pids("h2");
+    assert_eq!(qemu.len(), 1);
+    let t0 = Instant::now();
+    lab.kill_daemon("h2")?;
+    wait_for("watchdog kill on h2", Duration::from_secs(6), || {
+        Ok(lab.qemu_pids("h2").is_empty())
+    })?;
+    eprintln!(
+        "watchdog fired {:.1} s after the daemon died",
+        t0.elapsed().as_secs_f64()
+    );
+    let to = wait_recovered(&lab, "d", "h2", t0)?;
+    let acked = acks.stop();
+    lab.start_daemon("h2")?;
+    lab.wait_daemon("h2")?;
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(lab.qemu_pids("h2").is_empty());
+    assert!(h2.vm_names()?.is_empty());
+    let c = lab.cli(&to)?;
+    start_writer(&c, &d, "d4")?;
+    std::thread::sleep(Duration::from_secs(2));
+    let rep = verify(&c, &d, &["d1", "d2", "d3", "d4"], None)?;
+    let d3_end = rep.runs.iter().take(3).map(|(_, n)| n).sum::<u64>();
+    if let Some(a) = acked {
+        assert!(d3_end > a, "acknowledged record {a} lost: {rep}");
+    }
+    Ok(())
+}
+
+#[test]
+fn cluster_commands_and_bad_requests() -> Result<()> {
+    let lab = ClusterLab::for_test(FERRY, 2)?;
+    let h1 = lab.cli("h1")?;
+    let st = cluster_status(&h1)?;
+    assert_eq!(st["etcd_voters"], 2);
+    // Two voters: the status says a witness is needed.
+    assert!(
+        st["warnings"][0]
+            .as_str()
+            .unwrap_or("")
+            .contains("third voter"),
+        "{st}"
+    );
+    // Already a member: init and join are refused and change nothing.
+    let o = h1.ferry(&["cluster", "init", "--address", "10.78.0.11"])?;
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already in a cluster"));
+    // A bad HA mode, a bad group name: refused, nothing changed.
+    let o = h1.ferry(&["vm", "create", "x", "--memory", "64M", "--ha", "sometimes"])?;
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--ha sometimes"));
+    h1.ferry_ok(&["vm", "create", "x", "--memory", "64M"])?;
+    let o = h1.ferry(&[
+        "vm",
+        "ha",
+        "x",
+        "--ha",
+        "restart",
+        "--ha-group",
+        "bad name!",
+    ])?;
+    assert!(!o.status.success());
+    let v = h1.ferry_json(&["vm", "show", "x"])?;
+    assert!(v["spec"].get("ha").is_none(), "{v}");
+    h1.ferry_ok(&["vm", "ha", "x", "--ha", "restart", "--ha-priority", "5"])?;
+    let v = h1.ferry_json(&["vm", "show", "x"])?;
+    assert_eq!(v["spec"]["ha"]["priority"], 5);
+    // VM ids are the cluster's: a VM on h2 gets the next one.
+    let id1 = v["id"].as_u64().unwrap();
+    let h2 = lab.cli("h2")?;
+    h2.ferry_ok(&["vm", "create", "y", "--memory", "64M"])?;
+    assert!(h2.ferry_json(&["vm", "show", "y"])?["id"].as_u64().unwrap() > id1);
+    // No VM runs on h2: it leaves, and keeps its VM in its own store.
+    h2.ferry_ok(&["cluster", "leave"])?;
+    let st = cluster_status(&h2)?;
+    assert_eq!(st["clustered"], false);
+    assert_eq!(h2.vm_names()?, vec!["y".to_string()]);
+    let st = cluster_status(&h1)?;
+    assert_eq!(st["etcd_voters"], 1);
+    if st["members"].as_array().map(|m| m.len()) != Some(1) {
+        bail!("h2 still listed: {st}");
+    }
+    Ok(())
+}
