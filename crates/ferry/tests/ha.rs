@@ -101,6 +101,18 @@ fn wait_recovered(lab: &ClusterLab, vm: &str, not_on: &str, t0: Instant) -> Resu
     Ok(host)
 }
 
+/// Waits until the client gets an answer from `ip` again.
+fn wait_answers(lab: &ClusterLab, ip: &str) -> Result<()> {
+    wait_for(&format!("{ip} answering"), Duration::from_secs(30), || {
+        Ok(lab
+            .client_cmd("ping")
+            .args(["-c", "1", "-W", "1", ip])
+            .stdout(std::process::Stdio::null())
+            .status()?
+            .success())
+    })
+}
+
 /// Stops the writer on `host` and checks the disk: no gap, no corruption, instances in
 /// `insts` order with no interleaving, and every acknowledged record present.
 fn verify(cli: &Cli, vm: &HaVm, insts: &[&str], acked: Option<u64>) -> Result<RecordReport> {
@@ -182,7 +194,7 @@ fn host_failures_restart_ha_vms_elsewhere_exactly_once() -> Result<()> {
     let t0 = Instant::now();
     lab.kill_host(&other)?;
     let to = wait_recovered(&lab, "a", &other, t0)?;
-    std::thread::sleep(Duration::from_secs(1));
+    wait_answers(&lab, &a.ip)?;
     let pings = ping.stop();
     let acked = acks.stop();
     eprintln!("host failure: client pings {pings}");
@@ -244,6 +256,7 @@ fn a_partitioned_host_fences_itself_and_does_not_resume_after_healing() -> Resul
         t0.elapsed().as_secs_f64()
     );
     let to = wait_recovered(&lab, "p", "h3", t0)?;
+    wait_answers(&lab, &p.ip)?;
     let pings = ping.stop();
     let acked = acks.stop();
     eprintln!("partition: client pings {pings}");

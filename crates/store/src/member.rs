@@ -59,6 +59,9 @@ impl MemberConfig {
                 if self.new_cluster { "new" } else { "existing" }
             ),
             "--initial-cluster-token=ferry".into(),
+            // A member returning from a partition must not depose the leader (its
+            // higher term would force an election and stall every lease renewal).
+            "--pre-vote=true".into(),
             format!("--heartbeat-interval={}", self.heartbeat_ms),
             format!("--election-timeout={}", self.election_ms),
             // Keep a day of history for watches; compact the rest.

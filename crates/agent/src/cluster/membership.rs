@@ -117,8 +117,10 @@ fn member_config(cfg: &ClusterConfig, paths: &EtcdPaths, new: bool) -> MemberCon
         peer_url: format!("http://{}:{PEER_PORT}", cfg.address),
         initial_cluster: cfg.initial_cluster.clone(),
         new_cluster: new,
-        heartbeat_ms: 100,
-        election_ms: 1000,
+        // A LAN: a leader's loss is noticed in half a second, well inside the time a
+        // host may go without renewing its lease before it fences itself.
+        heartbeat_ms: 50,
+        election_ms: 500,
     }
 }
 
