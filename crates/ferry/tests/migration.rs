@@ -178,7 +178,8 @@ fn failed(child: std::process::Child) -> Result<String> {
 
 #[test]
 fn failed_migrations_leave_the_vm_running_on_the_source() -> Result<()> {
-    let mut lab = ClusterLab::for_test(FERRY, 2)?;
+    // Three hosts: cutting one of two etcd voters would stop the whole cluster.
+    let mut lab = ClusterLab::for_test(FERRY, 3)?;
     let (h1, h2) = (lab.cli("h1")?, lab.cli("h2")?);
     let vm = boot(&h1, "db", "10.78.0.120", Some("pool=shared,size=16M"))?;
     let vol = vm["spec"]["disks"][0]["volume"]

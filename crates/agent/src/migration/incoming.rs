@@ -348,8 +348,11 @@ impl Agent {
         let mut silent_since: Option<Instant> = None;
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let Ok((rec, _)) = self.record(&name).await else {
-                return;
+            // The store may be out of reach for a while (a partition): keep watching.
+            let rec = match self.record(&name).await {
+                Ok((rec, _)) => rec,
+                Err(AgentError::NotFound(_)) => return,
+                Err(_) => continue,
             };
             let Some(source) = rec.incoming_from.clone() else {
                 return;
@@ -398,17 +401,18 @@ impl Agent {
                         since.elapsed() >= SOURCE_SILENCE && !status.starts_with("postcopy")
                     }
                 },
-                Err(_) => true,
+                Err(AgentError::NotFound(_)) => true,
+                Err(_) => continue, // the host list is in the store: not reachable now
             };
             if drop_it {
                 let _op = slot.op.lock().await;
                 // Checked again under the lock: the source may have finished meanwhile.
-                if self
-                    .record(&name)
-                    .await
-                    .is_ok_and(|(r, _)| r.incoming_from.is_some())
-                {
-                    self.drop_incoming_locked(&name, &slot).await;
+                match self.record(&name).await {
+                    Ok((r, _)) if r.incoming_from.is_some() => {
+                        self.drop_incoming_locked(&name, &slot).await;
+                    }
+                    Ok(_) | Err(AgentError::NotFound(_)) => {}
+                    Err(_) => continue,
                 }
                 return;
             }
