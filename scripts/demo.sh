@@ -3,8 +3,10 @@
 # (state in /var/tmp/ferry-demo), defines the test VM `demo1` (1 vCPU, 256 MiB, a 1 GiB
 # virtio disk, an empty CD-ROM, a NIC on the isolated bridge ferrydemo0), boots it, and
 # shows `ferry vm list` and its console. Then a 3-host lab cluster (`ferry lab up --name
-# demo`: namespaces, one daemon per host, a shared pool) with VM `web` on the shared pool,
-# moved live to another host while the client pings it. Everything keeps running:
+# demo`: namespaces, one daemon and etcd member per host, a shared pool) with the HA VM
+# `web` on the shared pool, moved live to another host while the client pings it; then
+# the host it runs on is killed and HA restarts web on another one, and the host comes
+# back. Everything keeps running:
 #   target/release/ferry vm console demo1     (type commands; Ctrl-] detaches)
 #   target/release/ferry vm stop demo1        (ACPI shutdown)
 # Run it again at any time; it reuses what is there.
@@ -50,18 +52,20 @@ printf 'echo "hello from $(hostname): up $(cut -d" " -f1 /proc/uptime)s, disks: 
   | "$ferry" vm console demo1 | tail -n 3
 echo
 echo "== a 3-host lab cluster: ferry lab up --hosts 3 --name demo"
-if ! "$ferry" lab status --name demo >/dev/null 2>&1; then
+on() { local h=$1; shift; "$ferry" lab exec --name demo "$h" -- "$ferry" "$@"; }
+# (Re)made unless a demo lab with an etcd cluster runs already.
+if ! "$ferry" lab status --name demo >/dev/null 2>&1 \
+   || ! on h1 --json cluster status 2>/dev/null | grep -q '"clustered": *true'; then
   "$ferry" lab down --name demo >/dev/null
   "$ferry" lab up --hosts 3 --name demo
 fi
-on() { local h=$1; shift; "$ferry" lab exec --name demo "$h" -- "$ferry" "$@"; }
 where=""
 for h in h1 h2 h3; do
   if on "$h" vm show web >/dev/null 2>&1; then where=$h; fi
 done
 if [ -z "$where" ]; then
   echo "== defining web on h1 (disk on the shared pool, NIC on the host bridge)"
-  on h1 vm create web --cpus 1 --memory 256M --disk pool=shared,size=1G --nic bridge=br0 \
+  on h1 vm create web --cpus 1 --memory 256M --disk pool=shared,size=1G --nic bridge=br0 --ha restart \
     --kernel "$guest/vmlinux" --initrd "$guest/initrd.img" \
     --append "console=ttyS0 quiet ip=10.78.0.100/24 ferry.hostname=web"
   where=h1
@@ -80,7 +84,33 @@ sleep 1
 on "$where" vm migrate web --to "$to"
 wait "$pinger" || true
 tail -n 2 "$demo/ping.txt"
+
+echo "== HA: host $to dies (every process: daemon, etcd member, QEMU); web restarts on another host"
+on "$to" vm ha web --ha restart >/dev/null
+"$ferry" lab kill "$to" --name demo
+t0=$(date +%s.%N)
+new=""
+for _ in $(seq 240); do
+  for h in h1 h2 h3; do
+    [ "$h" = "$to" ] && continue
+    s=$(on "$h" --json vm show web 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])' 2>/dev/null || true)
+    if [ "$s" = running ]; then new=$h; break 2; fi
+  done
+  sleep 0.25
+done
+[ -n "$new" ] || { echo "web was not restarted" >&2; exit 1; }
+until "$ferry" lab exec --name demo client -- ping -c 1 -W 1 10.78.0.100 >/dev/null 2>&1; do sleep 0.2; done
+echo "web runs on $new and answers pings $(python3 -c "print(round($(date +%s.%N) - $t0, 1))") s after the host died"
+on "$new" cluster status
+echo "== host $to comes back (its daemon restarts its etcd member and rejoins)"
+"$ferry" lab start "$to" --name demo >/dev/null
+for _ in $(seq 120); do
+  on "$new" --json cluster status 2>/dev/null | python3 -c 'import json,sys; s=json.load(sys.stdin); sys.exit(0 if all(m["state"]=="online" for m in s["members"]) else 1)' && break
+  sleep 0.5
+done
+on "$new" cluster status
 "$ferry" lab status --name demo
+to=$new
 
 cat <<MSG
 
@@ -93,5 +123,7 @@ The lab cluster (hosts h1-h3 at 10.78.0.11-13, web at 10.78.0.100, client 10.78.
   $ferry lab status --name demo
   $ferry lab exec --name demo $to -- $ferry vm migrate web --to h1
   $ferry lab exec --name demo h1 -- $ferry host list
-  $ferry lab cut h2 --name demo ; $ferry lab heal h2 --name demo ; $ferry lab down --name demo
+  $ferry lab exec --name demo h1 -- $ferry cluster status
+  $ferry lab cut h2 --name demo ; $ferry lab heal h2 --name demo ; $ferry lab kill h2 --name demo ; $ferry lab start h2 --name demo
+  $ferry lab down --name demo
 MSG

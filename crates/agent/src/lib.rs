@@ -136,8 +136,8 @@ impl Agent {
         agent.recover_migrations().await;
         if agent.inner.cluster.is_some() {
             tokio::spawn(agent.clone().lease_loop());
-            tokio::spawn(agent.clone().ha_loop());
         }
+        tokio::spawn(agent.clone().ha_loop());
         tracing::info!(%accel, "agent ready");
         Ok(agent)
     }

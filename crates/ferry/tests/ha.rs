@@ -372,6 +372,23 @@ fn daemon_qemu_and_etcd_member_faults_keep_exactly_one_instance() -> Result<()> 
     if let Some(a) = acked {
         assert!(d3_end > a, "acknowledged record {a} lost: {rep}");
     }
+
+    // 5. A crash loop: with at most one restart per host (the recovery start counted),
+    // the next crash moves the VM to another host instead.
+    c.ferry_ok(&["vm", "ha", "d", "--ha-max-restarts", "1"])?;
+    let pid = running_on(&lab, "d")[0].1;
+    let t0 = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let moved = wait_recovered(&lab, "d", &to, t0)?;
+    let events = String::from_utf8_lossy(&c.ferry(&["events", "--vm", "d"])?.stdout).into_owned();
+    assert!(events.contains("HA moves it to another host"), "{events}");
+    let m = lab.cli(&moved)?;
+    start_writer(&m, &d, "d5")?;
+    std::thread::sleep(Duration::from_secs(2));
+    verify(&m, &d, &["d1", "d2", "d3", "d4", "d5"], None)?;
     Ok(())
 }
 

@@ -260,6 +260,28 @@ fn vm_dead_while_daemon_down_is_crashed_and_kill_reboot_work() -> Result<()> {
     lab.ferry_ok(&["vm", "kill", "db1"])?;
     assert_eq!(state(&lab, "db1")?.0, "stopped");
     assert!(lab.qemu_pids().is_empty());
+
+    // HA on a single host: a crash is restarted in place; a hard stop by the user is not.
+    lab.ferry_ok(&["vm", "ha", "db1", "--ha", "restart"])?;
+    lab.ferry_ok(&["vm", "start", "db1"])?;
+    let (_, pid4) = state(&lab, "db1")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid4.unwrap() as i32),
+        nix::sys::signal::SIGKILL,
+    )?;
+    let t = std::time::Instant::now();
+    loop {
+        let (st, pid) = state(&lab, "db1")?;
+        if st == "running" && pid != pid4 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "not restarted: {st}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    lab.wait_console("db1", "FERRY-READY", BOOT)?;
+    lab.ferry_ok(&["vm", "kill", "db1"])?;
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(state(&lab, "db1")?.0, "stopped");
     Ok(())
 }
 

@@ -357,6 +357,9 @@ impl VmSpec {
     pub fn validate(&self) -> Result<(), ValidationErrors> {
         let mut e = ValidationErrors::default();
         check_name(&mut e, "name", &self.name);
+        if let Some(g) = &self.ha.anti_affinity {
+            check_name(&mut e, "ha.anti_affinity", g);
+        }
         if self.cpus == 0 || self.cpus > MAX_CPUS {
             e.push("cpus", format!("must be between 1 and {MAX_CPUS}"));
         }

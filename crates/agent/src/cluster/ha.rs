@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use super::lease::Alive;
 use super::membership::{ALIVE, FENCED, MANAGER};
 
-const TICK: Duration = Duration::from_millis(500);
+const TICK: Duration = Duration::from_millis(250);
 const RESTART_WINDOW: Duration = Duration::from_secs(600);
 
 /// Crash restarts per VM on this host (in memory).
@@ -43,6 +43,9 @@ impl Agent {
             }
             if let Err(e) = self.local_round().await {
                 tracing::debug!(error = %e, "HA local round");
+            }
+            if self.inner.cluster.is_none() {
+                continue; // one host: crash restarts only
             }
             match self.try_manager().await {
                 Ok(true) => {
@@ -86,7 +89,9 @@ impl Agent {
                 (v.len(), v.last().copied())
             };
             if count as u32 >= rec.spec.ha.max_restarts {
-                self.mark_relocate(&name).await?;
+                if self.inner.cluster.is_some() {
+                    self.mark_relocate(&name).await?;
+                }
                 continue;
             }
             if let Some(last) = last {

@@ -269,7 +269,7 @@ impl Agent {
             if past {
                 self.self_fence("the cluster lease could not be renewed in time");
             }
-            if round % 20 == 0 {
+            if round.is_multiple_of(20) {
                 self.refresh_endpoints(&link).await;
             }
             if round % 5 == 4 {

@@ -13,10 +13,15 @@
 //! dirtying guests, pings lost and longest gap at 10 ms and 1 ms, against plain QEMU
 //! migrating the same guest with its defaults.
 //!
-//! Usage: `ferry-bench [core|snapshots|migration] [--runs N] [--vms N] [--json]` (as root; the
+//! `ferry-bench failover [--ttls 2,3,5] [--runs 3]`: HA failover per fault (host killed,
+//! cut off, daemon killed, QEMU killed) and lease TTL in a 3-host etcd lab: fault → new
+//! QEMU and fault → pings answered, and the most instances of the VM seen at once.
+//!
+//! Usage: `ferry-bench [core|snapshots|migration|failover] [--runs N] [--vms N] [--json]` (as root; the
 //! `ferry` binary next to this one, or `FERRY_BIN`). Everything runs in a lab namespace,
 //! removed at the end.
 
+mod failbench;
 mod migbench;
 mod snapbench;
 
@@ -216,6 +221,9 @@ fn main() -> Result<()> {
     }
     if std::env::args().nth(1).as_deref() == Some("migration") {
         return migbench::run();
+    }
+    if std::env::args().nth(1).as_deref() == Some("failover") {
+        return failbench::run();
     }
     let runs = arg("--runs", 10);
     let nvms = arg("--vms", 1000);
