@@ -111,6 +111,7 @@ done
 on "$new" cluster status
 "$ferry" lab status --name demo
 to=$new
+back=h1; [ "$to" = h1 ] && back=h2
 
 cat <<MSG
 
@@ -121,7 +122,7 @@ ferry is running: API http://127.0.0.1:8470/api/v1 (Swagger UI: http://127.0.0.1
   kill \$(cat $demo/daemon.pid)   # stops the daemon; VMs keep running and are re-adopted at the next start
 The lab cluster (hosts h1-h3 at 10.78.0.11-13, web at 10.78.0.100, client 10.78.0.2):
   $ferry lab status --name demo
-  $ferry lab exec --name demo $to -- $ferry vm migrate web --to h1
+  $ferry lab exec --name demo $to -- $ferry vm migrate web --to $back
   $ferry lab exec --name demo h1 -- $ferry host list
   $ferry lab exec --name demo h1 -- $ferry cluster status
   $ferry lab cut h2 --name demo ; $ferry lab heal h2 --name demo ; $ferry lab kill h2 --name demo ; $ferry lab start h2 --name demo

@@ -73,6 +73,8 @@ struct Inner {
     qemu_version: String,
     /// Outgoing live migrations: VM → (destination, QEMU's last status).
     outgoing: Mutex<HashMap<String, (String, String)>>,
+    /// Incoming live migrations: VM → (id, spec), for the claim at switchover.
+    claims: Mutex<HashMap<String, (u32, ferry_types::VmSpec)>>,
     /// The etcd cluster this host belongs to.
     cluster: Option<cluster::ClusterLink>,
     lease: Mutex<cluster::lease::LeaseState>,
@@ -124,6 +126,7 @@ impl Agent {
                 slots: Mutex::new(HashMap::new()),
                 qemu_version,
                 outgoing: Mutex::new(HashMap::new()),
+                claims: Mutex::new(HashMap::new()),
                 cluster,
                 lease: Mutex::new(Default::default()),
                 restarts: Mutex::new(Default::default()),

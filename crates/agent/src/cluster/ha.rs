@@ -21,9 +21,14 @@ use super::membership::{ALIVE, FENCED, MANAGER};
 const TICK: Duration = Duration::from_millis(250);
 const RESTART_WINDOW: Duration = Duration::from_secs(600);
 
-/// Crash restarts per VM on this host (in memory).
+/// A full manager round (every VM record of every host) at least this often; in
+/// between only the hosts' leases are read, unless one is missing.
+const FULL_ROUND: Duration = Duration::from_secs(2);
+
+/// Crash restarts per VM on this host (in memory), and when the manager last read
+/// every record.
 #[derive(Default)]
-pub(crate) struct Restarts(HashMap<String, Vec<Instant>>);
+pub(crate) struct Restarts(HashMap<String, Vec<Instant>>, Option<Instant>);
 
 /// Should an HA VM in this state be running?
 fn wanted(state: VmState) -> bool {
@@ -195,14 +200,29 @@ impl Agent {
             .is_some_and(|kv| kv.value == me))
     }
 
-    /// One manager round: read the cluster, plan, carry out.
+    /// One manager round: read the cluster, plan, carry out. Cheap while every host
+    /// holds its lease (two reads); everything is read when one does not, and every
+    /// [`FULL_ROUND`] (relocation requests, fenced marks).
     async fn manager_round(&self) -> Result<()> {
         let link = self.cluster_link()?;
         let root = &link.root;
+        let members = link.members().await?;
+        let alive = root.list(ALIVE).await?.len();
+        {
+            let mut r = self
+                .inner
+                .restarts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let recent = r.1.is_some_and(|t| t.elapsed() < FULL_ROUND);
+            if alive >= members.len() && recent {
+                return Ok(());
+            }
+            r.1 = Some(Instant::now());
+        }
         let mut hosts = vec![];
         let mut vms = vec![];
         let mut records: HashMap<(String, String), (VmRecord, i64)> = HashMap::new();
-        let members = link.members().await?;
         for h in &members {
             let alive = root
                 .get_json::<Alive>(&format!("{ALIVE}{}", h.name))

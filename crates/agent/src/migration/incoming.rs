@@ -84,6 +84,12 @@ impl Agent {
             self.remove_volumes(&made).await;
             return Err(AgentError::Conflict(format!("A VM named {name} exists")));
         }
+        // The claim happens while the guest is paused: it must not wait for the store.
+        self.inner
+            .claims
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.clone(), (rec.id, rec.spec.clone()));
         let r = async {
             for s in &req.vm.snapshots {
                 self.inner
@@ -215,25 +221,37 @@ impl Agent {
     /// The source paused the guest for switchover: make the LAN send the VM's frames
     /// here (they wait in the taps until the guest runs) instead of to the paused source.
     pub async fn claim_incoming(&self, name: &str) -> Result<()> {
-        let (rec, _) = self.record(name).await?;
-        if rec.incoming_from.is_none() {
-            return Err(AgentError::Conflict(format!("{name} is not arriving here")));
-        }
+        let cached = self
+            .inner
+            .claims
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        let (id, spec) = match cached {
+            Some(c) => c,
+            None => {
+                let (rec, _) = self.record(name).await?;
+                if rec.incoming_from.is_none() {
+                    return Err(AgentError::Conflict(format!("{name} is not arriving here")));
+                }
+                (rec.id, rec.spec)
+            }
+        };
         // This host's bridge may have learned the MAC on its uplink while the VM ran
         // elsewhere: it would drop the VM's frames coming in there. Point it at the tap.
-        for (k, n) in rec.spec.nics.iter().enumerate() {
+        for (k, n) in spec.nics.iter().enumerate() {
             if let Some(mac) = n
                 .mac
                 .as_deref()
                 .and_then(|m| ferry_types::parse_mac(m).ok())
             {
-                let tap = ferry_net::tap_name(rec.id, k);
+                let tap = ferry_net::tap_name(id, k);
                 if let Err(e) = ferry_net::fdb_point(&tap, mac).await {
                     tracing::warn!(vm = name, %tap, error = %e, "cannot point the bridge at the tap");
                 }
             }
         }
-        self.announce_vm(&rec.spec);
+        self.announce_vm(&spec);
         Ok(())
     }
 
@@ -251,6 +269,7 @@ impl Agent {
         slot: &Arc<Slot>,
         success: bool,
     ) -> Result<Vec<String>> {
+        self.forget_claim(name);
         let (rec, _) = self.record(name).await?;
         let Some(source) = rec.incoming_from.clone() else {
             if success {
@@ -309,7 +328,16 @@ impl Agent {
 
     /// Removes a prepared VM that never became this host's: QEMU, record, volumes made
     /// for copied disks (disks on pools only this host sees).
+    fn forget_claim(&self, name: &str) {
+        self.inner
+            .claims
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+    }
+
     pub(crate) async fn drop_incoming_locked(&self, name: &str, slot: &Arc<Slot>) {
+        self.forget_claim(name);
         let Ok((rec, _)) = self.record(name).await else {
             return;
         };

@@ -267,6 +267,10 @@ impl Agent {
         postcopy: bool,
         ctx: &TaskCtx,
     ) -> Result<Attempt> {
+        // Resolved now: the guest is paused when the claim goes out.
+        let claim_peer = self
+            .peer_with_timeout(&req.to, Duration::from_secs(2))
+            .await?;
         // The pause before switchover is where the destination claims the MACs (and
         // disk mirrors complete); events tell it without polling.
         let caps = json!({"capabilities": [
@@ -316,7 +320,7 @@ impl Agent {
                     if pre && !switched {
                         switched = true;
                         let t = Instant::now();
-                        self.switchover(name, qmp, req, copy, ctx).await?;
+                        self.switchover(name, qmp, req, &claim_peer, copy, ctx).await?;
                         switchover = t.elapsed();
                     }
                     // An end status is read at once rather than at the next tick.
@@ -360,7 +364,8 @@ impl Agent {
                     if !switched {
                         switched = true;
                         let t = Instant::now();
-                        self.switchover(name, qmp, req, copy, ctx).await?;
+                        self.switchover(name, qmp, req, &claim_peer, copy, ctx)
+                            .await?;
                         switchover = t.elapsed();
                     }
                     continue;
@@ -441,13 +446,12 @@ impl Agent {
         name: &str,
         qmp: &Qmp,
         req: &MigrateRequest,
+        peer: &crate::cluster::Peer,
         copy: &[usize],
         ctx: &TaskCtx,
     ) -> Result<()> {
         self.complete_mirrors(qmp, copy).await?;
-        let peer = self
-            .peer_with_timeout(&req.to, Duration::from_secs(2))
-            .await?;
+        let peer = peer.clone();
         let (path, ctx2, to) = (
             format!("/api/v1/migrations/incoming/{name}/claim"),
             ctx.clone(),
