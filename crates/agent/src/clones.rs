@@ -19,12 +19,7 @@ impl Agent {
         check_name(&mut e, "name", &req.name);
         e.into_result()?;
         let (rec, _) = self.record(src).await?;
-        if self.inner.store.get(&vm_key(&req.name)).await?.is_some() {
-            return Err(AgentError::Conflict(format!(
-                "VM {} already exists",
-                req.name
-            )));
-        }
+        self.check_name_free(&req.name).await?;
         if !rec.template {
             self.slot(src).state().check(VmAction::Clone)?;
         }

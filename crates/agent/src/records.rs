@@ -101,6 +101,29 @@ impl Agent {
         }
     }
 
+    /// A new VM's name must be free here and, in a cluster, on every other host (HA and
+    /// migration move VMs by name).
+    pub(crate) async fn check_name_free(&self, name: &str) -> Result<()> {
+        if self.inner.store.get(&vm_key(name)).await?.is_some() {
+            return Err(AgentError::Conflict(format!("VM {name} already exists")));
+        }
+        if let Some(c) = &self.inner.cluster {
+            for h in c.members().await? {
+                if h.name == self.host_name() {
+                    continue;
+                }
+                let key = format!("/hosts/{}/vms/{name}", h.name);
+                if ferry_store::Store::get(&c.root, &key).await?.is_some() {
+                    return Err(AgentError::Conflict(format!(
+                        "VM {name} already exists on host {}",
+                        h.name
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Records the lock generations got at start; the HA origin is settled then.
     pub(crate) async fn save_lock_generations(
         &self,

@@ -201,12 +201,7 @@ impl Agent {
     /// Defines a VM. Either everything is created (record and new volumes) or nothing.
     pub async fn create_vm(&self, mut spec: VmSpec) -> Result<Vm> {
         spec.validate()?;
-        if self.inner.store.get(&vm_key(&spec.name)).await?.is_some() {
-            return Err(AgentError::Conflict(format!(
-                "VM {} already exists",
-                spec.name
-            )));
-        }
+        self.check_name_free(&spec.name).await?;
         self.check_host(&spec, None).await?;
         self.assign_macs(&mut spec, None).await?;
         let id = self.allocate_id().await?;

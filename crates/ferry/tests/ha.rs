@@ -429,9 +429,17 @@ fn cluster_commands_and_bad_requests() -> Result<()> {
     h1.ferry_ok(&["vm", "ha", "x", "--ha", "restart", "--ha-priority", "5"])?;
     let v = h1.ferry_json(&["vm", "show", "x"])?;
     assert_eq!(v["spec"]["ha"]["priority"], 5);
-    // VM ids are the cluster's: a VM on h2 gets the next one.
+    // VM ids are the cluster's: a VM on h2 gets the next one; names are the cluster's.
     let id1 = v["id"].as_u64().unwrap();
     let h2 = lab.cli("h2")?;
+    let o = h2.ferry(&["vm", "create", "x", "--memory", "64M"])?;
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("already exists on host h1"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(h2.vm_names()?.is_empty());
     h2.ferry_ok(&["vm", "create", "y", "--memory", "64M"])?;
     assert!(h2.ferry_json(&["vm", "show", "y"])?["id"].as_u64().unwrap() > id1);
     // No VM runs on h2: it leaves, and keeps its VM in its own store.
