@@ -32,6 +32,9 @@ enum Cmd {
     Watchdog {
         #[arg(long)]
         run_dir: PathBuf,
+        /// A hardware watchdog device to feed while the lease holds.
+        #[arg(long)]
+        device: Option<PathBuf>,
     },
     #[command(flatten)]
     Cli(ferry_cli::Command),
@@ -60,6 +63,11 @@ struct ServeArgs {
     /// The cluster file: JSON `{"hosts": [{"name", "api", "address"}]}`.
     #[arg(long)]
     cluster: Option<PathBuf>,
+    /// In an etcd cluster, let the HA watchdog also feed this hardware watchdog
+    /// (e.g. /dev/watchdog): it stops feeding once the lease deadline passes, so the
+    /// host is reset if its HA VMs could not be killed.
+    #[arg(long)]
+    hardware_watchdog: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -75,7 +83,7 @@ fn main() -> Result<()> {
                 .init();
             rt.block_on(serve(a))
         }
-        Cmd::Watchdog { run_dir } => ferry_agent::run_watchdog(&run_dir),
+        Cmd::Watchdog { run_dir, device } => ferry_agent::run_watchdog(&run_dir, device.as_deref()),
         Cmd::Lab(l) => {
             if let Err(e) = lab::run(l) {
                 eprintln!("ferry lab: {e:#}");
@@ -103,7 +111,11 @@ fn lock_state_dir(dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::Fi
 }
 
 /// Starts `ferry watchdog` for `run_dir` unless one runs; it outlives the daemon.
-fn ensure_watchdog(run_dir: &std::path::Path, log: &std::path::Path) -> Result<()> {
+fn ensure_watchdog(
+    run_dir: &std::path::Path,
+    log: &std::path::Path,
+    device: Option<&std::path::Path>,
+) -> Result<()> {
     let pidfile = run_dir.join("watchdog.pid");
     let needle = run_dir.as_os_str().as_encoded_bytes().to_vec();
     let running = std::fs::read_to_string(&pidfile)
@@ -128,6 +140,11 @@ fn ensure_watchdog(run_dir: &std::path::Path, log: &std::path::Path) -> Result<(
         .arg("watchdog")
         .arg("--run-dir")
         .arg(run_dir)
+        .args(
+            device
+                .map(|d| vec![std::ffi::OsStr::new("--device"), d.as_os_str()])
+                .unwrap_or_default(),
+        )
         .output()
         .context("Start the watchdog")?;
     let pid = String::from_utf8_lossy(&out.stdout).trim().to_string();
@@ -156,6 +173,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
             ensure_watchdog(
                 &a.run_dir,
                 &a.state_dir.join("cluster").join("watchdog.log"),
+                a.hardware_watchdog.as_deref(),
             )?;
             let link = ferry_agent::connect_cluster(&a.state_dir, &a.run_dir, &cc)
                 .await

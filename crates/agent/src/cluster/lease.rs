@@ -90,13 +90,43 @@ pub fn kill_ha_qemus(run_dir: &Path) -> Vec<i32> {
     killed
 }
 
+/// What the watchdog does on one tick.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum WatchdogStep {
+    /// Disarmed, or the deadline holds: feed the hardware watchdog, if any.
+    Feed,
+    /// Past the deadline: kill the HA QEMUs and stop feeding (the hardware watchdog,
+    /// if any, then resets the host: the last word of fencing).
+    Fence,
+}
+
+pub(crate) fn watchdog_step(deadline_ns: Option<u64>, now_ns: u64) -> WatchdogStep {
+    match deadline_ns {
+        Some(d) if now_ns > d => WatchdogStep::Fence,
+        _ => WatchdogStep::Feed,
+    }
+}
+
 /// `ferry watchdog`: every 100 ms, once the deadline in `{run_dir}/watchdog` has
-/// passed, kills the HA QEMUs. Disarmed while the file is absent. Runs until killed.
-pub fn run_watchdog(run_dir: &Path) -> ! {
+/// passed, kills the HA QEMUs. Disarmed while the file is absent. With `device` (a
+/// hardware watchdog such as `/dev/watchdog`) it feeds the device while the deadline
+/// holds and stops once it has passed, so a host whose processes cannot be killed is
+/// reset. Runs until killed.
+pub fn run_watchdog(run_dir: &Path, device: Option<&Path>) -> ! {
+    let mut dev = device.and_then(|d| match std::fs::OpenOptions::new().write(true).open(d) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            eprintln!(
+                "ferry watchdog: cannot open {}: {e}; software fencing only",
+                d.display()
+            );
+            None
+        }
+    });
     let mut fired = false;
     loop {
-        match watchdog_deadline(run_dir) {
-            Some(d) if mono_ns() > d => {
+        match watchdog_step(watchdog_deadline(run_dir), mono_ns()) {
+            WatchdogStep::Fence => {
                 let killed = kill_ha_qemus(run_dir);
                 if !killed.is_empty() || !fired {
                     eprintln!(
@@ -105,7 +135,13 @@ pub fn run_watchdog(run_dir: &Path) -> ! {
                 }
                 fired = true;
             }
-            _ => fired = false,
+            WatchdogStep::Feed => {
+                fired = false;
+                if let Some(f) = dev.as_mut() {
+                    use std::io::Write;
+                    let _ = f.write_all(b"\0").and_then(|_| f.flush());
+                }
+            }
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -293,5 +329,37 @@ impl Agent {
             .flat_map(|m| m.client_urls().iter().cloned())
             .collect();
         link.root.add_endpoints(&urls);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watchdog_feeds_until_the_deadline_then_fences() {
+        assert_eq!(watchdog_step(None, 5), WatchdogStep::Feed);
+        assert_eq!(watchdog_step(Some(10), 5), WatchdogStep::Feed);
+        assert_eq!(watchdog_step(Some(10), 10), WatchdogStep::Feed);
+        assert_eq!(watchdog_step(Some(10), 11), WatchdogStep::Fence);
+    }
+
+    #[test]
+    fn watchdog_file_round_trip_and_kill_scan_skip_non_ha() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(watchdog_deadline(d.path()), None);
+        std::fs::write(
+            watchdog_path(d.path()),
+            serde_json::to_vec(&WatchdogFile { deadline_ns: 42 }).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(watchdog_deadline(d.path()), Some(42));
+        // A VM run dir without the marker, and one with it but no live QEMU: nothing
+        // to kill (and no panic).
+        std::fs::create_dir_all(d.path().join("100")).unwrap();
+        std::fs::create_dir_all(d.path().join("101")).unwrap();
+        std::fs::write(d.path().join("101/ha"), b"").unwrap();
+        std::fs::write(d.path().join("101/qemu.pid"), b"1").unwrap();
+        assert!(kill_ha_qemus(d.path()).is_empty());
     }
 }
