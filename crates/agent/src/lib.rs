@@ -79,6 +79,8 @@ struct Inner {
     cluster: Option<cluster::ClusterLink>,
     lease: Mutex<cluster::lease::LeaseState>,
     restarts: Mutex<cluster::ha::Restarts>,
+    /// When the HA manager last read every VM record.
+    full_round: Mutex<Option<std::time::Instant>>,
     restart: tokio::sync::Notify,
 }
 
@@ -130,6 +132,7 @@ impl Agent {
                 cluster,
                 lease: Mutex::new(Default::default()),
                 restarts: Mutex::new(Default::default()),
+                full_round: Mutex::new(None),
                 restart: tokio::sync::Notify::new(),
             }),
         };

@@ -204,17 +204,10 @@ impl ClusterLab {
 
     /// The pid of `host`'s etcd member, if it runs.
     pub fn etcd_pid(&self, host: &str) -> Option<i32> {
-        let pid: i32 = std::fs::read_to_string(self.run_dir(host).join("etcd.pid"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?;
-        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        let needle = self.state_dir(host);
-        let needle = needle.as_os_str().as_encoded_bytes();
-        cmd.windows(needle.len())
-            .any(|w| w == needle)
-            .then_some(pid)
+        ferry_store::member::running(
+            &self.run_dir(host).join("etcd.pid"),
+            &self.state_dir(host).join("cluster").join("etcd"),
+        )
     }
 
     /// SIGKILLs `host`'s etcd member (the host and its daemon stay).

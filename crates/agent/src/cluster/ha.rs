@@ -25,10 +25,9 @@ const RESTART_WINDOW: Duration = Duration::from_secs(600);
 /// between only the hosts' leases are read, unless one is missing.
 const FULL_ROUND: Duration = Duration::from_secs(2);
 
-/// Crash restarts per VM on this host (in memory), and when the manager last read
-/// every record.
+/// Crash restarts per VM on this host (in memory).
 #[derive(Default)]
-pub(crate) struct Restarts(HashMap<String, Vec<Instant>>, Option<Instant>);
+pub(crate) struct Restarts(HashMap<String, Vec<Instant>>);
 
 /// Should an HA VM in this state be running?
 fn wanted(state: VmState) -> bool {
@@ -209,16 +208,16 @@ impl Agent {
         let members = link.members().await?;
         let alive = root.list(ALIVE).await?.len();
         {
-            let mut r = self
+            let mut last = self
                 .inner
-                .restarts
+                .full_round
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            let recent = r.1.is_some_and(|t| t.elapsed() < FULL_ROUND);
+            let recent = last.is_some_and(|t| t.elapsed() < FULL_ROUND);
             if alive >= members.len() && recent {
                 return Ok(());
             }
-            r.1 = Some(Instant::now());
+            *last = Some(Instant::now());
         }
         let mut hosts = vec![];
         let mut vms = vec![];

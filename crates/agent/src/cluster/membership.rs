@@ -147,6 +147,25 @@ fn etcd_err(what: impl Into<String>) -> impl FnOnce(etcd_client::Error) -> Agent
     move |source| AgentError::Etcd { what, source }
 }
 
+/// Runs a membership change, retrying for up to 30 s while etcd refuses it as
+/// "unhealthy cluster" (it does until the last added member has been connected a while).
+async fn while_unhealthy<T, F, Fut>(mut f: F) -> std::result::Result<T, etcd_client::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+{
+    let mut tries = 0;
+    loop {
+        match f().await {
+            Err(e) if tries < 60 && e.to_string().contains("unhealthy cluster") => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 /// `address` must be an IP of this host (something we can bind).
 fn check_own_address(address: &str) -> Result<()> {
     let ip: std::net::IpAddr = address
@@ -284,24 +303,21 @@ impl Agent {
                 },
             )
             .await?;
-        let mut client = link.root.client();
+        let client = link.root.client();
         let mut initial = vec![];
         let mut endpoints = vec![];
         if let Some(peer) = &req.peer_url {
-            // etcd refuses a new member until the last one has been connected a while
-            // ("unhealthy cluster"): retry for up to 30 s.
-            let mut tries = 0;
-            let added = loop {
-                match client.member_add([peer.as_str()], None).await {
-                    Ok(a) => break a,
-                    Err(e) if tries < 60 && e.to_string().contains("unhealthy cluster") => {
-                        tries += 1;
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
-                    Err(e) => {
-                        let _ = link.root.delete(&key).await;
-                        return Err(etcd_err(format!("Add etcd member {}", req.name))(e));
-                    }
+            let added = match while_unhealthy(|| {
+                let mut c = client.clone();
+                let peer = peer.clone();
+                async move { c.member_add([peer.as_str()], None).await }
+            })
+            .await
+            {
+                Ok(a) => a,
+                Err(e) => {
+                    let _ = link.root.delete(&key).await;
+                    return Err(etcd_err(format!("Add etcd member {}", req.name))(e));
                 }
             };
             for m in added.member_list() {
@@ -453,19 +469,12 @@ impl Agent {
             if let Some(m) = list.members().iter().find(|m| m.name() == name.as_str()) {
                 if list.members().len() > 1 {
                     let id = m.id();
-                    let mut tries = 0;
-                    loop {
-                        match link.root.client().member_remove(id).await {
-                            Ok(_) => break,
-                            Err(e) if tries < 60 && e.to_string().contains("unhealthy cluster") => {
-                                tries += 1;
-                                tokio::time::sleep(Duration::from_millis(500)).await;
-                            }
-                            Err(e) => {
-                                return Err(etcd_err(format!("Remove etcd member {name}"))(e))
-                            }
-                        }
-                    }
+                    while_unhealthy(|| {
+                        let mut c = link.root.client();
+                        async move { c.member_remove(id).await }
+                    })
+                    .await
+                    .map_err(etcd_err(format!("Remove etcd member {name}")))?;
                 }
             }
         }
