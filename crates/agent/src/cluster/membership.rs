@@ -469,8 +469,19 @@ impl Agent {
             if let Some(m) = list.members().iter().find(|m| m.name() == name.as_str()) {
                 if list.members().len() > 1 {
                     let id = m.id();
+                    // Asked of another member: ours stops as it leaves, which can cut
+                    // off the answer to a removal that did happen.
+                    let others: Vec<String> = list
+                        .members()
+                        .iter()
+                        .filter(|x| x.name() != name.as_str())
+                        .flat_map(|x| x.client_urls().iter().cloned())
+                        .collect();
+                    let c = etcd_client::Client::connect(others, None)
+                        .await
+                        .map_err(etcd_err("Connect to another etcd member"))?;
                     while_unhealthy(|| {
-                        let mut c = link.root.client();
+                        let mut c = c.clone();
                         async move { c.member_remove(id).await }
                     })
                     .await
