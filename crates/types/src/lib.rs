@@ -3,6 +3,7 @@
 //! this crate does no I/O.
 
 pub mod cluster;
+pub mod drs;
 pub mod error;
 pub mod event;
 pub mod host;
@@ -15,6 +16,7 @@ pub mod validate;
 pub mod vm;
 
 pub use cluster::*;
+pub use drs::*;
 pub use error::ApiErrorBody;
 pub use event::Event;
 pub use host::{ClusterFile, ClusterHost, HostInfo};

@@ -198,6 +198,12 @@ pub struct VmSpec {
     /// High availability (restart after a crash or a host failure).
     #[serde(default, skip_serializing_if = "crate::cluster::HaPolicy::is_off")]
     pub ha: crate::cluster::HaPolicy,
+    /// Where DRS may place it (affinity, anti-affinity, host labels, pins).
+    #[serde(default, skip_serializing_if = "crate::drs::PlacementRules::is_empty")]
+    pub placement: crate::drs::PlacementRules,
+    /// The resource pool whose reservation, limit and shares it shares.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_pool: Option<String>,
 }
 
 /// A defined VM with its runtime status, as the API returns it.
@@ -359,6 +365,10 @@ impl VmSpec {
         check_name(&mut e, "name", &self.name);
         if let Some(g) = &self.ha.anti_affinity {
             check_name(&mut e, "ha.anti_affinity", g);
+        }
+        self.placement.check(&mut e);
+        if let Some(p) = &self.resource_pool {
+            check_name(&mut e, "resource_pool", p);
         }
         if self.cpus == 0 || self.cpus > MAX_CPUS {
             e.push("cpus", format!("must be between 1 and {MAX_CPUS}"));

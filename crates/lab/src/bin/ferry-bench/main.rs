@@ -17,10 +17,14 @@
 //! cut off, daemon killed, QEMU killed) and lease TTL in a 3-host etcd lab: fault → new
 //! QEMU and fault → pings answered, and the most instances of the VM seen at once.
 //!
-//! Usage: `ferry-bench [core|snapshots|migration|failover] [--runs N] [--vms N] [--json]` (as root; the
+//! `ferry-bench drs [--sizes 10x200,100x2000,1000x20000]`: the DRS planner against
+//! Ganeti's hbal on the same synthetic clusters (no lab needed).
+//!
+//! Usage: `ferry-bench [core|snapshots|migration|failover|drs] [--runs N] [--vms N] [--json]` (as root; the
 //! `ferry` binary next to this one, or `FERRY_BIN`). Everything runs in a lab namespace,
 //! removed at the end.
 
+mod drsbench;
 mod failbench;
 mod migbench;
 mod snapbench;
@@ -221,6 +225,9 @@ fn main() -> Result<()> {
     }
     if std::env::args().nth(1).as_deref() == Some("migration") {
         return migbench::run();
+    }
+    if std::env::args().nth(1).as_deref() == Some("drs") {
+        return drsbench::run();
     }
     if std::env::args().nth(1).as_deref() == Some("failover") {
         return failbench::run();
