@@ -8,10 +8,12 @@
 //! Lifecycle operations on one VM are serialised by that VM's operation lock; the
 //! supervisor task of a running VM follows QMP events and notices QEMU's exit.
 
+mod cgroups;
 mod clones;
 mod cluster;
 mod console;
 mod devices;
+mod drs;
 mod error;
 mod events;
 mod lifecycle;
@@ -23,12 +25,14 @@ mod movedisk;
 mod pools;
 mod records;
 mod repair;
+mod respools;
 mod runtime;
 mod snapshots;
 mod suspend;
 mod tasks;
 mod vms;
 
+pub use cgroups::Cgroups;
 pub use cluster::lease::{kill_ha_qemus, run_watchdog};
 pub use cluster::{connect as connect_cluster, load_config as load_cluster_config, ClusterLink};
 pub use console::Console;
@@ -61,6 +65,32 @@ pub struct AgentConfig {
     pub cluster_file: Option<PathBuf>,
     /// The port of this daemon's API (for the API URL other hosts use).
     pub api_port: u16,
+    /// What DRS plans with on this host, and where resource pools live.
+    pub resources: HostResources,
+}
+
+/// This host's size and labels for DRS, and its cgroup tree for resource pools.
+#[derive(Debug, Clone)]
+pub struct HostResources {
+    /// Cores DRS plans with (default: the machine's).
+    pub cpus: Option<f64>,
+    /// Memory DRS plans with (default: the machine's).
+    pub memory_bytes: Option<u64>,
+    /// Labels VMs can require (`placement.host_labels`).
+    pub labels: Vec<String>,
+    /// Name of the cgroup directory holding the resource pools.
+    pub cgroup_root: String,
+}
+
+impl Default for HostResources {
+    fn default() -> Self {
+        HostResources {
+            cpus: None,
+            memory_bytes: None,
+            labels: vec![],
+            cgroup_root: "ferry".into(),
+        }
+    }
 }
 
 struct Inner {
@@ -82,6 +112,10 @@ struct Inner {
     /// When the HA manager last read every VM record.
     full_round: Mutex<Option<std::time::Instant>>,
     restart: tokio::sync::Notify,
+    /// Smoothed CPU load of this host's VMs (DRS).
+    loads: Mutex<drs::LoadTracker>,
+    /// Where resource pools are enforced.
+    cgroups: cgroups::Cgroups,
 }
 
 /// The agent. Cheap to clone.
@@ -118,6 +152,8 @@ impl Agent {
         let events = EventLog::load(store.clone()).await?;
         let tasks = Tasks::load(store.clone(), events.clone()).await?;
         let qemu_version = qemu_version(&cfg.qemu_binary).await;
+        let cgroups = cgroups::Cgroups::detect(&cfg.resources.cgroup_root);
+        tracing::info!(cgroups = %cgroups.describe(), "resource pools");
         let agent = Agent {
             inner: Arc::new(Inner {
                 cfg,
@@ -134,6 +170,8 @@ impl Agent {
                 restarts: Mutex::new(Default::default()),
                 full_round: Mutex::new(None),
                 restart: tokio::sync::Notify::new(),
+                loads: Mutex::new(Default::default()),
+                cgroups,
             }),
         };
         agent.ensure_default_pool().await?;
@@ -144,6 +182,10 @@ impl Agent {
             tokio::spawn(agent.clone().lease_loop());
         }
         tokio::spawn(agent.clone().ha_loop());
+        tokio::spawn(agent.clone().load_loop());
+        if agent.inner.cluster.is_some() {
+            tokio::spawn(agent.clone().drs_loop());
+        }
         tracing::info!(%accel, "agent ready");
         Ok(agent)
     }

@@ -290,6 +290,10 @@ impl Agent {
         let argv = build_argv(plan);
         tracing::debug!(vm = name, ?argv, "starting QEMU");
         let pid = spawn_detached(&self.inner.cfg.qemu_binary, &argv, &plan.run).await?;
+        if let Err(e) = self.place_in_pool(rec, pid).await {
+            let _ = kill_and_wait(pid, &plan.run.qmp).await;
+            return Err(e);
+        }
         let connected = async {
             let qmp = Qmp::connect_retry(&plan.run.qmp, QMP_CONNECT).await?;
             let console = Console::attach(&plan.run.serial, &[])
@@ -434,6 +438,7 @@ impl Agent {
         if let Ok((r, _)) = self.record(name).await {
             self.remove_taps(r.id, r.spec.nics.len()).await;
             self.remove_overlays(r.id);
+            self.inner.cgroups.remove_vm(r.id);
             if state != VmState::Suspended {
                 // After a live migration the locks are the destination's: a no-op then.
                 self.unlock_disks(&r.spec).await;

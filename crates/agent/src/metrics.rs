@@ -21,7 +21,7 @@ struct VmSample {
     nics: Vec<(String, u64, u64, u64, u64)>,
 }
 
-fn proc_cpu_seconds(pid: i32) -> Option<f64> {
+pub(crate) fn proc_cpu_seconds(pid: i32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = stat.rsplit_once(')')?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -31,7 +31,7 @@ fn proc_cpu_seconds(pid: i32) -> Option<f64> {
     Some((ut + st) / USER_HZ)
 }
 
-fn proc_rss_bytes(pid: i32) -> Option<u64> {
+pub(crate) fn proc_rss_bytes(pid: i32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let l = s.lines().find(|l| l.starts_with("VmRSS:"))?;
     Some(l.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)

@@ -201,6 +201,7 @@ impl Agent {
     /// Defines a VM. Either everything is created (record and new volumes) or nothing.
     pub async fn create_vm(&self, mut spec: VmSpec) -> Result<Vm> {
         spec.validate()?;
+        self.check_resource_pool(&spec).await?;
         self.check_name_free(&spec.name).await?;
         self.check_host(&spec, None).await?;
         self.assign_macs(&mut spec, None).await?;
@@ -243,6 +244,7 @@ impl Agent {
     /// Replaces the definition of a stopped VM (new disks with a size are created).
     pub async fn edit_vm(&self, name: &str, mut spec: VmSpec) -> Result<Vm> {
         spec.validate()?;
+        self.check_resource_pool(&spec).await?;
         if spec.name != name {
             return Err(AgentError::invalid(
                 "name",

@@ -5,6 +5,7 @@
 
 mod cluster;
 mod devices;
+mod drs;
 mod error;
 mod migration;
 mod pools;
@@ -38,6 +39,7 @@ use utoipa_swagger_ui::SwaggerUi;
         (name = "host", description = "This host and its cluster"),
         (name = "migration", description = "Live migration (and the host-to-host calls it makes)"),
         (name = "cluster", description = "etcd cluster membership, host leases, HA"),
+        (name = "drs", description = "DRS: placement, balancing, HA admission control, resource pools"),
     )
 )]
 struct ApiDoc;
@@ -99,6 +101,19 @@ fn api() -> OpenApiRouter<Agent> {
         .routes(routes!(cluster::cluster_join))
         .routes(routes!(cluster::add_member))
         .routes(routes!(cluster::cluster_leave))
+        .routes(routes!(drs::drs_status))
+        .routes(routes!(drs::drs_plan))
+        .routes(routes!(drs::drs_apply))
+        .routes(routes!(drs::get_drs_config, drs::put_drs_config))
+        .routes(routes!(drs::place_vm))
+        .routes(routes!(drs::place_spec))
+        .routes(routes!(drs::create_placed))
+        .routes(routes!(drs::list_resource_pools, drs::create_resource_pool))
+        .routes(routes!(
+            drs::get_resource_pool,
+            drs::put_resource_pool,
+            drs::delete_resource_pool
+        ))
 }
 
 /// The OpenAPI document (checked in as `openapi.json`).

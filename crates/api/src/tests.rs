@@ -20,6 +20,7 @@ async fn app() -> (tempfile::TempDir, Router, Agent) {
             host_name: "test".into(),
             cluster_file: None,
             api_port: 0,
+            resources: Default::default(),
         },
         Arc::new(store),
     )

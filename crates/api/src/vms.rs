@@ -85,6 +85,10 @@ where
 {
     let vm = a.get_vm(name).await?;
     vm.state.check(act).map_err(ferry_agent::AgentError::from)?;
+    if act == VmAction::Start {
+        // Resource pool limits and HA admission control answer now, with the reason.
+        a.admit_start(name).await?;
+    }
     let agent = a.clone();
     let n = name.to_string();
     let task = a.tasks().spawn(kind, name, move |ctx| async move {

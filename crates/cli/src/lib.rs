@@ -5,6 +5,7 @@
 mod client;
 mod cluster;
 mod console;
+mod drs;
 mod specs;
 
 pub use client::Client;
@@ -56,6 +57,12 @@ pub enum Command {
     /// The etcd cluster: init, join, leave, status.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// DRS: balancing plans, applying them, settings (HA admission control too).
+    #[command(subcommand)]
+    Drs(drs::DrsCmd),
+    /// Resource pools: reservations, limits and shares for CPU and memory.
+    #[command(subcommand, name = "resource-pool", alias = "rpool")]
+    ResourcePool(drs::RpoolCmd),
     /// The daemon's host, the cluster's hosts, maintenance mode.
     Host {
         #[command(subcommand)]
@@ -117,6 +124,31 @@ pub struct SpecArgs {
     pub description: Option<String>,
     #[command(flatten)]
     pub ha: HaArgs,
+    #[command(flatten)]
+    pub placement: PlacementArgs,
+}
+
+/// Where DRS may place a VM, and its resource pool.
+#[derive(Args, Debug, Clone, Default)]
+pub struct PlacementArgs {
+    /// Affinity group: VMs of one group run on one host.
+    #[arg(long)]
+    pub affinity: Option<String>,
+    /// Anti-affinity group: VMs of one group run on different hosts. Repeatable.
+    #[arg(long = "anti-affinity")]
+    pub anti_affinity: Vec<String>,
+    /// Only hosts with this label (`ferry serve --label`). Repeatable.
+    #[arg(long = "host-label")]
+    pub host_labels: Vec<String>,
+    /// Only these hosts (comma-separated).
+    #[arg(long = "pin-hosts", value_delimiter = ',')]
+    pub hosts: Vec<String>,
+    /// DRS does not move this VM to balance (yes|no).
+    #[arg(long = "drs-pinned")]
+    pub pinned: Option<String>,
+    /// The resource pool (`ferry resource-pool`); empty: none.
+    #[arg(long = "resource-pool")]
+    pub resource_pool: Option<String>,
 }
 
 /// A VM's HA policy.
@@ -200,8 +232,18 @@ pub enum VmCmd {
     /// Define a VM.
     Create {
         name: String,
+        /// Let DRS pick the host (the definition goes to that host).
+        #[arg(long)]
+        place: bool,
         #[command(flatten)]
         spec: Box<SpecArgs>,
+    },
+    /// Where DRS would run the VM, with each host's filters and score.
+    Place {
+        name: String,
+        /// Show every host's verdict, not just the choice.
+        #[arg(long)]
+        explain: bool,
     },
     /// Change a stopped VM's definition (given options replace, disks/NICs/CD-ROMs are added).
     Edit {
@@ -533,6 +575,8 @@ pub async fn run(g: Global, cmd: Command) -> Result<()> {
         }
         Command::Host { cmd } => host(&c, &g, cmd.unwrap_or(HostCmd::Show)).await,
         Command::Cluster(cmd) => cluster::run(&c, &g, cmd).await,
+        Command::Drs(cmd) => drs::run(&c, &g, cmd).await,
+        Command::ResourcePool(cmd) => drs::run_rpool(&c, &g, cmd).await,
     }
 }
 
@@ -691,9 +735,19 @@ async fn vm(c: &Client, g: &Global, cmd: VmCmd) -> Result<()> {
             let v: Vm = c.get(&format!("/api/v1/vms/{name}")).await?;
             print_json(&v)
         }
-        VmCmd::Create { name, spec } => {
+        VmCmd::Place { name, explain } => {
+            let r: ferry_types::PlacementReport =
+                c.get(&format!("/api/v1/vms/{name}/placement")).await?;
+            drs::print_placement(g, &r, explain)
+        }
+        VmCmd::Create { name, place, spec } => {
             let body = specs::spec_json(&name, &spec, None)?;
-            let v: Vm = c.request(Method::POST, "/api/v1/vms", Some(&body)).await?;
+            let path = if place {
+                "/api/v1/placement/create"
+            } else {
+                "/api/v1/vms"
+            };
+            let v: Vm = c.request(Method::POST, path, Some(&body)).await?;
             if g.json {
                 return print_json(&v);
             }

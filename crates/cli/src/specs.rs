@@ -146,6 +146,35 @@ pub fn spec_json(name: &str, a: &SpecArgs, base: Option<&VmSpec>) -> Result<Valu
         let cur = v.get("ha").cloned().unwrap_or(json!({}));
         v["ha"] = a.ha.apply(cur)?;
     }
+    let p = &a.placement;
+    let mut rules = v.get("placement").cloned().unwrap_or(json!({}));
+    if let Some(g) = &p.affinity {
+        rules["affinity"] = if g.is_empty() { Value::Null } else { json!(g) };
+    }
+    if !p.anti_affinity.is_empty() {
+        rules["anti_affinity"] = json!(p.anti_affinity);
+    }
+    if !p.host_labels.is_empty() {
+        rules["host_labels"] = json!(p.host_labels);
+    }
+    if !p.hosts.is_empty() {
+        rules["hosts"] = json!(p.hosts);
+    }
+    if let Some(x) = &p.pinned {
+        rules["pinned"] = json!(match x.as_str() {
+            "yes" | "true" => true,
+            "no" | "false" => false,
+            _ => anyhow::bail!("--drs-pinned {x}: use yes or no"),
+        });
+    }
+    v["placement"] = rules;
+    if let Some(rp) = &p.resource_pool {
+        v["resource_pool"] = if rp.is_empty() {
+            Value::Null
+        } else {
+            json!(rp)
+        };
+    }
     Ok(v)
 }
 

@@ -101,6 +101,7 @@ pub fn run(cmd: LabCmd) -> Result<()> {
             let opts = ferry_lab::LabOptions {
                 etcd: !static_cluster,
                 lease_ttl_s: lease_ttl,
+                ..Default::default()
             };
             let l = ClusterLab::up_with(&me, &lab.name, hosts, opts)?;
             print!("{}", l.status()?);

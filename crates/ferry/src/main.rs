@@ -68,6 +68,18 @@ struct ServeArgs {
     /// host is reset if its HA VMs could not be killed.
     #[arg(long)]
     hardware_watchdog: Option<PathBuf>,
+    /// Cores DRS plans with on this host (default: the machine's).
+    #[arg(long)]
+    drs_cpus: Option<f64>,
+    /// Memory DRS plans with on this host, e.g. `64G` (default: the machine's).
+    #[arg(long)]
+    drs_memory: Option<ferry_types::ByteSize>,
+    /// A label VMs can require (`--host-label` of `vm create`); repeatable.
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// The cgroup directory (under the daemon's own cgroup) holding resource pools.
+    #[arg(long, default_value = "ferry")]
+    cgroup_root: String,
 }
 
 fn main() -> Result<()> {
@@ -154,6 +166,19 @@ fn ensure_watchdog(
 }
 
 async fn serve(a: ServeArgs) -> Result<()> {
+    if let Some(c) = a.drs_cpus {
+        if !(c.is_finite() && c > 0.0 && c <= 4096.0) {
+            anyhow::bail!("--drs-cpus {c}: give the cores DRS plans with (above 0)");
+        }
+    }
+    if a.drs_memory.is_some_and(|m| m.0 < (64 << 20)) {
+        anyhow::bail!("--drs-memory: at least 64M");
+    }
+    for l in a.labels.iter().chain(std::iter::once(&a.cgroup_root)) {
+        let mut errs = ferry_types::ValidationErrors::default();
+        ferry_types::validate::check_name(&mut errs, "--label/--cgroup-root", l);
+        errs.into_result()?;
+    }
     let lock = lock_state_dir(&a.state_dir)?;
     let cfg = AgentConfig {
         state_dir: a.state_dir.clone(),
@@ -167,6 +192,12 @@ async fn serve(a: ServeArgs) -> Result<()> {
         }),
         cluster_file: a.cluster.clone(),
         api_port: a.listen.port(),
+        resources: ferry_agent::HostResources {
+            cpus: a.drs_cpus,
+            memory_bytes: a.drs_memory.map(|b| b.0),
+            labels: a.labels.clone(),
+            cgroup_root: a.cgroup_root.clone(),
+        },
     };
     let agent = match ferry_agent::load_cluster_config(&a.state_dir)? {
         Some(cc) => {

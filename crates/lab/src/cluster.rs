@@ -52,13 +52,17 @@ struct LabFile {
 }
 
 /// How a lab's hosts form their cluster.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LabOptions {
     /// An etcd cluster (`ferry cluster init` on h1, `join` on the others; HA on);
     /// false: a static cluster file, no HA.
     pub etcd: bool,
     /// Host lease TTL (seconds) of the etcd cluster.
     pub lease_ttl_s: u64,
+    /// Extra `ferry serve` options per host name (`*`: every host), e.g. the
+    /// capacity DRS plans with or labels.
+    #[serde(default)]
+    pub serve_args: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 impl Default for LabOptions {
@@ -66,6 +70,7 @@ impl Default for LabOptions {
         LabOptions {
             etcd: true,
             lease_ttl_s: 3,
+            serve_args: Default::default(),
         }
     }
 }
@@ -136,7 +141,7 @@ impl ClusterLab {
                 .collect(),
             ferry: ferry.into(),
             keep: false,
-            opts,
+            opts: opts.clone(),
         };
         // On error the drop tears down the part that exists.
         lab.build_network()?;
@@ -355,7 +360,7 @@ impl ClusterLab {
         let f = LabFile {
             prefix: self.prefix.clone(),
             hosts: self.hosts.clone(),
-            opts: self.opts,
+            opts: self.opts.clone(),
         };
         std::fs::write(self.dir.join("lab.json"), serde_json::to_vec_pretty(&f)?)?;
         Ok(())
@@ -380,8 +385,11 @@ impl ClusterLab {
             .create(true)
             .append(true)
             .open(self.dir.join(host).join("daemon.log"))?;
+        // `ip netns exec` mounts a fresh /sys: the cgroup hierarchies are mounted again
+        // (in the daemon's own mount namespace) for resource pools; `exec` keeps the pid.
         let child = Command::new("ip")
-            .args(["netns", "exec", &h.ns])
+            .args(["netns", "exec", &h.ns, "sh", "-c"])
+            .arg(format!("{}; exec \"$0\" \"$@\"", cgroup_mounts()))
             .arg(&self.ferry)
             .args([
                 "serve",
@@ -399,6 +407,13 @@ impl ClusterLab {
             .arg(self.state_dir(host))
             .arg("--run-dir")
             .arg(self.run_dir(host))
+            // Resource pool cgroups of this lab host, removed by `down`.
+            .args([
+                "--cgroup-root",
+                &format!("{}{}-{host}", CGROUP_PREFIX, self.prefix),
+            ])
+            .args(self.opts.serve_args.get("*").into_iter().flatten())
+            .args(self.opts.serve_args.get(host).into_iter().flatten())
             .env("RUST_LOG", "info,ferry_agent=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -557,6 +572,7 @@ impl ClusterLab {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
         let _ = std::fs::remove_dir_all(Path::new(LAB_ROOT).join(prefix));
+        remove_cgroups(&format!("{CGROUP_PREFIX}{prefix}-"));
         Ok(nss.len())
     }
 }
@@ -565,6 +581,92 @@ impl Drop for ClusterLab {
     fn drop(&mut self) {
         if !self.keep {
             let _ = ClusterLab::down(&self.prefix);
+        }
+    }
+}
+
+/// Shell commands mounting this machine's cgroup hierarchies that carry the `cpu` or
+/// `memory` controller (v1) and the unified one (v2) under /sys/fs/cgroup, as the
+/// daemon expects them; failures are left to the daemon's detection.
+fn cgroup_mounts() -> String {
+    let s = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let mut cmds = vec!["mount -t tmpfs cgroup /sys/fs/cgroup".to_string()];
+    let mut v1 = false;
+    for l in s.lines() {
+        let mut f = l.splitn(3, ':');
+        let (Some(_), Some(ctrls)) = (f.next(), f.next()) else {
+            continue;
+        };
+        let names: Vec<&str> = ctrls.split(',').collect();
+        if ctrls.is_empty() || !names.iter().any(|c| *c == "cpu" || *c == "memory") {
+            continue;
+        }
+        v1 = true;
+        cmds.push(format!(
+            "mkdir -p /sys/fs/cgroup/{ctrls} && mount -t cgroup -o {ctrls} cgroup /sys/fs/cgroup/{ctrls}"
+        ));
+        for n in names.iter().filter(|n| **n == "cpu" || **n == "memory") {
+            if *n != ctrls {
+                cmds.push(format!("ln -s {ctrls} /sys/fs/cgroup/{n}"));
+            }
+        }
+    }
+    if v1 {
+        cmds.push(
+            "mkdir -p /sys/fs/cgroup/unified && mount -t cgroup2 none /sys/fs/cgroup/unified"
+                .into(),
+        );
+    } else {
+        cmds = vec!["mount -t cgroup2 none /sys/fs/cgroup".into()];
+    }
+    format!("{{ {}; }} 2>/dev/null", cmds.join(" && "))
+}
+
+/// The lab daemons' resource pool cgroups: `{CGROUP_PREFIX}{lab}-{host}`.
+pub const CGROUP_PREFIX: &str = "ferry-lab-";
+
+/// This process's cgroup directories (v1 cpu and memory, v2); the lab's daemons
+/// inherit them.
+pub fn own_cgroup_dirs() -> Vec<PathBuf> {
+    let s = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let mut out = vec![];
+    for l in s.lines() {
+        let mut f = l.splitn(3, ':');
+        let (Some(_), Some(ctrls), Some(path)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        let path = path.trim_start_matches('/');
+        let mount = match ctrls {
+            "" => Path::new("/sys/fs/cgroup").to_path_buf(),
+            c if c.split(',').any(|x| x == "cpu") => Path::new("/sys/fs/cgroup/cpu").into(),
+            c if c.split(',').any(|x| x == "memory") => Path::new("/sys/fs/cgroup/memory").into(),
+            _ => continue,
+        };
+        out.push(mount.join(path));
+    }
+    out
+}
+
+/// Removes the (empty) cgroup trees whose names start with `prefix`, deepest first.
+fn remove_cgroups(prefix: &str) {
+    fn rm_tree(d: &Path) {
+        if let Ok(rd) = std::fs::read_dir(d) {
+            for e in rd.flatten() {
+                if e.path().is_dir() {
+                    rm_tree(&e.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(d);
+    }
+    for dir in own_cgroup_dirs() {
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with(prefix) && e.path().is_dir() {
+                rm_tree(&e.path());
+            }
         }
     }
 }

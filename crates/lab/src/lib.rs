@@ -13,7 +13,10 @@ mod sweep;
 
 pub use acks::AckWatcher;
 pub use cli::Cli;
-pub use cluster::{ClusterLab, LabHost, LabOptions, CLIENT_ADDR, LAN_PREFIX, SHARED_POOL};
+pub use cluster::{
+    own_cgroup_dirs, ClusterLab, LabHost, LabOptions, CGROUP_PREFIX, CLIENT_ADDR, LAN_PREFIX,
+    SHARED_POOL,
+};
 pub use ping::{PingRecorder, PingReport};
 pub use records::{verify_records, RecordReport, RECORD_WRITER};
 

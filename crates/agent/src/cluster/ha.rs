@@ -163,13 +163,7 @@ impl Agent {
     /// Becomes (or stays) the HA manager if nobody else is.
     async fn try_manager(&self) -> Result<bool> {
         let link = self.cluster_link()?;
-        let Some(lease) = self
-            .inner
-            .lease
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .lease
-        else {
+        let Some(lease) = self.lease_id() else {
             return Ok(false);
         };
         let me = serde_json::to_vec(self.host_name()).expect("serialises");
@@ -226,10 +220,11 @@ impl Agent {
             let alive = root
                 .get_json::<Alive>(&format!("{ALIVE}{}", h.name))
                 .await?;
+            // Stored `false` after maintenance ends.
             let maintenance = root
-                .get(&format!("/hosts/{}/meta/maintenance", h.name))
+                .get_json::<bool>(&format!("/hosts/{}/meta/maintenance", h.name))
                 .await?
-                .is_some();
+                .is_some_and(|(m, _)| m);
             hosts.push(HostView {
                 name: h.name.clone(),
                 alive: alive.is_some(),

@@ -153,6 +153,15 @@ impl Agent {
     }
 
     /// May HA VMs run here now? Always outside a cluster.
+    /// The host lease, while it has one.
+    pub(crate) fn lease_id(&self) -> Option<LeaseId> {
+        self.inner
+            .lease
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .lease
+    }
+
     pub(crate) fn holds_lease(&self) -> bool {
         if self.inner.cluster.is_none() {
             return true;
@@ -207,9 +216,10 @@ impl Agent {
     async fn announce(&self, ttl: Duration) -> Result<LeaseId> {
         let link = self.cluster_link()?;
         let lease = link.root.grant_lease(ttl).await?;
+        let (cpus, memory_bytes) = self.capacity();
         let alive = Alive {
-            memory_bytes: crate::host_memory_bytes(),
-            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            memory_bytes,
+            cpus: cpus.ceil() as usize,
             pid: std::process::id(),
         };
         link.root

@@ -151,6 +151,7 @@ pub fn run() -> Result<()> {
             LabOptions {
                 etcd: true,
                 lease_ttl_s: ttl,
+                ..Default::default()
             },
         )?;
         let h1 = lab.cli("h1")?;

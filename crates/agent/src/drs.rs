@@ -1,0 +1,659 @@
+//! DRS at run time, around the sans-IO engine `ferry-drs`:
+//! - every host measures its VMs' CPU load (from /proc, smoothed over the configured
+//!   window, so a short spike moves nothing) and publishes it with its capacity and
+//!   labels under its lease (`/cluster/load/{host}`);
+//! - the snapshot the engine gets: members, leases, maintenance, loads and every VM
+//!   record of the cluster (or this host alone);
+//! - the HA manager runs a balancing round every `interval_s`: the plan is stored
+//!   (`/cluster/drs/plan`, `ferry drs status`) and in automatic mode carried out as live
+//!   migrations, within the per-host and cluster limits; migrations under way are kept
+//!   in `/cluster/drs/inflight/{vm}`, finished moves in `/cluster/drs/moved/{vm}` (the
+//!   hysteresis: a VM is not moved again within `hysteresis_s`);
+//! - placement for `vm place`/`vm create --place`, and admission at start (resource
+//!   pools, HA admission control).
+
+use crate::error::{AgentError, Result};
+use crate::records::VmRecord;
+use crate::Agent;
+use ferry_drs::{Cluster, Host, HostState as DrsHostState, Vm as DrsVm};
+use ferry_store::{Store, StoreJson};
+use ferry_types::{
+    AdmissionMode, DrsConfig, DrsMode, DrsMove, DrsPlan, DrsStatus, HostCapacity, MigrateRequest,
+    PlacementReport, ResourcePool, TaskState, VmLoad, VmSpec,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::cluster::lease::Alive;
+use crate::cluster::membership::{ALIVE, MANAGER};
+
+pub(crate) const LOAD: &str = "/cluster/load/";
+const SAMPLE: Duration = Duration::from_secs(2);
+
+/// Smoothed CPU load per VM on this host (in memory).
+#[derive(Default)]
+pub(crate) struct LoadTracker {
+    /// VM → (CPU seconds at the last sample, when, smoothed cores).
+    vms: HashMap<String, (f64, Instant, f64)>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredPlan {
+    at: u64,
+    plan: DrsPlan,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct InFlight {
+    mv: DrsMove,
+    task: String,
+    at: u64,
+}
+
+fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The engine's view of one VM record.
+fn drs_vm(rec: &VmRecord, host: &str, load: Option<&VmLoad>) -> DrsVm {
+    let mut rules = rec.spec.placement.clone();
+    if let Some(g) = &rec.spec.ha.anti_affinity {
+        if !rules.anti_affinity.contains(g) {
+            rules.anti_affinity.push(g.clone());
+        }
+    }
+    let running = rec.last_state.has_process();
+    DrsVm {
+        name: rec.spec.name.clone(),
+        host: host.to_string(),
+        vcpus: rec.spec.cpus,
+        memory_bytes: rec.spec.memory_mib << 20,
+        cpu_load: load.map_or(0.0, |l| l.cpu),
+        running,
+        ha: rec.spec.ha.enabled(),
+        rules,
+        movable: running
+            && !rec.template
+            && rec.migrating_to.is_none()
+            && rec.incoming_from.is_none(),
+        pool: rec.spec.resource_pool.clone(),
+    }
+}
+
+fn spec_vm(spec: &VmSpec) -> DrsVm {
+    let mut rec = VmRecord::new(0, spec.clone());
+    rec.last_state = ferry_types::VmState::Stopped;
+    drs_vm(&rec, "", None)
+}
+
+impl Agent {
+    /// The store holding cluster-wide settings and its key prefix: etcd's root in a
+    /// cluster, this host's store alone.
+    pub(crate) fn shared(&self) -> (&dyn Store, &'static str) {
+        match &self.inner.cluster {
+            Some(c) => (&c.root, "/cluster"),
+            None => (self.inner.store.as_ref(), ""),
+        }
+    }
+
+    /// Cores and memory DRS plans with on this host (`--drs-cpus/--drs-memory`, else
+    /// the machine's).
+    pub(crate) fn capacity(&self) -> (f64, u64) {
+        let r = &self.inner.cfg.resources;
+        (
+            r.cpus.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)
+            }),
+            r.memory_bytes.unwrap_or_else(crate::host_memory_bytes),
+        )
+    }
+
+    pub async fn drs_config(&self) -> Result<DrsConfig> {
+        let (s, p) = self.shared();
+        Ok(s.get_json::<DrsConfig>(&format!("{p}/drs/config"))
+            .await?
+            .map(|(c, _)| c)
+            .unwrap_or_default())
+    }
+
+    pub async fn set_drs_config(&self, cfg: DrsConfig) -> Result<DrsConfig> {
+        cfg.validate()?;
+        let (s, p) = self.shared();
+        s.put_json(&format!("{p}/drs/config"), &cfg).await?;
+        self.inner.events.emit(
+            None,
+            "drs",
+            format!(
+                "DRS config: mode {:?}, level {}, HA reserve for {} host failures",
+                cfg.mode, cfg.level, cfg.ha_host_failures
+            )
+            .to_lowercase(),
+        );
+        Ok(cfg)
+    }
+
+    /// Measures this host's VMs and (in a cluster) publishes capacity and load.
+    pub(crate) async fn load_loop(self) {
+        loop {
+            tokio::time::sleep(SAMPLE).await;
+            let window = self.drs_config().await.map_or(300, |c| c.window_s).max(1);
+            let loads = self.sample_loads(window).await;
+            if let Err(e) = self.sync_pool_cgroups().await {
+                tracing::debug!(error = %e, "resource pool cgroups");
+            }
+            let Some(link) = &self.inner.cluster else {
+                continue;
+            };
+            let Some(lease) = self.lease_id() else {
+                continue;
+            };
+            let (cpus, memory_bytes) = self.capacity();
+            let cap = HostCapacity {
+                cpus,
+                memory_bytes,
+                labels: self.inner.cfg.resources.labels.clone(),
+                vms: loads,
+            };
+            let key = format!("{LOAD}{}", self.host_name());
+            let v = serde_json::to_vec(&cap).expect("serialises");
+            if let Err(e) = link.root.put(&key, v, Some(lease)).await {
+                tracing::debug!(error = %e, "publish DRS load");
+            }
+        }
+    }
+
+    /// CPU load per running VM: the QEMU's CPU time since the last sample, smoothed
+    /// exponentially with the window as time constant.
+    pub(crate) async fn sample_loads(&self, window_s: u64) -> BTreeMap<String, VmLoad> {
+        let mut out = BTreeMap::new();
+        let Ok(recs) = self.records().await else {
+            return out;
+        };
+        let now = Instant::now();
+        let mut t = self.inner.loads.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = BTreeSet::new();
+        for r in recs {
+            let name = r.spec.name.clone();
+            let Some(pid) = self.slot(&name).with(|rt| rt.pid) else {
+                continue;
+            };
+            let (Some(cpu_s), rss) = (
+                crate::metrics::proc_cpu_seconds(pid),
+                crate::metrics::proc_rss_bytes(pid).unwrap_or(0),
+            ) else {
+                continue;
+            };
+            seen.insert(name.clone());
+            let e = t.vms.entry(name.clone()).or_insert((cpu_s, now, 0.0));
+            let dt = now.duration_since(e.1).as_secs_f64();
+            if dt > 0.0 {
+                let inst = ((cpu_s - e.0) / dt).max(0.0);
+                let a = (dt / window_s as f64).min(1.0);
+                e.2 += a * (inst - e.2);
+                *e = (cpu_s, now, e.2);
+            }
+            out.insert(
+                name,
+                VmLoad {
+                    cpu: e.2,
+                    rss_bytes: rss,
+                },
+            );
+        }
+        t.vms.retain(|k, _| seen.contains(k));
+        out
+    }
+
+    /// The cluster as DRS sees it (this host alone outside a cluster), and the
+    /// resource pools.
+    pub(crate) async fn drs_snapshot(&self) -> Result<(Cluster, Vec<ResourcePool>)> {
+        let pools = self.resource_pools().await?;
+        let mut c = Cluster::default();
+        let Some(link) = &self.inner.cluster else {
+            let (cpus, memory_bytes) = self.capacity();
+            let window = self.drs_config().await?.window_s;
+            let loads = self.sample_loads(window).await;
+            c.hosts.push(Host {
+                name: self.host_name().to_string(),
+                cpus,
+                memory_bytes,
+                state: if self.in_maintenance().await? {
+                    DrsHostState::Maintenance
+                } else {
+                    DrsHostState::Online
+                },
+                labels: self.inner.cfg.resources.labels.clone(),
+            });
+            for r in self.records().await? {
+                if !r.template {
+                    c.vms
+                        .push(drs_vm(&r, self.host_name(), loads.get(&r.spec.name)));
+                }
+            }
+            return Ok((c, pools));
+        };
+        let root = &link.root;
+        for m in link.members().await? {
+            let alive = root
+                .get_json::<Alive>(&format!("{ALIVE}{}", m.name))
+                .await?;
+            let cap = root
+                .get_json::<HostCapacity>(&format!("{LOAD}{}", m.name))
+                .await?
+                .map(|(c, _)| c);
+            let maintenance = root
+                .get_json::<bool>(&format!("/hosts/{}/meta/maintenance", m.name))
+                .await?
+                .is_some_and(|(b, _)| b);
+            let (cpus, memory_bytes) = match (&cap, &alive) {
+                (Some(c), _) => (c.cpus, c.memory_bytes),
+                (None, Some((a, _))) => (a.cpus as f64, a.memory_bytes),
+                (None, None) => (0.0, 0),
+            };
+            c.hosts.push(Host {
+                name: m.name.clone(),
+                cpus,
+                memory_bytes,
+                state: match (alive.is_some(), maintenance) {
+                    (false, _) => DrsHostState::Down,
+                    (true, true) => DrsHostState::Maintenance,
+                    (true, false) => DrsHostState::Online,
+                },
+                labels: cap.as_ref().map(|c| c.labels.clone()).unwrap_or_default(),
+            });
+            for r in root
+                .list_json::<VmRecord>(&format!("/hosts/{}/vms/", m.name))
+                .await?
+            {
+                if r.template || r.incoming_from.is_some() {
+                    continue;
+                }
+                let load = cap.as_ref().and_then(|c| c.vms.get(&r.spec.name));
+                c.vms.push(drs_vm(&r, &m.name, load));
+            }
+        }
+        Ok((c, pools))
+    }
+
+    /// Where VM `name` would run best now, with every host's verdict.
+    pub async fn place_vm(&self, name: &str) -> Result<PlacementReport> {
+        let (c, _) = self.drs_snapshot().await?;
+        let vm = c
+            .vms
+            .iter()
+            .find(|v| v.name == name)
+            .cloned()
+            .ok_or_else(|| AgentError::NotFound(format!("VM {name}")))?;
+        Ok(ferry_drs::place(&c, &vm, &self.drs_config().await?))
+    }
+
+    /// Where a new VM of this definition would go.
+    pub async fn place_spec(&self, spec: &VmSpec) -> Result<PlacementReport> {
+        spec.validate()?;
+        let (c, _) = self.drs_snapshot().await?;
+        Ok(ferry_drs::place(
+            &c,
+            &spec_vm(spec),
+            &self.drs_config().await?,
+        ))
+    }
+
+    /// Defines a VM on the host placement picks (forwarded to that host's API).
+    pub async fn create_placed(&self, spec: VmSpec) -> Result<ferry_types::Vm> {
+        let r = self.place_spec(&spec).await?;
+        let Some(host) = r.host else {
+            let why: Vec<String> = r
+                .hosts
+                .iter()
+                .map(|h| format!("{}: {}", h.host, h.reasons.join(", ")))
+                .collect();
+            return Err(AgentError::Conflict(format!(
+                "No host can take VM {}: {}",
+                spec.name,
+                why.join("; ")
+            )));
+        };
+        self.inner.events.emit(
+            Some(&spec.name),
+            "drs",
+            format!("DRS places {} on {host}", spec.name),
+        );
+        if host == self.host_name() {
+            return self.create_vm(spec).await;
+        }
+        self.peer(&host).await?.post("/api/v1/vms", &spec).await
+    }
+
+    /// May VM `name` start here? Resource pool limits and reservations, and HA
+    /// admission control (strict: refused with the reason; warn: an event).
+    pub async fn admit_start(&self, name: &str) -> Result<()> {
+        let (rec, _) = self.record(name).await?;
+        let (mut c, pools) = self.drs_snapshot().await?;
+        let mut vm = drs_vm(&rec, self.host_name(), None);
+        vm.running = true;
+        if let Err(why) = ferry_drs::pools::admit(&pools, &c, &vm) {
+            return Err(AgentError::Conflict(format!("Cannot start {name}: {why}")));
+        }
+        let cfg = self.drs_config().await?;
+        if cfg.ha_host_failures == 0 {
+            return Ok(());
+        }
+        c.vms.retain(|v| v.name != name);
+        c.vms.push(vm);
+        if let Err(why) = ferry_drs::admission::failover_ok(&c, cfg.ha_host_failures) {
+            let msg = format!(
+                "HA admission control (room for {} host failures): {why}",
+                cfg.ha_host_failures
+            );
+            match cfg.admission {
+                AdmissionMode::Strict => {
+                    return Err(AgentError::Conflict(format!("Cannot start {name}: {msg}")))
+                }
+                AdmissionMode::Warn => self.inner.events.emit(Some(name), "drs", msg),
+            }
+        }
+        Ok(())
+    }
+
+    async fn recently_moved(&self, cfg: &DrsConfig) -> Result<BTreeSet<String>> {
+        let (s, p) = self.shared();
+        let now = now_s();
+        let mut out = BTreeSet::new();
+        for kv in s.list(&format!("{p}/drs/moved/")).await? {
+            let at: u64 = serde_json::from_slice(&kv.value).unwrap_or(0);
+            let vm = kv.key.rsplit('/').next().unwrap_or_default().to_string();
+            if now.saturating_sub(at) < cfg.hysteresis_s {
+                out.insert(vm);
+            } else {
+                s.delete(&kv.key).await?;
+            }
+        }
+        for f in self.in_flight().await? {
+            out.insert(f.mv.vm);
+        }
+        Ok(out)
+    }
+
+    async fn in_flight(&self) -> Result<Vec<InFlight>> {
+        let (s, p) = self.shared();
+        Ok(s.list_json::<InFlight>(&format!("{p}/drs/inflight/"))
+            .await?)
+    }
+
+    /// A balancing plan for the cluster now.
+    pub async fn drs_plan(&self) -> Result<DrsPlan> {
+        let cfg = self.drs_config().await?;
+        let (c, _) = self.drs_snapshot().await?;
+        let frozen = self.recently_moved(&cfg).await?;
+        Ok(ferry_drs::balance(
+            &c,
+            &cfg,
+            &frozen,
+            ferry_drs::Tuning::default(),
+        ))
+    }
+
+    pub async fn drs_status(&self) -> Result<DrsStatus> {
+        let config = self.drs_config().await?;
+        let (s, p) = self.shared();
+        let stored = s
+            .get_json::<StoredPlan>(&format!("{p}/drs/plan"))
+            .await?
+            .map(|(sp, _)| sp);
+        let manager = match &self.inner.cluster {
+            Some(c) => c.root.get_json::<String>(MANAGER).await?.map(|(m, _)| m),
+            None => Some(self.host_name().to_string()),
+        };
+        let (c, _) = self.drs_snapshot().await?;
+        let admission = match ferry_drs::admission::failover_ok(&c, config.ha_host_failures) {
+            Ok(()) if config.ha_host_failures == 0 => "off".to_string(),
+            Ok(()) => format!("ok: room for {} host failures", config.ha_host_failures),
+            Err(why) => why,
+        };
+        Ok(DrsStatus {
+            config,
+            manager,
+            plan_at: stored.as_ref().map(|s| s.at),
+            plan: stored.map(|s| s.plan),
+            in_flight: self.in_flight().await?.into_iter().map(|f| f.mv).collect(),
+            admission,
+        })
+    }
+
+    /// Computes a plan and starts its moves now (within the limits), whatever the mode.
+    pub async fn drs_apply(&self) -> Result<Vec<DrsMove>> {
+        self.track_in_flight().await?;
+        let cfg = self.drs_config().await?;
+        let plan = self.drs_plan().await?;
+        self.store_plan(&plan).await?;
+        self.start_moves(&plan, &cfg).await
+    }
+
+    async fn store_plan(&self, plan: &DrsPlan) -> Result<()> {
+        let (s, p) = self.shared();
+        s.put_json(
+            &format!("{p}/drs/plan"),
+            &StoredPlan {
+                at: now_s(),
+                plan: plan.clone(),
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Starts the plan's moves in order while the hosts involved and the cluster are
+    /// below their limits of concurrent DRS migrations.
+    async fn start_moves(&self, plan: &DrsPlan, cfg: &DrsConfig) -> Result<Vec<DrsMove>> {
+        let flying = self.in_flight().await?;
+        let mut per_host: HashMap<String, u32> = HashMap::new();
+        for f in &flying {
+            *per_host.entry(f.mv.from.clone()).or_default() += 1;
+            *per_host.entry(f.mv.to.clone()).or_default() += 1;
+        }
+        let mut total = flying.len() as u32;
+        let mut started = vec![];
+        let mut touched: BTreeSet<String> = BTreeSet::new();
+        for mv in &plan.moves {
+            if total >= cfg.max_moves_cluster {
+                break;
+            }
+            let busy = |h: &str| per_host.get(h).copied().unwrap_or(0) >= cfg.max_moves_per_host;
+            // Later moves may rely on earlier ones: keep each host's order.
+            if busy(&mv.from)
+                || busy(&mv.to)
+                || touched.contains(&mv.from)
+                || touched.contains(&mv.to)
+            {
+                touched.insert(mv.from.clone());
+                touched.insert(mv.to.clone());
+                continue;
+            }
+            match self.start_move(mv).await {
+                Ok(task) => {
+                    let (s, p) = self.shared();
+                    s.put_json(
+                        &format!("{p}/drs/inflight/{}", mv.vm),
+                        &InFlight {
+                            mv: mv.clone(),
+                            task,
+                            at: now_s(),
+                        },
+                    )
+                    .await?;
+                    *per_host.entry(mv.from.clone()).or_default() += 1;
+                    *per_host.entry(mv.to.clone()).or_default() += 1;
+                    total += 1;
+                    self.inner.events.emit(
+                        Some(&mv.vm),
+                        "drs",
+                        format!(
+                            "DRS moves {} from {} to {}: {}",
+                            mv.vm, mv.from, mv.to, mv.reason
+                        ),
+                    );
+                    started.push(mv.clone());
+                }
+                Err(e) => {
+                    touched.insert(mv.from.clone());
+                    touched.insert(mv.to.clone());
+                    self.inner.events.emit(
+                        Some(&mv.vm),
+                        "drs",
+                        format!(
+                            "DRS could not move {} to {}: {}",
+                            mv.vm,
+                            mv.to,
+                            crate::error_chain(&e).join(": ")
+                        ),
+                    );
+                }
+            }
+        }
+        Ok(started)
+    }
+
+    /// Starts one live migration on the VM's host; returns the task id there.
+    async fn start_move(&self, mv: &DrsMove) -> Result<String> {
+        let req = MigrateRequest {
+            to: mv.to.clone(),
+            with_storage: false,
+            target_pool: None,
+            downtime_limit_ms: None,
+            max_bandwidth_mib: None,
+            allow_postcopy: None,
+        };
+        if mv.from == self.host_name() {
+            let agent = self.clone();
+            let n = mv.vm.clone();
+            return Ok(self
+                .tasks()
+                .spawn("vm.migrate", &mv.vm, move |ctx| async move {
+                    let report = agent.migrate_vm(&n, req, &ctx).await?;
+                    ctx.result(serde_json::to_value(&report).unwrap_or_default());
+                    Ok(())
+                }));
+        }
+        let peer = self.peer(&mv.from).await?;
+        let t: ferry_types::TaskAccepted = peer
+            .post(&format!("/api/v1/vms/{}/migrate", mv.vm), &req)
+            .await?;
+        Ok(t.task)
+    }
+
+    /// Forgets finished DRS migrations (recording when each VM moved) and reports the
+    /// failed ones.
+    async fn track_in_flight(&self) -> Result<()> {
+        let (s, p) = self.shared();
+        for f in self.in_flight().await? {
+            let task = if f.mv.from == self.host_name() {
+                self.tasks().get(&f.task)
+            } else {
+                match self.peer(&f.mv.from).await {
+                    Ok(peer) => peer
+                        .get::<ferry_types::Task>(&format!("/api/v1/tasks/{}", f.task))
+                        .await
+                        .ok(),
+                    Err(_) => None,
+                }
+            };
+            let done = match &task {
+                Some(t) => t.state != TaskState::Running,
+                // The source's daemon lost it (restarted, or the host is gone).
+                None => now_s().saturating_sub(f.at) > 600,
+            };
+            if !done {
+                continue;
+            }
+            s.delete(&format!("{p}/drs/inflight/{}", f.mv.vm)).await?;
+            s.put_json(&format!("{p}/drs/moved/{}", f.mv.vm), &now_s())
+                .await?;
+            if let Some(t) = task.filter(|t| t.state == TaskState::Failed) {
+                self.inner.events.emit(
+                    Some(&f.mv.vm),
+                    "drs",
+                    format!(
+                        "DRS move of {} to {} failed: {}",
+                        f.mv.vm,
+                        f.mv.to,
+                        t.error.unwrap_or_default()
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    async fn is_drs_manager(&self) -> bool {
+        match &self.inner.cluster {
+            Some(c) => c
+                .root
+                .get_json::<String>(MANAGER)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|(m, _)| m == self.host_name()),
+            None => false,
+        }
+    }
+
+    /// The HA manager's balancing rounds.
+    pub(crate) async fn drs_loop(self) {
+        let mut last: Option<Instant> = None;
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if !self.holds_lease() || !self.is_drs_manager().await {
+                last = None;
+                continue;
+            }
+            let Ok(cfg) = self.drs_config().await else {
+                continue;
+            };
+            if cfg.mode == DrsMode::Off
+                || last.is_some_and(|t| t.elapsed() < Duration::from_secs(cfg.interval_s))
+            {
+                continue;
+            }
+            last = Some(Instant::now());
+            if let Err(e) = self.drs_round(&cfg).await {
+                tracing::warn!(error = %e, "DRS round");
+            }
+        }
+    }
+
+    async fn drs_round(&self, cfg: &DrsConfig) -> Result<()> {
+        self.track_in_flight().await?;
+        let plan = self.drs_plan().await?;
+        let (s, p) = self.shared();
+        // Only a different set of moves is news (scores drift with the load).
+        let key = |m: &[DrsMove]| -> Vec<(String, String, String)> {
+            m.iter()
+                .map(|m| (m.vm.clone(), m.from.clone(), m.to.clone()))
+                .collect()
+        };
+        let before = s
+            .get_json::<StoredPlan>(&format!("{p}/drs/plan"))
+            .await?
+            .map(|(sp, _)| key(&sp.plan.moves));
+        if before != Some(key(&plan.moves)) && !plan.moves.is_empty() {
+            self.inner.events.emit(
+                None,
+                "drs",
+                format!(
+                    "DRS recommends {} moves (imbalance {:.3} → {:.3})",
+                    plan.moves.len(),
+                    plan.score_before,
+                    plan.score_after
+                ),
+            );
+        }
+        self.store_plan(&plan).await?;
+        if cfg.mode == DrsMode::Automatic {
+            self.start_moves(&plan, cfg).await?;
+        }
+        Ok(())
+    }
+}
