@@ -109,6 +109,9 @@ for _ in $(seq 120); do
   sleep 0.5
 done
 on "$new" cluster status
+echo "== DRS: where web would run best (each host's filters and score), and a balancing plan"
+on "$new" vm place web --explain
+on "$new" drs plan
 "$ferry" lab status --name demo
 to=$new
 back=h1; [ "$to" = h1 ] && back=h2
@@ -125,6 +128,7 @@ The lab cluster (hosts h1-h3 at 10.78.0.11-13, web at 10.78.0.100, client 10.78.
   $ferry lab exec --name demo $to -- $ferry vm migrate web --to $back
   $ferry lab exec --name demo h1 -- $ferry host list
   $ferry lab exec --name demo h1 -- $ferry cluster status
+  $ferry lab exec --name demo h1 -- $ferry drs status      # drs config --mode automatic: balancing by live migration
   $ferry lab cut h2 --name demo ; $ferry lab heal h2 --name demo ; $ferry lab kill h2 --name demo ; $ferry lab start h2 --name demo
   $ferry lab down --name demo
 MSG

@@ -1,6 +1,7 @@
 //! Maintenance mode (seeds 003, 004): the host takes no new VMs (no start, no incoming
 //! migration) and its running VMs are evacuated by live migration, spread over the
-//! other hosts by free memory — never all onto one.
+//! other hosts by DRS placement in an etcd cluster (by free memory in a static one) —
+//! never all onto one.
 
 use crate::error::{AgentError, Result};
 use crate::tasks::TaskCtx;
@@ -36,6 +37,24 @@ pub fn plan_evacuation(
 }
 
 impl Agent {
+    /// Targets for this host's running VMs by DRS placement, largest VM first.
+    async fn drs_evacuation(
+        &self,
+        live: &[(String, u64)],
+    ) -> Result<Vec<(String, Option<String>)>> {
+        let (mut c, _) = self.drs_snapshot().await?;
+        let cfg = self.drs_config().await?;
+        let mut order = live.to_vec();
+        order.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        Ok(order
+            .into_iter()
+            .map(|(vm, _)| {
+                let to = ferry_drs::place_away(&mut c, &vm, self.host_name(), &cfg).ok();
+                (vm, to)
+            })
+            .collect())
+    }
+
     pub async fn in_maintenance(&self) -> Result<bool> {
         Ok(self
             .inner
@@ -92,7 +111,13 @@ impl Agent {
                 Err(e) => ctx.log(format!("{}: {e}", h.name)),
             }
         }
-        let plan = plan_evacuation(&hosts, &live);
+        // In an etcd cluster DRS places each VM (its rules, labels, CPU and memory);
+        // a static cluster spreads by the peers' free memory.
+        let plan = if self.inner.cluster.is_some() {
+            self.drs_evacuation(&live).await?
+        } else {
+            plan_evacuation(&hosts, &live)
+        };
         let mut failed = vec![];
         let n = plan.len();
         for (k, (vm, to)) in plan.into_iter().enumerate() {

@@ -24,7 +24,7 @@ pub mod pools;
 mod state;
 
 pub use balance::{balance, score, Tuning};
-pub use place::place;
+pub use place::{place, place_away};
 
 use ferry_types::PlacementRules;
 

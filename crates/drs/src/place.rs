@@ -17,6 +17,45 @@ pub(crate) fn weighted_util(s: &State, vm: &Vm, h: usize, cfg: &DrsConfig) -> f6
     (cfg.memory_weight * mu + cfg.cpu_weight * cu) / w
 }
 
+/// Where HA restarts (or evacuation moves) VM `name`, never on `away_from`; the HA
+/// reserve does not apply (this is what it is for). On success the snapshot is updated
+/// (the VM runs there now), so the next call sees it. Err: every host's reasons.
+pub fn place_away(
+    c: &mut Cluster,
+    name: &str,
+    away_from: &str,
+    cfg: &DrsConfig,
+) -> Result<String, String> {
+    let i = c
+        .vms
+        .iter()
+        .position(|v| v.name == name)
+        .ok_or_else(|| format!("VM {name} is not in the snapshot"))?;
+    let mut trial = c.clone();
+    for h in trial.hosts.iter_mut().filter(|h| h.name == away_from) {
+        h.state = crate::HostState::Down;
+    }
+    let cfg = DrsConfig {
+        ha_host_failures: 0,
+        ..cfg.clone()
+    };
+    let r = place(&trial, &c.vms[i], &cfg);
+    match r.host {
+        Some(h) => {
+            c.vms[i].host = h.clone();
+            c.vms[i].running = true;
+            Ok(h)
+        }
+        None => Err(r
+            .hosts
+            .iter()
+            .filter(|h| h.host != away_from)
+            .map(|h| format!("{}: {}", h.host, h.reasons.join(", ")))
+            .collect::<Vec<_>>()
+            .join("; ")),
+    }
+}
+
 /// Where `vm` should run. If it is in the snapshot (by name) it is taken out first, so
 /// its current host is judged like any other.
 pub fn place(c: &Cluster, vm: &Vm, cfg: &DrsConfig) -> PlacementReport {

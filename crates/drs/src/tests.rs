@@ -102,6 +102,30 @@ fn explain_names_every_filter() {
 }
 
 #[test]
+fn restarts_and_evacuations_follow_the_rules() {
+    let mut c = three();
+    c.hosts[2].labels = vec!["ssd".into()];
+    let mut db = Vm::new("db", "a", 1, 2 * G, 0.5);
+    db.rules.host_labels = vec!["ssd".into()];
+    db.ha = true;
+    c.vms.push(db);
+    c.vms.push(Vm::new("web", "a", 1, 2 * G, 0.5));
+    c.hosts[0].state = HostState::Down;
+    // Even with the HA reserve on, a restart may use it.
+    let cfg = DrsConfig {
+        ha_host_failures: 2,
+        ..cfg()
+    };
+    assert_eq!(place_away(&mut c, "db", "a", &cfg).as_deref(), Ok("c"));
+    // web: b is emptier than c (which got db).
+    assert_eq!(place_away(&mut c, "web", "a", &cfg).as_deref(), Ok("b"));
+    // Never back where it came from; no label anywhere else → the reasons.
+    let err = place_away(&mut c, "db", "c", &cfg).unwrap_err();
+    assert!(err.contains("b: lacks label ssd"), "{err}");
+    assert!(!err.contains("c:"), "{err}");
+}
+
+#[test]
 fn affinity_keeps_a_group_together() {
     let mut c = three();
     let mut w = Vm::new("web", "b", 1, G, 0.1);

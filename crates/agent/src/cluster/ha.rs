@@ -258,11 +258,30 @@ impl Agent {
                 records.insert((h.name.clone(), rec.spec.name.clone()), (rec, kv.mod_rev));
             }
         }
+        // ferry-ha decides which VMs go (and in which order); DRS placement where
+        // (rules, labels, CPU and memory), read once when there is something to place.
+        let mut drs: Option<Option<(ferry_drs::Cluster, ferry_types::DrsConfig)>> = None;
         for cmd in ferry_ha::plan(&hosts, &vms) {
             match cmd {
                 Command::Recover { vm, from, to } | Command::Relocate { vm, from, to } => {
                     let Some((rec, rev)) = records.get(&(from.clone(), vm.clone())) else {
                         continue;
+                    };
+                    if drs.is_none() {
+                        drs = Some(match (self.drs_snapshot().await, self.drs_config().await) {
+                            (Ok((c, _)), Ok(cfg)) => Some((c, cfg)),
+                            _ => None,
+                        });
+                    }
+                    let to = match drs.as_mut().and_then(|d| d.as_mut()) {
+                        Some((c, cfg)) => match ferry_drs::place_away(c, &vm, &from, cfg) {
+                            Ok(h) => h,
+                            Err(reason) => {
+                                tracing::warn!(vm, reason, "HA: no host can take the VM now");
+                                continue;
+                            }
+                        },
+                        None => to,
                     };
                     let dead = !hosts.iter().any(|h| h.name == from && h.alive);
                     self.move_owner(rec.clone(), *rev, &from, &to, dead).await?;
