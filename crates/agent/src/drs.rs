@@ -335,6 +335,9 @@ impl Agent {
         let mut vm = drs_vm(&rec, self.host_name(), None);
         vm.running = true;
         if let Err(why) = ferry_drs::pools::admit(&pools, &c, &vm) {
+            self.inner
+                .events
+                .emit(Some(name), "drs", format!("start refused: {why}"));
             return Err(AgentError::Conflict(format!("Cannot start {name}: {why}")));
         }
         let cfg = self.drs_config().await?;
@@ -350,7 +353,10 @@ impl Agent {
             );
             match cfg.admission {
                 AdmissionMode::Strict => {
-                    return Err(AgentError::Conflict(format!("Cannot start {name}: {msg}")))
+                    self.inner
+                        .events
+                        .emit(Some(name), "drs", format!("start refused: {msg}"));
+                    return Err(AgentError::Conflict(format!("Cannot start {name}: {msg}")));
                 }
                 AdmissionMode::Warn => self.inner.events.emit(Some(name), "drs", msg),
             }

@@ -312,3 +312,132 @@ fn openapi_file_is_current() {
     let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(checked_in == now, "openapi.json is stale: run FERRY_UPDATE_OPENAPI=1 cargo test -p ferry-api openapi_file_is_current");
 }
+
+#[tokio::test]
+async fn drs_settings_pools_and_placement_on_one_host() {
+    let (_d, app, _) = app().await;
+    let (s, cfg) = call(&app, "GET", "/api/v1/drs/config", None).await;
+    assert_eq!(
+        (s, &cfg["mode"], &cfg["level"]),
+        (StatusCode::OK, &json!("manual"), &json!(3))
+    );
+    // Bad settings: 400 naming the fields, nothing stored.
+    let mut bad = cfg.clone();
+    bad["level"] = json!(0);
+    bad["max_vcpu_ratio"] = json!(1000);
+    let (s, e) = call(&app, "PUT", "/api/v1/drs/config", Some(bad)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains("level") && text.contains("max_vcpu_ratio"),
+        "{e}"
+    );
+    let (_, now) = call(&app, "GET", "/api/v1/drs/config", None).await;
+    assert_eq!(now, cfg);
+    let mut good = cfg.clone();
+    good["mode"] = json!("automatic");
+    good["ha_host_failures"] = json!(1);
+    let (s, _) = call(&app, "PUT", "/api/v1/drs/config", Some(good)).await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, st) = call(&app, "GET", "/api/v1/drs", None).await;
+    assert_eq!(st["config"]["mode"], "automatic", "{st}");
+
+    // Resource pools: hierarchy checks, then a VM in one, then the delete rules.
+    let pool = |name: &str, parent: Option<&str>, limit: u64| json!({"name": name, "parent": parent, "memory": {"limit": limit as f64}});
+    let (s, e) = call(
+        &app,
+        "POST",
+        "/api/v1/resource-pools",
+        Some(pool("a", Some("nope"), 1 << 30)),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+    assert!(e.to_string().contains("nope"), "{e}");
+    let (s, _) = call(
+        &app,
+        "POST",
+        "/api/v1/resource-pools",
+        Some(pool("top", None, 1 << 30)),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, e) = call(
+        &app,
+        "POST",
+        "/api/v1/resource-pools",
+        Some(pool("kid", Some("top"), 2 << 30)),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+    assert!(e.to_string().contains("above its parent"), "{e}");
+    let (s, _) = call(
+        &app,
+        "POST",
+        "/api/v1/resource-pools",
+        Some(pool("kid", Some("top"), 1 << 29)),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, _) = call(
+        &app,
+        "POST",
+        "/api/v1/resource-pools",
+        Some(pool("kid", Some("top"), 1 << 29)),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let (s, e) = call(
+        &app,
+        "POST",
+        "/api/v1/vms",
+        Some(json!({"name": "v", "memory_mib": 128, "resource_pool": "ghost"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+    let (s, _) = call(
+        &app,
+        "POST",
+        "/api/v1/vms",
+        Some(json!({"name": "v", "memory_mib": 128, "resource_pool": "kid"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, e) = call(&app, "DELETE", "/api/v1/resource-pools/top", None).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{e}");
+    assert!(e.to_string().contains("sub-pools"), "{e}");
+    let (s, e) = call(&app, "DELETE", "/api/v1/resource-pools/kid", None).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{e}");
+    assert!(e.to_string().contains("still holds VMs: v"), "{e}");
+
+    // Placement on one host: this host, with its verdict; an impossible label: none.
+    let (s, r) = call(&app, "GET", "/api/v1/vms/v/placement", None).await;
+    assert_eq!((s, &r["host"]), (StatusCode::OK, &json!("test")), "{r}");
+    let (s, r) = call(
+        &app,
+        "POST",
+        "/api/v1/placement",
+        Some(json!({"name": "w", "memory_mib": 128, "placement": {"host_labels": ["gpu"]}})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(r["host"].is_null(), "{r}");
+    assert!(
+        r["hosts"][0]["reasons"][0]
+            .as_str()
+            .unwrap()
+            .contains("lacks label gpu"),
+        "{r}"
+    );
+    let (s, e) = call(
+        &app,
+        "POST",
+        "/api/v1/placement/create",
+        Some(json!({"name": "w", "memory_mib": 128, "placement": {"host_labels": ["gpu"]}})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{e}");
+    let (s, _) = call(&app, "GET", "/api/v1/vms/w", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = call(&app, "GET", "/api/v1/vms/nope/placement", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
