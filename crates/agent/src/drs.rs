@@ -19,7 +19,7 @@ use ferry_drs::{Cluster, Host, HostState as DrsHostState, Vm as DrsVm};
 use ferry_store::{Store, StoreJson};
 use ferry_types::{
     AdmissionMode, DrsConfig, DrsMode, DrsMove, DrsPlan, DrsStatus, HostCapacity, MigrateRequest,
-    PlacementReport, ResourcePool, TaskState, VmLoad, VmSpec,
+    PlacementReport, PoolKind, PoolSpec, ResourcePool, TaskState, VmLoad, VmSpec,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -57,8 +57,9 @@ fn now_s() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The engine's view of one VM record.
-fn drs_vm(rec: &VmRecord, host: &str, load: Option<&VmLoad>) -> DrsVm {
+/// The engine's view of one VM record. Only VMs whose disks all live on shared pools
+/// can move live without copying storage: the others stay where they are.
+fn drs_vm(rec: &VmRecord, host: &str, load: Option<&VmLoad>, shared: &BTreeSet<String>) -> DrsVm {
     let mut rules = rec.spec.placement.clone();
     if let Some(g) = &rec.spec.ha.anti_affinity {
         if !rules.anti_affinity.contains(g) {
@@ -76,6 +77,7 @@ fn drs_vm(rec: &VmRecord, host: &str, load: Option<&VmLoad>) -> DrsVm {
         ha: rec.spec.ha.enabled(),
         rules,
         movable: running
+            && rec.spec.disks.iter().all(|d| shared.contains(&d.pool))
             && !rec.template
             && rec.migrating_to.is_none()
             && rec.incoming_from.is_none(),
@@ -83,10 +85,18 @@ fn drs_vm(rec: &VmRecord, host: &str, load: Option<&VmLoad>) -> DrsVm {
     }
 }
 
+fn shared_pools(pools: Vec<PoolSpec>) -> BTreeSet<String> {
+    pools
+        .into_iter()
+        .filter(|p| p.kind == PoolKind::Shared)
+        .map(|p| p.name)
+        .collect()
+}
+
 fn spec_vm(spec: &VmSpec) -> DrsVm {
     let mut rec = VmRecord::new(0, spec.clone());
     rec.last_state = ferry_types::VmState::Stopped;
-    drs_vm(&rec, "", None)
+    drs_vm(&rec, "", None, &BTreeSet::new())
 }
 
 impl Agent {
@@ -227,10 +237,11 @@ impl Agent {
                 },
                 labels: self.inner.cfg.resources.labels.clone(),
             });
+            let shared = shared_pools(self.inner.store.list_json::<PoolSpec>("/pools/").await?);
             for r in self.records().await? {
                 if !r.template {
-                    c.vms
-                        .push(drs_vm(&r, self.host_name(), loads.get(&r.spec.name)));
+                    let load = loads.get(&r.spec.name);
+                    c.vms.push(drs_vm(&r, self.host_name(), load, &shared));
                 }
             }
             return Ok((c, pools));
@@ -264,6 +275,10 @@ impl Agent {
                 },
                 labels: cap.as_ref().map(|c| c.labels.clone()).unwrap_or_default(),
             });
+            let shared = shared_pools(
+                root.list_json::<PoolSpec>(&format!("/hosts/{}/pools/", m.name))
+                    .await?,
+            );
             for r in root
                 .list_json::<VmRecord>(&format!("/hosts/{}/vms/", m.name))
                 .await?
@@ -272,7 +287,7 @@ impl Agent {
                     continue;
                 }
                 let load = cap.as_ref().and_then(|c| c.vms.get(&r.spec.name));
-                c.vms.push(drs_vm(&r, &m.name, load));
+                c.vms.push(drs_vm(&r, &m.name, load, &shared));
             }
         }
         Ok((c, pools))
@@ -332,7 +347,7 @@ impl Agent {
     pub async fn admit_start(&self, name: &str) -> Result<()> {
         let (rec, _) = self.record(name).await?;
         let (mut c, pools) = self.drs_snapshot().await?;
-        let mut vm = drs_vm(&rec, self.host_name(), None);
+        let mut vm = drs_vm(&rec, self.host_name(), None, &BTreeSet::new());
         vm.running = true;
         if let Err(why) = ferry_drs::pools::admit(&pools, &c, &vm) {
             self.inner

@@ -152,7 +152,6 @@ impl Agent {
         self.inner.cfg.run_dir.join("cluster-lease")
     }
 
-    /// May HA VMs run here now? Always outside a cluster.
     /// The host lease, while it has one.
     pub(crate) fn lease_id(&self) -> Option<LeaseId> {
         self.inner
@@ -162,6 +161,7 @@ impl Agent {
             .lease
     }
 
+    /// May HA VMs run here now? Always outside a cluster.
     pub(crate) fn holds_lease(&self) -> bool {
         if self.inner.cluster.is_none() {
             return true;
