@@ -17,7 +17,7 @@
 //! cut off, daemon killed, QEMU killed) and lease TTL in a 3-host etcd lab: fault → new
 //! QEMU and fault → pings answered, and the most instances of the VM seen at once.
 //!
-//! `ferry-bench drs [--sizes 10x200,100x2000,1000x20000]`: the DRS planner against
+//! `ferry-bench drs [--sizes 10x200,30x600,100x2000,1000x20000]`: the DRS planner against
 //! Ganeti's hbal on the same synthetic clusters (no lab needed).
 //!
 //! Usage: `ferry-bench [core|snapshots|migration|failover|drs] [--runs N] [--vms N] [--json]` (as root; the
