@@ -342,6 +342,59 @@ impl Agent {
         self.peer(&host).await?.post("/api/v1/vms", &spec).await
     }
 
+    /// Starts VM `name`. In DRS automatic mode a VM this host cannot run (its rules,
+    /// memory, vCPUs) is first moved (stopped, disks copied if local) to the host
+    /// placement picks and started there, like vSphere's placement at power-on.
+    pub async fn start_placed(&self, name: &str, ctx: &crate::TaskCtx) -> Result<()> {
+        let cfg = self.drs_config().await?;
+        if cfg.mode != DrsMode::Automatic || self.inner.cluster.is_none() {
+            return self.start_vm(name).await;
+        }
+        let r = self.place_vm(name).await?;
+        let here = r.hosts.iter().find(|h| h.host == self.host_name());
+        let (Some(here), Some(to)) = (here, r.host.clone()) else {
+            return self.start_vm(name).await;
+        };
+        if here.eligible || to == self.host_name() {
+            return self.start_vm(name).await;
+        }
+        let why = here.reasons.join("; ");
+        ctx.log(format!(
+            "DRS: {} cannot run {name} ({why}); it starts on {to}",
+            self.host_name()
+        ));
+        self.inner.events.emit(
+            Some(name),
+            "drs",
+            format!(
+                "DRS starts {name} on {to}: {} cannot run it ({why})",
+                self.host_name()
+            ),
+        );
+        self.move_vm(name, &to, ctx).await?;
+        let peer = self.peer(&to).await?;
+        let t: ferry_types::TaskAccepted = peer
+            .post(&format!("/api/v1/vms/{name}/start"), &serde_json::json!({}))
+            .await?;
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let task: ferry_types::Task = peer.get(&format!("/api/v1/tasks/{}", t.task)).await?;
+            match task.state {
+                TaskState::Running => {}
+                TaskState::Succeeded => {
+                    ctx.log(format!("{name} runs on {to}"));
+                    return Ok(());
+                }
+                TaskState::Failed => {
+                    return Err(AgentError::Conflict(format!(
+                        "{name} moved to {to} but did not start there: {}",
+                        task.error.unwrap_or_default()
+                    )))
+                }
+            }
+        }
+    }
+
     /// May VM `name` start here? Resource pool limits and reservations, and HA
     /// admission control (strict: refused with the reason; warn: an event).
     pub async fn admit_start(&self, name: &str) -> Result<()> {

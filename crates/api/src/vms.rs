@@ -80,7 +80,7 @@ async fn action<F, Fut>(
     f: F,
 ) -> ApiResult<(StatusCode, Json<TaskAccepted>)>
 where
-    F: FnOnce(Agent, String) -> Fut + Send + 'static,
+    F: FnOnce(Agent, String, ferry_agent::TaskCtx) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ferry_agent::Result<()>> + Send + 'static,
 {
     let vm = a.get_vm(name).await?;
@@ -93,13 +93,13 @@ where
     let n = name.to_string();
     let task = a.tasks().spawn(kind, name, move |ctx| async move {
         ctx.log(format!("{kind} {n}"));
-        f(agent, n).await
+        f(agent, n, ctx).await
     });
     Ok((StatusCode::ACCEPTED, Json(TaskAccepted { task })))
 }
 
 macro_rules! vm_action {
-    ($fn:ident, $path:literal, $act:expr, $kind:literal, $doc:literal, |$ag:ident, $n:ident| $body:expr) => {
+    ($fn:ident, $path:literal, $act:expr, $kind:literal, $doc:literal, |$ag:ident, $n:ident, $ctx:pat_param| $body:expr) => {
         #[doc = $doc]
         #[utoipa::path(post, path = $path, tag = "vms",
             params(("name" = String, Path, description = "VM name")),
@@ -107,7 +107,7 @@ macro_rules! vm_action {
                       (status = 404, body = ferry_types::ApiErrorBody),
                       (status = 409, description = "Not allowed in the VM's state", body = ferry_types::ApiErrorBody)))]
         pub async fn $fn(State(a): State<Agent>, ApiPath(name): ApiPath<String>) -> ApiResult<(StatusCode, Json<TaskAccepted>)> {
-            action(&a, &name, $act, $kind, |$ag, $n| async move { $body }).await
+            action(&a, &name, $act, $kind, |$ag, $n, $ctx| async move { $body }).await
         }
     };
 }
@@ -117,8 +117,8 @@ vm_action!(
     "/api/v1/vms/{name}/start",
     VmAction::Start,
     "vm.start",
-    "Start the VM.",
-    |a, n| a.start_vm(&n).await
+    "Start the VM (in DRS automatic mode on the host placement picks when this one cannot run it).",
+    |a, n, ctx| a.start_placed(&n, &ctx).await
 );
 vm_action!(
     stop_vm,
@@ -126,7 +126,7 @@ vm_action!(
     VmAction::Stop,
     "vm.stop",
     "Hard stop (QEMU quits at once).",
-    |a, n| a.stop_vm(&n).await
+    |a, n, _| a.stop_vm(&n).await
 );
 vm_action!(
     pause_vm,
@@ -134,7 +134,7 @@ vm_action!(
     VmAction::Pause,
     "vm.pause",
     "Pause the vCPUs.",
-    |a, n| a.pause_vm(&n).await
+    |a, n, _| a.pause_vm(&n).await
 );
 vm_action!(
     resume_vm,
@@ -142,7 +142,7 @@ vm_action!(
     VmAction::Resume,
     "vm.resume",
     "Resume a paused VM.",
-    |a, n| a.resume_vm(&n).await
+    |a, n, _| a.resume_vm(&n).await
 );
 
 #[utoipa::path(post, path = "/api/v1/vms/{name}/shutdown", tag = "vms", request_body(content = ShutdownParams, description = "Optional"),
@@ -162,7 +162,7 @@ pub async fn shutdown_vm(
         &name,
         VmAction::Shutdown,
         "vm.shutdown",
-        move |a, n| async move { a.shutdown_vm(&n, t).await.map(|_| ()) },
+        move |a, n, _| async move { a.shutdown_vm(&n, t).await.map(|_| ()) },
     )
     .await
 }
@@ -184,7 +184,7 @@ pub async fn reboot_vm(
         &name,
         VmAction::Reboot,
         "vm.reboot",
-        move |a, n| async move { a.reboot_vm(&n, t).await },
+        move |a, n, _| async move { a.reboot_vm(&n, t).await },
     )
     .await
 }

@@ -701,8 +701,11 @@ async fn action(c: &Client, g: &Global, name: &str, act: &str, body: Option<Valu
     if g.json {
         return print_json(&done);
     }
-    let vm: Vm = c.get(&format!("/api/v1/vms/{name}")).await?;
-    println!("{name}: {}", vm.state);
+    match c.get::<Vm>(&format!("/api/v1/vms/{name}")).await {
+        Ok(vm) => println!("{name}: {}", vm.state),
+        // DRS started it on another host: the task's last line says where.
+        Err(_) => println!("{name}: {}", done.log.last().map_or("done", String::as_str)),
+    }
     Ok(())
 }
 

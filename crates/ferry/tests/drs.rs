@@ -1,7 +1,8 @@
 //! DRS in the lab's etcd cluster with real QEMU (issue 7): three hosts that DRS treats
 //! as 2 cores / 1 GiB each; three VMs start on h1, one of them busy; in manual mode
 //! DRS only recommends, in automatic mode it live-migrates until the hosts are even
-//! while the client pings every VM. Then resource pools (cgroup limits enforced on the
+//! while the client pings every VM, and a VM started on a host that cannot run it
+//! starts where placement says. Then resource pools (cgroup limits enforced on the
 //! QEMU, limits refusing starts), HA admission control, placement with labels, and bad
 //! input that changes nothing.
 
@@ -155,6 +156,13 @@ fn drs_balances_live_and_enforces_pools_and_admission() -> Result<()> {
         + &lab.cli("h3")?.ferry_ok(&["events"])?;
     assert!(events.contains("DRS moves"), "{events}");
     assert!(events.contains("DRS recommends"), "{events}");
+    // Automatic mode places at start: s needs label ssd (only h3) but is defined on h1.
+    h1.create_test_vm("s", "10.78.0.136", &["--host-label", "ssd"])?;
+    let out = h1.ferry_ok(&["vm", "start", "s"])?;
+    assert!(out.contains("runs on h3"), "{out}");
+    assert_eq!(lab.cli("h3")?.vm_state("s")?.0, "running");
+    assert!(!h1.vm_names()?.contains(&"s".to_string()));
+    lab.cli("h3")?.ferry_ok(&["vm", "kill", "s"])?;
     h1.ferry_ok(&["drs", "config", "--mode", "manual"])?;
     // Quiet hosts for what follows.
     for (h, names) in &now {
