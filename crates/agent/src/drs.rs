@@ -574,6 +574,10 @@ impl Agent {
                 Err(e) => {
                     touched.insert(mv.from.clone());
                     touched.insert(mv.to.clone());
+                    // Not tried again before the hysteresis is over.
+                    let (s, p) = self.shared();
+                    s.put_json(&format!("{p}/drs/moved/{}", mv.vm), &now_s())
+                        .await?;
                     self.inner.events.emit(
                         Some(&mv.vm),
                         "drs",
