@@ -139,16 +139,20 @@ impl Cgroups {
         Ok(())
     }
 
+    /// Our tree's root in each hierarchy.
+    fn roots(&self) -> Vec<&PathBuf> {
+        match self {
+            Cgroups::V2(root) => vec![root],
+            Cgroups::V1 { cpu, memory } => vec![cpu, memory],
+            Cgroups::None(_) => vec![],
+        }
+    }
+
     /// Puts QEMU `pid` of VM `id` into its pool: a leaf cgroup `vm-{id}` under it.
     pub fn place(&self, chain: &[&ResourcePool], id: u32, pid: i32) -> Result<()> {
         self.ensure_pools(chain)?;
         let rel = Self::rel(chain).join(format!("vm-{id}"));
-        let dirs: Vec<PathBuf> = match self {
-            Cgroups::V2(root) => vec![root.join(&rel)],
-            Cgroups::V1 { cpu, memory } => vec![cpu.join(&rel), memory.join(&rel)],
-            Cgroups::None(_) => vec![],
-        };
-        for d in dirs {
+        for d in self.roots().into_iter().map(|r| r.join(&rel)) {
             mkdir(&d)?;
             write(&d, "cgroup.procs", &pid.to_string())?;
         }
@@ -158,12 +162,7 @@ impl Cgroups {
     /// The leaf cgroups of VM `id` (wherever its pool is), for removal after its QEMU
     /// ended; the kernel refuses to remove one that still holds a process.
     pub fn remove_vm(&self, id: u32) {
-        let roots: Vec<&PathBuf> = match self {
-            Cgroups::V2(root) => vec![root],
-            Cgroups::V1 { cpu, memory } => vec![cpu, memory],
-            Cgroups::None(_) => vec![],
-        };
-        for r in roots {
+        for r in self.roots() {
             for d in find(r, &format!("vm-{id}")) {
                 let _ = std::fs::remove_dir(&d);
             }
@@ -172,12 +171,7 @@ impl Cgroups {
 
     /// Removes a pool's (empty) cgroups.
     pub fn remove_pool(&self, name: &str) {
-        let roots: Vec<&PathBuf> = match self {
-            Cgroups::V2(root) => vec![root],
-            Cgroups::V1 { cpu, memory } => vec![cpu, memory],
-            Cgroups::None(_) => vec![],
-        };
-        for r in roots {
+        for r in self.roots() {
             for d in find(r, &format!("pool-{name}")) {
                 let _ = std::fs::remove_dir(&d);
             }

@@ -23,6 +23,7 @@ use ferry_types::{
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::cluster::lease::Alive;
@@ -36,6 +37,8 @@ const SAMPLE: Duration = Duration::from_secs(2);
 pub(crate) struct LoadTracker {
     /// VM → (CPU seconds at the last sample, when, smoothed cores).
     vms: HashMap<String, (f64, Instant, f64)>,
+    /// What the last sample gave (read by the snapshot; only the loop samples).
+    last: BTreeMap<String, VmLoad>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -177,7 +180,7 @@ impl Agent {
 
     /// CPU load per running VM: the QEMU's CPU time since the last sample, smoothed
     /// exponentially with the window as time constant.
-    pub(crate) async fn sample_loads(&self, window_s: u64) -> BTreeMap<String, VmLoad> {
+    async fn sample_loads(&self, window_s: u64) -> BTreeMap<String, VmLoad> {
         let mut out = BTreeMap::new();
         let Ok(recs) = self.records().await else {
             return out;
@@ -214,7 +217,18 @@ impl Agent {
             );
         }
         t.vms.retain(|k, _| seen.contains(k));
+        t.last = out.clone();
         out
+    }
+
+    /// The loads of the last sample.
+    fn last_loads(&self) -> BTreeMap<String, VmLoad> {
+        self.inner
+            .loads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last
+            .clone()
     }
 
     /// The cluster as DRS sees it (this host alone outside a cluster), and the
@@ -224,8 +238,7 @@ impl Agent {
         let mut c = Cluster::default();
         let Some(link) = &self.inner.cluster else {
             let (cpus, memory_bytes) = self.capacity();
-            let window = self.drs_config().await?.window_s;
-            let loads = self.sample_loads(window).await;
+            let loads = self.last_loads();
             c.hosts.push(Host {
                 name: self.host_name().to_string(),
                 cpus,
@@ -665,25 +678,12 @@ impl Agent {
         Ok(())
     }
 
-    async fn is_drs_manager(&self) -> bool {
-        match &self.inner.cluster {
-            Some(c) => c
-                .root
-                .get_json::<String>(MANAGER)
-                .await
-                .ok()
-                .flatten()
-                .is_some_and(|(m, _)| m == self.host_name()),
-            None => false,
-        }
-    }
-
     /// The HA manager's balancing rounds.
     pub(crate) async fn drs_loop(self) {
         let mut last: Option<Instant> = None;
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            if !self.holds_lease() || !self.is_drs_manager().await {
+            if !self.holds_lease() || !self.inner.is_manager.load(Ordering::Relaxed) {
                 last = None;
                 continue;
             }

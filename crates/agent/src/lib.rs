@@ -116,6 +116,8 @@ struct Inner {
     loads: Mutex<drs::LoadTracker>,
     /// Where resource pools are enforced.
     cgroups: cgroups::Cgroups,
+    /// This host's agent was the HA manager at its last round (DRS runs there).
+    is_manager: std::sync::atomic::AtomicBool,
 }
 
 /// The agent. Cheap to clone.
@@ -172,6 +174,7 @@ impl Agent {
                 restart: tokio::sync::Notify::new(),
                 loads: Mutex::new(Default::default()),
                 cgroups,
+                is_manager: Default::default(),
             }),
         };
         agent.ensure_default_pool().await?;

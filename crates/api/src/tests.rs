@@ -313,6 +313,17 @@ fn openapi_file_is_current() {
     assert!(checked_in == now, "openapi.json is stale: run FERRY_UPDATE_OPENAPI=1 cargo test -p ferry-api openapi_file_is_current");
 }
 
+/// Creates resource pool `name` with a memory limit.
+async fn post_pool(
+    app: &Router,
+    name: &str,
+    parent: Option<&str>,
+    limit: u64,
+) -> (StatusCode, Value) {
+    let body = json!({"name": name, "parent": parent, "memory": {"limit": limit as f64}});
+    call(app, "POST", "/api/v1/resource-pools", Some(body)).await
+}
+
 #[tokio::test]
 async fn drs_settings_pools_and_placement_on_one_host() {
     let (_d, app, _) = app().await;
@@ -343,48 +354,17 @@ async fn drs_settings_pools_and_placement_on_one_host() {
     assert_eq!(st["config"]["mode"], "automatic", "{st}");
 
     // Resource pools: hierarchy checks, then a VM in one, then the delete rules.
-    let pool = |name: &str, parent: Option<&str>, limit: u64| json!({"name": name, "parent": parent, "memory": {"limit": limit as f64}});
-    let (s, e) = call(
-        &app,
-        "POST",
-        "/api/v1/resource-pools",
-        Some(pool("a", Some("nope"), 1 << 30)),
-    )
-    .await;
+    let (s, e) = post_pool(&app, "a", Some("nope"), 1 << 30).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
     assert!(e.to_string().contains("nope"), "{e}");
-    let (s, _) = call(
-        &app,
-        "POST",
-        "/api/v1/resource-pools",
-        Some(pool("top", None, 1 << 30)),
-    )
-    .await;
+    let (s, _) = post_pool(&app, "top", None, 1 << 30).await;
     assert_eq!(s, StatusCode::CREATED);
-    let (s, e) = call(
-        &app,
-        "POST",
-        "/api/v1/resource-pools",
-        Some(pool("kid", Some("top"), 2 << 30)),
-    )
-    .await;
+    let (s, e) = post_pool(&app, "kid", Some("top"), 2 << 30).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
     assert!(e.to_string().contains("above its parent"), "{e}");
-    let (s, _) = call(
-        &app,
-        "POST",
-        "/api/v1/resource-pools",
-        Some(pool("kid", Some("top"), 1 << 29)),
-    )
-    .await;
+    let (s, _) = post_pool(&app, "kid", Some("top"), 1 << 29).await;
     assert_eq!(s, StatusCode::CREATED);
-    let (s, _) = call(
-        &app,
-        "POST",
-        "/api/v1/resource-pools",
-        Some(pool("kid", Some("top"), 1 << 29)),
-    )
-    .await;
+    let (s, _) = post_pool(&app, "kid", Some("top"), 1 << 29).await;
     assert_eq!(s, StatusCode::CONFLICT);
     let (s, e) = call(
         &app,

@@ -51,15 +51,23 @@ impl Agent {
             if self.inner.cluster.is_none() {
                 continue; // one host: crash restarts only
             }
-            match self.try_manager().await {
+            let manager = match self.try_manager().await {
                 Ok(true) => {
                     if let Err(e) = self.manager_round().await {
                         tracing::warn!(error = %e, "HA manager round");
                     }
+                    true
                 }
-                Ok(false) => {}
-                Err(e) => tracing::debug!(error = %e, "HA manager election"),
-            }
+                Ok(false) => false,
+                Err(e) => {
+                    tracing::debug!(error = %e, "HA manager election");
+                    false
+                }
+            };
+            // DRS runs where the HA manager runs.
+            self.inner
+                .is_manager
+                .store(manager, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
