@@ -1,0 +1,184 @@
+//! A replication connection: framed messages over TCP, requests matched to their
+//! answers by sequence number so many can be in flight (pipelined).
+
+use crate::wire::{self, Msg, WireError};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("connection I/O")]
+    Io(#[from] std::io::Error),
+    #[error("peer sent a bad message")]
+    Wire(#[from] WireError),
+    #[error("peer did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("connection closed")]
+    Closed,
+    #[error("peer refused: {0}")]
+    Refused(String),
+    #[error("peer sent {0} where it must not")]
+    Unexpected(&'static str),
+}
+
+/// Reads one frame.
+pub async fn read_msg<R: AsyncRead + Unpin>(r: &mut R) -> Result<Msg, ConnError> {
+    let mut h = [0u8; wire::HEADER_LEN];
+    r.read_exact(&mut h).await?;
+    let (kind, len) = wire::decode_header(&h)?;
+    let mut body = vec![0u8; len as usize];
+    r.read_exact(&mut body).await?;
+    Ok(wire::decode_body(kind, &body)?)
+}
+
+pub async fn write_msg<W: AsyncWrite + Unpin>(w: &mut W, m: &Msg) -> Result<(), ConnError> {
+    w.write_all(&m.encode()).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+/// How long a peer may take to acknowledge before it is considered gone.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// The primary's end of a connection to a secondary.
+pub struct Conn {
+    tx: mpsc::UnboundedSender<Arc<Vec<u8>>>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Msg>>>,
+    closed: AtomicBool,
+    closed_note: Notify,
+}
+
+impl Conn {
+    /// Starts the writer and reader tasks on an established (handshaken) stream.
+    pub fn start(stream: TcpStream) -> Arc<Conn> {
+        let _ = stream.set_nodelay(true);
+        let (mut rd, wr) = stream.into_split();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Arc<Vec<u8>>>();
+        let c = Arc::new(Conn {
+            tx,
+            pending: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
+            closed_note: Notify::new(),
+        });
+        let cw = c.clone();
+        tokio::spawn(async move {
+            let mut wr = tokio::io::BufWriter::with_capacity(256 << 10, wr);
+            loop {
+                let buf = tokio::select! {
+                    b = rx.recv() => b,
+                    _ = cw.closed_note.notified() => None,
+                };
+                let Some(buf) = buf else { break };
+                if wr.write_all(&buf).await.is_err() {
+                    break;
+                }
+                while let Ok(more) = rx.try_recv() {
+                    if wr.write_all(&more).await.is_err() {
+                        cw.close();
+                        return;
+                    }
+                }
+                if wr.flush().await.is_err() {
+                    break;
+                }
+                if cw.is_closed() {
+                    break;
+                }
+            }
+            let _ = wr.shutdown().await;
+            cw.close();
+        });
+        let cr = c.clone();
+        tokio::spawn(async move {
+            loop {
+                if cr.is_closed() {
+                    break;
+                }
+                let m = tokio::select! {
+                    m = read_msg(&mut rd) => m,
+                    _ = cr.closed_note.notified() => break,
+                };
+                let seq = match &m {
+                    Ok(Msg::Ack { seq }) | Ok(Msg::Nack { seq, .. }) => *seq,
+                    Ok(Msg::VerifyResp { seq, .. }) => *seq,
+                    Ok(Msg::Goodbye { reason }) => {
+                        tracing::info!(%reason, "peer ended the connection");
+                        break;
+                    }
+                    Ok(_) => {
+                        tracing::warn!("peer sent an unexpected message; disconnecting");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "replication connection ended");
+                        break;
+                    }
+                };
+                let waiter = cr.pending.lock().expect("pending").remove(&seq);
+                if let (Some(w), Ok(m)) = (waiter, m) {
+                    let _ = w.send(m);
+                }
+            }
+            cr.close();
+        });
+        c
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Closes the connection; every waiting request fails.
+    pub fn close(&self) {
+        if !self.closed.swap(true, Ordering::SeqCst) {
+            self.closed_note.notify_waiters();
+            self.pending.lock().expect("pending").clear();
+        }
+    }
+
+    /// Waits until the connection is closed.
+    pub async fn closed(&self) {
+        loop {
+            let n = self.closed_note.notified();
+            if self.is_closed() {
+                return;
+            }
+            n.await;
+        }
+    }
+
+    /// Sends an encoded request with sequence number `seq` and waits for its answer.
+    pub async fn call(&self, seq: u64, frame: Arc<Vec<u8>>) -> Result<Msg, ConnError> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut p = self.pending.lock().expect("pending");
+            if self.is_closed() {
+                return Err(ConnError::Closed);
+            }
+            p.insert(seq, tx);
+        }
+        if self.tx.send(frame).is_err() {
+            self.close();
+            return Err(ConnError::Closed);
+        }
+        match tokio::time::timeout(ACK_TIMEOUT, rx).await {
+            Ok(Ok(Msg::Nack { reason, .. })) => Err(ConnError::Refused(reason)),
+            Ok(Ok(m)) => Ok(m),
+            Ok(Err(_)) => Err(ConnError::Closed),
+            Err(_) => {
+                self.close();
+                Err(ConnError::Timeout(ACK_TIMEOUT))
+            }
+        }
+    }
+
+    /// Sends a message that gets no answer (Goodbye).
+    pub fn send(&self, m: &Msg) {
+        let _ = self.tx.send(Arc::new(m.encode()));
+    }
+}

@@ -1,0 +1,458 @@
+//! One host's copy of a volume: the raw data file, its metadata (generation history,
+//! up-to-date flag, bitmap bases), the activity log and the peers' dirty bitmaps.
+//!
+//! Files in the pool directory: `{vol}.raw`, `{vol}.meta` (JSON, replaced atomically),
+//! `{vol}.al` (activity log, one bit per 4 MiB extent), `{vol}.bm-{peer}` (one bit per
+//! 64 KiB region the peer lacks).
+
+use crate::bitmap::Bitmap;
+use ferry_types::GenId;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// Bytes per bit of a peer's dirty bitmap (and the resync unit).
+pub const REGION: u64 = 64 << 10;
+/// Bytes per bit of the activity log.
+pub const EXTENT: u64 = 4 << 20;
+/// Generations kept in the history.
+const HISTORY: usize = 1000;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Meta {
+    pub size: u64,
+    /// Generations the data went through, oldest first (empty: a new copy).
+    pub history: Vec<GenId>,
+    pub uptodate: bool,
+    pub sync_source: Option<GenId>,
+    /// Peers this copy keeps a bitmap for, each with the peer's generation the bitmap
+    /// starts at (None: the bitmap is not valid for a resync, only as a record of
+    /// writes the peer lacks).
+    pub bitmaps: BTreeMap<String, Option<GenId>>,
+}
+
+pub(crate) fn io_err(what: String, e: std::io::Error) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+pub struct Local {
+    pub key: String,
+    pub dir: PathBuf,
+    pub vol: String,
+    file: Arc<File>,
+    meta: Mutex<Meta>,
+    al: Mutex<Bitmap>,
+    /// Writes in flight per extent, and extents written since the last tick.
+    al_busy: Mutex<(HashMap<usize, u32>, BTreeSet<usize>)>,
+    bitmaps: Mutex<BTreeMap<String, Bitmap>>,
+}
+
+/// An extent range held in the activity log while a write is in flight.
+pub struct AlGuard<'a> {
+    local: &'a Local,
+    extents: std::ops::Range<usize>,
+}
+
+impl Drop for AlGuard<'_> {
+    fn drop(&mut self) {
+        let mut b = self.local.al_busy.lock().expect("al");
+        for e in self.extents.clone() {
+            if let Some(n) = b.0.get_mut(&e) {
+                *n -= 1;
+                if *n == 0 {
+                    b.0.remove(&e);
+                }
+            }
+        }
+    }
+}
+
+impl Local {
+    pub fn data_path(dir: &Path, vol: &str) -> PathBuf {
+        dir.join(format!("{vol}.raw"))
+    }
+
+    fn meta_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.meta", self.vol))
+    }
+
+    fn bitmap_path(&self, peer: &str) -> PathBuf {
+        self.dir.join(format!("{}.bm-{peer}", self.vol))
+    }
+
+    /// Opens the copy, creating it when `create` gives its size and first generation
+    /// (None: a new copy that must be synced in full before it is up to date).
+    pub fn open(
+        key: &str,
+        dir: &Path,
+        vol: &str,
+        create: Option<(u64, Option<GenId>)>,
+    ) -> std::io::Result<Local> {
+        let data = Local::data_path(dir, vol);
+        let meta_path = dir.join(format!("{vol}.meta"));
+        let (file, meta) = if !meta_path.exists() {
+            let Some((size, gen)) = create else {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("no copy of {key} in {}", dir.display()),
+                ));
+            };
+            std::fs::create_dir_all(dir)
+                .map_err(|e| io_err(format!("create {}", dir.display()), e))?;
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&data)
+                .map_err(|e| io_err(format!("create {}", data.display()), e))?;
+            f.set_len(size)?;
+            let meta = Meta {
+                size,
+                uptodate: gen.is_some(),
+                history: gen.into_iter().collect(),
+                ..Default::default()
+            };
+            write_meta(&meta_path, &meta)?;
+            (f, meta)
+        } else {
+            let bytes = std::fs::read(&meta_path)
+                .map_err(|e| io_err(format!("read {}", meta_path.display()), e))?;
+            let meta: Meta = serde_json::from_slice(&bytes).map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{}: {e}", meta_path.display()),
+                )
+            })?;
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&data)
+                .map_err(|e| io_err(format!("open {}", data.display()), e))?;
+            (f, meta)
+        };
+        let size = meta.size;
+        let al = Bitmap::open(&dir.join(format!("{vol}.al")), size, EXTENT)?;
+        let mut bitmaps = BTreeMap::new();
+        for peer in meta.bitmaps.keys() {
+            let p = dir.join(format!("{vol}.bm-{peer}"));
+            bitmaps.insert(peer.clone(), Bitmap::open(&p, size, REGION)?);
+        }
+        Ok(Local {
+            key: key.to_string(),
+            dir: dir.to_path_buf(),
+            vol: vol.to_string(),
+            file: Arc::new(file),
+            meta: Mutex::new(meta),
+            al: Mutex::new(al),
+            al_busy: Mutex::new(Default::default()),
+            bitmaps: Mutex::new(bitmaps),
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.meta.lock().expect("meta").size
+    }
+
+    pub fn meta(&self) -> Meta {
+        self.meta.lock().expect("meta").clone()
+    }
+
+    /// Changes the metadata and saves it durably.
+    pub fn update_meta(&self, f: impl FnOnce(&mut Meta)) -> std::io::Result<()> {
+        let mut m = self.meta.lock().expect("meta");
+        let mut new = m.clone();
+        f(&mut new);
+        if new.history.len() > HISTORY {
+            let cut = new.history.len() - HISTORY;
+            new.history.drain(..cut);
+        }
+        write_meta(&self.meta_path(), &new)?;
+        *m = new;
+        Ok(())
+    }
+
+    pub fn current(&self) -> Option<GenId> {
+        self.meta.lock().expect("meta").history.last().cloned()
+    }
+
+    pub async fn read(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
+        let f = self.file.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; len as usize];
+            f.read_exact_at(&mut buf, offset)?;
+            Ok(buf)
+        })
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?
+    }
+
+    pub fn read_blocking(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len as usize];
+        self.file.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
+    }
+
+    pub fn write_blocking(&self, offset: u64, data: &[u8], fua: bool) -> std::io::Result<()> {
+        self.file.write_all_at(data, offset)?;
+        if fua {
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes a range: punches a hole (reads as zeroes on every copy alike) or, where
+    /// the file system cannot, writes zeroes.
+    pub fn zero_blocking(&self, offset: u64, len: u32, fua: bool) -> std::io::Result<()> {
+        let r = nix::fcntl::fallocate(
+            &*self.file,
+            nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            offset as i64,
+            len as i64,
+        );
+        if r.is_err() {
+            let zeroes = vec![0u8; (len as usize).min(1 << 20)];
+            let mut at = 0u64;
+            while at < len as u64 {
+                let n = (len as u64 - at).min(zeroes.len() as u64) as usize;
+                self.file.write_all_at(&zeroes[..n], offset + at)?;
+                at += n as u64;
+            }
+        }
+        if fua {
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    pub fn sync_blocking(&self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+
+    pub async fn write(&self, offset: u64, data: Arc<Vec<u8>>, fua: bool) -> std::io::Result<()> {
+        let f = self.file.clone();
+        tokio::task::spawn_blocking(move || {
+            f.write_all_at(&data, offset)?;
+            if fua {
+                f.sync_data()?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?
+    }
+
+    pub async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Local) -> std::io::Result<T> + Send + 'static,
+    ) -> std::io::Result<T> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || f(&me))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+    }
+
+    /// MD5 of a range (online verify).
+    pub fn digest_blocking(&self, offset: u64, len: u32) -> std::io::Result<[u8; 16]> {
+        use md5::Digest;
+        let data = self.read_blocking(offset, len)?;
+        Ok(md5::Md5::digest(&data).into())
+    }
+
+    /// Enters a write into the activity log: its extents are on disk as active before
+    /// the data is written anywhere.
+    pub fn al_enter(&self, offset: u64, len: u64) -> std::io::Result<AlGuard<'_>> {
+        let extents = {
+            let mut al = self.al.lock().expect("al");
+            let r = al.range(offset, len);
+            al.set(r.clone())?;
+            r
+        };
+        let mut b = self.al_busy.lock().expect("al");
+        for e in extents.clone() {
+            *b.0.entry(e).or_default() += 1;
+            b.1.insert(e);
+        }
+        Ok(AlGuard {
+            local: self,
+            extents,
+        })
+    }
+
+    /// Retires idle extents from the activity log: after an `fdatasync` of the data,
+    /// every extent with no write in flight and none since the last tick (a finished
+    /// write is on every connected copy, or in the bitmap of those it missed).
+    pub fn al_tick(&self) -> std::io::Result<()> {
+        let active = self.al.lock().expect("al").ones();
+        if active.is_empty() {
+            return Ok(());
+        }
+        self.file.sync_data()?;
+        let (busy, touched) = {
+            let mut b = self.al_busy.lock().expect("al");
+            let touched = std::mem::take(&mut b.1);
+            (b.0.keys().copied().collect::<BTreeSet<_>>(), touched)
+        };
+        let mut al = self.al.lock().expect("al");
+        for e in active {
+            if !busy.contains(&e) && !touched.contains(&e) {
+                al.clear(e);
+            }
+        }
+        al.save(true)
+    }
+
+    pub fn al_words(&self) -> Vec<u64> {
+        self.al.lock().expect("al").words().to_vec()
+    }
+
+    pub fn al_count(&self) -> usize {
+        self.al.lock().expect("al").count()
+    }
+
+    /// Runs `f` on peer `peer`'s bitmap (created, all clear and with no valid base, if
+    /// missing).
+    pub fn with_bitmap<T>(
+        &self,
+        peer: &str,
+        f: impl FnOnce(&mut Bitmap) -> T,
+    ) -> std::io::Result<T> {
+        let mut m = self.bitmaps.lock().expect("bitmaps");
+        if !m.contains_key(peer) {
+            let mut b = Bitmap::open(&self.bitmap_path(peer), self.size(), REGION)?;
+            b.clear_all();
+            b.save(true)?;
+            m.insert(peer.to_string(), b);
+            drop(m);
+            let known = self.meta().bitmaps.contains_key(peer);
+            if !known {
+                self.update_meta(|meta| {
+                    meta.bitmaps.insert(peer.to_string(), None);
+                })?;
+            }
+            m = self.bitmaps.lock().expect("bitmaps");
+        }
+        let b = m
+            .get_mut(peer)
+            .ok_or_else(|| std::io::Error::other("bitmap vanished"))?;
+        Ok(f(b))
+    }
+
+    /// The base of peer `peer`'s bitmap and whether it has bits.
+    pub fn bitmap_info(&self, peer: &str) -> (Option<GenId>, bool, Vec<u64>) {
+        let base = self.meta().bitmaps.get(peer).cloned().flatten();
+        let m = self.bitmaps.lock().expect("bitmaps");
+        match m.get(peer) {
+            Some(b) => (base, !b.is_clear(), b.words().to_vec()),
+            None => (base, false, vec![]),
+        }
+    }
+
+    /// Starts peer `peer`'s bitmap afresh: all clear (or all set) from `base`.
+    pub fn reset_bitmap(&self, peer: &str, base: Option<GenId>, all: bool) -> std::io::Result<()> {
+        self.with_bitmap(peer, |b| {
+            b.clear_all();
+            if all {
+                b.set_all()
+            } else {
+                b.save(true)
+            }
+        })??;
+        self.set_bitmap_base(peer, base)
+    }
+
+    pub fn set_bitmap_base(&self, peer: &str, base: Option<GenId>) -> std::io::Result<()> {
+        self.update_meta(|m| {
+            m.bitmaps.insert(peer.to_string(), base);
+        })
+    }
+
+    pub fn bitmap_peers(&self) -> Vec<String> {
+        self.meta().bitmaps.keys().cloned().collect()
+    }
+
+    /// Removes every peer bitmap and its base.
+    pub fn drop_bitmaps(&self) -> std::io::Result<()> {
+        let old = std::mem::take(&mut *self.bitmaps.lock().expect("bitmaps"));
+        for (_, b) in old {
+            b.remove();
+        }
+        self.update_meta(|m| m.bitmaps.clear())
+    }
+
+    /// Grows the copy (never shrinks).
+    pub fn grow(&self, size: u64) -> std::io::Result<()> {
+        if size < self.size() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a replicated volume cannot shrink",
+            ));
+        }
+        self.file.set_len(size)?;
+        self.update_meta(|m| m.size = size)
+    }
+
+    pub fn allocated_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        self.file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
+    }
+
+    /// Keeps the data aside as `{vol}.splitbrain-{generation}` and starts over as a new,
+    /// empty copy (the split-brain loser). Returns the saved file.
+    pub fn discard(&self) -> std::io::Result<PathBuf> {
+        let m = self.meta();
+        let tag = m
+            .history
+            .last()
+            .map(|g| format!("{}-{}", g.n, g.host))
+            .unwrap_or_else(|| "none".into());
+        let saved = self.dir.join(format!("{}.splitbrain-{tag}", self.vol));
+        let data = Local::data_path(&self.dir, &self.vol);
+        std::fs::copy(&data, &saved).map_err(|e| io_err(format!("keep {}", saved.display()), e))?;
+        self.file.sync_data()?;
+        self.drop_bitmaps()?;
+        self.update_meta(|m| {
+            m.history.clear();
+            m.uptodate = false;
+            m.sync_source = None;
+        })?;
+        Ok(saved)
+    }
+
+    /// Deletes every file of the copy.
+    pub fn remove_files(dir: &Path, vol: &str) {
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                let ours = n == format!("{vol}.raw")
+                    || n == format!("{vol}.meta")
+                    || n == format!("{vol}.al")
+                    || n.starts_with(&format!("{vol}.bm-"));
+                if ours {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+}
+
+fn write_meta(path: &Path, m: &Meta) -> std::io::Result<()> {
+    let tmp = path.with_extension("meta.tmp");
+    let bytes = serde_json::to_vec_pretty(m).map_err(std::io::Error::other)?;
+    {
+        let f = File::create(&tmp).map_err(|e| io_err(format!("write {}", tmp.display()), e))?;
+        f.write_all_at(&bytes, 0)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| io_err(format!("replace {}", path.display()), e))?;
+    if let Some(d) = path.parent() {
+        if let Ok(d) = File::open(d) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,255 @@
+//! The replication service of one host: its copies of replicated volumes, the TCP
+//! listener peers' primaries connect to, one NBD socket per copy, and the activity-log
+//! housekeeping.
+
+use crate::conn;
+use crate::local::Local;
+use crate::replica::{OneExport, Replica};
+use crate::wire::Msg;
+use crate::{Cluster, ReplicaError};
+use ferry_types::{GenId, ReplicaStatus, VerifyReport};
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::task::JoinHandle;
+
+type Served = (Arc<Replica>, JoinHandle<()>);
+
+pub struct Service {
+    host: String,
+    socket_dir: PathBuf,
+    cluster: Arc<dyn Cluster>,
+    /// Each copy with the task serving its NBD socket.
+    replicas: Mutex<HashMap<String, Served>>,
+}
+
+impl Service {
+    /// `socket_dir` holds the NBD sockets (`{pool}.{volume}.sock`).
+    pub fn new(host: &str, socket_dir: &Path, cluster: Arc<dyn Cluster>) -> Arc<Service> {
+        let s = Arc::new(Service {
+            host: host.to_string(),
+            socket_dir: socket_dir.to_path_buf(),
+            cluster,
+            replicas: Mutex::new(HashMap::new()),
+        });
+        let weak = Arc::downgrade(&s);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let Some(s) = weak.upgrade() else { break };
+                for r in s.all() {
+                    let l = r.local.clone();
+                    let res = tokio::task::spawn_blocking(move || l.al_tick()).await;
+                    if let Ok(Err(e)) = res {
+                        tracing::warn!(volume = %r.key(), error = %e, "activity log");
+                    }
+                }
+            }
+        });
+        s
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// Accepts primaries' connections on `addr`; returns the address bound.
+    pub async fn listen(self: &Arc<Self>, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+        let l = TcpListener::bind(addr).await?;
+        let bound = l.local_addr()?;
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, peer)) = l.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
+                let Some(s) = weak.upgrade() else { break };
+                tokio::spawn(async move {
+                    let _ = stream.set_nodelay(true);
+                    let hello =
+                        tokio::time::timeout(Duration::from_secs(5), conn::read_msg(&mut stream))
+                            .await;
+                    let h = match hello {
+                        Ok(Ok(Msg::Hello(h))) => h,
+                        Ok(Ok(_)) => {
+                            tracing::warn!(%peer, "replication peer did not start with a Hello");
+                            return;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(%peer, error = %e, "bad replication handshake");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    match s.get(&h.volume) {
+                        Some(r) => r.accept(h, stream).await,
+                        None => {
+                            let reason = format!("no copy of {} on {}", h.volume, s.host);
+                            let _ = conn::write_msg(&mut stream, &Msg::Goodbye { reason }).await;
+                        }
+                    }
+                });
+            }
+        });
+        Ok(bound)
+    }
+
+    fn all(&self) -> Vec<Arc<Replica>> {
+        self.replicas
+            .lock()
+            .expect("replicas")
+            .values()
+            .map(|(r, _)| r.clone())
+            .collect()
+    }
+
+    pub fn keys(&self) -> Vec<String> {
+        self.replicas
+            .lock()
+            .expect("replicas")
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    pub fn get(&self, key: &str) -> Option<Arc<Replica>> {
+        self.replicas
+            .lock()
+            .expect("replicas")
+            .get(key)
+            .map(|(r, _)| r.clone())
+    }
+
+    fn need(&self, key: &str) -> Result<Arc<Replica>, ReplicaError> {
+        self.get(key)
+            .ok_or_else(|| ReplicaError::NotFound(format!("{key} on {}", self.host)))
+    }
+
+    pub fn socket_path(&self, key: &str) -> PathBuf {
+        self.socket_dir
+            .join(format!("{}.sock", key.replace('/', ".")))
+    }
+
+    /// Opens this host's copy of `key` (`pool/volume`) kept in `dir`, creating it when
+    /// `create` gives a size and first generation (None: a new copy, synced in full),
+    /// and serves it on its NBD socket.
+    pub fn open(
+        &self,
+        key: &str,
+        dir: &Path,
+        vol: &str,
+        create: Option<(u64, Option<GenId>)>,
+    ) -> Result<Arc<Replica>, ReplicaError> {
+        if let Some(r) = self.get(key) {
+            return Ok(r);
+        }
+        let local = Local::open(key, dir, vol, create)
+            .map_err(|e| ReplicaError::io(format!("open the copy of {key}"), e))?;
+        let sock = self.socket_path(key);
+        std::fs::create_dir_all(&self.socket_dir)
+            .map_err(|e| ReplicaError::io(format!("create {}", self.socket_dir.display()), e))?;
+        let _ = std::fs::remove_file(&sock);
+        let listener = UnixListener::bind(&sock)
+            .map_err(|e| ReplicaError::io(format!("listen on {}", sock.display()), e))?;
+        let r = Arc::new(Replica::new(local, &self.host, self.cluster.clone(), sock));
+        let exports: Arc<dyn crate::nbd::Exports> = Arc::new(OneExport(r.clone()));
+        let task = tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((s, _)) => {
+                        tokio::spawn(crate::nbd::serve(s, exports.clone()));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "NBD accept");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+        self.replicas
+            .lock()
+            .expect("replicas")
+            .insert(key.to_string(), (r.clone(), task));
+        tracing::info!(volume = key, "replica open");
+        Ok(r)
+    }
+
+    pub fn promote(
+        &self,
+        key: &str,
+        gen: GenId,
+        peers: &[String],
+        outdated: &BTreeSet<String>,
+        force: bool,
+    ) -> Result<(), ReplicaError> {
+        self.need(key)?.promote(gen, peers, outdated, force)
+    }
+
+    pub async fn demote(&self, key: &str) -> Result<(), ReplicaError> {
+        self.need(key)?.demote().await;
+        Ok(())
+    }
+
+    pub fn status(&self, key: &str) -> Result<ReplicaStatus, ReplicaError> {
+        Ok(self.need(key)?.status())
+    }
+
+    pub async fn verify(&self, key: &str) -> Result<Vec<VerifyReport>, ReplicaError> {
+        self.need(key)?.verify(1 << 20).await
+    }
+
+    pub fn set_standalone(&self, key: &str, on: bool) -> Result<(), ReplicaError> {
+        self.need(key)?.set_standalone(on);
+        Ok(())
+    }
+
+    /// The split-brain loser: keeps its data aside and becomes a new, empty copy.
+    pub fn discard(&self, key: &str) -> Result<PathBuf, ReplicaError> {
+        let r = self.need(key)?;
+        if r.is_primary() {
+            return Err(ReplicaError::Role(format!(
+                "{} is primary of {key}; stop what uses it first",
+                self.host
+            )));
+        }
+        r.set_standalone(true);
+        let saved = r
+            .local
+            .discard()
+            .map_err(|e| ReplicaError::io(format!("keep the copy of {key} aside"), e))?;
+        r.set_standalone(false);
+        Ok(saved)
+    }
+
+    pub fn grow(&self, key: &str, size: u64) -> Result<(), ReplicaError> {
+        let r = self.need(key)?;
+        if r.is_primary() {
+            return Err(ReplicaError::Role(format!(
+                "{key} is in use on {}; resize it while nothing uses it",
+                self.host
+            )));
+        }
+        r.local
+            .grow(size)
+            .map_err(|e| ReplicaError::io(format!("grow {key}"), e))
+    }
+
+    /// Stops serving `key`; `remove` deletes the copy's files too.
+    pub async fn close(&self, key: &str, remove: bool) -> Result<(), ReplicaError> {
+        let entry = self.replicas.lock().expect("replicas").remove(key);
+        if let Some((r, task)) = entry {
+            r.demote().await;
+            r.set_standalone(true);
+            task.abort();
+            let _ = std::fs::remove_file(&r.nbd_socket);
+            if remove {
+                Local::remove_files(&r.local.dir, &r.local.vol);
+            }
+        }
+        Ok(())
+    }
+}
