@@ -60,13 +60,51 @@ fn now_s() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The engine's view of one VM record. Only VMs whose disks all live on shared pools
-/// can move live without copying storage: the others stay where they are.
-fn drs_vm(rec: &VmRecord, host: &str, load: Option<&VmLoad>, shared: &BTreeSet<String>) -> DrsVm {
+/// Which pools let a VM move: shared pools reach every host, a replicated pool only
+/// the hosts keeping its copies.
+#[derive(Debug, Default)]
+struct PoolReach {
+    shared: BTreeSet<String>,
+    replicated: BTreeMap<String, Vec<String>>,
+}
+
+fn pool_reach(pools: Vec<PoolSpec>) -> PoolReach {
+    let mut r = PoolReach::default();
+    for p in pools {
+        match p.kind {
+            PoolKind::Shared => {
+                r.shared.insert(p.name);
+            }
+            PoolKind::Replicated => {
+                r.replicated.insert(p.name, p.hosts);
+            }
+            PoolKind::Dir => {}
+        }
+    }
+    r
+}
+
+/// The engine's view of one VM record. Only VMs whose disks all live on shared or
+/// replicated pools can move live without copying storage (the others stay where they
+/// are); disks on replicated pools pin the VM to the hosts with copies.
+fn drs_vm(rec: &VmRecord, host: &str, load: Option<&VmLoad>, reach: &PoolReach) -> DrsVm {
     let mut rules = rec.spec.placement.clone();
     if let Some(g) = &rec.spec.ha.anti_affinity {
         if !rules.anti_affinity.contains(g) {
             rules.anti_affinity.push(g.clone());
+        }
+    }
+    for d in &rec.spec.disks {
+        if let Some(hosts) = reach.replicated.get(&d.pool) {
+            if rules.hosts.is_empty() {
+                rules.hosts = hosts.clone();
+            } else {
+                rules.hosts.retain(|h| hosts.contains(h));
+                if rules.hosts.is_empty() {
+                    // pins and copies do not meet: only where it is stays possible
+                    rules.hosts.push(host.to_string());
+                }
+            }
         }
     }
     let running = rec.last_state.has_process();
@@ -80,7 +118,11 @@ fn drs_vm(rec: &VmRecord, host: &str, load: Option<&VmLoad>, shared: &BTreeSet<S
         ha: rec.spec.ha.enabled(),
         rules,
         movable: running
-            && rec.spec.disks.iter().all(|d| shared.contains(&d.pool))
+            && rec
+                .spec
+                .disks
+                .iter()
+                .all(|d| reach.shared.contains(&d.pool) || reach.replicated.contains_key(&d.pool))
             && !rec.template
             && rec.migrating_to.is_none()
             && rec.incoming_from.is_none(),
@@ -88,18 +130,10 @@ fn drs_vm(rec: &VmRecord, host: &str, load: Option<&VmLoad>, shared: &BTreeSet<S
     }
 }
 
-fn shared_pools(pools: Vec<PoolSpec>) -> BTreeSet<String> {
-    pools
-        .into_iter()
-        .filter(|p| p.kind == PoolKind::Shared)
-        .map(|p| p.name)
-        .collect()
-}
-
 fn spec_vm(spec: &VmSpec) -> DrsVm {
     let mut rec = VmRecord::new(0, spec.clone());
     rec.last_state = ferry_types::VmState::Stopped;
-    drs_vm(&rec, "", None, &BTreeSet::new())
+    drs_vm(&rec, "", None, &PoolReach::default())
 }
 
 impl Agent {
@@ -250,7 +284,7 @@ impl Agent {
                 },
                 labels: self.inner.cfg.resources.labels.clone(),
             });
-            let shared = shared_pools(self.inner.store.list_json::<PoolSpec>("/pools/").await?);
+            let shared = pool_reach(self.inner.store.list_json::<PoolSpec>("/pools/").await?);
             for r in self.records().await? {
                 if !r.template {
                     let load = loads.get(&r.spec.name);
@@ -288,7 +322,7 @@ impl Agent {
                 },
                 labels: cap.as_ref().map(|c| c.labels.clone()).unwrap_or_default(),
             });
-            let shared = shared_pools(
+            let shared = pool_reach(
                 root.list_json::<PoolSpec>(&format!("/hosts/{}/pools/", m.name))
                     .await?,
             );
@@ -413,7 +447,7 @@ impl Agent {
     pub async fn admit_start(&self, name: &str) -> Result<()> {
         let (rec, _) = self.record(name).await?;
         let (mut c, pools) = self.drs_snapshot().await?;
-        let mut vm = drs_vm(&rec, self.host_name(), None, &BTreeSet::new());
+        let mut vm = drs_vm(&rec, self.host_name(), None, &PoolReach::default());
         vm.running = true;
         if let Err(why) = ferry_drs::pools::admit(&pools, &c, &vm) {
             self.inner

@@ -25,6 +25,7 @@ mod movedisk;
 mod pools;
 mod records;
 mod repair;
+mod replication;
 mod respools;
 mod runtime;
 mod snapshots;
@@ -67,7 +68,13 @@ pub struct AgentConfig {
     pub api_port: u16,
     /// What DRS plans with on this host, and where resource pools live.
     pub resources: HostResources,
+    /// The TCP port of the replication service (replicated pools), on the host's
+    /// cluster address.
+    pub replication_port: u16,
 }
+
+/// The default port of the replication service.
+pub const REPLICATION_PORT: u16 = 7790;
 
 /// This host's size and labels for DRS, and its cgroup tree for resource pools.
 #[derive(Debug, Clone)]
@@ -118,6 +125,8 @@ struct Inner {
     cgroups: cgroups::Cgroups,
     /// This host's agent was the HA manager at its last round (DRS runs there).
     is_manager: std::sync::atomic::AtomicBool,
+    /// This host's copies of replicated volumes (etcd clusters).
+    replication: std::sync::OnceLock<Arc<ferry_replica::Service>>,
 }
 
 /// The agent. Cheap to clone.
@@ -175,9 +184,11 @@ impl Agent {
                 loads: Mutex::new(Default::default()),
                 cgroups,
                 is_manager: Default::default(),
+                replication: Default::default(),
             }),
         };
         agent.ensure_default_pool().await?;
+        agent.start_replication().await?;
         agent.adopt_all().await?;
         agent.repair().await?;
         agent.recover_migrations().await;

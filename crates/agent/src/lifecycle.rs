@@ -57,6 +57,33 @@ impl Agent {
                 .volume
                 .as_deref()
                 .ok_or_else(|| AgentError::invalid("disks", "disk without volume"))?;
+            if self.replicated_pool(&d.pool).await?.is_some() {
+                if d.nonpersistent {
+                    return Err(AgentError::invalid(
+                        "disks",
+                        format!(
+                            "disk {i}: a non-persistent disk cannot be on replicated pool {}",
+                            d.pool
+                        ),
+                    ));
+                }
+                let svc = self.replication()?;
+                let key = format!("{}/{vol}", d.pool);
+                if svc.get(&key).is_none() {
+                    return Err(AgentError::Conflict(format!(
+                        "{} keeps no copy of {key}: run the VM on a host of pool {}",
+                        self.host_name(),
+                        d.pool
+                    )));
+                }
+                disks.push(ResolvedDisk {
+                    spec: d.clone(),
+                    path: svc.socket_path(&key),
+                    format: "raw".into(),
+                    nbd_export: Some(key),
+                });
+                continue;
+            }
             let dp = self.dir_pool(&d.pool).await?;
             let info = dp.info(vol).await?;
             let mut path = dp.volume_path(vol)?;
@@ -82,6 +109,7 @@ impl Agent {
                 spec: d.clone(),
                 path,
                 format,
+                nbd_export: None,
             });
         }
         let mut cdroms = vec![];

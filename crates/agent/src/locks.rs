@@ -40,6 +40,10 @@ impl Agent {
             Some(h) => self.host_has_no_lease(h).await?,
             None => false,
         };
+        // Replicated disks: this host becomes their primary (a fenced host's term is
+        // taken over, like its locks).
+        self.acquire_replicas(spec, ha_from.filter(|_| from_fenced))
+            .await?;
         let mut got = BTreeMap::new();
         for (i, (locks, vol)) in vols.iter().enumerate() {
             let held_by_from = from_fenced
@@ -59,6 +63,7 @@ impl Agent {
                     for (l, v) in &vols[..i] {
                         let _ = l.release(v, &me);
                     }
+                    self.release_replicas(spec).await;
                     return Err(e.into());
                 }
             }
@@ -101,8 +106,10 @@ impl Agent {
         Ok(Ok(()))
     }
 
-    /// Gives up this host's locks of `spec`'s volumes.
+    /// Gives up this host's locks of `spec`'s volumes (and its terms as primary of
+    /// its replicated volumes).
     pub(crate) async fn unlock_disks(&self, spec: &VmSpec) {
+        self.release_replicas(spec).await;
         let me = self.host_name().to_string();
         match self.shared_volumes(spec).await {
             Ok(vols) => {
@@ -116,10 +123,17 @@ impl Agent {
         }
     }
 
-    /// Moves `spec`'s locks from host `from` to this host; returns "volume@generation".
+    /// Moves `spec`'s locks from host `from` to this host (and the terms as primary of
+    /// its replicated volumes); returns "volume@generation".
     pub(crate) async fn take_over_locks(&self, spec: &VmSpec, from: &str) -> Result<Vec<String>> {
         let me = self.host_name().to_string();
         let mut out = vec![];
+        self.acquire_replicas(spec, Some(from)).await?;
+        for (p, v) in self.replicated_disks(spec).await? {
+            if let Ok(r) = self.replica_record(&p, &v).await {
+                out.push(format!("{p}/{v}@{}", r.generation));
+            }
+        }
         let mut generations = BTreeMap::new();
         for (l, v) in self.shared_volumes(spec).await? {
             let lock = l.transfer(&v, from, &me)?;

@@ -21,6 +21,7 @@ impl Agent {
                 name: "local".into(),
                 kind: PoolKind::Dir,
                 path: path.display().to_string(),
+                hosts: vec![],
             };
             DirPool::new("local", &path).ensure()?;
             self.inner
@@ -32,17 +33,32 @@ impl Agent {
     }
 
     pub(crate) async fn dir_pool(&self, name: &str) -> Result<DirPool> {
+        let spec = self.pool_spec(name).await?;
+        match spec.kind {
+            PoolKind::Dir | PoolKind::Shared => Ok(DirPool::new(name, spec.path)),
+            PoolKind::Replicated => Err(AgentError::Conflict(format!(
+                "pool {name} is replicated: its volumes are raw copies on {}, not files this operation can use",
+                spec.hosts.join(", ")
+            ))),
+        }
+    }
+
+    pub(crate) async fn pool_spec(&self, name: &str) -> Result<PoolSpec> {
         match self
             .inner
             .store
             .get_json::<PoolSpec>(&pool_key(name))
             .await?
         {
-            Some((spec, _)) => match spec.kind {
-                PoolKind::Dir | PoolKind::Shared => Ok(DirPool::new(name, spec.path)),
-            },
+            Some((spec, _)) => Ok(spec),
             None => Err(AgentError::NotFound(format!("Pool {name}"))),
         }
+    }
+
+    /// The replicated pool `name`, if it is one.
+    pub(crate) async fn replicated_pool(&self, name: &str) -> Result<Option<PoolSpec>> {
+        let spec = self.pool_spec(name).await?;
+        Ok((spec.kind == PoolKind::Replicated).then_some(spec))
     }
 
     pub(crate) async fn pool_specs(&self) -> Result<Vec<PoolSpec>> {
@@ -65,6 +81,19 @@ impl Agent {
     }
 
     async fn pool_status(&self, spec: PoolSpec) -> Result<Pool> {
+        if spec.kind == PoolKind::Replicated {
+            let (capacity, available) = DirPool::new(&spec.name, self.copy_dir(&spec))
+                .capacity()
+                .unwrap_or((0, 0));
+            let vols = self.list_volumes(&spec.name).await.unwrap_or_default();
+            return Ok(Pool {
+                spec,
+                capacity_bytes: capacity,
+                available_bytes: available,
+                used_bytes: vols.iter().map(|v| v.allocated_bytes).sum(),
+                volumes: vols.len(),
+            });
+        }
         let dp = self.dir_pool(&spec.name).await?;
         let (capacity, available) = dp.capacity()?;
         let vols = dp.list().await?;
@@ -99,27 +128,42 @@ impl Agent {
 
     pub async fn create_pool(&self, spec: PoolSpec) -> Result<Pool> {
         spec.validate()?;
-        let path = &spec.path;
-        let p = Path::new(path);
-        if p.exists() && !p.is_dir() {
-            return Err(AgentError::invalid(
-                "path",
-                format!("{path} exists and is not a directory"),
-            ));
+        if spec.kind == PoolKind::Replicated {
+            return self.create_replicated_pool(spec).await;
         }
-        for other in self.inner.store.list_json::<PoolSpec>(POOLS).await? {
-            if &other.path == path {
-                return Err(AgentError::Conflict(format!(
-                    "Pool {} already uses {path}",
-                    other.name
-                )));
+        self.define_pool(&spec).await?;
+        self.get_pool(&spec.name).await
+    }
+
+    /// Stores a pool's definition on this host (and makes its directory where this
+    /// host keeps files of it).
+    pub async fn define_pool(&self, spec: &PoolSpec) -> Result<()> {
+        spec.validate()?;
+        let dir = self.copy_dir(spec);
+        let p = dir.as_path();
+        let keeps_files =
+            spec.kind != PoolKind::Replicated || spec.hosts.iter().any(|h| h == self.host_name());
+        if keeps_files {
+            if p.exists() && !p.is_dir() {
+                return Err(AgentError::invalid(
+                    "path",
+                    format!("{} exists and is not a directory", spec.path),
+                ));
             }
+            for other in self.inner.store.list_json::<PoolSpec>(POOLS).await? {
+                if other.path == spec.path {
+                    return Err(AgentError::Conflict(format!(
+                        "Pool {} already uses {}",
+                        other.name, spec.path
+                    )));
+                }
+            }
+            DirPool::new(&spec.name, p).ensure()?;
         }
-        DirPool::new(&spec.name, p).ensure()?;
         if !self
             .inner
             .store
-            .create_json(&pool_key(&spec.name), &spec)
+            .create_json(&pool_key(&spec.name), spec)
             .await?
         {
             return Err(AgentError::Conflict(format!(
@@ -130,7 +174,71 @@ impl Agent {
         self.inner
             .events
             .emit(None, "pool", format!("pool {} created", spec.name));
+        Ok(())
+    }
+
+    /// A replicated pool is defined on every host of the cluster (all or nothing), so
+    /// any host can place and route its volumes; its hosts keep the copies.
+    async fn create_replicated_pool(&self, spec: PoolSpec) -> Result<Pool> {
+        self.replication()?;
+        let hosts = self.cluster_hosts().await?;
+        for h in &spec.hosts {
+            if !hosts.iter().any(|c| &c.name == h) {
+                return Err(AgentError::invalid(
+                    "hosts",
+                    format!("{h} is not a host of this cluster"),
+                ));
+            }
+        }
+        if self.pool_spec(&spec.name).await.is_ok() {
+            return Err(AgentError::Conflict(format!(
+                "Pool {} already exists",
+                spec.name
+            )));
+        }
+        let mut done: Vec<String> = vec![];
+        for h in &hosts {
+            let r = if h.name == self.host_name() {
+                self.define_pool(&spec).await
+            } else {
+                match self.peer(&h.name).await {
+                    Ok(p) => p
+                        .post::<serde_json::Value>("/api/v1/replication/pools", &spec)
+                        .await
+                        .map(|_| ()),
+                    Err(e) => Err(e),
+                }
+            };
+            if let Err(e) = r {
+                for d in &done {
+                    let _ = self.undefine_pool_on(d, &spec.name).await;
+                }
+                return Err(e);
+            }
+            done.push(h.name.clone());
+        }
         self.get_pool(&spec.name).await
+    }
+
+    async fn undefine_pool_on(&self, host: &str, name: &str) -> Result<()> {
+        if host == self.host_name() {
+            self.inner.store.delete(&pool_key(name)).await?;
+            return Ok(());
+        }
+        self.peer(host)
+            .await?
+            .post::<serde_json::Value>(
+                &format!("/api/v1/replication/pools/{name}/delete"),
+                &serde_json::json!({}),
+            )
+            .await
+            .map(|_| ())
+    }
+
+    /// Host to host: removes a replicated pool's definition here.
+    pub async fn undefine_pool(&self, name: &str) -> Result<()> {
+        self.inner.store.delete(&pool_key(name)).await?;
+        Ok(())
     }
 
     /// Removes a pool definition (its directory and files stay); refused while it holds
@@ -143,6 +251,13 @@ impl Agent {
                 pool.volumes
             )));
         }
+        if pool.spec.kind == PoolKind::Replicated {
+            for h in self.cluster_hosts().await? {
+                if let Err(e) = self.undefine_pool_on(&h.name, name).await {
+                    tracing::warn!(host = %h.name, error = %e, "pool definition not removed there");
+                }
+            }
+        }
         self.inner.store.delete(&pool_key(name)).await?;
         self.inner
             .events
@@ -151,19 +266,44 @@ impl Agent {
     }
 
     pub async fn list_volumes(&self, pool: &str) -> Result<Vec<Volume>> {
+        if self.replicated_pool(pool).await?.is_some() {
+            let mut out = vec![];
+            for r in self.replica_records(pool).await? {
+                out.push(self.replicated_volume_info(pool, &r.name).await?);
+            }
+            return Ok(out);
+        }
         Ok(self.dir_pool(pool).await?.list().await?)
     }
 
     pub async fn get_volume(&self, pool: &str, name: &str) -> Result<Volume> {
+        if self.replicated_pool(pool).await?.is_some() {
+            return self.replicated_volume_info(pool, name).await;
+        }
         Ok(self.dir_pool(pool).await?.info(name).await?)
     }
 
     pub async fn create_volume(&self, pool: &str, req: VolumeCreate) -> Result<Volume> {
         req.validate()?;
+        if let Some(spec) = self.replicated_pool(pool).await? {
+            if req
+                .format
+                .is_some_and(|f| f != ferry_types::DiskFormat::Raw)
+            {
+                return Err(AgentError::invalid(
+                    "format",
+                    "volumes of a replicated pool are raw (snapshots are not kept in them)",
+                ));
+            }
+            let v = self
+                .create_replicated_volume(&spec, &req.name, req.size.0)
+                .await?;
+            return Ok(v);
+        }
         let v = self
             .dir_pool(pool)
             .await?
-            .create(&req.name, req.size, req.format)
+            .create(&req.name, req.size, req.format.unwrap_or_default())
             .await?;
         self.inner.events.emit(
             None,
@@ -200,7 +340,11 @@ impl Agent {
                 users.join(", ")
             )));
         }
-        self.dir_pool(pool).await?.delete(name).await?;
+        if let Some(spec) = self.replicated_pool(pool).await? {
+            self.delete_replicated_volume(&spec, name, true).await?;
+        } else {
+            self.dir_pool(pool).await?.delete(name).await?;
+        }
         self.inner
             .events
             .emit(None, "volume", format!("volume {pool}/{name} deleted"));
@@ -209,6 +353,9 @@ impl Agent {
 
     /// Grows a volume. A running VM's disk grows online (QMP `block_resize`).
     pub async fn resize_volume(&self, pool: &str, name: &str, size: ByteSize) -> Result<Volume> {
+        if let Some(spec) = self.replicated_pool(pool).await? {
+            return self.resize_replicated_volume(&spec, name, size.0).await;
+        }
         let dp = self.dir_pool(pool).await?;
         for vm in self.volume_users(pool, name).await? {
             if let Some(node) = self.running_disk_node(&vm, pool, name).await {
@@ -292,6 +439,40 @@ impl Agent {
                 continue;
             }
             let d = spec.disks[i].clone();
+            let size = d.size.unwrap_or(ByteSize::mib(1));
+            match self.replicated_pool(&d.pool).await {
+                Ok(Some(rp)) => {
+                    let name = format!("vm-{id}-disk-{n}");
+                    n += 1;
+                    let r = if d.format != ferry_types::DiskFormat::Raw {
+                        Err(AgentError::invalid(
+                            "disks",
+                            format!(
+                                "disk {i}: pool {} is replicated; its volumes are raw (format raw)",
+                                d.pool
+                            ),
+                        ))
+                    } else {
+                        self.create_replicated_volume(&rp, &name, size.0).await
+                    };
+                    match r {
+                        Ok(_) => {
+                            made.push((d.pool.clone(), name.clone()));
+                            spec.disks[i].volume = Some(name);
+                            continue;
+                        }
+                        Err(e) => {
+                            self.remove_volumes(&made).await;
+                            return Err(e);
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.remove_volumes(&made).await;
+                    return Err(e);
+                }
+            }
             let dp = match self.dir_pool(&d.pool).await {
                 Ok(p) => p,
                 Err(e) => {
@@ -306,7 +487,6 @@ impl Agent {
                     break candidate;
                 }
             };
-            let size = d.size.unwrap_or(ByteSize::mib(1));
             match dp.create(&name, size, d.format).await {
                 Ok(_) => {
                     made.push((d.pool.clone(), name.clone()));
@@ -323,6 +503,12 @@ impl Agent {
 
     pub(crate) async fn remove_volumes(&self, vols: &[(String, String)]) {
         for (pool, name) in vols {
+            if let Ok(Some(rp)) = self.replicated_pool(pool).await {
+                if let Err(e) = self.delete_replicated_volume(&rp, name, false).await {
+                    tracing::warn!(pool, volume = name, error = %e, "cannot remove volume");
+                }
+                continue;
+            }
             if let Ok(dp) = self.dir_pool(pool).await {
                 if let Err(e) = dp.delete(name).await {
                     tracing::warn!(pool, volume = name, error = %e, "cannot remove volume");

@@ -87,6 +87,25 @@ impl Agent {
             );
         }
         for (i, d) in spec.disks.iter().enumerate() {
+            if let Ok(Some(_)) = self.replicated_pool(&d.pool).await {
+                if let Some(v) = &d.volume {
+                    if self.replica_record(&d.pool, v).await.is_err() {
+                        e.push(
+                            format!("disks[{i}].volume"),
+                            format!("no volume {v} in pool {}", d.pool),
+                        );
+                    }
+                } else if d.format != ferry_types::DiskFormat::Raw {
+                    e.push(
+                        format!("disks[{i}].format"),
+                        format!(
+                            "pool {} is replicated: its volumes are raw (format=raw)",
+                            d.pool
+                        ),
+                    );
+                }
+                continue;
+            }
             match self.dir_pool(&d.pool).await {
                 Err(_) => e.push(format!("disks[{i}].pool"), format!("no pool {}", d.pool)),
                 Ok(dp) => {

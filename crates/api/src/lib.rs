@@ -9,6 +9,7 @@ mod drs;
 mod error;
 mod migration;
 mod pools;
+mod replication;
 mod snapshots;
 mod tasks;
 mod vms;
@@ -40,6 +41,7 @@ use utoipa_swagger_ui::SwaggerUi;
         (name = "migration", description = "Live migration (and the host-to-host calls it makes)"),
         (name = "cluster", description = "etcd cluster membership, host leases, HA"),
         (name = "drs", description = "DRS: placement, balancing, HA admission control, resource pools"),
+        (name = "replication", description = "Replicated volumes: primary, resync, verify, split brain (and the host-to-host calls)"),
     )
 )]
 struct ApiDoc;
@@ -78,6 +80,21 @@ fn api() -> OpenApiRouter<Agent> {
         .routes(routes!(pools::resize_volume))
         .routes(routes!(pools::import_volume))
         .routes(routes!(pools::list_bridges, pools::create_bridge))
+        .routes(routes!(replication::replication_status))
+        .routes(routes!(replication::promote))
+        .routes(routes!(replication::demote))
+        .routes(routes!(replication::verify))
+        .routes(routes!(replication::disconnect))
+        .routes(routes!(replication::connect))
+        .routes(routes!(replication::resolve))
+        .routes(routes!(replication::define_pool))
+        .routes(routes!(replication::undefine_pool))
+        .routes(routes!(replication::create_copy))
+        .routes(routes!(replication::copy_status))
+        .routes(routes!(replication::delete_copy))
+        .routes(routes!(replication::grow_copy))
+        .routes(routes!(replication::discard_copy))
+        .routes(routes!(replication::standalone_copy))
         .routes(routes!(tasks::list_tasks))
         .routes(routes!(tasks::get_task))
         .routes(routes!(tasks::list_events))

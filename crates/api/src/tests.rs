@@ -21,6 +21,7 @@ async fn app() -> (tempfile::TempDir, Router, Agent) {
             cluster_file: None,
             api_port: 0,
             resources: Default::default(),
+            replication_port: 0,
         },
         Arc::new(store),
     )

@@ -6,6 +6,7 @@ mod client;
 mod cluster;
 mod console;
 mod drs;
+mod replication;
 mod specs;
 
 pub use client::Client;
@@ -432,10 +433,14 @@ pub enum PoolCmd {
         name: String,
         #[arg(long)]
         path: String,
-        /// dir (this host only) or shared (a directory every host mounts; volumes
-        /// locked to one writer).
+        /// dir (this host only), shared (a directory every host mounts; volumes
+        /// locked to one writer) or replicated (a copy on each of --hosts, written
+        /// synchronously; needs an etcd cluster).
         #[arg(long = "type", default_value = "dir")]
         kind: String,
+        /// The hosts keeping copies (replicated): 2 or 3, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        hosts: Vec<String>,
     },
     /// Remove an empty pool's definition.
     Delete {
@@ -453,8 +458,9 @@ pub enum VolumeCmd {
         name: String,
         #[arg(long)]
         size: ByteSize,
-        #[arg(long, default_value = "qcow2")]
-        format: String,
+        /// qcow2 (the default) or raw; a replicated pool's volumes are raw.
+        #[arg(long)]
+        format: Option<String>,
     },
     Delete {
         pool: String,
@@ -476,6 +482,50 @@ pub enum VolumeCmd {
         /// Convert to qcow2 or raw.
         #[arg(long)]
         format: Option<String>,
+    },
+    /// A replicated volume: primary, generation, each host's copy and its peers.
+    Replication {
+        pool: String,
+        name: String,
+    },
+    /// Make the host the CLI talks to primary of a replicated volume (its NBD export
+    /// takes writes). Starting a VM does this by itself.
+    Promote {
+        pool: String,
+        name: String,
+        /// Even if this copy is outdated or stale, or another host is primary: the
+        /// admin accepts a possible split brain.
+        #[arg(long)]
+        force: bool,
+    },
+    /// End this host's term as primary.
+    Demote {
+        pool: String,
+        name: String,
+    },
+    /// Compare the primary's copy with its peers' (checksums); differences are
+    /// reported and marked for resync.
+    Verify {
+        pool: String,
+        name: String,
+    },
+    /// Switch replication of a volume off: the primary writes alone, peers outdated.
+    Disconnect {
+        pool: String,
+        name: String,
+    },
+    /// Switch replication on again: peers resync what they missed.
+    Connect {
+        pool: String,
+        name: String,
+    },
+    /// End a split brain: keep HOST's copy; the others are kept aside as files and
+    /// synced in full from it. Nothing else ever discards a copy's writes.
+    Resolve {
+        pool: String,
+        name: String,
+        #[arg(long)]
+        keep: String,
     },
 }
 
@@ -1170,18 +1220,30 @@ async fn pool(c: &Client, g: &Global, cmd: PoolCmd) -> Result<()> {
         PoolCmd::Show { name } => {
             print_json(&c.get::<Pool>(&format!("/api/v1/pools/{name}")).await?)
         }
-        PoolCmd::Create { name, path, kind } => {
+        PoolCmd::Create {
+            name,
+            path,
+            kind,
+            hosts,
+        } => {
+            let mut body = json!({"name": name, "type": kind, "path": path});
+            if !hosts.is_empty() {
+                body["hosts"] = json!(hosts);
+            }
             let p: Pool = c
-                .request(
-                    Method::POST,
-                    "/api/v1/pools",
-                    Some(&json!({"name": name, "type": kind, "path": path})),
-                )
+                .request(Method::POST, "/api/v1/pools", Some(&body))
                 .await?;
             if g.json {
                 return print_json(&p);
             }
-            println!("pool {name} created at {path}");
+            if hosts.is_empty() {
+                println!("pool {name} created at {path}");
+            } else {
+                println!(
+                    "pool {name} created: a copy of each volume at {path} on {}",
+                    hosts.join(", ")
+                );
+            }
             Ok(())
         }
         PoolCmd::Delete { name } => {
@@ -1233,7 +1295,10 @@ async fn volume(c: &Client, g: &Global, cmd: VolumeCmd) -> Result<()> {
                 .request(
                     Method::POST,
                     &format!("/api/v1/pools/{pool}/volumes"),
-                    Some(&json!({"name": name, "size": size.0, "format": format})),
+                    Some(&match format {
+                        Some(f) => json!({"name": name, "size": size.0, "format": f}),
+                        None => json!({"name": name, "size": size.0}),
+                    }),
                 )
                 .await?;
             if g.json {
@@ -1294,6 +1359,7 @@ async fn volume(c: &Client, g: &Global, cmd: VolumeCmd) -> Result<()> {
             show(&v);
             Ok(())
         }
+        other => replication::run(c, g, other).await,
     }
 }
 

@@ -80,6 +80,10 @@ struct ServeArgs {
     /// The cgroup directory (under the daemon's own cgroup) holding resource pools.
     #[arg(long, default_value = "ferry")]
     cgroup_root: String,
+    /// The TCP port replicated pools' copies are written to, on this host's cluster
+    /// address.
+    #[arg(long, default_value_t = ferry_agent::REPLICATION_PORT)]
+    replication_port: u16,
 }
 
 fn main() -> Result<()> {
@@ -198,6 +202,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
             labels: a.labels.clone(),
             cgroup_root: a.cgroup_root.clone(),
         },
+        replication_port: a.replication_port,
     };
     let agent = match ferry_agent::load_cluster_config(&a.state_dir)? {
         Some(cc) => {

@@ -7,7 +7,7 @@
 //! input that changes nothing.
 
 use anyhow::{Context, Result};
-use ferry_lab::{wait_for, Cli, ClusterLab, LabOptions, PingRecorder};
+use ferry_lab::{wait_for, ClusterLab, LabOptions, PingRecorder};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -50,14 +50,6 @@ fn placement(lab: &ClusterLab) -> Result<BTreeMap<String, Vec<String>>> {
     Ok(out)
 }
 
-fn fails_with(cli: &Cli, args: &[&str], needle: &str) -> Result<()> {
-    let out = cli.ferry(args)?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{args:?} succeeded");
-    assert!(err.contains(needle), "{args:?}: {err:?} lacks {needle:?}");
-    Ok(())
-}
-
 /// CPU seconds of a process.
 fn cpu_seconds(pid: i64) -> f64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -86,8 +78,8 @@ fn drs_balances_live_and_enforces_pools_and_admission() -> Result<()> {
         "--hysteresis",
         "600",
     ])?;
-    fails_with(&h1, &["drs", "config", "--level", "9"], "level")?;
-    fails_with(&h1, &["drs", "config", "--mode", "sometimes"], "sometimes")?;
+    h1.ferry_fails(&["drs", "config", "--level", "9"], "level")?;
+    h1.ferry_fails(&["drs", "config", "--mode", "sometimes"], "sometimes")?;
     let cfg = h2.ferry_json(&["drs", "config"])?;
     assert_eq!(cfg["level"], 3, "{cfg}");
     assert_eq!(cfg["mode"], "manual", "{cfg}");
@@ -172,8 +164,7 @@ fn drs_balances_live_and_enforces_pools_and_admission() -> Result<()> {
     }
 
     // Resource pools: bad ones are refused and nothing is created.
-    fails_with(
-        &h2,
+    h2.ferry_fails(
         &[
             "resource-pool",
             "create",
@@ -183,13 +174,11 @@ fn drs_balances_live_and_enforces_pools_and_admission() -> Result<()> {
         ],
         "reserve",
     )?;
-    fails_with(
-        &h2,
+    h2.ferry_fails(
         &["resource-pool", "create", "orphan", "--parent", "nope"],
         "nope",
     )?;
-    fails_with(
-        &h2,
+    h2.ferry_fails(
         &["resource-pool", "create", "neg", "--cpu-limit=-1"],
         "limit",
     )?;
@@ -204,8 +193,7 @@ fn drs_balances_live_and_enforces_pools_and_admission() -> Result<()> {
         "--cpu-limit",
         "0.25",
     ])?;
-    fails_with(
-        &h2,
+    h2.ferry_fails(
         &[
             "vm",
             "create",
@@ -249,9 +237,9 @@ fn drs_balances_live_and_enforces_pools_and_admission() -> Result<()> {
     assert!(cores < 0.35, "{cores} cores above the pool's limit");
     // A second VM does not fit the pool's 300 MiB limit: refused, stays stopped.
     h2.create_test_vm("e", "10.78.0.134", &["--resource-pool", "prod"])?;
-    fails_with(&h2, &["vm", "start", "e"], "resource pool prod")?;
+    h2.ferry_fails(&["vm", "start", "e"], "resource pool prod")?;
     assert_eq!(h2.vm_state("e")?.0, "stopped");
-    fails_with(&h2, &["resource-pool", "delete", "prod"], "still holds VMs")?;
+    h2.ferry_fails(&["resource-pool", "delete", "prod"], "still holds VMs")?;
     h2.ferry_ok(&["resource-pool", "set", "prod", "--memory-limit", "600M"])?;
     h2.ferry_ok(&["vm", "start", "e"])?;
     wait_for("e running", Duration::from_secs(30), || {
@@ -266,7 +254,7 @@ fn drs_balances_live_and_enforces_pools_and_admission() -> Result<()> {
     // HA admission control: 3 hosts cannot keep room for 3 failures.
     h1.ferry_ok(&["drs", "config", "--ha-host-failures", "3"])?;
     h2.create_test_vm("f", "10.78.0.135", &["--ha", "restart"])?;
-    fails_with(&h2, &["vm", "start", "f"], "HA admission control")?;
+    h2.ferry_fails(&["vm", "start", "f"], "HA admission control")?;
     assert_eq!(h2.vm_state("f")?.0, "stopped");
     let st = h1.ferry_json(&["drs", "status"])?;
     assert!(
@@ -301,8 +289,7 @@ fn drs_balances_live_and_enforces_pools_and_admission() -> Result<()> {
     assert_eq!(g["spec"]["name"], "g", "{g}");
     let on3: Value = lab.cli("h3")?.ferry_json(&["vm", "show", "g"])?;
     assert_eq!(on3["spec"]["placement"]["host_labels"][0], "ssd", "{on3}");
-    fails_with(
-        &h1,
+    h1.ferry_fails(
         &[
             "vm",
             "create",

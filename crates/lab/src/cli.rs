@@ -75,6 +75,19 @@ impl Cli {
         Ok(String::from_utf8_lossy(&o.stdout).into_owned())
     }
 
+    /// Runs the CLI expecting it to fail with `needle` in its error.
+    pub fn ferry_fails(&self, args: &[&str], needle: &str) -> Result<()> {
+        let out = self.ferry(args)?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            bail!("ferry {args:?} succeeded");
+        }
+        if !err.contains(needle) {
+            bail!("ferry {args:?}: {err:?} lacks {needle:?}");
+        }
+        Ok(())
+    }
+
     /// `ferry --json ARGS` parsed.
     pub fn ferry_json(&self, args: &[&str]) -> Result<Value> {
         let mut a = vec!["--json"];

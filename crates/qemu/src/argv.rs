@@ -15,6 +15,9 @@ pub struct ResolvedDisk {
     pub path: PathBuf,
     /// The file's real format (`qcow2`/`raw`), from qemu-img.
     pub format: String,
+    /// Served over NBD: `path` is the unix socket, this the export name (replicated
+    /// volumes).
+    pub nbd_export: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -192,11 +195,18 @@ pub fn build_argv(p: &LaunchPlan) -> Vec<OsString> {
         let (direct, no_flush, wce) = d.spec.cache.qemu_flags();
         let cache = json!({"direct": direct, "no-flush": no_flush});
         let ro = d.spec.readonly;
-        a.json(
-            "-blockdev",
-            json!({"driver": "file", "filename": d.path, "node-name": format!("file-disk{i}"),
+        let proto = match &d.nbd_export {
+            // QEMU reconnects for a while if the serving daemon restarts.
+            Some(export) => json!({"driver": "nbd", "export": export, "reconnect-delay": 20,
+                   "server": {"type": "unix", "path": d.path},
+                   "node-name": format!("file-disk{i}"),
                    "cache": cache, "read-only": ro, "discard": "unmap"}),
-        );
+            None => {
+                json!({"driver": "file", "filename": d.path, "node-name": format!("file-disk{i}"),
+                   "cache": cache, "read-only": ro, "discard": "unmap"})
+            }
+        };
+        a.json("-blockdev", proto);
         a.json(
             "-blockdev",
             json!({"driver": d.format, "file": format!("file-disk{i}"), "node-name": format!("disk{i}"),
@@ -305,6 +315,7 @@ mod tests {
                 spec: d.clone(),
                 path: PathBuf::from(format!("/pool/{}", d.volume.clone().unwrap())),
                 format: DiskFormat::Qcow2.as_str().into(),
+                nbd_export: None,
             })
             .collect();
         LaunchPlan {

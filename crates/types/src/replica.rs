@@ -132,3 +132,15 @@ pub struct ResolveRequest {
     /// `{volume}.splitbrain-{generation}` and are synced in full from the survivor.
     pub keep: String,
 }
+
+/// Host to host: make this host's copy of a volume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LocalCopy {
+    pub pool: String,
+    pub volume: String,
+    pub size: u64,
+    /// The first generation of a brand-new volume (all copies start identical, empty);
+    /// None: a new copy of an existing volume, synced in full.
+    pub generation: Option<GenId>,
+}

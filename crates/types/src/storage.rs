@@ -16,6 +16,10 @@ pub enum PoolKind {
     /// Like `dir`, on a directory every host of the cluster mounts (NFS); a volume is
     /// open read-write on one host at a time (a lock with owner and generation).
     Shared,
+    /// Every volume is kept on each of `hosts` (2 or 3) as a raw file in `path` and
+    /// written synchronously to all of them (DRBD's "RAID-1 over servers", no SAN); the
+    /// host running the VM is the primary. Needs an etcd cluster.
+    Replicated,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -24,18 +28,39 @@ pub struct PoolSpec {
     pub name: String,
     #[serde(rename = "type", default)]
     pub kind: PoolKind,
-    /// The directory (type `dir`).
+    /// The directory (type `dir`, `shared`; for `replicated` the directory on each of
+    /// its hosts, where `{host}` stands for the host's name).
     pub path: String,
+    /// The hosts keeping a copy of every volume (type `replicated`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
 }
 
 impl PoolSpec {
     pub fn validate(&self) -> Result<(), ValidationErrors> {
         let mut e = ValidationErrors::default();
         check_name(&mut e, "name", &self.name);
+        if !self.path.starts_with('/') || self.path.split('/').any(|c| c == "..") {
+            e.push("path", "must be an absolute path without '..'");
+        }
         match self.kind {
             PoolKind::Dir | PoolKind::Shared => {
-                if !self.path.starts_with('/') || self.path.split('/').any(|c| c == "..") {
-                    e.push("path", "must be an absolute path without '..'");
+                if !self.hosts.is_empty() {
+                    e.push("hosts", "only a replicated pool has hosts");
+                }
+            }
+            PoolKind::Replicated => {
+                if !(2..=3).contains(&self.hosts.len()) {
+                    e.push(
+                        "hosts",
+                        "a replicated pool keeps 2 or 3 copies: name 2 or 3 hosts",
+                    );
+                }
+                for (i, h) in self.hosts.iter().enumerate() {
+                    check_name(&mut e, "hosts", h);
+                    if self.hosts[..i].contains(h) {
+                        e.push("hosts", format!("{h} is named twice"));
+                    }
                 }
             }
         }
@@ -70,8 +95,9 @@ pub struct Volume {
 pub struct VolumeCreate {
     pub name: String,
     pub size: ByteSize,
-    #[serde(default)]
-    pub format: DiskFormat,
+    /// qcow2 by default; volumes of a replicated pool are raw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<DiskFormat>,
 }
 
 /// Import a host file (disk image or ISO) into a pool as a new volume.

@@ -40,6 +40,16 @@ impl Agent {
         let peer = self.peer(to).await?;
         let mut uploads = vec![];
         for (i, d) in rec.spec.disks.iter().enumerate() {
+            if let Some(rp) = self.replicated_pool(&d.pool).await? {
+                if !rp.hosts.iter().any(|h| h == to) {
+                    return Err(AgentError::Conflict(format!(
+                        "disk {i} is on replicated pool {}, which keeps no copy on {to} (its hosts: {})",
+                        d.pool,
+                        rp.hosts.join(", ")
+                    )));
+                }
+                continue;
+            }
             if self.pool_locks(&d.pool).await?.is_none() {
                 uploads.push(i);
             }

@@ -101,6 +101,17 @@ impl Agent {
                     "disk {i} is non-persistent: its writes live in this host's run dir; stop the VM to move it"
                 )));
             }
+            if let Some(rp) = self.replicated_pool(&d.pool).await? {
+                if !rp.hosts.contains(&req.to) {
+                    return Err(AgentError::Conflict(format!(
+                        "disk {i} is on replicated pool {}, which keeps no copy on {} (its hosts: {})",
+                        d.pool,
+                        req.to,
+                        rp.hosts.join(", ")
+                    )));
+                }
+                continue;
+            }
             if self.pool_locks(&d.pool).await?.is_none() {
                 if !req.with_storage {
                     return Err(AgentError::Conflict(format!(
@@ -218,6 +229,11 @@ impl Agent {
         };
         // The destination runs the VM: make it the owner, end the paused QEMU here.
         self.set_outgoing(name, Some((&req.to, "completed")));
+        // QEMU here has stopped writing (its disks are inactive after completion):
+        // hand the replicated volumes' terms over; the destination promotes its copies.
+        if let Ok((r, _)) = self.record(name).await {
+            self.release_replicas(&r.spec).await;
+        }
         match peer
             .post::<Vec<String>>(
                 &format!("/api/v1/migrations/incoming/{name}/finish"),
