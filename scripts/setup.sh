@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything ferry needs on a fresh Debian 12 machine, idempotently:
-# QEMU 10 from bookworm-backports, busybox-static, OVMF, iproute2, and the test guest
+# QEMU 10 from bookworm-backports, busybox-static, OVMF, iproute2, etcd, hbal, fio, and the test guest
 # (Debian cloud kernel + busybox initramfs) under $FERRY_CACHE (default ~/.cache/ferry).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -22,7 +22,7 @@ SRC
   rm -f /var/lib/ferry-setup-apt-updated
 fi
 
-for p in busybox-static ovmf iproute2 iputils-ping curl cpio lz4 python3 protobuf-compiler libprotobuf-dev etcd-server etcd-client ganeti-htools; do have "$p" || need_pkgs+=("$p"); done
+for p in busybox-static ovmf iproute2 iputils-ping curl cpio lz4 python3 protobuf-compiler libprotobuf-dev etcd-server etcd-client ganeti-htools fio; do have "$p" || need_pkgs+=("$p"); done
 q=$(qemu_major || true)
 if [ -z "$q" ] || [ "$q" -lt 10 ] || ! have qemu-utils; then need_qemu=1; else need_qemu=0; fi
 

@@ -1,8 +1,10 @@
 //! A persistent bitmap of regions: the dirty bitmap of a peer (what it lacks) and the
-//! activity log (extents with writes that may not be on every replica yet). A bit that
-//! goes from 0 to 1 is on disk (written and `fdatasync`ed) before the call returns, so
-//! a crash never forgets a region that was written; clearing is written lazily (a bit
-//! set by mistake only costs a resync of that region).
+//! activity log (extents with writes that may not be on every replica yet). Changes are
+//! made in memory; [`Bitmap::save`] writes them. The activity log is saved durably
+//! before a write enters a new extent, so a crash never forgets a region being written;
+//! peers' bitmaps are saved before the activity log retires the extents covering their
+//! bits (until then the activity log stands in for them). A bit set by mistake only
+//! costs a resync of that region.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -85,8 +87,8 @@ impl Bitmap {
         i < self.bits && self.words[i / 64] & (1 << (i % 64)) != 0
     }
 
-    /// Sets bits `r`; returns whether any was newly set (and then saved it durably).
-    pub fn set(&mut self, r: std::ops::Range<usize>) -> std::io::Result<bool> {
+    /// Sets bits `r` in memory; returns whether any was newly set.
+    pub fn set(&mut self, r: std::ops::Range<usize>) -> bool {
         let mut changed = false;
         for i in r {
             let w = &mut self.words[i / 64];
@@ -95,15 +97,12 @@ impl Bitmap {
                 changed = true;
             }
         }
-        if changed {
-            self.unsaved = true;
-            self.save(true)?;
-        }
-        Ok(changed)
+        self.unsaved |= changed;
+        changed
     }
 
     /// Sets the bits covering a byte range.
-    pub fn set_bytes(&mut self, offset: u64, len: u64) -> std::io::Result<bool> {
+    pub fn set_bytes(&mut self, offset: u64, len: u64) -> bool {
         let r = self.range(offset, len);
         self.set(r)
     }
@@ -121,14 +120,14 @@ impl Bitmap {
         self.unsaved = true;
     }
 
-    pub fn set_all(&mut self) -> std::io::Result<()> {
+    pub fn set_all(&mut self) {
         let n = self.bits;
-        self.set(0..n).map(|_| ())
+        self.set(0..n);
     }
 
     /// ORs in another bitmap's words (same geometry, or a coarser one: each set bit of
     /// `other` at granularity `other_gran` sets every bit it covers here).
-    pub fn or_words(&mut self, other: &[u64], other_gran: u64) -> std::io::Result<()> {
+    pub fn or_words(&mut self, other: &[u64], other_gran: u64) {
         let mut set = vec![];
         for (wi, w) in other.iter().enumerate() {
             if *w == 0 {
@@ -151,11 +150,7 @@ impl Bitmap {
                 }
             }
         }
-        if changed {
-            self.unsaved = true;
-            self.save(true)?;
-        }
-        Ok(())
+        self.unsaved |= changed;
     }
 
     pub fn count(&self) -> usize {
@@ -218,9 +213,19 @@ mod tests {
         let p = dir.path().join("bm");
         let mut b = Bitmap::open(&p, 10 << 20, 1 << 20).unwrap();
         assert_eq!(b.bits(), 10);
-        assert!(b.set_bytes(3 << 20, 1).unwrap());
-        assert!(!b.set_bytes(3 << 20, 5).unwrap());
-        assert!(b.set_bytes((9 << 20) + 10, 1 << 30).unwrap());
+        assert!(b.set_bytes(3 << 20, 1));
+        assert!(!b.set_bytes(3 << 20, 5));
+        assert!(b.set_bytes((9 << 20) + 10, 1 << 30));
+        drop(b);
+        // unsaved changes are not on disk
+        assert_eq!(
+            Bitmap::open(&p, 10 << 20, 1 << 20).unwrap().ones(),
+            Vec::<usize>::new()
+        );
+        let mut b = Bitmap::open(&p, 10 << 20, 1 << 20).unwrap();
+        b.set_bytes(3 << 20, 1);
+        b.set_bytes((9 << 20) + 10, 1 << 30);
+        b.save(true).unwrap();
         drop(b);
         let mut b = Bitmap::open(&p, 10 << 20, 1 << 20).unwrap();
         assert_eq!(b.ones(), vec![3, 9]);
@@ -229,9 +234,9 @@ mod tests {
         assert_eq!(Bitmap::open(&p, 10 << 20, 1 << 20).unwrap().ones(), vec![9]);
         // a 4 MiB extent bit sets four 1 MiB bits
         let mut fine = Bitmap::new(10 << 20, 1 << 20);
-        fine.or_words(&[0b10], 4 << 20).unwrap();
+        fine.or_words(&[0b10], 4 << 20);
         assert_eq!(fine.ones(), vec![4, 5, 6, 7]);
-        fine.or_words(&[0b100], 4 << 20).unwrap();
+        fine.or_words(&[0b100], 4 << 20);
         assert_eq!(fine.ones(), vec![4, 5, 6, 7, 8, 9]);
         assert_eq!(fine.range(0, 0), 0..0);
     }

@@ -1,7 +1,7 @@
 //! A replication connection: framed messages over TCP, requests matched to their
 //! answers by sequence number so many can be in flight (pipelined).
 
-use crate::wire::{self, Msg, WireError};
+use crate::wire::{self, Frame, Msg, WireError};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,11 +26,48 @@ pub enum ConnError {
     Unexpected(&'static str),
 }
 
-/// Reads one frame.
+/// Reads one frame. A write's data is read straight into its own buffer.
 pub async fn read_msg<R: AsyncRead + Unpin>(r: &mut R) -> Result<Msg, ConnError> {
     let mut h = [0u8; wire::HEADER_LEN];
     r.read_exact(&mut h).await?;
     let (kind, len) = wire::decode_header(&h)?;
+    if kind == 2 {
+        // seq, generation number, host length; then host, offset, fua, data length
+        let mut a = [0u8; 18];
+        if (len as usize) < a.len() {
+            return Err(WireError::Short {
+                at: 0,
+                need: a.len() - len as usize,
+            }
+            .into());
+        }
+        r.read_exact(&mut a).await?;
+        let hl = u16::from_be_bytes([a[16], a[17]]) as usize;
+        let fixed = a.len() + hl + 13;
+        if (len as usize) < fixed {
+            return Err(WireError::Short {
+                at: a.len(),
+                need: fixed - len as usize,
+            }
+            .into());
+        }
+        let mut head = a.to_vec();
+        head.resize(fixed, 0);
+        r.read_exact(&mut head[a.len()..]).await?;
+        let (seq, gen, offset, fua, dlen) = wire::decode_write_head(&head)?;
+        if fixed + dlen != len as usize {
+            return Err(WireError::Field("write length").into());
+        }
+        let mut data = vec![0u8; dlen];
+        r.read_exact(&mut data).await?;
+        return Ok(Msg::Write {
+            seq,
+            gen,
+            offset,
+            fua,
+            data,
+        });
+    }
     let mut body = vec![0u8; len as usize];
     r.read_exact(&mut body).await?;
     Ok(wire::decode_body(kind, &body)?)
@@ -42,12 +79,20 @@ pub async fn write_msg<W: AsyncWrite + Unpin>(w: &mut W, m: &Msg) -> Result<(), 
     Ok(())
 }
 
+async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> std::io::Result<()> {
+    w.write_all(&f.head).await?;
+    if let Some(d) = &f.data {
+        w.write_all(d).await?;
+    }
+    Ok(())
+}
+
 /// How long a peer may take to acknowledge before it is considered gone.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// The primary's end of a connection to a secondary.
 pub struct Conn {
-    tx: mpsc::UnboundedSender<Arc<Vec<u8>>>,
+    tx: mpsc::UnboundedSender<Arc<Frame>>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Msg>>>,
     closed: AtomicBool,
     closed_note: Notify,
@@ -58,7 +103,7 @@ impl Conn {
     pub fn start(stream: TcpStream) -> Arc<Conn> {
         let _ = stream.set_nodelay(true);
         let (mut rd, wr) = stream.into_split();
-        let (tx, mut rx) = mpsc::unbounded_channel::<Arc<Vec<u8>>>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Arc<Frame>>();
         let c = Arc::new(Conn {
             tx,
             pending: Mutex::new(HashMap::new()),
@@ -74,11 +119,11 @@ impl Conn {
                     _ = cw.closed_note.notified() => None,
                 };
                 let Some(buf) = buf else { break };
-                if wr.write_all(&buf).await.is_err() {
+                if write_frame(&mut wr, &buf).await.is_err() {
                     break;
                 }
                 while let Ok(more) = rx.try_recv() {
-                    if wr.write_all(&more).await.is_err() {
+                    if write_frame(&mut wr, &more).await.is_err() {
                         cw.close();
                         return;
                     }
@@ -153,7 +198,7 @@ impl Conn {
     }
 
     /// Sends an encoded request with sequence number `seq` and waits for its answer.
-    pub async fn call(&self, seq: u64, frame: Arc<Vec<u8>>) -> Result<Msg, ConnError> {
+    pub async fn call(&self, seq: u64, frame: Arc<Frame>) -> Result<Msg, ConnError> {
         let (tx, rx) = oneshot::channel();
         {
             let mut p = self.pending.lock().expect("pending");
@@ -179,6 +224,6 @@ impl Conn {
 
     /// Sends a message that gets no answer (Goodbye).
     pub fn send(&self, m: &Msg) {
-        let _ = self.tx.send(Arc::new(m.encode()));
+        let _ = self.tx.send(Arc::new(Frame::msg(m)));
     }
 }

@@ -125,4 +125,7 @@ pub fn fuzz_wire(data: &[u8]) {
     if let Ok(m) = wire::decode_frame(data) {
         assert_eq!(wire::decode_frame(&m.encode()).as_ref(), Ok(&m));
     }
+    if data.len() > wire::HEADER_LEN + 18 {
+        let _ = wire::decode_write_head(&data[wire::HEADER_LEN + 18..]);
+    }
 }

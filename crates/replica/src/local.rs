@@ -263,13 +263,17 @@ impl Local {
         Ok(md5::Md5::digest(&data).into())
     }
 
-    /// Enters a write into the activity log: its extents are on disk as active before
-    /// the data is written anywhere.
-    pub fn al_enter(&self, offset: u64, len: u64) -> std::io::Result<AlGuard<'_>> {
+    /// Enters a write into the activity log. `durable` (the primary): its extents are
+    /// on disk as active before the data is written anywhere. A secondary only marks
+    /// them (saved with its next flush): what it loses in a crash before that, its
+    /// primary's activity log covers.
+    pub fn al_enter(&self, offset: u64, len: u64, durable: bool) -> std::io::Result<AlGuard<'_>> {
         let extents = {
             let mut al = self.al.lock().expect("al");
             let r = al.range(offset, len);
-            al.set(r.clone())?;
+            if al.set(r.clone()) && durable {
+                al.save(true)?;
+            }
             r
         };
         let mut b = self.al_busy.lock().expect("al");
@@ -283,15 +287,30 @@ impl Local {
         })
     }
 
-    /// Retires idle extents from the activity log: after an `fdatasync` of the data,
-    /// every extent with no write in flight and none since the last tick (a finished
-    /// write is on every connected copy, or in the bitmap of those it missed).
+    /// Saves the activity log durably (after a flush of the data).
+    pub fn al_save(&self) -> std::io::Result<()> {
+        self.al.lock().expect("al").save(true)
+    }
+
+    /// Saves every peer bitmap durably.
+    pub fn save_bitmaps(&self) -> std::io::Result<()> {
+        for b in self.bitmaps.lock().expect("bitmaps").values_mut() {
+            b.save(true)?;
+        }
+        Ok(())
+    }
+
+    /// Retires idle extents from the activity log: every extent with no write in
+    /// flight and none since the last tick. The caller has made the data durable on
+    /// every connected copy first; here the data and the peers' bitmaps (which hold
+    /// what the others missed) are saved before the extents go.
     pub fn al_tick(&self) -> std::io::Result<()> {
         let active = self.al.lock().expect("al").ones();
         if active.is_empty() {
             return Ok(());
         }
         self.file.sync_data()?;
+        self.save_bitmaps()?;
         let (busy, touched) = {
             let mut b = self.al_busy.lock().expect("al");
             let touched = std::mem::take(&mut b.1);
@@ -357,10 +376,9 @@ impl Local {
         self.with_bitmap(peer, |b| {
             b.clear_all();
             if all {
-                b.set_all()
-            } else {
-                b.save(true)
+                b.set_all();
             }
+            b.save(true)
         })??;
         self.set_bitmap_base(peer, base)
     }

@@ -10,7 +10,7 @@ use crate::conn::{self, Conn};
 use crate::decide::{decide, Decision, Side};
 use crate::local::{Local, EXTENT, REGION};
 use crate::ranges::RangeLock;
-use crate::wire::{Hello, Msg};
+use crate::wire::{Frame, Hello, Msg};
 use crate::{Cluster, Report};
 use ferry_types::{GenId, PeerState, PeerStatus, VerifyReport};
 use futures::{StreamExt, TryStreamExt};
@@ -93,6 +93,9 @@ pub struct Primary {
     stopped: AtomicBool,
 }
 
+/// Writes up to this size go to the page cache on the calling task.
+const INLINE_WRITE: usize = 64 << 10;
+
 fn shutdown() -> std::io::Error {
     std::io::Error::from_raw_os_error(libc::ESHUTDOWN)
 }
@@ -171,50 +174,52 @@ impl Primary {
         }
         let (offset, len) = op.range();
         let _r = self.ranges.lock(offset, len).await;
-        let _al = self.local.al_enter(offset, len)?;
+        let _al = self.local.al_enter(offset, len, true)?;
         let seq = self.next_seq();
-        let (frame, local) = match &op {
-            Op::Write { offset, data, fua } => (
-                crate::wire::encode_write(seq, &self.gen, *offset, *fua, data),
-                None,
-            ),
+        let targets = self.targets();
+        let frame = Arc::new(match &op {
+            Op::Write { offset, data, fua } => {
+                Frame::write(seq, &self.gen, *offset, *fua, data.clone())
+            }
             Op::Zero {
                 offset,
                 len,
                 trim,
                 fua,
-            } => (
-                Msg::Zero {
-                    seq,
-                    gen: self.gen.clone(),
-                    offset: *offset,
-                    len: *len,
-                    trim: *trim,
-                    fua: *fua,
-                }
-                .encode(),
-                Some((*offset, *len, *fua)),
-            ),
-        };
-        let frame = Arc::new(frame);
+            } => Frame::msg(&Msg::Zero {
+                seq,
+                gen: self.gen.clone(),
+                offset: *offset,
+                len: *len,
+                trim: *trim,
+                fua: *fua,
+            }),
+        });
         let local_io = async {
-            match (&op, local) {
-                (Op::Write { offset, data, fua }, _) => {
+            match &op {
+                // Small writes into the page cache cost less than a thread hop.
+                Op::Write { offset, data, fua } if data.len() <= INLINE_WRITE && !fua => {
+                    self.local.write_blocking(*offset, data, false)
+                }
+                Op::Write { offset, data, fua } => {
                     self.local.write(*offset, data.clone(), *fua).await
                 }
-                (_, Some((o, l, f))) => {
+                Op::Zero {
+                    offset, len, fua, ..
+                } => {
+                    let (o, l, f) = (*offset, *len, *fua);
                     self.local
                         .blocking(move |loc| loc.zero_blocking(o, l, f))
                         .await
                 }
-                _ => Ok(()),
             }
         };
-        let (local_r, missed) = tokio::join!(local_io, self.replicate(seq, frame));
+        let (local_r, missed) = tokio::join!(local_io, self.replicate(seq, frame, targets));
         local_r?;
         for p in missed {
+            // In memory: saved before the activity log retires this extent.
             self.local
-                .with_bitmap(&p.host, |b| b.set_bytes(offset, len))??;
+                .with_bitmap(&p.host, |b| b.set_bytes(offset, len))?;
             if !self.ensure_outdated(&p).await {
                 return Err(std::io::Error::other(format!(
                     "{} missed the write and the cluster could not be told",
@@ -225,17 +230,28 @@ impl Primary {
         Ok(())
     }
 
-    /// Sends a frame to every peer that takes writes; returns the peers that do not
-    /// have it.
-    async fn replicate(&self, seq: u64, frame: Arc<Vec<u8>>) -> Vec<Arc<PeerLink>> {
-        let mut missed = vec![];
-        let mut calls = vec![];
-        for p in &self.peers {
-            match p.sendable() {
-                Some(c) => calls.push((p.clone(), c)),
-                None => missed.push(p.clone()),
-            }
-        }
+    /// The peers taking writes now, with their connections.
+    fn targets(&self) -> Vec<(Arc<PeerLink>, Arc<Conn>)> {
+        self.peers
+            .iter()
+            .filter_map(|p| p.sendable().map(|c| (p.clone(), c)))
+            .collect()
+    }
+
+    /// Sends a frame to `calls` (the peers taking writes); returns the peers that do
+    /// not have it.
+    async fn replicate(
+        &self,
+        seq: u64,
+        frame: Arc<Frame>,
+        calls: Vec<(Arc<PeerLink>, Arc<Conn>)>,
+    ) -> Vec<Arc<PeerLink>> {
+        let mut missed: Vec<Arc<PeerLink>> = self
+            .peers
+            .iter()
+            .filter(|p| !calls.iter().any(|(c, _)| Arc::ptr_eq(c, p)))
+            .cloned()
+            .collect();
         let results =
             futures::future::join_all(calls.iter().map(|(_, c)| c.call(seq, frame.clone()))).await;
         for ((p, c), r) in calls.into_iter().zip(results) {
@@ -279,22 +295,20 @@ impl Primary {
         true
     }
 
-    pub(crate) async fn flush(&self) -> std::io::Result<()> {
+    pub async fn flush(&self) -> std::io::Result<()> {
         let term = self.term.read().await;
         if !*term {
             return Err(shutdown());
         }
         let seq = self.next_seq();
-        let frame = Arc::new(
-            Msg::Flush {
-                seq,
-                gen: self.gen.clone(),
-            }
-            .encode(),
-        );
+        let frame = Arc::new(Frame::msg(&Msg::Flush {
+            seq,
+            gen: self.gen.clone(),
+        }));
+        let targets = self.targets();
         let (l, missed) = tokio::join!(
             self.local.blocking(|l| l.sync_blocking()),
-            self.replicate(seq, frame)
+            self.replicate(seq, frame, targets)
         );
         l?;
         for p in missed {
@@ -493,8 +507,9 @@ impl Primary {
             Decision::Bitmap => {
                 local
                     .with_bitmap(&p.host, |b| {
-                        b.or_words(&theirs.active, EXTENT)?;
-                        b.or_words(&mine.active, EXTENT)
+                        b.or_words(&theirs.active, EXTENT);
+                        b.or_words(&mine.active, EXTENT);
+                        b.save(true)
                     })
                     .map_err(io)?
                     .map_err(io)?;
@@ -572,13 +587,10 @@ impl Primary {
         let seq = self.next_seq();
         conn.call(
             seq,
-            Arc::new(
-                Msg::Flush {
-                    seq,
-                    gen: self.gen.clone(),
-                }
-                .encode(),
-            ),
+            Arc::new(Frame::msg(&Msg::Flush {
+                seq,
+                gen: self.gen.clone(),
+            })),
         )
         .await
         .map_err(|e| e.to_string())?;
@@ -588,13 +600,10 @@ impl Primary {
         let seq = self.next_seq();
         conn.call(
             seq,
-            Arc::new(
-                Msg::ResyncDone {
-                    seq,
-                    gen: self.gen.clone(),
-                }
-                .encode(),
-            ),
+            Arc::new(Frame::msg(&Msg::ResyncDone {
+                seq,
+                gen: self.gen.clone(),
+            })),
         )
         .await
         .map_err(|e| e.to_string())?;
@@ -628,7 +637,7 @@ impl Primary {
             .await
             .map_err(|e| format!("read {offset}: {e}"))?;
         let seq = self.next_seq();
-        let frame = crate::wire::encode_write(seq, &self.gen, offset, false, &data);
+        let frame = Frame::write(seq, &self.gen, offset, false, Arc::new(data));
         conn.call(seq, Arc::new(frame))
             .await
             .map_err(|e| e.to_string())?;
@@ -658,7 +667,10 @@ impl Primary {
                 let _r = self.ranges.lock(offset, len as u64).await;
                 let seq = self.next_seq();
                 let theirs = conn
-                    .call(seq, Arc::new(Msg::VerifyReq { seq, offset, len }.encode()))
+                    .call(
+                        seq,
+                        Arc::new(Frame::msg(&Msg::VerifyReq { seq, offset, len })),
+                    )
                     .await;
                 let mine = self
                     .local
@@ -680,6 +692,7 @@ impl Primary {
             }
             out.push(report);
         }
+        let _ = self.local.save_bitmaps();
         out
     }
 }

@@ -307,8 +307,10 @@ impl Replica {
         }
     }
 
-    /// Applies the primary's writes in order on a thread of their own while the
-    /// connection keeps reading (pipelined), and sends the acknowledgements back.
+    /// Applies the primary's messages in order as they arrive and answers each; the
+    /// answers go out in batches (when no more input is waiting). Small writes go
+    /// straight to the page cache; syncs and large writes leave the runtime's thread
+    /// first.
     async fn follow(
         self: Arc<Self>,
         ph: Hello,
@@ -316,44 +318,17 @@ impl Replica {
         stream: TcpStream,
         stop: Arc<Notify>,
     ) -> Result<(), ConnError> {
-        let (mut rd, wr) = stream.into_split();
-        let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<Msg>();
-        let (acks_tx, mut acks_rx) = tokio::sync::mpsc::unbounded_channel::<Msg>();
-        let me = self.clone();
-        let history = ph.history.clone();
-        let gen = pc.clone();
-        let applier = std::thread::spawn(move || {
-            while let Ok(m) = jobs_rx.recv() {
-                let answer = me.apply(m, &gen, &history);
-                let end = answer.is_none();
-                if let Some(a) = answer {
-                    if acks_tx.send(a).is_err() {
-                        break;
-                    }
-                }
-                if end {
-                    break;
-                }
-            }
-        });
-        let writer = tokio::spawn(async move {
-            let mut wr = tokio::io::BufWriter::new(wr);
-            while let Some(m) = acks_rx.recv().await {
-                wr.write_all(&m.encode()).await?;
-                while let Ok(more) = acks_rx.try_recv() {
-                    wr.write_all(&more.encode()).await?;
-                }
-                wr.flush().await?;
-            }
-            let _ = wr.shutdown().await;
-            Ok::<_, std::io::Error>(())
-        });
+        let (rd, wr) = stream.into_split();
+        let mut rd = tokio::io::BufReader::with_capacity(256 << 10, rd);
+        let mut wr = tokio::io::BufWriter::with_capacity(64 << 10, wr);
+        let multi_thread = tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::MultiThread;
         let result = loop {
             let m = tokio::select! {
                 m = conn::read_msg(&mut rd) => m,
                 _ = stop.notified() => break Ok(()),
             };
-            match m {
+            let m = match m {
                 Ok(Msg::Goodbye { reason }) => {
                     tracing::info!(volume = %self.key(), %reason, "primary said goodbye");
                     break Ok(());
@@ -364,18 +339,28 @@ impl Replica {
                     | Msg::Flush { .. }
                     | Msg::ResyncDone { .. }
                     | Msg::VerifyReq { .. }),
-                ) => {
-                    if jobs_tx.send(m).is_err() {
-                        break Ok(());
-                    }
-                }
+                ) => m,
                 Ok(_) => break Err(ConnError::Unexpected("a message only a secondary sends")),
                 Err(e) => break Err(e),
+            };
+            let small = matches!(&m, Msg::Write { data, fua: false, .. } if data.len() <= 64 << 10);
+            let answer = if small || !multi_thread {
+                self.apply(m, &pc, &ph.history)
+            } else {
+                tokio::task::block_in_place(|| self.apply(m, &pc, &ph.history))
+            };
+            let Some(a) = answer else { break Ok(()) };
+            if let Err(e) = wr.write_all(&a.encode()).await {
+                break Err(e.into());
+            }
+            if rd.buffer().is_empty() {
+                if let Err(e) = wr.flush().await {
+                    break Err(e.into());
+                }
             }
         };
-        drop(jobs_tx);
-        let _ = tokio::task::spawn_blocking(move || applier.join()).await;
-        writer.abort();
+        let _ = wr.flush().await;
+        let _ = wr.shutdown().await;
         result
     }
 
@@ -408,7 +393,7 @@ impl Replica {
                 }
                 let r = self
                     .local
-                    .al_enter(offset, data.len() as u64)
+                    .al_enter(offset, data.len() as u64, false)
                     .and_then(|_al| self.local.write_blocking(offset, &data, fua));
                 Some(match r {
                     Ok(()) => Msg::Ack { seq },
@@ -434,7 +419,7 @@ impl Replica {
                 }
                 let r = self
                     .local
-                    .al_enter(offset, len as u64)
+                    .al_enter(offset, len as u64, false)
                     .and_then(|_al| self.local.zero_blocking(offset, len, fua));
                 Some(match r {
                     Ok(()) => Msg::Ack { seq },
@@ -448,13 +433,19 @@ impl Replica {
                 if &g != gen {
                     return old(seq, &g);
                 }
-                Some(match self.local.sync_blocking() {
-                    Ok(()) => Msg::Ack { seq },
-                    Err(e) => Msg::Nack {
-                        seq,
-                        reason: e.to_string(),
+                Some(
+                    match self
+                        .local
+                        .sync_blocking()
+                        .and_then(|_| self.local.al_save())
+                    {
+                        Ok(()) => Msg::Ack { seq },
+                        Err(e) => Msg::Nack {
+                            seq,
+                            reason: e.to_string(),
+                        },
                     },
-                })
+                )
             }
             Msg::ResyncDone { seq, gen: g } => {
                 if &g != gen {

@@ -41,6 +41,13 @@ impl Service {
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 let Some(s) = weak.upgrade() else { break };
                 for r in s.all() {
+                    // A primary's extents retire only once connected peers have them
+                    // durably too.
+                    if let Some(p) = r.primary() {
+                        if p.flush().await.is_err() {
+                            continue;
+                        }
+                    }
                     let l = r.local.clone();
                     let res = tokio::task::spawn_blocking(move || l.al_tick()).await;
                     if let Ok(Err(e)) = res {

@@ -303,6 +303,16 @@ pub fn decode_body(kind: u16, body: &[u8]) -> Result<Msg, WireError> {
     Ok(m)
 }
 
+/// The fields of a write before its data: (seq, generation, offset, fua, data length).
+pub fn decode_write_head(b: &[u8]) -> Result<(u64, GenId, u64, bool, usize), WireError> {
+    let mut r = R { b, at: 0 };
+    let v = (r.u64()?, r.gen()?, r.u64()?, r.bool()?, r.u32()? as usize);
+    if r.at != b.len() {
+        return Err(WireError::Trailing(b.len() - r.at));
+    }
+    Ok(v)
+}
+
 /// Decodes one whole frame (header and body), as the fuzz target does.
 pub fn decode_frame(b: &[u8]) -> Result<Msg, WireError> {
     if b.len() < HEADER_LEN {
@@ -427,22 +437,56 @@ impl<'a> R<'a> {
     }
 }
 
-/// Encodes a write without copying the data into a `Msg` first.
-pub fn encode_write(seq: u64, gen: &GenId, offset: u64, fua: bool, data: &[u8]) -> Vec<u8> {
-    let mut w = W(Vec::with_capacity(64 + data.len()));
-    w.u32(MAGIC);
-    w.u16(VERSION);
-    w.u16(2);
-    w.u32(0);
-    w.u64(seq);
-    w.gen(gen);
-    w.u64(offset);
-    w.u8(fua as u8);
-    w.u32(data.len() as u32);
-    w.0.extend_from_slice(data);
-    let len = (w.0.len() - HEADER_LEN) as u32;
-    w.0[8..12].copy_from_slice(&len.to_be_bytes());
-    w.0
+/// A frame to send: its bytes, and a write's data sent after them as they are
+/// (no copy into the frame).
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub head: Vec<u8>,
+    pub data: Option<std::sync::Arc<Vec<u8>>>,
+}
+
+impl Frame {
+    pub fn msg(m: &Msg) -> Frame {
+        Frame {
+            head: m.encode(),
+            data: None,
+        }
+    }
+
+    /// A write of `data`, which is shared, not copied.
+    pub fn write(
+        seq: u64,
+        gen: &GenId,
+        offset: u64,
+        fua: bool,
+        data: std::sync::Arc<Vec<u8>>,
+    ) -> Frame {
+        let mut w = W(Vec::with_capacity(64));
+        w.u32(MAGIC);
+        w.u16(VERSION);
+        w.u16(2);
+        w.u32(0);
+        w.u64(seq);
+        w.gen(gen);
+        w.u64(offset);
+        w.u8(fua as u8);
+        w.u32(data.len() as u32);
+        let len = (w.0.len() - HEADER_LEN + data.len()) as u32;
+        w.0[8..12].copy_from_slice(&len.to_be_bytes());
+        Frame {
+            head: w.0,
+            data: Some(data),
+        }
+    }
+
+    /// The whole frame in one buffer.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut v = self.head.clone();
+        if let Some(d) = &self.data {
+            v.extend_from_slice(d);
+        }
+        v
+    }
 }
 
 #[cfg(test)]
@@ -511,7 +555,19 @@ mod tests {
             },
         ];
         for m in msgs {
-            assert_eq!(decode_frame(&m.encode()).unwrap(), m);
+            let f = m.encode();
+            assert_eq!(decode_frame(&f).unwrap(), m);
+            if let Msg::Write {
+                seq,
+                gen,
+                offset,
+                fua,
+                data,
+            } = &m
+            {
+                let fr = Frame::write(*seq, gen, *offset, *fua, std::sync::Arc::new(data.clone()));
+                assert_eq!(fr.to_bytes(), f);
+            }
         }
     }
 

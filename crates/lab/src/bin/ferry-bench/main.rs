@@ -20,13 +20,18 @@
 //! `ferry-bench drs [--sizes 10x200,30x600,100x2000,1000x20000]`: the DRS planner against
 //! Ganeti's hbal on the same synthetic clusters (no lab needed).
 //!
-//! Usage: `ferry-bench [core|snapshots|migration|failover|drs] [--runs N] [--vms N] [--json]` (as root; the
+//! `ferry-bench replication [--seconds 10] [--size-mib 512]`: fio against a local raw
+//! file, qemu-nbd, and ferry's NBD export without replication, replicated to one and to
+//! two peers (3-host etcd lab).
+//!
+//! Usage: `ferry-bench [core|snapshots|migration|failover|drs|replication] [--runs N] [--vms N] [--json]` (as root; the
 //! `ferry` binary next to this one, or `FERRY_BIN`). Everything runs in a lab namespace,
 //! removed at the end.
 
 mod drsbench;
 mod failbench;
 mod migbench;
+mod replbench;
 mod snapbench;
 
 use anyhow::{bail, Context, Result};
@@ -231,6 +236,9 @@ fn main() -> Result<()> {
     }
     if std::env::args().nth(1).as_deref() == Some("failover") {
         return failbench::run();
+    }
+    if std::env::args().nth(1).as_deref() == Some("replication") {
+        return replbench::run();
     }
     let runs = arg("--runs", 10);
     let nvms = arg("--vms", 1000);

@@ -1,0 +1,221 @@
+//! `ferry-bench replication [--seconds 10] [--size-mib 512]`: replicated volumes under
+//! fio, in a 3-host etcd lab (replication over the lab's veth pairs). One run, the same
+//! fio jobs against: a local raw file, the same kind of file exported by `qemu-nbd` (the
+//! peer for our NBD server), our NBD export with replication switched off, replicated
+//! to one peer, replicated to two. Jobs: 4k random writes at queue depth 1 (IOPS and
+//! p50/p99 latency) and 16 (IOPS), 1 MiB sequential writes at depth 4 (MB/s); every job
+//! ends with a flush (data durable on every up-to-date copy), which counts.
+
+use anyhow::{bail, Context, Result};
+use ferry_lab::{wait_for, ClusterLab};
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+#[derive(Default, Clone, Copy)]
+struct Figures {
+    qd1_iops: f64,
+    p50_us: f64,
+    p99_us: f64,
+    qd16_iops: f64,
+    seq_mbs: f64,
+}
+
+enum Target<'a> {
+    File(&'a Path),
+    Nbd(&'a Path),
+}
+
+fn fio(t: &Target, rw: &str, bs: &str, depth: u32, secs: u64) -> Result<Value> {
+    let mut c = Command::new("fio");
+    c.args([
+        "--name=bench",
+        &format!("--rw={rw}"),
+        &format!("--bs={bs}"),
+        &format!("--iodepth={depth}"),
+        &format!("--runtime={secs}"),
+        "--time_based",
+        "--end_fsync=1",
+        "--randrepeat=0",
+        "--norandommap",
+        "--output-format=json",
+    ]);
+    match t {
+        Target::File(p) => {
+            c.arg(format!("--filename={}", p.display()));
+            c.arg(if depth == 1 {
+                "--ioengine=psync"
+            } else {
+                "--ioengine=io_uring"
+            });
+        }
+        Target::Nbd(sock) => {
+            c.arg("--ioengine=nbd");
+            c.arg(format!("--uri=nbd+unix:///?socket={}", sock.display()));
+        }
+    }
+    let out = c.stderr(Stdio::piped()).output().context("run fio")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let json = text.find('{').map(|i| &text[i..]).unwrap_or("");
+    let v: Value = serde_json::from_str(json).with_context(|| {
+        format!(
+            "fio output: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    if v["jobs"][0]["error"].as_i64().unwrap_or(0) != 0 {
+        bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(v["jobs"][0]["write"].clone())
+}
+
+fn measure(t: &Target, secs: u64) -> Result<Figures> {
+    let a = fio(t, "randwrite", "4k", 1, secs)?;
+    let pct =
+        |w: &Value, p: &str| w["clat_ns"]["percentile"][p].as_f64().unwrap_or(f64::NAN) / 1000.0;
+    let b = fio(t, "randwrite", "4k", 16, secs)?;
+    let c = fio(t, "write", "1M", 4, secs)?;
+    Ok(Figures {
+        qd1_iops: a["iops"].as_f64().unwrap_or(0.0),
+        p50_us: pct(&a, "50.000000"),
+        p99_us: pct(&a, "99.000000"),
+        qd16_iops: b["iops"].as_f64().unwrap_or(0.0),
+        seq_mbs: c["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+    })
+}
+
+fn qemu_nbd(file: &Path, sock: &Path) -> Result<Child> {
+    let _ = std::fs::remove_file(sock);
+    let child = Command::new("qemu-nbd")
+        .args([
+            "-f",
+            "raw",
+            "-t",
+            "--cache=writeback",
+            "--discard=unmap",
+            "-k",
+        ])
+        .arg(sock)
+        .arg(file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start qemu-nbd")?;
+    wait_for("qemu-nbd socket", Duration::from_secs(10), || {
+        Ok(sock.exists())
+    })?;
+    Ok(child)
+}
+
+pub fn run() -> Result<()> {
+    let secs = crate::arg_str("--seconds", "10")
+        .parse::<u64>()
+        .unwrap_or(10);
+    let size_mib = crate::arg_str("--size-mib", "512")
+        .parse::<u64>()
+        .unwrap_or(512);
+    let ferry = crate::ferry_bin();
+    let lab = ClusterLab::for_test(&ferry, 3)?;
+    let h1 = lab.cli("h1")?;
+    let size = format!("{size_mib}M");
+    for (pool, hosts) in [("two", "h1,h2"), ("three", "h1,h2,h3")] {
+        let path = format!("{}/{pool}-{{host}}", lab.dir.display());
+        h1.ferry_ok(&[
+            "pool",
+            "create",
+            pool,
+            "--type",
+            "replicated",
+            "--hosts",
+            hosts,
+            "--path",
+            &path,
+        ])?;
+        h1.ferry_ok(&["volume", "create", pool, "v", "--size", &size])?;
+        h1.ferry_ok(&["volume", "promote", pool, "v"])?;
+    }
+    h1.ferry_ok(&["volume", "create", "two", "alone", "--size", &size])?;
+    h1.ferry_ok(&["volume", "promote", "two", "alone"])?;
+    h1.ferry_ok(&["volume", "disconnect", "two", "alone"])?;
+    for (pool, peers) in [("two", 1), ("three", 2)] {
+        wait_for(
+            &format!("{pool}/v in sync"),
+            Duration::from_secs(60),
+            || {
+                let s = h1.ferry_json(&["volume", "replication", pool, "v"])?;
+                let up = s["replicas"][0]["replica"]["peers"]
+                    .as_array()
+                    .map_or(0, |p| {
+                        p.iter().filter(|p| p["state"] == "up-to-date").count()
+                    });
+                Ok(up == peers)
+            },
+        )?;
+    }
+    let sock = |pool: &str, vol: &str| {
+        lab.run_dir("h1")
+            .join("nbd")
+            .join(format!("{pool}.{vol}.sock"))
+    };
+    let local = lab.dir.join("local.raw");
+    let peer_file = lab.dir.join("qemu-nbd.raw");
+    for f in [&local, &peer_file] {
+        std::fs::File::create(f)?.set_len(size_mib << 20)?;
+    }
+    let qn_sock = lab.dir.join("qemu-nbd.sock");
+    let mut qn = qemu_nbd(&peer_file, &qn_sock)?;
+
+    println!(
+        "fio, {secs} s per job, {size_mib} MiB volumes, every job ends with a flush; replication over the lab's veth (one machine, 2 cores: fio, the primary and the peers share them)."
+    );
+    println!();
+    let (s_alone, s_one, s_two) = (sock("two", "alone"), sock("two", "v"), sock("three", "v"));
+    let rows: Vec<(&str, Target)> = vec![
+        (
+            "local raw file (fio psync / io_uring)",
+            Target::File(&local),
+        ),
+        (
+            "raw file via qemu-nbd (QEMU's NBD server)",
+            Target::Nbd(&qn_sock),
+        ),
+        ("ferry NBD export, replication off", Target::Nbd(&s_alone)),
+        ("ferry, replicated to 1 peer", Target::Nbd(&s_one)),
+        ("ferry, replicated to 2 peers", Target::Nbd(&s_two)),
+    ];
+    let mut results = vec![];
+    for (label, t) in &rows {
+        let f = measure(t, secs).with_context(|| label.to_string());
+        let f = match f {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = qn.kill();
+                return Err(e);
+            }
+        };
+        eprintln!("{label}: done");
+        results.push((label, f));
+    }
+    let _ = qn.kill();
+    let _ = qn.wait();
+    let local_f = results[0].1;
+    let alone = results[2].1;
+    println!("| target | 4k QD1 IOPS | p50 µs | p99 µs | 4k QD16 IOPS | 1M seq MB/s | QD16 IOPS vs local / vs ferry alone | seq vs local / vs ferry alone |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (label, f) in &results {
+        println!(
+            "| {label} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} % / {:.0} % | {:.0} % / {:.0} % |",
+            f.qd1_iops,
+            f.p50_us,
+            f.p99_us,
+            f.qd16_iops,
+            f.seq_mbs,
+            100.0 * f.qd16_iops / local_f.qd16_iops,
+            100.0 * f.qd16_iops / alone.qd16_iops,
+            100.0 * f.seq_mbs / local_f.seq_mbs,
+            100.0 * f.seq_mbs / alone.seq_mbs,
+        );
+    }
+    Ok(())
+}
