@@ -102,7 +102,8 @@ impl Conn {
     /// Starts the writer and reader tasks on an established (handshaken) stream.
     pub fn start(stream: TcpStream) -> Arc<Conn> {
         let _ = stream.set_nodelay(true);
-        let (mut rd, wr) = stream.into_split();
+        let (rd, wr) = stream.into_split();
+        let mut rd = tokio::io::BufReader::with_capacity(64 << 10, rd);
         let (tx, mut rx) = mpsc::unbounded_channel::<Arc<Frame>>();
         let c = Arc::new(Conn {
             tx,

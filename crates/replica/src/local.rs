@@ -32,6 +32,10 @@ pub struct Meta {
     /// starts at (None: the bitmap is not valid for a resync, only as a record of
     /// writes the peer lacks).
     pub bitmaps: BTreeMap<String, Option<GenId>>,
+    /// Peers this copy acknowledged writes without (as primary, after the cluster
+    /// marked them outdated): their bitmap bits are writes only this copy has.
+    #[serde(default)]
+    pub degraded: BTreeSet<String>,
 }
 
 pub(crate) fn io_err(what: String, e: std::io::Error) -> std::io::Error {
@@ -361,14 +365,34 @@ impl Local {
         Ok(f(b))
     }
 
-    /// The base of peer `peer`'s bitmap and whether it has bits.
-    pub fn bitmap_info(&self, peer: &str) -> (Option<GenId>, bool, Vec<u64>) {
-        let base = self.meta().bitmaps.get(peer).cloned().flatten();
-        let m = self.bitmaps.lock().expect("bitmaps");
-        match m.get(peer) {
-            Some(b) => (base, !b.is_clear(), b.words().to_vec()),
-            None => (base, false, vec![]),
+    /// For the Hello to `peer`: the base of its bitmap, and the bitmap itself only if
+    /// this copy acknowledged writes without the peer (bits of writes that were never
+    /// acknowledged are not a split brain: the activity logs cover them).
+    pub fn bitmap_info(&self, peer: &str) -> (Option<GenId>, Vec<u64>) {
+        let meta = self.meta();
+        let base = meta.bitmaps.get(peer).cloned().flatten();
+        if !meta.degraded.contains(peer) {
+            return (base, vec![]);
         }
+        let m = self.bitmaps.lock().expect("bitmaps");
+        (
+            base,
+            m.get(peer).map(|b| b.words().to_vec()).unwrap_or_default(),
+        )
+    }
+
+    /// Records whether this copy acknowledges writes without `peer`.
+    pub fn set_degraded(&self, peer: &str, on: bool) -> std::io::Result<()> {
+        if self.meta().degraded.contains(peer) == on {
+            return Ok(());
+        }
+        self.update_meta(|m| {
+            if on {
+                m.degraded.insert(peer.to_string());
+            } else {
+                m.degraded.remove(peer);
+            }
+        })
     }
 
     /// Starts peer `peer`'s bitmap afresh: all clear (or all set) from `base`.
@@ -380,6 +404,7 @@ impl Local {
             }
             b.save(true)
         })??;
+        self.set_degraded(peer, false)?;
         self.set_bitmap_base(peer, base)
     }
 
@@ -399,7 +424,10 @@ impl Local {
         for (_, b) in old {
             b.remove();
         }
-        self.update_meta(|m| m.bitmaps.clear())
+        self.update_meta(|m| {
+            m.bitmaps.clear();
+            m.degraded.clear();
+        })
     }
 
     /// Grows the copy (never shrinks).

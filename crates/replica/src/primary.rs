@@ -271,6 +271,12 @@ impl Primary {
         while !*done {
             match self.cluster.outdate(&self.local.key, &p.host).await {
                 Ok(()) => {
+                    // From here on writes are acknowledged without the peer.
+                    if let Err(e) = self.local.set_degraded(&p.host, true) {
+                        tracing::warn!(volume = %self.local.key, error = %e, "cannot record degraded mode");
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        continue;
+                    }
                     *done = true;
                     self.cluster.report(
                         &self.local.key,
@@ -325,8 +331,10 @@ impl Primary {
     /// on this generation.
     pub(crate) async fn demote(&self) {
         {
-            let _ = self.flush().await;
+            // Stopped first: a write waiting to tell the cluster about a missed peer
+            // gives up (fails, unacknowledged) instead of holding the term forever.
             self.stopped.store(true, Ordering::SeqCst);
+            let _ = self.flush().await;
             let mut t = self.term.write().await;
             *t = false;
         }
@@ -348,6 +356,9 @@ impl Primary {
                 c.close();
             }
             p.set(PeerState::Connecting, None);
+        }
+        if let Err(e) = self.local.save_bitmaps() {
+            tracing::warn!(volume = %self.local.key, error = %e, "cannot save the peers' bitmaps");
         }
     }
 
@@ -387,7 +398,7 @@ impl Primary {
     }
 
     fn my_hello(&self, peer: &str) -> Hello {
-        let (base, _, words) = self.local.bitmap_info(peer);
+        let (base, words) = self.local.bitmap_info(peer);
         Hello {
             volume: self.local.key.clone(),
             host: self.host.clone(),
@@ -609,6 +620,7 @@ impl Primary {
         .map_err(|e| e.to_string())?;
         self.local
             .set_bitmap_base(&p.host, Some(self.gen.clone()))
+            .and_then(|_| self.local.set_degraded(&p.host, false))
             .map_err(|e| e.to_string())?;
         Ok(copied)
     }

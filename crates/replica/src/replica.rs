@@ -210,7 +210,7 @@ impl Replica {
             return;
         };
         let meta = self.local.meta();
-        let (base, _, words) = self.local.bitmap_info(&ph.host);
+        let (base, words) = self.local.bitmap_info(&ph.host);
         let mine = Hello {
             volume: self.key().to_string(),
             host: self.host.clone(),

@@ -92,6 +92,15 @@ impl Service {
                         }
                         Err(_) => return,
                     };
+                    // Only the cluster's hosts, from their own addresses, replicate here.
+                    let known = s.cluster.peer_addr(&h.host).await;
+                    if known.map(|a| a.ip()) != Some(peer.ip()) {
+                        tracing::warn!(%peer, host = %h.host, "replication connection from an unknown peer refused");
+                        let reason =
+                            format!("{} at {} is not a host of this cluster", h.host, peer.ip());
+                        let _ = conn::write_msg(&mut stream, &Msg::Goodbye { reason }).await;
+                        return;
+                    }
                     match s.get(&h.volume) {
                         Some(r) => r.accept(h, stream).await,
                         None => {

@@ -16,11 +16,16 @@ struct TestCluster {
     addrs: Mutex<BTreeMap<String, SocketAddr>>,
     outdated: Mutex<BTreeSet<String>>,
     reports: Mutex<Vec<Report>>,
+    /// The cluster cannot be reached (a partitioned primary).
+    unreachable: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait::async_trait]
 impl Cluster for TestCluster {
     async fn outdate(&self, _v: &str, peer: &str) -> Result<(), String> {
+        if self.unreachable.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err("etcd unreachable".into());
+        }
         self.outdated.lock().unwrap().insert(peer.into());
         Ok(())
     }
@@ -290,6 +295,210 @@ async fn a_stale_primary_is_refused() {
     assert!(a.data()[64 << 10..128 << 10].iter().all(|x| *x == 0x33));
     assert_eq!(a.svc.status(KEY).unwrap().generation, Some(g(3, "b")));
     b.svc.demote(KEY).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_wait_while_the_cluster_cannot_be_told_and_are_then_not_a_split_brain() {
+    let root = tempfile::tempdir().unwrap();
+    let cluster = Arc::new(TestCluster::default());
+    let a = host("a", root.path(), &cluster).await;
+    let b = host("b", root.path(), &cluster).await;
+    let peers = ["a".to_string(), "b".to_string()];
+    a.svc
+        .promote(KEY, g(2, "a"), &peers, &BTreeSet::new(), false)
+        .unwrap();
+    a.wait_peer("b", PeerState::UpToDate).await;
+    // a is cut off from b and from the cluster: its write is not acknowledged
+    cluster
+        .unreachable
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    b.svc.close(KEY, false).await.unwrap();
+    let sock = a.svc.socket_path(KEY);
+    let mut io = tokio::process::Command::new("qemu-io")
+        .arg("--image-opts")
+        .arg(format!(
+            "driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={},file.export={KEY}",
+            sock.display()
+        ))
+        .args(["-c", "write -P 0xee 0 64k"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        io.try_wait().unwrap().is_none(),
+        "the write was acknowledged"
+    );
+    // a's term ends (fenced): the write fails, it was never acknowledged
+    a.svc.demote(KEY).await.unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(10), io.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("failed"),
+        "{out:?}"
+    );
+    assert!(cluster.outdated.lock().unwrap().is_empty());
+    // b takes over (not outdated); a comes back and is resynced, no split brain
+    cluster
+        .unreachable
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    b.svc.open(KEY, &b.dir.join("pool"), "v", None).unwrap();
+    b.svc
+        .promote(KEY, g(3, "b"), &peers, &BTreeSet::new(), false)
+        .unwrap();
+    b.wait_peer("a", PeerState::UpToDate).await;
+    assert_eq!(a.data(), b.data());
+    assert!(!cluster
+        .reports
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|r| matches!(r, Report::SplitBrain { .. })));
+    b.svc.demote(KEY).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_peer_missed_survives_a_primary_restart() {
+    let root = tempfile::tempdir().unwrap();
+    let cluster = Arc::new(TestCluster::default());
+    let a = host("a", root.path(), &cluster).await;
+    let b = host("b", root.path(), &cluster).await;
+    let peers = ["a".to_string(), "b".to_string()];
+    a.svc
+        .promote(KEY, g(2, "a"), &peers, &BTreeSet::new(), false)
+        .unwrap();
+    a.wait_peer("b", PeerState::UpToDate).await;
+    b.svc.close(KEY, false).await.unwrap();
+    a.qemu_io(&["write -P 0x5a 8M 1M"]).await;
+    // a's daemon restarts: its copy is opened again and promoted as the last primary
+    a.svc.close(KEY, false).await.unwrap();
+    a.svc.open(KEY, &a.dir.join("pool"), "v", None).unwrap();
+    let outdated = cluster.outdated.lock().unwrap().clone();
+    assert!(outdated.contains("b"));
+    a.svc
+        .promote(KEY, g(3, "a"), &peers, &outdated, false)
+        .unwrap();
+    assert_eq!(
+        a.svc.status(KEY).unwrap().peers[0].out_of_sync_bytes,
+        1 << 20
+    );
+    b.svc.open(KEY, &b.dir.join("pool"), "v", None).unwrap();
+    a.wait_peer("b", PeerState::UpToDate).await;
+    assert_eq!(a.data(), b.data());
+    let last = cluster
+        .reports
+        .lock()
+        .unwrap()
+        .iter()
+        .rev()
+        .find_map(|r| match r {
+            Report::Resynced { bytes, .. } => Some(*bytes),
+            _ => None,
+        })
+        .unwrap();
+    assert!(last < SIZE, "a full resync ({last} bytes)");
+    a.svc.demote(KEY).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_from_peers_and_nbd_clients_is_refused_and_changes_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let root = tempfile::tempdir().unwrap();
+    let cluster = Arc::new(TestCluster::default());
+    let a = host("a", root.path(), &cluster).await;
+    let b = host("b", root.path(), &cluster).await;
+    let peers = ["a".to_string(), "b".to_string()];
+    a.svc
+        .promote(KEY, g(2, "a"), &peers, &BTreeSet::new(), false)
+        .unwrap();
+    a.wait_peer("b", PeerState::UpToDate).await;
+    a.qemu_io(&["write -P 0x42 0 64k"]).await;
+    let before = b.data();
+    let b_addr = cluster.addrs.lock().unwrap()["b"];
+    let hello_from = |host: &str, volume: &str, primary: bool, history: Vec<GenId>, size: u64| {
+        crate::wire::Msg::Hello(crate::wire::Hello {
+            volume: volume.into(),
+            host: host.into(),
+            primary,
+            size,
+            history,
+            uptodate: true,
+            ..Default::default()
+        })
+        .encode()
+    };
+    let hello = |volume: &str, primary: bool, history: Vec<GenId>, size: u64| {
+        hello_from("a", volume, primary, history, size)
+    };
+    let mut write_old_gen = hello(KEY, true, vec![g(1, "a"), g(2, "c")], SIZE);
+    write_old_gen.extend(
+        crate::wire::Frame::write(1, &g(1, "a"), 0, false, Arc::new(vec![0xff; 4096])).to_bytes(),
+    );
+    let mut bad_version = crate::wire::Msg::Ack { seq: 1 }.encode();
+    bad_version[5] = 9;
+    let junk: Vec<Vec<u8>> = vec![
+        // a host the cluster does not know
+        hello_from("mallory", KEY, true, vec![g(1, "a"), g(3, "a")], SIZE),
+        b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+        bad_version,
+        vec![0x46, 0x52, 0x59, 0x31, 0, 1, 0, 2, 0xff, 0xff, 0xff, 0xff],
+        hello("p/nope", true, vec![g(1, "a")], SIZE),
+        hello(KEY, false, vec![g(1, "a")], SIZE),
+        hello(KEY, true, vec![g(1, "a")], SIZE + 1),
+        // b follows a's generation 2; a "primary" whose history diverged (a split
+        // brain) is refused, and its write never lands
+        write_old_gen,
+    ];
+    for j in junk {
+        let mut s = tokio::net::TcpStream::connect(b_addr).await.unwrap();
+        let _ = s.write_all(&j).await;
+        let mut buf = vec![0u8; 1 << 16];
+        // the peer ends the connection (after a Hello or Goodbye at most)
+        let r = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => continue,
+                }
+            }
+        })
+        .await;
+        assert!(r.is_ok(), "connection with junk {j:?} left open");
+    }
+    // NBD: bad magic, an oversized write, a request past the end
+    let sock = a.svc.socket_path(KEY);
+    for junk in [vec![0u8; 64], {
+        let mut v = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
+        v.extend_from_slice(&7u32.to_be_bytes());
+        v.extend_from_slice(&u32::MAX.to_be_bytes());
+        v
+    }] {
+        let mut s = tokio::net::UnixStream::connect(&sock).await.unwrap();
+        let mut greeting = [0u8; 18];
+        s.read_exact(&mut greeting).await.unwrap();
+        s.write_all(&1u32.to_be_bytes()).await.unwrap();
+        let _ = s.write_all(&junk).await;
+        let mut buf = [0u8; 256];
+        let r = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => continue,
+                }
+            }
+        })
+        .await;
+        assert!(r.is_ok(), "NBD connection with junk left open");
+    }
+    let out = a.qemu_io(&["read -P 0x42 0 64k"]).await;
+    assert!(out.contains("read 65536/65536"), "{out}");
+    assert_eq!(b.data(), before, "junk changed the peer's copy");
+    a.wait_peer("b", PeerState::UpToDate).await;
+    let st = b.svc.status(KEY).unwrap();
+    assert_eq!(st.generation, Some(g(2, "a")));
+    a.svc.demote(KEY).await.unwrap();
 }
 
 /// The fuzz targets' corpora through the same entry points, on stable.

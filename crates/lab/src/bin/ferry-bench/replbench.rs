@@ -20,6 +20,36 @@ struct Figures {
     p99_us: f64,
     qd16_iops: f64,
     seq_mbs: f64,
+    /// During the QD16 job: CPU µs per write of the serving process (the primary's
+    /// daemon, qemu-nbd) and of all peer daemons together; machine busy %.
+    serve_us: f64,
+    peers_us: f64,
+    busy_pct: f64,
+}
+
+/// CPU seconds (user + system) of a process.
+fn cpu_s(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = s.rsplit_once(')').map_or("", |r| r.1);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let t = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    (t(11) + t(12)) / 100.0
+}
+
+/// (busy, total) jiffies of the machine.
+fn machine() -> (f64, f64) {
+    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<f64> = s
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: f64 = v.iter().sum();
+    let idle = v.get(3).copied().unwrap_or(0.0) + v.get(4).copied().unwrap_or(0.0);
+    (total - idle, total)
 }
 
 enum Target<'a> {
@@ -70,13 +100,21 @@ fn fio(t: &Target, rw: &str, bs: &str, depth: u32, secs: u64) -> Result<Value> {
     Ok(v["jobs"][0]["write"].clone())
 }
 
-fn measure(t: &Target, secs: u64) -> Result<Figures> {
+fn measure(t: &Target, secs: u64, serve: Option<u32>, peers: &[u32]) -> Result<Figures> {
     let a = fio(t, "randwrite", "4k", 1, secs)?;
     let pct =
         |w: &Value, p: &str| w["clat_ns"]["percentile"][p].as_f64().unwrap_or(f64::NAN) / 1000.0;
+    let cpu = |pids: &[u32]| pids.iter().map(|p| cpu_s(*p)).sum::<f64>();
+    let serve: Vec<u32> = serve.into_iter().collect();
+    let (s0, p0, m0) = (cpu(&serve), cpu(peers), machine());
     let b = fio(t, "randwrite", "4k", 16, secs)?;
+    let (s1, p1, m1) = (cpu(&serve), cpu(peers), machine());
+    let writes = b["total_ios"].as_f64().unwrap_or(0.0).max(1.0);
     let c = fio(t, "write", "1M", 4, secs)?;
     Ok(Figures {
+        serve_us: (s1 - s0) * 1e6 / writes,
+        peers_us: (p1 - p0) * 1e6 / writes,
+        busy_pct: 100.0 * (m1.0 - m0.0) / (m1.1 - m0.1).max(1.0),
         qd1_iops: a["iops"].as_f64().unwrap_or(0.0),
         p50_us: pct(&a, "50.000000"),
         p99_us: pct(&a, "99.000000"),
@@ -171,22 +209,47 @@ pub fn run() -> Result<()> {
     );
     println!();
     let (s_alone, s_one, s_two) = (sock("two", "alone"), sock("two", "v"), sock("three", "v"));
-    let rows: Vec<(&str, Target)> = vec![
+    let pid = |h: &str| lab.host(h).ok().and_then(|h| h.daemon_pid);
+    let (d1, d2, d3) = (pid("h1"), pid("h2"), pid("h3"));
+    let peers2: Vec<u32> = d2.into_iter().collect();
+    let peers3: Vec<u32> = d2.into_iter().chain(d3).collect();
+    let qn_pid = Some(qn.id());
+    type Row<'a> = (&'a str, Target<'a>, Option<u32>, &'a [u32]);
+    let rows: Vec<Row> = vec![
         (
             "local raw file (fio psync / io_uring)",
             Target::File(&local),
+            None,
+            &[],
         ),
         (
             "raw file via qemu-nbd (QEMU's NBD server)",
             Target::Nbd(&qn_sock),
+            qn_pid,
+            &[],
         ),
-        ("ferry NBD export, replication off", Target::Nbd(&s_alone)),
-        ("ferry, replicated to 1 peer", Target::Nbd(&s_one)),
-        ("ferry, replicated to 2 peers", Target::Nbd(&s_two)),
+        (
+            "ferry NBD export, replication off",
+            Target::Nbd(&s_alone),
+            d1,
+            &[],
+        ),
+        (
+            "ferry, replicated to 1 peer",
+            Target::Nbd(&s_one),
+            d1,
+            &peers2,
+        ),
+        (
+            "ferry, replicated to 2 peers",
+            Target::Nbd(&s_two),
+            d1,
+            &peers3,
+        ),
     ];
     let mut results = vec![];
-    for (label, t) in &rows {
-        let f = measure(t, secs).with_context(|| label.to_string());
+    for (label, t, serve, peers) in &rows {
+        let f = measure(t, secs, *serve, peers).with_context(|| label.to_string());
         let f = match f {
             Ok(f) => f,
             Err(e) => {
@@ -201,11 +264,11 @@ pub fn run() -> Result<()> {
     let _ = qn.wait();
     let local_f = results[0].1;
     let alone = results[2].1;
-    println!("| target | 4k QD1 IOPS | p50 µs | p99 µs | 4k QD16 IOPS | 1M seq MB/s | QD16 IOPS vs local / vs ferry alone | seq vs local / vs ferry alone |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| target | 4k QD1 IOPS | p50 µs | p99 µs | 4k QD16 IOPS | 1M seq MB/s | QD16 IOPS vs local / vs ferry alone | seq vs local / vs ferry alone | QD16 CPU µs/write: server / peers | machine busy |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for (label, f) in &results {
         println!(
-            "| {label} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} % / {:.0} % | {:.0} % / {:.0} % |",
+            "| {label} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} % / {:.0} % | {:.0} % / {:.0} % | {:.0} / {:.0} | {:.0} % |",
             f.qd1_iops,
             f.p50_us,
             f.p99_us,
@@ -215,6 +278,9 @@ pub fn run() -> Result<()> {
             100.0 * f.qd16_iops / alone.qd16_iops,
             100.0 * f.seq_mbs / local_f.seq_mbs,
             100.0 * f.seq_mbs / alone.seq_mbs,
+            f.serve_us,
+            f.peers_us,
+            f.busy_pct,
         );
     }
     Ok(())
