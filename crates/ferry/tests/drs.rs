@@ -7,7 +7,7 @@
 //! input that changes nothing.
 
 use anyhow::{Context, Result};
-use ferry_lab::{wait_for, ClusterLab, LabOptions, PingRecorder};
+use ferry_lab::{cpu_seconds, wait_for, ClusterLab, LabOptions, PingRecorder};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -48,15 +48,6 @@ fn placement(lab: &ClusterLab) -> Result<BTreeMap<String, Vec<String>>> {
         out.insert(h.name.clone(), names);
     }
     Ok(out)
-}
-
-/// CPU seconds of a process.
-fn cpu_seconds(pid: i64) -> f64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = s.rsplit_once(')').map_or("", |r| r.1);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let t = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
-    (t(11) + t(12)) / 100.0
 }
 
 #[test]

@@ -297,3 +297,12 @@ pub fn wait_for(
     }
     anyhow::bail!("{what} not within {within:?} (last error: {last:?})")
 }
+
+/// CPU seconds (user + system) a process has used so far (0 if it is gone).
+pub fn cpu_seconds(pid: i64) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = s.rsplit_once(')').map_or("", |r| r.1);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let t = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    (t(11) + t(12)) / 100.0
+}

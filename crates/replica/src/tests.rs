@@ -105,8 +105,8 @@ impl Host {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn writes_reach_both_copies_and_a_returning_peer_gets_only_what_it_missed() {
+/// Hosts a and b with copies of the volume, a primary of generation 2 and b up to date.
+async fn pair() -> (tempfile::TempDir, Arc<TestCluster>, Host, Host, [String; 2]) {
     let root = tempfile::tempdir().unwrap();
     let cluster = Arc::new(TestCluster::default());
     let a = host("a", root.path(), &cluster).await;
@@ -116,6 +116,27 @@ async fn writes_reach_both_copies_and_a_returning_peer_gets_only_what_it_missed(
         .promote(KEY, g(2, "a"), &peers, &BTreeSet::new(), false)
         .unwrap();
     a.wait_peer("b", PeerState::UpToDate).await;
+    (root, cluster, a, b, peers)
+}
+
+/// Reads until the other side closes; false if it stays open for 10 s.
+async fn closes<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 1 << 16];
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_reach_both_copies_and_a_returning_peer_gets_only_what_it_missed() {
+    let (_root, cluster, a, b, peers) = pair().await;
 
     a.qemu_io(&[
         "write -P 0xaa 0 4M",
@@ -181,15 +202,7 @@ async fn writes_reach_both_copies_and_a_returning_peer_gets_only_what_it_missed(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_brain_is_reported_and_resolved_by_the_admin() {
-    let root = tempfile::tempdir().unwrap();
-    let cluster = Arc::new(TestCluster::default());
-    let a = host("a", root.path(), &cluster).await;
-    let b = host("b", root.path(), &cluster).await;
-    let peers = ["a".to_string(), "b".to_string()];
-    a.svc
-        .promote(KEY, g(2, "a"), &peers, &BTreeSet::new(), false)
-        .unwrap();
-    a.wait_peer("b", PeerState::UpToDate).await;
+    let (_root, cluster, a, b, peers) = pair().await;
     a.qemu_io(&["write -P 0x01 0 1M"]).await;
 
     // partition: a writes alone, then b is forced to primary and writes too
@@ -253,15 +266,7 @@ async fn split_brain_is_reported_and_resolved_by_the_admin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_primary_is_refused() {
-    let root = tempfile::tempdir().unwrap();
-    let cluster = Arc::new(TestCluster::default());
-    let a = host("a", root.path(), &cluster).await;
-    let b = host("b", root.path(), &cluster).await;
-    let peers = ["a".to_string(), "b".to_string()];
-    a.svc
-        .promote(KEY, g(2, "a"), &peers, &BTreeSet::new(), false)
-        .unwrap();
-    a.wait_peer("b", PeerState::UpToDate).await;
+    let (_root, cluster, a, b, peers) = pair().await;
     a.qemu_io(&["write -P 0x22 0 64k"]).await;
     // a is cut off without writing; b takes over (as HA does) and writes
     a.svc.set_standalone(KEY, true).unwrap();
@@ -299,15 +304,7 @@ async fn a_stale_primary_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_wait_while_the_cluster_cannot_be_told_and_are_then_not_a_split_brain() {
-    let root = tempfile::tempdir().unwrap();
-    let cluster = Arc::new(TestCluster::default());
-    let a = host("a", root.path(), &cluster).await;
-    let b = host("b", root.path(), &cluster).await;
-    let peers = ["a".to_string(), "b".to_string()];
-    a.svc
-        .promote(KEY, g(2, "a"), &peers, &BTreeSet::new(), false)
-        .unwrap();
-    a.wait_peer("b", PeerState::UpToDate).await;
+    let (_root, cluster, a, b, peers) = pair().await;
     // a is cut off from b and from the cluster: its write is not acknowledged
     cluster
         .unreachable
@@ -361,15 +358,7 @@ async fn writes_wait_while_the_cluster_cannot_be_told_and_are_then_not_a_split_b
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_a_peer_missed_survives_a_primary_restart() {
-    let root = tempfile::tempdir().unwrap();
-    let cluster = Arc::new(TestCluster::default());
-    let a = host("a", root.path(), &cluster).await;
-    let b = host("b", root.path(), &cluster).await;
-    let peers = ["a".to_string(), "b".to_string()];
-    a.svc
-        .promote(KEY, g(2, "a"), &peers, &BTreeSet::new(), false)
-        .unwrap();
-    a.wait_peer("b", PeerState::UpToDate).await;
+    let (_root, cluster, a, b, peers) = pair().await;
     b.svc.close(KEY, false).await.unwrap();
     a.qemu_io(&["write -P 0x5a 8M 1M"]).await;
     // a's daemon restarts: its copy is opened again and promoted as the last primary
@@ -405,15 +394,7 @@ async fn what_a_peer_missed_survives_a_primary_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn junk_from_peers_and_nbd_clients_is_refused_and_changes_nothing() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let root = tempfile::tempdir().unwrap();
-    let cluster = Arc::new(TestCluster::default());
-    let a = host("a", root.path(), &cluster).await;
-    let b = host("b", root.path(), &cluster).await;
-    let peers = ["a".to_string(), "b".to_string()];
-    a.svc
-        .promote(KEY, g(2, "a"), &peers, &BTreeSet::new(), false)
-        .unwrap();
-    a.wait_peer("b", PeerState::UpToDate).await;
+    let (_root, cluster, a, b, _) = pair().await;
     a.qemu_io(&["write -P 0x42 0 64k"]).await;
     let before = b.data();
     let b_addr = cluster.addrs.lock().unwrap()["b"];
@@ -454,18 +435,8 @@ async fn junk_from_peers_and_nbd_clients_is_refused_and_changes_nothing() {
     for j in junk {
         let mut s = tokio::net::TcpStream::connect(b_addr).await.unwrap();
         let _ = s.write_all(&j).await;
-        let mut buf = vec![0u8; 1 << 16];
         // the peer ends the connection (after a Hello or Goodbye at most)
-        let r = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => continue,
-                }
-            }
-        })
-        .await;
-        assert!(r.is_ok(), "connection with junk {j:?} left open");
+        assert!(closes(&mut s).await, "connection with junk {j:?} left open");
     }
     // NBD: bad magic, an oversized write, a request past the end
     let sock = a.svc.socket_path(KEY);
@@ -480,17 +451,7 @@ async fn junk_from_peers_and_nbd_clients_is_refused_and_changes_nothing() {
         s.read_exact(&mut greeting).await.unwrap();
         s.write_all(&1u32.to_be_bytes()).await.unwrap();
         let _ = s.write_all(&junk).await;
-        let mut buf = [0u8; 256];
-        let r = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => continue,
-                }
-            }
-        })
-        .await;
-        assert!(r.is_ok(), "NBD connection with junk left open");
+        assert!(closes(&mut s).await, "NBD connection with junk left open");
     }
     let out = a.qemu_io(&["read -P 0x42 0 64k"]).await;
     assert!(out.contains("read 65536/65536"), "{out}");

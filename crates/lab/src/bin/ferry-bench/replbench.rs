@@ -27,15 +27,6 @@ struct Figures {
     busy_pct: f64,
 }
 
-/// CPU seconds (user + system) of a process.
-fn cpu_s(pid: u32) -> f64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = s.rsplit_once(')').map_or("", |r| r.1);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let t = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
-    (t(11) + t(12)) / 100.0
-}
-
 /// (busy, total) jiffies of the machine.
 fn machine() -> (f64, f64) {
     let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
@@ -104,7 +95,11 @@ fn measure(t: &Target, secs: u64, serve: Option<u32>, peers: &[u32]) -> Result<F
     let a = fio(t, "randwrite", "4k", 1, secs)?;
     let pct =
         |w: &Value, p: &str| w["clat_ns"]["percentile"][p].as_f64().unwrap_or(f64::NAN) / 1000.0;
-    let cpu = |pids: &[u32]| pids.iter().map(|p| cpu_s(*p)).sum::<f64>();
+    let cpu = |pids: &[u32]| {
+        pids.iter()
+            .map(|p| ferry_lab::cpu_seconds(*p as i64))
+            .sum::<f64>()
+    };
     let serve: Vec<u32> = serve.into_iter().collect();
     let (s0, p0, m0) = (cpu(&serve), cpu(peers), machine());
     let b = fio(t, "randwrite", "4k", 16, secs)?;
