@@ -112,6 +112,18 @@ on "$new" cluster status
 echo "== DRS: where web would run best (each host's filters and score), and a balancing plan"
 on "$new" vm place web --explain
 on "$new" drs plan
+echo "== replicated storage: pool r1 keeps a copy of each volume on h1 and h2, written to both synchronously"
+on h1 pool show r1 >/dev/null 2>&1 \
+  || on h1 pool create r1 --type replicated --hosts h1,h2 --path "$demo/repl-{host}"
+on h1 volume show r1 data >/dev/null 2>&1 || on h1 volume create r1 data --size 64M
+on h1 volume promote r1 data
+sock=$(on h1 --json volume replication r1 data | python3 -c 'import json,sys; s=json.load(sys.stdin); print([r["replica"]["nbd_socket"] for r in s["replicas"] if r["host"]=="h1"][0])')
+echo "qemu-io writes 16 MiB through h1's NBD export of r1/data:"
+qemu-io --image-opts "driver=raw,file.driver=nbd,file.server.type=unix,file.server.path=$sock,file.export=r1/data" \
+  -c "write -P 0xab 0 16M" -c flush | grep -v '^$'
+on h1 volume replication r1 data
+on h1 volume verify r1 data
+on h1 volume demote r1 data
 "$ferry" lab status --name demo
 to=$new
 back=h1; [ "$to" = h1 ] && back=h2
@@ -129,6 +141,7 @@ The lab cluster (hosts h1-h3 at 10.78.0.11-13, web at 10.78.0.100, client 10.78.
   $ferry lab exec --name demo h1 -- $ferry host list
   $ferry lab exec --name demo h1 -- $ferry cluster status
   $ferry lab exec --name demo h1 -- $ferry drs status      # drs config --mode automatic: balancing by live migration
+  $ferry lab exec --name demo h1 -- $ferry volume replication r1 data   # a replicated volume (copies on h1, h2)
   $ferry lab cut h2 --name demo ; $ferry lab heal h2 --name demo ; $ferry lab kill h2 --name demo ; $ferry lab start h2 --name demo
   $ferry lab down --name demo
 MSG

@@ -130,10 +130,10 @@ fn drs_vm(rec: &VmRecord, host: &str, load: Option<&VmLoad>, reach: &PoolReach) 
     }
 }
 
-fn spec_vm(spec: &VmSpec) -> DrsVm {
+fn spec_vm(spec: &VmSpec, reach: &PoolReach) -> DrsVm {
     let mut rec = VmRecord::new(0, spec.clone());
     rec.last_state = ferry_types::VmState::Stopped;
-    drs_vm(&rec, "", None, &PoolReach::default())
+    drs_vm(&rec, "", None, reach)
 }
 
 impl Agent {
@@ -356,9 +356,11 @@ impl Agent {
     pub async fn place_spec(&self, spec: &VmSpec) -> Result<PlacementReport> {
         spec.validate()?;
         let (c, _) = self.drs_snapshot().await?;
+        // Disks on a replicated pool limit it to the pool's hosts.
+        let reach = pool_reach(self.pool_specs().await?);
         Ok(ferry_drs::place(
             &c,
-            &spec_vm(spec),
+            &spec_vm(spec, &reach),
             &self.drs_config().await?,
         ))
     }

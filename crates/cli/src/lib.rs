@@ -453,6 +453,10 @@ pub enum VolumeCmd {
     List {
         pool: String,
     },
+    Show {
+        pool: String,
+        name: String,
+    },
     Create {
         pool: String,
         name: String,
@@ -1300,6 +1304,16 @@ async fn volume(c: &Client, g: &Global, cmd: VolumeCmd) -> Result<()> {
                         None => json!({"name": name, "size": size.0}),
                     }),
                 )
+                .await?;
+            if g.json {
+                return print_json(&v);
+            }
+            show(&v);
+            Ok(())
+        }
+        VolumeCmd::Show { pool, name } => {
+            let v: Volume = c
+                .get(&format!("/api/v1/pools/{pool}/volumes/{name}"))
                 .await?;
             if g.json {
                 return print_json(&v);
