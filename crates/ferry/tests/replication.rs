@@ -336,11 +336,25 @@ fn replicated_volumes_survive_peer_and_primary_failures_and_report_split_brain()
 
     // Placement keeps a VM with a replicated disk on the pool's hosts.
     let create = h3.ferry_ok(&[
-        "vm", "create", "p", "--place", "--memory", "64M", "--disk", "pool=r1,size=8M,format=raw",
+        "vm",
+        "create",
+        "p",
+        "--place",
+        "--memory",
+        "64M",
+        "--disk",
+        "pool=r1,size=8M,format=raw",
     ])?;
     eprintln!("{}", create.trim());
-    assert!(h3.ferry(&["vm", "show", "p"])?.status.code() != Some(0), "p on h3");
-    let on = if h1.ferry(&["vm", "show", "p"])?.status.success() { &h1 } else { &h2 };
+    assert!(
+        h3.ferry(&["vm", "show", "p"])?.status.code() != Some(0),
+        "p on h3"
+    );
+    let on = if h1.ferry(&["vm", "show", "p"])?.status.success() {
+        &h1
+    } else {
+        &h2
+    };
     on.ferry_ok(&["vm", "delete", "p"])?;
 
     // Deleting: refused while used, then the copies go on both hosts.
