@@ -114,7 +114,7 @@ on "$new" vm place web --explain
 on "$new" drs plan
 echo "== replicated storage: pool r1 keeps a copy of each volume on h1 and h2, written to both synchronously"
 on h1 pool show r1 >/dev/null 2>&1 \
-  || on h1 pool create r1 --type replicated --hosts h1,h2 --path "$demo/repl-{host}"
+  || on h1 pool create r1 --type replicated --hosts h1,h2 --path "/var/tmp/ferry-lab/demo/repl-{host}"
 on h1 volume show r1 data >/dev/null 2>&1 || on h1 volume create r1 data --size 64M
 on h1 volume promote r1 data
 sock=$(on h1 --json volume replication r1 data | python3 -c 'import json,sys; s=json.load(sys.stdin); print([r["replica"]["nbd_socket"] for r in s["replicas"] if r["host"]=="h1"][0])')

@@ -88,7 +88,8 @@ impl Local {
     }
 
     /// Opens the copy, creating it when `create` gives its size and first generation
-    /// (None: a new copy that must be synced in full before it is up to date).
+    /// (None: a new copy that must be synced in full before it is up to date). With a
+    /// first generation (a brand-new volume) existing files are an error.
     pub fn open(
         key: &str,
         dir: &Path,
@@ -97,6 +98,18 @@ impl Local {
     ) -> std::io::Result<Local> {
         let data = Local::data_path(dir, vol);
         let meta_path = dir.join(format!("{vol}.meta"));
+        if meta_path.exists() {
+            if let Some((_, Some(_))) = create {
+                // A brand-new volume never takes over files someone left behind.
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!(
+                        "{} already holds a copy named {vol} (left from an earlier volume?); remove its files or pick another name",
+                        dir.display()
+                    ),
+                ));
+            }
+        }
         let (file, meta) = if !meta_path.exists() {
             let Some((size, gen)) = create else {
                 return Err(std::io::Error::new(

@@ -161,6 +161,12 @@ impl Service {
         create: Option<(u64, Option<GenId>)>,
     ) -> Result<Arc<Replica>, ReplicaError> {
         if let Some(r) = self.get(key) {
+            if let Some((_, Some(_))) = create {
+                return Err(ReplicaError::Role(format!(
+                    "{} already serves a copy of {key}",
+                    self.host
+                )));
+            }
             return Ok(r);
         }
         let local = Local::open(key, dir, vol, create)

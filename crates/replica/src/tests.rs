@@ -136,7 +136,7 @@ async fn closes<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_reach_both_copies_and_a_returning_peer_gets_only_what_it_missed() {
-    let (_root, cluster, a, b, peers) = pair().await;
+    let (root, cluster, a, b, peers) = pair().await;
 
     a.qemu_io(&[
         "write -P 0xaa 0 4M",
@@ -185,6 +185,21 @@ async fn writes_reach_both_copies_and_a_returning_peer_gets_only_what_it_missed(
     let v = a.svc.verify(KEY).await.unwrap();
     assert_eq!(v[0].bytes_compared, SIZE);
     assert!(v[0].differing.is_empty());
+
+    // a brand-new volume never adopts files left behind
+    let other = Service::new("x", &root.path().join("x/run"), cluster.clone());
+    let err = other
+        .open(KEY, &a.dir.join("pool"), "v", Some((SIZE, Some(g(1, "x")))))
+        .err()
+        .expect("opened leftover files as a new volume");
+    assert!(err.to_string().contains("open the copy"), "{err}");
+    assert!(
+        std::error::Error::source(&err)
+            .unwrap()
+            .to_string()
+            .contains("already holds a copy named v"),
+        "{err:?}"
+    );
 
     // verify finds a difference made behind replication's back
     {
