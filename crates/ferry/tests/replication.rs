@@ -57,6 +57,21 @@ fn copy_file(lab: &ClusterLab, host: &str, vol: &str) -> PathBuf {
         .join(format!("{vol}.raw"))
 }
 
+/// `ferry pool create r1` of a replicated pool on `hosts`.
+fn pool_args<'a>(hosts: &'a str, path: &'a str) -> [&'a str; 9] {
+    [
+        "pool",
+        "create",
+        "r1",
+        "--type",
+        "replicated",
+        "--hosts",
+        hosts,
+        "--path",
+        path,
+    ]
+}
+
 /// Runs qemu-io commands on a host's NBD export of r1/`vol`.
 fn qemu_io(lab: &ClusterLab, host: &str, vol: &str, cmds: &[&str]) -> Result<String> {
     let sock = lab.run_dir(host).join("nbd").join(format!("r1.{vol}.sock"));
@@ -109,46 +124,10 @@ fn replicated_volumes_survive_peer_and_primary_failures_and_report_split_brain()
     let path = format!("{}/repl-{{host}}", lab.dir.display());
 
     // Bad pools are refused and nothing is defined.
-    h1.ferry_fails(
-        &[
-            "pool",
-            "create",
-            "r1",
-            "--type",
-            "replicated",
-            "--hosts",
-            "h1",
-            "--path",
-            &path,
-        ],
-        "2 or 3",
-    )?;
-    h1.ferry_fails(
-        &[
-            "pool",
-            "create",
-            "r1",
-            "--type",
-            "replicated",
-            "--hosts",
-            "h1,h9",
-            "--path",
-            &path,
-        ],
-        "h9 is not a host",
-    )?;
+    h1.ferry_fails(&pool_args("h1", &path), "2 or 3")?;
+    h1.ferry_fails(&pool_args("h1,h9", &path), "h9 is not a host")?;
     h3.ferry_fails(&["pool", "show", "r1"], "not found")?;
-    h1.ferry_ok(&[
-        "pool",
-        "create",
-        "r1",
-        "--type",
-        "replicated",
-        "--hosts",
-        "h1,h2",
-        "--path",
-        &path,
-    ])?;
+    h1.ferry_ok(&pool_args("h1,h2", &path))?;
     let p = h3.ferry_json(&["pool", "show", "r1"])?;
     assert_eq!(p["spec"]["hosts"], serde_json::json!(["h1", "h2"]), "{p}");
     h1.ferry_fails(

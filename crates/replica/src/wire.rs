@@ -149,12 +149,9 @@ impl Msg {
                 fua,
                 data,
             } => {
-                w.u64(*seq);
-                w.gen(gen);
-                w.u64(*offset);
-                w.u8(*fua as u8);
-                w.u32(data.len() as u32);
-                w.0.extend_from_slice(data);
+                // One encoding of a write: the frame the primary sends.
+                return Frame::write(*seq, gen, *offset, *fua, std::sync::Arc::new(data.clone()))
+                    .to_bytes();
             }
             Msg::Zero {
                 seq,
