@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything ferry needs on a fresh Debian 12 machine, idempotently:
-# QEMU 10 from bookworm-backports, busybox-static, OVMF, iproute2, etcd, hbal, fio, and the test guest
-# (Debian cloud kernel + busybox initramfs) under $FERRY_CACHE (default ~/.cache/ferry).
+# QEMU 10 from bookworm-backports, busybox-static, OVMF, iproute2, etcd, hbal, fio, Chromium
+# (the web UI's browser tests), Node.js/npm, the web UI (npm ci + build in ui/, from the
+# lock file), and the test guest (Debian cloud kernel + busybox initramfs).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 export DEBIAN_FRONTEND=noninteractive
@@ -22,7 +23,8 @@ SRC
   rm -f /var/lib/ferry-setup-apt-updated
 fi
 
-for p in busybox-static ovmf iproute2 iputils-ping curl cpio lz4 python3 protobuf-compiler libprotobuf-dev etcd-server etcd-client ganeti-htools fio; do have "$p" || need_pkgs+=("$p"); done
+for p in busybox-static ovmf iproute2 iputils-ping curl cpio lz4 python3 protobuf-compiler libprotobuf-dev etcd-server etcd-client ganeti-htools fio chromium; do have "$p" || need_pkgs+=("$p"); done
+command -v npm >/dev/null 2>&1 || need_pkgs+=(nodejs npm)
 q=$(qemu_major || true)
 if [ -z "$q" ] || [ "$q" -lt 10 ] || ! have qemu-utils; then need_qemu=1; else need_qemu=0; fi
 
@@ -45,3 +47,11 @@ if [ -d /run/systemd/system ] && systemctl is-enabled -q etcd 2>/dev/null; then
 fi
 
 "$here/build-guest.sh"
+
+# The web UI: npm packages exactly as the lock file says (only when it changed), then
+# the build into ui/dist, which `ferry serve` embeds.
+ui="$here/../ui"
+if [ ! -e "$ui/node_modules/.package-lock.json" ] || [ "$ui/package-lock.json" -nt "$ui/node_modules/.package-lock.json" ]; then
+  (cd "$ui" && npm ci --no-audit --no-fund)
+fi
+(cd "$ui" && npm run --silent build)

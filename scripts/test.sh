@@ -7,5 +7,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export CARGO_TERM_COLOR=never
 cargo fmt --all -- --check
+(cd ui && npm run --silent check)
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace 2>&1

@@ -16,6 +16,7 @@ mod devices;
 mod drs;
 mod error;
 mod events;
+mod history;
 mod lifecycle;
 mod locks;
 mod maintenance;
@@ -127,6 +128,8 @@ struct Inner {
     is_manager: std::sync::atomic::AtomicBool,
     /// This host's copies of replicated volumes (etcd clusters).
     replication: std::sync::OnceLock<Arc<ferry_replica::Service>>,
+    /// The last hour of load per VM and for the host (the web UI's graphs).
+    history: Mutex<history::History>,
 }
 
 /// The agent. Cheap to clone.
@@ -185,6 +188,7 @@ impl Agent {
                 cgroups,
                 is_manager: Default::default(),
                 replication: Default::default(),
+                history: Default::default(),
             }),
         };
         agent.ensure_default_pool().await?;
@@ -197,6 +201,7 @@ impl Agent {
         }
         tokio::spawn(agent.clone().ha_loop());
         tokio::spawn(agent.clone().load_loop());
+        tokio::spawn(agent.clone().history_loop());
         if agent.inner.cluster.is_some() {
             tokio::spawn(agent.clone().drs_loop());
         }
@@ -262,7 +267,7 @@ pub fn host_memory_bytes() -> u64 {
 }
 
 /// A /proc/meminfo figure in bytes.
-fn meminfo(key: &str) -> u64 {
+pub(crate) fn meminfo(key: &str) -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {

@@ -9,16 +9,16 @@ use std::time::Duration;
 /// Clock ticks per second of /proc/PID/stat times (USER_HZ, 100 on Linux).
 const USER_HZ: f64 = 100.0;
 
-struct VmSample {
-    name: String,
-    up: bool,
-    cpu_seconds: Option<f64>,
-    rss_bytes: Option<u64>,
-    memory_bytes: u64,
+pub(crate) struct VmSample {
+    pub name: String,
+    pub up: bool,
+    pub cpu_seconds: Option<f64>,
+    pub rss_bytes: Option<u64>,
+    pub memory_bytes: u64,
     /// (disk id, rd_bytes, wr_bytes, rd_ops, wr_ops)
-    disks: Vec<(String, u64, u64, u64, u64)>,
+    pub disks: Vec<(String, u64, u64, u64, u64)>,
     /// (nic id, guest rx bytes, guest tx bytes, guest rx packets, guest tx packets)
-    nics: Vec<(String, u64, u64, u64, u64)>,
+    pub nics: Vec<(String, u64, u64, u64, u64)>,
 }
 
 pub(crate) fn proc_cpu_seconds(pid: i32) -> Option<f64> {
@@ -38,7 +38,7 @@ pub(crate) fn proc_rss_bytes(pid: i32) -> Option<u64> {
 }
 
 impl Agent {
-    async fn sample(&self) -> Vec<VmSample> {
+    pub(crate) async fn sample(&self) -> Vec<VmSample> {
         let mut out = vec![];
         let Ok(recs) = self.records().await else {
             return out;

@@ -1,20 +1,25 @@
 //! ferry's HTTP API: REST resources under `/api/v1` (OpenAPI generated from the types,
 //! served at `/api/v1/openapi.json`, Swagger UI at `/api/docs`), websockets for the
-//! serial console, VNC and events, Prometheus metrics at `/metrics`. Handlers only
-//! translate between HTTP and the [`Agent`]; errors become JSON in `error.rs`.
+//! serial console, VNC and events, Prometheus metrics at `/metrics`, the web UI at `/`.
+//! Handlers only translate between HTTP and the [`Agent`]; errors become JSON in
+//! `error.rs`; who may call is decided in `auth.rs`.
 
+pub mod auth;
 mod cluster;
 mod devices;
 mod drs;
 mod error;
 mod migration;
+mod nodes;
 mod pools;
 mod replication;
 mod snapshots;
 mod tasks;
+mod ui;
 mod vms;
 mod ws;
 
+pub use auth::{Auth, PeerAddrs};
 pub use error::ApiError;
 pub use pools::Bridge;
 
@@ -99,6 +104,11 @@ fn api() -> OpenApiRouter<Agent> {
         .routes(routes!(tasks::get_task))
         .routes(routes!(tasks::list_events))
         .routes(routes!(tasks::host))
+        .routes(routes!(tasks::host_metrics))
+        .routes(routes!(tasks::vm_metrics))
+        .routes(routes!(auth::login))
+        .routes(routes!(auth::logout))
+        .routes(routes!(auth::session))
         .routes(routes!(migration::migrate_vm))
         .routes(routes!(migration::prepare_incoming))
         .routes(routes!(migration::finish_incoming))
@@ -148,19 +158,36 @@ async fn metrics(State(a): State<Agent>) -> ([(axum::http::HeaderName, &'static 
     )
 }
 
-/// The whole HTTP service.
-pub fn router(agent: Agent) -> Router {
+/// The whole HTTP service. Serve it with connect info ([`PeerAddrs`]): without it only
+/// requests carrying the admin token get through.
+pub fn router(agent: Agent, auth: Auth) -> Router {
     let (api, doc) = api().split_for_parts();
     api.route("/api/v1/vms/{name}/console", get(ws::console))
         .route("/api/v1/vms/{name}/vnc", get(ws::vnc))
         .route("/api/v1/events/stream", get(ws::events))
         .route("/metrics", get(metrics))
+        .route(
+            "/api/v1/nodes/{host}/{*rest}",
+            axum::routing::any(nodes::forward),
+        )
+        .route("/", get(ui::index))
+        .route("/ui/{*path}", get(ui::asset))
         .fallback(|| async {
             error::ApiError::new(axum::http::StatusCode::NOT_FOUND, "No such resource")
         })
-        .with_state(agent)
+        .with_state(agent.clone())
         .merge(SwaggerUi::new("/api/docs").url("/api/v1/openapi.json", doc))
+        .layer(axum::middleware::from_fn_with_state(
+            (auth.clone(), agent),
+            auth::require,
+        ))
+        .layer(axum::Extension(auth))
         .layer(tower_http::trace::TraceLayer::new_for_http())
+}
+
+/// Whether this binary carries the built web UI.
+pub fn ui_built() -> bool {
+    ui::built()
 }
 
 #[cfg(test)]

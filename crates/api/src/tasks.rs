@@ -1,11 +1,11 @@
-//! `/api/v1/tasks`, `/api/v1/events`, `/api/v1/host`.
+//! `/api/v1/tasks`, `/api/v1/events`, `/api/v1/host`, the metrics history for graphs.
 
 use crate::error::{ApiError, ApiPath, ApiQuery, ApiResult};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use ferry_agent::Agent;
-use ferry_types::{ApiErrorBody, Event, HostInfo, Task};
+use ferry_types::{ApiErrorBody, Event, HostInfo, MetricsHistory, Task};
 use serde::Deserialize;
 
 #[utoipa::path(get, path = "/api/v1/tasks", tag = "tasks", responses((status = 200, description = "Newest first", body = Vec<Task>)))]
@@ -47,4 +47,21 @@ pub async fn list_events(
 #[utoipa::path(get, path = "/api/v1/host", tag = "host", responses((status = 200, body = HostInfo)))]
 pub async fn host(State(a): State<Agent>) -> ApiResult<Json<HostInfo>> {
     Ok(Json(a.host_info().await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/host/metrics", tag = "host",
+    responses((status = 200, description = "The last hour of this host's load (10 s samples)", body = MetricsHistory)))]
+pub async fn host_metrics(State(a): State<Agent>) -> Json<MetricsHistory> {
+    Json(a.host_history())
+}
+
+#[utoipa::path(get, path = "/api/v1/vms/{name}/metrics", tag = "vms",
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 200, description = "The last hour of the VM's load (10 s samples, while running)", body = MetricsHistory),
+              (status = 404, body = ApiErrorBody)))]
+pub async fn vm_metrics(
+    State(a): State<Agent>,
+    ApiPath(name): ApiPath<String>,
+) -> ApiResult<Json<MetricsHistory>> {
+    Ok(Json(a.vm_history(&name).await?))
 }

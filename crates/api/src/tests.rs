@@ -8,10 +8,11 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use tower::ServiceExt;
 
-async fn app() -> (tempfile::TempDir, Router, Agent) {
-    let d = tempfile::tempdir().unwrap();
+const TEST_TOKEN: &str = "0123456789abcdef0123456789abcdef";
+
+async fn agent(d: &tempfile::TempDir) -> Agent {
     let store = ferry_store::SqliteStore::open(&d.path().join("store.db")).unwrap();
-    let agent = Agent::open(
+    Agent::open(
         ferry_agent::AgentConfig {
             state_dir: d.path().join("state"),
             run_dir: d.path().join("run"),
@@ -26,8 +27,24 @@ async fn app() -> (tempfile::TempDir, Router, Agent) {
         Arc::new(store),
     )
     .await
-    .unwrap();
-    (d, router(agent.clone()), agent)
+    .unwrap()
+}
+
+/// The router as `ferry serve` runs it, for requests from `remote` to `local`.
+fn served(agent: &Agent, remote: &str, local: &str) -> Router {
+    router(agent.clone(), Auth::new(TEST_TOKEN)).layer(
+        axum::extract::connect_info::MockConnectInfo(PeerAddrs {
+            remote: remote.parse().unwrap(),
+            local: local.parse().unwrap(),
+        }),
+    )
+}
+
+async fn app() -> (tempfile::TempDir, Router, Agent) {
+    let d = tempfile::tempdir().unwrap();
+    let agent = agent(&d).await;
+    let app = served(&agent, "127.0.0.1:40000", "127.0.0.1:8470");
+    (d, app, agent)
 }
 
 fn ferry_qemu_setting() -> ferry_agent::AccelSetting {
@@ -421,4 +438,103 @@ async fn drs_settings_pools_and_placement_on_one_host() {
     assert_eq!(s, StatusCode::NOT_FOUND);
     let (s, _) = call(&app, "GET", "/api/v1/vms/nope/placement", None).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+/// A request from another machine (not this host, not a cluster host): only the token
+/// lets it through; login sets the cookie, which then works like the token.
+#[tokio::test]
+async fn remote_requests_need_the_token_and_login_sets_a_cookie() {
+    let d = tempfile::tempdir().unwrap();
+    let agent = agent(&d).await;
+    let app = served(&agent, "192.0.2.7:40000", "192.0.2.1:8470");
+    let send = |method: &str, uri: &str, headers: Vec<(&str, String)>, body: Option<Value>| {
+        let mut req = Request::builder().method(method).uri(uri);
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        let body = match body {
+            Some(b) => {
+                req = req.header("content-type", "application/json");
+                Body::from(b.to_string())
+            }
+            None => Body::empty(),
+        };
+        app.clone().oneshot(req.body(body).unwrap())
+    };
+    let spec = json!({"name": "x1", "cpus": 1, "memory_mib": 64});
+    // Without the token: refused, reads and writes alike, and nothing is made.
+    let r = send("POST", "/api/v1/vms", vec![], Some(spec.clone()))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = send("GET", "/api/v1/vms", vec![], None).await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let b = r.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&b).contains("admin token"));
+    let wrong = vec![("authorization", format!("Bearer {}x", &TEST_TOKEN[1..]))];
+    let r = send("POST", "/api/v1/vms", wrong, Some(spec.clone()))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(agent.list_vms().await.unwrap().is_empty());
+    // The UI's page and the session check are open.
+    let r = send("GET", "/", vec![], None).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = send("GET", "/api/v1/session", vec![], None).await.unwrap();
+    let b = r.into_body().collect().await.unwrap().to_bytes();
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(v["authenticated"], false);
+    // A wrong login: 401, no cookie.
+    let r = send(
+        "POST",
+        "/api/v1/login",
+        vec![],
+        Some(json!({"token": "nope"})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(r.headers().get("set-cookie").is_none());
+    // The right one sets the cookie; with it requests go through.
+    let r = send(
+        "POST",
+        "/api/v1/login",
+        vec![],
+        Some(json!({"token": TEST_TOKEN})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let pair = cookie.split(';').next().unwrap().to_string();
+    let r = send(
+        "GET",
+        "/api/v1/session",
+        vec![("cookie", pair.clone())],
+        None,
+    )
+    .await
+    .unwrap();
+    let b = r.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        serde_json::from_slice::<Value>(&b).unwrap()["authenticated"],
+        true
+    );
+    let r = send("POST", "/api/v1/vms", vec![("cookie", pair)], Some(spec))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let bearer = vec![("authorization", format!("Bearer {TEST_TOKEN}"))];
+    let r = send("GET", "/api/v1/vms/x1/metrics", bearer, None)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let b = r.into_body().collect().await.unwrap().to_bytes();
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(v["interval_s"], 10);
+    assert_eq!(v["memory_limit_bytes"], 64 << 20);
 }

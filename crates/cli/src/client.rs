@@ -12,14 +12,34 @@ use std::time::Duration;
 pub struct Client {
     pub base: String,
     http: reqwest::Client,
+    token: Option<String>,
+}
+
+/// The local daemon's admin token, where this user may read it.
+pub fn default_token() -> Option<String> {
+    std::fs::read_to_string("/var/lib/ferry/admin-token")
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
 }
 
 impl Client {
-    pub fn new(base: &str) -> Client {
+    pub fn new(base: &str, token: Option<String>) -> Client {
         Client {
             base: base.trim_end_matches('/').to_string(),
             http: reqwest::Client::new(),
+            token,
         }
+    }
+
+    /// The same credentials against another host of the cluster.
+    pub fn at(&self, base: &str) -> Client {
+        Client::new(base, self.token.clone())
+    }
+
+    /// The token as a request header, for the websocket of the console.
+    pub fn bearer(&self) -> Option<String> {
+        self.token.as_ref().map(|t| format!("Bearer {t}"))
     }
 
     pub async fn request<T: DeserializeOwned>(
@@ -30,6 +50,9 @@ impl Client {
     ) -> Result<T> {
         let url = format!("{}{path}", self.base);
         let mut req = self.http.request(method.clone(), &url);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
         if let Some(b) = body {
             req = req.json(b);
         }
@@ -67,9 +90,11 @@ impl Client {
 
     pub async fn get_text(&self, path: &str) -> Result<String> {
         let url = format!("{}{path}", self.base);
-        let resp = self
-            .http
-            .get(&url)
+        let mut req = self.http.get(&url);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req
             .send()
             .await
             .with_context(|| format!("Cannot reach {}", self.base))?;

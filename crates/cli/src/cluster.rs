@@ -34,8 +34,13 @@ pub async fn run(c: &Client, g: &Global, cmd: ClusterCmd) -> Result<()> {
             );
             Ok(())
         }
-        ClusterCmd::Join { peer, address, api } => {
-            let body = json!({"peer": peer, "address": address, "api": api});
+        ClusterCmd::Join {
+            peer,
+            address,
+            api,
+            peer_token,
+        } => {
+            let body = json!({"peer": peer, "address": address, "api": api, "token": peer_token});
             let cfg: ClusterConfig = c
                 .request(Method::POST, "/api/v1/cluster/join", Some(&body))
                 .await?;

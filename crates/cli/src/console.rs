@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use futures::{SinkExt, StreamExt};
 use std::io::{IsTerminal, Write};
 use tokio::io::AsyncReadExt;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 const DETACH: u8 = 0x1d; // Ctrl-]
@@ -19,7 +20,18 @@ impl Drop for RawGuard {
 
 pub async fn attach(c: &Client, name: &str) -> Result<()> {
     let url = c.ws_url(&format!("/api/v1/vms/{name}/console"));
-    let (ws, _) = match tokio_tungstenite::connect_async(&url).await {
+    let mut request = url
+        .as_str()
+        .into_client_request()
+        .with_context(|| format!("Bad console URL {url}"))?;
+    if let Some(b) = c.bearer() {
+        request.headers_mut().insert(
+            "authorization",
+            b.parse()
+                .context("The admin token is not a valid header value")?,
+        );
+    }
+    let (ws, _) = match tokio_tungstenite::connect_async(request).await {
         Ok(x) => x,
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
             let body = resp

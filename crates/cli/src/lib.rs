@@ -27,6 +27,10 @@ pub struct Global {
     /// The daemon's URL.
     #[arg(long, global = true, env = "FERRY_SERVER", default_value = DEFAULT_SERVER)]
     pub server: String,
+    /// The daemon's admin token (default: /var/lib/ferry/admin-token where readable;
+    /// processes on the daemon's own host need none).
+    #[arg(long, global = true, env = "FERRY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Print JSON instead of tables and messages.
     #[arg(long, global = true)]
     pub json: bool,
@@ -215,6 +219,10 @@ pub enum ClusterCmd {
         address: String,
         #[arg(long)]
         api: Option<String>,
+        /// PEER's admin token (its STATE_DIR/admin-token); the cluster's hosts share
+        /// it afterwards.
+        #[arg(long, env = "FERRY_PEER_TOKEN", hide_env_values = true)]
+        peer_token: Option<String>,
     },
     /// Leave the cluster (no VM may run here).
     Leave,
@@ -577,7 +585,7 @@ fn mib(m: u64) -> String {
 
 /// Runs a CLI command.
 pub async fn run(g: Global, cmd: Command) -> Result<()> {
-    let c = Client::new(&g.server);
+    let c = Client::new(&g.server, g.token.clone().or_else(client::default_token));
     match cmd {
         Command::Vm(v) => vm(&c, &g, v).await,
         Command::Pool(p) => pool(&c, &g, p).await,
@@ -643,7 +651,7 @@ async fn host_client(c: &Client, name: Option<&str>) -> Result<Client> {
     hosts
         .iter()
         .find(|h| h.name == name)
-        .map(|h| Client::new(&h.api))
+        .map(|h| c.at(&h.api))
         .with_context(|| {
             format!(
                 "no host {name} in the cluster (hosts: {})",
@@ -686,7 +694,7 @@ async fn host(c: &Client, g: &Global, cmd: HostCmd) -> Result<()> {
             let hosts: Vec<ClusterHost> = c.get("/api/v1/cluster/hosts").await?;
             let mut rows = vec![];
             for h in &hosts {
-                let info: Result<HostInfo> = Client::new(&h.api).get("/api/v1/host").await;
+                let info: Result<HostInfo> = c.at(&h.api).get("/api/v1/host").await;
                 rows.push((h.clone(), info.ok()));
             }
             if g.json {

@@ -237,6 +237,18 @@ async fn serve(a: ServeArgs) -> Result<()> {
                 .context("Start the agent")?
         }
     };
+    let (auth, made) =
+        ferry_api::Auth::load_or_create(&a.state_dir).context("Load the admin token")?;
+    if made {
+        println!(
+            "ferry: admin token (first start; kept in {}): {}",
+            a.state_dir.join(ferry_api::auth::TOKEN_FILE).display(),
+            auth.token()
+        );
+    }
+    if !ferry_api::ui_built() {
+        tracing::warn!("this binary has no web UI built in (scripts/setup.sh builds it)");
+    }
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("Listen on {}", a.listen))?;
@@ -248,7 +260,9 @@ async fn serve(a: ServeArgs) -> Result<()> {
     );
     let restart = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (r, ag) = (restart.clone(), agent.clone());
-    axum::serve(listener, ferry_api::router(agent))
+    let app = ferry_api::router(agent, auth)
+        .into_make_service_with_connect_info::<ferry_api::PeerAddrs>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -200,9 +200,26 @@ impl ClusterLab {
             "--lease-ttl",
             &self.opts.lease_ttl_s.to_string(),
         ])?;
+        // The first host's admin token: a host that is no member yet must show it.
+        let token = std::fs::read_to_string(self.state_dir(&first.name).join("admin-token"))
+            .context("read h1's admin token")?;
+        if let Some(h) = self.hosts.get(1) {
+            // Without it the member refuses, and the joiner stays as it was.
+            self.cli(&h.name)?.ferry_fails(
+                &["cluster", "join", &first.addr, "--address", &h.addr],
+                "admin token",
+            )?;
+        }
         for h in &self.hosts[1..] {
-            self.cli(&h.name)?
-                .ferry_ok(&["cluster", "join", &first.addr, "--address", &h.addr])?;
+            self.cli(&h.name)?.ferry_ok(&[
+                "cluster",
+                "join",
+                &first.addr,
+                "--address",
+                &h.addr,
+                "--peer-token",
+                token.trim(),
+            ])?;
         }
         Ok(())
     }

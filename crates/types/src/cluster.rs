@@ -116,6 +116,10 @@ pub struct ClusterJoin {
     pub address: String,
     #[serde(default)]
     pub api: Option<String>,
+    /// The admin token of the member joined (its `STATE_DIR/admin-token`). After the
+    /// join this host uses it too: one token for the whole cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 /// `POST /cluster/members`: a joining host asks a member to add it.

@@ -40,3 +40,50 @@ pub struct ClusterHost {
 pub struct ClusterFile {
     pub hosts: Vec<ClusterHost>,
 }
+
+/// `POST /api/v1/login`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    /// The admin token (`STATE_DIR/admin-token`, printed by `ferry serve` on first start).
+    pub token: String,
+}
+
+/// Whether a request is logged in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Session {
+    /// The request carries the admin token (header or the login cookie).
+    pub authenticated: bool,
+    /// The host answering.
+    pub host: String,
+}
+
+/// One sample of a VM's or a host's load; rates are per second over the interval
+/// before it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MetricsPoint {
+    /// Unix time in milliseconds.
+    pub time_ms: u64,
+    /// Cores busy (1.0 = one core all the time).
+    pub cpu: f64,
+    /// Memory in use: the QEMU process's resident set, or the host's total minus
+    /// available.
+    pub memory_bytes: u64,
+    pub disk_read_bps: f64,
+    pub disk_write_bps: f64,
+    /// Bytes the guest (or the host) received per second.
+    pub net_rx_bps: f64,
+    pub net_tx_bps: f64,
+}
+
+/// The last hour of samples (bounded; oldest first).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MetricsHistory {
+    /// Seconds between samples.
+    pub interval_s: u64,
+    /// Memory the VM is configured with, or the host has (for the graph's scale).
+    pub memory_limit_bytes: u64,
+    /// Cores the VM has, or the host has.
+    pub cpu_limit: f64,
+    pub points: Vec<MetricsPoint>,
+}

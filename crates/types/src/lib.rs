@@ -20,7 +20,9 @@ pub use cluster::*;
 pub use drs::*;
 pub use error::ApiErrorBody;
 pub use event::Event;
-pub use host::{ClusterFile, ClusterHost, HostInfo};
+pub use host::{
+    ClusterFile, ClusterHost, HostInfo, LoginRequest, MetricsHistory, MetricsPoint, Session,
+};
 pub use migration::*;
 pub use replica::*;
 pub use size::ByteSize;

@@ -363,7 +363,8 @@ impl Agent {
                 address: String::new(),
             },
             Duration::from_secs(30),
-        )?;
+        )?
+        .with_token(req.token.clone());
         let added: MemberAdded = peer
             .post(
                 "/api/v1/cluster/members",
@@ -394,6 +395,14 @@ impl Agent {
         member::spawn("etcd", &mc, &paths.log, &paths.pidfile).await?;
         member::wait_healthy(&name, &mc.client_url, &paths.log, Duration::from_secs(30)).await?;
         self.enter_cluster(&mut cfg).await?;
+        if let Some(t) = &req.token {
+            // One token for the cluster: the daemon loads it when it restarts now.
+            let path = self.inner.cfg.state_dir.join("admin-token");
+            std::fs::write(&path, format!("{}\n", t.trim())).map_err(|source| AgentError::Io {
+                what: format!("Write {}", path.display()),
+                source,
+            })?;
+        }
         Ok(cfg)
     }
 

@@ -20,6 +20,9 @@ use std::time::Duration;
 pub(crate) struct Peer {
     pub host: ClusterHost,
     http: reqwest::Client,
+    /// The peer's admin token, where it is known (joining a cluster); cluster hosts
+    /// trust each other by address otherwise.
+    token: Option<String>,
 }
 
 impl Peer {
@@ -33,7 +36,11 @@ impl Peer {
                 what: "HTTP client".into(),
                 source: Some(Box::new(e)),
             })?;
-        Ok(Peer { host, http })
+        Ok(Peer {
+            host,
+            http,
+            token: None,
+        })
     }
 
     fn err(&self, what: String, source: Option<reqwest::Error>) -> AgentError {
@@ -44,11 +51,20 @@ impl Peer {
         }
     }
 
+    /// Sends `token` as the bearer of every request.
+    pub fn with_token(mut self, token: Option<String>) -> Peer {
+        self.token = token;
+        self
+    }
+
     async fn send<T: DeserializeOwned>(
         &self,
-        req: reqwest::RequestBuilder,
+        mut req: reqwest::RequestBuilder,
         what: &str,
     ) -> Result<T> {
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
         let resp = req
             .send()
             .await
@@ -121,7 +137,68 @@ impl Peer {
     }
 }
 
+impl Peer {
+    /// Sends a request as it came (the web UI's calls for another host) and hands back
+    /// status, content type and body unchanged.
+    pub async fn forward(
+        &self,
+        method: reqwest::Method,
+        path_and_query: &str,
+        content_type: Option<String>,
+        body: bytes::Bytes,
+    ) -> Result<(u16, Option<String>, bytes::Bytes)> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path_and_query}", self.host.api));
+        if let Some(ct) = content_type {
+            req = req.header(reqwest::header::CONTENT_TYPE, ct);
+        }
+        let resp = req.body(body).send().await.map_err(|e| {
+            self.err(
+                format!("{path_and_query}: cannot reach {}", self.host.api),
+                Some(e),
+            )
+        })?;
+        let status = resp.status().as_u16();
+        let ct = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(String::from);
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| self.err(format!("{path_and_query}: read the answer"), Some(e)))?;
+        Ok((status, ct, body))
+    }
+}
+
 impl Agent {
+    /// Forwards an API request to another host of the cluster (its answer unchanged).
+    /// Only `/api/v1/...` paths, never to this proxy again.
+    pub async fn forward_to_host(
+        &self,
+        host: &str,
+        method: reqwest::Method,
+        path_and_query: &str,
+        content_type: Option<String>,
+        body: bytes::Bytes,
+    ) -> Result<(u16, Option<String>, bytes::Bytes)> {
+        if !path_and_query.starts_with("/api/v1/") || path_and_query.starts_with("/api/v1/nodes/") {
+            return Err(AgentError::invalid(
+                "path",
+                format!("only /api/v1/ paths are forwarded to another host, not {path_and_query}"),
+            ));
+        }
+        let hosts = self.cluster_hosts().await?;
+        let Some(h) = hosts.into_iter().find(|h| h.name == host) else {
+            return Err(AgentError::NotFound(format!("Host {host} of the cluster")));
+        };
+        Peer::new(h, Duration::from_secs(60))?
+            .forward(method, path_and_query, content_type, body)
+            .await
+    }
+
     /// This host's name in the cluster.
     pub fn host_name(&self) -> &str {
         &self.inner.cfg.host_name

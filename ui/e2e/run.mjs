@@ -1,0 +1,212 @@
+// Browser end-to-end test of the web UI against a real `ferry serve` with a real test
+// VM, in Debian's headless Chromium driven by playwright-core. Run by
+// crates/ferry/tests/webui.rs inside the lab's network namespace, with:
+//   FERRY_URL     the daemon (http://127.0.0.1:8470)
+//   FERRY_TOKEN   its admin token
+//   GUEST_KERNEL, GUEST_INITRD   the tiny test guest
+//   ARTIFACTS     where screenshots go
+// Prints one line per step; exits non-zero on the first failure (with a screenshot).
+import { chromium } from 'playwright-core';
+import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+const url = process.env.FERRY_URL ?? 'http://127.0.0.1:8470';
+const token = process.env.FERRY_TOKEN;
+const kernel = process.env.GUEST_KERNEL;
+const initrd = process.env.GUEST_INITRD;
+const artifacts = process.env.ARTIFACTS ?? 'test-results';
+const bulk = Number(process.env.BULK_VMS ?? 1000);
+if (!token || !kernel || !initrd) {
+  console.error('FERRY_TOKEN, GUEST_KERNEL and GUEST_INITRD are needed');
+  process.exit(2);
+}
+mkdirSync(artifacts, { recursive: true });
+
+const t0 = Date.now();
+const step = (m) => console.log(`[${((Date.now() - t0) / 1000).toFixed(1)}s] ${m}`);
+const profile = mkdtempSync(join(tmpdir(), 'ferry-e2e-chromium-'));
+const ctx = await chromium.launchPersistentContext(profile, {
+  executablePath: '/usr/bin/chromium',
+  headless: true,
+  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+    '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-quic'],
+  viewport: { width: 1400, height: 900 },
+});
+const page = ctx.pages()[0] ?? (await ctx.newPage());
+const consoleErrors = [];
+page.on('pageerror', (e) => consoleErrors.push(String(e)));
+page.on('dialog', (d) => d.accept());
+let n = 0;
+const shot = async (name) => {
+  n += 1;
+  await page.screenshot({ path: join(artifacts, `${String(n).padStart(2, '0')}-${name}.png`) });
+};
+const api = async (method, path, body) => {
+  const r = await fetch(`${url}${path}`, {
+    method,
+    headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const text = await r.text();
+  if (!r.ok) throw new Error(`${method} ${path}: ${r.status} ${text}`);
+  return text ? JSON.parse(text) : null;
+};
+const terminalText = () => page.locator('.xterm-rows').innerText();
+async function waitTerminal(needle, ms) {
+  const until = Date.now() + ms;
+  for (;;) {
+    const t = await terminalText().catch(() => '');
+    if (t.includes(needle)) return t;
+    if (Date.now() > until) throw new Error(`"${needle}" not on the serial console within ${ms} ms; it shows:\n${t}`);
+    await page.waitForTimeout(300);
+  }
+}
+
+try {
+  // Log in: the page asks for the token; a wrong one is refused with the reason.
+  await page.goto(url);
+  await page.getByLabel('Admin token').fill('wrong-token');
+  await page.getByRole('button', { name: 'Log in' }).click();
+  await page.getByRole('alert').filter({ hasText: 'Wrong token' }).waitFor();
+  step('wrong token refused');
+  await shot('login-refused');
+  await page.getByLabel('Admin token').fill(token);
+  await page.getByRole('button', { name: 'Log in' }).click();
+  await page.getByTestId('status-counts').waitFor();
+  step('logged in: dashboard');
+  await shot('dashboard');
+
+  // Create a VM with the wizard: 1 CPU, 128 MiB, one virtio disk, the test guest
+  // booted directly; started right away.
+  await page.getByTestId('create-vm').click();
+  await page.locator('input[name=name]').fill('web1');
+  await page.locator('input[name=memory]').fill('128');
+  await page.getByTestId('wizard-next').click();
+  await page.locator('input[name=disk0-size]').fill('64M');
+  await page.locator('select[name=disk0-bus]').selectOption('sata');
+  await page.getByTestId('wizard-next').click(); // CD-ROM
+  await page.getByTestId('wizard-next').click(); // Network
+  await page.getByTestId('wizard-next').click(); // Boot order
+  await page.locator('input[name=kernel]').fill(kernel);
+  await page.locator('input[name=initrd]').fill(initrd);
+  await page.locator('input[name=cmdline]').fill('console=ttyS0 quiet');
+  await page.getByTestId('wizard-next').click(); // Confirm
+  const summary = JSON.parse(await page.getByTestId('create-summary').innerText());
+  if (summary.disks[0].bus !== 'sata' || summary.memory_mib !== 128) throw new Error(`summary: ${JSON.stringify(summary)}`);
+  await page.locator('input[name=start]').check();
+  await shot('wizard-confirm');
+  await page.getByTestId('wizard-create').click();
+  await page.getByTestId('vm-title').filter({ hasText: 'web1' }).waitFor();
+  await page.getByTestId('vm-state').filter({ hasText: 'running' }).waitFor({ timeout: 60000 });
+  step('VM web1 created by the wizard and running');
+  const vm = await api('GET', '/api/v1/vms/web1');
+  if (vm.spec.disks[0].bus !== 'sata' || vm.state !== 'running') throw new Error(`VM as stored: ${JSON.stringify(vm)}`);
+
+  // The serial console: the guest's ready marker, then a command typed in the page and
+  // its output (computed by the guest's shell, so an echo of the input cannot match).
+  await page.getByTestId('tab-console').click();
+  await page.getByTestId('console-status').filter({ hasText: 'connected' }).waitFor();
+  await waitTerminal('FERRY-READY', 120000);
+  step('ready marker on the serial console');
+  await page.locator('.xterm').click();
+  await page.keyboard.type('echo answer-$((6*7))\n');
+  await waitTerminal('answer-42', 20000);
+  step('typed a command, saw its output');
+  await shot('serial-console');
+
+  // The VNC console: noVNC (unbundled ES modules) connects to the VM's display.
+  await page.getByTestId('tab-vnc').click();
+  await page.getByTestId('vnc-status').filter({ hasText: 'VNC: connected' }).waitFor({ timeout: 30000 });
+  await page.locator('[data-testid=vnc-screen] canvas').waitFor();
+  step('VNC console connected');
+  await page.waitForTimeout(1000);
+  await shot('vnc-console');
+
+  // Graphs from the daemon's metrics history (one sample every 10 s).
+  await page.getByTestId('tab-graphs').click();
+  await page.getByTestId('graph-cpu').locator('canvas').waitFor();
+  await page.waitForFunction(() => Number(document.querySelector('[data-testid=graph-cpu]')?.getAttribute('data-points') ?? 0) >= 1, null, { timeout: 40000 });
+  step('graphs show samples of the running VM');
+  await shot('graphs');
+
+  // A snapshot with memory, listed in the tree of snapshots.
+  await page.getByTestId('tab-snapshots').click();
+  await page.getByTestId('snapshot-name').fill('before-test');
+  await page.getByTestId('snapshot-create').click();
+  await page.locator('[data-testid=snapshot-list] tr[data-name=before-test]').waitFor({ timeout: 60000 });
+  step('snapshot with memory taken');
+  await shot('snapshots');
+
+  // An error shows the server's reason: a second VM named web1.
+  await page.getByTestId('create-vm').click();
+  await page.locator('input[name=name]').fill('web1');
+  for (let i = 0; i < 5; i++) await page.getByTestId('wizard-next').click();
+  await page.getByTestId('wizard-create').click();
+  await page.getByRole('alert').filter({ hasText: /already exists/ }).waitFor();
+  step('duplicate name refused with the reason');
+  await shot('error-reason');
+
+  // Stop it from its page; the task shows in the task list.
+  await page.goto(`${url}/#/vm/${encodeURIComponent((await api('GET', '/api/v1/session')).host)}/web1`);
+  await page.getByTestId('vm-stop').click();
+  await page.getByTestId('vm-state').filter({ hasText: 'stopped' }).waitFor({ timeout: 30000 });
+  await page.locator('[data-testid=task-list] tr[data-kind="vm.stop"][data-state=succeeded]').first().waitFor();
+  step('stopped; the task is listed as succeeded');
+  await page.locator('[data-testid=task-list] tr[data-kind="vm.stop"]').first().click();
+  await page.getByTestId('task-detail').waitFor();
+  await shot('task-log');
+  await page.getByRole('button', { name: 'Close' }).click();
+
+  // 1,000 VMs: the tree and the host's list draw only what is in view.
+  const made = Date.now();
+  for (let i = 0; i < bulk; i += 25) {
+    await Promise.all(Array.from({ length: Math.min(25, bulk - i) }, (_, j) =>
+      api('POST', '/api/v1/vms', { name: `bulk${String(i + j).padStart(4, '0')}`, memory_mib: 64 })));
+  }
+  step(`${bulk} VMs defined through the API in ${((Date.now() - made) / 1000).toFixed(1)} s`);
+  const shown = Date.now();
+  await page.goto(`${url}/#/`);
+  await page.reload();
+  await page.waitForFunction((k) => Number(document.querySelector('[data-testid=tree]')?.getAttribute('data-rows') ?? 0) >= k, bulk, { timeout: 60000 });
+  const drawn = await page.locator('[data-testid=tree] .vrow').count();
+  step(`tree with ${bulk + 1} VMs ready in ${Date.now() - shown} ms; ${drawn} rows in the DOM`);
+  if (drawn > 120) throw new Error(`the tree is not virtualised: ${drawn} rows drawn`);
+  await page.locator('[data-testid=tree]').evaluate((el) => { el.scrollTop = el.scrollHeight; });
+  const last = `bulk${String(bulk - 1).padStart(4, '0')}`;
+  await page.locator(`[data-testid=tree] a[data-name=${last}]`).waitFor();
+  const filterAt = Date.now();
+  await page.getByTestId('tree-filter').fill('bulk0999');
+  await page.locator('[data-testid=tree] a[data-kind=vm]').first().waitFor();
+  const filtered = await page.locator('[data-testid=tree] a[data-kind=vm]').count();
+  step(`filter narrowed the tree to ${filtered} VM(s) in ${Date.now() - filterAt} ms`);
+  await page.getByTestId('tree-filter').fill('');
+  const counts = await page.getByTestId('status-counts').innerText();
+  if (!counts.includes(String(bulk + 1))) throw new Error(`dashboard counts: ${counts}`);
+  await shot('thousand-vms');
+
+  // Delete web1 with its confirmation: the button stays off until the name is typed.
+  await page.goto(`${url}/#/vm/${encodeURIComponent((await api('GET', '/api/v1/session')).host)}/web1`);
+  await page.getByTestId('vm-delete').click();
+  if (await page.getByTestId('delete-go').isEnabled()) throw new Error('delete enabled before confirming');
+  await page.getByTestId('delete-confirm').fill('web1');
+  await page.getByTestId('delete-go').click();
+  await page.getByTestId('status-counts').waitFor();
+  const left = await api('GET', '/api/v1/vms');
+  if (left.some((v) => v.spec.name === 'web1')) throw new Error('web1 still defined');
+  step('web1 deleted after confirmation');
+
+  // Log out: the page asks for the token again.
+  await page.getByRole('button', { name: 'Log out' }).click();
+  await page.getByLabel('Admin token').waitFor();
+  step('logged out');
+  if (consoleErrors.length) throw new Error(`errors in the page: ${consoleErrors.join('\n')}`);
+  step('ok');
+} catch (e) {
+  await shot('failure').catch(() => undefined);
+  console.error(`FAILED: ${e?.stack ?? e}`);
+  process.exitCode = 1;
+} finally {
+  await ctx.close().catch(() => undefined);
+  rmSync(profile, { recursive: true, force: true });
+}
