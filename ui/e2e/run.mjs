@@ -1,69 +1,19 @@
-// Browser end-to-end test of the web UI against a real `ferry serve` with a real test
-// VM, in Debian's headless Chromium driven by playwright-core. Run by
-// crates/ferry/tests/webui.rs inside the lab's network namespace, with:
-//   FERRY_URL     the daemon (http://127.0.0.1:8470)
-//   FERRY_TOKEN   its admin token
-//   GUEST_KERNEL, GUEST_INITRD   the tiny test guest
-//   ARTIFACTS     where screenshots go
-// Prints one line per step; exits non-zero on the first failure (with a screenshot).
-import { chromium } from 'playwright-core';
-import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+// Browser end-to-end test of the web UI on one host: a real `ferry serve` with a real
+// test VM, Debian's headless Chromium driven by playwright-core. Run by
+// crates/ferry/tests/webui.rs inside the lab's network namespace, with FERRY_URL,
+// FERRY_TOKEN, GUEST_KERNEL, GUEST_INITRD, ARTIFACTS (screenshots). Prints one line per
+// step; exits non-zero on the first failure (with a screenshot).
+import { api, browse, step, token, url } from './lib.mjs';
 
-const url = process.env.FERRY_URL ?? 'http://127.0.0.1:8470';
-const token = process.env.FERRY_TOKEN;
 const kernel = process.env.GUEST_KERNEL;
 const initrd = process.env.GUEST_INITRD;
-const artifacts = process.env.ARTIFACTS ?? 'test-results';
 const bulk = Number(process.env.BULK_VMS ?? 1000);
-if (!token || !kernel || !initrd) {
-  console.error('FERRY_TOKEN, GUEST_KERNEL and GUEST_INITRD are needed');
+if (!kernel || !initrd) {
+  console.error('GUEST_KERNEL and GUEST_INITRD are needed');
   process.exit(2);
 }
-mkdirSync(artifacts, { recursive: true });
 
-const t0 = Date.now();
-const step = (m) => console.log(`[${((Date.now() - t0) / 1000).toFixed(1)}s] ${m}`);
-const profile = mkdtempSync(join(tmpdir(), 'ferry-e2e-chromium-'));
-const ctx = await chromium.launchPersistentContext(profile, {
-  executablePath: '/usr/bin/chromium',
-  headless: true,
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
-    '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-quic'],
-  viewport: { width: 1400, height: 900 },
-});
-const page = ctx.pages()[0] ?? (await ctx.newPage());
-const consoleErrors = [];
-page.on('pageerror', (e) => consoleErrors.push(String(e)));
-page.on('dialog', (d) => d.accept());
-let n = 0;
-const shot = async (name) => {
-  n += 1;
-  await page.screenshot({ path: join(artifacts, `${String(n).padStart(2, '0')}-${name}.png`) });
-};
-const api = async (method, path, body) => {
-  const r = await fetch(`${url}${path}`, {
-    method,
-    headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
-    body: body === undefined ? undefined : JSON.stringify(body),
-  });
-  const text = await r.text();
-  if (!r.ok) throw new Error(`${method} ${path}: ${r.status} ${text}`);
-  return text ? JSON.parse(text) : null;
-};
-const terminalText = () => page.locator('.xterm-rows').innerText();
-async function waitTerminal(needle, ms) {
-  const until = Date.now() + ms;
-  for (;;) {
-    const t = await terminalText().catch(() => '');
-    if (t.includes(needle)) return t;
-    if (Date.now() > until) throw new Error(`"${needle}" not on the serial console within ${ms} ms; it shows:\n${t}`);
-    await page.waitForTimeout(300);
-  }
-}
-
-try {
+await browse('host', async (page, { shot, waitTerminal }) => {
   // Log in: the page asks for the token; a wrong one is refused with the reason.
   await page.goto(url);
   await page.getByLabel('Admin token').fill('wrong-token');
@@ -77,7 +27,7 @@ try {
   step('logged in: dashboard');
   await shot('dashboard');
 
-  // Create a VM with the wizard: 1 CPU, 128 MiB, one virtio disk, the test guest
+  // Create a VM with the wizard: 1 CPU, 128 MiB, one SATA disk, the test guest
   // booted directly; started right away.
   await page.getByTestId('create-vm').click();
   await page.locator('input[name=name]').fill('web1');
@@ -106,7 +56,7 @@ try {
   // The serial console: the guest's ready marker, then a command typed in the page and
   // its output (computed by the guest's shell, so an echo of the input cannot match).
   await page.getByTestId('tab-console').click();
-  await page.getByTestId('console-status').filter({ hasText: 'connected' }).waitFor();
+  await page.getByTestId('console-status').filter({ hasText: /: connected$/ }).waitFor();
   await waitTerminal('FERRY-READY', 120000);
   step('ready marker on the serial console');
   await page.locator('.xterm').click();
@@ -117,7 +67,7 @@ try {
 
   // The VNC console: noVNC (unbundled ES modules) connects to the VM's display.
   await page.getByTestId('tab-vnc').click();
-  await page.getByTestId('vnc-status').filter({ hasText: 'VNC: connected' }).waitFor({ timeout: 30000 });
+  await page.getByTestId('vnc-status').filter({ hasText: /VNC: connected$/ }).waitFor({ timeout: 30000 });
   await page.locator('[data-testid=vnc-screen] canvas').waitFor();
   step('VNC console connected');
   await page.waitForTimeout(1000);
@@ -200,13 +150,4 @@ try {
   await page.getByRole('button', { name: 'Log out' }).click();
   await page.getByLabel('Admin token').waitFor();
   step('logged out');
-  if (consoleErrors.length) throw new Error(`errors in the page: ${consoleErrors.join('\n')}`);
-  step('ok');
-} catch (e) {
-  await shot('failure').catch(() => undefined);
-  console.error(`FAILED: ${e?.stack ?? e}`);
-  process.exitCode = 1;
-} finally {
-  await ctx.close().catch(() => undefined);
-  rmSync(profile, { recursive: true, force: true });
-}
+});

@@ -1,12 +1,12 @@
 // The serial console in the page: xterm.js over the console websocket (history first,
-// then live output; keys typed are sent back).
+// then live output; keys typed are sent back). VMs on other hosts through the relay.
 import { Terminal } from '@xterm/xterm';
 import { FitAddon } from '@xterm/addon-fit';
 import '@xterm/xterm/css/xterm.css';
 import { useEffect, useRef, useState } from 'preact/hooks';
-import { wsUrl } from './api';
+import { hostPath, isLocal, wsUrl } from './api';
 
-export function SerialConsole(props: { name: string }) {
+export function SerialConsole(props: { name: string; host: string }) {
   const ref = useRef<HTMLDivElement>(null);
   const [status, setStatus] = useState('connecting');
   useEffect(() => {
@@ -15,7 +15,7 @@ export function SerialConsole(props: { name: string }) {
     term.loadAddon(fit);
     term.open(ref.current!);
     fit.fit();
-    const ws = new WebSocket(wsUrl(`/api/v1/vms/${encodeURIComponent(props.name)}/console`));
+    const ws = new WebSocket(wsUrl(hostPath(isLocal(props.host) ? undefined : props.host, `/api/v1/vms/${encodeURIComponent(props.name)}/console`)));
     ws.binaryType = 'arraybuffer';
     ws.onopen = () => { setStatus('connected'); term.focus(); };
     ws.onmessage = (m) => term.write(typeof m.data === 'string' ? m.data : new Uint8Array(m.data));
@@ -24,7 +24,7 @@ export function SerialConsole(props: { name: string }) {
     const onResize = () => fit.fit();
     window.addEventListener('resize', onResize);
     return () => { window.removeEventListener('resize', onResize); sub.dispose(); ws.close(); term.dispose(); };
-  }, [props.name]);
+  }, [props.name, props.host]);
   return (
     <div class="console-wrap">
       <div class="muted small" data-testid="console-status">Serial console: {status}</div>

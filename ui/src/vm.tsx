@@ -1,7 +1,7 @@
 // A VM: state and actions (start, shut down, stop, reboot, pause/resume, migrate,
 // clone, snapshot, template, delete), tabs for the summary and hardware (edit while
 // stopped, move disks), serial and VNC consoles, graphs and snapshots.
-import { useEffect, useState } from 'preact/hooks';
+import { useEffect, useRef, useState } from 'preact/hooks';
 import { bytes, call, errText, get, isLocal, post, type Snapshot, type Vm } from './api';
 import { store, useStore } from './store';
 import { Action, ErrorBox, Modal } from './widgets';
@@ -19,8 +19,17 @@ function act(host: string, name: string, what: string, body?: unknown) {
 
 export function VmPage(props: { host: string; name: string; tab: string }) {
   const s = useStore();
-  const vm = s.vm(props.host, props.name);
+  const found = s.vm(props.host, props.name);
+  const last = useRef<Vm | undefined>(found);
+  if (found) last.current = found;
   const [dialog, setDialog] = useState('');
+  // A VM that moved (migration, HA, maintenance): its page follows it, unless a dialog
+  // (the migration's report) is still open.
+  const elsewhere = found ? undefined : s.hosts.find((h) => h.name !== props.host && h.vms.some((v) => v.spec.name === props.name));
+  useEffect(() => {
+    if (elsewhere && !dialog) location.replace(`#/vm/${enc(elsewhere.name)}/${enc(props.name)}/${props.tab}`);
+  }, [elsewhere?.name, dialog]);
+  const vm = found ?? (dialog ? last.current : undefined);
   if (!vm) return <div class="page muted">{s.loaded ? `No VM ${props.name} on ${props.host}.` : 'Loading…'}</div>;
   const h = props.host;
   const n = props.name;
@@ -32,8 +41,8 @@ export function VmPage(props: { host: string; name: string; tab: string }) {
   let body;
   switch (props.tab) {
     case 'hardware': body = <Hardware vm={vm} host={h} />; break;
-    case 'console': body = remote ? <RemoteNote host={h} /> : running ? <SerialConsole name={n} /> : <div class="muted">The VM is {st}: start it to use its console.</div>; break;
-    case 'vnc': body = remote ? <RemoteNote host={h} /> : running ? <VncConsole name={n} /> : <div class="muted">The VM is {st}: start it to see its screen.</div>; break;
+    case 'console': body = running ? <SerialConsole name={n} host={h} /> : <div class="muted">The VM is {st}: start it to use its console.</div>; break;
+    case 'vnc': body = running ? <VncConsole name={n} host={h} /> : <div class="muted">The VM is {st}: start it to see its screen.</div>; break;
     case 'graphs': body = <Graphs path={`/api/v1/vms/${enc(n)}/metrics`} host={remote ? h : undefined} />; break;
     case 'snapshots': body = <Snapshots vm={vm} host={h} />; break;
     default: body = <Summary vm={vm} host={h} />;
@@ -72,11 +81,6 @@ export function VmPage(props: { host: string; name: string; tab: string }) {
       {dialog === 'delete' && <DeleteDialog vm={vm} host={h} onClose={() => setDialog('')} />}
     </div>
   );
-}
-
-function RemoteNote(props: { host: string }) {
-  const h = store.hosts.find((x) => x.name === props.host);
-  return <div class="muted">The consoles of VMs on {props.host} are served by that host: {h?.api ? <a href={h.api} target="_blank" rel="noreferrer">open its UI</a> : 'open its UI'}.</div>;
 }
 
 function Summary(props: { vm: Vm; host: string }) {

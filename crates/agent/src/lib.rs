@@ -36,7 +36,9 @@ mod vms;
 
 pub use cgroups::Cgroups;
 pub use cluster::lease::{kill_ha_qemus, run_watchdog};
-pub use cluster::{connect as connect_cluster, load_config as load_cluster_config, ClusterLink};
+pub use cluster::{
+    check_forwarded, connect as connect_cluster, load_config as load_cluster_config, ClusterLink,
+};
 pub use console::Console;
 pub use error::{AgentError, ErrorClass, Result};
 pub use events::EventLog;

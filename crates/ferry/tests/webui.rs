@@ -1,55 +1,85 @@
-//! The web UI in a real browser: `ui/e2e/run.mjs` (playwright-core driving Debian's
-//! headless Chromium) against a real `ferry serve` in a lab namespace with the tiny test
-//! guest — log in, create a VM with the wizard, start it, its serial console (ready
-//! marker, a command typed and answered), VNC, graphs, a snapshot, an error with the
-//! server's reason, stop, 1,000 VMs in a virtualised tree, delete, log out. Screenshots
-//! go to `target/webui-artifacts/`. Needs what scripts/setup.sh installs (node, the UI's
-//! npm packages, chromium).
+//! The web UI in a real browser: `ui/e2e/*.mjs` (playwright-core driving Debian's
+//! headless Chromium, run inside a lab namespace) against real `ferry serve` daemons
+//! and the tiny test guest. One host: log in, create a VM with the wizard, start it,
+//! its serial console (ready marker, a command typed and answered), VNC, graphs, a
+//! snapshot, an error with the server's reason, stop, 1,000 VMs in a virtualised tree,
+//! delete, log out. Two hosts: the tree, live migration from the page with its report,
+//! consoles relayed to the other host, maintenance mode. Screenshots go to
+//! `target/webui-artifacts/`. Needs what scripts/setup.sh installs (node, the UI's npm
+//! packages and build, chromium).
 
 use anyhow::{bail, Context, Result};
-use ferry_lab::Lab;
-use std::path::PathBuf;
+use ferry_lab::{ClusterLab, Lab};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-#[test]
-fn browser_logs_in_creates_runs_and_uses_a_vm() -> Result<()> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let ui = root.join("ui");
+const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+
+fn ui_dir() -> Result<PathBuf> {
+    let ui = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../ui");
     if !ui.join("node_modules/playwright-core").is_dir() || !ui.join("dist/index.html").is_file() {
         bail!("the UI is not built (ui/node_modules, ui/dist): run scripts/setup.sh");
     }
+    Ok(ui)
+}
+
+/// Runs `script` with node in the namespace `ns` against `server`; fails with its
+/// output and the tail of the daemon's log.
+fn run_e2e(ns: &str, script: &str, server: &str, state_dir: &Path, log: &Path) -> Result<()> {
+    let ui = ui_dir()?;
     let guest = ferry_lab::guest()?;
-    let mut lab = Lab::new(env!("CARGO_BIN_EXE_ferry"))?;
-    lab.start_daemon()?;
-    let token = std::fs::read_to_string(lab.state_dir().join("admin-token"))
+    let token = std::fs::read_to_string(state_dir.join("admin-token"))
         .context("the daemon's admin token")?;
-    let artifacts = root.join("target/webui-artifacts");
-    let _ = std::fs::remove_dir_all(&artifacts);
-    // The browser runs in the lab's namespace, where the daemon listens on loopback.
+    let artifacts = ui.join("../target/webui-artifacts");
+    std::fs::create_dir_all(&artifacts)?;
     let out = Command::new("ip")
-        .args(["netns", "exec", &lab.ns, "node", "e2e/run.mjs"])
+        .args(["netns", "exec", ns, "node", script])
         .current_dir(&ui)
-        .env("FERRY_URL", &lab.server)
+        .env("FERRY_URL", server)
         .env("FERRY_TOKEN", token.trim())
         .env("GUEST_KERNEL", &guest.kernel)
         .env("GUEST_INITRD", &guest.initrd)
         .env("ARTIFACTS", &artifacts)
         .output()
-        .context("run node ui/e2e/run.mjs")?;
+        .with_context(|| format!("run node {script}"))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
     println!("{stdout}");
     if !out.status.success() || !stdout.contains("] ok") {
+        let log = std::fs::read_to_string(log).unwrap_or_default();
+        let v: Vec<&str> = log.lines().collect();
         bail!(
-            "browser test failed (screenshots in {}):\n{stdout}\n{stderr}\n--- daemon log ---\n{}",
+            "browser test {script} failed (screenshots in {}):\n{stdout}\n{}\n--- daemon log ---\n{}",
             artifacts.display(),
-            tail(&lab.daemon_log(), 60)
+            String::from_utf8_lossy(&out.stderr),
+            v[v.len().saturating_sub(60)..].join("\n")
         );
     }
     Ok(())
 }
 
-fn tail(s: &str, lines: usize) -> String {
-    let v: Vec<&str> = s.lines().collect();
-    v[v.len().saturating_sub(lines)..].join("\n")
+#[test]
+fn browser_logs_in_creates_runs_and_uses_a_vm() -> Result<()> {
+    let mut lab = Lab::new(FERRY)?;
+    lab.start_daemon()?;
+    let log = lab.dir.join("daemon.log");
+    run_e2e(&lab.ns, "e2e/run.mjs", &lab.server, &lab.state_dir(), &log)
+}
+
+#[test]
+fn browser_migrates_relays_consoles_and_evacuates_in_a_cluster() -> Result<()> {
+    let lab = ClusterLab::for_test(FERRY, 2)?;
+    let h1 = lab.cli("h1")?;
+    h1.boot_vm(
+        "web",
+        "10.78.0.100",
+        &["--disk", "pool=shared,size=16M,format=raw"],
+    )?;
+    let log = lab.dir.join("h1").join("daemon.log");
+    run_e2e(
+        &h1.ns,
+        "e2e/cluster.mjs",
+        &h1.server,
+        &lab.state_dir("h1"),
+        &log,
+    )
 }

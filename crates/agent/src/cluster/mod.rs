@@ -173,7 +173,32 @@ impl Peer {
     }
 }
 
+/// What may be forwarded to another host: its API, not this proxy again.
+pub fn check_forwarded(path_and_query: &str) -> Result<()> {
+    if !path_and_query.starts_with("/api/v1/") || path_and_query.starts_with("/api/v1/nodes/") {
+        return Err(AgentError::invalid(
+            "path",
+            format!("only /api/v1/ paths are forwarded to another host, not {path_and_query}"),
+        ));
+    }
+    Ok(())
+}
+
 impl Agent {
+    /// A host of the cluster by name.
+    pub async fn cluster_host(&self, host: &str) -> Result<ClusterHost> {
+        let hosts = self.cluster_hosts().await?;
+        hosts
+            .into_iter()
+            .find(|h| h.name == host)
+            .ok_or_else(|| AgentError::NotFound(format!("Host {host} of the cluster")))
+    }
+
+    /// The base URL of a cluster host's API.
+    pub async fn host_api(&self, host: &str) -> Result<String> {
+        Ok(self.cluster_host(host).await?.api)
+    }
+
     /// Forwards an API request to another host of the cluster (its answer unchanged).
     /// Only `/api/v1/...` paths, never to this proxy again.
     pub async fn forward_to_host(
@@ -184,17 +209,8 @@ impl Agent {
         content_type: Option<String>,
         body: bytes::Bytes,
     ) -> Result<(u16, Option<String>, bytes::Bytes)> {
-        if !path_and_query.starts_with("/api/v1/") || path_and_query.starts_with("/api/v1/nodes/") {
-            return Err(AgentError::invalid(
-                "path",
-                format!("only /api/v1/ paths are forwarded to another host, not {path_and_query}"),
-            ));
-        }
-        let hosts = self.cluster_hosts().await?;
-        let Some(h) = hosts.into_iter().find(|h| h.name == host) else {
-            return Err(AgentError::NotFound(format!("Host {host} of the cluster")));
-        };
-        Peer::new(h, Duration::from_secs(60))?
+        check_forwarded(path_and_query)?;
+        Peer::new(self.cluster_host(host).await?, Duration::from_secs(60))?
             .forward(method, path_and_query, content_type, body)
             .await
     }
