@@ -6,7 +6,9 @@
 # demo`: namespaces, one daemon and etcd member per host, a shared pool) with the HA VM
 # `web` on the shared pool, moved live to another host while the client pings it; then
 # the host it runs on is killed and HA restarts web on another one, and the host comes
-# back. Everything keeps running:
+# back. Then the web UI: the demo daemon's at http://127.0.0.1:8470/ and the lab
+# cluster's (h1's, relayed by `ferry lab expose`) at http://127.0.0.1:8471/, each with
+# its admin token. Everything keeps running:
 #   target/release/ferry vm console demo1     (type commands; Ctrl-] detaches)
 #   target/release/ferry vm stop demo1        (ACPI shutdown)
 # Run it again at any time; it reuses what is there.
@@ -125,12 +127,31 @@ on h1 volume replication r1 data
 on h1 volume verify r1 data
 on h1 volume demote r1 data
 "$ferry" lab status --name demo
+
+echo "== the web UI: served by every daemon; the lab's h1 made reachable on 127.0.0.1:8471"
+if ! curl -sf -o /dev/null http://127.0.0.1:8471/; then
+  setsid "$ferry" lab expose h1 --name demo --listen 127.0.0.1:8471 >>"$demo/expose.log" 2>&1 < /dev/null &
+  echo $! > "$demo/expose.pid"
+  for _ in $(seq 50); do curl -sf -o /dev/null http://127.0.0.1:8471/ && break; sleep 0.1; done
+fi
+token=$(cat "$demo/state/admin-token" 2>/dev/null || echo "(restart the daemon to make one)")
+lab_token=$(cat /var/tmp/ferry-lab/demo/h1/state/admin-token)
+for u in http://127.0.0.1:8470 http://127.0.0.1:8471; do
+  t=$token; [ "$u" = http://127.0.0.1:8471 ] && t=$lab_token
+  printf '%s/  page: %s  login with the token: %s  hosts: %s\n' "$u" \
+    "$(curl -s "$u/" | grep -o '<title>[^<]*</title>')" \
+    "$(curl -s -o /dev/null -w '%{http_code}' -H 'content-type: application/json' -d "{\"token\":\"$t\"}" "$u/api/v1/login")" \
+    "$(curl -s -H "authorization: Bearer $t" "$u/api/v1/cluster/hosts" | python3 -c 'import json,sys; print(", ".join(h["name"] for h in json.load(sys.stdin)) or "this one")')"
+done
 to=$new
 back=h1; [ "$to" = h1 ] && back=h2
 
 cat <<MSG
 
-ferry is running: API http://127.0.0.1:8470/api/v1 (Swagger UI: http://127.0.0.1:8470/api/docs)
+ferry is running: web UI http://127.0.0.1:8470/ (admin token: $token)
+  API http://127.0.0.1:8470/api/v1 (Swagger UI: http://127.0.0.1:8470/api/docs)
+The lab cluster's web UI (through h1): http://127.0.0.1:8471/ (admin token: $lab_token)
+  kill \$(cat $demo/expose.pid)   # stops relaying it
   $ferry vm console demo1     # interactive serial console, Ctrl-] detaches
   $ferry vm list | host | events | task list
   $ferry vm stop demo1        # ACPI shutdown

@@ -1,5 +1,5 @@
 // The start page: VMs by state, each host's CPU and memory, recent tasks and events.
-import { useStore } from './store';
+import { hostState, useStore } from './store';
 import { Bar } from './widgets';
 import { ago, bytes } from './api';
 import { vmStatus } from './tree';
@@ -28,7 +28,7 @@ export function Dashboard() {
           {s.hosts.map((h) => (
             <tr>
               <td><a href={`#/host/${encodeURIComponent(h.name)}`}>{h.name}</a></td>
-              <td><span class={`dot ${h.error ? 'offline' : h.info?.maintenance ? 'maintenance' : 'online'}`} /> {h.error ? 'offline' : h.info?.maintenance ? 'maintenance' : 'online'}</td>
+              <td><span class={`dot ${hostState(h)}`} /> {hostState(h)}</td>
               <td>{h.info ? `${h.info.vms_running} running / ${h.info.vms_defined}` : '—'}</td>
               <td>{h.info && <Bar value={h.info.vm_memory_bytes} max={h.info.memory_bytes} label={`${bytes(h.info.vm_memory_bytes)} of ${bytes(h.info.memory_bytes)}`} />}</td>
               <td>{h.info && <Bar value={h.info.memory_bytes - h.info.memory_available_bytes} max={h.info.memory_bytes} label={`${bytes(h.info.memory_bytes - h.info.memory_available_bytes)} used`} />}</td>

@@ -1,5 +1,5 @@
 // A host: facts, CPU/memory bars, graphs of the last hour, maintenance mode, its VMs.
-import { useStore } from './store';
+import { hostState, useStore } from './store';
 import { Action, Bar } from './widgets';
 import { Graphs } from './graphs';
 import { VList } from './vlist';
@@ -15,7 +15,7 @@ export function HostPage(props: { host: string }) {
   const target = isLocal(h.name) ? undefined : h.name;
   return (
     <div class="page">
-      <h2><span class={`dot ${h.error ? 'offline' : i?.maintenance ? 'maintenance' : 'online'}`} /> Host {h.name}</h2>
+      <h2><span class={`dot ${hostState(h)}`} /> <span class="tag" data-testid="host-state">{hostState(h)}</span> Host {h.name}</h2>
       {h.error && <div class="error">{h.error}</div>}
       {i && (
         <>

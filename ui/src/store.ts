@@ -9,6 +9,15 @@ export interface HostEntry {
   info?: HostInfo;
   vms: Vm[];
   error?: string;
+  /** The cluster's view (etcd clusters): online, maintenance, fenced, offline. */
+  member?: string;
+}
+
+/** A host at a glance: the cluster's view where there is one, else what it answered. */
+export function hostState(h: HostEntry): string {
+  if (h.member) return h.member;
+  if (h.error) return 'offline';
+  return h.info?.maintenance ? 'maintenance' : 'online';
 }
 
 /** A task with the host it runs on. */
@@ -86,6 +95,10 @@ class Store {
           return { name: m.name, api: m.api, vms: [], error: String(e) };
         }
       }));
+      const status = await get<{ clustered: boolean; members: { name: string; state: string }[] }>('/api/v1/cluster/status').catch(() => null);
+      if (status?.clustered) {
+        for (const h of hosts) h.member = status.members.find((m) => m.name === h.name)?.state;
+      }
       this.hosts = hosts;
       const [pools, tasks, events] = await Promise.all([
         get<Pool[]>('/api/v1/pools').catch(() => this.pools),

@@ -1,7 +1,7 @@
 // The resource tree: cluster → hosts → VMs and templates, then pools. Virtualised: a
 // thousand VMs are a thousand rows, of which only those in view are drawn.
 import { useState } from 'preact/hooks';
-import { useStore } from './store';
+import { hostState, useStore } from './store';
 import { VList } from './vlist';
 import type { Vm } from './api';
 
@@ -29,8 +29,7 @@ export function Tree(props: { route: string[] }) {
   const f = filter.trim().toLowerCase();
   for (const h of s.hosts) {
     const open = !closed.has(h.name) || !!f;
-    const fenced = h.error ? 'offline' : h.info?.maintenance ? 'maintenance' : 'online';
-    rows.push({ kind: 'host', label: h.name, href: `#/host/${encodeURIComponent(h.name)}`, depth: 1, state: fenced, host: h.name, open });
+    rows.push({ kind: 'host', label: h.name, href: `#/host/${encodeURIComponent(h.name)}`, depth: 1, state: hostState(h), host: h.name, open });
     if (!open) continue;
     const vms = h.vms.filter((v) => !f || v.spec.name.toLowerCase().includes(f));
     for (const v of vms.filter((v) => !v.template)) {

@@ -82,6 +82,15 @@ pub enum LabCmd {
         #[arg(trailing_var_arg = true, required = true)]
         command: Vec<String>,
     },
+    /// Make HOST's API and web UI reachable on an address of this machine (outside the
+    /// lab's namespaces), until stopped: `ferry lab expose h1 --listen 127.0.0.1:8471`.
+    Expose {
+        host: String,
+        #[command(flatten)]
+        lab: LabName,
+        #[arg(long, default_value = "127.0.0.1:8471")]
+        listen: std::net::SocketAddr,
+    },
 }
 
 pub fn run(cmd: LabCmd) -> Result<()> {
@@ -133,6 +142,15 @@ pub fn run(cmd: LabCmd) -> Result<()> {
             let mut l = ClusterLab::open(&me, &lab.name)?;
             l.start_daemon(&host)?;
             l.wait_daemon(&host)
+        }
+        LabCmd::Expose { host, lab, listen } => {
+            let l = ClusterLab::open(&me, &lab.name)?;
+            let h = l.host(&host)?;
+            let target = format!("{}:{}", h.addr, ferry_lab::API_PORT)
+                .parse()
+                .context("the host's API address")?;
+            println!("{host}'s API and web UI: http://{listen}/ (relayed to {target})");
+            ferry_lab::expose(&h.ns, target, listen)
         }
         LabCmd::Exec { host, lab, command } => {
             let l = ClusterLab::open(&me, &lab.name)?;

@@ -7,6 +7,7 @@
 mod acks;
 mod cli;
 mod cluster;
+mod expose;
 mod ping;
 mod records;
 mod sweep;
@@ -17,6 +18,7 @@ pub use cluster::{
     own_cgroup_dirs, ClusterLab, LabHost, LabOptions, CGROUP_PREFIX, CLIENT_ADDR, LAN_PREFIX,
     SHARED_POOL,
 };
+pub use expose::expose;
 pub use ping::{PingRecorder, PingReport};
 pub use records::{verify_records, RecordReport, RECORD_WRITER};
 
