@@ -108,6 +108,36 @@ await browse('host', async (page, { shot, waitTerminal }) => {
   await shot('task-log');
   await page.getByRole('button', { name: 'Close' }).click();
 
+  // Hardware while stopped: a second disk, then more memory; both as stored.
+  await page.getByTestId('tab-hardware').click();
+  await page.locator('input[name=new-disk-size]').fill('32M');
+  await page.getByTestId('disk-add').click();
+  await page.locator('[data-testid=disks] tbody tr').nth(1).waitFor();
+  await page.getByLabel('Memory (MiB)').fill('160');
+  await page.getByTestId('vm-save').click();
+  for (let i = 0; ; i++) {
+    const v = await api('GET', '/api/v1/vms/web1');
+    if (v.spec.disks.length === 2 && v.spec.memory_mib === 160) break;
+    if (i > 50) throw new Error(`hardware edits not stored: ${JSON.stringify(v.spec)}`);
+    await page.waitForTimeout(200);
+  }
+  step('disk added and memory changed on the hardware tab');
+  await shot('hardware');
+
+  // A full clone from the VM's page.
+  await page.getByTestId('vm-clone').click();
+  await page.getByRole('dialog').getByRole('button', { name: 'Clone' }).click();
+  await page.locator('[data-testid=tree] a[data-kind=vm][data-name=web1-clone]').waitFor({ timeout: 60000 });
+  for (let i = 0; ; i++) {
+    const t = (await api('GET', '/api/v1/tasks')).find((x) => x.kind.includes('clone'));
+    if (t?.state === 'succeeded') break;
+    if (t?.state === 'failed' || i > 300) throw new Error(`clone: ${JSON.stringify(t)}`);
+    await page.waitForTimeout(200);
+  }
+  const clone = await api('GET', '/api/v1/vms/web1-clone');
+  if (clone.spec.disks.length !== 2 || clone.clone_of?.vm !== 'web1') throw new Error(`clone: ${JSON.stringify(clone)}`);
+  step('web1 cloned to web1-clone from its page');
+
   // 1,000 VMs: the tree and the host's list draw only what is in view.
   const made = Date.now();
   for (let i = 0; i < bulk; i += 25) {
@@ -120,7 +150,7 @@ await browse('host', async (page, { shot, waitTerminal }) => {
   await page.reload();
   await page.waitForFunction((k) => Number(document.querySelector('[data-testid=tree]')?.getAttribute('data-rows') ?? 0) >= k, bulk, { timeout: 60000 });
   const drawn = await page.locator('[data-testid=tree] .vrow').count();
-  step(`tree with ${bulk + 1} VMs ready in ${Date.now() - shown} ms; ${drawn} rows in the DOM`);
+  step(`tree with ${bulk + 2} VMs ready in ${Date.now() - shown} ms; ${drawn} rows in the DOM`);
   if (drawn > 120) throw new Error(`the tree is not virtualised: ${drawn} rows drawn`);
   await page.locator('[data-testid=tree]').evaluate((el) => { el.scrollTop = el.scrollHeight; });
   const last = `bulk${String(bulk - 1).padStart(4, '0')}`;
@@ -131,8 +161,9 @@ await browse('host', async (page, { shot, waitTerminal }) => {
   const filtered = await page.locator('[data-testid=tree] a[data-kind=vm]').count();
   step(`filter narrowed the tree to ${filtered} VM(s) in ${Date.now() - filterAt} ms`);
   await page.getByTestId('tree-filter').fill('');
+  await page.getByTestId('cpu-bar').first().waitFor();
   const counts = await page.getByTestId('status-counts').innerText();
-  if (!counts.includes(String(bulk + 1))) throw new Error(`dashboard counts: ${counts}`);
+  if (!counts.includes(String(bulk + 2))) throw new Error(`dashboard counts: ${counts}`);
   await shot('thousand-vms');
 
   // Delete web1 with its confirmation: the button stays off until the name is typed.

@@ -27,7 +27,7 @@ export interface Task {
 export interface HostInfo {
   name: string; hostname: string; accel: string; cpus: number; memory_bytes: number;
   memory_available_bytes: number; vm_memory_bytes: number; qemu_version: string;
-  vms_running: number; vms_defined: number; maintenance?: boolean;
+  vms_running: number; vms_defined: number; maintenance?: boolean; cpu_busy?: number;
 }
 export interface ClusterHost { name: string; api: string; address: string }
 export interface Pool {

@@ -1,6 +1,6 @@
 // The start page: VMs by state, each host's CPU and memory, recent tasks and events.
 import { hostState, useStore } from './store';
-import { Bar } from './widgets';
+import { Bar, CpuBar } from './widgets';
 import { ago, bytes } from './api';
 import { vmStatus } from './tree';
 import { TaskList } from './tasks';
@@ -23,13 +23,14 @@ export function Dashboard() {
       </div>
       <h3>Hosts</h3>
       <table class="grid" data-testid="hosts">
-        <thead><tr><th>Host</th><th>State</th><th>VMs</th><th>Memory of VMs</th><th>Host memory</th><th>Accel</th></tr></thead>
+        <thead><tr><th>Host</th><th>State</th><th>VMs</th><th>CPU</th><th>Memory of VMs</th><th>Host memory</th><th>Accel</th></tr></thead>
         <tbody>
           {s.hosts.map((h) => (
             <tr>
               <td><a href={`#/host/${encodeURIComponent(h.name)}`}>{h.name}</a></td>
               <td><span class={`dot ${hostState(h)}`} /> {hostState(h)}</td>
               <td>{h.info ? `${h.info.vms_running} running / ${h.info.vms_defined}` : '—'}</td>
+              <td>{h.info && <CpuBar info={h.info} />}</td>
               <td>{h.info && <Bar value={h.info.vm_memory_bytes} max={h.info.memory_bytes} label={`${bytes(h.info.vm_memory_bytes)} of ${bytes(h.info.memory_bytes)}`} />}</td>
               <td>{h.info && <Bar value={h.info.memory_bytes - h.info.memory_available_bytes} max={h.info.memory_bytes} label={`${bytes(h.info.memory_bytes - h.info.memory_available_bytes)} used`} />}</td>
               <td>{h.info?.accel ?? ''}</td>

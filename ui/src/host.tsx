@@ -1,6 +1,6 @@
 // A host: facts, CPU/memory bars, graphs of the last hour, maintenance mode, its VMs.
 import { hostState, useStore } from './store';
-import { Action, Bar } from './widgets';
+import { Action, Bar, CpuBar } from './widgets';
 import { Graphs } from './graphs';
 import { VList } from './vlist';
 import { bytes, isLocal, post } from './api';
@@ -15,7 +15,7 @@ export function HostPage(props: { host: string }) {
   const target = isLocal(h.name) ? undefined : h.name;
   return (
     <div class="page">
-      <h2><span class={`dot ${hostState(h)}`} /> <span class="tag" data-testid="host-state">{hostState(h)}</span> Host {h.name}</h2>
+      <h2><span class={`dot ${hostState(h)}`} /> Host {h.name} <span class="tag" data-testid="host-state">{hostState(h)}</span></h2>
       {h.error && <div class="error">{h.error}</div>}
       {i && (
         <>
@@ -32,6 +32,7 @@ export function HostPage(props: { host: string }) {
               <tr><td>QEMU</td><td>{i.qemu_version}</td></tr>
               <tr><td>CPUs</td><td>{i.cpus}</td></tr>
               <tr><td>VMs</td><td>{i.vms_running} running of {i.vms_defined}</td></tr>
+              <tr><td>CPU busy</td><td><CpuBar info={i} /></td></tr>
               <tr><td>Memory of VMs</td><td><Bar value={i.vm_memory_bytes} max={i.memory_bytes} label={`${bytes(i.vm_memory_bytes)} of ${bytes(i.memory_bytes)}`} /></td></tr>
               <tr><td>Host memory used</td><td><Bar value={i.memory_bytes - i.memory_available_bytes} max={i.memory_bytes} label={`${bytes(i.memory_bytes - i.memory_available_bytes)} of ${bytes(i.memory_bytes)}`} /></td></tr>
             </tbody>

@@ -2,7 +2,7 @@
 // clone, snapshot, template, delete), tabs for the summary and hardware (edit while
 // stopped, move disks), serial and VNC consoles, graphs and snapshots.
 import { useEffect, useRef, useState } from 'preact/hooks';
-import { bytes, call, errText, get, isLocal, post, type Snapshot, type Vm } from './api';
+import { bytes, call, errText, get, isLocal, post, type Snapshot, type Vm, type Volume } from './api';
 import { store, useStore } from './store';
 import { Action, ErrorBox, Modal } from './widgets';
 import { SerialConsole } from './console';
@@ -105,12 +105,25 @@ function Summary(props: { vm: Vm; host: string }) {
 }
 
 function Hardware(props: { vm: Vm; host: string }) {
+  const s = useStore();
   const v = props.vm;
+  const n = v.spec.name;
   const remote = isLocal(props.host) ? undefined : props.host;
   const [cpus, setCpus] = useState(v.spec.cpus ?? 1);
   const [mem, setMem] = useState(v.spec.memory_mib);
   const [move, setMove] = useState<number | null>(null);
+  const [disk, setDisk] = useState({ bus: 'virtio', size: '1G', pool: s.pools[0]?.spec.name ?? 'local' });
+  const [nic, setNic] = useState({ bridge: '', model: 'virtio' });
+  const [bridges, setBridges] = useState<string[]>([]);
+  const [isos, setIsos] = useState<Volume[]>([]);
+  useEffect(() => {
+    get<{ name: string }[]>('/api/v1/bridges', remote).then((b) => setBridges(b.map((x) => x.name))).catch(() => setBridges([]));
+    Promise.all(s.pools.map((p) => get<Volume[]>(`/api/v1/pools/${enc(p.spec.name)}/volumes`, remote).catch(() => [] as Volume[])))
+      .then((l) => setIsos(l.flat().filter((x) => x.name.endsWith('.iso'))));
+  }, [props.host, s.pools.length]);
   const stopped = v.state === 'stopped' && !v.template;
+  const changeable = !v.template;
+  const refresh = () => store.soon();
   return (
     <div>
       <h3>Processors and memory</h3>
@@ -118,19 +131,62 @@ function Hardware(props: { vm: Vm; host: string }) {
         <label>CPUs <input type="number" min={1} value={cpus} disabled={!stopped} onInput={(e) => setCpus(Number((e.target as HTMLInputElement).value))} /></label>
         <label>Memory (MiB) <input type="number" min={16} value={mem} disabled={!stopped} onInput={(e) => setMem(Number((e.target as HTMLInputElement).value))} /></label>
         <Action label="Save" testid="vm-save" disabled={!stopped}
-          run={() => call('PUT', `/api/v1/vms/${enc(v.spec.name)}`, { ...v.spec, cpus, memory_mib: mem }, remote).then(() => store.soon())} />
+          run={() => call('PUT', `/api/v1/vms/${enc(n)}`, { ...v.spec, cpus, memory_mib: mem }, remote).then(refresh)} />
         {!stopped && <span class="muted small">Edited while stopped.</span>}
       </div>
       <h3>Disks</h3>
-      <table class="grid">
+      <table class="grid" data-testid="disks">
         <thead><tr><th>Id</th><th>Bus</th><th>Volume</th><th>Cache</th><th /></tr></thead>
         <tbody>
           {(v.spec.disks ?? []).map((d, i) => (
-            <tr><td>disk{i}</td><td>{d.bus}</td><td>{d.pool}/{d.volume}</td><td>{d.cache ?? 'none'}</td>
-              <td><button onClick={() => setMove(i)} disabled={v.template}>Move disk</button></td></tr>
+            <tr data-volume={d.volume ?? ''}><td>disk{i}</td><td>{d.bus}</td><td>{d.pool}/{d.volume}</td><td>{d.cache ?? 'none'}</td>
+              <td>
+                <button onClick={() => setMove(i)} disabled={!changeable}>Move disk</button>
+                <Action label="Grow" disabled={!changeable} run={async () => {
+                  const size = window.prompt(`New size of disk${i} (larger than now, e.g. 2G)`);
+                  if (size) { await post(`/api/v1/pools/${enc(d.pool ?? '')}/volumes/${enc(d.volume ?? '')}/resize`, { size }, remote); refresh(); }
+                }} />
+                <Action label="Detach" disabled={!changeable} confirm={`Detach disk${i} from ${n}? (The volume stays in its pool.)`}
+                  run={() => call('DELETE', `/api/v1/vms/${enc(n)}/disks/${i}`, undefined, remote).then(refresh)} />
+              </td></tr>
           ))}
         </tbody>
       </table>
+      <div class="form-row">
+        <label>Bus <select value={disk.bus} onChange={(e) => setDisk({ ...disk, bus: (e.target as HTMLSelectElement).value })}>{['virtio', 'scsi', 'sata', 'ide'].map((b) => <option>{b}</option>)}</select></label>
+        <label>Size <input name="new-disk-size" value={disk.size} onInput={(e) => setDisk({ ...disk, size: (e.target as HTMLInputElement).value })} /></label>
+        <label>Pool <select value={disk.pool} onChange={(e) => setDisk({ ...disk, pool: (e.target as HTMLSelectElement).value })}>{s.pools.map((p) => <option>{p.spec.name}</option>)}</select></label>
+        <Action label="Add disk" testid="disk-add" disabled={!changeable} run={() => post(`/api/v1/vms/${enc(n)}/disks`, disk, remote).then(refresh)} />
+        <span class="muted small">Hot-plugged while running (virtio, SCSI).</span>
+      </div>
+      <h3>CD-ROMs</h3>
+      <table class="grid">
+        <tbody>
+          {(v.spec.cdroms ?? []).map((c, i) => (
+            <tr><td>cdrom{i}</td><td>{c.bus ?? 'ide'}</td>
+              <td><select value={c.volume ? `${c.pool}/${c.volume}` : ''} disabled={!changeable} onChange={(e) => {
+                const val = (e.target as HTMLSelectElement).value;
+                const [pool, volume] = val ? val.split('/') : [null, null];
+                call('PUT', `/api/v1/vms/${enc(n)}/cdroms/${i}`, { bus: c.bus, pool, volume }, remote).then(refresh).catch((err) => window.alert(errText(err)));
+              }}><option value="">empty</option>{isos.map((x) => <option value={`${x.pool}/${x.name}`}>{x.pool}/{x.name}</option>)}</select></td></tr>
+          ))}
+          {(v.spec.cdroms ?? []).length === 0 && <tr><td class="muted">No CD-ROM drive (the wizard or ferry vm edit adds one).</td></tr>}
+        </tbody>
+      </table>
+      <h3>Network</h3>
+      <table class="grid">
+        <tbody>
+          {(v.spec.nics ?? []).map((c, i) => (
+            <tr><td>net{i}</td><td>{c.model ?? 'virtio'}</td><td>{c.bridge}</td><td>{c.mac}</td>
+              <td><Action label="Remove" disabled={!changeable} confirm={`Remove net${i} from ${n}?`} run={() => call('DELETE', `/api/v1/vms/${enc(n)}/nics/${i}`, undefined, remote).then(refresh)} /></td></tr>
+          ))}
+        </tbody>
+      </table>
+      <div class="form-row">
+        <label>Bridge <select value={nic.bridge} onChange={(e) => setNic({ ...nic, bridge: (e.target as HTMLSelectElement).value })}><option value="" disabled>pick one</option>{bridges.map((b) => <option>{b}</option>)}</select></label>
+        <label>Model <select value={nic.model} onChange={(e) => setNic({ ...nic, model: (e.target as HTMLSelectElement).value })}>{['virtio', 'e1000'].map((b) => <option>{b}</option>)}</select></label>
+        <Action label="Add NIC" disabled={!changeable || !nic.bridge} run={() => post(`/api/v1/vms/${enc(n)}/nics`, nic, remote).then(refresh)} />
+      </div>
       {move !== null && <MoveDialog vm={v} host={props.host} index={move} onClose={() => setMove(null)} />}
     </div>
   );
@@ -188,16 +244,32 @@ function MigrateDialog(props: { vm: Vm; host: string; onClose: () => void }) {
         {others.map((h) => <option value={h.name}>{h.name}</option>)}</select></label>
       {running && <label class="check"><input type="checkbox" checked={withStorage} onChange={(e) => setWithStorage((e.target as HTMLInputElement).checked)} /> Copy local disks along</label>}
       {progress !== null && !report && !error && <div class="bar"><div class="fill" style={{ width: `${progress * 100}%` }} /><span>{Math.round(progress * 100)}%</span></div>}
-      {report && (
-        <table class="grid small" data-testid="migrate-report"><tbody>
-          {Object.entries(report).map(([k, v]) => <tr><td>{k}</td><td>{typeof v === 'object' ? JSON.stringify(v) : String(v)}</td></tr>)}
-        </tbody></table>
-      )}
+      {report && <MigrationReport report={report} />}
       <ErrorBox error={error} />
       <div class="buttons">
         {report ? <button onClick={props.onClose}>Close</button> : <button class="primary" onClick={go} disabled={!to}>Migrate</button>}
       </div>
     </Modal>
+  );
+}
+
+/** The final report of a migration: the figures an admin looks at first, then the rest. */
+function MigrationReport(props: { report: Record<string, unknown> }) {
+  const r = props.report;
+  const num = (k: string) => (typeof r[k] === 'number' ? (r[k] as number) : undefined);
+  const head: [string, string | undefined][] = [
+    ['Moved', r.from && r.to ? `${r.from} → ${r.to}` : undefined],
+    ['Downtime', num('downtime_ms') != null ? `${num('downtime_ms')} ms` : undefined],
+    ['Total time', num('total_ms') != null ? `${num('total_ms')} ms` : undefined],
+    ['Memory sent', num('ram_transferred_bytes') != null ? `${bytes(num('ram_transferred_bytes')!)} of ${bytes(num('ram_total_bytes') ?? 0)} in ${num('passes') ?? '?'} passes` : undefined],
+    ['Disk copied', num('disk_transferred_bytes') ? bytes(num('disk_transferred_bytes')!) : undefined],
+    ['Post-copy', r.postcopy ? 'yes' : undefined],
+  ];
+  return (
+    <table class="grid small" data-testid="migrate-report"><tbody>
+      {head.filter(([, v]) => v).map(([k, v]) => <tr><th>{k}</th><td>{v}</td></tr>)}
+      {Object.entries(r).map(([k, v]) => <tr class="muted"><td>{k}</td><td>{typeof v === 'object' ? JSON.stringify(v) : String(v)}</td></tr>)}
+    </tbody></table>
   );
 }
 

@@ -2,7 +2,7 @@
 // server's reason when it fails.
 import type { ComponentChildren } from 'preact';
 import { useState } from 'preact/hooks';
-import { errText } from './api';
+import { errText, type HostInfo } from './api';
 
 export function Bar(props: { value: number; max: number; label: string; testid?: string }) {
   const pct = props.max > 0 ? Math.min(100, (100 * props.value) / props.max) : 0;
@@ -12,6 +12,14 @@ export function Bar(props: { value: number; max: number; label: string; testid?:
       <span>{props.label}</span>
     </div>
   );
+}
+
+/** A host's CPU: cores busy over the last sample, of its cores. */
+export function CpuBar(props: { info: HostInfo }) {
+  const b = props.info.cpu_busy;
+  return b == null
+    ? <span class="muted small">measuring…</span>
+    : <Bar value={b} max={props.info.cpus} label={`${b.toFixed(2)} of ${props.info.cpus} cores`} testid="cpu-bar" />;
 }
 
 export function Modal(props: { title: string; onClose: () => void; children: ComponentChildren }) {

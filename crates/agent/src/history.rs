@@ -190,6 +190,13 @@ impl Agent {
         })
     }
 
+    /// Cores the host kept busy over the last sample interval (none before the second
+    /// sample).
+    pub fn host_cpu_busy(&self) -> Option<f64> {
+        let h = self.inner.history.lock().unwrap_or_else(|e| e.into_inner());
+        h.host.points.back().map(|p| p.cpu)
+    }
+
     /// The last hour of this host's load.
     pub fn host_history(&self) -> MetricsHistory {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());

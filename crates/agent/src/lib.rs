@@ -238,6 +238,7 @@ impl Agent {
             vms_running: live.count(),
             vms_defined: vms.len(),
             maintenance: self.in_maintenance().await?,
+            cpu_busy: self.host_cpu_busy(),
         })
     }
 }

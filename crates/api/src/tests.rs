@@ -538,3 +538,21 @@ async fn remote_requests_need_the_token_and_login_sets_a_cookie() {
     assert_eq!(v["interval_s"], 10);
     assert_eq!(v["memory_limit_bytes"], 64 << 20);
 }
+
+/// Forwarding to another host: only to hosts of the cluster, only API paths.
+#[tokio::test]
+async fn forwarding_refuses_unknown_hosts_and_other_paths() {
+    let (_d, app, _) = app().await;
+    let (s, v) = call(&app, "GET", "/api/v1/nodes/elsewhere/api/v1/vms", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("elsewhere"), "{v}");
+    for path in [
+        "/api/v1/nodes/elsewhere/etc/passwd",
+        "/api/v1/nodes/elsewhere/api/v1/nodes/x/api/v1/vms",
+        "/api/v1/nodes/elsewhere/metrics",
+    ] {
+        let (s, v) = call(&app, "GET", path, None).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{path}: {v}");
+        assert!(v.to_string().contains("forwarded"), "{v}");
+    }
+}

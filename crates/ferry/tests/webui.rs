@@ -5,7 +5,7 @@
 //! snapshot, an error with the server's reason, stop, 1,000 VMs in a virtualised tree,
 //! delete, log out. Two hosts: the tree, live migration from the page with its report,
 //! consoles relayed to the other host, maintenance mode. Screenshots go to
-//! `target/webui-artifacts/`. Needs what scripts/setup.sh installs (node, the UI's npm
+//! `target/webui-artifacts/{run,cluster}/`. Needs what scripts/setup.sh installs (node, the UI's npm
 //! packages and build, chromium).
 
 use anyhow::{bail, Context, Result};
@@ -30,7 +30,13 @@ fn run_e2e(ns: &str, script: &str, server: &str, state_dir: &Path, log: &Path) -
     let guest = ferry_lab::guest()?;
     let token = std::fs::read_to_string(state_dir.join("admin-token"))
         .context("the daemon's admin token")?;
-    let artifacts = ui.join("../target/webui-artifacts");
+    // One folder per script, emptied first: the screenshots are this run's.
+    let stem = Path::new(script)
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("e2e");
+    let artifacts = ui.join("../target/webui-artifacts").join(stem);
+    let _ = std::fs::remove_dir_all(&artifacts);
     std::fs::create_dir_all(&artifacts)?;
     let out = Command::new("ip")
         .args(["netns", "exec", ns, "node", script])

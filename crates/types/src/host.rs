@@ -23,6 +23,9 @@ pub struct HostInfo {
     /// In maintenance: no new VMs start or arrive here.
     #[serde(default)]
     pub maintenance: bool,
+    /// Cores busy over the last 10 s sample (none right after the daemon started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_busy: Option<f64>,
 }
 
 /// A member of the cluster as the cluster file (later the cluster store) lists it.
