@@ -1,55 +1,30 @@
 // The REST API as the page uses it: typed calls, errors carrying the server's reason,
 // and requests to other hosts of the cluster through this daemon (/api/v1/nodes/HOST).
 
-export type VmState =
-  | 'stopped' | 'starting' | 'running' | 'paused' | 'shutting_down' | 'crashed' | 'suspended';
+import type { components } from './api.gen';
 
-export interface DiskSpec {
-  bus?: string; pool?: string; volume?: string | null; size?: string | number | null;
-  format?: string; cache?: string; readonly?: boolean; nonpersistent?: boolean;
-}
-export interface CdromSpec { bus?: string; pool?: string | null; volume?: string | null }
-export interface NicSpec { model?: string; bridge: string; mac?: string | null }
-export interface VmSpec {
-  name: string; cpus?: number; memory_mib: number; disks?: DiskSpec[]; cdroms?: CdromSpec[];
-  nics?: NicSpec[]; boot_order?: string[]; [k: string]: unknown;
-}
-export interface Vm {
-  id: number; spec: VmSpec; state: VmState; pid?: number; accel?: string; last_exit?: string;
-  template: boolean; current_snapshot?: string; clone_of?: { vm: string; linked: boolean };
-  migration?: string;
-}
-export interface Task {
-  id: string; kind: string; target: string; state: 'running' | 'succeeded' | 'failed';
-  progress: number; log: string[]; error?: string; result?: unknown; started_ms: number;
-  ended_ms?: number;
-}
-export interface HostInfo {
-  name: string; hostname: string; accel: string; cpus: number; memory_bytes: number;
-  memory_available_bytes: number; vm_memory_bytes: number; qemu_version: string;
-  vms_running: number; vms_defined: number; maintenance?: boolean; cpu_busy?: number;
-}
-export interface ClusterHost { name: string; api: string; address: string }
-export interface Pool {
-  spec: { name: string; type?: string; path: string; hosts?: string[] };
-  capacity_bytes: number; available_bytes: number; used_bytes: number; volumes: number;
-}
-export interface Volume {
-  pool: string; name: string; format: string; virtual_bytes: number; allocated_bytes: number;
-}
-export interface Snapshot {
-  name: string; parent?: string | null; with_memory: boolean; created_ms: number;
-  description?: string;
-}
-export interface EventItem { seq: number; time_ms: number; vm?: string | null; kind: string; message: string }
-export interface MetricsPoint {
-  time_ms: number; cpu: number; memory_bytes: number; disk_read_bps: number;
-  disk_write_bps: number; net_rx_bps: number; net_tx_bps: number;
-}
-export interface MetricsHistory {
-  interval_s: number; memory_limit_bytes: number; cpu_limit: number; points: MetricsPoint[];
-}
-export interface Session { authenticated: boolean; host: string }
+// The API's types, generated from openapi.json (itself generated from the Rust types):
+// a field renamed on the server fails the UI's type check.
+type S = components['schemas'];
+export type VmState = S['VmState'];
+export type DiskSpec = S['DiskSpec'];
+export type CdromSpec = S['CdromSpec'];
+export type NicSpec = S['NicSpec'];
+export type VmSpec = S['VmSpec'];
+export type Vm = S['Vm'];
+export type Task = S['Task'];
+export type HostInfo = S['HostInfo'];
+export type ClusterHost = S['ClusterHost'];
+export type Pool = S['Pool'];
+export type Volume = S['Volume'];
+export type Snapshot = S['Snapshot'];
+export type SnapshotList = S['SnapshotList'];
+export type EventItem = S['Event'];
+export type MetricsPoint = S['MetricsPoint'];
+export type MetricsHistory = S['MetricsHistory'];
+export type Session = S['Session'];
+export type ClusterStatus = S['ClusterStatus'];
+export type Bridge = S['Bridge'];
 
 /** An error answer: the server's reason and its causes. */
 export class ApiError extends Error {

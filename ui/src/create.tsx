@@ -70,10 +70,10 @@ export function CreateWizard() {
         {disks.map((d, i) => (
           <div class="form-row" data-testid={`disk-row-${i}`}>
             <b>disk{i}</b>
-            <label>Bus <select name={`disk${i}-bus`} value={d.bus} onChange={(e) => upd(disks, setDisks, i, { bus: val(e) })}>{['virtio', 'scsi', 'sata', 'ide'].map((b) => <option>{b}</option>)}</select></label>
+            <label>Bus <select name={`disk${i}-bus`} value={d.bus} onChange={(e) => upd(disks, setDisks, i, { bus: val(e) as DiskSpec['bus'] })}>{['virtio', 'scsi', 'sata', 'ide'].map((b) => <option>{b}</option>)}</select></label>
             <label>Size <input name={`disk${i}-size`} value={String(d.size ?? '')} onInput={(e) => upd(disks, setDisks, i, { size: val(e) })} /></label>
             <label>Pool <select value={d.pool} onChange={(e) => upd(disks, setDisks, i, { pool: val(e) })}>{s.pools.map((p) => <option>{p.spec.name}</option>)}</select></label>
-            <label>Cache <select value={d.cache} onChange={(e) => upd(disks, setDisks, i, { cache: val(e) })}>{['none', 'writeback', 'writethrough', 'directsync', 'unsafe'].map((b) => <option>{b}</option>)}</select></label>
+            <label>Cache <select value={d.cache} onChange={(e) => upd(disks, setDisks, i, { cache: val(e) as DiskSpec['cache'] })}>{['none', 'writeback', 'writethrough', 'directsync', 'unsafe'].map((b) => <option>{b}</option>)}</select></label>
             <button onClick={() => setDisks(disks.filter((_, j) => j !== i))}>Remove</button>
           </div>
         ))}
@@ -84,7 +84,7 @@ export function CreateWizard() {
         {cdroms.map((c, i) => (
           <div class="form-row">
             <b>cdrom{i}</b>
-            <label>Bus <select value={c.bus} onChange={(e) => upd(cdroms, setCdroms, i, { bus: val(e) })}>{['ide', 'sata', 'scsi'].map((b) => <option>{b}</option>)}</select></label>
+            <label>Bus <select value={c.bus} onChange={(e) => upd(cdroms, setCdroms, i, { bus: val(e) as CdromSpec['bus'] })}>{['ide', 'sata', 'scsi'].map((b) => <option>{b}</option>)}</select></label>
             <label>ISO <select value={c.volume ? `${c.pool}/${c.volume}` : ''} onChange={(e) => {
               const [pool, volume] = val(e) ? val(e).split('/') : [null, null];
               upd(cdroms, setCdroms, i, { pool, volume });
@@ -101,7 +101,7 @@ export function CreateWizard() {
           <div class="form-row">
             <b>net{i}</b>
             <label>Bridge <select value={n.bridge} onChange={(e) => upd(nics, setNics, i, { bridge: val(e) })}>{bridges.map((b) => <option>{b}</option>)}</select></label>
-            <label>Model <select value={n.model} onChange={(e) => upd(nics, setNics, i, { model: val(e) })}>{['virtio', 'e1000'].map((b) => <option>{b}</option>)}</select></label>
+            <label>Model <select value={n.model} onChange={(e) => upd(nics, setNics, i, { model: val(e) as NicSpec['model'] })}>{['virtio', 'e1000'].map((b) => <option>{b}</option>)}</select></label>
             <button onClick={() => setNics(nics.filter((_, j) => j !== i))}>Remove</button>
           </div>
         ))}

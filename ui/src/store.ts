@@ -1,7 +1,7 @@
 // What the page knows of the cluster, refreshed by polling and on every event from the
 // daemon's event stream. Components subscribe with useStore().
 import { useEffect, useState } from 'preact/hooks';
-import { get, isLocal, wsUrl, type ClusterHost, type EventItem, type HostInfo, type Pool, type Task, type Vm } from './api';
+import { get, isLocal, wsUrl, type ClusterHost, type ClusterStatus, type EventItem, type HostInfo, type Pool, type Task, type Vm } from './api';
 
 export interface HostEntry {
   name: string;
@@ -95,7 +95,7 @@ class Store {
           return { name: m.name, api: m.api, vms: [], error: String(e) };
         }
       }));
-      const status = await get<{ clustered: boolean; members: { name: string; state: string }[] }>('/api/v1/cluster/status').catch(() => null);
+      const status = await get<ClusterStatus>('/api/v1/cluster/status').catch(() => null);
       if (status?.clustered) {
         for (const h of hosts) h.member = status.members.find((m) => m.name === h.name)?.state;
       }

@@ -2,7 +2,7 @@
 // clone, snapshot, template, delete), tabs for the summary and hardware (edit while
 // stopped, move disks), serial and VNC consoles, graphs and snapshots.
 import { useEffect, useRef, useState } from 'preact/hooks';
-import { bytes, call, errText, get, isLocal, post, type Snapshot, type Vm, type Volume } from './api';
+import { bytes, call, errText, get, isLocal, post, type Snapshot, type SnapshotList, type Vm, type Volume } from './api';
 import { store, useStore } from './store';
 import { Action, ErrorBox, Modal } from './widgets';
 import { SerialConsole } from './console';
@@ -322,11 +322,11 @@ function DeleteDialog(props: { vm: Vm; host: string; onClose: () => void }) {
 function Snapshots(props: { vm: Vm; host: string }) {
   const n = props.vm.spec.name;
   const remote = isLocal(props.host) ? undefined : props.host;
-  const [list, setList] = useState<{ snapshots: Snapshot[]; current?: string | null } | null>(null);
+  const [list, setList] = useState<SnapshotList | null>(null);
   const [error, setError] = useState('');
   const [name, setName] = useState('');
   const [mem, setMem] = useState(true);
-  const load = () => get<{ snapshots: Snapshot[]; current?: string | null }>(`/api/v1/vms/${enc(n)}/snapshots`, remote).then(setList).catch((e) => setError(errText(e)));
+  const load = () => get<SnapshotList>(`/api/v1/vms/${enc(n)}/snapshots`, remote).then(setList).catch((e) => setError(errText(e)));
   useEffect(() => { load(); }, [n, props.vm.state]);
   const depth = (sn: Snapshot): number => {
     let d = 0;
