@@ -87,6 +87,17 @@ await browse('host', async (page, { shot, waitTerminal }) => {
   await page.locator('[data-testid=snapshot-list] tr[data-name=before-test]').waitFor({ timeout: 60000 });
   step('snapshot with memory taken');
   await shot('snapshots');
+  await page.locator('[data-testid=snapshot-list] tr[data-name=before-test]').getByRole('button', { name: 'Revert' }).click();
+  for (let i = 0; ; i++) {
+    const t = (await api('GET', '/api/v1/tasks')).find((x) => x.kind.includes('revert'));
+    if (t?.state === 'succeeded') break;
+    if (t?.state === 'failed' || i > 300) throw new Error(`revert: ${JSON.stringify(t)}`);
+    await page.waitForTimeout(200);
+  }
+  const reverted = await api('GET', '/api/v1/vms/web1');
+  if (reverted.current_snapshot !== 'before-test' || reverted.state !== 'running') throw new Error(`after revert: ${JSON.stringify(reverted)}`);
+  await page.locator('[data-testid=snapshot-list] tr[data-name=before-test]', { hasText: 'you are here' }).waitFor();
+  step('reverted to it from the page: running, at before-test');
 
   // An error shows the server's reason: a second VM named web1.
   await page.getByTestId('create-vm').click();
