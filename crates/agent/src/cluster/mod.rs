@@ -135,9 +135,7 @@ impl Peer {
             .json(body);
         self.send(req, &format!("POST {path}")).await
     }
-}
 
-impl Peer {
     /// Sends a request as it came (the web UI's calls for another host) and hands back
     /// status, content type and body unchanged.
     pub async fn forward(
