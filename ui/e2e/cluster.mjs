@@ -10,10 +10,11 @@ const vmOn = async (host) => {
   return vms.find((v) => v.spec.name === 'web');
 };
 
-await browse('cluster', async (page, { shot, waitTerminal, login }) => {
+await browse('cluster', async (page, { shot, login, consoleConnected, vncConnected, typeInConsole }) => {
   await login();
   await page.locator('[data-testid=tree] a[data-kind=host][data-name=h2]').waitFor();
   await page.locator('[data-testid=tree] a[data-kind=vm][data-name=web]').waitFor();
+  if ((await vmOn('h1'))?.state !== 'running' || (await vmOn('h2'))) throw new Error('web should run on h1 only');
   step('tree: both hosts, web on h1');
   await shot('tree');
 
@@ -35,14 +36,12 @@ await browse('cluster', async (page, { shot, waitTerminal, login }) => {
 
   // Its consoles on h2, relayed by h1's daemon.
   await page.goto(`${url}/#/vm/h2/web/console`);
-  await page.getByTestId('console-status').filter({ hasText: /: connected$/ }).waitFor();
-  await page.locator('.xterm').click();
-  await page.keyboard.type('\necho on-$(hostname)-$((40+2))\n');
-  await waitTerminal('on-web-42', 20000);
+  await consoleConnected();
+  await typeInConsole('\necho on-$(hostname)-$((40+2))\n', 'on-web-42');
   step('serial console of web on h2 through h1: typed, answered');
   await shot('remote-console');
   await page.getByTestId('tab-vnc').click();
-  await page.getByTestId('vnc-status').filter({ hasText: /VNC: connected$/ }).waitFor({ timeout: 30000 });
+  await vncConnected();
   step('VNC of web on h2 through h1 connected');
 
   // Maintenance mode for h2 from its page: web goes back to h1.

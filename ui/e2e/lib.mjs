@@ -58,6 +58,15 @@ export async function browse(name, scenario) {
       await page.waitForTimeout(300);
     }
   };
+  // The console tab's and VNC tab's connection states.
+  const consoleConnected = () => page.getByTestId('console-status').filter({ hasText: /: connected$/ }).waitFor();
+  const vncConnected = () => page.getByTestId('vnc-status').filter({ hasText: /VNC: connected$/ }).waitFor({ timeout: 30000 });
+  /** Types `input` into the serial console and waits for `answer` on it. */
+  const typeInConsole = async (input, answer) => {
+    await page.locator('.xterm').click();
+    await page.keyboard.type(input);
+    return waitTerminal(answer, 20000);
+  };
   const login = async () => {
     await page.goto(url);
     await page.getByLabel('Admin token').fill(token);
@@ -65,7 +74,7 @@ export async function browse(name, scenario) {
     await page.getByTestId('status-counts').waitFor();
   };
   try {
-    await scenario(page, { shot, waitTerminal, login });
+    await scenario(page, { shot, waitTerminal, login, consoleConnected, vncConnected, typeInConsole });
     if (errors.length) throw new Error(`errors in the page: ${errors.join('\n')}`);
     step('ok');
   } catch (e) {

@@ -13,7 +13,7 @@ if (!kernel || !initrd) {
   process.exit(2);
 }
 
-await browse('host', async (page, { shot, waitTerminal }) => {
+await browse('host', async (page, { shot, waitTerminal, consoleConnected, vncConnected, typeInConsole }) => {
   // Log in: the page asks for the token; a wrong one is refused with the reason.
   await page.goto(url);
   await page.getByLabel('Admin token').fill('wrong-token');
@@ -56,18 +56,16 @@ await browse('host', async (page, { shot, waitTerminal }) => {
   // The serial console: the guest's ready marker, then a command typed in the page and
   // its output (computed by the guest's shell, so an echo of the input cannot match).
   await page.getByTestId('tab-console').click();
-  await page.getByTestId('console-status').filter({ hasText: /: connected$/ }).waitFor();
+  await consoleConnected();
   await waitTerminal('FERRY-READY', 120000);
   step('ready marker on the serial console');
-  await page.locator('.xterm').click();
-  await page.keyboard.type('echo answer-$((6*7))\n');
-  await waitTerminal('answer-42', 20000);
+  await typeInConsole('echo answer-$((6*7))\n', 'answer-42');
   step('typed a command, saw its output');
   await shot('serial-console');
 
   // The VNC console: noVNC (unbundled ES modules) connects to the VM's display.
   await page.getByTestId('tab-vnc').click();
-  await page.getByTestId('vnc-status').filter({ hasText: /VNC: connected$/ }).waitFor({ timeout: 30000 });
+  await vncConnected();
   await page.locator('[data-testid=vnc-screen] canvas').waitFor();
   step('VNC console connected');
   await page.waitForTimeout(1000);
