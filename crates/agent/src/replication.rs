@@ -139,7 +139,11 @@ impl Agent {
             self.host_name(),
             &self.inner.cfg.run_dir.join("nbd"),
             cluster,
-        );
+        )
+        .map_err(|source| AgentError::Io {
+            what: "Start the replication thread".into(),
+            source,
+        })?;
         let addr = match self.own_address().await {
             Ok(a) => a,
             Err(e) => {
@@ -152,7 +156,6 @@ impl Agent {
             .map_err(|_| AgentError::Conflict(format!("cluster address {addr} is not an IP")))?;
         let bound = svc
             .listen(SocketAddr::new(ip, self.inner.cfg.replication_port))
-            .await
             .map_err(|source| AgentError::Io {
                 what: format!(
                     "Listen for replication on {ip}:{}",

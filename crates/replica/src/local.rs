@@ -49,9 +49,24 @@ pub struct Local {
     file: Arc<File>,
     meta: Mutex<Meta>,
     al: Mutex<Bitmap>,
-    /// Writes in flight per extent, and extents written since the last tick.
-    al_busy: Mutex<(HashMap<usize, u32>, BTreeSet<usize>)>,
+    /// Writes in flight per extent, extents written since the last tick, and for each
+    /// active extent the ticks it has stayed idle.
+    al_busy: Mutex<AlBusy>,
     bitmaps: Mutex<BTreeMap<String, Bitmap>>,
+}
+
+/// Ticks (of the service's housekeeping, 2 s) an extent stays in the activity log after
+/// its last write. Like DRBD's al-extents the log keeps a hot area: a sequential or
+/// random writer keeps its extents and never waits for the log to be saved again, and a
+/// volume is not synced merely to retire extents it is still writing; the cost is a
+/// larger resync after a primary crash (what was written in the last ~20 s).
+const AL_IDLE_TICKS: u32 = 10;
+
+#[derive(Default)]
+struct AlBusy {
+    in_flight: HashMap<usize, u32>,
+    touched: BTreeSet<usize>,
+    idle: HashMap<usize, u32>,
 }
 
 /// An extent range held in the activity log while a write is in flight.
@@ -64,10 +79,10 @@ impl Drop for AlGuard<'_> {
     fn drop(&mut self) {
         let mut b = self.local.al_busy.lock().expect("al");
         for e in self.extents.clone() {
-            if let Some(n) = b.0.get_mut(&e) {
+            if let Some(n) = b.in_flight.get_mut(&e) {
                 *n -= 1;
                 if *n == 0 {
-                    b.0.remove(&e);
+                    b.in_flight.remove(&e);
                 }
             }
         }
@@ -285,18 +300,18 @@ impl Local {
     /// them (saved with its next flush): what it loses in a crash before that, its
     /// primary's activity log covers.
     pub fn al_enter(&self, offset: u64, len: u64, durable: bool) -> std::io::Result<AlGuard<'_>> {
-        let extents = {
-            let mut al = self.al.lock().expect("al");
-            let r = al.range(offset, len);
-            if al.set(r.clone()) && durable {
-                al.save(true)?;
-            }
-            r
-        };
+        // Lock order: `al`, then `al_busy` (a retire must not clear an extent between
+        // the bit being set and the write counted in flight).
+        let mut al = self.al.lock().expect("al");
+        let extents = al.range(offset, len);
+        if al.set(extents.clone()) && durable {
+            al.save(true)?;
+        }
         let mut b = self.al_busy.lock().expect("al");
+        drop(al);
         for e in extents.clone() {
-            *b.0.entry(e).or_default() += 1;
-            b.1.insert(e);
+            *b.in_flight.entry(e).or_default() += 1;
+            b.touched.insert(e);
         }
         Ok(AlGuard {
             local: self,
@@ -317,28 +332,48 @@ impl Local {
         Ok(())
     }
 
-    /// Retires idle extents from the activity log: every extent with no write in
-    /// flight and none since the last tick. The caller has made the data durable on
-    /// every connected copy first; here the data and the peers' bitmaps (which hold
-    /// what the others missed) are saved before the extents go.
-    pub fn al_tick(&self) -> std::io::Result<()> {
+    /// Ends a tick and returns the extents a retire may clear: active, with no write in
+    /// flight and none for [`AL_IDLE_TICKS`] ticks. Empty: nothing to retire, and no
+    /// flush is needed for it.
+    pub fn al_idle(&self) -> BTreeSet<usize> {
         let active = self.al.lock().expect("al").ones();
-        if active.is_empty() {
+        let mut b = self.al_busy.lock().expect("al");
+        let touched = std::mem::take(&mut b.touched);
+        let mut idle = HashMap::new();
+        let mut out = BTreeSet::new();
+        for e in active {
+            let n = if b.in_flight.contains_key(&e) || touched.contains(&e) {
+                0
+            } else {
+                b.idle.get(&e).copied().unwrap_or(0) + 1
+            };
+            if n >= AL_IDLE_TICKS {
+                out.insert(e);
+            }
+            idle.insert(e, n);
+        }
+        b.idle = idle;
+        out
+    }
+
+    /// Retires the `idle` extents (from [`Local::al_idle`]) that are still idle. The
+    /// caller has made the data durable on every connected copy after `al_idle`; here
+    /// the data and the peers' bitmaps (which hold what the others missed) are saved
+    /// before the extents go.
+    pub fn al_retire(&self, idle: &BTreeSet<usize>) -> std::io::Result<()> {
+        if idle.is_empty() {
             return Ok(());
         }
         self.file.sync_data()?;
         self.save_bitmaps()?;
-        let (busy, touched) = {
-            let mut b = self.al_busy.lock().expect("al");
-            let touched = std::mem::take(&mut b.1);
-            (b.0.keys().copied().collect::<BTreeSet<_>>(), touched)
-        };
         let mut al = self.al.lock().expect("al");
-        for e in active {
-            if !busy.contains(&e) && !touched.contains(&e) {
-                al.clear(e);
+        let b = self.al_busy.lock().expect("al");
+        for e in idle {
+            if !b.in_flight.contains_key(e) && !b.touched.contains(e) {
+                al.clear(*e);
             }
         }
+        drop(b);
         al.save(true)
     }
 

@@ -214,7 +214,8 @@ impl Primary {
                 }
             }
         };
-        let (local_r, missed) = tokio::join!(local_io, self.replicate(seq, frame, targets));
+        // The frame is queued to the peers before the local write starts.
+        let (missed, local_r) = tokio::join!(self.replicate(seq, frame, targets), local_io);
         local_r?;
         for p in missed {
             // In memory: saved before the activity log retires this extent.

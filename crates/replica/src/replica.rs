@@ -321,8 +321,7 @@ impl Replica {
         let (rd, wr) = stream.into_split();
         let mut rd = tokio::io::BufReader::with_capacity(256 << 10, rd);
         let mut wr = tokio::io::BufWriter::with_capacity(64 << 10, wr);
-        let multi_thread = tokio::runtime::Handle::current().runtime_flavor()
-            == tokio::runtime::RuntimeFlavor::MultiThread;
+        let history: Arc<[GenId]> = ph.history.into();
         let result = loop {
             let m = tokio::select! {
                 m = conn::read_msg(&mut rd) => m,
@@ -344,10 +343,19 @@ impl Replica {
                 Err(e) => break Err(e),
             };
             let small = matches!(&m, Msg::Write { data, fua: false, .. } if data.len() <= 64 << 10);
-            let answer = if small || !multi_thread {
-                self.apply(m, &pc, &ph.history)
+            let answer = if small {
+                self.apply(m, &pc, &history)
             } else {
-                tokio::task::block_in_place(|| self.apply(m, &pc, &ph.history))
+                // Answers so far go out before the thread waits for a sync or a
+                // large write.
+                if let Err(e) = wr.flush().await {
+                    break Err(e.into());
+                }
+                let (me, pc, history) = (self.clone(), pc.clone(), history.clone());
+                match tokio::task::spawn_blocking(move || me.apply(m, &pc, &history)).await {
+                    Ok(a) => a,
+                    Err(e) => break Err(ConnError::Io(std::io::Error::other(e))),
+                }
             };
             let Some(a) = answer else { break Ok(()) };
             if let Err(e) = wr.write_all(&a.encode()).await {

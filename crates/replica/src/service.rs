@@ -1,6 +1,13 @@
 //! The replication service of one host: its copies of replicated volumes, the TCP
 //! listener peers' primaries connect to, one NBD socket per copy, and the activity-log
 //! housekeeping.
+//!
+//! The data path (NBD clients, the primary's connections to its peers, a secondary's
+//! connection from its primary, resyncs) runs on the service's own thread, a
+//! current-thread runtime: a write then never hops between threads inside the daemon,
+//! and the requests that arrive together go out together (one send to each peer, one
+//! reply batch to QEMU). Syncs and large writes still leave that thread (the runtime's
+//! blocking pool). The control plane (the agent's calls) runs wherever it is called.
 
 use crate::conn;
 use crate::local::Local;
@@ -20,6 +27,10 @@ type Served = (Arc<Replica>, JoinHandle<()>);
 
 pub struct Service {
     host: String,
+    /// The data path's runtime (see the module's text); the thread ends with the
+    /// service (`_stop` dropped).
+    rt: tokio::runtime::Handle,
+    _stop: tokio::sync::oneshot::Sender<()>,
     socket_dir: PathBuf,
     cluster: Arc<dyn Cluster>,
     /// Each copy with the task serving its NBD socket.
@@ -27,20 +38,47 @@ pub struct Service {
 }
 
 impl Service {
-    /// `socket_dir` holds the NBD sockets (`{pool}.{volume}.sock`).
-    pub fn new(host: &str, socket_dir: &Path, cluster: Arc<dyn Cluster>) -> Arc<Service> {
+    /// `socket_dir` holds the NBD sockets (`{pool}.{volume}.sock`). Starts the data
+    /// path's thread.
+    pub fn new(
+        host: &str,
+        socket_dir: &Path,
+        cluster: Arc<dyn Cluster>,
+    ) -> std::io::Result<Arc<Service>> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .thread_name("ferry-replica")
+            .build()?;
+        let handle = rt.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("ferry-replica".into())
+            .spawn(move || {
+                rt.block_on(async {
+                    let _ = stopped.await;
+                })
+            })?;
         let s = Arc::new(Service {
             host: host.to_string(),
+            rt: handle,
+            _stop: stop,
             socket_dir: socket_dir.to_path_buf(),
             cluster,
             replicas: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&s);
-        tokio::spawn(async move {
+        s.rt.spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 let Some(s) = weak.upgrade() else { break };
                 for r in s.all() {
+                    // Extents go from the activity log when they stayed idle for a
+                    // tick; nothing idle, nothing to flush (a busy volume is not made
+                    // to sync every tick).
+                    let idle = r.local.al_idle();
+                    if idle.is_empty() {
+                        continue;
+                    }
                     // A primary's extents retire only once connected peers have them
                     // durably too.
                     if let Some(p) = r.primary() {
@@ -49,14 +87,14 @@ impl Service {
                         }
                     }
                     let l = r.local.clone();
-                    let res = tokio::task::spawn_blocking(move || l.al_tick()).await;
+                    let res = tokio::task::spawn_blocking(move || l.al_retire(&idle)).await;
                     if let Ok(Err(e)) = res {
                         tracing::warn!(volume = %r.key(), error = %e, "activity log");
                     }
                 }
             }
         });
-        s
+        Ok(s)
     }
 
     pub fn host(&self) -> &str {
@@ -64,11 +102,16 @@ impl Service {
     }
 
     /// Accepts primaries' connections on `addr`; returns the address bound.
-    pub async fn listen(self: &Arc<Self>, addr: SocketAddr) -> std::io::Result<SocketAddr> {
-        let l = TcpListener::bind(addr).await?;
+    pub fn listen(self: &Arc<Self>, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+        let l = std::net::TcpListener::bind(addr)?;
+        l.set_nonblocking(true)?;
         let bound = l.local_addr()?;
+        let l = {
+            let _rt = self.rt.enter();
+            TcpListener::from_std(l)?
+        };
         let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
+        self.rt.spawn(async move {
             loop {
                 let Ok((mut stream, peer)) = l.accept().await else {
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -175,11 +218,16 @@ impl Service {
         std::fs::create_dir_all(&self.socket_dir)
             .map_err(|e| ReplicaError::io(format!("create {}", self.socket_dir.display()), e))?;
         let _ = std::fs::remove_file(&sock);
-        let listener = UnixListener::bind(&sock)
+        let listener = std::os::unix::net::UnixListener::bind(&sock)
+            .and_then(|l| {
+                l.set_nonblocking(true)?;
+                let _rt = self.rt.enter();
+                UnixListener::from_std(l)
+            })
             .map_err(|e| ReplicaError::io(format!("listen on {}", sock.display()), e))?;
         let r = Arc::new(Replica::new(local, &self.host, self.cluster.clone(), sock));
         let exports: Arc<dyn crate::nbd::Exports> = Arc::new(OneExport(r.clone()));
-        let task = tokio::spawn(async move {
+        let task = self.rt.spawn(async move {
             loop {
                 match listener.accept().await {
                     Ok((s, _)) => {
@@ -208,6 +256,8 @@ impl Service {
         outdated: &BTreeSet<String>,
         force: bool,
     ) -> Result<(), ReplicaError> {
+        // The term's tasks (peer connections, resyncs) run on the data path's thread.
+        let _rt = self.rt.enter();
         self.need(key)?.promote(gen, peers, outdated, force)
     }
 

@@ -55,8 +55,8 @@ struct Host {
 
 async fn host(name: &str, root: &Path, cluster: &Arc<TestCluster>) -> Host {
     let dir = root.join(name);
-    let svc = Service::new(name, &dir.join("run"), cluster.clone());
-    let addr = svc.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let svc = Service::new(name, &dir.join("run"), cluster.clone()).unwrap();
+    let addr = svc.listen("127.0.0.1:0".parse().unwrap()).unwrap();
     cluster.addrs.lock().unwrap().insert(name.into(), addr);
     svc.open(KEY, &dir.join("pool"), "v", Some((SIZE, Some(g(1, "a")))))
         .unwrap();
@@ -187,7 +187,7 @@ async fn writes_reach_both_copies_and_a_returning_peer_gets_only_what_it_missed(
     assert!(v[0].differing.is_empty());
 
     // a brand-new volume never adopts files left behind
-    let other = Service::new("x", &root.path().join("x/run"), cluster.clone());
+    let other = Service::new("x", &root.path().join("x/run"), cluster.clone()).unwrap();
     let err = other
         .open(KEY, &a.dir.join("pool"), "v", Some((SIZE, Some(g(1, "x")))))
         .err()

@@ -175,7 +175,7 @@ fn errno(e: &std::io::Error) -> u32 {
     }
 }
 
-async fn transmission<R, W>(mut rd: R, wr: W, backend: Arc<dyn Backend>) -> Result<(), ConnError>
+async fn transmission<R, W>(rd: R, wr: W, backend: Arc<dyn Backend>) -> Result<(), ConnError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Send + Unpin + 'static,
@@ -196,6 +196,8 @@ where
     });
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     let size = backend.size();
+    // Requests that arrive together are read with one call.
+    let mut rd = tokio::io::BufReader::with_capacity(256 << 10, rd);
     let result = loop {
         let mut h = [0u8; proto::REQUEST_LEN];
         if let Err(e) = rd.read_exact(&mut h).await {

@@ -2,7 +2,9 @@
 //! fio, in a 3-host etcd lab (replication over the lab's veth pairs). One run, the same
 //! fio jobs against: a local raw file, the same kind of file exported by `qemu-nbd` (the
 //! peer for our NBD server), our NBD export with replication switched off, replicated
-//! to one peer, replicated to two. Jobs: 4k random writes at queue depth 1 (IOPS and
+//! to one peer, replicated to two; and `nbdkit null` (an NBD server that discards every
+//! write: the transport's own ceiling) plus the machine's TCP round trip and stream
+//! throughput, the floors a synchronous replica cannot go below. Jobs: 4k random writes at queue depth 1 (IOPS and
 //! p50/p99 latency) and 16 (IOPS), 1 MiB sequential writes at depth 4 (MB/s); every job
 //! ends with a flush (data durable on every up-to-date copy), which counts.
 
@@ -141,6 +143,77 @@ fn qemu_nbd(file: &Path, sock: &Path) -> Result<Child> {
     Ok(child)
 }
 
+/// `nbdkit null`: an NBD server that discards every write (what the NBD transport
+/// alone costs on this machine).
+fn nbdkit_null(size_mib: u64, sock: &Path) -> Result<Child> {
+    let _ = std::fs::remove_file(sock);
+    let child = Command::new("nbdkit")
+        .args(["--foreground", "--exit-with-parent", "-U"])
+        .arg(sock)
+        .args(["null", &format!("{size_mib}M")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start nbdkit (Debian package nbdkit)")?;
+    wait_for("nbdkit socket", Duration::from_secs(10), || {
+        Ok(sock.exists())
+    })?;
+    Ok(child)
+}
+
+/// What this machine's TCP stack gives one connection over loopback, two threads: the
+/// round trip of a small message (the least a synchronous replica adds to a write at
+/// depth 1) and the throughput of 1 MiB sends (the most a replication stream carries).
+fn tcp_ceiling() -> Result<(f64, f64)> {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = l.accept()?;
+        s.set_nodelay(true)?;
+        let mut b = [0u8; 64];
+        loop {
+            let n = s.read(&mut b)?;
+            if n == 0 {
+                return Ok(());
+            }
+            s.write_all(&b[..n])?;
+        }
+    });
+    let mut c = std::net::TcpStream::connect(addr)?;
+    c.set_nodelay(true)?;
+    let mut b = [0u8; 32];
+    let n = 20_000;
+    let t = std::time::Instant::now();
+    for _ in 0..n {
+        c.write_all(&b)?;
+        c.read_exact(&mut b)?;
+    }
+    let rtt_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+    drop(c);
+    let _ = echo.join();
+
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let sink = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = l.accept()?;
+        let mut b = vec![0u8; 1 << 20];
+        while s.read(&mut b)? > 0 {}
+        Ok(())
+    });
+    let mut c = std::net::TcpStream::connect(addr)?;
+    let data = vec![7u8; 1 << 20];
+    let t = std::time::Instant::now();
+    let mut sent = 0u64;
+    while t.elapsed() < Duration::from_secs(3) {
+        c.write_all(&data)?;
+        sent += data.len() as u64;
+    }
+    drop(c);
+    let _ = sink.join();
+    Ok((rtt_us, sent as f64 / t.elapsed().as_secs_f64() / 1e6))
+}
+
 pub fn run() -> Result<()> {
     let secs = crate::arg_str("--seconds", "10")
         .parse::<u64>()
@@ -198,6 +271,14 @@ pub fn run() -> Result<()> {
     }
     let qn_sock = lab.dir.join("qemu-nbd.sock");
     let mut qn = qemu_nbd(&peer_file, &qn_sock)?;
+    let null_sock = lab.dir.join("nbdkit-null.sock");
+    let mut null = match nbdkit_null(size_mib, &null_sock) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = qn.kill();
+            return Err(e);
+        }
+    };
 
     println!(
         "fio, {secs} s per job, {size_mib} MiB volumes, every job ends with a flush; replication over the lab's veth (one machine, 2 cores: fio, the primary and the peers share them)."
@@ -209,6 +290,7 @@ pub fn run() -> Result<()> {
     let peers2: Vec<u32> = d2.into_iter().collect();
     let peers3: Vec<u32> = d2.into_iter().chain(d3).collect();
     let qn_pid = Some(qn.id());
+    let null_pid = Some(null.id());
     type Row<'a> = (&'a str, Target<'a>, Option<u32>, &'a [u32]);
     let rows: Vec<Row> = vec![
         (
@@ -221,6 +303,12 @@ pub fn run() -> Result<()> {
             "raw file via qemu-nbd (QEMU's NBD server)",
             Target::Nbd(&qn_sock),
             qn_pid,
+            &[],
+        ),
+        (
+            "nbdkit null (discards writes: the NBD transport alone)",
+            Target::Nbd(&null_sock),
+            null_pid,
             &[],
         ),
         (
@@ -242,23 +330,33 @@ pub fn run() -> Result<()> {
             &peers3,
         ),
     ];
+    // `--only 0,3`: a subset of the rows (by index), for profiling one of them.
+    let only = crate::arg_str("--only", "");
+    let only: Vec<usize> = only.split(',').filter_map(|x| x.parse().ok()).collect();
     let mut results = vec![];
-    for (label, t, serve, peers) in &rows {
+    for (i, (label, t, serve, peers)) in rows.iter().enumerate() {
+        if !only.is_empty() && !only.contains(&i) {
+            continue;
+        }
         let f = measure(t, secs, *serve, peers).with_context(|| label.to_string());
         let f = match f {
             Ok(f) => f,
             Err(e) => {
                 let _ = qn.kill();
+                let _ = null.kill();
                 return Err(e);
             }
         };
         eprintln!("{label}: done");
         results.push((label, f));
     }
-    let _ = qn.kill();
-    let _ = qn.wait();
-    let local_f = results[0].1;
-    let alone = results[2].1;
+    for c in [&mut qn, &mut null] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let find = |l: &str| results.iter().find(|(x, _)| **x == l).map(|r| r.1);
+    let local_f = find(rows[0].0).unwrap_or_default();
+    let alone = find(rows[3].0).unwrap_or_default();
     println!("| target | 4k QD1 IOPS | p50 µs | p99 µs | 4k QD16 IOPS | 1M seq MB/s | QD16 IOPS vs local / vs ferry alone | seq vs local / vs ferry alone | QD16 CPU µs/write: server / peers | machine busy |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for (label, f) in &results {
@@ -276,6 +374,18 @@ pub fn run() -> Result<()> {
             f.serve_us,
             f.peers_us,
             f.busy_pct,
+        );
+    }
+    let (rtt_us, tcp_mbs) = tcp_ceiling().context("TCP ceiling")?;
+    println!();
+    println!(
+        "This machine's TCP over loopback, one connection: {rtt_us:.0} µs per round trip of a small message, {tcp_mbs:.0} MB/s of 1 MiB sends."
+    );
+    if local_f.qd16_iops > 0.0 && local_f.seq_mbs > 0.0 {
+        println!(
+            "Ceilings for one peer vs the local file: the NBD transport alone (nbdkit null) {:.0} % of its 4k QD16 IOPS; a replication stream at most {:.0} % of its sequential MB/s.",
+            100.0 * find(rows[2].0).unwrap_or_default().qd16_iops / local_f.qd16_iops,
+            100.0 * tcp_mbs / local_f.seq_mbs
         );
     }
     Ok(())
