@@ -240,6 +240,10 @@ fn main() -> Result<()> {
     if std::env::args().nth(1).as_deref() == Some("replication") {
         return replbench::run();
     }
+    if std::env::args().nth(1).as_deref() == Some("tcp-echo") {
+        // The other process of the replication benchmark's round-trip figure.
+        return replbench::echo(&std::env::args().nth(2).unwrap_or_default());
+    }
     let runs = arg("--runs", 10);
     let nvms = arg("--vms", 1000);
     let as_json = std::env::args().any(|a| a == "--json");

@@ -161,26 +161,34 @@ fn nbdkit_null(size_mib: u64, sock: &Path) -> Result<Child> {
     Ok(child)
 }
 
-/// What this machine's TCP stack gives one connection over loopback, two threads: the
-/// round trip of a small message (the least a synchronous replica adds to a write at
-/// depth 1) and the throughput of 1 MiB sends (the most a replication stream carries).
-fn tcp_ceiling() -> Result<(f64, f64)> {
+/// `ferry-bench tcp-echo ADDR`: connects to ADDR and echoes what it reads.
+pub fn echo(addr: &str) -> Result<()> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).context("connect")?;
+    s.set_nodelay(true)?;
+    let mut b = [0u8; 64];
+    loop {
+        let n = s.read(&mut b)?;
+        if n == 0 {
+            return Ok(());
+        }
+        s.write_all(&b[..n])?;
+    }
+}
+
+/// What this machine's TCP stack gives one connection over loopback: the round trip of
+/// a small message between two processes (the least a synchronous replica adds to a
+/// write at depth 1) and the throughput of 1 MiB sends (the most a replication stream
+/// carries).
+fn tcp_ceiling() -> Result<(f64, f64, f64)> {
     use std::io::{Read, Write};
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let addr = l.local_addr()?;
-    let echo = std::thread::spawn(move || -> std::io::Result<()> {
-        let (mut s, _) = l.accept()?;
-        s.set_nodelay(true)?;
-        let mut b = [0u8; 64];
-        loop {
-            let n = s.read(&mut b)?;
-            if n == 0 {
-                return Ok(());
-            }
-            s.write_all(&b[..n])?;
-        }
-    });
-    let mut c = std::net::TcpStream::connect(addr)?;
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg("tcp-echo")
+        .arg(l.local_addr()?.to_string())
+        .spawn()
+        .context("start the echo process")?;
+    let (mut c, _) = l.accept()?;
     c.set_nodelay(true)?;
     let mut b = [0u8; 32];
     let n = 20_000;
@@ -191,7 +199,15 @@ fn tcp_ceiling() -> Result<(f64, f64)> {
     }
     let rtt_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
     drop(c);
-    let _ = echo.join();
+    let _ = child.wait();
+    let (tcp_mbs, tcp_ms) = tcp_stream()?;
+    Ok((rtt_us, tcp_mbs, tcp_ms))
+}
+
+/// 1 MiB sends over one loopback connection for 3 s: MB/s and CPU ms per MB (sender
+/// and receiver).
+fn tcp_stream() -> Result<(f64, f64)> {
+    use std::io::{Read, Write};
 
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?;
@@ -203,6 +219,7 @@ fn tcp_ceiling() -> Result<(f64, f64)> {
     });
     let mut c = std::net::TcpStream::connect(addr)?;
     let data = vec![7u8; 1 << 20];
+    let cpu0 = ferry_lab::cpu_seconds(std::process::id() as i64);
     let t = std::time::Instant::now();
     let mut sent = 0u64;
     while t.elapsed() < Duration::from_secs(3) {
@@ -211,7 +228,10 @@ fn tcp_ceiling() -> Result<(f64, f64)> {
     }
     drop(c);
     let _ = sink.join();
-    Ok((rtt_us, sent as f64 / t.elapsed().as_secs_f64() / 1e6))
+    let secs = t.elapsed().as_secs_f64();
+    let cpu = ferry_lab::cpu_seconds(std::process::id() as i64) - cpu0;
+    let mb = sent as f64 / 1e6;
+    Ok((mb / secs, cpu * 1e3 / mb))
 }
 
 pub fn run() -> Result<()> {
@@ -376,14 +396,14 @@ pub fn run() -> Result<()> {
             f.busy_pct,
         );
     }
-    let (rtt_us, tcp_mbs) = tcp_ceiling().context("TCP ceiling")?;
+    let (rtt_us, tcp_mbs, tcp_ms_per_mb) = tcp_ceiling().context("TCP ceiling")?;
     println!();
     println!(
-        "This machine's TCP over loopback, one connection: {rtt_us:.0} µs per round trip of a small message, {tcp_mbs:.0} MB/s of 1 MiB sends."
+        "This machine's TCP over loopback, one connection: {rtt_us:.0} µs per round trip of a small message between two processes, {tcp_mbs:.0} MB/s of 1 MiB sends ({tcp_ms_per_mb:.2} CPU ms per MB, sender and receiver)."
     );
     if local_f.qd16_iops > 0.0 && local_f.seq_mbs > 0.0 {
         println!(
-            "Ceilings for one peer vs the local file: the NBD transport alone (nbdkit null) {:.0} % of its 4k QD16 IOPS; a replication stream at most {:.0} % of its sequential MB/s.",
+            "Against the local file: the NBD transport alone (nbdkit null) reaches {:.0} % of its 4k QD16 IOPS, one TCP stream {:.0} % of its sequential MB/s.",
             100.0 * find(rows[2].0).unwrap_or_default().qd16_iops / local_f.qd16_iops,
             100.0 * tcp_mbs / local_f.seq_mbs
         );
