@@ -550,3 +550,58 @@ fn write_meta(path: &Path, m: &Meta) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod al_tests {
+    use super::*;
+
+    fn idle_after(l: &Local, ticks: u32) -> BTreeSet<usize> {
+        let mut idle = BTreeSet::new();
+        for _ in 0..ticks {
+            idle = l.al_idle();
+        }
+        idle
+    }
+
+    #[test]
+    fn extents_retire_only_after_staying_idle() {
+        let dir = tempfile::tempdir().unwrap();
+        let gen = GenId {
+            n: 1,
+            host: "a".into(),
+        };
+        let l = Local::open("p/v", dir.path(), "v", Some((16 * EXTENT, Some(gen)))).unwrap();
+        drop(l.al_enter(0, 4096, true).unwrap());
+        drop(l.al_enter(3 * EXTENT, 4096, true).unwrap());
+        assert_eq!(l.al_count(), 2);
+
+        // Written in this tick: not idle; then idle for AL_IDLE_TICKS - 1 ticks: kept.
+        assert!(l.al_idle().is_empty());
+        assert!(idle_after(&l, AL_IDLE_TICKS - 1).is_empty());
+
+        // Extent 3 written again: it starts over, extent 0 is due.
+        drop(l.al_enter(3 * EXTENT + 8192, 4096, true).unwrap());
+        let due = l.al_idle();
+        assert_eq!(due, BTreeSet::from([0]));
+
+        // A write entering a due extent before the retire keeps it.
+        let g = l.al_enter(100, 4096, true).unwrap();
+        l.al_retire(&due).unwrap();
+        assert_eq!(l.al_count(), 2);
+        drop(g);
+
+        // A write in flight across ticks keeps its extent; once done and idle long
+        // enough, both go.
+        let g = l.al_enter(3 * EXTENT, 4096, true).unwrap();
+        assert!(!idle_after(&l, AL_IDLE_TICKS + 1).contains(&3));
+        drop(g);
+        let due = idle_after(&l, AL_IDLE_TICKS);
+        assert_eq!(due, BTreeSet::from([0, 3]));
+        l.al_retire(&due).unwrap();
+        assert_eq!(l.al_count(), 0);
+        // Saved: a reopened copy has an empty activity log.
+        drop(l);
+        let l = Local::open("p/v", dir.path(), "v", None).unwrap();
+        assert_eq!(l.al_count(), 0);
+    }
+}

@@ -72,9 +72,9 @@ impl Service {
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 let Some(s) = weak.upgrade() else { break };
                 for r in s.all() {
-                    // Extents go from the activity log when they stayed idle for a
-                    // tick; nothing idle, nothing to flush (a busy volume is not made
-                    // to sync every tick).
+                    // Extents go from the activity log once they stayed idle for
+                    // some ticks; nothing due, nothing to flush (a busy volume is not
+                    // made to sync every tick).
                     let idle = r.local.al_idle();
                     if idle.is_empty() {
                         continue;
