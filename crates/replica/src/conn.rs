@@ -26,6 +26,23 @@ pub enum ConnError {
     Unexpected(&'static str),
 }
 
+/// Reads exactly `n` bytes into a new buffer (not zeroed first: a write's data is
+/// copied once, from the socket into the buffer that is written out).
+pub(crate) async fn read_vec<R: AsyncRead + Unpin>(
+    r: &mut R,
+    n: usize,
+) -> std::io::Result<Vec<u8>> {
+    use bytes::BufMut;
+    let mut v = Vec::with_capacity(n);
+    while v.len() < n {
+        let want = n - v.len();
+        if r.read_buf(&mut (&mut v).limit(want)).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(v)
+}
+
 /// Reads one frame. A write's data is read straight into its own buffer.
 pub async fn read_msg<R: AsyncRead + Unpin>(r: &mut R) -> Result<Msg, ConnError> {
     let mut h = [0u8; wire::HEADER_LEN];
@@ -58,8 +75,7 @@ pub async fn read_msg<R: AsyncRead + Unpin>(r: &mut R) -> Result<Msg, ConnError>
         if fixed + dlen != len as usize {
             return Err(WireError::Field("write length").into());
         }
-        let mut data = vec![0u8; dlen];
-        r.read_exact(&mut data).await?;
+        let data = read_vec(r, dlen).await?;
         return Ok(Msg::Write {
             seq,
             gen,

@@ -207,10 +207,10 @@ where
             Ok(r) => r,
             Err(e) => break Err(e.into()),
         };
-        let mut payload = vec![0u8; req.payload() as usize];
-        if let Err(e) = rd.read_exact(&mut payload).await {
-            break Err(e.into());
-        }
+        let payload = match crate::conn::read_vec(&mut rd, req.payload() as usize).await {
+            Ok(p) => p,
+            Err(e) => break Err(e.into()),
+        };
         if req.cmd == Command::Disconnect {
             break Ok(());
         }
