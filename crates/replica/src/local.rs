@@ -307,16 +307,39 @@ impl Local {
         if al.set(extents.clone()) && durable {
             al.save(true)?;
         }
+        Ok(self.al_guard(al, extents))
+    }
+
+    /// Counts a write in flight in `extents` (set in `al`, still locked: see the lock
+    /// order above).
+    fn al_guard(
+        &self,
+        al: std::sync::MutexGuard<'_, Bitmap>,
+        extents: std::ops::Range<usize>,
+    ) -> AlGuard<'_> {
         let mut b = self.al_busy.lock().expect("al");
         drop(al);
         for e in extents.clone() {
             *b.in_flight.entry(e).or_default() += 1;
             b.touched.insert(e);
         }
-        Ok(AlGuard {
+        AlGuard {
             local: self,
             extents,
-        })
+        }
+    }
+
+    /// Enters a write whose extents are all in the activity log already, without
+    /// waiting: None when one is not (entering needs a save) or when the log is busy
+    /// being saved by another thread. For the data path's thread, which must not wait
+    /// for an fsync.
+    pub fn al_try_enter(&self, offset: u64, len: u64) -> Option<AlGuard<'_>> {
+        let al = self.al.try_lock().ok()?;
+        let extents = al.range(offset, len);
+        if !extents.clone().all(|e| al.get(e)) {
+            return None;
+        }
+        Some(self.al_guard(al, extents))
     }
 
     /// Saves the activity log durably (after a flush of the data).
@@ -571,7 +594,10 @@ mod al_tests {
             host: "a".into(),
         };
         let l = Local::open("p/v", dir.path(), "v", Some((16 * EXTENT, Some(gen)))).unwrap();
+        // The data path's thread enters only extents already in the log.
+        assert!(l.al_try_enter(0, 4096).is_none());
         drop(l.al_enter(0, 4096, true).unwrap());
+        drop(l.al_try_enter(0, 4096).expect("extent 0 is in the log"));
         drop(l.al_enter(3 * EXTENT, 4096, true).unwrap());
         assert_eq!(l.al_count(), 2);
 

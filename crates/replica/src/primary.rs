@@ -174,7 +174,17 @@ impl Primary {
         }
         let (offset, len) = op.range();
         let _r = self.ranges.lock(offset, len).await;
-        let _al = self.local.al_enter(offset, len, true)?;
+        let _al = loop {
+            if let Some(g) = self.local.al_try_enter(offset, len) {
+                break g;
+            }
+            // A new extent (or the log being saved): the save, an fsync, happens off
+            // the data path's thread; then the extent is there (a retire needs many
+            // idle ticks) and entering succeeds.
+            self.local
+                .blocking(move |l| l.al_enter(offset, len, true).map(drop))
+                .await?;
+        };
         let seq = self.next_seq();
         let targets = self.targets();
         let frame = Arc::new(match &op {
