@@ -1,4 +1,4 @@
-//! `ferry-bench replication [--seconds 10] [--size-mib 512]`: replicated volumes under
+//! `ferry-bench replication [--seconds 10] [--size-mib 512] [--runs 1]`: replicated volumes under
 //! fio, in a 3-host etcd lab (replication over the lab's veth pairs). One run, the same
 //! fio jobs against: a local raw file, the same kind of file exported by `qemu-nbd` (the
 //! peer for our NBD server), our NBD export with replication switched off, replicated
@@ -27,6 +27,23 @@ struct Figures {
     serve_us: f64,
     peers_us: f64,
     busy_pct: f64,
+}
+
+impl Figures {
+    /// Each figure's median over runs.
+    fn median(v: &[Figures]) -> Figures {
+        let m = |f: fn(&Figures) -> f64| crate::median(v.iter().map(f).collect());
+        Figures {
+            qd1_iops: m(|f| f.qd1_iops),
+            p50_us: m(|f| f.p50_us),
+            p99_us: m(|f| f.p99_us),
+            qd16_iops: m(|f| f.qd16_iops),
+            seq_mbs: m(|f| f.seq_mbs),
+            serve_us: m(|f| f.serve_us),
+            peers_us: m(|f| f.peers_us),
+            busy_pct: m(|f| f.busy_pct),
+        }
+    }
 }
 
 /// (busy, total) jiffies of the machine.
@@ -238,6 +255,10 @@ pub fn run() -> Result<()> {
     let secs = crate::arg_str("--seconds", "10")
         .parse::<u64>()
         .unwrap_or(10);
+    let runs = crate::arg_str("--runs", "1")
+        .parse::<usize>()
+        .unwrap_or(1)
+        .max(1);
     let size_mib = crate::arg_str("--size-mib", "512")
         .parse::<u64>()
         .unwrap_or(512);
@@ -301,7 +322,7 @@ pub fn run() -> Result<()> {
     };
 
     println!(
-        "fio, {secs} s per job, {size_mib} MiB volumes, every job ends with a flush; replication over the lab's veth (one machine, 2 cores: fio, the primary and the peers share them)."
+        "fio, {secs} s per job, {size_mib} MiB volumes, every job ends with a flush, median of {runs} run(s) in rounds; replication over the lab's veth (one machine, 2 cores: fio, the primary and the peers share them)."
     );
     println!();
     let (s_alone, s_one, s_two) = (sock("two", "alone"), sock("two", "v"), sock("three", "v"));
@@ -353,23 +374,34 @@ pub fn run() -> Result<()> {
     // `--only 0,3`: a subset of the rows (by index), for profiling one of them.
     let only = crate::arg_str("--only", "");
     let only: Vec<usize> = only.split(',').filter_map(|x| x.parse().ok()).collect();
-    let mut results = vec![];
-    for (i, (label, t, serve, peers)) in rows.iter().enumerate() {
-        if !only.is_empty() && !only.contains(&i) {
-            continue;
-        }
-        let f = measure(t, secs, *serve, peers).with_context(|| label.to_string());
-        let f = match f {
-            Ok(f) => f,
-            Err(e) => {
-                let _ = qn.kill();
-                let _ = null.kill();
-                return Err(e);
+    // `--runs N`: every row N times, in rounds (a drift of the machine hits all rows
+    // alike); each figure is the median of its runs.
+    let mut all: Vec<(&&str, Vec<Figures>)> = vec![];
+    for round in 0..runs {
+        for (i, (label, t, serve, peers)) in rows.iter().enumerate() {
+            if !only.is_empty() && !only.contains(&i) {
+                continue;
             }
-        };
-        eprintln!("{label}: done");
-        results.push((label, f));
+            let f = measure(t, secs, *serve, peers).with_context(|| label.to_string());
+            let f = match f {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = qn.kill();
+                    let _ = null.kill();
+                    return Err(e);
+                }
+            };
+            eprintln!("{label}: run {} of {runs} done", round + 1);
+            match all.iter_mut().find(|(l, _)| *l == label) {
+                Some((_, v)) => v.push(f),
+                None => all.push((label, vec![f])),
+            }
+        }
     }
+    let results: Vec<(&&str, Figures)> = all
+        .into_iter()
+        .map(|(label, v)| (label, Figures::median(&v)))
+        .collect();
     for c in [&mut qn, &mut null] {
         let _ = c.kill();
         let _ = c.wait();
