@@ -24,6 +24,16 @@ export async function api(method, path, body) {
   return text ? JSON.parse(text) : null;
 }
 
+/** Waits until the newest task whose kind contains `kind` succeeded (throws when it fails or takes over a minute). */
+export async function taskDone(kind) {
+  for (let i = 0; ; i++) {
+    const t = (await api('GET', '/api/v1/tasks')).find((x) => x.kind.includes(kind));
+    if (t?.state === 'succeeded') return t;
+    if (t?.state === 'failed' || i > 300) throw new Error(`${kind}: ${JSON.stringify(t)}`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
 /** Runs `scenario(page, tools)` in a fresh browser; screenshots on failure. */
 export async function browse(name, scenario) {
   if (!token) {

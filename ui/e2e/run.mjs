@@ -3,7 +3,7 @@
 // crates/ferry/tests/webui.rs inside the lab's network namespace, with FERRY_URL,
 // FERRY_TOKEN, GUEST_KERNEL, GUEST_INITRD, ARTIFACTS (screenshots). Prints one line per
 // step; exits non-zero on the first failure (with a screenshot).
-import { api, browse, step, token, url } from './lib.mjs';
+import { api, browse, step, taskDone, token, url } from './lib.mjs';
 
 const kernel = process.env.GUEST_KERNEL;
 const initrd = process.env.GUEST_INITRD;
@@ -86,12 +86,7 @@ await browse('host', async (page, { shot, waitTerminal, consoleConnected, vncCon
   step('snapshot with memory taken');
   await shot('snapshots');
   await page.locator('[data-testid=snapshot-list] tr[data-name=before-test]').getByRole('button', { name: 'Revert' }).click();
-  for (let i = 0; ; i++) {
-    const t = (await api('GET', '/api/v1/tasks')).find((x) => x.kind.includes('revert'));
-    if (t?.state === 'succeeded') break;
-    if (t?.state === 'failed' || i > 300) throw new Error(`revert: ${JSON.stringify(t)}`);
-    await page.waitForTimeout(200);
-  }
+  await taskDone('revert');
   const reverted = await api('GET', '/api/v1/vms/web1');
   if (reverted.current_snapshot !== 'before-test' || reverted.state !== 'running') throw new Error(`after revert: ${JSON.stringify(reverted)}`);
   await page.locator('[data-testid=snapshot-list] tr[data-name=before-test]', { hasText: 'you are here' }).waitFor();
@@ -137,12 +132,7 @@ await browse('host', async (page, { shot, waitTerminal, consoleConnected, vncCon
   await page.getByTestId('vm-clone').click();
   await page.getByRole('dialog').getByRole('button', { name: 'Clone' }).click();
   await page.locator('[data-testid=tree] a[data-kind=vm][data-name=web1-clone]').waitFor({ timeout: 60000 });
-  for (let i = 0; ; i++) {
-    const t = (await api('GET', '/api/v1/tasks')).find((x) => x.kind.includes('clone'));
-    if (t?.state === 'succeeded') break;
-    if (t?.state === 'failed' || i > 300) throw new Error(`clone: ${JSON.stringify(t)}`);
-    await page.waitForTimeout(200);
-  }
+  await taskDone('clone');
   const clone = await api('GET', '/api/v1/vms/web1-clone');
   if (clone.spec.disks.length !== 2 || clone.clone_of?.vm !== 'web1') throw new Error(`clone: ${JSON.stringify(clone)}`);
   step('web1 cloned to web1-clone from its page');

@@ -137,45 +137,43 @@ fn measure(t: &Target, secs: u64, serve: Option<u32>, peers: &[u32]) -> Result<F
     })
 }
 
-fn qemu_nbd(file: &Path, sock: &Path) -> Result<Child> {
+/// Starts an NBD server (`cmd`, serving on `sock`) and waits for its socket.
+fn nbd_server(mut cmd: Command, sock: &Path, what: &str) -> Result<Child> {
     let _ = std::fs::remove_file(sock);
-    let child = Command::new("qemu-nbd")
-        .args([
-            "-f",
-            "raw",
-            "-t",
-            "--cache=writeback",
-            "--discard=unmap",
-            "-k",
-        ])
-        .arg(sock)
-        .arg(file)
+    let child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .context("start qemu-nbd")?;
-    wait_for("qemu-nbd socket", Duration::from_secs(10), || {
+        .with_context(|| format!("start {what}"))?;
+    wait_for(&format!("{what} socket"), Duration::from_secs(10), || {
         Ok(sock.exists())
     })?;
     Ok(child)
 }
 
+fn qemu_nbd(file: &Path, sock: &Path) -> Result<Child> {
+    let mut c = Command::new("qemu-nbd");
+    c.args([
+        "-f",
+        "raw",
+        "-t",
+        "--cache=writeback",
+        "--discard=unmap",
+        "-k",
+    ])
+    .arg(sock)
+    .arg(file);
+    nbd_server(c, sock, "qemu-nbd")
+}
+
 /// `nbdkit null`: an NBD server that discards every write (what the NBD transport
 /// alone costs on this machine).
 fn nbdkit_null(size_mib: u64, sock: &Path) -> Result<Child> {
-    let _ = std::fs::remove_file(sock);
-    let child = Command::new("nbdkit")
-        .args(["--foreground", "--exit-with-parent", "-U"])
+    let mut c = Command::new("nbdkit");
+    c.args(["--foreground", "--exit-with-parent", "-U"])
         .arg(sock)
-        .args(["null", &format!("{size_mib}M")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("start nbdkit (Debian package nbdkit)")?;
-    wait_for("nbdkit socket", Duration::from_secs(10), || {
-        Ok(sock.exists())
-    })?;
-    Ok(child)
+        .args(["null", &format!("{size_mib}M")]);
+    nbd_server(c, sock, "nbdkit (Debian package nbdkit)")
 }
 
 /// `ferry-bench tcp-echo ADDR`: connects to ADDR and echoes what it reads.
