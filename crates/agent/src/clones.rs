@@ -86,6 +86,9 @@ impl Agent {
                         c.log(format!("disk{i}: {}/{base} -> {}/{new}", d.pool, d.pool));
                     }
                     made.push((d.pool.clone(), new.clone()));
+                    if req.linked {
+                        spec.disks[i].format = ferry_types::DiskFormat::Qcow2;
+                    }
                     spec.disks[i].volume = Some(new);
                     spec.disks[i].size = None;
                 }

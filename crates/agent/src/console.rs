@@ -2,6 +2,7 @@
 //! reads it continuously (a client that stops reading stalls the guest's console), keeps
 //! a history buffer and fans the output out to any number of viewers.
 
+use crate::Agent;
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::path::Path;
@@ -87,8 +88,93 @@ impl Console {
     }
 }
 
-/// The last `max` bytes of a file (the serial log), empty if missing.
+/// The last `max` bytes of a file (the serial log), empty if missing; reads no more.
 pub fn tail(path: &Path, max: usize) -> Vec<u8> {
-    let data = std::fs::read(path).unwrap_or_default();
-    data[data.len().saturating_sub(max)..].to_vec()
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return vec![];
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(max as u64);
+    let mut out = vec![];
+    if f.seek(SeekFrom::Start(start)).is_ok() {
+        let _ = f.take(max as u64).read_to_end(&mut out);
+    }
+    out
+}
+
+/// A VM's serial log (which QEMU appends to, whatever the guest prints) is rotated past
+/// this size: the current file becomes `serial.log.1` and starts again empty. So a
+/// guest printing without end fills at most twice this (plus one check interval's
+/// worth) of the run dir, which is tmpfs.
+pub const SERIAL_LOG_CAP: u64 = 4 << 20;
+
+/// Rotates `log` when it has grown past `cap` (copy, then truncate: QEMU keeps its file
+/// open with O_APPEND, so its next write lands at the new start). True when rotated.
+pub fn rotate_log(log: &Path, cap: u64) -> std::io::Result<bool> {
+    let len = match std::fs::metadata(log) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if len <= cap {
+        return Ok(false);
+    }
+    let mut old = log.as_os_str().to_owned();
+    old.push(".1");
+    std::fs::copy(log, &old)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(log)?
+        .set_len(0)?;
+    Ok(true)
+}
+
+impl Agent {
+    /// Every 10 s: rotates the serial log of every VM run dir past `SERIAL_LOG_CAP`.
+    pub(crate) async fn serial_log_loop(self) {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+            let Ok(rd) = std::fs::read_dir(&self.inner.cfg.run_dir) else {
+                continue;
+            };
+            for d in rd.flatten() {
+                let log = d.path().join("serial.log");
+                if let Err(e) = rotate_log(&log, SERIAL_LOG_CAP) {
+                    tracing::warn!(log = %log.display(), error = %e, "cannot rotate the serial log");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod log_tests {
+    use super::*;
+
+    #[test]
+    fn serial_log_rotates_and_tail_reads_only_the_end() {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("serial.log");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        use std::io::Write;
+        f.write_all(&[b'a'; 100]).unwrap();
+        assert!(!rotate_log(&log, 100).unwrap());
+        f.write_all(b"bc").unwrap();
+        assert!(rotate_log(&log, 100).unwrap());
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
+        assert_eq!(
+            std::fs::read(d.path().join("serial.log.1")).unwrap().len(),
+            102
+        );
+        // The appending writer carries on at the new start, not at its old offset.
+        f.write_all(b"xyz").unwrap();
+        assert_eq!(std::fs::read(&log).unwrap(), b"xyz");
+        assert_eq!(tail(&d.path().join("serial.log.1"), 2), b"bc");
+        assert!(tail(&d.path().join("missing"), 2).is_empty());
+    }
 }

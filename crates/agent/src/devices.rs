@@ -133,20 +133,19 @@ impl Agent {
         let qmp = self.qmp(name)?;
         let dp = self.dir_pool(&d.pool).await?;
         let vol = d.volume.clone().unwrap_or_default();
-        let info = dp.info(&vol).await?;
+        let fmt = dp.meta(&vol)?.format;
+        let backing = crate::pools::backing_files(dp.chain(&vol)?);
         let (direct, no_flush, wce) = d.cache.qemu_flags();
         let cache = json!({"direct": direct, "no-flush": no_flush});
-        let fmt = if info.format == "qcow2" {
-            "qcow2"
-        } else {
-            "raw"
-        };
-        qmp.execute(
-            "blockdev-add",
-            Some(json!({"driver": fmt, "node-name": format!("disk{i}"), "cache": cache, "read-only": d.readonly,
-                        "file": {"driver": "file", "filename": dp.volume_path(&vol)?, "cache": cache}})),
-        )
-        .await?;
+        let mut node = ferry_qemu::format_node(
+            fmt,
+            json!({"driver": "file", "filename": dp.volume_path(&vol)?, "cache": cache}),
+            &backing,
+        );
+        node["node-name"] = json!(format!("disk{i}"));
+        node["cache"] = cache;
+        node["read-only"] = json!(d.readonly);
+        qmp.execute("blockdev-add", Some(node)).await?;
         let mut dev = json!({"id": format!("disk{i}"), "drive": format!("disk{i}"), "write-cache": if wce { "on" } else { "off" }});
         if d.bus == DiskBus::Scsi {
             dev["driver"] = json!("scsi-hd");

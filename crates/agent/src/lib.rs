@@ -204,6 +204,7 @@ impl Agent {
         tokio::spawn(agent.clone().ha_loop());
         tokio::spawn(agent.clone().load_loop());
         tokio::spawn(agent.clone().history_loop());
+        tokio::spawn(agent.clone().serial_log_loop());
         if agent.inner.cluster.is_some() {
             tokio::spawn(agent.clone().drs_loop());
         }

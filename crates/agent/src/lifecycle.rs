@@ -3,15 +3,16 @@
 
 use crate::console::{tail, Console};
 use crate::error::{AgentError, Result};
+use crate::pools::backing_files;
 use crate::records::VmRecord;
 use crate::runtime::Slot;
 use crate::Agent;
 use ferry_qemu::{
-    build_argv, kill_and_wait, read_pid, spawn_detached, LaunchPlan, ResolvedCdrom, ResolvedDisk,
-    RunPaths,
+    build_argv, kill_and_wait, read_pid, spawn_detached, BackingFile, LaunchPlan, ResolvedCdrom,
+    ResolvedDisk, RunPaths,
 };
 use ferry_qmp::Qmp;
-use ferry_types::{Firmware, VmAction, VmState};
+use ferry_types::{DiskFormat, Firmware, VmAction, VmState};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,20 +80,17 @@ impl Agent {
                 disks.push(ResolvedDisk {
                     spec: d.clone(),
                     path: svc.socket_path(&key),
-                    format: "raw".into(),
+                    format: DiskFormat::Raw,
+                    backing: vec![],
                     nbd_export: Some(key),
                 });
                 continue;
             }
             let dp = self.dir_pool(&d.pool).await?;
-            let info = dp.info(vol).await?;
+            // The recorded format and chain, never what the file's header says.
+            let mut format = dp.meta(vol)?.format;
+            let mut backing = backing_files(dp.chain(vol)?);
             let mut path = dp.volume_path(vol)?;
-            let mut format = if info.format == "qcow2" {
-                "qcow2"
-            } else {
-                "raw"
-            }
-            .to_string();
             if d.nonpersistent {
                 // Writes go to a fresh overlay in the run dir; the volume is only read.
                 let overlay = run.dir.join(format!("overlay-disk{i}.qcow2"));
@@ -101,14 +99,21 @@ impl Agent {
                     source,
                 })?;
                 let _ = std::fs::remove_file(&overlay);
-                ferry_storage::create_overlay(&overlay, &path, &format).await?;
-                path = overlay;
-                format = "qcow2".into();
+                ferry_storage::create_overlay(&overlay, &path, format.as_str()).await?;
+                backing.insert(
+                    0,
+                    BackingFile {
+                        path: std::mem::replace(&mut path, overlay),
+                        format,
+                    },
+                );
+                format = DiskFormat::Qcow2;
             }
             disks.push(ResolvedDisk {
                 spec: d.clone(),
                 path,
                 format,
+                backing,
                 nbd_export: None,
             });
         }

@@ -96,11 +96,7 @@ impl Agent {
                 "Volume {to_pool}/{old} already exists"
             )));
         }
-        let format = if info.format == "qcow2" {
-            DiskFormat::Qcow2
-        } else {
-            DiskFormat::Raw
-        };
+        let format = src.meta(&old)?.format;
         // The new copy must be this host's to write before anything is written.
         if let Some(locks) = self.pool_locks(to_pool).await? {
             locks.acquire(&old, self.host_name(), name)?;
@@ -196,17 +192,14 @@ impl Agent {
         let new_node = format!("disk{index}-{:x}", rand::random::<u16>());
         let (direct, no_flush, _) = cache.qemu_flags();
         let c = json!({"direct": direct, "no-flush": no_flush});
-        let driver = if format == DiskFormat::Qcow2 {
-            "qcow2"
-        } else {
-            "raw"
-        };
-        qmp.execute(
-            "blockdev-add",
-            Some(json!({"driver": driver, "node-name": new_node, "cache": c,
-                        "file": {"driver": "file", "filename": dst.volume_path(vol)?, "cache": c}})),
-        )
-        .await?;
+        let mut node = ferry_qemu::format_node(
+            format,
+            json!({"driver": "file", "filename": dst.volume_path(vol)?, "cache": c}),
+            &[],
+        );
+        node["node-name"] = json!(new_node);
+        node["cache"] = c;
+        qmp.execute("blockdev-add", Some(node)).await?;
         let job = format!("move-disk{index}");
         let r = async {
             qmp.execute(

@@ -13,6 +13,17 @@ fn pool_key(name: &str) -> String {
     format!("{POOLS}{name}")
 }
 
+/// A volume's recorded backing chain as QEMU gets it.
+pub(crate) fn backing_files(chain: Vec<ferry_storage::ChainLink>) -> Vec<ferry_qemu::BackingFile> {
+    chain
+        .into_iter()
+        .map(|l| ferry_qemu::BackingFile {
+            path: l.path,
+            format: l.format,
+        })
+        .collect()
+}
+
 impl Agent {
     pub(crate) async fn ensure_default_pool(&self) -> Result<()> {
         if self.inner.store.get(&pool_key("local")).await?.is_none() {
@@ -435,7 +446,12 @@ impl Agent {
         let mut made: Vec<(String, String)> = vec![];
         let mut n = 0;
         for i in 0..spec.disks.len() {
-            if spec.disks[i].volume.is_some() {
+            if let Some(v) = spec.disks[i].volume.clone() {
+                // An existing volume keeps the format recorded for it.
+                if let Ok(None) = self.replicated_pool(&spec.disks[i].pool).await {
+                    let dp = self.dir_pool(&spec.disks[i].pool).await?;
+                    spec.disks[i].format = dp.meta(&v)?.format;
+                }
                 continue;
             }
             let d = spec.disks[i].clone();

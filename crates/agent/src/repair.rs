@@ -151,15 +151,17 @@ impl Agent {
             let Ok(dp) = self.dir_pool(&d.pool).await else {
                 return Ok(());
             };
-            let Ok(path) = dp.volume_path(d.volume.as_deref().unwrap_or("")) else {
+            let vol = d.volume.as_deref().unwrap_or("");
+            let Ok(path) = dp.volume_path(vol) else {
                 return Ok(());
             };
-            let Ok(info) = ferry_storage::image_info(&path).await else {
-                return Ok(());
-            };
-            if info.format != "qcow2" {
+            // The recorded format decides; a header a guest wrote into a raw disk is data.
+            if !matches!(dp.meta(vol), Ok(m) if m.format == ferry_types::DiskFormat::Qcow2) {
                 return Ok(());
             }
+            let Ok(info) = ferry_storage::image_info(&path, "qcow2").await else {
+                return Ok(());
+            };
             per_disk.push(
                 info.snapshots
                     .iter()

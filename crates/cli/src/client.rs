@@ -16,6 +16,26 @@ pub struct Client {
 }
 
 /// The local daemon's admin token, where this user may read it.
+/// A secret from a file (`-`: standard input), else from the environment variable
+/// `env`; never from the command line.
+pub fn read_secret(file: Option<&std::path::Path>, env: &str) -> anyhow::Result<Option<String>> {
+    use anyhow::Context;
+    let raw = match file {
+        Some(f) if f.as_os_str() == "-" => {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                .context("Read the token from standard input")?;
+            s
+        }
+        Some(f) => std::fs::read_to_string(f)
+            .with_context(|| format!("Read the token from {}", f.display()))?,
+        None => return Ok(std::env::var(env).ok().filter(|t| !t.trim().is_empty())),
+    };
+    let t = raw.trim().to_string();
+    anyhow::ensure!(!t.is_empty(), "the token file is empty");
+    Ok(Some(t))
+}
+
 pub fn default_token() -> Option<String> {
     std::fs::read_to_string("/var/lib/ferry/admin-token")
         .ok()

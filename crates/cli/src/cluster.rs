@@ -38,8 +38,10 @@ pub async fn run(c: &Client, g: &Global, cmd: ClusterCmd) -> Result<()> {
             peer,
             address,
             api,
-            peer_token,
+            peer_token_file,
         } => {
+            let peer_token =
+                crate::client::read_secret(peer_token_file.as_deref(), "FERRY_PEER_TOKEN")?;
             let body = json!({"peer": peer, "address": address, "api": api, "token": peer_token});
             let cfg: ClusterConfig = c
                 .request(Method::POST, "/api/v1/cluster/join", Some(&body))

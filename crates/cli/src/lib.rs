@@ -27,10 +27,11 @@ pub struct Global {
     /// The daemon's URL.
     #[arg(long, global = true, env = "FERRY_SERVER", default_value = DEFAULT_SERVER)]
     pub server: String,
-    /// The daemon's admin token (default: /var/lib/ferry/admin-token where readable;
-    /// processes on the daemon's own host need none).
-    #[arg(long, global = true, env = "FERRY_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    /// A file holding the daemon's admin token (`-`: read it from standard input).
+    /// Without it: FERRY_TOKEN from the environment, else /var/lib/ferry/admin-token where
+    /// readable. A token is never taken from the command line, where `ps` shows it.
+    #[arg(long, global = true, env = "FERRY_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
     /// Print JSON instead of tables and messages.
     #[arg(long, global = true)]
     pub json: bool,
@@ -219,10 +220,11 @@ pub enum ClusterCmd {
         address: String,
         #[arg(long)]
         api: Option<String>,
-        /// PEER's admin token (its STATE_DIR/admin-token); the cluster's hosts share
+        /// A file holding PEER's admin token (its STATE_DIR/admin-token; `-`: standard
+        /// input), else FERRY_PEER_TOKEN from the environment. The cluster's hosts share
         /// it afterwards.
-        #[arg(long, env = "FERRY_PEER_TOKEN", hide_env_values = true)]
-        peer_token: Option<String>,
+        #[arg(long)]
+        peer_token_file: Option<std::path::PathBuf>,
     },
     /// Leave the cluster (no VM may run here).
     Leave,
@@ -585,7 +587,9 @@ fn mib(m: u64) -> String {
 
 /// Runs a CLI command.
 pub async fn run(g: Global, cmd: Command) -> Result<()> {
-    let c = Client::new(&g.server, g.token.clone().or_else(client::default_token));
+    let token =
+        client::read_secret(g.token_file.as_deref(), "FERRY_TOKEN")?.or_else(client::default_token);
+    let c = Client::new(&g.server, token);
     match cmd {
         Command::Vm(v) => vm(&c, &g, v).await,
         Command::Pool(p) => pool(&c, &g, p).await,

@@ -126,6 +126,15 @@ fn lock_state_dir(dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::Fi
         .map_err(|(_, e)| anyhow::anyhow!("Another ferry daemon uses {} ({e})", dir.display()))
 }
 
+/// Makes `dir` (and its parents) and leaves it to root alone (0700), also when it was
+/// made before with looser rights.
+fn private_dir(dir: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("Create {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("Make {} private", dir.display()))
+}
+
 /// Starts `ferry watchdog` for `run_dir` unless one runs; it outlives the daemon.
 fn ensure_watchdog(
     run_dir: &std::path::Path,
@@ -183,7 +192,12 @@ async fn serve(a: ServeArgs) -> Result<()> {
         ferry_types::validate::check_name(&mut errs, "--label/--cgroup-root", l);
         errs.into_result()?;
     }
+    // Everything the daemon and its children (QEMU, etcd, the watchdog) write is theirs
+    // alone: volumes, suspend files holding guest RAM, replica copies, logs, tokens.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let lock = lock_state_dir(&a.state_dir)?;
+    private_dir(&a.state_dir)?;
+    private_dir(&a.run_dir)?;
     let cfg = AgentConfig {
         state_dir: a.state_dir.clone(),
         run_dir: a.run_dir.clone(),

@@ -201,8 +201,8 @@ impl ClusterLab {
             &self.opts.lease_ttl_s.to_string(),
         ])?;
         // The first host's admin token: a host that is no member yet must show it.
-        let token = std::fs::read_to_string(self.state_dir(&first.name).join("admin-token"))
-            .context("read h1's admin token")?;
+        let token_file = self.state_dir(&first.name).join("admin-token");
+        let token_file = token_file.to_str().context("token path")?;
         if let Some(h) = self.hosts.get(1) {
             // Without it the member refuses, and the joiner stays as it was.
             self.cli(&h.name)?.ferry_fails(
@@ -217,8 +217,8 @@ impl ClusterLab {
                 &first.addr,
                 "--address",
                 &h.addr,
-                "--peer-token",
-                token.trim(),
+                "--peer-token-file",
+                token_file,
             ])?;
         }
         Ok(())

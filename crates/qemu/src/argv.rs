@@ -3,7 +3,7 @@
 
 use crate::accel::Accel;
 use crate::process::RunPaths;
-use ferry_types::{CdromBus, DiskBus, DiskSpec, Firmware, Machine, NicModel, VmSpec};
+use ferry_types::{CdromBus, DiskBus, DiskFormat, DiskSpec, Firmware, Machine, NicModel, VmSpec};
 use serde_json::{json, Value};
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -13,11 +13,44 @@ use std::path::PathBuf;
 pub struct ResolvedDisk {
     pub spec: DiskSpec,
     pub path: PathBuf,
-    /// The file's real format (`qcow2`/`raw`), from qemu-img.
-    pub format: String,
+    /// The format ferry recorded for the volume (never probed from the file).
+    pub format: DiskFormat,
+    /// The files under a qcow2 overlay that ferry made, nearest first (empty: none; QEMU
+    /// is told `"backing": null` and never reads a backing file named in the header).
+    pub backing: Vec<BackingFile>,
     /// Served over NBD: `path` is the unix socket, this the export name (replicated
     /// volumes).
     pub nbd_export: Option<String>,
+}
+
+/// A file of a backing chain, with the format ferry recorded for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackingFile {
+    pub path: PathBuf,
+    pub format: DiskFormat,
+}
+
+/// A format node over `file` (a protocol node's name or an inline definition) with its
+/// backing chain stated: a qcow2 node names each backing file with its recorded format,
+/// read-only, ending in `"backing": null`; a raw node has none. So what a file's header
+/// says about backing files is never followed.
+pub fn format_node(format: DiskFormat, file: Value, backing: &[BackingFile]) -> Value {
+    let mut node = json!({"driver": format.as_str(), "file": file});
+    if format == DiskFormat::Qcow2 {
+        node["backing"] = match backing.split_first() {
+            None => Value::Null,
+            Some((b, rest)) => {
+                let mut n = format_node(
+                    b.format,
+                    json!({"driver": "file", "filename": b.path, "read-only": true}),
+                    rest,
+                );
+                n["read-only"] = json!(true);
+                n
+            }
+        };
+    }
+    node
 }
 
 #[derive(Debug, Clone)]
@@ -209,8 +242,10 @@ pub fn build_argv(p: &LaunchPlan) -> Vec<OsString> {
         a.json("-blockdev", proto);
         a.json(
             "-blockdev",
-            json!({"driver": d.format, "file": format!("file-disk{i}"), "node-name": format!("disk{i}"),
-                   "cache": cache, "read-only": ro, "discard": "unmap"}),
+            merge(
+                format_node(d.format, json!(format!("file-disk{i}")), &d.backing),
+                json!({"node-name": format!("disk{i}"), "cache": cache, "read-only": ro, "discard": "unmap"}),
+            ),
         );
         let id = format!("disk{i}");
         let mut dev = match d.spec.bus {
@@ -314,7 +349,8 @@ mod tests {
             .map(|d| ResolvedDisk {
                 spec: d.clone(),
                 path: PathBuf::from(format!("/pool/{}", d.volume.clone().unwrap())),
-                format: DiskFormat::Qcow2.as_str().into(),
+                format: DiskFormat::Qcow2,
+                backing: vec![],
                 nbd_export: None,
             })
             .collect();
@@ -384,6 +420,8 @@ mod tests {
         assert_eq!(d0["cache"]["direct"], true);
         let d3 = bd.iter().find(|b| b["node-name"] == "disk3").unwrap();
         assert_eq!(d3["cache"]["direct"], false);
+        // No backing file is ever taken from an image's header.
+        assert!(d0.get("backing").is_some_and(|b| b.is_null()));
         let s: Vec<String> = argv
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
@@ -421,5 +459,27 @@ mod tests {
         assert_eq!(sata["bus"], "ide.0");
         assert!(!dev.iter().any(|d| d["driver"] == "ahci"));
         assert!(dev.iter().any(|d| d["driver"] == "e1000"));
+    }
+
+    #[test]
+    fn backing_chain_is_stated_and_raw_has_none() {
+        let chain = [
+            BackingFile {
+                path: "/pool/tmpl".into(),
+                format: DiskFormat::Qcow2,
+            },
+            BackingFile {
+                path: "/pool/base".into(),
+                format: DiskFormat::Raw,
+            },
+        ];
+        let n = format_node(DiskFormat::Qcow2, json!("file-disk0"), &chain);
+        assert_eq!(n["backing"]["driver"], "qcow2");
+        assert_eq!(n["backing"]["file"]["filename"], "/pool/tmpl");
+        assert_eq!(n["backing"]["read-only"], true);
+        assert_eq!(n["backing"]["backing"]["driver"], "raw");
+        assert!(n["backing"]["backing"].get("backing").is_none());
+        let r = format_node(DiskFormat::Raw, json!("file-disk0"), &[]);
+        assert!(r.get("backing").is_none());
     }
 }

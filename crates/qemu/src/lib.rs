@@ -7,7 +7,7 @@ mod argv;
 mod process;
 
 pub use accel::{detect_accel, Accel, AccelSetting};
-pub use argv::{build_argv, LaunchPlan, ResolvedCdrom, ResolvedDisk};
+pub use argv::{build_argv, format_node, BackingFile, LaunchPlan, ResolvedCdrom, ResolvedDisk};
 pub use process::{kill_and_wait, pid_alive, read_pid, spawn_detached, RunPaths};
 
 #[derive(Debug, thiserror::Error)]

@@ -48,6 +48,28 @@ pub async fn read_msg<R: AsyncRead + Unpin>(r: &mut R) -> Result<Msg, ConnError>
     let mut h = [0u8; wire::HEADER_LEN];
     r.read_exact(&mut h).await?;
     let (kind, len) = wire::decode_header(&h)?;
+    read_body(r, kind, len).await
+}
+
+/// The first message of an incoming connection, which must be a `Hello`. Its kind is
+/// checked from the header, and its body is read as it arrives: memory grows only with
+/// what the peer really sent, never with the length it claims.
+pub async fn read_hello<R: AsyncRead + Unpin>(r: &mut R) -> Result<Msg, ConnError> {
+    let mut h = [0u8; wire::HEADER_LEN];
+    r.read_exact(&mut h).await?;
+    let (kind, len) = wire::decode_header(&h)?;
+    if kind != wire::KIND_HELLO {
+        return Err(ConnError::Unexpected("another message before its Hello"));
+    }
+    let mut body = Vec::with_capacity(4096);
+    let got = r.take(u64::from(len)).read_to_end(&mut body).await?;
+    if got != len as usize {
+        return Err(ConnError::Closed);
+    }
+    Ok(wire::decode_body(kind, &body)?)
+}
+
+async fn read_body<R: AsyncRead + Unpin>(r: &mut R, kind: u16, len: u32) -> Result<Msg, ConnError> {
     if kind == 2 {
         // seq, generation number, host length; then host, offset, fua, data length
         let mut a = [0u8; 18];
@@ -242,5 +264,33 @@ impl Conn {
     /// Sends a message that gets no answer (Goodbye).
     pub fn send(&self, m: &Msg) {
         let _ = self.tx.send(Arc::new(Frame::msg(m)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An unauthenticated peer that claims a 64 MiB first frame and sends a few bytes
+    /// costs those bytes, not 64 MiB; another kind than Hello is refused from the header.
+    #[tokio::test]
+    async fn first_frame_is_checked_before_it_is_read() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let mut h = Msg::Goodbye { reason: "x".into() }.encode();
+        h.truncate(wire::HEADER_LEN);
+        h[6..8].copy_from_slice(&wire::KIND_HELLO.to_be_bytes());
+        h[8..12].copy_from_slice(&(64u32 << 20).to_be_bytes());
+        a.write_all(&h).await.unwrap();
+        a.write_all(b"only a few bytes").await.unwrap();
+        drop(a);
+        assert!(matches!(read_hello(&mut b).await, Err(ConnError::Closed)));
+
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let bye = Msg::Goodbye { reason: "x".into() }.encode();
+        a.write_all(&bye).await.unwrap();
+        assert!(matches!(
+            read_hello(&mut b).await,
+            Err(ConnError::Unexpected(_))
+        ));
     }
 }

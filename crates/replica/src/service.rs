@@ -121,7 +121,7 @@ impl Service {
                 tokio::spawn(async move {
                     let _ = stream.set_nodelay(true);
                     let hello =
-                        tokio::time::timeout(Duration::from_secs(5), conn::read_msg(&mut stream))
+                        tokio::time::timeout(Duration::from_secs(5), conn::read_hello(&mut stream))
                             .await;
                     let h = match hello {
                         Ok(Ok(Msg::Hello(h))) => h,

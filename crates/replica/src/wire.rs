@@ -10,6 +10,8 @@ pub const VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 12;
 /// Largest body: a 32 MiB write plus its fields, or a Hello with bitmaps.
 pub const MAX_BODY: u32 = (64 << 20) + 4096;
+/// The kind of a `Hello`.
+pub const KIND_HELLO: u16 = 1;
 const MAX_HISTORY: usize = 4096;
 const MAX_STRING: usize = 1024;
 
@@ -106,7 +108,7 @@ pub enum Msg {
 impl Msg {
     fn kind(&self) -> u16 {
         match self {
-            Msg::Hello(_) => 1,
+            Msg::Hello(_) => KIND_HELLO,
             Msg::Write { .. } => 2,
             Msg::Zero { .. } => 3,
             Msg::Flush { .. } => 4,

@@ -1,6 +1,8 @@
 //! The `dir` pool: volumes are files directly in one directory.
 
+use crate::meta::{self, ChainLink, VolumeMeta};
 use crate::qemu_img::{self, run};
+use crate::source;
 use crate::StorageError;
 use ferry_types::validate::check_name;
 use ferry_types::{ByteSize, DiskFormat, ValidationErrors, Volume};
@@ -59,6 +61,7 @@ impl DirPool {
         }
         let tmp = self.path.join(format!("{PARTIAL}{name}"));
         let size_arg = size.0.to_string();
+        meta::write(&self.path, name, &VolumeMeta::plain(format))?;
         let r = run(
             "create",
             &[
@@ -73,32 +76,75 @@ impl DirPool {
         .await;
         if let Err(e) = r {
             let _ = std::fs::remove_file(&tmp);
+            meta::remove(&self.path, name);
             return Err(e);
         }
-        self.publish(&tmp, &p)?;
+        self.publish(&tmp, &p, name)?;
         self.info(name).await
     }
 
+    /// What ferry recorded of a volume: its format and the volume it is an overlay on.
+    pub fn meta(&self, name: &str) -> Result<VolumeMeta, StorageError> {
+        self.existing(name)?;
+        meta::read(&self.path, name)
+    }
+
+    /// Records the format of a volume whose file arrived by other means (a cold
+    /// migration's upload of a VM's disk; the format comes with the VM's definition).
+    pub fn register(&self, name: &str, format: DiskFormat) -> Result<(), StorageError> {
+        self.volume_path(name)?;
+        meta::write(&self.path, name, &VolumeMeta::plain(format))
+    }
+
+    /// The files under a volume, nearest first, as QEMU must open them: the volumes it
+    /// is an overlay on, each with its recorded format (empty for a volume of its own).
+    pub fn chain(&self, name: &str) -> Result<Vec<ChainLink>, StorageError> {
+        let mut out: Vec<ChainLink> = vec![];
+        let mut seen = vec![name.to_string()];
+        let mut next = self.meta(name)?.backing;
+        while let Some(b) = next {
+            if seen.contains(&b) || out.len() >= meta::MAX_CHAIN {
+                return Err(StorageError::Meta {
+                    path: meta::path(&self.path, name).display().to_string(),
+                    reason: format!("backing chain loops or is deeper than {}", meta::MAX_CHAIN),
+                });
+            }
+            let m = self.meta(&b)?;
+            out.push(ChainLink {
+                path: self.volume_path(&b)?,
+                format: m.format,
+            });
+            seen.push(b);
+            next = m.backing;
+        }
+        Ok(out)
+    }
+
     /// Moves a finished file into place; fails (and removes it) if the name got taken.
-    fn publish(&self, tmp: &Path, p: &Path) -> Result<(), StorageError> {
+    /// Its record was written before: a file in place never lacks one.
+    fn publish(&self, tmp: &Path, p: &Path, name: &str) -> Result<(), StorageError> {
         let r = std::fs::hard_link(tmp, p);
         let _ = std::fs::remove_file(tmp);
         r.map_err(|source| match source.kind() {
             std::io::ErrorKind::AlreadyExists => StorageError::Exists(p.display().to_string()),
-            _ => StorageError::PoolDir {
-                path: p.display().to_string(),
-                source,
-            },
+            _ => {
+                meta::remove(&self.path, name);
+                StorageError::PoolDir {
+                    path: p.display().to_string(),
+                    source,
+                }
+            }
         })
     }
 
     pub async fn info(&self, name: &str) -> Result<Volume, StorageError> {
         let p = self.existing(name)?;
-        let i = qemu_img::info(&p).await?;
+        let m = meta::read(&self.path, name)?;
+        let i = qemu_img::info(&p, m.format.as_str()).await?;
         Ok(Volume {
             pool: self.name.clone(),
             name: name.to_string(),
-            format: i.format,
+            format: m.format.as_str().to_string(),
             virtual_bytes: i.virtual_size,
             allocated_bytes: i.actual_size,
         })
@@ -145,7 +191,9 @@ impl DirPool {
         std::fs::remove_file(&p).map_err(|source| StorageError::Delete {
             path: p.display().to_string(),
             source,
-        })
+        })?;
+        meta::remove(&self.path, name);
+        Ok(())
     }
 
     /// Grows a volume (offline; a running VM's disk grows through QMP `block_resize`).
@@ -202,35 +250,21 @@ impl DirPool {
                 path: source.display().to_string(),
                 source: e,
             })?;
-        let src = qemu_img::info(source).await?;
-        // Never follow a backing file of an imported image: it could read any host file.
-        if src.backing_filename.is_some() {
-            return Err(StorageError::Source {
-                path: source.display().to_string(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    "images with a backing file are not imported",
-                ),
-            });
-        }
-        let dst_fmt =
-            format
-                .map(|f| f.as_str().to_string())
-                .unwrap_or_else(|| match src.format.as_str() {
-                    "qcow2" => "qcow2".into(),
-                    _ => "raw".into(),
-                });
-        let src_fmt = if src.format == "qcow2" {
-            "qcow2"
-        } else {
-            "raw"
-        };
+        let (src_fmt, _) = source::check(source).await?;
+        let dst_fmt = format.unwrap_or(match src_fmt {
+            source::SourceFormat::Raw => DiskFormat::Raw,
+            _ => DiskFormat::Qcow2,
+        });
         let tmp = self.path.join(format!("{PARTIAL}{name}"));
-        if let Err(e) = qemu_img::convert(source, src_fmt, &tmp, &dst_fmt, progress).await {
+        meta::write(&self.path, name, &VolumeMeta::plain(dst_fmt))?;
+        if let Err(e) =
+            qemu_img::convert(source, src_fmt.as_str(), &tmp, dst_fmt.as_str(), progress).await
+        {
             let _ = std::fs::remove_file(&tmp);
+            meta::remove(&self.path, name);
             return Err(e);
         }
-        self.publish(&tmp, &p)?;
+        self.publish(&tmp, &p, name)?;
         self.info(name).await
     }
 
@@ -242,6 +276,12 @@ impl DirPool {
         tag: &str,
     ) -> Result<(), StorageError> {
         let p = self.existing(name)?;
+        if meta::read(&self.path, name)?.format != DiskFormat::Qcow2 {
+            return Err(StorageError::QemuImg {
+                op: "snapshot",
+                stderr: format!("{}/{name} is not qcow2: it keeps no snapshots", self.name),
+            });
+        }
         let flag = match op {
             SnapshotOp::Create => "-c",
             SnapshotOp::Apply => "-a",
@@ -251,9 +291,10 @@ impl DirPool {
             "snapshot",
             &[
                 "snapshot".as_ref(),
+                "--image-opts".as_ref(),
                 flag.as_ref(),
                 tag.as_ref(),
-                p.as_os_str(),
+                qemu_img::image_opts(&p, "qcow2").as_os_str(),
             ],
         )
         .await?;
@@ -264,14 +305,22 @@ impl DirPool {
     /// instant, whatever the size. The base must never change afterwards.
     pub async fn create_linked(&self, base: &str, name: &str) -> Result<Volume, StorageError> {
         let b = self.existing(base)?;
-        let info = self.info(base).await?;
+        let base_meta = self.meta(base)?;
         let p = self.volume_path(name)?;
         if p.exists() {
             return Err(StorageError::Exists(format!("{}/{name}", self.name)));
         }
         let tmp = self.path.join(format!("{PARTIAL}{name}"));
-        create_overlay(&tmp, &b, &info.format).await?;
-        self.publish(&tmp, &p)?;
+        let m = VolumeMeta {
+            format: DiskFormat::Qcow2,
+            backing: Some(base.to_string()),
+        };
+        meta::write(&self.path, name, &m)?;
+        if let Err(e) = create_overlay(&tmp, &b, base_meta.format.as_str()).await {
+            meta::remove(&self.path, name);
+            return Err(e);
+        }
+        self.publish(&tmp, &p, name)?;
         self.info(name).await
     }
 
@@ -283,17 +332,23 @@ impl DirPool {
         progress: impl FnMut(f32) + Send,
     ) -> Result<Volume, StorageError> {
         let b = self.existing(base)?;
-        let info = self.info(base).await?;
+        let fmt = self.meta(base)?.format.as_str();
         let p = self.volume_path(name)?;
         if p.exists() {
             return Err(StorageError::Exists(format!("{}/{name}", self.name)));
         }
         let tmp = self.path.join(format!("{PARTIAL}{name}"));
-        if let Err(e) = qemu_img::convert(&b, &info.format, &tmp, &info.format, progress).await {
+        meta::write(
+            &self.path,
+            name,
+            &VolumeMeta::plain(self.meta(base)?.format),
+        )?;
+        if let Err(e) = qemu_img::convert(&b, fmt, &tmp, fmt, progress).await {
             let _ = std::fs::remove_file(&tmp);
+            meta::remove(&self.path, name);
             return Err(e);
         }
-        self.publish(&tmp, &p)?;
+        self.publish(&tmp, &p, name)?;
         self.info(name).await
     }
 
@@ -354,13 +409,19 @@ mod tests {
             .unwrap();
         let l = p.create_linked("base", "linked").await.unwrap();
         assert_eq!((l.format.as_str(), l.virtual_bytes), ("qcow2", 64 << 20));
-        let b = qemu_img::info(&p.volume_path("linked").unwrap())
+        let b = qemu_img::info(&p.volume_path("linked").unwrap(), "qcow2")
             .await
             .unwrap();
         assert!(b.backing_filename.unwrap().ends_with("/base"));
+        let chain = p.chain("linked").unwrap();
+        assert_eq!(chain.len(), 1);
+        assert_eq!(chain[0].path, p.volume_path("base").unwrap());
+        p.create_linked("linked", "linked2").await.unwrap();
+        assert_eq!(p.chain("linked2").unwrap().len(), 2);
+        assert!(p.chain("base").unwrap().is_empty());
         let mut last = 0.0;
         p.copy("linked", "full", |f| last = f).await.unwrap();
-        let f = qemu_img::info(&p.volume_path("full").unwrap())
+        let f = qemu_img::info(&p.volume_path("full").unwrap(), "qcow2")
             .await
             .unwrap();
         assert!(
@@ -443,5 +504,64 @@ mod tests {
             p.list().await.unwrap().len() == 1,
             "a failed import left a volume"
         );
+    }
+
+    /// The format probe trick: a guest writes a qcow2 header naming a host file into its
+    /// raw disk. The volume stays raw for ferry (recorded format), with no backing chain.
+    #[tokio::test]
+    async fn a_header_written_into_a_raw_volume_changes_nothing() {
+        let (d, p) = pool();
+        let v = p
+            .create("v", ByteSize::mib(4), DiskFormat::Raw)
+            .await
+            .unwrap();
+        assert_eq!(v.format, "raw");
+        let secret = d.path().join("secret");
+        std::fs::write(&secret, b"host secret").unwrap();
+        let path = p.volume_path("v").unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let ok = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&secret)
+            .arg(&path)
+            .arg("4M")
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        let v = p.info("v").await.unwrap();
+        assert_eq!(v.format, "raw");
+        assert!(p.chain("v").unwrap().is_empty());
+        assert!(p.snapshot("v", SnapshotOp::Create, "s").await.is_err());
+        let listed = p.list().await.unwrap();
+        assert_eq!(listed[0].format, "raw");
+    }
+
+    /// A single-file VMDK is converted (to qcow2 by default), a descriptor refused and
+    /// nothing left behind.
+    #[tokio::test]
+    async fn import_converts_vmdk_and_refuses_descriptors() {
+        let (d, p) = pool();
+        let src = d.path().join("disk.vmdk");
+        let ok = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "vmdk"])
+            .arg(&src)
+            .arg("8M")
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        let v = p.import("img", &src, None, |_| {}).await.unwrap();
+        assert_eq!((v.format.as_str(), v.virtual_bytes), ("qcow2", 8 << 20));
+        let desc = d.path().join("desc.vmdk");
+        std::fs::write(
+            &desc,
+            "# Disk DescriptorFile\nversion=1\ncreateType=\"monolithicFlat\"\nRW 2048 FLAT \"/etc/passwd\" 0\n",
+        )
+        .unwrap();
+        let r = p.import("bad", &desc, None, |_| {}).await;
+        assert!(matches!(r, Err(StorageError::Refused { .. })), "{r:?}");
+        assert_eq!(p.list().await.unwrap().len(), 1);
+        assert!(!meta::path(&p.path, "bad").exists());
     }
 }

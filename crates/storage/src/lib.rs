@@ -4,11 +4,26 @@
 
 mod dir;
 mod lock;
+mod meta;
 mod qemu_img;
+mod source;
 
 pub use dir::{create_overlay, DirPool, SnapshotOp};
 pub use lock::{LockDir, LockError, VolumeLock};
+pub use meta::{ChainLink, VolumeMeta};
 pub use qemu_img::{info as image_info, ImageInfo, InternalSnapshot};
+pub use source::{check as check_source, SourceFormat};
+
+/// Creates (or truncates) a file readable and writable by its owner only.
+pub fn create_private(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
 
 use ferry_types::ValidationErrors;
 
@@ -40,6 +55,10 @@ pub enum StorageError {
         #[source]
         source: std::io::Error,
     },
+    #[error("Image {path} refused: {reason}")]
+    Refused { path: String, reason: String },
+    #[error("Volume record {path}: {reason}")]
+    Meta { path: String, reason: String },
     #[error("Cannot shrink {volume} from {from} to {to} bytes")]
     Shrink { volume: String, from: u64, to: u64 },
     #[error("Delete volume file {path}")]
@@ -60,6 +79,7 @@ impl StorageError {
                 | StorageError::Exists(_)
                 | StorageError::Shrink { .. }
                 | StorageError::Source { .. }
+                | StorageError::Refused { .. }
         )
     }
 }

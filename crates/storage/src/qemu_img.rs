@@ -47,13 +47,24 @@ pub(crate) async fn run(
     Ok(out.stdout)
 }
 
-/// `qemu-img info` (with `-U`, so it works on images a running QEMU holds locked).
-pub async fn info(path: &Path) -> Result<ImageInfo, StorageError> {
+/// `qemu-img info -f FORMAT` (with `-U`, so it works on images a running QEMU holds
+/// locked). The format is always given: probing would trust what a guest wrote.
+pub async fn info(path: &Path, format: &str) -> Result<ImageInfo, StorageError> {
+    serde_json::from_value(info_json(path, format).await?).map_err(|e| StorageError::QemuImg {
+        op: "info",
+        stderr: e.to_string(),
+    })
+}
+
+/// `qemu-img info -f FORMAT --output=json`, the whole answer.
+pub async fn info_json(path: &Path, format: &str) -> Result<serde_json::Value, StorageError> {
     let out = run(
         "info",
         &[
             "info".as_ref(),
             "-U".as_ref(),
+            "-f".as_ref(),
+            format.as_ref(),
             "--output=json".as_ref(),
             path.as_os_str(),
         ],
@@ -63,6 +74,15 @@ pub async fn info(path: &Path) -> Result<ImageInfo, StorageError> {
         op: "info",
         stderr: e.to_string(),
     })
+}
+
+/// `--image-opts` for a file of a given format (commas in the path doubled, as QEMU's
+/// option syntax wants).
+pub(crate) fn image_opts(path: &Path, format: &str) -> std::ffi::OsString {
+    let mut o =
+        std::ffi::OsString::from(format!("driver={format},file.driver=file,file.filename="));
+    o.push(path.to_string_lossy().replace(',', ",,"));
+    o
 }
 
 /// `qemu-img convert -p`, reporting progress (0.0–1.0) as it goes.

@@ -51,6 +51,13 @@ impl Agent {
                 continue;
             }
             if self.pool_locks(&d.pool).await?.is_none() {
+                let vol = d.volume.as_deref().unwrap_or_default();
+                if let Some(base) = self.dir_pool(&d.pool).await?.meta(vol)?.backing {
+                    return Err(AgentError::Conflict(format!(
+                        "disk {i} is a linked clone of {}/{base}, which stays here: make a full clone, or move the VM while it runs (ferry vm migrate --with-storage copies it whole)",
+                        d.pool
+                    )));
+                }
                 uploads.push(i);
             }
         }
@@ -252,6 +259,18 @@ impl Agent {
         partial: &Path,
         path: &Path,
     ) -> Result<()> {
+        if let ColdPiece::Disk(i) = piece {
+            // The file's format is the one its VM's definition records, never its header.
+            let (rec, _) = self.record(name).await?;
+            let d = rec
+                .spec
+                .disks
+                .get(i)
+                .ok_or_else(|| AgentError::NotFound(format!("disk{i} of {name}")))?;
+            self.dir_pool("local")
+                .await?
+                .register(d.volume.as_deref().unwrap_or_default(), d.format)?;
+        }
         std::fs::rename(partial, path).map_err(|source| AgentError::Io {
             what: format!("Publish {}", path.display()),
             source,

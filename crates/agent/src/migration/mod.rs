@@ -13,6 +13,7 @@ mod incoming;
 pub(crate) mod policy;
 mod recover;
 mod storage;
+mod target;
 
 use crate::error::{AgentError, Result};
 use crate::tasks::TaskCtx;
@@ -164,10 +165,30 @@ impl Agent {
         let r = loop {
             let ready: Result<IncomingReady> =
                 peer.post("/api/v1/migrations/incoming", &incoming).await;
-            let ready = match ready {
+            let mut ready = match ready {
                 Ok(r) => r,
                 Err(e) => break Err(e),
             };
+            // Only ports come from the peer; QEMU gets addresses built here.
+            let built = target::answered_port(&ready.uri, true)
+                .and_then(|p| target::migration_uri(&peer.host.address, p))
+                .and_then(|uri| {
+                    let nbd = match &ready.nbd {
+                        Some(n) => {
+                            let (h, p) = target::endpoint(
+                                &peer.host.address,
+                                target::answered_port(n, false)?,
+                            )?;
+                            Some(format!("{h}:{p}"))
+                        }
+                        None => None,
+                    };
+                    Ok((uri, nbd))
+                });
+            match built {
+                Ok((uri, nbd)) => (ready.uri, ready.nbd) = (uri, nbd),
+                Err(e) => break Err(e),
+            }
             ctx.log(format!("destination QEMU listens on {}", ready.uri));
             let r = self
                 .run_migration(name, &qmp, &req, &ready, &copy, incoming.postcopy, ctx)
