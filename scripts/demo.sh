@@ -8,9 +8,10 @@
 # the host it runs on is killed and HA restarts web on another one, and the host comes
 # back. Then the web UI: the demo daemon's at http://127.0.0.1:8470/ and the lab
 # cluster's (h1's, relayed by `ferry lab expose`) at http://127.0.0.1:8471/, each with
-# its admin token. Everything keeps running:
-#   target/release/ferry vm console demo1     (type commands; Ctrl-] detaches)
-#   target/release/ferry vm stop demo1        (ACPI shutdown)
+# its admin token. Everything keeps running (the CLI reaches the demo daemon over its
+# local socket, FERRY_SOCKET=/var/tmp/ferry-demo/run/api.sock):
+#   FERRY_SOCKET=... target/release/ferry vm console demo1     (type commands; Ctrl-] detaches)
+#   FERRY_SOCKET=... target/release/ferry vm stop demo1        (ACPI shutdown)
 # Run it again at any time; it reuses what is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,8 @@ ferry=$PWD/target/release/ferry
 guest=${FERRY_GUEST_DIR:-/var/cache/ferry/guest}
 demo=/var/tmp/ferry-demo
 mkdir -p "$demo"
+# The CLI talks to the demo daemon over its local socket (root only).
+export FERRY_SOCKET=$demo/run/api.sock
 
 if ! "$ferry" host >/dev/null 2>&1; then
   echo "== starting ferry serve (log: $demo/daemon.log)"
@@ -152,6 +155,7 @@ ferry is running: web UI http://127.0.0.1:8470/ (admin token: $token)
   API http://127.0.0.1:8470/api/v1 (Swagger UI: http://127.0.0.1:8470/api/docs)
 The lab cluster's web UI (through h1): http://127.0.0.1:8471/ (admin token: $lab_token)
   kill \$(cat $demo/expose.pid)   # stops relaying it
+  export FERRY_SOCKET=$FERRY_SOCKET   # the CLI talks to the demo daemon over its local socket
   $ferry vm console demo1     # interactive serial console, Ctrl-] detaches
   $ferry vm list | host | events | task list
   $ferry vm stop demo1        # ACPI shutdown

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything ferry needs on a fresh Debian 12 machine, idempotently:
-# QEMU 10 from bookworm-backports, busybox-static, OVMF, iproute2, etcd, hbal, fio, nbdkit, Chromium
+# QEMU 10 from bookworm-backports, busybox-static, OVMF, iproute2, nftables (VM MAC filters), etcd, hbal, fio, nbdkit, Chromium
 # (the web UI's browser tests), Node.js/npm, the web UI (npm ci + build in ui/, from the
 # lock file), and the test guest (Debian cloud kernel + busybox initramfs).
 set -euo pipefail
@@ -23,7 +23,7 @@ SRC
   rm -f /var/lib/ferry-setup-apt-updated
 fi
 
-for p in busybox-static ovmf iproute2 iputils-ping curl cpio lz4 python3 protobuf-compiler libprotobuf-dev etcd-server etcd-client ganeti-htools fio nbdkit chromium; do have "$p" || need_pkgs+=("$p"); done
+for p in busybox-static ovmf iproute2 nftables iputils-ping curl cpio lz4 python3 protobuf-compiler libprotobuf-dev etcd-server etcd-client ganeti-htools fio nbdkit chromium; do have "$p" || need_pkgs+=("$p"); done
 command -v npm >/dev/null 2>&1 || need_pkgs+=(nodejs npm)
 q=$(qemu_major || true)
 if [ -z "$q" ] || [ "$q" -lt 10 ] || ! have qemu-utils; then need_qemu=1; else need_qemu=0; fi

@@ -45,7 +45,9 @@ export function hostPath(host: string | undefined, path: string) {
 }
 
 export async function call<T>(method: string, path: string, body?: unknown, host?: string): Promise<T> {
-  const init: RequestInit = { method, credentials: 'same-origin', headers: {} };
+  // The daemon refuses a browser's write without this header: a form or a page on
+  // another site cannot send it (cross-site request forgery).
+  const init: RequestInit = { method, credentials: 'same-origin', headers: { 'x-ferry-csrf': '1' } };
   if (body !== undefined) {
     init.body = JSON.stringify(body);
     (init.headers as Record<string, string>)['content-type'] = 'application/json';

@@ -44,7 +44,7 @@ function Login(props: { onDone: (s: Session) => void }) {
     <div class="login">
       <form onSubmit={submit} class="card">
         <h1><img src="/ui/favicon.svg" alt="" /> ferry</h1>
-        <p class="muted">Log in with the admin token: <code>ferry serve</code> printed it on its first start; it is kept in <code>STATE_DIR/admin-token</code>.</p>
+        <p class="muted">Log in with the admin token: <code>ferry serve</code> made it on its first start and keeps it in <code>STATE_DIR/admin-token</code> (readable by root only).</p>
         <label>Admin token
           <input type="password" name="token" autoFocus value={token}
             onInput={(e) => setToken((e.target as HTMLInputElement).value)} />

@@ -139,6 +139,9 @@ impl Agent {
                 continue;
             };
             for d in rd.flatten() {
+                if !d.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
                 let log = d.path().join("serial.log");
                 if let Err(e) = rotate_log(&log, SERIAL_LOG_CAP) {
                     tracing::warn!(log = %log.display(), error = %e, "cannot rotate the serial log");

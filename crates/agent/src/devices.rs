@@ -247,7 +247,11 @@ impl Agent {
         let n = spec.nics[i].clone();
         if slot.state().has_process() {
             let tap = ferry_net::tap_name(rec.id, i);
-            ferry_net::create_tap(&tap)?;
+            let mac = n
+                .mac
+                .as_deref()
+                .ok_or_else(|| AgentError::invalid("nics", format!("{tap}: NIC without a MAC")))?;
+            ferry_net::create_guarded_tap(&tap, mac).await?;
             let plugged = async {
                 ferry_net::attach_up(&tap, &n.bridge).await?;
                 let qmp = self.qmp(name)?;
@@ -275,7 +279,7 @@ impl Agent {
             }
             .await;
             if let Err(e) = plugged {
-                let _ = ferry_net::delete_link(&tap).await;
+                let _ = ferry_net::delete_tap(&tap).await;
                 return Err(e);
             }
         }
@@ -308,7 +312,7 @@ impl Agent {
             let qmp = self.qmp(name)?;
             qmp.execute("netdev_del", Some(json!({"id": format!("net{index}")})))
                 .await?;
-            ferry_net::delete_link(&ferry_net::tap_name(rec.id, index)).await?;
+            ferry_net::delete_tap(&ferry_net::tap_name(rec.id, index)).await?;
         } else if slot.state() == VmState::Suspended {
             return Err(AgentError::Conflict(format!(
                 "{name} is suspended; its devices cannot change"

@@ -173,7 +173,7 @@ impl Agent {
     pub(crate) async fn remove_taps(&self, id: u32, nics: usize) {
         for i in 0..nics {
             let t = ferry_net::tap_name(id, i);
-            if let Err(e) = ferry_net::delete_link(&t).await {
+            if let Err(e) = ferry_net::delete_tap(&t).await {
                 tracing::warn!(tap = %t, error = %e, "cannot delete tap");
             }
         }
@@ -304,7 +304,11 @@ impl Agent {
         plan: &LaunchPlan,
     ) -> Result<()> {
         for (n, tap) in rec.spec.nics.iter().zip(&plan.taps) {
-            ferry_net::create_tap(tap)?;
+            let mac = n
+                .mac
+                .as_deref()
+                .ok_or_else(|| AgentError::invalid("nics", format!("{tap}: NIC without a MAC")))?;
+            ferry_net::create_guarded_tap(tap, mac).await?;
             ferry_net::attach_up(tap, &n.bridge).await?;
         }
         let _ = std::fs::remove_file(&plan.run.serial_log);

@@ -1,33 +1,50 @@
-//! Who may call the API. One admin token per daemon, made on first start and kept in
-//! `STATE_DIR/admin-token` (0600); `ferry serve` prints it then. A request is allowed
-//! when it carries the token (`Authorization: Bearer …`, or the `ferry_token` cookie the
-//! web UI's login sets) or comes from a trusted peer: a process on this host (loopback,
-//! or a connection from the host's own address) or another host of the cluster (its
-//! address, as the cluster lists it — the host-to-host calls of migration and
-//! replication). Everything else gets 401 and changes nothing. Open to all: the UI's
-//! files, login/session, and the OpenAPI document.
+//! Who may call the API — decided by what a caller proves, never by its address.
+//!
+//! - **Local clients** come over the unix socket `{run_dir}/api.sock` (0660); the kernel
+//!   tells who they are (`SO_PEERCRED`): root, or a member of the `ferry` group, may
+//!   call everything.
+//! - **Over TCP** a request carries the admin token (`Authorization: Bearer …`; the
+//!   cluster's hosts share it and send it on every host-to-host call), or the web UI's
+//!   session: a signed ticket in the `ferry_ticket` cookie (HttpOnly, SameSite=Strict,
+//!   valid for [`TICKET_LIFETIME`]), which `POST /api/v1/login` sets for the token.
+//!   A browser's write (anything but GET/HEAD) with a ticket must also carry the
+//!   `X-Ferry-CSRF` header (a form on another site cannot send one); a websocket that
+//!   names an Origin must come from the page's own origin.
+//! - Everything else gets 401 (403 for a missing CSRF header or a foreign Origin) and
+//!   changes nothing. Open to all: the UI's files, login/logout/session, the OpenAPI
+//!   document.
+//!
+//! Loopback, the host's own address and the cluster members' addresses are not trusted:
+//! a guest on a host bridge can take any of them.
 
 use crate::error::{ApiJson, ApiResult};
 use crate::ApiError;
-use axum::extract::connect_info::Connected;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::serve::IncomingStream;
 use axum::{Extension, Json};
 use ferry_agent::Agent;
 use ferry_types::{LoginRequest, Session};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 use std::io::Write;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// The cookie the web UI's login sets.
-pub const COOKIE: &str = "ferry_token";
+/// The cookie the web UI's login sets: a signed ticket, never the token.
+pub const COOKIE: &str = "ferry_ticket";
+/// The header a browser's write must carry along with the ticket.
+pub const CSRF_HEADER: &str = "x-ferry-csrf";
+/// How long a login lasts.
+pub const TICKET_LIFETIME: Duration = Duration::from_secs(2 * 3600);
 /// The token's file in the state directory.
 pub const TOKEN_FILE: &str = "admin-token";
+/// The group whose members may use the local socket besides root.
+pub const GROUP: &str = "ferry";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -49,10 +66,12 @@ pub enum AuthError {
     Malformed { path: String },
 }
 
-/// The daemon's admin token.
+/// The daemon's admin token, and the key its session tickets are signed with (derived
+/// from the token: a new token ends every session).
 #[derive(Clone)]
 pub struct Auth {
     token: Arc<str>,
+    key: Arc<[u8; 32]>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -61,10 +80,26 @@ impl std::fmt::Debug for Auth {
     }
 }
 
+/// Who a request is from, as proven (kept in the request's extensions).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// A process on this host, over the unix socket.
+    Local { uid: u32 },
+    /// The admin token (the CLI from elsewhere, another host of the cluster).
+    Token,
+    /// A browser session.
+    Session { user: String },
+}
+
 impl Auth {
     pub fn new(token: &str) -> Auth {
+        use sha2::Digest;
+        let mut h = Sha256::new();
+        h.update(b"ferry session ticket key\0");
+        h.update(token.as_bytes());
         Auth {
             token: token.into(),
+            key: Arc::new(h.finalize().into()),
         }
     }
 
@@ -118,15 +153,50 @@ impl Auth {
         Ok((Auth::new(&token), true))
     }
 
-    /// Whether the request carries the token (header or cookie).
-    pub fn presented(&self, headers: &HeaderMap) -> bool {
-        let bearer = headers
+    /// Whether the request carries the token as its bearer.
+    pub fn bearer(&self, headers: &HeaderMap) -> bool {
+        headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        bearer.is_some_and(|t| same(t, &self.token))
-            || cookie(headers, COOKIE).is_some_and(|t| same(&t, &self.token))
+            .map(str::trim)
+            .is_some_and(|t| same(t, &self.token))
+    }
+
+    fn mac(&self, payload: &str) -> String {
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.key[..])
+            .expect("HMAC takes any key length");
+        m.update(payload.as_bytes());
+        m.finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// A ticket for `user`, valid until `now + TICKET_LIFETIME`: `user:expiry:mac`.
+    pub fn ticket(&self, user: &str, now: SystemTime) -> String {
+        let expiry = (now + TICKET_LIFETIME)
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let payload = format!("{user}:{expiry}");
+        let mac = self.mac(&payload);
+        format!("{payload}:{mac}")
+    }
+
+    /// The user of a ticket that this daemon signed and that has not expired.
+    pub fn check_ticket(&self, ticket: &str, now: SystemTime) -> Option<String> {
+        let (payload, mac) = ticket.rsplit_once(':')?;
+        let (user, expiry) = payload.rsplit_once(':')?;
+        let expiry: u64 = expiry.parse().ok()?;
+        let now = now.duration_since(UNIX_EPOCH).ok()?.as_secs();
+        (same(mac, &self.mac(payload)) && now < expiry).then(|| user.to_string())
+    }
+
+    /// The user of the request's session cookie, if it holds a valid ticket.
+    pub fn session(&self, headers: &HeaderMap) -> Option<String> {
+        cookie(headers, COOKIE).and_then(|t| self.check_ticket(&t, SystemTime::now()))
     }
 }
 
@@ -150,60 +220,56 @@ fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(|(_, v)| v.to_string())
 }
 
-/// Both ends of a connection (what `ferry serve` records for each one).
+/// Where a connection came from (what `ferry serve` records for each one).
 #[derive(Debug, Clone, Copy)]
-pub struct PeerAddrs {
-    pub remote: SocketAddr,
-    pub local: SocketAddr,
+pub enum ConnInfo {
+    /// Over TCP: the remote address, for logs only (it proves nothing).
+    Tcp { remote: SocketAddr },
+    /// Over the unix socket: the kernel's word on the client process.
+    Unix {
+        uid: u32,
+        gid: u32,
+        pid: Option<i32>,
+    },
 }
 
-impl Connected<IncomingStream<'_, tokio::net::TcpListener>> for PeerAddrs {
-    fn connect_info(s: IncomingStream<'_, tokio::net::TcpListener>) -> PeerAddrs {
-        PeerAddrs {
-            remote: *s.remote_addr(),
-            local: s.io().local_addr().unwrap_or(*s.remote_addr()),
-        }
+/// Root, or a process whose primary group is `ferry_gid` (or that is in it).
+fn trusted_local(uid: u32, gid: u32, pid: Option<i32>, ferry_gid: Option<u32>) -> bool {
+    if uid == 0 {
+        return true;
     }
+    let Some(fg) = ferry_gid else { return false };
+    gid == fg || pid.is_some_and(|p| process_groups(p).contains(&fg))
 }
 
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
+/// The supplementary groups of a process (from `/proc/PID/status`).
+fn process_groups(pid: i32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
+                g.split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
 }
 
-/// A process on this host: loopback, or connected from the address it connected to.
-fn local_peer(p: &PeerAddrs) -> bool {
-    let r = canonical(p.remote.ip());
-    r.is_loopback() || r == canonical(p.local.ip())
+/// The `ferry` group's id, if the group exists.
+pub fn ferry_gid() -> Option<u32> {
+    nix::unistd::Group::from_name(GROUP)
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw())
 }
 
-/// Another host of the cluster, calling from its own address.
-async fn cluster_peer(agent: &Agent, p: &PeerAddrs) -> bool {
-    let r = canonical(p.remote.ip());
-    let Ok(hosts) = agent.cluster_hosts().await else {
-        return false;
-    };
-    hosts.iter().any(|h| {
-        let api_host = h
-            .api
-            .split("://")
-            .nth(1)
-            .and_then(|rest| rest.split(['/', ':']).next())
-            .unwrap_or("");
-        [h.address.as_str(), api_host]
-            .iter()
-            .any(|a| a.parse::<IpAddr>().is_ok_and(|ip| canonical(ip) == r))
-    })
-}
-
-fn peer(req: &Request) -> Option<PeerAddrs> {
+fn conn(req: &Request) -> Option<ConnInfo> {
     let x = req.extensions();
-    x.get::<axum::extract::ConnectInfo<PeerAddrs>>()
+    x.get::<axum::extract::ConnectInfo<ConnInfo>>()
         .map(|c| c.0)
         .or_else(|| {
-            x.get::<axum::extract::connect_info::MockConnectInfo<PeerAddrs>>()
+            x.get::<axum::extract::connect_info::MockConnectInfo<ConnInfo>>()
                 .map(|c| c.0)
         })
 }
@@ -217,29 +283,88 @@ fn open_path(path: &str) -> bool {
         || path.starts_with("/api/docs")
 }
 
-/// The middleware: lets a request through or answers 401.
-pub async fn require(
-    State((auth, agent)): State<(Auth, Agent)>,
-    req: Request,
-    next: Next,
-) -> Response {
-    if open_path(req.uri().path()) || auth.presented(req.headers()) {
-        return next.run(req).await;
+/// A websocket whose Origin names another site than the Host it was sent to.
+fn foreign_origin(headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return false;
+    };
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    let origin_host = origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.split_once("://"))
+        .map(|(_, rest)| rest.trim_end_matches('/'));
+    !matches!((origin_host, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
+}
+
+/// What the request proves, or why it is refused (status and reason).
+fn decide(
+    auth: &Auth,
+    conn: Option<ConnInfo>,
+    method: &Method,
+    headers: &HeaderMap,
+    ferry_gid: Option<u32>,
+) -> Result<Caller, (StatusCode, &'static str)> {
+    if is_upgrade(headers) && foreign_origin(headers) {
+        return Err((
+            StatusCode::FORBIDDEN,
+            "A websocket from another site's page is refused (its Origin is not this host)",
+        ));
     }
-    if let Some(p) = peer(&req) {
-        if local_peer(&p) || cluster_peer(&agent, &p).await {
-            return next.run(req).await;
+    if let Some(ConnInfo::Unix { uid, gid, pid }) = conn {
+        if trusted_local(uid, gid, pid, ferry_gid) {
+            return Ok(Caller::Local { uid });
         }
     }
-    ApiError::new(
+    if auth.bearer(headers) {
+        return Ok(Caller::Token);
+    }
+    if let Some(user) = auth.session(headers) {
+        let read = matches!(*method, Method::GET | Method::HEAD);
+        if !read && !is_upgrade(headers) && !headers.contains_key(CSRF_HEADER) {
+            return Err((
+                StatusCode::FORBIDDEN,
+                "A write from the browser must carry the X-Ferry-CSRF header",
+            ));
+        }
+        return Ok(Caller::Session { user });
+    }
+    Err((
         StatusCode::UNAUTHORIZED,
-        "Log in first: send the admin token (Authorization: Bearer TOKEN, or FERRY_TOKEN for the CLI); `ferry serve` printed it on its first start and keeps it in STATE_DIR/admin-token",
-    )
-    .into_response()
+        "Log in first: send the admin token (Authorization: Bearer TOKEN; the CLI reads --token-file or FERRY_TOKEN, or uses the local socket as root); `ferry serve` made it on its first start and keeps it in STATE_DIR/admin-token (root only)",
+    ))
+}
+
+/// The middleware: lets a request through (with its [`Caller`]) or refuses it.
+pub async fn require(
+    State((auth, _agent)): State<(Auth, Agent)>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let c = conn(&req);
+    match decide(&auth, c, req.method(), req.headers(), ferry_gid()) {
+        Ok(caller) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
+        Err(_) if open_path(req.uri().path()) => next.run(req).await,
+        Err((status, why)) => {
+            if let Some(ConnInfo::Tcp { remote }) = c {
+                tracing::debug!(%remote, path = req.uri().path(), %status, "request refused");
+            }
+            ApiError::new(status, why).into_response()
+        }
+    }
 }
 
 #[utoipa::path(post, path = "/api/v1/login", tag = "host", request_body = LoginRequest,
-    responses((status = 200, description = "Logged in; sets the session cookie", body = Session),
+    responses((status = 200, description = "Logged in; sets the session cookie (a signed ticket)", body = Session),
               (status = 401, description = "Wrong token", body = ferry_types::ApiErrorBody)))]
 pub async fn login(
     State(agent): State<Agent>,
@@ -251,8 +376,9 @@ pub async fn login(
         return Err(ApiError::new(StatusCode::UNAUTHORIZED, "Wrong token"));
     }
     let cookie = format!(
-        "{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict",
-        auth.token()
+        "{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
+        auth.ticket("root", SystemTime::now()),
+        TICKET_LIFETIME.as_secs()
     );
     let mut resp = Json(Session {
         authenticated: true,
@@ -261,9 +387,8 @@ pub async fn login(
     .into_response();
     resp.headers_mut().insert(
         header::SET_COOKIE,
-        HeaderValue::from_str(&cookie).map_err(|_| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Malformed admin token")
-        })?,
+        HeaderValue::from_str(&cookie)
+            .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Malformed ticket"))?,
     );
     Ok(resp)
 }
@@ -282,14 +407,14 @@ pub async fn logout() -> Response {
 }
 
 #[utoipa::path(get, path = "/api/v1/session", tag = "host",
-    responses((status = 200, description = "Whether this request carries the admin token", body = Session)))]
+    responses((status = 200, description = "Whether this request is logged in (admin token or a valid session ticket)", body = Session)))]
 pub async fn session(
     State(agent): State<Agent>,
     Extension(auth): Extension<Auth>,
     headers: HeaderMap,
 ) -> Json<Session> {
     Json(Session {
-        authenticated: auth.presented(&headers),
+        authenticated: auth.bearer(&headers) || auth.session(&headers).is_some(),
         host: agent.host_name().to_string(),
     })
 }
@@ -318,43 +443,111 @@ mod tests {
         assert!(e.to_string().contains("malformed"), "{e}");
     }
 
-    #[test]
-    fn token_from_header_or_cookie_only_when_equal() {
-        let a = Auth::new("0123456789abcdef0123");
+    fn headers(pairs: &[(header::HeaderName, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
-        assert!(!a.presented(&h));
-        h.insert(
-            header::AUTHORIZATION,
-            "Bearer 0123456789abcdef0124".parse().unwrap(),
-        );
-        assert!(!a.presented(&h));
-        h.insert(
-            header::AUTHORIZATION,
-            "Bearer 0123456789abcdef0123".parse().unwrap(),
-        );
-        assert!(a.presented(&h));
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::COOKIE,
-            "a=b; ferry_token=0123456789abcdef0123".parse().unwrap(),
-        );
-        assert!(a.presented(&h));
-        h.insert(
-            header::COOKIE,
-            "ferry_token=0123456789abcdef012".parse().unwrap(),
-        );
-        assert!(!a.presented(&h));
+        for (k, v) in pairs {
+            h.append(k, v.parse().unwrap());
+        }
+        h
     }
 
     #[test]
-    fn local_peers_are_loopback_or_own_address() {
-        let p = |r: &str, l: &str| PeerAddrs {
-            remote: r.parse().unwrap(),
-            local: l.parse().unwrap(),
+    fn bearer_only_when_equal_and_the_cookie_is_no_token() {
+        let a = Auth::new("0123456789abcdef0123");
+        assert!(!a.bearer(&HeaderMap::new()));
+        let wrong = headers(&[(header::AUTHORIZATION, "Bearer 0123456789abcdef0124")]);
+        assert!(!a.bearer(&wrong));
+        let right = headers(&[(header::AUTHORIZATION, "Bearer 0123456789abcdef0123")]);
+        assert!(a.bearer(&right));
+        let raw = headers(&[(header::COOKIE, "ferry_ticket=0123456789abcdef0123")]);
+        assert!(a.session(&raw).is_none());
+    }
+
+    #[test]
+    fn tickets_are_signed_and_expire() {
+        let a = Auth::new("0123456789abcdef0123");
+        let now = SystemTime::now();
+        let t = a.ticket("root", now);
+        assert_eq!(a.check_ticket(&t, now).as_deref(), Some("root"));
+        assert_eq!(a.check_ticket(&t, now + TICKET_LIFETIME), None);
+        let forged = t.replacen("root", "admin", 1);
+        assert_eq!(a.check_ticket(&forged, now), None);
+        let (payload, _) = t.rsplit_once(':').unwrap();
+        let longer = format!("root:99999999999:{}", &t[payload.len() + 1..]);
+        assert_eq!(a.check_ticket(&longer, now), None);
+        // Another token signs other tickets.
+        assert_eq!(Auth::new("other-token-0123456").check_ticket(&t, now), None);
+    }
+
+    /// No address is trusted: loopback, the host's own or any other. Only the kernel's
+    /// word on a unix socket client, the token, or a ticket (with the CSRF header for
+    /// writes; a websocket from a foreign origin is refused).
+    #[test]
+    fn callers_are_decided_by_proof_never_by_address() {
+        let a = Auth::new("0123456789abcdef0123");
+        let tcp = |r: &str| {
+            Some(ConnInfo::Tcp {
+                remote: r.parse().unwrap(),
+            })
         };
-        assert!(local_peer(&p("127.0.0.1:5000", "127.0.0.1:8470")));
-        assert!(local_peer(&p("10.1.0.1:5000", "10.1.0.1:8470")));
-        assert!(local_peer(&p("[::ffff:10.1.0.1]:5000", "10.1.0.1:8470")));
-        assert!(!local_peer(&p("10.1.0.2:5000", "10.1.0.1:8470")));
+        let none = HeaderMap::new();
+        for r in ["127.0.0.1:5000", "[::1]:5000", "10.1.0.1:5000"] {
+            let d = decide(&a, tcp(r), &Method::GET, &none, None);
+            assert_eq!(d.unwrap_err().0, StatusCode::UNAUTHORIZED, "{r}");
+        }
+        let unix = |uid, gid| {
+            Some(ConnInfo::Unix {
+                uid,
+                gid,
+                pid: None,
+            })
+        };
+        assert_eq!(
+            decide(&a, unix(0, 0), &Method::POST, &none, None),
+            Ok(Caller::Local { uid: 0 })
+        );
+        assert!(decide(&a, unix(1000, 1000), &Method::GET, &none, None).is_err());
+        assert!(decide(&a, unix(1000, 990), &Method::GET, &none, Some(990)).is_ok());
+        let bearer = headers(&[(header::AUTHORIZATION, "Bearer 0123456789abcdef0123")]);
+        assert_eq!(
+            decide(&a, tcp("10.9.9.9:1"), &Method::DELETE, &bearer, None),
+            Ok(Caller::Token)
+        );
+        let t = a.ticket("root", SystemTime::now());
+        let c = format!("{COOKIE}={t}");
+        let sess = headers(&[(header::COOKIE, &c)]);
+        assert!(decide(&a, tcp("10.9.9.9:1"), &Method::GET, &sess, None).is_ok());
+        let e = decide(&a, tcp("10.9.9.9:1"), &Method::POST, &sess, None).unwrap_err();
+        assert_eq!(e.0, StatusCode::FORBIDDEN);
+        let csrf = headers(&[(header::COOKIE, &c), (CSRF_HEADER.parse().unwrap(), "1")]);
+        assert!(decide(&a, tcp("10.9.9.9:1"), &Method::POST, &csrf, None).is_ok());
+        let ws = |origin: &str| {
+            headers(&[
+                (header::COOKIE, &c),
+                (header::UPGRADE, "websocket"),
+                (header::HOST, "10.0.0.11:8470"),
+                (header::ORIGIN, origin),
+            ])
+        };
+        assert!(decide(
+            &a,
+            tcp("10.9.9.9:1"),
+            &Method::GET,
+            &ws("https://10.0.0.11:8470"),
+            None
+        )
+        .is_ok());
+        let e = decide(
+            &a,
+            tcp("10.9.9.9:1"),
+            &Method::GET,
+            &ws("https://evil.example"),
+            None,
+        );
+        assert_eq!(e.unwrap_err().0, StatusCode::FORBIDDEN);
+        // Even root's own socket does not open a websocket for a foreign page.
+        let mut h = ws("http://evil.example");
+        h.remove(header::COOKIE);
+        assert!(decide(&a, unix(0, 0), &Method::GET, &h, None).is_err());
     }
 }

@@ -13,13 +13,14 @@ mod migration;
 mod nodes;
 mod pools;
 mod replication;
+pub mod serve;
 mod snapshots;
 mod tasks;
 mod ui;
 mod vms;
 mod ws;
 
-pub use auth::{Auth, PeerAddrs};
+pub use auth::{Auth, Caller, ConnInfo};
 pub use error::ApiError;
 pub use pools::Bridge;
 
@@ -158,7 +159,7 @@ async fn metrics(State(a): State<Agent>) -> ([(axum::http::HeaderName, &'static 
     )
 }
 
-/// The whole HTTP service. Serve it with connect info ([`PeerAddrs`]): without it only
+/// The whole HTTP service. Serve it with connect info ([`ConnInfo`]): without it only
 /// requests carrying the admin token get through.
 pub fn router(agent: Agent, auth: Auth) -> Router {
     let (api, doc) = api().split_for_parts();

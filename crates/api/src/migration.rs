@@ -174,16 +174,25 @@ async fn receive(
     use futures::StreamExt;
     use tokio::io::AsyncWriteExt;
     let (path, partial) = a.cold_upload_target(name, piece).await?;
+    let limit = a.cold_upload_limit(name, piece, &partial).await?;
     let io = |what: String| move |source: std::io::Error| AgentError::Io { what, source };
     let mut f = tokio::fs::File::create(&partial)
         .await
         .map_err(io(format!("Create {}", partial.display())))?;
     let mut stream = body.into_data_stream();
+    let mut got = 0u64;
     let r: Result<(), AgentError> = async {
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| {
                 io("Receive the upload".into())(std::io::Error::other(e.to_string()))
             })?;
+            got += chunk.len() as u64;
+            if got > limit {
+                return Err(AgentError::invalid(
+                    "body",
+                    format!("the upload is larger than the {limit} bytes it may take"),
+                ));
+            }
             f.write_all(&chunk)
                 .await
                 .map_err(io(format!("Write {}", partial.display())))?;

@@ -1,5 +1,5 @@
 //! `/api/v1/nodes/{host}/api/v1/...`: a request for another host of the cluster, sent
-//! on by this daemon (which that host trusts as a cluster member) and answered with
+//! on by this daemon (with the cluster's token) and answered with
 //! that host's answer. The web UI reaches the whole cluster through the daemon that
 //! served it, as Proxmox's does; websockets (serial console, VNC) are relayed frame by
 //! frame.
@@ -87,6 +87,12 @@ async fn relay(
         request
             .headers_mut()
             .insert(header::SEC_WEBSOCKET_PROTOCOL, p);
+    }
+    if let Some(v) = a
+        .cluster_token()
+        .and_then(|t| header::HeaderValue::from_str(&format!("Bearer {t}")).ok())
+    {
+        request.headers_mut().insert(header::AUTHORIZATION, v);
     }
     let (peer, resp) = tokio_tungstenite::connect_async(request)
         .await

@@ -30,20 +30,23 @@ async fn agent(d: &tempfile::TempDir) -> Agent {
     .unwrap()
 }
 
-/// The router as `ferry serve` runs it, for requests from `remote` to `local`.
-fn served(agent: &Agent, remote: &str, local: &str) -> Router {
-    router(agent.clone(), Auth::new(TEST_TOKEN)).layer(
-        axum::extract::connect_info::MockConnectInfo(PeerAddrs {
-            remote: remote.parse().unwrap(),
-            local: local.parse().unwrap(),
-        }),
-    )
+/// The router as `ferry serve` runs it, for requests over a connection `conn`.
+fn served(agent: &Agent, conn: ConnInfo) -> Router {
+    router(agent.clone(), Auth::new(TEST_TOKEN))
+        .layer(axum::extract::connect_info::MockConnectInfo(conn))
 }
+
+/// Root on this host, over the local socket.
+const ROOT: ConnInfo = ConnInfo::Unix {
+    uid: 0,
+    gid: 0,
+    pid: None,
+};
 
 async fn app() -> (tempfile::TempDir, Router, Agent) {
     let d = tempfile::tempdir().unwrap();
     let agent = agent(&d).await;
-    let app = served(&agent, "127.0.0.1:40000", "127.0.0.1:8470");
+    let app = served(&agent, ROOT);
     (d, app, agent)
 }
 
@@ -440,13 +443,46 @@ async fn drs_settings_pools_and_placement_on_one_host() {
     assert_eq!(s, StatusCode::NOT_FOUND);
 }
 
-/// A request from another machine (not this host, not a cluster host): only the token
-/// lets it through; login sets the cookie, which then works like the token.
+/// A request over TCP — from another machine or from loopback alike: only the token
+/// lets it through; login sets a ticket cookie, which then works for reads and, with
+/// the CSRF header, for writes.
 #[tokio::test]
-async fn remote_requests_need_the_token_and_login_sets_a_cookie() {
+async fn tcp_requests_need_the_token_and_login_sets_a_ticket() {
     let d = tempfile::tempdir().unwrap();
     let agent = agent(&d).await;
-    let app = served(&agent, "192.0.2.7:40000", "192.0.2.1:8470");
+    for remote in ["127.0.0.1:40000", "192.0.2.1:40000"] {
+        let app = served(
+            &agent,
+            ConnInfo::Tcp {
+                remote: remote.parse().unwrap(),
+            },
+        );
+        let r = app
+            .oneshot(Request::get("/api/v1/vms").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{remote}");
+    }
+    // A user's process on this host, over the local socket: not root, not in the group.
+    let app = served(
+        &agent,
+        ConnInfo::Unix {
+            uid: 4242,
+            gid: 4242,
+            pid: None,
+        },
+    );
+    let r = app
+        .oneshot(Request::get("/api/v1/vms").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let app = served(
+        &agent,
+        ConnInfo::Tcp {
+            remote: "192.0.2.7:40000".parse().unwrap(),
+        },
+    );
     let send = |method: &str, uri: &str, headers: Vec<(&str, String)>, body: Option<Value>| {
         let mut req = Request::builder().method(method).uri(uri);
         for (k, v) in headers {
@@ -510,6 +546,10 @@ async fn remote_requests_need_the_token_and_login_sets_a_cookie() {
         cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
         "{cookie}"
     );
+    assert!(
+        !cookie.contains(TEST_TOKEN),
+        "the cookie holds the token: {cookie}"
+    );
     let pair = cookie.split(';').next().unwrap().to_string();
     let r = send(
         "GET",
@@ -524,9 +564,25 @@ async fn remote_requests_need_the_token_and_login_sets_a_cookie() {
         serde_json::from_slice::<Value>(&b).unwrap()["authenticated"],
         true
     );
-    let r = send("POST", "/api/v1/vms", vec![("cookie", pair)], Some(spec))
-        .await
-        .unwrap();
+    // A write with the ticket alone is what a form on another site could send: refused.
+    let r = send(
+        "POST",
+        "/api/v1/vms",
+        vec![("cookie", pair.clone())],
+        Some(spec.clone()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    assert!(agent.list_vms().await.unwrap().is_empty());
+    let r = send(
+        "POST",
+        "/api/v1/vms",
+        vec![("cookie", pair), ("x-ferry-csrf", "1".into())],
+        Some(spec),
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
     let bearer = vec![("authorization", format!("Bearer {TEST_TOKEN}"))];
     let r = send("GET", "/api/v1/vms/x1/metrics", bearer, None)
@@ -555,4 +611,35 @@ async fn forwarding_refuses_unknown_hosts_and_other_paths() {
         assert_eq!(s, StatusCode::BAD_REQUEST, "{path}: {v}");
         assert!(v.to_string().contains("forwarded"), "{v}");
     }
+}
+
+/// A peer that names a host file as an arriving VM's shared suspend state (which would
+/// be fed to QEMU and deleted afterwards) is refused, and nothing is registered.
+#[tokio::test]
+async fn cold_arrivals_take_no_foreign_state_file() {
+    let (d, app, agent) = app().await;
+    let victim = d.path().join("precious");
+    std::fs::write(&victim, b"keep me").unwrap();
+    for f in [
+        "/etc/passwd".to_string(),
+        victim.display().to_string(),
+        format!("{}/../precious/.vm-1-suspend.state", d.path().display()),
+    ] {
+        let (s, v) = call(
+            &app,
+            "POST",
+            "/api/v1/migrations/cold",
+            Some(json!({
+                "source": "elsewhere",
+                "vm": {"spec": {"name": "arriving", "cpus": 1, "memory_mib": 64}},
+                "suspended": true,
+                "suspend_file": f,
+            })),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{f}: {v}");
+        assert!(v.to_string().contains("suspend_file"), "{v}");
+    }
+    assert!(agent.list_vms().await.unwrap().is_empty());
+    assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
 }

@@ -8,14 +8,21 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::time::Duration;
 
+/// The daemon's local socket, used when no `--server` is given.
+pub const DEFAULT_SOCKET: &str = "/run/ferry/api.sock";
+
 #[derive(Clone)]
 pub struct Client {
+    /// Where requests go: the server's URL, or a fixed one over the local socket.
     pub base: String,
+    /// Path prefix: empty, or `/api/v1/nodes/HOST` for another host of the cluster.
+    prefix: String,
+    /// The local socket, when requests go there.
+    socket: Option<std::path::PathBuf>,
     http: reqwest::Client,
     token: Option<String>,
 }
 
-/// The local daemon's admin token, where this user may read it.
 /// A secret from a file (`-`: standard input), else from the environment variable
 /// `env`; never from the command line.
 pub fn read_secret(file: Option<&std::path::Path>, env: &str) -> anyhow::Result<Option<String>> {
@@ -36,6 +43,7 @@ pub fn read_secret(file: Option<&std::path::Path>, env: &str) -> anyhow::Result<
     Ok(Some(t))
 }
 
+/// The local daemon's admin token, where this user may read it.
 pub fn default_token() -> Option<String> {
     std::fs::read_to_string("/var/lib/ferry/admin-token")
         .ok()
@@ -44,17 +52,50 @@ pub fn default_token() -> Option<String> {
 }
 
 impl Client {
+    /// A daemon at a URL (`http(s)://HOST:PORT`).
     pub fn new(base: &str, token: Option<String>) -> Client {
         Client {
             base: base.trim_end_matches('/').to_string(),
+            prefix: String::new(),
+            socket: None,
             http: reqwest::Client::new(),
             token,
         }
     }
 
-    /// The same credentials against another host of the cluster.
-    pub fn at(&self, base: &str) -> Client {
-        Client::new(base, self.token.clone())
+    /// The daemon of this host over its local socket (the kernel tells it who we are).
+    pub fn local(socket: &std::path::Path, token: Option<String>) -> Result<Client> {
+        let http = reqwest::Client::builder()
+            .unix_socket(socket)
+            .build()
+            .context("HTTP client over the local socket")?;
+        Ok(Client {
+            base: "http://localhost".into(),
+            prefix: String::new(),
+            socket: Some(socket.to_path_buf()),
+            http,
+            token,
+        })
+    }
+
+    /// Another host of the cluster, through this daemon (which forwards the request).
+    pub fn at_node(&self, host: &str) -> Client {
+        let mut c = self.clone();
+        c.prefix = format!("/api/v1/nodes/{host}");
+        c
+    }
+
+    /// What the client talks to, for messages.
+    pub fn target(&self) -> String {
+        match &self.socket {
+            Some(s) => format!("{} (--socket/FERRY_SOCKET)", s.display()),
+            None => format!("{} (--server/FERRY_SERVER)", self.base),
+        }
+    }
+
+    /// The local socket, when requests go there.
+    pub fn socket(&self) -> Option<&std::path::Path> {
+        self.socket.as_deref()
     }
 
     /// The token as a request header, for the websocket of the console.
@@ -68,7 +109,7 @@ impl Client {
         path: &str,
         body: Option<&Value>,
     ) -> Result<T> {
-        let url = format!("{}{path}", self.base);
+        let url = format!("{}{}{path}", self.base, self.prefix);
         let mut req = self.http.request(method.clone(), &url);
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
@@ -76,10 +117,12 @@ impl Client {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let resp = req
-            .send()
-            .await
-            .with_context(|| format!("Cannot reach the ferry daemon at {} (is `ferry serve` running? --server/FERRY_SERVER)", self.base))?;
+        let resp = req.send().await.with_context(|| {
+            format!(
+                "Cannot reach the ferry daemon at {} (is `ferry serve` running?)",
+                self.target()
+            )
+        })?;
         let status = resp.status();
         let bytes = resp.bytes().await.context("Read the daemon's answer")?;
         if !status.is_success() {
@@ -109,7 +152,7 @@ impl Client {
     }
 
     pub async fn get_text(&self, path: &str) -> Result<String> {
-        let url = format!("{}{path}", self.base);
+        let url = format!("{}{}{path}", self.base, self.prefix);
         let mut req = self.http.get(&url);
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
@@ -117,7 +160,7 @@ impl Client {
         let resp = req
             .send()
             .await
-            .with_context(|| format!("Cannot reach {}", self.base))?;
+            .with_context(|| format!("Cannot reach {}", self.target()))?;
         let status = resp.status();
         let text = resp.text().await?;
         if !status.is_success() {
@@ -177,6 +220,6 @@ impl Client {
             .base
             .replacen("http://", "ws://", 1)
             .replacen("https://", "wss://", 1);
-        format!("{b}{path}")
+        format!("{b}{}{path}", self.prefix)
     }
 }

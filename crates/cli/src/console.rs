@@ -31,8 +31,29 @@ pub async fn attach(c: &Client, name: &str) -> Result<()> {
                 .context("The admin token is not a valid header value")?,
         );
     }
-    let (ws, _) = match tokio_tungstenite::connect_async(request).await {
-        Ok(x) => x,
+    match c.socket() {
+        Some(sock) => {
+            let stream = tokio::net::UnixStream::connect(sock)
+                .await
+                .with_context(|| format!("Connect to {}", sock.display()))?;
+            let r = tokio_tungstenite::client_async(request, stream).await;
+            session(opened(r, name, &url)?, name).await
+        }
+        None => {
+            let r = tokio_tungstenite::connect_async(request).await;
+            session(opened(r, name, &url)?, name).await
+        }
+    }
+}
+
+/// The websocket, or the daemon's refusal as an error that says why.
+fn opened<W, R>(
+    r: Result<(W, R), tokio_tungstenite::tungstenite::Error>,
+    name: &str,
+    url: &str,
+) -> Result<W> {
+    match r {
+        Ok((ws, _)) => Ok(ws),
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
             let body = resp
                 .body()
@@ -44,8 +65,14 @@ pub async fn attach(c: &Client, name: &str) -> Result<()> {
                 resp.status()
             );
         }
-        Err(e) => return Err(e).with_context(|| format!("Connect to {url}")),
-    };
+        Err(e) => Err(e).with_context(|| format!("Connect to {url}")),
+    }
+}
+
+async fn session<S>(ws: tokio_tungstenite::WebSocketStream<S>, name: &str) -> Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let tty = std::io::stdin().is_terminal();
     let _guard = if tty {
         crossterm::terminal::enable_raw_mode().context("Raw terminal mode")?;

@@ -20,13 +20,15 @@ use ferry_types::{
 use reqwest::Method;
 use serde_json::{json, Value};
 
-pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8470";
-
 #[derive(Args, Debug, Clone)]
 pub struct Global {
-    /// The daemon's URL.
-    #[arg(long, global = true, env = "FERRY_SERVER", default_value = DEFAULT_SERVER)]
-    pub server: String,
+    /// Another daemon's URL (`http://HOST:8470`); without it the CLI talks to this
+    /// host's daemon over its local socket.
+    #[arg(long, global = true, env = "FERRY_SERVER")]
+    pub server: Option<String>,
+    /// The local daemon's socket.
+    #[arg(long, global = true, env = "FERRY_SOCKET", default_value = client::DEFAULT_SOCKET)]
+    pub socket: std::path::PathBuf,
     /// A file holding the daemon's admin token (`-`: read it from standard input).
     /// Without it: FERRY_TOKEN from the environment, else /var/lib/ferry/admin-token where
     /// readable. A token is never taken from the command line, where `ps` shows it.
@@ -589,7 +591,10 @@ fn mib(m: u64) -> String {
 pub async fn run(g: Global, cmd: Command) -> Result<()> {
     let token =
         client::read_secret(g.token_file.as_deref(), "FERRY_TOKEN")?.or_else(client::default_token);
-    let c = Client::new(&g.server, token);
+    let c = match &g.server {
+        Some(s) => Client::new(s, token),
+        None => Client::local(&g.socket, token)?,
+    };
     match cmd {
         Command::Vm(v) => vm(&c, &g, v).await,
         Command::Pool(p) => pool(&c, &g, p).await,
@@ -655,7 +660,7 @@ async fn host_client(c: &Client, name: Option<&str>) -> Result<Client> {
     hosts
         .iter()
         .find(|h| h.name == name)
-        .map(|h| c.at(&h.api))
+        .map(|h| c.at_node(&h.name))
         .with_context(|| {
             format!(
                 "no host {name} in the cluster (hosts: {})",
@@ -698,7 +703,7 @@ async fn host(c: &Client, g: &Global, cmd: HostCmd) -> Result<()> {
             let hosts: Vec<ClusterHost> = c.get("/api/v1/cluster/hosts").await?;
             let mut rows = vec![];
             for h in &hosts {
-                let info: Result<HostInfo> = c.at(&h.api).get("/api/v1/host").await;
+                let info: Result<HostInfo> = c.at_node(&h.name).get("/api/v1/host").await;
                 rows.push((h.clone(), info.ok()));
             }
             if g.json {

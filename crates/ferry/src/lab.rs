@@ -154,19 +154,23 @@ pub fn run(cmd: LabCmd) -> Result<()> {
         }
         LabCmd::Exec { host, lab, command } => {
             let l = ClusterLab::open(&me, &lab.name)?;
-            let (ns, api) = if host == "client" {
+            // A lab host's own CLI uses its daemon's local socket; the client namespace is
+            // another machine: h1's API over the LAN, with the cluster's token.
+            let mut cmd = std::process::Command::new("ip");
+            if host == "client" {
                 let h1 = l.hosts.first().context("the lab has no hosts")?;
-                (l.client_ns(), h1.api())
+                cmd.args(["netns", "exec", &l.client_ns()])
+                    .env("FERRY_SERVER", h1.api())
+                    .env(
+                        "FERRY_TOKEN_FILE",
+                        l.state_dir(&h1.name).join("admin-token"),
+                    );
             } else {
                 let h = l.host(&host)?;
-                (h.ns.clone(), h.api())
-            };
-            let st = std::process::Command::new("ip")
-                .args(["netns", "exec", &ns])
-                .args(&command)
-                .env("FERRY_SERVER", api)
-                .status()
-                .context("run the command")?;
+                cmd.args(["netns", "exec", &h.ns])
+                    .env("FERRY_SOCKET", l.run_dir(&host).join("api.sock"));
+            }
+            let st = cmd.args(&command).status().context("run the command")?;
             if !st.success() {
                 bail!("{} exited with {st}", command[0]);
             }

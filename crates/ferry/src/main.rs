@@ -135,6 +135,32 @@ fn private_dir(dir: &std::path::Path) -> Result<()> {
         .with_context(|| format!("Make {} private", dir.display()))
 }
 
+/// The local socket's name in the run dir.
+const SOCKET: &str = "api.sock";
+
+/// Binds `{run_dir}/api.sock` for local clients: root and the `ferry` group may connect
+/// (0660); the daemon asks the kernel who each one is.
+fn local_socket(run_dir: &std::path::Path) -> Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = run_dir.join(SOCKET);
+    // The state dir's lock is ours: a socket left there is a dead daemon's.
+    let _ = std::fs::remove_file(&path);
+    let l = tokio::net::UnixListener::bind(&path)
+        .with_context(|| format!("Listen on {}", path.display()))?;
+    if let Some(gid) = ferry_api::auth::ferry_gid() {
+        nix::unistd::chown(&path, None, Some(nix::unistd::Gid::from_raw(gid)))
+            .with_context(|| format!("Give {} to the ferry group", path.display()))?;
+        // The run dir must let the group reach the socket.
+        std::fs::set_permissions(run_dir, std::fs::Permissions::from_mode(0o710))
+            .with_context(|| format!("Open {} to the ferry group", run_dir.display()))?;
+        nix::unistd::chown(run_dir, None, Some(nix::unistd::Gid::from_raw(gid)))
+            .with_context(|| format!("Give {} to the ferry group", run_dir.display()))?;
+    }
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("Set the rights of {}", path.display()))?;
+    Ok(l)
+}
+
 /// Starts `ferry watchdog` for `run_dir` unless one runs; it outlives the daemon.
 fn ensure_watchdog(
     run_dir: &std::path::Path,
@@ -254,10 +280,10 @@ async fn serve(a: ServeArgs) -> Result<()> {
     let (auth, made) =
         ferry_api::Auth::load_or_create(&a.state_dir).context("Load the admin token")?;
     if made {
+        // Never into a log: only where it is.
         println!(
-            "ferry: admin token (first start; kept in {}): {}",
+            "ferry: admin token made (first start): read it from {} (root only)",
             a.state_dir.join(ferry_api::auth::TOKEN_FILE).display(),
-            auth.token()
         );
     }
     if !ferry_api::ui_built() {
@@ -266,34 +292,38 @@ async fn serve(a: ServeArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("Listen on {}", a.listen))?;
+    let local = local_socket(&a.run_dir)?;
     tracing::info!(listen = %a.listen, accel = %agent.accel(), "ferry serve: API ready");
     println!(
-        "ferry: API on http://{} (accel {})",
+        "ferry: API on http://{} and {} (accel {})",
         a.listen,
+        a.run_dir.join(SOCKET).display(),
         agent.accel()
     );
     let restart = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (r, ag) = (restart.clone(), agent.clone());
-    let app = ferry_api::router(agent, auth)
-        .into_make_service_with_connect_info::<ferry_api::PeerAddrs>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {},
-                _ = term.recv() => {},
-                _ = ag.restart_requested() => {
-                    // Let the answer that asked for it reach the client first.
-                    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-                    r.store(true, std::sync::atomic::Ordering::SeqCst);
-                }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+            _ = ag.restart_requested() => {
+                // Let the answer that asked for it reach the client first.
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                r.store(true, std::sync::atomic::Ordering::SeqCst);
             }
-            tracing::info!("stopping the daemon; VMs keep running");
-        })
-        .await
-        .context("Serve the API")?;
+        }
+        tracing::info!("stopping the daemon; VMs keep running");
+        let _ = stop_tx.send(true);
+    });
+    let app = ferry_api::router(agent, auth);
+    let limits = ferry_api::serve::Limits::default();
+    tokio::join!(
+        ferry_api::serve::serve(listener, app.clone(), limits, stop_rx.clone()),
+        ferry_api::serve::serve(local, app, limits, stop_rx),
+    );
     if restart.load(std::sync::atomic::Ordering::SeqCst) {
         use std::os::unix::process::CommandExt;
         drop(lock);

@@ -391,7 +391,9 @@ fn fire(lab: &Lab, path: &str, body: &str) -> Result<()> {
             "-d",
             body,
         ])
-        .arg(format!("http://127.0.0.1:8470{path}"))
+        .arg("--unix-socket")
+        .arg(&lab.socket)
+        .arg(format!("http://localhost{path}"))
         .output()?;
     anyhow::ensure!(
         o.status.success(),
@@ -495,8 +497,10 @@ fn crashes_mid_snapshot_or_clone_leave_store_and_files_agreeing() -> Result<()> 
             "-f",
             "-X",
             "DELETE",
-            "http://127.0.0.1:8470/api/v1/vms/cr/snapshots/d1",
+            "http://localhost/api/v1/vms/cr/snapshots/d1",
+            "--unix-socket",
         ])
+        .arg(&lab.socket)
         .output()?;
     anyhow::ensure!(o.status.success(), "DELETE failed: {o:?}");
     std::thread::sleep(Duration::from_millis(50));
@@ -571,7 +575,17 @@ fn crashes_mid_snapshot_or_clone_leave_store_and_files_agreeing() -> Result<()> 
         .map(|v| v["name"].as_str().unwrap().to_string())
         .collect();
     fire(&lab, "/api/v1/vms/big/clone", r#"{"name": "bigcopy"}"#)?;
-    std::thread::sleep(Duration::from_millis(300));
+    // Killed while the copy is being written (its partial file exists), however fast
+    // the copy runs on this machine.
+    let pool = lab.state_dir().join("pools/local");
+    let t = std::time::Instant::now();
+    while t.elapsed() < Duration::from_secs(5)
+        && !std::fs::read_dir(&pool)?
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with(".partial-"))
+    {
+        std::thread::sleep(Duration::from_millis(2));
+    }
     lab.stop_daemon(true)?;
     lab.start_daemon()?;
     assert!(

@@ -84,7 +84,7 @@ fn vm_boots_answers_pings_console_and_survives_daemon_crash() -> Result<()> {
         .cmd("script")
         .args([
             "-qfec",
-            "ferry --server http://127.0.0.1:8470 vm console web1",
+            &format!("ferry --socket {} vm console web1", lab.socket.display()),
             "/dev/null",
         ])
         .env(
@@ -323,7 +323,8 @@ fn every_disk_bus_cdrom_nic_model_and_uefi_start_in_qemu() -> Result<()> {
     // QEMU reports a block device for every disk: the metrics show their counters.
     let m = String::from_utf8(
         lab.cmd("curl")
-            .args(["-s", "http://127.0.0.1:8470/metrics"])
+            .args(["-s", "http://localhost/metrics", "--unix-socket"])
+            .arg(&lab.socket)
             .output()?
             .stdout,
     )?;
@@ -389,6 +390,14 @@ fn websockets_stream_events_console_and_vnc() -> Result<()> {
     use tokio_tungstenite::tungstenite::Message;
     let lab = lab()?;
     create_guest(&lab, "ws1", "10.77.0.13", &[])?;
+    // Over TCP nothing is trusted by address: the token goes along.
+    let bearer = format!("Bearer {}", lab.token()?);
+    let ws = |path: &str| -> Result<tokio_tungstenite::tungstenite::handshake::client::Request> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut r = format!("ws://127.0.0.1:8470{path}").into_client_request()?;
+        r.headers_mut().insert("authorization", bearer.parse()?);
+        Ok(r)
+    };
     ferry_lab::in_netns(&lab.ns, || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -396,11 +405,11 @@ fn websockets_stream_events_console_and_vnc() -> Result<()> {
             .block_on(async {
                 let base = "127.0.0.1:8470";
                 let (mut events, _) =
-                    tokio_tungstenite::connect_async(format!("ws://{base}/api/v1/events/stream"))
-                        .await?;
+                    tokio_tungstenite::connect_async(ws("/api/v1/events/stream")?).await?;
                 let c = reqwest::Client::new();
                 let r = c
                     .post(format!("http://{base}/api/v1/vms/ws1/start"))
+                    .header("authorization", &bearer)
                     .send()
                     .await?;
                 assert_eq!(r.status().as_u16(), 202);
@@ -422,8 +431,7 @@ fn websockets_stream_events_console_and_vnc() -> Result<()> {
 
                 // The console websocket: history first, then live output; input is typed.
                 let (mut con, _) =
-                    tokio_tungstenite::connect_async(format!("ws://{base}/api/v1/vms/ws1/console"))
-                        .await?;
+                    tokio_tungstenite::connect_async(ws("/api/v1/vms/ws1/console")?).await?;
                 let mut out = String::new();
                 let t = std::time::Instant::now();
                 while !out.contains("FERRY-READY") && t.elapsed() < BOOT {
@@ -446,8 +454,7 @@ fn websockets_stream_events_console_and_vnc() -> Result<()> {
 
                 // VNC over websocket: QEMU's RFB greeting comes through.
                 let (mut vnc, _) =
-                    tokio_tungstenite::connect_async(format!("ws://{base}/api/v1/vms/ws1/vnc"))
-                        .await?;
+                    tokio_tungstenite::connect_async(ws("/api/v1/vms/ws1/vnc")?).await?;
                 let m = tokio::time::timeout(Duration::from_secs(10), vnc.next())
                     .await?
                     .expect("vnc open")?;

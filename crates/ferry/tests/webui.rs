@@ -68,7 +68,8 @@ fn browser_logs_in_creates_runs_and_uses_a_vm() -> Result<()> {
     let mut lab = Lab::new(FERRY)?;
     lab.start_daemon()?;
     let log = lab.dir.join("daemon.log");
-    run_e2e(&lab.ns, "e2e/run.mjs", &lab.server, &lab.state_dir(), &log)
+    let server = format!("http://127.0.0.1:{}", ferry_lab::API_PORT);
+    run_e2e(&lab.ns, "e2e/run.mjs", &server, &lab.state_dir(), &log)
 }
 
 #[test]
@@ -84,7 +85,7 @@ fn browser_migrates_relays_consoles_and_evacuates_in_a_cluster() -> Result<()> {
     run_e2e(
         &h1.ns,
         "e2e/cluster.mjs",
-        &h1.server,
+        &lab.host("h1")?.api(),
         &lab.state_dir("h1"),
         &log,
     )

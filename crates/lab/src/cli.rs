@@ -1,4 +1,4 @@
-//! The CLI as tests use it: `ip netns exec NS ferry --server URL ...`, plus helpers that
+//! The CLI as tests use it: `ip netns exec NS ferry --socket RUN_DIR/api.sock ...`, plus helpers that
 //! drive a guest through its serial console.
 
 use anyhow::{bail, Context, Result};
@@ -15,11 +15,25 @@ use crate::{guest, SEQ};
 pub struct Cli {
     pub ferry: PathBuf,
     pub ns: String,
-    /// The daemon's base URL.
-    pub server: String,
+    /// The daemon's local socket (`{run_dir}/api.sock`).
+    pub socket: PathBuf,
 }
 
 impl Cli {
+    /// The daemon's admin token (from the state dir beside the run dir).
+    pub fn token(&self) -> Result<String> {
+        let state = self
+            .socket
+            .parent()
+            .and_then(|run| run.parent())
+            .context("socket path")?
+            .join("state/admin-token");
+        Ok(std::fs::read_to_string(&state)
+            .with_context(|| format!("read {}", state.display()))?
+            .trim()
+            .to_string())
+    }
+
     /// A command run inside the namespace.
     pub fn cmd(&self, program: &str) -> Command {
         let mut c = Command::new("ip");
@@ -30,7 +44,8 @@ impl Cli {
     /// Runs the CLI in the namespace against the daemon.
     pub fn ferry(&self, args: &[&str]) -> Result<Output> {
         self.cmd(self.ferry.to_str().context("ferry path")?)
-            .args(["--server", &self.server])
+            .arg("--socket")
+            .arg(&self.socket)
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -40,7 +55,8 @@ impl Cli {
     /// Starts the CLI in the background (output piped).
     pub fn spawn(&self, args: &[&str]) -> Result<std::process::Child> {
         self.cmd(self.ferry.to_str().context("ferry path")?)
-            .args(["--server", &self.server])
+            .arg("--socket")
+            .arg(&self.socket)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -173,7 +189,9 @@ impl Cli {
         use std::io::Write;
         let mut child = self
             .cmd(self.ferry.to_str().context("ferry path")?)
-            .args(["--server", &self.server, "vm", "console", vm])
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(["vm", "console", vm])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -146,6 +146,9 @@ impl ClusterLab {
         // On error the drop tears down the part that exists.
         lab.build_network()?;
         lab.write_cluster_file()?;
+        if !opts.etcd {
+            lab.share_token()?;
+        }
         for h in lab.hosts.clone() {
             lab.start_daemon(&h.name)?;
         }
@@ -168,6 +171,27 @@ impl ClusterLab {
             ])?;
         }
         Ok(lab)
+    }
+
+    /// A static cluster's hosts share one admin token, as an etcd cluster's do after
+    /// `join`: every host-to-host call carries it.
+    fn share_token(&self) -> Result<()> {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut b = [0u8; 32];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+        let token: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        for h in &self.hosts {
+            let dir = self.state_dir(&h.name);
+            std::fs::create_dir_all(&dir)?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(dir.join("admin-token"))?;
+            std::io::Write::write_all(&mut f, format!("{token}\n").as_bytes())?;
+        }
+        Ok(())
     }
 
     /// The lab `prefix` made earlier (by `ferry lab up`).
@@ -277,7 +301,7 @@ impl ClusterLab {
         Ok(Cli {
             ferry: self.ferry.clone(),
             ns: h.ns.clone(),
-            server: h.api(),
+            socket: self.run_dir(host).join("api.sock"),
         })
     }
 

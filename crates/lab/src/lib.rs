@@ -99,7 +99,7 @@ impl Lab {
             cli: Cli {
                 ferry: ferry.into(),
                 ns: ns.clone(),
-                server: format!("http://127.0.0.1:{API_PORT}"),
+                socket: dir.join("run").join("api.sock"),
             },
             ns,
             dir,

@@ -3,15 +3,34 @@
 //! brought up over rtnetlink; QEMU opens it by name. Bridges are created only on request.
 
 mod announce;
+mod guard;
 mod link;
 mod tap;
 
 pub use announce::{announce_mac, rarp_frame};
+pub use guard::{guard_tap, unguard_tap};
 pub use link::{
     attach_up, bridge_exists, create_bridge, delete_link, fdb_point, link_exists, link_stats,
     LinkStats,
 };
 pub use tap::create_tap;
+
+/// Creates `tap` for a NIC with MAC `mac`, sending only from that MAC (see `guard`); not
+/// yet on a bridge. The tap is removed again if the rule cannot be set.
+pub async fn create_guarded_tap(tap: &str, mac: &str) -> Result<(), NetError> {
+    create_tap(tap)?;
+    if let Err(e) = guard_tap(tap, mac).await {
+        let _ = delete_link(tap).await;
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Removes a VM's tap and its MAC rule.
+pub async fn delete_tap(tap: &str) -> Result<(), NetError> {
+    unguard_tap(tap).await;
+    delete_link(tap).await
+}
 
 /// The tap of NIC `nic` of VM `vm_id` (at most 15 bytes for ids below 10^8).
 pub fn tap_name(vm_id: u32, nic: usize) -> String {
@@ -37,6 +56,8 @@ pub enum NetError {
         #[source]
         source: rtnetlink::Error,
     },
+    #[error("MAC filter (nftables): {reason}")]
+    Guard { reason: String },
     #[error("No network interface {0}")]
     NoSuchLink(String),
     #[error("Send an announcement out of {ifname}")]

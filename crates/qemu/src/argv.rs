@@ -23,6 +23,9 @@ pub struct ResolvedDisk {
     pub nbd_export: Option<String>,
 }
 
+/// QEMU's seccomp filter for every VM.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
 /// A file of a backing chain, with the format ferry recorded for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackingFile {
@@ -152,7 +155,12 @@ pub fn build_argv(p: &LaunchPlan) -> Vec<OsString> {
     }
     a.push("-smp", s.cpus.to_string());
     a.push("-m", format!("{}M", s.memory_mib));
-    a.0.extend(["-nodefaults", "-no-user-config", "-daemonize"].map(OsString::from));
+    a.0.extend(["-nodefaults", "-no-user-config"].map(OsString::from));
+    // seccomp: no obsolete system calls, no privilege changes, no new processes (so no
+    // `exec:` migration and no helper programs), no scheduler or CPU-affinity changes.
+    // ferry detaches the process itself (`process::spawn_detached`): QEMU's own
+    // -daemonize forks and calls setsid, which this filter forbids.
+    a.push("-sandbox", SANDBOX);
     a.push("-pidfile", p.run.pidfile.clone());
     a.push(
         "-qmp",
@@ -429,7 +437,8 @@ mod tests {
         assert!(s
             .windows(2)
             .any(|w| w[0] == "-accel" && w[1].starts_with("tcg")));
-        assert!(s.contains(&"-daemonize".to_string()));
+        assert!(!s.contains(&"-daemonize".to_string()));
+        assert!(s.windows(2).any(|w| w[0] == "-sandbox" && w[1] == SANDBOX));
         p.accel = Accel::Kvm;
         let s: Vec<String> = build_argv(&p)
             .iter()

@@ -43,34 +43,81 @@ impl RunPaths {
     }
 }
 
-/// Starts QEMU with `-daemonize` (in the argv): returns once QEMU has initialised and
-/// detached, with its pid. Errors carry QEMU's own message.
+/// Starts QEMU detached from the daemon (its own session, reparented away from the
+/// daemon, stdout and stderr in `qemu.log` of the run dir) and returns its pid once QEMU
+/// has initialised: its QMP monitor greets. If QEMU ends before that, the error carries
+/// its own message. (QEMU's `-daemonize` would do this, but it forks and calls setsid,
+/// which the seccomp sandbox forbids.)
 pub async fn spawn_detached(
     binary: &str,
     argv: &[OsString],
     run: &RunPaths,
 ) -> Result<i32, QemuError> {
     run.prepare()?;
-    let out = tokio::process::Command::new(binary)
+    let log = run.dir.join("qemu.log");
+    let out = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"log=$1; shift; setsid "$@" >"$log" 2>&1 </dev/null & echo $!"#)
+        .arg("sh")
+        .arg(&log)
+        .arg(binary)
         .args(argv)
         .current_dir(&run.dir)
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::null())
         .output()
         .await
         .map_err(|source| QemuError::Spawn {
             binary: binary.to_string(),
             source,
         })?;
-    if !out.status.success() {
-        return Err(QemuError::Start {
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
+    let pid: i32 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .map_err(|_| QemuError::Start {
+            stderr: "the launcher gave no pid".into(),
+        })?;
+    let failed = || QemuError::Start {
+        stderr: std::fs::read_to_string(&log)
+            .map(|s| s.trim().to_string())
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "QEMU exited without a message".into()),
+    };
+    let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+    loop {
+        if greets(&run.qmp).await {
+            return Ok(pid);
+        }
+        // Just started by us: its pid cannot have been reused yet.
+        if !pid_running(pid) {
+            return Err(failed());
+        }
+        if tokio::time::Instant::now() > deadline {
+            let _ = kill_and_wait(pid, &run.qmp).await;
+            return Err(QemuError::Start {
+                stderr: format!("QEMU did not answer on its monitor within {START_TIMEOUT:?}"),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    read_pid(run).ok_or_else(|| QemuError::Start {
-        stderr: "QEMU started but wrote no pidfile".into(),
-    })
+}
+
+/// How long QEMU may take to initialise.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Whether the QMP socket accepts a connection and sends the greeting (QEMU has
+/// finished initialising). The connection is closed again; QEMU takes the next one.
+async fn greets(qmp: &Path) -> bool {
+    use tokio::io::AsyncReadExt;
+    let Ok(mut s) = tokio::net::UnixStream::connect(qmp).await else {
+        return false;
+    };
+    let mut buf = [0u8; 16];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await,
+        Ok(Ok(n)) if buf[..n].starts_with(b"{\"QMP\"") || buf[..n].starts_with(b"{ \"QMP\"")
+    )
 }
 
 /// The pid of the QEMU of this run dir, if its pidfile names a live QEMU that uses this
@@ -84,22 +131,27 @@ pub fn read_pid(run: &RunPaths) -> Option<i32> {
     pid_alive(pid, &run.qmp).then_some(pid)
 }
 
-/// True if `pid` runs (not a zombie) and its command line mentions `qmp_path`.
-pub fn pid_alive(pid: i32, qmp_path: &Path) -> bool {
+/// True if `pid` runs (is not a zombie).
+fn pid_running(pid: i32) -> bool {
     if pid <= 0 {
         return false;
     }
-    let proc = PathBuf::from(format!("/proc/{pid}"));
-    let Ok(stat) = std::fs::read_to_string(proc.join("stat")) else {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return false;
     };
     // The state follows the parenthesised command name.
     let state = stat
         .rsplit_once(')')
         .and_then(|(_, r)| r.split_whitespace().next());
-    if matches!(state, Some("Z") | Some("X") | None) {
+    !matches!(state, Some("Z") | Some("X") | None)
+}
+
+/// True if `pid` runs (not a zombie) and its command line mentions `qmp_path`.
+pub fn pid_alive(pid: i32, qmp_path: &Path) -> bool {
+    if !pid_running(pid) {
         return false;
     }
+    let proc = PathBuf::from(format!("/proc/{pid}"));
     let Ok(cmdline) = std::fs::read(proc.join("cmdline")) else {
         return false;
     };

@@ -20,8 +20,8 @@ use std::time::Duration;
 pub(crate) struct Peer {
     pub host: ClusterHost,
     http: reqwest::Client,
-    /// The peer's admin token, where it is known (joining a cluster); cluster hosts
-    /// trust each other by address otherwise.
+    /// The bearer token sent with every request: the cluster's (or, when joining, the
+    /// member's).
     token: Option<String>,
 }
 
@@ -51,6 +51,14 @@ impl Peer {
         }
     }
 
+    /// Every request to a peer carries the token: no host trusts another's address.
+    fn authed(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
+    }
+
     /// Sends `token` as the bearer of every request.
     pub fn with_token(mut self, token: Option<String>) -> Peer {
         self.token = token;
@@ -62,9 +70,7 @@ impl Peer {
         mut req: reqwest::RequestBuilder,
         what: &str,
     ) -> Result<T> {
-        if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
-        }
+        req = self.authed(req);
         let resp = req
             .send()
             .await
@@ -151,7 +157,7 @@ impl Peer {
         if let Some(ct) = content_type {
             req = req.header(reqwest::header::CONTENT_TYPE, ct);
         }
-        let resp = req.body(body).send().await.map_err(|e| {
+        let resp = self.authed(req).body(body).send().await.map_err(|e| {
             self.err(
                 format!("{path_and_query}: cannot reach {}", self.host.api),
                 Some(e),
@@ -209,8 +215,18 @@ impl Agent {
     ) -> Result<(u16, Option<String>, bytes::Bytes)> {
         check_forwarded(path_and_query)?;
         Peer::new(self.cluster_host(host).await?, Duration::from_secs(60))?
+            .with_token(self.cluster_token())
             .forward(method, path_and_query, content_type, body)
             .await
+    }
+
+    /// The admin token the cluster's hosts share (`STATE_DIR/admin-token`): every
+    /// host-to-host call carries it, since no host trusts another by its address.
+    pub fn cluster_token(&self) -> Option<String> {
+        std::fs::read_to_string(self.inner.cfg.state_dir.join("admin-token"))
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
     }
 
     /// This host's name in the cluster.
@@ -250,7 +266,7 @@ impl Agent {
             .into_iter()
             .find(|h| h.name == name)
             .ok_or_else(|| AgentError::NotFound(format!("Host {name} in the cluster")))?;
-        Peer::new(host, timeout)
+        Ok(Peer::new(host, timeout)?.with_token(self.cluster_token()))
     }
 
     /// This host's migration address (from the cluster file).

@@ -159,12 +159,59 @@ impl Agent {
         Ok(false)
     }
 
+    /// Destination: a suspend state file the source names on a shared pool. It is
+    /// loaded into QEMU at the next start and deleted after, so it must be one ferry
+    /// made: directly in a shared pool's directory, named `.vm-N-suspend.state`, a
+    /// regular file, no `..` on the way.
+    async fn check_shared_state(&self, f: &str) -> Result<()> {
+        let p = Path::new(f);
+        let refuse = |why: &str| {
+            AgentError::invalid(
+                "suspend_file",
+                format!("{f} is not a suspend file of a shared pool: {why}"),
+            )
+        };
+        if !p.components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::RootDir | std::path::Component::Normal(_)
+            )
+        }) {
+            return Err(refuse("not a plain absolute path"));
+        }
+        let named = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix(".vm-"))
+            .and_then(|n| n.strip_suffix("-suspend.state"))
+            .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()));
+        if !named {
+            return Err(refuse("not named .vm-ID-suspend.state"));
+        }
+        let parent = p.parent().unwrap_or(p);
+        let shared = self
+            .pool_specs()
+            .await?
+            .into_iter()
+            .any(|s| s.kind == ferry_types::PoolKind::Shared && Path::new(&s.path) == parent);
+        if !shared {
+            return Err(refuse("not in a shared pool's directory"));
+        }
+        if !std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_file()) {
+            return Err(refuse("no such regular file"));
+        }
+        Ok(())
+    }
+
     /// Destination: registers a VM arriving cold (not startable until finished).
     pub async fn prepare_cold(&self, req: ColdIncoming) -> Result<()> {
         let name = req.vm.spec.name.clone();
         let slot = self.slot(&name);
         let _op = slot.op.lock().await;
         self.may_receive(&req.vm.spec).await?;
+        if let Some(f) = &req.suspend_file {
+            self.check_shared_state(f).await?;
+        }
         let id = self.allocate_id().await?;
         let mut spec = req.vm.spec.clone();
         for (i, d) in spec.disks.iter_mut().enumerate() {
@@ -249,6 +296,26 @@ impl Agent {
             .map(|p| p.with_file_name(&file))?;
         let partial = path.with_file_name(format!(".partial-{}", file.trim_start_matches('.')));
         Ok((path, partial))
+    }
+
+    /// Destination: how many bytes an upload of `piece` may take: UEFI variables 64 MiB,
+    /// a suspend state the VM's memory plus 512 MiB, and nothing may leave the file
+    /// system under it with less than 1 GiB free.
+    pub async fn cold_upload_limit(&self, name: &str, piece: ColdPiece, at: &Path) -> Result<u64> {
+        let (rec, _) = self.record(name).await?;
+        let dir = at.parent().unwrap_or(at);
+        let free = nix::sys::statvfs::statvfs(dir)
+            .map(|s| s.blocks_available() * s.fragment_size())
+            .map_err(|e| AgentError::Io {
+                what: format!("Free space under {}", dir.display()),
+                source: e.into(),
+            })?;
+        let room = free.saturating_sub(1 << 30);
+        Ok(match piece {
+            ColdPiece::Efivars => room.min(64 << 20),
+            ColdPiece::State => room.min((rec.spec.memory_mib << 20) + (512 << 20)),
+            ColdPiece::Disk(_) => room,
+        })
     }
 
     /// Destination: an uploaded piece is complete.

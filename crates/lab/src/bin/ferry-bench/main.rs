@@ -192,10 +192,22 @@ async fn ferry_boot(c: &reqwest::Client, name: &str, g: &ferry_lab::Guest) -> Re
     Ok(secs)
 }
 
+/// An HTTP client that sends `token` with every request (nothing is trusted by
+/// address, loopback included).
+pub(crate) fn client(token: &str) -> Result<reqwest::Client> {
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse()?,
+    );
+    Ok(reqwest::Client::builder().default_headers(h).build()?)
+}
+
 async fn wait_api(c: &reqwest::Client, t: Instant) -> Result<f64> {
     while t.elapsed() < Duration::from_secs(30) {
         if let Ok(r) = c.get(format!("{BASE}/api/v1/host")).send().await {
-            if r.status().is_success() {
+            // Answering at all (a first start has not told us its token yet).
+            if r.status().is_success() || r.status() == reqwest::StatusCode::UNAUTHORIZED {
                 return Ok(t.elapsed().as_secs_f64());
             }
         }
@@ -263,6 +275,7 @@ fn main() -> Result<()> {
         lab.stop_daemon(false)?;
     }
     lab.start_daemon()?;
+    let token = lab.token()?;
 
     // 2. Boot to ready marker: ferry vs bare QEMU, interleaved.
     let mut ferry_boots = vec![];
@@ -270,7 +283,7 @@ fn main() -> Result<()> {
     for i in 0..runs {
         let name = format!("bench{i}");
         ferry_boots.push(in_netns(&ns, || {
-            rt().block_on(ferry_boot(&reqwest::Client::new(), &name, &g))
+            rt().block_on(ferry_boot(&client(&token)?, &name, &g))
         })??);
         qemu_boots.push(bare_qemu(&g)?);
     }
@@ -278,7 +291,7 @@ fn main() -> Result<()> {
     // 3. 1,000 VMs defined; list throughput.
     let (define_rate, list_rate, list_p50_ms) = in_netns(&ns, || {
         rt().block_on(async {
-            let c = reqwest::Client::new();
+            let c = client(&token)?;
             let t = Instant::now();
             for i in 0..nvms {
                 let r = c

@@ -47,8 +47,9 @@ pub fn run() -> Result<()> {
     let mut lab = Lab::new(&ferry)?;
     lab.start_daemon()?;
     let ns = lab.ns.clone();
+    let token = lab.token()?;
     let in_ns = |f: &(dyn Fn(&reqwest::Client) -> Result<f64> + Sync)| -> Result<f64> {
-        in_netns(&ns, || f(&reqwest::Client::new()))?
+        in_netns(&ns, || f(&crate::client(&token)?))?
     };
     // The guest disk's cache mode (`--cache none|writeback|...`): the memory state is
     // written into it.

@@ -1,0 +1,197 @@
+//! Attacks on a host, tried as an attacker would against real QEMU and the real daemon:
+//! each of these tests failed on the code before the hole was closed.
+
+use anyhow::{ensure, Result};
+use ferry_lab::Lab;
+use std::path::Path;
+use std::time::Duration;
+
+const BOOT: Duration = Duration::from_secs(90);
+const SECRET: &str = "FERRY-HOST-SECRET-7f3a";
+
+/// A guest owns the bytes of its raw disk, so it can write a qcow2 header naming a host
+/// file as the disk's backing file. If the next start let QEMU (or `qemu-img info`) probe
+/// the format, the guest would read that host file through its disk. The format is
+/// ferry's record, so the header stays data: the host file is never opened and the guest
+/// sees the bytes it wrote.
+#[test]
+fn a_qcow2_header_written_into_a_raw_disk_opens_no_host_file() -> Result<()> {
+    let mut lab = Lab::new(env!("CARGO_BIN_EXE_ferry"))?;
+    lab.start_daemon()?;
+    let secret = lab.state_dir().join("host-secret");
+    std::fs::write(&secret, SECRET.repeat(1 << 14))?;
+    let vm = lab.create_test_vm(
+        "probe",
+        "10.77.0.20",
+        &["--disk", "bus=virtio,size=16M,format=raw"],
+    )?;
+    let vol = lab
+        .state_dir()
+        .join(format!("pools/local/vm-{}-disk-0", vm["id"]));
+    ensure!(vol.is_file(), "no volume at {}", vol.display());
+    // What the guest could write with dd: the header `qemu-img create` makes.
+    std::fs::remove_file(&vol)?;
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&secret)
+        .arg(&vol)
+        .arg("16M")
+        .status()?;
+    ensure!(made.success(), "qemu-img create");
+
+    let listed = lab.ferry_json(&["volume", "list", "local"])?;
+    let v = listed
+        .as_array()
+        .and_then(|a| a.iter().find(|v| v["name"] == vol_name(&vol)))
+        .cloned()
+        .unwrap_or_default();
+    ensure!(v["format"] == "raw", "volume listed as {v}");
+
+    lab.ferry_ok(&["vm", "start", "probe"])?;
+    lab.wait_console("probe", "FERRY-READY", BOOT)?;
+    let (_, pid) = lab.vm_state("probe")?;
+    let pid = pid.expect("running VM has a pid");
+    // QEMU runs under its seccomp filter (mode 2).
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    ensure!(
+        status
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["Seccomp:", "2"]),
+        "QEMU {pid} runs without seccomp: {status}"
+    );
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let target = std::fs::read_link(fd?.path()).unwrap_or_default();
+        ensure!(target != secret, "QEMU {pid} holds the host file open");
+    }
+    let out = lab.guest_sh(
+        "probe",
+        &format!("echo HEAD-$(head -c 3 /dev/vda); echo COUNT-$(grep -c {SECRET} /dev/vda)"),
+    )?;
+    ensure!(
+        out.contains("HEAD-QFI"),
+        "guest does not see its own bytes: {out}"
+    );
+    ensure!(out.contains("COUNT-0"), "guest reads the host file: {out}");
+    lab.ferry_ok(&["vm", "kill", "probe"])?;
+    Ok(())
+}
+
+fn vol_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// A guest on a host's bridge takes another cluster host's address (and could take its
+/// MAC) and calls the API without credentials: before, the host trusted that address
+/// and the guest could list VMs and make a pool on `/etc` — root on the host. Now no
+/// address is trusted: 401, and nothing is made. The same from the host itself over
+/// loopback (an SSH tunnel, a local user, a page doing DNS rebinding): 401.
+#[test]
+fn a_guest_with_a_hosts_address_gets_nothing_from_the_api() -> Result<()> {
+    // A static cluster: its hosts trusted each other's listed addresses the same way as
+    // an etcd cluster's, and taking h2's address does not cost h1 its quorum.
+    let lab = ferry_lab::ClusterLab::for_test_with(
+        env!("CARGO_BIN_EXE_ferry"),
+        2,
+        ferry_lab::LabOptions {
+            etcd: false,
+            ..Default::default()
+        },
+    )?;
+    let h1 = lab.cli("h1")?;
+    let h2_addr = lab.host("h2")?.addr.clone();
+    let h1_addr = lab.host("h1")?.addr.clone();
+    let vm = h1.boot_vm("intruder", "10.78.0.120", &[])?;
+    let mac = vm["spec"]["nics"][0]["mac"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let api = format!("http://{h1_addr}:{}", ferry_lab::API_PORT);
+    // The guest takes h2's address; h1 believes it (what a gratuitous ARP from the guest
+    // achieves, made certain here so the request really arrives from that address).
+    h1.guest_sh(
+        "intruder",
+        &format!("ip addr del 10.78.0.120/24 dev eth0; ip addr add {h2_addr}/24 dev eth0; echo ok"),
+    )?;
+    let ns = lab.host("h1")?.ns.clone();
+    let neigh = std::process::Command::new("ip")
+        .args(["-n", &ns, "neigh", "replace", &h2_addr, "lladdr", &mac])
+        .args(["dev", "br0", "nud", "permanent"])
+        .status()?;
+    ensure!(neigh.success(), "ip neigh replace");
+    let out = h1.guest_sh(
+        "intruder",
+        &format!(
+            "busybox wget -q -O - {api}/api/v1/vms 2>&1 | head -c 300; echo; \
+             busybox wget -q -O - --header 'content-type: application/json' \
+               --post-data '{{\"name\":\"etc\",\"kind\":\"dir\",\"path\":\"/etc\"}}' \
+               {api}/api/v1/pools 2>&1 | head -c 300; echo END"
+        ),
+    )?;
+    let _ = std::process::Command::new("ip")
+        .args(["-n", &ns, "neigh", "del", &h2_addr, "dev", "br0"])
+        .status();
+    ensure!(out.contains("401"), "the guest got an answer: {out}");
+    ensure!(
+        !out.contains("\"spec\""),
+        "the guest read the VM list: {out}"
+    );
+    let pools = h1.ferry_json(&["pool", "list"])?;
+    ensure!(
+        !pools.to_string().contains("\"/etc\""),
+        "a pool on /etc was made: {pools}"
+    );
+    // A process on h1 itself, over TCP (loopback and its own address alike).
+    for url in [
+        format!("{api}/api/v1/vms"),
+        format!("http://127.0.0.1:{}/api/v1/vms", ferry_lab::API_PORT),
+    ] {
+        let code = h1
+            .cmd("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &url])
+            .output()?;
+        let code = String::from_utf8_lossy(&code.stdout).into_owned();
+        ensure!(
+            code == "401" || code == "000",
+            "{url} answered {code} without credentials"
+        );
+    }
+    h1.ferry_ok(&["vm", "kill", "intruder"])?;
+    Ok(())
+}
+
+/// A guest that changes its MAC (to take another machine's place on the bridge) sends
+/// nothing more: its tap drops every frame whose source is not the NIC's MAC.
+#[test]
+fn a_guest_sends_only_from_its_own_mac() -> Result<()> {
+    let mut lab = Lab::new(env!("CARGO_BIN_EXE_ferry"))?;
+    lab.start_daemon()?;
+    lab.boot_vm("mac", "10.77.0.21", &[])?;
+    let own = lab.guest_sh("mac", "ping -c 2 -W 2 10.77.0.1 >/dev/null && echo REACHED")?;
+    ensure!(
+        own.contains("REACHED"),
+        "the guest cannot reach the host: {own}"
+    );
+    let out = lab.guest_sh(
+        "mac",
+        "ip link set eth0 down; ip link set eth0 address 52:54:00:de:ad:01; ip link set eth0 up; \
+         ping -c 3 -W 2 10.77.0.1 >/dev/null && echo REACHED || echo BLOCKED",
+    )?;
+    ensure!(
+        out.contains("BLOCKED"),
+        "a foreign source MAC got through: {out}"
+    );
+    lab.ferry_ok(&["vm", "kill", "mac"])?;
+    // The tap's rule goes with the tap.
+    let rules = lab
+        .cmd("nft")
+        .args(["list", "table", "bridge", "ferry"])
+        .output()?;
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    ensure!(
+        !rules.contains("chain tap"),
+        "a rule outlived its tap: {rules}"
+    );
+    Ok(())
+}
