@@ -630,6 +630,17 @@ impl Agent {
             match read_pid(&run) {
                 Some(pid) => match self.adopt(&name, &slot, pid, &run).await {
                     Ok(state) => {
+                        // The taps' MAC rules again (a flushed ruleset, an older daemon).
+                        for (i, n) in rec.spec.nics.iter().enumerate() {
+                            let tap = ferry_net::tap_name(rec.id, i);
+                            let guarded = match n.mac.as_deref() {
+                                Some(mac) => ferry_net::guard_tap(&tap, mac).await,
+                                None => Ok(()),
+                            };
+                            if let Err(e) = guarded {
+                                tracing::error!(vm = %name, %tap, error = %e, "no MAC filter on the tap");
+                            }
+                        }
                         self.inner.events.emit(
                             Some(&name),
                             "vm",

@@ -121,12 +121,10 @@ impl Agent {
             .await
         } else {
             let c = ctx.clone();
-            dst.import(&old, &src.volume_path(&old)?, Some(format), move |p| {
-                c.progress(p)
-            })
-            .await
-            .map(|_| ())
-            .map_err(AgentError::from)
+            dst.copy_from(&src, &old, &old, move |p| c.progress(p))
+                .await
+                .map(|_| ())
+                .map_err(AgentError::from)
         };
         if let Err(e) = moved {
             if let Ok(p) = dst.volume_path(&old) {

@@ -106,7 +106,10 @@ pub async fn serve<L: Accept>(
                     app.clone().oneshot(req.map(axum::body::Body::new))
                 },
             );
-            let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            // HTTP/1.1 only: no protocol sniffing without a deadline, and the header
+            // timeout covers every connection.
+            let mut b =
+                hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
             b.http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_timeout);

@@ -89,13 +89,6 @@ impl DirPool {
         meta::read(&self.path, name)
     }
 
-    /// Records the format of a volume whose file arrived by other means (a cold
-    /// migration's upload of a VM's disk; the format comes with the VM's definition).
-    pub fn register(&self, name: &str, format: DiskFormat) -> Result<(), StorageError> {
-        self.volume_path(name)?;
-        meta::write(&self.path, name, &VolumeMeta::plain(format))
-    }
-
     /// The files under a volume, nearest first, as QEMU must open them: the volumes it
     /// is an overlay on, each with its recorded format (empty for a volume of its own).
     pub fn chain(&self, name: &str) -> Result<Vec<ChainLink>, StorageError> {
@@ -255,17 +248,61 @@ impl DirPool {
             source::SourceFormat::Raw => DiskFormat::Raw,
             _ => DiskFormat::Qcow2,
         });
+        self.convert_in(name, source, src_fmt.as_str(), dst_fmt, progress)
+            .await
+    }
+
+    /// Copies volume `src` of another pool in as `name`, in the format ferry recorded for
+    /// it (never sniffed: its bytes are a guest's), flattened.
+    pub async fn copy_from(
+        &self,
+        from: &DirPool,
+        src: &str,
+        name: &str,
+        progress: impl FnMut(f32) + Send,
+    ) -> Result<Volume, StorageError> {
+        if self.volume_path(name)?.exists() {
+            return Err(StorageError::Exists(format!("{}/{name}", self.name)));
+        }
+        let fmt = from.meta(src)?.format;
+        self.convert_in(name, &from.existing(src)?, fmt.as_str(), fmt, progress)
+            .await
+    }
+
+    /// `qemu-img convert -f src_fmt -O dst_fmt` into a new volume `name` (recorded first,
+    /// published when complete, nothing left on failure).
+    async fn convert_in(
+        &self,
+        name: &str,
+        source: &Path,
+        src_fmt: &str,
+        dst_fmt: DiskFormat,
+        progress: impl FnMut(f32) + Send,
+    ) -> Result<Volume, StorageError> {
+        let p = self.volume_path(name)?;
         let tmp = self.path.join(format!("{PARTIAL}{name}"));
         meta::write(&self.path, name, &VolumeMeta::plain(dst_fmt))?;
-        if let Err(e) =
-            qemu_img::convert(source, src_fmt.as_str(), &tmp, dst_fmt.as_str(), progress).await
-        {
+        if let Err(e) = qemu_img::convert(source, src_fmt, &tmp, dst_fmt.as_str(), progress).await {
             let _ = std::fs::remove_file(&tmp);
             meta::remove(&self.path, name);
             return Err(e);
         }
         self.publish(&tmp, &p, name)?;
         self.info(name).await
+    }
+
+    /// Records the format of a volume file that arrived from elsewhere (a cold
+    /// migration's upload; the format comes with the VM's definition), after checking the
+    /// file in that format: no backing file, no external data file, no encryption — a
+    /// header that names other files is refused, whoever wrote it.
+    pub async fn register_checked(
+        &self,
+        name: &str,
+        format: DiskFormat,
+    ) -> Result<(), StorageError> {
+        let p = self.existing(name)?;
+        source::check_as(&p, format.as_str()).await?;
+        meta::write(&self.path, name, &VolumeMeta::plain(format))
     }
 
     /// Internal qcow2 snapshots of a stopped volume: `-c` create, `-a` apply, `-d` delete.
@@ -563,5 +600,42 @@ mod tests {
         assert!(matches!(r, Err(StorageError::Refused { .. })), "{r:?}");
         assert_eq!(p.list().await.unwrap().len(), 1);
         assert!(!meta::path(&p.path, "bad").exists());
+    }
+
+    /// A file that arrives with a VM (cold migration) is recorded in the VM's format only
+    /// if its header names no other file; a guest-written header naming a host file as
+    /// backing is refused. A copy into another pool takes the recorded format, whatever
+    /// the bytes say.
+    #[tokio::test]
+    async fn arriving_files_are_checked_and_copies_never_sniff() {
+        let (d, p) = pool();
+        let secret = d.path().join("secret");
+        std::fs::write(&secret, b"host secret").unwrap();
+        let path = p.volume_path("arrived").unwrap();
+        let ok = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&secret)
+            .arg(&path)
+            .arg("4M")
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        let r = p.register_checked("arrived", DiskFormat::Qcow2).await;
+        assert!(matches!(r, Err(StorageError::Refused { .. })), "{r:?}");
+        assert_eq!(p.meta("arrived").unwrap().format, DiskFormat::Raw);
+        // Recorded raw, its qcow2 bytes are copied as bytes into another pool.
+        let other = DirPool::new("other", d.path().join("other"));
+        other.ensure().unwrap();
+        let v = other
+            .copy_from(&p, "arrived", "arrived", |_| {})
+            .await
+            .unwrap();
+        assert_eq!(v.format, "raw");
+        // Byte for byte (the copy may be padded to whole sectors).
+        let copied = std::fs::read(other.volume_path("arrived").unwrap()).unwrap();
+        let original = std::fs::read(&path).unwrap();
+        assert!(copied.starts_with(&original), "the copy decoded the bytes");
+        assert!(copied[original.len()..].iter().all(|b| *b == 0));
     }
 }

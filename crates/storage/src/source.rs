@@ -103,7 +103,18 @@ pub async fn check(path: &Path) -> Result<(SourceFormat, u64), StorageError> {
         })?;
     head.truncate(n);
     let fmt = sniff(&head).map_err(refuse)?;
-    let v = qemu_img::info_json(path, fmt.as_str()).await?;
+    let size = check_as(path, fmt.as_str()).await?;
+    Ok((fmt, size))
+}
+
+/// Checks `path` read as `format` (given, never probed): no backing file, no external
+/// data file, no encryption, every VMDK extent the file itself. Returns the virtual size.
+pub async fn check_as(path: &Path, format: &str) -> Result<u64, StorageError> {
+    let refuse = |reason: String| StorageError::Refused {
+        path: path.display().to_string(),
+        reason,
+    };
+    let v = qemu_img::info_json(path, format).await?;
     if let Some(b) = v.get("backing-filename").and_then(|b| b.as_str()) {
         return Err(refuse(format!(
             "it has a backing file ({b}); import a flattened image (qemu-img convert)"
@@ -116,7 +127,7 @@ pub async fn check(path: &Path) -> Result<(SourceFormat, u64), StorageError> {
     if let Some(f) = data.get("data-file").and_then(|f| f.as_str()) {
         return Err(refuse(format!("it keeps its data in another file ({f})")));
     }
-    if fmt == SourceFormat::Vmdk {
+    if format == "vmdk" {
         let own = path.to_string_lossy();
         if let Some(extents) = data.get("extents").and_then(|e| e.as_array()) {
             for e in extents {
@@ -129,11 +140,9 @@ pub async fn check(path: &Path) -> Result<(SourceFormat, u64), StorageError> {
             }
         }
     }
-    let size = v
-        .get("virtual-size")
+    v.get("virtual-size")
         .and_then(|s| s.as_u64())
-        .ok_or_else(|| refuse("qemu-img reported no virtual size".into()))?;
-    Ok((fmt, size))
+        .ok_or_else(|| refuse("qemu-img reported no virtual size".into()))
 }
 
 fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {

@@ -334,9 +334,19 @@ impl Agent {
                 .disks
                 .get(i)
                 .ok_or_else(|| AgentError::NotFound(format!("disk{i} of {name}")))?;
-            self.dir_pool("local")
-                .await?
-                .register(d.volume.as_deref().unwrap_or_default(), d.format)?;
+            let dp = self.dir_pool("local").await?;
+            let vol = d.volume.as_deref().unwrap_or_default();
+            // Published first (without a record it is raw, which opens nothing), and
+            // recorded only once the file passed the check in its format.
+            std::fs::rename(partial, path).map_err(|source| AgentError::Io {
+                what: format!("Publish {}", path.display()),
+                source,
+            })?;
+            if let Err(e) = dp.register_checked(vol, d.format).await {
+                let _ = std::fs::remove_file(path);
+                return Err(e.into());
+            }
+            return Ok(());
         }
         std::fs::rename(partial, path).map_err(|source| AgentError::Io {
             what: format!("Publish {}", path.display()),
