@@ -34,8 +34,10 @@ await browse('cluster', async (page, { shot, login, consoleConnected, vncConnect
   await page.getByRole('dialog').getByRole('button', { name: 'Close' }).first().click();
   if ((await vmOn('h2'))?.state !== 'running') throw new Error('web does not run on h2');
 
-  // Its consoles on h2, relayed by h1's daemon.
-  await page.goto(`${url}/#/vm/h2/web/console`);
+  // The page follows the VM to h2 by itself (once the dialog is closed); then its
+  // consoles on h2, relayed by h1's daemon.
+  await page.waitForFunction(() => location.hash.startsWith('#/vm/h2/web'), null, { timeout: 30000 });
+  await page.getByTestId('tab-console').click();
   await consoleConnected();
   await typeInConsole('\necho on-$(hostname)-$((40+2))\n', 'on-web-42');
   step('serial console of web on h2 through h1: typed, answered');

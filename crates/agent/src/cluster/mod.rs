@@ -30,6 +30,9 @@ impl Peer {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(Duration::from_secs(3))
+            // Shorter than the peer's header-read timeout (10 s), which also ends idle
+            // keep-alive connections: a pooled connection is never reused as it closes.
+            .pool_idle_timeout(Duration::from_secs(5))
             .build()
             .map_err(|e| AgentError::Peer {
                 host: host.name.clone(),
