@@ -472,6 +472,22 @@ mod tests {
         assert!(p.snapshot("full", SnapshotOp::Apply, "s1").await.is_err());
     }
 
+    /// Writes at `path` what a guest can write into its raw disk: a qcow2 header naming
+    /// a host file (`dir/secret`) as the backing file.
+    fn hostile_header(dir: &Path, path: &Path) {
+        let secret = dir.join("secret");
+        std::fs::write(&secret, b"host secret").unwrap();
+        let ok = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&secret)
+            .arg(path)
+            .arg("4M")
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "qemu-img create");
+    }
+
     fn pool() -> (tempfile::TempDir, DirPool) {
         let d = tempfile::tempdir().unwrap();
         let p = DirPool::new("local", d.path().join("pool"));
@@ -553,19 +569,9 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(v.format, "raw");
-        let secret = d.path().join("secret");
-        std::fs::write(&secret, b"host secret").unwrap();
         let path = p.volume_path("v").unwrap();
         std::fs::remove_file(&path).unwrap();
-        let ok = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-            .arg(&secret)
-            .arg(&path)
-            .arg("4M")
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
+        hostile_header(d.path(), &path);
         let v = p.info("v").await.unwrap();
         assert_eq!(v.format, "raw");
         assert!(p.chain("v").unwrap().is_empty());
@@ -609,18 +615,8 @@ mod tests {
     #[tokio::test]
     async fn arriving_files_are_checked_and_copies_never_sniff() {
         let (d, p) = pool();
-        let secret = d.path().join("secret");
-        std::fs::write(&secret, b"host secret").unwrap();
         let path = p.volume_path("arrived").unwrap();
-        let ok = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-            .arg(&secret)
-            .arg(&path)
-            .arg("4M")
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
+        hostile_header(d.path(), &path);
         let r = p.register_checked("arrived", DiskFormat::Qcow2).await;
         assert!(matches!(r, Err(StorageError::Refused { .. })), "{r:?}");
         assert_eq!(p.meta("arrived").unwrap().format, DiskFormat::Raw);
