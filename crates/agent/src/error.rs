@@ -45,6 +45,11 @@ pub enum AgentError {
         #[source]
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
+    /// The caller's credentials (a join token) are missing, wrong, used or expired.
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("Certificates")]
+    Pki(#[from] ferry_pki::PkiError),
     #[error("{what}")]
     Io {
         what: String,
@@ -59,6 +64,7 @@ pub enum ErrorClass {
     BadRequest,
     NotFound,
     Conflict,
+    Unauthorized,
     Internal,
 }
 
@@ -71,6 +77,8 @@ impl AgentError {
                 ErrorClass::Conflict
             }
             AgentError::Lock(ferry_storage::LockError::Held { .. }) => ErrorClass::Conflict,
+            AgentError::Unauthorized(_) => ErrorClass::Unauthorized,
+            AgentError::Pki(ferry_pki::PkiError::Bad { .. }) => ErrorClass::BadRequest,
             AgentError::Storage(e) => match e {
                 ferry_storage::StorageError::NotFound(_) => ErrorClass::NotFound,
                 ferry_storage::StorageError::Exists(_) => ErrorClass::Conflict,

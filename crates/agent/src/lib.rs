@@ -74,6 +74,9 @@ pub struct AgentConfig {
     /// The TCP port of the replication service (replicated pools), on the host's
     /// cluster address.
     pub replication_port: u16,
+    /// This host's certificate and the cluster CA (`{state_dir}/pki`): every
+    /// host-to-host link is mutual TLS with them.
+    pub pki: ferry_pki::HostPki,
 }
 
 /// The default port of the replication service.
@@ -132,6 +135,9 @@ struct Inner {
     replication: std::sync::OnceLock<Arc<ferry_replica::Service>>,
     /// The last hour of load per VM and for the host (the web UI's graphs).
     history: Mutex<history::History>,
+    /// The cluster's hosts as last read, for checking peers' certificates (kept when
+    /// the store cannot be read).
+    known_hosts: Mutex<Option<(std::time::Instant, Vec<ferry_types::ClusterHost>)>>,
 }
 
 /// The agent. Cheap to clone.
@@ -191,6 +197,7 @@ impl Agent {
                 is_manager: Default::default(),
                 replication: Default::default(),
                 history: Default::default(),
+                known_hosts: Mutex::new(None),
             }),
         };
         agent.ensure_default_pool().await?;

@@ -33,6 +33,9 @@ fn split(k: &str) -> (&str, &str) {
 /// What the replication engine asks of the cluster, answered from etcd.
 pub(crate) struct ReplCluster {
     agent: Weak<crate::Inner>,
+    /// The host's certificates: the replication link is mutual TLS.
+    pki: ferry_pki::HostPki,
+    server_tls: Arc<rustls::ServerConfig>,
 }
 
 impl ReplCluster {
@@ -46,6 +49,14 @@ impl ReplCluster {
 
 #[async_trait::async_trait]
 impl ferry_replica::Cluster for ReplCluster {
+    fn client_tls(&self, host: &str) -> Option<Arc<rustls::ClientConfig>> {
+        Some(Arc::new(crate::cluster::peer_tls(&self.pki, host)))
+    }
+
+    fn server_tls(&self) -> Option<Arc<rustls::ServerConfig>> {
+        Some(self.server_tls.clone())
+    }
+
     async fn outdate(&self, volume: &str, peer: &str) -> std::result::Result<(), String> {
         let a = self.agent()?;
         let (pool, vol) = split(volume);
@@ -134,6 +145,8 @@ impl Agent {
         }
         let cluster = Arc::new(ReplCluster {
             agent: Arc::downgrade(&self.inner),
+            pki: self.inner.cfg.pki.clone(),
+            server_tls: self.inner.cfg.pki.server_config(true),
         });
         let svc = Service::new(
             self.host_name(),

@@ -85,8 +85,13 @@ impl std::fmt::Debug for Auth {
 pub enum Caller {
     /// A process on this host, over the unix socket.
     Local { uid: u32 },
-    /// The admin token (the CLI from elsewhere, another host of the cluster).
+    /// The admin token (the CLI from elsewhere).
     Token,
+    /// Another host of the cluster, by its certificate (mutual TLS).
+    Peer {
+        host: String,
+        serial: Option<String>,
+    },
     /// A browser session.
     Session { user: String },
 }
@@ -221,10 +226,19 @@ fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
 }
 
 /// Where a connection came from (what `ferry serve` records for each one).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum ConnInfo {
     /// Over TCP: the remote address, for logs only (it proves nothing).
     Tcp { remote: SocketAddr },
+    /// Over TLS: the remote address (for logs only) and the cluster host named by the
+    /// client certificate the handshake verified against the cluster CA, if one was
+    /// shown.
+    Tls {
+        remote: SocketAddr,
+        peer: Option<Arc<str>>,
+        /// The serial of that certificate (checked against the member record).
+        serial: Option<Arc<str>>,
+    },
     /// Over the unix socket: the kernel's word on the client process.
     Unix {
         uid: u32,
@@ -267,14 +281,18 @@ pub fn ferry_gid() -> Option<u32> {
 fn conn(req: &Request) -> Option<ConnInfo> {
     let x = req.extensions();
     x.get::<axum::extract::ConnectInfo<ConnInfo>>()
-        .map(|c| c.0)
+        .map(|c| c.0.clone())
         .or_else(|| {
             x.get::<axum::extract::connect_info::MockConnectInfo<ConnInfo>>()
-                .map(|c| c.0)
+                .map(|c| c.0.clone())
         })
 }
 
-fn open_path(path: &str) -> bool {
+fn open_path(method: &Method, path: &str) -> bool {
+    // A joining host's request carries a join token (the handler checks it).
+    if method == Method::POST && path == "/api/v1/cluster/members" {
+        return true;
+    }
     !(path.starts_with("/api/") || path == "/metrics")
         || matches!(
             path,
@@ -317,10 +335,21 @@ fn decide(
             "A websocket from another site's page is refused (its Origin is not this host)",
         ));
     }
-    if let Some(ConnInfo::Unix { uid, gid, pid }) = conn {
-        if trusted_local(uid, gid, pid, ferry_gid) {
+    match conn {
+        Some(ConnInfo::Unix { uid, gid, pid }) if trusted_local(uid, gid, pid, ferry_gid) => {
             return Ok(Caller::Local { uid });
         }
+        Some(ConnInfo::Tls {
+            peer: Some(host),
+            serial,
+            ..
+        }) => {
+            return Ok(Caller::Peer {
+                host: host.to_string(),
+                serial: serial.map(|s| s.to_string()),
+            })
+        }
+        _ => {}
     }
     if auth.bearer(headers) {
         return Ok(Caller::Token);
@@ -343,19 +372,31 @@ fn decide(
 
 /// The middleware: lets a request through (with its [`Caller`]) or refuses it.
 pub async fn require(
-    State((auth, _agent)): State<(Auth, Agent)>,
+    State((auth, agent)): State<(Auth, Agent)>,
     mut req: Request,
     next: Next,
 ) -> Response {
     let c = conn(&req);
-    match decide(&auth, c, req.method(), req.headers(), ferry_gid()) {
+    match decide(&auth, c.clone(), req.method(), req.headers(), ferry_gid()) {
+        // A certificate of the CA, but not (or no longer) a member's: a host that
+        // left, or a renewed certificate's predecessor.
+        Ok(Caller::Peer { host, serial })
+            if !agent.peer_allowed(&host, serial.as_deref()).await =>
+        {
+            tracing::warn!(%host, ?serial, "a certificate of no current member refused");
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "This host certificate belongs to no current member of the cluster",
+            )
+            .into_response()
+        }
         Ok(caller) => {
             req.extensions_mut().insert(caller);
             next.run(req).await
         }
-        Err(_) if open_path(req.uri().path()) => next.run(req).await,
+        Err(_) if open_path(req.method(), req.uri().path()) => next.run(req).await,
         Err((status, why)) => {
-            if let Some(ConnInfo::Tcp { remote }) = c {
+            if let Some(ConnInfo::Tcp { remote } | ConnInfo::Tls { remote, .. }) = c {
                 tracing::debug!(%remote, path = req.uri().path(), %status, "request refused");
             }
             ApiError::new(status, why).into_response()
@@ -376,7 +417,7 @@ pub async fn login(
         return Err(ApiError::new(StatusCode::UNAUTHORIZED, "Wrong token"));
     }
     let cookie = format!(
-        "{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
+        "{COOKIE}={}; Path=/; HttpOnly; Secure; SameSite=Strict; Max-Age={}",
         auth.ticket("root", SystemTime::now()),
         TICKET_LIFETIME.as_secs()
     );
@@ -508,6 +549,27 @@ mod tests {
         );
         assert!(decide(&a, unix(1000, 1000), &Method::GET, &none, None).is_err());
         assert!(decide(&a, unix(1000, 990), &Method::GET, &none, Some(990)).is_ok());
+        // TLS: a verified client certificate names a host; without one, nothing.
+        let tls = |peer: Option<&str>| {
+            Some(ConnInfo::Tls {
+                remote: "10.1.0.12:4000".parse().unwrap(),
+                peer: peer.map(Arc::from),
+                serial: None,
+            })
+        };
+        assert_eq!(
+            decide(&a, tls(Some("h2")), &Method::POST, &none, None),
+            Ok(Caller::Peer {
+                host: "h2".into(),
+                serial: None
+            })
+        );
+        assert_eq!(
+            decide(&a, tls(None), &Method::GET, &none, None)
+                .unwrap_err()
+                .0,
+            StatusCode::UNAUTHORIZED
+        );
         let bearer = headers(&[(header::AUTHORIZATION, "Bearer 0123456789abcdef0123")]);
         assert_eq!(
             decide(&a, tcp("10.9.9.9:1"), &Method::DELETE, &bearer, None),

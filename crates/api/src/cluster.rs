@@ -4,7 +4,10 @@ use crate::error::{ApiJson, ApiResult};
 use axum::extract::State;
 use axum::Json;
 use ferry_agent::Agent;
-use ferry_types::{ClusterConfig, ClusterInit, ClusterJoin, ClusterStatus, MemberAdd, MemberAdded};
+use ferry_types::{
+    CertStatus, ClusterConfig, ClusterInit, ClusterJoin, ClusterStatus, JoinToken,
+    JoinTokenRequest, MemberAdd, MemberAdded,
+};
 
 #[utoipa::path(get, path = "/api/v1/cluster/status", tag = "cluster",
     responses((status = 200, description = "Members with state and lease, etcd leader and quorum, HA manager", body = ClusterStatus)))]
@@ -35,8 +38,22 @@ pub async fn cluster_join(
     Ok(Json(cfg))
 }
 
+#[utoipa::path(post, path = "/api/v1/cluster/join-tokens", tag = "cluster", request_body = JoinTokenRequest,
+    responses((status = 200, description = "A one-time token that lets one host join", body = JoinToken),
+              (status = 409, description = "Not in a cluster", body = ferry_types::ApiErrorBody)))]
+pub async fn join_token(
+    State(a): State<Agent>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<JoinToken>> {
+    let req: JoinTokenRequest = crate::error::optional_json(&body)?.unwrap_or_default();
+    Ok(Json(a.cluster_join_token(req).await?))
+}
+
+/// Open to callers without credentials: the join token in the body is the credential
+/// (checked, and used up, before anything else).
 #[utoipa::path(post, path = "/api/v1/cluster/members", tag = "cluster", request_body = MemberAdd,
-    responses((status = 200, description = "The host may start its etcd member with this", body = MemberAdded)))]
+    responses((status = 200, description = "The host may start its etcd member with this", body = MemberAdded),
+              (status = 401, description = "Unknown, used or expired join token", body = ferry_types::ApiErrorBody)))]
 pub async fn add_member(
     State(a): State<Agent>,
     ApiJson(req): ApiJson<MemberAdd>,
@@ -50,4 +67,19 @@ pub async fn cluster_leave(State(a): State<Agent>) -> ApiResult<axum::http::Stat
     a.cluster_leave().await?;
     a.request_restart();
     Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/api/v1/cluster/certs", tag = "cluster",
+    responses((status = 200, description = "The cluster CA and this host's certificate", body = CertStatus)))]
+pub async fn certs_status(State(a): State<Agent>) -> ApiResult<Json<CertStatus>> {
+    Ok(Json(a.cert_status()?))
+}
+
+#[utoipa::path(post, path = "/api/v1/cluster/certs/renew", tag = "cluster",
+    responses((status = 200, description = "A new host certificate; the daemon restarts on it", body = CertStatus),
+              (status = 409, description = "No CA key on this host", body = ferry_types::ApiErrorBody)))]
+pub async fn certs_renew(State(a): State<Agent>) -> ApiResult<Json<CertStatus>> {
+    let st = a.renew_certs().await?;
+    a.request_restart();
+    Ok(Json(st))
 }

@@ -32,6 +32,7 @@ impl From<AgentError> for ApiError {
             ErrorClass::BadRequest => StatusCode::BAD_REQUEST,
             ErrorClass::NotFound => StatusCode::NOT_FOUND,
             ErrorClass::Conflict => StatusCode::CONFLICT,
+            ErrorClass::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorClass::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status.is_server_error() {

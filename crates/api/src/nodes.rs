@@ -74,11 +74,7 @@ async fn relay(
 ) -> ApiResult<Response> {
     ferry_agent::check_forwarded(&path)?;
     let api = a.host_api(&host).await?;
-    let url = format!(
-        "{}{path}",
-        api.replacen("http://", "ws://", 1)
-            .replacen("https://", "wss://", 1)
-    );
+    let url = format!("{}{path}", api.replacen("https://", "wss://", 1));
     let mut request = url
         .as_str()
         .into_client_request()
@@ -88,20 +84,12 @@ async fn relay(
             .headers_mut()
             .insert(header::SEC_WEBSOCKET_PROTOCOL, p);
     }
-    if let Some(v) = a
-        .cluster_token()
-        .and_then(|t| header::HeaderValue::from_str(&format!("Bearer {t}")).ok())
-    {
-        request.headers_mut().insert(header::AUTHORIZATION, v);
-    }
-    let (peer, resp) = tokio_tungstenite::connect_async(request)
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                format!("Open {path} on host {host}: {e}"),
-            )
-        })?;
+    let (peer, resp) = connect_peer(&a, &host, request).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            format!("Open {path} on host {host}: {e}"),
+        )
+    })?;
     let chosen = resp
         .headers()
         .get(header::SEC_WEBSOCKET_PROTOCOL)
@@ -112,12 +100,53 @@ async fn relay(
         .on_upgrade(move |socket| pump(socket, peer)))
 }
 
-async fn pump(
-    socket: WebSocket,
-    peer: tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
-) {
+type PeerSocket =
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+/// Opens the websocket on host `host` over mutual TLS (this host's certificate shown,
+/// the other's checked for its name).
+async fn connect_peer(
+    a: &Agent,
+    host: &str,
+    request: tokio_tungstenite::tungstenite::handshake::client::Request,
+) -> Result<
+    (
+        PeerSocket,
+        tokio_tungstenite::tungstenite::handshake::client::Response,
+    ),
+    String,
+> {
+    let uri = request.uri().clone();
+    let authority = uri.authority().ok_or("no host in the URL")?;
+    let port = authority
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("wss") {
+            443
+        } else {
+            80
+        });
+    let addr = format!("{}:{port}", authority.host().trim_matches(['[', ']']));
+    let tcp = tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        tokio::net::TcpStream::connect(&addr),
+    )
+    .await
+    .map_err(|_| format!("connect to {addr}: timed out"))?
+    .map_err(|e| format!("connect to {addr}: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let name = rustls::pki_types::ServerName::try_from(authority.host().trim_matches(['[', ']']))
+        .map_err(|e| e.to_string())?
+        .to_owned();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(a.peer_tls(host)))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS with {host}: {e}"))?;
+    tokio_tungstenite::client_async(request, tls)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn pump(socket: WebSocket, peer: PeerSocket) {
     let (mut ptx, mut prx) = peer.split();
     let (mut ctx, mut crx) = socket.split();
     let down = async {

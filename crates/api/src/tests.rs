@@ -23,6 +23,7 @@ async fn agent(d: &tempfile::TempDir) -> Agent {
             api_port: 0,
             resources: Default::default(),
             replication_port: 0,
+            pki: ferry_pki::HostPki::ensure(&d.path().join("pki"), "test", &[]).unwrap(),
         },
         Arc::new(store),
     )

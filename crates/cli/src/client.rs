@@ -21,7 +21,12 @@ pub struct Client {
     socket: Option<std::path::PathBuf>,
     http: reqwest::Client,
     token: Option<String>,
+    /// TLS settings for `https://` servers (the cluster CA).
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
+
+/// The cluster CA a host keeps (readable by root): the default `--ca` on a host.
+pub const DEFAULT_CA: &str = "/var/lib/ferry/pki/ca.crt";
 
 /// A secret from a file (`-`: standard input), else from the environment variable
 /// `env`; never from the command line.
@@ -52,15 +57,45 @@ pub fn default_token() -> Option<String> {
 }
 
 impl Client {
-    /// A daemon at a URL (`http(s)://HOST:PORT`).
-    pub fn new(base: &str, token: Option<String>) -> Client {
-        Client {
-            base: base.trim_end_matches('/').to_string(),
+    /// A daemon at a URL: `https://HOST:PORT`, its certificate checked against the
+    /// cluster CA in `ca` (PEM; any member of that cluster will do), or `http://` on
+    /// loopback for a daemon run with `--plain-http`.
+    pub fn new(base: &str, token: Option<String>, ca: Option<&std::path::Path>) -> Result<Client> {
+        let base = base.trim_end_matches('/').to_string();
+        let mut tls = None;
+        let http = if base.starts_with("https://") {
+            let path = ca.unwrap_or(std::path::Path::new(DEFAULT_CA));
+            let pem = std::fs::read_to_string(path).with_context(|| {
+                format!(
+                    "Read the cluster CA {} (give --ca FILE or FERRY_CA: a member's {DEFAULT_CA}, checked against the fingerprint `ferry cluster certs status` shows)",
+                    path.display()
+                )
+            })?;
+            let cfg = ferry_pki::ca_client_config(&pem, ferry_pki::Expect::AnyMember)
+                .with_context(|| format!("The cluster CA {}", path.display()))?;
+            tls = Some(std::sync::Arc::new(cfg.clone()));
+            reqwest::Client::builder()
+                .use_preconfigured_tls(cfg)
+                .build()
+                .context("HTTPS client")?
+        } else if base.starts_with("http://") {
+            reqwest::Client::new()
+        } else {
+            bail!("--server {base}: give https://HOST:PORT");
+        };
+        Ok(Client {
+            base,
             prefix: String::new(),
             socket: None,
-            http: reqwest::Client::new(),
+            http,
             token,
-        }
+            tls,
+        })
+    }
+
+    /// The TLS settings for `https://` servers.
+    pub fn tls(&self) -> Option<std::sync::Arc<rustls::ClientConfig>> {
+        self.tls.clone()
     }
 
     /// The daemon of this host over its local socket (the kernel tells it who we are).
@@ -75,6 +110,7 @@ impl Client {
             socket: Some(socket.to_path_buf()),
             http,
             token,
+            tls: None,
         })
     }
 

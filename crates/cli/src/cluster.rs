@@ -1,9 +1,9 @@
 //! `ferry cluster init|join|leave|status`.
 
 use crate::client::Client;
-use crate::{print_json, table, ClusterCmd, Global};
+use crate::{print_json, table, CertsCmd, ClusterCmd, Global};
 use anyhow::{Context, Result};
-use ferry_types::{ClusterConfig, ClusterStatus, HostState};
+use ferry_types::{CertStatus, ClusterConfig, ClusterStatus, HostState, JoinToken};
 use reqwest::Method;
 use serde_json::json;
 use std::time::Duration;
@@ -32,17 +32,25 @@ pub async fn run(c: &Client, g: &Global, cmd: ClusterCmd) -> Result<()> {
                 cfg.endpoints.join(","),
                 cfg.lease_ttl_s
             );
+            println!("CA fingerprint: {}", cfg.ca_fingerprint);
             Ok(())
         }
         ClusterCmd::Join {
             peer,
             address,
             api,
-            peer_token_file,
+            fingerprint,
+            join_token_file,
         } => {
-            let peer_token =
-                crate::client::read_secret(peer_token_file.as_deref(), "FERRY_PEER_TOKEN")?;
-            let body = json!({"peer": peer, "address": address, "api": api, "token": peer_token});
+            let Some(join_token) =
+                crate::client::read_secret(join_token_file.as_deref(), "FERRY_JOIN_TOKEN")?
+            else {
+                anyhow::bail!(
+                    "give the join token: --join-token-file FILE (or -) or FERRY_JOIN_TOKEN (ferry cluster join-token on a member makes one)"
+                );
+            };
+            let body = json!({"peer": peer, "address": address, "api": api,
+                "fingerprint": fingerprint, "join_token": join_token});
             let cfg: ClusterConfig = c
                 .request(Method::POST, "/api/v1/cluster/join", Some(&body))
                 .await?;
@@ -51,6 +59,75 @@ pub async fn run(c: &Client, g: &Global, cmd: ClusterCmd) -> Result<()> {
                 return print_json(&st);
             }
             println!("{} joined: {} members", cfg.name, st.members.len());
+            Ok(())
+        }
+        ClusterCmd::JoinToken { ttl } => {
+            let t: JoinToken = c
+                .request(
+                    Method::POST,
+                    "/api/v1/cluster/join-tokens",
+                    Some(&json!({ "ttl_s": ttl })),
+                )
+                .await?;
+            if g.json {
+                return print_json(&t);
+            }
+            println!("join token:      {}", t.token);
+            println!("CA fingerprint:  {}", t.ca_fingerprint);
+            println!("valid once, for {} s. On the new host:", t.expires_in_s);
+            println!(
+                "  ferry cluster join MEMBER --address ITS-ADDRESS --fingerprint {} --join-token-file FILE",
+                t.ca_fingerprint
+            );
+            Ok(())
+        }
+        ClusterCmd::Certs(CertsCmd::Status) => {
+            let st: CertStatus = c.get("/api/v1/cluster/certs").await?;
+            if g.json {
+                return print_json(&st);
+            }
+            println!("cluster CA:      {}", st.ca.subject);
+            println!("CA fingerprint:  {}", st.ca.fingerprint);
+            println!("CA valid until:  {}", st.ca.not_after);
+            println!("host:            {}", st.host.subject);
+            println!("names:           {}", st.host.names.join(", "));
+            println!(
+                "valid until:     {} ({} days left)",
+                st.host.not_after, st.host_days_left
+            );
+            println!(
+                "CA key held here: {}",
+                if st.ca_key_here { "yes" } else { "no" }
+            );
+            for w in &st.warnings {
+                println!("warning: {w}");
+            }
+            Ok(())
+        }
+        ClusterCmd::Certs(CertsCmd::Renew) => {
+            let st: CertStatus = c
+                .request(Method::POST, "/api/v1/cluster/certs/renew", None)
+                .await?;
+            // The daemon restarts on the new certificate.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            for _ in 0..120 {
+                if c.get::<ClusterStatus>("/api/v1/cluster/status")
+                    .await
+                    .is_ok()
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            if g.json {
+                return print_json(&st);
+            }
+            println!(
+                "new certificate for {}: valid until {} (serial {})",
+                st.host.names.join(", "),
+                st.host.not_after,
+                st.host.serial
+            );
             Ok(())
         }
         ClusterCmd::Leave => {

@@ -39,10 +39,32 @@ pub async fn attach(c: &Client, name: &str) -> Result<()> {
             let r = tokio_tungstenite::client_async(request, stream).await;
             session(opened(r, name, &url)?, name).await
         }
-        None => {
-            let r = tokio_tungstenite::connect_async(request).await;
-            session(opened(r, name, &url)?, name).await
-        }
+        None => match c.tls() {
+            Some(tls) => {
+                let uri = request.uri().clone();
+                let host = uri
+                    .host()
+                    .unwrap_or("")
+                    .trim_matches(['[', ']'])
+                    .to_string();
+                let addr = format!("{host}:{}", uri.port_u16().unwrap_or(443));
+                let tcp = tokio::net::TcpStream::connect(&addr)
+                    .await
+                    .with_context(|| format!("Connect to {addr}"))?;
+                let server_name = rustls::pki_types::ServerName::try_from(host)
+                    .context("The server's host name")?;
+                let stream = tokio_rustls::TlsConnector::from(tls)
+                    .connect(server_name, tcp)
+                    .await
+                    .with_context(|| format!("TLS with {addr}"))?;
+                let r = tokio_tungstenite::client_async(request, stream).await;
+                session(opened(r, name, &url)?, name).await
+            }
+            None => {
+                let r = tokio_tungstenite::connect_async(request).await;
+                session(opened(r, name, &url)?, name).await
+            }
+        },
     }
 }
 

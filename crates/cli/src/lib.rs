@@ -22,10 +22,14 @@ use serde_json::{json, Value};
 
 #[derive(Args, Debug, Clone)]
 pub struct Global {
-    /// Another daemon's URL (`http://HOST:8470`); without it the CLI talks to this
+    /// Another daemon's URL (`https://HOST:8470`); without it the CLI talks to this
     /// host's daemon over its local socket.
     #[arg(long, global = true, env = "FERRY_SERVER")]
     pub server: Option<String>,
+    /// The cluster CA (PEM) the server's certificate is checked against (default
+    /// /var/lib/ferry/pki/ca.crt).
+    #[arg(long, global = true, env = "FERRY_CA")]
+    pub ca: Option<std::path::PathBuf>,
     /// The local daemon's socket.
     #[arg(long, global = true, env = "FERRY_SOCKET", default_value = client::DEFAULT_SOCKET)]
     pub socket: std::path::PathBuf,
@@ -205,7 +209,7 @@ pub enum ClusterCmd {
         /// This host's cluster address (one of its IPs).
         #[arg(long)]
         address: String,
-        /// This host's API URL for the other hosts (default http://ADDRESS:PORT).
+        /// This host's API URL for the other hosts (default https://ADDRESS:PORT).
         #[arg(long)]
         api: Option<String>,
         /// Use an external etcd (client URL, repeatable) instead of running a member.
@@ -215,23 +219,45 @@ pub enum ClusterCmd {
         #[arg(long)]
         lease_ttl: Option<u64>,
     },
-    /// Join the cluster of PEER (a member's address or API URL).
+    /// Join the cluster of PEER (a member's address or API URL), with a join token and
+    /// the CA fingerprint from `ferry cluster join-token` on a member.
     Join {
         peer: String,
         #[arg(long)]
         address: String,
         #[arg(long)]
         api: Option<String>,
-        /// A file holding PEER's admin token (its STATE_DIR/admin-token; `-`: standard
-        /// input), else FERRY_PEER_TOKEN from the environment. The cluster's hosts share
-        /// it afterwards.
+        /// The cluster CA's fingerprint (SHA256:…): the member must prove it holds that CA.
         #[arg(long)]
-        peer_token_file: Option<std::path::PathBuf>,
+        fingerprint: String,
+        /// A file holding the join token (`-`: standard input), else FERRY_JOIN_TOKEN
+        /// from the environment.
+        #[arg(long)]
+        join_token_file: Option<std::path::PathBuf>,
     },
+    /// Make a one-time token that lets one host join (and show the CA fingerprint it
+    /// must pin).
+    JoinToken {
+        /// Validity in seconds (60–86400).
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
+    /// This host's certificate and the cluster CA.
+    #[command(subcommand)]
+    Certs(CertsCmd),
     /// Leave the cluster (no VM may run here).
     Leave,
     /// Members, host states, leases, etcd leader and quorum, HA manager.
     Status,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CertsCmd {
+    /// The CA's fingerprint, this host's certificate: names, validity.
+    Status,
+    /// A new key and certificate for this host (signed by the cluster CA held here);
+    /// the daemon restarts on it.
+    Renew,
 }
 
 #[derive(Subcommand, Debug)]
@@ -592,7 +618,7 @@ pub async fn run(g: Global, cmd: Command) -> Result<()> {
     let token =
         client::read_secret(g.token_file.as_deref(), "FERRY_TOKEN")?.or_else(client::default_token);
     let c = match &g.server {
-        Some(s) => Client::new(s, token),
+        Some(s) => Client::new(s, token, g.ca.as_deref())?,
         None => Client::local(&g.socket, token)?,
     };
     match cmd {

@@ -149,7 +149,10 @@ pub fn run(cmd: LabCmd) -> Result<()> {
             let target = format!("{}:{}", h.addr, ferry_lab::API_PORT)
                 .parse()
                 .context("the host's API address")?;
-            println!("{host}'s API and web UI: http://{listen}/ (relayed to {target})");
+            println!(
+                "{host}'s API and web UI: https://{listen}/ (relayed to {target}; the cluster CA: {})",
+                l.ca_file().display()
+            );
             ferry_lab::expose(&h.ns, target, listen)
         }
         LabCmd::Exec { host, lab, command } => {
@@ -164,7 +167,8 @@ pub fn run(cmd: LabCmd) -> Result<()> {
                     .env(
                         "FERRY_TOKEN_FILE",
                         l.state_dir(&h1.name).join("admin-token"),
-                    );
+                    )
+                    .env("FERRY_CA", l.ca_file());
             } else {
                 let h = l.host(&host)?;
                 cmd.args(["netns", "exec", &h.ns])

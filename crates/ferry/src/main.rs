@@ -84,6 +84,9 @@ struct ServeArgs {
     /// address.
     #[arg(long, default_value_t = ferry_agent::REPLICATION_PORT)]
     replication_port: u16,
+    /// Serve the API over plain HTTP instead of HTTPS (only on a loopback address).
+    #[arg(long)]
+    plain_http: bool,
 }
 
 fn main() -> Result<()> {
@@ -224,16 +227,39 @@ async fn serve(a: ServeArgs) -> Result<()> {
     let lock = lock_state_dir(&a.state_dir)?;
     private_dir(&a.state_dir)?;
     private_dir(&a.run_dir)?;
+    if a.plain_http && !a.listen.ip().is_loopback() {
+        anyhow::bail!(
+            "--plain-http: only on a loopback address (--listen {} is reachable from elsewhere)",
+            a.listen
+        );
+    }
+    let host_name = a.host_name.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into())
+    });
+    let cluster_cfg = ferry_agent::load_cluster_config(&a.state_dir)?;
+    // The host's certificate names its cluster address and the address it listens on.
+    let mut addresses = vec![];
+    if let Some(ip) = cluster_cfg.as_ref().and_then(|c| c.address.parse().ok()) {
+        addresses.push(ip);
+    }
+    if !a.listen.ip().is_unspecified() && !addresses.contains(&a.listen.ip()) {
+        addresses.push(a.listen.ip());
+    }
+    let pki = ferry_pki::HostPki::ensure(
+        &a.state_dir.join(ferry_pki::PKI_DIR),
+        &host_name,
+        &addresses,
+    )
+    .context("Load this host's certificates")?;
     let cfg = AgentConfig {
         state_dir: a.state_dir.clone(),
         run_dir: a.run_dir.clone(),
         accel: a.accel,
         qemu_binary: a.qemu.clone(),
-        host_name: a.host_name.clone().unwrap_or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_string())
-                .unwrap_or_else(|_| "localhost".into())
-        }),
+        host_name,
+        pki: pki.clone(),
         cluster_file: a.cluster.clone(),
         api_port: a.listen.port(),
         resources: ferry_agent::HostResources {
@@ -244,14 +270,14 @@ async fn serve(a: ServeArgs) -> Result<()> {
         },
         replication_port: a.replication_port,
     };
-    let agent = match ferry_agent::load_cluster_config(&a.state_dir)? {
+    let agent = match cluster_cfg {
         Some(cc) => {
             ensure_watchdog(
                 &a.run_dir,
                 &a.state_dir.join("cluster").join("watchdog.log"),
                 a.hardware_watchdog.as_deref(),
             )?;
-            let link = ferry_agent::connect_cluster(&a.state_dir, &a.run_dir, &cc)
+            let link = ferry_agent::connect_cluster(&a.state_dir, &a.run_dir, &cc, &pki)
                 .await
                 .context("Connect to the cluster's etcd")?;
             // Without quorum the store does not answer: wait for it.
@@ -293,12 +319,14 @@ async fn serve(a: ServeArgs) -> Result<()> {
         .await
         .with_context(|| format!("Listen on {}", a.listen))?;
     let local = local_socket(&a.run_dir)?;
+    let scheme = if a.plain_http { "http" } else { "https" };
     tracing::info!(listen = %a.listen, accel = %agent.accel(), "ferry serve: API ready");
     println!(
-        "ferry: API on http://{} and {} (accel {})",
+        "ferry: API on {scheme}://{} and {} (accel {}; CA fingerprint {})",
         a.listen,
         a.run_dir.join(SOCKET).display(),
-        agent.accel()
+        agent.accel(),
+        pki.ca_fingerprint(),
     );
     let restart = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (r, ag) = (restart.clone(), agent.clone());
@@ -320,10 +348,22 @@ async fn serve(a: ServeArgs) -> Result<()> {
     });
     let app = ferry_api::router(agent, auth);
     let limits = ferry_api::serve::Limits::default();
-    tokio::join!(
-        ferry_api::serve::serve(listener, app.clone(), limits, stop_rx.clone()),
-        ferry_api::serve::serve(local, app, limits, stop_rx),
-    );
+    let tcp_stop = stop_rx.clone();
+    let tcp_app = app.clone();
+    let tcp = async move {
+        let (app, stop_rx) = (tcp_app, tcp_stop);
+        if a.plain_http {
+            ferry_api::serve::serve(listener, app, limits, stop_rx).await
+        } else {
+            let tls = ferry_api::serve::TlsListener {
+                tcp: listener,
+                config: pki.server_config(false),
+                timeout: limits.header_timeout,
+            };
+            ferry_api::serve::serve(tls, app, limits, stop_rx).await
+        }
+    };
+    tokio::join!(tcp, ferry_api::serve::serve(local, app, limits, stop_rx));
     if restart.load(std::sync::atomic::Ordering::SeqCst) {
         use std::os::unix::process::CommandExt;
         drop(lock);

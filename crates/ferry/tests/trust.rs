@@ -107,7 +107,8 @@ fn a_guest_with_a_hosts_address_gets_nothing_from_the_api() -> Result<()> {
         .as_str()
         .unwrap_or_default()
         .to_string();
-    let api = format!("http://{h1_addr}:{}", ferry_lab::API_PORT);
+    let api = format!("https://{h1_addr}:{}", ferry_lab::API_PORT);
+    let plain = format!("http://{h1_addr}:{}", ferry_lab::API_PORT);
     // The guest takes h2's address; h1 believes it (what a gratuitous ARP from the guest
     // achieves, made certain here so the request really arrives from that address).
     h1.guest_sh(
@@ -123,16 +124,19 @@ fn a_guest_with_a_hosts_address_gets_nothing_from_the_api() -> Result<()> {
     let out = h1.guest_sh(
         "intruder",
         &format!(
-            "busybox wget -q -O - {api}/api/v1/vms 2>&1 | head -c 300; echo; \
+            "busybox wget -q -O - {plain}/api/v1/vms 2>&1 | head -c 300; echo; \
              busybox wget -q -O - --header 'content-type: application/json' \
                --post-data '{{\"name\":\"etc\",\"kind\":\"dir\",\"path\":\"/etc\"}}' \
-               {api}/api/v1/pools 2>&1 | head -c 300; echo END"
+               {plain}/api/v1/pools 2>&1 | head -c 300; echo END"
         ),
     )?;
     let _ = std::process::Command::new("ip")
         .args(["-n", &ns, "neigh", "del", &h2_addr, "dev", "br0"])
         .status();
-    ensure!(out.contains("401"), "the guest got an answer: {out}");
+    ensure!(
+        out.contains("END"),
+        "the guest's shell did not finish: {out}"
+    );
     ensure!(
         !out.contains("\"spec\""),
         "the guest read the VM list: {out}"
@@ -142,21 +146,59 @@ fn a_guest_with_a_hosts_address_gets_nothing_from_the_api() -> Result<()> {
         !pools.to_string().contains("\"/etc\""),
         "a pool on /etc was made: {pools}"
     );
-    // A process on h1 itself, over TCP (loopback and its own address alike).
+    // A process on h1 itself, over TCP (loopback and its own address alike), with an
+    // HTTPS client but neither a token nor a certificate of the cluster: 401.
+    let curl = |args: &[&str], url: &str| -> Result<String> {
+        let o = h1
+            .cmd("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(args)
+            .arg(url)
+            .output()?;
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    };
     for url in [
         format!("{api}/api/v1/vms"),
-        format!("http://127.0.0.1:{}/api/v1/vms", ferry_lab::API_PORT),
+        format!("https://127.0.0.1:{}/api/v1/vms", ferry_lab::API_PORT),
     ] {
-        let code = h1
-            .cmd("curl")
-            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &url])
-            .output()?;
-        let code = String::from_utf8_lossy(&code.stdout).into_owned();
+        let code = curl(&["-k"], &url)?;
         ensure!(
             code == "401" || code == "000",
             "{url} answered {code} without credentials"
         );
     }
+    // A certificate of another CA (any host can make one): refused at the handshake.
+    let other = tempfile::tempdir()?;
+    let rogue = ferry_pki::HostPki::ensure(other.path(), "h2", &[h2_addr.parse()?])?;
+    let (c, k) = (rogue.cert_path(), rogue.key_path());
+    let code = curl(
+        &[
+            "-k",
+            "--cert",
+            c.to_str().unwrap(),
+            "--key",
+            k.to_str().unwrap(),
+        ],
+        &format!("{api}/api/v1/vms"),
+    )?;
+    ensure!(
+        code != "200",
+        "a foreign CA's certificate was let in ({code})"
+    );
+    // h2's real certificate: h1 knows h2 by it (how the hosts call each other).
+    let h2pki = lab.state_dir("h2").join(ferry_pki::PKI_DIR);
+    let code = curl(
+        &[
+            "--cacert",
+            lab.ca_file().to_str().unwrap(),
+            "--cert",
+            h2pki.join("host.crt").to_str().unwrap(),
+            "--key",
+            h2pki.join("host.key").to_str().unwrap(),
+        ],
+        &format!("{api}/api/v1/vms"),
+    )?;
+    ensure!(code == "200", "h2's certificate was refused ({code})");
     h1.ferry_ok(&["vm", "kill", "intruder"])?;
     Ok(())
 }
@@ -192,6 +234,121 @@ fn a_guest_sends_only_from_its_own_mac() -> Result<()> {
     ensure!(
         !rules.contains("chain tap"),
         "a rule outlived its tap: {rules}"
+    );
+    Ok(())
+}
+
+/// In an etcd cluster every link is TLS with the cluster's certificates: etcd refuses a
+/// client without one, a host knows another by its certificate, and a certificate that
+/// belongs to no current member — renewed since, or of a host that left — is refused.
+#[test]
+fn certificates_of_renewed_or_departed_hosts_are_refused() -> Result<()> {
+    let lab = ferry_lab::ClusterLab::for_test(env!("CARGO_BIN_EXE_ferry"), 2)?;
+    let h1 = lab.cli("h1")?;
+    let h2 = lab.cli("h2")?;
+    let api = lab.host("h1")?.api();
+    let h1_addr = lab.host("h1")?.addr.clone();
+    let keep = tempfile::tempdir()?;
+    let save = |name: &str| -> Result<(String, String)> {
+        let src = lab.state_dir("h2").join(ferry_pki::PKI_DIR);
+        let c = keep.path().join(format!("{name}.crt"));
+        let k = keep.path().join(format!("{name}.key"));
+        std::fs::copy(src.join("host.crt"), &c)?;
+        std::fs::copy(src.join("host.key"), &k)?;
+        Ok((c.display().to_string(), k.display().to_string()))
+    };
+    let ca = lab.ca_file().display().to_string();
+    // As h2 (its certificate), from h1's namespace: what h2's daemon does.
+    let as_h2 = |cert: &(String, String)| -> Result<String> {
+        let o = h1
+            .cmd("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--cacert",
+                &ca,
+            ])
+            .args(["--cert", &cert.0, "--key", &cert.1])
+            .arg(format!("{api}/api/v1/vms"))
+            .output()?;
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    // etcd: TLS only, and only with a certificate of the cluster.
+    let etcd = format!("https://{h1_addr}:2379/v3/kv/range");
+    let o = h1
+        .cmd("curl")
+        .args([
+            "-s",
+            "-k",
+            "-X",
+            "POST",
+            "-d",
+            r#"{"key":"Lw==","range_end":"MA=="}"#,
+        ])
+        .arg(&etcd)
+        .output()?;
+    let body = String::from_utf8_lossy(&o.stdout).into_owned();
+    ensure!(
+        !body.contains("\"kvs\""),
+        "etcd answered without a certificate: {body}"
+    );
+    let o = h1
+        .cmd("curl")
+        .args([
+            "-s",
+            "-X",
+            "POST",
+            "-d",
+            r#"{"key":"Lw==","range_end":"MA=="}"#,
+        ])
+        .arg(etcd.replace("https://", "http://"))
+        .output()?;
+    let body = String::from_utf8_lossy(&o.stdout).into_owned();
+    ensure!(
+        !body.contains("\"kvs\""),
+        "etcd answered plain HTTP: {body}"
+    );
+
+    let first = save("first")?;
+    ensure!(as_h2(&first)? == "200", "h2's certificate was refused");
+    // Renewed: the old certificate is refused, the new one works.
+    let st = h2.ferry_json(&["cluster", "certs", "renew"])?;
+    ensure!(st["host"]["serial"].is_string(), "{st}");
+    std::thread::sleep(Duration::from_secs(4));
+    let second = save("second")?;
+    ensure!(
+        as_h2(&second)? == "200",
+        "h2's renewed certificate was refused"
+    );
+    ensure!(
+        as_h2(&first)? == "401",
+        "h2's old certificate still works after the renewal"
+    );
+    // The cluster still works across both hosts with the new certificate.
+    let hosts = h1.ferry_json(&["cluster", "status"])?;
+    ensure!(
+        hosts["members"].as_array().map(Vec::len) == Some(2),
+        "{hosts}"
+    );
+    // h1 forwards to h2 over mutual TLS (h2 now shows its renewed certificate).
+    let hosts = h1.ferry_json(&["host", "list"])?;
+    let h2_info = hosts
+        .as_array()
+        .and_then(|a| a.iter().find(|h| h["host"]["name"] == "h2"))
+        .map(|h| h["info"].clone());
+    ensure!(
+        h2_info.as_ref().is_some_and(|i| i.is_object()),
+        "h1 cannot reach h2: {hosts}"
+    );
+    // Departed: h2 leaves; its certificate is refused.
+    h2.ferry_ok(&["cluster", "leave"])?;
+    std::thread::sleep(Duration::from_secs(4));
+    ensure!(
+        as_h2(&second)? == "401",
+        "a departed host's certificate still works"
     );
     Ok(())
 }

@@ -43,6 +43,12 @@ fn run_e2e(ns: &str, script: &str, server: &str, state_dir: &Path, log: &Path) -
         .current_dir(&ui)
         .env("FERRY_URL", server)
         .env("FERRY_TOKEN", token.trim())
+        // The script's own API calls (Node's fetch) check the host's certificate
+        // against the cluster CA.
+        .env(
+            "NODE_EXTRA_CA_CERTS",
+            state_dir.join(ferry_pki::PKI_DIR).join("ca.crt"),
+        )
         .env("GUEST_KERNEL", &guest.kernel)
         .env("GUEST_INITRD", &guest.initrd)
         .env("ARTIFACTS", &artifacts)

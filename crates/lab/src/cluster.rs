@@ -38,7 +38,7 @@ pub struct LabHost {
 
 impl LabHost {
     pub fn api(&self) -> String {
-        format!("http://{}:{API_PORT}", self.addr)
+        format!("https://{}:{API_PORT}", self.addr)
     }
 }
 
@@ -173,14 +173,15 @@ impl ClusterLab {
         Ok(lab)
     }
 
-    /// A static cluster's hosts share one admin token, as an etcd cluster's do after
-    /// `join`: every host-to-host call carries it.
+    /// A static cluster's hosts share one admin token (for CLI clients) and one CA:
+    /// the lab makes the CA and each host's certificate, as `cluster join` would.
     fn share_token(&self) -> Result<()> {
         use std::io::Read;
         use std::os::unix::fs::OpenOptionsExt;
         let mut b = [0u8; 32];
         std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
         let token: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        let (ca, ca_key) = ferry_pki::new_ca(&self.prefix)?;
         for h in &self.hosts {
             let dir = self.state_dir(&h.name);
             std::fs::create_dir_all(&dir)?;
@@ -190,8 +191,18 @@ impl ClusterLab {
                 .mode(0o600)
                 .open(dir.join("admin-token"))?;
             std::io::Write::write_all(&mut f, format!("{token}\n").as_bytes())?;
+            let (key, csr) = ferry_pki::new_request(&h.name)?;
+            let cert = ferry_pki::sign_host(&ca, &ca_key, &csr, &h.name, &[h.addr.parse()?])?;
+            ferry_pki::HostPki::install(&dir.join(ferry_pki::PKI_DIR), &ca, &ca_key, &cert, &key)?;
         }
         Ok(())
+    }
+
+    /// The cluster CA (as h1 has it): what clients check the hosts' certificates with.
+    pub fn ca_file(&self) -> PathBuf {
+        self.state_dir(&self.hosts[0].name)
+            .join(ferry_pki::PKI_DIR)
+            .join("ca.crt")
     }
 
     /// The lab `prefix` made earlier (by `ferry lab up`).
@@ -224,26 +235,59 @@ impl ClusterLab {
             "--lease-ttl",
             &self.opts.lease_ttl_s.to_string(),
         ])?;
-        // The first host's admin token: a host that is no member yet must show it.
-        let token_file = self.state_dir(&first.name).join("admin-token");
-        let token_file = token_file.to_str().context("token path")?;
-        if let Some(h) = self.hosts.get(1) {
-            // Without it the member refuses, and the joiner stays as it was.
-            self.cli(&h.name)?.ferry_fails(
-                &["cluster", "join", &first.addr, "--address", &h.addr],
-                "admin token",
-            )?;
-        }
-        for h in &self.hosts[1..] {
-            self.cli(&h.name)?.ferry_ok(&[
+        let cli1 = self.cli(&first.name)?;
+        for (i, h) in self.hosts[1..].iter().enumerate() {
+            // A one-time token from h1, and h1's CA fingerprint to pin.
+            let t: serde_json::Value = serde_json::from_str(&cli1.ferry_ok(&[
+                "--json",
                 "cluster",
-                "join",
-                &first.addr,
-                "--address",
-                &h.addr,
-                "--peer-token-file",
-                token_file,
-            ])?;
+                "join-token",
+                "--ttl",
+                "600",
+            ])?)?;
+            let token = t["token"].as_str().context("join token")?;
+            let fp = t["ca_fingerprint"].as_str().context("CA fingerprint")?;
+            let file = self.dir.join(format!("join-token-{}", h.name));
+            std::fs::write(&file, token)?;
+            let file = file.to_str().context("token path")?;
+            let join = |fp: &str| {
+                [
+                    "cluster",
+                    "join",
+                    &first.addr,
+                    "--address",
+                    &h.addr,
+                    "--fingerprint",
+                    fp,
+                    "--join-token-file",
+                    file,
+                ]
+                .map(String::from)
+            };
+            if i == 0 {
+                // A wrong fingerprint: the joiner refuses the member, and stays as it was.
+                let wrong = format!("SHA256:{}", ["00"; 32].join(":"));
+                let args = join(&wrong);
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                self.cli(&h.name)?.ferry_fails(&args, "fingerprint")?;
+                // The right member but a made-up token: the member refuses (401).
+                std::fs::write(file, "00".repeat(24))?;
+                let args = join(fp);
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                self.cli(&h.name)?.ferry_fails(&args, "join token")?;
+                std::fs::write(file, token)?;
+            }
+            let args = join(fp);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            self.cli(&h.name)?.ferry_ok(&args)?;
+            if i == 0 {
+                let st: serde_json::Value =
+                    serde_json::from_str(&cli1.ferry_ok(&["--json", "cluster", "status"])?)?;
+                anyhow::ensure!(
+                    st["members"].as_array().map(Vec::len) == Some(2),
+                    "h2 did not join: {st}"
+                );
+            }
         }
         Ok(())
     }

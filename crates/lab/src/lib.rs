@@ -146,6 +146,9 @@ impl Lab {
                 "serve",
                 "--listen",
                 &format!("127.0.0.1:{API_PORT}"),
+                // Loopback inside the lab's namespace: the single-host tests speak plain
+                // HTTP and websockets; the cluster labs speak HTTPS everywhere.
+                "--plain-http",
                 "--accel",
                 "tcg",
             ])

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +127,12 @@ async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> std::io::Re
 /// How long a peer may take to acknowledge before it is considered gone.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(4);
 
+/// A connection between two hosts' replication services: mutual TLS (the cluster's
+/// host certificates) in a cluster, plain TCP only in unit tests.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+pub type Stream = Box<dyn Io>;
+
 /// The primary's end of a connection to a secondary.
 pub struct Conn {
     tx: mpsc::UnboundedSender<Arc<Frame>>,
@@ -138,9 +143,8 @@ pub struct Conn {
 
 impl Conn {
     /// Starts the writer and reader tasks on an established (handshaken) stream.
-    pub fn start(stream: TcpStream) -> Arc<Conn> {
-        let _ = stream.set_nodelay(true);
-        let (rd, wr) = stream.into_split();
+    pub fn start(stream: Stream) -> Arc<Conn> {
+        let (rd, wr) = tokio::io::split(stream);
         let mut rd = tokio::io::BufReader::with_capacity(64 << 10, rd);
         let (tx, mut rx) = mpsc::unbounded_channel::<Arc<Frame>>();
         let c = Arc::new(Conn {

@@ -86,6 +86,16 @@ pub trait Cluster: Send + Sync + 'static {
     async fn up_to_date(&self, volume: &str, peer: &str) -> Result<(), String>;
     /// Where `host`'s replication service listens.
     async fn peer_addr(&self, host: &str) -> Option<SocketAddr>;
+    /// TLS to host `host` (this host's certificate shown, `host`'s name checked in
+    /// its certificate); None: plain TCP (unit tests only).
+    fn client_tls(&self, _host: &str) -> Option<std::sync::Arc<rustls::ClientConfig>> {
+        None
+    }
+    /// TLS for connections from peers (their certificates required); None: plain TCP,
+    /// peers then checked by address (unit tests only).
+    fn server_tls(&self) -> Option<std::sync::Arc<rustls::ServerConfig>> {
+        None
+    }
     fn report(&self, volume: &str, report: Report);
 }
 

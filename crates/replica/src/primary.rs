@@ -466,11 +466,26 @@ impl Primary {
             .peer_addr(&p.host)
             .await
             .ok_or_else(|| Refusal::Retry(format!("address of {} unknown", p.host)))?;
-        let mut stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
+        let tcp = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
             .await
             .map_err(|_| Refusal::Retry(format!("connect to {addr}: timed out")))?
             .map_err(|e| Refusal::Retry(format!("connect to {addr}: {e}")))?;
-        let _ = stream.set_nodelay(true);
+        let _ = tcp.set_nodelay(true);
+        // Mutual TLS: the peer proves it is host `p.host` by its certificate.
+        let mut stream: conn::Stream = match self.cluster.client_tls(&p.host) {
+            Some(tls) => {
+                let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+                let t = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    tokio_rustls::TlsConnector::from(tls).connect(name, tcp),
+                )
+                .await
+                .map_err(|_| Refusal::Retry(format!("TLS with {addr}: timed out")))?
+                .map_err(|e| Refusal::Retry(format!("TLS with {} at {addr}: {e}", p.host)))?;
+                Box::new(t)
+            }
+            None => Box::new(tcp),
+        };
         let mine = self.my_hello(&p.host);
         let handshake = async {
             conn::write_msg(&mut stream, &Msg::Hello(mine.clone())).await?;

@@ -1,6 +1,7 @@
 //! A replicated volume on this host: its local copy, its role (secondary, or primary
 //! for a term), the NBD export QEMU opens, and the secondary's side of replication.
 
+use crate::conn::Stream;
 use crate::conn::{self, ConnError};
 use crate::decide::{decide, Decision, Side};
 use crate::local::Local;
@@ -15,7 +16,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
 
 /// How long a write to a copy that is not (yet) primary waits for its promotion: the
@@ -185,7 +185,7 @@ impl Replica {
     }
 
     /// The secondary's side of a connection from a primary whose Hello is `ph`.
-    pub(crate) async fn accept(self: Arc<Self>, ph: Hello, mut stream: TcpStream) {
+    pub(crate) async fn accept(self: Arc<Self>, ph: Hello, mut stream: Stream) {
         let refuse = |reason: String| Msg::Goodbye { reason };
         if self.is_standalone() {
             let m = refuse(format!(
@@ -315,10 +315,10 @@ impl Replica {
         self: Arc<Self>,
         ph: Hello,
         pc: GenId,
-        stream: TcpStream,
+        stream: Stream,
         stop: Arc<Notify>,
     ) -> Result<(), ConnError> {
-        let (rd, wr) = stream.into_split();
+        let (rd, wr) = tokio::io::split(stream);
         let mut rd = tokio::io::BufReader::with_capacity(256 << 10, rd);
         let mut wr = tokio::io::BufWriter::with_capacity(64 << 10, wr);
         let history: Arc<[GenId]> = ph.history.into();

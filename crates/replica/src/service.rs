@@ -113,13 +113,42 @@ impl Service {
         let weak = Arc::downgrade(self);
         self.rt.spawn(async move {
             loop {
-                let Ok((mut stream, peer)) = l.accept().await else {
+                let Ok((stream, peer)) = l.accept().await else {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 };
                 let Some(s) = weak.upgrade() else { break };
                 tokio::spawn(async move {
                     let _ = stream.set_nodelay(true);
+                    // With TLS the peer's certificate names its host; without (unit
+                    // tests) its address must be the one the cluster lists.
+                    let (mut stream, cert_host): (conn::Stream, Option<String>) =
+                        match s.cluster.server_tls() {
+                            Some(tls) => {
+                                let acc = tokio_rustls::TlsAcceptor::from(tls);
+                                let t = match tokio::time::timeout(
+                                    Duration::from_secs(5),
+                                    acc.accept(stream),
+                                )
+                                .await
+                                {
+                                    Ok(Ok(t)) => t,
+                                    Ok(Err(e)) => {
+                                        tracing::warn!(%peer, error = %e, "replication TLS handshake refused");
+                                        return;
+                                    }
+                                    Err(_) => return,
+                                };
+                                let host = t
+                                    .get_ref()
+                                    .1
+                                    .peer_certificates()
+                                    .and_then(|c| c.first())
+                                    .and_then(|c| ferry_pki::peer_name(c));
+                                (Box::new(t), host)
+                            }
+                            None => (Box::new(stream), None),
+                        };
                     let hello =
                         tokio::time::timeout(Duration::from_secs(5), conn::read_hello(&mut stream))
                             .await;
@@ -135,12 +164,20 @@ impl Service {
                         }
                         Err(_) => return,
                     };
-                    // Only the cluster's hosts, from their own addresses, replicate here.
+                    // Only the cluster's hosts replicate here, each as itself.
                     let known = s.cluster.peer_addr(&h.host).await;
-                    if known.map(|a| a.ip()) != Some(peer.ip()) {
-                        tracing::warn!(%peer, host = %h.host, "replication connection from an unknown peer refused");
-                        let reason =
-                            format!("{} at {} is not a host of this cluster", h.host, peer.ip());
+                    let ok = match (&cert_host, s.cluster.server_tls().is_some()) {
+                        (Some(c), true) => *c == h.host && known.is_some(),
+                        (None, true) => false,
+                        (_, false) => known.map(|a| a.ip()) == Some(peer.ip()),
+                    };
+                    if !ok {
+                        tracing::warn!(%peer, host = %h.host, cert = ?cert_host, "replication connection from an unknown peer refused");
+                        let reason = format!(
+                            "{} is not a host of this cluster (its certificate names {})",
+                            h.host,
+                            cert_host.as_deref().unwrap_or("no host")
+                        );
                         let _ = conn::write_msg(&mut stream, &Msg::Goodbye { reason }).await;
                         return;
                     }

@@ -54,8 +54,18 @@ struct Host {
 }
 
 async fn host(name: &str, root: &Path, cluster: &Arc<TestCluster>) -> Host {
+    host_with(name, root, cluster, cluster.clone()).await
+}
+
+/// A host whose service sees the cluster through `seen` (e.g. with its certificates).
+async fn host_with(
+    name: &str,
+    root: &Path,
+    cluster: &Arc<TestCluster>,
+    seen: Arc<dyn Cluster>,
+) -> Host {
     let dir = root.join(name);
-    let svc = Service::new(name, &dir.join("run"), cluster.clone()).unwrap();
+    let svc = Service::new(name, &dir.join("run"), seen).unwrap();
     let addr = svc.listen("127.0.0.1:0".parse().unwrap()).unwrap();
     cluster.addrs.lock().unwrap().insert(name.into(), addr);
     svc.open(KEY, &dir.join("pool"), "v", Some((SIZE, Some(g(1, "a")))))
@@ -413,18 +423,6 @@ async fn junk_from_peers_and_nbd_clients_is_refused_and_changes_nothing() {
     a.qemu_io(&["write -P 0x42 0 64k"]).await;
     let before = b.data();
     let b_addr = cluster.addrs.lock().unwrap()["b"];
-    let hello_from = |host: &str, volume: &str, primary: bool, history: Vec<GenId>, size: u64| {
-        crate::wire::Msg::Hello(crate::wire::Hello {
-            volume: volume.into(),
-            host: host.into(),
-            primary,
-            size,
-            history,
-            uptodate: true,
-            ..Default::default()
-        })
-        .encode()
-    };
     let hello = |volume: &str, primary: bool, history: Vec<GenId>, size: u64| {
         hello_from("a", volume, primary, history, size)
     };
@@ -474,6 +472,155 @@ async fn junk_from_peers_and_nbd_clients_is_refused_and_changes_nothing() {
     a.wait_peer("b", PeerState::UpToDate).await;
     let st = b.svc.status(KEY).unwrap();
     assert_eq!(st.generation, Some(g(2, "a")));
+    a.svc.demote(KEY).await.unwrap();
+}
+
+/// A replication Hello from `host`.
+fn hello_from(host: &str, volume: &str, primary: bool, history: Vec<GenId>, size: u64) -> Vec<u8> {
+    crate::wire::Msg::Hello(crate::wire::Hello {
+        volume: volume.into(),
+        host: host.into(),
+        primary,
+        size,
+        history,
+        uptodate: true,
+        ..Default::default()
+    })
+    .encode()
+}
+
+/// One host's view of the test cluster, with its certificate: mutual TLS.
+struct TlsCluster {
+    inner: Arc<TestCluster>,
+    pki: ferry_pki::HostPki,
+}
+
+#[async_trait::async_trait]
+impl Cluster for TlsCluster {
+    async fn outdate(&self, v: &str, peer: &str) -> Result<(), String> {
+        self.inner.outdate(v, peer).await
+    }
+    async fn up_to_date(&self, v: &str, peer: &str) -> Result<(), String> {
+        self.inner.up_to_date(v, peer).await
+    }
+    async fn peer_addr(&self, host: &str) -> Option<SocketAddr> {
+        self.inner.peer_addr(host).await
+    }
+    fn report(&self, v: &str, r: Report) {
+        self.inner.report(v, r)
+    }
+    fn client_tls(&self, host: &str) -> Option<Arc<rustls::ClientConfig>> {
+        Some(Arc::new(
+            self.pki
+                .client_config(ferry_pki::Expect::Host(host.to_string())),
+        ))
+    }
+    fn server_tls(&self) -> Option<Arc<rustls::ServerConfig>> {
+        Some(self.pki.server_config(true))
+    }
+}
+
+/// A host certificate from `ca` for `name`, in `dir`.
+fn issued(ca: &ferry_pki::HostPki, dir: &Path, name: &str) -> ferry_pki::HostPki {
+    let (key, csr) = ferry_pki::new_request(name).unwrap();
+    let cert = ca
+        .issue(&csr, name, &["127.0.0.1".parse().unwrap()])
+        .unwrap();
+    ferry_pki::HostPki::install(dir, ca.ca_pem(), &ca.ca_key_pem().unwrap(), &cert, &key).unwrap();
+    ferry_pki::HostPki::load(dir).unwrap()
+}
+
+/// With certificates the copies travel over mutual TLS; a connection without a
+/// certificate of the cluster, or whose certificate names another host than its Hello,
+/// never reaches a copy — even from the listed address (every test runs on loopback).
+#[tokio::test]
+async fn copies_travel_over_mutual_tls_and_strangers_are_refused() {
+    use tokio::io::AsyncWriteExt;
+    let root = tempfile::tempdir().unwrap();
+    let cluster = Arc::new(TestCluster::default());
+    let pa = ferry_pki::HostPki::ensure(
+        &root.path().join("pki-a"),
+        "a",
+        &["127.0.0.1".parse().unwrap()],
+    )
+    .unwrap();
+    let pb = issued(&pa, &root.path().join("pki-b"), "b");
+    let pc = issued(&pa, &root.path().join("pki-c"), "c");
+    let seen = |pki: &ferry_pki::HostPki| -> Arc<dyn Cluster> {
+        Arc::new(TlsCluster {
+            inner: cluster.clone(),
+            pki: pki.clone(),
+        })
+    };
+    let a = host_with("a", root.path(), &cluster, seen(&pa)).await;
+    let b = host_with("b", root.path(), &cluster, seen(&pb)).await;
+    let peers = ["a".to_string(), "b".to_string()];
+    a.svc
+        .promote(KEY, g(2, "a"), &peers, &BTreeSet::new(), false)
+        .unwrap();
+    a.wait_peer("b", PeerState::UpToDate).await;
+    a.qemu_io(&["write -P 0x5a 0 64k", "flush"]).await;
+    assert!(
+        b.data()[..65536].iter().all(|x| *x == 0x5a),
+        "b lacks the write"
+    );
+    let before = b.data();
+    let b_addr = cluster.peer_addr("b").await.unwrap();
+    let hello_a = hello_from("a", KEY, true, vec![g(1, "a"), g(9, "a")], SIZE);
+    // Plain TCP with a Hello claiming to be a: the TLS handshake fails, nothing lands.
+    let mut s = tokio::net::TcpStream::connect(b_addr).await.unwrap();
+    let _ = s.write_all(&hello_a).await;
+    assert!(closes(&mut s).await, "plain TCP left open");
+    // TLS with c's certificate (a host of the cluster) but a's name in the Hello.
+    let tcp = tokio::net::TcpStream::connect(b_addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(
+        pc.client_config(ferry_pki::Expect::Host("b".into())),
+    ))
+    .connect(
+        rustls::pki_types::ServerName::IpAddress(b_addr.ip().into()),
+        tcp,
+    )
+    .await
+    .unwrap();
+    let mut tls = tls;
+    tls.write_all(&hello_a).await.unwrap();
+    let mut buf = vec![];
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_to_end(&mut tls, &mut buf),
+    )
+    .await;
+    assert!(
+        String::from_utf8_lossy(&buf).contains("not a host of this cluster"),
+        "an impostor was not told off: {buf:?}"
+    );
+    // A certificate of another CA: no handshake.
+    let other = ferry_pki::HostPki::ensure(&root.path().join("pki-x"), "a", &[]).unwrap();
+    let tcp = tokio::net::TcpStream::connect(b_addr).await.unwrap();
+    let r = tokio_rustls::TlsConnector::from(Arc::new(
+        other.client_config(ferry_pki::Expect::AnyMember),
+    ))
+    .connect(
+        rustls::pki_types::ServerName::IpAddress(b_addr.ip().into()),
+        tcp,
+    )
+    .await;
+    if let Ok(mut t) = r {
+        // TLS 1.3: the server's refusal of the client certificate arrives on first read.
+        let _ = t.write_all(&hello_a).await;
+        let mut buf = vec![];
+        let got = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::io::AsyncReadExt::read_to_end(&mut t, &mut buf),
+        )
+        .await;
+        assert!(
+            !matches!(got, Ok(Ok(n)) if n > 0),
+            "a foreign CA's certificate got an answer: {buf:?}"
+        );
+    }
+    assert_eq!(b.data(), before, "a stranger changed b's copy");
+    a.wait_peer("b", PeerState::UpToDate).await;
     a.svc.demote(KEY).await.unwrap();
 }
 

@@ -21,6 +21,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The connection shared by every scope: the member in use and the others to try.
 struct Conn {
+    tls: Option<EtcdTls>,
     endpoints: std::sync::RwLock<Vec<String>>,
     cur: std::sync::RwLock<(usize, ec::Client)>,
     switching: tokio::sync::Mutex<()>,
@@ -32,13 +33,51 @@ pub struct EtcdStore {
     prefix: String,
 }
 
-async fn connect_one(endpoint: &str) -> Result<ec::Client, ec::Error> {
+/// TLS to etcd: the cluster CA the members' certificates are checked against, and the
+/// client certificate (the host's) etcd requires (`--client-cert-auth`).
+#[derive(Clone)]
+pub struct EtcdTls {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EtcdTls(..)")
+    }
+}
+
+impl EtcdTls {
+    /// The connect options with these certificates (for `https://` endpoints).
+    pub fn apply(&self, opts: ec::ConnectOptions) -> ec::ConnectOptions {
+        opts.with_tls(
+            ec::TlsOptions::new()
+                .ca_certificate(ec::Certificate::from_pem(&self.ca_pem))
+                .identity(ec::Identity::from_pem(&self.cert_pem, &self.key_pem)),
+        )
+    }
+}
+
+/// Connect options with `tls` when the endpoint speaks it.
+pub fn with_tls(
+    opts: ec::ConnectOptions,
+    endpoint: &str,
+    tls: Option<&EtcdTls>,
+) -> ec::ConnectOptions {
+    match tls {
+        Some(t) if endpoint.starts_with("https://") => t.apply(opts),
+        _ => opts,
+    }
+}
+
+async fn connect_one(endpoint: &str, tls: Option<&EtcdTls>) -> Result<ec::Client, ec::Error> {
     let opts = ec::ConnectOptions::new()
         .with_require_leader(true)
         .with_timeout(REQUEST_TIMEOUT)
         .with_connect_timeout(Duration::from_secs(1))
         .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
-    ec::Client::connect([endpoint], Some(opts)).await
+    ec::Client::connect([endpoint], Some(with_tls(opts, endpoint, tls))).await
 }
 
 /// Errors after which another member may do better.
@@ -56,13 +95,18 @@ fn member_unusable(e: &ec::Error) -> bool {
 impl EtcdStore {
     /// Connects to the first of `endpoints` (`http://host:port`) that takes a connection;
     /// keys live under `prefix`.
-    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<EtcdStore, StoreError> {
+    pub async fn connect(
+        endpoints: &[String],
+        prefix: &str,
+        tls: Option<EtcdTls>,
+    ) -> Result<EtcdStore, StoreError> {
         let mut last = None;
         for (i, ep) in endpoints.iter().enumerate() {
-            match connect_one(ep).await {
+            match connect_one(ep, tls.as_ref()).await {
                 Ok(c) => {
                     return Ok(EtcdStore {
                         conn: Arc::new(Conn {
+                            tls,
                             endpoints: std::sync::RwLock::new(endpoints.to_vec()),
                             cur: std::sync::RwLock::new((i, c)),
                             switching: tokio::sync::Mutex::new(()),
@@ -135,7 +179,7 @@ impl EtcdStore {
             .clone();
         for k in 1..=eps.len() {
             let j = (start + k) % eps.len();
-            let Ok(mut c) = connect_one(&eps[j]).await else {
+            let Ok(mut c) = connect_one(&eps[j], self.conn.tls.as_ref()).await else {
                 continue;
             };
             let ok = tokio::time::timeout(

@@ -8,14 +8,14 @@
 //! - watches on a prefix from a revision (history kept for a bounded window; asking for
 //!   an older revision gives [`StoreError::Compacted`], so the caller re-lists).
 
-mod etcd;
+pub mod etcd;
 pub mod member;
 mod sqlite;
 #[cfg(test)]
 mod tests;
 mod typed;
 
-pub use etcd::EtcdStore;
+pub use etcd::{EtcdStore, EtcdTls};
 pub use sqlite::SqliteStore;
 pub use typed::StoreJson;
 

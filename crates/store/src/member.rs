@@ -26,9 +26,9 @@ pub enum MemberError {
 pub struct MemberConfig {
     pub name: String,
     pub data_dir: PathBuf,
-    /// `http://ADDR:2379`
+    /// `https://ADDR:2379` (`http://` without TLS)
     pub client_url: String,
-    /// `http://ADDR:2380`
+    /// `https://ADDR:2380` (`http://` without TLS)
     pub peer_url: String,
     /// `name=peer_url,...` of every member, this one included.
     pub initial_cluster: String,
@@ -36,17 +36,28 @@ pub struct MemberConfig {
     pub new_cluster: bool,
     pub heartbeat_ms: u64,
     pub election_ms: u64,
+    /// TLS for clients and peers, both with certificates required: then the URLs are
+    /// `https://`.
+    pub tls: Option<MemberTls>,
+}
+
+/// The member's certificate files (the host's, from the cluster CA).
+#[derive(Debug, Clone)]
+pub struct MemberTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl MemberConfig {
     pub fn argv(&self) -> Vec<String> {
         let mut client_listen = self.client_url.clone();
-        if !self.client_url.contains("127.0.0.1") {
+        if self.tls.is_none() && !self.client_url.contains("127.0.0.1") {
             // Local tools reach the member over loopback too.
             client_listen.push_str(",http://127.0.0.1:");
             client_listen.push_str(self.client_url.rsplit(':').next().unwrap_or("2379"));
         }
-        vec![
+        let mut v = vec![
             format!("--name={}", self.name),
             format!("--data-dir={}", self.data_dir.display()),
             format!("--listen-client-urls={client_listen}"),
@@ -69,7 +80,19 @@ impl MemberConfig {
             "--auto-compaction-retention=24h".into(),
             "--logger=zap".into(),
             "--log-outputs=stderr".into(),
-        ]
+        ];
+        if let Some(t) = &self.tls {
+            // Clients and peers alike show a certificate of the cluster CA: no record
+            // in the store, no address, lets anyone in.
+            for (side, ca) in [("", "trusted-ca-file"), ("peer-", "peer-trusted-ca-file")] {
+                v.push(format!("--{side}cert-file={}", t.cert.display()));
+                v.push(format!("--{side}key-file={}", t.key.display()));
+                v.push(format!("--{ca}={}", t.ca.display()));
+                v.push(format!("--{side}client-cert-auth=true"));
+            }
+            v.push("--cipher-suites=TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305".into());
+        }
+        v
     }
 }
 
@@ -150,6 +173,7 @@ pub async fn stop(pidfile: &Path, data_dir: &Path) {
 pub async fn wait_healthy(
     name: &str,
     client_url: &str,
+    tls: Option<&crate::etcd::EtcdTls>,
     log: &Path,
     timeout: Duration,
 ) -> Result<(), MemberError> {
@@ -159,6 +183,7 @@ pub async fn wait_healthy(
             .with_require_leader(true)
             .with_timeout(Duration::from_secs(1))
             .with_connect_timeout(Duration::from_millis(500));
+        let opts = crate::etcd::with_tls(opts, client_url, tls);
         if let Ok(mut c) = etcd_client::Client::connect([client_url], Some(opts)).await {
             if c.get("/ferry/health", None).await.is_ok() {
                 return Ok(());

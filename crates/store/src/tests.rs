@@ -83,7 +83,25 @@ async fn open_sqlite() -> (tempfile::TempDir, Box<dyn Store>) {
 pub(crate) struct TestEtcd {
     _dir: tempfile::TempDir,
     pub url: String,
+    pub tls: crate::EtcdTls,
     pid: i32,
+}
+
+/// A host's certificate files under `dir` (its own CA), as etcd and its clients use them.
+pub fn test_pki(dir: &std::path::Path) -> (member::MemberTls, crate::EtcdTls) {
+    let pki =
+        ferry_pki::HostPki::ensure(&dir.join("pki"), "t", &["127.0.0.1".parse().unwrap()]).unwrap();
+    let files = member::MemberTls {
+        ca: pki.ca_path(),
+        cert: pki.cert_path(),
+        key: pki.key_path(),
+    };
+    let tls = crate::EtcdTls {
+        ca_pem: pki.ca_pem().to_string(),
+        cert_pem: pki.cert_pem().to_string(),
+        key_pem: pki.key_pem().to_string(),
+    };
+    (files, tls)
 }
 
 impl TestEtcd {
@@ -94,15 +112,17 @@ impl TestEtcd {
             l.local_addr().unwrap().port()
         };
         let (c, p) = (port(0), port(1));
+        let (files, tls) = test_pki(dir.path());
         let cfg = MemberConfig {
             name: "t".into(),
             data_dir: dir.path().join("data"),
-            client_url: format!("http://127.0.0.1:{c}"),
-            peer_url: format!("http://127.0.0.1:{p}"),
-            initial_cluster: format!("t=http://127.0.0.1:{p}"),
+            client_url: format!("https://127.0.0.1:{c}"),
+            peer_url: format!("https://127.0.0.1:{p}"),
+            initial_cluster: format!("t=https://127.0.0.1:{p}"),
             new_cluster: true,
             heartbeat_ms: 100,
             election_ms: 1000,
+            tls: Some(files),
         };
         let log = dir.path().join("etcd.log");
         let pid = member::spawn("etcd", &cfg, &log, &dir.path().join("pid"))
@@ -111,9 +131,10 @@ impl TestEtcd {
         let e = TestEtcd {
             _dir: dir,
             url: cfg.client_url.clone(),
+            tls,
             pid,
         };
-        member::wait_healthy("t", &e.url, &log, Duration::from_secs(20))
+        member::wait_healthy("t", &e.url, Some(&e.tls), &log, Duration::from_secs(20))
             .await
             .unwrap();
         e
@@ -131,7 +152,7 @@ impl Drop for TestEtcd {
 
 async fn open_etcd() -> (TestEtcd, Box<dyn Store>) {
     let e = TestEtcd::start().await;
-    let s = EtcdStore::connect(std::slice::from_ref(&e.url), "/test/")
+    let s = EtcdStore::connect(std::slice::from_ref(&e.url), "/test/", Some(e.tls.clone()))
         .await
         .unwrap();
     (e, Box::new(s))
@@ -142,9 +163,13 @@ async fn etcd_prefixes_keep_hosts_apart() {
     let (_e, s) = open_etcd().await;
     let s = s.as_ref();
     s.put("/vms/a", b"1".to_vec(), None).await.unwrap();
-    let e = EtcdStore::connect(std::slice::from_ref(&_e.url), "/other/")
-        .await
-        .unwrap();
+    let e = EtcdStore::connect(
+        std::slice::from_ref(&_e.url),
+        "/other/",
+        Some(_e.tls.clone()),
+    )
+    .await
+    .unwrap();
     assert!(e.get("/vms/a").await.unwrap().is_none());
     e.put("/vms/b", b"2".to_vec(), None).await.unwrap();
     let keys: Vec<_> = s
@@ -303,4 +328,48 @@ async fn failed_txn_op_rolls_back_everything(s: &dyn Store) {
     assert!(r.is_err());
     assert!(s.get("a").await.unwrap().is_none());
     assert_eq!(s.revision().await.unwrap(), before);
+}
+
+/// etcd lets in only clients with a certificate of the cluster CA: none, or one of
+/// another CA, gets nothing (the hole of issue 17: `etcdctl get --prefix /ferry` from
+/// anywhere).
+#[tokio::test]
+async fn etcd_refuses_clients_without_a_cluster_certificate() {
+    let (e, s) = open_etcd().await;
+    s.put("/secret", b"1".to_vec(), None).await.unwrap();
+    // No certificate at all (the server's checked against the right CA).
+    let anon = ec_client(&e.url, |o| {
+        o.with_tls(
+            etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(&e.tls.ca_pem)),
+        )
+    })
+    .await;
+    assert!(anon.is_err(), "a client without a certificate read etcd");
+    // A certificate of another CA.
+    let other = tempfile::tempdir().unwrap();
+    let (_, mut wrong) = test_pki(other.path());
+    wrong.ca_pem = e.tls.ca_pem.clone();
+    let w = ec_client(&e.url, |o| wrong.apply(o)).await;
+    assert!(w.is_err(), "a client of another CA read etcd");
+    // Plain HTTP to the TLS port.
+    let plain = ec_client(&e.url.replace("https://", "http://"), |o| o).await;
+    assert!(plain.is_err(), "plain HTTP read etcd");
+}
+
+/// Connects and reads a key: the error, if any.
+async fn ec_client(
+    url: &str,
+    f: impl FnOnce(etcd_client::ConnectOptions) -> etcd_client::ConnectOptions,
+) -> Result<(), String> {
+    let opts = etcd_client::ConnectOptions::new()
+        .with_timeout(Duration::from_secs(2))
+        .with_connect_timeout(Duration::from_secs(2));
+    let mut c = etcd_client::Client::connect([url], Some(f(opts)))
+        .await
+        .map_err(|e| e.to_string())?;
+    c.get("/test/secret", None)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }

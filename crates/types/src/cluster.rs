@@ -88,6 +88,27 @@ pub struct ClusterConfig {
     pub initial_cluster: String,
     /// Host lease TTL in seconds.
     pub lease_ttl_s: u64,
+    /// The cluster CA's fingerprint (`SHA256:…`): what a joining host pins.
+    #[serde(default)]
+    pub ca_fingerprint: String,
+}
+
+/// `POST /cluster/join-tokens`: a one-time token that lets one host join.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct JoinTokenRequest {
+    /// How long it stays valid, in seconds (60–86400, default 3600).
+    #[serde(default)]
+    pub ttl_s: Option<u64>,
+}
+
+/// The answer to [`JoinTokenRequest`]: give both to `ferry cluster join` on the new host.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JoinToken {
+    /// Secret; valid once, until it expires.
+    pub token: String,
+    pub expires_in_s: u64,
+    /// The cluster CA's fingerprint, which the joining host checks the member against.
+    pub ca_fingerprint: String,
 }
 
 /// `POST /cluster/init`
@@ -116,29 +137,44 @@ pub struct ClusterJoin {
     pub address: String,
     #[serde(default)]
     pub api: Option<String>,
-    /// The admin token of the member joined (its `STATE_DIR/admin-token`). After the
-    /// join this host uses it too: one token for the whole cluster.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub token: Option<String>,
+    /// The cluster CA's fingerprint (`ferry cluster join-token` and `ferry cluster certs
+    /// status` on a member show it): the member must prove it holds that CA.
+    pub fingerprint: String,
+    /// A join token from `ferry cluster join-token` on a member (valid once).
+    pub join_token: String,
 }
 
-/// `POST /cluster/members`: a joining host asks a member to add it.
+/// `POST /cluster/members`: a joining host asks a member to add it, with a join token
+/// (this call needs no other credentials) and a certificate request for its key.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct MemberAdd {
+    pub join_token: String,
     pub name: String,
     pub address: String,
     pub api: String,
     /// The joiner's etcd peer URL, when it runs a member.
     #[serde(default)]
     pub peer_url: Option<String>,
+    /// PEM certificate request (PKCS#10) for the joiner's new key; the member decides
+    /// the names in the certificate (`name`, `address`).
+    pub csr: String,
 }
 
-/// The answer to [`MemberAdd`].
+/// The answer to [`MemberAdd`]: how to start the etcd member, and the host's
+/// certificates.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct MemberAdded {
     pub initial_cluster: String,
     pub endpoints: Vec<String>,
     pub lease_ttl_s: u64,
+    /// The cluster CA (PEM).
+    pub ca_cert: String,
+    /// The CA's key (PEM): every member can sign a joining host's certificate.
+    pub ca_key: String,
+    /// The joiner's certificate (PEM), signed by the CA.
+    pub host_cert: String,
+    /// The cluster's admin token: one token for the CLI at every host.
+    pub admin_token: String,
 }
 
 /// One host in `ferry cluster status`.
@@ -173,5 +209,31 @@ pub struct ClusterStatus {
     pub lease_ttl_s: u64,
     /// Advice (e.g. a two-voter cluster needs a witness).
     #[serde(default)]
+    pub warnings: Vec<String>,
+}
+
+/// A certificate, as `ferry cluster certs status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CertDetails {
+    pub subject: String,
+    /// Its subject alternative names (host name, addresses).
+    pub names: Vec<String>,
+    /// RFC 3339.
+    pub not_before: String,
+    /// RFC 3339.
+    pub not_after: String,
+    /// `SHA256:…` of the DER.
+    pub fingerprint: String,
+    pub serial: String,
+}
+
+/// `GET /cluster/certs`: the cluster CA and this host's certificate.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CertStatus {
+    pub ca: CertDetails,
+    pub host: CertDetails,
+    pub host_days_left: i64,
+    /// This host holds the CA key (it can sign a joining host's certificate).
+    pub ca_key_here: bool,
     pub warnings: Vec<String>,
 }

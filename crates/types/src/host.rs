@@ -36,6 +36,11 @@ pub struct ClusterHost {
     pub api: String,
     /// Its address for migration traffic.
     pub address: String,
+    /// The serial of its host certificate: other hosts accept only that one (a host
+    /// that left, or a renewed certificate's predecessor, is refused). None in a
+    /// static cluster file (any certificate of the CA naming the host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_serial: Option<String>,
 }
 
 /// The cluster file: `{"hosts": [...]}`.

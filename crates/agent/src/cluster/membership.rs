@@ -14,11 +14,12 @@
 
 use crate::error::{AgentError, Result};
 use crate::Agent;
-use ferry_store::member::{self, MemberConfig};
-use ferry_store::{EtcdStore, Store, StoreJson};
+use ferry_pki::HostPki;
+use ferry_store::member::{self, MemberConfig, MemberTls};
+use ferry_store::{EtcdStore, EtcdTls, Store, StoreJson};
 use ferry_types::{
-    ClusterConfig, ClusterHost, ClusterInit, ClusterJoin, ClusterStatus, HostState, MemberAdd,
-    MemberAdded, MemberStatus,
+    ClusterConfig, ClusterHost, ClusterInit, ClusterJoin, ClusterStatus, HostState, JoinToken,
+    JoinTokenRequest, MemberAdd, MemberAdded, MemberStatus,
 };
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -28,6 +29,9 @@ pub(crate) const ALIVE: &str = "/cluster/alive/";
 pub(crate) const FENCED: &str = "/cluster/fenced/";
 pub(crate) const MANAGER: &str = "/cluster/ha/manager";
 pub(crate) const NEXT_ID: &str = "/cluster/next-vm-id";
+/// `/cluster/join-tokens/{sha256 of the token}`: one-time join tokens, under a lease
+/// (they expire with it).
+const JOIN_TOKENS: &str = "/cluster/join-tokens/";
 const ROOT: &str = "/ferry";
 const CLIENT_PORT: u16 = 2379;
 const PEER_PORT: u16 = 2380;
@@ -50,6 +54,22 @@ impl ClusterLink {
     pub(crate) async fn members(&self) -> Result<Vec<ClusterHost>> {
         Ok(self.root.list_json::<ClusterHost>(MEMBERS).await?)
     }
+}
+
+/// The serial of the certificate in `pem`.
+pub(crate) fn cert_serial(pem: &str) -> Option<String> {
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
+    ferry_pki::cert_info(&der).ok().map(|i| i.serial)
+}
+
+/// Join tokens are kept by their digest: etcd never holds one that works.
+fn token_key(token: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.trim().as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn host_prefix(name: &str) -> String {
@@ -109,12 +129,47 @@ fn save_config(state_dir: &Path, cfg: &ClusterConfig) -> Result<()> {
     std::fs::rename(&tmp, &p).map_err(io)
 }
 
-fn member_config(cfg: &ClusterConfig, paths: &EtcdPaths, new: bool) -> MemberConfig {
+/// The host's certificates where etcd reads them.
+fn member_tls(pki: &HostPki) -> MemberTls {
+    MemberTls {
+        ca: pki.ca_path(),
+        cert: pki.cert_path(),
+        key: pki.key_path(),
+    }
+}
+
+/// The host's certificates for its etcd client.
+pub(crate) fn etcd_tls(pki: &HostPki) -> EtcdTls {
+    EtcdTls {
+        ca_pem: pki.ca_pem().to_string(),
+        cert_pem: pki.cert_pem().to_string(),
+        key_pem: pki.key_pem().to_string(),
+    }
+}
+
+fn client_url(address: &str) -> String {
+    format!("https://{}:{CLIENT_PORT}", url_host(address))
+}
+
+fn peer_url(address: &str) -> String {
+    format!("https://{}:{PEER_PORT}", url_host(address))
+}
+
+fn url_host(address: &str) -> String {
+    if address.contains(':') {
+        format!("[{address}]")
+    } else {
+        address.to_string()
+    }
+}
+
+fn member_config(cfg: &ClusterConfig, paths: &EtcdPaths, new: bool, pki: &HostPki) -> MemberConfig {
     MemberConfig {
         name: cfg.name.clone(),
         data_dir: paths.data.clone(),
-        client_url: format!("http://{}:{CLIENT_PORT}", cfg.address),
-        peer_url: format!("http://{}:{PEER_PORT}", cfg.address),
+        client_url: client_url(&cfg.address),
+        peer_url: peer_url(&cfg.address),
+        tls: Some(member_tls(pki)),
         initial_cluster: cfg.initial_cluster.clone(),
         new_cluster: new,
         // A LAN: a leader's loss is noticed in half a second, well inside the time a
@@ -126,16 +181,21 @@ fn member_config(cfg: &ClusterConfig, paths: &EtcdPaths, new: bool) -> MemberCon
 
 /// At daemon start: makes sure the local etcd member runs (when ferry manages it) and
 /// connects. Does not wait for quorum; the agent's store calls do.
-pub async fn connect(state_dir: &Path, run_dir: &Path, cfg: &ClusterConfig) -> Result<ClusterLink> {
+pub async fn connect(
+    state_dir: &Path,
+    run_dir: &Path,
+    cfg: &ClusterConfig,
+    pki: &HostPki,
+) -> Result<ClusterLink> {
     if cfg.managed_etcd {
         let paths = etcd_paths(state_dir, run_dir);
         if member::running(&paths.pidfile, &paths.data).is_none() {
-            let mc = member_config(cfg, &paths, false);
+            let mc = member_config(cfg, &paths, false, pki);
             let pid = member::spawn("etcd", &mc, &paths.log, &paths.pidfile).await?;
             tracing::info!(pid, "started the local etcd member");
         }
     }
-    let root = EtcdStore::connect(&cfg.endpoints, ROOT).await?;
+    let root = EtcdStore::connect(&cfg.endpoints, ROOT, Some(etcd_tls(pki))).await?;
     Ok(ClusterLink {
         cfg: cfg.clone(),
         root,
@@ -194,7 +254,7 @@ impl Agent {
         if member::running(&paths.pidfile, &paths.data).is_some() {
             return;
         }
-        let mc = member_config(&link.cfg, &paths, false);
+        let mc = member_config(&link.cfg, &paths, false, &self.inner.cfg.pki);
         match member::spawn("etcd", &mc, &paths.log, &paths.pidfile).await {
             Ok(pid) => self.inner.events.emit(
                 None,
@@ -222,7 +282,20 @@ impl Agent {
     }
 
     fn default_api(&self, address: &str, api: Option<String>) -> String {
-        api.unwrap_or_else(|| format!("http://{address}:{}", self.inner.cfg.api_port))
+        api.unwrap_or_else(|| format!("https://{}:{}", url_host(address), self.inner.cfg.api_port))
+    }
+
+    /// The certificate files, made again for this host's cluster address (this host
+    /// holds the CA key: its own, before it founds a cluster).
+    fn pki_for(&self, address: &str) -> Result<HostPki> {
+        let ip: std::net::IpAddr = address.parse().map_err(|_| {
+            AgentError::invalid("address", format!("{address} is not an IP address"))
+        })?;
+        Ok(HostPki::ensure(
+            &self.inner.cfg.pki.dir,
+            self.host_name(),
+            &[ip],
+        )?)
     }
 
     /// Makes this host the first member of a new cluster. The daemon restarts afterwards.
@@ -238,33 +311,42 @@ impl Agent {
         }
         let name = self.host_name().to_string();
         let managed = req.etcd.is_empty();
+        // This host's CA becomes the cluster's; its certificate names the address.
+        let pki = self.pki_for(&req.address)?;
         let mut cfg = ClusterConfig {
             name: name.clone(),
             address: req.address.clone(),
             api: self.default_api(&req.address, req.api),
             endpoints: if managed {
-                vec![format!("http://{}:{CLIENT_PORT}", req.address)]
+                vec![client_url(&req.address)]
             } else {
                 req.etcd.clone()
             },
             managed_etcd: managed,
-            initial_cluster: format!("{name}=http://{}:{PEER_PORT}", req.address),
+            initial_cluster: format!("{name}={}", peer_url(&req.address)),
             lease_ttl_s: ttl,
+            ca_fingerprint: pki.ca_fingerprint(),
         };
         let paths = etcd_paths(&self.inner.cfg.state_dir, &self.inner.cfg.run_dir);
         if managed {
             let _ = std::fs::remove_dir_all(&paths.data);
-            let mc = member_config(&cfg, &paths, true);
+            let mc = member_config(&cfg, &paths, true, &pki);
             member::spawn("etcd", &mc, &paths.log, &paths.pidfile).await?;
-            let up =
-                member::wait_healthy(&name, &mc.client_url, &paths.log, Duration::from_secs(20))
-                    .await;
+            let tls = etcd_tls(&pki);
+            let up = member::wait_healthy(
+                &name,
+                &mc.client_url,
+                Some(&tls),
+                &paths.log,
+                Duration::from_secs(20),
+            )
+            .await;
             if let Err(e) = up {
                 member::stop(&paths.pidfile, &paths.data).await;
                 return Err(e.into());
             }
         }
-        let done = self.enter_cluster(&mut cfg).await;
+        let done = self.enter_cluster(&mut cfg, &pki).await;
         if done.is_err() && managed {
             member::stop(&paths.pidfile, &paths.data).await;
             let _ = std::fs::remove_dir_all(&paths.data);
@@ -273,12 +355,93 @@ impl Agent {
         Ok(cfg)
     }
 
-    /// On a member: lets host `req.name` in (etcd member first, then the registry).
+    /// A one-time join token (kept hashed in etcd under a lease: it expires with it).
+    pub async fn cluster_join_token(&self, req: JoinTokenRequest) -> Result<JoinToken> {
+        let link = self.cluster_link()?;
+        let ttl = req.ttl_s.unwrap_or(3600);
+        if !(60..=86400).contains(&ttl) {
+            return Err(AgentError::invalid(
+                "ttl_s",
+                format!("{ttl} s is outside 60 s – 24 h"),
+            ));
+        }
+        let bytes: [u8; 24] = rand::random();
+        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let lease = link.root.grant_lease(Duration::from_secs(ttl)).await?;
+        link.root
+            .put(
+                &format!("{JOIN_TOKENS}{}", token_key(&token)),
+                b"1".to_vec(),
+                Some(lease),
+            )
+            .await?;
+        self.inner
+            .events
+            .emit(None, "cluster", format!("join token made (valid {ttl} s)"));
+        Ok(JoinToken {
+            token,
+            expires_in_s: ttl,
+            ca_fingerprint: self.inner.cfg.pki.ca_fingerprint(),
+        })
+    }
+
+    /// Uses up a join token: true when it existed (and now does not).
+    async fn take_join_token(&self, link: &ClusterLink, token: &str) -> Result<bool> {
+        let t = token.trim();
+        if t.len() != 48 || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(false);
+        }
+        let key = format!("{JOIN_TOKENS}{}", token_key(t));
+        let r = link
+            .root
+            .txn(ferry_store::Txn {
+                compare: vec![ferry_store::Compare::Version(
+                    key.clone(),
+                    ferry_store::Cmp::Greater,
+                    0,
+                )],
+                success: vec![ferry_store::Op::Delete(key)],
+                failure: vec![],
+            })
+            .await?;
+        Ok(r.succeeded)
+    }
+
+    /// On a member: lets host `req.name` in when it shows a join token (used up here,
+    /// before anything else happens): signs its certificate request (names and
+    /// address decided here), adds its etcd member, and hands back the cluster's CA
+    /// and token.
     pub async fn cluster_add_member(&self, req: MemberAdd) -> Result<MemberAdded> {
         let link = self.cluster_link()?;
+        if !self.take_join_token(link, &req.join_token).await? {
+            tracing::warn!(name = %req.name, "join refused: unknown, used or expired join token");
+            return Err(AgentError::Unauthorized(
+                "Unknown, used or expired join token (ferry cluster join-token on a member makes one)"
+                    .into(),
+            ));
+        }
         let mut errs = ferry_types::ValidationErrors::default();
         ferry_types::validate::check_name(&mut errs, "name", &req.name);
         errs.into_result()?;
+        let ip: std::net::IpAddr = req.address.parse().map_err(|_| {
+            AgentError::invalid("address", format!("{} is not an IP address", req.address))
+        })?;
+        if !req.api.starts_with("https://") {
+            return Err(AgentError::invalid(
+                "api",
+                format!("{} is no https:// URL", req.api),
+            ));
+        }
+        let pki = &self.inner.cfg.pki;
+        let host_cert = pki.issue(&req.csr, &req.name, &[ip])?;
+        let ca_key = pki.ca_key_pem()?;
+        let admin_token = std::fs::read_to_string(self.inner.cfg.state_dir.join("admin-token"))
+            .map_err(|source| AgentError::Io {
+                what: "Read the admin token".into(),
+                source,
+            })?
+            .trim()
+            .to_string();
         if link
             .root
             .get(&format!("{MEMBERS}{}", req.name))
@@ -293,6 +456,7 @@ impl Agent {
         // Registered first: once etcd counts the new member, nothing commits until it
         // runs (a one-member cluster has no quorum between the two steps).
         let key = format!("{MEMBERS}{}", req.name);
+        let serial = cert_serial(&host_cert);
         link.root
             .put_json(
                 &key,
@@ -300,13 +464,16 @@ impl Agent {
                     name: req.name.clone(),
                     api: req.api.clone(),
                     address: req.address.clone(),
+                    cert_serial: serial,
                 },
             )
             .await?;
         let client = link.root.client();
         let mut initial = vec![];
         let mut endpoints = vec![];
-        if let Some(peer) = &req.peer_url {
+        if req.peer_url.is_some() {
+            // The peer URL follows from the address; the joiner's word is not taken.
+            let peer = peer_url(&req.address);
             let added = match while_unhealthy(|| {
                 let mut c = client.clone();
                 let peer = peer.clone();
@@ -331,7 +498,7 @@ impl Agent {
                 }
                 endpoints.extend(m.client_urls().iter().cloned());
             }
-            endpoints.push(format!("http://{}:{CLIENT_PORT}", req.address));
+            endpoints.push(client_url(&req.address));
         } else {
             endpoints = link.cfg.endpoints.clone();
         }
@@ -342,10 +509,16 @@ impl Agent {
             initial_cluster: initial.join(","),
             endpoints,
             lease_ttl_s: link.cfg.lease_ttl_s,
+            ca_cert: pki.ca_pem().to_string(),
+            ca_key,
+            host_cert,
+            admin_token,
         })
     }
 
-    /// Joins the cluster `req.peer` belongs to. The daemon restarts afterwards.
+    /// Joins the cluster `req.peer` belongs to: the member must show a certificate of
+    /// the CA with `req.fingerprint`; this host shows the join token and gets its
+    /// certificate. The daemon restarts afterwards.
     pub async fn cluster_join(&self, req: ClusterJoin) -> Result<ClusterConfig> {
         self.refuse_if_clustered()?;
         check_own_address(&req.address)?;
@@ -354,30 +527,55 @@ impl Agent {
         let peer_api = if req.peer.contains("://") {
             req.peer.trim_end_matches('/').to_string()
         } else {
-            format!("http://{}:{}", req.peer, self.inner.cfg.api_port)
+            format!(
+                "https://{}:{}",
+                url_host(&req.peer),
+                self.inner.cfg.api_port
+            )
         };
-        let peer = super::Peer::new(
+        if !peer_api.starts_with("https://") {
+            return Err(AgentError::invalid(
+                "peer",
+                format!("{peer_api}: members are reached over https://"),
+            ));
+        }
+        let tls = ferry_pki::pinned_client(&req.fingerprint)
+            .map_err(|e| AgentError::invalid("fingerprint", crate::error_chain(&e).join(": ")))?;
+        let peer = super::Peer::with_tls(
             ClusterHost {
                 name: req.peer.clone(),
                 api: peer_api,
                 address: String::new(),
+                cert_serial: None,
             },
             Duration::from_secs(30),
+            tls,
         )?
-        .with_token(req.token.clone());
+        .with_token(None);
+        let (key, csr) = ferry_pki::new_request(&name)?;
         let added: MemberAdded = peer
             .post(
                 "/api/v1/cluster/members",
                 &MemberAdd {
+                    join_token: req.join_token.trim().to_string(),
                     name: name.clone(),
                     address: req.address.clone(),
                     api: api.clone(),
-                    peer_url: Some(format!("http://{}:{PEER_PORT}", req.address)),
+                    peer_url: Some(peer_url(&req.address)),
+                    csr,
                 },
             )
             .await?;
+        let dir = self.inner.cfg.pki.dir.clone();
+        HostPki::install(&dir, &added.ca_cert, &added.ca_key, &added.host_cert, &key)?;
+        let pki = HostPki::load(&dir)?;
+        if pki.ca_fingerprint() != ferry_pki::parse_fingerprint(&req.fingerprint)? {
+            return Err(AgentError::Conflict(
+                "The member handed out another CA than the one it showed".into(),
+            ));
+        }
         // The own member first: the store talks to it while it answers.
-        let own = format!("http://{}:{CLIENT_PORT}", req.address);
+        let own = client_url(&req.address);
         let mut endpoints = vec![own.clone()];
         endpoints.extend(added.endpoints.iter().filter(|e| **e != own).cloned());
         let mut cfg = ClusterConfig {
@@ -388,17 +586,27 @@ impl Agent {
             managed_etcd: true,
             initial_cluster: added.initial_cluster.clone(),
             lease_ttl_s: added.lease_ttl_s,
+            ca_fingerprint: pki.ca_fingerprint(),
         };
         let paths = etcd_paths(&self.inner.cfg.state_dir, &self.inner.cfg.run_dir);
         let _ = std::fs::remove_dir_all(&paths.data);
-        let mc = member_config(&cfg, &paths, false);
+        let mc = member_config(&cfg, &paths, false, &pki);
         member::spawn("etcd", &mc, &paths.log, &paths.pidfile).await?;
-        member::wait_healthy(&name, &mc.client_url, &paths.log, Duration::from_secs(30)).await?;
-        self.enter_cluster(&mut cfg).await?;
-        if let Some(t) = &req.token {
-            // One token for the cluster: the daemon loads it when it restarts now.
+        let etls = etcd_tls(&pki);
+        member::wait_healthy(
+            &name,
+            &mc.client_url,
+            Some(&etls),
+            &paths.log,
+            Duration::from_secs(30),
+        )
+        .await?;
+        self.enter_cluster(&mut cfg, &pki).await?;
+        // One token for the cluster: the daemon loads it when it restarts now.
+        let t = added.admin_token.trim();
+        if t.len() >= 16 && t.bytes().all(|b| b.is_ascii_alphanumeric()) {
             let path = self.inner.cfg.state_dir.join("admin-token");
-            std::fs::write(&path, format!("{}\n", t.trim())).map_err(|source| AgentError::Io {
+            std::fs::write(&path, format!("{t}\n")).map_err(|source| AgentError::Io {
                 what: format!("Write {}", path.display()),
                 source,
             })?;
@@ -407,8 +615,8 @@ impl Agent {
     }
 
     /// Copies this host's store into etcd, registers it, writes the config.
-    async fn enter_cluster(&self, cfg: &mut ClusterConfig) -> Result<()> {
-        let root = EtcdStore::connect(&cfg.endpoints, ROOT).await?;
+    async fn enter_cluster(&self, cfg: &mut ClusterConfig, pki: &HostPki) -> Result<()> {
+        let root = EtcdStore::connect(&cfg.endpoints, ROOT, Some(etcd_tls(pki))).await?;
         let host = root.scoped(&host_prefix(&cfg.name));
         if !host.list("/").await?.is_empty() {
             return Err(AgentError::Conflict(format!(
@@ -435,6 +643,7 @@ impl Agent {
                 name: cfg.name.clone(),
                 api: cfg.api.clone(),
                 address: cfg.address.clone(),
+                cert_serial: pki.host_info().ok().map(|i| i.serial),
             },
         )
         .await?;
@@ -486,7 +695,12 @@ impl Agent {
                         .filter(|x| x.name() != name.as_str())
                         .flat_map(|x| x.client_urls().iter().cloned())
                         .collect();
-                    let c = etcd_client::Client::connect(others, None)
+                    let opts = ferry_store::etcd::with_tls(
+                        etcd_client::ConnectOptions::new(),
+                        others.first().map(String::as_str).unwrap_or(""),
+                        Some(&etcd_tls(&self.inner.cfg.pki)),
+                    );
+                    let c = etcd_client::Client::connect(others, Some(opts))
                         .await
                         .map_err(etcd_err("Connect to another etcd member"))?;
                     while_unhealthy(|| {
@@ -531,6 +745,8 @@ impl Agent {
             let _ = std::fs::remove_dir_all(&paths.data);
         }
         let _ = std::fs::remove_file(config_path(&self.inner.cfg.state_dir));
+        // The cluster's CA and certificate go; the next start makes the host's own.
+        HostPki::forget(&self.inner.cfg.pki.dir);
         Ok(())
     }
 

@@ -2,6 +2,7 @@
 //! ([`lease`]), the HA manager and the local restart logic ([`ha`]); here the other
 //! hosts (from etcd, or a static cluster file) and a small HTTP client to their APIs.
 
+mod certs;
 pub(crate) mod ha;
 pub(crate) mod lease;
 pub(crate) mod membership;
@@ -20,28 +21,58 @@ use std::time::Duration;
 pub(crate) struct Peer {
     pub host: ClusterHost,
     http: reqwest::Client,
-    /// The bearer token sent with every request: the cluster's (or, when joining, the
-    /// member's).
+    /// The same without an overall timeout (disk uploads).
+    upload: reqwest::Client,
+    /// A bearer token sent with every request (only a joining host's join token: hosts
+    /// of the cluster are known by their certificates).
     token: Option<String>,
 }
 
+/// The HTTPS client settings for calls to host `name`: this host's certificate shown,
+/// the other's checked against the cluster CA and its name.
+pub(crate) fn peer_tls(pki: &ferry_pki::HostPki, name: &str) -> rustls::ClientConfig {
+    pki.client_config(ferry_pki::Expect::Host(name.to_string()))
+}
+
 impl Peer {
-    pub fn new(host: ClusterHost, timeout: Duration) -> Result<Peer> {
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(Duration::from_secs(3))
-            // Shorter than the peer's header-read timeout (10 s), which also ends idle
-            // keep-alive connections: a pooled connection is never reused as it closes.
-            .pool_idle_timeout(Duration::from_secs(5))
-            .build()
-            .map_err(|e| AgentError::Peer {
+    /// A client of `host`'s API, known by the certificate naming it (mutual TLS).
+    pub fn new(host: ClusterHost, timeout: Duration, pki: &ferry_pki::HostPki) -> Result<Peer> {
+        let tls = peer_tls(pki, &host.name);
+        Peer::with_tls(host, timeout, tls)
+    }
+
+    /// A client with the given TLS settings (joining: the CA pinned by fingerprint).
+    pub fn with_tls(
+        host: ClusterHost,
+        timeout: Duration,
+        tls: rustls::ClientConfig,
+    ) -> Result<Peer> {
+        let built = |b: reqwest::ClientBuilder| {
+            b.build().map_err(|e| AgentError::Peer {
                 host: host.name.clone(),
                 what: "HTTP client".into(),
                 source: Some(Box::new(e)),
-            })?;
+            })
+        };
+        let http = built(
+            reqwest::Client::builder()
+                .use_preconfigured_tls(tls.clone())
+                .timeout(timeout)
+                .connect_timeout(Duration::from_secs(3))
+                // Shorter than the peer's header-read timeout (10 s), which also ends
+                // idle keep-alive connections: a pooled connection is never reused as
+                // it closes.
+                .pool_idle_timeout(Duration::from_secs(5)),
+        )?;
+        let upload = built(
+            reqwest::Client::builder()
+                .use_preconfigured_tls(tls)
+                .connect_timeout(Duration::from_secs(3)),
+        )?;
         Ok(Peer {
             host,
             http,
+            upload,
             token: None,
         })
     }
@@ -54,7 +85,7 @@ impl Peer {
         }
     }
 
-    /// Every request to a peer carries the token: no host trusts another's address.
+    /// A join token, when there is one (hosts prove themselves by certificate).
     fn authed(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.token {
             Some(t) => req.bearer_auth(t),
@@ -62,7 +93,7 @@ impl Peer {
         }
     }
 
-    /// Sends `token` as the bearer of every request.
+    /// Sends `token` as the bearer of every request (joining).
     pub fn with_token(mut self, token: Option<String>) -> Peer {
         self.token = token;
         self
@@ -122,11 +153,8 @@ impl Peer {
                 source,
             })?;
         let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(3))
-            .build()
-            .map_err(|e| self.err("HTTP client".into(), Some(e)))?;
-        let req = http
+        let req = self
+            .upload
             .put(format!("{}{path}", self.host.api))
             .header(reqwest::header::CONTENT_LENGTH, len)
             .body(reqwest::Body::wrap_stream(
@@ -217,19 +245,55 @@ impl Agent {
         body: bytes::Bytes,
     ) -> Result<(u16, Option<String>, bytes::Bytes)> {
         check_forwarded(path_and_query)?;
-        Peer::new(self.cluster_host(host).await?, Duration::from_secs(60))?
-            .with_token(self.cluster_token())
-            .forward(method, path_and_query, content_type, body)
-            .await
+        Peer::new(
+            self.cluster_host(host).await?,
+            Duration::from_secs(60),
+            &self.inner.cfg.pki,
+        )?
+        .forward(method, path_and_query, content_type, body)
+        .await
     }
 
-    /// The admin token the cluster's hosts share (`STATE_DIR/admin-token`): every
-    /// host-to-host call carries it, since no host trusts another by its address.
-    pub fn cluster_token(&self) -> Option<String> {
-        std::fs::read_to_string(self.inner.cfg.state_dir.join("admin-token"))
-            .ok()
-            .map(|t| t.trim().to_string())
-            .filter(|t| !t.is_empty())
+    /// The TLS client settings for a connection to host `name` (mutual TLS, the
+    /// other host known by its certificate's name).
+    pub fn peer_tls(&self, name: &str) -> rustls::ClientConfig {
+        peer_tls(&self.inner.cfg.pki, name)
+    }
+
+    /// Whether a peer whose verified client certificate names `host` (with `serial`)
+    /// may call: a current member whose recorded certificate is this one. The member
+    /// list is read at most every 3 s; when the store cannot be read, the last list
+    /// read decides (a cut-off host still answers its peers).
+    pub async fn peer_allowed(&self, host: &str, serial: Option<&str>) -> bool {
+        let fresh = {
+            let k = self.inner.known_hosts.lock().expect("known hosts");
+            k.as_ref()
+                .filter(|(at, _)| at.elapsed() < Duration::from_secs(3))
+                .map(|(_, h)| h.clone())
+        };
+        let hosts = match fresh {
+            Some(h) => h,
+            None => match self.cluster_hosts().await {
+                Ok(h) => {
+                    *self.inner.known_hosts.lock().expect("known hosts") =
+                        Some((std::time::Instant::now(), h.clone()));
+                    h
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "member list unreadable; using the last one");
+                    let k = self.inner.known_hosts.lock().expect("known hosts");
+                    k.as_ref().map(|(_, h)| h.clone()).unwrap_or_default()
+                }
+            },
+        };
+        hosts
+            .iter()
+            .any(|h| h.name == host && h.cert_serial.as_deref().is_none_or(|s| Some(s) == serial))
+    }
+
+    /// This host's certificates.
+    pub fn pki(&self) -> &ferry_pki::HostPki {
+        &self.inner.cfg.pki
     }
 
     /// This host's name in the cluster.
@@ -269,7 +333,7 @@ impl Agent {
             .into_iter()
             .find(|h| h.name == name)
             .ok_or_else(|| AgentError::NotFound(format!("Host {name} in the cluster")))?;
-        Ok(Peer::new(host, timeout)?.with_token(self.cluster_token()))
+        Peer::new(host, timeout, &self.inner.cfg.pki)
     }
 
     /// This host's migration address (from the cluster file).

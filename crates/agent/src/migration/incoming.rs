@@ -106,6 +106,8 @@ impl Agent {
                 ]})),
             )
             .await?;
+            // Only the source host's certificate gets in (QEMU's TLS).
+            self.qemu_tls_server(&qmp, &req.source).await?;
             // Announce the MACs at once and a few times more (the LAN's bridges learn
             // where the VM is from these), instead of QEMU's 50 ms first delay.
             qmp.execute(
@@ -113,6 +115,8 @@ impl Agent {
                 Some(json!({
                     "announce-initial": 1, "announce-max": 100,
                     "announce-rounds": 6, "announce-step": 20,
+                    "tls-creds": super::tls::SERVER_CREDS,
+                    "tls-authz": super::tls::AUTHZ,
                 })),
             )
             .await?;
@@ -205,7 +209,11 @@ impl Agent {
             match qmp
                 .execute(
                     "nbd-server-start",
-                    Some(json!({"addr": {"type": "inet", "data": {"host": addr, "port": port.to_string()}}})),
+                    Some(json!({
+                        "addr": {"type": "inet", "data": {"host": addr, "port": port.to_string()}},
+                        "tls-creds": super::tls::SERVER_CREDS,
+                        "tls-authz": super::tls::AUTHZ,
+                    })),
                 )
                 .await
             {

@@ -14,6 +14,7 @@ pub(crate) mod policy;
 mod recover;
 mod storage;
 mod target;
+mod tls;
 
 use crate::error::{AgentError, Result};
 use crate::tasks::TaskCtx;
@@ -329,9 +330,18 @@ impl Agent {
             })),
         )
         .await?;
+        // QEMU's TLS with the host certificates; the destination must be host `to`.
+        self.qemu_tls_client(qmp).await?;
+        qmp.execute(
+            "migrate-set-parameters",
+            Some(json!({"tls-creds": tls::CLIENT_CREDS, "tls-hostname": req.to})),
+        )
+        .await?;
         let mut disk_bytes = 0;
         if !copy.is_empty() {
-            disk_bytes = self.mirror_disks(name, qmp, ready, copy, ctx).await?;
+            disk_bytes = self
+                .mirror_disks(name, qmp, ready, copy, &req.to, ctx)
+                .await?;
         }
         let t = Instant::now();
         let mut events = qmp.events();
@@ -524,6 +534,10 @@ impl Agent {
     /// the LAN told where it is (the destination may have claimed its MACs).
     async fn recover_source(&self, name: &str, qmp: &Qmp, copy: &[usize]) {
         self.cancel_mirrors(qmp, copy).await;
+        // TLS off again: a later suspend migrates to a file.
+        let _ = qmp
+            .execute("migrate-set-parameters", Some(json!({"tls-creds": ""})))
+            .await;
         if let Ok((r, _)) = self.record(name).await {
             self.announce_vm(&r.spec);
         }

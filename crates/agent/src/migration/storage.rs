@@ -23,6 +23,7 @@ impl Agent {
         qmp: &Qmp,
         ready: &IncomingReady,
         copy: &[usize],
+        to: &str,
         ctx: &TaskCtx,
     ) -> Result<u64> {
         let nbd = ready.nbd.as_deref().ok_or_else(|| {
@@ -42,6 +43,8 @@ impl Agent {
                     "driver": "nbd", "node-name": job(i),
                     "server": {"type": "inet", "host": host, "port": port},
                     "export": export,
+                    // TLS with the host certificates; the server must be host `to`.
+                    "tls-creds": super::tls::CLIENT_CREDS, "tls-hostname": to,
                 })),
             )
             .await?;

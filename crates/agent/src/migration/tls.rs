@@ -1,0 +1,116 @@
+//! QEMU's own TLS on the live-migration stream and the NBD disk mirror, with the hosts'
+//! certificates: the destination's QEMU lets in only the source host's certificate
+//! (`authz-list` on its subject), the source's QEMU checks that the destination's
+//! certificate names the host it migrates to (`tls-hostname`). Neither trusts an
+//! address.
+
+use crate::error::{AgentError, Result};
+use crate::Agent;
+use ferry_qmp::Qmp;
+use serde_json::json;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+
+/// The destination's credentials object (server end, client certificate required).
+pub(crate) const SERVER_CREDS: &str = "ferry-tls-server";
+/// The source's credentials object (client end).
+pub(crate) const CLIENT_CREDS: &str = "ferry-tls-client";
+/// Who may connect to the destination.
+pub(crate) const AUTHZ: &str = "ferry-tls-authz";
+
+/// The subject of host `host`'s certificate as GnuTLS prints it (RFC 4514), in either
+/// order of its two parts.
+fn subjects(host: &str) -> [String; 2] {
+    [format!("CN={host},O=ferry"), format!("O=ferry,CN={host}")]
+}
+
+fn write_private(path: &std::path::Path, data: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(data.as_bytes())?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Adds a QOM object; one of the same id left from an earlier attempt is kept.
+async fn object_add(qmp: &Qmp, obj: serde_json::Value) -> Result<()> {
+    match qmp.execute("object-add", Some(obj)).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.to_string().contains("duplicate") => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+impl Agent {
+    /// The folder QEMU's `tls-creds-x509` reads (the file names it expects), written
+    /// from the host's certificate files.
+    pub(crate) fn qemu_tls_dir(&self) -> Result<PathBuf> {
+        let dir = self.inner.cfg.run_dir.join("qemu-tls");
+        let io = |source| AgentError::Io {
+            what: format!("Write QEMU's TLS files in {}", dir.display()),
+            source,
+        };
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let pki = ferry_pki::HostPki::load(&self.inner.cfg.pki.dir)?;
+        for (file, data) in [
+            ("ca-cert.pem", pki.ca_pem()),
+            ("server-cert.pem", pki.cert_pem()),
+            ("server-key.pem", pki.key_pem()),
+            ("client-cert.pem", pki.cert_pem()),
+            ("client-key.pem", pki.key_pem()),
+        ] {
+            write_private(&dir.join(file), data).map_err(io)?;
+        }
+        Ok(dir)
+    }
+
+    /// On the destination's QEMU: server credentials that require a client certificate
+    /// of the cluster, and an authorisation that admits host `source` only.
+    pub(crate) async fn qemu_tls_server(&self, qmp: &Qmp, source: &str) -> Result<()> {
+        let dir = self.qemu_tls_dir()?;
+        object_add(
+            qmp,
+            json!({"qom-type": "tls-creds-x509", "id": SERVER_CREDS,
+                   "dir": dir, "endpoint": "server", "verify-peer": true}),
+        )
+        .await?;
+        let rules: Vec<_> = subjects(source)
+            .into_iter()
+            .map(|s| json!({"match": s, "policy": "allow", "format": "exact"}))
+            .collect();
+        object_add(
+            qmp,
+            json!({"qom-type": "authz-list", "id": AUTHZ, "policy": "deny", "rules": rules}),
+        )
+        .await
+    }
+
+    /// On the source's QEMU: client credentials (this host's certificate shown, the
+    /// server's checked against the cluster CA).
+    pub(crate) async fn qemu_tls_client(&self, qmp: &Qmp) -> Result<()> {
+        let dir = self.qemu_tls_dir()?;
+        object_add(
+            qmp,
+            json!({"qom-type": "tls-creds-x509", "id": CLIENT_CREDS,
+                   "dir": dir, "endpoint": "client", "verify-peer": true}),
+        )
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_the_named_host_is_admitted() {
+        let s = super::subjects("h1");
+        assert!(s
+            .iter()
+            .all(|x| x.contains("CN=h1,") || x.ends_with("CN=h1")));
+        assert!(!s.iter().any(|x| x.contains("h12")));
+    }
+}

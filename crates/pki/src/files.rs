@@ -1,0 +1,351 @@
+//! The host's certificate files and the TLS configs built from them.
+
+use crate::verify::MemberVerifier;
+use crate::{fingerprint, new_ca, new_request, sign_host, Expect, PkiError, Result};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::io::Write;
+use std::net::IpAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The folder under the state directory.
+pub const PKI_DIR: &str = "pki";
+
+/// One host's certificates, loaded.
+#[derive(Clone)]
+pub struct HostPki {
+    pub dir: PathBuf,
+    /// The host name in the certificate (CN).
+    pub name: String,
+    ca_pem: String,
+    ca_der: CertificateDer<'static>,
+    cert_pem: String,
+    cert_der: CertificateDer<'static>,
+    key_pem: String,
+}
+
+impl std::fmt::Debug for HostPki {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostPki")
+            .field("dir", &self.dir)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What `ferry cluster certs status` shows.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CertInfo {
+    pub subject: String,
+    pub names: Vec<String>,
+    pub not_before: i64,
+    pub not_after: i64,
+    pub fingerprint: String,
+    pub serial: String,
+}
+
+fn read(dir: &Path, file: &str) -> Result<String> {
+    let p = dir.join(file);
+    std::fs::read_to_string(&p).map_err(|source| PkiError::Io {
+        what: "Read",
+        path: p.display().to_string(),
+        source,
+    })
+}
+
+/// Writes `data` to `dir/file` through a temporary file and a rename.
+fn write(dir: &Path, file: &str, data: &str, mode: u32) -> Result<()> {
+    let p = dir.join(file);
+    let tmp = dir.join(format!(".{file}.tmp"));
+    let io = |source| PkiError::Io {
+        what: "Write",
+        path: p.display().to_string(),
+        source,
+    };
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io)?;
+    f.write_all(data.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, &p).map_err(io)
+}
+
+fn make_dir(dir: &Path) -> Result<()> {
+    let io = |source| PkiError::Io {
+        what: "Make",
+        path: dir.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)
+}
+
+fn one_cert(pem: &str, what: &str) -> Result<CertificateDer<'static>> {
+    CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| PkiError::Bad {
+        what: what.into(),
+        reason: e.to_string(),
+    })
+}
+
+/// Details of a certificate (DER).
+pub fn cert_info(der: &[u8]) -> Result<CertInfo> {
+    let (_, c) = x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::Bad {
+        what: "Parse a certificate".into(),
+        reason: e.to_string(),
+    })?;
+    let mut names = vec![];
+    if let Ok(Some(san)) = c.subject_alternative_name() {
+        for n in &san.value.general_names {
+            match n {
+                x509_parser::extensions::GeneralName::DNSName(d) => names.push(d.to_string()),
+                x509_parser::extensions::GeneralName::IPAddress(b) => match b.len() {
+                    4 => names.push(IpAddr::from(<[u8; 4]>::try_from(*b).unwrap()).to_string()),
+                    16 => names.push(IpAddr::from(<[u8; 16]>::try_from(*b).unwrap()).to_string()),
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+    }
+    Ok(CertInfo {
+        subject: c.subject().to_string(),
+        names,
+        not_before: c.validity().not_before.timestamp(),
+        not_after: c.validity().not_after.timestamp(),
+        fingerprint: fingerprint(der),
+        serial: c.raw_serial_as_string(),
+    })
+}
+
+/// The fingerprint of the first certificate in `pem`.
+pub fn fingerprint_pem(pem: &str) -> Result<String> {
+    Ok(fingerprint(&one_cert(pem, "Read a certificate")?))
+}
+
+impl HostPki {
+    /// Loads `dir`, or — when it holds no certificate yet — makes a CA of this host's
+    /// own and a host certificate signed by it (a host alone). The certificate is made
+    /// again (same key) when its names no longer match `name`/`addresses`.
+    pub fn ensure(dir: &Path, name: &str, addresses: &[IpAddr]) -> Result<HostPki> {
+        if !dir.join("host.crt").exists() {
+            make_dir(dir)?;
+            let (ca, ca_key) = new_ca(name)?;
+            write(dir, "ca.key", &ca_key, 0o600)?;
+            write(dir, "ca.crt", &ca, 0o644)?;
+            let (key, csr) = new_request(name)?;
+            let cert = sign_host(&ca, &ca_key, &csr, name, addresses)?;
+            write(dir, "host.key", &key, 0o600)?;
+            write(dir, "host.crt", &cert, 0o644)?;
+            tracing::info!(dir = %dir.display(), "made this host's own CA and certificate");
+        }
+        let pki = HostPki::load(dir)?;
+        let info = pki.host_info()?;
+        let mut want: Vec<String> = vec![name.to_string()];
+        want.extend(addresses.iter().map(|a| a.to_string()));
+        let missing = want.iter().any(|w| !info.names.contains(w));
+        if (pki.name != name || missing) && pki.has_ca_key() {
+            tracing::info!(name, "host certificate names changed; issuing a new one");
+            pki.renew(name, addresses)?;
+            return HostPki::load(dir);
+        }
+        Ok(pki)
+    }
+
+    pub fn load(dir: &Path) -> Result<HostPki> {
+        let ca_pem = read(dir, "ca.crt")?;
+        let cert_pem = read(dir, "host.crt")?;
+        let key_pem = read(dir, "host.key")?;
+        let ca_der = one_cert(&ca_pem, "The cluster CA")?;
+        let cert_der = one_cert(&cert_pem, "The host certificate")?;
+        PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| PkiError::Bad {
+            what: "The host key".into(),
+            reason: e.to_string(),
+        })?;
+        let name = crate::verify::common_name(&cert_der).ok_or_else(|| PkiError::Bad {
+            what: "The host certificate".into(),
+            reason: "names no host (no CN)".into(),
+        })?;
+        Ok(HostPki {
+            dir: dir.to_path_buf(),
+            name,
+            ca_pem,
+            ca_der,
+            cert_pem,
+            cert_der,
+            key_pem,
+        })
+    }
+
+    /// Replaces every file with what a cluster member handed out at join.
+    pub fn install(
+        dir: &Path,
+        ca_pem: &str,
+        ca_key_pem: &str,
+        cert_pem: &str,
+        key_pem: &str,
+    ) -> Result<()> {
+        one_cert(ca_pem, "The cluster CA")?;
+        one_cert(cert_pem, "The host certificate")?;
+        make_dir(dir)?;
+        write(dir, "ca.key", ca_key_pem, 0o600)?;
+        write(dir, "ca.crt", ca_pem, 0o644)?;
+        write(dir, "host.key", key_pem, 0o600)?;
+        write(dir, "host.crt", cert_pem, 0o644)
+    }
+
+    /// Forgets the cluster's CA and certificates (after leaving): the next start makes
+    /// the host's own again.
+    pub fn forget(dir: &Path) {
+        for f in ["host.crt", "host.key", "ca.crt", "ca.key"] {
+            let _ = std::fs::remove_file(dir.join(f));
+        }
+    }
+
+    pub fn has_ca_key(&self) -> bool {
+        self.dir.join("ca.key").exists()
+    }
+
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    pub fn ca_key_pem(&self) -> Result<String> {
+        if !self.has_ca_key() {
+            return Err(PkiError::NoCaKey);
+        }
+        read(&self.dir, "ca.key")
+    }
+
+    pub fn ca_fingerprint(&self) -> String {
+        fingerprint(&self.ca_der)
+    }
+
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+    pub fn cert_path(&self) -> PathBuf {
+        self.dir.join("host.crt")
+    }
+    pub fn key_path(&self) -> PathBuf {
+        self.dir.join("host.key")
+    }
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
+    pub fn host_info(&self) -> Result<CertInfo> {
+        cert_info(&self.cert_der)
+    }
+
+    pub fn ca_info(&self) -> Result<CertInfo> {
+        cert_info(&self.ca_der)
+    }
+
+    /// Signs a joining host's request.
+    pub fn issue(&self, csr_pem: &str, name: &str, addresses: &[IpAddr]) -> Result<String> {
+        sign_host(&self.ca_pem, &self.ca_key_pem()?, csr_pem, name, addresses)
+    }
+
+    /// A new key and certificate for this host, signed by the CA key held here.
+    pub fn renew(&self, name: &str, addresses: &[IpAddr]) -> Result<()> {
+        let (key, csr) = new_request(name)?;
+        let cert = self.issue(&csr, name, addresses)?;
+        write(&self.dir, "host.key", &key, 0o600)?;
+        write(&self.dir, "host.crt", &cert, 0o644)
+    }
+
+    fn roots(&self) -> Arc<rustls::RootCertStore> {
+        let mut r = rustls::RootCertStore::empty();
+        r.add(self.ca_der.clone()).expect("the CA parsed before");
+        Arc::new(r)
+    }
+
+    /// The chain this host presents: its certificate, then the CA (so a joining host
+    /// can compare the CA with the fingerprint it was given).
+    fn chain(&self) -> Vec<CertificateDer<'static>> {
+        vec![self.cert_der.clone(), self.ca_der.clone()]
+    }
+
+    fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).expect("the key parsed before")
+    }
+
+    /// TLS server settings. `require_client`: every client must show a certificate of
+    /// the cluster (host-to-host only links); otherwise one is optional (the API: a
+    /// peer shows one, a browser or CLI a token or ticket instead).
+    pub fn server_config(&self, require_client: bool) -> Arc<rustls::ServerConfig> {
+        let b = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            self.roots(),
+            crate::provider(),
+        );
+        let verifier = if require_client {
+            b.build()
+        } else {
+            b.allow_unauthenticated().build()
+        }
+        .expect("the CA is a valid root");
+        let mut c = rustls::ServerConfig::builder_with_provider(crate::provider())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the defaults")
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain(), self.key())
+            .expect("the host key matches its certificate");
+        c.alpn_protocols = vec![];
+        Arc::new(c)
+    }
+
+    /// TLS client settings: this host's certificate as the client's, the server checked
+    /// against the cluster CA and, with [`Expect::Host`], its name.
+    pub fn client_config(&self, expect: Expect) -> rustls::ClientConfig {
+        let verifier = MemberVerifier::new(self.roots(), expect);
+        rustls::ClientConfig::builder_with_provider(crate::provider())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the defaults")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_auth_cert(self.chain(), self.key())
+            .expect("the host key matches its certificate")
+    }
+}
+
+/// TLS client settings for someone without a host certificate (the CLI elsewhere): the
+/// server checked against the CA in `ca_pem`.
+pub fn ca_client_config(ca_pem: &str, expect: Expect) -> Result<rustls::ClientConfig> {
+    let mut r = rustls::RootCertStore::empty();
+    let mut n = 0;
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        let c = c.map_err(|e| PkiError::Bad {
+            what: "Read the CA file".into(),
+            reason: e.to_string(),
+        })?;
+        r.add(c).map_err(|e| PkiError::Bad {
+            what: "Read the CA file".into(),
+            reason: e.to_string(),
+        })?;
+        n += 1;
+    }
+    if n == 0 {
+        return Err(PkiError::Bad {
+            what: "Read the CA file".into(),
+            reason: "no certificate in it".into(),
+        });
+    }
+    let verifier = MemberVerifier::new(Arc::new(r), expect);
+    Ok(
+        rustls::ClientConfig::builder_with_provider(crate::provider())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the defaults")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_no_client_auth(),
+    )
+}

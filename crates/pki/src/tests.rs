@@ -1,0 +1,172 @@
+//! Real TLS handshakes (tokio-rustls over loopback TCP) between certificates made here.
+
+use super::*;
+use rustls::pki_types::ServerName;
+use std::net::Ipv4Addr;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn host(dir: &std::path::Path, ca: &HostPki, name: &str, ip: [u8; 4]) -> HostPki {
+    let d = dir.join(name);
+    let (key, csr) = new_request(name).unwrap();
+    let cert = ca
+        .issue(&csr, name, &[IpAddr::V4(Ipv4Addr::from(ip))])
+        .unwrap();
+    HostPki::install(&d, ca.ca_pem(), &ca.ca_key_pem().unwrap(), &cert, &key).unwrap();
+    HostPki::load(&d).unwrap()
+}
+
+/// One handshake: the server's view of the client's name (or the error of either side).
+async fn handshake(
+    server: Arc<rustls::ServerConfig>,
+    client: rustls::ClientConfig,
+) -> std::result::Result<Option<String>, String> {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let srv = tokio::spawn(async move {
+        let (s, _) = l.accept().await.unwrap();
+        let mut t = tokio_rustls::TlsAcceptor::from(server)
+            .accept(s)
+            .await
+            .map_err(|e| e.to_string())?;
+        let name = t
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| peer_name(c));
+        let mut b = [0u8; 4];
+        t.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+        t.write_all(b"pong").await.map_err(|e| e.to_string())?;
+        t.shutdown().await.ok();
+        Ok::<_, String>(name)
+    });
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let c = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let r = async {
+        let mut t = c
+            .connect(ServerName::IpAddress(addr.ip().into()), s)
+            .await
+            .map_err(|e| e.to_string())?;
+        t.write_all(b"ping").await.map_err(|e| e.to_string())?;
+        let mut b = [0u8; 4];
+        t.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+        assert_eq!(&b, b"pong");
+        Ok::<_, String>(())
+    }
+    .await;
+    let s = srv.await.unwrap();
+    r?;
+    s
+}
+
+#[tokio::test]
+async fn hosts_know_each_other_by_name_not_address() {
+    let d = tempfile::tempdir().unwrap();
+    let h1 = HostPki::ensure(&d.path().join("h1"), "h1", &[[10, 0, 0, 1].into()]).unwrap();
+    let h2 = host(d.path(), &h1, "h2", [10, 0, 0, 2]);
+    // h2 calls h1 (reached at 127.0.0.1, which neither certificate names).
+    let got = handshake(
+        h1.server_config(true),
+        h2.client_config(Expect::Host("h1".into())),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.as_deref(), Some("h2"));
+    // The same connection expecting another host is refused by the client.
+    let e = handshake(
+        h1.server_config(true),
+        h2.client_config(Expect::Host("h3".into())),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.contains("names host h1, expected h3"), "{e}");
+}
+
+#[tokio::test]
+async fn another_cluster_is_refused_both_ways() {
+    let d = tempfile::tempdir().unwrap();
+    let a = HostPki::ensure(&d.path().join("a"), "h1", &[]).unwrap();
+    let b = HostPki::ensure(&d.path().join("b"), "h1", &[]).unwrap();
+    assert_ne!(a.ca_fingerprint(), b.ca_fingerprint());
+    // b as client of a: a refuses b's certificate (and b a's).
+    assert!(
+        handshake(a.server_config(true), b.client_config(Expect::AnyMember))
+            .await
+            .is_err()
+    );
+    // A client without any certificate: refused where one is required...
+    let anon = ca_client_config(a.ca_pem(), Expect::AnyMember).unwrap();
+    assert!(handshake(a.server_config(true), anon.clone())
+        .await
+        .is_err());
+    // ...let in (without a name) where it is optional, like the API.
+    assert_eq!(handshake(a.server_config(false), anon).await.unwrap(), None);
+    // A CLI trusting b's CA refuses a.
+    let wrong = ca_client_config(b.ca_pem(), Expect::AnyMember).unwrap();
+    assert!(handshake(a.server_config(false), wrong).await.is_err());
+}
+
+#[tokio::test]
+async fn joining_pins_the_ca_by_fingerprint() {
+    let d = tempfile::tempdir().unwrap();
+    let a = HostPki::ensure(&d.path().join("a"), "h1", &[]).unwrap();
+    let b = HostPki::ensure(&d.path().join("b"), "h1", &[]).unwrap();
+    let good = pinned_client(&a.ca_fingerprint().to_lowercase()).unwrap();
+    assert_eq!(handshake(a.server_config(false), good).await.unwrap(), None);
+    let bad = pinned_client(&b.ca_fingerprint()).unwrap();
+    let e = handshake(a.server_config(false), bad).await.unwrap_err();
+    assert!(e.contains("not the one with fingerprint"), "{e}");
+    assert!(pinned_client("SHA256:00").is_err());
+}
+
+#[test]
+fn the_signer_names_the_host_not_the_request() {
+    let d = tempfile::tempdir().unwrap();
+    let ca = HostPki::ensure(&d.path().join("a"), "h1", &[]).unwrap();
+    let (_, csr) = new_request("h1").unwrap(); // asks to be h1
+    let cert = ca
+        .issue(&csr, "h2", &["10.0.0.2".parse().unwrap()])
+        .unwrap();
+    let info = cert_info(
+        &rustls::pki_types::pem::PemObject::from_pem_slice(cert.as_bytes())
+            .map(|c: rustls::pki_types::CertificateDer| c.to_vec())
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(info.subject.contains("CN=h2"), "{}", info.subject);
+    assert_eq!(info.names, vec!["h2".to_string(), "10.0.0.2".into()]);
+    assert!(ca.issue("garbage", "h2", &[]).is_err());
+    assert!(ca.issue(&csr, "../h2", &[]).is_err());
+}
+
+#[test]
+fn files_are_private_and_names_follow_the_host() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("pki");
+    let a = HostPki::ensure(&dir, "h1", &["10.0.0.1".parse().unwrap()]).unwrap();
+    let mode = |f: &str| std::fs::metadata(dir.join(f)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(""), 0o700);
+    assert_eq!(mode("ca.key"), 0o600);
+    assert_eq!(mode("host.key"), 0o600);
+    // Loading again changes nothing.
+    let b = HostPki::ensure(&dir, "h1", &["10.0.0.1".parse().unwrap()]).unwrap();
+    assert_eq!(a.host_info().unwrap().serial, b.host_info().unwrap().serial);
+    // A new address: a new certificate from the same CA.
+    let c = HostPki::ensure(&dir, "h1", &["10.0.0.9".parse().unwrap()]).unwrap();
+    assert_ne!(a.host_info().unwrap().serial, c.host_info().unwrap().serial);
+    assert_eq!(a.ca_fingerprint(), c.ca_fingerprint());
+    assert!(c
+        .host_info()
+        .unwrap()
+        .names
+        .contains(&"10.0.0.9".to_string()));
+}
+
+#[test]
+fn fingerprints_parse_in_any_spelling() {
+    let f = "SHA256:".to_string() + &["AB"; 32].join(":");
+    assert_eq!(parse_fingerprint(&f).unwrap(), f);
+    assert_eq!(parse_fingerprint(&"ab".repeat(32)).unwrap(), f);
+    assert!(parse_fingerprint("SHA256:zz").is_err());
+}

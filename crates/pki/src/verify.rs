@@ -1,0 +1,197 @@
+//! Checking the other end of a TLS connection: a member of the cluster (its chain ends
+//! at the cluster CA) and, where it matters, which one (the CN names the host).
+
+use crate::fingerprint;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, Error, SignatureScheme};
+use std::sync::Arc;
+
+/// Who the server must be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expect {
+    /// The host of this name (host-to-host links).
+    Host(String),
+    /// Any member of the cluster (a CLI talking to whichever host it was pointed at).
+    AnyMember,
+}
+
+/// The CN of a certificate (DER): for ferry's host certificates, the host name.
+pub fn common_name(der: &[u8]) -> Option<String> {
+    let (_, c) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = c.subject().iter_common_name().next()?.as_str().ok()?;
+    Some(cn.to_string())
+}
+
+/// The host a verified peer certificate names (its CN), if it is a host name.
+pub fn peer_name(der: &[u8]) -> Option<String> {
+    common_name(der).filter(|n| crate::check_host_name(n).is_ok())
+}
+
+fn name_mismatch(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. }
+        )
+    )
+}
+
+/// Verifies the chain against `roots`, then the identity by [`Expect`] — the name in
+/// the certificate, never the address the connection went to.
+#[derive(Debug)]
+pub(crate) struct MemberVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    expect: Expect,
+}
+
+impl MemberVerifier {
+    pub(crate) fn new(roots: Arc<rustls::RootCertStore>, expect: Expect) -> MemberVerifier {
+        let inner = WebPkiServerVerifier::builder_with_provider(roots, crate::provider())
+            .build()
+            .expect("the CA is a valid root");
+        MemberVerifier { inner, expect }
+    }
+}
+
+impl ServerCertVerifier for MemberVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        match self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
+            Ok(_) => {}
+            // The chain is good; the name is checked below.
+            Err(e) if name_mismatch(&e) => {}
+            Err(e) => return Err(e),
+        }
+        if let Expect::Host(want) = &self.expect {
+            let got = common_name(end_entity);
+            if got.as_deref() != Some(want.as_str()) {
+                return Err(Error::General(format!(
+                    "the server's certificate names host {}, expected {want}",
+                    got.as_deref().unwrap_or("(none)")
+                )));
+            }
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// A host joining: the server's chain must end at a CA whose fingerprint the admin
+/// gave (it is sent along with the host certificate).
+#[derive(Debug)]
+struct PinnedVerifier {
+    fingerprint: String,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        let Some(ca) = intermediates
+            .iter()
+            .find(|c| fingerprint(c) == self.fingerprint)
+        else {
+            return Err(Error::General(format!(
+                "the server's CA is not the one with fingerprint {} (wrong cluster, or someone in between)",
+                self.fingerprint
+            )));
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let v = MemberVerifier::new(Arc::new(roots), Expect::AnyMember);
+        v.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// TLS client settings for joining: no client certificate yet, the server's CA pinned
+/// by its fingerprint (see [`crate::parse_fingerprint`]).
+pub fn pinned_client(fingerprint: &str) -> crate::Result<rustls::ClientConfig> {
+    let fingerprint = crate::parse_fingerprint(fingerprint)?;
+    let provider = crate::provider();
+    Ok(
+        rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the defaults")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
+                fingerprint,
+                provider,
+            }))
+            .with_no_client_auth(),
+    )
+}
