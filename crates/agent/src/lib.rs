@@ -138,6 +138,8 @@ struct Inner {
     /// The cluster's hosts as last read, for checking peers' certificates (kept when
     /// the store cannot be read).
     known_hosts: Mutex<Option<(std::time::Instant, Vec<ferry_types::ClusterHost>)>>,
+    /// Join attempts in the current minute (a limit on guessing join tokens).
+    join_attempts: Mutex<(std::time::Instant, u32)>,
 }
 
 /// The agent. Cheap to clone.
@@ -198,6 +200,7 @@ impl Agent {
                 replication: Default::default(),
                 history: Default::default(),
                 known_hosts: Mutex::new(None),
+                join_attempts: Mutex::new((std::time::Instant::now(), 0)),
             }),
         };
         agent.ensure_default_pool().await?;

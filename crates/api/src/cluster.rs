@@ -5,8 +5,8 @@ use axum::extract::State;
 use axum::Json;
 use ferry_agent::Agent;
 use ferry_types::{
-    CertStatus, ClusterConfig, ClusterInit, ClusterJoin, ClusterStatus, JoinToken,
-    JoinTokenRequest, MemberAdd, MemberAdded,
+    CertSignRequest, CertSigned, CertStatus, ClusterConfig, ClusterInit, ClusterJoin,
+    ClusterStatus, JoinToken, JoinTokenRequest, MemberAdd, MemberAdded,
 };
 
 #[utoipa::path(get, path = "/api/v1/cluster/status", tag = "cluster",
@@ -82,4 +82,24 @@ pub async fn certs_renew(State(a): State<Agent>) -> ApiResult<Json<CertStatus>> 
     let st = a.renew_certs().await?;
     a.request_restart();
     Ok(Json(st))
+}
+
+/// Host-to-host only: the caller (known by its certificate) gets a new certificate for
+/// its key from the member holding the CA key.
+#[utoipa::path(post, path = "/api/v1/cluster/certs/sign", tag = "cluster", request_body = CertSignRequest,
+    responses((status = 200, description = "The caller's new certificate", body = CertSigned),
+              (status = 403, description = "Not called by a cluster host", body = ferry_types::ApiErrorBody),
+              (status = 409, description = "No CA key on this host", body = ferry_types::ApiErrorBody)))]
+pub async fn certs_sign(
+    State(a): State<Agent>,
+    caller: Option<axum::Extension<crate::Caller>>,
+    ApiJson(req): ApiJson<CertSignRequest>,
+) -> ApiResult<Json<CertSigned>> {
+    let Some(axum::Extension(crate::Caller::Peer { host, .. })) = caller else {
+        return Err(crate::ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "Only another cluster host signs for its own key here (mutual TLS)",
+        ));
+    };
+    Ok(Json(a.sign_member_cert(&host, &req.csr).await?))
 }

@@ -131,6 +131,7 @@ fn api() -> OpenApiRouter<Agent> {
         .routes(routes!(cluster::join_token))
         .routes(routes!(cluster::certs_status))
         .routes(routes!(cluster::certs_renew))
+        .routes(routes!(cluster::certs_sign))
         .routes(routes!(cluster::cluster_leave))
         .routes(routes!(drs::drs_status))
         .routes(routes!(drs::drs_plan))

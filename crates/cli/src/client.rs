@@ -79,6 +79,26 @@ impl Client {
                 .build()
                 .context("HTTPS client")?
         } else if base.starts_with("http://") {
+            // The token travels in clear: only to this machine (a daemon run with
+            // --plain-http listens on loopback only).
+            let host = base
+                .trim_start_matches("http://")
+                .split(['/', '?'])
+                .next()
+                .unwrap_or("");
+            let host = host
+                .rsplit_once(':')
+                .map_or(host, |(h, _)| h)
+                .trim_matches(['[', ']']);
+            let local = host == "localhost"
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            if !local {
+                bail!(
+                    "--server {base}: plain http:// only to this machine; give https://HOST:PORT"
+                );
+            }
             reqwest::Client::new()
         } else {
             bail!("--server {base}: give https://HOST:PORT");

@@ -284,7 +284,13 @@ async fn serve(a: ServeArgs) -> Result<()> {
             let mut tries = 0u32;
             loop {
                 match Agent::open_in_cluster(cfg.clone(), link.clone()).await {
-                    Ok(agent) => break agent,
+                    Ok(agent) => {
+                        // The member record names this host's certificate as it is now.
+                        if let Err(e) = agent.publish_own_cert().await {
+                            tracing::warn!(error = %ferry_agent::error_chain(&e).join(": "), "cannot record this host's certificate");
+                        }
+                        break agent;
+                    }
                     Err(e) => {
                         tries += 1;
                         if tries % 5 == 1 {

@@ -193,7 +193,7 @@ impl ClusterLab {
             std::io::Write::write_all(&mut f, format!("{token}\n").as_bytes())?;
             let (key, csr) = ferry_pki::new_request(&h.name)?;
             let cert = ferry_pki::sign_host(&ca, &ca_key, &csr, &h.name, &[h.addr.parse()?])?;
-            ferry_pki::HostPki::install(&dir.join(ferry_pki::PKI_DIR), &ca, &ca_key, &cert, &key)?;
+            ferry_pki::HostPki::install(&dir.join(ferry_pki::PKI_DIR), &ca, None, &cert, &key)?;
         }
         Ok(())
     }

@@ -76,6 +76,34 @@ fn write(dir: &Path, file: &str, data: &str, mode: u32) -> Result<()> {
     std::fs::rename(&tmp, &p).map_err(io)
 }
 
+/// The certificate must carry the key's public half.
+fn check_pair(cert_pem: &str, key_pem: &str) -> Result<()> {
+    let cert = one_cert(cert_pem, "The host certificate")?;
+    let key = rcgen::KeyPair::from_pem(key_pem).map_err(|e| PkiError::Bad {
+        what: "The host key".into(),
+        reason: e.to_string(),
+    })?;
+    let (_, c) = x509_parser::parse_x509_certificate(&cert).map_err(|e| PkiError::Bad {
+        what: "The host certificate".into(),
+        reason: e.to_string(),
+    })?;
+    if c.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+        return Err(PkiError::Bad {
+            what: "The host certificate".into(),
+            reason: "it is not for this host's key".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Key and certificate, each replaced by a rename, the certificate last: a crash in
+/// between leaves a new key beside the old certificate, which `load` refuses with the
+/// reason rather than serving a pair that cannot work.
+fn write_pair(dir: &Path, cert_pem: &str, key_pem: &str) -> Result<()> {
+    write(dir, "host.key", key_pem, 0o600)?;
+    write(dir, "host.crt", cert_pem, 0o644)
+}
+
 fn make_dir(dir: &Path) -> Result<()> {
     let io = |source| PkiError::Io {
         what: "Make",
@@ -167,6 +195,7 @@ impl HostPki {
             what: "The host key".into(),
             reason: e.to_string(),
         })?;
+        check_pair(&cert_pem, &key_pem)?;
         let name = crate::verify::common_name(&cert_der).ok_or_else(|| PkiError::Bad {
             what: "The host certificate".into(),
             reason: "names no host (no CN)".into(),
@@ -182,21 +211,27 @@ impl HostPki {
         })
     }
 
-    /// Replaces every file with what a cluster member handed out at join.
+    /// Replaces every file with what a cluster member handed out at join (the CA's
+    /// key only where given: a joining host gets none, so its own old one goes).
+    /// The certificate must be for `key_pem`'s key.
     pub fn install(
         dir: &Path,
         ca_pem: &str,
-        ca_key_pem: &str,
+        ca_key_pem: Option<&str>,
         cert_pem: &str,
         key_pem: &str,
     ) -> Result<()> {
         one_cert(ca_pem, "The cluster CA")?;
-        one_cert(cert_pem, "The host certificate")?;
+        check_pair(cert_pem, key_pem)?;
         make_dir(dir)?;
-        write(dir, "ca.key", ca_key_pem, 0o600)?;
+        match ca_key_pem {
+            Some(k) => write(dir, "ca.key", k, 0o600)?,
+            None => {
+                let _ = std::fs::remove_file(dir.join("ca.key"));
+            }
+        }
         write(dir, "ca.crt", ca_pem, 0o644)?;
-        write(dir, "host.key", key_pem, 0o600)?;
-        write(dir, "host.crt", cert_pem, 0o644)
+        write_pair(dir, cert_pem, key_pem)
     }
 
     /// Forgets the cluster's CA and certificates (after leaving): the next start makes
@@ -259,8 +294,13 @@ impl HostPki {
     pub fn renew(&self, name: &str, addresses: &[IpAddr]) -> Result<()> {
         let (key, csr) = new_request(name)?;
         let cert = self.issue(&csr, name, addresses)?;
-        write(&self.dir, "host.key", &key, 0o600)?;
-        write(&self.dir, "host.crt", &cert, 0o644)
+        write_pair(&self.dir, &cert, &key)
+    }
+
+    /// Takes a certificate signed elsewhere (by the CA holder) for the key `key_pem`.
+    pub fn install_host(&self, cert_pem: &str, key_pem: &str) -> Result<()> {
+        check_pair(cert_pem, key_pem)?;
+        write_pair(&self.dir, cert_pem, key_pem)
     }
 
     fn roots(&self) -> Arc<rustls::RootCertStore> {

@@ -112,8 +112,15 @@ fn host_params(name: &str, addresses: &[IpAddr]) -> Result<CertificateParams> {
     p.distinguished_name.push(DnType::CommonName, name);
     p.distinguished_name
         .push(DnType::OrganizationName, "ferry".to_string());
-    let dns = rcgen::string::Ia5String::try_from(name).map_err(bad(format!("Host name {name}")))?;
-    p.subject_alt_names.push(SanType::DnsName(dns));
+    // A DNS SAN only for a name DNS allows (the CN always holds the host name).
+    if name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    {
+        let dns =
+            rcgen::string::Ia5String::try_from(name).map_err(bad(format!("Host name {name}")))?;
+        p.subject_alt_names.push(SanType::DnsName(dns));
+    }
     for a in addresses {
         p.subject_alt_names.push(SanType::IpAddress(*a));
     }
@@ -132,21 +139,21 @@ fn host_params(name: &str, addresses: &[IpAddr]) -> Result<CertificateParams> {
     Ok(p)
 }
 
-/// Host names in certificates: what ferry accepts as a host name (lowercase letters,
-/// digits, `-`, 1–63 characters, starting with a letter or digit).
+/// Host names in certificates: what ferry accepts as a host name (letters, digits,
+/// `-`, `_`, `.`; 1–63 characters, starting with a letter or digit).
 pub fn check_host_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-');
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && name.as_bytes()[0].is_ascii_alphanumeric();
     if ok {
         Ok(())
     } else {
         Err(PkiError::Bad {
             what: format!("Host name {name:?}"),
-            reason: "not a host name (a-z, 0-9, -)".into(),
+            reason: "not a host name (letters, digits, -, _, .)".into(),
         })
     }
 }

@@ -11,7 +11,7 @@ fn host(dir: &std::path::Path, ca: &HostPki, name: &str, ip: [u8; 4]) -> HostPki
     let cert = ca
         .issue(&csr, name, &[IpAddr::V4(Ipv4Addr::from(ip))])
         .unwrap();
-    HostPki::install(&d, ca.ca_pem(), &ca.ca_key_pem().unwrap(), &cert, &key).unwrap();
+    HostPki::install(&d, ca.ca_pem(), None, &cert, &key).unwrap();
     HostPki::load(&d).unwrap()
 }
 
@@ -169,4 +169,17 @@ fn fingerprints_parse_in_any_spelling() {
     assert_eq!(parse_fingerprint(&f).unwrap(), f);
     assert_eq!(parse_fingerprint(&"ab".repeat(32)).unwrap(), f);
     assert!(parse_fingerprint("SHA256:zz").is_err());
+}
+
+#[test]
+fn a_certificate_for_another_key_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let ca = HostPki::ensure(&d.path().join("a"), "h1", &[]).unwrap();
+    let (_, csr) = new_request("h2").unwrap();
+    let (other_key, _) = new_request("h2").unwrap();
+    let cert = ca.issue(&csr, "h2", &[]).unwrap();
+    let e =
+        HostPki::install(&d.path().join("b"), ca.ca_pem(), None, &cert, &other_key).unwrap_err();
+    assert!(e.to_string().contains("host certificate"), "{e}");
+    assert!(!d.path().join("b/host.crt").exists());
 }

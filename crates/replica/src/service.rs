@@ -25,6 +25,9 @@ use tokio::task::JoinHandle;
 
 type Served = (Arc<Replica>, JoinHandle<()>);
 
+/// Replication connections (peers' primaries, and strangers being refused) at once.
+const MAX_CONNECTIONS: usize = 256;
+
 pub struct Service {
     host: String,
     /// The data path's runtime (see the module's text); the thread ends with the
@@ -111,14 +114,21 @@ impl Service {
             TcpListener::from_std(l)?
         };
         let weak = Arc::downgrade(self);
+        // Connections being set up or served at once: a flood of strangers waits in the
+        // kernel's backlog instead of taking every descriptor.
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         self.rt.spawn(async move {
             loop {
+                let Ok(permit) = slots.clone().acquire_owned().await else {
+                    break;
+                };
                 let Ok((stream, peer)) = l.accept().await else {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 };
                 let Some(s) = weak.upgrade() else { break };
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let _ = stream.set_nodelay(true);
                     // With TLS the peer's certificate names its host; without (unit
                     // tests) its address must be the one the cluster lists.
@@ -134,7 +144,7 @@ impl Service {
                                 {
                                     Ok(Ok(t)) => t,
                                     Ok(Err(e)) => {
-                                        tracing::warn!(%peer, error = %e, "replication TLS handshake refused");
+                                        tracing::debug!(%peer, error = %e, "replication TLS handshake refused");
                                         return;
                                     }
                                     Err(_) => return,

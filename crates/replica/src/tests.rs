@@ -526,7 +526,7 @@ fn issued(ca: &ferry_pki::HostPki, dir: &Path, name: &str) -> ferry_pki::HostPki
     let cert = ca
         .issue(&csr, name, &["127.0.0.1".parse().unwrap()])
         .unwrap();
-    ferry_pki::HostPki::install(dir, ca.ca_pem(), &ca.ca_key_pem().unwrap(), &cert, &key).unwrap();
+    ferry_pki::HostPki::install(dir, ca.ca_pem(), None, &cert, &key).unwrap();
     ferry_pki::HostPki::load(dir).unwrap()
 }
 

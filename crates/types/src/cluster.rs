@@ -167,14 +167,25 @@ pub struct MemberAdded {
     pub initial_cluster: String,
     pub endpoints: Vec<String>,
     pub lease_ttl_s: u64,
-    /// The cluster CA (PEM).
+    /// The cluster CA (PEM). Its key stays with the member that holds it.
     pub ca_cert: String,
-    /// The CA's key (PEM): every member can sign a joining host's certificate.
-    pub ca_key: String,
     /// The joiner's certificate (PEM), signed by the CA.
     pub host_cert: String,
-    /// The cluster's admin token: one token for the CLI at every host.
-    pub admin_token: String,
+}
+
+/// `POST /cluster/certs/sign`: a member asks the CA holder to sign a new certificate
+/// for its own key (renewal); the caller's certificate says which host it is.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CertSignRequest {
+    /// PEM certificate request (PKCS#10).
+    pub csr: String,
+}
+
+/// The answer to [`CertSignRequest`].
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CertSigned {
+    /// PEM certificate.
+    pub cert: String,
 }
 
 /// One host in `ferry cluster status`.

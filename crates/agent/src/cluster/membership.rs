@@ -32,6 +32,8 @@ pub(crate) const NEXT_ID: &str = "/cluster/next-vm-id";
 /// `/cluster/join-tokens/{sha256 of the token}`: one-time join tokens, under a lease
 /// (they expire with it).
 const JOIN_TOKENS: &str = "/cluster/join-tokens/";
+/// Join attempts a host answers per minute.
+const JOIN_ATTEMPTS: u32 = 20;
 const ROOT: &str = "/ferry";
 const CLIENT_PORT: u16 = 2379;
 const PEER_PORT: u16 = 2380;
@@ -385,13 +387,17 @@ impl Agent {
         })
     }
 
-    /// Uses up a join token: true when it existed (and now does not).
+    /// Uses up a join token: true when it existed (and now does not). A token that is
+    /// not there costs a read, never a write (no raft round for a guess).
     async fn take_join_token(&self, link: &ClusterLink, token: &str) -> Result<bool> {
         let t = token.trim();
         if t.len() != 48 || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Ok(false);
         }
         let key = format!("{JOIN_TOKENS}{}", token_key(t));
+        if link.root.get(&key).await?.is_none() {
+            return Ok(false);
+        }
         let r = link
             .root
             .txn(ferry_store::Txn {
@@ -407,21 +413,35 @@ impl Agent {
         Ok(r.succeeded)
     }
 
-    /// On a member: lets host `req.name` in when it shows a join token (used up here,
-    /// before anything else happens): signs its certificate request (names and
-    /// address decided here), adds its etcd member, and hands back the cluster's CA
-    /// and token.
+    /// At most [`JOIN_ATTEMPTS`] join attempts per minute on this host: a guessed
+    /// token costs the guesser time, and the store no work beyond that.
+    fn join_attempt_allowed(&self) -> bool {
+        let mut w = self.inner.join_attempts.lock().expect("join attempts");
+        let now = std::time::Instant::now();
+        if now.duration_since(w.0) > Duration::from_secs(60) {
+            *w = (now, 0);
+        }
+        w.1 += 1;
+        w.1 <= JOIN_ATTEMPTS
+    }
+
+    /// On the member holding the CA key: lets host `req.name` in when it shows a join
+    /// token (checked after the request itself, used up before anything changes):
+    /// signs its certificate request (names and address decided here), adds its etcd
+    /// member, and hands back the CA certificate. Neither the CA key nor any token
+    /// leaves this host.
     pub async fn cluster_add_member(&self, req: MemberAdd) -> Result<MemberAdded> {
         let link = self.cluster_link()?;
-        if !self.take_join_token(link, &req.join_token).await? {
-            tracing::warn!(name = %req.name, "join refused: unknown, used or expired join token");
+        if !self.join_attempt_allowed() {
             return Err(AgentError::Unauthorized(
-                "Unknown, used or expired join token (ferry cluster join-token on a member makes one)"
-                    .into(),
+                "Too many join attempts on this host; try again in a minute".into(),
             ));
         }
         let mut errs = ferry_types::ValidationErrors::default();
         ferry_types::validate::check_name(&mut errs, "name", &req.name);
+        if let Err(e) = ferry_pki::check_host_name(&req.name) {
+            errs.push("name", e.to_string());
+        }
         errs.into_result()?;
         let ip: std::net::IpAddr = req.address.parse().map_err(|_| {
             AgentError::invalid("address", format!("{} is not an IP address", req.address))
@@ -433,41 +453,52 @@ impl Agent {
             ));
         }
         let pki = &self.inner.cfg.pki;
+        if !pki.has_ca_key() {
+            return Err(AgentError::Conflict(format!(
+                "{} holds no CA key: join through the member that founded the cluster",
+                self.host_name()
+            )));
+        }
+        if !self.take_join_token(link, &req.join_token).await? {
+            tracing::warn!(name = %req.name, "join refused: unknown, used or expired join token");
+            return Err(AgentError::Unauthorized(
+                "Unknown, used or expired join token (ferry cluster join-token on a member makes one)"
+                    .into(),
+            ));
+        }
         let host_cert = pki.issue(&req.csr, &req.name, &[ip])?;
-        let ca_key = pki.ca_key_pem()?;
-        let admin_token = std::fs::read_to_string(self.inner.cfg.state_dir.join("admin-token"))
-            .map_err(|source| AgentError::Io {
-                what: "Read the admin token".into(),
-                source,
-            })?
-            .trim()
-            .to_string();
-        if link
+        // Registered first, and only if no member has the name: once etcd counts the
+        // new member, nothing commits until it runs (a one-member cluster has no
+        // quorum between the two steps).
+        let key = format!("{MEMBERS}{}", req.name);
+        let record = ClusterHost {
+            name: req.name.clone(),
+            api: req.api.clone(),
+            address: req.address.clone(),
+            cert_serial: cert_serial(&host_cert),
+        };
+        let created = link
             .root
-            .get(&format!("{MEMBERS}{}", req.name))
-            .await?
-            .is_some()
-        {
+            .txn(ferry_store::Txn {
+                compare: vec![ferry_store::Compare::Version(
+                    key.clone(),
+                    ferry_store::Cmp::Equal,
+                    0,
+                )],
+                success: vec![ferry_store::Op::Put {
+                    key: key.clone(),
+                    value: serde_json::to_vec(&record).expect("a host record serialises"),
+                    lease: None,
+                }],
+                failure: vec![],
+            })
+            .await?;
+        if !created.succeeded {
             return Err(AgentError::Conflict(format!(
                 "A host named {} is already a member",
                 req.name
             )));
         }
-        // Registered first: once etcd counts the new member, nothing commits until it
-        // runs (a one-member cluster has no quorum between the two steps).
-        let key = format!("{MEMBERS}{}", req.name);
-        let serial = cert_serial(&host_cert);
-        link.root
-            .put_json(
-                &key,
-                &ClusterHost {
-                    name: req.name.clone(),
-                    api: req.api.clone(),
-                    address: req.address.clone(),
-                    cert_serial: serial,
-                },
-            )
-            .await?;
         let client = link.root.client();
         let mut initial = vec![];
         let mut endpoints = vec![];
@@ -510,9 +541,7 @@ impl Agent {
             endpoints,
             lease_ttl_s: link.cfg.lease_ttl_s,
             ca_cert: pki.ca_pem().to_string(),
-            ca_key,
             host_cert,
-            admin_token,
         })
     }
 
@@ -566,14 +595,17 @@ impl Agent {
                 },
             )
             .await?;
-        let dir = self.inner.cfg.pki.dir.clone();
-        HostPki::install(&dir, &added.ca_cert, &added.ca_key, &added.host_cert, &key)?;
-        let pki = HostPki::load(&dir)?;
-        if pki.ca_fingerprint() != ferry_pki::parse_fingerprint(&req.fingerprint)? {
+        // The CA handed out must be the one pinned (checked before anything is written).
+        if ferry_pki::fingerprint_pem(&added.ca_cert)?
+            != ferry_pki::parse_fingerprint(&req.fingerprint)?
+        {
             return Err(AgentError::Conflict(
                 "The member handed out another CA than the one it showed".into(),
             ));
         }
+        let dir = self.inner.cfg.pki.dir.clone();
+        HostPki::install(&dir, &added.ca_cert, None, &added.host_cert, &key)?;
+        let pki = HostPki::load(&dir)?;
         // The own member first: the store talks to it while it answers.
         let own = client_url(&req.address);
         let mut endpoints = vec![own.clone()];
@@ -602,15 +634,6 @@ impl Agent {
         )
         .await?;
         self.enter_cluster(&mut cfg, &pki).await?;
-        // One token for the cluster: the daemon loads it when it restarts now.
-        let t = added.admin_token.trim();
-        if t.len() >= 16 && t.bytes().all(|b| b.is_ascii_alphanumeric()) {
-            let path = self.inner.cfg.state_dir.join("admin-token");
-            std::fs::write(&path, format!("{t}\n")).map_err(|source| AgentError::Io {
-                what: format!("Write {}", path.display()),
-                source,
-            })?;
-        }
         Ok(cfg)
     }
 

@@ -37,13 +37,14 @@ fn write_private(path: &std::path::Path, data: &str) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// Adds a QOM object; one of the same id left from an earlier attempt is kept.
+/// Adds a QOM object, replacing one of the same id from an earlier migration (which
+/// may hold an old certificate or admit another source host).
 async fn object_add(qmp: &Qmp, obj: serde_json::Value) -> Result<()> {
-    match qmp.execute("object-add", Some(obj)).await {
-        Ok(_) => Ok(()),
-        Err(e) if e.to_string().contains("duplicate") => Ok(()),
-        Err(e) => Err(e.into()),
-    }
+    let _ = qmp
+        .execute("object-del", Some(json!({"id": obj["id"]})))
+        .await;
+    qmp.execute("object-add", Some(obj)).await?;
+    Ok(())
 }
 
 impl Agent {

@@ -1,7 +1,8 @@
 //! `ferry-bench migration`: live migration in a 3-host lab, for 256 MiB and 1 GiB guests,
 //! idle and dirtying memory, measured end to end (ping recorders at 10 ms and 1 ms in the
 //! client namespace), side by side with plain QEMU migrating the same guest (the same
-//! QEMU command line, started by hand in the same namespaces) with QEMU's defaults.
+//! QEMU command line, started by hand in the same namespaces) with QEMU's defaults,
+//! without and with QEMU's TLS (the hosts' certificates, as ferry sets it up).
 
 use crate::rt;
 use anyhow::{bail, Context, Result};
@@ -197,8 +198,15 @@ impl PeerQemu {
                 bail!("ip {c:?}: {}", String::from_utf8_lossy(&o.stderr));
             }
         }
+        // Detached as ferry starts it (QEMU's -daemonize is not allowed under its
+        // -sandbox): its own session, output in qemu.log; ready once QMP answers.
+        let log = dir.join("qemu.log");
         let o = Command::new("ip")
-            .args(["netns", "exec", ns, &argv[0]])
+            .args(["netns", "exec", ns, "sh", "-c"])
+            .arg(r#"log=$1; shift; setsid "$@" >>"$log" 2>&1 </dev/null &"#)
+            .arg("sh")
+            .arg(&log)
+            .arg(&argv[0])
             .args(&args)
             .output()?;
         if !o.status.success() {
@@ -277,7 +285,32 @@ fn tap_of(args: &[String]) -> Option<String> {
 }
 
 /// Plain QEMU: the same command line by hand on h1 and h2, `migrate` with defaults.
-fn peer_case(lab: &ClusterLab, argv: &[String], load: Load, cap: Option<u64>) -> Result<Outcome> {
+/// QEMU's TLS files for lab host `host` (its ferry certificate), in a folder of the lab.
+fn qemu_tls_dir(lab: &ClusterLab, host: &str) -> Result<PathBuf> {
+    let pki = lab.state_dir(host).join(ferry_pki::PKI_DIR);
+    let dir = lab.dir.join(format!("peer-tls-{host}"));
+    std::fs::create_dir_all(&dir)?;
+    for (to, from) in [
+        ("ca-cert.pem", "ca.crt"),
+        ("server-cert.pem", "host.crt"),
+        ("server-key.pem", "host.key"),
+        ("client-cert.pem", "host.crt"),
+        ("client-key.pem", "host.key"),
+    ] {
+        std::fs::copy(pki.join(from), dir.join(to))?;
+    }
+    Ok(dir)
+}
+
+/// Plain QEMU, with `tls`: QEMU's TLS set up by hand as ferry does it (the hosts'
+/// certificates, the destination admitting only h1, the source checking h2's name).
+fn peer_case(
+    lab: &ClusterLab,
+    argv: &[String],
+    load: Load,
+    cap: Option<u64>,
+    tls: bool,
+) -> Result<Outcome> {
     let run_dir = argv
         .iter()
         .find_map(|a| a.strip_suffix("/qemu.pid"))
@@ -340,7 +373,36 @@ fn peer_case(lab: &ClusterLab, argv: &[String], load: Load, cap: Option<u64>) ->
             lab.dir.join("peer-dst"),
             Some(uri),
         )?);
-        d.qmp(&rt)?;
+        let dq = d.qmp(&rt)?;
+        if tls {
+            let (d1, d2) = (qemu_tls_dir(lab, "h1")?, qemu_tls_dir(lab, "h2")?);
+            rt.block_on(dq.execute(
+                "object-add",
+                Some(json!({"qom-type": "tls-creds-x509", "id": "tls", "dir": d2,
+                            "endpoint": "server", "verify-peer": true})),
+            ))?;
+            rt.block_on(dq.execute(
+                "object-add",
+                Some(
+                    json!({"qom-type": "authz-list", "id": "authz", "policy": "deny",
+                    "rules": [{"match": "O=ferry,CN=h1", "policy": "allow"},
+                              {"match": "CN=h1,O=ferry", "policy": "allow"}]}),
+                ),
+            ))?;
+            rt.block_on(dq.execute(
+                "migrate-set-parameters",
+                Some(json!({"tls-creds": "tls", "tls-authz": "authz"})),
+            ))?;
+            rt.block_on(q.execute(
+                "object-add",
+                Some(json!({"qom-type": "tls-creds-x509", "id": "tls", "dir": d1,
+                            "endpoint": "client", "verify-peer": true})),
+            ))?;
+            rt.block_on(q.execute(
+                "migrate-set-parameters",
+                Some(json!({"tls-creds": "tls", "tls-hostname": "h2"})),
+            ))?;
+        }
         rt.block_on(q.execute("migrate", Some(json!({"uri": uri}))))?;
         let mut max_dirty = 0;
         let (info, completed) = loop {
@@ -468,6 +530,7 @@ pub fn run() -> Result<()> {
     println!("| guest | load | who | total s | QEMU downtime ms | @10 ms lost / gap | @1 ms lost / gap | passes | guest load | policy steps |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut ratios = vec![];
+    let mut tls = vec![];
     for &mib in &sizes {
         let mut cases: Vec<(Load, Option<u64>)> = loads.iter().map(|l| (*l, None)).collect();
         if loads.iter().any(|l| l.name == "flat out") {
@@ -481,8 +544,18 @@ pub fn run() -> Result<()> {
             };
             let (f, argv) = ferry_case(&lab, mib, load, cap)?;
             println!("{}", row(&guest, &label, "ferry", &f));
-            let p = peer_case(&lab, &argv, load, cap)?;
+            let p = peer_case(&lab, &argv, load, cap, false)?;
             println!("{}", row(&guest, &label, "plain QEMU", &p));
+            let pt = peer_case(&lab, &argv, load, cap, true)?;
+            println!("{}", row(&guest, &label, "plain QEMU + TLS", &pt));
+            if p.completed && pt.completed {
+                tls.push((
+                    guest.clone(),
+                    label.clone(),
+                    pt.total_s / p.total_s,
+                    pt.downtime_ms as i64 - p.downtime_ms as i64,
+                ));
+            }
             if load.name == "idle" {
                 let ideal = (mib << 20) as f64 / rate;
                 println!(
@@ -497,7 +570,10 @@ pub fn run() -> Result<()> {
     }
     println!();
     for (g, l, r) in ratios {
-        println!("total time ferry / plain QEMU, {g} {l}: {r:.2}");
+        println!("total time ferry (TLS) / plain QEMU, {g} {l}: {r:.2}");
+    }
+    for (g, l, r, d) in tls {
+        println!("QEMU's TLS: total time with / without {g} {l}: {r:.2}; downtime {d:+} ms");
     }
     Ok(())
 }
