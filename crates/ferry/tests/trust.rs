@@ -312,8 +312,21 @@ fn certificates_of_renewed_or_departed_hosts_are_refused() -> Result<()> {
         "etcd answered plain HTTP: {body}"
     );
 
+    // etcd through etcdctl with h2's certificate: what h2's daemon can do there.
+    let etcd_as = |cert: &(String, String)| -> Result<bool> {
+        let o = h1
+            .cmd("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &format!("https://{h1_addr}:2379")])
+            .args(["--cacert", &ca, "--cert", &cert.0, "--key", &cert.1])
+            .args(["--dial-timeout", "3s", "--command-timeout", "3s"])
+            .args(["get", "--prefix", "--keys-only", "/ferry/cluster/members/"])
+            .output()?;
+        Ok(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("members/h1"))
+    };
     let first = save("first")?;
     ensure!(as_h2(&first)? == "200", "h2's certificate was refused");
+    ensure!(etcd_as(&first)?, "etcd refused h2's certificate");
     // Renewed: the old certificate is refused, the new one works.
     let st = h2.ferry_json(&["cluster", "certs", "renew"])?;
     ensure!(st["host"]["serial"].is_string(), "{st}");
@@ -349,6 +362,10 @@ fn certificates_of_renewed_or_departed_hosts_are_refused() -> Result<()> {
     ensure!(
         as_h2(&second)? == "401",
         "a departed host's certificate still works"
+    );
+    ensure!(
+        !etcd_as(&second)?,
+        "a departed host's certificate still opens etcd"
     );
     Ok(())
 }

@@ -197,3 +197,55 @@ pub async fn wait_healthy(
         log: log.display().to_string(),
     })
 }
+
+/// etcd's own check of who a client is: with auth on, a client's certificate CN is
+/// its user name, and only hosts with a user (holding the root role) get anything. A
+/// host that leaves loses its user, so its certificate (still signed by the CA) opens
+/// nothing in etcd any more.
+pub mod access {
+    use etcd_client::{Client, Error, UserAddOptions};
+
+    fn exists(e: &Error) -> bool {
+        let s = e.to_string();
+        s.contains("already exists") || s.contains("already granted")
+    }
+
+    /// A user for host `name` (no password: its certificate), with the root role.
+    pub async fn admit(client: &mut Client, name: &str) -> Result<(), Error> {
+        match client
+            .user_add(name, "", Some(UserAddOptions::new().with_no_pwd()))
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if exists(&e) => {}
+            Err(e) => return Err(e),
+        }
+        match client.user_grant_role(name, "root").await {
+            Ok(_) => Ok(()),
+            Err(e) if exists(&e) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Turns auth on with host `first` as its first user (and the `root` user etcd
+    /// requires). Idempotent.
+    pub async fn enable(client: &mut Client, first: &str) -> Result<(), Error> {
+        match client.role_add("root").await {
+            Ok(_) => {}
+            Err(e) if exists(&e) => {}
+            Err(e) => return Err(e),
+        }
+        admit(client, "root").await?;
+        admit(client, first).await?;
+        client.auth_enable().await.map(|_| ())
+    }
+
+    /// Takes host `name`'s user away.
+    pub async fn revoke(client: &mut Client, name: &str) -> Result<(), Error> {
+        match client.user_delete(name).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("not found") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}

@@ -373,3 +373,55 @@ async fn ec_client(
         .map(|_| ())
         .map_err(|e| e.to_string())
 }
+
+/// With auth on, etcd lets in a certificate only if its CN has a user: another host's
+/// certificate from the same CA gets nothing until it is admitted, and nothing again
+/// once revoked.
+#[tokio::test]
+async fn etcd_admits_only_hosts_with_a_user() {
+    let e = TestEtcd::start().await;
+    let opts = |t: &crate::EtcdTls| {
+        t.apply(
+            etcd_client::ConnectOptions::new()
+                .with_timeout(Duration::from_secs(3))
+                .with_connect_timeout(Duration::from_secs(2)),
+        )
+    };
+    let mut c = etcd_client::Client::connect([&e.url], Some(opts(&e.tls)))
+        .await
+        .unwrap();
+    member::access::enable(&mut c, "t").await.unwrap();
+    c.put("/k", "v", None).await.unwrap();
+    // h9: a certificate of the same CA, no user.
+    let ca = ferry_pki::HostPki::load(&e._dir.path().join("pki")).unwrap();
+    let (key, csr) = ferry_pki::new_request("h9").unwrap();
+    let cert = ca.issue(&csr, "h9", &[]).unwrap();
+    let h9 = crate::EtcdTls {
+        ca_pem: ca.ca_pem().to_string(),
+        cert_pem: cert,
+        key_pem: key,
+    };
+    let read = |t: crate::EtcdTls| {
+        let url = e.url.clone();
+        async move {
+            let mut c = etcd_client::Client::connect([&url], Some(opts(&t)))
+                .await
+                .map_err(|e| e.to_string())?;
+            c.get("/k", None)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    };
+    assert!(
+        read(h9.clone()).await.is_err(),
+        "h9 read etcd without a user"
+    );
+    member::access::admit(&mut c, "h9").await.unwrap();
+    read(h9.clone()).await.unwrap();
+    member::access::revoke(&mut c, "h9").await.unwrap();
+    assert!(
+        read(h9).await.is_err(),
+        "h9 still reads etcd after its revocation"
+    );
+}

@@ -209,6 +209,21 @@ fn etcd_err(what: impl Into<String>) -> impl FnOnce(etcd_client::Error) -> Agent
     move |source| AgentError::Etcd { what, source }
 }
 
+/// Turns on etcd's check by certificate (auth), this host its first user.
+async fn enable_access(client_url: &str, tls: &EtcdTls, name: &str) -> Result<()> {
+    let opts = tls.apply(
+        etcd_client::ConnectOptions::new()
+            .with_timeout(Duration::from_secs(5))
+            .with_connect_timeout(Duration::from_secs(2)),
+    );
+    let mut c = etcd_client::Client::connect([client_url], Some(opts))
+        .await
+        .map_err(etcd_err("Connect to the new etcd member"))?;
+    member::access::enable(&mut c, name)
+        .await
+        .map_err(etcd_err("Turn on etcd's certificate check"))
+}
+
 /// Runs a membership change, retrying for up to 30 s while etcd refuses it as
 /// "unhealthy cluster" (it does until the last added member has been connected a while).
 async fn while_unhealthy<T, F, Fut>(mut f: F) -> std::result::Result<T, etcd_client::Error>
@@ -343,9 +358,15 @@ impl Agent {
                 Duration::from_secs(20),
             )
             .await;
+            // etcd's own check by certificate: only hosts with a user get in (a host
+            // that leaves loses it).
+            let up = match up {
+                Ok(()) => enable_access(&mc.client_url, &tls, &name).await,
+                Err(e) => Err(e.into()),
+            };
             if let Err(e) = up {
                 member::stop(&paths.pidfile, &paths.data).await;
-                return Err(e.into());
+                return Err(e);
             }
         }
         let done = self.enter_cluster(&mut cfg, &pki).await;
@@ -503,6 +524,12 @@ impl Agent {
         let mut initial = vec![];
         let mut endpoints = vec![];
         if req.peer_url.is_some() {
+            // etcd lets the joiner's certificate in only with a user of its name.
+            let mut c = client.clone();
+            if let Err(e) = member::access::admit(&mut c, &req.name).await {
+                let _ = link.root.delete(&key).await;
+                return Err(etcd_err(format!("Admit {} to etcd", req.name))(e));
+            }
             // The peer URL follows from the address; the joiner's word is not taken.
             let peer = peer_url(&req.address);
             let added = match while_unhealthy(|| {
@@ -515,6 +542,7 @@ impl Agent {
                 Ok(a) => a,
                 Err(e) => {
                     let _ = link.root.delete(&key).await;
+                    let _ = member::access::revoke(&mut client.clone(), &req.name).await;
                     return Err(etcd_err(format!("Add etcd member {}", req.name))(e));
                 }
             };
@@ -759,6 +787,12 @@ impl Agent {
                     tokio::time::sleep(Duration::from_millis(300)).await;
                 }
                 Err(e) => return Err(e.into()),
+            }
+        }
+        // Last: this host's etcd user, so its certificate opens nothing in etcd now.
+        if link.cfg.managed_etcd {
+            if let Err(e) = member::access::revoke(&mut link.root.client(), name).await {
+                tracing::warn!(error = %e, "cannot remove this host's etcd user");
             }
         }
         self.disarm_watchdog();

@@ -24,7 +24,10 @@
 //! file, qemu-nbd, and ferry's NBD export without replication, replicated to one and to
 //! two peers (3-host etcd lab).
 //!
-//! Usage: `ferry-bench [core|snapshots|migration|failover|drs|replication] [--runs N] [--vms N] [--json]` (as root; the
+//! `ferry-bench tls [--seconds 5] [--size-mib 256] [--calls 2000]`: replication and a
+//! host-to-host API call over plain TCP and over mutual TLS, side by side (loopback).
+//!
+//! Usage: `ferry-bench [core|snapshots|migration|failover|drs|replication|tls] [--runs N] [--vms N] [--json]` (as root; the
 //! `ferry` binary next to this one, or `FERRY_BIN`). Everything runs in a lab namespace,
 //! removed at the end.
 
@@ -33,6 +36,7 @@ mod failbench;
 mod migbench;
 mod replbench;
 mod snapbench;
+mod tlsbench;
 
 use anyhow::{bail, Context, Result};
 use ferry_lab::{guest, in_netns, Lab, API_PORT};
@@ -54,7 +58,7 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn arg(name: &str, default: usize) -> usize {
+pub(crate) fn arg(name: &str, default: usize) -> usize {
     let a: Vec<String> = std::env::args().collect();
     a.iter()
         .position(|x| x == name)
@@ -251,6 +255,9 @@ fn main() -> Result<()> {
     }
     if std::env::args().nth(1).as_deref() == Some("replication") {
         return replbench::run();
+    }
+    if std::env::args().nth(1).as_deref() == Some("tls") {
+        return tlsbench::run();
     }
     if std::env::args().nth(1).as_deref() == Some("tcp-echo") {
         // The other process of the replication benchmark's round-trip figure.

@@ -321,11 +321,6 @@ fn peer_case(
     let src = PeerQemu::start(&ns1, argv, &run_dir, lab.dir.join("peer-src"), None)?;
     let uri = "tcp:10.78.0.12:4444";
     let mut dst: Option<PeerQemu> = None;
-    let disk = argv
-        .iter()
-        .find_map(|a| a.split("\"filename\":\"").nth(1))
-        .and_then(|r| r.split('"').next())
-        .map(PathBuf::from);
     let mut load_rate = 0;
     let r = (|| -> Result<Outcome> {
         src.wait_log("FERRY-READY", Duration::from_secs(120))?;
@@ -441,10 +436,15 @@ fn peer_case(
     if let Some(d) = &dst {
         d.stop(&ns2, &tap);
     }
-    if let Some(d) = disk {
-        let _ = std::fs::remove_file(d);
-    }
     r
+}
+
+/// The disk file in a QEMU command line (the VM's one volume).
+fn disk_of(argv: &[String]) -> Option<PathBuf> {
+    argv.iter()
+        .find_map(|a| a.split("\"filename\":\"").nth(1))
+        .and_then(|r| r.split('"').next())
+        .map(PathBuf::from)
 }
 
 /// TCP throughput between h1 and h2 (the link the migrations use), bytes/s.
@@ -548,6 +548,9 @@ pub fn run() -> Result<()> {
             println!("{}", row(&guest, &label, "plain QEMU", &p));
             let pt = peer_case(&lab, &argv, load, cap, true)?;
             println!("{}", row(&guest, &label, "plain QEMU + TLS", &pt));
+            if let Some(d) = disk_of(&argv) {
+                let _ = std::fs::remove_file(d);
+            }
             if p.completed && pt.completed {
                 tls.push((
                     guest.clone(),

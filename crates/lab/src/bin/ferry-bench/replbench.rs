@@ -62,12 +62,12 @@ fn machine() -> (f64, f64) {
     (total - idle, total)
 }
 
-enum Target<'a> {
+pub(crate) enum Target<'a> {
     File(&'a Path),
     Nbd(&'a Path),
 }
 
-fn fio(t: &Target, rw: &str, bs: &str, depth: u32, secs: u64) -> Result<Value> {
+pub(crate) fn fio(t: &Target, rw: &str, bs: &str, depth: u32, secs: u64) -> Result<Value> {
     let mut c = Command::new("fio");
     c.args([
         "--name=bench",
