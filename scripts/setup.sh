@@ -23,7 +23,7 @@ SRC
   rm -f /var/lib/ferry-setup-apt-updated
 fi
 
-for p in busybox-static ovmf iproute2 nftables iputils-ping curl cpio lz4 python3 protobuf-compiler libprotobuf-dev etcd-server etcd-client ganeti-htools fio nbdkit chromium; do have "$p" || need_pkgs+=("$p"); done
+for p in busybox-static ovmf iproute2 nftables iputils-ping curl cpio lz4 python3 python3-venv protobuf-compiler libprotobuf-dev etcd-server etcd-client ganeti-htools fio nbdkit chromium; do have "$p" || need_pkgs+=("$p"); done
 command -v npm >/dev/null 2>&1 || need_pkgs+=(nodejs npm)
 q=$(qemu_major || true)
 if [ -z "$q" ] || [ "$q" -lt 10 ] || ! have qemu-utils; then need_qemu=1; else need_qemu=0; fi
@@ -47,6 +47,17 @@ if [ -d /run/systemd/system ] && systemctl is-enabled -q etcd 2>/dev/null; then
 fi
 
 "$here/build-guest.sh"
+
+# schemathesis (PyPI), pinned, in its own virtualenv: the API fuzz test runs it against
+# a live daemon (crates/ferry/tests/api_fuzz.rs).
+st=/var/cache/ferry/schemathesis
+st_version=4.32.5
+if ! "$st/bin/schemathesis" --version 2>/dev/null | grep -q "version $st_version"; then
+  rm -rf "$st"
+  mkdir -p /var/cache/ferry
+  python3 -m venv "$st"
+  "$st/bin/pip" install -q --disable-pip-version-check "schemathesis==$st_version"
+fi
 
 # The web UI: npm packages exactly as the lock file says (only when it changed), then
 # the build into ui/dist, which `ferry serve` embeds.

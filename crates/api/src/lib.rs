@@ -150,7 +150,64 @@ fn api() -> OpenApiRouter<Agent> {
 
 /// The OpenAPI document (checked in as `openapi.json`).
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    api().split_for_parts().1
+    let mut doc = api().split_for_parts().1;
+    document_errors(&mut doc);
+    doc
+}
+
+/// The error answers any operation can give besides its own (bad path, query or body;
+/// no credentials; a refused browser write; an unknown resource; a conflict; a wrong
+/// content type; a failure inside), each an [`ferry_types::ApiErrorBody`]: added to
+/// every operation that does not name them, so the document says all a client gets.
+fn document_errors(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+    const COMMON: [(&str, &str); 8] = [
+        (
+            "400",
+            "Invalid input (path, query or body), with the reasons",
+        ),
+        ("401", "No credentials, or wrong ones"),
+        (
+            "403",
+            "Refused (a browser write without the CSRF header, a foreign page)",
+        ),
+        ("404", "No such resource"),
+        ("409", "Not possible in the resource's current state"),
+        ("413", "Body too large"),
+        ("415", "The body is not JSON (Content-Type)"),
+        ("500", "A failure inside the daemon"),
+    ];
+    for item in doc.paths.paths.values_mut() {
+        for op in [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            for (code, what) in COMMON {
+                op.responses
+                    .responses
+                    .entry(code.to_string())
+                    .or_insert_with(|| {
+                        RefOr::T(
+                            ResponseBuilder::new()
+                                .description(what)
+                                .content(
+                                    "application/json",
+                                    ContentBuilder::new()
+                                        .schema(Some(Ref::from_schema_name("ApiErrorBody")))
+                                        .build(),
+                                )
+                                .build(),
+                        )
+                    });
+            }
+        }
+    }
 }
 
 async fn metrics(State(a): State<Agent>) -> ([(axum::http::HeaderName, &'static str); 1], String) {
@@ -166,7 +223,8 @@ async fn metrics(State(a): State<Agent>) -> ([(axum::http::HeaderName, &'static 
 /// The whole HTTP service. Serve it with connect info ([`ConnInfo`]): without it only
 /// requests carrying the admin token get through.
 pub fn router(agent: Agent, auth: Auth) -> Router {
-    let (api, doc) = api().split_for_parts();
+    let (api, mut doc) = api().split_for_parts();
+    document_errors(&mut doc);
     api.route("/api/v1/vms/{name}/console", get(ws::console))
         .route("/api/v1/vms/{name}/vnc", get(ws::vnc))
         .route("/api/v1/events/stream", get(ws::events))

@@ -26,10 +26,12 @@ pub async fn get_task(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventQuery {
     /// Only events with a larger sequence number.
     #[serde(default)]
+    #[param(maximum = 9007199254740991_u64)]
     pub after: u64,
     /// Only events of this VM.
     pub vm: Option<String>,
@@ -40,9 +42,18 @@ pub struct EventQuery {
 pub async fn list_events(
     State(a): State<Agent>,
     ApiQuery(q): ApiQuery<EventQuery>,
-) -> Json<Vec<Event>> {
-    Json(a.events().list(q.after, q.vm.as_deref()))
+) -> crate::error::ApiResult<Json<Vec<Event>>> {
+    if q.after > MAX_SEQ {
+        return Err(crate::ApiError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            format!("after: {} is above {MAX_SEQ}", q.after),
+        ));
+    }
+    Ok(Json(a.events().list(q.after, q.vm.as_deref())))
 }
+
+/// The largest event number a client may name (what JSON numbers hold exactly).
+const MAX_SEQ: u64 = 9007199254740991;
 
 #[utoipa::path(get, path = "/api/v1/host", tag = "host", responses((status = 200, body = HostInfo)))]
 pub async fn host(State(a): State<Agent>) -> ApiResult<Json<HostInfo>> {

@@ -133,6 +133,20 @@ impl Lab {
 
     /// Starts `ferry serve` in the namespace without waiting for it.
     pub fn spawn_daemon(&mut self) -> Result<u32> {
+        self.spawn_daemon_with(false)
+    }
+
+    /// Starts `ferry serve` confined and waits until its API answers: in a mount
+    /// namespace of its own where the whole file system is read-only except the lab's
+    /// folder (and the kernel's own mounts), so API calls that name any path on the
+    /// machine (a fuzzer's) cannot change anything outside the lab.
+    pub fn start_daemon_confined(&mut self) -> Result<u32> {
+        let pid = self.spawn_daemon_with(true)?;
+        self.wait_daemon()?;
+        Ok(pid)
+    }
+
+    fn spawn_daemon_with(&mut self, confined: bool) -> Result<u32> {
         if self.daemon.is_some() {
             bail!("daemon already running");
         }
@@ -140,8 +154,20 @@ impl Lab {
             .create(true)
             .append(true)
             .open(self.dir.join("daemon.log"))?;
-        let child = self
-            .cmd(self.cli.ferry.to_str().context("ferry path")?)
+        let ferry = self.cli.ferry.to_str().context("ferry path")?;
+        let mut cmd = if confined {
+            let dir = self.dir.display().to_string();
+            let mut c = self.cmd("unshare");
+            c.args(["--mount", "--propagation", "private", "sh", "-c"])
+                .arg(r#"set -e; mount --bind "$1" "$1"; mount -o remount,bind,ro /; shift; exec "$@""#)
+                .arg("sh")
+                .arg(&dir)
+                .arg(ferry);
+            c
+        } else {
+            self.cmd(ferry)
+        };
+        let child = cmd
             .args([
                 "serve",
                 "--listen",

@@ -287,6 +287,7 @@ pub struct SnapshotList {
 
 /// Query flags for `DELETE /api/v1/vms/{name}`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct DeleteVmParams {
     /// Kill a running VM first.
