@@ -1,4 +1,4 @@
-//! `ferry-bench tls [--seconds 5] [--size-mib 256] [--calls 2000]`: what TLS costs on the
+//! `ferry-bench tls [--seconds 5] [--size-mib 256] [--calls 2000] [--rounds 3]`: what TLS costs on the
 //! links it now guards, side by side in one run, over loopback on this machine:
 //! - replication: two of ferry's replication services (the same code the daemon runs)
 //!   with a replicated volume, fio through the primary's NBD export — 4k random writes
@@ -187,12 +187,21 @@ pub fn run() -> Result<()> {
     let secs = crate::arg("--seconds", 5) as u64;
     let size = crate::arg("--size-mib", 256) as u64;
     let calls = crate::arg("--calls", 2000);
-    println!("TLS on ferry's links, loopback, this machine (2 cores); medians of one run each.");
+    println!("TLS on ferry's links, loopback, this machine (2 cores); replication: medians of alternating rounds.");
     println!();
     println!("| link | measure | plain | TLS | TLS / plain |");
     println!("|---|---|---|---|---|");
-    let (pq, ps) = replication(false, size, secs)?;
-    let (tq, ts) = replication(true, size, secs)?;
+    // Alternating rounds (plain, TLS, plain, TLS, …): neither gets the warmer cache.
+    let rounds = crate::arg("--rounds", 3);
+    let (mut p, mut t) = (vec![], vec![]);
+    for _ in 0..rounds {
+        p.push(replication(false, size, secs)?);
+        t.push(replication(true, size, secs)?);
+    }
+    let med =
+        |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| crate::median(v.iter().map(f).collect());
+    let (pq, ps) = (med(&p, |x| x.0), med(&p, |x| x.1));
+    let (tq, ts) = (med(&t, |x| x.0), med(&t, |x| x.1));
     println!(
         "| replication (1 peer) | 4k random writes QD16, IOPS | {pq:.0} | {tq:.0} | {:.2} |",
         tq / pq
