@@ -6,9 +6,10 @@
 # demo`: namespaces, one daemon and etcd member per host, a shared pool) with the HA VM
 # `web` on the shared pool, moved live to another host while the client pings it; then
 # the host it runs on is killed and HA restarts web on another one, and the host comes
-# back. Then the web UI: the demo daemon's at http://127.0.0.1:8470/ and the lab
-# cluster's (h1's, relayed by `ferry lab expose`) at http://127.0.0.1:8471/, each with
-# its admin token. Everything keeps running (the CLI reaches the demo daemon over its
+# back. Then the web UI: the demo daemon's at https://127.0.0.1:8470/ and the lab
+# cluster's (h1's, relayed by `ferry lab expose`) at https://127.0.0.1:8471/, each with
+# its admin token (each host's certificate is signed by its cluster's own CA: the
+# browser asks once). Everything keeps running (the CLI reaches the demo daemon over its
 # local socket, FERRY_SOCKET=/var/tmp/ferry-demo/run/api.sock):
 #   FERRY_SOCKET=... target/release/ferry vm console demo1     (type commands; Ctrl-] detaches)
 #   FERRY_SOCKET=... target/release/ferry vm stop demo1        (ACPI shutdown)
@@ -132,28 +133,36 @@ on h1 volume demote r1 data
 "$ferry" lab status --name demo
 
 echo "== the web UI: served by every daemon; the lab's h1 made reachable on 127.0.0.1:8471"
-if ! curl -sf -o /dev/null http://127.0.0.1:8471/; then
+# The lab's h1 is reached as "h1" (its certificate's name) at the relay's address.
+lab_ca=/var/tmp/ferry-lab/demo/h1/state/pki/ca.crt
+lab_curl() { curl --cacert "$lab_ca" --connect-to h1:8471:127.0.0.1:8471 "$@"; }
+if ! lab_curl -sf -o /dev/null https://h1:8471/; then
   setsid "$ferry" lab expose h1 --name demo --listen 127.0.0.1:8471 >>"$demo/expose.log" 2>&1 < /dev/null &
   echo $! > "$demo/expose.pid"
-  for _ in $(seq 50); do curl -sf -o /dev/null http://127.0.0.1:8471/ && break; sleep 0.1; done
+  for _ in $(seq 50); do lab_curl -sf -o /dev/null https://h1:8471/ && break; sleep 0.1; done
 fi
 token=$(cat "$demo/state/admin-token" 2>/dev/null || echo "(restart the daemon to make one)")
 lab_token=$(cat /var/tmp/ferry-lab/demo/h1/state/admin-token)
-for u in http://127.0.0.1:8470 http://127.0.0.1:8471; do
-  t=$token; [ "$u" = http://127.0.0.1:8471 ] && t=$lab_token
+demo_curl() { curl --cacert "$demo/state/pki/ca.crt" "$@"; }
+for u in https://127.0.0.1:8470 https://h1:8471; do
+  t=$token; c=demo_curl
+  [ "$u" = https://h1:8471 ] && { t=$lab_token; c=lab_curl; }
   printf '%s/  page: %s  login with the token: %s  hosts: %s\n' "$u" \
-    "$(curl -s "$u/" | grep -o '<title>[^<]*</title>')" \
-    "$(curl -s -o /dev/null -w '%{http_code}' -H 'content-type: application/json' -d "{\"token\":\"$t\"}" "$u/api/v1/login")" \
-    "$(curl -s -H "authorization: Bearer $t" "$u/api/v1/cluster/hosts" | python3 -c 'import json,sys; print(", ".join(h["name"] for h in json.load(sys.stdin)) or "this one")')"
+    "$($c -s "$u/" | grep -o '<title>[^<]*</title>')" \
+    "$($c -s -o /dev/null -w '%{http_code}' -H 'content-type: application/json' -d "{\"token\":\"$t\"}" "$u/api/v1/login")" \
+    "$($c -s -H "authorization: Bearer $t" "$u/api/v1/cluster/hosts" | python3 -c 'import json,sys; print(", ".join(h["name"] for h in json.load(sys.stdin)) or "this one")')"
 done
+demo_fp=$("$ferry" --json cluster certs status | python3 -c 'import json,sys; print(json.load(sys.stdin)["ca"]["fingerprint"])')
 to=$new
 back=h1; [ "$to" = h1 ] && back=h2
 
 cat <<MSG
 
-ferry is running: web UI http://127.0.0.1:8470/ (admin token: $token)
-  API http://127.0.0.1:8470/api/v1 (Swagger UI: http://127.0.0.1:8470/api/docs)
-The lab cluster's web UI (through h1): http://127.0.0.1:8471/ (admin token: $lab_token)
+ferry is running: web UI https://127.0.0.1:8470/ (admin token: $token)
+  its CA: $demo/state/pki/ca.crt, fingerprint $demo_fp
+  API https://127.0.0.1:8470/api/v1 (Swagger UI: https://127.0.0.1:8470/api/docs)
+The lab cluster's web UI (through h1): https://127.0.0.1:8471/ (admin token: $lab_token)
+  its CA: $lab_ca
   kill \$(cat $demo/expose.pid)   # stops relaying it
   export FERRY_SOCKET=$FERRY_SOCKET   # the CLI talks to the demo daemon over its local socket
   $ferry vm console demo1     # interactive serial console, Ctrl-] detaches
