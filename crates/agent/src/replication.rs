@@ -57,6 +57,13 @@ impl ferry_replica::Cluster for ReplCluster {
         Some(self.server_tls.clone())
     }
 
+    async fn current_cert(&self, host: &str, serial: Option<&str>) -> bool {
+        match self.agent() {
+            Ok(a) => a.peer_allowed(host, serial).await,
+            Err(_) => false,
+        }
+    }
+
     async fn outdate(&self, volume: &str, peer: &str) -> std::result::Result<(), String> {
         let a = self.agent()?;
         let (pool, vol) = split(volume);

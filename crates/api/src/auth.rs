@@ -43,6 +43,8 @@ pub const CSRF_HEADER: &str = "x-ferry-csrf";
 pub const TICKET_LIFETIME: Duration = Duration::from_secs(2 * 3600);
 /// The token's file in the state directory.
 pub const TOKEN_FILE: &str = "admin-token";
+/// The largest body a caller without credentials may send.
+pub const OPEN_BODY_LIMIT: usize = 64 << 10;
 /// The group whose members may use the local socket besides root.
 pub const GROUP: &str = "ferry";
 
@@ -394,7 +396,13 @@ pub async fn require(
             req.extensions_mut().insert(caller);
             next.run(req).await
         }
-        Err(_) if open_path(req.method(), req.uri().path()) => next.run(req).await,
+        Err(_) if open_path(req.method(), req.uri().path()) => {
+            // Callers without credentials get small bodies only (a join request is a
+            // few KiB).
+            let req = req
+                .map(|b| axum::body::Body::new(http_body_util::Limited::new(b, OPEN_BODY_LIMIT)));
+            next.run(req).await
+        }
         Err((status, why)) => {
             if let Some(ConnInfo::Tcp { remote } | ConnInfo::Tls { remote, .. }) = c {
                 tracing::debug!(%remote, path = req.uri().path(), %status, "request refused");

@@ -644,3 +644,35 @@ async fn cold_arrivals_take_no_foreign_state_file() {
     assert!(agent.list_vms().await.unwrap().is_empty());
     assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
 }
+
+/// The one write open to callers without credentials (a host joining) takes small
+/// bodies only, and without a cluster it changes nothing.
+#[tokio::test]
+async fn the_open_join_call_takes_small_bodies_only() {
+    let d = tempfile::tempdir().unwrap();
+    let agent = agent(&d).await;
+    let app = served(
+        &agent,
+        ConnInfo::Tcp {
+            remote: "192.0.2.9:40000".parse().unwrap(),
+        },
+    );
+    let post = |body: String| {
+        app.clone().oneshot(
+            Request::post("/api/v1/cluster/members")
+                .header("content-type", "application/json")
+                .body(Body::from(body))
+                .unwrap(),
+        )
+    };
+    let big = format!(
+        r#"{{"join_token":"x","name":"h9","address":"10.0.0.9","api":"https://10.0.0.9:8470","csr":"{}"}}"#,
+        "A".repeat(200 << 10)
+    );
+    let r = post(big).await.unwrap();
+    assert!(r.status().is_client_error(), "{}", r.status());
+    let small = r#"{"join_token":"00","name":"h9","address":"10.0.0.9","api":"https://10.0.0.9:8470","csr":"x"}"#;
+    let r = post(small.into()).await.unwrap();
+    // Not in a cluster: nobody can join this host.
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+}

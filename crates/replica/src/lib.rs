@@ -91,6 +91,11 @@ pub trait Cluster: Send + Sync + 'static {
     fn client_tls(&self, _host: &str) -> Option<std::sync::Arc<rustls::ClientConfig>> {
         None
     }
+    /// Whether `serial` is host `host`'s current certificate (not one renewed away,
+    /// nor that of a host that left and came back under the same name).
+    async fn current_cert(&self, _host: &str, _serial: Option<&str>) -> bool {
+        true
+    }
     /// TLS for connections from peers (their certificates required); None: plain TCP,
     /// peers then checked by address (unit tests only).
     fn server_tls(&self) -> Option<std::sync::Arc<rustls::ServerConfig>> {

@@ -132,7 +132,11 @@ impl Service {
                     let _ = stream.set_nodelay(true);
                     // With TLS the peer's certificate names its host; without (unit
                     // tests) its address must be the one the cluster lists.
-                    let (mut stream, cert_host): (conn::Stream, Option<String>) =
+                    let (mut stream, cert_host, cert_serial): (
+                        conn::Stream,
+                        Option<String>,
+                        Option<String>,
+                    ) =
                         match s.cluster.server_tls() {
                             Some(tls) => {
                                 let acc = tokio_rustls::TlsAcceptor::from(tls);
@@ -149,15 +153,14 @@ impl Service {
                                     }
                                     Err(_) => return,
                                 };
-                                let host = t
-                                    .get_ref()
-                                    .1
-                                    .peer_certificates()
-                                    .and_then(|c| c.first())
-                                    .and_then(|c| ferry_pki::peer_name(c));
-                                (Box::new(t), host)
+                                let cert = t.get_ref().1.peer_certificates().and_then(|c| c.first());
+                                let host = cert.and_then(|c| ferry_pki::peer_name(c));
+                                let serial = cert
+                                    .and_then(|c| ferry_pki::cert_info(c).ok())
+                                    .map(|i| i.serial);
+                                (Box::new(t), host, serial)
                             }
-                            None => (Box::new(stream), None),
+                            None => (Box::new(stream), None, None),
                         };
                     let hello =
                         tokio::time::timeout(Duration::from_secs(5), conn::read_hello(&mut stream))
@@ -177,7 +180,11 @@ impl Service {
                     // Only the cluster's hosts replicate here, each as itself.
                     let known = s.cluster.peer_addr(&h.host).await;
                     let ok = match (&cert_host, s.cluster.server_tls().is_some()) {
-                        (Some(c), true) => *c == h.host && known.is_some(),
+                        (Some(c), true) => {
+                            *c == h.host
+                                && known.is_some()
+                                && s.cluster.current_cert(c, cert_serial.as_deref()).await
+                        }
                         (None, true) => false,
                         (_, false) => known.map(|a| a.ip()) == Some(peer.ip()),
                     };
