@@ -87,6 +87,14 @@ struct ServeArgs {
     /// Serve the API over plain HTTP instead of HTTPS (only on a loopback address).
     #[arg(long)]
     plain_http: bool,
+    /// The API's certificate for browsers and CLIs (PEM chain, e.g. from the site's CA
+    /// or ACME), shown to clients that ask for another name than this host's; the other
+    /// hosts keep getting the host certificate of the cluster CA. With --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -253,6 +261,13 @@ async fn serve(a: ServeArgs) -> Result<()> {
         &addresses,
     )
     .context("Load this host's certificates")?;
+    let admin_cert = match (&a.tls_cert, &a.tls_key) {
+        (Some(c), Some(k)) => Some(
+            ferry_pki::AdminCert::load(c, k)
+                .context("Load the API's certificate (--tls-cert/--tls-key)")?,
+        ),
+        _ => None,
+    };
     let cfg = AgentConfig {
         state_dir: a.state_dir.clone(),
         run_dir: a.run_dir.clone(),
@@ -363,7 +378,10 @@ async fn serve(a: ServeArgs) -> Result<()> {
         } else {
             let tls = ferry_api::serve::TlsListener {
                 tcp: listener,
-                config: pki.server_config(false),
+                config: match &admin_cert {
+                    Some(c) => pki.server_config_with(c),
+                    None => pki.server_config(false),
+                },
                 timeout: limits.header_timeout,
             };
             ferry_api::serve::serve(tls, app, limits, stop_rx).await

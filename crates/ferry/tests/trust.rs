@@ -369,3 +369,73 @@ fn certificates_of_renewed_or_departed_hosts_are_refused() -> Result<()> {
     );
     Ok(())
 }
+
+/// An admin's own certificate (`--tls-cert/--tls-key`): browsers and CLIs that ask for
+/// the site's name get it; the other hosts (and a host joining) still get the host
+/// certificate of the cluster CA, so the cluster forms and works as before.
+#[test]
+fn an_admin_certificate_serves_people_while_hosts_keep_theirs() -> Result<()> {
+    let site_dir = tempfile::tempdir()?;
+    let site = ferry_pki::HostPki::ensure(site_dir.path(), "ferry.example", &[])?;
+    let mut serve_args = std::collections::BTreeMap::new();
+    serve_args.insert(
+        "h1".to_string(),
+        vec![
+            "--tls-cert".to_string(),
+            site.cert_path().display().to_string(),
+            "--tls-key".to_string(),
+            site.key_path().display().to_string(),
+        ],
+    );
+    // h2 joins through h1 (no name asked: the host certificate, pinned by fingerprint).
+    let lab = ferry_lab::ClusterLab::for_test_with(
+        env!("CARGO_BIN_EXE_ferry"),
+        2,
+        ferry_lab::LabOptions {
+            serve_args,
+            ..Default::default()
+        },
+    )?;
+    let h1 = lab.cli("h1")?;
+    let addr = lab.host("h1")?.addr.clone();
+    let site_ca = site.ca_path().display().to_string();
+    let code = |args: &[&str]| -> Result<String> {
+        let o = h1
+            .cmd("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(args)
+            .output()?;
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    // A browser at the site's name, trusting the site's CA only.
+    let at = format!("ferry.example:8470:{addr}:8470");
+    ensure!(
+        code(&[
+            "--cacert",
+            &site_ca,
+            "--connect-to",
+            &at,
+            "https://ferry.example:8470/api/v1/session"
+        ])? == "200",
+        "the site's certificate was not served"
+    );
+    // The same client at the host's address gets the cluster's certificate, which the
+    // site's CA does not vouch for.
+    ensure!(
+        code(&[
+            "--cacert",
+            &site_ca,
+            &format!("https://{addr}:8470/api/v1/session")
+        ])? == "000",
+        "the site's CA accepted the host certificate"
+    );
+    // The hosts still reach each other.
+    let hosts = h1.ferry_json(&["host", "list"])?;
+    ensure!(
+        hosts
+            .as_array()
+            .is_some_and(|a| a.iter().all(|h| h["info"].is_object()) && a.len() == 2),
+        "the hosts do not reach each other: {hosts}"
+    );
+    Ok(())
+}

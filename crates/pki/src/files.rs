@@ -319,6 +319,36 @@ impl HostPki {
         PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).expect("the key parsed before")
     }
 
+    /// The API's TLS settings with an admin's own certificate (`--tls-cert/--tls-key`):
+    /// a client that asks for another name than this host's (SNI: a browser at the
+    /// site's DNS name) gets the admin's certificate; the other hosts of the cluster
+    /// (which connect to the address and ask for no name) and clients naming this
+    /// host get the host certificate of the cluster CA. Client certificates as in
+    /// [`HostPki::server_config`] (optional).
+    pub fn server_config_with(&self, admin: &AdminCert) -> Arc<rustls::ServerConfig> {
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            self.roots(),
+            crate::provider(),
+        )
+        .allow_unauthenticated()
+        .build()
+        .expect("the CA is a valid root");
+        let own =
+            rustls::sign::CertifiedKey::from_der(self.chain(), self.key(), &crate::provider())
+                .expect("the host key matches its certificate");
+        let mut c = rustls::ServerConfig::builder_with_provider(crate::provider())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the defaults")
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(Arc::new(PickCert {
+                name: self.name.clone(),
+                own: Arc::new(own),
+                admin: admin.0.clone(),
+            }));
+        c.alpn_protocols = vec![];
+        Arc::new(c)
+    }
+
     /// TLS server settings. `require_client`: every client must show a certificate of
     /// the cluster (host-to-host only links); otherwise one is optional (the API: a
     /// peer shows one, a browser or CLI a token or ticket instead).
@@ -388,4 +418,65 @@ pub fn ca_client_config(ca_pem: &str, expect: Expect) -> Result<rustls::ClientCo
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_no_client_auth(),
     )
+}
+
+/// An admin's own certificate and key for the API (PEM files, e.g. from the site's CA
+/// or ACME), checked to belong together when loaded.
+#[derive(Clone)]
+pub struct AdminCert(Arc<rustls::sign::CertifiedKey>);
+
+impl std::fmt::Debug for AdminCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminCert(..)")
+    }
+}
+
+impl AdminCert {
+    pub fn load(cert: &Path, key: &Path) -> Result<AdminCert> {
+        let read = |p: &Path| {
+            std::fs::read(p).map_err(|source| PkiError::Io {
+                what: "Read",
+                path: p.display().to_string(),
+                source,
+            })
+        };
+        let bad = |what: &str, reason: String| PkiError::Bad {
+            what: what.into(),
+            reason,
+        };
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read(cert)?)
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| bad("--tls-cert", e.to_string()))?;
+        if chain.is_empty() {
+            return Err(bad("--tls-cert", "no certificate in the file".into()));
+        }
+        let key = PrivateKeyDer::from_pem_slice(&read(key)?)
+            .map_err(|e| bad("--tls-key", e.to_string()))?;
+        let ck = rustls::sign::CertifiedKey::from_der(chain, key, &crate::provider())
+            .map_err(|e| bad("--tls-cert/--tls-key", e.to_string()))?;
+        Ok(AdminCert(Arc::new(ck)))
+    }
+}
+
+/// The admin's certificate for clients that ask for another name than this host's
+/// (a browser at the site's DNS name); the host certificate for the rest: clients that
+/// name this host, or that ask for no name (the other hosts, which connect to its
+/// address, and a host joining).
+#[derive(Debug)]
+struct PickCert {
+    name: String,
+    own: Arc<rustls::sign::CertifiedKey>,
+    admin: Arc<rustls::sign::CertifiedKey>,
+}
+
+impl rustls::server::ResolvesServerCert for PickCert {
+    fn resolve(
+        &self,
+        hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        match hello.server_name() {
+            Some(n) if !n.eq_ignore_ascii_case(&self.name) => Some(self.admin.clone()),
+            _ => Some(self.own.clone()),
+        }
+    }
 }

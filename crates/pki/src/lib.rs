@@ -14,7 +14,9 @@
 mod files;
 mod verify;
 
-pub use files::{ca_client_config, cert_info, fingerprint_pem, CertInfo, HostPki, PKI_DIR};
+pub use files::{
+    ca_client_config, cert_info, fingerprint_pem, AdminCert, CertInfo, HostPki, PKI_DIR,
+};
 pub use verify::{peer_name, pinned_client, Expect};
 
 use rcgen::{

@@ -20,6 +20,15 @@ async fn handshake(
     server: Arc<rustls::ServerConfig>,
     client: rustls::ClientConfig,
 ) -> std::result::Result<Option<String>, String> {
+    handshake_as(server, client, None).await
+}
+
+/// The same, the client naming the server `sni` (else its IP address).
+async fn handshake_as(
+    server: Arc<rustls::ServerConfig>,
+    client: rustls::ClientConfig,
+    sni: Option<&str>,
+) -> std::result::Result<Option<String>, String> {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let srv = tokio::spawn(async move {
@@ -43,10 +52,11 @@ async fn handshake(
     let s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let c = tokio_rustls::TlsConnector::from(Arc::new(client));
     let r = async {
-        let mut t = c
-            .connect(ServerName::IpAddress(addr.ip().into()), s)
-            .await
-            .map_err(|e| e.to_string())?;
+        let name = match sni {
+            Some(n) => ServerName::try_from(n.to_string()).unwrap(),
+            None => ServerName::IpAddress(addr.ip().into()),
+        };
+        let mut t = c.connect(name, s).await.map_err(|e| e.to_string())?;
         t.write_all(b"ping").await.map_err(|e| e.to_string())?;
         let mut b = [0u8; 4];
         t.read_exact(&mut b).await.map_err(|e| e.to_string())?;
@@ -182,4 +192,44 @@ fn a_certificate_for_another_key_is_refused() {
         HostPki::install(&d.path().join("b"), ca.ca_pem(), None, &cert, &other_key).unwrap_err();
     assert!(e.to_string().contains("host certificate"), "{e}");
     assert!(!d.path().join("b/host.crt").exists());
+}
+
+/// With an admin's own certificate the API shows it to browsers and CLIs, and the
+/// host certificate to whoever names the host (the other hosts do): both verify.
+#[tokio::test]
+async fn an_admin_certificate_for_people_the_host_certificate_for_hosts() {
+    let d = tempfile::tempdir().unwrap();
+    let h1 = HostPki::ensure(&d.path().join("h1"), "h1", &[]).unwrap();
+    let h2 = host(d.path(), &h1, "h2", [10, 0, 0, 2]);
+    // The "site's" certificate: another CA's, for www.example.
+    let site = HostPki::ensure(&d.path().join("site"), "www.example", &[]).unwrap();
+    let admin = AdminCert::load(&site.cert_path(), &site.key_path()).unwrap();
+    let srv = h1.server_config_with(&admin);
+    // A host connects to h1's address (no name asked) and checks it by the cluster CA
+    // and its name; naming h1 works the same.
+    for sni in [None, Some("h1")] {
+        let got = handshake_as(
+            srv.clone(),
+            h2.client_config(Expect::Host("h1".into())),
+            sni,
+        )
+        .await
+        .unwrap();
+        assert_eq!(got.as_deref(), Some("h2"));
+    }
+    // A browser names the site and trusts the site's CA.
+    let browser = ca_client_config(site.ca_pem(), Expect::AnyMember).unwrap();
+    assert_eq!(
+        handshake_as(srv.clone(), browser, Some("www.example"))
+            .await
+            .unwrap(),
+        None
+    );
+    // The site's certificate is not the cluster's.
+    let cluster_only = ca_client_config(h1.ca_pem(), Expect::AnyMember).unwrap();
+    assert!(handshake_as(srv, cluster_only, Some("www.example"))
+        .await
+        .is_err());
+    // A key that is not the certificate's is refused at load.
+    assert!(AdminCert::load(&site.cert_path(), &h1.key_path()).is_err());
 }
