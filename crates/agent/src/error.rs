@@ -42,6 +42,8 @@ pub enum AgentError {
     Peer {
         host: String,
         what: String,
+        /// The other host's HTTP status, when it answered.
+        status: Option<u16>,
         #[source]
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
@@ -65,6 +67,8 @@ pub enum ErrorClass {
     NotFound,
     Conflict,
     Unauthorized,
+    /// Another host failed or could not be reached.
+    BadGateway,
     Internal,
 }
 
@@ -78,6 +82,15 @@ impl AgentError {
             }
             AgentError::Lock(ferry_storage::LockError::Held { .. }) => ErrorClass::Conflict,
             AgentError::Unauthorized(_) => ErrorClass::Unauthorized,
+            // The other host's refusal of the request is passed on as what it was;
+            // its refusal of this host (401/403: not the caller's credentials), its
+            // failure, or no answer at all, is a bad gateway.
+            AgentError::Peer { status, .. } => match status {
+                Some(400 | 413 | 415 | 422) => ErrorClass::BadRequest,
+                Some(404) => ErrorClass::NotFound,
+                Some(409) => ErrorClass::Conflict,
+                _ => ErrorClass::BadGateway,
+            },
             AgentError::Pki(ferry_pki::PkiError::Bad { .. }) => ErrorClass::BadRequest,
             AgentError::Storage(e) => match e {
                 ferry_storage::StorageError::NotFound(_) => ErrorClass::NotFound,

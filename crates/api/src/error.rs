@@ -33,6 +33,7 @@ impl From<AgentError> for ApiError {
             ErrorClass::NotFound => StatusCode::NOT_FOUND,
             ErrorClass::Conflict => StatusCode::CONFLICT,
             ErrorClass::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorClass::BadGateway => StatusCode::BAD_GATEWAY,
             ErrorClass::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status.is_server_error() {

@@ -161,7 +161,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 /// every operation that does not name them, so the document says all a client gets.
 fn document_errors(doc: &mut utoipa::openapi::OpenApi) {
     use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
-    const COMMON: [(&str, &str); 8] = [
+    const COMMON: [(&str, &str); 9] = [
         (
             "400",
             "Invalid input (path, query or body), with the reasons",
@@ -176,6 +176,10 @@ fn document_errors(doc: &mut utoipa::openapi::OpenApi) {
         ("413", "Body too large"),
         ("415", "The body is not JSON (Content-Type)"),
         ("500", "A failure inside the daemon"),
+        (
+            "502",
+            "Another host of the cluster failed, refused this host, or did not answer",
+        ),
     ];
     for item in doc.paths.paths.values_mut() {
         for op in [

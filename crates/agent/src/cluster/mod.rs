@@ -51,6 +51,7 @@ impl Peer {
             b.build().map_err(|e| AgentError::Peer {
                 host: host.name.clone(),
                 what: "HTTP client".into(),
+                status: None,
                 source: Some(Box::new(e)),
             })
         };
@@ -81,6 +82,7 @@ impl Peer {
         AgentError::Peer {
             host: self.host.name.clone(),
             what,
+            status: None,
             source: source.map(|e| Box::new(e) as _),
         }
     }
@@ -127,7 +129,12 @@ impl Peer {
             return Err(if status == reqwest::StatusCode::NOT_FOUND {
                 AgentError::NotFound(format!("{msg} (on host {})", self.host.name))
             } else {
-                self.err(format!("{what}: {msg} ({status})"), None)
+                AgentError::Peer {
+                    host: self.host.name.clone(),
+                    what: format!("{what}: {msg} ({status})"),
+                    status: Some(status.as_u16()),
+                    source: None,
+                }
             });
         }
         let body = if bytes.is_empty() {
