@@ -25,9 +25,13 @@ fn subjects(host: &str) -> [String; 2] {
     [format!("CN={host},O=ferry"), format!("O=ferry,CN={host}")]
 }
 
+/// Writes `data` to `path` (0600) unless it holds that already; a temporary file of
+/// its own per call, so migrations running at once never trip over each other.
 fn write_private(path: &std::path::Path, data: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
+    if std::fs::read(path).is_ok_and(|cur| cur == data.as_bytes()) {
+        return Ok(());
+    }
+    let tmp = path.with_extension(format!("tmp{:08x}", rand::random::<u32>()));
     let mut f = std::fs::OpenOptions::new()
         .create_new(true)
         .write(true)

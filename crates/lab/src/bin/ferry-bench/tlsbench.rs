@@ -119,10 +119,9 @@ fn replication(tls: bool, size_mib: u64, secs: u64) -> Result<(f64, f64)> {
     tokio::runtime::Runtime::new()?.block_on(a.demote(KEY))?;
     drop(svcs);
     let _ = std::fs::remove_dir_all(&dir);
-    Ok((
-        q["iops"].as_f64().unwrap_or(0.0),
-        s["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6,
-    ))
+    let iops = q["iops"].as_f64().context("fio reported no iops")?;
+    let bw = s["bw_bytes"].as_f64().context("fio reported no bw_bytes")?;
+    Ok((iops, bw / 1e6))
 }
 
 fn tempfile_dir(prefix: &str) -> Result<std::path::PathBuf> {
