@@ -168,7 +168,25 @@ impl Agent {
                 peer.post("/api/v1/migrations/incoming", &incoming).await;
             let mut ready = match ready {
                 Ok(r) => r,
-                Err(e) => break Err(e),
+                // Nothing was sent yet (a copy the destination made before its answer
+                // was lost goes by itself once this host gives up).
+                Err(e) => {
+                    // The destination's refusal keeps its meaning (its status).
+                    let status = match &e {
+                        AgentError::Peer { status, .. } => *status,
+                        AgentError::NotFound(_) => Some(404),
+                        _ => None,
+                    };
+                    break Err(AgentError::Peer {
+                        host: req.to.clone(),
+                        what: format!(
+                            "preparing it to receive {name} failed; {name} keeps running on {}",
+                            self.host_name()
+                        ),
+                        status,
+                        source: Some(Box::new(e)),
+                    });
+                }
             };
             // Only ports come from the peer; QEMU gets addresses built here.
             let built = target::answered_port(&ready.uri, true)
