@@ -251,7 +251,7 @@ impl Agent {
                 .await?;
         }
         let agent = self.clone();
-        tokio::spawn(async move { agent.watch_incoming(name, true).await });
+        tokio::spawn(async move { agent.watch_incoming(name, None).await });
         Ok(())
     }
 

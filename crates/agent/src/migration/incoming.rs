@@ -168,7 +168,8 @@ impl Agent {
                 );
                 let agent = self.clone();
                 let n = name.clone();
-                tokio::spawn(async move { agent.watch_incoming(n, false).await });
+                let run = Some(slot.with(|rt| rt.generation));
+                tokio::spawn(async move { agent.watch_incoming(n, run).await });
                 Ok(ready)
             }
             Err(e) => {
@@ -377,9 +378,13 @@ impl Agent {
         );
     }
 
-    /// Follows an incoming VM until it is this host's or dropped (`cold`: no QEMU, the
-    /// source uploads files).
-    pub(crate) async fn watch_incoming(self, name: String, cold: bool) {
+    /// Follows an incoming VM until it is this host's or dropped. `run` is the
+    /// generation of the incoming QEMU this watcher is for (`None`: a cold move, no
+    /// QEMU, the source uploads files). A watcher whose QEMU was replaced (the source
+    /// dropped that copy and asked again, as when it restarts with post-copy armed)
+    /// ends: it must never judge, or drop, the new one.
+    pub(crate) async fn watch_incoming(self, name: String, run: Option<u64>) {
+        let cold = run.is_none();
         let mut completed_at: Option<Instant> = None;
         let mut silent_since: Option<Instant> = None;
         loop {
@@ -394,6 +399,9 @@ impl Agent {
                 return;
             };
             let slot = self.slot(&name);
+            if run.is_some_and(|g| slot.with(|rt| rt.generation) != g) {
+                return;
+            }
             let status = match self.qmp(&name) {
                 _ if cold => String::new(),
                 Ok(q) => q
@@ -404,7 +412,9 @@ impl Agent {
                     .unwrap_or_default(),
                 Err(_) => {
                     let _op = slot.op.lock().await;
-                    self.drop_incoming_locked(&name, &slot).await;
+                    if run.is_none_or(|g| slot.with(|rt| rt.generation) == g) {
+                        self.drop_incoming_locked(&name, &slot).await;
+                    }
                     return;
                 }
             };
@@ -442,6 +452,9 @@ impl Agent {
             };
             if drop_it {
                 let _op = slot.op.lock().await;
+                if run.is_some_and(|g| slot.with(|rt| rt.generation) != g) {
+                    return;
+                }
                 // Checked again under the lock: the source may have finished meanwhile.
                 match self.record(&name).await {
                     Ok((r, _)) if r.incoming_from.is_some() => {

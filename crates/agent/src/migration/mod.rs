@@ -234,6 +234,9 @@ impl Agent {
                     earlier_steps.push("pre-copy cancelled: restarting with post-copy armed".into());
                     ctx.log("pre-copy does not converge: restarting with post-copy armed");
                     incoming.postcopy = true;
+                    // Not the cancelled attempt's status: the destination must not
+                    // read it as this migration's end and drop the next copy.
+                    self.set_outgoing(name, Some((&req.to, "setup")));
                 }
                 Ok(Attempt::RetryWithPostcopy(steps)) => {
                     break Err(AgentError::Conflict(format!(

@@ -25,7 +25,8 @@ impl Agent {
                 let slot = self.slot(&name);
                 if slot.state().has_process() {
                     let agent = self.clone();
-                    tokio::spawn(async move { agent.watch_incoming(name, false).await });
+                    let run = Some(slot.with(|rt| rt.generation));
+                    tokio::spawn(async move { agent.watch_incoming(name, run).await });
                 } else {
                     let _op = slot.op.lock().await;
                     self.drop_incoming_locked(&name, &slot).await;
