@@ -59,6 +59,7 @@ impl EventLog {
                 vm: vm.map(str::to_string),
                 kind: kind.to_string(),
                 message,
+                user: crate::audit::actor(),
             };
             r.recent.push_back(ev.clone());
             let mut prune = vec![];

@@ -8,6 +8,8 @@
 //! Lifecycle operations on one VM are serialised by that VM's operation lock; the
 //! supervisor task of a running VM follows QMP events and notices QEMU's exit.
 
+mod access;
+pub mod audit;
 mod cgroups;
 mod clones;
 mod cluster;
@@ -140,6 +142,8 @@ struct Inner {
     known_hosts: Mutex<Option<(std::time::Instant, Vec<ferry_types::ClusterHost>)>>,
     /// Join attempts in the current minute (a limit on guessing join tokens).
     join_attempts: Mutex<(std::time::Instant, u32)>,
+    /// Wrong passwords per user in the current minute.
+    login_failures: Mutex<access::LoginFailures>,
 }
 
 /// The agent. Cheap to clone.
@@ -201,6 +205,7 @@ impl Agent {
                 history: Default::default(),
                 known_hosts: Mutex::new(None),
                 join_attempts: Mutex::new((std::time::Instant::now(), 0)),
+                login_failures: Mutex::new(Default::default()),
             }),
         };
         agent.ensure_default_pool().await?;

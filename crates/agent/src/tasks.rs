@@ -118,6 +118,7 @@ impl Tasks {
             result: None,
             started_ms: now_ms(),
             ended_ms: None,
+            user: crate::audit::actor(),
         };
         self.map
             .lock()
@@ -129,7 +130,7 @@ impl Tasks {
             tasks: tasks.clone(),
         };
         let store = self.store.clone();
-        tokio::spawn(async move {
+        tokio::spawn(crate::audit::carry(async move {
             let _ = store.put_json(&format!("{PREFIX}{}", task.id), &task).await;
             let vm = (task.kind.starts_with("vm.")).then_some(task.target.clone());
             tasks.events.emit(
@@ -161,7 +162,7 @@ impl Tasks {
                 let _ = store.put_json(&format!("{PREFIX}{}", done.id), &done).await;
             }
             tasks.prune().await;
-        });
+        }));
         id
     }
 

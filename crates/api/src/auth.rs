@@ -1,18 +1,25 @@
-//! Who may call the API — decided by what a caller proves, never by its address.
+//! Who may call the API — decided by what a caller proves, never by its address —
+//! and what it may do there.
 //!
 //! - **Local clients** come over the unix socket `{run_dir}/api.sock` (0660); the kernel
 //!   tells who they are (`SO_PEERCRED`): root, or a member of the `ferry` group, may
-//!   call everything.
-//! - **Over TCP** a request carries the admin token (`Authorization: Bearer …`; the
-//!   cluster's hosts share it and send it on every host-to-host call), or the web UI's
-//!   session: a signed ticket in the `ferry_ticket` cookie (HttpOnly, SameSite=Strict,
-//!   valid for [`TICKET_LIFETIME`]), which `POST /api/v1/login` sets for the token.
-//!   A browser's write (anything but GET/HEAD) with a ticket must also carry the
-//!   `X-Ferry-CSRF` header (a form on another site cannot send one); a websocket that
-//!   names an Origin must come from the page's own origin.
+//!   call everything (recorded as `root` or `unix:NAME`).
+//! - **Other hosts** of the cluster show their certificate (mutual TLS); one of a
+//!   current member may call everything. A host passing on a user's request names
+//!   that user (`x-ferry-user`), which is recorded and decides nothing.
+//! - **Users** send `Authorization: Bearer` with an API token (`USER!ID=SECRET`,
+//!   looked up by its digest; revoked or expired ones fail), this host's admin token
+//!   (root's token `admin-HOST`), or a ticket from `POST /api/v1/login` (user and
+//!   password, argon2id); the web UI keeps the ticket in the `ferry_ticket` cookie
+//!   (HttpOnly, Secure, SameSite=Strict, valid for [`TICKET_LIFETIME`], void once the
+//!   user's password changes or it is disabled). A browser's write with the cookie
+//!   must also carry the `X-Ferry-CSRF` header; a websocket that names an Origin must
+//!   come from the page's own origin.
+//! - What a user may do is its grants' (`ferry_access::need` names the privilege and
+//!   path of every call; root may do everything): 403 otherwise.
 //! - Everything else gets 401 (403 for a missing CSRF header or a foreign Origin) and
 //!   changes nothing. Open to all: the UI's files, login/logout/session, the OpenAPI
-//!   document.
+//!   document, a joining host's request.
 //!
 //! Loopback, the host's own address and the cluster members' addresses are not trusted:
 //! a guest on a host bridge can take any of them.
@@ -24,6 +31,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
+use ferry_access::Need;
 use ferry_agent::Agent;
 use ferry_types::{LoginRequest, Session};
 use hmac::{Hmac, Mac};
@@ -85,17 +93,45 @@ impl std::fmt::Debug for Auth {
 /// Who a request is from, as proven (kept in the request's extensions).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Caller {
-    /// A process on this host, over the unix socket.
+    /// A process on this host, over the unix socket: root, or a member of the `ferry`
+    /// group (both may do everything, as root).
     Local { uid: u32 },
-    /// The admin token (the CLI from elsewhere).
-    Token,
-    /// Another host of the cluster, by its certificate (mutual TLS).
+    /// A user: by an API token, a session ticket, or a host's admin token (root).
+    User { name: String },
+    /// Another host of the cluster, by its certificate (mutual TLS); `on_behalf` names
+    /// the user whose request it passes on (recorded, not believed for anything else).
     Peer {
         host: String,
         serial: Option<String>,
+        on_behalf: Option<String>,
     },
-    /// A browser session.
-    Session { user: String },
+}
+
+impl Caller {
+    /// The name the request's work is recorded under (tasks, events).
+    pub fn actor(&self) -> String {
+        match self {
+            Caller::Local { uid: 0 } => ferry_types::ROOT_USER.to_string(),
+            Caller::Local { uid } => nix::unistd::User::from_uid((*uid).into())
+                .ok()
+                .flatten()
+                .map_or_else(|| format!("uid:{uid}"), |u| format!("unix:{}", u.name)),
+            Caller::User { name } => name.clone(),
+            Caller::Peer {
+                on_behalf: Some(u), ..
+            } => u.clone(),
+            Caller::Peer { host, .. } => format!("host:{host}"),
+        }
+    }
+
+    /// The user whose grants decide, if any (local callers and hosts may do
+    /// everything; root too).
+    pub fn restricted_user(&self) -> Option<&str> {
+        match self {
+            Caller::User { name } if name != ferry_types::ROOT_USER => Some(name),
+            _ => None,
+        }
+    }
 }
 
 impl Auth {
@@ -160,14 +196,9 @@ impl Auth {
         Ok((Auth::new(&token), true))
     }
 
-    /// Whether the request carries the token as its bearer.
-    pub fn bearer(&self, headers: &HeaderMap) -> bool {
-        headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .is_some_and(|t| same(t, &self.token))
+    /// Whether `t` is this host's admin token.
+    pub fn is_admin_token(&self, t: &str) -> bool {
+        same(t.trim(), &self.token)
     }
 
     fn mac(&self, payload: &str) -> String {
@@ -181,28 +212,33 @@ impl Auth {
             .collect()
     }
 
-    /// A ticket for `user`, valid until `now + TICKET_LIFETIME`: `user:expiry:mac`.
+    /// A ticket for `user`, issued `now`, valid until `now + TICKET_LIFETIME`:
+    /// `user:issued:expiry:mac` (times in Unix seconds).
     pub fn ticket(&self, user: &str, now: SystemTime) -> String {
-        let expiry = (now + TICKET_LIFETIME)
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let payload = format!("{user}:{expiry}");
+        let secs = |t: SystemTime| {
+            t.duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        };
+        let payload = format!("{user}:{}:{}", secs(now), secs(now + TICKET_LIFETIME));
         let mac = self.mac(&payload);
         format!("{payload}:{mac}")
     }
 
-    /// The user of a ticket that this daemon signed and that has not expired.
-    pub fn check_ticket(&self, ticket: &str, now: SystemTime) -> Option<String> {
+    /// The user and issue time of a ticket that this daemon signed and that has not
+    /// expired (whether its user still may log in is the caller's to check).
+    pub fn check_ticket(&self, ticket: &str, now: SystemTime) -> Option<(String, u64)> {
         let (payload, mac) = ticket.rsplit_once(':')?;
-        let (user, expiry) = payload.rsplit_once(':')?;
+        let (rest, expiry) = payload.rsplit_once(':')?;
+        let (user, issued) = rest.rsplit_once(':')?;
         let expiry: u64 = expiry.parse().ok()?;
+        let issued: u64 = issued.parse().ok()?;
         let now = now.duration_since(UNIX_EPOCH).ok()?.as_secs();
-        (same(mac, &self.mac(payload)) && now < expiry).then(|| user.to_string())
+        (same(mac, &self.mac(payload)) && now < expiry).then(|| (user.to_string(), issued))
     }
 
-    /// The user of the request's session cookie, if it holds a valid ticket.
-    pub fn session(&self, headers: &HeaderMap) -> Option<String> {
+    /// The ticket of the request's session cookie, if it holds a valid one.
+    pub fn session(&self, headers: &HeaderMap) -> Option<(String, u64)> {
         cookie(headers, COOKIE).and_then(|t| self.check_ticket(&t, SystemTime::now()))
     }
 }
@@ -290,19 +326,6 @@ fn conn(req: &Request) -> Option<ConnInfo> {
         })
 }
 
-fn open_path(method: &Method, path: &str) -> bool {
-    // A joining host's request carries a join token (the handler checks it).
-    if method == Method::POST && path == "/api/v1/cluster/members" {
-        return true;
-    }
-    !(path.starts_with("/api/") || path == "/metrics")
-        || matches!(
-            path,
-            "/api/v1/login" | "/api/v1/logout" | "/api/v1/session" | "/api/v1/openapi.json"
-        )
-        || path.starts_with("/api/docs")
-}
-
 /// A websocket whose Origin names another site than the Host it was sent to.
 fn foreign_origin(headers: &HeaderMap) -> bool {
     let Some(origin) = headers.get(header::ORIGIN) else {
@@ -323,14 +346,47 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
 }
 
-/// What the request proves, or why it is refused (status and reason).
-fn decide(
+/// What a request shows, before the store is asked about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Proof {
+    /// The kernel's word: root or the `ferry` group over the unix socket.
+    Local { uid: u32 },
+    /// A cluster host's certificate (still to be checked against its member record).
+    Peer {
+        host: String,
+        serial: Option<String>,
+        on_behalf: Option<String>,
+    },
+    /// A ticket this daemon signed (the user still to be checked).
+    Ticket { user: String, issued: u64 },
+    /// This host's admin token (root's token `admin-HOST`; still to be checked for
+    /// revocation).
+    AdminToken,
+    /// A bearer to look up as an API token.
+    Token(String),
+}
+
+type Refusal = (StatusCode, &'static str);
+
+const LOG_IN: &str = "Log in first: an API token (Authorization: Bearer USER!ID=SECRET; the CLI reads --token-file or FERRY_TOKEN), a ticket from POST /api/v1/login (`ferry login`), or the local socket as root; `ferry serve` made this host's admin token (root's) on its first start in STATE_DIR/admin-token";
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+/// What the request proves, or why it is refused (status and reason). No address
+/// counts for anything.
+fn proof(
     auth: &Auth,
     conn: Option<ConnInfo>,
     method: &Method,
     headers: &HeaderMap,
     ferry_gid: Option<u32>,
-) -> Result<Caller, (StatusCode, &'static str)> {
+) -> Result<Proof, Refusal> {
     if is_upgrade(headers) && foreign_origin(headers) {
         return Err((
             StatusCode::FORBIDDEN,
@@ -339,24 +395,43 @@ fn decide(
     }
     match conn {
         Some(ConnInfo::Unix { uid, gid, pid }) if trusted_local(uid, gid, pid, ferry_gid) => {
-            return Ok(Caller::Local { uid });
+            return Ok(Proof::Local { uid });
         }
         Some(ConnInfo::Tls {
             peer: Some(host),
             serial,
             ..
         }) => {
-            return Ok(Caller::Peer {
+            let on_behalf = headers
+                .get(ferry_agent::audit::ON_BEHALF_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .filter(|u| plausible_actor(u))
+                .map(String::from);
+            return Ok(Proof::Peer {
                 host: host.to_string(),
                 serial: serial.map(|s| s.to_string()),
-            })
+                on_behalf,
+            });
         }
         _ => {}
     }
-    if auth.bearer(headers) {
-        return Ok(Caller::Token);
+    if let Some(b) = bearer(headers) {
+        // A bearer is sent by a program, never attached by a browser: no CSRF check.
+        if auth.is_admin_token(b) {
+            return Ok(Proof::AdminToken);
+        }
+        if let Some((user, issued)) = auth.check_ticket(b, SystemTime::now()) {
+            return Ok(Proof::Ticket { user, issued });
+        }
+        if ferry_access::token::parse(b).is_some() {
+            return Ok(Proof::Token(b.to_string()));
+        }
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            "The bearer is no API token, admin token or valid ticket of this host",
+        ));
     }
-    if let Some(user) = auth.session(headers) {
+    if let Some((user, issued)) = auth.session(headers) {
         let read = matches!(*method, Method::GET | Method::HEAD);
         if !read && !is_upgrade(headers) && !headers.contains_key(CSRF_HEADER) {
             return Err((
@@ -364,39 +439,156 @@ fn decide(
                 "A write from the browser must carry the X-Ferry-CSRF header",
             ));
         }
-        return Ok(Caller::Session { user });
+        return Ok(Proof::Ticket { user, issued });
     }
-    Err((
+    Err((StatusCode::UNAUTHORIZED, LOG_IN))
+}
+
+/// A name another host may say it acts for: a user, `host:NAME`, `unix:NAME`.
+fn plausible_actor(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 80
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+}
+
+/// Turns a proof into a caller, asking the store what it must (tokens, users,
+/// member records).
+async fn caller(agent: &Agent, auth: &Auth, p: Proof) -> Result<Caller, Refusal> {
+    let unknown = (
         StatusCode::UNAUTHORIZED,
-        "Log in first: send the admin token (Authorization: Bearer TOKEN; the CLI reads --token-file or FERRY_TOKEN, or uses the local socket as root); `ferry serve` made it on its first start and keeps it in STATE_DIR/admin-token (root only)",
+        "Unknown, revoked or expired credentials (or a disabled user)",
+    );
+    let store_down = (
+        StatusCode::UNAUTHORIZED,
+        "The cluster store cannot be read to check these credentials: use the local socket",
+    );
+    match p {
+        Proof::Local { uid } => Ok(Caller::Local { uid }),
+        Proof::Peer {
+            host,
+            serial,
+            on_behalf,
+        } => {
+            // A certificate of the CA, but not (or no longer) a member's: a host that
+            // left, or a renewed certificate's predecessor.
+            if !agent.peer_allowed(&host, serial.as_deref()).await {
+                tracing::warn!(%host, ?serial, "a certificate of no current member refused");
+                return Err((
+                    StatusCode::UNAUTHORIZED,
+                    "This host certificate belongs to no current member of the cluster",
+                ));
+            }
+            Ok(Caller::Peer {
+                host,
+                serial,
+                on_behalf,
+            })
+        }
+        Proof::AdminToken => {
+            let root = || Caller::User {
+                name: ferry_types::ROOT_USER.into(),
+            };
+            match agent
+                .host_token_valid(&ferry_access::token::digest(auth.token()))
+                .await
+            {
+                Ok(true) => Ok(root()),
+                Ok(false) => Err((
+                    StatusCode::UNAUTHORIZED,
+                    "This host's admin token was revoked (`ferry token list root`)",
+                )),
+                // The file is this host's own word; with the store out of reach (no
+                // quorum) root must still be able to look at the host.
+                Err(e) => {
+                    tracing::warn!(error = %ferry_agent::error_chain(&e).join(": "), "cannot check the admin token against the store; accepting the host's own");
+                    Ok(root())
+                }
+            }
+        }
+        Proof::Ticket { user, issued } => match agent.session_valid(&user, issued).await {
+            Ok(true) => Ok(Caller::User { name: user }),
+            Ok(false) => Err(unknown),
+            Err(_) => Err(store_down),
+        },
+        Proof::Token(t) => match agent.token_user(&t).await {
+            Ok(Some(name)) => Ok(Caller::User { name }),
+            Ok(None) => Err(unknown),
+            Err(_) => Err(store_down),
+        },
+    }
+}
+
+/// Whether the caller may make this call; the refusal names what it lacks.
+async fn authorize(
+    agent: &Agent,
+    caller: &Caller,
+    method: &Method,
+    path: &str,
+) -> Result<(), ApiError> {
+    let Some(user) = caller.restricted_user() else {
+        return Ok(());
+    };
+    let need = ferry_access::need(method.as_str(), path);
+    if matches!(need, Need::Open | Need::Authenticated) {
+        return Ok(());
+    }
+    let acl = agent.acl().await.map_err(|e| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            format!(
+                "The grants cannot be read ({}): use the local socket",
+                ferry_agent::error_chain(&e).join(": ")
+            ),
+        )
+    })?;
+    if ferry_access::permits(&acl, user, &need) {
+        return Ok(());
+    }
+    let (p, on) = match &need {
+        Need::On(p, on) | Need::SelfOr(_, p, on) => (*p, on.as_str()),
+        Need::Open | Need::Authenticated => unreachable!("returned above"),
+    };
+    let roles: Vec<&str> = ferry_types::Role::ALL
+        .into_iter()
+        .filter(|r| ferry_access::role_has(*r, p))
+        .map(|r| r.as_str())
+        .collect();
+    tracing::info!(%user, %method, %path, "refused by the grants");
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        format!(
+            "User {user} may not do this: it needs {p:?} on {on} (roles {}), granted on {on} or above",
+            roles.join(" or ")
+        ),
     ))
 }
 
-/// The middleware: lets a request through (with its [`Caller`]) or refuses it.
+/// The middleware: lets a request through (with its [`Caller`], on whose behalf its
+/// work is recorded) or refuses it.
 pub async fn require(
     State((auth, agent)): State<(Auth, Agent)>,
     mut req: Request,
     next: Next,
 ) -> Response {
     let c = conn(&req);
-    match decide(&auth, c.clone(), req.method(), req.headers(), ferry_gid()) {
-        // A certificate of the CA, but not (or no longer) a member's: a host that
-        // left, or a renewed certificate's predecessor.
-        Ok(Caller::Peer { host, serial })
-            if !agent.peer_allowed(&host, serial.as_deref()).await =>
-        {
-            tracing::warn!(%host, ?serial, "a certificate of no current member refused");
-            ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "This host certificate belongs to no current member of the cluster",
-            )
-            .into_response()
-        }
+    let path = req.uri().path().to_string();
+    let open = ferry_access::need(req.method().as_str(), &path) == Need::Open;
+    let shown = proof(&auth, c.clone(), req.method(), req.headers(), ferry_gid());
+    let decided = match shown {
+        Ok(p) => caller(&agent, &auth, p).await,
+        Err(e) => Err(e),
+    };
+    match decided {
         Ok(caller) => {
+            if let Err(e) = authorize(&agent, &caller, req.method(), &path).await {
+                return e.into_response();
+            }
+            let actor = caller.actor();
             req.extensions_mut().insert(caller);
-            next.run(req).await
+            ferry_agent::audit::acting_as(&actor, next.run(req)).await
         }
-        Err(_) if open_path(req.method(), req.uri().path()) => {
+        Err(_) if open => {
             // Callers without credentials get small bodies only (a join request is a
             // few KiB).
             let req = req
@@ -405,35 +597,78 @@ pub async fn require(
         }
         Err((status, why)) => {
             if let Some(ConnInfo::Tcp { remote } | ConnInfo::Tls { remote, .. }) = c {
-                tracing::debug!(%remote, path = req.uri().path(), %status, "request refused");
+                tracing::debug!(%remote, %path, %status, "request refused");
             }
             ApiError::new(status, why).into_response()
         }
     }
 }
 
-#[utoipa::path(post, path = "/api/v1/login", tag = "host", request_body = LoginRequest,
-    responses((status = 200, description = "Logged in; sets the session cookie (a signed ticket)", body = Session),
-              (status = 401, description = "Wrong token", body = ferry_types::ApiErrorBody)))]
+/// The user a login names, checked: by password, or by an API token (or a host's
+/// admin token).
+async fn login_user(agent: &Agent, auth: &Auth, req: &LoginRequest) -> Result<String, ApiError> {
+    let wrong = |why: &str| ApiError::new(StatusCode::UNAUTHORIZED, why.to_string());
+    match (&req.user, &req.password, &req.token) {
+        (Some(u), Some(p), None) => agent
+            .login_password(u.trim(), p)
+            .await
+            .map_err(|e| wrong(&e.to_string())),
+        (None, None, Some(t)) => {
+            let p = if auth.is_admin_token(t) {
+                Proof::AdminToken
+            } else if ferry_access::token::parse(t).is_some() {
+                Proof::Token(t.trim().to_string())
+            } else {
+                return Err(wrong("Wrong token"));
+            };
+            match caller(agent, auth, p).await {
+                Ok(Caller::User { name }) => Ok(name),
+                Ok(_) | Err(_) => Err(wrong("Wrong token")),
+            }
+        }
+        _ => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "Give either user and password, or token",
+        )),
+    }
+}
+
+async fn session_of(agent: &Agent, user: Option<String>, ticket: Option<String>) -> Session {
+    let grants = match &user {
+        Some(u) => agent
+            .acl()
+            .await
+            .map(|acl| ferry_access::grants_of(&acl, u))
+            .unwrap_or_default(),
+        None => vec![],
+    };
+    Session {
+        authenticated: user.is_some(),
+        host: agent.host_name().to_string(),
+        user,
+        grants,
+        ticket,
+    }
+}
+
+#[utoipa::path(post, path = "/api/v1/login", tag = "access", request_body = LoginRequest,
+    responses((status = 200, description = "Logged in; sets the session cookie (a signed ticket, also in the answer for programs)", body = Session),
+              (status = 401, description = "Wrong user name, password or token", body = ferry_types::ApiErrorBody)))]
 pub async fn login(
     State(agent): State<Agent>,
     Extension(auth): Extension<Auth>,
     ApiJson(req): ApiJson<LoginRequest>,
 ) -> ApiResult<Response> {
-    if !same(req.token.trim(), auth.token()) {
-        tracing::warn!("login with a wrong token");
-        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "Wrong token"));
-    }
+    let user = login_user(&agent, &auth, &req).await?;
+    let ticket = auth.ticket(&user, SystemTime::now());
     let cookie = format!(
-        "{COOKIE}={}; Path=/; HttpOnly; Secure; SameSite=Strict; Max-Age={}",
-        auth.ticket("root", SystemTime::now()),
+        "{COOKIE}={ticket}; Path=/; HttpOnly; Secure; SameSite=Strict; Max-Age={}",
         TICKET_LIFETIME.as_secs()
     );
-    let mut resp = Json(Session {
-        authenticated: true,
-        host: agent.host_name().to_string(),
-    })
-    .into_response();
+    agent
+        .events()
+        .emit(None, "access", format!("{user} logged in"));
+    let mut resp = Json(session_of(&agent, Some(user), Some(ticket)).await).into_response();
     resp.headers_mut().insert(
         header::SET_COOKIE,
         HeaderValue::from_str(&cookie)
@@ -442,30 +677,30 @@ pub async fn login(
     Ok(resp)
 }
 
-#[utoipa::path(post, path = "/api/v1/logout", tag = "host",
+#[utoipa::path(post, path = "/api/v1/logout", tag = "access",
     responses((status = 204, description = "The session cookie is cleared")))]
 pub async fn logout() -> Response {
     (
         StatusCode::NO_CONTENT,
         [(
             header::SET_COOKIE,
-            format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
+            format!("{COOKIE}=; Path=/; HttpOnly; Secure; SameSite=Strict; Max-Age=0"),
         )],
     )
         .into_response()
 }
 
-#[utoipa::path(get, path = "/api/v1/session", tag = "host",
-    responses((status = 200, description = "Whether this request is logged in (admin token or a valid session ticket)", body = Session)))]
+#[utoipa::path(get, path = "/api/v1/session", tag = "access",
+    responses((status = 200, description = "Whether this request is logged in, as whom, with which grants", body = Session)))]
 pub async fn session(
     State(agent): State<Agent>,
-    Extension(auth): Extension<Auth>,
-    headers: HeaderMap,
+    caller: Option<Extension<Caller>>,
 ) -> Json<Session> {
-    Json(Session {
-        authenticated: auth.bearer(&headers) || auth.session(&headers).is_some(),
-        host: agent.host_name().to_string(),
-    })
+    let user = caller.map(|Extension(c)| match c {
+        Caller::User { name } => name,
+        other => other.actor(),
+    });
+    Json(session_of(&agent, user, None).await)
 }
 
 #[cfg(test)]
@@ -501,13 +736,10 @@ mod tests {
     }
 
     #[test]
-    fn bearer_only_when_equal_and_the_cookie_is_no_token() {
+    fn the_cookie_is_no_token_and_the_token_no_cookie() {
         let a = Auth::new("0123456789abcdef0123");
-        assert!(!a.bearer(&HeaderMap::new()));
-        let wrong = headers(&[(header::AUTHORIZATION, "Bearer 0123456789abcdef0124")]);
-        assert!(!a.bearer(&wrong));
-        let right = headers(&[(header::AUTHORIZATION, "Bearer 0123456789abcdef0123")]);
-        assert!(a.bearer(&right));
+        assert!(a.is_admin_token("0123456789abcdef0123"));
+        assert!(!a.is_admin_token("0123456789abcdef0124"));
         let raw = headers(&[(header::COOKIE, "ferry_ticket=0123456789abcdef0123")]);
         assert!(a.session(&raw).is_none());
     }
@@ -517,20 +749,24 @@ mod tests {
         let a = Auth::new("0123456789abcdef0123");
         let now = SystemTime::now();
         let t = a.ticket("root", now);
-        assert_eq!(a.check_ticket(&t, now).as_deref(), Some("root"));
+        let secs = now.duration_since(UNIX_EPOCH).unwrap().as_secs();
+        assert_eq!(a.check_ticket(&t, now), Some(("root".into(), secs)));
         assert_eq!(a.check_ticket(&t, now + TICKET_LIFETIME), None);
         let forged = t.replacen("root", "admin", 1);
         assert_eq!(a.check_ticket(&forged, now), None);
-        let (payload, _) = t.rsplit_once(':').unwrap();
-        let longer = format!("root:99999999999:{}", &t[payload.len() + 1..]);
+        let parts: Vec<&str> = t.split(':').collect();
+        let longer = format!("root:{}:99999999999:{}", parts[1], parts[3]);
         assert_eq!(a.check_ticket(&longer, now), None);
+        let earlier = format!("root:0:{}:{}", parts[2], parts[3]);
+        assert_eq!(a.check_ticket(&earlier, now), None);
         // Another token signs other tickets.
         assert_eq!(Auth::new("other-token-0123456").check_ticket(&t, now), None);
     }
 
     /// No address is trusted: loopback, the host's own or any other. Only the kernel's
-    /// word on a unix socket client, the token, or a ticket (with the CSRF header for
-    /// writes; a websocket from a foreign origin is refused).
+    /// word on a unix socket client, a host's certificate, a bearer (admin token, API
+    /// token, ticket), or the ticket cookie (with the CSRF header for writes; a
+    /// websocket from a foreign origin is refused).
     #[test]
     fn callers_are_decided_by_proof_never_by_address() {
         let a = Auth::new("0123456789abcdef0123");
@@ -541,7 +777,7 @@ mod tests {
         };
         let none = HeaderMap::new();
         for r in ["127.0.0.1:5000", "[::1]:5000", "10.1.0.1:5000"] {
-            let d = decide(&a, tcp(r), &Method::GET, &none, None);
+            let d = proof(&a, tcp(r), &Method::GET, &none, None);
             assert_eq!(d.unwrap_err().0, StatusCode::UNAUTHORIZED, "{r}");
         }
         let unix = |uid, gid| {
@@ -552,12 +788,13 @@ mod tests {
             })
         };
         assert_eq!(
-            decide(&a, unix(0, 0), &Method::POST, &none, None),
-            Ok(Caller::Local { uid: 0 })
+            proof(&a, unix(0, 0), &Method::POST, &none, None),
+            Ok(Proof::Local { uid: 0 })
         );
-        assert!(decide(&a, unix(1000, 1000), &Method::GET, &none, None).is_err());
-        assert!(decide(&a, unix(1000, 990), &Method::GET, &none, Some(990)).is_ok());
-        // TLS: a verified client certificate names a host; without one, nothing.
+        assert!(proof(&a, unix(1000, 1000), &Method::GET, &none, None).is_err());
+        assert!(proof(&a, unix(1000, 990), &Method::GET, &none, Some(990)).is_ok());
+        // TLS: a verified client certificate names a host; without one, nothing. The
+        // user it acts for is taken from a host only, and only if it looks like one.
         let tls = |peer: Option<&str>| {
             Some(ConnInfo::Tls {
                 remote: "10.1.0.12:4000".parse().unwrap(),
@@ -565,32 +802,65 @@ mod tests {
                 serial: None,
             })
         };
+        let behalf = headers(&[(
+            ferry_agent::audit::ON_BEHALF_HEADER.parse().unwrap(),
+            "alice",
+        )]);
         assert_eq!(
-            decide(&a, tls(Some("h2")), &Method::POST, &none, None),
-            Ok(Caller::Peer {
+            proof(&a, tls(Some("h2")), &Method::POST, &behalf, None),
+            Ok(Proof::Peer {
                 host: "h2".into(),
-                serial: None
+                serial: None,
+                on_behalf: Some("alice".into()),
             })
         );
+        let odd = headers(&[(
+            ferry_agent::audit::ON_BEHALF_HEADER.parse().unwrap(),
+            "a b\\c",
+        )]);
+        assert!(matches!(
+            proof(&a, tls(Some("h2")), &Method::POST, &odd, None),
+            Ok(Proof::Peer {
+                on_behalf: None,
+                ..
+            })
+        ));
         assert_eq!(
-            decide(&a, tls(None), &Method::GET, &none, None)
+            proof(&a, tls(None), &Method::GET, &behalf, None)
                 .unwrap_err()
                 .0,
             StatusCode::UNAUTHORIZED
         );
-        let bearer = headers(&[(header::AUTHORIZATION, "Bearer 0123456789abcdef0123")]);
+        let bearer = |b: &str| headers(&[(header::AUTHORIZATION, &format!("Bearer {b}"))]);
         assert_eq!(
-            decide(&a, tcp("10.9.9.9:1"), &Method::DELETE, &bearer, None),
-            Ok(Caller::Token)
+            proof(
+                &a,
+                tcp("10.9.9.9:1"),
+                &Method::DELETE,
+                &bearer("0123456789abcdef0123"),
+                None
+            ),
+            Ok(Proof::AdminToken)
         );
-        let t = a.ticket("root", SystemTime::now());
+        let tok = format!("alice!ci={}", "ab".repeat(32));
+        assert_eq!(
+            proof(&a, tcp("10.9.9.9:1"), &Method::DELETE, &bearer(&tok), None),
+            Ok(Proof::Token(tok.clone()))
+        );
+        assert!(proof(&a, tcp("10.9.9.9:1"), &Method::GET, &bearer("guess"), None).is_err());
+        let t = a.ticket("alice", SystemTime::now());
+        // A ticket as bearer is a program's: no CSRF header needed.
+        assert!(matches!(
+            proof(&a, tcp("10.9.9.9:1"), &Method::POST, &bearer(&t), None),
+            Ok(Proof::Ticket { ref user, .. }) if user == "alice"
+        ));
         let c = format!("{COOKIE}={t}");
         let sess = headers(&[(header::COOKIE, &c)]);
-        assert!(decide(&a, tcp("10.9.9.9:1"), &Method::GET, &sess, None).is_ok());
-        let e = decide(&a, tcp("10.9.9.9:1"), &Method::POST, &sess, None).unwrap_err();
+        assert!(proof(&a, tcp("10.9.9.9:1"), &Method::GET, &sess, None).is_ok());
+        let e = proof(&a, tcp("10.9.9.9:1"), &Method::POST, &sess, None).unwrap_err();
         assert_eq!(e.0, StatusCode::FORBIDDEN);
         let csrf = headers(&[(header::COOKIE, &c), (CSRF_HEADER.parse().unwrap(), "1")]);
-        assert!(decide(&a, tcp("10.9.9.9:1"), &Method::POST, &csrf, None).is_ok());
+        assert!(proof(&a, tcp("10.9.9.9:1"), &Method::POST, &csrf, None).is_ok());
         let ws = |origin: &str| {
             headers(&[
                 (header::COOKIE, &c),
@@ -599,7 +869,7 @@ mod tests {
                 (header::ORIGIN, origin),
             ])
         };
-        assert!(decide(
+        assert!(proof(
             &a,
             tcp("10.9.9.9:1"),
             &Method::GET,
@@ -607,7 +877,7 @@ mod tests {
             None
         )
         .is_ok());
-        let e = decide(
+        let e = proof(
             &a,
             tcp("10.9.9.9:1"),
             &Method::GET,
@@ -618,6 +888,6 @@ mod tests {
         // Even root's own socket does not open a websocket for a foreign page.
         let mut h = ws("http://evil.example");
         h.remove(header::COOKIE);
-        assert!(decide(&a, unix(0, 0), &Method::GET, &h, None).is_err());
+        assert!(proof(&a, unix(0, 0), &Method::GET, &h, None).is_err());
     }
 }

@@ -4,6 +4,7 @@
 //! Handlers only translate between HTTP and the [`Agent`]; errors become JSON in
 //! `error.rs`; who may call is decided in `auth.rs`.
 
+mod access;
 pub mod auth;
 mod cluster;
 mod devices;
@@ -47,6 +48,7 @@ use utoipa_swagger_ui::SwaggerUi;
         (name = "migration", description = "Live migration (and the host-to-host calls it makes)"),
         (name = "cluster", description = "etcd cluster membership, host leases, HA"),
         (name = "drs", description = "DRS: placement, balancing, HA admission control, resource pools"),
+        (name = "access", description = "Users, API tokens, grants; login"),
         (name = "replication", description = "Replicated volumes: primary, resync, verify, split brain (and the host-to-host calls)"),
     )
 )]
@@ -107,6 +109,17 @@ fn api() -> OpenApiRouter<Agent> {
         .routes(routes!(tasks::host))
         .routes(routes!(tasks::host_metrics))
         .routes(routes!(tasks::vm_metrics))
+        .routes(routes!(access::list_users, access::create_user))
+        .routes(routes!(
+            access::get_user,
+            access::update_user,
+            access::delete_user
+        ))
+        .routes(routes!(access::set_password))
+        .routes(routes!(access::list_tokens, access::create_token))
+        .routes(routes!(access::revoke_token))
+        .routes(routes!(access::list_acl, access::grant))
+        .routes(routes!(access::revoke_grant))
         .routes(routes!(auth::login))
         .routes(routes!(auth::logout))
         .routes(routes!(auth::session))
@@ -169,7 +182,7 @@ fn document_errors(doc: &mut utoipa::openapi::OpenApi) {
         ("401", "No credentials, or wrong ones"),
         (
             "403",
-            "Refused (a browser write without the CSRF header, a foreign page)",
+            "Refused (the user's grants do not allow it, a browser write without the CSRF header, a foreign page)",
         ),
         ("404", "No such resource"),
         ("409", "Not possible in the resource's current state"),

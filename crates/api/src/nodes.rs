@@ -84,6 +84,11 @@ async fn relay(
             .headers_mut()
             .insert(header::SEC_WEBSOCKET_PROTOCOL, p);
     }
+    if let Some(who) = ferry_agent::audit::actor().and_then(|w| w.parse().ok()) {
+        request
+            .headers_mut()
+            .insert(ferry_agent::audit::ON_BEHALF_HEADER, who);
+    }
     let (peer, resp) = connect_peer(&a, &host, request).await.map_err(|e| {
         ApiError::new(
             StatusCode::BAD_GATEWAY,

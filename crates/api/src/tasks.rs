@@ -17,12 +17,28 @@ pub async fn list_tasks(State(a): State<Agent>) -> Json<Vec<Task>> {
     responses((status = 200, body = Task), (status = 404, body = ApiErrorBody)))]
 pub async fn get_task(
     State(a): State<Agent>,
+    axum::Extension(caller): axum::Extension<crate::Caller>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<Task>> {
-    a.tasks()
-        .get(&id)
-        .map(Json)
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("Task {id} not found")))
+    let missing = || ApiError::new(StatusCode::NOT_FOUND, format!("Task {id} not found"));
+    let t = a.tasks().get(&id).ok_or_else(missing)?;
+    // A user sees its own tasks, and those it may audit (a VM's, or all from `/`);
+    // another's task answers as if there were none.
+    if let Some(user) = caller.restricted_user() {
+        let mine = t.user.as_deref() == Some(user);
+        if !mine {
+            let acl = a.acl().await?;
+            let on = if t.kind.starts_with("vm.") {
+                format!("/vms/{}", t.target)
+            } else {
+                "/".to_string()
+            };
+            if !ferry_access::allows(&acl, user, ferry_access::Privilege::Audit, &on) {
+                return Err(missing());
+            }
+        }
+    }
+    Ok(Json(t))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

@@ -12,7 +12,7 @@ const TEST_TOKEN: &str = "0123456789abcdef0123456789abcdef";
 
 async fn agent(d: &tempfile::TempDir) -> Agent {
     let store = ferry_store::SqliteStore::open(&d.path().join("store.db")).unwrap();
-    Agent::open(
+    let agent = Agent::open(
         ferry_agent::AgentConfig {
             state_dir: d.path().join("state"),
             run_dir: d.path().join("run"),
@@ -28,7 +28,9 @@ async fn agent(d: &tempfile::TempDir) -> Agent {
         Arc::new(store),
     )
     .await
-    .unwrap()
+    .unwrap();
+    agent.ensure_root(TEST_TOKEN).await.unwrap();
+    agent
 }
 
 /// The router as `ferry serve` runs it, for requests over a connection `conn`.
@@ -56,7 +58,21 @@ fn ferry_qemu_setting() -> ferry_agent::AccelSetting {
 }
 
 async fn call(app: &Router, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
+    call_with(app, method, uri, None, body).await
+}
+
+/// `call`, with `Authorization: Bearer {bearer}` when given.
+async fn call_with(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    bearer: Option<&str>,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
     let mut req = Request::builder().method(method).uri(uri);
+    if let Some(b) = bearer {
+        req = req.header("authorization", format!("Bearer {b}"));
+    }
     let body = match body {
         Some(b) => {
             req = req.header("content-type", "application/json");
@@ -675,4 +691,350 @@ async fn the_open_join_call_takes_small_bodies_only() {
     let r = post(small.into()).await.unwrap();
     // Not in a cluster: nobody can join this host.
     assert_eq!(r.status(), StatusCode::CONFLICT);
+}
+
+/// A request over TCP from elsewhere with `Authorization: Bearer {bearer}`.
+async fn as_bearer(
+    agent: &Agent,
+    bearer: &str,
+    method: &str,
+    uri: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let app = served(
+        agent,
+        ConnInfo::Tcp {
+            remote: "192.0.2.9:40000".parse().unwrap(),
+        },
+    );
+    call_with(&app, method, uri, Some(bearer), body).await
+}
+
+/// Users, roles on paths, tokens and tickets, and who did what — over TCP, as a
+/// client elsewhere would.
+#[tokio::test]
+async fn users_roles_tokens_and_audit() {
+    let d = tempfile::tempdir().unwrap();
+    let agent = agent(&d).await;
+    let root = |m: &'static str, u: &'static str, b: Option<Value>| {
+        let agent = agent.clone();
+        async move { as_bearer(&agent, TEST_TOKEN, m, u, b).await }
+    };
+    // root is there from the start, its admin token is its token admin-test.
+    let (s, users) = root("GET", "/api/v1/access/users", None).await;
+    assert_eq!(s, StatusCode::OK, "{users}");
+    assert_eq!(users[0]["name"], "root");
+    let (_, toks) = root("GET", "/api/v1/access/users/root/tokens", None).await;
+    assert_eq!(toks[0]["id"], "admin-test", "{toks}");
+    for (name, pw) in [
+        ("alice", Some("alice-pass-1234")),
+        ("bob", None),
+        ("carol", None),
+    ] {
+        let mut u = json!({"name": name});
+        if let Some(p) = pw {
+            u["password"] = json!(p);
+        }
+        let (s, v) = root("POST", "/api/v1/access/users", Some(u)).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        assert_eq!(v["created_by"], "root");
+        assert!(v.get("password_hash").is_none());
+    }
+    // Bad input changes nothing.
+    for bad in [
+        json!({"name": "Root!"}),
+        json!({"name": "dave", "password": "short"}),
+        json!({"name": "dave", "extra": 1}),
+    ] {
+        let (s, _) = root("POST", "/api/v1/access/users", Some(bad.clone())).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}");
+    }
+    let (s, _) = root("POST", "/api/v1/access/users", Some(json!({"name": "bob"}))).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    for g in [
+        json!({"path": "/", "user": "alice", "role": "Operator"}),
+        json!({"path": "/pools/local", "user": "alice", "role": "Administrator"}),
+        json!({"path": "/", "user": "bob", "role": "Auditor"}),
+        json!({"path": "/vms/x1", "user": "carol", "role": "Operator"}),
+    ] {
+        let (s, v) = root("POST", "/api/v1/access/acl", Some(g)).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+    for bad in [
+        json!({"path": "/etc", "user": "bob", "role": "Auditor"}),
+        json!({"path": "/", "user": "nobody", "role": "Auditor"}),
+        json!({"path": "/", "user": "bob", "role": "God"}),
+    ] {
+        let (s, _) = root("POST", "/api/v1/access/acl", Some(bad.clone())).await;
+        assert!(
+            s == StatusCode::BAD_REQUEST || s == StatusCode::NOT_FOUND,
+            "{bad}: {s}"
+        );
+    }
+    assert_eq!(agent.acl().await.unwrap().len(), 4);
+    let (s, _) = root(
+        "POST",
+        "/api/v1/vms",
+        Some(json!({"name": "x1", "cpus": 1, "memory_mib": 64})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED);
+
+    // Tokens: made by root for bob, by carol for herself; shown once.
+    let (s, t) = root(
+        "POST",
+        "/api/v1/access/users/bob/tokens",
+        Some(json!({"id": "ro", "expires_days": 30})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{t}");
+    let bob = t["value"].as_str().unwrap().to_string();
+    assert!(bob.starts_with("bob!ro="));
+    let carol_boot = agent
+        .create_token(
+            "carol",
+            ferry_types::TokenCreate {
+                id: "boot".into(),
+                expires_days: None,
+                comment: String::new(),
+            },
+        )
+        .await
+        .unwrap()
+        .value;
+    let (s, t) = as_bearer(
+        &agent,
+        &carol_boot,
+        "POST",
+        "/api/v1/access/users/carol/tokens",
+        Some(json!({"id": "ci"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{t}");
+    assert_eq!(t["token"]["created_by"], "carol");
+    let carol = t["value"].as_str().unwrap().to_string();
+    let (s, _) = as_bearer(
+        &agent,
+        &carol,
+        "POST",
+        "/api/v1/access/users/bob/tokens",
+        Some(json!({"id": "mine"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "a token for another user");
+
+    // An Auditor reads, and cannot start a VM or change anything.
+    let (s, _) = as_bearer(&agent, &bob, "GET", "/api/v1/vms", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, e) = as_bearer(&agent, &bob, "POST", "/api/v1/vms/x1/start", None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("PowerMgmt"), "{e}");
+    let (s, _) = as_bearer(&agent, &bob, "GET", "/api/v1/vms/x1/console/history", None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // An Operator cannot delete a pool (but its Administrator grant on one pool lets
+    // it change that pool).
+    let alice_t = {
+        let (s, v) = as_bearer(
+            &agent,
+            "x",
+            "POST",
+            "/api/v1/login",
+            Some(json!({"user": "alice", "password": "alice-pass-1234"})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(v["user"], "alice");
+        assert_eq!(v["grants"].as_array().unwrap().len(), 2);
+        v["ticket"].as_str().unwrap().to_string()
+    };
+    let (s, _) = root(
+        "POST",
+        "/api/v1/pools",
+        Some(json!({"name": "p2", "path": d.path().join("p2")})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, _) = as_bearer(&agent, &alice_t, "DELETE", "/api/v1/pools/p2", None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _) = as_bearer(
+        &agent,
+        &alice_t,
+        "POST",
+        "/api/v1/vms",
+        Some(json!({"name": "x2", "cpus": 1, "memory_mib": 64})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _) = as_bearer(
+        &agent,
+        &alice_t,
+        "POST",
+        "/api/v1/access/users",
+        Some(json!({"name": "eve"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert!(agent.get_pool("p2").await.is_ok());
+    assert!(agent.list_vms().await.unwrap().len() == 1);
+    // A grant on one VM: that VM only.
+    let (s, _) = as_bearer(&agent, &carol, "GET", "/api/v1/vms/x1", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = as_bearer(&agent, &carol, "GET", "/api/v1/vms", None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+
+    // Who did what: alice's import is her task; an Auditor of / sees it, carol does not.
+    let iso = d.path().join("boot.iso");
+    std::fs::write(&iso, vec![1u8; 1 << 20]).unwrap();
+    let (s, t) = as_bearer(
+        &agent,
+        &alice_t,
+        "POST",
+        "/api/v1/pools/local/import",
+        Some(json!({"name": "boot.iso", "source": iso})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{t}");
+    let id = t["task"].as_str().unwrap().to_string();
+    let task = agent.tasks().wait(&id).await.unwrap();
+    assert_eq!(task.user.as_deref(), Some("alice"));
+    let uri = format!("/api/v1/tasks/{id}");
+    let (s, v) = as_bearer(&agent, &alice_t, "GET", &uri, None).await;
+    assert_eq!((s, v["user"].as_str()), (StatusCode::OK, Some("alice")));
+    let (s, _) = as_bearer(&agent, &bob, "GET", &uri, None).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = as_bearer(&agent, &carol, "GET", &uri, None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let events = agent.events().list(0, None);
+    let by = |needle: &str| {
+        events
+            .iter()
+            .find(|e| e.message.contains(needle))
+            .and_then(|e| e.user.clone())
+    };
+    assert_eq!(by("user bob created").as_deref(), Some("root"));
+    assert_eq!(by("token carol!ci created").as_deref(), Some("carol"));
+    assert_eq!(by("volume.import started").as_deref(), Some("alice"));
+
+    // A wrong password, a wrong current password; a new password ends old tickets.
+    let (s, _) = as_bearer(
+        &agent,
+        "x",
+        "POST",
+        "/api/v1/login",
+        Some(json!({"user": "alice", "password": "wrong-password-99"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _) = as_bearer(
+        &agent,
+        "x",
+        "POST",
+        "/api/v1/login",
+        Some(json!({"user": "nobody", "password": "wrong-password-99"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _) = as_bearer(
+        &agent,
+        &alice_t,
+        "PUT",
+        "/api/v1/access/users/alice/password",
+        Some(json!({"password": "alice-pass-5678", "current": "nope-nope-nope"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // Tickets name the second they were made: the change must come a second later.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let (s, _) = as_bearer(
+        &agent,
+        &alice_t,
+        "PUT",
+        "/api/v1/access/users/alice/password",
+        Some(json!({"password": "alice-pass-5678", "current": "alice-pass-1234"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = as_bearer(&agent, &alice_t, "GET", "/api/v1/vms", None).await;
+    assert_eq!(
+        s,
+        StatusCode::UNAUTHORIZED,
+        "a ticket from before the new password"
+    );
+
+    // Revoked tokens and deleted users stop working at once.
+    let (s, v) = root("DELETE", "/api/v1/access/users/bob/tokens/ro", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(v["revoked_ms"].is_u64());
+    let (s, _) = as_bearer(&agent, &bob, "GET", "/api/v1/vms", None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _) = root("DELETE", "/api/v1/access/users/carol", None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = as_bearer(&agent, &carol, "GET", "/api/v1/vms/x1", None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert!(agent.acl().await.unwrap().iter().all(|e| e.user != "carol"));
+    let (s, _) = root("DELETE", "/api/v1/access/users/root", None).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    // Root's own host token, revoked: refused over TCP (the local socket stays).
+    let (s, _) = root(
+        "DELETE",
+        "/api/v1/access/users/root/tokens/admin-test",
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = root("GET", "/api/v1/vms", None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    agent.ensure_root(TEST_TOKEN).await.unwrap();
+    let (s, _) = root("GET", "/api/v1/vms", None).await;
+    assert_eq!(
+        s,
+        StatusCode::UNAUTHORIZED,
+        "a restart does not bring it back"
+    );
+    let (s, _) = call(&served(&agent, ROOT), "GET", "/api/v1/vms", None).await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+/// Every operation of the API needs a privilege, except the few that must be open;
+/// the ones only hosts call need Modify (an Administrator's).
+#[test]
+fn every_route_needs_a_privilege() {
+    use ferry_access::{need, Need, Privilege};
+    let doc = openapi();
+    let mut n = 0;
+    for (path, item) in &doc.paths.paths {
+        let concrete = path.replace(['{', '}'], "");
+        for (m, op) in [
+            ("GET", &item.get),
+            ("PUT", &item.put),
+            ("POST", &item.post),
+            ("DELETE", &item.delete),
+        ] {
+            if op.is_none() {
+                continue;
+            }
+            n += 1;
+            let got = need(m, &concrete);
+            let open = matches!(
+                (m, path.as_str()),
+                (
+                    "POST",
+                    "/api/v1/login" | "/api/v1/logout" | "/api/v1/cluster/members"
+                ) | ("GET", "/api/v1/session")
+            );
+            assert_eq!(got == Need::Open, open, "{m} {path}: {got:?}");
+            let host_only = path.starts_with("/api/v1/migrations/incoming")
+                || path.starts_with("/api/v1/migrations/cold")
+                || path.starts_with("/api/v1/replication/")
+                || path == "/api/v1/cluster/certs/sign";
+            if host_only && m != "GET" {
+                assert_eq!(
+                    got,
+                    Need::On(Privilege::Modify, "/cluster".into()),
+                    "{m} {path}"
+                );
+            }
+        }
+    }
+    assert!(n > 90, "{n} operations");
 }

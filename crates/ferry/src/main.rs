@@ -326,6 +326,10 @@ async fn serve(a: ServeArgs) -> Result<()> {
     };
     let (auth, made) =
         ferry_api::Auth::load_or_create(&a.state_dir).context("Load the admin token")?;
+    agent
+        .ensure_root(auth.token())
+        .await
+        .context("Record root and this host's admin token")?;
     if made {
         // Never into a log: only where it is.
         println!(

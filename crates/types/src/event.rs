@@ -15,4 +15,7 @@ pub struct Event {
     pub kind: String,
     /// Human-readable detail, e.g. `stopped -> running` or a QMP event name.
     pub message: String,
+    /// Who caused it, when a request did (see [`crate::Task::user`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }

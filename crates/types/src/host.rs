@@ -49,23 +49,6 @@ pub struct ClusterFile {
     pub hosts: Vec<ClusterHost>,
 }
 
-/// `POST /api/v1/login`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct LoginRequest {
-    /// The admin token (`STATE_DIR/admin-token`, printed by `ferry serve` on first start).
-    pub token: String,
-}
-
-/// Whether a request is logged in.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct Session {
-    /// The request carries the admin token (header or the login cookie).
-    pub authenticated: bool,
-    /// The host answering.
-    pub host: String,
-}
-
 /// One sample of a VM's or a host's load; rates are per second over the interval
 /// before it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -2,6 +2,7 @@
 //! with serde, OpenAPI schemas and validation. Shared by the daemon, the CLI and the UI;
 //! this crate does no I/O.
 
+pub mod access;
 pub mod cluster;
 pub mod drs;
 pub mod error;
@@ -16,13 +17,12 @@ pub mod task;
 pub mod validate;
 pub mod vm;
 
+pub use access::*;
 pub use cluster::*;
 pub use drs::*;
 pub use error::ApiErrorBody;
 pub use event::Event;
-pub use host::{
-    ClusterFile, ClusterHost, HostInfo, LoginRequest, MetricsHistory, MetricsPoint, Session,
-};
+pub use host::{ClusterFile, ClusterHost, HostInfo, MetricsHistory, MetricsPoint};
 pub use migration::*;
 pub use replica::*;
 pub use size::ByteSize;

@@ -37,6 +37,10 @@ pub struct Task {
     pub started_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended_ms: Option<u64>,
+    /// Who started it (a user, `host:NAME` for another host of the cluster, or
+    /// `ferry` for the daemon's own work such as HA and DRS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// The answer to a request that started a task (HTTP 202).

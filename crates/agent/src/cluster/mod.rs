@@ -88,7 +88,13 @@ impl Peer {
     }
 
     /// A join token, when there is one (hosts prove themselves by certificate).
+    /// Adds the bearer (when joining) and, when the call is made for a user's
+    /// request, who that user is (the other host records it; it decides nothing).
     fn authed(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        let req = match crate::audit::actor() {
+            Some(who) => req.header(crate::audit::ON_BEHALF_HEADER, who),
+            None => req,
+        };
         match &self.token {
             Some(t) => req.bearer_auth(t),
             None => req,
