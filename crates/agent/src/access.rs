@@ -23,6 +23,9 @@ use std::time::{Duration, Instant};
 const USERS: &str = "/access/users/";
 const TOKENS: &str = "/access/tokens/";
 const ACL: &str = "/access/acl";
+/// The key session tickets are signed with: one for the cluster, so a ticket from one
+/// host is good on all (kept where only hosts read).
+const TICKET_KEY: &str = "/access/ticket-key";
 /// Wrong passwords a user may try per minute (then every login of it fails until the
 /// minute is over, right password or not).
 const LOGIN_FAILURES: u32 = 5;
@@ -150,6 +153,24 @@ impl Agent {
                     }
                 }
             }
+        }
+    }
+
+    /// The key session tickets are signed with, made at the first start (32 random
+    /// bytes, hex).
+    pub async fn ticket_key(&self) -> Result<String> {
+        let store = self.access_store();
+        loop {
+            if let Some((k, _)) = store.get_json::<String>(TICKET_KEY).await? {
+                if k.len() == 64 && k.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Ok(k);
+                }
+                return Err(AgentError::Conflict(format!(
+                    "The ticket key in the store ({TICKET_KEY}) is malformed"
+                )));
+            }
+            let fresh = ferry_access::token::new_secret();
+            store.create_json(TICKET_KEY, &fresh).await?;
         }
     }
 

@@ -146,6 +146,19 @@ impl Auth {
         }
     }
 
+    /// Signs tickets with `key` (the cluster's, from its store) instead of the key
+    /// derived from the admin token: a ticket is then good on every host.
+    pub fn with_ticket_key(self, key: &str) -> Auth {
+        use sha2::Digest;
+        let mut h = Sha256::new();
+        h.update(b"ferry cluster ticket key\0");
+        h.update(key.as_bytes());
+        Auth {
+            key: Arc::new(h.finalize().into()),
+            ..self
+        }
+    }
+
     pub fn token(&self) -> &str {
         &self.token
     }

@@ -36,16 +36,29 @@ pub fn read_secret(file: Option<&std::path::Path>, env: &str) -> anyhow::Result<
         Some(f) if f.as_os_str() == "-" => {
             let mut s = String::new();
             std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
-                .context("Read the token from standard input")?;
+                .context("Read the secret from standard input")?;
             s
         }
         Some(f) => std::fs::read_to_string(f)
-            .with_context(|| format!("Read the token from {}", f.display()))?,
+            .with_context(|| format!("Read the secret from {}", f.display()))?,
         None => return Ok(std::env::var(env).ok().filter(|t| !t.trim().is_empty())),
     };
     let t = raw.trim().to_string();
-    anyhow::ensure!(!t.is_empty(), "the token file is empty");
+    anyhow::ensure!(
+        !t.is_empty(),
+        "the secret (file or standard input) is empty"
+    );
     Ok(Some(t))
+}
+
+/// The cluster CA's PEM from `path`.
+pub fn read_ca(path: &std::path::Path) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "Read the cluster CA {} (give --ca FILE or FERRY_CA: a member's {DEFAULT_CA}, checked against the fingerprint `ferry cluster certs status` shows)",
+            path.display()
+        )
+    })
 }
 
 /// The local daemon's admin token, where this user may read it.
@@ -61,18 +74,29 @@ impl Client {
     /// cluster CA in `ca` (PEM; any member of that cluster will do), or `http://` on
     /// loopback for a daemon run with `--plain-http`.
     pub fn new(base: &str, token: Option<String>, ca: Option<&std::path::Path>) -> Result<Client> {
+        let pem = if base.starts_with("https://") {
+            let path = ca.unwrap_or(std::path::Path::new(DEFAULT_CA));
+            Some((read_ca(path)?, path.display().to_string()))
+        } else {
+            None
+        };
+        Client::with_ca_pem(base, token, pem)
+    }
+
+    /// [`Client::new`] with the CA's PEM text and where it came from (for messages).
+    pub fn with_ca_pem(
+        base: &str,
+        token: Option<String>,
+        ca: Option<(String, String)>,
+    ) -> Result<Client> {
         let base = base.trim_end_matches('/').to_string();
         let mut tls = None;
         let http = if base.starts_with("https://") {
-            let path = ca.unwrap_or(std::path::Path::new(DEFAULT_CA));
-            let pem = std::fs::read_to_string(path).with_context(|| {
-                format!(
-                    "Read the cluster CA {} (give --ca FILE or FERRY_CA: a member's {DEFAULT_CA}, checked against the fingerprint `ferry cluster certs status` shows)",
-                    path.display()
-                )
-            })?;
+            let Some((pem, from)) = ca else {
+                bail!("--server {base}: no cluster CA to check it against (--ca FILE)");
+            };
             let cfg = ferry_pki::ca_client_config(&pem, ferry_pki::Expect::AnyMember)
-                .with_context(|| format!("The cluster CA {}", path.display()))?;
+                .with_context(|| format!("The cluster CA {from}"))?;
             tls = Some(std::sync::Arc::new(cfg.clone()));
             reqwest::Client::builder()
                 .use_preconfigured_tls(cfg)

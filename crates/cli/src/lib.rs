@@ -2,6 +2,7 @@
 //! (`--server URL` or `FERRY_SERVER`, default `http://127.0.0.1:8470`). Lists print as
 //! tables, everything prints as JSON with `--json`, long operations show progress.
 
+mod access;
 mod client;
 mod cluster;
 mod console;
@@ -33,9 +34,10 @@ pub struct Global {
     /// The local daemon's socket.
     #[arg(long, global = true, env = "FERRY_SOCKET", default_value = client::DEFAULT_SOCKET)]
     pub socket: std::path::PathBuf,
-    /// A file holding the daemon's admin token (`-`: read it from standard input).
-    /// Without it: FERRY_TOKEN from the environment, else /var/lib/ferry/admin-token where
-    /// readable. A token is never taken from the command line, where `ps` shows it.
+    /// A file holding an API token (`USER!ID=SECRET`) or the host's admin token (`-`:
+    /// read it from standard input). Without it: FERRY_TOKEN from the environment, else
+    /// the session `ferry login` kept for --server, else /var/lib/ferry/admin-token
+    /// where readable. A token is never taken from the command line, where `ps` shows it.
     #[arg(long, global = true, env = "FERRY_TOKEN_FILE")]
     pub token_file: Option<std::path::PathBuf>,
     /// Print JSON instead of tables and messages.
@@ -75,6 +77,28 @@ pub enum Command {
     /// Resource pools: reservations, limits and shares for CPU and memory.
     #[command(subcommand, name = "resource-pool", alias = "rpool")]
     ResourcePool(drs::RpoolCmd),
+    /// Log in to a server (--server) as a user: its ticket (2 hours) and CA are kept
+    /// for later commands to that server.
+    Login {
+        /// The user (asked for when not given).
+        #[arg(long)]
+        user: Option<String>,
+        /// A file holding the password (`-`: standard input); else FERRY_PASSWORD,
+        /// else asked for.
+        #[arg(long)]
+        password_file: Option<std::path::PathBuf>,
+    },
+    /// Forget the session kept for a server.
+    Logout,
+    /// Users: add, list, delete, passwd, disable, enable.
+    #[command(subcommand)]
+    User(access::UserCmd),
+    /// API tokens: create, list, revoke.
+    #[command(subcommand)]
+    Token(access::TokenCmd),
+    /// Grants of roles on paths: grant, revoke, list.
+    #[command(subcommand)]
+    Acl(access::AclCmd),
     /// The daemon's host, the cluster's hosts, maintenance mode.
     Host {
         #[command(subcommand)]
@@ -615,13 +639,37 @@ fn mib(m: u64) -> String {
 
 /// Runs a CLI command.
 pub async fn run(g: Global, cmd: Command) -> Result<()> {
-    let token =
-        client::read_secret(g.token_file.as_deref(), "FERRY_TOKEN")?.or_else(client::default_token);
+    match cmd {
+        Command::Login {
+            user,
+            password_file,
+        } => return access::login(&g, user, password_file).await,
+        Command::Logout => return access::logout(&g),
+        _ => {}
+    }
+    // A token given is used; else the session `ferry login` kept for the server; else
+    // this host's admin token where readable.
+    let token = client::read_secret(g.token_file.as_deref(), "FERRY_TOKEN")?;
     let c = match &g.server {
-        Some(s) => Client::new(s, token, g.ca.as_deref())?,
-        None => Client::local(&g.socket, token)?,
+        Some(s) => match (token, access::saved(s)) {
+            (Some(t), _) => Client::new(s, Some(t), g.ca.as_deref())?,
+            (None, Some(saved)) if g.ca.is_none() && saved.ca.is_some() => Client::with_ca_pem(
+                s,
+                Some(saved.ticket),
+                saved
+                    .ca
+                    .map(|p| (p, "the session kept by ferry login".into())),
+            )?,
+            (None, Some(saved)) => Client::new(s, Some(saved.ticket), g.ca.as_deref())?,
+            (None, None) => Client::new(s, client::default_token(), g.ca.as_deref())?,
+        },
+        None => Client::local(&g.socket, token.or_else(client::default_token))?,
     };
     match cmd {
+        Command::Login { .. } | Command::Logout => unreachable!("handled above"),
+        Command::User(cmd) => access::user(&c, &g, cmd).await,
+        Command::Token(cmd) => access::token(&c, &g, cmd).await,
+        Command::Acl(cmd) => access::acl(&c, &g, cmd).await,
         Command::Vm(v) => vm(&c, &g, v).await,
         Command::Pool(p) => pool(&c, &g, p).await,
         Command::Volume(v) => volume(&c, &g, v).await,

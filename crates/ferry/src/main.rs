@@ -330,6 +330,12 @@ async fn serve(a: ServeArgs) -> Result<()> {
         .ensure_root(auth.token())
         .await
         .context("Record root and this host's admin token")?;
+    let auth = auth.with_ticket_key(
+        &agent
+            .ticket_key()
+            .await
+            .context("Read the cluster's ticket key")?,
+    );
     if made {
         // Never into a log: only where it is.
         println!(
