@@ -122,10 +122,14 @@ pub fn need(method: &str, path: &str) -> Need {
     match (method, seg.as_slice()) {
         ("POST", ["login"] | ["logout"]) | ("GET", ["session"] | ["openapi.json"]) => Need::Open,
         ("POST", ["cluster", "members"]) => Need::Open,
-        // Another host's API, through this one: what it needs there.
-        (_, ["nodes", _host, inner @ ..]) if !inner.is_empty() && inner[0] != "nodes" => {
+        // Another host's API through this one (`/api/v1/nodes/HOST/api/v1/...`): what
+        // it needs there. Anything else there is closed (and not forwarded anyway).
+        (_, ["nodes", _host, "api", "v1", inner @ ..])
+            if !inner.is_empty() && inner[0] != "nodes" =>
+        {
             need(method, &format!("/api/v1/{}", inner.join("/")))
         }
+        (_, ["nodes", ..]) => on(Privilege::Modify, "/"),
         (_, ["vms"]) => rw("/vms"),
         ("GET", ["vms", n]) | ("GET", ["vms", n, "metrics" | "placement" | "snapshots"]) => {
             on(Privilege::Audit, format!("/vms/{n}"))

@@ -36,8 +36,16 @@ fn the_issue_s_examples() {
     assert!(!may("wendy", "GET", "/api/v1/vms"));
     assert!(!may("wendy", "PUT", "/api/v1/vms/web1"));
     // Through another host's proxy: the same.
-    assert!(may("wendy", "POST", "/api/v1/nodes/h2/vms/web1/stop"));
-    assert!(!may("wendy", "POST", "/api/v1/nodes/h2/vms/web2/stop"));
+    assert!(may(
+        "wendy",
+        "POST",
+        "/api/v1/nodes/h2/api/v1/vms/web1/stop"
+    ));
+    assert!(!may(
+        "wendy",
+        "POST",
+        "/api/v1/nodes/h2/api/v1/vms/web2/stop"
+    ));
     assert!(may("paul", "DELETE", "/api/v1/pools/fast/volumes/x"));
     assert!(!may("paul", "DELETE", "/api/v1/pools/slow"));
     // Users and grants are administrators' (and root's) business ...
@@ -60,7 +68,18 @@ fn the_issue_s_examples() {
     assert_eq!(need("GET", "/"), Need::Open);
     assert_eq!(need("POST", "/api/v1/login"), Need::Open);
     assert_eq!(need("GET", "/api/docs/index.html"), Need::Open);
-    assert_ne!(need("GET", "/api/v1/nodes/h2/nodes/h3/vms"), Need::Open);
+    assert_ne!(
+        need("GET", "/api/v1/nodes/h2/api/v1/nodes/h3/api/v1/vms"),
+        Need::Open
+    );
+    assert_eq!(
+        need("GET", "/api/v1/nodes/h2/ui/index.html"),
+        Need::On(Privilege::Modify, "/".into())
+    );
+    assert_eq!(
+        need("GET", "/api/v1/nodes/h2/vms"),
+        Need::On(Privilege::Modify, "/".into())
+    );
 }
 
 fn path() -> impl Strategy<Value = String> {
@@ -142,7 +161,7 @@ proptest! {
                                              rest in "[a-z]{1,6}(/[a-z0-9]{1,6}){0,4}") {
         let direct = need(m, &format!("/api/v1/{rest}"));
         if !rest.starts_with("nodes") {
-            prop_assert_eq!(need(m, &format!("/api/v1/nodes/h2/{rest}")), direct.clone());
+            prop_assert_eq!(need(m, &format!("/api/v1/nodes/h2/api/v1/{rest}")), direct.clone());
         }
         if direct == Need::Open {
             prop_assert!(matches!(rest.as_str(), "login" | "logout" | "session" | "openapi.json" | "cluster/members"), "{}", rest);

@@ -439,3 +439,175 @@ fn an_admin_certificate_serves_people_while_hosts_keep_theirs() -> Result<()> {
     );
     Ok(())
 }
+
+/// Users over HTTPS in a cluster, as people use them: root (on a host's socket) makes
+/// users and grants; they log in from elsewhere with a password or call with a token;
+/// an Operator cannot delete a pool, an Auditor cannot start a VM; one login is good on
+/// every host; what they do carries their name, on the host that did it too.
+#[test]
+fn users_log_in_and_are_held_to_their_grants() -> Result<()> {
+    let lab = ferry_lab::ClusterLab::for_test(env!("CARGO_BIN_EXE_ferry"), 2)?;
+    let h1 = lab.cli("h1")?;
+    let h2 = lab.cli("h2")?;
+    let home = tempfile::tempdir()?;
+    let pw = home.path().join("pw");
+    std::fs::write(&pw, "alice-password-1\n")?;
+    let pw_s = pw.display().to_string();
+    h1.ferry_ok(&["user", "add", "alice", "--password-file", &pw_s])?;
+    h1.ferry_ok(&["user", "add", "bob"])?;
+    h1.ferry_ok(&["acl", "grant", "Operator", "/", "alice"])?;
+    h1.ferry_ok(&["acl", "grant", "Auditor", "/", "bob"])?;
+    h1.ferry_fails(&["acl", "grant", "Operator", "/etc", "bob"], "not a path")?;
+    h1.ferry_fails(&["acl", "grant", "Owner", "/", "bob"], "role Owner")?;
+    let made = h1.ferry_json(&["token", "create", "bob", "ro"])?;
+    let bob_token = home.path().join("bob.token");
+    std::fs::write(&bob_token, made["value"].as_str().unwrap_or_default())?;
+    // Users and grants are the cluster's: h2 lists what h1 made.
+    let users = h2.ferry_json(&["user", "list"])?;
+    ensure!(
+        users.as_array().is_some_and(|u| u.len() == 3),
+        "h2 sees other users: {users}"
+    );
+    h1.boot_vm("t1", "10.78.0.150", &[])?;
+    h1.ferry_ok(&["vm", "kill", "t1"])?;
+    h2.create_test_vm("t2", "10.78.0.151", &[])?;
+
+    let ca = lab.ca_file().display().to_string();
+    let server = |h: &str| -> Result<String> { Ok(lab.host(h)?.api()) };
+    // The CLI from elsewhere (a client namespace), with its own HOME for the session.
+    let remote = |h: &str, args: &[&str]| -> Result<std::process::Output> {
+        Ok(lab
+            .client_cmd(env!("CARGO_BIN_EXE_ferry"))
+            .env("HOME", home.path())
+            .env_remove("FERRY_TOKEN")
+            .args(["--server", &server(h)?, "--ca", &ca])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()?)
+    };
+    let ok = |h: &str, args: &[&str]| -> Result<String> {
+        let o = remote(h, args)?;
+        ensure!(
+            o.status.success(),
+            "ferry {args:?} on {h}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let refused = |h: &str, args: &[&str], needle: &str| -> Result<()> {
+        let o = remote(h, args)?;
+        let err = String::from_utf8_lossy(&o.stderr);
+        ensure!(
+            !o.status.success() && err.contains(needle),
+            "ferry {args:?} on {h}: {err}"
+        );
+        Ok(())
+    };
+    // Nobody logged in: nothing.
+    refused("h1", &["vm", "list"], "401")?;
+    let wrong = home.path().join("wrong");
+    std::fs::write(&wrong, "not-her-password")?;
+    let wrong_s = wrong.display().to_string();
+    refused(
+        "h1",
+        &["login", "--user", "alice", "--password-file", &wrong_s],
+        "Wrong user name or password",
+    )?;
+    ok(
+        "h1",
+        &["login", "--user", "alice", "--password-file", &pw_s],
+    )?;
+    let kept = std::fs::metadata(home.path().join(".config/ferry/sessions.json"))?;
+    ensure!(
+        std::os::unix::fs::PermissionsExt::mode(&kept.permissions()) & 0o077 == 0,
+        "the session file is readable by others"
+    );
+    // An Operator starts VMs but cannot delete a pool or make a VM.
+    ok("h1", &["vm", "start", "t1"])?;
+    refused("h1", &["pool", "delete", "shared"], "may not")?;
+    refused(
+        "h1",
+        &["vm", "create", "nope", "--memory", "64M"],
+        "may not",
+    )?;
+    ensure!(
+        h1.ferry_ok(&["pool", "list"])?.contains("shared"),
+        "a refused delete changed something"
+    );
+    // Her ticket from h1 is good on h2 (one cluster, one key).
+    let sessions: serde_json::Value = serde_json::from_slice(&std::fs::read(
+        home.path().join(".config/ferry/sessions.json"),
+    )?)?;
+    let ticket = sessions[server("h1")?.as_str()]["ticket"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let ticket_file = home.path().join("ticket");
+    std::fs::write(&ticket_file, &ticket)?;
+    ok(
+        "h2",
+        &[
+            "--token-file",
+            &ticket_file.display().to_string(),
+            "vm",
+            "list",
+        ],
+    )?;
+    // An Auditor reads and cannot start a VM.
+    let bob_s = bob_token.display().to_string();
+    ok("h2", &["--token-file", &bob_s, "vm", "list"])?;
+    refused(
+        "h1",
+        &["--token-file", &bob_s, "vm", "kill", "t1"],
+        "may not",
+    )?;
+    ensure!(
+        h1.vm_state("t1")?.0 == "running",
+        "the Auditor's kill did something"
+    );
+    // Who did it: alice's start on h1, and through h1 on h2 (the web UI's path).
+    let task = h1
+        .ferry_json(&["task", "list"])?
+        .as_array()
+        .and_then(|a| a.iter().find(|t| t["kind"] == "vm.start").cloned())
+        .unwrap_or_default();
+    ensure!(task["user"] == "alice", "the start is not alice's: {task}");
+    let o = lab
+        .client_cmd("curl")
+        .args(["-s", "-w", "%{http_code}", "--cacert", &ca])
+        .args(["-X", "POST", "-H"])
+        .arg(format!("Authorization: Bearer {ticket}"))
+        .arg(format!("{}/api/v1/nodes/h2/api/v1/vms/t2/start", server("h1")?))
+        .output()?;
+    let code = String::from_utf8_lossy(&o.stdout).into_owned();
+    ensure!(code.ends_with("202"), "alice's start through h1: {code}");
+    let mut by = None;
+    for _ in 0..50 {
+        let ev = h2.ferry_json(&["events", "--vm", "t2"])?;
+        by = ev
+            .as_array()
+            .and_then(|a| {
+                a.iter().find(|e| {
+                    e["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("vm.start started"))
+                })
+            })
+            .map(|e| e["user"].clone());
+        if by.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ensure!(
+        by == Some(serde_json::json!("alice")),
+        "h2 did not record alice: {by:?}"
+    );
+    h2.ferry_ok(&["vm", "kill", "t2"])?;
+    // Revoked: refused at once, on every host; a deleted user's session ends.
+    h1.ferry_ok(&["token", "revoke", "bob", "ro"])?;
+    refused("h2", &["--token-file", &bob_s, "vm", "list"], "401")?;
+    h2.ferry_ok(&["user", "delete", "alice"])?;
+    refused("h1", &["vm", "list"], "401")?;
+    Ok(())
+}
