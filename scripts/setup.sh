@@ -46,6 +46,10 @@ if [ -d /run/systemd/system ] && systemctl is-enabled -q etcd 2>/dev/null; then
   systemctl disable --now etcd || true
 fi
 
+# Every VM's QEMU runs in this group, as a user of its own (uid 1900000000 + VM id):
+# crates/agent/src/confine.rs.
+getent group ferry-qemu >/dev/null || groupadd --system ferry-qemu
+
 "$here/build-guest.sh"
 
 # schemathesis (PyPI), pinned, in its own virtualenv: the API fuzz test runs it against

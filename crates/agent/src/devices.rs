@@ -8,6 +8,7 @@ use crate::error::{AgentError, Result};
 use crate::Agent;
 use ferry_types::{CdromSpec, DiskBus, DiskSpec, NicModel, NicSpec, VmState};
 use serde_json::json;
+use std::os::fd::AsFd;
 use std::time::Duration;
 
 /// Devices of templates (immutable) and suspended VMs (their state file describes the
@@ -58,6 +59,7 @@ impl Agent {
             let id = format!("cdrom{index}");
             match &iso {
                 Some(path) => {
+                    self.share_file(rec.id, path).await?;
                     qmp.execute(
                         "blockdev-change-medium",
                         Some(json!({"id": id, "filename": path, "format": "raw", "read-only-mode": "read-only"})),
@@ -137,9 +139,17 @@ impl Agent {
         let backing = crate::pools::backing_files(dp.chain(&vol)?);
         let (direct, no_flush, wce) = d.cache.qemu_flags();
         let cache = json!({"direct": direct, "no-flush": no_flush});
+        // QEMU opens the volume itself now: it must be its user's, its backing files
+        // readable to it.
+        let id = self.record(name).await?.0.id;
+        let path = dp.volume_path(&vol)?;
+        self.confine_file(id, &path).await?;
+        for b in &backing {
+            self.share_file(id, &b.path).await?;
+        }
         let mut node = ferry_qemu::format_node(
             fmt,
-            json!({"driver": "file", "filename": dp.volume_path(&vol)?, "cache": cache}),
+            json!({"driver": "file", "filename": path, "cache": cache}),
             &backing,
         );
         node["node-name"] = json!(format!("disk{i}"));
@@ -251,16 +261,25 @@ impl Agent {
                 .mac
                 .as_deref()
                 .ok_or_else(|| AgentError::invalid("nics", format!("{tap}: NIC without a MAC")))?;
-            ferry_net::create_guarded_tap(&tap, mac).await?;
+            let owner = self.qemu_identity(rec.id)?.map(|w| (w.uid, w.gid));
+            ferry_net::create_guarded_tap(&tap, mac, owner).await?;
             let plugged = async {
                 ferry_net::attach_up(&tap, &n.bridge).await?;
                 let qmp = self.qmp(name)?;
-                qmp.execute(
-                    "netdev_add",
-                    Some(json!({"type": "tap", "id": format!("net{i}"), "ifname": tap, "script": "no",
-                                "downscript": "no", "vhost": self.accel() == ferry_qemu::Accel::Kvm})),
-                )
-                .await?;
+                // QEMU cannot open the tap (or vhost-net) itself: it gets them open.
+                let fd = format!("tap-net{i}");
+                qmp.send_fd(&fd, ferry_net::open_tap(&tap)?.as_fd()).await?;
+                let mut netdev = json!({"type": "tap", "id": format!("net{i}"), "fd": fd});
+                if self.accel() == ferry_qemu::Accel::Kvm {
+                    let vhost = ferry_net::open_vhost().ok_or_else(|| {
+                        AgentError::Conflict("/dev/vhost-net is missing (modprobe vhost_net)".into())
+                    })?;
+                    let vfd = format!("vhost-net{i}");
+                    qmp.send_fd(&vfd, vhost.as_fd()).await?;
+                    netdev["vhost"] = json!(true);
+                    netdev["vhostfd"] = json!(vfd);
+                }
+                qmp.execute("netdev_add", Some(netdev)).await?;
                 let driver = match n.model {
                     NicModel::Virtio => "virtio-net-pci",
                     NicModel::E1000 => "e1000",

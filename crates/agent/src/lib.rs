@@ -13,6 +13,7 @@ pub mod audit;
 mod cgroups;
 mod clones;
 mod cluster;
+pub mod confine;
 mod console;
 mod devices;
 mod drs;
@@ -208,6 +209,7 @@ impl Agent {
                 login_failures: Mutex::new(Default::default()),
             }),
         };
+        agent.open_dirs_to_qemu();
         agent.ensure_default_pool().await?;
         agent.start_replication().await?;
         agent.adopt_all().await?;

@@ -167,6 +167,7 @@ impl Agent {
             ovmf,
             paused: false,
             incoming: false,
+            nic_fds: true,
         })
     }
 
@@ -303,13 +304,27 @@ impl Agent {
         rec: &VmRecord,
         plan: &LaunchPlan,
     ) -> Result<()> {
-        for (n, tap) in rec.spec.nics.iter().zip(&plan.taps) {
+        let who = self.qemu_identity(rec.id)?;
+        let owner = who.as_ref().map(|w| (w.uid, w.gid));
+        // QEMU gets its taps (and vhost-net) open: it cannot open them itself.
+        let mut fds = vec![];
+        for (k, (n, tap)) in rec.spec.nics.iter().zip(&plan.taps).enumerate() {
             let mac = n
                 .mac
                 .as_deref()
                 .ok_or_else(|| AgentError::invalid("nics", format!("{tap}: NIC without a MAC")))?;
-            ferry_net::create_guarded_tap(tap, mac).await?;
+            ferry_net::create_guarded_tap(tap, mac, owner).await?;
             ferry_net::attach_up(tap, &n.bridge).await?;
+            fds.push((ferry_qemu::nic_fd(k), ferry_net::open_tap(tap)?));
+            if plan.accel == ferry_qemu::Accel::Kvm {
+                let vhost = ferry_net::open_vhost().ok_or_else(|| {
+                    AgentError::Conflict("/dev/vhost-net is missing (modprobe vhost_net)".into())
+                })?;
+                fds.push((ferry_qemu::nic_fd(k) + 1, vhost));
+            }
+        }
+        if let Some(w) = &who {
+            self.confine_plan(plan, w).await?;
         }
         let _ = std::fs::remove_file(&plan.run.serial_log);
         // HA VMs are the ones self-fencing and the watchdog kill.
@@ -326,7 +341,15 @@ impl Agent {
         }
         let argv = build_argv(plan);
         tracing::debug!(vm = name, ?argv, "starting QEMU");
-        let pid = spawn_detached(&self.inner.cfg.qemu_binary, &argv, &plan.run).await?;
+        let pid = spawn_detached(
+            &self.inner.cfg.qemu_binary,
+            &argv,
+            &plan.run,
+            who.as_ref(),
+            &fds,
+        )
+        .await?;
+        drop(fds);
         if let Err(e) = self.place_in_pool(rec, pid).await {
             let _ = kill_and_wait(pid, &plan.run.qmp).await;
             return Err(e);

@@ -185,6 +185,8 @@ impl Agent {
         ctx: &TaskCtx,
     ) -> Result<()> {
         dst.create(vol, ByteSize(size), format).await?;
+        let id = self.record(name).await?.0.id;
+        self.confine_file(id, &dst.volume_path(vol)?).await?;
         let qmp = self.qmp(name)?;
         let old_node = self.disk_node(name, index).await;
         let new_node = format!("disk{index}-{:x}", rand::random::<u16>());

@@ -9,6 +9,8 @@ use crate::tasks::TaskCtx;
 use crate::Agent;
 use ferry_types::{VmAction, VmState};
 use serde_json::json;
+use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,11 +73,20 @@ impl Agent {
         let file = dp.path.join(format!(".vm-{}-suspend.state", rec.id));
         let _ = std::fs::remove_file(&file);
         let qmp = self.qmp(name)?;
-        qmp.execute(
-            "migrate",
-            Some(json!({"uri": format!("file:{}", file.display())})),
-        )
-        .await?;
+        // QEMU writes into a file the daemon opened (it may not make files in a pool).
+        let out = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&file)
+            .map_err(|source| AgentError::Io {
+                what: format!("Create {}", file.display()),
+                source,
+            })?;
+        qmp.send_fd("suspend", out.as_fd()).await?;
+        drop(out);
+        qmp.execute("migrate", Some(json!({"uri": "fd:suspend"})))
+            .await?;
         if let Err(e) = self.wait_migration(name, ctx).await {
             let _ = std::fs::remove_file(&file);
             let _ = qmp.execute("cont", None).await;
@@ -114,11 +125,14 @@ impl Agent {
         file: &str,
     ) -> Result<()> {
         let qmp = self.qmp(name)?;
-        qmp.execute(
-            "migrate-incoming",
-            Some(json!({"uri": format!("file:{file}")})),
-        )
-        .await?;
+        let input = std::fs::File::open(file).map_err(|source| AgentError::Io {
+            what: format!("Open the suspend file {file}"),
+            source,
+        })?;
+        qmp.send_fd("resume", input.as_fd()).await?;
+        drop(input);
+        qmp.execute("migrate-incoming", Some(json!({"uri": "fd:resume"})))
+            .await?;
         self.wait_migration(name, None).await?;
         // The incoming side reports completion just before it is ready to run.
         for _ in 0..250 {

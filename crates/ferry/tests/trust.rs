@@ -577,7 +577,10 @@ fn users_log_in_and_are_held_to_their_grants() -> Result<()> {
         .args(["-s", "-w", "%{http_code}", "--cacert", &ca])
         .args(["-X", "POST", "-H"])
         .arg(format!("Authorization: Bearer {ticket}"))
-        .arg(format!("{}/api/v1/nodes/h2/api/v1/vms/t2/start", server("h1")?))
+        .arg(format!(
+            "{}/api/v1/nodes/h2/api/v1/vms/t2/start",
+            server("h1")?
+        ))
         .output()?;
     let code = String::from_utf8_lossy(&o.stdout).into_owned();
     ensure!(code.ends_with("202"), "alice's start through h1: {code}");
@@ -609,5 +612,106 @@ fn users_log_in_and_are_held_to_their_grants() -> Result<()> {
     refused("h2", &["--token-file", &bob_s, "vm", "list"], "401")?;
     h2.ferry_ok(&["user", "delete", "alice"])?;
     refused("h1", &["vm", "list"], "401")?;
+    Ok(())
+}
+
+/// Each VM's QEMU is a user of its own (no capabilities, no new privileges, seccomp
+/// filter on), and that user reaches its own VM's files only: not another VM's disk,
+/// not the host's key or admin token. (Before, every QEMU ran as root.)
+#[test]
+fn each_vms_qemu_runs_as_its_own_user_and_reaches_only_its_files() -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mut lab = Lab::new(env!("CARGO_BIN_EXE_ferry"))?;
+    lab.start_daemon()?;
+    let gid = nix::unistd::Group::from_name("ferry-qemu")?
+        .map(|g| g.gid.as_raw())
+        .ok_or_else(|| anyhow::anyhow!("no group ferry-qemu (scripts/setup.sh)"))?;
+    let mut vms = vec![];
+    for (name, ip) in [("qa", "10.77.0.21"), ("qb", "10.77.0.22")] {
+        let vm = lab.create_test_vm(name, ip, &["--disk", "bus=virtio,size=16M,format=raw"])?;
+        lab.ferry_ok(&["vm", "start", name])?;
+        lab.wait_console(name, "FERRY-READY", BOOT)?;
+        let id = vm["id"].as_u64().unwrap_or_default() as u32;
+        let pid = lab.vm_state(name)?.1.expect("a running VM has a pid");
+        let vol = lab.state_dir().join(format!("pools/local/vm-{id}-disk-0"));
+        vms.push((name, 1_900_000_000 + id, pid, vol));
+    }
+    for (name, uid, pid, vol) in &vms {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let field = |k: &str| -> Vec<String> {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.split_whitespace().map(String::from).collect())
+                .unwrap_or_default()
+        };
+        ensure!(
+            field("Uid:") == vec![uid.to_string(); 4],
+            "{name}'s QEMU runs as {:?}, not {uid}",
+            field("Uid:")
+        );
+        ensure!(
+            field("Gid:") == vec![gid.to_string(); 4],
+            "{name}: gid {:?}",
+            field("Gid:")
+        );
+        ensure!(
+            !field("Groups:").contains(&"0".to_string()),
+            "{name} keeps root's group"
+        );
+        for (k, want) in [
+            ("Seccomp:", "2"),
+            ("NoNewPrivs:", "1"),
+            ("CapEff:", "0000000000000000"),
+        ] {
+            ensure!(
+                field(k) == vec![want.to_string()],
+                "{name}: {k} {:?}",
+                field(k)
+            );
+        }
+        let m = std::fs::metadata(vol)?;
+        ensure!(
+            m.uid() == *uid && m.mode() & 0o777 == 0o600,
+            "{name}'s disk is {}:{} {:o}",
+            m.uid(),
+            m.gid(),
+            m.mode()
+        );
+    }
+    // As qa's QEMU user: its own disk opens; qb's disk, the host key and the admin
+    // token do not.
+    let (_, uid_a, _, vol_a) = &vms[0];
+    let (_, _, _, vol_b) = &vms[1];
+    let read_as = |path: &Path| -> Result<bool> {
+        Ok(std::process::Command::new("setpriv")
+            .arg(format!("--reuid={uid_a}"))
+            .arg(format!("--regid={gid}"))
+            .arg("--clear-groups")
+            .args(["head", "-c", "1"])
+            .arg(path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()?
+            .success())
+    };
+    ensure!(
+        read_as(vol_a)?,
+        "qa's user cannot read its own disk (the check is broken)"
+    );
+    for other in [
+        vol_b.clone(),
+        lab.state_dir().join("admin-token"),
+        lab.state_dir().join(ferry_pki::PKI_DIR).join("host.key"),
+    ] {
+        ensure!(
+            !read_as(&other)?,
+            "qa's QEMU user reads {}",
+            other.display()
+        );
+    }
+    for (name, ..) in &vms {
+        lab.ferry_ok(&["vm", "kill", name])?;
+    }
     Ok(())
 }

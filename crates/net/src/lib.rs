@@ -1,6 +1,6 @@
 //! Host networking for VMs. A VM NIC is a persistent tap created with the `TUNSETIFF`
 //! ioctl (the kernel refuses tap creation over rtnetlink), attached to a host bridge and
-//! brought up over rtnetlink; QEMU opens it by name. Bridges are created only on request.
+//! brought up over rtnetlink; QEMU gets an open descriptor on it (it runs unprivileged). Bridges are created only on request.
 
 mod announce;
 mod guard;
@@ -13,12 +13,17 @@ pub use link::{
     attach_up, bridge_exists, create_bridge, delete_link, fdb_point, link_exists, link_stats,
     LinkStats,
 };
-pub use tap::create_tap;
+pub use tap::{create_tap, open_tap, open_vhost};
 
 /// Creates `tap` for a NIC with MAC `mac`, sending only from that MAC (see `guard`); not
-/// yet on a bridge. The tap is removed again if the rule cannot be set.
-pub async fn create_guarded_tap(tap: &str, mac: &str) -> Result<(), NetError> {
-    create_tap(tap)?;
+/// yet on a bridge; `owner` (uid, gid) may attach to it. The tap is removed again if the
+/// rule cannot be set.
+pub async fn create_guarded_tap(
+    tap: &str,
+    mac: &str,
+    owner: Option<(u32, u32)>,
+) -> Result<(), NetError> {
+    create_tap(tap, owner)?;
     if let Err(e) = guard_tap(tap, mac).await {
         let _ = delete_link(tap).await;
         return Err(e);

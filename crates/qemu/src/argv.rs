@@ -78,6 +78,16 @@ pub struct LaunchPlan {
     pub paused: bool,
     /// Wait for incoming migration state (`-incoming defer`).
     pub incoming: bool,
+    /// NICs get open descriptors instead of tap names: NIC k's tap is fd
+    /// `nic_fd(k)`, its vhost-net device (KVM) `nic_fd(k) + 1` (see
+    /// `process::spawn_detached`, which places them). QEMU running unprivileged cannot
+    /// open `/dev/net/tun` or `/dev/vhost-net` itself.
+    pub nic_fds: bool,
+}
+
+/// The descriptor of NIC `k`'s tap in a QEMU started with [`LaunchPlan::nic_fds`].
+pub fn nic_fd(k: usize) -> i32 {
+    3 + 2 * k as i32
 }
 
 struct Args(Vec<OsString>);
@@ -314,11 +324,18 @@ pub fn build_argv(p: &LaunchPlan) -> Vec<OsString> {
     }
     for (k, (n, tap)) in s.nics.iter().zip(&p.taps).enumerate() {
         let id = format!("net{k}");
-        a.json(
-            "-netdev",
+        let kvm = p.accel == Accel::Kvm;
+        let netdev = if p.nic_fds {
+            let mut n = json!({"type": "tap", "id": id, "fd": nic_fd(k).to_string(), "vhost": kvm});
+            if kvm {
+                n["vhostfd"] = json!((nic_fd(k) + 1).to_string());
+            }
+            n
+        } else {
             json!({"type": "tap", "id": id, "ifname": tap, "script": "no", "downscript": "no",
-                   "vhost": p.accel == Accel::Kvm}),
-        );
+                   "vhost": kvm})
+        };
+        a.json("-netdev", netdev);
         let driver = match n.model {
             NicModel::Virtio => "virtio-net-pci",
             NicModel::E1000 => "e1000",
@@ -380,6 +397,7 @@ mod tests {
             ovmf: None,
             paused: false,
             incoming: false,
+            nic_fds: false,
             spec,
         }
     }

@@ -7,8 +7,10 @@ mod argv;
 mod process;
 
 pub use accel::{detect_accel, Accel, AccelSetting};
-pub use argv::{build_argv, format_node, BackingFile, LaunchPlan, ResolvedCdrom, ResolvedDisk};
-pub use process::{kill_and_wait, pid_alive, read_pid, spawn_detached, RunPaths};
+pub use argv::{
+    build_argv, format_node, nic_fd, BackingFile, LaunchPlan, ResolvedCdrom, ResolvedDisk,
+};
+pub use process::{kill_and_wait, pid_alive, read_pid, spawn_detached, RunAs, RunPaths};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QemuError {

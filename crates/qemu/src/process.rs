@@ -43,20 +43,36 @@ impl RunPaths {
     }
 }
 
+/// Who QEMU runs as: set before it is executed (its seccomp filter forbids changing
+/// it later), with no other groups than these.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups (`kvm` on hosts where it opens `/dev/kvm`).
+    pub groups: Vec<u32>,
+}
+
 /// Starts QEMU detached from the daemon (its own session, reparented away from the
 /// daemon, stdout and stderr in `qemu.log` of the run dir) and returns its pid once QEMU
 /// has initialised: its QMP monitor greets. If QEMU ends before that, the error carries
 /// its own message. (QEMU's `-daemonize` would do this, but it forks and calls setsid,
-/// which the seccomp sandbox forbids.)
+/// which the seccomp sandbox forbids.) `run_as`: the user and groups QEMU runs as (the
+/// launcher drops to them before anything is executed); `fds`: open files QEMU
+/// inherits, each at the descriptor number given (every other descriptor is closed on
+/// exec).
 pub async fn spawn_detached(
     binary: &str,
     argv: &[OsString],
     run: &RunPaths,
+    run_as: Option<&RunAs>,
+    fds: &[(i32, std::os::fd::OwnedFd)],
 ) -> Result<i32, QemuError> {
+    use std::os::fd::AsRawFd;
     run.prepare()?;
     let log = run.dir.join("qemu.log");
-    let out = tokio::process::Command::new("sh")
-        .arg("-c")
+    let mut cmd = tokio::process::Command::new("sh");
+    cmd.arg("-c")
         .arg(r#"log=$1; shift; setsid "$@" >"$log" 2>&1 </dev/null & echo $!"#)
         .arg("sh")
         .arg(&log)
@@ -64,13 +80,49 @@ pub async fn spawn_detached(
         .args(argv)
         .current_dir(&run.dir)
         .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .await
-        .map_err(|source| QemuError::Spawn {
-            binary: binary.to_string(),
-            source,
-        })?;
+        .stderr(Stdio::null());
+    let moves: Vec<(i32, i32)> = fds.iter().map(|(to, f)| (f.as_raw_fd(), *to)).collect();
+    let ids = run_as.map(|r| {
+        (
+            nix::unistd::Uid::from_raw(r.uid),
+            nix::unistd::Gid::from_raw(r.gid),
+            r.groups
+                .iter()
+                .map(|g| nix::unistd::Gid::from_raw(*g))
+                .collect::<Vec<_>>(),
+        )
+    });
+    // SAFETY: the closure runs in the forked child before exec and only makes system
+    // calls (fcntl, dup2, setgroups, setgid, setuid) on values prepared above.
+    unsafe {
+        cmd.pre_exec(move || {
+            // First out of the way (a source may sit on a target number), then into
+            // place without close-on-exec.
+            let mut high = Vec::with_capacity(moves.len());
+            for (from, _) in &moves {
+                let h = libc::fcntl(*from, libc::F_DUPFD_CLOEXEC, 100);
+                if h < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                high.push(h);
+            }
+            for (h, (_, to)) in high.iter().zip(&moves) {
+                if libc::dup2(*h, *to) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if let Some((uid, gid, groups)) = &ids {
+                nix::unistd::setgroups(groups)?;
+                nix::unistd::setgid(*gid)?;
+                nix::unistd::setuid(*uid)?;
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().await.map_err(|source| QemuError::Spawn {
+        binary: binary.to_string(),
+        source,
+    })?;
     let pid: i32 = String::from_utf8_lossy(&out.stdout)
         .trim()
         .parse()
@@ -192,7 +244,14 @@ mod tests {
     async fn spawn_failure_reports_qemu_message() {
         let d = tempfile::tempdir().unwrap();
         let run = RunPaths::new(d.path().join("r"));
-        let r = spawn_detached("qemu-system-x86_64", &["-no-such-option".into()], &run).await;
+        let r = spawn_detached(
+            "qemu-system-x86_64",
+            &["-no-such-option".into()],
+            &run,
+            None,
+            &[],
+        )
+        .await;
         match r {
             Err(QemuError::Start { stderr }) => {
                 assert!(stderr.contains("no-such-option"), "{stderr}")

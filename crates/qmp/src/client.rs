@@ -16,6 +16,32 @@ use tokio::sync::{broadcast, oneshot, watch};
 
 type Reply = Result<Value, (String, String)>;
 
+/// Writes a first part of `bytes` with `fd` attached (`SCM_RIGHTS`); returns how many
+/// bytes went.
+async fn send_with_fd(
+    stream: &UnixStream,
+    bytes: &[u8],
+    fd: std::os::fd::RawFd,
+) -> std::io::Result<usize> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use std::os::fd::AsRawFd;
+    loop {
+        stream.writable().await?;
+        let r = stream.try_io(tokio::io::Interest::WRITABLE, || {
+            let iov = [std::io::IoSlice::new(bytes)];
+            let fds = [fd];
+            let cmsg = [ControlMessage::ScmRights(&fds)];
+            sendmsg::<()>(stream.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None)
+                .map_err(std::io::Error::from)
+        });
+        match r {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// An asynchronous event from QEMU (`STOP`, `RESUME`, `SHUTDOWN`, `MIGRATION`, ...).
 #[derive(Debug, Clone, PartialEq)]
 pub struct QmpEvent {
@@ -147,6 +173,33 @@ impl Qmp {
 
     /// Sends a command and waits for its reply (matched by id).
     pub async fn execute(&self, command: &str, args: Option<Value>) -> Result<Value, QmpError> {
+        self.execute_fd(command, args, None).await
+    }
+
+    /// Hands QEMU an open file under `name` (`getfd`, the descriptor sent alongside
+    /// the command with `SCM_RIGHTS`): QEMU then uses it by that name (a tap's
+    /// `fd=NAME`, a migration's `fd:NAME`) and never opens a host path itself.
+    pub async fn send_fd(
+        &self,
+        name: &str,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<(), QmpError> {
+        use std::os::fd::AsRawFd;
+        self.execute_fd(
+            "getfd",
+            Some(json!({ "fdname": name })),
+            Some(fd.as_raw_fd()),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn execute_fd(
+        &self,
+        command: &str,
+        args: Option<Value>,
+        fd: Option<std::os::fd::RawFd>,
+    ) -> Result<Value, QmpError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
@@ -165,7 +218,14 @@ impl Qmp {
         let fut = async {
             {
                 let mut w = self.inner.writer.lock().await;
-                w.write_all(line.as_bytes()).await.map_err(QmpError::Io)?;
+                let mut bytes = line.as_bytes();
+                if let Some(fd) = fd {
+                    let n = send_with_fd(w.as_ref(), bytes, fd)
+                        .await
+                        .map_err(QmpError::Io)?;
+                    bytes = &bytes[n..];
+                }
+                w.write_all(bytes).await.map_err(QmpError::Io)?;
             }
             match rx.await {
                 Ok(Ok(v)) => Ok(v),

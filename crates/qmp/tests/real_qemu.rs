@@ -54,6 +54,18 @@ async fn real_qemu_status_events_and_quit() {
         .unwrap()
         .unwrap();
     assert_eq!(e.name, "RESUME");
+    // A file handed over by descriptor: QEMU holds it under its name (closefd finds it
+    // once, and only after it was sent).
+    let e = q
+        .execute("closefd", Some(serde_json::json!({"fdname": "f1"})))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("f1"), "{e}");
+    let f = std::fs::File::open("/dev/null").unwrap();
+    q.send_fd("f1", std::os::fd::AsFd::as_fd(&f)).await.unwrap();
+    q.execute("closefd", Some(serde_json::json!({"fdname": "f1"})))
+        .await
+        .unwrap();
     let err = q.execute("no-such-command", None).await.unwrap_err();
     assert!(err.to_string().contains("CommandNotFound"), "{err}");
     // quit: SHUTDOWN arrives before (or with) the reply; then the socket closes.

@@ -107,7 +107,7 @@ impl Agent {
             )
             .await?;
             // Only the source host's certificate gets in (QEMU's TLS).
-            self.qemu_tls_server(&qmp, &req.source).await?;
+            self.qemu_tls_server(&name, &qmp, &req.source).await?;
             // Announce the MACs at once and a few times more (the LAN's bridges learn
             // where the VM is from these), instead of QEMU's 50 ms first delay.
             qmp.execute(

@@ -25,20 +25,15 @@ fn subjects(host: &str) -> [String; 2] {
     [format!("CN={host},O=ferry"), format!("O=ferry,CN={host}")]
 }
 
-/// Writes `data` to `path` (0600) unless it holds that already; a temporary file of
-/// its own per call, so migrations running at once never trip over each other.
-fn write_private(path: &std::path::Path, data: &str) -> std::io::Result<()> {
-    if std::fs::read(path).is_ok_and(|cur| cur == data.as_bytes()) {
-        return Ok(());
+/// A folder of QEMU's TLS files for one VM's QEMU, removed when dropped: QEMU reads
+/// them when the credentials object is made, so the host key lies on disk, readable by
+/// that VM's QEMU user only, for the moment it takes.
+struct TlsFiles(PathBuf);
+
+impl Drop for TlsFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
-    let tmp = path.with_extension(format!("tmp{:08x}", rand::random::<u32>()));
-    let mut f = std::fs::OpenOptions::new()
-        .create_new(true)
-        .write(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(data.as_bytes())?;
-    std::fs::rename(&tmp, path)
 }
 
 /// Adds a QOM object, replacing one of the same id from an earlier migration (which
@@ -52,15 +47,27 @@ async fn object_add(qmp: &Qmp, obj: serde_json::Value) -> Result<()> {
 }
 
 impl Agent {
-    /// The folder QEMU's `tls-creds-x509` reads (the file names it expects), written
-    /// from the host's certificate files.
-    pub(crate) fn qemu_tls_dir(&self) -> Result<PathBuf> {
-        let dir = self.inner.cfg.run_dir.join("qemu-tls");
+    /// The files QEMU's `tls-creds-x509` reads (the names it expects), from the host's
+    /// certificate files, for VM `vm`'s QEMU.
+    async fn qemu_tls_files(&self, vm: &str) -> Result<TlsFiles> {
+        let id = self.record(vm).await?.0.id;
+        let who = self.qemu_identity(id)?;
+        let dir = self
+            .inner
+            .cfg
+            .run_dir
+            .join("qemu-tls")
+            .join(format!("{id}-{:08x}", rand::random::<u32>()));
         let io = |source| AgentError::Io {
             what: format!("Write QEMU's TLS files in {}", dir.display()),
             source,
         };
         std::fs::create_dir_all(&dir).map_err(io)?;
+        let files = TlsFiles(dir.clone());
+        if let Some(w) = &who {
+            crate::confine::reachable(&dir.join("x"), w, &self.managed_dirs().await)?;
+            crate::confine::own(&dir, 0, w.gid, 0o710)?;
+        }
         let pki = ferry_pki::HostPki::load(&self.inner.cfg.pki.dir)?;
         for (file, data) in [
             ("ca-cert.pem", pki.ca_pem()),
@@ -69,21 +76,32 @@ impl Agent {
             ("client-cert.pem", pki.cert_pem()),
             ("client-key.pem", pki.key_pem()),
         ] {
-            write_private(&dir.join(file), data).map_err(io)?;
+            let path = dir.join(file);
+            std::fs::OpenOptions::new()
+                .create_new(true)
+                .write(true)
+                .mode(0o400)
+                .open(&path)
+                .and_then(|mut f| f.write_all(data.as_bytes()))
+                .map_err(io)?;
+            if let Some(w) = &who {
+                crate::confine::own(&path, w.uid, w.gid, 0o400)?;
+            }
         }
-        Ok(dir)
+        Ok(files)
     }
 
     /// On the destination's QEMU: server credentials that require a client certificate
     /// of the cluster, and an authorisation that admits host `source` only.
-    pub(crate) async fn qemu_tls_server(&self, qmp: &Qmp, source: &str) -> Result<()> {
-        let dir = self.qemu_tls_dir()?;
+    pub(crate) async fn qemu_tls_server(&self, vm: &str, qmp: &Qmp, source: &str) -> Result<()> {
+        let files = self.qemu_tls_files(vm).await?;
         object_add(
             qmp,
             json!({"qom-type": "tls-creds-x509", "id": SERVER_CREDS,
-                   "dir": dir, "endpoint": "server", "verify-peer": true}),
+                   "dir": files.0, "endpoint": "server", "verify-peer": true}),
         )
         .await?;
+        drop(files);
         let rules: Vec<_> = subjects(source)
             .into_iter()
             .map(|s| json!({"match": s, "policy": "allow", "format": "exact"}))
@@ -97,12 +115,12 @@ impl Agent {
 
     /// On the source's QEMU: client credentials (this host's certificate shown, the
     /// server's checked against the cluster CA).
-    pub(crate) async fn qemu_tls_client(&self, qmp: &Qmp) -> Result<()> {
-        let dir = self.qemu_tls_dir()?;
+    pub(crate) async fn qemu_tls_client(&self, vm: &str, qmp: &Qmp) -> Result<()> {
+        let files = self.qemu_tls_files(vm).await?;
         object_add(
             qmp,
             json!({"qom-type": "tls-creds-x509", "id": CLIENT_CREDS,
-                   "dir": dir, "endpoint": "client", "verify-peer": true}),
+                   "dir": files.0, "endpoint": "client", "verify-peer": true}),
         )
         .await
     }

@@ -1,0 +1,271 @@
+//! QEMU confined: each VM's QEMU runs as a user of its own (uid [`UID_BASE`] + VM id,
+//! group `ferry-qemu`), set before QEMU is executed, under its seccomp sandbox (no
+//! privilege changes, no new processes). It owns only its VM's files:
+//!
+//! - its volumes, its UEFI variables and its run dir: owned by it, 0600/0700;
+//! - what VMs share read-only (template backing files, ISOs): root's, group
+//!   `ferry-qemu`, 0640;
+//! - what it cannot open itself it gets as open descriptors from the daemon: its taps
+//!   and vhost-net (at start and when a NIC is plugged), suspend files, and nothing of
+//!   the host's TLS key but a copy that exists while a migration's credentials load.
+//!
+//! Two VMs' QEMUs are two users: one cannot read the other's disks. The directories
+//! ferry keeps (state and run dirs, pools) are root's with group `ferry-qemu`, 0710:
+//! QEMU passes through them to its own files and lists nothing.
+
+use crate::error::{AgentError, Result};
+use crate::Agent;
+use ferry_qemu::{LaunchPlan, RunAs};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// The group every VM's QEMU runs in (made by `scripts/setup.sh` and the package).
+pub const QEMU_GROUP: &str = "ferry-qemu";
+/// VM `id`'s QEMU runs as uid `UID_BASE + id` (no account needed: a range no login
+/// user has).
+pub const UID_BASE: u32 = 1_900_000_000;
+
+fn io(what: String) -> impl FnOnce(std::io::Error) -> AgentError {
+    move |source| AgentError::Io { what, source }
+}
+
+/// The group's id, or why QEMU cannot be confined.
+fn qemu_gid() -> Result<u32> {
+    nix::unistd::Group::from_name(QEMU_GROUP)
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw())
+        .ok_or_else(|| {
+            AgentError::Conflict(format!(
+                "There is no group {QEMU_GROUP}, which every VM's QEMU runs in: scripts/setup.sh (or the ferry package) makes it (groupadd --system {QEMU_GROUP})"
+            ))
+        })
+}
+
+/// Who VM `id`'s QEMU runs as.
+pub(crate) fn identity(id: u32) -> Result<RunAs> {
+    let gid = qemu_gid()?;
+    let mut groups = vec![gid];
+    // /dev/kvm is the kvm group's on Debian.
+    if let Ok(Some(kvm)) = nix::unistd::Group::from_name("kvm") {
+        groups.push(kvm.gid.as_raw());
+    }
+    Ok(RunAs {
+        uid: UID_BASE
+            .checked_add(id)
+            .ok_or_else(|| AgentError::invalid("id", "VM id too large"))?,
+        gid,
+        groups,
+    })
+}
+
+/// Makes `path` (never a symlink: it would hand over its target) `uid:gid` with `mode`.
+pub(crate) fn own(path: &Path, uid: u32, gid: u32, mode: u32) -> Result<()> {
+    let what = || format!("Hand {} to QEMU's user {uid}", path.display());
+    let m = std::fs::symlink_metadata(path).map_err(io(what()))?;
+    if m.file_type().is_symlink() {
+        return Err(AgentError::Conflict(format!(
+            "{} is a symbolic link; a VM's files must be files",
+            path.display()
+        )));
+    }
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(io(what()))?;
+    if m.mode() & 0o7777 != mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(io(what()))?;
+    }
+    Ok(())
+}
+
+/// Makes a file every VM may read (a template's volume, an ISO): root's, group
+/// `gid`, 0640.
+pub(crate) fn share(path: &Path, gid: u32) -> Result<()> {
+    own(path, 0, gid, 0o640)
+}
+
+/// Whether a process of `who` may pass through directory `m`.
+fn passes(m: &std::fs::Metadata, who: &RunAs) -> bool {
+    let mode = m.mode();
+    (m.uid() == who.uid && mode & 0o100 != 0)
+        || (who.groups.contains(&m.gid()) && mode & 0o010 != 0)
+        || mode & 0o001 != 0
+}
+
+/// Makes sure QEMU (as `who`) can reach `path`: directories inside `managed` (ferry's
+/// own: its state and run dirs, its pools) are opened to group `ferry-qemu` for
+/// passing through (0710 at least); any other closed one is an error naming it.
+pub(crate) fn reachable(path: &Path, who: &RunAs, managed: &[PathBuf]) -> Result<()> {
+    let mut dirs: Vec<&Path> = path.ancestors().skip(1).collect();
+    dirs.reverse();
+    for d in dirs {
+        let m = std::fs::metadata(d).map_err(io(format!("Read {}", d.display())))?;
+        if passes(&m, who) {
+            continue;
+        }
+        if managed.iter().any(|r| d.starts_with(r)) && m.uid() == 0 {
+            std::os::unix::fs::chown(d, None, Some(who.gid))
+                .and_then(|_| {
+                    std::fs::set_permissions(
+                        d,
+                        std::fs::Permissions::from_mode((m.mode() & 0o7777) | 0o010),
+                    )
+                })
+                .map_err(io(format!("Open {} to group {QEMU_GROUP}", d.display())))?;
+            continue;
+        }
+        return Err(AgentError::Conflict(format!(
+            "QEMU runs as uid {} (group {QEMU_GROUP}) and cannot reach {}: {} is closed to it (give it o+x, or group {QEMU_GROUP} with g+x)",
+            who.uid,
+            path.display(),
+            d.display()
+        )));
+    }
+    Ok(())
+}
+
+impl Agent {
+    /// Who VM `id`'s QEMU runs as; None when the daemon is not root (it cannot change
+    /// users; QEMU then runs as the daemon's user, still under its sandbox).
+    pub(crate) fn qemu_identity(&self, id: u32) -> Result<Option<RunAs>> {
+        if !nix::unistd::geteuid().is_root() {
+            return Ok(None);
+        }
+        identity(id).map(Some)
+    }
+
+    /// The directories ferry keeps (for [`reachable`]).
+    pub(crate) async fn managed_dirs(&self) -> Vec<PathBuf> {
+        let mut v = vec![
+            self.inner.cfg.state_dir.clone(),
+            self.inner.cfg.run_dir.clone(),
+        ];
+        if let Ok(pools) = self.pool_specs().await {
+            v.extend(pools.into_iter().map(|p| PathBuf::from(p.path)));
+        }
+        v
+    }
+
+    /// Hands the files of `plan` to the VM's QEMU user before it starts: its run dir,
+    /// volumes (or replica sockets) and UEFI variables become its own; backing files and
+    /// ISOs readable by the group; every one reachable.
+    pub(crate) async fn confine_plan(&self, plan: &LaunchPlan, who: &RunAs) -> Result<()> {
+        let managed = self.managed_dirs().await;
+        let dir = &plan.run.dir;
+        std::fs::create_dir_all(dir).map_err(io(format!("Create {}", dir.display())))?;
+        own(dir, who.uid, who.gid, 0o700)?;
+        reachable(&dir.join("qmp.sock"), who, &managed)?;
+        for d in &plan.disks {
+            reachable(&d.path, who, &managed)?;
+            own(&d.path, who.uid, who.gid, 0o600)?;
+            for b in &d.backing {
+                reachable(&b.path, who, &managed)?;
+                share(&b.path, who.gid)?;
+            }
+        }
+        for c in &plan.cdroms {
+            if let Some(iso) = &c.iso {
+                reachable(iso, who, &managed)?;
+                share(iso, who.gid)?;
+            }
+        }
+        if let Some((code, vars)) = &plan.ovmf {
+            reachable(code, who, &managed)?;
+            reachable(vars, who, &managed)?;
+            own(vars, who.uid, who.gid, 0o600)?;
+        }
+        if let Some(b) = &plan.spec.direct_boot {
+            for f in [Some(&b.kernel), b.initrd.as_ref()].into_iter().flatten() {
+                reachable(Path::new(f), who, &managed)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands one more volume to a running VM's QEMU (a disk plugged, a disk moved).
+    pub(crate) async fn confine_file(&self, id: u32, path: &Path) -> Result<()> {
+        if let Some(who) = self.qemu_identity(id)? {
+            reachable(path, &who, &self.managed_dirs().await)?;
+            own(path, who.uid, who.gid, 0o600)?;
+        }
+        Ok(())
+    }
+
+    /// Lets a running VM's QEMU read an ISO (a CD changed).
+    pub(crate) async fn share_file(&self, id: u32, path: &Path) -> Result<()> {
+        if let Some(who) = self.qemu_identity(id)? {
+            reachable(path, &who, &self.managed_dirs().await)?;
+            share(path, who.gid)?;
+        }
+        Ok(())
+    }
+
+    /// The state and run dirs: root's, group `ferry-qemu`, 0710 (QEMU passes through,
+    /// lists nothing). Done at start when the group exists.
+    pub(crate) fn open_dirs_to_qemu(&self) {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let Ok(gid) = qemu_gid() else {
+            tracing::warn!("no group {QEMU_GROUP}: VMs cannot start until it exists (scripts/setup.sh makes it)");
+            return;
+        };
+        for d in [&self.inner.cfg.state_dir, &self.inner.cfg.run_dir] {
+            let r = std::os::unix::fs::chown(d, Some(0), Some(gid))
+                .and_then(|_| std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o710)));
+            if let Err(e) = r {
+                tracing::warn!(dir = %d.display(), error = %e, "cannot open the directory to QEMU's group");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passing_through_takes_x_for_the_right_class() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("x");
+        std::fs::create_dir(&p).unwrap();
+        let who = RunAs {
+            uid: 4242,
+            gid: 4343,
+            groups: vec![4343],
+        };
+        let set = |mode| std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode));
+        set(0o700).unwrap();
+        assert!(!passes(&std::fs::metadata(&p).unwrap(), &who));
+        set(0o701).unwrap();
+        assert!(passes(&std::fs::metadata(&p).unwrap(), &who));
+        // Group x counts only for its group.
+        set(0o710).unwrap();
+        assert!(!passes(&std::fs::metadata(&p).unwrap(), &who));
+        std::os::unix::fs::chown(&p, None, Some(4343)).unwrap();
+        assert!(passes(&std::fs::metadata(&p).unwrap(), &who));
+        // A closed directory outside ferry's is named, not changed.
+        set(0o700).unwrap();
+        let f = p.join("disk");
+        let e = reachable(&f, &who, &[]).unwrap_err();
+        assert!(e.to_string().contains(&p.display().to_string()), "{e}");
+        assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o700);
+        // Inside ferry's own, it is opened to the group.
+        reachable(&f, &who, &[d.path().to_path_buf()]).unwrap();
+        let m = std::fs::metadata(&p).unwrap();
+        assert_eq!((m.mode() & 0o777, m.gid()), (0o710, 4343));
+    }
+
+    #[test]
+    fn symlinks_are_never_handed_over() {
+        let d = tempfile::tempdir().unwrap();
+        let target = d.path().join("secret");
+        std::fs::write(&target, "x").unwrap();
+        let link = d.path().join("disk.raw");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(own(&link, 4242, 4343, 0o600).is_err());
+        assert_eq!(std::fs::metadata(&target).unwrap().uid(), 0);
+        own(&target, 4242, 4343, 0o600).unwrap();
+        let m = std::fs::metadata(&target).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o777), (4242, 4343, 0o600));
+    }
+}
