@@ -1,6 +1,7 @@
 // What the browser tests share: Debian's Chromium launched headless with a fresh
 // profile, numbered screenshots, the API with the token, the serial console's text,
-// the login, and the steps' log.
+// the login (a user and its password: FERRY_USER, default root, and FERRY_PASSWORD),
+// and the steps' log.
 import { chromium } from 'playwright-core';
 import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -8,6 +9,8 @@ import { join } from 'node:path';
 
 export const url = process.env.FERRY_URL ?? 'http://127.0.0.1:8470';
 export const token = process.env.FERRY_TOKEN;
+export const user = process.env.FERRY_USER || 'root';
+export const password = process.env.FERRY_PASSWORD;
 const artifacts = process.env.ARTIFACTS ?? 'test-results';
 
 const t0 = Date.now();
@@ -38,6 +41,10 @@ export async function taskDone(kind) {
 export async function browse(name, scenario) {
   if (!token) {
     console.error('FERRY_TOKEN is needed');
+    process.exit(2);
+  }
+  if (!password) {
+    console.error(`FERRY_PASSWORD is needed (the password of ${user}; FERRY_USER names the user, default root)`);
     process.exit(2);
   }
   mkdirSync(artifacts, { recursive: true });
@@ -80,9 +87,11 @@ export async function browse(name, scenario) {
     await page.keyboard.type(input);
     return waitTerminal(answer, 20000);
   };
-  const login = async () => {
+  /** Logs in as `name` (default FERRY_USER) with `pw` (default FERRY_PASSWORD). */
+  const login = async (name = user, pw = password) => {
     await page.goto(url);
-    await page.getByLabel('Admin token').fill(token);
+    await page.getByLabel('User', { exact: true }).fill(name);
+    await page.getByLabel('Password', { exact: true }).fill(pw);
     await page.getByRole('button', { name: 'Log in' }).click();
     await page.getByTestId('status-counts').waitFor();
   };

@@ -1,9 +1,10 @@
 // Browser end-to-end test of the web UI on one host: a real `ferry serve` with a real
 // test VM, Debian's headless Chromium driven by playwright-core. Run by
 // crates/ferry/tests/webui.rs inside the lab's network namespace, with FERRY_URL,
-// FERRY_TOKEN, GUEST_KERNEL, GUEST_INITRD, ARTIFACTS (screenshots). Prints one line per
+// FERRY_TOKEN (root's, for the script's own API calls), FERRY_PASSWORD (root's, for the
+// page), GUEST_KERNEL, GUEST_INITRD, ARTIFACTS (screenshots). Prints one line per
 // step; exits non-zero on the first failure (with a screenshot).
-import { api, browse, step, taskDone, token, url } from './lib.mjs';
+import { api, browse, step, taskDone, url } from './lib.mjs';
 
 const kernel = process.env.GUEST_KERNEL;
 const initrd = process.env.GUEST_INITRD;
@@ -13,18 +14,20 @@ if (!kernel || !initrd) {
   process.exit(2);
 }
 
-await browse('host', async (page, { shot, waitTerminal, consoleConnected, vncConnected, typeInConsole }) => {
-  // Log in: the page asks for the token; a wrong one is refused with the reason.
+await browse('host', async (page, { shot, login, waitTerminal, consoleConnected, vncConnected, typeInConsole }) => {
+  // Log in: the page asks for a user and its password; a wrong one is refused with the
+  // reason.
   await page.goto(url);
-  await page.getByLabel('Admin token').fill('wrong-token');
+  await page.getByLabel('User', { exact: true }).fill('root');
+  await page.getByLabel('Password', { exact: true }).fill('not-the-password');
   await page.getByRole('button', { name: 'Log in' }).click();
-  await page.getByRole('alert').filter({ hasText: 'Wrong token' }).waitFor();
-  step('wrong token refused');
+  await page.getByRole('alert').filter({ hasText: 'Wrong user name or password' }).waitFor();
+  step('wrong password refused');
   await shot('login-refused');
-  await page.getByLabel('Admin token').fill(token);
-  await page.getByRole('button', { name: 'Log in' }).click();
-  await page.getByTestId('status-counts').waitFor();
-  step('logged in: dashboard');
+  await login();
+  const whoami = await page.getByTestId('whoami').innerText();
+  if (!whoami.startsWith('root@')) throw new Error(`logged in as: ${whoami}`);
+  step(`logged in as ${whoami}: dashboard`);
   await shot('dashboard');
 
   // Create a VM with the wizard: 1 CPU, 128 MiB, one SATA disk, the test guest
@@ -106,7 +109,9 @@ await browse('host', async (page, { shot, waitTerminal, consoleConnected, vncCon
   await page.getByTestId('vm-stop').click();
   await page.getByTestId('vm-state').filter({ hasText: 'stopped' }).waitFor({ timeout: 30000 });
   await page.locator('[data-testid=task-list] tr[data-kind="vm.stop"][data-state=succeeded]').first().waitFor();
-  step('stopped; the task is listed as succeeded');
+  const stopper = await page.locator('[data-testid=task-list] tr[data-kind="vm.stop"]').first().getByTestId('task-user').innerText();
+  if (stopper !== 'root') throw new Error(`the stop task names ${JSON.stringify(stopper)}, not root`);
+  step('stopped; the task is listed as succeeded, started by root');
   await page.locator('[data-testid=task-list] tr[data-kind="vm.stop"]').first().click();
   await page.getByTestId('task-detail').waitFor();
   await shot('task-log');
@@ -176,8 +181,54 @@ await browse('host', async (page, { shot, waitTerminal, consoleConnected, vncCon
   if (left.some((v) => v.spec.name === 'web1')) throw new Error('web1 still defined');
   step('web1 deleted after confirmation');
 
-  // Log out: the page asks for the token again.
+  // Users, tokens and grants: olga is made, made an Operator on /, given a token
+  // (shown once) that is then revoked.
+  await page.getByRole('link', { name: 'Users', exact: true }).click();
+  await page.getByTestId('users').locator('tr[data-name=root]').waitFor();
+  await page.locator('input[name=new-user]').fill('olga');
+  await page.locator('input[name=new-password]').fill('olga-password-1');
+  await page.locator('input[name=new-comment]').fill('made by the browser test');
+  await page.getByTestId('user-add').click();
+  const olga = page.getByTestId('users').locator('tr[data-name=olga]');
+  await olga.waitFor();
+  step('user olga added');
+  await page.locator('select[name=grant-role]').selectOption('Operator');
+  await page.locator('input[name=grant-path]').fill('/');
+  await page.locator('select[name=grant-user]').selectOption('olga');
+  await page.getByTestId('grant-add').click();
+  await page.locator('[data-testid=grants] tr[data-user=olga][data-role=Operator][data-path="/"]').waitFor();
+  const acl = await api('GET', '/api/v1/access/acl');
+  if (!acl.some((g) => g.user === 'olga' && g.role === 'Operator' && g.path === '/')) throw new Error(`grants as stored: ${JSON.stringify(acl)}`);
+  step('olga granted Operator on /');
+  await olga.getByTestId('user-select').click();
+  await page.getByTestId('tokens-panel').filter({ hasText: 'API tokens of olga' }).waitFor();
+  await page.locator('input[name=token-id]').fill('ci');
+  await page.locator('input[name=token-comment]').fill('for the pipeline');
+  await page.getByTestId('token-create').click();
+  const value = await page.getByTestId('token-value').innerText();
+  if (!value.startsWith('olga!ci=')) throw new Error(`token value: ${value}`);
+  step('token olga!ci made; its value shown once');
+  await shot('users');
+  await page.locator('[data-testid=tokens] tr[data-id=ci]').getByRole('button', { name: 'Revoke' }).click();
+  await page.locator('[data-testid=tokens] tr[data-id=ci][data-revoked=yes]').filter({ hasText: 'revoked' }).waitFor();
+  const tokens = await api('GET', '/api/v1/access/users/olga/tokens');
+  if (!tokens.some((t) => t.id === 'ci' && t.revoked_ms != null)) throw new Error(`olga's tokens as stored: ${JSON.stringify(tokens)}`);
+  step('token revoked: listed as revoked');
+  await shot('users-token-revoked');
+
+  // Log out; log in as olga: an Operator sees no Users page.
   await page.getByRole('button', { name: 'Log out' }).click();
-  await page.getByLabel('Admin token').waitFor();
+  await page.getByLabel('User', { exact: true }).waitFor();
+  await login('olga', 'olga-password-1');
+  const olgaIs = await page.getByTestId('whoami').innerText();
+  if (!olgaIs.startsWith('olga@')) throw new Error(`logged in as: ${olgaIs}`);
+  if (await page.getByRole('link', { name: 'Users', exact: true }).count()) throw new Error('olga, an Operator, sees the Users link');
+  step(`logged in as ${olgaIs}: no Users link`);
+  await shot('olga');
+
+  // Log out: the page asks for a user and password again.
+  await page.getByRole('button', { name: 'Log out' }).click();
+  await page.getByLabel('User', { exact: true }).waitFor();
+  await page.getByLabel('Password', { exact: true }).waitFor();
   step('logged out');
 });

@@ -25,6 +25,11 @@ export type MetricsHistory = S['MetricsHistory'];
 export type Session = S['Session'];
 export type ClusterStatus = S['ClusterStatus'];
 export type Bridge = S['Bridge'];
+export type User = S['User'];
+export type ApiToken = S['ApiToken'];
+export type TokenCreated = S['TokenCreated'];
+export type AclEntry = S['AclEntry'];
+export type Role = S['Role'];
 
 /** An error answer: the server's reason and its causes. */
 export class ApiError extends Error {
@@ -66,7 +71,9 @@ export async function call<T>(method: string, path: string, body?: unknown, host
       const j = JSON.parse(text);
       if (j.error) { msg = j.error; causes = j.causes ?? []; }
     } catch { if (text) msg = text; }
-    if (resp.status === 401) window.dispatchEvent(new Event('ferry-logged-out'));
+    // 401: the session ended (back to the login form), except where it answers the
+    // credentials in the request itself: a login, or a wrong current password.
+    if (resp.status === 401 && !credentialsIn(method, path)) window.dispatchEvent(new Event('ferry-logged-out'));
     throw new ApiError(resp.status, msg, causes);
   }
   return (text ? JSON.parse(text) : null) as T;
@@ -74,6 +81,17 @@ export async function call<T>(method: string, path: string, body?: unknown, host
 
 export const get = <T>(path: string, host?: string) => call<T>('GET', path, undefined, host);
 export const post = <T>(path: string, body?: unknown, host?: string) => call<T>('POST', path, body ?? {}, host);
+export const put = <T>(path: string, body?: unknown, host?: string) => call<T>('PUT', path, body ?? {}, host);
+export const del = <T>(path: string, host?: string) => call<T>('DELETE', path, undefined, host);
+
+function credentialsIn(method: string, path: string): boolean {
+  return path === '/api/v1/login' || (method === 'PUT' && /^\/api\/v1\/access\/users\/[^/]+\/password$/.test(path));
+}
+
+/** Whether `grants` give Administrator on `/` or `/access`: users, tokens and grants. */
+export function managesAccess(grants: AclEntry[] | undefined): boolean {
+  return (grants ?? []).some((g) => g.role === 'Administrator' && (g.path === '/' || g.path === '/access'));
+}
 
 export function errText(e: unknown): string {
   return e instanceof ApiError ? e.full : String(e);

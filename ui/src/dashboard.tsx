@@ -1,4 +1,5 @@
-// The start page: VMs by state, each host's CPU and memory, recent tasks and events.
+// The start page: VMs by state, each host's CPU and memory, recent tasks and events
+// (with who caused them).
 import { hostState, useStore } from './store';
 import { Bar, CpuBar } from './widgets';
 import { ago, bytes } from './api';
@@ -48,7 +49,7 @@ export function Dashboard() {
           <table class="grid small" data-testid="events">
             <tbody>
               {s.events.slice(0, 12).map((e) => (
-                <tr><td class="muted nowrap">{ago(e.time_ms)}</td><td>{e.vm ?? ''}</td><td>{e.kind}</td><td>{e.message}</td></tr>
+                <tr><td class="muted nowrap">{ago(e.time_ms)}</td><td>{e.vm ?? ''}</td><td>{e.kind}</td><td>{e.message}</td><td class="muted nowrap" title="Who caused it">{e.user ?? ''}</td></tr>
               ))}
             </tbody>
           </table>

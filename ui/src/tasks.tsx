@@ -1,6 +1,7 @@
 // Tasks: every long operation (start, migrate, snapshot, ...) is a task with progress
 // and a log; a failed one shows the server's reason. The panel at the bottom lists the
-// recent ones; a click opens the log.
+// recent ones, each with who started it (a user, `host:NAME` for another host of the
+// cluster, `ferry` for the daemon's own work); a click opens the log.
 import { useEffect, useState } from 'preact/hooks';
 import { ago, get, type Task } from './api';
 import { store, useStore, type HostTask } from './store';
@@ -50,6 +51,7 @@ export function TaskDialog(props: { task: HostTask; onClose: () => void }) {
     <Modal title={`Task ${t.kind} ${t.target}`} onClose={props.onClose}>
       <div class="task-detail" data-testid="task-detail">
         <Progress t={t} />
+        <div class="muted small" data-testid="task-started">Started {new Date(t.started_ms).toLocaleString()}{t.user ? ` by ${t.user}` : ''}</div>
         {t.error && <div class="error" role="alert">{t.error}</div>}
         <pre class="log">{t.log.join('\n')}</pre>
         {t.result != null && (
@@ -81,6 +83,7 @@ export function TaskList(props: { tasks: HostTask[] }) {
               <td>{t.host}</td>
               <td>{t.kind}</td>
               <td>{t.target}</td>
+              <td class="muted nowrap" data-testid="task-user" title="Who started it">{t.user ?? ''}</td>
               <td class="w"><Progress t={t} /></td>
               <td class="error-cell">{t.error ?? ''}</td>
             </tr>
