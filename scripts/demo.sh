@@ -7,9 +7,10 @@
 # `web` on the shared pool, moved live to another host while the client pings it; then
 # the host it runs on is killed and HA restarts web on another one, and the host comes
 # back. Then the web UI: the demo daemon's at https://127.0.0.1:8470/ and the lab
-# cluster's (h1's, relayed by `ferry lab expose`) at https://127.0.0.1:8471/, each with
-# its admin token (each host's certificate is signed by its cluster's own CA: the
-# browser asks once). Everything keeps running (the CLI reaches the demo daemon over its
+# cluster's (h1's, relayed by `ferry lab expose`) at https://127.0.0.1:8471/: log in as
+# root with the password the demo set (printed at the end; each host's certificate is
+# signed by its cluster's own CA: the browser asks once). The lab also gets a user
+# `operator` (Operator on /) with the same password. Everything keeps running (the CLI reaches the demo daemon over its
 # local socket, FERRY_SOCKET=/var/tmp/ferry-demo/run/api.sock):
 #   FERRY_SOCKET=... target/release/ferry vm console demo1     (type commands; Ctrl-] detaches)
 #   FERRY_SOCKET=... target/release/ferry vm stop demo1        (ACPI shutdown)
@@ -141,16 +142,26 @@ if ! lab_curl -sf -o /dev/null https://h1:8471/; then
   echo $! > "$demo/expose.pid"
   for _ in $(seq 50); do lab_curl -sf -o /dev/null https://h1:8471/ && break; sleep 0.1; done
 fi
-token=$(cat "$demo/state/admin-token" 2>/dev/null || echo "(restart the daemon to make one)")
-lab_token=$(cat /var/tmp/ferry-lab/demo/h1/state/admin-token)
+# root's password (made once, kept 0600 beside each daemon's state) for the web UI.
+secret() { [ -s "$1" ] || (umask 077; head -c 12 /dev/urandom | base64 | tr -d '/+=' > "$1"); cat "$1"; }
+pw=$(secret "$demo/root-password")
+"$ferry" user passwd root --password-file "$demo/root-password" >/dev/null
+lab_pw_file=/var/tmp/ferry-lab/demo/root-password
+lab_pw=$(secret "$lab_pw_file")
+on h1 user passwd root --password-file "$lab_pw_file" >/dev/null
+has() { python3 -c "import json,sys; sys.exit(0 if any(x.get('$1')=='$2' for x in json.load(sys.stdin)) else 1)"; }
+on h1 --json user list | has name operator || on h1 user add operator --password-file "$lab_pw_file" >/dev/null
+on h1 --json acl list | has user operator || on h1 acl grant Operator / operator >/dev/null
 demo_curl() { curl --cacert "$demo/state/pki/ca.crt" "$@"; }
 for u in https://127.0.0.1:8470 https://h1:8471; do
-  t=$token; c=demo_curl
-  [ "$u" = https://h1:8471 ] && { t=$lab_token; c=lab_curl; }
-  printf '%s/  page: %s  login with the token: %s  hosts: %s\n' "$u" \
+  p=$pw; c=demo_curl
+  [ "$u" = https://h1:8471 ] && { p=$lab_pw; c=lab_curl; }
+  ticket=$($c -s -H 'content-type: application/json' -d "{\"user\":\"root\",\"password\":\"$p\"}" "$u/api/v1/login" \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin).get("ticket") or "")')
+  printf '%s/  page: %s  login as root: %s  hosts: %s\n' "$u" \
     "$($c -s "$u/" | grep -o '<title>[^<]*</title>')" \
-    "$($c -s -o /dev/null -w '%{http_code}' -H 'content-type: application/json' -d "{\"token\":\"$t\"}" "$u/api/v1/login")" \
-    "$($c -s -H "authorization: Bearer $t" "$u/api/v1/cluster/hosts" | python3 -c 'import json,sys; print(", ".join(h["name"] for h in json.load(sys.stdin)) or "this one")')"
+    "$([ -n "$ticket" ] && echo ok || echo FAILED)" \
+    "$($c -s -H "authorization: Bearer $ticket" "$u/api/v1/cluster/hosts" | python3 -c 'import json,sys; print(", ".join(h["name"] for h in json.load(sys.stdin)) or "this one")')"
 done
 demo_fp=$("$ferry" --json cluster certs status | python3 -c 'import json,sys; print(json.load(sys.stdin)["ca"]["fingerprint"])')
 to=$new
@@ -158,10 +169,10 @@ back=h1; [ "$to" = h1 ] && back=h2
 
 cat <<MSG
 
-ferry is running: web UI https://127.0.0.1:8470/ (admin token: $token)
+ferry is running: web UI https://127.0.0.1:8470/ (user root, password $pw)
   its CA: $demo/state/pki/ca.crt, fingerprint $demo_fp
   API https://127.0.0.1:8470/api/v1 (Swagger UI: https://127.0.0.1:8470/api/docs)
-The lab cluster's web UI (through h1): https://127.0.0.1:8471/ (admin token: $lab_token)
+The lab cluster's web UI (through h1): https://127.0.0.1:8471/ (user root or operator, password $lab_pw)
   its CA: $lab_ca
   kill \$(cat $demo/expose.pid)   # stops relaying it
   export FERRY_SOCKET=$FERRY_SOCKET   # the CLI talks to the demo daemon over its local socket

@@ -111,6 +111,14 @@ pub fn need(method: &str, path: &str) -> Need {
     if path == "/metrics" {
         return on(Privilege::Audit, "/");
     }
+    // Nothing ferry names needs escapes or dot segments; a path with them could mean
+    // something else to whoever resolves it next (a proxy, a URL parser).
+    let odd = path
+        .split('/')
+        .any(|s| s == "." || s == ".." || s.contains('%') || s.contains('\\'));
+    if odd && (path.starts_with("/api/") || path.starts_with("/metrics")) {
+        return on(Privilege::Modify, "/");
+    }
     let Some(rest) = path.strip_prefix("/api/v1/") else {
         return if path.starts_with("/api/") && !path.starts_with("/api/docs") {
             on(Privilege::Modify, "/")

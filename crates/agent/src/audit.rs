@@ -8,6 +8,11 @@ use std::future::Future;
 /// The header a host's call to another names the user it acts for (recorded there,
 /// believed only from a cluster host's certificate).
 pub const ON_BEHALF_HEADER: &str = "x-ferry-user";
+
+/// The header a host passing on a user's request (the web UI's calls for another host)
+/// names that user with: the other host holds the request to that user's grants
+/// (believed only from a cluster host's certificate).
+pub const PROXIED_FOR_HEADER: &str = "x-ferry-proxied-for";
 use std::sync::Arc;
 
 tokio::task_local! {

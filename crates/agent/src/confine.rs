@@ -2,7 +2,10 @@
 //! group `ferry-qemu`), set before QEMU is executed, under its seccomp sandbox (no
 //! privilege changes, no new processes). It owns only its VM's files:
 //!
-//! - its volumes, its UEFI variables and its run dir: owned by it, 0600/0700;
+//! - its volumes, its UEFI variables, its serial log and the folder of its sockets:
+//!   owned by it, 0600/0700; its run dir stays root's (0710), so nothing the daemon
+//!   reads or writes there (logs, pidfile, overlays) can be a link QEMU put, and every
+//!   connection to QEMU's sockets is checked for QEMU's pid at the other end;
 //! - what VMs share read-only (template backing files, ISOs): root's, group
 //!   `ferry-qemu`, 0640;
 //! - what it cannot open itself it gets as open descriptors from the daemon: its taps
@@ -16,11 +19,14 @@
 use crate::error::{AgentError, Result};
 use crate::Agent;
 use ferry_qemu::{LaunchPlan, RunAs};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// The group every VM's QEMU runs in (made by `scripts/setup.sh` and the package).
 pub const QEMU_GROUP: &str = "ferry-qemu";
+/// The device unprivileged processes get userfaultfd from (post-copy migration).
+const USERFAULTFD: &str = "/dev/userfaultfd";
+
 /// VM `id`'s QEMU runs as uid `UID_BASE + id` (no account needed: a range no login
 /// user has).
 pub const UID_BASE: u32 = 1_900_000_000;
@@ -60,7 +66,10 @@ pub(crate) fn identity(id: u32) -> Result<RunAs> {
 }
 
 /// Makes `path` (never a symlink: it would hand over its target) `uid:gid` with `mode`.
+/// Files and folders are changed through a descriptor opened without following links,
+/// so nothing can be swapped in between the check and the change.
 pub(crate) fn own(path: &Path, uid: u32, gid: u32, mode: u32) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
     let what = || format!("Hand {} to QEMU's user {uid}", path.display());
     let m = std::fs::symlink_metadata(path).map_err(io(what()))?;
     if m.file_type().is_symlink() {
@@ -69,12 +78,20 @@ pub(crate) fn own(path: &Path, uid: u32, gid: u32, mode: u32) -> Result<()> {
             path.display()
         )));
     }
-    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(io(what()))?;
-    if m.mode() & 0o7777 != mode {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-            .map_err(io(what()))?;
+    if m.file_type().is_socket() {
+        // A socket cannot be opened; sockets ferry hands over lie in its own folders.
+        std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(io(what()))?;
+        return std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(io(what()));
     }
-    Ok(())
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io(what()))?;
+    std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).map_err(io(what()))?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(io(what()))
 }
 
 /// Makes a file every VM may read (a template's volume, an ISO): root's, group
@@ -105,9 +122,10 @@ pub(crate) fn reachable(path: &Path, who: &RunAs, managed: &[PathBuf]) -> Result
         if managed.iter().any(|r| d.starts_with(r)) && m.uid() == 0 {
             std::os::unix::fs::chown(d, None, Some(who.gid))
                 .and_then(|_| {
+                    // The group becomes QEMU's: it passes through, nothing more.
                     std::fs::set_permissions(
                         d,
-                        std::fs::Permissions::from_mode((m.mode() & 0o7777) | 0o010),
+                        std::fs::Permissions::from_mode((m.mode() & 0o7707) | 0o010),
                     )
                 })
                 .map_err(io(format!("Open {} to group {QEMU_GROUP}", d.display())))?;
@@ -150,10 +168,24 @@ impl Agent {
     /// ISOs readable by the group; every one reachable.
     pub(crate) async fn confine_plan(&self, plan: &LaunchPlan, who: &RunAs) -> Result<()> {
         let managed = self.managed_dirs().await;
-        let dir = &plan.run.dir;
-        std::fs::create_dir_all(dir).map_err(io(format!("Create {}", dir.display())))?;
-        own(dir, who.uid, who.gid, 0o700)?;
-        reachable(&dir.join("qmp.sock"), who, &managed)?;
+        let run = &plan.run;
+        for d in [&run.dir, &run.sockets] {
+            std::fs::create_dir_all(d).map_err(io(format!("Create {}", d.display())))?;
+        }
+        // The run dir stays the daemon's (QEMU cannot put a link in it); QEMU makes
+        // its sockets in a folder of its own.
+        own(&run.dir, 0, who.gid, 0o710)?;
+        own(&run.sockets, who.uid, who.gid, 0o700)?;
+        reachable(&run.qmp, who, &managed)?;
+        // The serial log: made here, appended to by QEMU.
+        let _ = std::fs::remove_file(&run.serial_log);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&run.serial_log)
+            .map_err(io(format!("Create {}", run.serial_log.display())))?;
+        own(&run.serial_log, who.uid, who.gid, 0o600)?;
         for d in &plan.disks {
             reachable(&d.path, who, &managed)?;
             own(&d.path, who.uid, who.gid, 0o600)?;
@@ -215,6 +247,37 @@ impl Agent {
             if let Err(e) = r {
                 tracing::warn!(dir = %d.display(), error = %e, "cannot open the directory to QEMU's group");
             }
+            // What lies directly in them is the daemon's alone (the store, tokens).
+            for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+                if let Ok(m) = e.metadata() {
+                    if m.is_file() && m.mode() & 0o077 != 0 {
+                        let _ = std::fs::set_permissions(
+                            e.path(),
+                            std::fs::Permissions::from_mode(m.mode() & 0o700),
+                        );
+                    }
+                }
+            }
+        }
+        // Post-copy migration needs userfaultfd, which an unprivileged process gets
+        // through this device (Linux 6.1+) when it may open it.
+        let uffd = Path::new(USERFAULTFD);
+        match std::fs::metadata(uffd) {
+            Ok(m) if m.gid() == gid && m.mode() & 0o060 == 0o060 => {}
+            Ok(m) => {
+                let r = std::os::unix::fs::chown(uffd, None, Some(gid)).and_then(|_| {
+                    std::fs::set_permissions(
+                        uffd,
+                        std::fs::Permissions::from_mode((m.mode() & 0o7707) | 0o060),
+                    )
+                });
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "cannot open {USERFAULTFD} to QEMU's group: post-copy migration will fail");
+                }
+            }
+            Err(_) => tracing::warn!(
+                "no {USERFAULTFD} (Linux 6.1+): post-copy migration needs vm.unprivileged_userfaultfd=1 with QEMU unprivileged"
+            ),
         }
     }
 }

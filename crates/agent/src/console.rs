@@ -29,8 +29,15 @@ pub struct Console {
 impl Console {
     /// Connects to the serial socket; `seed` is earlier output (e.g. the log file's tail
     /// after a daemon restart).
-    pub async fn attach(socket: &Path, seed: &[u8]) -> std::io::Result<Console> {
+    /// Only a socket served by process `pid` (QEMU) is taken.
+    pub async fn attach(socket: &Path, seed: &[u8], pid: i32) -> std::io::Result<Console> {
         let stream = UnixStream::connect(socket).await?;
+        if !ferry_qemu::peer_is(&stream, pid) {
+            return Err(std::io::Error::other(format!(
+                "{} is not served by QEMU {pid}",
+                socket.display()
+            )));
+        }
         let (mut rd, mut wr) = stream.into_split();
         let (out, _) = broadcast::channel(1024);
         let mut h = VecDeque::with_capacity(HISTORY);

@@ -323,9 +323,7 @@ impl Agent {
                 fds.push((ferry_qemu::nic_fd(k) + 1, vhost));
             }
         }
-        if let Some(w) = &who {
-            self.confine_plan(plan, w).await?;
-        }
+
         let _ = std::fs::remove_file(&plan.run.serial_log);
         // HA VMs are the ones self-fencing and the watchdog kill.
         let marker = plan.run.dir.join("ha");
@@ -338,6 +336,9 @@ impl Agent {
                 })?;
         } else {
             let _ = std::fs::remove_file(&marker);
+        }
+        if let Some(w) = &who {
+            self.confine_plan(plan, w).await?;
         }
         let argv = build_argv(plan);
         tracing::debug!(vm = name, ?argv, "starting QEMU");
@@ -355,8 +356,8 @@ impl Agent {
             return Err(e);
         }
         let connected = async {
-            let qmp = Qmp::connect_retry(&plan.run.qmp, QMP_CONNECT).await?;
-            let console = Console::attach(&plan.run.serial, &[])
+            let qmp = Qmp::connect_retry_to(&plan.run.qmp, QMP_CONNECT, pid).await?;
+            let console = Console::attach(&plan.run.serial, &[], pid)
                 .await
                 .map_err(|source| AgentError::Io {
                     what: "Connect to the serial console".into(),
@@ -451,7 +452,9 @@ impl Agent {
                     }
                     if alive {
                         // QMP dropped but QEMU lives: reconnect.
-                        match Qmp::connect_retry(&run.qmp, QMP_CONNECT).await {
+                        // (alive: the pid is known)
+                        let p = pid.unwrap_or_default();
+                        match Qmp::connect_retry_to(&run.qmp, QMP_CONNECT, p).await {
                             Ok(q) => {
                                 events = q.events();
                                 slot.with(|rt| rt.qmp = Some(q.clone()));
@@ -718,7 +721,7 @@ impl Agent {
         pid: i32,
         run: &RunPaths,
     ) -> Result<VmState> {
-        let qmp = Qmp::connect_retry(&run.qmp, Duration::from_secs(5)).await?;
+        let qmp = Qmp::connect_retry_to(&run.qmp, Duration::from_secs(5), pid).await?;
         // Jobs the previous daemon started (snapshots) run on in QEMU: let them end, so
         // the repair pass sees their result, and dismiss them.
         for _ in 0..600 {
@@ -748,7 +751,7 @@ impl Agent {
             Some("shutdown") => VmState::ShuttingDown,
             _ => VmState::Running,
         };
-        let console = Console::attach(&run.serial, &tail(&run.serial_log, 256 * 1024))
+        let console = Console::attach(&run.serial, &tail(&run.serial_log, 256 * 1024), pid)
             .await
             .map_err(|source| AgentError::Io {
                 what: "Reconnect to the serial console".into(),

@@ -76,13 +76,27 @@ impl Agent {
             .ok_or_else(|| AgentError::Conflict(format!("VM {name} is not running (no console)")))
     }
 
-    /// The VNC socket of a running VM.
-    pub async fn vnc_socket(&self, name: &str) -> Result<PathBuf> {
+    /// A connection to the VNC server of a running VM (checked to be its QEMU's).
+    pub async fn connect_vnc(&self, name: &str) -> Result<tokio::net::UnixStream> {
         let (r, _) = self.record(name).await?;
-        if !self.slot(name).state().has_process() {
+        let slot = self.slot(name);
+        let pid = slot.with(|rt| rt.pid);
+        let (true, Some(pid)) = (slot.state().has_process(), pid) else {
             return Err(AgentError::Conflict(format!("VM {name} is not running")));
+        };
+        let path = self.run_paths(r.id).vnc;
+        let io = |source| AgentError::Io {
+            what: format!("Connect to VNC of {name}"),
+            source,
+        };
+        let stream = tokio::net::UnixStream::connect(&path).await.map_err(io)?;
+        if !ferry_qemu::peer_is(&stream, pid) {
+            return Err(io(std::io::Error::other(format!(
+                "{} is not served by QEMU {pid}",
+                path.display()
+            ))));
         }
-        Ok(self.run_paths(r.id).vnc)
+        Ok(stream)
     }
 
     /// The block node of `pool/volume` if VM `vm` runs with it.

@@ -369,6 +369,8 @@ enum Proof {
         host: String,
         serial: Option<String>,
         on_behalf: Option<String>,
+        /// The user whose request the host passes on (held to its grants here).
+        proxied_for: Option<String>,
     },
     /// A ticket this daemon signed (the user still to be checked).
     Ticket { user: String, issued: u64 },
@@ -415,15 +417,18 @@ fn proof(
             serial,
             ..
         }) => {
-            let on_behalf = headers
-                .get(ferry_agent::audit::ON_BEHALF_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .filter(|u| plausible_actor(u))
-                .map(String::from);
+            let named = |h: &str| {
+                headers
+                    .get(h)
+                    .and_then(|v| v.to_str().ok())
+                    .filter(|u| plausible_actor(u))
+                    .map(String::from)
+            };
             return Ok(Proof::Peer {
                 host: host.to_string(),
                 serial: serial.map(|s| s.to_string()),
-                on_behalf,
+                on_behalf: named(ferry_agent::audit::ON_BEHALF_HEADER),
+                proxied_for: named(ferry_agent::audit::PROXIED_FOR_HEADER),
             });
         }
         _ => {}
@@ -482,6 +487,7 @@ async fn caller(agent: &Agent, auth: &Auth, p: Proof) -> Result<Caller, Refusal>
             host,
             serial,
             on_behalf,
+            proxied_for,
         } => {
             // A certificate of the CA, but not (or no longer) a member's: a host that
             // left, or a renewed certificate's predecessor.
@@ -491,6 +497,11 @@ async fn caller(agent: &Agent, auth: &Auth, p: Proof) -> Result<Caller, Refusal>
                     StatusCode::UNAUTHORIZED,
                     "This host certificate belongs to no current member of the cluster",
                 ));
+            }
+            // A user's request passed on by the host it reached: that user here too
+            // (its grants, its own tasks and password), never more.
+            if let Some(name) = proxied_for {
+                return Ok(Caller::User { name });
             }
             Ok(Caller::Peer {
                 host,
@@ -825,6 +836,7 @@ mod tests {
                 host: "h2".into(),
                 serial: None,
                 on_behalf: Some("alice".into()),
+                proxied_for: None,
             })
         );
         let odd = headers(&[(

@@ -21,15 +21,25 @@ const MAX_BODY: usize = 4 << 20;
 
 pub async fn forward(
     State(a): State<Agent>,
-    Path((host, rest)): Path<(String, String)>,
+    Path((host, _)): Path<(String, String)>,
+    caller: Option<axum::Extension<crate::Caller>>,
     req: Request,
 ) -> ApiResult<Response> {
+    // The path exactly as it came (never the decoded one), so the other host gets what
+    // the grants were checked against here (`ferry_access::need` sees the raw path).
+    let raw = req.uri().path();
+    let prefix = format!("/api/v1/nodes/{host}");
+    let rest = raw.strip_prefix(&prefix).unwrap_or_default();
     let query = req
         .uri()
         .query()
         .map(|q| format!("?{q}"))
         .unwrap_or_default();
-    let path = format!("/{rest}{query}");
+    let path = format!("{rest}{query}");
+    ferry_agent::check_forwarded(&path)?;
+    // A user's request: the other host holds it to that user's grants too (its
+    // handlers decide by the user as well: its tasks, its own password).
+    let user = caller.and_then(|axum::Extension(c)| c.restricted_user().map(String::from));
     let (mut parts, body) = req.into_parts();
     let upgrade = parts
         .headers
@@ -40,7 +50,7 @@ pub async fn forward(
         let ws = WebSocketUpgrade::from_request_parts(&mut parts, &a)
             .await
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
-        return relay(a, host, path, protocol, ws).await;
+        return relay(a, host, path, protocol, ws, user).await;
     }
     let method = reqwest::Method::from_bytes(parts.method.as_str().as_bytes())
         .map_err(|_| ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "Unknown method"))?;
@@ -52,7 +62,9 @@ pub async fn forward(
     let body: Bytes = axum::body::to_bytes(body, MAX_BODY)
         .await
         .map_err(|e| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("Body: {e}")))?;
-    let (status, ct, body) = a.forward_to_host(&host, method, &path, ct, body).await?;
+    let (status, ct, body) = a
+        .forward_to_host(&host, method, &path, ct, body, user.as_deref())
+        .await?;
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut resp = (status, body).into_response();
     if let Some(v) = ct.and_then(|c| c.parse().ok()) {
@@ -71,6 +83,7 @@ async fn relay(
     path: String,
     protocol: Option<header::HeaderValue>,
     ws: WebSocketUpgrade,
+    user: Option<String>,
 ) -> ApiResult<Response> {
     ferry_agent::check_forwarded(&path)?;
     let api = a.host_api(&host).await?;
@@ -88,6 +101,11 @@ async fn relay(
         request
             .headers_mut()
             .insert(ferry_agent::audit::ON_BEHALF_HEADER, who);
+    }
+    if let Some(u) = user.and_then(|u| u.parse().ok()) {
+        request
+            .headers_mut()
+            .insert(ferry_agent::audit::PROXIED_FOR_HEADER, u);
     }
     let (peer, resp) = connect_peer(&a, &host, request).await.map_err(|e| {
         ApiError::new(

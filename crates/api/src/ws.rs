@@ -69,13 +69,7 @@ pub async fn vnc(
     ApiPath(name): ApiPath<String>,
     ws: WebSocketUpgrade,
 ) -> ApiResult<Response> {
-    let path = a.vnc_socket(&name).await?;
-    let stream = tokio::net::UnixStream::connect(&path)
-        .await
-        .map_err(|source| ferry_agent::AgentError::Io {
-            what: format!("Connect to VNC of {name}"),
-            source,
-        })?;
+    let stream = a.connect_vnc(&name).await?;
     Ok(ws
         .protocols(["binary"])
         .on_upgrade(move |socket| pump(socket, stream)))

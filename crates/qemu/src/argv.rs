@@ -85,9 +85,10 @@ pub struct LaunchPlan {
     pub nic_fds: bool,
 }
 
-/// The descriptor of NIC `k`'s tap in a QEMU started with [`LaunchPlan::nic_fds`].
+/// The descriptor of NIC `k`'s tap in a QEMU started with [`LaunchPlan::nic_fds`]
+/// (descriptor 3 carries QEMU's output while it starts).
 pub fn nic_fd(k: usize) -> i32 {
-    3 + 2 * k as i32
+    4 + 2 * k as i32
 }
 
 struct Args(Vec<OsString>);
@@ -171,7 +172,6 @@ pub fn build_argv(p: &LaunchPlan) -> Vec<OsString> {
     // ferry detaches the process itself (`process::spawn_detached`): QEMU's own
     // -daemonize forks and calls setsid, which this filter forbids.
     a.push("-sandbox", SANDBOX);
-    a.push("-pidfile", p.run.pidfile.clone());
     a.push(
         "-qmp",
         format!("unix:{},server=on,wait=off", p.run.qmp.display()),

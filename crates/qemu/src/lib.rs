@@ -10,7 +10,7 @@ pub use accel::{detect_accel, Accel, AccelSetting};
 pub use argv::{
     build_argv, format_node, nic_fd, BackingFile, LaunchPlan, ResolvedCdrom, ResolvedDisk,
 };
-pub use process::{kill_and_wait, pid_alive, read_pid, spawn_detached, RunAs, RunPaths};
+pub use process::{kill_and_wait, peer_is, pid_alive, read_pid, spawn_detached, RunAs, RunPaths};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QemuError {

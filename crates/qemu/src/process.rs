@@ -9,39 +9,56 @@ use std::time::Duration;
 /// The files of one running VM.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunPaths {
+    /// The VM's run dir: the daemon's (QEMU's own user cannot make or replace
+    /// anything in it, so nothing the daemon reads or writes here can be a link).
     pub dir: PathBuf,
+    /// Where QEMU makes its sockets: its own (connections to them are checked for
+    /// the QEMU process at the other end).
+    pub sockets: PathBuf,
+    /// Written by the daemon once QEMU answers.
     pub pidfile: PathBuf,
     pub qmp: PathBuf,
     pub serial: PathBuf,
+    /// Made by the daemon, appended to by QEMU.
     pub serial_log: PathBuf,
     pub vnc: PathBuf,
+    /// QEMU's standard output and error, a file the daemon opened for it.
+    pub log: PathBuf,
 }
 
 impl RunPaths {
     pub fn new(dir: impl Into<PathBuf>) -> RunPaths {
         let dir = dir.into();
+        let sockets = dir.join("qemu");
         RunPaths {
             pidfile: dir.join("qemu.pid"),
-            qmp: dir.join("qmp.sock"),
-            serial: dir.join("serial.sock"),
+            qmp: sockets.join("qmp.sock"),
+            serial: sockets.join("serial.sock"),
             serial_log: dir.join("serial.log"),
-            vnc: dir.join("vnc.sock"),
+            vnc: sockets.join("vnc.sock"),
+            log: dir.join("qemu.log"),
+            sockets,
             dir,
         }
     }
 
-    /// Makes the dir and removes stale sockets and pidfile of an earlier run.
+    /// Makes the dirs and removes stale sockets and pidfile of an earlier run.
     pub fn prepare(&self) -> Result<(), QemuError> {
-        std::fs::create_dir_all(&self.dir).map_err(|source| QemuError::RunDir {
-            path: self.dir.display().to_string(),
-            source,
-        })?;
+        for d in [&self.dir, &self.sockets] {
+            std::fs::create_dir_all(d).map_err(|source| QemuError::RunDir {
+                path: d.display().to_string(),
+                source,
+            })?;
+        }
         for f in [&self.pidfile, &self.qmp, &self.serial, &self.vnc] {
             let _ = std::fs::remove_file(f);
         }
         Ok(())
     }
 }
+
+/// Where QEMU's standard output and error are while the launcher runs.
+const LOG_FD: i32 = 3;
 
 /// Who QEMU runs as: set before it is executed (its seccomp filter forbids changing
 /// it later), with no other groups than these.
@@ -69,19 +86,45 @@ pub async fn spawn_detached(
     fds: &[(i32, std::os::fd::OwnedFd)],
 ) -> Result<i32, QemuError> {
     use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
     run.prepare()?;
-    let log = run.dir.join("qemu.log");
+    let log = &run.log;
+    let log_file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(log)
+        .map_err(|source| QemuError::RunDir {
+            path: log.display().to_string(),
+            source,
+        })?;
     let mut cmd = tokio::process::Command::new("sh");
     cmd.arg("-c")
-        .arg(r#"log=$1; shift; setsid "$@" >"$log" 2>&1 </dev/null & echo $!"#)
+        .arg(r#"setsid "$@" >&3 2>&3 3>&- </dev/null & echo $!"#)
         .arg("sh")
-        .arg(&log)
         .arg(binary)
         .args(argv)
         .current_dir(&run.dir)
         .stdin(Stdio::null())
         .stderr(Stdio::null());
-    let moves: Vec<(i32, i32)> = fds.iter().map(|(to, f)| (f.as_raw_fd(), *to)).collect();
+    // Sources and targets, fixed before the fork (nothing may allocate after it).
+    let mut moves = [(-1i32, -1i32); 64];
+    let mut n = 0;
+    for (to, f) in fds
+        .iter()
+        .map(|(to, f)| (*to, f.as_raw_fd()))
+        .chain(std::iter::once((LOG_FD, log_file.as_raw_fd())))
+    {
+        if n == moves.len() {
+            return Err(QemuError::Start {
+                stderr: "too many descriptors for QEMU".into(),
+            });
+        }
+        moves[n] = (f, to);
+        n += 1;
+    }
     let ids = run_as.map(|r| {
         (
             nix::unistd::Uid::from_raw(r.uid),
@@ -98,16 +141,15 @@ pub async fn spawn_detached(
         cmd.pre_exec(move || {
             // First out of the way (a source may sit on a target number), then into
             // place without close-on-exec.
-            let mut high = Vec::with_capacity(moves.len());
-            for (from, _) in &moves {
-                let h = libc::fcntl(*from, libc::F_DUPFD_CLOEXEC, 100);
-                if h < 0 {
+            let mut high = [-1i32; 64];
+            for i in 0..n {
+                high[i] = libc::fcntl(moves[i].0, libc::F_DUPFD_CLOEXEC, 100);
+                if high[i] < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                high.push(h);
             }
-            for (h, (_, to)) in high.iter().zip(&moves) {
-                if libc::dup2(*h, *to) < 0 {
+            for i in 0..n {
+                if libc::dup2(high[i], moves[i].1) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }
@@ -130,7 +172,7 @@ pub async fn spawn_detached(
             stderr: "the launcher gave no pid".into(),
         })?;
     let failed = || QemuError::Start {
-        stderr: std::fs::read_to_string(&log)
+        stderr: std::fs::read_to_string(log)
             .map(|s| s.trim().to_string())
             .ok()
             .filter(|s| !s.is_empty())
@@ -138,7 +180,11 @@ pub async fn spawn_detached(
     };
     let deadline = tokio::time::Instant::now() + START_TIMEOUT;
     loop {
-        if greets(&run.qmp).await {
+        if greets(&run.qmp, pid).await {
+            write_pidfile(&run.pidfile, pid).map_err(|source| QemuError::RunDir {
+                path: run.pidfile.display().to_string(),
+                source,
+            })?;
             return Ok(pid);
         }
         // Just started by us: its pid cannot have been reused yet.
@@ -158,13 +204,41 @@ pub async fn spawn_detached(
 /// How long QEMU may take to initialise.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Whether the QMP socket accepts a connection and sends the greeting (QEMU has
-/// finished initialising). The connection is closed again; QEMU takes the next one.
-async fn greets(qmp: &Path) -> bool {
+/// The daemon's record of QEMU's pid (QEMU cannot write into the run dir).
+fn write_pidfile(path: &Path, pid: i32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?
+        .write_all(format!("{pid}\n").as_bytes())
+}
+
+/// Whether `pid` is at the other end of a connection to a unix socket (the socket
+/// lives in a folder QEMU's user owns, so its path alone proves nothing).
+pub fn peer_is(stream: &tokio::net::UnixStream, pid: i32) -> bool {
+    stream
+        .peer_cred()
+        .ok()
+        .and_then(|c| c.pid())
+        .is_some_and(|p| p == pid)
+}
+
+/// Whether QEMU `pid` accepts a connection on its QMP socket and sends the greeting
+/// (it has finished initialising). The connection is closed again; QEMU takes the
+/// next one.
+async fn greets(qmp: &Path, pid: i32) -> bool {
     use tokio::io::AsyncReadExt;
     let Ok(mut s) = tokio::net::UnixStream::connect(qmp).await else {
         return false;
     };
+    if !peer_is(&s, pid) {
+        return false;
+    }
     let mut buf = [0u8; 16];
     matches!(
         tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await,

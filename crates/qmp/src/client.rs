@@ -97,6 +97,41 @@ impl Qmp {
         }
     }
 
+    /// [`Qmp::connect_retry`], accepting only a socket whose other end is process
+    /// `pid` (the socket's folder may belong to QEMU's user, who could put another
+    /// socket in its place).
+    pub async fn connect_retry_to(
+        path: impl AsRef<Path>,
+        within: Duration,
+        pid: i32,
+    ) -> Result<Qmp, QmpError> {
+        let path = path.as_ref();
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match UnixStream::connect(path).await {
+                Ok(stream) => {
+                    let peer = stream.peer_cred().ok().and_then(|c| c.pid());
+                    if peer != Some(pid) {
+                        return Err(QmpError::Connect {
+                            path: path.display().to_string(),
+                            source: std::io::Error::other(format!(
+                                "the socket is served by {peer:?}, not QEMU {pid}"
+                            )),
+                        });
+                    }
+                    return Self::handshake(stream).await;
+                }
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(QmpError::Connect {
+                        path: path.display().to_string(),
+                        source: e,
+                    })
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
     /// Runs the protocol on an already connected stream.
     pub async fn handshake(stream: UnixStream) -> Result<Qmp, QmpError> {
         let (rd, wr) = stream.into_split();

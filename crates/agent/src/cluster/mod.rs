@@ -194,12 +194,16 @@ impl Peer {
         path_and_query: &str,
         content_type: Option<String>,
         body: bytes::Bytes,
+        proxied_for: Option<&str>,
     ) -> Result<(u16, Option<String>, bytes::Bytes)> {
         let mut req = self
             .http
             .request(method, format!("{}{path_and_query}", self.host.api));
         if let Some(ct) = content_type {
             req = req.header(reqwest::header::CONTENT_TYPE, ct);
+        }
+        if let Some(u) = proxied_for {
+            req = req.header(crate::audit::PROXIED_FOR_HEADER, u);
         }
         let resp = self.authed(req).body(body).send().await.map_err(|e| {
             self.err(
@@ -221,12 +225,18 @@ impl Peer {
     }
 }
 
-/// What may be forwarded to another host: its API, not this proxy again.
+/// What may be forwarded to another host: its API, not this proxy again, and a path
+/// that means on the other host what it meant here — no percent-escapes and no `.` or
+/// `..` segments (which a URL parser would resolve into another path than the one the
+/// grants were checked for).
 pub fn check_forwarded(path_and_query: &str) -> Result<()> {
-    if !path_and_query.starts_with("/api/v1/") || path_and_query.starts_with("/api/v1/nodes/") {
+    let path = path_and_query.split('?').next().unwrap_or_default();
+    let odd =
+        path.contains('%') || path.contains('\\') || path.split('/').any(|s| s == "." || s == "..");
+    if !path.starts_with("/api/v1/") || path.starts_with("/api/v1/nodes/") || odd {
         return Err(AgentError::invalid(
             "path",
-            format!("only /api/v1/ paths are forwarded to another host, not {path_and_query}"),
+            format!("only plain /api/v1/ paths are forwarded to another host, not {path}"),
         ));
     }
     Ok(())
@@ -256,6 +266,7 @@ impl Agent {
         path_and_query: &str,
         content_type: Option<String>,
         body: bytes::Bytes,
+        proxied_for: Option<&str>,
     ) -> Result<(u16, Option<String>, bytes::Bytes)> {
         check_forwarded(path_and_query)?;
         Peer::new(
@@ -263,7 +274,7 @@ impl Agent {
             Duration::from_secs(60),
             &self.inner.cfg.pki,
         )?
-        .forward(method, path_and_query, content_type, body)
+        .forward(method, path_and_query, content_type, body, proxied_for)
         .await
     }
 
