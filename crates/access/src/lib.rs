@@ -161,6 +161,8 @@ pub fn need(method: &str, path: &str) -> Need {
         ("GET", ["migrations", n]) => on(Privilege::Audit, format!("/vms/{n}")),
         ("POST", ["placement", "create"]) => on(Privilege::Modify, "/vms"),
         ("POST", ["placement"]) => on(Privilege::Audit, "/cluster"),
+        // An import reads a file of the host by its path: the host's administrator's.
+        ("POST", ["pools", _, "import"]) => on(Privilege::Modify, "/"),
         (_, ["pools"]) => rw("/pools"),
         (_, ["pools", p, ..]) => rw(&format!("/pools/{p}")),
         (

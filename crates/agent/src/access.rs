@@ -66,26 +66,28 @@ struct TokenRecord {
     token: ApiToken,
     /// SHA-256 of the secret.
     digest: String,
+    /// When its user was made: a token of an earlier user of the same name (one made
+    /// while that user was being deleted) is not the new one's.
+    #[serde(default)]
+    user_created_ms: u64,
 }
 
 /// Failed logins per user in the current minute.
 #[derive(Default)]
 pub(crate) struct LoginFailures(HashMap<String, (Instant, u32)>);
 
-/// The id of a host's admin token as a token of root.
+/// The id of a host's admin token as a token of root: `admin-HOST`, or for a host
+/// name that does not fit a token id, `admin-` and a digest of it (never two hosts'
+/// tokens under one id).
 pub fn host_token_id(host: &str) -> String {
-    let mut id: String = format!("admin-{host}")
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    id.truncate(32);
-    id
+    let plain = format!("admin-{host}");
+    let mut e = ValidationErrors::default();
+    ferry_types::check_token_id(&mut e, "id", &plain);
+    if e.0.is_empty() {
+        return plain;
+    }
+    let d = ferry_access::token::digest(host);
+    format!("admin-{}", &d[..16])
 }
 
 fn user_key(name: &str) -> String {
@@ -130,6 +132,7 @@ impl Agent {
             sessions_after_s: 0,
         };
         store.create_json(&user_key(ROOT_USER), &root).await?;
+        let root_created = self.user_record(ROOT_USER).await?.0.created_ms;
         let id = host_token_id(self.host_name());
         let digest = ferry_access::token::digest(admin_token);
         let key = token_key(ROOT_USER, &id);
@@ -139,15 +142,17 @@ impl Agent {
                     tracing::warn!(token = %id, "this host's admin token was revoked: only the local socket admits root here");
                     return Ok(());
                 }
-                Some((t, _)) if t.digest == digest => return Ok(()),
+                Some((t, _)) if t.digest == digest && t.user_created_ms == root_created => {
+                    return Ok(())
+                }
                 Some((_, kv)) => {
-                    let rec = self.host_token_record(&id, digest.clone());
+                    let rec = self.host_token_record(&id, digest.clone(), root_created);
                     if store.cas_json(&key, kv.mod_rev, &rec).await? {
                         return Ok(());
                     }
                 }
                 None => {
-                    let rec = self.host_token_record(&id, digest.clone());
+                    let rec = self.host_token_record(&id, digest.clone(), root_created);
                     if store.create_json(&key, &rec).await? {
                         return Ok(());
                     }
@@ -174,7 +179,7 @@ impl Agent {
         }
     }
 
-    fn host_token_record(&self, id: &str, digest: String) -> TokenRecord {
+    fn host_token_record(&self, id: &str, digest: String, root_created_ms: u64) -> TokenRecord {
         TokenRecord {
             token: ApiToken {
                 user: ROOT_USER.into(),
@@ -189,6 +194,7 @@ impl Agent {
                 created_by: "ferry".into(),
             },
             digest,
+            user_created_ms: root_created_ms,
         }
     }
 
@@ -231,7 +237,8 @@ impl Agent {
             comment: req.comment.clone(),
             created_ms: now_ms(),
             created_by: actor(),
-            sessions_after_s: 0,
+            // A ticket of an earlier user of this name is not this one's.
+            sessions_after_s: now_s(),
         };
         if !self
             .access_store()
@@ -355,6 +362,8 @@ impl Agent {
         if password.len() > ferry_types::MAX_PASSWORD || name.len() > 64 {
             return Err(refuse());
         }
+        // Counted as a failure before the check (and taken back if right), so
+        // attempts sent at once cannot all pass the limit.
         {
             let mut f = self
                 .inner
@@ -362,11 +371,13 @@ impl Agent {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
             f.0.retain(|_, (t, _)| t.elapsed() < Duration::from_secs(60));
-            if f.0.get(name).is_some_and(|(_, n)| *n >= LOGIN_FAILURES) {
+            let e = f.0.entry(name.to_string()).or_insert((Instant::now(), 0));
+            if e.1 >= LOGIN_FAILURES {
                 return Err(AgentError::Unauthorized(format!(
                     "Too many wrong passwords for {name}: try again in a minute"
                 )));
             }
+            e.1 += 1;
         }
         let rec = match self.user_record(name).await {
             Ok((u, _)) => Some(u),
@@ -379,15 +390,16 @@ impl Agent {
             .and_then(|u| u.password_hash.clone());
         let ok = verify_blocking(password.to_string(), hash).await?;
         if ok {
+            let mut f = self
+                .inner
+                .login_failures
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(e) = f.0.get_mut(name) {
+                e.1 = e.1.saturating_sub(1);
+            }
             return Ok(name.to_string());
         }
-        let mut f = self
-            .inner
-            .login_failures
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let e = f.0.entry(name.to_string()).or_insert((Instant::now(), 0));
-        e.1 += 1;
         tracing::warn!(user = %name, "login with a wrong password");
         Err(refuse())
     }
@@ -435,7 +447,7 @@ impl Agent {
             return Ok(None);
         }
         match self.user_record(user).await {
-            Ok((u, _)) if u.enabled => Ok(Some(u.name)),
+            Ok((u, _)) if u.enabled && t.user_created_ms == u.created_ms => Ok(Some(u.name)),
             Ok(_) | Err(AgentError::NotFound(_)) => Ok(None),
             Err(e) => Err(e),
         }
@@ -455,7 +467,7 @@ impl Agent {
     /// Makes a token for `user`; its value is shown only in this answer.
     pub async fn create_token(&self, user: &str, req: TokenCreate) -> Result<TokenCreated> {
         req.validate()?;
-        self.user_record(user).await?;
+        let (u, _) = self.user_record(user).await?;
         let secret = ferry_access::token::new_secret();
         let now = now_ms();
         let rec = TokenRecord {
@@ -471,6 +483,7 @@ impl Agent {
                 created_by: actor(),
             },
             digest: ferry_access::token::digest(&secret),
+            user_created_ms: u.created_ms,
         };
         if !self
             .access_store()
@@ -605,7 +618,15 @@ fn now_s() -> u64 {
     now_ms() / 1000
 }
 
+/// Password hashes computed at once (each takes 19 MiB and a core for a while): more
+/// logins wait their turn instead of taking the host's memory.
+static ARGON2_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
 async fn hash_blocking(p: String) -> Result<String> {
+    let _slot = ARGON2_SLOTS
+        .acquire()
+        .await
+        .map_err(|e| AgentError::Conflict(format!("password hashing: {e}")))?;
     tokio::task::spawn_blocking(move || ferry_access::password::hash(&p))
         .await
         .map_err(|e| AgentError::Conflict(format!("password hashing failed: {e}")))
@@ -613,6 +634,10 @@ async fn hash_blocking(p: String) -> Result<String> {
 
 /// Verifies against `hash`, or spends the same time when there is none.
 async fn verify_blocking(p: String, hash: Option<String>) -> Result<bool> {
+    let _slot = ARGON2_SLOTS
+        .acquire()
+        .await
+        .map_err(|e| AgentError::Conflict(format!("password check: {e}")))?;
     tokio::task::spawn_blocking(move || match hash {
         Some(h) => ferry_access::password::verify(&p, &h),
         None => {

@@ -130,3 +130,48 @@ pub async fn revoke_grant(
 ) -> ApiResult<Json<Vec<AclEntry>>> {
     Ok(Json(a.revoke_grant(e).await?))
 }
+
+/// What a VM definition (or a disk, or a CD) a restricted user hands in may use: disks
+/// take space in (or name a volume of) their pool, so they need Modify there; ISOs
+/// need Audit on theirs. Root, local callers and hosts are not held to this.
+pub(crate) async fn check_pool_use(
+    a: &Agent,
+    caller: &Caller,
+    disk_pools: &[&str],
+    iso_pools: &[&str],
+) -> crate::error::ApiResult<()> {
+    use ferry_access::Privilege;
+    let Some(user) = caller.restricted_user() else {
+        return Ok(());
+    };
+    let acl = a.acl().await?;
+    let needs = disk_pools
+        .iter()
+        .map(|p| (Privilege::Modify, *p))
+        .chain(iso_pools.iter().map(|p| (Privilege::Audit, *p)));
+    for (p, pool) in needs {
+        let on = format!("/pools/{pool}");
+        if !ferry_access::allows(&acl, user, p, &on) {
+            return Err(crate::ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!("User {user} may not use pool {pool}: it needs {p:?} on {on}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// [`check_pool_use`] for a whole definition.
+pub(crate) async fn check_spec_pools(
+    a: &Agent,
+    caller: &Caller,
+    spec: &ferry_types::VmSpec,
+) -> crate::error::ApiResult<()> {
+    let disks: Vec<&str> = spec.disks.iter().map(|d| d.pool.as_str()).collect();
+    let isos: Vec<&str> = spec
+        .cdroms
+        .iter()
+        .filter_map(|c| c.pool.as_deref())
+        .collect();
+    check_pool_use(a, caller, &disks, &isos).await
+}

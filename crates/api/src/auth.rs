@@ -599,6 +599,16 @@ pub async fn require(
     let path = req.uri().path().to_string();
     let open = ferry_access::need(req.method().as_str(), &path) == Need::Open;
     let shown = proof(&auth, c.clone(), req.method(), req.headers(), ferry_gid());
+    // An API token does not make tokens: one that leaked must not outlive its
+    // revocation through tokens it made (through the proxy to another host neither).
+    let by_token = matches!(shown, Ok(Proof::Token(_)));
+    if by_token && req.method() == Method::POST && path.ends_with("/tokens") {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "An API token cannot make tokens: log in with the user's password (ferry login)",
+        )
+        .into_response();
+    }
     let decided = match shown {
         Ok(p) => caller(&agent, &auth, p).await,
         Err(e) => Err(e),

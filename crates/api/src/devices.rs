@@ -19,9 +19,11 @@ pub struct DiskAttached {
               (status = 400, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
 pub async fn attach_disk(
     State(a): State<Agent>,
+    axum::Extension(caller): axum::Extension<crate::Caller>,
     ApiPath(name): ApiPath<String>,
     ApiJson(disk): ApiJson<ferry_types::DiskSpec>,
 ) -> ApiResult<(StatusCode, Json<DiskAttached>)> {
+    crate::access::check_pool_use(&a, &caller, &[disk.pool.as_str()], &[]).await?;
     let index = a.attach_disk(&name, disk).await?;
     Ok((StatusCode::CREATED, Json(DiskAttached { index })))
 }
@@ -43,9 +45,12 @@ pub async fn detach_disk(
               (status = 404, body = ApiErrorBody)))]
 pub async fn change_cdrom(
     State(a): State<Agent>,
+    axum::Extension(caller): axum::Extension<crate::Caller>,
     ApiPath((name, index)): ApiPath<(String, usize)>,
     ApiJson(media): ApiJson<ferry_types::CdromSpec>,
 ) -> ApiResult<Json<Vm>> {
+    let isos: Vec<&str> = media.pool.as_deref().into_iter().collect();
+    crate::access::check_pool_use(&a, &caller, &[], &isos).await?;
     a.change_cdrom(&name, index, media).await?;
     Ok(Json(a.get_vm(&name).await?))
 }
@@ -86,9 +91,11 @@ pub async fn detach_nic(
               (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
 pub async fn move_disk(
     State(a): State<Agent>,
+    axum::Extension(caller): axum::Extension<crate::Caller>,
     ApiPath((name, index)): ApiPath<(String, usize)>,
     ApiJson(req): ApiJson<DiskMove>,
 ) -> ApiResult<(StatusCode, Json<TaskAccepted>)> {
+    crate::access::check_pool_use(&a, &caller, &[req.pool.as_str()], &[]).await?;
     let vm = a.get_vm(&name).await?;
     if index >= vm.spec.disks.len() {
         return Err(ferry_agent::AgentError::NotFound(format!("disk{index} of {name}")).into());

@@ -69,8 +69,10 @@ pub async fn place_spec(
               (status = 400, body = ApiErrorBody), (status = 409, description = "No host can take it", body = ApiErrorBody)))]
 pub async fn create_placed(
     State(a): State<Agent>,
+    axum::Extension(caller): axum::Extension<crate::Caller>,
     ApiJson(spec): ApiJson<VmSpec>,
 ) -> ApiResult<(StatusCode, Json<Vm>)> {
+    crate::access::check_spec_pools(&a, &caller, &spec).await?;
     Ok((StatusCode::CREATED, Json(a.create_placed(spec).await?)))
 }
 

@@ -802,9 +802,36 @@ async fn users_roles_tokens_and_audit() {
         .await
         .unwrap()
         .value;
-    let (s, t) = as_bearer(
+    // A token does not make tokens (a leaked one must not outlive its revocation);
+    // a login does.
+    let (s, _) = as_bearer(
         &agent,
         &carol_boot,
+        "POST",
+        "/api/v1/access/users/carol/tokens",
+        Some(json!({"id": "ci"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _) = root(
+        "PUT",
+        "/api/v1/access/users/carol/password",
+        Some(json!({"password": "carol-pass-1234"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (_, v) = as_bearer(
+        &agent,
+        "x",
+        "POST",
+        "/api/v1/login",
+        Some(json!({"user": "carol", "password": "carol-pass-1234"})),
+    )
+    .await;
+    let carol_t = v["ticket"].as_str().unwrap().to_string();
+    let (s, t) = as_bearer(
+        &agent,
+        &carol_t,
         "POST",
         "/api/v1/access/users/carol/tokens",
         Some(json!({"id": "ci"})),
@@ -882,15 +909,52 @@ async fn users_roles_tokens_and_audit() {
     let (s, _) = as_bearer(&agent, &carol, "GET", "/api/v1/vms", None).await;
     assert_eq!(s, StatusCode::FORBIDDEN);
 
-    // Who did what: alice's import is her task; an Auditor of / sees it, carol does not.
+    // An import reads a host file by its path: not for a pool's administrator.
     let iso = d.path().join("boot.iso");
     std::fs::write(&iso, vec![1u8; 1 << 20]).unwrap();
+    let import = json!({"name": "boot.iso", "source": iso});
+    let (s, _) = as_bearer(
+        &agent,
+        &alice_t,
+        "POST",
+        "/api/v1/pools/local/import",
+        Some(import.clone()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // A disk on a pool she has no grant on is refused (she may use /pools/local only).
+    let (s, _) = root(
+        "POST",
+        "/api/v1/access/acl",
+        Some(json!({"path": "/vms", "user": "alice", "role": "Administrator"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, e) = as_bearer(
+        &agent,
+        &alice_t,
+        "POST",
+        "/api/v1/vms/x1/disks",
+        Some(json!({"pool": "p2", "size": "1M"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("pool p2"), "{e}");
+    // Who did what: alice's import (as an administrator of everything now) is her
+    // task; an Auditor of / sees it, carol does not.
+    let (s, _) = root(
+        "POST",
+        "/api/v1/access/acl",
+        Some(json!({"path": "/", "user": "alice", "role": "Administrator"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
     let (s, t) = as_bearer(
         &agent,
         &alice_t,
         "POST",
         "/api/v1/pools/local/import",
-        Some(json!({"name": "boot.iso", "source": iso})),
+        Some(import),
     )
     .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{t}");

@@ -21,8 +21,10 @@ pub async fn list_vms(State(a): State<Agent>) -> ApiResult<Json<Vec<Vm>>> {
               (status = 409, description = "Name taken", body = ferry_types::ApiErrorBody)))]
 pub async fn create_vm(
     State(a): State<Agent>,
+    axum::Extension(caller): axum::Extension<crate::Caller>,
     ApiJson(spec): ApiJson<VmSpec>,
 ) -> ApiResult<(StatusCode, Json<Vm>)> {
+    crate::access::check_spec_pools(&a, &caller, &spec).await?;
     Ok((StatusCode::CREATED, Json(a.create_vm(spec).await?)))
 }
 
@@ -39,9 +41,11 @@ pub async fn get_vm(State(a): State<Agent>, ApiPath(name): ApiPath<String>) -> A
               (status = 400, body = ferry_types::ApiErrorBody), (status = 409, body = ferry_types::ApiErrorBody)))]
 pub async fn put_vm(
     State(a): State<Agent>,
+    axum::Extension(caller): axum::Extension<crate::Caller>,
     ApiPath(name): ApiPath<String>,
     ApiJson(spec): ApiJson<VmSpec>,
 ) -> ApiResult<Json<Vm>> {
+    crate::access::check_spec_pools(&a, &caller, &spec).await?;
     Ok(Json(a.edit_vm(&name, spec).await?))
 }
 

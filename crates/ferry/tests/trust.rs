@@ -607,6 +607,39 @@ fn users_log_in_and_are_held_to_their_grants() -> Result<()> {
         "h2 did not record alice: {by:?}"
     );
     h2.ferry_ok(&["vm", "kill", "t2"])?;
+    // Through the proxy, a path that another host would resolve elsewhere (escaped
+    // dot segments) is refused here, and no grant is made.
+    let grant = r#"{"path":"/","user":"alice","role":"Administrator"}"#;
+    for sneaky in [
+        "/api/v1/nodes/h2/api/v1/vms/t2/snapshots/..%2F..%2F..%2Faccess%2Facl%3F/revert",
+        "/api/v1/nodes/h2/api/v1/vms/t2/../../access/acl",
+    ] {
+        let o = lab
+            .client_cmd("curl")
+            .args(["-s", "--path-as-is", "-w", "%{http_code}", "--cacert", &ca])
+            .args([
+                "-X",
+                "POST",
+                "-H",
+                "content-type: application/json",
+                "-d",
+                grant,
+                "-H",
+            ])
+            .arg(format!("Authorization: Bearer {ticket}"))
+            .arg(format!("{}{sneaky}", server("h1")?))
+            .output()?;
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        ensure!(
+            out.ends_with("403") || out.ends_with("400"),
+            "{sneaky}: {out}"
+        );
+    }
+    let acl = h1.ferry_json(&["acl", "list"])?;
+    ensure!(
+        !acl.to_string().contains("Administrator"),
+        "alice made herself Administrator: {acl}"
+    );
     // Revoked: refused at once, on every host; a deleted user's session ends.
     h1.ferry_ok(&["token", "revoke", "bob", "ro"])?;
     refused("h2", &["--token-file", &bob_s, "vm", "list"], "401")?;

@@ -107,6 +107,12 @@ pub async fn spawn_detached(
         .arg(binary)
         .args(argv)
         .current_dir(&run.dir)
+        // Nothing of the daemon's environment (tokens, proxies) reaches QEMU.
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
         .stdin(Stdio::null())
         .stderr(Stdio::null());
     // Sources and targets, fixed before the fork (nothing may allocate after it).

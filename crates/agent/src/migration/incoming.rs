@@ -316,6 +316,8 @@ impl Agent {
         }
         let locks = self.take_over_locks(&rec.spec, &source).await?;
         let _ = qmp.execute("nbd-server-stop", None).await;
+        // The host's key leaves this QEMU's memory with its credentials.
+        super::tls::drop_creds(&qmp).await;
         let state = slot.state();
         let state = if state == VmState::Starting {
             VmState::Running

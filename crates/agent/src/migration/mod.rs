@@ -555,10 +555,9 @@ impl Agent {
     /// the LAN told where it is (the destination may have claimed its MACs).
     async fn recover_source(&self, name: &str, qmp: &Qmp, copy: &[usize]) {
         self.cancel_mirrors(qmp, copy).await;
-        // TLS off again: a later suspend migrates to a file.
-        let _ = qmp
-            .execute("migrate-set-parameters", Some(json!({"tls-creds": ""})))
-            .await;
+        // TLS off again (a later suspend migrates to a file), and the host's key out of
+        // this QEMU's memory.
+        tls::drop_creds(qmp).await;
         if let Ok((r, _)) = self.record(name).await {
             self.announce_vm(&r.spec);
         }

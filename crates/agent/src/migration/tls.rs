@@ -46,6 +46,20 @@ async fn object_add(qmp: &Qmp, obj: serde_json::Value) -> Result<()> {
     Ok(())
 }
 
+/// Takes the migration's TLS settings back and deletes the credentials objects, so the
+/// host's key (which they hold in memory) stays in QEMU no longer than a migration.
+pub(crate) async fn drop_creds(qmp: &Qmp) {
+    let _ = qmp
+        .execute(
+            "migrate-set-parameters",
+            Some(json!({"tls-creds": "", "tls-authz": "", "tls-hostname": ""})),
+        )
+        .await;
+    for id in [SERVER_CREDS, CLIENT_CREDS, AUTHZ] {
+        let _ = qmp.execute("object-del", Some(json!({ "id": id }))).await;
+    }
+}
+
 impl Agent {
     /// The files QEMU's `tls-creds-x509` reads (the names it expects), from the host's
     /// certificate files, for VM `vm`'s QEMU.
