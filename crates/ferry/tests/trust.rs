@@ -327,6 +327,20 @@ fn certificates_of_renewed_or_departed_hosts_are_refused() -> Result<()> {
     let first = save("first")?;
     ensure!(as_h2(&first)? == "200", "h2's certificate was refused");
     ensure!(etcd_as(&first)?, "etcd refused h2's certificate");
+    // h2's migration identity (whose key QEMU holds while it migrates) opens neither
+    // the API nor etcd.
+    let pki2 = lab.state_dir("h2").join(ferry_pki::PKI_DIR);
+    let mig = (
+        pki2.join("migration.crt").display().to_string(),
+        pki2.join("migration.key").display().to_string(),
+    );
+    ensure!(Path::new(&mig.0).is_file(), "h2 made no migration identity");
+    let code = as_h2(&mig)?;
+    ensure!(
+        code != "200",
+        "the API took h2's migration certificate: {code}"
+    );
+    ensure!(!etcd_as(&mig)?, "etcd took h2's migration certificate");
     // Renewed: the old certificate is refused, the new one works.
     let st = h2.ferry_json(&["cluster", "certs", "renew"])?;
     ensure!(st["host"]["serial"].is_string(), "{st}");

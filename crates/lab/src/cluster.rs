@@ -529,7 +529,17 @@ impl ClusterLab {
             {
                 return Ok(());
             }
-            if !self.daemon_alive(host) {
+            // Its pid is ours (just started): gone or a zombie means it ended. (Its
+            // command line names the state dir only once `ip netns exec` has exec'd it.)
+            let ended = self.host(host)?.daemon_pid.is_none_or(|p| {
+                let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+                stat.is_empty()
+                    || stat
+                        .rsplit_once(')')
+                        .and_then(|(_, r)| r.split_whitespace().next())
+                        == Some("Z")
+            });
+            if ended {
                 bail!("ferry serve on {host} exited: {}", self.daemon_log(host));
             }
             std::thread::sleep(Duration::from_millis(50));

@@ -234,6 +234,35 @@ impl HostPki {
         write_pair(dir, cert_pem, key_pem)
     }
 
+    /// This host's migration identity (`migration-ca.crt`, `migration.crt`,
+    /// `migration.key`), made when missing, not this host's, or within 30 days of its end.
+    pub fn migration(&self) -> Result<crate::MigrationIdentity> {
+        let current = (|| {
+            let id = crate::MigrationIdentity {
+                ca_pem: read(&self.dir, "migration-ca.crt").ok()?,
+                cert_pem: read(&self.dir, "migration.crt").ok()?,
+                key_pem: read(&self.dir, "migration.key").ok()?,
+            };
+            check_pair(&id.cert_pem, &id.key_pem).ok()?;
+            let der = one_cert(&id.cert_pem, "The migration certificate").ok()?;
+            let info = cert_info(&der).ok()?;
+            let soon =
+                (time::OffsetDateTime::now_utc() + time::Duration::days(30)).unix_timestamp();
+            (crate::verify::common_name(&der).as_deref() == Some(self.name.as_str())
+                && info.not_after > soon)
+                .then_some(id)
+        })();
+        if let Some(id) = current {
+            return Ok(id);
+        }
+        let id = crate::new_migration_identity(&self.name)?;
+        write(&self.dir, "migration.key", &id.key_pem, 0o600)?;
+        write(&self.dir, "migration.crt", &id.cert_pem, 0o644)?;
+        write(&self.dir, "migration-ca.crt", &id.ca_pem, 0o644)?;
+        tracing::info!(dir = %self.dir.display(), "made this host's migration identity");
+        Ok(id)
+    }
+
     /// Forgets the cluster's CA and certificates (after leaving): the next start makes
     /// the host's own again.
     pub fn forget(dir: &Path) {

@@ -5,6 +5,10 @@
 //! `host.key` (this host's certificate: subject CN = the host name, SANs = its name
 //! and cluster addresses; usable as TLS server and client). Keys are 0600.
 //!
+//! `migration-ca.crt`, `migration.crt`, `migration.key`: the host's identity for QEMU's
+//! TLS on migration streams only ([`MigrationIdentity`], a CA of its own that nothing
+//! else trusts).
+//!
 //! Peers are identified by the host name in their certificate, verified against the
 //! cluster CA — never by their address ([`Expect::Host`]). A CLI that only needs "a
 //! member of my cluster" uses [`Expect::AnyMember`]; a host joining a cluster for the
@@ -139,6 +143,58 @@ fn host_params(name: &str, addresses: &[IpAddr]) -> Result<CertificateParams> {
     p.not_after = now + Duration::days(HOST_DAYS);
     p.serial_number = Some(serial());
     Ok(p)
+}
+
+/// A host's identity for QEMU's TLS on migration streams: a CA of its own (made for
+/// this only; its key is thrown away once it signed) and a certificate it signed (CN =
+/// the host name, O = `ferry-migration`). No API, etcd or replication link trusts this
+/// CA, so the key QEMU must hold while it migrates opens nothing else.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationIdentity {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// The organisation in migration certificates (QEMU's `authz-list` matches it).
+pub const MIGRATION_ORG: &str = "ferry-migration";
+
+/// A new [`MigrationIdentity`] for host `name`.
+pub fn new_migration_identity(name: &str) -> Result<MigrationIdentity> {
+    let ca_key = KeyPair::generate().map_err(bad("Make the migration CA key"))?;
+    let mut p = CertificateParams::default();
+    p.distinguished_name
+        .push(DnType::CommonName, format!("ferry migration CA ({name})"));
+    p.distinguished_name
+        .push(DnType::OrganizationName, MIGRATION_ORG.to_string());
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = OffsetDateTime::now_utc();
+    p.not_before = now - Duration::hours(1);
+    p.not_after = now + Duration::days(HOST_DAYS + 1);
+    p.serial_number = Some(serial());
+    let ca = p
+        .self_signed(&ca_key)
+        .map_err(bad("Sign the migration CA"))?;
+    let issuer =
+        Issuer::from_ca_cert_pem(&ca.pem(), ca_key).map_err(bad("Read the migration CA"))?;
+    let key = KeyPair::generate().map_err(bad("Make the migration key"))?;
+    let mut leaf = host_params(name, &[])?;
+    leaf.distinguished_name = rcgen::DistinguishedName::new();
+    leaf.distinguished_name.push(DnType::CommonName, name);
+    leaf.distinguished_name
+        .push(DnType::OrganizationName, MIGRATION_ORG.to_string());
+    let cert = leaf
+        .signed_by(&key, &issuer)
+        .map_err(bad("Sign the migration certificate"))?;
+    Ok(MigrationIdentity {
+        ca_pem: ca.pem(),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
 }
 
 /// Host names in certificates: what ferry accepts as a host name (letters, digits,

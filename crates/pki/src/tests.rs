@@ -233,3 +233,41 @@ async fn an_admin_certificate_for_people_the_host_certificate_for_hosts() {
     // A key that is not the certificate's is refused at load.
     assert!(AdminCert::load(&site.cert_path(), &h1.key_path()).is_err());
 }
+
+/// A host's migration identity names the host, is kept, and opens no link that the
+/// cluster CA guards (QEMU holds its key while it migrates).
+#[tokio::test]
+async fn the_migration_identity_is_trusted_by_nothing_else() {
+    let d = tempfile::tempdir().unwrap();
+    let h1 = HostPki::ensure(&d.path().join("h1"), "h1", &[]).unwrap();
+    let h2 = host(d.path(), &h1, "h2", [10, 0, 0, 2]);
+    let m = h2.migration().unwrap();
+    assert_eq!(h2.migration().unwrap(), m, "made again although current");
+    let der = files_cert_der(&m.cert_pem);
+    assert_eq!(crate::verify::common_name(&der).as_deref(), Some("h2"));
+    assert!(cert_info(&der).unwrap().subject.contains(MIGRATION_ORG));
+    // Shown to h1 as if it were h2's host certificate: refused.
+    let fake = d.path().join("fake");
+    HostPki::install(&fake, h1.ca_pem(), None, &m.cert_pem, &m.key_pem).unwrap();
+    let fake = HostPki::load(&fake).unwrap();
+    assert!(handshake(
+        h1.server_config(true),
+        fake.client_config(Expect::Host("h1".into()))
+    )
+    .await
+    .is_err());
+    // h2's real certificate still works.
+    assert!(handshake(
+        h1.server_config(true),
+        h2.client_config(Expect::Host("h1".into()))
+    )
+    .await
+    .is_ok());
+}
+
+fn files_cert_der(pem: &str) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .unwrap()
+        .to_vec()
+}

@@ -41,6 +41,10 @@ pub struct ClusterHost {
     /// static cluster file (any certificate of the CA naming the host).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert_serial: Option<String>,
+    /// The CA of its migration identity (PEM): what QEMU on another host trusts for a
+    /// migration stream with it (nothing else trusts it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_ca: Option<String>,
 }
 
 /// The cluster file: `{"hosts": [...]}`.

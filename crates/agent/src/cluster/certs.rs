@@ -155,6 +155,26 @@ impl Agent {
     /// (it may have been made again for a changed address).
     pub async fn publish_own_cert(&self) -> Result<()> {
         let serial = self.inner.cfg.pki.host_info()?.serial;
-        self.record_cert_serial(self.host_name(), &serial).await
+        self.record_cert_serial(self.host_name(), &serial).await?;
+        // And the CA of its migration identity (what other hosts' QEMUs trust for a
+        // migration stream with this one).
+        let Some(link) = &self.inner.cluster else {
+            return Ok(());
+        };
+        let ca = self.inner.cfg.pki.migration()?.ca_pem;
+        let key = format!("{}{}", super::membership::MEMBERS, self.host_name());
+        loop {
+            let Some((mut h, kv)) = link.root.get_json::<ferry_types::ClusterHost>(&key).await?
+            else {
+                return Ok(());
+            };
+            if h.migration_ca.as_deref() == Some(ca.as_str()) {
+                return Ok(());
+            }
+            h.migration_ca = Some(ca.clone());
+            if link.root.cas_json(&key, kv.mod_rev, &h).await? {
+                return Ok(());
+            }
+        }
     }
 }

@@ -497,6 +497,8 @@ impl Agent {
             api: req.api.clone(),
             address: req.address.clone(),
             cert_serial: cert_serial(&host_cert),
+            // The joiner publishes its own when its daemon starts.
+            migration_ca: None,
         };
         let created = link
             .root
@@ -604,6 +606,7 @@ impl Agent {
                 api: peer_api,
                 address: String::new(),
                 cert_serial: None,
+                migration_ca: None,
             },
             Duration::from_secs(30),
             tls,
@@ -695,6 +698,7 @@ impl Agent {
                 api: cfg.api.clone(),
                 address: cfg.address.clone(),
                 cert_serial: pki.host_info().ok().map(|i| i.serial),
+                migration_ca: pki.migration().ok().map(|m| m.ca_pem),
             },
         )
         .await?;

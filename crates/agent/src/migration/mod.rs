@@ -352,7 +352,7 @@ impl Agent {
         )
         .await?;
         // QEMU's TLS with the host certificates; the destination must be host `to`.
-        self.qemu_tls_client(name, qmp).await?;
+        self.qemu_tls_client(name, qmp, &req.to).await?;
         qmp.execute(
             "migrate-set-parameters",
             Some(json!({"tls-creds": tls::CLIENT_CREDS, "tls-hostname": req.to})),

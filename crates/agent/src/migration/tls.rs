@@ -13,16 +13,27 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
 /// The destination's credentials object (server end, client certificate required).
+/// The certificates are the hosts' migration identities (`ferry_pki::MigrationIdentity`):
+/// the key QEMU holds while it migrates is trusted by nothing but another QEMU.
 pub(crate) const SERVER_CREDS: &str = "ferry-tls-server";
 /// The source's credentials object (client end).
 pub(crate) const CLIENT_CREDS: &str = "ferry-tls-client";
 /// Who may connect to the destination.
 pub(crate) const AUTHZ: &str = "ferry-tls-authz";
 
-/// The subject of host `host`'s certificate as GnuTLS prints it (RFC 4514), in either
-/// order of its two parts.
-fn subjects(host: &str) -> [String; 2] {
-    [format!("CN={host},O=ferry"), format!("O=ferry,CN={host}")]
+/// The subject of host `host`'s certificate (of organisation `org`) as GnuTLS prints
+/// it (RFC 4514), in either order of its two parts.
+fn subjects(host: &str, org: &str) -> [String; 2] {
+    [format!("CN={host},O={org}"), format!("O={org},CN={host}")]
+}
+
+/// What QEMU gets for a migration with host `peer`: the CAs it trusts, this host's
+/// certificate and key, and the organisation the peer's certificate names.
+struct Creds {
+    ca: String,
+    cert: String,
+    key: String,
+    org: &'static str,
 }
 
 /// A folder of QEMU's TLS files for one VM's QEMU, removed when dropped: QEMU reads
@@ -63,7 +74,33 @@ pub(crate) async fn drop_creds(qmp: &Qmp) {
 impl Agent {
     /// The files QEMU's `tls-creds-x509` reads (the names it expects), from the host's
     /// certificate files, for VM `vm`'s QEMU.
-    async fn qemu_tls_files(&self, vm: &str) -> Result<TlsFiles> {
+    /// The credentials for a migration with host `peer`: both hosts' migration
+    /// identities when the peer published its own (its member record), else — a static
+    /// cluster, a member from before — the cluster's CA and the host certificates.
+    async fn migration_creds(&self, peer: &str) -> Result<Creds> {
+        let peer_ca = match &self.inner.cluster {
+            Some(_) => self.cluster_host(peer).await?.migration_ca,
+            None => None,
+        };
+        if let Some(peer_ca) = peer_ca {
+            let own = self.inner.cfg.pki.migration()?;
+            return Ok(Creds {
+                ca: format!("{}\n{peer_ca}", own.ca_pem.trim_end()),
+                cert: own.cert_pem,
+                key: own.key_pem,
+                org: ferry_pki::MIGRATION_ORG,
+            });
+        }
+        let pki = ferry_pki::HostPki::load(&self.inner.cfg.pki.dir)?;
+        Ok(Creds {
+            ca: pki.ca_pem().to_string(),
+            cert: pki.cert_pem().to_string(),
+            key: pki.key_pem().to_string(),
+            org: "ferry",
+        })
+    }
+
+    async fn qemu_tls_files(&self, vm: &str, creds: &Creds) -> Result<TlsFiles> {
         let id = self.record(vm).await?.0.id;
         let who = self.qemu_identity(id)?;
         let dir = self
@@ -82,13 +119,12 @@ impl Agent {
             crate::confine::reachable(&dir.join("x"), w, &self.managed_dirs().await)?;
             crate::confine::own(&dir, 0, w.gid, 0o710)?;
         }
-        let pki = ferry_pki::HostPki::load(&self.inner.cfg.pki.dir)?;
         for (file, data) in [
-            ("ca-cert.pem", pki.ca_pem()),
-            ("server-cert.pem", pki.cert_pem()),
-            ("server-key.pem", pki.key_pem()),
-            ("client-cert.pem", pki.cert_pem()),
-            ("client-key.pem", pki.key_pem()),
+            ("ca-cert.pem", creds.ca.as_str()),
+            ("server-cert.pem", creds.cert.as_str()),
+            ("server-key.pem", creds.key.as_str()),
+            ("client-cert.pem", creds.cert.as_str()),
+            ("client-key.pem", creds.key.as_str()),
         ] {
             let path = dir.join(file);
             std::fs::OpenOptions::new()
@@ -108,7 +144,8 @@ impl Agent {
     /// On the destination's QEMU: server credentials that require a client certificate
     /// of the cluster, and an authorisation that admits host `source` only.
     pub(crate) async fn qemu_tls_server(&self, vm: &str, qmp: &Qmp, source: &str) -> Result<()> {
-        let files = self.qemu_tls_files(vm).await?;
+        let creds = self.migration_creds(source).await?;
+        let files = self.qemu_tls_files(vm, &creds).await?;
         object_add(
             qmp,
             json!({"qom-type": "tls-creds-x509", "id": SERVER_CREDS,
@@ -116,7 +153,7 @@ impl Agent {
         )
         .await?;
         drop(files);
-        let rules: Vec<_> = subjects(source)
+        let rules: Vec<_> = subjects(source, creds.org)
             .into_iter()
             .map(|s| json!({"match": s, "policy": "allow", "format": "exact"}))
             .collect();
@@ -129,8 +166,9 @@ impl Agent {
 
     /// On the source's QEMU: client credentials (this host's certificate shown, the
     /// server's checked against the cluster CA).
-    pub(crate) async fn qemu_tls_client(&self, vm: &str, qmp: &Qmp) -> Result<()> {
-        let files = self.qemu_tls_files(vm).await?;
+    pub(crate) async fn qemu_tls_client(&self, vm: &str, qmp: &Qmp, to: &str) -> Result<()> {
+        let creds = self.migration_creds(to).await?;
+        let files = self.qemu_tls_files(vm, &creds).await?;
         object_add(
             qmp,
             json!({"qom-type": "tls-creds-x509", "id": CLIENT_CREDS,
@@ -144,7 +182,7 @@ impl Agent {
 mod tests {
     #[test]
     fn only_the_named_host_is_admitted() {
-        let s = super::subjects("h1");
+        let s = super::subjects("h1", ferry_pki::MIGRATION_ORG);
         assert!(s
             .iter()
             .all(|x| x.contains("CN=h1,") || x.ends_with("CN=h1")));
