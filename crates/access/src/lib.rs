@@ -165,6 +165,10 @@ pub fn need(method: &str, path: &str) -> Need {
         ("POST", ["pools", _, "import"]) => on(Privilege::Modify, "/"),
         (_, ["pools"]) => rw("/pools"),
         (_, ["pools", p, ..]) => rw(&format!("/pools/{p}")),
+        // What only hosts call of each other (a VM arriving, its files uploaded, the
+        // copies of replicated volumes): besides hosts, root-level administrators only.
+        ("POST" | "PUT", ["migrations", "incoming" | "cold", ..])
+        | ("POST", ["replication", "copies" | "pools", ..]) => on(Privilege::Modify, "/"),
         (
             _,
             ["bridges" | "resource-pools" | "drs" | "cluster" | "host" | "migrations"

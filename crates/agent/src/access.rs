@@ -26,6 +26,9 @@ const ACL: &str = "/access/acl";
 /// The key session tickets are signed with: one for the cluster, so a ticket from one
 /// host is good on all (kept where only hosts read).
 const TICKET_KEY: &str = "/access/ticket-key";
+/// `/access/logged-out/{digest}`: tickets ended by a logout, each under a lease that
+/// ends when the ticket would have expired.
+const LOGGED_OUT: &str = "/access/logged-out/";
 /// Wrong passwords a user may try per minute (then every login of it fails until the
 /// minute is over, right password or not).
 const LOGIN_FAILURES: u32 = 5;
@@ -402,6 +405,29 @@ impl Agent {
         }
         tracing::warn!(user = %name, "login with a wrong password");
         Err(refuse())
+    }
+
+    /// Voids a ticket (by its digest) on every host until it would have expired
+    /// (`left_s` from now): a logout.
+    pub async fn revoke_ticket(&self, digest: &str, left_s: u64) -> Result<()> {
+        if left_s == 0 {
+            return Ok(());
+        }
+        let store = self.access_store();
+        let lease = store.grant_lease(Duration::from_secs(left_s + 5)).await?;
+        store
+            .put(&format!("{LOGGED_OUT}{digest}"), b"1".to_vec(), Some(lease))
+            .await?;
+        Ok(())
+    }
+
+    /// Whether a ticket (by its digest) was logged out.
+    pub async fn ticket_revoked(&self, digest: &str) -> Result<bool> {
+        Ok(self
+            .access_store()
+            .get(&format!("{LOGGED_OUT}{digest}"))
+            .await?
+            .is_some())
     }
 
     /// Whether a session ticket of `user` issued at `issued_s` is still good (the user

@@ -373,7 +373,12 @@ enum Proof {
         proxied_for: Option<String>,
     },
     /// A ticket this daemon signed (the user still to be checked).
-    Ticket { user: String, issued: u64 },
+    Ticket {
+        user: String,
+        issued: u64,
+        /// The ticket's digest (a logged-out ticket is kept by it until it expires).
+        id: String,
+    },
     /// This host's admin token (root's token `admin-HOST`; still to be checked for
     /// revocation).
     AdminToken,
@@ -439,7 +444,8 @@ fn proof(
             return Ok(Proof::AdminToken);
         }
         if let Some((user, issued)) = auth.check_ticket(b, SystemTime::now()) {
-            return Ok(Proof::Ticket { user, issued });
+            let id = ferry_access::token::digest(b);
+            return Ok(Proof::Ticket { user, issued, id });
         }
         if ferry_access::token::parse(b).is_some() {
             return Ok(Proof::Token(b.to_string()));
@@ -449,15 +455,18 @@ fn proof(
             "The bearer is no API token, admin token or valid ticket of this host",
         ));
     }
-    if let Some((user, issued)) = auth.session(headers) {
-        let read = matches!(*method, Method::GET | Method::HEAD);
-        if !read && !is_upgrade(headers) && !headers.contains_key(CSRF_HEADER) {
-            return Err((
-                StatusCode::FORBIDDEN,
-                "A write from the browser must carry the X-Ferry-CSRF header",
-            ));
+    if let Some(t) = cookie(headers, COOKIE) {
+        if let Some((user, issued)) = auth.check_ticket(&t, SystemTime::now()) {
+            let read = matches!(*method, Method::GET | Method::HEAD);
+            if !read && !is_upgrade(headers) && !headers.contains_key(CSRF_HEADER) {
+                return Err((
+                    StatusCode::FORBIDDEN,
+                    "A write from the browser must carry the X-Ferry-CSRF header",
+                ));
+            }
+            let id = ferry_access::token::digest(&t);
+            return Ok(Proof::Ticket { user, issued, id });
         }
-        return Ok(Proof::Ticket { user, issued });
     }
     Err((StatusCode::UNAUTHORIZED, LOG_IN))
 }
@@ -530,11 +539,16 @@ async fn caller(agent: &Agent, auth: &Auth, p: Proof) -> Result<Caller, Refusal>
                 }
             }
         }
-        Proof::Ticket { user, issued } => match agent.session_valid(&user, issued).await {
-            Ok(true) => Ok(Caller::User { name: user }),
-            Ok(false) => Err(unknown),
-            Err(_) => Err(store_down),
-        },
+        Proof::Ticket { user, issued, id } => {
+            match (
+                agent.session_valid(&user, issued).await,
+                agent.ticket_revoked(&id).await,
+            ) {
+                (Ok(true), Ok(false)) => Ok(Caller::User { name: user }),
+                (Ok(_), Ok(_)) => Err(unknown),
+                _ => Err(store_down),
+            }
+        }
         Proof::Token(t) => match agent.token_user(&t).await {
             Ok(Some(name)) => Ok(Caller::User { name }),
             Ok(None) => Err(unknown),
@@ -712,8 +726,39 @@ pub async fn login(
 }
 
 #[utoipa::path(post, path = "/api/v1/logout", tag = "access",
-    responses((status = 204, description = "The session cookie is cleared")))]
-pub async fn logout() -> Response {
+    responses((status = 204, description = "The session cookie is cleared, and the ticket shown (as bearer, or as cookie with the CSRF header) is void on every host until it would have expired")))]
+pub async fn logout(
+    State(agent): State<Agent>,
+    Extension(auth): Extension<Auth>,
+    headers: HeaderMap,
+) -> Response {
+    // A cookie counts only with the CSRF header (another site's form cannot end a
+    // session); a bearer is a program's own.
+    let shown = bearer(&headers).map(String::from).or_else(|| {
+        headers
+            .contains_key(CSRF_HEADER)
+            .then(|| cookie(&headers, COOKIE))
+            .flatten()
+    });
+    if let Some(t) = shown {
+        if auth.check_ticket(&t, SystemTime::now()).is_some() {
+            let left = t
+                .rsplit(':')
+                .nth(1)
+                .and_then(|e| e.parse::<u64>().ok())
+                .and_then(|e| {
+                    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
+                    e.checked_sub(now)
+                })
+                .unwrap_or(0);
+            if let Err(e) = agent
+                .revoke_ticket(&ferry_access::token::digest(&t), left)
+                .await
+            {
+                tracing::warn!(error = %ferry_agent::error_chain(&e).join(": "), "cannot record the logged-out ticket");
+            }
+        }
+    }
     (
         StatusCode::NO_CONTENT,
         [(

@@ -223,17 +223,35 @@ pub async fn login(g: &Global, user: Option<String>, password_file: Option<PathB
     Ok(())
 }
 
-/// `ferry logout`: forgets the kept session of the server.
-pub fn logout(g: &Global) -> Result<()> {
+/// `ferry logout`: ends the kept session of the server (its ticket is void on every
+/// host from now on) and forgets it.
+pub async fn logout(g: &Global) -> Result<()> {
     let Some(server) = &g.server else {
         bail!("ferry logout needs --server (or FERRY_SERVER)");
     };
     let mut all = load_sessions();
-    if all.remove(&key(server)).is_some() {
-        store_sessions(&all)?;
-        println!("logged out of {}", key(server));
-    } else {
+    let Some(saved) = all.remove(&key(server)) else {
         println!("no session kept for {}", key(server));
+        return Ok(());
+    };
+    let ca = saved
+        .ca
+        .clone()
+        .map(|p| (p, "the kept session".to_string()));
+    let ended = match Client::with_ca_pem(server, Some(saved.ticket), ca) {
+        Ok(c) => c
+            .request::<Value>(Method::POST, "/api/v1/logout", None)
+            .await
+            .map(|_| ()),
+        Err(e) => Err(e),
+    };
+    store_sessions(&all)?;
+    match ended {
+        Ok(()) => println!("logged out of {}", key(server)),
+        Err(e) => println!(
+            "forgot the session of {} (the server did not confirm: {e:#}; the ticket expires by itself)",
+            key(server)
+        ),
     }
     Ok(())
 }

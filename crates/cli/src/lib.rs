@@ -644,7 +644,7 @@ pub async fn run(g: Global, cmd: Command) -> Result<()> {
             user,
             password_file,
         } => return access::login(&g, user, password_file).await,
-        Command::Logout => return access::logout(&g),
+        Command::Logout => return access::logout(&g).await,
         _ => {}
     }
     // A token given is used; else the session `ferry login` kept for the server; else

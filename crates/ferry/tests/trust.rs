@@ -654,6 +654,18 @@ fn users_log_in_and_are_held_to_their_grants() -> Result<()> {
         !acl.to_string().contains("Administrator"),
         "alice made herself Administrator: {acl}"
     );
+    // Her logout ends the ticket on every host, not only in her CLI's file.
+    ok("h1", &["logout"])?;
+    refused(
+        "h2",
+        &[
+            "--token-file",
+            &ticket_file.display().to_string(),
+            "vm",
+            "list",
+        ],
+        "401",
+    )?;
     // Revoked: refused at once, on every host; a deleted user's session ends.
     h1.ferry_ok(&["token", "revoke", "bob", "ro"])?;
     refused("h2", &["--token-file", &bob_s, "vm", "list"], "401")?;
