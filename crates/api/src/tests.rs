@@ -710,6 +710,18 @@ async fn as_bearer(
     call_with(&app, method, uri, Some(bearer), body).await
 }
 
+/// `POST /api/v1/login` with a password, from elsewhere.
+async fn login(agent: &Agent, user: &str, password: &str) -> (StatusCode, Value) {
+    as_bearer(
+        agent,
+        "x",
+        "POST",
+        "/api/v1/login",
+        Some(json!({"user": user, "password": password})),
+    )
+    .await
+}
+
 /// Users, roles on paths, tokens and tickets, and who did what — over TCP, as a
 /// client elsewhere would.
 #[tokio::test]
@@ -820,14 +832,7 @@ async fn users_roles_tokens_and_audit() {
     )
     .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
-    let (_, v) = as_bearer(
-        &agent,
-        "x",
-        "POST",
-        "/api/v1/login",
-        Some(json!({"user": "carol", "password": "carol-pass-1234"})),
-    )
-    .await;
+    let (_, v) = login(&agent, "carol", "carol-pass-1234").await;
     let carol_t = v["ticket"].as_str().unwrap().to_string();
     let (s, t) = as_bearer(
         &agent,
@@ -861,14 +866,7 @@ async fn users_roles_tokens_and_audit() {
     // An Operator cannot delete a pool (but its Administrator grant on one pool lets
     // it change that pool).
     let alice_t = {
-        let (s, v) = as_bearer(
-            &agent,
-            "x",
-            "POST",
-            "/api/v1/login",
-            Some(json!({"user": "alice", "password": "alice-pass-1234"})),
-        )
-        .await;
+        let (s, v) = login(&agent, "alice", "alice-pass-1234").await;
         assert_eq!(s, StatusCode::OK, "{v}");
         assert_eq!(v["user"], "alice");
         assert_eq!(v["grants"].as_array().unwrap().len(), 2);
@@ -980,24 +978,10 @@ async fn users_roles_tokens_and_audit() {
     assert_eq!(by("volume.import started").as_deref(), Some("alice"));
 
     // A wrong password, a wrong current password; a new password ends old tickets.
-    let (s, _) = as_bearer(
-        &agent,
-        "x",
-        "POST",
-        "/api/v1/login",
-        Some(json!({"user": "alice", "password": "wrong-password-99"})),
-    )
-    .await;
-    assert_eq!(s, StatusCode::UNAUTHORIZED);
-    let (s, _) = as_bearer(
-        &agent,
-        "x",
-        "POST",
-        "/api/v1/login",
-        Some(json!({"user": "nobody", "password": "wrong-password-99"})),
-    )
-    .await;
-    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    for who in ["alice", "nobody"] {
+        let (s, _) = login(&agent, who, "wrong-password-99").await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{who}");
+    }
     let (s, _) = as_bearer(
         &agent,
         &alice_t,
@@ -1026,26 +1010,11 @@ async fn users_roles_tokens_and_audit() {
     );
 
     // A logout ends that ticket (and only that one) at once.
-    let (_, v) = as_bearer(
-        &agent,
-        "x",
-        "POST",
-        "/api/v1/login",
-        Some(json!({"user": "alice", "password": "alice-pass-5678"})),
-    )
-    .await;
-    let (t1, t2) = (v["ticket"].as_str().unwrap().to_string(), {
-        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
-        let (_, v) = as_bearer(
-            &agent,
-            "x",
-            "POST",
-            "/api/v1/login",
-            Some(json!({"user": "alice", "password": "alice-pass-5678"})),
-        )
-        .await;
-        v["ticket"].as_str().unwrap().to_string()
-    });
+    let ticket = |v: Value| v["ticket"].as_str().unwrap().to_string();
+    let t1 = ticket(login(&agent, "alice", "alice-pass-5678").await.1);
+    // (A second later: a ticket names the second it was made.)
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let t2 = ticket(login(&agent, "alice", "alice-pass-5678").await.1);
     let (s, _) = as_bearer(&agent, &t1, "POST", "/api/v1/logout", None).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     let (s, _) = as_bearer(&agent, &t1, "GET", "/api/v1/vms", None).await;
