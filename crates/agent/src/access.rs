@@ -450,6 +450,25 @@ impl Agent {
             .await
     }
 
+    /// Whether `user`'s token `id` still works (not revoked or expired, its user the
+    /// same and enabled): what a ticket made by a login with it needs.
+    pub async fn token_live(&self, user: &str, id: &str) -> Result<bool> {
+        let mut e = ValidationErrors::default();
+        ferry_types::check_user_name(&mut e, "user", user);
+        ferry_types::check_token_id(&mut e, "id", id);
+        if !e.0.is_empty() {
+            return Ok(false);
+        }
+        let Some((t, _)) = self
+            .access_store()
+            .get_json::<TokenRecord>(&token_key(user, id))
+            .await?
+        else {
+            return Ok(false);
+        };
+        Ok(self.token_of(user, id, &t.digest).await?.is_some())
+    }
+
     /// Whether `digest` is the one root's token `id` names (a host's admin token).
     pub async fn host_token_valid(&self, digest: &str) -> Result<bool> {
         let id = host_token_id(self.host_name());

@@ -37,6 +37,7 @@ mod suspend;
 mod tasks;
 mod vms;
 
+pub use access::host_token_id;
 pub use cgroups::Cgroups;
 pub use cluster::lease::{kill_ha_qemus, run_watchdog};
 pub use cluster::{

@@ -540,12 +540,22 @@ async fn caller(agent: &Agent, auth: &Auth, p: Proof) -> Result<Caller, Refusal>
             }
         }
         Proof::Ticket { user, issued, id } => {
+            // A ticket made by a token login lives only as long as that token.
+            let (user, token) = match user.split_once('!') {
+                Some((u, t)) => (u.to_string(), Some(t.to_string())),
+                None => (user, None),
+            };
+            let token_live = match &token {
+                Some(t) => agent.token_live(&user, t).await,
+                None => Ok(true),
+            };
             match (
                 agent.session_valid(&user, issued).await,
                 agent.ticket_revoked(&id).await,
+                token_live,
             ) {
-                (Ok(true), Ok(false)) => Ok(Caller::User { name: user }),
-                (Ok(_), Ok(_)) => Err(unknown),
+                (Ok(true), Ok(false), Ok(true)) => Ok(Caller::User { name: user }),
+                (Ok(_), Ok(_), Ok(_)) => Err(unknown),
                 _ => Err(store_down),
             }
         }
@@ -654,23 +664,33 @@ pub async fn require(
 
 /// The user a login names, checked: by password, or by an API token (or a host's
 /// admin token).
-async fn login_user(agent: &Agent, auth: &Auth, req: &LoginRequest) -> Result<String, ApiError> {
+/// The user a login names, checked, and — for a login with a token — that token's id
+/// (its ticket lives only as long as the token does).
+async fn login_user(
+    agent: &Agent,
+    auth: &Auth,
+    req: &LoginRequest,
+) -> Result<(String, Option<String>), ApiError> {
     let wrong = |why: &str| ApiError::new(StatusCode::UNAUTHORIZED, why.to_string());
     match (&req.user, &req.password, &req.token) {
         (Some(u), Some(p), None) => agent
             .login_password(u.trim(), p)
             .await
+            .map(|u| (u, None))
             .map_err(|e| wrong(&e.to_string())),
         (None, None, Some(t)) => {
-            let p = if auth.is_admin_token(t) {
-                Proof::AdminToken
-            } else if ferry_access::token::parse(t).is_some() {
-                Proof::Token(t.trim().to_string())
+            let (p, id) = if auth.is_admin_token(t) {
+                (
+                    Proof::AdminToken,
+                    ferry_agent::host_token_id(agent.host_name()),
+                )
+            } else if let Some(v) = ferry_access::token::parse(t) {
+                (Proof::Token(t.trim().to_string()), v.id.to_string())
             } else {
                 return Err(wrong("Wrong token"));
             };
             match caller(agent, auth, p).await {
-                Ok(Caller::User { name }) => Ok(name),
+                Ok(Caller::User { name }) => Ok((name, Some(id))),
                 Ok(_) | Err(_) => Err(wrong("Wrong token")),
             }
         }
@@ -707,8 +727,13 @@ pub async fn login(
     Extension(auth): Extension<Auth>,
     ApiJson(req): ApiJson<LoginRequest>,
 ) -> ApiResult<Response> {
-    let user = login_user(&agent, &auth, &req).await?;
-    let ticket = auth.ticket(&user, SystemTime::now());
+    let (user, token) = login_user(&agent, &auth, &req).await?;
+    // A token's ticket names it (`USER!ID`): revoking the token ends the session.
+    let subject = match &token {
+        Some(id) => format!("{user}!{id}"),
+        None => user.clone(),
+    };
+    let ticket = auth.ticket(&subject, SystemTime::now());
     let cookie = format!(
         "{COOKIE}={ticket}; Path=/; HttpOnly; Secure; SameSite=Strict; Max-Age={}",
         TICKET_LIFETIME.as_secs()

@@ -1022,12 +1022,31 @@ async fn users_roles_tokens_and_audit() {
     let (s, _) = as_bearer(&agent, &t2, "GET", "/api/v1/vms", None).await;
     assert_eq!(s, StatusCode::OK, "another session of the same user");
 
-    // Revoked tokens and deleted users stop working at once.
+    // Revoked tokens and deleted users stop working at once, and so does a session a
+    // token logged in.
+    let (s, v) = as_bearer(
+        &agent,
+        "x",
+        "POST",
+        "/api/v1/login",
+        Some(json!({ "token": bob })),
+    )
+    .await;
+    assert_eq!(
+        (s, v["user"].as_str()),
+        (StatusCode::OK, Some("bob")),
+        "{v}"
+    );
+    let bob_session = ticket(v);
+    let (s, _) = as_bearer(&agent, &bob_session, "GET", "/api/v1/vms", None).await;
+    assert_eq!(s, StatusCode::OK);
     let (s, v) = root("DELETE", "/api/v1/access/users/bob/tokens/ro", None).await;
     assert_eq!(s, StatusCode::OK);
     assert!(v["revoked_ms"].is_u64());
-    let (s, _) = as_bearer(&agent, &bob, "GET", "/api/v1/vms", None).await;
-    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    for t in [&bob, &bob_session] {
+        let (s, _) = as_bearer(&agent, t, "GET", "/api/v1/vms", None).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+    }
     let (s, _) = root("DELETE", "/api/v1/access/users/carol", None).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     let (s, _) = as_bearer(&agent, &carol, "GET", "/api/v1/vms/x1", None).await;
