@@ -132,7 +132,27 @@ impl Agent {
             );
             let agent = self.clone();
             tokio::spawn(async move {
-                if let Err(e) = agent.start_vm(&name).await {
+                // Decided on records read before this round: under the VM's lock, the
+                // restart happens only if it is still wanted (a user may have stopped
+                // the VM in between; a stop is never undone).
+                let slot = agent.slot(&name);
+                let _op = slot.op.lock().await;
+                match agent.record(&name).await {
+                    Ok((r, _))
+                        if r.spec.ha.enabled()
+                            && wanted(r.last_state)
+                            && slot.with(|rt| rt.pid.is_none()) => {}
+                    _ => return,
+                }
+                let started = match agent.in_maintenance().await {
+                    Ok(true) => Err(crate::AgentError::Conflict(format!(
+                        "Host {} is in maintenance",
+                        agent.host_name()
+                    ))),
+                    Ok(false) => agent.start_locked(&name, &slot).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = started {
                     agent.inner.events.emit(
                         Some(&name),
                         "ha",
