@@ -450,10 +450,8 @@ impl Agent {
                         if !alive { break; }
                         tokio::time::sleep(Duration::from_millis(25)).await;
                     }
-                    if alive {
+                    if let (true, Some(p)) = (alive, pid) {
                         // QMP dropped but QEMU lives: reconnect.
-                        // (alive: the pid is known)
-                        let p = pid.unwrap_or_default();
                         match Qmp::connect_retry_to(&run.qmp, QMP_CONNECT, p).await {
                             Ok(q) => {
                                 events = q.events();

@@ -475,7 +475,10 @@ fn users_log_in_and_are_held_to_their_grants() -> Result<()> {
     h1.ferry_fails(&["acl", "grant", "Owner", "/", "bob"], "role Owner")?;
     let made = h1.ferry_json(&["token", "create", "bob", "ro"])?;
     let bob_token = home.path().join("bob.token");
-    std::fs::write(&bob_token, made["value"].as_str().unwrap_or_default())?;
+    let value = made["value"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("no token value in {made}"))?;
+    std::fs::write(&bob_token, value)?;
     // Users and grants are the cluster's: h2 lists what h1 made.
     let users = h2.ferry_json(&["user", "list"])?;
     ensure!(
@@ -554,7 +557,7 @@ fn users_log_in_and_are_held_to_their_grants() -> Result<()> {
     )?)?;
     let ticket = sessions[server("h1")?.as_str()]["ticket"]
         .as_str()
-        .unwrap_or_default()
+        .ok_or_else(|| anyhow::anyhow!("ferry login kept no ticket: {sessions}"))?
         .to_string();
     let ticket_file = home.path().join("ticket");
     std::fs::write(&ticket_file, &ticket)?;
@@ -584,7 +587,7 @@ fn users_log_in_and_are_held_to_their_grants() -> Result<()> {
         .ferry_json(&["task", "list"])?
         .as_array()
         .and_then(|a| a.iter().find(|t| t["kind"] == "vm.start").cloned())
-        .unwrap_or_default();
+        .ok_or_else(|| anyhow::anyhow!("no vm.start task on h1"))?;
     ensure!(task["user"] == "alice", "the start is not alice's: {task}");
     let o = lab
         .client_cmd("curl")
@@ -690,7 +693,10 @@ fn each_vms_qemu_runs_as_its_own_user_and_reaches_only_its_files() -> Result<()>
         let vm = lab.create_test_vm(name, ip, &["--disk", "bus=virtio,size=16M,format=raw"])?;
         lab.ferry_ok(&["vm", "start", name])?;
         lab.wait_console(name, "FERRY-READY", BOOT)?;
-        let id = vm["id"].as_u64().unwrap_or_default() as u32;
+        let id = vm["id"]
+            .as_u64()
+            .and_then(|i| u32::try_from(i).ok())
+            .ok_or_else(|| anyhow::anyhow!("no VM id in {vm}"))?;
         let pid = lab.vm_state(name)?.1.expect("a running VM has a pid");
         let vol = lab.state_dir().join(format!("pools/local/vm-{id}-disk-0"));
         vms.push((name, 1_900_000_000 + id, pid, vol));
