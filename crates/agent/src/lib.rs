@@ -225,6 +225,7 @@ impl Agent {
         tokio::spawn(agent.clone().serial_log_loop());
         if agent.inner.cluster.is_some() {
             tokio::spawn(agent.clone().drs_loop());
+            tokio::spawn(agent.clone().crl_loop());
         }
         tracing::info!(%accel, "agent ready");
         Ok(agent)

@@ -99,6 +99,12 @@ pub async fn run(c: &Client, g: &Global, cmd: ClusterCmd) -> Result<()> {
                 "CA key held here: {}",
                 if st.ca_key_here { "yes" } else { "no" }
             );
+            if let Some(n) = st.crl_number {
+                println!(
+                    "revocation list: number {n}, {} certificate(s) revoked",
+                    st.revoked.len()
+                );
+            }
             for w in &st.warnings {
                 println!("warning: {w}");
             }

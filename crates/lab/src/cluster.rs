@@ -235,60 +235,73 @@ impl ClusterLab {
             "--lease-ttl",
             &self.opts.lease_ttl_s.to_string(),
         ])?;
-        let cli1 = self.cli(&first.name)?;
         for (i, h) in self.hosts[1..].iter().enumerate() {
-            // A one-time token from h1, and h1's CA fingerprint to pin.
-            let t: serde_json::Value = serde_json::from_str(&cli1.ferry_ok(&[
-                "--json",
-                "cluster",
-                "join-token",
-                "--ttl",
-                "600",
-            ])?)?;
-            let token = t["token"].as_str().context("join token")?;
-            let fp = t["ca_fingerprint"].as_str().context("CA fingerprint")?;
-            let file = self.dir.join(format!("join-token-{}", h.name));
-            std::fs::write(&file, token)?;
-            let file = file.to_str().context("token path")?;
-            let join = |fp: &str| {
-                [
-                    "cluster",
-                    "join",
-                    &first.addr,
-                    "--address",
-                    &h.addr,
-                    "--fingerprint",
-                    fp,
-                    "--join-token-file",
-                    file,
-                ]
-                .map(String::from)
-            };
+            // The first joiner also tries a wrong fingerprint and a made-up token.
+            self.join_host(&h.name, i == 0)?;
             if i == 0 {
-                // A wrong fingerprint: the joiner refuses the member, and stays as it was.
-                let wrong = format!("SHA256:{}", ["00"; 32].join(":"));
-                let args = join(&wrong);
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                self.cli(&h.name)?.ferry_fails(&args, "fingerprint")?;
-                // The right member but a made-up token: the member refuses (401).
-                std::fs::write(file, "00".repeat(24))?;
-                let args = join(fp);
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                self.cli(&h.name)?.ferry_fails(&args, "join token")?;
-                std::fs::write(file, token)?;
-            }
-            let args = join(fp);
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            self.cli(&h.name)?.ferry_ok(&args)?;
-            if i == 0 {
-                let st: serde_json::Value =
-                    serde_json::from_str(&cli1.ferry_ok(&["--json", "cluster", "status"])?)?;
+                let st: serde_json::Value = serde_json::from_str(
+                    &self
+                        .cli(&first.name)?
+                        .ferry_ok(&["--json", "cluster", "status"])?,
+                )?;
                 anyhow::ensure!(
                     st["members"].as_array().map(Vec::len) == Some(2),
                     "h2 did not join: {st}"
                 );
             }
         }
+        Ok(())
+    }
+
+    /// `ferry cluster join` of host `name` through h1 (again after a `leave`), with a
+    /// one-time token from h1 and h1's CA fingerprint pinned. `refusals`: first a
+    /// wrong fingerprint and a made-up token, each refused.
+    pub fn join_host(&self, name: &str, refusals: bool) -> Result<()> {
+        let first = &self.hosts[0];
+        let h = self.host(name)?;
+        let cli1 = self.cli(&first.name)?;
+        let t: serde_json::Value = serde_json::from_str(&cli1.ferry_ok(&[
+            "--json",
+            "cluster",
+            "join-token",
+            "--ttl",
+            "600",
+        ])?)?;
+        let token = t["token"].as_str().context("join token")?;
+        let fp = t["ca_fingerprint"].as_str().context("CA fingerprint")?;
+        let file = self.dir.join(format!("join-token-{}", h.name));
+        std::fs::write(&file, token)?;
+        let file = file.to_str().context("token path")?;
+        let join = |fp: &str| {
+            [
+                "cluster",
+                "join",
+                &first.addr,
+                "--address",
+                &h.addr,
+                "--fingerprint",
+                fp,
+                "--join-token-file",
+                file,
+            ]
+            .map(String::from)
+        };
+        if refusals {
+            // A wrong fingerprint: the joiner refuses the member, and stays as it was.
+            let wrong = format!("SHA256:{}", ["00"; 32].join(":"));
+            let args = join(&wrong);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            self.cli(&h.name)?.ferry_fails(&args, "fingerprint")?;
+            // The right member but a made-up token: the member refuses (401).
+            std::fs::write(file, "00".repeat(24))?;
+            let args = join(fp);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            self.cli(&h.name)?.ferry_fails(&args, "join token")?;
+            std::fs::write(file, token)?;
+        }
+        let args = join(fp);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.cli(&h.name)?.ferry_ok(&args)?;
         Ok(())
     }
 

@@ -12,6 +12,8 @@ use std::sync::Arc;
 
 /// The folder under the state directory.
 pub const PKI_DIR: &str = "pki";
+/// The revocation list in the folder.
+const CRL_FILE: &str = "crl.pem";
 
 /// One host's certificates, loaded.
 #[derive(Clone)]
@@ -24,6 +26,9 @@ pub struct HostPki {
     cert_pem: String,
     cert_der: CertificateDer<'static>,
     key_pem: String,
+    /// The revocation list in force (`crl.pem`), shared by every TLS setting made
+    /// from this value and its clones.
+    revoked: crate::Revoked,
 }
 
 impl std::fmt::Debug for HostPki {
@@ -151,6 +156,11 @@ pub fn cert_info(der: &[u8]) -> Result<CertInfo> {
     })
 }
 
+/// The serial of the first certificate in `pem` (as [`CertInfo::serial`]).
+pub fn serial_pem(pem: &str) -> Result<String> {
+    Ok(cert_info(&one_cert(pem, "Read a certificate")?)?.serial)
+}
+
 /// The fingerprint of the first certificate in `pem`.
 pub fn fingerprint_pem(pem: &str) -> Result<String> {
     Ok(fingerprint(&one_cert(pem, "Read a certificate")?))
@@ -200,6 +210,10 @@ impl HostPki {
             what: "The host certificate".into(),
             reason: "names no host (no CN)".into(),
         })?;
+        let revoked = crate::Revoked::default();
+        if dir.join(CRL_FILE).exists() {
+            revoked.set(Some(crate::read_crl(&ca_der, &read(dir, CRL_FILE)?)?));
+        }
         Ok(HostPki {
             dir: dir.to_path_buf(),
             name,
@@ -208,6 +222,7 @@ impl HostPki {
             cert_pem,
             cert_der,
             key_pem,
+            revoked,
         })
     }
 
@@ -231,6 +246,8 @@ impl HostPki {
             }
         }
         write(dir, "ca.crt", ca_pem, 0o644)?;
+        // A list of the CA this host had before means nothing under the new one.
+        let _ = std::fs::remove_file(dir.join(CRL_FILE));
         write_pair(dir, cert_pem, key_pem)
     }
 
@@ -266,7 +283,7 @@ impl HostPki {
     /// Forgets the cluster's CA and certificates (after leaving): the next start makes
     /// the host's own again.
     pub fn forget(dir: &Path) {
-        for f in ["host.crt", "host.key", "ca.crt", "ca.key"] {
+        for f in ["host.crt", "host.key", "ca.crt", "ca.key", CRL_FILE] {
             let _ = std::fs::remove_file(dir.join(f));
         }
     }
@@ -332,6 +349,60 @@ impl HostPki {
         write_pair(&self.dir, cert_pem, key_pem)
     }
 
+    /// The revocation list in force here, if any.
+    pub fn crl(&self) -> Option<crate::Crl> {
+        self.revoked.current()
+    }
+
+    /// Whether the certificate with `serial` is revoked here.
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        self.revoked.contains(serial)
+    }
+
+    /// `crl.pem` when this host has one (etcd's `--client-crl-file`).
+    pub fn crl_path(&self) -> Option<PathBuf> {
+        let p = self.dir.join(CRL_FILE);
+        p.exists().then_some(p)
+    }
+
+    /// Signs revocation list `number` naming `serials` (this host must hold the CA key).
+    pub fn sign_crl(
+        &self,
+        number: u64,
+        serials: &std::collections::BTreeSet<String>,
+    ) -> Result<String> {
+        crate::sign_crl(&self.ca_pem, &self.ca_key_pem()?, number, serials)
+    }
+
+    /// Reads the revocation list `pem` and checks that this cluster's CA signed it.
+    pub fn check_crl(&self, pem: &str) -> Result<crate::Crl> {
+        crate::read_crl(&self.ca_der, pem)
+    }
+
+    /// Takes the revocation list `pem` when the CA signed it and it is newer than the
+    /// one in force (`Ok(false)`: it is the same one). An older number is refused:
+    /// a list once in force is never rolled back.
+    pub fn install_crl(&self, pem: &str) -> Result<bool> {
+        let crl = crate::read_crl(&self.ca_der, pem)?;
+        if let Some(cur) = self.revoked.current() {
+            if crl.number == cur.number && crl.serials == cur.serials {
+                return Ok(false);
+            }
+            if crl.number <= cur.number {
+                return Err(PkiError::Bad {
+                    what: "The certificate revocation list".into(),
+                    reason: format!(
+                        "number {} is not newer than the one in force ({})",
+                        crl.number, cur.number
+                    ),
+                });
+            }
+        }
+        write(&self.dir, CRL_FILE, pem, 0o644)?;
+        self.revoked.set(Some(crl));
+        Ok(true)
+    }
+
     fn roots(&self) -> Arc<rustls::RootCertStore> {
         let mut r = rustls::RootCertStore::empty();
         r.add(self.ca_der.clone()).expect("the CA parsed before");
@@ -362,6 +433,7 @@ impl HostPki {
         .allow_unauthenticated()
         .build()
         .expect("the CA is a valid root");
+        let verifier = crate::verify::RevokingClientVerifier::new(verifier, self.revoked.clone());
         let own =
             rustls::sign::CertifiedKey::from_der(self.chain(), self.key(), &crate::provider())
                 .expect("the host key matches its certificate");
@@ -375,6 +447,7 @@ impl HostPki {
                 admin: admin.0.clone(),
             }));
         c.alpn_protocols = vec![];
+        no_resumption(&mut c);
         Arc::new(c)
     }
 
@@ -392,6 +465,7 @@ impl HostPki {
             b.allow_unauthenticated().build()
         }
         .expect("the CA is a valid root");
+        let verifier = crate::verify::RevokingClientVerifier::new(verifier, self.revoked.clone());
         let mut c = rustls::ServerConfig::builder_with_provider(crate::provider())
             .with_safe_default_protocol_versions()
             .expect("ring supports the defaults")
@@ -399,13 +473,14 @@ impl HostPki {
             .with_single_cert(self.chain(), self.key())
             .expect("the host key matches its certificate");
         c.alpn_protocols = vec![];
+        no_resumption(&mut c);
         Arc::new(c)
     }
 
     /// TLS client settings: this host's certificate as the client's, the server checked
     /// against the cluster CA and, with [`Expect::Host`], its name.
     pub fn client_config(&self, expect: Expect) -> rustls::ClientConfig {
-        let verifier = MemberVerifier::new(self.roots(), expect);
+        let verifier = MemberVerifier::new(self.roots(), expect).refusing(self.revoked.clone());
         rustls::ClientConfig::builder_with_provider(crate::provider())
             .with_safe_default_protocol_versions()
             .expect("ring supports the defaults")
@@ -414,6 +489,13 @@ impl HostPki {
             .with_client_auth_cert(self.chain(), self.key())
             .expect("the host key matches its certificate")
     }
+}
+
+/// Every connection is a full handshake: a resumed session would skip the check of
+/// the client's certificate against the revocation list in force now.
+fn no_resumption(c: &mut rustls::ServerConfig) {
+    c.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    c.send_tls13_tickets = 0;
 }
 
 /// TLS client settings for someone without a host certificate (the CLI elsewhere): the

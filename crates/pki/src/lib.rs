@@ -5,6 +5,9 @@
 //! `host.key` (this host's certificate: subject CN = the host name, SANs = its name
 //! and cluster addresses; usable as TLS server and client). Keys are 0600.
 //!
+//! `crl.pem`: the revocation list the CA holder signed last ([`Crl`]): certificates
+//! of renewed hosts and of hosts that left, refused by etcd and by every ferry link.
+//!
 //! `migration-ca.crt`, `migration.crt`, `migration.key`: the host's identity for QEMU's
 //! TLS on migration streams only ([`MigrationIdentity`], a CA of its own that nothing
 //! else trusts).
@@ -15,11 +18,13 @@
 //! first time checks the CA against a fingerprint the admin copied ([`pinned_client`]),
 //! like an SSH host key.
 
+mod crl;
 mod files;
 mod verify;
 
+pub use crl::{read_crl, sign_crl, Crl, Revoked};
 pub use files::{
-    ca_client_config, cert_info, fingerprint_pem, AdminCert, CertInfo, HostPki, PKI_DIR,
+    ca_client_config, cert_info, fingerprint_pem, serial_pem, AdminCert, CertInfo, HostPki, PKI_DIR,
 };
 pub use verify::{peer_name, pinned_client, Expect};
 

@@ -271,3 +271,92 @@ fn files_cert_der(pem: &str) -> Vec<u8> {
         .unwrap()
         .to_vec()
 }
+
+#[tokio::test]
+async fn a_revoked_certificate_is_refused_both_ways_from_the_next_handshake() {
+    let d = tempfile::tempdir().unwrap();
+    let h1 = HostPki::ensure(&d.path().join("h1"), "h1", &[[10, 0, 0, 1].into()]).unwrap();
+    let h2 = host(d.path(), &h1, "h2", [10, 0, 0, 2]);
+    // Settings made before the list arrives (a daemon's, at its start).
+    let server1 = h1.server_config(true);
+    let api1 = h1.server_config(false);
+    let client1 = h1.client_config(Expect::Host("h2".into()));
+    let server2 = h2.server_config(true);
+    let client2 = h2.client_config(Expect::Host("h1".into()));
+    assert_eq!(
+        handshake(server1.clone(), client2.clone()).await.unwrap(),
+        Some("h2".into())
+    );
+    let h2_serial = h2.host_info().unwrap().serial;
+    let crl = h1.sign_crl(1, &[h2_serial.clone()].into()).unwrap();
+    assert!(h1.install_crl(&crl).unwrap());
+    assert!(
+        !h1.install_crl(&crl).unwrap(),
+        "the same list again is no change"
+    );
+    assert!(h1.is_revoked(&h2_serial));
+    // h1 refuses h2 as a client (required or optional) and as a server.
+    let e = handshake(server1.clone(), client2.clone())
+        .await
+        .unwrap_err();
+    assert!(e.to_lowercase().contains("revoked"), "{e}");
+    assert!(handshake(api1, client2.clone()).await.is_err());
+    let e = handshake(server2, client1).await.unwrap_err();
+    assert!(e.to_lowercase().contains("revoked"), "{e}");
+    // The list lasts across a restart (read from crl.pem) and nobody else is hit.
+    let again = HostPki::load(&h1.dir).unwrap();
+    assert!(again.is_revoked(&h2_serial));
+    assert_eq!(again.crl().unwrap().number, 1);
+    let h3 = host(d.path(), &h1, "h3", [10, 0, 0, 3]);
+    assert_eq!(
+        handshake(
+            again.server_config(true),
+            h3.client_config(Expect::AnyMember)
+        )
+        .await
+        .unwrap(),
+        Some("h3".into())
+    );
+}
+
+#[test]
+fn only_a_newer_list_signed_by_the_cluster_ca_is_taken() {
+    let d = tempfile::tempdir().unwrap();
+    let a = HostPki::ensure(&d.path().join("a"), "h1", &[]).unwrap();
+    let other = HostPki::ensure(&d.path().join("b"), "h1", &[]).unwrap();
+    let h2 = host(d.path(), &a, "h2", [10, 0, 0, 2]);
+    let s: std::collections::BTreeSet<String> = [a.host_info().unwrap().serial].into();
+    // Signed by another cluster's CA (same CN even): refused, nothing written.
+    let foreign = other.sign_crl(5, &s).unwrap();
+    let e = h2.install_crl(&foreign).unwrap_err().to_string();
+    assert!(e.contains("signed by this cluster's CA"), "{e}");
+    assert!(h2.crl().is_none() && h2.crl_path().is_none());
+    // Garbage and a certificate in place of a list: refused with the reason.
+    assert!(h2.install_crl("not pem").is_err());
+    let e = h2.install_crl(a.ca_pem()).unwrap_err().to_string();
+    assert!(e.contains("not X509 CRL"), "{e}");
+    // A tampered list (one byte of the body changed): the signature fails.
+    let good = a.sign_crl(2, &s).unwrap();
+    let der = pem::parse(good.as_bytes()).unwrap().into_contents();
+    let mut bad = der.clone();
+    let at = bad.len() / 3;
+    bad[at] ^= 0x01;
+    let b64 = |b: &[u8]| pem::encode(&pem::Pem::new("X509 CRL", b.to_vec()));
+    assert_eq!(read_crl(&a_ca_der(&a), &b64(&der)).unwrap().number, 2);
+    assert!(h2.install_crl(&b64(&bad)).is_err());
+    // The good one is taken; an older number afterwards is refused (no rollback).
+    assert!(h2.install_crl(&good).unwrap());
+    let older = a.sign_crl(1, &Default::default()).unwrap();
+    let e = h2.install_crl(&older).unwrap_err().to_string();
+    assert!(e.contains("not newer"), "{e}");
+    assert!(h2.is_revoked(&a.host_info().unwrap().serial));
+    // Joining another CA drops the list of the old one.
+    let (key, csr) = new_request("h2").unwrap();
+    let cert = other.issue(&csr, "h2", &[]).unwrap();
+    HostPki::install(&h2.dir, other.ca_pem(), None, &cert, &key).unwrap();
+    assert!(HostPki::load(&h2.dir).unwrap().crl().is_none());
+}
+
+fn a_ca_der(p: &HostPki) -> Vec<u8> {
+    pem::parse(p.ca_pem().as_bytes()).unwrap().into_contents()
+}

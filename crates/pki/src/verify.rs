@@ -1,11 +1,12 @@
 //! Checking the other end of a TLS connection: a member of the cluster (its chain ends
 //! at the cluster CA) and, where it matters, which one (the CN names the host).
 
-use crate::fingerprint;
+use crate::{fingerprint, Revoked};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, DigitallySignedStruct, Error, SignatureScheme};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
 use std::sync::Arc;
 
 /// Who the server must be.
@@ -44,6 +45,7 @@ fn name_mismatch(e: &Error) -> bool {
 pub(crate) struct MemberVerifier {
     inner: Arc<WebPkiServerVerifier>,
     expect: Expect,
+    revoked: Option<Revoked>,
 }
 
 impl MemberVerifier {
@@ -51,7 +53,91 @@ impl MemberVerifier {
         let inner = WebPkiServerVerifier::builder_with_provider(roots, crate::provider())
             .build()
             .expect("the CA is a valid root");
-        MemberVerifier { inner, expect }
+        MemberVerifier {
+            inner,
+            expect,
+            revoked: None,
+        }
+    }
+
+    /// Also refuses certificates the revocation list names.
+    pub(crate) fn refusing(mut self, revoked: Revoked) -> MemberVerifier {
+        self.revoked = Some(revoked);
+        self
+    }
+}
+
+/// Refuses a certificate whose serial `revoked` names.
+fn check_revoked(revoked: &Revoked, end_entity: &CertificateDer<'_>) -> Result<(), Error> {
+    let serial = x509_parser::parse_x509_certificate(end_entity)
+        .map(|(_, c)| c.raw_serial_as_string())
+        .map_err(|_| Error::InvalidCertificate(CertificateError::BadEncoding))?;
+    if revoked.contains(&serial) {
+        return Err(Error::InvalidCertificate(CertificateError::Revoked));
+    }
+    Ok(())
+}
+
+/// A client-certificate verifier that also refuses revoked certificates (the list
+/// can change while the server runs).
+#[derive(Debug)]
+pub(crate) struct RevokingClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    revoked: Revoked,
+}
+
+impl RevokingClientVerifier {
+    pub(crate) fn new(inner: Arc<dyn ClientCertVerifier>, revoked: Revoked) -> Arc<Self> {
+        Arc::new(RevokingClientVerifier { inner, revoked })
+    }
+}
+
+impl ClientCertVerifier for RevokingClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        let ok = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        check_revoked(&self.revoked, end_entity)?;
+        Ok(ok)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }
 
@@ -75,6 +161,9 @@ impl ServerCertVerifier for MemberVerifier {
             // The chain is good; the name is checked below.
             Err(e) if name_mismatch(&e) => {}
             Err(e) => return Err(e),
+        }
+        if let Some(r) = &self.revoked {
+            check_revoked(r, end_entity)?;
         }
         if let Expect::Host(want) = &self.expect {
             let got = common_name(end_entity);

@@ -47,6 +47,9 @@ pub struct MemberTls {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The revocation list, read by etcd at every handshake (it must exist: with
+    /// the flag set and no file, etcd refuses every certificate).
+    pub crl: Option<PathBuf>,
 }
 
 impl MemberConfig {
@@ -89,6 +92,10 @@ impl MemberConfig {
                 v.push(format!("--{side}key-file={}", t.key.display()));
                 v.push(format!("--{ca}={}", t.ca.display()));
                 v.push(format!("--{side}client-cert-auth=true"));
+            }
+            if let Some(crl) = &t.crl {
+                v.push(format!("--client-crl-file={}", crl.display()));
+                v.push(format!("--peer-crl-file={}", crl.display()));
             }
             v.push("--cipher-suites=TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305".into());
         }

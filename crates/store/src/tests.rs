@@ -91,10 +91,16 @@ pub(crate) struct TestEtcd {
 pub fn test_pki(dir: &std::path::Path) -> (member::MemberTls, crate::EtcdTls) {
     let pki =
         ferry_pki::HostPki::ensure(&dir.join("pki"), "t", &["127.0.0.1".parse().unwrap()]).unwrap();
+    // An empty revocation list, as a cluster's founder makes one.
+    if pki.crl().is_none() {
+        pki.install_crl(&pki.sign_crl(1, &Default::default()).unwrap())
+            .unwrap();
+    }
     let files = member::MemberTls {
         ca: pki.ca_path(),
         cert: pki.cert_path(),
         key: pki.key_path(),
+        crl: pki.crl_path(),
     };
     let tls = crate::EtcdTls {
         ca_pem: pki.ca_pem().to_string(),
@@ -374,24 +380,42 @@ async fn ec_client(
         .map_err(|e| e.to_string())
 }
 
+fn tls_opts(t: &crate::EtcdTls) -> etcd_client::ConnectOptions {
+    t.apply(
+        etcd_client::ConnectOptions::new()
+            .with_timeout(Duration::from_secs(3))
+            .with_connect_timeout(Duration::from_secs(2)),
+    )
+}
+
+/// Turns etcd's auth on (user `t` for the test's own certificate) and writes `/k`.
+async fn auth_on(e: &TestEtcd) -> etcd_client::Client {
+    let mut c = etcd_client::Client::connect([&e.url], Some(tls_opts(&e.tls)))
+        .await
+        .unwrap();
+    member::access::enable(&mut c, "t").await.unwrap();
+    c.put("/k", "v", None).await.unwrap();
+    c
+}
+
+/// Reads `/k` over a new connection with the certificate in `t`: the error, if any.
+async fn read_k(url: &str, t: crate::EtcdTls) -> Result<(), String> {
+    let mut c = etcd_client::Client::connect([url], Some(tls_opts(&t)))
+        .await
+        .map_err(|e| e.to_string())?;
+    c.get("/k", None)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 /// With auth on, etcd lets in a certificate only if its CN has a user: another host's
 /// certificate from the same CA gets nothing until it is admitted, and nothing again
 /// once revoked.
 #[tokio::test]
 async fn etcd_admits_only_hosts_with_a_user() {
     let e = TestEtcd::start().await;
-    let opts = |t: &crate::EtcdTls| {
-        t.apply(
-            etcd_client::ConnectOptions::new()
-                .with_timeout(Duration::from_secs(3))
-                .with_connect_timeout(Duration::from_secs(2)),
-        )
-    };
-    let mut c = etcd_client::Client::connect([&e.url], Some(opts(&e.tls)))
-        .await
-        .unwrap();
-    member::access::enable(&mut c, "t").await.unwrap();
-    c.put("/k", "v", None).await.unwrap();
+    let mut c = auth_on(&e).await;
     // h9: a certificate of the same CA, no user.
     let ca = ferry_pki::HostPki::load(&e._dir.path().join("pki")).unwrap();
     let (key, csr) = ferry_pki::new_request("h9").unwrap();
@@ -401,18 +425,7 @@ async fn etcd_admits_only_hosts_with_a_user() {
         cert_pem: cert,
         key_pem: key,
     };
-    let read = |t: crate::EtcdTls| {
-        let url = e.url.clone();
-        async move {
-            let mut c = etcd_client::Client::connect([&url], Some(opts(&t)))
-                .await
-                .map_err(|e| e.to_string())?;
-            c.get("/k", None)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        }
-    };
+    let read = |t: crate::EtcdTls| read_k(&e.url, t);
     assert!(
         read(h9.clone()).await.is_err(),
         "h9 read etcd without a user"
@@ -424,4 +437,38 @@ async fn etcd_admits_only_hosts_with_a_user() {
         read(h9).await.is_err(),
         "h9 still reads etcd after its revocation"
     );
+}
+
+/// etcd reads the revocation list at every handshake: a certificate it names gets
+/// nothing from the next connection on, though its CN still has a user (a host that
+/// rejoined under its old name), while the new certificate of that name works.
+#[tokio::test]
+async fn etcd_refuses_a_revoked_certificate_of_a_name_it_knows() {
+    let e = TestEtcd::start().await;
+    let mut c = auth_on(&e).await;
+    let ca = ferry_pki::HostPki::load(&e._dir.path().join("pki")).unwrap();
+    let issue = || {
+        let (key, csr) = ferry_pki::new_request("h9").unwrap();
+        let cert = ca.issue(&csr, "h9", &[]).unwrap();
+        let serial = ferry_pki::serial_pem(&cert).unwrap();
+        (
+            crate::EtcdTls {
+                ca_pem: ca.ca_pem().to_string(),
+                cert_pem: cert,
+                key_pem: key,
+            },
+            serial,
+        )
+    };
+    let (old, old_serial) = issue();
+    let read = |t: crate::EtcdTls| read_k(&e.url, t);
+    member::access::admit(&mut c, "h9").await.unwrap();
+    read(old.clone()).await.unwrap();
+    // h9 left and came back: its old certificate is listed, a new one issued.
+    let listed = [old_serial].into();
+    ca.install_crl(&ca.sign_crl(2, &listed).unwrap()).unwrap();
+    let (new, _) = issue();
+    assert!(read(old).await.is_err(), "etcd took a revoked certificate");
+    read(new).await.unwrap();
+    read(e.tls.clone()).await.unwrap();
 }

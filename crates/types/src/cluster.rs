@@ -171,6 +171,10 @@ pub struct MemberAdded {
     pub ca_cert: String,
     /// The joiner's certificate (PEM), signed by the CA.
     pub host_cert: String,
+    /// The certificate revocation list in force (PEM, signed by the CA): the joiner's
+    /// etcd refuses what it names from its first handshake.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl: Option<String>,
 }
 
 /// `POST /cluster/certs/sign`: a member asks the CA holder to sign a new certificate
@@ -246,5 +250,33 @@ pub struct CertStatus {
     pub host_days_left: i64,
     /// This host holds the CA key (it can sign a joining host's certificate).
     pub ca_key_here: bool,
+    /// The number of the revocation list in force here (none outside a cluster).
+    #[serde(default)]
+    pub crl_number: Option<u64>,
+    /// The serials of the host certificates it revokes (renewed ones, those of hosts
+    /// that left).
+    #[serde(default)]
+    pub revoked: Vec<String>,
     pub warnings: Vec<String>,
+}
+
+/// In the store: a host certificate that no longer counts, until the CA holder's
+/// next revocation list names it (`/cluster/revoked/{serial}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RevokedCert {
+    pub serial: String,
+    /// The host it was issued to.
+    pub host: String,
+    /// Why: `renewed` or `left`.
+    pub reason: String,
+    /// Unix time in milliseconds.
+    pub at_ms: u64,
+}
+
+/// In the store: the revocation list the CA holder signed last (`/cluster/crl`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CrlRecord {
+    pub number: u64,
+    /// PEM, signed by the cluster CA.
+    pub pem: String,
 }

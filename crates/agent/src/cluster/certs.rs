@@ -2,11 +2,33 @@
 
 use crate::error::{AgentError, Result};
 use crate::Agent;
-use ferry_store::StoreJson;
+use ferry_store::{Store, StoreJson};
 use ferry_types::{CertDetails, CertSignRequest, CertSigned, CertStatus};
 
 /// Warn this many days before the host certificate ends.
 const RENEW_WITHIN_DAYS: i64 = 30;
+/// Host certificates that no longer count, until a revocation list names them.
+pub(crate) const REVOKED: &str = "/cluster/revoked/";
+/// The revocation list the CA holder signed last.
+pub(crate) const CRL: &str = "/cluster/crl";
+/// How often a host looks for a newer revocation list (and the CA holder for
+/// revocations to sign).
+const CRL_TICK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The store operation that marks certificate `serial` of `host` revoked.
+pub(crate) fn revoke_op(serial: &str, host: &str, reason: &str) -> ferry_store::Op {
+    let rec = ferry_types::RevokedCert {
+        serial: serial.to_string(),
+        host: host.to_string(),
+        reason: reason.to_string(),
+        at_ms: crate::events::now_ms(),
+    };
+    ferry_store::Op::Put {
+        key: format!("{REVOKED}{serial}"),
+        value: serde_json::to_vec(&rec).expect("a revocation serialises"),
+        lease: None,
+    }
+}
 
 fn rfc3339(t: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(t)
@@ -45,11 +67,22 @@ impl Agent {
         if !pki.has_ca_key() {
             warnings.push("This host holds no CA key: it cannot renew or admit hosts".into());
         }
+        let crl = self.inner.cfg.pki.crl();
+        if self.inner.cluster.is_some() && crl.is_none() {
+            warnings.push(
+                "No certificate revocation list yet: etcd does not check for revoked certificates until the daemon restarts with one"
+                    .into(),
+            );
+        }
         Ok(CertStatus {
             ca: details(pki.ca_info()?),
             host: details(host),
             host_days_left: left,
             ca_key_here: pki.has_ca_key(),
+            crl_number: crl.as_ref().map(|c| c.number),
+            revoked: crl
+                .map(|c| c.serials.into_iter().collect())
+                .unwrap_or_default(),
             warnings,
         })
     }
@@ -130,22 +163,132 @@ impl Agent {
             ))
         })?;
         let cert = pki.issue(csr, host, &[ip])?;
-        if let Some(serial) = super::membership::cert_serial(&cert) {
-            self.record_cert_serial(host, &serial).await?;
-        }
+        self.record_cert_serial(host, &ferry_pki::serial_pem(&cert)?)
+            .await?;
         Ok(CertSigned { cert })
     }
 
-    /// Writes `serial` into host `host`'s member record (in a cluster).
+    /// Writes `serial` into host `host`'s member record (in a cluster); the
+    /// certificate it named before is revoked in the same step.
     pub(crate) async fn record_cert_serial(&self, host: &str, serial: &str) -> Result<()> {
         let Some(link) = &self.inner.cluster else {
             return Ok(());
         };
         let key = format!("{}{host}", super::membership::MEMBERS);
-        if let Some((mut h, _)) = link.root.get_json::<ferry_types::ClusterHost>(&key).await? {
-            if h.cert_serial.as_deref() != Some(serial) {
-                h.cert_serial = Some(serial.to_string());
-                link.root.put_json(&key, &h).await?;
+        loop {
+            let Some((mut h, kv)) = link.root.get_json::<ferry_types::ClusterHost>(&key).await?
+            else {
+                return Ok(());
+            };
+            if h.cert_serial.as_deref() == Some(serial) {
+                return Ok(());
+            }
+            let old = h.cert_serial.replace(serial.to_string());
+            let mut success = vec![ferry_store::Op::Put {
+                key: key.clone(),
+                value: serde_json::to_vec(&h).expect("a host record serialises"),
+                lease: None,
+            }];
+            if let Some(old) = old {
+                success.push(revoke_op(&old, host, "renewed"));
+            }
+            let r = link
+                .root
+                .txn(ferry_store::Txn {
+                    compare: vec![ferry_store::Compare::ModRev(
+                        key.clone(),
+                        ferry_store::Cmp::Equal,
+                        kv.mod_rev,
+                    )],
+                    success,
+                    failure: vec![],
+                })
+                .await?;
+            if r.succeeded {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Keeps the revocation list current, for the daemon's life (in a cluster).
+    pub(crate) async fn crl_loop(self) {
+        loop {
+            if let Err(e) = self.sync_crl().await {
+                tracing::debug!(error = %crate::error_chain(&e).join(": "), "revocation list not synced");
+            }
+            tokio::time::sleep(CRL_TICK).await;
+        }
+    }
+
+    /// On the CA holder: signs a new revocation list when the store names a revoked
+    /// certificate the current one lacks. On every host: installs the newest list
+    /// (etcd reads it at its next handshake, ferry's TLS at its next one).
+    pub(crate) async fn sync_crl(&self) -> Result<()> {
+        let link = self.cluster_link()?;
+        let pki = &self.inner.cfg.pki;
+        let mut current = link.root.get_json::<ferry_types::CrlRecord>(CRL).await?;
+        if pki.has_ca_key() {
+            let mut want = std::collections::BTreeSet::new();
+            for kv in link.root.list(REVOKED).await? {
+                match serde_json::from_slice::<ferry_types::RevokedCert>(&kv.value) {
+                    Ok(r) => {
+                        want.insert(r.serial);
+                    }
+                    Err(e) => {
+                        tracing::warn!(key = %kv.key, error = %e, "unreadable revocation record skipped")
+                    }
+                }
+            }
+            let (number, have, rev) = match &current {
+                Some((c, kv)) => (c.number, pki.check_crl(&c.pem)?.serials, kv.mod_rev),
+                None => (0, Default::default(), 0),
+            };
+            if current.is_none() || !want.is_subset(&have) {
+                // Never drops a serial once listed (a record deleted by hand does not
+                // let a certificate back in).
+                let all: std::collections::BTreeSet<String> = have.union(&want).cloned().collect();
+                let rec = ferry_types::CrlRecord {
+                    number: number + 1,
+                    pem: pki.sign_crl(number + 1, &all)?,
+                };
+                let cmp = if rev == 0 {
+                    ferry_store::Compare::Version(CRL.into(), ferry_store::Cmp::Equal, 0)
+                } else {
+                    ferry_store::Compare::ModRev(CRL.into(), ferry_store::Cmp::Equal, rev)
+                };
+                let r = link
+                    .root
+                    .txn(ferry_store::Txn {
+                        compare: vec![cmp],
+                        success: vec![ferry_store::Op::Put {
+                            key: CRL.into(),
+                            value: serde_json::to_vec(&rec).expect("a CRL record serialises"),
+                            lease: None,
+                        }],
+                        failure: vec![],
+                    })
+                    .await?;
+                if r.succeeded {
+                    tracing::info!(
+                        number = rec.number,
+                        revoked = all.len(),
+                        "signed a new certificate revocation list"
+                    );
+                }
+                current = link.root.get_json::<ferry_types::CrlRecord>(CRL).await?;
+            }
+        }
+        if let Some((c, _)) = current {
+            if pki.crl().is_none_or(|mine| mine.number < c.number) && pki.install_crl(&c.pem)? {
+                let n = pki.crl().map_or(0, |c| c.serials.len());
+                self.inner.events.emit(
+                    None,
+                    "cluster",
+                    format!(
+                        "certificate revocation list {} in force ({n} revoked)",
+                        c.number
+                    ),
+                );
             }
         }
         Ok(())

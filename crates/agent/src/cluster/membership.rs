@@ -58,13 +58,6 @@ impl ClusterLink {
     }
 }
 
-/// The serial of the certificate in `pem`.
-pub(crate) fn cert_serial(pem: &str) -> Option<String> {
-    use rustls::pki_types::pem::PemObject;
-    let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
-    ferry_pki::cert_info(&der).ok().map(|i| i.serial)
-}
-
 /// Join tokens are kept by their digest: etcd never holds one that works.
 fn token_key(token: &str) -> String {
     use sha2::Digest;
@@ -137,6 +130,7 @@ fn member_tls(pki: &HostPki) -> MemberTls {
         ca: pki.ca_path(),
         cert: pki.cert_path(),
         key: pki.key_path(),
+        crl: pki.crl_path(),
     }
 }
 
@@ -330,6 +324,10 @@ impl Agent {
         let managed = req.etcd.is_empty();
         // This host's CA becomes the cluster's; its certificate names the address.
         let pki = self.pki_for(&req.address)?;
+        // The first revocation list (empty), before etcd starts reading it.
+        if pki.crl().is_none() {
+            pki.install_crl(&pki.sign_crl(1, &Default::default())?)?;
+        }
         let mut cfg = ClusterConfig {
             name: name.clone(),
             address: req.address.clone(),
@@ -496,7 +494,7 @@ impl Agent {
             name: req.name.clone(),
             api: req.api.clone(),
             address: req.address.clone(),
-            cert_serial: cert_serial(&host_cert),
+            cert_serial: ferry_pki::serial_pem(&host_cert).ok(),
             // The joiner publishes its own when its daemon starts.
             migration_ca: None,
         };
@@ -572,6 +570,7 @@ impl Agent {
             lease_ttl_s: link.cfg.lease_ttl_s,
             ca_cert: pki.ca_pem().to_string(),
             host_cert,
+            crl: pki.crl().map(|c| c.pem),
         })
     }
 
@@ -637,6 +636,9 @@ impl Agent {
         let dir = self.inner.cfg.pki.dir.clone();
         HostPki::install(&dir, &added.ca_cert, None, &added.host_cert, &key)?;
         let pki = HostPki::load(&dir)?;
+        if let Some(crl) = &added.crl {
+            pki.install_crl(crl)?;
+        }
         // The own member first: the store talks to it while it answers.
         let own = client_url(&req.address);
         let mut endpoints = vec![own.clone()];
@@ -767,19 +769,44 @@ impl Agent {
                 }
             }
         }
-        // Our member is gone (or going): the store moves on to another one.
+        // Our member is gone (or going): the store moves on to another one. The
+        // host's certificates are revoked as its record goes (the one the record
+        // names, and the one on disk should a renewal not have been recorded).
+        let mut serials: std::collections::BTreeSet<String> =
+            HostPki::load(&self.inner.cfg.pki.dir)
+                .ok()
+                .and_then(|p| p.host_info().ok())
+                .map(|i| i.serial)
+                .into_iter()
+                .collect();
+        if let Ok(i) = self.inner.cfg.pki.host_info() {
+            serials.insert(i.serial);
+        }
         let mut tries = 0;
         loop {
+            if let Ok(Some((rec, _))) = link
+                .root
+                .get_json::<ClusterHost>(&format!("{MEMBERS}{name}"))
+                .await
+            {
+                serials.extend(rec.cert_serial);
+            }
+            let mut success = vec![
+                ferry_store::Op::DeletePrefix(format!("/hosts/{name}/")),
+                ferry_store::Op::Delete(format!("{MEMBERS}{name}")),
+                ferry_store::Op::Delete(format!("{ALIVE}{name}")),
+                ferry_store::Op::Delete(format!("{FENCED}{name}")),
+            ];
+            success.extend(
+                serials
+                    .iter()
+                    .map(|s| super::certs::revoke_op(s, name, "left")),
+            );
             let r = link
                 .root
                 .txn(ferry_store::Txn {
                     compare: vec![],
-                    success: vec![
-                        ferry_store::Op::DeletePrefix(format!("/hosts/{name}/")),
-                        ferry_store::Op::Delete(format!("{MEMBERS}{name}")),
-                        ferry_store::Op::Delete(format!("{ALIVE}{name}")),
-                        ferry_store::Op::Delete(format!("{FENCED}{name}")),
-                    ],
+                    success,
                     failure: vec![],
                 })
                 .await;
@@ -791,6 +818,12 @@ impl Agent {
                     tokio::time::sleep(Duration::from_millis(300)).await;
                 }
                 Err(e) => return Err(e.into()),
+            }
+        }
+        // The CA holder signs the list itself before it goes (no one else can).
+        if self.inner.cfg.pki.has_ca_key() {
+            if let Err(e) = self.sync_crl().await {
+                tracing::warn!(error = %crate::error_chain(&e).join(": "), "cannot sign the revocation list of this host's certificate");
             }
         }
         // Last: this host's etcd user, so its certificate opens nothing in etcd now.
