@@ -20,15 +20,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const USERS: &str = "/access/users/";
-const TOKENS: &str = "/access/tokens/";
-const ACL: &str = "/access/acl";
+use ferry_store::keys::access::{ACL, TICKET_KEY, USERS};
 /// The key session tickets are signed with: one for the cluster, so a ticket from one
 /// host is good on all (kept where only hosts read).
-const TICKET_KEY: &str = "/access/ticket-key";
 /// `/access/logged-out/{digest}`: tickets ended by a logout, each under a lease that
 /// ends when the ticket would have expired.
-const LOGGED_OUT: &str = "/access/logged-out/";
 /// Wrong passwords a user may try per minute (then every login of it fails until the
 /// minute is over, right password or not).
 const LOGIN_FAILURES: u32 = 5;
@@ -94,11 +90,11 @@ pub fn host_token_id(host: &str) -> String {
 }
 
 fn user_key(name: &str) -> String {
-    format!("{USERS}{name}")
+    ferry_store::keys::access::user(name)
 }
 
 fn token_key(user: &str, id: &str) -> String {
-    format!("{TOKENS}{user}/{id}")
+    ferry_store::keys::access::token(user, id)
 }
 
 fn checked(f: impl FnOnce(&mut ValidationErrors)) -> Result<()> {
@@ -318,7 +314,7 @@ impl Agent {
             .txn(ferry_store::Txn {
                 compare: vec![],
                 success: vec![
-                    ferry_store::Op::DeletePrefix(format!("{TOKENS}{name}/")),
+                    ferry_store::Op::DeletePrefix(ferry_store::keys::access::tokens_of(name)),
                     ferry_store::Op::Delete(user_key(name)),
                 ],
                 failure: vec![],
@@ -416,7 +412,11 @@ impl Agent {
         let store = self.access_store();
         let lease = store.grant_lease(Duration::from_secs(left_s + 5)).await?;
         store
-            .put(&format!("{LOGGED_OUT}{digest}"), b"1".to_vec(), Some(lease))
+            .put(
+                &ferry_store::keys::access::logged_out(digest),
+                b"1".to_vec(),
+                Some(lease),
+            )
             .await?;
         Ok(())
     }
@@ -425,7 +425,7 @@ impl Agent {
     pub async fn ticket_revoked(&self, digest: &str) -> Result<bool> {
         Ok(self
             .access_store()
-            .get(&format!("{LOGGED_OUT}{digest}"))
+            .get(&ferry_store::keys::access::logged_out(digest))
             .await?
             .is_some())
     }
@@ -502,7 +502,7 @@ impl Agent {
         self.user_record(user).await?;
         Ok(self
             .access_store()
-            .list_json::<TokenRecord>(&format!("{TOKENS}{user}/"))
+            .list_json::<TokenRecord>(&ferry_store::keys::access::tokens_of(user))
             .await?
             .into_iter()
             .map(|t| t.token)

@@ -16,7 +16,7 @@ use crate::error::{AgentError, Result};
 use crate::records::VmRecord;
 use crate::Agent;
 use ferry_drs::{Cluster, Host, HostState as DrsHostState, Vm as DrsVm};
-use ferry_store::{Store, StoreJson};
+use ferry_store::{keys, Store, StoreJson};
 use ferry_types::{
     AdmissionMode, DrsConfig, DrsMode, DrsMove, DrsPlan, DrsStatus, HostCapacity, MigrateRequest,
     PlacementReport, PoolKind, PoolSpec, ResourcePool, TaskState, VmLoad, VmSpec,
@@ -27,9 +27,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::cluster::lease::Alive;
-use crate::cluster::membership::{ALIVE, MANAGER};
+use crate::cluster::membership::MANAGER;
 
-pub(crate) const LOAD: &str = "/cluster/load/";
 const SAMPLE: Duration = Duration::from_secs(2);
 
 /// Smoothed CPU load per VM on this host (in memory).
@@ -141,8 +140,8 @@ impl Agent {
     /// cluster, this host's store alone.
     pub(crate) fn shared(&self) -> (&dyn Store, &'static str) {
         match &self.inner.cluster {
-            Some(c) => (&c.root, "/cluster"),
-            None => (self.inner.store.as_ref(), ""),
+            Some(c) => (&c.root, keys::shared::CLUSTER),
+            None => (self.inner.store.as_ref(), keys::shared::ALONE),
         }
     }
 
@@ -160,7 +159,7 @@ impl Agent {
 
     pub async fn drs_config(&self) -> Result<DrsConfig> {
         let (s, p) = self.shared();
-        Ok(s.get_json::<DrsConfig>(&format!("{p}/drs/config"))
+        Ok(s.get_json::<DrsConfig>(&keys::shared::drs_config(p))
             .await?
             .map(|(c, _)| c)
             .unwrap_or_default())
@@ -169,7 +168,7 @@ impl Agent {
     pub async fn set_drs_config(&self, cfg: DrsConfig) -> Result<DrsConfig> {
         cfg.validate()?;
         let (s, p) = self.shared();
-        s.put_json(&format!("{p}/drs/config"), &cfg).await?;
+        s.put_json(&keys::shared::drs_config(p), &cfg).await?;
         self.inner.events.emit(
             None,
             "drs",
@@ -204,7 +203,7 @@ impl Agent {
                 labels: self.inner.cfg.resources.labels.clone(),
                 vms: loads,
             };
-            let key = format!("{LOAD}{}", self.host_name());
+            let key = keys::cluster::load(self.host_name());
             let v = serde_json::to_vec(&cap).expect("serialises");
             if let Err(e) = link.root.put(&key, v, Some(lease)).await {
                 tracing::debug!(error = %e, "publish DRS load");
@@ -284,7 +283,12 @@ impl Agent {
                 },
                 labels: self.inner.cfg.resources.labels.clone(),
             });
-            let shared = pool_reach(self.inner.store.list_json::<PoolSpec>("/pools/").await?);
+            let shared = pool_reach(
+                self.inner
+                    .store
+                    .list_json::<PoolSpec>(keys::host::POOLS)
+                    .await?,
+            );
             for r in self.records().await? {
                 if !r.template {
                     let load = loads.get(&r.spec.name);
@@ -296,14 +300,14 @@ impl Agent {
         let root = &link.root;
         for m in link.members().await? {
             let alive = root
-                .get_json::<Alive>(&format!("{ALIVE}{}", m.name))
+                .get_json::<Alive>(&ferry_store::keys::cluster::alive(&m.name))
                 .await?;
             let cap = root
-                .get_json::<HostCapacity>(&format!("{LOAD}{}", m.name))
+                .get_json::<HostCapacity>(&keys::cluster::load(&m.name))
                 .await?
                 .map(|(c, _)| c);
             let maintenance = root
-                .get_json::<bool>(&format!("/hosts/{}/meta/maintenance", m.name))
+                .get_json::<bool>(&keys::cluster::of_host(&m.name, keys::host::MAINTENANCE))
                 .await?
                 .is_some_and(|(b, _)| b);
             let (cpus, memory_bytes) = match (&cap, &alive) {
@@ -323,11 +327,11 @@ impl Agent {
                 labels: cap.as_ref().map(|c| c.labels.clone()).unwrap_or_default(),
             });
             let shared = pool_reach(
-                root.list_json::<PoolSpec>(&format!("/hosts/{}/pools/", m.name))
+                root.list_json::<PoolSpec>(&keys::cluster::of_host(&m.name, keys::host::POOLS))
                     .await?,
             );
             for r in root
-                .list_json::<VmRecord>(&format!("/hosts/{}/vms/", m.name))
+                .list_json::<VmRecord>(&keys::cluster::of_host(&m.name, keys::host::VMS))
                 .await?
             {
                 if r.template || r.incoming_from.is_some() {
@@ -485,7 +489,7 @@ impl Agent {
         let (s, p) = self.shared();
         let now = now_s();
         let mut out = BTreeSet::new();
-        for kv in s.list(&format!("{p}/drs/moved/")).await? {
+        for kv in s.list(&keys::shared::drs_moved(p)).await? {
             let at: u64 = serde_json::from_slice(&kv.value).unwrap_or(0);
             let vm = kv.key.rsplit('/').next().unwrap_or_default().to_string();
             if now.saturating_sub(at) < cfg.hysteresis_s {
@@ -502,7 +506,7 @@ impl Agent {
 
     async fn in_flight(&self) -> Result<Vec<InFlight>> {
         let (s, p) = self.shared();
-        Ok(s.list_json::<InFlight>(&format!("{p}/drs/inflight/"))
+        Ok(s.list_json::<InFlight>(&keys::shared::drs_inflight(p))
             .await?)
     }
 
@@ -523,7 +527,7 @@ impl Agent {
         let config = self.drs_config().await?;
         let (s, p) = self.shared();
         let stored = s
-            .get_json::<StoredPlan>(&format!("{p}/drs/plan"))
+            .get_json::<StoredPlan>(&keys::shared::drs_plan(p))
             .await?
             .map(|(sp, _)| sp);
         let manager = match &self.inner.cluster {
@@ -558,7 +562,7 @@ impl Agent {
     async fn store_plan(&self, plan: &DrsPlan) -> Result<()> {
         let (s, p) = self.shared();
         s.put_json(
-            &format!("{p}/drs/plan"),
+            &keys::shared::drs_plan(p),
             &StoredPlan {
                 at: now_s(),
                 plan: plan.clone(),
@@ -599,7 +603,7 @@ impl Agent {
                 Ok(task) => {
                     let (s, p) = self.shared();
                     s.put_json(
-                        &format!("{p}/drs/inflight/{}", mv.vm),
+                        &keys::shared::drs_inflight_vm(p, &mv.vm),
                         &InFlight {
                             mv: mv.clone(),
                             task,
@@ -625,7 +629,7 @@ impl Agent {
                     touched.insert(mv.to.clone());
                     // Not tried again before the hysteresis is over.
                     let (s, p) = self.shared();
-                    s.put_json(&format!("{p}/drs/moved/{}", mv.vm), &now_s())
+                    s.put_json(&keys::shared::drs_moved_vm(p, &mv.vm), &now_s())
                         .await?;
                     self.inner.events.emit(
                         Some(&mv.vm),
@@ -695,8 +699,9 @@ impl Agent {
             if !done {
                 continue;
             }
-            s.delete(&format!("{p}/drs/inflight/{}", f.mv.vm)).await?;
-            s.put_json(&format!("{p}/drs/moved/{}", f.mv.vm), &now_s())
+            s.delete(&keys::shared::drs_inflight_vm(p, &f.mv.vm))
+                .await?;
+            s.put_json(&keys::shared::drs_moved_vm(p, &f.mv.vm), &now_s())
                 .await?;
             if let Some(t) = task.filter(|t| t.state == TaskState::Failed) {
                 self.inner.events.emit(
@@ -749,7 +754,7 @@ impl Agent {
                 .collect()
         };
         let before = s
-            .get_json::<StoredPlan>(&format!("{p}/drs/plan"))
+            .get_json::<StoredPlan>(&keys::shared::drs_plan(p))
             .await?
             .map(|(sp, _)| key(&sp.plan.moves));
         if before != Some(key(&plan.moves)) && !plan.moves.is_empty() {

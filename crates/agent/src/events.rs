@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::broadcast;
 
 const KEEP: usize = 1000;
-const PREFIX: &str = "/events/";
+use ferry_store::keys::host::EVENTS as PREFIX;
 
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
@@ -74,10 +74,10 @@ impl EventLog {
         let store = self.store.clone();
         tokio::spawn(async move {
             let _ = store
-                .put_json(&format!("{PREFIX}{:016}", ev.seq), &ev)
+                .put_json(&ferry_store::keys::host::event(ev.seq), &ev)
                 .await;
             for s in prune {
-                let _ = store.delete(&format!("{PREFIX}{s:016}")).await;
+                let _ = store.delete(&ferry_store::keys::host::event(s)).await;
             }
         });
     }

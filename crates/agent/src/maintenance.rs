@@ -9,7 +9,7 @@ use crate::Agent;
 use ferry_store::StoreJson;
 use ferry_types::{HostInfo, MigrateRequest, VmState};
 
-const MAINTENANCE: &str = "/meta/maintenance";
+use ferry_store::keys::host::MAINTENANCE;
 
 /// Where each VM goes: greedy, largest VM first, onto the host with the most memory
 /// left after what was already placed there. `hosts`: (name, free bytes);

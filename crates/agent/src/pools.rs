@@ -7,7 +7,7 @@ use ferry_store::StoreJson;
 use ferry_types::{ByteSize, Pool, PoolKind, PoolSpec, Volume, VolumeCreate, VolumeImport};
 use std::path::Path;
 
-const POOLS: &str = "/pools/";
+use ferry_store::keys::host::POOLS;
 
 fn pool_key(name: &str) -> String {
     format!("{POOLS}{name}")

@@ -6,8 +6,8 @@ use ferry_store::{Cmp, Compare, Op, StoreJson, Txn};
 use ferry_types::{VmSpec, VmState};
 use serde::{Deserialize, Serialize};
 
-pub(crate) const VMS: &str = "/vms/";
-const NEXT_ID: &str = "/meta/next-vm-id";
+use ferry_store::keys::host::NEXT_VM_ID as NEXT_ID;
+pub(crate) use ferry_store::keys::host::VMS;
 
 pub(crate) fn vm_key(name: &str) -> String {
     format!("{VMS}{name}")
@@ -112,7 +112,10 @@ impl Agent {
                 if h.name == self.host_name() {
                     continue;
                 }
-                let key = format!("/hosts/{}/vms/{name}", h.name);
+                let key = ferry_store::keys::cluster::of_host(
+                    &h.name,
+                    &ferry_store::keys::host::vm(name),
+                );
                 if ferry_store::Store::get(&c.root, &key).await?.is_some() {
                     return Err(AgentError::Conflict(format!(
                         "VM {name} already exists on host {}",
@@ -185,7 +188,7 @@ impl Agent {
     async fn next_counter(&self) -> Result<u32> {
         // In a cluster the counter is the cluster's: ids stay unique when VMs move.
         let (store, key): (&dyn ferry_store::Store, &str) = match &self.inner.cluster {
-            Some(c) => (&c.root, crate::cluster::membership::NEXT_ID),
+            Some(c) => (&c.root, ferry_store::keys::cluster::NEXT_VM_ID),
             None => (&*self.inner.store, NEXT_ID),
         };
         loop {

@@ -20,7 +20,7 @@ use ferry_types::{PoolSpec, Snapshot, VmState};
 use serde_json::json;
 use std::collections::{HashMap, HashSet};
 
-pub(crate) const INTENTS: &str = "/intents/";
+use ferry_store::keys::host::INTENTS;
 
 #[derive(serde::Serialize, serde::Deserialize)]
 pub(crate) struct Intent {
@@ -36,13 +36,17 @@ impl Agent {
         };
         self.inner
             .store
-            .put_json(&format!("{INTENTS}{id}"), &i)
+            .put_json(&ferry_store::keys::host::intent(id), &i)
             .await?;
         Ok(())
     }
 
     pub(crate) async fn clear_intent(&self, id: u32) {
-        let _ = self.inner.store.delete(&format!("{INTENTS}{id}")).await;
+        let _ = self
+            .inner
+            .store
+            .delete(&ferry_store::keys::host::intent(id))
+            .await;
     }
 
     fn fixed(&self, vm: Option<&str>, msg: String) {
@@ -53,7 +57,11 @@ impl Agent {
     pub(crate) async fn repair(&self) -> Result<()> {
         let records = self.records().await?;
         let ids: HashSet<u32> = records.iter().map(|r| r.id).collect();
-        let pools: Vec<PoolSpec> = self.inner.store.list_json("/pools/").await?;
+        let pools: Vec<PoolSpec> = self
+            .inner
+            .store
+            .list_json(ferry_store::keys::host::POOLS)
+            .await?;
 
         // Interrupted creations and clones.
         for kv in self.inner.store.list(INTENTS).await? {
@@ -172,7 +180,7 @@ impl Agent {
         let stored: Vec<Snapshot> = self
             .inner
             .store
-            .list_json(&format!("/snapshots/{name}/"))
+            .list_json(&ferry_store::keys::host::snapshots(name))
             .await?;
         let stored_names: HashSet<&str> = stored.iter().map(|s| s.name.as_str()).collect();
         let all_tags: HashSet<String> = per_disk.iter().flat_map(|m| m.keys().cloned()).collect();
@@ -192,7 +200,7 @@ impl Agent {
                     };
                     self.inner
                         .store
-                        .put_json(&format!("/snapshots/{name}/{tag}"), &snap)
+                        .put_json(&ferry_store::keys::host::snapshot(name, tag), &snap)
                         .await?;
                     let t = tag.clone();
                     self.update_record(name, |r| r.current_snapshot = Some(t.clone()))

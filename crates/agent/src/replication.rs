@@ -20,8 +20,6 @@ use ferry_types::{
 use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 
-const REPLICAS: &str = "/replicas/";
-
 fn key(pool: &str, vol: &str) -> String {
     format!("{pool}/{vol}")
 }
@@ -254,13 +252,13 @@ impl Agent {
 
     fn record_key(&self, pool: &str, vol: &str) -> String {
         let (_, prefix) = self.shared();
-        format!("{prefix}{REPLICAS}{pool}/{vol}")
+        ferry_store::keys::shared::replica(prefix, pool, vol)
     }
 
     pub(crate) async fn replica_records(&self, pool: &str) -> Result<Vec<ReplicatedVolume>> {
         let (store, prefix) = self.shared();
         Ok(store
-            .list_json::<ReplicatedVolume>(&format!("{prefix}{REPLICAS}{pool}/"))
+            .list_json::<ReplicatedVolume>(&ferry_store::keys::shared::replicas(prefix, pool))
             .await?)
     }
 
@@ -473,7 +471,10 @@ impl Agent {
             for m in c.members().await? {
                 let recs = c
                     .root
-                    .list_json::<crate::records::VmRecord>(&format!("/hosts/{}/vms/", m.name))
+                    .list_json::<crate::records::VmRecord>(&ferry_store::keys::cluster::of_host(
+                        &m.name,
+                        ferry_store::keys::host::VMS,
+                    ))
                     .await?;
                 for rec in recs {
                     if rec

@@ -12,13 +12,15 @@ use ferry_types::{ResourcePool, VmSpec};
 
 impl Agent {
     fn pool_key(&self, name: &str) -> String {
-        format!("{}/respools/{name}", self.shared().1)
+        ferry_store::keys::shared::respool(self.shared().1, name)
     }
 
     pub async fn resource_pools(&self) -> Result<Vec<ResourcePool>> {
         let (s, p) = self.shared();
-        Ok(s.list_json::<ResourcePool>(&format!("{p}/respools/"))
-            .await?)
+        Ok(
+            s.list_json::<ResourcePool>(&ferry_store::keys::shared::respools(p))
+                .await?,
+        )
     }
 
     pub async fn resource_pool(&self, name: &str) -> Result<ResourcePool> {

@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use std::time::Duration;
 
 fn snap_prefix(vm: &str) -> String {
-    format!("/snapshots/{vm}/")
+    ferry_store::keys::host::snapshots(vm)
 }
 
 /// Runs a QMP job to its end, reporting progress; fails with QEMU's reason.

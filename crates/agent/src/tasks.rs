@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
-const PREFIX: &str = "/tasks/";
+use ferry_store::keys::host::TASKS as PREFIX;
 const KEEP: usize = 500;
 
 #[derive(Clone)]

@@ -7,10 +7,7 @@ use ferry_types::{CertDetails, CertSignRequest, CertSigned, CertStatus};
 
 /// Warn this many days before the host certificate ends.
 const RENEW_WITHIN_DAYS: i64 = 30;
-/// Host certificates that no longer count, until a revocation list names them.
-pub(crate) const REVOKED: &str = "/cluster/revoked/";
-/// The revocation list the CA holder signed last.
-pub(crate) const CRL: &str = "/cluster/crl";
+use ferry_store::keys::cluster::{CRL, REVOKED};
 /// How often a host looks for a newer revocation list (and the CA holder for
 /// revocations to sign).
 const CRL_TICK: std::time::Duration = std::time::Duration::from_secs(2);
@@ -24,7 +21,7 @@ pub(crate) fn revoke_op(serial: &str, host: &str, reason: &str) -> ferry_store::
         at_ms: crate::events::now_ms(),
     };
     ferry_store::Op::Put {
-        key: format!("{REVOKED}{serial}"),
+        key: ferry_store::keys::cluster::revoked(serial),
         value: serde_json::to_vec(&rec).expect("a revocation serialises"),
         lease: None,
     }
@@ -152,7 +149,7 @@ impl Agent {
                 self.host_name()
             )));
         }
-        let key = format!("{}{host}", super::membership::MEMBERS);
+        let key = ferry_store::keys::cluster::member(host);
         let Some((rec, _)) = link.root.get_json::<ferry_types::ClusterHost>(&key).await? else {
             return Err(AgentError::NotFound(format!("Member {host}")));
         };
@@ -174,7 +171,7 @@ impl Agent {
         let Some(link) = &self.inner.cluster else {
             return Ok(());
         };
-        let key = format!("{}{host}", super::membership::MEMBERS);
+        let key = ferry_store::keys::cluster::member(host);
         loop {
             let Some((mut h, kv)) = link.root.get_json::<ferry_types::ClusterHost>(&key).await?
             else {
@@ -305,7 +302,7 @@ impl Agent {
             return Ok(());
         };
         let ca = self.inner.cfg.pki.migration()?.ca_pem;
-        let key = format!("{}{}", super::membership::MEMBERS, self.host_name());
+        let key = ferry_store::keys::cluster::member(self.host_name());
         loop {
             let Some((mut h, kv)) = link.root.get_json::<ferry_types::ClusterHost>(&key).await?
             else {

@@ -10,13 +10,13 @@ use crate::error::Result;
 use crate::records::VmRecord;
 use crate::Agent;
 use ferry_ha::{Command, HostView, VmView};
-use ferry_store::{Cmp, Compare, KeyValue, Op, Store, StoreJson, Txn};
+use ferry_store::{keys, Cmp, Compare, KeyValue, Op, Store, StoreJson, Txn};
 use ferry_types::VmState;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use super::lease::Alive;
-use super::membership::{ALIVE, FENCED, MANAGER};
+use keys::cluster::{ALIVE, MANAGER};
 
 const TICK: Duration = Duration::from_millis(250);
 const RESTART_WINDOW: Duration = Duration::from_secs(600);
@@ -246,11 +246,11 @@ impl Agent {
         let mut records: HashMap<(String, String), (VmRecord, i64)> = HashMap::new();
         for h in &members {
             let alive = root
-                .get_json::<Alive>(&format!("{ALIVE}{}", h.name))
+                .get_json::<Alive>(&ferry_store::keys::cluster::alive(&h.name))
                 .await?;
             // Stored `false` after maintenance ends.
             let maintenance = root
-                .get_json::<bool>(&format!("/hosts/{}/meta/maintenance", h.name))
+                .get_json::<bool>(&keys::cluster::of_host(&h.name, keys::host::MAINTENANCE))
                 .await?
                 .is_some_and(|(m, _)| m);
             hosts.push(HostView {
@@ -259,7 +259,10 @@ impl Agent {
                 maintenance,
                 memory_bytes: alive.map_or(0, |(a, _)| a.memory_bytes),
             });
-            for kv in root.list(&format!("/hosts/{}/vms/", h.name)).await? {
+            for kv in root
+                .list(&keys::cluster::of_host(&h.name, keys::host::VMS))
+                .await?
+            {
                 let Some(rec) = decode(&kv) else { continue };
                 if rec.incoming_from.is_some() || rec.template {
                     continue;
@@ -268,7 +271,7 @@ impl Agent {
                     // Mid-migration: the destination may own it by now; leave it to
                     // the migration's own recovery while the destination has a copy.
                     let there = root
-                        .get(&format!("/hosts/{to}/vms/{}", rec.spec.name))
+                        .get(&keys::cluster::of_host(to, &keys::host::vm(&rec.spec.name)))
                         .await?;
                     if there.is_some() {
                         continue;
@@ -321,7 +324,7 @@ impl Agent {
         }
         // Host states for `cluster status`: fenced while dead with HA VMs it owned.
         for h in &hosts {
-            let key = format!("{FENCED}{}", h.name);
+            let key = ferry_store::keys::cluster::fenced(&h.name);
             let had_ha = vms.iter().any(|v| v.host == h.name && v.ha.enabled());
             if h.alive {
                 if root.get(&key).await?.is_some() {
@@ -351,8 +354,8 @@ impl Agent {
     ) -> Result<()> {
         let root = &self.cluster_link()?.root;
         let name = rec.spec.name.clone();
-        let from_key = format!("/hosts/{from}/vms/{name}");
-        let to_key = format!("/hosts/{to}/vms/{name}");
+        let from_key = keys::cluster::of_host(from, &keys::host::vm(&name));
+        let to_key = keys::cluster::of_host(to, &keys::host::vm(&name));
         rec.last_state = VmState::Crashed;
         rec.last_exit = Some(if dead {
             format!("host {from} failed; restarted by HA on {to}")
@@ -365,10 +368,14 @@ impl Agent {
         let mut compare = vec![
             Compare::ModRev(from_key.clone(), Cmp::Equal, rev),
             Compare::Version(to_key.clone(), Cmp::Equal, 0),
-            Compare::Version(format!("{ALIVE}{to}"), Cmp::Greater, 0),
+            Compare::Version(ferry_store::keys::cluster::alive(to), Cmp::Greater, 0),
         ];
         if dead {
-            compare.push(Compare::Version(format!("{ALIVE}{from}"), Cmp::Equal, 0));
+            compare.push(Compare::Version(
+                ferry_store::keys::cluster::alive(from),
+                Cmp::Equal,
+                0,
+            ));
         }
         let mut success = vec![
             Op::Delete(from_key),
@@ -379,11 +386,11 @@ impl Agent {
             },
         ];
         // The snapshot tree goes along (the snapshots live in the shared volumes).
-        let snaps = format!("/hosts/{from}/snapshots/{name}/");
+        let snaps = keys::cluster::of_host(from, &keys::host::snapshots(&name));
         for kv in root.list(&snaps).await? {
             let rest = &kv.key[snaps.len()..];
             success.push(Op::Put {
-                key: format!("/hosts/{to}/snapshots/{name}/{rest}"),
+                key: keys::cluster::of_host(to, &keys::host::snapshot(&name, rest)),
                 value: kv.value,
                 lease: None,
             });

@@ -22,8 +22,6 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::membership::ALIVE;
-
 /// What a live host publishes under its lease.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct Alive {
@@ -226,7 +224,7 @@ impl Agent {
             .txn(Txn {
                 compare: vec![],
                 success: vec![Op::Put {
-                    key: format!("{ALIVE}{}", self.host_name()),
+                    key: ferry_store::keys::cluster::alive(self.host_name()),
                     value: serde_json::to_vec(&alive).expect("serialises"),
                     lease: Some(lease),
                 }],

@@ -24,17 +24,9 @@ use ferry_types::{
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub(crate) const MEMBERS: &str = "/cluster/members/";
-pub(crate) const ALIVE: &str = "/cluster/alive/";
-pub(crate) const FENCED: &str = "/cluster/fenced/";
-pub(crate) const MANAGER: &str = "/cluster/ha/manager";
-pub(crate) const NEXT_ID: &str = "/cluster/next-vm-id";
-/// `/cluster/join-tokens/{sha256 of the token}`: one-time join tokens, under a lease
-/// (they expire with it).
-const JOIN_TOKENS: &str = "/cluster/join-tokens/";
+pub(crate) use ferry_store::keys::cluster::{ALIVE, MANAGER, MEMBERS, NEXT_VM_ID as NEXT_ID, ROOT};
 /// Join attempts a host answers per minute.
 const JOIN_ATTEMPTS: u32 = 20;
-const ROOT: &str = "/ferry";
 const CLIENT_PORT: u16 = 2379;
 const PEER_PORT: u16 = 2380;
 const DEFAULT_TTL_S: u64 = 5;
@@ -67,8 +59,13 @@ fn token_key(token: &str) -> String {
         .collect()
 }
 
+/// Host `name`'s scope as an etcd prefix (no trailing slash: the store adds keys
+/// starting with one).
 fn host_prefix(name: &str) -> String {
-    format!("{ROOT}/hosts/{name}")
+    format!(
+        "{ROOT}{}",
+        ferry_store::keys::cluster::host_scope(name).trim_end_matches('/')
+    )
 }
 
 fn cluster_dir(state_dir: &Path) -> PathBuf {
@@ -391,7 +388,7 @@ impl Agent {
         let lease = link.root.grant_lease(Duration::from_secs(ttl)).await?;
         link.root
             .put(
-                &format!("{JOIN_TOKENS}{}", token_key(&token)),
+                &ferry_store::keys::cluster::join_token(&token_key(&token)),
                 b"1".to_vec(),
                 Some(lease),
             )
@@ -413,7 +410,7 @@ impl Agent {
         if t.len() != 48 || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Ok(false);
         }
-        let key = format!("{JOIN_TOKENS}{}", token_key(t));
+        let key = ferry_store::keys::cluster::join_token(&token_key(t));
         if link.root.get(&key).await?.is_none() {
             return Ok(false);
         }
@@ -489,7 +486,7 @@ impl Agent {
         // Registered first, and only if no member has the name: once etcd counts the
         // new member, nothing commits until it runs (a one-member cluster has no
         // quorum between the two steps).
-        let key = format!("{MEMBERS}{}", req.name);
+        let key = ferry_store::keys::cluster::member(&req.name);
         let record = ClusterHost {
             name: req.name.clone(),
             api: req.api.clone(),
@@ -688,13 +685,13 @@ impl Agent {
         let next: u32 = self
             .inner
             .store
-            .get_json::<u32>("/meta/next-vm-id")
+            .get_json::<u32>(ferry_store::keys::host::NEXT_VM_ID)
             .await?
             .map_or(100, |(n, _)| n);
         let cur = root.get_json::<u32>(NEXT_ID).await?.map_or(100, |(n, _)| n);
         root.put_json(NEXT_ID, &cur.max(next)).await?;
         root.put_json(
-            &format!("{MEMBERS}{}", cfg.name),
+            &ferry_store::keys::cluster::member(&cfg.name),
             &ClusterHost {
                 name: cfg.name.clone(),
                 api: cfg.api.clone(),
@@ -786,16 +783,16 @@ impl Agent {
         loop {
             if let Ok(Some((rec, _))) = link
                 .root
-                .get_json::<ClusterHost>(&format!("{MEMBERS}{name}"))
+                .get_json::<ClusterHost>(&ferry_store::keys::cluster::member(name))
                 .await
             {
                 serials.extend(rec.cert_serial);
             }
             let mut success = vec![
-                ferry_store::Op::DeletePrefix(format!("/hosts/{name}/")),
-                ferry_store::Op::Delete(format!("{MEMBERS}{name}")),
-                ferry_store::Op::Delete(format!("{ALIVE}{name}")),
-                ferry_store::Op::Delete(format!("{FENCED}{name}")),
+                ferry_store::Op::DeletePrefix(ferry_store::keys::cluster::host_scope(name)),
+                ferry_store::Op::Delete(ferry_store::keys::cluster::member(name)),
+                ferry_store::Op::Delete(ferry_store::keys::cluster::alive(name)),
+                ferry_store::Op::Delete(ferry_store::keys::cluster::fenced(name)),
             ];
             success.extend(
                 serials
@@ -869,7 +866,10 @@ impl Agent {
         let manager = link.root.get_json::<String>(MANAGER).await?.map(|(m, _)| m);
         let mut members = vec![];
         for h in link.members().await? {
-            let alive = link.root.get(&format!("{ALIVE}{}", h.name)).await?;
+            let alive = link
+                .root
+                .get(&ferry_store::keys::cluster::alive(&h.name))
+                .await?;
             let left = match alive.as_ref().and_then(|a| a.lease) {
                 Some(l) => client
                     .lease_time_to_live(l, None)
@@ -880,12 +880,15 @@ impl Agent {
             };
             let maintenance = link
                 .root
-                .get(&format!("/hosts/{}/meta/maintenance", h.name))
+                .get(&ferry_store::keys::cluster::of_host(
+                    &h.name,
+                    ferry_store::keys::host::MAINTENANCE,
+                ))
                 .await?
                 .is_some();
             let fenced = link
                 .root
-                .get(&format!("{FENCED}{}", h.name))
+                .get(&ferry_store::keys::cluster::fenced(&h.name))
                 .await?
                 .is_some();
             let state = match (alive.is_some(), maintenance, fenced) {

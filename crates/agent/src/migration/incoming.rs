@@ -94,7 +94,7 @@ impl Agent {
             for s in &req.vm.snapshots {
                 self.inner
                     .store
-                    .put_json(&format!("/snapshots/{name}/{}", s.name), s)
+                    .put_json(&ferry_store::keys::host::snapshot(&name, &s.name), s)
                     .await?;
             }
             self.start_incoming(&name, &slot).await?;
