@@ -19,6 +19,7 @@ mod devices;
 mod drs;
 mod error;
 mod events;
+mod exit;
 mod history;
 mod lifecycle;
 mod locks;

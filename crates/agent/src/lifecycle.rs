@@ -3,6 +3,7 @@
 
 use crate::console::{tail, Console};
 use crate::error::{AgentError, Result};
+use crate::exit::{classify_exit, ExitFacts, ExitIntent, IntentGuard};
 use crate::pools::backing_files;
 use crate::records::VmRecord;
 use crate::runtime::Slot;
@@ -268,8 +269,8 @@ impl Agent {
             Ok(()) => Ok(()),
             Err(e) => {
                 let pid = slot.with(|rt| {
-                    rt.expect_exit = true;
                     rt.generation += 1; // the supervisor of this failed run must not act
+                    rt.intent = ExitIntent::None;
                     rt.pid.take()
                 });
                 if let Some(pid) = pid {
@@ -281,7 +282,6 @@ impl Agent {
                 slot.with(|rt| {
                     rt.qmp = None;
                     rt.console = None;
-                    rt.expect_exit = false;
                     rt.last_exit = Some(msg.clone());
                 });
                 // A suspended VM whose resume failed keeps its state file and stays suspended.
@@ -393,8 +393,8 @@ impl Agent {
             rt.qmp = Some(qmp.clone());
             rt.console = Some(console);
             rt.accel = Some(self.inner.accel);
-            rt.expect_exit = false;
-            rt.guest_shutdown = false;
+            rt.intent = ExitIntent::None;
+            rt.facts = ExitFacts::default();
             rt.generation += 1;
             rt.generation
         });
@@ -423,10 +423,13 @@ impl Agent {
                         "STOP" if slot.state() == VmState::Running => self.set_state(&name, &slot, VmState::Paused),
                         "RESUME" if slot.state() == VmState::Paused => self.set_state(&name, &slot, VmState::Running),
                         "SHUTDOWN" if ev.data.get("guest").and_then(|g| g.as_bool()) == Some(true) => {
-                            slot.with(|rt| rt.guest_shutdown = true);
+                            slot.with(|rt| rt.facts.guest_shutdown = true);
                         }
                         "GUEST_PANICKED" => {
-                            slot.with(|rt| rt.last_exit = Some("guest panicked".into()));
+                            slot.with(|rt| {
+                                rt.facts.panicked = true;
+                                rt.last_exit = Some("guest panicked".into());
+                            });
                             // A panicked HA guest is ended so it counts as a crash and HA
                             // restarts it; others stay paused for a look.
                             if self.record(&name).await.is_ok_and(|(r, _)| r.spec.ha.enabled()) {
@@ -469,44 +472,37 @@ impl Agent {
         }
     }
 
-    /// QEMU is gone: clean up and decide between stopped and crashed.
+    /// QEMU is gone: clean up and record what its end means ([`classify_exit`]).
     async fn on_exit(&self, name: &str, slot: &Slot, generation: u64) {
-        let (expected, guest, reason) =
-            slot.with(|rt| (rt.expect_exit, rt.guest_shutdown, rt.last_exit.clone()));
-        if slot.with(|rt| rt.generation) != generation {
-            return;
-        }
-        let (state, why) = if expected {
-            (VmState::Stopped, None)
-        } else if guest {
-            (VmState::Stopped, Some("guest powered off".to_string()))
-        } else {
-            (
-                VmState::Crashed,
-                Some(reason.unwrap_or_else(|| "QEMU exited unexpectedly".into())),
-            )
-        };
-        slot.with(|rt| {
+        let Some(out) = slot.with(|rt| {
+            if rt.generation != generation {
+                return None;
+            }
+            let out = classify_exit(
+                std::mem::take(&mut rt.intent),
+                &std::mem::take(&mut rt.facts),
+                rt.last_exit.as_deref(),
+            );
             rt.pid = None;
             rt.qmp = None;
             rt.console = None;
             rt.accel = None;
-            rt.last_exit = why.clone();
-        });
-        let suspended = slot.with(|rt| std::mem::take(&mut rt.suspending));
-        let state = if suspended { VmState::Suspended } else { state };
-        let why = if suspended { None } else { why };
+            rt.last_exit = out.why.clone();
+            Some(out)
+        }) else {
+            return;
+        };
         if let Ok((r, _)) = self.record(name).await {
             self.remove_taps(r.id, r.spec.nics.len()).await;
             self.remove_overlays(r.id);
             self.inner.cgroups.remove_vm(r.id);
-            if state != VmState::Suspended {
+            if out.unlock_disks {
                 // After a live migration the locks are the destination's: a no-op then.
                 self.unlock_disks(&r.spec).await;
             }
         }
-        self.set_state(name, slot, state);
-        self.save_state(name, state, why).await;
+        self.set_state(name, slot, out.state);
+        self.save_state(name, out.state, out.why).await;
     }
 
     /// Throws away the writes of non-persistent disks.
@@ -541,10 +537,8 @@ impl Agent {
     pub(crate) async fn stop_locked(&self, name: &str, slot: &Slot) -> Result<()> {
         let (rec, _) = self.record(name).await?;
         slot.state().check(VmAction::Stop)?;
-        let (qmp, pid) = slot.with(|rt| {
-            rt.expect_exit = true;
-            (rt.qmp.clone(), rt.pid)
-        });
+        let _intent = IntentGuard::set(slot, ExitIntent::Stop);
+        let (qmp, pid) = slot.with(|rt| (rt.qmp.clone(), rt.pid));
         if let Some(q) = qmp {
             let _ = q.execute("quit", None).await;
         }
@@ -577,9 +571,16 @@ impl Agent {
             // A paused guest cannot react to the power button.
             qmp.execute("cont", None).await?;
         }
-        slot.with(|rt| rt.expect_exit = true);
+        let _intent = IntentGuard::set(slot, ExitIntent::Shutdown);
+        let before = slot.state();
         self.set_state(name, slot, VmState::ShuttingDown);
-        qmp.execute("system_powerdown", None).await?;
+        if let Err(e) = qmp.execute("system_powerdown", None).await {
+            // Nothing happened: the VM is as it was (its intent goes with the guard).
+            if slot.state() == VmState::ShuttingDown {
+                self.set_state(name, slot, before);
+            }
+            return Err(e.into());
+        }
         if self.wait_gone(slot, timeout).await {
             return Ok(true);
         }

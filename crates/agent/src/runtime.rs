@@ -17,12 +17,10 @@ pub(crate) struct Runtime {
     pub console: Option<Console>,
     pub accel: Option<Accel>,
     pub last_exit: Option<String>,
-    /// Set when the agent asked QEMU to end (shutdown/stop): its exit is not a crash.
-    pub expect_exit: bool,
-    /// Set by a guest-initiated SHUTDOWN event.
-    pub guest_shutdown: bool,
-    /// Set while suspend-to-disk ends QEMU: its exit means `Suspended`.
-    pub suspending: bool,
+    /// Why the agent is ending this QEMU, if it is (see [`crate::exit`]).
+    pub intent: crate::exit::ExitIntent,
+    /// What QEMU said before it ended.
+    pub facts: crate::exit::ExitFacts,
     /// Bumped at every start/adoption, so a stale supervisor never touches a new run.
     pub generation: u64,
 }

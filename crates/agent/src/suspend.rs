@@ -95,10 +95,7 @@ impl Agent {
         let f = file.display().to_string();
         self.update_record(name, |r| r.suspend_file = Some(f.clone()))
             .await?;
-        slot.with(|rt| {
-            rt.suspending = true;
-            rt.expect_exit = true;
-        });
+        let _intent = crate::exit::IntentGuard::set(&slot, crate::exit::ExitIntent::Suspend);
         let _ = qmp.execute("quit", None).await;
         for _ in 0..500 {
             if !slot.state().has_process() {
@@ -107,6 +104,11 @@ impl Agent {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if slot.state() != VmState::Suspended {
+            // QEMU hangs: its end is no longer a suspend, and the state file (which a
+            // later start would load over disks it no longer matches) goes.
+            drop(_intent);
+            let _ = self.update_record(name, |r| r.suspend_file = None).await;
+            let _ = std::fs::remove_file(&file);
             return Err(AgentError::Conflict(format!(
                 "{name} did not end after saving its state"
             )));

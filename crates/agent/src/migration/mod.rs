@@ -584,10 +584,8 @@ impl Agent {
         copied: &[usize],
     ) -> Result<()> {
         let (rec, _) = self.record(name).await?;
-        let (qmp, pid) = slot.with(|rt| {
-            rt.expect_exit = true;
-            (rt.qmp.clone(), rt.pid)
-        });
+        let _intent = crate::exit::IntentGuard::set(slot, crate::exit::ExitIntent::MigratedAway);
+        let (qmp, pid) = slot.with(|rt| (rt.qmp.clone(), rt.pid));
         if let Some(q) = qmp {
             let _ = q.execute("quit", None).await;
         }
