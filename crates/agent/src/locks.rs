@@ -42,8 +42,13 @@ impl Agent {
         };
         // Replicated disks: this host becomes their primary (a fenced host's term is
         // taken over, like its locks).
-        self.acquire_replicas(spec, ha_from.filter(|_| from_fenced))
-            .await?;
+        self.acquire_replicas(
+            spec,
+            ha_from
+                .filter(|_| from_fenced)
+                .map(crate::replication::Takeover::Fenced),
+        )
+        .await?;
         let mut got = BTreeMap::new();
         for (i, (locks, vol)) in vols.iter().enumerate() {
             let held_by_from = from_fenced
@@ -76,7 +81,7 @@ impl Agent {
         let Some(c) = &self.inner.cluster else {
             return Ok(false);
         };
-        let key = format!("{}{host}", crate::cluster::membership::ALIVE);
+        let key = ferry_store::keys::cluster::alive(host);
         Ok(ferry_store::Store::get(&c.root, &key).await?.is_none())
     }
 
@@ -128,7 +133,8 @@ impl Agent {
     pub(crate) async fn take_over_locks(&self, spec: &VmSpec, from: &str) -> Result<Vec<String>> {
         let me = self.host_name().to_string();
         let mut out = vec![];
-        self.acquire_replicas(spec, Some(from)).await?;
+        self.acquire_replicas(spec, Some(crate::replication::Takeover::Handover(from)))
+            .await?;
         for (p, v) in self.replicated_disks(spec).await? {
             if let Ok(r) = self.replica_record(&p, &v).await {
                 out.push(format!("{p}/{v}@{}", r.generation));

@@ -215,10 +215,7 @@ impl Agent {
                     continue;
                 }
                 if r.primary.as_deref() == Some(&me) {
-                    if let Err(e) = self
-                        .promote_volume(&p.name, &r.name, false, Some(&me))
-                        .await
-                    {
+                    if let Err(e) = self.promote_volume(&p.name, &r.name, false).await {
                         tracing::error!(volume = %key(&p.name, &r.name), error = %e, "cannot resume as primary");
                     }
                 }
@@ -276,17 +273,55 @@ impl Agent {
         &self,
         pool: &str,
         vol: &str,
+        f: impl FnMut(&mut ReplicatedVolume) -> Result<()>,
+    ) -> Result<ReplicatedVolume> {
+        self.update_replica_record_if(pool, vol, None, f).await
+    }
+
+    /// The same, and with `lease_gone`: only while that host holds no lease (part of
+    /// the compare, so a host that comes back in between keeps its term).
+    pub(crate) async fn update_replica_record_if(
+        &self,
+        pool: &str,
+        vol: &str,
+        lease_gone: Option<&str>,
         mut f: impl FnMut(&mut ReplicatedVolume) -> Result<()>,
     ) -> Result<ReplicatedVolume> {
+        use ferry_store::{Cmp, Compare, Op, Txn};
         let (store, _) = self.shared();
         let k = self.record_key(pool, vol);
+        let alive = lease_gone
+            .filter(|_| self.inner.cluster.is_some())
+            .map(ferry_store::keys::cluster::alive);
         for _ in 0..20 {
             let Some((mut r, kv)) = store.get_json::<ReplicatedVolume>(&k).await? else {
                 return Err(AgentError::NotFound(format!("Volume {pool}/{vol}")));
             };
             f(&mut r)?;
-            if store.cas_json(&k, kv.mod_rev, &r).await? {
+            let mut compare = vec![Compare::ModRev(k.clone(), Cmp::Equal, kv.mod_rev)];
+            if let Some(a) = &alive {
+                compare.push(Compare::Version(a.clone(), Cmp::Equal, 0));
+            }
+            let done = store
+                .txn(Txn {
+                    compare,
+                    success: vec![Op::Put {
+                        key: k.clone(),
+                        value: serde_json::to_vec(&r).expect("a volume record serialises"),
+                        lease: None,
+                    }],
+                    failure: vec![],
+                })
+                .await?;
+            if done.succeeded {
                 return Ok(r);
+            }
+            if let (Some(a), Some(h)) = (&alive, lease_gone) {
+                if store.get(a).await?.is_some() {
+                    return Err(AgentError::Conflict(format!(
+                        "{h} holds its lease again: its term on {pool}/{vol} is not taken over"
+                    )));
+                }
             }
         }
         Err(AgentError::Conflict(format!(
@@ -312,7 +347,9 @@ impl Agent {
             size,
             hosts: pool.hosts.clone(),
             primary: None,
+            max_n: gen.n,
             generation: gen.clone(),
+            promoted_from: None,
             outdated: Default::default(),
             split_brain: None,
             disconnected: false,
@@ -543,81 +580,77 @@ impl Agent {
         self.replicated_volume_info(&pool.name, vol).await
     }
 
-    /// Makes this host primary of `pool/vol`: a compare-and-swap on the record, then
-    /// the engine's term. `takeover_from`: the host that may still be named primary
-    /// (fenced by HA, or handing over a migration).
-    pub async fn promote_volume(
+    /// Makes this host primary of `pool/vol`: [`ferry_replica::promote::may_promote`]
+    /// decides, a compare-and-swap on the record commits (with `takeover` from a fenced
+    /// host: only while that host still holds no lease), then the engine's term starts.
+    /// A term that cannot start takes the recorded generation back.
+    pub async fn promote_volume(&self, pool: &str, vol: &str, force: bool) -> Result<GenId> {
+        self.promote_volume_for(pool, vol, force, None).await
+    }
+
+    pub(crate) async fn promote_volume_for(
         &self,
         pool: &str,
         vol: &str,
         force: bool,
-        takeover_from: Option<&str>,
+        takeover: Option<Takeover<'_>>,
     ) -> Result<GenId> {
+        use ferry_replica::promote::{apply, may_promote, undo, Claim, CopyState, Promotion};
         let svc = self.replication()?;
         let k = key(pool, vol);
         let copy = svc.get(&k).ok_or_else(|| {
             AgentError::NotFound(format!("A copy of {k} on {}", self.host_name()))
         })?;
-        if let Some(p) = copy.primary() {
-            if !p.is_stopped() {
-                return Ok(p.gen.clone());
-            }
-        }
         let me = self.host_name().to_string();
-        let mine = copy.local.current();
-        let mut gen = None;
+        let claim = match (force, takeover) {
+            (true, _) => Claim::Force,
+            (false, Some(t)) => Claim::Takeover { from: t.host() },
+            (false, None) => Claim::Normal,
+        };
+        let state = || CopyState {
+            current: copy.local.current(),
+            uptodate: copy.local.meta().uptodate,
+            term: copy
+                .primary()
+                .filter(|p| !p.is_stopped())
+                .map(|p| p.gen.clone()),
+        };
+        let refused = |e: Box<ferry_replica::promote::Refusal>| AgentError::Conflict(e.to_string());
+        // A running term the record names: nothing to write.
+        if let Promotion::AlreadyPrimary(g) =
+            may_promote(&self.replica_record(pool, vol).await?, &me, &state(), claim)
+                .map_err(refused)?
+        {
+            return Ok(g);
+        }
+        let fenced = match takeover {
+            Some(Takeover::Fenced(h)) => Some(h),
+            _ => None,
+        };
+        let mut new = None;
         let rec = self
-            .update_replica_record(pool, vol, |r| {
-                if let Some(sb) = &r.split_brain {
-                    if !force {
-                        return Err(AgentError::Conflict(format!(
-                            "{k} is in split brain ({sb}); pick the copy to keep with `ferry volume resolve {pool} {vol} --keep HOST`"
-                        )));
+            .update_replica_record_if(pool, vol, fenced, |r| {
+                let st = state();
+                new = match may_promote(r, &me, &st, claim).map_err(refused)? {
+                    Promotion::AlreadyPrimary(g) => Some((g, None)),
+                    Promotion::New { generation } => {
+                        let before = r.clone();
+                        apply(r, &me, &st, &generation, force);
+                        Some((generation, Some(before)))
                     }
-                }
-                if let Some(p) = &r.primary {
-                    if p != &me && Some(p.as_str()) != takeover_from && !force {
-                        return Err(AgentError::Conflict(format!("{k} is in use on {p}")));
-                    }
-                }
-                if !force {
-                    if r.outdated.contains(&me) {
-                        return Err(AgentError::Conflict(format!(
-                            "the copy of {k} on {me} is outdated (a primary wrote without it); start where an up-to-date copy is ({})",
-                            up_to_date_hosts(r)
-                        )));
-                    }
-                    if mine.as_ref() != Some(&r.generation) {
-                        return Err(AgentError::Conflict(format!(
-                            "the copy of {k} on {me} is stale (generation {}, the volume is at {}); start where an up-to-date copy is ({})",
-                            mine.as_ref().map(|g| g.to_string()).unwrap_or_else(|| "none".into()),
-                            r.generation,
-                            up_to_date_hosts(r)
-                        )));
-                    }
-                }
-                let n = r.generation.n.max(mine.as_ref().map_or(0, |g| g.n)) + 1;
-                let g = GenId {
-                    n,
-                    host: me.clone(),
                 };
-                r.primary = Some(me.clone());
-                r.generation = g.clone();
-                if force {
-                    r.outdated.remove(&me);
-                }
-                gen = Some(g);
                 Ok(())
             })
             .await?;
-        let gen = gen.expect("set by the update");
+        let Some((gen, Some(before))) = new else {
+            // Became primary meanwhile (another call): its term stands.
+            return Ok(new.map(|(g, _)| g).expect("set by the update"));
+        };
         copy.set_standalone(rec.disconnected);
         if let Err(e) = svc.promote(&k, gen.clone(), &rec.hosts, &rec.outdated, force) {
             let _ = self
                 .update_replica_record(pool, vol, |r| {
-                    if r.primary.as_deref() == Some(&me) {
-                        r.primary = None;
-                    }
+                    undo(r, &me, &before, &gen);
                     Ok(())
                 })
                 .await;
@@ -666,11 +699,11 @@ impl Agent {
     pub(crate) async fn acquire_replicas(
         &self,
         spec: &VmSpec,
-        takeover_from: Option<&str>,
+        takeover: Option<Takeover<'_>>,
     ) -> Result<()> {
         let disks = self.replicated_disks(spec).await?;
         for (i, (pool, vol)) in disks.iter().enumerate() {
-            if let Err(e) = self.promote_volume(pool, vol, false, takeover_from).await {
+            if let Err(e) = self.promote_volume_for(pool, vol, false, takeover).await {
                 for (p, v) in &disks[..i] {
                     let _ = self.demote_volume(p, v).await;
                 }
@@ -855,6 +888,7 @@ impl Agent {
         self.update_replica_record(pool, vol, |r| {
             r.split_brain = None;
             r.generation = kept_gen.clone();
+            r.promoted_from = None;
             r.outdated = r.hosts.iter().filter(|h| **h != keep_s).cloned().collect();
             Ok(())
         })
@@ -871,17 +905,20 @@ impl Agent {
     }
 }
 
-fn up_to_date_hosts(r: &ReplicatedVolume) -> String {
-    let v: Vec<&str> = r
-        .hosts
-        .iter()
-        .filter(|h| !r.outdated.contains(*h))
-        .map(String::as_str)
-        .collect();
-    if v.is_empty() {
-        "none".into()
-    } else {
-        v.join(", ")
+/// From whom a start takes a volume's term over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Takeover<'a> {
+    /// A host HA fenced: only while it holds no lease (checked in the same compare).
+    Fenced(&'a str),
+    /// A migration's source, handing over.
+    Handover(&'a str),
+}
+
+impl<'a> Takeover<'a> {
+    pub(crate) fn host(self) -> &'a str {
+        match self {
+            Takeover::Fenced(h) | Takeover::Handover(h) => h,
+        }
     }
 }
 

@@ -34,7 +34,7 @@ pub async fn promote(
     ApiPath((pool, vol)): ApiPath<(String, String)>,
     ApiJson(req): ApiJson<PromoteRequest>,
 ) -> ApiResult<Json<GenId>> {
-    Ok(Json(a.promote_volume(&pool, &vol, req.force, None).await?))
+    Ok(Json(a.promote_volume(&pool, &vol, req.force).await?))
 }
 
 #[utoipa::path(post, path = "/api/v1/pools/{pool}/volumes/{volume}/replication/demote", tag = "replication",

@@ -23,6 +23,7 @@ pub mod decide;
 pub mod local;
 pub mod nbd;
 pub mod primary;
+pub mod promote;
 mod ranges;
 pub mod replica;
 mod service;

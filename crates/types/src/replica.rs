@@ -31,6 +31,15 @@ pub struct ReplicatedVolume {
     pub primary: Option<String>,
     /// The newest generation; only a copy that has it may become primary.
     pub generation: GenId,
+    /// The generation `generation` was promoted from: the promoting host's copy was
+    /// there when the record named it primary. Lets that host resume its promotion if
+    /// it failed before its copy took the new generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promoted_from: Option<GenId>,
+    /// The highest generation number ever recorded (a resolve may set `generation`
+    /// back): a promotion numbers above it, so no generation is ever made twice.
+    #[serde(default)]
+    pub max_n: u64,
     /// Hosts whose copy misses writes (a primary wrote without them).
     #[serde(default)]
     pub outdated: BTreeSet<String>,

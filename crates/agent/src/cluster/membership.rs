@@ -24,7 +24,7 @@ use ferry_types::{
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub(crate) use ferry_store::keys::cluster::{ALIVE, MANAGER, MEMBERS, NEXT_VM_ID as NEXT_ID, ROOT};
+pub(crate) use ferry_store::keys::cluster::{MANAGER, MEMBERS, NEXT_VM_ID as NEXT_ID, ROOT};
 /// Join attempts a host answers per minute.
 const JOIN_ATTEMPTS: u32 = 20;
 const CLIENT_PORT: u16 = 2379;
