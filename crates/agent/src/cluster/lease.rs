@@ -15,6 +15,7 @@
 //! lives: no failover for a daemon restart within the grace. If it expired, the agent
 //! fences first, then announces itself with a new lease.
 
+use super::fence::{FenceClock, FenceReason};
 use crate::error::{AgentError, Result};
 use crate::Agent;
 use ferry_store::{LeaseId, Op, Store, StoreError, Txn};
@@ -33,22 +34,23 @@ pub(crate) struct Alive {
 #[derive(Debug, Default)]
 pub(crate) struct LeaseState {
     pub lease: Option<LeaseId>,
-    /// Past this, HA VMs must not run here.
-    pub deadline: Option<Instant>,
-    pub fenced: bool,
+    /// When HA VMs may run here (none until the lease loop starts).
+    pub clock: Option<FenceClock>,
 }
 
 /// What `{run_dir}/watchdog` holds.
 #[derive(Debug, Serialize, Deserialize)]
 struct WatchdogFile {
-    /// CLOCK_MONOTONIC nanoseconds.
+    /// CLOCK_BOOTTIME nanoseconds.
     deadline_ns: u64,
 }
 
-/// CLOCK_MONOTONIC now, in nanoseconds (the same clock in every process of the host).
+/// CLOCK_BOOTTIME now, in nanoseconds: the same clock in every process of the host,
+/// and it keeps counting while the machine is suspended (as etcd's lease does; a
+/// monotonic clock would stand still and let HA QEMUs run on past the lease).
 pub fn mono_ns() -> u64 {
-    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .expect("CLOCK_MONOTONIC exists");
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .expect("CLOCK_BOOTTIME exists");
     t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
 }
 
@@ -165,7 +167,7 @@ impl Agent {
             return true;
         }
         let s = self.inner.lease.lock().unwrap_or_else(|e| e.into_inner());
-        s.lease.is_some() && !s.fenced && s.deadline.is_some_and(|d| Instant::now() < d)
+        s.lease.is_some() && s.clock.as_ref().is_some_and(|c| c.holds(mono_ns()))
     }
 
     /// Refuses work on a host that lost its lease.
@@ -194,10 +196,11 @@ impl Agent {
     }
 
     /// Kills this host's HA VMs: it may no longer run them.
-    fn self_fence(&self, why: &str) {
+    fn self_fence(&self, why: FenceReason) {
+        let why = why.text();
         let first = {
             let mut s = self.inner.lease.lock().unwrap_or_else(|e| e.into_inner());
-            !std::mem::replace(&mut s.fenced, true)
+            s.clock.as_mut().is_some_and(FenceClock::mark_fenced)
         };
         let killed = kill_ha_qemus(&self.inner.cfg.run_dir);
         if first || !killed.is_empty() {
@@ -240,78 +243,77 @@ impl Agent {
         Ok(lease)
     }
 
-    /// Keeps the lease, fences on loss. Runs for the daemon's life.
+    /// Keeps the lease, fences on loss ([`FenceClock`] decides). Runs for the daemon's
+    /// life; a second task checks the fence deadline every 100 ms, so a slow store
+    /// call in this loop never delays a fence.
     pub(crate) async fn lease_loop(self) {
         let Ok(link) = self.cluster_link().cloned() else {
             return;
         };
         let ttl = Duration::from_secs(link.cfg.lease_ttl_s);
-        let tick = ttl / 5;
-        let margin = ttl / 3;
         let mut lease: Option<LeaseId> = std::fs::read_to_string(self.lease_file())
             .ok()
             .and_then(|s| s.trim().parse().ok());
         // A previous daemon's promise to the watchdog still holds until it runs out.
-        if let Some(d) = watchdog_deadline(&self.inner.cfg.run_dir) {
-            let left = Duration::from_nanos(d.saturating_sub(mono_ns()));
-            let mut s = self.inner.lease.lock().unwrap_or_else(|e| e.into_inner());
-            s.deadline = Some(Instant::now() + left.saturating_sub(margin / 2));
-        }
-        let mut lost = false;
+        let clock = FenceClock::restored(ttl, watchdog_deadline(&self.inner.cfg.run_dir));
+        let (tick, renew_timeout) = (clock.tick(), clock.renew_timeout());
+        self.inner
+            .lease
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clock = Some(clock);
+        tokio::spawn(self.clone().fence_timer());
         let mut round = 0u64;
         loop {
             let sent = Instant::now();
             let sent_ns = mono_ns();
-            let mut ok = false;
+            let mut acked = false;
             if let Some(l) = lease {
-                match tokio::time::timeout(
-                    tick.max(Duration::from_millis(500)),
-                    link.root.keep_alive(l),
-                )
-                .await
-                {
-                    Ok(Ok(())) => ok = true,
+                match tokio::time::timeout(renew_timeout, link.root.keep_alive(l)).await {
+                    Ok(Ok(())) => acked = true,
                     Ok(Err(StoreError::LeaseNotFound(_))) => {
                         tracing::warn!("the cluster lease expired");
                         lease = None;
-                        lost = true;
+                        // Recovered elsewhere by now, or about to be: never run them
+                        // here too.
+                        let why = self.with_clock(FenceClock::lost);
+                        self.self_fence(why);
                     }
                     Ok(Err(e)) => tracing::debug!(error = %e, "lease renewal failed"),
                     Err(_) => tracing::debug!("lease renewal timed out"),
                 }
             }
             if lease.is_none() {
-                if lost {
-                    // Recovered elsewhere by now, or about to be: never run them here too.
-                    self.self_fence("the cluster lease expired");
-                }
-                match self.announce(ttl).await {
-                    Ok(l) => {
+                match tokio::time::timeout(
+                    renew_timeout.max(Duration::from_secs(3)),
+                    self.announce(ttl),
+                )
+                .await
+                {
+                    Ok(Ok(l)) => {
                         lease = Some(l);
-                        lost = false;
-                        ok = true;
+                        acked = true;
                     }
-                    Err(e) => tracing::debug!(error = %e, "cannot get a cluster lease"),
+                    Ok(Err(e)) => tracing::debug!(error = %e, "cannot get a cluster lease"),
+                    Err(_) => tracing::debug!("getting a cluster lease timed out"),
                 }
             }
-            if ok {
-                {
+            if acked {
+                let (wd, resumed) = {
                     let mut s = self.inner.lease.lock().unwrap_or_else(|e| e.into_inner());
                     s.lease = lease;
-                    s.deadline = Some(sent + ttl - margin);
-                    if s.fenced {
-                        tracing::info!("cluster lease held again: HA work resumes");
-                    }
-                    s.fenced = false;
+                    s.clock
+                        .as_mut()
+                        .expect("set before the loop")
+                        .renewed(sent_ns)
+                };
+                if resumed {
+                    tracing::info!("cluster lease held again: HA work resumes");
                 }
-                self.write_watchdog(sent_ns + (ttl - margin / 2).as_nanos() as u64);
+                self.write_watchdog(wd);
             }
-            let past = {
-                let s = self.inner.lease.lock().unwrap_or_else(|e| e.into_inner());
-                s.deadline.is_some_and(|d| Instant::now() >= d)
-            };
-            if past {
-                self.self_fence("the cluster lease could not be renewed in time");
+            if let Some(why) = self.with_clock(|c| c.poll(mono_ns())) {
+                self.self_fence(why);
             }
             if round.is_multiple_of(20) {
                 self.refresh_endpoints(&link).await;
@@ -321,6 +323,21 @@ impl Agent {
             }
             round += 1;
             tokio::time::sleep(tick.saturating_sub(sent.elapsed())).await;
+        }
+    }
+
+    fn with_clock<T>(&self, f: impl FnOnce(&mut FenceClock) -> T) -> T {
+        let mut s = self.inner.lease.lock().unwrap_or_else(|e| e.into_inner());
+        f(s.clock.as_mut().expect("the lease loop set the clock"))
+    }
+
+    /// Fences as soon as the deadline passes, whatever the lease loop is waiting on.
+    async fn fence_timer(self) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if let Some(why) = self.with_clock(|c| c.poll(mono_ns())) {
+                self.self_fence(why);
+            }
         }
     }
 

@@ -3,6 +3,7 @@
 //! hosts (from etcd, or a static cluster file) and a small HTTP client to their APIs.
 
 mod certs;
+pub(crate) mod fence;
 pub(crate) mod ha;
 pub(crate) mod lease;
 pub(crate) mod membership;
