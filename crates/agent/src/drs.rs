@@ -107,13 +107,16 @@ fn drs_vm(rec: &VmRecord, host: &str, load: Option<&VmLoad>, reach: &PoolReach) 
         }
     }
     let running = rec.last_state.has_process();
+    // A crashed HA VM will run again (here or elsewhere): it keeps its room.
+    let counts =
+        running || (rec.spec.ha.enabled() && rec.last_state == ferry_types::VmState::Crashed);
     DrsVm {
         name: rec.spec.name.clone(),
         host: host.to_string(),
         vcpus: rec.spec.cpus,
         memory_bytes: rec.spec.memory_mib << 20,
         cpu_load: load.map_or(0.0, |l| l.cpu),
-        running,
+        running: counts,
         ha: rec.spec.ha.enabled(),
         rules,
         movable: running
@@ -573,31 +576,22 @@ impl Agent {
     }
 
     /// Starts the plan's moves in order while the hosts involved and the cluster are
-    /// below their limits of concurrent DRS migrations.
+    /// below their limits of concurrent DRS migrations ([`ferry_drs::limits`]).
     async fn start_moves(&self, plan: &DrsPlan, cfg: &DrsConfig) -> Result<Vec<DrsMove>> {
+        use ferry_drs::limits::{Admit, MoveLimits};
         let flying = self.in_flight().await?;
-        let mut per_host: HashMap<String, u32> = HashMap::new();
-        for f in &flying {
-            *per_host.entry(f.mv.from.clone()).or_default() += 1;
-            *per_host.entry(f.mv.to.clone()).or_default() += 1;
-        }
-        let mut total = flying.len() as u32;
+        let mut limits = MoveLimits::new(
+            flying
+                .iter()
+                .map(|f| (f.mv.from.as_str(), f.mv.to.as_str())),
+            cfg,
+        );
         let mut started = vec![];
-        let mut touched: BTreeSet<String> = BTreeSet::new();
         for mv in &plan.moves {
-            if total >= cfg.max_moves_cluster {
-                break;
-            }
-            let busy = |h: &str| per_host.get(h).copied().unwrap_or(0) >= cfg.max_moves_per_host;
-            // Later moves may rely on earlier ones: keep each host's order.
-            if busy(&mv.from)
-                || busy(&mv.to)
-                || touched.contains(&mv.from)
-                || touched.contains(&mv.to)
-            {
-                touched.insert(mv.from.clone());
-                touched.insert(mv.to.clone());
-                continue;
+            match limits.admit(mv) {
+                Admit::Stop => break,
+                Admit::Hold => continue,
+                Admit::Start => {}
             }
             match self.start_move(mv).await {
                 Ok(task) => {
@@ -611,9 +605,7 @@ impl Agent {
                         },
                     )
                     .await?;
-                    *per_host.entry(mv.from.clone()).or_default() += 1;
-                    *per_host.entry(mv.to.clone()).or_default() += 1;
-                    total += 1;
+                    limits.started(mv);
                     self.inner.events.emit(
                         Some(&mv.vm),
                         "drs",
@@ -625,8 +617,7 @@ impl Agent {
                     started.push(mv.clone());
                 }
                 Err(e) => {
-                    touched.insert(mv.from.clone());
-                    touched.insert(mv.to.clone());
+                    limits.failed(mv);
                     // Not tried again before the hysteresis is over.
                     let (s, p) = self.shared();
                     s.put_json(&keys::shared::drs_moved_vm(p, &mv.vm), &now_s())

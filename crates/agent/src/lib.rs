@@ -20,6 +20,7 @@ mod drs;
 mod error;
 mod events;
 mod exit;
+mod gate;
 mod history;
 mod lifecycle;
 mod locks;
@@ -129,6 +130,8 @@ struct Inner {
     restarts: Mutex<cluster::ha::Restarts>,
     /// When the HA manager last read every VM record.
     full_round: Mutex<Option<std::time::Instant>>,
+    /// VMs the HA manager could not place last round, with the reason.
+    ha_no_place: Mutex<std::collections::BTreeMap<String, String>>,
     restart: tokio::sync::Notify,
     /// Smoothed CPU load of this host's VMs (DRS).
     loads: Mutex<drs::LoadTracker>,
@@ -200,6 +203,7 @@ impl Agent {
                 lease: Mutex::new(Default::default()),
                 restarts: Mutex::new(Default::default()),
                 full_round: Mutex::new(None),
+                ha_no_place: Mutex::default(),
                 restart: tokio::sync::Notify::new(),
                 loads: Mutex::new(Default::default()),
                 cgroups,

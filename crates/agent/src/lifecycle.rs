@@ -4,6 +4,7 @@
 use crate::console::{tail, Console};
 use crate::error::{AgentError, Result};
 use crate::exit::{classify_exit, ExitFacts, ExitIntent, IntentGuard};
+use crate::gate::{start_gate, StartFacts, StartOrigin};
 use crate::pools::backing_files;
 use crate::records::VmRecord;
 use crate::runtime::Slot;
@@ -184,38 +185,40 @@ impl Agent {
     pub async fn start_vm(&self, name: &str) -> Result<()> {
         let slot = self.slot(name);
         let _op = slot.op.lock().await;
-        if self.in_maintenance().await? {
-            return Err(AgentError::Conflict(format!(
-                "Host {} is in maintenance: no VM starts here (ferry host activate)",
-                self.host_name()
-            )));
-        }
-        self.start_locked(name, &slot).await
+        self.start_locked(name, &slot, StartOrigin::User).await
     }
 
-    pub(crate) async fn start_locked(&self, name: &str, slot: &Arc<Slot>) -> Result<()> {
-        self.start_with(name, slot, false).await
+    pub(crate) async fn start_locked(
+        &self,
+        name: &str,
+        slot: &Arc<Slot>,
+        origin: StartOrigin,
+    ) -> Result<()> {
+        self.start_with(name, slot, false, origin).await
     }
 
-    /// Starts QEMU; `paused` leaves the vCPUs stopped (to load a snapshot first).
-    /// A suspended VM resumes from its state file. The VM's shared volumes are locked
-    /// first (refused if another host holds them).
+    /// Starts QEMU once [`start_gate`] lets it; `paused` leaves the vCPUs stopped (to
+    /// load a snapshot first). A suspended VM resumes from its state file. The VM's
+    /// shared volumes are locked first (refused if another host holds them).
     pub(crate) async fn start_with(
         &self,
         name: &str,
         slot: &Arc<Slot>,
         paused: bool,
+        origin: StartOrigin,
     ) -> Result<()> {
         let (rec, _) = self.record(name).await?;
-        slot.state().check(VmAction::Start)?;
-        if rec.spec.ha.enabled() {
-            self.check_not_fenced()?;
-        }
-        if rec.template {
-            return Err(AgentError::Conflict(format!(
-                "{name} is a template; templates are not started (clone it)"
-            )));
-        }
+        let facts = StartFacts {
+            origin,
+            state: slot.state(),
+            has_pid: slot.with(|rt| rt.pid.is_some()),
+            template: rec.template,
+            ha_enabled: rec.spec.ha.enabled(),
+            last_state: rec.last_state,
+            holds_lease: self.holds_lease(),
+            maintenance: self.in_maintenance().await?,
+        };
+        start_gate(&facts).map_err(|r| r.into_error(name, self.host_name()))?;
         let mut plan = self.plan(&rec).await?;
         plan.paused = paused;
         let resume_from = if slot.state() == VmState::Suspended {
@@ -599,7 +602,7 @@ impl Agent {
         let _op = slot.op.lock().await;
         self.shutdown_locked(name, &slot, timeout.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT))
             .await?;
-        self.start_locked(name, &slot).await
+        self.start_locked(name, &slot, StartOrigin::Reboot).await
     }
 
     pub async fn pause_vm(&self, name: &str) -> Result<()> {

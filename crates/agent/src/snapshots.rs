@@ -229,7 +229,8 @@ impl Agent {
         let devices = self.disk_nodes(vm, disks.len()).await;
         if snap.with_memory {
             if !slot.state().has_process() {
-                self.start_with(vm, &slot, true).await?;
+                self.start_with(vm, &slot, true, crate::gate::StartOrigin::SnapshotRevert)
+                    .await?;
             }
             let qmp = self.qmp(vm)?;
             run_job(

@@ -19,6 +19,7 @@
 pub mod admission;
 pub mod balance;
 pub mod hbal;
+pub mod limits;
 pub mod place;
 pub mod pools;
 mod state;

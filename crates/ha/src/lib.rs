@@ -13,6 +13,10 @@
 //! - a VM whose host gave up restarting it (crash loop) is relocated the same way,
 //!   never back to that host;
 //! - a VM that fits nowhere stays where it is, reported with the reason.
+//!
+//! Which VMs and in what order is [`select`]'s answer alone; where they go is the
+//! placer's ([`plan_with`]): in a cluster, DRS's placement (rules, labels, CPU and
+//! memory); [`plan`] uses the memory-only placer here when DRS has no snapshot.
 
 use ferry_types::HaPolicy;
 use serde::Serialize;
@@ -61,39 +65,111 @@ pub enum Command {
     NoPlace { vm: String, reason: String },
 }
 
-/// The commands for one round.
-pub fn plan(hosts: &[HostView], vms: &[VmView]) -> Vec<Command> {
-    let alive: BTreeMap<&str, &HostView> = hosts
-        .iter()
-        .filter(|h| h.alive)
-        .map(|h| (h.name.as_str(), h))
-        .collect();
+/// A VM to bring up elsewhere: its host is dead (`dead`) or gave up restarting it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    pub vm: String,
+    pub from: String,
+    /// The host holds no lease (Recover); else it is alive and gave up (Relocate).
+    pub dead: bool,
+}
+
+/// The VMs to bring up elsewhere this round, in order: HA-managed and wanted, on a
+/// host that lost its lease, or crash-looping on a live host; priority (high first),
+/// then name.
+pub fn select(hosts: &[HostView], vms: &[VmView]) -> Vec<Recovery> {
+    let alive = |h: &str| hosts.iter().any(|x| x.name == h && x.alive);
     let known = |h: &str| hosts.iter().any(|x| x.name == h);
-    // Memory in use and anti-affinity groups per live host, updated as we place.
-    let mut used: BTreeMap<&str, u64> = alive.keys().map(|h| (*h, 0)).collect();
-    let mut groups: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    for v in vms.iter().filter(|v| alive.contains_key(v.host.as_str())) {
-        if v.running || (v.wanted && v.ha.enabled()) {
-            *used.entry(v.host.as_str()).or_default() += v.memory_bytes;
-            if let Some(g) = &v.ha.anti_affinity {
-                groups.entry(v.host.as_str()).or_default().push(g.clone());
-            }
-        }
-    }
     let mut todo: Vec<&VmView> = vms
         .iter()
         .filter(|v| v.ha.enabled() && v.wanted)
-        .filter(|v| {
-            let host_dead = known(&v.host) && !alive.contains_key(v.host.as_str());
-            host_dead || (v.relocate && alive.contains_key(v.host.as_str()))
-        })
+        .filter(|v| (known(&v.host) && !alive(&v.host)) || (v.relocate && alive(&v.host)))
         .collect();
     todo.sort_by(|a, b| b.ha.priority.cmp(&a.ha.priority).then(a.name.cmp(&b.name)));
-    let mut out = vec![];
-    for v in todo {
+    todo.into_iter()
+        .map(|v| Recovery {
+            vm: v.name.clone(),
+            from: v.host.clone(),
+            dead: !alive(&v.host),
+        })
+        .collect()
+}
+
+/// The commands for one round, each selected VM placed by `place` (in order, so a
+/// placer that keeps track sees the earlier ones): `Ok(host)` or `Err(reason)`.
+pub fn plan_with(
+    hosts: &[HostView],
+    vms: &[VmView],
+    mut place: impl FnMut(&Recovery) -> Result<String, String>,
+) -> Vec<Command> {
+    select(hosts, vms)
+        .into_iter()
+        .map(|r| match place(&r) {
+            Ok(to) if to != r.from => {
+                let (vm, from) = (r.vm, r.from);
+                if r.dead {
+                    Command::Recover { vm, from, to }
+                } else {
+                    Command::Relocate { vm, from, to }
+                }
+            }
+            Ok(_) => Command::NoPlace {
+                vm: r.vm,
+                reason: "the placer chose the host it leaves".into(),
+            },
+            Err(reason) => Command::NoPlace { vm: r.vm, reason },
+        })
+        .collect()
+}
+
+/// The commands for one round with the memory-only placer: hosts that are online,
+/// not in maintenance, with room for the VM's memory, not running a VM of the same
+/// anti-affinity group, then the most free memory, then the name.
+pub fn plan(hosts: &[HostView], vms: &[VmView]) -> Vec<Command> {
+    let mut placer = MemoryPlacer::new(hosts, vms);
+    plan_with(hosts, vms, |r| placer.place(r))
+}
+
+/// The fallback placer: memory and anti-affinity only, updated as it places.
+struct MemoryPlacer<'a> {
+    alive: BTreeMap<&'a str, &'a HostView>,
+    vms: &'a [VmView],
+    used: BTreeMap<&'a str, u64>,
+    groups: BTreeMap<&'a str, Vec<String>>,
+}
+
+impl<'a> MemoryPlacer<'a> {
+    fn new(hosts: &'a [HostView], vms: &'a [VmView]) -> MemoryPlacer<'a> {
+        let alive: BTreeMap<&str, &HostView> = hosts
+            .iter()
+            .filter(|h| h.alive)
+            .map(|h| (h.name.as_str(), h))
+            .collect();
+        let mut used: BTreeMap<&str, u64> = alive.keys().map(|h| (*h, 0)).collect();
+        let mut groups: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for v in vms.iter().filter(|v| alive.contains_key(v.host.as_str())) {
+            if v.running || (v.wanted && v.ha.enabled()) {
+                *used.entry(v.host.as_str()).or_default() += v.memory_bytes;
+                if let Some(g) = &v.ha.anti_affinity {
+                    groups.entry(v.host.as_str()).or_default().push(g.clone());
+                }
+            }
+        }
+        MemoryPlacer {
+            alive,
+            vms,
+            used,
+            groups,
+        }
+    }
+
+    fn place(&mut self, r: &Recovery) -> Result<String, String> {
+        let Some(v) = self.vms.iter().find(|v| v.name == r.vm && v.host == r.from) else {
+            return Err(format!("VM {} is not in the view", r.vm));
+        };
         let mut best: Option<(&str, u64)> = None;
         let mut why = vec![];
-        for (name, h) in &alive {
+        for (name, h) in &self.alive {
             if *name == v.host {
                 continue;
             }
@@ -101,13 +177,13 @@ pub fn plan(hosts: &[HostView], vms: &[VmView]) -> Vec<Command> {
                 why.push(format!("{name}: maintenance"));
                 continue;
             }
-            let free = h.memory_bytes.saturating_sub(used[name]);
+            let free = h.memory_bytes.saturating_sub(self.used[name]);
             if free < v.memory_bytes {
                 why.push(format!("{name}: {} MiB free", free >> 20));
                 continue;
             }
             if let Some(g) = &v.ha.anti_affinity {
-                if groups.get(name).is_some_and(|gs| gs.contains(g)) {
+                if self.groups.get(name).is_some_and(|gs| gs.contains(g)) {
                     why.push(format!("{name}: runs a VM of group {g}"));
                     continue;
                 }
@@ -118,28 +194,16 @@ pub fn plan(hosts: &[HostView], vms: &[VmView]) -> Vec<Command> {
         }
         match best {
             Some((to, _)) => {
-                *used.get_mut(to).expect("live host") += v.memory_bytes;
+                *self.used.get_mut(to).expect("live host") += v.memory_bytes;
                 if let Some(g) = &v.ha.anti_affinity {
-                    groups.entry(to).or_default().push(g.clone());
+                    self.groups.entry(to).or_default().push(g.clone());
                 }
-                let (vm, from, to) = (v.name.clone(), v.host.clone(), to.to_string());
-                out.push(if alive.contains_key(v.host.as_str()) {
-                    Command::Relocate { vm, from, to }
-                } else {
-                    Command::Recover { vm, from, to }
-                });
+                Ok(to.to_string())
             }
-            None => out.push(Command::NoPlace {
-                vm: v.name.clone(),
-                reason: if why.is_empty() {
-                    "no other host holds a lease".into()
-                } else {
-                    why.join("; ")
-                },
-            }),
+            None if why.is_empty() => Err("no other host holds a lease".into()),
+            None => Err(why.join("; ")),
         }
     }
-    out
 }
 
 #[cfg(test)]

@@ -189,3 +189,72 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// `select` alone decides which VMs and in what order; `plan_with` asks the placer
+    /// once per selected VM, in that order, and never overrides or vetoes its answer
+    /// (other than refusing the host the VM leaves).
+    #[test]
+    fn the_placer_alone_decides_where(
+        hosts in prop::collection::vec(any::<bool>(), 1..5),
+        vms in prop::collection::vec((0usize..5, any::<bool>(), any::<bool>(), any::<bool>(), -2i32..3), 0..16),
+        answers in prop::collection::vec(proptest::option::of(0usize..5), 16),
+    ) {
+        let hosts: Vec<HostView> = hosts.iter().enumerate().map(|(i, alive)| HostView {
+            name: format!("h{i}"), alive: *alive, maintenance: false, memory_bytes: G,
+        }).collect();
+        let vms: Vec<VmView> = vms.iter().enumerate().map(|(i, (h, ha, wanted, relocate, prio))| {
+            let mut v = vm(&format!("v{i:02}"), &format!("h{}", h % hosts.len()), 1);
+            v.ha.mode = if *ha { HaMode::Restart } else { HaMode::Off };
+            v.ha.priority = *prio;
+            v.wanted = *wanted;
+            v.relocate = *relocate;
+            v
+        }).collect();
+        let sel = select(&hosts, &vms);
+        let alive = |h: &str| hosts.iter().any(|x| x.name == h && x.alive);
+        // Which: HA and wanted, dead host or crash-looping on a live one; each once.
+        for r in &sel {
+            let v = vms.iter().find(|v| v.name == r.vm).unwrap();
+            prop_assert!(v.ha.enabled() && v.wanted);
+            prop_assert_eq!(r.dead, !alive(&v.host));
+            prop_assert!(r.dead || v.relocate);
+        }
+        for v in &vms {
+            let due = v.ha.enabled() && v.wanted && (!alive(&v.host) || v.relocate);
+            prop_assert_eq!(sel.iter().filter(|r| r.vm == v.name).count(), usize::from(due));
+        }
+        // Order: priority, then name.
+        for w in sel.windows(2) {
+            let (a, b) = (vms.iter().find(|v| v.name == w[0].vm).unwrap(), vms.iter().find(|v| v.name == w[1].vm).unwrap());
+            prop_assert!(a.ha.priority > b.ha.priority || (a.ha.priority == b.ha.priority && a.name < b.name));
+        }
+        // Where: whatever the placer says, in select's order.
+        let mut asked = vec![];
+        let cmds = plan_with(&hosts, &vms, |r| {
+            asked.push(r.vm.clone());
+            match answers[asked.len() - 1] {
+                Some(i) => Ok(format!("h{}", i % hosts.len())),
+                None => Err("full".into()),
+            }
+        });
+        prop_assert_eq!(asked, sel.iter().map(|r| r.vm.clone()).collect::<Vec<_>>());
+        prop_assert_eq!(cmds.len(), sel.len());
+        for (i, (c, r)) in cmds.iter().zip(&sel).enumerate() {
+            let want = answers[i].map(|a| format!("h{}", a % hosts.len()));
+            match c {
+                Command::Recover { vm, from, to } | Command::Relocate { vm, from, to } => {
+                    prop_assert_eq!(vm, &r.vm);
+                    prop_assert_eq!(from, &r.from);
+                    prop_assert_eq!(Some(to.clone()), want);
+                    prop_assert!(to != from);
+                    prop_assert_eq!(matches!(c, Command::Recover { .. }), r.dead);
+                }
+                Command::NoPlace { vm, .. } => {
+                    prop_assert_eq!(vm, &r.vm);
+                    prop_assert!(want.is_none() || want.as_deref() == Some(r.from.as_str()));
+                }
+            }
+        }
+    }
+}

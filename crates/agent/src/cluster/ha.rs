@@ -30,9 +30,7 @@ const FULL_ROUND: Duration = Duration::from_secs(2);
 pub(crate) struct Restarts(HashMap<String, Vec<Instant>>);
 
 /// Should an HA VM in this state be running?
-fn wanted(state: VmState) -> bool {
-    state.has_process() || state == VmState::Crashed
-}
+use crate::gate::wanted;
 
 fn decode(kv: &KeyValue) -> Option<VmRecord> {
     serde_json::from_slice(&kv.value).ok()
@@ -144,14 +142,9 @@ impl Agent {
                             && slot.with(|rt| rt.pid.is_none()) => {}
                     _ => return,
                 }
-                let started = match agent.in_maintenance().await {
-                    Ok(true) => Err(crate::AgentError::Conflict(format!(
-                        "Host {} is in maintenance",
-                        agent.host_name()
-                    ))),
-                    Ok(false) => agent.start_locked(&name, &slot).await,
-                    Err(e) => Err(e),
-                };
+                let started = agent
+                    .start_locked(&name, &slot, crate::gate::StartOrigin::HaRestart)
+                    .await;
                 if let Err(e) = started {
                     agent.inner.events.emit(
                         Some(&name),
@@ -290,38 +283,43 @@ impl Agent {
             }
         }
         // ferry-ha decides which VMs go (and in which order); DRS placement where
-        // (rules, labels, CPU and memory), read once when there is something to place.
-        let mut drs: Option<Option<(ferry_drs::Cluster, ferry_types::DrsConfig)>> = None;
-        for cmd in ferry_ha::plan(&hosts, &vms) {
+        // (rules, labels, CPU and memory), one answer, updated as it places. Without
+        // a DRS snapshot, ferry-ha's memory-only placer.
+        let due = ferry_ha::select(&hosts, &vms);
+        let cmds = if due.is_empty() {
+            vec![]
+        } else {
+            match (self.drs_snapshot().await, self.drs_config().await) {
+                (Ok((mut c, _)), Ok(cfg)) => ferry_ha::plan_with(&hosts, &vms, |r| {
+                    ferry_drs::place_away(&mut c, &r.vm, &r.from, &cfg)
+                }),
+                (snap, cfg) => {
+                    let e = snap
+                        .err()
+                        .or(cfg.err())
+                        .map(|e| crate::error_chain(&e).join(": "));
+                    tracing::warn!(error = ?e, "HA: no DRS snapshot; placing by memory only");
+                    ferry_ha::plan(&hosts, &vms)
+                }
+            }
+        };
+        let mut no_place = std::collections::BTreeMap::new();
+        for cmd in cmds {
             match cmd {
                 Command::Recover { vm, from, to } | Command::Relocate { vm, from, to } => {
                     let Some((rec, rev)) = records.get(&(from.clone(), vm.clone())) else {
                         continue;
-                    };
-                    if drs.is_none() {
-                        drs = Some(match (self.drs_snapshot().await, self.drs_config().await) {
-                            (Ok((c, _)), Ok(cfg)) => Some((c, cfg)),
-                            _ => None,
-                        });
-                    }
-                    let to = match drs.as_mut().and_then(|d| d.as_mut()) {
-                        Some((c, cfg)) => match ferry_drs::place_away(c, &vm, &from, cfg) {
-                            Ok(h) => h,
-                            Err(reason) => {
-                                tracing::warn!(vm, reason, "HA: no host can take the VM now");
-                                continue;
-                            }
-                        },
-                        None => to,
                     };
                     let dead = !hosts.iter().any(|h| h.name == from && h.alive);
                     self.move_owner(rec.clone(), *rev, &from, &to, dead).await?;
                 }
                 Command::NoPlace { vm, reason } => {
                     tracing::warn!(vm, reason, "HA: no host can take the VM now");
+                    no_place.insert(vm, reason);
                 }
             }
         }
+        self.report_no_place(no_place);
         // Host states for `cluster status`: fenced while dead with HA VMs it owned.
         for h in &hosts {
             let key = ferry_store::keys::cluster::fenced(&h.name);
@@ -340,6 +338,26 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// Tells the event log about VMs HA cannot place, once per VM and reason (the
+    /// round repeats every few seconds); and when one is placed again.
+    fn report_no_place(&self, now: std::collections::BTreeMap<String, String>) {
+        let mut last = self
+            .inner
+            .ha_no_place
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for (vm, reason) in &now {
+            if last.get(vm) != Some(reason) {
+                self.inner.events.emit(
+                    Some(vm),
+                    "ha",
+                    format!("no host can take {vm} now: {reason}"),
+                );
+            }
+        }
+        *last = now;
     }
 
     /// Moves `rec` from host `from` to `to` in one transaction: only if `from` still has

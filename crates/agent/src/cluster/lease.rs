@@ -16,7 +16,7 @@
 //! fences first, then announces itself with a new lease.
 
 use super::fence::{FenceClock, FenceReason};
-use crate::error::{AgentError, Result};
+use crate::error::Result;
 use crate::Agent;
 use ferry_store::{LeaseId, Op, Store, StoreError, Txn};
 use serde::{Deserialize, Serialize};
@@ -168,15 +168,6 @@ impl Agent {
         }
         let s = self.inner.lease.lock().unwrap_or_else(|e| e.into_inner());
         s.lease.is_some() && s.clock.as_ref().is_some_and(|c| c.holds(mono_ns()))
-    }
-
-    /// Refuses work on a host that lost its lease.
-    pub(crate) fn check_not_fenced(&self) -> Result<()> {
-        if self.holds_lease() {
-            Ok(())
-        } else {
-            Err(AgentError::Fenced(self.host_name().to_string()))
-        }
     }
 
     fn write_watchdog(&self, deadline_ns: u64) {
