@@ -145,6 +145,7 @@ impl Agent {
             let Ok(rd) = std::fs::read_dir(&self.inner.cfg.run_dir) else {
                 continue;
             };
+            let mut failed: Option<String> = None;
             for d in rd.flatten() {
                 if !d.file_type().is_ok_and(|t| t.is_dir()) {
                     continue;
@@ -152,8 +153,14 @@ impl Agent {
                 let log = d.path().join("serial.log");
                 if let Err(e) = rotate_log(&log, SERIAL_LOG_CAP) {
                     tracing::warn!(log = %log.display(), error = %e, "cannot rotate the serial log");
+                    failed = Some(format!("{}: {e}", log.display()));
                 }
             }
+            self.inner.loops.report(
+                "serial-logs",
+                std::time::Duration::from_secs(10),
+                failed.map_or(Ok(()), Err),
+            );
         }
     }
 }

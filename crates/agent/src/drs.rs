@@ -190,9 +190,15 @@ impl Agent {
             tokio::time::sleep(SAMPLE).await;
             let window = self.drs_config().await.map_or(300, |c| c.window_s).max(1);
             let loads = self.sample_loads(window).await;
-            if let Err(e) = self.sync_pool_cgroups().await {
+            let r = self.sync_pool_cgroups().await;
+            if let Err(e) = &r {
                 tracing::debug!(error = %e, "resource pool cgroups");
             }
+            self.inner.loops.report(
+                "load",
+                SAMPLE,
+                r.map_err(|e| crate::error_chain(&e).join(": ")),
+            );
             let Some(link) = &self.inner.cluster else {
                 continue;
             };
@@ -728,9 +734,15 @@ impl Agent {
                 continue;
             }
             last = Some(Instant::now());
-            if let Err(e) = self.drs_round(&cfg).await {
+            let r = self.drs_round(&cfg).await;
+            if let Err(e) = &r {
                 tracing::warn!(error = %e, "DRS round");
             }
+            self.inner.loops.report(
+                "drs",
+                Duration::from_secs(cfg.interval_s),
+                r.map_err(|e| crate::error_chain(&e).join(": ")),
+            );
         }
     }
 

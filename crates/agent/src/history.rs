@@ -153,6 +153,9 @@ impl Agent {
     pub(crate) async fn history_loop(self) {
         loop {
             self.record_history().await;
+            self.inner
+                .loops
+                .report("history", INTERVAL, Ok::<(), String>(()));
             tokio::time::sleep(INTERVAL).await;
         }
     }

@@ -24,6 +24,7 @@ mod gate;
 mod history;
 mod lifecycle;
 mod locks;
+mod loops;
 mod maintenance;
 mod metrics;
 mod migration;
@@ -130,6 +131,8 @@ struct Inner {
     restarts: Mutex<cluster::ha::Restarts>,
     /// When the HA manager last read every VM record.
     full_round: Mutex<Option<std::time::Instant>>,
+    /// The background tasks' last runs and errors.
+    loops: loops::Loops,
     /// VMs the HA manager could not place last round, with the reason.
     ha_no_place: Mutex<std::collections::BTreeMap<String, String>>,
     restart: tokio::sync::Notify,
@@ -203,6 +206,7 @@ impl Agent {
                 lease: Mutex::new(Default::default()),
                 restarts: Mutex::new(Default::default()),
                 full_round: Mutex::new(None),
+                loops: Default::default(),
                 ha_no_place: Mutex::default(),
                 restart: tokio::sync::Notify::new(),
                 loads: Mutex::new(Default::default()),
@@ -264,6 +268,7 @@ impl Agent {
             vms_defined: vms.len(),
             maintenance: self.in_maintenance().await?,
             cpu_busy: self.host_cpu_busy(),
+            background: self.inner.loops.list(),
         })
     }
 }

@@ -110,6 +110,9 @@ pub enum Command {
 pub enum HostCmd {
     /// Facts about the daemon's host (the default).
     Show,
+    /// The daemon's background tasks (lease, HA, DRS, revocation list, ...): last
+    /// run, last error, next run.
+    Status,
     /// The hosts of the cluster.
     List,
     /// Maintenance mode: move every running VM away (live), take no new ones.
@@ -771,6 +774,49 @@ async fn host(c: &Client, g: &Global, cmd: HostCmd) -> Result<()> {
                     ""
                 }
             );
+            Ok(())
+        }
+        HostCmd::Status => {
+            let h: HostInfo = c.get("/api/v1/host").await?;
+            if g.json {
+                return print_json(&h.background);
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let ago = |t: Option<u64>| {
+                t.map_or("-".to_string(), |t| {
+                    format!("{:.1} s ago", now.saturating_sub(t) as f64 / 1000.0)
+                })
+            };
+            let mut t = table(&[
+                "TASK",
+                "EVERY",
+                "RUNS",
+                "FAILED",
+                "LAST RUN",
+                "LAST OK",
+                "LAST ERROR",
+            ]);
+            for b in h.background {
+                t.add_row(vec![
+                    b.name,
+                    format!("{:.1} s", b.every_ms as f64 / 1000.0),
+                    b.runs.to_string(),
+                    b.failures.to_string(),
+                    ago(b.last_run_ms),
+                    ago(b.last_ok_ms),
+                    match (b.last_error, b.last_error_ms) {
+                        (Some(e), at) => format!("{e} ({})", ago(at)),
+                        _ => "-".into(),
+                    },
+                ]);
+            }
+            println!(
+                "{}: {} of {} VMs running",
+                h.name, h.vms_running, h.vms_defined
+            );
+            println!("{t}");
             Ok(())
         }
         HostCmd::List => {

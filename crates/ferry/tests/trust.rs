@@ -1,7 +1,7 @@
 //! Attacks on a host, tried as an attacker would against real QEMU and the real daemon:
 //! each of these tests failed on the code before the hole was closed.
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use ferry_lab::Lab;
 use std::path::Path;
 use std::time::Duration;
@@ -379,6 +379,18 @@ fn certificates_of_renewed_or_departed_hosts_are_refused() -> Result<()> {
         "etcd still takes h2's certificate from before the renewal"
     );
     ensure!(etcd_as(&second)?, "etcd refused h2's renewed certificate");
+    // The loops behind it show how they fare (ferry host status).
+    let tasks = h1.ferry_json(&["host", "status"])?;
+    for name in ["lease", "revocation-list", "ha-local"] {
+        let t = tasks
+            .as_array()
+            .and_then(|a| a.iter().find(|t| t["name"] == name))
+            .with_context(|| format!("no background task {name}: {tasks}"))?;
+        ensure!(
+            t["runs"].as_u64().is_some_and(|r| r > 0) && t["last_ok_ms"].is_u64(),
+            "background task {name} never ran well: {t}"
+        );
+    }
     // The cluster still works across both hosts with the new certificate.
     let hosts = h1.ferry_json(&["cluster", "status"])?;
     ensure!(

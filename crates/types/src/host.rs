@@ -26,6 +26,25 @@ pub struct HostInfo {
     /// Cores busy over the last 10 s sample (none right after the daemon started).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_busy: Option<f64>,
+    /// The daemon's background tasks (lease, HA, DRS, ...) and how they fare.
+    #[serde(default)]
+    pub background: Vec<BackgroundTask>,
+}
+
+/// One of the daemon's background tasks. Times are Unix milliseconds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BackgroundTask {
+    pub name: String,
+    /// How often it runs.
+    pub every_ms: u64,
+    pub runs: u64,
+    /// Runs that ended in an error.
+    pub failures: u64,
+    pub last_run_ms: Option<u64>,
+    pub last_ok_ms: Option<u64>,
+    pub last_error: Option<String>,
+    pub last_error_ms: Option<u64>,
+    pub next_run_ms: Option<u64>,
 }
 
 /// A member of the cluster as the cluster file (later the cluster store) lists it.

@@ -22,7 +22,7 @@ pub use cluster::*;
 pub use drs::*;
 pub use error::ApiErrorBody;
 pub use event::Event;
-pub use host::{ClusterFile, ClusterHost, HostInfo, MetricsHistory, MetricsPoint};
+pub use host::{BackgroundTask, ClusterFile, ClusterHost, HostInfo, MetricsHistory, MetricsPoint};
 pub use migration::*;
 pub use replica::*;
 pub use size::ByteSize;

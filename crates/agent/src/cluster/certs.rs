@@ -210,9 +210,14 @@ impl Agent {
     /// Keeps the revocation list current, for the daemon's life (in a cluster).
     pub(crate) async fn crl_loop(self) {
         loop {
-            if let Err(e) = self.sync_crl().await {
-                tracing::debug!(error = %crate::error_chain(&e).join(": "), "revocation list not synced");
+            let r = self
+                .sync_crl()
+                .await
+                .map_err(|e| crate::error_chain(&e).join(": "));
+            if let Err(e) = &r {
+                tracing::debug!(error = %e, "revocation list not synced");
             }
+            self.inner.loops.report("revocation-list", CRL_TICK, r);
             tokio::time::sleep(CRL_TICK).await;
         }
     }

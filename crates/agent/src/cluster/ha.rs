@@ -43,17 +43,29 @@ impl Agent {
             if !self.holds_lease() {
                 continue;
             }
-            if let Err(e) = self.local_round().await {
+            let r = self.local_round().await;
+            if let Err(e) = &r {
                 tracing::debug!(error = %e, "HA local round");
             }
+            self.inner.loops.report(
+                "ha-local",
+                TICK,
+                r.map_err(|e| crate::error_chain(&e).join(": ")),
+            );
             if self.inner.cluster.is_none() {
                 continue; // one host: crash restarts only
             }
             let manager = match self.try_manager().await {
                 Ok(true) => {
-                    if let Err(e) = self.manager_round().await {
+                    let r = self.manager_round().await;
+                    if let Err(e) = &r {
                         tracing::warn!(error = %e, "HA manager round");
                     }
+                    self.inner.loops.report(
+                        "ha-manager",
+                        TICK,
+                        r.map_err(|e| crate::error_chain(&e).join(": ")),
+                    );
                     true
                 }
                 Ok(false) => false,

@@ -303,6 +303,15 @@ impl Agent {
                 }
                 self.write_watchdog(wd);
             }
+            self.inner.loops.report(
+                "lease",
+                tick,
+                if acked {
+                    Ok(())
+                } else {
+                    Err("the cluster lease was not renewed")
+                },
+            );
             if let Some(why) = self.with_clock(|c| c.poll(mono_ns())) {
                 self.self_fence(why);
             }
