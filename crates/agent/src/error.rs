@@ -44,6 +44,8 @@ pub enum AgentError {
         what: String,
         /// The other host's HTTP status, when it answered.
         status: Option<u16>,
+        /// The other host's error code, when it answered with one.
+        code: Option<String>,
         #[source]
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
@@ -102,6 +104,45 @@ impl AgentError {
         }
     }
 
+    /// The stable name of the error in API answers ([`ferry_types::ApiErrorBody::code`]).
+    pub fn code(&self) -> &str {
+        use ferry_storage::{LockError, StorageError};
+        match self {
+            AgentError::Invalid(_) => "invalid",
+            AgentError::NotFound(_) => "not_found",
+            AgentError::Conflict(_) => "conflict",
+            AgentError::State(_) => "invalid_state",
+            AgentError::Storage(StorageError::NotFound(_)) => "not_found",
+            AgentError::Storage(StorageError::Exists(_)) => "exists",
+            AgentError::Storage(e) if e.is_client_error() => "invalid",
+            AgentError::Storage(_) => "storage",
+            AgentError::Qemu(_) => "qemu",
+            AgentError::Qmp(_) => "qmp",
+            AgentError::Net(_) => "network",
+            AgentError::Store(_) => "store",
+            AgentError::Lock(LockError::Held { .. }) => "locked",
+            AgentError::Lock(_) => "storage",
+            AgentError::Member(_) | AgentError::Etcd { .. } => "etcd",
+            AgentError::Fenced(_) => "fenced",
+            AgentError::Peer {
+                code: Some(c),
+                status: Some(_),
+                ..
+            } if !c.is_empty() => c,
+            AgentError::Peer {
+                status: Some(s), ..
+            } => match ferry_types::code_for_status(*s) {
+                "internal" => "peer_failed",
+                c => c,
+            },
+            AgentError::Peer { status: None, .. } => "peer_unreachable",
+            AgentError::Unauthorized(_) => "unauthorized",
+            AgentError::Pki(ferry_pki::PkiError::Bad { .. }) => "invalid_certificate",
+            AgentError::Pki(_) => "pki",
+            AgentError::Io { .. } => "io",
+        }
+    }
+
     pub fn invalid(field: &str, reason: impl Into<String>) -> AgentError {
         let mut e = ValidationErrors::default();
         e.push(field, reason);
@@ -110,3 +151,41 @@ impl AgentError {
 }
 
 pub type Result<T, E = AgentError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Another host's refusal keeps its status and code across a host-to-host call;
+    /// its failure or silence is the caller's bad gateway.
+    #[test]
+    fn a_peers_refusal_keeps_its_status_and_code() {
+        let peer = |status: Option<u16>, code: Option<&str>| AgentError::Peer {
+            host: "h2".into(),
+            what: "x".into(),
+            status,
+            code: code.map(String::from),
+            source: None,
+        };
+        let e = peer(Some(409), Some("invalid_state"));
+        assert_eq!(
+            (e.class(), e.code()),
+            (ErrorClass::Conflict, "invalid_state")
+        );
+        let e = peer(Some(409), None);
+        assert_eq!((e.class(), e.code()), (ErrorClass::Conflict, "conflict"));
+        let e = peer(Some(500), Some("qemu"));
+        assert_eq!((e.class(), e.code()), (ErrorClass::BadGateway, "qemu"));
+        let e = peer(Some(500), None);
+        assert_eq!(
+            (e.class(), e.code()),
+            (ErrorClass::BadGateway, "peer_failed")
+        );
+        let e = peer(None, None);
+        assert_eq!(
+            (e.class(), e.code()),
+            (ErrorClass::BadGateway, "peer_unreachable")
+        );
+        assert_eq!(AgentError::Fenced("h1".into()).code(), "fenced");
+    }
+}

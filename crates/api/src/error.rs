@@ -1,4 +1,4 @@
-//! Every API error becomes `{"error": ..., "causes": [...]}` with a status code chosen
+//! Every API error becomes `{"code": ..., "error": ..., "causes": [...]}` with a status code chosen
 //! here, in one place.
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
@@ -19,6 +19,7 @@ impl ApiError {
         ApiError {
             status,
             body: ApiErrorBody {
+                code: ferry_types::code_for_status(status.as_u16()).into(),
                 error: error.into(),
                 causes: vec![],
             },
@@ -41,6 +42,7 @@ impl From<AgentError> for ApiError {
         }
         let body = match &e {
             AgentError::Invalid(v) => ApiErrorBody {
+                code: e.code().into(),
                 error: "Invalid input".into(),
                 causes: v
                     .0
@@ -51,6 +53,7 @@ impl From<AgentError> for ApiError {
             _ => {
                 let mut chain = error_chain(&e);
                 ApiErrorBody {
+                    code: e.code().into(),
                     error: chain.remove(0),
                     causes: chain,
                 }
@@ -66,6 +69,7 @@ fn rejection(status: StatusCode, what: &str, e: &(dyn std::error::Error + 'stati
     ApiError {
         status,
         body: ApiErrorBody {
+            code: ferry_types::code_for_status(status.as_u16()).into(),
             error: format!("Invalid {what}"),
             causes: chain,
         },
@@ -127,6 +131,7 @@ pub fn optional_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<O
         .map_err(|e| ApiError {
             status: StatusCode::BAD_REQUEST,
             body: ApiErrorBody {
+                code: "invalid".into(),
                 error: "Invalid JSON body".into(),
                 causes: vec![e.to_string()],
             },

@@ -160,6 +160,7 @@ async fn bad_input_is_4xx_with_reason_and_creates_nothing() {
         let (s, e) = call(&app, "POST", "/api/v1/vms", Some(body.clone())).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{body} -> {e}");
         assert!(e.to_string().contains(needle), "{body}: {e} lacks {needle}");
+        assert_eq!(e["code"], "invalid", "{body} -> {e}");
     }
     let (_, list) = call(&app, "GET", "/api/v1/vms", None).await;
     assert_eq!(list, json!([]));
@@ -181,6 +182,28 @@ async fn bad_input_is_4xx_with_reason_and_creates_nothing() {
     )
     .await;
     assert_eq!(s, StatusCode::CONFLICT, "{e}");
+    assert_eq!(e["code"], "conflict", "{e}");
+    // Bodies that are no JSON, or the wrong media type, have codes of their own.
+    for (ct, status, code) in [
+        ("application/json", StatusCode::BAD_REQUEST, "invalid"),
+        (
+            "text/plain",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+    ] {
+        let req = Request::builder()
+            .method("POST")
+            .uri("/api/v1/vms")
+            .header("content-type", ct)
+            .body(Body::from("{"))
+            .unwrap();
+        let resp = app.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), status);
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let e: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(e["code"], code, "{e}");
+    }
 }
 
 #[tokio::test]
@@ -197,9 +220,11 @@ async fn actions_in_wrong_state_are_409_and_unknown_vm_404() {
         let (s, e) = call(&app, "POST", &format!("/api/v1/vms/a/{act}"), None).await;
         assert_eq!(s, StatusCode::CONFLICT, "{act}: {e}");
         assert!(e["error"].as_str().unwrap().contains("stopped"), "{e}");
+        assert_eq!(e["code"], "invalid_state", "{e}");
     }
-    let (s, _) = call(&app, "POST", "/api/v1/vms/nope/start", None).await;
+    let (s, e) = call(&app, "POST", "/api/v1/vms/nope/start", None).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(e["code"], "not_found", "{e}");
     let (s, e) = call(
         &app,
         "POST",
@@ -861,6 +886,7 @@ async fn users_roles_tokens_and_audit() {
     let (s, e) = as_bearer(&agent, &bob, "POST", "/api/v1/vms/x1/start", None).await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{e}");
     assert!(e["error"].as_str().unwrap().contains("PowerMgmt"), "{e}");
+    assert_eq!(e["code"], "forbidden", "{e}");
     let (s, _) = as_bearer(&agent, &bob, "GET", "/api/v1/vms/x1/console/history", None).await;
     assert_eq!(s, StatusCode::FORBIDDEN);
     // An Operator cannot delete a pool (but its Administrator grant on one pool lets

@@ -245,6 +245,7 @@ impl Client {
         let text = resp.text().await?;
         if !status.is_success() {
             let e: ApiErrorBody = serde_json::from_str(&text).unwrap_or(ApiErrorBody {
+                code: ferry_types::code_for_status(status.as_u16()).into(),
                 error: text,
                 causes: vec![],
             });

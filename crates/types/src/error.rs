@@ -3,10 +3,35 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-/// `{"error": "...", "causes": ["...", ...]}`: the message and its cause chain.
+/// `{"code": "...", "error": "...", "causes": ["...", ...]}`: a stable name for scripts,
+/// the message and its cause chain.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
 pub struct ApiErrorBody {
+    /// What kind of error, for scripts (stable; the message may change): `invalid`,
+    /// `not_found`, `conflict`, `invalid_state`, `exists`, `locked`, `fenced`,
+    /// `unauthorized`, `forbidden`, `too_large`, `unsupported_media_type`,
+    /// `too_many_requests`, `peer_unreachable`, `peer_failed`, `qemu`, `qmp`,
+    /// `network`, `store`, `etcd`, `storage`, `pki`, `invalid_certificate`, `io`,
+    /// `internal`. A refusal another host gave keeps its code.
+    #[serde(default)]
+    pub code: String,
     pub error: String,
     #[serde(default)]
     pub causes: Vec<String>,
+}
+
+/// The code of an error known only by its HTTP status.
+pub fn code_for_status(status: u16) -> &'static str {
+    match status {
+        400 | 422 => "invalid",
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 => "not_found",
+        409 => "conflict",
+        413 => "too_large",
+        415 => "unsupported_media_type",
+        429 => "too_many_requests",
+        502 | 504 => "peer_failed",
+        _ => "internal",
+    }
 }

@@ -20,7 +20,7 @@ pub mod vm;
 pub use access::*;
 pub use cluster::*;
 pub use drs::*;
-pub use error::ApiErrorBody;
+pub use error::{code_for_status, ApiErrorBody};
 pub use event::Event;
 pub use host::{BackgroundTask, ClusterFile, ClusterHost, HostInfo, MetricsHistory, MetricsPoint};
 pub use migration::*;

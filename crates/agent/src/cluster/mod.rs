@@ -53,6 +53,7 @@ impl Peer {
                 host: host.name.clone(),
                 what: "HTTP client".into(),
                 status: None,
+                code: None,
                 source: Some(Box::new(e)),
             })
         };
@@ -84,6 +85,7 @@ impl Peer {
             host: self.host.name.clone(),
             what,
             status: None,
+            code: None,
             source: source.map(|e| Box::new(e) as _),
         }
     }
@@ -124,15 +126,15 @@ impl Peer {
             .await
             .map_err(|e| self.err(format!("{what}: read the answer"), Some(e)))?;
         if !status.is_success() {
-            let msg = serde_json::from_slice::<ApiErrorBody>(&bytes)
+            let (msg, code) = serde_json::from_slice::<ApiErrorBody>(&bytes)
                 .map(|b| {
                     let mut m = b.error;
                     for c in b.causes {
                         m.push_str(&format!("; {c}"));
                     }
-                    m
+                    (m, Some(b.code).filter(|c| !c.is_empty()))
                 })
-                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+                .unwrap_or_else(|_| (String::from_utf8_lossy(&bytes).into_owned(), None));
             return Err(if status == reqwest::StatusCode::NOT_FOUND {
                 AgentError::NotFound(format!("{msg} (on host {})", self.host.name))
             } else {
@@ -140,6 +142,7 @@ impl Peer {
                     host: self.host.name.clone(),
                     what: format!("{what}: {msg} ({status})"),
                     status: Some(status.as_u16()),
+                    code,
                     source: None,
                 }
             });

@@ -177,6 +177,7 @@ impl Agent {
                         AgentError::NotFound(_) => Some(404),
                         _ => None,
                     };
+                    let code = status.map(|_| e.code().to_string());
                     break Err(AgentError::Peer {
                         host: req.to.clone(),
                         what: format!(
@@ -184,6 +185,7 @@ impl Agent {
                             self.host_name()
                         ),
                         status,
+                        code,
                         source: Some(Box::new(e)),
                     });
                 }
