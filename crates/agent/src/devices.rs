@@ -6,6 +6,7 @@
 
 use crate::error::{AgentError, Result};
 use crate::Agent;
+use ferry_qmp::commands as qc;
 use ferry_types::{CdromSpec, DiskBus, DiskSpec, NicModel, NicSpec, VmState};
 use serde_json::json;
 use std::os::fd::AsFd;
@@ -202,8 +203,10 @@ impl Agent {
             let node = self.disk_node(name, index).await;
             self.unplug(name, &format!("disk{index}")).await?;
             let qmp = self.qmp(name)?;
-            qmp.execute("blockdev-del", Some(json!({"node-name": node})))
-                .await?;
+            qmp.run(&qc::BlockdevDel {
+                node_name: node.clone(),
+            })
+            .await?;
         } else if slot.state() == VmState::Suspended {
             return Err(AgentError::Conflict(format!(
                 "{name} is suspended; its devices cannot change"
@@ -291,7 +294,7 @@ impl Agent {
                     )
                     .await
                 {
-                    let _ = qmp.execute("netdev_del", Some(json!({"id": format!("net{i}")}))).await;
+                    let _ = qmp.run(&qc::NetdevDel { id: format!("net{i}") }).await;
                     return Err(e.into());
                 }
                 Ok::<_, AgentError>(())
@@ -329,8 +332,10 @@ impl Agent {
             }
             self.unplug(name, &format!("net{index}")).await?;
             let qmp = self.qmp(name)?;
-            qmp.execute("netdev_del", Some(json!({"id": format!("net{index}")})))
-                .await?;
+            qmp.run(&qc::NetdevDel {
+                id: format!("net{index}"),
+            })
+            .await?;
             ferry_net::delete_tap(&ferry_net::tap_name(rec.id, index)).await?;
         } else if slot.state() == VmState::Suspended {
             return Err(AgentError::Conflict(format!(
@@ -354,7 +359,7 @@ impl Agent {
     async fn unplug(&self, name: &str, id: &str) -> Result<()> {
         let qmp = self.qmp(name)?;
         let mut ev = qmp.events();
-        qmp.execute("device_del", Some(json!({"id": id}))).await?;
+        qmp.run(&qc::DeviceDel { id: id.to_string() }).await?;
         let wait = async {
             loop {
                 match ev.recv().await {

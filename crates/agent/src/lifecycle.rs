@@ -13,6 +13,7 @@ use ferry_qemu::{
     build_argv, kill_and_wait, read_pid, spawn_detached, BackingFile, LaunchPlan, ResolvedCdrom,
     ResolvedDisk, RunPaths,
 };
+use ferry_qmp::commands as qc;
 use ferry_qmp::Qmp;
 use ferry_types::{DiskFormat, Firmware, VmAction, VmState};
 use std::path::PathBuf;
@@ -436,7 +437,7 @@ impl Agent {
                             // A panicked HA guest is ended so it counts as a crash and HA
                             // restarts it; others stay paused for a look.
                             if self.record(&name).await.is_ok_and(|(r, _)| r.spec.ha.enabled()) {
-                                let _ = qmp.execute("quit", None).await;
+                                let _ = qmp.run(&qc::Quit).await;
                             }
                         }
                         _ => {}
@@ -543,7 +544,7 @@ impl Agent {
         let _intent = IntentGuard::set(slot, ExitIntent::Stop);
         let (qmp, pid) = slot.with(|rt| (rt.qmp.clone(), rt.pid));
         if let Some(q) = qmp {
-            let _ = q.execute("quit", None).await;
+            let _ = q.run(&qc::Quit).await;
         }
         if !self.wait_gone(slot, STOP_WAIT).await {
             if let Some(pid) = pid {
@@ -572,12 +573,12 @@ impl Agent {
             .ok_or_else(|| AgentError::Conflict(format!("VM {name} has no QMP connection")))?;
         if slot.state() == VmState::Paused {
             // A paused guest cannot react to the power button.
-            qmp.execute("cont", None).await?;
+            qmp.run(&qc::Cont).await?;
         }
         let _intent = IntentGuard::set(slot, ExitIntent::Shutdown);
         let before = slot.state();
         self.set_state(name, slot, VmState::ShuttingDown);
-        if let Err(e) = qmp.execute("system_powerdown", None).await {
+        if let Err(e) = qmp.run(&qc::SystemPowerdown).await {
             // Nothing happened: the VM is as it was (its intent goes with the guard).
             if slot.state() == VmState::ShuttingDown {
                 self.set_state(name, slot, before);
@@ -727,31 +728,34 @@ impl Agent {
         // Jobs the previous daemon started (snapshots) run on in QEMU: let them end, so
         // the repair pass sees their result, and dismiss them.
         for _ in 0..600 {
-            let jobs = qmp.execute("query-jobs", None).await?;
-            let jobs = jobs.as_array().cloned().unwrap_or_default();
-            for j in jobs.iter().filter(|j| j["status"] == "concluded") {
-                let _ = qmp
-                    .execute("job-dismiss", Some(serde_json::json!({"id": j["id"]})))
-                    .await;
+            let jobs = qmp.run(&qc::QueryJobs).await?;
+            for j in jobs.iter().filter(|j| j.status == qc::JobStatus::Concluded) {
+                let _ = qmp.run(&qc::JobDismiss { id: j.id.clone() }).await;
             }
-            if jobs.iter().all(|j| j["status"] == "concluded") {
+            if jobs.iter().all(|j| j.status == qc::JobStatus::Concluded) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let status: serde_json::Value = qmp.execute("query-status", None).await?;
-        let state = match status.get("status").and_then(|s| s.as_str()) {
-            Some("running") => VmState::Running,
-            Some("paused")
-            | Some("inmigrate")
-            | Some("prelaunch")
-            | Some("suspended")
-            | Some("postmigrate")
-            | Some("finish-migrate")
-            | Some("save-vm")
-            | Some("restore-vm") => VmState::Paused,
-            Some("shutdown") => VmState::ShuttingDown,
-            _ => VmState::Running,
+        use qc::RunState as R;
+        let state = match qmp.run(&qc::QueryStatus).await?.status {
+            R::Running => VmState::Running,
+            R::Paused
+            | R::Inmigrate
+            | R::Prelaunch
+            | R::Suspended
+            | R::Postmigrate
+            | R::FinishMigrate
+            | R::SaveVm
+            | R::RestoreVm => VmState::Paused,
+            R::Shutdown => VmState::ShuttingDown,
+            R::Debug
+            | R::InternalError
+            | R::IoError
+            | R::Watchdog
+            | R::GuestPanicked
+            | R::Colo
+            | R::Unknown => VmState::Running,
         };
         let console = Console::attach(&run.serial, &tail(&run.serial_log, 256 * 1024), pid)
             .await

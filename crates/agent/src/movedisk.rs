@@ -7,6 +7,7 @@
 use crate::error::{AgentError, Result};
 use crate::tasks::TaskCtx;
 use crate::Agent;
+use ferry_qmp::commands as qc;
 use ferry_types::{ByteSize, DiskFormat, VmState};
 use serde_json::json;
 use std::time::Duration;
@@ -213,33 +214,22 @@ impl Agent {
             let mut completing = false;
             loop {
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                let jobs = qmp.execute("query-jobs", None).await?;
-                let Some(j) = jobs
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .find(|j| j["id"] == job.as_str())
-                    .cloned()
-                else {
+                let jobs = qmp.run(&qc::QueryJobs).await?;
+                let Some(j) = jobs.into_iter().find(|j| j.id == job) else {
                     return Err(AgentError::Conflict("the mirror job vanished".into()));
                 };
-                let (cur, total) = (
-                    j["current-progress"].as_u64().unwrap_or(0),
-                    j["total-progress"].as_u64().unwrap_or(0),
-                );
-                if total > 0 {
-                    ctx.progress(cur as f32 / total as f32 * 0.95);
+                if j.total_progress > 0 {
+                    ctx.progress(j.current_progress as f32 / j.total_progress as f32 * 0.95);
                 }
-                match j["status"].as_str() {
-                    Some("ready") if !completing => {
+                match j.status {
+                    qc::JobStatus::Ready if !completing => {
                         ctx.log("in sync: pivoting to the new volume");
                         completing = true;
-                        qmp.execute("job-complete", Some(json!({"id": job})))
-                            .await?;
+                        qmp.run(&qc::JobComplete { id: job.clone() }).await?;
                     }
-                    Some("concluded") => {
-                        let _ = qmp.execute("job-dismiss", Some(json!({"id": job}))).await;
-                        if let Some(e) = j["error"].as_str() {
+                    qc::JobStatus::Concluded => {
+                        let _ = qmp.run(&qc::JobDismiss { id: job.clone() }).await;
+                        if let Some(e) = j.error {
                             return Err(AgentError::Conflict(format!("mirror failed: {e}")));
                         }
                         if !completing {
@@ -259,29 +249,27 @@ impl Agent {
             Ok(()) => {
                 // The device reads and writes the new node now; drop the old ones.
                 let _ = qmp
-                    .execute("blockdev-del", Some(json!({"node-name": old_node})))
+                    .run(&qc::BlockdevDel {
+                        node_name: old_node.clone(),
+                    })
                     .await;
                 let _ = qmp
-                    .execute(
-                        "blockdev-del",
-                        Some(json!({"node-name": format!("file-disk{index}")})),
-                    )
+                    .run(&qc::BlockdevDel {
+                        node_name: format!("file-disk{index}"),
+                    })
                     .await;
                 Ok(())
             }
             Err(e) => {
-                let _ = qmp
-                    .execute("job-cancel", Some(json!({"id": job, "force": true})))
-                    .await;
+                // (job-cancel takes no 'force': with it QEMU refused the cancel.)
+                let _ = qmp.run(&qc::JobCancel { id: job.clone() }).await;
                 for _ in 0..50 {
                     let gone = qmp
-                        .execute("query-jobs", None)
+                        .run(&qc::QueryJobs)
                         .await
                         .map(|j| {
-                            !j.as_array()
-                                .into_iter()
-                                .flatten()
-                                .any(|x| x["id"] == job.as_str() && x["status"] != "concluded")
+                            !j.iter()
+                                .any(|x| x.id == job && x.status != qc::JobStatus::Concluded)
                         })
                         .unwrap_or(true);
                     if gone {
@@ -289,9 +277,11 @@ impl Agent {
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                let _ = qmp.execute("job-dismiss", Some(json!({"id": job}))).await;
+                let _ = qmp.run(&qc::JobDismiss { id: job.clone() }).await;
                 let _ = qmp
-                    .execute("blockdev-del", Some(json!({"node-name": new_node})))
+                    .run(&qc::BlockdevDel {
+                        node_name: new_node.clone(),
+                    })
                     .await;
                 Err(e)
             }

@@ -11,6 +11,7 @@
 use crate::error::{AgentError, Result};
 use crate::tasks::TaskCtx;
 use crate::Agent;
+use ferry_qmp::commands as qc;
 use ferry_qmp::Qmp;
 use ferry_storage::SnapshotOp;
 use ferry_store::{Op, StoreJson, Txn};
@@ -34,25 +35,16 @@ pub(crate) async fn run_job(
     args["job-id"] = json!(id);
     qmp.execute(cmd, Some(args)).await?;
     loop {
-        let jobs = qmp.execute("query-jobs", None).await?;
-        let job = jobs
-            .as_array()
-            .and_then(|a| a.iter().find(|j| j["id"] == json!(id)))
-            .cloned();
-        let Some(job) = job else {
+        let jobs = qmp.run(&qc::QueryJobs).await?;
+        let Some(job) = jobs.into_iter().find(|j| j.id == id) else {
             return Err(AgentError::Conflict(format!("QEMU job {cmd} vanished")));
         };
-        if let (Some(c), Some(t)) = (
-            job["current-progress"].as_f64(),
-            job["total-progress"].as_f64(),
-        ) {
-            if let (Some(ctx), true) = (ctx, t > 0.0) {
-                ctx.progress((c / t) as f32);
-            }
+        if let (Some(ctx), true) = (ctx, job.total_progress > 0) {
+            ctx.progress((job.current_progress as f64 / job.total_progress as f64) as f32);
         }
-        if job["status"] == "concluded" {
-            let _ = qmp.execute("job-dismiss", Some(json!({"id": id}))).await;
-            if let Some(e) = job.get("error").and_then(|e| e.as_str()) {
+        if job.status == qc::JobStatus::Concluded {
+            let _ = qmp.run(&qc::JobDismiss { id: id.clone() }).await;
+            if let Some(e) = job.error {
                 return Err(AgentError::Conflict(format!("QEMU refused {cmd}: {e}")));
             }
             return Ok(());
@@ -162,11 +154,10 @@ impl Agent {
                 )
                 .await?;
                 // The job stops the vCPUs while it saves; make sure they run again.
-                if slot.state() == VmState::Running {
-                    let st = qmp.execute("query-status", None).await?;
-                    if st["status"] != "running" {
-                        qmp.execute("cont", None).await?;
-                    }
+                if slot.state() == VmState::Running
+                    && qmp.run(&qc::QueryStatus).await?.status != qc::RunState::Running
+                {
+                    qmp.run(&qc::Cont).await?;
                 }
             } else {
                 let actions: Vec<Value> = devices
@@ -240,9 +231,8 @@ impl Agent {
                 ctx,
             )
             .await?;
-            let st = qmp.execute("query-status", None).await?;
-            if st["status"] != "running" {
-                qmp.execute("cont", None).await?;
+            if qmp.run(&qc::QueryStatus).await?.status != qc::RunState::Running {
+                qmp.run(&qc::Cont).await?;
             }
             self.set_running(vm, &slot).await;
         } else {

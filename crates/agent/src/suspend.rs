@@ -7,8 +7,8 @@ use crate::error::{AgentError, Result};
 use crate::runtime::Slot;
 use crate::tasks::TaskCtx;
 use crate::Agent;
+use ferry_qmp::commands as qc;
 use ferry_types::{VmAction, VmState};
-use serde_json::json;
 use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
@@ -29,23 +29,19 @@ impl Agent {
     async fn wait_migration(&self, name: &str, ctx: Option<&TaskCtx>) -> Result<()> {
         let qmp = self.qmp(name)?;
         loop {
-            let m = qmp.execute("query-migrate", None).await?;
-            match m["status"].as_str().unwrap_or("") {
-                "completed" => return Ok(()),
-                "failed" | "cancelled" => {
+            let m = qmp.run(&qc::QueryMigrate).await?;
+            match m.status() {
+                qc::MigrationStatus::Completed => return Ok(()),
+                qc::MigrationStatus::Failed | qc::MigrationStatus::Cancelled => {
                     return Err(AgentError::Conflict(format!(
                         "saving/loading the state of {name} failed: {}",
-                        m["error-desc"].as_str().unwrap_or("unknown reason")
+                        m.error_desc.as_deref().unwrap_or("QEMU gave no reason")
                     )))
                 }
                 _ => {
-                    if let (Some(ctx), Some(t), Some(r)) = (
-                        ctx,
-                        m["ram"]["total"].as_f64(),
-                        m["ram"]["remaining"].as_f64(),
-                    ) {
-                        if t > 0.0 {
-                            ctx.progress((1.0 - r / t) as f32);
+                    if let (Some(ctx), Some(ram)) = (ctx, &m.ram) {
+                        if ram.total > 0 {
+                            ctx.progress((1.0 - ram.remaining as f64 / ram.total as f64) as f32);
                         }
                     }
                 }
@@ -85,18 +81,20 @@ impl Agent {
             })?;
         qmp.send_fd("suspend", out.as_fd()).await?;
         drop(out);
-        qmp.execute("migrate", Some(json!({"uri": "fd:suspend"})))
-            .await?;
+        qmp.run(&qc::Migrate {
+            uri: "fd:suspend".into(),
+        })
+        .await?;
         if let Err(e) = self.wait_migration(name, ctx).await {
             let _ = std::fs::remove_file(&file);
-            let _ = qmp.execute("cont", None).await;
+            let _ = qmp.run(&qc::Cont).await;
             return Err(e);
         }
         let f = file.display().to_string();
         self.update_record(name, |r| r.suspend_file = Some(f.clone()))
             .await?;
         let _intent = crate::exit::IntentGuard::set(&slot, crate::exit::ExitIntent::Suspend);
-        let _ = qmp.execute("quit", None).await;
+        let _ = qmp.run(&qc::Quit).await;
         for _ in 0..500 {
             if !slot.state().has_process() {
                 break;
@@ -133,18 +131,19 @@ impl Agent {
         })?;
         qmp.send_fd("resume", input.as_fd()).await?;
         drop(input);
-        qmp.execute("migrate-incoming", Some(json!({"uri": "fd:resume"})))
-            .await?;
+        qmp.run(&qc::MigrateIncoming {
+            uri: "fd:resume".into(),
+        })
+        .await?;
         self.wait_migration(name, None).await?;
         // The incoming side reports completion just before it is ready to run.
         for _ in 0..250 {
-            let st = qmp.execute("query-status", None).await?;
-            if st["status"] != "inmigrate" {
+            if qmp.run(&qc::QueryStatus).await?.status != qc::RunState::Inmigrate {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        qmp.execute("cont", None).await?;
+        qmp.run(&qc::Cont).await?;
         self.set_running(name, slot).await;
         self.update_record(name, |r| r.suspend_file = None).await?;
         let _ = std::fs::remove_file(file);

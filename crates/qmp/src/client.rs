@@ -288,6 +288,21 @@ impl Qmp {
         })?
     }
 
+    /// Runs a typed command ([`crate::commands`]) and decodes its reply.
+    pub async fn run<C: crate::Command>(&self, cmd: &C) -> Result<C::Reply, QmpError> {
+        let args = if C::ARGS {
+            Some(
+                serde_json::to_value(cmd).map_err(|source| QmpError::Decode {
+                    command: C::NAME.to_string(),
+                    source,
+                })?,
+            )
+        } else {
+            None
+        };
+        self.call(C::NAME, args).await
+    }
+
     /// Executes a command and decodes its `return` value.
     pub async fn call<T: DeserializeOwned>(
         &self,

@@ -9,9 +9,11 @@
 
 mod client;
 mod codec;
+pub mod commands;
 
 pub use client::{Qmp, QmpEvent};
 pub use codec::{parse_message, Message};
+pub use commands::Command;
 
 use std::time::Duration;
 

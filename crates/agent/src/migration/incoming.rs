@@ -8,6 +8,7 @@ use crate::error::{AgentError, Result};
 use crate::records::{vm_key, VmRecord};
 use crate::runtime::Slot;
 use crate::Agent;
+use ferry_qmp::commands as qc;
 use ferry_store::StoreJson;
 use ferry_types::{ByteSize, IncomingReady, IncomingRequest, MigrationInfo, VmState};
 use serde_json::json;
@@ -125,13 +126,14 @@ impl Agent {
                 Some(json!({"uri": format!("tcp:{addr}:0")})),
             )
             .await?;
-            let info = qmp.execute("query-migrate", None).await?;
-            let port = info["socket-address"]
-                .as_array()
+            let info = qmp.run(&qc::QueryMigrate).await?;
+            let port = info
+                .socket_address
+                .as_ref()
                 .and_then(|a| a.first())
-                .and_then(|s| s["port"].as_str().map(String::from))
+                .and_then(|s| s.port.clone())
                 .ok_or_else(|| {
-                    AgentError::Conflict(format!("QEMU did not say where it listens: {info}"))
+                    AgentError::Conflict(format!("QEMU did not say where it listens: {info:?}"))
                 })?;
             let mut ready = IncomingReady {
                 uri: format!("tcp:{addr}:{port}"),
@@ -296,26 +298,24 @@ impl Agent {
         let qmp = self.qmp(name)?;
         let t = Instant::now();
         loop {
-            let st = qmp.execute("query-migrate", None).await?;
-            match st["status"].as_str() {
-                Some("completed") => break,
-                Some("failed") | Some("cancelled") => {
+            let st = qmp.run(&qc::QueryMigrate).await?.status();
+            match st {
+                qc::MigrationStatus::Completed => break,
+                qc::MigrationStatus::Failed | qc::MigrationStatus::Cancelled => {
                     return Err(AgentError::Conflict(format!(
-                        "the incoming migration of {name} {}",
-                        st["status"]
+                        "the incoming migration of {name} {st}"
                     )))
                 }
                 _ if t.elapsed() > Duration::from_secs(10) => {
                     return Err(AgentError::Conflict(format!(
-                        "QEMU has not completed the incoming migration of {name} ({})",
-                        st["status"]
+                        "QEMU has not completed the incoming migration of {name} ({st})"
                     )))
                 }
                 _ => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
         let locks = self.take_over_locks(&rec.spec, &source).await?;
-        let _ = qmp.execute("nbd-server-stop", None).await;
+        let _ = qmp.run(&qc::NbdServerStop).await;
         // The host's key leaves this QEMU's memory with its credentials.
         super::tls::drop_creds(&qmp).await;
         let state = slot.state();
@@ -405,13 +405,8 @@ impl Agent {
                 return;
             }
             let status = match self.qmp(&name) {
-                _ if cold => String::new(),
-                Ok(q) => q
-                    .execute("query-migrate", None)
-                    .await
-                    .ok()
-                    .and_then(|v| v["status"].as_str().map(String::from))
-                    .unwrap_or_default(),
+                _ if cold => None,
+                Ok(q) => q.run(&qc::QueryMigrate).await.ok().map(|i| i.status()),
                 Err(_) => {
                     let _op = slot.op.lock().await;
                     if run.is_none_or(|g| slot.with(|rt| rt.generation) == g) {
@@ -420,7 +415,7 @@ impl Agent {
                     return;
                 }
             };
-            if status == "completed" {
+            if status == Some(qc::MigrationStatus::Completed) {
                 let at = *completed_at.get_or_insert_with(Instant::now);
                 if at.elapsed() >= FINISH_GRACE {
                     tracing::warn!(vm = %name, %source, "source silent after completion; taking over");
@@ -446,7 +441,8 @@ impl Agent {
                     Err(AgentError::NotFound(_)) => true,
                     Err(_) => {
                         let since = *silent_since.get_or_insert_with(Instant::now);
-                        since.elapsed() >= SOURCE_SILENCE && !status.starts_with("postcopy")
+                        since.elapsed() >= SOURCE_SILENCE
+                            && !status.is_some_and(|s| s.as_str().starts_with("postcopy"))
                     }
                 },
                 Err(AgentError::NotFound(_)) => true,

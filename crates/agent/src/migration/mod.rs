@@ -19,6 +19,7 @@ mod tls;
 use crate::error::{AgentError, Result};
 use crate::tasks::TaskCtx;
 use crate::Agent;
+use ferry_qmp::commands as qc;
 use ferry_qmp::Qmp;
 use ferry_types::{
     IncomingFinish, IncomingReady, IncomingRequest, MigrateRequest, MigrationInfo, MigrationReport,
@@ -368,8 +369,10 @@ impl Agent {
         }
         let t = Instant::now();
         let mut events = qmp.events();
-        qmp.execute("migrate", Some(json!({"uri": ready.uri})))
-            .await?;
+        qmp.run(&qc::Migrate {
+            uri: ready.uri.clone(),
+        })
+        .await?;
         let mut switched = false;
         let mut switchover = Duration::ZERO;
         let mut tick = tokio::time::interval(POLL);
@@ -402,9 +405,9 @@ impl Agent {
                 }
                 _ = tick.tick() => {}
             }
-            let info = qmp.execute("query-migrate", None).await?;
-            let s = Sample::from_qmp(&info, t.elapsed());
-            self.set_outgoing(name, Some((&req.to, &s.status)));
+            let info = qmp.run(&qc::QueryMigrate).await?;
+            let s = Sample::from_info(&info, t.elapsed());
+            self.set_outgoing(name, Some((&req.to, s.status.as_str())));
             if s.total > 0 {
                 let done = s.total.saturating_sub(s.remaining) as f32 / s.total as f32;
                 ctx.progress(0.05 + 0.9 * done);
@@ -417,8 +420,7 @@ impl Agent {
                     s.remaining >> 20,
                     s.dirty_bytes_rate() >> 20,
                     s.link_bytes_rate() >> 20,
-                    info["expected-downtime"]
-                        .as_u64()
+                    info.expected_downtime
                         .map(|d| format!(", expected downtime {d} ms"))
                         .unwrap_or_default(),
                     if s.throttle_pct > 0 {
@@ -428,9 +430,9 @@ impl Agent {
                     }
                 ));
             }
-            match s.status.as_str() {
-                "completed" | "failed" | "cancelled" => break info,
-                "pre-switchover" => {
+            match s.status {
+                st if st.is_final() => break info,
+                qc::MigrationStatus::PreSwitchover => {
                     if !switched {
                         switched = true;
                         let t = Instant::now();
@@ -454,28 +456,29 @@ impl Agent {
                 }
                 Decision::StartPostcopy if postcopy => {
                     ctx.log(policy.steps.last().cloned().unwrap_or_default());
-                    qmp.execute("migrate-start-postcopy", None).await?;
+                    qmp.run(&qc::MigrateStartPostcopy).await?;
                 }
                 Decision::StartPostcopy => {
                     give_up = true;
-                    let _ = qmp.execute("migrate_cancel", None).await;
+                    let _ = qmp.run(&qc::MigrateCancel).await;
                 }
                 Decision::Cancel(why) => {
                     ctx.log(format!("cancelling: {why}"));
-                    let _ = qmp.execute("migrate_cancel", None).await;
+                    let _ = qmp.run(&qc::MigrateCancel).await;
                 }
             }
         };
         policy.finish();
-        let status = final_info["status"].as_str().unwrap_or("");
-        if give_up && status != "completed" {
+        let status = final_info.status();
+        let completed = status == qc::MigrationStatus::Completed;
+        if give_up && !completed {
             self.recover_source(name, qmp, copy).await;
             return Ok(Attempt::RetryWithPostcopy(policy.steps));
         }
-        if status != "completed" {
-            let why = final_info["error-desc"]
-                .as_str()
-                .map(String::from)
+        if !completed {
+            let why = final_info
+                .error_desc
+                .clone()
                 .or_else(|| {
                     policy
                         .steps
@@ -491,14 +494,29 @@ impl Agent {
                 self.host_name()
             )));
         }
-        let ram = &final_info["ram"];
+        // The VM runs on the destination now: a report QEMU left incomplete is
+        // logged, never a reason to fail what happened.
+        let (Some(total_ms), Some(downtime_ms), Some(ram)) = (
+            final_info.total_time,
+            final_info.downtime,
+            final_info.ram.clone(),
+        ) else {
+            tracing::warn!(vm = name, info = ?final_info, "QEMU's report of a completed migration lacks figures");
+            return Ok(Attempt::Done(MigrationReport {
+                switchover_ms: switchover.as_millis() as u64,
+                disk_transferred_bytes: disk_bytes,
+                postcopy: policy.phase == policy::Phase::PostCopy,
+                policy_steps: policy.steps,
+                ..Default::default()
+            }));
+        };
         Ok(Attempt::Done(MigrationReport {
-            migration_ms: final_info["total-time"].as_u64().unwrap_or(0),
-            downtime_ms: final_info["downtime"].as_u64().unwrap_or(0),
+            migration_ms: total_ms,
+            downtime_ms,
             switchover_ms: switchover.as_millis() as u64,
-            ram_transferred_bytes: ram["transferred"].as_u64().unwrap_or(0),
-            ram_total_bytes: ram["total"].as_u64().unwrap_or(0),
-            passes: ram["dirty-sync-count"].as_u64().unwrap_or(0),
+            ram_transferred_bytes: ram.transferred,
+            ram_total_bytes: ram.total,
+            passes: ram.dirty_sync_count,
             max_dirty_pages_rate: policy.max_dirty_pages_rate,
             disk_transferred_bytes: disk_bytes,
             postcopy: policy.phase == policy::Phase::PostCopy,
@@ -532,8 +550,10 @@ impl Agent {
                 ctx2.log(format!("{to} could not claim the MACs early ({e})"));
             }
         });
-        qmp.execute("migrate-continue", Some(json!({"state": "pre-switchover"})))
-            .await?;
+        qmp.run(&qc::MigrateContinue {
+            state: qc::MigrationStatus::PreSwitchover,
+        })
+        .await?;
         Ok(())
     }
 
@@ -568,9 +588,9 @@ impl Agent {
             .await
             .map(|(r, _)| r.last_state == VmState::Running)
             .unwrap_or(true);
-        if let Ok(st) = qmp.execute("query-status", None).await {
-            if st["status"] != "running" && was_running {
-                if let Err(e) = qmp.execute("cont", None).await {
+        if let Ok(st) = qmp.run(&qc::QueryStatus).await {
+            if st.status != qc::RunState::Running && was_running {
+                if let Err(e) = qmp.run(&qc::Cont).await {
                     tracing::warn!(vm = name, error = %e, "cannot resume after a failed migration");
                 }
             }
@@ -589,7 +609,7 @@ impl Agent {
         let _intent = crate::exit::IntentGuard::set(slot, crate::exit::ExitIntent::MigratedAway);
         let (qmp, pid) = slot.with(|rt| (rt.qmp.clone(), rt.pid));
         if let Some(q) = qmp {
-            let _ = q.execute("quit", None).await;
+            let _ = q.run(&qc::Quit).await;
         }
         if !self.wait_gone(slot, Duration::from_secs(10)).await {
             if let Some(pid) = pid {

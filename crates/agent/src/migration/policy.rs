@@ -15,13 +15,14 @@
 //! the remaining RAM and decides the switch to post-copy (which always completes: the
 //! destination runs the guest and pulls missing pages on demand).
 
+use ferry_qmp::commands::{MigrationInfo, MigrationStatus};
 use std::time::Duration;
 
 /// One `query-migrate` answer, reduced to what the policy needs.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Sample {
     pub elapsed: Duration,
-    pub status: String,
+    pub status: MigrationStatus,
     pub remaining: u64,
     pub transferred: u64,
     pub total: u64,
@@ -35,21 +36,22 @@ pub struct Sample {
 }
 
 impl Sample {
-    /// Parses `query-migrate`'s answer.
-    pub fn from_qmp(v: &serde_json::Value, elapsed: Duration) -> Sample {
-        let ram = &v["ram"];
-        let u = |x: &serde_json::Value| x.as_u64().unwrap_or(0);
+    /// Reduces `query-migrate`'s answer. Before QEMU has RAM statistics (in `setup`)
+    /// nothing has moved yet: zeros then are the truth, not a missing field.
+    pub fn from_info(v: &MigrationInfo, elapsed: Duration) -> Sample {
+        let ram = v.ram.as_ref();
         Sample {
             elapsed,
-            status: v["status"].as_str().unwrap_or("none").to_string(),
-            remaining: u(&ram["remaining"]),
-            transferred: u(&ram["transferred"]),
-            total: u(&ram["total"]),
-            passes: u(&ram["dirty-sync-count"]),
-            dirty_pages_rate: u(&ram["dirty-pages-rate"]),
-            page_size: ram["page-size"].as_u64().unwrap_or(4096),
-            mbps: ram["mbps"].as_f64().unwrap_or(0.0),
-            throttle_pct: u(&v["cpu-throttle-percentage"]),
+            status: v.status(),
+            remaining: ram.map_or(0, |r| r.remaining),
+            transferred: ram.map_or(0, |r| r.transferred),
+            total: ram.map_or(0, |r| r.total),
+            passes: ram.map_or(0, |r| r.dirty_sync_count),
+            dirty_pages_rate: ram.map_or(0, |r| r.dirty_pages_rate),
+            page_size: ram.map_or(4096, |r| r.page_size),
+            mbps: ram.map_or(0.0, |r| r.mbps),
+            // Present only while auto-converge throttles.
+            throttle_pct: v.cpu_throttle_percentage.unwrap_or(0),
         }
     }
 
@@ -154,7 +156,7 @@ impl Policy {
         if s.transferred != self.last_transferred {
             self.last_transferred = s.transferred;
             self.last_progress = s.elapsed;
-        } else if s.status != "pre-switchover"
+        } else if s.status != MigrationStatus::PreSwitchover
             && s.elapsed.saturating_sub(self.last_progress) >= self.cfg.no_progress
         {
             let why = format!(
@@ -164,7 +166,7 @@ impl Policy {
             self.steps.push(format!("cancel: {why}"));
             return Decision::Cancel(why);
         }
-        if s.status == "postcopy-active" || self.phase == Phase::PostCopy {
+        if s.status == MigrationStatus::PostcopyActive || self.phase == Phase::PostCopy {
             return Decision::Continue;
         }
         if s.passes > self.last_pass {
@@ -197,7 +199,7 @@ impl Policy {
         }
         if self.cfg.allow_postcopy
             && self.cfg.postcopy_after_first_pass
-            && s.status == "active"
+            && s.status == MigrationStatus::Active
             && s.passes >= 2
         {
             self.phase = Phase::PostCopy;
@@ -228,7 +230,7 @@ impl Policy {
         let throttled_out = self.max_throttle >= self.cfg.throttle_limit && self.stalled();
         // A slow migration that still makes headway is left alone.
         if self.cfg.allow_postcopy
-            && s.status == "active"
+            && s.status == MigrationStatus::Active
             && (throttled_out || (budget_spent && self.stalled()))
         {
             self.phase = Phase::PostCopy;
@@ -264,7 +266,7 @@ mod tests {
     fn s(ms: u64, pass: u64, remaining: u64, transferred: u64, throttle: u64) -> Sample {
         Sample {
             elapsed: Duration::from_millis(ms),
-            status: "active".into(),
+            status: MigrationStatus::Active,
             remaining,
             transferred,
             total: 256 << 20,
@@ -317,7 +319,7 @@ mod tests {
         assert!(p.steps.last().unwrap().starts_with("post-copy"));
         // Once in post-copy the policy only watches for a dead link.
         let mut ps = s(5000, 13, 1 << 20, 99_999, 90);
-        ps.status = "postcopy-active".into();
+        ps.status = MigrationStatus::PostcopyActive;
         assert_eq!(p.observe(&ps), Decision::Continue);
     }
 

@@ -7,6 +7,7 @@
 
 use crate::error::AgentError;
 use crate::Agent;
+use ferry_qmp::commands as qc;
 use ferry_types::{IncomingFinish, Vm};
 use std::time::Duration;
 
@@ -89,9 +90,8 @@ impl Agent {
             return Ok(true);
         }
         let qmp = self.qmp(name)?;
-        let info = qmp.execute("query-migrate", None).await?;
-        let status = info["status"].as_str().unwrap_or("none").to_string();
-        self.set_outgoing(name, Some((to, &status)));
+        let status = qmp.run(&qc::QueryMigrate).await?.status();
+        self.set_outgoing(name, Some((to, status.as_str())));
         match status.as_str() {
             "completed" => match dest_has_it().await? {
                 Some(_) => {
@@ -135,7 +135,7 @@ impl Agent {
             }
             s if s.starts_with("postcopy") => Ok(false), // cannot be cancelled: let it end
             _ => {
-                let _ = qmp.execute("migrate_cancel", None).await;
+                let _ = qmp.run(&qc::MigrateCancel).await;
                 Ok(false)
             }
         }

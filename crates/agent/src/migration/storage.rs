@@ -6,6 +6,7 @@
 use crate::error::{AgentError, Result};
 use crate::tasks::TaskCtx;
 use crate::Agent;
+use ferry_qmp::commands as qc;
 use ferry_qmp::Qmp;
 use ferry_types::IncomingReady;
 use serde_json::json;
@@ -62,29 +63,24 @@ impl Agent {
         let mut last = 0;
         loop {
             tokio::time::sleep(Duration::from_millis(200)).await;
-            let jobs = qmp.execute("query-block-jobs", None).await?;
-            let jobs: Vec<_> = jobs
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
+            let jobs: Vec<_> = qmp
+                .run(&qc::QueryBlockJobs)
+                .await?
                 .into_iter()
-                .filter(|j| copy.iter().any(|&i| j["device"] == job(i)))
+                .filter(|j| copy.iter().any(|&i| j.device == job(i)))
                 .collect();
             if jobs.len() != copy.len() {
                 return Err(AgentError::Conflict(
                     "a disk mirror ended before it was in sync (destination gone?)".into(),
                 ));
             }
-            let (off, len) = jobs.iter().fold((0, 0), |(o, l), j| {
-                (
-                    o + j["offset"].as_u64().unwrap_or(0),
-                    l + j["len"].as_u64().unwrap_or(0),
-                )
-            });
+            let (off, len) = jobs
+                .iter()
+                .fold((0, 0), |(o, l), j| (o + j.offset, l + j.len));
             if len > 0 {
                 ctx.progress(0.05 * off as f32 / len as f32);
             }
-            if jobs.iter().all(|j| j["ready"] == true) {
+            if jobs.iter().all(|j| j.ready) {
                 ctx.log(format!("disks in sync ({} MiB)", len >> 20));
                 return Ok(len);
             }
@@ -106,9 +102,7 @@ impl Agent {
         }
         self.wait_jobs_gone(qmp, copy).await;
         for &i in copy {
-            let _ = qmp
-                .execute("blockdev-del", Some(json!({"node-name": job(i)})))
-                .await;
+            let _ = qmp.run(&qc::BlockdevDel { node_name: job(i) }).await;
         }
         Ok(())
     }
@@ -125,24 +119,18 @@ impl Agent {
         }
         self.wait_jobs_gone(qmp, copy).await;
         for &i in copy {
-            let _ = qmp
-                .execute("blockdev-del", Some(json!({"node-name": job(i)})))
-                .await;
+            let _ = qmp.run(&qc::BlockdevDel { node_name: job(i) }).await;
         }
     }
 
     async fn wait_jobs_gone(&self, qmp: &Qmp, copy: &[usize]) {
         for _ in 0..300 {
-            let Ok(jobs) = qmp.execute("query-block-jobs", None).await else {
+            let Ok(jobs) = qmp.run(&qc::QueryBlockJobs).await else {
                 return;
             };
             let left = jobs
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .any(|j| copy.iter().any(|&i| j["device"] == job(i)))
-                })
-                .unwrap_or(false);
+                .iter()
+                .any(|j| copy.iter().any(|&i| j.device == job(i)));
             if !left {
                 return;
             }

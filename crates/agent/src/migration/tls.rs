@@ -6,6 +6,7 @@
 
 use crate::error::{AgentError, Result};
 use crate::Agent;
+use ferry_qmp::commands as qc;
 use ferry_qmp::Qmp;
 use serde_json::json;
 use std::io::Write;
@@ -67,7 +68,7 @@ pub(crate) async fn drop_creds(qmp: &Qmp) {
         )
         .await;
     for id in [SERVER_CREDS, CLIENT_CREDS, AUTHZ] {
-        let _ = qmp.execute("object-del", Some(json!({ "id": id }))).await;
+        let _ = qmp.run(&qc::ObjectDel { id: id.to_string() }).await;
     }
 }
 
