@@ -77,9 +77,7 @@ pub(crate) struct History {
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    crate::events::now_ms()
 }
 
 /// The host's counters: CPU from /proc/stat, memory from /proc/meminfo, disks from

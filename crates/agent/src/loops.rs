@@ -24,7 +24,7 @@ impl Loops {
             name: name.to_string(),
             ..BackgroundTask::default()
         });
-        t.every_ms = every.as_millis() as u64;
+        t.every_ms = u64::try_from(every.as_millis()).unwrap_or(u64::MAX);
         t.runs += 1;
         t.last_run_ms = Some(now);
         t.next_run_ms = Some(now + t.every_ms);

@@ -40,7 +40,10 @@ pub(crate) async fn run_job(
             return Err(AgentError::Conflict(format!("QEMU job {cmd} vanished")));
         };
         if let (Some(ctx), true) = (ctx, job.total_progress > 0) {
-            ctx.progress((job.current_progress as f64 / job.total_progress as f64) as f32);
+            ctx.progress(crate::tasks::fraction(
+                job.current_progress,
+                job.total_progress,
+            ));
         }
         if job.status == qc::JobStatus::Concluded {
             let _ = qmp.run(&qc::JobDismiss { id: id.clone() }).await;

@@ -41,7 +41,7 @@ impl Agent {
                 _ => {
                     if let (Some(ctx), Some(ram)) = (ctx, &m.ram) {
                         if ram.total > 0 {
-                            ctx.progress((1.0 - ram.remaining as f64 / ram.total as f64) as f32);
+                            ctx.progress(1.0 - crate::tasks::fraction(ram.remaining, ram.total));
                         }
                     }
                 }

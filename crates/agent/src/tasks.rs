@@ -201,3 +201,15 @@ impl Tasks {
         }
     }
 }
+
+/// `done / total` as a task's progress (0 when the total is unknown).
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "a progress between 0 and 1 needs no more than f32's precision"
+)]
+pub(crate) fn fraction(done: u64, total: u64) -> f32 {
+    if total == 0 {
+        return 0.0;
+    }
+    (done.min(total) as f64 / total as f64) as f32
+}

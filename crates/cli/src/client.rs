@@ -273,7 +273,7 @@ impl Client {
                 .get(&format!("/api/v1/tasks/{}", accepted.task))
                 .await?;
             bar.set_prefix(format!("{} {}", t.kind, t.target));
-            bar.set_position((t.progress * 1000.0) as u64);
+            bar.set_position(permille(t.progress));
             for l in t.log.iter().skip(shown) {
                 bar.println(format!("  {l}"));
             }
@@ -303,4 +303,14 @@ impl Client {
             .replacen("https://", "wss://", 1);
         format!("{b}{}{path}", self.prefix)
     }
+}
+
+/// A task's progress (0 to 1) in thousandths, for the progress bar.
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "clamped to 0..=1000 first"
+)]
+fn permille(p: f32) -> u64 {
+    (p.clamp(0.0, 1.0) * 1000.0).round() as u64
 }

@@ -331,8 +331,8 @@ pub async fn run_rpool(c: &Client, g: &Global, cmd: RpoolCmd) -> Result<()> {
                     ),
                     format!(
                         "{} / {} / {}",
-                        gib(p.memory.reservation as u64),
-                        lim(p.memory.limit, &|x| gib(x as u64)),
+                        gib(ferry_types::whole(p.memory.reservation)),
+                        lim(p.memory.limit, &|x| gib(ferry_types::whole(x))),
                         p.memory.shares
                     ),
                 ]);

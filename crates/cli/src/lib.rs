@@ -783,7 +783,7 @@ async fn host(c: &Client, g: &Global, cmd: HostCmd) -> Result<()> {
             }
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
             let ago = |t: Option<u64>| {
                 t.map_or("-".to_string(), |t| {
                     format!("{:.1} s ago", now.saturating_sub(t) as f64 / 1000.0)

@@ -30,7 +30,8 @@ pub fn write_cluster(c: &Cluster, max_vcpu_ratio: f64) -> String {
         let _ = writeln!(
             s,
             "{}|{total}|0|{free}|1048576|1048576|{}|{role}|{GROUP}|1||N|0|1|1.0",
-            h.name, h.cpus as u64
+            h.name,
+            ferry_types::whole(h.cpus.round())
         );
     }
     s.push('\n');

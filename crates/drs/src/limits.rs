@@ -122,7 +122,7 @@ mod tests {
                 *per.entry(a.clone()).or_default() += 1;
                 *per.entry(b.clone()).or_default() += 1;
             }
-            let mut total = flying.len() as u32;
+            let mut total = u32::try_from(flying.len()).expect("a few moves");
             let mut held: BTreeSet<String> = BTreeSet::new();
             for (i, (f, t, ok)) in plan.iter().enumerate().filter(|(_, (f, t, _))| f != t) {
                 let m = mv(i, *f, *t);
@@ -144,10 +144,11 @@ mod tests {
                             total += 1;
                             // Started ones never push a host or the cluster past the limit
                             // (beyond what was already under way).
-                            let before = flying.len() as u32;
+                            let before = u32::try_from(flying.len()).expect("a few moves");
                             prop_assert!(total <= max_cluster.max(before));
                             for h in [&m.from, &m.to] {
-                                let was = flying.iter().filter(|(a, b)| a == h || b == h).count() as u32;
+                                let was = flying.iter().filter(|(a, b)| a == h || b == h).count();
+                                let was = u32::try_from(was).expect("a few moves");
                                 prop_assert!(per[h] <= max_host.max(was));
                             }
                         } else {

@@ -61,9 +61,9 @@ pub fn check(pools: &[ResourcePool], cores: f64, memory_bytes: u64) -> Result<()
             return Err(format!(
                 "the pools under {} reserve {} MiB, {} reserves {} MiB",
                 p.name,
-                mib(mem as u64),
+                mib(ferry_types::whole(mem)),
                 p.name,
-                mib(p.memory.reservation as u64)
+                mib(ferry_types::whole(p.memory.reservation))
             ));
         }
         for k in kids {
@@ -94,7 +94,7 @@ pub fn check(pools: &[ResourcePool], cores: f64, memory_bytes: u64) -> Result<()
     if mem > memory_bytes as f64 {
         return Err(format!(
             "the pools reserve {} MiB, the cluster has {} MiB",
-            mib(mem as u64),
+            mib(ferry_types::whole(mem)),
             mib(memory_bytes)
         ));
     }
@@ -130,7 +130,7 @@ pub fn admit(pools: &[ResourcePool], c: &Cluster, vm: &Vm) -> Result<(), String>
                     "resource pool {}: its VMs would use {} MiB, its limit is {} MiB",
                     p.name,
                     mib(u + mem),
-                    mib(limit as u64)
+                    mib(ferry_types::whole(limit))
                 ));
             }
         }
@@ -146,7 +146,7 @@ pub fn admit(pools: &[ResourcePool], c: &Cluster, vm: &Vm) -> Result<(), String>
     let mut held = 0u64;
     for p in pools.iter().filter(|p| p.parent.is_none()) {
         let u = used(pools, c, &p.name, &vm.name);
-        held += (p.memory.reservation as u64).max(u);
+        held += ferry_types::whole(p.memory.reservation).max(u);
     }
     let outside: u64 = c
         .vms
@@ -158,7 +158,7 @@ pub fn admit(pools: &[ResourcePool], c: &Cluster, vm: &Vm) -> Result<(), String>
     let adds = match top.and_then(|t| pools.iter().find(|p| p.name == t)) {
         Some(t) => {
             let u = used(pools, c, &t.name, &vm.name);
-            let r = t.memory.reservation as u64;
+            let r = ferry_types::whole(t.memory.reservation);
             (u + mem).max(r) - u.max(r)
         }
         None => mem,
@@ -195,8 +195,8 @@ pub fn cgroup_limits(p: &ResourcePool) -> CgroupLimits {
         cpu_max_us: p
             .cpu
             .limit
-            .map(|cores| ((cores * CPU_PERIOD_US as f64) as u64).max(1000)),
-        memory_max: p.memory.limit.map(|b| b as u64),
-        memory_low: p.memory.reservation as u64,
+            .map(|cores| ferry_types::whole(cores * CPU_PERIOD_US as f64).max(1000)),
+        memory_max: p.memory.limit.map(ferry_types::whole),
+        memory_low: ferry_types::whole(p.memory.reservation),
     }
 }

@@ -321,7 +321,7 @@ fn daemon_qemu_and_etcd_member_faults_keep_exactly_one_instance() -> Result<()> 
     std::thread::sleep(Duration::from_secs(1));
     let t0 = Instant::now();
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
+        nix::unistd::Pid::from_raw(i32::try_from(pid)?),
         nix::sys::signal::Signal::SIGKILL,
     )?;
     wait_for("d restarted on h2", Duration::from_secs(60), || {
@@ -379,7 +379,7 @@ fn daemon_qemu_and_etcd_member_faults_keep_exactly_one_instance() -> Result<()> 
     let pid = running_on(&lab, "d")[0].1;
     let t0 = Instant::now();
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
+        nix::unistd::Pid::from_raw(i32::try_from(pid)?),
         nix::sys::signal::Signal::SIGKILL,
     )?;
     let moved = wait_recovered(&lab, "d", &to, t0)?;

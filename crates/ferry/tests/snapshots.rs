@@ -1,7 +1,7 @@
 //! Snapshots with memory, templates and clones, non-persistent disks, suspend/resume —
 //! end to end on real QEMU with the test guest.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use ferry_lab::Lab;
 use std::time::{Duration, Instant};
 
@@ -424,9 +424,9 @@ fn stored(lab: &Lab, vm: &str) -> Result<Vec<String>> {
     let l = lab.ferry_json(&["vm", "snapshots", vm])?;
     let mut t: Vec<String> = l["snapshots"]
         .as_array()
-        .unwrap()
+        .context("no snapshot list")?
         .iter()
-        .map(|s| s["name"].as_str().unwrap().to_string())
+        .filter_map(|s| s["name"].as_str().map(String::from))
         .collect();
     t.sort();
     Ok(t)
@@ -526,7 +526,7 @@ fn crashes_mid_snapshot_or_clone_leave_store_and_files_agreeing() -> Result<()> 
     )?;
     std::thread::sleep(Duration::from_millis(100));
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid.unwrap() as i32),
+        nix::unistd::Pid::from_raw(i32::try_from(pid.expect("a pid"))?),
         nix::sys::signal::SIGKILL,
     )?;
     let t = Instant::now();

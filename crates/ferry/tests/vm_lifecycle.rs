@@ -47,7 +47,7 @@ fn vm_boots_answers_pings_console_and_survives_daemon_crash() -> Result<()> {
     lab.wait_console("web1", "FERRY-READY", BOOT)?;
     let (st, pid) = state(&lab, "web1")?;
     assert_eq!(st, "running");
-    let pid = pid.expect("running VM has a pid") as i32;
+    let pid = i32::try_from(pid.expect("running VM has a pid"))?;
     let tap = format!("tap{}i0", vm["id"]);
     let master = lab.ip(&["-o", "link", "show", &tap])?;
     assert!(
@@ -225,7 +225,7 @@ fn vm_dead_while_daemon_down_is_crashed_and_kill_reboot_work() -> Result<()> {
 
     // QEMU killed while the daemon runs: crashed.
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid2.unwrap() as i32),
+        nix::unistd::Pid::from_raw(i32::try_from(pid2.expect("a pid"))?),
         nix::sys::signal::SIGKILL,
     )?;
     let t = std::time::Instant::now();
@@ -240,7 +240,7 @@ fn vm_dead_while_daemon_down_is_crashed_and_kill_reboot_work() -> Result<()> {
     let (_, pid3) = state(&lab, "db1")?;
     lab.stop_daemon(true)?;
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid3.unwrap() as i32),
+        nix::unistd::Pid::from_raw(i32::try_from(pid3.expect("a pid"))?),
         nix::sys::signal::SIGKILL,
     )?;
     std::thread::sleep(Duration::from_millis(300));
@@ -266,7 +266,7 @@ fn vm_dead_while_daemon_down_is_crashed_and_kill_reboot_work() -> Result<()> {
     lab.ferry_ok(&["vm", "start", "db1"])?;
     let (_, pid4) = state(&lab, "db1")?;
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid4.unwrap() as i32),
+        nix::unistd::Pid::from_raw(i32::try_from(pid4.expect("a pid"))?),
         nix::sys::signal::SIGKILL,
     )?;
     let t = std::time::Instant::now();

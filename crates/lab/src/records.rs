@@ -148,7 +148,7 @@ mod tests {
     fn disk(recs: &[(&str, u64)], sectors: usize) -> Vec<u8> {
         let mut d = vec![0u8; sectors * SECTOR];
         for (i, s) in recs {
-            let at = *s as usize * SECTOR;
+            let at = usize::try_from(*s).expect("a sector number of a small test disk") * SECTOR;
             d[at..at + SECTOR].copy_from_slice(&rec(i, *s));
         }
         d

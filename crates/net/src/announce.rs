@@ -39,7 +39,7 @@ pub fn announce_mac(ifname: &str, mac: [u8; 6]) -> Result<(), NetError> {
     .map_err(|e| io(e.into()))?;
     // SAFETY: sockaddr_ll is plain old data; all-zero is valid before the fields are set.
     let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_family = u16::try_from(libc::AF_PACKET).expect("AF_PACKET is 17");
     addr.sll_protocol = 0x8035u16.to_be();
     addr.sll_ifindex = index as i32;
     addr.sll_halen = 6;
@@ -54,7 +54,8 @@ pub fn announce_mac(ifname: &str, mac: [u8; 6]) -> Result<(), NetError> {
             frame.len(),
             0,
             (&addr as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_ll>())
+                .expect("sockaddr_ll is 20 bytes"),
         )
     };
     if n < 0 {

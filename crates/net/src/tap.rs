@@ -51,7 +51,8 @@ fn attach(name: &str) -> Result<std::fs::File, NetError> {
         *d = *s as libc::c_char;
     }
     req.ifr_ifru.ifru_flags =
-        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+        libc::c_short::try_from(libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR)
+            .expect("the tap flags fit ifr_flags");
     let err = |source| NetError::CreateTap {
         name: name.to_string(),
         source,

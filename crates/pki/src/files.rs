@@ -138,8 +138,16 @@ pub fn cert_info(der: &[u8]) -> Result<CertInfo> {
             match n {
                 x509_parser::extensions::GeneralName::DNSName(d) => names.push(d.to_string()),
                 x509_parser::extensions::GeneralName::IPAddress(b) => match b.len() {
-                    4 => names.push(IpAddr::from(<[u8; 4]>::try_from(*b).unwrap()).to_string()),
-                    16 => names.push(IpAddr::from(<[u8; 16]>::try_from(*b).unwrap()).to_string()),
+                    4 => {
+                        if let Ok(a) = <[u8; 4]>::try_from(*b) {
+                            names.push(IpAddr::from(a).to_string());
+                        }
+                    }
+                    16 => {
+                        if let Ok(a) = <[u8; 16]>::try_from(*b) {
+                            names.push(IpAddr::from(a).to_string());
+                        }
+                    }
                     _ => {}
                 },
                 _ => {}

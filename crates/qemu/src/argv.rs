@@ -88,7 +88,8 @@ pub struct LaunchPlan {
 /// The descriptor of NIC `k`'s tap in a QEMU started with [`LaunchPlan::nic_fds`]
 /// (descriptor 3 carries QEMU's output while it starts).
 pub fn nic_fd(k: usize) -> i32 {
-    4 + 2 * k as i32
+    // A VM has at most a few dozen NICs.
+    4 + 2 * i32::try_from(k).unwrap_or(i32::MAX / 4)
 }
 
 struct Args(Vec<OsString>);

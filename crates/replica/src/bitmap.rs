@@ -23,7 +23,8 @@ pub struct Bitmap {
 impl Bitmap {
     /// An in-memory bitmap covering `size` bytes.
     pub fn new(size: u64, gran: u64) -> Bitmap {
-        let bits = size.div_ceil(gran) as usize;
+        // 64-bit hosts only (QEMU/KVM hosts): a u64 count fits a usize.
+        let bits = usize::try_from(size.div_ceil(gran)).unwrap_or(usize::MAX);
         Bitmap {
             words: vec![0; bits.div_ceil(64)],
             bits,
@@ -78,8 +79,9 @@ impl Bitmap {
         if len == 0 || self.bits == 0 {
             return 0..0;
         }
-        let first = (offset / self.gran) as usize;
-        let last = ((offset + len - 1) / self.gran) as usize;
+        let bit = |b: u64| usize::try_from(b).unwrap_or(usize::MAX);
+        let first = bit(offset / self.gran);
+        let last = bit((offset + len - 1) / self.gran);
         first.min(self.bits)..(last + 1).min(self.bits)
     }
 

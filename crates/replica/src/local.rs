@@ -250,7 +250,8 @@ impl Local {
             let zeroes = vec![0u8; (len as usize).min(1 << 20)];
             let mut at = 0u64;
             while at < len as u64 {
-                let n = (len as u64 - at).min(zeroes.len() as u64) as usize;
+                let n = usize::try_from((len as u64 - at).min(zeroes.len() as u64))
+                    .unwrap_or(zeroes.len());
                 self.file.write_all_at(&zeroes[..n], offset + at)?;
                 at += n as u64;
             }

@@ -659,7 +659,8 @@ impl Primary {
         size: u64,
     ) -> Result<u64, String> {
         let offset = i as u64 * REGION;
-        let len = REGION.min(size.saturating_sub(offset)) as u32;
+        let len =
+            u32::try_from(REGION.min(size.saturating_sub(offset))).expect("REGION fits a u32");
         let _r = self.ranges.lock(offset, len as u64).await;
         if len == 0
             || !self
@@ -701,7 +702,8 @@ impl Primary {
             };
             let mut offset = 0;
             while offset < size {
-                let len = chunk.min(size - offset) as u32;
+                // A chunk is at most 64 MiB (one frame).
+                let len = u32::try_from(chunk.min(size - offset).min(64 << 20)).unwrap_or(64 << 20);
                 let _r = self.ranges.lock(offset, len as u64).await;
                 let seq = self.next_seq();
                 let theirs = conn

@@ -15,6 +15,13 @@ pub const KIND_HELLO: u16 = 1;
 const MAX_HISTORY: usize = 4096;
 const MAX_STRING: usize = 1024;
 
+/// A length for a u32 field of the wire. One too large for it becomes `u32::MAX`,
+/// which every reader refuses (past [`MAX_BODY`]): a refused frame, never a
+/// truncated length that frames the bytes after it wrongly.
+fn wire_len(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum WireError {
     #[error("bad magic {0:#x}")]
@@ -134,7 +141,7 @@ impl Msg {
                 w.str(&h.host);
                 w.u8(h.primary as u8);
                 w.u64(h.size);
-                w.u32(h.history.len() as u32);
+                w.u32(wire_len(h.history.len()));
                 for g in &h.history {
                     w.gen(g);
                 }
@@ -194,7 +201,7 @@ impl Msg {
             }
             Msg::Goodbye { reason } => w.str(reason),
         }
-        let len = (w.0.len() - HEADER_LEN) as u32;
+        let len = wire_len(w.0.len() - HEADER_LEN);
         w.0[8..12].copy_from_slice(&len.to_be_bytes());
         w.0
     }
@@ -345,7 +352,7 @@ impl W {
     }
     fn str(&mut self, s: &str) {
         let s = &s.as_bytes()[..s.len().min(MAX_STRING)];
-        self.u16(s.len() as u16);
+        self.u16(u16::try_from(s.len()).unwrap_or(u16::MAX)); // at most MAX_STRING
         self.0.extend_from_slice(s);
     }
     fn gen(&mut self, g: &GenId) {
@@ -362,7 +369,7 @@ impl W {
         }
     }
     fn words(&mut self, w: &[u64]) {
-        self.u32(w.len() as u32);
+        self.u32(wire_len(w.len()));
         for x in w {
             self.u64(*x);
         }
@@ -469,8 +476,8 @@ impl Frame {
         w.gen(gen);
         w.u64(offset);
         w.u8(fua as u8);
-        w.u32(data.len() as u32);
-        let len = (w.0.len() - HEADER_LEN + data.len()) as u32;
+        w.u32(wire_len(data.len()));
+        let len = wire_len(w.0.len() - HEADER_LEN + data.len());
         w.0[8..12].copy_from_slice(&len.to_be_bytes());
         Frame {
             head: w.0,

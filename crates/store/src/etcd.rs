@@ -369,7 +369,9 @@ impl Store for EtcdStore {
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
         // etcd counts in whole seconds (and raises a TTL below its minimum to it).
-        let secs = ttl.as_secs_f64().ceil().max(1.0) as i64;
+        let secs = i64::try_from(ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0))
+            .unwrap_or(i64::MAX)
+            .max(1);
         let r = self.client().lease_client().grant(secs, None).await;
         let r = self.check(r, None).await?;
         Ok(r.id())

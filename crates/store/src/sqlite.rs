@@ -28,7 +28,9 @@ fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
-        .as_millis() as i64
+        .as_millis()
+        .try_into()
+        .unwrap_or(i64::MAX)
 }
 
 impl SqliteStore {
@@ -332,7 +334,7 @@ impl Store for SqliteStore {
         .await
     }
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
-        let ttl_ms = ttl.as_millis() as i64;
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
         self.blocking(move |b| {
             let id: i64 = b.tx.query_row(
                 "UPDATE meta SET v=v+1 WHERE k='lease' RETURNING v",

@@ -25,7 +25,7 @@ pub use event::Event;
 pub use host::{BackgroundTask, ClusterFile, ClusterHost, HostInfo, MetricsHistory, MetricsPoint};
 pub use migration::*;
 pub use replica::*;
-pub use size::ByteSize;
+pub use size::{whole, ByteSize};
 pub use state::{VmAction, VmState};
 pub use storage::{Pool, PoolKind, PoolSpec, Volume, VolumeCreate, VolumeImport, VolumeResize};
 pub use task::{Task, TaskAccepted, TaskState};

@@ -23,6 +23,16 @@ pub struct ParseSizeError {
     pub reason: &'static str,
 }
 
+/// A quantity kept as f64 (bytes, microseconds, a rate) as a whole number: the
+/// fraction goes, negatives and NaN are 0, beyond u64 is u64::MAX.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "Rust's float-to-int cast saturates: that is the intent"
+)]
+pub fn whole(x: f64) -> u64 {
+    x as u64
+}
+
 impl ByteSize {
     pub fn mib(n: u64) -> Self {
         ByteSize(n << 20)
@@ -62,6 +72,11 @@ impl FromStr for ByteSize {
         if !bytes.is_finite() || bytes >= u64::MAX as f64 {
             return Err(err("too large"));
         }
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "finite, non-negative and below u64::MAX (checked above)"
+        )]
         Ok(ByteSize(bytes.round() as u64))
     }
 }

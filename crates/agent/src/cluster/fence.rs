@@ -49,7 +49,7 @@ pub(crate) struct FenceClock {
 impl FenceClock {
     pub(crate) fn new(ttl: Duration) -> FenceClock {
         FenceClock {
-            ttl_ns: ttl.as_nanos() as u64,
+            ttl_ns: u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX / 2),
             best_sent: None,
             restored_fence: None,
             lease: false,

@@ -110,7 +110,7 @@ impl Agent {
                 v.retain(|t| now.duration_since(*t) < RESTART_WINDOW);
                 (v.len(), v.last().copied())
             };
-            if count as u32 >= rec.spec.ha.max_restarts {
+            if u32::try_from(count).unwrap_or(u32::MAX) >= rec.spec.ha.max_restarts {
                 if self.inner.cluster.is_some() {
                     self.mark_relocate(&name).await?;
                 }

@@ -211,7 +211,7 @@ impl Agent {
         let (cpus, memory_bytes) = self.capacity();
         let alive = Alive {
             memory_bytes,
-            cpus: cpus.ceil() as usize,
+            cpus: usize::try_from(ferry_types::whole(cpus.ceil())).unwrap_or(usize::MAX),
             pid: std::process::id(),
         };
         link.root

@@ -298,7 +298,7 @@ impl Agent {
         report.from = self.host_name().to_string();
         report.to = req.to.clone();
         report.vm = name.to_string();
-        report.total_ms = t0.elapsed().as_millis() as u64;
+        report.total_ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.inner.events.emit(
             Some(name),
             "migration",
@@ -503,7 +503,7 @@ impl Agent {
         ) else {
             tracing::warn!(vm = name, info = ?final_info, "QEMU's report of a completed migration lacks figures");
             return Ok(Attempt::Done(MigrationReport {
-                switchover_ms: switchover.as_millis() as u64,
+                switchover_ms: u64::try_from(switchover.as_millis()).unwrap_or(u64::MAX),
                 disk_transferred_bytes: disk_bytes,
                 postcopy: policy.phase == policy::Phase::PostCopy,
                 policy_steps: policy.steps,
@@ -513,7 +513,7 @@ impl Agent {
         Ok(Attempt::Done(MigrationReport {
             migration_ms: total_ms,
             downtime_ms,
-            switchover_ms: switchover.as_millis() as u64,
+            switchover_ms: u64::try_from(switchover.as_millis()).unwrap_or(u64::MAX),
             ram_transferred_bytes: ram.transferred,
             ram_total_bytes: ram.total,
             passes: ram.dirty_sync_count,

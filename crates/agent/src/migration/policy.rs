@@ -62,7 +62,7 @@ impl Sample {
 
     /// Bytes per second the link carries.
     pub fn link_bytes_rate(&self) -> u64 {
-        (self.mbps * 1e6 / 8.0) as u64
+        ferry_types::whole(self.mbps * 1e6 / 8.0)
     }
 }
 

@@ -130,7 +130,7 @@ pub fn option_reply(opt: u32, kind: u32, data: &[u8]) -> Vec<u8> {
     v.extend_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
     v.extend_from_slice(&opt.to_be_bytes());
     v.extend_from_slice(&kind.to_be_bytes());
-    v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    v.extend_from_slice(&u32::try_from(data.len()).unwrap_or(u32::MAX).to_be_bytes());
     v.extend_from_slice(data);
     v
 }

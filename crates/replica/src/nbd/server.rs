@@ -141,7 +141,10 @@ where
             }
             proto::OPT_LIST => {
                 for n in exports.names() {
-                    let mut d = (n.len() as u32).to_be_bytes().to_vec();
+                    let mut d = u32::try_from(n.len())
+                        .unwrap_or(u32::MAX)
+                        .to_be_bytes()
+                        .to_vec();
                     d.extend_from_slice(n.as_bytes());
                     wr.write_all(&proto::option_reply(opt, proto::REP_SERVER, &d))
                         .await?;
@@ -257,7 +260,9 @@ where
         });
     };
     // Let requests in flight finish and their replies go out.
-    let _ = slots.acquire_many(IN_FLIGHT as u32).await;
+    let _ = slots
+        .acquire_many(u32::try_from(IN_FLIGHT).unwrap_or(u32::MAX))
+        .await;
     drop(tx);
     let _ = writer.await;
     result

@@ -41,7 +41,7 @@ proptest! {
     #[test]
     fn fence_before_watchdog_before_expiry(ttl_s in ttl(), evs in proptest::collection::vec(ev(), 1..60)) {
         let ttl = Duration::from_secs(ttl_s);
-        let ttl_ns = ttl.as_nanos() as u64;
+        let ttl_ns = u64::try_from(ttl.as_nanos()).expect("a ttl of seconds");
         let mut c = FenceClock::new(ttl);
         let mut t = 1_000 * MS; // send times
         // Acks waiting to arrive: (arrival, sent).
@@ -106,7 +106,7 @@ proptest! {
     fn a_restored_clock_fences_before_the_old_watchdog(ttl_s in ttl(), wd in 1u64..u64::MAX / 4) {
         let c = FenceClock::restored(Duration::from_secs(ttl_s), Some(wd));
         let f = c.fence_deadline().expect("restored");
-        prop_assert!(f < wd || wd < Duration::from_secs(ttl_s).as_nanos() as u64 / 6);
+        prop_assert!(f < wd || wd < ttl_s * 1_000_000_000 / 6);
         prop_assert!(c.poll(wd).is_some());
     }
 }

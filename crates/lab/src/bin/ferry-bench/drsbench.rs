@@ -189,7 +189,7 @@ pub(crate) fn run() -> Result<()> {
             }
             // ferry again, stopped at hbal's number of moves.
             let capped = DrsConfig {
-                max_plan_moves: hb.moves.max(1) as u32,
+                max_plan_moves: u32::try_from(hb.moves.max(1)).unwrap_or(u32::MAX),
                 ..cfg.clone()
             };
             let mut rows = vec![
