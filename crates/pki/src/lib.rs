@@ -22,7 +22,7 @@ mod crl;
 mod files;
 mod verify;
 
-pub use crl::{read_crl, sign_crl, Crl, Revoked};
+pub use crl::{canonical_serial, next_crl, read_crl, sign_crl, Crl, Revoked};
 pub use files::{
     ca_client_config, cert_info, fingerprint_pem, serial_pem, AdminCert, CertInfo, HostPki, PKI_DIR,
 };

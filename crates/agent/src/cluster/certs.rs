@@ -86,9 +86,9 @@ impl Agent {
 
     /// A new key and certificate for this host (same names): signed here when this
     /// host holds the CA key, else by the member that does (over mutual TLS, which
-    /// tells it who asks). The member record then names the new serial, so the old
-    /// certificate is refused from then on. The caller restarts the daemon; etcd reads
-    /// the files at each handshake.
+    /// tells it who asks). The caller restarts the daemon; etcd reads the files at each
+    /// handshake. At its start the daemon records the new serial in its member record,
+    /// which revokes the old certificate.
     pub async fn renew_certs(&self) -> Result<CertStatus> {
         let pki = ferry_pki::HostPki::load(&self.inner.cfg.pki.dir)?;
         if pki.has_ca_key() {
@@ -160,8 +160,9 @@ impl Agent {
             ))
         })?;
         let cert = pki.issue(csr, host, &[ip])?;
-        self.record_cert_serial(host, &ferry_pki::serial_pem(&cert)?)
-            .await?;
+        // Not recorded here: should the answer not reach the host, its current
+        // certificate must stay good. The host records (and so revokes its old one)
+        // when it restarts with the new one (publish_own_cert).
         Ok(CertSigned { cert })
     }
 
@@ -230,28 +231,44 @@ impl Agent {
         let pki = &self.inner.cfg.pki;
         let mut current = link.root.get_json::<ferry_types::CrlRecord>(CRL).await?;
         if pki.has_ca_key() {
-            let mut want = std::collections::BTreeSet::new();
+            let mut records = std::collections::BTreeSet::new();
             for kv in link.root.list(REVOKED).await? {
                 match serde_json::from_slice::<ferry_types::RevokedCert>(&kv.value) {
+                    Ok(r) if ferry_pki::canonical_serial(&r.serial) => {
+                        records.insert(r.serial);
+                    }
                     Ok(r) => {
-                        want.insert(r.serial);
+                        tracing::warn!(serial = %r.serial, "revocation record with a malformed serial skipped")
                     }
                     Err(e) => {
                         tracing::warn!(key = %kv.key, error = %e, "unreadable revocation record skipped")
                     }
                 }
             }
-            let (number, have, rev) = match &current {
-                Some((c, kv)) => (c.number, pki.check_crl(&c.pem)?.serials, kv.mod_rev),
-                None => (0, Default::default(), 0),
+            // Serials the member records name are live certificates: a record that
+            // revokes one is not signed (a member cannot cut another off).
+            let in_use: std::collections::BTreeSet<String> = link
+                .members()
+                .await?
+                .into_iter()
+                .filter_map(|m| m.cert_serial)
+                .collect();
+            let (stored, rev) = match &current {
+                Some((c, kv)) => match pki.check_crl(&c.pem) {
+                    Ok(crl) => (Some(crl), kv.mod_rev),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the stored revocation list does not check out; signing over it");
+                        (None, kv.mod_rev)
+                    }
+                },
+                None => (None, 0),
             };
-            if current.is_none() || !want.is_subset(&have) {
-                // Never drops a serial once listed (a record deleted by hand does not
-                // let a certificate back in).
-                let all: std::collections::BTreeSet<String> = have.union(&want).cloned().collect();
+            if let Some((number, all)) =
+                ferry_pki::next_crl(pki.crl().as_ref(), stored.as_ref(), &records, &in_use)
+            {
                 let rec = ferry_types::CrlRecord {
-                    number: number + 1,
-                    pem: pki.sign_crl(number + 1, &all)?,
+                    number,
+                    pem: pki.sign_crl(number, &all)?,
                 };
                 let cmp = if rev == 0 {
                     ferry_store::Compare::Version(CRL.into(), ferry_store::Cmp::Equal, 0)

@@ -182,6 +182,21 @@ pub async fn connect(
 ) -> Result<ClusterLink> {
     if cfg.managed_etcd {
         let paths = etcd_paths(state_dir, run_dir);
+        // A member started before this host had a revocation list (an older ferry, or
+        // a list that arrived later) does not read it: start it again with it.
+        if let (Some(pid), Some(crl)) =
+            (member::running(&paths.pidfile, &paths.data), pki.crl_path())
+        {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let flag = format!("--client-crl-file={}", crl.display());
+            if !cmd.split(|b| *b == 0).any(|a| a == flag.as_bytes()) {
+                tracing::warn!(
+                    pid,
+                    "the local etcd member does not check the revocation list; restarting it"
+                );
+                member::stop(&paths.pidfile, &paths.data).await;
+            }
+        }
         if member::running(&paths.pidfile, &paths.data).is_none() {
             let mc = member_config(cfg, &paths, false, pki);
             let pid = member::spawn("etcd", &mc, &paths.log, &paths.pidfile).await?;
@@ -721,6 +736,20 @@ impl Agent {
             return Err(AgentError::Conflict(format!(
                 "VMs still run on this host: {} (migrate or stop them first)",
                 running.join(", ")
+            )));
+        }
+        // The CA key never leaves this host: without it no host joins or renews and no
+        // certificate is revoked again. It leaves last.
+        let others = link
+            .members()
+            .await?
+            .into_iter()
+            .filter(|m| m.name != link.cfg.name)
+            .count();
+        if self.inner.cfg.pki.has_ca_key() && others > 0 {
+            return Err(AgentError::Conflict(format!(
+                "{} holds the cluster's CA key (it signs the certificates and revocation lists of {others} other host(s)); it leaves last",
+                link.cfg.name
             )));
         }
         let sqlite = ferry_store::SqliteStore::open(&self.inner.cfg.state_dir.join("ferry.db"))?;
