@@ -1,12 +1,13 @@
 //! `/api/v1/cluster`: membership (init, join, leave), status; members add joiners.
 
-use crate::error::{ApiJson, ApiResult};
+use crate::error::{ApiJson, ApiPath, ApiQuery, ApiResult};
 use axum::extract::State;
 use axum::Json;
 use ferry_agent::Agent;
 use ferry_types::{
     CertSignRequest, CertSigned, CertStatus, ClusterConfig, ClusterInit, ClusterJoin,
-    ClusterStatus, JoinToken, JoinTokenRequest, MemberAdd, MemberAdded,
+    ClusterStatus, JoinToken, JoinTokenRequest, MemberAdd, MemberAdded, MemberRemoveParams,
+    MemberRemoved,
 };
 
 #[utoipa::path(get, path = "/api/v1/cluster/status", tag = "cluster",
@@ -67,6 +68,21 @@ pub async fn cluster_leave(State(a): State<Agent>) -> ApiResult<axum::http::Stat
     a.cluster_leave().await?;
     a.request_restart();
     Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(delete, path = "/api/v1/cluster/members/{name}", tag = "cluster",
+    params(("name" = String, Path, description = "The member"), MemberRemoveParams),
+    responses((status = 200, description = "Removed; its certificate is revoked", body = MemberRemoved),
+              (status = 404, description = "No such member", body = ferry_types::ApiErrorBody),
+              (status = 409, description = "It is up, is this host, or owns VMs (without force)", body = ferry_types::ApiErrorBody)))]
+pub async fn remove_member(
+    State(a): State<Agent>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(p): ApiQuery<MemberRemoveParams>,
+) -> ApiResult<Json<MemberRemoved>> {
+    Ok(Json(MemberRemoved {
+        dropped_vms: a.cluster_remove(&name, p.force).await?,
+    }))
 }
 
 #[utoipa::path(get, path = "/api/v1/cluster/certs", tag = "cluster",

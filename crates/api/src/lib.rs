@@ -146,6 +146,7 @@ fn api() -> OpenApiRouter<Agent> {
         .routes(routes!(cluster::certs_renew))
         .routes(routes!(cluster::certs_sign))
         .routes(routes!(cluster::cluster_leave))
+        .routes(routes!(cluster::remove_member))
         .routes(routes!(drs::drs_status))
         .routes(routes!(drs::drs_plan))
         .routes(routes!(drs::drs_apply))

@@ -143,6 +143,23 @@ pub async fn run(c: &Client, g: &Global, cmd: ClusterCmd) -> Result<()> {
             println!("left the cluster");
             Ok(())
         }
+        ClusterCmd::Remove { host, force } => {
+            let r: ferry_types::MemberRemoved = c
+                .request(
+                    Method::DELETE,
+                    &format!("/api/v1/cluster/members/{host}?force={force}"),
+                    None,
+                )
+                .await?;
+            if g.json {
+                return print_json(&r);
+            }
+            println!("{host} removed from the cluster; its certificate is revoked");
+            if !r.dropped_vms.is_empty() {
+                println!("records dropped of VMs {}", r.dropped_vms.join(", "));
+            }
+            Ok(())
+        }
         ClusterCmd::Status => {
             let st: ClusterStatus = c.get("/api/v1/cluster/status").await?;
             if g.json {

@@ -274,6 +274,14 @@ pub enum ClusterCmd {
     Certs(CertsCmd),
     /// Leave the cluster (no VM may run here).
     Leave,
+    /// Take a member that is down for good out of the cluster (from another member):
+    /// its etcd member and records go, its certificate is revoked.
+    Remove {
+        host: String,
+        /// Also drop the records of VMs it still owns (their disks stay).
+        #[arg(long)]
+        force: bool,
+    },
     /// Members, host states, leases, etcd leader and quorum, HA manager.
     Status,
 }

@@ -235,6 +235,41 @@ fn host_failures_restart_ha_vms_elsewhere_exactly_once() -> Result<()> {
     verify(&c, &b, &["b1", "b2"], acked)?;
     // a was untouched by all this.
     assert_eq!(running_on(&lab, "a").len(), 1);
+
+    // 3. The dead host is gone for good: a survivor takes it out, and its certificate
+    // is revoked. Itself, a live host and an unknown one are refused.
+    c.ferry_fails(&["cluster", "remove", &to], "cluster leave")?;
+    let live = lab
+        .hosts
+        .iter()
+        .map(|h| h.name.clone())
+        .find(|h| *h != mgr && *h != to)
+        .context("a third host")?;
+    c.ferry_fails(&["cluster", "remove", &live], "holds its cluster lease")?;
+    c.ferry_fails(&["cluster", "remove", "h9"], "not found")?;
+    let hosts = c.ferry_json(&["host", "list"])?;
+    let serial = hosts
+        .as_array()
+        .and_then(|a| a.iter().find(|h| h["host"]["name"] == mgr.as_str()))
+        .and_then(|h| h["host"]["cert_serial"].as_str().map(String::from))
+        .with_context(|| format!("no serial of {mgr}: {hosts}"))?;
+    c.ferry_ok(&["cluster", "remove", &mgr])?;
+    let st = cluster_status(&c)?;
+    assert_eq!(st["etcd_voters"], 2, "{st}");
+    assert_eq!(st["members"].as_array().map(Vec::len), Some(2), "{st}");
+    if mgr != "h1" {
+        // The founder (h1, the CA key) lives: its next list names the certificate.
+        wait_for(
+            "the removed host's certificate revoked",
+            Duration::from_secs(20),
+            || {
+                let st = lab.cli("h1")?.ferry_json(&["cluster", "certs", "status"])?;
+                Ok(st["revoked"]
+                    .as_array()
+                    .is_some_and(|r| r.iter().any(|s| *s == serial)))
+            },
+        )?;
+    }
     Ok(())
 }
 

@@ -331,6 +331,11 @@ impl HostPki {
         &self.key_pem
     }
 
+    /// This host's certificate pin, for join tokens ([`crate::leaf_pin`]).
+    pub fn leaf_pin(&self) -> String {
+        crate::leaf_pin(&self.cert_der)
+    }
+
     pub fn host_info(&self) -> Result<CertInfo> {
         cert_info(&self.cert_der)
     }

@@ -26,7 +26,7 @@ pub use crl::{canonical_serial, next_crl, read_crl, sign_crl, Crl, Revoked};
 pub use files::{
     ca_client_config, cert_info, fingerprint_pem, serial_pem, AdminCert, CertInfo, HostPki, PKI_DIR,
 };
-pub use verify::{peer_name, pinned_client, Expect};
+pub use verify::{leaf_pin, peer_name, pinned_client, Expect};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,

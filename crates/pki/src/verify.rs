@@ -205,7 +205,20 @@ impl ServerCertVerifier for MemberVerifier {
 #[derive(Debug)]
 struct PinnedVerifier {
     fingerprint: String,
+    /// The start of the hex SHA-256 of the member's own certificate (from the join
+    /// token): only that certificate, not any other of the CA (one revoked, of a host
+    /// that left), may take the token.
+    leaf: Option<String>,
     provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+/// The pin of a certificate in a join token: the first 16 bytes of its SHA-256, hex.
+pub fn leaf_pin(der: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(der)[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 impl ServerCertVerifier for PinnedVerifier {
@@ -226,6 +239,13 @@ impl ServerCertVerifier for PinnedVerifier {
                 self.fingerprint
             )));
         };
+        if let Some(pin) = &self.leaf {
+            if leaf_pin(end_entity) != *pin {
+                return Err(Error::General(
+                    "the member's certificate is not the one the join token names (renewed since, or someone in between): make a new join token".into(),
+                ));
+            }
+        }
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
         let v = MemberVerifier::new(Arc::new(roots), Expect::AnyMember);
@@ -268,9 +288,22 @@ impl ServerCertVerifier for PinnedVerifier {
 }
 
 /// TLS client settings for joining: no client certificate yet, the server's CA pinned
-/// by its fingerprint (see [`crate::parse_fingerprint`]).
-pub fn pinned_client(fingerprint: &str) -> crate::Result<rustls::ClientConfig> {
+/// by its fingerprint (see [`crate::parse_fingerprint`]) and, with `leaf`, the
+/// member's own certificate by its pin ([`leaf_pin`]).
+pub fn pinned_client(fingerprint: &str, leaf: Option<&str>) -> crate::Result<rustls::ClientConfig> {
     let fingerprint = crate::parse_fingerprint(fingerprint)?;
+    let leaf = match leaf {
+        Some(l) if l.len() == 32 && l.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Some(l.to_ascii_lowercase())
+        }
+        Some(l) => {
+            return Err(crate::PkiError::Bad {
+                what: format!("The certificate pin {l:?} of the join token"),
+                reason: "expected 32 hex digits".into(),
+            })
+        }
+        None => None,
+    };
     let provider = crate::provider();
     Ok(
         rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -279,6 +312,7 @@ pub fn pinned_client(fingerprint: &str) -> crate::Result<rustls::ClientConfig> {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
                 fingerprint,
+                leaf,
                 provider,
             }))
             .with_no_client_auth(),

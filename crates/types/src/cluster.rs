@@ -177,6 +177,23 @@ pub struct MemberAdded {
     pub crl: Option<String>,
 }
 
+/// `DELETE /cluster/members/{name}`: take a member that is down out of the cluster.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct MemberRemoveParams {
+    /// Drop the records of VMs the member still owns (their disks stay).
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// The answer to a member's removal.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MemberRemoved {
+    /// The VMs whose records went with it (with `force`).
+    pub dropped_vms: Vec<String>,
+}
+
 /// `POST /cluster/certs/sign`: a member asks the CA holder to sign a new certificate
 /// for its own key (renewal); the caller's certificate says which host it is.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

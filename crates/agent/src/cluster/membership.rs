@@ -210,7 +210,7 @@ pub async fn connect(
     })
 }
 
-fn etcd_err(what: impl Into<String>) -> impl FnOnce(etcd_client::Error) -> AgentError {
+pub(super) fn etcd_err(what: impl Into<String>) -> impl FnOnce(etcd_client::Error) -> AgentError {
     let what = what.into();
     move |source| AgentError::Etcd { what, source }
 }
@@ -232,7 +232,9 @@ async fn enable_access(client_url: &str, tls: &EtcdTls, name: &str) -> Result<()
 
 /// Runs a membership change, retrying for up to 30 s while etcd refuses it as
 /// "unhealthy cluster" (it does until the last added member has been connected a while).
-async fn while_unhealthy<T, F, Fut>(mut f: F) -> std::result::Result<T, etcd_client::Error>
+pub(super) async fn while_unhealthy<T, F, Fut>(
+    mut f: F,
+) -> std::result::Result<T, etcd_client::Error>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
@@ -411,8 +413,10 @@ impl Agent {
         self.inner
             .events
             .emit(None, "cluster", format!("join token made (valid {ttl} s)"));
+        // The token names this member's certificate too (after the dot): the joiner
+        // gives it only to the holder of that certificate.
         Ok(JoinToken {
-            token,
+            token: format!("{token}.{}", self.inner.cfg.pki.leaf_pin()),
             expires_in_s: ttl,
             ca_fingerprint: self.inner.cfg.pki.ca_fingerprint(),
         })
@@ -422,6 +426,7 @@ impl Agent {
     /// not there costs a read, never a write (no raft round for a guess).
     async fn take_join_token(&self, link: &ClusterLink, token: &str) -> Result<bool> {
         let t = token.trim();
+        let t = t.split_once('.').map_or(t, |(secret, _)| secret);
         if t.len() != 48 || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Ok(false);
         }
@@ -609,8 +614,19 @@ impl Agent {
                 format!("{peer_api}: members are reached over https://"),
             ));
         }
-        let tls = ferry_pki::pinned_client(&req.fingerprint)
-            .map_err(|e| AgentError::invalid("fingerprint", crate::error_chain(&e).join(": ")))?;
+        let (secret, leaf) = match req.join_token.trim().split_once('.') {
+            Some((s, pin)) => (s.to_string(), Some(pin.to_string())),
+            None => (req.join_token.trim().to_string(), None),
+        };
+        let tls = ferry_pki::pinned_client(&req.fingerprint, leaf.as_deref()).map_err(|e| {
+            let field = if leaf.is_some() && ferry_pki::parse_fingerprint(&req.fingerprint).is_ok()
+            {
+                "join_token"
+            } else {
+                "fingerprint"
+            };
+            AgentError::invalid(field, crate::error_chain(&e).join(": "))
+        })?;
         let peer = super::Peer::with_tls(
             ClusterHost {
                 name: req.peer.clone(),
@@ -628,7 +644,7 @@ impl Agent {
             .post(
                 "/api/v1/cluster/members",
                 &MemberAdd {
-                    join_token: req.join_token.trim().to_string(),
+                    join_token: secret,
                     name: name.clone(),
                     address: req.address.clone(),
                     api: api.clone(),
@@ -808,44 +824,14 @@ impl Agent {
         if let Ok(i) = self.inner.cfg.pki.host_info() {
             serials.insert(i.serial);
         }
-        let mut tries = 0;
-        loop {
-            if let Ok(Some((rec, _))) = link
-                .root
-                .get_json::<ClusterHost>(&ferry_store::keys::cluster::member(name))
-                .await
-            {
-                serials.extend(rec.cert_serial);
-            }
-            let mut success = vec![
-                ferry_store::Op::DeletePrefix(ferry_store::keys::cluster::host_scope(name)),
-                ferry_store::Op::Delete(ferry_store::keys::cluster::member(name)),
-                ferry_store::Op::Delete(ferry_store::keys::cluster::alive(name)),
-                ferry_store::Op::Delete(ferry_store::keys::cluster::fenced(name)),
-            ];
-            success.extend(
-                serials
-                    .iter()
-                    .map(|s| super::certs::revoke_op(s, name, "left")),
-            );
-            let r = link
-                .root
-                .txn(ferry_store::Txn {
-                    compare: vec![],
-                    success,
-                    failure: vec![],
-                })
-                .await;
-            match r {
-                Ok(_) => break,
-                Err(e) if tries < 10 => {
-                    tracing::debug!(error = %e, "removing the host's keys; retrying");
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                }
-                Err(e) => return Err(e.into()),
-            }
+        if let Ok(Some((rec, _))) = link
+            .root
+            .get_json::<ClusterHost>(&ferry_store::keys::cluster::member(name))
+            .await
+        {
+            serials.extend(rec.cert_serial);
         }
+        super::remove::drop_member_records(&link.root, name, &serials, "left").await?;
         // The CA holder signs the list itself before it goes (no one else can).
         if self.inner.cfg.pki.has_ca_key() {
             if let Err(e) = self.sync_crl().await {

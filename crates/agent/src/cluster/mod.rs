@@ -7,6 +7,7 @@ pub(crate) mod fence;
 pub(crate) mod ha;
 pub(crate) mod lease;
 pub(crate) mod membership;
+mod remove;
 
 pub use membership::{connect, load_config, ClusterLink};
 

@@ -386,86 +386,91 @@ impl Agent {
         let mut give_up = false;
         let mut last_pass = 0;
         let final_info = loop {
+            // QEMU pauses the guest at pre-switchover: noticed by its event or by a
+            // poll, whichever comes first, it leads into the one switchover below.
+            let mut pre = false;
             tokio::select! {
                 ev = events.recv() => {
-                    let pre = matches!(&ev, Ok(e) if e.name == "MIGRATION"
-                        && e.data["status"] == "pre-switchover");
-                    if pre && !switched {
-                        switched = true;
-                        let t = Instant::now();
-                        self.switchover(name, qmp, req, &claim_peer, copy, ctx).await?;
-                        switchover = t.elapsed();
-                    }
-                    // An end status is read at once rather than at the next tick.
-                    let end = matches!(&ev, Ok(e) if e.name == "MIGRATION"
-                        && matches!(e.data["status"].as_str(), Some("completed" | "failed" | "cancelled")));
-                    if !end {
-                        continue;
+                    let status = match &ev {
+                        Ok(e) if e.name == "MIGRATION" => e
+                            .data
+                            .get("status")
+                            .and_then(|s| serde_json::from_value::<qc::MigrationStatus>(s.clone()).ok()),
+                        _ => None,
+                    };
+                    match status {
+                        Some(qc::MigrationStatus::PreSwitchover) => pre = true,
+                        // An end status is read at once rather than at the next tick.
+                        Some(st) if st.is_final() => {}
+                        _ => continue,
                     }
                 }
                 _ = tick.tick() => {}
             }
-            let info = qmp.run(&qc::QueryMigrate).await?;
-            let s = Sample::from_info(&info, t.elapsed());
-            self.set_outgoing(name, Some((&req.to, s.status.as_str())));
-            if s.total > 0 {
-                let done = s.total.saturating_sub(s.remaining) as f32 / s.total as f32;
-                ctx.progress(0.05 + 0.9 * done);
-            }
-            if s.passes > last_pass {
-                last_pass = s.passes;
-                ctx.log(format!(
-                    "pass {}: {} MiB left, dirtying {} MiB/s, link {} MiB/s{}{}",
-                    s.passes,
-                    s.remaining >> 20,
-                    s.dirty_bytes_rate() >> 20,
-                    s.link_bytes_rate() >> 20,
-                    info.expected_downtime
-                        .map(|d| format!(", expected downtime {d} ms"))
-                        .unwrap_or_default(),
-                    if s.throttle_pct > 0 {
-                        format!(", throttle {}%", s.throttle_pct)
-                    } else {
-                        String::new()
-                    }
-                ));
-            }
-            match s.status {
-                st if st.is_final() => break info,
-                qc::MigrationStatus::PreSwitchover => {
-                    if !switched {
-                        switched = true;
-                        let t = Instant::now();
-                        self.switchover(name, qmp, req, &claim_peer, copy, ctx)
+            if !pre {
+                let info = qmp.run(&qc::QueryMigrate).await?;
+                let s = Sample::from_info(&info, t.elapsed());
+                self.set_outgoing(name, Some((&req.to, s.status.as_str())));
+                if s.total > 0 {
+                    let done = s.total.saturating_sub(s.remaining) as f32 / s.total as f32;
+                    ctx.progress(0.05 + 0.9 * done);
+                }
+                if s.passes > last_pass {
+                    last_pass = s.passes;
+                    ctx.log(format!(
+                        "pass {}: {} MiB left, dirtying {} MiB/s, link {} MiB/s{}{}",
+                        s.passes,
+                        s.remaining >> 20,
+                        s.dirty_bytes_rate() >> 20,
+                        s.link_bytes_rate() >> 20,
+                        info.expected_downtime
+                            .map(|d| format!(", expected downtime {d} ms"))
+                            .unwrap_or_default(),
+                        if s.throttle_pct > 0 {
+                            format!(", throttle {}%", s.throttle_pct)
+                        } else {
+                            String::new()
+                        }
+                    ));
+                }
+                if s.status.is_final() {
+                    break info;
+                }
+                pre = s.status == qc::MigrationStatus::PreSwitchover;
+                if !pre {
+                    match policy.observe(&s) {
+                        Decision::Continue => {}
+                        Decision::SetDowntime(ms) => {
+                            ctx.log(policy.steps.last().cloned().unwrap_or_default());
+                            qmp.execute(
+                                "migrate-set-parameters",
+                                Some(json!({"downtime-limit": ms})),
+                            )
                             .await?;
-                        switchover = t.elapsed();
+                        }
+                        Decision::StartPostcopy if postcopy => {
+                            ctx.log(policy.steps.last().cloned().unwrap_or_default());
+                            qmp.run(&qc::MigrateStartPostcopy).await?;
+                        }
+                        Decision::StartPostcopy => {
+                            give_up = true;
+                            let _ = qmp.run(&qc::MigrateCancel).await;
+                        }
+                        Decision::Cancel(why) => {
+                            ctx.log(format!("cancelling: {why}"));
+                            let _ = qmp.run(&qc::MigrateCancel).await;
+                        }
                     }
                     continue;
                 }
-                _ => {}
             }
-            match policy.observe(&s) {
-                Decision::Continue => {}
-                Decision::SetDowntime(ms) => {
-                    ctx.log(policy.steps.last().cloned().unwrap_or_default());
-                    qmp.execute(
-                        "migrate-set-parameters",
-                        Some(json!({"downtime-limit": ms})),
-                    )
+            // The guest waits at pre-switchover: the one way into the switchover.
+            if !switched {
+                switched = true;
+                let t = Instant::now();
+                self.switchover(name, qmp, req, &claim_peer, copy, ctx)
                     .await?;
-                }
-                Decision::StartPostcopy if postcopy => {
-                    ctx.log(policy.steps.last().cloned().unwrap_or_default());
-                    qmp.run(&qc::MigrateStartPostcopy).await?;
-                }
-                Decision::StartPostcopy => {
-                    give_up = true;
-                    let _ = qmp.run(&qc::MigrateCancel).await;
-                }
-                Decision::Cancel(why) => {
-                    ctx.log(format!("cancelling: {why}"));
-                    let _ = qmp.run(&qc::MigrateCancel).await;
-                }
+                switchover = t.elapsed();
             }
         };
         policy.finish();
