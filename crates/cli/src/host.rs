@@ -1,0 +1,173 @@
+//! `ferry host ...`: the daemon's host, the cluster's hosts, maintenance.
+
+use super::*;
+
+#[derive(Subcommand, Debug)]
+pub enum HostCmd {
+    /// Facts about the daemon's host (the default).
+    Show,
+    /// The daemon's background tasks (lease, HA, DRS, revocation list, ...): last
+    /// run, last error, next run.
+    Status,
+    /// The hosts of the cluster.
+    List,
+    /// Maintenance mode: move every running VM away (live), take no new ones.
+    Maintenance {
+        /// The host (default: the daemon's).
+        host: Option<String>,
+    },
+    /// End maintenance mode.
+    Activate { host: Option<String> },
+}
+
+/// The client of host `name` of the cluster (`None`: the daemon's own).
+pub(crate) async fn host_client(c: &Client, name: Option<&str>) -> Result<Client> {
+    let Some(name) = name else {
+        return Ok(c.clone());
+    };
+    let hosts: Vec<ClusterHost> = c.get("/api/v1/cluster/hosts").await?;
+    hosts
+        .iter()
+        .find(|h| h.name == name)
+        .map(|h| c.at_node(&h.name))
+        .with_context(|| {
+            format!(
+                "no host {name} in the cluster (hosts: {})",
+                hosts
+                    .iter()
+                    .map(|h| h.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+}
+
+pub(crate) async fn host(c: &Client, g: &Global, cmd: HostCmd) -> Result<()> {
+    match cmd {
+        HostCmd::Show => {
+            let h: HostInfo = c.get("/api/v1/host").await?;
+            if g.json {
+                return print_json(&h);
+            }
+            println!(
+                "{} ({}): {} CPUs, {} memory ({} available), accel {}, {}; {} of {} VMs running{}",
+                h.name,
+                h.hostname,
+                h.cpus,
+                ByteSize(h.memory_bytes),
+                ByteSize(h.memory_available_bytes),
+                h.accel,
+                h.qemu_version,
+                h.vms_running,
+                h.vms_defined,
+                if h.maintenance {
+                    "; IN MAINTENANCE"
+                } else {
+                    ""
+                }
+            );
+            Ok(())
+        }
+        HostCmd::Status => {
+            let h: HostInfo = c.get("/api/v1/host").await?;
+            if g.json {
+                return print_json(&h.background);
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            let ago = |t: Option<u64>| {
+                t.map_or("-".to_string(), |t| {
+                    format!("{:.1} s ago", now.saturating_sub(t) as f64 / 1000.0)
+                })
+            };
+            let mut t = table(&[
+                "TASK",
+                "EVERY",
+                "RUNS",
+                "FAILED",
+                "LAST RUN",
+                "LAST OK",
+                "LAST ERROR",
+            ]);
+            for b in h.background {
+                t.add_row(vec![
+                    b.name,
+                    format!("{:.1} s", b.every_ms as f64 / 1000.0),
+                    b.runs.to_string(),
+                    b.failures.to_string(),
+                    ago(b.last_run_ms),
+                    ago(b.last_ok_ms),
+                    match (b.last_error, b.last_error_ms) {
+                        (Some(e), at) => format!("{e} ({})", ago(at)),
+                        _ => "-".into(),
+                    },
+                ]);
+            }
+            println!(
+                "{}: {} of {} VMs running",
+                h.name, h.vms_running, h.vms_defined
+            );
+            println!("{t}");
+            Ok(())
+        }
+        HostCmd::List => {
+            let hosts: Vec<ClusterHost> = c.get("/api/v1/cluster/hosts").await?;
+            let mut rows = vec![];
+            for h in &hosts {
+                let info: Result<HostInfo> = c.at_node(&h.name).get("/api/v1/host").await;
+                rows.push((h.clone(), info.ok()));
+            }
+            if g.json {
+                let v: Vec<Value> = rows
+                    .iter()
+                    .map(|(h, i)| json!({"host": h, "info": i}))
+                    .collect();
+                return print_json(&v);
+            }
+            let mut t = table(&["HOST", "ADDRESS", "STATE", "VMS", "VM MEMORY", "AVAILABLE"]);
+            for (h, i) in rows {
+                match i {
+                    Some(i) => t.add_row(vec![
+                        h.name,
+                        h.address,
+                        if i.maintenance {
+                            "maintenance"
+                        } else {
+                            "online"
+                        }
+                        .to_string(),
+                        format!("{}/{}", i.vms_running, i.vms_defined),
+                        ByteSize(i.vm_memory_bytes).to_string(),
+                        ByteSize(i.memory_available_bytes).to_string(),
+                    ]),
+                    None => t.add_row(vec![h.name, h.address, "unreachable".into()]),
+                };
+            }
+            println!("{t}");
+            Ok(())
+        }
+        HostCmd::Maintenance { host } => {
+            let hc = host_client(c, host.as_deref()).await?;
+            let t: TaskAccepted = hc
+                .request(Method::POST, "/api/v1/host/maintenance", None)
+                .await?;
+            let done = hc.wait_task(t, g.json).await?;
+            if g.json {
+                return print_json(&done);
+            }
+            for l in &done.log {
+                println!("{l}");
+            }
+            println!("{} is in maintenance", done.target);
+            Ok(())
+        }
+        HostCmd::Activate { host } => {
+            let hc = host_client(c, host.as_deref()).await?;
+            hc.request::<Value>(Method::POST, "/api/v1/host/activate", None)
+                .await?;
+            println!("{} active", host.unwrap_or_else(|| "host".into()));
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! `ferry pool ...` and `ferry volume ...`: storage pools and their volumes.
+
+use super::*;
+
+#[derive(Subcommand, Debug)]
+pub enum PoolCmd {
+    List,
+    Show {
+        name: String,
+    },
+    /// Define a dir pool.
+    Create {
+        name: String,
+        #[arg(long)]
+        path: String,
+        /// dir (this host only), shared (a directory every host mounts; volumes
+        /// locked to one writer) or replicated (a copy on each of --hosts, written
+        /// synchronously; needs an etcd cluster).
+        #[arg(long = "type", default_value = "dir")]
+        kind: String,
+        /// The hosts keeping copies (replicated): 2 or 3, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        hosts: Vec<String>,
+    },
+    /// Remove an empty pool's definition.
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VolumeCmd {
+    List {
+        pool: String,
+    },
+    Show {
+        pool: String,
+        name: String,
+    },
+    Create {
+        pool: String,
+        name: String,
+        #[arg(long)]
+        size: ByteSize,
+        /// qcow2 (the default) or raw; a replicated pool's volumes are raw.
+        #[arg(long)]
+        format: Option<String>,
+    },
+    Delete {
+        pool: String,
+        name: String,
+    },
+    /// Grow a volume (online if a running VM uses it).
+    Resize {
+        pool: String,
+        name: String,
+        #[arg(long)]
+        size: ByteSize,
+    },
+    /// Import a host file (disk image or ISO).
+    Import {
+        pool: String,
+        name: String,
+        #[arg(long)]
+        source: String,
+        /// Convert to qcow2 or raw.
+        #[arg(long)]
+        format: Option<String>,
+    },
+    /// A replicated volume: primary, generation, each host's copy and its peers.
+    Replication {
+        pool: String,
+        name: String,
+    },
+    /// Make the host the CLI talks to primary of a replicated volume (its NBD export
+    /// takes writes). Starting a VM does this by itself.
+    Promote {
+        pool: String,
+        name: String,
+        /// Even if this copy is outdated or stale, or another host is primary: the
+        /// admin accepts a possible split brain.
+        #[arg(long)]
+        force: bool,
+    },
+    /// End this host's term as primary.
+    Demote {
+        pool: String,
+        name: String,
+    },
+    /// Compare the primary's copy with its peers' (checksums); differences are
+    /// reported and marked for resync.
+    Verify {
+        pool: String,
+        name: String,
+    },
+    /// Switch replication of a volume off: the primary writes alone, peers outdated.
+    Disconnect {
+        pool: String,
+        name: String,
+    },
+    /// Switch replication on again: peers resync what they missed.
+    Connect {
+        pool: String,
+        name: String,
+    },
+    /// End a split brain: keep HOST's copy; the others are kept aside as files and
+    /// synced in full from it. Nothing else ever discards a copy's writes.
+    Resolve {
+        pool: String,
+        name: String,
+        #[arg(long)]
+        keep: String,
+    },
+}
+
+pub(crate) async fn pool(c: &Client, g: &Global, cmd: PoolCmd) -> Result<()> {
+    match cmd {
+        PoolCmd::List => {
+            let pools: Vec<Pool> = c.get("/api/v1/pools").await?;
+            if g.json {
+                return print_json(&pools);
+            }
+            let mut t = table(&[
+                "NAME",
+                "TYPE",
+                "PATH",
+                "VOLUMES",
+                "USED",
+                "AVAILABLE",
+                "CAPACITY",
+            ]);
+            for p in pools {
+                t.add_row(vec![
+                    p.spec.name.clone(),
+                    format!("{:?}", p.spec.kind).to_lowercase(),
+                    p.spec.path.clone(),
+                    p.volumes.to_string(),
+                    ByteSize(p.used_bytes).to_string(),
+                    ByteSize(p.available_bytes).to_string(),
+                    ByteSize(p.capacity_bytes).to_string(),
+                ]);
+            }
+            println!("{t}");
+            Ok(())
+        }
+        PoolCmd::Show { name } => {
+            print_json(&c.get::<Pool>(&format!("/api/v1/pools/{name}")).await?)
+        }
+        PoolCmd::Create {
+            name,
+            path,
+            kind,
+            hosts,
+        } => {
+            let mut body = json!({"name": name, "type": kind, "path": path});
+            if !hosts.is_empty() {
+                body["hosts"] = json!(hosts);
+            }
+            let p: Pool = c
+                .request(Method::POST, "/api/v1/pools", Some(&body))
+                .await?;
+            if g.json {
+                return print_json(&p);
+            }
+            if hosts.is_empty() {
+                println!("pool {name} created at {path}");
+            } else {
+                println!(
+                    "pool {name} created: a copy of each volume at {path} on {}",
+                    hosts.join(", ")
+                );
+            }
+            Ok(())
+        }
+        PoolCmd::Delete { name } => {
+            let _: Value = c
+                .request(Method::DELETE, &format!("/api/v1/pools/{name}"), None)
+                .await?;
+            println!("pool {name} removed (its directory stays)");
+            Ok(())
+        }
+    }
+}
+
+pub(crate) async fn volume(c: &Client, g: &Global, cmd: VolumeCmd) -> Result<()> {
+    let show = |v: &Volume| {
+        println!(
+            "{}/{}: {} {} ({} allocated)",
+            v.pool,
+            v.name,
+            v.format,
+            ByteSize(v.virtual_bytes),
+            ByteSize(v.allocated_bytes)
+        )
+    };
+    match cmd {
+        VolumeCmd::List { pool } => {
+            let vols: Vec<Volume> = c.get(&format!("/api/v1/pools/{pool}/volumes")).await?;
+            if g.json {
+                return print_json(&vols);
+            }
+            let mut t = table(&["NAME", "FORMAT", "SIZE", "ALLOCATED"]);
+            for v in vols {
+                t.add_row(vec![
+                    v.name,
+                    v.format,
+                    ByteSize(v.virtual_bytes).to_string(),
+                    ByteSize(v.allocated_bytes).to_string(),
+                ]);
+            }
+            println!("{t}");
+            Ok(())
+        }
+        VolumeCmd::Create {
+            pool,
+            name,
+            size,
+            format,
+        } => {
+            let v: Volume = c
+                .request(
+                    Method::POST,
+                    &format!("/api/v1/pools/{pool}/volumes"),
+                    Some(&match format {
+                        Some(f) => json!({"name": name, "size": size.0, "format": f}),
+                        None => json!({"name": name, "size": size.0}),
+                    }),
+                )
+                .await?;
+            if g.json {
+                return print_json(&v);
+            }
+            show(&v);
+            Ok(())
+        }
+        VolumeCmd::Show { pool, name } => {
+            let v: Volume = c
+                .get(&format!("/api/v1/pools/{pool}/volumes/{name}"))
+                .await?;
+            if g.json {
+                return print_json(&v);
+            }
+            show(&v);
+            Ok(())
+        }
+        VolumeCmd::Delete { pool, name } => {
+            let _: Value = c
+                .request(
+                    Method::DELETE,
+                    &format!("/api/v1/pools/{pool}/volumes/{name}"),
+                    None,
+                )
+                .await?;
+            println!("volume {pool}/{name} deleted");
+            Ok(())
+        }
+        VolumeCmd::Resize { pool, name, size } => {
+            let v: Volume = c
+                .request(
+                    Method::POST,
+                    &format!("/api/v1/pools/{pool}/volumes/{name}/resize"),
+                    Some(&json!({"size": size.0})),
+                )
+                .await?;
+            if g.json {
+                return print_json(&v);
+            }
+            show(&v);
+            Ok(())
+        }
+        VolumeCmd::Import {
+            pool,
+            name,
+            source,
+            format,
+        } => {
+            let mut body = json!({"name": name, "source": source});
+            if let Some(f) = format {
+                body["format"] = json!(f);
+            }
+            let t: TaskAccepted = c
+                .request(
+                    Method::POST,
+                    &format!("/api/v1/pools/{pool}/import"),
+                    Some(&body),
+                )
+                .await?;
+            c.wait_task(t, g.json).await?;
+            let v: Volume = c
+                .get(&format!("/api/v1/pools/{pool}/volumes/{name}"))
+                .await?;
+            if g.json {
+                return print_json(&v);
+            }
+            show(&v);
+            Ok(())
+        }
+        other => replication::run(c, g, other).await,
+    }
+}

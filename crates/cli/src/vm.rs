@@ -1,0 +1,762 @@
+//! `ferry vm ...` and `ferry disk ...`: defining, running and changing VMs.
+
+use super::*;
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct SpecArgs {
+    /// Number of vCPUs.
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    /// Memory: 512M, 2G (a plain number is MiB).
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// A disk: bus=virtio|scsi|sata|ide,pool=local,size=10G[,format=qcow2|raw][,cache=none|writeback|...][,volume=NAME][,readonly]. Repeatable.
+    #[arg(long = "disk")]
+    pub disks: Vec<String>,
+    /// A CD-ROM: POOL/VOLUME[,bus=ide|sata|scsi], or `empty`. Repeatable.
+    #[arg(long = "cdrom")]
+    pub cdroms: Vec<String>,
+    /// A NIC: bridge=NAME[,model=virtio|e1000][,mac=52:54:00:..]. Repeatable.
+    #[arg(long = "nic")]
+    pub nics: Vec<String>,
+    /// Boot order: device ids, e.g. cdrom0,disk0,net0.
+    #[arg(long)]
+    pub boot: Option<String>,
+    /// pc (i440fx, default) or q35.
+    #[arg(long)]
+    pub machine: Option<String>,
+    /// bios (default) or uefi.
+    #[arg(long)]
+    pub firmware: Option<String>,
+    /// Direct boot: kernel file on the host.
+    #[arg(long)]
+    pub kernel: Option<String>,
+    /// Direct boot: initrd file on the host.
+    #[arg(long)]
+    pub initrd: Option<String>,
+    /// Direct boot: kernel command line.
+    #[arg(long)]
+    pub append: Option<String>,
+    #[arg(long)]
+    pub description: Option<String>,
+    #[command(flatten)]
+    pub ha: HaArgs,
+    #[command(flatten)]
+    pub placement: PlacementArgs,
+}
+
+/// Where DRS may place a VM, and its resource pool.
+#[derive(Args, Debug, Clone, Default)]
+pub struct PlacementArgs {
+    /// Affinity group: VMs of one group run on one host.
+    #[arg(long)]
+    pub affinity: Option<String>,
+    /// Anti-affinity group: VMs of one group run on different hosts. Repeatable.
+    #[arg(long = "anti-affinity")]
+    pub anti_affinity: Vec<String>,
+    /// Only hosts with this label (`ferry serve --label`). Repeatable.
+    #[arg(long = "host-label")]
+    pub host_labels: Vec<String>,
+    /// Only these hosts (comma-separated).
+    #[arg(long = "pin-hosts", value_delimiter = ',')]
+    pub hosts: Vec<String>,
+    /// DRS does not move this VM to balance (yes|no).
+    #[arg(long = "drs-pinned")]
+    pub pinned: Option<String>,
+    /// The resource pool (`ferry resource-pool`); empty: none.
+    #[arg(long = "resource-pool")]
+    pub resource_pool: Option<String>,
+}
+
+/// A VM's HA policy.
+#[derive(Args, Debug, Clone, Default)]
+pub struct HaArgs {
+    /// HA: restart (after a crash, and on another host when its host fails) or off.
+    #[arg(long = "ha")]
+    pub mode: Option<String>,
+    /// HA priority: higher ones are recovered first.
+    #[arg(long = "ha-priority")]
+    pub priority: Option<i32>,
+    /// Crash restarts on one host (within 10 min) before HA moves the VM.
+    #[arg(long = "ha-max-restarts")]
+    pub max_restarts: Option<u32>,
+    /// Anti-affinity group: HA keeps VMs of one group on different hosts.
+    #[arg(long = "ha-group")]
+    pub group: Option<String>,
+}
+
+impl HaArgs {
+    /// Applies the given options to the JSON policy `cur`.
+    pub fn apply(&self, mut cur: Value) -> Result<Value> {
+        if let Some(m) = &self.mode {
+            if m != "restart" && m != "off" {
+                anyhow::bail!("--ha {m}: use restart or off");
+            }
+            cur["mode"] = json!(m);
+        }
+        if let Some(p) = self.priority {
+            cur["priority"] = json!(p);
+        }
+        if let Some(n) = self.max_restarts {
+            cur["max_restarts"] = json!(n);
+        }
+        if let Some(g) = &self.group {
+            cur["anti_affinity"] = if g.is_empty() { Value::Null } else { json!(g) };
+        }
+        Ok(cur)
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VmCmd {
+    /// List VMs.
+    List,
+    /// Show one VM.
+    Show {
+        name: String,
+    },
+    /// Define a VM.
+    Create {
+        name: String,
+        /// Let DRS pick the host (the definition goes to that host).
+        #[arg(long)]
+        place: bool,
+        #[command(flatten)]
+        spec: Box<SpecArgs>,
+    },
+    /// Where DRS would run the VM, with each host's filters and score.
+    Place {
+        name: String,
+        /// Show every host's verdict, not just the choice.
+        #[arg(long)]
+        explain: bool,
+    },
+    /// Change a stopped VM's definition (given options replace, disks/NICs/CD-ROMs are added).
+    Edit {
+        name: String,
+        #[command(flatten)]
+        spec: Box<SpecArgs>,
+    },
+    /// Change a VM's HA policy (also while it runs).
+    Ha {
+        name: String,
+        #[command(flatten)]
+        ha: HaArgs,
+    },
+    /// Start a VM.
+    Start {
+        name: String,
+    },
+    /// Shut down through ACPI; killed after the timeout.
+    #[command(alias = "shutdown")]
+    Stop {
+        name: String,
+        /// Seconds to wait for the guest.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Stop at once (QEMU quits without asking the guest).
+    Kill {
+        name: String,
+    },
+    /// Shut down and start again.
+    Reboot {
+        name: String,
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    Pause {
+        name: String,
+    },
+    Resume {
+        name: String,
+    },
+    /// Delete a VM and its own disks.
+    Delete {
+        name: String,
+        /// Kill it first if it runs.
+        #[arg(long)]
+        force: bool,
+        /// Keep its volumes.
+        #[arg(long)]
+        keep_disks: bool,
+    },
+    /// Take a snapshot (disk-only, or --with-memory of a running VM).
+    Snapshot {
+        name: String,
+        snapshot: String,
+        #[arg(long)]
+        with_memory: bool,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// The snapshot tree.
+    Snapshots {
+        name: String,
+    },
+    /// Go back to a snapshot.
+    Revert {
+        name: String,
+        snapshot: String,
+    },
+    /// Delete a snapshot (its data merges into what remains).
+    SnapshotDelete {
+        name: String,
+        snapshot: String,
+    },
+    /// Clone a stopped VM or a template (--linked: instant overlay clone of a template).
+    Clone {
+        name: String,
+        new_name: String,
+        #[arg(long)]
+        linked: bool,
+    },
+    /// Make a stopped VM an immutable template.
+    Template {
+        name: String,
+    },
+    /// Save RAM and device state to disk and stop (resume continues the guest).
+    Suspend {
+        name: String,
+    },
+    /// Move a disk to another pool, also while the VM runs (Storage vMotion).
+    MoveDisk {
+        name: String,
+        /// The disk: its index or `diskN`.
+        disk: String,
+        /// The pool to move it to.
+        #[arg(long, required_unless_present = "abort")]
+        to_pool: Option<String>,
+        /// Abort a move under way (the disk stays where it was).
+        #[arg(long)]
+        abort: bool,
+        /// Cap the copy, MiB/s (while the VM runs).
+        #[arg(long)]
+        bandwidth: Option<u64>,
+    },
+    /// Move a stopped or suspended VM to another host (its local disks are copied).
+    Move {
+        name: String,
+        #[arg(long)]
+        to: String,
+    },
+    /// Move a running VM to another host while it runs (live migration).
+    Migrate {
+        name: String,
+        /// The destination host.
+        #[arg(long)]
+        to: String,
+        /// Also copy disks on local pools (mirrored over NBD while the guest runs).
+        #[arg(long)]
+        with_storage: bool,
+        /// With --with-storage: the destination's pool for the copies.
+        #[arg(long)]
+        target_pool: Option<String>,
+        /// Longest pause allowed at switchover, ms (default 50).
+        #[arg(long)]
+        downtime: Option<u64>,
+        /// Bandwidth cap, MiB/s (default 10240: the link's speed).
+        #[arg(long)]
+        bandwidth: Option<u64>,
+        /// Never switch to post-copy (a guest that dirties faster than the link then
+        /// only converges by throttling).
+        #[arg(long)]
+        no_postcopy: bool,
+    },
+    /// Disks of a VM (hot-plugged while running: virtio and scsi).
+    #[command(subcommand)]
+    Disk(DiskCmd),
+    /// NICs of a VM (hot-plugged while running).
+    #[command(subcommand)]
+    Nic(NicCmd),
+    /// Insert an ISO (POOL/VOLUME) into a CD-ROM, or `eject` it; also while running.
+    Cdrom {
+        name: String,
+        index: usize,
+        media: String,
+    },
+    /// Attach to the serial console (Ctrl-] detaches).
+    Console {
+        name: String,
+        /// Print the console history and exit.
+        #[arg(long)]
+        history: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DiskCmd {
+    /// Add a disk: bus=virtio,size=10G (new volume) or volume=NAME (existing).
+    Attach { name: String, disk: String },
+    /// Remove disk INDEX (its volume stays); while running only the last one.
+    Detach { name: String, index: usize },
+    /// Grow disk INDEX (online while running).
+    Resize {
+        name: String,
+        index: usize,
+        #[arg(long)]
+        size: ByteSize,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NicCmd {
+    /// Add a NIC: bridge=NAME[,model=virtio|e1000][,mac=...].
+    Attach { name: String, nic: String },
+    /// Remove NIC INDEX; while running only the last one.
+    Detach { name: String, index: usize },
+}
+
+pub(crate) async fn action(
+    c: &Client,
+    g: &Global,
+    name: &str,
+    act: &str,
+    body: Option<Value>,
+) -> Result<()> {
+    let t: TaskAccepted = c
+        .request(
+            Method::POST,
+            &format!("/api/v1/vms/{name}/{act}"),
+            body.as_ref(),
+        )
+        .await?;
+    let done = c.wait_task(t, g.json).await?;
+    if g.json {
+        return print_json(&done);
+    }
+    match c.get::<Vm>(&format!("/api/v1/vms/{name}")).await {
+        Ok(vm) => println!("{name}: {}", vm.state),
+        // DRS started it on another host: the task's last line says where.
+        Err(_) => println!("{name}: {}", done.log.last().map_or("done", String::as_str)),
+    }
+    Ok(())
+}
+
+pub(crate) async fn vm(c: &Client, g: &Global, cmd: VmCmd) -> Result<()> {
+    match cmd {
+        VmCmd::List => {
+            let vms: Vec<Vm> = c.get("/api/v1/vms").await?;
+            if g.json {
+                return print_json(&vms);
+            }
+            let mut t = table(&[
+                "ID", "NAME", "STATE", "CPUS", "MEMORY", "DISKS", "NICS", "PID",
+            ]);
+            for v in vms {
+                t.add_row(vec![
+                    v.id.to_string(),
+                    v.spec.name.clone(),
+                    v.state.to_string(),
+                    v.spec.cpus.to_string(),
+                    mib(v.spec.memory_mib),
+                    v.spec.disks.len().to_string(),
+                    v.spec.nics.len().to_string(),
+                    v.pid.map(|p| p.to_string()).unwrap_or_default(),
+                ]);
+            }
+            println!("{t}");
+            Ok(())
+        }
+        VmCmd::Show { name } => {
+            let v: Vm = c.get(&format!("/api/v1/vms/{name}")).await?;
+            print_json(&v)
+        }
+        VmCmd::Place { name, explain } => {
+            let r: ferry_types::PlacementReport =
+                c.get(&format!("/api/v1/vms/{name}/placement")).await?;
+            drs::print_placement(g, &r, explain)
+        }
+        VmCmd::Create { name, place, spec } => {
+            let body = specs::spec_json(&name, &spec, None)?;
+            let path = if place {
+                "/api/v1/placement/create"
+            } else {
+                "/api/v1/vms"
+            };
+            let v: Vm = c.request(Method::POST, path, Some(&body)).await?;
+            if g.json {
+                return print_json(&v);
+            }
+            println!(
+                "VM {} defined (id {}, {} disks, {} NICs)",
+                v.spec.name,
+                v.id,
+                v.spec.disks.len(),
+                v.spec.nics.len()
+            );
+            Ok(())
+        }
+        VmCmd::Edit { name, spec } => {
+            let cur: Vm = c.get(&format!("/api/v1/vms/{name}")).await?;
+            let body = specs::spec_json(&name, &spec, Some(&cur.spec))?;
+            let v: Vm = c
+                .request(Method::PUT, &format!("/api/v1/vms/{name}"), Some(&body))
+                .await?;
+            if g.json {
+                return print_json(&v);
+            }
+            println!("VM {name} changed");
+            Ok(())
+        }
+        VmCmd::Ha { name, ha } => {
+            let cur: Vm = c.get(&format!("/api/v1/vms/{name}")).await?;
+            let body = ha.apply(serde_json::to_value(&cur.spec.ha)?)?;
+            let v: Vm = c
+                .request(Method::PUT, &format!("/api/v1/vms/{name}/ha"), Some(&body))
+                .await?;
+            if g.json {
+                return print_json(&v);
+            }
+            println!("VM {name}: HA {}", serde_json::to_string(&v.spec.ha)?);
+            Ok(())
+        }
+        VmCmd::Start { name } => action(c, g, &name, "start", None).await,
+        VmCmd::Stop { name, timeout } => {
+            action(
+                c,
+                g,
+                &name,
+                "shutdown",
+                Some(json!({"timeout_secs": timeout})),
+            )
+            .await
+        }
+        VmCmd::Kill { name } => action(c, g, &name, "stop", None).await,
+        VmCmd::Reboot { name, timeout } => {
+            action(
+                c,
+                g,
+                &name,
+                "reboot",
+                Some(json!({"timeout_secs": timeout})),
+            )
+            .await
+        }
+        VmCmd::Pause { name } => action(c, g, &name, "pause", None).await,
+        VmCmd::Disk(d) => disk(c, g, d).await,
+        VmCmd::Nic(NicCmd::Attach { name, nic }) => {
+            let body = specs::nic_json(&nic)?;
+            let v: Value = c
+                .request(
+                    Method::POST,
+                    &format!("/api/v1/vms/{name}/nics"),
+                    Some(&body),
+                )
+                .await?;
+            if g.json {
+                return print_json(&v);
+            }
+            println!("{name}: net{} attached", v["index"]);
+            Ok(())
+        }
+        VmCmd::Nic(NicCmd::Detach { name, index }) => {
+            let _: Value = c
+                .request(
+                    Method::DELETE,
+                    &format!("/api/v1/vms/{name}/nics/{index}"),
+                    None,
+                )
+                .await?;
+            println!("{name}: net{index} detached");
+            Ok(())
+        }
+        VmCmd::Cdrom { name, index, media } => {
+            let body = if media == "eject" {
+                json!({})
+            } else {
+                specs::cdrom_json(&media)?
+            };
+            let v: Vm = c
+                .request(
+                    Method::PUT,
+                    &format!("/api/v1/vms/{name}/cdroms/{index}"),
+                    Some(&body),
+                )
+                .await?;
+            if g.json {
+                return print_json(&v);
+            }
+            println!(
+                "{name}: cdrom{index} {}",
+                if media == "eject" {
+                    "ejected".to_string()
+                } else {
+                    format!("holds {media}")
+                }
+            );
+            Ok(())
+        }
+        VmCmd::Suspend { name } => action(c, g, &name, "suspend", None).await,
+        VmCmd::Move { name, to } => {
+            let t: TaskAccepted = c
+                .request(
+                    Method::POST,
+                    &format!("/api/v1/vms/{name}/move"),
+                    Some(&json!({"to": to})),
+                )
+                .await?;
+            let done = c.wait_task(t, g.json).await?;
+            if g.json {
+                return print_json(&done);
+            }
+            println!("{name} now on {to}");
+            Ok(())
+        }
+        VmCmd::MoveDisk {
+            name,
+            disk,
+            to_pool,
+            abort,
+            bandwidth,
+        } => {
+            let index: usize = disk
+                .strip_prefix("disk")
+                .unwrap_or(&disk)
+                .parse()
+                .with_context(|| format!("disk {disk:?}: an index or diskN"))?;
+            let path = format!("/api/v1/vms/{name}/disks/{index}/move");
+            if abort {
+                c.request::<Value>(Method::DELETE, &path, None).await?;
+                println!("{name}: move of disk{index} aborted");
+                return Ok(());
+            }
+            let mut body = json!({"pool": to_pool});
+            if let Some(b) = bandwidth {
+                body["bandwidth_mib"] = json!(b);
+            }
+            let t: TaskAccepted = c.request(Method::POST, &path, Some(&body)).await?;
+            let done = c.wait_task(t, g.json).await?;
+            if g.json {
+                return print_json(&done);
+            }
+            println!("{name}: disk{index} now on {}", to_pool.unwrap_or_default());
+            Ok(())
+        }
+        VmCmd::Migrate {
+            name,
+            to,
+            with_storage,
+            target_pool,
+            downtime,
+            bandwidth,
+            no_postcopy,
+        } => {
+            let mut body = json!({"to": to, "with_storage": with_storage});
+            if let Some(p) = target_pool {
+                body["target_pool"] = json!(p);
+            }
+            if let Some(d) = downtime {
+                body["downtime_limit_ms"] = json!(d);
+            }
+            if let Some(b) = bandwidth {
+                body["max_bandwidth_mib"] = json!(b);
+            }
+            if no_postcopy {
+                body["allow_postcopy"] = json!(false);
+            }
+            let t: TaskAccepted = c
+                .request(
+                    Method::POST,
+                    &format!("/api/v1/vms/{name}/migrate"),
+                    Some(&body),
+                )
+                .await?;
+            let done = c.wait_task(t, g.json).await?;
+            let report: MigrationReport = done
+                .result
+                .clone()
+                .map(serde_json::from_value)
+                .transpose()?
+                .context("the migration task gave no report")?;
+            if g.json {
+                return print_json(&report);
+            }
+            println!(
+                "{name} now runs on {}: {} ms total, QEMU downtime {} ms, {} of RAM sent in {} passes{}",
+                report.to,
+                report.total_ms,
+                report.downtime_ms,
+                ByteSize(report.ram_transferred_bytes),
+                report.passes,
+                if report.disk_transferred_bytes > 0 {
+                    format!(", {} of disk", ByteSize(report.disk_transferred_bytes))
+                } else {
+                    String::new()
+                }
+            );
+            for s in &report.policy_steps {
+                println!("  policy: {s}");
+            }
+            Ok(())
+        }
+        VmCmd::Snapshot {
+            name,
+            snapshot,
+            with_memory,
+            description,
+        } => {
+            let body =
+                json!({"name": snapshot, "with_memory": with_memory, "description": description});
+            action(c, g, &name, "snapshots", Some(body)).await
+        }
+        VmCmd::Revert { name, snapshot } => {
+            action(c, g, &name, &format!("snapshots/{snapshot}/revert"), None).await
+        }
+        VmCmd::SnapshotDelete { name, snapshot } => {
+            let t: TaskAccepted = c
+                .request(
+                    Method::DELETE,
+                    &format!("/api/v1/vms/{name}/snapshots/{snapshot}"),
+                    None,
+                )
+                .await?;
+            c.wait_task(t, g.json).await?;
+            if !g.json {
+                println!("snapshot {snapshot} of {name} deleted");
+            }
+            Ok(())
+        }
+        VmCmd::Snapshots { name } => {
+            let l: ferry_types::SnapshotList =
+                c.get(&format!("/api/v1/vms/{name}/snapshots")).await?;
+            if g.json {
+                return print_json(&l);
+            }
+            print_tree(&l, None, 0);
+            if l.current.is_none() {
+                println!("(no snapshot yet)");
+            }
+            Ok(())
+        }
+        VmCmd::Clone {
+            name,
+            new_name,
+            linked,
+        } => {
+            let body = json!({"name": new_name, "linked": linked});
+            let t: TaskAccepted = c
+                .request(
+                    Method::POST,
+                    &format!("/api/v1/vms/{name}/clone"),
+                    Some(&body),
+                )
+                .await?;
+            c.wait_task(t, g.json).await?;
+            let v: Vm = c.get(&format!("/api/v1/vms/{new_name}")).await?;
+            if g.json {
+                return print_json(&v);
+            }
+            println!(
+                "{} clone {new_name} of {name} (id {})",
+                if linked { "linked" } else { "full" },
+                v.id
+            );
+            Ok(())
+        }
+        VmCmd::Template { name } => {
+            let v: Vm = c
+                .request(Method::POST, &format!("/api/v1/vms/{name}/template"), None)
+                .await?;
+            if g.json {
+                return print_json(&v);
+            }
+            println!("{name} is now a template");
+            Ok(())
+        }
+        VmCmd::Resume { name } => action(c, g, &name, "resume", None).await,
+        VmCmd::Delete {
+            name,
+            force,
+            keep_disks,
+        } => {
+            let _: Value = c
+                .request(
+                    Method::DELETE,
+                    &format!("/api/v1/vms/{name}?force={force}&keep_disks={keep_disks}"),
+                    None,
+                )
+                .await?;
+            if !g.json {
+                println!("VM {name} deleted");
+            }
+            Ok(())
+        }
+        VmCmd::Console { name, history } => {
+            if history {
+                print!(
+                    "{}",
+                    c.get_text(&format!("/api/v1/vms/{name}/console/history"))
+                        .await?
+                );
+                return Ok(());
+            }
+            console::attach(c, &name).await
+        }
+    }
+}
+
+pub(crate) async fn disk(c: &Client, g: &Global, cmd: DiskCmd) -> Result<()> {
+    match cmd {
+        DiskCmd::Attach { name, disk } => {
+            let body = specs::disk_json(&disk)?;
+            let v: Value = c
+                .request(
+                    Method::POST,
+                    &format!("/api/v1/vms/{name}/disks"),
+                    Some(&body),
+                )
+                .await?;
+            if g.json {
+                return print_json(&v);
+            }
+            println!("{name}: disk{} attached", v["index"]);
+            Ok(())
+        }
+        DiskCmd::Detach { name, index } => {
+            let _: Value = c
+                .request(
+                    Method::DELETE,
+                    &format!("/api/v1/vms/{name}/disks/{index}"),
+                    None,
+                )
+                .await?;
+            println!("{name}: disk{index} detached");
+            Ok(())
+        }
+        DiskCmd::Resize { name, index, size } => {
+            let vm: Vm = c.get(&format!("/api/v1/vms/{name}")).await?;
+            let d = vm
+                .spec
+                .disks
+                .get(index)
+                .ok_or_else(|| anyhow::anyhow!("{name} has no disk{index}"))?;
+            let vol = d.volume.clone().unwrap_or_default();
+            let v: Volume = c
+                .request(
+                    Method::POST,
+                    &format!("/api/v1/pools/{}/volumes/{vol}/resize", d.pool),
+                    Some(&json!({"size": size.0})),
+                )
+                .await?;
+            if g.json {
+                return print_json(&v);
+            }
+            println!("{name}: disk{index} is now {}", ByteSize(v.virtual_bytes));
+            Ok(())
+        }
+    }
+}
+
+pub(crate) fn print_tree(l: &ferry_types::SnapshotList, parent: Option<&str>, depth: usize) {
+    for s in l.snapshots.iter().filter(|s| s.parent.as_deref() == parent) {
+        let here = if l.current.as_deref() == Some(s.name.as_str()) {
+            "  <- current"
+        } else {
+            ""
+        };
+        let mem = if s.with_memory { " (with memory)" } else { "" };
+        println!("{}{}{mem}{here}", "  ".repeat(depth), s.name);
+        print_tree(l, Some(&s.name), depth + 1);
+    }
+}
