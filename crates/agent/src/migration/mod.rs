@@ -96,37 +96,7 @@ impl Agent {
             )));
         }
         let peer = self.peer(&req.to).await?;
-        let mut copy = vec![];
-        let mut copy_sizes = vec![];
-        for (i, d) in rec.spec.disks.iter().enumerate() {
-            if d.nonpersistent {
-                return Err(AgentError::Conflict(format!(
-                    "disk {i} is non-persistent: its writes live in this host's run dir; stop the VM to move it"
-                )));
-            }
-            if let Some(rp) = self.replicated_pool(&d.pool).await? {
-                if !rp.hosts.contains(&req.to) {
-                    return Err(AgentError::Conflict(format!(
-                        "disk {i} is on replicated pool {}, which keeps no copy on {} (its hosts: {})",
-                        d.pool,
-                        req.to,
-                        rp.hosts.join(", ")
-                    )));
-                }
-                continue;
-            }
-            if self.pool_locks(&d.pool).await?.is_none() {
-                if !req.with_storage {
-                    return Err(AgentError::Conflict(format!(
-                        "disk {i} is on pool {}, which only this host sees: migrate with --with-storage to copy it",
-                        d.pool
-                    )));
-                }
-                let vol = d.volume.as_deref().unwrap_or_default();
-                copy_sizes.push(self.dir_pool(&d.pool).await?.info(vol).await?.virtual_bytes);
-                copy.push(i);
-            }
-        }
+        let (copy, copy_sizes) = self.disks_to_copy(&rec, &req).await?;
         let snapshots = self.list_snapshots(name).await?.snapshots;
         if !copy.is_empty() && !snapshots.is_empty() {
             return Err(AgentError::Conflict(format!(
@@ -192,24 +162,8 @@ impl Agent {
                 }
             };
             // Only ports come from the peer; QEMU gets addresses built here.
-            let built = target::answered_port(&ready.uri, true)
-                .and_then(|p| target::migration_uri(&peer.host.address, p))
-                .and_then(|uri| {
-                    let nbd = match &ready.nbd {
-                        Some(n) => {
-                            let (h, p) = target::endpoint(
-                                &peer.host.address,
-                                target::answered_port(n, false)?,
-                            )?;
-                            Some(format!("{h}:{p}"))
-                        }
-                        None => None,
-                    };
-                    Ok((uri, nbd))
-                });
-            match built {
-                Ok((uri, nbd)) => (ready.uri, ready.nbd) = (uri, nbd),
-                Err(e) => break Err(e),
+            if let Err(e) = local_addresses(&peer.host.address, &mut ready) {
+                break Err(e);
             }
             ctx.log(format!("destination QEMU listens on {}", ready.uri));
             let r = self
@@ -273,7 +227,80 @@ impl Agent {
                 return Err(e);
             }
         };
-        // The destination runs the VM: make it the owner, end the paused QEMU here.
+        self.hand_over(name, &slot, &peer, &req, &copy, &mut report, ctx)
+            .await?;
+        report.total_ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.inner.events.emit(
+            Some(name),
+            "migration",
+            format!(
+                "migrated to {} in {} ms (downtime {} ms)",
+                req.to, report.total_ms, report.downtime_ms
+            ),
+        );
+        ctx.log(format!(
+            "done: {} ms total, QEMU downtime {} ms, {} MiB sent in {} passes",
+            report.total_ms,
+            report.downtime_ms,
+            report.ram_transferred_bytes >> 20,
+            report.passes
+        ));
+        Ok(report)
+    }
+
+    /// Which of `rec`'s disks a live migration to `req.to` copies (with their sizes);
+    /// refuses a disk that cannot move live with the reason.
+    async fn disks_to_copy(
+        &self,
+        rec: &crate::records::VmRecord,
+        req: &MigrateRequest,
+    ) -> Result<(Vec<usize>, Vec<u64>)> {
+        let mut copy = vec![];
+        let mut copy_sizes = vec![];
+        for (i, d) in rec.spec.disks.iter().enumerate() {
+            if d.nonpersistent {
+                return Err(AgentError::Conflict(format!(
+                    "disk {i} is non-persistent: its writes live in this host's run dir; stop the VM to move it"
+                )));
+            }
+            if let Some(rp) = self.replicated_pool(&d.pool).await? {
+                if !rp.hosts.contains(&req.to) {
+                    return Err(AgentError::Conflict(format!(
+                        "disk {i} is on replicated pool {}, which keeps no copy on {} (its hosts: {})",
+                        d.pool,
+                        req.to,
+                        rp.hosts.join(", ")
+                    )));
+                }
+                continue;
+            }
+            if self.pool_locks(&d.pool).await?.is_none() {
+                if !req.with_storage {
+                    return Err(AgentError::Conflict(format!(
+                        "disk {i} is on pool {}, which only this host sees: migrate with --with-storage to copy it",
+                        d.pool
+                    )));
+                }
+                let vol = d.volume.as_deref().unwrap_or_default();
+                copy_sizes.push(self.dir_pool(&d.pool).await?.info(vol).await?.virtual_bytes);
+                copy.push(i);
+            }
+        }
+        Ok((copy, copy_sizes))
+    }
+
+    /// The destination runs the VM: it becomes the owner, the paused QEMU here ends.
+    #[allow(clippy::too_many_arguments)]
+    async fn hand_over(
+        &self,
+        name: &str,
+        slot: &std::sync::Arc<crate::runtime::Slot>,
+        peer: &crate::cluster::Peer,
+        req: &MigrateRequest,
+        copy: &[usize],
+        report: &mut MigrationReport,
+        ctx: &TaskCtx,
+    ) -> Result<()> {
         self.set_outgoing(name, Some((&req.to, "completed")));
         // QEMU here has stopped writing (its disks are inactive after completion):
         // hand the replicated volumes' terms over; the destination promotes its copies.
@@ -293,28 +320,12 @@ impl Agent {
                 req.to
             )),
         }
-        self.finish_outgoing(name, &slot, &copy).await?;
+        self.finish_outgoing(name, slot, copy).await?;
         self.set_outgoing(name, None);
         report.from = self.host_name().to_string();
         report.to = req.to.clone();
         report.vm = name.to_string();
-        report.total_ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.inner.events.emit(
-            Some(name),
-            "migration",
-            format!(
-                "migrated to {} in {} ms (downtime {} ms)",
-                req.to, report.total_ms, report.downtime_ms
-            ),
-        );
-        ctx.log(format!(
-            "done: {} ms total, QEMU downtime {} ms, {} MiB sent in {} passes",
-            report.total_ms,
-            report.downtime_ms,
-            report.ram_transferred_bytes >> 20,
-            report.passes
-        ));
-        Ok(report)
+        Ok(())
     }
 
     /// The migration proper, from capabilities to a terminal status.
@@ -660,4 +671,19 @@ impl Agent {
             .remove(name);
         Ok(())
     }
+}
+
+/// Replaces the addresses in the destination's answer by ones built here from the
+/// member's listed address: only the ports are the peer's.
+fn local_addresses(address: &str, ready: &mut IncomingReady) -> Result<()> {
+    let uri = target::migration_uri(address, target::answered_port(&ready.uri, true)?)?;
+    let nbd = match &ready.nbd {
+        Some(n) => {
+            let (h, p) = target::endpoint(address, target::answered_port(n, false)?)?;
+            Some(format!("{h}:{p}"))
+        }
+        None => None,
+    };
+    (ready.uri, ready.nbd) = (uri, nbd);
+    Ok(())
 }
