@@ -30,6 +30,14 @@ use serde_json::json;
 use std::time::{Duration, Instant};
 
 /// How one attempt at migrating ended (errors aside).
+/// How a watched migration ended.
+struct Watched {
+    info: qc::MigrationInfo,
+    switchover: Duration,
+    /// The policy wanted post-copy that was not armed: the attempt was cancelled.
+    give_up: bool,
+}
+
 enum Attempt {
     Done(MigrationReport),
     /// Pre-copy stalled even with throttling: retry with post-copy armed.
@@ -328,75 +336,31 @@ impl Agent {
         Ok(())
     }
 
-    /// The migration proper, from capabilities to a terminal status.
+    /// Follows a started migration to its end: the policy's decisions each poll, the
+    /// one switchover at pre-switchover.
     #[allow(clippy::too_many_arguments)]
-    async fn run_migration(
+    async fn watch_migration(
         &self,
         name: &str,
         qmp: &Qmp,
         req: &MigrateRequest,
-        ready: &IncomingReady,
         copy: &[usize],
         postcopy: bool,
+        claim_peer: &crate::cluster::Peer,
+        policy: &mut Policy,
         ctx: &TaskCtx,
-    ) -> Result<Attempt> {
-        // Resolved now: the guest is paused when the claim goes out.
-        let claim_peer = self
-            .peer_with_timeout(&req.to, Duration::from_secs(2))
-            .await?;
-        // The pause before switchover is where the destination claims the MACs (and
-        // disk mirrors complete); events tell it without polling.
-        let caps = json!({"capabilities": [
-            {"capability": "events", "state": true},
-            {"capability": "auto-converge", "state": true},
-            {"capability": "postcopy-ram", "state": postcopy},
-            {"capability": "pause-before-switchover", "state": true},
-        ]});
-        qmp.execute("migrate-set-capabilities", Some(caps)).await?;
-        let bw = req.max_bandwidth_mib.unwrap_or(DEFAULT_BANDWIDTH_MIB) << 20;
-        qmp.execute(
-            "migrate-set-parameters",
-            Some(json!({
-                "downtime-limit": req.downtime_limit_ms.unwrap_or(DEFAULT_DOWNTIME_MS),
-                "max-bandwidth": bw,
-                "max-postcopy-bandwidth": bw,
-                "cpu-throttle-initial": 30,
-                "cpu-throttle-increment": 20,
-            })),
-        )
-        .await?;
-        // QEMU's TLS with the host certificates; the destination must be host `to`.
-        self.qemu_tls_client(name, qmp, &req.to).await?;
-        qmp.execute(
-            "migrate-set-parameters",
-            Some(json!({"tls-creds": tls::CLIENT_CREDS, "tls-hostname": req.to})),
-        )
-        .await?;
-        let mut disk_bytes = 0;
-        if !copy.is_empty() {
-            disk_bytes = self
-                .mirror_disks(name, qmp, ready, copy, &req.to, ctx)
-                .await?;
-        }
-        let t = Instant::now();
-        let mut events = qmp.events();
-        qmp.run(&qc::Migrate {
-            uri: ready.uri.clone(),
-        })
-        .await?;
+        // Subscribed before the migration started (no event missed), and its start.
+        (mut events, t): (
+            tokio::sync::broadcast::Receiver<ferry_qmp::QmpEvent>,
+            Instant,
+        ),
+    ) -> Result<Watched> {
         let mut switched = false;
         let mut switchover = Duration::ZERO;
         let mut tick = tokio::time::interval(POLL);
-        // Without post-copy armed, the policy's post-copy decision means: give up this
-        // attempt (the caller restarts with post-copy if allowed).
-        let mut policy = Policy::new(PolicyConfig {
-            allow_postcopy: true,
-            postcopy_after_first_pass: postcopy,
-            ..Default::default()
-        });
         let mut give_up = false;
         let mut last_pass = 0;
-        let final_info = loop {
+        let info = loop {
             // QEMU pauses the guest at pre-switchover: noticed by its event or by a
             // poll, whichever comes first, it leads into the one switchover below.
             let mut pre = false;
@@ -479,11 +443,111 @@ impl Agent {
             if !switched {
                 switched = true;
                 let t = Instant::now();
-                self.switchover(name, qmp, req, &claim_peer, copy, ctx)
+                self.switchover(name, qmp, req, claim_peer, copy, ctx)
                     .await?;
                 switchover = t.elapsed();
             }
         };
+        Ok(Watched {
+            info,
+            switchover,
+            give_up,
+        })
+    }
+
+    /// Capabilities and parameters of an outgoing migration, and QEMU's TLS with the
+    /// destination (which must be host `req.to`).
+    async fn arm_migration(
+        &self,
+        name: &str,
+        qmp: &Qmp,
+        req: &MigrateRequest,
+        postcopy: bool,
+    ) -> Result<()> {
+        // The pause before switchover is where the destination claims the MACs (and
+        // disk mirrors complete); events tell it without polling.
+        let caps = json!({"capabilities": [
+            {"capability": "events", "state": true},
+            {"capability": "auto-converge", "state": true},
+            {"capability": "postcopy-ram", "state": postcopy},
+            {"capability": "pause-before-switchover", "state": true},
+        ]});
+        qmp.execute("migrate-set-capabilities", Some(caps)).await?;
+        let bw = req.max_bandwidth_mib.unwrap_or(DEFAULT_BANDWIDTH_MIB) << 20;
+        qmp.execute(
+            "migrate-set-parameters",
+            Some(json!({
+                "downtime-limit": req.downtime_limit_ms.unwrap_or(DEFAULT_DOWNTIME_MS),
+                "max-bandwidth": bw,
+                "max-postcopy-bandwidth": bw,
+                "cpu-throttle-initial": 30,
+                "cpu-throttle-increment": 20,
+            })),
+        )
+        .await?;
+        // QEMU's TLS with the host certificates; the destination must be host `to`.
+        self.qemu_tls_client(name, qmp, &req.to).await?;
+        qmp.execute(
+            "migrate-set-parameters",
+            Some(json!({"tls-creds": tls::CLIENT_CREDS, "tls-hostname": req.to})),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The migration proper, from capabilities to a terminal status.
+    #[allow(clippy::too_many_arguments)]
+    async fn run_migration(
+        &self,
+        name: &str,
+        qmp: &Qmp,
+        req: &MigrateRequest,
+        ready: &IncomingReady,
+        copy: &[usize],
+        postcopy: bool,
+        ctx: &TaskCtx,
+    ) -> Result<Attempt> {
+        // Resolved now: the guest is paused when the claim goes out.
+        let claim_peer = self
+            .peer_with_timeout(&req.to, Duration::from_secs(2))
+            .await?;
+        self.arm_migration(name, qmp, req, postcopy).await?;
+        let mut disk_bytes = 0;
+        if !copy.is_empty() {
+            disk_bytes = self
+                .mirror_disks(name, qmp, ready, copy, &req.to, ctx)
+                .await?;
+        }
+        let t = Instant::now();
+        let events = qmp.events();
+        qmp.run(&qc::Migrate {
+            uri: ready.uri.clone(),
+        })
+        .await?;
+        // Without post-copy armed, the policy's post-copy decision means: give up this
+        // attempt (the caller restarts with post-copy if allowed).
+        let mut policy = Policy::new(PolicyConfig {
+            allow_postcopy: true,
+            postcopy_after_first_pass: postcopy,
+            ..Default::default()
+        });
+        let Watched {
+            info: final_info,
+            switchover,
+            give_up,
+        } = self
+            .watch_migration(
+                name,
+                qmp,
+                req,
+                copy,
+                postcopy,
+                &claim_peer,
+                &mut policy,
+                ctx,
+                (events, t),
+            )
+            .await?;
         policy.finish();
         let status = final_info.status();
         let completed = status == qc::MigrationStatus::Completed;
