@@ -123,7 +123,7 @@ impl Agent {
             clone_of: rec.clone_of.clone(),
             snapshots,
         };
-        let mut incoming = IncomingRequest {
+        let incoming = IncomingRequest {
             source: self.host_name().to_string(),
             vm: transfer,
             copy_disks: copy.clone(),
@@ -141,6 +141,62 @@ impl Agent {
             format!("live migration to {} started", req.to),
         );
         ctx.log(format!("preparing {} to receive {name}", req.to));
+        let mut report = match self
+            .migrate_attempts(name, &qmp, &req, &peer, incoming, may_postcopy, ctx)
+            .await
+        {
+            Ok(report) => report,
+            Err(e) => {
+                self.set_outgoing(name, None);
+                let _ = self.update_record(name, |r| r.migrating_to = None).await;
+                self.inner.events.emit(
+                    Some(name),
+                    "migration",
+                    format!(
+                        "migration to {} failed: {}; the VM stays here",
+                        req.to,
+                        crate::error_chain(&e).join(": ")
+                    ),
+                );
+                return Err(e);
+            }
+        };
+        self.hand_over(name, &slot, &peer, &req, &copy, &mut report, ctx)
+            .await?;
+        report.total_ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.inner.events.emit(
+            Some(name),
+            "migration",
+            format!(
+                "migrated to {} in {} ms (downtime {} ms)",
+                req.to, report.total_ms, report.downtime_ms
+            ),
+        );
+        ctx.log(format!(
+            "done: {} ms total, QEMU downtime {} ms, {} MiB sent in {} passes",
+            report.total_ms,
+            report.downtime_ms,
+            report.ram_transferred_bytes >> 20,
+            report.passes
+        ));
+        Ok(report)
+    }
+
+    /// Attempts the migration (pre-copy first; once more with post-copy armed when
+    /// pre-copy does not converge and post-copy may be used), each with a destination
+    /// prepared anew. Nothing is sent before the destination answered.
+    #[allow(clippy::too_many_arguments)]
+    async fn migrate_attempts(
+        &self,
+        name: &str,
+        qmp: &Qmp,
+        req: &MigrateRequest,
+        peer: &crate::cluster::Peer,
+        mut incoming: IncomingRequest,
+        may_postcopy: bool,
+        ctx: &TaskCtx,
+    ) -> Result<MigrationReport> {
+        let copy = incoming.copy_disks.clone();
         let mut earlier_steps = vec![];
         let r = loop {
             let ready: Result<IncomingReady> =
@@ -175,7 +231,7 @@ impl Agent {
             }
             ctx.log(format!("destination QEMU listens on {}", ready.uri));
             let r = self
-                .run_migration(name, &qmp, &req, &ready, &copy, incoming.postcopy, ctx)
+                .run_migration(name, qmp, req, &ready, &copy, incoming.postcopy, ctx)
                 .await;
             let retry = matches!(&r, Ok(Attempt::RetryWithPostcopy(_)));
             if r.is_err() || retry {
@@ -214,45 +270,9 @@ impl Agent {
                 Err(e) => break Err(e),
             }
         };
-        let mut report = match r {
-            Ok(mut report) => {
-                earlier_steps.append(&mut report.policy_steps);
-                report.policy_steps = earlier_steps;
-                report
-            }
-            Err(e) => {
-                self.set_outgoing(name, None);
-                let _ = self.update_record(name, |r| r.migrating_to = None).await;
-                self.inner.events.emit(
-                    Some(name),
-                    "migration",
-                    format!(
-                        "migration to {} failed: {}; the VM stays here",
-                        req.to,
-                        crate::error_chain(&e).join(": ")
-                    ),
-                );
-                return Err(e);
-            }
-        };
-        self.hand_over(name, &slot, &peer, &req, &copy, &mut report, ctx)
-            .await?;
-        report.total_ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.inner.events.emit(
-            Some(name),
-            "migration",
-            format!(
-                "migrated to {} in {} ms (downtime {} ms)",
-                req.to, report.total_ms, report.downtime_ms
-            ),
-        );
-        ctx.log(format!(
-            "done: {} ms total, QEMU downtime {} ms, {} MiB sent in {} passes",
-            report.total_ms,
-            report.downtime_ms,
-            report.ram_transferred_bytes >> 20,
-            report.passes
-        ));
+        let mut report = r?;
+        earlier_steps.append(&mut report.policy_steps);
+        report.policy_steps = earlier_steps;
         Ok(report)
     }
 
