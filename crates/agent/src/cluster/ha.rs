@@ -32,6 +32,13 @@ pub(crate) struct Restarts(HashMap<String, Vec<Instant>>);
 /// Should an HA VM in this state be running?
 use crate::gate::wanted;
 
+/// Hosts, VMs, and each VM's record with its revision by (host, name).
+type HaView = (
+    Vec<HostView>,
+    Vec<VmView>,
+    HashMap<(String, String), (VmRecord, i64)>,
+);
+
 fn decode(kv: &KeyValue) -> Option<VmRecord> {
     serde_json::from_slice(&kv.value).ok()
 }
@@ -226,30 +233,17 @@ impl Agent {
             .is_some_and(|kv| kv.value == me))
     }
 
-    /// One manager round: read the cluster, plan, carry out. Cheap while every host
-    /// holds its lease (two reads); everything is read when one does not, and every
-    /// [`FULL_ROUND`] (relocation requests, fenced marks).
-    async fn manager_round(&self) -> Result<()> {
-        let link = self.cluster_link()?;
-        let root = &link.root;
-        let members = link.members().await?;
-        let alive = root.list(ALIVE).await?.len();
-        {
-            let mut last = self
-                .inner
-                .full_round
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            let recent = last.is_some_and(|t| t.elapsed() < FULL_ROUND);
-            if alive >= members.len() && recent {
-                return Ok(());
-            }
-            *last = Some(Instant::now());
-        }
+    /// What the HA manager decides on: each member's lease, maintenance and memory,
+    /// and the VMs it owns (with their records and revisions, for the moves).
+    async fn ha_view(
+        &self,
+        root: &ferry_store::EtcdStore,
+        members: &[ferry_types::ClusterHost],
+    ) -> Result<HaView> {
         let mut hosts = vec![];
         let mut vms = vec![];
         let mut records: HashMap<(String, String), (VmRecord, i64)> = HashMap::new();
-        for h in &members {
+        for h in members {
             let alive = root
                 .get_json::<Alive>(&ferry_store::keys::cluster::alive(&h.name))
                 .await?;
@@ -294,6 +288,30 @@ impl Agent {
                 records.insert((h.name.clone(), rec.spec.name.clone()), (rec, kv.mod_rev));
             }
         }
+        Ok((hosts, vms, records))
+    }
+
+    /// One manager round: read the cluster, plan, carry out. Cheap while every host
+    /// holds its lease (two reads); everything is read when one does not, and every
+    /// [`FULL_ROUND`] (relocation requests, fenced marks).
+    async fn manager_round(&self) -> Result<()> {
+        let link = self.cluster_link()?;
+        let root = &link.root;
+        let members = link.members().await?;
+        let alive = root.list(ALIVE).await?.len();
+        {
+            let mut last = self
+                .inner
+                .full_round
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let recent = last.is_some_and(|t| t.elapsed() < FULL_ROUND);
+            if alive >= members.len() && recent {
+                return Ok(());
+            }
+            *last = Some(Instant::now());
+        }
+        let (hosts, vms, records) = self.ha_view(root, &members).await?;
         // ferry-ha decides which VMs go (and in which order); DRS placement where
         // (rules, labels, CPU and memory), one answer, updated as it places. Without
         // a DRS snapshot, ferry-ha's memory-only placer.
