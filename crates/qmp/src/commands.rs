@@ -31,6 +31,7 @@ macro_rules! unit_command {
     };
 }
 
+/// A command with one string argument and no reply.
 macro_rules! id_command {
     ($(#[$m:meta])* $t:ident, $name:literal, $field:ident) => {
         $(#[$m])*
@@ -77,25 +78,18 @@ id_command!(ObjectDel, "object-del", id);
 id_command!(NetdevDel, "netdev_del", id);
 id_command!(DeviceDel, "device_del", id);
 
-/// `migrate`: send the VM's state to `uri`.
-#[derive(Debug, Clone, Serialize)]
-pub struct Migrate {
-    pub uri: String,
-}
-impl Command for Migrate {
-    const NAME: &'static str = "migrate";
-    type Reply = Empty;
-}
-
-/// `migrate-incoming`: receive a VM's state at `uri`.
-#[derive(Debug, Clone, Serialize)]
-pub struct MigrateIncoming {
-    pub uri: String,
-}
-impl Command for MigrateIncoming {
-    const NAME: &'static str = "migrate-incoming";
-    type Reply = Empty;
-}
+id_command!(
+    /// `migrate`: send the VM's state to `uri`.
+    Migrate,
+    "migrate",
+    uri
+);
+id_command!(
+    /// `migrate-incoming`: receive a VM's state at `uri`.
+    MigrateIncoming,
+    "migrate-incoming",
+    uri
+);
 
 /// `migrate-continue`: go on from a pause state (`pre-switchover`).
 #[derive(Debug, Clone, Serialize)]
