@@ -51,6 +51,27 @@ impl Agent {
         }
     }
 
+    /// OVMF's code and this VM's own copy of the UEFI variables (made from the
+    /// template the first time), for a UEFI VM.
+    fn uefi_files(&self, rec: &VmRecord) -> Result<Option<(PathBuf, PathBuf)>> {
+        if rec.spec.firmware != Firmware::Uefi {
+            return Ok(None);
+        }
+        let (code, vars_tpl) = ovmf_paths()
+            .ok_or_else(|| AgentError::Conflict("UEFI needs OVMF (Debian package ovmf)".into()))?;
+        let dir = self.vm_state_dir(rec.id);
+        let vars = dir.join("efivars.fd");
+        if !vars.exists() {
+            std::fs::create_dir_all(&dir)
+                .and_then(|_| std::fs::copy(&vars_tpl, &vars).map(|_| ()))
+                .map_err(|source| AgentError::Io {
+                    what: format!("Create UEFI variables {}", vars.display()),
+                    source,
+                })?;
+        }
+        Ok(Some((code, vars)))
+    }
+
     /// Resolves volumes, ISOs, taps and firmware into a launch plan.
     async fn plan(&self, rec: &VmRecord) -> Result<LaunchPlan> {
         let spec = &rec.spec;
@@ -140,24 +161,7 @@ impl Agent {
                 )));
             }
         }
-        let ovmf = if spec.firmware == Firmware::Uefi {
-            let (code, vars_tpl) = ovmf_paths().ok_or_else(|| {
-                AgentError::Conflict("UEFI needs OVMF (Debian package ovmf)".into())
-            })?;
-            let dir = self.vm_state_dir(rec.id);
-            let vars = dir.join("efivars.fd");
-            if !vars.exists() {
-                std::fs::create_dir_all(&dir)
-                    .and_then(|_| std::fs::copy(&vars_tpl, &vars).map(|_| ()))
-                    .map_err(|source| AgentError::Io {
-                        what: format!("Create UEFI variables {}", vars.display()),
-                        source,
-                    })?;
-            }
-            Some((code, vars))
-        } else {
-            None
-        };
+        let ovmf = self.uefi_files(rec)?;
         Ok(LaunchPlan {
             spec: spec.clone(),
             accel: self.inner.accel,

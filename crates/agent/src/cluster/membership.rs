@@ -537,47 +537,11 @@ impl Agent {
                 req.name
             )));
         }
-        let client = link.root.client();
-        let mut initial = vec![];
-        let mut endpoints = vec![];
-        if req.peer_url.is_some() {
-            // etcd lets the joiner's certificate in only with a user of its name.
-            let mut c = client.clone();
-            if let Err(e) = member::access::admit(&mut c, &req.name).await {
-                let _ = link.root.delete(&key).await;
-                return Err(etcd_err(format!("Admit {} to etcd", req.name))(e));
-            }
-            // The peer URL follows from the address; the joiner's word is not taken.
-            let peer = peer_url(&req.address);
-            let added = match while_unhealthy(|| {
-                let mut c = client.clone();
-                let peer = peer.clone();
-                async move { c.member_add([peer.as_str()], None).await }
-            })
-            .await
-            {
-                Ok(a) => a,
-                Err(e) => {
-                    let _ = link.root.delete(&key).await;
-                    let _ = member::access::revoke(&mut client.clone(), &req.name).await;
-                    return Err(etcd_err(format!("Add etcd member {}", req.name))(e));
-                }
-            };
-            for m in added.member_list() {
-                let name = if m.name().is_empty() {
-                    req.name.as_str()
-                } else {
-                    m.name()
-                };
-                if let Some(u) = m.peer_urls().first() {
-                    initial.push(format!("{name}={u}"));
-                }
-                endpoints.extend(m.client_urls().iter().cloned());
-            }
-            endpoints.push(client_url(&req.address));
+        let (initial, endpoints) = if req.peer_url.is_some() {
+            add_etcd_member(link, &req, &key).await?
         } else {
-            endpoints = link.cfg.endpoints.clone();
-        }
+            (vec![], link.cfg.endpoints.clone())
+        };
         self.inner
             .events
             .emit(None, "cluster", format!("host {} joins", req.name));
@@ -959,4 +923,52 @@ impl Agent {
     pub async fn restart_requested(&self) {
         self.inner.restart.notified().await
     }
+}
+
+/// Lets host `req.name` into etcd: its user (etcd admits its certificate only then)
+/// and its member at the peer URL its address gives. Undone, with the member record
+/// `key`, when a step fails. Returns the initial cluster and the client endpoints.
+async fn add_etcd_member(
+    link: &ClusterLink,
+    req: &MemberAdd,
+    key: &str,
+) -> Result<(Vec<String>, Vec<String>)> {
+    let client = link.root.client();
+    let mut initial = vec![];
+    let mut endpoints = vec![];
+    // etcd lets the joiner's certificate in only with a user of its name.
+    let mut c = client.clone();
+    if let Err(e) = member::access::admit(&mut c, &req.name).await {
+        let _ = link.root.delete(key).await;
+        return Err(etcd_err(format!("Admit {} to etcd", req.name))(e));
+    }
+    // The peer URL follows from the address; the joiner's word is not taken.
+    let peer = peer_url(&req.address);
+    let added = match while_unhealthy(|| {
+        let mut c = client.clone();
+        let peer = peer.clone();
+        async move { c.member_add([peer.as_str()], None).await }
+    })
+    .await
+    {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = link.root.delete(key).await;
+            let _ = member::access::revoke(&mut client.clone(), &req.name).await;
+            return Err(etcd_err(format!("Add etcd member {}", req.name))(e));
+        }
+    };
+    for m in added.member_list() {
+        let name = if m.name().is_empty() {
+            req.name.as_str()
+        } else {
+            m.name()
+        };
+        if let Some(u) = m.peer_urls().first() {
+            initial.push(format!("{name}={u}"));
+        }
+        endpoints.extend(m.client_urls().iter().cloned());
+    }
+    endpoints.push(client_url(&req.address));
+    Ok((initial, endpoints))
 }
