@@ -80,6 +80,7 @@ pub(crate) struct IntentGuard<'a> {
     slot: &'a crate::runtime::Slot,
     intent: ExitIntent,
     generation: u64,
+    kept: bool,
 }
 
 impl<'a> IntentGuard<'a> {
@@ -92,12 +93,22 @@ impl<'a> IntentGuard<'a> {
             slot,
             intent,
             generation,
+            kept: false,
         }
+    }
+
+    /// QEMU was told to end (`quit` or a signal went out): whenever it ends from now
+    /// on, it is the end asked for, even if this operation gives up waiting.
+    pub(crate) fn keep(&mut self) {
+        self.kept = true;
     }
 }
 
 impl Drop for IntentGuard<'_> {
     fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
         self.slot.with(|rt| {
             if rt.generation == self.generation && rt.intent == self.intent {
                 rt.intent = ExitIntent::None;
@@ -211,5 +222,13 @@ mod tests {
             drop(stop);
         }
         assert_eq!(slot.with(|rt| rt.intent), ExitIntent::Suspend);
+        // Once the end was asked of QEMU, giving up waiting keeps the intent: its exit,
+        // whenever it comes, is not a crash.
+        slot.with(|rt| rt.intent = ExitIntent::None);
+        {
+            let mut g = IntentGuard::set(&slot, ExitIntent::Stop);
+            g.keep();
+        }
+        assert_eq!(slot.with(|rt| rt.intent), ExitIntent::Stop);
     }
 }

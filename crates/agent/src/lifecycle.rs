@@ -470,7 +470,15 @@ impl Agent {
                                 qmp = q;
                                 continue;
                             }
-                            Err(e) => tracing::warn!(vm = %name, error = %e, "QMP lost; QEMU still running"),
+                            Err(e) => {
+                                // Never treat a live QEMU as ended (its disks, locks and
+                                // replica terms are still its own): wait for it.
+                                tracing::warn!(vm = %name, error = %e, "QMP lost; QEMU still running; waiting for it to end");
+                                while ferry_qemu::pid_alive(p, &run.qmp) {
+                                    if !current(&slot) { return; }
+                                    tokio::time::sleep(Duration::from_millis(500)).await;
+                                }
+                            }
                         }
                     }
                     self.on_exit(&name, &slot, generation).await;
@@ -545,11 +553,14 @@ impl Agent {
     pub(crate) async fn stop_locked(&self, name: &str, slot: &Slot) -> Result<()> {
         let (rec, _) = self.record(name).await?;
         slot.state().check(VmAction::Stop)?;
-        let _intent = IntentGuard::set(slot, ExitIntent::Stop);
+        let mut intent = IntentGuard::set(slot, ExitIntent::Stop);
         let (qmp, pid) = slot.with(|rt| (rt.qmp.clone(), rt.pid));
         if let Some(q) = qmp {
             let _ = q.run(&qc::Quit).await;
         }
+        // Asked: QEMU's end is a stop whenever it comes (a QEMU stuck in I/O may die
+        // of the SIGKILL long after this gives up).
+        intent.keep();
         if !self.wait_gone(slot, STOP_WAIT).await {
             if let Some(pid) = pid {
                 kill_and_wait(pid, &self.run_paths(rec.id).qmp).await?;
@@ -579,7 +590,7 @@ impl Agent {
             // A paused guest cannot react to the power button.
             qmp.run(&qc::Cont).await?;
         }
-        let _intent = IntentGuard::set(slot, ExitIntent::Shutdown);
+        let mut intent = IntentGuard::set(slot, ExitIntent::Shutdown);
         let before = slot.state();
         self.set_state(name, slot, VmState::ShuttingDown);
         if let Err(e) = qmp.run(&qc::SystemPowerdown).await {
@@ -589,6 +600,8 @@ impl Agent {
             }
             return Err(e.into());
         }
+        // The button was pressed: the guest may power off whenever it likes.
+        intent.keep();
         if self.wait_gone(slot, timeout).await {
             return Ok(true);
         }
@@ -636,6 +649,17 @@ impl Agent {
         self.record(name).await?;
         slot.state().check(action)?;
         let qmp = self.qmp(name)?;
+        if action == VmAction::Resume && slot.with(|rt| rt.intent) == ExitIntent::Suspend {
+            // A suspend whose QEMU did not end: running on makes its saved state
+            // stale, so it goes, and QEMU's end is no longer a suspend.
+            slot.with(|rt| rt.intent = ExitIntent::None);
+            if let Ok((r, _)) = self.record(name).await {
+                if let Some(f) = r.suspend_file {
+                    let _ = self.update_record(name, |r| r.suspend_file = None).await;
+                    let _ = std::fs::remove_file(f);
+                }
+            }
+        }
         qmp.execute(cmd, None).await?;
         self.set_state(name, &slot, to);
         self.save_state(name, to, None).await;

@@ -41,6 +41,9 @@ pub(crate) struct FenceClock {
     best_sent: Option<u64>,
     /// A previous daemon's promise to the watchdog, until this one renews.
     restored_fence: Option<u64>,
+    /// The deadline the watchdog file holds now (the last write that succeeded): the
+    /// fence never comes after what the watchdog enforces.
+    written: Option<u64>,
     /// etcd has a lease for this host (as far as the clock was told).
     lease: bool,
     fenced: bool,
@@ -52,6 +55,7 @@ impl FenceClock {
             ttl_ns: u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX / 2),
             best_sent: None,
             restored_fence: None,
+            written: None,
             lease: false,
             fenced: false,
         }
@@ -62,6 +66,7 @@ impl FenceClock {
     pub(crate) fn restored(ttl: Duration, watchdog_deadline_ns: Option<u64>) -> FenceClock {
         let mut c = FenceClock::new(ttl);
         c.restored_fence = watchdog_deadline_ns.map(|w| w.saturating_sub(c.margin() / 2));
+        c.written = watchdog_deadline_ns;
         c.lease = watchdog_deadline_ns.is_some();
         c
     }
@@ -81,10 +86,21 @@ impl FenceClock {
     }
 
     pub(crate) fn fence_deadline(&self) -> Option<u64> {
-        match self.best_sent {
+        let own = match self.best_sent {
             Some(s) => Some(s + self.ttl_ns - self.margin()),
             None => self.restored_fence,
+        };
+        // A watchdog file that could not be moved on still holds an older deadline.
+        let cap = self.written.map(|w| w.saturating_sub(self.margin() / 2));
+        match (own, cap) {
+            (Some(d), Some(c)) => Some(d.min(c)),
+            (d, c) => d.or(c),
         }
+    }
+
+    /// The watchdog file now holds `deadline_ns` (the write succeeded).
+    pub(crate) fn written(&mut self, deadline_ns: u64) {
+        self.written = Some(self.written.map_or(deadline_ns, |w| w.max(deadline_ns)));
     }
 
     /// What the watchdog file should hold (none until a renewal succeeded here).

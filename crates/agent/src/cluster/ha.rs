@@ -371,7 +371,7 @@ impl Agent {
     }
 
     /// Tells the event log about VMs HA cannot place, once per VM and reason (the
-    /// round repeats every few seconds); and when one is placed again.
+    /// round repeats every few seconds).
     fn report_no_place(&self, now: std::collections::BTreeMap<String, String>) {
         let mut last = self
             .inner

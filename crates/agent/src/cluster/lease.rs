@@ -170,16 +170,19 @@ impl Agent {
         s.lease.is_some() && s.clock.as_ref().is_some_and(|c| c.holds(mono_ns()))
     }
 
-    fn write_watchdog(&self, deadline_ns: u64) {
+    /// Writes the watchdog's deadline; false when it could not (the file keeps the
+    /// older one, which the fence clock then keeps to).
+    fn write_watchdog(&self, deadline_ns: u64) -> bool {
         let p = watchdog_path(&self.inner.cfg.run_dir);
         let tmp = p.with_extension("tmp");
         let body = serde_json::to_vec(&WatchdogFile { deadline_ns }).expect("serialises");
-        if std::fs::write(&tmp, body)
+        let ok = std::fs::write(&tmp, body)
             .and_then(|_| std::fs::rename(&tmp, &p))
-            .is_err()
-        {
+            .is_ok();
+        if !ok {
             tracing::warn!("cannot feed the watchdog");
         }
+        ok
     }
 
     pub(crate) fn disarm_watchdog(&self) {
@@ -301,7 +304,9 @@ impl Agent {
                 if resumed {
                     tracing::info!("cluster lease held again: HA work resumes");
                 }
-                self.write_watchdog(wd);
+                if self.write_watchdog(wd) {
+                    self.with_clock(|c| c.written(wd));
+                }
             }
             self.inner.loops.report(
                 "lease",

@@ -11,11 +11,13 @@ const MS: u64 = 1_000_000;
 #[derive(Debug, Clone)]
 enum Ev {
     /// A renewal sent `gap` ms after the previous one; etcd processes it `proc` ms
-    /// after the send; its ack arrives `ack` ms after that (or never).
+    /// after the send; its ack arrives `ack` ms after that (or never); the watchdog
+    /// file is written then (or the write fails).
     Renew {
         gap: u64,
         proc: u64,
         ack: Option<u64>,
+        write_ok: bool,
     },
     /// etcd reports the lease gone.
     Lost,
@@ -23,8 +25,8 @@ enum Ev {
 
 fn ev() -> impl Strategy<Value = Ev> {
     prop_oneof![
-        8 => (0..3000u64, 0..2000u64, proptest::option::of(0..4000u64))
-            .prop_map(|(gap, proc, ack)| Ev::Renew { gap, proc, ack }),
+        8 => (0..3000u64, 0..2000u64, proptest::option::of(0..4000u64), prop::bool::weighted(0.85))
+            .prop_map(|(gap, proc, ack, write_ok)| Ev::Renew { gap, proc, ack, write_ok }),
         1 => Just(Ev::Lost),
     ]
 }
@@ -44,19 +46,21 @@ proptest! {
         let ttl_ns = u64::try_from(ttl.as_nanos()).expect("a ttl of seconds");
         let mut c = FenceClock::new(ttl);
         let mut t = 1_000 * MS; // send times
-        // Acks waiting to arrive: (arrival, sent).
-        let mut pending: Vec<(u64, u64)> = vec![];
+        // Acks waiting to arrive: (arrival, sent, the watchdog write succeeds).
+        let mut pending: Vec<(u64, u64, bool)> = vec![];
+        // What the watchdog file holds.
+        let mut file: Option<u64> = None;
         // The model: etcd's expiry is the latest processing time + ttl.
         let mut expiry: Option<u64> = None;
         let (mut last_fence, mut last_wd) = (0u64, 0u64);
         for e in evs {
             match e {
-                Ev::Renew { gap, proc, ack } => {
+                Ev::Renew { gap, proc, ack, write_ok } => {
                     t += gap * MS;
                     let processed = t + proc * MS;
                     expiry = Some(expiry.map_or(processed + ttl_ns, |x| x.max(processed + ttl_ns)));
                     if let Some(a) = ack {
-                        pending.push((processed + a * MS, t));
+                        pending.push((processed + a * MS, t, write_ok));
                     }
                 }
                 Ev::Lost => {
@@ -74,10 +78,23 @@ proptest! {
             // Deliver the acks due by now, in arrival order (not send order).
             pending.sort();
             let now = t;
-            while let Some(&(arrive, sent)) = pending.first() {
+            while let Some(&(arrive, sent, write_ok)) = pending.first() {
                 if arrive > now { break; }
                 pending.remove(0);
-                c.renewed(sent);
+                let (wd, _) = c.renewed(sent);
+                if write_ok {
+                    c.written(wd);
+                    file = Some(file.map_or(wd, |f| f.max(wd)));
+                }
+            }
+            // Whatever the file holds, the agent has fenced by the time the watchdog
+            // would (a failed write leaves the older deadline there).
+            if let Some(f) = file {
+                for probe in [f, f + 1] {
+                    if watchdog_step(Some(f), probe) == WatchdogStep::Fence {
+                        prop_assert!(c.poll(probe).is_some(), "the watchdog fires at {probe} before the agent fences");
+                    }
+                }
             }
             if let (Some(f), Some(w)) = (c.fence_deadline(), c.watchdog_deadline()) {
                 let x = expiry.expect("a renewal was acked, so etcd processed it");
