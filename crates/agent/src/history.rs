@@ -76,15 +76,11 @@ pub(crate) struct History {
     pub vms: HashMap<String, Series>,
 }
 
-fn now_ms() -> u64 {
-    crate::events::now_ms()
-}
-
 /// The host's counters: CPU from /proc/stat, memory from /proc/meminfo, disks from
 /// /proc/diskstats (whole devices), network from /proc/net/dev (without loopback).
 fn host_counters() -> Counters {
     let mut c = Counters {
-        time_ms: now_ms(),
+        time_ms: crate::events::now_ms(),
         ..Default::default()
     };
     if let Ok(s) = std::fs::read_to_string("/proc/stat") {
