@@ -139,27 +139,6 @@ fn spec_vm(spec: &VmSpec, reach: &PoolReach) -> DrsVm {
 }
 
 impl Agent {
-    /// The store holding cluster-wide settings and its key prefix: etcd's root in a
-    /// cluster, this host's store alone.
-    pub(crate) fn shared(&self) -> (&dyn Store, &'static str) {
-        match &self.inner.cluster {
-            Some(c) => (&c.root, keys::shared::CLUSTER),
-            None => (self.inner.store.as_ref(), keys::shared::ALONE),
-        }
-    }
-
-    /// Cores and memory DRS plans with on this host (`--drs-cpus/--drs-memory`, else
-    /// the machine's).
-    pub(crate) fn capacity(&self) -> (f64, u64) {
-        let r = &self.inner.cfg.resources;
-        (
-            r.cpus.unwrap_or_else(|| {
-                std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)
-            }),
-            r.memory_bytes.unwrap_or_else(crate::host_memory_bytes),
-        )
-    }
-
     pub async fn drs_config(&self) -> Result<DrsConfig> {
         let (s, p) = self.shared();
         Ok(s.get_json::<DrsConfig>(&keys::shared::drs_config(p))
@@ -172,7 +151,7 @@ impl Agent {
         cfg.validate()?;
         let (s, p) = self.shared();
         s.put_json(&keys::shared::drs_config(p), &cfg).await?;
-        self.inner.events.emit(
+        self.events().emit(
             None,
             "drs",
             format!(
@@ -194,12 +173,12 @@ impl Agent {
             if let Err(e) = &r {
                 tracing::debug!(error = %e, "resource pool cgroups");
             }
-            self.inner.loops.report(
+            self.loops().report(
                 "load",
                 SAMPLE,
                 r.map_err(|e| crate::error_chain(&e).join(": ")),
             );
-            let Some(link) = &self.inner.cluster else {
+            let Some(link) = &self.cluster() else {
                 continue;
             };
             let Some(lease) = self.lease_id() else {
@@ -209,7 +188,7 @@ impl Agent {
             let cap = HostCapacity {
                 cpus,
                 memory_bytes,
-                labels: self.inner.cfg.resources.labels.clone(),
+                labels: self.cfg().resources.labels.clone(),
                 vms: loads,
             };
             let key = keys::cluster::load(self.host_name());
@@ -236,8 +215,8 @@ impl Agent {
                 continue;
             };
             let (Some(cpu_s), rss) = (
-                crate::metrics::proc_cpu_seconds(pid),
-                crate::metrics::proc_rss_bytes(pid).unwrap_or(0),
+                ferry_host::metrics::proc_cpu_seconds(pid),
+                ferry_host::metrics::proc_rss_bytes(pid).unwrap_or(0),
             ) else {
                 continue;
             };
@@ -278,7 +257,7 @@ impl Agent {
     pub(crate) async fn drs_snapshot(&self) -> Result<(Cluster, Vec<ResourcePool>)> {
         let pools = self.resource_pools().await?;
         let mut c = Cluster::default();
-        let Some(link) = &self.inner.cluster else {
+        let Some(link) = &self.cluster() else {
             let (cpus, memory_bytes) = self.capacity();
             let loads = self.last_loads();
             c.hosts.push(Host {
@@ -290,11 +269,10 @@ impl Agent {
                 } else {
                     DrsHostState::Online
                 },
-                labels: self.inner.cfg.resources.labels.clone(),
+                labels: self.cfg().resources.labels.clone(),
             });
             let shared = pool_reach(
-                self.inner
-                    .store
+                self.store()
                     .list_json::<PoolSpec>(keys::host::POOLS)
                     .await?,
             );
@@ -393,7 +371,7 @@ impl Agent {
                 why.join("; ")
             )));
         };
-        self.inner.events.emit(
+        self.events().emit(
             Some(&spec.name),
             "drs",
             format!("DRS places {} on {host}", spec.name),
@@ -409,7 +387,7 @@ impl Agent {
     /// placement picks and started there, like vSphere's placement at power-on.
     pub async fn start_placed(&self, name: &str, ctx: &crate::TaskCtx) -> Result<()> {
         let cfg = self.drs_config().await?;
-        if cfg.mode != DrsMode::Automatic || self.inner.cluster.is_none() {
+        if cfg.mode != DrsMode::Automatic || self.cluster().is_none() {
             return self.start_vm(name).await;
         }
         let r = self.place_vm(name).await?;
@@ -425,7 +403,7 @@ impl Agent {
             "DRS: {} cannot run {name} ({why}); it starts on {to}",
             self.host_name()
         ));
-        self.inner.events.emit(
+        self.events().emit(
             Some(name),
             "drs",
             format!(
@@ -465,8 +443,7 @@ impl Agent {
         let mut vm = drs_vm(&rec, self.host_name(), None, &PoolReach::default());
         vm.running = true;
         if let Err(why) = ferry_drs::pools::admit(&pools, &c, &vm) {
-            self.inner
-                .events
+            self.events()
                 .emit(Some(name), "drs", format!("start refused: {why}"));
             return Err(AgentError::Conflict(format!("Cannot start {name}: {why}")));
         }
@@ -483,12 +460,11 @@ impl Agent {
             );
             match cfg.admission {
                 AdmissionMode::Strict => {
-                    self.inner
-                        .events
+                    self.events()
                         .emit(Some(name), "drs", format!("start refused: {msg}"));
                     return Err(AgentError::Conflict(format!("Cannot start {name}: {msg}")));
                 }
-                AdmissionMode::Warn => self.inner.events.emit(Some(name), "drs", msg),
+                AdmissionMode::Warn => self.events().emit(Some(name), "drs", msg),
             }
         }
         Ok(())
@@ -539,7 +515,7 @@ impl Agent {
             .get_json::<StoredPlan>(&keys::shared::drs_plan(p))
             .await?
             .map(|(sp, _)| sp);
-        let manager = match &self.inner.cluster {
+        let manager = match &self.cluster() {
             Some(c) => c.root.get_json::<String>(MANAGER).await?.map(|(m, _)| m),
             None => Some(self.host_name().to_string()),
         };
@@ -612,7 +588,7 @@ impl Agent {
                     )
                     .await?;
                     limits.started(mv);
-                    self.inner.events.emit(
+                    self.events().emit(
                         Some(&mv.vm),
                         "drs",
                         format!(
@@ -628,7 +604,7 @@ impl Agent {
                     let (s, p) = self.shared();
                     s.put_json(&keys::shared::drs_moved_vm(p, &mv.vm), &now_s())
                         .await?;
-                    self.inner.events.emit(
+                    self.events().emit(
                         Some(&mv.vm),
                         "drs",
                         format!(
@@ -701,7 +677,7 @@ impl Agent {
             s.put_json(&keys::shared::drs_moved_vm(p, &f.mv.vm), &now_s())
                 .await?;
             if let Some(t) = task.filter(|t| t.state == TaskState::Failed) {
-                self.inner.events.emit(
+                self.events().emit(
                     Some(&f.mv.vm),
                     "drs",
                     format!(
@@ -738,7 +714,7 @@ impl Agent {
             if let Err(e) = &r {
                 tracing::warn!(error = %e, "DRS round");
             }
-            self.inner.loops.report(
+            self.loops().report(
                 "drs",
                 Duration::from_secs(cfg.interval_s),
                 r.map_err(|e| crate::error_chain(&e).join(": ")),
@@ -761,7 +737,7 @@ impl Agent {
             .await?
             .map(|(sp, _)| key(&sp.plan.moves));
         if before != Some(key(&plan.moves)) && !plan.moves.is_empty() {
-            self.inner.events.emit(
+            self.events().emit(
                 None,
                 "drs",
                 format!(

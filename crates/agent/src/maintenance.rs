@@ -6,10 +6,7 @@
 use crate::error::{AgentError, Result};
 use crate::tasks::TaskCtx;
 use crate::Agent;
-use ferry_store::StoreJson;
 use ferry_types::{HostInfo, MigrateRequest, VmState};
-
-use ferry_store::keys::host::MAINTENANCE;
 
 /// Where each VM goes: greedy, largest VM first, onto the host with the most memory
 /// left after what was already placed there. `hosts`: (name, free bytes);
@@ -55,31 +52,11 @@ impl Agent {
             .collect())
     }
 
-    pub async fn in_maintenance(&self) -> Result<bool> {
-        Ok(self
-            .inner
-            .store
-            .get_json::<bool>(MAINTENANCE)
-            .await?
-            .is_some_and(|(m, _)| m))
-    }
-
-    /// Ends maintenance: VMs may start and arrive again.
-    pub async fn activate_host(&self) -> Result<()> {
-        self.inner.store.put_json(MAINTENANCE, &false).await?;
-        self.inner.events.emit(
-            None,
-            "host",
-            format!("{} active (maintenance ended)", self.host_name()),
-        );
-        Ok(())
-    }
-
     /// Enters maintenance and moves every running VM away. Fails (still in maintenance)
     /// naming each VM that could not move.
     pub async fn enter_maintenance(&self, ctx: &TaskCtx) -> Result<()> {
-        self.inner.store.put_json(MAINTENANCE, &true).await?;
-        self.inner.events.emit(
+        self.set_maintenance().await?;
+        self.events().emit(
             None,
             "host",
             format!("{} entering maintenance", self.host_name()),
@@ -113,7 +90,7 @@ impl Agent {
         }
         // In an etcd cluster DRS places each VM (its rules, labels, CPU and memory);
         // a static cluster spreads by the peers' free memory.
-        let plan = if self.inner.cluster.is_some() {
+        let plan = if self.cluster().is_some() {
             self.drs_evacuation(&live).await?
         } else {
             plan_evacuation(&hosts, &live)
@@ -149,7 +126,7 @@ impl Agent {
             }
         }
         if failed.is_empty() {
-            self.inner.events.emit(
+            self.events().emit(
                 None,
                 "host",
                 format!("{} in maintenance, evacuated", self.host_name()),

@@ -13,38 +13,6 @@ use serde_json::json;
 use std::time::Duration;
 
 impl Agent {
-    /// The block node QEMU uses for disk `i` of running VM `vm` (`disk{i}` unless a
-    /// pivot renamed it); `disk{i}` when the VM does not run.
-    pub(crate) async fn disk_node(&self, vm: &str, i: usize) -> String {
-        self.disk_nodes(vm, i + 1).await.swap_remove(i)
-    }
-
-    /// The block nodes of disks 0..n, from one `query-block`.
-    pub(crate) async fn disk_nodes(&self, vm: &str, n: usize) -> Vec<String> {
-        let blocks = match self.qmp(vm) {
-            Ok(qmp) => qmp.execute("query-block", None).await.ok(),
-            Err(_) => None,
-        };
-        (0..n)
-            .map(|i| {
-                let id = format!("disk{i}");
-                let dev = format!("/machine/peripheral/disk{i}/");
-                blocks
-                    .as_ref()
-                    .and_then(|b| b.as_array())
-                    .into_iter()
-                    .flatten()
-                    .find(|b| {
-                        b["qdev"]
-                            .as_str()
-                            .is_some_and(|q| q == id || q.starts_with(&dev))
-                    })
-                    .and_then(|b| b["inserted"]["node-name"].as_str().map(String::from))
-                    .unwrap_or(id)
-            })
-            .collect()
-    }
-
     /// Moves disk `index` of VM `name` to pool `to_pool` (running or stopped).
     pub async fn move_disk(
         &self,
@@ -149,7 +117,7 @@ impl Agent {
             let _ = locks.release(&old, self.host_name());
         }
         src.delete(&old).await?;
-        self.inner.events.emit(
+        self.events().emit(
             Some(name),
             "vm",
             format!("disk{index} moved from {from_pool} to {to_pool}"),

@@ -51,7 +51,7 @@ fn details(i: ferry_pki::CertInfo) -> CertDetails {
 impl Agent {
     /// The CA and host certificate as on disk now.
     pub fn cert_status(&self) -> Result<CertStatus> {
-        let pki = ferry_pki::HostPki::load(&self.inner.cfg.pki.dir)?;
+        let pki = ferry_pki::HostPki::load(&self.cfg().pki.dir)?;
         let host = pki.host_info()?;
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let left = (host.not_after - now) / 86400;
@@ -64,8 +64,8 @@ impl Agent {
         if !pki.has_ca_key() {
             warnings.push("This host holds no CA key: it cannot renew or admit hosts".into());
         }
-        let crl = self.inner.cfg.pki.crl();
-        if self.inner.cluster.is_some() && crl.is_none() {
+        let crl = self.cfg().pki.crl();
+        if self.cluster().is_some() && crl.is_none() {
             warnings.push(
                 "No certificate revocation list yet: etcd does not check for revoked certificates until the daemon restarts with one"
                     .into(),
@@ -90,7 +90,7 @@ impl Agent {
     /// handshake. At its start the daemon records the new serial in its member record,
     /// which revokes the old certificate.
     pub async fn renew_certs(&self) -> Result<CertStatus> {
-        let pki = ferry_pki::HostPki::load(&self.inner.cfg.pki.dir)?;
+        let pki = ferry_pki::HostPki::load(&self.cfg().pki.dir)?;
         if pki.has_ca_key() {
             let addresses: Vec<std::net::IpAddr> = pki
                 .host_info()?
@@ -109,7 +109,7 @@ impl Agent {
                 if h.name == self.host_name() {
                     continue;
                 }
-                let peer = super::Peer::new(h, std::time::Duration::from_secs(10), &pki)?;
+                let peer = ferry_host::Peer::new(h, std::time::Duration::from_secs(10), &pki)?;
                 match peer
                     .post::<CertSigned>(
                         "/api/v1/cluster/certs/sign",
@@ -130,7 +130,7 @@ impl Agent {
             };
             pki.install_host(&cert, &key)?;
         }
-        self.inner.events.emit(
+        self.events().emit(
             None,
             "cluster",
             format!("host certificate of {} renewed", self.host_name()),
@@ -142,7 +142,7 @@ impl Agent {
     /// its current certificate) at its recorded address, and records its serial.
     pub async fn sign_member_cert(&self, host: &str, csr: &str) -> Result<CertSigned> {
         let link = self.cluster_link()?;
-        let pki = ferry_pki::HostPki::load(&self.inner.cfg.pki.dir)?;
+        let pki = ferry_pki::HostPki::load(&self.cfg().pki.dir)?;
         if !pki.has_ca_key() {
             return Err(AgentError::Conflict(format!(
                 "{} holds no CA key",
@@ -169,7 +169,7 @@ impl Agent {
     /// Writes `serial` into host `host`'s member record (in a cluster); the
     /// certificate it named before is revoked in the same step.
     pub(crate) async fn record_cert_serial(&self, host: &str, serial: &str) -> Result<()> {
-        let Some(link) = &self.inner.cluster else {
+        let Some(link) = &self.cluster() else {
             return Ok(());
         };
         let key = ferry_store::keys::cluster::member(host);
@@ -218,7 +218,7 @@ impl Agent {
             if let Err(e) = &r {
                 tracing::debug!(error = %e, "revocation list not synced");
             }
-            self.inner.loops.report("revocation-list", CRL_TICK, r);
+            self.loops().report("revocation-list", CRL_TICK, r);
             tokio::time::sleep(CRL_TICK).await;
         }
     }
@@ -228,7 +228,7 @@ impl Agent {
     /// (etcd reads it at its next handshake, ferry's TLS at its next one).
     pub(crate) async fn sync_crl(&self) -> Result<()> {
         let link = self.cluster_link()?;
-        let pki = &self.inner.cfg.pki;
+        let pki = &self.cfg().pki;
         let mut current = link.root.get_json::<ferry_types::CrlRecord>(CRL).await?;
         if pki.has_ca_key() {
             let mut records = std::collections::BTreeSet::new();
@@ -300,7 +300,7 @@ impl Agent {
         if let Some((c, _)) = current {
             if pki.crl().is_none_or(|mine| mine.number < c.number) && pki.install_crl(&c.pem)? {
                 let n = pki.crl().map_or(0, |c| c.serials.len());
-                self.inner.events.emit(
+                self.events().emit(
                     None,
                     "cluster",
                     format!(
@@ -316,14 +316,14 @@ impl Agent {
     /// At start in a cluster: the own member record names this host's certificate
     /// (it may have been made again for a changed address).
     pub async fn publish_own_cert(&self) -> Result<()> {
-        let serial = self.inner.cfg.pki.host_info()?.serial;
+        let serial = self.cfg().pki.host_info()?.serial;
         self.record_cert_serial(self.host_name(), &serial).await?;
         // And the CA of its migration identity (what other hosts' QEMUs trust for a
         // migration stream with this one).
-        let Some(link) = &self.inner.cluster else {
+        let Some(link) = &self.cluster() else {
             return Ok(());
         };
-        let ca = self.inner.cfg.pki.migration()?.ca_pem;
+        let ca = self.cfg().pki.migration()?.ca_pem;
         let key = ferry_store::keys::cluster::member(self.host_name());
         loop {
             let Some((mut h, kv)) = link.root.get_json::<ferry_types::ClusterHost>(&key).await?

@@ -54,12 +54,12 @@ impl Agent {
             if let Err(e) = &r {
                 tracing::debug!(error = %e, "HA local round");
             }
-            self.inner.loops.report(
+            self.loops().report(
                 "ha-local",
                 TICK,
                 r.map_err(|e| crate::error_chain(&e).join(": ")),
             );
-            if self.inner.cluster.is_none() {
+            if self.cluster().is_none() {
                 continue; // one host: crash restarts only
             }
             let manager = match self.try_manager().await {
@@ -68,7 +68,7 @@ impl Agent {
                     if let Err(e) = &r {
                         tracing::warn!(error = %e, "HA manager round");
                     }
-                    self.inner.loops.report(
+                    self.loops().report(
                         "ha-manager",
                         TICK,
                         r.map_err(|e| crate::error_chain(&e).join(": ")),
@@ -118,7 +118,7 @@ impl Agent {
                 (v.len(), v.last().copied())
             };
             if u32::try_from(count).unwrap_or(u32::MAX) >= rec.spec.ha.max_restarts {
-                if self.inner.cluster.is_some() {
+                if self.cluster().is_some() {
                     self.mark_relocate(&name).await?;
                 }
                 continue;
@@ -138,7 +138,7 @@ impl Agent {
                 .or_default()
                 .push(now);
             let why = rec.last_exit.clone().unwrap_or_default();
-            self.inner.events.emit(
+            self.events().emit(
                 Some(&name),
                 "ha",
                 format!(
@@ -165,7 +165,7 @@ impl Agent {
                     .start_locked(&name, &slot, crate::gate::StartOrigin::HaRestart)
                     .await;
                 if let Err(e) = started {
-                    agent.inner.events.emit(
+                    agent.events().emit(
                         Some(&name),
                         "ha",
                         format!("HA restart failed: {}", crate::error_chain(&e).join(": ")),
@@ -183,12 +183,11 @@ impl Agent {
         }
         rec.ha_relocate = true;
         if self
-            .inner
-            .store
+            .store()
             .cas_json(&crate::records::vm_key(name), rev, &rec)
             .await?
         {
-            self.inner.events.emit(
+            self.events().emit(
                 Some(name),
                 "ha",
                 format!(
@@ -220,7 +219,7 @@ impl Agent {
             })
             .await?;
         if r.succeeded {
-            self.inner.events.emit(
+            self.events().emit(
                 None,
                 "ha",
                 format!("{} is the HA manager", self.host_name()),
@@ -360,7 +359,7 @@ impl Agent {
                 }
             } else if had_ha && root.get(&key).await?.is_none() {
                 root.put_json(&key, &self.host_name()).await?;
-                self.inner.events.emit(
+                self.events().emit(
                     None,
                     "ha",
                     format!("host {} lost its lease: fenced", h.name),
@@ -380,7 +379,7 @@ impl Agent {
             .unwrap_or_else(|e| e.into_inner());
         for (vm, reason) in &now {
             if last.get(vm) != Some(reason) {
-                self.inner.events.emit(
+                self.events().emit(
                     Some(vm),
                     "ha",
                     format!("no host can take {vm} now: {reason}"),
@@ -453,7 +452,7 @@ impl Agent {
             .await?;
         if r.succeeded {
             tracing::info!(vm = %name, from, to, "HA moved the VM");
-            self.inner.events.emit(
+            self.events().emit(
                 Some(&name),
                 "ha",
                 format!(

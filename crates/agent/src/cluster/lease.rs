@@ -38,6 +38,24 @@ pub(crate) struct LeaseState {
     pub clock: Option<FenceClock>,
 }
 
+/// The lease keeper's state: only the lease loop and the fence timer change it; the
+/// runtime asks it whether HA VMs may run here ([`ferry_host::ClusterView`]).
+#[derive(Debug, Default)]
+pub(crate) struct LeaseCell(std::sync::Mutex<LeaseState>);
+
+impl LeaseCell {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, LeaseState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl ferry_host::ClusterView for LeaseCell {
+    fn holds_lease(&self) -> bool {
+        let s = self.lock();
+        s.lease.is_some() && s.clock.as_ref().is_some_and(|c| c.holds(mono_ns()))
+    }
+}
+
 /// What `{run_dir}/watchdog` holds.
 #[derive(Debug, Serialize, Deserialize)]
 struct WatchdogFile {
@@ -149,31 +167,18 @@ pub fn run_watchdog(run_dir: &Path, device: Option<&Path>) -> ! {
 
 impl Agent {
     fn lease_file(&self) -> PathBuf {
-        self.inner.cfg.run_dir.join("cluster-lease")
+        self.cfg().run_dir.join("cluster-lease")
     }
 
     /// The host lease, while it has one.
     pub(crate) fn lease_id(&self) -> Option<LeaseId> {
-        self.inner
-            .lease
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .lease
-    }
-
-    /// May HA VMs run here now? Always outside a cluster.
-    pub(crate) fn holds_lease(&self) -> bool {
-        if self.inner.cluster.is_none() {
-            return true;
-        }
-        let s = self.inner.lease.lock().unwrap_or_else(|e| e.into_inner());
-        s.lease.is_some() && s.clock.as_ref().is_some_and(|c| c.holds(mono_ns()))
+        self.inner.lease.lock().lease
     }
 
     /// Writes the watchdog's deadline; false when it could not (the file keeps the
     /// older one, which the fence clock then keeps to).
     fn write_watchdog(&self, deadline_ns: u64) -> bool {
-        let p = watchdog_path(&self.inner.cfg.run_dir);
+        let p = watchdog_path(&self.cfg().run_dir);
         let tmp = p.with_extension("tmp");
         let body = serde_json::to_vec(&WatchdogFile { deadline_ns }).expect("serialises");
         let ok = std::fs::write(&tmp, body)
@@ -186,20 +191,20 @@ impl Agent {
     }
 
     pub(crate) fn disarm_watchdog(&self) {
-        let _ = std::fs::remove_file(watchdog_path(&self.inner.cfg.run_dir));
+        let _ = std::fs::remove_file(watchdog_path(&self.cfg().run_dir));
     }
 
     /// Kills this host's HA VMs: it may no longer run them.
     fn self_fence(&self, why: FenceReason) {
         let why = why.text();
         let first = {
-            let mut s = self.inner.lease.lock().unwrap_or_else(|e| e.into_inner());
+            let mut s = self.inner.lease.lock();
             s.clock.as_mut().is_some_and(FenceClock::mark_fenced)
         };
-        let killed = kill_ha_qemus(&self.inner.cfg.run_dir);
+        let killed = kill_ha_qemus(&self.cfg().run_dir);
         if first || !killed.is_empty() {
             tracing::error!(why, ?killed, "self-fence: HA VMs killed");
-            self.inner.events.emit(
+            self.events().emit(
                 None,
                 "ha",
                 format!("self-fence ({why}): killed HA QEMU {killed:?}"),
@@ -229,7 +234,7 @@ impl Agent {
             })
             .await?;
         let _ = std::fs::write(self.lease_file(), lease.to_string());
-        self.inner.events.emit(
+        self.events().emit(
             None,
             "ha",
             format!("host lease {lease:x} granted ({} s)", ttl.as_secs()),
@@ -249,13 +254,9 @@ impl Agent {
             .ok()
             .and_then(|s| s.trim().parse().ok());
         // A previous daemon's promise to the watchdog still holds until it runs out.
-        let clock = FenceClock::restored(ttl, watchdog_deadline(&self.inner.cfg.run_dir));
+        let clock = FenceClock::restored(ttl, watchdog_deadline(&self.cfg().run_dir));
         let (tick, renew_timeout) = (clock.tick(), clock.renew_timeout());
-        self.inner
-            .lease
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clock = Some(clock);
+        self.inner.lease.lock().clock = Some(clock);
         tokio::spawn(self.clone().fence_timer());
         let mut round = 0u64;
         loop {
@@ -294,7 +295,7 @@ impl Agent {
             }
             if acked {
                 let (wd, resumed) = {
-                    let mut s = self.inner.lease.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut s = self.inner.lease.lock();
                     s.lease = lease;
                     s.clock
                         .as_mut()
@@ -308,7 +309,7 @@ impl Agent {
                     self.with_clock(|c| c.written(wd));
                 }
             }
-            self.inner.loops.report(
+            self.loops().report(
                 "lease",
                 tick,
                 if acked {
@@ -332,7 +333,7 @@ impl Agent {
     }
 
     fn with_clock<T>(&self, f: impl FnOnce(&mut FenceClock) -> T) -> T {
-        let mut s = self.inner.lease.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.inner.lease.lock();
         f(s.clock.as_mut().expect("the lease loop set the clock"))
     }
 
@@ -348,7 +349,7 @@ impl Agent {
 
     /// Learns every etcd member's client URL, to fail over to when the local member
     /// is down (members that joined after this host are not in its config).
-    async fn refresh_endpoints(&self, link: &super::ClusterLink) {
+    async fn refresh_endpoints(&self, link: &ferry_host::ClusterLink) {
         let mut c = link.root.client();
         let Ok(list) = c.member_list().await else {
             return;

@@ -14,6 +14,7 @@
 
 use crate::error::{AgentError, Result};
 use crate::Agent;
+use ferry_host::ClusterLink;
 use ferry_pki::HostPki;
 use ferry_store::member::{self, MemberConfig, MemberTls};
 use ferry_store::{EtcdStore, EtcdTls, Store, StoreJson};
@@ -24,31 +25,12 @@ use ferry_types::{
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub(crate) use ferry_store::keys::cluster::{MANAGER, MEMBERS, NEXT_VM_ID as NEXT_ID, ROOT};
+pub(crate) use ferry_store::keys::cluster::{MANAGER, NEXT_VM_ID as NEXT_ID, ROOT};
 /// Join attempts a host answers per minute.
 const JOIN_ATTEMPTS: u32 = 20;
 const CLIENT_PORT: u16 = 2379;
 const PEER_PORT: u16 = 2380;
 const DEFAULT_TTL_S: u64 = 5;
-
-/// The daemon's connection to the cluster.
-#[derive(Clone)]
-pub struct ClusterLink {
-    pub cfg: ClusterConfig,
-    /// Keys under `/ferry`.
-    pub root: EtcdStore,
-}
-
-impl ClusterLink {
-    /// This host's own store (its subtree).
-    pub fn host_store(&self) -> EtcdStore {
-        self.root.scoped(&host_prefix(&self.cfg.name))
-    }
-
-    pub(crate) async fn members(&self) -> Result<Vec<ClusterHost>> {
-        Ok(self.root.list_json::<ClusterHost>(MEMBERS).await?)
-    }
-}
 
 /// Join tokens are kept by their digest: etcd never holds one that works.
 fn token_key(token: &str) -> String {
@@ -57,15 +39,6 @@ fn token_key(token: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-/// Host `name`'s scope as an etcd prefix (no trailing slash: the store adds keys
-/// starting with one).
-fn host_prefix(name: &str) -> String {
-    format!(
-        "{ROOT}{}",
-        ferry_store::keys::cluster::host_scope(name).trim_end_matches('/')
-    )
 }
 
 fn cluster_dir(state_dir: &Path) -> PathBuf {
@@ -268,20 +241,20 @@ fn check_own_address(address: &str) -> Result<()> {
 impl Agent {
     /// Restarts the local etcd member if ferry manages it and it died.
     pub(crate) async fn ensure_member(&self) {
-        let Some(link) = &self.inner.cluster else {
+        let Some(link) = &self.cluster() else {
             return;
         };
         // Not once the host is leaving (its config is gone).
-        if !link.cfg.managed_etcd || !config_path(&self.inner.cfg.state_dir).exists() {
+        if !link.cfg.managed_etcd || !config_path(&self.cfg().state_dir).exists() {
             return;
         }
-        let paths = etcd_paths(&self.inner.cfg.state_dir, &self.inner.cfg.run_dir);
+        let paths = etcd_paths(&self.cfg().state_dir, &self.cfg().run_dir);
         if member::running(&paths.pidfile, &paths.data).is_some() {
             return;
         }
-        let mc = member_config(&link.cfg, &paths, false, &self.inner.cfg.pki);
+        let mc = member_config(&link.cfg, &paths, false, &self.cfg().pki);
         match member::spawn("etcd", &mc, &paths.log, &paths.pidfile).await {
-            Ok(pid) => self.inner.events.emit(
+            Ok(pid) => self.events().emit(
                 None,
                 "cluster",
                 format!("local etcd member had stopped; restarted (pid {pid})"),
@@ -291,13 +264,13 @@ impl Agent {
     }
 
     pub(crate) fn cluster_link(&self) -> Result<&ClusterLink> {
-        self.inner.cluster.as_ref().ok_or_else(|| {
+        self.cluster().ok_or_else(|| {
             AgentError::Conflict("This host is not in a cluster (ferry cluster init|join)".into())
         })
     }
 
     fn refuse_if_clustered(&self) -> Result<()> {
-        if self.inner.cluster.is_some() || load_config(&self.inner.cfg.state_dir)?.is_some() {
+        if self.cluster().is_some() || load_config(&self.cfg().state_dir)?.is_some() {
             return Err(AgentError::Conflict(format!(
                 "Host {} is already in a cluster (ferry cluster leave first)",
                 self.host_name()
@@ -307,7 +280,7 @@ impl Agent {
     }
 
     fn default_api(&self, address: &str, api: Option<String>) -> String {
-        api.unwrap_or_else(|| format!("https://{}:{}", url_host(address), self.inner.cfg.api_port))
+        api.unwrap_or_else(|| format!("https://{}:{}", url_host(address), self.cfg().api_port))
     }
 
     /// The certificate files, made again for this host's cluster address (this host
@@ -317,7 +290,7 @@ impl Agent {
             AgentError::invalid("address", format!("{address} is not an IP address"))
         })?;
         Ok(HostPki::ensure(
-            &self.inner.cfg.pki.dir,
+            &self.cfg().pki.dir,
             self.host_name(),
             &[ip],
         )?)
@@ -356,7 +329,7 @@ impl Agent {
             lease_ttl_s: ttl,
             ca_fingerprint: pki.ca_fingerprint(),
         };
-        let paths = etcd_paths(&self.inner.cfg.state_dir, &self.inner.cfg.run_dir);
+        let paths = etcd_paths(&self.cfg().state_dir, &self.cfg().run_dir);
         if managed {
             let _ = std::fs::remove_dir_all(&paths.data);
             let mc = member_config(&cfg, &paths, true, &pki);
@@ -410,15 +383,14 @@ impl Agent {
                 Some(lease),
             )
             .await?;
-        self.inner
-            .events
+        self.events()
             .emit(None, "cluster", format!("join token made (valid {ttl} s)"));
         // The token names this member's certificate too (after the dot): the joiner
         // gives it only to the holder of that certificate.
         Ok(JoinToken {
-            token: format!("{token}.{}", self.inner.cfg.pki.leaf_pin()),
+            token: format!("{token}.{}", self.cfg().pki.leaf_pin()),
             expires_in_s: ttl,
-            ca_fingerprint: self.inner.cfg.pki.ca_fingerprint(),
+            ca_fingerprint: self.cfg().pki.ca_fingerprint(),
         })
     }
 
@@ -488,7 +460,7 @@ impl Agent {
                 format!("{} is no https:// URL", req.api),
             ));
         }
-        let pki = &self.inner.cfg.pki;
+        let pki = &self.cfg().pki;
         if !pki.has_ca_key() {
             return Err(AgentError::Conflict(format!(
                 "{} holds no CA key: join through the member that founded the cluster",
@@ -542,8 +514,7 @@ impl Agent {
         } else {
             (vec![], link.cfg.endpoints.clone())
         };
-        self.inner
-            .events
+        self.events()
             .emit(None, "cluster", format!("host {} joins", req.name));
         Ok(MemberAdded {
             initial_cluster: initial.join(","),
@@ -566,11 +537,7 @@ impl Agent {
         let peer_api = if req.peer.contains("://") {
             req.peer.trim_end_matches('/').to_string()
         } else {
-            format!(
-                "https://{}:{}",
-                url_host(&req.peer),
-                self.inner.cfg.api_port
-            )
+            format!("https://{}:{}", url_host(&req.peer), self.cfg().api_port)
         };
         if !peer_api.starts_with("https://") {
             return Err(AgentError::invalid(
@@ -591,7 +558,7 @@ impl Agent {
             };
             AgentError::invalid(field, crate::error_chain(&e).join(": "))
         })?;
-        let peer = super::Peer::with_tls(
+        let peer = ferry_host::Peer::with_tls(
             ClusterHost {
                 name: req.peer.clone(),
                 api: peer_api,
@@ -625,7 +592,7 @@ impl Agent {
                 "The member handed out another CA than the one it showed".into(),
             ));
         }
-        let dir = self.inner.cfg.pki.dir.clone();
+        let dir = self.cfg().pki.dir.clone();
         HostPki::install(&dir, &added.ca_cert, None, &added.host_cert, &key)?;
         let pki = HostPki::load(&dir)?;
         if let Some(crl) = &added.crl {
@@ -645,7 +612,7 @@ impl Agent {
             lease_ttl_s: added.lease_ttl_s,
             ca_fingerprint: pki.ca_fingerprint(),
         };
-        let paths = etcd_paths(&self.inner.cfg.state_dir, &self.inner.cfg.run_dir);
+        let paths = etcd_paths(&self.cfg().state_dir, &self.cfg().run_dir);
         let _ = std::fs::remove_dir_all(&paths.data);
         let mc = member_config(&cfg, &paths, false, &pki);
         member::spawn("etcd", &mc, &paths.log, &paths.pidfile).await?;
@@ -665,21 +632,20 @@ impl Agent {
     /// Copies this host's store into etcd, registers it, writes the config.
     async fn enter_cluster(&self, cfg: &mut ClusterConfig, pki: &HostPki) -> Result<()> {
         let root = EtcdStore::connect(&cfg.endpoints, ROOT, Some(etcd_tls(pki))).await?;
-        let host = root.scoped(&host_prefix(&cfg.name));
+        let host = root.scoped(&ferry_host::link::host_prefix(&cfg.name));
         if !host.list("/").await?.is_empty() {
             return Err(AgentError::Conflict(format!(
                 "The cluster already holds state of a host named {} (ferry cluster leave on it, or pick another --host-name)",
                 cfg.name
             )));
         }
-        let mine = self.inner.store.list("").await?;
+        let mine = self.store().list("").await?;
         for kv in &mine {
             host.put(&kv.key, kv.value.clone(), None).await?;
         }
         // VM ids stay unique across the cluster: start the counter above ours.
         let next: u32 = self
-            .inner
-            .store
+            .store()
             .get_json::<u32>(ferry_store::keys::host::NEXT_VM_ID)
             .await?
             .map_or(100, |(n, _)| n);
@@ -696,7 +662,7 @@ impl Agent {
             },
         )
         .await?;
-        save_config(&self.inner.cfg.state_dir, cfg)?;
+        save_config(&self.cfg().state_dir, cfg)?;
         tracing::info!(keys = mine.len(), "host state copied into etcd");
         Ok(())
     }
@@ -726,13 +692,13 @@ impl Agent {
             .into_iter()
             .filter(|m| m.name != link.cfg.name)
             .count();
-        if self.inner.cfg.pki.has_ca_key() && others > 0 {
+        if self.cfg().pki.has_ca_key() && others > 0 {
             return Err(AgentError::Conflict(format!(
                 "{} holds the cluster's CA key (it signs the certificates and revocation lists of {others} other host(s)); it leaves last",
                 link.cfg.name
             )));
         }
-        let sqlite = ferry_store::SqliteStore::open(&self.inner.cfg.state_dir.join("ferry.db"))?;
+        let sqlite = ferry_store::SqliteStore::open(&self.cfg().state_dir.join("ferry.db"))?;
         for kv in sqlite.list("").await? {
             sqlite.delete(&kv.key).await?;
         }
@@ -761,7 +727,7 @@ impl Agent {
                     let opts = ferry_store::etcd::with_tls(
                         etcd_client::ConnectOptions::new(),
                         others.first().map(String::as_str).unwrap_or(""),
-                        Some(&etcd_tls(&self.inner.cfg.pki)),
+                        Some(&etcd_tls(&self.cfg().pki)),
                     );
                     let c = etcd_client::Client::connect(others, Some(opts))
                         .await
@@ -778,14 +744,13 @@ impl Agent {
         // Our member is gone (or going): the store moves on to another one. The
         // host's certificates are revoked as its record goes (the one the record
         // names, and the one on disk should a renewal not have been recorded).
-        let mut serials: std::collections::BTreeSet<String> =
-            HostPki::load(&self.inner.cfg.pki.dir)
-                .ok()
-                .and_then(|p| p.host_info().ok())
-                .map(|i| i.serial)
-                .into_iter()
-                .collect();
-        if let Ok(i) = self.inner.cfg.pki.host_info() {
+        let mut serials: std::collections::BTreeSet<String> = HostPki::load(&self.cfg().pki.dir)
+            .ok()
+            .and_then(|p| p.host_info().ok())
+            .map(|i| i.serial)
+            .into_iter()
+            .collect();
+        if let Ok(i) = self.cfg().pki.host_info() {
             serials.insert(i.serial);
         }
         if let Ok(Some((rec, _))) = link
@@ -797,7 +762,7 @@ impl Agent {
         }
         super::remove::drop_member_records(&link.root, name, &serials, "left").await?;
         // The CA holder signs the list itself before it goes (no one else can).
-        if self.inner.cfg.pki.has_ca_key() {
+        if self.cfg().pki.has_ca_key() {
             if let Err(e) = self.sync_crl().await {
                 tracing::warn!(error = %crate::error_chain(&e).join(": "), "cannot sign the revocation list of this host's certificate");
             }
@@ -810,19 +775,19 @@ impl Agent {
         }
         self.disarm_watchdog();
         if link.cfg.managed_etcd {
-            let paths = etcd_paths(&self.inner.cfg.state_dir, &self.inner.cfg.run_dir);
+            let paths = etcd_paths(&self.cfg().state_dir, &self.cfg().run_dir);
             member::stop(&paths.pidfile, &paths.data).await;
             let _ = std::fs::remove_dir_all(&paths.data);
         }
-        let _ = std::fs::remove_file(config_path(&self.inner.cfg.state_dir));
+        let _ = std::fs::remove_file(config_path(&self.cfg().state_dir));
         // The cluster's CA and certificate go; the next start makes the host's own.
-        HostPki::forget(&self.inner.cfg.pki.dir);
+        HostPki::forget(&self.cfg().pki.dir);
         Ok(())
     }
 
     /// Members, their states and leases, etcd's leader and quorum, the HA manager.
     pub async fn cluster_status(&self) -> Result<ClusterStatus> {
-        let Some(link) = &self.inner.cluster else {
+        let Some(link) = &self.cluster() else {
             return Ok(ClusterStatus {
                 clustered: false,
                 name: self.host_name().to_string(),

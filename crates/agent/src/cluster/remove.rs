@@ -107,7 +107,7 @@ impl Agent {
                 tracing::warn!(host = name, error = %e, "cannot remove the host's etcd user");
             }
         }
-        self.inner.events.emit(
+        self.events().emit(
             None,
             "cluster",
             format!(

@@ -142,7 +142,7 @@ impl Agent {
                 let _ = std::fs::remove_file(f);
             }
         }
-        self.inner.events.emit(
+        self.events().emit(
             Some(name),
             "migration",
             format!("{name} moved to {to} (cold)"),
@@ -241,12 +241,11 @@ impl Agent {
             },
             ..VmRecord::new(id, spec)
         };
-        if !self.inner.store.create_json(&vm_key(&name), &rec).await? {
+        if !self.store().create_json(&vm_key(&name), &rec).await? {
             return Err(AgentError::Conflict(format!("A VM named {name} exists")));
         }
         for s in &req.vm.snapshots {
-            self.inner
-                .store
+            self.store()
                 .put_json(&ferry_store::keys::host::snapshot(&name, &s.name), s)
                 .await?;
         }
@@ -385,7 +384,7 @@ impl Agent {
         };
         self.update_record(name, |r| r.incoming_from = None).await?;
         slot.with(|rt| rt.state = rec.last_state);
-        self.inner.events.emit(
+        self.events().emit(
             Some(name),
             "migration",
             format!("{name} arrived from {source} ({})", rec.last_state),

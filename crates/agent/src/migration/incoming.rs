@@ -81,7 +81,7 @@ impl Agent {
             origin_id: origin,
             ..VmRecord::new(id, spec)
         };
-        if !self.inner.store.create_json(&vm_key(&name), &rec).await? {
+        if !self.store().create_json(&vm_key(&name), &rec).await? {
             self.remove_volumes(&made).await;
             return Err(AgentError::Conflict(format!("A VM named {name} exists")));
         }
@@ -93,8 +93,7 @@ impl Agent {
             .insert(name.clone(), (rec.id, rec.spec.clone()));
         let r = async {
             for s in &req.vm.snapshots {
-                self.inner
-                    .store
+                self.store()
                     .put_json(&ferry_store::keys::host::snapshot(&name, &s.name), s)
                     .await?;
             }
@@ -163,7 +162,7 @@ impl Agent {
         .await;
         match r {
             Ok(ready) => {
-                self.inner.events.emit(
+                self.events().emit(
                     Some(&name),
                     "migration",
                     format!("waiting for {name} from {} on {}", req.source, ready.uri),
@@ -329,7 +328,7 @@ impl Agent {
             r.last_state = state;
         })
         .await?;
-        self.inner.events.emit(
+        self.events().emit(
             Some(name),
             "migration",
             format!("{name} arrived from {source} and runs here"),
@@ -370,7 +369,7 @@ impl Agent {
         if let Err(e) = self.forget_vm(name, &rec).await {
             tracing::warn!(vm = name, error = %e, "cannot remove the incoming VM's record");
         }
-        self.inner.events.emit(
+        self.events().emit(
             Some(name),
             "migration",
             format!(

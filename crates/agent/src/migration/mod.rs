@@ -135,7 +135,7 @@ impl Agent {
         self.set_outgoing(name, Some((&req.to, "setup")));
         self.update_record(name, |r| r.migrating_to = Some(req.to.clone()))
             .await?;
-        self.inner.events.emit(
+        self.events().emit(
             Some(name),
             "migration",
             format!("live migration to {} started", req.to),
@@ -149,7 +149,7 @@ impl Agent {
             Err(e) => {
                 self.set_outgoing(name, None);
                 let _ = self.update_record(name, |r| r.migrating_to = None).await;
-                self.inner.events.emit(
+                self.events().emit(
                     Some(name),
                     "migration",
                     format!(
@@ -164,7 +164,7 @@ impl Agent {
         self.hand_over(name, &slot, &peer, &req, &copy, &mut report, ctx)
             .await?;
         report.total_ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.inner.events.emit(
+        self.events().emit(
             Some(name),
             "migration",
             format!(
@@ -191,7 +191,7 @@ impl Agent {
         name: &str,
         qmp: &Qmp,
         req: &MigrateRequest,
-        peer: &crate::cluster::Peer,
+        peer: &ferry_host::Peer,
         mut incoming: IncomingRequest,
         may_postcopy: bool,
         ctx: &TaskCtx,
@@ -323,7 +323,7 @@ impl Agent {
         &self,
         name: &str,
         slot: &std::sync::Arc<crate::runtime::Slot>,
-        peer: &crate::cluster::Peer,
+        peer: &ferry_host::Peer,
         req: &MigrateRequest,
         copy: &[usize],
         report: &mut MigrationReport,
@@ -366,7 +366,7 @@ impl Agent {
         req: &MigrateRequest,
         copy: &[usize],
         postcopy: bool,
-        claim_peer: &crate::cluster::Peer,
+        claim_peer: &ferry_host::Peer,
         policy: &mut Policy,
         ctx: &TaskCtx,
         // Subscribed before the migration started (no event missed), and its start.
@@ -634,7 +634,7 @@ impl Agent {
         name: &str,
         qmp: &Qmp,
         req: &MigrateRequest,
-        peer: &crate::cluster::Peer,
+        peer: &ferry_host::Peer,
         copy: &[usize],
         ctx: &TaskCtx,
     ) -> Result<()> {
@@ -735,24 +735,6 @@ impl Agent {
             .filter_map(|d| d.volume.clone().map(|v| (d.pool.clone(), v)))
             .collect();
         self.remove_volumes(&vols).await;
-        Ok(())
-    }
-
-    /// Removes a VM that now lives on another host: record, snapshot records, run and
-    /// state dirs, runtime slot. Volumes stay.
-    pub(crate) async fn forget_vm(&self, name: &str, rec: &crate::records::VmRecord) -> Result<()> {
-        self.delete_snapshot_records(name).await?;
-        self.inner
-            .store
-            .delete(&crate::records::vm_key(name))
-            .await?;
-        let _ = std::fs::remove_dir_all(self.run_paths(rec.id).dir);
-        let _ = std::fs::remove_dir_all(self.vm_state_dir(rec.id));
-        self.inner
-            .slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
         Ok(())
     }
 }

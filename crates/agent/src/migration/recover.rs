@@ -79,7 +79,7 @@ impl Agent {
             if dest_has_it().await?.is_some() {
                 let (rec, _) = self.record(name).await?;
                 self.forget_vm(name, &rec).await?;
-                self.inner.events.emit(
+                self.events().emit(
                     Some(name),
                     "migration",
                     format!("{name} runs on {to}: forgotten here after a restart"),
@@ -103,7 +103,7 @@ impl Agent {
                         .await;
                     let _op = slot.op.lock().await;
                     self.finish_outgoing(name, &slot, &copied).await?;
-                    self.inner.events.emit(
+                    self.events().emit(
                         Some(name),
                         "migration",
                         format!("migration to {to} had completed; handed over after a restart"),
@@ -126,7 +126,7 @@ impl Agent {
                 let _ = self.update_record(name, |r| r.migrating_to = None).await;
                 let st = slot.state();
                 self.save_state(name, st, None).await;
-                self.inner.events.emit(
+                self.events().emit(
                     Some(name),
                     "migration",
                     format!("migration to {to} was cut off by a restart ({status}); the VM stays here"),

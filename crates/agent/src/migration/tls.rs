@@ -79,12 +79,12 @@ impl Agent {
     /// identities when the peer published its own (its member record), else — a static
     /// cluster, a member from before — the cluster's CA and the host certificates.
     async fn migration_creds(&self, peer: &str) -> Result<Creds> {
-        let peer_ca = match &self.inner.cluster {
+        let peer_ca = match &self.cluster() {
             Some(_) => self.cluster_host(peer).await?.migration_ca,
             None => None,
         };
         if let Some(peer_ca) = peer_ca {
-            let own = self.inner.cfg.pki.migration()?;
+            let own = self.cfg().pki.migration()?;
             return Ok(Creds {
                 ca: format!("{}\n{peer_ca}", own.ca_pem.trim_end()),
                 cert: own.cert_pem,
@@ -92,7 +92,7 @@ impl Agent {
                 org: ferry_pki::MIGRATION_ORG,
             });
         }
-        let pki = ferry_pki::HostPki::load(&self.inner.cfg.pki.dir)?;
+        let pki = ferry_pki::HostPki::load(&self.cfg().pki.dir)?;
         Ok(Creds {
             ca: pki.ca_pem().to_string(),
             cert: pki.cert_pem().to_string(),
@@ -105,8 +105,7 @@ impl Agent {
         let id = self.record(vm).await?.0.id;
         let who = self.qemu_identity(id)?;
         let dir = self
-            .inner
-            .cfg
+            .cfg()
             .run_dir
             .join("qemu-tls")
             .join(format!("{id}-{:08x}", rand::random::<u32>()));

@@ -17,7 +17,7 @@
 //! QEMU passes through them to its own files and lists nothing.
 
 use crate::error::{AgentError, Result};
-use crate::Agent;
+use crate::Host;
 use ferry_qemu::{LaunchPlan, RunAs};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -49,7 +49,7 @@ fn qemu_gid() -> Result<u32> {
 }
 
 /// Who VM `id`'s QEMU runs as.
-pub(crate) fn identity(id: u32) -> Result<RunAs> {
+pub fn identity(id: u32) -> Result<RunAs> {
     let gid = qemu_gid()?;
     let mut groups = vec![gid];
     // /dev/kvm is the kvm group's on Debian.
@@ -68,7 +68,7 @@ pub(crate) fn identity(id: u32) -> Result<RunAs> {
 /// Makes `path` (never a symlink: it would hand over its target) `uid:gid` with `mode`.
 /// Files and folders are changed through a descriptor opened without following links,
 /// so nothing can be swapped in between the check and the change.
-pub(crate) fn own(path: &Path, uid: u32, gid: u32, mode: u32) -> Result<()> {
+pub fn own(path: &Path, uid: u32, gid: u32, mode: u32) -> Result<()> {
     use std::os::unix::fs::FileTypeExt;
     let what = || format!("Hand {} to QEMU's user {uid}", path.display());
     let m = std::fs::symlink_metadata(path).map_err(io(what()))?;
@@ -96,7 +96,7 @@ pub(crate) fn own(path: &Path, uid: u32, gid: u32, mode: u32) -> Result<()> {
 
 /// Makes a file every VM may read (a template's volume, an ISO): root's, group
 /// `gid`, 0640.
-pub(crate) fn share(path: &Path, gid: u32) -> Result<()> {
+pub fn share(path: &Path, gid: u32) -> Result<()> {
     own(path, 0, gid, 0o640)
 }
 
@@ -111,7 +111,7 @@ fn passes(m: &std::fs::Metadata, who: &RunAs) -> bool {
 /// Makes sure QEMU (as `who`) can reach `path`: directories inside `managed` (ferry's
 /// own: its state and run dirs, its pools) are opened to group `ferry-qemu` for
 /// passing through (0710 at least); any other closed one is an error naming it.
-pub(crate) fn reachable(path: &Path, who: &RunAs, managed: &[PathBuf]) -> Result<()> {
+pub fn reachable(path: &Path, who: &RunAs, managed: &[PathBuf]) -> Result<()> {
     let mut dirs: Vec<&Path> = path.ancestors().skip(1).collect();
     dirs.reverse();
     for d in dirs {
@@ -141,10 +141,10 @@ pub(crate) fn reachable(path: &Path, who: &RunAs, managed: &[PathBuf]) -> Result
     Ok(())
 }
 
-impl Agent {
+impl Host {
     /// Who VM `id`'s QEMU runs as; None when the daemon is not root (it cannot change
     /// users; QEMU then runs as the daemon's user, still under its sandbox).
-    pub(crate) fn qemu_identity(&self, id: u32) -> Result<Option<RunAs>> {
+    pub fn qemu_identity(&self, id: u32) -> Result<Option<RunAs>> {
         if !nix::unistd::geteuid().is_root() {
             return Ok(None);
         }
@@ -152,7 +152,7 @@ impl Agent {
     }
 
     /// The directories ferry keeps (for [`reachable`]).
-    pub(crate) async fn managed_dirs(&self) -> Vec<PathBuf> {
+    pub async fn managed_dirs(&self) -> Vec<PathBuf> {
         let mut v = vec![
             self.inner.cfg.state_dir.clone(),
             self.inner.cfg.run_dir.clone(),
@@ -166,7 +166,7 @@ impl Agent {
     /// Hands the files of `plan` to the VM's QEMU user before it starts: its run dir,
     /// volumes (or replica sockets) and UEFI variables become its own; backing files and
     /// ISOs readable by the group; every one reachable.
-    pub(crate) async fn confine_plan(&self, plan: &LaunchPlan, who: &RunAs) -> Result<()> {
+    pub async fn confine_plan(&self, plan: &LaunchPlan, who: &RunAs) -> Result<()> {
         let managed = self.managed_dirs().await;
         let run = &plan.run;
         for d in [&run.dir, &run.sockets] {
@@ -214,7 +214,7 @@ impl Agent {
     }
 
     /// Hands one more volume to a running VM's QEMU (a disk plugged, a disk moved).
-    pub(crate) async fn confine_file(&self, id: u32, path: &Path) -> Result<()> {
+    pub async fn confine_file(&self, id: u32, path: &Path) -> Result<()> {
         if let Some(who) = self.qemu_identity(id)? {
             reachable(path, &who, &self.managed_dirs().await)?;
             own(path, who.uid, who.gid, 0o600)?;
@@ -223,7 +223,7 @@ impl Agent {
     }
 
     /// Lets a running VM's QEMU read an ISO (a CD changed).
-    pub(crate) async fn share_file(&self, id: u32, path: &Path) -> Result<()> {
+    pub async fn share_file(&self, id: u32, path: &Path) -> Result<()> {
         if let Some(who) = self.qemu_identity(id)? {
             reachable(path, &who, &self.managed_dirs().await)?;
             share(path, who.gid)?;
@@ -233,7 +233,7 @@ impl Agent {
 
     /// The state and run dirs: root's, group `ferry-qemu`, 0710 (QEMU passes through,
     /// lists nothing). Done at start when the group exists.
-    pub(crate) fn open_dirs_to_qemu(&self) {
+    pub fn open_dirs_to_qemu(&self) {
         if !nix::unistd::geteuid().is_root() {
             return;
         }

@@ -4,14 +4,14 @@
 
 use crate::error::Result;
 use crate::records::VmRecord;
-use crate::Agent;
+use crate::Host;
 use ferry_storage::LockDir;
 use ferry_types::VmSpec;
 use std::collections::BTreeMap;
 
-impl Agent {
+impl Host {
     /// (lock dir, volume) of every shared volume `spec` writes to.
-    pub(crate) async fn shared_volumes(&self, spec: &VmSpec) -> Result<Vec<(LockDir, String)>> {
+    pub async fn shared_volumes(&self, spec: &VmSpec) -> Result<Vec<(LockDir, String)>> {
         let mut out = vec![];
         for d in spec
             .disks
@@ -28,7 +28,7 @@ impl Agent {
     /// Takes every lock of VM `name` or none (a conflict names the holder). A VM that
     /// HA moved here from a fenced host takes that host's locks over (only while that
     /// host still has no lease). Returns the generations (fencing tokens) got.
-    pub(crate) async fn lock_disks(
+    pub async fn lock_disks(
         &self,
         name: &str,
         spec: &VmSpec,
@@ -88,7 +88,7 @@ impl Agent {
     /// Storage-side fencing: does this host still hold every lock of `rec` with the
     /// generation it got? A QEMU that survived its host's fencing fails this (HA took
     /// the locks over, bumping the generation) and must not run on.
-    pub(crate) async fn locks_still_ours(
+    pub async fn locks_still_ours(
         &self,
         rec: &VmRecord,
     ) -> Result<std::result::Result<(), String>> {
@@ -113,7 +113,7 @@ impl Agent {
 
     /// Gives up this host's locks of `spec`'s volumes (and its terms as primary of
     /// its replicated volumes).
-    pub(crate) async fn unlock_disks(&self, spec: &VmSpec) {
+    pub async fn unlock_disks(&self, spec: &VmSpec) {
         self.release_replicas(spec).await;
         let me = self.host_name().to_string();
         match self.shared_volumes(spec).await {
@@ -130,7 +130,7 @@ impl Agent {
 
     /// Moves `spec`'s locks from host `from` to this host (and the terms as primary of
     /// its replicated volumes); returns "volume@generation".
-    pub(crate) async fn take_over_locks(&self, spec: &VmSpec, from: &str) -> Result<Vec<String>> {
+    pub async fn take_over_locks(&self, spec: &VmSpec, from: &str) -> Result<Vec<String>> {
         let me = self.host_name().to_string();
         let mut out = vec![];
         self.acquire_replicas(spec, Some(crate::replication::Takeover::Handover(from)))

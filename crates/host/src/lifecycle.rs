@@ -8,7 +8,7 @@ use crate::gate::{start_gate, StartFacts, StartOrigin};
 use crate::pools::backing_files;
 use crate::records::VmRecord;
 use crate::runtime::Slot;
-use crate::Agent;
+use crate::Host;
 use ferry_qemu::{
     build_argv, kill_and_wait, read_pid, spawn_detached, BackingFile, LaunchPlan, ResolvedCdrom,
     ResolvedDisk, RunPaths,
@@ -25,7 +25,7 @@ const STOP_WAIT: Duration = Duration::from_secs(10);
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// OVMF code and vars templates, if installed.
-pub(crate) fn ovmf_paths() -> Option<(PathBuf, PathBuf)> {
+pub fn ovmf_paths() -> Option<(PathBuf, PathBuf)> {
     [
         (
             "/usr/share/OVMF/OVMF_CODE_4M.fd",
@@ -41,8 +41,8 @@ pub(crate) fn ovmf_paths() -> Option<(PathBuf, PathBuf)> {
     .find(|(c, v)| c.is_file() && v.is_file())
 }
 
-impl Agent {
-    pub(crate) fn set_state(&self, name: &str, slot: &Slot, state: VmState) {
+impl Host {
+    pub fn set_state(&self, name: &str, slot: &Slot, state: VmState) {
         let old = slot.with(|rt| std::mem::replace(&mut rt.state, state));
         if old != state {
             self.inner
@@ -178,7 +178,7 @@ impl Agent {
         })
     }
 
-    pub(crate) async fn remove_taps(&self, id: u32, nics: usize) {
+    pub async fn remove_taps(&self, id: u32, nics: usize) {
         for i in 0..nics {
             let t = ferry_net::tap_name(id, i);
             if let Err(e) = ferry_net::delete_tap(&t).await {
@@ -193,7 +193,7 @@ impl Agent {
         self.start_locked(name, &slot, StartOrigin::User).await
     }
 
-    pub(crate) async fn start_locked(
+    pub async fn start_locked(
         &self,
         name: &str,
         slot: &Arc<Slot>,
@@ -205,7 +205,7 @@ impl Agent {
     /// Starts QEMU once [`start_gate`] lets it; `paused` leaves the vCPUs stopped (to
     /// load a snapshot first). A suspended VM resumes from its state file. The VM's
     /// shared volumes are locked first (refused if another host holds them).
-    pub(crate) async fn start_with(
+    pub async fn start_with(
         &self,
         name: &str,
         slot: &Arc<Slot>,
@@ -247,7 +247,7 @@ impl Agent {
 
     /// Starts QEMU waiting for a live migration (`-incoming defer`); the source holds
     /// the disk locks until the migration finishes.
-    pub(crate) async fn start_incoming(&self, name: &str, slot: &Arc<Slot>) -> Result<()> {
+    pub async fn start_incoming(&self, name: &str, slot: &Arc<Slot>) -> Result<()> {
         let (rec, _) = self.record(name).await?;
         let mut plan = self.plan(&rec).await?;
         plan.incoming = true;
@@ -522,7 +522,7 @@ impl Agent {
     }
 
     /// Throws away the writes of non-persistent disks.
-    pub(crate) fn remove_overlays(&self, id: u32) {
+    pub fn remove_overlays(&self, id: u32) {
         if let Ok(rd) = std::fs::read_dir(self.run_paths(id).dir) {
             for e in rd.flatten() {
                 if e.file_name().to_string_lossy().starts_with("overlay-") {
@@ -532,7 +532,7 @@ impl Agent {
         }
     }
 
-    pub(crate) async fn wait_gone(&self, slot: &Slot, within: Duration) -> bool {
+    pub async fn wait_gone(&self, slot: &Slot, within: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + within;
         while tokio::time::Instant::now() < deadline {
             if !slot.state().has_process() {
@@ -550,7 +550,7 @@ impl Agent {
         self.stop_locked(name, &slot).await
     }
 
-    pub(crate) async fn stop_locked(&self, name: &str, slot: &Slot) -> Result<()> {
+    pub async fn stop_locked(&self, name: &str, slot: &Slot) -> Result<()> {
         let (rec, _) = self.record(name).await?;
         slot.state().check(VmAction::Stop)?;
         let mut intent = IntentGuard::set(slot, ExitIntent::Stop);
@@ -667,7 +667,7 @@ impl Agent {
     }
 
     /// At daemon start: find every VM's QEMU again, or report it stopped/crashed.
-    pub(crate) async fn adopt_all(&self) -> Result<()> {
+    pub async fn adopt_all(&self) -> Result<()> {
         for rec in self.records().await? {
             let name = rec.spec.name.clone();
             let slot = self.slot(&name);

@@ -2,7 +2,7 @@
 
 use crate::console::Console;
 use crate::error::{AgentError, Result};
-use crate::Agent;
+use crate::Host;
 use ferry_qemu::{Accel, RunPaths};
 use ferry_qmp::Qmp;
 use ferry_types::VmState;
@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 #[derive(Default)]
-pub(crate) struct Runtime {
+pub struct Runtime {
     pub state: VmState,
     pub pid: Option<i32>,
     pub qmp: Option<Qmp>,
@@ -27,7 +27,7 @@ pub(crate) struct Runtime {
 
 /// One VM's runtime and the lock that serialises its lifecycle operations.
 #[derive(Default)]
-pub(crate) struct Slot {
+pub struct Slot {
     pub op: tokio::sync::Mutex<()>,
     pub rt: Mutex<Runtime>,
 }
@@ -41,8 +41,8 @@ impl Slot {
     }
 }
 
-impl Agent {
-    pub(crate) fn slot(&self, name: &str) -> Arc<Slot> {
+impl Host {
+    pub fn slot(&self, name: &str) -> Arc<Slot> {
         self.inner
             .slots
             .lock()
@@ -52,11 +52,11 @@ impl Agent {
             .clone()
     }
 
-    pub(crate) fn run_paths(&self, id: u32) -> RunPaths {
+    pub fn run_paths(&self, id: u32) -> RunPaths {
         RunPaths::new(self.inner.cfg.run_dir.join(id.to_string()))
     }
 
-    pub(crate) fn vm_state_dir(&self, id: u32) -> PathBuf {
+    pub fn vm_state_dir(&self, id: u32) -> PathBuf {
         self.inner.cfg.state_dir.join("vms").join(id.to_string())
     }
 
@@ -98,12 +98,7 @@ impl Agent {
     }
 
     /// The block node of `pool/volume` if VM `vm` runs with it.
-    pub(crate) async fn running_disk_node(
-        &self,
-        vm: &str,
-        pool: &str,
-        volume: &str,
-    ) -> Option<String> {
+    pub async fn running_disk_node(&self, vm: &str, pool: &str, volume: &str) -> Option<String> {
         if !self.slot(vm).state().has_process() {
             return None;
         }

@@ -5,7 +5,7 @@
 //! starts the graphs afresh.
 
 use crate::metrics::VmSample;
-use crate::Agent;
+use crate::Host;
 use ferry_types::{MetricsHistory, MetricsPoint};
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -17,7 +17,7 @@ pub const KEEP: usize = 360;
 
 /// Cumulative counters read at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub(crate) struct Counters {
+pub struct Counters {
     pub time_ms: u64,
     pub cpu_seconds: f64,
     pub memory_bytes: u64,
@@ -29,7 +29,7 @@ pub(crate) struct Counters {
 
 /// A series: the last reading and the points made so far.
 #[derive(Debug, Default)]
-pub(crate) struct Series {
+pub struct Series {
     last: Option<Counters>,
     pub points: VecDeque<MetricsPoint>,
 }
@@ -71,7 +71,7 @@ impl Series {
 }
 
 #[derive(Debug, Default)]
-pub(crate) struct History {
+pub struct History {
     pub host: Series,
     pub vms: HashMap<String, Series>,
 }
@@ -143,8 +143,8 @@ fn vm_counters(s: &VmSample, time_ms: u64) -> Counters {
     }
 }
 
-impl Agent {
-    pub(crate) async fn history_loop(self) {
+impl Host {
+    pub async fn history_loop(self) {
         loop {
             self.record_history().await;
             self.inner

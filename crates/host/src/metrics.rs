@@ -1,7 +1,7 @@
 //! Prometheus metrics, gathered at scrape time: per-VM CPU time and memory from /proc,
 //! disk counters from QMP `query-blockstats`, NIC counters from the taps.
 
-use crate::Agent;
+use crate::Host;
 use metrics::{counter, gauge, with_local_recorder};
 use metrics_exporter_prometheus::PrometheusBuilder;
 use std::time::Duration;
@@ -9,7 +9,7 @@ use std::time::Duration;
 /// Clock ticks per second of /proc/PID/stat times (USER_HZ, 100 on Linux).
 const USER_HZ: f64 = 100.0;
 
-pub(crate) struct VmSample {
+pub struct VmSample {
     pub name: String,
     pub up: bool,
     pub cpu_seconds: Option<f64>,
@@ -21,7 +21,7 @@ pub(crate) struct VmSample {
     pub nics: Vec<(String, u64, u64, u64, u64)>,
 }
 
-pub(crate) fn proc_cpu_seconds(pid: i32) -> Option<f64> {
+pub fn proc_cpu_seconds(pid: i32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = stat.rsplit_once(')')?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -31,14 +31,14 @@ pub(crate) fn proc_cpu_seconds(pid: i32) -> Option<f64> {
     Some((ut + st) / USER_HZ)
 }
 
-pub(crate) fn proc_rss_bytes(pid: i32) -> Option<u64> {
+pub fn proc_rss_bytes(pid: i32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let l = s.lines().find(|l| l.starts_with("VmRSS:"))?;
     Some(l.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }
 
-impl Agent {
-    pub(crate) async fn sample(&self) -> Vec<VmSample> {
+impl Host {
+    pub async fn sample(&self) -> Vec<VmSample> {
         let mut out = vec![];
         let Ok(recs) = self.records().await else {
             return out;

@@ -2,7 +2,7 @@
 //! reads it continuously (a client that stops reading stalls the guest's console), keeps
 //! a history buffer and fans the output out to any number of viewers.
 
-use crate::Agent;
+use crate::Host;
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::path::Path;
@@ -137,9 +137,9 @@ pub fn rotate_log(log: &Path, cap: u64) -> std::io::Result<bool> {
     Ok(true)
 }
 
-impl Agent {
+impl Host {
     /// Every 10 s: rotates the serial log of every VM run dir past `SERIAL_LOG_CAP`.
-    pub(crate) async fn serial_log_loop(self) {
+    pub async fn serial_log_loop(self) {
         loop {
             tokio::time::sleep(std::time::Duration::from_secs(10)).await;
             let Ok(rd) = std::fs::read_dir(&self.inner.cfg.run_dir) else {

@@ -8,11 +8,11 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 #[derive(Default)]
-pub(crate) struct Loops(Mutex<BTreeMap<&'static str, BackgroundTask>>);
+pub struct Loops(Mutex<BTreeMap<&'static str, BackgroundTask>>);
 
 impl Loops {
     /// Records one run of loop `name` (every `every`): its outcome and when it runs next.
-    pub(crate) fn report<E: std::fmt::Display>(
+    pub fn report<E: std::fmt::Display>(
         &self,
         name: &'static str,
         every: Duration,
@@ -38,7 +38,7 @@ impl Loops {
         }
     }
 
-    pub(crate) fn list(&self) -> Vec<BackgroundTask> {
+    pub fn list(&self) -> Vec<BackgroundTask> {
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())

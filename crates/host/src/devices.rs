@@ -5,7 +5,7 @@
 //! last disk; a stopped one any.
 
 use crate::error::{AgentError, Result};
-use crate::Agent;
+use crate::Host;
 use ferry_qmp::commands as qc;
 use ferry_types::{CdromSpec, DiskBus, DiskSpec, NicModel, NicSpec, VmState};
 use serde_json::json;
@@ -32,7 +32,7 @@ fn changeable(
     Ok(())
 }
 
-impl Agent {
+impl Host {
     /// Inserts an ISO (`pool` + `volume`) into CD-ROM `index`, or ejects it (neither).
     pub async fn change_cdrom(&self, name: &str, index: usize, media: CdromSpec) -> Result<()> {
         let slot = self.slot(name);
@@ -238,7 +238,7 @@ impl Agent {
     }
 }
 
-impl Agent {
+impl Host {
     /// Adds a NIC (a new MAC unless given); hot-plugged with its tap when the VM runs.
     /// Returns the NIC's index.
     pub async fn attach_nic(&self, name: &str, nic: NicSpec) -> Result<usize> {

@@ -14,7 +14,7 @@
 
 use crate::error::Result;
 use crate::records::VmRecord;
-use crate::Agent;
+use crate::Host;
 use ferry_store::StoreJson;
 use ferry_types::{PoolSpec, Snapshot, VmState};
 use serde_json::json;
@@ -23,13 +23,13 @@ use std::collections::{HashMap, HashSet};
 use ferry_store::keys::host::INTENTS;
 
 #[derive(serde::Serialize, serde::Deserialize)]
-pub(crate) struct Intent {
+pub struct Intent {
     pub vm: String,
     pub op: String,
 }
 
-impl Agent {
-    pub(crate) async fn write_intent(&self, id: u32, vm: &str, op: &str) -> Result<()> {
+impl Host {
+    pub async fn write_intent(&self, id: u32, vm: &str, op: &str) -> Result<()> {
         let i = Intent {
             vm: vm.to_string(),
             op: op.to_string(),
@@ -41,7 +41,7 @@ impl Agent {
         Ok(())
     }
 
-    pub(crate) async fn clear_intent(&self, id: u32) {
+    pub async fn clear_intent(&self, id: u32) {
         let _ = self
             .inner
             .store
@@ -54,7 +54,7 @@ impl Agent {
         self.inner.events.emit(vm, "repair", msg);
     }
 
-    pub(crate) async fn repair(&self) -> Result<()> {
+    pub async fn repair(&self) -> Result<()> {
         let records = self.records().await?;
         let ids: HashSet<u32> = records.iter().map(|r| r.id).collect();
         let pools: Vec<PoolSpec> = self

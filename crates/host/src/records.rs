@@ -1,21 +1,21 @@
 //! What the store holds about a VM, and the keys.
 
 use crate::error::{AgentError, Result};
-use crate::Agent;
+use crate::Host;
 use ferry_store::{Cmp, Compare, Op, StoreJson, Txn};
 use ferry_types::{VmSpec, VmState};
 use serde::{Deserialize, Serialize};
 
 use ferry_store::keys::host::NEXT_VM_ID as NEXT_ID;
-pub(crate) use ferry_store::keys::host::VMS;
+pub use ferry_store::keys::host::VMS;
 
-pub(crate) fn vm_key(name: &str) -> String {
+pub fn vm_key(name: &str) -> String {
     format!("{VMS}{name}")
 }
 
 /// A VM as stored: its definition and what the agent last knew of it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct VmRecord {
+pub struct VmRecord {
     pub id: u32,
     pub spec: VmSpec,
     /// The state at the last transition; after a daemon restart this tells a VM that
@@ -76,20 +76,20 @@ impl VmRecord {
     }
 }
 
-impl Agent {
-    pub(crate) async fn record(&self, name: &str) -> Result<(VmRecord, i64)> {
+impl Host {
+    pub async fn record(&self, name: &str) -> Result<(VmRecord, i64)> {
         match self.inner.store.get_json::<VmRecord>(&vm_key(name)).await? {
             Some((r, kv)) => Ok((r, kv.mod_rev)),
             None => Err(AgentError::NotFound(format!("VM {name}"))),
         }
     }
 
-    pub(crate) async fn records(&self) -> Result<Vec<VmRecord>> {
+    pub async fn records(&self) -> Result<Vec<VmRecord>> {
         Ok(self.inner.store.list_json::<VmRecord>(VMS).await?)
     }
 
     /// Writes the record's state fields, keeping whatever else changed meanwhile.
-    pub(crate) async fn save_state(&self, name: &str, state: VmState, last_exit: Option<String>) {
+    pub async fn save_state(&self, name: &str, state: VmState, last_exit: Option<String>) {
         if let Err(e) = self
             .update_record(name, |r| {
                 r.last_state = state;
@@ -103,7 +103,7 @@ impl Agent {
 
     /// A new VM's name must be free here and, in a cluster, on every other host (HA and
     /// migration move VMs by name).
-    pub(crate) async fn check_name_free(&self, name: &str) -> Result<()> {
+    pub async fn check_name_free(&self, name: &str) -> Result<()> {
         if self.inner.store.get(&vm_key(name)).await?.is_some() {
             return Err(AgentError::Conflict(format!("VM {name} already exists")));
         }
@@ -128,7 +128,7 @@ impl Agent {
     }
 
     /// Records the lock generations got at start; the HA origin is settled then.
-    pub(crate) async fn save_lock_generations(
+    pub async fn save_lock_generations(
         &self,
         name: &str,
         generations: std::collections::BTreeMap<String, u64>,
@@ -143,11 +143,7 @@ impl Agent {
     }
 
     /// Read-modify-write of a VM record with compare-and-swap (retried on races).
-    pub(crate) async fn update_record(
-        &self,
-        name: &str,
-        f: impl Fn(&mut VmRecord),
-    ) -> Result<VmRecord> {
+    pub async fn update_record(&self, name: &str, f: impl Fn(&mut VmRecord)) -> Result<VmRecord> {
         loop {
             let (mut r, rev) = self.record(name).await?;
             f(&mut r);
@@ -160,7 +156,7 @@ impl Agent {
     /// A new VM id, unique on this host (compare-and-swap on a counter), skipping ids
     /// whose volumes exist in a pool (another host of the cluster made them on a shared
     /// pool).
-    pub(crate) async fn allocate_id(&self) -> Result<u32> {
+    pub async fn allocate_id(&self) -> Result<u32> {
         loop {
             let id = self.next_counter().await?;
             if !self.id_has_volumes(id).await? {
@@ -170,7 +166,7 @@ impl Agent {
     }
 
     /// Whether any pool holds a `vm-{id}-*` file.
-    pub(crate) async fn id_has_volumes(&self, id: u32) -> Result<bool> {
+    pub async fn id_has_volumes(&self, id: u32) -> Result<bool> {
         let prefix = format!("vm-{id}-");
         for p in self.pool_specs().await? {
             if let Ok(rd) = std::fs::read_dir(&p.path) {

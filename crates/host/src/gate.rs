@@ -10,7 +10,7 @@ use ferry_types::{VmAction, VmState};
 
 /// What starts the VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum StartOrigin {
+pub enum StartOrigin {
     /// `ferry vm start` (or DRS placing it at power-on).
     User,
     /// The second half of a reboot: the VM ran here a moment ago.
@@ -23,7 +23,7 @@ pub(crate) enum StartOrigin {
 
 /// What the gate looks at, read under the VM's operation lock.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct StartFacts {
+pub struct StartFacts {
     pub origin: StartOrigin,
     /// The VM's state on this host now.
     pub state: VmState,
@@ -39,7 +39,7 @@ pub(crate) struct StartFacts {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum StartRefusal {
+pub enum StartRefusal {
     State(InvalidTransition),
     Template,
     /// The host takes no new VMs.
@@ -51,11 +51,11 @@ pub(crate) enum StartRefusal {
 }
 
 /// Should HA keep this VM running? (Started by a user and not stopped by one.)
-pub(crate) fn wanted(last_state: VmState) -> bool {
+pub fn wanted(last_state: VmState) -> bool {
     last_state.has_process() || last_state == VmState::Crashed
 }
 
-pub(crate) fn start_gate(f: &StartFacts) -> Result<(), StartRefusal> {
+pub fn start_gate(f: &StartFacts) -> Result<(), StartRefusal> {
     f.state
         .check(VmAction::Start)
         .map_err(StartRefusal::State)?;
@@ -76,7 +76,7 @@ pub(crate) fn start_gate(f: &StartFacts) -> Result<(), StartRefusal> {
 }
 
 impl StartRefusal {
-    pub(crate) fn into_error(self, vm: &str, host: &str) -> crate::AgentError {
+    pub fn into_error(self, vm: &str, host: &str) -> crate::AgentError {
         use crate::AgentError;
         match self {
             StartRefusal::State(e) => AgentError::State(e),

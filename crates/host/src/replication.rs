@@ -10,7 +10,7 @@
 //! the admin forces it.
 
 use crate::error::{AgentError, Result};
-use crate::Agent;
+use crate::Host;
 use ferry_replica::{Report, Service};
 use ferry_store::StoreJson;
 use ferry_types::{
@@ -29,7 +29,7 @@ fn split(k: &str) -> (&str, &str) {
 }
 
 /// What the replication engine asks of the cluster, answered from etcd.
-pub(crate) struct ReplCluster {
+pub struct ReplCluster {
     agent: Weak<crate::Inner>,
     /// The host's certificates: the replication link is mutual TLS.
     pki: ferry_pki::HostPki,
@@ -37,10 +37,10 @@ pub(crate) struct ReplCluster {
 }
 
 impl ReplCluster {
-    fn agent(&self) -> std::result::Result<Agent, String> {
+    fn agent(&self) -> std::result::Result<Host, String> {
         self.agent
             .upgrade()
-            .map(|inner| Agent { inner })
+            .map(|inner| Host { inner })
             .ok_or_else(|| "the agent is shutting down".to_string())
     }
 }
@@ -48,7 +48,7 @@ impl ReplCluster {
 #[async_trait::async_trait]
 impl ferry_replica::Cluster for ReplCluster {
     fn client_tls(&self, host: &str) -> Option<Arc<rustls::ClientConfig>> {
-        Some(Arc::new(crate::cluster::peer_tls(&self.pki, host)))
+        Some(Arc::new(crate::link::peer_tls(&self.pki, host)))
     }
 
     fn server_tls(&self) -> Option<Arc<rustls::ServerConfig>> {
@@ -141,10 +141,10 @@ impl ferry_replica::Cluster for ReplCluster {
     }
 }
 
-impl Agent {
+impl Host {
     /// Starts this host's replication service (etcd clusters only): listens for
     /// primaries on the replication port and opens every copy this host keeps.
-    pub(crate) async fn start_replication(&self) -> Result<()> {
+    pub async fn start_replication(&self) -> Result<()> {
         if self.inner.cluster.is_none() {
             return Ok(());
         }
@@ -186,7 +186,7 @@ impl Agent {
         self.open_replicas().await
     }
 
-    pub(crate) fn replication(&self) -> Result<&Arc<Service>> {
+    pub fn replication(&self) -> Result<&Arc<Service>> {
         self.inner.replication.get().ok_or_else(|| {
             AgentError::Conflict(
                 "replicated pools need an etcd cluster (ferry cluster init / join)".into(),
@@ -243,7 +243,7 @@ impl Agent {
 
     /// Where this host keeps a replicated pool's copies: its path, `{host}` replaced by
     /// this host's name (hosts sharing one file system, like the lab's).
-    pub(crate) fn copy_dir(&self, pool: &PoolSpec) -> std::path::PathBuf {
+    pub fn copy_dir(&self, pool: &PoolSpec) -> std::path::PathBuf {
         std::path::PathBuf::from(pool.path.replace("{host}", self.host_name()))
     }
 
@@ -252,14 +252,14 @@ impl Agent {
         ferry_store::keys::shared::replica(prefix, pool, vol)
     }
 
-    pub(crate) async fn replica_records(&self, pool: &str) -> Result<Vec<ReplicatedVolume>> {
+    pub async fn replica_records(&self, pool: &str) -> Result<Vec<ReplicatedVolume>> {
         let (store, prefix) = self.shared();
         Ok(store
             .list_json::<ReplicatedVolume>(&ferry_store::keys::shared::replicas(prefix, pool))
             .await?)
     }
 
-    pub(crate) async fn replica_record(&self, pool: &str, vol: &str) -> Result<ReplicatedVolume> {
+    pub async fn replica_record(&self, pool: &str, vol: &str) -> Result<ReplicatedVolume> {
         let (store, _) = self.shared();
         store
             .get_json::<ReplicatedVolume>(&self.record_key(pool, vol))
@@ -269,7 +269,7 @@ impl Agent {
     }
 
     /// Changes a volume's record by compare-and-swap (retried on a concurrent change).
-    pub(crate) async fn update_replica_record(
+    pub async fn update_replica_record(
         &self,
         pool: &str,
         vol: &str,
@@ -280,7 +280,7 @@ impl Agent {
 
     /// The same, and with `lease_gone`: only while that host holds no lease (part of
     /// the compare, so a host that comes back in between keeps its term).
-    pub(crate) async fn update_replica_record_if(
+    pub async fn update_replica_record_if(
         &self,
         pool: &str,
         vol: &str,
@@ -330,7 +330,7 @@ impl Agent {
     }
 
     /// Creates a volume on every host of a replicated pool (all or nothing).
-    pub(crate) async fn create_replicated_volume(
+    pub async fn create_replicated_volume(
         &self,
         pool: &PoolSpec,
         name: &str,
@@ -472,7 +472,7 @@ impl Agent {
             .map_err(repl_err)
     }
 
-    pub(crate) async fn replicated_volume_info(&self, pool: &str, vol: &str) -> Result<Volume> {
+    pub async fn replicated_volume_info(&self, pool: &str, vol: &str) -> Result<Volume> {
         let r = self.replica_record(pool, vol).await?;
         let allocated = self
             .replication()
@@ -491,7 +491,7 @@ impl Agent {
 
     /// Deletes a volume and every copy; `check_users`: refuse while any VM of the
     /// cluster names it (off when its VM is being deleted).
-    pub(crate) async fn delete_replicated_volume(
+    pub async fn delete_replicated_volume(
         &self,
         pool: &PoolSpec,
         vol: &str,
@@ -538,7 +538,7 @@ impl Agent {
         Ok(())
     }
 
-    pub(crate) async fn resize_replicated_volume(
+    pub async fn resize_replicated_volume(
         &self,
         pool: &PoolSpec,
         vol: &str,
@@ -588,7 +588,7 @@ impl Agent {
         self.promote_volume_for(pool, vol, force, None).await
     }
 
-    pub(crate) async fn promote_volume_for(
+    pub async fn promote_volume_for(
         &self,
         pool: &str,
         vol: &str,
@@ -681,7 +681,7 @@ impl Agent {
     }
 
     /// (pool, volume) of every disk of `spec` on a replicated pool.
-    pub(crate) async fn replicated_disks(&self, spec: &VmSpec) -> Result<Vec<(String, String)>> {
+    pub async fn replicated_disks(&self, spec: &VmSpec) -> Result<Vec<(String, String)>> {
         let mut out = vec![];
         for d in &spec.disks {
             let (Some(vol), Ok(p)) = (&d.volume, self.pool_spec(&d.pool).await) else {
@@ -696,7 +696,7 @@ impl Agent {
 
     /// Before QEMU starts: this host becomes primary of every replicated disk (all or
     /// none). `takeover_from`: a fenced host (HA) or a migration source.
-    pub(crate) async fn acquire_replicas(
+    pub async fn acquire_replicas(
         &self,
         spec: &VmSpec,
         takeover: Option<Takeover<'_>>,
@@ -714,7 +714,7 @@ impl Agent {
     }
 
     /// After QEMU ended (or left by migration): gives up this host's terms.
-    pub(crate) async fn release_replicas(&self, spec: &VmSpec) {
+    pub async fn release_replicas(&self, spec: &VmSpec) {
         match self.replicated_disks(spec).await {
             Ok(disks) => {
                 for (p, v) in disks {
@@ -907,7 +907,7 @@ impl Agent {
 
 /// From whom a start takes a volume's term over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Takeover<'a> {
+pub enum Takeover<'a> {
     /// A host HA fenced: only while it holds no lease (checked in the same compare).
     Fenced(&'a str),
     /// A migration's source, handing over.
@@ -915,7 +915,7 @@ pub(crate) enum Takeover<'a> {
 }
 
 impl<'a> Takeover<'a> {
-    pub(crate) fn host(self) -> &'a str {
+    pub fn host(self) -> &'a str {
         match self {
             Takeover::Fenced(h) | Takeover::Handover(h) => h,
         }

@@ -10,7 +10,7 @@ use ferry_types::VmState;
 
 /// Why the agent expects this QEMU to end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) enum ExitIntent {
+pub enum ExitIntent {
     /// Nothing asked for: an exit is the guest's doing or a crash.
     #[default]
     None,
@@ -26,7 +26,7 @@ pub(crate) enum ExitIntent {
 
 /// What QEMU said before it ended (QMP events the supervisor saw).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct ExitFacts {
+pub struct ExitFacts {
     /// A `SHUTDOWN` event with `guest: true`: the guest powered itself off.
     pub guest_shutdown: bool,
     /// A `GUEST_PANICKED` event.
@@ -35,7 +35,7 @@ pub(crate) struct ExitFacts {
 
 /// The VM's state after its QEMU ended, and what to do about its disks.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct ExitOutcome {
+pub struct ExitOutcome {
     pub state: VmState,
     /// Shown as the VM's last exit (none for an exit the user asked for).
     pub why: Option<String>,
@@ -45,7 +45,7 @@ pub(crate) struct ExitOutcome {
 
 /// Classifies the end of a QEMU run. `last_error`: what the run recorded last (a
 /// failed re-adoption), shown for a crash without a better reason.
-pub(crate) fn classify_exit(
+pub fn classify_exit(
     intent: ExitIntent,
     facts: &ExitFacts,
     last_error: Option<&str>,
@@ -76,7 +76,7 @@ pub(crate) fn classify_exit(
 /// Sets an intent on a VM's run and takes it back when dropped, unless QEMU ended
 /// meanwhile (the supervisor consumed it) or another intent replaced it: an
 /// operation that fails part way leaves no stale intent behind.
-pub(crate) struct IntentGuard<'a> {
+pub struct IntentGuard<'a> {
     slot: &'a crate::runtime::Slot,
     intent: ExitIntent,
     generation: u64,
@@ -84,7 +84,7 @@ pub(crate) struct IntentGuard<'a> {
 }
 
 impl<'a> IntentGuard<'a> {
-    pub(crate) fn set(slot: &'a crate::runtime::Slot, intent: ExitIntent) -> IntentGuard<'a> {
+    pub fn set(slot: &'a crate::runtime::Slot, intent: ExitIntent) -> IntentGuard<'a> {
         let generation = slot.with(|rt| {
             rt.intent = intent;
             rt.generation
@@ -99,7 +99,7 @@ impl<'a> IntentGuard<'a> {
 
     /// QEMU was told to end (`quit` or a signal went out): whenever it ends from now
     /// on, it is the end asked for, even if this operation gives up waiting.
-    pub(crate) fn keep(&mut self) {
+    pub fn keep(&mut self) {
         self.kept = true;
     }
 }

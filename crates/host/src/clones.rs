@@ -7,12 +7,12 @@
 use crate::error::{AgentError, Result};
 use crate::records::{vm_key, VmRecord};
 use crate::tasks::TaskCtx;
-use crate::Agent;
+use crate::Host;
 use ferry_store::StoreJson;
 use ferry_types::validate::check_name;
 use ferry_types::{CloneOf, CloneRequest, ValidationErrors, VmAction};
 
-impl Agent {
+impl Host {
     /// Checks a clone request before any work (for an immediate 4xx).
     pub async fn check_clone(&self, src: &str, req: &CloneRequest) -> Result<()> {
         let mut e = ValidationErrors::default();

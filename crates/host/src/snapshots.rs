@@ -10,7 +10,7 @@
 
 use crate::error::{AgentError, Result};
 use crate::tasks::TaskCtx;
-use crate::Agent;
+use crate::Host;
 use ferry_qmp::commands as qc;
 use ferry_qmp::Qmp;
 use ferry_storage::SnapshotOp;
@@ -25,12 +25,7 @@ fn snap_prefix(vm: &str) -> String {
 }
 
 /// Runs a QMP job to its end, reporting progress; fails with QEMU's reason.
-pub(crate) async fn run_job(
-    qmp: &Qmp,
-    cmd: &str,
-    mut args: Value,
-    ctx: Option<&TaskCtx>,
-) -> Result<()> {
+pub async fn run_job(qmp: &Qmp, cmd: &str, mut args: Value, ctx: Option<&TaskCtx>) -> Result<()> {
     let id = format!("ferry-{:08x}", rand::random::<u32>());
     args["job-id"] = json!(id);
     qmp.execute(cmd, Some(args)).await?;
@@ -56,7 +51,7 @@ pub(crate) async fn run_job(
     }
 }
 
-impl Agent {
+impl Host {
     pub async fn list_snapshots(&self, vm: &str) -> Result<SnapshotList> {
         let (rec, _) = self.record(vm).await?;
         let mut snapshots: Vec<Snapshot> = self.inner.store.list_json(&snap_prefix(vm)).await?;
@@ -280,7 +275,7 @@ impl Agent {
 
     /// Removes a snapshot from the tree: its children hang on its parent (one
     /// transaction), and the VM's current position moves up if it stood there.
-    pub(crate) async fn forget_snapshot(&self, vm: &str, snap: &Snapshot) -> Result<()> {
+    pub async fn forget_snapshot(&self, vm: &str, snap: &Snapshot) -> Result<()> {
         let mut ops = vec![Op::Delete(format!("{}{}", snap_prefix(vm), snap.name))];
         for mut child in self.list_snapshots(vm).await?.snapshots {
             if child.parent.as_deref() == Some(snap.name.as_str()) {
@@ -309,7 +304,7 @@ impl Agent {
         Ok(())
     }
 
-    pub(crate) async fn delete_snapshot_records(&self, vm: &str) -> Result<()> {
+    pub async fn delete_snapshot_records(&self, vm: &str) -> Result<()> {
         self.inner
             .store
             .txn(Txn {

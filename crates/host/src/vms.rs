@@ -2,13 +2,13 @@
 
 use crate::error::{AgentError, Result};
 use crate::records::{vm_key, VmRecord};
-use crate::Agent;
+use crate::Host;
 use ferry_store::StoreJson;
 use ferry_types::{random_mac, DeleteVmParams, Vm, VmAction, VmSpec};
 use std::collections::HashSet;
 
-impl Agent {
-    pub(crate) fn to_vm(&self, r: VmRecord) -> Vm {
+impl Host {
+    pub fn to_vm(&self, r: VmRecord) -> Vm {
         let slot = self.slot(&r.spec.name);
         let rt = slot.rt.lock().unwrap_or_else(|e| e.into_inner());
         Vm {
@@ -213,7 +213,7 @@ impl Agent {
     }
 
     /// Gives every NIC without a MAC a new one, unique on this host.
-    pub(crate) async fn assign_new_macs(&self, spec: &mut VmSpec) -> Result<()> {
+    pub async fn assign_new_macs(&self, spec: &mut VmSpec) -> Result<()> {
         self.assign_macs(spec, None).await
     }
 
@@ -371,6 +371,24 @@ impl Agent {
         self.unlock_disks(&rec.spec).await;
         self.forget_vm(name, &rec).await?;
         self.inner.events.emit(Some(name), "vm", "deleted");
+        Ok(())
+    }
+
+    /// Removes a VM that now lives on another host: record, snapshot records, run and
+    /// state dirs, runtime slot. Volumes stay.
+    pub async fn forget_vm(&self, name: &str, rec: &crate::records::VmRecord) -> Result<()> {
+        self.delete_snapshot_records(name).await?;
+        self.inner
+            .store
+            .delete(&crate::records::vm_key(name))
+            .await?;
+        let _ = std::fs::remove_dir_all(self.run_paths(rec.id).dir);
+        let _ = std::fs::remove_dir_all(self.vm_state_dir(rec.id));
+        self.inner
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
         Ok(())
     }
 }

@@ -207,7 +207,7 @@ impl Tasks {
     clippy::cast_possible_truncation,
     reason = "a progress between 0 and 1 needs no more than f32's precision"
 )]
-pub(crate) fn fraction(done: u64, total: u64) -> f32 {
+pub fn fraction(done: u64, total: u64) -> f32 {
     if total == 0 {
         return 0.0;
     }

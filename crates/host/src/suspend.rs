@@ -6,7 +6,7 @@
 use crate::error::{AgentError, Result};
 use crate::runtime::Slot;
 use crate::tasks::TaskCtx;
-use crate::Agent;
+use crate::Host;
 use ferry_qmp::commands as qc;
 use ferry_types::{VmAction, VmState};
 use std::os::fd::AsFd;
@@ -14,8 +14,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-impl Agent {
-    pub(crate) async fn set_running(&self, name: &str, slot: &Slot) {
+impl Host {
+    pub async fn set_running(&self, name: &str, slot: &Slot) {
         let old = slot.with(|rt| std::mem::replace(&mut rt.state, VmState::Running));
         if old != VmState::Running {
             self.inner
@@ -117,12 +117,7 @@ impl Agent {
     }
 
     /// Loads the suspend file into a QEMU started with `-incoming defer` and continues.
-    pub(crate) async fn load_suspended(
-        &self,
-        name: &str,
-        slot: &Arc<Slot>,
-        file: &str,
-    ) -> Result<()> {
+    pub async fn load_suspended(&self, name: &str, slot: &Arc<Slot>, file: &str) -> Result<()> {
         let qmp = self.qmp(name)?;
         let input = std::fs::File::open(file).map_err(|source| AgentError::Io {
             what: format!("Open the suspend file {file}"),

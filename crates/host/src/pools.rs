@@ -1,7 +1,7 @@
 //! Storage pools and volumes through the store and `ferry-storage`.
 
 use crate::error::{AgentError, Result};
-use crate::Agent;
+use crate::Host;
 use ferry_storage::DirPool;
 use ferry_store::StoreJson;
 use ferry_types::{ByteSize, Pool, PoolKind, PoolSpec, Volume, VolumeCreate, VolumeImport};
@@ -14,7 +14,7 @@ fn pool_key(name: &str) -> String {
 }
 
 /// A volume's recorded backing chain as QEMU gets it.
-pub(crate) fn backing_files(chain: Vec<ferry_storage::ChainLink>) -> Vec<ferry_qemu::BackingFile> {
+pub fn backing_files(chain: Vec<ferry_storage::ChainLink>) -> Vec<ferry_qemu::BackingFile> {
     chain
         .into_iter()
         .map(|l| ferry_qemu::BackingFile {
@@ -24,8 +24,8 @@ pub(crate) fn backing_files(chain: Vec<ferry_storage::ChainLink>) -> Vec<ferry_q
         .collect()
 }
 
-impl Agent {
-    pub(crate) async fn ensure_default_pool(&self) -> Result<()> {
+impl Host {
+    pub async fn ensure_default_pool(&self) -> Result<()> {
         if self.inner.store.get(&pool_key("local")).await?.is_none() {
             let path = self.inner.cfg.state_dir.join("pools").join("local");
             let spec = PoolSpec {
@@ -43,7 +43,7 @@ impl Agent {
         Ok(())
     }
 
-    pub(crate) async fn dir_pool(&self, name: &str) -> Result<DirPool> {
+    pub async fn dir_pool(&self, name: &str) -> Result<DirPool> {
         let spec = self.pool_spec(name).await?;
         match spec.kind {
             PoolKind::Dir | PoolKind::Shared => Ok(DirPool::new(name, spec.path)),
@@ -54,7 +54,7 @@ impl Agent {
         }
     }
 
-    pub(crate) async fn pool_spec(&self, name: &str) -> Result<PoolSpec> {
+    pub async fn pool_spec(&self, name: &str) -> Result<PoolSpec> {
         match self
             .inner
             .store
@@ -67,17 +67,17 @@ impl Agent {
     }
 
     /// The replicated pool `name`, if it is one.
-    pub(crate) async fn replicated_pool(&self, name: &str) -> Result<Option<PoolSpec>> {
+    pub async fn replicated_pool(&self, name: &str) -> Result<Option<PoolSpec>> {
         let spec = self.pool_spec(name).await?;
         Ok((spec.kind == PoolKind::Replicated).then_some(spec))
     }
 
-    pub(crate) async fn pool_specs(&self) -> Result<Vec<PoolSpec>> {
+    pub async fn pool_specs(&self) -> Result<Vec<PoolSpec>> {
         Ok(self.inner.store.list_json::<PoolSpec>(POOLS).await?)
     }
 
     /// The lock directory of pool `name` if it is shared (None for local pools).
-    pub(crate) async fn pool_locks(&self, name: &str) -> Result<Option<ferry_storage::LockDir>> {
+    pub async fn pool_locks(&self, name: &str) -> Result<Option<ferry_storage::LockDir>> {
         match self
             .inner
             .store
@@ -438,7 +438,7 @@ impl Agent {
 
     /// Creates the new volumes a spec asks for (`size` without `volume`), naming them
     /// `vm-{id}-disk-{n}`; on failure removes those it made.
-    pub(crate) async fn create_spec_volumes(
+    pub async fn create_spec_volumes(
         &self,
         id: u32,
         spec: &mut ferry_types::VmSpec,
@@ -517,7 +517,7 @@ impl Agent {
         Ok(made)
     }
 
-    pub(crate) async fn remove_volumes(&self, vols: &[(String, String)]) {
+    pub async fn remove_volumes(&self, vols: &[(String, String)]) {
         for (pool, name) in vols {
             if let Ok(Some(rp)) = self.replicated_pool(pool).await {
                 if let Err(e) = self.delete_replicated_volume(&rp, name, false).await {

@@ -30,7 +30,7 @@ pub fn actor() -> Option<String> {
 }
 
 /// `f` on behalf of whoever the current work is for (for work handed to a new task).
-pub(crate) fn carry<F: Future>(f: F) -> impl Future<Output = F::Output> {
+pub fn carry<F: Future>(f: F) -> impl Future<Output = F::Output> {
     let who = ACTOR.try_with(|a| a.clone()).ok();
     async move {
         match who {

@@ -9,7 +9,7 @@
 
 use crate::error::{AgentError, Result};
 use crate::events::now_ms;
-use crate::Agent;
+use crate::Host;
 use ferry_store::{Store, StoreJson};
 use ferry_types::{
     AclEntry, ApiToken, PasswordChange, TokenCreate, TokenCreated, User, UserCreate, UserUpdate,
@@ -73,7 +73,7 @@ struct TokenRecord {
 
 /// Failed logins per user in the current minute.
 #[derive(Default)]
-pub(crate) struct LoginFailures(HashMap<String, (Instant, u32)>);
+pub struct LoginFailures(HashMap<String, (Instant, u32)>);
 
 /// The id of a host's admin token as a token of root: `admin-HOST`, or for a host
 /// name that does not fit a token id, `admin-` and a digest of it (never two hosts'
@@ -107,7 +107,7 @@ fn actor() -> String {
     crate::audit::actor().unwrap_or_else(|| "ferry".into())
 }
 
-impl Agent {
+impl Host {
     /// Where users, tokens and grants live: the cluster's keys, or this host's store.
     fn access_store(&self) -> Arc<dyn Store> {
         match &self.inner.cluster {

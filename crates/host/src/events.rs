@@ -11,7 +11,7 @@ use tokio::sync::broadcast;
 const KEEP: usize = 1000;
 use ferry_store::keys::host::EVENTS as PREFIX;
 
-pub(crate) fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()

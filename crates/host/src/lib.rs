@@ -1,0 +1,330 @@
+//! One host's VM runtime: the VM definitions in the store, turned into QEMU processes
+//! and back (start, shutdown, stop, reboot, pause, resume, delete, edit), each QEMU
+//! supervised over QMP, the serial consoles, storage (dir, shared and replicated pools,
+//! shared-volume locks), snapshots, clones, suspend, hot-plug, long operations as tasks,
+//! the event log, users and grants, and the link to the other hosts of a cluster (their
+//! list and an HTTPS client to their APIs). QEMU runs detached: a restarted host
+//! re-adopts every VM from its run dir (`{run_dir}/{vm id}/`).
+//!
+//! The cluster side (`ferry-cluster`: lease, HA, DRS, membership) and migrations
+//! (`ferry-migration`) build on [`Host`]; what the runtime needs to know of the cluster
+//! side comes through [`ClusterView`], never by calling up.
+//!
+//! Lifecycle operations on one VM are serialised by that VM's operation lock; the
+//! supervisor task of a running VM follows QMP events and notices QEMU's exit.
+
+pub mod access;
+pub mod audit;
+pub mod blockdev;
+pub mod cgroups;
+pub mod clones;
+pub mod confine;
+pub mod console;
+pub mod devices;
+pub mod error;
+pub mod events;
+pub mod exit;
+pub mod gate;
+pub mod history;
+pub mod lifecycle;
+pub mod link;
+pub mod locks;
+pub mod loops;
+pub mod maintenance;
+pub mod metrics;
+pub mod pools;
+pub mod records;
+pub mod repair;
+pub mod replication;
+pub mod respools;
+pub mod runtime;
+pub mod snapshots;
+pub mod suspend;
+pub mod tasks;
+pub mod vms;
+
+pub use access::host_token_id;
+pub use cgroups::Cgroups;
+pub use console::Console;
+pub use error::{AgentError, ErrorClass, Result};
+pub use events::EventLog;
+pub use ferry_types::HostInfo;
+pub use link::{check_forwarded, ClusterLink, Peer};
+pub use tasks::{TaskCtx, Tasks};
+
+pub use ferry_qemu::{Accel, AccelSetting};
+use ferry_store::Store;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+/// How this host runs VMs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Store, pools, per-VM state (UEFI vars).
+    pub state_dir: PathBuf,
+    /// Per-VM run dirs (sockets, pidfiles).
+    pub run_dir: PathBuf,
+    pub accel: AccelSetting,
+    pub qemu_binary: String,
+    /// This host's name in the cluster.
+    pub host_name: String,
+    /// The cluster file (hosts, their APIs and migration addresses) of a static
+    /// cluster; an etcd cluster's members come from etcd instead.
+    pub cluster_file: Option<PathBuf>,
+    /// The port of this daemon's API (for the API URL other hosts use).
+    pub api_port: u16,
+    /// What DRS plans with on this host, and where resource pools live.
+    pub resources: HostResources,
+    /// The TCP port of the replication service (replicated pools), on the host's
+    /// cluster address.
+    pub replication_port: u16,
+    /// This host's certificate and the cluster CA (`{state_dir}/pki`): every
+    /// host-to-host link is mutual TLS with them.
+    pub pki: ferry_pki::HostPki,
+}
+
+/// The default port of the replication service.
+pub const REPLICATION_PORT: u16 = 7790;
+
+/// This host's size and labels for DRS, and its cgroup tree for resource pools.
+#[derive(Debug, Clone)]
+pub struct HostResources {
+    /// Cores DRS plans with (default: the machine's).
+    pub cpus: Option<f64>,
+    /// Memory DRS plans with (default: the machine's).
+    pub memory_bytes: Option<u64>,
+    /// Labels VMs can require (`placement.host_labels`).
+    pub labels: Vec<String>,
+    /// Name of the cgroup directory holding the resource pools.
+    pub cgroup_root: String,
+}
+
+impl Default for HostResources {
+    fn default() -> Self {
+        HostResources {
+            cpus: None,
+            memory_bytes: None,
+            labels: vec![],
+            cgroup_root: "ferry".into(),
+        }
+    }
+}
+
+/// What the VM runtime needs to know of the cluster side, answered by the subsystem that
+/// owns it (the lease keeper in `ferry-cluster`).
+pub trait ClusterView: Send + Sync {
+    /// Whether this host holds its cluster lease now, so HA VMs may run here.
+    fn holds_lease(&self) -> bool;
+}
+
+struct Inner {
+    cfg: AgentConfig,
+    accel: Accel,
+    store: Arc<dyn Store>,
+    events: EventLog,
+    tasks: Tasks,
+    slots: Mutex<HashMap<String, Arc<runtime::Slot>>>,
+    qemu_version: String,
+    /// The etcd cluster this host belongs to.
+    cluster: Option<link::ClusterLink>,
+    /// The cluster side's answers (set once, when the cluster side starts).
+    view: std::sync::OnceLock<Arc<dyn ClusterView>>,
+    /// The background tasks' last runs and errors.
+    loops: loops::Loops,
+    /// Where resource pools are enforced.
+    cgroups: cgroups::Cgroups,
+    /// This host's copies of replicated volumes (etcd clusters).
+    replication: std::sync::OnceLock<Arc<ferry_replica::Service>>,
+    /// The last hour of load per VM and for the host (the web UI's graphs).
+    history: Mutex<history::History>,
+    /// The cluster's hosts as last read, for checking peers' certificates (kept when
+    /// the store cannot be read).
+    known_hosts: Mutex<Option<(std::time::Instant, Vec<ferry_types::ClusterHost>)>>,
+    /// Wrong passwords per user in the current minute.
+    login_failures: Mutex<access::LoginFailures>,
+}
+
+/// One host's VM runtime. Cheap to clone.
+#[derive(Clone)]
+pub struct Host {
+    inner: Arc<Inner>,
+}
+
+impl Host {
+    /// Opens the host on `store` (its subtree in etcd when `cluster` is given): makes
+    /// the default pool, starts the replication service, re-adopts every VM and repairs
+    /// what an interrupted operation left. The background loops of the runtime
+    /// (history, serial logs) start here; the cluster side starts its own.
+    pub async fn open(
+        cfg: AgentConfig,
+        store: Arc<dyn Store>,
+        cluster: Option<ClusterLink>,
+    ) -> Result<Host> {
+        for d in [&cfg.state_dir, &cfg.run_dir] {
+            std::fs::create_dir_all(d).map_err(|source| AgentError::Io {
+                what: format!("Create {}", d.display()),
+                source,
+            })?;
+        }
+        let accel = ferry_qemu::detect_accel(cfg.accel);
+        let events = EventLog::load(store.clone()).await?;
+        let tasks = Tasks::load(store.clone(), events.clone()).await?;
+        let qemu_version = qemu_version(&cfg.qemu_binary).await;
+        let cgroups = cgroups::Cgroups::detect(&cfg.resources.cgroup_root);
+        tracing::info!(cgroups = %cgroups.describe(), "resource pools");
+        let host = Host {
+            inner: Arc::new(Inner {
+                cfg,
+                accel,
+                store,
+                events,
+                tasks,
+                slots: Mutex::new(HashMap::new()),
+                qemu_version,
+                cluster,
+                view: Default::default(),
+                loops: Default::default(),
+                cgroups,
+                replication: Default::default(),
+                history: Default::default(),
+                known_hosts: Mutex::new(None),
+                login_failures: Mutex::new(Default::default()),
+            }),
+        };
+        host.open_dirs_to_qemu();
+        host.ensure_default_pool().await?;
+        host.start_replication().await?;
+        host.adopt_all().await?;
+        host.repair().await?;
+        tokio::spawn(host.clone().history_loop());
+        tokio::spawn(host.clone().serial_log_loop());
+        tracing::info!(%accel, "host runtime ready");
+        Ok(host)
+    }
+
+    /// Hands the runtime the cluster side's answers (once; later calls are ignored).
+    pub fn set_view(&self, view: Arc<dyn ClusterView>) {
+        let _ = self.inner.view.set(view);
+    }
+
+    /// Whether HA VMs may run here: always outside an etcd cluster; in one, only while
+    /// the cluster side says this host holds its lease (never before it has said so).
+    pub fn holds_lease(&self) -> bool {
+        if self.inner.cluster.is_none() {
+            return true;
+        }
+        self.inner.view.get().is_some_and(|v| v.holds_lease())
+    }
+
+    pub fn events(&self) -> &EventLog {
+        &self.inner.events
+    }
+
+    pub fn tasks(&self) -> &Tasks {
+        &self.inner.tasks
+    }
+
+    pub fn accel(&self) -> Accel {
+        self.inner.accel
+    }
+
+    /// How this host runs VMs.
+    pub fn cfg(&self) -> &AgentConfig {
+        &self.inner.cfg
+    }
+
+    /// This host's store (its subtree in etcd in a cluster).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// The etcd cluster this host belongs to, if any.
+    pub fn cluster(&self) -> Option<&ClusterLink> {
+        self.inner.cluster.as_ref()
+    }
+
+    /// The background tasks' last runs and errors (every subsystem reports here).
+    pub fn loops(&self) -> &loops::Loops {
+        &self.inner.loops
+    }
+
+    /// Where resource pools are enforced.
+    pub fn cgroups(&self) -> &cgroups::Cgroups {
+        &self.inner.cgroups
+    }
+
+    pub async fn host_info(&self) -> Result<HostInfo> {
+        let vms = self.list_vms().await?;
+        let live = vms.iter().filter(|v| v.state.has_process());
+        Ok(HostInfo {
+            name: self.host_name().to_string(),
+            hostname: nix_hostname(),
+            accel: self.inner.accel.to_string(),
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            memory_bytes: host_memory_bytes(),
+            memory_available_bytes: meminfo("MemAvailable:"),
+            vm_memory_bytes: live.clone().map(|v| v.spec.memory_mib << 20).sum(),
+            qemu_version: self.inner.qemu_version.clone(),
+            vms_running: live.count(),
+            vms_defined: vms.len(),
+            maintenance: self.in_maintenance().await?,
+            cpu_busy: self.host_cpu_busy(),
+            background: self.inner.loops.list(),
+        })
+    }
+}
+
+/// An error and its sources, outermost first.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> Vec<String> {
+    let mut v = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let m = s.to_string();
+        // Some errors repeat their source in their own message: keep it once.
+        if !v.last().is_some_and(|l| l.contains(&m)) {
+            v.push(m);
+        }
+        cur = s.source();
+    }
+    v
+}
+
+fn nix_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// MemTotal from /proc/meminfo.
+pub fn host_memory_bytes() -> u64 {
+    meminfo("MemTotal:")
+}
+
+/// A /proc/meminfo figure in bytes.
+pub fn meminfo(key: &str) -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+async fn qemu_version(bin: &str) -> String {
+    match tokio::process::Command::new(bin)
+        .arg("--version")
+        .output()
+        .await
+    {
+        Ok(o) => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string(),
+        Err(e) => format!("unavailable: {e}"),
+    }
+}
