@@ -106,7 +106,7 @@ pub async fn move_disk(
     let task = a
         .tasks()
         .spawn("vm.move-disk", &name, move |ctx| async move {
-            agent.move_disk(&n, index, &req, &ctx).await
+            agent.migrations().move_disk(&n, index, &req, &ctx).await
         });
     Ok((StatusCode::ACCEPTED, Json(TaskAccepted { task })))
 }
@@ -119,6 +119,6 @@ pub async fn abort_move_disk(
     State(a): State<Agent>,
     ApiPath((name, index)): ApiPath<(String, usize)>,
 ) -> ApiResult<StatusCode> {
-    a.abort_move_disk(&name, index).await?;
+    a.migrations().abort_move_disk(&name, index).await?;
     Ok(StatusCode::NO_CONTENT)
 }

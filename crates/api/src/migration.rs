@@ -44,7 +44,7 @@ pub async fn migrate_vm(
     let agent = a.clone();
     let n = name.clone();
     let task = a.tasks().spawn("vm.migrate", &name, move |ctx| async move {
-        let report: MigrationReport = agent.migrate_vm(&n, req, &ctx).await?;
+        let report: MigrationReport = agent.migrations().migrate_vm(&n, req, &ctx).await?;
         ctx.result(serde_json::to_value(&report).unwrap_or_default());
         Ok(())
     });
@@ -58,7 +58,7 @@ pub async fn prepare_incoming(
     State(a): State<Agent>,
     ApiJson(req): ApiJson<IncomingRequest>,
 ) -> ApiResult<Json<IncomingReady>> {
-    Ok(Json(a.prepare_incoming(req).await?))
+    Ok(Json(a.migrations().prepare_incoming(req).await?))
 }
 
 #[utoipa::path(post, path = "/api/v1/migrations/incoming/{name}/finish", tag = "migration", request_body = IncomingFinish,
@@ -70,7 +70,9 @@ pub async fn finish_incoming(
     ApiPath(name): ApiPath<String>,
     ApiJson(req): ApiJson<IncomingFinish>,
 ) -> ApiResult<Json<Vec<String>>> {
-    Ok(Json(a.finish_incoming(&name, req.success).await?))
+    Ok(Json(
+        a.migrations().finish_incoming(&name, req.success).await?,
+    ))
 }
 
 #[utoipa::path(post, path = "/api/v1/migrations/incoming/{name}/claim", tag = "migration",
@@ -81,7 +83,7 @@ pub async fn claim_incoming(
     State(a): State<Agent>,
     ApiPath(name): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
-    a.claim_incoming(&name).await?;
+    a.migrations().claim_incoming(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -93,7 +95,8 @@ pub async fn get_migration(
     State(a): State<Agent>,
     ApiPath(name): ApiPath<String>,
 ) -> ApiResult<Json<MigrationInfo>> {
-    a.outgoing_migration(&name)
+    a.migrations()
+        .outgoing_migration(&name)
         .map(Json)
         .ok_or_else(|| AgentError::NotFound(format!("Outgoing migration of {name}")).into())
 }
@@ -148,7 +151,7 @@ pub async fn move_vm(
     let agent = a.clone();
     let n = name.clone();
     let task = a.tasks().spawn("vm.move", &name, move |ctx| async move {
-        agent.move_vm(&n, &req.to, &ctx).await
+        agent.migrations().move_vm(&n, &req.to, &ctx).await
     });
     Ok((StatusCode::ACCEPTED, Json(TaskAccepted { task })))
 }
@@ -160,7 +163,7 @@ pub async fn prepare_cold(
     State(a): State<Agent>,
     ApiJson(req): ApiJson<ColdIncoming>,
 ) -> ApiResult<StatusCode> {
-    a.prepare_cold(req).await?;
+    a.migrations().prepare_cold(req).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -173,8 +176,11 @@ async fn receive(
 ) -> ApiResult<StatusCode> {
     use futures::StreamExt;
     use tokio::io::AsyncWriteExt;
-    let (path, partial) = a.cold_upload_target(name, piece).await?;
-    let limit = a.cold_upload_limit(name, piece, &partial).await?;
+    let (path, partial) = a.migrations().cold_upload_target(name, piece).await?;
+    let limit = a
+        .migrations()
+        .cold_upload_limit(name, piece, &partial)
+        .await?;
     let io = |what: String| move |source: std::io::Error| AgentError::Io { what, source };
     let mut f = tokio::fs::File::create(&partial)
         .await
@@ -207,7 +213,9 @@ async fn receive(
         let _ = tokio::fs::remove_file(&partial).await;
         return Err(e.into());
     }
-    a.cold_upload_done(name, piece, &partial, &path).await?;
+    a.migrations()
+        .cold_upload_done(name, piece, &partial, &path)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -256,5 +264,5 @@ pub async fn finish_cold(
     ApiPath(name): ApiPath<String>,
     ApiJson(req): ApiJson<IncomingFinish>,
 ) -> ApiResult<Json<Vec<String>>> {
-    Ok(Json(a.finish_cold(&name, req.success).await?))
+    Ok(Json(a.migrations().finish_cold(&name, req.success).await?))
 }

@@ -6,19 +6,67 @@
 //! when it completes; on failure the VM keeps running here and the destination removes
 //! what it prepared. `incoming.rs` is the destination's side, `policy.rs` decides
 //! throttling and post-copy, `recover.rs` finishes migrations a daemon restart cut off.
+//! `cold.rs` moves stopped and suspended VMs, `storage.rs` mirrors local disks for
+//! `--with-storage`, `movedisk.rs` is Storage vMotion, `tls.rs` QEMU's TLS on the
+//! migration stream, `target.rs` where the stream goes.
+//!
+//! [`Migrations`] is this crate's view of a host: the [`Host`] runtime plus the
+//! migrations in flight, which only this crate changes. It needs nothing of the
+//! cluster side; the cluster side (DRS, maintenance) calls it.
 
 mod cold;
 pub use cold::ColdPiece;
 mod incoming;
-pub(crate) mod policy;
+mod movedisk;
+pub mod policy;
 mod recover;
 mod storage;
 mod target;
 mod tls;
 
+use ferry_host::Host;
+pub(crate) use ferry_host::{confine, error, error_chain, exit, meminfo, records, runtime, tasks};
+
 use crate::error::{AgentError, Result};
 use crate::tasks::TaskCtx;
-use crate::Agent;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// The migrations in flight on this host (only this crate changes them).
+#[derive(Default)]
+struct Inner {
+    /// Outgoing live migrations: VM → (destination, QEMU's last status).
+    outgoing: Mutex<HashMap<String, (String, String)>>,
+    /// Incoming live migrations: VM → (id, spec), for the claim at switchover.
+    claims: Mutex<HashMap<String, (u32, ferry_types::VmSpec)>>,
+}
+
+/// A host's migrations: the runtime it moves VMs off and onto, and what is in flight.
+/// Cheap to clone; dereferences to the [`Host`].
+#[derive(Clone)]
+pub struct Migrations {
+    host: Host,
+    inner: Arc<Inner>,
+}
+
+impl std::ops::Deref for Migrations {
+    type Target = Host;
+    fn deref(&self) -> &Host {
+        &self.host
+    }
+}
+
+impl Migrations {
+    /// The migrations of `host`; finishes those a daemon restart cut off.
+    pub async fn open(host: Host) -> Migrations {
+        let m = Migrations {
+            host,
+            inner: Arc::default(),
+        };
+        m.recover_migrations().await;
+        m
+    }
+}
 use ferry_qmp::commands as qc;
 use ferry_qmp::Qmp;
 use ferry_types::{
@@ -49,7 +97,7 @@ const DEFAULT_DOWNTIME_MS: u64 = 50;
 /// No cap unless asked: the migration link is the hosts' (like Proxmox's default).
 const DEFAULT_BANDWIDTH_MIB: u64 = 10 * 1024;
 
-impl Agent {
+impl Migrations {
     /// Outgoing migrations (the destination asks while it waits).
     pub fn outgoing_migration(&self, vm: &str) -> Option<MigrationInfo> {
         self.inner

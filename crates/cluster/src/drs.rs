@@ -14,8 +14,8 @@
 
 use crate::error::{AgentError, Result};
 use crate::records::VmRecord;
-use crate::Agent;
-use ferry_drs::{Cluster, Host, HostState as DrsHostState, Vm as DrsVm};
+use crate::Cluster;
+use ferry_drs::{Cluster as DrsCluster, Host as DrsHost, HostState as DrsHostState, Vm as DrsVm};
 use ferry_store::{keys, Store, StoreJson};
 use ferry_types::{
     AdmissionMode, DrsConfig, DrsMode, DrsMove, DrsPlan, DrsStatus, HostCapacity, MigrateRequest,
@@ -26,8 +26,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::cluster::lease::Alive;
-use crate::cluster::membership::MANAGER;
+use crate::lease::Alive;
+use crate::membership::MANAGER;
 
 const SAMPLE: Duration = Duration::from_secs(2);
 
@@ -138,7 +138,7 @@ fn spec_vm(spec: &VmSpec, reach: &PoolReach) -> DrsVm {
     drs_vm(&rec, "", None, reach)
 }
 
-impl Agent {
+impl Cluster {
     pub async fn drs_config(&self) -> Result<DrsConfig> {
         let (s, p) = self.shared();
         Ok(s.get_json::<DrsConfig>(&keys::shared::drs_config(p))
@@ -254,13 +254,13 @@ impl Agent {
 
     /// The cluster as DRS sees it (this host alone outside a cluster), and the
     /// resource pools.
-    pub(crate) async fn drs_snapshot(&self) -> Result<(Cluster, Vec<ResourcePool>)> {
+    pub(crate) async fn drs_snapshot(&self) -> Result<(DrsCluster, Vec<ResourcePool>)> {
         let pools = self.resource_pools().await?;
-        let mut c = Cluster::default();
+        let mut c = DrsCluster::default();
         let Some(link) = &self.cluster() else {
             let (cpus, memory_bytes) = self.capacity();
             let loads = self.last_loads();
-            c.hosts.push(Host {
+            c.hosts.push(DrsHost {
                 name: self.host_name().to_string(),
                 cpus,
                 memory_bytes,
@@ -302,7 +302,7 @@ impl Agent {
                 (None, Some((a, _))) => (a.cpus as f64, a.memory_bytes),
                 (None, None) => (0.0, 0),
             };
-            c.hosts.push(Host {
+            c.hosts.push(DrsHost {
                 name: m.name.clone(),
                 cpus,
                 memory_bytes,
@@ -411,7 +411,7 @@ impl Agent {
                 self.host_name()
             ),
         );
-        self.move_vm(name, &to, ctx).await?;
+        self.mig.move_vm(name, &to, ctx).await?;
         let peer = self.peer(&to).await?;
         let t: ferry_types::TaskAccepted = peer
             .post(&format!("/api/v1/vms/{name}/start"), &serde_json::json!({}))
@@ -636,7 +636,7 @@ impl Agent {
             return Ok(self
                 .tasks()
                 .spawn("vm.migrate", &mv.vm, move |ctx| async move {
-                    let report = agent.migrate_vm(&n, req, &ctx).await?;
+                    let report = agent.mig.migrate_vm(&n, req, &ctx).await?;
                     ctx.result(serde_json::to_value(&report).unwrap_or_default());
                     Ok(())
                 }));

@@ -5,7 +5,7 @@
 
 use crate::error::{AgentError, Result};
 use crate::tasks::TaskCtx;
-use crate::Agent;
+use crate::Migrations;
 use ferry_qmp::commands as qc;
 use ferry_qmp::Qmp;
 use ferry_types::IncomingReady;
@@ -16,7 +16,7 @@ fn job(i: usize) -> String {
     format!("mirror-disk{i}")
 }
 
-impl Agent {
+impl Migrations {
     /// Starts the mirrors and waits until each is in sync; returns the bytes copied.
     pub(super) async fn mirror_disks(
         &self,
@@ -45,7 +45,7 @@ impl Agent {
                     "server": {"type": "inet", "host": host, "port": port},
                     "export": export,
                     // TLS with the host certificates; the server must be host `to`.
-                    "tls-creds": super::tls::CLIENT_CREDS, "tls-hostname": to,
+                    "tls-creds": crate::tls::CLIENT_CREDS, "tls-hostname": to,
                 })),
             )
             .await?;

@@ -6,13 +6,13 @@
 
 use crate::error::{AgentError, Result};
 use crate::tasks::TaskCtx;
-use crate::Agent;
+use crate::Migrations;
 use ferry_qmp::commands as qc;
 use ferry_types::{ByteSize, DiskFormat, VmState};
 use serde_json::json;
 use std::time::Duration;
 
-impl Agent {
+impl Migrations {
     /// Moves disk `index` of VM `name` to pool `to_pool` (running or stopped).
     pub async fn move_disk(
         &self,

@@ -6,7 +6,7 @@
 use crate::error::{AgentError, Result};
 use crate::records::{vm_key, VmRecord};
 use crate::tasks::TaskCtx;
-use crate::Agent;
+use crate::Migrations;
 use ferry_store::StoreJson;
 use ferry_types::{ColdIncoming, IncomingFinish, VmState, VmTransfer};
 use std::path::{Path, PathBuf};
@@ -22,7 +22,7 @@ pub enum ColdPiece {
     Efivars,
 }
 
-impl Agent {
+impl Migrations {
     /// Moves stopped or suspended VM `name` to host `to`.
     pub async fn move_vm(&self, name: &str, to: &str, ctx: &TaskCtx) -> Result<()> {
         let slot = self.slot(name);

@@ -6,14 +6,14 @@
 //!
 //! etcd keys (under `/ferry`):
 //! - `/cluster/members/{host}`: [`ClusterHost`] (name, API, address);
-//! - `/cluster/alive/{host}`: under the host's lease (see [`super::lease`]);
+//! - `/cluster/alive/{host}`: under the host's lease (see [`crate::lease`]);
 //! - `/cluster/ha/manager`: the elected HA manager, under its lease;
 //! - `/cluster/fenced/{host}`: set by the manager for a host whose VMs it recovered;
 //! - `/cluster/next-vm-id`: VM ids are unique in the cluster;
 //! - `/hosts/{host}/...`: the host's own store (its VMs: ownership is where the record is).
 
 use crate::error::{AgentError, Result};
-use crate::Agent;
+use crate::Cluster;
 use ferry_host::ClusterLink;
 use ferry_pki::HostPki;
 use ferry_store::member::{self, MemberConfig, MemberTls};
@@ -238,7 +238,7 @@ fn check_own_address(address: &str) -> Result<()> {
     Ok(())
 }
 
-impl Agent {
+impl Cluster {
     /// Restarts the local etcd member if ferry manages it and it died.
     pub(crate) async fn ensure_member(&self) {
         let Some(link) = &self.cluster() else {
@@ -760,7 +760,7 @@ impl Agent {
         {
             serials.extend(rec.cert_serial);
         }
-        super::remove::drop_member_records(&link.root, name, &serials, "left").await?;
+        crate::remove::drop_member_records(&link.root, name, &serials, "left").await?;
         // The CA holder signs the list itself before it goes (no one else can).
         if self.cfg().pki.has_ca_key() {
             if let Err(e) = self.sync_crl().await {

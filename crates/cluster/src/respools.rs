@@ -3,12 +3,12 @@
 //! of them: `ferry_host::respools`).
 
 use crate::error::{AgentError, Result};
-use crate::Agent;
+use crate::Cluster;
 use ferry_drs::HostState;
 use ferry_store::StoreJson;
 use ferry_types::ResourcePool;
 
-impl Agent {
+impl Cluster {
     /// Creates (`create`) or replaces a pool after checking the whole hierarchy with
     /// it against the cluster's capacity; nothing changes when the check fails.
     pub async fn put_resource_pool(

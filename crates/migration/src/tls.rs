@@ -5,7 +5,7 @@
 //! address.
 
 use crate::error::{AgentError, Result};
-use crate::Agent;
+use crate::Migrations;
 use ferry_qmp::commands as qc;
 use ferry_qmp::Qmp;
 use serde_json::json;
@@ -72,7 +72,7 @@ pub(crate) async fn drop_creds(qmp: &Qmp) {
     }
 }
 
-impl Agent {
+impl Migrations {
     /// The files QEMU's `tls-creds-x509` reads (the names it expects), from the host's
     /// certificate files, for VM `vm`'s QEMU.
     /// The credentials for a migration with host `peer`: both hosts' migration

@@ -5,7 +5,7 @@
 
 use crate::error::{AgentError, Result};
 use crate::tasks::TaskCtx;
-use crate::Agent;
+use crate::Cluster;
 use ferry_types::{HostInfo, MigrateRequest, VmState};
 
 /// Where each VM goes: greedy, largest VM first, onto the host with the most memory
@@ -33,7 +33,7 @@ pub fn plan_evacuation(
         .collect()
 }
 
-impl Agent {
+impl Cluster {
     /// Targets for this host's running VMs by DRS placement, largest VM first.
     async fn drs_evacuation(
         &self,
@@ -113,7 +113,7 @@ impl Agent {
                 max_bandwidth_mib: None,
                 allow_postcopy: None,
             };
-            match self.migrate_vm(&vm, req, ctx).await {
+            match self.mig.migrate_vm(&vm, req, ctx).await {
                 Ok(r) => ctx.log(format!(
                     "{vm} now on {to} ({} ms, downtime {} ms)",
                     r.total_ms, r.downtime_ms

@@ -3,7 +3,7 @@
 //! ack, and acks arrive late, out of order, or never.
 
 use super::*;
-use crate::cluster::lease::{watchdog_step, WatchdogStep};
+use crate::lease::{watchdog_step, WatchdogStep};
 use proptest::prelude::*;
 
 const MS: u64 = 1_000_000;

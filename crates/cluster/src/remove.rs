@@ -3,9 +3,9 @@
 //! user — and its certificate is revoked, like Proxmox's `pvecm delnode`. A host
 //! that is up leaves by itself (`ferry cluster leave`).
 
-use super::membership::{etcd_err, while_unhealthy};
 use crate::error::{AgentError, Result};
-use crate::Agent;
+use crate::membership::{etcd_err, while_unhealthy};
+use crate::Cluster;
 use ferry_store::keys::{cluster as ck, host as hk};
 use ferry_store::{member, Store, StoreJson};
 use ferry_types::ClusterHost;
@@ -31,7 +31,7 @@ pub(super) async fn drop_member_records(
         success.extend(
             serials
                 .iter()
-                .map(|s| super::certs::revoke_op(s, name, reason)),
+                .map(|s| crate::certs::revoke_op(s, name, reason)),
         );
         let r = root
             .txn(ferry_store::Txn {
@@ -52,7 +52,7 @@ pub(super) async fn drop_member_records(
     }
 }
 
-impl Agent {
+impl Cluster {
     /// Takes member `name` out of the cluster from here: only while it holds no lease
     /// (it is down); with VM records it still owns only with `force` (they go; their
     /// disks stay where they are). Its certificate is revoked.

@@ -15,9 +15,9 @@
 //! lives: no failover for a daemon restart within the grace. If it expired, the agent
 //! fences first, then announces itself with a new lease.
 
-use super::fence::{FenceClock, FenceReason};
 use crate::error::Result;
-use crate::Agent;
+use crate::fence::{FenceClock, FenceReason};
+use crate::Cluster;
 use ferry_store::{LeaseId, Op, Store, StoreError, Txn};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -165,7 +165,7 @@ pub fn run_watchdog(run_dir: &Path, device: Option<&Path>) -> ! {
     }
 }
 
-impl Agent {
+impl Cluster {
     fn lease_file(&self) -> PathBuf {
         self.cfg().run_dir.join("cluster-lease")
     }

@@ -1,7 +1,7 @@
 //! `ferry cluster certs status|renew`: the cluster CA and this host's certificate.
 
 use crate::error::{AgentError, Result};
-use crate::Agent;
+use crate::Cluster;
 use ferry_store::{Store, StoreJson};
 use ferry_types::{CertDetails, CertSignRequest, CertSigned, CertStatus};
 
@@ -48,7 +48,7 @@ fn details(i: ferry_pki::CertInfo) -> CertDetails {
     }
 }
 
-impl Agent {
+impl Cluster {
     /// The CA and host certificate as on disk now.
     pub fn cert_status(&self) -> Result<CertStatus> {
         let pki = ferry_pki::HostPki::load(&self.cfg().pki.dir)?;

@@ -7,7 +7,7 @@
 use crate::error::{AgentError, Result};
 use crate::records::{vm_key, VmRecord};
 use crate::runtime::Slot;
-use crate::Agent;
+use crate::Migrations;
 use ferry_qmp::commands as qc;
 use ferry_store::StoreJson;
 use ferry_types::{ByteSize, IncomingReady, IncomingRequest, MigrationInfo, VmState};
@@ -20,7 +20,7 @@ const SOURCE_SILENCE: Duration = Duration::from_secs(30);
 /// How long it waits for the source's word after QEMU completed.
 const FINISH_GRACE: Duration = Duration::from_secs(5);
 
-impl Agent {
+impl Migrations {
     /// Prepares to receive `req.vm`: record (marked incoming), volumes for copied
     /// disks, QEMU listening. All or nothing.
     pub async fn prepare_incoming(&self, req: IncomingRequest) -> Result<IncomingReady> {
@@ -115,8 +115,8 @@ impl Agent {
                 Some(json!({
                     "announce-initial": 1, "announce-max": 100,
                     "announce-rounds": 6, "announce-step": 20,
-                    "tls-creds": super::tls::SERVER_CREDS,
-                    "tls-authz": super::tls::AUTHZ,
+                    "tls-creds": crate::tls::SERVER_CREDS,
+                    "tls-authz": crate::tls::AUTHZ,
                 })),
             )
             .await?;
@@ -213,8 +213,8 @@ impl Agent {
                     "nbd-server-start",
                     Some(json!({
                         "addr": {"type": "inet", "data": {"host": addr, "port": port.to_string()}},
-                        "tls-creds": super::tls::SERVER_CREDS,
-                        "tls-authz": super::tls::AUTHZ,
+                        "tls-creds": crate::tls::SERVER_CREDS,
+                        "tls-authz": crate::tls::AUTHZ,
                     })),
                 )
                 .await
@@ -316,7 +316,7 @@ impl Agent {
         let locks = self.take_over_locks(&rec.spec, &source).await?;
         let _ = qmp.run(&qc::NbdServerStop).await;
         // The host's key leaves this QEMU's memory with its credentials.
-        super::tls::drop_creds(&qmp).await;
+        crate::tls::drop_creds(&qmp).await;
         let state = slot.state();
         let state = if state == VmState::Starting {
             VmState::Running

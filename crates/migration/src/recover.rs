@@ -6,12 +6,12 @@
 //! watchdog of every VM still arriving, and drops those whose QEMU is gone.
 
 use crate::error::AgentError;
-use crate::Agent;
+use crate::Migrations;
 use ferry_qmp::commands as qc;
 use ferry_types::{IncomingFinish, Vm};
 use std::time::Duration;
 
-impl Agent {
+impl Migrations {
     pub(crate) async fn recover_migrations(&self) {
         let Ok(records) = self.records().await else {
             return;

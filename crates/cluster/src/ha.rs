@@ -8,14 +8,14 @@
 
 use crate::error::Result;
 use crate::records::VmRecord;
-use crate::Agent;
+use crate::Cluster;
 use ferry_ha::{Command, HostView, VmView};
 use ferry_store::{keys, Cmp, Compare, KeyValue, Op, Store, StoreJson, Txn};
 use ferry_types::VmState;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use super::lease::Alive;
+use crate::lease::Alive;
 use keys::cluster::{ALIVE, MANAGER};
 
 const TICK: Duration = Duration::from_millis(250);
@@ -43,7 +43,7 @@ fn decode(kv: &KeyValue) -> Option<VmRecord> {
     serde_json::from_slice(&kv.value).ok()
 }
 
-impl Agent {
+impl Cluster {
     pub(crate) async fn ha_loop(self) {
         loop {
             tokio::time::sleep(TICK).await;

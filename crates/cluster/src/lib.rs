@@ -1,0 +1,102 @@
+//! The cluster side of a host: membership in etcd ([`membership`]), certificates and
+//! their revocation ([`certs`]), removing a dead member ([`remove`]), the host lease and
+//! self-fencing ([`lease`], its clock [`fence`]), the HA manager and the local restart
+//! logic ([`ha`]), DRS ([`drs`]: load measurement, the cluster snapshot, balancing,
+//! placement, admission), maintenance mode ([`maintenance`]) and resource pool
+//! definitions ([`respools`]).
+//!
+//! [`Cluster`] is a host's cluster side: the [`Host`] runtime (which it dereferences
+//! to), the host's [`Migrations`] (DRS and maintenance move VMs through them) and the
+//! state only the cluster side owns. The runtime learns what it needs of it through
+//! [`ferry_host::ClusterView`], answered by the lease keeper's [`lease::LeaseCell`].
+
+mod certs;
+mod drs;
+pub mod fence;
+mod ha;
+pub mod lease;
+mod maintenance;
+mod membership;
+mod remove;
+mod respools;
+
+pub use lease::{kill_ha_qemus, run_watchdog};
+pub use maintenance::plan_evacuation;
+pub use membership::{connect, load_config};
+
+use ferry_host::Host;
+pub(crate) use ferry_host::{error, error_chain, events, gate, records, tasks, TaskCtx};
+use ferry_migration::Migrations;
+
+use std::sync::{Arc, Mutex};
+
+/// What only the cluster side owns.
+struct Inner {
+    /// The host lease and the fence clock (the lease keeper's; the runtime asks it
+    /// through [`ferry_host::ClusterView`]).
+    lease: Arc<lease::LeaseCell>,
+    restarts: Mutex<ha::Restarts>,
+    /// When the HA manager last read every VM record.
+    full_round: Mutex<Option<std::time::Instant>>,
+    /// VMs the HA manager could not place last round, with the reason.
+    ha_no_place: Mutex<std::collections::BTreeMap<String, String>>,
+    restart: tokio::sync::Notify,
+    /// Smoothed CPU load of this host's VMs (DRS).
+    loads: Mutex<drs::LoadTracker>,
+    /// This host's agent was the HA manager at its last round (DRS runs there).
+    is_manager: std::sync::atomic::AtomicBool,
+    /// Join attempts in the current minute (a limit on guessing join tokens).
+    join_attempts: Mutex<(std::time::Instant, u32)>,
+}
+
+/// A host's cluster side. Cheap to clone; dereferences to the [`Host`].
+#[derive(Clone)]
+pub struct Cluster {
+    mig: Migrations,
+    inner: Arc<Inner>,
+}
+
+impl std::ops::Deref for Cluster {
+    type Target = Host;
+    fn deref(&self) -> &Host {
+        &self.mig
+    }
+}
+
+impl Cluster {
+    /// The cluster side of the host `mig` runs on: hands the runtime the lease keeper's
+    /// answers, then starts the lease loop (in an etcd cluster), the HA loop, load
+    /// measurement, and in an etcd cluster DRS and the revocation list loop.
+    pub fn start(mig: Migrations) -> Cluster {
+        let lease = Arc::new(lease::LeaseCell::default());
+        mig.set_view(lease.clone());
+        let c = Cluster {
+            mig,
+            inner: Arc::new(Inner {
+                lease,
+                restarts: Mutex::new(Default::default()),
+                full_round: Mutex::new(None),
+                ha_no_place: Mutex::default(),
+                restart: tokio::sync::Notify::new(),
+                loads: Mutex::new(Default::default()),
+                is_manager: Default::default(),
+                join_attempts: Mutex::new((std::time::Instant::now(), 0)),
+            }),
+        };
+        if c.cluster().is_some() {
+            tokio::spawn(c.clone().lease_loop());
+        }
+        tokio::spawn(c.clone().ha_loop());
+        tokio::spawn(c.clone().load_loop());
+        if c.cluster().is_some() {
+            tokio::spawn(c.clone().drs_loop());
+            tokio::spawn(c.clone().crl_loop());
+        }
+        c
+    }
+
+    /// This host's migrations (DRS and maintenance move VMs through them).
+    pub fn migrations(&self) -> &Migrations {
+        &self.mig
+    }
+}
