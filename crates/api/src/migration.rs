@@ -8,7 +8,7 @@ use axum::Json;
 use ferry_agent::{Agent, AgentError, ColdPiece};
 use ferry_types::{
     ApiErrorBody, ClusterHost, ColdIncoming, IncomingFinish, IncomingReady, IncomingRequest,
-    MigrateRequest, MigrationInfo, MigrationReport, MoveRequest, TaskAccepted, VmState,
+    MigrateRequest, MigrationInfo, MigrationReport, MoveRequest, TaskAccepted, VmAction,
 };
 
 type Accepted = (StatusCode, Json<TaskAccepted>);
@@ -33,13 +33,9 @@ pub async fn migrate_vm(
 ) -> ApiResult<Accepted> {
     req.validate().map_err(AgentError::from)?;
     let vm = a.get_vm(&name).await?;
-    if !matches!(vm.state, VmState::Running | VmState::Paused) {
-        return Err(AgentError::Conflict(format!(
-            "VM {name} is {}: only running or paused VMs migrate live",
-            vm.state
-        ))
-        .into());
-    }
+    vm.state
+        .check(VmAction::Migrate)
+        .map_err(AgentError::from)?;
     known_host(&a, &req.to).await?;
     let agent = a.clone();
     let n = name.clone();
@@ -137,16 +133,7 @@ pub async fn move_vm(
     ApiJson(req): ApiJson<MoveRequest>,
 ) -> ApiResult<Accepted> {
     let vm = a.get_vm(&name).await?;
-    if !matches!(
-        vm.state,
-        VmState::Stopped | VmState::Crashed | VmState::Suspended
-    ) {
-        return Err(AgentError::Conflict(format!(
-            "VM {name} is {}: running VMs move with migrate",
-            vm.state
-        ))
-        .into());
-    }
+    vm.state.check(VmAction::Move).map_err(AgentError::from)?;
     known_host(&a, &req.to).await?;
     let agent = a.clone();
     let n = name.clone();

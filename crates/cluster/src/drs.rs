@@ -13,6 +13,7 @@
 //!   pools, HA admission control).
 
 use crate::error::{AgentError, Result};
+use crate::records::Transit;
 use crate::records::VmRecord;
 use crate::Cluster;
 use ferry_drs::{Cluster as DrsCluster, Host as DrsHost, HostState as DrsHostState, Vm as DrsVm};
@@ -126,8 +127,7 @@ fn drs_vm(rec: &VmRecord, host: &str, load: Option<&VmLoad>, reach: &PoolReach) 
                 .iter()
                 .all(|d| reach.shared.contains(&d.pool) || reach.replicated.contains_key(&d.pool))
             && !rec.template
-            && rec.migrating_to.is_none()
-            && rec.incoming_from.is_none(),
+            && rec.transit.is_none(),
         pool: rec.spec.resource_pool.clone(),
     }
 }
@@ -321,7 +321,7 @@ impl Cluster {
                 .list_json::<VmRecord>(&keys::cluster::of_host(&m.name, keys::host::VMS))
                 .await?
             {
-                if r.template || r.incoming_from.is_some() {
+                if r.template || Transit::from(&r.transit).is_some() {
                     continue;
                 }
                 let load = cap.as_ref().and_then(|c| c.vms.get(&r.spec.name));

@@ -7,6 +7,7 @@
 //! then starts it, taking its disk locks over from the dead host.
 
 use crate::error::Result;
+use crate::records::Transit;
 use crate::records::VmRecord;
 use crate::Cluster;
 use ferry_ha::{Command, HostView, VmView};
@@ -95,8 +96,7 @@ impl Cluster {
             let name = rec.spec.name.clone();
             if !rec.spec.ha.enabled()
                 || rec.template
-                || rec.incoming_from.is_some()
-                || rec.migrating_to.is_some()
+                || rec.transit.is_some()
                 || rec.ha_relocate
                 || !wanted(rec.last_state)
             {
@@ -262,10 +262,10 @@ impl Cluster {
                 .await?
             {
                 let Some(rec) = decode(&kv) else { continue };
-                if rec.incoming_from.is_some() || rec.template {
+                if Transit::from(&rec.transit).is_some() || rec.template {
                     continue;
                 }
-                if let Some(to) = &rec.migrating_to {
+                if let Some(to) = Transit::to(&rec.transit) {
                     // Mid-migration: the destination may own it by now; leave it to
                     // the migration's own recovery while the destination has a copy.
                     let there = root
@@ -411,7 +411,7 @@ impl Cluster {
         });
         rec.ha_from = Some(from.to_string());
         rec.ha_relocate = false;
-        rec.migrating_to = None;
+        rec.transit = None;
         let mut compare = vec![
             Compare::ModRev(from_key.clone(), Cmp::Equal, rev),
             Compare::Version(to_key.clone(), Cmp::Equal, 0),

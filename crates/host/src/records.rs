@@ -13,8 +13,37 @@ pub fn vm_key(name: &str) -> String {
     format!("{VMS}{name}")
 }
 
+/// Which way a migration is moving a VM, as its record on each side says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transit {
+    /// Source: the VM is leaving for this host (still ours until it finishes).
+    To(String),
+    /// Destination: the VM is arriving from this host (not ours until it finishes).
+    From(String),
+}
+
+impl Transit {
+    /// The destination, on the source's record.
+    pub fn to(t: &Option<Transit>) -> Option<&str> {
+        match t {
+            Some(Transit::To(h)) => Some(h),
+            _ => None,
+        }
+    }
+
+    /// The source, on the destination's record.
+    pub fn from(t: &Option<Transit>) -> Option<&str> {
+        match t {
+            Some(Transit::From(h)) => Some(h),
+            _ => None,
+        }
+    }
+}
+
 /// A VM as stored: its definition and what the agent last knew of it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(from = "StoredRecord")]
 pub struct VmRecord {
     pub id: u32,
     pub spec: VmSpec,
@@ -32,12 +61,10 @@ pub struct VmRecord {
     /// While suspended: the file holding RAM and device state.
     #[serde(default)]
     pub suspend_file: Option<String>,
-    /// Source: a live migration to this host is under way.
-    #[serde(default)]
-    pub migrating_to: Option<String>,
-    /// Destination: the VM is arriving from this host (not ours until it finishes).
-    #[serde(default)]
-    pub incoming_from: Option<String>,
+    /// A migration moving the VM: to another host (this is the source) or from one
+    /// (this is the destination).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transit: Option<Transit>,
     /// The id the VM had where it was created, when it arrived here under another
     /// (its volumes keep names with that id).
     #[serde(default)]
@@ -66,12 +93,69 @@ impl VmRecord {
             current_snapshot: None,
             clone_of: None,
             suspend_file: None,
-            migrating_to: None,
-            incoming_from: None,
+            transit: None,
             origin_id: None,
             ha_from: None,
             ha_relocate: false,
             lock_generations: Default::default(),
+        }
+    }
+}
+
+/// A record as read: today's fields, and the two a record written before [`Transit`]
+/// had instead (`migrating_to`, `incoming_from`), so a migration cut off by an upgrade
+/// is still recognised and finished.
+#[derive(Deserialize)]
+struct StoredRecord {
+    id: u32,
+    spec: VmSpec,
+    last_state: VmState,
+    #[serde(default)]
+    last_exit: Option<String>,
+    #[serde(default)]
+    template: bool,
+    #[serde(default)]
+    current_snapshot: Option<String>,
+    #[serde(default)]
+    clone_of: Option<ferry_types::CloneOf>,
+    #[serde(default)]
+    suspend_file: Option<String>,
+    #[serde(default)]
+    transit: Option<Transit>,
+    #[serde(default)]
+    migrating_to: Option<String>,
+    #[serde(default)]
+    incoming_from: Option<String>,
+    #[serde(default)]
+    origin_id: Option<u32>,
+    #[serde(default)]
+    ha_from: Option<String>,
+    #[serde(default)]
+    ha_relocate: bool,
+    #[serde(default)]
+    lock_generations: std::collections::BTreeMap<String, u64>,
+}
+
+impl From<StoredRecord> for VmRecord {
+    fn from(r: StoredRecord) -> VmRecord {
+        let legacy = r
+            .migrating_to
+            .map(Transit::To)
+            .or(r.incoming_from.map(Transit::From));
+        VmRecord {
+            id: r.id,
+            spec: r.spec,
+            last_state: r.last_state,
+            last_exit: r.last_exit,
+            template: r.template,
+            current_snapshot: r.current_snapshot,
+            clone_of: r.clone_of,
+            suspend_file: r.suspend_file,
+            transit: r.transit.or(legacy),
+            origin_id: r.origin_id,
+            ha_from: r.ha_from,
+            ha_relocate: r.ha_relocate,
+            lock_generations: r.lock_generations,
         }
     }
 }
@@ -207,6 +291,51 @@ impl Host {
             if r.succeeded {
                 return Ok(next);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> serde_json::Value {
+        serde_json::json!({"name": "a", "memory_mib": 64})
+    }
+
+    /// A record an older ferry wrote mid-migration still says where the VM goes.
+    #[test]
+    fn records_of_older_versions_keep_their_migration() {
+        let old = |k: &str| serde_json::json!({"id": 1, "spec": spec(), "last_state": "running", k: "h2"});
+        let r: VmRecord = serde_json::from_value(old("migrating_to")).unwrap();
+        assert_eq!(r.transit, Some(Transit::To("h2".into())));
+        let r: VmRecord = serde_json::from_value(old("incoming_from")).unwrap();
+        assert_eq!(r.transit, Some(Transit::From("h2".into())));
+        let r: VmRecord = serde_json::from_value(
+            serde_json::json!({"id": 1, "spec": spec(), "last_state": "stopped"}),
+        )
+        .unwrap();
+        assert_eq!(r.transit, None);
+    }
+
+    /// What is written reads back the same, and only the new field is written.
+    #[test]
+    fn transit_round_trips() {
+        let mut r: VmRecord = serde_json::from_value(
+            serde_json::json!({"id": 7, "spec": spec(), "last_state": "running"}),
+        )
+        .unwrap();
+        for t in [
+            None,
+            Some(Transit::To("h3".into())),
+            Some(Transit::From("h1".into())),
+        ] {
+            r.transit = t.clone();
+            let v = serde_json::to_value(&r).unwrap();
+            assert!(v.get("migrating_to").is_none() && v.get("incoming_from").is_none());
+            let back: VmRecord = serde_json::from_value(v).unwrap();
+            assert_eq!(back.transit, t);
+            assert_eq!(back.id, 7);
         }
     }
 }

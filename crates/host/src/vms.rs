@@ -1,6 +1,7 @@
 //! VM definitions: create, list, show, edit, delete.
 
 use crate::error::{AgentError, Result};
+use crate::records::Transit;
 use crate::records::{vm_key, VmRecord};
 use crate::Host;
 use ferry_store::StoreJson;
@@ -20,11 +21,10 @@ impl Host {
             template: r.template,
             current_snapshot: r.current_snapshot,
             clone_of: r.clone_of,
-            migration: match (&r.migrating_to, &r.incoming_from) {
-                (Some(to), _) => Some(format!("to {to}")),
-                (_, Some(from)) => Some(format!("from {from}")),
-                _ => None,
-            },
+            migration: r.transit.as_ref().map(|t| match t {
+                Transit::To(to) => format!("to {to}"),
+                Transit::From(from) => format!("from {from}"),
+            }),
             spec: r.spec,
         }
     }

@@ -4,11 +4,12 @@
 //! (or stays where it is on a shared pool) and it resumes on the destination.
 
 use crate::error::{AgentError, Result};
+use crate::records::Transit;
 use crate::records::{vm_key, VmRecord};
 use crate::tasks::TaskCtx;
 use crate::Migrations;
 use ferry_store::StoreJson;
-use ferry_types::{ColdIncoming, IncomingFinish, VmState, VmTransfer};
+use ferry_types::{ColdIncoming, IncomingFinish, MigrationPhase, VmAction, VmState, VmTransfer};
 use std::path::{Path, PathBuf};
 
 /// A file of a VM arriving cold.
@@ -29,14 +30,7 @@ impl Migrations {
         let _op = slot.op.lock().await;
         let (rec, _) = self.record(name).await?;
         let state = slot.state();
-        if !matches!(
-            state,
-            VmState::Stopped | VmState::Crashed | VmState::Suspended
-        ) {
-            return Err(AgentError::Conflict(format!(
-                "VM {name} is {state}: running VMs move with ferry vm migrate"
-            )));
-        }
+        state.check(VmAction::Move)?;
         let peer = self.peer(to).await?;
         let mut uploads = vec![];
         for (i, d) in rec.spec.disks.iter().enumerate() {
@@ -90,7 +84,10 @@ impl Migrations {
             origin_id: Some(rec.origin_id.unwrap_or(rec.id)),
         };
         ctx.log(format!("registering {name} on {to}"));
-        self.set_outgoing(name, Some((to, "cold")));
+        self.set_outgoing(
+            name,
+            Some((to, crate::Step::Ferry(MigrationPhase::Cold, "cold"))),
+        );
         peer.post::<serde_json::Value>("/api/v1/migrations/cold", &req)
             .await?;
         let sent = async {
@@ -231,7 +228,7 @@ impl Migrations {
             template: req.vm.template,
             current_snapshot: req.vm.current_snapshot.clone(),
             clone_of: req.vm.clone_of.clone(),
-            incoming_from: Some(req.source.clone()),
+            transit: Some(Transit::From(req.source.clone())),
             origin_id: req.origin_id.filter(|&o| o != id),
             suspend_file: req.suspend_file.clone(),
             last_state: if req.suspended {
@@ -262,7 +259,7 @@ impl Migrations {
         piece: ColdPiece,
     ) -> Result<(PathBuf, PathBuf)> {
         let (rec, _) = self.record(name).await?;
-        if rec.incoming_from.is_none() {
+        if Transit::from(&rec.transit).is_none() {
             return Err(AgentError::Conflict(format!("{name} is not arriving here")));
         }
         if piece == ColdPiece::Efivars {
@@ -364,7 +361,7 @@ impl Migrations {
         let slot = self.slot(name);
         let _op = slot.op.lock().await;
         let (rec, _) = self.record(name).await?;
-        let Some(source) = rec.incoming_from.clone() else {
+        let Some(source) = Transit::from(&rec.transit).map(String::from) else {
             return Ok(vec![]);
         };
         if !success {
@@ -382,7 +379,7 @@ impl Migrations {
         } else {
             vec![]
         };
-        self.update_record(name, |r| r.incoming_from = None).await?;
+        self.update_record(name, |r| r.transit = None).await?;
         slot.with(|rt| rt.state = rec.last_state);
         self.events().emit(
             Some(name),

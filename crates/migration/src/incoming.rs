@@ -5,12 +5,15 @@
 //! dropped when the source gave up or vanished before completion.
 
 use crate::error::{AgentError, Result};
+use crate::records::Transit;
 use crate::records::{vm_key, VmRecord};
 use crate::runtime::Slot;
 use crate::Migrations;
 use ferry_qmp::commands as qc;
 use ferry_store::StoreJson;
-use ferry_types::{ByteSize, IncomingReady, IncomingRequest, MigrationInfo, VmState};
+use ferry_types::{
+    ByteSize, IncomingReady, IncomingRequest, MigrationInfo, MigrationPhase, VmState,
+};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -77,7 +80,7 @@ impl Migrations {
             template: req.vm.template,
             current_snapshot: req.vm.current_snapshot.clone(),
             clone_of: req.vm.clone_of.clone(),
-            incoming_from: Some(req.source.clone()),
+            transit: Some(Transit::From(req.source.clone())),
             origin_id: origin,
             ..VmRecord::new(id, spec)
         };
@@ -87,10 +90,17 @@ impl Migrations {
         }
         // The claim happens while the guest is paused: it must not wait for the store.
         self.inner
-            .claims
+            .arriving
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(name.clone(), (rec.id, rec.spec.clone()));
+            .insert(
+                name.clone(),
+                crate::Arriving {
+                    id: rec.id,
+                    spec: rec.spec.clone(),
+                    phase: MigrationPhase::Setup,
+                },
+            );
         let r = async {
             for s in &req.vm.snapshots {
                 self.store()
@@ -233,15 +243,19 @@ impl Migrations {
     pub async fn claim_incoming(&self, name: &str) -> Result<()> {
         let cached = self
             .inner
-            .claims
+            .arriving
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
+            .get_mut(name)
+            .map(|a| {
+                a.phase = MigrationPhase::Switchover;
+                (a.id, a.spec.clone())
+            });
         let (id, spec) = match cached {
             Some(c) => c,
             None => {
                 let (rec, _) = self.record(name).await?;
-                if rec.incoming_from.is_none() {
+                if Transit::from(&rec.transit).is_none() {
                     return Err(AgentError::Conflict(format!("{name} is not arriving here")));
                 }
                 (rec.id, rec.spec)
@@ -281,7 +295,7 @@ impl Migrations {
     ) -> Result<Vec<String>> {
         self.forget_claim(name);
         let (rec, _) = self.record(name).await?;
-        let Some(source) = rec.incoming_from.clone() else {
+        let Some(source) = Transit::from(&rec.transit).map(String::from) else {
             if success {
                 return Ok(vec![]); // finished already (a retry)
             }
@@ -324,7 +338,7 @@ impl Migrations {
             state
         };
         self.update_record(name, |r| {
-            r.incoming_from = None;
+            r.transit = None;
             r.last_state = state;
         })
         .await?;
@@ -338,9 +352,21 @@ impl Migrations {
 
     /// Removes a prepared VM that never became this host's: QEMU, record, volumes made
     /// for copied disks (disks on pools only this host sees).
+    fn set_arriving_phase(&self, name: &str, phase: MigrationPhase) {
+        if let Some(a) = self
+            .inner
+            .arriving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(name)
+        {
+            a.phase = phase;
+        }
+    }
+
     fn forget_claim(&self, name: &str) {
         self.inner
-            .claims
+            .arriving
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(name);
@@ -351,7 +377,7 @@ impl Migrations {
         let Ok((rec, _)) = self.record(name).await else {
             return;
         };
-        if rec.incoming_from.is_none() {
+        if Transit::from(&rec.transit).is_none() {
             return;
         }
         if slot.state().has_process() {
@@ -374,7 +400,7 @@ impl Migrations {
             "migration",
             format!(
                 "dropped the incoming copy of {name} (the source {} keeps it)",
-                rec.incoming_from.unwrap_or_default()
+                Transit::from(&rec.transit).unwrap_or_default()
             ),
         );
     }
@@ -396,7 +422,7 @@ impl Migrations {
                 Err(AgentError::NotFound(_)) => return,
                 Err(_) => continue,
             };
-            let Some(source) = rec.incoming_from.clone() else {
+            let Some(source) = Transit::from(&rec.transit).map(String::from) else {
                 return;
             };
             let slot = self.slot(&name);
@@ -415,6 +441,7 @@ impl Migrations {
                 }
             };
             if status == Some(qc::MigrationStatus::Completed) {
+                self.set_arriving_phase(&name, MigrationPhase::Completed);
                 let at = *completed_at.get_or_insert_with(Instant::now);
                 if at.elapsed() >= FINISH_GRACE {
                     tracing::warn!(vm = %name, %source, "source silent after completion; taking over");
@@ -435,13 +462,15 @@ impl Migrations {
                 {
                     Ok(i) => {
                         silent_since = None;
-                        i.to != self.host_name() || i.status == "failed" || i.status == "cancelled"
+                        i.to != self.host_name() || i.phase().is_given_up()
                     }
                     Err(AgentError::NotFound(_)) => true,
                     Err(_) => {
                         let since = *silent_since.get_or_insert_with(Instant::now);
                         since.elapsed() >= SOURCE_SILENCE
-                            && !status.is_some_and(|s| s.as_str().starts_with("postcopy"))
+                            && !status.is_some_and(|s| {
+                                MigrationPhase::from_qemu(s.as_str()) == MigrationPhase::PostCopy
+                            })
                     }
                 },
                 Err(AgentError::NotFound(_)) => true,
@@ -454,7 +483,7 @@ impl Migrations {
                 }
                 // Checked again under the lock: the source may have finished meanwhile.
                 match self.record(&name).await {
-                    Ok((r, _)) if r.incoming_from.is_some() => {
+                    Ok((r, _)) if Transit::from(&r.transit).is_some() => {
                         self.drop_incoming_locked(&name, &slot).await;
                     }
                     Ok(_) | Err(AgentError::NotFound(_)) => {}

@@ -28,17 +28,46 @@ use ferry_host::Host;
 pub(crate) use ferry_host::{confine, error, error_chain, exit, meminfo, records, runtime, tasks};
 
 use crate::error::{AgentError, Result};
+use crate::records::Transit;
 use crate::tasks::TaskCtx;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+/// An outgoing migration: where to, and where it stands.
+struct Outgoing {
+    to: String,
+    phase: MigrationPhase,
+    /// QEMU's last status (or ferry's step before QEMU has one).
+    status: String,
+}
+
+/// A step of an outgoing migration: one of ferry's own, or QEMU's status.
+#[derive(Clone, Copy)]
+enum Step {
+    Ferry(MigrationPhase, &'static str),
+    Qemu(qc::MigrationStatus),
+}
+
+/// The first step of every migration.
+const SETUP: Step = Step::Ferry(MigrationPhase::Setup, "setup");
+
 /// The migrations in flight on this host (only this crate changes them).
 #[derive(Default)]
 struct Inner {
-    /// Outgoing live migrations: VM → (destination, QEMU's last status).
-    outgoing: Mutex<HashMap<String, (String, String)>>,
-    /// Incoming live migrations: VM → (id, spec), for the claim at switchover.
-    claims: Mutex<HashMap<String, (u32, ferry_types::VmSpec)>>,
+    /// Outgoing migrations: VM → destination and phase.
+    outgoing: Mutex<HashMap<String, Outgoing>>,
+    /// Live migrations arriving here: their phase, and what the claim at switchover
+    /// needs (it must not wait for the store while the guest is paused).
+    arriving: Mutex<HashMap<String, Arriving>>,
+}
+
+/// A live migration arriving here.
+struct Arriving {
+    id: u32,
+    spec: ferry_types::VmSpec,
+    /// Setup until the source's claim, Switchover after it, Completed once QEMU has
+    /// everything; gone when the source's word (or the watchdog) ends it.
+    phase: MigrationPhase,
 }
 
 /// A host's migrations: the runtime it moves VMs off and onto, and what is in flight.
@@ -70,8 +99,8 @@ impl Migrations {
 use ferry_qmp::commands as qc;
 use ferry_qmp::Qmp;
 use ferry_types::{
-    IncomingFinish, IncomingReady, IncomingRequest, MigrateRequest, MigrationInfo, MigrationReport,
-    VmState, VmTransfer,
+    IncomingFinish, IncomingReady, IncomingRequest, MigrateRequest, MigrationInfo, MigrationPhase,
+    MigrationReport, VmAction, VmState, VmTransfer,
 };
 use policy::{Decision, Policy, PolicyConfig, Sample};
 use serde_json::json;
@@ -105,22 +134,36 @@ impl Migrations {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(vm)
-            .map(|(to, status)| MigrationInfo {
+            .map(|o| MigrationInfo {
                 vm: vm.to_string(),
-                to: to.clone(),
-                status: status.clone(),
+                to: o.to.clone(),
+                status: o.status.clone(),
+                phase: Some(o.phase),
             })
     }
 
-    fn set_outgoing(&self, vm: &str, to: Option<(&str, &str)>) {
+    /// Records where the outgoing migration of `vm` stands (`None`: it is over). A
+    /// status QEMU reported gives the phase; ferry's own steps name theirs.
+    fn set_outgoing(&self, vm: &str, to: Option<(&str, Step)>) {
         let mut m = self
             .inner
             .outgoing
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         match to {
-            Some((to, status)) => {
-                m.insert(vm.to_string(), (to.to_string(), status.to_string()));
+            Some((to, step)) => {
+                let (phase, status) = match step {
+                    Step::Ferry(p, s) => (p, s.to_string()),
+                    Step::Qemu(s) => (MigrationPhase::from_qemu(s.as_str()), s.as_str().into()),
+                };
+                m.insert(
+                    vm.to_string(),
+                    Outgoing {
+                        to: to.to_string(),
+                        phase,
+                        status,
+                    },
+                );
             }
             None => {
                 m.remove(vm);
@@ -140,13 +183,8 @@ impl Migrations {
         let slot = self.slot(name);
         let _op = slot.op.lock().await;
         let (rec, _) = self.record(name).await?;
-        let state = slot.state();
-        if !matches!(state, VmState::Running | VmState::Paused) {
-            return Err(AgentError::Conflict(format!(
-                "VM {name} is {state}: only running or paused VMs migrate live (a stopped VM moves with ferry vm move)"
-            )));
-        }
-        if rec.incoming_from.is_some() || rec.migrating_to.is_some() {
+        slot.state().check(VmAction::Migrate)?;
+        if rec.transit.is_some() {
             return Err(AgentError::Conflict(format!(
                 "VM {name} is already migrating"
             )));
@@ -180,8 +218,8 @@ impl Migrations {
             postcopy: false,
             origin_id: Some(rec.origin_id.unwrap_or(rec.id)),
         };
-        self.set_outgoing(name, Some((&req.to, "setup")));
-        self.update_record(name, |r| r.migrating_to = Some(req.to.clone()))
+        self.set_outgoing(name, Some((&req.to, SETUP)));
+        self.update_record(name, |r| r.transit = Some(Transit::To(req.to.clone())))
             .await?;
         self.events().emit(
             Some(name),
@@ -196,7 +234,7 @@ impl Migrations {
             Ok(report) => report,
             Err(e) => {
                 self.set_outgoing(name, None);
-                let _ = self.update_record(name, |r| r.migrating_to = None).await;
+                let _ = self.update_record(name, |r| r.transit = None).await;
                 self.events().emit(
                     Some(name),
                     "migration",
@@ -305,7 +343,7 @@ impl Migrations {
                     incoming.postcopy = true;
                     // Not the cancelled attempt's status: the destination must not
                     // read it as this migration's end and drop the next copy.
-                    self.set_outgoing(name, Some((&req.to, "setup")));
+                    self.set_outgoing(name, Some((&req.to, SETUP)));
                 }
                 Ok(Attempt::RetryWithPostcopy(steps)) => {
                     break Err(AgentError::Conflict(format!(
@@ -377,7 +415,10 @@ impl Migrations {
         report: &mut MigrationReport,
         ctx: &TaskCtx,
     ) -> Result<()> {
-        self.set_outgoing(name, Some((&req.to, "completed")));
+        self.set_outgoing(
+            name,
+            Some((&req.to, Step::Qemu(qc::MigrationStatus::Completed))),
+        );
         // QEMU here has stopped writing (its disks are inactive after completion):
         // hand the replicated volumes' terms over; the destination promotes its copies.
         if let Ok((r, _)) = self.record(name).await {
@@ -453,7 +494,7 @@ impl Migrations {
             if !pre {
                 let info = qmp.run(&qc::QueryMigrate).await?;
                 let s = Sample::from_info(&info, t.elapsed());
-                self.set_outgoing(name, Some((&req.to, s.status.as_str())));
+                self.set_outgoing(name, Some((&req.to, Step::Qemu(s.status))));
                 if s.total > 0 {
                     let done = s.total.saturating_sub(s.remaining) as f32 / s.total as f32;
                     ctx.progress(0.05 + 0.9 * done);

@@ -6,9 +6,10 @@
 //! watchdog of every VM still arriving, and drops those whose QEMU is gone.
 
 use crate::error::AgentError;
+use crate::records::Transit;
 use crate::Migrations;
 use ferry_qmp::commands as qc;
-use ferry_types::{IncomingFinish, Vm};
+use ferry_types::{IncomingFinish, MigrationPhase, Vm};
 use std::time::Duration;
 
 impl Migrations {
@@ -18,11 +19,17 @@ impl Migrations {
         };
         for rec in records {
             let name = rec.spec.name.clone();
-            if let Some(to) = rec.migrating_to.clone() {
-                self.set_outgoing(&name, Some((&to, "recovering")));
+            if let Some(to) = Transit::to(&rec.transit).map(String::from) {
+                self.set_outgoing(
+                    &name,
+                    Some((
+                        &to,
+                        crate::Step::Ferry(MigrationPhase::Recovering, "recovering"),
+                    )),
+                );
                 let agent = self.clone();
                 tokio::spawn(async move { agent.resolve_outgoing(name, to).await });
-            } else if rec.incoming_from.is_some() {
+            } else if Transit::from(&rec.transit).is_some() {
                 let slot = self.slot(&name);
                 if slot.state().has_process() {
                     let agent = self.clone();
@@ -85,13 +92,13 @@ impl Migrations {
                     format!("{name} runs on {to}: forgotten here after a restart"),
                 );
             } else {
-                let _ = self.update_record(name, |r| r.migrating_to = None).await;
+                let _ = self.update_record(name, |r| r.transit = None).await;
             }
             return Ok(true);
         }
         let qmp = self.qmp(name)?;
         let status = qmp.run(&qc::QueryMigrate).await?.status();
-        self.set_outgoing(name, Some((to, status.as_str())));
+        self.set_outgoing(name, Some((to, crate::Step::Qemu(status))));
         match status.as_str() {
             "completed" => match dest_has_it().await? {
                 Some(_) => {
@@ -123,7 +130,7 @@ impl Migrations {
                         &IncomingFinish { success: false },
                     )
                     .await;
-                let _ = self.update_record(name, |r| r.migrating_to = None).await;
+                let _ = self.update_record(name, |r| r.transit = None).await;
                 let st = slot.state();
                 self.save_state(name, st, None).await;
                 self.events().emit(

@@ -112,13 +112,72 @@ pub struct IncomingFinish {
     pub success: bool,
 }
 
+/// Where a migration stands. The source's phase is what it reports to the destination
+/// ([`MigrationInfo`]); the destination keeps its own for the VM arriving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationPhase {
+    /// The destination is being prepared; its QEMU waits for the stream.
+    Setup,
+    /// RAM (and disks) are copied while the guest runs on the source (pre-copy).
+    Transferring,
+    /// The guest runs on the destination while its remaining pages arrive (post-copy):
+    /// neither side may drop its half.
+    PostCopy,
+    /// The guest is paused; the destination claims its NICs and the last state goes.
+    Switchover,
+    /// QEMU finished sending; the destination takes the VM over.
+    Completed,
+    /// A stopped or suspended VM's files are being copied.
+    Cold,
+    /// The source's daemon restarted mid-migration and is finding out how it ended.
+    Recovering,
+    /// It failed; the VM stays (or runs again) on the source.
+    Failed,
+    /// It was cancelled; the VM stays on the source.
+    Cancelled,
+}
+
+impl MigrationPhase {
+    /// The phase QEMU's `query-migrate` status names (QEMU's own spelling).
+    pub fn from_qemu(status: &str) -> MigrationPhase {
+        match status {
+            "setup" => MigrationPhase::Setup,
+            "pre-switchover" | "device" => MigrationPhase::Switchover,
+            s if s.starts_with("postcopy") => MigrationPhase::PostCopy,
+            "completed" => MigrationPhase::Completed,
+            "failed" => MigrationPhase::Failed,
+            "cancelling" | "cancelled" => MigrationPhase::Cancelled,
+            _ => MigrationPhase::Transferring,
+        }
+    }
+
+    /// Over for good: the destination drops what it prepared.
+    pub fn is_given_up(self) -> bool {
+        matches!(self, MigrationPhase::Failed | MigrationPhase::Cancelled)
+    }
+}
+
 /// An outgoing migration as the source reports it (the destination asks while it waits).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct MigrationInfo {
     pub vm: String,
     pub to: String,
-    /// QEMU's migration status (`active`, `postcopy-active`, `completed`, `failed`, ...).
+    /// QEMU's migration status (`active`, `postcopy-active`, `completed`, `failed`, ...),
+    /// or ferry's (`setup`, `cold`, `recovering`) before QEMU has one.
     pub status: String,
+    /// Where the migration stands (absent from a source older than this field: then
+    /// read from `status`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<MigrationPhase>,
+}
+
+impl MigrationInfo {
+    /// The phase, from `status` when the source did not say.
+    pub fn phase(&self) -> MigrationPhase {
+        self.phase
+            .unwrap_or_else(|| MigrationPhase::from_qemu(&self.status))
+    }
 }
 
 /// How a migration went.

@@ -53,13 +53,30 @@ pub enum VmAction {
     Suspend,
     Snapshot,
     Clone,
+    /// Live migration to another host (the VM runs on through it).
+    Migrate,
+    /// Cold migration: a VM without a QEMU moves to another host.
+    Move,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("Cannot {action} a VM that is {state}")]
+#[error("Cannot {action} a VM that is {state}{}", hint(*action, *state))]
 pub struct InvalidTransition {
     pub action: VmAction,
     pub state: VmState,
+}
+
+/// What to do instead, where there is a better way.
+fn hint(action: VmAction, state: VmState) -> &'static str {
+    match action {
+        VmAction::Migrate if !state.has_process() => {
+            " (only running or paused VMs migrate live; one without a QEMU moves with ferry vm move)"
+        }
+        VmAction::Move if state.has_process() => {
+            " (a running VM moves with ferry vm migrate)"
+        }
+        _ => "",
+    }
 }
 
 impl VmState {
@@ -85,6 +102,8 @@ impl VmState {
             A::Pause => self == S::Running,
             A::Resume => matches!(self, S::Paused | S::Suspended),
             A::Snapshot => matches!(self, S::Stopped | S::Crashed | S::Running | S::Paused),
+            A::Migrate => matches!(self, S::Running | S::Paused),
+            A::Move => matches!(self, S::Stopped | S::Crashed | S::Suspended),
         };
         if ok {
             Ok(())
@@ -145,5 +164,35 @@ mod tests {
         let e = VmState::Running.check(VmAction::Delete).unwrap_err();
         assert_eq!(e.to_string(), "Cannot delete a VM that is running");
         assert!(VmState::Running.check(VmAction::Edit).is_err());
+    }
+
+    /// Live migration is for VMs with a running guest, a cold move for VMs without a
+    /// QEMU; each refusal says which way the VM can go instead.
+    #[test]
+    fn migrate_and_move_split_the_states() {
+        use VmState as S;
+        for s in [
+            S::Stopped,
+            S::Starting,
+            S::Running,
+            S::Paused,
+            S::ShuttingDown,
+            S::Crashed,
+            S::Suspended,
+        ] {
+            let live = s.check(VmAction::Migrate).is_ok();
+            let cold = s.check(VmAction::Move).is_ok();
+            assert_eq!(live, matches!(s, S::Running | S::Paused), "{s}");
+            assert_eq!(
+                cold,
+                matches!(s, S::Stopped | S::Crashed | S::Suspended),
+                "{s}"
+            );
+            assert!(!(live && cold), "{s}");
+        }
+        let e = S::Stopped.check(VmAction::Migrate).unwrap_err().to_string();
+        assert!(e.contains("ferry vm move"), "{e}");
+        let e = S::Running.check(VmAction::Move).unwrap_err().to_string();
+        assert!(e.contains("ferry vm migrate"), "{e}");
     }
 }
