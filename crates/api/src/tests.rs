@@ -182,7 +182,7 @@ async fn bad_input_is_4xx_with_reason_and_creates_nothing() {
     )
     .await;
     assert_eq!(s, StatusCode::CONFLICT, "{e}");
-    assert_eq!(e["code"], "conflict", "{e}");
+    assert_eq!(e["code"], "exists", "{e}");
     // Bodies that are no JSON, or the wrong media type, have codes of their own.
     for (ct, status, code) in [
         ("application/json", StatusCode::BAD_REQUEST, "invalid"),

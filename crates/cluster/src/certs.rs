@@ -1,6 +1,6 @@
 //! `ferry cluster certs status|renew`: the cluster CA and this host's certificate.
 
-use crate::error::{AgentError, Result};
+use crate::error::{AgentError, Failure, Refusal, Result};
 use crate::Cluster;
 use ferry_store::{Store, StoreJson};
 use ferry_types::{CertDetails, CertSignRequest, CertSigned, CertStatus};
@@ -125,8 +125,9 @@ impl Cluster {
                 }
             }
             let Some(cert) = signed else {
-                return Err(last
-                    .unwrap_or_else(|| AgentError::Conflict("No member holds the CA key".into())));
+                return Err(last.unwrap_or_else(|| {
+                    AgentError::refused(Refusal::Membership, "No member holds the CA key")
+                }));
             };
             pki.install_host(&cert, &key)?;
         }
@@ -144,20 +145,20 @@ impl Cluster {
         let link = self.cluster_link()?;
         let pki = ferry_pki::HostPki::load(&self.cfg().pki.dir)?;
         if !pki.has_ca_key() {
-            return Err(AgentError::Conflict(format!(
-                "{} holds no CA key",
-                self.host_name()
-            )));
+            return Err(AgentError::refused(
+                Refusal::Membership,
+                format!("{} holds no CA key", self.host_name()),
+            ));
         }
         let key = ferry_store::keys::cluster::member(host);
         let Some((rec, _)) = link.root.get_json::<ferry_types::ClusterHost>(&key).await? else {
             return Err(AgentError::NotFound(format!("Member {host}")));
         };
         let ip: std::net::IpAddr = rec.address.parse().map_err(|_| {
-            AgentError::Conflict(format!(
-                "{host}'s recorded address {} is no IP",
-                rec.address
-            ))
+            AgentError::failed(
+                Failure::Corrupt,
+                format!("{host}'s recorded address {} is no IP", rec.address),
+            )
         })?;
         let cert = pki.issue(csr, host, &[ip])?;
         // Not recorded here: should the answer not reach the host, its current

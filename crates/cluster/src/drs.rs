@@ -12,7 +12,7 @@
 //! - placement for `vm place`/`vm create --place`, and admission at start (resource
 //!   pools, HA admission control).
 
-use crate::error::{AgentError, Result};
+use crate::error::{AgentError, Failure, Refusal, Result};
 use crate::records::Transit;
 use crate::records::VmRecord;
 use crate::Cluster;
@@ -365,11 +365,10 @@ impl Cluster {
                 .iter()
                 .map(|h| format!("{}: {}", h.host, h.reasons.join(", ")))
                 .collect();
-            return Err(AgentError::Conflict(format!(
-                "No host can take VM {}: {}",
-                spec.name,
-                why.join("; ")
-            )));
+            return Err(AgentError::refused(
+                Refusal::NoRoom,
+                format!("No host can take VM {}: {}", spec.name, why.join("; ")),
+            ));
         };
         self.events().emit(
             Some(&spec.name),
@@ -426,10 +425,13 @@ impl Cluster {
                     return Ok(());
                 }
                 TaskState::Failed => {
-                    return Err(AgentError::Conflict(format!(
-                        "{name} moved to {to} but did not start there: {}",
-                        task.error.unwrap_or_default()
-                    )))
+                    return Err(AgentError::failed(
+                        Failure::Migration,
+                        format!(
+                            "{name} moved to {to} but did not start there: {}",
+                            task.error.unwrap_or_default()
+                        ),
+                    ))
                 }
             }
         }
@@ -445,7 +447,10 @@ impl Cluster {
         if let Err(why) = ferry_drs::pools::admit(&pools, &c, &vm) {
             self.events()
                 .emit(Some(name), "drs", format!("start refused: {why}"));
-            return Err(AgentError::Conflict(format!("Cannot start {name}: {why}")));
+            return Err(AgentError::refused(
+                Refusal::NoRoom,
+                format!("Cannot start {name}: {why}"),
+            ));
         }
         let cfg = self.drs_config().await?;
         if cfg.ha_host_failures == 0 {
@@ -462,7 +467,10 @@ impl Cluster {
                 AdmissionMode::Strict => {
                     self.events()
                         .emit(Some(name), "drs", format!("start refused: {msg}"));
-                    return Err(AgentError::Conflict(format!("Cannot start {name}: {msg}")));
+                    return Err(AgentError::refused(
+                        Refusal::NoRoom,
+                        format!("Cannot start {name}: {msg}"),
+                    ));
                 }
                 AdmissionMode::Warn => self.events().emit(Some(name), "drs", msg),
             }

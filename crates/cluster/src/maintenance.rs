@@ -3,7 +3,7 @@
 //! other hosts by DRS placement in an etcd cluster (by free memory in a static one) —
 //! never all onto one.
 
-use crate::error::{AgentError, Result};
+use crate::error::{AgentError, Failure, Result};
 use crate::tasks::TaskCtx;
 use crate::Cluster;
 use ferry_types::{HostInfo, MigrateRequest, VmState};
@@ -133,12 +133,15 @@ impl Cluster {
             );
             Ok(())
         } else {
-            Err(AgentError::Conflict(format!(
-                "{} in maintenance, but {} VM(s) still here: {}",
-                self.host_name(),
-                failed.len(),
-                failed.join("; ")
-            )))
+            Err(AgentError::failed(
+                Failure::Migration,
+                format!(
+                    "{} in maintenance, but {} VM(s) still here: {}",
+                    self.host_name(),
+                    failed.len(),
+                    failed.join("; ")
+                ),
+            ))
         }
     }
 }

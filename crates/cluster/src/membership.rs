@@ -12,7 +12,7 @@
 //! - `/cluster/next-vm-id`: VM ids are unique in the cluster;
 //! - `/hosts/{host}/...`: the host's own store (its VMs: ownership is where the record is).
 
-use crate::error::{AgentError, Result};
+use crate::error::{AgentError, Failure, Refusal, Result};
 use crate::Cluster;
 use ferry_host::ClusterLink;
 use ferry_pki::HostPki;
@@ -67,9 +67,12 @@ fn etcd_paths(state_dir: &Path, run_dir: &Path) -> EtcdPaths {
 pub fn load_config(state_dir: &Path) -> Result<Option<ClusterConfig>> {
     let p = config_path(state_dir);
     match std::fs::read(&p) {
-        Ok(b) => serde_json::from_slice(&b)
-            .map(Some)
-            .map_err(|e| AgentError::Conflict(format!("Cluster config {}: {e}", p.display()))),
+        Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
+            AgentError::failed(
+                Failure::Corrupt,
+                format!("Cluster config {}: {e}", p.display()),
+            )
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(AgentError::Io {
             what: format!("Read {}", p.display()),
@@ -265,16 +268,22 @@ impl Cluster {
 
     pub(crate) fn cluster_link(&self) -> Result<&ClusterLink> {
         self.cluster().ok_or_else(|| {
-            AgentError::Conflict("This host is not in a cluster (ferry cluster init|join)".into())
+            AgentError::refused(
+                Refusal::Membership,
+                "This host is not in a cluster (ferry cluster init|join)",
+            )
         })
     }
 
     fn refuse_if_clustered(&self) -> Result<()> {
         if self.cluster().is_some() || load_config(&self.cfg().state_dir)?.is_some() {
-            return Err(AgentError::Conflict(format!(
-                "Host {} is already in a cluster (ferry cluster leave first)",
-                self.host_name()
-            )));
+            return Err(AgentError::refused(
+                Refusal::Membership,
+                format!(
+                    "Host {} is already in a cluster (ferry cluster leave first)",
+                    self.host_name()
+                ),
+            ));
         }
         Ok(())
     }
@@ -462,10 +471,13 @@ impl Cluster {
         }
         let pki = &self.cfg().pki;
         if !pki.has_ca_key() {
-            return Err(AgentError::Conflict(format!(
-                "{} holds no CA key: join through the member that founded the cluster",
-                self.host_name()
-            )));
+            return Err(AgentError::refused(
+                Refusal::Membership,
+                format!(
+                    "{} holds no CA key: join through the member that founded the cluster",
+                    self.host_name()
+                ),
+            ));
         }
         if !self.take_join_token(link, &req.join_token).await? {
             tracing::warn!(name = %req.name, "join refused: unknown, used or expired join token");
@@ -504,10 +516,10 @@ impl Cluster {
             })
             .await?;
         if !created.succeeded {
-            return Err(AgentError::Conflict(format!(
-                "A host named {} is already a member",
-                req.name
-            )));
+            return Err(AgentError::refused(
+                Refusal::Exists,
+                format!("A host named {} is already a member", req.name),
+            ));
         }
         let (initial, endpoints) = if req.peer_url.is_some() {
             add_etcd_member(link, &req, &key).await?
@@ -588,8 +600,9 @@ impl Cluster {
         if ferry_pki::fingerprint_pem(&added.ca_cert)?
             != ferry_pki::parse_fingerprint(&req.fingerprint)?
         {
-            return Err(AgentError::Conflict(
-                "The member handed out another CA than the one it showed".into(),
+            return Err(AgentError::failed(
+                Failure::Untrusted,
+                "The member handed out another CA than the one it showed",
             ));
         }
         let dir = self.cfg().pki.dir.clone();
@@ -634,7 +647,7 @@ impl Cluster {
         let root = EtcdStore::connect(&cfg.endpoints, ROOT, Some(etcd_tls(pki))).await?;
         let host = root.scoped(&ferry_host::link::host_prefix(&cfg.name));
         if !host.list("/").await?.is_empty() {
-            return Err(AgentError::Conflict(format!(
+            return Err(AgentError::refused(Refusal::Exists, format!(
                 "The cluster already holds state of a host named {} (ferry cluster leave on it, or pick another --host-name)",
                 cfg.name
             )));
@@ -679,10 +692,13 @@ impl Cluster {
             .map(|v| v.spec.name)
             .collect();
         if !running.is_empty() {
-            return Err(AgentError::Conflict(format!(
-                "VMs still run on this host: {} (migrate or stop them first)",
-                running.join(", ")
-            )));
+            return Err(AgentError::refused(
+                Refusal::InUse,
+                format!(
+                    "VMs still run on this host: {} (migrate or stop them first)",
+                    running.join(", ")
+                ),
+            ));
         }
         // The CA key never leaves this host: without it no host joins or renews and no
         // certificate is revoked again. It leaves last.
@@ -693,7 +709,7 @@ impl Cluster {
             .filter(|m| m.name != link.cfg.name)
             .count();
         if self.cfg().pki.has_ca_key() && others > 0 {
-            return Err(AgentError::Conflict(format!(
+            return Err(AgentError::refused(Refusal::Membership, format!(
                 "{} holds the cluster's CA key (it signs the certificates and revocation lists of {others} other host(s)); it leaves last",
                 link.cfg.name
             )));

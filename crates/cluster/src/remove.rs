@@ -3,7 +3,7 @@
 //! user — and its certificate is revoked, like Proxmox's `pvecm delnode`. A host
 //! that is up leaves by itself (`ferry cluster leave`).
 
-use crate::error::{AgentError, Result};
+use crate::error::{AgentError, Refusal, Result};
 use crate::membership::{etcd_err, while_unhealthy};
 use crate::Cluster;
 use ferry_store::keys::{cluster as ck, host as hk};
@@ -59,17 +59,19 @@ impl Cluster {
     pub async fn cluster_remove(&self, name: &str, force: bool) -> Result<Vec<String>> {
         let link = self.cluster_link()?.clone();
         if name == link.cfg.name {
-            return Err(AgentError::Conflict(format!(
-                "{name} is this host: ferry cluster leave takes a host out by itself"
-            )));
+            return Err(AgentError::refused(
+                Refusal::Membership,
+                format!("{name} is this host: ferry cluster leave takes a host out by itself"),
+            ));
         }
         let Some((rec, _)) = link.root.get_json::<ClusterHost>(&ck::member(name)).await? else {
             return Err(AgentError::NotFound(format!("Member {name}")));
         };
         if link.root.get(&ck::alive(name)).await?.is_some() {
-            return Err(AgentError::Conflict(format!(
-                "{name} holds its cluster lease (it is up): run ferry cluster leave on it"
-            )));
+            return Err(AgentError::refused(
+                Refusal::Membership,
+                format!("{name} holds its cluster lease (it is up): run ferry cluster leave on it"),
+            ));
         }
         let vms: Vec<String> = link
             .root
@@ -79,7 +81,7 @@ impl Cluster {
             .filter_map(|kv| kv.key.rsplit('/').next().map(String::from))
             .collect();
         if !vms.is_empty() && !force {
-            return Err(AgentError::Conflict(format!(
+            return Err(AgentError::refused(Refusal::InUse, format!(
                 "{name} still owns VMs {} (HA moves the HA ones; --force drops the records of the others, their disks stay)",
                 vms.join(", ")
             )));

@@ -2,7 +2,7 @@
 //! hierarchy against the cluster's capacity by `ferry_drs::pools` (what a host enforces
 //! of them: `ferry_host::respools`).
 
-use crate::error::{AgentError, Result};
+use crate::error::{AgentError, Refusal, Result};
 use crate::Cluster;
 use ferry_drs::HostState;
 use ferry_store::StoreJson;
@@ -20,10 +20,10 @@ impl Cluster {
         let mut pools = self.resource_pools().await?;
         let exists = pools.iter().any(|p| p.name == pool.name);
         if create && exists {
-            return Err(AgentError::Conflict(format!(
-                "Resource pool {} already exists",
-                pool.name
-            )));
+            return Err(AgentError::refused(
+                Refusal::Exists,
+                format!("Resource pool {} already exists", pool.name),
+            ));
         }
         if !create && !exists {
             return Err(AgentError::NotFound(format!("Resource pool {}", pool.name)));
@@ -62,10 +62,10 @@ impl Cluster {
             .map(|p| p.name.as_str())
             .collect();
         if !kids.is_empty() {
-            return Err(AgentError::Conflict(format!(
-                "Resource pool {name} has sub-pools: {}",
-                kids.join(", ")
-            )));
+            return Err(AgentError::refused(
+                Refusal::InUse,
+                format!("Resource pool {name} has sub-pools: {}", kids.join(", ")),
+            ));
         }
         let (c, _) = self.drs_snapshot().await?;
         let vms: Vec<&str> = c
@@ -75,10 +75,10 @@ impl Cluster {
             .map(|v| v.name.as_str())
             .collect();
         if !vms.is_empty() {
-            return Err(AgentError::Conflict(format!(
-                "Resource pool {name} still holds VMs: {}",
-                vms.join(", ")
-            )));
+            return Err(AgentError::refused(
+                Refusal::InUse,
+                format!("Resource pool {name} still holds VMs: {}", vms.join(", ")),
+            ));
         }
         let (s, _) = self.shared();
         s.delete(&self.pool_key(name)).await?;

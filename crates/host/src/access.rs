@@ -7,7 +7,7 @@
 //!   never holds a token that works); revoked tokens stay listed as revoked;
 //! - `/access/acl`: every grant, one document changed by compare-and-swap.
 
-use crate::error::{AgentError, Result};
+use crate::error::{AgentError, Failure, Refusal, Result};
 use crate::events::now_ms;
 use crate::Host;
 use ferry_store::{Store, StoreJson};
@@ -169,9 +169,10 @@ impl Host {
                 if k.len() == 64 && k.bytes().all(|b| b.is_ascii_hexdigit()) {
                     return Ok(k);
                 }
-                return Err(AgentError::Conflict(format!(
-                    "The ticket key in the store ({TICKET_KEY}) is malformed"
-                )));
+                return Err(AgentError::failed(
+                    Failure::Corrupt,
+                    format!("The ticket key in the store ({TICKET_KEY}) is malformed"),
+                ));
             }
             let fresh = ferry_access::token::new_secret();
             store.create_json(TICKET_KEY, &fresh).await?;
@@ -244,10 +245,10 @@ impl Host {
             .create_json(&user_key(&req.name), &rec)
             .await?
         {
-            return Err(AgentError::Conflict(format!(
-                "A user named {} exists",
-                req.name
-            )));
+            return Err(AgentError::refused(
+                Refusal::Exists,
+                format!("A user named {} exists", req.name),
+            ));
         }
         self.inner
             .events
@@ -300,7 +301,10 @@ impl Host {
     /// Deletes a user with its tokens and grants (root cannot be deleted).
     pub async fn delete_user(&self, name: &str) -> Result<()> {
         if name == ROOT_USER {
-            return Err(AgentError::Conflict("root cannot be deleted".into()));
+            return Err(AgentError::refused(
+                Refusal::Unsupported,
+                "root cannot be deleted",
+            ));
         }
         self.user_record(name).await?;
         let store = self.access_store();
@@ -535,10 +539,13 @@ impl Host {
             .create_json(&token_key(user, &req.id), &rec)
             .await?
         {
-            return Err(AgentError::Conflict(format!(
-                "User {user} has a token {} (revoked ones stay listed; pick another id)",
-                req.id
-            )));
+            return Err(AgentError::refused(
+                Refusal::Exists,
+                format!(
+                    "User {user} has a token {} (revoked ones stay listed; pick another id)",
+                    req.id
+                ),
+            ));
         }
         self.inner
             .events
@@ -671,10 +678,10 @@ async fn hash_blocking(p: String) -> Result<String> {
     let _slot = ARGON2_SLOTS
         .acquire()
         .await
-        .map_err(|e| AgentError::Conflict(format!("password hashing: {e}")))?;
+        .map_err(|e| AgentError::failed(Failure::Internal, format!("password hashing: {e}")))?;
     tokio::task::spawn_blocking(move || ferry_access::password::hash(&p))
         .await
-        .map_err(|e| AgentError::Conflict(format!("password hashing failed: {e}")))
+        .map_err(|e| AgentError::failed(Failure::Internal, format!("password hashing failed: {e}")))
 }
 
 /// Verifies against `hash`, or spends the same time when there is none.
@@ -682,7 +689,7 @@ async fn verify_blocking(p: String, hash: Option<String>) -> Result<bool> {
     let _slot = ARGON2_SLOTS
         .acquire()
         .await
-        .map_err(|e| AgentError::Conflict(format!("password check: {e}")))?;
+        .map_err(|e| AgentError::failed(Failure::Internal, format!("password check: {e}")))?;
     tokio::task::spawn_blocking(move || match hash {
         Some(h) => ferry_access::password::verify(&p, &h),
         None => {
@@ -691,5 +698,5 @@ async fn verify_blocking(p: String, hash: Option<String>) -> Result<bool> {
         }
     })
     .await
-    .map_err(|e| AgentError::Conflict(format!("password check failed: {e}")))
+    .map_err(|e| AgentError::failed(Failure::Internal, format!("password check failed: {e}")))
 }

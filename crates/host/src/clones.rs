@@ -4,7 +4,7 @@
 //! templates, which are immutable, can be cloned linked). A full clone copies every disk
 //! (with progress) and is independent. Clones get a new id, name and MACs.
 
-use crate::error::{AgentError, Result};
+use crate::error::{AgentError, Refusal, Result};
 use crate::records::{vm_key, VmRecord};
 use crate::tasks::TaskCtx;
 use crate::Host;
@@ -24,7 +24,7 @@ impl Host {
             self.slot(src).state().check(VmAction::Clone)?;
         }
         if req.linked && !rec.template {
-            return Err(AgentError::Conflict(format!(
+            return Err(AgentError::refused(Refusal::Unsupported, format!(
                 "linked clones need a template, so their base never changes: run `ferry vm template {src}` first"
             )));
         }
@@ -114,10 +114,10 @@ impl Host {
             Ok(true) => {}
             Ok(false) => {
                 self.remove_volumes(&made).await;
-                return Err(AgentError::Conflict(format!(
-                    "VM {} already exists",
-                    req.name
-                )));
+                return Err(AgentError::refused(
+                    Refusal::Exists,
+                    format!("VM {} already exists", req.name),
+                ));
             }
             Err(e) => {
                 self.remove_volumes(&made).await;

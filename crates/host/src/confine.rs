@@ -16,7 +16,7 @@
 //! ferry keeps (state and run dirs, pools) are root's with group `ferry-qemu`, 0710:
 //! QEMU passes through them to its own files and lists nothing.
 
-use crate::error::{AgentError, Result};
+use crate::error::{AgentError, Failure, Refusal, Result};
 use crate::Host;
 use ferry_qemu::{LaunchPlan, RunAs};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -42,7 +42,7 @@ fn qemu_gid() -> Result<u32> {
         .flatten()
         .map(|g| g.gid.as_raw())
         .ok_or_else(|| {
-            AgentError::Conflict(format!(
+            AgentError::refused(Refusal::HostLacks, format!(
                 "There is no group {QEMU_GROUP}, which every VM's QEMU runs in: scripts/setup.sh (or the ferry package) makes it (groupadd --system {QEMU_GROUP})"
             ))
         })
@@ -73,10 +73,13 @@ pub fn own(path: &Path, uid: u32, gid: u32, mode: u32) -> Result<()> {
     let what = || format!("Hand {} to QEMU's user {uid}", path.display());
     let m = std::fs::symlink_metadata(path).map_err(io(what()))?;
     if m.file_type().is_symlink() {
-        return Err(AgentError::Conflict(format!(
-            "{} is a symbolic link; a VM's files must be files",
-            path.display()
-        )));
+        return Err(AgentError::failed(
+            Failure::Untrusted,
+            format!(
+                "{} is a symbolic link; a VM's files must be files",
+                path.display()
+            ),
+        ));
     }
     if m.file_type().is_socket() {
         // A socket cannot be opened; sockets ferry hands over lie in its own folders.
@@ -131,7 +134,7 @@ pub fn reachable(path: &Path, who: &RunAs, managed: &[PathBuf]) -> Result<()> {
                 .map_err(io(format!("Open {} to group {QEMU_GROUP}", d.display())))?;
             continue;
         }
-        return Err(AgentError::Conflict(format!(
+        return Err(AgentError::refused(Refusal::HostLacks, format!(
             "QEMU runs as uid {} (group {QEMU_GROUP}) and cannot reach {}: {} is closed to it (give it o+x, or group {QEMU_GROUP} with g+x)",
             who.uid,
             path.display(),

@@ -4,7 +4,7 @@
 //! Running disks keep their QEMU names `disk{index}`, so a running VM only loses its
 //! last disk; a stopped one any.
 
-use crate::error::{AgentError, Result};
+use crate::error::{AgentError, Failure, Refusal, Result};
 use crate::Host;
 use ferry_qmp::commands as qc;
 use ferry_types::{CdromSpec, DiskBus, DiskSpec, NicModel, NicSpec, VmState};
@@ -20,14 +20,16 @@ fn changeable(
     slot: &crate::runtime::Slot,
 ) -> Result<()> {
     if rec.template {
-        return Err(AgentError::Conflict(format!(
-            "{name} is a template; templates are immutable"
-        )));
+        return Err(AgentError::refused(
+            Refusal::Template,
+            format!("{name} is a template; templates are immutable"),
+        ));
     }
     if slot.state() == VmState::Suspended {
-        return Err(AgentError::Conflict(format!(
-            "{name} is suspended; its devices cannot change"
-        )));
+        return Err(AgentError::refused(
+            Refusal::Unsupported,
+            format!("{name} is suspended; its devices cannot change"),
+        ));
     }
     Ok(())
 }
@@ -99,18 +101,22 @@ impl Host {
         changeable(name, &rec, &slot)?;
         let running = slot.state().has_process();
         if running && !matches!(disk.bus, DiskBus::Virtio | DiskBus::Scsi) {
-            return Err(AgentError::Conflict(format!(
-                "{:?} disks cannot be hot-plugged; stop {name} first or use virtio/scsi",
-                disk.bus
-            )));
+            return Err(AgentError::refused(
+                Refusal::Unsupported,
+                format!(
+                    "{:?} disks cannot be hot-plugged; stop {name} first or use virtio/scsi",
+                    disk.bus
+                ),
+            ));
         }
         if running
             && disk.bus == DiskBus::Scsi
             && !rec.spec.disks.iter().any(|d| d.bus == DiskBus::Scsi)
         {
-            return Err(AgentError::Conflict(format!(
-                "{name} has no SCSI controller yet; stop it to add the first SCSI disk"
-            )));
+            return Err(AgentError::refused(
+                Refusal::Unsupported,
+                format!("{name} has no SCSI controller yet; stop it to add the first SCSI disk"),
+            ));
         }
         let mut spec = rec.spec.clone();
         spec.disks.push(disk);
@@ -188,17 +194,20 @@ impl Host {
         }
         if slot.state().has_process() {
             if index + 1 != rec.spec.disks.len() {
-                return Err(AgentError::Conflict(format!(
-                    "while {name} runs only its last disk (disk{}) can be detached",
-                    rec.spec.disks.len() - 1
-                )));
+                return Err(AgentError::refused(
+                    Refusal::Unsupported,
+                    format!(
+                        "while {name} runs only its last disk (disk{}) can be detached",
+                        rec.spec.disks.len() - 1
+                    ),
+                ));
             }
             let d = &rec.spec.disks[index];
             if !matches!(d.bus, DiskBus::Virtio | DiskBus::Scsi) {
-                return Err(AgentError::Conflict(format!(
-                    "{:?} disks cannot be hot-unplugged",
-                    d.bus
-                )));
+                return Err(AgentError::refused(
+                    Refusal::Unsupported,
+                    format!("{:?} disks cannot be hot-unplugged", d.bus),
+                ));
             }
             let node = self.disk_node(name, index).await;
             self.unplug(name, &format!("disk{index}")).await?;
@@ -208,9 +217,10 @@ impl Host {
             })
             .await?;
         } else if slot.state() == VmState::Suspended {
-            return Err(AgentError::Conflict(format!(
-                "{name} is suspended; its devices cannot change"
-            )));
+            return Err(AgentError::refused(
+                Refusal::Unsupported,
+                format!("{name} is suspended; its devices cannot change"),
+            ));
         }
         self.update_record(name, |r| {
             if index < r.spec.disks.len() {
@@ -275,7 +285,7 @@ impl Host {
                 let mut netdev = json!({"type": "tap", "id": format!("net{i}"), "fd": fd});
                 if self.accel() == ferry_qemu::Accel::Kvm {
                     let vhost = ferry_net::open_vhost().ok_or_else(|| {
-                        AgentError::Conflict("/dev/vhost-net is missing (modprobe vhost_net)".into())
+                        AgentError::refused(Refusal::HostLacks, "/dev/vhost-net is missing (modprobe vhost_net)")
                     })?;
                     let vfd = format!("vhost-net{i}");
                     qmp.send_fd(&vfd, vhost.as_fd()).await?;
@@ -325,10 +335,13 @@ impl Host {
         }
         if slot.state().has_process() {
             if index + 1 != rec.spec.nics.len() {
-                return Err(AgentError::Conflict(format!(
-                    "while {name} runs only its last NIC (net{}) can be detached",
-                    rec.spec.nics.len() - 1
-                )));
+                return Err(AgentError::refused(
+                    Refusal::Unsupported,
+                    format!(
+                        "while {name} runs only its last NIC (net{}) can be detached",
+                        rec.spec.nics.len() - 1
+                    ),
+                ));
             }
             self.unplug(name, &format!("net{index}")).await?;
             let qmp = self.qmp(name)?;
@@ -338,9 +351,10 @@ impl Host {
             .await?;
             ferry_net::delete_tap(&ferry_net::tap_name(rec.id, index)).await?;
         } else if slot.state() == VmState::Suspended {
-            return Err(AgentError::Conflict(format!(
-                "{name} is suspended; its devices cannot change"
-            )));
+            return Err(AgentError::refused(
+                Refusal::Unsupported,
+                format!("{name} is suspended; its devices cannot change"),
+            ));
         }
         self.update_record(name, |r| {
             if index < r.spec.nics.len() {
@@ -372,7 +386,10 @@ impl Host {
         tokio::time::timeout(Duration::from_secs(30), wait)
             .await
             .map_err(|_| {
-                AgentError::Conflict(format!("the guest did not release {id} within 30 s"))
+                AgentError::failed(
+                    Failure::Guest,
+                    format!("the guest did not release {id} within 30 s"),
+                )
             })
     }
 }

@@ -9,8 +9,14 @@ pub enum AgentError {
     Invalid(#[from] ValidationErrors),
     #[error("{0} not found")]
     NotFound(String),
-    #[error("{0}")]
-    Conflict(String),
+    /// The request is fine but the situation does not allow it (409).
+    #[error("{what}")]
+    Refused { why: Refusal, what: String },
+    /// The operation went wrong on the way: QEMU, the guest, a migration or stored
+    /// data did not do what was needed (409, as these always were, but for
+    /// [`Failure::Internal`]; the code says which).
+    #[error("{what}")]
+    Failed { why: Failure, what: String },
     #[error(transparent)]
     State(#[from] InvalidTransition),
     #[error(transparent)]
@@ -62,6 +68,102 @@ pub enum AgentError {
     },
 }
 
+/// Why a request is refused. Each has a stable code in API answers
+/// ([`ferry_types::ApiErrorBody::code`]); the message says what exactly and what to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Something of that name is there already (VM, pool, volume, snapshot, user, …).
+    Exists,
+    /// Something still uses or holds it (volumes, pools, resource pools, hosts with VMs).
+    InUse,
+    /// It needs the VM's QEMU, and the VM has none.
+    NotRunning,
+    /// It needs the VM stopped.
+    Running,
+    /// Templates never change and never start.
+    Template,
+    /// The host is in maintenance: it takes no VMs.
+    Maintenance,
+    /// Another operation got there first (a migration under way, a record changed
+    /// meanwhile); try again.
+    Busy,
+    /// The VM's devices, disks or pools do not allow it.
+    Unsupported,
+    /// This host lacks something it needs (a bridge, OVMF, vhost-net, the QEMU group,
+    /// access to a directory, cgroups).
+    HostLacks,
+    /// Not enough room: memory, DRS admission, resource pools, no host to place on.
+    NoRoom,
+    /// Cluster membership does not allow it (not in a cluster, the CA's holder, …).
+    Membership,
+    /// A replicated volume's copies do not allow it (no copy here, not primary, …).
+    Replica,
+    /// The VM cannot move to that host as it is (its disks, snapshots).
+    NotMovable,
+    /// No migration of that VM is arriving or moving here.
+    NotInTransit,
+    /// HA no longer wants the VM restarted (a user stopped it, or it runs).
+    NotWanted,
+}
+
+impl Refusal {
+    /// The stable code in API answers.
+    pub fn code(self) -> &'static str {
+        match self {
+            Refusal::Exists => "exists",
+            Refusal::InUse => "in_use",
+            Refusal::NotRunning => "not_running",
+            Refusal::Running => "running",
+            Refusal::Template => "template",
+            Refusal::Maintenance => "maintenance",
+            Refusal::Busy => "busy",
+            Refusal::Unsupported => "unsupported",
+            Refusal::HostLacks => "host_lacks",
+            Refusal::NoRoom => "no_room",
+            Refusal::Membership => "membership",
+            Refusal::Replica => "replica",
+            Refusal::NotMovable => "not_movable",
+            Refusal::NotInTransit => "not_in_transit",
+            Refusal::NotWanted => "not_wanted",
+        }
+    }
+}
+
+/// What went wrong in an operation that was allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// QEMU refused a command, lost a job, or did not end.
+    Qemu,
+    /// The guest did not do its part (release a device).
+    Guest,
+    /// A migration, disk mirror or move failed (the VM stays where it was).
+    Migration,
+    /// The user aborted it.
+    Aborted,
+    /// Stored data or a configuration file is malformed.
+    Corrupt,
+    /// Something that should be trusted is not (a symlink where a file belongs, a
+    /// member showing one CA and handing out another, a peer's odd address).
+    Untrusted,
+    /// A library the agent relies on failed (password hashing): a 500.
+    Internal,
+}
+
+impl Failure {
+    /// The stable code in API answers.
+    pub fn code(self) -> &'static str {
+        match self {
+            Failure::Qemu => "qemu_failed",
+            Failure::Guest => "guest",
+            Failure::Migration => "migration_failed",
+            Failure::Aborted => "aborted",
+            Failure::Corrupt => "corrupt",
+            Failure::Untrusted => "untrusted",
+            Failure::Internal => "internal",
+        }
+    }
+}
+
 /// How the API should answer an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
@@ -79,9 +181,14 @@ impl AgentError {
         match self {
             AgentError::Invalid(_) => ErrorClass::BadRequest,
             AgentError::NotFound(_) => ErrorClass::NotFound,
-            AgentError::Conflict(_) | AgentError::State(_) | AgentError::Fenced(_) => {
-                ErrorClass::Conflict
-            }
+            AgentError::Failed {
+                why: Failure::Internal,
+                ..
+            } => ErrorClass::Internal,
+            AgentError::Refused { .. }
+            | AgentError::Failed { .. }
+            | AgentError::State(_)
+            | AgentError::Fenced(_) => ErrorClass::Conflict,
             AgentError::Lock(ferry_storage::LockError::Held { .. }) => ErrorClass::Conflict,
             AgentError::Unauthorized(_) => ErrorClass::Unauthorized,
             // The other host's refusal of the request is passed on as what it was;
@@ -110,7 +217,8 @@ impl AgentError {
         match self {
             AgentError::Invalid(_) => "invalid",
             AgentError::NotFound(_) => "not_found",
-            AgentError::Conflict(_) => "conflict",
+            AgentError::Refused { why, .. } => why.code(),
+            AgentError::Failed { why, .. } => why.code(),
             AgentError::State(_) => "invalid_state",
             AgentError::Storage(StorageError::NotFound(_)) => "not_found",
             AgentError::Storage(StorageError::Exists(_)) => "exists",
@@ -140,6 +248,22 @@ impl AgentError {
             AgentError::Pki(ferry_pki::PkiError::Bad { .. }) => "invalid_certificate",
             AgentError::Pki(_) => "pki",
             AgentError::Io { .. } => "io",
+        }
+    }
+
+    /// A refusal: `why` for the code, `what` for people.
+    pub fn refused(why: Refusal, what: impl Into<String>) -> AgentError {
+        AgentError::Refused {
+            why,
+            what: what.into(),
+        }
+    }
+
+    /// A failure on the way: `why` for the code, `what` for people.
+    pub fn failed(why: Failure, what: impl Into<String>) -> AgentError {
+        AgentError::Failed {
+            why,
+            what: what.into(),
         }
     }
 
@@ -174,6 +298,8 @@ mod tests {
         );
         let e = peer(Some(409), None);
         assert_eq!((e.class(), e.code()), (ErrorClass::Conflict, "conflict"));
+        let e = peer(Some(409), Some("maintenance"));
+        assert_eq!((e.class(), e.code()), (ErrorClass::Conflict, "maintenance"));
         let e = peer(Some(500), Some("qemu"));
         assert_eq!((e.class(), e.code()), (ErrorClass::BadGateway, "qemu"));
         let e = peer(Some(500), None);
@@ -187,5 +313,70 @@ mod tests {
             (ErrorClass::BadGateway, "peer_unreachable")
         );
         assert_eq!(AgentError::Fenced("h1".into()).code(), "fenced");
+    }
+
+    /// Every refusal and failure (but an internal one) is a 409 with its own code; no
+    /// two share one, and none takes a code the generic statuses use.
+    #[test]
+    fn refusals_and_failures_have_distinct_codes() {
+        use Failure as F;
+        use Refusal as R;
+        let refusals = [
+            R::Exists,
+            R::InUse,
+            R::NotRunning,
+            R::Running,
+            R::Template,
+            R::Maintenance,
+            R::Busy,
+            R::Unsupported,
+            R::HostLacks,
+            R::NoRoom,
+            R::Membership,
+            R::Replica,
+            R::NotMovable,
+            R::NotInTransit,
+            R::NotWanted,
+        ];
+        let failures = [
+            F::Qemu,
+            F::Guest,
+            F::Migration,
+            F::Aborted,
+            F::Corrupt,
+            F::Untrusted,
+            F::Internal,
+        ];
+        let mut codes = std::collections::BTreeSet::new();
+        for e in refusals
+            .iter()
+            .map(|&r| AgentError::refused(r, "x"))
+            .chain(failures.iter().map(|&f| AgentError::failed(f, "x")))
+        {
+            let internal = matches!(
+                e,
+                AgentError::Failed {
+                    why: F::Internal,
+                    ..
+                }
+            );
+            let want = if internal {
+                ErrorClass::Internal
+            } else {
+                ErrorClass::Conflict
+            };
+            assert_eq!(e.class(), want);
+            assert_eq!(e.to_string(), "x");
+            assert!(codes.insert(e.code().to_string()), "{} twice", e.code());
+        }
+        for generic in [
+            "conflict",
+            "not_found",
+            "invalid",
+            "unauthorized",
+            "peer_failed",
+        ] {
+            assert!(!codes.contains(generic), "{generic}");
+        }
     }
 }

@@ -77,19 +77,22 @@ pub fn start_gate(f: &StartFacts) -> Result<(), StartRefusal> {
 
 impl StartRefusal {
     pub fn into_error(self, vm: &str, host: &str) -> crate::AgentError {
-        use crate::AgentError;
+        use crate::error::{AgentError, Refusal};
         match self {
             StartRefusal::State(e) => AgentError::State(e),
-            StartRefusal::Template => AgentError::Conflict(format!(
-                "{vm} is a template; templates are not started (clone it)"
-            )),
-            StartRefusal::Maintenance => AgentError::Conflict(format!(
-                "Host {host} is in maintenance: no VM starts here (ferry host activate)"
-            )),
+            StartRefusal::Template => AgentError::refused(
+                Refusal::Template,
+                format!("{vm} is a template; templates are not started (clone it)"),
+            ),
+            StartRefusal::Maintenance => AgentError::refused(
+                Refusal::Maintenance,
+                format!("Host {host} is in maintenance: no VM starts here (ferry host activate)"),
+            ),
             StartRefusal::Fenced => AgentError::Fenced(host.to_string()),
-            StartRefusal::NotWanted => AgentError::Conflict(format!(
-                "{vm} is no longer to be restarted by HA (stopped by a user, or running)"
-            )),
+            StartRefusal::NotWanted => AgentError::refused(
+                Refusal::NotWanted,
+                format!("{vm} is no longer to be restarted by HA (stopped by a user, or running)"),
+            ),
         }
     }
 }

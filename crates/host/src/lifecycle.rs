@@ -2,7 +2,7 @@
 //! re-adoption of running QEMUs when the daemon starts.
 
 use crate::console::{tail, Console};
-use crate::error::{AgentError, Result};
+use crate::error::{AgentError, Failure, Refusal, Result};
 use crate::exit::{classify_exit, ExitFacts, ExitIntent, IntentGuard};
 use crate::gate::{start_gate, StartFacts, StartOrigin};
 use crate::pools::backing_files;
@@ -57,8 +57,9 @@ impl Host {
         if rec.spec.firmware != Firmware::Uefi {
             return Ok(None);
         }
-        let (code, vars_tpl) = ovmf_paths()
-            .ok_or_else(|| AgentError::Conflict("UEFI needs OVMF (Debian package ovmf)".into()))?;
+        let (code, vars_tpl) = ovmf_paths().ok_or_else(|| {
+            AgentError::refused(Refusal::HostLacks, "UEFI needs OVMF (Debian package ovmf)")
+        })?;
         let dir = self.vm_state_dir(rec.id);
         let vars = dir.join("efivars.fd");
         if !vars.exists() {
@@ -95,11 +96,14 @@ impl Host {
                 let svc = self.replication()?;
                 let key = format!("{}/{vol}", d.pool);
                 if svc.get(&key).is_none() {
-                    return Err(AgentError::Conflict(format!(
-                        "{} keeps no copy of {key}: run the VM on a host of pool {}",
-                        self.host_name(),
-                        d.pool
-                    )));
+                    return Err(AgentError::refused(
+                        Refusal::Replica,
+                        format!(
+                            "{} keeps no copy of {key}: run the VM on a host of pool {}",
+                            self.host_name(),
+                            d.pool
+                        ),
+                    ));
                 }
                 disks.push(ResolvedDisk {
                     spec: d.clone(),
@@ -155,10 +159,10 @@ impl Host {
         }
         for n in &spec.nics {
             if !ferry_net::bridge_exists(&n.bridge) {
-                return Err(AgentError::Conflict(format!(
-                    "Bridge {} does not exist on this host",
-                    n.bridge
-                )));
+                return Err(AgentError::refused(
+                    Refusal::HostLacks,
+                    format!("Bridge {} does not exist on this host", n.bridge),
+                ));
             }
         }
         let ovmf = self.uefi_files(rec)?;
@@ -326,7 +330,10 @@ impl Host {
             fds.push((ferry_qemu::nic_fd(k), ferry_net::open_tap(tap)?));
             if plan.accel == ferry_qemu::Accel::Kvm {
                 let vhost = ferry_net::open_vhost().ok_or_else(|| {
-                    AgentError::Conflict("/dev/vhost-net is missing (modprobe vhost_net)".into())
+                    AgentError::refused(
+                        Refusal::HostLacks,
+                        "/dev/vhost-net is missing (modprobe vhost_net)",
+                    )
                 })?;
                 fds.push((ferry_qemu::nic_fd(k) + 1, vhost));
             }
@@ -566,7 +573,10 @@ impl Host {
                 kill_and_wait(pid, &self.run_paths(rec.id).qmp).await?;
             }
             if !self.wait_gone(slot, STOP_WAIT).await {
-                return Err(AgentError::Conflict(format!("VM {name} did not stop")));
+                return Err(AgentError::failed(
+                    Failure::Qemu,
+                    format!("VM {name} did not stop"),
+                ));
             }
         }
         Ok(())
@@ -583,9 +593,9 @@ impl Host {
     /// Returns whether the guest powered off by itself (false: it was killed).
     async fn shutdown_locked(&self, name: &str, slot: &Slot, timeout: Duration) -> Result<bool> {
         slot.state().check(VmAction::Shutdown)?;
-        let qmp = slot
-            .with(|rt| rt.qmp.clone())
-            .ok_or_else(|| AgentError::Conflict(format!("VM {name} has no QMP connection")))?;
+        let qmp = slot.with(|rt| rt.qmp.clone()).ok_or_else(|| {
+            AgentError::failed(Failure::Qemu, format!("VM {name} has no QMP connection"))
+        })?;
         if slot.state() == VmState::Paused {
             // A paused guest cannot react to the power button.
             qmp.run(&qc::Cont).await?;

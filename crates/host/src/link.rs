@@ -3,7 +3,7 @@
 //! HTTPS client to their APIs ([`Peer`]: mutual TLS, each peer checked for its host
 //! name).
 
-use crate::error::{AgentError, Result};
+use crate::error::{AgentError, Failure, Refusal, Result};
 use crate::Host;
 use ferry_store::keys::cluster::{MEMBERS, ROOT};
 use ferry_store::{EtcdStore, StoreJson};
@@ -365,8 +365,12 @@ impl Host {
             what: format!("Read the cluster file {}", path.display()),
             source,
         })?;
-        let f: ClusterFile = serde_json::from_slice(&bytes)
-            .map_err(|e| AgentError::Conflict(format!("Cluster file {}: {e}", path.display())))?;
+        let f: ClusterFile = serde_json::from_slice(&bytes).map_err(|e| {
+            AgentError::failed(
+                Failure::Corrupt,
+                format!("Cluster file {}: {e}", path.display()),
+            )
+        })?;
         Ok(f.hosts)
     }
 
@@ -395,10 +399,13 @@ impl Host {
             .find(|h| h.name == self.host_name())
             .map(|h| h.address)
             .ok_or_else(|| {
-                AgentError::Conflict(format!(
-                    "This host ({}) is not in the cluster file",
-                    self.host_name()
-                ))
+                AgentError::refused(
+                    Refusal::Membership,
+                    format!(
+                        "This host ({}) is not in the cluster file",
+                        self.host_name()
+                    ),
+                )
             })
     }
 }

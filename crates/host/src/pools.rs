@@ -1,6 +1,6 @@
 //! Storage pools and volumes through the store and `ferry-storage`.
 
-use crate::error::{AgentError, Result};
+use crate::error::{AgentError, Refusal, Result};
 use crate::Host;
 use ferry_storage::DirPool;
 use ferry_store::StoreJson;
@@ -47,7 +47,7 @@ impl Host {
         let spec = self.pool_spec(name).await?;
         match spec.kind {
             PoolKind::Dir | PoolKind::Shared => Ok(DirPool::new(name, spec.path)),
-            PoolKind::Replicated => Err(AgentError::Conflict(format!(
+            PoolKind::Replicated => Err(AgentError::refused(Refusal::Unsupported, format!(
                 "pool {name} is replicated: its volumes are raw copies on {}, not files this operation can use",
                 spec.hosts.join(", ")
             ))),
@@ -163,10 +163,10 @@ impl Host {
             }
             for other in self.inner.store.list_json::<PoolSpec>(POOLS).await? {
                 if other.path == spec.path {
-                    return Err(AgentError::Conflict(format!(
-                        "Pool {} already uses {}",
-                        other.name, spec.path
-                    )));
+                    return Err(AgentError::refused(
+                        Refusal::InUse,
+                        format!("Pool {} already uses {}", other.name, spec.path),
+                    ));
                 }
             }
             DirPool::new(&spec.name, p).ensure()?;
@@ -177,10 +177,10 @@ impl Host {
             .create_json(&pool_key(&spec.name), spec)
             .await?
         {
-            return Err(AgentError::Conflict(format!(
-                "Pool {} already exists",
-                spec.name
-            )));
+            return Err(AgentError::refused(
+                Refusal::Exists,
+                format!("Pool {} already exists", spec.name),
+            ));
         }
         self.inner
             .events
@@ -202,10 +202,10 @@ impl Host {
             }
         }
         if self.pool_spec(&spec.name).await.is_ok() {
-            return Err(AgentError::Conflict(format!(
-                "Pool {} already exists",
-                spec.name
-            )));
+            return Err(AgentError::refused(
+                Refusal::Exists,
+                format!("Pool {} already exists", spec.name),
+            ));
         }
         let mut done: Vec<String> = vec![];
         for h in &hosts {
@@ -257,10 +257,10 @@ impl Host {
     pub async fn delete_pool(&self, name: &str) -> Result<()> {
         let pool = self.get_pool(name).await?;
         if pool.volumes > 0 {
-            return Err(AgentError::Conflict(format!(
-                "Pool {name} still holds {} volumes",
-                pool.volumes
-            )));
+            return Err(AgentError::refused(
+                Refusal::InUse,
+                format!("Pool {name} still holds {} volumes", pool.volumes),
+            ));
         }
         if pool.spec.kind == PoolKind::Replicated {
             for h in self.cluster_hosts().await? {
@@ -346,10 +346,10 @@ impl Host {
     pub async fn delete_volume(&self, pool: &str, name: &str) -> Result<()> {
         let users = self.volume_users(pool, name).await?;
         if !users.is_empty() {
-            return Err(AgentError::Conflict(format!(
-                "Volume {pool}/{name} is used by VM {}",
-                users.join(", ")
-            )));
+            return Err(AgentError::refused(
+                Refusal::InUse,
+                format!("Volume {pool}/{name} is used by VM {}", users.join(", ")),
+            ));
         }
         if let Some(spec) = self.replicated_pool(pool).await? {
             self.delete_replicated_volume(&spec, name, true).await?;
@@ -408,10 +408,10 @@ impl Host {
             ));
         }
         if dp.volume_path(&req.name)?.exists() {
-            return Err(AgentError::Conflict(format!(
-                "Volume {pool}/{} already exists",
-                req.name
-            )));
+            return Err(AgentError::refused(
+                Refusal::Exists,
+                format!("Volume {pool}/{} already exists", req.name),
+            ));
         }
         let agent = self.clone();
         let target = format!("{pool}/{}", req.name);

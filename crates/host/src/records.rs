@@ -1,6 +1,6 @@
 //! What the store holds about a VM, and the keys.
 
-use crate::error::{AgentError, Result};
+use crate::error::{AgentError, Refusal, Result};
 use crate::Host;
 use ferry_store::{Cmp, Compare, Op, StoreJson, Txn};
 use ferry_types::{VmSpec, VmState};
@@ -189,7 +189,10 @@ impl Host {
     /// migration move VMs by name).
     pub async fn check_name_free(&self, name: &str) -> Result<()> {
         if self.inner.store.get(&vm_key(name)).await?.is_some() {
-            return Err(AgentError::Conflict(format!("VM {name} already exists")));
+            return Err(AgentError::refused(
+                Refusal::Exists,
+                format!("VM {name} already exists"),
+            ));
         }
         if let Some(c) = &self.inner.cluster {
             for h in c.members().await? {
@@ -201,10 +204,10 @@ impl Host {
                     &ferry_store::keys::host::vm(name),
                 );
                 if ferry_store::Store::get(&c.root, &key).await?.is_some() {
-                    return Err(AgentError::Conflict(format!(
-                        "VM {name} already exists on host {}",
-                        h.name
-                    )));
+                    return Err(AgentError::refused(
+                        Refusal::Exists,
+                        format!("VM {name} already exists on host {}", h.name),
+                    ));
                 }
             }
         }

@@ -9,7 +9,7 @@
 //! other host is, unless that host was fenced (HA) or is handing over (migration), or
 //! the admin forces it.
 
-use crate::error::{AgentError, Result};
+use crate::error::{AgentError, Failure, Refusal, Result};
 use crate::Host;
 use ferry_replica::{Report, Service};
 use ferry_store::StoreJson;
@@ -68,9 +68,10 @@ impl ferry_replica::Cluster for ReplCluster {
         let me = a.host_name().to_string();
         a.update_replica_record(pool, vol, |r| {
             if r.primary.as_deref() != Some(&me) {
-                return Err(AgentError::Conflict(format!(
-                    "{me} is no longer primary of {volume}"
-                )));
+                return Err(AgentError::refused(
+                    Refusal::Replica,
+                    format!("{me} is no longer primary of {volume}"),
+                ));
             }
             r.outdated.insert(peer.to_string());
             Ok(())
@@ -169,9 +170,12 @@ impl Host {
                 return Ok(());
             }
         };
-        let ip: std::net::IpAddr = addr
-            .parse()
-            .map_err(|_| AgentError::Conflict(format!("cluster address {addr} is not an IP")))?;
+        let ip: std::net::IpAddr = addr.parse().map_err(|_| {
+            AgentError::failed(
+                Failure::Corrupt,
+                format!("cluster address {addr} is not an IP"),
+            )
+        })?;
         let bound = svc
             .listen(SocketAddr::new(ip, self.inner.cfg.replication_port))
             .map_err(|source| AgentError::Io {
@@ -188,8 +192,9 @@ impl Host {
 
     pub fn replication(&self) -> Result<&Arc<Service>> {
         self.inner.replication.get().ok_or_else(|| {
-            AgentError::Conflict(
-                "replicated pools need an etcd cluster (ferry cluster init / join)".into(),
+            AgentError::refused(
+                Refusal::Membership,
+                "replicated pools need an etcd cluster (ferry cluster init / join)",
             )
         })
     }
@@ -318,15 +323,19 @@ impl Host {
             }
             if let (Some(a), Some(h)) = (&alive, lease_gone) {
                 if store.get(a).await?.is_some() {
-                    return Err(AgentError::Conflict(format!(
-                        "{h} holds its lease again: its term on {pool}/{vol} is not taken over"
-                    )));
+                    return Err(AgentError::refused(
+                        Refusal::Replica,
+                        format!(
+                            "{h} holds its lease again: its term on {pool}/{vol} is not taken over"
+                        ),
+                    ));
                 }
             }
         }
-        Err(AgentError::Conflict(format!(
-            "the record of {pool}/{vol} keeps changing; try again"
-        )))
+        Err(AgentError::refused(
+            Refusal::Busy,
+            format!("the record of {pool}/{vol} keeps changing; try again"),
+        ))
     }
 
     /// Creates a volume on every host of a replicated pool (all or nothing).
@@ -359,10 +368,10 @@ impl Host {
             .create_json(&self.record_key(&pool.name, name), &rec)
             .await?
         {
-            return Err(AgentError::Conflict(format!(
-                "Volume {}/{name} already exists",
-                pool.name
-            )));
+            return Err(AgentError::refused(
+                Refusal::Exists,
+                format!("Volume {}/{name} already exists", pool.name),
+            ));
         }
         let copy = LocalCopy {
             pool: pool.name.clone(),
@@ -425,11 +434,10 @@ impl Host {
     pub async fn local_copy_create(&self, copy: LocalCopy) -> Result<()> {
         let pool = self.pool_spec(&copy.pool).await?;
         if pool.kind != PoolKind::Replicated || !pool.hosts.iter().any(|h| h == self.host_name()) {
-            return Err(AgentError::Conflict(format!(
-                "pool {} keeps no copy on {}",
-                copy.pool,
-                self.host_name()
-            )));
+            return Err(AgentError::refused(
+                Refusal::Replica,
+                format!("pool {} keeps no copy on {}", copy.pool, self.host_name()),
+            ));
         }
         self.open_copy(&pool, &copy.volume, copy.size, copy.generation)?;
         Ok(())
@@ -440,10 +448,10 @@ impl Host {
         let spec = self.pool_spec(pool).await?;
         let svc = self.replication()?;
         if svc.get(&key(pool, vol)).is_some_and(|r| r.is_primary()) {
-            return Err(AgentError::Conflict(format!(
-                "{pool}/{vol} is in use on {}",
-                self.host_name()
-            )));
+            return Err(AgentError::refused(
+                Refusal::InUse,
+                format!("{pool}/{vol} is in use on {}", self.host_name()),
+            ));
         }
         svc.close(&key(pool, vol), false).await.map_err(repl_err)?;
         ferry_replica::local::Local::remove_files(&self.copy_dir(&spec), vol);
@@ -499,10 +507,10 @@ impl Host {
     ) -> Result<()> {
         let r = self.replica_record(&pool.name, vol).await?;
         if let Some(p) = &r.primary {
-            return Err(AgentError::Conflict(format!(
-                "{}/{vol} is in use on {p}",
-                pool.name
-            )));
+            return Err(AgentError::refused(
+                Refusal::InUse,
+                format!("{}/{vol} is in use on {p}", pool.name),
+            ));
         }
         if let Some(c) = self.inner.cluster.as_ref().filter(|_| check_users) {
             for m in c.members().await? {
@@ -520,10 +528,13 @@ impl Host {
                         .iter()
                         .any(|d| d.pool == pool.name && d.volume.as_deref() == Some(vol))
                     {
-                        return Err(AgentError::Conflict(format!(
-                            "Volume {}/{vol} is used by VM {} on {}",
-                            pool.name, rec.spec.name, m.name
-                        )));
+                        return Err(AgentError::refused(
+                            Refusal::InUse,
+                            format!(
+                                "Volume {}/{vol} is used by VM {} on {}",
+                                pool.name, rec.spec.name, m.name
+                            ),
+                        ));
                     }
                 }
             }
@@ -546,10 +557,13 @@ impl Host {
     ) -> Result<Volume> {
         let r = self.replica_record(&pool.name, vol).await?;
         if let Some(p) = &r.primary {
-            return Err(AgentError::Conflict(format!(
-                "{}/{vol} is in use on {p}; a replicated volume grows while nothing uses it",
-                pool.name
-            )));
+            return Err(AgentError::refused(
+                Refusal::InUse,
+                format!(
+                    "{}/{vol} is in use on {p}; a replicated volume grows while nothing uses it",
+                    pool.name
+                ),
+            ));
         }
         if size < r.size {
             return Err(ferry_storage::StorageError::Shrink {
@@ -615,7 +629,9 @@ impl Host {
                 .filter(|p| !p.is_stopped())
                 .map(|p| p.gen.clone()),
         };
-        let refused = |e: Box<ferry_replica::promote::Refusal>| AgentError::Conflict(e.to_string());
+        let refused = |e: Box<ferry_replica::promote::Refusal>| {
+            AgentError::refused(Refusal::Replica, e.to_string())
+        };
         // A running term the record names: nothing to write.
         if let Promotion::AlreadyPrimary(g) =
             may_promote(&self.replica_record(pool, vol).await?, &me, &state(), claim)
@@ -849,7 +865,7 @@ impl Host {
         }
         if let Some(p) = &rec.primary {
             if p != keep {
-                return Err(AgentError::Conflict(format!(
+                return Err(AgentError::refused(Refusal::InUse, format!(
                     "{pool}/{vol} is in use on {p}; stop what uses it there before its copy is discarded"
                 )));
             }
@@ -861,14 +877,14 @@ impl Host {
             .find(|r| r.host == keep)
             .and_then(|r| r.replica.clone())
             .ok_or_else(|| {
-                AgentError::Conflict(format!(
-                    "{keep} does not answer; its copy cannot be kept now"
-                ))
+                AgentError::refused(
+                    Refusal::Replica,
+                    format!("{keep} does not answer; its copy cannot be kept now"),
+                )
             })?;
-        let kept_gen = kept
-            .generation
-            .clone()
-            .ok_or_else(|| AgentError::Conflict(format!("{keep}'s copy is empty")))?;
+        let kept_gen = kept.generation.clone().ok_or_else(|| {
+            AgentError::refused(Refusal::Replica, format!("{keep}'s copy is empty"))
+        })?;
         let mut saved = vec![];
         for h in rec.hosts.iter().filter(|h| *h != keep) {
             let path = if h == self.host_name() {
@@ -925,7 +941,7 @@ impl<'a> Takeover<'a> {
 fn repl_err(e: ferry_replica::ReplicaError) -> AgentError {
     match e {
         ferry_replica::ReplicaError::NotFound(s) => AgentError::NotFound(s),
-        ferry_replica::ReplicaError::Role(s) => AgentError::Conflict(s),
+        ferry_replica::ReplicaError::Role(s) => AgentError::refused(Refusal::Replica, s),
         ferry_replica::ReplicaError::Io { what, source } => AgentError::Io { what, source },
     }
 }

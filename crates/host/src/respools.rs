@@ -3,7 +3,7 @@
 //! the cluster side's, which checks the hierarchy against the cluster's capacity); the
 //! pools with VMs running here become cgroups (`cgroups.rs`) whose limits follow them.
 
-use crate::error::{AgentError, Result};
+use crate::error::{AgentError, Refusal, Result};
 use crate::records::VmRecord;
 use crate::Host;
 use ferry_store::StoreJson;
@@ -49,7 +49,8 @@ impl Host {
             return Ok(());
         };
         let pools = self.resource_pools().await?;
-        let chain = ferry_drs::pools::chain(&pools, pool).map_err(AgentError::Conflict)?;
+        let chain = ferry_drs::pools::chain(&pools, pool)
+            .map_err(|e| AgentError::refused(Refusal::NoRoom, e))?;
         if let crate::Cgroups::None(why) = &self.inner.cgroups {
             self.inner.events.emit(
                 Some(&rec.spec.name),
@@ -60,10 +61,9 @@ impl Host {
             );
             return Ok(());
         }
-        self.inner
-            .cgroups
-            .place(&chain, rec.id, pid)
-            .map_err(|e| AgentError::Conflict(format!("Resource pool {pool}: {e}")))
+        self.inner.cgroups.place(&chain, rec.id, pid).map_err(|e| {
+            AgentError::refused(Refusal::HostLacks, format!("Resource pool {pool}: {e}"))
+        })
     }
 
     /// Brings this host's pool cgroups in line with the definitions.
@@ -77,10 +77,9 @@ impl Host {
         }
         for p in used {
             if let Ok(chain) = ferry_drs::pools::chain(&pools, &p) {
-                self.inner
-                    .cgroups
-                    .ensure_pools(&chain)
-                    .map_err(|e| AgentError::Conflict(format!("Resource pool {p}: {e}")))?;
+                self.inner.cgroups.ensure_pools(&chain).map_err(|e| {
+                    AgentError::refused(Refusal::HostLacks, format!("Resource pool {p}: {e}"))
+                })?;
             }
         }
         Ok(())

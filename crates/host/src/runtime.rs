@@ -1,7 +1,7 @@
 //! What the agent knows of a VM's QEMU at run time.
 
 use crate::console::Console;
-use crate::error::{AgentError, Result};
+use crate::error::{AgentError, Refusal, Result};
 use crate::Host;
 use ferry_qemu::{Accel, RunPaths};
 use ferry_qmp::Qmp;
@@ -62,16 +62,21 @@ impl Host {
 
     /// The QMP connection of a running VM.
     pub fn qmp(&self, name: &str) -> Result<Qmp> {
-        self.slot(name)
-            .with(|rt| rt.qmp.clone())
-            .ok_or_else(|| AgentError::Conflict(format!("VM {name} is not running")))
+        self.slot(name).with(|rt| rt.qmp.clone()).ok_or_else(|| {
+            AgentError::refused(Refusal::NotRunning, format!("VM {name} is not running"))
+        })
     }
 
     /// The serial console of a running VM.
     pub fn console(&self, name: &str) -> Result<Console> {
         self.slot(name)
             .with(|rt| rt.console.clone())
-            .ok_or_else(|| AgentError::Conflict(format!("VM {name} is not running (no console)")))
+            .ok_or_else(|| {
+                AgentError::refused(
+                    Refusal::NotRunning,
+                    format!("VM {name} is not running (no console)"),
+                )
+            })
     }
 
     /// A connection to the VNC server of a running VM (checked to be its QEMU's).
@@ -80,7 +85,10 @@ impl Host {
         let slot = self.slot(name);
         let pid = slot.with(|rt| rt.pid);
         let (true, Some(pid)) = (slot.state().has_process(), pid) else {
-            return Err(AgentError::Conflict(format!("VM {name} is not running")));
+            return Err(AgentError::refused(
+                Refusal::NotRunning,
+                format!("VM {name} is not running"),
+            ));
         };
         let path = self.run_paths(r.id).vnc;
         let io = |source| AgentError::Io {

@@ -8,7 +8,7 @@
 //! works for disks on different pools. The tree (parents, current position) lives in
 //! the store. Raw disks cannot hold internal snapshots and are refused with that reason.
 
-use crate::error::{AgentError, Result};
+use crate::error::{AgentError, Failure, Refusal, Result};
 use crate::tasks::TaskCtx;
 use crate::Host;
 use ferry_qmp::commands as qc;
@@ -32,7 +32,10 @@ pub async fn run_job(qmp: &Qmp, cmd: &str, mut args: Value, ctx: Option<&TaskCtx
     loop {
         let jobs = qmp.run(&qc::QueryJobs).await?;
         let Some(job) = jobs.into_iter().find(|j| j.id == id) else {
-            return Err(AgentError::Conflict(format!("QEMU job {cmd} vanished")));
+            return Err(AgentError::failed(
+                Failure::Qemu,
+                format!("QEMU job {cmd} vanished"),
+            ));
         };
         if let (Some(ctx), true) = (ctx, job.total_progress > 0) {
             ctx.progress(crate::tasks::fraction(
@@ -43,7 +46,10 @@ pub async fn run_job(qmp: &Qmp, cmd: &str, mut args: Value, ctx: Option<&TaskCtx
         if job.status == qc::JobStatus::Concluded {
             let _ = qmp.run(&qc::JobDismiss { id: id.clone() }).await;
             if let Some(e) = job.error {
-                return Err(AgentError::Conflict(format!("QEMU refused {cmd}: {e}")));
+                return Err(AgentError::failed(
+                    Failure::Qemu,
+                    format!("QEMU refused {cmd}: {e}"),
+                ));
             }
             return Ok(());
         }
@@ -78,29 +84,34 @@ impl Host {
     async fn snapshot_disks(&self, vm: &str) -> Result<Vec<(String, String)>> {
         let (rec, _) = self.record(vm).await?;
         if rec.template {
-            return Err(AgentError::Conflict(format!(
-                "{vm} is a template; templates are immutable"
-            )));
+            return Err(AgentError::refused(
+                Refusal::Template,
+                format!("{vm} is a template; templates are immutable"),
+            ));
         }
         if rec.spec.disks.is_empty() {
-            return Err(AgentError::Conflict(format!(
-                "{vm} has no disk: snapshots live in its qcow2 disks"
-            )));
+            return Err(AgentError::refused(
+                Refusal::Unsupported,
+                format!("{vm} has no disk: snapshots live in its qcow2 disks"),
+            ));
         }
         let mut out = vec![];
         for (i, d) in rec.spec.disks.iter().enumerate() {
             let vol = d.volume.clone().unwrap_or_default();
             if d.nonpersistent {
-                return Err(AgentError::Conflict(format!(
+                return Err(AgentError::refused(Refusal::Unsupported, format!(
                     "disk{i} is non-persistent: its content is thrown away at power-off, so {vm} cannot be snapshotted"
                 )));
             }
             let info = self.dir_pool(&d.pool).await?.info(&vol).await?;
             if info.format != "qcow2" {
-                return Err(AgentError::Conflict(format!(
-                    "disk{i} ({}/{vol}) is {}; snapshots need qcow2 disks",
-                    d.pool, info.format
-                )));
+                return Err(AgentError::refused(
+                    Refusal::Unsupported,
+                    format!(
+                        "disk{i} ({}/{vol}) is {}; snapshots need qcow2 disks",
+                        d.pool, info.format
+                    ),
+                ));
             }
             out.push((d.pool.clone(), vol));
         }
@@ -134,10 +145,10 @@ impl Host {
         slot.state().check(VmAction::Snapshot)?;
         let key = format!("{}{}", snap_prefix(vm), req.name);
         if self.inner.store.get(&key).await?.is_some() {
-            return Err(AgentError::Conflict(format!(
-                "{vm} already has a snapshot {}",
-                req.name
-            )));
+            return Err(AgentError::refused(
+                Refusal::Exists,
+                format!("{vm} already has a snapshot {}", req.name),
+            ));
         }
         let disks = self.snapshot_disks(vm).await?;
         let devices = self.disk_nodes(vm, disks.len()).await;
@@ -167,9 +178,12 @@ impl Host {
             }
         } else {
             if req.with_memory {
-                return Err(AgentError::Conflict(format!(
+                return Err(AgentError::refused(
+                    Refusal::NotRunning,
+                    format!(
                     "{vm} is not running: there is no memory to save (take a disk-only snapshot)"
-                )));
+                ),
+                ));
             }
             let mut done: Vec<(String, String)> = vec![];
             for d in &disks {

@@ -3,7 +3,7 @@
 //! `-incoming defer`, loads the file and continues — the guest never notices (its
 //! uptime runs on). The same file is the building block for cold migration.
 
-use crate::error::{AgentError, Result};
+use crate::error::{AgentError, Failure, Refusal, Result};
 use crate::runtime::Slot;
 use crate::tasks::TaskCtx;
 use crate::Host;
@@ -33,10 +33,13 @@ impl Host {
             match m.status() {
                 qc::MigrationStatus::Completed => return Ok(()),
                 qc::MigrationStatus::Failed | qc::MigrationStatus::Cancelled => {
-                    return Err(AgentError::Conflict(format!(
-                        "saving/loading the state of {name} failed: {}",
-                        m.error_desc.as_deref().unwrap_or("QEMU gave no reason")
-                    )))
+                    return Err(AgentError::failed(
+                        Failure::Qemu,
+                        format!(
+                            "saving/loading the state of {name} failed: {}",
+                            m.error_desc.as_deref().unwrap_or("QEMU gave no reason")
+                        ),
+                    ))
                 }
                 _ => {
                     if let (Some(ctx), Some(ram)) = (ctx, &m.ram) {
@@ -56,7 +59,7 @@ impl Host {
         let (rec, _) = self.record(name).await?;
         slot.state().check(VmAction::Suspend)?;
         if let Some(i) = rec.spec.disks.iter().position(|d| d.nonpersistent) {
-            return Err(AgentError::Conflict(format!(
+            return Err(AgentError::refused(Refusal::Unsupported, format!(
                 "disk{i} is non-persistent and would be lost at power-off; {name} cannot be suspended"
             )));
         }
@@ -106,7 +109,7 @@ impl Host {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if slot.state() != VmState::Suspended {
-            return Err(AgentError::Conflict(format!(
+            return Err(AgentError::refused(Refusal::Busy, format!(
                 "{name}'s state is saved but its QEMU has not ended yet; it is recorded as suspended when it does"
             )));
         }

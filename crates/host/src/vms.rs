@@ -1,6 +1,6 @@
 //! VM definitions: create, list, show, edit, delete.
 
-use crate::error::{AgentError, Result};
+use crate::error::{AgentError, Refusal, Result};
 use crate::records::Transit;
 use crate::records::{vm_key, VmRecord};
 use crate::Host;
@@ -244,10 +244,10 @@ impl Host {
             Ok(true) => {}
             Ok(false) => {
                 self.remove_volumes(&made).await;
-                return Err(AgentError::Conflict(format!(
-                    "VM {} already exists",
-                    spec.name
-                )));
+                return Err(AgentError::refused(
+                    Refusal::Exists,
+                    format!("VM {} already exists", spec.name),
+                ));
             }
             Err(e) => {
                 self.remove_volumes(&made).await;
@@ -275,9 +275,10 @@ impl Host {
         let (old, rev) = self.record(name).await?;
         slot.state().check(VmAction::Edit)?;
         if old.template {
-            return Err(AgentError::Conflict(format!(
-                "{name} is a template; templates are immutable (clone it)"
-            )));
+            return Err(AgentError::refused(
+                Refusal::Template,
+                format!("{name} is a template; templates are immutable (clone it)"),
+            ));
         }
         self.check_host(&spec, Some(name)).await?;
         self.assign_macs(&mut spec, Some(&old.spec)).await?;
@@ -287,9 +288,10 @@ impl Host {
             Ok(true) => {}
             Ok(false) => {
                 self.remove_volumes(&made).await;
-                return Err(AgentError::Conflict(format!(
-                    "VM {name} was changed meanwhile; retry"
-                )));
+                return Err(AgentError::refused(
+                    Refusal::Busy,
+                    format!("VM {name} was changed meanwhile; retry"),
+                ));
             }
             Err(e) => {
                 self.remove_volumes(&made).await;
@@ -319,10 +321,13 @@ impl Host {
         let (rec, _) = self.record(name).await?;
         if slot.state().has_process() {
             if !params.force {
-                return Err(AgentError::Conflict(format!(
-                    "VM {name} is {}; stop it first or delete with force",
-                    slot.state()
-                )));
+                return Err(AgentError::refused(
+                    Refusal::Running,
+                    format!(
+                        "VM {name} is {}; stop it first or delete with force",
+                        slot.state()
+                    ),
+                ));
             }
             self.stop_vm(name).await?;
         }
@@ -340,10 +345,13 @@ impl Host {
             .map(|r| r.spec.name)
             .collect();
         if !linked.is_empty() {
-            return Err(AgentError::Conflict(format!(
-                "{name} has linked clones ({}); delete them or make full clones first",
-                linked.join(", ")
-            )));
+            return Err(AgentError::refused(
+                Refusal::InUse,
+                format!(
+                    "{name} has linked clones ({}); delete them or make full clones first",
+                    linked.join(", ")
+                ),
+            ));
         }
         if let Some(f) = &rec.suspend_file {
             let _ = std::fs::remove_file(f);

@@ -3,7 +3,7 @@
 //! as they are, internal snapshots included); a suspended VM's state file goes along
 //! (or stays where it is on a shared pool) and it resumes on the destination.
 
-use crate::error::{AgentError, Result};
+use crate::error::{AgentError, Failure, Refusal, Result};
 use crate::records::Transit;
 use crate::records::{vm_key, VmRecord};
 use crate::tasks::TaskCtx;
@@ -36,7 +36,7 @@ impl Migrations {
         for (i, d) in rec.spec.disks.iter().enumerate() {
             if let Some(rp) = self.replicated_pool(&d.pool).await? {
                 if !rp.hosts.iter().any(|h| h == to) {
-                    return Err(AgentError::Conflict(format!(
+                    return Err(AgentError::refused(Refusal::NotMovable, format!(
                         "disk {i} is on replicated pool {}, which keeps no copy on {to} (its hosts: {})",
                         d.pool,
                         rp.hosts.join(", ")
@@ -47,7 +47,7 @@ impl Migrations {
             if self.pool_locks(&d.pool).await?.is_none() {
                 let vol = d.volume.as_deref().unwrap_or_default();
                 if let Some(base) = self.dir_pool(&d.pool).await?.meta(vol)?.backing {
-                    return Err(AgentError::Conflict(format!(
+                    return Err(AgentError::refused(Refusal::NotMovable, format!(
                         "disk {i} is a linked clone of {}/{base}, which stays here: make a full clone, or move the VM while it runs (ferry vm migrate --with-storage copies it whole)",
                         d.pool
                     )));
@@ -60,7 +60,10 @@ impl Migrations {
         let mut shared_state = None;
         if state == VmState::Suspended {
             let f = rec.suspend_file.clone().ok_or_else(|| {
-                AgentError::Conflict(format!("{name} is suspended but has no state file"))
+                AgentError::failed(
+                    Failure::Corrupt,
+                    format!("{name} is suspended but has no state file"),
+                )
             })?;
             if self.in_shared_pool(Path::new(&f)).await? {
                 shared_state = Some(f);
@@ -217,11 +220,14 @@ impl Migrations {
                 d.pool = "local".into();
                 d.volume = Some(format!("vm-{id}-disk-{i}"));
             } else if self.pool_locks(&d.pool).await?.is_none() {
-                return Err(AgentError::Conflict(format!(
-                    "disk{i}'s pool {} is not shared on {}",
-                    d.pool,
-                    self.host_name()
-                )));
+                return Err(AgentError::refused(
+                    Refusal::NotMovable,
+                    format!(
+                        "disk{i}'s pool {} is not shared on {}",
+                        d.pool,
+                        self.host_name()
+                    ),
+                ));
             }
         }
         let rec = VmRecord {
@@ -239,7 +245,10 @@ impl Migrations {
             ..VmRecord::new(id, spec)
         };
         if !self.store().create_json(&vm_key(&name), &rec).await? {
-            return Err(AgentError::Conflict(format!("A VM named {name} exists")));
+            return Err(AgentError::refused(
+                Refusal::Exists,
+                format!("A VM named {name} exists"),
+            ));
         }
         for s in &req.vm.snapshots {
             self.store()
@@ -260,7 +269,10 @@ impl Migrations {
     ) -> Result<(PathBuf, PathBuf)> {
         let (rec, _) = self.record(name).await?;
         if Transit::from(&rec.transit).is_none() {
-            return Err(AgentError::Conflict(format!("{name} is not arriving here")));
+            return Err(AgentError::refused(
+                Refusal::NotInTransit,
+                format!("{name} is not arriving here"),
+            ));
         }
         if piece == ColdPiece::Efivars {
             let dir = self.vm_state_dir(rec.id);
@@ -279,9 +291,10 @@ impl Migrations {
                     .get(i)
                     .ok_or_else(|| AgentError::NotFound(format!("disk{i} of {name}")))?;
                 if d.pool != "local" {
-                    return Err(AgentError::Conflict(format!(
-                        "disk{i} of {name} is not copied"
-                    )));
+                    return Err(AgentError::failed(
+                        Failure::Migration,
+                        format!("disk{i} of {name} is not copied"),
+                    ));
                 }
                 d.volume.clone().unwrap_or_default()
             }

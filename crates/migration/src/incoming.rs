@@ -4,7 +4,7 @@
 //! or by itself once QEMU completed the migration and the source stays silent; it is
 //! dropped when the source gave up or vanished before completion.
 
-use crate::error::{AgentError, Result};
+use crate::error::{AgentError, Failure, Refusal, Result};
 use crate::records::Transit;
 use crate::records::{vm_key, VmRecord};
 use crate::runtime::Slot;
@@ -32,12 +32,15 @@ impl Migrations {
         let need = req.vm.spec.memory_mib << 20;
         let avail = crate::meminfo("MemAvailable:");
         if avail > 0 && need > avail {
-            return Err(AgentError::Conflict(format!(
-                "{name} needs {} MiB; {} has {} MiB available",
-                need >> 20,
-                self.host_name(),
-                avail >> 20
-            )));
+            return Err(AgentError::refused(
+                Refusal::NoRoom,
+                format!(
+                    "{name} needs {} MiB; {} has {} MiB available",
+                    need >> 20,
+                    self.host_name(),
+                    avail >> 20
+                ),
+            ));
         }
         let addr = self.own_address().await?;
         let slot = self.slot(&name);
@@ -86,7 +89,10 @@ impl Migrations {
         };
         if !self.store().create_json(&vm_key(&name), &rec).await? {
             self.remove_volumes(&made).await;
-            return Err(AgentError::Conflict(format!("A VM named {name} exists")));
+            return Err(AgentError::refused(
+                Refusal::Exists,
+                format!("A VM named {name} exists"),
+            ));
         }
         // The claim happens while the guest is paused: it must not wait for the store.
         self.inner
@@ -142,7 +148,10 @@ impl Migrations {
                 .and_then(|a| a.first())
                 .and_then(|s| s.port.clone())
                 .ok_or_else(|| {
-                    AgentError::Conflict(format!("QEMU did not say where it listens: {info:?}"))
+                    AgentError::failed(
+                        Failure::Migration,
+                        format!("QEMU did not say where it listens: {info:?}"),
+                    )
                 })?;
             let mut ready = IncomingReady {
                 uri: format!("tcp:{addr}:{port}"),
@@ -194,17 +203,23 @@ impl Migrations {
     pub(crate) async fn may_receive(&self, spec: &ferry_types::VmSpec) -> Result<()> {
         spec.validate()?;
         if self.in_maintenance().await? {
-            return Err(AgentError::Conflict(format!(
-                "Host {} is in maintenance: it takes no VMs",
-                self.host_name()
-            )));
+            return Err(AgentError::refused(
+                Refusal::Maintenance,
+                format!(
+                    "Host {} is in maintenance: it takes no VMs",
+                    self.host_name()
+                ),
+            ));
         }
         if self.record(&spec.name).await.is_ok() {
-            return Err(AgentError::Conflict(format!(
-                "A VM named {} exists on {} already",
-                spec.name,
-                self.host_name()
-            )));
+            return Err(AgentError::refused(
+                Refusal::Exists,
+                format!(
+                    "A VM named {} exists on {} already",
+                    spec.name,
+                    self.host_name()
+                ),
+            ));
         }
         Ok(())
     }
@@ -233,9 +248,9 @@ impl Migrations {
                 Err(e) => last = Some(e),
             }
         }
-        Err(last
-            .map(AgentError::from)
-            .unwrap_or_else(|| AgentError::Conflict("no free port for the NBD server".into())))
+        Err(last.map(AgentError::from).unwrap_or_else(|| {
+            AgentError::failed(Failure::Migration, "no free port for the NBD server")
+        }))
     }
 
     /// The source paused the guest for switchover: make the LAN send the VM's frames
@@ -256,7 +271,10 @@ impl Migrations {
             None => {
                 let (rec, _) = self.record(name).await?;
                 if Transit::from(&rec.transit).is_none() {
-                    return Err(AgentError::Conflict(format!("{name} is not arriving here")));
+                    return Err(AgentError::refused(
+                        Refusal::NotInTransit,
+                        format!("{name} is not arriving here"),
+                    ));
                 }
                 (rec.id, rec.spec)
             }
@@ -299,10 +317,13 @@ impl Migrations {
             if success {
                 return Ok(vec![]); // finished already (a retry)
             }
-            return Err(AgentError::Conflict(format!(
-                "VM {name} runs on {} (the migration finished)",
-                self.host_name()
-            )));
+            return Err(AgentError::refused(
+                Refusal::NotInTransit,
+                format!(
+                    "VM {name} runs on {} (the migration finished)",
+                    self.host_name()
+                ),
+            ));
         };
         if !success {
             self.drop_incoming_locked(name, slot).await;
@@ -315,14 +336,16 @@ impl Migrations {
             match st {
                 qc::MigrationStatus::Completed => break,
                 qc::MigrationStatus::Failed | qc::MigrationStatus::Cancelled => {
-                    return Err(AgentError::Conflict(format!(
-                        "the incoming migration of {name} {st}"
-                    )))
+                    return Err(AgentError::failed(
+                        Failure::Migration,
+                        format!("the incoming migration of {name} {st}"),
+                    ))
                 }
                 _ if t.elapsed() > Duration::from_secs(10) => {
-                    return Err(AgentError::Conflict(format!(
-                        "QEMU has not completed the incoming migration of {name} ({st})"
-                    )))
+                    return Err(AgentError::failed(
+                        Failure::Migration,
+                        format!("QEMU has not completed the incoming migration of {name} ({st})"),
+                    ))
                 }
                 _ => tokio::time::sleep(Duration::from_millis(50)).await,
             }

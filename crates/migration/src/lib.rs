@@ -27,7 +27,7 @@ mod tls;
 use ferry_host::Host;
 pub(crate) use ferry_host::{confine, error, error_chain, exit, meminfo, records, runtime, tasks};
 
-use crate::error::{AgentError, Result};
+use crate::error::{AgentError, Failure, Refusal, Result};
 use crate::records::Transit;
 use crate::tasks::TaskCtx;
 use std::collections::HashMap;
@@ -185,15 +185,16 @@ impl Migrations {
         let (rec, _) = self.record(name).await?;
         slot.state().check(VmAction::Migrate)?;
         if rec.transit.is_some() {
-            return Err(AgentError::Conflict(format!(
-                "VM {name} is already migrating"
-            )));
+            return Err(AgentError::refused(
+                Refusal::Busy,
+                format!("VM {name} is already migrating"),
+            ));
         }
         let peer = self.peer(&req.to).await?;
         let (copy, copy_sizes) = self.disks_to_copy(&rec, &req).await?;
         let snapshots = self.list_snapshots(name).await?.snapshots;
         if !copy.is_empty() && !snapshots.is_empty() {
-            return Err(AgentError::Conflict(format!(
+            return Err(AgentError::refused(Refusal::NotMovable, format!(
                 "VM {name} has snapshots, which a disk copy while running does not carry; delete them or put its disks on a shared pool"
             )));
         }
@@ -346,7 +347,7 @@ impl Migrations {
                     self.set_outgoing(name, Some((&req.to, SETUP)));
                 }
                 Ok(Attempt::RetryWithPostcopy(steps)) => {
-                    break Err(AgentError::Conflict(format!(
+                    break Err(AgentError::failed(Failure::Migration, format!(
                         "migration does not converge ({}); {name} keeps running on {} (allow post-copy, raise the downtime limit or the bandwidth)",
                         steps.join("; "),
                         self.host_name()
@@ -373,13 +374,13 @@ impl Migrations {
         let mut copy_sizes = vec![];
         for (i, d) in rec.spec.disks.iter().enumerate() {
             if d.nonpersistent {
-                return Err(AgentError::Conflict(format!(
+                return Err(AgentError::refused(Refusal::NotMovable, format!(
                     "disk {i} is non-persistent: its writes live in this host's run dir; stop the VM to move it"
                 )));
             }
             if let Some(rp) = self.replicated_pool(&d.pool).await? {
                 if !rp.hosts.contains(&req.to) {
-                    return Err(AgentError::Conflict(format!(
+                    return Err(AgentError::refused(Refusal::NotMovable, format!(
                         "disk {i} is on replicated pool {}, which keeps no copy on {} (its hosts: {})",
                         d.pool,
                         req.to,
@@ -390,7 +391,7 @@ impl Migrations {
             }
             if self.pool_locks(&d.pool).await?.is_none() {
                 if !req.with_storage {
-                    return Err(AgentError::Conflict(format!(
+                    return Err(AgentError::refused(Refusal::NotMovable, format!(
                         "disk {i} is on pool {}, which only this host sees: migrate with --with-storage to copy it",
                         d.pool
                     )));
@@ -678,10 +679,13 @@ impl Migrations {
                 })
                 .unwrap_or_else(|| status.to_string());
             self.recover_source(name, qmp, copy).await;
-            return Err(AgentError::Conflict(format!(
-                "migration {status}: {why}; {name} keeps running on {}",
-                self.host_name()
-            )));
+            return Err(AgentError::failed(
+                Failure::Migration,
+                format!(
+                    "migration {status}: {why}; {name} keeps running on {}",
+                    self.host_name()
+                ),
+            ));
         }
         // The VM runs on the destination now: a report QEMU left incomplete is
         // logged, never a reason to fail what happened.

@@ -4,7 +4,7 @@
 //! or aborted mirror leaves the old disk in use and removes the half-made copy. A
 //! stopped VM's disk is copied with `qemu-img convert`.
 
-use crate::error::{AgentError, Result};
+use crate::error::{AgentError, Failure, Refusal, Result};
 use crate::tasks::TaskCtx;
 use crate::Migrations;
 use ferry_qmp::commands as qc;
@@ -38,21 +38,23 @@ impl Migrations {
             ));
         }
         if d.nonpersistent {
-            return Err(AgentError::Conflict(format!(
-                "disk{index} is non-persistent; change its pool while the VM is stopped"
-            )));
+            return Err(AgentError::refused(
+                Refusal::Unsupported,
+                format!("disk{index} is non-persistent; change its pool while the VM is stopped"),
+            ));
         }
         let state = slot.state();
         if !matches!(
             state,
             VmState::Running | VmState::Paused | VmState::Stopped | VmState::Crashed
         ) {
-            return Err(AgentError::Conflict(format!(
-                "{name} is {state}; its disks cannot move now"
-            )));
+            return Err(AgentError::refused(
+                Refusal::Busy,
+                format!("{name} is {state}; its disks cannot move now"),
+            ));
         }
         if !self.list_snapshots(name).await?.snapshots.is_empty() {
-            return Err(AgentError::Conflict(format!(
+            return Err(AgentError::refused(Refusal::NotMovable, format!(
                 "{name} has snapshots, stored inside its disks; a moved copy would not carry them (delete them first)"
             )));
         }
@@ -61,9 +63,10 @@ impl Migrations {
         let dst = self.dir_pool(to_pool).await?;
         let info = src.info(&old).await?;
         if dst.volume_path(&old)?.exists() {
-            return Err(AgentError::Conflict(format!(
-                "Volume {to_pool}/{old} already exists"
-            )));
+            return Err(AgentError::refused(
+                Refusal::Exists,
+                format!("Volume {to_pool}/{old} already exists"),
+            ));
         }
         let format = src.meta(&old)?.format;
         // The new copy must be this host's to write before anything is written.
@@ -134,7 +137,10 @@ impl Migrations {
         )
         .await
         .map_err(|e| {
-            AgentError::Conflict(format!("no move of disk{index} of {name} to abort ({e})"))
+            AgentError::refused(
+                Refusal::NotInTransit,
+                format!("no move of disk{index} of {name} to abort ({e})"),
+            )
         })?;
         Ok(())
     }
@@ -184,7 +190,7 @@ impl Migrations {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 let jobs = qmp.run(&qc::QueryJobs).await?;
                 let Some(j) = jobs.into_iter().find(|j| j.id == job) else {
-                    return Err(AgentError::Conflict("the mirror job vanished".into()));
+                    return Err(AgentError::failed(Failure::Qemu, "the mirror job vanished"));
                 };
                 if j.total_progress > 0 {
                     ctx.progress(j.current_progress as f32 / j.total_progress as f32 * 0.95);
@@ -198,13 +204,17 @@ impl Migrations {
                     qc::JobStatus::Concluded => {
                         let _ = qmp.run(&qc::JobDismiss { id: job.clone() }).await;
                         if let Some(e) = j.error {
-                            return Err(AgentError::Conflict(format!("mirror failed: {e}")));
+                            return Err(AgentError::failed(
+                                Failure::Migration,
+                                format!("mirror failed: {e}"),
+                            ));
                         }
                         if !completing {
                             // Cancelled (an abort): no pivot happened.
-                            return Err(AgentError::Conflict(format!(
-                                "move aborted; disk{index} stays where it was"
-                            )));
+                            return Err(AgentError::failed(
+                                Failure::Aborted,
+                                format!("move aborted; disk{index} stays where it was"),
+                            ));
                         }
                         return Ok(());
                     }

@@ -5,7 +5,7 @@
 //! says it does not run it: the guest must not run twice. The destination re-arms the
 //! watchdog of every VM still arriving, and drops those whose QEMU is gone.
 
-use crate::error::AgentError;
+use crate::error::{AgentError, Failure};
 use crate::records::Transit;
 use crate::Migrations;
 use ferry_qmp::commands as qc;
@@ -117,7 +117,7 @@ impl Migrations {
                     );
                     Ok(true)
                 }
-                None => Err(AgentError::Conflict(format!(
+                None => Err(AgentError::failed(Failure::Migration, format!(
                     "QEMU completed the migration but {to} does not have {name}; the guest stays paused here"
                 ))),
             },

@@ -3,7 +3,7 @@
 //! migrates once the mirrors are in sync, and at the pause before switchover the
 //! mirrors are completed (their last writes flushed) before the device state moves.
 
-use crate::error::{AgentError, Result};
+use crate::error::{AgentError, Failure, Result};
 use crate::tasks::TaskCtx;
 use crate::Migrations;
 use ferry_qmp::commands as qc;
@@ -28,15 +28,21 @@ impl Migrations {
         ctx: &TaskCtx,
     ) -> Result<u64> {
         let nbd = ready.nbd.as_deref().ok_or_else(|| {
-            AgentError::Conflict("the destination offered no NBD server for the disks".into())
+            AgentError::failed(
+                Failure::Migration,
+                "the destination offered no NBD server for the disks",
+            )
         })?;
-        let (host, port) = nbd
-            .rsplit_once(':')
-            .ok_or_else(|| AgentError::Conflict(format!("bad NBD address {nbd}")))?;
+        let (host, port) = nbd.rsplit_once(':').ok_or_else(|| {
+            AgentError::failed(Failure::Migration, format!("bad NBD address {nbd}"))
+        })?;
         for (k, &i) in copy.iter().enumerate() {
             let node = self.disk_node(name, i).await;
             let export = ready.exports.get(k).ok_or_else(|| {
-                AgentError::Conflict(format!("the destination exports no disk {i}"))
+                AgentError::failed(
+                    Failure::Migration,
+                    format!("the destination exports no disk {i}"),
+                )
             })?;
             qmp.execute(
                 "blockdev-add",
@@ -70,8 +76,9 @@ impl Migrations {
                 .filter(|j| copy.iter().any(|&i| j.device == job(i)))
                 .collect();
             if jobs.len() != copy.len() {
-                return Err(AgentError::Conflict(
-                    "a disk mirror ended before it was in sync (destination gone?)".into(),
+                return Err(AgentError::failed(
+                    Failure::Migration,
+                    "a disk mirror ended before it was in sync (destination gone?)",
                 ));
             }
             let (off, len) = jobs
@@ -87,8 +94,9 @@ impl Migrations {
             stalled = if off == last { stalled + 1 } else { 0 };
             last = off;
             if stalled > 50 {
-                return Err(AgentError::Conflict(
-                    "disk mirror made no progress for 10 s".into(),
+                return Err(AgentError::failed(
+                    Failure::Migration,
+                    "disk mirror made no progress for 10 s",
                 ));
             }
         }

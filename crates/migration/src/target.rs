@@ -3,17 +3,20 @@
 //! what QEMU does (`exec:` runs a command, `unix:` and `file:` reach local files, another
 //! host's address sends the guest's memory there), so a peer's answer never becomes one.
 
-use crate::error::{AgentError, Result};
+use crate::error::{AgentError, Failure, Result};
 use std::net::IpAddr;
 
 /// The port in the destination's answer (`tcp:HOST:PORT` for the migration stream,
 /// `HOST:PORT` for the NBD server); anything else is refused with the reason.
 pub(crate) fn answered_port(answer: &str, tcp_scheme: bool) -> Result<u16> {
     let refuse = || {
-        AgentError::Conflict(format!(
-            "the destination answered {answer:?}, not a {}HOST:PORT address",
-            if tcp_scheme { "tcp:" } else { "" }
-        ))
+        AgentError::failed(
+            Failure::Untrusted,
+            format!(
+                "the destination answered {answer:?}, not a {}HOST:PORT address",
+                if tcp_scheme { "tcp:" } else { "" }
+            ),
+        )
     };
     let rest = if tcp_scheme {
         answer.strip_prefix("tcp:").ok_or_else(refuse)?
@@ -30,9 +33,10 @@ pub(crate) fn answered_port(answer: &str, tcp_scheme: bool) -> Result<u16> {
 /// `(host, port)` for QEMU: the member's listed address, which must be an IP address.
 pub(crate) fn endpoint(address: &str, port: u16) -> Result<(String, u16)> {
     let ip: IpAddr = address.parse().map_err(|_| {
-        AgentError::Conflict(format!(
-            "the destination's listed address {address:?} is not an IP address"
-        ))
+        AgentError::failed(
+            Failure::Corrupt,
+            format!("the destination's listed address {address:?} is not an IP address"),
+        )
     })?;
     Ok((ip.to_string(), port))
 }

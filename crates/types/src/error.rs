@@ -7,12 +7,17 @@ use utoipa::ToSchema;
 /// the message and its cause chain.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
 pub struct ApiErrorBody {
-    /// What kind of error, for scripts (stable; the message may change): `invalid`,
-    /// `not_found`, `conflict`, `invalid_state`, `exists`, `locked`, `fenced`,
-    /// `unauthorized`, `forbidden`, `too_large`, `unsupported_media_type`,
-    /// `too_many_requests`, `peer_unreachable`, `peer_failed`, `qemu`, `qmp`,
-    /// `network`, `store`, `etcd`, `storage`, `pki`, `invalid_certificate`, `io`,
-    /// `internal`. A refusal another host gave keeps its code.
+    /// What kind of error, for scripts (stable; the message may change).
+    /// Refusals (409): `exists`, `in_use`, `not_running`, `running`, `template`,
+    /// `maintenance`, `busy`, `unsupported`, `host_lacks`, `no_room`, `membership`,
+    /// `replica`, `not_movable`, `not_in_transit`, `not_wanted`, `invalid_state`,
+    /// `locked`, `fenced`; failures of an allowed operation (409): `qemu_failed`,
+    /// `guest`, `migration_failed`, `aborted`, `corrupt`, `untrusted`. Others:
+    /// `invalid`, `not_found`, `unauthorized`, `forbidden`, `too_large`,
+    /// `unsupported_media_type`, `too_many_requests`, `peer_unreachable`, `peer_failed`,
+    /// `qemu`, `qmp`, `network`, `store`, `etcd`, `storage`, `pki`,
+    /// `invalid_certificate`, `io`, `internal`; `conflict` for a 409 of no finer kind.
+    /// A refusal another host gave keeps its code.
     #[serde(default)]
     pub code: String,
     pub error: String,
