@@ -148,7 +148,7 @@ impl Host {
     /// Who VM `id`'s QEMU runs as; None when the daemon is not root (it cannot change
     /// users; QEMU then runs as the daemon's user, still under its sandbox).
     pub fn qemu_identity(&self, id: u32) -> Result<Option<RunAs>> {
-        if !nix::unistd::geteuid().is_root() {
+        if !self.inner.os.confines() {
             return Ok(None);
         }
         identity(id).map(Some)

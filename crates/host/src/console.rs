@@ -30,11 +30,15 @@ impl Console {
     /// Connects to the serial socket; `seed` is earlier output (e.g. the log file's tail
     /// after a daemon restart).
     /// Only a socket served by process `pid` (QEMU) is taken.
-    pub async fn attach(socket: &Path, seed: &[u8], pid: i32) -> std::io::Result<Console> {
+    pub async fn attach(
+        socket: &Path,
+        seed: &[u8],
+        served_by_qemu: &(dyn Fn(&UnixStream) -> bool + Sync),
+    ) -> std::io::Result<Console> {
         let stream = UnixStream::connect(socket).await?;
-        if !ferry_qemu::peer_is(&stream, pid) {
+        if !served_by_qemu(&stream) {
             return Err(std::io::Error::other(format!(
-                "{} is not served by QEMU {pid}",
+                "{} is not served by the VM's QEMU",
                 socket.display()
             )));
         }

@@ -260,7 +260,7 @@ impl Host {
         spec.nics.push(nic);
         spec.validate()?;
         let i = spec.nics.len() - 1;
-        if !ferry_net::bridge_exists(&spec.nics[i].bridge) {
+        if !self.inner.os.bridge_exists(&spec.nics[i].bridge) {
             return Err(AgentError::invalid(
                 &format!("nics[{i}].bridge"),
                 format!("no bridge {} on this host", spec.nics[i].bridge),
@@ -275,16 +275,16 @@ impl Host {
                 .as_deref()
                 .ok_or_else(|| AgentError::invalid("nics", format!("{tap}: NIC without a MAC")))?;
             let owner = self.qemu_identity(rec.id)?.map(|w| (w.uid, w.gid));
-            ferry_net::create_guarded_tap(&tap, mac, owner).await?;
+            self.inner.os.create_tap(&tap, mac, owner).await?;
             let plugged = async {
-                ferry_net::attach_up(&tap, &n.bridge).await?;
+                self.inner.os.attach_up(&tap, &n.bridge).await?;
                 let qmp = self.qmp(name)?;
                 // QEMU cannot open the tap (or vhost-net) itself: it gets them open.
                 let fd = format!("tap-net{i}");
-                qmp.send_fd(&fd, ferry_net::open_tap(&tap)?.as_fd()).await?;
+                qmp.send_fd(&fd, self.inner.os.open_tap(&tap)?.as_fd()).await?;
                 let mut netdev = json!({"type": "tap", "id": format!("net{i}"), "fd": fd});
                 if self.accel() == ferry_qemu::Accel::Kvm {
-                    let vhost = ferry_net::open_vhost().ok_or_else(|| {
+                    let vhost = self.inner.os.open_vhost().ok_or_else(|| {
                         AgentError::refused(Refusal::HostLacks, "/dev/vhost-net is missing (modprobe vhost_net)")
                     })?;
                     let vfd = format!("vhost-net{i}");
@@ -311,7 +311,7 @@ impl Host {
             }
             .await;
             if let Err(e) = plugged {
-                let _ = ferry_net::delete_tap(&tap).await;
+                let _ = self.inner.os.delete_tap(&tap).await;
                 return Err(e);
             }
         }
@@ -349,7 +349,10 @@ impl Host {
                 id: format!("net{index}"),
             })
             .await?;
-            ferry_net::delete_tap(&ferry_net::tap_name(rec.id, index)).await?;
+            self.inner
+                .os
+                .delete_tap(&ferry_net::tap_name(rec.id, index))
+                .await?;
         } else if slot.state() == VmState::Suspended {
             return Err(AgentError::refused(
                 Refusal::Unsupported,

@@ -24,6 +24,8 @@ pub mod devices;
 pub mod error;
 pub mod events;
 pub mod exit;
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
 pub mod gate;
 pub mod history;
 pub mod lifecycle;
@@ -32,6 +34,7 @@ pub mod locks;
 pub mod loops;
 pub mod maintenance;
 pub mod metrics;
+pub mod os;
 pub mod pools;
 pub mod records;
 pub mod repair;
@@ -41,6 +44,8 @@ pub mod runtime;
 pub mod snapshots;
 pub mod suspend;
 pub mod tasks;
+#[cfg(test)]
+mod tests;
 pub mod vms;
 
 pub use access::host_token_id;
@@ -50,6 +55,7 @@ pub use error::{AgentError, ErrorClass, Result};
 pub use events::EventLog;
 pub use ferry_types::HostInfo;
 pub use link::{check_forwarded, ClusterLink, Peer};
+pub use os::{HostOs, RealOs};
 pub use tasks::{TaskCtx, Tasks};
 
 pub use ferry_qemu::{Accel, AccelSetting};
@@ -120,6 +126,8 @@ pub trait ClusterView: Send + Sync {
 
 struct Inner {
     cfg: AgentConfig,
+    /// What the runtime does to the machine goes through here.
+    os: Arc<dyn HostOs>,
     accel: Accel,
     store: Arc<dyn Store>,
     events: EventLog,
@@ -161,6 +169,16 @@ impl Host {
         store: Arc<dyn Store>,
         cluster: Option<ClusterLink>,
     ) -> Result<Host> {
+        Host::open_on(cfg, store, cluster, Arc::new(RealOs)).await
+    }
+
+    /// [`Host::open`] on the machine `os` stands for (a fake one in tests).
+    pub async fn open_on(
+        cfg: AgentConfig,
+        store: Arc<dyn Store>,
+        cluster: Option<ClusterLink>,
+        os: Arc<dyn HostOs>,
+    ) -> Result<Host> {
         for d in [&cfg.state_dir, &cfg.run_dir] {
             std::fs::create_dir_all(d).map_err(|source| AgentError::Io {
                 what: format!("Create {}", d.display()),
@@ -171,11 +189,12 @@ impl Host {
         let events = EventLog::load(store.clone()).await?;
         let tasks = Tasks::load(store.clone(), events.clone()).await?;
         let qemu_version = qemu_version(&cfg.qemu_binary).await;
-        let cgroups = cgroups::Cgroups::detect(&cfg.resources.cgroup_root);
+        let cgroups = os.cgroups(&cfg.resources.cgroup_root);
         tracing::info!(cgroups = %cgroups.describe(), "resource pools");
         let host = Host {
             inner: Arc::new(Inner {
                 cfg,
+                os,
                 accel,
                 store,
                 events,

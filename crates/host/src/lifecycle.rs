@@ -9,10 +9,7 @@ use crate::pools::backing_files;
 use crate::records::VmRecord;
 use crate::runtime::Slot;
 use crate::Host;
-use ferry_qemu::{
-    build_argv, kill_and_wait, read_pid, spawn_detached, BackingFile, LaunchPlan, ResolvedCdrom,
-    ResolvedDisk, RunPaths,
-};
+use ferry_qemu::{build_argv, BackingFile, LaunchPlan, ResolvedCdrom, ResolvedDisk, RunPaths};
 use ferry_qmp::commands as qc;
 use ferry_qmp::Qmp;
 use ferry_types::{DiskFormat, Firmware, VmAction, VmState};
@@ -158,7 +155,7 @@ impl Host {
             cdroms.push(ResolvedCdrom { bus: c.bus, iso });
         }
         for n in &spec.nics {
-            if !ferry_net::bridge_exists(&n.bridge) {
+            if !self.inner.os.bridge_exists(&n.bridge) {
                 return Err(AgentError::refused(
                     Refusal::HostLacks,
                     format!("Bridge {} does not exist on this host", n.bridge),
@@ -185,7 +182,7 @@ impl Host {
     pub async fn remove_taps(&self, id: u32, nics: usize) {
         for i in 0..nics {
             let t = ferry_net::tap_name(id, i);
-            if let Err(e) = ferry_net::delete_tap(&t).await {
+            if let Err(e) = self.inner.os.delete_tap(&t).await {
                 tracing::warn!(tap = %t, error = %e, "cannot delete tap");
             }
         }
@@ -286,7 +283,7 @@ impl Host {
                     rt.pid.take()
                 });
                 if let Some(pid) = pid {
-                    let _ = kill_and_wait(pid, &plan.run.qmp).await;
+                    let _ = self.inner.os.kill_qemu(pid, &plan.run).await;
                 }
                 self.remove_taps(rec.id, rec.spec.nics.len()).await;
                 self.remove_overlays(rec.id);
@@ -325,11 +322,11 @@ impl Host {
                 .mac
                 .as_deref()
                 .ok_or_else(|| AgentError::invalid("nics", format!("{tap}: NIC without a MAC")))?;
-            ferry_net::create_guarded_tap(tap, mac, owner).await?;
-            ferry_net::attach_up(tap, &n.bridge).await?;
-            fds.push((ferry_qemu::nic_fd(k), ferry_net::open_tap(tap)?));
+            self.inner.os.create_tap(tap, mac, owner).await?;
+            self.inner.os.attach_up(tap, &n.bridge).await?;
+            fds.push((ferry_qemu::nic_fd(k), self.inner.os.open_tap(tap)?));
             if plan.accel == ferry_qemu::Accel::Kvm {
-                let vhost = ferry_net::open_vhost().ok_or_else(|| {
+                let vhost = self.inner.os.open_vhost().ok_or_else(|| {
                     AgentError::refused(
                         Refusal::HostLacks,
                         "/dev/vhost-net is missing (modprobe vhost_net)",
@@ -357,34 +354,42 @@ impl Host {
         }
         let argv = build_argv(plan);
         tracing::debug!(vm = name, ?argv, "starting QEMU");
-        let pid = spawn_detached(
-            &self.inner.cfg.qemu_binary,
-            &argv,
-            &plan.run,
-            who.as_ref(),
-            &fds,
-        )
-        .await?;
+        let pid = self
+            .inner
+            .os
+            .spawn_qemu(
+                &self.inner.cfg.qemu_binary,
+                &argv,
+                &plan.run,
+                who.as_ref(),
+                &fds,
+            )
+            .await?;
         drop(fds);
         if let Err(e) = self.place_in_pool(rec, pid).await {
-            let _ = kill_and_wait(pid, &plan.run.qmp).await;
+            let _ = self.inner.os.kill_qemu(pid, &plan.run).await;
             return Err(e);
         }
         let connected = async {
-            let qmp = Qmp::connect_retry_to(&plan.run.qmp, QMP_CONNECT, pid).await?;
-            let console = Console::attach(&plan.run.serial, &[], pid)
-                .await
-                .map_err(|source| AgentError::Io {
-                    what: "Connect to the serial console".into(),
-                    source,
-                })?;
+            let qmp = self
+                .inner
+                .os
+                .connect_qmp(&plan.run, QMP_CONNECT, pid)
+                .await?;
+            let console =
+                Console::attach(&plan.run.serial, &[], &|s| self.inner.os.served_by(s, pid))
+                    .await
+                    .map_err(|source| AgentError::Io {
+                        what: "Connect to the serial console".into(),
+                        source,
+                    })?;
             Ok::<_, AgentError>((qmp, console))
         }
         .await;
         let (qmp, console) = match connected {
             Ok(c) => c,
             Err(e) => {
-                let _ = kill_and_wait(pid, &plan.run.qmp).await;
+                let _ = self.inner.os.kill_qemu(pid, &plan.run).await;
                 return Err(e);
             }
         };
@@ -431,6 +436,9 @@ impl Host {
         let current = |slot: &Slot| slot.with(|rt| rt.generation) == generation;
         loop {
             tokio::select! {
+                // Events first: what QEMU said before it closed the socket (SHUTDOWN from
+                // the guest, GUEST_PANICKED) decides how its end is read.
+                biased;
                 ev = events.recv() => {
                     let Ok(ev) = ev else { continue };
                     if !current(&slot) { return; }
@@ -464,13 +472,13 @@ impl Host {
                     // QEMU closes QMP as it exits; give it a moment to be gone.
                     let mut alive = true;
                     for _ in 0..200 {
-                        alive = pid.is_some_and(|p| ferry_qemu::pid_alive(p, &run.qmp));
+                        alive = pid.is_some_and(|p| self.inner.os.qemu_alive(p, &run));
                         if !alive { break; }
                         tokio::time::sleep(Duration::from_millis(25)).await;
                     }
                     if let (true, Some(p)) = (alive, pid) {
                         // QMP dropped but QEMU lives: reconnect.
-                        match Qmp::connect_retry_to(&run.qmp, QMP_CONNECT, p).await {
+                        match self.inner.os.connect_qmp(&run, QMP_CONNECT, p).await {
                             Ok(q) => {
                                 events = q.events();
                                 slot.with(|rt| rt.qmp = Some(q.clone()));
@@ -481,7 +489,7 @@ impl Host {
                                 // Never treat a live QEMU as ended (its disks, locks and
                                 // replica terms are still its own): wait for it.
                                 tracing::warn!(vm = %name, error = %e, "QMP lost; QEMU still running; waiting for it to end");
-                                while ferry_qemu::pid_alive(p, &run.qmp) {
+                                while self.inner.os.qemu_alive(p, &run) {
                                     if !current(&slot) { return; }
                                     tokio::time::sleep(Duration::from_millis(500)).await;
                                 }
@@ -570,7 +578,10 @@ impl Host {
         intent.keep();
         if !self.wait_gone(slot, STOP_WAIT).await {
             if let Some(pid) = pid {
-                kill_and_wait(pid, &self.run_paths(rec.id).qmp).await?;
+                self.inner
+                    .os
+                    .kill_qemu(pid, &self.run_paths(rec.id))
+                    .await?;
             }
             if !self.wait_gone(slot, STOP_WAIT).await {
                 return Err(AgentError::failed(
@@ -682,11 +693,11 @@ impl Host {
             let name = rec.spec.name.clone();
             let slot = self.slot(&name);
             let run = self.run_paths(rec.id);
-            if let Some(pid) = read_pid(&run) {
+            if let Some(pid) = self.inner.os.read_pid(&run) {
                 if let Ok(Err(why)) = self.locks_still_ours(&rec).await {
                     // Fenced on the storage side: another host runs this VM now.
                     tracing::error!(vm = %name, pid, why, "killing a QEMU that lost its disk locks");
-                    let _ = kill_and_wait(pid, &run.qmp).await;
+                    let _ = self.inner.os.kill_qemu(pid, &run).await;
                     self.inner.events.emit(
                         Some(&name),
                         "ha",
@@ -694,14 +705,14 @@ impl Host {
                     );
                 }
             }
-            match read_pid(&run) {
+            match self.inner.os.read_pid(&run) {
                 Some(pid) => match self.adopt(&name, &slot, pid, &run).await {
                     Ok(state) => {
                         // The taps' MAC rules again (a flushed ruleset, an older daemon).
                         for (i, n) in rec.spec.nics.iter().enumerate() {
                             let tap = ferry_net::tap_name(rec.id, i);
                             let guarded = match n.mac.as_deref() {
-                                Some(mac) => ferry_net::guard_tap(&tap, mac).await,
+                                Some(mac) => self.inner.os.guard_tap(&tap, mac).await,
                                 None => Ok(()),
                             };
                             if let Err(e) = guarded {
@@ -762,7 +773,11 @@ impl Host {
         pid: i32,
         run: &RunPaths,
     ) -> Result<VmState> {
-        let qmp = Qmp::connect_retry_to(&run.qmp, Duration::from_secs(5), pid).await?;
+        let qmp = self
+            .inner
+            .os
+            .connect_qmp(run, Duration::from_secs(5), pid)
+            .await?;
         // Jobs the previous daemon started (snapshots) run on in QEMU: let them end, so
         // the repair pass sees their result, and dismiss them.
         for _ in 0..600 {
@@ -795,12 +810,14 @@ impl Host {
             | R::Colo
             | R::Unknown => VmState::Running,
         };
-        let console = Console::attach(&run.serial, &tail(&run.serial_log, 256 * 1024), pid)
-            .await
-            .map_err(|source| AgentError::Io {
-                what: "Reconnect to the serial console".into(),
-                source,
-            })?;
+        let console = Console::attach(&run.serial, &tail(&run.serial_log, 256 * 1024), &|s| {
+            self.inner.os.served_by(s, pid)
+        })
+        .await
+        .map_err(|source| AgentError::Io {
+            what: "Reconnect to the serial console".into(),
+            source,
+        })?;
         slot.with(|rt| rt.state = state);
         self.attach_runtime(name, slot, pid, qmp, console);
         self.save_state(name, state, None).await;

@@ -90,7 +90,7 @@ impl Host {
             }
             if s.up {
                 for i in 0..r.spec.nics.len() {
-                    if let Some(t) = ferry_net::link_stats(&ferry_net::tap_name(r.id, i)) {
+                    if let Some(t) = self.inner.os.link_stats(&ferry_net::tap_name(r.id, i)) {
                         // The tap's tx is what the guest receives.
                         s.nics.push((
                             format!("net{i}"),

@@ -96,7 +96,7 @@ impl Host {
             source,
         };
         let stream = tokio::net::UnixStream::connect(&path).await.map_err(io)?;
-        if !ferry_qemu::peer_is(&stream, pid) {
+        if !self.inner.os.served_by(&stream, pid) {
             return Err(io(std::io::Error::other(format!(
                 "{} is not served by QEMU {pid}",
                 path.display()

@@ -132,7 +132,7 @@ impl Host {
             }
         }
         for (i, n) in spec.nics.iter().enumerate() {
-            if !ferry_net::bridge_exists(&n.bridge) {
+            if !self.inner.os.bridge_exists(&n.bridge) {
                 e.push(
                     format!("nics[{i}].bridge"),
                     format!(

@@ -10,6 +10,8 @@
 mod client;
 mod codec;
 pub mod commands;
+#[cfg(feature = "fake")]
+pub mod fake;
 
 pub use client::{Qmp, QmpEvent};
 pub use codec::{parse_message, Message};

@@ -1,0 +1,257 @@
+//! An in-memory host for fast tests of the runtime (feature `fake`; the crate's own
+//! tests): QEMUs are [`FakeQemu`]s speaking QMP on the run dir's sockets, taps and
+//! bridges are names in a table, nothing runs as another user, no cgroups. Pids start
+//! above Linux's largest (2^22), so none is ever a real process.
+
+use crate::os::HostOs;
+use ferry_net::{LinkStats, NetError};
+use ferry_qemu::{QemuError, RunAs, RunPaths};
+use ferry_qmp::fake::FakeQemu;
+use ferry_qmp::{Qmp, QmpError};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ffi::OsString;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::UnixStream;
+
+/// Above `pid_max`'s largest value: never a real process.
+const FIRST_PID: i32 = 5_000_000;
+
+/// A tap of the fake host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeTap {
+    pub mac: String,
+    pub bridge: Option<String>,
+}
+
+#[derive(Default)]
+struct State {
+    next_pid: i32,
+    /// pid → (run dir, QEMU, its argv).
+    qemus: HashMap<i32, (PathBuf, FakeQemu, Vec<OsString>)>,
+    bridges: BTreeSet<String>,
+    taps: BTreeMap<String, FakeTap>,
+}
+
+/// The fake host.
+pub struct FakeOs {
+    state: Mutex<State>,
+    /// The fake QEMUs run on a runtime of their own (its thread lives as long as the
+    /// process), so they outlive the runtime of a test's first daemon, as real QEMUs
+    /// outlive a daemon restart.
+    machine: tokio::runtime::Handle,
+}
+
+impl FakeOs {
+    /// A host with these bridges.
+    pub fn new(bridges: &[&str]) -> Arc<FakeOs> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            let _ = tx.send(rt.handle().clone());
+            rt.block_on(std::future::pending::<()>());
+        });
+        let machine = rx.recv().expect("the fake machine's runtime starts");
+        Arc::new(FakeOs {
+            state: Mutex::new(State {
+                next_pid: FIRST_PID,
+                bridges: bridges.iter().map(|b| b.to_string()).collect(),
+                ..Default::default()
+            }),
+            machine,
+        })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The newest QEMU started in `run_dir`, with its pid.
+    pub fn qemu(&self, run_dir: &std::path::Path) -> Option<(i32, FakeQemu)> {
+        self.with(|s| {
+            s.qemus
+                .iter()
+                .filter(|(_, (d, _, _))| d == run_dir)
+                .max_by_key(|(p, _)| **p)
+                .map(|(p, (_, q, _))| (*p, q.clone()))
+        })
+    }
+
+    /// The argv the QEMU `pid` was started with.
+    pub fn argv(&self, pid: i32) -> Vec<String> {
+        self.with(|s| {
+            s.qemus
+                .get(&pid)
+                .map(|(_, _, a)| a.iter().map(|x| x.to_string_lossy().into()).collect())
+                .unwrap_or_default()
+        })
+    }
+
+    /// How many QEMUs run now.
+    pub fn running(&self) -> usize {
+        self.with(|s| s.qemus.values().filter(|(_, q, _)| q.alive()).count())
+    }
+
+    /// The taps that exist.
+    pub fn taps(&self) -> BTreeMap<String, FakeTap> {
+        self.with(|s| s.taps.clone())
+    }
+
+    fn alive(&self, pid: i32, run: &RunPaths) -> Option<FakeQemu> {
+        self.with(|s| {
+            s.qemus
+                .get(&pid)
+                .filter(|(d, q, _)| *d == run.dir && q.alive())
+                .map(|(_, q, _)| q.clone())
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl HostOs for FakeOs {
+    async fn spawn_qemu(
+        &self,
+        _binary: &str,
+        argv: &[OsString],
+        run: &RunPaths,
+        _who: Option<&RunAs>,
+        _fds: &[(i32, OwnedFd)],
+    ) -> Result<i32, QemuError> {
+        run.prepare()?;
+        let paused = argv.iter().any(|a| a == "-S");
+        let q = {
+            let _on_the_machine = self.machine.enter();
+            FakeQemu::start(&run.qmp, &run.serial, paused)
+        }
+        .map_err(|source| QemuError::RunDir {
+            path: run.qmp.display().to_string(),
+            source,
+        })?;
+        let pid = self.with(|s| {
+            let pid = s.next_pid;
+            s.next_pid += 1;
+            s.qemus.insert(pid, (run.dir.clone(), q, argv.to_vec()));
+            pid
+        });
+        Ok(pid)
+    }
+
+    async fn kill_qemu(&self, pid: i32, run: &RunPaths) -> Result<(), QemuError> {
+        if let Some(q) = self.alive(pid, run) {
+            q.crash();
+            q.ended().await;
+        }
+        Ok(())
+    }
+
+    fn read_pid(&self, run: &RunPaths) -> Option<i32> {
+        self.qemu(&run.dir)
+            .filter(|(_, q)| q.alive())
+            .map(|(p, _)| p)
+    }
+
+    fn qemu_alive(&self, pid: i32, run: &RunPaths) -> bool {
+        self.alive(pid, run).is_some()
+    }
+
+    async fn connect_qmp(
+        &self,
+        run: &RunPaths,
+        within: Duration,
+        pid: i32,
+    ) -> Result<Qmp, QmpError> {
+        if self.alive(pid, run).is_none() {
+            return Err(QmpError::Connect {
+                path: run.qmp.display().to_string(),
+                source: std::io::Error::other(format!("no fake QEMU {pid}")),
+            });
+        }
+        Qmp::connect_retry(&run.qmp, within).await
+    }
+
+    fn served_by(&self, _stream: &UnixStream, pid: i32) -> bool {
+        self.with(|s| s.qemus.get(&pid).is_some_and(|(_, q, _)| q.alive()))
+    }
+
+    fn confines(&self) -> bool {
+        false
+    }
+
+    fn cgroups(&self, _root_name: &str) -> crate::Cgroups {
+        crate::Cgroups::None("a fake host has no cgroups".into())
+    }
+
+    fn bridge_exists(&self, bridge: &str) -> bool {
+        self.with(|s| s.bridges.contains(bridge))
+    }
+
+    async fn create_tap(
+        &self,
+        tap: &str,
+        mac: &str,
+        _owner: Option<(u32, u32)>,
+    ) -> Result<(), NetError> {
+        self.with(|s| {
+            s.taps.insert(
+                tap.to_string(),
+                FakeTap {
+                    mac: mac.to_string(),
+                    bridge: None,
+                },
+            )
+        });
+        Ok(())
+    }
+
+    async fn attach_up(&self, tap: &str, bridge: &str) -> Result<(), NetError> {
+        self.with(|s| {
+            if !s.bridges.contains(bridge) {
+                return Err(NetError::NotABridge(bridge.to_string()));
+            }
+            match s.taps.get_mut(tap) {
+                Some(t) => {
+                    t.bridge = Some(bridge.to_string());
+                    Ok(())
+                }
+                None => Err(NetError::NoSuchLink(tap.to_string())),
+            }
+        })
+    }
+
+    fn open_tap(&self, tap: &str) -> Result<OwnedFd, NetError> {
+        if !self.with(|s| s.taps.contains_key(tap)) {
+            return Err(NetError::NoSuchLink(tap.to_string()));
+        }
+        std::fs::File::open("/dev/null")
+            .map(OwnedFd::from)
+            .map_err(NetError::OpenTun)
+    }
+
+    fn open_vhost(&self) -> Option<OwnedFd> {
+        None
+    }
+
+    async fn delete_tap(&self, tap: &str) -> Result<(), NetError> {
+        self.with(|s| s.taps.remove(tap));
+        Ok(())
+    }
+
+    async fn guard_tap(&self, tap: &str, _mac: &str) -> Result<(), NetError> {
+        if self.with(|s| s.taps.contains_key(tap)) {
+            Ok(())
+        } else {
+            Err(NetError::NoSuchLink(tap.to_string()))
+        }
+    }
+
+    fn link_stats(&self, _link: &str) -> Option<LinkStats> {
+        None
+    }
+}

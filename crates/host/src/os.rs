@@ -1,0 +1,154 @@
+//! The host seam: everything the VM runtime does to the machine itself — QEMU
+//! processes and their sockets, taps and bridges, cgroups, QEMU's own users — goes
+//! through [`HostOs`]. [`RealOs`] does it (root, QEMU, netlink, nftables);
+//! `fake::FakeOs` (feature `fake`, and the crate's own tests) does it in memory with
+//! fake QEMUs speaking QMP, so the runtime's logic is tested in seconds without root.
+//! Storage goes to the real `qemu-img` in both: it needs neither root nor time.
+
+use ferry_net::{LinkStats, NetError};
+use ferry_qemu::{QemuError, RunAs, RunPaths};
+use ferry_qmp::{Qmp, QmpError};
+use std::ffi::OsString;
+use std::os::fd::OwnedFd;
+use std::time::Duration;
+use tokio::net::UnixStream;
+
+/// What the runtime asks of the machine.
+#[async_trait::async_trait]
+pub trait HostOs: Send + Sync + 'static {
+    /// Starts a VM's QEMU detached, as `who`, with `fds` at the numbers given; its pid.
+    async fn spawn_qemu(
+        &self,
+        binary: &str,
+        argv: &[OsString],
+        run: &RunPaths,
+        who: Option<&RunAs>,
+        fds: &[(i32, OwnedFd)],
+    ) -> Result<i32, QemuError>;
+    /// Ends a VM's QEMU (SIGKILL when it lingers) and waits until it is gone.
+    async fn kill_qemu(&self, pid: i32, run: &RunPaths) -> Result<(), QemuError>;
+    /// The pid of the live QEMU of a run dir (its pidfile names it, and it is that
+    /// run dir's QEMU).
+    fn read_pid(&self, run: &RunPaths) -> Option<i32>;
+    /// Whether `pid` is still the QEMU of `run`.
+    fn qemu_alive(&self, pid: i32, run: &RunPaths) -> bool;
+    /// A QMP connection to the QEMU `pid` of `run`, retried for `within`.
+    async fn connect_qmp(
+        &self,
+        run: &RunPaths,
+        within: Duration,
+        pid: i32,
+    ) -> Result<Qmp, QmpError>;
+    /// Whether the other end of `stream` is the QEMU `pid`.
+    fn served_by(&self, stream: &UnixStream, pid: i32) -> bool;
+    /// Whether each VM's QEMU runs as a user of its own.
+    fn confines(&self) -> bool;
+    /// Where resource pools are enforced.
+    fn cgroups(&self, root_name: &str) -> crate::Cgroups;
+
+    fn bridge_exists(&self, bridge: &str) -> bool;
+    /// A tap owned by `owner`, dropping frames not from `mac`.
+    async fn create_tap(
+        &self,
+        tap: &str,
+        mac: &str,
+        owner: Option<(u32, u32)>,
+    ) -> Result<(), NetError>;
+    /// Puts a tap on a bridge and up.
+    async fn attach_up(&self, tap: &str, bridge: &str) -> Result<(), NetError>;
+    /// An open descriptor on a tap, for QEMU.
+    fn open_tap(&self, tap: &str) -> Result<OwnedFd, NetError>;
+    /// `/dev/vhost-net`, when the host has it.
+    fn open_vhost(&self) -> Option<OwnedFd>;
+    async fn delete_tap(&self, tap: &str) -> Result<(), NetError>;
+    /// Sets a tap's source-MAC filter again (after a restart).
+    async fn guard_tap(&self, tap: &str, mac: &str) -> Result<(), NetError>;
+    fn link_stats(&self, link: &str) -> Option<LinkStats>;
+}
+
+/// The machine itself.
+pub struct RealOs;
+
+#[async_trait::async_trait]
+impl HostOs for RealOs {
+    async fn spawn_qemu(
+        &self,
+        binary: &str,
+        argv: &[OsString],
+        run: &RunPaths,
+        who: Option<&RunAs>,
+        fds: &[(i32, OwnedFd)],
+    ) -> Result<i32, QemuError> {
+        ferry_qemu::spawn_detached(binary, argv, run, who, fds).await
+    }
+
+    async fn kill_qemu(&self, pid: i32, run: &RunPaths) -> Result<(), QemuError> {
+        ferry_qemu::kill_and_wait(pid, &run.qmp).await
+    }
+
+    fn read_pid(&self, run: &RunPaths) -> Option<i32> {
+        ferry_qemu::read_pid(run)
+    }
+
+    fn qemu_alive(&self, pid: i32, run: &RunPaths) -> bool {
+        ferry_qemu::pid_alive(pid, &run.qmp)
+    }
+
+    async fn connect_qmp(
+        &self,
+        run: &RunPaths,
+        within: Duration,
+        pid: i32,
+    ) -> Result<Qmp, QmpError> {
+        Qmp::connect_retry_to(&run.qmp, within, pid).await
+    }
+
+    fn served_by(&self, stream: &UnixStream, pid: i32) -> bool {
+        ferry_qemu::peer_is(stream, pid)
+    }
+
+    fn confines(&self) -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    fn cgroups(&self, root_name: &str) -> crate::Cgroups {
+        crate::Cgroups::detect(root_name)
+    }
+
+    fn bridge_exists(&self, bridge: &str) -> bool {
+        ferry_net::bridge_exists(bridge)
+    }
+
+    async fn create_tap(
+        &self,
+        tap: &str,
+        mac: &str,
+        owner: Option<(u32, u32)>,
+    ) -> Result<(), NetError> {
+        ferry_net::create_guarded_tap(tap, mac, owner).await
+    }
+
+    async fn attach_up(&self, tap: &str, bridge: &str) -> Result<(), NetError> {
+        ferry_net::attach_up(tap, bridge).await
+    }
+
+    fn open_tap(&self, tap: &str) -> Result<OwnedFd, NetError> {
+        ferry_net::open_tap(tap)
+    }
+
+    fn open_vhost(&self) -> Option<OwnedFd> {
+        ferry_net::open_vhost()
+    }
+
+    async fn delete_tap(&self, tap: &str) -> Result<(), NetError> {
+        ferry_net::delete_tap(tap).await
+    }
+
+    async fn guard_tap(&self, tap: &str, mac: &str) -> Result<(), NetError> {
+        ferry_net::guard_tap(tap, mac).await
+    }
+
+    fn link_stats(&self, link: &str) -> Option<LinkStats> {
+        ferry_net::link_stats(link)
+    }
+}
