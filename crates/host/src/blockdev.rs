@@ -14,7 +14,7 @@ impl Host {
     /// The block nodes of disks 0..n, from one `query-block`.
     pub async fn disk_nodes(&self, vm: &str, n: usize) -> Vec<String> {
         let blocks = match self.qmp(vm) {
-            Ok(qmp) => qmp.execute("query-block", None).await.ok(),
+            Ok(qmp) => qmp.run(&ferry_qmp::commands::QueryBlock).await.ok(),
             Err(_) => None,
         };
         (0..n)
@@ -22,16 +22,14 @@ impl Host {
                 let id = format!("disk{i}");
                 let dev = format!("/machine/peripheral/disk{i}/");
                 blocks
-                    .as_ref()
-                    .and_then(|b| b.as_array())
-                    .into_iter()
+                    .iter()
                     .flatten()
                     .find(|b| {
-                        b["qdev"]
-                            .as_str()
+                        b.qdev
+                            .as_deref()
                             .is_some_and(|q| q == id || q.starts_with(&dev))
                     })
-                    .and_then(|b| b["inserted"]["node-name"].as_str().map(String::from))
+                    .and_then(|b| b.inserted.as_ref().map(|i| i.node_name.clone()))
                     .unwrap_or(id)
             })
             .collect()

@@ -63,15 +63,16 @@ impl Host {
             match &iso {
                 Some(path) => {
                     self.share_file(rec.id, path).await?;
-                    qmp.execute(
-                        "blockdev-change-medium",
-                        Some(json!({"id": id, "filename": path, "format": "raw", "read-only-mode": "read-only"})),
-                    )
+                    qmp.run(&qc::BlockdevChangeMedium {
+                        id,
+                        filename: path.clone(),
+                        format: "raw".into(),
+                        read_only_mode: "read-only".into(),
+                    })
                     .await?;
                 }
                 None => {
-                    qmp.execute("eject", Some(json!({"id": id, "force": true})))
-                        .await?;
+                    qmp.run(&qc::Eject { id, force: true }).await?;
                 }
             }
         }
@@ -162,7 +163,7 @@ impl Host {
         node["node-name"] = json!(format!("disk{i}"));
         node["cache"] = cache;
         node["read-only"] = json!(d.readonly);
-        qmp.execute("blockdev-add", Some(node)).await?;
+        qmp.run(&qc::BlockdevAdd(node)).await?;
         let mut dev = json!({"id": format!("disk{i}"), "drive": format!("disk{i}"), "write-cache": if wce { "on" } else { "off" }});
         if d.bus == DiskBus::Scsi {
             dev["driver"] = json!("scsi-hd");
@@ -171,12 +172,11 @@ impl Host {
         } else {
             dev["driver"] = json!("virtio-blk-pci");
         }
-        if let Err(e) = qmp.execute("device_add", Some(dev)).await {
+        if let Err(e) = qmp.run(&qc::DeviceAdd(dev)).await {
             let _ = qmp
-                .execute(
-                    "blockdev-del",
-                    Some(json!({"node-name": format!("disk{i}")})),
-                )
+                .run(&qc::BlockdevDel {
+                    node_name: format!("disk{i}"),
+                })
                 .await;
             return Err(e.into());
         }
@@ -292,16 +292,13 @@ impl Host {
                     netdev["vhost"] = json!(true);
                     netdev["vhostfd"] = json!(vfd);
                 }
-                qmp.execute("netdev_add", Some(netdev)).await?;
+                qmp.run(&qc::NetdevAdd(netdev)).await?;
                 let driver = match n.model {
                     NicModel::Virtio => "virtio-net-pci",
                     NicModel::E1000 => "e1000",
                 };
                 if let Err(e) = qmp
-                    .execute(
-                        "device_add",
-                        Some(json!({"driver": driver, "netdev": format!("net{i}"), "id": format!("net{i}"), "mac": n.mac})),
-                    )
+                    .run(&qc::DeviceAdd(json!({"driver": driver, "netdev": format!("net{i}"), "id": format!("net{i}"), "mac": n.mac})))
                     .await
                 {
                     let _ = qmp.run(&qc::NetdevDel { id: format!("net{i}") }).await;

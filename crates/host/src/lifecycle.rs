@@ -645,7 +645,7 @@ impl Host {
     }
 
     pub async fn pause_vm(&self, name: &str) -> Result<()> {
-        self.pause_resume(name, VmAction::Pause, "stop", VmState::Paused)
+        self.pause_resume(name, VmAction::Pause, VmState::Paused)
             .await
     }
 
@@ -654,17 +654,11 @@ impl Host {
         if self.slot(name).state() == VmState::Suspended {
             return self.start_vm(name).await;
         }
-        self.pause_resume(name, VmAction::Resume, "cont", VmState::Running)
+        self.pause_resume(name, VmAction::Resume, VmState::Running)
             .await
     }
 
-    async fn pause_resume(
-        &self,
-        name: &str,
-        action: VmAction,
-        cmd: &str,
-        to: VmState,
-    ) -> Result<()> {
+    async fn pause_resume(&self, name: &str, action: VmAction, to: VmState) -> Result<()> {
         let slot = self.slot(name);
         let _op = slot.op.lock().await;
         self.record(name).await?;
@@ -681,7 +675,11 @@ impl Host {
                 }
             }
         }
-        qmp.execute(cmd, None).await?;
+        if action == VmAction::Pause {
+            qmp.run(&qc::Stop).await?;
+        } else {
+            qmp.run(&qc::Cont).await?;
+        }
         self.set_state(name, &slot, to);
         self.save_state(name, to, None).await;
         Ok(())

@@ -57,34 +57,28 @@ impl Host {
             };
             if let Some(q) = qmp {
                 let q = q.with_timeout(Duration::from_secs(2));
-                if let Ok(v) = q
-                    .execute(
-                        "query-blockstats",
-                        Some(serde_json::json!({"query-nodes": false})),
-                    )
-                    .await
-                {
-                    for b in v.as_array().into_iter().flatten() {
-                        let id = b
-                            .get("qdev")
-                            .and_then(|d| d.as_str())
-                            .map(|d| {
-                                d.trim_start_matches("/machine/peripheral/")
-                                    .trim_end_matches("/virtio-backend")
-                                    .to_string()
-                            })
-                            .unwrap_or_default();
-                        let st = &b["stats"];
-                        let g = |k: &str| st.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
-                        if id.starts_with("disk") {
-                            s.disks.push((
-                                id,
-                                g("rd_bytes"),
-                                g("wr_bytes"),
-                                g("rd_operations"),
-                                g("wr_operations"),
-                            ));
-                        }
+                let stats = q
+                    .run(&ferry_qmp::commands::QueryBlockstats { query_nodes: false })
+                    .await;
+                for b in stats.into_iter().flatten() {
+                    let id = b
+                        .qdev
+                        .as_deref()
+                        .map(|d| {
+                            d.trim_start_matches("/machine/peripheral/")
+                                .trim_end_matches("/virtio-backend")
+                                .to_string()
+                        })
+                        .unwrap_or_default();
+                    let st = b.stats;
+                    if id.starts_with("disk") {
+                        s.disks.push((
+                            id,
+                            st.rd_bytes,
+                            st.wr_bytes,
+                            st.rd_operations,
+                            st.wr_operations,
+                        ));
                     }
                 }
             }

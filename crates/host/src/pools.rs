@@ -380,10 +380,10 @@ impl Host {
                     .into());
                 }
                 self.qmp(&vm)?
-                    .execute(
-                        "block_resize",
-                        Some(serde_json::json!({"node-name": node, "size": size.0})),
-                    )
+                    .run(&ferry_qmp::commands::BlockResize {
+                        node_name: node,
+                        size: size.0,
+                    })
                     .await?;
                 self.inner.events.emit(
                     Some(&vm),

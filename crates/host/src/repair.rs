@@ -17,7 +17,6 @@ use crate::records::VmRecord;
 use crate::Host;
 use ferry_store::StoreJson;
 use ferry_types::{PoolSpec, Snapshot, VmState};
-use serde_json::json;
 use std::collections::{HashMap, HashSet};
 
 use ferry_store::keys::host::INTENTS;
@@ -217,10 +216,10 @@ impl Host {
                     let res = if running {
                         match self.qmp(name) {
                             Ok(q) => q
-                                .execute(
-                                    "blockdev-snapshot-delete-internal-sync",
-                                    Some(json!({"device": node, "name": tag})),
-                                )
+                                .run(&ferry_qmp::commands::BlockdevSnapshotDeleteInternalSync {
+                                    device: node,
+                                    name: tag.to_string(),
+                                })
                                 .await
                                 .map(|_| ())
                                 .map_err(crate::AgentError::from),

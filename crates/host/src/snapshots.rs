@@ -17,24 +17,33 @@ use ferry_storage::SnapshotOp;
 use ferry_store::{Op, StoreJson, Txn};
 use ferry_types::validate::check_name;
 use ferry_types::{Snapshot, SnapshotCreate, SnapshotList, ValidationErrors, VmAction, VmState};
-use serde_json::{json, Value};
 use std::time::Duration;
 
 fn snap_prefix(vm: &str) -> String {
     ferry_store::keys::host::snapshots(vm)
 }
 
-/// Runs a QMP job to its end, reporting progress; fails with QEMU's reason.
-pub async fn run_job(qmp: &Qmp, cmd: &str, mut args: Value, ctx: Option<&TaskCtx>) -> Result<()> {
-    let id = format!("ferry-{:08x}", rand::random::<u32>());
-    args["job-id"] = json!(id);
-    qmp.execute(cmd, Some(args)).await?;
+/// A fresh job id.
+pub fn job_id() -> String {
+    format!("ferry-{:08x}", rand::random::<u32>())
+}
+
+/// Runs the QMP job `cmd` (whose id is `id`) to its end, reporting progress; fails
+/// with QEMU's reason.
+pub async fn run_job<C: qc::Command>(
+    qmp: &Qmp,
+    cmd: &C,
+    id: &str,
+    ctx: Option<&TaskCtx>,
+) -> Result<()> {
+    let name = C::NAME;
+    qmp.run(cmd).await?;
     loop {
         let jobs = qmp.run(&qc::QueryJobs).await?;
         let Some(job) = jobs.into_iter().find(|j| j.id == id) else {
             return Err(AgentError::failed(
                 Failure::Qemu,
-                format!("QEMU job {cmd} vanished"),
+                format!("QEMU job {name} vanished"),
             ));
         };
         if let (Some(ctx), true) = (ctx, job.total_progress > 0) {
@@ -44,11 +53,11 @@ pub async fn run_job(qmp: &Qmp, cmd: &str, mut args: Value, ctx: Option<&TaskCtx
             ));
         }
         if job.status == qc::JobStatus::Concluded {
-            let _ = qmp.run(&qc::JobDismiss { id: id.clone() }).await;
+            let _ = qmp.run(&qc::JobDismiss { id: id.to_string() }).await;
             if let Some(e) = job.error {
                 return Err(AgentError::failed(
                     Failure::Qemu,
-                    format!("QEMU refused {cmd}: {e}"),
+                    format!("QEMU refused {name}: {e}"),
                 ));
             }
             return Ok(());
@@ -155,13 +164,14 @@ impl Host {
         if slot.state().has_process() {
             let qmp = self.qmp(vm)?;
             if req.with_memory {
-                run_job(
-                    &qmp,
-                    "snapshot-save",
-                    json!({"tag": req.name, "vmstate": "disk0", "devices": devices}),
-                    ctx,
-                )
-                .await?;
+                let id = job_id();
+                let job = qc::SnapshotSave {
+                    job_id: id.clone(),
+                    tag: req.name.clone(),
+                    vmstate: "disk0".into(),
+                    devices,
+                };
+                run_job(&qmp, &job, &id, ctx).await?;
                 // The job stops the vCPUs while it saves; make sure they run again.
                 if slot.state() == VmState::Running
                     && qmp.run(&qc::QueryStatus).await?.status != qc::RunState::Running
@@ -169,12 +179,14 @@ impl Host {
                     qmp.run(&qc::Cont).await?;
                 }
             } else {
-                let actions: Vec<Value> = devices
+                let actions = devices
                     .iter()
-                    .map(|d| json!({"type": "blockdev-snapshot-internal-sync", "data": {"device": d, "name": req.name}}))
+                    .map(|d| qc::TransactionAction::BlockdevSnapshotInternalSync {
+                        device: d.clone(),
+                        name: req.name.clone(),
+                    })
                     .collect();
-                qmp.execute("transaction", Some(json!({"actions": actions})))
-                    .await?;
+                qmp.run(&qc::Transaction { actions }).await?;
             }
         } else {
             if req.with_memory {
@@ -236,13 +248,14 @@ impl Host {
                     .await?;
             }
             let qmp = self.qmp(vm)?;
-            run_job(
-                &qmp,
-                "snapshot-load",
-                json!({"tag": name, "vmstate": "disk0", "devices": devices}),
-                ctx,
-            )
-            .await?;
+            let id = job_id();
+            let job = qc::SnapshotLoad {
+                job_id: id.clone(),
+                tag: name.to_string(),
+                vmstate: "disk0".into(),
+                devices,
+            };
+            run_job(&qmp, &job, &id, ctx).await?;
             if qmp.run(&qc::QueryStatus).await?.status != qc::RunState::Running {
                 qmp.run(&qc::Cont).await?;
             }
@@ -269,13 +282,13 @@ impl Host {
         let disks = self.snapshot_disks(vm).await?;
         if slot.state().has_process() {
             let devices = self.disk_nodes(vm, disks.len()).await;
-            run_job(
-                &self.qmp(vm)?,
-                "snapshot-delete",
-                json!({"tag": name, "devices": devices}),
-                ctx,
-            )
-            .await?;
+            let id = job_id();
+            let job = qc::SnapshotDelete {
+                job_id: id.clone(),
+                tag: name.to_string(),
+                devices,
+            };
+            run_job(&self.qmp(vm)?, &job, &id, ctx).await?;
         } else {
             self.offline_snapshot(&disks, SnapshotOp::Delete, name)
                 .await?;

@@ -14,7 +14,6 @@ use ferry_store::StoreJson;
 use ferry_types::{
     ByteSize, IncomingReady, IncomingRequest, MigrationInfo, MigrationPhase, VmState,
 };
-use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -115,31 +114,30 @@ impl Migrations {
             }
             self.start_incoming(&name, &slot).await?;
             let qmp = self.qmp(&name)?;
-            qmp.execute(
-                "migrate-set-capabilities",
-                Some(json!({"capabilities": [
-                    {"capability": "postcopy-ram", "state": req.postcopy},
-                ]})),
-            )
+            qmp.run(&qc::MigrateSetCapabilities {
+                capabilities: vec![qc::CapabilityState {
+                    capability: qc::Capability::PostcopyRam,
+                    state: req.postcopy,
+                }],
+            })
             .await?;
             // Only the source host's certificate gets in (QEMU's TLS).
             self.qemu_tls_server(&name, &qmp, &req.source).await?;
             // Announce the MACs at once and a few times more (the LAN's bridges learn
             // where the VM is from these), instead of QEMU's 50 ms first delay.
-            qmp.execute(
-                "migrate-set-parameters",
-                Some(json!({
-                    "announce-initial": 1, "announce-max": 100,
-                    "announce-rounds": 6, "announce-step": 20,
-                    "tls-creds": crate::tls::SERVER_CREDS,
-                    "tls-authz": crate::tls::AUTHZ,
-                })),
-            )
+            qmp.run(&qc::MigrateSetParameters {
+                announce_initial: Some(1),
+                announce_max: Some(100),
+                announce_rounds: Some(6),
+                announce_step: Some(20),
+                tls_creds: Some(crate::tls::SERVER_CREDS.into()),
+                tls_authz: Some(crate::tls::AUTHZ.into()),
+                ..Default::default()
+            })
             .await?;
-            qmp.execute(
-                "migrate-incoming",
-                Some(json!({"uri": format!("tcp:{addr}:0")})),
-            )
+            qmp.run(&qc::MigrateIncoming {
+                uri: format!("tcp:{addr}:0"),
+            })
             .await?;
             let info = qmp.run(&qc::QueryMigrate).await?;
             let port = info
@@ -163,15 +161,14 @@ impl Migrations {
                 ready.nbd = Some(self.start_nbd(&qmp, &addr).await?);
                 for &i in &req.copy_disks {
                     let export = format!("disk{i}");
-                    qmp.execute(
-                        "block-export-add",
-                        Some(json!({
-                            "type": "nbd", "id": format!("mig-{export}"),
-                            // Not allow-inactive: the export activates the node,
-                            // which the mirror's writes need before switchover.
-                            "node-name": export, "name": export, "writable": true,
-                        })),
-                    )
+                    // Not allow-inactive: the export activates the node, which the
+                    // mirror's writes need before switchover.
+                    qmp.run(&qc::NbdExportAdd {
+                        id: format!("mig-{export}"),
+                        node_name: export.clone(),
+                        name: export.clone(),
+                        writable: true,
+                    })
                     .await?;
                     ready.exports.push(export);
                 }
@@ -234,14 +231,14 @@ impl Migrations {
         for _ in 0..20 {
             let port = 20000 + rand::random::<u16>() % 20000;
             match qmp
-                .execute(
-                    "nbd-server-start",
-                    Some(json!({
-                        "addr": {"type": "inet", "data": {"host": addr, "port": port.to_string()}},
-                        "tls-creds": crate::tls::SERVER_CREDS,
-                        "tls-authz": crate::tls::AUTHZ,
-                    })),
-                )
+                .run(&qc::NbdServerStart {
+                    addr: qc::SocketAddressLegacy::Inet {
+                        host: addr.to_string(),
+                        port: port.to_string(),
+                    },
+                    tls_creds: crate::tls::SERVER_CREDS.into(),
+                    tls_authz: crate::tls::AUTHZ.into(),
+                })
                 .await
             {
                 Ok(_) => return Ok(format!("{addr}:{port}")),

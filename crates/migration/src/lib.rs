@@ -527,10 +527,10 @@ impl Migrations {
                         Decision::Continue => {}
                         Decision::SetDowntime(ms) => {
                             ctx.log(policy.steps.last().cloned().unwrap_or_default());
-                            qmp.execute(
-                                "migrate-set-parameters",
-                                Some(json!({"downtime-limit": ms})),
-                            )
+                            qmp.run(&qc::MigrateSetParameters {
+                                downtime_limit: Some(ms),
+                                ..Default::default()
+                            })
                             .await?;
                         }
                         Decision::StartPostcopy if postcopy => {
@@ -576,31 +576,33 @@ impl Migrations {
     ) -> Result<()> {
         // The pause before switchover is where the destination claims the MACs (and
         // disk mirrors complete); events tell it without polling.
-        let caps = json!({"capabilities": [
-            {"capability": "events", "state": true},
-            {"capability": "auto-converge", "state": true},
-            {"capability": "postcopy-ram", "state": postcopy},
-            {"capability": "pause-before-switchover", "state": true},
-        ]});
-        qmp.execute("migrate-set-capabilities", Some(caps)).await?;
+        let cap = |capability, state| qc::CapabilityState { capability, state };
+        qmp.run(&qc::MigrateSetCapabilities {
+            capabilities: vec![
+                cap(qc::Capability::Events, true),
+                cap(qc::Capability::AutoConverge, true),
+                cap(qc::Capability::PostcopyRam, postcopy),
+                cap(qc::Capability::PauseBeforeSwitchover, true),
+            ],
+        })
+        .await?;
         let bw = req.max_bandwidth_mib.unwrap_or(DEFAULT_BANDWIDTH_MIB) << 20;
-        qmp.execute(
-            "migrate-set-parameters",
-            Some(json!({
-                "downtime-limit": req.downtime_limit_ms.unwrap_or(DEFAULT_DOWNTIME_MS),
-                "max-bandwidth": bw,
-                "max-postcopy-bandwidth": bw,
-                "cpu-throttle-initial": 30,
-                "cpu-throttle-increment": 20,
-            })),
-        )
+        qmp.run(&qc::MigrateSetParameters {
+            downtime_limit: Some(req.downtime_limit_ms.unwrap_or(DEFAULT_DOWNTIME_MS)),
+            max_bandwidth: Some(bw),
+            max_postcopy_bandwidth: Some(bw),
+            cpu_throttle_initial: Some(30),
+            cpu_throttle_increment: Some(20),
+            ..Default::default()
+        })
         .await?;
         // QEMU's TLS with the host certificates; the destination must be host `to`.
         self.qemu_tls_client(name, qmp, &req.to).await?;
-        qmp.execute(
-            "migrate-set-parameters",
-            Some(json!({"tls-creds": tls::CLIENT_CREDS, "tls-hostname": req.to})),
-        )
+        qmp.run(&qc::MigrateSetParameters {
+            tls_creds: Some(tls::CLIENT_CREDS.into()),
+            tls_hostname: Some(req.to.clone()),
+            ..Default::default()
+        })
         .await?;
         Ok(())
     }

@@ -131,10 +131,9 @@ impl Migrations {
     /// Aborts a running disk move: the mirror stops, the old disk stays in use.
     pub async fn abort_move_disk(&self, name: &str, index: usize) -> Result<()> {
         let qmp = self.qmp(name)?;
-        qmp.execute(
-            "job-cancel",
-            Some(json!({"id": format!("move-disk{index}")})),
-        )
+        qmp.run(&qc::JobCancel {
+            id: format!("move-disk{index}"),
+        })
         .await
         .map_err(|e| {
             AgentError::refused(
@@ -174,16 +173,17 @@ impl Migrations {
         );
         node["node-name"] = json!(new_node);
         node["cache"] = c;
-        qmp.execute("blockdev-add", Some(node)).await?;
+        qmp.run(&qc::BlockdevAdd(node)).await?;
         let job = format!("move-disk{index}");
         let r = async {
-            qmp.execute(
-                "blockdev-mirror",
-                Some(
-                    json!({"job-id": job, "device": old_node, "target": new_node,
-                            "sync": "full", "auto-dismiss": false, "speed": speed}),
-                ),
-            )
+            qmp.run(&qc::BlockdevMirror {
+                job_id: job.clone(),
+                device: old_node.clone(),
+                target: new_node.clone(),
+                sync: "full".into(),
+                auto_dismiss: Some(false),
+                speed: Some(speed),
+            })
             .await?;
             let mut completing = false;
             loop {

@@ -44,24 +44,22 @@ impl Migrations {
                     format!("the destination exports no disk {i}"),
                 )
             })?;
-            qmp.execute(
-                "blockdev-add",
-                Some(json!({
+            qmp.run(&qc::BlockdevAdd(json!({
                     "driver": "nbd", "node-name": job(i),
                     "server": {"type": "inet", "host": host, "port": port},
                     "export": export,
                     // TLS with the host certificates; the server must be host `to`.
                     "tls-creds": crate::tls::CLIENT_CREDS, "tls-hostname": to,
-                })),
-            )
+            })))
             .await?;
-            qmp.execute(
-                "blockdev-mirror",
-                Some(json!({
-                    "job-id": job(i), "device": node, "target": job(i),
-                    "sync": "full",
-                })),
-            )
+            qmp.run(&qc::BlockdevMirror {
+                job_id: job(i),
+                device: node,
+                target: job(i),
+                sync: "full".into(),
+                auto_dismiss: None,
+                speed: None,
+            })
             .await?;
             ctx.log(format!("mirroring disk {i} of {name} to {nbd}/{export}"));
         }
@@ -105,8 +103,11 @@ impl Migrations {
     /// At the pause before switchover: ends the mirrors with the target complete.
     pub(super) async fn complete_mirrors(&self, qmp: &Qmp, copy: &[usize]) -> Result<()> {
         for &i in copy {
-            qmp.execute("block-job-cancel", Some(json!({"device": job(i)})))
-                .await?;
+            qmp.run(&qc::BlockJobCancel {
+                device: job(i),
+                force: None,
+            })
+            .await?;
         }
         self.wait_jobs_gone(qmp, copy).await;
         for &i in copy {
@@ -119,10 +120,10 @@ impl Migrations {
     pub(super) async fn cancel_mirrors(&self, qmp: &Qmp, copy: &[usize]) {
         for &i in copy {
             let _ = qmp
-                .execute(
-                    "block-job-cancel",
-                    Some(json!({"device": job(i), "force": true})),
-                )
+                .run(&qc::BlockJobCancel {
+                    device: job(i),
+                    force: Some(true),
+                })
                 .await;
         }
         self.wait_jobs_gone(qmp, copy).await;

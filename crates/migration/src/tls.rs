@@ -51,10 +51,10 @@ impl Drop for TlsFiles {
 /// Adds a QOM object, replacing one of the same id from an earlier migration (which
 /// may hold an old certificate or admit another source host).
 async fn object_add(qmp: &Qmp, obj: serde_json::Value) -> Result<()> {
-    let _ = qmp
-        .execute("object-del", Some(json!({"id": obj["id"]})))
-        .await;
-    qmp.execute("object-add", Some(obj)).await?;
+    if let Some(id) = obj["id"].as_str() {
+        let _ = qmp.run(&qc::ObjectDel { id: id.to_string() }).await;
+    }
+    qmp.run(&qc::ObjectAdd(obj)).await?;
     Ok(())
 }
 
@@ -62,10 +62,12 @@ async fn object_add(qmp: &Qmp, obj: serde_json::Value) -> Result<()> {
 /// host's key (which they hold in memory) stays in QEMU no longer than a migration.
 pub(crate) async fn drop_creds(qmp: &Qmp) {
     let _ = qmp
-        .execute(
-            "migrate-set-parameters",
-            Some(json!({"tls-creds": "", "tls-authz": "", "tls-hostname": ""})),
-        )
+        .run(&qc::MigrateSetParameters {
+            tls_creds: Some(String::new()),
+            tls_authz: Some(String::new()),
+            tls_hostname: Some(String::new()),
+            ..Default::default()
+        })
         .await;
     for id in [SERVER_CREDS, CLIENT_CREDS, AUTHZ] {
         let _ = qmp.run(&qc::ObjectDel { id: id.to_string() }).await;

@@ -67,6 +67,11 @@ unit_command!(
     SystemPowerdown,
     "system_powerdown"
 );
+mod block;
+mod migration;
+pub use block::*;
+pub use migration::*;
+
 unit_command!(MigrateCancel, "migrate_cancel");
 unit_command!(MigrateStartPostcopy, "migrate-start-postcopy");
 unit_command!(NbdServerStop, "nbd-server-stop");
