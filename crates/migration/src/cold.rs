@@ -32,29 +32,7 @@ impl Migrations {
         let state = slot.state();
         state.check(VmAction::Move)?;
         let peer = self.peer(to).await?;
-        let mut uploads = vec![];
-        for (i, d) in rec.spec.disks.iter().enumerate() {
-            if let Some(rp) = self.replicated_pool(&d.pool).await? {
-                if !rp.hosts.iter().any(|h| h == to) {
-                    return Err(AgentError::refused(Refusal::NotMovable, format!(
-                        "disk {i} is on replicated pool {}, which keeps no copy on {to} (its hosts: {})",
-                        d.pool,
-                        rp.hosts.join(", ")
-                    )));
-                }
-                continue;
-            }
-            if self.pool_locks(&d.pool).await?.is_none() {
-                let vol = d.volume.as_deref().unwrap_or_default();
-                if let Some(base) = self.dir_pool(&d.pool).await?.meta(vol)?.backing {
-                    return Err(AgentError::refused(Refusal::NotMovable, format!(
-                        "disk {i} is a linked clone of {}/{base}, which stays here: make a full clone, or move the VM while it runs (ferry vm migrate --with-storage copies it whole)",
-                        d.pool
-                    )));
-                }
-                uploads.push(i);
-            }
-        }
+        let uploads = self.disks_to_upload(&rec, to).await?;
         // A state file on a shared pool stays put; any other one travels.
         let mut state_upload = false;
         let mut shared_state = None;
@@ -93,38 +71,9 @@ impl Migrations {
         );
         peer.post::<serde_json::Value>("/api/v1/migrations/cold", &req)
             .await?;
-        let sent = async {
-            let n = uploads.len() + usize::from(state_upload);
-            for (k, &i) in uploads.iter().enumerate() {
-                let d = &rec.spec.disks[i];
-                let path = self
-                    .dir_pool(&d.pool)
-                    .await?
-                    .volume_path(d.volume.as_deref().unwrap_or_default())?;
-                ctx.log(format!("copying disk{i} ({})", path.display()));
-                peer.put_file(&format!("/api/v1/migrations/cold/{name}/disks/{i}"), &path)
-                    .await?;
-                ctx.progress((k + 1) as f32 / (n + 1) as f32);
-            }
-            if state_upload {
-                let f = PathBuf::from(rec.suspend_file.clone().unwrap_or_default());
-                ctx.log("copying the suspended state");
-                peer.put_file(&format!("/api/v1/migrations/cold/{name}/state"), &f)
-                    .await?;
-            }
-            let vars = self.vm_state_dir(rec.id).join("efivars.fd");
-            if vars.is_file() {
-                ctx.log("copying the UEFI variables");
-                peer.put_file(&format!("/api/v1/migrations/cold/{name}/efivars"), &vars)
-                    .await?;
-            }
-            peer.post::<Vec<String>>(
-                &format!("/api/v1/migrations/cold/{name}/finish"),
-                &IncomingFinish { success: true },
-            )
-            .await
-        }
-        .await;
+        let sent = self
+            .send_cold(name, &rec, &peer, &uploads, state_upload, ctx)
+            .await;
         self.set_outgoing(name, None);
         if let Err(e) = sent {
             let _ = peer
@@ -148,6 +97,78 @@ impl Migrations {
             format!("{name} moved to {to} (cold)"),
         );
         Ok(())
+    }
+
+    /// The disks a cold move copies (those on pools only this host sees); refuses
+    /// disks on a replicated pool without a copy on `to` and linked clones whose base
+    /// stays here.
+    async fn disks_to_upload(&self, rec: &VmRecord, to: &str) -> Result<Vec<usize>> {
+        let mut uploads = vec![];
+        for (i, d) in rec.spec.disks.iter().enumerate() {
+            if let Some(rp) = self.replicated_pool(&d.pool).await? {
+                if !rp.hosts.iter().any(|h| h == to) {
+                    return Err(AgentError::refused(Refusal::NotMovable, format!(
+                        "disk {i} is on replicated pool {}, which keeps no copy on {to} (its hosts: {})",
+                        d.pool,
+                        rp.hosts.join(", ")
+                    )));
+                }
+                continue;
+            }
+            if self.pool_locks(&d.pool).await?.is_none() {
+                let vol = d.volume.as_deref().unwrap_or_default();
+                if let Some(base) = self.dir_pool(&d.pool).await?.meta(vol)?.backing {
+                    return Err(AgentError::refused(Refusal::NotMovable, format!(
+                        "disk {i} is a linked clone of {}/{base}, which stays here: make a full clone, or move the VM while it runs (ferry vm migrate --with-storage copies it whole)",
+                        d.pool
+                    )));
+                }
+                uploads.push(i);
+            }
+        }
+        Ok(uploads)
+    }
+
+    /// Sends a cold move's files (disks, the suspended state, UEFI variables) and
+    /// asks the destination to finish; the locks it took over come back.
+    async fn send_cold(
+        &self,
+        name: &str,
+        rec: &VmRecord,
+        peer: &ferry_host::Peer,
+        uploads: &[usize],
+        state_upload: bool,
+        ctx: &TaskCtx,
+    ) -> Result<Vec<String>> {
+        let n = uploads.len() + usize::from(state_upload);
+        for (k, &i) in uploads.iter().enumerate() {
+            let d = &rec.spec.disks[i];
+            let path = self
+                .dir_pool(&d.pool)
+                .await?
+                .volume_path(d.volume.as_deref().unwrap_or_default())?;
+            ctx.log(format!("copying disk{i} ({})", path.display()));
+            peer.put_file(&format!("/api/v1/migrations/cold/{name}/disks/{i}"), &path)
+                .await?;
+            ctx.progress((k + 1) as f32 / (n + 1) as f32);
+        }
+        if state_upload {
+            let f = PathBuf::from(rec.suspend_file.clone().unwrap_or_default());
+            ctx.log("copying the suspended state");
+            peer.put_file(&format!("/api/v1/migrations/cold/{name}/state"), &f)
+                .await?;
+        }
+        let vars = self.vm_state_dir(rec.id).join("efivars.fd");
+        if vars.is_file() {
+            ctx.log("copying the UEFI variables");
+            peer.put_file(&format!("/api/v1/migrations/cold/{name}/efivars"), &vars)
+                .await?;
+        }
+        peer.post::<Vec<String>>(
+            &format!("/api/v1/migrations/cold/{name}/finish"),
+            &IncomingFinish { success: true },
+        )
+        .await
     }
 
     async fn in_shared_pool(&self, path: &Path) -> Result<bool> {

@@ -28,19 +28,7 @@ impl Migrations {
     pub async fn prepare_incoming(&self, req: IncomingRequest) -> Result<IncomingReady> {
         let name = req.vm.spec.name.clone();
         self.may_receive(&req.vm.spec).await?;
-        let need = req.vm.spec.memory_mib << 20;
-        let avail = crate::meminfo("MemAvailable:");
-        if avail > 0 && need > avail {
-            return Err(AgentError::refused(
-                Refusal::NoRoom,
-                format!(
-                    "{name} needs {} MiB; {} has {} MiB available",
-                    need >> 20,
-                    self.host_name(),
-                    avail >> 20
-                ),
-            ));
-        }
+        self.check_room(&req.vm.spec)?;
         let addr = self.own_address().await?;
         let slot = self.slot(&name);
         let _op = slot.op.lock().await;
@@ -49,34 +37,7 @@ impl Migrations {
             _ => self.allocate_id().await?,
         };
         let mut spec = req.vm.spec.clone();
-        let mut made = vec![];
-        let pool = req.target_pool.clone().unwrap_or_else(|| "local".into());
-        let made_ok: Result<()> = async {
-            for (k, &i) in req.copy_disks.iter().enumerate() {
-                let size = *req
-                    .copy_sizes
-                    .get(k)
-                    .ok_or_else(|| AgentError::invalid("copy_sizes", "one size per copied disk"))?;
-                let d = spec
-                    .disks
-                    .get_mut(i)
-                    .ok_or_else(|| AgentError::invalid("copy_disks", format!("no disk {i}")))?;
-                let vol = format!("vm-{id}-disk-{i}");
-                self.dir_pool(&pool)
-                    .await?
-                    .create(&vol, ByteSize(size), d.format)
-                    .await?;
-                made.push((pool.clone(), vol.clone()));
-                d.pool = pool.clone();
-                d.volume = Some(vol);
-            }
-            Ok(())
-        }
-        .await;
-        if let Err(e) = made_ok {
-            self.remove_volumes(&made).await;
-            return Err(e);
-        }
+        let made = self.make_copy_volumes(&req, id, &mut spec).await?;
         let origin = req.origin_id.filter(|&o| o != id);
         let rec = VmRecord {
             template: req.vm.template,
@@ -106,76 +67,7 @@ impl Migrations {
                     phase: MigrationPhase::Setup,
                 },
             );
-        let r = async {
-            for s in &req.vm.snapshots {
-                self.store()
-                    .put_json(&ferry_store::keys::host::snapshot(&name, &s.name), s)
-                    .await?;
-            }
-            self.start_incoming(&name, &slot).await?;
-            let qmp = self.qmp(&name)?;
-            qmp.run(&qc::MigrateSetCapabilities {
-                capabilities: vec![qc::CapabilityState {
-                    capability: qc::Capability::PostcopyRam,
-                    state: req.postcopy,
-                }],
-            })
-            .await?;
-            // Only the source host's certificate gets in (QEMU's TLS).
-            self.qemu_tls_server(&name, &qmp, &req.source).await?;
-            // Announce the MACs at once and a few times more (the LAN's bridges learn
-            // where the VM is from these), instead of QEMU's 50 ms first delay.
-            qmp.run(&qc::MigrateSetParameters {
-                announce_initial: Some(1),
-                announce_max: Some(100),
-                announce_rounds: Some(6),
-                announce_step: Some(20),
-                tls_creds: Some(crate::tls::SERVER_CREDS.into()),
-                tls_authz: Some(crate::tls::AUTHZ.into()),
-                ..Default::default()
-            })
-            .await?;
-            qmp.run(&qc::MigrateIncoming {
-                uri: format!("tcp:{addr}:0"),
-            })
-            .await?;
-            let info = qmp.run(&qc::QueryMigrate).await?;
-            let port = info
-                .socket_address
-                .as_ref()
-                .and_then(|a| a.first())
-                .and_then(|s| s.port.clone())
-                .ok_or_else(|| {
-                    AgentError::failed(
-                        Failure::Migration,
-                        format!("QEMU did not say where it listens: {info:?}"),
-                    )
-                })?;
-            let mut ready = IncomingReady {
-                uri: format!("tcp:{addr}:{port}"),
-                nbd: None,
-                exports: vec![],
-                volumes: made.iter().map(|(_, v)| v.clone()).collect(),
-            };
-            if !req.copy_disks.is_empty() {
-                ready.nbd = Some(self.start_nbd(&qmp, &addr).await?);
-                for &i in &req.copy_disks {
-                    let export = format!("disk{i}");
-                    // Not allow-inactive: the export activates the node, which the
-                    // mirror's writes need before switchover.
-                    qmp.run(&qc::NbdExportAdd {
-                        id: format!("mig-{export}"),
-                        node_name: export.clone(),
-                        name: export.clone(),
-                        writable: true,
-                    })
-                    .await?;
-                    ready.exports.push(export);
-                }
-            }
-            Ok::<_, AgentError>(ready)
-        }
-        .await;
+        let r = self.arm_incoming(&name, &slot, &req, &addr, &made).await;
         match r {
             Ok(ready) => {
                 self.events().emit(
@@ -194,6 +86,143 @@ impl Migrations {
                 Err(e)
             }
         }
+    }
+
+    /// Refuses a VM bigger than the memory this host has available.
+    fn check_room(&self, spec: &ferry_types::VmSpec) -> Result<()> {
+        let need = spec.memory_mib << 20;
+        let avail = crate::meminfo("MemAvailable:");
+        if avail > 0 && need > avail {
+            return Err(AgentError::refused(
+                Refusal::NoRoom,
+                format!(
+                    "{} needs {} MiB; {} has {} MiB available",
+                    spec.name,
+                    need >> 20,
+                    self.host_name(),
+                    avail >> 20
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The volumes the disks copied with `--with-storage` arrive in (on the target
+    /// pool, under this host's id); `spec` is changed to name them. All or nothing.
+    async fn make_copy_volumes(
+        &self,
+        req: &IncomingRequest,
+        id: u32,
+        spec: &mut ferry_types::VmSpec,
+    ) -> Result<Vec<(String, String)>> {
+        let mut made = vec![];
+        let pool = req.target_pool.clone().unwrap_or_else(|| "local".into());
+        let made_ok: Result<()> = async {
+            for (k, &i) in req.copy_disks.iter().enumerate() {
+                let size = *req
+                    .copy_sizes
+                    .get(k)
+                    .ok_or_else(|| AgentError::invalid("copy_sizes", "one size per copied disk"))?;
+                let d = spec
+                    .disks
+                    .get_mut(i)
+                    .ok_or_else(|| AgentError::invalid("copy_disks", format!("no disk {i}")))?;
+                let vol = format!("vm-{id}-disk-{i}");
+                self.dir_pool(&pool)
+                    .await?
+                    .create(&vol, ByteSize(size), d.format)
+                    .await?;
+                made.push((pool.clone(), vol.clone()));
+                d.pool = pool.clone();
+                d.volume = Some(vol);
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = made_ok {
+            self.remove_volumes(&made).await;
+            return Err(e);
+        }
+        Ok(made)
+    }
+
+    /// Starts the waiting QEMU of an arriving VM (its snapshots recorded first) with
+    /// its migration settings and TLS, and the NBD exports of copied disks.
+    async fn arm_incoming(
+        &self,
+        name: &str,
+        slot: &Arc<Slot>,
+        req: &IncomingRequest,
+        addr: &str,
+        made: &[(String, String)],
+    ) -> Result<IncomingReady> {
+        for s in &req.vm.snapshots {
+            self.store()
+                .put_json(&ferry_store::keys::host::snapshot(name, &s.name), s)
+                .await?;
+        }
+        self.start_incoming(name, slot).await?;
+        let qmp = self.qmp(name)?;
+        qmp.run(&qc::MigrateSetCapabilities {
+            capabilities: vec![qc::CapabilityState {
+                capability: qc::Capability::PostcopyRam,
+                state: req.postcopy,
+            }],
+        })
+        .await?;
+        // Only the source host's certificate gets in (QEMU's TLS).
+        self.qemu_tls_server(name, &qmp, &req.source).await?;
+        // Announce the MACs at once and a few times more (the LAN's bridges learn
+        // where the VM is from these), instead of QEMU's 50 ms first delay.
+        qmp.run(&qc::MigrateSetParameters {
+            announce_initial: Some(1),
+            announce_max: Some(100),
+            announce_rounds: Some(6),
+            announce_step: Some(20),
+            tls_creds: Some(crate::tls::SERVER_CREDS.into()),
+            tls_authz: Some(crate::tls::AUTHZ.into()),
+            ..Default::default()
+        })
+        .await?;
+        qmp.run(&qc::MigrateIncoming {
+            uri: format!("tcp:{addr}:0"),
+        })
+        .await?;
+        let info = qmp.run(&qc::QueryMigrate).await?;
+        let port = info
+            .socket_address
+            .as_ref()
+            .and_then(|a| a.first())
+            .and_then(|s| s.port.clone())
+            .ok_or_else(|| {
+                AgentError::failed(
+                    Failure::Migration,
+                    format!("QEMU did not say where it listens: {info:?}"),
+                )
+            })?;
+        let mut ready = IncomingReady {
+            uri: format!("tcp:{addr}:{port}"),
+            nbd: None,
+            exports: vec![],
+            volumes: made.iter().map(|(_, v)| v.clone()).collect(),
+        };
+        if !req.copy_disks.is_empty() {
+            ready.nbd = Some(self.start_nbd(&qmp, addr).await?);
+            for &i in &req.copy_disks {
+                let export = format!("disk{i}");
+                // Not allow-inactive: the export activates the node, which the
+                // mirror's writes need before switchover.
+                qmp.run(&qc::NbdExportAdd {
+                    id: format!("mig-{export}"),
+                    node_name: export.clone(),
+                    name: export.clone(),
+                    writable: true,
+                })
+                .await?;
+                ready.exports.push(export);
+            }
+        }
+        Ok(ready)
     }
 
     /// Checks that this host may take VM `spec` (valid, not in maintenance, name free).
