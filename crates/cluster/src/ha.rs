@@ -152,8 +152,8 @@ impl Cluster {
                 // Decided on records read before this round: under the VM's lock, the
                 // restart happens only if it is still wanted (a user may have stopped
                 // the VM in between; a stop is never undone).
-                let slot = agent.slot(&name);
-                let _op = slot.op.lock().await;
+                let op = agent.lock_vm(&name).await;
+                let slot = op.slot().clone();
                 match agent.record(&name).await {
                     Ok((r, _))
                         if r.spec.ha.enabled()
@@ -162,7 +162,7 @@ impl Cluster {
                     _ => return,
                 }
                 let started = agent
-                    .start_locked(&name, &slot, crate::gate::StartOrigin::HaRestart)
+                    .start_held(&op, crate::gate::StartOrigin::HaRestart)
                     .await;
                 if let Err(e) = started {
                     agent.events().emit(

@@ -38,8 +38,7 @@ impl Host {
         ctx: Option<&TaskCtx>,
     ) -> Result<()> {
         self.check_clone(src, &req).await?;
-        let slot = self.slot(src);
-        let _op = slot.op.lock().await;
+        let _op = self.lock_vm(src).await;
         let (rec, _) = self.record(src).await?;
         let id = self.allocate_id().await?;
         self.write_intent(id, &req.name, "clone").await?;

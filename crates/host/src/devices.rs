@@ -37,8 +37,8 @@ fn changeable(
 impl Host {
     /// Inserts an ISO (`pool` + `volume`) into CD-ROM `index`, or ejects it (neither).
     pub async fn change_cdrom(&self, name: &str, index: usize, media: CdromSpec) -> Result<()> {
-        let slot = self.slot(name);
-        let _op = slot.op.lock().await;
+        let _op = self.lock_vm(name).await;
+        let slot = _op.slot().clone();
         let (rec, _) = self.record(name).await?;
         let Some(cur) = rec.spec.cdroms.get(index) else {
             return Err(AgentError::NotFound(format!("CD-ROM {index} of {name}")));
@@ -96,8 +96,8 @@ impl Host {
     /// Adds a disk (a new volume with `size`, or an existing `volume`); hot-plugged when
     /// the VM runs. Returns the disk's index.
     pub async fn attach_disk(&self, name: &str, disk: DiskSpec) -> Result<usize> {
-        let slot = self.slot(name);
-        let _op = slot.op.lock().await;
+        let _op = self.lock_vm(name).await;
+        let slot = _op.slot().clone();
         let (rec, _) = self.record(name).await?;
         changeable(name, &rec, &slot)?;
         let running = slot.state().has_process();
@@ -186,8 +186,8 @@ impl Host {
     /// Removes disk `index` from the VM (its volume stays); hot-unplugged when running
     /// (only the last disk then).
     pub async fn detach_disk(&self, name: &str, index: usize) -> Result<()> {
-        let slot = self.slot(name);
-        let _op = slot.op.lock().await;
+        let _op = self.lock_vm(name).await;
+        let slot = _op.slot().clone();
         let (rec, _) = self.record(name).await?;
         if index >= rec.spec.disks.len() {
             return Err(AgentError::NotFound(format!("disk{index} of {name}")));
@@ -252,8 +252,8 @@ impl Host {
     /// Adds a NIC (a new MAC unless given); hot-plugged with its tap when the VM runs.
     /// Returns the NIC's index.
     pub async fn attach_nic(&self, name: &str, nic: NicSpec) -> Result<usize> {
-        let slot = self.slot(name);
-        let _op = slot.op.lock().await;
+        let _op = self.lock_vm(name).await;
+        let slot = _op.slot().clone();
         let (rec, _) = self.record(name).await?;
         changeable(name, &rec, &slot)?;
         let mut spec = rec.spec.clone();
@@ -324,8 +324,8 @@ impl Host {
 
     /// Removes NIC `index`; hot-unplugged when running (only the last NIC then).
     pub async fn detach_nic(&self, name: &str, index: usize) -> Result<()> {
-        let slot = self.slot(name);
-        let _op = slot.op.lock().await;
+        let _op = self.lock_vm(name).await;
+        let slot = _op.slot().clone();
         let (rec, _) = self.record(name).await?;
         if index >= rec.spec.nics.len() {
             return Err(AgentError::NotFound(format!("net{index} of {name}")));

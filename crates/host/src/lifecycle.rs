@@ -7,7 +7,7 @@ use crate::exit::{classify_exit, ExitFacts, ExitIntent, IntentGuard};
 use crate::gate::{start_gate, StartFacts, StartOrigin};
 use crate::pools::backing_files;
 use crate::records::VmRecord;
-use crate::runtime::Slot;
+use crate::runtime::{Slot, VmOp};
 use crate::Host;
 use ferry_qemu::{build_argv, BackingFile, LaunchPlan, ResolvedCdrom, ResolvedDisk, RunPaths};
 use ferry_qmp::commands as qc;
@@ -189,30 +189,20 @@ impl Host {
     }
 
     pub async fn start_vm(&self, name: &str) -> Result<()> {
-        let slot = self.slot(name);
-        let _op = slot.op.lock().await;
-        self.start_locked(name, &slot, StartOrigin::User).await
+        let op = self.lock_vm(name).await;
+        self.start_held(&op, StartOrigin::User).await
     }
 
-    pub async fn start_locked(
-        &self,
-        name: &str,
-        slot: &Arc<Slot>,
-        origin: StartOrigin,
-    ) -> Result<()> {
-        self.start_with(name, slot, false, origin).await
+    /// Starts the VM whose operation lock `op` holds.
+    pub async fn start_held(&self, op: &VmOp, origin: StartOrigin) -> Result<()> {
+        self.start_with(op, false, origin).await
     }
 
     /// Starts QEMU once [`start_gate`] lets it; `paused` leaves the vCPUs stopped (to
     /// load a snapshot first). A suspended VM resumes from its state file. The VM's
     /// shared volumes are locked first (refused if another host holds them).
-    pub async fn start_with(
-        &self,
-        name: &str,
-        slot: &Arc<Slot>,
-        paused: bool,
-        origin: StartOrigin,
-    ) -> Result<()> {
+    pub async fn start_with(&self, op: &VmOp, paused: bool, origin: StartOrigin) -> Result<()> {
+        let (name, slot) = (op.name(), op.slot());
         let (rec, _) = self.record(name).await?;
         let facts = StartFacts {
             origin,
@@ -248,7 +238,8 @@ impl Host {
 
     /// Starts QEMU waiting for a live migration (`-incoming defer`); the source holds
     /// the disk locks until the migration finishes.
-    pub async fn start_incoming(&self, name: &str, slot: &Arc<Slot>) -> Result<()> {
+    pub async fn start_incoming(&self, op: &VmOp) -> Result<()> {
+        let (name, slot) = (op.name(), op.slot());
         let (rec, _) = self.record(name).await?;
         let mut plan = self.plan(&rec).await?;
         plan.incoming = true;
@@ -560,12 +551,13 @@ impl Host {
 
     /// Hard stop: QMP `quit`, then SIGKILL if QEMU lingers.
     pub async fn stop_vm(&self, name: &str) -> Result<()> {
-        let slot = self.slot(name);
-        let _op = slot.op.lock().await;
-        self.stop_locked(name, &slot).await
+        let op = self.lock_vm(name).await;
+        self.stop_held(&op).await
     }
 
-    pub async fn stop_locked(&self, name: &str, slot: &Slot) -> Result<()> {
+    /// Hard stop of the VM whose operation lock `op` holds.
+    pub async fn stop_held(&self, op: &VmOp) -> Result<()> {
+        let (name, slot) = (op.name(), op.slot());
         let (rec, _) = self.record(name).await?;
         slot.state().check(VmAction::Stop)?;
         let mut intent = IntentGuard::set(slot, ExitIntent::Stop);
@@ -595,14 +587,14 @@ impl Host {
 
     /// ACPI power button; after `timeout` QEMU is killed.
     pub async fn shutdown_vm(&self, name: &str, timeout: Option<Duration>) -> Result<bool> {
-        let slot = self.slot(name);
-        let _op = slot.op.lock().await;
-        self.shutdown_locked(name, &slot, timeout.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT))
+        let op = self.lock_vm(name).await;
+        self.shutdown_held(&op, timeout.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT))
             .await
     }
 
     /// Returns whether the guest powered off by itself (false: it was killed).
-    async fn shutdown_locked(&self, name: &str, slot: &Slot, timeout: Duration) -> Result<bool> {
+    async fn shutdown_held(&self, op: &VmOp, timeout: Duration) -> Result<bool> {
+        let (name, slot) = (op.name(), op.slot());
         slot.state().check(VmAction::Shutdown)?;
         let qmp = slot.with(|rt| rt.qmp.clone()).ok_or_else(|| {
             AgentError::failed(Failure::Qemu, format!("VM {name} has no QMP connection"))
@@ -631,17 +623,16 @@ impl Host {
             "vm",
             format!("guest did not power off within {timeout:?}; killing"),
         );
-        self.stop_locked(name, slot).await?;
+        self.stop_held(op).await?;
         Ok(false)
     }
 
     /// Shutdown (ACPI, killed after the timeout) and start again.
     pub async fn reboot_vm(&self, name: &str, timeout: Option<Duration>) -> Result<()> {
-        let slot = self.slot(name);
-        let _op = slot.op.lock().await;
-        self.shutdown_locked(name, &slot, timeout.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT))
+        let op = self.lock_vm(name).await;
+        self.shutdown_held(&op, timeout.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT))
             .await?;
-        self.start_locked(name, &slot, StartOrigin::Reboot).await
+        self.start_held(&op, StartOrigin::Reboot).await
     }
 
     pub async fn pause_vm(&self, name: &str) -> Result<()> {
@@ -659,8 +650,8 @@ impl Host {
     }
 
     async fn pause_resume(&self, name: &str, action: VmAction, to: VmState) -> Result<()> {
-        let slot = self.slot(name);
-        let _op = slot.op.lock().await;
+        let _op = self.lock_vm(name).await;
+        let slot = _op.slot().clone();
         self.record(name).await?;
         slot.state().check(action)?;
         let qmp = self.qmp(name)?;

@@ -28,8 +28,39 @@ pub struct Runtime {
 /// One VM's runtime and the lock that serialises its lifecycle operations.
 #[derive(Default)]
 pub struct Slot {
-    pub op: tokio::sync::Mutex<()>,
+    /// Held through [`VmOp`] by whatever changes the VM.
+    pub op: Arc<tokio::sync::Mutex<()>>,
     pub rt: Mutex<Runtime>,
+}
+
+/// Proof that a VM's operation lock is held: the steps that must run under it take one
+/// instead of trusting their callers to have taken it. Released when dropped.
+pub struct VmOp {
+    name: String,
+    slot: Arc<Slot>,
+    _held: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl VmOp {
+    /// Waits for the operation lock of VM `name` (its `slot`).
+    pub async fn lock(name: &str, slot: &Arc<Slot>) -> VmOp {
+        let held = slot.op.clone().lock_owned().await;
+        VmOp {
+            name: name.to_string(),
+            slot: slot.clone(),
+            _held: held,
+        }
+    }
+
+    /// The VM this operation is on.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its runtime.
+    pub fn slot(&self) -> &Arc<Slot> {
+        &self.slot
+    }
 }
 
 impl Slot {
@@ -42,6 +73,11 @@ impl Slot {
 }
 
 impl Host {
+    /// Takes VM `name`'s operation lock.
+    pub async fn lock_vm(&self, name: &str) -> VmOp {
+        VmOp::lock(name, &self.slot(name)).await
+    }
+
     pub fn slot(&self, name: &str) -> Arc<Slot> {
         self.inner
             .slots

@@ -148,8 +148,8 @@ impl Host {
         let mut e = ValidationErrors::default();
         check_name(&mut e, "name", &req.name);
         e.into_result()?;
-        let slot = self.slot(vm);
-        let _op = slot.op.lock().await;
+        let _op = self.lock_vm(vm).await;
+        let slot = _op.slot().clone();
         let (rec, _) = self.record(vm).await?;
         slot.state().check(VmAction::Snapshot)?;
         let key = format!("{}{}", snap_prefix(vm), req.name);
@@ -237,14 +237,14 @@ impl Host {
     /// Returns the VM to a snapshot: with memory it runs on exactly where it was;
     /// disk-only leaves it stopped with the disks as they were.
     pub async fn revert_snapshot(&self, vm: &str, name: &str, ctx: Option<&TaskCtx>) -> Result<()> {
-        let slot = self.slot(vm);
-        let _op = slot.op.lock().await;
+        let op = self.lock_vm(vm).await;
+        let slot = op.slot().clone();
         let snap = self.snapshot(vm, name).await?;
         let disks = self.snapshot_disks(vm).await?;
         let devices = self.disk_nodes(vm, disks.len()).await;
         if snap.with_memory {
             if !slot.state().has_process() {
-                self.start_with(vm, &slot, true, crate::gate::StartOrigin::SnapshotRevert)
+                self.start_with(&op, true, crate::gate::StartOrigin::SnapshotRevert)
                     .await?;
             }
             let qmp = self.qmp(vm)?;
@@ -262,7 +262,7 @@ impl Host {
             self.set_running(vm, &slot).await;
         } else {
             if slot.state().has_process() {
-                self.stop_locked(vm, &slot).await?;
+                self.stop_held(&op).await?;
             }
             self.offline_snapshot(&disks, SnapshotOp::Apply, name)
                 .await?;
@@ -276,8 +276,8 @@ impl Host {
     }
 
     pub async fn delete_snapshot(&self, vm: &str, name: &str, ctx: Option<&TaskCtx>) -> Result<()> {
-        let slot = self.slot(vm);
-        let _op = slot.op.lock().await;
+        let op = self.lock_vm(vm).await;
+        let slot = op.slot().clone();
         let snap = self.snapshot(vm, name).await?;
         let disks = self.snapshot_disks(vm).await?;
         if slot.state().has_process() {

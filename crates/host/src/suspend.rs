@@ -54,8 +54,8 @@ impl Host {
     }
 
     pub async fn suspend_vm(&self, name: &str, ctx: Option<&TaskCtx>) -> Result<()> {
-        let slot = self.slot(name);
-        let _op = slot.op.lock().await;
+        let _op = self.lock_vm(name).await;
+        let slot = _op.slot().clone();
         let (rec, _) = self.record(name).await?;
         slot.state().check(VmAction::Suspend)?;
         if let Some(i) = rec.spec.disks.iter().position(|d| d.nonpersistent) {

@@ -3,6 +3,7 @@
 use crate::error::{AgentError, Refusal, Result};
 use crate::records::Transit;
 use crate::records::{vm_key, VmRecord};
+use crate::runtime::VmOp;
 use crate::Host;
 use ferry_store::StoreJson;
 use ferry_types::{random_mac, DeleteVmParams, Vm, VmAction, VmSpec};
@@ -270,8 +271,8 @@ impl Host {
                 "renaming is not supported; the name must match the URL",
             ));
         }
-        let slot = self.slot(name);
-        let _op = slot.op.lock().await;
+        let _op = self.lock_vm(name).await;
+        let slot = _op.slot().clone();
         let (old, rev) = self.record(name).await?;
         slot.state().check(VmAction::Edit)?;
         if old.template {
@@ -306,8 +307,8 @@ impl Host {
 
     /// Marks a stopped VM as a template: immutable, cloned but never started or edited.
     pub async fn make_template(&self, name: &str) -> Result<Vm> {
-        let slot = self.slot(name);
-        let _op = slot.op.lock().await;
+        let _op = self.lock_vm(name).await;
+        let slot = _op.slot().clone();
         self.record(name).await?;
         slot.state().check(VmAction::Edit)?;
         let r = self.update_record(name, |r| r.template = true).await?;
@@ -331,7 +332,7 @@ impl Host {
             }
             self.stop_vm(name).await?;
         }
-        let _op = slot.op.lock().await;
+        let _op = VmOp::lock(name, &slot).await;
         slot.state().check(VmAction::Delete)?;
         let linked: Vec<String> = self
             .records()

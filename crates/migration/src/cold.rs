@@ -26,8 +26,8 @@ pub enum ColdPiece {
 impl Migrations {
     /// Moves stopped or suspended VM `name` to host `to`.
     pub async fn move_vm(&self, name: &str, to: &str, ctx: &TaskCtx) -> Result<()> {
-        let slot = self.slot(name);
-        let _op = slot.op.lock().await;
+        let _op = self.lock_vm(name).await;
+        let slot = _op.slot().clone();
         let (rec, _) = self.record(name).await?;
         let state = slot.state();
         state.check(VmAction::Move)?;
@@ -227,8 +227,7 @@ impl Migrations {
     /// Destination: registers a VM arriving cold (not startable until finished).
     pub async fn prepare_cold(&self, req: ColdIncoming) -> Result<()> {
         let name = req.vm.spec.name.clone();
-        let slot = self.slot(&name);
-        let _op = slot.op.lock().await;
+        let _op = self.lock_vm(&name).await;
         self.may_receive(&req.vm.spec).await?;
         if let Some(f) = &req.suspend_file {
             self.check_shared_state(f).await?;
@@ -392,8 +391,8 @@ impl Migrations {
 
     /// Destination: the source's word on a cold move.
     pub async fn finish_cold(&self, name: &str, success: bool) -> Result<Vec<String>> {
-        let slot = self.slot(name);
-        let _op = slot.op.lock().await;
+        let op = self.lock_vm(name).await;
+        let slot = op.slot().clone();
         let (rec, _) = self.record(name).await?;
         let Some(source) = Transit::from(&rec.transit).map(String::from) else {
             return Ok(vec![]);
@@ -404,7 +403,7 @@ impl Migrations {
                     let _ = std::fs::remove_file(f);
                 }
             }
-            self.drop_incoming_locked(name, &slot).await;
+            self.drop_incoming_held(&op).await;
             return Ok(vec![]);
         }
         let locks = if rec.last_state == VmState::Suspended {

@@ -7,14 +7,13 @@
 use crate::error::{AgentError, Failure, Refusal, Result};
 use crate::records::Transit;
 use crate::records::{vm_key, VmRecord};
-use crate::runtime::Slot;
+use crate::runtime::VmOp;
 use crate::Migrations;
 use ferry_qmp::commands as qc;
 use ferry_store::StoreJson;
 use ferry_types::{
     ByteSize, IncomingReady, IncomingRequest, MigrationInfo, MigrationPhase, VmState,
 };
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long the destination waits for an unreachable source before dropping its copy.
@@ -30,8 +29,8 @@ impl Migrations {
         self.may_receive(&req.vm.spec).await?;
         self.check_room(&req.vm.spec)?;
         let addr = self.own_address().await?;
-        let slot = self.slot(&name);
-        let _op = slot.op.lock().await;
+        let op = self.lock_vm(&name).await;
+        let slot = op.slot().clone();
         let id = match req.origin_id {
             Some(o) if !self.id_taken_here(o).await? => o,
             _ => self.allocate_id().await?,
@@ -67,7 +66,7 @@ impl Migrations {
                     phase: MigrationPhase::Setup,
                 },
             );
-        let r = self.arm_incoming(&name, &slot, &req, &addr, &made).await;
+        let r = self.arm_incoming(&op, &req, &addr, &made).await;
         match r {
             Ok(ready) => {
                 self.events().emit(
@@ -82,7 +81,7 @@ impl Migrations {
                 Ok(ready)
             }
             Err(e) => {
-                self.drop_incoming_locked(&name, &slot).await;
+                self.drop_incoming_held(&op).await;
                 Err(e)
             }
         }
@@ -150,18 +149,18 @@ impl Migrations {
     /// its migration settings and TLS, and the NBD exports of copied disks.
     async fn arm_incoming(
         &self,
-        name: &str,
-        slot: &Arc<Slot>,
+        op: &VmOp,
         req: &IncomingRequest,
         addr: &str,
         made: &[(String, String)],
     ) -> Result<IncomingReady> {
+        let name = op.name();
         for s in &req.vm.snapshots {
             self.store()
                 .put_json(&ferry_store::keys::host::snapshot(name, &s.name), s)
                 .await?;
         }
-        self.start_incoming(name, slot).await?;
+        self.start_incoming(op).await?;
         let qmp = self.qmp(name)?;
         qmp.run(&qc::MigrateSetCapabilities {
             capabilities: vec![qc::CapabilityState {
@@ -326,17 +325,12 @@ impl Migrations {
     /// The source's word: `success` makes the VM this host's (locks taken over), else
     /// the prepared copy goes. Returns the locks as "volume@host:generation".
     pub async fn finish_incoming(&self, name: &str, success: bool) -> Result<Vec<String>> {
-        let slot = self.slot(name);
-        let _op = slot.op.lock().await;
-        self.finish_incoming_locked(name, &slot, success).await
+        let op = self.lock_vm(name).await;
+        self.finish_incoming_held(&op, success).await
     }
 
-    async fn finish_incoming_locked(
-        &self,
-        name: &str,
-        slot: &Arc<Slot>,
-        success: bool,
-    ) -> Result<Vec<String>> {
+    async fn finish_incoming_held(&self, op: &VmOp, success: bool) -> Result<Vec<String>> {
+        let (name, slot) = (op.name(), op.slot());
         self.forget_claim(name);
         let (rec, _) = self.record(name).await?;
         let Some(source) = Transit::from(&rec.transit).map(String::from) else {
@@ -352,7 +346,7 @@ impl Migrations {
             ));
         };
         if !success {
-            self.drop_incoming_locked(name, slot).await;
+            self.drop_incoming_held(op).await;
             return Ok(vec![]);
         }
         let qmp = self.qmp(name)?;
@@ -421,7 +415,10 @@ impl Migrations {
             .remove(name);
     }
 
-    pub(crate) async fn drop_incoming_locked(&self, name: &str, slot: &Arc<Slot>) {
+    /// Drops what was prepared for the VM arriving under `op` (its QEMU, record,
+    /// copied volumes).
+    pub(crate) async fn drop_incoming_held(&self, op: &VmOp) {
+        let (name, slot) = (op.name(), op.slot());
         self.forget_claim(name);
         let Ok((rec, _)) = self.record(name).await else {
             return;
@@ -430,7 +427,7 @@ impl Migrations {
             return;
         }
         if slot.state().has_process() {
-            if let Err(e) = self.stop_locked(name, slot).await {
+            if let Err(e) = self.stop_held(op).await {
                 tracing::warn!(vm = name, error = %e, "cannot stop the incoming QEMU");
             }
         }
@@ -482,9 +479,9 @@ impl Migrations {
                 _ if cold => None,
                 Ok(q) => q.run(&qc::QueryMigrate).await.ok().map(|i| i.status()),
                 Err(_) => {
-                    let _op = slot.op.lock().await;
+                    let op = VmOp::lock(&name, &slot).await;
                     if run.is_none_or(|g| slot.with(|rt| rt.generation) == g) {
-                        self.drop_incoming_locked(&name, &slot).await;
+                        self.drop_incoming_held(&op).await;
                     }
                     return;
                 }
@@ -526,14 +523,14 @@ impl Migrations {
                 Err(_) => continue, // the host list is in the store: not reachable now
             };
             if drop_it {
-                let _op = slot.op.lock().await;
+                let op = VmOp::lock(&name, &slot).await;
                 if run.is_some_and(|g| slot.with(|rt| rt.generation) != g) {
                     return;
                 }
                 // Checked again under the lock: the source may have finished meanwhile.
                 match self.record(&name).await {
                     Ok((r, _)) if Transit::from(&r.transit).is_some() => {
-                        self.drop_incoming_locked(&name, &slot).await;
+                        self.drop_incoming_held(&op).await;
                     }
                     Ok(_) | Err(AgentError::NotFound(_)) => {}
                     Err(_) => continue,

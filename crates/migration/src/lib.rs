@@ -180,8 +180,8 @@ impl Migrations {
     ) -> Result<MigrationReport> {
         req.validate()?;
         let t0 = Instant::now();
-        let slot = self.slot(name);
-        let _op = slot.op.lock().await;
+        let _op = self.lock_vm(name).await;
+        let slot = _op.slot().clone();
         let (rec, _) = self.record(name).await?;
         slot.state().check(VmAction::Migrate)?;
         if rec.transit.is_some() {

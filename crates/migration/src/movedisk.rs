@@ -22,8 +22,8 @@ impl Migrations {
         ctx: &TaskCtx,
     ) -> Result<()> {
         let to_pool = req.pool.as_str();
-        let slot = self.slot(name);
-        let _op = slot.op.lock().await;
+        let _op = self.lock_vm(name).await;
+        let slot = _op.slot().clone();
         let (rec, _) = self.record(name).await?;
         let d = rec
             .spec

@@ -7,6 +7,7 @@
 
 use crate::error::{AgentError, Failure};
 use crate::records::Transit;
+use crate::runtime::VmOp;
 use crate::Migrations;
 use ferry_qmp::commands as qc;
 use ferry_types::{IncomingFinish, MigrationPhase, Vm};
@@ -36,8 +37,8 @@ impl Migrations {
                     let run = Some(slot.with(|rt| rt.generation));
                     tokio::spawn(async move { agent.watch_incoming(name, run).await });
                 } else {
-                    let _op = slot.op.lock().await;
-                    self.drop_incoming_locked(&name, &slot).await;
+                    let op = VmOp::lock(&name, &slot).await;
+                    self.drop_incoming_held(&op).await;
                 }
             }
         }
@@ -82,7 +83,7 @@ impl Migrations {
         };
         if !slot.state().has_process() {
             // QEMU is gone here: the VM is the destination's if it has it.
-            let _op = slot.op.lock().await;
+            let _op = VmOp::lock(name, &slot).await;
             if dest_has_it().await?.is_some() {
                 let (rec, _) = self.record(name).await?;
                 self.forget_vm(name, &rec).await?;
@@ -108,7 +109,7 @@ impl Migrations {
                             &IncomingFinish { success: true },
                         )
                         .await;
-                    let _op = slot.op.lock().await;
+                    let _op = VmOp::lock(name, &slot).await;
                     self.finish_outgoing(name, &slot, &copied).await?;
                     self.events().emit(
                         Some(name),
@@ -122,7 +123,7 @@ impl Migrations {
                 ))),
             },
             "failed" | "cancelled" | "none" => {
-                let _op = slot.op.lock().await;
+                let _op = VmOp::lock(name, &slot).await;
                 self.recover_source(name, &qmp, &copied).await;
                 let _ = peer
                     .post::<serde_json::Value>(
