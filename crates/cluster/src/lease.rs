@@ -350,15 +350,10 @@ impl Cluster {
     /// Learns every etcd member's client URL, to fail over to when the local member
     /// is down (members that joined after this host are not in its config).
     async fn refresh_endpoints(&self, link: &ferry_host::ClusterLink) {
-        let mut c = link.root.client();
-        let Ok(list) = c.member_list().await else {
+        let Ok(list) = ferry_store::membership::list(&link.root.client()).await else {
             return;
         };
-        let urls: Vec<String> = list
-            .members()
-            .iter()
-            .flat_map(|m| m.client_urls().iter().cloned())
-            .collect();
+        let urls: Vec<String> = list.into_iter().flat_map(|m| m.client_urls).collect();
         link.root.add_endpoints(&urls);
     }
 }

@@ -17,6 +17,7 @@ use crate::Cluster;
 use ferry_host::ClusterLink;
 use ferry_pki::HostPki;
 use ferry_store::member::{self, MemberConfig, MemberTls};
+use ferry_store::membership as etcd_members;
 use ferry_store::{EtcdStore, EtcdTls, Store, StoreJson};
 use ferry_types::{
     ClusterConfig, ClusterHost, ClusterInit, ClusterJoin, ClusterStatus, HostState, JoinToken,
@@ -204,27 +205,6 @@ async fn enable_access(client_url: &str, tls: &EtcdTls, name: &str) -> Result<()
     member::access::enable(&mut c, name)
         .await
         .map_err(etcd_err("Turn on etcd's certificate check"))
-}
-
-/// Runs a membership change, retrying for up to 30 s while etcd refuses it as
-/// "unhealthy cluster" (it does until the last added member has been connected a while).
-pub(super) async fn while_unhealthy<T, F, Fut>(
-    mut f: F,
-) -> std::result::Result<T, etcd_client::Error>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
-{
-    let mut tries = 0;
-    loop {
-        match f().await {
-            Err(e) if tries < 60 && e.to_string().contains("unhealthy cluster") => {
-                tries += 1;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            r => return r,
-        }
-    }
 }
 
 /// `address` must be an IP of this host (something we can bind).
@@ -724,36 +704,24 @@ impl Cluster {
         }
         let name = &link.cfg.name;
         if link.cfg.managed_etcd {
-            let mut client = link.root.client();
-            let list = client
-                .member_list()
+            let list = etcd_members::list(&link.root.client())
                 .await
                 .map_err(etcd_err("List etcd members"))?;
-            if let Some(m) = list.members().iter().find(|m| m.name() == name.as_str()) {
-                if list.members().len() > 1 {
-                    let id = m.id();
+            if let Some(m) = list.iter().find(|m| m.name == *name) {
+                if list.len() > 1 {
                     // Asked of another member: ours stops as it leaves, which can cut
                     // off the answer to a removal that did happen.
                     let others: Vec<String> = list
-                        .members()
                         .iter()
-                        .filter(|x| x.name() != name.as_str())
-                        .flat_map(|x| x.client_urls().iter().cloned())
+                        .filter(|x| x.name != *name)
+                        .flat_map(|x| x.client_urls.iter().cloned())
                         .collect();
-                    let opts = ferry_store::etcd::with_tls(
-                        etcd_client::ConnectOptions::new(),
-                        others.first().map(String::as_str).unwrap_or(""),
-                        Some(&etcd_tls(&self.cfg().pki)),
-                    );
-                    let c = etcd_client::Client::connect(others, Some(opts))
+                    let c = etcd_members::connect(&others, Some(&etcd_tls(&self.cfg().pki)))
                         .await
                         .map_err(etcd_err("Connect to another etcd member"))?;
-                    while_unhealthy(|| {
-                        let mut c = c.clone();
-                        async move { c.member_remove(id).await }
-                    })
-                    .await
-                    .map_err(etcd_err(format!("Remove etcd member {name}")))?;
+                    etcd_members::remove(&c, m.id)
+                        .await
+                        .map_err(etcd_err(format!("Remove etcd member {name}")))?;
                 }
             }
         }
@@ -817,12 +785,11 @@ impl Cluster {
             });
         };
         let mut client = link.root.client();
-        let list = client
-            .member_list()
+        let list = etcd_members::list(&client)
             .await
             .map_err(etcd_err("List etcd members"))?;
-        let leader = client.status().await.map(|s| s.leader()).unwrap_or(0);
-        let voters = list.members().iter().filter(|m| !m.is_learner()).count();
+        let leader = etcd_members::leader(&client).await;
+        let voters = list.iter().filter(|m| !m.learner).count();
         let manager = link.root.get_json::<String>(MANAGER).await?.map(|(m, _)| m);
         let mut members = vec![];
         for h in link.members().await? {
@@ -857,10 +824,10 @@ impl Cluster {
                 (false, _, true) => HostState::Fenced,
                 (false, _, false) => HostState::Offline,
             };
-            let em = list.members().iter().find(|m| m.name() == h.name);
+            let em = list.iter().find(|m| m.name == h.name);
             members.push(MemberStatus {
                 etcd_member: em.is_some(),
-                etcd_leader: em.is_some_and(|m| m.id() == leader),
+                etcd_leader: em.is_some_and(|m| m.id == leader),
                 lease_ttl_left_s: left,
                 ha_manager: manager.as_deref() == Some(h.name.as_str()),
                 name: h.name,
@@ -925,13 +892,7 @@ async fn add_etcd_member(
     }
     // The peer URL follows from the address; the joiner's word is not taken.
     let peer = peer_url(&req.address);
-    let added = match while_unhealthy(|| {
-        let mut c = client.clone();
-        let peer = peer.clone();
-        async move { c.member_add([peer.as_str()], None).await }
-    })
-    .await
-    {
+    let added = match etcd_members::add(&client, &peer).await {
         Ok(a) => a,
         Err(e) => {
             let _ = link.root.delete(key).await;
@@ -939,16 +900,16 @@ async fn add_etcd_member(
             return Err(etcd_err(format!("Add etcd member {}", req.name))(e));
         }
     };
-    for m in added.member_list() {
-        let name = if m.name().is_empty() {
+    for m in added {
+        let name = if m.name.is_empty() {
             req.name.as_str()
         } else {
-            m.name()
+            m.name.as_str()
         };
-        if let Some(u) = m.peer_urls().first() {
+        if let Some(u) = m.peer_urls.first() {
             initial.push(format!("{name}={u}"));
         }
-        endpoints.extend(m.client_urls().iter().cloned());
+        endpoints.extend(m.client_urls);
     }
     endpoints.push(client_url(&req.address));
     Ok((initial, endpoints))

@@ -4,9 +4,10 @@
 //! that is up leaves by itself (`ferry cluster leave`).
 
 use crate::error::{AgentError, Refusal, Result};
-use crate::membership::{etcd_err, while_unhealthy};
+use crate::membership::etcd_err;
 use crate::Cluster;
 use ferry_store::keys::{cluster as ck, host as hk};
+use ferry_store::membership as etcd_members;
 use ferry_store::{member, Store, StoreJson};
 use ferry_types::ClusterHost;
 use std::collections::BTreeSet;
@@ -87,19 +88,14 @@ impl Cluster {
             )));
         }
         if link.cfg.managed_etcd {
-            let mut c = link.root.client();
-            let list = c
-                .member_list()
+            let c = link.root.client();
+            let list = etcd_members::list(&c)
                 .await
                 .map_err(etcd_err("List etcd members"))?;
-            if let Some(m) = list.members().iter().find(|m| m.name() == name) {
-                let id = m.id();
-                while_unhealthy(|| {
-                    let mut c = c.clone();
-                    async move { c.member_remove(id).await }
-                })
-                .await
-                .map_err(etcd_err(format!("Remove etcd member {name}")))?;
+            if let Some(m) = list.iter().find(|m| m.name == name) {
+                etcd_members::remove(&c, m.id)
+                    .await
+                    .map_err(etcd_err(format!("Remove etcd member {name}")))?;
             }
         }
         let serials: BTreeSet<String> = rec.cert_serial.into_iter().collect();

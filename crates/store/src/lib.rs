@@ -11,6 +11,7 @@
 pub mod etcd;
 pub mod keys;
 pub mod member;
+pub mod membership;
 mod sqlite;
 #[cfg(test)]
 mod tests;

@@ -472,3 +472,26 @@ async fn etcd_refuses_a_revoked_certificate_of_a_name_it_knows() {
     read(new).await.unwrap();
     read(e.tls.clone()).await.unwrap();
 }
+
+/// Membership as ferry reads it: the one member by name, its URLs, leading; a client
+/// of the listed URLs reaches it; removing a member that is not there is an error and
+/// changes nothing.
+#[tokio::test]
+async fn membership_lists_the_member_and_refuses_unknown_removals() {
+    let e = TestEtcd::start().await;
+    let c = crate::membership::connect(std::slice::from_ref(&e.url), Some(&e.tls))
+        .await
+        .unwrap();
+    let list = crate::membership::list(&c).await.unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    let m = &list[0];
+    assert_eq!((m.name.as_str(), m.learner), ("t", false));
+    assert_eq!(m.client_urls, vec![e.url.clone()]);
+    assert_eq!(crate::membership::leader(&c).await, m.id);
+    let other = crate::membership::connect(&m.client_urls, Some(&e.tls))
+        .await
+        .unwrap();
+    assert_eq!(crate::membership::list(&other).await.unwrap(), list);
+    assert!(crate::membership::remove(&c, m.id ^ 1).await.is_err());
+    assert_eq!(crate::membership::list(&c).await.unwrap(), list);
+}

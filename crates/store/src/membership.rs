@@ -1,0 +1,99 @@
+//! Changes to an etcd cluster's membership: listing, adding and removing members,
+//! each retried while etcd answers "unhealthy cluster" (it does until the member added
+//! last has been connected a while). Who may talk to etcd is [`crate::member::access`].
+
+use crate::EtcdTls;
+use etcd_client::{Client, ConnectOptions, Error};
+use std::time::Duration;
+
+/// A member as etcd lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub id: u64,
+    /// Empty for a member added but not started yet.
+    pub name: String,
+    pub peer_urls: Vec<String>,
+    pub client_urls: Vec<String>,
+    /// A learner does not vote.
+    pub learner: bool,
+}
+
+fn members(list: &[etcd_client::Member]) -> Vec<Member> {
+    list.iter()
+        .map(|m| Member {
+            id: m.id(),
+            name: m.name().to_string(),
+            peer_urls: m.peer_urls().to_vec(),
+            client_urls: m.client_urls().to_vec(),
+            learner: m.is_learner(),
+        })
+        .collect()
+}
+
+/// Every member.
+pub async fn list(client: &Client) -> Result<Vec<Member>, Error> {
+    let r = client.clone().member_list().await?;
+    Ok(members(r.members()))
+}
+
+/// Adds a voting member at `peer_url`; every member afterwards (the new one unnamed).
+pub async fn add(client: &Client, peer_url: &str) -> Result<Vec<Member>, Error> {
+    let r = while_unhealthy(|| {
+        let mut c = client.clone();
+        let peer = peer_url.to_string();
+        async move { c.member_add([peer.as_str()], None).await }
+    })
+    .await?;
+    Ok(members(r.member_list()))
+}
+
+/// Removes member `id`.
+pub async fn remove(client: &Client, id: u64) -> Result<(), Error> {
+    while_unhealthy(|| {
+        let mut c = client.clone();
+        async move { c.member_remove(id).await }
+    })
+    .await
+    .map(|_| ())
+}
+
+/// The id of the member etcd says leads (0 when it cannot say).
+pub async fn leader(client: &Client) -> u64 {
+    client
+        .clone()
+        .status()
+        .await
+        .map(|s| s.leader())
+        .unwrap_or(0)
+}
+
+/// A client of the members at `urls` (with the host's certificate on https).
+pub async fn connect(urls: &[String], tls: Option<&EtcdTls>) -> Result<Client, Error> {
+    let opts = crate::etcd::with_tls(
+        ConnectOptions::new()
+            .with_timeout(Duration::from_secs(5))
+            .with_connect_timeout(Duration::from_secs(2)),
+        urls.first().map(String::as_str).unwrap_or(""),
+        tls,
+    );
+    Client::connect(urls, Some(opts)).await
+}
+
+/// Runs a membership change, retrying for up to 30 s while etcd refuses it as
+/// "unhealthy cluster".
+pub async fn while_unhealthy<T, F, Fut>(mut f: F) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Error>>,
+{
+    let mut tries = 0;
+    loop {
+        match f().await {
+            Err(e) if tries < 60 && e.to_string().contains("unhealthy cluster") => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            r => return r,
+        }
+    }
+}
