@@ -210,6 +210,7 @@ impl Cluster {
     }
 
     /// Keeps the revocation list current, for the daemon's life (in a cluster).
+    #[tracing::instrument(skip_all)]
     pub(crate) async fn crl_loop(self) {
         loop {
             let r = self

@@ -164,6 +164,7 @@ impl Cluster {
     }
 
     /// Measures this host's VMs and (in a cluster) publishes capacity and load.
+    #[tracing::instrument(skip_all)]
     pub(crate) async fn load_loop(self) {
         loop {
             tokio::time::sleep(SAMPLE).await;
@@ -701,6 +702,7 @@ impl Cluster {
     }
 
     /// The HA manager's balancing rounds.
+    #[tracing::instrument(skip_all)]
     pub(crate) async fn drs_loop(self) {
         let mut last: Option<Instant> = None;
         loop {

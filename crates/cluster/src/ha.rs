@@ -45,6 +45,7 @@ fn decode(kv: &KeyValue) -> Option<VmRecord> {
 }
 
 impl Cluster {
+    #[tracing::instrument(skip_all)]
     pub(crate) async fn ha_loop(self) {
         loop {
             tokio::time::sleep(TICK).await;

@@ -245,6 +245,7 @@ impl Cluster {
     /// Keeps the lease, fences on loss ([`FenceClock`] decides). Runs for the daemon's
     /// life; a second task checks the fence deadline every 100 ms, so a slow store
     /// call in this loop never delays a fence.
+    #[tracing::instrument(skip_all)]
     pub(crate) async fn lease_loop(self) {
         let Ok(link) = self.cluster_link().cloned() else {
             return;

@@ -54,6 +54,7 @@ impl Cluster {
 
     /// Enters maintenance and moves every running VM away. Fails (still in maintenance)
     /// naming each VM that could not move.
+    #[tracing::instrument(skip_all)]
     pub async fn enter_maintenance(&self, ctx: &TaskCtx) -> Result<()> {
         self.set_maintenance().await?;
         self.events().emit(

@@ -30,6 +30,7 @@ impl Host {
         }
         Ok(())
     }
+    #[tracing::instrument(skip_all, fields(vm = %src, clone = %req.name))]
 
     pub async fn clone_vm(
         &self,

@@ -143,6 +143,7 @@ pub fn rotate_log(log: &Path, cap: u64) -> std::io::Result<bool> {
 
 impl Host {
     /// Every 10 s: rotates the serial log of every VM run dir past `SERIAL_LOG_CAP`.
+    #[tracing::instrument(skip_all)]
     pub async fn serial_log_loop(self) {
         loop {
             tokio::time::sleep(std::time::Duration::from_secs(10)).await;

@@ -144,6 +144,7 @@ fn vm_counters(s: &VmSample, time_ms: u64) -> Counters {
 }
 
 impl Host {
+    #[tracing::instrument(skip_all)]
     pub async fn history_loop(self) {
         loop {
             self.record_history().await;

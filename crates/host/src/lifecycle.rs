@@ -187,6 +187,7 @@ impl Host {
             }
         }
     }
+    #[tracing::instrument(skip_all, fields(vm = %name))]
 
     pub async fn start_vm(&self, name: &str) -> Result<()> {
         let op = self.lock_vm(name).await;
@@ -416,6 +417,7 @@ impl Host {
     }
 
     /// Follows one QEMU until it exits: QMP events to states and events, then cleanup.
+    #[tracing::instrument(skip_all, fields(vm = %name, generation))]
     async fn supervise(
         self,
         name: String,
@@ -550,6 +552,7 @@ impl Host {
     }
 
     /// Hard stop: QMP `quit`, then SIGKILL if QEMU lingers.
+    #[tracing::instrument(skip_all, fields(vm = %name))]
     pub async fn stop_vm(&self, name: &str) -> Result<()> {
         let op = self.lock_vm(name).await;
         self.stop_held(&op).await
@@ -586,6 +589,7 @@ impl Host {
     }
 
     /// ACPI power button; after `timeout` QEMU is killed.
+    #[tracing::instrument(skip_all, fields(vm = %name))]
     pub async fn shutdown_vm(&self, name: &str, timeout: Option<Duration>) -> Result<bool> {
         let op = self.lock_vm(name).await;
         self.shutdown_held(&op, timeout.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT))
@@ -628,6 +632,7 @@ impl Host {
     }
 
     /// Shutdown (ACPI, killed after the timeout) and start again.
+    #[tracing::instrument(skip_all, fields(vm = %name))]
     pub async fn reboot_vm(&self, name: &str, timeout: Option<Duration>) -> Result<()> {
         let op = self.lock_vm(name).await;
         self.shutdown_held(&op, timeout.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT))
@@ -677,6 +682,7 @@ impl Host {
     }
 
     /// At daemon start: find every VM's QEMU again, or report it stopped/crashed.
+    #[tracing::instrument(skip_all)]
     pub async fn adopt_all(&self) -> Result<()> {
         for rec in self.records().await? {
             let name = rec.spec.name.clone();

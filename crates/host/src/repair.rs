@@ -52,6 +52,7 @@ impl Host {
         tracing::warn!(vm = vm.unwrap_or(""), "repair: {msg}");
         self.inner.events.emit(vm, "repair", msg);
     }
+    #[tracing::instrument(skip_all)]
 
     pub async fn repair(&self) -> Result<()> {
         let records = self.records().await?;

@@ -138,6 +138,7 @@ impl Host {
         }
         Ok(())
     }
+    #[tracing::instrument(skip_all, fields(vm = %vm))]
 
     pub async fn create_snapshot(
         &self,
@@ -236,6 +237,7 @@ impl Host {
 
     /// Returns the VM to a snapshot: with memory it runs on exactly where it was;
     /// disk-only leaves it stopped with the disks as they were.
+    #[tracing::instrument(skip_all, fields(vm = %vm, snapshot = %name))]
     pub async fn revert_snapshot(&self, vm: &str, name: &str, ctx: Option<&TaskCtx>) -> Result<()> {
         let op = self.lock_vm(vm).await;
         let slot = op.slot().clone();
@@ -274,6 +276,7 @@ impl Host {
             .emit(Some(vm), "snapshot", format!("reverted to {name}"));
         Ok(())
     }
+    #[tracing::instrument(skip_all, fields(vm = %vm, snapshot = %name))]
 
     pub async fn delete_snapshot(&self, vm: &str, name: &str, ctx: Option<&TaskCtx>) -> Result<()> {
         let op = self.lock_vm(vm).await;

@@ -219,6 +219,7 @@ impl Host {
     }
 
     /// Defines a VM. Either everything is created (record and new volumes) or nothing.
+    #[tracing::instrument(skip_all, fields(vm = %spec.name))]
     pub async fn create_vm(&self, mut spec: VmSpec) -> Result<Vm> {
         spec.validate()?;
         self.check_resource_pool(&spec).await?;
@@ -317,6 +318,7 @@ impl Host {
     }
 
     /// Deletes a VM and (unless kept) its own volumes `vm-{id}-*`.
+    #[tracing::instrument(skip_all, fields(vm = %name))]
     pub async fn delete_vm(&self, name: &str, params: DeleteVmParams) -> Result<()> {
         let slot = self.slot(name);
         let (rec, _) = self.record(name).await?;

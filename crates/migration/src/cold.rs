@@ -25,6 +25,7 @@ pub enum ColdPiece {
 
 impl Migrations {
     /// Moves stopped or suspended VM `name` to host `to`.
+    #[tracing::instrument(skip_all, fields(vm = %name, to = %to))]
     pub async fn move_vm(&self, name: &str, to: &str, ctx: &TaskCtx) -> Result<()> {
         let _op = self.lock_vm(name).await;
         let slot = _op.slot().clone();

@@ -24,6 +24,7 @@ const FINISH_GRACE: Duration = Duration::from_secs(5);
 impl Migrations {
     /// Prepares to receive `req.vm`: record (marked incoming), volumes for copied
     /// disks, QEMU listening. All or nothing.
+    #[tracing::instrument(skip_all, fields(vm = %req.vm.spec.name, from = %req.source))]
     pub async fn prepare_incoming(&self, req: IncomingRequest) -> Result<IncomingReady> {
         let name = req.vm.spec.name.clone();
         self.may_receive(&req.vm.spec).await?;
@@ -324,6 +325,7 @@ impl Migrations {
 
     /// The source's word: `success` makes the VM this host's (locks taken over), else
     /// the prepared copy goes. Returns the locks as "volume@host:generation".
+    #[tracing::instrument(skip_all, fields(vm = %name, success))]
     pub async fn finish_incoming(&self, name: &str, success: bool) -> Result<Vec<String>> {
         let op = self.lock_vm(name).await;
         self.finish_incoming_held(&op, success).await
@@ -456,6 +458,7 @@ impl Migrations {
     /// QEMU, the source uploads files). A watcher whose QEMU was replaced (the source
     /// dropped that copy and asked again, as when it restarts with post-copy armed)
     /// ends: it must never judge, or drop, the new one.
+    #[tracing::instrument(skip_all, fields(vm = %name))]
     pub(crate) async fn watch_incoming(self, name: String, run: Option<u64>) {
         let cold = run.is_none();
         let mut completed_at: Option<Instant> = None;

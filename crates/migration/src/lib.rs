@@ -172,6 +172,7 @@ impl Migrations {
     }
 
     /// Moves running VM `name` to host `req.to` while it runs.
+    #[tracing::instrument(skip_all, fields(vm = %name, to = %req.to))]
     pub async fn migrate_vm(
         &self,
         name: &str,

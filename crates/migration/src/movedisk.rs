@@ -14,6 +14,7 @@ use std::time::Duration;
 
 impl Migrations {
     /// Moves disk `index` of VM `name` to pool `to_pool` (running or stopped).
+    #[tracing::instrument(skip_all, fields(vm = %name, disk = index))]
     pub async fn move_disk(
         &self,
         name: &str,

@@ -14,6 +14,7 @@ use ferry_types::{IncomingFinish, MigrationPhase, Vm};
 use std::time::Duration;
 
 impl Migrations {
+    #[tracing::instrument(skip_all)]
     pub(crate) async fn recover_migrations(&self) {
         let Ok(records) = self.records().await else {
             return;
