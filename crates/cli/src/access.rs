@@ -9,10 +9,13 @@ use crate::client::{read_secret, Client};
 use crate::{print_json, table, Global};
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
-use ferry_types::{AclEntry, ApiToken, Session, TokenCreated, User};
+use ferry_types::{
+    AclEntry, ApiToken, LoginRequest, PasswordChange, Session, TokenCreate, TokenCreated, User,
+    UserCreate, UserUpdate,
+};
 use reqwest::Method;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -190,10 +193,14 @@ pub async fn login(g: &Global, user: Option<String>, password_file: Option<PathB
         false,
     )?;
     let s: Session = c
-        .request(
+        .send(
             Method::POST,
             "/api/v1/login",
-            Some(&json!({"user": user, "password": pw})),
+            &LoginRequest {
+                user: Some(user.clone()),
+                password: Some(pw),
+                token: None,
+            },
         )
         .await?;
     let ticket = s
@@ -288,13 +295,12 @@ pub async fn user(c: &Client, g: &Global, cmd: UserCmd) -> Result<()> {
             comment,
             password_file,
         } => {
-            let mut body = json!({"name": name, "comment": comment.unwrap_or_default()});
-            if let Some(p) = read_secret(password_file.as_deref(), "FERRY_PASSWORD")? {
-                body["password"] = json!(p);
-            }
-            let u: User = c
-                .request(Method::POST, "/api/v1/access/users", Some(&body))
-                .await?;
+            let body = UserCreate {
+                name: name.clone(),
+                password: read_secret(password_file.as_deref(), "FERRY_PASSWORD")?,
+                comment: comment.unwrap_or_default(),
+            };
+            let u: User = c.send(Method::POST, "/api/v1/access/users", &body).await?;
             if g.json {
                 return print_json(&u);
             }
@@ -333,25 +339,28 @@ pub async fn user(c: &Client, g: &Global, cmd: UserCmd) -> Result<()> {
             // The local socket's root sets any password; a user its own with the
             // current one.
             let own = who.as_deref() == Some(name.as_str()) && c.socket().is_none();
-            let mut body = json!({"password": password(
-                password_file.as_deref(),
-                "FERRY_PASSWORD",
-                &format!("New password for {name}: "),
-                true,
-            )?});
+            let mut body = PasswordChange {
+                password: password(
+                    password_file.as_deref(),
+                    "FERRY_PASSWORD",
+                    &format!("New password for {name}: "),
+                    true,
+                )?,
+                current: None,
+            };
             if own {
-                body["current"] = json!(password(
+                body.current = Some(password(
                     current_password_file.as_deref(),
                     "FERRY_CURRENT_PASSWORD",
                     "Current password: ",
-                    false
+                    false,
                 )?);
             }
             let _: Value = c
-                .request(
+                .send(
                     Method::PUT,
                     &format!("/api/v1/access/users/{name}/password"),
-                    Some(&body),
+                    &body,
                 )
                 .await?;
             println!("password of {name} set; its sessions ended");
@@ -364,10 +373,13 @@ pub async fn user(c: &Client, g: &Global, cmd: UserCmd) -> Result<()> {
 
 async fn set_enabled(c: &Client, g: &Global, name: &str, on: bool) -> Result<()> {
     let u: User = c
-        .request(
+        .send(
             Method::PUT,
             &format!("/api/v1/access/users/{name}"),
-            Some(&json!({ "enabled": on })),
+            &UserUpdate {
+                enabled: Some(on),
+                ..Default::default()
+            },
         )
         .await?;
     if g.json {
@@ -389,15 +401,16 @@ pub async fn token(c: &Client, g: &Global, cmd: TokenCmd) -> Result<()> {
             expires_days,
             comment,
         } => {
-            let mut body = json!({"id": id, "comment": comment.unwrap_or_default()});
-            if let Some(d) = expires_days {
-                body["expires_days"] = json!(d);
-            }
+            let body = TokenCreate {
+                id: id.clone(),
+                expires_days,
+                comment: comment.unwrap_or_default(),
+            };
             let t: TokenCreated = c
-                .request(
+                .send(
                     Method::POST,
                     &format!("/api/v1/access/users/{user}/tokens"),
-                    Some(&body),
+                    &body,
                 )
                 .await?;
             if g.json {

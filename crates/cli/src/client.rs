@@ -183,6 +183,17 @@ impl Client {
         self.token.as_ref().map(|t| format!("Bearer {t}"))
     }
 
+    /// A request with a typed body (one of `ferry_types`' request structs).
+    pub async fn send<B: serde::Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: &B,
+    ) -> Result<T> {
+        let v = serde_json::to_value(body)?;
+        self.request(method, path, Some(&v)).await
+    }
+
     pub async fn request<T: DeserializeOwned>(
         &self,
         method: Method,

@@ -3,9 +3,11 @@
 use crate::client::Client;
 use crate::{print_json, table, CertsCmd, ClusterCmd, Global};
 use anyhow::{Context, Result};
-use ferry_types::{CertStatus, ClusterConfig, ClusterStatus, HostState, JoinToken};
+use ferry_types::{
+    CertStatus, ClusterConfig, ClusterInit, ClusterJoin, ClusterStatus, HostState, JoinToken,
+    JoinTokenRequest,
+};
 use reqwest::Method;
-use serde_json::json;
 use std::time::Duration;
 
 pub async fn run(c: &Client, g: &Global, cmd: ClusterCmd) -> Result<()> {
@@ -16,11 +18,13 @@ pub async fn run(c: &Client, g: &Global, cmd: ClusterCmd) -> Result<()> {
             etcd,
             lease_ttl,
         } => {
-            let body =
-                json!({"address": address, "api": api, "etcd": etcd, "lease_ttl_s": lease_ttl});
-            let cfg: ClusterConfig = c
-                .request(Method::POST, "/api/v1/cluster/init", Some(&body))
-                .await?;
+            let body = ClusterInit {
+                address,
+                api,
+                etcd,
+                lease_ttl_s: lease_ttl,
+            };
+            let cfg: ClusterConfig = c.send(Method::POST, "/api/v1/cluster/init", &body).await?;
             let st = wait_back(c, true).await?;
             if g.json {
                 return print_json(&st);
@@ -49,11 +53,14 @@ pub async fn run(c: &Client, g: &Global, cmd: ClusterCmd) -> Result<()> {
                     "give the join token: --join-token-file FILE (or -) or FERRY_JOIN_TOKEN (ferry cluster join-token on a member makes one)"
                 );
             };
-            let body = json!({"peer": peer, "address": address, "api": api,
-                "fingerprint": fingerprint, "join_token": join_token});
-            let cfg: ClusterConfig = c
-                .request(Method::POST, "/api/v1/cluster/join", Some(&body))
-                .await?;
+            let body = ClusterJoin {
+                peer,
+                address,
+                api,
+                fingerprint,
+                join_token,
+            };
+            let cfg: ClusterConfig = c.send(Method::POST, "/api/v1/cluster/join", &body).await?;
             let st = wait_back(c, true).await?;
             if g.json {
                 return print_json(&st);
@@ -63,10 +70,10 @@ pub async fn run(c: &Client, g: &Global, cmd: ClusterCmd) -> Result<()> {
         }
         ClusterCmd::JoinToken { ttl } => {
             let t: JoinToken = c
-                .request(
+                .send(
                     Method::POST,
                     "/api/v1/cluster/join-tokens",
-                    Some(&json!({ "ttl_s": ttl })),
+                    &JoinTokenRequest { ttl_s: Some(ttl) },
                 )
                 .await?;
             if g.json {

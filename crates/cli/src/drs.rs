@@ -5,10 +5,11 @@ use crate::{print_json, table, Global};
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use ferry_types::{
-    ByteSize, DrsConfig, DrsMove, DrsPlan, DrsStatus, PlacementReport, ResourcePool,
+    AdmissionMode, Allocation, ByteSize, DrsConfig, DrsMode, DrsMove, DrsPlan, DrsStatus,
+    PlacementPolicy, PlacementReport, ResourcePool,
 };
 use reqwest::Method;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 #[derive(Subcommand, Debug)]
 pub enum DrsCmd {
@@ -26,13 +27,13 @@ pub enum DrsCmd {
 pub struct DrsConfigArgs {
     /// off, manual (recommendations only) or automatic.
     #[arg(long)]
-    mode: Option<String>,
+    mode: Option<DrsMode>,
     /// Migration threshold 1 (only rule fixes) to 5 (moves for small gains).
     #[arg(long)]
     level: Option<u8>,
     /// Placement: spread (most free resources) or pack.
     #[arg(long)]
-    policy: Option<String>,
+    policy: Option<PlacementPolicy>,
     /// Seconds between balancing rounds.
     #[arg(long)]
     interval: Option<u64>,
@@ -65,7 +66,7 @@ pub struct DrsConfigArgs {
     ha_host_failures: Option<u32>,
     /// What a start breaking HA admission control gets: strict (refused) or warn.
     #[arg(long)]
-    admission: Option<String>,
+    admission: Option<AdmissionMode>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -115,36 +116,30 @@ pub struct RpoolArgs {
     memory_shares: Option<u32>,
 }
 
-fn set<T: serde::Serialize>(v: &mut Value, path: &[&str], x: Option<T>) {
-    if let Some(x) = x {
-        let mut cur = v;
-        for k in &path[..path.len() - 1] {
-            cur = &mut cur[*k];
-        }
-        cur[path[path.len() - 1]] = json!(x);
-    }
-}
-
 impl RpoolArgs {
-    fn apply(&self, mut v: Value) -> Value {
-        if let Some(p) = &self.parent {
-            v["parent"] = if p.is_empty() { Value::Null } else { json!(p) };
+    /// Applies the options given to pool `p`.
+    fn apply(&self, p: &mut ResourcePool) {
+        if let Some(x) = &self.parent {
+            p.parent = (!x.is_empty()).then(|| x.clone());
         }
-        set(&mut v, &["cpu", "reservation"], self.cpu_reservation);
+        if let Some(r) = self.cpu_reservation {
+            p.cpu.reservation = r;
+        }
         if let Some(l) = self.cpu_limit {
-            v["cpu"]["limit"] = if l == 0.0 { Value::Null } else { json!(l) };
+            p.cpu.limit = (l != 0.0).then_some(l);
         }
-        set(&mut v, &["cpu", "shares"], self.cpu_shares);
-        set(
-            &mut v,
-            &["memory", "reservation"],
-            self.memory_reservation.map(|b| b.0),
-        );
+        if let Some(n) = self.cpu_shares {
+            p.cpu.shares = n;
+        }
+        if let Some(b) = self.memory_reservation {
+            p.memory.reservation = b.0 as f64;
+        }
         if let Some(l) = self.memory_limit {
-            v["memory"]["limit"] = if l.0 == 0 { Value::Null } else { json!(l.0) };
+            p.memory.limit = (l.0 != 0).then_some(l.0 as f64);
         }
-        set(&mut v, &["memory", "shares"], self.memory_shares);
-        v
+        if let Some(n) = self.memory_shares {
+            p.memory.shares = n;
+        }
     }
 }
 
@@ -269,30 +264,28 @@ pub async fn run(c: &Client, g: &Global, cmd: DrsCmd) -> Result<()> {
         }
         DrsCmd::Config(a) => {
             let cur: DrsConfig = c.get("/api/v1/drs/config").await?;
-            let mut v = serde_json::to_value(&cur)?;
-            for (k, x) in [
-                ("mode", &a.mode),
-                ("policy", &a.policy),
-                ("admission", &a.admission),
-            ] {
+            let mut v = cur.clone();
+            fn set<T>(field: &mut T, x: Option<T>) {
                 if let Some(x) = x {
-                    v[k] = json!(x);
+                    *field = x;
                 }
             }
-            set(&mut v, &["level"], a.level);
-            set(&mut v, &["interval_s"], a.interval);
-            set(&mut v, &["window_s"], a.window);
-            set(&mut v, &["hysteresis_s"], a.hysteresis);
-            set(&mut v, &["max_moves_per_host"], a.max_moves_per_host);
-            set(&mut v, &["max_moves_cluster"], a.max_moves_cluster);
-            set(&mut v, &["max_plan_moves"], a.max_plan_moves);
-            set(&mut v, &["cpu_weight"], a.cpu_weight);
-            set(&mut v, &["memory_weight"], a.memory_weight);
-            set(&mut v, &["max_vcpu_ratio"], a.max_vcpu_ratio);
-            set(&mut v, &["ha_host_failures"], a.ha_host_failures);
-            let new: DrsConfig = if v != serde_json::to_value(&cur)? {
-                c.request(Method::PUT, "/api/v1/drs/config", Some(&v))
-                    .await?
+            set(&mut v.mode, a.mode);
+            set(&mut v.policy, a.policy);
+            set(&mut v.admission, a.admission);
+            set(&mut v.level, a.level);
+            set(&mut v.interval_s, a.interval);
+            set(&mut v.window_s, a.window);
+            set(&mut v.hysteresis_s, a.hysteresis);
+            set(&mut v.max_moves_per_host, a.max_moves_per_host);
+            set(&mut v.max_moves_cluster, a.max_moves_cluster);
+            set(&mut v.max_plan_moves, a.max_plan_moves);
+            set(&mut v.cpu_weight, a.cpu_weight);
+            set(&mut v.memory_weight, a.memory_weight);
+            set(&mut v.max_vcpu_ratio, a.max_vcpu_ratio);
+            set(&mut v.ha_host_failures, a.ha_host_failures);
+            let new: DrsConfig = if v != cur {
+                c.send(Method::PUT, "/api/v1/drs/config", &v).await?
             } else {
                 cur
             };
@@ -345,9 +338,15 @@ pub async fn run_rpool(c: &Client, g: &Global, cmd: RpoolCmd) -> Result<()> {
             print_json(&p)
         }
         RpoolCmd::Create { name, args } => {
-            let body = args.apply(json!({"name": name, "cpu": {}, "memory": {}}));
+            let mut body = ResourcePool {
+                name,
+                parent: None,
+                cpu: Allocation::default(),
+                memory: Allocation::default(),
+            };
+            args.apply(&mut body);
             let p: ResourcePool = c
-                .request(Method::POST, "/api/v1/resource-pools", Some(&body))
+                .send(Method::POST, "/api/v1/resource-pools", &body)
                 .await?;
             if g.json {
                 return print_json(&p);
@@ -357,15 +356,16 @@ pub async fn run_rpool(c: &Client, g: &Global, cmd: RpoolCmd) -> Result<()> {
         }
         RpoolCmd::Set { name, args } => {
             let cur: ResourcePool = c.get(&format!("/api/v1/resource-pools/{name}")).await?;
-            let body = args.apply(serde_json::to_value(&cur)?);
-            if body == serde_json::to_value(&cur)? {
+            let mut body = cur.clone();
+            args.apply(&mut body);
+            if body == cur {
                 bail!("nothing to change: give --cpu-limit, --memory-limit, ...");
             }
             let p: ResourcePool = c
-                .request(
+                .send(
                     Method::PUT,
                     &format!("/api/v1/resource-pools/{name}"),
-                    Some(&body),
+                    &body,
                 )
                 .await?;
             if g.json {

@@ -285,3 +285,78 @@ pub async fn run(g: Global, cmd: Command) -> Result<()> {
         Command::ResourcePool(cmd) => drs::run_rpool(&c, &g, cmd).await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct T {
+        #[command(subcommand)]
+        cmd: Command,
+    }
+
+    fn parse(args: &[&str]) -> Result<Command, clap::Error> {
+        T::try_parse_from(std::iter::once("ferry").chain(args.iter().copied())).map(|t| t.cmd)
+    }
+
+    /// Closed choices take exactly the names the API uses, and anything else is refused
+    /// by the parser with the choices listed.
+    #[test]
+    fn closed_choices_are_the_apis_names() {
+        for args in [
+            &[
+                "vm",
+                "create",
+                "a",
+                "--memory",
+                "64",
+                "--machine",
+                "q35",
+                "--firmware",
+                "uefi",
+            ][..],
+            &["vm", "ha", "a", "--ha", "restart"],
+            &[
+                "pool",
+                "create",
+                "p",
+                "--path",
+                "/x",
+                "--type",
+                "replicated",
+            ],
+            &[
+                "volume", "create", "p", "v", "--size", "1G", "--format", "raw",
+            ],
+            &[
+                "drs",
+                "config",
+                "--mode",
+                "automatic",
+                "--policy",
+                "pack",
+                "--admission",
+                "warn",
+            ],
+        ] {
+            assert!(parse(args).is_ok(), "{args:?}: {:?}", parse(args).err());
+        }
+        for (args, bad) in [
+            (&["vm", "create", "a", "--machine", "q36"][..], "q36"),
+            (
+                &["pool", "create", "p", "--path", "/x", "--type", "nfs"],
+                "nfs",
+            ),
+            (&["drs", "config", "--mode", "auto"], "auto"),
+        ] {
+            let e = parse(args).unwrap_err().to_string();
+            assert!(e.contains(bad) && e.contains("possible values"), "{e}");
+        }
+        let e = parse(&["vm", "ha", "a", "--ha", "always"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--ha always: use restart or off"), "{e}");
+    }
+}

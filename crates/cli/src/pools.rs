@@ -1,6 +1,7 @@
 //! `ferry pool ...` and `ferry volume ...`: storage pools and their volumes.
 
 use super::*;
+use ferry_types::{DiskFormat, PoolKind, PoolSpec, VolumeCreate, VolumeImport, VolumeResize};
 
 #[derive(Subcommand, Debug)]
 pub enum PoolCmd {
@@ -16,8 +17,8 @@ pub enum PoolCmd {
         /// dir (this host only), shared (a directory every host mounts; volumes
         /// locked to one writer) or replicated (a copy on each of --hosts, written
         /// synchronously; needs an etcd cluster).
-        #[arg(long = "type", default_value = "dir")]
-        kind: String,
+        #[arg(long = "type", value_enum, default_value_t = PoolKind::Dir)]
+        kind: PoolKind,
         /// The hosts keeping copies (replicated): 2 or 3, comma-separated.
         #[arg(long, value_delimiter = ',')]
         hosts: Vec<String>,
@@ -44,7 +45,7 @@ pub enum VolumeCmd {
         size: ByteSize,
         /// qcow2 (the default) or raw; a replicated pool's volumes are raw.
         #[arg(long)]
-        format: Option<String>,
+        format: Option<DiskFormat>,
     },
     Delete {
         pool: String,
@@ -65,7 +66,7 @@ pub enum VolumeCmd {
         source: String,
         /// Convert to qcow2 or raw.
         #[arg(long)]
-        format: Option<String>,
+        format: Option<DiskFormat>,
     },
     /// A replicated volume: primary, generation, each host's copy and its peers.
     Replication {
@@ -152,13 +153,13 @@ pub(crate) async fn pool(c: &Client, g: &Global, cmd: PoolCmd) -> Result<()> {
             kind,
             hosts,
         } => {
-            let mut body = json!({"name": name, "type": kind, "path": path});
-            if !hosts.is_empty() {
-                body["hosts"] = json!(hosts);
-            }
-            let p: Pool = c
-                .request(Method::POST, "/api/v1/pools", Some(&body))
-                .await?;
+            let body = PoolSpec {
+                name: name.clone(),
+                kind,
+                path: path.clone(),
+                hosts: hosts.clone(),
+            };
+            let p: Pool = c.send(Method::POST, "/api/v1/pools", &body).await?;
             if g.json {
                 return print_json(&p);
             }
@@ -218,13 +219,10 @@ pub(crate) async fn volume(c: &Client, g: &Global, cmd: VolumeCmd) -> Result<()>
             format,
         } => {
             let v: Volume = c
-                .request(
+                .send(
                     Method::POST,
                     &format!("/api/v1/pools/{pool}/volumes"),
-                    Some(&match format {
-                        Some(f) => json!({"name": name, "size": size.0, "format": f}),
-                        None => json!({"name": name, "size": size.0}),
-                    }),
+                    &VolumeCreate { name, size, format },
                 )
                 .await?;
             if g.json {
@@ -256,10 +254,10 @@ pub(crate) async fn volume(c: &Client, g: &Global, cmd: VolumeCmd) -> Result<()>
         }
         VolumeCmd::Resize { pool, name, size } => {
             let v: Volume = c
-                .request(
+                .send(
                     Method::POST,
                     &format!("/api/v1/pools/{pool}/volumes/{name}/resize"),
-                    Some(&json!({"size": size.0})),
+                    &VolumeResize { size },
                 )
                 .await?;
             if g.json {
@@ -274,16 +272,13 @@ pub(crate) async fn volume(c: &Client, g: &Global, cmd: VolumeCmd) -> Result<()>
             source,
             format,
         } => {
-            let mut body = json!({"name": name, "source": source});
-            if let Some(f) = format {
-                body["format"] = json!(f);
-            }
+            let body = VolumeImport {
+                name: name.clone(),
+                source,
+                format,
+            };
             let t: TaskAccepted = c
-                .request(
-                    Method::POST,
-                    &format!("/api/v1/pools/{pool}/import"),
-                    Some(&body),
-                )
+                .send(Method::POST, &format!("/api/v1/pools/{pool}/import"), &body)
                 .await?;
             c.wait_task(t, g.json).await?;
             let v: Volume = c

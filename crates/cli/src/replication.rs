@@ -4,9 +4,11 @@
 use crate::client::Client;
 use crate::{print_json, table, Global, VolumeCmd};
 use anyhow::Result;
-use ferry_types::{ByteSize, GenId, PeerState, ReplicationStatus, VerifyReport};
+use ferry_types::{
+    ByteSize, GenId, PeerState, PromoteRequest, ReplicationStatus, ResolveRequest, VerifyReport,
+};
 use reqwest::Method;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 pub async fn run(c: &Client, g: &Global, cmd: VolumeCmd) -> Result<()> {
     let base = |pool: &str, name: &str| format!("/api/v1/pools/{pool}/volumes/{name}/replication");
@@ -21,10 +23,10 @@ pub async fn run(c: &Client, g: &Global, cmd: VolumeCmd) -> Result<()> {
         }
         VolumeCmd::Promote { pool, name, force } => {
             let gen: GenId = c
-                .request(
+                .send(
                     Method::POST,
                     &format!("{}/promote", base(&pool, &name)),
-                    Some(&json!({ "force": force })),
+                    &PromoteRequest { force },
                 )
                 .await?;
             if g.json {
@@ -101,10 +103,10 @@ pub async fn run(c: &Client, g: &Global, cmd: VolumeCmd) -> Result<()> {
         }
         VolumeCmd::Resolve { pool, name, keep } => {
             let s: ReplicationStatus = c
-                .request(
+                .send(
                     Method::POST,
                     &format!("{}/resolve", base(&pool, &name)),
-                    Some(&json!({ "keep": keep })),
+                    &ResolveRequest { keep: keep.clone() },
                 )
                 .await?;
             if g.json {

@@ -138,13 +138,11 @@ pub fn spec_json(name: &str, a: &SpecArgs, base: Option<&VmSpec>) -> Result<Valu
     if let Some(d) = &a.description {
         v["description"] = json!(d);
     }
-    if a.ha.mode.is_some()
-        || a.ha.priority.is_some()
-        || a.ha.max_restarts.is_some()
-        || a.ha.group.is_some()
-    {
-        let cur = v.get("ha").cloned().unwrap_or(json!({}));
-        v["ha"] = a.ha.apply(cur)?;
+    if a.ha.any() {
+        let mut cur: ferry_types::HaPolicy =
+            serde_json::from_value(v.get("ha").cloned().unwrap_or(json!({})))?;
+        a.ha.apply(&mut cur);
+        v["ha"] = serde_json::to_value(cur)?;
     }
     let p = &a.placement;
     let mut rules = v.get("placement").cloned().unwrap_or(json!({}));

@@ -1,6 +1,10 @@
 //! `ferry vm ...` and `ferry disk ...`: defining, running and changing VMs.
 
 use super::*;
+use ferry_types::{
+    CloneRequest, DiskMove, Firmware, HaMode, HaPolicy, Machine, MigrateRequest, MoveRequest,
+    ShutdownParams, SnapshotCreate, VolumeResize,
+};
 
 #[derive(Args, Debug, Clone, Default)]
 pub struct SpecArgs {
@@ -24,10 +28,10 @@ pub struct SpecArgs {
     pub boot: Option<String>,
     /// pc (i440fx, default) or q35.
     #[arg(long)]
-    pub machine: Option<String>,
+    pub machine: Option<Machine>,
     /// bios (default) or uefi.
     #[arg(long)]
-    pub firmware: Option<String>,
+    pub firmware: Option<Firmware>,
     /// Direct boot: kernel file on the host.
     #[arg(long)]
     pub kernel: Option<String>,
@@ -72,8 +76,8 @@ pub struct PlacementArgs {
 #[derive(Args, Debug, Clone, Default)]
 pub struct HaArgs {
     /// HA: restart (after a crash, and on another host when its host fails) or off.
-    #[arg(long = "ha")]
-    pub mode: Option<String>,
+    #[arg(long = "ha", value_parser = ha_mode)]
+    pub mode: Option<HaMode>,
     /// HA priority: higher ones are recovered first.
     #[arg(long = "ha-priority")]
     pub priority: Option<i32>,
@@ -85,25 +89,38 @@ pub struct HaArgs {
     pub group: Option<String>,
 }
 
+/// `--ha`: restart or off (the API's names).
+fn ha_mode(s: &str) -> std::result::Result<HaMode, String> {
+    match s {
+        "restart" => Ok(HaMode::Restart),
+        "off" => Ok(HaMode::Off),
+        _ => Err(format!("--ha {s}: use restart or off")),
+    }
+}
+
 impl HaArgs {
-    /// Applies the given options to the JSON policy `cur`.
-    pub fn apply(&self, mut cur: Value) -> Result<Value> {
-        if let Some(m) = &self.mode {
-            if m != "restart" && m != "off" {
-                anyhow::bail!("--ha {m}: use restart or off");
-            }
-            cur["mode"] = json!(m);
+    /// Whether any option was given.
+    pub fn any(&self) -> bool {
+        self.mode.is_some()
+            || self.priority.is_some()
+            || self.max_restarts.is_some()
+            || self.group.is_some()
+    }
+
+    /// Applies the given options to the policy `cur`.
+    pub fn apply(&self, cur: &mut HaPolicy) {
+        if let Some(m) = self.mode {
+            cur.mode = m;
         }
         if let Some(p) = self.priority {
-            cur["priority"] = json!(p);
+            cur.priority = p;
         }
         if let Some(n) = self.max_restarts {
-            cur["max_restarts"] = json!(n);
+            cur.max_restarts = n;
         }
         if let Some(g) = &self.group {
-            cur["anti_affinity"] = if g.is_empty() { Value::Null } else { json!(g) };
+            cur.anti_affinity = (!g.is_empty()).then(|| g.clone());
         }
-        Ok(cur)
     }
 }
 
@@ -401,9 +418,10 @@ pub(crate) async fn vm(c: &Client, g: &Global, cmd: VmCmd) -> Result<()> {
         }
         VmCmd::Ha { name, ha } => {
             let cur: Vm = c.get(&format!("/api/v1/vms/{name}")).await?;
-            let body = ha.apply(serde_json::to_value(&cur.spec.ha)?)?;
+            let mut body = cur.spec.ha;
+            ha.apply(&mut body);
             let v: Vm = c
-                .request(Method::PUT, &format!("/api/v1/vms/{name}/ha"), Some(&body))
+                .send(Method::PUT, &format!("/api/v1/vms/{name}/ha"), &body)
                 .await?;
             if g.json {
                 return print_json(&v);
@@ -418,7 +436,9 @@ pub(crate) async fn vm(c: &Client, g: &Global, cmd: VmCmd) -> Result<()> {
                 g,
                 &name,
                 "shutdown",
-                Some(json!({"timeout_secs": timeout})),
+                Some(serde_json::to_value(ShutdownParams {
+                    timeout_secs: Some(timeout),
+                })?),
             )
             .await
         }
@@ -429,7 +449,9 @@ pub(crate) async fn vm(c: &Client, g: &Global, cmd: VmCmd) -> Result<()> {
                 g,
                 &name,
                 "reboot",
-                Some(json!({"timeout_secs": timeout})),
+                Some(serde_json::to_value(ShutdownParams {
+                    timeout_secs: Some(timeout),
+                })?),
             )
             .await
         }
@@ -490,10 +512,10 @@ pub(crate) async fn vm(c: &Client, g: &Global, cmd: VmCmd) -> Result<()> {
         VmCmd::Suspend { name } => action(c, g, &name, "suspend", None).await,
         VmCmd::Move { name, to } => {
             let t: TaskAccepted = c
-                .request(
+                .send(
                     Method::POST,
                     &format!("/api/v1/vms/{name}/move"),
-                    Some(&json!({"to": to})),
+                    &MoveRequest { to: to.clone() },
                 )
                 .await?;
             let done = c.wait_task(t, g.json).await?;
@@ -521,11 +543,13 @@ pub(crate) async fn vm(c: &Client, g: &Global, cmd: VmCmd) -> Result<()> {
                 println!("{name}: move of disk{index} aborted");
                 return Ok(());
             }
-            let mut body = json!({"pool": to_pool});
-            if let Some(b) = bandwidth {
-                body["bandwidth_mib"] = json!(b);
-            }
-            let t: TaskAccepted = c.request(Method::POST, &path, Some(&body)).await?;
+            let body = DiskMove {
+                pool: to_pool
+                    .clone()
+                    .ok_or_else(|| anyhow::anyhow!("give --to-pool (or --abort)"))?,
+                bandwidth_mib: bandwidth,
+            };
+            let t: TaskAccepted = c.send(Method::POST, &path, &body).await?;
             let done = c.wait_task(t, g.json).await?;
             if g.json {
                 return print_json(&done);
@@ -542,25 +566,16 @@ pub(crate) async fn vm(c: &Client, g: &Global, cmd: VmCmd) -> Result<()> {
             bandwidth,
             no_postcopy,
         } => {
-            let mut body = json!({"to": to, "with_storage": with_storage});
-            if let Some(p) = target_pool {
-                body["target_pool"] = json!(p);
-            }
-            if let Some(d) = downtime {
-                body["downtime_limit_ms"] = json!(d);
-            }
-            if let Some(b) = bandwidth {
-                body["max_bandwidth_mib"] = json!(b);
-            }
-            if no_postcopy {
-                body["allow_postcopy"] = json!(false);
-            }
+            let body = MigrateRequest {
+                to: to.clone(),
+                with_storage,
+                target_pool,
+                downtime_limit_ms: downtime,
+                max_bandwidth_mib: bandwidth,
+                allow_postcopy: no_postcopy.then_some(false),
+            };
             let t: TaskAccepted = c
-                .request(
-                    Method::POST,
-                    &format!("/api/v1/vms/{name}/migrate"),
-                    Some(&body),
-                )
+                .send(Method::POST, &format!("/api/v1/vms/{name}/migrate"), &body)
                 .await?;
             let done = c.wait_task(t, g.json).await?;
             let report: MigrationReport = done
@@ -596,9 +611,12 @@ pub(crate) async fn vm(c: &Client, g: &Global, cmd: VmCmd) -> Result<()> {
             with_memory,
             description,
         } => {
-            let body =
-                json!({"name": snapshot, "with_memory": with_memory, "description": description});
-            action(c, g, &name, "snapshots", Some(body)).await
+            let body = SnapshotCreate {
+                name: snapshot,
+                with_memory,
+                description,
+            };
+            action(c, g, &name, "snapshots", Some(serde_json::to_value(body)?)).await
         }
         VmCmd::Revert { name, snapshot } => {
             action(c, g, &name, &format!("snapshots/{snapshot}/revert"), None).await
@@ -634,13 +652,12 @@ pub(crate) async fn vm(c: &Client, g: &Global, cmd: VmCmd) -> Result<()> {
             new_name,
             linked,
         } => {
-            let body = json!({"name": new_name, "linked": linked});
+            let body = CloneRequest {
+                name: new_name.clone(),
+                linked,
+            };
             let t: TaskAccepted = c
-                .request(
-                    Method::POST,
-                    &format!("/api/v1/vms/{name}/clone"),
-                    Some(&body),
-                )
+                .send(Method::POST, &format!("/api/v1/vms/{name}/clone"), &body)
                 .await?;
             c.wait_task(t, g.json).await?;
             let v: Vm = c.get(&format!("/api/v1/vms/{new_name}")).await?;
@@ -736,7 +753,7 @@ pub(crate) async fn disk(c: &Client, g: &Global, cmd: DiskCmd) -> Result<()> {
                 .request(
                     Method::POST,
                     &format!("/api/v1/pools/{}/volumes/{vol}/resize", d.pool),
-                    Some(&json!({"size": size.0})),
+                    Some(&serde_json::to_value(VolumeResize { size })?),
                 )
                 .await?;
             if g.json {

@@ -6,6 +6,7 @@ use utoipa::ToSchema;
 /// How HA treats a VM.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum HaMode {
     /// Not HA-managed: a crash or a host failure leaves it stopped.
     #[default]

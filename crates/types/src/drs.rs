@@ -59,6 +59,7 @@ impl PlacementRules {
 /// How DRS acts on its recommendations.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum DrsMode {
     /// No balancing (placement at create still picks a host when asked).
     Off,
@@ -72,6 +73,7 @@ pub enum DrsMode {
 /// Placement scoring among the hosts that pass the filters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum PlacementPolicy {
     /// The host with the most free resources (seed 001).
     #[default]
@@ -83,6 +85,7 @@ pub enum PlacementPolicy {
 /// What a start that breaks HA admission control gets.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum AdmissionMode {
     /// Refused with the reason.
     #[default]

@@ -9,6 +9,7 @@ use utoipa::ToSchema;
 /// What backs a pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum PoolKind {
     /// Volumes are qcow2/raw files in a local directory.
     #[default]

@@ -18,6 +18,7 @@ pub const MAX_NICS: usize = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema, Default)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum DiskBus {
     #[default]
     Virtio,
@@ -28,6 +29,7 @@ pub enum DiskBus {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum DiskFormat {
     #[default]
     Qcow2,
@@ -46,6 +48,7 @@ impl DiskFormat {
 /// Host page cache use, as QEMU's `cache=` modes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum CacheMode {
     /// O_DIRECT, guest flushes honoured (the safe default for shared storage).
     #[default]
@@ -121,6 +124,7 @@ pub struct CdromSpec {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum NicModel {
     #[default]
     Virtio,
@@ -141,6 +145,7 @@ pub struct NicSpec {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Machine {
     /// i440fx: IDE built in (SATA through an added AHCI controller).
     #[default]
@@ -151,6 +156,7 @@ pub enum Machine {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Firmware {
     #[default]
     Bios,
