@@ -170,7 +170,8 @@ impl PeerQemu {
         incoming: Option<&str>,
     ) -> Result<PeerQemu> {
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
+        // QEMU makes its sockets in the run dir's `qemu/` (ferry's layout).
+        std::fs::create_dir_all(dir.join("qemu"))?;
         let d = dir.display().to_string();
         let mut args: Vec<String> = vec![];
         let mut skip = false;
@@ -183,7 +184,7 @@ impl PeerQemu {
                 skip = true;
                 continue;
             }
-            args.push(a.replace(from_dir, &d));
+            args.push(peer_netdev(&a.replace(from_dir, &d)));
         }
         if let Some(uri) = incoming {
             args.extend(["-incoming".to_string(), uri.to_string()]);
@@ -203,9 +204,10 @@ impl PeerQemu {
         let log = dir.join("qemu.log");
         let o = Command::new("ip")
             .args(["netns", "exec", ns, "sh", "-c"])
-            .arg(r#"log=$1; shift; setsid "$@" >>"$log" 2>&1 </dev/null &"#)
+            .arg(r#"log=$1; pidf=$2; shift 2; setsid "$@" >>"$log" 2>&1 </dev/null & echo $! >"$pidf""#)
             .arg("sh")
             .arg(&log)
+            .arg(dir.join("qemu.pid"))
             .arg(&argv[0])
             .args(&args)
             .output()?;
@@ -216,13 +218,14 @@ impl PeerQemu {
     }
 
     fn qmp(&self, rt: &tokio::runtime::Runtime) -> Result<ferry_qmp::Qmp> {
-        let p = self.dir.join("qmp.sock");
+        let p = self.dir.join("qemu").join("qmp.sock");
         Ok(rt.block_on(ferry_qmp::Qmp::connect_retry(&p, Duration::from_secs(10)))?)
     }
 
     /// Types a line on the serial console (a short connection; QEMU keeps the log).
     fn type_line(&self, line: &str) -> Result<()> {
-        let mut s = std::os::unix::net::UnixStream::connect(self.dir.join("serial.sock"))?;
+        let mut s =
+            std::os::unix::net::UnixStream::connect(self.dir.join("qemu").join("serial.sock"))?;
         s.write_all(format!("{line}\n").as_bytes())?;
         s.set_read_timeout(Some(Duration::from_millis(300)))?;
         let mut buf = [0u8; 4096];
@@ -277,6 +280,28 @@ impl PeerQemu {
     }
 }
 
+/// The tap of the peer's QEMU (one per lab host's namespace).
+const PEER_TAP: &str = "ptap0";
+
+/// ferry hands QEMU its taps as open descriptors; the peer's QEMU is started by hand,
+/// so its netdev names a tap of its own instead.
+fn peer_netdev(a: &str) -> String {
+    match serde_json::from_str::<serde_json::Value>(a) {
+        Ok(mut v) if v["type"] == "tap" && v.get("fd").is_some() => {
+            if let Some(o) = v.as_object_mut() {
+                for k in ["fd", "vhost", "vhostfd"] {
+                    o.remove(k);
+                }
+                o.insert("ifname".into(), json!(PEER_TAP));
+                o.insert("script".into(), json!("no"));
+                o.insert("downscript".into(), json!("no"));
+            }
+            v.to_string()
+        }
+        _ => a.to_string(),
+    }
+}
+
 fn tap_of(args: &[String]) -> Option<String> {
     args.iter()
         .find_map(|a| a.split("\"ifname\":\"").nth(1))
@@ -311,13 +336,15 @@ fn peer_case(
     cap: Option<u64>,
     tls: bool,
 ) -> Result<Outcome> {
+    // The VM's run dir, from its QMP socket (`-qmp unix:{run dir}/qemu/qmp.sock,...`):
+    // the peer's QEMUs get every path under it in a dir of their own.
     let run_dir = argv
         .iter()
-        .find_map(|a| a.strip_suffix("/qemu.pid"))
-        .context("pidfile in the QEMU command line")?
-        .to_string();
+        .find_map(|a| a.strip_prefix("unix:")?.split_once("/qemu/qmp.sock"))
+        .map(|(dir, _)| dir.to_string())
+        .context("the QMP socket in the QEMU command line")?;
     let (ns1, ns2) = (lab.host("h1")?.ns.clone(), lab.host("h2")?.ns.clone());
-    let tap = tap_of(argv).context("tap")?;
+    let tap = PEER_TAP.to_string();
     let src = PeerQemu::start(&ns1, argv, &run_dir, lab.dir.join("peer-src"), None)?;
     let uri = "tcp:10.78.0.12:4444";
     let mut dst: Option<PeerQemu> = None;
