@@ -208,7 +208,12 @@ impl Cluster {
             return out;
         };
         let now = Instant::now();
-        let mut t = self.inner.loads.lock().unwrap_or_else(|e| e.into_inner());
+        let mut t = self
+            .inner
+            .drs
+            .loads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let mut seen = BTreeSet::new();
         for r in recs {
             let name = r.spec.name.clone();
@@ -246,6 +251,7 @@ impl Cluster {
     /// The loads of the last sample.
     fn last_loads(&self) -> BTreeMap<String, VmLoad> {
         self.inner
+            .drs
             .loads
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -707,7 +713,7 @@ impl Cluster {
         let mut last: Option<Instant> = None;
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            if !self.holds_lease() || !self.inner.is_manager.load(Ordering::Relaxed) {
+            if !self.holds_lease() || !self.inner.ha.is_manager.load(Ordering::Relaxed) {
                 last = None;
                 continue;
             }

@@ -85,6 +85,7 @@ impl Cluster {
             };
             // DRS runs where the HA manager runs.
             self.inner
+                .ha
                 .is_manager
                 .store(manager, std::sync::atomic::Ordering::Relaxed);
         }
@@ -111,6 +112,7 @@ impl Cluster {
             let (count, last) = {
                 let mut r = self
                     .inner
+                    .ha
                     .restarts
                     .lock()
                     .unwrap_or_else(|e| e.into_inner());
@@ -131,6 +133,7 @@ impl Cluster {
                 }
             }
             self.inner
+                .ha
                 .restarts
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -302,6 +305,7 @@ impl Cluster {
         {
             let mut last = self
                 .inner
+                .ha
                 .full_round
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
@@ -375,7 +379,8 @@ impl Cluster {
     fn report_no_place(&self, now: std::collections::BTreeMap<String, String>) {
         let mut last = self
             .inner
-            .ha_no_place
+            .ha
+            .no_place
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         for (vm, reason) in &now {

@@ -30,21 +30,42 @@ use ferry_migration::Migrations;
 
 use std::sync::{Arc, Mutex};
 
-/// What only the cluster side owns.
+/// What only the cluster side owns, by the subsystem that owns it.
 struct Inner {
-    /// The host lease and the fence clock (the lease keeper's; the runtime asks it
+    /// The lease keeper's: the host lease and the fence clock (the runtime asks it
     /// through [`ferry_host::ClusterView`]).
     lease: Arc<lease::LeaseCell>,
+    /// The HA runner's.
+    ha: HaState,
+    /// The DRS runner's.
+    drs: DrsState,
+    /// Membership's.
+    membership: MembershipState,
+}
+
+/// The HA runner's state: local crash restarts, the manager's rounds.
+#[derive(Default)]
+struct HaState {
     restarts: Mutex<ha::Restarts>,
     /// When the HA manager last read every VM record.
     full_round: Mutex<Option<std::time::Instant>>,
     /// VMs the HA manager could not place last round, with the reason.
-    ha_no_place: Mutex<std::collections::BTreeMap<String, String>>,
-    restart: tokio::sync::Notify,
-    /// Smoothed CPU load of this host's VMs (DRS).
-    loads: Mutex<drs::LoadTracker>,
-    /// This host's agent was the HA manager at its last round (DRS runs there).
+    no_place: Mutex<std::collections::BTreeMap<String, String>>,
+    /// This host was the HA manager at its last round (DRS runs there).
     is_manager: std::sync::atomic::AtomicBool,
+}
+
+/// The DRS runner's state.
+#[derive(Default)]
+struct DrsState {
+    /// Smoothed CPU load of this host's VMs.
+    loads: Mutex<drs::LoadTracker>,
+}
+
+/// Membership's state.
+struct MembershipState {
+    /// Asked for after a join or leave: the daemon restarts on its new store.
+    restart: tokio::sync::Notify,
     /// Join attempts in the current minute (a limit on guessing join tokens).
     join_attempts: Mutex<(std::time::Instant, u32)>,
 }
@@ -74,13 +95,12 @@ impl Cluster {
             mig,
             inner: Arc::new(Inner {
                 lease,
-                restarts: Mutex::new(Default::default()),
-                full_round: Mutex::new(None),
-                ha_no_place: Mutex::default(),
-                restart: tokio::sync::Notify::new(),
-                loads: Mutex::new(Default::default()),
-                is_manager: Default::default(),
-                join_attempts: Mutex::new((std::time::Instant::now(), 0)),
+                ha: HaState::default(),
+                drs: DrsState::default(),
+                membership: MembershipState {
+                    restart: tokio::sync::Notify::new(),
+                    join_attempts: Mutex::new((std::time::Instant::now(), 0)),
+                },
             }),
         };
         if c.cluster().is_some() {

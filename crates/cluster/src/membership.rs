@@ -413,7 +413,12 @@ impl Cluster {
     /// At most [`JOIN_ATTEMPTS`] join attempts per minute on this host: a guessed
     /// token costs the guesser time, and the store no work beyond that.
     fn join_attempt_allowed(&self) -> bool {
-        let mut w = self.inner.join_attempts.lock().expect("join attempts");
+        let mut w = self
+            .inner
+            .membership
+            .join_attempts
+            .lock()
+            .expect("join attempts");
         let now = std::time::Instant::now();
         if now.duration_since(w.0) > Duration::from_secs(60) {
             *w = (now, 0);
@@ -864,12 +869,12 @@ impl Cluster {
 
     /// Asks `ferry serve` to restart itself (after init/join/leave: the store changed).
     pub fn request_restart(&self) {
-        self.inner.restart.notify_one();
+        self.inner.membership.restart.notify_one();
     }
 
     /// Resolves when a restart was asked for.
     pub async fn restart_requested(&self) {
-        self.inner.restart.notified().await
+        self.inner.membership.restart.notified().await
     }
 }
 
