@@ -19,6 +19,8 @@ mod maintenance;
 mod membership;
 mod remove;
 mod respools;
+#[cfg(test)]
+mod tests;
 
 pub use lease::{kill_ha_qemus, run_watchdog};
 pub use maintenance::plan_evacuation;
