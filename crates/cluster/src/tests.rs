@@ -5,7 +5,6 @@
 
 use crate::Cluster;
 use ferry_host::fake::FakeOs;
-use ferry_host::{AccelSetting, AgentConfig, Host};
 use ferry_migration::Migrations;
 use ferry_types::{VmSpec, VmState};
 use serde_json::json;
@@ -13,22 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 async fn cluster(dir: &std::path::Path, os: Arc<FakeOs>) -> Cluster {
-    let state_dir = dir.join("state");
-    let pki = ferry_pki::HostPki::ensure(&state_dir.join("pki"), "h1", &[]).unwrap();
-    let store = ferry_store::SqliteStore::open(&state_dir.join("ferry.db")).unwrap();
-    let cfg = AgentConfig {
-        state_dir,
-        run_dir: dir.join("run"),
-        accel: AccelSetting::Tcg,
-        qemu_binary: "qemu-system-x86_64".into(),
-        host_name: "h1".into(),
-        cluster_file: None,
-        api_port: 8470,
-        resources: Default::default(),
-        replication_port: 0,
-        pki,
-    };
-    let host = Host::open_on(cfg, Arc::new(store), None, os).await.unwrap();
+    let host = ferry_host::fake::open_host(dir, os).await.unwrap();
     Cluster::start(Migrations::open(host).await)
 }
 

@@ -255,3 +255,25 @@ impl HostOs for FakeOs {
         None
     }
 }
+
+/// A host runtime named `h1` on `os`, its state and run dirs under `dir` (SQLite store,
+/// its own certificates, TCG): what the fast tests of the runtime and of the layers
+/// above it open.
+pub async fn open_host(dir: &std::path::Path, os: Arc<FakeOs>) -> crate::Result<crate::Host> {
+    let state_dir = dir.join("state");
+    let pki = ferry_pki::HostPki::ensure(&state_dir.join("pki"), "h1", &[])?;
+    let store = ferry_store::SqliteStore::open(&state_dir.join("ferry.db"))?;
+    let cfg = crate::AgentConfig {
+        state_dir,
+        run_dir: dir.join("run"),
+        accel: crate::AccelSetting::Tcg,
+        qemu_binary: "qemu-system-x86_64".into(),
+        host_name: "h1".into(),
+        cluster_file: None,
+        api_port: 8470,
+        resources: Default::default(),
+        replication_port: 0,
+        pki,
+    };
+    crate::Host::open_on(cfg, Arc::new(store), None, os).await
+}

@@ -5,7 +5,7 @@
 
 use crate::error::AgentError;
 use crate::fake::FakeOs;
-use crate::{AccelSetting, AgentConfig, Host};
+use crate::Host;
 use ferry_types::{DeleteVmParams, VmSpec, VmState};
 use serde_json::json;
 use std::sync::Arc;
@@ -25,22 +25,7 @@ impl Lab {
     }
 
     async fn host(&self) -> Host {
-        let state_dir = self.dir.path().join("state");
-        let pki = ferry_pki::HostPki::ensure(&state_dir.join("pki"), "h1", &[]).unwrap();
-        let store = ferry_store::SqliteStore::open(&state_dir.join("ferry.db")).unwrap();
-        let cfg = AgentConfig {
-            state_dir,
-            run_dir: self.dir.path().join("run"),
-            accel: AccelSetting::Tcg,
-            qemu_binary: "qemu-system-x86_64".into(),
-            host_name: "h1".into(),
-            cluster_file: None,
-            api_port: 8470,
-            resources: Default::default(),
-            replication_port: 0,
-            pki,
-        };
-        Host::open_on(cfg, Arc::new(store), None, self.os.clone())
+        crate::fake::open_host(self.dir.path(), self.os.clone())
             .await
             .unwrap()
     }
