@@ -29,7 +29,7 @@ impl Host {
                             .as_deref()
                             .is_some_and(|q| q == id || q.starts_with(&dev))
                     })
-                    .and_then(|b| b.inserted.as_ref().map(|i| i.node_name.clone()))
+                    .and_then(|b| b.inserted.as_ref().and_then(|i| i.node_name.clone()))
                     .unwrap_or(id)
             })
             .collect()

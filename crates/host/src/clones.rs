@@ -30,8 +30,8 @@ impl Host {
         }
         Ok(())
     }
-    #[tracing::instrument(skip_all, fields(vm = %src, clone = %req.name))]
 
+    #[tracing::instrument(skip_all, fields(vm = %src, clone = %req.name))]
     pub async fn clone_vm(
         &self,
         src: &str,

@@ -187,8 +187,8 @@ impl Host {
             }
         }
     }
-    #[tracing::instrument(skip_all, fields(vm = %name))]
 
+    #[tracing::instrument(skip_all, fields(vm = %name))]
     pub async fn start_vm(&self, name: &str) -> Result<()> {
         let op = self.lock_vm(name).await;
         self.start_held(&op, StartOrigin::User).await

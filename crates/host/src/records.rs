@@ -42,7 +42,7 @@ impl Transit {
 }
 
 /// A VM as stored: its definition and what the agent last knew of it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(from = "StoredRecord")]
 pub struct VmRecord {
     pub id: u32,
@@ -134,6 +134,62 @@ struct StoredRecord {
     ha_relocate: bool,
     #[serde(default)]
     lock_generations: std::collections::BTreeMap<String, u64>,
+}
+
+fn none<T>(o: &&Option<T>) -> bool {
+    o.is_none()
+}
+
+fn empty(m: &&std::collections::BTreeMap<String, u64>) -> bool {
+    m.is_empty()
+}
+
+/// What is written: every field, and (for the release after `transit` came) the two
+/// fields an older ferry reads instead, so hosts not yet upgraded in a rolling upgrade
+/// still see a VM in transit as one (and do not restart it elsewhere).
+impl Serialize for VmRecord {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Wire<'a> {
+            id: u32,
+            spec: &'a VmSpec,
+            last_state: VmState,
+            last_exit: &'a Option<String>,
+            template: bool,
+            current_snapshot: &'a Option<String>,
+            clone_of: &'a Option<ferry_types::CloneOf>,
+            suspend_file: &'a Option<String>,
+            #[serde(skip_serializing_if = "none")]
+            transit: &'a Option<Transit>,
+            migrating_to: Option<&'a str>,
+            incoming_from: Option<&'a str>,
+            origin_id: Option<u32>,
+            #[serde(skip_serializing_if = "none")]
+            ha_from: &'a Option<String>,
+            #[serde(skip_serializing_if = "std::ops::Not::not")]
+            ha_relocate: bool,
+            #[serde(skip_serializing_if = "empty")]
+            lock_generations: &'a std::collections::BTreeMap<String, u64>,
+        }
+        Wire {
+            id: self.id,
+            spec: &self.spec,
+            last_state: self.last_state,
+            last_exit: &self.last_exit,
+            template: self.template,
+            current_snapshot: &self.current_snapshot,
+            clone_of: &self.clone_of,
+            suspend_file: &self.suspend_file,
+            transit: &self.transit,
+            migrating_to: Transit::to(&self.transit),
+            incoming_from: Transit::from(&self.transit),
+            origin_id: self.origin_id,
+            ha_from: &self.ha_from,
+            ha_relocate: self.ha_relocate,
+            lock_generations: &self.lock_generations,
+        }
+        .serialize(s)
+    }
 }
 
 impl From<StoredRecord> for VmRecord {
@@ -321,7 +377,8 @@ mod tests {
         assert_eq!(r.transit, None);
     }
 
-    /// What is written reads back the same, and only the new field is written.
+    /// What is written reads back the same; the fields older versions read say the
+    /// same as `transit`.
     #[test]
     fn transit_round_trips() {
         let mut r: VmRecord = serde_json::from_value(
@@ -335,7 +392,8 @@ mod tests {
         ] {
             r.transit = t.clone();
             let v = serde_json::to_value(&r).unwrap();
-            assert!(v.get("migrating_to").is_none() && v.get("incoming_from").is_none());
+            assert_eq!(v["migrating_to"].as_str(), Transit::to(&t), "{v}");
+            assert_eq!(v["incoming_from"].as_str(), Transit::from(&t), "{v}");
             let back: VmRecord = serde_json::from_value(v).unwrap();
             assert_eq!(back.transit, t);
             assert_eq!(back.id, 7);

@@ -52,8 +52,8 @@ impl Host {
         tracing::warn!(vm = vm.unwrap_or(""), "repair: {msg}");
         self.inner.events.emit(vm, "repair", msg);
     }
-    #[tracing::instrument(skip_all)]
 
+    #[tracing::instrument(skip_all)]
     pub async fn repair(&self) -> Result<()> {
         let records = self.records().await?;
         let ids: HashSet<u32> = records.iter().map(|r| r.id).collect();

@@ -138,8 +138,8 @@ impl Host {
         }
         Ok(())
     }
-    #[tracing::instrument(skip_all, fields(vm = %vm))]
 
+    #[tracing::instrument(skip_all, fields(vm = %vm))]
     pub async fn create_snapshot(
         &self,
         vm: &str,
@@ -276,8 +276,8 @@ impl Host {
             .emit(Some(vm), "snapshot", format!("reverted to {name}"));
         Ok(())
     }
-    #[tracing::instrument(skip_all, fields(vm = %vm, snapshot = %name))]
 
+    #[tracing::instrument(skip_all, fields(vm = %vm, snapshot = %name))]
     pub async fn delete_snapshot(&self, vm: &str, name: &str, ctx: Option<&TaskCtx>) -> Result<()> {
         let op = self.lock_vm(vm).await;
         let slot = op.slot().clone();

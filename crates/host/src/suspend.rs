@@ -52,8 +52,8 @@ impl Host {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    #[tracing::instrument(skip_all, fields(vm = %name))]
 
+    #[tracing::instrument(skip_all, fields(vm = %name))]
     pub async fn suspend_vm(&self, name: &str, ctx: Option<&TaskCtx>) -> Result<()> {
         let _op = self.lock_vm(name).await;
         let slot = _op.slot().clone();

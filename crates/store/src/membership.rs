@@ -70,9 +70,11 @@ pub async fn leader(client: &Client) -> u64 {
 /// A client of the members at `urls` (with the host's certificate on https).
 pub async fn connect(urls: &[String], tls: Option<&EtcdTls>) -> Result<Client, Error> {
     let opts = crate::etcd::with_tls(
+        // Generous: a removal waits for the cluster's commit (each call is retried
+        // while etcd says "unhealthy cluster").
         ConnectOptions::new()
-            .with_timeout(Duration::from_secs(5))
-            .with_connect_timeout(Duration::from_secs(2)),
+            .with_timeout(Duration::from_secs(30))
+            .with_connect_timeout(Duration::from_secs(5)),
         urls.first().map(String::as_str).unwrap_or(""),
         tls,
     );

@@ -132,10 +132,15 @@ pub enum MigrationPhase {
     Cold,
     /// The source's daemon restarted mid-migration and is finding out how it ended.
     Recovering,
+    /// It is being cancelled; the VM stays on the source.
+    Cancelling,
     /// It failed; the VM stays (or runs again) on the source.
     Failed,
     /// It was cancelled; the VM stays on the source.
     Cancelled,
+    /// A phase a newer ferry named (read from `status` instead).
+    #[serde(other)]
+    Unknown,
 }
 
 impl MigrationPhase {
@@ -147,7 +152,8 @@ impl MigrationPhase {
             s if s.starts_with("postcopy") => MigrationPhase::PostCopy,
             "completed" => MigrationPhase::Completed,
             "failed" => MigrationPhase::Failed,
-            "cancelling" | "cancelled" => MigrationPhase::Cancelled,
+            "cancelling" => MigrationPhase::Cancelling,
+            "cancelled" => MigrationPhase::Cancelled,
             _ => MigrationPhase::Transferring,
         }
     }
@@ -175,8 +181,10 @@ pub struct MigrationInfo {
 impl MigrationInfo {
     /// The phase, from `status` when the source did not say.
     pub fn phase(&self) -> MigrationPhase {
-        self.phase
-            .unwrap_or_else(|| MigrationPhase::from_qemu(&self.status))
+        match self.phase {
+            Some(p) if p != MigrationPhase::Unknown => p,
+            _ => MigrationPhase::from_qemu(&self.status),
+        }
     }
 }
 
@@ -251,4 +259,39 @@ pub struct ColdIncoming {
 #[serde(deny_unknown_fields)]
 pub struct MoveRequest {
     pub to: String,
+}
+
+#[cfg(test)]
+mod phase_tests {
+    use super::*;
+
+    fn info(v: serde_json::Value) -> MigrationInfo {
+        serde_json::from_value(v).unwrap()
+    }
+
+    /// The destination reads a phase it knows; one it does not (a newer source) or none
+    /// (an older source) is read from QEMU's status; only a failed or cancelled
+    /// migration is given up, not one being cancelled.
+    #[test]
+    fn phases_read_from_any_source() {
+        let i = info(
+            serde_json::json!({"vm": "a", "to": "h2", "status": "active", "phase": "switchover"}),
+        );
+        assert_eq!(i.phase(), MigrationPhase::Switchover);
+        let i = info(
+            serde_json::json!({"vm": "a", "to": "h2", "status": "failed", "phase": "warp_drive"}),
+        );
+        assert_eq!(i.phase(), MigrationPhase::Failed);
+        let i = info(serde_json::json!({"vm": "a", "to": "h2", "status": "postcopy-active"}));
+        assert_eq!(i.phase(), MigrationPhase::PostCopy);
+        for (s, gone) in [
+            ("cancelling", false),
+            ("cancelled", true),
+            ("failed", true),
+            ("active", false),
+            ("completed", false),
+        ] {
+            assert_eq!(MigrationPhase::from_qemu(s).is_given_up(), gone, "{s}");
+        }
+    }
 }

@@ -64,7 +64,9 @@ pub struct BlockInfo {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct BlockInserted {
-    pub node_name: String,
+    /// QEMU names every node ferry adds; the schema has it optional.
+    #[serde(default)]
+    pub node_name: Option<String>,
 }
 
 /// `query-blockstats` of the guest devices (not every node).
@@ -346,7 +348,10 @@ mod tests {
             {"device": "ide1-cd0"}
         ]))
         .unwrap();
-        assert_eq!(b[0].inserted.as_ref().unwrap().node_name, "disk0");
+        assert_eq!(
+            b[0].inserted.as_ref().unwrap().node_name.as_deref(),
+            Some("disk0")
+        );
         assert!(b[1].inserted.is_none());
     }
 
