@@ -704,7 +704,9 @@ impl Cluster {
             sqlite.delete(&kv.key).await?;
         }
         let host = link.host_store();
-        for kv in host.list("").await? {
+        // From "/": the scope has no trailing slash, so "" would also take the keys of
+        // a host whose name starts with this one's (h1 and h10).
+        for kv in host.list("/").await? {
             sqlite.put(&kv.key, kv.value, None).await?;
         }
         let name = &link.cfg.name;

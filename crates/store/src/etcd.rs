@@ -300,7 +300,12 @@ impl Store for EtcdStore {
             )
             .await;
         let r = self.check(r, None).await?;
-        Ok(r.kvs().iter().map(|kv| self.kv(kv)).collect())
+        // A scope has no trailing slash: "" under "/hosts/h1" also matches "/hosts/h10".
+        Ok(r.kvs()
+            .iter()
+            .map(|kv| self.kv(kv))
+            .filter(|kv| prefix.starts_with('/') || kv.key.starts_with('/'))
+            .collect())
     }
 
     async fn put(

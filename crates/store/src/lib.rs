@@ -12,12 +12,14 @@ pub mod etcd;
 pub mod keys;
 pub mod member;
 pub mod membership;
+mod prefixed;
 mod sqlite;
 #[cfg(test)]
 mod tests;
 mod typed;
 
 pub use etcd::{EtcdStore, EtcdTls};
+pub use prefixed::Prefixed;
 pub use sqlite::SqliteStore;
 pub use typed::StoreJson;
 

@@ -63,6 +63,16 @@ suite!(
     }
 );
 suite!(
+    prefixed,
+    open_prefixed,
+    LeaseTimes {
+        short: Duration::from_millis(300),
+        kept: Duration::from_millis(600),
+        tick: Duration::from_millis(150),
+        rounds: 8,
+    }
+);
+suite!(
     etcd,
     open_etcd,
     LeaseTimes {
@@ -77,6 +87,20 @@ async fn open_sqlite() -> (tempfile::TempDir, Box<dyn Store>) {
     let d = tempfile::tempdir().unwrap();
     let s = SqliteStore::open(&d.path().join("s.db")).unwrap();
     (d, Box::new(s))
+}
+
+/// A host's subtree of a SQLite store with a neighbour's keys beside it.
+async fn open_prefixed() -> (tempfile::TempDir, Box<dyn Store>) {
+    let d = tempfile::tempdir().unwrap();
+    let s: std::sync::Arc<dyn Store> =
+        std::sync::Arc::new(SqliteStore::open(&d.path().join("s.db")).unwrap());
+    s.put("/hosts/h10/a", b"neighbour".to_vec(), None)
+        .await
+        .unwrap();
+    s.put("/hosts/h1", b"the prefix itself".to_vec(), None)
+        .await
+        .unwrap();
+    (d, Box::new(crate::Prefixed::new(s, "/hosts/h1")))
 }
 
 /// A real etcd member on loopback, killed (by pid) when dropped.
@@ -494,4 +518,60 @@ async fn membership_lists_the_member_and_refuses_unknown_removals() {
     assert_eq!(crate::membership::list(&other).await.unwrap(), list);
     assert!(crate::membership::remove(&c, m.id ^ 1).await.is_err());
     assert_eq!(crate::membership::list(&c).await.unwrap(), list);
+}
+
+/// Two hosts' subtrees of one store: each sees, lists, watches and deletes only its
+/// own keys, with its own names for them; the store holds both under their prefixes.
+#[tokio::test]
+async fn prefixed_subtrees_keep_hosts_apart() {
+    let d = tempfile::tempdir().unwrap();
+    let s: std::sync::Arc<dyn Store> =
+        std::sync::Arc::new(SqliteStore::open(&d.path().join("s.db")).unwrap());
+    let h1 = crate::Prefixed::new(s.clone(), "/hosts/h1");
+    let h10 = crate::Prefixed::new(s.clone(), "/hosts/h10");
+    let keys = |v: Vec<KeyValue>| v.into_iter().map(|kv| kv.key).collect::<Vec<_>>();
+    let mut w1 = h1.watch("", None).await.unwrap();
+    h1.put("/vms/a", b"1".to_vec(), None).await.unwrap();
+    h10.put("/vms/a", b"10".to_vec(), None).await.unwrap();
+    h10.put("/vms/b", b"10".to_vec(), None).await.unwrap();
+    assert_eq!(h1.get("/vms/a").await.unwrap().unwrap().value, b"1");
+    // "" reaches h10's keys in the store ("/hosts/h1" is a prefix of "/hosts/h10"):
+    // the subtree still gives back only its own.
+    assert_eq!(keys(h1.list("").await.unwrap()), ["/vms/a"]);
+    assert_eq!(keys(h1.list("/vms/").await.unwrap()), ["/vms/a"]);
+    assert_eq!(keys(h10.list("/vms/").await.unwrap()), ["/vms/a", "/vms/b"]);
+    assert_eq!(
+        keys(s.list("/hosts/").await.unwrap()),
+        ["/hosts/h1/vms/a", "/hosts/h10/vms/a", "/hosts/h10/vms/b"]
+    );
+    let ev = tokio::time::timeout(Duration::from_secs(2), w1.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (ev.key.as_str(), ev.value.as_slice()),
+        ("/vms/a", &b"1"[..])
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), w1.recv())
+            .await
+            .is_err(),
+        "h1's watch saw h10's keys"
+    );
+    let r = h1
+        .txn(Txn {
+            compare: vec![Compare::Version("/vms/a".into(), Cmp::Equal, 1)],
+            success: vec![Op::DeletePrefix("/vms/".into()), Op::Get("/vms/a".into())],
+            failure: vec![],
+        })
+        .await
+        .unwrap();
+    assert!(r.succeeded);
+    assert_eq!(r.gets, vec![None]);
+    assert!(h1.list("/vms/").await.unwrap().is_empty());
+    assert_eq!(
+        h10.list("/vms/").await.unwrap().len(),
+        2,
+        "h10 kept its keys"
+    );
 }
