@@ -2,7 +2,7 @@
 
 use crate::error::{AgentError, Failure, Refusal, Result};
 use crate::Cluster;
-use ferry_store::{Store, StoreJson};
+use ferry_store::StoreJson;
 use ferry_types::{CertDetails, CertSignRequest, CertSigned, CertStatus};
 
 /// Warn this many days before the host certificate ends.

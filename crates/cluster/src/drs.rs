@@ -17,7 +17,7 @@ use crate::records::Transit;
 use crate::records::VmRecord;
 use crate::Cluster;
 use ferry_drs::{Cluster as DrsCluster, Host as DrsHost, HostState as DrsHostState, Vm as DrsVm};
-use ferry_store::{keys, Store, StoreJson};
+use ferry_store::{keys, StoreJson};
 use ferry_types::{
     AdmissionMode, DrsConfig, DrsMode, DrsMove, DrsPlan, DrsStatus, HostCapacity, MigrateRequest,
     PlacementReport, PoolKind, PoolSpec, ResourcePool, TaskState, VmLoad, VmSpec,

@@ -11,7 +11,7 @@ use crate::records::Transit;
 use crate::records::VmRecord;
 use crate::Cluster;
 use ferry_ha::{Command, HostView, VmView};
-use ferry_store::{keys, Cmp, Compare, KeyValue, Op, Store, StoreJson, Txn};
+use ferry_store::{keys, Cmp, Compare, KeyValue, Op, StoreJson, Txn};
 use ferry_types::VmState;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -240,7 +240,7 @@ impl Cluster {
     /// and the VMs it owns (with their records and revisions, for the moves).
     async fn ha_view(
         &self,
-        root: &ferry_store::EtcdStore,
+        root: &dyn ferry_store::Store,
         members: &[ferry_types::ClusterHost],
     ) -> Result<HaView> {
         let mut hosts = vec![];
@@ -315,7 +315,7 @@ impl Cluster {
             }
             *last = Some(Instant::now());
         }
-        let (hosts, vms, records) = self.ha_view(root, &members).await?;
+        let (hosts, vms, records) = self.ha_view(root.as_ref(), &members).await?;
         // ferry-ha decides which VMs go (and in which order); DRS placement where
         // (rules, labels, CPU and memory), one answer, updated as it places. Without
         // a DRS snapshot, ferry-ha's memory-only placer.

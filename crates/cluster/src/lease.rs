@@ -18,7 +18,7 @@
 use crate::error::Result;
 use crate::fence::{FenceClock, FenceReason};
 use crate::Cluster;
-use ferry_store::{LeaseId, Op, Store, StoreError, Txn};
+use ferry_store::{LeaseId, Op, StoreError, Txn};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -351,11 +351,14 @@ impl Cluster {
     /// Learns every etcd member's client URL, to fail over to when the local member
     /// is down (members that joined after this host are not in its config).
     async fn refresh_endpoints(&self, link: &ferry_host::ClusterLink) {
-        let Ok(list) = ferry_store::membership::list(&link.root.client()).await else {
+        let Ok(etcd) = link.etcd() else {
+            return; // a simulated cluster has no members to learn
+        };
+        let Ok(list) = ferry_store::membership::list(&etcd.client()).await else {
             return;
         };
         let urls: Vec<String> = list.into_iter().flat_map(|m| m.client_urls).collect();
-        link.root.add_endpoints(&urls);
+        etcd.add_endpoints(&urls);
     }
 }
 

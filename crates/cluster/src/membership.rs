@@ -181,10 +181,7 @@ pub async fn connect(
         }
     }
     let root = EtcdStore::connect(&cfg.endpoints, ROOT, Some(etcd_tls(pki))).await?;
-    Ok(ClusterLink {
-        cfg: cfg.clone(),
-        root,
-    })
+    Ok(ClusterLink::on_etcd(cfg.clone(), root))
 }
 
 pub(super) fn etcd_err(what: impl Into<String>) -> impl FnOnce(etcd_client::Error) -> AgentError {
@@ -711,7 +708,7 @@ impl Cluster {
         }
         let name = &link.cfg.name;
         if link.cfg.managed_etcd {
-            let list = etcd_members::list(&link.root.client())
+            let list = etcd_members::list(&link.etcd()?.client())
                 .await
                 .map_err(etcd_err("List etcd members"))?;
             if let Some(m) = list.iter().find(|m| m.name == *name) {
@@ -751,7 +748,7 @@ impl Cluster {
         {
             serials.extend(rec.cert_serial);
         }
-        crate::remove::drop_member_records(&link.root, name, &serials, "left").await?;
+        crate::remove::drop_member_records(link.root.as_ref(), name, &serials, "left").await?;
         // The CA holder signs the list itself before it goes (no one else can).
         if self.cfg().pki.has_ca_key() {
             if let Err(e) = self.sync_crl().await {
@@ -760,7 +757,7 @@ impl Cluster {
         }
         // Last: this host's etcd user, so its certificate opens nothing in etcd now.
         if link.cfg.managed_etcd {
-            if let Err(e) = member::access::revoke(&mut link.root.client(), name).await {
+            if let Err(e) = member::access::revoke(&mut link.etcd()?.client(), name).await {
                 tracing::warn!(error = %e, "cannot remove this host's etcd user");
             }
         }
@@ -791,7 +788,7 @@ impl Cluster {
                 warnings: vec![],
             });
         };
-        let mut client = link.root.client();
+        let mut client = link.etcd()?.client();
         let list = etcd_members::list(&client)
             .await
             .map_err(etcd_err("List etcd members"))?;
@@ -888,7 +885,7 @@ async fn add_etcd_member(
     req: &MemberAdd,
     key: &str,
 ) -> Result<(Vec<String>, Vec<String>)> {
-    let client = link.root.client();
+    let client = link.etcd()?.client();
     let mut initial = vec![];
     let mut endpoints = vec![];
     // etcd lets the joiner's certificate in only with a user of its name.

@@ -8,7 +8,7 @@ use crate::membership::etcd_err;
 use crate::Cluster;
 use ferry_store::keys::{cluster as ck, host as hk};
 use ferry_store::membership as etcd_members;
-use ferry_store::{member, Store, StoreJson};
+use ferry_store::{member, StoreJson};
 use ferry_types::ClusterHost;
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -16,7 +16,7 @@ use std::time::Duration;
 /// Deletes member `name`'s records (its scope, member record, liveness, fence mark)
 /// and revokes `serials`, in one transaction (retried while etcd changes leaders).
 pub(super) async fn drop_member_records(
-    root: &ferry_store::EtcdStore,
+    root: &dyn ferry_store::Store,
     name: &str,
     serials: &BTreeSet<String>,
     reason: &str,
@@ -88,7 +88,7 @@ impl Cluster {
             )));
         }
         if link.cfg.managed_etcd {
-            let c = link.root.client();
+            let c = link.etcd()?.client();
             let list = etcd_members::list(&c)
                 .await
                 .map_err(etcd_err("List etcd members"))?;
@@ -99,9 +99,9 @@ impl Cluster {
             }
         }
         let serials: BTreeSet<String> = rec.cert_serial.into_iter().collect();
-        drop_member_records(&link.root, name, &serials, "removed").await?;
+        drop_member_records(link.root.as_ref(), name, &serials, "removed").await?;
         if link.cfg.managed_etcd {
-            if let Err(e) = member::access::revoke(&mut link.root.client(), name).await {
+            if let Err(e) = member::access::revoke(&mut link.etcd()?.client(), name).await {
                 tracing::warn!(host = name, error = %e, "cannot remove the host's etcd user");
             }
         }

@@ -111,7 +111,7 @@ impl Host {
     /// Where users, tokens and grants live: the cluster's keys, or this host's store.
     fn access_store(&self) -> Arc<dyn Store> {
         match &self.inner.cluster {
-            Some(link) => Arc::new(link.root.clone()),
+            Some(link) => link.root.clone(),
             None => self.inner.store.clone(),
         }
     }

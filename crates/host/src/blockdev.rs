@@ -39,7 +39,7 @@ impl Host {
     /// cluster, this host's store alone.
     pub fn shared(&self) -> (&dyn Store, &'static str) {
         match &self.inner.cluster {
-            Some(c) => (&c.root, keys::shared::CLUSTER),
+            Some(c) => (c.root.as_ref(), keys::shared::CLUSTER),
             None => (self.inner.store.as_ref(), keys::shared::ALONE),
         }
     }

@@ -6,24 +6,56 @@
 use crate::error::{AgentError, Failure, Refusal, Result};
 use crate::Host;
 use ferry_store::keys::cluster::{MEMBERS, ROOT};
-use ferry_store::{EtcdStore, StoreJson};
+use ferry_store::{EtcdStore, Prefixed, Store, StoreJson};
 use ferry_types::{ApiErrorBody, ClusterConfig, ClusterFile, ClusterHost};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The daemon's connection to the cluster.
 #[derive(Clone)]
 pub struct ClusterLink {
     pub cfg: ClusterConfig,
-    /// Keys under `/ferry`.
-    pub root: EtcdStore,
+    /// The cluster's keys (under `/ferry` in etcd).
+    pub root: Arc<dyn Store>,
+    /// The etcd client behind `root`, for what only etcd does (membership, users,
+    /// endpoints); none for a cluster simulated on another store in a test.
+    etcd: Option<EtcdStore>,
 }
 
 impl ClusterLink {
+    /// A link to an etcd cluster.
+    pub fn on_etcd(cfg: ClusterConfig, root: EtcdStore) -> ClusterLink {
+        ClusterLink {
+            cfg,
+            root: Arc::new(root.clone()),
+            etcd: Some(root),
+        }
+    }
+
+    /// A cluster simulated on `root` (hosts of one test sharing one store).
+    pub fn simulated(cfg: ClusterConfig, root: Arc<dyn Store>) -> ClusterLink {
+        ClusterLink {
+            cfg,
+            root,
+            etcd: None,
+        }
+    }
+
+    /// The etcd client, for membership, users and endpoints.
+    pub fn etcd(&self) -> Result<&EtcdStore> {
+        self.etcd.as_ref().ok_or_else(|| {
+            AgentError::refused(
+                crate::error::Refusal::Membership,
+                "this cluster is simulated: it has no etcd",
+            )
+        })
+    }
+
     /// This host's own store (its subtree).
-    pub fn host_store(&self) -> EtcdStore {
-        self.root.scoped(&host_prefix(&self.cfg.name))
+    pub fn host_store(&self) -> Prefixed {
+        Prefixed::new(self.root.clone(), &host_prefix(&self.cfg.name))
     }
 
     pub async fn members(&self) -> Result<Vec<ClusterHost>> {

@@ -82,7 +82,7 @@ impl Host {
             return Ok(false);
         };
         let key = ferry_store::keys::cluster::alive(host);
-        Ok(ferry_store::Store::get(&c.root, &key).await?.is_none())
+        Ok(c.root.get(&key).await?.is_none())
     }
 
     /// Storage-side fencing: does this host still hold every lock of `rec` with the

@@ -259,7 +259,7 @@ impl Host {
                     &h.name,
                     &ferry_store::keys::host::vm(name),
                 );
-                if ferry_store::Store::get(&c.root, &key).await?.is_some() {
+                if c.root.get(&key).await?.is_some() {
                     return Err(AgentError::refused(
                         Refusal::Exists,
                         format!("VM {name} already exists on host {}", h.name),
@@ -327,7 +327,7 @@ impl Host {
     async fn next_counter(&self) -> Result<u32> {
         // In a cluster the counter is the cluster's: ids stay unique when VMs move.
         let (store, key): (&dyn ferry_store::Store, &str) = match &self.inner.cluster {
-            Some(c) => (&c.root, ferry_store::keys::cluster::NEXT_VM_ID),
+            Some(c) => (c.root.as_ref(), ferry_store::keys::cluster::NEXT_VM_ID),
             None => (&*self.inner.store, NEXT_ID),
         };
         loop {
