@@ -96,3 +96,158 @@ async fn ha_leaves_stopped_and_non_ha_vms_alone() {
     assert_eq!(c.get_vm("b").await.unwrap().state, VmState::Crashed);
     assert_eq!(os.running(), 0);
 }
+
+/// One host of a simulated cluster: its own runtime (dropping it is the host dying:
+/// its tasks stop, its lease is no longer renewed), its own fake machine, and the
+/// cluster's store shared with the others.
+struct SimHost {
+    rt: tokio::runtime::Runtime,
+    os: Arc<FakeOs>,
+    c: Cluster,
+}
+
+fn sim_host(dir: &std::path::Path, root: Arc<dyn ferry_store::Store>, name: &str) -> SimHost {
+    let cfg = ferry_types::ClusterConfig {
+        name: name.into(),
+        address: "127.0.0.1".into(),
+        api: "https://127.0.0.1:8470".into(),
+        endpoints: vec![],
+        managed_etcd: false,
+        initial_cluster: String::new(),
+        lease_ttl_s: 2,
+        ca_fingerprint: String::new(),
+    };
+    let link = ferry_host::ClusterLink::simulated(cfg, root.clone());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let os = FakeOs::new(&["br0"]);
+    let c = rt.block_on(async {
+        use ferry_store::StoreJson;
+        root.put_json(
+            &ferry_store::keys::cluster::member(name),
+            &ferry_types::ClusterHost {
+                name: name.into(),
+                api: "https://127.0.0.1:8470".into(),
+                address: "127.0.0.1".into(),
+                cert_serial: None,
+                migration_ca: None,
+            },
+        )
+        .await
+        .unwrap();
+        let host = ferry_host::fake::open_member(&dir.join(name), os.clone(), name, Some(link))
+            .await
+            .unwrap();
+        Cluster::start(Migrations::open(host).await)
+    });
+    SimHost { rt, os, c }
+}
+
+/// A simulated cluster of three hosts sharing one store: when the host running an HA
+/// VM dies, the HA manager brings the VM up on another host, once — never two at once.
+#[test]
+fn a_dead_hosts_ha_vm_comes_up_elsewhere_once() {
+    let d = tempfile::tempdir().unwrap();
+    // The shared store lives on the test's runtime (its lease expiry runs there), as
+    // etcd outlives any one host.
+    let test = tokio::runtime::Runtime::new().unwrap();
+    let root: Arc<dyn ferry_store::Store> = test.block_on(async {
+        Arc::new(ferry_store::SqliteStore::open(&d.path().join("cluster.db")).unwrap())
+    });
+    let hosts: Vec<SimHost> = ["h1", "h2", "h3"]
+        .iter()
+        .map(|n| sim_host(d.path(), root.clone(), n))
+        .collect();
+    let alive = |root: &Arc<dyn ferry_store::Store>| {
+        let root = root.clone();
+        test.block_on(async move {
+            let mut n = 0;
+            for h in ["h1", "h2", "h3"] {
+                if root
+                    .get(&ferry_store::keys::cluster::alive(h))
+                    .await
+                    .unwrap()
+                    .is_some()
+                {
+                    n += 1;
+                }
+            }
+            n
+        })
+    };
+    let t = std::time::Instant::now();
+    while alive(&root) < 3 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "hosts never all alive"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let h1 = &hosts[0];
+    h1.rt.block_on(async {
+        h1.c.create_vm(ha_spec("a", 3)).await.unwrap();
+        h1.c.start_vm("a").await.unwrap();
+    });
+    assert_eq!(h1.os.running(), 1);
+    // The host dies: its daemon and its QEMU.
+    let mut hosts = hosts.into_iter();
+    let h1 = hosts.next().unwrap();
+    let h1_os = h1.os.clone();
+    drop(h1.rt);
+    let (dir, _) = {
+        let (rec, _) = test
+            .block_on(h1.c.record("a"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        (h1.c.run_paths(rec.id).dir, ())
+    };
+    h1_os.qemu(&dir).unwrap().1.crash();
+    let rest: Vec<SimHost> = hosts.collect();
+    let t = std::time::Instant::now();
+    let mut most = 0;
+    let up_on = loop {
+        let running: Vec<usize> = rest.iter().map(|h| h.os.running()).collect();
+        most = most.max(running.iter().sum::<usize>());
+        if let Some(i) = running.iter().position(|&n| n == 1) {
+            break i;
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            let keys: Vec<String> = test
+                .block_on(root.list("/"))
+                .unwrap()
+                .into_iter()
+                .map(|kv| format!("{} = {}", kv.key, String::from_utf8_lossy(&kv.value)))
+                .collect();
+            let loops: Vec<String> = rest
+                .iter()
+                .map(|h| {
+                    let i = h.rt.block_on(h.c.host_info()).unwrap();
+                    format!("{}: {:?}", i.name, i.background)
+                })
+                .collect();
+            let events: Vec<String> = rest
+                .iter()
+                .flat_map(|h| h.c.events().list(0, None))
+                .map(|e| format!("{e:?}"))
+                .collect();
+            panic!(
+                "the VM did not come up elsewhere\n{}\n{}\n{}",
+                keys.join("\n"),
+                loops.join("\n"),
+                events.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let h = &rest[up_on];
+    let state = h.rt.block_on(h.c.get_vm("a")).unwrap().state;
+    assert!(
+        matches!(state, VmState::Running | VmState::Starting),
+        "{state}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let total: usize = rest.iter().map(|h| h.os.running()).sum();
+    assert_eq!((most, total), (1, 1), "never two instances at once");
+}

@@ -260,20 +260,34 @@ impl HostOs for FakeOs {
 /// its own certificates, TCG): what the fast tests of the runtime and of the layers
 /// above it open.
 pub async fn open_host(dir: &std::path::Path, os: Arc<FakeOs>) -> crate::Result<crate::Host> {
+    open_member(dir, os, "h1", None).await
+}
+
+/// Host `name` on `os` under `dir`; in the cluster `link` when given (its store is its
+/// subtree of the link's root, as in etcd), else alone on SQLite.
+pub async fn open_member(
+    dir: &std::path::Path,
+    os: Arc<FakeOs>,
+    name: &str,
+    link: Option<crate::ClusterLink>,
+) -> crate::Result<crate::Host> {
     let state_dir = dir.join("state");
-    let pki = ferry_pki::HostPki::ensure(&state_dir.join("pki"), "h1", &[])?;
-    let store = ferry_store::SqliteStore::open(&state_dir.join("ferry.db"))?;
+    let pki = ferry_pki::HostPki::ensure(&state_dir.join("pki"), name, &[])?;
+    let store: Arc<dyn ferry_store::Store> = match &link {
+        Some(l) => Arc::new(l.host_store()),
+        None => Arc::new(ferry_store::SqliteStore::open(&state_dir.join("ferry.db"))?),
+    };
     let cfg = crate::AgentConfig {
         state_dir,
         run_dir: dir.join("run"),
         accel: crate::AccelSetting::Tcg,
         qemu_binary: "qemu-system-x86_64".into(),
-        host_name: "h1".into(),
+        host_name: name.into(),
         cluster_file: None,
         api_port: 8470,
         resources: Default::default(),
         replication_port: 0,
         pki,
     };
-    crate::Host::open_on(cfg, Arc::new(store), None, os).await
+    crate::Host::open_on(cfg, store, link, os).await
 }

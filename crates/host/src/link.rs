@@ -53,9 +53,11 @@ impl ClusterLink {
         })
     }
 
-    /// This host's own store (its subtree).
+    /// This host's own store (its subtree, `/hosts/{name}` under the root: in etcd
+    /// `/ferry/hosts/{name}`).
     pub fn host_store(&self) -> Prefixed {
-        Prefixed::new(self.root.clone(), &host_prefix(&self.cfg.name))
+        let scope = ferry_store::keys::cluster::host_scope(&self.cfg.name);
+        Prefixed::new(self.root.clone(), scope.trim_end_matches('/'))
     }
 
     pub async fn members(&self) -> Result<Vec<ClusterHost>> {
