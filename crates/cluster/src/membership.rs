@@ -809,14 +809,15 @@ impl Cluster {
                     .map(|t| t.ttl()),
                 None => None,
             };
+            // The flag's value, not its presence: ending maintenance writes false.
             let maintenance = link
                 .root
-                .get(&ferry_store::keys::cluster::of_host(
+                .get_json::<bool>(&ferry_store::keys::cluster::of_host(
                     &h.name,
                     ferry_store::keys::host::MAINTENANCE,
                 ))
                 .await?
-                .is_some();
+                .is_some_and(|(m, _)| m);
             let fenced = link
                 .root
                 .get(&ferry_store::keys::cluster::fenced(&h.name))

@@ -300,11 +300,13 @@ impl Store for EtcdStore {
             )
             .await;
         let r = self.check(r, None).await?;
-        // A scope has no trailing slash: "" under "/hosts/h1" also matches "/hosts/h10".
+        // A scope without a trailing slash ("/ferry/hosts/h1"): "" also matches a longer
+        // sibling ("/ferry/hosts/h10/..."); its keys are not this scope's.
+        let open_scope = !self.prefix.is_empty() && !self.prefix.ends_with('/');
         Ok(r.kvs()
             .iter()
             .map(|kv| self.kv(kv))
-            .filter(|kv| prefix.starts_with('/') || kv.key.starts_with('/'))
+            .filter(|kv| !open_scope || prefix.starts_with('/') || kv.key.starts_with('/'))
             .collect())
     }
 

@@ -30,6 +30,16 @@ impl Prefixed {
         format!("{}{key}", self.prefix)
     }
 
+    /// A prefix asked for: the empty one is the subtree's "/" (never a longer
+    /// sibling's keys: "/hosts/h10" under "/hosts/h1").
+    fn full_prefix(&self, prefix: &str) -> String {
+        if prefix.is_empty() {
+            format!("{}/", self.prefix)
+        } else {
+            self.full(prefix)
+        }
+    }
+
     /// A key asked for by its name, without the prefix.
     fn strip(&self, mut kv: KeyValue) -> Option<KeyValue> {
         kv.key = kv.key.strip_prefix(&self.prefix)?.to_string();
@@ -60,7 +70,7 @@ impl Prefixed {
                 lease,
             },
             Op::Delete(k) => Op::Delete(self.full(&k)),
-            Op::DeletePrefix(k) => Op::DeletePrefix(self.full(&k)),
+            Op::DeletePrefix(k) => Op::DeletePrefix(self.full_prefix(&k)),
         }
     }
 }
@@ -86,7 +96,7 @@ impl Store for Prefixed {
     async fn list(&self, prefix: &str) -> Result<Vec<KeyValue>, StoreError> {
         Ok(self
             .inner
-            .list(&self.full(prefix))
+            .list(&self.full_prefix(prefix))
             .await?
             .into_iter()
             .filter_map(|kv| self.strip_found(kv, prefix))
@@ -138,11 +148,14 @@ impl Store for Prefixed {
         prefix: &str,
         after: Option<i64>,
     ) -> Result<mpsc::Receiver<WatchEvent>, StoreError> {
-        let mut rx = self.inner.watch(&self.full(prefix), after).await?;
+        let mut rx = self.inner.watch(&self.full_prefix(prefix), after).await?;
         let (tx, out) = mpsc::channel(256);
         let (strip, asked) = (self.prefix.clone(), prefix.to_string());
         tokio::spawn(async move {
             while let Some(mut ev) = rx.recv().await {
+                if tx.is_closed() {
+                    return; // the caller is gone (even if only filtered events come)
+                }
                 let Some(k) = own(&ev.key, &strip, &asked) else {
                     continue;
                 };

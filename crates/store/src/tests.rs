@@ -574,4 +574,17 @@ async fn prefixed_subtrees_keep_hosts_apart() {
         2,
         "h10 kept its keys"
     );
+    // Emptying h1's whole subtree leaves h10's alone.
+    h1.put("/x", b"1".to_vec(), None).await.unwrap();
+    let r = h1
+        .txn(Txn {
+            compare: vec![],
+            success: vec![Op::DeletePrefix(String::new())],
+            failure: vec![],
+        })
+        .await
+        .unwrap();
+    assert!(r.succeeded);
+    assert!(h1.list("").await.unwrap().is_empty());
+    assert_eq!(h10.list("").await.unwrap().len(), 2, "h10 kept its keys");
 }
