@@ -69,9 +69,10 @@ pub fn load_config(state_dir: &Path) -> Result<Option<ClusterConfig>> {
     let p = config_path(state_dir);
     match std::fs::read(&p) {
         Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
-            AgentError::failed(
+            AgentError::failed_by(
                 Failure::Corrupt,
-                format!("Cluster config {}: {e}", p.display()),
+                format!("Cluster config {}", p.display()),
+                e,
             )
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),

@@ -678,10 +678,10 @@ async fn hash_blocking(p: String) -> Result<String> {
     let _slot = ARGON2_SLOTS
         .acquire()
         .await
-        .map_err(|e| AgentError::failed(Failure::Internal, format!("password hashing: {e}")))?;
+        .map_err(|e| AgentError::failed_by(Failure::Internal, "password hashing", e))?;
     tokio::task::spawn_blocking(move || ferry_access::password::hash(&p))
         .await
-        .map_err(|e| AgentError::failed(Failure::Internal, format!("password hashing failed: {e}")))
+        .map_err(|e| AgentError::failed_by(Failure::Internal, "password hashing failed", e))
 }
 
 /// Verifies against `hash`, or spends the same time when there is none.
@@ -689,7 +689,7 @@ async fn verify_blocking(p: String, hash: Option<String>) -> Result<bool> {
     let _slot = ARGON2_SLOTS
         .acquire()
         .await
-        .map_err(|e| AgentError::failed(Failure::Internal, format!("password check: {e}")))?;
+        .map_err(|e| AgentError::failed_by(Failure::Internal, "password check", e))?;
     tokio::task::spawn_blocking(move || match hash {
         Some(h) => ferry_access::password::verify(&p, &h),
         None => {
@@ -698,5 +698,5 @@ async fn verify_blocking(p: String, hash: Option<String>) -> Result<bool> {
         }
     })
     .await
-    .map_err(|e| AgentError::failed(Failure::Internal, format!("password check failed: {e}")))
+    .map_err(|e| AgentError::failed_by(Failure::Internal, "password check failed", e))
 }

@@ -10,13 +10,25 @@ pub enum AgentError {
     #[error("{0} not found")]
     NotFound(String),
     /// The request is fine but the situation does not allow it (409).
-    #[error("{what}")]
-    Refused { why: Refusal, what: String },
+    #[error("{what}{}", cause_text(source))]
+    Refused {
+        why: Refusal,
+        what: String,
+        /// What the refusal rests on, when another error (kept whole, for logs).
+        #[source]
+        source: Option<Cause>,
+    },
     /// The operation went wrong on the way: QEMU, the guest, a migration or stored
     /// data did not do what was needed (409, as these always were, but for
     /// [`Failure::Internal`]; the code says which).
-    #[error("{what}")]
-    Failed { why: Failure, what: String },
+    #[error("{what}{}", cause_text(source))]
+    Failed {
+        why: Failure,
+        what: String,
+        /// The error underneath, kept whole (its text also ends the message).
+        #[source]
+        source: Option<Cause>,
+    },
     #[error(transparent)]
     State(#[from] InvalidTransition),
     #[error(transparent)]
@@ -66,6 +78,17 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// An error underneath another, kept as itself rather than flattened into text.
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+
+/// The message's tail for a cause: ": {cause}", or nothing.
+fn cause_text(source: &Option<Cause>) -> String {
+    source
+        .as_ref()
+        .map(|c| format!(": {c}"))
+        .unwrap_or_default()
 }
 
 /// Why a request is refused. Each has a stable code in API answers
@@ -256,6 +279,21 @@ impl AgentError {
         AgentError::Refused {
             why,
             what: what.into(),
+            source: None,
+        }
+    }
+
+    /// A refusal resting on another error: the message is `what: cause`, and the
+    /// cause stays the error's source.
+    pub fn refused_by(
+        why: Refusal,
+        what: impl Into<String>,
+        cause: impl Into<Cause>,
+    ) -> AgentError {
+        AgentError::Refused {
+            why,
+            what: what.into(),
+            source: Some(cause.into()),
         }
     }
 
@@ -264,6 +302,17 @@ impl AgentError {
         AgentError::Failed {
             why,
             what: what.into(),
+            source: None,
+        }
+    }
+
+    /// A failure caused by another error: the message is `what: cause`, and the
+    /// cause stays the error's source (logs and tracing walk the chain).
+    pub fn failed_by(why: Failure, what: impl Into<String>, cause: impl Into<Cause>) -> AgentError {
+        AgentError::Failed {
+            why,
+            what: what.into(),
+            source: Some(cause.into()),
         }
     }
 
@@ -313,6 +362,27 @@ mod tests {
             (ErrorClass::BadGateway, "peer_unreachable")
         );
         assert_eq!(AgentError::Fenced("h1".into()).code(), "fenced");
+    }
+
+    /// A failure's cause stays its source (logs walk it) and ends its message, once.
+    #[test]
+    fn a_failures_cause_is_its_source() {
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, "bad byte at 7");
+        let e = AgentError::failed_by(Failure::Corrupt, "Cluster file /x", io);
+        assert_eq!(e.to_string(), "Cluster file /x: bad byte at 7");
+        assert_eq!(e.code(), "corrupt");
+        let src = std::error::Error::source(&e).map(ToString::to_string);
+        assert_eq!(src.as_deref(), Some("bad byte at 7"));
+        assert_eq!(
+            crate::error_chain(&e),
+            vec!["Cluster file /x: bad byte at 7".to_string()]
+        );
+        let e = AgentError::refused_by(Refusal::HostLacks, "Resource pool p", "EBUSY".to_string());
+        assert_eq!(
+            (e.to_string().as_str(), e.code()),
+            ("Resource pool p: EBUSY", "host_lacks")
+        );
+        assert!(std::error::Error::source(&AgentError::refused(Refusal::Busy, "x")).is_none());
     }
 
     /// Every refusal and failure (but an internal one) is a 409 with its own code; no

@@ -400,9 +400,10 @@ impl Host {
             source,
         })?;
         let f: ClusterFile = serde_json::from_slice(&bytes).map_err(|e| {
-            AgentError::failed(
+            AgentError::failed_by(
                 Failure::Corrupt,
-                format!("Cluster file {}: {e}", path.display()),
+                format!("Cluster file {}", path.display()),
+                e,
             )
         })?;
         Ok(f.hosts)

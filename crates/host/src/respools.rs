@@ -62,7 +62,7 @@ impl Host {
             return Ok(());
         }
         self.inner.cgroups.place(&chain, rec.id, pid).map_err(|e| {
-            AgentError::refused(Refusal::HostLacks, format!("Resource pool {pool}: {e}"))
+            AgentError::refused_by(Refusal::HostLacks, format!("Resource pool {pool}"), e)
         })
     }
 
@@ -78,7 +78,7 @@ impl Host {
         for p in used {
             if let Ok(chain) = ferry_drs::pools::chain(&pools, &p) {
                 self.inner.cgroups.ensure_pools(&chain).map_err(|e| {
-                    AgentError::refused(Refusal::HostLacks, format!("Resource pool {p}: {e}"))
+                    AgentError::refused_by(Refusal::HostLacks, format!("Resource pool {p}"), e)
                 })?;
             }
         }

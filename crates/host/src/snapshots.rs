@@ -55,9 +55,10 @@ pub async fn run_job<C: qc::Command>(
         if job.status == qc::JobStatus::Concluded {
             let _ = qmp.run(&qc::JobDismiss { id: id.to_string() }).await;
             if let Some(e) = job.error {
-                return Err(AgentError::failed(
+                return Err(AgentError::failed_by(
                     Failure::Qemu,
-                    format!("QEMU refused {name}: {e}"),
+                    format!("QEMU refused {name}"),
+                    e,
                 ));
             }
             return Ok(());

@@ -33,12 +33,12 @@ impl Host {
             match m.status() {
                 qc::MigrationStatus::Completed => return Ok(()),
                 qc::MigrationStatus::Failed | qc::MigrationStatus::Cancelled => {
-                    return Err(AgentError::failed(
+                    return Err(AgentError::failed_by(
                         Failure::Qemu,
-                        format!(
-                            "saving/loading the state of {name} failed: {}",
-                            m.error_desc.as_deref().unwrap_or("QEMU gave no reason")
-                        ),
+                        format!("saving/loading the state of {name} failed"),
+                        m.error_desc
+                            .clone()
+                            .unwrap_or_else(|| "QEMU gave no reason".into()),
                     ))
                 }
                 _ => {

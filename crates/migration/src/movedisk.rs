@@ -205,9 +205,10 @@ impl Migrations {
                     qc::JobStatus::Concluded => {
                         let _ = qmp.run(&qc::JobDismiss { id: job.clone() }).await;
                         if let Some(e) = j.error {
-                            return Err(AgentError::failed(
+                            return Err(AgentError::failed_by(
                                 Failure::Migration,
-                                format!("mirror failed: {e}"),
+                                "mirror failed",
+                                e,
                             ));
                         }
                         if !completing {
