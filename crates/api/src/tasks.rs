@@ -73,7 +73,9 @@ const MAX_SEQ: u64 = 9007199254740991;
 
 #[utoipa::path(get, path = "/api/v1/host", tag = "host", responses((status = 200, body = HostInfo)))]
 pub async fn host(State(a): State<Agent>) -> ApiResult<Json<HostInfo>> {
-    Ok(Json(a.host_info().await?))
+    let mut info = a.host_info().await?;
+    info.migrations = a.migrations().in_flight();
+    Ok(Json(info))
 }
 
 #[utoipa::path(get, path = "/api/v1/host/metrics", tag = "host",

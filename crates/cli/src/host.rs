@@ -1,13 +1,14 @@
 //! `ferry host ...`: the daemon's host, the cluster's hosts, maintenance.
 
 use super::*;
+use ferry_types::MigrationDirection;
 
 #[derive(Subcommand, Debug)]
 pub enum HostCmd {
     /// Facts about the daemon's host (the default).
     Show,
     /// The daemon's background tasks (lease, HA, DRS, revocation list, ...): last
-    /// run, last error, next run.
+    /// run, last error, next run; and the migrations in flight, both ways.
     Status,
     /// The hosts of the cluster.
     List,
@@ -109,6 +110,26 @@ pub(crate) async fn host(c: &Client, g: &Global, cmd: HostCmd) -> Result<()> {
                 h.name, h.vms_running, h.vms_defined
             );
             println!("{t}");
+            if !h.migrations.is_empty() {
+                let mut m = table(&["MIGRATION", "WAY", "HOST", "PHASE", "SINCE"]);
+                for x in h.migrations {
+                    let (way, peer) = match x.direction {
+                        MigrationDirection::Outgoing => ("to", x.peer),
+                        MigrationDirection::Incoming => ("from", x.peer),
+                    };
+                    m.add_row(vec![
+                        x.vm,
+                        way.into(),
+                        peer,
+                        serde_json::to_value(x.phase)
+                            .ok()
+                            .and_then(|v| v.as_str().map(String::from))
+                            .unwrap_or_default(),
+                        ago(Some(x.since_ms)),
+                    ]);
+                }
+                println!("{m}");
+            }
             Ok(())
         }
         HostCmd::List => {

@@ -195,6 +195,18 @@ fn failed_migrations_leave_the_vm_running_on_the_source() -> Result<()> {
 
     // 1. The destination's QEMU dies mid-migration.
     let child = slow_migration(&lab, "db", "h1", "h2")?;
+    // Meanwhile both hosts show it as work in flight, each from its side.
+    let (i1, i2) = (
+        h1.ferry_json(&["host", "show"])?,
+        h2.ferry_json(&["host", "show"])?,
+    );
+    assert_eq!(i1["migrations"][0]["vm"], "db", "{i1}");
+    assert_eq!(i1["migrations"][0]["direction"], "outgoing");
+    assert_eq!(i1["migrations"][0]["peer"], "h2");
+    assert_eq!(i2["migrations"][0]["direction"], "incoming", "{i2}");
+    assert_eq!(i2["migrations"][0]["peer"], "h1");
+    let text = h1.ferry_ok(&["host", "status"])?;
+    assert!(text.contains("MIGRATION") && text.contains("db"), "{text}");
     for pid in lab.qemu_pids("h2") {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL)?;
     }

@@ -290,6 +290,8 @@ impl Host {
             maintenance: self.in_maintenance().await?,
             cpu_busy: self.host_cpu_busy(),
             background: self.inner.loops.list(),
+            // Migrations are a layer above the runtime: it fills them in.
+            migrations: Vec::new(),
         })
     }
 }

@@ -65,6 +65,8 @@ impl Migrations {
                     id: rec.id,
                     spec: rec.spec.clone(),
                     phase: MigrationPhase::Setup,
+                    from: req.source.clone(),
+                    since_ms: ferry_host::events::now_ms(),
                 },
             );
         let r = self.arm_incoming(&op, &req, &addr, &made).await;

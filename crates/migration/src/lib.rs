@@ -39,6 +39,8 @@ struct Outgoing {
     phase: MigrationPhase,
     /// QEMU's last status (or ferry's step before QEMU has one).
     status: String,
+    /// When it began (Unix ms).
+    since_ms: u64,
 }
 
 /// A step of an outgoing migration: one of ferry's own, or QEMU's status.
@@ -68,6 +70,10 @@ struct Arriving {
     /// Setup until the source's claim, Switchover after it, Completed once QEMU has
     /// everything; gone when the source's word (or the watchdog) ends it.
     phase: MigrationPhase,
+    /// The source host.
+    from: String,
+    /// When the source asked (Unix ms).
+    since_ms: u64,
 }
 
 /// A host's migrations: the runtime it moves VMs off and onto, and what is in flight.
@@ -99,8 +105,9 @@ impl Migrations {
 use ferry_qmp::commands as qc;
 use ferry_qmp::Qmp;
 use ferry_types::{
-    IncomingFinish, IncomingReady, IncomingRequest, MigrateRequest, MigrationInfo, MigrationPhase,
-    MigrationReport, VmAction, VmState, VmTransfer,
+    IncomingFinish, IncomingReady, IncomingRequest, MigrateRequest, MigrationDirection,
+    MigrationInFlight, MigrationInfo, MigrationPhase, MigrationReport, VmAction, VmState,
+    VmTransfer,
 };
 use policy::{Decision, Policy, PolicyConfig, Sample};
 use serde_json::json;
@@ -142,6 +149,41 @@ impl Migrations {
             })
     }
 
+    /// Every migration in flight on this host, both ways, oldest first (what
+    /// `ferry host status` shows beside the background tasks).
+    pub fn in_flight(&self) -> Vec<MigrationInFlight> {
+        let mut v: Vec<MigrationInFlight> = self
+            .inner
+            .outgoing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(vm, o)| MigrationInFlight {
+                vm: vm.clone(),
+                direction: MigrationDirection::Outgoing,
+                peer: o.to.clone(),
+                phase: o.phase,
+                since_ms: o.since_ms,
+            })
+            .collect();
+        v.extend(
+            self.inner
+                .arriving
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|(vm, a)| MigrationInFlight {
+                    vm: vm.clone(),
+                    direction: MigrationDirection::Incoming,
+                    peer: a.from.clone(),
+                    phase: a.phase,
+                    since_ms: a.since_ms,
+                }),
+        );
+        v.sort_by(|a, b| (a.since_ms, &a.vm).cmp(&(b.since_ms, &b.vm)));
+        v
+    }
+
     /// Records where the outgoing migration of `vm` stands (`None`: it is over). A
     /// status QEMU reported gives the phase; ferry's own steps name theirs.
     fn set_outgoing(&self, vm: &str, to: Option<(&str, Step)>) {
@@ -156,12 +198,16 @@ impl Migrations {
                     Step::Ferry(p, s) => (p, s.to_string()),
                     Step::Qemu(s) => (MigrationPhase::from_qemu(s.as_str()), s.as_str().into()),
                 };
+                let since_ms = m
+                    .get(vm)
+                    .map_or_else(ferry_host::events::now_ms, |o| o.since_ms);
                 m.insert(
                     vm.to_string(),
                     Outgoing {
                         to: to.to_string(),
                         phase,
                         status,
+                        since_ms,
                     },
                 );
             }
@@ -848,4 +894,57 @@ fn local_addresses(address: &str, ready: &mut IncomingReady) -> Result<()> {
     };
     (ready.uri, ready.nbd) = (uri, nbd);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both ways show, oldest first, and a phase change keeps when it began.
+    #[tokio::test]
+    async fn migrations_in_flight_show_both_ways() {
+        let dir = tempfile::tempdir().unwrap();
+        let os = ferry_host::fake::FakeOs::new(&["br0"]);
+        let m = Migrations::open(ferry_host::fake::open_host(dir.path(), os).await.unwrap()).await;
+        assert!(m.in_flight().is_empty());
+        m.set_outgoing("a", Some(("h2", SETUP)));
+        let began = m.in_flight()[0].since_ms;
+        m.inner.arriving.lock().unwrap().insert(
+            "b".into(),
+            Arriving {
+                id: 7,
+                spec: serde_json::from_value(json!({"name": "b", "memory_mib": 64})).unwrap(),
+                phase: MigrationPhase::Switchover,
+                from: "h3".into(),
+                since_ms: began + 1,
+            },
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        m.set_outgoing("a", Some(("h2", Step::Qemu(qc::MigrationStatus::Active))));
+        let v = m.in_flight();
+        let got: Vec<_> = v
+            .iter()
+            .map(|x| (x.vm.as_str(), x.direction, x.peer.as_str(), x.phase))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    "a",
+                    MigrationDirection::Outgoing,
+                    "h2",
+                    MigrationPhase::Transferring
+                ),
+                (
+                    "b",
+                    MigrationDirection::Incoming,
+                    "h3",
+                    MigrationPhase::Switchover
+                ),
+            ]
+        );
+        assert_eq!(v[0].since_ms, began);
+        m.set_outgoing("a", None);
+        assert_eq!(m.in_flight().len(), 1);
+    }
 }

@@ -29,6 +29,9 @@ pub struct HostInfo {
     /// The daemon's background tasks (lease, HA, DRS, ...) and how they fare.
     #[serde(default)]
     pub background: Vec<BackgroundTask>,
+    /// Migrations in flight on this host, both ways (oldest first).
+    #[serde(default)]
+    pub migrations: Vec<crate::MigrationInFlight>,
 }
 
 /// One of the daemon's background tasks. Times are Unix milliseconds.

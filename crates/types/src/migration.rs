@@ -164,6 +164,30 @@ impl MigrationPhase {
     }
 }
 
+/// Which way a migration in flight goes, seen from the host that reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationDirection {
+    /// A VM leaving this host.
+    Outgoing,
+    /// A VM arriving here (live).
+    Incoming,
+}
+
+/// A migration in flight on a host: the background work `ferry host status` shows
+/// beside the daemon's loops.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MigrationInFlight {
+    pub vm: String,
+    pub direction: MigrationDirection,
+    /// The other host: the destination of an outgoing migration, the source of an
+    /// incoming one.
+    pub peer: String,
+    pub phase: MigrationPhase,
+    /// When it began (Unix ms).
+    pub since_ms: u64,
+}
+
 /// An outgoing migration as the source reports it (the destination asks while it waits).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct MigrationInfo {
