@@ -42,6 +42,8 @@ pub struct FakeOs {
     /// process), so they outlive the runtime of a test's first daemon, as real QEMUs
     /// outlive a daemon restart.
     machine: tokio::runtime::Handle,
+    /// The host's `qemu-img`.
+    pub images: Arc<ferry_storage::fake::FakeImages>,
 }
 
 impl FakeOs {
@@ -66,6 +68,7 @@ impl FakeOs {
                 ..Default::default()
             }),
             machine,
+            images: ferry_storage::fake::FakeImages::new(),
         })
     }
 
@@ -253,6 +256,10 @@ impl HostOs for FakeOs {
 
     fn link_stats(&self, _link: &str) -> Option<LinkStats> {
         None
+    }
+
+    fn images(&self) -> Arc<dyn ferry_storage::ImageTool> {
+        self.images.clone()
     }
 }
 

@@ -124,7 +124,13 @@ impl Host {
                     source,
                 })?;
                 let _ = std::fs::remove_file(&overlay);
-                ferry_storage::create_overlay(&overlay, &path, format.as_str()).await?;
+                ferry_storage::create_overlay(
+                    &*self.inner.os.images(),
+                    &overlay,
+                    &path,
+                    format.as_str(),
+                )
+                .await?;
                 backing.insert(
                     0,
                     BackingFile {

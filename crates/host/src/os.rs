@@ -1,9 +1,10 @@
 //! The host seam: everything the VM runtime does to the machine itself — QEMU
-//! processes and their sockets, taps and bridges, cgroups, QEMU's own users — goes
-//! through [`HostOs`]. [`RealOs`] does it (root, QEMU, netlink, nftables);
-//! `fake::FakeOs` (feature `fake`, and the crate's own tests) does it in memory with
-//! fake QEMUs speaking QMP, so the runtime's logic is tested in seconds without root.
-//! Storage goes to the real `qemu-img` in both: it needs neither root nor time.
+//! processes and their sockets, taps and bridges, cgroups, QEMU's own users, the
+//! pools' `qemu-img` — goes through [`HostOs`]. [`RealOs`] does it (root, QEMU,
+//! netlink, nftables, `qemu-img`); `fake::FakeOs` (feature `fake`, and the crate's own
+//! tests) does it in memory with fake QEMUs speaking QMP and
+//! `ferry_storage::fake::FakeImages`, so the runtime's logic is tested in seconds
+//! without root.
 
 use ferry_net::{LinkStats, NetError};
 use ferry_qemu::{QemuError, RunAs, RunPaths};
@@ -64,6 +65,8 @@ pub trait HostOs: Send + Sync + 'static {
     /// Sets a tap's source-MAC filter again (after a restart).
     async fn guard_tap(&self, tap: &str, mac: &str) -> Result<(), NetError>;
     fn link_stats(&self, link: &str) -> Option<LinkStats>;
+    /// What runs `qemu-img` for the pools.
+    fn images(&self) -> std::sync::Arc<dyn ferry_storage::ImageTool>;
 }
 
 /// The machine itself.
@@ -150,5 +153,9 @@ impl HostOs for RealOs {
 
     fn link_stats(&self, link: &str) -> Option<LinkStats> {
         ferry_net::link_stats(link)
+    }
+
+    fn images(&self) -> std::sync::Arc<dyn ferry_storage::ImageTool> {
+        std::sync::Arc::new(ferry_storage::QemuImg)
     }
 }

@@ -46,7 +46,9 @@ impl Host {
     pub async fn dir_pool(&self, name: &str) -> Result<DirPool> {
         let spec = self.pool_spec(name).await?;
         match spec.kind {
-            PoolKind::Dir | PoolKind::Shared => Ok(DirPool::new(name, spec.path)),
+            PoolKind::Dir | PoolKind::Shared => {
+                Ok(DirPool::new(name, spec.path).using(self.inner.os.images()))
+            }
             PoolKind::Replicated => Err(AgentError::refused(Refusal::Unsupported, format!(
                 "pool {name} is replicated: its volumes are raw copies on {}, not files this operation can use",
                 spec.hosts.join(", ")

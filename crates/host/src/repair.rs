@@ -167,7 +167,9 @@ impl Host {
             if !matches!(dp.meta(vol), Ok(m) if m.format == ferry_types::DiskFormat::Qcow2) {
                 return Ok(());
             }
-            let Ok(info) = ferry_storage::image_info(&path, "qcow2").await else {
+            let Ok(info) =
+                ferry_storage::image_info(&*self.inner.os.images(), &path, "qcow2").await
+            else {
                 return Ok(());
             };
             per_disk.push(

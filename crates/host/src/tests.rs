@@ -1,5 +1,5 @@
 //! The runtime's logic on a fake host ([`crate::fake::FakeOs`]): fake QEMUs speaking
-//! QMP, taps in a table, a real SQLite store and real `qemu-img`. No root, no QEMU; each
+//! QMP, taps in a table, images by the fake `qemu-img`, a real SQLite store. No root, no QEMU; each
 //! test takes well under a second. The same behaviour is proven against real QEMU by
 //! the end-to-end tests in `crates/ferry/tests/`.
 
@@ -222,4 +222,78 @@ fn a_restarted_host_re_adopts_its_qemus() {
         h.stop_vm("a").await.unwrap();
         assert!(!q.alive());
     });
+}
+
+/// Disks over the fake `qemu-img`: a VM's new disk, a linked clone over a template's
+/// disk, an offline snapshot; a disk `qemu-img` fails to make leaves no VM and no
+/// volume, and a clone whose overlay fails leaves nothing either.
+#[tokio::test]
+async fn disks_clones_and_failed_images_leave_nothing_half_made() {
+    let lab = Lab::new();
+    let h = lab.host().await;
+    h.ensure_default_pool().await.unwrap();
+    let mut t = spec("t");
+    t.disks = serde_json::from_value(json!([{"pool": "local", "size": "1G"}])).unwrap();
+    h.create_vm(t.clone()).await.unwrap();
+    let vols = |h: Host| async move {
+        let mut v: Vec<String> = h
+            .list_volumes("local")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(vols(h.clone()).await.len(), 1);
+    let disk = h.get_vm("t").await.unwrap().spec.disks[0]
+        .volume
+        .clone()
+        .unwrap();
+
+    lab.os.images.fail_next("create", "No space left on device");
+    let mut u = t.clone();
+    u.name = "u".into();
+    u.nics[0].mac = Some("52:54:00:00:00:99".into());
+    let e = h.create_vm(u.clone()).await.unwrap_err();
+    assert!(e.to_string().contains("No space left"), "{e}");
+    assert!(h.get_vm("u").await.is_err(), "no half-created VM");
+    assert_eq!(vols(h.clone()).await, vec![disk.clone()]);
+
+    h.make_template("t").await.unwrap();
+    let linked = |name: &str| ferry_types::CloneRequest {
+        name: name.into(),
+        linked: true,
+    };
+    lab.os.images.fail_next("create", "Permission denied");
+    assert!(h.clone_vm("t", linked("c1"), None).await.is_err());
+    assert!(h.get_vm("c1").await.is_err());
+    assert_eq!(vols(h.clone()).await, vec![disk.clone()]);
+
+    h.clone_vm("t", linked("c2"), None).await.unwrap();
+    let c2 = h.get_vm("c2").await.unwrap().spec.disks[0]
+        .volume
+        .clone()
+        .unwrap();
+    let pool = h.dir_pool("local").await.unwrap();
+    let chain = pool.chain(&c2).unwrap();
+    assert_eq!(
+        chain.len(),
+        1,
+        "a linked clone is an overlay on the template's disk"
+    );
+    assert_eq!(chain[0].path, pool.volume_path(&disk).unwrap());
+
+    let snap = ferry_types::SnapshotCreate {
+        name: "s1".into(),
+        with_memory: false,
+        description: String::new(),
+    };
+    h.create_snapshot("c2", snap, None).await.unwrap();
+    let info = ferry_storage::image_info(pool.tool(), &pool.volume_path(&c2).unwrap(), "qcow2")
+        .await
+        .unwrap();
+    assert_eq!(info.snapshots.len(), 1);
+    assert_eq!(info.snapshots[0].name, "s1");
 }

@@ -1,17 +1,20 @@
 //! The `dir` pool: volumes are files directly in one directory.
 
 use crate::meta::{self, ChainLink, VolumeMeta};
-use crate::qemu_img::{self, run};
+use crate::qemu_img::{self, ImageTool, ImgOp, QemuImg};
 use crate::source;
 use crate::StorageError;
 use ferry_types::validate::check_name;
 use ferry_types::{ByteSize, DiskFormat, ValidationErrors, Volume};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 pub struct DirPool {
     pub name: String,
     pub path: PathBuf,
+    /// What runs `qemu-img` (the real program unless [`DirPool::using`] says).
+    tool: Arc<dyn ImageTool>,
 }
 
 /// Files being written get this prefix and are never listed as volumes.
@@ -22,7 +25,19 @@ impl DirPool {
         DirPool {
             name: name.into(),
             path: path.into(),
+            tool: Arc::new(QemuImg),
         }
+    }
+
+    /// The same pool, its images made by `tool`.
+    pub fn using(mut self, tool: Arc<dyn ImageTool>) -> DirPool {
+        self.tool = tool;
+        self
+    }
+
+    /// What runs `qemu-img` for this pool.
+    pub fn tool(&self) -> &dyn ImageTool {
+        &*self.tool
     }
 
     /// Creates the directory if it is missing.
@@ -60,20 +75,13 @@ impl DirPool {
             return Err(StorageError::Exists(format!("{}/{name}", self.name)));
         }
         let tmp = self.path.join(format!("{PARTIAL}{name}"));
-        let size_arg = size.0.to_string();
         meta::write(&self.path, name, &VolumeMeta::plain(format))?;
-        let r = run(
-            "create",
-            &[
-                "create".as_ref(),
-                "-q".as_ref(),
-                "-f".as_ref(),
-                format.as_str().as_ref(),
-                tmp.as_os_str(),
-                size_arg.as_ref(),
-            ],
-        )
-        .await;
+        let op = ImgOp::Create {
+            path: &tmp,
+            format: format.as_str(),
+            size: size.0,
+        };
+        let r = self.tool.run(op, &mut |_| {}).await;
         if let Err(e) = r {
             let _ = std::fs::remove_file(&tmp);
             meta::remove(&self.path, name);
@@ -133,7 +141,7 @@ impl DirPool {
     pub async fn info(&self, name: &str) -> Result<Volume, StorageError> {
         let p = self.existing(name)?;
         let m = meta::read(&self.path, name)?;
-        let i = qemu_img::info(&p, m.format.as_str()).await?;
+        let i = qemu_img::info(self.tool(), &p, m.format.as_str()).await?;
         Ok(Volume {
             pool: self.name.clone(),
             name: name.to_string(),
@@ -200,19 +208,12 @@ impl DirPool {
             });
         }
         let p = self.existing(name)?;
-        let size_arg = size.0.to_string();
-        run(
-            "resize",
-            &[
-                "resize".as_ref(),
-                "-q".as_ref(),
-                "-f".as_ref(),
-                v.format.as_str().as_ref(),
-                p.as_os_str(),
-                size_arg.as_ref(),
-            ],
-        )
-        .await?;
+        let op = ImgOp::Resize {
+            path: &p,
+            format: &v.format,
+            size: size.0,
+        };
+        self.tool.run(op, &mut |_| {}).await?;
         self.info(name).await
     }
 
@@ -243,7 +244,7 @@ impl DirPool {
                 path: source.display().to_string(),
                 source: e,
             })?;
-        let (src_fmt, _) = source::check(source).await?;
+        let (src_fmt, _) = source::check(self.tool(), source).await?;
         let dst_fmt = format.unwrap_or(match src_fmt {
             source::SourceFormat::Raw => DiskFormat::Raw,
             _ => DiskFormat::Qcow2,
@@ -277,12 +278,18 @@ impl DirPool {
         source: &Path,
         src_fmt: &str,
         dst_fmt: DiskFormat,
-        progress: impl FnMut(f32) + Send,
+        mut progress: impl FnMut(f32) + Send,
     ) -> Result<Volume, StorageError> {
         let p = self.volume_path(name)?;
         let tmp = self.path.join(format!("{PARTIAL}{name}"));
         meta::write(&self.path, name, &VolumeMeta::plain(dst_fmt))?;
-        if let Err(e) = qemu_img::convert(source, src_fmt, &tmp, dst_fmt.as_str(), progress).await {
+        let op = ImgOp::Convert {
+            src: source,
+            src_format: src_fmt,
+            dst: &tmp,
+            dst_format: dst_fmt.as_str(),
+        };
+        if let Err(e) = self.tool.run(op, &mut progress).await {
             let _ = std::fs::remove_file(&tmp);
             meta::remove(&self.path, name);
             return Err(e);
@@ -301,7 +308,7 @@ impl DirPool {
         format: DiskFormat,
     ) -> Result<(), StorageError> {
         let p = self.existing(name)?;
-        source::check_as(&p, format.as_str()).await?;
+        source::check_as(self.tool(), &p, format.as_str()).await?;
         meta::write(&self.path, name, &VolumeMeta::plain(format))
     }
 
@@ -319,22 +326,8 @@ impl DirPool {
                 stderr: format!("{}/{name} is not qcow2: it keeps no snapshots", self.name),
             });
         }
-        let flag = match op {
-            SnapshotOp::Create => "-c",
-            SnapshotOp::Apply => "-a",
-            SnapshotOp::Delete => "-d",
-        };
-        run(
-            "snapshot",
-            &[
-                "snapshot".as_ref(),
-                "--image-opts".as_ref(),
-                flag.as_ref(),
-                tag.as_ref(),
-                qemu_img::image_opts(&p, "qcow2").as_os_str(),
-            ],
-        )
-        .await?;
+        let op = ImgOp::Snapshot { path: &p, op, tag };
+        self.tool.run(op, &mut |_| {}).await?;
         Ok(())
     }
 
@@ -353,7 +346,7 @@ impl DirPool {
             backing: Some(base.to_string()),
         };
         meta::write(&self.path, name, &m)?;
-        if let Err(e) = create_overlay(&tmp, &b, base_meta.format.as_str()).await {
+        if let Err(e) = create_overlay(self.tool(), &tmp, &b, base_meta.format.as_str()).await {
             meta::remove(&self.path, name);
             return Err(e);
         }
@@ -366,7 +359,7 @@ impl DirPool {
         &self,
         base: &str,
         name: &str,
-        progress: impl FnMut(f32) + Send,
+        mut progress: impl FnMut(f32) + Send,
     ) -> Result<Volume, StorageError> {
         let b = self.existing(base)?;
         let fmt = self.meta(base)?.format.as_str();
@@ -380,7 +373,13 @@ impl DirPool {
             name,
             &VolumeMeta::plain(self.meta(base)?.format),
         )?;
-        if let Err(e) = qemu_img::convert(&b, fmt, &tmp, fmt, progress).await {
+        let op = ImgOp::Convert {
+            src: &b,
+            src_format: fmt,
+            dst: &tmp,
+            dst_format: fmt,
+        };
+        if let Err(e) = self.tool.run(op, &mut progress).await {
             let _ = std::fs::remove_file(&tmp);
             meta::remove(&self.path, name);
             return Err(e);
@@ -409,25 +408,17 @@ pub enum SnapshotOp {
 
 /// A qcow2 overlay at `path` on `backing` (absolute path) of format `backing_fmt`.
 pub async fn create_overlay(
+    tool: &dyn ImageTool,
     path: &Path,
     backing: &Path,
     backing_fmt: &str,
 ) -> Result<(), StorageError> {
-    let r = run(
-        "create",
-        &[
-            "create".as_ref(),
-            "-q".as_ref(),
-            "-f".as_ref(),
-            "qcow2".as_ref(),
-            "-F".as_ref(),
-            backing_fmt.as_ref(),
-            "-b".as_ref(),
-            backing.as_os_str(),
-            path.as_os_str(),
-        ],
-    )
-    .await;
+    let op = ImgOp::Overlay {
+        path,
+        backing,
+        backing_format: backing_fmt,
+    };
+    let r = tool.run(op, &mut |_| {}).await;
     if r.is_err() {
         let _ = std::fs::remove_file(path);
     }
@@ -446,7 +437,7 @@ mod tests {
             .unwrap();
         let l = p.create_linked("base", "linked").await.unwrap();
         assert_eq!((l.format.as_str(), l.virtual_bytes), ("qcow2", 64 << 20));
-        let b = qemu_img::info(&p.volume_path("linked").unwrap(), "qcow2")
+        let b = qemu_img::info(&QemuImg, &p.volume_path("linked").unwrap(), "qcow2")
             .await
             .unwrap();
         assert!(b.backing_filename.unwrap().ends_with("/base"));
@@ -458,7 +449,7 @@ mod tests {
         assert!(p.chain("base").unwrap().is_empty());
         let mut last = 0.0;
         p.copy("linked", "full", |f| last = f).await.unwrap();
-        let f = qemu_img::info(&p.volume_path("full").unwrap(), "qcow2")
+        let f = qemu_img::info(&QemuImg, &p.volume_path("full").unwrap(), "qcow2")
             .await
             .unwrap();
         assert!(

@@ -3,6 +3,8 @@
 //! volume name can never point outside its pool.
 
 mod dir;
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
 mod lock;
 mod meta;
 mod qemu_img;
@@ -11,7 +13,7 @@ mod source;
 pub use dir::{create_overlay, DirPool, SnapshotOp};
 pub use lock::{LockDir, LockError, VolumeLock};
 pub use meta::{ChainLink, VolumeMeta};
-pub use qemu_img::{info as image_info, ImageInfo, InternalSnapshot};
+pub use qemu_img::{info as image_info, ImageInfo, ImageTool, ImgOp, InternalSnapshot, QemuImg};
 pub use source::{check as check_source, SourceFormat};
 
 /// Creates (or truncates) a file readable and writable by its owner only.

@@ -1,4 +1,5 @@
-//! Thin async wrappers around `qemu-img`.
+//! `qemu-img` behind a seam: [`ImgOp`] names every use, [`ImageTool`] runs it, and
+//! [`QemuImg`] is the real program.
 
 use crate::StorageError;
 use serde::Deserialize;
@@ -28,10 +29,169 @@ pub struct InternalSnapshot {
     pub vm_state_size: u64,
 }
 
-pub(crate) async fn run(
-    op: &'static str,
-    args: &[&std::ffi::OsStr],
-) -> Result<Vec<u8>, StorageError> {
+/// What ferry asks of `qemu-img`: every use, typed. The format of an image is always
+/// given, never probed (probing would trust what a guest wrote).
+#[derive(Debug, Clone, Copy)]
+pub enum ImgOp<'a> {
+    /// A new, empty image.
+    Create {
+        path: &'a Path,
+        format: &'a str,
+        size: u64,
+    },
+    /// A new qcow2 image over `backing` (absolute path) of `backing_format`.
+    Overlay {
+        path: &'a Path,
+        backing: &'a Path,
+        backing_format: &'a str,
+    },
+    /// `info --output=json` (with `-U`: works on images a running QEMU holds).
+    Info { path: &'a Path, format: &'a str },
+    /// Grows an image to `size` bytes.
+    Resize {
+        path: &'a Path,
+        format: &'a str,
+        size: u64,
+    },
+    /// An internal snapshot of a qcow2 image: create, apply or delete `tag`.
+    Snapshot {
+        path: &'a Path,
+        op: crate::SnapshotOp,
+        tag: &'a str,
+    },
+    /// A flattened copy of `src` as `dst`, with progress.
+    Convert {
+        src: &'a Path,
+        src_format: &'a str,
+        dst: &'a Path,
+        dst_format: &'a str,
+    },
+}
+
+impl ImgOp<'_> {
+    /// The operation's name in errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ImgOp::Create { .. } | ImgOp::Overlay { .. } => "create",
+            ImgOp::Info { .. } => "info",
+            ImgOp::Resize { .. } => "resize",
+            ImgOp::Snapshot { .. } => "snapshot",
+            ImgOp::Convert { .. } => "convert",
+        }
+    }
+}
+
+/// The storage seam: whatever runs `qemu-img`. [`QemuImg`] is the real one; tests of
+/// the layers above may use `fake::FakeImages` (feature `fake`).
+#[async_trait::async_trait]
+pub trait ImageTool: Send + Sync + std::fmt::Debug + 'static {
+    /// Runs `op`; its standard output (`Info`'s JSON; empty for the others). `Convert`
+    /// reports progress (0.0–1.0) as it goes.
+    async fn run(
+        &self,
+        op: ImgOp<'_>,
+        progress: &mut (dyn FnMut(f32) + Send),
+    ) -> Result<Vec<u8>, StorageError>;
+}
+
+/// The real `qemu-img` (from `PATH`, never through a shell).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct QemuImg;
+
+#[async_trait::async_trait]
+impl ImageTool for QemuImg {
+    async fn run(
+        &self,
+        op: ImgOp<'_>,
+        progress: &mut (dyn FnMut(f32) + Send),
+    ) -> Result<Vec<u8>, StorageError> {
+        let name = op.name();
+        let size;
+        let opts;
+        let args: Vec<&std::ffi::OsStr> = match op {
+            ImgOp::Create {
+                path,
+                format,
+                size: s,
+            } => {
+                size = s.to_string();
+                vec![
+                    "create".as_ref(),
+                    "-q".as_ref(),
+                    "-f".as_ref(),
+                    format.as_ref(),
+                    path.as_os_str(),
+                    size.as_ref(),
+                ]
+            }
+            ImgOp::Overlay {
+                path,
+                backing,
+                backing_format,
+            } => vec![
+                "create".as_ref(),
+                "-q".as_ref(),
+                "-f".as_ref(),
+                "qcow2".as_ref(),
+                "-F".as_ref(),
+                backing_format.as_ref(),
+                "-b".as_ref(),
+                backing.as_os_str(),
+                path.as_os_str(),
+            ],
+            ImgOp::Info { path, format } => vec![
+                "info".as_ref(),
+                "-U".as_ref(),
+                "-f".as_ref(),
+                format.as_ref(),
+                "--output=json".as_ref(),
+                path.as_os_str(),
+            ],
+            ImgOp::Resize {
+                path,
+                format,
+                size: s,
+            } => {
+                size = s.to_string();
+                vec![
+                    "resize".as_ref(),
+                    "-q".as_ref(),
+                    "-f".as_ref(),
+                    format.as_ref(),
+                    path.as_os_str(),
+                    size.as_ref(),
+                ]
+            }
+            ImgOp::Snapshot { path, op, tag } => {
+                opts = image_opts(path, "qcow2");
+                let flag = match op {
+                    crate::SnapshotOp::Create => "-c",
+                    crate::SnapshotOp::Apply => "-a",
+                    crate::SnapshotOp::Delete => "-d",
+                };
+                vec![
+                    "snapshot".as_ref(),
+                    "--image-opts".as_ref(),
+                    flag.as_ref(),
+                    tag.as_ref(),
+                    opts.as_os_str(),
+                ]
+            }
+            ImgOp::Convert {
+                src,
+                src_format,
+                dst,
+                dst_format,
+            } => {
+                convert(src, src_format, dst, dst_format, progress).await?;
+                return Ok(Vec::new());
+            }
+        };
+        run(name, &args).await
+    }
+}
+
+async fn run(op: &'static str, args: &[&std::ffi::OsStr]) -> Result<Vec<u8>, StorageError> {
     let out = Command::new("qemu-img")
         .args(args)
         .stdin(Stdio::null())
@@ -47,29 +207,27 @@ pub(crate) async fn run(
     Ok(out.stdout)
 }
 
-/// `qemu-img info -f FORMAT` (with `-U`, so it works on images a running QEMU holds
-/// locked). The format is always given: probing would trust what a guest wrote.
-pub async fn info(path: &Path, format: &str) -> Result<ImageInfo, StorageError> {
-    serde_json::from_value(info_json(path, format).await?).map_err(|e| StorageError::QemuImg {
-        op: "info",
-        stderr: e.to_string(),
+/// `qemu-img info -f FORMAT` through `tool`.
+pub async fn info(
+    tool: &dyn ImageTool,
+    path: &Path,
+    format: &str,
+) -> Result<ImageInfo, StorageError> {
+    serde_json::from_value(info_json(tool, path, format).await?).map_err(|e| {
+        StorageError::QemuImg {
+            op: "info",
+            stderr: e.to_string(),
+        }
     })
 }
 
 /// `qemu-img info -f FORMAT --output=json`, the whole answer.
-pub async fn info_json(path: &Path, format: &str) -> Result<serde_json::Value, StorageError> {
-    let out = run(
-        "info",
-        &[
-            "info".as_ref(),
-            "-U".as_ref(),
-            "-f".as_ref(),
-            format.as_ref(),
-            "--output=json".as_ref(),
-            path.as_os_str(),
-        ],
-    )
-    .await?;
+pub async fn info_json(
+    tool: &dyn ImageTool,
+    path: &Path,
+    format: &str,
+) -> Result<serde_json::Value, StorageError> {
+    let out = tool.run(ImgOp::Info { path, format }, &mut |_| {}).await?;
     serde_json::from_slice(&out).map_err(|e| StorageError::QemuImg {
         op: "info",
         stderr: e.to_string(),
@@ -86,12 +244,12 @@ pub(crate) fn image_opts(path: &Path, format: &str) -> std::ffi::OsString {
 }
 
 /// `qemu-img convert -p`, reporting progress (0.0–1.0) as it goes.
-pub async fn convert(
+async fn convert(
     src: &Path,
     src_fmt: &str,
     dst: &Path,
     dst_fmt: &str,
-    mut progress: impl FnMut(f32) + Send,
+    progress: &mut (dyn FnMut(f32) + Send),
 ) -> Result<(), StorageError> {
     let mut child = Command::new("qemu-img")
         .args(["convert", "-p", "-f", src_fmt, "-O", dst_fmt])

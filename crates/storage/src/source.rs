@@ -8,7 +8,7 @@
 //! left (raw, qcow2, single-file VMDK, VHDX, VDI, QED, VHD) is converted with its format
 //! given explicitly.
 
-use crate::qemu_img;
+use crate::qemu_img::{self, ImageTool};
 use crate::StorageError;
 use std::io::Read;
 use std::path::Path;
@@ -86,7 +86,7 @@ pub fn sniff(head: &[u8]) -> Result<SourceFormat, String> {
 /// Reads the head of `path`, decides its format and checks it through `qemu-img info -f`:
 /// no backing file, no external data file, no encryption, every VMDK extent the file
 /// itself. Returns the format and the virtual size.
-pub async fn check(path: &Path) -> Result<(SourceFormat, u64), StorageError> {
+pub async fn check(tool: &dyn ImageTool, path: &Path) -> Result<(SourceFormat, u64), StorageError> {
     let refuse = |reason: String| StorageError::Refused {
         path: path.display().to_string(),
         reason,
@@ -103,18 +103,22 @@ pub async fn check(path: &Path) -> Result<(SourceFormat, u64), StorageError> {
         })?;
     head.truncate(n);
     let fmt = sniff(&head).map_err(refuse)?;
-    let size = check_as(path, fmt.as_str()).await?;
+    let size = check_as(tool, path, fmt.as_str()).await?;
     Ok((fmt, size))
 }
 
 /// Checks `path` read as `format` (given, never probed): no backing file, no external
 /// data file, no encryption, every VMDK extent the file itself. Returns the virtual size.
-pub async fn check_as(path: &Path, format: &str) -> Result<u64, StorageError> {
+pub async fn check_as(
+    tool: &dyn ImageTool,
+    path: &Path,
+    format: &str,
+) -> Result<u64, StorageError> {
     let refuse = |reason: String| StorageError::Refused {
         path: path.display().to_string(),
         reason,
     };
-    let v = qemu_img::info_json(path, format).await?;
+    let v = qemu_img::info_json(tool, path, format).await?;
     if let Some(b) = v.get("backing-filename").and_then(|b| b.as_str()) {
         return Err(refuse(format!(
             "it has a backing file ({b}); import a flattened image (qemu-img convert)"
@@ -159,6 +163,7 @@ fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::QemuImg;
 
     #[test]
     fn magic_bytes() {
@@ -244,7 +249,7 @@ mod tests {
             (&flat, "descriptor"),
             (&qed, "backing file"),
         ] {
-            match check(p).await {
+            match check(&QemuImg, p).await {
                 Err(StorageError::Refused { reason, .. }) => {
                     assert!(reason.contains(why), "{}: {reason}", p.display())
                 }
@@ -264,9 +269,12 @@ mod tests {
             ],
         )
         .await;
-        assert_eq!(check(&ok).await.unwrap(), (SourceFormat::Vmdk, 1 << 20));
+        assert_eq!(
+            check(&QemuImg, &ok).await.unwrap(),
+            (SourceFormat::Vmdk, 1 << 20)
+        );
         assert!(matches!(
-            check(Path::new("relative.img")).await,
+            check(&QemuImg, Path::new("relative.img")).await,
             Err(StorageError::Refused { .. })
         ));
     }
