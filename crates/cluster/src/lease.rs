@@ -84,29 +84,7 @@ fn watchdog_deadline(run_dir: &Path) -> Option<u64> {
         .map(|w| w.deadline_ns)
 }
 
-/// SIGKILLs every HA-managed QEMU under `run_dir` (VM run dirs with an `ha` marker and
-/// a live QEMU); returns their pids.
-pub fn kill_ha_qemus(run_dir: &Path) -> Vec<i32> {
-    let mut killed = vec![];
-    let Ok(rd) = std::fs::read_dir(run_dir) else {
-        return killed;
-    };
-    for e in rd.flatten() {
-        let dir = e.path();
-        if !dir.join("ha").exists() {
-            continue;
-        }
-        let run = ferry_qemu::RunPaths::new(&dir);
-        if let Some(pid) = ferry_qemu::read_pid(&run) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            killed.push(pid);
-        }
-    }
-    killed
-}
+pub use ferry_host::os::kill_ha_qemus;
 
 /// What the watchdog does on one tick.
 #[derive(Debug, PartialEq, Eq)]
@@ -201,7 +179,7 @@ impl Cluster {
             let mut s = self.inner.lease.lock();
             s.clock.as_mut().is_some_and(FenceClock::mark_fenced)
         };
-        let killed = kill_ha_qemus(&self.cfg().run_dir);
+        let killed = self.os().kill_ha_qemus(&self.cfg().run_dir);
         if first || !killed.is_empty() {
             tracing::error!(why, ?killed, "self-fence: HA VMs killed");
             self.events().emit(

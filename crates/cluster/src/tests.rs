@@ -251,3 +251,104 @@ fn a_dead_hosts_ha_vm_comes_up_elsewhere_once() {
     let total: usize = rest.iter().map(|h| h.os.running()).sum();
     assert_eq!((most, total), (1, 1), "never two instances at once");
 }
+
+/// Waits (up to 20 s) until `n` hosts of the simulated cluster hold a lease.
+fn wait_alive(test: &tokio::runtime::Runtime, root: &Arc<dyn ferry_store::Store>, names: &[&str]) {
+    let t = std::time::Instant::now();
+    loop {
+        let n = test.block_on(async {
+            let mut n = 0;
+            for h in names {
+                if root
+                    .get(&ferry_store::keys::cluster::alive(h))
+                    .await
+                    .unwrap()
+                    .is_some()
+                {
+                    n += 1;
+                }
+            }
+            n
+        });
+        if n == names.len() {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "hosts never all alive"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A host cut off from the cluster's store while its HA VM runs: it fences itself (kills
+/// the VM's QEMU) before the HA manager starts the VM on another host; healed, it runs
+/// nothing of the VM again. Never two instances, at any moment.
+#[test]
+fn a_cut_off_host_fences_before_its_ha_vm_runs_elsewhere() {
+    let d = tempfile::tempdir().unwrap();
+    let test = tokio::runtime::Runtime::new().unwrap();
+    let root: Arc<dyn ferry_store::Store> = test.block_on(async {
+        Arc::new(ferry_store::SqliteStore::open(&d.path().join("cluster.db")).unwrap())
+    });
+    let link = ferry_store::partition::Partition::new(root.clone());
+    let hosts = [
+        sim_host(d.path(), link.clone(), "h1"),
+        sim_host(d.path(), root.clone(), "h2"),
+        sim_host(d.path(), root.clone(), "h3"),
+    ];
+    wait_alive(&test, &root, &["h1", "h2", "h3"]);
+    let h1 = &hosts[0];
+    let dir = h1.rt.block_on(async {
+        h1.c.create_vm(ha_spec("a", 3)).await.unwrap();
+        h1.c.start_vm("a").await.unwrap();
+        let (rec, _) = h1.c.record("a").await.unwrap();
+        h1.c.run_paths(rec.id).dir
+    });
+    let (old, _) = h1.os.qemu(&dir).unwrap();
+
+    link.cut(true);
+    let cut_at = std::time::Instant::now();
+    let t = std::time::Instant::now();
+    let (on, new) = loop {
+        let found = hosts[1..].iter().enumerate().find_map(|(i, h)| {
+            h.rt.block_on(async {
+                let (rec, _) = h.c.record("a").await.ok()?;
+                let (pid, q) = h.os.qemu(&h.c.run_paths(rec.id).dir)?;
+                q.alive().then_some((i + 1, pid))
+            })
+        });
+        if let Some(f) = found {
+            break f;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the VM did not come up elsewhere"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let killed = h1
+        .os
+        .killed_at(old)
+        .expect("the cut-off host fenced its HA VM");
+    let started = hosts[on].os.started_at(new).unwrap();
+    eprintln!(
+        "cut off: fenced after {:?}, up on h{} after {:?}",
+        killed - cut_at,
+        on + 1,
+        started - cut_at
+    );
+    assert!(
+        killed < started,
+        "fenced {:?} after the cut, started elsewhere {:?} after it",
+        killed - cut_at,
+        started - cut_at
+    );
+
+    link.cut(false);
+    wait_alive(&test, &root, &["h1"]);
+    std::thread::sleep(Duration::from_secs(3));
+    let running: Vec<usize> = hosts.iter().map(|h| h.os.running()).collect();
+    assert_eq!(running.iter().sum::<usize>(), 1, "{running:?}");
+    assert_eq!(running[0], 0, "the healed host runs nothing of it");
+}

@@ -33,6 +33,11 @@ struct State {
     qemus: HashMap<i32, (PathBuf, FakeQemu, Vec<OsString>)>,
     bridges: BTreeSet<String>,
     taps: BTreeMap<String, FakeTap>,
+    /// When each QEMU started, and when a kill or a fence ended it.
+    started: BTreeMap<i32, std::time::Instant>,
+    killed: BTreeMap<i32, std::time::Instant>,
+    /// MACs announced, as (bridge, MAC), in order.
+    announced: Vec<(String, [u8; 6])>,
 }
 
 /// The fake host.
@@ -74,6 +79,21 @@ impl FakeOs {
 
     fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
         f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// When QEMU `pid` started (None: never here).
+    pub fn started_at(&self, pid: i32) -> Option<std::time::Instant> {
+        self.with(|s| s.started.get(&pid).copied())
+    }
+
+    /// When a kill or a fence ended QEMU `pid` (None: it was not killed).
+    pub fn killed_at(&self, pid: i32) -> Option<std::time::Instant> {
+        self.with(|s| s.killed.get(&pid).copied())
+    }
+
+    /// The MACs announced so far, as (bridge, MAC), in order.
+    pub fn announced(&self) -> Vec<(String, [u8; 6])> {
+        self.with(|s| s.announced.clone())
     }
 
     /// The newest QEMU started in `run_dir`, with its pid.
@@ -141,6 +161,7 @@ impl HostOs for FakeOs {
             let pid = s.next_pid;
             s.next_pid += 1;
             s.qemus.insert(pid, (run.dir.clone(), q, argv.to_vec()));
+            s.started.insert(pid, std::time::Instant::now());
             pid
         });
         Ok(pid)
@@ -149,6 +170,7 @@ impl HostOs for FakeOs {
     async fn kill_qemu(&self, pid: i32, run: &RunPaths) -> Result<(), QemuError> {
         if let Some(q) = self.alive(pid, run) {
             q.crash();
+            self.with(|s| s.killed.insert(pid, std::time::Instant::now()));
             q.ended().await;
         }
         Ok(())
@@ -246,6 +268,24 @@ impl HostOs for FakeOs {
         Ok(())
     }
 
+    async fn fdb_point(&self, tap: &str, _mac: [u8; 6]) -> Result<(), NetError> {
+        if self.with(|s| s.taps.contains_key(tap)) {
+            Ok(())
+        } else {
+            Err(NetError::NoSuchLink(tap.to_string()))
+        }
+    }
+
+    fn announce_mac(&self, bridge: &str, mac: [u8; 6]) -> Result<(), NetError> {
+        self.with(|s| {
+            if !s.bridges.contains(bridge) {
+                return Err(NetError::NoSuchLink(bridge.to_string()));
+            }
+            s.announced.push((bridge.to_string(), mac));
+            Ok(())
+        })
+    }
+
     async fn guard_tap(&self, tap: &str, _mac: &str) -> Result<(), NetError> {
         if self.with(|s| s.taps.contains_key(tap)) {
             Ok(())
@@ -260,6 +300,24 @@ impl HostOs for FakeOs {
 
     fn images(&self) -> Arc<dyn ferry_storage::ImageTool> {
         self.images.clone()
+    }
+
+    fn kill_ha_qemus(&self, run_dir: &std::path::Path) -> Vec<i32> {
+        self.with(|s| {
+            let now = std::time::Instant::now();
+            let mut killed = vec![];
+            for (pid, (dir, q, _)) in &s.qemus {
+                if q.alive() && dir.starts_with(run_dir) && dir.join(crate::os::HA_MARKER).exists()
+                {
+                    q.crash();
+                    killed.push(*pid);
+                }
+            }
+            for pid in &killed {
+                s.killed.insert(*pid, now);
+            }
+            killed
+        })
     }
 }
 

@@ -268,6 +268,11 @@ impl Host {
         &self.inner.loops
     }
 
+    /// The machine this runtime drives (the real one, or a fake in tests).
+    pub fn os(&self) -> &dyn HostOs {
+        &*self.inner.os
+    }
+
     /// Where resource pools are enforced.
     pub fn cgroups(&self) -> &cgroups::Cgroups {
         &self.inner.cgroups

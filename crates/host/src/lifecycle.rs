@@ -336,7 +336,7 @@ impl Host {
 
         let _ = std::fs::remove_file(&plan.run.serial_log);
         // HA VMs are the ones self-fencing and the watchdog kill.
-        let marker = plan.run.dir.join("ha");
+        let marker = plan.run.dir.join(crate::os::HA_MARKER);
         if rec.spec.ha.enabled() {
             std::fs::create_dir_all(&plan.run.dir)
                 .and_then(|_| std::fs::write(&marker, b""))

@@ -65,6 +65,12 @@ pub trait HostOs: Send + Sync + 'static {
     /// Sets a tap's source-MAC filter again (after a restart).
     async fn guard_tap(&self, tap: &str, mac: &str) -> Result<(), NetError>;
     fn link_stats(&self, link: &str) -> Option<LinkStats>;
+    /// Points the bridge's forwarding entry for `mac` at `tap` (a VM arrived here).
+    async fn fdb_point(&self, tap: &str, mac: [u8; 6]) -> Result<(), NetError>;
+    /// Tells the LAN that `mac` is now behind `bridge` (a RARP).
+    fn announce_mac(&self, bridge: &str, mac: [u8; 6]) -> Result<(), NetError>;
+    /// SIGKILLs every HA-managed QEMU under `run_dir` (a self-fence); their pids.
+    fn kill_ha_qemus(&self, run_dir: &std::path::Path) -> Vec<i32>;
     /// What runs `qemu-img` for the pools.
     fn images(&self) -> std::sync::Arc<dyn ferry_storage::ImageTool>;
 }
@@ -155,7 +161,46 @@ impl HostOs for RealOs {
         ferry_net::link_stats(link)
     }
 
+    async fn fdb_point(&self, tap: &str, mac: [u8; 6]) -> Result<(), NetError> {
+        ferry_net::fdb_point(tap, mac).await
+    }
+
+    fn announce_mac(&self, bridge: &str, mac: [u8; 6]) -> Result<(), NetError> {
+        ferry_net::announce_mac(bridge, mac)
+    }
+
     fn images(&self) -> std::sync::Arc<dyn ferry_storage::ImageTool> {
         std::sync::Arc::new(ferry_storage::QemuImg)
     }
+
+    fn kill_ha_qemus(&self, run_dir: &std::path::Path) -> Vec<i32> {
+        kill_ha_qemus(run_dir)
+    }
 }
+
+/// SIGKILLs every HA-managed QEMU under `run_dir` (VM run dirs with an `ha` marker and
+/// a live QEMU); returns their pids.
+pub fn kill_ha_qemus(run_dir: &std::path::Path) -> Vec<i32> {
+    let mut killed = vec![];
+    let Ok(rd) = std::fs::read_dir(run_dir) else {
+        return killed;
+    };
+    for e in rd.flatten() {
+        let dir = e.path();
+        if !dir.join(HA_MARKER).exists() {
+            continue;
+        }
+        let run = ferry_qemu::RunPaths::new(&dir);
+        if let Some(pid) = ferry_qemu::read_pid(&run) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            killed.push(pid);
+        }
+    }
+    killed
+}
+
+/// The marker in a VM's run dir that says its QEMU is HA-managed (what a fence kills).
+pub const HA_MARKER: &str = "ha";

@@ -52,7 +52,7 @@ impl Host {
                 r.ha_relocate = false;
             })
             .await?;
-        let marker = self.run_paths(rec.id).dir.join("ha");
+        let marker = self.run_paths(rec.id).dir.join(crate::os::HA_MARKER);
         if ha.enabled() && self.slot(name).with(|rt| rt.pid.is_some()) {
             let _ = std::fs::write(&marker, b"");
         } else {

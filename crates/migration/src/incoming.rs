@@ -316,7 +316,7 @@ impl Migrations {
                 .and_then(|m| ferry_types::parse_mac(m).ok())
             {
                 let tap = ferry_net::tap_name(id, k);
-                if let Err(e) = ferry_net::fdb_point(&tap, mac).await {
+                if let Err(e) = self.os().fdb_point(&tap, mac).await {
                     tracing::warn!(vm = name, %tap, error = %e, "cannot point the bridge at the tap");
                 }
             }

@@ -809,7 +809,7 @@ impl Migrations {
             else {
                 continue;
             };
-            if let Err(e) = ferry_net::announce_mac(&n.bridge, mac) {
+            if let Err(e) = self.os().announce_mac(&n.bridge, mac) {
                 tracing::warn!(vm = %spec.name, bridge = %n.bridge, error = %e, "cannot announce MAC");
             }
         }
@@ -855,7 +855,7 @@ impl Migrations {
         }
         if !self.wait_gone(slot, Duration::from_secs(10)).await {
             if let Some(pid) = pid {
-                let _ = ferry_qemu::kill_and_wait(pid, &self.run_paths(rec.id).qmp).await;
+                let _ = self.os().kill_qemu(pid, &self.run_paths(rec.id)).await;
             }
             self.wait_gone(slot, Duration::from_secs(5)).await;
         }

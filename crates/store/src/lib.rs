@@ -12,6 +12,8 @@ pub mod etcd;
 pub mod keys;
 pub mod member;
 pub mod membership;
+#[cfg(any(test, feature = "fake"))]
+pub mod partition;
 mod prefixed;
 mod sqlite;
 #[cfg(test)]
