@@ -352,3 +352,57 @@ fn a_cut_off_host_fences_before_its_ha_vm_runs_elsewhere() {
     assert_eq!(running.iter().sum::<usize>(), 1, "{running:?}");
     assert_eq!(running[0], 0, "the healed host runs nothing of it");
 }
+
+/// DRS placement reads the whole simulated cluster from the shared store: a VM of an
+/// anti-affinity group goes neither beside its group's running VM nor onto a host in
+/// maintenance, and each refused host says why.
+#[test]
+fn placement_sees_the_cluster_rules_and_maintenance() {
+    let d = tempfile::tempdir().unwrap();
+    let test = tokio::runtime::Runtime::new().unwrap();
+    let root: Arc<dyn ferry_store::Store> = test.block_on(async {
+        Arc::new(ferry_store::SqliteStore::open(&d.path().join("cluster.db")).unwrap())
+    });
+    let hosts: Vec<SimHost> = ["h1", "h2", "h3"]
+        .iter()
+        .map(|n| sim_host(d.path(), root.clone(), n))
+        .collect();
+    wait_alive(&test, &root, &["h1", "h2", "h3"]);
+    let web = |name: &str, mac: &str| {
+        let mut s = ha_spec(name, 3);
+        s.ha = Default::default();
+        s.nics[0].mac = Some(mac.into());
+        s.placement.anti_affinity = vec!["web".into()];
+        s
+    };
+    let (h1, h2) = (&hosts[0], &hosts[1]);
+    h1.rt.block_on(async {
+        h1.c.create_vm(web("w1", "52:54:00:00:02:01"))
+            .await
+            .unwrap();
+        h1.c.start_vm("w1").await.unwrap();
+    });
+    h2.rt.block_on(h2.c.set_maintenance()).unwrap();
+    let r = h2
+        .rt
+        .block_on(h2.c.place_spec(&web("w2", "52:54:00:00:02:02")))
+        .unwrap();
+    assert_eq!(r.host.as_deref(), Some("h3"), "{r:?}");
+    let why = |h: &str| {
+        r.hosts
+            .iter()
+            .find(|v| v.host == h)
+            .map(|v| v.reasons.join(", "))
+            .unwrap_or_default()
+    };
+    assert!(why("h1").contains("web"), "h1: {}", why("h1"));
+    assert!(why("h2").contains("maintenance"), "h2: {}", why("h2"));
+
+    // Out of maintenance, h2 may take it too; h1 still may not.
+    h2.rt.block_on(h2.c.activate_host()).unwrap();
+    let r = h1
+        .rt
+        .block_on(h1.c.place_spec(&web("w2", "52:54:00:00:02:02")))
+        .unwrap();
+    assert!(matches!(r.host.as_deref(), Some("h2" | "h3")), "{r:?}");
+}
