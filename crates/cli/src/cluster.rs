@@ -209,6 +209,33 @@ pub async fn run(c: &Client, g: &Global, cmd: ClusterCmd) -> Result<()> {
                 ]);
             }
             println!("{t}");
+            if let Some(e) = &st.etcd {
+                let mib = |b: u64| format!("{:.1} MiB", b as f64 / 1048576.0);
+                let sizes: Vec<String> = e
+                    .members
+                    .iter()
+                    .map(|m| match &m.error {
+                        Some(err) => format!("{}: unreachable ({err})", m.name),
+                        None => format!(
+                            "{} {} ({} in use)",
+                            m.name,
+                            mib(m.db_size_bytes),
+                            mib(m.db_in_use_bytes)
+                        ),
+                    })
+                    .collect();
+                println!(
+                    "etcd database: {}; quota {}; revision {}; alarms: {}",
+                    sizes.join(", "),
+                    e.quota_bytes.map_or("unknown".into(), mib),
+                    e.revision,
+                    if e.alarms.is_empty() {
+                        "none".to_string()
+                    } else {
+                        e.alarms.join(", ")
+                    }
+                );
+            }
             for w in &st.warnings {
                 println!("warning: {w}");
             }

@@ -3,7 +3,8 @@
 //! self-fencing ([`lease`], its clock [`fence`]), the HA manager and the local restart
 //! logic ([`ha`]), DRS ([`drs`]: load measurement, the cluster snapshot, balancing,
 //! placement, admission), maintenance mode ([`maintenance`]) and resource pool
-//! definitions ([`respools`]).
+//! definitions ([`respools`]), and etcd's upkeep ([`etcd_health`]: compaction,
+//! defragmentation, alarms).
 //!
 //! [`Cluster`] is a host's cluster side: the [`Host`] runtime (which it dereferences
 //! to), the host's [`Migrations`] (DRS and maintenance move VMs through them) and the
@@ -12,6 +13,7 @@
 
 mod certs;
 mod drs;
+mod etcd_health;
 pub mod fence;
 mod ha;
 pub mod lease;
@@ -43,6 +45,8 @@ struct Inner {
     drs: DrsState,
     /// Membership's.
     membership: MembershipState,
+    /// The etcd tender's (quota, compaction, defragmentation, alarms).
+    etcd: Mutex<etcd_health::EtcdHealthState>,
 }
 
 /// The HA runner's state: local crash restarts, the manager's rounds.
@@ -103,6 +107,7 @@ impl Cluster {
                     restart: tokio::sync::Notify::new(),
                     join_attempts: Mutex::new((std::time::Instant::now(), 0)),
                 },
+                etcd: Mutex::default(),
             }),
         };
         if c.cluster().is_some() {
@@ -113,6 +118,7 @@ impl Cluster {
         if c.cluster().is_some() {
             tokio::spawn(c.clone().drs_loop());
             tokio::spawn(c.clone().crl_loop());
+            tokio::spawn(c.clone().etcd_health_loop());
         }
         c
     }

@@ -147,6 +147,7 @@ fn member_config(cfg: &ClusterConfig, paths: &EtcdPaths, new: bool, pki: &HostPk
         // host may go without renewing its lease before it fences itself.
         heartbeat_ms: 50,
         election_ms: 500,
+        quota_bytes: ferry_store::health::QUOTA_BYTES,
     }
 }
 
@@ -160,17 +161,16 @@ pub async fn connect(
 ) -> Result<ClusterLink> {
     if cfg.managed_etcd {
         let paths = etcd_paths(state_dir, run_dir);
-        // A member started before this host had a revocation list (an older ferry, or
-        // a list that arrived later) does not read it: start it again with it.
-        if let (Some(pid), Some(crl)) =
-            (member::running(&paths.pidfile, &paths.data), pki.crl_path())
-        {
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let flag = format!("--client-crl-file={}", crl.display());
-            if !cmd.split(|b| *b == 0).any(|a| a == flag.as_bytes()) {
+        // A member started by an older ferry, or before this host had a revocation
+        // list, lacks flags ferry wants now (the list, quota, compaction): start it
+        // again with them.
+        if let Some(pid) = member::running(&paths.pidfile, &paths.data) {
+            let missing = member::outdated_flags(pid, &member_config(cfg, &paths, false, pki));
+            if !missing.is_empty() {
                 tracing::warn!(
                     pid,
-                    "the local etcd member does not check the revocation list; restarting it"
+                    ?missing,
+                    "the local etcd member runs with outdated flags; restarting it"
                 );
                 member::stop(&paths.pidfile, &paths.data).await;
             }
@@ -786,6 +786,7 @@ impl Cluster {
                 has_quorum: false,
                 ha_manager: None,
                 lease_ttl_s: 0,
+                etcd: None,
                 warnings: vec![],
             });
         };
@@ -844,6 +845,25 @@ impl Cluster {
         }
         let quorum = voters / 2 + 1;
         let mut warnings = vec![];
+        let etcd = self.etcd_status().await;
+        for e in etcd.iter().flat_map(|e| &e.alarms) {
+            warnings.push(format!("etcd alarm: {e}"));
+        }
+        if let Some(e) = &etcd {
+            if let (Some(q), Some(m)) = (
+                e.quota_bytes,
+                e.members.iter().map(|m| m.db_in_use_bytes).max(),
+            ) {
+                if m as f64 > 0.75 * q as f64 {
+                    warnings.push(format!(
+                        "etcd holds {} MiB of live data, {:.0} % of its {} MiB quota",
+                        m >> 20,
+                        100.0 * m as f64 / q as f64,
+                        q >> 20
+                    ));
+                }
+            }
+        }
         if voters == 2 {
             warnings.push(
                 "Two etcd voters: losing either stops the cluster. Add a third voter (a witness etcd member on a third machine, like a corosync QDevice).".into(),
@@ -864,6 +884,7 @@ impl Cluster {
             has_quorum: leader != 0,
             ha_manager: manager,
             lease_ttl_s: link.cfg.lease_ttl_s,
+            etcd,
             warnings,
         })
     }

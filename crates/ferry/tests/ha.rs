@@ -441,6 +441,40 @@ fn cluster_commands_and_bad_requests() -> Result<()> {
             .contains("third voter"),
         "{st}"
     );
+    // etcd's database: each member's size against ferry's explicit quota, no alarm.
+    let e = &st["etcd"];
+    assert_eq!(e["quota_bytes"], 2u64 << 30, "{st}");
+    assert_eq!(e["members"].as_array().map(Vec::len), Some(2), "{st}");
+    assert!(
+        e["members"][0]["db_size_bytes"].as_u64().unwrap_or(0) > 0,
+        "{st}"
+    );
+    assert_eq!(e["alarms"], serde_json::json!([]), "{st}");
+    let text = h1.ferry_ok(&["cluster", "status"])?;
+    assert!(
+        text.contains("etcd database: ") && text.contains("alarms: none"),
+        "{text}"
+    );
+    // The host whose member leads tends etcd: its metrics show every member's size.
+    let metrics = |c: &Cli| -> Result<String> {
+        let o = c
+            .cmd("curl")
+            .args(["-s", "http://localhost/metrics", "--unix-socket"])
+            .arg(&c.socket)
+            .output()?;
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let h2 = lab.cli("h2")?;
+    wait_for(
+        "etcd metrics on the tending host",
+        Duration::from_secs(40),
+        || {
+            let all = metrics(&h1)? + &metrics(&h2)?;
+            Ok(all.contains("ferry_etcd_db_bytes{member=\"h1\"}")
+                && all.contains("ferry_etcd_db_bytes{member=\"h2\"}")
+                && all.contains("ferry_etcd_quota_bytes 2147483648"))
+        },
+    )?;
     // Already a member: init and join are refused and change nothing.
     let o = h1.ferry(&["cluster", "init", "--address", "10.78.0.11"])?;
     assert!(!o.status.success());
@@ -466,7 +500,6 @@ fn cluster_commands_and_bad_requests() -> Result<()> {
     assert_eq!(v["spec"]["ha"]["priority"], 5);
     // VM ids are the cluster's: a VM on h2 gets the next one; names are the cluster's.
     let id1 = v["id"].as_u64().unwrap();
-    let h2 = lab.cli("h2")?;
     let o = h2.ferry(&["vm", "create", "x", "--memory", "64M"])?;
     assert!(!o.status.success());
     assert!(
@@ -482,6 +515,7 @@ fn cluster_commands_and_bad_requests() -> Result<()> {
     let st = cluster_status(&h2)?;
     assert_eq!(st["clustered"], false);
     assert_eq!(h2.vm_names()?, vec!["y".to_string()]);
+    assert!(st.get("etcd").is_none(), "{st}");
     let st = cluster_status(&h1)?;
     assert_eq!(st["etcd_voters"], 1);
     if st["members"].as_array().map(|m| m.len()) != Some(1) {

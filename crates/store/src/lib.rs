@@ -9,6 +9,7 @@
 //!   an older revision gives [`StoreError::Compacted`], so the caller re-lists).
 
 pub mod etcd;
+pub mod health;
 pub mod keys;
 pub mod member;
 pub mod membership;

@@ -36,6 +36,9 @@ pub struct MemberConfig {
     pub new_cluster: bool,
     pub heartbeat_ms: u64,
     pub election_ms: u64,
+    /// The database size at which etcd refuses writes (NOSPACE): set explicitly,
+    /// [`crate::health::QUOTA_BYTES`] unless a test wants it small.
+    pub quota_bytes: u64,
     /// TLS for clients and peers, both with certificates required: then the URLs are
     /// `https://`.
     pub tls: Option<MemberTls>,
@@ -78,9 +81,14 @@ impl MemberConfig {
             "--pre-vote=true".into(),
             format!("--heartbeat-interval={}", self.heartbeat_ms),
             format!("--election-timeout={}", self.election_ms),
-            // Keep a day of history for watches; compact the rest.
+            // History for watches resuming after a reconnect, no more: a day of it
+            // filled the quota at a few hundred VMs.
             "--auto-compaction-mode=periodic".into(),
-            "--auto-compaction-retention=24h".into(),
+            format!(
+                "--auto-compaction-retention={}m",
+                crate::health::RETENTION.as_secs() / 60
+            ),
+            format!("--quota-backend-bytes={}", self.quota_bytes),
             "--logger=zap".into(),
             "--log-outputs=stderr".into(),
         ];
@@ -101,6 +109,29 @@ impl MemberConfig {
         }
         v
     }
+}
+
+/// The flags of `cfg` that the running member `pid` lacks among those ferry may change
+/// between versions (revocation list, quota, compaction): a member started by an
+/// older ferry is restarted with them.
+pub fn outdated_flags(pid: i32, cfg: &MemberConfig) -> Vec<String> {
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let running: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+    cfg.argv()
+        .into_iter()
+        .filter(|a| {
+            [
+                "--client-crl-file=",
+                "--peer-crl-file=",
+                "--quota-backend-bytes=",
+                "--auto-compaction-mode=",
+                "--auto-compaction-retention=",
+            ]
+            .iter()
+            .any(|p| a.starts_with(p))
+        })
+        .filter(|a| !running.contains(&a.as_bytes()))
+        .collect()
 }
 
 /// Starts etcd detached from the caller (own session, re-parented to init), output

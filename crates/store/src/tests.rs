@@ -109,6 +109,7 @@ pub(crate) struct TestEtcd {
     pub url: String,
     pub tls: crate::EtcdTls,
     pid: i32,
+    cfg: MemberConfig,
 }
 
 /// A host's certificate files under `dir` (its own CA), as etcd and its clients use them.
@@ -136,6 +137,11 @@ pub fn test_pki(dir: &std::path::Path) -> (member::MemberTls, crate::EtcdTls) {
 
 impl TestEtcd {
     pub async fn start() -> TestEtcd {
+        TestEtcd::with_quota(crate::health::QUOTA_BYTES).await
+    }
+
+    /// A member whose database may grow to `quota_bytes`.
+    pub async fn with_quota(quota_bytes: u64) -> TestEtcd {
         let dir = tempfile::tempdir().unwrap();
         let port = |_| {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -152,6 +158,7 @@ impl TestEtcd {
             new_cluster: true,
             heartbeat_ms: 100,
             election_ms: 1000,
+            quota_bytes,
             tls: Some(files),
         };
         let log = dir.path().join("etcd.log");
@@ -163,6 +170,7 @@ impl TestEtcd {
             url: cfg.client_url.clone(),
             tls,
             pid,
+            cfg: cfg.clone(),
         };
         member::wait_healthy("t", &e.url, Some(&e.tls), &log, Duration::from_secs(20))
             .await
@@ -587,4 +595,69 @@ async fn prefixed_subtrees_keep_hosts_apart() {
     assert!(r.succeeded);
     assert!(h1.list("").await.unwrap().is_empty());
     assert_eq!(h10.list("").await.unwrap().len(), 2, "h10 kept its keys");
+}
+
+/// A real etcd with a small quota, filled by history until it raises NOSPACE and
+/// refuses writes: the survey sees the alarm, the plan's steps (compact, defragment,
+/// disarm) free the space, and writes go through again.
+#[tokio::test]
+async fn a_full_etcd_is_freed_and_disarmed() {
+    use crate::health::{self, AlarmKind, Policy, Step};
+    let e = TestEtcd::with_quota(16 << 20).await;
+    let client = crate::membership::connect(std::slice::from_ref(&e.url), Some(&e.tls))
+        .await
+        .unwrap();
+    let mut c = client.clone();
+    // One key rewritten: the data is small, the history is what fills the file.
+    let value = vec![7u8; 512 << 10];
+    let mut refused = None;
+    for i in 0..400 {
+        if let Err(err) = c.put("/test/big", value.clone(), None).await {
+            refused = Some((i, err.to_string()));
+            break;
+        }
+    }
+    let (after, why) = refused.expect("etcd never refused a write");
+    assert!(why.contains("space"), "{why}");
+    eprintln!("etcd refused the write after {after} puts: {why}");
+    let members = crate::membership::list(&client).await.unwrap();
+    let s = health::survey(&client, &members, Some(&e.tls)).await;
+    assert!(
+        s.alarms.iter().any(|a| a.kind == AlarmKind::NoSpace),
+        "{s:?}"
+    );
+    let p = Policy {
+        quota_bytes: 16 << 20,
+        ..Policy::default()
+    };
+    let steps = health::plan(&s, &p, &Default::default());
+    assert!(matches!(steps[0], Step::Compact(_)), "{steps:?}");
+    let done = health::carry_out(&client, &s, &steps, Some(&e.tls)).await;
+    assert!(done.iter().all(Result::is_ok), "{done:?}");
+    let s2 = health::survey(&client, &members, Some(&e.tls)).await;
+    assert!(s2.alarms.is_empty(), "{s2:?}");
+    assert!(
+        s2.members[0].db_size < s.members[0].db_size / 2,
+        "{} → {}",
+        s.members[0].db_size,
+        s2.members[0].db_size
+    );
+    c.put("/test/after", "ok", None).await.unwrap();
+    assert!(health::plan(&s2, &p, &Default::default()).is_empty());
+}
+
+/// A member started with other flags than ferry wants now (an older ferry's quota or
+/// compaction) is found out by its command line; one started with them is not.
+#[tokio::test]
+async fn a_member_with_outdated_flags_is_found_out() {
+    let e = TestEtcd::with_quota(64 << 20).await;
+    assert!(member::outdated_flags(e.pid, &e.cfg).is_empty());
+    let wanted = MemberConfig {
+        quota_bytes: crate::health::QUOTA_BYTES,
+        ..e.cfg.clone()
+    };
+    assert_eq!(
+        member::outdated_flags(e.pid, &wanted),
+        vec![format!("--quota-backend-bytes={}", crate::health::QUOTA_BYTES)]
+    );
 }

@@ -226,6 +226,34 @@ pub struct MemberStatus {
     pub ha_manager: bool,
 }
 
+/// One etcd member's database, as it reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct EtcdMemberHealth {
+    pub name: String,
+    pub endpoint: String,
+    /// The database file.
+    pub db_size_bytes: u64,
+    /// The part holding data (the rest is free pages a defragmentation returns).
+    pub db_in_use_bytes: u64,
+    pub leader: bool,
+    /// Why it could not be asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The cluster's etcd: size against its quota, alarms.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct EtcdStatus {
+    /// The store's revision.
+    pub revision: i64,
+    /// Where etcd refuses writes (NOSPACE); unknown for an etcd ferry does not run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_bytes: Option<u64>,
+    pub members: Vec<EtcdMemberHealth>,
+    /// Raised alarms, as "NOSPACE on h2" (ferry disarms NOSPACE after freeing space).
+    pub alarms: Vec<String>,
+}
+
 /// `GET /cluster/status`
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ClusterStatus {
@@ -240,6 +268,10 @@ pub struct ClusterStatus {
     #[serde(default)]
     pub ha_manager: Option<String>,
     pub lease_ttl_s: u64,
+    /// etcd's database and alarms (absent outside a cluster, or when etcd cannot be
+    /// asked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<EtcdStatus>,
     /// Advice (e.g. a two-voter cluster needs a witness).
     #[serde(default)]
     pub warnings: Vec<String>,
