@@ -15,6 +15,7 @@ pub use ferry_host::{
     AccelSetting, AgentConfig, AgentError, Cgroups, ClusterLink, Console, ErrorClass, EventLog,
     Host, HostInfo, HostResources, Result, TaskCtx, Tasks, REPLICATION_PORT,
 };
+pub use ferry_host::os::raise_fd_limit;
 pub use ferry_migration::{ColdPiece, Migrations};
 
 use std::sync::Arc;

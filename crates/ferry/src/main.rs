@@ -232,6 +232,13 @@ async fn serve(a: ServeArgs) -> Result<()> {
     // Everything the daemon and its children (QEMU, etcd, the watchdog) write is theirs
     // alone: volumes, suspend files holding guest RAM, replica copies, logs, tokens.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    match ferry_agent::raise_fd_limit() {
+        Ok((old, new)) if old != new => {
+            tracing::info!(old, new, "raised the open-file limit")
+        }
+        Ok((_, n)) => tracing::info!(limit = n, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     let lock = lock_state_dir(&a.state_dir)?;
     private_dir(&a.state_dir)?;
     private_dir(&a.run_dir)?;

@@ -204,3 +204,28 @@ pub fn kill_ha_qemus(run_dir: &std::path::Path) -> Vec<i32> {
 
 /// The marker in a VM's run dir that says its QEMU is HA-managed (what a fence kills).
 pub const HA_MARKER: &str = "ha";
+
+/// Raises this process's open-file limit to its hard limit (QEMU's children inherit
+/// it): each running VM holds descriptors (QMP, serial, taps, disks) in the daemon and
+/// in its QEMU, and the default soft limit of 1,024 ends a host at a few hundred VMs.
+/// Returns the (old, new) soft limit.
+pub fn raise_fd_limit() -> std::io::Result<(u64, u64)> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(std::io::Error::from)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(std::io::Error::from)?;
+    }
+    let (now, _) = getrlimit(Resource::RLIMIT_NOFILE).map_err(std::io::Error::from)?;
+    Ok((soft, now))
+}
+
+#[cfg(test)]
+mod fd_limit_tests {
+    #[test]
+    fn the_open_file_limit_is_raised_to_the_hard_limit() {
+        use nix::sys::resource::{getrlimit, Resource};
+        let (_, new) = super::raise_fd_limit().unwrap();
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        assert_eq!((new, soft), (hard, hard));
+    }
+}
