@@ -406,3 +406,73 @@ fn placement_sees_the_cluster_rules_and_maintenance() {
         .unwrap();
     assert!(matches!(r.host.as_deref(), Some("h2" | "h3")), "{r:?}");
 }
+
+/// VM names are the cluster's, reserved in the create transaction: three hosts creating
+/// one name at the same moment, exactly one wins; a delete frees the name, and a
+/// reservation no record backs any more is taken over. MACs come from the VM's id.
+#[test]
+fn vm_names_are_reserved_in_the_create_transaction() {
+    let d = tempfile::tempdir().unwrap();
+    let test = tokio::runtime::Runtime::new().unwrap();
+    let root: Arc<dyn ferry_store::Store> = test.block_on(async {
+        Arc::new(ferry_store::SqliteStore::open(&d.path().join("cluster.db")).unwrap())
+    });
+    let hosts: Vec<SimHost> = ["h1", "h2", "h3"]
+        .iter()
+        .map(|n| sim_host(d.path(), root.clone(), n))
+        .collect();
+    let spec = |name: &str| {
+        let mut s = ha_spec(name, 3);
+        s.ha = Default::default();
+        s.nics[0].mac = None;
+        s
+    };
+    for round in 0..5 {
+        let name = format!("race{round}");
+        let results: Vec<_> = std::thread::scope(|sc| {
+            let joins: Vec<_> = hosts
+                .iter()
+                .map(|h| {
+                    let s = spec(&name);
+                    sc.spawn(move || h.rt.block_on(h.c.create_vm(s)))
+                })
+                .collect();
+            joins.into_iter().map(|j| j.join().unwrap()).collect()
+        });
+        let won: Vec<&ferry_types::Vm> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+        assert_eq!(won.len(), 1, "round {round}: {results:?}");
+        for e in results.iter().filter_map(|r| r.as_ref().err()) {
+            assert_eq!(e.code(), "exists", "{e}");
+        }
+        let v = won[0];
+        assert_eq!(
+            v.spec.nics[0].mac,
+            ferry_types::derived_mac(v.id, 0),
+            "the MAC comes from the id"
+        );
+    }
+    // Delete frees the name for any host.
+    let owner = hosts
+        .iter()
+        .find(|h| h.rt.block_on(h.c.get_vm("race0")).is_ok())
+        .unwrap();
+    owner
+        .rt
+        .block_on(owner.c.delete_vm("race0", Default::default()))
+        .unwrap();
+    let h3 = &hosts[2];
+    h3.rt.block_on(h3.c.create_vm(spec("race0"))).unwrap();
+    // A record gone without its reservation (its host removed): the name is free.
+    test.block_on(root.delete(&ferry_store::keys::cluster::of_host(
+        "h3",
+        &ferry_store::keys::host::vm("race0"),
+    )))
+    .unwrap();
+    let h1 = &hosts[0];
+    h1.rt.block_on(h1.c.create_vm(spec("race0"))).unwrap();
+    let e = hosts[1]
+        .rt
+        .block_on(hosts[1].c.create_vm(spec("race0")))
+        .unwrap_err();
+    assert_eq!(e.code(), "exists", "{e}");
+}

@@ -5,10 +5,9 @@
 //! (with progress) and is independent. Clones get a new id, name and MACs.
 
 use crate::error::{AgentError, Refusal, Result};
-use crate::records::{vm_key, VmRecord};
+use crate::records::VmRecord;
 use crate::tasks::TaskCtx;
 use crate::Host;
-use ferry_store::StoreJson;
 use ferry_types::validate::check_name;
 use ferry_types::{CloneOf, CloneRequest, ValidationErrors, VmAction};
 
@@ -61,7 +60,7 @@ impl Host {
         for n in &mut spec.nics {
             n.mac = None;
         }
-        self.assign_new_macs(&mut spec).await?;
+        self.assign_new_macs(&mut spec, id).await?;
         let mut made: Vec<(String, String)> = vec![];
         let total = spec.disks.len().max(1) as f32;
         for i in 0..spec.disks.len() {
@@ -105,12 +104,7 @@ impl Host {
             }),
             ..VmRecord::new(id, spec)
         };
-        match self
-            .inner
-            .store
-            .create_json(&vm_key(&req.name), &new_rec)
-            .await
-        {
+        match self.create_new_record(&new_rec).await {
             Ok(true) => {}
             Ok(false) => {
                 self.remove_volumes(&made).await;
@@ -121,7 +115,7 @@ impl Host {
             }
             Err(e) => {
                 self.remove_volumes(&made).await;
-                return Err(e.into());
+                return Err(e);
             }
         }
         let kind = if req.linked { "linked" } else { "full" };

@@ -266,7 +266,7 @@ impl Host {
                 format!("no bridge {} on this host", spec.nics[i].bridge),
             ));
         }
-        self.assign_new_macs(&mut spec).await?;
+        self.assign_new_macs(&mut spec, rec.id).await?;
         let n = spec.nics[i].clone();
         if slot.state().has_process() {
             let tap = ferry_net::tap_name(rec.id, i);

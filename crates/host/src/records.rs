@@ -243,6 +243,82 @@ impl Host {
 
     /// A new VM's name must be free here and, in a cluster, on every other host (HA and
     /// migration move VMs by name).
+    /// Writes a new VM's record; false if the name is taken. In a cluster the name is
+    /// reserved (`/cluster/names/{vm}`, holding the id) in the same transaction, so two
+    /// hosts creating one name at once cannot both succeed. A reservation no record
+    /// backs any more (a VM removed with its host, or taken out of the cluster) is
+    /// taken over.
+    pub async fn create_new_record(&self, rec: &VmRecord) -> Result<bool> {
+        let name = &rec.spec.name;
+        let Some(c) = &self.inner.cluster else {
+            return Ok(self.inner.store.create_json(&vm_key(name), rec).await?);
+        };
+        let reserve = ferry_store::keys::cluster::vm_name(name);
+        let record = ferry_store::keys::cluster::of_host(
+            self.host_name(),
+            &ferry_store::keys::host::vm(name),
+        );
+        for _ in 0..5 {
+            let held = c.root.get(&reserve).await?;
+            let free = match &held {
+                None => Compare::Version(reserve.clone(), Cmp::Equal, 0),
+                Some(kv) => {
+                    if self.check_name_free(name).await.is_err() {
+                        return Ok(false);
+                    }
+                    tracing::info!(vm = %name, "taking over a stale name reservation");
+                    Compare::ModRev(reserve.clone(), Cmp::Equal, kv.mod_rev)
+                }
+            };
+            let r = c
+                .root
+                .txn(Txn {
+                    compare: vec![free, Compare::Version(record.clone(), Cmp::Equal, 0)],
+                    success: vec![
+                        Op::Put {
+                            key: reserve.clone(),
+                            value: serde_json::to_vec(&rec.id).expect("serialises"),
+                            lease: None,
+                        },
+                        Op::Put {
+                            key: record.clone(),
+                            value: serde_json::to_vec(rec).expect("serialises"),
+                            lease: None,
+                        },
+                    ],
+                    failure: vec![],
+                })
+                .await?;
+            if r.succeeded {
+                return Ok(true);
+            }
+            if self.inner.store.get(&vm_key(name)).await?.is_some() {
+                return Ok(false);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Gives up the cluster-wide reservation of VM `name` if it is VM `id`'s (a VM
+    /// deleted).
+    pub async fn release_name(&self, name: &str, id: u32) -> Result<()> {
+        if let Some(c) = &self.inner.cluster {
+            let reserve = ferry_store::keys::cluster::vm_name(name);
+            c.root
+                .txn(Txn {
+                    compare: vec![Compare::Value(
+                        reserve.clone(),
+                        Cmp::Equal,
+                        serde_json::to_vec(&id).expect("serialises"),
+                    )],
+                    success: vec![Op::Delete(reserve)],
+                    failure: vec![],
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
     pub async fn check_name_free(&self, name: &str) -> Result<()> {
         if self.inner.store.get(&vm_key(name)).await?.is_some() {
             return Err(AgentError::refused(

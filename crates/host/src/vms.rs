@@ -188,19 +188,33 @@ impl Host {
         Ok(())
     }
 
-    /// Fills in MACs: kept from `old` for the same NIC position, else newly generated.
-    async fn assign_macs(&self, spec: &mut VmSpec, old: Option<&VmSpec>) -> Result<()> {
+    /// Fills in MACs: kept from `old` for the same NIC position, else derived from the
+    /// cluster-unique VM id (`ferry_types::derived_mac`: no random collisions), random
+    /// only when every slot of the id is taken on this host.
+    async fn assign_macs(&self, spec: &mut VmSpec, old: Option<&VmSpec>, id: u32) -> Result<()> {
         let mut used: HashSet<String> = HashSet::new();
         for r in self.records().await? {
             for n in r.spec.nics {
                 used.extend(n.mac.map(|m| m.to_ascii_lowercase()));
             }
         }
+        used.extend(
+            spec.nics
+                .iter()
+                .filter_map(|n| n.mac.as_ref().map(|m| m.to_ascii_lowercase())),
+        );
         for (i, n) in spec.nics.iter_mut().enumerate() {
             if n.mac.is_none() {
                 let keep = old.and_then(|o| o.nics.get(i)).and_then(|o| o.mac.clone());
-                n.mac = Some(match keep {
-                    Some(m) => m,
+                let derived = (0..ferry_types::MAX_NICS)
+                    .map(|k| (i + k) % ferry_types::MAX_NICS)
+                    .filter_map(|slot| ferry_types::derived_mac(id, slot))
+                    .find(|m| !used.contains(m));
+                n.mac = Some(match keep.or(derived) {
+                    Some(m) => {
+                        used.insert(m.clone());
+                        m
+                    }
                     None => loop {
                         let m = random_mac();
                         if used.insert(m.clone()) {
@@ -213,9 +227,9 @@ impl Host {
         Ok(())
     }
 
-    /// Gives every NIC without a MAC a new one, unique on this host.
-    pub async fn assign_new_macs(&self, spec: &mut VmSpec) -> Result<()> {
-        self.assign_macs(spec, None).await
+    /// Gives every NIC of VM `id` without a MAC a new one (derived from the id).
+    pub async fn assign_new_macs(&self, spec: &mut VmSpec, id: u32) -> Result<()> {
+        self.assign_macs(spec, None, id).await
     }
 
     /// Defines a VM. Either everything is created (record and new volumes) or nothing.
@@ -225,8 +239,8 @@ impl Host {
         self.check_resource_pool(&spec).await?;
         self.check_name_free(&spec.name).await?;
         self.check_host(&spec, None).await?;
-        self.assign_macs(&mut spec, None).await?;
         let id = self.allocate_id().await?;
+        self.assign_macs(&mut spec, None, id).await?;
         self.write_intent(id, &spec.name, "create").await?;
         let made = match self.create_spec_volumes(id, &mut spec).await {
             Ok(m) => m,
@@ -236,11 +250,7 @@ impl Host {
             }
         };
         let rec = VmRecord::new(id, spec.clone());
-        let created = self
-            .inner
-            .store
-            .create_json(&vm_key(&spec.name), &rec)
-            .await;
+        let created = self.create_new_record(&rec).await;
         self.clear_intent(id).await;
         match created {
             Ok(true) => {}
@@ -253,7 +263,7 @@ impl Host {
             }
             Err(e) => {
                 self.remove_volumes(&made).await;
-                return Err(e.into());
+                return Err(e);
             }
         }
         self.inner
@@ -283,7 +293,7 @@ impl Host {
             ));
         }
         self.check_host(&spec, Some(name)).await?;
-        self.assign_macs(&mut spec, Some(&old.spec)).await?;
+        self.assign_macs(&mut spec, Some(&old.spec), old.id).await?;
         let made = self.create_spec_volumes(old.id, &mut spec).await?;
         let rec = VmRecord { spec, ..old };
         match self.inner.store.cas_json(&vm_key(name), rev, &rec).await {
@@ -381,6 +391,9 @@ impl Host {
         }
         self.unlock_disks(&rec.spec).await;
         self.forget_vm(name, &rec).await?;
+        if let Err(e) = self.release_name(name, rec.id).await {
+            tracing::warn!(vm = %name, error = %e, "name reservation kept (taken over when stale)");
+        }
         self.inner.events.emit(Some(name), "vm", "deleted");
         Ok(())
     }

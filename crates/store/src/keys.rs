@@ -77,6 +77,12 @@ pub mod cluster {
     pub const CRL: &str = "/cluster/crl";
     /// Each host's published load and capacity: `/cluster/load/{host}`.
     pub const LOAD: &str = "/cluster/load/";
+    /// VM names reserved cluster-wide, each holding its VM's id: `/cluster/names/{vm}`.
+    pub const VM_NAMES: &str = "/cluster/names/";
+
+    pub fn vm_name(vm: &str) -> String {
+        format!("{VM_NAMES}{vm}")
+    }
 
     pub fn member(host: &str) -> String {
         format!("{MEMBERS}{host}")

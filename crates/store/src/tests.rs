@@ -658,6 +658,9 @@ async fn a_member_with_outdated_flags_is_found_out() {
     };
     assert_eq!(
         member::outdated_flags(e.pid, &wanted),
-        vec![format!("--quota-backend-bytes={}", crate::health::QUOTA_BYTES)]
+        vec![format!(
+            "--quota-backend-bytes={}",
+            crate::health::QUOTA_BYTES
+        )]
     );
 }

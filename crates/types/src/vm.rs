@@ -320,6 +320,16 @@ fn default_pool() -> String {
     "local".into()
 }
 
+/// The MAC of NIC slot `slot` of VM `id`: locally administered, unicast, in ferry's
+/// own `52:46` range (apart from QEMU's `52:54:00`, where random MACs of older VMs
+/// live), unique in the cluster because VM ids are. None past 2^28 VMs or 16 slots.
+pub fn derived_mac(id: u32, slot: usize) -> Option<String> {
+    let slot = u32::try_from(slot).ok().filter(|s| *s < 16)?;
+    let v = id.checked_mul(16)?.checked_add(slot)?;
+    let [a, b, c, d] = v.to_be_bytes();
+    Some(format!("52:46:{a:02x}:{b:02x}:{c:02x}:{d:02x}"))
+}
+
 /// Locally administered unicast MAC in QEMU's 52:54:00 range.
 pub fn random_mac() -> String {
     let b: [u8; 3] = rand::random();
@@ -590,6 +600,14 @@ mod tests {
         assert!(parse_mac("52:54:00:12:34").is_err());
         assert!(parse_mac("zz:54:00:12:34:56").is_err());
         assert!(parse_mac(&random_mac()).is_ok());
+        assert_eq!(derived_mac(100, 0).as_deref(), Some("52:46:00:00:06:40"));
+        assert_eq!(derived_mac(100, 15).as_deref(), Some("52:46:00:00:06:4f"));
+        assert_eq!(derived_mac(101, 0).as_deref(), Some("52:46:00:00:06:50"));
+        assert!(derived_mac(100, 16).is_none());
+        assert!(derived_mac(1 << 28, 0).is_none());
+        let m = parse_mac(&derived_mac(u32::MAX >> 4, 15).unwrap()).unwrap();
+        assert_eq!(m[0] & 1, 0, "unicast");
+        assert_eq!(m[0] & 2, 2, "locally administered");
     }
 
     proptest::proptest! {
