@@ -146,6 +146,28 @@ fn sim_host(dir: &std::path::Path, root: Arc<dyn ferry_store::Store>, name: &str
     SimHost { rt, os, c }
 }
 
+/// The cluster's store, shared by the simulated hosts: SQLite on the test's own
+/// runtime (its lease expiry runs there), as etcd outlives any one host.
+fn shared_store(dir: &std::path::Path) -> (tokio::runtime::Runtime, Arc<dyn ferry_store::Store>) {
+    let test = tokio::runtime::Runtime::new().unwrap();
+    let root: Arc<dyn ferry_store::Store> = test.block_on(async {
+        Arc::new(ferry_store::SqliteStore::open(&dir.join("cluster.db")).unwrap())
+    });
+    (test, root)
+}
+
+/// Simulated hosts `names`, all on `root`.
+fn sim_hosts(
+    dir: &std::path::Path,
+    root: &Arc<dyn ferry_store::Store>,
+    names: &[&str],
+) -> Vec<SimHost> {
+    names
+        .iter()
+        .map(|n| sim_host(dir, root.clone(), n))
+        .collect()
+}
+
 /// A simulated cluster of three hosts sharing one store: when the host running an HA
 /// VM dies, the HA manager brings the VM up on another host, once — never two at once.
 #[test]
@@ -153,14 +175,8 @@ fn a_dead_hosts_ha_vm_comes_up_elsewhere_once() {
     let d = tempfile::tempdir().unwrap();
     // The shared store lives on the test's runtime (its lease expiry runs there), as
     // etcd outlives any one host.
-    let test = tokio::runtime::Runtime::new().unwrap();
-    let root: Arc<dyn ferry_store::Store> = test.block_on(async {
-        Arc::new(ferry_store::SqliteStore::open(&d.path().join("cluster.db")).unwrap())
-    });
-    let hosts: Vec<SimHost> = ["h1", "h2", "h3"]
-        .iter()
-        .map(|n| sim_host(d.path(), root.clone(), n))
-        .collect();
+    let (test, root) = shared_store(d.path());
+    let hosts = sim_hosts(d.path(), &root, &["h1", "h2", "h3"]);
     let alive = |root: &Arc<dyn ferry_store::Store>| {
         let root = root.clone();
         test.block_on(async move {
@@ -287,10 +303,7 @@ fn wait_alive(test: &tokio::runtime::Runtime, root: &Arc<dyn ferry_store::Store>
 #[test]
 fn a_cut_off_host_fences_before_its_ha_vm_runs_elsewhere() {
     let d = tempfile::tempdir().unwrap();
-    let test = tokio::runtime::Runtime::new().unwrap();
-    let root: Arc<dyn ferry_store::Store> = test.block_on(async {
-        Arc::new(ferry_store::SqliteStore::open(&d.path().join("cluster.db")).unwrap())
-    });
+    let (test, root) = shared_store(d.path());
     let link = ferry_store::partition::Partition::new(root.clone());
     let hosts = [
         sim_host(d.path(), link.clone(), "h1"),
@@ -359,14 +372,8 @@ fn a_cut_off_host_fences_before_its_ha_vm_runs_elsewhere() {
 #[test]
 fn placement_sees_the_cluster_rules_and_maintenance() {
     let d = tempfile::tempdir().unwrap();
-    let test = tokio::runtime::Runtime::new().unwrap();
-    let root: Arc<dyn ferry_store::Store> = test.block_on(async {
-        Arc::new(ferry_store::SqliteStore::open(&d.path().join("cluster.db")).unwrap())
-    });
-    let hosts: Vec<SimHost> = ["h1", "h2", "h3"]
-        .iter()
-        .map(|n| sim_host(d.path(), root.clone(), n))
-        .collect();
+    let (test, root) = shared_store(d.path());
+    let hosts = sim_hosts(d.path(), &root, &["h1", "h2", "h3"]);
     wait_alive(&test, &root, &["h1", "h2", "h3"]);
     let web = |name: &str, mac: &str| {
         let mut s = ha_spec(name, 3);
@@ -413,14 +420,8 @@ fn placement_sees_the_cluster_rules_and_maintenance() {
 #[test]
 fn vm_names_are_reserved_in_the_create_transaction() {
     let d = tempfile::tempdir().unwrap();
-    let test = tokio::runtime::Runtime::new().unwrap();
-    let root: Arc<dyn ferry_store::Store> = test.block_on(async {
-        Arc::new(ferry_store::SqliteStore::open(&d.path().join("cluster.db")).unwrap())
-    });
-    let hosts: Vec<SimHost> = ["h1", "h2", "h3"]
-        .iter()
-        .map(|n| sim_host(d.path(), root.clone(), n))
-        .collect();
+    let (test, root) = shared_store(d.path());
+    let hosts = sim_hosts(d.path(), &root, &["h1", "h2", "h3"]);
     let spec = |name: &str| {
         let mut s = ha_spec(name, 3);
         s.ha = Default::default();
