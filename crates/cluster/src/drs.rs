@@ -39,6 +39,9 @@ pub(crate) struct LoadTracker {
     vms: HashMap<String, (f64, Instant, f64)>,
     /// What the last sample gave (read by the snapshot; only the loop samples).
     last: BTreeMap<String, VmLoad>,
+    /// What this host last wrote to the cluster store, when, under which lease (a new
+    /// lease took the old key with it).
+    published: Option<(HostCapacity, Instant, ferry_store::LeaseId)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -192,10 +195,38 @@ impl Cluster {
                 labels: self.cfg().resources.labels.clone(),
                 vms: loads,
             };
+            // Written only when DRS would see a difference (or it is getting old):
+            // each write is a revision etcd keeps.
+            let due = {
+                let t = self
+                    .inner
+                    .drs
+                    .loads
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                let last = t.published.as_ref().filter(|(_, _, l)| *l == lease);
+                ferry_drs::publish::republish(
+                    last.map(|(c, _, _)| c),
+                    &cap,
+                    last.map_or(Duration::MAX, |(_, at, _)| at.elapsed()),
+                    &ferry_drs::publish::Thresholds::default(),
+                )
+            };
+            if !due {
+                continue;
+            }
             let key = keys::cluster::load(self.host_name());
             let v = serde_json::to_vec(&cap).expect("serialises");
-            if let Err(e) = link.root.put(&key, v, Some(lease)).await {
-                tracing::debug!(error = %e, "publish DRS load");
+            match link.root.put(&key, v, Some(lease)).await {
+                Ok(_) => {
+                    self.inner
+                        .drs
+                        .loads
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .published = Some((cap, Instant::now(), lease));
+                }
+                Err(e) => tracing::debug!(error = %e, "publish DRS load"),
             }
         }
     }

@@ -14,12 +14,15 @@ use ferry_ha::{Command, HostView, VmView};
 use ferry_store::{keys, Cmp, Compare, KeyValue, Op, StoreJson, Txn};
 use ferry_types::VmState;
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::lease::Alive;
 use keys::cluster::{ALIVE, MANAGER};
 
 const TICK: Duration = Duration::from_millis(250);
+/// The campaign looks again this often even when its watch says nothing.
+const CAMPAIGN_RECHECK: Duration = Duration::from_secs(30);
 const RESTART_WINDOW: Duration = Duration::from_secs(600);
 
 /// A full manager round (every VM record of every host) at least this often; in
@@ -64,31 +67,79 @@ impl Cluster {
             if self.cluster().is_none() {
                 continue; // one host: crash restarts only
             }
-            let manager = match self.try_manager().await {
-                Ok(true) => {
-                    let r = self.manager_round().await;
-                    if let Err(e) = &r {
-                        tracing::warn!(error = %e, "HA manager round");
-                    }
-                    self.loops().report(
-                        "ha-manager",
-                        TICK,
-                        r.map_err(|e| crate::error_chain(&e).join(": ")),
-                    );
-                    true
+            // The campaign (`campaign_loop`) says whether this host manages.
+            if self.inner.ha.is_manager.load(Ordering::Relaxed) {
+                let r = self.manager_round().await;
+                if let Err(e) = &r {
+                    tracing::warn!(error = %e, "HA manager round");
                 }
-                Ok(false) => false,
-                Err(e) => {
-                    tracing::debug!(error = %e, "HA manager election");
-                    false
+                self.loops().report(
+                    "ha-manager",
+                    TICK,
+                    r.map_err(|e| crate::error_chain(&e).join(": ")),
+                );
+            }
+        }
+    }
+
+    /// The HA manager election: campaign once, then wait for the manager key to go (a
+    /// delete: the manager's lease ended) before campaigning again — no transaction
+    /// every tick, as etcd's own election recipe does. Sets `is_manager` (the HA loop
+    /// and DRS read it). A safety re-campaign every [`CAMPAIGN_RECHECK`] covers a
+    /// watch that ended silently.
+    #[tracing::instrument(skip_all)]
+    pub(crate) async fn campaign_loop(self) {
+        let Ok(link) = self.cluster_link().cloned() else {
+            return;
+        };
+        loop {
+            let Some(lease) = self.lease_id().filter(|_| self.holds_lease()) else {
+                self.set_manager(false);
+                tokio::time::sleep(TICK).await;
+                continue;
+            };
+            // Watch from before the campaign: no delete after it goes unseen.
+            let watch = match link.root.revision().await {
+                Ok(rev) => link.root.watch(MANAGER, Some(rev)).await,
+                Err(e) => Err(e),
+            };
+            let won = self.try_manager().await;
+            let (mut watch, won) = match (watch, won) {
+                (Ok(w), Ok(won)) => (w, won),
+                (w, won) => {
+                    let e = match (w.err(), won.err()) {
+                        (Some(e), _) => e.to_string(),
+                        (_, Some(e)) => crate::error_chain(&e).join(": "),
+                        _ => String::new(),
+                    };
+                    tracing::debug!(error = %e, "HA manager campaign");
+                    self.set_manager(false);
+                    tokio::time::sleep(TICK).await;
+                    continue;
                 }
             };
-            // DRS runs where the HA manager runs.
-            self.inner
-                .ha
-                .is_manager
-                .store(manager, std::sync::atomic::Ordering::Relaxed);
+            self.set_manager(won);
+            let since = Instant::now();
+            loop {
+                tokio::select! {
+                    ev = watch.recv() => match ev {
+                        None => break,
+                        Some(ev) if ev.kind == ferry_store::EventKind::Delete => break,
+                        Some(_) => {}
+                    },
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                        let same = self.lease_id() == Some(lease) && self.holds_lease();
+                        if !same || since.elapsed() >= CAMPAIGN_RECHECK {
+                            break;
+                        }
+                    }
+                }
+            }
         }
+    }
+
+    fn set_manager(&self, now: bool) {
+        self.inner.ha.is_manager.store(now, Ordering::Relaxed);
     }
 
     /// Restarts this host's crashed HA VMs (back-off 1, 2, 4 ... s), or marks them for

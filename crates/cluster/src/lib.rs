@@ -112,6 +112,7 @@ impl Cluster {
         };
         if c.cluster().is_some() {
             tokio::spawn(c.clone().lease_loop());
+            tokio::spawn(c.clone().campaign_loop());
         }
         tokio::spawn(c.clone().ha_loop());
         tokio::spawn(c.clone().load_loop());

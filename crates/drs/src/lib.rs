@@ -22,6 +22,7 @@ pub mod hbal;
 pub mod limits;
 pub mod place;
 pub mod pools;
+pub mod publish;
 mod state;
 
 pub use balance::{balance, score, Tuning};
