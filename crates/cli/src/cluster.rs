@@ -199,7 +199,7 @@ pub async fn run(c: &Client, g: &Global, cmd: ClusterCmd) -> Result<()> {
                     match (m.etcd_member, m.etcd_leader) {
                         (true, true) => "leader",
                         (true, false) => "voter",
-                        _ => "-",
+                        _ => "client",
                     }
                     .to_string(),
                     m.lease_ttl_left_s

@@ -31,6 +31,8 @@ use crate::lease::Alive;
 use crate::membership::MANAGER;
 
 const SAMPLE: Duration = Duration::from_secs(2);
+/// An unchanged DRS plan is stored again after this long (`drs status`'s `plan_at`).
+const PLAN_REFRESH: Duration = Duration::from_secs(600);
 
 /// Smoothed CPU load per VM on this host (in memory).
 #[derive(Default)]
@@ -46,6 +48,8 @@ pub(crate) struct LoadTracker {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct StoredPlan {
+    /// When it was computed (Unix s); an unchanged plan is not stored again for up to
+    /// [`PLAN_REFRESH`].
     at: u64,
     plan: DrsPlan,
 }
@@ -590,8 +594,16 @@ impl Cluster {
         self.start_moves(&plan, &cfg).await
     }
 
+    /// Stores the plan for `drs status`: only when it differs from the stored one or
+    /// that is older than [`PLAN_REFRESH`] (each write is a revision etcd keeps; the
+    /// DRS loop's last run is in the background tasks).
     async fn store_plan(&self, plan: &DrsPlan) -> Result<()> {
         let (s, p) = self.shared();
+        if let Some((old, _)) = s.get_json::<StoredPlan>(&keys::shared::drs_plan(p)).await? {
+            if old.plan == *plan && now_s().saturating_sub(old.at) < PLAN_REFRESH.as_secs() {
+                return Ok(());
+            }
+        }
         s.put_json(
             &keys::shared::drs_plan(p),
             &StoredPlan {

@@ -1,6 +1,6 @@
 //! Keeping the cluster's etcd bounded: `ferry_store::health` decides, this runs it.
 //! One host tends etcd at a time — the host whose member leads, or (for an etcd ferry
-//! does not run) the HA manager: every 30 s it surveys the members, compacts history
+//! does not run, or while no member leads) the HA manager: every 30 s it surveys the members, compacts history
 //! older than the retention, defragments a member that is mostly free space, and on a
 //! NOSPACE alarm frees space and disarms it, with an event for each thing it did.
 //! `cluster status` surveys afresh; `/metrics` shows the tending host's last survey.
@@ -74,9 +74,12 @@ impl Cluster {
             .await
             .map_err(etcd_err("List etcd members"))?;
         let leader = etcd_members::leader(&client).await;
-        let tends = match members.iter().find(|m| m.name == self.host_name()) {
-            Some(m) => m.id == leader,
-            None => self.inner.ha.is_manager.load(Ordering::Relaxed),
+        let hosts: Vec<String> = link.members().await?.into_iter().map(|h| h.name).collect();
+        let tends = match members.iter().find(|m| m.id == leader) {
+            // A host's member leads: that host tends (clients of the voters never do).
+            Some(m) if hosts.contains(&m.name) => m.name == self.host_name(),
+            // An etcd ferry does not run (or no leader now): the HA manager.
+            _ => self.inner.ha.is_manager.load(Ordering::Relaxed),
         };
         if !tends {
             self.inner

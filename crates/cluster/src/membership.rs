@@ -151,6 +151,18 @@ fn member_config(cfg: &ClusterConfig, paths: &EtcdPaths, new: bool, pki: &HostPk
     }
 }
 
+/// How many etcd voters a cluster of `hosts` hosts has: 3 (one may fail), 5 from 7
+/// hosts on (two may fail). Every other host is a client of them: quorum never counts
+/// every hypervisor, and writes stay fast (each voter more is one more fsync a write
+/// waits for).
+pub fn voter_target(hosts: usize) -> usize {
+    if hosts >= 7 {
+        5
+    } else {
+        3
+    }
+}
+
 /// At daemon start: makes sure the local etcd member runs (when ferry manages it) and
 /// connects. Does not wait for quorum; the agent's store calls do.
 pub async fn connect(
@@ -504,10 +516,29 @@ impl Cluster {
                 format!("A host named {} is already a member", req.name),
             ));
         }
-        let (initial, endpoints) = if req.peer_url.is_some() {
+        // A voter only while the cluster has fewer than it should: quorum must not
+        // count every hypervisor (etcd advises 3 to 5 voters).
+        let list = etcd_members::list(&link.etcd()?.client())
+            .await
+            .map_err(etcd_err("List etcd members"))?;
+        let voters = list.iter().filter(|m| !m.learner).count();
+        let hosts = link.members().await?.len();
+        let (initial, endpoints) = if req.peer_url.is_some() && voters < voter_target(hosts) {
             add_etcd_member(link, &req, &key).await?
         } else {
-            (vec![], link.cfg.endpoints.clone())
+            // A client of the voters: their client URLs, no member of its own; etcd
+            // lets its certificate in only with a user of its name.
+            let mut c = link.etcd()?.client();
+            if let Err(e) = member::access::admit(&mut c, &req.name).await {
+                let _ = link.root.delete(&key).await;
+                return Err(etcd_err(format!("Admit {} to etcd", req.name))(e));
+            }
+            let eps: Vec<String> = list
+                .iter()
+                .filter(|m| !m.learner)
+                .flat_map(|m| m.client_urls.iter().cloned())
+                .collect();
+            (vec![], eps)
         };
         self.events()
             .emit(None, "cluster", format!("host {} joins", req.name));
@@ -594,20 +625,31 @@ impl Cluster {
         if let Some(crl) = &added.crl {
             pki.install_crl(crl)?;
         }
-        // The own member first: the store talks to it while it answers.
+        // No initial cluster: the cluster has its voters, this host is their client.
+        let voter = !added.initial_cluster.is_empty();
         let own = client_url(&req.address);
-        let mut endpoints = vec![own.clone()];
-        endpoints.extend(added.endpoints.iter().filter(|e| **e != own).cloned());
+        let endpoints = if voter {
+            // The own member first: the store talks to it while it answers.
+            let mut e = vec![own.clone()];
+            e.extend(added.endpoints.iter().filter(|e| **e != own).cloned());
+            e
+        } else {
+            added.endpoints.clone()
+        };
         let mut cfg = ClusterConfig {
             name: name.clone(),
             address: req.address.clone(),
             api,
             endpoints,
-            managed_etcd: true,
+            managed_etcd: voter,
             initial_cluster: added.initial_cluster.clone(),
             lease_ttl_s: added.lease_ttl_s,
             ca_fingerprint: pki.ca_fingerprint(),
         };
+        if !voter {
+            self.enter_cluster(&mut cfg, &pki).await?;
+            return Ok(cfg);
+        }
         let paths = etcd_paths(&self.cfg().state_dir, &self.cfg().run_dir);
         let _ = std::fs::remove_dir_all(&paths.data);
         let mc = member_config(&cfg, &paths, false, &pki);
@@ -756,9 +798,10 @@ impl Cluster {
                 tracing::warn!(error = %crate::error_chain(&e).join(": "), "cannot sign the revocation list of this host's certificate");
             }
         }
-        // Last: this host's etcd user, so its certificate opens nothing in etcd now.
-        if link.cfg.managed_etcd {
-            if let Err(e) = member::access::revoke(&mut link.etcd()?.client(), name).await {
+        // Last: this host's etcd user (a voter's or a client's), so its certificate
+        // opens nothing in etcd now.
+        if let Ok(etcd) = link.etcd() {
+            if let Err(e) = member::access::revoke(&mut etcd.client(), name).await {
                 tracing::warn!(error = %e, "cannot remove this host's etcd user");
             }
         }

@@ -87,8 +87,10 @@ impl Cluster {
                 vms.join(", ")
             )));
         }
-        if link.cfg.managed_etcd {
-            let c = link.etcd()?.client();
+        // Whoever removes it (a voter or a client of the voters): the removed host's
+        // member, if it was a voter.
+        if let Ok(etcd) = link.etcd() {
+            let c = etcd.client();
             let list = etcd_members::list(&c)
                 .await
                 .map_err(etcd_err("List etcd members"))?;
@@ -100,8 +102,8 @@ impl Cluster {
         }
         let serials: BTreeSet<String> = rec.cert_serial.into_iter().collect();
         drop_member_records(link.root.as_ref(), name, &serials, "removed").await?;
-        if link.cfg.managed_etcd {
-            if let Err(e) = member::access::revoke(&mut link.etcd()?.client(), name).await {
+        if let Ok(etcd) = link.etcd() {
+            if let Err(e) = member::access::revoke(&mut etcd.client(), name).await {
                 tracing::warn!(host = name, error = %e, "cannot remove the host's etcd user");
             }
         }

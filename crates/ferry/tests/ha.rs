@@ -523,3 +523,47 @@ fn cluster_commands_and_bad_requests() -> Result<()> {
     }
     Ok(())
 }
+
+/// Quorum does not count every hypervisor: a fourth host joins as a client of the
+/// three etcd voters (no member of its own), holds a lease, defines VMs and leaves
+/// again, the voters untouched.
+#[test]
+fn hosts_beyond_three_are_clients_of_the_voters() -> Result<()> {
+    let lab = ClusterLab::for_test(FERRY, 4)?;
+    let h1 = lab.cli("h1")?;
+    let st = cluster_status(&h1)?;
+    assert_eq!(st["etcd_voters"], 3, "{st}");
+    let members = st["members"].as_array().context("members")?;
+    assert_eq!(members.len(), 4, "{st}");
+    let clients: Vec<&str> = members
+        .iter()
+        .filter(|m| m["etcd_member"] == false)
+        .filter_map(|m| m["name"].as_str())
+        .collect();
+    assert_eq!(clients, vec!["h4"], "{st}");
+    let text = h1.ferry_ok(&["cluster", "status"])?;
+    assert!(text.contains("client"), "{text}");
+    // The client is a full host: a lease, VMs, names the cluster's.
+    let h4 = lab.cli("h4")?;
+    wait_for(
+        "a lease on the client host",
+        Duration::from_secs(30),
+        || {
+            let st = cluster_status(&h4)?;
+            Ok(st["members"]
+                .as_array()
+                .and_then(|m| m.iter().find(|x| x["name"] == "h4"))
+                .is_some_and(|m| m["lease_ttl_left_s"].as_i64().is_some()))
+        },
+    )?;
+    h4.ferry_ok(&["vm", "create", "c1", "--memory", "64M"])?;
+    let o = h1.ferry(&["vm", "create", "c1", "--memory", "64M"])?;
+    assert!(!o.status.success(), "a second c1 on h1");
+    h4.ferry_ok(&["vm", "delete", "c1"])?;
+    h4.ferry_ok(&["cluster", "leave"])?;
+    let st = cluster_status(&h1)?;
+    assert_eq!(st["etcd_voters"], 3, "{st}");
+    assert_eq!(st["members"].as_array().map(Vec::len), Some(3), "{st}");
+    assert_eq!(st["has_quorum"], true, "{st}");
+    Ok(())
+}

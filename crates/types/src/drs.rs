@@ -321,7 +321,8 @@ pub struct DrsStatus {
     /// The host whose agent runs DRS (the HA manager).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub manager: Option<String>,
-    /// The last plan the manager computed (unix seconds).
+    /// When the manager stored the plan (unix seconds): an unchanged plan is stored
+    /// again only after 10 minutes (the DRS loop's last run is in `host status`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub plan_at: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]

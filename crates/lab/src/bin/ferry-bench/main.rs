@@ -27,7 +27,11 @@
 //! `ferry-bench tls [--seconds 5] [--size-mib 256] [--calls 2000]`: replication and a
 //! host-to-host API call over plain TCP and over mutual TLS, side by side (loopback).
 //!
-//! Usage: `ferry-bench [core|snapshots|migration|failover|drs|replication|tls] [--runs N] [--vms N] [--json]` (as root; the
+//! `ferry-bench scale [--hosts 16,64] [--vms 1000,10000] [--running N] [--seconds 60]`:
+//! a simulated cluster (agents on fake machines in this process) against a real
+//! 3-voter etcd: idle etcd writes, proposals and bytes, admission and a DRS round.
+//!
+//! Usage: `ferry-bench [core|snapshots|migration|failover|drs|replication|tls|scale] [--runs N] [--vms N] [--json]` (as root; the
 //! `ferry` binary next to this one, or `FERRY_BIN`). Everything runs in a lab namespace,
 //! removed at the end.
 
@@ -35,6 +39,7 @@ mod drsbench;
 mod failbench;
 mod migbench;
 mod replbench;
+mod scalebench;
 mod snapbench;
 mod tlsbench;
 
@@ -255,6 +260,9 @@ fn main() -> Result<()> {
     }
     if std::env::args().nth(1).as_deref() == Some("replication") {
         return replbench::run();
+    }
+    if std::env::args().nth(1).as_deref() == Some("scale") {
+        return scalebench::run();
     }
     if std::env::args().nth(1).as_deref() == Some("tls") {
         return tlsbench::run();

@@ -1,0 +1,442 @@
+//! `ferry-bench scale [--hosts 16,64] [--vms 1000,10000] [--running 0] [--seconds 60]
+//! [--json]`: a simulated cluster against a real etcd (3 voters on loopback): H agents
+//! in this process (each its own state dir, runtime state and fake machine through the
+//! host seam — no QEMU), V VM records written in bulk and spread over the hosts, R of
+//! them started (fake QEMUs). Then the cluster is left idle and measured:
+//!
+//! - `idle_etcd_writes_per_s`: revisions per second (every put, delete and successful
+//!   transaction), and `idle_etcd_proposals_per_s`: raft proposals committed per second
+//!   (also failed compare-and-swaps, which cost a consensus round too);
+//! - `idle_etcd_write_bytes_per_s` and `etcd_db_growth_mb_per_h`: the values written,
+//!   i.e. the history etcd accumulates per hour until it compacts it;
+//! - `start_admission_ms`: one VM start's admission check (a DRS snapshot), median;
+//! - `drs_round_s`: one DRS plan over the whole cluster.
+//!
+//! Figures the issue also names but this benchmark does not measure yet
+//! (`host_failure_last_vm_s`, `ui_first_page_ms`) are printed as null.
+
+use crate::{arg, arg_str};
+use anyhow::{bail, Context, Result};
+use ferry_store::member::{self, MemberConfig};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Three etcd voters on loopback (plain HTTP: the figures are etcd's, not TLS's),
+/// killed by pid when dropped.
+struct Etcd {
+    _dir: tempfile::TempDir,
+    pids: Vec<i32>,
+    urls: Vec<String>,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for p in &self.pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*p),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+async fn start_etcd() -> Result<Etcd> {
+    let dir = tempfile::tempdir()?;
+    let ports: Vec<(u16, u16)> = (0..3)
+        .map(|_| Ok((free_port()?, free_port()?)))
+        .collect::<Result<_>>()?;
+    let initial: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (_, p))| format!("e{i}=http://127.0.0.1:{p}"))
+        .collect();
+    let mut e = Etcd {
+        _dir: dir,
+        pids: vec![],
+        urls: vec![],
+    };
+    let mut cfgs = vec![];
+    for (i, (c, p)) in ports.iter().enumerate() {
+        let d = e._dir.path().join(format!("e{i}"));
+        std::fs::create_dir_all(&d)?;
+        let cfg = member_config(&format!("e{i}"), &d, *c, *p, &initial.join(","));
+        let pid = member::spawn("etcd", &cfg, &d.join("etcd.log"), &d.join("pid")).await?;
+        e.pids.push(pid);
+        e.urls.push(cfg.client_url.clone());
+        cfgs.push((cfg, d));
+    }
+    for (cfg, d) in &cfgs {
+        member::wait_healthy(
+            &cfg.name,
+            &cfg.client_url,
+            None,
+            &d.join("etcd.log"),
+            Duration::from_secs(30),
+        )
+        .await?;
+    }
+    Ok(e)
+}
+
+/// A member as ferry runs it (its quota and history retention, from `member.rs`), but
+/// plain HTTP.
+fn member_config(name: &str, dir: &std::path::Path, c: u16, p: u16, initial: &str) -> MemberConfig {
+    MemberConfig {
+        name: name.into(),
+        data_dir: dir.join("data"),
+        client_url: format!("http://127.0.0.1:{c}"),
+        peer_url: format!("http://127.0.0.1:{p}"),
+        initial_cluster: initial.into(),
+        new_cluster: true,
+        heartbeat_ms: 100,
+        election_ms: 1000,
+        quota_bytes: ferry_store::health::QUOTA_BYTES,
+        tls: None,
+    }
+}
+
+/// etcd's own counter of raft proposals committed (scraped from its `/metrics`).
+async fn proposals(url: &str) -> Result<f64> {
+    let text = reqwest::get(format!("{url}/metrics")).await?.text().await?;
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("etcd_server_proposals_committed_total ")
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .context("etcd_server_proposals_committed_total")
+}
+
+struct Sim {
+    rt: Arc<tokio::runtime::Runtime>,
+    hosts: Vec<ferry_cluster::Cluster>,
+    etcd: Etcd,
+    _dir: tempfile::TempDir,
+}
+
+fn vm_spec(name: &str, id: u32) -> Result<ferry_types::VmSpec> {
+    Ok(serde_json::from_value(json!({
+        "name": name,
+        "memory_mib": 256,
+        "cpus": 1,
+        "nics": [{"bridge": "br0", "mac": format!("52:47:{:02x}:{:02x}:{:02x}:{:02x}",
+            id >> 24, (id >> 16) & 0xff, (id >> 8) & 0xff, id & 0xff)}],
+    }))?)
+}
+
+/// H hosts on a fresh etcd, V records spread over them, R started.
+fn build(hosts: usize, vms: usize, running: usize) -> Result<Sim> {
+    let rt = Arc::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?,
+    );
+    let dir = tempfile::tempdir()?;
+    let etcd = rt.block_on(start_etcd())?;
+    let names: Vec<String> = (0..hosts).map(|i| format!("s{i:03}")).collect();
+    rt.block_on(async {
+        let mut c = etcd_client::Client::connect(etcd.urls.clone(), None).await?;
+        for n in &names {
+            let m = ferry_types::ClusterHost {
+                name: n.clone(),
+                api: "https://127.0.0.1:8470".into(),
+                address: "127.0.0.1".into(),
+                cert_serial: None,
+                migration_ca: None,
+            };
+            c.put(
+                format!("/ferry{}", ferry_store::keys::cluster::member(n)),
+                serde_json::to_vec(&m)?,
+                None,
+            )
+            .await?;
+        }
+        // In transactions of 100 puts (etcd allows 128 operations in one).
+        let mut ops = vec![];
+        for i in 0..vms {
+            let id = 100 + u32::try_from(i)?;
+            let name = format!("vm{i:05}");
+            let host = &names[i % hosts];
+            let rec = ferry_host::records::VmRecord::new(id, vm_spec(&name, id)?);
+            let key = format!(
+                "/ferry{}",
+                ferry_store::keys::cluster::of_host(host, &ferry_store::keys::host::vm(&name))
+            );
+            ops.push(etcd_client::TxnOp::put(
+                key,
+                serde_json::to_vec(&rec)?,
+                None,
+            ));
+            if ops.len() == 100 || i + 1 == vms {
+                c.txn(etcd_client::Txn::new().and_then(std::mem::take(&mut ops)))
+                    .await?;
+            }
+        }
+        c.put(
+            format!("/ferry{}", ferry_store::keys::cluster::NEXT_VM_ID),
+            serde_json::to_vec(&(100 + vms))?,
+            None,
+        )
+        .await?;
+        anyhow::Ok(())
+    })?;
+    // One cluster CA, held by the first host; the others joined with certificates it
+    // signed (as `cluster join` does), so exactly one host signs revocation lists.
+    let founder = ferry_pki::HostPki::ensure(
+        &dir.path().join(&names[0]).join("state/pki"),
+        &names[0],
+        &[],
+    )?;
+    for n in &names[1..] {
+        let (key, csr) = ferry_pki::new_request(n)?;
+        let cert = founder.issue(&csr, n, &[])?;
+        ferry_pki::HostPki::install(
+            &dir.path().join(n).join("state/pki"),
+            founder.ca_pem(),
+            None,
+            &cert,
+            &key,
+        )?;
+    }
+    let mut sims = vec![];
+    for n in &names {
+        let cfg = ferry_types::ClusterConfig {
+            name: n.clone(),
+            address: "127.0.0.1".into(),
+            api: "https://127.0.0.1:8470".into(),
+            endpoints: etcd.urls.clone(),
+            managed_etcd: false,
+            initial_cluster: String::new(),
+            lease_ttl_s: 10,
+            ca_fingerprint: String::new(),
+        };
+        let d = dir.path().join(n);
+        let c = rt.block_on(async {
+            let root = ferry_store::EtcdStore::connect(&etcd.urls, "/ferry", None).await?;
+            let link = ferry_host::ClusterLink::on_etcd(cfg, root);
+            let os = ferry_host::fake::FakeOs::new(&["br0"]);
+            let host = ferry_host::fake::open_member(&d, os, n, Some(link)).await?;
+            anyhow::Ok(ferry_cluster::Cluster::start(
+                ferry_migration::Migrations::open(host).await,
+            ))
+        })?;
+        sims.push(c);
+    }
+    // Every host alive (a lease) before anything is measured.
+    rt.block_on(async {
+        let mut c = etcd_client::Client::connect(etcd.urls.clone(), None).await?;
+        let t = Instant::now();
+        loop {
+            let alive = c
+                .get(
+                    format!("/ferry{}", ferry_store::keys::cluster::ALIVE),
+                    Some(
+                        etcd_client::GetOptions::new()
+                            .with_prefix()
+                            .with_count_only(),
+                    ),
+                )
+                .await?
+                .count();
+            if usize::try_from(alive)? >= hosts {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(120) {
+                bail!("only {alive} of {hosts} hosts got a lease");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        anyhow::Ok(())
+    })?;
+    for i in 0..running.min(vms) {
+        let name = format!("vm{i:05}");
+        let h = &sims[i % hosts];
+        rt.block_on(h.start_vm(&name))
+            .map_err(|e| anyhow::anyhow!("start {name}: {e}"))?;
+    }
+    Ok(Sim {
+        rt,
+        hosts: sims,
+        etcd,
+        _dir: dir,
+    })
+}
+
+/// The revision, raft proposals and the values written between two moments.
+fn measure_idle(s: &Sim, seconds: u64) -> Result<Value> {
+    s.rt.block_on(async {
+        let url = &s.etcd.urls[0];
+        let mut c = etcd_client::Client::connect(s.etcd.urls.clone(), None).await?;
+        let rev = |r: &etcd_client::GetResponse| r.header().map_or(0, |h| h.revision());
+        // Let the start settle (leases granted, first loads published).
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let r0 = rev(&c.get("/ferry/none", None).await?);
+        let p0 = proposals(url).await?;
+        let t0 = Instant::now();
+        tokio::time::sleep(Duration::from_secs(seconds)).await;
+        let r1 = rev(&c.get("/ferry/none", None).await?);
+        let p1 = proposals(url).await?;
+        let dt = t0.elapsed().as_secs_f64();
+        // The history of the window, replayed: what etcd keeps until it compacts.
+        let mut stream = c
+            .watch(
+                "/",
+                Some(
+                    etcd_client::WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(r0 + 1),
+                ),
+            )
+            .await?;
+        let mut bytes = 0u64;
+        let mut seen_to = r0;
+        // Which keys are written, by kind (the key with names and numbers dropped).
+        let mut kinds: std::collections::BTreeMap<String, u64> = Default::default();
+        while seen_to < r1 {
+            let Ok(Ok(Some(m))) =
+                tokio::time::timeout(Duration::from_secs(5), stream.message()).await
+            else {
+                break;
+            };
+            for ev in m.events() {
+                if let Some(kv) = ev.kv() {
+                    bytes += u64::try_from(kv.key().len() + kv.value().len())?;
+                    let k = String::from_utf8_lossy(kv.key());
+                    let kind: Vec<&str> = k
+                        .split('/')
+                        .enumerate()
+                        .map(|(i, p)| {
+                            if i == 3 && k.starts_with("/ferry/hosts/") {
+                                "*"
+                            } else {
+                                p
+                            }
+                        })
+                        .take(5)
+                        .collect();
+                    *kinds.entry(kind.join("/")).or_default() += 1;
+                    seen_to = seen_to.max(kv.mod_revision());
+                }
+            }
+        }
+        drop(stream);
+        let writes = (r1 - r0) as f64 / dt;
+        eprintln!("keys written while idle, by kind: {kinds:?}");
+        let bps = bytes as f64 / dt;
+        anyhow::Ok(json!({
+            "idle_etcd_writes_per_s": writes,
+            "idle_etcd_proposals_per_s": (p1 - p0) / dt,
+            "idle_etcd_write_bytes_per_s": bps,
+            "etcd_db_growth_mb_per_h": bps * 3600.0 / 1e6,
+        }))
+    })
+}
+
+/// Median admission check and one DRS plan, from the first host.
+fn measure_decisions(s: &Sim, vms: usize) -> Result<Value> {
+    let h = &s.hosts[0];
+    let mut adm = vec![];
+    for i in 0..10 {
+        // A stopped VM of host 0 (VM i lives on host i % hosts).
+        let idx = (i * s.hosts.len()) % vms.max(1);
+        let name = format!("vm{idx:05}");
+        let t = Instant::now();
+        let r = s.rt.block_on(h.admit_start(&name));
+        adm.push(t.elapsed().as_secs_f64() * 1000.0);
+        if let Err(e) = r {
+            eprintln!("admission of {name}: {e}");
+        }
+    }
+    let t = Instant::now();
+    let plan = s.rt.block_on(h.drs_plan());
+    let drs = t.elapsed().as_secs_f64();
+    if let Err(e) = plan {
+        eprintln!("drs plan: {e}");
+    }
+    Ok(json!({
+        "start_admission_ms": crate::median(adm),
+        "drs_round_s": drs,
+        "host_failure_last_vm_s": null,
+        "ui_first_page_ms": null,
+    }))
+}
+
+pub(crate) fn run() -> Result<()> {
+    let as_json = std::env::args().any(|a| a == "--json");
+    let hosts: Vec<usize> = arg_str("--hosts", "16")
+        .split(',')
+        .map(|x| x.parse().context("--hosts"))
+        .collect::<Result<_>>()?;
+    let vms: Vec<usize> = arg_str("--vms", "1000")
+        .split(',')
+        .map(|x| x.parse().context("--vms"))
+        .collect::<Result<_>>()?;
+    let running = arg("--running", 0);
+    let seconds = u64::try_from(arg("--seconds", 60))?;
+    let mut rows = vec![];
+    for &h in &hosts {
+        for &v in &vms {
+            eprintln!("scale: {h} hosts, {v} VMs ({running} running), {seconds} s idle");
+            let t = Instant::now();
+            let sim = build(h, v, running)?;
+            let built = t.elapsed().as_secs_f64();
+            let mut row = json!({"hosts": h, "vms": v, "running": running, "build_s": built});
+            for part in [measure_idle(&sim, seconds)?, measure_decisions(&sim, v)?] {
+                if let (Some(r), Some(p)) = (row.as_object_mut(), part.as_object()) {
+                    r.extend(p.clone());
+                }
+            }
+            // The runtime (and with it every simulated host) ends before etcd.
+            let Sim {
+                rt,
+                hosts,
+                etcd,
+                _dir,
+            } = sim;
+            drop(hosts);
+            if let Ok(rt) = Arc::try_unwrap(rt) {
+                rt.shutdown_timeout(Duration::from_secs(5));
+            }
+            drop(etcd);
+            if as_json {
+                println!("{row}");
+            }
+            rows.push(row);
+        }
+    }
+    if !as_json {
+        let cols = [
+            "hosts",
+            "vms",
+            "running",
+            "idle_etcd_writes_per_s",
+            "idle_etcd_proposals_per_s",
+            "idle_etcd_write_bytes_per_s",
+            "etcd_db_growth_mb_per_h",
+            "start_admission_ms",
+            "drs_round_s",
+            "host_failure_last_vm_s",
+            "ui_first_page_ms",
+        ];
+        println!("{}", cols.join("\t"));
+        for r in &rows {
+            let cells: Vec<String> = cols
+                .iter()
+                .map(|c| match &r[*c] {
+                    Value::Number(n) if n.is_f64() => format!("{:.3}", n.as_f64().unwrap_or(0.0)),
+                    Value::Null => "n/a".into(),
+                    v => v.to_string(),
+                })
+                .collect();
+            println!("{}", cells.join("\t"));
+        }
+    }
+    Ok(())
+}
