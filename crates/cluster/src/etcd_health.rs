@@ -1,6 +1,6 @@
 //! Keeping the cluster's etcd bounded: `ferry_store::health` decides, this runs it.
-//! One host tends etcd at a time — the host whose member leads, or (for an etcd ferry
-//! does not run, or while no member leads) the HA manager: every 30 s it surveys the members, compacts history
+//! One host tends etcd at a time — the HA manager, or while there is none the host
+//! whose member leads: every 30 s it surveys the members, compacts history
 //! older than the retention, defragments a member that is mostly free space, and on a
 //! NOSPACE alarm frees space and disarms it, with an event for each thing it did.
 //! `cluster status` surveys afresh; `/metrics` shows the tending host's last survey.
@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 /// How often the tending host looks at etcd.
 pub(crate) const TICK: Duration = Duration::from_secs(30);
+/// A NOSPACE recovery that left etcd full is tried again after this long.
+const NOSPACE_RETRY: Duration = Duration::from_secs(600);
 
 /// The etcd tender's state.
 pub(crate) struct EtcdHealthState {
@@ -28,6 +30,8 @@ pub(crate) struct EtcdHealthState {
     warned: BTreeMap<String, Instant>,
     /// The last survey, while this host tends etcd.
     last: Option<Survey>,
+    /// When a NOSPACE recovery last ran without freeing enough.
+    nospace_tried: Option<Instant>,
 }
 
 impl Default for EtcdHealthState {
@@ -38,6 +42,7 @@ impl Default for EtcdHealthState {
             defragged: BTreeMap::new(),
             warned: BTreeMap::new(),
             last: None,
+            nospace_tried: None,
         }
     }
 }
@@ -73,13 +78,23 @@ impl Cluster {
         let members = etcd_members::list(&client)
             .await
             .map_err(etcd_err("List etcd members"))?;
-        let leader = etcd_members::leader(&client).await;
-        let hosts: Vec<String> = link.members().await?.into_iter().map(|h| h.name).collect();
-        let tends = match members.iter().find(|m| m.id == leader) {
-            // A host's member leads: that host tends (clients of the voters never do).
-            Some(m) if hosts.contains(&m.name) => m.name == self.host_name(),
-            // An etcd ferry does not run (or no leader now): the HA manager.
-            _ => self.inner.ha.is_manager.load(Ordering::Relaxed),
+        // One tender: the HA manager (an elected role under a lease). With no manager
+        // (none elected yet, or NOSPACE refusing the election's lease), the host whose
+        // member leads.
+        let tends = if self.inner.ha.is_manager.load(Ordering::Relaxed) {
+            true
+        } else if link
+            .root
+            .get(ferry_store::keys::cluster::MANAGER)
+            .await?
+            .is_none()
+        {
+            let leader = etcd_members::leader(&client).await;
+            members
+                .iter()
+                .any(|m| m.id == leader && m.name == self.host_name())
+        } else {
+            false
         };
         if !tends {
             self.inner
@@ -115,7 +130,69 @@ impl Cluster {
         if steps.is_empty() {
             return Ok(());
         }
-        let done = health::carry_out(&client, &s, &steps, Some(&tls)).await;
+        let nospace = steps.iter().any(|st| matches!(st, Step::Disarm(_)));
+        if nospace {
+            // A recovery that freed nothing is not repeated every round.
+            let mut st = self.inner.etcd.lock().unwrap_or_else(|e| e.into_inner());
+            if st
+                .nospace_tried
+                .is_some_and(|t| t.elapsed() < NOSPACE_RETRY)
+            {
+                return Err(AgentError::failed(
+                    crate::error::Failure::Internal,
+                    "etcd raised NOSPACE and holds more live data than its quota allows; free space (delete VMs, events) or raise the quota",
+                ));
+            }
+            st.nospace_tried = Some(Instant::now());
+        }
+        let (disarms, first): (Vec<Step>, Vec<Step>) = steps
+            .into_iter()
+            .partition(|st| matches!(st, Step::Disarm(_)));
+        let mut failed = self.carry_out_steps(&client, &s, &first, &tls).await;
+        if !disarms.is_empty() && failed.is_none() {
+            // Disarmed only with room again: else writes fill it at once.
+            let after = health::survey(&client, &members, Some(&tls)).await;
+            let used = after
+                .members
+                .iter()
+                .filter(|m| m.error.is_none())
+                .map(|m| m.db_in_use)
+                .max()
+                .unwrap_or(0);
+            if (used as f64) < 0.9 * policy.quota_bytes as f64 {
+                failed = self.carry_out_steps(&client, &after, &disarms, &tls).await;
+                self.inner
+                    .etcd
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .nospace_tried = None;
+            } else {
+                let w = format!(
+                    "etcd holds {} MiB of live data after compaction and defragmentation, {:.0} % of its {} MiB quota: NOSPACE left armed; free space (delete VMs, events) or raise the quota",
+                    used >> 20,
+                    100.0 * used as f64 / policy.quota_bytes as f64,
+                    policy.quota_bytes >> 20
+                );
+                self.events().emit(None, "cluster", w.clone());
+                failed = Some(w);
+            }
+        }
+        match failed {
+            Some(e) => Err(AgentError::failed(crate::error::Failure::Internal, e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs `steps`, each reported (defragmentations, disarms and warnings as events,
+    /// a warning at most hourly); the last failure.
+    async fn carry_out_steps(
+        &self,
+        client: &etcd_client::Client,
+        s: &Survey,
+        steps: &[Step],
+        tls: &ferry_store::EtcdTls,
+    ) -> Option<String> {
+        let done = health::carry_out(client, s, steps, Some(tls)).await;
         let mut failed = None;
         for (step, r) in steps.iter().zip(done) {
             match (step, r) {
@@ -154,10 +231,7 @@ impl Cluster {
                 }
             }
         }
-        match failed {
-            Some(e) => Err(AgentError::failed(crate::error::Failure::Internal, e)),
-            None => Ok(()),
-        }
+        failed
     }
 
     /// The quota this cluster's etcd has: ferry's when ferry runs the members.

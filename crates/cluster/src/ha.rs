@@ -21,8 +21,8 @@ use crate::lease::Alive;
 use keys::cluster::{ALIVE, MANAGER};
 
 const TICK: Duration = Duration::from_millis(250);
-/// The campaign looks again this often even when its watch says nothing.
-const CAMPAIGN_RECHECK: Duration = Duration::from_secs(30);
+/// The campaign reads the manager key this often even when its watch says nothing.
+const MANAGER_READ: Duration = Duration::from_secs(2);
 const RESTART_WINDOW: Duration = Duration::from_secs(600);
 
 /// A full manager round (every VM record of every host) at least this often; in
@@ -85,8 +85,8 @@ impl Cluster {
     /// The HA manager election: campaign once, then wait for the manager key to go (a
     /// delete: the manager's lease ended) before campaigning again — no transaction
     /// every tick, as etcd's own election recipe does. Sets `is_manager` (the HA loop
-    /// and DRS read it). A safety re-campaign every [`CAMPAIGN_RECHECK`] covers a
-    /// watch that ended silently.
+    /// and DRS read it). A read of the key every [`MANAGER_READ`] covers a
+    /// watch that stalled without ending.
     #[tracing::instrument(skip_all)]
     pub(crate) async fn campaign_loop(self) {
         let Ok(link) = self.cluster_link().cloned() else {
@@ -119,7 +119,10 @@ impl Cluster {
                 }
             };
             self.set_manager(won);
-            let since = Instant::now();
+            let mut since_read = Instant::now();
+            // A watch that ends at once (a store going away) must not turn this into a
+            // loop of transactions.
+            tokio::time::sleep(TICK).await;
             loop {
                 tokio::select! {
                     ev = watch.recv() => match ev {
@@ -129,8 +132,16 @@ impl Cluster {
                     },
                     _ = tokio::time::sleep(Duration::from_millis(200)) => {
                         let same = self.lease_id() == Some(lease) && self.holds_lease();
-                        if !same || since.elapsed() >= CAMPAIGN_RECHECK {
+                        if !same {
                             break;
+                        }
+                        // A watch that stalled without ending: a read (no raft
+                        // proposal, unlike a campaign) sees the key gone.
+                        if since_read.elapsed() >= MANAGER_READ {
+                            since_read = Instant::now();
+                            if matches!(link.root.get(MANAGER).await, Ok(None)) {
+                                break;
+                            }
                         }
                     }
                 }

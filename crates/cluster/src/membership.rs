@@ -151,16 +151,13 @@ fn member_config(cfg: &ClusterConfig, paths: &EtcdPaths, new: bool, pki: &HostPk
     }
 }
 
-/// How many etcd voters a cluster of `hosts` hosts has: 3 (one may fail), 5 from 7
-/// hosts on (two may fail). Every other host is a client of them: quorum never counts
-/// every hypervisor, and writes stay fast (each voter more is one more fsync a write
-/// waits for).
-pub fn voter_target(hosts: usize) -> usize {
-    if hosts >= 7 {
-        5
-    } else {
-        3
-    }
+/// How many etcd voters a cluster of `hosts` hosts has: 3 (one may fail). Every other
+/// host is a client of them: quorum never counts every hypervisor, and writes stay fast
+/// (each voter more is one more fsync a write waits for). Five voters need a client to
+/// be promoted as the count passes 4 (an even count tolerates no more failures than
+/// the odd one below it), which ferry does not do yet: it stays at 3.
+pub fn voter_target(_hosts: usize) -> usize {
+    3
 }
 
 /// At daemon start: makes sure the local etcd member runs (when ferry manages it) and
@@ -173,20 +170,7 @@ pub async fn connect(
 ) -> Result<ClusterLink> {
     if cfg.managed_etcd {
         let paths = etcd_paths(state_dir, run_dir);
-        // A member started by an older ferry, or before this host had a revocation
-        // list, lacks flags ferry wants now (the list, quota, compaction): start it
-        // again with them.
-        if let Some(pid) = member::running(&paths.pidfile, &paths.data) {
-            let missing = member::outdated_flags(pid, &member_config(cfg, &paths, false, pki));
-            if !missing.is_empty() {
-                tracing::warn!(
-                    pid,
-                    ?missing,
-                    "the local etcd member runs with outdated flags; restarting it"
-                );
-                member::stop(&paths.pidfile, &paths.data).await;
-            }
-        }
+        restart_outdated_member(cfg, &paths, pki).await;
         if member::running(&paths.pidfile, &paths.data).is_none() {
             let mc = member_config(cfg, &paths, false, pki);
             let pid = member::spawn("etcd", &mc, &paths.log, &paths.pidfile).await?;
@@ -195,6 +179,107 @@ pub async fn connect(
     }
     let root = EtcdStore::connect(&cfg.endpoints, ROOT, Some(etcd_tls(pki))).await?;
     Ok(ClusterLink::on_etcd(cfg.clone(), root))
+}
+
+/// A member started by an older ferry, or before this host had a revocation list, lacks
+/// flags ferry wants now (the list, quota, compaction): it is started again with them —
+/// but only while every other voter is healthy and no other host restarts its member
+/// (a lock under a lease), so a fleet upgraded at once never loses quorum. Otherwise
+/// later (`ensure_member` asks again). True if it restarted the member.
+async fn restart_outdated_member(cfg: &ClusterConfig, paths: &EtcdPaths, pki: &HostPki) -> bool {
+    let Some(pid) = member::running(&paths.pidfile, &paths.data) else {
+        return false;
+    };
+    let mc = member_config(cfg, paths, false, pki);
+    let missing = member::outdated_flags(pid, &mc);
+    if missing.is_empty() {
+        return false;
+    }
+    let own = client_url(&cfg.address);
+    let others: Vec<String> = cfg
+        .endpoints
+        .iter()
+        .filter(|e| **e != own)
+        .cloned()
+        .collect();
+    let tls = etcd_tls(pki);
+    let mut lock = None;
+    if !others.is_empty() {
+        match restart_lock(cfg, &others, &tls).await {
+            Ok(Some(l)) => lock = Some(l),
+            Ok(None) => {
+                tracing::info!(?missing, "etcd member with outdated flags: restart deferred (another member restarts, or a voter is unhealthy)");
+                return false;
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "etcd member with outdated flags: restart deferred");
+                return false;
+            }
+        }
+    }
+    tracing::warn!(
+        pid,
+        ?missing,
+        "the local etcd member runs with outdated flags; restarting it"
+    );
+    member::stop(&paths.pidfile, &paths.data).await;
+    let restarted = match member::spawn("etcd", &mc, &paths.log, &paths.pidfile).await {
+        Ok(_) => member::wait_healthy(
+            &cfg.name,
+            &mc.client_url,
+            Some(&tls),
+            &paths.log,
+            Duration::from_secs(30),
+        )
+        .await
+        .is_ok(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot restart the local etcd member");
+            false
+        }
+    };
+    if let Some((mut c, lease)) = lock {
+        let _ = c.lease_revoke(lease).await;
+    }
+    restarted
+}
+
+/// Takes the member-restart lock (for 60 s at most) if every voter but this host's is
+/// healthy; None if another host holds it or a voter is not.
+async fn restart_lock(
+    cfg: &ClusterConfig,
+    others: &[String],
+    tls: &EtcdTls,
+) -> std::result::Result<Option<(etcd_client::Client, i64)>, etcd_client::Error> {
+    let mut c = etcd_members::connect(others, Some(tls)).await?;
+    let list = etcd_members::list(&c).await?;
+    let voters: Vec<etcd_members::Member> = list
+        .into_iter()
+        .filter(|m| !m.learner && m.name != cfg.name)
+        .collect();
+    let s = ferry_store::health::survey(&c, &voters, Some(tls)).await;
+    if s.members.iter().any(|m| m.error.is_some()) {
+        return Ok(None);
+    }
+    let lease = c.lease_grant(60, None).await?.id();
+    let key = format!("{ROOT}{}", ferry_store::keys::cluster::MEMBER_RESTART);
+    let txn = etcd_client::Txn::new()
+        .when([etcd_client::Compare::version(
+            key.as_str(),
+            etcd_client::CompareOp::Equal,
+            0,
+        )])
+        .and_then([etcd_client::TxnOp::put(
+            key.as_str(),
+            cfg.name.as_str(),
+            Some(etcd_client::PutOptions::new().with_lease(lease)),
+        )]);
+    if c.txn(txn).await?.succeeded() {
+        Ok(Some((c, lease)))
+    } else {
+        let _ = c.lease_revoke(lease).await;
+        Ok(None)
+    }
 }
 
 pub(super) fn etcd_err(what: impl Into<String>) -> impl FnOnce(etcd_client::Error) -> AgentError {
@@ -243,6 +328,13 @@ impl Cluster {
         }
         let paths = etcd_paths(&self.cfg().state_dir, &self.cfg().run_dir);
         if member::running(&paths.pidfile, &paths.data).is_some() {
+            if restart_outdated_member(&link.cfg, &paths, &self.cfg().pki).await {
+                self.events().emit(
+                    None,
+                    "cluster",
+                    "local etcd member restarted with the flags this ferry wants",
+                );
+            }
             return;
         }
         let mc = member_config(&link.cfg, &paths, false, &self.cfg().pki);
@@ -517,18 +609,36 @@ impl Cluster {
             ));
         }
         // A voter only while the cluster has fewer than it should: quorum must not
-        // count every hypervisor (etcd advises 3 to 5 voters).
-        let list = etcd_members::list(&link.etcd()?.client())
-            .await
-            .map_err(etcd_err("List etcd members"))?;
+        // count every hypervisor (etcd advises 3 to 5 voters). The cluster decides,
+        // not the joiner (its peer URL follows from its address anyway).
+        let counted = async {
+            let list = etcd_members::list(&link.etcd()?.client())
+                .await
+                .map_err(etcd_err("List etcd members"))?;
+            let hosts = link.members().await?.len();
+            Ok::<_, AgentError>((list, hosts))
+        }
+        .await;
+        let (list, hosts) = match counted {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = link.root.delete(&key).await;
+                return Err(e);
+            }
+        };
         let voters = list.iter().filter(|m| !m.learner).count();
-        let hosts = link.members().await?.len();
-        let (initial, endpoints) = if req.peer_url.is_some() && voters < voter_target(hosts) {
+        let (initial, endpoints) = if voters < voter_target(hosts) {
             add_etcd_member(link, &req, &key).await?
         } else {
             // A client of the voters: their client URLs, no member of its own; etcd
             // lets its certificate in only with a user of its name.
-            let mut c = link.etcd()?.client();
+            let mut c = match link.etcd() {
+                Ok(e) => e.client(),
+                Err(e) => {
+                    let _ = link.root.delete(&key).await;
+                    return Err(e);
+                }
+            };
             if let Err(e) = member::access::admit(&mut c, &req.name).await {
                 let _ = link.root.delete(&key).await;
                 return Err(etcd_err(format!("Admit {} to etcd", req.name))(e));

@@ -118,6 +118,21 @@ fn sim_host(dir: &std::path::Path, root: Arc<dyn ferry_store::Store>, name: &str
         ca_fingerprint: String::new(),
     };
     let link = ferry_host::ClusterLink::simulated(cfg, root.clone());
+    // One cluster CA, held by h1; the others hold certificates it signed, as after
+    // `cluster join` (else every host would sign revocation lists of its own CA).
+    let founder = ferry_pki::HostPki::ensure(&dir.join("h1/state/pki"), "h1", &[]).unwrap();
+    if name != "h1" {
+        let (key, csr) = ferry_pki::new_request(name).unwrap();
+        let cert = founder.issue(&csr, name, &[]).unwrap();
+        ferry_pki::HostPki::install(
+            &dir.join(name).join("state/pki"),
+            founder.ca_pem(),
+            None,
+            &cert,
+            &key,
+        )
+        .unwrap();
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -446,9 +461,10 @@ fn vm_names_are_reserved_in_the_create_transaction() {
             assert_eq!(e.code(), "exists", "{e}");
         }
         let v = won[0];
+        let salt = ferry_types::mac_salt(&hosts[0].c.cfg().pki.ca_fingerprint());
         assert_eq!(
             v.spec.nics[0].mac,
-            ferry_types::derived_mac(v.id, 0),
+            ferry_types::derived_mac(salt, v.id, 0),
             "the MAC comes from the id"
         );
     }

@@ -18,6 +18,10 @@ pub struct Thresholds {
     /// Its resident memory by this many bytes, or this share.
     pub rss_bytes: u64,
     pub rss_share: f64,
+    /// The host's totals (CPU, memory of all its VMs) may differ by this share (or the
+    /// per-VM absolute figures): many VMs each drifting inside their own threshold add
+    /// up.
+    pub total_share: f64,
     /// Republished at least this often (well inside DRS's 300 s window).
     pub max_age: Duration,
 }
@@ -29,6 +33,7 @@ impl Default for Thresholds {
             cpu_share: 0.2,
             rss_bytes: 64 << 20,
             rss_share: 0.2,
+            total_share: 0.05,
             max_age: Duration::from_secs(120),
         }
     }
@@ -67,10 +72,23 @@ pub fn republish(
     {
         return true;
     }
-    !p.vms
+    if !p
+        .vms
         .iter()
         .zip(&now.vms)
         .all(|((pn, pl), (nn, nl))| pn == nn && vm_close(pl, nl, t))
+    {
+        return true;
+    }
+    // Many VMs each drifting just inside their threshold add up: the host's totals
+    // keep to a tighter share.
+    let total = |c: &HostCapacity| {
+        c.vms.values().fold((0.0, 0.0), |(cpu, rss), v| {
+            (cpu + v.cpu, rss + v.rss_bytes as f64)
+        })
+    };
+    let ((pc, pr), (nc, nr)) = (total(p), total(now));
+    !(close(pc, nc, t.cpu_cores, t.total_share) && close(pr, nr, t.rss_bytes as f64, t.total_share))
 }
 
 #[cfg(test)]
@@ -108,7 +126,7 @@ mod tests {
         assert!(!republish(Some(&a), &a, s, &t));
         assert!(!republish(
             Some(&a),
-            &cap(&[("a", 0.03, 210 << 20), ("b", 1.1, 1 << 30)]),
+            &cap(&[("a", 0.03, 210 << 20), ("b", 1.03, 1 << 30)]),
             s,
             &t
         ));
@@ -126,6 +144,19 @@ mod tests {
             &t
         ));
         assert!(republish(Some(&a), &a, t.max_age, &t));
+        // 40 VMs each up 60 MiB (inside their own threshold): 2.4 GiB on the host.
+        let many = |rss: u64| {
+            let v: Vec<(String, f64, u64)> =
+                (0..40).map(|i| (format!("v{i:02}"), 0.0, rss)).collect();
+            let r: Vec<(&str, f64, u64)> = v.iter().map(|(n, c, r)| (n.as_str(), *c, *r)).collect();
+            cap(&r)
+        };
+        assert!(republish(
+            Some(&many(1 << 30)),
+            &many((1 << 30) + (60 << 20)),
+            s,
+            &t
+        ));
     }
 
     fn arb_cap() -> impl Strategy<Value = HostCapacity> {

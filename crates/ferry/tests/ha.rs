@@ -560,6 +560,71 @@ fn hosts_beyond_three_are_clients_of_the_voters() -> Result<()> {
     let o = h1.ferry(&["vm", "create", "c1", "--memory", "64M"])?;
     assert!(!o.status.success(), "a second c1 on h1");
     h4.ferry_ok(&["vm", "delete", "c1"])?;
+
+    // A voter's etcd member an older ferry started (a day of history, no quota): the
+    // next start of its daemon restarts it with today's flags, quorum kept.
+    let mut lab = lab;
+    let old = lab.etcd_pid("h2").context("h2's etcd member")?;
+    let argv: Vec<String> = std::fs::read(format!("/proc/{old}/cmdline"))?
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let older: Vec<String> = argv[1..]
+        .iter()
+        .filter(|a| !a.starts_with("--quota-backend-bytes="))
+        .map(|a| {
+            if a.starts_with("--auto-compaction-retention=") {
+                "--auto-compaction-retention=24h".to_string()
+            } else {
+                a.clone()
+            }
+        })
+        .collect();
+    lab.kill_daemon("h2")?;
+    lab.kill_etcd("h2")?;
+    wait_for("h2's member gone", Duration::from_secs(10), || {
+        Ok(lab.etcd_pid("h2").is_none())
+    })?;
+    let ns = lab.host("h2")?.ns.clone();
+    let log = lab.state_dir("h2").join("cluster/etcd.log");
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns, "sh", "-c"])
+        .arg(r#"log=$1; shift; setsid "$@" >>"$log" 2>&1 </dev/null & echo $!"#)
+        .arg("sh")
+        .arg(&log)
+        .arg(&argv[0])
+        .args(&older)
+        .output()?;
+    let pid: i32 = String::from_utf8_lossy(&out.stdout).trim().parse()?;
+    std::fs::write(lab.run_dir("h2").join("etcd.pid"), pid.to_string())?;
+    wait_for(
+        "quorum with the older member",
+        Duration::from_secs(30),
+        || Ok(cluster_status(&h1)?["has_quorum"] == true && lab.etcd_pid("h2") == Some(pid)),
+    )?;
+    lab.start_daemon("h2")?;
+    lab.wait_daemon("h2")?;
+    wait_for(
+        "h2's member restarted with the new flags",
+        Duration::from_secs(60),
+        || {
+            let Some(now) = lab.etcd_pid("h2") else {
+                return Ok(false);
+            };
+            let cmd = String::from_utf8_lossy(&std::fs::read(format!("/proc/{now}/cmdline"))?)
+                .replace('\0', " ");
+            Ok(now != pid
+                && cmd.contains("--quota-backend-bytes=2147483648")
+                && cmd.contains("--auto-compaction-retention=5m"))
+        },
+    )?;
+    wait_for("quorum after the restart", Duration::from_secs(30), || {
+        Ok(cluster_status(&h1)?["has_quorum"] == true)
+    })?;
+    let o = h1.ferry_json(&["cluster", "status"])?;
+    assert_eq!(o["etcd_voters"], 3, "{o}");
+
     h4.ferry_ok(&["cluster", "leave"])?;
     let st = cluster_status(&h1)?;
     assert_eq!(st["etcd_voters"], 3, "{st}");

@@ -41,9 +41,15 @@ fn vm_boots_answers_pings_console_and_survives_daemon_crash() -> Result<()> {
         ],
     )?;
     let mac = vm["spec"]["nics"][0]["mac"].as_str().unwrap().to_string();
-    // Derived from the cluster-unique VM id: never a random collision.
+    // Derived from the VM id and this host's CA: never a random collision.
     let id = u32::try_from(vm["id"].as_u64().unwrap())?;
-    assert_eq!(Some(mac.clone()), ferry_types::derived_mac(id, 0), "{vm}");
+    let ca = lab.ferry_json(&["cluster", "certs", "status"])?;
+    let salt = ferry_types::mac_salt(ca["ca"]["fingerprint"].as_str().unwrap_or(""));
+    assert_eq!(
+        Some(mac.clone()),
+        ferry_types::derived_mac(salt, id, 0),
+        "{vm}"
+    );
 
     lab.ferry_ok(&["vm", "start", "web1"])?;
     lab.wait_console("web1", "FERRY-READY", BOOT)?;

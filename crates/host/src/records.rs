@@ -260,20 +260,37 @@ impl Host {
         );
         for _ in 0..5 {
             let held = c.root.get(&reserve).await?;
-            let free = match &held {
-                None => Compare::Version(reserve.clone(), Cmp::Equal, 0),
+            let mut compare = vec![Compare::Version(record.clone(), Cmp::Equal, 0)];
+            match &held {
+                None => compare.push(Compare::Version(reserve.clone(), Cmp::Equal, 0)),
                 Some(kv) => {
                     if self.check_name_free(name).await.is_err() {
                         return Ok(false);
                     }
                     tracing::info!(vm = %name, "taking over a stale name reservation");
-                    Compare::ModRev(reserve.clone(), Cmp::Equal, kv.mod_rev)
+                    compare.push(Compare::ModRev(reserve.clone(), Cmp::Equal, kv.mod_rev));
+                    // No host holds a record of the name at the moment of the takeover
+                    // (the scan above read the hosts one after another: an HA move
+                    // between two reads could have hidden a live VM).
+                    // (etcd takes at most 128 comparisons a transaction: beyond that
+                    // the scan alone stands.)
+                    let members = c.members().await?;
+                    for h in members.iter().filter(|_| members.len() <= 120) {
+                        compare.push(Compare::Version(
+                            ferry_store::keys::cluster::of_host(
+                                &h.name,
+                                &ferry_store::keys::host::vm(name),
+                            ),
+                            Cmp::Equal,
+                            0,
+                        ));
+                    }
                 }
-            };
+            }
             let r = c
                 .root
                 .txn(Txn {
-                    compare: vec![free, Compare::Version(record.clone(), Cmp::Equal, 0)],
+                    compare,
                     success: vec![
                         Op::Put {
                             key: reserve.clone(),

@@ -189,8 +189,8 @@ impl Host {
     }
 
     /// Fills in MACs: kept from `old` for the same NIC position, else derived from the
-    /// cluster-unique VM id (`ferry_types::derived_mac`: no random collisions), random
-    /// only when every slot of the id is taken on this host.
+    /// cluster-unique VM id and the cluster's CA (`ferry_types::derived_mac`: no random
+    /// collisions), random only when every slot of the id is taken on this host.
     async fn assign_macs(&self, spec: &mut VmSpec, old: Option<&VmSpec>, id: u32) -> Result<()> {
         let mut used: HashSet<String> = HashSet::new();
         for r in self.records().await? {
@@ -198,6 +198,8 @@ impl Host {
                 used.extend(n.mac.map(|m| m.to_ascii_lowercase()));
             }
         }
+        // This cluster's (or lone host's) salt: its CA.
+        let salt = ferry_types::mac_salt(&self.inner.cfg.pki.ca_fingerprint());
         used.extend(
             spec.nics
                 .iter()
@@ -208,7 +210,7 @@ impl Host {
                 let keep = old.and_then(|o| o.nics.get(i)).and_then(|o| o.mac.clone());
                 let derived = (0..ferry_types::MAX_NICS)
                     .map(|k| (i + k) % ferry_types::MAX_NICS)
-                    .filter_map(|slot| ferry_types::derived_mac(id, slot))
+                    .filter_map(|slot| ferry_types::derived_mac(salt, id, slot))
                     .find(|m| !used.contains(m));
                 n.mac = Some(match keep.or(derived) {
                     Some(m) => {

@@ -6,9 +6,10 @@
 //! - members run with an explicit quota ([`QUOTA_BYTES`]) and compact their history
 //!   themselves after [`RETENTION`] (`member.rs`); ferry compacts too ([`compact_to`]),
 //!   so an etcd ferry does not run (`--etcd` endpoints) stays bounded as well;
-//! - [`plan`] (pure) decides from a [`Survey`] what to do: defragment a member whose
+//! - [`plan`] (pure) decides from a [`Survey`] what to do: defragment a follower whose
 //!   file is mostly free space (one member a round, each at most once an hour), and on a
-//!   NOSPACE alarm compact to now, defragment every member and disarm;
+//!   NOSPACE alarm compact to now, defragment every member (the leader last) and disarm
+//!   — the caller disarms only once a survey after the rest shows room again;
 //! - [`survey`] and [`carry_out`] are the I/O around it.
 
 use crate::membership::Member;
@@ -136,6 +137,9 @@ pub fn plan(s: &Survey, p: &Policy, since_defrag: &BTreeMap<u64, Duration>) -> V
         )));
     } else if let Some(m) = reachable
         .iter()
+        // Never the leader in a routine round: its defragmentation would stall every
+        // write (and may move leadership).
+        .filter(|m| !m.leader)
         .filter(|m| {
             let free = m.db_size.saturating_sub(m.db_in_use);
             free >= p.defrag_min_free
@@ -403,8 +407,9 @@ mod tests {
         };
         let p = Policy::default();
         assert_eq!(plan(&s, &p, &BTreeMap::new()), vec![Step::Defrag(2)]);
+        // Member 1 leads: never defragmented in a routine round.
         let recent = BTreeMap::from([(2, Duration::from_secs(60))]);
-        assert_eq!(plan(&s, &p, &recent), vec![Step::Defrag(1)]);
+        assert!(plan(&s, &p, &recent).is_empty());
         let s = Survey {
             members: vec![member(1, 100, 60, true)],
             ..s
@@ -475,6 +480,9 @@ mod tests {
             }
             if s.alarms.is_empty() {
                 prop_assert!(defrags.len() <= 1);
+                for id in &defrags {
+                    prop_assert!(!members.iter().any(|m| m.id == *id && m.leader));
+                }
                 for id in &defrags {
                     prop_assert!(since.get(id).is_none_or(|d| *d >= p.defrag_every));
                 }

@@ -77,6 +77,9 @@ pub mod cluster {
     pub const CRL: &str = "/cluster/crl";
     /// Each host's published load and capacity: `/cluster/load/{host}`.
     pub const LOAD: &str = "/cluster/load/";
+    /// Held (under a lease) by the host restarting its etcd member with new flags: one
+    /// member at a time.
+    pub const MEMBER_RESTART: &str = "/cluster/member-restart";
     /// VM names reserved cluster-wide, each holding its VM's id: `/cluster/names/{vm}`.
     pub const VM_NAMES: &str = "/cluster/names/";
 

@@ -320,14 +320,37 @@ fn default_pool() -> String {
     "local".into()
 }
 
-/// The MAC of NIC slot `slot` of VM `id`: locally administered, unicast, in ferry's
-/// own `52:46` range (apart from QEMU's `52:54:00`, where random MACs of older VMs
-/// live), unique in the cluster because VM ids are. None past 2^28 VMs or 16 slots.
-pub fn derived_mac(id: u32, slot: usize) -> Option<String> {
+/// The MAC of NIC slot `slot` of VM `id` in the cluster (or lone host) whose `salt`
+/// it is (14 bits of its CA's fingerprint, [`mac_salt`]): unique in the cluster because
+/// VM ids are, and apart from other clusters' and lone hosts' on the same LAN (whose
+/// ids start at 100 too) unless their salts meet (1 in 16,384). Locally administered
+/// and unicast; never in QEMU's `52:54:00` range, where random MACs of older VMs live.
+/// None past 2^28 VMs or 16 slots.
+pub fn derived_mac(salt: u16, id: u32, slot: usize) -> Option<String> {
     let slot = u32::try_from(slot).ok().filter(|s| *s < 16)?;
     let v = id.checked_mul(16)?.checked_add(slot)?;
     let [a, b, c, d] = v.to_be_bytes();
-    Some(format!("52:46:{a:02x}:{b:02x}:{c:02x}:{d:02x}"))
+    // First octet: 64 locally administered unicast values (bits 0b......10).
+    let first = (((salt >> 8) & 0x3f) as u8) << 2 | 0x02;
+    let mut second = (salt & 0xff) as u8;
+    if first == 0x52 && second == 0x54 {
+        second = 0x55;
+    }
+    Some(format!(
+        "{first:02x}:{second:02x}:{a:02x}:{b:02x}:{c:02x}:{d:02x}"
+    ))
+}
+
+/// A cluster's (or lone host's) MAC salt from its CA's fingerprint (`SHA256:…` or any
+/// text): 14 bits.
+pub fn mac_salt(ca_fingerprint: &str) -> u16 {
+    // FNV-1a: stable across versions and platforms (not a security measure).
+    let mut h: u32 = 0x811c_9dc5;
+    for b in ca_fingerprint.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    ((h ^ (h >> 16)) & 0x3fff) as u16
 }
 
 /// Locally administered unicast MAC in QEMU's 52:54:00 range.
@@ -600,14 +623,28 @@ mod tests {
         assert!(parse_mac("52:54:00:12:34").is_err());
         assert!(parse_mac("zz:54:00:12:34:56").is_err());
         assert!(parse_mac(&random_mac()).is_ok());
-        assert_eq!(derived_mac(100, 0).as_deref(), Some("52:46:00:00:06:40"));
-        assert_eq!(derived_mac(100, 15).as_deref(), Some("52:46:00:00:06:4f"));
-        assert_eq!(derived_mac(101, 0).as_deref(), Some("52:46:00:00:06:50"));
-        assert!(derived_mac(100, 16).is_none());
-        assert!(derived_mac(1 << 28, 0).is_none());
-        let m = parse_mac(&derived_mac(u32::MAX >> 4, 15).unwrap()).unwrap();
-        assert_eq!(m[0] & 1, 0, "unicast");
-        assert_eq!(m[0] & 2, 2, "locally administered");
+        let s = 0x1446; // first octet 0x52, second 0x46
+        assert_eq!(derived_mac(s, 100, 0).as_deref(), Some("52:46:00:00:06:40"));
+        assert_eq!(
+            derived_mac(s, 100, 15).as_deref(),
+            Some("52:46:00:00:06:4f")
+        );
+        assert_eq!(derived_mac(s, 101, 0).as_deref(), Some("52:46:00:00:06:50"));
+        assert!(derived_mac(s, 100, 16).is_none());
+        assert!(derived_mac(s, 1 << 28, 0).is_none());
+        // Never QEMU's 52:54:00 range.
+        assert_eq!(
+            derived_mac(0x1454, 1, 0).as_deref(),
+            Some("52:55:00:00:00:10")
+        );
+        // Two clusters (their CAs) differ.
+        let (a, b) = (mac_salt("SHA256:aa"), mac_salt("SHA256:ab"));
+        assert_ne!(derived_mac(a, 100, 0), derived_mac(b, 100, 0));
+        for salt in [0u16, 0x3fff, a, b] {
+            let m = parse_mac(&derived_mac(salt, u32::MAX >> 4, 15).unwrap()).unwrap();
+            assert_eq!(m[0] & 1, 0, "unicast");
+            assert_eq!(m[0] & 2, 2, "locally administered");
+        }
     }
 
     proptest::proptest! {
