@@ -3,7 +3,9 @@
 //! - daemon start → API ready (median of N);
 //! - `vm create` + `start` → the guest's ready marker on the serial console (median of N),
 //!   against a bare `qemu-system-x86_64` start of the same guest (ferry's overhead as a ratio);
-//! - defining 1,000 VMs, then `GET /api/v1/vms` requests/s with them defined.
+//! - defining 1,000 VMs, then `GET /api/v1/vms` requests/s with them defined;
+//! - what a running VM costs the daemon: open files, threads and resident memory with
+//!   `--hold` VMs running (default 8), against none.
 //!
 //! `ferry-bench snapshots`: snapshot with memory (create, revert), disk-only snapshot,
 //! suspend and resume for 256 MiB and 1 GiB guests with RAM filled; linked clone, and full
@@ -157,8 +159,8 @@ pub(crate) async fn task_wait(c: &reqwest::Client, accepted: &Value) -> Result<(
 }
 
 /// Create + start one VM and wait for the ready marker; then remove it.
-async fn ferry_boot(c: &reqwest::Client, name: &str, g: &ferry_lab::Guest) -> Result<f64> {
-    let t = Instant::now();
+/// Defines VM `name` (the test guest) and starts it.
+async fn create_start(c: &reqwest::Client, name: &str, g: &ferry_lab::Guest) -> Result<()> {
     let r = c
         .post(format!("{BASE}/api/v1/vms"))
         .json(&spec(name, g))
@@ -173,7 +175,40 @@ async fn ferry_boot(c: &reqwest::Client, name: &str, g: &ferry_lab::Guest) -> Re
         .await?
         .json()
         .await?;
+    task_wait(c, &a).await
+}
+
+/// Stops VM `name` and deletes it.
+async fn stop_delete(c: &reqwest::Client, name: &str) -> Result<()> {
+    let a: Value = c
+        .post(format!("{BASE}/api/v1/vms/{name}/stop"))
+        .send()
+        .await?
+        .json()
+        .await?;
     task_wait(c, &a).await?;
+    c.delete(format!("{BASE}/api/v1/vms/{name}")).send().await?;
+    Ok(())
+}
+
+/// The daemon's open files, threads and resident memory (KiB).
+fn daemon_usage(pid: u32) -> Result<[f64; 3]> {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count() as f64;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> f64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    Ok([fds, field("Threads:"), field("VmRSS:")])
+}
+
+async fn ferry_boot(c: &reqwest::Client, name: &str, g: &ferry_lab::Guest) -> Result<f64> {
+    let t = Instant::now();
+    create_start(c, name, g).await?;
     loop {
         let h = c
             .get(format!("{BASE}/api/v1/vms/{name}/console/history"))
@@ -190,14 +225,7 @@ async fn ferry_boot(c: &reqwest::Client, name: &str, g: &ferry_lab::Guest) -> Re
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let secs = t.elapsed().as_secs_f64();
-    let a: Value = c
-        .post(format!("{BASE}/api/v1/vms/{name}/stop"))
-        .send()
-        .await?
-        .json()
-        .await?;
-    task_wait(c, &a).await?;
-    c.delete(format!("{BASE}/api/v1/vms/{name}")).send().await?;
+    stop_delete(c, name).await?;
     Ok(secs)
 }
 
@@ -289,7 +317,7 @@ fn main() -> Result<()> {
         })??);
         lab.stop_daemon(false)?;
     }
-    lab.start_daemon()?;
+    let daemon = lab.start_daemon()?;
     let token = lab.token()?;
 
     // 2. Boot to ready marker: ferry vs bare QEMU, interleaved.
@@ -302,6 +330,32 @@ fn main() -> Result<()> {
         })??);
         qemu_boots.push(bare_qemu(&g)?);
     }
+
+    // 2b. What a running VM costs the daemon: its open files, threads and resident
+    // memory with `--hold` VMs running, against none.
+    let hold = arg("--hold", 8);
+    let idle = daemon_usage(daemon)?;
+    in_netns(&ns, || {
+        rt().block_on(async {
+            let c = client(&token)?;
+            for i in 0..hold {
+                create_start(&c, &format!("hold{i}"), &g).await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        })
+    })??;
+    std::thread::sleep(Duration::from_secs(3));
+    let busy = daemon_usage(daemon)?;
+    in_netns(&ns, || {
+        rt().block_on(async {
+            let c = client(&token)?;
+            for i in 0..hold {
+                stop_delete(&c, &format!("hold{i}")).await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        })
+    })??;
+    let per_vm = |i: usize| (busy[i] - idle[i]) / hold.max(1) as f64;
 
     // 3. 1,000 VMs defined; list throughput.
     let (define_rate, list_rate, list_p50_ms) = in_netns(&ns, || {
@@ -371,6 +425,8 @@ fn main() -> Result<()> {
         "boot_to_ready_s_all": {"ferry": ferry_boots, "bare_qemu": qemu_boots},
         "define_vms_per_s": define_rate, "vms_defined": nvms,
         "list_vms_req_per_s": list_rate, "list_vms_p50_ms": list_p50_ms,
+        "daemon_per_running_vm": {"vms": hold, "fds": per_vm(0), "threads": per_vm(1),
+            "rss_kib": per_vm(2), "idle": {"fds": idle[0], "threads": idle[1], "rss_kib": idle[2]}},
     });
     if as_json {
         println!("{out}");
@@ -394,6 +450,10 @@ fn main() -> Result<()> {
         "| define {nvms} VMs (POST /api/v1/vms, sequential) | {define_rate:.0} VMs/s | — | — |"
     );
     println!("| GET /api/v1/vms with {nvms} VMs, 4 clients | {list_rate:.0} req/s (p50 {list_p50_ms:.1} ms) | — | — |");
+    println!(
+        "| the daemon per running VM ({hold} held; idle: {:.0} fds, {:.0} threads, {:.0} KiB) | {:.1} fds, {:.1} threads, {:.0} KiB resident | — | — |",
+        idle[0], idle[1], idle[2], per_vm(0), per_vm(1), per_vm(2)
+    );
     drop(lab);
     Ok(())
 }
