@@ -608,47 +608,14 @@ impl Cluster {
                 format!("A host named {} is already a member", req.name),
             ));
         }
-        // A voter only while the cluster has fewer than it should: quorum must not
-        // count every hypervisor (etcd advises 3 to 5 voters). The cluster decides,
-        // not the joiner (its peer URL follows from its address anyway).
-        let counted = async {
-            let list = etcd_members::list(&link.etcd()?.client())
-                .await
-                .map_err(etcd_err("List etcd members"))?;
-            let hosts = link.members().await?.len();
-            Ok::<_, AgentError>((list, hosts))
-        }
-        .await;
-        let (list, hosts) = match counted {
-            Ok(c) => c,
+        let (initial, endpoints) = match join_etcd(link, &req, &key).await {
+            Ok(r) => r,
             Err(e) => {
+                // Nothing of the joiner stays: its record goes (its user and member
+                // never came, or `add_etcd_member` took them back).
                 let _ = link.root.delete(&key).await;
                 return Err(e);
             }
-        };
-        let voters = list.iter().filter(|m| !m.learner).count();
-        let (initial, endpoints) = if voters < voter_target(hosts) {
-            add_etcd_member(link, &req, &key).await?
-        } else {
-            // A client of the voters: their client URLs, no member of its own; etcd
-            // lets its certificate in only with a user of its name.
-            let mut c = match link.etcd() {
-                Ok(e) => e.client(),
-                Err(e) => {
-                    let _ = link.root.delete(&key).await;
-                    return Err(e);
-                }
-            };
-            if let Err(e) = member::access::admit(&mut c, &req.name).await {
-                let _ = link.root.delete(&key).await;
-                return Err(etcd_err(format!("Admit {} to etcd", req.name))(e));
-            }
-            let eps: Vec<String> = list
-                .iter()
-                .filter(|m| !m.learner)
-                .flat_map(|m| m.client_urls.iter().cloned())
-                .collect();
-            (vec![], eps)
         };
         self.events()
             .emit(None, "cluster", format!("host {} joins", req.name));
@@ -1051,6 +1018,36 @@ impl Cluster {
     pub async fn restart_requested(&self) {
         self.inner.membership.restart.notified().await
     }
+}
+
+/// How host `req.name` (its member record at `key` made) enters etcd: a voter while
+/// the cluster has fewer than it should (quorum must not count every hypervisor; etcd
+/// advises 3 to 5 voters), else a client of the voters — their client URLs and an etcd
+/// user of its name (etcd lets its certificate in only then), no member of its own. The
+/// cluster decides, not the joiner (its peer URL follows from its address anyway).
+/// Returns the initial cluster (empty for a client) and the endpoints.
+async fn join_etcd(
+    link: &ClusterLink,
+    req: &MemberAdd,
+    key: &str,
+) -> Result<(Vec<String>, Vec<String>)> {
+    let client = link.etcd()?.client();
+    let list = etcd_members::list(&client)
+        .await
+        .map_err(etcd_err("List etcd members"))?;
+    let hosts = link.members().await?.len();
+    let voters: Vec<&etcd_members::Member> = list.iter().filter(|m| !m.learner).collect();
+    if voters.len() < voter_target(hosts) {
+        return add_etcd_member(link, req, key).await;
+    }
+    member::access::admit(&mut client.clone(), &req.name)
+        .await
+        .map_err(etcd_err(format!("Admit {} to etcd", req.name)))?;
+    let eps = voters
+        .iter()
+        .flat_map(|m| m.client_urls.iter().cloned())
+        .collect();
+    Ok((vec![], eps))
 }
 
 /// Lets host `req.name` into etcd: its user (etcd admits its certificate only then)
