@@ -152,14 +152,8 @@ impl Cluster {
         if !disarms.is_empty() && failed.is_none() {
             // Disarmed only with room again: else writes fill it at once.
             let after = health::survey(&client, &members, Some(&tls)).await;
-            let used = after
-                .members
-                .iter()
-                .filter(|m| m.error.is_none())
-                .map(|m| m.db_in_use)
-                .max()
-                .unwrap_or(0);
-            if (used as f64) < 0.9 * policy.quota_bytes as f64 {
+            let used = after.members.iter().map(|m| m.db_in_use).max().unwrap_or(0);
+            if health::may_disarm(&after, policy.quota_bytes) {
                 failed = self.carry_out_steps(&client, &after, &disarms, &tls).await;
                 self.inner
                     .etcd

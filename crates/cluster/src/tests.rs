@@ -192,31 +192,7 @@ fn a_dead_hosts_ha_vm_comes_up_elsewhere_once() {
     // etcd outlives any one host.
     let (test, root) = shared_store(d.path());
     let hosts = sim_hosts(d.path(), &root, &["h1", "h2", "h3"]);
-    let alive = |root: &Arc<dyn ferry_store::Store>| {
-        let root = root.clone();
-        test.block_on(async move {
-            let mut n = 0;
-            for h in ["h1", "h2", "h3"] {
-                if root
-                    .get(&ferry_store::keys::cluster::alive(h))
-                    .await
-                    .unwrap()
-                    .is_some()
-                {
-                    n += 1;
-                }
-            }
-            n
-        })
-    };
-    let t = std::time::Instant::now();
-    while alive(&root) < 3 {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "hosts never all alive"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_alive(&test, &root, &["h1", "h2", "h3"]);
     let h1 = &hosts[0];
     h1.rt.block_on(async {
         h1.c.create_vm(ha_spec("a", 3)).await.unwrap();

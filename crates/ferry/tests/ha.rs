@@ -446,7 +446,10 @@ fn cluster_commands_and_bad_requests() -> Result<()> {
     assert_eq!(e["quota_bytes"], 2u64 << 30, "{st}");
     assert_eq!(e["members"].as_array().map(Vec::len), Some(2), "{st}");
     assert!(
-        e["members"][0]["db_size_bytes"].as_u64().unwrap_or(0) > 0,
+        e["members"][0]["db_size_bytes"]
+            .as_u64()
+            .context("db_size_bytes")?
+            > 0,
         "{st}"
     );
     assert_eq!(e["alarms"], serde_json::json!([]), "{st}");

@@ -1,7 +1,7 @@
 //! End to end against real QEMU (TCG here, as on any host without working KVM): the
 //! `ferry` binary as daemon and CLI inside a lab network namespace, the tiny test guest.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use ferry_lab::{pid_runs_qemu_of, Lab};
 use serde_json::Value;
 use std::time::Duration;
@@ -44,7 +44,7 @@ fn vm_boots_answers_pings_console_and_survives_daemon_crash() -> Result<()> {
     // Derived from the VM id and this host's CA: never a random collision.
     let id = u32::try_from(vm["id"].as_u64().unwrap())?;
     let ca = lab.ferry_json(&["cluster", "certs", "status"])?;
-    let salt = ferry_types::mac_salt(ca["ca"]["fingerprint"].as_str().unwrap_or(""));
+    let salt = ferry_types::mac_salt(ca["ca"]["fingerprint"].as_str().context("fingerprint")?);
     assert_eq!(
         Some(mac.clone()),
         ferry_types::derived_mac(salt, id, 0),

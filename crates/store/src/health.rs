@@ -178,6 +178,20 @@ pub fn plan(s: &Survey, p: &Policy, since_defrag: &BTreeMap<u64, Duration>) -> V
     steps
 }
 
+/// Whether a NOSPACE alarm may be disarmed after the recovery's compaction and
+/// defragmentations, judged by the survey taken after them: only with room again
+/// (live data below 90 % of the quota on every member that answered, and at least one
+/// answered), else writes would fill it at once.
+pub fn may_disarm(after: &Survey, quota_bytes: u64) -> bool {
+    let used: Vec<u64> = after
+        .members
+        .iter()
+        .filter(|m| m.error.is_none())
+        .map(|m| m.db_in_use)
+        .collect();
+    !used.is_empty() && used.iter().all(|u| (*u as f64) < 0.9 * quota_bytes as f64)
+}
+
 /// Revisions seen over time, to compact what is older than the retention.
 #[derive(Debug, Default, Clone)]
 pub struct History {
@@ -415,6 +429,22 @@ mod tests {
             ..s
         };
         assert!(plan(&s, &p, &BTreeMap::new()).is_empty());
+    }
+
+    #[test]
+    fn disarmed_only_with_room() {
+        let q = 1000 << 20;
+        let s = |used: &[u64]| Survey {
+            members: used
+                .iter()
+                .enumerate()
+                .map(|(i, u)| member(i as u64 + 1, 1000, *u, i == 0))
+                .collect(),
+            ..Survey::default()
+        };
+        assert!(may_disarm(&s(&[100, 120]), q));
+        assert!(!may_disarm(&s(&[100, 950]), q));
+        assert!(!may_disarm(&s(&[]), q), "nobody answered");
     }
 
     #[test]

@@ -430,7 +430,10 @@ pub(crate) fn run() -> Result<()> {
             let cells: Vec<String> = cols
                 .iter()
                 .map(|c| match &r[*c] {
-                    Value::Number(n) if n.is_f64() => format!("{:.3}", n.as_f64().unwrap_or(0.0)),
+                    Value::Number(n) => match n.as_f64() {
+                        Some(f) if n.is_f64() => format!("{f:.3}"),
+                        _ => n.to_string(),
+                    },
                     Value::Null => "n/a".into(),
                     v => v.to_string(),
                 })
