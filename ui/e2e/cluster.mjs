@@ -6,7 +6,7 @@
 import { api, browse, step, url } from './lib.mjs';
 
 const vmOn = async (host) => {
-  const vms = await api('GET', host === 'h1' ? '/api/v1/vms' : `/api/v1/nodes/${host}/api/v1/vms`);
+  const vms = await api('GET', host === 'h1' ? '/api/v1/vms?host=h1' : `/api/v1/nodes/${host}/api/v1/vms?host=${host}`);
   return vms.find((v) => v.spec.name === 'web');
 };
 

@@ -88,7 +88,7 @@ class Store {
       const hosts = await Promise.all(members.map(async (m): Promise<HostEntry> => {
         const h: string | undefined = m.name === this.local ? undefined : m.name;
         try {
-          const [info, vms] = await Promise.all([get<HostInfo>('/api/v1/host', h), get<Vm[]>('/api/v1/vms', h)]);
+          const [info, vms] = await Promise.all([get<HostInfo>('/api/v1/host', h), get<Vm[]>(`/api/v1/vms?host=${encodeURIComponent(m.name)}`, h)]);
           vms.sort((a, b) => a.spec.name.localeCompare(b.spec.name));
           return { name: m.name, api: m.api, info, vms };
         } catch (e) {

@@ -6,14 +6,20 @@ use axum::Json;
 use ferry_agent::Agent;
 use ferry_types::{
     CertSignRequest, CertSigned, CertStatus, ClusterConfig, ClusterInit, ClusterJoin,
-    ClusterStatus, JoinToken, JoinTokenRequest, MemberAdd, MemberAdded, MemberRemoveParams,
-    MemberRemoved,
+    ClusterStatus, ClusterSummary, JoinToken, JoinTokenRequest, MemberAdd, MemberAdded,
+    MemberRemoveParams, MemberRemoved,
 };
 
 #[utoipa::path(get, path = "/api/v1/cluster/status", tag = "cluster",
     responses((status = 200, description = "Members with state and lease, etcd leader and quorum, HA manager", body = ClusterStatus)))]
 pub async fn cluster_status(State(a): State<Agent>) -> ApiResult<Json<ClusterStatus>> {
     Ok(Json(a.cluster_status().await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/cluster/summary", tag = "cluster",
+    responses((status = 200, description = "Hosts and VMs by state, memory and CPUs: the whole cluster from the answering host's cache", body = ClusterSummary)))]
+pub async fn cluster_summary(State(a): State<Agent>) -> ApiResult<Json<ClusterSummary>> {
+    Ok(Json(a.cluster_summary().await?))
 }
 
 #[utoipa::path(post, path = "/api/v1/cluster/init", tag = "cluster", request_body = ClusterInit,

@@ -4,15 +4,38 @@ use crate::error::{optional_json, ApiJson, ApiPath, ApiQuery, ApiResult};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderValue};
 use axum::Json;
 use ferry_agent::Agent;
-use ferry_types::{DeleteVmParams, HaPolicy, ShutdownParams, TaskAccepted, Vm, VmAction, VmSpec};
+use ferry_types::{
+    DeleteVmParams, HaPolicy, ShutdownParams, TaskAccepted, Vm, VmAction, VmListParams, VmSpec,
+};
 use std::time::Duration;
 
-#[utoipa::path(get, path = "/api/v1/vms", tag = "vms",
-    responses((status = 200, description = "Every VM of this host", body = Vec<Vm>)))]
-pub async fn list_vms(State(a): State<Agent>) -> ApiResult<Json<Vec<Vm>>> {
-    Ok(Json(a.list_vms().await?))
+/// Header of a `GET /api/v1/vms` reply: the rows the filters match, on every page.
+pub const TOTAL_COUNT: &str = "x-total-count";
+/// Header of a `GET /api/v1/vms` reply with more rows: the `cursor` of the next page.
+pub const NEXT_CURSOR: &str = "x-next-cursor";
+
+#[utoipa::path(get, path = "/api/v1/vms", tag = "vms", params(VmListParams),
+    responses((status = 200, description = "The VMs of the cluster (of this host alone outside one) the filters match, by name; any host answers for the whole cluster from its cache", body = Vec<Vm>,
+        headers(("x-total-count" = usize, description = "Rows the filters match"),
+                ("x-next-cursor" = String, description = "The `cursor` of the next page, when there is one"))),
+              (status = 400, description = "Invalid filter", body = ferry_types::ApiErrorBody)))]
+pub async fn list_vms(
+    State(a): State<Agent>,
+    ApiQuery(p): ApiQuery<VmListParams>,
+) -> ApiResult<(HeaderMap, Json<Vec<Vm>>)> {
+    let page = a.list_vms_page(&p).await?;
+    let mut h = HeaderMap::new();
+    h.insert(TOTAL_COUNT, HeaderValue::from(page.total));
+    if let Some(c) = page
+        .next_cursor
+        .and_then(|c| HeaderValue::from_str(&c).ok())
+    {
+        h.insert(NEXT_CURSOR, c);
+    }
+    Ok((h, Json(page.vms)))
 }
 
 #[utoipa::path(post, path = "/api/v1/vms", tag = "vms", request_body = VmSpec,

@@ -126,8 +126,21 @@ impl HaArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum VmCmd {
-    /// List VMs.
-    List,
+    /// List the VMs of the cluster (of this host alone outside one).
+    List {
+        /// Only the VMs of this host.
+        #[arg(long, conflicts_with = "here")]
+        host: Option<String>,
+        /// Only the VMs of the host the CLI talks to.
+        #[arg(long)]
+        here: bool,
+        /// Only VMs in this state (running, stopped, crashed, …).
+        #[arg(long)]
+        state: Option<String>,
+        /// Only VMs whose name contains this text.
+        #[arg(long)]
+        search: Option<String>,
+    },
     /// Show one VM.
     Show {
         name: String,
@@ -352,18 +365,39 @@ pub(crate) async fn action(
 
 pub(crate) async fn vm(c: &Client, g: &Global, cmd: VmCmd) -> Result<()> {
     match cmd {
-        VmCmd::List => {
-            let vms: Vec<Vm> = c.get("/api/v1/vms").await?;
+        VmCmd::List {
+            host,
+            here,
+            state,
+            search,
+        } => {
+            let host = match (host, here) {
+                (Some(h), _) => Some(h),
+                (None, true) => Some(c.get::<ferry_types::HostInfo>("/api/v1/host").await?.name),
+                (None, false) => None,
+            };
+            let mut url = reqwest::Url::parse("http://ferry/api/v1/vms")?;
+            for (k, v) in [("host", host), ("state", state), ("q", search)] {
+                if let Some(v) = v {
+                    url.query_pairs_mut().append_pair(k, &v);
+                }
+            }
+            let path = match url.query() {
+                Some(q) if !q.is_empty() => format!("{}?{q}", url.path()),
+                _ => url.path().to_string(),
+            };
+            let vms: Vec<Vm> = c.get(&path).await?;
             if g.json {
                 return print_json(&vms);
             }
             let mut t = table(&[
-                "ID", "NAME", "STATE", "CPUS", "MEMORY", "DISKS", "NICS", "PID",
+                "ID", "NAME", "HOST", "STATE", "CPUS", "MEMORY", "DISKS", "NICS", "PID",
             ]);
             for v in vms {
                 t.add_row(vec![
                     v.id.to_string(),
                     v.spec.name.clone(),
+                    v.host.clone().unwrap_or_default(),
                     v.state.to_string(),
                     v.spec.cpus.to_string(),
                     mib(v.spec.memory_mib),

@@ -94,6 +94,42 @@ fn pool_reach(pools: Vec<PoolSpec>) -> PoolReach {
 /// The engine's view of one VM record. Only VMs whose disks all live on shared or
 /// replicated pools can move live without copying storage (the others stay where they
 /// are); disks on replicated pools pin the VM to the hosts with copies.
+/// Host `name` and its VMs (neither templates nor VMs in transit) as DRS sees them.
+fn add_host<'a>(
+    c: &mut DrsCluster,
+    name: &str,
+    alive: Option<&Alive>,
+    cap: Option<&HostCapacity>,
+    maintenance: bool,
+    pools: Vec<PoolSpec>,
+    vms: impl Iterator<Item = &'a VmRecord>,
+) {
+    let (cpus, memory_bytes) = match (cap, alive) {
+        (Some(c), _) => (c.cpus, c.memory_bytes),
+        (None, Some(a)) => (a.cpus as f64, a.memory_bytes),
+        (None, None) => (0.0, 0),
+    };
+    c.hosts.push(DrsHost {
+        name: name.to_string(),
+        cpus,
+        memory_bytes,
+        state: match (alive.is_some(), maintenance) {
+            (false, _) => DrsHostState::Down,
+            (true, true) => DrsHostState::Maintenance,
+            (true, false) => DrsHostState::Online,
+        },
+        labels: cap.map(|c| c.labels.clone()).unwrap_or_default(),
+    });
+    let shared = pool_reach(pools);
+    for r in vms {
+        if r.template || Transit::from(&r.transit).is_some() {
+            continue;
+        }
+        let load = cap.and_then(|c| c.vms.get(&r.spec.name));
+        c.vms.push(drs_vm(r, name, load, &shared));
+    }
+}
+
 fn drs_vm(rec: &VmRecord, host: &str, load: Option<&VmLoad>, reach: &PoolReach) -> DrsVm {
     let mut rules = rec.spec.placement.clone();
     if let Some(g) = &rec.spec.ha.anti_affinity {
@@ -326,11 +362,40 @@ impl Cluster {
             }
             return Ok((c, pools));
         };
+        // Other hosts from the cache; this host's own records from its store, so a
+        // start here sees the one before it (read-your-writes in a mass power-on).
+        if let Some(cache) = link.synced_cache() {
+            let own = self.records().await?;
+            for m in cache.members() {
+                let cached;
+                let vms: Vec<&VmRecord> = if m.name == self.host_name() {
+                    own.iter().collect()
+                } else {
+                    cached = cache.vms_of(&m.name);
+                    cached.iter().map(|r| &**r).collect()
+                };
+                add_host(
+                    &mut c,
+                    &m.name,
+                    cache.alive(&m.name).as_ref(),
+                    cache.load(&m.name).as_ref(),
+                    cache.maintenance(&m.name),
+                    cache
+                        .pools_of(&m.name)
+                        .iter()
+                        .map(|p| (**p).clone())
+                        .collect(),
+                    vms.into_iter(),
+                );
+            }
+            return Ok((c, pools));
+        }
         let root = &link.root;
         for m in link.members().await? {
             let alive = root
                 .get_json::<Alive>(&ferry_store::keys::cluster::alive(&m.name))
-                .await?;
+                .await?
+                .map(|(a, _)| a);
             let cap = root
                 .get_json::<HostCapacity>(&keys::cluster::load(&m.name))
                 .await?
@@ -339,36 +404,21 @@ impl Cluster {
                 .get_json::<bool>(&keys::cluster::of_host(&m.name, keys::host::MAINTENANCE))
                 .await?
                 .is_some_and(|(b, _)| b);
-            let (cpus, memory_bytes) = match (&cap, &alive) {
-                (Some(c), _) => (c.cpus, c.memory_bytes),
-                (None, Some((a, _))) => (a.cpus as f64, a.memory_bytes),
-                (None, None) => (0.0, 0),
-            };
-            c.hosts.push(DrsHost {
-                name: m.name.clone(),
-                cpus,
-                memory_bytes,
-                state: match (alive.is_some(), maintenance) {
-                    (false, _) => DrsHostState::Down,
-                    (true, true) => DrsHostState::Maintenance,
-                    (true, false) => DrsHostState::Online,
-                },
-                labels: cap.as_ref().map(|c| c.labels.clone()).unwrap_or_default(),
-            });
-            let shared = pool_reach(
-                root.list_json::<PoolSpec>(&keys::cluster::of_host(&m.name, keys::host::POOLS))
-                    .await?,
-            );
-            for r in root
+            let pools = root
+                .list_json::<PoolSpec>(&keys::cluster::of_host(&m.name, keys::host::POOLS))
+                .await?;
+            let vms = root
                 .list_json::<VmRecord>(&keys::cluster::of_host(&m.name, keys::host::VMS))
-                .await?
-            {
-                if r.template || Transit::from(&r.transit).is_some() {
-                    continue;
-                }
-                let load = cap.as_ref().and_then(|c| c.vms.get(&r.spec.name));
-                c.vms.push(drs_vm(&r, &m.name, load, &shared));
-            }
+                .await?;
+            add_host(
+                &mut c,
+                &m.name,
+                alive.as_ref(),
+                cap.as_ref(),
+                maintenance,
+                pools,
+                vms.iter(),
+            );
         }
         Ok((c, pools))
     }

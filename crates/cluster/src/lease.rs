@@ -23,13 +23,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// What a live host publishes under its lease.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct Alive {
-    pub memory_bytes: u64,
-    pub cpus: usize,
-    pub pid: u32,
-}
+pub(crate) use ferry_types::HostAlive as Alive;
 
 #[derive(Debug, Default)]
 pub(crate) struct LeaseState {

@@ -469,3 +469,150 @@ fn vm_names_are_reserved_in_the_create_transaction() {
         .unwrap_err();
     assert_eq!(e.code(), "exists", "{e}");
 }
+
+/// Any host lists the whole cluster's VMs from its cache — filtered, paged by name,
+/// states as each host recorded them — sums it up, and refuses a name another host
+/// holds; a VM deleted elsewhere leaves its list.
+#[test]
+fn every_host_lists_the_cluster_from_its_cache() {
+    use ferry_types::VmListParams;
+    let d = tempfile::tempdir().unwrap();
+    let (test, root) = shared_store(d.path());
+    let hosts = sim_hosts(d.path(), &root, &["h1", "h2"]);
+    wait_alive(&test, &root, &["h1", "h2"]);
+    let (h1, h2) = (&hosts[0], &hosts[1]);
+    let spec = |name: &str, mac: &str| -> VmSpec {
+        let mut s = ha_spec(name, 0);
+        s.ha = Default::default();
+        s.nics[0].mac = Some(mac.into());
+        s
+    };
+    h1.rt.block_on(async {
+        h1.c.create_vm(spec("a1", "52:54:00:00:02:01"))
+            .await
+            .unwrap();
+        h1.c.create_vm(spec("b1", "52:54:00:00:02:02"))
+            .await
+            .unwrap();
+        h1.c.start_vm("a1").await.unwrap();
+    });
+    h2.rt.block_on(async {
+        h2.c.create_vm(spec("a2", "52:54:00:00:02:03"))
+            .await
+            .unwrap();
+    });
+    let rows = |h: &SimHost, p: VmListParams| {
+        h.rt.block_on(h.c.list_vms_page(&p)).map(|page| {
+            let rows: Vec<(String, String, String)> = page
+                .vms
+                .iter()
+                .map(|v| {
+                    (
+                        v.spec.name.clone(),
+                        v.host.clone().unwrap_or_default(),
+                        v.state.to_string(),
+                    )
+                })
+                .collect();
+            (rows, page.total, page.next_cursor)
+        })
+    };
+    let row = |n: &str, h: &str, s: &str| (n.to_string(), h.to_string(), s.to_string());
+    let want = vec![
+        row("a1", "h1", "running"),
+        row("a2", "h2", "stopped"),
+        row("b1", "h1", "stopped"),
+    ];
+    let t = std::time::Instant::now();
+    while rows(h2, VmListParams::default()).unwrap().0 != want {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "h2 lists {:?}",
+            rows(h2, VmListParams::default())
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(rows(h1, VmListParams::default()).unwrap().0, want);
+    // From the cache, not from reading every host's records.
+    let link = h2.c.cluster().unwrap();
+    let cached = link.synced_cache().expect("h2's cache in sync");
+    assert_eq!(cached.vm_host("b1").as_deref(), Some("h1"));
+    assert_eq!(cached.vms().len(), 3);
+    let (page, total, next) = rows(
+        h2,
+        VmListParams {
+            q: Some("A".into()),
+            limit: Some(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!((page, total), (vec![row("a1", "h1", "running")], 2));
+    let (page, _, last) = rows(
+        h2,
+        VmListParams {
+            q: Some("A".into()),
+            limit: Some(1),
+            cursor: next,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!((page, last), (vec![row("a2", "h2", "stopped")], None));
+    let only = |host: &str, state: Option<VmState>| {
+        rows(
+            h2,
+            VmListParams {
+                host: Some(host.into()),
+                state,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .0
+    };
+    assert_eq!(
+        only("h1", Some(VmState::Running)),
+        [row("a1", "h1", "running")]
+    );
+    assert_eq!(only("h2", None), [row("a2", "h2", "stopped")]);
+    assert!(only("h9", None).is_empty());
+    let bad = rows(
+        h2,
+        VmListParams {
+            limit: Some(0),
+            ..Default::default()
+        },
+    );
+    assert!(bad.is_err());
+
+    let s = h2.rt.block_on(h2.c.cluster_summary()).unwrap();
+    assert_eq!(
+        (s.hosts, s.hosts_online, s.vms, s.complete),
+        (2, 2, 3, true)
+    );
+    assert_eq!(s.vms_by_state.get("running"), Some(&1));
+    assert_eq!(s.vms_by_state.get("stopped"), Some(&2));
+    assert_eq!(s.vm_memory_bytes, 64 << 20);
+
+    // A name h1 holds is refused on h2 (from the cache), with the host named.
+    let err = h2
+        .rt
+        .block_on(h2.c.create_vm(spec("b1", "52:54:00:00:02:04")))
+        .unwrap_err();
+    assert!(err.to_string().contains("h1"), "{err}");
+
+    h1.rt.block_on(async {
+        h1.c.delete_vm("b1", Default::default()).await.unwrap();
+        h1.c.stop_vm("a1").await.unwrap();
+    });
+    let t = std::time::Instant::now();
+    let want = vec![row("a1", "h1", "stopped"), row("a2", "h2", "stopped")];
+    while rows(h2, VmListParams::default()).unwrap().0 != want {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "b1 deleted, a1 stopped"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

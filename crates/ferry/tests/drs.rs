@@ -37,7 +37,7 @@ fn lab() -> Result<ClusterLab> {
 fn placement(lab: &ClusterLab) -> Result<BTreeMap<String, Vec<String>>> {
     let mut out = BTreeMap::new();
     for h in &lab.hosts {
-        let vms = lab.cli(&h.name)?.ferry_json(&["vm", "list"])?;
+        let vms = lab.cli(&h.name)?.ferry_json(&["vm", "list", "--here"])?;
         let names: Vec<String> = vms
             .as_array()
             .context("vm list")?

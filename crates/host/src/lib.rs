@@ -16,6 +16,7 @@
 pub mod access;
 pub mod audit;
 pub mod blockdev;
+pub mod cache;
 pub mod cgroups;
 pub mod clones;
 pub mod confine;
@@ -30,6 +31,7 @@ pub mod gate;
 pub mod history;
 pub mod lifecycle;
 pub mod link;
+pub mod listing;
 pub mod locks;
 pub mod loops;
 pub mod maintenance;
@@ -186,8 +188,14 @@ impl Host {
             })?;
         }
         let accel = ferry_qemu::detect_accel(cfg.accel);
-        let events = EventLog::load(store.clone()).await?;
-        let tasks = Tasks::load(store.clone(), events.clone()).await?;
+        if let Some(c) = &cluster {
+            // The cluster cache starts listing and watching now, ready for the first
+            // request.
+            c.cache();
+        }
+        let local = local_store(&cfg, &store, cluster.is_some()).await?;
+        let events = EventLog::load(local.clone()).await?;
+        let tasks = Tasks::load(local, events.clone()).await?;
         let qemu_version = qemu_version(&cfg.qemu_binary).await;
         let cgroups = os.cgroups(&cfg.resources.cgroup_root);
         tracing::info!(cgroups = %cgroups.describe(), "resource pools");
@@ -353,4 +361,56 @@ async fn qemu_version(bin: &str) -> String {
             .to_string(),
         Err(e) => format!("unavailable: {e}"),
     }
+}
+
+/// Where the host keeps what is its alone and changes often (the event log and the
+/// tasks): in a cluster a SQLite file of its own (`local.db`), so neither churns etcd's
+/// history nor reaches every host's watch; alone, its one store. Records an older
+/// version left in the cluster store move over once.
+async fn local_store(
+    cfg: &AgentConfig,
+    store: &Arc<dyn Store>,
+    in_cluster: bool,
+) -> Result<Arc<dyn Store>> {
+    if !in_cluster {
+        return Ok(store.clone());
+    }
+    let local: Arc<dyn Store> = Arc::new(ferry_store::SqliteStore::open(
+        &cfg.state_dir.join("local.db"),
+    )?);
+    for prefix in [
+        ferry_store::keys::host::EVENTS,
+        ferry_store::keys::host::TASKS,
+    ] {
+        let old = store.list(prefix).await?;
+        if old.is_empty() {
+            continue;
+        }
+        if local.list(prefix).await?.is_empty() {
+            for chunk in old.chunks(100) {
+                let success = chunk
+                    .iter()
+                    .map(|kv| ferry_store::Op::Put {
+                        key: kv.key.clone(),
+                        value: kv.value.clone(),
+                        lease: None,
+                    })
+                    .collect();
+                local
+                    .txn(ferry_store::Txn {
+                        success,
+                        ..Default::default()
+                    })
+                    .await?;
+            }
+        }
+        store
+            .txn(ferry_store::Txn {
+                success: vec![ferry_store::Op::DeletePrefix(prefix.to_string())],
+                ..Default::default()
+            })
+            .await?;
+        tracing::info!(prefix, records = old.len(), "moved to the host's own store");
+    }
+    Ok(local)
 }

@@ -3,6 +3,7 @@
 //! HTTPS client to their APIs ([`Peer`]: mutual TLS, each peer checked for its host
 //! name).
 
+use crate::cache::ClusterCache;
 use crate::error::{AgentError, Failure, Refusal, Result};
 use crate::Host;
 use ferry_store::keys::cluster::{MEMBERS, ROOT};
@@ -22,6 +23,9 @@ pub struct ClusterLink {
     /// The etcd client behind `root`, for what only etcd does (membership, users,
     /// endpoints); none for a cluster simulated on another store in a test.
     etcd: Option<EtcdStore>,
+    /// The cluster's records in memory, started on first use; clones of the link
+    /// share it.
+    cache: Arc<std::sync::OnceLock<ClusterCache>>,
 }
 
 impl ClusterLink {
@@ -31,6 +35,7 @@ impl ClusterLink {
             cfg,
             root: Arc::new(root.clone()),
             etcd: Some(root),
+            cache: Arc::default(),
         }
     }
 
@@ -40,7 +45,28 @@ impl ClusterLink {
             cfg,
             root,
             etcd: None,
+            cache: Arc::default(),
         }
+    }
+
+    /// The same link sharing `other`'s cache (simulated hosts of one process: one copy
+    /// of the cluster in memory instead of one per host).
+    pub fn sharing_cache_of(mut self, other: &ClusterLink) -> ClusterLink {
+        self.cache = other.cache.clone();
+        self
+    }
+
+    /// The cluster's records in memory (mirrors started on the first call, which must
+    /// come from within the runtime).
+    pub fn cache(&self) -> &ClusterCache {
+        self.cache
+            .get_or_init(|| ClusterCache::start(self.root.clone()))
+    }
+
+    /// The cache when it holds a complete, current view (else the caller reads the
+    /// store).
+    pub fn synced_cache(&self) -> Option<&ClusterCache> {
+        Some(self.cache()).filter(|c| c.synced())
     }
 
     /// The etcd client, for membership, users and endpoints.
@@ -60,8 +86,26 @@ impl ClusterLink {
         Prefixed::new(self.root.clone(), scope.trim_end_matches('/'))
     }
 
+    /// The members as the store has them now.
     pub async fn members(&self) -> Result<Vec<ClusterHost>> {
         Ok(self.root.list_json::<ClusterHost>(MEMBERS).await?)
+    }
+
+    /// Member `name` from the cache, else (not there yet, or the cache not in sync)
+    /// from the store.
+    pub async fn member(&self, name: &str) -> Result<Option<ClusterHost>> {
+        let cached = self
+            .cache()
+            .members
+            .read(|e| e.map.get(name).map(|(h, _)| h.clone()));
+        if cached.is_some() {
+            return Ok(cached);
+        }
+        Ok(self
+            .root
+            .get_json::<ClusterHost>(&ferry_store::keys::cluster::member(name))
+            .await?
+            .map(|(h, _)| h))
     }
 }
 
@@ -306,6 +350,12 @@ pub fn check_forwarded(path_and_query: &str) -> Result<()> {
 impl Host {
     /// A host of the cluster by name.
     pub async fn cluster_host(&self, host: &str) -> Result<ClusterHost> {
+        if let Some(c) = &self.inner.cluster {
+            return c
+                .member(host)
+                .await?
+                .ok_or_else(|| AgentError::NotFound(format!("Host {host} of the cluster")));
+        }
         let hosts = self.cluster_hosts().await?;
         hosts
             .into_iter()
@@ -346,10 +396,22 @@ impl Host {
     }
 
     /// Whether a peer whose verified client certificate names `host` (with `serial`)
-    /// may call: a current member whose recorded certificate is this one. The member
-    /// list is read at most every 3 s; when the store cannot be read, the last list
-    /// read decides (a cut-off host still answers its peers).
+    /// may call: a current member whose recorded certificate is this one. The cluster
+    /// cache answers when it knows the member with this certificate; otherwise the
+    /// member list is read (at most every 3 s); when the store cannot be read, the last
+    /// list read decides (a cut-off host still answers its peers).
     pub async fn peer_allowed(&self, host: &str, serial: Option<&str>) -> bool {
+        let fits = |h: &ClusterHost| {
+            h.name == host && h.cert_serial.as_deref().is_none_or(|s| Some(s) == serial)
+        };
+        if let Some(c) = &self.inner.cluster {
+            if c.cache()
+                .members
+                .read(|e| e.map.get(host).is_some_and(|(h, _)| fits(h)))
+            {
+                return true;
+            }
+        }
         let fresh = {
             let k = self.inner.known_hosts.lock().expect("known hosts");
             k.as_ref()
@@ -371,9 +433,7 @@ impl Host {
                 }
             },
         };
-        hosts
-            .iter()
-            .any(|h| h.name == host && h.cert_serial.as_deref().is_none_or(|s| Some(s) == serial))
+        hosts.iter().any(fits)
     }
 
     /// This host's certificates.
@@ -418,11 +478,10 @@ impl Host {
         if name == self.host_name() {
             return Err(AgentError::invalid("to", format!("{name} is this host")));
         }
-        let hosts = self.cluster_hosts().await?;
-        let host = hosts
-            .into_iter()
-            .find(|h| h.name == name)
-            .ok_or_else(|| AgentError::NotFound(format!("Host {name} in the cluster")))?;
+        let host = self.cluster_host(name).await.map_err(|e| match e {
+            AgentError::NotFound(_) => AgentError::NotFound(format!("Host {name} in the cluster")),
+            e => e,
+        })?;
         Peer::new(host, timeout, &self.inner.cfg.pki)
     }
 

@@ -264,7 +264,7 @@ impl Host {
             match &held {
                 None => compare.push(Compare::Version(reserve.clone(), Cmp::Equal, 0)),
                 Some(kv) => {
-                    if self.check_name_free(name).await.is_err() {
+                    if self.check_name_free_in_store(name).await.is_err() {
                         return Ok(false);
                     }
                     tracing::info!(vm = %name, "taking over a stale name reservation");
@@ -336,7 +336,29 @@ impl Host {
         Ok(())
     }
 
+    /// Refuses a name some host of the cluster holds a VM by (the cluster cache
+    /// answers when it is in sync; the reservation in the create transaction decides).
     pub async fn check_name_free(&self, name: &str) -> Result<()> {
+        if self.inner.store.get(&vm_key(name)).await?.is_some() {
+            return Err(AgentError::refused(
+                Refusal::Exists,
+                format!("VM {name} already exists"),
+            ));
+        }
+        if let Some(cache) = self.inner.cluster.as_ref().and_then(|c| c.synced_cache()) {
+            return match cache.vm_host(name) {
+                Some(h) => Err(AgentError::refused(
+                    Refusal::Exists,
+                    format!("VM {name} already exists on host {h}"),
+                )),
+                None => Ok(()),
+            };
+        }
+        self.check_name_free_in_store(name).await
+    }
+
+    /// The same, every host's record read from the store.
+    pub async fn check_name_free_in_store(&self, name: &str) -> Result<()> {
         if self.inner.store.get(&vm_key(name)).await?.is_some() {
             return Err(AgentError::refused(
                 Refusal::Exists,

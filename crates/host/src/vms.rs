@@ -27,6 +27,11 @@ impl Host {
                 Transit::From(from) => format!("from {from}"),
             }),
             spec: r.spec,
+            host: self
+                .inner
+                .cluster
+                .as_ref()
+                .map(|_| self.host_name().to_string()),
         }
     }
 

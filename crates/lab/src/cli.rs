@@ -65,10 +65,10 @@ impl Cli {
             .context("spawn ferry CLI")
     }
 
-    /// Names of the VMs the daemon knows.
+    /// Names of the VMs the daemon holds (its own, not the cluster's).
     pub fn vm_names(&self) -> Result<Vec<String>> {
         Ok(self
-            .ferry_json(&["vm", "list"])?
+            .ferry_json(&["vm", "list", "--here"])?
             .as_array()
             .map(|a| {
                 a.iter()

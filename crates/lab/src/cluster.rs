@@ -629,7 +629,7 @@ impl ClusterLab {
             let alive = self.daemon_alive(&h.name);
             let vms = if alive {
                 self.cli(&h.name)?
-                    .ferry_json(&["vm", "list"])
+                    .ferry_json(&["vm", "list", "--here"])
                     .ok()
                     .and_then(|v| {
                         v.as_array().map(|a| {

@@ -274,6 +274,23 @@ fn err(e: ec::Error, lease: Option<LeaseId>) -> StoreError {
     StoreError::Etcd(e)
 }
 
+/// Keys per page of a listing: VM records are a few KiB at most, so a page stays well
+/// under the 4 MiB etcd's client accepts in one reply.
+const LIST_PAGE: i64 = 500;
+
+/// The first key after every key starting with `prefix` (etcd's range end for a prefix).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Only 0xff bytes: everything from the key on.
+    vec![0]
+}
+
 fn header_rev(h: Option<&ec::ResponseHeader>) -> i64 {
     h.map_or(0, |h| h.revision())
 }
@@ -286,28 +303,47 @@ impl Store for EtcdStore {
         Ok(r.kvs().first().map(|kv| self.kv(kv)))
     }
 
-    async fn list(&self, prefix: &str) -> Result<Vec<KeyValue>, StoreError> {
-        let r = self
-            .client()
-            .kv_client()
-            .get(
-                self.full(prefix),
-                Some(
-                    ec::GetOptions::new()
-                        .with_prefix()
-                        .with_sort(ec::SortTarget::Key, ec::SortOrder::Ascend),
-                ),
-            )
-            .await;
-        let r = self.check(r, None).await?;
+    /// In pages of [`LIST_PAGE`] keys, each read at the first page's revision: one
+    /// consistent listing however large (etcd's replies stay under the client's 4 MiB).
+    async fn list_at(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), StoreError> {
+        let full = self.full(prefix);
+        let end = prefix_end(full.as_bytes());
+        let mut from = full.into_bytes();
+        let mut rev = 0;
+        let mut kvs = vec![];
+        loop {
+            let mut opts = ec::GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(LIST_PAGE);
+            if rev > 0 {
+                opts = opts.with_revision(rev);
+            }
+            let r = self
+                .client()
+                .kv_client()
+                .get(from.clone(), Some(opts))
+                .await;
+            let r = self.check(r, None).await?;
+            if rev == 0 {
+                rev = header_rev(r.header());
+            }
+            let Some(last) = r.kvs().last() else { break };
+            from = last.key().to_vec();
+            from.push(0);
+            kvs.extend(r.kvs().iter().map(|kv| self.kv(kv)));
+            if !r.more() {
+                break;
+            }
+        }
         // A scope without a trailing slash ("/ferry/hosts/h1"): "" also matches a longer
         // sibling ("/ferry/hosts/h10/..."); its keys are not this scope's.
         let open_scope = !self.prefix.is_empty() && !self.prefix.ends_with('/');
-        Ok(r.kvs()
-            .iter()
-            .map(|kv| self.kv(kv))
-            .filter(|kv| !open_scope || prefix.starts_with('/') || kv.key.starts_with('/'))
-            .collect())
+        Ok((
+            kvs.into_iter()
+                .filter(|kv| !open_scope || prefix.starts_with('/') || kv.key.starts_with('/'))
+                .collect(),
+            rev,
+        ))
     }
 
     async fn put(

@@ -13,6 +13,7 @@ pub mod health;
 pub mod keys;
 pub mod member;
 pub mod membership;
+pub mod mirror;
 #[cfg(any(test, feature = "fake"))]
 pub mod partition;
 mod prefixed;
@@ -139,7 +140,11 @@ pub struct WatchEvent {
 pub trait Store: Send + Sync + 'static {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError>;
     /// Every key starting with `prefix`, in key order.
-    async fn list(&self, prefix: &str) -> Result<Vec<KeyValue>, StoreError>;
+    async fn list(&self, prefix: &str) -> Result<Vec<KeyValue>, StoreError> {
+        Ok(self.list_at(prefix).await?.0)
+    }
+    /// The same, all read at one revision, and that revision (to watch from).
+    async fn list_at(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), StoreError>;
     /// Returns the new revision.
     async fn put(
         &self,

@@ -44,9 +44,9 @@ impl Store for Partition {
         self.check("get")?;
         self.inner.get(key).await
     }
-    async fn list(&self, prefix: &str) -> Result<Vec<KeyValue>, StoreError> {
+    async fn list_at(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), StoreError> {
         self.check("list")?;
-        self.inner.list(prefix).await
+        self.inner.list_at(prefix).await
     }
     async fn put(
         &self,

@@ -93,14 +93,14 @@ impl Store for Prefixed {
             .and_then(|kv| self.strip(kv)))
     }
 
-    async fn list(&self, prefix: &str) -> Result<Vec<KeyValue>, StoreError> {
-        Ok(self
-            .inner
-            .list(&self.full_prefix(prefix))
-            .await?
-            .into_iter()
-            .filter_map(|kv| self.strip_found(kv, prefix))
-            .collect())
+    async fn list_at(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), StoreError> {
+        let (kvs, rev) = self.inner.list_at(&self.full_prefix(prefix)).await?;
+        Ok((
+            kvs.into_iter()
+                .filter_map(|kv| self.strip_found(kv, prefix))
+                .collect(),
+            rev,
+        ))
     }
 
     async fn put(

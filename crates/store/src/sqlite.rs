@@ -267,9 +267,10 @@ impl Store for SqliteStore {
         let key = key.to_string();
         self.blocking(move |b| b.get(&key)).await
     }
-    async fn list(&self, prefix: &str) -> Result<Vec<KeyValue>, StoreError> {
+    async fn list_at(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), StoreError> {
         let prefix = prefix.to_string();
-        self.blocking(move |b| list(&b.tx, &prefix)).await
+        self.blocking(move |b| Ok((list(&b.tx, &prefix)?, b.revision()?)))
+            .await
     }
     async fn put(
         &self,

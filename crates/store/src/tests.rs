@@ -44,6 +44,11 @@ macro_rules! suite {
                 super::watch_replays_history_then_live_events(&*s).await
             }
             #[tokio::test]
+            async fn listing_is_paged_and_a_mirror_follows() {
+                let (_g, s) = $open().await;
+                super::listing_is_paged_and_a_mirror_follows(std::sync::Arc::from(s)).await
+            }
+            #[tokio::test]
             async fn failed_txn_op_rolls_back_everything() {
                 let (_g, s) = $open().await;
                 super::failed_txn_op_rolls_back_everything(&*s).await
@@ -328,6 +333,69 @@ async fn watch_replays_history_then_live_events(s: &dyn Store) {
             ("/vms/a".into(), EventKind::Delete)
         ]
     );
+}
+
+/// More keys than one page of an etcd listing, then a mirror listing and following.
+async fn listing_is_paged_and_a_mirror_follows(s: std::sync::Arc<dyn Store>) {
+    for chunk in (0..1234).collect::<Vec<u32>>().chunks(100) {
+        let success = chunk
+            .iter()
+            .map(|i| Op::Put {
+                key: format!("/big/{i:05}"),
+                value: i.to_string().into_bytes(),
+                lease: None,
+            })
+            .collect();
+        assert!(
+            s.txn(Txn {
+                success,
+                ..Txn::default()
+            })
+            .await
+            .unwrap()
+            .succeeded
+        );
+    }
+    let (kvs, rev) = s.list_at("/big/").await.unwrap();
+    assert_eq!(rev, s.revision().await.unwrap());
+    let keys: Vec<String> = kvs.into_iter().map(|kv| kv.key).collect();
+    let want: Vec<String> = (0..1234).map(|i| format!("/big/{i:05}")).collect();
+    assert_eq!(keys, want);
+
+    s.put("/m/a", b"1".to_vec(), None).await.unwrap();
+    s.put("/m/bad", b"not a number".to_vec(), None)
+        .await
+        .unwrap();
+    s.put("/n/a", b"9".to_vec(), None).await.unwrap();
+    let m = mirror::Mirror::start(s.clone(), "/m/", |_, v| {
+        std::str::from_utf8(v).ok()?.parse::<i64>().ok()
+    });
+    assert!(m.wait_synced(Duration::from_secs(10)).await);
+    let now = |m: &mirror::Mirror<i64>| {
+        m.read(|e| {
+            e.map
+                .iter()
+                .map(|(k, (v, _))| (k.clone(), *v))
+                .collect::<Vec<_>>()
+        })
+    };
+    assert_eq!(now(&m), [("a".to_string(), 1)]);
+    let mut changed = m.subscribe();
+    s.put("/m/b", b"2".to_vec(), None).await.unwrap();
+    s.delete("/m/a").await.unwrap();
+    s.put("/m/bad", b"3".to_vec(), None).await.unwrap();
+    s.put("/n/b", b"9".to_vec(), None).await.unwrap();
+    let want = [("b".to_string(), 2), ("bad".to_string(), 3)];
+    let t = std::time::Instant::now();
+    while now(&m) != want {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "mirror holds {:?}",
+            now(&m)
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(500), changed.changed()).await;
+    }
+    assert!(m.synced());
 }
 
 #[tokio::test]

@@ -178,6 +178,33 @@ pub struct MemberAdded {
     pub crl: Option<String>,
 }
 
+/// `GET /cluster/summary`: the cluster in figures, from the answering host's cache.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterSummary {
+    pub hosts: usize,
+    /// Holding a lease and not in maintenance.
+    pub hosts_online: usize,
+    pub hosts_maintenance: usize,
+    /// Without a lease.
+    pub hosts_down: usize,
+    /// VMs, templates included.
+    pub vms: usize,
+    pub templates: usize,
+    /// VMs by state (`running`, `stopped`, …).
+    pub vms_by_state: std::collections::BTreeMap<String, usize>,
+    /// Memory of the hosts holding a lease.
+    pub memory_bytes: u64,
+    /// Memory the running VMs were given.
+    pub vm_memory_bytes: u64,
+    /// CPUs of the hosts holding a lease.
+    pub cpus: f64,
+    /// vCPUs of the running VMs.
+    pub vm_cpus: usize,
+    /// False when the answering host's view of the other hosts is incomplete (its cache
+    /// is catching up after losing etcd): the figures are its last view.
+    pub complete: bool,
+}
+
 /// `DELETE /cluster/members/{name}`: take a member that is down out of the cluster.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]

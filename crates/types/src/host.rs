@@ -50,6 +50,14 @@ pub struct BackgroundTask {
     pub next_run_ms: Option<u64>,
 }
 
+/// What a live host publishes under its lease (`/cluster/alive/{host}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostAlive {
+    pub memory_bytes: u64,
+    pub cpus: usize,
+    pub pid: u32,
+}
+
 /// A member of the cluster as the cluster file (later the cluster store) lists it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ClusterHost {

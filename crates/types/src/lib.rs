@@ -22,7 +22,9 @@ pub use cluster::*;
 pub use drs::*;
 pub use error::{code_for_status, ApiErrorBody};
 pub use event::Event;
-pub use host::{BackgroundTask, ClusterFile, ClusterHost, HostInfo, MetricsHistory, MetricsPoint};
+pub use host::{
+    BackgroundTask, ClusterFile, ClusterHost, HostAlive, HostInfo, MetricsHistory, MetricsPoint,
+};
 pub use migration::*;
 pub use replica::*;
 pub use size::{whole, ByteSize};

@@ -240,6 +240,9 @@ pub struct Vm {
     /// destination.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<String>,
+    /// The host holding the VM (in a cluster).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -290,6 +293,33 @@ pub struct SnapshotList {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current: Option<String>,
 }
+
+/// Filters and paging of `GET /api/v1/vms` (every VM of the cluster, by name).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct VmListParams {
+    /// Only the VMs of this host.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Only VMs in this state.
+    #[serde(default)]
+    pub state: Option<VmState>,
+    /// Only VMs whose name contains this text (any case).
+    #[serde(default)]
+    pub q: Option<String>,
+    /// At most this many rows (1 to 1000; all when absent). The `x-next-cursor`
+    /// header of the reply continues the listing; `x-total-count` counts every row the
+    /// filters match.
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// Rows after this VM name (the previous page's `x-next-cursor`).
+    #[serde(default)]
+    pub cursor: Option<String>,
+}
+
+/// The most rows one page of `GET /api/v1/vms` holds.
+pub const VM_PAGE_MAX: usize = 1000;
 
 /// Query flags for `DELETE /api/v1/vms/{name}`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, utoipa::IntoParams)]
