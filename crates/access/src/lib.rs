@@ -168,7 +168,8 @@ pub fn need(method: &str, path: &str) -> Need {
         // What only hosts call of each other (a VM arriving, its files uploaded, the
         // copies of replicated volumes): besides hosts, root-level administrators only.
         ("POST" | "PUT", ["migrations", "incoming" | "cold", ..])
-        | ("POST", ["replication", "copies" | "pools", ..]) => on(Privilege::Modify, "/"),
+        | ("POST", ["replication", "copies" | "pools", ..])
+        | ("POST", ["cluster", "etcd", ..]) => on(Privilege::Modify, "/"),
         (
             _,
             ["bridges" | "resource-pools" | "drs" | "cluster" | "host" | "migrations"

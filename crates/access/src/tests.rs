@@ -80,6 +80,14 @@ fn the_issue_s_examples() {
         need("GET", "/api/v1/nodes/h2/vms"),
         Need::On(Privilege::Modify, "/".into())
     );
+    // Making a host an etcd voter is between hosts (and root-level administrators);
+    // the cluster's figures are the auditor's.
+    assert_eq!(
+        need("POST", "/api/v1/cluster/etcd/promote"),
+        Need::On(Privilege::Modify, "/".into())
+    );
+    assert!(may("audrey", "GET", "/api/v1/cluster/summary"));
+    assert!(may("audrey", "GET", "/api/v1/vms"));
 }
 
 fn path() -> impl Strategy<Value = String> {

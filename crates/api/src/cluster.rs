@@ -22,6 +22,13 @@ pub async fn cluster_summary(State(a): State<Agent>) -> ApiResult<Json<ClusterSu
     Ok(Json(a.cluster_summary().await?))
 }
 
+#[utoipa::path(post, path = "/api/v1/cluster/etcd/promote", tag = "cluster",
+    responses((status = 200, description = "This host is an etcd voter now (a learner first, promoted once caught up); its daemon restarts on the new configuration. The host tending etcd asks this of a client host.", body = ClusterConfig),
+              (status = 409, description = "Not in an etcd cluster", body = ferry_types::ApiErrorBody)))]
+pub async fn promote_voter(State(a): State<Agent>) -> ApiResult<Json<ClusterConfig>> {
+    Ok(Json(a.become_voter().await?))
+}
+
 #[utoipa::path(post, path = "/api/v1/cluster/init", tag = "cluster", request_body = ClusterInit,
     responses((status = 200, description = "This host founded a cluster; the daemon restarts on etcd", body = ClusterConfig),
               (status = 409, description = "Already in a cluster")))]

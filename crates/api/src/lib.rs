@@ -139,6 +139,7 @@ fn api() -> OpenApiRouter<Agent> {
         .routes(routes!(migration::activate_host))
         .routes(routes!(cluster::cluster_status))
         .routes(routes!(cluster::cluster_summary))
+        .routes(routes!(cluster::promote_voter))
         .routes(routes!(cluster::cluster_init))
         .routes(routes!(cluster::cluster_join))
         .routes(routes!(cluster::add_member))

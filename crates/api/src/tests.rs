@@ -24,6 +24,7 @@ async fn agent(d: &tempfile::TempDir) -> Agent {
             resources: Default::default(),
             replication_port: 0,
             pki: ferry_pki::HostPki::ensure(&d.path().join("pki"), "test", &[]).unwrap(),
+            voter_replace_after: std::time::Duration::from_secs(300),
         },
         Arc::new(store),
     )

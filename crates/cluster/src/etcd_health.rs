@@ -32,6 +32,8 @@ pub(crate) struct EtcdHealthState {
     last: Option<Survey>,
     /// When a NOSPACE recovery last ran without freeing enough.
     nospace_tried: Option<Instant>,
+    /// Since when each member has not answered (the voter choice's clock).
+    pub(crate) down_since: BTreeMap<u64, Instant>,
 }
 
 impl Default for EtcdHealthState {
@@ -43,6 +45,7 @@ impl Default for EtcdHealthState {
             warned: BTreeMap::new(),
             last: None,
             nospace_tried: None,
+            down_since: BTreeMap::new(),
         }
     }
 }
@@ -106,6 +109,11 @@ impl Cluster {
         }
         let tls = crate::membership::etcd_tls(&self.cfg().pki);
         let s = health::survey(&client, &members, Some(&tls)).await;
+        // Who votes: a voter down too long replaced, voters up to the target.
+        let voters = self.tend_voters(&client, &members, &s).await;
+        if let Err(e) = &voters {
+            tracing::warn!(error = %crate::error_chain(e).join(": "), "etcd voter change");
+        }
         let policy = self.etcd_policy();
         let steps = {
             let mut st = self.inner.etcd.lock().unwrap_or_else(|e| e.into_inner());
@@ -128,7 +136,7 @@ impl Cluster {
             steps
         };
         if steps.is_empty() {
-            return Ok(());
+            return voters;
         }
         let nospace = steps.iter().any(|st| matches!(st, Step::Disarm(_)));
         if nospace {
@@ -173,7 +181,7 @@ impl Cluster {
         }
         match failed {
             Some(e) => Err(AgentError::failed(crate::error::Failure::Internal, e)),
-            None => Ok(()),
+            None => voters,
         }
     }
 

@@ -15,6 +15,7 @@ use ferry_store::{keys, Cmp, Compare, KeyValue, Op, StoreJson, Txn};
 use ferry_types::VmState;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::lease::Alive;
@@ -40,8 +41,25 @@ use crate::gate::wanted;
 type HaView = (
     Vec<HostView>,
     Vec<VmView>,
-    HashMap<(String, String), (VmRecord, i64)>,
+    HashMap<(String, String), (Arc<VmRecord>, i64)>,
 );
+
+/// What the HA manager sees of one VM record (`None`: not its business: a template,
+/// a VM arriving somewhere).
+fn vm_view(host: &str, rec: &VmRecord) -> Option<VmView> {
+    if Transit::from(&rec.transit).is_some() || rec.template {
+        return None;
+    }
+    Some(VmView {
+        name: rec.spec.name.clone(),
+        host: host.to_string(),
+        ha: rec.spec.ha.clone(),
+        memory_bytes: rec.spec.memory_mib << 20,
+        running: rec.last_state.has_process(),
+        wanted: wanted(rec.last_state),
+        relocate: rec.ha_relocate,
+    })
+}
 
 fn decode(kv: &KeyValue) -> Option<VmRecord> {
     serde_json::from_slice(&kv.value).ok()
@@ -50,8 +68,18 @@ fn decode(kv: &KeyValue) -> Option<VmRecord> {
 impl Cluster {
     #[tracing::instrument(skip_all)]
     pub(crate) async fn ha_loop(self) {
+        // The manager wakes at once when a lease ends (its alive key's delete reaches
+        // the cache's watch), else every tick.
+        let mut leases = self.cluster().map(|c| c.cache().alive.subscribe());
         loop {
-            tokio::time::sleep(TICK).await;
+            match &mut leases {
+                Some(rx) if self.inner.ha.is_manager.load(Ordering::Relaxed) => {
+                    if let Ok(Err(_)) = tokio::time::timeout(TICK, rx.changed()).await {
+                        tokio::time::sleep(TICK).await; // the cache is gone
+                    }
+                }
+                _ => tokio::time::sleep(TICK).await,
+            }
             if !self.holds_lease() {
                 continue;
             }
@@ -156,7 +184,13 @@ impl Cluster {
     /// Restarts this host's crashed HA VMs (back-off 1, 2, 4 ... s), or marks them for
     /// relocation after too many restarts.
     async fn local_round(&self) -> Result<()> {
-        for rec in self.records().await? {
+        // The scan reads the cache when it is in sync (each restart re-reads its record
+        // under the VM's lock before it acts), so an idle host reads nothing.
+        let records = match self.cluster().and_then(|c| c.synced_cache()) {
+            Some(c) => c.vms_of(self.host_name()),
+            None => self.records().await?.into_iter().map(Arc::new).collect(),
+        };
+        for rec in records {
             let name = rec.spec.name.clone();
             if !rec.spec.ha.enabled()
                 || rec.template
@@ -299,41 +333,59 @@ impl Cluster {
     }
 
     /// What the HA manager decides on: each member's lease, maintenance and memory,
-    /// and the VMs it owns (with their records and revisions, for the moves).
+    /// and the VMs it owns (with their records and revisions, for the moves). From the
+    /// cluster cache when it is in sync (the moves compare against the store, so a
+    /// view a moment old only makes a move fail and come again next round), else read.
     async fn ha_view(
         &self,
-        root: &dyn ferry_store::Store,
+        link: &ferry_host::ClusterLink,
         members: &[ferry_types::ClusterHost],
     ) -> Result<HaView> {
+        let root = link.root.as_ref();
+        let cache = link.synced_cache();
         let mut hosts = vec![];
         let mut vms = vec![];
-        let mut records: HashMap<(String, String), (VmRecord, i64)> = HashMap::new();
+        let mut records = HashMap::new();
         for h in members {
-            let alive = root
-                .get_json::<Alive>(&ferry_store::keys::cluster::alive(&h.name))
-                .await?;
-            // Stored `false` after maintenance ends.
-            let maintenance = root
-                .get_json::<bool>(&keys::cluster::of_host(&h.name, keys::host::MAINTENANCE))
-                .await?
-                .is_some_and(|(m, _)| m);
+            let (alive, maintenance, recs) = match cache {
+                Some(c) => (
+                    c.alive(&h.name),
+                    c.maintenance(&h.name),
+                    c.vms_of_at(&h.name),
+                ),
+                None => {
+                    let alive = root
+                        .get_json::<Alive>(&ferry_store::keys::cluster::alive(&h.name))
+                        .await?
+                        .map(|(a, _)| a);
+                    // Stored `false` after maintenance ends.
+                    let maintenance = root
+                        .get_json::<bool>(&keys::cluster::of_host(&h.name, keys::host::MAINTENANCE))
+                        .await?
+                        .is_some_and(|(m, _)| m);
+                    let recs = root
+                        .list(&keys::cluster::of_host(&h.name, keys::host::VMS))
+                        .await?
+                        .iter()
+                        .filter_map(|kv| Some((Arc::new(decode(kv)?), kv.mod_rev)))
+                        .collect();
+                    (alive, maintenance, recs)
+                }
+            };
             hosts.push(HostView {
                 name: h.name.clone(),
                 alive: alive.is_some(),
                 maintenance,
-                memory_bytes: alive.map_or(0, |(a, _)| a.memory_bytes),
+                memory_bytes: alive.map_or(0, |a| a.memory_bytes),
             });
-            for kv in root
-                .list(&keys::cluster::of_host(&h.name, keys::host::VMS))
-                .await?
-            {
-                let Some(rec) = decode(&kv) else { continue };
-                if Transit::from(&rec.transit).is_some() || rec.template {
+            for (rec, rev) in recs {
+                let Some(view) = vm_view(&h.name, &rec) else {
                     continue;
-                }
+                };
                 if let Some(to) = Transit::to(&rec.transit) {
                     // Mid-migration: the destination may own it by now; leave it to
-                    // the migration's own recovery while the destination has a copy.
+                    // the migration's own recovery while the destination has a copy
+                    // (read from the store: the cache may not show the copy yet).
                     let there = root
                         .get(&keys::cluster::of_host(to, &keys::host::vm(&rec.spec.name)))
                         .await?;
@@ -341,29 +393,30 @@ impl Cluster {
                         continue;
                     }
                 }
-                vms.push(VmView {
-                    name: rec.spec.name.clone(),
-                    host: h.name.clone(),
-                    ha: rec.spec.ha.clone(),
-                    memory_bytes: rec.spec.memory_mib << 20,
-                    running: rec.last_state.has_process(),
-                    wanted: wanted(rec.last_state),
-                    relocate: rec.ha_relocate,
-                });
-                records.insert((h.name.clone(), rec.spec.name.clone()), (rec, kv.mod_rev));
+                vms.push(view);
+                records.insert((h.name.clone(), rec.spec.name.clone()), (rec, rev));
             }
         }
         Ok((hosts, vms, records))
     }
 
     /// One manager round: read the cluster, plan, carry out. Cheap while every host
-    /// holds its lease (two reads); everything is read when one does not, and every
-    /// [`FULL_ROUND`] (relocation requests, fenced marks).
+    /// holds its lease (from the cache, or two reads); everything is looked at when one
+    /// does not (with the cache: when it changed), and every [`FULL_ROUND`]
+    /// (relocation requests, fenced marks).
     async fn manager_round(&self) -> Result<()> {
         let link = self.cluster_link()?;
         let root = &link.root;
-        let members = link.members().await?;
-        let alive = root.list(ALIVE).await?.len();
+        // Every tick: from the cache (fed by watches: a lease's expiry arrives as the
+        // delete of its alive key) when in sync, else two reads.
+        let (members, alive, seen) = match link.synced_cache() {
+            Some(c) => (
+                c.members(),
+                c.alive.read(|e| e.map.len()),
+                (c.alive.generation(), c.hosts.generation()),
+            ),
+            None => (link.members().await?, root.list(ALIVE).await?.len(), (0, 0)),
+        };
         {
             let mut last = self
                 .inner
@@ -371,13 +424,15 @@ impl Cluster {
                 .full_round
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            let recent = last.is_some_and(|t| t.elapsed() < FULL_ROUND);
-            if alive >= members.len() && recent {
+            let recent = last.is_some_and(|(t, _)| t.elapsed() < FULL_ROUND);
+            // With a host down, a round whenever the cache changed (from memory).
+            let unchanged = seen != (0, 0) && last.is_some_and(|(_, s)| s == seen);
+            if recent && (alive >= members.len() || unchanged) {
                 return Ok(());
             }
-            *last = Some(Instant::now());
+            *last = Some((Instant::now(), seen));
         }
-        let (hosts, vms, records) = self.ha_view(root.as_ref(), &members).await?;
+        let (hosts, vms, records) = self.ha_view(link, &members).await?;
         // ferry-ha decides which VMs go (and in which order); DRS placement where
         // (rules, labels, CPU and memory), one answer, updated as it places. Without
         // a DRS snapshot, ferry-ha's memory-only placer.
@@ -407,7 +462,8 @@ impl Cluster {
                         continue;
                     };
                     let dead = !hosts.iter().any(|h| h.name == from && h.alive);
-                    self.move_owner(rec.clone(), *rev, &from, &to, dead).await?;
+                    self.move_owner((**rec).clone(), *rev, &from, &to, dead)
+                        .await?;
                 }
                 Command::NoPlace { vm, reason } => {
                     tracing::warn!(vm, reason, "HA: no host can take the VM now");
@@ -417,14 +473,21 @@ impl Cluster {
         }
         self.report_no_place(no_place);
         // Host states for `cluster status`: fenced while dead with HA VMs it owned.
+        let cache = link.synced_cache();
         for h in &hosts {
             let key = ferry_store::keys::cluster::fenced(&h.name);
             let had_ha = vms.iter().any(|v| v.host == h.name && v.ha.enabled());
+            // The cache says whether the mark is there (a stale answer costs a read or
+            // an idempotent write, nothing more).
+            let marked = match cache {
+                Some(c) => c.fenced(&h.name),
+                None => root.get(&key).await?.is_some(),
+            };
             if h.alive {
-                if root.get(&key).await?.is_some() {
+                if marked {
                     root.delete(&key).await?;
                 }
-            } else if had_ha && root.get(&key).await?.is_none() {
+            } else if had_ha && !marked && root.get(&key).await?.is_none() {
                 root.put_json(&key, &self.host_name()).await?;
                 self.events().emit(
                     None,

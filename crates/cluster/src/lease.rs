@@ -329,8 +329,35 @@ impl Cluster {
         let Ok(list) = ferry_store::membership::list(&etcd.client()).await else {
             return;
         };
+        let voters: Vec<String> = list
+            .iter()
+            .filter(|m| !m.learner)
+            .flat_map(|m| m.client_urls.iter().cloned())
+            .collect();
         let urls: Vec<String> = list.into_iter().flat_map(|m| m.client_urls).collect();
         etcd.add_endpoints(&urls);
+        // A client keeps the voters it knows in its configuration, so a restart after
+        // voters were replaced still finds them.
+        if link.cfg.managed_etcd || voters.is_empty() {
+            return;
+        }
+        let state_dir = &self.cfg().state_dir;
+        if let Ok(Some(mut saved)) = crate::membership::load_config(state_dir) {
+            let sorted = |v: &[String]| {
+                let mut v = v.to_vec();
+                v.sort();
+                v
+            };
+            if sorted(&saved.endpoints) != sorted(&voters) {
+                saved.endpoints = voters;
+                match crate::membership::save_config(state_dir, &saved) {
+                    Ok(()) => {
+                        tracing::info!(endpoints = ?saved.endpoints, "the etcd voters changed; configuration updated")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot save the etcd voters"),
+                }
+            }
+        }
     }
 }
 

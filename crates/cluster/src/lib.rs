@@ -19,10 +19,12 @@ mod ha;
 pub mod lease;
 mod maintenance;
 mod membership;
+mod promote;
 mod remove;
 mod respools;
 #[cfg(test)]
 mod tests;
+pub mod voters;
 
 pub use lease::{kill_ha_qemus, run_watchdog};
 pub use maintenance::plan_evacuation;
@@ -53,8 +55,9 @@ struct Inner {
 #[derive(Default)]
 struct HaState {
     restarts: Mutex<ha::Restarts>,
-    /// When the HA manager last read every VM record.
-    full_round: Mutex<Option<std::time::Instant>>,
+    /// When the HA manager last read every VM record, and what the cluster cache held
+    /// then (its generations of leases and host records; zero without the cache).
+    full_round: Mutex<Option<(std::time::Instant, (u64, u64))>>,
     /// VMs the HA manager could not place last round, with the reason.
     no_place: Mutex<std::collections::BTreeMap<String, String>>,
     /// This host was the HA manager at its last round (DRS runs there).

@@ -50,13 +50,13 @@ fn config_path(state_dir: &Path) -> PathBuf {
     cluster_dir(state_dir).join("config.json")
 }
 
-struct EtcdPaths {
-    data: PathBuf,
-    log: PathBuf,
-    pidfile: PathBuf,
+pub(crate) struct EtcdPaths {
+    pub data: PathBuf,
+    pub log: PathBuf,
+    pub pidfile: PathBuf,
 }
 
-fn etcd_paths(state_dir: &Path, run_dir: &Path) -> EtcdPaths {
+pub(crate) fn etcd_paths(state_dir: &Path, run_dir: &Path) -> EtcdPaths {
     EtcdPaths {
         data: cluster_dir(state_dir).join("etcd"),
         log: cluster_dir(state_dir).join("etcd.log"),
@@ -83,7 +83,7 @@ pub fn load_config(state_dir: &Path) -> Result<Option<ClusterConfig>> {
     }
 }
 
-fn save_config(state_dir: &Path, cfg: &ClusterConfig) -> Result<()> {
+pub(crate) fn save_config(state_dir: &Path, cfg: &ClusterConfig) -> Result<()> {
     let p = config_path(state_dir);
     let io = |source| AgentError::Io {
         what: format!("Write {}", p.display()),
@@ -118,11 +118,11 @@ pub(crate) fn etcd_tls(pki: &HostPki) -> EtcdTls {
     }
 }
 
-fn client_url(address: &str) -> String {
+pub(crate) fn client_url(address: &str) -> String {
     format!("https://{}:{CLIENT_PORT}", url_host(address))
 }
 
-fn peer_url(address: &str) -> String {
+pub(crate) fn peer_url(address: &str) -> String {
     format!("https://{}:{PEER_PORT}", url_host(address))
 }
 
@@ -134,7 +134,12 @@ fn url_host(address: &str) -> String {
     }
 }
 
-fn member_config(cfg: &ClusterConfig, paths: &EtcdPaths, new: bool, pki: &HostPki) -> MemberConfig {
+pub(crate) fn member_config(
+    cfg: &ClusterConfig,
+    paths: &EtcdPaths,
+    new: bool,
+    pki: &HostPki,
+) -> MemberConfig {
     MemberConfig {
         name: cfg.name.clone(),
         data_dir: paths.data.clone(),
@@ -151,14 +156,7 @@ fn member_config(cfg: &ClusterConfig, paths: &EtcdPaths, new: bool, pki: &HostPk
     }
 }
 
-/// How many etcd voters a cluster of `hosts` hosts has: 3 (one may fail). Every other
-/// host is a client of them: quorum never counts every hypervisor, and writes stay fast
-/// (each voter more is one more fsync a write waits for). Five voters need a client to
-/// be promoted as the count passes 4 (an even count tolerates no more failures than
-/// the odd one below it), which ferry does not do yet: it stays at 3.
-pub fn voter_target(_hosts: usize) -> usize {
-    3
-}
+pub use crate::voters::voter_target;
 
 /// At daemon start: makes sure the local etcd member runs (when ferry manages it) and
 /// connects. Does not wait for quorum; the agent's store calls do.
@@ -282,7 +280,7 @@ async fn restart_lock(
     }
 }
 
-pub(super) fn etcd_err(what: impl Into<String>) -> impl FnOnce(etcd_client::Error) -> AgentError {
+pub(crate) fn etcd_err(what: impl Into<String>) -> impl FnOnce(etcd_client::Error) -> AgentError {
     let what = what.into();
     move |source| AgentError::Etcd { what, source }
 }
@@ -334,6 +332,13 @@ impl Cluster {
                     "cluster",
                     "local etcd member restarted with the flags this ferry wants",
                 );
+            }
+            return;
+        }
+        // Replaced while it was away (another host voted in its place): a client now.
+        if self.own_member_kept().await == Some(false) {
+            if let Err(e) = self.become_client().await {
+                tracing::warn!(error = %crate::error_chain(&e).join(": "), "cannot become a client of the etcd voters");
             }
             return;
         }

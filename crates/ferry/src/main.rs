@@ -87,6 +87,10 @@ struct ServeArgs {
     /// Serve the API over plain HTTP instead of HTTPS (only on a loopback address).
     #[arg(long)]
     plain_http: bool,
+    /// While this host tends etcd: seconds an etcd voter may be down before another
+    /// host is voted in its place.
+    #[arg(long, default_value_t = 300)]
+    voter_replace_after: u64,
     /// The API's certificate for browsers and CLIs (PEM chain, e.g. from the site's CA
     /// or ACME), shown to clients that ask for another name than this host's; the other
     /// hosts keep getting the host certificate of the cluster CA. With --tls-key.
@@ -291,6 +295,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
             cgroup_root: a.cgroup_root.clone(),
         },
         replication_port: a.replication_port,
+        voter_replace_after: std::time::Duration::from_secs(a.voter_replace_after),
     };
     let agent = match cluster_cfg {
         Some(cc) => {

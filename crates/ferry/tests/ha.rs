@@ -528,11 +528,25 @@ fn cluster_commands_and_bad_requests() -> Result<()> {
 }
 
 /// Quorum does not count every hypervisor: a fourth host joins as a client of the
-/// three etcd voters (no member of its own), holds a lease, defines VMs and leaves
-/// again, the voters untouched.
+/// three etcd voters (no member of its own), holds a lease and defines VMs. A voter
+/// down longer than the replacement delay is removed from etcd and the client promoted
+/// in its place (a learner first); the old voter, back, finds its member gone and
+/// becomes a client. When a voter leaves, a client is promoted again: three voters.
 #[test]
 fn hosts_beyond_three_are_clients_of_the_voters() -> Result<()> {
-    let lab = ClusterLab::for_test(FERRY, 4)?;
+    let mut serve_args = std::collections::BTreeMap::new();
+    serve_args.insert(
+        "*".to_string(),
+        vec!["--voter-replace-after".to_string(), "10".to_string()],
+    );
+    let lab = ClusterLab::for_test_with(
+        FERRY,
+        4,
+        ferry_lab::LabOptions {
+            serve_args,
+            ..Default::default()
+        },
+    )?;
     let h1 = lab.cli("h1")?;
     let st = cluster_status(&h1)?;
     assert_eq!(st["etcd_voters"], 3, "{st}");
@@ -628,10 +642,63 @@ fn hosts_beyond_three_are_clients_of_the_voters() -> Result<()> {
     let o = h1.ferry_json(&["cluster", "status"])?;
     assert_eq!(o["etcd_voters"], 3, "{o}");
 
+    // h3 goes down (daemon and etcd member): after the delay its member is removed
+    // and the client h4 voted in its place; the cluster keeps three voters.
+    lab.kill_daemon("h3")?;
+    lab.kill_etcd("h3")?;
+    let is_member = |st: &serde_json::Value, host: &str| {
+        st["members"]
+            .as_array()
+            .and_then(|m| m.iter().find(|x| x["name"] == host))
+            .map(|m| m["etcd_member"] == true)
+    };
+    wait_for("h4 voted in h3's place", Duration::from_secs(180), || {
+        let st = cluster_status(&h1)?;
+        Ok(st["etcd_voters"] == 3
+            && st["has_quorum"] == true
+            && is_member(&st, "h4") == Some(true)
+            && is_member(&st, "h3") == Some(false))
+    })?;
+    assert!(lab.etcd_pid("h4").is_some(), "h4 runs a member");
+    // h3 comes back: its member was replaced, it becomes a client (and holds a lease).
+    lab.start_daemon("h3")?;
+    let h3 = lab.cli("h3")?;
+    wait_for("h3 back as a client", Duration::from_secs(120), || {
+        let Ok(st) = cluster_status(&h3) else {
+            return Ok(false);
+        };
+        let me = st["members"]
+            .as_array()
+            .and_then(|m| m.iter().find(|x| x["name"] == "h3"))
+            .cloned()
+            .unwrap_or_default();
+        Ok(me["etcd_member"] == false
+            && me["lease_ttl_left_s"].as_i64().is_some()
+            && lab.etcd_pid("h3").is_none())
+    })?;
+    // The tending host (the HA manager, any of them) says what it did; h4 what it became.
+    let mut events = String::new();
+    for h in ["h1", "h2", "h4"] {
+        events += &lab.cli(h)?.ferry_ok(&["events"])?;
+    }
+    assert!(events.contains("h4 is an etcd voter now"), "{events}");
+    assert!(
+        events.contains("removed from etcd") && events.contains("h4 becomes an etcd voter"),
+        "{events}"
+    );
+    // A voter leaves: a client (h3) is promoted, three voters again.
     h4.ferry_ok(&["cluster", "leave"])?;
-    let st = cluster_status(&h1)?;
-    assert_eq!(st["etcd_voters"], 3, "{st}");
-    assert_eq!(st["members"].as_array().map(Vec::len), Some(3), "{st}");
-    assert_eq!(st["has_quorum"], true, "{st}");
+    wait_for(
+        "three voters after h4 left",
+        Duration::from_secs(180),
+        || {
+            let st = cluster_status(&h1)?;
+            Ok(st["etcd_voters"] == 3
+                && st["has_quorum"] == true
+                && is_member(&st, "h3") == Some(true)
+                && st["members"].as_array().map(Vec::len) == Some(3))
+        },
+    )?;
+    h3.ferry_ok(&["vm", "create", "c2", "--memory", "64M"])?;
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! The cluster as this host sees it, kept in memory from watches on the cluster store:
-//! the members, which of them hold a lease, what each publishes for DRS, and every
+//! the members, which of them hold a lease, what each publishes for DRS, which the HA
+//! manager fenced, and every
 //! host's VM records, pool definitions and maintenance flag.
 //!
 //! Each part is a [`Mirror`]: listed once, then fed by a watch from the listing's
@@ -39,6 +40,8 @@ pub struct ClusterCache {
     pub members: Mirror<ClusterHost>,
     pub alive: Mirror<HostAlive>,
     pub loads: Mirror<HostCapacity>,
+    /// Hosts the HA manager marked fenced (the value names the manager).
+    pub fenced: Mirror<String>,
     /// Keyed `{host}/vms/{name}`, `{host}/pools/{name}`, `{host}/meta/maintenance`.
     pub hosts: Mirror<HostItem>,
 }
@@ -83,13 +86,18 @@ impl ClusterCache {
             members: Mirror::start(root.clone(), ck::MEMBERS, json("member")),
             alive: Mirror::start(root.clone(), ck::ALIVE, json("liveness")),
             loads: Mirror::start(root.clone(), ck::LOAD, json("load")),
+            fenced: Mirror::start(root.clone(), ck::FENCED, json("fence mark")),
             hosts: Mirror::start(root, "/hosts/", host_item),
         }
     }
 
     /// Whether every part holds a complete listing kept current by its watch.
     pub fn synced(&self) -> bool {
-        self.members.synced() && self.alive.synced() && self.loads.synced() && self.hosts.synced()
+        self.members.synced()
+            && self.alive.synced()
+            && self.loads.synced()
+            && self.fenced.synced()
+            && self.hosts.synced()
     }
 
     /// Waits up to `timeout` for every part to be in sync.
@@ -101,6 +109,9 @@ impl ClusterCache {
                 .wait_synced(until.saturating_duration_since(tokio::time::Instant::now()))
                 .await,
             self.loads
+                .wait_synced(until.saturating_duration_since(tokio::time::Instant::now()))
+                .await,
+            self.fenced
                 .wait_synced(until.saturating_duration_since(tokio::time::Instant::now()))
                 .await,
             self.hosts
@@ -151,17 +162,28 @@ impl ClusterCache {
 
     /// Host `host`'s VM records.
     pub fn vms_of(&self, host: &str) -> Vec<Arc<VmRecord>> {
+        self.vms_of_at(host).into_iter().map(|(r, _)| r).collect()
+    }
+
+    /// Host `host`'s VM records, each with the revision it was written at (what a
+    /// compare-and-swap on it compares).
+    pub fn vms_of_at(&self, host: &str) -> Vec<(Arc<VmRecord>, i64)> {
         let from = format!("{host}/vms/");
         self.hosts.read(|e| {
             e.map
                 .range(from.clone()..)
                 .take_while(|(k, _)| k.starts_with(&from))
-                .filter_map(|(_, (item, _))| match item {
-                    HostItem::Vm(r) => Some(r.clone()),
+                .filter_map(|(_, (item, rev))| match item {
+                    HostItem::Vm(r) => Some((r.clone(), *rev)),
                     _ => None,
                 })
                 .collect()
         })
+    }
+
+    /// Whether the HA manager marked host `host` fenced.
+    pub fn fenced(&self, host: &str) -> bool {
+        self.fenced.read(|e| e.map.contains_key(host))
     }
 
     /// Host `host`'s pool definitions.

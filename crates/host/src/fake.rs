@@ -353,6 +353,7 @@ pub async fn open_member(
         resources: Default::default(),
         replication_port: 0,
         pki,
+        voter_replace_after: std::time::Duration::from_secs(300),
     };
     crate::Host::open_on(cfg, store, link, os).await
 }

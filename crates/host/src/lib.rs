@@ -90,6 +90,9 @@ pub struct AgentConfig {
     /// This host's certificate and the cluster CA (`{state_dir}/pki`): every
     /// host-to-host link is mutual TLS with them.
     pub pki: ferry_pki::HostPki,
+    /// While this host tends etcd: how long a voter may be down before another host
+    /// is voted in its place.
+    pub voter_replace_after: std::time::Duration,
 }
 
 /// The default port of the replication service.

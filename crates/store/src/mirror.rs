@@ -143,6 +143,11 @@ impl<T: Send + Sync + 'static> Mirror<T> {
         waited.is_ok() && self.synced()
     }
 
+    /// How many changes the mirror has seen (any change bumps it).
+    pub fn generation(&self) -> u64 {
+        *self.shared.generation.borrow()
+    }
+
     /// Notified after every change.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.shared.generation.subscribe()

@@ -10,10 +10,19 @@
 //! - `idle_etcd_write_bytes_per_s` and `etcd_db_growth_mb_per_h`: the values written,
 //!   i.e. the history etcd accumulates per hour until it compacts it;
 //! - `start_admission_ms`: one VM start's admission check (a DRS snapshot), median;
-//! - `drs_round_s`: one DRS plan over the whole cluster.
+//! - `vm_start_ms`: one VM start (admission, records, a fake QEMU), median of up to 50
+//!   starts in a row on one host;
+//! - `drs_round_s`: one DRS plan over the whole cluster;
+//! - `ui_first_page_ms`: what `GET /api/v1/vms?limit=50` costs the answering host (the
+//!   page chosen out of the whole cluster's VMs and written as JSON), median;
+//!   `ui_search_ms` the same with `q=` matching a few VMs;
+//! - `cache_sync_s`: how long a host's cluster cache takes to list and watch the
+//!   cluster after its start.
 //!
-//! Figures the issue also names but this benchmark does not measure yet
-//! (`host_failure_last_vm_s`, `ui_first_page_ms`) are printed as null.
+//! Each simulated host keeps its own cluster cache (a watch per part on etcd, as a real
+//! host) up to 1,000,000 host×VM pairs; beyond, the hosts of this one process share one
+//! (`caches: shared`), else the copies alone would exceed this machine's memory.
+//! `host_failure_last_vm_s` is not measured yet (null).
 
 use crate::{arg, arg_str};
 use anyhow::{bail, Context, Result};
@@ -118,6 +127,7 @@ struct Sim {
     hosts: Vec<ferry_cluster::Cluster>,
     etcd: Etcd,
     _dir: tempfile::TempDir,
+    shared_cache: bool,
 }
 
 fn vm_spec(name: &str, id: u32) -> Result<ferry_types::VmSpec> {
@@ -205,6 +215,8 @@ fn build(hosts: usize, vms: usize, running: usize) -> Result<Sim> {
             &key,
         )?;
     }
+    let shared_cache = hosts.saturating_mul(vms) > 1_000_000;
+    let mut first_link: Option<ferry_host::ClusterLink> = None;
     let mut sims = vec![];
     for n in &names {
         let cfg = ferry_types::ClusterConfig {
@@ -220,7 +232,12 @@ fn build(hosts: usize, vms: usize, running: usize) -> Result<Sim> {
         let d = dir.path().join(n);
         let c = rt.block_on(async {
             let root = ferry_store::EtcdStore::connect(&etcd.urls, "/ferry", None).await?;
-            let link = ferry_host::ClusterLink::on_etcd(cfg, root);
+            let mut link = ferry_host::ClusterLink::on_etcd(cfg, root);
+            match &first_link {
+                Some(f) if shared_cache => link = link.sharing_cache_of(f),
+                Some(_) => {}
+                None => first_link = Some(link.clone()),
+            }
             let os = ferry_host::fake::FakeOs::new(&["br0"]);
             let host = ferry_host::fake::open_member(&d, os, n, Some(link)).await?;
             anyhow::Ok(ferry_cluster::Cluster::start(
@@ -266,6 +283,7 @@ fn build(hosts: usize, vms: usize, running: usize) -> Result<Sim> {
         hosts: sims,
         etcd,
         _dir: dir,
+        shared_cache,
     })
 }
 
@@ -339,20 +357,84 @@ fn measure_idle(s: &Sim, seconds: u64) -> Result<Value> {
     })
 }
 
-/// Median admission check and one DRS plan, from the first host.
-fn measure_decisions(s: &Sim, vms: usize) -> Result<Value> {
-    let h = &s.hosts[0];
-    let mut adm = vec![];
-    for i in 0..10 {
-        // A stopped VM of host 0 (VM i lives on host i % hosts).
-        let idx = (i * s.hosts.len()) % vms.max(1);
-        let name = format!("vm{idx:05}");
+/// How long the first host's cache takes to be in sync from scratch (a new link on
+/// its own connection: a host starting).
+fn measure_cache_sync(s: &Sim) -> Result<f64> {
+    s.rt.block_on(async {
+        let root = ferry_store::EtcdStore::connect(&s.etcd.urls, "/ferry", None).await?;
+        let h = &s.hosts[0];
+        let cfg = h.cluster().context("a cluster")?.cfg.clone();
+        let link = ferry_host::ClusterLink::on_etcd(cfg, root);
         let t = Instant::now();
-        let r = s.rt.block_on(h.admit_start(&name));
+        if !link.cache().wait_synced(Duration::from_secs(300)).await {
+            bail!("the cache did not get in sync in 300 s");
+        }
+        anyhow::Ok(t.elapsed().as_secs_f64())
+    })
+}
+
+/// Median admission check, VM start and UI page; one DRS plan; from the first host.
+fn measure_decisions(s: &Sim, vms: usize, running: usize) -> Result<Value> {
+    let h = &s.hosts[0];
+    let link = h.cluster().context("a cluster")?;
+    if !s
+        .rt
+        .block_on(link.cache().wait_synced(Duration::from_secs(300)))
+    {
+        bail!("host 0's cache is not in sync");
+    }
+    let hosts = s.hosts.len();
+    // Stopped VMs of host 0 (VM i lives on host i % hosts; the first `running` run).
+    let stopped: Vec<String> = (0..vms)
+        .filter(|i| i % hosts == 0 && *i >= running)
+        .map(|i| format!("vm{i:05}"))
+        .collect();
+    let mut adm = vec![];
+    for name in stopped.iter().take(10) {
+        let t = Instant::now();
+        let r = s.rt.block_on(h.admit_start(name));
         adm.push(t.elapsed().as_secs_f64() * 1000.0);
         if let Err(e) = r {
             eprintln!("admission of {name}: {e}");
         }
+    }
+    let mut starts = vec![];
+    for name in stopped.iter().take(50) {
+        let t = Instant::now();
+        let r = s.rt.block_on(h.start_vm(name));
+        starts.push(t.elapsed().as_secs_f64() * 1000.0);
+        if let Err(e) = r {
+            eprintln!("start of {name}: {e}");
+        }
+    }
+    let page = |p: ferry_types::VmListParams| -> Result<(f64, usize)> {
+        let t = Instant::now();
+        let page =
+            s.rt.block_on(h.list_vms_page(&p))
+                .map_err(|e| anyhow::anyhow!("list: {e}"))?;
+        let body = serde_json::to_vec(&page.vms)?;
+        std::hint::black_box(body);
+        Ok((t.elapsed().as_secs_f64() * 1000.0, page.total))
+    };
+    let mut first = vec![];
+    let mut search = vec![];
+    for _ in 0..10 {
+        let (ms, total) = page(ferry_types::VmListParams {
+            limit: Some(50),
+            ..Default::default()
+        })?;
+        if total != vms {
+            eprintln!("the list counts {total} VMs of {vms}");
+        }
+        first.push(ms);
+        search.push(
+            page(ferry_types::VmListParams {
+                q: Some("vm0000".into()),
+                limit: Some(50),
+                ..Default::default()
+            })?
+            .0,
+        );
     }
     let t = Instant::now();
     let plan = s.rt.block_on(h.drs_plan());
@@ -362,9 +444,12 @@ fn measure_decisions(s: &Sim, vms: usize) -> Result<Value> {
     }
     Ok(json!({
         "start_admission_ms": crate::median(adm),
+        "vm_start_ms": crate::median(starts),
         "drs_round_s": drs,
         "host_failure_last_vm_s": null,
-        "ui_first_page_ms": null,
+        "ui_first_page_ms": crate::median(first),
+        "ui_search_ms": crate::median(search),
+        "caches": if s.shared_cache { "shared" } else { "own" },
     }))
 }
 
@@ -388,7 +473,12 @@ pub(crate) fn run() -> Result<()> {
             let sim = build(h, v, running)?;
             let built = t.elapsed().as_secs_f64();
             let mut row = json!({"hosts": h, "vms": v, "running": running, "build_s": built});
-            for part in [measure_idle(&sim, seconds)?, measure_decisions(&sim, v)?] {
+            let sync = measure_cache_sync(&sim)?;
+            row["cache_sync_s"] = json!(sync);
+            for part in [
+                measure_idle(&sim, seconds)?,
+                measure_decisions(&sim, v, running)?,
+            ] {
                 if let (Some(r), Some(p)) = (row.as_object_mut(), part.as_object()) {
                     r.extend(p.clone());
                 }
@@ -399,6 +489,7 @@ pub(crate) fn run() -> Result<()> {
                 hosts,
                 etcd,
                 _dir,
+                ..
             } = sim;
             drop(hosts);
             if let Ok(rt) = Arc::try_unwrap(rt) {
@@ -421,9 +512,13 @@ pub(crate) fn run() -> Result<()> {
             "idle_etcd_write_bytes_per_s",
             "etcd_db_growth_mb_per_h",
             "start_admission_ms",
+            "vm_start_ms",
             "drs_round_s",
             "host_failure_last_vm_s",
             "ui_first_page_ms",
+            "ui_search_ms",
+            "cache_sync_s",
+            "caches",
         ];
         println!("{}", cols.join("\t"));
         for r in &rows {
