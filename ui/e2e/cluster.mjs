@@ -2,7 +2,9 @@
 // both hosts in the tree; the running VM `web` (on h1, disk on the shared pool)
 // live-migrated to h2 from its page, with progress and the final report (downtime);
 // its serial and VNC consoles on h2 relayed through h1; h2 put into maintenance mode
-// from its page (web is evacuated back to h1) and activated again. Env as run.mjs.
+// from its page (web is evacuated back to h1) and activated again; a VM defined and
+// deleted on h2 behind the page's back shows in and leaves the tree (the change
+// stream). Env as run.mjs.
 import { api, browse, step, url } from './lib.mjs';
 
 const vmOn = async (host) => {
@@ -62,4 +64,13 @@ await browse('cluster', async (page, { shot, login, consoleConnected, vncConnect
   await page.getByTestId('host-activate').click();
   await page.getByTestId('host-maintenance').waitFor({ timeout: 30000 });
   step('h2 active again');
+
+  // The tree follows the cluster's change stream: a VM defined on h2 behind the page's
+  // back (h1 hears no event of it, and no timer re-reads VMs) appears, and goes again.
+  const streamed = page.locator('[data-testid=tree] a[data-kind=vm][data-name=streamed]');
+  await api('POST', '/api/v1/nodes/h2/api/v1/vms', { name: 'streamed', memory_mib: 64 });
+  await streamed.waitFor({ timeout: 10000 });
+  await api('DELETE', '/api/v1/nodes/h2/api/v1/vms/streamed');
+  await streamed.waitFor({ state: 'detached', timeout: 10000 });
+  step('a VM defined and deleted on h2 behind the page: the tree followed the change stream');
 });

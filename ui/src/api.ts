@@ -24,6 +24,7 @@ export type MetricsPoint = S['MetricsPoint'];
 export type MetricsHistory = S['MetricsHistory'];
 export type Session = S['Session'];
 export type ClusterStatus = S['ClusterStatus'];
+export type ClusterChange = S['ClusterChange'];
 export type Bridge = S['Bridge'];
 export type User = S['User'];
 export type ApiToken = S['ApiToken'];

@@ -50,7 +50,10 @@ use utoipa_swagger_ui::SwaggerUi;
         (name = "drs", description = "DRS: placement, balancing, HA admission control, resource pools"),
         (name = "access", description = "Users, API tokens, grants; login"),
         (name = "replication", description = "Replicated volumes: primary, resync, verify, split brain (and the host-to-host calls)"),
-    )
+    ),
+    // The frames of the websockets (`/api/v1/cluster/changes`), which OpenAPI has no
+    // path for.
+    components(schemas(ferry_types::ClusterChange))
 )]
 struct ApiDoc;
 
@@ -248,6 +251,7 @@ pub fn router(agent: Agent, auth: Auth) -> Router {
     api.route("/api/v1/vms/{name}/console", get(ws::console))
         .route("/api/v1/vms/{name}/vnc", get(ws::vnc))
         .route("/api/v1/events/stream", get(ws::events))
+        .route("/api/v1/cluster/changes", get(ws::cluster_changes))
         .route("/metrics", get(metrics))
         .route(
             "/api/v1/nodes/{host}/{*rest}",

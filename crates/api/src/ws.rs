@@ -125,3 +125,73 @@ pub async fn events(State(a): State<Agent>, ws: WebSocketUpgrade) -> Response {
         }
     })
 }
+
+/// `GET /api/v1/cluster/changes`: what changed in the cluster, as JSON text frames
+/// ([`ferry_types::ClusterChange`]) at most every 250 ms, from this host's cluster
+/// cache (fed by etcd watches): the web UI reads again only what a frame names. 409
+/// outside a cluster (there the event stream says everything).
+pub async fn cluster_changes(State(a): State<Agent>, ws: WebSocketUpgrade) -> ApiResult<Response> {
+    let Some(link) = a.cluster() else {
+        return Err(crate::error::ApiError::new(
+            axum::http::StatusCode::CONFLICT,
+            "This host is in no cluster: follow /api/v1/events/stream",
+        ));
+    };
+    let cache = link.cache().clone();
+    Ok(ws.on_upgrade(move |socket| follow_changes(socket, cache)))
+}
+
+async fn follow_changes(mut socket: WebSocket, cache: ferry_agent::ClusterCache) {
+    use ferry_agent::CacheChange as Change;
+    use tokio::sync::broadcast::error::RecvError;
+    let mut records = cache.hosts.changes();
+    let mut parts = [
+        cache.members.subscribe(),
+        cache.alive.subscribe(),
+        cache.loads.subscribe(),
+        cache.fenced.subscribe(),
+    ];
+    let mut pending = ferry_types::ClusterChange::default();
+    let mut vms_of = std::collections::BTreeSet::new();
+    let mut due: Option<tokio::time::Instant> = None;
+    let window = std::time::Duration::from_millis(250);
+    loop {
+        let [m, al, l, f] = &mut parts;
+        tokio::select! {
+            r = records.recv() => match r {
+                Ok(Change::Key(k)) => {
+                    let mut seg = k.splitn(3, '/');
+                    match (seg.next(), seg.next()) {
+                        (Some(h), Some("vms")) => {
+                            vms_of.insert(h.to_string());
+                        }
+                        _ => pending.hosts = true,
+                    }
+                }
+                Ok(Change::All) | Err(RecvError::Lagged(_)) => pending.all = true,
+                Err(RecvError::Closed) => break,
+            },
+            r = m.changed() => if r.is_err() { break } else { pending.hosts = true },
+            r = al.changed() => if r.is_err() { break } else { pending.hosts = true },
+            r = l.changed() => if r.is_err() { break } else { pending.hosts = true },
+            r = f.changed() => if r.is_err() { break } else { pending.hosts = true },
+            msg = socket.recv() => match msg {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
+                Some(Ok(_)) => continue,
+            },
+            _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                pending.vms_of = std::mem::take(&mut vms_of).into_iter().collect();
+                let frame = std::mem::take(&mut pending);
+                due = None;
+                let text = serde_json::to_string(&frame).unwrap_or_default();
+                if socket.send(Message::Text(text.into())).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+        }
+        if due.is_none() && (pending.hosts || pending.all || !vms_of.is_empty()) {
+            due = Some(tokio::time::Instant::now() + window);
+        }
+    }
+}

@@ -340,9 +340,9 @@ impl Cluster {
         &self,
         link: &ferry_host::ClusterLink,
         members: &[ferry_types::ClusterHost],
+        cache: Option<&ferry_host::cache::ClusterCache>,
     ) -> Result<HaView> {
         let root = link.root.as_ref();
-        let cache = link.synced_cache();
         let mut hosts = vec![];
         let mut vms = vec![];
         let mut records = HashMap::new();
@@ -432,7 +432,34 @@ impl Cluster {
             }
             *last = Some((Instant::now(), seen));
         }
-        let (hosts, vms, records) = self.ha_view(link, &members).await?;
+        // A full round checks the cache against the store's leases (one small read): a
+        // watch that stalled without ending must not hide a dead host. Behind, the
+        // round reads the store.
+        let mut members = members;
+        let cache = match link.synced_cache() {
+            Some(c) => {
+                let stored: Vec<String> = root
+                    .list(ALIVE)
+                    .await?
+                    .into_iter()
+                    .map(|kv| kv.key[ALIVE.len()..].to_string())
+                    .collect();
+                let cached: Vec<String> = c.alive.read(|e| e.map.keys().cloned().collect());
+                if stored == cached {
+                    Some(c)
+                } else {
+                    tracing::info!(
+                        ?stored,
+                        ?cached,
+                        "HA: the cache's leases lag the store's; reading the store"
+                    );
+                    members = link.members().await?;
+                    None
+                }
+            }
+            None => None,
+        };
+        let (hosts, vms, records) = self.ha_view(link, &members, cache).await?;
         // ferry-ha decides which VMs go (and in which order); DRS placement where
         // (rules, labels, CPU and memory), one answer, updated as it places. Without
         // a DRS snapshot, ferry-ha's memory-only placer.
@@ -473,7 +500,6 @@ impl Cluster {
         }
         self.report_no_place(no_place);
         // Host states for `cluster status`: fenced while dead with HA VMs it owned.
-        let cache = link.synced_cache();
         for h in &hosts {
             let key = ferry_store::keys::cluster::fenced(&h.name);
             let had_ha = vms.iter().any(|v| v.host == h.name && v.ha.enabled());

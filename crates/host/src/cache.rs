@@ -13,6 +13,7 @@
 
 use crate::records::VmRecord;
 use ferry_store::keys::cluster as ck;
+pub use ferry_store::mirror::Change;
 use ferry_store::mirror::Mirror;
 use ferry_store::Store;
 use ferry_types::{ClusterHost, HostAlive, HostCapacity, PoolSpec};

@@ -13,7 +13,7 @@ use crate::{EventKind, Store, StoreError, WatchEvent};
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 /// Turns a key (relative to the mirrored prefix) and its value into an entry; `None`
 /// leaves the key out (not wanted, or not readable).
@@ -59,6 +59,17 @@ struct Shared<T> {
     entries: RwLock<Entries<T>>,
     /// Bumped after every change (and when the mirror gets in or out of sync).
     generation: watch::Sender<u64>,
+    /// Which keys changed, for followers ([`Mirror::changes`]).
+    changes: broadcast::Sender<Change>,
+}
+
+/// What changed in a mirror.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// This key (relative to the mirrored prefix) was written or deleted.
+    Key(String),
+    /// Anything may have changed (the prefix was listed again).
+    All,
 }
 
 /// One prefix kept in memory; clones share it. The task feeding it ends with the last
@@ -102,6 +113,7 @@ impl<T: Send + Sync + 'static> Mirror<T> {
                 synced: false,
             }),
             generation: watch::channel(0).0,
+            changes: broadcast::channel(1024).0,
         });
         let task = tokio::spawn(feed(
             store,
@@ -148,6 +160,12 @@ impl<T: Send + Sync + 'static> Mirror<T> {
         *self.shared.generation.borrow()
     }
 
+    /// Each change as it happens (a follower that lags behind gets `Lagged` and should
+    /// take it as [`Change::All`]).
+    pub fn changes(&self) -> broadcast::Receiver<Change> {
+        self.shared.changes.subscribe()
+    }
+
     /// Notified after every change.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.shared.generation.subscribe()
@@ -180,6 +198,7 @@ async fn feed<T>(store: Arc<dyn Store>, prefix: String, decode: Box<Decode<T>>, 
                     e.map = map;
                     e.revision = rev;
                     drop(e);
+                    let _ = s.changes.send(Change::All);
                     rev
                 }
                 Err(err) => {
@@ -223,7 +242,10 @@ async fn feed<T>(store: Arc<dyn Store>, prefix: String, decode: Box<Decode<T>>, 
                             continue;
                         }
                     }
-                    changed |= e.apply(&x, &*decode);
+                    if e.apply(&x, &*decode) {
+                        changed = true;
+                        let _ = s.changes.send(Change::Key(x.key.clone()));
+                    }
                     ev = rx.try_recv().ok();
                 }
             }

@@ -381,6 +381,7 @@ async fn listing_is_paged_and_a_mirror_follows(s: std::sync::Arc<dyn Store>) {
     };
     assert_eq!(now(&m), [("a".to_string(), 1)]);
     let mut changed = m.subscribe();
+    let mut keys = m.changes();
     s.put("/m/b", b"2".to_vec(), None).await.unwrap();
     s.delete("/m/a").await.unwrap();
     s.put("/m/bad", b"3".to_vec(), None).await.unwrap();
@@ -396,6 +397,15 @@ async fn listing_is_paged_and_a_mirror_follows(s: std::sync::Arc<dyn Store>) {
         let _ = tokio::time::timeout(Duration::from_millis(500), changed.changed()).await;
     }
     assert!(m.synced());
+    // Followers hear each key that changed (not the other prefix's).
+    let mut heard = vec![];
+    while heard.len() < 3 {
+        match tokio::time::timeout(Duration::from_secs(5), keys.recv()).await {
+            Ok(Ok(mirror::Change::Key(k))) => heard.push(k),
+            other => panic!("{other:?} after {heard:?}"),
+        }
+    }
+    assert_eq!(heard, ["b", "a", "bad"]);
 }
 
 #[tokio::test]

@@ -205,6 +205,23 @@ pub struct ClusterSummary {
     pub complete: bool,
 }
 
+/// A frame of `GET /api/v1/cluster/changes` (a websocket): what changed in the cluster
+/// since the last frame, from the answering host's cache (frames at most every 250 ms).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterChange {
+    /// Hosts whose VMs changed (defined, deleted, moved, or changing state): read their
+    /// rows again (`GET /api/v1/vms?host=`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vms_of: Vec<String>,
+    /// The hosts themselves changed (members, leases, maintenance, pools, loads, fence
+    /// marks).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hosts: bool,
+    /// Anything may have changed (the cache listed the cluster again): read it all.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all: bool,
+}
+
 /// `DELETE /cluster/members/{name}`: take a member that is down out of the cluster.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]

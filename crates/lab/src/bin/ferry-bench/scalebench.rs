@@ -1,5 +1,5 @@
-//! `ferry-bench scale [--hosts 16,64] [--vms 1000,10000] [--running 0] [--seconds 60]
-//! [--json]`: a simulated cluster against a real etcd (3 voters on loopback): H agents
+//! `ferry-bench scale [--hosts 16,64] [--vms 1000,10000] [--running 0] [--ha-vms 200]
+//! [--seconds 60] [--json]`: a simulated cluster against a real etcd (3 voters on loopback): H agents
 //! in this process (each its own state dir, runtime state and fake machine through the
 //! host seam — no QEMU), V VM records written in bulk and spread over the hosts, R of
 //! them started (fake QEMUs). Then the cluster is left idle and measured:
@@ -22,7 +22,9 @@
 //! Each simulated host keeps its own cluster cache (a watch per part on etcd, as a real
 //! host) up to 1,000,000 host×VM pairs; beyond, the hosts of this one process share one
 //! (`caches: shared`), else the copies alone would exceed this machine's memory.
-//! `host_failure_last_vm_s` is not measured yet (null).
+//! - `host_failure_*_s`: one more host with `--ha-vms` (200) running HA VMs dies (its
+//!   runtime ends; fake QEMUs through the host seam): when the HA manager marks it
+//!   fenced, and when its first and last VM run on other hosts (lease TTL 10 s).
 
 use crate::{arg, arg_str};
 use anyhow::{bail, Context, Result};
@@ -128,6 +130,8 @@ struct Sim {
     etcd: Etcd,
     _dir: tempfile::TempDir,
     shared_cache: bool,
+    /// The host that fails, on its runtime, with its HA VMs.
+    victim: Option<(tokio::runtime::Runtime, ferry_cluster::Cluster)>,
 }
 
 fn vm_spec(name: &str, id: u32) -> Result<ferry_types::VmSpec> {
@@ -141,7 +145,7 @@ fn vm_spec(name: &str, id: u32) -> Result<ferry_types::VmSpec> {
 }
 
 /// H hosts on a fresh etcd, V records spread over them, R started.
-fn build(hosts: usize, vms: usize, running: usize) -> Result<Sim> {
+fn build(hosts: usize, vms: usize, running: usize, ha_vms: usize) -> Result<Sim> {
     let rt = Arc::new(
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -151,9 +155,16 @@ fn build(hosts: usize, vms: usize, running: usize) -> Result<Sim> {
     let dir = tempfile::tempdir()?;
     let etcd = rt.block_on(start_etcd())?;
     let names: Vec<String> = (0..hosts).map(|i| format!("s{i:03}")).collect();
+    // The host that fails (its HA VMs restarted elsewhere): one more, on a runtime of
+    // its own so that it can die alone.
+    let all: Vec<String> = names
+        .iter()
+        .cloned()
+        .chain((ha_vms > 0).then(|| VICTIM.to_string()))
+        .collect();
     rt.block_on(async {
         let mut c = etcd_client::Client::connect(etcd.urls.clone(), None).await?;
-        for n in &names {
+        for n in &all {
             let m = ferry_types::ClusterHost {
                 name: n.clone(),
                 api: "https://127.0.0.1:8470".into(),
@@ -204,7 +215,7 @@ fn build(hosts: usize, vms: usize, running: usize) -> Result<Sim> {
         &names[0],
         &[],
     )?;
-    for n in &names[1..] {
+    for n in &all[1..] {
         let (key, csr) = ferry_pki::new_request(n)?;
         let cert = founder.issue(&csr, n, &[])?;
         ferry_pki::HostPki::install(
@@ -219,33 +230,31 @@ fn build(hosts: usize, vms: usize, running: usize) -> Result<Sim> {
     let mut first_link: Option<ferry_host::ClusterLink> = None;
     let mut sims = vec![];
     for n in &names {
-        let cfg = ferry_types::ClusterConfig {
-            name: n.clone(),
-            address: "127.0.0.1".into(),
-            api: "https://127.0.0.1:8470".into(),
-            endpoints: etcd.urls.clone(),
-            managed_etcd: false,
-            initial_cluster: String::new(),
-            lease_ttl_s: 10,
-            ca_fingerprint: String::new(),
-        };
-        let d = dir.path().join(n);
-        let c = rt.block_on(async {
-            let root = ferry_store::EtcdStore::connect(&etcd.urls, "/ferry", None).await?;
-            let mut link = ferry_host::ClusterLink::on_etcd(cfg, root);
-            match &first_link {
-                Some(f) if shared_cache => link = link.sharing_cache_of(f),
-                Some(_) => {}
-                None => first_link = Some(link.clone()),
-            }
-            let os = ferry_host::fake::FakeOs::new(&["br0"]);
-            let host = ferry_host::fake::open_member(&d, os, n, Some(link)).await?;
-            anyhow::Ok(ferry_cluster::Cluster::start(
-                ferry_migration::Migrations::open(host).await,
-            ))
-        })?;
+        let c = rt.block_on(sim_host(
+            &etcd.urls,
+            &dir.path().join(n),
+            n,
+            &mut first_link,
+            shared_cache,
+        ))?;
         sims.push(c);
     }
+    let victim = if ha_vms > 0 {
+        let vrt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let c = vrt.block_on(sim_host(
+            &etcd.urls,
+            &dir.path().join(VICTIM),
+            VICTIM,
+            &mut first_link,
+            shared_cache,
+        ))?;
+        Some((vrt, c))
+    } else {
+        None
+    };
     // Every host alive (a lease) before anything is measured.
     rt.block_on(async {
         let mut c = etcd_client::Client::connect(etcd.urls.clone(), None).await?;
@@ -262,7 +271,7 @@ fn build(hosts: usize, vms: usize, running: usize) -> Result<Sim> {
                 )
                 .await?
                 .count();
-            if usize::try_from(alive)? >= hosts {
+            if usize::try_from(alive)? >= all.len() {
                 break;
             }
             if t.elapsed() > Duration::from_secs(120) {
@@ -278,12 +287,128 @@ fn build(hosts: usize, vms: usize, running: usize) -> Result<Sim> {
         rt.block_on(h.start_vm(&name))
             .map_err(|e| anyhow::anyhow!("start {name}: {e}"))?;
     }
+    if let Some((vrt, v)) = &victim {
+        vrt.block_on(async {
+            for i in 0..ha_vms {
+                let name = format!("ha{i:04}");
+                let id = 1_000_000 + u32::try_from(i)?;
+                let mut spec = vm_spec(&name, id)?;
+                spec.memory_mib = 64;
+                spec.ha = serde_json::from_value(json!({"mode": "restart"}))?;
+                v.create_vm(spec)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("create {name}: {e}"))?;
+                v.start_vm(&name)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("start {name}: {e}"))?;
+            }
+            anyhow::Ok(())
+        })?;
+    }
     Ok(Sim {
         rt,
         hosts: sims,
         etcd,
         _dir: dir,
         shared_cache,
+        victim,
+    })
+}
+
+/// The name of the host that fails.
+const VICTIM: &str = "victim";
+
+/// The hosts' lease TTL here (ferry's default).
+const LEASE_TTL_S: u64 = 10;
+
+/// Simulated host `n` on the current runtime (its own etcd connection, state dir and
+/// fake machine); the first one's cache shared with the others when `shared`.
+async fn sim_host(
+    urls: &[String],
+    dir: &std::path::Path,
+    n: &str,
+    first_link: &mut Option<ferry_host::ClusterLink>,
+    shared: bool,
+) -> Result<ferry_cluster::Cluster> {
+    let cfg = ferry_types::ClusterConfig {
+        name: n.to_string(),
+        address: "127.0.0.1".into(),
+        api: "https://127.0.0.1:8470".into(),
+        endpoints: urls.to_vec(),
+        managed_etcd: false,
+        initial_cluster: String::new(),
+        lease_ttl_s: LEASE_TTL_S,
+        ca_fingerprint: String::new(),
+    };
+    let root = ferry_store::EtcdStore::connect(urls, "/ferry", None).await?;
+    let mut link = ferry_host::ClusterLink::on_etcd(cfg, root);
+    match first_link {
+        Some(f) if shared => link = link.sharing_cache_of(f),
+        Some(_) => {}
+        None => *first_link = Some(link.clone()),
+    }
+    let os = ferry_host::fake::FakeOs::new(&["br0"]);
+    let host = ferry_host::fake::open_member(dir, os, n, Some(link)).await?;
+    Ok(ferry_cluster::Cluster::start(
+        ferry_migration::Migrations::open(host).await,
+    ))
+}
+
+/// The failing host dies (its runtime ends: no lease renewal, nothing of it runs); how
+/// long until the HA manager marks it fenced, and until its first and last HA VM runs
+/// on another host (read from etcd every 100 ms).
+fn measure_host_failure(s: &mut Sim, ha_vms: usize) -> Result<Value> {
+    let Some((vrt, v)) = s.victim.take() else {
+        return Ok(json!({}));
+    };
+    drop(v);
+    let t0 = Instant::now();
+    vrt.shutdown_background();
+    s.rt.block_on(async {
+        let mut c = etcd_client::Client::connect(s.etcd.urls.clone(), None).await?;
+        let (mut fenced, mut first, mut last) = (None, None, None);
+        let hosts: Vec<String> = s.hosts.iter().map(|h| h.host_name().to_string()).collect();
+        while t0.elapsed() < Duration::from_secs(180) {
+            let mark = format!("/ferry{}", ferry_store::keys::cluster::fenced(VICTIM));
+            if fenced.is_none() && c.get(mark, None).await?.count() > 0 {
+                fenced = Some(t0.elapsed().as_secs_f64());
+            }
+            // Each surviving host's HA VM records (a range per host: the whole
+            // cluster's records would not fit one reply at 50,000 VMs).
+            let mut up = 0;
+            for h in &hosts {
+                let r = c
+                    .get(
+                        format!("/ferry/hosts/{h}/vms/ha"),
+                        Some(etcd_client::GetOptions::new().with_prefix()),
+                    )
+                    .await?;
+                for kv in r.kvs() {
+                    let rec: Value = serde_json::from_slice(kv.value())?;
+                    if rec["last_state"] == "running" {
+                        up += 1;
+                    }
+                }
+            }
+            if up > 0 && first.is_none() {
+                first = Some(t0.elapsed().as_secs_f64());
+            }
+            if up >= ha_vms {
+                last = Some(t0.elapsed().as_secs_f64());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if last.is_none() {
+            eprintln!("host failure: not every HA VM came up elsewhere within 180 s");
+        }
+        anyhow::Ok(json!({
+            "ha_vms": ha_vms,
+            "lease_ttl_s": LEASE_TTL_S,
+            "host_failure_fenced_s": fenced,
+            "host_failure_first_vm_s": first,
+            "host_failure_last_vm_s": last,
+        }))
     })
 }
 
@@ -446,7 +571,6 @@ fn measure_decisions(s: &Sim, vms: usize, running: usize) -> Result<Value> {
         "start_admission_ms": crate::median(adm),
         "vm_start_ms": crate::median(starts),
         "drs_round_s": drs,
-        "host_failure_last_vm_s": null,
         "ui_first_page_ms": crate::median(first),
         "ui_search_ms": crate::median(search),
         "caches": if s.shared_cache { "shared" } else { "own" },
@@ -464,13 +588,14 @@ pub(crate) fn run() -> Result<()> {
         .map(|x| x.parse().context("--vms"))
         .collect::<Result<_>>()?;
     let running = arg("--running", 0);
+    let ha_vms = arg("--ha-vms", 200);
     let seconds = u64::try_from(arg("--seconds", 60))?;
     let mut rows = vec![];
     for &h in &hosts {
         for &v in &vms {
             eprintln!("scale: {h} hosts, {v} VMs ({running} running), {seconds} s idle");
             let t = Instant::now();
-            let sim = build(h, v, running)?;
+            let mut sim = build(h, v, running, ha_vms)?;
             let built = t.elapsed().as_secs_f64();
             let mut row = json!({"hosts": h, "vms": v, "running": running, "build_s": built});
             let sync = measure_cache_sync(&sim)?;
@@ -478,6 +603,7 @@ pub(crate) fn run() -> Result<()> {
             for part in [
                 measure_idle(&sim, seconds)?,
                 measure_decisions(&sim, v, running)?,
+                measure_host_failure(&mut sim, ha_vms)?,
             ] {
                 if let (Some(r), Some(p)) = (row.as_object_mut(), part.as_object()) {
                     r.extend(p.clone());
@@ -514,6 +640,8 @@ pub(crate) fn run() -> Result<()> {
             "start_admission_ms",
             "vm_start_ms",
             "drs_round_s",
+            "host_failure_fenced_s",
+            "host_failure_first_vm_s",
             "host_failure_last_vm_s",
             "ui_first_page_ms",
             "ui_search_ms",
