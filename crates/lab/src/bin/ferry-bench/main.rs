@@ -292,6 +292,9 @@ fn main() -> Result<()> {
     if std::env::args().nth(1).as_deref() == Some("scale") {
         return scalebench::run();
     }
+    if std::env::args().nth(1).as_deref() == Some("voters") {
+        return scalebench::voters();
+    }
     if std::env::args().nth(1).as_deref() == Some("tls") {
         return tlsbench::run();
     }

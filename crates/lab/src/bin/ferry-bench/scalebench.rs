@@ -1,5 +1,5 @@
 //! `ferry-bench scale [--hosts 16,64] [--vms 1000,10000] [--running 0] [--ha-vms 200]
-//! [--seconds 60] [--json]`: a simulated cluster against a real etcd (3 voters on loopback): H agents
+//! [--fail-hosts 1] [--soak-minutes 0] [--seconds 60] [--json]`: a simulated cluster against a real etcd (3 voters on loopback): H agents
 //! in this process (each its own state dir, runtime state and fake machine through the
 //! host seam — no QEMU), V VM records written in bulk and spread over the hosts, R of
 //! them started (fake QEMUs). Then the cluster is left idle and measured:
@@ -19,12 +19,18 @@
 //! - `cache_sync_s`: how long a host's cluster cache takes to list and watch the
 //!   cluster after its start.
 //!
+//! - with `--soak-minutes M`, `soak_*`: M minutes of VM starts and stops on one host
+//!   with etcd's database sampled every 30 s (it must level off).
+//!
+//! `ferry-bench voters` prints put latency and throughput for 3, 5, 7 and 9 voters.
+//!
 //! Each simulated host keeps its own cluster cache (a watch per part on etcd, as a real
 //! host) up to 1,000,000 host×VM pairs; beyond, the hosts of this one process share one
 //! (`caches: shared`), else the copies alone would exceed this machine's memory.
-//! - `host_failure_*_s`: one more host with `--ha-vms` (200) running HA VMs dies (its
-//!   runtime ends; fake QEMUs through the host seam): when the HA manager marks it
-//!   fenced, and when its first and last VM run on other hosts (lease TTL 10 s).
+//! - `host_failure_*_s`: `--fail-hosts` (1) more hosts holding `--ha-vms` (200) running
+//!   HA VMs die together (their runtime ends; fake QEMUs through the host seam): when
+//!   the HA manager has marked them all fenced, and when the first and last of their VMs
+//!   run on other hosts (lease TTL 10 s). `--fail-hosts 16` is a rack.
 
 use crate::{arg, arg_str};
 use anyhow::{bail, Context, Result};
@@ -59,8 +65,13 @@ impl Drop for Etcd {
 }
 
 async fn start_etcd() -> Result<Etcd> {
+    start_etcd_n(3).await
+}
+
+/// `n` etcd voters on loopback.
+async fn start_etcd_n(n: usize) -> Result<Etcd> {
     let dir = tempfile::tempdir()?;
-    let ports: Vec<(u16, u16)> = (0..3)
+    let ports: Vec<(u16, u16)> = (0..n)
         .map(|_| Ok((free_port()?, free_port()?)))
         .collect::<Result<_>>()?;
     let initial: Vec<String> = ports
@@ -131,7 +142,7 @@ struct Sim {
     _dir: tempfile::TempDir,
     shared_cache: bool,
     /// The host that fails, on its runtime, with its HA VMs.
-    victim: Option<(tokio::runtime::Runtime, ferry_cluster::Cluster)>,
+    victim: Option<(tokio::runtime::Runtime, Vec<ferry_cluster::Cluster>)>,
 }
 
 fn vm_spec(name: &str, id: u32) -> Result<ferry_types::VmSpec> {
@@ -145,7 +156,7 @@ fn vm_spec(name: &str, id: u32) -> Result<ferry_types::VmSpec> {
 }
 
 /// H hosts on a fresh etcd, V records spread over them, R started.
-fn build(hosts: usize, vms: usize, running: usize, ha_vms: usize) -> Result<Sim> {
+fn build(hosts: usize, vms: usize, running: usize, ha_vms: usize, fail: usize) -> Result<Sim> {
     let rt = Arc::new(
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -160,7 +171,7 @@ fn build(hosts: usize, vms: usize, running: usize, ha_vms: usize) -> Result<Sim>
     let all: Vec<String> = names
         .iter()
         .cloned()
-        .chain((ha_vms > 0).then(|| VICTIM.to_string()))
+        .chain(victims(ha_vms, fail))
         .collect();
     rt.block_on(async {
         let mut c = etcd_client::Client::connect(etcd.urls.clone(), None).await?;
@@ -244,14 +255,17 @@ fn build(hosts: usize, vms: usize, running: usize, ha_vms: usize) -> Result<Sim>
             .worker_threads(1)
             .enable_all()
             .build()?;
-        let c = vrt.block_on(sim_host(
-            &etcd.urls,
-            &dir.path().join(VICTIM),
-            VICTIM,
-            &mut first_link,
-            shared_cache,
-        ))?;
-        Some((vrt, c))
+        let mut dying = vec![];
+        for n in victims(ha_vms, fail) {
+            dying.push(vrt.block_on(sim_host(
+                &etcd.urls,
+                &dir.path().join(&n),
+                &n,
+                &mut first_link,
+                shared_cache,
+            ))?);
+        }
+        Some((vrt, dying))
     } else {
         None
     };
@@ -287,9 +301,10 @@ fn build(hosts: usize, vms: usize, running: usize, ha_vms: usize) -> Result<Sim>
         rt.block_on(h.start_vm(&name))
             .map_err(|e| anyhow::anyhow!("start {name}: {e}"))?;
     }
-    if let Some((vrt, v)) = &victim {
+    if let Some((vrt, dying)) = &victim {
         vrt.block_on(async {
             for i in 0..ha_vms {
+                let v = &dying[i % dying.len()];
                 let name = format!("ha{i:04}");
                 let id = 1_000_000 + u32::try_from(i)?;
                 let mut spec = vm_spec(&name, id)?;
@@ -315,8 +330,13 @@ fn build(hosts: usize, vms: usize, running: usize, ha_vms: usize) -> Result<Sim>
     })
 }
 
-/// The name of the host that fails.
-const VICTIM: &str = "victim";
+/// The hosts that fail together (a rack), holding the HA VMs.
+fn victims(ha_vms: usize, fail: usize) -> Vec<String> {
+    if ha_vms == 0 {
+        return vec![];
+    }
+    (0..fail.max(1)).map(|i| format!("victim{i:02}")).collect()
+}
 
 /// The hosts' lease TTL here (ferry's default).
 const LEASE_TTL_S: u64 = 10;
@@ -358,10 +378,11 @@ async fn sim_host(
 /// long until the HA manager marks it fenced, and until its first and last HA VM runs
 /// on another host (read from etcd every 100 ms).
 fn measure_host_failure(s: &mut Sim, ha_vms: usize) -> Result<Value> {
-    let Some((vrt, v)) = s.victim.take() else {
+    let Some((vrt, dying)) = s.victim.take() else {
         return Ok(json!({}));
     };
-    drop(v);
+    let names: Vec<String> = dying.iter().map(|d| d.host_name().to_string()).collect();
+    drop(dying);
     let t0 = Instant::now();
     vrt.shutdown_background();
     s.rt.block_on(async {
@@ -369,8 +390,12 @@ fn measure_host_failure(s: &mut Sim, ha_vms: usize) -> Result<Value> {
         let (mut fenced, mut first, mut last) = (None, None, None);
         let hosts: Vec<String> = s.hosts.iter().map(|h| h.host_name().to_string()).collect();
         while t0.elapsed() < Duration::from_secs(180) {
-            let mark = format!("/ferry{}", ferry_store::keys::cluster::fenced(VICTIM));
-            if fenced.is_none() && c.get(mark, None).await?.count() > 0 {
+            let mut marked = 0;
+            for n in names.iter().filter(|_| fenced.is_none()) {
+                let mark = format!("/ferry{}", ferry_store::keys::cluster::fenced(n));
+                marked += usize::from(c.get(mark, None).await?.count() > 0);
+            }
+            if fenced.is_none() && marked == names.len() {
                 fenced = Some(t0.elapsed().as_secs_f64());
             }
             // Each surviving host's HA VM records (a range per host: the whole
@@ -404,6 +429,7 @@ fn measure_host_failure(s: &mut Sim, ha_vms: usize) -> Result<Value> {
         }
         anyhow::Ok(json!({
             "ha_vms": ha_vms,
+            "failed_hosts": names.len(),
             "lease_ttl_s": LEASE_TTL_S,
             "host_failure_fenced_s": fenced,
             "host_failure_first_vm_s": first,
@@ -499,7 +525,7 @@ fn measure_cache_sync(s: &Sim) -> Result<f64> {
 }
 
 /// Median admission check, VM start and UI page; one DRS plan; from the first host.
-fn measure_decisions(s: &Sim, vms: usize, running: usize) -> Result<Value> {
+fn measure_decisions(s: &Sim, vms: usize, running: usize, ha_vms: usize) -> Result<Value> {
     let h = &s.hosts[0];
     let link = h.cluster().context("a cluster")?;
     if !s
@@ -548,8 +574,8 @@ fn measure_decisions(s: &Sim, vms: usize, running: usize) -> Result<Value> {
             limit: Some(50),
             ..Default::default()
         })?;
-        if total != vms {
-            eprintln!("the list counts {total} VMs of {vms}");
+        if total != vms + ha_vms {
+            eprintln!("the list counts {total} VMs of {}", vms + ha_vms);
         }
         first.push(ms);
         search.push(
@@ -589,20 +615,23 @@ pub(crate) fn run() -> Result<()> {
         .collect::<Result<_>>()?;
     let running = arg("--running", 0);
     let ha_vms = arg("--ha-vms", 200);
+    let soak = u64::try_from(arg("--soak-minutes", 0))?;
+    let fail = arg("--fail-hosts", 1);
     let seconds = u64::try_from(arg("--seconds", 60))?;
     let mut rows = vec![];
     for &h in &hosts {
         for &v in &vms {
             eprintln!("scale: {h} hosts, {v} VMs ({running} running), {seconds} s idle");
             let t = Instant::now();
-            let mut sim = build(h, v, running, ha_vms)?;
+            let mut sim = build(h, v, running, ha_vms, fail)?;
             let built = t.elapsed().as_secs_f64();
             let mut row = json!({"hosts": h, "vms": v, "running": running, "build_s": built});
             let sync = measure_cache_sync(&sim)?;
             row["cache_sync_s"] = json!(sync);
             for part in [
                 measure_idle(&sim, seconds)?,
-                measure_decisions(&sim, v, running)?,
+                measure_decisions(&sim, v, running, ha_vms)?,
+                measure_soak(&sim, soak, v, running)?,
                 measure_host_failure(&mut sim, ha_vms)?,
             ] {
                 if let (Some(r), Some(p)) = (row.as_object_mut(), part.as_object()) {
@@ -640,6 +669,7 @@ pub(crate) fn run() -> Result<()> {
             "start_admission_ms",
             "vm_start_ms",
             "drs_round_s",
+            "failed_hosts",
             "host_failure_fenced_s",
             "host_failure_first_vm_s",
             "host_failure_last_vm_s",
@@ -647,6 +677,8 @@ pub(crate) fn run() -> Result<()> {
             "ui_search_ms",
             "cache_sync_s",
             "caches",
+            "soak_db_in_use_mb_max",
+            "soak_db_in_use_mb_last",
         ];
         println!("{}", cols.join("\t"));
         for r in &rows {
@@ -665,4 +697,129 @@ pub(crate) fn run() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `ferry-bench voters [--counts 3,5,7,9] [--puts 500]`: why ferry stops at 5 voters.
+/// For each count, that many etcd voters on loopback (ferry's flags, plain HTTP), then
+/// `--puts` puts of 1 KiB one after another (latency: every voter's fsync of the
+/// leader's majority is waited for) and the same from 16 writers at once (throughput).
+pub(crate) fn voters() -> Result<()> {
+    let counts: Vec<usize> = arg_str("--counts", "3,5,7,9")
+        .split(',')
+        .map(|x| x.parse().context("--counts"))
+        .collect::<Result<_>>()?;
+    let puts = arg("--puts", 500);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    println!("voters\tput_p50_ms\tput_p99_ms\tputs_per_s_1_writer\tputs_per_s_16_writers\tfailures_tolerated");
+    for n in counts {
+        let row = rt.block_on(async {
+            let e = start_etcd_n(n).await?;
+            let c = etcd_client::Client::connect(e.urls.clone(), None).await?;
+            let value = vec![b'x'; 1024];
+            let mut lat = vec![];
+            let t = Instant::now();
+            for i in 0..puts {
+                let t1 = Instant::now();
+                c.kv_client().put(format!("/bench/{i}"), value.clone(), None).await?;
+                lat.push(t1.elapsed().as_secs_f64() * 1000.0);
+            }
+            let one = puts as f64 / t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let mut tasks = vec![];
+            for w in 0..16 {
+                let mut kv = c.kv_client();
+                let value = value.clone();
+                let each = puts / 16 + 1;
+                tasks.push(tokio::spawn(async move {
+                    for i in 0..each {
+                        kv.put(format!("/bench/w{w}/{i}"), value.clone(), None).await?;
+                    }
+                    anyhow::Ok(each)
+                }));
+            }
+            let mut done = 0;
+            for t in tasks {
+                done += t.await??;
+            }
+            let many = done as f64 / t.elapsed().as_secs_f64();
+            lat.sort_by(f64::total_cmp);
+            let p99 = lat[(lat.len() * 99 / 100).min(lat.len() - 1)];
+            drop(e);
+            anyhow::Ok(format!(
+                "{n}\t{:.2}\t{:.2}\t{one:.0}\t{many:.0}\t{}",
+                crate::median(lat.clone()),
+                p99,
+                (n - 1) / 2
+            ))
+        })?;
+        println!("{row}");
+    }
+    Ok(())
+}
+
+/// `--soak-minutes M`: host 0 starts and stops its stopped VMs in a loop (every record
+/// write the real paths make) while etcd's database is sampled every 30 s: what it holds
+/// must level off (history older than the 5 minutes of retention is compacted; the
+/// tending host defragments).
+fn measure_soak(s: &Sim, minutes: u64, vms: usize, running: usize) -> Result<Value> {
+    if minutes == 0 {
+        return Ok(json!({}));
+    }
+    let hosts = s.hosts.len();
+    let names: Vec<String> = (0..vms)
+        .filter(|i| i % hosts == 0 && *i >= running)
+        .skip(50) // the ones measure_decisions started
+        .take(20)
+        .map(|i| format!("vm{i:05}"))
+        .collect();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ops = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (h, st, n) = (s.hosts[0].clone(), stop.clone(), ops.clone());
+    let churn = s.rt.spawn(async move {
+        while !st.load(std::sync::atomic::Ordering::Relaxed) {
+            for name in &names {
+                if h.start_vm(name).await.is_ok() && h.stop_vm(name).await.is_ok() {
+                    n.fetch_add(2, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+    });
+    let samples = s.rt.block_on(async {
+        let mut c = etcd_client::Client::connect(s.etcd.urls[..1].to_vec(), None).await?;
+        let mut out = vec![];
+        let t0 = Instant::now();
+        let r0 = c.status().await?.header().map_or(0, |h| h.revision());
+        loop {
+            let st = c.status().await?;
+            let rev = st.header().map_or(0, |h| h.revision());
+            out.push(json!({
+                "min": t0.elapsed().as_secs() / 60,
+                "db_mb": st.db_size() as f64 / 1e6,
+                "db_in_use_mb": st.raft_used_db_size() as f64 / 1e6,
+                "writes_per_s": (rev - r0) as f64 / t0.elapsed().as_secs_f64().max(1.0),
+            }));
+            eprintln!("soak: {}", out.last().map(|v| v.to_string()).unwrap_or_default());
+            if t0.elapsed() >= Duration::from_secs(minutes * 60) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
+        anyhow::Ok(out)
+    })?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = s.rt.block_on(churn);
+    let in_use: Vec<f64> = samples
+        .iter()
+        .filter_map(|v| v["db_in_use_mb"].as_f64())
+        .collect();
+    Ok(json!({
+        "soak_minutes": minutes,
+        "soak_vm_ops": ops.load(std::sync::atomic::Ordering::Relaxed),
+        "soak_db_in_use_mb_max": in_use.iter().copied().fold(0.0, f64::max),
+        "soak_db_in_use_mb_last": in_use.last(),
+        "soak_samples": samples,
+    }))
 }
