@@ -34,6 +34,8 @@ pub(crate) struct EtcdHealthState {
     nospace_tried: Option<Instant>,
     /// Since when each member has not answered (the voter choice's clock).
     pub(crate) down_since: BTreeMap<u64, Instant>,
+    /// Since when each learner has been one (a promotion that never ends is undone).
+    pub(crate) learner_since: BTreeMap<u64, Instant>,
 }
 
 impl Default for EtcdHealthState {
@@ -46,6 +48,7 @@ impl Default for EtcdHealthState {
             last: None,
             nospace_tried: None,
             down_since: BTreeMap::new(),
+            learner_since: BTreeMap::new(),
         }
     }
 }
@@ -100,11 +103,12 @@ impl Cluster {
             false
         };
         if !tends {
-            self.inner
-                .etcd
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .last = None;
+            let mut st = self.inner.etcd.lock().unwrap_or_else(|e| e.into_inner());
+            st.last = None;
+            // Clocks start afresh when this host tends again (an old "down since" would
+            // replace a voter that only just stopped answering).
+            st.down_since.clear();
+            st.learner_since.clear();
             return Ok(());
         }
         let tls = crate::membership::etcd_tls(&self.cfg().pki);

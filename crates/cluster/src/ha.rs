@@ -249,15 +249,19 @@ impl Cluster {
             );
             let agent = self.clone();
             tokio::spawn(async move {
-                // Decided on records read before this round: under the VM's lock, the
-                // restart happens only if it is still wanted (a user may have stopped
-                // the VM in between; a stop is never undone).
+                // Decided on records read before this round (the cache's): under the
+                // VM's lock, the record read again, the restart happens only if it is
+                // still wanted (a user may have stopped the VM in between; a stop is
+                // never undone; a migration or relocation may have begun).
                 let op = agent.lock_vm(&name).await;
                 let slot = op.slot().clone();
                 match agent.record(&name).await {
                     Ok((r, _))
                         if r.spec.ha.enabled()
                             && wanted(r.last_state)
+                            && !r.template
+                            && r.transit.is_none()
+                            && !r.ha_relocate
                             && slot.with(|rt| rt.pid.is_none()) => {}
                     _ => return,
                 }

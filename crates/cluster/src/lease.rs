@@ -341,22 +341,25 @@ impl Cluster {
         if link.cfg.managed_etcd || voters.is_empty() {
             return;
         }
-        let state_dir = &self.cfg().state_dir;
-        if let Ok(Some(mut saved)) = crate::membership::load_config(state_dir) {
-            let sorted = |v: &[String]| {
-                let mut v = v.to_vec();
-                v.sort();
-                v
-            };
-            if sorted(&saved.endpoints) != sorted(&voters) {
-                saved.endpoints = voters;
-                match crate::membership::save_config(state_dir, &saved) {
-                    Ok(()) => {
-                        tracing::info!(endpoints = ?saved.endpoints, "the etcd voters changed; configuration updated")
-                    }
-                    Err(e) => tracing::warn!(error = %e, "cannot save the etcd voters"),
-                }
+        let sorted = |v: &[String]| {
+            let mut v = v.to_vec();
+            v.sort();
+            v
+        };
+        let changed = crate::membership::update_config(&self.cfg().state_dir, |saved| {
+            // Not once a promotion made this host a voter (its restart follows).
+            if saved.managed_etcd || sorted(&saved.endpoints) == sorted(&voters) {
+                return false;
             }
+            saved.endpoints = voters.clone();
+            true
+        });
+        match changed {
+            Ok(true) => {
+                tracing::info!(endpoints = ?voters, "the etcd voters changed; configuration updated")
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot save the etcd voters"),
         }
     }
 }

@@ -83,7 +83,33 @@ pub fn load_config(state_dir: &Path) -> Result<Option<ClusterConfig>> {
     }
 }
 
+/// Held while the configuration file is read to be changed and written (the lease loop
+/// keeps the voters there while a promotion may rewrite it).
+static CONFIG_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 pub(crate) fn save_config(state_dir: &Path, cfg: &ClusterConfig) -> Result<()> {
+    let _held = CONFIG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    write_config(state_dir, cfg)
+}
+
+/// Changes the saved configuration under the lock; `change` says whether it changed
+/// anything (only then it is written). False when there is none.
+pub(crate) fn update_config(
+    state_dir: &Path,
+    change: impl FnOnce(&mut ClusterConfig) -> bool,
+) -> Result<bool> {
+    let _held = CONFIG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut cfg) = load_config(state_dir)? else {
+        return Ok(false);
+    };
+    if !change(&mut cfg) {
+        return Ok(false);
+    }
+    write_config(state_dir, &cfg)?;
+    Ok(true)
+}
+
+fn write_config(state_dir: &Path, cfg: &ClusterConfig) -> Result<()> {
     let p = config_path(state_dir);
     let io = |source| AgentError::Io {
         what: format!("Write {}", p.display()),

@@ -27,23 +27,56 @@ impl Cluster {
         members: &[etcd_members::Member],
         s: &Survey,
     ) -> Result<()> {
-        let down_for = {
+        let (down_for, stale_learners) = {
             let mut st = self.inner.etcd.lock().unwrap_or_else(|e| e.into_inner());
             let now = Instant::now();
-            for m in &s.members {
-                if m.error.is_some() {
-                    st.down_since.entry(m.id).or_insert(now);
-                } else {
+            for m in members {
+                // A member the survey could not ask — or one added that never started
+                // (no name, no client URL: the survey skips it) — is down.
+                let answered = s.members.iter().any(|h| h.id == m.id && h.error.is_none());
+                if answered {
                     st.down_since.remove(&m.id);
+                } else {
+                    st.down_since.entry(m.id).or_insert(now);
+                }
+                if m.learner {
+                    st.learner_since.entry(m.id).or_insert(now);
                 }
             }
             st.down_since
                 .retain(|id, _| members.iter().any(|m| m.id == *id));
-            st.down_since
+            st.learner_since
+                .retain(|id, _| members.iter().any(|m| m.id == *id && m.learner));
+            let stale: Vec<u64> = st
+                .learner_since
+                .iter()
+                .filter(|(_, t)| now.duration_since(**t) > CATCH_UP + Duration::from_secs(60))
+                .map(|(id, _)| *id)
+                .collect();
+            let down = st
+                .down_since
                 .iter()
                 .map(|(id, t)| (*id, now.duration_since(*t)))
-                .collect::<std::collections::BTreeMap<u64, Duration>>()
+                .collect::<std::collections::BTreeMap<u64, Duration>>();
+            (down, stale)
         };
+        // A promotion that never finished (its host died, or gave up without taking
+        // its learner back) would block every later change: the learner goes.
+        if let Some(id) = stale_learners.first() {
+            let name = members
+                .iter()
+                .find(|m| m.id == *id)
+                .map_or_else(|| format!("{id:x}"), |m| m.name.clone());
+            etcd_members::remove(client, *id)
+                .await
+                .map_err(etcd_err(format!("Remove the stale etcd learner {name}")))?;
+            self.events().emit(
+                None,
+                "cluster",
+                format!("etcd learner {name} never caught up: removed"),
+            );
+            return Ok(());
+        }
         let (snapshot, _) = self.drs_snapshot().await?;
         let facts = Facts {
             voters: members
@@ -97,9 +130,23 @@ impl Cluster {
                 let peer = self
                     .peer_with_timeout(&host, CATCH_UP + Duration::from_secs(60))
                     .await?;
-                let _: ferry_types::ClusterConfig = peer
-                    .post("/api/v1/cluster/etcd/promote", &serde_json::json!({}))
-                    .await?;
+                // In the background: the tender's round (NOSPACE recovery) goes on.
+                let me = self.clone();
+                tokio::spawn(async move {
+                    let r: Result<ferry_types::ClusterConfig> = peer
+                        .post("/api/v1/cluster/etcd/promote", &serde_json::json!({}))
+                        .await;
+                    if let Err(e) = r {
+                        me.events().emit(
+                            None,
+                            "cluster",
+                            format!(
+                                "{host} could not become an etcd voter: {}",
+                                crate::error_chain(&e).join(": ")
+                            ),
+                        );
+                    }
+                });
                 Ok(())
             }
         }
@@ -109,6 +156,9 @@ impl Cluster {
     /// first, promoted once it has caught up; then the daemon restarts on the new
     /// configuration. Undone when a step fails.
     pub async fn become_voter(&self) -> Result<ferry_types::ClusterConfig> {
+        // One promotion at a time on this host.
+        static PROMOTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let _one = PROMOTING.lock().await;
         let link = self.cluster_link()?;
         if link.cfg.managed_etcd {
             return Ok(link.cfg.clone()); // a voter already
@@ -116,6 +166,33 @@ impl Cluster {
         let client = link.etcd()?.client();
         let name = self.host_name().to_string();
         let peer = peer_url(&link.cfg.address);
+        // Only while the cluster lacks voters (the tender decided so; a caller
+        // cannot make every host a voter).
+        let list = etcd_members::list(&client)
+            .await
+            .map_err(etcd_err("List etcd members"))?;
+        let voters = list.iter().filter(|m| !m.learner).count();
+        let hosts = link.members().await?.len();
+        if voters >= voters::voter_target(hosts) {
+            return Err(AgentError::refused(
+                Refusal::Membership,
+                format!(
+                    "etcd has {voters} voters, as many as {hosts} hosts want: {name} stays a client"
+                ),
+            ));
+        }
+        // A learner of ours left from an attempt that died: taken back first.
+        if let Some(m) = list.iter().find(|m| m.peer_urls.contains(&peer)) {
+            if !m.learner {
+                return Err(AgentError::refused(
+                    Refusal::Membership,
+                    format!("{name} is an etcd voter already (its configuration says client)"),
+                ));
+            }
+            etcd_members::remove(&client, m.id)
+                .await
+                .map_err(etcd_err(format!("Remove {name}'s old learner")))?;
+        }
         let added = etcd_members::while_unhealthy(|| {
             let mut c = client.clone();
             let peer = peer.clone();

@@ -101,27 +101,14 @@ impl ClusterCache {
             && self.hosts.synced()
     }
 
-    /// Waits up to `timeout` for every part to be in sync.
+    /// Waits up to `timeout` for every part to be in sync (start-up: polled).
     pub async fn wait_synced(&self, timeout: Duration) -> bool {
         let until = tokio::time::Instant::now() + timeout;
-        for ok in [
-            self.members.wait_synced(timeout).await,
-            self.alive
-                .wait_synced(until.saturating_duration_since(tokio::time::Instant::now()))
-                .await,
-            self.loads
-                .wait_synced(until.saturating_duration_since(tokio::time::Instant::now()))
-                .await,
-            self.fenced
-                .wait_synced(until.saturating_duration_since(tokio::time::Instant::now()))
-                .await,
-            self.hosts
-                .wait_synced(until.saturating_duration_since(tokio::time::Instant::now()))
-                .await,
-        ] {
-            if !ok {
+        while !self.synced() {
+            if tokio::time::Instant::now() >= until {
                 return false;
             }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         true
     }

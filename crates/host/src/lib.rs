@@ -196,7 +196,7 @@ impl Host {
             // request.
             c.cache();
         }
-        let local = local_store(&cfg, &store, cluster.is_some()).await?;
+        let local = local_store(&cfg.state_dir, &store, cluster.is_some()).await?;
         let events = EventLog::load(local.clone()).await?;
         let tasks = Tasks::load(local, events.clone()).await?;
         let qemu_version = qemu_version(&cfg.qemu_binary).await;
@@ -370,17 +370,16 @@ async fn qemu_version(bin: &str) -> String {
 /// tasks): in a cluster a SQLite file of its own (`local.db`), so neither churns etcd's
 /// history nor reaches every host's watch; alone, its one store. Records an older
 /// version left in the cluster store move over once.
-async fn local_store(
-    cfg: &AgentConfig,
+pub(crate) async fn local_store(
+    state_dir: &std::path::Path,
     store: &Arc<dyn Store>,
     in_cluster: bool,
 ) -> Result<Arc<dyn Store>> {
     if !in_cluster {
         return Ok(store.clone());
     }
-    let local: Arc<dyn Store> = Arc::new(ferry_store::SqliteStore::open(
-        &cfg.state_dir.join("local.db"),
-    )?);
+    let local: Arc<dyn Store> =
+        Arc::new(ferry_store::SqliteStore::open(&state_dir.join("local.db"))?);
     for prefix in [
         ferry_store::keys::host::EVENTS,
         ferry_store::keys::host::TASKS,
@@ -389,24 +388,29 @@ async fn local_store(
         if old.is_empty() {
             continue;
         }
-        if local.list(prefix).await?.is_empty() {
-            for chunk in old.chunks(100) {
-                let success = chunk
-                    .iter()
-                    .map(|kv| ferry_store::Op::Put {
-                        key: kv.key.clone(),
-                        value: kv.value.clone(),
-                        lease: None,
-                    })
-                    .collect();
-                local
-                    .txn(ferry_store::Txn {
-                        success,
-                        ..Default::default()
-                    })
-                    .await?;
-            }
-        }
+        // Every record the host's own store lacks, in one transaction; only then the
+        // cluster's copies go (a crash in between copies nothing twice, loses nothing).
+        let have: std::collections::BTreeSet<String> = local
+            .list(prefix)
+            .await?
+            .into_iter()
+            .map(|kv| kv.key)
+            .collect();
+        let success = old
+            .iter()
+            .filter(|kv| !have.contains(&kv.key))
+            .map(|kv| ferry_store::Op::Put {
+                key: kv.key.clone(),
+                value: kv.value.clone(),
+                lease: None,
+            })
+            .collect();
+        local
+            .txn(ferry_store::Txn {
+                success,
+                ..Default::default()
+            })
+            .await?;
         store
             .txn(ferry_store::Txn {
                 success: vec![ferry_store::Op::DeletePrefix(prefix.to_string())],

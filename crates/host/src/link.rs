@@ -91,13 +91,13 @@ impl ClusterLink {
         Ok(self.root.list_json::<ClusterHost>(MEMBERS).await?)
     }
 
-    /// Member `name` from the cache, else (not there yet, or the cache not in sync)
-    /// from the store.
+    /// Member `name` from the cache while it is in sync, else (not there yet, or the
+    /// cache not in sync) from the store.
     pub async fn member(&self, name: &str) -> Result<Option<ClusterHost>> {
         let cached = self
             .cache()
             .members
-            .read(|e| e.map.get(name).map(|(h, _)| h.clone()));
+            .read(|e| e.map.get(name).filter(|_| e.synced).map(|(h, _)| h.clone()));
         if cached.is_some() {
             return Ok(cached);
         }
@@ -397,7 +397,8 @@ impl Host {
 
     /// Whether a peer whose verified client certificate names `host` (with `serial`)
     /// may call: a current member whose recorded certificate is this one. The cluster
-    /// cache answers when it knows the member with this certificate; otherwise the
+    /// cache answers (while in sync) when it knows the member with this certificate
+    /// (a member removed leaves it with the watch's next event); otherwise the
     /// member list is read (at most every 3 s); when the store cannot be read, the last
     /// list read decides (a cut-off host still answers its peers).
     pub async fn peer_allowed(&self, host: &str, serial: Option<&str>) -> bool {
@@ -407,7 +408,7 @@ impl Host {
         if let Some(c) = &self.inner.cluster {
             if c.cache()
                 .members
-                .read(|e| e.map.get(host).is_some_and(|(h, _)| fits(h)))
+                .read(|e| e.synced && e.map.get(host).is_some_and(|(h, _)| fits(h)))
             {
                 return true;
             }

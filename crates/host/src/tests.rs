@@ -297,3 +297,53 @@ async fn disks_clones_and_failed_images_leave_nothing_half_made() {
     assert_eq!(info.snapshots.len(), 1);
     assert_eq!(info.snapshots[0].name, "s1");
 }
+
+/// In a cluster a host's events and tasks live in its own `local.db`: an older
+/// version's, left in the cluster store, move there once — what the host's store holds
+/// already is kept, nothing else of the cluster store is touched.
+#[tokio::test]
+async fn events_and_tasks_move_to_the_hosts_own_store_once() {
+    use ferry_store::{SqliteStore, Store};
+    let d = tempfile::tempdir().unwrap();
+    let cluster: Arc<dyn Store> = Arc::new(SqliteStore::open(&d.path().join("c.db")).unwrap());
+    for (k, v) in [
+        ("/events/0000000000000001", "e1"),
+        ("/events/0000000000000002", "e2"),
+        ("/tasks/t1", "t1"),
+        ("/vms/x", "x"),
+    ] {
+        cluster.put(k, v.as_bytes().to_vec(), None).await.unwrap();
+    }
+    // A crash after an earlier copy: the host's store has one of them already.
+    let state = d.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    SqliteStore::open(&state.join("local.db"))
+        .unwrap()
+        .put("/events/0000000000000001", b"kept".to_vec(), None)
+        .await
+        .unwrap();
+    let local = crate::local_store(&state, &cluster, true).await.unwrap();
+    let values = |kvs: Vec<ferry_store::KeyValue>| -> Vec<(String, String)> {
+        kvs.into_iter()
+            .map(|kv| (kv.key, String::from_utf8(kv.value).unwrap()))
+            .collect()
+    };
+    assert_eq!(
+        values(local.list("/").await.unwrap()),
+        [
+            ("/events/0000000000000001".into(), "kept".into()),
+            ("/events/0000000000000002".into(), "e2".into()),
+            ("/tasks/t1".into(), "t1".into()),
+        ]
+    );
+    assert_eq!(
+        values(cluster.list("/").await.unwrap()),
+        [("/vms/x".into(), "x".into())]
+    );
+    // Again: nothing to move, nothing changes.
+    let again = crate::local_store(&state, &cluster, true).await.unwrap();
+    assert_eq!(again.list("/").await.unwrap().len(), 3);
+    // Alone, the host's one store is used.
+    let alone = crate::local_store(&state, &cluster, false).await.unwrap();
+    assert_eq!(alone.list("/").await.unwrap().len(), 1);
+}

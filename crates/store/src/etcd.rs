@@ -447,7 +447,26 @@ impl Store for EtcdStore {
         after: Option<i64>,
     ) -> Result<mpsc::Receiver<WatchEvent>, StoreError> {
         let mut opts = ec::WatchOptions::new().with_prefix();
-        if let Some(a) = after {
+        if let Some(a) = after.filter(|a| *a > 0) {
+            // etcd answers a watch from a compacted revision with "created" first and
+            // the cancellation only later: a read at the revision says it at once.
+            let at = self
+                .client()
+                .kv_client()
+                .get(
+                    self.full(prefix),
+                    Some(ec::GetOptions::new().with_count_only().with_revision(a)),
+                )
+                .await;
+            if let Err(e) = &at {
+                if e.to_string().contains("compacted") {
+                    return Err(StoreError::Compacted {
+                        requested: a,
+                        oldest: a + 1,
+                    });
+                }
+            }
+            self.check(at, None).await?;
             opts = opts.with_start_revision(a + 1);
         }
         let r = self

@@ -408,6 +408,31 @@ async fn listing_is_paged_and_a_mirror_follows(s: std::sync::Arc<dyn Store>) {
     assert_eq!(heard, ["b", "a", "bad"]);
 }
 
+/// A watch from a revision etcd compacted away is refused at once (etcd itself answers
+/// "created" first and cancels later), so a mirror resuming from it lists again
+/// instead of resuming forever.
+#[tokio::test]
+async fn a_watch_from_compacted_history_is_refused_at_once() {
+    let (e, s) = open_etcd().await;
+    let r = s.put("/m/a", b"1".to_vec(), None).await.unwrap();
+    s.put("/m/b", b"2".to_vec(), None).await.unwrap();
+    s.delete("/m/a").await.unwrap();
+    let now = s.revision().await.unwrap();
+    let mut c = etcd_client::Client::connect([e.url.as_str()], Some(tls_opts(&e.tls)))
+        .await
+        .unwrap();
+    c.compact(now, None).await.unwrap();
+    assert!(matches!(
+        s.watch("/m/", Some(r)).await,
+        Err(StoreError::Compacted { .. })
+    ));
+    assert!(s.watch("/m/", Some(now)).await.is_ok());
+    // A mirror started now lists what is left.
+    let m = mirror::Mirror::start(std::sync::Arc::from(s), "/m/", |_, v| Some(v.to_vec()));
+    assert!(m.wait_synced(Duration::from_secs(10)).await);
+    assert_eq!(m.read(|e| e.map.keys().cloned().collect::<Vec<_>>()), ["b"]);
+}
+
 #[tokio::test]
 async fn sqlite_reopen_keeps_data_and_revision() {
     let d = tempfile::tempdir().unwrap();

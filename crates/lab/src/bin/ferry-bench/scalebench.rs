@@ -168,11 +168,7 @@ fn build(hosts: usize, vms: usize, running: usize, ha_vms: usize, fail: usize) -
     let names: Vec<String> = (0..hosts).map(|i| format!("s{i:03}")).collect();
     // The host that fails (its HA VMs restarted elsewhere): one more, on a runtime of
     // its own so that it can die alone.
-    let all: Vec<String> = names
-        .iter()
-        .cloned()
-        .chain(victims(ha_vms, fail))
-        .collect();
+    let all: Vec<String> = names.iter().cloned().chain(victims(ha_vms, fail)).collect();
     rt.block_on(async {
         let mut c = etcd_client::Client::connect(etcd.urls.clone(), None).await?;
         for n in &all {
@@ -723,7 +719,9 @@ pub(crate) fn voters() -> Result<()> {
             let t = Instant::now();
             for i in 0..puts {
                 let t1 = Instant::now();
-                c.kv_client().put(format!("/bench/{i}"), value.clone(), None).await?;
+                c.kv_client()
+                    .put(format!("/bench/{i}"), value.clone(), None)
+                    .await?;
                 lat.push(t1.elapsed().as_secs_f64() * 1000.0);
             }
             let one = puts as f64 / t.elapsed().as_secs_f64();
@@ -735,7 +733,8 @@ pub(crate) fn voters() -> Result<()> {
                 let each = puts / 16 + 1;
                 tasks.push(tokio::spawn(async move {
                     for i in 0..each {
-                        kv.put(format!("/bench/w{w}/{i}"), value.clone(), None).await?;
+                        kv.put(format!("/bench/w{w}/{i}"), value.clone(), None)
+                            .await?;
                     }
                     anyhow::Ok(each)
                 }));
@@ -801,7 +800,10 @@ fn measure_soak(s: &Sim, minutes: u64, vms: usize, running: usize) -> Result<Val
                 "db_in_use_mb": st.raft_used_db_size() as f64 / 1e6,
                 "writes_per_s": (rev - r0) as f64 / t0.elapsed().as_secs_f64().max(1.0),
             }));
-            eprintln!("soak: {}", out.last().map(|v| v.to_string()).unwrap_or_default());
+            eprintln!(
+                "soak: {}",
+                out.last().map(|v| v.to_string()).unwrap_or_default()
+            );
             if t0.elapsed() >= Duration::from_secs(minutes * 60) {
                 break;
             }
