@@ -127,15 +127,24 @@ impl Cluster {
                     "cluster",
                     format!("{why}: {host} becomes an etcd voter"),
                 );
-                let peer = self
-                    .peer_with_timeout(&host, CATCH_UP + Duration::from_secs(60))
-                    .await?;
                 // In the background: the tender's round (NOSPACE recovery) goes on.
+                // The tender itself may be the client to promote.
                 let me = self.clone();
                 tokio::spawn(async move {
-                    let r: Result<ferry_types::ClusterConfig> = peer
-                        .post("/api/v1/cluster/etcd/promote", &serde_json::json!({}))
-                        .await;
+                    let r: Result<ferry_types::ClusterConfig> = if host == me.host_name() {
+                        me.become_voter().await
+                    } else {
+                        match me
+                            .peer_with_timeout(&host, CATCH_UP + Duration::from_secs(60))
+                            .await
+                        {
+                            Ok(peer) => {
+                                peer.post("/api/v1/cluster/etcd/promote", &serde_json::json!({}))
+                                    .await
+                            }
+                            Err(e) => Err(e),
+                        }
+                    };
                     if let Err(e) = r {
                         me.events().emit(
                             None,

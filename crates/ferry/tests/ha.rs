@@ -688,7 +688,7 @@ fn hosts_beyond_three_are_clients_of_the_voters() -> Result<()> {
     );
     // A voter leaves: a client (h3) is promoted, three voters again.
     h4.ferry_ok(&["cluster", "leave"])?;
-    wait_for(
+    let three = wait_for(
         "three voters after h4 left",
         Duration::from_secs(180),
         || {
@@ -698,7 +698,21 @@ fn hosts_beyond_three_are_clients_of_the_voters() -> Result<()> {
                 && is_member(&st, "h3") == Some(true)
                 && st["members"].as_array().map(Vec::len) == Some(3))
         },
-    )?;
+    );
+    if three.is_err() {
+        for h in ["h1", "h2", "h3"] {
+            let ev = lab.cli(h)?.ferry(&["events"])?;
+            let log = lab.daemon_log(h);
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!(
+                "--- {h} events\n{}\n--- {h} daemon log (last lines, newest first)\n{}",
+                String::from_utf8_lossy(&ev.stdout),
+                tail.join("\n")
+            );
+        }
+        eprintln!("--- status {}", cluster_status(&h1)?);
+    }
+    three?;
     h3.ferry_ok(&["vm", "create", "c2", "--memory", "64M"])?;
     Ok(())
 }
