@@ -20,7 +20,7 @@ pub const NEXT_CURSOR: &str = "x-next-cursor";
 #[utoipa::path(get, path = "/api/v1/vms", tag = "vms", params(VmListParams),
     responses((status = 200, description = "The VMs of the cluster (of this host alone outside one) the filters match, by name; any host answers for the whole cluster from its cache", body = Vec<Vm>,
         headers(("x-total-count" = usize, description = "Rows the filters match"),
-                ("x-next-cursor" = String, description = "The `cursor` of the next page, when there is one"))),
+                ("x-next-cursor" = String, description = "The `cursor` of the next page (`name/host`), when there is one"))),
               (status = 400, description = "Invalid filter", body = ferry_types::ApiErrorBody)))]
 pub async fn list_vms(
     State(a): State<Agent>,

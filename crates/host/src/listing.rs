@@ -39,16 +39,33 @@ fn choose(mut rows: Vec<Row>, p: &VmListParams, limit: usize) -> (Vec<Row>, usiz
                 .is_none_or(|q| r.record.spec.name.to_lowercase().contains(q))
     });
     let total = rows.len();
+    // Ordered by name, then host (a VM a migration holds on two hosts for a moment is
+    // two rows); the cursor is `name/host` (neither contains a slash) or a bare name.
+    let key = |r: &Row| {
+        (
+            r.record.spec.name.clone(),
+            r.host.clone().unwrap_or_default(),
+        )
+    };
     if let Some(c) = &p.cursor {
-        rows.retain(|r| r.record.spec.name.as_str() > c.as_str());
+        match c.split_once('/') {
+            Some((name, host)) => {
+                let after = (name.to_string(), host.to_string());
+                rows.retain(|r| key(r) > after);
+            }
+            None => rows.retain(|r| r.record.spec.name.as_str() > c.as_str()),
+        }
     }
     // Partial selection: only the page is ordered.
     if rows.len() > limit {
-        rows.select_nth_unstable_by(limit, |a, b| a.record.spec.name.cmp(&b.record.spec.name));
+        rows.select_nth_unstable_by(limit, |a, b| key(a).cmp(&key(b)));
         rows.truncate(limit + 1);
     }
-    rows.sort_by(|a, b| a.record.spec.name.cmp(&b.record.spec.name));
-    let next = (rows.len() > limit).then(|| rows[limit - 1].record.spec.name.clone());
+    rows.sort_by_key(key);
+    let next = (rows.len() > limit).then(|| {
+        let (name, host) = key(&rows[limit - 1]);
+        format!("{name}/{host}")
+    });
     rows.truncate(limit);
     (rows, total, next)
 }
@@ -244,7 +261,7 @@ mod tests {
         };
         let (page, total, next) = choose(rows(), &p, 2);
         assert_eq!((names(&page), total), (vec!["Web3", "web1"], 3));
-        assert_eq!(next.as_deref(), Some("web1"));
+        assert_eq!(next.as_deref(), Some("web1/h1"));
         let p = VmListParams { cursor: next, ..p };
         let (page, total, next) = choose(rows(), &p, 2);
         assert_eq!((names(&page), total, next), (vec!["web2"], 3, None));
@@ -257,26 +274,40 @@ mod tests {
     }
 
     proptest! {
-        /// Paging through every page yields every matching row once, in name order.
+        /// Paging through every page yields every matching row once, in (name, host)
+        /// order — a VM on two hosts at once (mid-migration) as two rows.
         #[test]
         fn pages_cover_every_row_once(
             n in 0usize..60,
             limit in 1usize..12,
             seed in any::<u64>(),
         ) {
-            let all: Vec<String> = (0..n)
-                .map(|i| format!("vm{:04}", (i as u64 * 7919 + seed) % 10_000))
+            let all: Vec<(String, String)> = (0..n)
+                .flat_map(|i| {
+                    let name = format!("vm{:04}", (i as u64 * 7919 + seed) % 10_000);
+                    let both = i % 3 == 0;
+                    std::iter::once((name.clone(), "h1".to_string()))
+                        .chain(both.then(|| (name, "h2".to_string())))
+                })
                 .collect::<std::collections::BTreeSet<_>>()
                 .into_iter()
                 .collect();
-            let rows = || all.iter().rev().map(|n| row(n, "h1", VmState::Stopped)).collect::<Vec<_>>();
+            let rows = || {
+                all.iter()
+                    .rev()
+                    .map(|(n, h)| row(n, h, VmState::Stopped))
+                    .collect::<Vec<_>>()
+            };
             let mut p = VmListParams::default();
             let mut seen = vec![];
             loop {
                 let (page, total, next) = choose(rows(), &p, limit);
                 prop_assert_eq!(total, all.len());
                 prop_assert!(page.len() <= limit);
-                seen.extend(names(&page).into_iter().map(String::from));
+                seen.extend(
+                    page.iter()
+                        .map(|r| (r.record.spec.name.clone(), r.host.clone().unwrap_or_default())),
+                );
                 match next {
                     Some(c) => p.cursor = Some(c),
                     None => break,

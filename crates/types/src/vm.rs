@@ -313,7 +313,8 @@ pub struct VmListParams {
     /// filters match.
     #[serde(default)]
     pub limit: Option<usize>,
-    /// Rows after this VM name (the previous page's `x-next-cursor`).
+    /// Rows after this one: the previous page's `x-next-cursor` (`name/host`), or a
+    /// VM name.
     #[serde(default)]
     pub cursor: Option<String>,
 }
