@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 /// How often the tending host looks at etcd.
 pub(crate) const TICK: Duration = Duration::from_secs(30);
+/// How often the tending host looks while a voter is down or voters are lacking.
+const VOTER_TICK: Duration = Duration::from_secs(5);
 /// A NOSPACE recovery that left etcd full is tried again after this long.
 const NOSPACE_RETRY: Duration = Duration::from_secs(600);
 
@@ -36,6 +38,8 @@ pub(crate) struct EtcdHealthState {
     pub(crate) down_since: BTreeMap<u64, Instant>,
     /// Since when each learner has been one (a promotion that never ends is undone).
     pub(crate) learner_since: BTreeMap<u64, Instant>,
+    /// The last round found fewer voters than the target.
+    pub(crate) voters_short: bool,
 }
 
 impl Default for EtcdHealthState {
@@ -49,6 +53,7 @@ impl Default for EtcdHealthState {
             nospace_tried: None,
             down_since: BTreeMap::new(),
             learner_since: BTreeMap::new(),
+            voters_short: false,
         }
     }
 }
@@ -70,7 +75,12 @@ impl Cluster {
                 .await
                 .map_err(|e| crate::error_chain(&e).join(": "));
             self.loops().report("etcd-health", TICK, r);
-            tokio::time::sleep(TICK).await;
+            // While a voter is down or being replaced, the voter choice looks often.
+            let busy = {
+                let st = self.inner.etcd.lock().unwrap_or_else(|e| e.into_inner());
+                !st.down_since.is_empty() || !st.learner_since.is_empty() || st.voters_short
+            };
+            tokio::time::sleep(if busy { VOTER_TICK } else { TICK }).await;
         }
     }
 
@@ -109,6 +119,7 @@ impl Cluster {
             // replace a voter that only just stopped answering).
             st.down_since.clear();
             st.learner_since.clear();
+            st.voters_short = false;
             return Ok(());
         }
         let tls = crate::membership::etcd_tls(&self.cfg().pki);

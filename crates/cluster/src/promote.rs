@@ -108,6 +108,11 @@ impl Cluster {
                 .collect(),
             replace_after: self.cfg().voter_replace_after,
         };
+        self.inner
+            .etcd
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .voters_short = facts.voters.len() < voters::voter_target(facts.hosts.len());
         match voters::decide(&facts) {
             None => Ok(()),
             Some(Step::Remove { id, name, why }) => {

@@ -652,18 +652,22 @@ fn hosts_beyond_three_are_clients_of_the_voters() -> Result<()> {
             .and_then(|m| m.iter().find(|x| x["name"] == host))
             .map(|m| m["etcd_member"] == true)
     };
-    wait_for("h4 voted in h3's place", Duration::from_secs(180), || {
+    let replaced = wait_for("h4 voted in h3's place", Duration::from_secs(400), || {
         let st = cluster_status(&h1)?;
         Ok(st["etcd_voters"] == 3
             && st["has_quorum"] == true
             && is_member(&st, "h4") == Some(true)
             && is_member(&st, "h3") == Some(false))
-    })?;
+    });
+    if replaced.is_err() {
+        dump_voters(&lab, &["h1", "h2", "h4"]);
+    }
+    replaced?;
     assert!(lab.etcd_pid("h4").is_some(), "h4 runs a member");
     // h3 comes back: its member was replaced, it becomes a client (and holds a lease).
     lab.start_daemon("h3")?;
     let h3 = lab.cli("h3")?;
-    wait_for("h3 back as a client", Duration::from_secs(120), || {
+    wait_for("h3 back as a client", Duration::from_secs(300), || {
         let Ok(st) = cluster_status(&h3) else {
             return Ok(false);
         };
@@ -690,7 +694,7 @@ fn hosts_beyond_three_are_clients_of_the_voters() -> Result<()> {
     h4.ferry_ok(&["cluster", "leave"])?;
     let three = wait_for(
         "three voters after h4 left",
-        Duration::from_secs(180),
+        Duration::from_secs(400),
         || {
             let st = cluster_status(&h1)?;
             Ok(st["etcd_voters"] == 3
@@ -700,19 +704,30 @@ fn hosts_beyond_three_are_clients_of_the_voters() -> Result<()> {
         },
     );
     if three.is_err() {
-        for h in ["h1", "h2", "h3"] {
-            let ev = lab.cli(h)?.ferry(&["events"])?;
-            let log = lab.daemon_log(h);
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            eprintln!(
-                "--- {h} events\n{}\n--- {h} daemon log (last lines, newest first)\n{}",
-                String::from_utf8_lossy(&ev.stdout),
-                tail.join("\n")
-            );
-        }
-        eprintln!("--- status {}", cluster_status(&h1)?);
+        dump_voters(&lab, &["h1", "h2", "h3"]);
     }
     three?;
     h3.ferry_ok(&["vm", "create", "c2", "--memory", "64M"])?;
     Ok(())
+}
+
+/// What each host says (events, the end of its daemon's log) and the cluster's status,
+/// when a voter change did not come in time.
+fn dump_voters(lab: &ClusterLab, hosts: &[&str]) {
+    for h in hosts {
+        let ev = lab
+            .cli(h)
+            .and_then(|c| c.ferry(&["events"]))
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default();
+        let log = lab.daemon_log(h);
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        eprintln!(
+            "--- {h} events\n{ev}\n--- {h} daemon log (last lines, newest first)\n{}",
+            tail.join("\n")
+        );
+    }
+    if let Ok(c) = lab.cli("h1") {
+        eprintln!("--- status {:?}", cluster_status(&c).ok());
+    }
 }
