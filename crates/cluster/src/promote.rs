@@ -274,7 +274,7 @@ impl Cluster {
         // A learner serves no reads: it has caught up when etcd lets it be promoted.
         let t = Instant::now();
         loop {
-            match client.clone().member_promote(id).await {
+            match etcd_members::promote(client, id, Some(&etcd_tls(pki))).await {
                 Ok(_) => break,
                 Err(e) if t.elapsed() < CATCH_UP => {
                     tracing::debug!(error = %e, "learner not promoted yet");

@@ -531,8 +531,7 @@ fn cluster_commands_and_bad_requests() -> Result<()> {
 /// three etcd voters (no member of its own), holds a lease and defines VMs. A voter
 /// down longer than the replacement delay is removed from etcd and the client promoted
 /// in its place (a learner first); the old voter, back, finds its member gone and
-/// becomes a client. (Promoting such a host again, once a voter leaves, timed out in
-/// `member_promote` under CI load: not yet proven here — see issue 19.)
+/// becomes a client. When a voter leaves, that host is promoted again: three voters.
 #[test]
 fn hosts_beyond_three_are_clients_of_the_voters() -> Result<()> {
     let mut serve_args = std::collections::BTreeMap::new();
@@ -691,7 +690,24 @@ fn hosts_beyond_three_are_clients_of_the_voters() -> Result<()> {
         events.contains("removed from etcd") && events.contains("h4 becomes an etcd voter"),
         "{events}"
     );
-    // The client h3 is a full host again.
+    // A voter leaves: a client (h3, whose earlier member was removed) is promoted,
+    // three voters again.
+    h4.ferry_ok(&["cluster", "leave"])?;
+    let three = wait_for(
+        "three voters after h4 left",
+        Duration::from_secs(400),
+        || {
+            let st = cluster_status(&h1)?;
+            Ok(st["etcd_voters"] == 3
+                && st["has_quorum"] == true
+                && is_member(&st, "h3") == Some(true)
+                && st["members"].as_array().map(Vec::len) == Some(3))
+        },
+    );
+    if three.is_err() {
+        dump_voters(&lab, &["h1", "h2", "h3", "h4"]);
+    }
+    three?;
     h3.ferry_ok(&["vm", "create", "c2", "--memory", "64M"])?;
     Ok(())
 }
@@ -707,9 +723,13 @@ fn dump_voters(lab: &ClusterLab, hosts: &[&str]) {
             .unwrap_or_default();
         let log = lab.daemon_log(h);
         let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        let etcd = std::fs::read_to_string(lab.state_dir(h).join("cluster").join("etcd.log"))
+            .unwrap_or_default();
+        let etcd_tail: Vec<&str> = etcd.lines().rev().take(40).collect();
         eprintln!(
-            "--- {h} events\n{ev}\n--- {h} daemon log (last lines, newest first)\n{}",
-            tail.join("\n")
+            "--- {h} events\n{ev}\n--- {h} daemon log (last lines, newest first)\n{}\n--- {h} etcd log (newest first)\n{}",
+            tail.join("\n"),
+            etcd_tail.join("\n")
         );
     }
     if let Ok(c) = lab.cli("h1") {

@@ -184,6 +184,63 @@ impl TestEtcd {
     }
 }
 
+impl TestEtcd {
+    /// Another member of this one's cluster (same certificates), added as a voter or a
+    /// learner through `via` and started; it is not waited for.
+    pub async fn join(&self, via: &etcd_client::Client, name: &str, learner: bool) -> TestEtcd {
+        let dir = tempfile::tempdir().unwrap();
+        let port = || {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let (c, p) = (port(), port());
+        let peer = format!("https://127.0.0.1:{p}");
+        let added = crate::membership::while_unhealthy(|| {
+            let (mut c, peer) = (via.clone(), peer.clone());
+            let opts = learner.then(|| etcd_client::MemberAddOptions::new().with_is_learner());
+            async move { c.member_add([peer.as_str()], opts).await }
+        })
+        .await
+        .unwrap();
+        let initial: Vec<String> = added
+            .member_list()
+            .iter()
+            .map(|m| {
+                let n = if m.peer_urls().contains(&peer) {
+                    name
+                } else {
+                    m.name()
+                };
+                format!("{n}={}", m.peer_urls()[0])
+            })
+            .collect();
+        let cfg = MemberConfig {
+            name: name.into(),
+            data_dir: dir.path().join("data"),
+            client_url: format!("https://127.0.0.1:{c}"),
+            peer_url: peer,
+            initial_cluster: initial.join(","),
+            new_cluster: false,
+            ..self.cfg.clone()
+        };
+        let pid = member::spawn(
+            "etcd",
+            &cfg,
+            &dir.path().join("etcd.log"),
+            &dir.path().join("pid"),
+        )
+        .await
+        .unwrap();
+        TestEtcd {
+            _dir: dir,
+            url: cfg.client_url.clone(),
+            tls: self.tls.clone(),
+            pid,
+            cfg,
+        }
+    }
+}
+
 impl Drop for TestEtcd {
     fn drop(&mut self) {
         let _ = nix::sys::signal::kill(
@@ -629,6 +686,55 @@ async fn membership_lists_the_member_and_refuses_unknown_removals() {
     assert_eq!(crate::membership::list(&other).await.unwrap(), list);
     assert!(crate::membership::remove(&c, m.id ^ 1).await.is_err());
     assert_eq!(crate::membership::list(&c).await.unwrap(), list);
+}
+
+/// With auth on, a follower forwards a promotion to the leader without the caller's
+/// identity and the leader refuses it (etcd issue #20757): ferry's promotion asks the
+/// leader itself, so a learner is promoted whichever member the caller is connected to.
+#[tokio::test]
+async fn a_learner_is_promoted_through_a_follower_with_auth_on() {
+    let a = TestEtcd::start().await;
+    let mut c = auth_on(&a).await;
+    let b = a.join(&c, "b", false).await;
+    member::wait_healthy(
+        "b",
+        &b.url,
+        Some(&b.tls),
+        &b._dir.path().join("etcd.log"),
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
+    let learner = a.join(&c, "l", true).await;
+    let list = crate::membership::list(&c).await.unwrap();
+    let id = list.iter().find(|m| m.learner).expect("the learner").id;
+    // A client of the follower (the member that does not lead).
+    let leader = crate::membership::leader(&c).await;
+    let follower = list
+        .iter()
+        .find(|m| !m.learner && m.id != leader)
+        .expect("a follower");
+    let fc = crate::membership::connect(&follower.client_urls, Some(&a.tls))
+        .await
+        .unwrap();
+    // The learner needs a moment to catch up: etcd refuses until then.
+    let t = std::time::Instant::now();
+    let mut last = String::new();
+    while t.elapsed() < Duration::from_secs(30) {
+        match crate::membership::promote(&fc, id, Some(&a.tls)).await {
+            Ok(()) => {
+                last.clear();
+                break;
+            }
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(last.is_empty(), "not promoted: {last}");
+    let list = crate::membership::list(&c).await.unwrap();
+    assert_eq!(list.iter().filter(|m| !m.learner).count(), 3, "{list:?}");
+    c.put("/after", "3 voters", None).await.unwrap();
+    drop(learner);
 }
 
 /// Two hosts' subtrees of one store: each sees, lists, watches and deletes only its
