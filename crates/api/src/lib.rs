@@ -111,6 +111,7 @@ fn api() -> OpenApiRouter<Agent> {
         .routes(routes!(tasks::list_events))
         .routes(routes!(tasks::host))
         .routes(routes!(tasks::host_metrics))
+        .routes(routes!(tasks::host_loads))
         .routes(routes!(tasks::vm_metrics))
         .routes(routes!(access::list_users, access::create_user))
         .routes(routes!(

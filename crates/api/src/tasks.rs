@@ -5,7 +5,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use ferry_agent::Agent;
-use ferry_types::{ApiErrorBody, Event, HostInfo, MetricsHistory, Task};
+use ferry_types::{ApiErrorBody, Event, HostInfo, HostLoads, MetricsHistory, Task};
 use serde::Deserialize;
 
 #[utoipa::path(get, path = "/api/v1/tasks", tag = "tasks", responses((status = 200, description = "Newest first", body = Vec<Task>)))]
@@ -82,6 +82,12 @@ pub async fn host(State(a): State<Agent>) -> ApiResult<Json<HostInfo>> {
     responses((status = 200, description = "The last hour of this host's load (10 s samples)", body = MetricsHistory)))]
 pub async fn host_metrics(State(a): State<Agent>) -> Json<MetricsHistory> {
     Json(a.host_history())
+}
+
+#[utoipa::path(get, path = "/api/v1/host/loads", tag = "host",
+    responses((status = 200, description = "Each running VM's load as this host measured it last (DRS asks every host when it balances)", body = HostLoads)))]
+pub async fn host_loads(State(a): State<Agent>) -> Json<HostLoads> {
+    Json(a.host_loads())
 }
 
 #[utoipa::path(get, path = "/api/v1/vms/{name}/metrics", tag = "vms",

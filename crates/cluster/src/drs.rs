@@ -19,8 +19,8 @@ use crate::Cluster;
 use ferry_drs::{Cluster as DrsCluster, Host as DrsHost, HostState as DrsHostState, Vm as DrsVm};
 use ferry_store::{keys, StoreJson};
 use ferry_types::{
-    AdmissionMode, DrsConfig, DrsMode, DrsMove, DrsPlan, DrsStatus, HostCapacity, MigrateRequest,
-    PlacementReport, PoolKind, PoolSpec, ResourcePool, TaskState, VmLoad, VmSpec,
+    AdmissionMode, DrsConfig, DrsMode, DrsMove, DrsPlan, DrsStatus, HostCapacity, HostLoads,
+    MigrateRequest, PlacementReport, PoolKind, PoolSpec, ResourcePool, TaskState, VmLoad, VmSpec,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -33,6 +33,10 @@ use crate::membership::MANAGER;
 const SAMPLE: Duration = Duration::from_secs(2);
 /// An unchanged DRS plan is stored again after this long (`drs status`'s `plan_at`).
 const PLAN_REFRESH: Duration = Duration::from_secs(600);
+/// How long DRS waits for a host's per-VM loads when it balances.
+const LOADS_TIMEOUT: Duration = Duration::from_secs(3);
+/// Hosts asked for their loads at once.
+const LOADS_PARALLEL: usize = 16;
 
 /// Smoothed CPU load per VM on this host (in memory).
 #[derive(Default)]
@@ -95,20 +99,21 @@ fn pool_reach(pools: Vec<PoolSpec>) -> PoolReach {
 /// replicated pools can move live without copying storage (the others stay where they
 /// are); disks on replicated pools pin the VM to the hosts with copies.
 /// Host `name` and its VMs (neither templates nor VMs in transit) as DRS sees them.
-fn add_host<'a>(
+fn add_host(
     c: &mut DrsCluster,
     name: &str,
     alive: Option<&Alive>,
     cap: Option<&HostCapacity>,
     maintenance: bool,
-    pools: Vec<PoolSpec>,
-    vms: impl Iterator<Item = &'a VmRecord>,
+    vms: impl IntoIterator<Item = DrsVm>,
 ) {
     let (cpus, memory_bytes) = match (cap, alive) {
         (Some(c), _) => (c.cpus, c.memory_bytes),
         (None, Some(a)) => (a.cpus as f64, a.memory_bytes),
         (None, None) => (0.0, 0),
     };
+    // The published total (a record of an earlier release: each VM's load).
+    let per_vm = cap.map(|c| &c.vms).filter(|m| !m.is_empty());
     c.hosts.push(DrsHost {
         name: name.to_string(),
         cpus,
@@ -119,14 +124,40 @@ fn add_host<'a>(
             (true, false) => DrsHostState::Online,
         },
         labels: cap.map(|c| c.labels.clone()).unwrap_or_default(),
+        cpu_base: match (cap, per_vm) {
+            (Some(c), None) => sane_load(c.cpu_load, cpus),
+            _ => 0.0,
+        },
     });
-    let shared = pool_reach(pools);
-    for r in vms {
-        if r.template || Transit::from(&r.transit).is_some() {
-            continue;
+    for mut v in vms {
+        if let Some(l) = per_vm.and_then(|m| m.get(&v.name)) {
+            v.cpu_load = sane_load(l.cpu, cpus);
         }
-        let load = cap.and_then(|c| c.vms.get(&r.spec.name));
-        c.vms.push(drs_vm(r, name, load, &shared));
+        c.vms.push(v);
+    }
+}
+
+/// Host `host`'s VMs as DRS sees them (neither templates nor VMs in transit), their
+/// loads unknown; disks on the host's shared pools may move, disks on replicated pools
+/// pin the VM to the hosts with copies.
+pub(crate) fn host_vms<'a>(
+    host: &str,
+    pools: Vec<PoolSpec>,
+    recs: impl Iterator<Item = &'a VmRecord>,
+) -> Vec<DrsVm> {
+    let reach = pool_reach(pools);
+    recs.filter(|r| !r.template && Transit::from(&r.transit).is_none())
+        .map(|r| drs_vm(r, host, None, &reach))
+        .collect()
+}
+
+/// A load a host reported, as DRS may use it: finite, not negative, at most the
+/// host's cores (a hostile or broken host cannot skew the balance beyond its size).
+fn sane_load(cores: f64, cpus: f64) -> f64 {
+    if cores.is_finite() {
+        cores.clamp(0.0, cpus.max(0.0))
+    } else {
+        0.0
     }
 }
 
@@ -229,12 +260,12 @@ impl Cluster {
                 continue;
             };
             let (cpus, memory_bytes) = self.capacity();
-            let cap = HostCapacity {
+            let cap = HostCapacity::summary(
                 cpus,
                 memory_bytes,
-                labels: self.cfg().resources.labels.clone(),
-                vms: loads,
-            };
+                self.cfg().resources.labels.clone(),
+                &loads,
+            );
             // Written only when DRS would see a difference (or it is getting old):
             // each write is a revision etcd keeps.
             let due = {
@@ -319,6 +350,38 @@ impl Cluster {
         out
     }
 
+    /// Each running VM's load as this host measured it last (what DRS asks of every
+    /// host when it balances).
+    pub fn host_loads(&self) -> HostLoads {
+        HostLoads {
+            host: self.host_name().to_string(),
+            vms: self.last_loads(),
+        }
+    }
+
+    /// How many times other hosts' DRS views were derived (each VM list re-read from
+    /// the cache after a change); the benchmark shows it per VM start.
+    pub fn drs_views_derived(&self) -> u64 {
+        self.inner
+            .drs
+            .views
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .derived
+    }
+
+    /// Whether other hosts' DRS views are kept between snapshots (the default) or
+    /// derived anew at every snapshot, as before they were kept: for the benchmark's
+    /// side-by-side figures only.
+    pub fn set_drs_views_kept(&self, kept: bool) {
+        self.inner
+            .drs
+            .views
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .always_all = !kept;
+    }
+
     /// The loads of the last sample.
     fn last_loads(&self) -> BTreeMap<String, VmLoad> {
         self.inner
@@ -348,6 +411,7 @@ impl Cluster {
                     DrsHostState::Online
                 },
                 labels: self.cfg().resources.labels.clone(),
+                cpu_base: 0.0,
             });
             let shared = pool_reach(
                 self.store()
@@ -365,14 +429,29 @@ impl Cluster {
         // Other hosts from the cache; this host's own records from its store, so a
         // start here sees the one before it (read-your-writes in a mass power-on).
         if let Some(cache) = link.synced_cache() {
-            let own = self.records().await?;
-            for m in cache.members() {
-                let cached;
-                let vms: Vec<&VmRecord> = if m.name == self.host_name() {
-                    own.iter().collect()
+            let members = cache.members();
+            let others: Vec<String> = members
+                .iter()
+                .map(|m| m.name.clone())
+                .filter(|n| n != self.host_name())
+                .collect();
+            let views = self
+                .inner
+                .drs
+                .views
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .refresh(cache, &others);
+            for m in members {
+                let vms = if m.name == self.host_name() {
+                    let pools = cache
+                        .pools_of(&m.name)
+                        .iter()
+                        .map(|p| (**p).clone())
+                        .collect();
+                    host_vms(&m.name, pools, self.records().await?.iter())
                 } else {
-                    cached = cache.vms_of(&m.name);
-                    cached.iter().map(|r| &**r).collect()
+                    views.get(&m.name).map(|v| v.to_vec()).unwrap_or_default()
                 };
                 add_host(
                     &mut c,
@@ -380,12 +459,7 @@ impl Cluster {
                     cache.alive(&m.name).as_ref(),
                     cache.load(&m.name).as_ref(),
                     cache.maintenance(&m.name),
-                    cache
-                        .pools_of(&m.name)
-                        .iter()
-                        .map(|p| (**p).clone())
-                        .collect(),
-                    vms.into_iter(),
+                    vms,
                 );
             }
             return Ok((c, pools));
@@ -416,16 +490,74 @@ impl Cluster {
                 alive.as_ref(),
                 cap.as_ref(),
                 maintenance,
-                pools,
-                vms.iter(),
+                host_vms(&m.name, pools, vms.iter()),
             );
+        }
+        Ok((c, pools))
+    }
+
+    /// The snapshot with each running VM's load, asked of its host: balancing and
+    /// evacuation choose which VMs to move and need to know which VM carries the load;
+    /// placement and admission need only each host's published total. A host that
+    /// does not answer within [`LOADS_TIMEOUT`] keeps its published total (its VMs
+    /// then count as idle when they move).
+    pub(crate) async fn drs_snapshot_loaded(&self) -> Result<(DrsCluster, Vec<ResourcePool>)> {
+        let (mut c, pools) = self.drs_snapshot().await?;
+        if self.cluster().is_none() {
+            return Ok((c, pools)); // this host's own loads are in already
+        }
+        let mut asks = tokio::task::JoinSet::new();
+        let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(LOADS_PARALLEL));
+        for h in &c.hosts {
+            if h.state == DrsHostState::Down || !c.vms.iter().any(|v| v.host == h.name && v.running)
+            {
+                continue;
+            }
+            let (me, host, limit) = (self.clone(), h.name.clone(), limit.clone());
+            asks.spawn(async move {
+                if host == me.host_name() {
+                    return (host, Ok(me.host_loads()));
+                }
+                let _turn = limit.acquire_owned().await;
+                let r = async {
+                    me.peer_with_timeout(&host, LOADS_TIMEOUT)
+                        .await?
+                        .get::<HostLoads>("/api/v1/host/loads")
+                        .await
+                }
+                .await;
+                (host, r)
+            });
+        }
+        let mut got: HashMap<String, BTreeMap<String, VmLoad>> = HashMap::new();
+        while let Some(r) = asks.join_next().await {
+            let Ok((host, r)) = r else { continue };
+            match r {
+                Ok(l) if l.host == host => {
+                    got.insert(host, l.vms);
+                }
+                Ok(l) => tracing::warn!(host, answered = l.host, "VM loads from another host"),
+                Err(e) => tracing::debug!(host, error = %e, "VM loads not fetched"),
+            }
+        }
+        for h in &mut c.hosts {
+            if got.contains_key(&h.name) {
+                h.cpu_base = 0.0;
+            }
+        }
+        let cpus: HashMap<String, f64> = c.hosts.iter().map(|h| (h.name.clone(), h.cpus)).collect();
+        for v in &mut c.vms {
+            if let Some(l) = got.get(&v.host) {
+                let cores = cpus.get(&v.host).copied().unwrap_or(0.0);
+                v.cpu_load = l.get(&v.name).map_or(0.0, |l| sane_load(l.cpu, cores));
+            }
         }
         Ok((c, pools))
     }
 
     /// Where VM `name` would run best now, with every host's verdict.
     pub async fn place_vm(&self, name: &str) -> Result<PlacementReport> {
-        let (c, _) = self.drs_snapshot().await?;
+        let (c, _) = self.drs_snapshot_loaded().await?;
         let vm = c
             .vms
             .iter()
@@ -598,7 +730,7 @@ impl Cluster {
     /// A balancing plan for the cluster now.
     pub async fn drs_plan(&self) -> Result<DrsPlan> {
         let cfg = self.drs_config().await?;
-        let (c, _) = self.drs_snapshot().await?;
+        let (c, _) = self.drs_snapshot_loaded().await?;
         let frozen = self.recently_moved(&cfg).await?;
         Ok(ferry_drs::balance(
             &c,

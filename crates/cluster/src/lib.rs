@@ -13,6 +13,7 @@
 
 mod certs;
 mod drs;
+mod drs_views;
 mod etcd_health;
 pub mod fence;
 mod ha;
@@ -69,6 +70,8 @@ struct HaState {
 struct DrsState {
     /// Smoothed CPU load of this host's VMs.
     loads: Mutex<drs::LoadTracker>,
+    /// Other hosts' VMs as DRS sees them, re-derived when they change.
+    views: Mutex<drs_views::DrsViews>,
 }
 
 /// Membership's state.

@@ -39,7 +39,7 @@ impl Cluster {
         &self,
         live: &[(String, u64)],
     ) -> Result<Vec<(String, Option<String>)>> {
-        let (mut c, _) = self.drs_snapshot().await?;
+        let (mut c, _) = self.drs_snapshot_loaded().await?;
         let cfg = self.drs_config().await?;
         let mut order = live.to_vec();
         order.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));

@@ -292,8 +292,9 @@ pub fn balance(c: &Cluster, cfg: &DrsConfig, frozen: &BTreeSet<String>, t: Tunin
             memory_bytes: vm.memory_bytes,
             score_after: new,
             reason: format!(
-                "imbalance {cur:.4} → {new:.4} ({} MiB to copy)",
-                mib(vm.memory_bytes)
+                "imbalance {cur:.4} → {new:.4} ({} MiB to copy, CPU load {:.2} cores)",
+                mib(vm.memory_bytes),
+                vm.cpu_load
             ),
         });
     }

@@ -39,6 +39,10 @@ pub struct Host {
     pub memory_bytes: u64,
     pub state: HostState,
     pub labels: Vec<String>,
+    /// CPU load (cores) on this host that no listed VM carries: the host's published
+    /// total when its per-VM loads were not fetched (placement and admission need the
+    /// total only; balancing fetches each VM's load).
+    pub cpu_base: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +100,7 @@ impl Host {
             memory_bytes,
             state: HostState::Online,
             labels: vec![],
+            cpu_base: 0.0,
         }
     }
 }

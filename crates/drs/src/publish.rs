@@ -1,26 +1,22 @@
 //! When a host writes its load to the cluster store. Every write is a revision etcd
-//! keeps until compaction, so a host republishes only when what DRS would see changed
-//! beyond [`Thresholds`] (a VM came or went, a VM's load moved by more than a
-//! threshold, the host's capacity or labels changed) or the last write is older than
-//! `max_age` — never every sample. An idle cluster then writes with its hosts, not with
-//! its VMs.
+//! keeps until compaction, so a host publishes a summary — its size, labels and the
+//! totals of its VMs' loads, never one entry per VM — and republishes it only when
+//! what DRS would see changed beyond [`Thresholds`] (VMs came or went, the totals
+//! moved by more than a threshold, the host's capacity or labels changed) or the last
+//! write is older than `max_age`. Each VM's load stays on its host until DRS balances
+//! and asks for it. An idle cluster then writes with its hosts, not with its VMs.
 
-use ferry_types::{HostCapacity, VmLoad};
+use ferry_types::HostCapacity;
 use std::time::Duration;
 
 /// How far the published view may drift from the measured one.
 #[derive(Debug, Clone, Copy)]
 pub struct Thresholds {
-    /// A VM's CPU may differ by this many cores...
+    /// The host's total CPU load may differ by this many cores...
     pub cpu_cores: f64,
-    /// ...or by this share of its load, whichever is more.
-    pub cpu_share: f64,
-    /// Its resident memory by this many bytes, or this share.
+    /// The resident memory of its VMs by this many bytes...
     pub rss_bytes: u64,
-    pub rss_share: f64,
-    /// The host's totals (CPU, memory of all its VMs) may differ by this share (or the
-    /// per-VM absolute figures): many VMs each drifting inside their own threshold add
-    /// up.
+    /// ...or by this share of the total, whichever is more.
     pub total_share: f64,
     /// Republished at least this often (well inside DRS's 300 s window).
     pub max_age: Duration,
@@ -30,9 +26,7 @@ impl Default for Thresholds {
     fn default() -> Thresholds {
         Thresholds {
             cpu_cores: 0.05,
-            cpu_share: 0.2,
             rss_bytes: 64 << 20,
-            rss_share: 0.2,
             total_share: 0.05,
             max_age: Duration::from_secs(120),
         }
@@ -41,16 +35,6 @@ impl Default for Thresholds {
 
 fn close(a: f64, b: f64, abs: f64, share: f64) -> bool {
     (a - b).abs() <= abs.max(share * a.abs().max(b.abs()))
-}
-
-fn vm_close(a: &VmLoad, b: &VmLoad, t: &Thresholds) -> bool {
-    close(a.cpu, b.cpu, t.cpu_cores, t.cpu_share)
-        && close(
-            a.rss_bytes as f64,
-            b.rss_bytes as f64,
-            t.rss_bytes as f64,
-            t.rss_share,
-        )
 }
 
 /// Whether `now` must be written, given what was `published` `age` ago (None: nothing
@@ -64,57 +48,57 @@ pub fn republish(
     let Some(p) = published else {
         return true;
     };
-    if age >= t.max_age
+    age >= t.max_age
         || p.cpus != now.cpus
         || p.memory_bytes != now.memory_bytes
         || p.labels != now.labels
-        || p.vms.len() != now.vms.len()
-    {
-        return true;
-    }
-    if !p
-        .vms
-        .iter()
-        .zip(&now.vms)
-        .all(|((pn, pl), (nn, nl))| pn == nn && vm_close(pl, nl, t))
-    {
-        return true;
-    }
-    // Many VMs each drifting just inside their threshold add up: the host's totals
-    // keep to a tighter share.
-    let total = |c: &HostCapacity| {
-        c.vms.values().fold((0.0, 0.0), |(cpu, rss), v| {
-            (cpu + v.cpu, rss + v.rss_bytes as f64)
-        })
-    };
-    let ((pc, pr), (nc, nr)) = (total(p), total(now));
-    !(close(pc, nc, t.cpu_cores, t.total_share) && close(pr, nr, t.rss_bytes as f64, t.total_share))
+        || p.running != now.running
+        || !p.vms.is_empty()
+        || !close(p.cpu_load, now.cpu_load, t.cpu_cores, t.total_share)
+        || !close(
+            p.rss_bytes as f64,
+            now.rss_bytes as f64,
+            t.rss_bytes as f64,
+            t.total_share,
+        )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferry_types::VmLoad;
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
+    fn loads(vms: &[(&str, f64, u64)]) -> BTreeMap<String, VmLoad> {
+        vms.iter()
+            .map(|(n, cpu, rss)| {
+                (
+                    n.to_string(),
+                    VmLoad {
+                        cpu: *cpu,
+                        rss_bytes: *rss,
+                    },
+                )
+            })
+            .collect()
+    }
+
     fn cap(vms: &[(&str, f64, u64)]) -> HostCapacity {
-        HostCapacity {
-            cpus: 8.0,
-            memory_bytes: 32 << 30,
-            labels: vec![],
-            vms: vms
-                .iter()
-                .map(|(n, cpu, rss)| {
-                    (
-                        n.to_string(),
-                        VmLoad {
-                            cpu: *cpu,
-                            rss_bytes: *rss,
-                        },
-                    )
-                })
-                .collect(),
-        }
+        HostCapacity::summary(8.0, 32 << 30, vec![], &loads(vms))
+    }
+
+    #[test]
+    fn the_summary_is_the_totals() {
+        let c = cap(&[("a", 0.5, 100), ("b", 1.25, 50)]);
+        assert_eq!((c.running, c.cpu_load, c.rss_bytes), (2, 1.75, 150));
+        assert!(c.vms.is_empty());
+        // Not one byte per VM in the record.
+        let many: Vec<(String, f64, u64)> =
+            (0..500).map(|i| (format!("vm{i}"), 0.1, 1 << 20)).collect();
+        let r: Vec<(&str, f64, u64)> = many.iter().map(|(n, c, r)| (n.as_str(), *c, *r)).collect();
+        let json = serde_json::to_vec(&cap(&r)).expect("serialises");
+        assert!(json.len() < 200, "{}", String::from_utf8_lossy(&json));
     }
 
     #[test]
@@ -137,14 +121,16 @@ mod tests {
             &t
         ));
         assert!(republish(Some(&a), &cap(&[("a", 0.01, 200 << 20)]), s, &t));
-        assert!(republish(
+        // Another VM with the same load: which VMs run is in their records, the
+        // summary is the same.
+        assert!(!republish(
             Some(&a),
             &cap(&[("a", 0.01, 200 << 20), ("c", 1.0, 1 << 30)]),
             s,
             &t
         ));
         assert!(republish(Some(&a), &a, t.max_age, &t));
-        // 40 VMs each up 60 MiB (inside their own threshold): 2.4 GiB on the host.
+        // 40 VMs each up 60 MiB: 2.4 GiB on the host.
         let many = |rss: u64| {
             let v: Vec<(String, f64, u64)> =
                 (0..40).map(|i| (format!("v{i:02}"), 0.0, rss)).collect();
@@ -157,6 +143,10 @@ mod tests {
             s,
             &t
         ));
+        // A record an earlier release wrote (per-VM loads) is replaced.
+        let mut old = a.clone();
+        old.vms = loads(&[("a", 0.01, 200 << 20)]);
+        assert!(republish(Some(&old), &a, s, &t));
     }
 
     fn arb_cap() -> impl Strategy<Value = HostCapacity> {
@@ -165,28 +155,25 @@ mod tests {
             (0.0f64..4.0, 0u64..(8 << 30)).prop_map(|(cpu, rss_bytes)| VmLoad { cpu, rss_bytes }),
             0..4,
         )
-        .prop_map(|vms: BTreeMap<String, VmLoad>| HostCapacity {
-            cpus: 8.0,
-            memory_bytes: 32 << 30,
-            labels: vec![],
-            vms,
+        .prop_map(|vms: BTreeMap<String, VmLoad>| {
+            HostCapacity::summary(8.0, 32 << 30, vec![], &vms)
         })
     }
 
     proptest! {
         /// Not republishing means DRS's view is within the thresholds of the truth:
-        /// the same VMs, each VM's CPU and memory close, and not older than max_age.
+        /// as many VMs, total CPU and memory close, and not older than max_age.
         #[test]
         fn silence_means_close(p in arb_cap(), n in arb_cap(), age_s in 0u64..300) {
             let t = Thresholds::default();
             let age = Duration::from_secs(age_s);
             if !republish(Some(&p), &n, age, &t) {
                 prop_assert!(age < t.max_age);
-                prop_assert_eq!(p.vms.keys().collect::<Vec<_>>(), n.vms.keys().collect::<Vec<_>>());
-                for (k, v) in &n.vms {
-                    let o = &p.vms[k];
-                    prop_assert!((o.cpu - v.cpu).abs() <= t.cpu_cores.max(t.cpu_share * o.cpu.max(v.cpu)) + 1e-12);
-                }
+                prop_assert_eq!(p.running, n.running);
+                let tol = t.cpu_cores.max(t.total_share * p.cpu_load.max(n.cpu_load));
+                prop_assert!((p.cpu_load - n.cpu_load).abs() <= tol + 1e-12);
+                let tol = (t.rss_bytes as f64).max(t.total_share * p.rss_bytes.max(n.rss_bytes) as f64);
+                prop_assert!((p.rss_bytes as f64 - n.rss_bytes as f64).abs() <= tol + 1.0);
             }
             prop_assert!(!republish(Some(&n), &n, Duration::ZERO, &t));
         }

@@ -40,7 +40,7 @@ impl<'a> State<'a> {
                 .map(|v| host_ix.get(v.host.as_str()).copied())
                 .collect(),
             mem: vec![0; n],
-            cpu: vec![0.0; n],
+            cpu: c.hosts.iter().map(|h| h.cpu_base.max(0.0)).collect(),
             vcpus: vec![0; n],
             on: vec![vec![]; n],
             anti: HashMap::new(),

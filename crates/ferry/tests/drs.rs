@@ -97,6 +97,23 @@ fn drs_balances_live_and_enforces_pools_and_admission() -> Result<()> {
     let moves = plan["moves"].as_array().context("moves")?;
     assert!(!moves.is_empty(), "{plan}");
     assert!(moves.iter().all(|m| m["from"] == "h1"), "{plan}");
+    // h1 publishes totals only; h2's plan knows which VM spins because it asked h1
+    // for each VM's load (GET /api/v1/host/loads) when it balanced.
+    let mut spinning = None;
+    wait_for("h2's plan to see a spin", Duration::from_secs(60), || {
+        let plan = h2.ferry_json(&["drs", "plan"])?;
+        spinning = plan["moves"].as_array().and_then(|m| {
+            m.iter()
+                .find(|m| m["vm"] == "a")
+                .and_then(|m| m["reason"].as_str())
+                .and_then(|r| r.split("CPU load ").nth(1))
+                .and_then(|r| r.split(' ').next())
+                .and_then(|c| c.parse::<f64>().ok())
+                .filter(|c| *c >= 0.3)
+        });
+        Ok(spinning.is_some())
+    })?;
+    eprintln!("h2's plan moves a with {spinning:?} cores");
 
     // Manual: recommendations only.
     std::thread::sleep(Duration::from_secs(4));

@@ -349,7 +349,45 @@ pub struct HostCapacity {
     pub memory_bytes: u64,
     #[serde(default)]
     pub labels: Vec<String>,
-    /// Running VMs' load by name.
+    /// Running VMs measured on the host.
     #[serde(default)]
+    pub running: u32,
+    /// Their CPU load in total (cores, smoothed over the DRS window).
+    #[serde(default)]
+    pub cpu_load: f64,
+    /// Their resident memory in total.
+    #[serde(default)]
+    pub rss_bytes: u64,
+    /// Each VM's load: no longer published (the record would grow with the VMs and
+    /// change with any of them); DRS fetches them from the host when it balances
+    /// (`GET /api/v1/host/loads`). Read when a host of an earlier release writes them.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub vms: std::collections::BTreeMap<String, VmLoad>,
+}
+
+impl HostCapacity {
+    /// What a host publishes: its size, labels and the totals of its VMs' loads.
+    pub fn summary(
+        cpus: f64,
+        memory_bytes: u64,
+        labels: Vec<String>,
+        vms: &std::collections::BTreeMap<String, VmLoad>,
+    ) -> HostCapacity {
+        HostCapacity {
+            cpus,
+            memory_bytes,
+            labels,
+            running: u32::try_from(vms.len()).unwrap_or(u32::MAX),
+            cpu_load: vms.values().map(|v| v.cpu).sum(),
+            rss_bytes: vms.values().map(|v| v.rss_bytes).sum(),
+            vms: Default::default(),
+        }
+    }
+}
+
+/// Each running VM's load as its host measures it now (`GET /api/v1/host/loads`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HostLoads {
+    pub host: String,
     pub vms: std::collections::BTreeMap<String, VmLoad>,
 }

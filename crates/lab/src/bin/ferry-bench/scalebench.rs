@@ -1,5 +1,5 @@
 //! `ferry-bench scale [--hosts 16,64] [--vms 1000,10000] [--running 0] [--ha-vms 200]
-//! [--fail-hosts 1] [--soak-minutes 0] [--seconds 60] [--json]`: a simulated cluster against a real etcd (3 voters on loopback): H agents
+//! [--fail-hosts 1] [--starts 1000] [--soak-minutes 0] [--seconds 60] [--json]`: a simulated cluster against a real etcd (3 voters on loopback): H agents
 //! in this process (each its own state dir, runtime state and fake machine through the
 //! host seam — no QEMU), V VM records written in bulk and spread over the hosts, R of
 //! them started (fake QEMUs). Then the cluster is left idle and measured:
@@ -10,8 +10,15 @@
 //! - `idle_etcd_write_bytes_per_s` and `etcd_db_growth_mb_per_h`: the values written,
 //!   i.e. the history etcd accumulates per hour until it compacts it;
 //! - `start_admission_ms`: one VM start's admission check (a DRS snapshot), median;
-//! - `vm_start_ms`: one VM start (admission, records, a fake QEMU), median of up to 50
-//!   starts in a row on one host;
+//!   `start_admission_views_derived_ms` the same with every other host's DRS view
+//!   derived anew at each check (the path before views were kept), alternating;
+//! - `vm_start_ms`: one VM start (admission, records, a fake QEMU), median of
+//!   `--starts` (1,000) starts in a row, each host in turn starting its stopped VMs (a
+//!   mass power-on); `power_on_admission_ms` the admission checks among them;
+//!   `vm_start_first_tenth_ms` / `vm_start_last_tenth_ms` the medians of the first and
+//!   last tenth (a cost growing with the VMs running shows as a difference), and
+//!   `drs_host_views_derived_per_start` how many other hosts' DRS views a start
+//!   re-derived (the others are kept between snapshots);
 //! - `drs_round_s`: one DRS plan over the whole cluster;
 //! - `ui_first_page_ms`: what `GET /api/v1/vms?limit=50` costs the answering host (the
 //!   page chosen out of the whole cluster's VMs and written as JSON), median;
@@ -536,24 +543,51 @@ fn measure_decisions(s: &Sim, vms: usize, running: usize, ha_vms: usize) -> Resu
         .filter(|i| i % hosts == 0 && *i >= running)
         .map(|i| format!("vm{i:05}"))
         .collect();
-    let mut adm = vec![];
-    for name in stopped.iter().take(10) {
-        let t = Instant::now();
-        let r = s.rt.block_on(h.admit_start(name));
-        adm.push(t.elapsed().as_secs_f64() * 1000.0);
-        if let Err(e) = r {
-            eprintln!("admission of {name}: {e}");
+    // Admission with other hosts' DRS views kept (now) and derived at every call (the
+    // path before), alternating so both see the same machine.
+    let (mut adm, mut adm_full) = (vec![], vec![]);
+    for (k, name) in stopped.iter().take(10).enumerate() {
+        for kept in [k % 2 == 0, k % 2 != 0] {
+            h.set_drs_views_kept(kept);
+            let t = Instant::now();
+            let r = s.rt.block_on(h.admit_start(name));
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
+            if kept {
+                adm.push(ms)
+            } else {
+                adm_full.push(ms)
+            }
+            if let Err(e) = r {
+                eprintln!("admission of {name}: {e}");
+            }
         }
     }
+    h.set_drs_views_kept(true);
+    // A mass power-on: each host in turn starts its stopped VMs, one after the other,
+    // each start with its admission check first (as the API does).
+    let n_starts: usize = arg_str("--starts", "1000").parse().context("--starts")?;
     let mut starts = vec![];
-    for name in stopped.iter().take(50) {
+    let mut admissions = vec![];
+    let derived_before = s.hosts.iter().map(|h| h.drs_views_derived()).sum::<u64>();
+    let order = (0..hosts).flat_map(|h| (running..vms).filter(move |i| i % hosts == h));
+    for i in order.take(n_starts) {
+        let (host, name) = (&s.hosts[i % hosts], format!("vm{i:05}"));
         let t = Instant::now();
-        let r = s.rt.block_on(h.start_vm(name));
+        let r = s.rt.block_on(async {
+            host.admit_start(&name).await?;
+            let a = t.elapsed();
+            host.start_vm(&name).await.map(|_| a)
+        });
         starts.push(t.elapsed().as_secs_f64() * 1000.0);
-        if let Err(e) = r {
-            eprintln!("start of {name}: {e}");
+        match r {
+            Ok(a) => admissions.push(a.as_secs_f64() * 1000.0),
+            Err(e) => eprintln!("start of {name}: {e}"),
         }
     }
+    let derived = s.hosts.iter().map(|h| h.drs_views_derived()).sum::<u64>() - derived_before;
+    let tenth = (starts.len() / 10).max(1);
+    let first_tenth = crate::median(starts.iter().take(tenth).copied().collect());
+    let last_tenth = crate::median(starts.iter().rev().take(tenth).copied().collect());
     let page = |p: ferry_types::VmListParams| -> Result<(f64, usize)> {
         let t = Instant::now();
         let page =
@@ -591,7 +625,13 @@ fn measure_decisions(s: &Sim, vms: usize, running: usize, ha_vms: usize) -> Resu
     }
     Ok(json!({
         "start_admission_ms": crate::median(adm),
+        "start_admission_views_derived_ms": crate::median(adm_full),
+        "vm_starts": starts.len(),
+        "power_on_admission_ms": crate::median(admissions),
+        "vm_start_first_tenth_ms": first_tenth,
+        "vm_start_last_tenth_ms": last_tenth,
         "vm_start_ms": crate::median(starts),
+        "drs_host_views_derived_per_start": derived as f64 / n_starts.max(1) as f64,
         "drs_round_s": drs,
         "ui_first_page_ms": crate::median(first),
         "ui_search_ms": crate::median(search),
@@ -663,7 +703,13 @@ pub(crate) fn run() -> Result<()> {
             "idle_etcd_write_bytes_per_s",
             "etcd_db_growth_mb_per_h",
             "start_admission_ms",
+            "start_admission_views_derived_ms",
+            "vm_starts",
+            "power_on_admission_ms",
             "vm_start_ms",
+            "vm_start_first_tenth_ms",
+            "vm_start_last_tenth_ms",
+            "drs_host_views_derived_per_start",
             "drs_round_s",
             "failed_hosts",
             "host_failure_fenced_s",
@@ -770,7 +816,6 @@ fn measure_soak(s: &Sim, minutes: u64, vms: usize, running: usize) -> Result<Val
     let hosts = s.hosts.len();
     let names: Vec<String> = (0..vms)
         .filter(|i| i % hosts == 0 && *i >= running)
-        .skip(50) // the ones measure_decisions started
         .take(20)
         .map(|i| format!("vm{i:05}"))
         .collect();
@@ -778,6 +823,10 @@ fn measure_soak(s: &Sim, minutes: u64, vms: usize, running: usize) -> Result<Val
     let ops = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let (h, st, n) = (s.hosts[0].clone(), stop.clone(), ops.clone());
     let churn = s.rt.spawn(async move {
+        // measure_decisions may have started them.
+        for name in &names {
+            let _ = h.stop_vm(name).await;
+        }
         while !st.load(std::sync::atomic::Ordering::Relaxed) {
             for name in &names {
                 if h.start_vm(name).await.is_ok() && h.stop_vm(name).await.is_ok() {
