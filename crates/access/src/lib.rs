@@ -169,7 +169,10 @@ pub fn need(method: &str, path: &str) -> Need {
         // copies of replicated volumes): besides hosts, root-level administrators only.
         ("POST" | "PUT", ["migrations", "incoming" | "cold", ..])
         | ("POST", ["replication", "copies" | "pools", ..])
-        | ("POST", ["cluster", "etcd", ..]) => on(Privilege::Modify, "/"),
+        | ("POST", ["cluster", "etcd", ..])
+        // Every running VM's name and load, whatever the caller's VM grants: DRS on
+        // another host asks.
+        | ("GET", ["host", "loads"]) => on(Privilege::Modify, "/"),
         (
             _,
             ["bridges" | "resource-pools" | "drs" | "cluster" | "host" | "migrations"

@@ -86,6 +86,13 @@ fn the_issue_s_examples() {
         need("POST", "/api/v1/cluster/etcd/promote"),
         Need::On(Privilege::Modify, "/".into())
     );
+    // Every VM's load, whatever the VM grants: hosts (DRS) only.
+    assert_eq!(
+        need("GET", "/api/v1/host/loads"),
+        Need::On(Privilege::Modify, "/".into())
+    );
+    assert!(!may("audrey", "GET", "/api/v1/host/loads"));
+    assert!(may("audrey", "GET", "/api/v1/host/metrics"));
     assert!(may("audrey", "GET", "/api/v1/cluster/summary"));
     assert!(may("audrey", "GET", "/api/v1/vms"));
 }

@@ -37,6 +37,8 @@ const PLAN_REFRESH: Duration = Duration::from_secs(600);
 const LOADS_TIMEOUT: Duration = Duration::from_secs(3);
 /// Hosts asked for their loads at once.
 const LOADS_PARALLEL: usize = 16;
+/// The largest load list a host may answer (~100,000 VMs).
+const LOADS_MAX_BYTES: usize = 8 << 20;
 
 /// Smoothed CPU load per VM on this host (in memory).
 #[derive(Default)]
@@ -107,6 +109,27 @@ fn add_host(
     maintenance: bool,
     vms: impl IntoIterator<Item = DrsVm>,
 ) {
+    let host = drs_host(name, alive, cap, maintenance);
+    let cpus = host.cpus;
+    c.hosts.push(host);
+    // A record of an earlier release: each VM's load.
+    let per_vm = cap.map(|c| &c.vms).filter(|m| !m.is_empty());
+    for mut v in vms {
+        if let Some(l) = per_vm.and_then(|m| m.get(&v.name)) {
+            v.cpu_load = sane_load(l.cpu, cpus);
+        }
+        c.vms.push(v);
+    }
+}
+
+/// Host `name` as DRS sees it: its size, state and labels, and (when each VM's load
+/// is not known) the total load it published.
+fn drs_host(
+    name: &str,
+    alive: Option<&Alive>,
+    cap: Option<&HostCapacity>,
+    maintenance: bool,
+) -> DrsHost {
     let (cpus, memory_bytes) = match (cap, alive) {
         (Some(c), _) => (c.cpus, c.memory_bytes),
         (None, Some(a)) => (a.cpus as f64, a.memory_bytes),
@@ -114,7 +137,7 @@ fn add_host(
     };
     // The published total (a record of an earlier release: each VM's load).
     let per_vm = cap.map(|c| &c.vms).filter(|m| !m.is_empty());
-    c.hosts.push(DrsHost {
+    DrsHost {
         name: name.to_string(),
         cpus,
         memory_bytes,
@@ -128,12 +151,6 @@ fn add_host(
             (Some(c), None) => sane_load(c.cpu_load, cpus),
             _ => 0.0,
         },
-    });
-    for mut v in vms {
-        if let Some(l) = per_vm.and_then(|m| m.get(&v.name)) {
-            v.cpu_load = sane_load(l.cpu, cpus);
-        }
-        c.vms.push(v);
     }
 }
 
@@ -371,8 +388,9 @@ impl Cluster {
     }
 
     /// Whether other hosts' DRS views are kept between snapshots (the default) or
-    /// derived anew at every snapshot, as before they were kept: for the benchmark's
-    /// side-by-side figures only.
+    /// derived anew at every snapshot and a start's admission walks the whole snapshot,
+    /// as before views and sums were kept: for the benchmark's side-by-side figures
+    /// only.
     pub fn set_drs_views_kept(&self, kept: bool) {
         self.inner
             .drs
@@ -451,7 +469,10 @@ impl Cluster {
                         .collect();
                     host_vms(&m.name, pools, self.records().await?.iter())
                 } else {
-                    views.get(&m.name).map(|v| v.to_vec()).unwrap_or_default()
+                    views
+                        .get(&m.name)
+                        .map(|v| v.vms.clone())
+                        .unwrap_or_default()
                 };
                 add_host(
                     &mut c,
@@ -522,7 +543,7 @@ impl Cluster {
                 let r = async {
                     me.peer_with_timeout(&host, LOADS_TIMEOUT)
                         .await?
-                        .get::<HostLoads>("/api/v1/host/loads")
+                        .get_limited::<HostLoads>("/api/v1/host/loads", LOADS_MAX_BYTES)
                         .await
                 }
                 .await;
@@ -537,27 +558,76 @@ impl Cluster {
                     got.insert(host, l.vms);
                 }
                 Ok(l) => tracing::warn!(host, answered = l.host, "VM loads from another host"),
-                Err(e) => tracing::debug!(host, error = %e, "VM loads not fetched"),
-            }
-        }
-        for h in &mut c.hosts {
-            if got.contains_key(&h.name) {
-                h.cpu_base = 0.0;
+                // A host of an earlier release has no such call: its published total
+                // stands.
+                Err(AgentError::NotFound(_)) => {}
+                Err(e) => tracing::warn!(
+                    host,
+                    error = %crate::error_chain(&e).join(": "),
+                    "VM loads not fetched: its published total stands and its VMs count as idle when they move"
+                ),
             }
         }
         let cpus: HashMap<String, f64> = c.hosts.iter().map(|h| (h.name.clone(), h.cpus)).collect();
         for v in &mut c.vms {
             if let Some(l) = got.get(&v.host) {
                 let cores = cpus.get(&v.host).copied().unwrap_or(0.0);
-                v.cpu_load = l.get(&v.name).map_or(0.0, |l| sane_load(l.cpu, cores));
+                // A VM uses at most its vCPUs, a host at most its cores (a host's
+                // answer cannot make it look fuller than it is).
+                v.cpu_load = l
+                    .get(&v.name)
+                    .map_or(0.0, |l| sane_load(l.cpu, cores.min(f64::from(v.vcpus))));
+            }
+        }
+        for h in &mut c.hosts {
+            if let Some(l) = got.get(&h.name) {
+                let vms: BTreeSet<&str> = c
+                    .vms
+                    .iter()
+                    .filter(|v| v.host == h.name)
+                    .map(|v| v.name.as_str())
+                    .collect();
+                // What runs there but is not listed (a VM arriving or leaving) still
+                // loads the host.
+                let unlisted: f64 = l
+                    .iter()
+                    .filter(|(n, _)| !vms.contains(n.as_str()))
+                    .map(|(_, v)| sane_load(v.cpu, h.cpus))
+                    .sum();
+                h.cpu_base = sane_load(unlisted, h.cpus);
+            }
+        }
+        // The listed VMs together at most the host's cores (less what is unlisted).
+        let room: HashMap<String, f64> = c
+            .hosts
+            .iter()
+            .filter(|h| got.contains_key(&h.name))
+            .map(|h| (h.name.clone(), (h.cpus - h.cpu_base).max(0.0)))
+            .collect();
+        let mut sums: HashMap<String, f64> = HashMap::new();
+        for v in &c.vms {
+            if room.contains_key(&v.host) {
+                *sums.entry(v.host.clone()).or_default() += v.cpu_load;
+            }
+        }
+        for v in &mut c.vms {
+            if let (Some(r), Some(s)) = (room.get(&v.host), sums.get(&v.host)) {
+                if *s > *r && *s > 0.0 {
+                    v.cpu_load *= r / s;
+                }
             }
         }
         Ok((c, pools))
     }
 
-    /// Where VM `name` would run best now, with every host's verdict.
+    /// Where VM `name` would run best now, with every host's verdict (each VM's load
+    /// asked of its host, as an explanation should show it).
     pub async fn place_vm(&self, name: &str) -> Result<PlacementReport> {
-        let (c, _) = self.drs_snapshot_loaded().await?;
+        self.place_vm_in(name, self.drs_snapshot_loaded().await?.0)
+            .await
+    }
+
+    async fn place_vm_in(&self, name: &str, c: DrsCluster) -> Result<PlacementReport> {
         let vm = c
             .vms
             .iter()
@@ -613,7 +683,9 @@ impl Cluster {
         if cfg.mode != DrsMode::Automatic || self.cluster().is_none() {
             return self.start_vm(name).await;
         }
-        let r = self.place_vm(name).await?;
+        // The published totals suffice (a VM not running has no load of its own):
+        // a start asks no host for anything.
+        let r = self.place_vm_in(name, self.drs_snapshot().await?.0).await?;
         let here = r.hosts.iter().find(|h| h.host == self.host_name());
         let (Some(here), Some(to)) = (here, r.host.clone()) else {
             return self.start_vm(name).await;
@@ -661,14 +733,90 @@ impl Cluster {
         }
     }
 
+    /// The memory running VMs hold per resource pool across the cluster, and the
+    /// online hosts' memory (VM `skip` left out): other hosts' sums as kept with their
+    /// DRS views, this host's from its store.
+    async fn pool_usage(&self, skip: &str) -> Result<ferry_drs::pools::Usage> {
+        use ferry_drs::pools::Usage;
+        let cache = self.cluster().and_then(|l| l.synced_cache().cloned());
+        let Some(cache) = cache else {
+            return Ok(Usage::of(&self.drs_snapshot().await?.0, skip));
+        };
+        let members = cache.members();
+        let others: Vec<String> = members
+            .iter()
+            .map(|m| m.name.clone())
+            .filter(|n| n != self.host_name())
+            .collect();
+        let views = self
+            .inner
+            .drs
+            .views
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .refresh(&cache, &others);
+        let mut total = Usage::default();
+        for m in &members {
+            let host = drs_host(
+                &m.name,
+                cache.alive(&m.name).as_ref(),
+                cache.load(&m.name).as_ref(),
+                cache.maintenance(&m.name),
+            );
+            let mut u = if m.name == self.host_name() {
+                let pools = cache
+                    .pools_of(&m.name)
+                    .iter()
+                    .map(|p| (**p).clone())
+                    .collect();
+                let own = host_vms(&m.name, pools, self.records().await?.iter());
+                Usage::of_vms(&own, skip)
+            } else {
+                match views.get(&m.name) {
+                    // The VM still listed elsewhere (an HA move the cache has not
+                    // heard of yet): left out there too.
+                    Some(v) if v.lists(skip) => Usage::of_vms(&v.vms, skip),
+                    Some(v) => v.usage.clone(),
+                    None => Usage::default(),
+                }
+            };
+            u.online_memory = if host.state == DrsHostState::Online {
+                host.memory_bytes
+            } else {
+                0
+            };
+            total.add(&u);
+        }
+        Ok(total)
+    }
+
     /// May VM `name` start here? Resource pool limits and reservations, and HA
     /// admission control (strict: refused with the reason; warn: an event).
     pub async fn admit_start(&self, name: &str) -> Result<()> {
         let (rec, _) = self.record(name).await?;
-        let (mut c, pools) = self.drs_snapshot().await?;
+        let cfg = self.drs_config().await?;
+        let pools = self.resource_pools().await?;
         let mut vm = drs_vm(&rec, self.host_name(), None, &PoolReach::default());
         vm.running = true;
-        if let Err(why) = ferry_drs::pools::admit(&pools, &c, &vm) {
+        // HA admission control weighs every HA VM: the whole snapshot. Pool admission
+        // alone needs the memory per pool: each other host's sum is kept.
+        let as_before = self
+            .inner
+            .drs
+            .views
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .always_all;
+        let snapshot = if cfg.ha_host_failures > 0 || as_before {
+            Some(self.drs_snapshot().await?.0)
+        } else {
+            None
+        };
+        let usage = match &snapshot {
+            Some(c) => ferry_drs::pools::Usage::of(c, name),
+            None => self.pool_usage(name).await?,
+        };
+        if let Err(why) = ferry_drs::pools::admit_usage(&pools, &usage, &vm) {
             self.events()
                 .emit(Some(name), "drs", format!("start refused: {why}"));
             return Err(AgentError::refused(
@@ -676,10 +824,9 @@ impl Cluster {
                 format!("Cannot start {name}: {why}"),
             ));
         }
-        let cfg = self.drs_config().await?;
-        if cfg.ha_host_failures == 0 {
+        let Some(mut c) = snapshot else {
             return Ok(());
-        }
+        };
         c.vms.retain(|v| v.name != name);
         c.vms.push(vm);
         if let Err(why) = ferry_drs::admission::failover_ok(&c, cfg.ha_host_failures) {

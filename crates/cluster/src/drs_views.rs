@@ -5,6 +5,7 @@
 //! then re-derives the one host that changed, not every VM record of the cluster.
 
 use crate::drs::host_vms;
+use ferry_drs::pools::Usage;
 use ferry_drs::Vm as DrsVm;
 use ferry_host::cache::{Change, ClusterCache};
 use std::collections::{HashMap, HashSet};
@@ -12,12 +13,29 @@ use std::sync::Arc;
 use tokio::sync::broadcast::error::TryRecvError;
 use tokio::sync::broadcast::Receiver;
 
+/// One host's VMs as DRS sees them, and the memory its running VMs hold per resource
+/// pool (what a start's pool admission adds up).
+pub(crate) struct HostView {
+    /// In name order (the cache's key order).
+    pub vms: Vec<DrsVm>,
+    pub usage: Usage,
+}
+
+impl HostView {
+    /// Whether VM `name` is among them.
+    pub fn lists(&self, name: &str) -> bool {
+        self.vms
+            .binary_search_by(|v| v.name.as_str().cmp(name))
+            .is_ok()
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct DrsViews {
     /// The cache's change feed, subscribed before the first derivation (so no change
     /// between a derivation and the next drain is missed).
     feed: Option<Receiver<Change>>,
-    hosts: HashMap<String, Arc<[DrsVm]>>,
+    hosts: HashMap<String, Arc<HostView>>,
     /// Hosts derived since this host started (what the benchmark reports).
     pub derived: u64,
     /// Derive every host at every call (the path before views were kept): only the
@@ -47,7 +65,7 @@ impl DrsViews {
         &mut self,
         cache: &ClusterCache,
         hosts: &[String],
-    ) -> HashMap<String, Arc<[DrsVm]>> {
+    ) -> HashMap<String, Arc<HostView>> {
         let dirty = match &mut self.feed {
             Some(_) if self.always_all => None,
             Some(f) => drain(f),
@@ -71,7 +89,9 @@ impl DrsViews {
                 None => {
                     let pools = cache.pools_of(h).iter().map(|p| (**p).clone()).collect();
                     let recs = cache.vms_of(h);
-                    let v: Arc<[DrsVm]> = host_vms(h, pools, recs.iter().map(|r| &**r)).into();
+                    let vms = host_vms(h, pools, recs.iter().map(|r| &**r));
+                    let usage = Usage::of_vms(&vms, "");
+                    let v = Arc::new(HostView { vms, usage });
                     self.derived += 1;
                     self.hosts.insert(h.clone(), v.clone());
                     v
@@ -107,8 +127,8 @@ mod tests {
         }
     }
 
-    fn names(v: &HashMap<String, Arc<[DrsVm]>>, host: &str) -> Vec<String> {
-        let mut n: Vec<String> = v[host].iter().map(|v| v.name.clone()).collect();
+    fn names(v: &HashMap<String, Arc<HostView>>, host: &str) -> Vec<String> {
+        let mut n: Vec<String> = v[host].vms.iter().map(|v| v.name.clone()).collect();
         n.sort();
         n
     }
@@ -132,6 +152,7 @@ mod tests {
             (vec!["a".into()], vec!["b".into()])
         );
         assert_eq!(views.derived, 2);
+        assert!(v["h2"].lists("b") && !v["h2"].lists("a"));
         views.refresh(&cache, &hosts);
         assert_eq!(views.derived, 2, "nothing changed, nothing derived");
 
@@ -141,6 +162,7 @@ mod tests {
         let v = views.refresh(&cache, &hosts);
         assert_eq!(names(&v, "h2"), vec!["b".to_string(), "c".to_string()]);
         assert_eq!(views.derived, 3, "h2 alone derived again");
+        assert!(v["h2"].lists("c") && v["h2"].lists("b"));
 
         let g = cache.hosts.generation();
         root.delete(&format!(

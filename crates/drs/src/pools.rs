@@ -101,22 +101,71 @@ pub fn check(pools: &[ResourcePool], cores: f64, memory_bytes: u64) -> Result<()
     Ok(())
 }
 
-/// Memory of the running VMs in `pool` and its sub-pools (`vm` itself left out).
-fn used(pools: &[ResourcePool], c: &Cluster, pool: &str, skip: &str) -> u64 {
-    c.vms
-        .iter()
-        .filter(|v| v.running && v.name != skip)
-        .filter(|v| {
-            v.pool
-                .as_deref()
-                .is_some_and(|p| chain(pools, p).is_ok_and(|ch| ch.iter().any(|q| q.name == pool)))
-        })
-        .map(|v| v.memory_bytes)
-        .sum()
+/// Memory of running VMs by the pool they are in (None: in no pool), and the online
+/// hosts' memory: all pool admission needs. Sums add up, so each host's part can be
+/// kept and the cluster's added from them; a start's admission then costs the pools
+/// and hosts, not the VMs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Usage {
+    pub by_pool: BTreeMap<Option<String>, u64>,
+    /// Memory of the online hosts.
+    pub online_memory: u64,
+}
+
+impl Usage {
+    /// What the running VMs of `vms` hold (each VM named in `skip` left out).
+    pub fn of_vms<'a>(vms: impl IntoIterator<Item = &'a Vm>, skip: &str) -> Usage {
+        let mut u = Usage::default();
+        for v in vms {
+            if v.running && v.name != skip {
+                let e = u.by_pool.entry(v.pool.clone()).or_default();
+                *e = e.saturating_add(v.memory_bytes);
+            }
+        }
+        u
+    }
+
+    /// The cluster's usage (`skip` left out).
+    pub fn of(c: &Cluster, skip: &str) -> Usage {
+        let mut u = Usage::of_vms(&c.vms, skip);
+        u.online_memory = c
+            .hosts
+            .iter()
+            .filter(|h| h.state == HostState::Online)
+            .map(|h| h.memory_bytes)
+            .sum();
+        u
+    }
+
+    /// Adds another part (another host's VMs).
+    pub fn add(&mut self, o: &Usage) {
+        for (p, m) in &o.by_pool {
+            let e = self.by_pool.entry(p.clone()).or_default();
+            *e = e.saturating_add(*m);
+        }
+        self.online_memory = self.online_memory.saturating_add(o.online_memory);
+    }
+
+    /// Memory of the running VMs in `pool` and its sub-pools.
+    fn used(&self, pools: &[ResourcePool], pool: &str) -> u64 {
+        self.by_pool
+            .iter()
+            .filter(|(p, _)| {
+                p.as_deref().is_some_and(|p| {
+                    chain(pools, p).is_ok_and(|ch| ch.iter().any(|q| q.name == pool))
+                })
+            })
+            .fold(0u64, |a, (_, m)| a.saturating_add(*m))
+    }
 }
 
 /// May `vm` start (in its pool, if any)? Err says which limit or reservation stops it.
 pub fn admit(pools: &[ResourcePool], c: &Cluster, vm: &Vm) -> Result<(), String> {
+    admit_usage(pools, &Usage::of(c, &vm.name), vm)
+}
+
+/// [`admit`] from the usage without `vm`.
+pub fn admit_usage(pools: &[ResourcePool], usage: &Usage, vm: &Vm) -> Result<(), String> {
     let mem = vm.memory_bytes;
     let chain = match &vm.pool {
         Some(p) => chain(pools, p)?,
@@ -124,46 +173,35 @@ pub fn admit(pools: &[ResourcePool], c: &Cluster, vm: &Vm) -> Result<(), String>
     };
     for p in &chain {
         if let Some(limit) = p.memory.limit {
-            let u = used(pools, c, &p.name, &vm.name);
-            if (u + mem) as f64 > limit {
+            let u = usage.used(pools, &p.name);
+            if u.saturating_add(mem) as f64 > limit {
                 return Err(format!(
                     "resource pool {}: its VMs would use {} MiB, its limit is {} MiB",
                     p.name,
-                    mib(u + mem),
+                    mib(u.saturating_add(mem)),
                     mib(ferry_types::whole(limit))
                 ));
             }
         }
     }
     // Memory not held by reservations of the other top-level pools.
-    let total: u64 = c
-        .hosts
-        .iter()
-        .filter(|h| h.state == HostState::Online)
-        .map(|h| h.memory_bytes)
-        .sum();
+    let total = usage.online_memory;
     let top = chain.first().map(|p| p.name.as_str());
     let mut held = 0u64;
     for p in pools.iter().filter(|p| p.parent.is_none()) {
-        let u = used(pools, c, &p.name, &vm.name);
-        held += ferry_types::whole(p.memory.reservation).max(u);
+        let u = usage.used(pools, &p.name);
+        held = held.saturating_add(ferry_types::whole(p.memory.reservation).max(u));
     }
-    let outside: u64 = c
-        .vms
-        .iter()
-        .filter(|v| v.running && v.name != vm.name && v.pool.is_none())
-        .map(|v| v.memory_bytes)
-        .sum();
-    held += outside;
+    held = held.saturating_add(usage.by_pool.get(&None).copied().unwrap_or(0));
     let adds = match top.and_then(|t| pools.iter().find(|p| p.name == t)) {
         Some(t) => {
-            let u = used(pools, c, &t.name, &vm.name);
+            let u = usage.used(pools, &t.name);
             let r = ferry_types::whole(t.memory.reservation);
-            (u + mem).max(r) - u.max(r)
+            u.saturating_add(mem).max(r) - u.max(r)
         }
         None => mem,
     };
-    if held + adds > total {
+    if held.saturating_add(adds) > total {
         return Err(format!(
             "{} MiB more would not fit: the cluster has {} MiB, {} MiB are running or reserved by resource pools",
             mib(adds),

@@ -1,7 +1,7 @@
 //! When a host writes its load to the cluster store. Every write is a revision etcd
 //! keeps until compaction, so a host publishes a summary — its size, labels and the
 //! totals of its VMs' loads, never one entry per VM — and republishes it only when
-//! what DRS would see changed beyond [`Thresholds`] (VMs came or went, the totals
+//! what DRS would see changed beyond [`Thresholds`] (the number of VMs changed, the totals
 //! moved by more than a threshold, the host's capacity or labels changed) or the last
 //! write is older than `max_age`. Each VM's load stays on its host until DRS balances
 //! and asks for it. An idle cluster then writes with its hosts, not with its VMs.

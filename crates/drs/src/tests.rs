@@ -379,3 +379,116 @@ proptest! {
         }
     }
 }
+
+/// Pool admission as it was computed before usage sums: every VM walked per pool.
+fn admit_model(pools: &[ResourcePool], c: &Cluster, vm: &Vm) -> Result<(), String> {
+    let used = |pool: &str| -> u64 {
+        c.vms
+            .iter()
+            .filter(|v| v.running && v.name != vm.name)
+            .filter(|v| {
+                v.pool.as_deref().is_some_and(|p| {
+                    pools::chain(pools, p).is_ok_and(|ch| ch.iter().any(|q| q.name == pool))
+                })
+            })
+            .map(|v| v.memory_bytes)
+            .sum()
+    };
+    let mem = vm.memory_bytes;
+    let chain = match &vm.pool {
+        Some(p) => pools::chain(pools, p)?,
+        None => vec![],
+    };
+    for p in &chain {
+        if let Some(limit) = p.memory.limit {
+            if (used(&p.name) + mem) as f64 > limit {
+                return Err("limit".into());
+            }
+        }
+    }
+    let total: u64 = c
+        .hosts
+        .iter()
+        .filter(|h| h.state == HostState::Online)
+        .map(|h| h.memory_bytes)
+        .sum();
+    let mut held = 0u64;
+    for p in pools.iter().filter(|p| p.parent.is_none()) {
+        held += ferry_types::whole(p.memory.reservation).max(used(&p.name));
+    }
+    held += c
+        .vms
+        .iter()
+        .filter(|v| v.running && v.name != vm.name && v.pool.is_none())
+        .map(|v| v.memory_bytes)
+        .sum::<u64>();
+    let adds = match chain.first() {
+        Some(t) => {
+            let (u, r) = (used(&t.name), ferry_types::whole(t.memory.reservation));
+            (u + mem).max(r) - u.max(r)
+        }
+        None => mem,
+    };
+    if held + adds > total {
+        return Err("reserved".into());
+    }
+    Ok(())
+}
+
+fn arb_pool_cluster() -> impl Strategy<Value = (Vec<ResourcePool>, Cluster, Vm)> {
+    let pool_names = [None, Some("prod"), Some("web"), Some("test"), Some("gone")];
+    let vm = (0usize..5, 1u64..8, any::<bool>(), 0usize..3);
+    (
+        proptest::collection::vec(vm, 0..12),
+        (0u64..16, 0u64..8, proptest::option::of(1u64..10)),
+        (0usize..5, 1u64..8),
+    )
+        .prop_map(move |(vms, (prod_res, web_res, web_limit), (p, m))| {
+            let pool =
+                |name: &str, parent: Option<&str>, res: u64, limit: Option<u64>| ResourcePool {
+                    name: name.into(),
+                    parent: parent.map(String::from),
+                    cpu: Allocation {
+                        reservation: 0.0,
+                        limit: None,
+                        shares: 1000,
+                    },
+                    memory: Allocation {
+                        reservation: (res * G) as f64,
+                        limit: limit.map(|l| (l * G) as f64),
+                        shares: 1000,
+                    },
+                };
+            let pools = vec![
+                pool("prod", None, prod_res, None),
+                pool("web", Some("prod"), web_res.min(prod_res), web_limit),
+                pool("test", None, 0, Some(4 * G)),
+            ];
+            let mut c = three();
+            for (i, (pi, mem, running, h)) in vms.into_iter().enumerate() {
+                let mut v = Vm::new(&format!("v{i}"), ["a", "b", "c"][h], 1, mem * G, 0.0);
+                v.running = running;
+                v.pool = pool_names[pi].map(String::from);
+                c.vms.push(v);
+            }
+            let mut vm = Vm::new("v0", "", 1, m * G, 0.0);
+            vm.pool = pool_names[p].map(String::from);
+            (pools, c, vm)
+        })
+}
+
+proptest! {
+    /// Admission from usage sums decides as walking every VM did, and the usage of
+    /// the hosts' parts added is the cluster's.
+    #[test]
+    fn pool_admission_from_sums_matches_the_walk((pools, c, vm) in arb_pool_cluster()) {
+        prop_assert_eq!(pools::admit(&pools, &c, &vm).is_ok(), admit_model(&pools, &c, &vm).is_ok());
+        let mut parts = pools::Usage::default();
+        for h in &c.hosts {
+            let mut u = pools::Usage::of_vms(c.vms.iter().filter(|v| v.host == h.name), &vm.name);
+            u.online_memory = if h.state == HostState::Online { h.memory_bytes } else { 0 };
+            parts.add(&u);
+        }
+        prop_assert_eq!(parts, pools::Usage::of(&c, &vm.name));
+    }
+}

@@ -708,6 +708,13 @@ fn hosts_beyond_three_are_clients_of_the_voters() -> Result<()> {
         dump_voters(&lab, &["h1", "h2", "h3", "h4"]);
     }
     three?;
+    // h3's daemon restarts on its voter configuration (its VMs keep running): the CLI
+    // finds it again.
+    wait_for(
+        "h3's daemon back as a voter",
+        Duration::from_secs(60),
+        || Ok(is_member(&cluster_status(&h3)?, "h3") == Some(true)),
+    )?;
     h3.ferry_ok(&["vm", "create", "c2", "--memory", "64M"])?;
     Ok(())
 }

@@ -14,6 +14,11 @@ use serde::Serialize;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The largest answer this host's own calls read from another host's API (VM
+/// records, plans: far below this). Requests forwarded for a user (`forward`) pass
+/// the other host's answer on as it is.
+const MAX_PEER_ANSWER: usize = 64 << 20;
+
 /// The daemon's connection to the cluster.
 #[derive(Clone)]
 pub struct ClusterLink {
@@ -211,10 +216,51 @@ impl Peer {
         self
     }
 
+    /// The answer's body, refused beyond `limit` bytes (another host's answer is
+    /// checked like any input: this host's own calls cannot be made to buffer without
+    /// bound).
+    async fn read_capped(
+        &self,
+        mut resp: reqwest::Response,
+        what: &str,
+        limit: usize,
+    ) -> Result<Vec<u8>> {
+        let too_big = || {
+            self.err(
+                format!("{what}: the answer is larger than {limit} bytes"),
+                None,
+            )
+        };
+        if resp.content_length().is_some_and(|n| n > limit as u64) {
+            return Err(too_big());
+        }
+        let mut out = Vec::new();
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| self.err(format!("{what}: read the answer"), Some(e)))?
+        {
+            if out.len() + chunk.len() > limit {
+                return Err(too_big());
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out)
+    }
+
     async fn send<T: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+        what: &str,
+    ) -> Result<T> {
+        self.send_limited(req, what, MAX_PEER_ANSWER).await
+    }
+
+    async fn send_limited<T: DeserializeOwned>(
         &self,
         mut req: reqwest::RequestBuilder,
         what: &str,
+        limit: usize,
     ) -> Result<T> {
         req = self.authed(req);
         let resp = req
@@ -222,10 +268,7 @@ impl Peer {
             .await
             .map_err(|e| self.err(format!("{what}: cannot reach {}", self.host.api), Some(e)))?;
         let status = resp.status();
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|e| self.err(format!("{what}: read the answer"), Some(e)))?;
+        let bytes = self.read_capped(resp, what, limit).await?;
         if !status.is_success() {
             let (msg, code) = serde_json::from_slice::<ApiErrorBody>(&bytes)
                 .map(|b| {
@@ -258,8 +301,13 @@ impl Peer {
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.get_limited(path, MAX_PEER_ANSWER).await
+    }
+
+    /// A GET whose answer may be at most `limit` bytes.
+    pub async fn get_limited<T: DeserializeOwned>(&self, path: &str, limit: usize) -> Result<T> {
         let req = self.http.get(format!("{}{path}", self.host.api));
-        self.send(req, &format!("GET {path}")).await
+        self.send_limited(req, &format!("GET {path}"), limit).await
     }
 
     /// Streams a file as the body of a PUT (no overall timeout: disks are large).

@@ -74,11 +74,18 @@ pub async fn promote(client: &Client, id: u64, tls: Option<&EtcdTls>) -> Result<
             "etcd names no leader to promote member {id:x}"
         )));
     }
-    connect(&urls, tls)
+    let asked = connect_for(&urls, tls, Duration::from_secs(10))
         .await?
         .member_promote(id)
-        .await
-        .map(|_| ())
+        .await;
+    match asked {
+        Ok(_) => Ok(()),
+        // A promotion whose answer was lost: the member votes already.
+        Err(e) => match list(client).await {
+            Ok(l) if l.iter().any(|m| m.id == id && !m.learner) => Ok(()),
+            _ => Err(e),
+        },
+    }
 }
 
 /// The id of the member etcd says leads (0 when it cannot say).
@@ -93,11 +100,20 @@ pub async fn leader(client: &Client) -> u64 {
 
 /// A client of the members at `urls` (with the host's certificate on https).
 pub async fn connect(urls: &[String], tls: Option<&EtcdTls>) -> Result<Client, Error> {
+    // Generous: a removal waits for the cluster's commit (each call is retried while
+    // etcd says "unhealthy cluster").
+    connect_for(urls, tls, Duration::from_secs(30)).await
+}
+
+/// [`connect`] with calls given up after `timeout`.
+async fn connect_for(
+    urls: &[String],
+    tls: Option<&EtcdTls>,
+    timeout: Duration,
+) -> Result<Client, Error> {
     let opts = crate::etcd::with_tls(
-        // Generous: a removal waits for the cluster's commit (each call is retried
-        // while etcd says "unhealthy cluster").
         ConnectOptions::new()
-            .with_timeout(Duration::from_secs(30))
+            .with_timeout(timeout)
             .with_connect_timeout(Duration::from_secs(5)),
         urls.first().map(String::as_str).unwrap_or(""),
         tls,
