@@ -447,19 +447,7 @@ impl Cluster {
         // Other hosts from the cache; this host's own records from its store, so a
         // start here sees the one before it (read-your-writes in a mass power-on).
         if let Some(cache) = link.synced_cache() {
-            let members = cache.members();
-            let others: Vec<String> = members
-                .iter()
-                .map(|m| m.name.clone())
-                .filter(|n| n != self.host_name())
-                .collect();
-            let views = self
-                .inner
-                .drs
-                .views
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .refresh(cache, &others);
+            let (members, views) = self.kept_views(cache);
             for m in members {
                 let vms = if m.name == self.host_name() {
                     let pools = cache
@@ -733,15 +721,15 @@ impl Cluster {
         }
     }
 
-    /// The memory running VMs hold per resource pool across the cluster, and the
-    /// online hosts' memory (VM `skip` left out): other hosts' sums as kept with their
-    /// DRS views, this host's from its store.
-    async fn pool_usage(&self, skip: &str) -> Result<ferry_drs::pools::Usage> {
-        use ferry_drs::pools::Usage;
-        let cache = self.cluster().and_then(|l| l.synced_cache().cloned());
-        let Some(cache) = cache else {
-            return Ok(Usage::of(&self.drs_snapshot().await?.0, skip));
-        };
+    /// The cluster's members, and the other hosts' DRS views as kept (derived again
+    /// where the cache changed).
+    fn kept_views(
+        &self,
+        cache: &ferry_host::cache::ClusterCache,
+    ) -> (
+        Vec<ferry_types::ClusterHost>,
+        HashMap<String, std::sync::Arc<crate::drs_views::HostView>>,
+    ) {
         let members = cache.members();
         let others: Vec<String> = members
             .iter()
@@ -754,7 +742,20 @@ impl Cluster {
             .views
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .refresh(&cache, &others);
+            .refresh(cache, &others);
+        (members, views)
+    }
+
+    /// The memory running VMs hold per resource pool across the cluster, and the
+    /// online hosts' memory (VM `skip` left out): other hosts' sums as kept with their
+    /// DRS views, this host's from its store.
+    async fn pool_usage(&self, skip: &str) -> Result<ferry_drs::pools::Usage> {
+        use ferry_drs::pools::Usage;
+        let cache = self.cluster().and_then(|l| l.synced_cache().cloned());
+        let Some(cache) = cache else {
+            return Ok(Usage::of(&self.drs_snapshot().await?.0, skip));
+        };
+        let (members, views) = self.kept_views(&cache);
         let mut total = Usage::default();
         for m in &members {
             let host = drs_host(
