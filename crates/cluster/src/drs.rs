@@ -379,12 +379,7 @@ impl Cluster {
     /// How many times other hosts' DRS views were derived (each VM list re-read from
     /// the cache after a change); the benchmark shows it per VM start.
     pub fn drs_views_derived(&self) -> u64 {
-        self.inner
-            .drs
-            .views
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .derived
+        self.views().derived
     }
 
     /// Whether other hosts' DRS views are kept between snapshots (the default) or
@@ -392,12 +387,7 @@ impl Cluster {
     /// as before views and sums were kept: for the benchmark's side-by-side figures
     /// only.
     pub fn set_drs_views_kept(&self, kept: bool) {
-        self.inner
-            .drs
-            .views
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .always_all = !kept;
+        self.views().always_all = !kept;
     }
 
     /// The loads of the last sample.
@@ -517,9 +507,14 @@ impl Cluster {
         }
         let mut asks = tokio::task::JoinSet::new();
         let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(LOADS_PARALLEL));
+        let busy: BTreeSet<&str> = c
+            .vms
+            .iter()
+            .filter(|v| v.running)
+            .map(|v| v.host.as_str())
+            .collect();
         for h in &c.hosts {
-            if h.state == DrsHostState::Down || !c.vms.iter().any(|v| v.host == h.name && v.running)
-            {
+            if h.state == DrsHostState::Down || !busy.contains(h.name.as_str()) {
                 continue;
             }
             let (me, host, limit) = (self.clone(), h.name.clone(), limit.clone());
@@ -567,14 +562,17 @@ impl Cluster {
                     .map_or(0.0, |l| sane_load(l.cpu, cores.min(f64::from(v.vcpus))));
             }
         }
+        let mut listed: HashMap<&str, BTreeSet<&str>> = HashMap::new();
+        for v in &c.vms {
+            listed
+                .entry(v.host.as_str())
+                .or_default()
+                .insert(v.name.as_str());
+        }
+        let none = BTreeSet::new();
         for h in &mut c.hosts {
             if let Some(l) = got.get(&h.name) {
-                let vms: BTreeSet<&str> = c
-                    .vms
-                    .iter()
-                    .filter(|v| v.host == h.name)
-                    .map(|v| v.name.as_str())
-                    .collect();
+                let vms = listed.get(h.name.as_str()).unwrap_or(&none);
                 // What runs there but is not listed (a VM arriving or leaving) still
                 // loads the host.
                 let unlisted: f64 = l
@@ -721,6 +719,15 @@ impl Cluster {
         }
     }
 
+    /// The kept DRS views (held only for a call, never across an await).
+    fn views(&self) -> std::sync::MutexGuard<'_, crate::drs_views::DrsViews> {
+        self.inner
+            .drs
+            .views
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The cluster's members, and the other hosts' DRS views as kept (derived again
     /// where the cache changed).
     fn kept_views(
@@ -736,13 +743,7 @@ impl Cluster {
             .map(|m| m.name.clone())
             .filter(|n| n != self.host_name())
             .collect();
-        let views = self
-            .inner
-            .drs
-            .views
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .refresh(cache, &others);
+        let views = self.views().refresh(cache, &others);
         (members, views)
     }
 
@@ -801,13 +802,7 @@ impl Cluster {
         vm.running = true;
         // HA admission control weighs every HA VM: the whole snapshot. Pool admission
         // alone needs the memory per pool: each other host's sum is kept.
-        let as_before = self
-            .inner
-            .drs
-            .views
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .always_all;
+        let as_before = self.views().always_all;
         let snapshot = if cfg.ha_host_failures > 0 || as_before {
             Some(self.drs_snapshot().await?.0)
         } else {
