@@ -67,8 +67,10 @@ unit_command!(
     SystemPowerdown,
     "system_powerdown"
 );
+mod bitmap;
 mod block;
 mod migration;
+pub use bitmap::*;
 pub use block::*;
 pub use migration::*;
 

@@ -147,7 +147,15 @@ impl Command for Transaction {
 #[serde(tag = "type", content = "data", rename_all = "kebab-case")]
 pub enum TransactionAction {
     /// An internal snapshot of one node (a disk-only snapshot of a running VM).
-    BlockdevSnapshotInternalSync { device: String, name: String },
+    BlockdevSnapshotInternalSync {
+        device: String,
+        name: String,
+    },
+    BlockDirtyBitmapAdd(super::BlockDirtyBitmapAdd),
+    BlockDirtyBitmapRemove(super::BitmapRef),
+    BlockDirtyBitmapEnable(super::BitmapRef),
+    BlockDirtyBitmapDisable(super::BitmapRef),
+    BlockDirtyBitmapMerge(super::BlockDirtyBitmapMerge),
 }
 
 /// `blockdev-snapshot-delete-internal-sync`: removes an internal snapshot of a node.
