@@ -163,6 +163,11 @@ pub fn need(method: &str, path: &str) -> Need {
         ("POST", ["placement"]) => on(Privilege::Audit, "/cluster"),
         // An import reads a file of the host by its path: the host's administrator's.
         ("POST", ["pools", _, "import"]) => on(Privilege::Modify, "/"),
+        // A store is a folder of the hosts, named by its path: the hosts' administrator's.
+        ("POST", ["backup-stores"]) => on(Privilege::Modify, "/"),
+        // Backups hold every VM's data: one privilege path for taking, listing, restoring
+        // and pruning them (a backup operator's).
+        (_, ["backup-stores" | "backups", ..]) => rw("/backup-stores"),
         (_, ["pools"]) => rw("/pools"),
         (_, ["pools", p, ..]) => rw(&format!("/pools/{p}")),
         // What only hosts call of each other (a VM arriving, its files uploaded, the

@@ -95,6 +95,21 @@ fn the_issue_s_examples() {
     assert!(may("audrey", "GET", "/api/v1/host/metrics"));
     assert!(may("audrey", "GET", "/api/v1/cluster/summary"));
     assert!(may("audrey", "GET", "/api/v1/vms"));
+    // A backup store names a folder of the hosts: root-level only; backups themselves
+    // are the backup operator's (`/backup-stores`), never a VM grant's.
+    assert_eq!(
+        need("POST", "/api/v1/backup-stores"),
+        Need::On(Privilege::Modify, "/".into())
+    );
+    assert_eq!(
+        need("POST", "/api/v1/backups/b1/restore"),
+        Need::On(Privilege::Modify, "/backup-stores".into())
+    );
+    assert_eq!(
+        need("GET", "/api/v1/backups"),
+        Need::On(Privilege::Audit, "/backup-stores".into())
+    );
+    assert!(!may("olga", "POST", "/api/v1/backups"));
 }
 
 fn path() -> impl Strategy<Value = String> {

@@ -15,7 +15,7 @@ pub use ferry_host::os::raise_fd_limit;
 pub use ferry_host::{
     audit, check_forwarded, confine, error_chain, host_memory_bytes, host_token_id, Accel,
     AccelSetting, AgentConfig, AgentError, Cgroups, ClusterLink, Console, ErrorClass, EventLog,
-    Host, HostInfo, HostResources, Result, TaskCtx, Tasks, REPLICATION_PORT,
+    Failure, Host, HostInfo, HostResources, Result, TaskCtx, Tasks, REPLICATION_PORT,
 };
 pub use ferry_migration::{ColdPiece, Migrations};
 

@@ -6,6 +6,7 @@
 
 mod access;
 pub mod auth;
+mod backup;
 mod cluster;
 mod devices;
 mod drs;
@@ -41,6 +42,7 @@ use utoipa_swagger_ui::SwaggerUi;
         (name = "vms", description = "VM definitions and lifecycle"),
         (name = "snapshots", description = "Snapshots, templates and clones"),
         (name = "storage", description = "Pools and volumes"),
+        (name = "backup", description = "Backup stores, backups, restores"),
         (name = "network", description = "Host bridges"),
         (name = "tasks", description = "Long operations"),
         (name = "events", description = "Event log"),
@@ -84,6 +86,14 @@ fn api() -> OpenApiRouter<Agent> {
         .routes(routes!(devices::change_cdrom))
         .routes(routes!(devices::attach_nic))
         .routes(routes!(devices::detach_nic))
+        .routes(routes!(backup::list_stores, backup::create_store))
+        .routes(routes!(backup::get_store, backup::delete_store))
+        .routes(routes!(backup::gc_store))
+        .routes(routes!(backup::verify_store))
+        .routes(routes!(backup::list_backups, backup::run_backup))
+        .routes(routes!(backup::get_backup, backup::delete_backup))
+        .routes(routes!(backup::restore_backup))
+        .routes(routes!(backup::prune_backups))
         .routes(routes!(pools::list_pools, pools::create_pool))
         .routes(routes!(pools::get_pool, pools::delete_pool))
         .routes(routes!(pools::list_volumes, pools::create_volume))

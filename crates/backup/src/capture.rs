@@ -37,8 +37,10 @@ use tokio::net::UnixStream;
 pub struct DiskSource {
     /// The name the backup records (`disk0`, …).
     pub name: String,
-    /// The guest device's QOM path (`/machine/peripheral/disk0`).
-    pub device: String,
+    /// The guest device's QOM path (`/machine/peripheral/disk0`); `None` when no guest
+    /// uses the node (a stopped VM's disk opened by `qemu-storage-daemon`): it is then
+    /// exported as it is, without fleecing.
+    pub device: Option<String>,
     /// The block node the device uses.
     pub node: String,
     /// Whether the image can keep a persistent bitmap (qcow2).
@@ -48,8 +50,15 @@ pub struct DiskSource {
 pub struct CaptureRequest {
     pub meta: SnapshotMeta,
     pub disks: Vec<DiskSource>,
-    /// A folder QEMU may create files in: fleecing images and the NBD socket.
+    /// A folder of the daemon's own (QEMU may not create, rename or remove entries in
+    /// it) for the fleecing images: root never runs `qemu-img` on a path QEMU's user
+    /// could swap for a symlink.
     pub work_dir: PathBuf,
+    /// A folder QEMU may create its NBD socket in.
+    pub socket_dir: PathBuf,
+    /// QEMU's user and group, when it runs as one of its own: the fleecing images are
+    /// handed to it.
+    pub owner: Option<(u32, u32)>,
     /// The most the fleecing images may grow to together (bytes).
     pub fleece_cap: u64,
     pub key: Option<CryptKey>,
@@ -125,15 +134,20 @@ pub async fn teardown(qmp: &Qmp, disks: &[DiskSource]) {
     // node the device already has (bdrv_replace_child_noperm: old_bs != new_bs)
     let blocks = qmp.run(&qc::QueryBlock).await.unwrap_or_default();
     for (i, d) in disks.iter().enumerate() {
-        let dev = format!("{}/", d.device);
-        let current = blocks
-            .iter()
-            .find(|b| {
-                b.qdev
-                    .as_deref()
-                    .is_some_and(|q| q == d.device || q.starts_with(&dev))
-            })
-            .and_then(|b| b.inserted.as_ref().and_then(|x| x.node_name.clone()));
+        let current = d.device.as_ref().and_then(|device| {
+            // QEMU names a device's block backend by its path (`…/disk0/virtio-backend`)
+            // or, for some devices (scsi-hd), by its id alone
+            let dev = format!("{device}/");
+            let id = device.rsplit('/').next().unwrap_or(device);
+            blocks
+                .iter()
+                .find(|b| {
+                    b.qdev
+                        .as_deref()
+                        .is_some_and(|q| q == device || q == id || q.starts_with(&dev))
+                })
+                .and_then(|b| b.inserted.as_ref().and_then(|x| x.node_name.clone()))
+        });
         let _ = qmp
             .run(&qc::BlockExportDel {
                 id: export_id(i),
@@ -145,10 +159,11 @@ pub async fn teardown(qmp: &Qmp, disks: &[DiskSource]) {
                 node_name: snap_node(i),
             })
             .await;
-        if current.as_deref() == Some(cbw_node(i).as_str()) {
+        if let (Some(device), true) = (&d.device, current.as_deref() == Some(cbw_node(i).as_str()))
+        {
             let _ = qmp
                 .run(&qc::QomSet {
-                    path: d.device.clone(),
+                    path: device.clone(),
                     property: "drive".into(),
                     value: json!(d.node),
                 })
@@ -288,10 +303,12 @@ pub async fn capture(
         let bitmaps: Vec<plan::BitmapState> = node
             .dirty_bitmaps
             .iter()
-            .map(|b| plan::BitmapState {
-                name: b.name.clone(),
-                recording: b.recording,
-                inconsistent: b.inconsistent,
+            .filter_map(|b| {
+                Some(plan::BitmapState {
+                    name: b.name.clone()?,
+                    recording: b.recording,
+                    inconsistent: b.inconsistent,
+                })
             })
             .collect();
         let st = Arc::clone(&store);
@@ -379,8 +396,8 @@ fn fleece_path(dir: &Path, i: usize) -> PathBuf {
     dir.join(format!("fleece{i}.qcow2"))
 }
 
-fn sock_path(dir: &Path) -> PathBuf {
-    dir.join("backup-nbd.sock")
+fn sock_path(req: &CaptureRequest) -> PathBuf {
+    req.socket_dir.join("backup-nbd.sock")
 }
 
 /// Stops the vCPUs, inserts every filter, swaps bitmaps in one transaction, resumes.
@@ -392,6 +409,9 @@ async fn start_fleecing(
     sizes: &[u64],
 ) -> Result<(), CaptureError> {
     for (i, size) in sizes.iter().enumerate() {
+        if req.disks[i].device.is_none() {
+            continue;
+        }
         let path = fleece_path(&req.work_dir, i);
         let _ = std::fs::remove_file(&path);
         let out = tokio::process::Command::new("qemu-img")
@@ -408,13 +428,16 @@ async fn start_fleecing(
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
         }
-        hand_to_qemu(&path, &req.work_dir)?;
+        hand_to_qemu(&path, req.owner)?;
     }
-    let running = qmp
-        .run(&qc::QueryStatus)
-        .await
-        .map_err(qmp_err("query-status"))?
-        .running;
+    // a guest runs only where a device uses the disks (qemu-storage-daemon has none)
+    let live = req.disks.iter().any(|d| d.device.is_some());
+    let running = live
+        && qmp
+            .run(&qc::QueryStatus)
+            .await
+            .map_err(qmp_err("query-status"))?
+            .running;
     if running {
         qmp.run(&qc::Stop).await.map_err(qmp_err("stop"))?;
     }
@@ -425,19 +448,26 @@ async fn start_fleecing(
         }
     }
     r?;
+    // a socket left by an earlier run (removing a symlink removes only the link)
+    let _ = std::fs::remove_file(sock_path(req));
     qmp.run(&qc::NbdServerStartLocal {
         addr: qc::LocalSocket::Unix {
-            path: sock_path(&req.work_dir).display().to_string(),
+            path: sock_path(req).display().to_string(),
         },
     })
     .await
     .map_err(qmp_err("nbd-server-start"))?;
     for (i, (d, dec)) in req.disks.iter().zip(decisions).enumerate() {
-        qmp.run(&qc::BlockdevAdd(json!({
-            "driver": "snapshot-access", "node-name": snap_node(i), "file": cbw_node(i),
-        })))
-        .await
-        .map_err(qmp_err("blockdev-add snapshot-access"))?;
+        let exported = if d.device.is_some() {
+            qmp.run(&qc::BlockdevAdd(json!({
+                "driver": "snapshot-access", "node-name": snap_node(i), "file": cbw_node(i),
+            })))
+            .await
+            .map_err(qmp_err("blockdev-add snapshot-access"))?;
+            snap_node(i)
+        } else {
+            d.node.clone()
+        };
         let bitmaps = match &dec.tracking {
             Tracking::Incremental { bitmap, .. } => vec![qc::BitmapRef {
                 node: d.node.clone(),
@@ -447,7 +477,7 @@ async fn start_fleecing(
         };
         qmp.run(&qc::NbdExportBitmaps {
             id: export_id(i),
-            node_name: snap_node(i),
+            node_name: exported,
             name: d.name.clone(),
             writable: false,
             bitmaps,
@@ -458,18 +488,20 @@ async fn start_fleecing(
     Ok(())
 }
 
-/// The fleecing image and the socket folder belong to whoever runs QEMU: the folder's
-/// owner (QEMU's own user when confined).
-fn hand_to_qemu(path: &Path, dir: &Path) -> Result<(), CaptureError> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(dir)
-        .map_err(|e| CaptureError::Failed(format!("{}: {e}", dir.display())))?;
+/// The fleecing image belongs to QEMU's user when QEMU runs as one.
+fn hand_to_qemu(path: &Path, owner: Option<(u32, u32)>) -> Result<(), CaptureError> {
+    let Some((uid, gid)) = owner else {
+        return Ok(());
+    };
+    use std::os::unix::fs::PermissionsExt;
     nix::unistd::chown(
         path,
-        Some(nix::unistd::Uid::from_raw(m.uid())),
-        Some(nix::unistd::Gid::from_raw(m.gid())),
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
     )
-    .map_err(|e| CaptureError::Failed(format!("chown {}: {e}", path.display())))
+    .map_err(|e| CaptureError::Failed(format!("chown {}: {e}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| CaptureError::Failed(format!("chmod {}: {e}", path.display())))
 }
 
 async fn insert_filters(
@@ -479,6 +511,9 @@ async fn insert_filters(
     new_bitmap: &str,
 ) -> Result<(), CaptureError> {
     for (i, d) in req.disks.iter().enumerate() {
+        let Some(device) = &d.device else {
+            continue;
+        };
         qmp.run(&qc::BlockdevAdd(json!({
             "driver": "qcow2", "node-name": fleece_node(i), "discard": "unmap",
             "file": {"driver": "file", "filename": fleece_path(&req.work_dir, i).display().to_string()},
@@ -493,7 +528,7 @@ async fn insert_filters(
         .await
         .map_err(qmp_err("blockdev-add copy-before-write"))?;
         qmp.run(&qc::QomSet {
-            path: d.device.clone(),
+            path: device.clone(),
             property: "drive".into(),
             value: json!(cbw_node(i)),
         })
@@ -611,7 +646,7 @@ async fn read_all(
             source,
         };
         let mut client: NbdClient<UnixStream> =
-            nbd::connect_unix(sock_path(&req.work_dir), &d.name, &contexts)
+            nbd::connect_unix(sock_path(req), &d.name, &contexts)
                 .await
                 .map_err(nbd_err)?;
         if client.size() != size {

@@ -115,11 +115,13 @@ fn request(work: PathBuf, cap: u64) -> CaptureRequest {
         },
         disks: vec![DiskSource {
             name: "disk0".into(),
-            device: "/machine/peripheral/disk0".into(),
+            device: Some("/machine/peripheral/disk0".into()),
             node: "disk0".into(),
             persistent: true,
         }],
+        socket_dir: work.clone(),
         work_dir: work,
+        owner: None,
         fleece_cap: cap,
         key: None,
     }
@@ -136,7 +138,7 @@ async fn bitmaps(qmp: &Qmp) -> Vec<(String, bool)> {
         .unwrap();
     n.dirty_bitmaps
         .iter()
-        .map(|b| (b.name.clone(), b.recording))
+        .filter_map(|b| Some((b.name.clone()?, b.recording)))
         .collect()
 }
 
@@ -223,6 +225,67 @@ async fn capture_full_then_incremental_restore_byte_identical() {
     );
     assert_eq!(
         restored(&store, &next.id, dir.path()),
+        content(&img, dir.path())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_capture_tracks_changes_between_stopped_backups() {
+    use crate::offline::{capture_offline, OfflineDisk, OfflineRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    assert!(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg((24 * MB).to_string())
+        .status()
+        .unwrap()
+        .success());
+    qemu_io(&img, "write -P 0x11 0 1M");
+    let store = Arc::new(Store::create(&dir.path().join("store")).unwrap());
+    let req = || OfflineRequest {
+        meta: request(dir.path().join("w"), 0).meta,
+        disks: vec![OfflineDisk {
+            name: "disk0".into(),
+            node: json!({"driver": "qcow2", "backing": null,
+                         "file": {"driver": "file", "filename": img.display().to_string()}}),
+            persistent: true,
+        }],
+        work_dir: dir.path().join("w"),
+        key: None,
+    };
+    let p = CaptureProgress::default();
+    let full = capture_offline(Arc::clone(&store), req(), &p)
+        .await
+        .unwrap();
+    assert_eq!(full.disks[0].mode, "full");
+    assert_eq!(
+        restored(&store, &full.id, dir.path()),
+        content(&img, dir.path())
+    );
+    // the new bitmap was saved in the image by the daemon's clean quit
+    let info = Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    let names: Vec<String> = info["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, vec![format!("ferry-bk-{}", full.id)]);
+    // changed while stopped (qemu-io records into enabled persistent bitmaps too)
+    qemu_io(&img, "write -P 0x66 16M 4k");
+    let inc = capture_offline(Arc::clone(&store), req(), &p)
+        .await
+        .unwrap();
+    assert_eq!(inc.disks[0].mode, "incremental", "{inc:?}");
+    assert_eq!(inc.disks[0].read_bytes, 4 * MB);
+    assert_eq!(
+        restored(&store, &inc.id, dir.path()),
         content(&img, dir.path())
     );
 }

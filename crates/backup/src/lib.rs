@@ -9,6 +9,7 @@ pub mod capture;
 #[cfg(test)]
 mod capture_tests;
 pub mod nbd;
+pub mod offline;
 pub mod plan;
 pub mod retention;
 pub mod store;

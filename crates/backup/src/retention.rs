@@ -9,21 +9,11 @@
 
 use std::collections::HashSet;
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Keep {
-    pub last: u32,
-    pub hourly: u32,
-    pub daily: u32,
-    pub weekly: u32,
-    pub monthly: u32,
-    pub yearly: u32,
-}
+/// The keep rules (the API's type: each 0 = not used).
+pub use ferry_types::BackupKeep as Keep;
 
-impl Keep {
-    pub fn is_empty(&self) -> bool {
-        *self == Keep::default()
-    }
+fn no_rules(k: &Keep) -> bool {
+    *k == Keep::default()
 }
 
 /// One backup as retention sees it.
@@ -70,7 +60,7 @@ pub fn select(items: &[Item], keep: &Keep) -> Vec<Verdict> {
             reason[i] = Some("protected");
         }
     }
-    if keep.is_empty() {
+    if no_rules(keep) {
         for r in reason.iter_mut().filter(|r| r.is_none()) {
             *r = Some("no retention set");
         }
@@ -262,7 +252,7 @@ mod tests {
             }
             let n_protected = it.iter().filter(|x| x.protected).count();
             let kept_n = v.iter().filter(|x| x.keep).count();
-            if keep.is_empty() {
+            if no_rules(&keep) {
                 prop_assert_eq!(kept_n, it.len());
             } else {
                 let bound = (keep.last + keep.hourly + keep.daily + keep.weekly + keep.monthly + keep.yearly) as usize;

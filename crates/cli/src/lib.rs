@@ -5,6 +5,7 @@
 //! `tasks`, `cluster`, `drs`, `replication`, `access`, `console`.
 
 mod access;
+mod backup;
 mod client;
 mod cluster;
 mod console;
@@ -64,6 +65,12 @@ pub enum Command {
     /// Storage pools.
     #[command(subcommand)]
     Pool(PoolCmd),
+    /// Backup stores: create, list, show, delete.
+    #[command(subcommand, name = "backup-store")]
+    BackupStore(backup::StoreCmd),
+    /// Backups: run, list, show, delete, restore, prune, gc, verify.
+    #[command(subcommand)]
+    Backup(backup::BackupCmd),
     /// Volumes in pools.
     #[command(subcommand)]
     Volume(VolumeCmd),
@@ -233,6 +240,8 @@ pub async fn run(g: Global, cmd: Command) -> Result<()> {
         Command::Acl(cmd) => access::acl(&c, &g, cmd).await,
         Command::Vm(v) => vm::vm(&c, &g, v).await,
         Command::Pool(p) => pools::pool(&c, &g, p).await,
+        Command::BackupStore(cmd) => backup::store(&c, &g, cmd).await,
+        Command::Backup(cmd) => backup::run(&c, &g, cmd).await,
         Command::Volume(v) => pools::volume(&c, &g, v).await,
         Command::Task(t) => tasks::task(&c, &g, t).await,
         Command::Net(NetCmd::Bridge(b)) => match b {

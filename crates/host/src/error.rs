@@ -168,6 +168,9 @@ pub enum Failure {
     /// Something that should be trusted is not (a symlink where a file belongs, a
     /// member showing one CA and handing out another, a peer's odd address).
     Untrusted,
+    /// A backup, restore or backup store operation failed (the store, the read from
+    /// QEMU, the fleecing space).
+    Backup,
     /// A library the agent relies on failed (password hashing): a 500.
     Internal,
 }
@@ -182,6 +185,7 @@ impl Failure {
             Failure::Aborted => "aborted",
             Failure::Corrupt => "corrupt",
             Failure::Untrusted => "untrusted",
+            Failure::Backup => "backup_failed",
             Failure::Internal => "internal",
         }
     }

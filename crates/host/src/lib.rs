@@ -15,6 +15,7 @@
 
 pub mod access;
 pub mod audit;
+pub mod backup;
 pub mod blockdev;
 pub mod cache;
 pub mod cgroups;
@@ -53,7 +54,7 @@ pub mod vms;
 pub use access::host_token_id;
 pub use cgroups::Cgroups;
 pub use console::Console;
-pub use error::{AgentError, ErrorClass, Result};
+pub use error::{AgentError, ErrorClass, Failure, Refusal, Result};
 pub use events::EventLog;
 pub use ferry_types::HostInfo;
 pub use link::{check_forwarded, ClusterLink, Peer};

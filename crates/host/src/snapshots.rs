@@ -251,6 +251,9 @@ impl Host {
                     .await?;
             }
             let qmp = self.qmp(vm)?;
+            // QEMU refuses to load a snapshot while dirty bitmaps exist, and changes
+            // tracked since a backup mean nothing once the disk went back in time.
+            crate::backup::drop_bitmaps(&qmp, &devices).await?;
             let id = job_id();
             let job = qc::SnapshotLoad {
                 job_id: id.clone(),

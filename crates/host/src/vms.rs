@@ -80,7 +80,7 @@ impl Host {
     }
 
     /// Checks of a spec against this host: pools, volumes, bridges, memory, MACs.
-    async fn check_host(&self, spec: &VmSpec, own_name: Option<&str>) -> Result<()> {
+    pub(crate) async fn check_host(&self, spec: &VmSpec, own_name: Option<&str>) -> Result<()> {
         let mut e = ferry_types::ValidationErrors::default();
         let host_mem_mib = crate::host_memory_bytes() >> 20;
         if host_mem_mib > 0 && spec.memory_mib > host_mem_mib {

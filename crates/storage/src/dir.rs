@@ -151,6 +151,28 @@ impl DirPool {
         })
     }
 
+    /// A work file for making volume `name` (`{PARTIAL}{name}.{what}`): in the pool's
+    /// folder, removed by the start-up repair when an interrupted operation leaves it.
+    pub fn partial_path(&self, name: &str, what: &str) -> Result<PathBuf, StorageError> {
+        self.volume_path(name)?;
+        Ok(self.path.join(format!("{PARTIAL}{name}.{what}")))
+    }
+
+    /// Imports a raw image of a guest's disk (a restore) as `name` in `format`: read as
+    /// raw, never probed — its bytes are a guest's, which may look like any format.
+    pub async fn import_raw(
+        &self,
+        name: &str,
+        source: &Path,
+        format: DiskFormat,
+        progress: impl FnMut(f32) + Send,
+    ) -> Result<Volume, StorageError> {
+        if self.volume_path(name)?.exists() {
+            return Err(StorageError::Exists(format!("{}/{name}", self.name)));
+        }
+        self.convert_in(name, source, "raw", format, progress).await
+    }
+
     /// Files left by interrupted creates, imports and copies.
     pub fn partial_files(&self) -> Vec<PathBuf> {
         std::fs::read_dir(&self.path)

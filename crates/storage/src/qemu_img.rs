@@ -163,6 +163,9 @@ impl ImageTool for QemuImg {
                 ]
             }
             ImgOp::Snapshot { path, op, tag } => {
+                if op == crate::SnapshotOp::Apply {
+                    drop_bitmaps(path).await?;
+                }
                 opts = image_opts(path, "qcow2");
                 let flag = match op {
                     crate::SnapshotOp::Create => "-c",
@@ -189,6 +192,48 @@ impl ImageTool for QemuImg {
         };
         run(name, &args).await
     }
+}
+
+/// Removes an image's persistent dirty bitmaps before a snapshot is applied: QEMU
+/// refuses to apply one while any exist ("Device has active dirty bitmaps"), and changes
+/// tracked since a backup say nothing true about a disk that went back in time — the
+/// next backup then reads the whole disk.
+async fn drop_bitmaps(path: &Path) -> Result<(), StorageError> {
+    let opts = image_opts(path, "qcow2");
+    let out = run(
+        "snapshot",
+        &[
+            "info".as_ref(),
+            "-U".as_ref(),
+            "--output=json".as_ref(),
+            "--image-opts".as_ref(),
+            opts.as_os_str(),
+        ],
+    )
+    .await?;
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
+    let names: Vec<String> = v["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|b| b["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    for n in names {
+        run(
+            "snapshot",
+            &[
+                "bitmap".as_ref(),
+                "--remove".as_ref(),
+                "--image-opts".as_ref(),
+                opts.as_os_str(),
+                n.as_ref(),
+            ],
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 async fn run(op: &'static str, args: &[&std::ffi::OsStr]) -> Result<Vec<u8>, StorageError> {

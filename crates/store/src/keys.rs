@@ -186,6 +186,15 @@ pub mod shared {
         format!("{p}/drs/moved/{vm}")
     }
 
+    /// Backup stores: `{p}/backup-stores/{name}`.
+    pub fn backup_stores(p: &str) -> String {
+        format!("{p}/backup-stores/")
+    }
+
+    pub fn backup_store(p: &str, name: &str) -> String {
+        format!("{p}/backup-stores/{name}")
+    }
+
     /// Resource pools: `{p}/respools/{name}`.
     pub fn respools(p: &str) -> String {
         format!("{p}/respools/")

@@ -3,6 +3,7 @@
 //! this crate does no I/O.
 
 pub mod access;
+pub mod backup;
 pub mod cluster;
 pub mod drs;
 pub mod error;
@@ -18,6 +19,7 @@ pub mod validate;
 pub mod vm;
 
 pub use access::*;
+pub use backup::*;
 pub use cluster::*;
 pub use drs::*;
 pub use error::{code_for_status, ApiErrorBody};

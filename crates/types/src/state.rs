@@ -52,6 +52,8 @@ pub enum VmAction {
     /// Save RAM and device state to a file and end QEMU.
     Suspend,
     Snapshot,
+    /// A backup (of a running VM through fleecing, of a stopped one from its disks).
+    Backup,
     Clone,
     /// Live migration to another host (the VM runs on through it).
     Migrate,
@@ -101,7 +103,9 @@ impl VmState {
             A::Stop => self.has_process(),
             A::Pause => self == S::Running,
             A::Resume => matches!(self, S::Paused | S::Suspended),
-            A::Snapshot => matches!(self, S::Stopped | S::Crashed | S::Running | S::Paused),
+            A::Snapshot | A::Backup => {
+                matches!(self, S::Stopped | S::Crashed | S::Running | S::Paused)
+            }
             A::Migrate => matches!(self, S::Running | S::Paused),
             A::Move => matches!(self, S::Stopped | S::Crashed | S::Suspended),
         };

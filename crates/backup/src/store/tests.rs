@@ -330,7 +330,7 @@ fn store_two_hosts_writing_while_gc_runs_lose_no_chunk() {
                 let s = Arc::new(Store::open(&root).unwrap());
                 let data = disk(2, 5);
                 let mut kept = Vec::new();
-                for round in 0..6 {
+                for round in 0..10 {
                     let id = backup(&s, &format!("vm{h}"), &data, None);
                     // every other backup is deleted at once: its chunks go to zero
                     if round % 2 == 0 {

@@ -11,8 +11,9 @@ use super::{unix_now, Store, StoreError};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// How many chunks are pinned per catalog transaction.
-const BATCH: usize = 16;
+/// How many chunks are pinned per catalog transaction (their data is kept until then:
+/// 32 MiB).
+const BATCH: usize = 8;
 
 /// What a new snapshot records about itself.
 #[derive(Debug, Clone)]
@@ -28,9 +29,10 @@ pub struct SnapshotMeta {
 struct Pending {
     digest: Digest,
     plain: u64,
-    /// Kept only for a chunk the store already had when it was named: if garbage
-    /// collection removes it before the pin, the pin writes it again.
-    data: Option<Vec<u8>>,
+    /// Kept until the pin: if garbage collection removed the chunk since it was named
+    /// or written (another writer's copy of the same data, pinned and freed
+    /// meanwhile), the pin writes it again.
+    data: Vec<u8>,
 }
 
 /// Counters of one snapshot.
@@ -142,19 +144,13 @@ impl SnapshotWriter {
         let plain = data.len() as u64;
         let known = self.batch.iter().any(|p| p.digest == digest)
             || self.store.catalog().has_chunk(&digest)?;
-        let pending = if known {
-            Pending {
-                digest,
-                plain,
-                data: Some(data),
-            }
-        } else {
+        if !known {
             self.store_new(&digest, &data)?;
-            Pending {
-                digest,
-                plain,
-                data: None,
-            }
+        }
+        let pending = Pending {
+            digest,
+            plain,
+            data,
         };
         self.stats.chunks += 1;
         self.batch.push(pending);
@@ -207,23 +203,22 @@ impl SnapshotWriter {
         let key = self.key.clone();
         let mut rewritten = WriteStats::default();
         let mut ensure = |d: &Digest| -> Result<Option<u64>, StoreError> {
-            if let Some(data) = batch
-                .iter()
-                .find(|p| p.digest == *d)
-                .and_then(|p| p.data.as_ref())
-            {
-                let body =
-                    chunk::encode(data, key.as_ref()).map_err(|source| StoreError::Chunk {
-                        digest: d.hex(),
-                        source,
-                    })?;
-                store.write_chunk_file(d, &body)?;
-                rewritten.new_chunks += 1;
-                rewritten.new_stored_bytes += body.len() as u64;
-                rewritten.new_plain_bytes += data.len() as u64;
-                return Ok(Some(body.len() as u64));
+            // the file may be there (written by this writer, not collected): keep it
+            if let Some(size) = store.chunk_file_ok(d)? {
+                return Ok(Some(size));
             }
-            store.chunk_file_ok(d)
+            let Some(data) = batch.iter().find(|p| p.digest == *d).map(|p| &p.data) else {
+                return Ok(None);
+            };
+            let body = chunk::encode(data, key.as_ref()).map_err(|source| StoreError::Chunk {
+                digest: d.hex(),
+                source,
+            })?;
+            store.write_chunk_file(d, &body)?;
+            rewritten.new_chunks += 1;
+            rewritten.new_stored_bytes += body.len() as u64;
+            rewritten.new_plain_bytes += data.len() as u64;
+            Ok(Some(body.len() as u64))
         };
         let missing = store.catalog().pin(&self.id, &list, &mut ensure)?;
         self.stats.new_chunks += rewritten.new_chunks;

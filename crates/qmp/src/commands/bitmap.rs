@@ -126,7 +126,9 @@ pub struct NodeImage {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct BitmapInfo {
-    pub name: String,
+    /// Absent for QEMU's own anonymous bitmaps (block jobs, copy-before-write).
+    #[serde(default)]
+    pub name: Option<String>,
     pub recording: bool,
     pub busy: bool,
     pub persistent: bool,

@@ -1,0 +1,208 @@
+//! `/api/v1/backup-stores` (stores: define, show with usage, forget, garbage collection,
+//! verify) and `/api/v1/backups` (run, list, show, delete, restore, prune). Long work is
+//! a task; a backup's task result is the backup (with its id).
+
+use crate::error::{ApiJson, ApiPath, ApiQuery, ApiResult};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use ferry_agent::Agent;
+use ferry_types::{
+    ApiErrorBody, Backup, BackupList, BackupPrune, BackupRestore, BackupRun, BackupStore,
+    BackupStoreCreate, BackupStoreInfo, BackupVerify, PruneResult, TaskAccepted,
+};
+use serde::Deserialize;
+
+type Accepted = (StatusCode, Json<TaskAccepted>);
+
+fn accepted(task: String) -> Accepted {
+    (StatusCode::ACCEPTED, Json(TaskAccepted { task }))
+}
+
+#[utoipa::path(get, path = "/api/v1/backup-stores", tag = "backup",
+    responses((status = 200, body = Vec<BackupStore>)))]
+pub async fn list_stores(State(a): State<Agent>) -> ApiResult<Json<Vec<BackupStore>>> {
+    Ok(Json(a.backup_stores().await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/backup-stores", tag = "backup", request_body = BackupStoreCreate,
+    responses((status = 201, body = BackupStore), (status = 400, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+pub async fn create_store(
+    State(a): State<Agent>,
+    ApiJson(req): ApiJson<BackupStoreCreate>,
+) -> ApiResult<(StatusCode, Json<BackupStore>)> {
+    Ok((StatusCode::CREATED, Json(a.create_backup_store(req).await?)))
+}
+
+#[utoipa::path(get, path = "/api/v1/backup-stores/{store}", tag = "backup",
+    params(("store" = String, Path)),
+    responses((status = 200, body = BackupStoreInfo), (status = 404, body = ApiErrorBody)))]
+pub async fn get_store(
+    State(a): State<Agent>,
+    ApiPath(store): ApiPath<String>,
+) -> ApiResult<Json<BackupStoreInfo>> {
+    Ok(Json(a.backup_store_info(&store).await?))
+}
+
+#[utoipa::path(delete, path = "/api/v1/backup-stores/{store}", tag = "backup",
+    params(("store" = String, Path)),
+    responses((status = 204, description = "Definition removed; the folder and its backups stay"), (status = 404, body = ApiErrorBody)))]
+pub async fn delete_store(
+    State(a): State<Agent>,
+    ApiPath(store): ApiPath<String>,
+) -> ApiResult<StatusCode> {
+    a.delete_backup_store(&store).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/api/v1/backup-stores/{store}/gc", tag = "backup",
+    params(("store" = String, Path)),
+    responses((status = 202, description = "Garbage collection started", body = TaskAccepted), (status = 404, body = ApiErrorBody)))]
+pub async fn gc_store(
+    State(a): State<Agent>,
+    ApiPath(store): ApiPath<String>,
+) -> ApiResult<Accepted> {
+    a.backup_store(&store).await?;
+    let agent = a.clone();
+    let s = store.clone();
+    Ok(accepted(a.tasks().spawn(
+        "backup.gc",
+        &store,
+        move |ctx| async move {
+            let r = agent.gc_backup_store(&s).await?;
+            ctx.result(r);
+            Ok(())
+        },
+    )))
+}
+
+#[utoipa::path(post, path = "/api/v1/backup-stores/{store}/verify", tag = "backup", request_body = BackupVerify,
+    params(("store" = String, Path)),
+    responses((status = 202, description = "Verify started; its result lists damaged chunks and the backups using them", body = TaskAccepted), (status = 404, body = ApiErrorBody)))]
+pub async fn verify_store(
+    State(a): State<Agent>,
+    ApiPath(store): ApiPath<String>,
+    ApiJson(req): ApiJson<BackupVerify>,
+) -> ApiResult<Accepted> {
+    a.backup_store(&store).await?;
+    let agent = a.clone();
+    let s = store.clone();
+    Ok(accepted(a.tasks().spawn(
+        "backup.verify",
+        &store,
+        move |ctx| async move {
+            let r = agent
+                .verify_backup_store(&s, req.since_days, Some(&ctx))
+                .await?;
+            let bad = r["bad"].as_array().map_or(0, Vec::len);
+            ctx.result(r);
+            if bad > 0 {
+                return Err(ferry_agent::AgentError::failed(
+                    ferry_agent::Failure::Corrupt,
+                    format!("{bad} damaged chunks in backup store {s} (see the task's result)"),
+                ));
+            }
+            Ok(())
+        },
+    )))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct BackupQuery {
+    /// Only this store's backups.
+    pub store: Option<String>,
+    /// Only this VM's backups.
+    pub vm: Option<String>,
+}
+
+#[utoipa::path(get, path = "/api/v1/backups", tag = "backup", params(BackupQuery),
+    responses((status = 200, body = BackupList), (status = 404, body = ApiErrorBody)))]
+pub async fn list_backups(
+    State(a): State<Agent>,
+    ApiQuery(q): ApiQuery<BackupQuery>,
+) -> ApiResult<Json<BackupList>> {
+    Ok(Json(
+        a.list_backups(q.store.as_deref(), q.vm.as_deref()).await?,
+    ))
+}
+
+#[utoipa::path(post, path = "/api/v1/backups", tag = "backup", request_body = BackupRun,
+    responses((status = 202, description = "Backup started; the task's result is the backup", body = TaskAccepted),
+              (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+pub async fn run_backup(
+    State(a): State<Agent>,
+    ApiJson(req): ApiJson<BackupRun>,
+) -> ApiResult<Accepted> {
+    a.backup_store(&req.store).await?;
+    a.get_vm(&req.vm)
+        .await?
+        .state
+        .check(ferry_types::VmAction::Backup)
+        .map_err(ferry_agent::AgentError::from)?;
+    let agent = a.clone();
+    let vm = req.vm.clone();
+    Ok(accepted(a.tasks().spawn(
+        "vm.backup",
+        &vm,
+        move |ctx| async move {
+            let b = agent.run_backup(&req.vm, &req.store, Some(&ctx)).await?;
+            ctx.result(serde_json::to_value(&b).unwrap_or_default());
+            Ok(())
+        },
+    )))
+}
+
+#[utoipa::path(get, path = "/api/v1/backups/{id}", tag = "backup",
+    params(("id" = String, Path)),
+    responses((status = 200, body = Backup), (status = 404, body = ApiErrorBody)))]
+pub async fn get_backup(
+    State(a): State<Agent>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<Backup>> {
+    Ok(Json(a.find_backup(&id).await?.2))
+}
+
+#[utoipa::path(delete, path = "/api/v1/backups/{id}", tag = "backup",
+    params(("id" = String, Path)),
+    responses((status = 204, description = "Deleted; garbage collection frees its chunks"), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+pub async fn delete_backup(
+    State(a): State<Agent>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<StatusCode> {
+    a.delete_backup(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/api/v1/backups/{id}/restore", tag = "backup", request_body = BackupRestore,
+    params(("id" = String, Path)),
+    responses((status = 202, description = "Restore started; the task's result is the new VM", body = TaskAccepted),
+              (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+pub async fn restore_backup(
+    State(a): State<Agent>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<BackupRestore>,
+) -> ApiResult<Accepted> {
+    req.validate().map_err(ferry_agent::AgentError::from)?;
+    a.find_backup(&id).await?;
+    let agent = a.clone();
+    let name = req.name.clone();
+    Ok(accepted(a.tasks().spawn(
+        "vm.restore",
+        &name,
+        move |ctx| async move {
+            let vm = agent.restore_backup(&id, req, Some(&ctx)).await?;
+            ctx.result(serde_json::to_value(&vm).unwrap_or_default());
+            Ok(())
+        },
+    )))
+}
+
+#[utoipa::path(post, path = "/api/v1/backups/prune", tag = "backup", request_body = BackupPrune,
+    responses((status = 200, body = PruneResult), (status = 404, body = ApiErrorBody)))]
+pub async fn prune_backups(
+    State(a): State<Agent>,
+    ApiJson(req): ApiJson<BackupPrune>,
+) -> ApiResult<Json<PruneResult>> {
+    Ok(Json(a.prune_backups(req).await?))
+}

@@ -1,0 +1,414 @@
+//! `ferry backup-store ...` and `ferry backup ...`: stores, backups, restores, prune,
+//! garbage collection, verify. A backup runs on the VM's host (found in the cluster's
+//! VM list); a restore on the host the CLI talks to, or `--host`.
+
+use super::*;
+use ferry_types::{
+    Backup, BackupKeep, BackupList, BackupPrune, BackupRestore, BackupRun, BackupStore,
+    BackupStoreCreate, BackupStoreInfo, BackupVerify, PruneResult,
+};
+
+#[derive(Subcommand, Debug)]
+pub enum StoreCmd {
+    /// Define a backup store: a folder (local, or a share every host mounts at the same
+    /// path). An empty folder becomes a store; an existing store is adopted.
+    Create {
+        name: String,
+        #[arg(long)]
+        path: String,
+    },
+    List,
+    /// A store with its usage and dedup factor.
+    Show {
+        name: String,
+    },
+    /// Forget a store's definition (its folder and backups stay).
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BackupCmd {
+    /// Back a VM up now (incremental when its change tracking is sound; otherwise a
+    /// full read, and the task says why). `--json` prints the backup.
+    Run {
+        vm: String,
+        #[arg(long)]
+        store: String,
+    },
+    List {
+        #[arg(long)]
+        vm: Option<String>,
+        #[arg(long)]
+        store: Option<String>,
+    },
+    Show {
+        id: String,
+    },
+    /// Delete a backup (garbage collection frees its chunks).
+    Delete {
+        id: String,
+    },
+    /// Restore a backup as a new VM.
+    Restore {
+        id: String,
+        /// The new VM's name.
+        #[arg(long = "as")]
+        name: String,
+        /// The pool for its disks (default: the backed-up disks' pools, else `default`).
+        #[arg(long)]
+        pool: Option<String>,
+        /// The host to restore on (default: the one the CLI talks to).
+        #[arg(long)]
+        host: Option<String>,
+        /// Start it when restored.
+        #[arg(long)]
+        start: bool,
+    },
+    /// Apply a retention policy to a VM's backups in a store.
+    Prune {
+        vm: String,
+        #[arg(long)]
+        store: String,
+        #[arg(long, default_value_t = 0)]
+        keep_last: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_hourly: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_daily: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_weekly: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_monthly: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_yearly: u32,
+        /// Only say what would go.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Free the chunks no backup uses any more.
+    Gc {
+        #[arg(long)]
+        store: String,
+    },
+    /// Check every chunk (or those of backups of the last N days) against its name.
+    Verify {
+        #[arg(long)]
+        store: String,
+        #[arg(long)]
+        since_days: Option<u32>,
+    },
+}
+
+fn when(t: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|d| {
+            d.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| t.to_string())
+}
+
+pub(crate) async fn store(c: &Client, g: &Global, cmd: StoreCmd) -> Result<()> {
+    match cmd {
+        StoreCmd::Create { name, path } => {
+            let s: BackupStore = c
+                .send(
+                    Method::POST,
+                    "/api/v1/backup-stores",
+                    &BackupStoreCreate {
+                        name: name.clone(),
+                        path: path.clone(),
+                    },
+                )
+                .await?;
+            if g.json {
+                return print_json(&s);
+            }
+            println!("backup store {name} at {path}");
+            Ok(())
+        }
+        StoreCmd::List => {
+            let stores: Vec<BackupStore> = c.get("/api/v1/backup-stores").await?;
+            if g.json {
+                return print_json(&stores);
+            }
+            let mut t = table(&["NAME", "PATH"]);
+            for s in stores {
+                t.add_row(vec![s.name, s.path]);
+            }
+            println!("{t}");
+            Ok(())
+        }
+        StoreCmd::Show { name } => {
+            let s: BackupStoreInfo = c.get(&format!("/api/v1/backup-stores/{name}")).await?;
+            if g.json {
+                return print_json(&s);
+            }
+            let u = &s.usage;
+            println!("{}: {}", s.store.name, s.store.path);
+            println!(
+                "  {} backups, {} chunks, {} stored for {} of disks (dedup factor {:.2}), {} free",
+                u.backups,
+                u.chunks,
+                ByteSize(u.stored_bytes),
+                ByteSize(u.logical_bytes),
+                u.dedup_factor,
+                ByteSize(u.free_bytes)
+            );
+            if u.unreferenced_chunks > 0 {
+                println!(
+                    "  {} chunks unused (the next `ferry backup gc` frees them)",
+                    u.unreferenced_chunks
+                );
+            }
+            Ok(())
+        }
+        StoreCmd::Delete { name } => {
+            let _: Value = c
+                .request(
+                    Method::DELETE,
+                    &format!("/api/v1/backup-stores/{name}"),
+                    None,
+                )
+                .await?;
+            println!("backup store {name} forgotten (its files stay)");
+            Ok(())
+        }
+    }
+}
+
+/// The client for the host holding `vm`.
+async fn vm_host(c: &Client, vm: &str) -> Result<Client> {
+    if c.get::<Vm>(&format!("/api/v1/vms/{vm}")).await.is_ok() {
+        return Ok(c.clone());
+    }
+    let all: Vec<Vm> = c.get(&format!("/api/v1/vms?q={vm}")).await?;
+    match all
+        .iter()
+        .find(|v| v.spec.name == vm)
+        .and_then(|v| v.host.clone())
+    {
+        Some(h) => Ok(c.at_node(&h)),
+        None => anyhow::bail!("VM {vm} not found"),
+    }
+}
+
+fn print_backup(b: &Backup) {
+    println!(
+        "{} of {} in {} ({}, {}, taken on {} at {})",
+        b.id,
+        b.vm,
+        b.store,
+        b.state,
+        b.consistency,
+        b.host,
+        when(b.started)
+    );
+    for d in &b.disks {
+        let how = match &d.reason {
+            Some(r) => format!("full: {r}"),
+            None => d.mode.clone(),
+        };
+        println!(
+            "  {}: {} ({how}), {} read, {} new",
+            d.name,
+            ByteSize(d.size),
+            ByteSize(d.read_bytes),
+            ByteSize(d.new_bytes)
+        );
+    }
+}
+
+pub(crate) async fn run(c: &Client, g: &Global, cmd: BackupCmd) -> Result<()> {
+    match cmd {
+        BackupCmd::Run { vm, store } => {
+            let at = vm_host(c, &vm).await?;
+            let t: TaskAccepted = at
+                .send(
+                    Method::POST,
+                    "/api/v1/backups",
+                    &BackupRun {
+                        vm: vm.clone(),
+                        store,
+                    },
+                )
+                .await?;
+            let done = at.wait_task(t, g.json).await?;
+            let b: Backup = serde_json::from_value(done.result.unwrap_or_default())
+                .context("the backup task's result")?;
+            if g.json {
+                return print_json(&b);
+            }
+            print_backup(&b);
+            Ok(())
+        }
+        BackupCmd::List { vm, store } => {
+            let mut q = Vec::new();
+            if let Some(v) = &vm {
+                q.push(format!("vm={v}"));
+            }
+            if let Some(s) = &store {
+                q.push(format!("store={s}"));
+            }
+            let l: BackupList = c.get(&format!("/api/v1/backups?{}", q.join("&"))).await?;
+            if g.json {
+                return print_json(&l);
+            }
+            let mut t = table(&[
+                "ID", "VM", "STORE", "TAKEN", "STATE", "SIZE", "READ", "MODE",
+            ]);
+            for b in l.backups {
+                let size: u64 = b.disks.iter().map(|d| d.size).sum();
+                let read: u64 = b.disks.iter().map(|d| d.read_bytes).sum();
+                let mode = if b.disks.iter().all(|d| d.mode == "incremental") {
+                    "incremental"
+                } else {
+                    "full"
+                };
+                t.add_row(vec![
+                    b.id,
+                    b.vm,
+                    b.store,
+                    when(b.started),
+                    b.state,
+                    ByteSize(size).to_string(),
+                    ByteSize(read).to_string(),
+                    mode.to_string(),
+                ]);
+            }
+            println!("{t}");
+            Ok(())
+        }
+        BackupCmd::Show { id } => {
+            let b: Backup = c.get(&format!("/api/v1/backups/{id}")).await?;
+            if g.json {
+                return print_json(&b);
+            }
+            print_backup(&b);
+            Ok(())
+        }
+        BackupCmd::Delete { id } => {
+            let _: Value = c
+                .request(Method::DELETE, &format!("/api/v1/backups/{id}"), None)
+                .await?;
+            println!("backup {id} deleted");
+            Ok(())
+        }
+        BackupCmd::Restore {
+            id,
+            name,
+            pool,
+            host,
+            start,
+        } => {
+            let at = match &host {
+                Some(h) => c.at_node(h),
+                None => c.clone(),
+            };
+            let t: TaskAccepted = at
+                .send(
+                    Method::POST,
+                    &format!("/api/v1/backups/{id}/restore"),
+                    &BackupRestore {
+                        name: name.clone(),
+                        pool,
+                        start,
+                    },
+                )
+                .await?;
+            let done = at.wait_task(t, g.json).await?;
+            if g.json {
+                return print_json(&done.result.unwrap_or_default());
+            }
+            println!("{name} restored from {id}");
+            Ok(())
+        }
+        BackupCmd::Prune {
+            vm,
+            store,
+            keep_last,
+            keep_hourly,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            keep_yearly,
+            dry_run,
+        } => {
+            let r: PruneResult = c
+                .send(
+                    Method::POST,
+                    "/api/v1/backups/prune",
+                    &BackupPrune {
+                        store,
+                        vm,
+                        keep: BackupKeep {
+                            last: keep_last,
+                            hourly: keep_hourly,
+                            daily: keep_daily,
+                            weekly: keep_weekly,
+                            monthly: keep_monthly,
+                            yearly: keep_yearly,
+                        },
+                        dry_run,
+                    },
+                )
+                .await?;
+            if g.json {
+                return print_json(&r);
+            }
+            let mut t = table(&["ID", "VERDICT", "RULE"]);
+            for v in r.verdicts {
+                let verdict = match (v.keep, dry_run) {
+                    (true, _) => "keep",
+                    (false, true) => "would go",
+                    (false, false) => "pruned",
+                };
+                t.add_row(vec![v.id, verdict.to_string(), v.reason]);
+            }
+            println!("{t}");
+            Ok(())
+        }
+        BackupCmd::Gc { store } => {
+            let t: TaskAccepted = c
+                .request(
+                    Method::POST,
+                    &format!("/api/v1/backup-stores/{store}/gc"),
+                    None,
+                )
+                .await?;
+            let done = c.wait_task(t, g.json).await?;
+            let r = done.result.unwrap_or_default();
+            if g.json {
+                return print_json(&r);
+            }
+            println!(
+                "{} chunks removed, {} freed",
+                r["removed_chunks"],
+                ByteSize(r["freed_bytes"].as_u64().unwrap_or(0))
+            );
+            Ok(())
+        }
+        BackupCmd::Verify { store, since_days } => {
+            let t: TaskAccepted = c
+                .send(
+                    Method::POST,
+                    &format!("/api/v1/backup-stores/{store}/verify"),
+                    &BackupVerify { since_days },
+                )
+                .await?;
+            let done = c.wait_task(t, g.json).await?;
+            let r = done.result.unwrap_or_default();
+            if g.json {
+                return print_json(&r);
+            }
+            println!(
+                "{} chunks checked ({} by checksum only), none damaged",
+                r["checked_chunks"], r["crc_only"]
+            );
+            Ok(())
+        }
+    }
+}

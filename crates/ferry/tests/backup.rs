@@ -1,0 +1,247 @@
+//! Backups end to end on real QEMU with the test guest: a backup store, a full then an
+//! incremental backup of a running VM while the guest writes records, restores
+//! byte-identical to the disk at backup time, backups of the stopped VM (after a
+//! kill: a full read that says why), a snapshot revert resetting change tracking,
+//! prune, garbage collection, verify finding a damaged chunk.
+
+use anyhow::{Context, Result};
+use ferry_lab::{verify_records, Lab, RECORD_WRITER};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const MB: u64 = 1 << 20;
+
+/// The file of disk `i` of `vm`.
+fn volume_file(lab: &Lab, vm: &str, i: usize) -> Result<PathBuf> {
+    let v = lab.ferry_json(&["vm", "show", vm])?;
+    let d = &v["spec"]["disks"][i];
+    let pool = d["pool"].as_str().context("pool")?;
+    let vol = d["volume"].as_str().context("volume")?;
+    let p = lab.ferry_json(&["pool", "show", pool])?;
+    Ok(Path::new(p["spec"]["path"].as_str().context("path")?).join(vol))
+}
+
+/// A disk's content (also while a VM has it open).
+fn content(file: &Path) -> Result<Vec<u8>> {
+    let tmp = std::env::temp_dir().join(format!("ferry-bk-{}.raw", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let out = Command::new("qemu-img")
+        .args(["convert", "-U", "-O", "raw"])
+        .arg(file)
+        .arg(&tmp)
+        .output()?;
+    anyhow::ensure!(out.status.success(), "qemu-img convert: {out:?}");
+    let data = std::fs::read(&tmp)?;
+    let _ = std::fs::remove_file(&tmp);
+    Ok(data)
+}
+
+fn disk<'a>(b: &'a Value, name: &str) -> &'a Value {
+    b["disks"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["name"] == name))
+        .unwrap_or(&Value::Null)
+}
+
+#[test]
+fn backups_full_incremental_restore_offline_prune_gc_verify() -> Result<()> {
+    let mut lab = Lab::new(env!("CARGO_BIN_EXE_ferry"))?;
+    lab.start_daemon()?;
+    let store_dir = lab.dir.join("backups");
+    let sd = store_dir.to_str().unwrap();
+
+    // A store; bad definitions are refused and change nothing.
+    lab.ferry_ok(&["backup-store", "create", "bs", "--path", sd])?;
+    let o = lab.ferry(&["backup-store", "create", "bs2", "--path", "relative/dir"])?;
+    assert!(!o.status.success(), "{o:?}");
+    let o = lab.ferry(&["backup-store", "create", "bs", "--path", sd])?;
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("already"),
+        "{o:?}"
+    );
+    let stores = lab.ferry_json(&["backup-store", "list"])?;
+    assert_eq!(stores.as_array().map(Vec::len), Some(1), "{stores}");
+
+    // A VM with two disks: disk0 holds data the test checks byte for byte, disk1 the
+    // record writer's records, written all through the backups.
+    lab.create_test_vm(
+        "bk",
+        "10.77.0.30",
+        &[
+            "--disk",
+            "bus=virtio,size=48M",
+            "--disk",
+            "bus=scsi,size=24M",
+        ],
+    )?;
+    lab.ferry_ok(&["vm", "start", "bk"])?;
+    lab.wait_console("bk", "FERRY-READY", Duration::from_secs(120))?;
+    lab.guest_sh(
+        "bk",
+        "dd if=/dev/urandom of=/dev/vda bs=1M count=6 seek=2 oflag=direct 2>/dev/null; echo ok",
+    )?;
+    lab.guest_sh(
+        "bk",
+        &format!("{RECORD_WRITER}; (ferry_writer w1 /dev/sda 0 > /dev/null 2>&1 &)"),
+    )?;
+    std::thread::sleep(Duration::from_secs(2));
+    let acked_before: u64 = lab.guest_sh("bk", "cat /tmp/writer-seq")?.trim().parse()?;
+    let disk0 = volume_file(&lab, "bk", 0)?;
+
+    // 1. The first backup reads every allocated chunk and says why.
+    let b1 = lab.ferry_json(&["backup", "run", "bk", "--store", "bs"])?;
+    let id1 = b1["id"].as_str().context("backup id")?.to_string();
+    assert_eq!(disk(&b1, "disk0")["mode"], "full", "{b1}");
+    assert!(
+        disk(&b1, "disk0")["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no change tracking"),
+        "{b1}"
+    );
+    let at_b1 = content(&disk0)?;
+
+    // 2. The guest changes 1 MiB of disk0: the incremental reads that chunk (and
+    //    disk1's chunks the writer touched), not the disk.
+    lab.guest_sh(
+        "bk",
+        "dd if=/dev/urandom of=/dev/vda bs=1M count=1 seek=30 oflag=direct 2>/dev/null; echo ok",
+    )?;
+    let b2 = lab.ferry_json(&["backup", "run", "bk", "--store", "bs"])?;
+    let id2 = b2["id"].as_str().context("backup id")?.to_string();
+    assert_eq!(disk(&b2, "disk0")["mode"], "incremental", "{b2}");
+    assert_eq!(disk(&b2, "disk0")["read_bytes"], 4 * MB, "{b2}");
+    assert_eq!(disk(&b2, "disk1")["mode"], "incremental", "{b2}");
+    assert!(
+        disk(&b2, "disk1")["read_bytes"]
+            .as_u64()
+            .unwrap_or(u64::MAX)
+            < 24 * MB,
+        "{b2}"
+    );
+    let at_b2 = content(&disk0)?;
+    assert_ne!(at_b1, at_b2);
+
+    // 3. Restores: each backup as a new VM, disk0 byte-identical to the disk at that
+    //    backup, disk1 a clean run of records from the start past what was
+    //    acknowledged before the first backup.
+    for (id, name, want) in [(&id1, "r1", &at_b1), (&id2, "r2", &at_b2)] {
+        lab.ferry_ok(&["backup", "restore", id, "--as", name])?;
+        assert_eq!(lab.vm_state(name)?.0, "stopped");
+        assert!(
+            content(&volume_file(&lab, name, 0)?)? == *want,
+            "{name}: disk0 differs from the disk at backup {id}"
+        );
+        let rep = verify_records(&volume_file(&lab, name, 1)?)?;
+        assert!(rep.is_clean(), "{name}: {rep}");
+        assert!(
+            rep.last_seq.unwrap_or(0) >= acked_before,
+            "{name}: {rep}, {acked_before} acknowledged before"
+        );
+    }
+    // A restore over an existing name changes nothing.
+    let o = lab.ferry(&["backup", "restore", &id1, "--as", "r1"])?;
+    assert!(!o.status.success(), "{o:?}");
+
+    // 4. Stopped: its disks are read by qemu-storage-daemon. `vm kill` lets QEMU quit
+    //    (its bitmaps are written into the images): incremental, nothing changed.
+    lab.guest_sh("bk", "touch /tmp/stop-writer; sleep 1; echo ok")?;
+    lab.ferry_ok(&["vm", "kill", "bk"])?;
+    let b3 = lab.ferry_json(&["backup", "run", "bk", "--store", "bs"])?;
+    assert_eq!(disk(&b3, "disk0")["mode"], "incremental", "{b3}");
+    assert_eq!(disk(&b3, "disk0")["read_bytes"], 0, "{b3}");
+    let b4 = lab.ferry_json(&["backup", "run", "bk", "--store", "bs"])?;
+    assert_eq!(disk(&b4, "disk1")["mode"], "incremental", "{b4}");
+    assert_eq!(disk(&b4, "disk1")["read_bytes"], 0, "{b4}");
+    // A QEMU killed outright with the bitmap open leaves it marked in use: the next
+    // backup reads everything and says why.
+    lab.ferry_ok(&["vm", "start", "bk"])?;
+    lab.wait_console("bk", "FERRY-READY", Duration::from_secs(120))?;
+    let pid = lab.vm_state("bk")?.1.context("QEMU's pid")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid)?),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    ferry_lab::wait_for("bk crashed", Duration::from_secs(30), || {
+        Ok(lab.vm_state("bk")?.0 == "crashed")
+    })?;
+    let b5 = lab.ferry_json(&["backup", "run", "bk", "--store", "bs"])?;
+    assert_eq!(disk(&b5, "disk0")["mode"], "full", "{b5}");
+    assert!(
+        disk(&b5, "disk0")["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("uncleanly"),
+        "{b5}"
+    );
+
+    // 5. A snapshot revert resets change tracking: the next backup says so.
+    lab.ferry_ok(&["vm", "snapshot", "bk", "s1"])?;
+    lab.ferry_ok(&["vm", "revert", "bk", "s1"])?;
+    let b6 = lab.ferry_json(&["backup", "run", "bk", "--store", "bs"])?;
+    assert_eq!(disk(&b6, "disk0")["mode"], "full", "{b6}");
+    assert!(
+        disk(&b6, "disk0")["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("revert"),
+        "{b6}"
+    );
+    let id6 = b6["id"].as_str().context("id")?.to_string();
+
+    // 6. Listing, prune (keep the newest), garbage collection, and the kept backup
+    //    still restores.
+    let list = lab.ferry_json(&["backup", "list", "--vm", "bk"])?;
+    assert_eq!(list["backups"].as_array().map(Vec::len), Some(6), "{list}");
+    let pruned = lab.ferry_json(&["backup", "prune", "bk", "--store", "bs", "--keep-last", "1"])?;
+    let gone = pruned["verdicts"]
+        .as_array()
+        .map_or(0, |v| v.iter().filter(|v| v["keep"] == false).count());
+    assert_eq!(gone, 5, "{pruned}");
+    let gc = lab.ferry_json(&["backup", "gc", "--store", "bs"])?;
+    assert!(gc["removed_chunks"].as_u64().unwrap_or(0) > 0, "{gc}");
+    let info = lab.ferry_json(&["backup-store", "show", "bs"])?;
+    assert_eq!(info["usage"]["backups"], 1, "{info}");
+    assert_eq!(info["usage"]["unreferenced_chunks"], 0, "{info}");
+    let v = lab.ferry_json(&["backup", "verify", "--store", "bs"])?;
+    assert!(v["bad"].as_array().is_some_and(Vec::is_empty), "{v}");
+    lab.ferry_ok(&["backup", "restore", &id6, "--as", "r6"])?;
+    assert!(
+        content(&volume_file(&lab, "r6", 0)?)? == content(&disk0)?,
+        "r6 differs"
+    );
+
+    // 7. A damaged chunk: verify fails and names the backup using it.
+    let chunks = store_dir.join("chunks");
+    let victim = std::fs::read_dir(&chunks)?
+        .filter_map(Result::ok)
+        .filter(|d| d.file_name().len() == 2)
+        .flat_map(|d| {
+            std::fs::read_dir(d.path())
+                .into_iter()
+                .flatten()
+                .filter_map(Result::ok)
+        })
+        .map(|f| f.path())
+        .find(|p| {
+            std::fs::metadata(p)
+                .map(|m| m.len() > 1000)
+                .unwrap_or(false)
+        })
+        .context("a chunk file")?;
+    let mut bytes = std::fs::read(&victim)?;
+    let n = bytes.len();
+    bytes[n - 100] ^= 0x55;
+    std::fs::write(&victim, bytes)?;
+    let o = lab.ferry(&["backup", "verify", "--store", "bs"])?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("damaged"), "{o:?}");
+    let events = lab.ferry_ok(&["events"])?;
+    assert!(
+        events.contains(&id6),
+        "the event names the backup: {events}"
+    );
+    Ok(())
+}
