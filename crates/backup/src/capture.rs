@@ -33,7 +33,7 @@ use std::sync::Arc;
 use tokio::net::UnixStream;
 
 /// One disk of the VM as QEMU has it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct DiskSource {
     /// The name the backup records (`disk0`, …).
     pub name: String,
@@ -183,6 +183,28 @@ pub async fn teardown(qmp: &Qmp, disks: &[DiskSource]) {
     let _ = qmp.run(&qc::NbdServerStop).await;
 }
 
+/// The file in the work folder naming the disks a capture under way changed.
+const RECORD: &str = "fleecing.json";
+
+/// After a daemon restart: undoes the fleecing a capture cut off left in a running VM
+/// (its filters would copy every guest write into an image that only grows). Its
+/// bitmaps stay as they were (the old one frozen, the new one recording): the next
+/// backup finds two and reads the disks whole, saying so. Returns whether there was
+/// anything to undo.
+pub async fn sweep(qmp: &Qmp, work_dir: &Path) -> bool {
+    let record = work_dir.join(RECORD);
+    let Ok(body) = std::fs::read(&record) else {
+        return false;
+    };
+    let disks: Vec<DiskSource> = serde_json::from_slice(&body).unwrap_or_default();
+    teardown(qmp, &disks).await;
+    for i in 0..disks.len() {
+        let _ = std::fs::remove_file(fleece_path(work_dir, i));
+    }
+    let _ = std::fs::remove_file(&record);
+    true
+}
+
 /// Blocking store work on a thread of its own, fed chunk by chunk.
 enum Job {
     Put(
@@ -285,6 +307,11 @@ pub async fn capture(
     std::fs::create_dir_all(&req.work_dir).map_err(|e| {
         CaptureError::Failed(format!("work folder {}: {e}", req.work_dir.display()))
     })?;
+    // what to undo if the daemon dies before the end (see [`sweep`])
+    let record = req.work_dir.join(RECORD);
+    let body = serde_json::to_vec(&req.disks).map_err(|e| CaptureError::Failed(e.to_string()))?;
+    std::fs::write(&record, body)
+        .map_err(|e| CaptureError::Failed(format!("{}: {e}", record.display())))?;
     let nodes = qmp
         .run(&qc::QueryNamedBlockNodes { flat: true })
         .await
@@ -383,6 +410,7 @@ pub async fn capture(
         let _ = std::fs::remove_file(fleece_path(&req.work_dir, i));
     }
     finish_bitmaps(qmp, &req.disks, &decisions, &new_bitmap, result.is_ok()).await;
+    let _ = std::fs::remove_file(&record);
     let (id, stats, disks) = result?;
     Ok(CaptureOutcome {
         id,

@@ -85,6 +85,9 @@ pub async fn capture_offline(
         .and_then(|p| i32::try_from(p).ok())
         .ok_or_else(|| CaptureError::Failed("qemu-storage-daemon ended at once".into()))?;
     let mut daemon = Daemon { child };
+    // a daemon left running by a restart would hold the images' locks: see [`sweep`]
+    let pidfile = req.work_dir.join(PIDFILE);
+    let _ = std::fs::write(&pidfile, pid.to_string());
     let qmp = match Qmp::connect_retry_to(&qmp_path, Duration::from_secs(20), pid).await {
         Ok(q) => q,
         Err(e) => {
@@ -119,7 +122,44 @@ pub async fn capture_offline(
         }
     }
     let _ = std::fs::remove_file(&qmp_path);
+    let _ = std::fs::remove_file(&pidfile);
     result
+}
+
+const PIDFILE: &str = "storage-daemon.pid";
+
+/// After a daemon restart: ends a `qemu-storage-daemon` a cut-off backup of a stopped
+/// VM left (it holds the images' locks: the VM could not start). Only a process whose
+/// command line names this folder's monitor socket is ended. Returns whether one was.
+pub fn sweep(work_dir: &std::path::Path) -> bool {
+    let pidfile = work_dir.join(PIDFILE);
+    let Some(pid) = std::fs::read_to_string(&pidfile)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    else {
+        return false;
+    };
+    let _ = std::fs::remove_file(&pidfile);
+    let needle = work_dir.join("storage-daemon.qmp");
+    let ours = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| {
+            let n = needle.as_os_str().as_encoded_bytes();
+            c.windows(n.len()).any(|w| w == n)
+        })
+        .unwrap_or(false);
+    if ours {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        for _ in 0..100 {
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    ours
 }
 
 /// What a daemon that failed to start said.

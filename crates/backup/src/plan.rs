@@ -96,7 +96,7 @@ pub fn track(
     let id = &b.name[BITMAP_PREFIX.len()..];
     match base(id) {
         None => full(format!(
-            "{disk} tracks changes since backup {id}, which is not in this store (pruned, or taken to another store)"
+            "{disk} tracks changes since backup {id}, which is not in this store (pruned, taken to another store, or never finished)"
         )),
         Some(Base { complete: false, .. }) => full(format!("backup {id} never completed")),
         Some(Base {

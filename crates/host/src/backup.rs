@@ -397,6 +397,69 @@ impl Host {
         Ok(backup_of(&def.name, snap, disks))
     }
 
+    /// At daemon start, after re-adoption: what backups cut off by the restart left —
+    /// fleecing filters in running VMs, a `qemu-storage-daemon` holding a stopped VM's
+    /// images, unfinished backups of this host's dead writers in the stores.
+    pub async fn sweep_backups(&self) {
+        let records = match self.records().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "backup sweep: cannot list VMs");
+                return;
+            }
+        };
+        for rec in records {
+            let work = self.run_paths(rec.id).dir.join("backup");
+            if !work.exists() {
+                continue;
+            }
+            let name = rec.spec.name.clone();
+            let w = work.clone();
+            if tokio::task::spawn_blocking(move || offline::sweep(&w))
+                .await
+                .unwrap_or(false)
+            {
+                self.fixed_backup(&name, "ended the disk reader of an interrupted backup");
+            }
+            if self.slot(&name).state().has_process() {
+                if let Ok(qmp) = self.qmp(&name) {
+                    if capture::sweep(&qmp, &work).await {
+                        self.fixed_backup(
+                            &name,
+                            "took an interrupted backup's fleecing out of the VM",
+                        );
+                    }
+                }
+            }
+        }
+        let me = self.host_name().to_string();
+        for def in self.backup_stores().await.unwrap_or_default() {
+            let path = PathBuf::from(&def.path);
+            let host = me.clone();
+            let removed = blocking(move || Store::open(&path)?.remove_stale(&host)).await;
+            match removed {
+                Ok(ids) if !ids.is_empty() => self.inner.events.emit(
+                    None,
+                    "repair",
+                    format!(
+                        "removed unfinished backups {} from {}",
+                        ids.join(", "),
+                        def.name
+                    ),
+                ),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(store = %def.name, error = %e, "backup sweep: store unreadable")
+                }
+            }
+        }
+    }
+
+    fn fixed_backup(&self, vm: &str, what: &str) {
+        tracing::warn!(vm = %vm, "{what}");
+        self.inner.events.emit(Some(vm), "repair", what.to_string());
+    }
+
     /// Whether a disk keeps a persistent dirty bitmap: a qcow2 volume of a dir pool,
     /// not a kiosk overlay.
     async fn keeps_bitmap(&self, d: &ferry_types::DiskSpec) -> bool {

@@ -228,6 +228,7 @@ impl Host {
         host.start_replication().await?;
         host.adopt_all().await?;
         host.repair().await?;
+        host.sweep_backups().await;
         tokio::spawn(host.clone().history_loop());
         tokio::spawn(host.clone().serial_log_loop());
         tracing::info!(%accel, "host runtime ready");
