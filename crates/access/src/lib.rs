@@ -167,7 +167,7 @@ pub fn need(method: &str, path: &str) -> Need {
         ("POST", ["backup-stores"]) => on(Privilege::Modify, "/"),
         // Backups hold every VM's data: one privilege path for taking, listing, restoring
         // and pruning them (a backup operator's).
-        (_, ["backup-stores" | "backups", ..]) => rw("/backup-stores"),
+        (_, ["backup-stores" | "backups" | "backup-jobs", ..]) => rw("/backup-stores"),
         (_, ["pools"]) => rw("/pools"),
         (_, ["pools", p, ..]) => rw(&format!("/pools/{p}")),
         // What only hosts call of each other (a VM arriving, its files uploaded, the

@@ -8,8 +8,9 @@ use axum::http::StatusCode;
 use axum::Json;
 use ferry_agent::Agent;
 use ferry_types::{
-    ApiErrorBody, Backup, BackupList, BackupPrune, BackupRestore, BackupRun, BackupStore,
-    BackupStoreCreate, BackupStoreInfo, BackupVerify, PruneResult, TaskAccepted,
+    ApiErrorBody, Backup, BackupJob, BackupJobSpec, BackupList, BackupPrune, BackupRestore,
+    BackupRun, BackupStore, BackupStoreCreate, BackupStoreInfo, BackupVerify, PruneResult,
+    TaskAccepted,
 };
 use serde::Deserialize;
 
@@ -205,4 +206,58 @@ pub async fn prune_backups(
     ApiJson(req): ApiJson<BackupPrune>,
 ) -> ApiResult<Json<PruneResult>> {
     Ok(Json(a.prune_backups(req).await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/backup-jobs", tag = "backup",
+    responses((status = 200, body = Vec<BackupJob>)))]
+pub async fn list_jobs(State(a): State<Agent>) -> ApiResult<Json<Vec<BackupJob>>> {
+    Ok(Json(a.backup_jobs().await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/backup-jobs", tag = "backup", request_body = BackupJobSpec,
+    responses((status = 201, body = BackupJob), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+pub async fn create_job(
+    State(a): State<Agent>,
+    ApiJson(spec): ApiJson<BackupJobSpec>,
+) -> ApiResult<(StatusCode, Json<BackupJob>)> {
+    Ok((StatusCode::CREATED, Json(a.create_backup_job(spec).await?)))
+}
+
+#[utoipa::path(get, path = "/api/v1/backup-jobs/{job}", tag = "backup",
+    params(("job" = String, Path)),
+    responses((status = 200, body = BackupJob), (status = 404, body = ApiErrorBody)))]
+pub async fn get_job(
+    State(a): State<Agent>,
+    ApiPath(job): ApiPath<String>,
+) -> ApiResult<Json<BackupJob>> {
+    let jobs = a.backup_jobs().await?;
+    jobs.into_iter()
+        .find(|j| j.spec.name == job)
+        .map(Json)
+        .ok_or_else(|| ferry_agent::AgentError::NotFound(format!("Backup job {job}")).into())
+}
+
+#[utoipa::path(delete, path = "/api/v1/backup-jobs/{job}", tag = "backup",
+    params(("job" = String, Path)),
+    responses((status = 204, description = "Deleted (its backups stay)"), (status = 404, body = ApiErrorBody)))]
+pub async fn delete_job(
+    State(a): State<Agent>,
+    ApiPath(job): ApiPath<String>,
+) -> ApiResult<StatusCode> {
+    a.delete_backup_job(&job).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/api/v1/backup-jobs/{job}/run", tag = "backup",
+    params(("job" = String, Path)),
+    responses((status = 202, description = "The job runs now; the task's result says what it backed up", body = TaskAccepted), (status = 404, body = ApiErrorBody)))]
+pub async fn run_job(State(a): State<Agent>, ApiPath(job): ApiPath<String>) -> ApiResult<Accepted> {
+    a.backup_job(&job).await?;
+    let agent = a.clone();
+    let j = job.clone();
+    Ok(accepted(a.tasks().spawn(
+        "backup.job",
+        &job,
+        move |ctx| async move { agent.run_backup_job(&j, &ctx).await.map(|_| ()) },
+    )))
 }

@@ -5,6 +5,7 @@
 //! that reads a VM's disks from QEMU's fleecing export, asking the server which chunks
 //! are allocated and which the dirty bitmap marks changed.
 
+pub mod calendar;
 pub mod capture;
 #[cfg(test)]
 mod capture_tests;

@@ -4,8 +4,9 @@
 
 use super::*;
 use ferry_types::{
-    Backup, BackupKeep, BackupList, BackupPrune, BackupRestore, BackupRun, BackupStore,
-    BackupStoreCreate, BackupStoreInfo, BackupVerify, PruneResult,
+    Backup, BackupJob, BackupJobSpec, BackupKeep, BackupList, BackupPrune, BackupRestore,
+    BackupRun, BackupSelection, BackupStore, BackupStoreCreate, BackupStoreInfo, BackupVerify,
+    PruneResult,
 };
 
 #[derive(Subcommand, Debug)]
@@ -92,12 +93,57 @@ pub enum BackupCmd {
         #[arg(long)]
         store: String,
     },
+    /// Scheduled backups: create, list, show, delete, run.
+    #[command(subcommand)]
+    Job(JobCmd),
     /// Check every chunk (or those of backups of the last N days) against its name.
     Verify {
         #[arg(long)]
         store: String,
         #[arg(long)]
         since_days: Option<u32>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum JobCmd {
+    /// Define a job: which VMs (--vm a,b or --all [--host h1,h2]) to which store, when
+    /// (UTC: "daily 02:00", "mon..fri 22:30", "*:15", "hourly", "4h") and what to keep.
+    Create {
+        name: String,
+        #[arg(long)]
+        store: String,
+        #[arg(long)]
+        schedule: String,
+        #[arg(long, value_delimiter = ',')]
+        vm: Vec<String>,
+        #[arg(long)]
+        all: bool,
+        #[arg(long, value_delimiter = ',')]
+        host: Vec<String>,
+        #[arg(long, default_value_t = 0)]
+        keep_last: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_hourly: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_daily: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_weekly: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_monthly: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_yearly: u32,
+    },
+    List,
+    Show {
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
+    /// Run a job now (besides its schedule).
+    Run {
+        name: String,
     },
 }
 
@@ -391,6 +437,7 @@ pub(crate) async fn run(c: &Client, g: &Global, cmd: BackupCmd) -> Result<()> {
             );
             Ok(())
         }
+        BackupCmd::Job(cmd) => job(c, g, cmd).await,
         BackupCmd::Verify { store, since_days } => {
             let t: TaskAccepted = c
                 .send(
@@ -408,6 +455,116 @@ pub(crate) async fn run(c: &Client, g: &Global, cmd: BackupCmd) -> Result<()> {
                 "{} chunks checked ({} by checksum only), none damaged",
                 r["checked_chunks"], r["crc_only"]
             );
+            Ok(())
+        }
+    }
+}
+
+async fn job(c: &Client, g: &Global, cmd: JobCmd) -> Result<()> {
+    match cmd {
+        JobCmd::Create {
+            name,
+            store,
+            schedule,
+            vm,
+            all,
+            host,
+            keep_last,
+            keep_hourly,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            keep_yearly,
+        } => {
+            let spec = BackupJobSpec {
+                name: name.clone(),
+                store,
+                schedule,
+                selection: BackupSelection {
+                    all,
+                    vms: vm,
+                    hosts: host,
+                },
+                keep: BackupKeep {
+                    last: keep_last,
+                    hourly: keep_hourly,
+                    daily: keep_daily,
+                    weekly: keep_weekly,
+                    monthly: keep_monthly,
+                    yearly: keep_yearly,
+                },
+                enabled: true,
+            };
+            let j: BackupJob = c.send(Method::POST, "/api/v1/backup-jobs", &spec).await?;
+            if g.json {
+                return print_json(&j);
+            }
+            println!(
+                "backup job {name}: next run {}",
+                j.next_run.map_or_else(|| "-".into(), when)
+            );
+            Ok(())
+        }
+        JobCmd::List => {
+            let jobs: Vec<BackupJob> = c.get("/api/v1/backup-jobs").await?;
+            if g.json {
+                return print_json(&jobs);
+            }
+            let mut t = table(&[
+                "NAME",
+                "STORE",
+                "SCHEDULE",
+                "VMS",
+                "NEXT RUN",
+                "LAST RESULT",
+            ]);
+            for j in jobs {
+                let vms = if j.spec.selection.all {
+                    "all".to_string()
+                } else {
+                    j.spec.selection.vms.join(",")
+                };
+                let last = j.last_result.map_or_else(
+                    || "-".into(),
+                    |r| format!("{} ok, {} failed", r.backed_up.len(), r.failed.len()),
+                );
+                t.add_row(vec![
+                    j.spec.name,
+                    j.spec.store,
+                    j.spec.schedule,
+                    vms,
+                    j.next_run.map_or_else(|| "-".into(), when),
+                    last,
+                ]);
+            }
+            println!("{t}");
+            Ok(())
+        }
+        JobCmd::Show { name } => print_json(
+            &c.get::<BackupJob>(&format!("/api/v1/backup-jobs/{name}"))
+                .await?,
+        ),
+        JobCmd::Delete { name } => {
+            let _: Value = c
+                .request(Method::DELETE, &format!("/api/v1/backup-jobs/{name}"), None)
+                .await?;
+            println!("backup job {name} deleted (its backups stay)");
+            Ok(())
+        }
+        JobCmd::Run { name } => {
+            let t: TaskAccepted = c
+                .request(
+                    Method::POST,
+                    &format!("/api/v1/backup-jobs/{name}/run"),
+                    None,
+                )
+                .await?;
+            let done = c.wait_task(t, g.json).await?;
+            let r = done.result.unwrap_or_default();
+            if g.json {
+                return print_json(&r);
+            }
+            println!("backup job {name}: {}", r["backed_up"]);
             Ok(())
         }
     }

@@ -272,6 +272,59 @@ fn backups_full_incremental_restore_offline_prune_gc_verify() -> Result<()> {
         "r6 differs"
     );
 
+    // 6b. A scheduled job: a bad schedule is refused; one due in a minute or two runs
+    //     by itself (claimed once), backs the VM up and prunes to its policy.
+    let o = lab.ferry(&[
+        "backup",
+        "job",
+        "create",
+        "j0",
+        "--store",
+        "bs",
+        "--schedule",
+        "at noon",
+        "--vm",
+        "bk",
+    ])?;
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("Schedule"),
+        "{o:?}"
+    );
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let minute = (secs / 60 + if secs % 60 < 40 { 1 } else { 2 }) % 60;
+    let schedule = format!("*:{minute:02}");
+    let job = lab.ferry_json(&[
+        "backup",
+        "job",
+        "create",
+        "nightly",
+        "--store",
+        "bs",
+        "--schedule",
+        &schedule,
+        "--vm",
+        "bk",
+        "--keep-last",
+        "2",
+    ])?;
+    assert!(job["next_run"].as_i64().is_some(), "{job}");
+    ferry_lab::wait_for("the job's scheduled run", Duration::from_secs(200), || {
+        let j = lab.ferry_json(&["backup", "job", "show", "nightly"])?;
+        Ok(j["last_result"]["backed_up"] == serde_json::json!(["bk"]))
+    })?;
+    let ran = lab.ferry_json(&["backup", "job", "run", "nightly"])?;
+    assert_eq!(ran["backed_up"], serde_json::json!(["bk"]), "{ran}");
+    let list = lab.ferry_json(&["backup", "list", "--vm", "bk"])?;
+    assert_eq!(
+        list["backups"].as_array().map(Vec::len),
+        Some(2),
+        "pruned to 2: {list}"
+    );
+    let id6 = list["backups"][1]["id"].as_str().context("id")?.to_string();
+    lab.ferry_ok(&["backup", "job", "delete", "nightly"])?;
+
     // 7. A damaged chunk: verify fails and names the backup using it.
     let chunks = store_dir.join("chunks");
     let victim = std::fs::read_dir(&chunks)?

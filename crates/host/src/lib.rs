@@ -16,6 +16,7 @@
 pub mod access;
 pub mod audit;
 pub mod backup;
+pub mod backup_jobs;
 pub mod blockdev;
 pub mod cache;
 pub mod cgroups;
@@ -230,6 +231,7 @@ impl Host {
         host.repair().await?;
         host.sweep_backups().await;
         tokio::spawn(host.clone().history_loop());
+        tokio::spawn(host.clone().backup_jobs_loop());
         tokio::spawn(host.clone().serial_log_loop());
         tracing::info!(%accel, "host runtime ready");
         Ok(host)

@@ -195,6 +195,15 @@ pub mod shared {
         format!("{p}/backup-stores/{name}")
     }
 
+    /// Backup jobs: `{p}/backup-jobs/{name}`.
+    pub fn backup_jobs(p: &str) -> String {
+        format!("{p}/backup-jobs/")
+    }
+
+    pub fn backup_job(p: &str, name: &str) -> String {
+        format!("{p}/backup-jobs/{name}")
+    }
+
     /// Resource pools: `{p}/respools/{name}`.
     pub fn respools(p: &str) -> String {
         format!("{p}/respools/")

@@ -189,3 +189,91 @@ pub struct BackupVerify {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since_days: Option<u32>,
 }
+
+/// Which VMs a backup job takes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackupSelection {
+    /// Every VM of the cluster (or of `hosts`).
+    pub all: bool,
+    /// These VMs by name.
+    pub vms: Vec<String>,
+    /// Only VMs on these hosts.
+    pub hosts: Vec<String>,
+}
+
+/// A scheduled backup: which VMs, to which store, when, and what to keep.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BackupJobSpec {
+    pub name: String,
+    pub store: String,
+    /// A calendar event in UTC: `daily 02:00`, `mon..fri 22:30`, `*:15`, `hourly`, `4h`.
+    pub schedule: String,
+    pub selection: BackupSelection,
+    /// Applied to each VM's backups in the store after the job backed it up (all 0:
+    /// keep everything).
+    #[serde(default)]
+    pub keep: BackupKeep,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl BackupJobSpec {
+    pub fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut e = ValidationErrors::default();
+        check_name(&mut e, "name", &self.name);
+        check_name(&mut e, "store", &self.store);
+        if !self.selection.all && self.selection.vms.is_empty() {
+            e.push("selection", "name VMs, or take all (of some hosts)");
+        }
+        if self.selection.all && !self.selection.vms.is_empty() {
+            e.push("selection", "either all VMs or a list, not both");
+        }
+        for v in &self.selection.vms {
+            check_name(&mut e, "selection.vms", v);
+        }
+        for h in &self.selection.hosts {
+            check_name(&mut e, "selection.hosts", h);
+        }
+        if self.selection.vms.len() > 10_000 {
+            e.push("selection.vms", "at most 10000");
+        }
+        e.into_result()
+    }
+}
+
+/// A backup job with what it last did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BackupJob {
+    #[serde(flatten)]
+    pub spec: BackupJobSpec,
+    /// The scheduled minute (unix seconds) the job last ran for: a host claims a run by
+    /// moving it forward (compare-and-swap), so each run happens once in the cluster.
+    #[serde(default)]
+    pub last_slot: i64,
+    /// When it next runs (unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_run: Option<i64>,
+    /// The last run: the host that ran it, when it ended, its outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_result: Option<BackupJobResult>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BackupJobResult {
+    pub host: String,
+    pub ended: i64,
+    pub backed_up: Vec<String>,
+    pub failed: Vec<BackupJobFailure>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BackupJobFailure {
+    pub vm: String,
+    pub error: String,
+}
