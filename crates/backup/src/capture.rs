@@ -59,6 +59,10 @@ pub struct CaptureRequest {
     /// QEMU's user and group, when it runs as one of its own: the fleecing images are
     /// handed to it.
     pub owner: Option<(u32, u32)>,
+    /// The process serving the NBD export (QEMU): the socket lies in a folder QEMU's
+    /// user writes, so the reader accepts only a socket this process serves (another
+    /// VM's export put in its place would be read as this VM's disk).
+    pub server_pid: Option<i32>,
     /// The most the fleecing images may grow to together (bytes).
     pub fleece_cap: u64,
     pub key: Option<CryptKey>,
@@ -673,10 +677,25 @@ async fn read_all(
             disk: d.name.clone(),
             source,
         };
-        let mut client: NbdClient<UnixStream> =
-            nbd::connect_unix(sock_path(req), &d.name, &contexts)
-                .await
-                .map_err(nbd_err)?;
+        let path = sock_path(req);
+        let stream = UnixStream::connect(&path).await.map_err(|source| {
+            nbd_err(nbd::NbdError::Connect {
+                target: path.display().to_string(),
+                source,
+            })
+        })?;
+        if let Some(pid) = req.server_pid {
+            let peer = stream.peer_cred().ok().and_then(|c| c.pid());
+            if peer != Some(pid) {
+                return Err(CaptureError::Failed(format!(
+                    "the NBD socket of {} is served by process {peer:?}, not QEMU {pid}",
+                    d.name
+                )));
+            }
+        }
+        let mut client: NbdClient<UnixStream> = NbdClient::handshake(stream, &d.name, &contexts)
+            .await
+            .map_err(nbd_err)?;
         if client.size() != size {
             return Err(CaptureError::Failed(format!(
                 "the export of {} is {} bytes, QEMU said {size}",

@@ -122,6 +122,7 @@ fn request(work: PathBuf, cap: u64) -> CaptureRequest {
         socket_dir: work.clone(),
         work_dir: work,
         owner: None,
+        server_pid: None,
         fleece_cap: cap,
         key: None,
     }

@@ -107,6 +107,7 @@ pub async fn capture_offline(
             socket_dir: req.work_dir.clone(),
             work_dir: req.work_dir.clone(),
             owner: None,
+            server_pid: Some(pid),
             fleece_cap: u64::MAX,
             key: req.key,
         },

@@ -116,7 +116,7 @@ fn backups_full_incremental_restore_offline_prune_gc_verify() -> Result<()> {
     let id = lab.ferry_json(&["vm", "show", "bk"])?["id"]
         .as_u64()
         .context("vm id")?;
-    let work = lab.run_dir().join(id.to_string()).join("backup");
+    let work = lab.state_dir().join("backup").join(id.to_string());
     let mut cut = lab.spawn(&["backup", "run", "bk", "--store", "bs"])?;
     ferry_lab::wait_for("the backup under way", Duration::from_secs(60), || {
         Ok(work.join("fleecing.json").exists())
@@ -129,7 +129,9 @@ fn backups_full_incremental_restore_offline_prune_gc_verify() -> Result<()> {
     lab.stop_daemon(true)?;
     let _ = cut.wait();
     lab.start_daemon()?;
-    assert!(!work.join("fleecing.json").exists());
+    ferry_lab::wait_for("the restart's sweep", Duration::from_secs(30), || {
+        Ok(!work.join("fleecing.json").exists())
+    })?;
     assert!(!work.join("fleece0.qcow2").exists() && !work.join("fleece2.qcow2").exists());
     let qemu = lab.vm_state("bk")?.1.context("QEMU pid")?;
     let open: Vec<String> = std::fs::read_dir(format!("/proc/{qemu}/fd"))?

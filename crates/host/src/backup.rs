@@ -293,18 +293,23 @@ impl Host {
             )
         });
         let run = self.run_paths(rec.id);
-        let work = run.dir.join("backup");
+        let work = self.backup_work_dir(rec.id);
         let result = if slot.state().has_process() {
             let owner = self.qemu_identity(rec.id)?.map(|w| (w.uid, w.gid));
             // root's folder QEMU may pass through (its fleecing images are its own files
             // inside), never create, rename or remove entries in
-            std::fs::create_dir_all(&work).map_err(|source| AgentError::Io {
-                what: format!("Create {}", work.display()),
-                source,
-            })?;
-            if let Some((_, gid)) = owner {
-                crate::confine::own(&work, 0, gid, 0o710)?;
+            // (on the state disk, not the run dir's RAM: a busy guest fills it)
+            for d in [work.parent().unwrap_or(&work), &work] {
+                std::fs::create_dir_all(d).map_err(|source| AgentError::Io {
+                    what: format!("Create {}", d.display()),
+                    source,
+                })?;
+                if let Some((_, gid)) = owner {
+                    crate::confine::own(d, 0, gid, 0o710)?;
+                }
             }
+            let cap = FLEECE_CAP.min(free_bytes(&self.inner.cfg.state_dir) / 2);
+            let server_pid = slot.with(|rt| rt.pid);
             let nodes = self.disk_nodes(vm, rec.spec.disks.len()).await;
             let mut disks = Vec::new();
             for (i, d) in rec.spec.disks.iter().enumerate() {
@@ -325,7 +330,8 @@ impl Host {
                     work_dir: work,
                     socket_dir: run.sockets.clone(),
                     owner,
-                    fleece_cap: FLEECE_CAP,
+                    server_pid,
+                    fleece_cap: cap,
                     key: None,
                 },
                 &progress,
@@ -334,6 +340,11 @@ impl Host {
         } else {
             let mut disks = Vec::new();
             for (i, d) in rec.spec.disks.iter().enumerate() {
+                // qemu-storage-daemon runs as root: a header QEMU's user rewrote to name
+                // another file for its data must not make it read that file
+                if let (Some(vol), Ok(dp)) = (&d.volume, self.dir_pool(&d.pool).await) {
+                    dp.check_own_data(vol).await?;
+                }
                 disks.push(OfflineDisk {
                     name: format!("disk{i}"),
                     node: self.offline_node(d).await?,
@@ -409,7 +420,7 @@ impl Host {
             }
         };
         for rec in records {
-            let work = self.run_paths(rec.id).dir.join("backup");
+            let work = self.backup_work_dir(rec.id);
             if !work.exists() {
                 continue;
             }
@@ -458,6 +469,12 @@ impl Host {
     fn fixed_backup(&self, vm: &str, what: &str) {
         tracing::warn!(vm = %vm, "{what}");
         self.inner.events.emit(Some(vm), "repair", what.to_string());
+    }
+
+    /// Where VM `id`'s backups keep their work files (fleecing images, the storage
+    /// daemon's socket, what to undo after a restart): root's, on the state disk.
+    fn backup_work_dir(&self, id: u32) -> PathBuf {
+        self.inner.cfg.state_dir.join("backup").join(id.to_string())
     }
 
     /// Whether a disk keeps a persistent dirty bitmap: a qcow2 volume of a dir pool,
@@ -630,6 +647,19 @@ impl Host {
             for d in &mut spec.disks {
                 d.pool = p.clone();
             }
+        }
+        // disk i of the definition is `disk{i}` of the backup (never matched by position
+        // in a list sorted otherwise)
+        if let Some((i, bd)) = b
+            .disks
+            .iter()
+            .enumerate()
+            .find(|(i, bd)| bd.name != format!("disk{i}"))
+        {
+            return Err(AgentError::failed(
+                Failure::Corrupt,
+                format!("backup {id}: disk {i} is named {}", bd.name),
+            ));
         }
         for (d, bd) in spec.disks.iter_mut().zip(&b.disks) {
             if self.dir_pool(&d.pool).await.is_err() {

@@ -229,7 +229,11 @@ impl Host {
         host.start_replication().await?;
         host.adopt_all().await?;
         host.repair().await?;
-        host.sweep_backups().await;
+        // in the background: a store on a share that hangs must not hold the start up
+        tokio::spawn({
+            let h = host.clone();
+            async move { h.sweep_backups().await }
+        });
         tokio::spawn(host.clone().history_loop());
         tokio::spawn(host.clone().backup_jobs_loop());
         tokio::spawn(host.clone().serial_log_loop());

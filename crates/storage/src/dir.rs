@@ -334,6 +334,31 @@ impl DirPool {
         meta::write(&self.path, name, &VolumeMeta::plain(format))
     }
 
+    /// Checks that a volume's header names no other file to open as its data (an
+    /// external data file) and is not encrypted, before a root-run program reads it:
+    /// QEMU's user can write the header of a volume its VM uses.
+    pub async fn check_own_data(&self, name: &str) -> Result<(), StorageError> {
+        let p = self.existing(name)?;
+        let format = meta::read(&self.path, name)?.format;
+        let v = qemu_img::info_json(self.tool(), &p, format.as_str()).await?;
+        let refuse = |reason: String| StorageError::Refused {
+            path: p.display().to_string(),
+            reason,
+        };
+        if let Some(f) = v["format-specific"]["data"]
+            .get("data-file")
+            .and_then(|f| f.as_str())
+        {
+            return Err(refuse(format!(
+                "its header names another file for its data ({f})"
+            )));
+        }
+        if v.get("encrypted").and_then(|e| e.as_bool()) == Some(true) {
+            return Err(refuse("it is encrypted".into()));
+        }
+        Ok(())
+    }
+
     /// Internal qcow2 snapshots of a stopped volume: `-c` create, `-a` apply, `-d` delete.
     pub async fn snapshot(
         &self,

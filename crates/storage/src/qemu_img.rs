@@ -224,9 +224,12 @@ async fn drop_bitmaps(path: &Path) -> Result<(), StorageError> {
         run(
             "snapshot",
             &[
+                // the names come from the image (QEMU's user can write them): after
+                // `--` nothing is taken for an option
                 "bitmap".as_ref(),
                 "--remove".as_ref(),
                 "--image-opts".as_ref(),
+                "--".as_ref(),
                 opts.as_os_str(),
                 n.as_ref(),
             ],

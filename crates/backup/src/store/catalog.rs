@@ -133,6 +133,10 @@ impl Catalog {
         conn.pragma_update(None, "journal_mode", "DELETE")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        // the file may come from a share someone else writes: no SQL of theirs runs
+        conn.pragma_update(None, "trusted_schema", "OFF")?;
+        conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true)?;
+        check_schema(&conn)?;
         conn.execute_batch(SCHEMA)?;
         let version: Option<String> = conn
             .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
@@ -357,7 +361,7 @@ impl Catalog {
     pub fn disks(&self, snapshot: &str) -> Result<Vec<DiskRow>, StoreError> {
         let mut st = self.conn.prepare(
             "SELECT name, size, mode, reason, read_bytes, new_bytes, length(chunk_index) / 32, bitmap
-             FROM disks WHERE snapshot = ?1 ORDER BY name",
+             FROM disks WHERE snapshot = ?1 ORDER BY length(name), name",
         )?;
         let rows = st
             .query_map(params![snapshot], |r| {
@@ -549,6 +553,41 @@ impl Catalog {
         )?;
         Ok(())
     }
+}
+
+/// Refuses a catalog holding anything ferry did not make (a trigger or view runs SQL on
+/// every change or read; a table of another shape would be read as ours).
+fn check_schema(conn: &Connection) -> Result<(), StoreError> {
+    const KNOWN: [&str; 10] = [
+        "meta",
+        "snapshots",
+        "snapshots_vm",
+        "disks",
+        "refs",
+        "refs_digest",
+        "chunks",
+        "chunks_unreferenced",
+        "sqlite_sequence",
+        "sqlite_stat1",
+    ];
+    let mut st = conn.prepare("SELECT type, name FROM sqlite_master")?;
+    let objects = st
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+        .collect::<Result<Vec<_>, _>>()?;
+    for (kind, name) in objects {
+        let ok = match kind.as_str() {
+            "table" | "index" => {
+                KNOWN.contains(&name.as_str()) || name.starts_with("sqlite_autoindex_")
+            }
+            _ => false,
+        };
+        if !ok {
+            return Err(StoreError::Corrupt(format!(
+                "the catalog holds a {kind} {name:?} ferry never made: refusing to use it"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn unref(tx: &rusqlite::Transaction<'_>, snapshot: &str, d: &Digest) -> Result<(), StoreError> {

@@ -32,6 +32,8 @@ const ZSTD_LEVEL: i32 = 1;
 /// The largest payload a chunk file may hold: incompressible data stored plain plus
 /// the encryption overhead.
 const MAX_PAYLOAD: usize = CHUNK_SIZE + NONCE_LEN + TAG_LEN;
+/// The largest chunk file.
+pub const MAX_FILE: usize = HEADER_LEN + MAX_PAYLOAD;
 
 /// A chunk's name: 32 bytes of BLAKE3.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -158,6 +158,9 @@ impl Store {
 
     fn clean_tmp(&self) {
         let dir = self.root().join("chunks/.tmp");
+        if super::real_dir(&dir).is_err() {
+            return;
+        }
         let Ok(rd) = std::fs::read_dir(&dir) else {
             return;
         };
@@ -259,7 +262,8 @@ impl Store {
         let mut seen = std::collections::HashSet::new();
         for dir in rd.filter_map(Result::ok) {
             let name = dir.file_name().to_string_lossy().to_string();
-            if name.len() != 2 {
+            // a link in a store's folder is never followed
+            if name.len() != 2 || !dir.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
             }
             let Ok(files) = std::fs::read_dir(dir.path()) else {

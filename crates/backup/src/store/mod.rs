@@ -127,19 +127,12 @@ impl Store {
     /// Opens an existing store.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
         let cfg_path = root.join(CONFIG_FILE);
-        let body = std::fs::read(&cfg_path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
+        let body = read_regular(&cfg_path, 64 << 10).map_err(|e| match e {
+            StoreError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
                 StoreError::NotAStore(format!("{} has no {CONFIG_FILE}", root.display()))
-            } else {
-                StoreError::io(&cfg_path, e)
             }
+            other => other,
         })?;
-        if body.len() > 64 << 10 {
-            return Err(StoreError::NotAStore(format!(
-                "{} is too large",
-                cfg_path.display()
-            )));
-        }
         let config: StoreConfig = serde_json::from_slice(&body)
             .map_err(|e| StoreError::NotAStore(format!("{}: {e}", cfg_path.display())))?;
         if config.format != FORMAT {
@@ -162,7 +155,22 @@ impl Store {
                 chunk::CHUNK_SIZE
             )));
         }
-        let catalog = Catalog::open(&root.join("catalog.sqlite"))?;
+        // a store folder may be a share someone else controls: nothing in it is
+        // followed through a symbolic link, nothing read beyond what it can hold
+        for d in ["chunks", "chunks/.tmp"] {
+            real_dir(&root.join(d))?;
+        }
+        let cat = root.join("catalog.sqlite");
+        match std::fs::symlink_metadata(&cat) {
+            Ok(m) if !m.file_type().is_file() => {
+                return Err(StoreError::Corrupt(format!(
+                    "{} is not a regular file",
+                    cat.display()
+                )))
+            }
+            _ => {}
+        }
+        let catalog = Catalog::open(&cat)?;
         Ok(Store {
             root: root.to_path_buf(),
             config,
@@ -189,10 +197,11 @@ impl Store {
         self.root.join("chunks").join(&hex[..2]).join(hex)
     }
 
-    /// Reads a chunk file (no checks: see [`chunk::decode`]).
+    /// Reads a chunk file (no checks of its content: see [`chunk::decode`]): a regular
+    /// file, never through a link, at most as large as a chunk file can be.
     pub(crate) fn read_chunk_file(&self, d: &Digest) -> Result<Vec<u8>, StoreError> {
         let p = self.chunk_path(d);
-        std::fs::read(&p).map_err(|e| StoreError::io(&p, e))
+        read_regular(&p, chunk::MAX_FILE as u64)
     }
 
     /// The plain data of a chunk, checked against its name.
@@ -210,14 +219,22 @@ impl Store {
         let dir = dest
             .parent()
             .ok_or_else(|| StoreError::Internal("chunk path without parent".into()))?;
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
-        let tmp = self.root.join("chunks/.tmp").join(format!(
-            "{}.{}",
-            d.hex(),
-            uuid::Uuid::new_v4().simple()
-        ));
+        match std::fs::create_dir(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => real_dir(dir)?,
+            Err(e) => return Err(StoreError::io(dir, e)),
+        }
+        let tmp_dir = self.root.join("chunks/.tmp");
+        real_dir(&tmp_dir)?;
+        let tmp = tmp_dir.join(format!("{}.{}", d.hex(), uuid::Uuid::new_v4().simple()));
         let r = (|| {
-            let mut f = std::fs::File::create(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&tmp)
+                .map_err(|e| StoreError::io(&tmp, e))?;
             f.write_all(body).map_err(|e| StoreError::io(&tmp, e))?;
             f.sync_all().map_err(|e| StoreError::io(&tmp, e))?;
             std::fs::rename(&tmp, &dest).map_err(|e| StoreError::io(&dest, e))
@@ -241,6 +258,11 @@ impl Store {
 
     pub(crate) fn remove_chunk_file(&self, d: &Digest) -> Result<(), StoreError> {
         let p = self.chunk_path(d);
+        if let Some(dir) = p.parent() {
+            if dir.exists() {
+                real_dir(dir)?;
+            }
+        }
         match std::fs::remove_file(&p) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -306,6 +328,57 @@ pub(crate) fn unix_now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+/// `path` must be a folder itself, not a link to one (a store's folders may be on a
+/// share someone else writes: a link could send root's writes and deletes anywhere).
+pub(crate) fn real_dir(path: &Path) -> Result<(), StoreError> {
+    let m = std::fs::symlink_metadata(path).map_err(|e| StoreError::io(path, e))?;
+    if m.file_type().is_dir() {
+        Ok(())
+    } else {
+        Err(StoreError::Corrupt(format!(
+            "{} is not a folder (a link or a file): refusing to use it",
+            path.display()
+        )))
+    }
+}
+
+/// A regular file's content, never through a link, at most `limit` bytes (a FIFO or a
+/// device in its place is refused without blocking).
+pub(crate) fn read_regular(path: &Path, limit: u64) -> Result<Vec<u8>, StoreError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| StoreError::io(path, e))?;
+    let m = f.metadata().map_err(|e| StoreError::io(path, e))?;
+    if !m.file_type().is_file() {
+        return Err(StoreError::Corrupt(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    if m.len() > limit {
+        return Err(StoreError::Corrupt(format!(
+            "{} is {} bytes, more than {limit}",
+            path.display(),
+            m.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(usize::try_from(m.len()).unwrap_or(0));
+    f.take(limit + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| StoreError::io(path, e))?;
+    if out.len() as u64 > limit {
+        return Err(StoreError::Corrupt(format!(
+            "{} grew past {limit} bytes",
+            path.display()
+        )));
+    }
+    Ok(out)
 }
 
 fn write_atomic(path: &Path, body: &[u8]) -> Result<(), StoreError> {

@@ -352,3 +352,38 @@ fn store_two_hosts_writing_while_gc_runs_lose_no_chunk() {
         }
     }
 }
+
+#[test]
+fn store_on_a_hostile_share_follows_no_link_and_runs_no_sql_of_its_own() {
+    let (_d, store) = new_store();
+    let data = disk(1, 6);
+    let a = backup(&store, "web", &data, None);
+    let outside = tempfile::tempdir().unwrap();
+    let bait = outside.path().join("precious");
+    std::fs::write(&bait, b"keep me").unwrap();
+    // a chunk file swapped for a link to a host file: never read through
+    let victim = store.index(&a, "disk0").unwrap()[0];
+    let path = store.chunk_path(&victim);
+    std::fs::remove_file(&path).unwrap();
+    std::os::unix::fs::symlink(&bait, &path).unwrap();
+    assert!(store.read_chunk(&victim, None).is_err());
+    // the work folder swapped for a link: the store is refused, nothing there removed
+    let tmp = store.root().join("chunks/.tmp");
+    std::fs::remove_dir(&tmp).unwrap();
+    std::os::unix::fs::symlink(outside.path(), &tmp).unwrap();
+    assert!(matches!(
+        Store::open(store.root()),
+        Err(StoreError::Corrupt(_))
+    ));
+    assert_eq!(std::fs::read(&bait).unwrap(), b"keep me");
+    std::fs::remove_file(&tmp).unwrap();
+    std::fs::create_dir(&tmp).unwrap();
+    // a trigger planted in the catalog: refused before any statement runs
+    store
+        .catalog()
+        .conn_for_tests()
+        .execute_batch("CREATE TRIGGER t AFTER DELETE ON chunks BEGIN SELECT 1; END;")
+        .unwrap();
+    let e = Store::open(store.root()).err().unwrap();
+    assert!(e.to_string().contains("never made"), "{e}");
+}
