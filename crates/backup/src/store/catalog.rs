@@ -197,14 +197,17 @@ impl Catalog {
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut missing = Vec::new();
         for (d, plain) in chunks {
-            let bad: Option<i64> = tx
+            let row: Option<(i64, i64)> = tx
                 .query_row(
-                    "SELECT bad FROM chunks WHERE digest = ?1",
+                    "SELECT bad, refs FROM chunks WHERE digest = ?1",
                     params![&d.0[..]],
-                    |r| r.get(0),
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?;
-            if bad != Some(0) {
+            // no row, a damaged chunk, or one nothing references — whose file a
+            // collection that failed half-way may have removed (its rows rolled back,
+            // the unlinks not): make sure the file is there
+            if !matches!(row, Some((0, refs)) if refs > 0) {
                 match ensure(d)? {
                     Some(stored) => {
                         tx.execute(

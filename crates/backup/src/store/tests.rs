@@ -387,3 +387,16 @@ fn store_on_a_hostile_share_follows_no_link_and_runs_no_sql_of_its_own() {
     let e = Store::open(store.root()).err().unwrap();
     assert!(e.to_string().contains("never made"), "{e}");
 }
+
+#[test]
+fn store_chunk_whose_file_a_failed_collection_removed_is_written_again() {
+    let (_d, store) = new_store();
+    let data = disk(1, 11);
+    let a = backup(&store, "web", &data, None);
+    let first = store.index(&a, "disk0").unwrap()[0];
+    store.delete(&a).unwrap();
+    // a collection unlinked the file, then failed: its row came back (refs 0)
+    std::fs::remove_file(store.chunk_path(&first)).unwrap();
+    let b = backup(&store, "web", &data, None);
+    assert_eq!(restore(&store, &b, None), data);
+}

@@ -33,10 +33,15 @@
 //! a simulated cluster (agents on fake machines in this process) against a real
 //! 3-voter etcd: idle etcd writes, proposals and bytes, admission and a DRS round.
 //!
-//! Usage: `ferry-bench [core|snapshots|migration|failover|drs|replication|tls|scale] [--runs N] [--vms N] [--json]` (as root; the
+//! `ferry-bench backup [--disk-gib 8] [--data-gib 4] [--clones 10] [--gc-chunks 100000]`:
+//! full and incremental backups of a running QEMU's disk, guest writes during a backup,
+//! dedup of clones, restore, verify and GC, against `qemu-img` (no lab needed).
+//!
+//! Usage: `ferry-bench [core|snapshots|migration|failover|drs|replication|tls|scale|backup] [--runs N] [--vms N] [--json]` (as root; the
 //! `ferry` binary next to this one, or `FERRY_BIN`). Everything runs in a lab namespace,
 //! removed at the end.
 
+mod backupbench;
 mod drsbench;
 mod failbench;
 mod migbench;
@@ -294,6 +299,9 @@ fn main() -> Result<()> {
     }
     if std::env::args().nth(1).as_deref() == Some("voters") {
         return scalebench::voters();
+    }
+    if std::env::args().nth(1).as_deref() == Some("backup") {
+        return backupbench::run();
     }
     if std::env::args().nth(1).as_deref() == Some("tls") {
         return tlsbench::run();
