@@ -71,7 +71,7 @@ pub async fn gc_store(
         &store,
         move |ctx| async move {
             let r = agent.gc_backup_store(&s).await?;
-            ctx.result(r);
+            ctx.result(serde_json::to_value(&r).unwrap_or_default());
             Ok(())
         },
     )))
@@ -95,8 +95,8 @@ pub async fn verify_store(
             let r = agent
                 .verify_backup_store(&s, req.since_days, Some(&ctx))
                 .await?;
-            let bad = r["bad"].as_array().map_or(0, Vec::len);
-            ctx.result(r);
+            let bad = r.bad.len();
+            ctx.result(serde_json::to_value(&r).unwrap_or_default());
             if bad > 0 {
                 return Err(ferry_agent::AgentError::failed(
                     ferry_agent::Failure::Corrupt,

@@ -4,9 +4,9 @@
 
 use super::*;
 use ferry_types::{
-    Backup, BackupJob, BackupJobSpec, BackupKeep, BackupList, BackupPrune, BackupRestore,
-    BackupRun, BackupSelection, BackupStore, BackupStoreCreate, BackupStoreInfo, BackupVerify,
-    PruneResult,
+    Backup, BackupGcReport, BackupJob, BackupJobResult, BackupJobSpec, BackupKeep, BackupList,
+    BackupPrune, BackupRestore, BackupRun, BackupSelection, BackupStore, BackupStoreCreate,
+    BackupStoreInfo, BackupVerify, BackupVerifyReport, PruneResult,
 };
 
 #[derive(Subcommand, Debug)]
@@ -426,14 +426,15 @@ pub(crate) async fn run(c: &Client, g: &Global, cmd: BackupCmd) -> Result<()> {
                 )
                 .await?;
             let done = c.wait_task(t, g.json).await?;
-            let r = done.result.unwrap_or_default();
+            let r: BackupGcReport = serde_json::from_value(done.result.unwrap_or_default())
+                .context("the garbage collection's result")?;
             if g.json {
                 return print_json(&r);
             }
             println!(
                 "{} chunks removed, {} freed",
-                r["removed_chunks"],
-                ByteSize(r["freed_bytes"].as_u64().unwrap_or(0))
+                r.removed_chunks,
+                ByteSize(r.freed_bytes)
             );
             Ok(())
         }
@@ -447,13 +448,14 @@ pub(crate) async fn run(c: &Client, g: &Global, cmd: BackupCmd) -> Result<()> {
                 )
                 .await?;
             let done = c.wait_task(t, g.json).await?;
-            let r = done.result.unwrap_or_default();
+            let r: BackupVerifyReport = serde_json::from_value(done.result.unwrap_or_default())
+                .context("the verify's result")?;
             if g.json {
                 return print_json(&r);
             }
             println!(
                 "{} chunks checked ({} by checksum only), none damaged",
-                r["checked_chunks"], r["crc_only"]
+                r.checked_chunks, r.crc_only
             );
             Ok(())
         }
@@ -560,11 +562,16 @@ async fn job(c: &Client, g: &Global, cmd: JobCmd) -> Result<()> {
                 )
                 .await?;
             let done = c.wait_task(t, g.json).await?;
-            let r = done.result.unwrap_or_default();
+            let r: BackupJobResult = serde_json::from_value(done.result.unwrap_or_default())
+                .context("the job's result")?;
             if g.json {
                 return print_json(&r);
             }
-            println!("backup job {name}: {}", r["backed_up"]);
+            println!(
+                "backup job {name}: {} backed up, {} failed",
+                r.backed_up.join(", "),
+                r.failed.len()
+            );
             Ok(())
         }
     }

@@ -817,7 +817,7 @@ impl Host {
         })
     }
 
-    pub async fn gc_backup_store(&self, name: &str) -> Result<serde_json::Value> {
+    pub async fn gc_backup_store(&self, name: &str) -> Result<ferry_types::BackupGcReport> {
         let (_, store) = self.open_backup_store(name).await?;
         let me = self.host_name().to_string();
         let report = blocking(move || store.gc(&me)).await?;
@@ -829,8 +829,7 @@ impl Host {
                 report.removed_chunks, report.freed_bytes
             ),
         );
-        serde_json::to_value(report)
-            .map_err(|e| AgentError::failed(Failure::Internal, e.to_string()))
+        Ok(report)
     }
 
     pub async fn verify_backup_store(
@@ -838,7 +837,7 @@ impl Host {
         name: &str,
         since_days: Option<u32>,
         ctx: Option<&TaskCtx>,
-    ) -> Result<serde_json::Value> {
+    ) -> Result<ferry_types::BackupVerifyReport> {
         let (_, store) = self.open_backup_store(name).await?;
         let progress = Arc::new(Progress::default());
         let p2 = Arc::clone(&progress);
@@ -866,7 +865,6 @@ impl Host {
                 ),
             );
         }
-        serde_json::to_value(report)
-            .map_err(|e| AgentError::failed(Failure::Internal, e.to_string()))
+        Ok(report)
     }
 }

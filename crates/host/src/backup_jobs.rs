@@ -339,12 +339,10 @@ impl Host {
                     return Err(bad(task.error.unwrap_or_else(|| "failed".into())))
                 }
                 TaskState::Succeeded => {
-                    return Ok(task
-                        .result
-                        .as_ref()
-                        .and_then(|r| r["id"].as_str())
-                        .unwrap_or("?")
-                        .to_string())
+                    let b: ferry_types::Backup =
+                        serde_json::from_value(task.result.unwrap_or_default())
+                            .map_err(|e| bad(format!("{host}'s backup of {vm}: {e}")))?;
+                    return Ok(b.id);
                 }
             }
         }

@@ -277,3 +277,30 @@ pub struct BackupJobFailure {
     pub vm: String,
     pub error: String,
 }
+
+/// What a garbage collection of a store did.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BackupGcReport {
+    /// Unfinished backups of dead writers removed first.
+    pub stale_snapshots: Vec<String>,
+    pub removed_chunks: u64,
+    pub freed_bytes: u64,
+}
+
+/// A damaged chunk and the backups that use it.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BackupBadChunk {
+    pub digest: String,
+    pub error: String,
+    pub backups: Vec<String>,
+}
+
+/// What a verify of a store found.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BackupVerifyReport {
+    pub checked_chunks: u64,
+    pub checked_bytes: u64,
+    /// Encrypted chunks checked by their CRC only (no key given).
+    pub crc_only: u64,
+    pub bad: Vec<BackupBadChunk>,
+}

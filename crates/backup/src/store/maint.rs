@@ -44,28 +44,10 @@ fn writer_alive(owner: &str, my_host: &str) -> Option<bool> {
     Some(start_time(pid) == Some(started))
 }
 
-#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct GcReport {
-    pub stale_snapshots: Vec<String>,
-    pub removed_chunks: u64,
-    pub freed_bytes: u64,
-}
-
-#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct BadChunk {
-    pub digest: String,
-    pub error: String,
-    pub backups: Vec<String>,
-}
-
-#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct VerifyReport {
-    pub checked_chunks: u64,
-    pub checked_bytes: u64,
-    /// Encrypted chunks checked by their CRC only (no key given).
-    pub crc_only: u64,
-    pub bad: Vec<BadChunk>,
-}
+/// The API's report types (one definition for the store, the daemon and the CLI).
+pub use ferry_types::{
+    BackupBadChunk as BadChunk, BackupGcReport as GcReport, BackupVerifyReport as VerifyReport,
+};
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct RepairReport {
