@@ -345,14 +345,22 @@ impl Host {
                 format!("VM {name} already exists"),
             ));
         }
-        if let Some(cache) = self.inner.cluster.as_ref().and_then(|c| c.synced_cache()) {
-            return match cache.vm_host(name) {
-                Some(h) => Err(AgentError::refused(
+        if let Some(c) = &self.inner.cluster {
+            if let Some(cache) = c.synced_cache() {
+                let Some(h) = cache.vm_host(name) else {
+                    return Ok(());
+                };
+                // The cache may lag a delete: a refusal is confirmed by the record.
+                let key =
+                    ferry_store::keys::cluster::of_host(&h, &ferry_store::keys::host::vm(name));
+                if c.root.get(&key).await?.is_none() {
+                    return Ok(());
+                }
+                return Err(AgentError::refused(
                     Refusal::Exists,
                     format!("VM {name} already exists on host {h}"),
-                )),
-                None => Ok(()),
-            };
+                ));
+            }
         }
         self.check_name_free_in_store(name).await
     }
