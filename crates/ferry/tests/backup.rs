@@ -40,6 +40,27 @@ fn content(file: &Path) -> Result<Vec<u8>> {
     Ok(data)
 }
 
+/// Fills disk `i` of stopped VM `vm` with `mib` MiB of random data from the host;
+/// returns the data.
+fn random_disk(lab: &Lab, vm: &str, i: usize, mib: u64) -> Result<Vec<u8>> {
+    let random = lab.dir.join("random.raw");
+    let ok = Command::new("dd")
+        .args(["if=/dev/urandom", "bs=1M", "status=none"])
+        .arg(format!("count={mib}"))
+        .arg(format!("of={}", random.display()))
+        .status()?;
+    anyhow::ensure!(ok.success(), "dd");
+    let ok = Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "raw", "-O", "qcow2"])
+        .arg(&random)
+        .arg(volume_file(lab, vm, i)?)
+        .status()?;
+    anyhow::ensure!(ok.success(), "qemu-img convert");
+    let data = std::fs::read(&random)?;
+    std::fs::remove_file(&random)?;
+    Ok(data)
+}
+
 fn disk<'a>(b: &'a Value, name: &str) -> &'a Value {
     b["disks"]
         .as_array()
@@ -82,19 +103,7 @@ fn backups_full_incremental_restore_offline_prune_gc_verify() -> Result<()> {
     )?;
     // disk2: 256 MiB of random data, written from the host before the VM starts
     // (reading and storing it takes a while: the daemon is killed in the middle)
-    let random = lab.dir.join("random.raw");
-    let ok = Command::new("dd")
-        .args(["if=/dev/urandom", "bs=1M", "count=256", "status=none"])
-        .arg(format!("of={}", random.display()))
-        .status()?;
-    anyhow::ensure!(ok.success(), "dd");
-    let ok = Command::new("qemu-img")
-        .args(["convert", "-n", "-f", "raw", "-O", "qcow2"])
-        .arg(&random)
-        .arg(volume_file(&lab, "bk", 2)?)
-        .status()?;
-    anyhow::ensure!(ok.success(), "qemu-img convert");
-    std::fs::remove_file(&random)?;
+    random_disk(&lab, "bk", 2, 256)?;
     lab.ferry_ok(&["vm", "start", "bk"])?;
     lab.wait_console("bk", "FERRY-READY", Duration::from_secs(120))?;
     lab.guest_sh(
@@ -357,5 +366,162 @@ fn backups_full_incremental_restore_offline_prune_gc_verify() -> Result<()> {
         events.contains(&id6),
         "the event names the backup: {events}"
     );
+    Ok(())
+}
+
+/// The md5 of `data` (as the guest's `md5sum` prints it).
+fn md5(data: &[u8]) -> Result<String> {
+    use std::io::Write;
+    let mut c = Command::new("md5sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    c.stdin.take().context("stdin")?.write_all(data)?;
+    let out = c.wait_with_output()?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string())
+}
+
+/// Live-restore: the VM runs from its backup at once (its disks empty qcow2 volumes
+/// reading what they lack from the daemon's NBD export of the backup), the guest reads
+/// backed-up data that was not copied yet, writes records all along; the daemon is
+/// SIGKILLed in the middle and the restore goes on after its restart; at the end the
+/// disks hold the backup byte for byte, with no backing, and every acknowledged
+/// record. While it runs, what would need the data in one place is refused.
+#[test]
+fn live_restore_runs_at_once_and_survives_a_daemon_kill() -> Result<()> {
+    let mut lab = Lab::new(env!("CARGO_BIN_EXE_ferry"))?;
+    lab.start_daemon()?;
+    let store_dir = lab.dir.join("backups");
+    lab.ferry_ok(&[
+        "backup-store",
+        "create",
+        "bs",
+        "--path",
+        store_dir.to_str().context("path")?,
+    ])?;
+    lab.create_test_vm(
+        "src",
+        "10.77.0.40",
+        &[
+            "--disk",
+            "bus=virtio,size=64M",
+            "--disk",
+            "bus=scsi,size=24M",
+        ],
+    )?;
+    let want0 = random_disk(&lab, "src", 0, 64)?;
+    let b = lab.ferry_json(&["backup", "run", "src", "--store", "bs"])?;
+    let id = b["id"].as_str().context("backup id")?.to_string();
+
+    // Bad requests change nothing.
+    let o = lab.ferry(&["backup", "restore", &id, "--as", "x", "--bwlimit", "1M"])?;
+    assert!(!o.status.success(), "{o:?}");
+    let o = lab.ferry(&["backup", "restore", "nosuch", "--as", "x", "--live"])?;
+    assert!(!o.status.success(), "{o:?}");
+    assert!(lab.ferry(&["vm", "show", "x"])?.status.code() != Some(0));
+
+    // At 2 MiB/s the 88 MiB take ~45 s to fill: the VM runs long before.
+    lab.ferry_ok(&[
+        "backup",
+        "restore",
+        &id,
+        "--as",
+        "lr",
+        "--live",
+        "--bwlimit",
+        "2M",
+    ])?;
+    assert_eq!(lab.vm_state("lr")?.0, "running");
+    lab.wait_console("lr", "FERRY-READY", Duration::from_secs(120))?;
+    let v = lab.ferry_json(&["vm", "show", "lr"])?;
+    assert_eq!(v["live_restore"]["backup"], id.as_str(), "{v}");
+    // The last MiB of disk0 is not copied yet: the guest reads it from the backup.
+    let sum = lab.guest_sh(
+        "lr",
+        "dd if=/dev/vda bs=1M skip=63 count=1 2>/dev/null | md5sum",
+    )?;
+    assert!(
+        sum.contains(&md5(&want0[63 << 20..])?),
+        "the guest read {sum}"
+    );
+    lab.guest_sh(
+        "lr",
+        &format!("{RECORD_WRITER}; (ferry_writer w1 /dev/sda 0 > /dev/null 2>&1 &)"),
+    )?;
+    std::thread::sleep(Duration::from_secs(2));
+    // Its data is in two places: no snapshot, backup or migration now.
+    for args in [
+        &["vm", "snapshot", "lr", "s1"][..],
+        &["backup", "run", "lr", "--store", "bs"][..],
+    ] {
+        let o = lab.ferry(args)?;
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("live-restored"),
+            "{args:?}: {o:?}"
+        );
+    }
+
+    // The daemon killed mid-restore: the VM lives on; the restore resumes.
+    let qemu = lab.vm_state("lr")?.1.context("QEMU pid")?;
+    lab.stop_daemon(true)?;
+    std::thread::sleep(Duration::from_secs(4));
+    lab.start_daemon()?;
+    assert_eq!(lab.vm_state("lr")?.1, Some(qemu), "the same QEMU");
+    let v = lab.ferry_json(&["vm", "show", "lr"])?;
+    assert!(v["live_restore"].is_object(), "finished too early: {v}");
+    let ended = ferry_lab::wait_for("the live-restore's end", Duration::from_secs(240), || {
+        Ok(lab.ferry_json(&["vm", "show", "lr"])?["live_restore"].is_null())
+    });
+    if let Err(e) = ended {
+        let events = lab.ferry_ok(&["events", "--vm", "lr"]).unwrap_or_default();
+        let log = lab.daemon_log();
+        let tail = &log[log.len().saturating_sub(6000)..];
+        anyhow::bail!("{e}\nevents:\n{events}\ndaemon log:\n{tail}");
+    }
+    assert_eq!(lab.vm_state("lr")?.0, "running");
+    let acked: u64 = lab.guest_sh("lr", "cat /tmp/writer-seq")?.trim().parse()?;
+    lab.guest_sh("lr", "touch /tmp/stop-writer; sleep 1; sync; echo ok")?;
+    let events = lab.ferry_ok(&["events", "--vm", "lr"])?;
+    assert!(events.contains("finished"), "{events}");
+
+    // The volumes alone hold everything.
+    for i in 0..2 {
+        let info = Command::new("qemu-img")
+            .args(["info", "-U", "--output=json"])
+            .arg(volume_file(&lab, "lr", i)?)
+            .output()?;
+        let info: Value = serde_json::from_slice(&info.stdout)?;
+        assert_eq!(info["format"], "qcow2", "{info}");
+        assert!(info.get("backing-filename").is_none(), "{info}");
+    }
+    let got0 = content(&volume_file(&lab, "lr", 0)?)?;
+    if got0 != want0 {
+        let diff: Vec<usize> = (0..64)
+            .filter(|m| got0[m << 20..(m + 1) << 20] != want0[m << 20..(m + 1) << 20])
+            .collect();
+        let map = Command::new("qemu-img")
+            .args(["map", "-U", "--output=json"])
+            .arg(volume_file(&lab, "lr", 0)?)
+            .output()?;
+        anyhow::bail!(
+            "disk0 differs from the backup in MiB {diff:?} ({} vs {} bytes); map {}; events {}",
+            got0.len(),
+            want0.len(),
+            String::from_utf8_lossy(&map.stdout),
+            lab.ferry_ok(&["events", "--vm", "lr"])?
+        );
+    }
+    let rep = verify_records(&volume_file(&lab, "lr", 1)?)?;
+    assert!(rep.is_clean(), "{rep}");
+    assert!(
+        rep.last_seq.unwrap_or(0) >= acked,
+        "{rep}, {acked} acknowledged"
+    );
+    // And it is an ordinary VM again.
+    lab.ferry_ok(&["vm", "snapshot", "lr", "s1"])?;
     Ok(())
 }

@@ -51,7 +51,7 @@ fn capture_err(e: capture::CaptureError) -> AgentError {
 }
 
 /// Runs blocking store work.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> std::result::Result<T, StoreError> + Send + 'static,
 ) -> Result<T> {
     tokio::task::spawn_blocking(f)
@@ -214,7 +214,7 @@ impl Host {
         Ok(())
     }
 
-    async fn open_backup_store(&self, name: &str) -> Result<(BackupStore, Arc<Store>)> {
+    pub(crate) async fn open_backup_store(&self, name: &str) -> Result<(BackupStore, Arc<Store>)> {
         let def = self.backup_store(name).await?;
         let path = PathBuf::from(&def.path);
         let store = blocking(move || Store::open(&path)).await?;
@@ -263,6 +263,7 @@ impl Host {
         let slot = op.slot().clone();
         let (rec, _) = self.record(vm).await?;
         slot.state().check(ferry_types::VmAction::Backup)?;
+        self.refuse_live_restoring(&rec, "back it up")?;
         if rec.transit.is_some() {
             return Err(AgentError::refused(
                 Refusal::Busy,
@@ -670,6 +671,24 @@ impl Host {
             d.size = Some(ferry_types::ByteSize(bd.size));
             d.nonpersistent = false;
         }
+        let live = req.live.then(|| ferry_types::LiveRestoreInfo {
+            store: b.store.clone(),
+            backup: b.id.clone(),
+            bwlimit: req.bwlimit,
+        });
+        if let Some(lr) = &live {
+            // the volumes read what they lack from the backup: qcow2 over it
+            for d in &mut spec.disks {
+                if self.replicated_pool(&d.pool).await?.is_some() {
+                    return Err(AgentError::refused(
+                        Refusal::Unsupported,
+                        format!("a live-restore fills qcow2 volumes of a directory pool; {} is replicated (restore without --live)", d.pool),
+                    ));
+                }
+                d.format = ferry_types::DiskFormat::Qcow2;
+            }
+            self.open_restore_images(lr, spec.disks.len()).await?;
+        }
         spec.validate()?;
         self.check_resource_pool(&spec).await?;
         self.check_name_free(&spec.name).await?;
@@ -678,7 +697,10 @@ impl Host {
         self.assign_new_macs(&mut spec, id).await?;
         // the start-up repair removes vm-{id}-* volumes of an intent without a record
         self.write_intent(id, &spec.name, "restore").await?;
-        let r = self.restore_into(id, &mut spec, &store, &b, ctx).await;
+        let r = match &live {
+            Some(_) => self.live_volumes(id, &mut spec).await,
+            None => self.restore_into(id, &mut spec, &store, &b, ctx).await,
+        };
         let made = match r {
             Ok(made) => made,
             Err(e) => {
@@ -686,9 +708,9 @@ impl Host {
                 return Err(e);
             }
         };
-        let created = self
-            .create_new_record(&crate::records::VmRecord::new(id, spec.clone()))
-            .await;
+        let mut rec = crate::records::VmRecord::new(id, spec.clone());
+        rec.live_restore = live.clone();
+        let created = self.create_new_record(&rec).await;
         self.clear_intent(id).await;
         match created {
             Ok(true) => {}
@@ -710,7 +732,7 @@ impl Host {
             "backup",
             format!("{} restored from backup {id} of {}", vm.spec.name, b.vm),
         );
-        if req.start && vm.state == VmState::Stopped {
+        if (req.start || req.live) && vm.state == VmState::Stopped {
             self.start_vm(&vm.spec.name).await?;
             return self.get_vm(&vm.spec.name).await;
         }
@@ -750,6 +772,31 @@ impl Host {
                     return Err(e);
                 }
             }
+        }
+        Ok(made)
+    }
+
+    /// A live-restore's volumes: `vm-{id}-disk-{i}`, empty qcow2 of each disk's size
+    /// (what they lack is read from the backup). On failure the ones made are removed.
+    async fn live_volumes(&self, id: u32, spec: &mut VmSpec) -> Result<Vec<(String, String)>> {
+        let mut made: Vec<(String, String)> = Vec::new();
+        for (i, d) in spec.disks.iter_mut().enumerate() {
+            let vol = format!("vm-{id}-disk-{i}");
+            let size = d.size.unwrap_or_default();
+            let r = match self.dir_pool(&d.pool).await {
+                Ok(dp) => dp
+                    .create(&vol, size, ferry_types::DiskFormat::Qcow2)
+                    .await
+                    .map_err(AgentError::from),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = r {
+                self.remove_volumes(&made).await;
+                return Err(e);
+            }
+            made.push((d.pool.clone(), vol.clone()));
+            d.volume = Some(vol);
+            d.size = None;
         }
         Ok(made)
     }

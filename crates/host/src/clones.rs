@@ -18,6 +18,7 @@ impl Host {
         check_name(&mut e, "name", &req.name);
         e.into_result()?;
         let (rec, _) = self.record(src).await?;
+        self.refuse_live_restoring(&rec, "clone it")?;
         self.check_name_free(&req.name).await?;
         if !rec.template {
             self.slot(src).state().check(VmAction::Clone)?;

@@ -100,6 +100,7 @@ impl Host {
         let slot = _op.slot().clone();
         let (rec, _) = self.record(name).await?;
         changeable(name, &rec, &slot)?;
+        self.refuse_live_restoring(&rec, "add a disk")?;
         let running = slot.state().has_process();
         if running && !matches!(disk.bus, DiskBus::Virtio | DiskBus::Scsi) {
             return Err(AgentError::refused(
@@ -192,6 +193,7 @@ impl Host {
         if index >= rec.spec.disks.len() {
             return Err(AgentError::NotFound(format!("disk{index} of {name}")));
         }
+        self.refuse_live_restoring(&rec, "remove a disk")?;
         if slot.state().has_process() {
             if index + 1 != rec.spec.disks.len() {
                 return Err(AgentError::refused(

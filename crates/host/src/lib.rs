@@ -34,6 +34,7 @@ pub mod history;
 pub mod lifecycle;
 pub mod link;
 pub mod listing;
+pub mod live_restore;
 pub mod locks;
 pub mod loops;
 pub mod maintenance;
@@ -158,6 +159,8 @@ struct Inner {
     known_hosts: Mutex<Option<(std::time::Instant, Vec<ferry_types::ClusterHost>)>>,
     /// Wrong passwords per user in the current minute.
     login_failures: Mutex<access::LoginFailures>,
+    /// Live-restores served and followed.
+    restores: Mutex<live_restore::Restores>,
 }
 
 /// One host's VM runtime. Cheap to clone.
@@ -222,6 +225,7 @@ impl Host {
                 history: Default::default(),
                 known_hosts: Mutex::new(None),
                 login_failures: Mutex::new(Default::default()),
+                restores: Mutex::new(Default::default()),
             }),
         };
         host.open_dirs_to_qemu();

@@ -108,6 +108,7 @@ impl Host {
                     format: DiskFormat::Raw,
                     backing: vec![],
                     nbd_export: Some(key),
+                    restore_from: None,
                 });
                 continue;
             }
@@ -140,12 +141,27 @@ impl Host {
                 );
                 format = DiskFormat::Qcow2;
             }
+            // A live-restore: what the volume lacks comes from the backup.
+            let restore_from = rec.live_restore.as_ref().map(|_| ferry_qemu::NbdSource {
+                socket: self.restore_socket(rec.id),
+                export: format!("disk{i}"),
+            });
+            if restore_from.is_some() && (format != DiskFormat::Qcow2 || !backing.is_empty()) {
+                return Err(AgentError::failed(
+                    Failure::Corrupt,
+                    format!(
+                        "disk {i} of live-restoring VM {} is not a plain qcow2 volume",
+                        spec.name
+                    ),
+                ));
+            }
             disks.push(ResolvedDisk {
                 spec: d.clone(),
                 path,
                 format,
                 backing,
                 nbd_export: None,
+                restore_from,
             });
         }
         let mut cdroms = vec![];
@@ -350,6 +366,8 @@ impl Host {
         if let Some(w) = &who {
             self.confine_plan(plan, w).await?;
         }
+        // A live-restore's backup is served before QEMU opens it.
+        self.serve_restore(rec).await?;
         let argv = build_argv(plan);
         tracing::debug!(vm = name, ?argv, "starting QEMU");
         let pid = self
@@ -400,6 +418,9 @@ impl Host {
         self.set_state(name, slot, state);
         slot.with(|rt| rt.last_exit = None);
         self.save_state(name, state, None).await;
+        if rec.live_restore.is_some() {
+            self.watch_live_restore(name);
+        }
         Ok(())
     }
 
@@ -706,6 +727,13 @@ impl Host {
                     );
                 }
             }
+            if rec.live_restore.is_some() {
+                // Served again before anything waits on QEMU: its disks read from it.
+                if let Err(e) = self.serve_restore(&rec).await {
+                    tracing::error!(vm = %name, error = %e, "cannot serve the live-restore's backup");
+                }
+                self.watch_live_restore(&name);
+            }
             match self.inner.os.read_pid(&run) {
                 Some(pid) => match self.adopt(&name, &slot, pid, &run).await {
                     Ok(state) => {
@@ -786,7 +814,11 @@ impl Host {
             for j in jobs.iter().filter(|j| j.status == qc::JobStatus::Concluded) {
                 let _ = qmp.run(&qc::JobDismiss { id: j.id.clone() }).await;
             }
-            if jobs.iter().all(|j| j.status == qc::JobStatus::Concluded) {
+            // (a live-restore's streams are the watcher's; they run for long)
+            if jobs.iter().all(|j| {
+                j.status == qc::JobStatus::Concluded
+                    || j.id.starts_with(crate::live_restore::JOB_PREFIX)
+            }) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

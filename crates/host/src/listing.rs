@@ -87,6 +87,7 @@ fn remote_vm(host: &str, r: &VmRecord) -> Vm {
             crate::records::Transit::From(from) => format!("from {from}"),
         }),
         host: Some(host.to_string()),
+        live_restore: r.live_restore.clone(),
     }
 }
 

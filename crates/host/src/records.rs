@@ -79,6 +79,10 @@ pub struct VmRecord {
     /// Shared volume → the lock generation this host got (the fencing token).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub lock_generations: std::collections::BTreeMap<String, u64>,
+    /// A live-restore under way: every disk's qcow2 volume reads what it lacks from
+    /// this backup until it is filled (`live_restore.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_restore: Option<ferry_types::LiveRestoreInfo>,
 }
 
 impl VmRecord {
@@ -98,6 +102,7 @@ impl VmRecord {
             ha_from: None,
             ha_relocate: false,
             lock_generations: Default::default(),
+            live_restore: None,
         }
     }
 }
@@ -134,6 +139,8 @@ struct StoredRecord {
     ha_relocate: bool,
     #[serde(default)]
     lock_generations: std::collections::BTreeMap<String, u64>,
+    #[serde(default)]
+    live_restore: Option<ferry_types::LiveRestoreInfo>,
 }
 
 fn none<T>(o: &&Option<T>) -> bool {
@@ -170,6 +177,8 @@ impl Serialize for VmRecord {
             ha_relocate: bool,
             #[serde(skip_serializing_if = "empty")]
             lock_generations: &'a std::collections::BTreeMap<String, u64>,
+            #[serde(skip_serializing_if = "none")]
+            live_restore: &'a Option<ferry_types::LiveRestoreInfo>,
         }
         Wire {
             id: self.id,
@@ -187,6 +196,7 @@ impl Serialize for VmRecord {
             ha_from: &self.ha_from,
             ha_relocate: self.ha_relocate,
             lock_generations: &self.lock_generations,
+            live_restore: &self.live_restore,
         }
         .serialize(s)
     }
@@ -212,6 +222,7 @@ impl From<StoredRecord> for VmRecord {
             ha_from: r.ha_from,
             ha_relocate: r.ha_relocate,
             lock_generations: r.lock_generations,
+            live_restore: r.live_restore,
         }
     }
 }
@@ -521,5 +532,23 @@ mod tests {
             assert_eq!(back.transit, t);
             assert_eq!(back.id, 7);
         }
+    }
+
+    /// A live-restore under way survives being written and read (dropping it would
+    /// start the VM on volumes that lack the backup's data).
+    #[test]
+    fn live_restore_round_trips() {
+        let mut r = VmRecord::new(3, serde_json::from_value(spec()).unwrap());
+        let lr = ferry_types::LiveRestoreInfo {
+            store: "bs".into(),
+            backup: "20261207T081304Z-4d4094be".into(),
+            bwlimit: Some(ferry_types::ByteSize(2 << 20)),
+        };
+        r.live_restore = Some(lr.clone());
+        let back: VmRecord = serde_json::from_value(serde_json::to_value(&r).unwrap()).unwrap();
+        assert_eq!(back.live_restore, Some(lr));
+        r.live_restore = None;
+        let v = serde_json::to_value(&r).unwrap();
+        assert!(v.get("live_restore").is_none(), "{v}");
     }
 }

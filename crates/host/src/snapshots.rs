@@ -154,6 +154,7 @@ impl Host {
         let slot = _op.slot().clone();
         let (rec, _) = self.record(vm).await?;
         slot.state().check(VmAction::Snapshot)?;
+        self.refuse_live_restoring(&rec, "take a snapshot")?;
         let key = format!("{}{}", snap_prefix(vm), req.name);
         if self.inner.store.get(&key).await?.is_some() {
             return Err(AgentError::refused(
@@ -243,6 +244,7 @@ impl Host {
         let op = self.lock_vm(vm).await;
         let slot = op.slot().clone();
         let snap = self.snapshot(vm, name).await?;
+        self.refuse_live_restoring(&self.record(vm).await?.0, "revert it")?;
         let disks = self.snapshot_disks(vm).await?;
         let devices = self.disk_nodes(vm, disks.len()).await;
         if snap.with_memory {

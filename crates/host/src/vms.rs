@@ -26,6 +26,7 @@ impl Host {
                 Transit::To(to) => format!("to {to}"),
                 Transit::From(from) => format!("from {from}"),
             }),
+            live_restore: r.live_restore,
             spec: r.spec,
             host: self
                 .inner

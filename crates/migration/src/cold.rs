@@ -32,6 +32,7 @@ impl Migrations {
         let (rec, _) = self.record(name).await?;
         let state = slot.state();
         state.check(VmAction::Move)?;
+        self.refuse_live_restoring(&rec, "move it")?;
         let peer = self.peer(to).await?;
         let uploads = self.disks_to_upload(&rec, to).await?;
         // A state file on a shared pool stays put; any other one travels.

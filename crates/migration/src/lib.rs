@@ -231,6 +231,7 @@ impl Migrations {
         let slot = _op.slot().clone();
         let (rec, _) = self.record(name).await?;
         slot.state().check(VmAction::Migrate)?;
+        self.refuse_live_restoring(&rec, "migrate it")?;
         if rec.transit.is_some() {
             return Err(AgentError::refused(
                 Refusal::Busy,

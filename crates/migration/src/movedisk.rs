@@ -32,6 +32,7 @@ impl Migrations {
             .get(index)
             .cloned()
             .ok_or_else(|| AgentError::NotFound(format!("disk{index} of {name}")))?;
+        self.refuse_live_restoring(&rec, "move its disks")?;
         if d.pool == to_pool {
             return Err(AgentError::invalid(
                 "pool",

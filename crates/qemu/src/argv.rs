@@ -21,7 +21,21 @@ pub struct ResolvedDisk {
     /// Served over NBD: `path` is the unix socket, this the export name (replicated
     /// volumes).
     pub nbd_export: Option<String>,
+    /// Live-restore: the qcow2 volume's backing is this backup disk served by the
+    /// daemon over NBD, streamed into the volume while the guest runs.
+    pub restore_from: Option<NbdSource>,
 }
+
+/// An export of the daemon's NBD server on a unix socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdSource {
+    pub socket: PathBuf,
+    pub export: String,
+}
+
+/// How long QEMU holds requests to a restore source whose server went away (the daemon
+/// restarting) before they fail — and the guest pauses (`rerror`/`werror=stop`).
+pub const RESTORE_RECONNECT_DELAY: u64 = 10;
 
 /// QEMU's seccomp filter for every VM.
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
@@ -259,13 +273,16 @@ pub fn build_argv(p: &LaunchPlan) -> Vec<OsString> {
             }
         };
         a.json("-blockdev", proto);
-        a.json(
-            "-blockdev",
-            merge(
-                format_node(d.format, json!(format!("file-disk{i}")), &d.backing),
-                json!({"node-name": format!("disk{i}"), "cache": cache, "read-only": ro, "discard": "unmap"}),
-            ),
+        let mut node = merge(
+            format_node(d.format, json!(format!("file-disk{i}")), &d.backing),
+            json!({"node-name": format!("disk{i}"), "cache": cache, "read-only": ro, "discard": "unmap"}),
         );
+        if let (Some(src), DiskFormat::Qcow2) = (&d.restore_from, d.format) {
+            node["backing"] = json!({"driver": "nbd", "node-name": format!("restore-disk{i}"),
+                "server": {"type": "unix", "path": src.socket}, "export": src.export,
+                "reconnect-delay": RESTORE_RECONNECT_DELAY, "read-only": true});
+        }
+        a.json("-blockdev", node);
         let id = format!("disk{i}");
         let mut dev = match d.spec.bus {
             DiskBus::Virtio => json!({"driver": "virtio-blk-pci"}),
@@ -286,6 +303,10 @@ pub fn build_argv(p: &LaunchPlan) -> Vec<OsString> {
             dev,
             json!({"drive": id, "id": id, "write-cache": if wce { "on" } else { "off" }}),
         );
+        if d.restore_from.is_some() {
+            // The backup unreachable: the guest pauses until it is back, its I/O kept.
+            dev = merge(dev, json!({"rerror": "stop", "werror": "stop"}));
+        }
         if let Some(b) = bootindex(&id) {
             dev["bootindex"] = json!(b);
         }
@@ -378,6 +399,7 @@ mod tests {
                 format: DiskFormat::Qcow2,
                 backing: vec![],
                 nbd_export: None,
+                restore_from: None,
             })
             .collect();
         LaunchPlan {
@@ -436,6 +458,34 @@ mod tests {
         assert!(dev.iter().any(|d| d["driver"] == "virtio-scsi-pci"));
         assert!(dev.iter().any(|d| d["driver"] == "ahci"));
         assert_eq!(find("disk3")["write-cache"], "on");
+    }
+
+    /// A live-restoring disk reads what its qcow2 volume lacks from the daemon's NBD
+    /// export (read-only, reconnecting) and pauses the guest on an error; the other
+    /// disks are untouched.
+    #[test]
+    fn argv_live_restore_backs_the_volume_with_the_backup() {
+        let mut p = plan();
+        p.disks[1].restore_from = Some(NbdSource {
+            socket: "/run/ferry/7/restore.sock".into(),
+            export: "b1/disk1".into(),
+        });
+        let argv = build_argv(&p);
+        let bd = devices(&argv, "-blockdev");
+        let d1 = bd.iter().find(|b| b["node-name"] == "disk1").unwrap();
+        let b = &d1["backing"];
+        assert_eq!(b["driver"], "nbd");
+        assert_eq!(b["export"], "b1/disk1");
+        assert_eq!(b["server"]["path"], "/run/ferry/7/restore.sock");
+        assert_eq!(b["read-only"], true);
+        assert!(b["reconnect-delay"].as_u64().is_some_and(|d| d > 0));
+        let d0 = bd.iter().find(|b| b["node-name"] == "disk0").unwrap();
+        assert!(d0["backing"].is_null());
+        let dev = devices(&argv, "-device");
+        let find = |id: &str| dev.iter().find(|d| d["id"] == id).cloned().unwrap();
+        assert_eq!(find("disk1")["rerror"], "stop");
+        assert_eq!(find("disk1")["werror"], "stop");
+        assert!(find("disk0").get("rerror").is_none());
     }
 
     #[test]

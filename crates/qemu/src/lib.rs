@@ -8,7 +8,8 @@ mod process;
 
 pub use accel::{detect_accel, Accel, AccelSetting};
 pub use argv::{
-    build_argv, format_node, nic_fd, BackingFile, LaunchPlan, ResolvedCdrom, ResolvedDisk,
+    build_argv, format_node, nic_fd, BackingFile, LaunchPlan, NbdSource, ResolvedCdrom,
+    ResolvedDisk, RESTORE_RECONNECT_DELAY,
 };
 pub use process::{kill_and_wait, peer_is, pid_alive, read_pid, spawn_detached, RunAs, RunPaths};
 

@@ -2,6 +2,7 @@
 //! chunks and a catalog), backups of VMs in them, restores.
 
 use crate::validate::{check_name, ValidationErrors};
+use crate::ByteSize;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -134,6 +135,25 @@ pub struct BackupRestore {
     /// Start it when restored.
     #[serde(default)]
     pub start: bool,
+    /// Live-restore: the VM starts at once, reading what is not restored yet from the
+    /// backup while its disks fill in the background (qcow2 volumes). Implies `start`.
+    #[serde(default)]
+    pub live: bool,
+    /// Bytes per second a live-restore fills the disks at (none: as fast as it can).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bwlimit: Option<ByteSize>,
+}
+
+/// A VM running from a backup while its disks fill (`ferry backup restore --live`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LiveRestoreInfo {
+    /// The store and backup the disks fill from.
+    pub store: String,
+    pub backup: String,
+    /// Bytes per second the disks fill at (none: as fast as they can).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bwlimit: Option<ByteSize>,
 }
 
 impl BackupRestore {
@@ -142,6 +162,15 @@ impl BackupRestore {
         check_name(&mut e, "as", &self.name);
         if let Some(p) = &self.pool {
             check_name(&mut e, "pool", p);
+        }
+        if self.bwlimit.is_some() && !self.live {
+            e.push(
+                "bwlimit",
+                "only a live-restore fills its disks at a set rate",
+            );
+        }
+        if self.bwlimit.is_some_and(|b| b.0 < 64 << 10) {
+            e.push("bwlimit", "at least 64K per second");
         }
         e.into_result()
     }

@@ -243,6 +243,9 @@ pub struct Vm {
     /// The host holding the VM (in a cluster).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// A live-restore under way: the disks still fill from this backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_restore: Option<crate::LiveRestoreInfo>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

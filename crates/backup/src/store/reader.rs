@@ -19,18 +19,37 @@ pub struct Progress {
     pub total_bytes: AtomicU64,
 }
 
+/// A disk of a complete snapshot, ready to read: its chunk index checked against its
+/// size, the key settled (only an encrypted snapshot uses one, and only its own).
+pub(crate) struct OpenDisk {
+    pub index: Vec<Digest>,
+    pub size: u64,
+    /// Whether the snapshot is encrypted (its chunks need the key).
+    pub encrypted: bool,
+    zero_full: Digest,
+    zero_tail: Option<Digest>,
+}
+
+impl OpenDisk {
+    /// Whether chunk `i` is all zeros (named once, never read).
+    pub fn is_zero(&self, i: usize) -> bool {
+        let d = self.index[i];
+        d == self.zero_full || Some(d) == self.zero_tail
+    }
+    /// The bytes chunk `i` holds (the last one may be short).
+    pub fn chunk_len(&self, i: usize) -> u64 {
+        let cs = chunk::CHUNK_SIZE as u64;
+        (self.size - i as u64 * cs).min(cs)
+    }
+}
+
 impl Store {
-    /// Reads disk `disk` of snapshot `id`, calling `sink(offset, data)` for each chunk
-    /// that is not all zeros (from `threads` threads; order is not kept).
-    pub fn read_disk(
+    pub(crate) fn open_disk(
         &self,
         id: &str,
         disk: &str,
         key: Option<&CryptKey>,
-        threads: usize,
-        progress: &Progress,
-        sink: &Sink<'_>,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<OpenDisk, StoreError> {
         let snap = self
             .snapshot(id)?
             .ok_or_else(|| StoreError::NotFound(format!("no backup {id}")))?;
@@ -40,7 +59,6 @@ impl Store {
                 snap.state
             )));
         }
-        let encrypted = snap.key_fingerprint.is_some();
         match (&snap.key_fingerprint, key) {
             (Some(_), None) => {
                 return Err(StoreError::Invalid(format!(
@@ -55,6 +73,7 @@ impl Store {
             }
             _ => {}
         }
+        let encrypted = snap.key_fingerprint.is_some();
         let key = if encrypted { key } else { None };
         let row = self
             .disks(id)?
@@ -70,10 +89,32 @@ impl Store {
                 index.len()
             )));
         }
-        progress.total_bytes.store(size, Ordering::Relaxed);
-        let zero_full = chunk::digest(&vec![0u8; chunk::CHUNK_SIZE], key);
         let tail = usize::try_from(size % cs).unwrap_or(0);
-        let zero_tail = (tail != 0).then(|| chunk::digest(&vec![0u8; tail], key));
+        Ok(OpenDisk {
+            index,
+            size,
+            encrypted,
+            zero_full: chunk::digest(&vec![0u8; chunk::CHUNK_SIZE], key),
+            zero_tail: (tail != 0).then(|| chunk::digest(&vec![0u8; tail], key)),
+        })
+    }
+
+    /// Reads disk `disk` of snapshot `id`, calling `sink(offset, data)` for each chunk
+    /// that is not all zeros (from `threads` threads; order is not kept).
+    pub fn read_disk(
+        &self,
+        id: &str,
+        disk: &str,
+        key: Option<&CryptKey>,
+        threads: usize,
+        progress: &Progress,
+        sink: &Sink<'_>,
+    ) -> Result<u64, StoreError> {
+        let d = self.open_disk(id, disk, key)?;
+        let (index, size) = (&d.index, d.size);
+        let key = if d.encrypted { key } else { None };
+        let cs = chunk::CHUNK_SIZE as u64;
+        progress.total_bytes.store(size, Ordering::Relaxed);
         let next = AtomicUsize::new(0);
         let failed = AtomicBool::new(false);
         let first_error: Mutex<Option<StoreError>> = Mutex::new(None);
@@ -82,13 +123,12 @@ impl Store {
             if i >= index.len() || failed.load(Ordering::Relaxed) {
                 return;
             }
-            let d: &Digest = &index[i];
             let offset = i as u64 * cs;
             let len = (size - offset).min(cs);
-            let r = if *d == zero_full || Some(*d) == zero_tail {
+            let r = if d.is_zero(i) {
                 Ok(())
             } else {
-                self.read_chunk(d, key).and_then(|data| {
+                self.read_chunk(&index[i], key).and_then(|data| {
                     if data.len() as u64 != len {
                         return Err(StoreError::Corrupt(format!(
                             "chunk {i} of {disk} is {} bytes, expected {len}",

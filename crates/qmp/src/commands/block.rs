@@ -67,6 +67,10 @@ pub struct BlockInserted {
     /// QEMU names every node ferry adds; the schema has it optional.
     #[serde(default)]
     pub node_name: Option<String>,
+    /// How many backing images the node has (absent: not known — never read as 0).
+    /// QEMU spells this one with underscores.
+    #[serde(default, rename = "backing_file_depth")]
+    pub backing_file_depth: Option<u64>,
 }
 
 /// `query-blockstats` of the guest devices (not every node).
@@ -234,6 +238,25 @@ impl Command for BlockdevMirror {
     type Reply = Empty;
 }
 
+/// `block-stream`: copies what `device` reads from its backing chain into it, then
+/// drops the chain.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockStream {
+    pub job_id: String,
+    pub device: String,
+    /// `false`: the concluded job stays (with its error) until `job-dismiss`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auto_dismiss: Option<bool>,
+    /// Bytes per second (none: no limit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub speed: Option<u64>,
+}
+impl Command for BlockStream {
+    const NAME: &'static str = "block-stream";
+    type Reply = Empty;
+}
+
 /// `block-job-cancel`: ends a mirror; at sync, the target is complete.
 #[derive(Debug, Clone, Serialize)]
 pub struct BlockJobCancel {
@@ -284,6 +307,32 @@ pub enum SocketAddressLegacy {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// `query-block` as QEMU 10 answers (its mixed spelling): a node's backing depth
+    /// is read, and a reply without it is "unknown", never 0.
+    #[test]
+    fn query_block_reads_the_backing_depth() {
+        let r: Vec<BlockInfo> = serde_json::from_value(json!([
+            {"device": "", "qdev": "/machine/peripheral/disk0/virtio-backend",
+             "inserted": {"node-name": "disk0", "backing_file_depth": 1, "ro": false}},
+            {"device": "", "qdev": "disk1", "inserted": {"node-name": "disk1"}}
+        ]))
+        .unwrap();
+        let i0 = r[0].inserted.as_ref().unwrap();
+        assert_eq!(i0.node_name.as_deref(), Some("disk0"));
+        assert_eq!(i0.backing_file_depth, Some(1));
+        assert_eq!(r[1].inserted.as_ref().unwrap().backing_file_depth, None);
+        assert_eq!(
+            serde_json::to_value(BlockStream {
+                job_id: "restore-disk0".into(),
+                device: "disk0".into(),
+                auto_dismiss: Some(false),
+                speed: None
+            })
+            .unwrap(),
+            json!({"job-id": "restore-disk0", "device": "disk0", "auto-dismiss": false})
+        );
+    }
 
     /// The arguments QEMU expects, field for field.
     #[test]

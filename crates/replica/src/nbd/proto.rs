@@ -30,6 +30,7 @@ pub const INFO_EXPORT: u16 = 0;
 pub const INFO_BLOCK_SIZE: u16 = 3;
 
 pub const TF_HAS_FLAGS: u16 = 1;
+pub const TF_READ_ONLY: u16 = 2;
 pub const TF_SEND_FLUSH: u16 = 4;
 pub const TF_SEND_FUA: u16 = 8;
 pub const TF_SEND_TRIM: u16 = 32;
@@ -42,6 +43,7 @@ pub const EXPORT_FLAGS: u16 =
 pub const CMD_FLAG_FUA: u16 = 1;
 pub const CMD_FLAG_NO_HOLE: u16 = 2;
 
+pub const EPERM: u32 = 1;
 pub const EIO: u32 = 5;
 pub const EINVAL: u32 = 22;
 pub const ENOSPC: u32 = 28;
@@ -135,11 +137,21 @@ pub fn option_reply(opt: u32, kind: u32, data: &[u8]) -> Vec<u8> {
     v
 }
 
+/// The transmission flags of an export (a read-only one takes no writes, trims or
+/// flushes).
+pub fn export_flags(read_only: bool) -> u16 {
+    if read_only {
+        TF_HAS_FLAGS | TF_READ_ONLY
+    } else {
+        EXPORT_FLAGS
+    }
+}
+
 /// `NBD_INFO_EXPORT`: size and transmission flags.
-pub fn info_export(size: u64) -> Vec<u8> {
+pub fn info_export(size: u64, read_only: bool) -> Vec<u8> {
     let mut v = INFO_EXPORT.to_be_bytes().to_vec();
     v.extend_from_slice(&size.to_be_bytes());
-    v.extend_from_slice(&EXPORT_FLAGS.to_be_bytes());
+    v.extend_from_slice(&export_flags(read_only).to_be_bytes());
     v
 }
 

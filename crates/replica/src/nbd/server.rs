@@ -10,6 +10,11 @@ use tokio::sync::{mpsc, Semaphore};
 #[async_trait::async_trait]
 pub trait Backend: Send + Sync + 'static {
     fn size(&self) -> u64;
+    /// A read-only export: the client is told so, and a write, trim or zeroing it
+    /// sends anyway gets EPERM without reaching the backend.
+    fn read_only(&self) -> bool {
+        false
+    }
     async fn read(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>>;
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> std::io::Result<()>;
     async fn flush(&self) -> std::io::Result<()>;
@@ -107,7 +112,7 @@ where
                 wr.write_all(&proto::option_reply(
                     opt,
                     proto::REP_INFO,
-                    &proto::info_export(b.size()),
+                    &proto::info_export(b.size(), b.read_only()),
                 ))
                 .await?;
                 if go.infos.contains(&proto::INFO_BLOCK_SIZE) {
@@ -132,7 +137,8 @@ where
                     return Ok(None);
                 };
                 wr.write_all(&b.size().to_be_bytes()).await?;
-                wr.write_all(&proto::EXPORT_FLAGS.to_be_bytes()).await?;
+                wr.write_all(&proto::export_flags(b.read_only()).to_be_bytes())
+                    .await?;
                 if !no_zeroes {
                     wr.write_all(&[0u8; 124]).await?;
                 }
@@ -217,7 +223,14 @@ where
         if req.cmd == Command::Disconnect {
             break Ok(());
         }
-        if let Some(err) = req.check(size) {
+        let writes = matches!(
+            req.cmd,
+            Command::Write | Command::Trim | Command::WriteZeroes
+        );
+        if let Some(err) = req
+            .check(size)
+            .or((writes && backend.read_only()).then_some(proto::EPERM))
+        {
             if tx
                 .send(proto::simple_reply(req.cookie, err).to_vec())
                 .await
@@ -266,4 +279,122 @@ where
     drop(tx);
     let _ = writer.await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A read-only export of 1 MiB of 0x5a; counts what reaches it.
+    struct Ro(Mutex<u32>);
+
+    #[async_trait::async_trait]
+    impl Backend for Ro {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn read_only(&self) -> bool {
+            true
+        }
+        async fn read(&self, _: u64, len: u32) -> std::io::Result<Vec<u8>> {
+            Ok(vec![0x5a; len as usize])
+        }
+        async fn write(&self, _: u64, _: Vec<u8>, _: bool) -> std::io::Result<()> {
+            *self.0.lock().unwrap() += 1;
+            Ok(())
+        }
+        async fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        async fn trim(&self, _: u64, _: u32, _: bool) -> std::io::Result<()> {
+            *self.0.lock().unwrap() += 1;
+            Ok(())
+        }
+        async fn write_zeroes(&self, _: u64, _: u32, _: bool) -> std::io::Result<()> {
+            *self.0.lock().unwrap() += 1;
+            Ok(())
+        }
+    }
+
+    struct One(Arc<Ro>);
+    impl Exports for One {
+        fn lookup(&self, name: &str) -> Option<Arc<dyn Backend>> {
+            (name == "disk0").then(|| self.0.clone() as Arc<dyn Backend>)
+        }
+        fn names(&self) -> Vec<String> {
+            vec!["disk0".into()]
+        }
+    }
+
+    async fn reply(c: &mut tokio::io::DuplexStream) -> (u32, u64) {
+        let mut r = [0u8; 16];
+        c.read_exact(&mut r).await.unwrap();
+        (
+            u32::from_be_bytes(r[4..8].try_into().unwrap()),
+            u64::from_be_bytes(r[8..16].try_into().unwrap()),
+        )
+    }
+
+    fn request(cmd: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+        let mut v = proto::REQUEST_MAGIC.to_be_bytes().to_vec();
+        v.extend_from_slice(&0u16.to_be_bytes());
+        v.extend_from_slice(&cmd.to_be_bytes());
+        v.extend_from_slice(&cookie.to_be_bytes());
+        v.extend_from_slice(&offset.to_be_bytes());
+        v.extend_from_slice(&len.to_be_bytes());
+        v
+    }
+
+    /// A read-only export says so at `NBD_OPT_GO`, answers reads, and refuses a write,
+    /// trim or zeroing a client sends anyway with EPERM: none reaches the backend.
+    #[tokio::test]
+    async fn a_read_only_export_refuses_writes_before_the_backend() {
+        let backend = Arc::new(Ro(Mutex::new(0)));
+        let (mut c, s) = tokio::io::duplex(1 << 20);
+        tokio::spawn(serve(s, Arc::new(One(backend.clone()))));
+        let mut greeting = [0u8; 18];
+        c.read_exact(&mut greeting).await.unwrap();
+        c.write_all(&1u32.to_be_bytes()).await.unwrap();
+        let mut go = 5u32.to_be_bytes().to_vec();
+        go.extend_from_slice(b"disk0");
+        go.extend_from_slice(&0u16.to_be_bytes());
+        let mut opt = proto::IHAVEOPT.to_be_bytes().to_vec();
+        opt.extend_from_slice(&proto::OPT_GO.to_be_bytes());
+        opt.extend_from_slice(&u32::try_from(go.len()).unwrap().to_be_bytes());
+        opt.extend_from_slice(&go);
+        c.write_all(&opt).await.unwrap();
+        let mut flags = None;
+        loop {
+            let mut h = [0u8; 20];
+            c.read_exact(&mut h).await.unwrap();
+            let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+            let mut data = vec![0u8; len];
+            c.read_exact(&mut data).await.unwrap();
+            if kind == proto::REP_INFO && data[..2] == proto::INFO_EXPORT.to_be_bytes() {
+                flags = Some(u16::from_be_bytes(data[10..12].try_into().unwrap()));
+            }
+            if kind == proto::REP_ACK {
+                break;
+            }
+        }
+        let flags = flags.unwrap();
+        assert_ne!(flags & proto::TF_READ_ONLY, 0, "{flags:#x}");
+        assert_eq!(flags & proto::TF_SEND_TRIM, 0, "{flags:#x}");
+        let mut write = request(1, 1, 0, 512);
+        write.extend_from_slice(&[0xee; 512]);
+        c.write_all(&write).await.unwrap();
+        assert_eq!(reply(&mut c).await, (proto::EPERM, 1));
+        for (cmd, cookie) in [(4u16, 2u64), (6, 3)] {
+            c.write_all(&request(cmd, cookie, 0, 4096)).await.unwrap();
+            assert_eq!(reply(&mut c).await, (proto::EPERM, cookie));
+        }
+        c.write_all(&request(0, 4, 4096, 8)).await.unwrap();
+        assert_eq!(reply(&mut c).await, (0, 4));
+        let mut data = [0u8; 8];
+        c.read_exact(&mut data).await.unwrap();
+        assert_eq!(data, [0x5a; 8]);
+        assert_eq!(*backend.0.lock().unwrap(), 0, "a write reached the backend");
+    }
 }
