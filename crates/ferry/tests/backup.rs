@@ -453,10 +453,12 @@ fn live_restore_runs_at_once_and_survives_a_daemon_kill() -> Result<()> {
         &format!("{RECORD_WRITER}; (ferry_writer w1 /dev/sda 0 > /dev/null 2>&1 &)"),
     )?;
     std::thread::sleep(Duration::from_secs(2));
-    // Its data is in two places: no snapshot, backup or migration now.
+    // Its data is in two places: no snapshot, backup, edit or migration now; the
+    // backup cannot be deleted.
     for args in [
         &["vm", "snapshot", "lr", "s1"][..],
         &["backup", "run", "lr", "--store", "bs"][..],
+        &["vm", "clone", "lr", "lr2"][..],
     ] {
         let o = lab.ferry(args)?;
         assert!(
@@ -464,6 +466,9 @@ fn live_restore_runs_at_once_and_survives_a_daemon_kill() -> Result<()> {
             "{args:?}: {o:?}"
         );
     }
+    assert_eq!(lab.ferry_json(&["backup", "show", &id])?["protected"], true);
+    let o = lab.ferry(&["backup", "delete", &id])?;
+    assert!(!o.status.success(), "{o:?}");
 
     // The daemon killed mid-restore: the VM lives on; the restore resumes.
     let qemu = lab.vm_state("lr")?.1.context("QEMU pid")?;
@@ -487,6 +492,10 @@ fn live_restore_runs_at_once_and_survives_a_daemon_kill() -> Result<()> {
     lab.guest_sh("lr", "touch /tmp/stop-writer; sleep 1; sync; echo ok")?;
     let events = lab.ferry_ok(&["events", "--vm", "lr"])?;
     assert!(events.contains("finished"), "{events}");
+    assert_eq!(
+        lab.ferry_json(&["backup", "show", &id])?["protected"],
+        false
+    );
 
     // The volumes alone hold everything.
     for i in 0..2 {

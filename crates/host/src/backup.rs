@@ -675,6 +675,7 @@ impl Host {
             store: b.store.clone(),
             backup: b.id.clone(),
             bwlimit: req.bwlimit,
+            held: false,
         });
         if let Some(lr) = &live {
             // the volumes read what they lack from the backup: qcow2 over it
@@ -683,6 +684,12 @@ impl Host {
                     return Err(AgentError::refused(
                         Refusal::Unsupported,
                         format!("a live-restore fills qcow2 volumes of a directory pool; {} is replicated (restore without --live)", d.pool),
+                    ));
+                }
+                if d.readonly {
+                    return Err(AgentError::refused(
+                        Refusal::Unsupported,
+                        "a live-restore fills its disks while the VM runs; this backup has a read-only disk (restore without --live)",
                     ));
                 }
                 d.format = ferry_types::DiskFormat::Qcow2;
@@ -697,6 +704,18 @@ impl Host {
         self.assign_new_macs(&mut spec, id).await?;
         // the start-up repair removes vm-{id}-* volumes of an intent without a record
         self.write_intent(id, &spec.name, "restore").await?;
+        let mut live = live;
+        if let Some(lr) = &mut live {
+            // no delete or prune takes the backup while the disks read from it
+            if !b.protected {
+                let (st, bid) = (Arc::clone(&store), b.id.clone());
+                if let Err(e) = blocking(move || st.set_protected(&bid, true)).await {
+                    self.clear_intent(id).await;
+                    return Err(e);
+                }
+                lr.held = true;
+            }
+        }
         let r = match &live {
             Some(_) => self.live_volumes(id, &mut spec).await,
             None => self.restore_into(id, &mut spec, &store, &b, ctx).await,
@@ -705,6 +724,7 @@ impl Host {
             Ok(made) => made,
             Err(e) => {
                 self.clear_intent(id).await;
+                self.release_live_hold(&live).await;
                 return Err(e);
             }
         };
@@ -716,6 +736,7 @@ impl Host {
             Ok(true) => {}
             Ok(false) => {
                 self.remove_volumes(&made).await;
+                self.release_live_hold(&live).await;
                 return Err(AgentError::refused(
                     Refusal::Exists,
                     format!("VM {} already exists", spec.name),
@@ -723,6 +744,7 @@ impl Host {
             }
             Err(e) => {
                 self.remove_volumes(&made).await;
+                self.release_live_hold(&live).await;
                 return Err(e);
             }
         }
@@ -774,6 +796,13 @@ impl Host {
             }
         }
         Ok(made)
+    }
+
+    /// A live-restore that never got its record lets its backup go again.
+    async fn release_live_hold(&self, live: &Option<ferry_types::LiveRestoreInfo>) {
+        if let Some(lr) = live.as_ref().filter(|l| l.held) {
+            self.release_backup(lr).await;
+        }
     }
 
     /// A live-restore's volumes: `vm-{id}-disk-{i}`, empty qcow2 of each disk's size

@@ -42,8 +42,16 @@ pub struct Restores {
     watched: std::collections::HashSet<String>,
 }
 
+/// Chunk decodes one VM's restore runs at once (a hostile QEMU's flood of reads waits
+/// here instead of filling the blocking pool).
+const DECODES: usize = 4;
+/// Connections one restore socket takes at once (QEMU opens one per disk node).
+const CONNECTIONS: usize = 16;
+/// The largest read answered: one chunk.
+const MAX_READ: u32 = 4 << 20;
+
 /// A backup's disk as a read-only NBD export.
-struct ImageExport(Arc<DiskImage>);
+struct ImageExport(Arc<DiskImage>, Arc<tokio::sync::Semaphore>);
 
 fn read_only() -> std::io::Error {
     std::io::Error::from_raw_os_error(libc::EPERM)
@@ -57,7 +65,11 @@ impl Backend for ImageExport {
     fn read_only(&self) -> bool {
         true
     }
+    fn max_read(&self) -> u32 {
+        MAX_READ
+    }
     async fn read(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
+        let _slot = self.1.acquire().await.map_err(std::io::Error::other)?;
         let img = Arc::clone(&self.0);
         tokio::task::spawn_blocking(move || img.read(offset, len as usize))
             .await
@@ -91,6 +103,24 @@ impl Exports for BackupExports {
     fn names(&self) -> Vec<String> {
         self.0.keys().cloned().collect()
     }
+}
+
+/// A backup's disks as read-only NBD exports `disk0`, `disk1`, … (for
+/// `ferry_replica::nbd::serve`).
+pub fn backup_exports(images: Vec<Arc<DiskImage>>) -> Arc<dyn Exports> {
+    let decodes = Arc::new(tokio::sync::Semaphore::new(DECODES));
+    Arc::new(BackupExports(
+        images
+            .into_iter()
+            .enumerate()
+            .map(|(i, img)| {
+                (
+                    format!("disk{i}"),
+                    Arc::new(ImageExport(img, Arc::clone(&decodes))) as Arc<dyn Backend>,
+                )
+            })
+            .collect(),
+    ))
 }
 
 impl Host {
@@ -133,18 +163,7 @@ impl Host {
             return Ok(());
         }
         let images = self.open_restore_images(lr, rec.spec.disks.len()).await?;
-        let exports: Arc<dyn Exports> = Arc::new(BackupExports(
-            images
-                .into_iter()
-                .enumerate()
-                .map(|(i, img)| {
-                    (
-                        format!("disk{i}"),
-                        Arc::new(ImageExport(img)) as Arc<dyn Backend>,
-                    )
-                })
-                .collect(),
-        ));
+        let exports = backup_exports(images);
         let sock = self.restore_socket(rec.id);
         let io = |what: String| move |source| AgentError::Io { what, source };
         let dir = self.run_paths(rec.id).dir;
@@ -160,11 +179,21 @@ impl Host {
                 .map_err(io(format!("chmod {}", sock.display())))?;
         }
         let vm = rec.spec.name.clone();
+        let conns = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS));
         let task = tokio::spawn(async move {
             loop {
                 match listener.accept().await {
                     Ok((s, _)) => {
-                        tokio::spawn(ferry_replica::nbd::serve(s, Arc::clone(&exports)));
+                        // more at once than QEMU ever opens: dropped
+                        let Ok(slot) = Arc::clone(&conns).try_acquire_owned() else {
+                            tracing::warn!(%vm, "live-restore NBD: too many connections");
+                            continue;
+                        };
+                        let ex = Arc::clone(&exports);
+                        tokio::spawn(async move {
+                            ferry_replica::nbd::serve(s, ex).await;
+                            drop(slot);
+                        });
                     }
                     Err(e) => {
                         tracing::warn!(%vm, error = %e, "live-restore NBD accept");
@@ -224,35 +253,51 @@ impl Host {
     async fn live_restore_loop(&self, name: &str) {
         // disk index → when its stream may be started again, and how often it was
         let mut backoff: HashMap<usize, (Instant, u32)> = HashMap::new();
+        let mut id = None;
+        let mut last: Option<LiveRestoreInfo> = None;
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let rec = match self.record(name).await {
                 Ok((r, _)) => r,
-                Err(AgentError::NotFound(_)) => return,
+                Err(AgentError::NotFound(_)) => {
+                    // deleted: nothing to serve any more, the backup let go
+                    if let Some(id) = id {
+                        self.stop_restore_server(id);
+                    }
+                    if let Some(lr) = last.filter(|l| l.held) {
+                        self.release_backup(&lr).await;
+                    }
+                    return;
+                }
                 Err(_) => continue,
             };
+            if id.is_some_and(|i| i != rec.id) {
+                // another VM by this name now
+                if let Some(old) = id {
+                    self.stop_restore_server(old);
+                }
+            }
+            id = Some(rec.id);
             let Some(lr) = rec.live_restore.clone() else {
                 self.stop_restore_server(rec.id);
                 return;
             };
+            last = Some(lr.clone());
             let Ok(qmp) = self.qmp(name) else {
                 continue; // stopped: the next start serves and streams again
             };
+            // served again if serving failed before (a store not mounted at start)
+            if let Err(e) = self.serve_restore(&rec).await {
+                tracing::warn!(vm = name, error = %e, "live-restore: cannot serve the backup");
+                continue;
+            }
             match self
                 .live_restore_step(name, &rec, &lr, &qmp, &mut backoff)
                 .await
             {
                 Ok(false) => {}
                 Ok(true) => {
-                    // What the streams copied may sit in QEMU's qcow2 metadata cache:
-                    // on disk before the backup is let go (a `stop` flushes every node;
-                    // a running guest is paused for that moment only).
-                    if let Err(e) = flush_all(&qmp).await {
-                        tracing::warn!(vm = name, error = %e, "live-restore: flush");
-                        continue;
-                    }
-                    let r = self.update_record(name, |r| r.live_restore = None).await;
-                    if let Err(e) = r {
+                    if let Err(e) = self.finish_live_restore(name, rec.id, &lr, &qmp).await {
                         tracing::warn!(vm = name, error = %e, "live-restore: cannot record the end");
                         continue;
                     }
@@ -268,6 +313,60 @@ impl Host {
                     tracing::warn!(vm = name, error = %e, "live-restore step");
                 }
             }
+        }
+    }
+
+    /// The end, under the VM's operation lock (no suspend or pause in between): what
+    /// the streams copied may sit in QEMU's qcow2 metadata cache, so it is flushed
+    /// before the record lets the backup go (a `stop` flushes every node; a running
+    /// guest pauses for that moment only); the backup's protection is released.
+    async fn finish_live_restore(
+        &self,
+        name: &str,
+        id: u32,
+        lr: &LiveRestoreInfo,
+        qmp: &ferry_qmp::Qmp,
+    ) -> Result<()> {
+        let _op = self.lock_vm(name).await;
+        let (rec, _) = self.record(name).await?;
+        if rec.id != id || rec.live_restore.as_ref() != Some(lr) {
+            return Err(AgentError::refused(
+                Refusal::Busy,
+                format!("{name} changed meanwhile"),
+            ));
+        }
+        flush_all(qmp).await?;
+        self.update_record(name, |r| {
+            if r.id == id {
+                r.live_restore = None;
+            }
+        })
+        .await?;
+        if lr.held {
+            self.release_backup(lr).await;
+        }
+        Ok(())
+    }
+
+    /// Lets the backup a live-restore protected go, unless another live-restore on
+    /// this host reads it too.
+    pub(crate) async fn release_backup(&self, lr: &LiveRestoreInfo) {
+        let others = self.records().await.map(|rs| {
+            rs.iter().any(|r| {
+                r.live_restore
+                    .as_ref()
+                    .is_some_and(|o| o.backup == lr.backup && o.store == lr.store)
+            })
+        });
+        if others.unwrap_or(true) {
+            return;
+        }
+        let Ok((_, store)) = self.open_backup_store(&lr.store).await else {
+            return;
+        };
+        let id = lr.backup.clone();
+        if let Err(e) = blocking(move || store.set_protected(&id, false)).await {
+            tracing::warn!(backup = %lr.backup, error = %e, "cannot release the backup");
         }
     }
 

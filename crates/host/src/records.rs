@@ -543,6 +543,7 @@ mod tests {
             store: "bs".into(),
             backup: "20261207T081304Z-4d4094be".into(),
             bwlimit: Some(ferry_types::ByteSize(2 << 20)),
+            held: true,
         };
         r.live_restore = Some(lr.clone());
         let back: VmRecord = serde_json::from_value(serde_json::to_value(&r).unwrap()).unwrap();

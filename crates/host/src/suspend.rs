@@ -59,6 +59,7 @@ impl Host {
         let slot = _op.slot().clone();
         let (rec, _) = self.record(name).await?;
         slot.state().check(VmAction::Suspend)?;
+        self.refuse_live_restoring(&rec, "suspend it")?;
         if let Some(i) = rec.spec.disks.iter().position(|d| d.nonpersistent) {
             return Err(AgentError::refused(Refusal::Unsupported, format!(
                 "disk{i} is non-persistent and would be lost at power-off; {name} cannot be suspended"

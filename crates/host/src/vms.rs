@@ -294,6 +294,7 @@ impl Host {
         let slot = _op.slot().clone();
         let (old, rev) = self.record(name).await?;
         slot.state().check(VmAction::Edit)?;
+        self.refuse_live_restoring(&old, "edit it")?;
         if old.template {
             return Err(AgentError::refused(
                 Refusal::Template,
@@ -328,8 +329,9 @@ impl Host {
     pub async fn make_template(&self, name: &str) -> Result<Vm> {
         let _op = self.lock_vm(name).await;
         let slot = _op.slot().clone();
-        self.record(name).await?;
+        let (rec, _) = self.record(name).await?;
         slot.state().check(VmAction::Edit)?;
+        self.refuse_live_restoring(&rec, "make it a template")?;
         let r = self.update_record(name, |r| r.template = true).await?;
         self.inner.events.emit(Some(name), "vm", "made a template");
         Ok(self.to_vm(r))
@@ -340,6 +342,10 @@ impl Host {
     pub async fn delete_vm(&self, name: &str, params: DeleteVmParams) -> Result<()> {
         let slot = self.slot(name);
         let (rec, _) = self.record(name).await?;
+        if params.keep_disks {
+            // unfilled parts would read as zeros without the backup behind them
+            self.refuse_live_restoring(&rec, "delete it keeping its disks")?;
+        }
         if slot.state().has_process() {
             if !params.force {
                 return Err(AgentError::refused(

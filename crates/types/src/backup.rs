@@ -154,6 +154,10 @@ pub struct LiveRestoreInfo {
     /// Bytes per second the disks fill at (none: as fast as they can).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bwlimit: Option<ByteSize>,
+    /// ferry protected the backup for this restore (no delete or prune takes it while
+    /// the disks need it) and releases it at the end.
+    #[serde(default)]
+    pub held: bool,
 }
 
 impl BackupRestore {

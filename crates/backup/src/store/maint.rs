@@ -79,6 +79,11 @@ impl Store {
     }
 
     /// Deletes one backup (its chunks are freed by the next [`Store::gc`]).
+    /// Protects a backup from delete and prune (or lets it go again).
+    pub fn set_protected(&self, id: &str, protected: bool) -> Result<(), StoreError> {
+        self.catalog().set_protected(id, protected)
+    }
+
     pub fn delete(&self, id: &str) -> Result<(), StoreError> {
         let s = self
             .snapshot(id)?

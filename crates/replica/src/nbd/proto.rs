@@ -156,11 +156,11 @@ pub fn info_export(size: u64, read_only: bool) -> Vec<u8> {
 }
 
 /// `NBD_INFO_BLOCK_SIZE`: minimum, preferred, maximum.
-pub fn info_block_size() -> Vec<u8> {
+pub fn info_block_size(max: u32) -> Vec<u8> {
     let mut v = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
     v.extend_from_slice(&1u32.to_be_bytes());
     v.extend_from_slice(&4096u32.to_be_bytes());
-    v.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
+    v.extend_from_slice(&max.min(MAX_PAYLOAD).to_be_bytes());
     v
 }
 

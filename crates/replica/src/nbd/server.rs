@@ -15,6 +15,10 @@ pub trait Backend: Send + Sync + 'static {
     fn read_only(&self) -> bool {
         false
     }
+    /// The largest read it answers (told to the client; a larger one gets EINVAL).
+    fn max_read(&self) -> u32 {
+        proto::MAX_PAYLOAD
+    }
     async fn read(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>>;
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> std::io::Result<()>;
     async fn flush(&self) -> std::io::Result<()>;
@@ -119,7 +123,7 @@ where
                     wr.write_all(&proto::option_reply(
                         opt,
                         proto::REP_INFO,
-                        &proto::info_block_size(),
+                        &proto::info_block_size(b.max_read()),
                     ))
                     .await?;
                 }
@@ -227,9 +231,11 @@ where
             req.cmd,
             Command::Write | Command::Trim | Command::WriteZeroes
         );
+        let too_long = req.cmd == Command::Read && req.len > backend.max_read();
         if let Some(err) = req
             .check(size)
             .or((writes && backend.read_only()).then_some(proto::EPERM))
+            .or(too_long.then_some(proto::EINVAL))
         {
             if tx
                 .send(proto::simple_reply(req.cookie, err).to_vec())

@@ -14,13 +14,16 @@
 //! 3. guest write throughput while a full backup runs against without;
 //! 4. the dedup factor of N clones' backups (one base image, small changes each) in one
 //!    store, against N compressed copies;
-//! 5. restore (`restore_raw`) against `qemu-img convert -O raw`;
+//! 5. restore (`restore_raw`) against `qemu-img convert -O raw`; live-restore (QEMU
+//!    on an empty volume backed by the backup over ferry's NBD server): the first read,
+//!    random reads against the original disk's, the fill's speed;
 //! 6. verify; 7. GC of many chunks once their backup is deleted.
 //!
 //! Everything lives in `/var/tmp/ferry-bench-backup` (removed at the end, on failure
 //! too); the QEMUs it starts are killed by their pid, and die with the bench.
 
 mod image;
+mod live;
 mod tables;
 
 use anyhow::{bail, Context, Result};
@@ -126,6 +129,13 @@ impl Drop for Qemu {
 /// no guest OS; its firmware would only spin). Call from the thread that stays (the
 /// runtime's `block_on`): QEMU dies with the thread that started it.
 async fn start_qemu(dir: &Path, name: &str, img: &Path) -> Result<(Qemu, Qmp)> {
+    let file = json!({"driver": "file", "filename": img, "node-name": "disk0-file"});
+    let fmt = json!({"driver": "qcow2", "file": "disk0-file", "node-name": "disk0"});
+    start_qemu_on(dir, name, &[file, fmt]).await
+}
+
+/// [`start_qemu`] on these block nodes (the last one is `disk0`).
+async fn start_qemu_on(dir: &Path, name: &str, nodes: &[serde_json::Value]) -> Result<(Qemu, Qmp)> {
     use std::os::unix::process::CommandExt;
     let sock = dir.join(format!("{name}.qmp"));
     let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
@@ -144,18 +154,14 @@ async fn start_qemu(dir: &Path, name: &str, img: &Path) -> Result<(Qemu, Qmp)> {
         "-S",
     ])
     .arg("-qmp")
-    .arg(format!("unix:{},server=on,wait=off", sock.display()))
-    .arg("-blockdev")
-    .arg(format!(
-        "driver=file,filename={},node-name=disk0-file",
-        img.display()
-    ))
-    .arg("-blockdev")
-    .arg("driver=qcow2,file=disk0-file,node-name=disk0")
-    .args(["-device", "virtio-blk-pci,drive=disk0,id=disk0"])
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(log);
+    .arg(format!("unix:{},server=on,wait=off", sock.display()));
+    for n in nodes {
+        cmd.arg("-blockdev").arg(n.to_string());
+    }
+    cmd.args(["-device", "virtio-blk-pci,drive=disk0,id=disk0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
     // SAFETY: runs in the forked child before exec and makes one system call (prctl).
     unsafe {
         cmd.pre_exec(|| {
@@ -573,7 +579,7 @@ struct Report {
     restore_peer: Peer,
     verify: Verify,
     gc: Gc,
-    live_restore: String,
+    live_restore: Option<live::LiveRestore>,
 }
 
 fn first_line(c: &mut Command) -> String {
@@ -625,7 +631,6 @@ fn bench(rt: &tokio::runtime::Runtime, root: &Path, sz: &Sizes) -> Result<Report
             .to_string(),
         disk_bytes: sz.disk,
         data_bytes: sz.data,
-        live_restore: "not built yet".into(),
         ..Report::default()
     };
     eprintln!(
@@ -706,6 +711,10 @@ fn bench(rt: &tokio::runtime::Runtime, root: &Path, sz: &Sizes) -> Result<Report
             identical_to_qemu_img: identical,
         });
     }
+    eprintln!("live-restore…");
+    r.live_restore = Some(rt.block_on(live::live_restore(
+        root, &store, &r.full.id, &qmp, &peer_raw, sz,
+    ))?);
     std::fs::remove_file(&peer_raw)?;
 
     eprintln!("verify…");

@@ -145,8 +145,34 @@ pub(super) fn print(r: &Report, sz: &Sizes) {
         "| {} | {:.1} s | {:.0} | {:.1} | 1× |",
         p.what, p.secs, p.mbs, p.cpu_s
     );
-    println!("| live restore (guest runs while the data streams in) | not built yet | | | |");
     println!();
+    if let Some(l) = &r.live_restore {
+        println!("## 5b. Live-restore (QEMU on an empty volume backed by the backup over ferry's NBD server)");
+        println!();
+        println!("| | ferry | peer |");
+        println!("|---|---|---|");
+        println!(
+            "| server up, QEMU started, first MiB read through the disk | {:.2} s | a plain restore first: {:.1} s |",
+            l.first_read_secs,
+            r.restore.first().map_or(0.0, |x| x.secs)
+        );
+        println!(
+            "| random 4 KiB reads through the disk (HMP qemu-io), nothing filled yet | {:.2} ms | the original disk: {:.2} ms |",
+            l.read_4k_ms, l.read_4k_ms_local
+        );
+        println!(
+            "| fill with block-stream{} | {:.1} s, {:.0} data MB/s | restore to raw: {:.0} MB/s |",
+            if l.identical_to_qemu_img {
+                " (identical to qemu-img's copy)"
+            } else {
+                " (DIFFERS from qemu-img's copy)"
+            },
+            l.fill_secs,
+            l.fill_mbs,
+            r.restore.first().map_or(0.0, |x| x.mbs)
+        );
+        println!();
+    }
     let v = &r.verify;
     println!("## 6. Verify and GC");
     println!();
