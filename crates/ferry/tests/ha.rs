@@ -715,7 +715,20 @@ fn hosts_beyond_three_are_clients_of_the_voters() -> Result<()> {
         Duration::from_secs(60),
         || Ok(is_member(&cluster_status(&h3)?, "h3") == Some(true)),
     )?;
-    h3.ferry_ok(&["vm", "create", "c2", "--memory", "64M"])?;
+    // (the status may have come from the daemon just before it restarted: the create
+    // is tried until the new one answers)
+    wait_for("a VM created on h3", Duration::from_secs(60), || {
+        let o = h3.ferry(&["vm", "create", "c2", "--memory", "64M"])?;
+        let err = String::from_utf8_lossy(&o.stderr);
+        if !o.status.success()
+            && !err.contains("reach the ferry daemon")
+            && !err.contains("already exists")
+        {
+            anyhow::bail!("vm create on h3: {err}");
+        }
+        Ok(o.status.success() || err.contains("already exists"))
+    })?;
+    assert!(h3.ferry_json(&["vm", "show", "c2"])?["id"].is_u64());
     Ok(())
 }
 
