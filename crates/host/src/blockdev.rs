@@ -4,6 +4,21 @@
 use crate::Host;
 use ferry_store::{keys, Store};
 
+/// Disk `i`'s device in a `query-block` answer (its qdev is `disk{i}`, or a path
+/// under `/machine/peripheral/disk{i}/` for virtio devices).
+pub fn disk_block(
+    blocks: &[ferry_qmp::commands::BlockInfo],
+    i: usize,
+) -> Option<&ferry_qmp::commands::BlockInfo> {
+    let id = format!("disk{i}");
+    let dev = format!("/machine/peripheral/disk{i}/");
+    blocks.iter().find(|b| {
+        b.qdev
+            .as_deref()
+            .is_some_and(|q| q == id || q.starts_with(&dev))
+    })
+}
+
 impl Host {
     /// The block node QEMU uses for disk `i` of running VM `vm` (`disk{i}` unless a
     /// pivot renamed it); `disk{i}` when the VM does not run.
@@ -19,18 +34,11 @@ impl Host {
         };
         (0..n)
             .map(|i| {
-                let id = format!("disk{i}");
-                let dev = format!("/machine/peripheral/disk{i}/");
                 blocks
-                    .iter()
-                    .flatten()
-                    .find(|b| {
-                        b.qdev
-                            .as_deref()
-                            .is_some_and(|q| q == id || q.starts_with(&dev))
-                    })
+                    .as_deref()
+                    .and_then(|b| disk_block(b, i))
                     .and_then(|b| b.inserted.as_ref().and_then(|i| i.node_name.clone()))
-                    .unwrap_or(id)
+                    .unwrap_or_else(|| format!("disk{i}"))
             })
             .collect()
     }

@@ -403,15 +403,8 @@ impl Host {
         let mut done = true;
         for i in 0..n {
             let id = format!("disk{i}");
-            let dev = format!("/machine/peripheral/disk{i}/");
-            let inserted = blocks
-                .iter()
-                .find(|b| {
-                    b.qdev
-                        .as_deref()
-                        .is_some_and(|q| q == id || q.starts_with(&dev))
-                })
-                .and_then(|b| b.inserted.as_ref());
+            let inserted =
+                crate::blockdev::disk_block(&blocks, i).and_then(|b| b.inserted.as_ref());
             if inserted.and_then(|i| i.backing_file_depth) == Some(0) {
                 continue;
             }
