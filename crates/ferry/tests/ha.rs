@@ -728,7 +728,19 @@ fn hosts_beyond_three_are_clients_of_the_voters() -> Result<()> {
         }
         Ok(o.status.success() || err.contains("already exists"))
     })?;
-    assert!(h3.ferry_json(&["vm", "show", "c2"])?["id"].is_u64());
+    // (the create may have been answered by the daemon just before its restart, too)
+    wait_for("c2 shown by h3", Duration::from_secs(60), || {
+        let o = h3.ferry(&["--json", "vm", "show", "c2"])?;
+        let err = String::from_utf8_lossy(&o.stderr);
+        if !o.status.success() {
+            if err.contains("reach the ferry daemon") {
+                return Ok(false);
+            }
+            anyhow::bail!("vm show c2 on h3: {err}");
+        }
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+        Ok(v["id"].is_u64())
+    })?;
     Ok(())
 }
 
