@@ -54,6 +54,38 @@ for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_p
   esac
   echo "$m" >> ird/lib/modules/order
 done
+# The file-restore helper (scripts/build-file-restore.sh, `ferry backup files`) reads
+# guests' filesystems: their modules, with what they depend on, loaded only in that mode
+# (`order-restore`). ext4 is built into the cloud kernel.
+python3 - root ird/lib/modules <<'PY'
+import glob, lzma, os, re, sys
+root, out = sys.argv[1], sys.argv[2]
+want = ['crc32c_intel', 'libcrc32c', 'xfs', 'xxhash_generic', 'blake2b_generic', 'btrfs',
+        'fat', 'vfat', 'nls_cp437', 'nls_iso8859_1', 'nls_utf8', 'isofs', 'udf', 'exfat']
+files = {}
+for f in glob.glob(root + '/lib/modules/**/*.ko*', recursive=True):
+    files[os.path.basename(f).split('.ko')[0].replace('-', '_')] = f
+order = []
+def add(m):
+    if m in order or m not in files:
+        if m not in files:
+            print('build-guest: module %s not in the kernel package (built in?)' % m)
+        return
+    f = files[m]
+    d = open(f, 'rb').read()
+    if f.endswith('.xz'):
+        d = lzma.decompress(d)
+    dep = re.search(rb'\0depends=([^\0]*)\0', d)
+    for x in (dep.group(1).decode().split(',') if dep else []):
+        if x:
+            add(x.replace('-', '_'))
+    if m not in order:
+        open(os.path.join(out, m + '.ko'), 'wb').write(d)
+        order.append(m)
+for m in want:
+    add(m)
+open(os.path.join(out, 'order-restore'), 'w').write(''.join(m + '\n' for m in order))
+PY
 cp "$here/guest-init" ird/init
 chmod +x ird/init
 (cd ird && find . | cpio -o -H newc --quiet | gzip -1) > initrd.img

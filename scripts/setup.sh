@@ -51,6 +51,7 @@ fi
 getent group ferry-qemu >/dev/null || groupadd --system ferry-qemu
 
 "$here/build-guest.sh"
+"$here/build-file-restore.sh"
 
 # schemathesis (PyPI), pinned, in its own virtualenv: the API fuzz test runs it against
 # a live daemon (crates/ferry/tests/api_fuzz.rs).

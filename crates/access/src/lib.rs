@@ -167,6 +167,8 @@ pub fn need(method: &str, path: &str) -> Need {
         ("POST", ["backup-stores"]) => on(Privilege::Modify, "/"),
         // Backups hold every VM's data: one privilege path for taking, listing, restoring
         // and pruning them (a backup operator's).
+        // A backup's files are a VM's data: reading them is restoring, never an audit.
+        (_, ["backups", _, "files", ..]) => on(Privilege::Modify, "/backup-stores"),
         (_, ["backup-stores" | "backups" | "backup-jobs", ..]) => rw("/backup-stores"),
         (_, ["pools"]) => rw("/pools"),
         (_, ["pools", p, ..]) => rw(&format!("/pools/{p}")),

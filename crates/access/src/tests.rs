@@ -109,6 +109,15 @@ fn the_issue_s_examples() {
         need("GET", "/api/v1/backups"),
         Need::On(Privilege::Audit, "/backup-stores".into())
     );
+    // Listing or downloading a backup's files reads a VM's data.
+    assert_eq!(
+        need("GET", "/api/v1/backups/b1/files"),
+        Need::On(Privilege::Modify, "/backup-stores".into())
+    );
+    assert_eq!(
+        need("GET", "/api/v1/backups/b1/files/download"),
+        Need::On(Privilege::Modify, "/backup-stores".into())
+    );
     assert!(!may("olga", "POST", "/api/v1/backups"));
 }
 

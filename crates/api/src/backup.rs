@@ -8,9 +8,9 @@ use axum::http::StatusCode;
 use axum::Json;
 use ferry_agent::Agent;
 use ferry_types::{
-    ApiErrorBody, Backup, BackupJob, BackupJobSpec, BackupList, BackupPrune, BackupRestore,
-    BackupRun, BackupStore, BackupStoreCreate, BackupStoreInfo, BackupVerify, PruneResult,
-    TaskAccepted,
+    ApiErrorBody, Backup, BackupFiles, BackupJob, BackupJobSpec, BackupList, BackupPrune,
+    BackupRestore, BackupRun, BackupStore, BackupStoreCreate, BackupStoreInfo, BackupVerify,
+    PruneResult, TaskAccepted,
 };
 use serde::Deserialize;
 
@@ -178,7 +178,7 @@ pub async fn delete_backup(
 #[utoipa::path(post, path = "/api/v1/backups/{id}/restore", tag = "backup", request_body = BackupRestore,
     params(("id" = String, Path)),
     responses((status = 202, description = "Restore started; the task's result is the new VM", body = TaskAccepted),
-              (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+              (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 500, body = ApiErrorBody)))]
 pub async fn restore_backup(
     State(a): State<Agent>,
     ApiPath(id): ApiPath<String>,
@@ -197,6 +197,80 @@ pub async fn restore_backup(
             Ok(())
         },
     )))
+}
+
+/// A path inside a backup: `/` (its disks), `/disk0` (a disk's volumes),
+/// `/disk0/p1/etc` (inside a volume).
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct FilesQuery {
+    /// Default `/`.
+    pub path: Option<String>,
+}
+
+/// A folder of a backup, read by a helper VM that attaches the backup read-only (no
+/// guest filesystem is mounted on the host); the first call starts it (seconds).
+#[utoipa::path(get, path = "/api/v1/backups/{id}/files", tag = "backup",
+    params(("id" = String, Path), FilesQuery),
+    responses((status = 200, body = BackupFiles), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 500, body = ApiErrorBody)))]
+pub async fn list_files(
+    State(a): State<Agent>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<FilesQuery>,
+) -> ApiResult<Json<BackupFiles>> {
+    Ok(Json(
+        a.backup_files(&id, q.path.as_deref().unwrap_or("/"))
+            .await?,
+    ))
+}
+
+/// A file of a backup (its bytes), or a folder (a tar archive; links stay links).
+#[utoipa::path(get, path = "/api/v1/backups/{id}/files/download", tag = "backup",
+    params(("id" = String, Path), FilesQuery),
+    responses((status = 200, description = "The file (application/octet-stream) or the folder (application/x-tar); a read error half-way breaks the body off", content_type = "application/octet-stream"),
+        (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 500, body = ApiErrorBody)))]
+pub async fn download_file(
+    State(a): State<Agent>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<FilesQuery>,
+) -> ApiResult<axum::response::Response> {
+    use axum::http::header;
+    let d = a
+        .backup_file_download(&id, q.path.as_deref().unwrap_or("/"))
+        .await?;
+    let body = futures::stream::unfold(d.body, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    });
+    // The name goes into a header: only characters that need no quoting there.
+    let safe: String = d
+        .name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-+".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let mut r = axum::response::Response::builder()
+        .header(
+            header::CONTENT_TYPE,
+            if d.archive {
+                "application/x-tar"
+            } else {
+                "application/octet-stream"
+            },
+        )
+        .header(
+            header::CONTENT_DISPOSITION,
+            format!("attachment; filename=\"{safe}\""),
+        );
+    if let Some(n) = d.size {
+        r = r.header(header::CONTENT_LENGTH, n);
+    }
+    r.body(axum::body::Body::from_stream(body))
+        .map_err(|e| ferry_agent::AgentError::invalid("path", e.to_string()).into())
 }
 
 #[utoipa::path(post, path = "/api/v1/backups/prune", tag = "backup", request_body = BackupPrune,

@@ -93,6 +93,8 @@ fn api() -> OpenApiRouter<Agent> {
         .routes(routes!(backup::list_backups, backup::run_backup))
         .routes(routes!(backup::get_backup, backup::delete_backup))
         .routes(routes!(backup::restore_backup))
+        .routes(routes!(backup::list_files))
+        .routes(routes!(backup::download_file))
         .routes(routes!(backup::prune_backups))
         .routes(routes!(backup::list_jobs, backup::create_job))
         .routes(routes!(backup::get_job, backup::delete_job))

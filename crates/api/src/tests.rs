@@ -25,6 +25,7 @@ async fn agent(d: &tempfile::TempDir) -> Agent {
             replication_port: 0,
             pki: ferry_pki::HostPki::ensure(&d.path().join("pki"), "test", &[]).unwrap(),
             voter_replace_after: std::time::Duration::from_secs(300),
+            file_restore_image: "/nonexistent".into(),
         },
         Arc::new(store),
     )

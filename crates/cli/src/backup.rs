@@ -4,9 +4,9 @@
 
 use super::*;
 use ferry_types::{
-    Backup, BackupGcReport, BackupJob, BackupJobResult, BackupJobSpec, BackupKeep, BackupList,
-    BackupPrune, BackupRestore, BackupRun, BackupSelection, BackupStore, BackupStoreCreate,
-    BackupStoreInfo, BackupVerify, BackupVerifyReport, PruneResult,
+    Backup, BackupFileKind, BackupFiles, BackupGcReport, BackupJob, BackupJobResult, BackupJobSpec,
+    BackupKeep, BackupList, BackupPrune, BackupRestore, BackupRun, BackupSelection, BackupStore,
+    BackupStoreCreate, BackupStoreInfo, BackupVerify, BackupVerifyReport, PruneResult,
 };
 
 #[derive(Subcommand, Debug)]
@@ -46,6 +46,19 @@ pub enum BackupCmd {
     },
     Show {
         id: String,
+    },
+    /// List the files of a backup without restoring it (`/`: its disks; `/disk0`: a
+    /// disk's volumes; `/disk0/p1/etc`: a folder), or download a file or a folder (a
+    /// tar archive) with --download. A helper VM reads the backup; the first call
+    /// starts it (seconds).
+    Files {
+        id: String,
+        /// The folder (or, with --download, the file or folder).
+        #[arg(default_value = "/")]
+        path: String,
+        /// Download to this file (`-`: standard output).
+        #[arg(long, short = 'o')]
+        download: Option<String>,
     },
     /// Delete a backup (garbage collection frees its chunks).
     Delete {
@@ -249,6 +262,92 @@ async fn vm_host(c: &Client, vm: &str) -> Result<Client> {
     }
 }
 
+async fn files(
+    c: &Client,
+    g: &Global,
+    id: &str,
+    path: &str,
+    download: Option<String>,
+) -> Result<()> {
+    let api = format!("/api/v1/backups/{id}/files");
+    if let Some(to) = download {
+        let dl = format!("{api}/download");
+        let n = if to == "-" {
+            let mut out = std::io::stdout();
+            c.download(&dl, &[("path", path)], &mut out).await?
+        } else {
+            // written next to the target, renamed into place only when complete
+            let part = format!("{to}.part");
+            let mut f = std::io::BufWriter::new(
+                std::fs::File::create(&part).with_context(|| format!("Create {part}"))?,
+            );
+            let n = match c.download(&dl, &[("path", path)], &mut f).await {
+                Ok(n) => n,
+                Err(e) => {
+                    drop(f);
+                    let _ = std::fs::remove_file(&part);
+                    return Err(e);
+                }
+            };
+            drop(f);
+            std::fs::rename(&part, &to).with_context(|| format!("Rename {part} to {to}"))?;
+            n
+        };
+        if to != "-" && !g.json {
+            eprintln!("{} written to {to}", ByteSize(n));
+        }
+        return Ok(());
+    }
+    let l: BackupFiles = c.get_query(&api, &[("path", path)]).await?;
+    if g.json {
+        return print_json(&l);
+    }
+    let mut t = table(&["KIND", "SIZE", "MODIFIED", "MODE", "NAME"]);
+    for e in &l.entries {
+        let kind = match e.kind {
+            BackupFileKind::Disk => "disk",
+            BackupFileKind::Volume => "volume",
+            BackupFileKind::Dir => "dir",
+            BackupFileKind::File => "file",
+            BackupFileKind::Symlink => "link",
+            BackupFileKind::Other => "other",
+        };
+        let mut name = e.name.clone();
+        if let Some(to) = &e.target {
+            name = format!("{name} -> {to}");
+        }
+        if let Some(fs) = &e.fs {
+            name = format!("{name} ({fs})");
+        }
+        if let Some(err) = &e.error {
+            name = format!("{name} (unreadable: {err})");
+        }
+        t.add_row(vec![
+            kind.to_string(),
+            ByteSize(e.size).to_string(),
+            if e.mtime > 0 {
+                when(e.mtime)
+            } else {
+                String::new()
+            },
+            if e.mode > 0 {
+                format!("{:04o}", e.mode)
+            } else {
+                String::new()
+            },
+            name,
+        ]);
+    }
+    println!("{}\n{t}", l.path);
+    if l.truncated {
+        println!(
+            "(more entries than one listing carries: the first {} shown)",
+            l.entries.len()
+        );
+    }
+    Ok(())
+}
+
 fn print_backup(b: &Backup) {
     println!(
         "{} of {} in {} ({}, {}, taken on {} at {})",
@@ -298,6 +397,7 @@ pub(crate) async fn run(c: &Client, g: &Global, cmd: BackupCmd) -> Result<()> {
             print_backup(&b);
             Ok(())
         }
+        BackupCmd::Files { id, path, download } => files(c, g, &id, &path, download).await,
         BackupCmd::List { vm, store } => {
             let mut q = Vec::new();
             if let Some(v) = &vm {

@@ -242,6 +242,69 @@ impl Client {
         self.request(Method::GET, path, None).await
     }
 
+    /// A GET with query parameters (encoded here: any characters).
+    async fn get_response(&self, path: &str, query: &[(&str, &str)]) -> Result<reqwest::Response> {
+        let url = format!("{}{}{path}", self.base, self.prefix);
+        let mut req = self.http.get(&url).query(query);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.with_context(|| {
+            format!(
+                "Cannot reach the ferry daemon at {} (is `ferry serve` running?)",
+                self.target()
+            )
+        })?;
+        let status = resp.status();
+        if !status.is_success() {
+            let bytes = resp.bytes().await.unwrap_or_default();
+            let e = serde_json::from_slice::<ApiErrorBody>(&bytes).unwrap_or(ApiErrorBody {
+                code: ferry_types::code_for_status(status.as_u16()).into(),
+                error: String::from_utf8_lossy(&bytes).into_owned(),
+                causes: vec![],
+            });
+            bail!("{} ({})", e.error, status.as_u16());
+        }
+        Ok(resp)
+    }
+
+    /// [`Client::get`] with query parameters.
+    pub async fn get_query<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+    ) -> Result<T> {
+        let bytes = self
+            .get_response(path, query)
+            .await?
+            .bytes()
+            .await
+            .context("Read the daemon's answer")?;
+        serde_json::from_slice(&bytes).with_context(|| format!("Unexpected answer to GET {path}"))
+    }
+
+    /// Streams a GET's body into `out`; the bytes written. A body broken off half-way
+    /// is an error.
+    pub async fn download(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<u64> {
+        let mut resp = self.get_response(path, query).await?;
+        let mut n = 0u64;
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .context("The download broke off (the daemon says why in its log)")?
+        {
+            out.write_all(&chunk).context("Write the download")?;
+            n += chunk.len() as u64;
+        }
+        out.flush().context("Write the download")?;
+        Ok(n)
+    }
+
     pub async fn get_text(&self, path: &str) -> Result<String> {
         let url = format!("{}{}{path}", self.base, self.prefix);
         let mut req = self.http.get(&url);

@@ -99,6 +99,10 @@ struct ServeArgs {
     /// The key of --tls-cert (PEM).
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// The file-restore helper VM's image (`ferry backup files`): a folder holding
+    /// `vmlinux` and `initrd.img` (scripts/setup.sh builds one).
+    #[arg(long, default_value = "/usr/lib/ferry/file-restore")]
+    file_restore_image: PathBuf,
 }
 
 fn main() -> Result<()> {
@@ -296,6 +300,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
         },
         replication_port: a.replication_port,
         voter_replace_after: std::time::Duration::from_secs(a.voter_replace_after),
+        file_restore_image: a.file_restore_image.clone(),
     };
     let agent = match cluster_cfg {
         Some(cc) => {

@@ -61,11 +61,15 @@ fn random_disk(lab: &Lab, vm: &str, i: usize, mib: u64) -> Result<Vec<u8>> {
     Ok(data)
 }
 
-fn disk<'a>(b: &'a Value, name: &str) -> &'a Value {
-    b["disks"]
-        .as_array()
+/// The element of array `list` named `name`.
+fn named<'a>(list: &'a Value, name: &str) -> &'a Value {
+    list.as_array()
         .and_then(|d| d.iter().find(|d| d["name"] == name))
         .unwrap_or(&Value::Null)
+}
+
+fn disk<'a>(b: &'a Value, name: &str) -> &'a Value {
+    named(&b["disks"], name)
 }
 
 #[test]
@@ -532,5 +536,220 @@ fn live_restore_runs_at_once_and_survives_a_daemon_kill() -> Result<()> {
     );
     // And it is an ordinary VM again.
     lab.ferry_ok(&["vm", "snapshot", "lr", "s1"])?;
+    Ok(())
+}
+
+/// A raw disk image of `mib` MiB: an MBR partition table with one Linux partition
+/// from 1 MiB to the end, holding an ext4 filesystem made from `src` (no mount: mke2fs
+/// populates it).
+fn partitioned_ext4(img: &Path, src: &Path, mib: u64) -> Result<()> {
+    let f = std::fs::File::create(img)?;
+    f.set_len(mib * MB)?;
+    let sectors = u32::try_from((mib - 1) * MB / 512)?;
+    let mut mbr = [0u8; 512];
+    mbr[446 + 4] = 0x83;
+    mbr[446 + 8..446 + 12].copy_from_slice(&2048u32.to_le_bytes());
+    mbr[446 + 12..446 + 16].copy_from_slice(&sectors.to_le_bytes());
+    mbr[510] = 0x55;
+    mbr[511] = 0xAA;
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&mbr, 0)?;
+    drop(f);
+    let ok = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-E", "offset=1048576", "-d"])
+        .arg(src)
+        .arg(img)
+        .arg(format!("{}k", (mib - 1) * 1024))
+        .status()?;
+    anyhow::ensure!(ok.success(), "mkfs.ext4");
+    Ok(())
+}
+
+/// Writes raw image `img` onto disk `i` of stopped VM `vm`.
+fn write_disk(lab: &Lab, vm: &str, i: usize, img: &Path) -> Result<()> {
+    let ok = Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "raw", "-O", "qcow2"])
+        .arg(img)
+        .arg(volume_file(lab, vm, i)?)
+        .status()?;
+    anyhow::ensure!(ok.success(), "qemu-img convert");
+    Ok(())
+}
+
+fn entry<'a>(l: &'a Value, name: &str) -> &'a Value {
+    named(&l["entries"], name)
+}
+
+/// File-level restore: a helper VM attaches the backup read-only and lists and reads
+/// its filesystems (a partitioned ext4 disk, a whole-disk ext4, a disk with none); a
+/// file downloads byte-identical, a folder as a tar archive with its link kept a link;
+/// links are never followed, `..` is refused, and the daemon's restart stops the
+/// helper it left.
+#[test]
+fn file_level_restore_lists_and_downloads_files_of_a_backup() -> Result<()> {
+    let mut lab = Lab::new(env!("CARGO_BIN_EXE_ferry"))?;
+    lab.start_daemon()?;
+    let store_dir = lab.dir.join("backups");
+    lab.ferry_ok(&[
+        "backup-store",
+        "create",
+        "bs",
+        "--path",
+        store_dir.to_str().context("path")?,
+    ])?;
+    lab.create_test_vm(
+        "fr",
+        "10.77.0.50",
+        &[
+            "--disk",
+            "bus=virtio,size=48M",
+            "--disk",
+            "bus=scsi,size=16M",
+            "--disk",
+            "bus=virtio,size=8M",
+        ],
+    )?;
+    // disk0: a partition with ext4 holding folders, a 3 MB file, a link pointing at the
+    // host's /etc/shadow and a name that needs quoting
+    let src = lab.dir.join("fs0");
+    std::fs::create_dir_all(src.join("etc/deep"))?;
+    std::fs::write(src.join("etc/hostname"), b"fr\n")?;
+    let blob: Vec<u8> = (0..3_000_000u32)
+        .map(|i| i.wrapping_mul(2_654_435_761).to_le_bytes()[1])
+        .collect();
+    std::fs::write(src.join("etc/deep/blob"), &blob)?;
+    std::os::unix::fs::symlink("/etc/shadow", src.join("escape"))?;
+    std::fs::write(src.join("a b&c=d?.txt"), b"quoted\n")?;
+    let img0 = lab.dir.join("disk0.raw");
+    partitioned_ext4(&img0, &src, 48)?;
+    write_disk(&lab, "fr", 0, &img0)?;
+    // disk1: ext4 on the whole disk
+    let src1 = lab.dir.join("fs1");
+    std::fs::create_dir_all(&src1)?;
+    std::fs::write(src1.join("hello.txt"), b"from disk1\n")?;
+    let img1 = lab.dir.join("disk1.raw");
+    std::fs::File::create(&img1)?.set_len(16 * MB)?;
+    let ok = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&src1)
+        .arg(&img1)
+        .status()?;
+    anyhow::ensure!(ok.success(), "mkfs.ext4");
+    write_disk(&lab, "fr", 1, &img1)?;
+    // disk2: random bytes, no filesystem
+    random_disk(&lab, "fr", 2, 8)?;
+
+    let b = lab.ferry_json(&["backup", "run", "fr", "--store", "bs"])?;
+    let id = b["id"].as_str().context("backup id")?.to_string();
+
+    // The disks, their volumes, and what is inside.
+    let root = lab.ferry_json(&["backup", "files", &id])?;
+    let names: Vec<&str> = root["entries"]
+        .as_array()
+        .context("entries")?
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    assert_eq!(names, ["disk0", "disk1", "disk2"], "{root}");
+    let d0 = lab.ferry_json(&["backup", "files", &id, "/disk0"])?;
+    assert_eq!(entry(&d0, "p1")["fs"], "ext4", "{d0}");
+    let d1 = lab.ferry_json(&["backup", "files", &id, "/disk1"])?;
+    assert_eq!(entry(&d1, "fs")["fs"], "ext4", "{d1}");
+    let d2 = lab.ferry_json(&["backup", "files", &id, "/disk2"])?;
+    assert!(entry(&d2, "fs")["error"].is_string(), "{d2}");
+    let o = lab.ferry(&["backup", "files", &id, "/disk2/fs"])?;
+    assert!(!o.status.success(), "{o:?}");
+    let top = lab.ferry_json(&["backup", "files", &id, "/disk0/p1"])?;
+    assert_eq!(entry(&top, "escape")["kind"], "symlink", "{top}");
+    assert_eq!(entry(&top, "escape")["target"], "/etc/shadow", "{top}");
+    assert_eq!(entry(&top, "etc")["kind"], "dir", "{top}");
+    let etc = lab.ferry_json(&["backup", "files", &id, "/disk0/p1/etc/deep"])?;
+    assert_eq!(entry(&etc, "blob")["size"], 3_000_000, "{etc}");
+    // the table for people
+    let table = lab.ferry_ok(&["backup", "files", &id, "/disk0/p1"])?;
+    assert!(table.contains("escape -> /etc/shadow"), "{table}");
+
+    // Downloads: a file byte for byte, a name that needs quoting, a folder as tar.
+    let out = lab.dir.join("blob.out");
+    lab.ferry_ok(&[
+        "backup",
+        "files",
+        &id,
+        "/disk0/p1/etc/deep/blob",
+        "--download",
+        out.to_str().context("path")?,
+    ])?;
+    assert!(std::fs::read(&out)? == blob, "the downloaded file differs");
+    let q = lab.ferry_ok(&["backup", "files", &id, "/disk0/p1/a b&c=d?.txt", "-o", "-"])?;
+    assert_eq!(q, "quoted\n");
+    let h = lab.ferry_ok(&["backup", "files", &id, "/disk1/fs/hello.txt", "-o", "-"])?;
+    assert_eq!(h, "from disk1\n");
+    let tar = lab.dir.join("p1.tar");
+    lab.ferry_ok(&[
+        "backup",
+        "files",
+        &id,
+        "/disk0/p1",
+        "--download",
+        tar.to_str().context("path")?,
+    ])?;
+    let x = lab.dir.join("x");
+    std::fs::create_dir_all(&x)?;
+    let ok = Command::new("tar")
+        .arg("-xf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&x)
+        .status()?;
+    anyhow::ensure!(ok.success(), "tar -x");
+    assert!(std::fs::read(x.join("p1/etc/deep/blob"))? == blob);
+    assert_eq!(std::fs::read(x.join("p1/etc/hostname"))?, b"fr\n");
+    assert_eq!(
+        std::fs::read_link(x.join("p1/escape"))?,
+        Path::new("/etc/shadow")
+    );
+
+    // Links are not followed, `..` climbs nowhere, unknown things are not found; a
+    // failed download leaves no file behind.
+    let bad = lab.dir.join("bad.out");
+    let o = lab.ferry(&[
+        "backup",
+        "files",
+        &id,
+        "/disk0/p1/escape",
+        "-o",
+        bad.to_str().context("path")?,
+    ])?;
+    assert!(!o.status.success(), "{o:?}");
+    assert!(!bad.exists() && !lab.dir.join("bad.out.part").exists());
+    let o = lab.ferry(&["backup", "files", &id, "/disk0/p1/escape/x"])?;
+    assert!(String::from_utf8_lossy(&o.stderr).contains("link"), "{o:?}");
+    let o = lab.ferry(&["backup", "files", &id, "/disk0/p1/../../etc"])?;
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("(400)"),
+        "{o:?}"
+    );
+    let o = lab.ferry(&["backup", "files", &id, "/disk0/p1/nothing"])?;
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("(404)"),
+        "{o:?}"
+    );
+    let o = lab.ferry(&["backup", "files", "no-such-backup"])?;
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("(404)"),
+        "{o:?}"
+    );
+
+    // One helper ran; the daemon's restart stops the one it left.
+    let helpers = lab.qemu_pids();
+    assert_eq!(helpers.len(), 1, "one helper VM: {helpers:?}");
+    lab.stop_daemon(true)?;
+    lab.start_daemon()?;
+    ferry_lab::wait_for("the helper stopped", Duration::from_secs(30), || {
+        Ok(lab.qemu_pids().is_empty())
+    })?;
+    // and a new one answers
+    let again = lab.ferry_json(&["backup", "files", &id, "/disk1/fs"])?;
+    assert_eq!(entry(&again, "hello.txt")["size"], 11, "{again}");
     Ok(())
 }

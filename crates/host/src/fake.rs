@@ -354,6 +354,7 @@ pub async fn open_member(
         replication_port: 0,
         pki,
         voter_replace_after: std::time::Duration::from_secs(300),
+        file_restore_image: "/nonexistent".into(),
     };
     crate::Host::open_on(cfg, store, link, os).await
 }

@@ -29,6 +29,7 @@ pub mod events;
 pub mod exit;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
+pub mod file_restore;
 pub mod gate;
 pub mod history;
 pub mod lifecycle;
@@ -96,6 +97,9 @@ pub struct AgentConfig {
     /// While this host tends etcd: how long a voter may be down before another host
     /// is voted in its place.
     pub voter_replace_after: std::time::Duration,
+    /// The file-restore helper VM's image: a folder with `vmlinux` and `initrd.img`
+    /// (`ferry backup files`).
+    pub file_restore_image: PathBuf,
 }
 
 /// The default port of the replication service.
@@ -161,6 +165,9 @@ struct Inner {
     login_failures: Mutex<access::LoginFailures>,
     /// Live-restores served and followed.
     restores: Mutex<live_restore::Restores>,
+    /// File-restore helper VMs, and the start of one at a time.
+    file_restores: Mutex<file_restore::FileRestores>,
+    file_restore_start: tokio::sync::Mutex<()>,
 }
 
 /// One host's VM runtime. Cheap to clone.
@@ -226,6 +233,8 @@ impl Host {
                 known_hosts: Mutex::new(None),
                 login_failures: Mutex::new(Default::default()),
                 restores: Mutex::new(Default::default()),
+                file_restores: Mutex::new(Default::default()),
+                file_restore_start: Default::default(),
             }),
         };
         host.open_dirs_to_qemu();
@@ -241,6 +250,7 @@ impl Host {
         tokio::spawn(host.clone().history_loop());
         tokio::spawn(host.clone().backup_jobs_loop());
         tokio::spawn(host.clone().serial_log_loop());
+        tokio::spawn(host.clone().file_restore_loop());
         tracing::info!(%accel, "host runtime ready");
         Ok(host)
     }

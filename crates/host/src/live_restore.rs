@@ -123,6 +123,37 @@ pub fn backup_exports(images: Vec<Arc<DiskImage>>) -> Arc<dyn Exports> {
     ))
 }
 
+/// Serves `exports` on `listener` until the task is aborted: at most [`CONNECTIONS`]
+/// at once (more than QEMU ever opens are dropped). `label` names whose it is in logs.
+pub(crate) fn serve_nbd(
+    listener: tokio::net::UnixListener,
+    exports: Arc<dyn Exports>,
+    label: String,
+) -> tokio::task::JoinHandle<()> {
+    let conns = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS));
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((s, _)) => {
+                    let Ok(slot) = Arc::clone(&conns).try_acquire_owned() else {
+                        tracing::warn!(%label, "backup NBD: too many connections");
+                        continue;
+                    };
+                    let ex = Arc::clone(&exports);
+                    tokio::spawn(async move {
+                        ferry_replica::nbd::serve(s, ex).await;
+                        drop(slot);
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(%label, error = %e, "backup NBD accept");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    })
+}
+
 impl Host {
     /// Where VM `id`'s backup is served while it live-restores.
     pub fn restore_socket(&self, id: u32) -> PathBuf {
@@ -178,30 +209,7 @@ impl Host {
             std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
                 .map_err(io(format!("chmod {}", sock.display())))?;
         }
-        let vm = rec.spec.name.clone();
-        let conns = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS));
-        let task = tokio::spawn(async move {
-            loop {
-                match listener.accept().await {
-                    Ok((s, _)) => {
-                        // more at once than QEMU ever opens: dropped
-                        let Ok(slot) = Arc::clone(&conns).try_acquire_owned() else {
-                            tracing::warn!(%vm, "live-restore NBD: too many connections");
-                            continue;
-                        };
-                        let ex = Arc::clone(&exports);
-                        tokio::spawn(async move {
-                            ferry_replica::nbd::serve(s, ex).await;
-                            drop(slot);
-                        });
-                    }
-                    Err(e) => {
-                        tracing::warn!(%vm, error = %e, "live-restore NBD accept");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                }
-            }
-        });
+        let task = serve_nbd(listener, exports, rec.spec.name.clone());
         if let Some(old) = self.restores().servers.insert(rec.id, task) {
             old.abort();
         }

@@ -505,6 +505,8 @@ impl ClusterLab {
             .arg(self.state_dir(host))
             .arg("--run-dir")
             .arg(self.run_dir(host))
+            .arg("--file-restore-image")
+            .arg(crate::file_restore_image())
             // Resource pool cgroups of this lab host, removed by `down`.
             .args([
                 "--cgroup-root",

@@ -40,10 +40,21 @@ pub struct Guest {
     pub initrd: PathBuf,
 }
 
-pub fn guest() -> Result<Guest> {
-    let dir = PathBuf::from(
+/// Where `scripts/build-guest.sh` put the test guest.
+pub fn guest_dir() -> PathBuf {
+    PathBuf::from(
         std::env::var("FERRY_GUEST_DIR").unwrap_or_else(|_| "/var/cache/ferry/guest".into()),
-    );
+    )
+}
+
+/// The file-restore helper VM's image (`scripts/build-file-restore.sh`): the test
+/// guest with `ferry-file-restore` added.
+pub fn file_restore_image() -> PathBuf {
+    guest_dir().join("file-restore")
+}
+
+pub fn guest() -> Result<Guest> {
+    let dir = guest_dir();
     let g = Guest {
         kernel: dir.join("vmlinux"),
         initrd: dir.join("initrd.img"),
@@ -182,6 +193,8 @@ impl Lab {
             .arg(self.state_dir())
             .arg("--run-dir")
             .arg(self.run_dir())
+            .arg("--file-restore-image")
+            .arg(file_restore_image())
             .env("RUST_LOG", "info,ferry_agent=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -243,13 +256,16 @@ impl Lab {
     }
 }
 
-/// Pids of live QEMUs whose pidfiles lie in `run_dir/*/qemu.pid`.
+/// Pids of live QEMUs whose pidfiles lie in `run_dir/*/qemu.pid` (VMs) or
+/// `run_dir/file-restore/*/qemu.pid` (file-restore helpers).
 pub fn qemu_pids_in(run_dir: &Path) -> Vec<i32> {
     let mut out = vec![];
-    let Ok(rd) = std::fs::read_dir(run_dir) else {
-        return out;
-    };
-    for e in rd.flatten() {
+    let dirs = [run_dir.to_path_buf(), run_dir.join("file-restore")];
+    for e in dirs
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flat_map(|rd| rd.flatten())
+    {
         let p = e.path();
         if let Some(pid) = std::fs::read_to_string(p.join("qemu.pid"))
             .ok()

@@ -4,6 +4,7 @@
 
 mod accel;
 mod argv;
+mod helper;
 mod process;
 
 pub use accel::{detect_accel, Accel, AccelSetting};
@@ -11,6 +12,7 @@ pub use argv::{
     build_argv, format_node, nic_fd, BackingFile, LaunchPlan, NbdSource, ResolvedCdrom,
     ResolvedDisk, RESTORE_RECONNECT_DELAY,
 };
+pub use helper::{helper_argv, HelperPlan, FILE_RESTORE_PORT};
 pub use process::{kill_and_wait, peer_is, pid_alive, read_pid, spawn_detached, RunAs, RunPaths};
 
 #[derive(Debug, thiserror::Error)]

@@ -337,3 +337,54 @@ pub struct BackupVerifyReport {
     pub crc_only: u64,
     pub bad: Vec<BackupBadChunk>,
 }
+
+/// What an entry of a backup's files is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BackupFileKind {
+    /// A disk of the backup (`/disk0`).
+    Disk,
+    /// A filesystem of a disk: a partition (`p1`) or the whole disk (`fs`).
+    Volume,
+    Dir,
+    File,
+    Symlink,
+    /// A device node, FIFO or socket.
+    Other,
+}
+
+/// One entry of a folder in a backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BackupFileEntry {
+    /// The name (invalid UTF-8 replaced: `utf8` is false then, and the entry is
+    /// reached through its folder's archive).
+    pub name: String,
+    pub utf8: bool,
+    pub kind: BackupFileKind,
+    /// Bytes (files; a disk's or volume's size).
+    pub size: u64,
+    /// Last modification, Unix seconds (0 for disks and volumes).
+    pub mtime: i64,
+    /// Permission bits.
+    pub mode: u32,
+    /// A symbolic link's target (never followed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// A volume's filesystem (`ext4`, `xfs`, `vfat`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs: Option<String>,
+    /// Why a volume cannot be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A folder of a backup (`ferry backup files ID PATH`): `/` lists the disks,
+/// `/disk0` a disk's volumes, `/disk0/p1/etc` a folder inside one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BackupFiles {
+    pub backup: String,
+    pub path: String,
+    pub entries: Vec<BackupFileEntry>,
+    /// The folder holds more entries than one listing carries (the first ones).
+    pub truncated: bool,
+}
