@@ -2,7 +2,8 @@
 // test VM, Debian's headless Chromium driven by playwright-core. Run by
 // crates/ferry/tests/webui.rs inside the lab's network namespace, with FERRY_URL,
 // FERRY_TOKEN (root's, for the script's own API calls), FERRY_PASSWORD (root's, for the
-// page), GUEST_KERNEL, GUEST_INITRD, ARTIFACTS (screenshots). Prints one line per
+// page), GUEST_KERNEL, GUEST_INITRD, ARTIFACTS (screenshots), BACKUP_DIR (a folder for a
+// backup store). Prints one line per
 // step; exits non-zero on the first failure (with a screenshot).
 import { api, browse, step, taskDone, url } from './lib.mjs';
 
@@ -141,6 +142,41 @@ await browse('host', async (page, { shot, login, waitTerminal, consoleConnected,
   const clone = await api('GET', '/api/v1/vms/web1-clone');
   if (clone.spec.disks.length !== 2 || clone.clone_of?.vm !== 'web1') throw new Error(`clone: ${JSON.stringify(clone)}`);
   step('web1 cloned to web1-clone from its page');
+
+  // Backups: a store defined on the Backups page, web1 backed up from its Backups tab,
+  // its files browsed (a helper VM reads the backup), then restored as a new VM.
+  const host = (await api('GET', '/api/v1/session')).host;
+  if (process.env.BACKUP_DIR) {
+    await page.getByTestId('backups-link').click();
+    await page.getByTestId('store-name').fill('bs');
+    await page.getByTestId('store-path').fill(process.env.BACKUP_DIR);
+    await page.getByTestId('store-create').click();
+    await page.locator('[data-testid=backup-stores] tr[data-name=bs]').waitFor();
+    await page.goto(`${url}/#/vm/${encodeURIComponent(host)}/web1/backups`);
+    await page.locator('[data-testid=backup-store] option', { hasText: 'bs' }).waitFor({ state: 'attached' });
+    await page.getByTestId('backup-now').click();
+    await page.locator('[data-testid=vm-backups] tr[data-id]').first().waitFor({ timeout: 120000 });
+    step('store bs added; web1 backed up from its Backups tab');
+    await page.getByTestId('backup-files').first().click();
+    await page.locator('[data-testid=files] tr[data-name=disk0]').waitFor({ timeout: 180000 });
+    await page.locator('[data-testid=files] tr[data-name=disk0] button.link').click();
+    await page.locator('[data-testid=files] tr[data-name=fs]').waitFor({ timeout: 60000 });
+    step('the backup\'s disks listed by the file-restore helper VM');
+    await shot('backup-files');
+    await page.getByRole('button', { name: 'Close' }).click();
+    await page.getByTestId('backup-restore').first().click();
+    await page.getByTestId('restore-name').fill('web1-r');
+    await page.getByTestId('restore-go').click();
+    await page.getByTestId('vm-title').filter({ hasText: 'web1-r' }).waitFor({ timeout: 120000 });
+    const r = await api('GET', '/api/v1/vms/web1-r');
+    if (r.spec.disks.length !== 2) throw new Error(`restored: ${JSON.stringify(r.spec)}`);
+    await page.goto(`${url}/#/backups`);
+    await page.locator('[data-testid=all-backups] tr[data-id]').first().waitFor();
+    const dedup = await page.locator('[data-testid=backup-stores] tr[data-name=bs] [data-testid=dedup]').innerText();
+    step(`restored as web1-r from the restore dialog; the store shows dedup ${dedup}`);
+    await shot('backups');
+    await api('DELETE', '/api/v1/vms/web1-r');
+  }
 
   // 1,000 VMs: the tree and the host's list draw only what is in view.
   const made = Date.now();

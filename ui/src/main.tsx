@@ -1,6 +1,6 @@
 // The page: login, then the tree (cluster → hosts → VMs, templates, pools) on the left,
 // the selected object on the right, recent tasks at the bottom. Routes live in the
-// location hash: #/ · #/host/H · #/vm/H/NAME · #/create · #/pools · #/tasks · #/users
+// location hash: #/ · #/host/H · #/vm/H/NAME · #/create · #/pools · #/backups · #/tasks · #/users
 // (administrators: users, tokens, grants) · #/account (one's own password and tokens).
 // The header names who is logged in.
 import './style.css';
@@ -14,6 +14,7 @@ import { HostPage } from './host';
 import { VmPage } from './vm';
 import { CreateWizard } from './create';
 import { PoolsPage } from './pools';
+import { BackupsPage } from './backups';
 import { TaskPanel, TasksPage } from './tasks';
 import { AccountPage, UsersPage } from './users';
 
@@ -97,6 +98,7 @@ function Shell(props: { session: Session; onLogout: () => void; onSession: (s: S
     case 'vm': page = <VmPage host={route[1]} name={route[2]} tab={route[3] ?? 'summary'} key={`${route[1]}/${route[2]}`} />; break;
     case 'create': page = <CreateWizard />; break;
     case 'pools': page = <PoolsPage />; break;
+    case 'backups': page = <BackupsPage />; break;
     case 'tasks': page = <TasksPage />; break;
     // Users, tokens and grants for administrators; anyone else gets their own account.
     case 'users': page = admin ? <UsersPage session={props.session} onSession={props.onSession} /> : <AccountPage session={props.session} onSession={props.onSession} />; break;
@@ -116,6 +118,7 @@ function Shell(props: { session: Session; onLogout: () => void; onSession: (s: S
         <span class="muted">{s.hosts.length > 1 ? `cluster of ${s.hosts.length} hosts` : `host ${props.session.host}`}</span>
         <span class="grow" />
         <a class="button primary" href="#/create" data-testid="create-vm">Create VM</a>
+        <a class="button" href="#/backups" data-testid="backups-link">Backups</a>
         <a class="button" href="#/tasks">Tasks</a>
         {admin && <a class="button" href="#/users" data-testid="users-link">Users</a>}
         <a href="#/account" class="whoami" data-testid="whoami" title="My account: password and API tokens">{me}@{props.session.host}</a>

@@ -1,6 +1,6 @@
 // A VM: state and actions (start, shut down, stop, reboot, pause/resume, migrate,
 // clone, snapshot, template, delete), tabs for the summary and hardware (edit while
-// stopped, move disks), serial and VNC consoles, graphs and snapshots.
+// stopped, move disks), serial and VNC consoles, graphs, snapshots and backups.
 import { useEffect, useRef, useState } from 'preact/hooks';
 import { bytes, call, errText, get, isLocal, post, type Snapshot, type SnapshotList, type Vm, type Volume } from './api';
 import { store, useStore } from './store';
@@ -10,6 +10,7 @@ import { VncConsole } from './vnc';
 import { Graphs } from './graphs';
 import { started, waitTask } from './tasks';
 import { vmStatus } from './tree';
+import { VmBackups } from './backups';
 
 const enc = encodeURIComponent;
 
@@ -36,7 +37,7 @@ export function VmPage(props: { host: string; name: string; tab: string }) {
   const st = vm.state;
   const running = st === 'running' || st === 'paused';
   const base = `#/vm/${enc(h)}/${enc(n)}`;
-  const tabs: [string, string][] = [['summary', 'Summary'], ['hardware', 'Hardware'], ['console', 'Console'], ['vnc', 'VNC'], ['graphs', 'Graphs'], ['snapshots', 'Snapshots']];
+  const tabs: [string, string][] = [['summary', 'Summary'], ['hardware', 'Hardware'], ['console', 'Console'], ['vnc', 'VNC'], ['graphs', 'Graphs'], ['snapshots', 'Snapshots'], ['backups', 'Backups']];
   const remote = !isLocal(h);
   let body;
   switch (props.tab) {
@@ -45,6 +46,7 @@ export function VmPage(props: { host: string; name: string; tab: string }) {
     case 'vnc': body = running ? <VncConsole name={n} host={h} /> : <div class="muted">The VM is {st}: start it to see its screen.</div>; break;
     case 'graphs': body = <Graphs path={`/api/v1/vms/${enc(n)}/metrics`} host={remote ? h : undefined} />; break;
     case 'snapshots': body = <Snapshots vm={vm} host={h} />; break;
+    case 'backups': body = <VmBackups vm={n} host={h} />; break;
     default: body = <Summary vm={vm} host={h} />;
   }
   return (

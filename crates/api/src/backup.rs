@@ -8,9 +8,9 @@ use axum::http::StatusCode;
 use axum::Json;
 use ferry_agent::Agent;
 use ferry_types::{
-    ApiErrorBody, Backup, BackupFiles, BackupJob, BackupJobSpec, BackupList, BackupPrune,
-    BackupRestore, BackupRun, BackupStore, BackupStoreCreate, BackupStoreInfo, BackupVerify,
-    PruneResult, TaskAccepted,
+    ApiErrorBody, Backup, BackupBootCheck, BackupFiles, BackupJob, BackupJobSpec, BackupList,
+    BackupPrune, BackupRestore, BackupRun, BackupStore, BackupStoreCreate, BackupStoreInfo,
+    BackupVerify, PruneResult, TaskAccepted,
 };
 use serde::Deserialize;
 
@@ -194,6 +194,31 @@ pub async fn restore_backup(
         move |ctx| async move {
             let vm = agent.restore_backup(&id, req, Some(&ctx)).await?;
             ctx.result(serde_json::to_value(&vm).unwrap_or_default());
+            Ok(())
+        },
+    )))
+}
+
+/// Boot a backup to check it (SureBackup): a task whose result says whether its marker
+/// showed on the serial console in time.
+#[utoipa::path(post, path = "/api/v1/backups/{id}/boot-check", tag = "backup", request_body = BackupBootCheck,
+    params(("id" = String, Path)),
+    responses((status = 202, description = "The check runs; the task's result is a BackupBootCheckResult", body = TaskAccepted), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody)))]
+pub async fn boot_check(
+    State(a): State<Agent>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<BackupBootCheck>,
+) -> ApiResult<Accepted> {
+    req.validate().map_err(ferry_agent::AgentError::from)?;
+    a.find_backup(&id).await?;
+    let agent = a.clone();
+    let i = id.clone();
+    Ok(accepted(a.tasks().spawn(
+        "backup.boot-check",
+        &id,
+        move |ctx| async move {
+            let r = agent.boot_check_backup(&i, req, Some(&ctx)).await?;
+            ctx.result(serde_json::to_value(&r).unwrap_or_default());
             Ok(())
         },
     )))

@@ -55,7 +55,7 @@ use utoipa_swagger_ui::SwaggerUi;
     ),
     // The frames of the websockets (`/api/v1/cluster/changes`), which OpenAPI has no
     // path for.
-    components(schemas(ferry_types::ClusterChange))
+    components(schemas(ferry_types::ClusterChange, ferry_types::BackupBootCheckResult))
 )]
 struct ApiDoc;
 
@@ -94,6 +94,7 @@ fn api() -> OpenApiRouter<Agent> {
         .routes(routes!(backup::get_backup, backup::delete_backup))
         .routes(routes!(backup::restore_backup))
         .routes(routes!(backup::list_files))
+        .routes(routes!(backup::boot_check))
         .routes(routes!(backup::download_file))
         .routes(routes!(backup::prune_backups))
         .routes(routes!(backup::list_jobs, backup::create_job))

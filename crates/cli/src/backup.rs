@@ -4,9 +4,10 @@
 
 use super::*;
 use ferry_types::{
-    Backup, BackupFileKind, BackupFiles, BackupGcReport, BackupJob, BackupJobResult, BackupJobSpec,
-    BackupKeep, BackupList, BackupPrune, BackupRestore, BackupRun, BackupSelection, BackupStore,
-    BackupStoreCreate, BackupStoreInfo, BackupVerify, BackupVerifyReport, PruneResult,
+    Backup, BackupBootCheck, BackupBootCheckResult, BackupFileKind, BackupFiles, BackupGcReport,
+    BackupJob, BackupJobResult, BackupJobSpec, BackupKeep, BackupList, BackupPrune, BackupRestore,
+    BackupRun, BackupSelection, BackupStore, BackupStoreCreate, BackupStoreInfo, BackupVerify,
+    BackupVerifyReport, PruneResult,
 };
 
 #[derive(Subcommand, Debug)]
@@ -59,6 +60,18 @@ pub enum BackupCmd {
         /// Download to this file (`-`: standard output).
         #[arg(long, short = 'o')]
         download: Option<String>,
+    },
+    /// Boot a backup to check it (SureBackup): its disks as throw-away overlays on the
+    /// backup, its NICs on a hub of their own (no network), until the marker shows on
+    /// its serial console. Fails when it does not come up in time.
+    BootCheck {
+        id: String,
+        /// Text the guest prints on its serial console once up (default "login:").
+        #[arg(long)]
+        marker: Option<String>,
+        /// Seconds to wait for it (default 300).
+        #[arg(long)]
+        timeout: Option<u32>,
     },
     /// Delete a backup (garbage collection frees its chunks).
     Delete {
@@ -153,6 +166,16 @@ pub enum JobCmd {
         keep_monthly: u32,
         #[arg(long, default_value_t = 0)]
         keep_yearly: u32,
+        /// Boot each new backup to check it (see `ferry backup boot-check`).
+        #[arg(long)]
+        boot_check: bool,
+        /// With --boot-check: the text the guest shows on its serial console when up
+        /// (default "login:").
+        #[arg(long, requires = "boot_check")]
+        boot_marker: Option<String>,
+        /// With --boot-check: seconds to wait for it (default 300).
+        #[arg(long, requires = "boot_check")]
+        boot_timeout: Option<u32>,
     },
     List,
     Show {
@@ -312,15 +335,16 @@ async fn files(
             BackupFileKind::Symlink => "link",
             BackupFileKind::Other => "other",
         };
-        let mut name = e.name.clone();
+        // names and link targets are a guest's: no control characters reach the terminal
+        let mut name = clean(&e.name);
         if let Some(to) = &e.target {
-            name = format!("{name} -> {to}");
+            name = format!("{name} -> {}", clean(to));
         }
         if let Some(fs) = &e.fs {
-            name = format!("{name} ({fs})");
+            name = format!("{name} ({})", clean(fs));
         }
         if let Some(err) = &e.error {
-            name = format!("{name} (unreadable: {err})");
+            name = format!("{name} (unreadable: {})", clean(err));
         }
         t.add_row(vec![
             kind.to_string(),
@@ -346,6 +370,13 @@ async fn files(
         );
     }
     Ok(())
+}
+
+/// `s` with control characters shown as `?` (what a guest wrote, printed to a terminal).
+fn clean(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() && c != '\n' { '?' } else { c })
+        .collect()
 }
 
 fn print_backup(b: &Backup) {
@@ -398,6 +429,44 @@ pub(crate) async fn run(c: &Client, g: &Global, cmd: BackupCmd) -> Result<()> {
             Ok(())
         }
         BackupCmd::Files { id, path, download } => files(c, g, &id, &path, download).await,
+        BackupCmd::BootCheck {
+            id,
+            marker,
+            timeout,
+        } => {
+            let t: TaskAccepted = c
+                .send(
+                    Method::POST,
+                    &format!("/api/v1/backups/{id}/boot-check"),
+                    &BackupBootCheck {
+                        marker,
+                        timeout_s: timeout,
+                    },
+                )
+                .await?;
+            let done = c.wait_task(t, g.json).await?;
+            let r: BackupBootCheckResult = serde_json::from_value(done.result.unwrap_or_default())
+                .context("the boot check's result")?;
+            if g.json {
+                print_json(&r)?;
+            } else if r.booted {
+                println!(
+                    "backup {} of {} boots: {:?} after {:.0} s",
+                    r.backup, r.vm, r.marker, r.seconds
+                );
+            }
+            if !r.booted {
+                anyhow::bail!(
+                    "backup {} of {} did not boot: {:?} not seen within {:.0} s; its console ended with:\n{}",
+                    r.backup,
+                    r.vm,
+                    r.marker,
+                    r.seconds,
+                    clean(&r.console)
+                );
+            }
+            Ok(())
+        }
         BackupCmd::List { vm, store } => {
             let mut q = Vec::new();
             if let Some(v) = &vm {
@@ -592,6 +661,9 @@ async fn job(c: &Client, g: &Global, cmd: JobCmd) -> Result<()> {
             keep_weekly,
             keep_monthly,
             keep_yearly,
+            boot_check,
+            boot_marker,
+            boot_timeout,
         } => {
             let spec = BackupJobSpec {
                 name: name.clone(),
@@ -611,6 +683,10 @@ async fn job(c: &Client, g: &Global, cmd: JobCmd) -> Result<()> {
                     yearly: keep_yearly,
                 },
                 enabled: true,
+                boot_check: boot_check.then_some(BackupBootCheck {
+                    marker: boot_marker,
+                    timeout_s: boot_timeout,
+                }),
             };
             let j: BackupJob = c.send(Method::POST, "/api/v1/backup-jobs", &spec).await?;
             if g.json {

@@ -607,6 +607,8 @@ fn file_level_restore_lists_and_downloads_files_of_a_backup() -> Result<()> {
             "bus=scsi,size=16M",
             "--disk",
             "bus=virtio,size=8M",
+            "--nic",
+            "bridge=br0",
         ],
     )?;
     // disk0: a partition with ext4 holding folders, a 3 MB file, a link pointing at the
@@ -751,5 +753,58 @@ fn file_level_restore_lists_and_downloads_files_of_a_backup() -> Result<()> {
     // and a new one answers
     let again = lab.ferry_json(&["backup", "files", &id, "/disk1/fs"])?;
     assert_eq!(entry(&again, "hello.txt")["size"], 11, "{again}");
+
+    // Boot check: the backup boots (the test guest's kernel, its disks overlays on the
+    // backup) until its ready marker; its NIC is on a hub inside QEMU, no tap on the
+    // bridge; nothing stays. A marker that never shows is a failed check.
+    let check = lab.spawn(&[
+        "--json",
+        "backup",
+        "boot-check",
+        &id,
+        "--marker",
+        "FERRY-READY",
+        "--timeout",
+        "240",
+    ])?;
+    let check_dir = lab.run_dir().join("boot-check").join("0");
+    ferry_lab::wait_for("the boot check's QEMU", Duration::from_secs(60), || {
+        Ok(std::fs::read_to_string(check_dir.join("qemu.pid")).is_ok())
+    })?;
+    let pid = std::fs::read_to_string(check_dir.join("qemu.pid"))?;
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", pid.trim())).unwrap_or_default();
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    assert!(cmdline.contains("hubport"), "{cmdline}");
+    let ports = lab.ip(&["link", "show", "master", "br0"])?;
+    assert!(
+        String::from_utf8_lossy(&ports.stdout).trim().is_empty(),
+        "a tap on br0: {ports:?}"
+    );
+    let out = check.wait_with_output()?;
+    assert!(out.status.success(), "{out:?}");
+    let r: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(r["booted"], true, "{r}");
+    assert!(
+        !check_dir.exists(),
+        "the boot check left {}",
+        check_dir.display()
+    );
+    let o = lab.ferry(&[
+        "backup",
+        "boot-check",
+        &id,
+        "--marker",
+        "NEVER-SHOWS",
+        "--timeout",
+        "10",
+    ])?;
+    assert!(!o.status.success(), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("did not boot"),
+        "{o:?}"
+    );
+    let ev = lab.ferry_ok(&["events"])?;
+    assert!(ev.contains("boot check of backup"), "{ev}");
+    assert!(lab.qemu_pids().iter().all(|p| p.to_string() != pid.trim()));
     Ok(())
 }

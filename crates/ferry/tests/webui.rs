@@ -105,6 +105,8 @@ fn run_e2e(
         .env("GUEST_KERNEL", &guest.kernel)
         .env("GUEST_INITRD", &guest.initrd)
         .env("ARTIFACTS", &artifacts)
+        // A backup store's folder (the backup pages); the script makes it a store.
+        .env("BACKUP_DIR", state_dir.join("webui-backups"))
         .output()
         .with_context(|| format!("run node {script}"))?;
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -581,6 +581,7 @@ impl Host {
         let (def, store, b) = self.find_backup(id).await?;
         let i = id.to_string();
         blocking(move || store.delete(&i)).await?;
+        self.stop_helper(id).await;
         self.inner.events.emit(
             Some(&b.vm),
             "backup",
@@ -605,39 +606,11 @@ impl Host {
                 format!("backup {id} is still being written"),
             ));
         }
-        let st = Arc::clone(&store);
-        let i = id.to_string();
-        let config = blocking(move || Ok(st.snapshot(&i)?.and_then(|s| s.config))).await?;
-        let mut spec: VmSpec = config
-            .as_deref()
-            .map(serde_json::from_str)
-            .transpose()
-            .map_err(|e| {
-                AgentError::failed(
-                    Failure::Corrupt,
-                    format!("backup {id}'s VM definition: {e}"),
-                )
-            })?
-            .ok_or_else(|| {
-                AgentError::failed(
-                    Failure::Corrupt,
-                    format!("backup {id} holds no VM definition"),
-                )
-            })?;
+        let mut spec = backup_spec(&store, &b).await?;
         if self.record(&req.name).await.is_ok() {
             return Err(AgentError::refused(
                 Refusal::Exists,
                 format!("VM {} already exists", req.name),
-            ));
-        }
-        if spec.disks.len() != b.disks.len() {
-            return Err(AgentError::failed(
-                Failure::Corrupt,
-                format!(
-                    "backup {id} has {} disks, its VM definition {}",
-                    b.disks.len(),
-                    spec.disks.len()
-                ),
             ));
         }
         spec.name = req.name.clone();
@@ -648,19 +621,6 @@ impl Host {
             for d in &mut spec.disks {
                 d.pool = p.clone();
             }
-        }
-        // disk i of the definition is `disk{i}` of the backup (never matched by position
-        // in a list sorted otherwise)
-        if let Some((i, bd)) = b
-            .disks
-            .iter()
-            .enumerate()
-            .find(|(i, bd)| bd.name != format!("disk{i}"))
-        {
-            return Err(AgentError::failed(
-                Failure::Corrupt,
-                format!("backup {id}: disk {i} is named {}", bd.name),
-            ));
         }
         for (d, bd) in spec.disks.iter_mut().zip(&b.disks) {
             if self.dir_pool(&d.pool).await.is_err() {
@@ -874,6 +834,11 @@ impl Host {
         let (vm, dry) = (req.vm.clone(), req.dry_run);
         let verdicts = blocking(move || store.prune(&vm, &keep, dry)).await?;
         let gone = verdicts.iter().filter(|v| !v.keep).count();
+        if !req.dry_run {
+            for v in verdicts.iter().filter(|v| !v.keep) {
+                self.stop_helper(&v.id).await;
+            }
+        }
         if !req.dry_run && gone > 0 {
             self.inner.events.emit(
                 Some(&req.vm),
@@ -943,4 +908,52 @@ impl Host {
         }
         Ok(report)
     }
+}
+
+/// The VM definition backup `b` holds, checked against its disks: disk `i` of the
+/// definition is `disk{i}` of the backup (never matched by position in a list sorted
+/// otherwise).
+pub(crate) async fn backup_spec(store: &Arc<Store>, b: &Backup) -> Result<VmSpec> {
+    let id = b.id.clone();
+    let st = Arc::clone(store);
+    let i = id.clone();
+    let config = blocking(move || Ok(st.snapshot(&i)?.and_then(|s| s.config))).await?;
+    let spec: VmSpec = config
+        .as_deref()
+        .map(serde_json::from_str)
+        .transpose()
+        .map_err(|e| {
+            AgentError::failed(
+                Failure::Corrupt,
+                format!("backup {id}'s VM definition: {e}"),
+            )
+        })?
+        .ok_or_else(|| {
+            AgentError::failed(
+                Failure::Corrupt,
+                format!("backup {id} holds no VM definition"),
+            )
+        })?;
+    if spec.disks.len() != b.disks.len() {
+        return Err(AgentError::failed(
+            Failure::Corrupt,
+            format!(
+                "backup {id} has {} disks, its VM definition {}",
+                b.disks.len(),
+                spec.disks.len()
+            ),
+        ));
+    }
+    if let Some((i, bd)) = b
+        .disks
+        .iter()
+        .enumerate()
+        .find(|(i, bd)| bd.name != format!("disk{i}"))
+    {
+        return Err(AgentError::failed(
+            Failure::Corrupt,
+            format!("backup {id}: disk {i} is named {}", bd.name),
+        ));
+    }
+    Ok(spec)
 }

@@ -210,6 +210,26 @@ impl Host {
                 Ok(id) => {
                     ctx.log(format!("{vm}: backup {id}"));
                     result.backed_up.push(vm.clone());
+                    if let Some(bc) = &spec.boot_check {
+                        let failed = match self.boot_check_backup(&id, bc.clone(), None).await {
+                            Ok(r) if r.booted => {
+                                ctx.log(format!("{vm}: boot check: up after {:.0} s", r.seconds));
+                                None
+                            }
+                            Ok(r) => Some(format!(
+                                "boot check of backup {id}: {:?} not seen within {:.0} s",
+                                r.marker, r.seconds
+                            )),
+                            Err(e) => Some(format!("boot check of backup {id}: {e}")),
+                        };
+                        if let Some(error) = failed {
+                            ctx.log(format!("{vm}: {error}"));
+                            result.failed.push(BackupJobFailure {
+                                vm: vm.clone(),
+                                error,
+                            });
+                        }
+                    }
                     if spec.keep != BackupKeep::default() {
                         let pruned = self
                             .prune_backups(BackupPrune {

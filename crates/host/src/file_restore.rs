@@ -38,8 +38,17 @@ pub const IDLE: Duration = Duration::from_secs(600);
 const BOOT: Duration = Duration::from_secs(180);
 /// How long one answer (or the next frame of a download) may take.
 const ANSWER: Duration = Duration::from_secs(120);
-/// Bytes skipped looking for an answer's sync marker before giving up.
-const SKIP_MAX: u64 = 64 << 20;
+/// Bytes skipped looking for an answer's sync marker before giving up (more than
+/// the virtio queue and the chardev hold of an answer nobody read).
+const SKIP_MAX: u64 = 8 << 20;
+/// How long a request waits for another one on the same helper.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+/// How long a download waits for the helper's next frame.
+const NEXT_FRAME: Duration = Duration::from_secs(30);
+/// How long a download waits for its client to take the next piece.
+const SEND_WAIT: Duration = Duration::from_secs(60);
+/// A helper's console log is emptied beyond this.
+const CONSOLE_MAX: u64 = 1 << 20;
 const MEMORY_MIB: u32 = 256;
 
 /// The helpers of this host.
@@ -56,7 +65,7 @@ pub(crate) struct Helper {
     run: RunPaths,
     port: PathBuf,
     /// The connection to the helper's port: one request at a time.
-    conn: Arc<tokio::sync::Mutex<Option<UnixStream>>>,
+    conn: Arc<tokio::sync::Mutex<Option<Conn>>>,
     used: std::sync::Mutex<Instant>,
     nbd: tokio::task::JoinHandle<()>,
     /// The most a download may carry: twice the backup's disks (tar headers), plus 1 GiB.
@@ -122,17 +131,19 @@ fn kind(k: proto::EntryKind) -> BackupFileKind {
     }
 }
 
+/// An entry as the API passes it on (names and targets at most [`MAX_NAME`] bytes, a
+/// volume's filesystem and error tamed: the helper is no more trusted than the guest).
 fn entry(e: proto::Entry) -> BackupFileEntry {
     BackupFileEntry {
-        name: e.name,
+        name: cap(e.name),
         utf8: e.utf8,
         kind: kind(e.kind),
         size: e.size,
         mtime: e.mtime,
         mode: e.mode & 0o7777,
-        target: e.target,
-        fs: e.fs,
-        error: e.error,
+        target: e.target.map(cap),
+        fs: e.fs.as_deref().map(tame),
+        error: e.error.as_deref().map(tame),
     }
 }
 
@@ -147,51 +158,97 @@ fn refusal(kind: proto::ErrorKind, message: String) -> AgentError {
     }
 }
 
-/// Reads one frame (checked against the protocol's limits).
-async fn read_frame(s: &mut UnixStream) -> Result<(Kind, Vec<u8>)> {
-    let mut h = [0u8; proto::HEADER];
-    s.read_exact(&mut h).await.map_err(broken)?;
-    let (k, len) = proto::decode_header(h).map_err(broken)?;
-    let mut body = vec![0u8; len as usize];
-    s.read_exact(&mut body).await.map_err(broken)?;
-    Ok((k, body))
+/// The connection to a helper's port, with what was read and not used yet.
+pub(crate) struct Conn {
+    s: UnixStream,
+    buf: Vec<u8>,
 }
 
-/// Skips to the sync marker of request `id`.
-async fn sync(s: &mut UnixStream, id: u64) -> Result<()> {
-    let marker = proto::sync_marker(id);
-    let mut window = std::collections::VecDeque::with_capacity(marker.len());
-    let mut skipped = 0u64;
-    let mut buf = [0u8; 1];
-    loop {
-        s.read_exact(&mut buf).await.map_err(broken)?;
-        if window.len() == marker.len() {
-            window.pop_front();
-            skipped += 1;
+impl Conn {
+    async fn more(&mut self) -> Result<()> {
+        let mut tmp = [0u8; 64 << 10];
+        let n = self.s.read(&mut tmp).await.map_err(broken)?;
+        if n == 0 {
+            return Err(broken("it closed its port"));
+        }
+        self.buf.extend_from_slice(&tmp[..n]);
+        Ok(())
+    }
+
+    async fn exact(&mut self, n: usize) -> Result<Vec<u8>> {
+        while self.buf.len() < n {
+            self.more().await?;
+        }
+        Ok(self.buf.drain(..n).collect())
+    }
+
+    /// One frame (checked against the protocol's limits before its body is read).
+    async fn frame(&mut self) -> Result<(Kind, Vec<u8>)> {
+        let h = self.exact(proto::HEADER).await?;
+        let mut hh = [0u8; proto::HEADER];
+        hh.copy_from_slice(&h);
+        let (k, len) = proto::decode_header(hh).map_err(broken)?;
+        Ok((k, self.exact(len as usize).await?))
+    }
+
+    /// Skips to the sync marker of request `id` (what came before: the tail of an
+    /// answer nobody read, or a hostile helper's noise, at most [`SKIP_MAX`]).
+    async fn sync(&mut self, id: u64) -> Result<()> {
+        let marker = proto::sync_marker(id);
+        let mut skipped = 0u64;
+        loop {
+            if let Some(p) = self.buf.windows(marker.len()).position(|w| w == marker) {
+                self.buf.drain(..p + marker.len());
+                return Ok(());
+            }
+            // a marker may be split between reads: its start stays
+            let drop = self.buf.len().saturating_sub(marker.len() - 1);
+            self.buf.drain(..drop);
+            skipped += drop as u64;
             if skipped > SKIP_MAX {
                 return Err(broken("no answer in what it sent"));
             }
+            self.more().await?;
         }
-        window.push_back(buf[0]);
-        if window.len() == marker.len() && window.iter().eq(marker.iter()) {
-            return Ok(());
+    }
+
+    /// Sends `op` and reads the reply message (data frames, if any, follow).
+    async fn ask(&mut self, op: Op) -> Result<Reply> {
+        let id: u64 = rand::random();
+        let j = serde_json::to_vec(&Request { id, op }).map_err(broken)?;
+        let len = u32::try_from(j.len()).map_err(broken)?;
+        let mut frame = proto::encode_header(Kind::Message, len).to_vec();
+        frame.extend(j);
+        self.s.write_all(&frame).await.map_err(broken)?;
+        self.sync(id).await?;
+        match self.frame().await? {
+            (Kind::Message, body) => serde_json::from_slice(&body).map_err(broken),
+            (k, _) => Err(broken(format!("a {k:?} frame instead of an answer"))),
         }
     }
 }
 
-/// Sends `op` and reads the reply message (data frames, if any, follow on `s`).
-async fn ask(s: &mut UnixStream, op: Op) -> Result<Reply> {
-    let id: u64 = rand::random();
-    let j = serde_json::to_vec(&Request { id, op }).map_err(broken)?;
-    let len = u32::try_from(j.len()).map_err(broken)?;
-    let mut frame = proto::encode_header(Kind::Message, len).to_vec();
-    frame.extend(j);
-    s.write_all(&frame).await.map_err(broken)?;
-    sync(s, id).await?;
-    match read_frame(s).await? {
-        (Kind::Message, body) => serde_json::from_slice(&body).map_err(broken),
-        (k, _) => Err(broken(format!("a {k:?} frame instead of an answer"))),
+/// A helper's text as the daemon passes it on: at most 1 KiB, no control characters.
+fn tame(s: &str) -> String {
+    let mut t: String = s.chars().filter(|c| !c.is_control()).take(1024).collect();
+    if t.len() < s.len() && s.chars().filter(|c| !c.is_control()).count() > 1024 {
+        t.push('…');
     }
+    t
+}
+
+/// The longest name or link target passed on.
+const MAX_NAME: usize = 4096;
+
+fn cap(mut s: String) -> String {
+    if s.len() > MAX_NAME {
+        let mut at = MAX_NAME;
+        while !s.is_char_boundary(at) {
+            at -= 1;
+        }
+        s.truncate(at);
+    }
+    s
 }
 
 impl Host {
@@ -206,35 +263,73 @@ impl Host {
         self.inner.cfg.run_dir.join("file-restore")
     }
 
+    /// Helper `h`'s connection for one exchange: taken out of the helper while it
+    /// lasts (a request dropped half-way drops it, and the helper sees the hang-up);
+    /// waits [`LOCK_WAIT`] for another request to end, then refuses.
+    async fn take_conn(
+        &self,
+        h: &Arc<Helper>,
+    ) -> Result<(tokio::sync::OwnedMutexGuard<Option<Conn>>, Conn)> {
+        let mut guard = tokio::time::timeout(LOCK_WAIT, Arc::clone(&h.conn).lock_owned())
+            .await
+            .map_err(|_| {
+                AgentError::refused(
+                    Refusal::Busy,
+                    format!(
+                        "The file-restore helper of backup {} is busy with another request (a download); try again",
+                        h.backup
+                    ),
+                )
+            })?;
+        h.touch();
+        let c = match guard.take() {
+            Some(c) => c,
+            None => {
+                let s = UnixStream::connect(&h.port)
+                    .await
+                    .map_err(io(format!("Connect to {}", h.port.display())))?;
+                if !self.inner.os.served_by(&s, h.pid) {
+                    return Err(broken("its port is not its QEMU's"));
+                }
+                Conn { s, buf: vec![] }
+            }
+        };
+        Ok((guard, c))
+    }
+
     /// A folder of backup `id` (`/`: its disks; `/disk0`: a disk's volumes).
     pub async fn backup_files(&self, id: &str, path: &str) -> Result<BackupFiles> {
         let path =
             proto::normalize(path).map_err(|e| AgentError::invalid("path", e.to_string()))?;
         let h = self.helper(id).await?;
-        let mut conn = h.conn.lock().await;
-        let r = tokio::time::timeout(ANSWER, async {
-            let s = self.helper_conn(&h, &mut conn).await?;
-            ask(s, Op::List { path: path.clone() }).await
-        })
-        .await
-        .unwrap_or_else(|_| Err(broken("no answer in time")));
+        let (mut guard, mut c) = self.take_conn(&h).await?;
+        let r = tokio::time::timeout(ANSWER, c.ask(Op::List { path: path.clone() }))
+            .await
+            .unwrap_or_else(|_| Err(broken("no answer in time")))?;
         h.touch();
         match r {
-            Ok(Reply::Listing { entries, truncated }) => Ok(BackupFiles {
-                backup: id.to_string(),
-                path,
-                entries: entries.into_iter().map(entry).collect(),
-                truncated,
-            }),
-            Ok(Reply::Error { kind, message }) => Err(refusal(kind, message)),
-            Ok(other) => {
-                *conn = None;
-                Err(broken(format!("answered a listing with {other:?}")))
+            Reply::Listing { entries, truncated } => {
+                *guard = Some(c);
+                let more = entries.len() > proto::MAX_ENTRIES;
+                Ok(BackupFiles {
+                    backup: id.to_string(),
+                    path,
+                    entries: entries
+                        .into_iter()
+                        .take(proto::MAX_ENTRIES)
+                        .map(entry)
+                        .collect(),
+                    truncated: truncated || more,
+                })
             }
-            Err(e) => {
-                *conn = None;
-                Err(e)
+            Reply::Error { kind, message } => {
+                *guard = Some(c);
+                Err(refusal(kind, tame(&message)))
             }
+            other => Err(broken(format!(
+                "answered a listing with {}",
+                tame(&format!("{other:?}"))
+            ))),
         }
     }
 
@@ -243,24 +338,22 @@ impl Host {
         let path =
             proto::normalize(path).map_err(|e| AgentError::invalid("path", e.to_string()))?;
         let h = self.helper(id).await?;
-        let mut conn = Arc::clone(&h.conn).lock_owned().await;
-        let r = tokio::time::timeout(ANSWER, async {
-            let s = self.helper_conn(&h, &mut conn).await?;
-            ask(s, Op::Read { path: path.clone() }).await
-        })
-        .await
-        .unwrap_or_else(|_| Err(broken("no answer in time")));
+        let (mut guard, mut c) = self.take_conn(&h).await?;
+        let r = tokio::time::timeout(ANSWER, c.ask(Op::Read { path: path.clone() }))
+            .await
+            .unwrap_or_else(|_| Err(broken("no answer in time")))?;
         h.touch();
         let (size, archive) = match r {
-            Ok(Reply::Data { size, archive }) => (size, archive),
-            Ok(Reply::Error { kind, message }) => return Err(refusal(kind, message)),
-            Ok(other) => {
-                *conn = None;
-                return Err(broken(format!("answered a read with {other:?}")));
+            Reply::Data { size, archive } => (size, archive),
+            Reply::Error { kind, message } => {
+                *guard = Some(c);
+                return Err(refusal(kind, tame(&message)));
             }
-            Err(e) => {
-                *conn = None;
-                return Err(e);
+            other => {
+                return Err(broken(format!(
+                    "answered a read with {}",
+                    tame(&format!("{other:?}"))
+                )))
             }
         };
         let base = path
@@ -275,10 +368,7 @@ impl Host {
         tokio::spawn(async move {
             let mut sent = 0u64;
             let end: std::result::Result<(), String> = loop {
-                let Some(s) = conn.as_mut() else {
-                    break Err("the connection is gone".into());
-                };
-                let f = match tokio::time::timeout(ANSWER, read_frame(s)).await {
+                let f = match tokio::time::timeout(NEXT_FRAME, c.frame()).await {
                     Ok(Ok(f)) => f,
                     Ok(Err(e)) => break Err(e.to_string()),
                     Err(_) => break Err("the helper stopped sending".into()),
@@ -289,33 +379,47 @@ impl Host {
                         if sent > limit {
                             break Err(format!("it sent more than {limit} bytes"));
                         }
-                        if tx.send(Ok(b)).await.is_err() {
-                            // the client went away: the helper sees the hang-up
-                            break Err(String::new());
+                        match tokio::time::timeout(SEND_WAIT, tx.send(Ok(b))).await {
+                            Ok(Ok(())) => helper.touch(),
+                            // the client went away, or reads nothing: the connection
+                            // goes (the helper sees the hang-up and stops)
+                            Ok(Err(_)) => break Err(String::new()),
+                            Err(_) => break Err("the client stopped reading".into()),
                         }
-                        helper.touch();
                     }
-                    (Kind::End, _) => break Ok(()),
+                    (Kind::End, _) if size.is_some_and(|n| n != sent) => {
+                        break Err(format!(
+                            "it ended the file after {sent} bytes, not {size:?}"
+                        ));
+                    }
+                    (Kind::End, _) => {
+                        *guard = Some(c);
+                        return;
+                    }
                     (Kind::Failed, b) => {
                         let why = serde_json::from_slice::<Reply>(&b)
                             .ok()
                             .and_then(|r| match r {
-                                Reply::Error { message, .. } => Some(message),
+                                Reply::Error { message, .. } => Some(tame(&message)),
                                 _ => None,
                             })
                             .unwrap_or_else(|| "the helper could not read on".into());
                         // the answer ended in order: the connection stays
+                        *guard = Some(c);
                         let _ = tx.send(Err(std::io::Error::other(why))).await;
                         return;
                     }
                     (k, _) => break Err(format!("a {k:?} frame in a download")),
                 }
             };
+            // the connection is dropped with `c`
+            drop(guard);
             if let Err(why) = end {
-                *conn = None;
                 if !why.is_empty() {
                     tracing::warn!(backup = %helper.backup, %why, "file-restore download");
-                    let _ = tx.send(Err(std::io::Error::other(why))).await;
+                    let _ =
+                        tokio::time::timeout(SEND_WAIT, tx.send(Err(std::io::Error::other(why))))
+                            .await;
                 }
             }
         });
@@ -327,67 +431,58 @@ impl Host {
         })
     }
 
-    /// The connection to helper `h` (made when there is none; the other end must be
-    /// its QEMU).
-    async fn helper_conn<'a>(
-        &self,
-        h: &Helper,
-        conn: &'a mut Option<UnixStream>,
-    ) -> Result<&'a mut UnixStream> {
-        if conn.is_none() {
-            let s = UnixStream::connect(&h.port)
-                .await
-                .map_err(io(format!("Connect to {}", h.port.display())))?;
-            if !self.inner.os.served_by(&s, h.pid) {
-                return Err(broken("its port is not its QEMU's"));
-            }
-            *conn = Some(s);
-        }
-        conn.as_mut().ok_or_else(|| broken("no connection"))
-    }
-
-    /// The helper of backup `id`, started when none runs.
+    /// The helper of backup `id`, started when none runs. The start runs in a task of
+    /// its own: a request that goes away meanwhile leaves no QEMU nobody knows.
     async fn helper(&self, id: &str) -> Result<Arc<Helper>> {
         if let Some(h) = self.live_helper(id) {
-            h.touch();
             return Ok(h);
         }
-        let _one = self.inner.file_restore_start.lock().await;
-        if let Some(h) = self.live_helper(id) {
-            return Ok(h);
-        }
-        // room: the least recently used helper goes
-        let (used, oldest) = {
-            let fr = self.file_restores();
-            let used: Vec<usize> = fr.helpers.values().map(|h| h.slot).collect();
-            let oldest = fr
+        let this = self.clone();
+        let id = id.to_string();
+        tokio::spawn(async move {
+            let _one = this.inner.file_restore_start.lock().await;
+            if let Some(h) = this.live_helper(&id) {
+                return Ok(h);
+            }
+            if this.file_restores().helpers.len() >= MAX_HELPERS {
+                // room: the least recently used helper that serves nobody now goes
+                let idle = {
+                    let fr = this.file_restores();
+                    fr.helpers
+                        .values()
+                        .filter(|h| h.conn.try_lock().is_ok())
+                        .max_by_key(|h| h.idle())
+                        .map(|h| h.backup.clone())
+                };
+                match idle {
+                    Some(o) => this.stop_locked(&o).await,
+                    None => {
+                        return Err(AgentError::refused(
+                            Refusal::Busy,
+                            format!("All {MAX_HELPERS} file-restore helpers are serving requests; try again"),
+                        ))
+                    }
+                }
+            }
+            let used: Vec<usize> = this
+                .file_restores()
                 .helpers
                 .values()
-                .max_by_key(|h| h.idle())
-                .map(|h| h.backup.clone());
-            (used, oldest)
-        };
-        if used.len() >= MAX_HELPERS {
-            if let Some(o) = oldest {
-                self.stop_helper(&o).await;
-            }
-        }
-        let used: Vec<usize> = self
-            .file_restores()
-            .helpers
-            .values()
-            .map(|h| h.slot)
-            .collect();
-        let slot = (0..MAX_HELPERS)
-            .find(|s| !used.contains(s))
-            .ok_or_else(|| {
-                AgentError::refused(Refusal::Busy, "Every file-restore helper is in use")
-            })?;
-        let h = Arc::new(self.start_helper(id, slot).await?);
-        self.file_restores()
-            .helpers
-            .insert(id.to_string(), Arc::clone(&h));
-        Ok(h)
+                .map(|h| h.slot)
+                .collect();
+            let slot = (0..MAX_HELPERS)
+                .find(|s| !used.contains(s))
+                .ok_or_else(|| {
+                    AgentError::refused(Refusal::Busy, "Every file-restore helper is in use")
+                })?;
+            let h = this.start_helper(&id, slot).await?;
+            this.file_restores()
+                .helpers
+                .insert(id.to_string(), Arc::clone(&h));
+            Ok(h)
+        })
+        .await
+        .map_err(|e| broken(format!("its start failed: {e}")))?
     }
 
     /// The running helper of backup `id` (a dead one is forgotten).
@@ -403,7 +498,7 @@ impl Host {
         None
     }
 
-    async fn start_helper(&self, id: &str, slot: usize) -> Result<Helper> {
+    async fn start_helper(&self, id: &str, slot: usize) -> Result<Arc<Helper>> {
         let (_, store, backup) = self.find_backup(id).await?;
         let image = &self.inner.cfg.file_restore_image;
         let (kernel, initrd) = (image.join("vmlinux"), image.join("initrd.img"));
@@ -509,19 +604,20 @@ impl Host {
         };
         tracing::info!(backup = %id, slot, pid, "file-restore helper started");
         // Ready once it answers (it reads its port after mounting the disks).
-        let ready = {
-            let mut conn = helper.conn.lock().await;
-            tokio::time::timeout(BOOT, async {
-                let s = self.helper_conn(&helper, &mut conn).await?;
-                ask(s, Op::List { path: "/".into() }).await
-            })
-            .await
-            .unwrap_or_else(|_| Err(broken("it did not answer in time")))
-        };
+        let helper = Arc::new(helper);
+        let ready = async {
+            let (mut guard, mut c) = self.take_conn(&helper).await?;
+            tokio::time::timeout(BOOT, c.ask(Op::List { path: "/".into() }))
+                .await
+                .unwrap_or_else(|_| Err(broken("it did not answer in time")))?;
+            *guard = Some(c);
+            Ok::<(), AgentError>(())
+        }
+        .await;
         if let Err(e) = ready {
             let log = console_tail(&console);
             self.kill_helper(&helper).await;
-            return Err(broken(format!("{e}; its console: {log}")));
+            return Err(broken(format!("{e}; its console: {}", tame(&log))));
         }
         Ok(helper)
     }
@@ -534,11 +630,19 @@ impl Host {
         let _ = std::fs::remove_dir_all(&h.run.dir);
     }
 
-    /// Stops backup `id`'s helper, if one runs.
+    /// Stops backup `id`'s helper, if one runs (a deleted or pruned backup's).
     pub async fn stop_helper(&self, id: &str) {
-        let h = self.file_restores().helpers.remove(id);
+        let _one = self.inner.file_restore_start.lock().await;
+        self.stop_locked(id).await;
+    }
+
+    /// [`Host::stop_helper`] under the start lock: its slot is free only once its
+    /// QEMU is gone and its folder removed.
+    async fn stop_locked(&self, id: &str) {
+        let h = self.file_restores().helpers.get(id).cloned();
         if let Some(h) = h {
             self.kill_helper(&h).await;
+            self.file_restores().helpers.remove(id);
             tracing::info!(backup = %id, "file-restore helper stopped");
         }
     }
@@ -546,27 +650,44 @@ impl Host {
     /// Stops helpers idle for [`IDLE`], every 30 s; at the start, the helpers an
     /// earlier run of the daemon left.
     pub(crate) async fn file_restore_loop(self) {
-        if let Ok(rd) = std::fs::read_dir(self.file_restore_dir()) {
-            for e in rd.flatten() {
-                let run = RunPaths::new(e.path());
-                if let Some(pid) = self.inner.os.read_pid(&run) {
-                    let _ = self.inner.os.kill_qemu(pid, &run).await;
+        {
+            let _one = self.inner.file_restore_start.lock().await;
+            if let Ok(rd) = std::fs::read_dir(self.file_restore_dir()) {
+                for e in rd.flatten() {
+                    let run = RunPaths::new(e.path());
+                    if let Some(pid) = self.inner.os.read_pid(&run) {
+                        let _ = self.inner.os.kill_qemu(pid, &run).await;
+                    }
+                    let _ = std::fs::remove_dir_all(e.path());
                 }
-                let _ = std::fs::remove_dir_all(e.path());
             }
         }
         loop {
-            tokio::time::sleep(Duration::from_secs(30)).await;
-            let idle: Vec<String> = self
-                .file_restores()
-                .helpers
-                .values()
-                .filter(|h| h.idle() > IDLE)
-                .map(|h| h.backup.clone())
-                .collect();
-            for id in idle {
-                self.stop_helper(&id).await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let helpers: Vec<Arc<Helper>> =
+                self.file_restores().helpers.values().cloned().collect();
+            for h in helpers {
+                // what a helper writes on its console is kept to its last MiB or so
+                trim_log(&h.run.dir.join("console.log"), CONSOLE_MAX);
+                if h.idle() > IDLE && h.conn.try_lock().is_ok() {
+                    self.stop_helper(&h.backup).await;
+                }
             }
+        }
+    }
+}
+
+/// Empties log `p` (a file a QEMU appends to) once it is larger than `max`; opened
+/// without following links.
+pub(crate) fn trim_log(p: &Path, max: u64) {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Ok(f) = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(p)
+    {
+        if f.metadata().is_ok_and(|m| m.is_file() && m.len() > max) {
+            let _ = f.set_len(0);
         }
     }
 }

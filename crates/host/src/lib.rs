@@ -18,6 +18,7 @@ pub mod audit;
 pub mod backup;
 pub mod backup_jobs;
 pub mod blockdev;
+pub mod boot_check;
 pub mod cache;
 pub mod cgroups;
 pub mod clones;
@@ -168,6 +169,8 @@ struct Inner {
     /// File-restore helper VMs, and the start of one at a time.
     file_restores: Mutex<file_restore::FileRestores>,
     file_restore_start: tokio::sync::Mutex<()>,
+    /// Boot checks running (their slots).
+    boot_checks: Mutex<std::collections::HashSet<usize>>,
 }
 
 /// One host's VM runtime. Cheap to clone.
@@ -235,6 +238,7 @@ impl Host {
                 restores: Mutex::new(Default::default()),
                 file_restores: Mutex::new(Default::default()),
                 file_restore_start: Default::default(),
+                boot_checks: Default::default(),
             }),
         };
         host.open_dirs_to_qemu();
@@ -251,6 +255,10 @@ impl Host {
         tokio::spawn(host.clone().backup_jobs_loop());
         tokio::spawn(host.clone().serial_log_loop());
         tokio::spawn(host.clone().file_restore_loop());
+        tokio::spawn({
+            let h = host.clone();
+            async move { h.sweep_boot_checks().await }
+        });
         tracing::info!(%accel, "host runtime ready");
         Ok(host)
     }

@@ -198,6 +198,7 @@ impl Host {
             paused: false,
             incoming: false,
             nic_fds: true,
+            isolated: false,
         })
     }
 

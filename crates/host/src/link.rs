@@ -392,6 +392,14 @@ pub fn check_forwarded(path_and_query: &str) -> Result<()> {
             format!("only plain /api/v1/ paths are forwarded to another host, not {path}"),
         ));
     }
+    // A forwarded answer is read whole: a download of a backup's files (any size) is
+    // asked of a host that reaches the store itself.
+    if path.starts_with("/api/v1/backups/") && path.ends_with("/files/download") {
+        return Err(AgentError::invalid(
+            "path",
+            "downloads of a backup's files are not forwarded: ask any host that reaches the store directly",
+        ));
+    }
     Ok(())
 }
 
@@ -550,5 +558,21 @@ impl Host {
                     ),
                 )
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_forwarded;
+
+    #[test]
+    fn only_plain_api_paths_are_forwarded() {
+        assert!(check_forwarded("/api/v1/vms?q=a").is_ok());
+        assert!(check_forwarded("/api/v1/backups/b1/files?path=/disk0").is_ok());
+        assert!(check_forwarded("/api/v1/backups/b1/files/download?path=/x").is_err());
+        assert!(check_forwarded("/api/v1/nodes/h2/api/v1/vms").is_err());
+        assert!(check_forwarded("/api/v1/vms/../access").is_err());
+        assert!(check_forwarded("/api/v1/vms/%2e%2e").is_err());
+        assert!(check_forwarded("/metrics").is_err());
     }
 }

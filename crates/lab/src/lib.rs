@@ -256,11 +256,16 @@ impl Lab {
     }
 }
 
-/// Pids of live QEMUs whose pidfiles lie in `run_dir/*/qemu.pid` (VMs) or
-/// `run_dir/file-restore/*/qemu.pid` (file-restore helpers).
+/// Pids of live QEMUs whose pidfiles lie in `run_dir/*/qemu.pid` (VMs),
+/// `run_dir/file-restore/*/qemu.pid` (file-restore helpers) or
+/// `run_dir/boot-check/*/qemu.pid` (boot checks of backups).
 pub fn qemu_pids_in(run_dir: &Path) -> Vec<i32> {
     let mut out = vec![];
-    let dirs = [run_dir.to_path_buf(), run_dir.join("file-restore")];
+    let dirs = [
+        run_dir.to_path_buf(),
+        run_dir.join("file-restore"),
+        run_dir.join("boot-check"),
+    ];
     for e in dirs
         .iter()
         .filter_map(|d| std::fs::read_dir(d).ok())

@@ -97,6 +97,9 @@ pub struct LaunchPlan {
     /// `process::spawn_detached`, which places them). QEMU running unprivileged cannot
     /// open `/dev/net/tun` or `/dev/vhost-net` itself.
     pub nic_fds: bool,
+    /// NICs on a hub inside QEMU instead of taps (a boot check of a backup): the guest
+    /// sees its NICs with their MACs and links up, and nothing it sends leaves QEMU.
+    pub isolated: bool,
 }
 
 /// The descriptor of NIC `k`'s tap in a QEMU started with [`LaunchPlan::nic_fds`]
@@ -344,10 +347,14 @@ pub fn build_argv(p: &LaunchPlan) -> Vec<OsString> {
         }
         a.json("-device", dev);
     }
-    for (k, (n, tap)) in s.nics.iter().zip(&p.taps).enumerate() {
+    let no_taps = vec![String::new(); if p.isolated { s.nics.len() } else { 0 }];
+    let taps = if p.isolated { &no_taps } else { &p.taps };
+    for (k, (n, tap)) in s.nics.iter().zip(taps).enumerate() {
         let id = format!("net{k}");
         let kvm = p.accel == Accel::Kvm;
-        let netdev = if p.nic_fds {
+        let netdev = if p.isolated {
+            json!({"type": "hubport", "id": id, "hubid": 0})
+        } else if p.nic_fds {
             let mut n = json!({"type": "tap", "id": id, "fd": nic_fd(k).to_string(), "vhost": kvm});
             if kvm {
                 n["vhostfd"] = json!((nic_fd(k) + 1).to_string());
@@ -421,6 +428,7 @@ mod tests {
             paused: false,
             incoming: false,
             nic_fds: false,
+            isolated: false,
             spec,
         }
     }
@@ -486,6 +494,21 @@ mod tests {
         assert_eq!(find("disk1")["rerror"], "stop");
         assert_eq!(find("disk1")["werror"], "stop");
         assert!(find("disk0").get("rerror").is_none());
+    }
+
+    #[test]
+    fn isolated_nics_reach_no_tap() {
+        let mut p = plan();
+        p.isolated = true;
+        p.taps = vec![];
+        let nd = devices(&build_argv(&p), "-netdev");
+        assert_eq!(nd.len(), 1);
+        assert_eq!(nd[0]["type"], "hubport");
+        assert!(nd[0].get("fd").is_none() && nd[0].get("ifname").is_none());
+        let dev = devices(&build_argv(&p), "-device");
+        assert!(dev
+            .iter()
+            .any(|d| d["netdev"] == "net0" && d["mac"] == "52:54:00:00:00:01"));
     }
 
     #[test]

@@ -250,6 +250,10 @@ pub struct BackupJobSpec {
     pub keep: BackupKeep,
     #[serde(default = "yes")]
     pub enabled: bool,
+    /// Boot each new backup to check it (a failed check counts as a failure of the
+    /// job for that VM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_check: Option<BackupBootCheck>,
 }
 
 fn yes() -> bool {
@@ -275,6 +279,14 @@ impl BackupJobSpec {
         }
         if self.selection.vms.len() > 10_000 {
             e.push("selection.vms", "at most 10000");
+        }
+        if let Some(b) = &self.boot_check {
+            if b.validate().is_err() {
+                e.push(
+                    "boot_check",
+                    "marker: 1 to 200 printable characters; timeout_s: 10 to 3600",
+                );
+            }
         }
         e.into_result()
     }
@@ -387,4 +399,59 @@ pub struct BackupFiles {
     pub entries: Vec<BackupFileEntry>,
     /// The folder holds more entries than one listing carries (the first ones).
     pub truncated: bool,
+}
+
+/// Boot a backup to check it (Veeam's SureBackup): its disks as throw-away overlays on
+/// the backup, its NICs on a hub of their own inside QEMU (nothing reaches a network),
+/// until `marker` shows on the serial console or `timeout_s` passes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BackupBootCheck {
+    /// Text the guest prints on its serial console once it is up (default `login:`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub marker: Option<String>,
+    /// Seconds to wait for it (default 300, 10 to 3600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<u32>,
+}
+
+impl BackupBootCheck {
+    pub const DEFAULT_MARKER: &'static str = "login:";
+    pub const DEFAULT_TIMEOUT_S: u32 = 300;
+
+    pub fn marker(&self) -> &str {
+        self.marker.as_deref().unwrap_or(Self::DEFAULT_MARKER)
+    }
+    pub fn timeout_s(&self) -> u32 {
+        self.timeout_s.unwrap_or(Self::DEFAULT_TIMEOUT_S)
+    }
+
+    pub fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut e = ValidationErrors::default();
+        if let Some(m) = &self.marker {
+            if m.is_empty() || m.len() > 200 || m.chars().any(|c| c.is_control()) {
+                e.push("marker", "1 to 200 printable characters");
+            }
+        }
+        if let Some(t) = self.timeout_s {
+            if !(10..=3600).contains(&t) {
+                e.push("timeout_s", "10 to 3600 seconds");
+            }
+        }
+        e.into_result()
+    }
+}
+
+/// What a boot check saw.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BackupBootCheckResult {
+    pub backup: String,
+    pub vm: String,
+    /// The marker showed in time.
+    pub booted: bool,
+    /// Seconds from QEMU's start to the marker (or to giving up).
+    pub seconds: f64,
+    pub marker: String,
+    /// The end of the serial console (the last 2 KiB, control characters removed).
+    pub console: String,
 }
