@@ -1,4 +1,4 @@
-// The resource tree: cluster → hosts → VMs and templates, then pools. Virtualised: a
+// The resource tree: cluster → hosts → VMs and templates, then pools and backups. Virtualised: a
 // thousand VMs are a thousand rows, of which only those in view are drawn.
 import { useState } from 'preact/hooks';
 import { hostState, useStore } from './store';
@@ -6,7 +6,7 @@ import { VList } from './vlist';
 import type { Vm } from './api';
 
 interface Row {
-  kind: 'cluster' | 'host' | 'vm' | 'pools' | 'pool' | 'group';
+  kind: 'cluster' | 'host' | 'vm' | 'pools' | 'pool' | 'group' | 'backups';
   label: string;
   href: string;
   depth: number;
@@ -47,6 +47,7 @@ export function Tree(props: { route: string[] }) {
   for (const p of s.pools) {
     rows.push({ kind: 'pool', label: `${p.spec.name} (${p.spec.type ?? 'dir'})`, href: '#/pools', depth: 1 });
   }
+  rows.push({ kind: 'backups', label: 'Backups', href: '#/backups', depth: 0 });
   const current = `#/${props.route.map(encodeURIComponent).join('/')}`;
   return (
     <div class="tree">
