@@ -256,7 +256,7 @@ async fn metrics(State(a): State<Agent>) -> ([(axum::http::HeaderName, &'static 
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        a.render_metrics().await + &a.etcd_metrics(),
+        a.render_metrics().await + &a.etcd_metrics() + &a.backup_metrics().await,
     )
 }
 

@@ -344,7 +344,7 @@ async fn pools_and_volumes_crud_and_import_task() {
 
 #[tokio::test]
 async fn metrics_and_openapi_served() {
-    let (_d, app, _) = app().await;
+    let (d, app, _) = app().await;
     call(
         &app,
         "POST",
@@ -352,10 +352,27 @@ async fn metrics_and_openapi_served() {
         Some(json!({"name": "m", "memory_mib": 64})),
     )
     .await;
+    let bs = d.path().join("bs");
+    let (s, _) = call(
+        &app,
+        "POST",
+        "/api/v1/backup-stores",
+        Some(json!({"name": "bs", "path": bs})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED);
     let (s, m) = call(&app, "GET", "/metrics", None).await;
     assert_eq!(s, StatusCode::OK);
+    let m = m.as_str().unwrap();
+    assert!(m.contains("ferry_vm_up{vm=\"m\"} 0"), "{m}");
+    // backup stores: readable, empty
+    assert!(m.contains("ferry_backup_store_up{store=\"bs\"} 1"), "{m}");
     assert!(
-        m.as_str().unwrap().contains("ferry_vm_up{vm=\"m\"} 0"),
+        m.contains("ferry_backup_store_backups{store=\"bs\"} 0"),
+        "{m}"
+    );
+    assert!(
+        m.contains("# TYPE ferry_backup_job_last_failed gauge"),
         "{m}"
     );
     let (s, doc) = call(&app, "GET", "/api/v1/openapi.json", None).await;

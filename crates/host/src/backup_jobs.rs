@@ -384,3 +384,141 @@ mod tests {
         assert_eq!(due_slot(&c, t0 + 5 * 3600, t0 + 5 * 3600 + 10), None);
     }
 }
+
+/// One Prometheus sample line.
+fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], v: f64) {
+    let l: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")))
+        .collect();
+    if l.is_empty() {
+        out.push_str(&format!("{name} {v}\n"));
+    } else {
+        out.push_str(&format!("{name}{{{}}} {v}\n", l.join(",")));
+    }
+}
+
+impl Host {
+    /// Backups in Prometheus text format: each store's size and dedup factor, each
+    /// job's last run, each VM's newest complete backup. A store that does not answer
+    /// within 2 s (a hung share) is left out, with `ferry_backup_store_up` 0.
+    pub async fn backup_metrics(&self) -> String {
+        let mut out = String::new();
+        let stores = self.backup_stores().await.unwrap_or_default();
+        let mut up = Vec::new();
+        let mut infos = Vec::new();
+        for s in &stores {
+            let info =
+                tokio::time::timeout(Duration::from_secs(2), self.backup_store_info(&s.name))
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok());
+            up.push((s.name.clone(), info.is_some()));
+            infos.extend(info);
+        }
+        out.push_str("# HELP ferry_backup_store_up Whether the store could be read.\n# TYPE ferry_backup_store_up gauge\n");
+        for (n, ok) in &up {
+            sample(
+                &mut out,
+                "ferry_backup_store_up",
+                &[("store", n)],
+                f64::from(u8::from(*ok)),
+            );
+        }
+        type Field = fn(&ferry_types::BackupStoreUsage) -> f64;
+        let fields: [(&str, &str, Field); 6] = [
+            ("ferry_backup_store_backups", "Backups in the store.", |u| {
+                u.backups as f64
+            }),
+            ("ferry_backup_store_chunks", "Chunks in the store.", |u| {
+                u.chunks as f64
+            }),
+            (
+                "ferry_backup_store_stored_bytes",
+                "Bytes the chunks take.",
+                |u| u.stored_bytes as f64,
+            ),
+            (
+                "ferry_backup_store_logical_bytes",
+                "Plain bytes of every disk of every backup.",
+                |u| u.logical_bytes as f64,
+            ),
+            (
+                "ferry_backup_store_dedup_factor",
+                "Logical bytes per stored byte.",
+                |u| u.dedup_factor,
+            ),
+            (
+                "ferry_backup_store_free_bytes",
+                "Free space of the store's file system.",
+                |u| u.free_bytes as f64,
+            ),
+        ];
+        for (name, help, f) in fields {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
+            for i in &infos {
+                sample(&mut out, name, &[("store", &i.store.name)], f(&i.usage));
+            }
+        }
+        let jobs = self.backup_jobs().await.unwrap_or_default();
+        out.push_str("# HELP ferry_backup_job_last_run_timestamp_seconds When the job's last run ended.\n# TYPE ferry_backup_job_last_run_timestamp_seconds gauge\n");
+        for j in &jobs {
+            if let Some(r) = &j.last_result {
+                sample(
+                    &mut out,
+                    "ferry_backup_job_last_run_timestamp_seconds",
+                    &[("job", &j.spec.name)],
+                    r.ended as f64,
+                );
+            }
+        }
+        out.push_str("# HELP ferry_backup_job_last_failed VMs the job's last run failed for.\n# TYPE ferry_backup_job_last_failed gauge\n");
+        for j in &jobs {
+            if let Some(r) = &j.last_result {
+                sample(
+                    &mut out,
+                    "ferry_backup_job_last_failed",
+                    &[("job", &j.spec.name)],
+                    r.failed.len() as f64,
+                );
+            }
+        }
+        out.push_str("# HELP ferry_backup_job_last_backed_up VMs the job's last run backed up.\n# TYPE ferry_backup_job_last_backed_up gauge\n");
+        for j in &jobs {
+            if let Some(r) = &j.last_result {
+                sample(
+                    &mut out,
+                    "ferry_backup_job_last_backed_up",
+                    &[("job", &j.spec.name)],
+                    r.backed_up.len() as f64,
+                );
+            }
+        }
+        // each VM's newest complete backup, per store
+        let mut newest: std::collections::BTreeMap<(String, String), i64> = Default::default();
+        for i in &infos {
+            let list = tokio::time::timeout(
+                Duration::from_secs(2),
+                self.list_backups(Some(&i.store.name), None),
+            )
+            .await;
+            if let Ok(Ok(l)) = list {
+                for b in l.backups.iter().filter(|b| b.state == "complete") {
+                    let t = b.finished.unwrap_or(b.started);
+                    let e = newest.entry((b.vm.clone(), b.store.clone())).or_insert(t);
+                    *e = (*e).max(t);
+                }
+            }
+        }
+        out.push_str("# HELP ferry_backup_last_success_timestamp_seconds When each VM's newest complete backup in a store finished.\n# TYPE ferry_backup_last_success_timestamp_seconds gauge\n");
+        for ((vm, store), t) in &newest {
+            sample(
+                &mut out,
+                "ferry_backup_last_success_timestamp_seconds",
+                &[("vm", vm), ("store", store)],
+                *t as f64,
+            );
+        }
+        out
+    }
+}
