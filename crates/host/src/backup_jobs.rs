@@ -369,22 +369,6 @@ impl Host {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn due_slot_runs_a_missed_schedule_once_and_waits_for_the_next() {
-        let c = Calendar::parse("*:00").unwrap();
-        let t0 = 1_796_601_600; // an hour's start
-        assert_eq!(due_slot(&c, t0, t0 + 59 * 60), None);
-        assert_eq!(due_slot(&c, t0, t0 + 3600), Some(t0 + 3600));
-        // down for five hours: one run, for the latest slot
-        assert_eq!(due_slot(&c, t0, t0 + 5 * 3600 + 10), Some(t0 + 5 * 3600));
-        assert_eq!(due_slot(&c, t0 + 5 * 3600, t0 + 5 * 3600 + 10), None);
-    }
-}
-
 /// One Prometheus sample line.
 fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], v: f64) {
     let l: Vec<String> = labels
@@ -520,5 +504,21 @@ impl Host {
             );
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn due_slot_runs_a_missed_schedule_once_and_waits_for_the_next() {
+        let c = Calendar::parse("*:00").unwrap();
+        let t0 = 1_796_601_600; // an hour's start
+        assert_eq!(due_slot(&c, t0, t0 + 59 * 60), None);
+        assert_eq!(due_slot(&c, t0, t0 + 3600), Some(t0 + 3600));
+        // down for five hours: one run, for the latest slot
+        assert_eq!(due_slot(&c, t0, t0 + 5 * 3600 + 10), Some(t0 + 5 * 3600));
+        assert_eq!(due_slot(&c, t0 + 5 * 3600, t0 + 5 * 3600 + 10), None);
     }
 }
