@@ -167,8 +167,13 @@ pub fn need(method: &str, path: &str) -> Need {
         ("POST", ["backup-stores"]) => on(Privilege::Modify, "/"),
         // Backups hold every VM's data: one privilege path for taking, listing, restoring
         // and pruning them (a backup operator's).
-        // A backup's files are a VM's data: reading them is restoring, never an audit.
-        (_, ["backups", _, "files", ..]) => on(Privilege::Modify, "/backup-stores"),
+        // A backup's files, its chunks and its index are a VM's data: reading them is
+        // restoring, never an audit.
+        (_, ["backups", _, "files" | "index", ..]) | (_, ["backup-stores", _, "chunks", ..]) => {
+            on(Privilege::Modify, "/backup-stores")
+        }
+        // A sync makes this host connect where it is told: the hosts' administrator's.
+        (_, ["backup-stores", _, "sync"]) => on(Privilege::Modify, "/"),
         (_, ["backup-stores" | "backups" | "backup-jobs", ..]) => rw("/backup-stores"),
         (_, ["pools"]) => rw("/pools"),
         (_, ["pools", p, ..]) => rw(&format!("/pools/{p}")),

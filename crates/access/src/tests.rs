@@ -118,6 +118,18 @@ fn the_issue_s_examples() {
         need("GET", "/api/v1/backups/b1/files/download"),
         Need::On(Privilege::Modify, "/backup-stores".into())
     );
+    assert_eq!(
+        need("GET", "/api/v1/backups/b1/index"),
+        Need::On(Privilege::Modify, "/backup-stores".into())
+    );
+    assert_eq!(
+        need("GET", "/api/v1/backup-stores/bs/chunks/ab12"),
+        Need::On(Privilege::Modify, "/backup-stores".into())
+    );
+    assert_eq!(
+        need("POST", "/api/v1/backup-stores/bs/sync"),
+        Need::On(Privilege::Modify, "/".into())
+    );
     assert!(!may("olga", "POST", "/api/v1/backups"));
 }
 

@@ -8,9 +8,9 @@ use axum::http::StatusCode;
 use axum::Json;
 use ferry_agent::Agent;
 use ferry_types::{
-    ApiErrorBody, Backup, BackupBootCheck, BackupFiles, BackupJob, BackupJobSpec, BackupList,
-    BackupPrune, BackupRestore, BackupRun, BackupStore, BackupStoreCreate, BackupStoreInfo,
-    BackupVerify, PruneResult, TaskAccepted,
+    ApiErrorBody, Backup, BackupBootCheck, BackupFiles, BackupIndex, BackupJob, BackupJobSpec,
+    BackupList, BackupPrune, BackupRestore, BackupRun, BackupStore, BackupStoreCreate,
+    BackupStoreInfo, BackupSync, BackupVerify, PruneResult, TaskAccepted,
 };
 use serde::Deserialize;
 
@@ -194,6 +194,57 @@ pub async fn restore_backup(
         move |ctx| async move {
             let vm = agent.restore_backup(&id, req, Some(&ctx)).await?;
             ctx.result(serde_json::to_value(&vm).unwrap_or_default());
+            Ok(())
+        },
+    )))
+}
+
+/// A backup as a sync reads it: its rows, VM definition and each disk's chunk names.
+#[utoipa::path(get, path = "/api/v1/backups/{id}/index", tag = "backup",
+    params(("id" = String, Path)),
+    responses((status = 200, body = BackupIndex), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+pub async fn backup_index(
+    State(a): State<Agent>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<BackupIndex>> {
+    Ok(Json(a.backup_index(&id).await?))
+}
+
+/// A chunk file of a store as it keeps it (a sync elsewhere checks it).
+#[utoipa::path(get, path = "/api/v1/backup-stores/{store}/chunks/{chunk}", tag = "backup",
+    params(("store" = String, Path), ("chunk" = String, Path, description = "64 hex digits")),
+    responses((status = 200, description = "The chunk file", content_type = "application/octet-stream"), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody)))]
+pub async fn chunk_file(
+    State(a): State<Agent>,
+    ApiPath((store, chunk)): ApiPath<(String, String)>,
+) -> ApiResult<([(axum::http::HeaderName, &'static str); 1], Vec<u8>)> {
+    let b = a.backup_chunk_file(&store, &chunk).await?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+        b,
+    ))
+}
+
+/// Pull another ferry's backups into this store (a task; its result is a
+/// BackupSyncReport).
+#[utoipa::path(post, path = "/api/v1/backup-stores/{store}/sync", tag = "backup", request_body = BackupSync,
+    params(("store" = String, Path)),
+    responses((status = 202, description = "The sync runs; the task's result says what it copied", body = TaskAccepted), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody)))]
+pub async fn sync_store(
+    State(a): State<Agent>,
+    ApiPath(store): ApiPath<String>,
+    ApiJson(req): ApiJson<BackupSync>,
+) -> ApiResult<Accepted> {
+    req.validate().map_err(ferry_agent::AgentError::from)?;
+    a.backup_store(&store).await?;
+    let agent = a.clone();
+    let s = store.clone();
+    Ok(accepted(a.tasks().spawn(
+        "backup.sync",
+        &store,
+        move |ctx| async move {
+            let r = agent.sync_backups(&s, req, Some(&ctx)).await?;
+            ctx.result(serde_json::to_value(&r).unwrap_or_default());
             Ok(())
         },
     )))

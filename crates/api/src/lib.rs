@@ -55,7 +55,11 @@ use utoipa_swagger_ui::SwaggerUi;
     ),
     // The frames of the websockets (`/api/v1/cluster/changes`), which OpenAPI has no
     // path for.
-    components(schemas(ferry_types::ClusterChange, ferry_types::BackupBootCheckResult))
+    components(schemas(
+        ferry_types::ClusterChange,
+        ferry_types::BackupBootCheckResult,
+        ferry_types::BackupSyncReport
+    ))
 )]
 struct ApiDoc;
 
@@ -95,6 +99,9 @@ fn api() -> OpenApiRouter<Agent> {
         .routes(routes!(backup::restore_backup))
         .routes(routes!(backup::list_files))
         .routes(routes!(backup::boot_check))
+        .routes(routes!(backup::backup_index))
+        .routes(routes!(backup::chunk_file))
+        .routes(routes!(backup::sync_store))
         .routes(routes!(backup::download_file))
         .routes(routes!(backup::prune_backups))
         .routes(routes!(backup::list_jobs, backup::create_job))

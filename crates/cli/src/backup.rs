@@ -6,8 +6,8 @@ use super::*;
 use ferry_types::{
     Backup, BackupBootCheck, BackupBootCheckResult, BackupFileKind, BackupFiles, BackupGcReport,
     BackupJob, BackupJobResult, BackupJobSpec, BackupKeep, BackupList, BackupPrune, BackupRestore,
-    BackupRun, BackupSelection, BackupStore, BackupStoreCreate, BackupStoreInfo, BackupVerify,
-    BackupVerifyReport, PruneResult,
+    BackupRun, BackupSelection, BackupStore, BackupStoreCreate, BackupStoreInfo, BackupSync,
+    BackupSyncReport, BackupVerify, BackupVerifyReport, PruneResult,
 };
 
 #[derive(Subcommand, Debug)]
@@ -72,6 +72,29 @@ pub enum BackupCmd {
         /// Seconds to wait for it (default 300).
         #[arg(long)]
         timeout: Option<u32>,
+    },
+    /// Pull the backups of another ferry's store into a store here (a second site
+    /// keeps the first one's backups): only backups and chunks this store lacks; encrypted
+    /// ones stay sealed.
+    Sync {
+        /// The store here.
+        #[arg(long)]
+        store: String,
+        /// The source's API, `https://host:8470`.
+        #[arg(long = "from")]
+        url: String,
+        /// The store there.
+        #[arg(long)]
+        remote_store: String,
+        /// A file holding an API token of the source (Modify on /backup-stores there).
+        #[arg(long)]
+        remote_token_file: std::path::PathBuf,
+        /// The source's CA certificate (PEM; its `{state_dir}/pki/ca.crt`).
+        #[arg(long)]
+        remote_ca: std::path::PathBuf,
+        /// Only this VM's backups.
+        #[arg(long)]
+        vm: Option<String>,
     },
     /// Delete a backup (garbage collection frees its chunks).
     Delete {
@@ -429,6 +452,54 @@ pub(crate) async fn run(c: &Client, g: &Global, cmd: BackupCmd) -> Result<()> {
             Ok(())
         }
         BackupCmd::Files { id, path, download } => files(c, g, &id, &path, download).await,
+        BackupCmd::Sync {
+            store,
+            url,
+            remote_store,
+            remote_token_file,
+            remote_ca,
+            vm,
+        } => {
+            let token = crate::client::read_secret(Some(&remote_token_file), "FERRY_REMOTE_TOKEN")?
+                .context("--remote-token-file is empty")?;
+            let ca_pem = std::fs::read_to_string(&remote_ca)
+                .with_context(|| format!("Read {}", remote_ca.display()))?;
+            let t: TaskAccepted = c
+                .send(
+                    Method::POST,
+                    &format!("/api/v1/backup-stores/{store}/sync"),
+                    &BackupSync {
+                        url,
+                        remote_store,
+                        token,
+                        ca_pem,
+                        vm,
+                    },
+                )
+                .await?;
+            let done = c.wait_task(t, g.json).await?;
+            let r: BackupSyncReport = serde_json::from_value(done.result.unwrap_or_default())
+                .context("the sync's result")?;
+            if g.json {
+                print_json(&r)?;
+            } else {
+                println!(
+                    "{} backups copied ({} chunks, {} fetched, {} chunks here already), {} here already",
+                    r.copied.len(),
+                    r.chunks_fetched,
+                    ByteSize(r.bytes_fetched),
+                    r.chunks_reused,
+                    r.present
+                );
+                for f in &r.failed {
+                    println!("  {}: {}", f.backup, clean(&f.error));
+                }
+            }
+            if !r.failed.is_empty() {
+                anyhow::bail!("{} backups could not be copied", r.failed.len());
+            }
+            Ok(())
+        }
         BackupCmd::BootCheck {
             id,
             marker,

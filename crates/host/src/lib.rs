@@ -17,6 +17,7 @@ pub mod access;
 pub mod audit;
 pub mod backup;
 pub mod backup_jobs;
+pub mod backup_sync;
 pub mod blockdev;
 pub mod boot_check;
 pub mod cache;

@@ -455,3 +455,98 @@ pub struct BackupBootCheckResult {
     /// The end of the serial console (the last 2 KiB, control characters removed).
     pub console: String,
 }
+
+/// Copy backups in from another ferry's store (`ferry backup sync`): a second site
+/// keeps the first one's backups. Pulled over HTTPS with an API token of the source
+/// (Modify on `/backup-stores` there); chunks come as the source keeps them (encrypted
+/// ones stay sealed), several at a time, only those this store lacks.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BackupSync {
+    /// The source's API, `https://host:8470`.
+    pub url: String,
+    /// The store there.
+    pub remote_store: String,
+    /// An API token of the source (`USER!ID=SECRET`); used for this sync only, never
+    /// kept.
+    pub token: String,
+    /// The source's CA certificate (PEM) its API's certificate is checked against.
+    pub ca_pem: String,
+    /// Only this VM's backups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
+}
+
+impl std::fmt::Debug for BackupSync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackupSync")
+            .field("url", &self.url)
+            .field("remote_store", &self.remote_store)
+            .field("token", &"<secret>")
+            .field("vm", &self.vm)
+            .finish()
+    }
+}
+
+impl BackupSync {
+    pub fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut e = ValidationErrors::default();
+        if !self.url.starts_with("https://") || self.url.len() > 512 {
+            e.push("url", "an https:// URL of the source's API");
+        }
+        check_name(&mut e, "remote_store", &self.remote_store);
+        if self.token.is_empty()
+            || self.token.len() > 512
+            || self.token.chars().any(|c| c.is_control())
+        {
+            e.push("token", "an API token of the source");
+        }
+        if !self.ca_pem.contains("BEGIN CERTIFICATE") || self.ca_pem.len() > 64 << 10 {
+            e.push("ca_pem", "the source's CA certificate, PEM");
+        }
+        if let Some(v) = &self.vm {
+            check_name(&mut e, "vm", v);
+        }
+        e.into_result()
+    }
+}
+
+/// What a sync did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BackupSyncReport {
+    /// Backups copied in now.
+    pub copied: Vec<String>,
+    /// Backups this store had already.
+    pub present: u64,
+    pub failed: Vec<BackupSyncFailure>,
+    pub chunks_fetched: u64,
+    pub bytes_fetched: u64,
+    /// Chunks of the copied backups this store had already.
+    pub chunks_reused: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BackupSyncFailure {
+    pub backup: String,
+    pub error: String,
+}
+
+/// A backup as a sync reads it: its rows, its VM definition, each disk's complete
+/// index (chunk names, hex).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BackupIndex {
+    pub backup: Backup,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
+    pub disks: Vec<BackupIndexDisk>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BackupIndexDisk {
+    pub name: String,
+    pub size: u64,
+    pub mode: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub chunks: Vec<String>,
+}

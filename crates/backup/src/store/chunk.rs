@@ -47,6 +47,22 @@ impl Digest {
     pub fn from_slice(b: &[u8]) -> Option<Digest> {
         <[u8; 32]>::try_from(b).ok().map(Digest)
     }
+
+    /// A name from its 64 lowercase hex digits.
+    pub fn from_hex(s: &str) -> Option<Digest> {
+        if s.len() != 64
+            || !s
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(Digest(out))
+    }
 }
 
 impl std::fmt::Debug for Digest {

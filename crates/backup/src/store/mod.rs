@@ -14,6 +14,7 @@
 
 pub mod catalog;
 pub mod chunk;
+pub mod copy;
 pub mod image;
 pub mod maint;
 pub mod reader;

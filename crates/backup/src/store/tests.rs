@@ -444,3 +444,123 @@ fn disk_image_reads_any_range_of_a_backup() {
     std::fs::write(&f, bytes).unwrap();
     assert!(fresh.read(100, 10).is_err());
 }
+
+/// A source that is another local store, counting what it is asked; `tamper` swaps
+/// the bytes of one chunk's file.
+struct LocalSource {
+    store: Arc<Store>,
+    asked: std::cell::Cell<u64>,
+    tamper: Option<Digest>,
+}
+
+impl copy::ChunkSource for LocalSource {
+    fn fetch(&self, digests: &[Digest]) -> Vec<Result<Vec<u8>, String>> {
+        self.asked.set(self.asked.get() + digests.len() as u64);
+        digests
+            .iter()
+            .map(|d| {
+                let mut f = self.store.chunk_file(d).map_err(|e| e.to_string())?;
+                if self.tamper == Some(*d) {
+                    // another chunk's file under this name
+                    let other = self
+                        .store
+                        .all_chunk_names()
+                        .into_iter()
+                        .find(|o| o != d)
+                        .ok_or("one chunk only")?;
+                    f = self.store.chunk_file(&other).map_err(|e| e.to_string())?;
+                }
+                Ok(f)
+            })
+            .collect()
+    }
+}
+
+impl Store {
+    fn all_chunk_names(&self) -> Vec<Digest> {
+        self.catalog().all_chunks().unwrap().into_iter().collect()
+    }
+}
+
+#[test]
+fn store_copy_between_stores_is_byte_identical_fetches_only_what_is_missing() {
+    let (_a, src) = new_store();
+    let (_b, dst) = new_store();
+    let d1 = disk(4, 1);
+    let id1 = backup(&src, "vm1", &d1, None);
+    let mut d2 = d1.clone();
+    d2[7] ^= 0xff; // one chunk differs
+    let id2 = backup(&src, "vm1", &d2, None);
+    let source = LocalSource {
+        store: Arc::clone(&src),
+        asked: Default::default(),
+        tamper: None,
+    };
+    let s1 = dst
+        .copy_in(src.describe(&id1).unwrap().unwrap(), &source, "h2")
+        .unwrap();
+    assert_eq!(restore(&dst, &id1, None), d1);
+    let first = source.asked.get();
+    assert_eq!(s1.chunks_fetched, first);
+    // the second backup: only its changed chunk comes over
+    let s2 = dst
+        .copy_in(src.describe(&id2).unwrap().unwrap(), &source, "h2")
+        .unwrap();
+    assert_eq!(s2.chunks_fetched, 1, "{s2:?}");
+    assert_eq!(restore(&dst, &id2, None), d2);
+    // the same id twice: refused (already here)
+    assert!(dst
+        .copy_in(src.describe(&id2).unwrap().unwrap(), &source, "h2")
+        .is_err());
+    let listed = dst.snapshots(None).unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(listed
+        .iter()
+        .all(|s| s.state == "complete" && s.vm == "vm1"));
+}
+
+#[test]
+fn store_copy_refuses_a_chunk_that_is_not_its_name_and_lists_nothing() {
+    let (_a, src) = new_store();
+    let (_b, dst) = new_store();
+    let d = disk(3, 2);
+    let id = backup(&src, "vm1", &d, None);
+    let snap = src.describe(&id).unwrap().unwrap();
+    let victim = snap.disks[0].chunks[0];
+    let source = LocalSource {
+        store: Arc::clone(&src),
+        asked: Default::default(),
+        tamper: Some(victim),
+    };
+    let e = dst.copy_in(snap.clone(), &source, "h2").unwrap_err();
+    assert!(e.to_string().contains("name"), "{e}");
+    assert!(dst.snapshots(None).unwrap().is_empty());
+    // an index that does not fit its disk is refused before anything is written
+    let mut short = snap;
+    short.disks[0].chunks.pop();
+    assert!(dst.copy_in(short, &source, "h2").is_err());
+    // a hostile id is refused
+    let mut odd = src.describe(&id).unwrap().unwrap();
+    odd.meta.id = "../../x".into();
+    assert!(dst.copy_in(odd, &source, "h2").is_err());
+}
+
+#[test]
+fn store_copy_of_an_encrypted_backup_stays_sealed() {
+    let (_a, src) = new_store();
+    let (_b, dst) = new_store();
+    let (_, key) = CryptKey::generate();
+    let d = disk(3, 3);
+    let id = backup(&src, "vm1", &d, Some(&key));
+    let source = LocalSource {
+        store: Arc::clone(&src),
+        asked: Default::default(),
+        tamper: None,
+    };
+    dst.copy_in(src.describe(&id).unwrap().unwrap(), &source, "h2")
+        .unwrap();
+    // the copy's files are the source's sealed ones: its key reads them
+    assert_eq!(restore(&dst, &id, Some(&key)), d);
+    let s = dst.snapshot(&id).unwrap().unwrap();
+    assert_eq!(s.key_fingerprint.as_deref(), Some(key.fingerprint()));
+}

@@ -32,7 +32,38 @@ struct Pending {
     /// Kept until the pin: if garbage collection removed the chunk since it was named
     /// or written (another writer's copy of the same data, pinned and freed
     /// meanwhile), the pin writes it again.
-    data: Vec<u8>,
+    data: Payload,
+}
+
+/// A chunk's content as a writer has it.
+enum Payload {
+    /// Plain data (a backup): encoded when written.
+    Plain(Vec<u8>),
+    /// A chunk file as another store keeps it (a copy): written as it is.
+    File(Vec<u8>),
+}
+
+/// A snapshot copied from another store, as the source lists it.
+#[derive(Debug, Clone)]
+pub struct CopyMeta {
+    pub id: String,
+    pub vm: String,
+    /// The host that took it.
+    pub host: String,
+    pub started: i64,
+    pub consistency: String,
+    /// Encrypted at the source: its chunks arrive sealed and stay so.
+    pub key_fingerprint: Option<String>,
+    pub config: Option<String>,
+}
+
+/// Whether `id` can be a snapshot's id here (the source's ids are kept).
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// Counters of one snapshot.
@@ -54,6 +85,8 @@ pub struct SnapshotWriter {
     stats: WriteStats,
     disk_new_plain: u64,
     done: bool,
+    /// A copy: whether its chunks are sealed (encrypted at the source).
+    copy_sealed: Option<bool>,
 }
 
 /// A new snapshot's id: its start time and a random suffix (sorts by time).
@@ -97,7 +130,49 @@ impl Store {
             protected: false,
         };
         self.catalog().begin_snapshot(&row)?;
-        Ok(SnapshotWriter {
+        Ok(self.writer(id, key, None))
+    }
+
+    /// Starts a copy of another store's snapshot (same id, VM, times, consistency,
+    /// definition), written by `my_host`: its chunks come as the source's files
+    /// ([`SnapshotWriter::put_file`]).
+    pub fn begin_copy(
+        self: &Arc<Self>,
+        meta: CopyMeta,
+        my_host: &str,
+    ) -> Result<SnapshotWriter, StoreError> {
+        if !valid_id(&meta.id) {
+            return Err(StoreError::Invalid(format!(
+                "{:?} is not a backup id (letters, digits, - and _, at most 64)",
+                meta.id
+            )));
+        }
+        let now = unix_now();
+        let row = SnapshotRow {
+            id: meta.id.clone(),
+            vm: meta.vm,
+            host: meta.host,
+            started: meta.started,
+            finished: None,
+            state: "writing".into(),
+            owner: super::maint::owner_tag(my_host),
+            heartbeat: now,
+            consistency: meta.consistency,
+            key_fingerprint: meta.key_fingerprint.clone(),
+            config: meta.config,
+            protected: false,
+        };
+        self.catalog().begin_snapshot(&row)?;
+        Ok(self.writer(meta.id, None, Some(meta.key_fingerprint.is_some())))
+    }
+
+    fn writer(
+        self: &Arc<Self>,
+        id: String,
+        key: Option<CryptKey>,
+        copy_sealed: Option<bool>,
+    ) -> SnapshotWriter {
+        SnapshotWriter {
             store: Arc::clone(self),
             id,
             key,
@@ -106,7 +181,8 @@ impl Store {
             stats: WriteStats::default(),
             disk_new_plain: 0,
             done: false,
-        })
+            copy_sealed,
+        }
     }
 }
 
@@ -150,7 +226,7 @@ impl SnapshotWriter {
         let pending = Pending {
             digest,
             plain,
-            data,
+            data: Payload::Plain(data),
         };
         self.stats.chunks += 1;
         self.batch.push(pending);
@@ -158,6 +234,66 @@ impl SnapshotWriter {
             self.flush()?;
         }
         Ok(digest)
+    }
+
+    /// Adds a chunk file of a copy as the source keeps it, named `digest`: checked
+    /// first (header, lengths, checksum; a plain one decoded and named again, so a
+    /// source cannot pass off other data; a sealed one stays sealed — its key alone
+    /// checks its content, at restore), written when the store lacks it.
+    pub fn put_file(&mut self, digest: Digest, file: Vec<u8>) -> Result<(), StoreError> {
+        let sealed = self
+            .copy_sealed
+            .ok_or_else(|| StoreError::Internal("chunk files are added to copies only".into()))?;
+        let bad = |source| StoreError::Chunk {
+            digest: digest.hex(),
+            source,
+        };
+        let h = chunk::check(&file).map_err(bad)?;
+        if h.encrypted != sealed {
+            return Err(StoreError::Invalid(format!(
+                "chunk {} is {}, the backup {}",
+                digest.hex(),
+                if h.encrypted { "encrypted" } else { "plain" },
+                if sealed { "encrypted" } else { "plain" }
+            )));
+        }
+        if !sealed {
+            chunk::decode(&file, &digest, None).map_err(bad)?;
+        }
+        let known = self.batch.iter().any(|p| p.digest == digest)
+            || self.store.catalog().has_chunk(&digest)?;
+        if !known {
+            self.store.write_chunk_file(&digest, &file)?;
+            self.stats.new_chunks += 1;
+            self.stats.new_stored_bytes += file.len() as u64;
+            self.stats.new_plain_bytes += h.plain_len as u64;
+            self.disk_new_plain += h.plain_len as u64;
+        }
+        self.stats.chunks += 1;
+        self.batch.push(Pending {
+            digest,
+            plain: h.plain_len as u64,
+            data: Payload::File(file),
+        });
+        if self.batch.len() >= BATCH {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Pins chunks of a copy the store has a sound file of (written by an earlier,
+    /// broken-off copy, or by any backup); returns those it lacks, to be fetched.
+    pub fn reuse_files(&mut self, digests: &[Digest]) -> Result<Vec<Digest>, StoreError> {
+        self.flush()?;
+        let store = Arc::clone(&self.store);
+        let mut missing = Vec::new();
+        for part in digests.chunks(1024) {
+            let list: Vec<(Digest, u64)> = part.iter().map(|d| (*d, 0)).collect();
+            let mut ensure = |d: &Digest| store.chunk_file_ok(d);
+            missing.extend(store.catalog().pin(&self.id, &list, &mut ensure)?);
+        }
+        self.stats.reused_chunks += (digests.len() - missing.len()) as u64;
+        Ok(missing)
     }
 
     /// A chunk of zeros of `len` bytes (a hole the reader did not read).
@@ -207,17 +343,22 @@ impl SnapshotWriter {
             if let Some(size) = store.chunk_file_ok(d)? {
                 return Ok(Some(size));
             }
-            let Some(data) = batch.iter().find(|p| p.digest == *d).map(|p| &p.data) else {
+            let Some(p) = batch.iter().find(|p| p.digest == *d) else {
                 return Ok(None);
             };
-            let body = chunk::encode(data, key.as_ref()).map_err(|source| StoreError::Chunk {
-                digest: d.hex(),
-                source,
-            })?;
+            let body = match &p.data {
+                Payload::Plain(data) => {
+                    chunk::encode(data, key.as_ref()).map_err(|source| StoreError::Chunk {
+                        digest: d.hex(),
+                        source,
+                    })?
+                }
+                Payload::File(f) => f.clone(),
+            };
             store.write_chunk_file(d, &body)?;
             rewritten.new_chunks += 1;
             rewritten.new_stored_bytes += body.len() as u64;
-            rewritten.new_plain_bytes += data.len() as u64;
+            rewritten.new_plain_bytes += p.plain;
             Ok(Some(body.len() as u64))
         };
         let missing = store.catalog().pin(&self.id, &list, &mut ensure)?;
