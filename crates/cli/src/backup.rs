@@ -528,11 +528,12 @@ pub(crate) async fn run(c: &Client, g: &Global, cmd: BackupCmd) -> Result<()> {
             }
             if !r.booted {
                 anyhow::bail!(
-                    "backup {} of {} did not boot: {:?} not seen within {:.0} s; its console ended with:\n{}",
+                    "backup {} of {} did not boot: {:?} not seen within {:.0} s{}; its console ended with:\n{}",
                     r.backup,
                     r.vm,
                     r.marker,
                     r.seconds,
+                    r.reason.as_deref().map(|w| format!(" ({})", clean(w))).unwrap_or_default(),
                     clean(&r.console)
                 );
             }

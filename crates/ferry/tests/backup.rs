@@ -644,13 +644,7 @@ fn file_level_restore_lists_and_downloads_files_of_a_backup() -> Result<()> {
     let b = lab.ferry_json(&["backup", "run", "fr", "--store", "bs"])?;
     let id = b["id"].as_str().context("backup id")?.to_string();
     // /metrics: the store and fr's newest backup
-    let m = String::from_utf8(
-        lab.cmd("curl")
-            .args(["-s", "http://localhost/metrics", "--unix-socket"])
-            .arg(&lab.socket)
-            .output()?
-            .stdout,
-    )?;
+    let m = lab.metrics()?;
     assert!(
         m.contains("ferry_backup_store_backups{store=\"bs\"} 1"),
         "{m}"

@@ -329,13 +329,7 @@ fn every_disk_bus_cdrom_nic_model_and_uefi_start_in_qemu() -> Result<()> {
     lab.ferry_ok(&["vm", "start", "allbus"])?;
     lab.wait_console("allbus", "FERRY-READY", BOOT)?;
     // QEMU reports a block device for every disk: the metrics show their counters.
-    let m = String::from_utf8(
-        lab.cmd("curl")
-            .args(["-s", "http://localhost/metrics", "--unix-socket"])
-            .arg(&lab.socket)
-            .output()?
-            .stdout,
-    )?;
+    let m = lab.metrics()?;
     for d in ["disk0", "disk1", "disk2", "disk3"] {
         assert!(
             m.contains(&format!(

@@ -373,7 +373,14 @@ impl Host {
 fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], v: f64) {
     let l: Vec<String> = labels
         .iter()
-        .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")))
+        .map(|(k, v)| {
+            format!(
+                "{k}=\"{}\"",
+                v.replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+                    .replace('\n', "\\n")
+            )
+        })
         .collect();
     if l.is_empty() {
         out.push_str(&format!("{name} {v}\n"));

@@ -24,8 +24,11 @@ use std::time::Duration;
 
 /// Chunk requests in flight at once.
 pub const IN_FLIGHT: usize = 4;
-/// The largest list or index a source may send.
-const MAX_JSON: usize = 256 << 20;
+/// The largest list a source may send, and the backups in it.
+const MAX_LIST: usize = 16 << 20;
+const MAX_BACKUPS: usize = 10_000;
+/// The largest index (64 disks of 1 TiB: 16 M chunk names).
+const MAX_INDEX: usize = 1 << 30;
 
 fn failed(what: impl std::fmt::Display) -> AgentError {
     AgentError::failed(Failure::Backup, format!("Sync: {what}"))
@@ -73,8 +76,8 @@ impl Source {
         Ok(body)
     }
 
-    async fn json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let b = self.get(path, MAX_JSON).await.map_err(failed)?;
+    async fn json_max<T: serde::de::DeserializeOwned>(&self, path: &str, max: usize) -> Result<T> {
+        let b = self.get(path, max).await.map_err(failed)?;
         serde_json::from_slice(&b).map_err(|e| failed(format!("{path}: {e}")))
     }
 }
@@ -194,8 +197,11 @@ impl Host {
         let (def, store) = self.open_backup_store(store_name).await?;
         let tls = ferry_pki::ca_client_config(&req.ca_pem, ferry_pki::Expect::AnyMember)
             .map_err(|e| AgentError::invalid("ca_pem", e.to_string()))?;
+        // no redirects (the source could send the daemon, and the token, anywhere)
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
+            .redirect(reqwest::redirect::Policy::none())
+            .https_only(true)
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(300))
             .build()
@@ -210,7 +216,13 @@ impl Host {
         if let Some(v) = &req.vm {
             q.push_str(&format!("&vm={v}"));
         }
-        let list: BackupList = src.json(&q).await?;
+        let list: BackupList = src.json_max(&q, MAX_LIST).await?;
+        if list.backups.len() > MAX_BACKUPS {
+            return Err(failed(format!(
+                "the source lists {} backups (at most {MAX_BACKUPS} a sync)",
+                list.backups.len()
+            )));
+        }
         let mut remote: Vec<_> = list
             .backups
             .into_iter()
@@ -220,6 +232,26 @@ impl Host {
         let st = Arc::clone(&store);
         let here: std::collections::HashSet<String> =
             blocking(move || Ok(st.snapshots(None)?.into_iter().map(|s| s.id).collect())).await?;
+        // ids of the other stores here: a copy never shadows another store's backup
+        // with other data (the same backup, copied between two stores here, may be in
+        // both)
+        let mut elsewhere: std::collections::HashMap<String, Arc<ferry_backup::store::Store>> =
+            Default::default();
+        for d in self.backup_stores().await? {
+            if d.name == def.name {
+                continue;
+            }
+            if let Ok((_, st)) = self.open_backup_store(&d.name).await {
+                let s2 = Arc::clone(&st);
+                let ids: Vec<String> =
+                    blocking(move || Ok(s2.snapshots(None)?.into_iter().map(|s| s.id).collect()))
+                        .await
+                        .unwrap_or_default();
+                for id in ids {
+                    elsewhere.insert(id, Arc::clone(&st));
+                }
+            }
+        }
         let mut report = BackupSyncReport::default();
         let total = remote.len().max(1);
         for (n, b) in remote.into_iter().enumerate() {
@@ -227,10 +259,26 @@ impl Host {
                 report.present += 1;
                 continue;
             }
+            let refuse = if b.key_fingerprint.is_some() {
+                // a sealed chunk cannot be checked without its key: under a name a plain
+                // backup here would compute, it would stand in for that data
+                Some("encrypted backups are not synced yet (their chunks cannot be checked without the key)".to_string())
+            } else {
+                None
+            };
+            if let Some(error) = refuse {
+                report.failed.push(BackupSyncFailure {
+                    backup: b.id.clone(),
+                    error,
+                });
+                continue;
+            }
             if let Some(c) = ctx {
                 c.log(format!("copying backup {} of {}", b.id, b.vm));
             }
-            let r = self.copy_one(&src, &store, &b.id).await;
+            let r = self
+                .copy_one(&src, &store, &b.id, elsewhere.get(&b.id))
+                .await;
             match r {
                 Ok(s) => {
                     report.copied.push(b.id.clone());
@@ -273,8 +321,18 @@ impl Host {
         src: &Source,
         store: &Arc<ferry_backup::store::Store>,
         id: &str,
+        other: Option<&Arc<ferry_backup::store::Store>>,
     ) -> Result<ferry_backup::store::copy::CopyStats> {
-        let idx: BackupIndex = src.json(&format!("/api/v1/backups/{id}/index")).await?;
+        let idx: BackupIndex = src
+            .json_max(&format!("/api/v1/backups/{id}/index"), MAX_INDEX)
+            .await?;
+        // the definition is restored later: it must be one
+        if let Some(c) = &idx.config {
+            let spec: ferry_types::VmSpec = serde_json::from_str(c)
+                .map_err(|e| failed(format!("backup {id}'s VM definition: {e}")))?;
+            spec.validate()
+                .map_err(|e| failed(format!("backup {id}'s VM definition: {e}")))?;
+        }
         if idx.backup.id != id {
             return Err(failed(format!(
                 "asked for backup {id}, the source sent {}",
@@ -282,6 +340,22 @@ impl Host {
             )));
         }
         let snap = source_snapshot(idx).map_err(failed)?;
+        if let Some(o) = other {
+            let (o, i) = (Arc::clone(o), id.to_string());
+            let mine = blocking(move || o.describe(&i)).await?;
+            let same = mine.is_some_and(|m| {
+                m.disks.len() == snap.disks.len()
+                    && m.disks
+                        .iter()
+                        .zip(&snap.disks)
+                        .all(|(a, b)| a.size == b.size && a.chunks == b.chunks)
+            });
+            if !same {
+                return Err(failed(format!(
+                    "another store here holds a backup {id} with other data"
+                )));
+            }
+        }
         let chunks = HttpChunks {
             src: src.clone(),
             rt: tokio::runtime::Handle::current(),

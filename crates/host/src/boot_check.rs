@@ -23,6 +23,55 @@ use std::time::{Duration, Instant};
 
 /// Boot checks running at once on a host.
 pub const CHECKS: usize = 2;
+/// What a checked guest may write to its overlays before the check stops.
+pub const OVERLAY_MAX: u64 = 4 << 30;
+
+/// A claimed slot, released however the check ends.
+struct SlotGuard {
+    host: Host,
+    slot: usize,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.host
+            .inner
+            .boot_checks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.slot);
+    }
+}
+
+/// Bytes of memory available on this host (`MemAvailable`).
+fn mem_available() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(u64::MAX, |kb| kb.saturating_mul(1024))
+}
+
+/// A backup's kernel and initrd (direct boot) are host files QEMU reads into the
+/// guest, whose console the caller sees: only files anyone on the host may read.
+fn check_direct_boot(spec: &ferry_types::VmSpec) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if let Some(b) = &spec.direct_boot {
+        for f in [Some(&b.kernel), b.initrd.as_ref()].into_iter().flatten() {
+            let ok = std::fs::metadata(f).is_ok_and(|m| m.is_file() && m.mode() & 0o004 != 0);
+            if !ok {
+                return Err(AgentError::refused(
+                    Refusal::Unsupported,
+                    format!("the backup boots kernel file {f}, which is not a file everyone on this host may read; a boot check does not load it"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
 
 /// Who boot check `slot`'s QEMU runs as.
 fn check_identity(slot: usize) -> Result<RunAs> {
@@ -122,15 +171,27 @@ impl Host {
             ));
         }
         let mut spec = backup_spec(&store, &b).await?;
-        let slot = self.claim_check_slot()?;
+        spec.validate()?;
+        check_direct_boot(&spec)?;
+        let avail = mem_available();
+        if spec.memory_mib.saturating_mul(1 << 20) > avail {
+            return Err(AgentError::refused(
+                Refusal::NoRoom,
+                format!(
+                    "backup {id}'s VM needs {} MiB, this host has {} MiB available",
+                    spec.memory_mib,
+                    avail >> 20
+                ),
+            ));
+        }
+        let slot = SlotGuard {
+            host: self.clone(),
+            slot: self.claim_check_slot()?,
+        };
         let r = self
-            .boot_check_in(slot, &store, &b, &mut spec, &req, ctx)
+            .boot_check_in(slot.slot, &store, &b, &mut spec, &req, ctx)
             .await;
-        self.inner
-            .boot_checks
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&slot);
+        drop(slot);
         let r = r?;
         let what = if r.booted {
             format!(
@@ -204,11 +265,24 @@ impl Host {
             backup_exports(images),
             format!("boot check {}", b.id),
         );
-        let r = self
-            .boot_check_run(&dir, &run, who.as_ref(), &nbd_sock, b, spec, req, ctx)
-            .await;
+        // the overlays take the guest's writes: on the state dir's disk, not in /run
+        let disk_dir = self
+            .inner
+            .cfg
+            .state_dir
+            .join("boot-check")
+            .join(slot.to_string());
+        let _ = std::fs::remove_dir_all(&disk_dir);
+        let r = match std::fs::create_dir_all(&disk_dir) {
+            Ok(()) => {
+                self.boot_check_run(&disk_dir, &run, who.as_ref(), &nbd_sock, b, spec, req, ctx)
+                    .await
+            }
+            Err(e) => Err(io(format!("Create {}", disk_dir.display()))(e)),
+        };
         nbd.abort();
         let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&disk_dir);
         r
     }
 
@@ -303,6 +377,8 @@ impl Host {
         let timeout = Duration::from_secs(u64::from(req.timeout_s()));
         let mut booted = false;
         let mut ended = false;
+        let mut reason = None;
+        let overlays: Vec<std::path::PathBuf> = plan.disks.iter().map(|d| d.path.clone()).collect();
         while started.elapsed() < timeout {
             tokio::time::sleep(Duration::from_millis(500)).await;
             // the marker near the end: a guest cannot make the daemon read more
@@ -314,6 +390,22 @@ impl Host {
             crate::file_restore::trim_log(&run.serial_log, 8 << 20);
             if !self.inner.os.qemu_alive(pid, run) {
                 ended = true;
+                reason = Some("QEMU ended".to_string());
+                break;
+            }
+            let written: u64 = overlays
+                .iter()
+                .filter_map(|p| std::fs::metadata(p).ok())
+                .map(|m| {
+                    use std::os::unix::fs::MetadataExt;
+                    m.blocks() * 512
+                })
+                .sum();
+            if written > OVERLAY_MAX {
+                reason = Some(format!(
+                    "the guest wrote more than {} GiB to its throw-away disks",
+                    OVERLAY_MAX >> 30
+                ));
                 break;
             }
             if let Some(c) = ctx {
@@ -337,12 +429,14 @@ impl Host {
             seconds,
             marker,
             console,
+            reason: if booted { None } else { reason },
         })
     }
 
     /// Boot check dirs an earlier run of the daemon left: their QEMUs killed, the
     /// overlays removed.
     pub(crate) async fn sweep_boot_checks(&self) {
+        let _ = std::fs::remove_dir_all(self.inner.cfg.state_dir.join("boot-check"));
         let root = self.inner.cfg.run_dir.join("boot-check");
         if let Ok(rd) = std::fs::read_dir(&root) {
             for e in rd.flatten() {

@@ -245,6 +245,8 @@ impl Host {
         host.open_dirs_to_qemu();
         host.ensure_default_pool().await?;
         host.start_replication().await?;
+        // before any request: a check an earlier run left is not a new one's
+        host.sweep_boot_checks().await;
         host.adopt_all().await?;
         host.repair().await?;
         // in the background: a store on a share that hangs must not hold the start up
@@ -256,10 +258,7 @@ impl Host {
         tokio::spawn(host.clone().backup_jobs_loop());
         tokio::spawn(host.clone().serial_log_loop());
         tokio::spawn(host.clone().file_restore_loop());
-        tokio::spawn({
-            let h = host.clone();
-            async move { h.sweep_boot_checks().await }
-        });
+
         tracing::info!(%accel, "host runtime ready");
         Ok(host)
     }

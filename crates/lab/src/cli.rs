@@ -35,6 +35,17 @@ impl Cli {
     }
 
     /// A command run inside the namespace.
+    /// The daemon's `/metrics` (Prometheus text), over its local socket.
+    pub fn metrics(&self) -> Result<String> {
+        let out = self
+            .cmd("curl")
+            .args(["-s", "http://localhost/metrics", "--unix-socket"])
+            .arg(&self.socket)
+            .output()
+            .context("curl /metrics")?;
+        String::from_utf8(out.stdout).context("/metrics is not UTF-8")
+    }
+
     pub fn cmd(&self, program: &str) -> Command {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.ns, program]);

@@ -454,6 +454,10 @@ pub struct BackupBootCheckResult {
     pub marker: String,
     /// The end of the serial console (the last 2 KiB, control characters removed).
     pub console: String,
+    /// Why the check ended before its time without the marker (QEMU ended, the guest
+    /// wrote too much).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// Copy backups in from another ferry's store (`ferry backup sync`): a second site
@@ -491,8 +495,16 @@ impl std::fmt::Debug for BackupSync {
 impl BackupSync {
     pub fn validate(&self) -> Result<(), ValidationErrors> {
         let mut e = ValidationErrors::default();
-        if !self.url.starts_with("https://") || self.url.len() > 512 {
-            e.push("url", "an https:// URL of the source's API");
+        let rest = self.url.strip_prefix("https://").unwrap_or("");
+        if rest.is_empty()
+            || self.url.len() > 512
+            || rest.contains(['@', '?', '#', ' '])
+            || self.url.chars().any(char::is_control)
+        {
+            e.push(
+                "url",
+                "the source's API as https://host[:port] (no user, query or fragment)",
+            );
         }
         check_name(&mut e, "remote_store", &self.remote_store);
         if self.token.is_empty()

@@ -49,6 +49,8 @@ pub struct CopyStats {
 
 /// Chunks asked of the source at once.
 pub const FETCH_BATCH: usize = 16;
+/// Disks a copied backup may have.
+pub const MAX_DISKS: usize = 64;
 
 impl Store {
     /// Copies snapshot `snap` in from `src` (see the module's notes).
@@ -58,11 +60,27 @@ impl Store {
         src: &dyn ChunkSource,
         my_host: &str,
     ) -> Result<CopyStats, StoreError> {
+        if snap.disks.len() > MAX_DISKS {
+            return Err(StoreError::Invalid(format!(
+                "the source's backup has {} disks (at most {MAX_DISKS})",
+                snap.disks.len()
+            )));
+        }
         for (i, d) in snap.disks.iter().enumerate() {
             if d.name != format!("disk{i}") {
                 return Err(StoreError::Invalid(format!(
                     "the source's disk {i} is named {:?}",
                     d.name
+                )));
+            }
+            if !matches!(d.mode.as_str(), "full" | "incremental")
+                || d.reason
+                    .as_ref()
+                    .is_some_and(|r| r.len() > 512 || r.chars().any(char::is_control))
+            {
+                return Err(StoreError::Invalid(format!(
+                    "the source's {} says it was read {:?} ({:?})",
+                    d.name, d.mode, d.reason
                 )));
             }
             let want = d.size.div_ceil(CHUNK_SIZE as u64);
@@ -85,6 +103,21 @@ impl Store {
                 .copied()
                 .filter(|c| seen.insert(*c))
                 .collect();
+            // each chunk's length follows from where the index puts it (all whole but
+            // the last); a name the index puts where lengths differ is refused
+            let mut lengths: std::collections::HashMap<Digest, usize> = Default::default();
+            for (k, c) in d.chunks.iter().enumerate() {
+                let start = k as u64 * CHUNK_SIZE as u64;
+                let len =
+                    usize::try_from((d.size - start).min(CHUNK_SIZE as u64)).unwrap_or(CHUNK_SIZE);
+                if *lengths.entry(*c).or_insert(len) != len {
+                    return Err(StoreError::Invalid(format!(
+                        "the source's {} names chunk {} for pieces of different lengths",
+                        d.name,
+                        c.hex()
+                    )));
+                }
+            }
             let missing = w.reuse_files(&uniq)?;
             stats.chunks_reused += (uniq.len() - missing.len()) as u64;
             let mut fetched = 0u64;
@@ -104,7 +137,8 @@ impl Store {
                     stats.chunks_fetched += 1;
                     stats.bytes_fetched += f.len() as u64;
                     fetched += f.len() as u64;
-                    w.put_file(*digest, f)?;
+                    let want = lengths.get(digest).copied().unwrap_or(CHUNK_SIZE);
+                    w.put_file(*digest, f, want)?;
                 }
                 w.heartbeat()?;
             }

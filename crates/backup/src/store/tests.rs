@@ -535,14 +535,31 @@ fn store_copy_refuses_a_chunk_that_is_not_its_name_and_lists_nothing() {
     let e = dst.copy_in(snap.clone(), &source, "h2").unwrap_err();
     assert!(e.to_string().contains("name"), "{e}");
     assert!(dst.snapshots(None).unwrap().is_empty());
+    // the short last chunk named where a whole one belongs
+    let mut swapped = snap.clone();
+    let last = swapped.disks[0].chunks.len() - 1;
+    swapped.disks[0].chunks.swap(0, last);
+    let clean = LocalSource {
+        store: Arc::clone(&src),
+        asked: Default::default(),
+        tamper: None,
+    };
+    assert!(dst.copy_in(swapped, &clean, "h2").is_err());
     // an index that does not fit its disk is refused before anything is written
     let mut short = snap;
     short.disks[0].chunks.pop();
     assert!(dst.copy_in(short, &source, "h2").is_err());
-    // a hostile id is refused
+    // a hostile id, a backup from the future, a VM name with control characters
     let mut odd = src.describe(&id).unwrap().unwrap();
     odd.meta.id = "../../x".into();
     assert!(dst.copy_in(odd, &source, "h2").is_err());
+    let mut future = src.describe(&id).unwrap().unwrap();
+    future.meta.started = unix_now() + 86_400;
+    assert!(dst.copy_in(future, &source, "h2").is_err());
+    let mut named = src.describe(&id).unwrap().unwrap();
+    named.meta.vm = "web\n1".into();
+    assert!(dst.copy_in(named, &source, "h2").is_err());
+    assert!(dst.snapshots(None).unwrap().is_empty());
 }
 
 #[test]

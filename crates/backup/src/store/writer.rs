@@ -148,6 +148,33 @@ impl Store {
             )));
         }
         let now = unix_now();
+        let plain_text = |v: &str, max: usize| {
+            !v.is_empty() && v.len() <= max && !v.chars().any(char::is_control)
+        };
+        if !plain_text(&meta.vm, 64) || !plain_text(&meta.host, 64) {
+            return Err(StoreError::Invalid(format!(
+                "the source names VM {:?} on host {:?}",
+                meta.vm, meta.host
+            )));
+        }
+        if !matches!(meta.consistency.as_str(), "crash" | "quiesced") {
+            return Err(StoreError::Invalid(format!(
+                "the source says the backup is {:?}",
+                meta.consistency
+            )));
+        }
+        // a backup from the future would be the newest for retention for ever
+        if meta.started < 0 || meta.started > now + 600 {
+            return Err(StoreError::Invalid(format!(
+                "the source says the backup started at {}, now is {now}",
+                meta.started
+            )));
+        }
+        if meta.config.as_ref().is_some_and(|c| c.len() > 64 << 10) {
+            return Err(StoreError::Invalid(
+                "the source's VM definition is larger than 64 KiB".into(),
+            ));
+        }
         let row = SnapshotRow {
             id: meta.id.clone(),
             vm: meta.vm,
@@ -236,11 +263,17 @@ impl SnapshotWriter {
         Ok(digest)
     }
 
-    /// Adds a chunk file of a copy as the source keeps it, named `digest`: checked
+    /// Adds a chunk file of a copy as the source keeps it, named `digest`, of
+    /// `plain_len` bytes where the index puts it: checked
     /// first (header, lengths, checksum; a plain one decoded and named again, so a
     /// source cannot pass off other data; a sealed one stays sealed — its key alone
     /// checks its content, at restore), written when the store lacks it.
-    pub fn put_file(&mut self, digest: Digest, file: Vec<u8>) -> Result<(), StoreError> {
+    pub fn put_file(
+        &mut self,
+        digest: Digest,
+        file: Vec<u8>,
+        plain_len: usize,
+    ) -> Result<(), StoreError> {
         let sealed = self
             .copy_sealed
             .ok_or_else(|| StoreError::Internal("chunk files are added to copies only".into()))?;
@@ -249,6 +282,13 @@ impl SnapshotWriter {
             source,
         };
         let h = chunk::check(&file).map_err(bad)?;
+        if h.plain_len != plain_len {
+            return Err(StoreError::Invalid(format!(
+                "chunk {} holds {} bytes where the index needs {plain_len}",
+                digest.hex(),
+                h.plain_len
+            )));
+        }
         if h.encrypted != sealed {
             return Err(StoreError::Invalid(format!(
                 "chunk {} is {}, the backup {}",
