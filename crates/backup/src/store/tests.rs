@@ -445,12 +445,12 @@ fn disk_image_reads_any_range_of_a_backup() {
     assert!(fresh.read(100, 10).is_err());
 }
 
-/// A source that is another local store, counting what it is asked; `tamper` swaps
-/// the bytes of one chunk's file.
+/// A source that is another local store, counting what it is asked; `tamper`: the
+/// file of the second chunk is sent under the first one's name.
 struct LocalSource {
     store: Arc<Store>,
     asked: std::cell::Cell<u64>,
-    tamper: Option<Digest>,
+    tamper: Option<(Digest, Digest)>,
 }
 
 impl copy::ChunkSource for LocalSource {
@@ -458,27 +458,13 @@ impl copy::ChunkSource for LocalSource {
         self.asked.set(self.asked.get() + digests.len() as u64);
         digests
             .iter()
-            .map(|d| {
-                let mut f = self.store.chunk_file(d).map_err(|e| e.to_string())?;
-                if self.tamper == Some(*d) {
-                    // another chunk's file under this name
-                    let other = self
-                        .store
-                        .all_chunk_names()
-                        .into_iter()
-                        .find(|o| o != d)
-                        .ok_or("one chunk only")?;
-                    f = self.store.chunk_file(&other).map_err(|e| e.to_string())?;
+            .map(|d| match self.tamper {
+                Some((victim, other)) if victim == *d => {
+                    self.store.chunk_file(&other).map_err(|e| e.to_string())
                 }
-                Ok(f)
+                _ => self.store.chunk_file(d).map_err(|e| e.to_string()),
             })
             .collect()
-    }
-}
-
-impl Store {
-    fn all_chunk_names(&self) -> Vec<Digest> {
-        self.catalog().all_chunks().unwrap().into_iter().collect()
     }
 }
 
@@ -526,7 +512,8 @@ fn store_copy_refuses_a_chunk_that_is_not_its_name_and_lists_nothing() {
     let d = disk(3, 2);
     let id = backup(&src, "vm1", &d, None);
     let snap = src.describe(&id).unwrap().unwrap();
-    let victim = snap.disks[0].chunks[0];
+    // chunk 2's file (whole, as chunk 0) under chunk 0's name
+    let victim = (snap.disks[0].chunks[0], snap.disks[0].chunks[2]);
     let source = LocalSource {
         store: Arc::clone(&src),
         asked: Default::default(),
