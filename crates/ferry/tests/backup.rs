@@ -892,7 +892,7 @@ fn change_tracking_survives_live_migration_and_a_daemon_restart() -> Result<()> 
     assert!(
         disk(&b2, "disk0")["read_bytes"]
             .as_u64()
-            .unwrap_or(u64::MAX)
+            .context("read_bytes")?
             <= 8 * MB,
         "{b2}"
     );
@@ -987,9 +987,15 @@ fn sync_pulls_another_hosts_backups_and_restores_them() -> Result<()> {
     assert!(o.status.success(), "{o:?}");
     let r: Value = serde_json::from_slice(&o.stdout)?;
     assert_eq!(r["copied"].as_array().map(Vec::len), Some(2), "{r}");
-    assert!(r["chunks_fetched"].as_u64().unwrap_or(0) > 0, "{r}");
+    assert!(
+        r["chunks_fetched"].as_u64().context("chunks_fetched")? > 0,
+        "{r}"
+    );
     // the second backup shared most chunks with the first: fetched once
-    assert!(r["chunks_reused"].as_u64().unwrap_or(0) > 0, "{r}");
+    assert!(
+        r["chunks_reused"].as_u64().context("chunks_reused")? > 0,
+        "{r}"
+    );
     let o = sync(&token, &ca)?;
     let again: Value = serde_json::from_slice(&o.stdout)?;
     assert_eq!(again["present"], 2, "{again}");

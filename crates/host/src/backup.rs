@@ -577,6 +577,22 @@ impl Host {
         Err(AgentError::NotFound(format!("Backup {id}")))
     }
 
+    /// [`Host::find_backup`] of a backup that is complete (restores, boot checks and
+    /// syncs read it whole).
+    pub(crate) async fn complete_backup(
+        &self,
+        id: &str,
+    ) -> Result<(BackupStore, Arc<Store>, Backup)> {
+        let found = self.find_backup(id).await?;
+        if found.2.state != "complete" {
+            return Err(AgentError::refused(
+                Refusal::Busy,
+                format!("backup {id} is still being written"),
+            ));
+        }
+        Ok(found)
+    }
+
     pub async fn delete_backup(&self, id: &str) -> Result<()> {
         let (def, store, b) = self.find_backup(id).await?;
         let i = id.to_string();
@@ -599,13 +615,7 @@ impl Host {
         ctx: Option<&TaskCtx>,
     ) -> Result<Vm> {
         req.validate()?;
-        let (_, store, b) = self.find_backup(id).await?;
-        if b.state != "complete" {
-            return Err(AgentError::refused(
-                Refusal::Busy,
-                format!("backup {id} is still being written"),
-            ));
-        }
+        let (_, store, b) = self.complete_backup(id).await?;
         let mut spec = backup_spec(&store, &b).await?;
         if self.record(&req.name).await.is_ok() {
             return Err(AgentError::refused(

@@ -8,7 +8,7 @@
 //! like anything a peer sends.
 
 use crate::backup::blocking;
-use crate::error::{AgentError, Failure, Refusal, Result};
+use crate::error::{AgentError, Failure, Result};
 use crate::tasks::TaskCtx;
 use crate::Host;
 use ferry_backup::store::chunk::{Digest, MAX_FILE};
@@ -142,13 +142,7 @@ fn source_snapshot(idx: BackupIndex) -> std::result::Result<SourceSnapshot, Stri
 impl Host {
     /// Backup `id` as a sync reads it.
     pub async fn backup_index(&self, id: &str) -> Result<BackupIndex> {
-        let (_, store, b) = self.find_backup(id).await?;
-        if b.state != "complete" {
-            return Err(AgentError::refused(
-                Refusal::Busy,
-                format!("backup {id} is still being written"),
-            ));
-        }
+        let (_, store, b) = self.complete_backup(id).await?;
         let i = id.to_string();
         let snap = blocking(move || store.describe(&i))
             .await?

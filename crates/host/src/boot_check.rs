@@ -157,13 +157,7 @@ impl Host {
         ctx: Option<&TaskCtx>,
     ) -> Result<BackupBootCheckResult> {
         req.validate()?;
-        let (_, store, b) = self.find_backup(id).await?;
-        if b.state != "complete" {
-            return Err(AgentError::refused(
-                Refusal::Busy,
-                format!("backup {id} is still being written"),
-            ));
-        }
+        let (_, store, b) = self.complete_backup(id).await?;
         if b.key_fingerprint.is_some() {
             return Err(AgentError::refused(
                 Refusal::Unsupported,
