@@ -58,7 +58,8 @@ use utoipa_swagger_ui::SwaggerUi;
     components(schemas(
         ferry_types::ClusterChange,
         ferry_types::BackupBootCheckResult,
-        ferry_types::BackupSyncReport
+        ferry_types::BackupSyncReport,
+        ferry_types::HostPowerReport
     ))
 )]
 struct ApiDoc;
@@ -164,6 +165,8 @@ fn api() -> OpenApiRouter<Agent> {
         .routes(routes!(migration::cluster_hosts))
         .routes(routes!(migration::enter_maintenance))
         .routes(routes!(migration::activate_host))
+        .routes(routes!(migration::stop_all))
+        .routes(routes!(migration::start_all))
         .routes(routes!(cluster::cluster_status))
         .routes(routes!(cluster::cluster_summary))
         .routes(routes!(cluster::promote_voter))

@@ -116,6 +116,38 @@ pub async fn enter_maintenance(State(a): State<Agent>) -> ApiResult<Accepted> {
     Ok((StatusCode::ACCEPTED, Json(TaskAccepted { task })))
 }
 
+#[utoipa::path(post, path = "/api/v1/host/stop-all", tag = "host",
+    responses((status = 202, description = "Task: every VM brought down as its startup policy says (ACPI shutdown or suspend), in reverse startup order; then no VM starts here until start-all or the next boot (the host's shutdown runs this). Its result is a HostPowerReport", body = TaskAccepted)))]
+pub async fn stop_all(State(a): State<Agent>) -> ApiResult<Accepted> {
+    Ok(power_task(a, true))
+}
+
+/// `stop-all` or `start-all` as a task whose result is the report.
+fn power_task(a: Agent, stop: bool) -> Accepted {
+    let agent = a.clone();
+    let kind = if stop {
+        "host.stop-all"
+    } else {
+        "host.start-all"
+    };
+    let task = a.tasks().spawn(kind, a.host_name(), move |ctx| async move {
+        let r = if stop {
+            agent.stop_all(&ctx).await?
+        } else {
+            agent.start_all(&ctx).await?
+        };
+        ctx.result(serde_json::to_value(&r).unwrap_or_default());
+        Ok(())
+    });
+    (StatusCode::ACCEPTED, Json(TaskAccepted { task }))
+}
+
+#[utoipa::path(post, path = "/api/v1/host/start-all", tag = "host",
+    responses((status = 202, description = "Task: what the host's boot starts, in startup order: VMs its shutdown suspended, HA VMs that ran then, autostart VMs; starts are allowed again. Its result is a HostPowerReport", body = TaskAccepted)))]
+pub async fn start_all(State(a): State<Agent>) -> ApiResult<Accepted> {
+    Ok(power_task(a, false))
+}
+
 #[utoipa::path(post, path = "/api/v1/host/activate", tag = "host",
     responses((status = 204, description = "Maintenance ended")))]
 pub async fn activate_host(State(a): State<Agent>) -> ApiResult<StatusCode> {

@@ -26,6 +26,7 @@ async fn agent(d: &tempfile::TempDir) -> Agent {
             pki: ferry_pki::HostPki::ensure(&d.path().join("pki"), "test", &[]).unwrap(),
             voter_replace_after: std::time::Duration::from_secs(300),
             file_restore_image: "/nonexistent".into(),
+            boot_id_file: None,
         },
         Arc::new(store),
     )

@@ -60,7 +60,7 @@ pub async fn get_vm(State(a): State<Agent>, ApiPath(name): ApiPath<String>) -> A
 
 #[utoipa::path(put, path = "/api/v1/vms/{name}", tag = "vms", request_body = VmSpec,
     params(("name" = String, Path, description = "VM name")),
-    responses((status = 200, description = "Definition replaced (VM must be stopped)", body = Vm),
+    responses((status = 200, description = "Definition replaced (the VM must be stopped, unless only its startup policy or description changes)", body = Vm),
               (status = 400, body = ferry_types::ApiErrorBody), (status = 409, body = ferry_types::ApiErrorBody)))]
 pub async fn put_vm(
     State(a): State<Agent>,

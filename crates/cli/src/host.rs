@@ -19,6 +19,14 @@ pub enum HostCmd {
     },
     /// End maintenance mode.
     Activate { host: Option<String> },
+    /// Bring every VM of the daemon's host down as its startup policy says (ACPI
+    /// shutdown or suspend), in reverse startup order; no VM starts there afterwards
+    /// until start-all or the next boot. The host's shutdown runs this
+    /// (ferry-guests.service).
+    StopAll,
+    /// What the host's boot starts, in startup order: VMs its shutdown suspended, HA
+    /// VMs that ran then, autostart VMs; starts are allowed again.
+    StartAll,
 }
 
 /// The client of host `name` of the cluster (`None`: the daemon's own).
@@ -72,6 +80,7 @@ pub(crate) async fn host(c: &Client, g: &Global, cmd: HostCmd) -> Result<()> {
         HostCmd::Status => {
             let h: HostInfo = c.get("/api/v1/host").await?;
             if g.json {
+                // (the whole host, units and ports included: `ferry host show --json`)
                 return print_json(&h.background);
             }
             let now = std::time::SystemTime::now()
@@ -106,9 +115,32 @@ pub(crate) async fn host(c: &Client, g: &Global, cmd: HostCmd) -> Result<()> {
                 ]);
             }
             println!(
-                "{}: {} of {} VMs running",
-                h.name, h.vms_running, h.vms_defined
+                "{}: ferry {}, accel {}, {}; {} of {} VMs running{}",
+                h.name,
+                h.version,
+                h.accel,
+                h.qemu_version,
+                h.vms_running,
+                h.vms_defined,
+                if h.shutting_down {
+                    "; VMS BROUGHT DOWN FOR SHUTDOWN (no starts until start-all or boot)"
+                } else {
+                    ""
+                }
             );
+            println!("processes and resource pools: {}", h.cgroups);
+            if !h.units.is_empty() {
+                let mut u = table(&["UNIT", "ACTIVE", "SUB"]);
+                for x in &h.units {
+                    u.add_row(vec![x.unit.clone(), x.active.clone(), x.sub.clone()]);
+                }
+                println!("{u}");
+            }
+            let mut p = table(&["PORT (TCP)", "USED BY"]);
+            for x in &h.ports {
+                p.add_row(vec![x.port.clone(), x.what.clone()]);
+            }
+            println!("{p}");
             println!("{t}");
             if !h.migrations.is_empty() {
                 let mut m = table(&["MIGRATION", "WAY", "HOST", "PHASE", "SINCE"]);
@@ -181,6 +213,33 @@ pub(crate) async fn host(c: &Client, g: &Global, cmd: HostCmd) -> Result<()> {
                 println!("{l}");
             }
             println!("{} is in maintenance", done.target);
+            Ok(())
+        }
+        HostCmd::StopAll | HostCmd::StartAll => {
+            let path = if matches!(cmd, HostCmd::StopAll) {
+                "/api/v1/host/stop-all"
+            } else {
+                "/api/v1/host/start-all"
+            };
+            let t: TaskAccepted = c.request(Method::POST, path, None).await?;
+            let done = c.wait_task(t, g.json).await?;
+            let report: ferry_types::HostPowerReport = done
+                .result
+                .clone()
+                .map(serde_json::from_value)
+                .transpose()?
+                .unwrap_or_default();
+            if g.json {
+                return print_json(&report);
+            }
+            for s in &report.steps {
+                println!("{:<24} {:<9} {}", s.vm, s.action, s.detail);
+            }
+            let failed = report.steps.iter().filter(|s| s.action == "failed").count();
+            println!("{} VMs, {failed} failed", report.steps.len());
+            if failed > 0 {
+                anyhow::bail!("{failed} VMs failed");
+            }
             Ok(())
         }
         HostCmd::Activate { host } => {

@@ -138,6 +138,25 @@ pub fn spec_json(name: &str, a: &SpecArgs, base: Option<&VmSpec>) -> Result<Valu
     if let Some(d) = &a.description {
         v["description"] = json!(d);
     }
+    if a.autostart.is_some() || a.startup.is_some() || a.on_host_shutdown.is_some() {
+        let mut cur: ferry_types::Startup =
+            serde_json::from_value(v.get("startup").cloned().unwrap_or(json!({})))?;
+        if let Some(x) = &a.autostart {
+            cur.autostart = match x.as_str() {
+                "on" | "yes" | "true" => true,
+                "off" | "no" | "false" => false,
+                _ => bail!("--autostart {x}: use on or off"),
+            };
+        }
+        if let Some(x) = &a.startup {
+            cur = ferry_types::Startup::parse_notation(x, cur)
+                .map_err(|e| anyhow::anyhow!("--startup {x}: {e}"))?;
+        }
+        if let Some(x) = a.on_host_shutdown {
+            cur.on_host_shutdown = x;
+        }
+        v["startup"] = serde_json::to_value(cur)?;
+    }
     if a.ha.any() {
         let mut cur: ferry_types::HaPolicy =
             serde_json::from_value(v.get("ha").cloned().unwrap_or(json!({})))?;

@@ -43,6 +43,17 @@ pub struct SpecArgs {
     pub append: Option<String>,
     #[arg(long)]
     pub description: Option<String>,
+    /// Start it when its host boots: on or off (not for HA VMs: the cluster places them).
+    #[arg(long)]
+    pub autostart: Option<String>,
+    /// Its place at host boot and shutdown: order=N,up=SECONDS,down=SECONDS (lower
+    /// orders start first and stop last; up: wait before the next start; down: how long
+    /// its guest may take to power off at host shutdown, default 180).
+    #[arg(long)]
+    pub startup: Option<String>,
+    /// At host shutdown: shutdown (ACPI, stopped after `down`) or suspend (resumes at boot).
+    #[arg(long = "on-host-shutdown")]
+    pub on_host_shutdown: Option<ferry_types::HostShutdownAction>,
     #[command(flatten)]
     pub ha: HaArgs,
     #[command(flatten)]
@@ -161,7 +172,8 @@ pub enum VmCmd {
         #[arg(long)]
         explain: bool,
     },
-    /// Change a stopped VM's definition (given options replace, disks/NICs/CD-ROMs are added).
+    /// Change a stopped VM's definition (given options replace, disks/NICs/CD-ROMs are
+    /// added); --autostart, --startup, --on-host-shutdown and --description also while it runs.
     Edit {
         name: String,
         #[command(flatten)]

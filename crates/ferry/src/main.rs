@@ -1,12 +1,12 @@
 //! The `ferry` binary: `ferry serve` runs the daemon; every other subcommand is the CLI,
 //! talking to a daemon over REST.
 
+mod config;
 mod lab;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
-use ferry_agent::{AccelSetting, Agent, AgentConfig};
-use std::net::SocketAddr;
+use clap::{CommandFactory, Parser, Subcommand};
+use ferry_agent::{Agent, AgentConfig};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -22,7 +22,15 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run the daemon (API, agent) on this host.
-    Serve(ServeArgs),
+    Serve(Box<config::ServeArgs>),
+    /// The daemon's configuration file.
+    #[command(subcommand)]
+    Config(config::ConfigCmd),
+    /// Shell completions on standard output (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Man pages of every command into a folder (for packaging).
+    #[command(hide = true)]
+    Man { dir: PathBuf },
     /// A cluster on this machine: hosts in network namespaces, faults on demand.
     #[command(subcommand)]
     Lab(lab::LabCmd),
@@ -40,84 +48,38 @@ enum Cmd {
     Cli(ferry_cli::Command),
 }
 
-#[derive(clap::Args, Debug)]
-struct ServeArgs {
-    /// Address of the REST API.
-    #[arg(long, default_value = "127.0.0.1:8470")]
-    listen: SocketAddr,
-    /// Store, pools and VM state.
-    #[arg(long, default_value = "/var/lib/ferry")]
-    state_dir: PathBuf,
-    /// Sockets and pidfiles of running VMs.
-    #[arg(long, default_value = "/run/ferry")]
-    run_dir: PathBuf,
-    /// auto (KVM where it really works, else TCG), kvm or tcg.
-    #[arg(long, default_value = "auto")]
-    accel: AccelSetting,
-    /// The QEMU binary.
-    #[arg(long, default_value = "qemu-system-x86_64")]
-    qemu: String,
-    /// This host's name in the cluster (default: the hostname).
-    #[arg(long)]
-    host_name: Option<String>,
-    /// The cluster file: JSON `{"hosts": [{"name", "api", "address"}]}`.
-    #[arg(long)]
-    cluster: Option<PathBuf>,
-    /// In an etcd cluster, let the HA watchdog also feed this hardware watchdog
-    /// (e.g. /dev/watchdog): it stops feeding once the lease deadline passes, so the
-    /// host is reset if its HA VMs could not be killed.
-    #[arg(long)]
-    hardware_watchdog: Option<PathBuf>,
-    /// Cores DRS plans with on this host (default: the machine's).
-    #[arg(long)]
-    drs_cpus: Option<f64>,
-    /// Memory DRS plans with on this host, e.g. `64G` (default: the machine's).
-    #[arg(long)]
-    drs_memory: Option<ferry_types::ByteSize>,
-    /// A label VMs can require (`--host-label` of `vm create`); repeatable.
-    #[arg(long = "label")]
-    labels: Vec<String>,
-    /// The cgroup directory (under the daemon's own cgroup) holding resource pools.
-    #[arg(long, default_value = "ferry")]
-    cgroup_root: String,
-    /// The TCP port replicated pools' copies are written to, on this host's cluster
-    /// address.
-    #[arg(long, default_value_t = ferry_agent::REPLICATION_PORT)]
-    replication_port: u16,
-    /// Serve the API over plain HTTP instead of HTTPS (only on a loopback address).
-    #[arg(long)]
-    plain_http: bool,
-    /// While this host tends etcd: seconds an etcd voter may be down before another
-    /// host is voted in its place.
-    #[arg(long, default_value_t = 300)]
-    voter_replace_after: u64,
-    /// The API's certificate for browsers and CLIs (PEM chain, e.g. from the site's CA
-    /// or ACME), shown to clients that ask for another name than this host's; the other
-    /// hosts keep getting the host certificate of the cluster CA. With --tls-key.
-    #[arg(long, requires = "tls_key")]
-    tls_cert: Option<PathBuf>,
-    /// The key of --tls-cert (PEM).
-    #[arg(long, requires = "tls_cert")]
-    tls_key: Option<PathBuf>,
-    /// The file-restore helper VM's image (`ferry backup files`): a folder holding
-    /// `vmlinux` and `initrd.img` (scripts/setup.sh builds one).
-    #[arg(long, default_value = "/usr/lib/ferry/file-restore")]
-    file_restore_image: PathBuf,
-}
-
 fn main() -> Result<()> {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if let Cmd::Serve(a) = &cli.cmd {
+        // The file's settings join as environment the flags' variables lack: parse again.
+        if let Err(e) = config::apply(a.config.as_deref()) {
+            eprintln!("ferry serve: configuration: {e:#}");
+            std::process::exit(2);
+        }
+        cli = Cli::parse();
+    }
     let rt = tokio::runtime::Runtime::new().context("Start the async runtime")?;
     match cli.cmd {
         Cmd::Serve(a) => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| "info,tower_http=warn".into()),
-                )
-                .init();
-            rt.block_on(serve(a))
+            init_logging();
+            rt.block_on(serve(*a))
         }
+        Cmd::Config(c) => {
+            if let Err(e) = config::run(c) {
+                eprintln!("ferry config: {e:#}");
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Cmd::Completions { shell } => {
+            use std::io::Write;
+            let mut out = vec![];
+            clap_complete::generate(shell, &mut Cli::command(), "ferry", &mut out);
+            // a closed pipe (`| head`) ends it quietly
+            let _ = std::io::stdout().write_all(&out);
+            Ok(())
+        }
+        Cmd::Man { dir } => man_pages(&dir),
         Cmd::Watchdog { run_dir, device } => ferry_agent::run_watchdog(&run_dir, device.as_deref()),
         Cmd::Lab(l) => {
             if let Err(e) = lab::run(l) {
@@ -220,23 +182,71 @@ fn ensure_watchdog(
     let pid = String::from_utf8_lossy(&out.stdout).trim().to_string();
     std::fs::write(&pidfile, &pid).context("Write the watchdog pidfile")?;
     tracing::info!(pid, "watchdog started");
+    // Under systemd the watchdog outlives a restart of the daemon in a scope of its own.
+    if let (true, Ok(p)) = (ferry_systemd::booted(), pid.parse::<i32>()) {
+        let scope = ferry_systemd::Scope {
+            unit: "ferry-watchdog.scope",
+            slice: "ferry.slice",
+            description: "ferry: the HA watchdog",
+            before: &["ferry.service", "ferry-guests.service"],
+        };
+        if let Err(e) = ferry_systemd::move_to_scope(p, &scope) {
+            tracing::error!(error = %e, "the watchdog stays in the daemon's cgroup: a restart of the daemon ends it");
+        }
+    }
     Ok(())
 }
 
-async fn serve(a: ServeArgs) -> Result<()> {
-    if let Some(c) = a.drs_cpus {
-        if !(c.is_finite() && c > 0.0 && c <= 4096.0) {
-            anyhow::bail!("--drs-cpus {c}: give the cores DRS plans with (above 0)");
+/// The daemon's log: to the journal with fields (`VM`, `TASK`, the target, the code
+/// location) when systemd runs it with its output in the journal; as text otherwise.
+fn init_logging() {
+    use tracing_subscriber::prelude::*;
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| "info,tower_http=warn".into())
+    };
+    if ferry_systemd::journal_stream() {
+        match tracing_journald::layer() {
+            Ok(j) => {
+                tracing_subscriber::registry()
+                    .with(filter())
+                    .with(
+                        j.with_syslog_identifier("ferry".into())
+                            // `VM=web1`, `TASK=…`: the fields as named in the code
+                            .with_field_prefix(None),
+                    )
+                    .init();
+                return;
+            }
+            Err(e) => eprintln!("ferry: no journal ({e}); logging as text"),
         }
     }
-    if a.drs_memory.is_some_and(|m| m.0 < (64 << 20)) {
-        anyhow::bail!("--drs-memory: at least 64M");
+    tracing_subscriber::fmt().with_env_filter(filter()).init();
+}
+
+/// `man DIR`: one page per command and subcommand (`ferry-vm-create.1`).
+fn man_pages(dir: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("Create {}", dir.display()))?;
+    fn walk(cmd: &clap::Command, name: &str, dir: &std::path::Path) -> Result<()> {
+        if cmd.is_hide_set() || cmd.get_name() == "help" {
+            return Ok(());
+        }
+        let cmd = cmd.clone().name(name.to_string());
+        let mut out = vec![];
+        clap_mangen::Man::new(cmd.clone()).render(&mut out)?;
+        std::fs::write(dir.join(format!("{name}.1")), out)?;
+        for sub in cmd.get_subcommands() {
+            walk(sub, &format!("{name}-{}", sub.get_name()), dir)?;
+        }
+        Ok(())
     }
-    for l in a.labels.iter().chain(std::iter::once(&a.cgroup_root)) {
-        let mut errs = ferry_types::ValidationErrors::default();
-        ferry_types::validate::check_name(&mut errs, "--label/--cgroup-root", l);
-        errs.into_result()?;
-    }
+    let mut cmd = Cli::command();
+    cmd.build();
+    walk(&cmd, "ferry", dir)
+}
+
+async fn serve(a: config::ServeArgs) -> Result<()> {
+    config::check(&a)?;
     // Everything the daemon and its children (QEMU, etcd, the watchdog) write is theirs
     // alone: volumes, suspend files holding guest RAM, replica copies, logs, tokens.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
@@ -250,12 +260,6 @@ async fn serve(a: ServeArgs) -> Result<()> {
     let lock = lock_state_dir(&a.state_dir)?;
     private_dir(&a.state_dir)?;
     private_dir(&a.run_dir)?;
-    if a.plain_http && !a.listen.ip().is_loopback() {
-        anyhow::bail!(
-            "--plain-http: only on a loopback address (--listen {} is reachable from elsewhere)",
-            a.listen
-        );
-    }
     let host_name = a.host_name.clone().unwrap_or_else(|| {
         std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
@@ -301,6 +305,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
         replication_port: a.replication_port,
         voter_replace_after: std::time::Duration::from_secs(a.voter_replace_after),
         file_restore_image: a.file_restore_image.clone(),
+        boot_id_file: Some(a.boot_id_file.clone()),
     };
     let agent = match cluster_cfg {
         Some(cc) => {
@@ -394,6 +399,8 @@ async fn serve(a: ServeArgs) -> Result<()> {
         tracing::info!("stopping the daemon; VMs keep running");
         let _ = stop_tx.send(true);
     });
+    // The first start in a new boot of the machine starts what the boot brings back.
+    agent.boot();
     let app = ferry_api::router(agent, auth);
     let limits = ferry_api::serve::Limits::default();
     let tcp_stop = stop_rx.clone();

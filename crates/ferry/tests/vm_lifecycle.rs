@@ -500,3 +500,158 @@ fn bridges_made_by_ferry_keep_their_mac_when_ports_join() -> Result<()> {
     assert_ne!(before, "00:00:00:00:00:01");
     Ok(())
 }
+
+/// A `host stop-all`/`start-all` report's steps as `vm:action`.
+fn steps(report: &Value) -> Vec<String> {
+    report["steps"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|s| {
+                    format!(
+                        "{}:{}",
+                        s["vm"].as_str().unwrap_or("?"),
+                        s["action"].as_str().unwrap_or("?")
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Each VM is in the state given.
+fn assert_states(lab: &Lab, want: &[(&str, &str)]) -> Result<()> {
+    for (vm, st) in want {
+        assert_eq!(state(lab, vm)?.0, *st, "{vm}");
+    }
+    Ok(())
+}
+
+/// The result of the daemon's `host.boot` task once it ended.
+fn boot_task(lab: &Lab) -> Result<Value> {
+    let mut found = None;
+    ferry_lab::wait_for("the boot task to end", Duration::from_secs(240), || {
+        let tasks = lab.ferry_json(&["task", "list"])?;
+        found = tasks
+            .as_array()
+            .and_then(|a| a.iter().find(|t| t["kind"] == "host.boot").cloned());
+        Ok(found.as_ref().is_some_and(|t| t["state"] != "running"))
+    })?;
+    let t = found.context("no boot task")?;
+    anyhow::ensure!(t["state"] == "succeeded", "boot task: {t}");
+    Ok(t["result"].clone())
+}
+
+#[test]
+fn host_shutdown_and_boot_follow_each_vms_startup_policy() -> Result<()> {
+    let mut lab = lab()?;
+    // db starts first and stops last; app is suspended by the shutdown and resumes at
+    // boot without autostart; misc has no policy; late is autostart but stopped now.
+    let nic = ["--nic", "bridge=br0"];
+    let with = |extra: &[&'static str]| [&nic[..], extra].concat();
+    create_guest(
+        &lab,
+        "db",
+        "10.77.0.61",
+        &with(&["--autostart", "on", "--startup", "order=1,up=2,down=60"]),
+    )?;
+    create_guest(
+        &lab,
+        "app",
+        "10.77.0.62",
+        &with(&["--startup", "order=2", "--on-host-shutdown", "suspend"]),
+    )?;
+    create_guest(&lab, "misc", "10.77.0.63", &with(&[]))?;
+    create_guest(&lab, "late", "10.77.0.64", &with(&["--autostart", "on"]))?;
+    let shown = lab.ferry_json(&["vm", "show", "db"])?;
+    assert_eq!(shown["spec"]["startup"]["order"], 1, "{shown}");
+    for vm in ["db", "app", "misc"] {
+        lab.ferry_ok(&["vm", "start", vm])?;
+    }
+    for vm in ["db", "app", "misc"] {
+        lab.wait_console(vm, "FERRY-READY", BOOT)?;
+    }
+    // The policy changes while the VM runs (the rest of a definition does not).
+    lab.ferry_ok(&["vm", "edit", "misc", "--startup", "down=30"])?;
+    let o = lab.ferry(&["vm", "edit", "misc", "--cpus", "2"])?;
+    assert!(!o.status.success(), "a running VM's CPUs changed");
+    lab.guest_sh("app", "echo kept-in-ram > /tmp/marker")?;
+
+    // The host's shutdown: unordered first, then the highest order; nothing crashes.
+    let report = lab.ferry_json(&["host", "stop-all"])?;
+    assert_eq!(
+        steps(&report),
+        ["misc:shutdown", "app:suspend", "db:shutdown"],
+        "{report}"
+    );
+    assert_states(
+        &lab,
+        &[("db", "stopped"), ("app", "suspended"), ("misc", "stopped")],
+    )?;
+    assert!(lab.qemu_pids().is_empty(), "a QEMU runs after stop-all");
+    let o = lab.ferry(&["vm", "start", "late"])?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("shutting"), "{err}");
+    let host = lab.ferry_json(&["host"])?;
+    assert_eq!(host["shutting_down"], true, "{host}");
+
+    // The machine boots again: the daemon's first start in the new boot starts db
+    // (autostart, order 1), resumes app (order 2) and starts late (no order); misc
+    // stays stopped.
+    lab.stop_daemon(false)?;
+    lab.new_boot()?;
+    lab.start_daemon()?;
+    let report = boot_task(&lab)?;
+    assert_eq!(
+        steps(&report),
+        ["db:start", "app:resume", "late:start"],
+        "{report}"
+    );
+    assert_states(
+        &lab,
+        &[
+            ("db", "running"),
+            ("app", "running"),
+            ("late", "running"),
+            ("misc", "stopped"),
+        ],
+    )?;
+    // app went on where it was: its RAM came back from the suspend file.
+    assert_eq!(lab.guest_sh("app", "cat /tmp/marker")?, "kept-in-ram");
+    let misc = lab.ferry_json(&["vm", "show", "misc"])?;
+    assert_ne!(misc["state"], "crashed", "{misc}");
+
+    // A daemon restart in the same boot starts nothing again.
+    lab.ferry_ok(&["vm", "stop", "late"])?;
+    lab.stop_daemon(false)?;
+    lab.start_daemon()?;
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(state(&lab, "late")?.0, "stopped");
+
+    // Power lost: the daemon and every QEMU die at once. At the next boot the VMs that
+    // ran are reported as crashed with the host; the autostart ones start again.
+    lab.ferry_ok(&["vm", "start", "late"])?;
+    lab.wait_console("late", "FERRY-READY", BOOT)?;
+    let pids = lab.qemu_pids();
+    assert_eq!(pids.len(), 3, "db, app, late should run: {pids:?}");
+    lab.stop_daemon(true)?;
+    for p in &pids {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), nix::sys::signal::SIGKILL)?;
+    }
+    ferry_lab::wait_for("the QEMUs to end", Duration::from_secs(10), || {
+        Ok(lab.qemu_pids().is_empty())
+    })?;
+    lab.new_boot()?;
+    lab.start_daemon()?;
+    let report = boot_task(&lab)?;
+    assert_eq!(steps(&report), ["db:start", "late:start"], "{report}");
+    let app = lab.ferry_json(&["vm", "show", "app"])?;
+    assert_eq!(app["state"], "crashed", "{app}");
+    assert!(
+        app["last_exit"]
+            .as_str()
+            .is_some_and(|e| e.contains("host went down")),
+        "{app}"
+    );
+    Ok(())
+}

@@ -2,6 +2,11 @@
 //! the QEMUs of its VMs, one leaf cgroup per VM; the kernel enforces the pool's CPU
 //! limit and shares and its memory limit and reservation.
 //!
+//! Under systemd (PID 1; Debian's default, cgroup v2) systemd owns the tree: every
+//! VM's QEMU moves into a scope `{root}-vm-{id}.scope` (so restarting the daemon never
+//! ends it), in the slice of its pool (`{root}-{pool}-{sub-pool}.slice`, or
+//! `{root}.slice`), whose `CPUWeight=`, `CPUQuota=`, `MemoryMax=` and `MemoryLow=` are
+//! set through systemd (`ferry_systemd`). Otherwise:
 //! cgroup v2 where its `cpu` and `memory` controllers can be enabled under our own
 //! cgroup (`cpu.max`, `cpu.weight`, `memory.max`, `memory.low`); else cgroup v1's `cpu`
 //! and `memory` hierarchies (`cpu.cfs_quota_us`, `cpu.shares`, `memory.limit_in_bytes`,
@@ -15,6 +20,8 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
+    #[error("systemd: {0}")]
+    Systemd(String),
     #[error("cgroup {path}: {what}")]
     Io {
         path: PathBuf,
@@ -28,8 +35,15 @@ type Result<T> = std::result::Result<T, CgroupError>;
 
 #[derive(Debug, Clone)]
 pub enum Cgroups {
+    /// systemd's: scopes and slices named after this root (`--cgroup-root`).
+    Systemd {
+        root: String,
+    },
     V2(PathBuf),
-    V1 { cpu: PathBuf, memory: PathBuf },
+    V1 {
+        cpu: PathBuf,
+        memory: PathBuf,
+    },
     None(String),
 }
 
@@ -66,6 +80,11 @@ fn mkdir(path: &Path) -> Result<()> {
 impl Cgroups {
     /// Finds the hierarchy for our tree `root_name` (created on first use).
     pub fn detect(root_name: &str) -> Cgroups {
+        if ferry_systemd::booted() {
+            return Cgroups::Systemd {
+                root: root_name.to_string(),
+            };
+        }
         let v2 = Path::new("/sys/fs/cgroup");
         let ctrl = std::fs::read_to_string(v2.join("cgroup.controllers")).unwrap_or_default();
         if ctrl.split_whitespace().any(|c| c == "cpu")
@@ -92,6 +111,10 @@ impl Cgroups {
 
     pub fn describe(&self) -> String {
         match self {
+            Cgroups::Systemd { root } => format!(
+                "systemd: VMs in scopes {root}-vm-ID.scope under {}, pools as slices below it",
+                ferry_systemd::slice(root, &[])
+            ),
             Cgroups::V2(p) => format!("cgroup v2 at {}", p.display()),
             Cgroups::V1 { cpu, memory } => {
                 format!("cgroup v1 at {} and {}", cpu.display(), memory.display())
@@ -107,6 +130,15 @@ impl Cgroups {
     /// Creates the pools' cgroups along `chain` (top first) with their limits (and our
     /// root on first use, with the controllers enabled down to it on v2).
     pub fn ensure_pools(&self, chain: &[&ResourcePool]) -> Result<()> {
+        if let Cgroups::Systemd { root } = self {
+            for i in 0..chain.len() {
+                let names: Vec<&str> = chain[..=i].iter().map(|p| p.name.as_str()).collect();
+                let slice = ferry_systemd::slice(root, &names);
+                ferry_systemd::set_properties(&slice, &systemd_props(&cgroup_limits(chain[i])))
+                    .map_err(|e| CgroupError::Systemd(e.to_string()))?;
+            }
+            return Ok(());
+        }
         if let Cgroups::V2(root) = self {
             if !root.exists() {
                 mkdir(root)?;
@@ -133,7 +165,7 @@ impl Cgroups {
                     mkdir(&m)?;
                     write_v1(&c, &m, &l)?;
                 }
-                Cgroups::None(_) => {}
+                Cgroups::None(_) | Cgroups::Systemd { .. } => {}
             }
         }
         Ok(())
@@ -144,13 +176,31 @@ impl Cgroups {
         match self {
             Cgroups::V2(root) => vec![root],
             Cgroups::V1 { cpu, memory } => vec![cpu, memory],
-            Cgroups::None(_) => vec![],
+            Cgroups::None(_) | Cgroups::Systemd { .. } => vec![],
         }
     }
 
-    /// Puts QEMU `pid` of VM `id` into its pool: a leaf cgroup `vm-{id}` under it.
+    /// Puts QEMU `pid` of VM `id` into its pool: a leaf cgroup `vm-{id}` under it
+    /// (under systemd its scope, in the pool's slice — also without a pool).
     pub fn place(&self, chain: &[&ResourcePool], id: u32, pid: i32) -> Result<()> {
         self.ensure_pools(chain)?;
+        if let Cgroups::Systemd { root } = self {
+            let names: Vec<&str> = chain.iter().map(|p| p.name.as_str()).collect();
+            let slice = ferry_systemd::slice(root, &names);
+            let unit = format!("{}-vm-{id}.scope", ferry_systemd::escape(root));
+            let description = format!("ferry VM {id}");
+            ferry_systemd::move_to_scope(
+                pid,
+                &ferry_systemd::Scope {
+                    unit: &unit,
+                    slice: &slice,
+                    description: &description,
+                    before: &[GUESTS_UNIT],
+                },
+            )
+            .map_err(|e| CgroupError::Systemd(e.to_string()))?;
+            return Ok(());
+        }
         let rel = Self::rel(chain).join(format!("vm-{id}"));
         for d in self.roots().into_iter().map(|r| r.join(&rel)) {
             mkdir(&d)?;
@@ -169,14 +219,54 @@ impl Cgroups {
         }
     }
 
+    /// Whether VMs start in a scope of their own even without a resource pool.
+    pub fn scopes(&self) -> bool {
+        matches!(self, Cgroups::Systemd { .. })
+    }
+
     /// Removes a pool's (empty) cgroups.
     pub fn remove_pool(&self, name: &str) {
+        if let Cgroups::Systemd { root } = self {
+            // Its slice, at whatever depth: the last level is the pool's name.
+            let last = format!("-{}.slice", ferry_systemd::escape(name));
+            let pattern = format!("{}-*", ferry_systemd::escape(root));
+            for u in ferry_systemd::units(&pattern).unwrap_or_default() {
+                if u.unit.ends_with(&last) {
+                    let _ = ferry_systemd::stop(&u.unit);
+                }
+            }
+            return;
+        }
         for r in self.roots() {
             for d in find(r, &format!("pool-{name}")) {
                 let _ = std::fs::remove_dir(&d);
             }
         }
     }
+}
+
+/// The unit whose stop brings the VMs down at the machine's shutdown (`ferry host
+/// stop-all`): VM scopes stop after it.
+pub const GUESTS_UNIT: &str = "ferry-guests.service";
+
+/// A pool's limits as systemd properties (cgroup v2 names; systemd maps them on v1).
+pub fn systemd_props(l: &CgroupLimits) -> Vec<(&'static str, String)> {
+    vec![
+        // cpu.weight 1..10000, 100 the default: systemd's CPUWeight is the same scale
+        ("CPUWeight", l.cpu_weight.clamp(1, 10_000).to_string()),
+        (
+            "CPUQuota",
+            // percent of one CPU; empty: no limit
+            l.cpu_max_us.map_or(String::new(), |q| {
+                format!("{}%", (q * 100).div_ceil(CPU_PERIOD_US).max(1))
+            }),
+        ),
+        (
+            "MemoryMax",
+            l.memory_max.map_or("infinity".into(), |b| b.to_string()),
+        ),
+        ("MemoryLow", l.memory_low.to_string()),
+    ]
 }
 
 fn find(root: &Path, name: &str) -> Vec<PathBuf> {

@@ -127,6 +127,8 @@ pub enum Refusal {
     NotInTransit,
     /// HA no longer wants the VM restarted (a user stopped it, or it runs).
     NotWanted,
+    /// The host is shutting its VMs down (its own shutdown): nothing starts.
+    ShuttingDown,
 }
 
 impl Refusal {
@@ -148,6 +150,7 @@ impl Refusal {
             Refusal::NotMovable => "not_movable",
             Refusal::NotInTransit => "not_in_transit",
             Refusal::NotWanted => "not_wanted",
+            Refusal::ShuttingDown => "shutting_down",
         }
     }
 }
@@ -411,6 +414,7 @@ mod tests {
             R::NotMovable,
             R::NotInTransit,
             R::NotWanted,
+            R::ShuttingDown,
         ];
         let failures = [
             F::Qemu,

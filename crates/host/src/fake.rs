@@ -355,6 +355,7 @@ pub async fn open_member(
         pki,
         voter_replace_after: std::time::Duration::from_secs(300),
         file_restore_image: "/nonexistent".into(),
+        boot_id_file: None,
     };
     crate::Host::open_on(cfg, store, link, os).await
 }

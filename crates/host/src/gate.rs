@@ -36,6 +36,8 @@ pub struct StartFacts {
     /// This host holds its cluster lease (always true alone).
     pub holds_lease: bool,
     pub maintenance: bool,
+    /// The host is shutting its VMs down (`stop-all`, the host's shutdown).
+    pub shutting_down: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +50,8 @@ pub enum StartRefusal {
     Fenced,
     /// HA was to restart it, but it no longer should run (a user stopped it) or runs.
     NotWanted,
+    /// The host is shutting its VMs down.
+    ShuttingDown,
 }
 
 /// Should HA keep this VM running? (Started by a user and not stopped by one.)
@@ -61,6 +65,9 @@ pub fn start_gate(f: &StartFacts) -> Result<(), StartRefusal> {
         .map_err(StartRefusal::State)?;
     if f.template {
         return Err(StartRefusal::Template);
+    }
+    if f.shutting_down {
+        return Err(StartRefusal::ShuttingDown);
     }
     if f.origin == StartOrigin::HaRestart && (!f.ha_enabled || !wanted(f.last_state) || f.has_pid) {
         return Err(StartRefusal::NotWanted);
@@ -89,6 +96,10 @@ impl StartRefusal {
                 format!("Host {host} is in maintenance: no VM starts here (ferry host activate)"),
             ),
             StartRefusal::Fenced => AgentError::Fenced(host.to_string()),
+            StartRefusal::ShuttingDown => AgentError::refused(
+                Refusal::ShuttingDown,
+                format!("Host {host} is shutting its VMs down: none starts here until it boots again or `ferry host start-all`"),
+            ),
             StartRefusal::NotWanted => AgentError::refused(
                 Refusal::NotWanted,
                 format!("{vm} is no longer to be restarted by HA (stopped by a user, or running)"),
@@ -127,8 +138,8 @@ mod tests {
         fn facts()(origin in origin(), state in state(), has_pid in any::<bool>(),
                    template in any::<bool>(), ha_enabled in any::<bool>(),
                    last_state in state(), holds_lease in any::<bool>(),
-                   maintenance in any::<bool>()) -> StartFacts {
-            StartFacts { origin, state, has_pid, template, ha_enabled, last_state, holds_lease, maintenance }
+                   maintenance in any::<bool>(), shutting_down in any::<bool>()) -> StartFacts {
+            StartFacts { origin, state, has_pid, template, ha_enabled, last_state, holds_lease, maintenance, shutting_down }
         }
     }
 
@@ -143,6 +154,7 @@ mod tests {
                 prop_assert!(!f.template);
                 prop_assert!(!f.ha_enabled || f.holds_lease, "an HA VM started on a fenced host");
                 prop_assert!(!f.maintenance || f.origin == StartOrigin::Reboot);
+                prop_assert!(!f.shutting_down, "a VM started while the host shuts its VMs down");
             }
         }
 
@@ -157,12 +169,13 @@ mod tests {
 
         /// Making any fact worse never turns a refusal into a start.
         #[test]
-        fn worse_facts_never_open_the_gate(f in facts(), which in 0..4usize) {
+        fn worse_facts_never_open_the_gate(f in facts(), which in 0..5usize) {
             let mut worse = f.clone();
             match which {
                 0 => worse.template = true,
                 1 => worse.maintenance = true,
                 2 => worse.holds_lease = false,
+                3 => worse.shutting_down = true,
                 _ => worse.has_pid = true,
             }
             if start_gate(&f).is_err() {
@@ -182,6 +195,7 @@ mod tests {
             last_state: VmState::Running,
             holds_lease: true,
             maintenance: true,
+            shutting_down: false,
         };
         assert_eq!(start_gate(&f), Ok(()));
         for origin in [

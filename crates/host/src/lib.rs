@@ -44,6 +44,7 @@ pub mod maintenance;
 pub mod metrics;
 pub mod os;
 pub mod pools;
+pub mod power;
 pub mod records;
 pub mod repair;
 pub mod replication;
@@ -102,6 +103,10 @@ pub struct AgentConfig {
     /// The file-restore helper VM's image: a folder with `vmlinux` and `initrd.img`
     /// (`ferry backup files`).
     pub file_restore_image: PathBuf,
+    /// Where the kernel says which boot of the machine this is
+    /// (`/proc/sys/kernel/random/boot_id`): the first daemon start of a boot starts the
+    /// VMs the host brings back (`power.rs`). None: no boot handling (tests).
+    pub boot_id_file: Option<PathBuf>,
 }
 
 /// The default port of the replication service.
@@ -172,6 +177,10 @@ struct Inner {
     file_restore_start: tokio::sync::Mutex<()>,
     /// Boot checks running (their slots).
     boot_checks: Mutex<std::collections::HashSet<usize>>,
+    /// The first daemon start since the machine booted (`power.rs`).
+    rebooted: bool,
+    /// Shutting the VMs down for the host's shutdown: nothing starts.
+    shutting_down: std::sync::atomic::AtomicBool,
 }
 
 /// One host's VM runtime. Cheap to clone.
@@ -216,6 +225,7 @@ impl Host {
         let events = EventLog::load(local.clone()).await?;
         let tasks = Tasks::load(local, events.clone()).await?;
         let qemu_version = qemu_version(&cfg.qemu_binary).await;
+        let rebooted = Host::read_rebooted(&cfg);
         let cgroups = os.cgroups(&cfg.resources.cgroup_root);
         tracing::info!(cgroups = %cgroups.describe(), "resource pools");
         let host = Host {
@@ -240,6 +250,8 @@ impl Host {
                 file_restores: Mutex::new(Default::default()),
                 file_restore_start: Default::default(),
                 boot_checks: Default::default(),
+                rebooted,
+                shutting_down: Default::default(),
             }),
         };
         host.open_dirs_to_qemu();
@@ -338,7 +350,63 @@ impl Host {
             background: self.inner.loops.list(),
             // Migrations are a layer above the runtime: it fills them in.
             migrations: Vec::new(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            units: if ferry_systemd::booted() {
+                tokio::task::spawn_blocking(|| ferry_systemd::units("ferry*"))
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|u| ferry_types::HostUnit {
+                        unit: u.unit,
+                        active: u.active,
+                        sub: u.sub,
+                    })
+                    .collect()
+            } else {
+                vec![]
+            },
+            ports: self.ports(),
+            cgroups: self.inner.cgroups.describe(),
+            shutting_down: self.shutting_down(),
         })
+    }
+
+    /// The ports this host serves, with what uses each.
+    fn ports(&self) -> Vec<ferry_types::HostPort> {
+        let p = |port: String, what: &str| ferry_types::HostPort {
+            port,
+            what: what.to_string(),
+        };
+        let mut out = vec![p(
+            self.inner.cfg.api_port.to_string(),
+            "the API and web UI (HTTPS; other hosts' calls with their certificates)",
+        )];
+        if self.inner.cluster.is_some() {
+            out.push(p(
+                self.inner.cfg.replication_port.to_string(),
+                "replicated pools' copies (mutual TLS, from the other hosts)",
+            ));
+            out.push(p(
+                "2379".into(),
+                "etcd clients (on etcd voters; mutual TLS, from the other hosts)",
+            ));
+            out.push(p(
+                "2380".into(),
+                "etcd peers (on etcd voters; mutual TLS, from the other voters)",
+            ));
+        }
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .map(|r| r.split_whitespace().collect::<Vec<_>>().join("-"))
+            .filter(|r| !r.is_empty())
+            .unwrap_or_else(|| "32768-60999".into());
+        out.push(p(
+            range,
+            "live migration and storage moves (QEMU's streams, TLS; ephemeral ports, from the other hosts)",
+        ));
+        out
     }
 }
 

@@ -237,6 +237,7 @@ impl Host {
             last_state: rec.last_state,
             holds_lease: self.holds_lease(),
             maintenance: self.in_maintenance().await?,
+            shutting_down: self.shutting_down(),
         };
         start_gate(&facts).map_err(|r| r.into_error(name, self.host_name()))?;
         let mut plan = self.plan(&rec).await?;
@@ -738,6 +739,14 @@ impl Host {
             match self.inner.os.read_pid(&run) {
                 Some(pid) => match self.adopt(&name, &slot, pid, &run).await {
                     Ok(state) => {
+                        // A QEMU an older daemon left in its own cgroup gets its scope.
+                        let scoped =
+                            ferry_systemd::cgroup_of(pid).is_some_and(|c| c.contains(".scope"));
+                        if self.inner.cgroups.scopes() && !scoped {
+                            if let Err(e) = self.place_in_pool(&rec, pid).await {
+                                tracing::error!(vm = %name, pid, error = %e, "cannot give the re-adopted QEMU its scope");
+                            }
+                        }
                         // The taps' MAC rules again (a flushed ruleset, an older daemon).
                         for (i, n) in rec.spec.nics.iter().enumerate() {
                             let tap = ferry_net::tap_name(rec.id, i);
@@ -771,7 +780,9 @@ impl Host {
                     } else {
                         was
                     };
-                    let why = if was.has_process() {
+                    let why = if was.has_process() && self.rebooted() {
+                        Some("the host went down while it ran (no clean shutdown)".to_string())
+                    } else if was.has_process() {
                         Some("QEMU ended while the daemon was not running".to_string())
                     } else {
                         rec.last_exit.clone()

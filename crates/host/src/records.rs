@@ -83,6 +83,17 @@ pub struct VmRecord {
     /// this backup until it is filled (`live_restore.rs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub live_restore: Option<ferry_types::LiveRestoreInfo>,
+    /// The host's shutdown acted on it (`power.rs`): the next boot brings it back if
+    /// it was suspended (or is HA), and clears this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_down: Option<HostDown>,
+}
+
+/// What a host's shutdown did to a VM that ran, and in which boot of the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostDown {
+    pub boot: String,
+    pub action: ferry_types::HostShutdownAction,
 }
 
 impl VmRecord {
@@ -103,6 +114,7 @@ impl VmRecord {
             ha_relocate: false,
             lock_generations: Default::default(),
             live_restore: None,
+            host_down: None,
         }
     }
 }
@@ -141,6 +153,8 @@ struct StoredRecord {
     lock_generations: std::collections::BTreeMap<String, u64>,
     #[serde(default)]
     live_restore: Option<ferry_types::LiveRestoreInfo>,
+    #[serde(default)]
+    host_down: Option<HostDown>,
 }
 
 fn none<T>(o: &&Option<T>) -> bool {
@@ -179,6 +193,8 @@ impl Serialize for VmRecord {
             lock_generations: &'a std::collections::BTreeMap<String, u64>,
             #[serde(skip_serializing_if = "none")]
             live_restore: &'a Option<ferry_types::LiveRestoreInfo>,
+            #[serde(skip_serializing_if = "none")]
+            host_down: &'a Option<HostDown>,
         }
         Wire {
             id: self.id,
@@ -197,6 +213,7 @@ impl Serialize for VmRecord {
             ha_relocate: self.ha_relocate,
             lock_generations: &self.lock_generations,
             live_restore: &self.live_restore,
+            host_down: &self.host_down,
         }
         .serialize(s)
     }
@@ -223,6 +240,7 @@ impl From<StoredRecord> for VmRecord {
             ha_relocate: r.ha_relocate,
             lock_generations: r.lock_generations,
             live_restore: r.live_restore,
+            host_down: r.host_down,
         }
     }
 }

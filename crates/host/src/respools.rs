@@ -43,9 +43,22 @@ impl Host {
         Ok(())
     }
 
-    /// Puts a freshly started QEMU into its pool's cgroup.
+    /// Puts a freshly started QEMU into its pool's cgroup (under systemd: into its
+    /// own scope, in its pool's slice if it has a pool).
     pub async fn place_in_pool(&self, rec: &VmRecord, pid: i32) -> Result<()> {
         let Some(pool) = &rec.spec.resource_pool else {
+            if self.inner.cgroups.scopes() {
+                let cg = self.inner.cgroups.clone();
+                let id = rec.id;
+                return tokio::task::spawn_blocking(move || cg.place(&[], id, pid))
+                    .await
+                    .map_err(|e| {
+                        AgentError::failed(crate::error::Failure::Internal, e.to_string())
+                    })?
+                    .map_err(|e| {
+                        AgentError::refused_by(Refusal::HostLacks, "A scope for the VM", e)
+                    });
+            }
             return Ok(());
         };
         let pools = self.resource_pools().await?;

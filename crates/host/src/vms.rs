@@ -280,7 +280,8 @@ impl Host {
         Ok(self.to_vm(rec))
     }
 
-    /// Replaces the definition of a stopped VM (new disks with a size are created).
+    /// Replaces the definition of a stopped VM (new disks with a size are created); its
+    /// startup policy and description alone change in any state.
     pub async fn edit_vm(&self, name: &str, mut spec: VmSpec) -> Result<Vm> {
         spec.validate()?;
         self.check_resource_pool(&spec).await?;
@@ -293,8 +294,17 @@ impl Host {
         let _op = self.lock_vm(name).await;
         let slot = _op.slot().clone();
         let (old, rev) = self.record(name).await?;
-        slot.state().check(VmAction::Edit)?;
-        self.refuse_live_restoring(&old, "edit it")?;
+        // Its startup policy and description change in any state; the rest while stopped.
+        let policy_only = {
+            let mut same = old.spec.clone();
+            same.startup = spec.startup;
+            same.description.clone_from(&spec.description);
+            same == spec
+        };
+        if !policy_only {
+            slot.state().check(VmAction::Edit)?;
+            self.refuse_live_restoring(&old, "edit it")?;
+        }
         if old.template {
             return Err(AgentError::refused(
                 Refusal::Template,

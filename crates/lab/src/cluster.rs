@@ -507,6 +507,8 @@ impl ClusterLab {
             .arg(self.run_dir(host))
             .arg("--file-restore-image")
             .arg(crate::file_restore_image())
+            // nothing from this machine's /etc/ferry/ferry.toml
+            .args(["--config", "/dev/null"])
             // Resource pool cgroups of this lab host, removed by `down`.
             .args([
                 "--cgroup-root",

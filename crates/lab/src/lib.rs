@@ -116,11 +116,31 @@ impl Lab {
             dir,
             daemon: None,
         };
+        lab.new_boot()?;
         lab.ip(&["link", "set", "lo", "up"])?;
         lab.ip(&["link", "add", "br0", "type", "bridge"])?;
         lab.ip(&["addr", "add", &format!("{BRIDGE_ADDR}/24"), "dev", "br0"])?;
         lab.ip(&["link", "set", "br0", "up"])?;
         Ok(lab)
+    }
+
+    /// The lab host's stand-in for the kernel's boot id (`serve --boot-id-file`).
+    pub fn boot_id_file(&self) -> PathBuf {
+        self.dir.join("boot_id")
+    }
+
+    /// A new boot of the lab "machine": the daemon's next start is its first in that
+    /// boot (stop the daemon and its VMs first to play a reboot).
+    pub fn new_boot(&self) -> Result<()> {
+        let id = format!(
+            "{:016x}-{:x}",
+            rand::random::<u64>(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        );
+        std::fs::write(self.boot_id_file(), id)?;
+        Ok(())
     }
 
     /// `ip -n NS ARGS`.
@@ -195,6 +215,10 @@ impl Lab {
             .arg(self.run_dir())
             .arg("--file-restore-image")
             .arg(file_restore_image())
+            .arg("--boot-id-file")
+            .arg(self.boot_id_file())
+            // nothing from this machine's /etc/ferry/ferry.toml
+            .args(["--config", "/dev/null"])
             .env("RUST_LOG", "info,ferry_agent=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

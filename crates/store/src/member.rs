@@ -171,6 +171,30 @@ pub async fn spawn(
         binary: binary.into(),
         source,
     })?;
+    // Under systemd the member leaves the daemon's cgroup: restarting the daemon
+    // (`systemctl restart ferry`) must not end it.
+    if ferry_systemd::booted() {
+        let moved = tokio::task::spawn_blocking(move || {
+            ferry_systemd::move_to_scope(
+                pid,
+                &ferry_systemd::Scope {
+                    unit: "ferry-etcd.scope",
+                    slice: "ferry.slice",
+                    description: "ferry: this host's etcd member",
+                    // it stops after the daemon and the VMs' shutdown, which write to it
+                    before: &["ferry.service", "ferry-guests.service"],
+                },
+            )
+        })
+        .await;
+        match moved {
+            Ok(Ok(unit)) => tracing::info!(pid, %unit, "etcd member in its own scope"),
+            Ok(Err(e)) => {
+                tracing::error!(pid, error = %e, "etcd member left in the daemon's cgroup: a restart of the daemon ends it")
+            }
+            Err(e) => tracing::error!(pid, error = %e, "etcd member's scope"),
+        }
+    }
     Ok(pid)
 }
 

@@ -10,7 +10,7 @@ pub struct ApiErrorBody {
     /// What kind of error, for scripts (stable; the message may change).
     /// Refusals (409): `exists`, `in_use`, `not_running`, `running`, `template`,
     /// `maintenance`, `busy`, `unsupported`, `host_lacks`, `no_room`, `membership`,
-    /// `replica`, `not_movable`, `not_in_transit`, `not_wanted`, `invalid_state`,
+    /// `replica`, `not_movable`, `not_in_transit`, `not_wanted`, `shutting_down`, `invalid_state`,
     /// `locked`, `fenced`; failures of an allowed operation (409): `qemu_failed`,
     /// `guest`, `migration_failed`, `aborted`, `corrupt`, `untrusted`. Others:
     /// `invalid`, `not_found`, `unauthorized`, `forbidden`, `too_large`,

@@ -32,6 +32,42 @@ pub struct HostInfo {
     /// Migrations in flight on this host, both ways (oldest first).
     #[serde(default)]
     pub migrations: Vec<crate::MigrationInFlight>,
+    /// The ferry release the daemon runs.
+    #[serde(default)]
+    pub version: String,
+    /// ferry's systemd units here (the daemon, the guests' shutdown, the etcd member,
+    /// the watchdog, each VM's scope, the slices); empty without systemd.
+    #[serde(default)]
+    pub units: Vec<HostUnit>,
+    /// The ports this host serves, each with what uses it.
+    #[serde(default)]
+    pub ports: Vec<HostPort>,
+    /// Where VMs' processes and resource pools live (systemd scopes and slices, or
+    /// cgroups, or nowhere, with why).
+    #[serde(default)]
+    pub cgroups: String,
+    /// Its VMs were brought down for the host's shutdown: no VM starts until start-all
+    /// or the next boot.
+    #[serde(default)]
+    pub shutting_down: bool,
+}
+
+/// One of ferry's systemd units on a host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HostUnit {
+    pub unit: String,
+    /// `active`, `inactive`, `failed`, …
+    pub active: String,
+    /// `running`, `exited`, …
+    pub sub: String,
+}
+
+/// A port a host serves (TCP), and what uses it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HostPort {
+    /// A port, or a range `FROM-TO`.
+    pub port: String,
+    pub what: String,
 }
 
 /// One of the daemon's background tasks. Times are Unix milliseconds.

@@ -12,6 +12,7 @@ pub mod host;
 pub mod migration;
 pub mod replica;
 pub mod size;
+pub mod startup;
 pub mod state;
 pub mod storage;
 pub mod task;
@@ -25,11 +26,13 @@ pub use drs::*;
 pub use error::{code_for_status, ApiErrorBody};
 pub use event::Event;
 pub use host::{
-    BackgroundTask, ClusterFile, ClusterHost, HostAlive, HostInfo, MetricsHistory, MetricsPoint,
+    BackgroundTask, ClusterFile, ClusterHost, HostAlive, HostInfo, HostPort, HostUnit,
+    MetricsHistory, MetricsPoint,
 };
 pub use migration::*;
 pub use replica::*;
 pub use size::{whole, ByteSize};
+pub use startup::{HostPowerReport, HostPowerStep, HostShutdownAction, Startup};
 pub use state::{VmAction, VmState};
 pub use storage::{Pool, PoolKind, PoolSpec, Volume, VolumeCreate, VolumeImport, VolumeResize};
 pub use task::{Task, TaskAccepted, TaskState};

@@ -210,6 +210,9 @@ pub struct VmSpec {
     /// The resource pool whose reservation, limit and shares it shares.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource_pool: Option<String>,
+    /// What its host does with it at boot and at shutdown.
+    #[serde(default, skip_serializing_if = "crate::Startup::is_default")]
+    pub startup: crate::Startup,
 }
 
 /// A defined VM with its runtime status, as the API returns it.
@@ -441,6 +444,7 @@ impl VmSpec {
             check_name(&mut e, "ha.anti_affinity", g);
         }
         self.placement.check(&mut e);
+        self.startup.check(&mut e);
         if let Some(p) = &self.resource_pool {
             check_name(&mut e, "resource_pool", p);
         }
