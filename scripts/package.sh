@@ -8,7 +8,8 @@
 # Needs what `cargo build` and the UI's build need (scripts/setup.sh installs both). The
 # same sources give the same package: files sorted, owned by root, dated by the last
 # commit (SOURCE_DATE_EPOCH). FERRY_DEB_VERSION overrides the version (an upgrade test
-# builds N+1 from the same tree).
+# builds N+1 from the same tree), FERRY_BIN packs a binary built already, FERRY_DEB_OUT
+# writes elsewhere than target/debian, FERRY_DEB_COMPRESS=gzip packs faster than xz.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -21,11 +22,15 @@ if [ ! -f ui/dist/index.html ]; then
   echo "== building the web UI"
   (cd ui && { [ -d node_modules ] || npm ci --no-audit --no-fund; } && npm run --silent build)
 fi
-echo "== cargo build --release -p ferry"
-cargo build --release -q -p ferry
-bin=target/release/ferry
+if [ -n "${FERRY_BIN:-}" ]; then
+  bin=$FERRY_BIN   # a binary built already (the package test's)
+else
+  echo "== cargo build --release -p ferry"
+  cargo build --release -q -p ferry
+  bin=target/release/ferry
+fi
 
-out=target/debian
+out=${FERRY_DEB_OUT:-target/debian}
 root="$out/root"
 rm -rf "$root"
 install -d "$root/DEBIAN" "$root/usr/bin" "$root/lib/systemd/system" "$root/etc/ferry" \
@@ -73,5 +78,5 @@ Description: KVM virtualization cluster manager
 EOF
 find "$root" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
 deb="$out/ferry_${version}_amd64.deb"
-dpkg-deb --root-owner-group -Zxz --build "$root" "$deb" >/dev/null
+dpkg-deb --root-owner-group "-Z${FERRY_DEB_COMPRESS:-xz}" --build "$root" "$deb" >/dev/null
 echo "$deb"

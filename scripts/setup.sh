@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything ferry needs on a fresh Debian 12 machine, idempotently:
-# QEMU 10 from bookworm-backports, busybox-static, OVMF, iproute2, nftables (VM MAC filters), etcd, hbal, fio, nbdkit, Chromium
+# QEMU 10 from bookworm-backports, busybox-static, OVMF, iproute2, nftables (VM MAC filters), etcd, hbal, fio, nbdkit, debootstrap, Chromium
 # (the web UI's browser tests), Node.js/npm, the web UI (npm ci + build in ui/, from the
-# lock file), and the test guest (Debian cloud kernel + busybox initramfs).
+# lock file), the test guest (Debian cloud kernel + busybox initramfs), and a Debian 12
+# guest with systemd (debootstrap) for the package test.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 export DEBIAN_FRONTEND=noninteractive
@@ -23,7 +24,7 @@ SRC
   rm -f /var/lib/ferry-setup-apt-updated
 fi
 
-for p in busybox-static ovmf iproute2 nftables iputils-ping curl cpio lz4 python3 python3-venv protobuf-compiler libprotobuf-dev etcd-server etcd-client ganeti-htools fio nbdkit chromium; do have "$p" || need_pkgs+=("$p"); done
+for p in busybox-static ovmf iproute2 nftables iputils-ping curl cpio lz4 python3 python3-venv protobuf-compiler libprotobuf-dev etcd-server etcd-client ganeti-htools fio nbdkit chromium debootstrap; do have "$p" || need_pkgs+=("$p"); done
 command -v npm >/dev/null 2>&1 || need_pkgs+=(nodejs npm)
 q=$(qemu_major || true)
 if [ -z "$q" ] || [ "$q" -lt 10 ] || ! have qemu-utils; then need_qemu=1; else need_qemu=0; fi
@@ -52,6 +53,8 @@ getent group ferry-qemu >/dev/null || groupadd --system ferry-qemu
 
 "$here/build-guest.sh"
 "$here/build-file-restore.sh"
+# A Debian 12 with systemd, QEMU and etcd: the host the package test installs ferry on.
+"$here/build-debian-guest.sh"
 
 # schemathesis (PyPI), pinned, in its own virtualenv: the API fuzz test runs it against
 # a live daemon (crates/ferry/tests/api_fuzz.rs).

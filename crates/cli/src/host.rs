@@ -221,7 +221,24 @@ pub(crate) async fn host(c: &Client, g: &Global, cmd: HostCmd) -> Result<()> {
             } else {
                 "/api/v1/host/start-all"
             };
-            let t: TaskAccepted = c.request(Method::POST, path, None).await?;
+            // At the host's shutdown the daemon may be restarting: ask for a minute.
+            let mut tries = 0;
+            let t: TaskAccepted = loop {
+                match c.request(Method::POST, path, None).await {
+                    Ok(t) => break t,
+                    Err(e)
+                        if tries < 60
+                            && format!("{e:#}").contains("Cannot reach the ferry daemon") =>
+                    {
+                        if tries == 0 {
+                            eprintln!("ferry: {e:#}; retrying for a minute");
+                        }
+                        tries += 1;
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
             let done = c.wait_task(t, g.json).await?;
             let report: ferry_types::HostPowerReport = done
                 .result

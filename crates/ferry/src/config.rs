@@ -253,6 +253,36 @@ pub fn apply(given: Option<&Path>) -> Result<Option<PathBuf>> {
     Ok(Some(path))
 }
 
+/// For the CLI on this host: the daemon's socket in the run dir the configuration
+/// file names (when neither `--socket` nor `FERRY_SOCKET` says otherwise), so
+/// `ferry host stop-all` at the host's shutdown reaches a daemon with another run dir.
+/// A file that cannot be read changes nothing here (`serve` says why).
+pub fn cli_defaults() {
+    if std::env::var_os("FERRY_SOCKET").is_some() {
+        return;
+    }
+    let path = std::env::var_os("FERRY_CONFIG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_FILE));
+    if !path.exists() {
+        return;
+    }
+    let Ok(settings) = read(&path) else {
+        return;
+    };
+    let run_dir = std::env::var_os("FERRY_RUN_DIR")
+        .map(PathBuf::from)
+        .or_else(|| {
+            settings
+                .iter()
+                .find(|(k, _, _)| k == "run_dir")
+                .map(|(_, _, v)| PathBuf::from(v))
+        });
+    if let Some(d) = run_dir {
+        std::env::set_var("FERRY_SOCKET", d.join("api.sock"));
+    }
+}
+
 /// A configuration file's settings, checked.
 pub fn read(path: &Path) -> Result<Vec<(String, String, String)>> {
     let meta = std::fs::metadata(path).with_context(|| format!("Read {}", path.display()))?;
@@ -261,6 +291,25 @@ pub fn read(path: &Path) -> Result<Vec<(String, String, String)>> {
     }
     if meta.len() > MAX_FILE {
         bail!("{}: larger than 1 MiB", path.display());
+    }
+    {
+        use std::os::unix::fs::MetadataExt;
+        // It names the QEMU binary and the API's key: only its owner may change it.
+        if meta.is_file() && meta.mode() & 0o022 != 0 {
+            bail!(
+                "{}: others may write it (mode {:o}); chmod go-w it",
+                path.display(),
+                meta.mode() & 0o777
+            );
+        }
+        let me = nix::unistd::geteuid().as_raw();
+        if meta.is_file() && meta.uid() != 0 && meta.uid() != me {
+            bail!(
+                "{}: owned by uid {}, neither root nor this user",
+                path.display(),
+                meta.uid()
+            );
+        }
     }
     let text = std::fs::read_to_string(path).with_context(|| format!("Read {}", path.display()))?;
     parse(&text, &known()).with_context(|| format!("{}", path.display()))
@@ -285,6 +334,12 @@ pub fn check(a: &ServeArgs) -> Result<()> {
         bail!(
             "--plain-http: only on a loopback address (--listen {} is reachable from elsewhere)",
             a.listen
+        );
+    }
+    if ["system", "user", "machine", "init", "-"].contains(&a.cgroup_root.as_str()) {
+        bail!(
+            "--cgroup-root {}: systemd's own slice; give a name of ferry's (default ferry)",
+            a.cgroup_root
         );
     }
     if let Some(n) = &a.host_name {

@@ -49,7 +49,22 @@ enum Cmd {
 }
 
 fn main() -> Result<()> {
+    config::cli_defaults();
     let mut cli = Cli::parse();
+    if matches!(
+        cli.cmd,
+        Cmd::Cli(_) | Cmd::Config(_) | Cmd::Completions { .. }
+    ) {
+        // A CLI whose reader went away (`ferry host status | head`) ends quietly, as
+        // other tools do, instead of panicking on the next print.
+        // SAFETY: at the start of main, before any thread; SIG_DFL is no handler.
+        unsafe {
+            let _ = nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            );
+        }
+    }
     if let Cmd::Serve(a) = &cli.cmd {
         // The file's settings join as environment the flags' variables lack: parse again.
         if let Err(e) = config::apply(a.config.as_deref()) {

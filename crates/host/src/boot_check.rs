@@ -364,7 +364,7 @@ impl Host {
         let pid = self
             .inner
             .os
-            .spawn_qemu(&self.inner.cfg.qemu_binary, &argv, run, who, &[])
+            .spawn_qemu(&self.inner.cfg.qemu_binary, &argv, run, who, &[], None)
             .await
             .map_err(|e| AgentError::failed(Failure::Qemu, format!("boot check: {e}")))?;
         let marker = req.marker().to_string();

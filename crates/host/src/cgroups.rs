@@ -38,6 +38,8 @@ pub enum Cgroups {
     /// systemd's: scopes and slices named after this root (`--cgroup-root`).
     Systemd {
         root: String,
+        /// The properties last set on each slice (set again only when they change).
+        applied: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
     },
     V2(PathBuf),
     V1 {
@@ -83,6 +85,7 @@ impl Cgroups {
         if ferry_systemd::booted() {
             return Cgroups::Systemd {
                 root: root_name.to_string(),
+                applied: Default::default(),
             };
         }
         let v2 = Path::new("/sys/fs/cgroup");
@@ -111,7 +114,7 @@ impl Cgroups {
 
     pub fn describe(&self) -> String {
         match self {
-            Cgroups::Systemd { root } => format!(
+            Cgroups::Systemd { root, .. } => format!(
                 "systemd: VMs in scopes {root}-vm-ID.scope under {}, pools as slices below it",
                 ferry_systemd::slice(root, &[])
             ),
@@ -130,12 +133,25 @@ impl Cgroups {
     /// Creates the pools' cgroups along `chain` (top first) with their limits (and our
     /// root on first use, with the controllers enabled down to it on v2).
     pub fn ensure_pools(&self, chain: &[&ResourcePool]) -> Result<()> {
-        if let Cgroups::Systemd { root } = self {
+        if let Cgroups::Systemd { root, applied } = self {
             for i in 0..chain.len() {
                 let names: Vec<&str> = chain[..=i].iter().map(|p| p.name.as_str()).collect();
                 let slice = ferry_systemd::slice(root, &names);
-                ferry_systemd::set_properties(&slice, &systemd_props(&cgroup_limits(chain[i])))
-                    .map_err(|e| CgroupError::Systemd(e.to_string()))?;
+                let props = systemd_props(&cgroup_limits(chain[i]));
+                let key = format!("{props:?}");
+                let done = applied
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&slice)
+                    .is_some_and(|k| *k == key);
+                if !done {
+                    ferry_systemd::set_properties(&slice, &props)
+                        .map_err(|e| CgroupError::Systemd(e.to_string()))?;
+                    applied
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(slice, key);
+                }
             }
             return Ok(());
         }
@@ -184,10 +200,10 @@ impl Cgroups {
     /// (under systemd its scope, in the pool's slice — also without a pool).
     pub fn place(&self, chain: &[&ResourcePool], id: u32, pid: i32) -> Result<()> {
         self.ensure_pools(chain)?;
-        if let Cgroups::Systemd { root } = self {
+        if let Cgroups::Systemd { root, .. } = self {
             let names: Vec<&str> = chain.iter().map(|p| p.name.as_str()).collect();
             let slice = ferry_systemd::slice(root, &names);
-            let unit = format!("{}-vm-{id}.scope", ferry_systemd::escape(root));
+            let unit = Self::scope_unit(root, id);
             let description = format!("ferry VM {id}");
             ferry_systemd::move_to_scope(
                 pid,
@@ -224,17 +240,33 @@ impl Cgroups {
         matches!(self, Cgroups::Systemd { .. })
     }
 
-    /// Removes a pool's (empty) cgroups.
-    pub fn remove_pool(&self, name: &str) {
-        if let Cgroups::Systemd { root } = self {
-            // Its slice, at whatever depth: the last level is the pool's name.
-            let last = format!("-{}.slice", ferry_systemd::escape(name));
-            let pattern = format!("{}-*", ferry_systemd::escape(root));
-            for u in ferry_systemd::units(&pattern).unwrap_or_default() {
-                if u.unit.ends_with(&last) {
-                    let _ = ferry_systemd::stop(&u.unit);
-                }
+    /// VM `id`'s scope under systemd.
+    fn scope_unit(root: &str, id: u32) -> String {
+        format!("{}-vm-{id}.scope", ferry_systemd::escape(root))
+    }
+
+    /// Whether QEMU `pid` of VM `id` is in the scope this host gives it (under
+    /// systemd; elsewhere there is none to be in).
+    pub fn in_own_scope(&self, id: u32, pid: i32) -> bool {
+        match self {
+            Cgroups::Systemd { root, .. } => {
+                let unit = Self::scope_unit(root, id);
+                ferry_systemd::cgroup_of(pid).is_none_or(|c| {
+                    c.split('/').any(|part| {
+                        part == unit
+                            || part.starts_with(&format!("{}-", unit.trim_end_matches(".scope")))
+                    })
+                })
             }
+            _ => true,
+        }
+    }
+
+    /// Removes a pool's (empty) cgroups. Under systemd nothing: stopping a slice
+    /// would stop every scope in it (VMs a pool's move left there), and an empty slice
+    /// costs nothing (its runtime properties end with the boot).
+    pub fn remove_pool(&self, name: &str) {
+        if let Cgroups::Systemd { .. } = self {
             return;
         }
         for r in self.roots() {

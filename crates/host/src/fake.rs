@@ -146,6 +146,7 @@ impl HostOs for FakeOs {
         run: &RunPaths,
         _who: Option<&RunAs>,
         _fds: &[(i32, OwnedFd)],
+        _before_exec: Option<ferry_qemu::BeforeExec<'_>>,
     ) -> Result<i32, QemuError> {
         run.prepare()?;
         let paused = argv.iter().any(|a| a == "-S");

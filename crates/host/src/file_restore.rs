@@ -582,7 +582,14 @@ impl Host {
         let pid = match self
             .inner
             .os
-            .spawn_qemu(&self.inner.cfg.qemu_binary, &argv, &run, who.as_ref(), &[])
+            .spawn_qemu(
+                &self.inner.cfg.qemu_binary,
+                &argv,
+                &run,
+                who.as_ref(),
+                &[],
+                None,
+            )
             .await
         {
             Ok(p) => p,

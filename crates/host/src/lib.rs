@@ -177,8 +177,12 @@ struct Inner {
     file_restore_start: tokio::sync::Mutex<()>,
     /// Boot checks running (their slots).
     boot_checks: Mutex<std::collections::HashSet<usize>>,
-    /// The first daemon start since the machine booted (`power.rs`).
+    /// The first daemon start since the machine booted (`power.rs`), and the boot id
+    /// recorded before this start.
     rebooted: bool,
+    prev_boot: Option<String>,
+    /// One host-wide boot or shutdown of the VMs at a time.
+    power: tokio::sync::Mutex<()>,
     /// Shutting the VMs down for the host's shutdown: nothing starts.
     shutting_down: std::sync::atomic::AtomicBool,
 }
@@ -225,7 +229,7 @@ impl Host {
         let events = EventLog::load(local.clone()).await?;
         let tasks = Tasks::load(local, events.clone()).await?;
         let qemu_version = qemu_version(&cfg.qemu_binary).await;
-        let rebooted = Host::read_rebooted(&cfg);
+        let (rebooted, prev_boot) = Host::read_boot(&cfg);
         let cgroups = os.cgroups(&cfg.resources.cgroup_root);
         tracing::info!(cgroups = %cgroups.describe(), "resource pools");
         let host = Host {
@@ -251,6 +255,8 @@ impl Host {
                 file_restore_start: Default::default(),
                 boot_checks: Default::default(),
                 rebooted,
+                prev_boot,
+                power: Default::default(),
                 shutting_down: Default::default(),
             }),
         };

@@ -372,6 +372,9 @@ impl Host {
         self.serve_restore(rec).await?;
         let argv = build_argv(plan);
         tracing::debug!(vm = name, ?argv, "starting QEMU");
+        // Its scope or pool cgroup before it becomes QEMU (KVM's threads stay where
+        // they were made).
+        let place = self.placement(rec).await?;
         let pid = self
             .inner
             .os
@@ -381,13 +384,10 @@ impl Host {
                 &plan.run,
                 who.as_ref(),
                 &fds,
+                place.as_ref().map(|f| f as ferry_qemu::BeforeExec<'_>),
             )
             .await?;
         drop(fds);
-        if let Err(e) = self.place_in_pool(rec, pid).await {
-            let _ = self.inner.os.kill_qemu(pid, &plan.run).await;
-            return Err(e);
-        }
         let connected = async {
             let qmp = self
                 .inner
@@ -740,9 +740,7 @@ impl Host {
                 Some(pid) => match self.adopt(&name, &slot, pid, &run).await {
                     Ok(state) => {
                         // A QEMU an older daemon left in its own cgroup gets its scope.
-                        let scoped =
-                            ferry_systemd::cgroup_of(pid).is_some_and(|c| c.contains(".scope"));
-                        if self.inner.cgroups.scopes() && !scoped {
+                        if !self.inner.cgroups.in_own_scope(rec.id, pid) {
                             if let Err(e) = self.place_in_pool(&rec, pid).await {
                                 tracing::error!(vm = %name, pid, error = %e, "cannot give the re-adopted QEMU its scope");
                             }

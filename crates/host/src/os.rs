@@ -18,6 +18,7 @@ use tokio::net::UnixStream;
 #[async_trait::async_trait]
 pub trait HostOs: Send + Sync + 'static {
     /// Starts a VM's QEMU detached, as `who`, with `fds` at the numbers given; its pid.
+    /// `before_exec` places the process (scope, cgroup) before it becomes QEMU.
     async fn spawn_qemu(
         &self,
         binary: &str,
@@ -25,6 +26,7 @@ pub trait HostOs: Send + Sync + 'static {
         run: &RunPaths,
         who: Option<&RunAs>,
         fds: &[(i32, OwnedFd)],
+        before_exec: Option<ferry_qemu::BeforeExec<'_>>,
     ) -> Result<i32, QemuError>;
     /// Ends a VM's QEMU (SIGKILL when it lingers) and waits until it is gone.
     async fn kill_qemu(&self, pid: i32, run: &RunPaths) -> Result<(), QemuError>;
@@ -87,8 +89,9 @@ impl HostOs for RealOs {
         run: &RunPaths,
         who: Option<&RunAs>,
         fds: &[(i32, OwnedFd)],
+        before_exec: Option<ferry_qemu::BeforeExec<'_>>,
     ) -> Result<i32, QemuError> {
-        ferry_qemu::spawn_detached(binary, argv, run, who, fds).await
+        ferry_qemu::spawn_detached(binary, argv, run, who, fds, before_exec).await
     }
 
     async fn kill_qemu(&self, pid: i32, run: &RunPaths) -> Result<(), QemuError> {

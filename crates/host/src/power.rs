@@ -148,22 +148,29 @@ impl Host {
             .filter(|s| !s.is_empty() && s.len() <= 64)
     }
 
-    /// Whether the machine booted since the daemon last started (the boot id changed).
-    pub(crate) fn read_rebooted(cfg: &crate::AgentConfig) -> bool {
+    /// Whether the machine booted since the daemon last started (the boot id changed),
+    /// and the boot id recorded then.
+    pub(crate) fn read_boot(cfg: &crate::AgentConfig) -> (bool, Option<String>) {
         let Some(f) = &cfg.boot_id_file else {
-            return false;
+            return (false, None);
         };
         let now = std::fs::read_to_string(f).unwrap_or_default();
         match std::fs::read_to_string(cfg.state_dir.join(BOOT_ID_FILE)) {
-            Ok(before) => before.trim() != now.trim(),
+            Ok(before) => (before.trim() != now.trim(), Some(before.trim().to_string())),
             // The first start ever: nothing ran here before.
-            Err(_) => false,
+            Err(_) => (false, None),
         }
     }
 
     /// Whether this daemon is the first to start since the machine booted.
     pub fn rebooted(&self) -> bool {
         self.inner.rebooted
+    }
+
+    /// A shutdown mark counts if it was made in this boot (a `stop-all` by hand) or in
+    /// the one before it (the machine's shutdown); older ones are stale.
+    fn mark_counts(&self, d: &HostDown) -> bool {
+        Some(&d.boot) == self.boot_id().as_ref() || Some(&d.boot) == self.inner.prev_boot.as_ref()
     }
 
     async fn power_vms(&self) -> Result<Vec<PowerVm>> {
@@ -174,7 +181,11 @@ impl Host {
                 state,
                 startup: r.spec.startup,
                 ha: r.spec.ha.enabled(),
-                host_down: r.host_down.as_ref().map(|d| d.action),
+                host_down: r
+                    .host_down
+                    .as_ref()
+                    .filter(|d| self.mark_counts(d))
+                    .map(|d| d.action),
                 template: r.template,
                 in_transit: r.transit.is_some(),
                 name: r.spec.name,
@@ -186,10 +197,33 @@ impl Host {
     /// Brings every VM down as its policy says, in reverse startup order; from now on
     /// no VM starts here until the next boot or [`Host::start_all`].
     pub async fn stop_all(&self, ctx: &TaskCtx) -> Result<HostPowerReport> {
+        // First: no start and no arriving migration from now on (a boot start under
+        // way has its next starts refused and yields the lock).
+        self.inner
+            .shutting_down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let _power = self.inner.power.lock().await;
         self.inner
             .shutting_down
             .store(true, std::sync::atomic::Ordering::SeqCst);
         let boot = self.boot_id().unwrap_or_default();
+        // Migrations under way end first (5 minutes at most): a VM leaving is not ours
+        // to shut down, and one that stays is planned with the others.
+        for i in 0..300 {
+            let moving = self
+                .power_vms()
+                .await?
+                .into_iter()
+                .filter(|v| v.in_transit && v.state.has_process())
+                .count();
+            if moving == 0 {
+                break;
+            }
+            if i % 15 == 0 {
+                ctx.log(format!("waiting for {moving} migrations to end"));
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
         let groups = shutdown_plan(&self.power_vms().await?);
         let total = groups.iter().map(Vec::len).sum::<usize>();
         ctx.log(format!(
@@ -271,10 +305,12 @@ impl Host {
     /// Starts what the boot brings back, in startup order (see the module's text), and
     /// clears every VM's shutdown mark; starts are allowed again.
     pub async fn start_all(&self, ctx: &TaskCtx) -> Result<HostPowerReport> {
+        let _power = self.inner.power.lock().await;
         self.inner
             .shutting_down
             .store(false, std::sync::atomic::Ordering::SeqCst);
         let plan = boot_plan(&self.power_vms().await?);
+        let mut failed = std::collections::BTreeSet::new();
         ctx.log(format!("{} VMs to start", plan.len()));
         let mut report = HostPowerReport::default();
         let total = plan.len() as u64;
@@ -301,14 +337,19 @@ impl Host {
             };
             ctx.log(format!("{}: {} ({})", s.vm, s.action, s.detail));
             let ok = s.action != "failed";
+            if !ok {
+                failed.insert(vm.clone());
+            }
             report.steps.push(s);
             ctx.progress(crate::tasks::fraction(i as u64 + 1, total));
             if ok && *up > 0 && i + 1 < plan.len() {
                 tokio::time::sleep(Duration::from_secs((*up).into())).await;
             }
         }
+        // A mark stays with a VM that failed to come back (the next start-all or boot
+        // tries again); the others are done with.
         for r in self.records().await? {
-            if r.host_down.is_some() {
+            if r.host_down.is_some() && !failed.contains(&r.spec.name) {
                 let _ = self
                     .update_record(&r.spec.name, |r| r.host_down = None)
                     .await;
@@ -334,7 +375,7 @@ impl Host {
         };
         let file = self.inner.cfg.state_dir.join(BOOT_ID_FILE);
         if !self.rebooted() {
-            if let Err(e) = std::fs::write(&file, &now) {
+            if let Err(e) = write_atomic(&file, &now) {
                 tracing::warn!(error = %e, "cannot record the boot id");
             }
             return;
@@ -345,12 +386,19 @@ impl Host {
             .spawn("host.boot", self.host_name(), move |ctx| async move {
                 let r = h.start_all(&ctx).await?;
                 ctx.result(serde_json::to_value(&r).unwrap_or_default());
-                if let Err(e) = std::fs::write(&file, &now) {
+                if let Err(e) = write_atomic(&file, &now) {
                     tracing::warn!(error = %e, "cannot record the boot id");
                 }
                 Ok(())
             });
     }
+}
+
+/// Writes `file` whole or not at all (a temporary file renamed over it).
+fn write_atomic(file: &std::path::Path, text: &str) -> std::io::Result<()> {
+    let tmp = file.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, file)
 }
 
 #[cfg(test)]

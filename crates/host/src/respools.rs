@@ -43,40 +43,63 @@ impl Host {
         Ok(())
     }
 
-    /// Puts a freshly started QEMU into its pool's cgroup (under systemd: into its
-    /// own scope, in its pool's slice if it has a pool).
-    pub async fn place_in_pool(&self, rec: &VmRecord, pid: i32) -> Result<()> {
-        let Some(pool) = &rec.spec.resource_pool else {
-            if self.inner.cgroups.scopes() {
-                let cg = self.inner.cgroups.clone();
-                let id = rec.id;
-                return tokio::task::spawn_blocking(move || cg.place(&[], id, pid))
-                    .await
-                    .map_err(|e| {
-                        AgentError::failed(crate::error::Failure::Internal, e.to_string())
-                    })?
-                    .map_err(|e| {
-                        AgentError::refused_by(Refusal::HostLacks, "A scope for the VM", e)
-                    });
+    /// Where a VM's QEMU goes (its pool's cgroup; under systemd its scope, in its
+    /// pool's slice if it has one): the pool chain, or none when nothing is placed.
+    async fn pool_chain(&self, rec: &VmRecord) -> Result<Option<Vec<ResourcePool>>> {
+        match &rec.spec.resource_pool {
+            None if self.inner.cgroups.scopes() => Ok(Some(vec![])),
+            None => Ok(None),
+            Some(pool) => {
+                let pools = self.resource_pools().await?;
+                let chain = ferry_drs::pools::chain(&pools, pool)
+                    .map_err(|e| AgentError::refused(Refusal::NoRoom, e))?
+                    .into_iter()
+                    .cloned()
+                    .collect();
+                if let crate::Cgroups::None(why) = &self.inner.cgroups {
+                    self.inner.events.emit(
+                        Some(&rec.spec.name),
+                        "drs",
+                        format!(
+                            "resource pool {pool}: limits and shares not enforced on this host ({why})"
+                        ),
+                    );
+                    return Ok(None);
+                }
+                Ok(Some(chain))
             }
+        }
+    }
+
+    /// What places a VM's process before it becomes QEMU (`HostOs::spawn_qemu`).
+    #[allow(clippy::type_complexity)]
+    pub async fn placement(
+        &self,
+        rec: &VmRecord,
+    ) -> Result<Option<Box<dyn Fn(i32) -> std::result::Result<(), String> + Send + Sync>>> {
+        let Some(chain) = self.pool_chain(rec).await? else {
+            return Ok(None);
+        };
+        let what = match &rec.spec.resource_pool {
+            Some(p) => format!("resource pool {p}"),
+            None => "its scope".to_string(),
+        };
+        let (cg, id) = (self.inner.cgroups.clone(), rec.id);
+        Ok(Some(Box::new(move |pid| {
+            cg.place(&chain.iter().collect::<Vec<_>>(), id, pid)
+                .map_err(|e| format!("cannot place the VM in {what}: {e}"))
+        })))
+    }
+
+    /// Puts a running QEMU where it belongs (one an older daemon started elsewhere).
+    pub async fn place_in_pool(&self, rec: &VmRecord, pid: i32) -> Result<()> {
+        let Some(place) = self.placement(rec).await? else {
             return Ok(());
         };
-        let pools = self.resource_pools().await?;
-        let chain = ferry_drs::pools::chain(&pools, pool)
-            .map_err(|e| AgentError::refused(Refusal::NoRoom, e))?;
-        if let crate::Cgroups::None(why) = &self.inner.cgroups {
-            self.inner.events.emit(
-                Some(&rec.spec.name),
-                "drs",
-                format!(
-                    "resource pool {pool}: limits and shares not enforced on this host ({why})"
-                ),
-            );
-            return Ok(());
-        }
-        self.inner.cgroups.place(&chain, rec.id, pid).map_err(|e| {
-            AgentError::refused_by(Refusal::HostLacks, format!("Resource pool {pool}"), e)
-        })
+        tokio::task::spawn_blocking(move || place(pid))
+            .await
+            .map_err(|e| AgentError::failed(crate::error::Failure::Internal, e.to_string()))?
+            .map_err(|e| AgentError::refused(Refusal::HostLacks, e))
     }
 
     /// Brings this host's pool cgroups in line with the definitions.
@@ -90,7 +113,14 @@ impl Host {
         }
         for p in used {
             if let Ok(chain) = ferry_drs::pools::chain(&pools, &p) {
-                self.inner.cgroups.ensure_pools(&chain).map_err(|e| {
+                let chain: Vec<ResourcePool> = chain.into_iter().cloned().collect();
+                let cg = self.inner.cgroups.clone();
+                tokio::task::spawn_blocking(move || {
+                    cg.ensure_pools(&chain.iter().collect::<Vec<_>>())
+                })
+                .await
+                .map_err(|e| AgentError::failed(crate::error::Failure::Internal, e.to_string()))?
+                .map_err(|e| {
                     AgentError::refused_by(Refusal::HostLacks, format!("Resource pool {p}"), e)
                 })?;
             }

@@ -230,6 +230,15 @@ impl Migrations {
     /// Checks that this host may take VM `spec` (valid, not in maintenance, name free).
     pub(crate) async fn may_receive(&self, spec: &ferry_types::VmSpec) -> Result<()> {
         spec.validate()?;
+        if self.shutting_down() {
+            return Err(AgentError::refused(
+                Refusal::ShuttingDown,
+                format!(
+                    "Host {} is shutting its VMs down: it takes no VMs",
+                    self.host_name()
+                ),
+            ));
+        }
         if self.in_maintenance().await? {
             return Err(AgentError::refused(
                 Refusal::Maintenance,

@@ -13,7 +13,9 @@ pub use argv::{
     ResolvedDisk, RESTORE_RECONNECT_DELAY,
 };
 pub use helper::{helper_argv, HelperPlan, FILE_RESTORE_PORT};
-pub use process::{kill_and_wait, peer_is, pid_alive, read_pid, spawn_detached, RunAs, RunPaths};
+pub use process::{
+    kill_and_wait, peer_is, pid_alive, read_pid, spawn_detached, BeforeExec, RunAs, RunPaths,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QemuError {

@@ -70,9 +70,16 @@ pub struct RunAs {
     pub groups: Vec<u32>,
 }
 
+/// Run on the launcher's pid before it becomes QEMU (see [`spawn_detached`]).
+pub type BeforeExec<'a> = &'a (dyn Fn(i32) -> Result<(), String> + Send + Sync);
+
 /// Starts QEMU detached from the daemon (its own session, reparented away from the
 /// daemon, stdout and stderr in `qemu.log` of the run dir) and returns its pid once QEMU
-/// has initialised: its QMP monitor greets. If QEMU ends before that, the error carries
+/// has initialised: its QMP monitor greets. The launcher stops itself before it
+/// executes QEMU (same pid); `before_exec` runs then — where the process goes (its
+/// systemd scope, its pool's cgroup) is decided before QEMU makes anything, KVM's
+/// kernel threads included, which stay in the cgroup they were made in. If it fails,
+/// the launcher is killed and QEMU never runs. If QEMU ends before that, the error carries
 /// its own message. (QEMU's `-daemonize` would do this, but it forks and calls setsid,
 /// which the seccomp sandbox forbids.) `run_as`: the user and groups QEMU runs as (the
 /// launcher drops to them before anything is executed); `fds`: open files QEMU
@@ -84,6 +91,7 @@ pub async fn spawn_detached(
     run: &RunPaths,
     run_as: Option<&RunAs>,
     fds: &[(i32, std::os::fd::OwnedFd)],
+    before_exec: Option<BeforeExec<'_>>,
 ) -> Result<i32, QemuError> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
@@ -102,7 +110,7 @@ pub async fn spawn_detached(
         })?;
     let mut cmd = tokio::process::Command::new("sh");
     cmd.arg("-c")
-        .arg(r#"setsid "$@" >&3 2>&3 3>&- </dev/null & echo $!"#)
+        .arg(r#"setsid sh -c 'kill -STOP $$ && exec "$@"' sh "$@" >&3 2>&3 3>&- </dev/null & echo $!"#)
         .arg("sh")
         .arg(binary)
         .args(argv)
@@ -177,6 +185,40 @@ pub async fn spawn_detached(
         .map_err(|_| QemuError::Start {
             stderr: "the launcher gave no pid".into(),
         })?;
+    // The launcher waits, stopped, until it may become QEMU.
+    let kill = |pid: i32| {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    };
+    let mut stopped = false;
+    for _ in 0..2000 {
+        match proc_state(pid) {
+            Some('T') => {
+                stopped = true;
+                break;
+            }
+            Some(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            None => break,
+        }
+    }
+    if !stopped {
+        kill(pid);
+        return Err(QemuError::Start {
+            stderr: "the launcher did not wait to become QEMU".into(),
+        });
+    }
+    if let Some(f) = before_exec {
+        if let Err(e) = f(pid) {
+            kill(pid);
+            return Err(QemuError::Start { stderr: e });
+        }
+    }
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGCONT,
+    );
     let failed = || QemuError::Start {
         stderr: std::fs::read_to_string(log)
             .map(|s| s.trim().to_string())
@@ -205,6 +247,17 @@ pub async fn spawn_detached(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A process's state letter from `/proc/PID/stat` (`T`: stopped).
+fn proc_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
 }
 
 /// How long QEMU may take to initialise.
@@ -330,6 +383,7 @@ mod tests {
             &run,
             None,
             &[],
+            None,
         )
         .await;
         match r {

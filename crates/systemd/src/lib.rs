@@ -98,6 +98,7 @@ impl Scope<'_> {
         let mut a: Vec<String> = [
             "call",
             "--quiet",
+            "--",
             "org.freedesktop.systemd1",
             "/org/freedesktop/systemd1",
             "org.freedesktop.systemd1.Manager",
@@ -333,7 +334,7 @@ mod tests {
         }
         .busctl_args(4242);
         let s = a.join(" ");
-        assert!(s.contains("StartTransientUnit ssa(sv)a(sa(sv)) ferry-vm-3.scope fail 5 PIDs au 1 4242 Slice s ferry-prod.slice"), "{s}");
+        assert!(s.contains("-- org.freedesktop.systemd1 /org/freedesktop/systemd1 org.freedesktop.systemd1.Manager StartTransientUnit ssa(sv)a(sa(sv)) ferry-vm-3.scope fail 5 PIDs au 1 4242 Slice s ferry-prod.slice"), "{s}");
         assert!(s.ends_with("Before as 1 ferry-guests.service 0"), "{s}");
         // one argument each, whatever the description holds
         assert!(a.contains(&"ferry VM web (id 3)".to_string()));

@@ -1,0 +1,99 @@
+#!/bin/bash
+# Runs inside the Debian 12 guest of tests/package.rs (systemd, cgroup v2), from the disk
+# labelled "work" at each boot. Every line it prints reaches the serial console; the
+# test waits for FERRY-PKG-OK or FERRY-PKG-FAIL. Phase 1 (first boot): install N, a VM,
+# restarts and kills of the daemon, a resource pool, an upgrade to N+1, then reboot.
+# Phase 2 (after the reboot): the VM was shut down by ferry-guests and started again.
+set -u
+W=/work
+# Each line also goes to /work/log: phase 2 prints the whole story at its end (the
+# console's history may not reach back past the reboot).
+say() { echo "FERRY-PKG: $*" | tee -a $W/log; }
+fail() {
+  echo "FERRY-PKG-FAIL: $*" | tee -a $W/log
+  journalctl -u ferry --no-pager -n 40 2>&1 | sed 's/^/  journal: /'
+  sed 's/^/  earlier: /' $W/log
+  sync
+  exit 1
+}
+wait_api() {
+  for _ in $(seq 1 240); do ferry host >/dev/null 2>&1 && return 0; sleep 0.5; done
+  fail "the daemon's API did not answer: $(systemctl status ferry --no-pager 2>&1 | tail -5)"
+}
+vm_pid() { ferry --json vm show nested | sed -n 's/.*"pid": *\([0-9]*\).*/\1/p'; }
+vm_state() { ferry --json vm show nested | sed -n 's/.*"state": *"\([a-z_]*\)".*/\1/p' | head -1; }
+phase=$(cat $W/phase 2>/dev/null || echo 1)
+say "phase $phase, $(uname -r), cgroup fs $(stat -fc %T /sys/fs/cgroup), PID 1 $(cat /proc/1/comm)"
+[ "$(stat -fc %T /sys/fs/cgroup)" = cgroup2fs ] || fail "not cgroup v2"
+[ "$(cat /proc/1/comm)" = systemd ] || fail "PID 1 is not systemd"
+
+if [ "$phase" = 1 ]; then
+  dpkg -i $W/ferry_N.deb >$W/dpkg1.log 2>&1 || fail "dpkg -i N: $(tail -5 $W/dpkg1.log)"
+  systemctl is-enabled -q ferry.service || fail "ferry.service not enabled"
+  systemctl is-active -q ferry-guests.service || fail "ferry-guests.service not active"
+  wait_api
+  say "installed $(dpkg-query -W -f '${Version}' ferry); $(ferry host status | head -2 | tr '\n' ' ')"
+  ferry config check >/dev/null || fail "config check of the packaged ferry.toml"
+  ferry resource-pool create pl --cpu-limit 1 --memory-limit 512M >/dev/null || fail "resource pool"
+  ferry vm create nested --memory 64M --resource-pool pl --autostart on --startup down=5 >/dev/null || fail "vm create"
+  ferry vm start nested >/dev/null || fail "vm start: $(ferry vm show nested 2>&1 | tail -3)"
+  pid=$(vm_pid)
+  [ -n "$pid" ] || fail "no pid"
+  cg=$(cat /proc/$pid/cgroup)
+  say "QEMU $pid in $cg"
+  case "$cg" in
+    "0::/ferry.slice/ferry-pl.slice/ferry-vm-"*".scope") ;;
+    *) fail "QEMU not in its scope in the pool's slice: $cg" ;;
+  esac
+  d=/sys/fs/cgroup/ferry.slice/ferry-pl.slice
+  [ "$(cat $d/memory.max)" = 536870912 ] || fail "pool memory.max $(cat $d/memory.max)"
+  [ "$(cat $d/cpu.max)" = "100000 100000" ] || fail "pool cpu.max $(cat $d/cpu.max)"
+  say "pool limits in cgroup v2: memory.max $(cat $d/memory.max), cpu.max $(cat $d/cpu.max)"
+
+  systemctl restart ferry || fail "systemctl restart ferry"
+  wait_api
+  [ "$(vm_pid)" = "$pid" ] && kill -0 "$pid" || fail "QEMU $pid gone or not re-adopted after restart (now $(vm_pid))"
+  say "restart: QEMU $pid re-adopted, $(vm_state)"
+  systemctl kill -s SIGKILL ferry.service || fail "systemctl kill"
+  sleep 3
+  wait_api
+  [ "$(vm_pid)" = "$pid" ] && kill -0 "$pid" || fail "QEMU $pid gone after the daemon was killed"
+  say "kill: daemon restarted by systemd ($(systemctl show -p NRestarts --value ferry) restarts), QEMU $pid re-adopted"
+  ferry host status | grep -q "ferry-vm-.*scope.*active" || fail "host status lists no VM scope: $(ferry host status)"
+  journalctl -u ferry -o verbose --no-pager | grep -q "^ *VM=nested" || fail "no VM= field in the journal"
+  say "journal carries VM=nested; units: $(ferry host status | grep -o 'ferry[a-z0-9-]*\.\(service\|scope\|slice\)' | sort -u | tr '\n' ' ')"
+
+  dpkg -i $W/ferry_N1.deb >$W/dpkg2.log 2>&1 || fail "dpkg -i N+1: $(tail -5 $W/dpkg2.log)"
+  wait_api
+  [ "$(dpkg-query -W -f '${Version}' ferry)" = "$(cat $W/version_n1)" ] || fail "version after upgrade"
+  [ "$(vm_pid)" = "$pid" ] && kill -0 "$pid" || fail "QEMU $pid gone after the upgrade"
+  say "upgrade to $(dpkg-query -W -f '${Version}' ferry): QEMU $pid runs on, re-adopted"
+  echo "$pid" > $W/pid1
+  echo 2 > $W/phase
+  sync
+  say "rebooting"
+  systemctl reboot
+  exit 0
+fi
+
+if [ "$phase" = 2 ]; then
+  wait_api
+  for _ in $(seq 1 240); do [ "$(vm_state)" = running ] && break; sleep 0.5; done
+  [ "$(vm_state)" = running ] || fail "nested not running after the reboot: $(ferry vm show nested)"
+  pid=$(vm_pid)
+  [ "$pid" != "$(cat $W/pid1)" ] || fail "the same pid after a reboot?"
+  tasks=$(ferry --json task list)
+  echo "$tasks" | grep -q '"kind": *"host.stop-all"' || fail "no stop-all task ran at the shutdown: $tasks"
+  echo "$tasks" | grep -q '"kind": *"host.boot"' || fail "no boot task: $tasks"
+  say "tasks: $(ferry task list | grep -E 'host\.(stop-all|boot)' | tr -s ' ' | tr '\n' ';')"
+  case "$(cat /proc/$pid/cgroup)" in
+    "0::/ferry.slice/ferry-pl.slice/ferry-vm-"*".scope") ;;
+    *) fail "autostarted QEMU not in its scope" ;;
+  esac
+  say "reboot: ferry-guests brought nested down, the boot started it again (QEMU $pid)"
+  echo done > $W/phase
+  sed 's/^/FERRY-PKG-LOG: /' $W/log
+  sync
+  echo "FERRY-PKG-OK"
+  systemctl poweroff
+fi
