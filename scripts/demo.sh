@@ -179,6 +179,7 @@ The lab cluster's web UI (through h1): https://127.0.0.1:8471/ (user root or ope
   $ferry vm console demo1     # interactive serial console, Ctrl-] detaches
   $ferry vm list | host | events | task list
   $ferry vm stop demo1        # ACPI shutdown
+  $ferry host stop-all        # every VM down as its startup policy says (what the host's shutdown runs)
   kill \$(cat $demo/daemon.pid)   # stops the daemon; VMs keep running and are re-adopted at the next start
 The lab cluster (hosts h1-h3 at 10.78.0.11-13, web at 10.78.0.100, client 10.78.0.2):
   $ferry lab status --name demo

@@ -101,8 +101,15 @@ pub(crate) fn watchdog_step(deadline_ns: Option<u64>, now_ns: u64) -> WatchdogSt
 /// passed, kills the HA QEMUs. Disarmed while the file is absent. With `device` (a
 /// hardware watchdog such as `/dev/watchdog`) it feeds the device while the deadline
 /// holds and stops once it has passed, so a host whose processes cannot be killed is
-/// reset. Runs until killed.
+/// reset. Runs until killed, or until told to stop (SIGTERM: its scope stopped at the
+/// machine's shutdown, after the VMs): then it kills the HA QEMUs still there — it can
+/// no longer fence them —, closes the hardware watchdog with the magic `V` (so a slow
+/// power-off is not a reset) and ends.
 pub fn run_watchdog(run_dir: &Path, device: Option<&Path>) -> ! {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone()) {
+        eprintln!("ferry watchdog: no SIGTERM handler ({e}); it ends only when killed");
+    }
     let mut dev = device.and_then(|d| match std::fs::OpenOptions::new().write(true).open(d) {
         Ok(f) => Some(f),
         Err(e) => {
@@ -132,6 +139,18 @@ pub fn run_watchdog(run_dir: &Path, device: Option<&Path>) -> ! {
                     let _ = f.write_all(b"\0").and_then(|_| f.flush());
                 }
             }
+        }
+        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let killed = kill_ha_qemus(run_dir);
+            if !killed.is_empty() {
+                eprintln!("ferry watchdog: stopped; killed the HA QEMUs it guarded {killed:?}");
+            }
+            if let Some(f) = dev.as_mut() {
+                use std::io::Write;
+                // the magic close: the driver disarms the hardware watchdog
+                let _ = f.write_all(b"V").and_then(|_| f.flush());
+            }
+            std::process::exit(0);
         }
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -789,6 +789,40 @@ impl Cluster {
         for kv in &mine {
             host.put(&kv.key, kv.value.clone(), None).await?;
         }
+        // What a host alone keeps for the whole of itself — resource pools, backup
+        // stores and jobs, DRS settings — becomes the cluster's (`/cluster/...`) where
+        // the cluster has none of that name: a VM's resource pool must not vanish.
+        let shared = [
+            "/respools/",
+            "/backup-stores/",
+            "/backup-jobs/",
+            "/drs/config",
+        ];
+        for kv in mine
+            .iter()
+            .filter(|kv| shared.iter().any(|p| kv.key.starts_with(p)))
+        {
+            let key = format!("{}{}", ferry_store::keys::shared::CLUSTER, kv.key);
+            let taken = root
+                .txn(ferry_store::Txn {
+                    compare: vec![ferry_store::Compare::Version(
+                        key.clone(),
+                        ferry_store::Cmp::Equal,
+                        0,
+                    )],
+                    success: vec![ferry_store::Op::Put {
+                        key: key.clone(),
+                        value: kv.value.clone(),
+                        lease: None,
+                    }],
+                    failure: vec![],
+                })
+                .await?
+                .succeeded;
+            if !taken {
+                tracing::warn!(%key, "the cluster has its own; this host's is not taken over");
+            }
+        }
         // VM ids stay unique across the cluster: start the counter above ours.
         let next: u32 = self
             .store()

@@ -112,3 +112,33 @@ fn a_flag_wins_over_the_environment_which_wins_over_the_file() -> Result<()> {
     assert!(!state.exists());
     Ok(())
 }
+
+#[test]
+fn the_watchdog_stopped_closes_the_hardware_watchdog_with_the_magic_v() -> Result<()> {
+    // A file stands in for /dev/watchdog: fed with NULs while disarmed, closed with
+    // `V` when the watchdog's scope is stopped (SIGTERM), so a slow power-off is no reset.
+    let d = tempfile::tempdir()?;
+    let dev = d.path().join("watchdog-device");
+    std::fs::write(&dev, b"")?;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .arg("watchdog")
+        .arg("--run-dir")
+        .arg(d.path())
+        .arg("--device")
+        .arg(&dev)
+        .spawn()?;
+    let t = std::time::Instant::now();
+    while std::fs::read(&dev)?.is_empty() && t.elapsed().as_secs() < 10 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id())?),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    let st = child.wait()?;
+    let fed = std::fs::read(&dev)?;
+    assert!(st.success(), "{st}");
+    assert!(fed.starts_with(b"\0"), "never fed: {fed:?}");
+    assert_eq!(fed.last(), Some(&b'V'), "no magic close: {fed:?}");
+    Ok(())
+}

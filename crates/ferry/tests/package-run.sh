@@ -68,6 +68,41 @@ if [ "$phase" = 1 ]; then
   [ "$(dpkg-query -W -f '${Version}' ferry)" = "$(cat $W/version_n1)" ] || fail "version after upgrade"
   [ "$(vm_pid)" = "$pid" ] && kill -0 "$pid" || fail "QEMU $pid gone after the upgrade"
   say "upgrade to $(dpkg-query -W -f '${Version}' ferry): QEMU $pid runs on, re-adopted"
+
+  # A cluster of one (on a dummy link made at every boot before ferry starts; the guest
+  # has no network): the etcd member and the HA watchdog in scopes of their own, which
+  # a restart of the daemon leaves running.
+  cat > /etc/systemd/system/ferry-test-link.service <<'UNIT'
+[Unit]
+Description=the package test's cluster address
+Before=ferry.service
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/sh -c 'ip link add ferry0 type dummy; ip addr add 10.99.0.1/24 dev ferry0; ip link set ferry0 up'
+[Install]
+WantedBy=multi-user.target
+UNIT
+  systemctl enable --now ferry-test-link.service >/dev/null 2>&1 || fail "the dummy link"
+  sed -i 's|^#listen = .*|listen = "0.0.0.0:8470"|' /etc/ferry/ferry.toml
+  ferry config check | grep -E "^listen +0.0.0.0:8470 +file" >/dev/null || fail "config check: $(ferry config check 2>&1 | head -5)"
+  systemctl restart ferry || fail "restart on the edited configuration"
+  wait_api
+  ferry cluster init --address 10.99.0.1 >$W/init.log 2>&1 || fail "cluster init: $(tail -3 $W/init.log)"
+  wait_api
+  for _ in $(seq 1 240); do
+    systemctl is-active -q ferry-etcd.scope && systemctl is-active -q ferry-watchdog.scope && break
+    sleep 0.5
+  done
+  etcd=$(head -1 /sys/fs/cgroup/ferry.slice/ferry-etcd.scope/cgroup.procs 2>/dev/null)
+  wd=$(head -1 /sys/fs/cgroup/ferry.slice/ferry-watchdog.scope/cgroup.procs 2>/dev/null)
+  [ -n "$etcd" ] && [ -n "$wd" ] || fail "no etcd or watchdog scope: $(systemctl list-units --all --plain --no-legend 'ferry*')"
+  systemctl restart ferry || fail "restart in the cluster"
+  wait_api
+  kill -0 "$etcd" && kill -0 "$wd" || fail "etcd $etcd or the watchdog $wd ended with the daemon's restart"
+  grep -qx "$etcd" /sys/fs/cgroup/ferry.slice/ferry-etcd.scope/cgroup.procs || fail "etcd left its scope"
+  [ "$(vm_pid)" = "$pid" ] || fail "QEMU $pid not re-adopted in the cluster"
+  say "cluster of one: etcd $etcd in ferry-etcd.scope, watchdog $wd in ferry-watchdog.scope; both and QEMU $pid outlived a restart"
   echo "$pid" > $W/pid1
   echo 2 > $W/phase
   sync

@@ -5,8 +5,10 @@
 //! Inside: install N (units enabled and started), a VM in a resource pool (its QEMU in
 //! `ferry.slice/ferry-pl.slice/ferry-vm-ID.scope`, the pool's limits in cgroup v2),
 //! `systemctl restart ferry` and `systemctl kill -s SIGKILL ferry` (the QEMU pid stays
-//! and is re-adopted), the journal's fields, an upgrade to N+1 (the QEMU runs on), a
-//! reboot (`ferry-guests.service` shuts the VM down, the boot starts it again). Nested
+//! and is re-adopted), the journal's fields, an upgrade to N+1 (the QEMU runs on),
+//! `listen` set in `/etc/ferry/ferry.toml`, a cluster of one (the etcd member and the HA
+//! watchdog in their scopes outlive a restart of the daemon), a reboot
+//! (`ferry-guests.service` shuts the VM down, the boot starts it again). Nested
 //! under TCG the inner VM boots no OS: a QEMU that runs is what is checked. Several
 //! minutes; its own test binary.
 
