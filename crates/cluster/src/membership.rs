@@ -617,23 +617,8 @@ impl Cluster {
             // The joiner publishes its own when its daemon starts.
             migration_ca: None,
         };
-        let created = link
-            .root
-            .txn(ferry_store::Txn {
-                compare: vec![ferry_store::Compare::Version(
-                    key.clone(),
-                    ferry_store::Cmp::Equal,
-                    0,
-                )],
-                success: vec![ferry_store::Op::Put {
-                    key: key.clone(),
-                    value: serde_json::to_vec(&record).expect("a host record serialises"),
-                    lease: None,
-                }],
-                failure: vec![],
-            })
-            .await?;
-        if !created.succeeded {
+        let value = serde_json::to_vec(&record).expect("a host record serialises");
+        if !put_if_absent(&*link.root, &key, value).await? {
             return Err(AgentError::refused(
                 Refusal::Exists,
                 format!("A host named {} is already a member", req.name),
@@ -803,23 +788,7 @@ impl Cluster {
             .filter(|kv| shared.iter().any(|p| kv.key.starts_with(p)))
         {
             let key = format!("{}{}", ferry_store::keys::shared::CLUSTER, kv.key);
-            let taken = root
-                .txn(ferry_store::Txn {
-                    compare: vec![ferry_store::Compare::Version(
-                        key.clone(),
-                        ferry_store::Cmp::Equal,
-                        0,
-                    )],
-                    success: vec![ferry_store::Op::Put {
-                        key: key.clone(),
-                        value: kv.value.clone(),
-                        lease: None,
-                    }],
-                    failure: vec![],
-                })
-                .await?
-                .succeeded;
-            if !taken {
+            if !put_if_absent(&root, &key, kv.value.clone()).await? {
                 tracing::warn!(%key, "the cluster has its own; this host's is not taken over");
             }
         }
@@ -1155,4 +1124,28 @@ async fn add_etcd_member(
     }
     endpoints.push(client_url(&req.address));
     Ok((initial, endpoints))
+}
+
+/// Writes `key` only if it does not exist; whether it was written.
+async fn put_if_absent(
+    store: &dyn ferry_store::Store,
+    key: &str,
+    value: Vec<u8>,
+) -> std::result::Result<bool, ferry_store::StoreError> {
+    Ok(store
+        .txn(ferry_store::Txn {
+            compare: vec![ferry_store::Compare::Version(
+                key.into(),
+                ferry_store::Cmp::Equal,
+                0,
+            )],
+            success: vec![ferry_store::Op::Put {
+                key: key.into(),
+                value,
+                lease: None,
+            }],
+            failure: vec![],
+        })
+        .await?
+        .succeeded)
 }
