@@ -240,12 +240,12 @@ pub(crate) async fn host(c: &Client, g: &Global, cmd: HostCmd) -> Result<()> {
                 }
             };
             let done = c.wait_task(t, g.json).await?;
-            let report: ferry_types::HostPowerReport = done
-                .result
-                .clone()
-                .map(serde_json::from_value)
-                .transpose()?
-                .unwrap_or_default();
+            let report: ferry_types::HostPowerReport = serde_json::from_value(
+                done.result
+                    .clone()
+                    .with_context(|| format!("task {} ended without its report", done.id))?,
+            )
+            .with_context(|| format!("task {}: not a host power report", done.id))?;
             if g.json {
                 return print_json(&report);
             }

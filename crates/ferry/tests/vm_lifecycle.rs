@@ -501,22 +501,15 @@ fn bridges_made_by_ferry_keep_their_mac_when_ports_join() -> Result<()> {
     Ok(())
 }
 
-/// A `host stop-all`/`start-all` report's steps as `vm:action`.
-fn steps(report: &Value) -> Vec<String> {
-    report["steps"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|s| {
-                    format!(
-                        "{}:{}",
-                        s["vm"].as_str().unwrap_or("?"),
-                        s["action"].as_str().unwrap_or("?")
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+/// A `host stop-all`/`start-all` report's steps as `vm:action` (a report that is not
+/// one is an error).
+fn steps(report: &Value) -> Result<Vec<String>> {
+    let r: ferry_types::HostPowerReport = serde_json::from_value(report.clone())
+        .with_context(|| format!("not a host power report: {report}"))?;
+    Ok(r.steps
+        .into_iter()
+        .map(|s| format!("{}:{}", s.vm, s.action))
+        .collect())
 }
 
 /// Each VM is in the state given.
@@ -580,7 +573,7 @@ fn host_shutdown_and_boot_follow_each_vms_startup_policy() -> Result<()> {
     // The host's shutdown: unordered first, then the highest order; nothing crashes.
     let report = lab.ferry_json(&["host", "stop-all"])?;
     assert_eq!(
-        steps(&report),
+        steps(&report)?,
         ["misc:shutdown", "app:suspend", "db:shutdown"],
         "{report}"
     );
@@ -603,7 +596,7 @@ fn host_shutdown_and_boot_follow_each_vms_startup_policy() -> Result<()> {
     lab.start_daemon()?;
     let report = boot_task(&lab)?;
     assert_eq!(
-        steps(&report),
+        steps(&report)?,
         ["db:start", "app:resume", "late:start"],
         "{report}"
     );
@@ -644,7 +637,7 @@ fn host_shutdown_and_boot_follow_each_vms_startup_policy() -> Result<()> {
     lab.new_boot()?;
     lab.start_daemon()?;
     let report = boot_task(&lab)?;
-    assert_eq!(steps(&report), ["db:start", "late:start"], "{report}");
+    assert_eq!(steps(&report)?, ["db:start", "late:start"], "{report}");
     let app = lab.ferry_json(&["vm", "show", "app"])?;
     assert_eq!(app["state"], "crashed", "{app}");
     assert!(
