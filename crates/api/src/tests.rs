@@ -27,6 +27,7 @@ async fn agent(d: &tempfile::TempDir) -> Agent {
             voter_replace_after: std::time::Duration::from_secs(300),
             file_restore_image: "/nonexistent".into(),
             boot_id_file: None,
+            cpu_models: vec![],
         },
         Arc::new(store),
     )

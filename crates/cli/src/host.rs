@@ -75,6 +75,7 @@ pub(crate) async fn host(c: &Client, g: &Global, cmd: HostCmd) -> Result<()> {
                     ""
                 }
             );
+            print_caps(h.caps.as_ref());
             Ok(())
         }
         HostCmd::Status => {
@@ -129,6 +130,7 @@ pub(crate) async fn host(c: &Client, g: &Global, cmd: HostCmd) -> Result<()> {
                 }
             );
             println!("processes and resource pools: {}", h.cgroups);
+            print_caps(h.caps.as_ref());
             if !h.units.is_empty() {
                 let mut u = table(&["UNIT", "ACTIVE", "SUB"]);
                 for x in &h.units {
@@ -265,6 +267,29 @@ pub(crate) async fn host(c: &Client, g: &Global, cmd: HostCmd) -> Result<()> {
                 .await?;
             println!("{} active", host.unwrap_or_else(|| "host".into()));
             Ok(())
+        }
+    }
+}
+
+/// What a host can run: its CPU models and newest machine types.
+fn print_caps(caps: Option<&ferry_types::HostCaps>) {
+    match caps {
+        None => println!("CPU models: unknown (its QEMU could not be asked)"),
+        Some(c) => {
+            println!("CPU models ({}): {}", c.arch, c.cpu_models.join(" "));
+            let newest: Vec<String> = [ferry_types::Machine::Pc, ferry_types::Machine::Q35]
+                .iter()
+                .filter_map(|m| {
+                    c.latest_machine_version(*m)
+                        .map(|v| ferry_types::cpu::machine_type(*m, Some(&v)))
+                })
+                .collect();
+            println!(
+                "machine types: newest {} ({} versions in all, QEMU {})",
+                newest.join(", "),
+                c.machines.len(),
+                c.qemu
+            );
         }
     }
 }

@@ -119,6 +119,12 @@ pub fn spec_json(name: &str, a: &SpecArgs, base: Option<&VmSpec>) -> Result<Valu
     if let Some(m) = &a.machine {
         v["machine"] = json!(m);
     }
+    if let Some(m) = &a.machine_version {
+        v["machine_version"] = json!(m);
+    }
+    if let Some(c) = &a.cpu {
+        v["cpu"] = json!(c);
+    }
     if let Some(f) = &a.firmware {
         v["firmware"] = json!(f);
     }

@@ -29,6 +29,15 @@ pub struct SpecArgs {
     /// pc (i440fx, default) or q35.
     #[arg(long)]
     pub machine: Option<Machine>,
+    /// The machine's QEMU version, e.g. 9.2 for pc-q35-9.2 (default at create: the
+    /// newest the host has; kept afterwards).
+    #[arg(long = "machine-version")]
+    pub machine_version: Option<String>,
+    /// CPU model: x86-64-v2-AES (default), x86-64-v2, x86-64-v3, x86-64-v4, a QEMU
+    /// model (Westmere, EPYC, ...) or host (the host's CPU; never moved by DRS). `ferry
+    /// host status` lists the host's.
+    #[arg(long)]
+    pub cpu: Option<String>,
     /// bios (default) or uefi.
     #[arg(long)]
     pub firmware: Option<Firmware>,
@@ -442,11 +451,13 @@ pub(crate) async fn vm(c: &Client, g: &Global, cmd: VmCmd) -> Result<()> {
                 return print_json(&v);
             }
             println!(
-                "VM {} defined (id {}, {} disks, {} NICs)",
+                "VM {} defined (id {}, {} disks, {} NICs; CPU {}, machine {})",
                 v.spec.name,
                 v.id,
                 v.spec.disks.len(),
-                v.spec.nics.len()
+                v.spec.nics.len(),
+                v.spec.cpu.as_deref().unwrap_or("as the host's"),
+                v.spec.machine_type()
             );
             Ok(())
         }

@@ -107,9 +107,11 @@ fn add_host(
     alive: Option<&Alive>,
     cap: Option<&HostCapacity>,
     maintenance: bool,
+    caps: Option<std::sync::Arc<ferry_types::HostCaps>>,
     vms: impl IntoIterator<Item = DrsVm>,
 ) {
-    let host = drs_host(name, alive, cap, maintenance);
+    let mut host = drs_host(name, alive, cap, maintenance);
+    host.caps = caps;
     let cpus = host.cpus;
     c.hosts.push(host);
     // A record of an earlier release: each VM's load.
@@ -151,6 +153,7 @@ fn drs_host(
             (Some(c), None) => sane_load(c.cpu_load, cpus),
             _ => 0.0,
         },
+        caps: None,
     }
 }
 
@@ -218,8 +221,12 @@ fn drs_vm(rec: &VmRecord, host: &str, load: Option<&VmLoad>, reach: &PoolReach) 
                 .iter()
                 .all(|d| reach.shared.contains(&d.pool) || reach.replicated.contains_key(&d.pool))
             && !rec.template
-            && rec.transit.is_none(),
+            && rec.transit.is_none()
+            // the host's own CPU passed through: moved only when an admin asks
+            && !rec.spec.cpu.as_deref().is_some_and(ferry_types::cpu::is_passthrough),
         pool: rec.spec.resource_pool.clone(),
+        cpu_model: rec.spec.cpu.clone(),
+        machine: rec.spec.pinned_machine(),
     }
 }
 
@@ -420,6 +427,7 @@ impl Cluster {
                 },
                 labels: self.cfg().resources.labels.clone(),
                 cpu_base: 0.0,
+                caps: self.caps().cloned().map(std::sync::Arc::new),
             });
             let shared = pool_reach(
                 self.store()
@@ -458,6 +466,7 @@ impl Cluster {
                     cache.alive(&m.name).as_ref(),
                     cache.load(&m.name).as_ref(),
                     cache.maintenance(&m.name),
+                    cache.caps(&m.name),
                     vms,
                 );
             }
@@ -480,6 +489,13 @@ impl Cluster {
             let pools = root
                 .list_json::<PoolSpec>(&keys::cluster::of_host(&m.name, keys::host::POOLS))
                 .await?;
+            let caps = root
+                .get_json::<ferry_types::HostCaps>(&keys::cluster::of_host(
+                    &m.name,
+                    keys::host::CAPS,
+                ))
+                .await?
+                .map(|(c, _)| std::sync::Arc::new(c));
             let vms = root
                 .list_json::<VmRecord>(&keys::cluster::of_host(&m.name, keys::host::VMS))
                 .await?;
@@ -489,6 +505,7 @@ impl Cluster {
                 alive.as_ref(),
                 cap.as_ref(),
                 maintenance,
+                caps,
                 host_vms(&m.name, pools, vms.iter()),
             );
         }

@@ -43,6 +43,8 @@ pub struct Host {
     /// total when its per-VM loads were not fetched (placement and admission need the
     /// total only; balancing fetches each VM's load).
     pub cpu_base: f64,
+    /// The CPU models and machine types it runs (None: not published; nothing checked).
+    pub caps: Option<std::sync::Arc<ferry_types::HostCaps>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +74,9 @@ pub struct Vm {
     /// May be live-migrated now (running, not mid-migration, not a template).
     pub movable: bool,
     pub pool: Option<String>,
+    /// Its CPU model and pinned machine type (None: defined before they were pinned).
+    pub cpu_model: Option<String>,
+    pub machine: Option<String>,
 }
 
 impl Vm {
@@ -88,6 +93,8 @@ impl Vm {
             rules: PlacementRules::default(),
             movable: true,
             pool: None,
+            cpu_model: None,
+            machine: None,
         }
     }
 }
@@ -101,6 +108,7 @@ impl Host {
             state: HostState::Online,
             labels: vec![],
             cpu_base: 0.0,
+            caps: None,
         }
     }
 }

@@ -107,6 +107,9 @@ impl<'a> State<'a> {
     pub fn rule_reasons(&self, vm: &Vm, h: usize, out: &mut Vec<String>) {
         let host = &self.c.hosts[h];
         let r = &vm.rules;
+        if let Some(caps) = &host.caps {
+            out.extend(caps.refusals(vm.cpu_model.as_deref(), vm.machine.as_deref()));
+        }
         if !r.hosts.is_empty() && !r.hosts.contains(&host.name) {
             out.push(format!("not among the VM's hosts ({})", r.hosts.join(", ")));
         }

@@ -125,6 +125,71 @@ fn restarts_and_evacuations_follow_the_rules() {
     assert!(!err.contains("c:"), "{err}");
 }
 
+/// Caps of a host running `models` and machine `pc-q35-10.0`.
+fn caps(models: &[&str]) -> Option<std::sync::Arc<ferry_types::HostCaps>> {
+    Some(std::sync::Arc::new(ferry_types::HostCaps {
+        arch: "x86_64".into(),
+        accel: "kvm".into(),
+        qemu: "10.0.2".into(),
+        cpu_models: models.iter().map(|m| m.to_string()).collect(),
+        machines: vec!["pc-q35-10.0".into()],
+    }))
+}
+
+#[test]
+fn hosts_that_cannot_run_the_cpu_or_machine_take_nothing_restarts_and_balance_included() {
+    let mut c = three();
+    c.hosts[0].caps = caps(&["x86-64-v2-AES", "x86-64-v3"]);
+    c.hosts[1].caps = caps(&["x86-64-v2-AES"]);
+    // c publishes nothing (an earlier release): not checked
+    let mut v3 = Vm::new("v3", "", 1, G, 0.1);
+    v3.cpu_model = Some("x86-64-v3".into());
+    v3.machine = Some("pc-q35-10.0".into());
+    let r = place(&c, &v3, &cfg());
+    let b = r.hosts.iter().find(|h| h.host == "b").unwrap();
+    assert!(!b.eligible);
+    assert_eq!(b.reasons, ["cannot run CPU model x86-64-v3"]);
+    let mut old_machine = v3.clone();
+    old_machine.cpu_model = Some("x86-64-v2-AES".into());
+    old_machine.machine = Some("pc-q35-8.0".into());
+    let r = place(&c, &old_machine, &cfg());
+    assert_eq!(r.host.as_deref(), Some("c"), "{r:?}");
+    assert!(
+        r.hosts[0].reasons[0].contains("lacks machine type pc-q35-8.0"),
+        "{r:?}"
+    );
+
+    // An HA restart away from a goes to c (b cannot run it) and nowhere when c is down.
+    v3.host = "a".into();
+    v3.ha = true;
+    c.vms.push(v3);
+    c.hosts[0].state = HostState::Down;
+    let mut with_c = c.clone();
+    assert_eq!(
+        place_away(&mut with_c, "v3", "a", &cfg()).as_deref(),
+        Ok("c")
+    );
+    c.hosts[2].state = HostState::Down;
+    let err = place_away(&mut c, "v3", "a", &cfg()).unwrap_err();
+    assert!(err.contains("b: cannot run CPU model x86-64-v3"), "{err}");
+
+    // Balancing never moves a VM to a host that cannot run it, however loaded.
+    let mut c = three();
+    c.hosts[1].caps = caps(&["x86-64-v2-AES"]);
+    c.hosts[2].caps = caps(&["x86-64-v2-AES"]);
+    for i in 0..6 {
+        let mut v = Vm::new(&format!("v{i}"), "a", 1, G, 0.5);
+        v.cpu_model = Some(if i < 3 { "x86-64-v3" } else { "x86-64-v2-AES" }.into());
+        c.vms.push(v);
+    }
+    let plan = balance(&c, &cfg(), &BTreeSet::new(), Tuning::default());
+    assert!(!plan.moves.is_empty(), "{plan:?}");
+    for m in &plan.moves {
+        let v = c.vms.iter().find(|v| v.name == m.vm).unwrap();
+        assert_eq!(v.cpu_model.as_deref(), Some("x86-64-v2-AES"), "{m:?}");
+    }
+}
+
 #[test]
 fn affinity_keeps_a_group_together() {
     let mut c = three();

@@ -66,6 +66,11 @@ pub struct ServeArgs {
     /// environment: comma-separated).
     #[arg(long = "label", env = "FERRY_LABELS", value_delimiter = ',')]
     pub labels: Vec<String>,
+    /// A CPU model VMs may use on this host; repeatable (in the environment:
+    /// comma-separated). Default: every model its QEMU runs. The same list on every
+    /// host gives the cluster one baseline (like vSphere's EVC).
+    #[arg(long = "cpu-model", env = "FERRY_CPU_MODELS", value_delimiter = ',')]
+    pub cpu_models: Vec<String>,
     /// Resource pools and VMs: under systemd the slice `NAME.slice` (VMs in scopes
     /// `NAME-vm-ID.scope`, pools in slices below it); elsewhere a cgroup directory of
     /// that name under the daemon's own cgroup.

@@ -321,6 +321,7 @@ async fn serve(a: config::ServeArgs) -> Result<()> {
         voter_replace_after: std::time::Duration::from_secs(a.voter_replace_after),
         file_restore_image: a.file_restore_image.clone(),
         boot_id_file: Some(a.boot_id_file.clone()),
+        cpu_models: a.cpu_models.clone(),
     };
     let agent = match cluster_cfg {
         Some(cc) => {

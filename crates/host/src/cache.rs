@@ -16,7 +16,7 @@ use ferry_store::keys::cluster as ck;
 pub use ferry_store::mirror::Change;
 use ferry_store::mirror::Mirror;
 use ferry_store::Store;
-use ferry_types::{ClusterHost, HostAlive, HostCapacity, PoolSpec};
+use ferry_types::{ClusterHost, HostAlive, HostCapacity, HostCaps, PoolSpec};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +26,7 @@ pub enum HostItem {
     Vm(Arc<VmRecord>),
     Pool(Arc<PoolSpec>),
     Maintenance(bool),
+    Caps(Arc<HostCaps>),
 }
 
 /// A VM record and the host holding it.
@@ -69,6 +70,7 @@ fn host_item(key: &str, value: &[u8]) -> Option<HostItem> {
             serde_json::from_slice(value).map(|p| HostItem::Pool(Arc::new(p)))
         }
         ("meta", "maintenance") => serde_json::from_slice(value).map(HostItem::Maintenance),
+        ("meta", "caps") => serde_json::from_slice(value).map(|c| HostItem::Caps(Arc::new(c))),
         _ => return None,
     };
     match decoded {
@@ -199,6 +201,15 @@ impl ClusterCache {
         })
     }
 
+    /// What host `host` can run, as it published at its daemon's start.
+    pub fn caps(&self, host: &str) -> Option<Arc<HostCaps>> {
+        self.hosts
+            .read(|e| match e.map.get(&format!("{host}/meta/caps")) {
+                Some((HostItem::Caps(c), _)) => Some(c.clone()),
+                _ => None,
+            })
+    }
+
     pub fn alive(&self, host: &str) -> Option<HostAlive> {
         self.alive.read(|e| e.map.get(host).map(|(a, _)| a.clone()))
     }
@@ -235,6 +246,7 @@ mod tests {
             // Unreadable: left out, never a panic.
             ("h1/vms/x", b"{not json"),
             ("h1/meta/maintenance", b"\"yes\""),
+            ("h1/meta/caps", b"[]"),
         ] {
             assert!(host_item(key, value).is_none(), "{key}");
         }

@@ -303,6 +303,30 @@ impl HostOs for FakeOs {
         self.images.clone()
     }
 
+    async fn probe_caps(
+        &self,
+        _binary: &str,
+        accel: ferry_qemu::Accel,
+        _run_dir: &std::path::Path,
+        allowed: &[String],
+    ) -> Option<ferry_types::HostCaps> {
+        // What QEMU 10.0 answers under TCG, in short.
+        let probe = ferry_types::cpu::Probe {
+            definitions: vec![("qemu64".into(), true), ("Westmere".into(), true)],
+            max_flags: [
+                "cx16", "lahf-lm", "popcnt", "pni", "sse4.1", "sse4.2", "ssse3", "aes",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+            machines: ["pc-i440fx-10.0", "pc-q35-10.0", "pc-q35-9.2", "pc", "q35"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        };
+        Some(ferry_types::cpu::host_caps("x86_64", &accel.to_string(), "10.0.2", &probe, allowed).0)
+    }
+
     fn kill_ha_qemus(&self, run_dir: &std::path::Path) -> Vec<i32> {
         self.with(|s| {
             let now = std::time::Instant::now();
@@ -357,6 +381,7 @@ pub async fn open_member(
         voter_replace_after: std::time::Duration::from_secs(300),
         file_restore_image: "/nonexistent".into(),
         boot_id_file: None,
+        cpu_models: vec![],
     };
     crate::Host::open_on(cfg, store, link, os).await
 }

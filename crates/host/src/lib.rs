@@ -21,6 +21,7 @@ pub mod backup_sync;
 pub mod blockdev;
 pub mod boot_check;
 pub mod cache;
+pub mod caps;
 pub mod cgroups;
 pub mod clones;
 pub mod confine;
@@ -107,6 +108,9 @@ pub struct AgentConfig {
     /// (`/proc/sys/kernel/random/boot_id`): the first daemon start of a boot starts the
     /// VMs the host brings back (`power.rs`). None: no boot handling (tests).
     pub boot_id_file: Option<PathBuf>,
+    /// The CPU models VMs may use here (empty: every model this host's QEMU runs): a
+    /// cluster's common baseline, like vSphere's EVC.
+    pub cpu_models: Vec<String>,
 }
 
 /// The default port of the replication service.
@@ -153,6 +157,8 @@ struct Inner {
     tasks: Tasks,
     slots: Mutex<HashMap<String, Arc<runtime::Slot>>>,
     qemu_version: String,
+    /// What this host can run (its QEMU's CPU models and machine types).
+    caps: Option<ferry_types::HostCaps>,
     /// The etcd cluster this host belongs to.
     cluster: Option<link::ClusterLink>,
     /// The cluster side's answers (set once, when the cluster side starts).
@@ -229,6 +235,9 @@ impl Host {
         let events = EventLog::load(local.clone()).await?;
         let tasks = Tasks::load(local, events.clone()).await?;
         let qemu_version = qemu_version(&cfg.qemu_binary).await;
+        let caps = os
+            .probe_caps(&cfg.qemu_binary, accel, &cfg.run_dir, &cfg.cpu_models)
+            .await;
         let (rebooted, prev_boot) = Host::read_boot(&cfg);
         let cgroups = os.cgroups(&cfg.resources.cgroup_root);
         tracing::info!(cgroups = %cgroups.describe(), "resource pools");
@@ -242,6 +251,7 @@ impl Host {
                 tasks,
                 slots: Mutex::new(HashMap::new()),
                 qemu_version,
+                caps,
                 cluster,
                 view: Default::default(),
                 loops: Default::default(),
@@ -262,6 +272,7 @@ impl Host {
         };
         host.open_dirs_to_qemu();
         host.ensure_default_pool().await?;
+        host.publish_caps().await?;
         host.start_replication().await?;
         // before any request: a check an earlier run left is not a new one's
         host.sweep_boot_checks().await;
@@ -376,6 +387,7 @@ impl Host {
             ports: self.ports(),
             cgroups: self.inner.cgroups.describe(),
             shutting_down: self.shutting_down(),
+            caps: self.caps().cloned(),
         })
     }
 

@@ -73,6 +73,7 @@ impl Host {
     /// Resolves volumes, ISOs, taps and firmware into a launch plan.
     async fn plan(&self, rec: &VmRecord) -> Result<LaunchPlan> {
         let spec = &rec.spec;
+        self.check_runnable(spec)?;
         let mut disks = vec![];
         let run = self.run_paths(rec.id);
         for (i, d) in spec.disks.iter().enumerate() {

@@ -75,6 +75,15 @@ pub trait HostOs: Send + Sync + 'static {
     fn kill_ha_qemus(&self, run_dir: &std::path::Path) -> Vec<i32>;
     /// What runs `qemu-img` for the pools.
     fn images(&self) -> std::sync::Arc<dyn ferry_storage::ImageTool>;
+    /// What QEMU `binary` can run with `accel` (CPU models limited to `allowed` when
+    /// given); None when it cannot be asked.
+    async fn probe_caps(
+        &self,
+        binary: &str,
+        accel: ferry_qemu::Accel,
+        run_dir: &std::path::Path,
+        allowed: &[String],
+    ) -> Option<ferry_types::HostCaps>;
 }
 
 /// The machine itself.
@@ -178,6 +187,16 @@ impl HostOs for RealOs {
 
     fn kill_ha_qemus(&self, run_dir: &std::path::Path) -> Vec<i32> {
         kill_ha_qemus(run_dir)
+    }
+
+    async fn probe_caps(
+        &self,
+        binary: &str,
+        accel: ferry_qemu::Accel,
+        run_dir: &std::path::Path,
+        allowed: &[String],
+    ) -> Option<ferry_types::HostCaps> {
+        crate::caps::detect(binary, accel, run_dir, allowed).await
     }
 }
 

@@ -83,6 +83,32 @@ impl Host {
     /// Checks of a spec against this host: pools, volumes, bridges, memory, MACs.
     pub(crate) async fn check_host(&self, spec: &VmSpec, own_name: Option<&str>) -> Result<()> {
         let mut e = ferry_types::ValidationErrors::default();
+        if let Some(caps) = self.caps() {
+            if let Some(c) = spec.cpu.as_deref() {
+                if !caps.cpu_models.iter().any(|m| m == c) {
+                    e.push(
+                        "cpu",
+                        format!(
+                            "CPU model {c} is not one this host runs ({})",
+                            caps.cpu_models.join(", ")
+                        ),
+                    );
+                }
+            }
+            if let Some(m) = spec.pinned_machine() {
+                if !caps.machines.contains(&m) {
+                    e.push(
+                        "machine_version",
+                        format!(
+                            "QEMU {} here has no machine type {m} (newest: {})",
+                            caps.qemu,
+                            caps.latest_machine_version(spec.machine)
+                                .unwrap_or_else(|| "none".into())
+                        ),
+                    );
+                }
+            }
+        }
         let host_mem_mib = crate::host_memory_bytes() >> 20;
         if host_mem_mib > 0 && spec.memory_mib > host_mem_mib {
             e.push(
@@ -244,6 +270,7 @@ impl Host {
     #[tracing::instrument(skip_all, fields(vm = %spec.name))]
     pub async fn create_vm(&self, mut spec: VmSpec) -> Result<Vm> {
         spec.validate()?;
+        self.pin_hardware(&mut spec);
         self.check_resource_pool(&spec).await?;
         self.check_name_free(&spec.name).await?;
         self.check_host(&spec, None).await?;
@@ -294,6 +321,13 @@ impl Host {
         let _op = self.lock_vm(name).await;
         let slot = _op.slot().clone();
         let (old, rev) = self.record(name).await?;
+        // The CPU model and machine version stay unless the edit names others.
+        if spec.cpu.is_none() {
+            spec.cpu.clone_from(&old.spec.cpu);
+        }
+        if spec.machine_version.is_none() {
+            spec.machine_version.clone_from(&old.spec.machine_version);
+        }
         // Its startup policy and description change in any state; the rest while stopped.
         let policy_only = {
             let mut same = old.spec.clone();

@@ -230,6 +230,7 @@ impl Migrations {
     /// Checks that this host may take VM `spec` (valid, not in maintenance, name free).
     pub(crate) async fn may_receive(&self, spec: &ferry_types::VmSpec) -> Result<()> {
         spec.validate()?;
+        self.check_runnable(spec)?;
         if self.shutting_down() {
             return Err(AgentError::refused(
                 Refusal::ShuttingDown,

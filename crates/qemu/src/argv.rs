@@ -166,21 +166,20 @@ pub fn build_argv(p: &LaunchPlan) -> Vec<OsString> {
     let s = &p.spec;
     let mut a = Args(vec![]);
     a.push("-name", format!("guest={},debug-threads=on", s.name));
-    let machine = match s.machine {
-        Machine::Pc => "pc",
-        Machine::Q35 => "q35",
-    };
-    let mut mach = machine.to_string();
+    let mut mach = s.machine_type();
     if p.ovmf.is_some() && s.firmware == Firmware::Uefi {
         mach.push_str(",pflash0=pflash0,pflash1=pflash1");
     }
     a.push("-machine", mach);
     match p.accel {
-        Accel::Kvm => {
-            a.push("-accel", "kvm");
-            a.push("-cpu", "host");
-        }
+        Accel::Kvm => a.push("-accel", "kvm"),
         Accel::Tcg => a.push("-accel", "tcg,thread=single"),
+    }
+    match (&s.cpu, p.accel) {
+        (Some(m), _) => a.push("-cpu", ferry_types::cpu::qemu_cpu_arg(m)),
+        // defined before CPU models: as it always ran
+        (None, Accel::Kvm) => a.push("-cpu", "host"),
+        (None, Accel::Tcg) => {}
     }
     a.push("-smp", s.cpus.to_string());
     a.push("-m", format!("{}M", s.memory_mib));
@@ -537,8 +536,36 @@ mod tests {
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
         assert!(s.windows(2).any(|w| w[0] == "-accel" && w[1] == "kvm"));
+        // a VM defined before CPU models keeps the host's CPU on KVM
+        assert!(s.windows(2).any(|w| w[0] == "-cpu" && w[1] == "host"));
+        assert!(s.windows(2).any(|w| w[0] == "-machine" && w[1] == "pc"));
         let nd = devices(&build_argv(&p), "-netdev");
         assert_eq!(nd[0]["vhost"], true);
+    }
+
+    #[test]
+    fn argv_pins_the_cpu_model_and_the_machine_version() {
+        let mut p = plan();
+        p.spec.cpu = Some("x86-64-v2-AES".into());
+        p.spec.machine = Machine::Q35;
+        p.spec.machine_version = Some("9.2".into());
+        for accel in [Accel::Tcg, Accel::Kvm] {
+            p.accel = accel;
+            let s: Vec<String> = build_argv(&p)
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            let cpu: Vec<&String> = s
+                .windows(2)
+                .filter(|w| w[0] == "-cpu")
+                .map(|w| &w[1])
+                .collect();
+            assert_eq!(cpu.len(), 1, "{s:?}");
+            assert!(cpu[0].starts_with("qemu64,+cx16") && cpu[0].ends_with(",enforce"));
+            assert!(s
+                .windows(2)
+                .any(|w| w[0] == "-machine" && w[1] == "pc-q35-9.2"));
+        }
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub mod host {
     pub const NEXT_VM_ID: &str = "/meta/next-vm-id";
     /// Whether the host is in maintenance mode (`true`/`false`).
     pub const MAINTENANCE: &str = "/meta/maintenance";
+    /// What the host can run (`ferry_types::HostCaps`), written at the daemon's start.
+    pub const CAPS: &str = "/meta/caps";
 
     pub fn vm(name: &str) -> String {
         format!("{VMS}{name}")

@@ -50,6 +50,10 @@ pub struct HostInfo {
     /// or the next boot.
     #[serde(default)]
     pub shutting_down: bool,
+    /// What it can run: CPU models and machine types (none when its QEMU could not be
+    /// asked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caps: Option<crate::HostCaps>,
 }
 
 /// One of ferry's systemd units on a host.

@@ -5,6 +5,7 @@
 pub mod access;
 pub mod backup;
 pub mod cluster;
+pub mod cpu;
 pub mod drs;
 pub mod error;
 pub mod event;
@@ -22,6 +23,7 @@ pub mod vm;
 pub use access::*;
 pub use backup::*;
 pub use cluster::*;
+pub use cpu::{HostCaps, DEFAULT_CPU_MODEL};
 pub use drs::*;
 pub use error::{code_for_status, ApiErrorBody};
 pub use event::Event;

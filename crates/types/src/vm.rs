@@ -186,6 +186,16 @@ pub struct VmSpec {
     pub memory_mib: u64,
     #[serde(default)]
     pub machine: Machine,
+    /// The machine's QEMU version (`10.0`: `pc-q35-10.0`), pinned at create to the
+    /// newest the host has, so a QEMU upgrade never changes the VM's hardware; absent
+    /// in VMs defined before versions were pinned (they get the newest at each start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_version: Option<String>,
+    /// The CPU model (`x86-64-v2-AES` by default at create; `host` only by choice: it
+    /// cannot move between hosts safely). Absent in VMs defined before models: `host`
+    /// on KVM, QEMU's default under TCG.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
     #[serde(default)]
     pub firmware: Firmware,
     #[serde(default)]
@@ -419,6 +429,16 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], &'static str> {
 }
 
 impl VmSpec {
+    /// The QEMU machine type (`pc-q35-10.0`, or the unversioned alias of an old VM).
+    pub fn machine_type(&self) -> String {
+        crate::cpu::machine_type(self.machine, self.machine_version.as_deref())
+    }
+
+    /// The machine type placement and migration must find on a host (None: unpinned).
+    pub fn pinned_machine(&self) -> Option<String> {
+        self.machine_version.as_ref().map(|_| self.machine_type())
+    }
+
     /// Device ids in the default boot order.
     pub fn device_ids(&self) -> Vec<String> {
         let mut ids: Vec<String> = (0..self.disks.len()).map(|i| format!("disk{i}")).collect();
@@ -447,6 +467,16 @@ impl VmSpec {
         self.startup.check(&mut e);
         if let Some(p) = &self.resource_pool {
             check_name(&mut e, "resource_pool", p);
+        }
+        if let Some(Err(r)) = self.cpu.as_deref().map(crate::cpu::check_cpu_model) {
+            e.push("cpu", r);
+        }
+        if let Some(Err(r)) = self
+            .machine_version
+            .as_deref()
+            .map(crate::cpu::check_machine_version)
+        {
+            e.push("machine_version", r);
         }
         if self.cpus == 0 || self.cpus > MAX_CPUS {
             e.push("cpus", format!("must be between 1 and {MAX_CPUS}"));

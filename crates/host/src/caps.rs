@@ -1,0 +1,241 @@
+//! What this host can run (`ferry_types::cpu`): probed from its QEMU at the daemon's
+//! start (`-machine none`, three QMP queries, ~0.3 s), limited by the admin's
+//! `cpu_models`, published under the host's scope (`/meta/caps`) for placement and
+//! migration, and checked at every create, edit, start and incoming migration.
+
+use crate::error::{AgentError, Refusal, Result};
+use crate::Host;
+use ferry_qemu::Accel;
+use ferry_store::{keys, StoreJson};
+use ferry_types::cpu::{host_caps, Probe};
+use ferry_types::{HostCaps, VmSpec};
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::Duration;
+
+/// The guest architecture of a `qemu-system-ARCH` binary.
+pub fn arch_of(binary: &str) -> String {
+    Path::new(binary)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("qemu-system-"))
+        .filter(|a| !a.is_empty())
+        .unwrap_or(std::env::consts::ARCH)
+        .to_string()
+}
+
+/// Asks QEMU `bin` (with `accel`) which CPU models and machine types it has. The
+/// process is ended when this returns.
+pub async fn probe(
+    bin: &str,
+    accel: Accel,
+    dir: &Path,
+) -> std::result::Result<(Probe, String), String> {
+    let sock = dir.join(format!("caps-probe-{}.qmp", std::process::id()));
+    let _ = std::fs::remove_file(&sock);
+    let mut child = tokio::process::Command::new(bin)
+        .args(["-machine", "none", "-accel"])
+        .arg(accel.to_string())
+        .args(["-nodefaults", "-no-user-config", "-display", "none"])
+        .args(["-sandbox", ferry_qemu::SANDBOX])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", sock.display()))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("run {bin}: {e}"))?;
+    let pid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
+    let asked = async {
+        let q = ferry_qmp::Qmp::connect_retry_to(&sock, Duration::from_secs(20), pid)
+            .await
+            .map_err(|e| format!("QMP: {e}"))?
+            .with_timeout(Duration::from_secs(20));
+        let ask = |cmd: &'static str, args: Option<Value>| {
+            let q = q.clone();
+            async move {
+                q.execute(cmd, args)
+                    .await
+                    .map_err(|e| format!("{cmd}: {e}"))
+            }
+        };
+        let defs = ask("query-cpu-definitions", None).await?;
+        let max = ask(
+            "query-cpu-model-expansion",
+            Some(json!({"type": "full", "model": {"name": "max"}})),
+        )
+        .await?;
+        let machines = ask("query-machines", None).await?;
+        let version = ask("query-version", None).await?;
+        let _ = q.execute("quit", None).await;
+        Ok::<_, String>(parse(&defs, &max, &machines, &version))
+    };
+    let r = tokio::time::timeout(Duration::from_secs(30), asked)
+        .await
+        .map_err(|_| "QEMU did not answer within 30 s".to_string())
+        .and_then(|r| r);
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+    let _ = std::fs::remove_file(&sock);
+    r
+}
+
+/// QEMU's answers reduced; anything malformed is left out (never a panic).
+fn parse(defs: &Value, max: &Value, machines: &Value, version: &Value) -> (Probe, String) {
+    let definitions = defs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| {
+            let name = d.get("name")?.as_str()?.to_string();
+            let usable = d
+                .get("unavailable-features")
+                .and_then(Value::as_array)
+                .is_some_and(|u| u.is_empty());
+            Some((name, usable))
+        })
+        .collect();
+    let max_flags = max
+        .pointer("/model/props")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .filter(|(_, v)| v.as_bool() == Some(true))
+        .map(|(k, _)| k.clone())
+        .collect();
+    let machines = machines
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| Some(m.get("name")?.as_str()?.to_string()))
+        .collect();
+    let v = |k: &str| {
+        version
+            .pointer(&format!("/qemu/{k}"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    };
+    let qemu = format!("{}.{}.{}", v("major"), v("minor"), v("micro"));
+    (
+        Probe {
+            definitions,
+            max_flags,
+            machines,
+        },
+        qemu,
+    )
+}
+
+/// This host's caps: probed, limited to `allowed`; None when QEMU could not be asked
+/// (then nothing is checked against them, as before they existed).
+pub async fn detect(bin: &str, accel: Accel, dir: &Path, allowed: &[String]) -> Option<HostCaps> {
+    let started = std::time::Instant::now();
+    match probe(bin, accel, dir).await {
+        Ok((p, qemu)) => {
+            let (caps, dropped) = host_caps(&arch_of(bin), &accel.to_string(), &qemu, &p, allowed);
+            if !dropped.is_empty() {
+                tracing::warn!(
+                    models = %dropped.join(", "),
+                    "cpu_models names models this host's QEMU cannot run: left out"
+                );
+            }
+            tracing::info!(
+                models = caps.cpu_models.len(),
+                machines = caps.machines.len(),
+                ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                "QEMU's CPU models and machine types"
+            );
+            Some(caps)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not ask QEMU for its CPU models: none checked");
+            None
+        }
+    }
+}
+
+impl Host {
+    /// What this host can run (None: its QEMU could not be asked).
+    pub fn caps(&self) -> Option<&HostCaps> {
+        self.inner.caps.as_ref()
+    }
+
+    /// Writes this host's caps where the cluster reads them, when they changed.
+    pub(crate) async fn publish_caps(&self) -> Result<()> {
+        let Some(caps) = self.caps() else {
+            return Ok(());
+        };
+        let old = self.store().get_json::<HostCaps>(keys::host::CAPS).await?;
+        if old.as_ref().map(|(c, _)| c) != Some(caps) {
+            self.store().put_json(keys::host::CAPS, caps).await?;
+        }
+        Ok(())
+    }
+
+    /// Refuses a VM whose CPU model or machine type this host cannot run, with why.
+    pub fn check_runnable(&self, spec: &VmSpec) -> Result<()> {
+        let Some(caps) = self.caps() else {
+            return Ok(());
+        };
+        let why = caps.refusals(spec.cpu.as_deref(), spec.pinned_machine().as_deref());
+        if why.is_empty() {
+            return Ok(());
+        }
+        Err(AgentError::refused(
+            Refusal::HostLacks,
+            format!(
+                "Host {} {} (it runs CPU models {})",
+                self.host_name(),
+                why.join(" and "),
+                caps.cpu_models.join(", ")
+            ),
+        ))
+    }
+
+    /// A new VM's CPU model and machine version where the user gave none: ferry's
+    /// default model, the newest machine version this host has.
+    pub(crate) fn pin_hardware(&self, spec: &mut VmSpec) {
+        if spec.cpu.is_none() {
+            spec.cpu = Some(ferry_types::DEFAULT_CPU_MODEL.to_string());
+        }
+        if spec.machine_version.is_none() {
+            spec.machine_version = self
+                .caps()
+                .and_then(|c| c.latest_machine_version(spec.machine));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arch_from_the_binary_name() {
+        assert_eq!(arch_of("qemu-system-x86_64"), "x86_64");
+        assert_eq!(arch_of("/usr/bin/qemu-system-aarch64"), "aarch64");
+        assert_eq!(arch_of("/opt/qemu"), std::env::consts::ARCH);
+    }
+
+    #[test]
+    fn malformed_answers_are_left_out() {
+        let (p, v) = parse(
+            &json!([{"name": "a", "unavailable-features": []}, {"name": 1}, {"x": 2},
+                    {"name": "b", "unavailable-features": ["avx"]}, {"name": "c"}]),
+            &json!({"model": {"props": {"aes": true, "avx": false, "family": 6}}}),
+            &json!([{"name": "pc-q35-10.0"}, {"name": null}, 3]),
+            &json!({"qemu": {"major": 10, "minor": 0, "micro": 2}}),
+        );
+        assert_eq!(
+            p.definitions,
+            [("a".into(), true), ("b".into(), false), ("c".into(), false)]
+        );
+        assert_eq!(p.max_flags.into_iter().collect::<Vec<_>>(), ["aes"]);
+        assert_eq!(p.machines, ["pc-q35-10.0"]);
+        assert_eq!(v, "10.0.2");
+        let (p, v) = parse(&json!(null), &json!("x"), &json!({}), &json!([]));
+        assert!(p.definitions.is_empty() && p.machines.is_empty());
+        assert_eq!(v, "0.0.0");
+    }
+}
