@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the tiny test guest, cached outside the repo in ${FERRY_GUEST_DIR:-/var/cache/ferry/guest}:
 #   vmlinux    the ELF kernel from Debian's cloud kernel package (boots directly, PVH)
-#   initrd.img busybox-static + virtio modules + scripts/guest-init
+#   initrd.img busybox-static + virtio (and vmxnet3) modules + scripts/guest-init
 # Idempotent: rebuilds only when the inputs changed.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -44,7 +44,7 @@ PY
 mkdir -p ird/bin ird/sbin ird/etc ird/proc ird/sys ird/dev ird/tmp ird/run ird/mnt ird/www/cgi-bin ird/lib/modules ird/root
 cp /bin/busybox ird/bin/busybox
 for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover \
-         virtio_net virtio_blk scsi_common scsi_mod sd_mod virtio_scsi virtio_console button evdev; do
+         virtio_net vmxnet3 virtio_blk scsi_common scsi_mod sd_mod virtio_scsi virtio_console button evdev; do
   f=$(find root/lib/modules -name "$m.ko*" | head -1)
   [ -n "$f" ] || { echo "build-guest: module $m not in $kpkg (built in?)"; continue; }
   case "$f" in

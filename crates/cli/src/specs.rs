@@ -43,12 +43,37 @@ pub fn disk_json(d: &str) -> Result<Value> {
             m.insert(flag.into(), json!(b));
         }
     }
+    for k in ["iops", "mbps", "iops_max", "mbps_max", "burst_s"] {
+        if let Some(Value::String(s)) = m.get(k) {
+            let v: u64 = s
+                .parse()
+                .with_context(|| format!("--disk {k}={s}: not a whole number"))?;
+            m.insert(k.into(), json!(v));
+        }
+    }
     Ok(Value::Object(m))
 }
 
 /// One `--nic` option as JSON.
 pub fn nic_json(n: &str) -> Result<Value> {
-    kv(n, &[]).map(Value::Object)
+    let mut m = kv(n, &[])?;
+    for k in ["vlan", "mtu"] {
+        if let Some(Value::String(s)) = m.get(k) {
+            let v: u32 = s
+                .parse()
+                .with_context(|| format!("--nic {k}={s}: not a number"))?;
+            m.insert(k.into(), json!(v));
+        }
+    }
+    if let Some(Value::String(s)) = m.remove("link") {
+        let down = match s.as_str() {
+            "up" => false,
+            "down" => true,
+            _ => bail!("--nic link={s}: use up or down"),
+        };
+        m.insert("link_down".into(), json!(down));
+    }
+    Ok(Value::Object(m))
 }
 
 /// One `--cdrom` option as JSON.
@@ -108,10 +133,7 @@ pub fn spec_json(name: &str, a: &SpecArgs, base: Option<&VmSpec>) -> Result<Valu
     push(
         &mut v,
         "nics",
-        a.nics
-            .iter()
-            .map(|n| kv(n, &[]).map(Value::Object))
-            .collect::<Result<_>>()?,
+        a.nics.iter().map(|n| nic_json(n)).collect::<Result<_>>()?,
     );
     if let Some(b) = &a.boot {
         v["boot_order"] = json!(b.split(',').filter(|s| !s.is_empty()).collect::<Vec<_>>());
@@ -124,6 +146,19 @@ pub fn spec_json(name: &str, a: &SpecArgs, base: Option<&VmSpec>) -> Result<Valu
     }
     if let Some(c) = &a.cpu {
         v["cpu"] = json!(c);
+    }
+    for (k, x) in [
+        ("tablet", &a.tablet),
+        ("rng", &a.rng),
+        ("balloon", &a.balloon),
+    ] {
+        if let Some(x) = x {
+            v[k] = json!(match x.as_str() {
+                "on" => true,
+                "off" => false,
+                _ => bail!("--{k} {x}: use on or off"),
+            });
+        }
     }
     if let Some(f) = &a.firmware {
         v["firmware"] = json!(f);

@@ -14,13 +14,15 @@ pub struct SpecArgs {
     /// Memory: 512M, 2G (a plain number is MiB).
     #[arg(long)]
     pub memory: Option<String>,
-    /// A disk: bus=virtio|scsi|sata|ide,pool=local,size=10G[,format=qcow2|raw][,cache=none|writeback|...][,volume=NAME][,readonly]. Repeatable.
+    /// A disk: bus=virtio|scsi|sata|ide,pool=local,size=10G[,format=qcow2|raw][,cache=none|writeback|...][,volume=NAME][,readonly][,iops=N][,mbps=N][,iops_max=N,mbps_max=N,burst_s=S (bursts)]. Repeatable.
     #[arg(long = "disk")]
     pub disks: Vec<String>,
     /// A CD-ROM: POOL/VOLUME[,bus=ide|sata|scsi], or `empty`. Repeatable.
     #[arg(long = "cdrom")]
     pub cdroms: Vec<String>,
-    /// A NIC: bridge=NAME[,model=virtio|e1000][,mac=52:54:00:..]. Repeatable.
+    /// A NIC: bridge=NAME[,model=virtio|e1000|e1000e|rtl8139|vmxnet3][,mac=52:54:00:..]
+    /// [,vlan=1-4094 (on a VLAN-aware bridge)][,mtu=N (virtio)][,link=up|down].
+    /// Repeatable.
     #[arg(long = "nic")]
     pub nics: Vec<String>,
     /// Boot order: device ids, e.g. cdrom0,disk0,net0.
@@ -38,6 +40,15 @@ pub struct SpecArgs {
     /// host status` lists the host's.
     #[arg(long)]
     pub cpu: Option<String>,
+    /// A USB tablet, so the VNC pointer does not drift: on (default at create) or off.
+    #[arg(long)]
+    pub tablet: Option<String>,
+    /// A virtio RNG fed from the host's /dev/urandom: on (default at create) or off.
+    #[arg(long)]
+    pub rng: Option<String>,
+    /// A virtio memory balloon: on (default at create) or off.
+    #[arg(long)]
+    pub balloon: Option<String>,
     /// bios (default) or uefi.
     #[arg(long)]
     pub firmware: Option<Firmware>,
@@ -352,10 +363,17 @@ pub enum DiskCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum NicCmd {
-    /// Add a NIC: bridge=NAME[,model=virtio|e1000][,mac=...].
+    /// Add a NIC: bridge=NAME[,model=...][,mac=...][,vlan=N][,mtu=N][,link=up|down].
     Attach { name: String, nic: String },
     /// Remove NIC INDEX; while running only the last one.
     Detach { name: String, index: usize },
+    /// Plug NIC INDEX's cable in (up) or pull it (down), also while the VM runs.
+    Link {
+        name: String,
+        index: usize,
+        #[arg(value_parser = ["up", "down"])]
+        state: String,
+    },
 }
 
 pub(crate) async fn action(
@@ -538,6 +556,25 @@ pub(crate) async fn vm(c: &Client, g: &Global, cmd: VmCmd) -> Result<()> {
                 )
                 .await?;
             println!("{name}: net{index} detached");
+            Ok(())
+        }
+        VmCmd::Nic(NicCmd::Link { name, index, state }) => {
+            let mut cur: Vm = c.get(&format!("/api/v1/vms/{name}")).await?;
+            let count = cur.spec.nics.len();
+            let n = cur
+                .spec
+                .nics
+                .get_mut(index)
+                .with_context(|| format!("{name} has no NIC {index} (it has {count})"))?;
+            n.link_down = state == "down";
+            let _: Vm = c
+                .request(
+                    Method::PUT,
+                    &format!("/api/v1/vms/{name}"),
+                    Some(&serde_json::to_value(&cur.spec)?),
+                )
+                .await?;
+            println!("{name}: net{index} link {state}");
             Ok(())
         }
         VmCmd::Cdrom { name, index, media } => {

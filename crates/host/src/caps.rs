@@ -193,8 +193,9 @@ impl Host {
         ))
     }
 
-    /// A new VM's CPU model and machine version where the user gave none: ferry's
-    /// default model, the newest machine version this host has.
+    /// A new VM's CPU model, machine version and devices where the user gave none:
+    /// ferry's default model, the newest machine version this host has, a USB tablet,
+    /// an RNG and a balloon.
     pub(crate) fn pin_hardware(&self, spec: &mut VmSpec) {
         if spec.cpu.is_none() {
             spec.cpu = Some(ferry_types::DEFAULT_CPU_MODEL.to_string());
@@ -203,6 +204,9 @@ impl Host {
             spec.machine_version = self
                 .caps()
                 .and_then(|c| c.latest_machine_version(spec.machine));
+        }
+        for d in [&mut spec.tablet, &mut spec.rng, &mut spec.balloon] {
+            d.get_or_insert(true);
         }
     }
 }

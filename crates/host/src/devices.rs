@@ -7,7 +7,7 @@
 use crate::error::{AgentError, Failure, Refusal, Result};
 use crate::Host;
 use ferry_qmp::commands as qc;
-use ferry_types::{CdromSpec, DiskBus, DiskSpec, NicModel, NicSpec, VmState};
+use ferry_types::{CdromSpec, DiskBus, DiskSpec, NicSpec, VmState};
 use serde_json::json;
 use std::os::fd::AsFd;
 use std::time::Duration;
@@ -181,6 +181,13 @@ impl Host {
                 .await;
             return Err(e.into());
         }
+        if d.limited() {
+            let id = format!("disk{i}");
+            if let Err(e) = qmp.run(&crate::lifecycle::io_throttle(&id, d)).await {
+                let _ = qmp.run(&qc::DeviceDel { id }).await;
+                return Err(e.into());
+            }
+        }
         Ok(())
     }
 
@@ -262,11 +269,8 @@ impl Host {
         spec.nics.push(nic);
         spec.validate()?;
         let i = spec.nics.len() - 1;
-        if !self.inner.os.bridge_exists(&spec.nics[i].bridge) {
-            return Err(AgentError::invalid(
-                &format!("nics[{i}].bridge"),
-                format!("no bridge {} on this host", spec.nics[i].bridge),
-            ));
+        if let Some((field, why)) = self.nic_misfit(&spec.nics[i]) {
+            return Err(AgentError::invalid(&format!("nics[{i}].{field}"), why));
         }
         self.assign_new_macs(&mut spec, rec.id).await?;
         let n = spec.nics[i].clone();
@@ -279,15 +283,19 @@ impl Host {
             let owner = self.qemu_identity(rec.id)?.map(|w| (w.uid, w.gid));
             self.inner.os.create_tap(&tap, mac, owner).await?;
             let plugged = async {
-                self.inner.os.attach_up(&tap, &n.bridge).await?;
+                self.inner.os.attach_up(&tap, &n.bridge, n.vlan).await?;
                 let qmp = self.qmp(name)?;
                 // QEMU cannot open the tap (or vhost-net) itself: it gets them open.
                 let fd = format!("tap-net{i}");
-                qmp.send_fd(&fd, self.inner.os.open_tap(&tap)?.as_fd()).await?;
+                qmp.send_fd(&fd, self.inner.os.open_tap(&tap)?.as_fd())
+                    .await?;
                 let mut netdev = json!({"type": "tap", "id": format!("net{i}"), "fd": fd});
                 if self.accel() == ferry_qemu::Accel::Kvm {
                     let vhost = self.inner.os.open_vhost().ok_or_else(|| {
-                        AgentError::refused(Refusal::HostLacks, "/dev/vhost-net is missing (modprobe vhost_net)")
+                        AgentError::refused(
+                            Refusal::HostLacks,
+                            "/dev/vhost-net is missing (modprobe vhost_net)",
+                        )
                     })?;
                     let vfd = format!("vhost-net{i}");
                     qmp.send_fd(&vfd, vhost.as_fd()).await?;
@@ -295,15 +303,12 @@ impl Host {
                     netdev["vhostfd"] = json!(vfd);
                 }
                 qmp.run(&qc::NetdevAdd(netdev)).await?;
-                let driver = match n.model {
-                    NicModel::Virtio => "virtio-net-pci",
-                    NicModel::E1000 => "e1000",
-                };
-                if let Err(e) = qmp
-                    .run(&qc::DeviceAdd(json!({"driver": driver, "netdev": format!("net{i}"), "id": format!("net{i}"), "mac": n.mac})))
-                    .await
-                {
-                    let _ = qmp.run(&qc::NetdevDel { id: format!("net{i}") }).await;
+                if let Err(e) = qmp.run(&qc::DeviceAdd(ferry_qemu::nic_device(&n, i))).await {
+                    let _ = qmp
+                        .run(&qc::NetdevDel {
+                            id: format!("net{i}"),
+                        })
+                        .await;
                     return Err(e.into());
                 }
                 Ok::<_, AgentError>(())

@@ -24,6 +24,7 @@ const FIRST_PID: i32 = 5_000_000;
 pub struct FakeTap {
     pub mac: String,
     pub bridge: Option<String>,
+    pub vlan: Option<u16>,
 }
 
 #[derive(Default)]
@@ -218,6 +219,14 @@ impl HostOs for FakeOs {
         self.with(|s| s.bridges.contains(bridge))
     }
 
+    fn bridge_vlan_aware(&self, bridge: &str) -> bool {
+        self.bridge_exists(bridge)
+    }
+
+    fn link_mtu(&self, link: &str) -> Option<u32> {
+        self.bridge_exists(link).then_some(1500)
+    }
+
     async fn create_tap(
         &self,
         tap: &str,
@@ -230,13 +239,14 @@ impl HostOs for FakeOs {
                 FakeTap {
                     mac: mac.to_string(),
                     bridge: None,
+                    vlan: None,
                 },
             )
         });
         Ok(())
     }
 
-    async fn attach_up(&self, tap: &str, bridge: &str) -> Result<(), NetError> {
+    async fn attach_up(&self, tap: &str, bridge: &str, vlan: Option<u16>) -> Result<(), NetError> {
         self.with(|s| {
             if !s.bridges.contains(bridge) {
                 return Err(NetError::NotABridge(bridge.to_string()));
@@ -244,6 +254,7 @@ impl HostOs for FakeOs {
             match s.taps.get_mut(tap) {
                 Some(t) => {
                     t.bridge = Some(bridge.to_string());
+                    t.vlan = vlan;
                     Ok(())
                 }
                 None => Err(NetError::NoSuchLink(tap.to_string())),
@@ -313,12 +324,11 @@ impl HostOs for FakeOs {
         // What QEMU 10.0 answers under TCG, in short.
         let probe = ferry_types::cpu::Probe {
             definitions: vec![("qemu64".into(), true), ("Westmere".into(), true)],
-            max_flags: [
-                "cx16", "lahf-lm", "popcnt", "pni", "sse4.1", "sse4.2", "ssse3", "aes",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+            max_flags: ferry_types::cpu::model_flags("x86-64-v2-AES")
+                .unwrap_or_default()
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             machines: ["pc-i440fx-10.0", "pc-q35-10.0", "pc-q35-9.2", "pc", "q35"]
                 .iter()
                 .map(|s| s.to_string())

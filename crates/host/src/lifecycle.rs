@@ -22,6 +22,29 @@ const STOP_WAIT: Duration = Duration::from_secs(10);
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// OVMF code and vars templates, if installed.
+/// QEMU's throttle settings for disk `d` on device `id`: its IOPS and MiB/s limits,
+/// bursts for `burst_s` seconds.
+pub fn io_throttle(id: &str, d: &ferry_types::DiskSpec) -> ferry_qmp::commands::BlockSetIoThrottle {
+    let mib = |v: u64| v.saturating_mul(1 << 20);
+    let burst = d.burst_s.unwrap_or(1);
+    // The device holding the disk's block backend: a virtio-blk-pci's is its inner
+    // virtio device.
+    let qom = match d.bus {
+        ferry_types::DiskBus::Virtio => format!("/machine/peripheral/{id}/virtio-backend"),
+        _ => format!("/machine/peripheral/{id}"),
+    };
+    ferry_qmp::commands::BlockSetIoThrottle {
+        id: qom,
+        bps: d.mbps.map_or(0, mib),
+        iops: d.iops.unwrap_or(0),
+        bps_max: d.mbps_max.map(mib),
+        iops_max: d.iops_max,
+        bps_max_length: d.mbps_max.map(|_| burst),
+        iops_max_length: d.iops_max.map(|_| burst),
+        ..Default::default()
+    }
+}
+
 pub fn ovmf_paths() -> Option<(PathBuf, PathBuf)> {
     [
         (
@@ -332,6 +355,14 @@ impl Host {
     ) -> Result<()> {
         let who = self.qemu_identity(rec.id)?;
         let owner = who.as_ref().map(|w| (w.uid, w.gid));
+        for (k, n) in rec.spec.nics.iter().enumerate() {
+            if let Some((_, why)) = self.nic_misfit(n) {
+                return Err(AgentError::refused(
+                    Refusal::HostLacks,
+                    format!("net{k}: {why}"),
+                ));
+            }
+        }
         // QEMU gets its taps (and vhost-net) open: it cannot open them itself.
         let mut fds = vec![];
         for (k, (n, tap)) in rec.spec.nics.iter().zip(&plan.taps).enumerate() {
@@ -340,7 +371,7 @@ impl Host {
                 .as_deref()
                 .ok_or_else(|| AgentError::invalid("nics", format!("{tap}: NIC without a MAC")))?;
             self.inner.os.create_tap(tap, mac, owner).await?;
-            self.inner.os.attach_up(tap, &n.bridge).await?;
+            self.inner.os.attach_up(tap, &n.bridge, n.vlan).await?;
             fds.push((ferry_qemu::nic_fd(k), self.inner.os.open_tap(tap)?));
             if plan.accel == ferry_qemu::Accel::Kvm {
                 let vhost = self.inner.os.open_vhost().ok_or_else(|| {
@@ -402,6 +433,21 @@ impl Host {
                         what: "Connect to the serial console".into(),
                         source,
                     })?;
+            // Disks' I/O limits and NICs whose cable is pulled, before the guest runs
+            for (i, d) in rec.spec.disks.iter().enumerate() {
+                if d.limited() {
+                    qmp.run(&io_throttle(&format!("disk{i}"), d)).await?;
+                }
+            }
+            for (k, n) in rec.spec.nics.iter().enumerate() {
+                if n.link_down {
+                    qmp.run(&ferry_qmp::commands::SetLink {
+                        name: format!("net{k}"),
+                        up: false,
+                    })
+                    .await?;
+                }
+            }
             Ok::<_, AgentError>((qmp, console))
         }
         .await;

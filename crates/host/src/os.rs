@@ -57,8 +57,13 @@ pub trait HostOs: Send + Sync + 'static {
         mac: &str,
         owner: Option<(u32, u32)>,
     ) -> Result<(), NetError>;
-    /// Puts a tap on a bridge and up.
-    async fn attach_up(&self, tap: &str, bridge: &str) -> Result<(), NetError>;
+    /// Puts a VM's tap on a bridge (with the bridge's MTU; in VLAN `vlan` when given)
+    /// and up.
+    async fn attach_up(&self, tap: &str, bridge: &str, vlan: Option<u16>) -> Result<(), NetError>;
+    /// Whether a bridge can put ports in VLANs (`vlan_filtering`).
+    fn bridge_vlan_aware(&self, bridge: &str) -> bool;
+    /// A link's MTU.
+    fn link_mtu(&self, link: &str) -> Option<u32>;
     /// An open descriptor on a tap, for QEMU.
     fn open_tap(&self, tap: &str) -> Result<OwnedFd, NetError>;
     /// `/dev/vhost-net`, when the host has it.
@@ -149,8 +154,16 @@ impl HostOs for RealOs {
         ferry_net::create_guarded_tap(tap, mac, owner).await
     }
 
-    async fn attach_up(&self, tap: &str, bridge: &str) -> Result<(), NetError> {
-        ferry_net::attach_up(tap, bridge).await
+    async fn attach_up(&self, tap: &str, bridge: &str, vlan: Option<u16>) -> Result<(), NetError> {
+        ferry_net::attach_vm_port(tap, bridge, vlan).await
+    }
+
+    fn bridge_vlan_aware(&self, bridge: &str) -> bool {
+        ferry_net::bridge_vlan_aware(bridge)
+    }
+
+    fn link_mtu(&self, link: &str) -> Option<u32> {
+        ferry_net::link_mtu(link)
     }
 
     fn open_tap(&self, tap: &str) -> Result<OwnedFd, NetError> {

@@ -81,6 +81,35 @@ impl Host {
     }
 
     /// Checks of a spec against this host: pools, volumes, bridges, memory, MACs.
+    /// What keeps NIC `n` off this host's bridge (the field and why), if anything: no
+    /// such bridge, a VLAN on a bridge that is not VLAN-aware, an MTU above the
+    /// bridge's.
+    pub(crate) fn nic_misfit(&self, n: &ferry_types::NicSpec) -> Option<(&'static str, String)> {
+        let os = &self.inner.os;
+        if !os.bridge_exists(&n.bridge) {
+            return Some((
+                "bridge",
+                format!(
+                    "no bridge {} on this host (create it with `ferry net bridge create`)",
+                    n.bridge
+                ),
+            ));
+        }
+        if n.vlan.is_some() && !os.bridge_vlan_aware(&n.bridge) {
+            return Some((
+                "vlan",
+                ferry_net::NetError::NotVlanAware(n.bridge.clone()).to_string(),
+            ));
+        }
+        match (n.mtu, os.link_mtu(&n.bridge)) {
+            (Some(m), Some(b)) if m > b => Some((
+                "mtu",
+                format!("{m} is above the MTU of bridge {} ({b})", n.bridge),
+            )),
+            _ => None,
+        }
+    }
+
     pub(crate) async fn check_host(&self, spec: &VmSpec, own_name: Option<&str>) -> Result<()> {
         let mut e = ferry_types::ValidationErrors::default();
         if let Some(caps) = self.caps() {
@@ -165,14 +194,8 @@ impl Host {
             }
         }
         for (i, n) in spec.nics.iter().enumerate() {
-            if !self.inner.os.bridge_exists(&n.bridge) {
-                e.push(
-                    format!("nics[{i}].bridge"),
-                    format!(
-                        "no bridge {} on this host (create it with `ferry net bridge create`)",
-                        n.bridge
-                    ),
-                );
+            if let Some((field, why)) = self.nic_misfit(n) {
+                e.push(format!("nics[{i}].{field}"), why);
             }
         }
         if let Some(k) = &spec.direct_boot {
@@ -328,11 +351,17 @@ impl Host {
         if spec.machine_version.is_none() {
             spec.machine_version.clone_from(&old.spec.machine_version);
         }
-        // Its startup policy and description change in any state; the rest while stopped.
+        // Its startup policy, description and NICs' links change in any state; the rest
+        // while stopped.
         let policy_only = {
             let mut same = old.spec.clone();
             same.startup = spec.startup;
             same.description.clone_from(&spec.description);
+            if same.nics.len() == spec.nics.len() {
+                for (a, b) in same.nics.iter_mut().zip(&spec.nics) {
+                    a.link_down = b.link_down;
+                }
+            }
             same == spec
         };
         if !policy_only {
@@ -363,10 +392,33 @@ impl Host {
                 return Err(e.into());
             }
         }
+        if slot.state().has_process() {
+            self.apply_links(name, &old.spec, &rec.spec).await?;
+        }
         self.inner
             .events
             .emit(Some(name), "vm", "definition changed");
         Ok(self.to_vm(rec))
+    }
+
+    /// Plugs in or pulls the cables of a running VM's NICs whose `link_down` changed.
+    async fn apply_links(&self, name: &str, old: &VmSpec, new: &VmSpec) -> Result<()> {
+        for (k, (a, b)) in old.nics.iter().zip(&new.nics).enumerate() {
+            if a.link_down != b.link_down {
+                let qmp = self.qmp(name)?;
+                qmp.run(&ferry_qmp::commands::SetLink {
+                    name: format!("net{k}"),
+                    up: !b.link_down,
+                })
+                .await?;
+                self.inner.events.emit(
+                    Some(name),
+                    "vm",
+                    format!("net{k} link {}", if b.link_down { "down" } else { "up" }),
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Marks a stopped VM as a template: immutable, cloned but never started or edited.

@@ -10,8 +10,8 @@ mod tap;
 pub use announce::{announce_mac, rarp_frame};
 pub use guard::{guard_tap, unguard_tap};
 pub use link::{
-    attach_up, bridge_exists, create_bridge, delete_link, fdb_point, link_exists, link_stats,
-    LinkStats,
+    attach_up, attach_vm_port, bridge_exists, bridge_vlan_aware, create_bridge, delete_link,
+    fdb_point, link_exists, link_mtu, link_stats, set_mtu, set_port_vlan, LinkStats,
 };
 pub use tap::{create_tap, open_tap, open_vhost};
 
@@ -73,6 +73,10 @@ pub enum NetError {
     },
     #[error("{0} is not a bridge")]
     NotABridge(String),
+    #[error(
+        "bridge {0} is not VLAN-aware: `ip link set {0} type bridge vlan_filtering 1` (and let its uplink carry the VLANs: `bridge vlan add dev UPLINK vid 2-4094`)"
+    )]
+    NotVlanAware(String),
 }
 
 #[cfg(test)]

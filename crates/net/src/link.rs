@@ -2,7 +2,7 @@
 
 use crate::NetError;
 use futures::TryStreamExt;
-use rtnetlink::{Handle, LinkBridge, LinkUnspec};
+use rtnetlink::{Handle, LinkBridge, LinkBridgeVlan, LinkUnspec};
 use std::path::Path;
 
 fn connect() -> Result<Handle, NetError> {
@@ -143,4 +143,100 @@ pub async fn fdb_point(link: &str, mac: [u8; 6]) -> Result<(), NetError> {
             name: link.to_string(),
             source,
         })
+}
+
+/// A bridge's setting under `/sys/class/net/BRIDGE/bridge/`.
+fn bridge_attr(bridge: &str, attr: &str) -> Option<String> {
+    if bridge.contains('/') {
+        return None;
+    }
+    std::fs::read_to_string(
+        Path::new("/sys/class/net")
+            .join(bridge)
+            .join("bridge")
+            .join(attr),
+    )
+    .ok()
+    .map(|s| s.trim().to_string())
+}
+
+/// Whether `bridge` filters by VLAN (`vlan_filtering 1`): only then can a port be put
+/// in one VLAN.
+pub fn bridge_vlan_aware(bridge: &str) -> bool {
+    bridge_attr(bridge, "vlan_filtering").as_deref() == Some("1")
+}
+
+/// A link's MTU.
+pub fn link_mtu(name: &str) -> Option<u32> {
+    if name.contains('/') {
+        return None;
+    }
+    std::fs::read_to_string(Path::new("/sys/class/net").join(name).join("mtu"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Sets a link's MTU.
+pub async fn set_mtu(link: &str, mtu: u32) -> Result<(), NetError> {
+    let h = connect()?;
+    let idx = index(&h, link).await?;
+    h.link()
+        .change(LinkUnspec::new_with_index(idx).mtu(mtu).build())
+        .execute()
+        .await
+        .map_err(|source| NetError::Link {
+            op: "Set the MTU of",
+            name: link.to_string(),
+            source,
+        })
+}
+
+/// Makes bridge port `link` an untagged member of VLAN `vid` alone (`bridge vlan add
+/// dev LINK vid VID pvid untagged`, then the default VLAN 1 taken away): what enters
+/// from it belongs to `vid`, what leaves to it is `vid`'s, untagged.
+pub async fn set_port_vlan(link: &str, vid: u16) -> Result<(), NetError> {
+    use rtnetlink::packet_route::link::BridgeVlanInfoFlags as F;
+    let h = connect()?;
+    let idx = index(&h, link).await?;
+    let err = |op| {
+        let name = link.to_string();
+        move |source| NetError::Link { op, name, source }
+    };
+    h.link()
+        .set(
+            LinkBridgeVlan::new(idx)
+                .vlan(vid, F::Pvid | F::Untagged)
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(err("Put in its VLAN"))?;
+    if vid != 1 {
+        h.link()
+            .del_with_message(LinkBridgeVlan::new(idx).vlan(1, F::empty()).build())
+            .execute()
+            .await
+            .map_err(err("Take VLAN 1 from"))?;
+    }
+    Ok(())
+}
+
+/// Puts a VM's tap on `bridge`, up: with the bridge's MTU first (a port with a smaller
+/// one would shrink the bridge's for every port), then in VLAN `vlan` when given.
+pub async fn attach_vm_port(tap: &str, bridge: &str, vlan: Option<u16>) -> Result<(), NetError> {
+    if let (Some(b), Some(t)) = (link_mtu(bridge), link_mtu(tap)) {
+        if b != t {
+            set_mtu(tap, b).await?;
+        }
+    }
+    attach_up(tap, bridge).await?;
+    if let Some(v) = vlan {
+        if !bridge_vlan_aware(bridge) {
+            return Err(NetError::NotVlanAware(bridge.to_string()));
+        }
+        set_port_vlan(tap, v).await?;
+    }
+    Ok(())
 }

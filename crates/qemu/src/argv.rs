@@ -3,7 +3,9 @@
 
 use crate::accel::Accel;
 use crate::process::RunPaths;
-use ferry_types::{CdromBus, DiskBus, DiskFormat, DiskSpec, Firmware, Machine, NicModel, VmSpec};
+use ferry_types::{
+    CdromBus, DiskBus, DiskFormat, DiskSpec, Firmware, Machine, NicModel, NicSpec, VmSpec,
+};
 use serde_json::{json, Value};
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -161,6 +163,17 @@ fn merge(mut a: Value, b: Value) -> Value {
     a
 }
 
+/// NIC `k`'s device (on netdev `net{k}`): its model, MAC and, on virtio, the MTU the
+/// guest is told.
+pub fn nic_device(n: &NicSpec, k: usize) -> Value {
+    let id = format!("net{k}");
+    let mut dev = json!({"driver": n.model.qemu_driver(), "netdev": id, "id": id, "mac": n.mac});
+    if let (Some(mtu), NicModel::Virtio) = (n.mtu, n.model) {
+        dev["host_mtu"] = json!(mtu);
+    }
+    dev
+}
+
 /// The full argv (without the binary).
 pub fn build_argv(p: &LaunchPlan) -> Vec<OsString> {
     let s = &p.spec;
@@ -205,6 +218,30 @@ pub fn build_argv(p: &LaunchPlan) -> Vec<OsString> {
     a.push("-vga", "std");
     a.push("-display", "none");
     a.push("-vnc", format!("unix:{}", p.run.vnc.display()));
+    if s.tablet == Some(true) {
+        a.json("-device", json!({"driver": "qemu-xhci", "id": "xhci"}));
+        a.json(
+            "-device",
+            json!({"driver": "usb-tablet", "id": "tablet0", "bus": "xhci.0"}),
+        );
+    }
+    if s.rng == Some(true) {
+        a.json(
+            "-object",
+            json!({"qom-type": "rng-random", "id": "rng0", "filename": "/dev/urandom"}),
+        );
+        a.json(
+            "-device",
+            json!({"driver": "virtio-rng-pci", "id": "rng0dev", "rng": "rng0",
+                   "max-bytes": 1024, "period": 1000}),
+        );
+    }
+    if s.balloon == Some(true) {
+        a.json(
+            "-device",
+            json!({"driver": "virtio-balloon-pci", "id": "balloon0"}),
+        );
+    }
     if p.paused {
         a.0.push("-S".into());
     }
@@ -364,11 +401,7 @@ pub fn build_argv(p: &LaunchPlan) -> Vec<OsString> {
                    "vhost": kvm})
         };
         a.json("-netdev", netdev);
-        let driver = match n.model {
-            NicModel::Virtio => "virtio-net-pci",
-            NicModel::E1000 => "e1000",
-        };
-        let mut dev = json!({"driver": driver, "netdev": id, "id": id, "mac": n.mac});
+        let mut dev = nic_device(n, k);
         if s.direct_boot.is_some() {
             // No PXE needed: skip loading the option ROM.
             dev["romfile"] = json!("");
@@ -384,7 +417,7 @@ pub fn build_argv(p: &LaunchPlan) -> Vec<OsString> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_types::{DiskFormat, NicSpec};
+    use ferry_types::DiskFormat;
 
     fn plan() -> LaunchPlan {
         let spec: VmSpec = serde_json::from_value(json!({
@@ -581,12 +614,70 @@ mod tests {
             model: NicModel::E1000,
             bridge: "b".into(),
             mac: Some("52:54:00:00:00:02".into()),
+            vlan: Some(7),
+            mtu: None,
+            link_down: false,
         }];
         let dev = devices(&build_argv(&p), "-device");
         let sata = dev.iter().find(|d| d["id"] == "disk2").unwrap();
         assert_eq!(sata["bus"], "ide.0");
         assert!(!dev.iter().any(|d| d["driver"] == "ahci"));
         assert!(dev.iter().any(|d| d["driver"] == "e1000"));
+    }
+
+    #[test]
+    fn tablet_rng_and_balloon_only_when_the_spec_says_so() {
+        let mut p = plan();
+        let dev = |p: &LaunchPlan| devices(&build_argv(p), "-device");
+        let has = |d: &[Value], driver: &str| d.iter().any(|x| x["driver"] == driver);
+        // a VM defined before them keeps its hardware as it was
+        let d = dev(&p);
+        for driver in [
+            "usb-tablet",
+            "qemu-xhci",
+            "virtio-rng-pci",
+            "virtio-balloon-pci",
+        ] {
+            assert!(!has(&d, driver), "{driver}");
+        }
+        p.spec.tablet = Some(true);
+        p.spec.rng = Some(true);
+        p.spec.balloon = Some(true);
+        let d = dev(&p);
+        for driver in [
+            "usb-tablet",
+            "qemu-xhci",
+            "virtio-rng-pci",
+            "virtio-balloon-pci",
+        ] {
+            assert!(has(&d, driver), "{driver}");
+        }
+        let objects = devices(&build_argv(&p), "-object");
+        assert_eq!(objects[0]["filename"], "/dev/urandom");
+        p.spec.rng = Some(false);
+        assert!(!has(&dev(&p), "virtio-rng-pci"));
+    }
+
+    #[test]
+    fn nic_models_and_the_mtu_the_guest_is_told() {
+        let mut n: NicSpec =
+            serde_json::from_value(json!({"bridge": "b", "mac": "52:54:00:00:00:03",
+            "mtu": 9000, "vlan": 10}))
+            .unwrap();
+        let d = nic_device(&n, 2);
+        assert_eq!(d["driver"], "virtio-net-pci");
+        assert_eq!(d["id"], "net2");
+        assert_eq!(d["host_mtu"], 9000);
+        for (m, driver) in [
+            (NicModel::E1000e, "e1000e"),
+            (NicModel::Rtl8139, "rtl8139"),
+            (NicModel::Vmxnet3, "vmxnet3"),
+        ] {
+            n.model = m;
+            let d = nic_device(&n, 0);
+            assert_eq!(d["driver"], driver);
+            assert!(d.get("host_mtu").is_none());
+        }
     }
 
     #[test]

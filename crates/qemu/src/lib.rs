@@ -9,7 +9,7 @@ mod process;
 
 pub use accel::{detect_accel, Accel, AccelSetting};
 pub use argv::{
-    build_argv, format_node, nic_fd, BackingFile, LaunchPlan, NbdSource, ResolvedCdrom,
+    build_argv, format_node, nic_device, nic_fd, BackingFile, LaunchPlan, NbdSource, ResolvedCdrom,
     ResolvedDisk, RESTORE_RECONNECT_DELAY, SANDBOX,
 };
 pub use helper::{helper_argv, HelperPlan, FILE_RESTORE_PORT};

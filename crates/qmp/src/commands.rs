@@ -108,6 +108,42 @@ impl Command for MigrateContinue {
     type Reply = Empty;
 }
 
+/// `block_set_io_throttle`: the I/O limits of the block device `id` (a qdev id). The six
+/// base figures are required by QEMU (0: none).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BlockSetIoThrottle {
+    pub id: String,
+    pub bps: u64,
+    pub bps_rd: u64,
+    pub bps_wr: u64,
+    pub iops: u64,
+    pub iops_rd: u64,
+    pub iops_wr: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bps_max: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iops_max: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bps_max_length: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iops_max_length: Option<u64>,
+}
+impl Command for BlockSetIoThrottle {
+    const NAME: &'static str = "block_set_io_throttle";
+    type Reply = Empty;
+}
+
+/// `set_link`: plug NIC `name`'s cable in or pull it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SetLink {
+    pub name: String,
+    pub up: bool,
+}
+impl Command for SetLink {
+    const NAME: &'static str = "set_link";
+    type Reply = Empty;
+}
+
 /// `query-status`.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct QueryStatus;

@@ -21,43 +21,55 @@ use utoipa::ToSchema;
 /// the last decade and under TCG, and migrates between all of them.
 pub const DEFAULT_CPU_MODEL: &str = "x86-64-v2-AES";
 
-/// A model ferry defines on top of QEMU's: (name, QEMU base model, added flags).
-pub type NamedModel = (&'static str, &'static str, &'static [&'static str]);
+/// A model ferry defines on top of QEMU's: (name, the level it extends or None for the
+/// QEMU base model `qemu64`, the flags it adds).
+pub type NamedModel = (&'static str, Option<&'static str>, &'static [&'static str]);
 
-const V2: &[&str] = &[
-    "cx16", "lahf-lm", "popcnt", "pni", "sse4.1", "sse4.2", "ssse3",
-];
-const V2_AES: &[&str] = &[
-    "cx16", "lahf-lm", "popcnt", "pni", "sse4.1", "sse4.2", "ssse3", "aes",
-];
-const V3: &[&str] = &[
-    "cx16", "lahf-lm", "popcnt", "pni", "sse4.1", "sse4.2", "ssse3", "aes", "avx", "avx2", "bmi1",
-    "bmi2", "f16c", "fma", "abm", "movbe", "xsave", "xsaveopt",
-];
-const V4: &[&str] = &[
-    "cx16", "lahf-lm", "popcnt", "pni", "sse4.1", "sse4.2", "ssse3", "aes", "avx", "avx2", "bmi1",
-    "bmi2", "f16c", "fma", "abm", "movbe", "xsave", "xsaveopt", "avx512f", "avx512bw", "avx512cd",
-    "avx512dq", "avx512vl",
-];
+/// The QEMU model ferry's levels start from.
+const LEVEL_BASE: &str = "qemu64";
 
-/// The x86-64 micro-architecture levels (psABI), as Proxmox names them. v3 and v4 also
-/// carry `xsaveopt` (every CPU with AVX2 has it): a Linux guest with XSAVE but without
-/// it hangs early under TCG (QEMU 10, found by the lab).
+/// The x86-64 micro-architecture levels (psABI), as Proxmox names them, each adding to
+/// the one before. With AES they also carry `pclmulqdq` (every AES-NI CPU has it;
+/// Linux's aesni_intel uses it without asking: a #UD under TCG, found by the lab's
+/// Debian guest); v3 and v4 `xsaveopt` (every CPU with AVX2 has it: a Linux guest with
+/// XSAVE but without it hangs early under TCG).
 pub const NAMED_MODELS: &[NamedModel] = &[
-    ("x86-64-v2", "qemu64", V2),
-    ("x86-64-v2-AES", "qemu64", V2_AES),
-    ("x86-64-v3", "qemu64", V3),
-    ("x86-64-v4", "qemu64", V4),
+    (
+        "x86-64-v2",
+        None,
+        &[
+            "cx16", "lahf-lm", "popcnt", "pni", "sse4.1", "sse4.2", "ssse3",
+        ],
+    ),
+    ("x86-64-v2-AES", Some("x86-64-v2"), &["aes", "pclmulqdq"]),
+    (
+        "x86-64-v3",
+        Some("x86-64-v2-AES"),
+        &[
+            "avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave", "xsaveopt",
+        ],
+    ),
+    (
+        "x86-64-v4",
+        Some("x86-64-v3"),
+        &["avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"],
+    ),
 ];
+
+/// Every flag ferry's level `name` adds to `qemu64` (None: not one of its levels).
+pub fn model_flags(name: &str) -> Option<Vec<&'static str>> {
+    let (_, parent, flags) = NAMED_MODELS.iter().find(|m| m.0 == name)?;
+    let mut all = match parent {
+        Some(p) => model_flags(p)?,
+        None => vec![],
+    };
+    all.extend_from_slice(flags);
+    Some(all)
+}
 
 /// Models that pass the host's CPU through: not migration-safe.
 pub fn is_passthrough(model: &str) -> bool {
     model == "host" || model == "max"
-}
-
-/// The model `name` as ferry defines it, if it is one of [`NAMED_MODELS`].
-pub fn named_model(name: &str) -> Option<&'static NamedModel> {
-    NAMED_MODELS.iter().find(|m| m.0 == name)
 }
 
 /// What QEMU's `-cpu` gets for model `name`: a named model as its base with the flags
@@ -67,10 +79,10 @@ pub fn qemu_cpu_arg(name: &str) -> String {
     if is_passthrough(name) {
         return name.to_string();
     }
-    match named_model(name) {
-        Some((_, base, flags)) => {
-            let mut s = base.to_string();
-            for f in *flags {
+    match model_flags(name) {
+        Some(flags) => {
+            let mut s = LEVEL_BASE.to_string();
+            for f in flags {
                 s.push_str(",+");
                 s.push_str(f);
             }
@@ -207,9 +219,10 @@ pub fn host_caps(
     let base_usable = |b: &str| models.contains(b);
     let named: Vec<String> = NAMED_MODELS
         .iter()
-        .filter(|(_, base, flags)| {
-            base_usable(base)
-                && flags
+        .filter(|(name, _, _)| {
+            base_usable(LEVEL_BASE)
+                && model_flags(name)
+                    .unwrap_or_default()
                     .iter()
                     .all(|f| p.max_flags.contains(*f) || p.max_flags.contains(&f.replace('.', "_")))
         })
@@ -262,7 +275,11 @@ mod tests {
                 ("Westmere".into(), true),
                 ("Skylake-Server".into(), false),
             ],
-            max_flags: V3.iter().map(|s| s.to_string()).collect(),
+            max_flags: model_flags("x86-64-v3")
+                .unwrap_or_default()
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             machines: vec![
                 "pc-q35-10.0".into(),
                 "pc-q35-9.2".into(),
@@ -322,7 +339,7 @@ mod tests {
         assert_eq!(qemu_cpu_arg("Westmere"), "Westmere,enforce");
         let v2 = qemu_cpu_arg("x86-64-v2-AES");
         assert!(v2.starts_with("qemu64,+cx16,"), "{v2}");
-        assert!(v2.ends_with(",+aes,enforce"), "{v2}");
+        assert!(v2.ends_with(",+aes,+pclmulqdq,enforce"), "{v2}");
         assert_eq!(machine_type(Machine::Q35, Some("10.0")), "pc-q35-10.0");
         assert_eq!(machine_type(Machine::Pc, Some("9.2")), "pc-i440fx-9.2");
         assert_eq!(machine_type(Machine::Pc, None), "pc");
@@ -345,7 +362,7 @@ mod tests {
         fn argv_of_any_valid_name_has_no_separator_injection(name in "[A-Za-z0-9._-]{1,64}") {
             prop_assert!(check_cpu_model(&name).is_ok());
             let arg = qemu_cpu_arg(&name);
-            prop_assert!(arg.starts_with(&name) || named_model(&name).is_some());
+            prop_assert!(arg.starts_with(&name) || model_flags(&name).is_some());
             prop_assert_eq!(arg.matches('=').count(), 0);
         }
     }

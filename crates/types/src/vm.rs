@@ -95,6 +95,31 @@ pub struct DiskSpec {
     /// overlay discarded at power-off and at start. The volume itself never changes.
     #[serde(default, skip_serializing_if = "is_false")]
     pub nonpersistent: bool,
+    /// I/O operations per second the guest may do on it (reads and writes together).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iops: Option<u64>,
+    /// MiB per second the guest may move on it (reads and writes together).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mbps: Option<u64>,
+    /// Bursts: this many IOPS for up to `burst_s` seconds (at least `iops`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iops_max: Option<u64>,
+    /// Bursts: this many MiB/s for up to `burst_s` seconds (at least `mbps`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mbps_max: Option<u64>,
+    /// How long a burst may last (default 1 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst_s: Option<u64>,
+}
+
+/// The most a disk limit may say (IOPS or MiB/s): beyond any device.
+pub const MAX_DISK_LIMIT: u64 = 1 << 30;
+
+impl DiskSpec {
+    /// Whether any I/O limit is set.
+    pub fn limited(&self) -> bool {
+        self.iops.is_some() || self.mbps.is_some()
+    }
 }
 
 fn is_false(b: &bool) -> bool {
@@ -129,7 +154,28 @@ pub enum NicModel {
     #[default]
     Virtio,
     E1000,
+    /// Intel 82574L (Windows has its driver built in).
+    E1000e,
+    Rtl8139,
+    /// VMware's paravirtual NIC (imported VMware guests have its driver).
+    Vmxnet3,
 }
+
+impl NicModel {
+    /// QEMU's device.
+    pub fn qemu_driver(self) -> &'static str {
+        match self {
+            NicModel::Virtio => "virtio-net-pci",
+            NicModel::E1000 => "e1000",
+            NicModel::E1000e => "e1000e",
+            NicModel::Rtl8139 => "rtl8139",
+            NicModel::Vmxnet3 => "vmxnet3",
+        }
+    }
+}
+
+/// The lowest and highest MTU a NIC may have.
+pub const MTU_RANGE: std::ops::RangeInclusive<u32> = 576..=65520;
 
 /// A network card: a tap on the named host bridge. The MAC is generated once at create
 /// and kept for the VM's life (also across migration).
@@ -141,6 +187,16 @@ pub struct NicSpec {
     pub bridge: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+    /// The VLAN (1–4094) its frames belong to on a VLAN-aware bridge: the tap is an
+    /// untagged member of that VLAN alone, the guest sees plain frames.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vlan: Option<u16>,
+    /// The MTU the guest is told (virtio only; at most the bridge's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    /// The cable pulled: the guest sees no link (changeable while the VM runs).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub link_down: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
@@ -223,6 +279,19 @@ pub struct VmSpec {
     /// What its host does with it at boot and at shutdown.
     #[serde(default, skip_serializing_if = "crate::Startup::is_default")]
     pub startup: crate::Startup,
+    /// A USB tablet (an absolute pointer: the VNC console's pointer does not drift).
+    /// On by default at create; absent in VMs defined before it (off: their hardware
+    /// stays as it was, also for migration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tablet: Option<bool>,
+    /// A virtio RNG fed from the host's /dev/urandom (at most 1 KiB/s). On by default at
+    /// create.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rng: Option<bool>,
+    /// A virtio memory balloon (the guest's memory statistics; the host can take
+    /// memory back). On by default at create.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<bool>,
 }
 
 /// A defined VM with its runtime status, as the API returns it.
@@ -527,6 +596,37 @@ impl VmSpec {
                     "the q35 machine has no IDE controller; use sata",
                 );
             }
+            for (k, v) in [
+                ("iops", d.iops),
+                ("mbps", d.mbps),
+                ("iops_max", d.iops_max),
+                ("mbps_max", d.mbps_max),
+                ("burst_s", d.burst_s),
+            ] {
+                if v.is_some_and(|v| v == 0 || v > MAX_DISK_LIMIT) {
+                    e.push(
+                        format!("{f}.{k}"),
+                        format!("must be between 1 and {MAX_DISK_LIMIT}"),
+                    );
+                }
+            }
+            for (base, max, k) in [
+                (d.iops, d.iops_max, "iops_max"),
+                (d.mbps, d.mbps_max, "mbps_max"),
+            ] {
+                match (base, max) {
+                    (None, Some(_)) => {
+                        e.push(format!("{f}.{k}"), "a burst needs the limit it rises above")
+                    }
+                    (Some(b), Some(m)) if m < b => {
+                        e.push(format!("{f}.{k}"), format!("{m} is below the limit {b}"))
+                    }
+                    _ => {}
+                }
+            }
+            if d.burst_s.is_some() && d.iops_max.is_none() && d.mbps_max.is_none() {
+                e.push(format!("{f}.burst_s"), "give iops_max or mbps_max with it");
+            }
         }
         for (i, c) in self.cdroms.iter().enumerate() {
             let f = format!("cdroms[{i}]");
@@ -573,6 +673,26 @@ impl VmSpec {
         for (i, n) in self.nics.iter().enumerate() {
             let f = format!("nics[{i}]");
             check_ifname(&mut e, &format!("{f}.bridge"), &n.bridge);
+            if n.vlan.is_some_and(|v| !(1..=4094).contains(&v)) {
+                e.push(format!("{f}.vlan"), "must be between 1 and 4094");
+            }
+            if let Some(m) = n.mtu {
+                if !MTU_RANGE.contains(&m) {
+                    e.push(
+                        format!("{f}.mtu"),
+                        format!(
+                            "must be between {} and {}",
+                            MTU_RANGE.start(),
+                            MTU_RANGE.end()
+                        ),
+                    );
+                } else if n.model != NicModel::Virtio {
+                    e.push(
+                        format!("{f}.mtu"),
+                        "only a virtio NIC tells the guest its MTU; set it in the guest",
+                    );
+                }
+            }
             if let Some(m) = &n.mac {
                 match parse_mac(m) {
                     Err(r) => e.push(format!("{f}.mac"), format!("{m:?}: {r}")),
