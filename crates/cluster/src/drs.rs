@@ -230,8 +230,12 @@ fn drs_vm(rec: &VmRecord, host: &str, load: Option<&VmLoad>, reach: &PoolReach) 
     }
 }
 
+/// A VM about to be created, as DRS sees it: with the CPU model its create will pin.
 fn spec_vm(spec: &VmSpec, reach: &PoolReach) -> DrsVm {
     let mut rec = VmRecord::new(0, spec.clone());
+    rec.spec
+        .cpu
+        .get_or_insert_with(|| ferry_types::DEFAULT_CPU_MODEL.to_string());
     rec.last_state = ferry_types::VmState::Stopped;
     drs_vm(&rec, "", None, reach)
 }

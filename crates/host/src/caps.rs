@@ -1,5 +1,5 @@
 //! What this host can run (`ferry_types::cpu`): probed from its QEMU at the daemon's
-//! start (`-machine none`, three QMP queries, ~0.3 s), limited by the admin's
+//! start (`-machine none`, four QMP queries, ~0.3 s), limited by the admin's
 //! `cpu_models`, published under the host's scope (`/meta/caps`) for placement and
 //! migration, and checked at every create, edit, start and incoming migration.
 
@@ -164,6 +164,8 @@ impl Host {
     /// Writes this host's caps where the cluster reads them, when they changed.
     pub(crate) async fn publish_caps(&self) -> Result<()> {
         let Some(caps) = self.caps() else {
+            // what an earlier start found may no longer hold: nothing is claimed
+            self.store().delete(keys::host::CAPS).await?;
             return Ok(());
         };
         let old = self.store().get_json::<HostCaps>(keys::host::CAPS).await?;

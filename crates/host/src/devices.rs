@@ -184,7 +184,10 @@ impl Host {
         if d.limited() {
             let id = format!("disk{i}");
             if let Err(e) = qmp.run(&crate::lifecycle::io_throttle(&id, d)).await {
-                let _ = qmp.run(&qc::DeviceDel { id }).await;
+                // taken out again, waiting for the guest, and its node with it
+                if self.unplug(name, &id).await.is_ok() {
+                    let _ = qmp.run(&qc::BlockdevDel { node_name: id }).await;
+                }
                 return Err(e.into());
             }
         }
@@ -310,6 +313,24 @@ impl Host {
                         })
                         .await;
                     return Err(e.into());
+                }
+                if n.link_down {
+                    let down = qmp
+                        .run(&qc::SetLink {
+                            name: format!("net{i}"),
+                            up: false,
+                        })
+                        .await;
+                    if let Err(e) = down {
+                        if self.unplug(name, &format!("net{i}")).await.is_ok() {
+                            let _ = qmp
+                                .run(&qc::NetdevDel {
+                                    id: format!("net{i}"),
+                                })
+                                .await;
+                        }
+                        return Err(e.into());
+                    }
                 }
                 Ok::<_, AgentError>(())
             }

@@ -21,7 +21,6 @@ const QMP_CONNECT: Duration = Duration::from_secs(10);
 const STOP_WAIT: Duration = Duration::from_secs(10);
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// OVMF code and vars templates, if installed.
 /// QEMU's throttle settings for disk `d` on device `id`: its IOPS and MiB/s limits,
 /// bursts for `burst_s` seconds.
 pub fn io_throttle(id: &str, d: &ferry_types::DiskSpec) -> ferry_qmp::commands::BlockSetIoThrottle {
@@ -45,6 +44,7 @@ pub fn io_throttle(id: &str, d: &ferry_types::DiskSpec) -> ferry_qmp::commands::
     }
 }
 
+/// OVMF code and vars templates, if installed.
 pub fn ovmf_paths() -> Option<(PathBuf, PathBuf)> {
     [
         (
@@ -402,7 +402,18 @@ impl Host {
         }
         // A live-restore's backup is served before QEMU opens it.
         self.serve_restore(rec).await?;
-        let argv = build_argv(plan);
+        // Disk limits and pulled cables are set over QMP: the vCPUs wait for them.
+        let setup =
+            rec.spec.disks.iter().any(|d| d.limited()) || rec.spec.nics.iter().any(|n| n.link_down);
+        let hold = setup && !plan.paused && !plan.incoming;
+        let argv = if hold {
+            build_argv(&LaunchPlan {
+                paused: true,
+                ..plan.clone()
+            })
+        } else {
+            build_argv(plan)
+        };
         tracing::debug!(vm = name, ?argv, "starting QEMU");
         // Its scope or pool cgroup before it becomes QEMU (KVM's threads stay where
         // they were made).
@@ -447,6 +458,9 @@ impl Host {
                     })
                     .await?;
                 }
+            }
+            if hold {
+                qmp.run(&ferry_qmp::commands::Cont).await?;
             }
             Ok::<_, AgentError>((qmp, console))
         }

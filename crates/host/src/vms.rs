@@ -6,7 +6,7 @@ use crate::records::{vm_key, VmRecord};
 use crate::runtime::VmOp;
 use crate::Host;
 use ferry_store::StoreJson;
-use ferry_types::{random_mac, DeleteVmParams, Vm, VmAction, VmSpec};
+use ferry_types::{random_mac, DeleteVmParams, Vm, VmAction, VmSpec, VmState};
 use std::collections::HashSet;
 
 impl Host {
@@ -80,7 +80,6 @@ impl Host {
         Ok(self.to_vm(r))
     }
 
-    /// Checks of a spec against this host: pools, volumes, bridges, memory, MACs.
     /// What keeps NIC `n` off this host's bridge (the field and why), if anything: no
     /// such bridge, a VLAN on a bridge that is not VLAN-aware, an MTU above the
     /// bridge's.
@@ -110,6 +109,8 @@ impl Host {
         }
     }
 
+    /// Checks of a spec against this host: CPU model and machine, pools, volumes,
+    /// bridges, memory, MACs.
     pub(crate) async fn check_host(&self, spec: &VmSpec, own_name: Option<&str>) -> Result<()> {
         let mut e = ferry_types::ValidationErrors::default();
         if let Some(caps) = self.caps() {
@@ -344,12 +345,22 @@ impl Host {
         let _op = self.lock_vm(name).await;
         let slot = _op.slot().clone();
         let (old, rev) = self.record(name).await?;
-        // The CPU model and machine version stay unless the edit names others.
+        // The CPU model, machine version and pinned devices stay unless the edit names
+        // others.
         if spec.cpu.is_none() {
             spec.cpu.clone_from(&old.spec.cpu);
         }
         if spec.machine_version.is_none() {
             spec.machine_version.clone_from(&old.spec.machine_version);
+        }
+        for (new, was) in [
+            (&mut spec.tablet, old.spec.tablet),
+            (&mut spec.rng, old.spec.rng),
+            (&mut spec.balloon, old.spec.balloon),
+        ] {
+            if new.is_none() {
+                *new = was;
+            }
         }
         // Its startup policy, description and NICs' links change in any state; the rest
         // while stopped.
@@ -368,6 +379,19 @@ impl Host {
             slot.state().check(VmAction::Edit)?;
             self.refuse_live_restoring(&old, "edit it")?;
         }
+        let links_changed = old
+            .spec
+            .nics
+            .iter()
+            .zip(&spec.nics)
+            .any(|(a, b)| a.link_down != b.link_down);
+        if links_changed && slot.state() == VmState::Suspended {
+            // its saved NIC state would override the change at resume
+            return Err(AgentError::refused(
+                Refusal::Running,
+                format!("VM {name} is suspended; resume it, then change its NICs' links"),
+            ));
+        }
         if old.template {
             return Err(AgentError::refused(
                 Refusal::Template,
@@ -377,10 +401,23 @@ impl Host {
         self.check_host(&spec, Some(name)).await?;
         self.assign_macs(&mut spec, Some(&old.spec), old.id).await?;
         let made = self.create_spec_volumes(old.id, &mut spec).await?;
+        // A running VM's links change first: if QEMU refuses, nothing is saved.
+        let live = slot.state().has_process() && links_changed;
+        if live {
+            if let Err(e) = self.apply_links(name, &old.spec, &spec).await {
+                let _ = self.apply_links(name, &spec, &old.spec).await;
+                self.remove_volumes(&made).await;
+                return Err(e);
+            }
+        }
+        let old_spec = old.spec.clone();
         let rec = VmRecord { spec, ..old };
         match self.inner.store.cas_json(&vm_key(name), rev, &rec).await {
             Ok(true) => {}
             Ok(false) => {
+                if live {
+                    let _ = self.apply_links(name, &rec.spec, &old_spec).await;
+                }
                 self.remove_volumes(&made).await;
                 return Err(AgentError::refused(
                     Refusal::Busy,
@@ -388,12 +425,12 @@ impl Host {
                 ));
             }
             Err(e) => {
+                if live {
+                    let _ = self.apply_links(name, &rec.spec, &old_spec).await;
+                }
                 self.remove_volumes(&made).await;
                 return Err(e.into());
             }
-        }
-        if slot.state().has_process() {
-            self.apply_links(name, &old.spec, &rec.spec).await?;
         }
         self.inner
             .events

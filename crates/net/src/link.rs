@@ -194,7 +194,7 @@ pub async fn set_mtu(link: &str, mtu: u32) -> Result<(), NetError> {
 }
 
 /// Makes bridge port `link` an untagged member of VLAN `vid` alone (`bridge vlan add
-/// dev LINK vid VID pvid untagged`, then the default VLAN 1 taken away): what enters
+/// dev LINK vid VID pvid untagged`, then the bridge's default VLAN taken away): what enters
 /// from it belongs to `vid`, what leaves to it is `vid`'s, untagged.
 pub async fn set_port_vlan(link: &str, vid: u16) -> Result<(), NetError> {
     use rtnetlink::packet_route::link::BridgeVlanInfoFlags as F;
@@ -213,12 +213,21 @@ pub async fn set_port_vlan(link: &str, vid: u16) -> Result<(), NetError> {
         .execute()
         .await
         .map_err(err("Put in its VLAN"))?;
-    if vid != 1 {
+    // The VLAN a new port joins (the bridge's default PVID, 1 unless changed), taken
+    // away: its broadcasts must not reach the guest.
+    let master = std::fs::read_link(Path::new("/sys/class/net").join(link).join("master"))
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+    let default = master
+        .and_then(|b| bridge_attr(&b, "default_pvid"))
+        .and_then(|v| v.parse::<u16>().ok())
+        .unwrap_or(1);
+    if default != 0 && default != vid {
         h.link()
-            .del_with_message(LinkBridgeVlan::new(idx).vlan(1, F::empty()).build())
+            .del_with_message(LinkBridgeVlan::new(idx).vlan(default, F::empty()).build())
             .execute()
             .await
-            .map_err(err("Take VLAN 1 from"))?;
+            .map_err(err("Take the bridge's default VLAN from"))?;
     }
     Ok(())
 }

@@ -218,30 +218,6 @@ pub fn build_argv(p: &LaunchPlan) -> Vec<OsString> {
     a.push("-vga", "std");
     a.push("-display", "none");
     a.push("-vnc", format!("unix:{}", p.run.vnc.display()));
-    if s.tablet == Some(true) {
-        a.json("-device", json!({"driver": "qemu-xhci", "id": "xhci"}));
-        a.json(
-            "-device",
-            json!({"driver": "usb-tablet", "id": "tablet0", "bus": "xhci.0"}),
-        );
-    }
-    if s.rng == Some(true) {
-        a.json(
-            "-object",
-            json!({"qom-type": "rng-random", "id": "rng0", "filename": "/dev/urandom"}),
-        );
-        a.json(
-            "-device",
-            json!({"driver": "virtio-rng-pci", "id": "rng0dev", "rng": "rng0",
-                   "max-bytes": 1024, "period": 1000}),
-        );
-    }
-    if s.balloon == Some(true) {
-        a.json(
-            "-device",
-            json!({"driver": "virtio-balloon-pci", "id": "balloon0"}),
-        );
-    }
     if p.paused {
         a.0.push("-S".into());
     }
@@ -410,6 +386,32 @@ pub fn build_argv(p: &LaunchPlan) -> Vec<OsString> {
             dev["bootindex"] = json!(b);
         }
         a.json("-device", dev);
+    }
+    // After the disks and NICs: turning one of these on or off never moves their PCI
+    // slots (the guest's NIC names follow them).
+    if s.tablet == Some(true) {
+        a.json("-device", json!({"driver": "qemu-xhci", "id": "xhci"}));
+        a.json(
+            "-device",
+            json!({"driver": "usb-tablet", "id": "tablet0", "bus": "xhci.0"}),
+        );
+    }
+    if s.rng == Some(true) {
+        a.json(
+            "-object",
+            json!({"qom-type": "rng-random", "id": "rng0", "filename": "/dev/urandom"}),
+        );
+        a.json(
+            "-device",
+            json!({"driver": "virtio-rng-pci", "id": "rng0dev", "rng": "rng0",
+                   "max-bytes": 1024, "period": 1000}),
+        );
+    }
+    if s.balloon == Some(true) {
+        a.json(
+            "-device",
+            json!({"driver": "virtio-balloon-pci", "id": "balloon0"}),
+        );
     }
     a.0
 }

@@ -113,7 +113,9 @@ pub struct DiskSpec {
 }
 
 /// The most a disk limit may say (IOPS or MiB/s): beyond any device.
-pub const MAX_DISK_LIMIT: u64 = 1 << 30;
+pub const MAX_DISK_LIMIT: u64 = 1_000_000;
+/// The longest burst, in seconds.
+pub const MAX_BURST_S: u64 = 3600;
 
 impl DiskSpec {
     /// Whether any I/O limit is set.
@@ -627,6 +629,19 @@ impl VmSpec {
             if d.burst_s.is_some() && d.iops_max.is_none() && d.mbps_max.is_none() {
                 e.push(format!("{f}.burst_s"), "give iops_max or mbps_max with it");
             }
+            if d.burst_s.is_some_and(|b| b > MAX_BURST_S) {
+                e.push(format!("{f}.burst_s"), format!("at most {MAX_BURST_S} s"));
+            } else if d.mbps_max.is_some_and(|m| {
+                m.saturating_mul(1 << 20)
+                    .saturating_mul(d.burst_s.unwrap_or(1))
+                    > 1_000_000_000_000_000
+            }) {
+                // QEMU's bound on what one burst may move
+                e.push(
+                    format!("{f}.burst_s"),
+                    "mbps_max for burst_s seconds is more than 10^15 bytes",
+                );
+            }
         }
         for (i, c) in self.cdroms.iter().enumerate() {
             let f = format!("cdroms[{i}]");
@@ -843,6 +858,34 @@ mod tests {
             s.name = name; s.cpus = cpus; s.memory_mib = mem;
             s.disks[1].volume = Some(vol); s.boot_order = order;
             let _ = s.validate();
+        }
+
+        #[test]
+        fn disk_limits_and_nic_numbers_are_checked_never_overflow(
+            iops in proptest::option::of(proptest::num::u64::ANY),
+            mbps in proptest::option::of(proptest::num::u64::ANY),
+            iops_max in proptest::option::of(proptest::num::u64::ANY),
+            mbps_max in proptest::option::of(proptest::num::u64::ANY),
+            burst_s in proptest::option::of(proptest::num::u64::ANY),
+            vlan in proptest::option::of(proptest::num::u16::ANY),
+            mtu in proptest::option::of(proptest::num::u32::ANY),
+        ) {
+            let mut s = spec();
+            let d = &mut s.disks[0];
+            (d.iops, d.mbps, d.iops_max, d.mbps_max, d.burst_s) = (iops, mbps, iops_max, mbps_max, burst_s);
+            s.nics.push(NicSpec { model: NicModel::Virtio, bridge: "br0".into(), mac: None, vlan, mtu, link_down: false });
+            if s.validate().is_ok() {
+                let d = &s.disks[0];
+                for v in [d.iops, d.mbps, d.iops_max, d.mbps_max].into_iter().flatten() {
+                    proptest::prop_assert!((1..=MAX_DISK_LIMIT).contains(&v));
+                }
+                proptest::prop_assert!(d.iops_max.is_none() || d.iops_max >= d.iops);
+                proptest::prop_assert!(d.mbps_max.is_none() || d.mbps_max >= d.mbps);
+                let burst = d.burst_s.unwrap_or(1);
+                proptest::prop_assert!(d.mbps_max.unwrap_or(0) * (1 << 20) * burst <= 1_000_000_000_000_000);
+                proptest::prop_assert!(vlan.is_none_or(|v| (1..=4094).contains(&v)));
+                proptest::prop_assert!(mtu.is_none_or(|m| MTU_RANGE.contains(&m)));
+            }
         }
     }
 }
