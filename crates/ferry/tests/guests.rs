@@ -72,7 +72,9 @@ fn cpu_models_and_machine_versions_are_pinned_and_hosts_that_lack_them_are_refus
         machines.contains(&format!("pc-i440fx-{version}")),
         "{version} among {machines:?}"
     );
-    let pid = a["pid"].as_i64().unwrap_or(0);
+    let pid = a["pid"]
+        .as_i64()
+        .ok_or_else(|| anyhow::anyhow!("no pid in {a}"))?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))?;
     let argv: Vec<String> = cmdline
         .split(|b| *b == 0)
