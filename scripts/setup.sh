@@ -55,6 +55,8 @@ getent group ferry-qemu >/dev/null || groupadd --system ferry-qemu
 "$here/build-file-restore.sh"
 # A Debian 12 with systemd, QEMU and etcd: the host the package test installs ferry on.
 "$here/build-debian-guest.sh"
+# A Debian 12 cloud guest (cloud-init, qemu-guest-agent): what the guests test clones.
+"$here/build-debian-cloud.sh"
 
 # schemathesis (PyPI), pinned, in its own virtualenv: the API fuzz test runs it against
 # a live daemon (crates/ferry/tests/api_fuzz.rs).

@@ -139,7 +139,7 @@ pub fn need(method: &str, path: &str) -> Need {
         }
         (_, ["nodes", ..]) => on(Privilege::Modify, "/"),
         (_, ["vms"]) => rw("/vms"),
-        ("GET", ["vms", n]) | ("GET", ["vms", n, "metrics" | "placement" | "snapshots"]) => {
+        ("GET", ["vms", n]) | ("GET", ["vms", n, "metrics" | "placement" | "snapshots" | "agent"]) => {
             on(Privilege::Audit, format!("/vms/{n}"))
         }
         ("GET", ["vms", n, "console" | "vnc"]) | ("GET", ["vms", n, "console", "history"]) => {

@@ -76,6 +76,7 @@ fn api() -> OpenApiRouter<Agent> {
         .routes(routes!(vms::pause_vm))
         .routes(routes!(vms::resume_vm))
         .routes(routes!(vms::console_history))
+        .routes(routes!(vms::guest_agent))
         .routes(routes!(
             snapshots::list_snapshots,
             snapshots::create_snapshot

@@ -216,6 +216,17 @@ pub async fn reboot_vm(
     .await
 }
 
+#[utoipa::path(get, path = "/api/v1/vms/{name}/agent", tag = "vms",
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 200, description = "What the guest agent says (from inside the guest: shown, never trusted)", body = ferry_types::GuestInfo),
+              (status = 409, description = "The VM is not running, has no agent channel (`unsupported`), or its agent does not answer (`guest`)", body = ferry_types::ApiErrorBody)))]
+pub async fn guest_agent(
+    State(a): State<Agent>,
+    ApiPath(name): ApiPath<String>,
+) -> ApiResult<Json<ferry_types::GuestInfo>> {
+    Ok(Json(a.guest_info(&name).await?))
+}
+
 #[utoipa::path(get, path = "/api/v1/vms/{name}/console/history", tag = "vms",
     params(("name" = String, Path, description = "VM name")),
     responses((status = 200, description = "The serial console output kept so far", body = String, content_type = "text/plain"),

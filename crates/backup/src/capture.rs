@@ -66,6 +66,19 @@ pub struct CaptureRequest {
     /// The most the fleecing images may grow to together (bytes).
     pub fleece_cap: u64,
     pub key: Option<CryptKey>,
+    /// The guest's file systems frozen for the moment the disks are taken (its guest
+    /// agent): the backup is then `quiesced`, else `crash`-consistent.
+    pub quiesce: Option<Arc<dyn Quiesce>>,
+}
+
+/// A future a [`Quiesce`] returns.
+pub type QuiesceFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// Freezes and thaws a guest's file systems (the daemon's guest agent client).
+pub trait Quiesce: Send + Sync {
+    /// True when frozen: [`Quiesce::thaw`] follows.
+    fn freeze(&self) -> QuiesceFuture<'_, bool>;
+    fn thaw(&self) -> QuiesceFuture<'_, ()>;
 }
 
 /// Progress a task reports.
@@ -367,16 +380,30 @@ pub async fn capture(
         .store(sizes.iter().sum(), Ordering::Relaxed);
 
     let commit = Arc::new(AtomicBool::new(false));
-    let (writer, id) = WriterThread::start(
+    // Frozen from before the backup is listed (it says how consistent it is) until
+    // the filters are in: the point in time every disk is read at.
+    let quiesced = match &req.quiesce {
+        Some(q) => q.freeze().await,
+        None => false,
+    };
+    let mut meta = req.meta.clone();
+    meta.consistency = if quiesced { "quiesced" } else { "crash" }.into();
+    let started = WriterThread::start(
         Arc::clone(&store),
-        req.meta.clone(),
+        meta.clone(),
         req.key.clone(),
         Arc::clone(&commit),
     )
-    .await?;
+    .await;
+    let frozen = match &started {
+        Ok((_, id)) => start_fleecing(qmp, &req, &decisions, &plan::bitmap_name(id), &sizes).await,
+        Err(_) => Ok(()),
+    };
+    if let (true, Some(q)) = (quiesced, &req.quiesce) {
+        q.thaw().await;
+    }
+    let (writer, id) = started?;
     let new_bitmap = plan::bitmap_name(&id);
-
-    let frozen = start_fleecing(qmp, &req, &decisions, &new_bitmap, &sizes).await;
     let result = match frozen {
         Ok(()) => {
             read_all(
@@ -418,7 +445,7 @@ pub async fn capture(
     let (id, stats, disks) = result?;
     Ok(CaptureOutcome {
         id,
-        consistency: req.meta.consistency.clone(),
+        consistency: meta.consistency,
         disks,
         stats,
     })

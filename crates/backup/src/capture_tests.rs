@@ -125,6 +125,7 @@ fn request(work: PathBuf, cap: u64) -> CaptureRequest {
         server_pid: None,
         fleece_cap: cap,
         key: None,
+        quiesce: None,
     }
 }
 

@@ -110,6 +110,7 @@ pub async fn capture_offline(
             server_pid: Some(pid),
             fleece_cap: u64::MAX,
             key: req.key,
+            quiesce: None,
         },
         progress,
     )

@@ -99,6 +99,93 @@ fn cdrom(s: &str) -> Result<Value> {
     Ok(Value::Object(m))
 }
 
+/// `--cloud-init` options (applied in order over `base`) as the spec's `cloud_init`
+/// (null: `off`). Files (`ssh-key=`, `user-data=`) are read here.
+pub fn cloud_init_json(opts: &[String], base: Option<Value>) -> Result<Value> {
+    let mut c = base.unwrap_or(json!({}));
+    let mut keys_given = false;
+    let mut dns_given = false;
+    for opt in opts {
+        if opt == "off" || opt == "none" {
+            c = Value::Null;
+            continue;
+        }
+        if c.is_null() {
+            c = json!({});
+        }
+        for part in opt.split(',').filter(|p| !p.is_empty()) {
+            let (k, val) = part
+                .split_once('=')
+                .with_context(|| format!("--cloud-init: expected key=value, found {part:?}"))?;
+            let (k, val) = (k.trim(), val.trim());
+            match k {
+                "user" => c["user"] = json!(val),
+                "password-hash" | "password_hash" => c["password_hash"] = json!(val),
+                "hostname" => c["hostname"] = json!(val),
+                "ssh-key" | "ssh_key" => {
+                    let text = std::fs::read_to_string(val)
+                        .with_context(|| format!("--cloud-init ssh-key={val}: cannot read"))?;
+                    if !keys_given {
+                        c["ssh_keys"] = json!([]);
+                        keys_given = true;
+                    }
+                    for line in text.lines().map(str::trim) {
+                        if !line.is_empty() && !line.starts_with('#') {
+                            if let Some(a) = c["ssh_keys"].as_array_mut() {
+                                a.push(json!(line));
+                            }
+                        }
+                    }
+                }
+                "dns" | "search" => {
+                    if !dns_given {
+                        c["dns"] = json!([]);
+                        c["search"] = json!([]);
+                        dns_given = true;
+                    }
+                    if let Some(a) = c[k].as_array_mut() {
+                        a.push(json!(val));
+                    }
+                }
+                "user-data" | "user_data" => {
+                    let text = std::fs::read_to_string(val)
+                        .with_context(|| format!("--cloud-init user-data={val}: cannot read"))?;
+                    c["user_data"] = json!(text);
+                }
+                _ => {
+                    let (what, n) = if let Some(n) = k.strip_prefix("ip") {
+                        ("ip", n)
+                    } else if let Some(n) = k.strip_prefix("gw") {
+                        ("gw", n)
+                    } else {
+                        bail!("--cloud-init: unknown key {k:?} (user, password-hash, ssh-key, hostname, ip, gw, dns, search, user-data)");
+                    };
+                    let nic: usize = if n.is_empty() {
+                        0
+                    } else {
+                        n.parse().with_context(|| {
+                            format!("--cloud-init {k}: ipN/gwN take a NIC number")
+                        })?
+                    };
+                    if !c["network"].is_array() {
+                        c["network"] = json!([]);
+                    }
+                    let list = c["network"].as_array_mut().context("network")?;
+                    let i = match list.iter().position(|e| e["nic"] == json!(nic)) {
+                        Some(i) => i,
+                        None => {
+                            list.push(json!({"nic": nic, "ip": "dhcp"}));
+                            list.len() - 1
+                        }
+                    };
+                    list[i][what] = json!(val);
+                }
+            }
+        }
+    }
+    Ok(c)
+}
+
 /// The spec JSON for create (`base` None) or edit (options replace, devices are added).
 pub fn spec_json(name: &str, a: &SpecArgs, base: Option<&VmSpec>) -> Result<Value> {
     let mut v = match base {
@@ -159,6 +246,17 @@ pub fn spec_json(name: &str, a: &SpecArgs, base: Option<&VmSpec>) -> Result<Valu
                 _ => bail!("--{k} {x}: use on or off"),
             });
         }
+    }
+    if let Some(x) = &a.agent {
+        v["agent"] = json!(match x.as_str() {
+            "on" => true,
+            "off" => false,
+            _ => bail!("--agent {x}: use on or off"),
+        });
+    }
+    if !a.cloud_init.is_empty() {
+        let base = v.get("cloud_init").cloned().filter(|c| !c.is_null());
+        v["cloud_init"] = cloud_init_json(&a.cloud_init, base)?;
     }
     if let Some(f) = &a.firmware {
         v["firmware"] = json!(f);
@@ -284,5 +382,46 @@ mod tests {
             ..Default::default()
         };
         assert!(spec_json("x", &a, None).is_err());
+    }
+
+    #[test]
+    fn cloud_init_options_build_and_edit_the_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("id.pub");
+        std::fs::write(
+            &key,
+            "# mine\nssh-ed25519 AAAAC3Nza me@x\n\nssh-rsa AAAAB3Nza other\n",
+        )
+        .unwrap();
+        let k = key.display();
+        let c = cloud_init_json(
+            &[format!("user=admin,ssh-key={k},hostname=c1,ip=10.0.0.5/24,gw=10.0.0.1,dns=10.0.0.1,dns=10.0.0.2,ip1=dhcp")],
+            None,
+        )
+        .unwrap();
+        assert_eq!(c["user"], "admin");
+        assert_eq!(
+            c["ssh_keys"],
+            json!(["ssh-ed25519 AAAAC3Nza me@x", "ssh-rsa AAAAB3Nza other"])
+        );
+        assert_eq!(
+            c["network"],
+            json!([{"nic": 0, "ip": "10.0.0.5/24", "gw": "10.0.0.1"}, {"nic": 1, "ip": "dhcp"}])
+        );
+        assert_eq!(c["dns"], json!(["10.0.0.1", "10.0.0.2"]));
+        let parsed: ferry_types::CloudInit = serde_json::from_value(c.clone()).unwrap();
+        assert_eq!(parsed.hostname.as_deref(), Some("c1"));
+        // an edit changes what it names
+        let e = cloud_init_json(&["ip=10.0.0.6/24,hostname=c2".into()], Some(c)).unwrap();
+        assert_eq!(
+            e["network"][0],
+            json!({"nic": 0, "ip": "10.0.0.6/24", "gw": "10.0.0.1"})
+        );
+        assert_eq!(e["hostname"], "c2");
+        assert_eq!(e["user"], "admin");
+        assert!(cloud_init_json(&["off".into()], Some(e)).unwrap().is_null());
+        for bad in ["colour=red", "ssh-key=/nonexistent/key", "ipx=dhcp", "user"] {
+            assert!(cloud_init_json(&[bad.into()], None).is_err(), "{bad}");
+        }
     }
 }

@@ -49,6 +49,18 @@ pub struct SpecArgs {
     /// A virtio memory balloon: on (default at create) or off.
     #[arg(long)]
     pub balloon: Option<String>,
+    /// The QEMU guest agent's channel: on or off (default). With it ferry shows the
+    /// guest's addresses (`ferry vm agent`), shuts down through it and freezes file
+    /// systems for disk snapshots and backups.
+    #[arg(long)]
+    pub agent: Option<String>,
+    /// cloud-init (NoCloud): user=NAME,password-hash=HASH,ssh-key=FILE (repeatable),
+    /// hostname=H,ip=ADDR/PREFIX|dhcp,gw=G (NIC 0; ip1=,gw1= for NIC 1, ...),
+    /// dns=ADDR (repeatable),search=DOMAIN,user-data=FILE (a #cloud-config or script,
+    /// run as vendor data). On edit the keys given replace theirs, the rest stays;
+    /// `--cloud-init off` removes it. Changes reach the guest at its next start.
+    #[arg(long = "cloud-init")]
+    pub cloud_init: Vec<String>,
     /// bios (default) or uefi.
     #[arg(long)]
     pub firmware: Option<Firmware>,
@@ -336,6 +348,11 @@ pub enum VmCmd {
         name: String,
         index: usize,
         media: String,
+    },
+    /// What the guest agent says: the guest's host name, OS and addresses (the VM needs
+    /// `--agent on` and qemu-guest-agent running inside).
+    Agent {
+        name: String,
     },
     /// Attach to the serial console (Ctrl-] detaches).
     Console {
@@ -790,6 +807,35 @@ pub(crate) async fn vm(c: &Client, g: &Global, cmd: VmCmd) -> Result<()> {
                 .await?;
             if !g.json {
                 println!("VM {name} deleted");
+            }
+            Ok(())
+        }
+        VmCmd::Agent { name } => {
+            let info: ferry_types::GuestInfo = c.get(&format!("/api/v1/vms/{name}/agent")).await?;
+            if g.json {
+                return print_json(&info);
+            }
+            let or = |s: &Option<String>| s.clone().unwrap_or_else(|| "-".into());
+            println!("hostname: {}", or(&info.hostname));
+            if let Some(os) = &info.os {
+                println!(
+                    "os:       {} (kernel {}, {})",
+                    or(&os.pretty_name),
+                    or(&os.kernel_release),
+                    or(&os.machine)
+                );
+            }
+            println!("agent:    {}", or(&info.agent_version));
+            if let Some(f) = &info.fsfreeze {
+                println!("fsfreeze: {f}");
+            }
+            for i in &info.interfaces {
+                println!(
+                    "{:<12} {:<18} {}",
+                    i.name,
+                    or(&i.mac),
+                    i.addresses.join(" ")
+                );
             }
             Ok(())
         }

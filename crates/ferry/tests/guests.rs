@@ -433,3 +433,268 @@ fn new_vms_get_a_tablet_an_rng_and_a_balloon_and_disks_keep_to_their_io_limits()
     }
     Ok(())
 }
+
+/// `ssh` from the lab's client namespace into a guest as `admin` with the test's key
+/// (tried for up to three minutes: sshd starts after cloud-init made the host keys).
+fn ssh(lab: &ClusterLab, key: &std::path::Path, ip: &str, line: &str) -> Result<String> {
+    let t = std::time::Instant::now();
+    loop {
+        match ssh_once(lab, key, ip, line) {
+            Ok(out) => return Ok(out),
+            Err(e) if t.elapsed() > std::time::Duration::from_secs(180) => return Err(e),
+            Err(_) => std::thread::sleep(std::time::Duration::from_secs(3)),
+        }
+    }
+}
+
+fn ssh_once(lab: &ClusterLab, key: &std::path::Path, ip: &str, line: &str) -> Result<String> {
+    let o = lab
+        .client_cmd("ssh")
+        .args(["-i"])
+        .arg(key)
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=10",
+            "-o",
+            "LogLevel=ERROR",
+            &format!("admin@{ip}"),
+            line,
+        ])
+        .output()?;
+    anyhow::ensure!(
+        o.status.success(),
+        "ssh admin@{ip} {line:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
+/// The guest's ed25519 host key as its SSH server shows it.
+fn host_key(lab: &ClusterLab, ip: &str) -> Result<String> {
+    let o = lab
+        .client_cmd("ssh-keyscan")
+        .args(["-T", "10", "-t", "ed25519", ip])
+        .output()?;
+    let out = String::from_utf8_lossy(&o.stdout);
+    let key = out
+        .lines()
+        .find(|l| l.contains("ssh-ed25519"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .ok_or_else(|| anyhow::anyhow!("no host key from {ip}: {out}"))?;
+    Ok(key.to_string())
+}
+
+/// Polls `vm agent NAME` until `ok` holds for its answer (the guest boots meanwhile).
+fn agent_until(
+    cli: &ferry_lab::Cli,
+    vm: &str,
+    within: std::time::Duration,
+    ok: impl Fn(&Value) -> bool,
+) -> Result<Value> {
+    let t = std::time::Instant::now();
+    let mut last = String::new();
+    while t.elapsed() < within {
+        match cli.ferry_json(&["vm", "agent", vm]) {
+            Ok(v) if ok(&v) => return Ok(v),
+            Ok(v) => last = v.to_string(),
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(std::time::Duration::from_secs(3));
+    }
+    let console = cli
+        .ferry_ok(&["vm", "console", vm, "--history"])
+        .unwrap_or_default();
+    let tail: String = console
+        .chars()
+        .rev()
+        .take(3000)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    anyhow::bail!(
+        "{vm}'s agent never answered as expected within {within:?}; last: {last}\nconsole:\n{tail}"
+    )
+}
+
+fn has_addr(v: &Value, addr: &str) -> bool {
+    v["interfaces"].as_array().into_iter().flatten().any(|i| {
+        i["addresses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|a| a == addr)
+    })
+}
+
+#[test]
+fn clones_of_a_cloud_template_get_their_own_identity_and_the_guest_agent_reports_them() -> Result<()>
+{
+    let img = ferry_lab::guest_dir().join("debian-cloud");
+    for f in ["disk.qcow2", "vmlinuz", "initrd.img"] {
+        anyhow::ensure!(
+            img.join(f).exists(),
+            "{} missing: scripts/setup.sh builds it (scripts/build-debian-cloud.sh)",
+            img.join(f).display()
+        );
+    }
+    let lab = one_host()?;
+    let h1 = lab.cli("h1")?;
+    let tmp = tempfile::tempdir()?;
+    let key = tmp.path().join("id");
+    let o = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "ferry-test", "-f"])
+        .arg(&key)
+        .output()?;
+    anyhow::ensure!(o.status.success(), "ssh-keygen: {o:?}");
+    let s = |p: std::path::PathBuf| p.display().to_string();
+    h1.ferry_ok(&[
+        "volume",
+        "import",
+        "local",
+        "debian-cloud",
+        "--source",
+        &s(img.join("disk.qcow2")),
+    ])?;
+    // The template: the image, the agent on, a user with the test's key.
+    h1.ferry_ok(&[
+        "vm",
+        "create",
+        "tmpl",
+        "--memory",
+        "512M",
+        "--disk",
+        "bus=virtio,volume=debian-cloud",
+        "--nic",
+        "bridge=br0",
+        "--kernel",
+        &s(img.join("vmlinuz")),
+        "--initrd",
+        &s(img.join("initrd.img")),
+        "--append",
+        "root=LABEL=root console=ttyS0 rw",
+        "--agent",
+        "on",
+        "--cloud-init",
+        &format!("user=admin,ssh-key={}.pub", key.display()),
+    ])?;
+    // Bad settings are refused with their field, and nothing changes.
+    let bad = h1.ferry(&[
+        "vm",
+        "edit",
+        "tmpl",
+        "--cloud-init",
+        "ip=10.78.0.300/24,hostname=-x-,password-hash=secret",
+    ])?;
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success());
+    for f in [
+        "cloud_init.network[0].ip",
+        "cloud_init.hostname",
+        "cloud_init.password_hash",
+    ] {
+        assert!(err.contains(f), "{f} not named: {err}");
+    }
+    h1.ferry_ok(&["vm", "template", "tmpl"])?;
+    let ips = [("c1", "10.78.0.111"), ("c2", "10.78.0.112")];
+    for (name, ip) in ips {
+        h1.ferry_ok(&["vm", "clone", "tmpl", name, "--linked"])?;
+        h1.ferry_ok(&[
+            "vm",
+            "edit",
+            name,
+            "--cloud-init",
+            &format!("hostname={name},ip={ip}/24,gw=10.78.0.11"),
+        ])?;
+        h1.ferry_ok(&["vm", "start", name])?;
+    }
+    let boot = std::time::Duration::from_secs(600);
+    for (name, ip) in ips {
+        let info = agent_until(&h1, name, boot, |v| {
+            v["hostname"] == name && has_addr(v, &format!("{ip}/24"))
+        })?;
+        let pretty = info["os"]["pretty_name"].as_str().unwrap_or("");
+        assert!(pretty.contains("Debian GNU/Linux 12"), "{info}");
+        assert!(info["agent_version"].is_string(), "{info}");
+    }
+    let text = h1.ferry_ok(&["vm", "agent", "c1"])?;
+    assert!(
+        text.contains("hostname: c1") && text.contains("10.78.0.111/24"),
+        "{text}"
+    );
+    // Each clone is its own machine: the user logs in with the key, the host name and
+    // SSH host keys are its own.
+    for (name, ip) in ips {
+        assert_eq!(ssh(&lab, &key, ip, "hostname")?, name);
+    }
+    let (k1, k2) = (host_key(&lab, ips[0].1)?, host_key(&lab, ips[1].1)?);
+    assert_ne!(k1, k2, "clones share SSH host keys");
+
+    // A disk snapshot of a running guest with the agent is quiesced, and the guest's
+    // file systems are thawed afterwards (a write goes through).
+    h1.ferry_ok(&["vm", "snapshot", "c1", "s1"])?;
+    let snaps = h1.ferry_json(&["vm", "snapshots", "c1"])?;
+    let s1 = snaps["snapshots"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == "s1"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(s1["quiesced"], true, "{snaps}");
+    assert_eq!(
+        ssh(&lab, &key, ips[0].1, "touch ~/after && sync && echo ok")?,
+        "ok"
+    );
+    let info = h1.ferry_json(&["vm", "agent", "c1"])?;
+    assert_eq!(info["fsfreeze"], "thawed", "{info}");
+
+    // A changed setting reaches the guest at its next start: the seed is made again.
+    h1.ferry_ok(&["vm", "edit", "c2", "--cloud-init", "hostname=c2b"])?;
+    h1.ferry_ok(&["vm", "reboot", "c2"])?;
+    agent_until(&h1, "c2", boot, |v| v["hostname"] == "c2b")?;
+    assert_eq!(ssh(&lab, &key, ips[1].1, "hostname")?, "c2b");
+
+    // Shutdown goes through the agent; the guest powers off by itself.
+    h1.ferry_ok(&["vm", "shutdown", "c1"])?;
+    assert_eq!(h1.vm_state("c1")?.0, "stopped");
+    let events = h1.ferry_ok(&["events", "--vm", "c1"])?;
+    assert!(
+        events.contains("shutdown requested through the guest agent")
+            && !events.contains("killing"),
+        "{events}"
+    );
+    h1.ferry_ok(&["vm", "stop", "c2"])?;
+
+    // A VM whose guest has no agent: the query says so, a disk snapshot is
+    // crash-consistent, shutdown falls back to the ACPI power button.
+    h1.boot_vm(
+        "t",
+        "10.78.0.120",
+        &["--agent", "on", "--disk", "bus=virtio,size=16M"],
+    )?;
+    let o = h1.ferry(&["vm", "agent", "t"])?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("did not answer"),
+        "{err}"
+    );
+    h1.ferry_ok(&["vm", "snapshot", "t", "s"])?;
+    let snaps = h1.ferry_json(&["vm", "snapshots", "t"])?;
+    assert_eq!(snaps["snapshots"][0]["quiesced"], false, "{snaps}");
+    h1.ferry_ok(&["vm", "shutdown", "t"])?;
+    assert_eq!(h1.vm_state("t")?.0, "stopped");
+    let events = h1.ferry_ok(&["events", "--vm", "t"])?;
+    assert!(
+        events.contains("pressing the ACPI power button") && !events.contains("killing"),
+        "{events}"
+    );
+    let o = h1.ferry(&["vm", "agent", "t"])?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("not running"), "{err}");
+    Ok(())
+}

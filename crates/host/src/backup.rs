@@ -334,6 +334,12 @@ impl Host {
                     server_pid,
                     fleece_cap: cap,
                     key: None,
+                    quiesce: (rec.spec.agent && slot.state() == VmState::Running).then(|| {
+                        Arc::new(GuestQuiesce {
+                            host: self.clone(),
+                            vm: vm.to_string(),
+                        }) as Arc<dyn capture::Quiesce>
+                    }),
                 },
                 &progress,
             )
@@ -966,4 +972,19 @@ pub(crate) async fn backup_spec(store: &Arc<Store>, b: &Backup) -> Result<VmSpec
         ));
     }
     Ok(spec)
+}
+
+/// A VM's file systems frozen through its guest agent for a backup.
+struct GuestQuiesce {
+    host: Host,
+    vm: String,
+}
+
+impl capture::Quiesce for GuestQuiesce {
+    fn freeze(&self) -> capture::QuiesceFuture<'_, bool> {
+        Box::pin(self.host.freeze(&self.vm))
+    }
+    fn thaw(&self) -> capture::QuiesceFuture<'_, ()> {
+        Box::pin(self.host.thaw(&self.vm))
+    }
 }

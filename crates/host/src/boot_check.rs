@@ -339,6 +339,7 @@ impl Host {
             paused: false,
             incoming: false,
             nic_fds: false,
+            cloud_init: false,
             isolated: true,
         };
         run.prepare()

@@ -189,6 +189,10 @@ impl Host {
             .open(&run.serial_log)
             .map_err(io(format!("Create {}", run.serial_log.display())))?;
         own(&run.serial_log, who.uid, who.gid, 0o600)?;
+        if plan.cloud_init {
+            // the seed holds the password hash: the VM's QEMU alone reads it
+            own(&run.cloud_init, who.uid, who.gid, 0o400)?;
+        }
         for d in &plan.disks {
             reachable(&d.path, who, &managed)?;
             own(&d.path, who.uid, who.gid, 0o600)?;

@@ -34,6 +34,7 @@ pub mod exit;
 pub mod fake;
 pub mod file_restore;
 pub mod gate;
+pub mod guest_agent;
 pub mod history;
 pub mod lifecycle;
 pub mod link;

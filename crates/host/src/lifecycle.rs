@@ -209,10 +209,28 @@ impl Host {
             }
         }
         let ovmf = self.uefi_files(rec)?;
+        let run = self.run_paths(rec.id);
+        // cloud-init's seed, made again at every start (and on a migration's
+        // destination: the same spec gives the same disk).
+        let cloud_init = match ferry_cloudinit::render(spec) {
+            Some(seed) => {
+                std::fs::create_dir_all(&run.dir).map_err(|source| AgentError::Io {
+                    what: format!("Create {}", run.dir.display()),
+                    source,
+                })?;
+                ferry_cloudinit::write_image(&seed, &run.cloud_init)
+                    .map_err(|e| AgentError::failed(Failure::Internal, e.to_string()))?;
+                true
+            }
+            None => {
+                let _ = std::fs::remove_file(&run.cloud_init);
+                false
+            }
+        };
         Ok(LaunchPlan {
             spec: spec.clone(),
             accel: self.inner.accel,
-            run: self.run_paths(rec.id),
+            run,
             disks,
             cdroms,
             taps: (0..spec.nics.len())
@@ -222,6 +240,7 @@ impl Host {
             paused: false,
             incoming: false,
             nic_fds: true,
+            cloud_init,
             isolated: false,
         })
     }
@@ -699,13 +718,36 @@ impl Host {
         }
         let mut intent = IntentGuard::set(slot, ExitIntent::Shutdown);
         let before = slot.state();
+        let agent = self.record(name).await.is_ok_and(|(r, _)| r.spec.agent);
         self.set_state(name, slot, VmState::ShuttingDown);
-        if let Err(e) = qmp.run(&qc::SystemPowerdown).await {
-            // Nothing happened: the VM is as it was (its intent goes with the guard).
-            if slot.state() == VmState::ShuttingDown {
-                self.set_state(name, slot, before);
+        // Through the guest agent when the VM has one (a guest that ignores ACPI still
+        // goes down); the power button when the agent does not take it.
+        let mut by_agent = false;
+        if agent {
+            match self.agent_shutdown(name).await {
+                Ok(()) => {
+                    by_agent = true;
+                    self.inner.events.emit(
+                        Some(name),
+                        "vm",
+                        "shutdown requested through the guest agent",
+                    );
+                }
+                Err(e) => self.inner.events.emit(
+                    Some(name),
+                    "vm",
+                    format!("the guest agent did not take the shutdown ({e}); pressing the ACPI power button"),
+                ),
             }
-            return Err(e.into());
+        }
+        if !by_agent {
+            if let Err(e) = qmp.run(&qc::SystemPowerdown).await {
+                // Nothing happened: the VM is as it was (its intent goes with the guard).
+                if slot.state() == VmState::ShuttingDown {
+                    self.set_state(name, slot, before);
+                }
+                return Err(e.into());
+            }
         }
         // The button was pressed: the guest may power off whenever it likes.
         intent.keep();

@@ -199,6 +199,7 @@ impl Host {
                         with_memory: per_disk[0].get(tag).copied().unwrap_or(0) > 0,
                         created_ms: crate::events::now_ms(),
                         description: "recovered after an interrupted snapshot".into(),
+                        quiesced: false,
                     };
                     self.inner
                         .store

@@ -31,6 +31,8 @@ pub struct Slot {
     /// Held through [`VmOp`] by whatever changes the VM.
     pub op: Arc<tokio::sync::Mutex<()>>,
     pub rt: Mutex<Runtime>,
+    /// Held by whoever talks to the VM's guest agent (QEMU serves one at a time).
+    pub agent: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Proof that a VM's operation lock is held: the steps that must run under it take one

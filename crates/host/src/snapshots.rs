@@ -164,6 +164,7 @@ impl Host {
         }
         let disks = self.snapshot_disks(vm).await?;
         let devices = self.disk_nodes(vm, disks.len()).await;
+        let mut quiesced = false;
         if slot.state().has_process() {
             let qmp = self.qmp(vm)?;
             if req.with_memory {
@@ -189,7 +190,15 @@ impl Host {
                         name: req.name.clone(),
                     })
                     .collect();
-                qmp.run(&qc::Transaction { actions }).await?;
+                // A running guest with an agent flushes and freezes its file systems
+                // for the moment the disks are taken.
+                quiesced =
+                    rec.spec.agent && slot.state() == VmState::Running && self.freeze(vm).await;
+                let taken = qmp.run(&qc::Transaction { actions }).await;
+                if quiesced {
+                    self.thaw(vm).await;
+                }
+                taken?;
             }
         } else {
             if req.with_memory {
@@ -220,12 +229,15 @@ impl Host {
             with_memory: req.with_memory,
             created_ms: crate::events::now_ms(),
             description: req.description,
+            quiesced,
         };
         self.inner.store.put_json(&key, &snap).await?;
         self.update_record(vm, |r| r.current_snapshot = Some(req.name.clone()))
             .await?;
         let kind = if req.with_memory {
             "with memory"
+        } else if quiesced {
+            "disk-only, quiesced by the guest agent"
         } else {
             "disk-only"
         };

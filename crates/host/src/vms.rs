@@ -362,12 +362,14 @@ impl Host {
                 *new = was;
             }
         }
-        // Its startup policy, description and NICs' links change in any state; the rest
-        // while stopped.
+        // Its startup policy, description, cloud-init settings and NICs' links change in
+        // any state; the rest while stopped.
         let policy_only = {
             let mut same = old.spec.clone();
             same.startup = spec.startup;
             same.description.clone_from(&spec.description);
+            // cloud-init's seed is made at each start: a change reaches the guest then
+            same.cloud_init.clone_from(&spec.cloud_init);
             if same.nics.len() == spec.nics.len() {
                 for (a, b) in same.nics.iter_mut().zip(&spec.nics) {
                     a.link_down = b.link_down;

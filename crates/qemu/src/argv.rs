@@ -99,6 +99,8 @@ pub struct LaunchPlan {
     /// `process::spawn_detached`, which places them). QEMU running unprivileged cannot
     /// open `/dev/net/tun` or `/dev/vhost-net` itself.
     pub nic_fds: bool,
+    /// The cloud-init seed disk (`run.cloud_init`), written: attached read-only.
+    pub cloud_init: bool,
     /// NICs on a hub inside QEMU instead of taps (a boot check of a backup): the guest
     /// sees its NICs with their MACs and links up, and nothing it sends leaves QEMU.
     pub isolated: bool,
@@ -413,6 +415,41 @@ pub fn build_argv(p: &LaunchPlan) -> Vec<OsString> {
             json!({"driver": "virtio-balloon-pci", "id": "balloon0"}),
         );
     }
+    if s.agent {
+        a.push(
+            "-chardev",
+            format!(
+                "socket,id=qga0,path={},server=on,wait=off",
+                p.run.qga.display()
+            ),
+        );
+        a.json(
+            "-device",
+            json!({"driver": "virtio-serial-pci", "id": "vserial0"}),
+        );
+        a.json(
+            "-device",
+            json!({"driver": "virtserialport", "id": "qga0port", "bus": "vserial0.0",
+                   "chardev": "qga0", "name": "org.qemu.guest_agent.0"}),
+        );
+    }
+    if p.cloud_init {
+        // virtio on every machine type and architecture; never a boot device.
+        a.json(
+            "-blockdev",
+            json!({"driver": "file", "filename": p.run.cloud_init, "node-name": "file-cidata",
+                   "read-only": true}),
+        );
+        a.json(
+            "-blockdev",
+            json!({"driver": "raw", "file": "file-cidata", "node-name": "cidata",
+                   "read-only": true}),
+        );
+        a.json(
+            "-device",
+            json!({"driver": "virtio-blk-pci", "id": "cidata0", "drive": "cidata"}),
+        );
+    }
     a.0
 }
 
@@ -462,6 +499,7 @@ mod tests {
             paused: false,
             incoming: false,
             nic_fds: false,
+            cloud_init: false,
             isolated: false,
             spec,
         }
@@ -658,6 +696,43 @@ mod tests {
         assert_eq!(objects[0]["filename"], "/dev/urandom");
         p.spec.rng = Some(false);
         assert!(!has(&dev(&p), "virtio-rng-pci"));
+    }
+
+    #[test]
+    fn the_agent_channel_and_the_cloud_init_disk_come_last_and_only_when_asked() {
+        let mut p = plan();
+        let before = devices(&build_argv(&p), "-device");
+        assert!(!before
+            .iter()
+            .any(|d| d["driver"] == "virtserialport" || d["id"] == "cidata0"));
+        p.spec.agent = true;
+        p.cloud_init = true;
+        let argv: Vec<String> = build_argv(&p)
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let dev = devices(&build_argv(&p), "-device");
+        // the devices there were keep their order (and so their PCI slots)
+        assert_eq!(&dev[..before.len()], &before[..]);
+        let port = dev
+            .iter()
+            .find(|d| d["driver"] == "virtserialport")
+            .unwrap();
+        assert_eq!(port["name"], "org.qemu.guest_agent.0");
+        assert_eq!(port["bus"], "vserial0.0");
+        assert!(argv.windows(2).any(|w| w[0] == "-chardev"
+            && w[1].starts_with("socket,id=qga0,path=")
+            && w[1].contains(&*p.run.qga.to_string_lossy())));
+        let seed = dev.iter().find(|d| d["id"] == "cidata0").unwrap();
+        assert_eq!(seed["driver"], "virtio-blk-pci");
+        assert!(seed.get("bootindex").is_none());
+        let nodes = devices(&build_argv(&p), "-blockdev");
+        let file = nodes
+            .iter()
+            .find(|n| n["node-name"] == "file-cidata")
+            .unwrap();
+        assert_eq!(file["read-only"], true);
+        assert_eq!(file["filename"], json!(p.run.cloud_init));
     }
 
     #[test]

@@ -22,6 +22,10 @@ pub struct RunPaths {
     /// Made by the daemon, appended to by QEMU.
     pub serial_log: PathBuf,
     pub vnc: PathBuf,
+    /// The guest agent's channel (a VM with `agent`).
+    pub qga: PathBuf,
+    /// The cloud-init seed disk, written by the daemon at each start.
+    pub cloud_init: PathBuf,
     /// QEMU's standard output and error, a file the daemon opened for it.
     pub log: PathBuf,
 }
@@ -36,6 +40,8 @@ impl RunPaths {
             serial: sockets.join("serial.sock"),
             serial_log: dir.join("serial.log"),
             vnc: sockets.join("vnc.sock"),
+            qga: sockets.join("qga.sock"),
+            cloud_init: dir.join("cloud-init.img"),
             log: dir.join("qemu.log"),
             sockets,
             dir,
@@ -50,7 +56,7 @@ impl RunPaths {
                 source,
             })?;
         }
-        for f in [&self.pidfile, &self.qmp, &self.serial, &self.vnc] {
+        for f in [&self.pidfile, &self.qmp, &self.serial, &self.vnc, &self.qga] {
             let _ = std::fs::remove_file(f);
         }
         Ok(())

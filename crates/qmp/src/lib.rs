@@ -7,6 +7,7 @@
 //! every waiting caller gets [`QmpError::Closed`] and [`Qmp::closed`] resolves, so the
 //! owner can reconnect with [`Qmp::connect_retry`].
 
+pub mod agent;
 mod client;
 mod codec;
 pub mod commands;

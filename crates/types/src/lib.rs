@@ -9,6 +9,7 @@ pub mod cpu;
 pub mod drs;
 pub mod error;
 pub mod event;
+pub mod guest;
 pub mod host;
 pub mod migration;
 pub mod replica;
@@ -27,6 +28,7 @@ pub use cpu::{HostCaps, DEFAULT_CPU_MODEL};
 pub use drs::*;
 pub use error::{code_for_status, ApiErrorBody};
 pub use event::Event;
+pub use guest::{CloudInit, CloudNet, GuestInfo, GuestInterface, GuestOs};
 pub use host::{
     BackgroundTask, ClusterFile, ClusterHost, HostAlive, HostInfo, HostPort, HostUnit,
     MetricsHistory, MetricsPoint,

@@ -294,6 +294,14 @@ pub struct VmSpec {
     /// memory back). On by default at create.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<bool>,
+    /// The QEMU guest agent's channel (a virtio-serial port): ferry then shows the
+    /// guest's addresses and OS, shuts it down through the agent (ACPI when it does
+    /// not answer) and freezes its file systems for disk snapshots and backups.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub agent: bool,
+    /// cloud-init (NoCloud) settings: a seed disk labelled `cidata` at every start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<crate::guest::CloudInit>,
 }
 
 /// A defined VM with its runtime status, as the API returns it.
@@ -360,6 +368,11 @@ pub struct Snapshot {
     pub created_ms: u64,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub description: String,
+    /// The guest agent froze the guest's file systems while its disks were taken (a
+    /// disk-only snapshot of a running VM with the agent); false: crash-consistent (or
+    /// with memory, where the saved RAM makes it whole).
+    #[serde(default)]
+    pub quiesced: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -538,6 +551,9 @@ impl VmSpec {
         self.startup.check(&mut e);
         if let Some(p) = &self.resource_pool {
             check_name(&mut e, "resource_pool", p);
+        }
+        if let Some(c) = &self.cloud_init {
+            c.check(&mut e, self.nics.len());
         }
         if let Some(Err(r)) = self.cpu.as_deref().map(crate::cpu::check_cpu_model) {
             e.push("cpu", r);

@@ -248,6 +248,7 @@ fn request(vm: &str, work: &Path, cap: u64, qemu: &Qemu) -> CaptureRequest {
         server_pid: i32::try_from(qemu.child.id()).ok(),
         fleece_cap: cap,
         key: None,
+        quiesce: None,
     }
 }
 
