@@ -115,6 +115,7 @@ fn api() -> OpenApiRouter<Agent> {
         .routes(routes!(pools::get_volume, pools::delete_volume))
         .routes(routes!(pools::resize_volume))
         .routes(routes!(pools::import_volume))
+        .routes(routes!(pools::import_ova))
         .routes(routes!(pools::list_bridges, pools::create_bridge))
         .routes(routes!(replication::replication_status))
         .routes(routes!(replication::promote))

@@ -80,6 +80,20 @@ pub async fn import_volume(
     Ok((StatusCode::ACCEPTED, Json(TaskAccepted { task })))
 }
 
+#[utoipa::path(post, path = "/api/v1/pools/{pool}/import-ova", tag = "storage", request_body = ferry_types::OvaImport,
+    params(("pool" = String, Path)),
+    responses((status = 202, description = "Import task started: its result names the VM, its disks and what was not mapped", body = TaskAccepted),
+              (status = 400, description = "Not an OVA, a descriptor ferry refuses (the reason), or no bridge for its NICs", body = ApiErrorBody),
+              (status = 409, body = ApiErrorBody)))]
+pub async fn import_ova(
+    State(a): State<Agent>,
+    ApiPath(pool): ApiPath<String>,
+    ApiJson(req): ApiJson<ferry_types::OvaImport>,
+) -> ApiResult<(StatusCode, Json<TaskAccepted>)> {
+    let task = a.import_ova(&pool, req).await?;
+    Ok((StatusCode::ACCEPTED, Json(TaskAccepted { task })))
+}
+
 #[utoipa::path(get, path = "/api/v1/pools/{pool}/volumes/{volume}", tag = "storage",
     params(("pool" = String, Path), ("volume" = String, Path)),
     responses((status = 200, body = Volume), (status = 404, body = ApiErrorBody)))]

@@ -349,6 +349,21 @@ pub enum VmCmd {
         index: usize,
         media: String,
     },
+    /// Import an OVF appliance (.ova, e.g. exported from VMware) on the daemon's host as
+    /// a VM: CPUs, memory, firmware, disks (converted into POOL) and NICs mapped; what
+    /// cannot be mapped is listed.
+    ImportOva {
+        /// The .ova file (a path on the daemon's host).
+        file: String,
+        /// The new VM's name.
+        #[arg(long = "as")]
+        name: String,
+        #[arg(long, default_value = "local")]
+        pool: String,
+        /// The bridge its NICs go to.
+        #[arg(long)]
+        bridge: Option<String>,
+    },
     /// What the guest agent says: the guest's host name, OS and addresses (the VM needs
     /// `--agent on` and qemu-guest-agent running inside).
     Agent {
@@ -807,6 +822,40 @@ pub(crate) async fn vm(c: &Client, g: &Global, cmd: VmCmd) -> Result<()> {
                 .await?;
             if !g.json {
                 println!("VM {name} deleted");
+            }
+            Ok(())
+        }
+        VmCmd::ImportOva {
+            file,
+            name,
+            pool,
+            bridge,
+        } => {
+            // a relative path means this machine's file
+            let source = std::fs::canonicalize(&file)
+                .map(|p| p.display().to_string())
+                .unwrap_or(file);
+            let body = ferry_types::OvaImport {
+                source,
+                name: name.clone(),
+                bridge,
+            };
+            let t: TaskAccepted = c
+                .send(
+                    Method::POST,
+                    &format!("/api/v1/pools/{pool}/import-ova"),
+                    &body,
+                )
+                .await?;
+            let task = c.wait_task(t, g.json).await?;
+            if g.json {
+                return print_json(&task.result);
+            }
+            println!("VM {name} imported");
+            if let Some(r) = &task.result {
+                for u in r["unmapped"].as_array().into_iter().flatten() {
+                    println!("not mapped: {}", u.as_str().unwrap_or_default());
+                }
             }
             Ok(())
         }

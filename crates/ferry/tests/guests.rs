@@ -698,3 +698,176 @@ fn clones_of_a_cloud_template_get_their_own_identity_and_the_guest_agent_reports
     assert!(!o.status.success() && err.contains("not running"), "{err}");
     Ok(())
 }
+
+/// `tar cf OUT -C DIR FILES...`.
+fn tar(dir: &std::path::Path, out: &std::path::Path, files: &[&str]) -> Result<()> {
+    let o = std::process::Command::new("tar")
+        .arg("cf")
+        .arg(out)
+        .arg("-C")
+        .arg(dir)
+        .args(files)
+        .output()?;
+    anyhow::ensure!(o.status.success(), "tar: {o:?}");
+    Ok(())
+}
+
+#[test]
+fn an_ova_from_vmware_becomes_a_vm_and_hostile_ones_change_nothing() -> Result<()> {
+    let lab = one_host()?;
+    let h1 = lab.cli("h1")?;
+    let tmp = tempfile::tempdir()?;
+    let d = tmp.path();
+    // A 64 MiB disk with marks at 0 and 40 MiB, as VMware's stream-optimized VMDK.
+    let raw = d.join("disk.raw");
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::File::create(&raw)?;
+        f.set_len(64 << 20)?;
+        f.write_all(b"FERRY-OVA-MARK-0")?;
+        f.seek(SeekFrom::Start(40 << 20))?;
+        f.write_all(b"FERRY-OVA-MARK-40")?;
+    }
+    let img = |args: &[&str]| -> Result<()> {
+        let o = std::process::Command::new("qemu-img").args(args).output()?;
+        anyhow::ensure!(o.status.success(), "qemu-img {args:?}: {o:?}");
+        Ok(())
+    };
+    let s = |p: std::path::PathBuf| p.display().to_string();
+    img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=streamOptimized",
+        &s(raw.clone()),
+        &s(d.join("web-disk1.vmdk")),
+    ])?;
+    let ovf = include_str!("../../host/src/ova_test.ovf");
+    std::fs::write(d.join("web.ovf"), ovf)?;
+    tar(d, &d.join("web.ova"), &["web.ovf", "web-disk1.vmdk"])?;
+    let ova = s(d.join("web.ova"));
+
+    // NICs need a bridge: said before anything is made.
+    let o = h1.ferry(&["vm", "import-ova", &ova, "--as", "web"])?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("bridge"), "{err}");
+
+    let out = h1.ferry_ok(&["vm", "import-ova", &ova, "--as", "web", "--bridge", "br0"])?;
+    assert!(
+        out.contains("not mapped:") && out.contains("Sound card"),
+        "{out}"
+    );
+    let vm = h1.ferry_json(&["vm", "show", "web"])?;
+    let spec = &vm["spec"];
+    assert_eq!(
+        (spec["cpus"].as_u64(), spec["memory_mib"].as_u64()),
+        (Some(2), Some(2048)),
+        "{spec}"
+    );
+    assert_eq!(spec["disks"][0]["bus"], "scsi", "{spec}");
+    assert_eq!(spec["disks"][0]["volume"], "web-disk0", "{spec}");
+    assert_eq!(spec["nics"][0]["model"], "vmxnet3", "{spec}");
+    assert_eq!(spec["nics"][0]["bridge"], "br0", "{spec}");
+    assert_eq!(spec["cdroms"].as_array().map(Vec::len), Some(1), "{spec}");
+    assert!(
+        spec["description"]
+            .as_str()
+            .unwrap_or("")
+            .contains("Sound card"),
+        "{spec}"
+    );
+    // The disk's content came through the conversion.
+    let vol = h1.ferry_json(&["volume", "show", "local", "web-disk0"])?;
+    assert_eq!(vol["format"], "qcow2", "{vol}");
+    let pool = h1.ferry_json(&["pool", "show", "local"])?;
+    let path = std::path::Path::new(pool["spec"]["path"].as_str().unwrap_or("/nonexistent"))
+        .join("web-disk0");
+    img(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "qcow2",
+        &s(raw.clone()),
+        &s(path),
+    ])?;
+    // It runs, with those devices.
+    h1.ferry_ok(&["vm", "start", "web"])?;
+    assert_eq!(h1.vm_state("web")?.0, "running");
+    h1.ferry_ok(&["vm", "stop", "web"])?;
+
+    // Hostile appliances: refused with the reason, no VM and no volume left.
+    let flat = "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\nRW 2048 FLAT \"/etc/shadow\" 0\n";
+    let cases: Vec<(&str, String, &[&str], &str)> = vec![
+        (
+            "bad1",
+            ovf.to_string(),
+            &["web.ovf", "web-disk1.vmdk"],
+            "descriptor",
+        ),
+        (
+            "bad2",
+            ovf.replace("web-disk1.vmdk", "../../etc/passwd"),
+            &["web.ovf"],
+            "plain file names",
+        ),
+        (
+            "bad3",
+            ovf.replace("web-disk1.vmdk", "missing.vmdk"),
+            &["web.ovf", "web-disk1.vmdk"],
+            "not in the OVA",
+        ),
+    ];
+    for (name, xml, files, want) in cases {
+        let cd = d.join(name);
+        std::fs::create_dir_all(&cd)?;
+        std::fs::write(cd.join("web.ovf"), xml)?;
+        if name == "bad1" {
+            std::fs::write(cd.join("web-disk1.vmdk"), flat)?;
+        } else {
+            std::fs::copy(d.join("web-disk1.vmdk"), cd.join("web-disk1.vmdk"))?;
+        }
+        let out = cd.join("x.ova");
+        tar(&cd, &out, files)?;
+        let o = h1.ferry(&["vm", "import-ova", &s(out), "--as", name, "--bridge", "br0"])?;
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(want),
+            "{name}: {want:?} not in {err}"
+        );
+        assert!(
+            h1.ferry(&["vm", "show", name])?.status.code() != Some(0),
+            "{name} made"
+        );
+        assert!(
+            h1.ferry(&["volume", "show", "local", &format!("{name}-disk0")])?
+                .status
+                .code()
+                != Some(0)
+        );
+    }
+    // A truncated OVA.
+    let cut = d.join("cut.ova");
+    let whole = std::fs::read(d.join("web.ova"))?;
+    std::fs::write(&cut, &whole[..whole.len() / 2])?;
+    let o = h1.ferry(&[
+        "vm",
+        "import-ova",
+        &s(cut),
+        "--as",
+        "cut",
+        "--bridge",
+        "br0",
+    ])?;
+    assert!(!o.status.success(), "a truncated OVA was taken");
+    assert!(h1.ferry(&["vm", "show", "cut"])?.status.code() != Some(0));
+    let vols = h1.ferry_ok(&["volume", "list", "local"])?;
+    assert!(
+        !vols.contains("cut-disk0") && !vols.contains("partial"),
+        "{vols}"
+    );
+    Ok(())
+}

@@ -45,6 +45,7 @@ pub mod loops;
 pub mod maintenance;
 pub mod metrics;
 pub mod os;
+pub mod ova;
 pub mod pools;
 pub mod power;
 pub mod records;

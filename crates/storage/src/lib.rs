@@ -7,6 +7,7 @@ mod dir;
 pub mod fake;
 mod lock;
 mod meta;
+pub mod ovf;
 mod qemu_img;
 mod source;
 

@@ -38,7 +38,9 @@ pub use replica::*;
 pub use size::{whole, ByteSize};
 pub use startup::{HostPowerReport, HostPowerStep, HostShutdownAction, Startup};
 pub use state::{VmAction, VmState};
-pub use storage::{Pool, PoolKind, PoolSpec, Volume, VolumeCreate, VolumeImport, VolumeResize};
+pub use storage::{
+    OvaImport, Pool, PoolKind, PoolSpec, Volume, VolumeCreate, VolumeImport, VolumeResize,
+};
 pub use task::{Task, TaskAccepted, TaskState};
 pub use validate::{Invalid, ValidationErrors};
 pub use vm::*;

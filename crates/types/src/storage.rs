@@ -113,6 +113,34 @@ pub struct VolumeImport {
     pub format: Option<DiskFormat>,
 }
 
+/// `POST /api/v1/pools/{pool}/import-ova`: an OVF appliance on the daemon's host made a
+/// VM, its disks volumes of the pool.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OvaImport {
+    /// Absolute path of the `.ova` file on the daemon's host.
+    pub source: String,
+    /// The new VM's name.
+    pub name: String,
+    /// The bridge its NICs go to (needed when the appliance has NICs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+}
+
+impl OvaImport {
+    pub fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut e = ValidationErrors::default();
+        check_name(&mut e, "name", &self.name);
+        if !self.source.starts_with('/') {
+            e.push("source", "must be an absolute path on the daemon's host");
+        }
+        if let Some(b) = &self.bridge {
+            crate::validate::check_ifname(&mut e, "bridge", b);
+        }
+        e.into_result()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeResize {
