@@ -162,7 +162,10 @@ pub fn need(method: &str, path: &str) -> Need {
         ("POST", ["placement", "create"]) => on(Privilege::Modify, "/vms"),
         ("POST", ["placement"]) => on(Privilege::Audit, "/cluster"),
         // An import reads a file of the host by its path: the host's administrator's.
-        ("POST", ["pools", _, "import" | "import-ova"]) => on(Privilege::Modify, "/"),
+        // A download fetches from wherever the host can reach: the host's administrator's.
+        ("POST", ["pools", _, "import" | "import-ova" | "download"]) => {
+            on(Privilege::Modify, "/")
+        }
         // A store is a folder of the hosts, named by its path: the hosts' administrator's.
         ("POST", ["backup-stores"]) => on(Privilege::Modify, "/"),
         // Backups hold every VM's data: one privilege path for taking, listing, restoring

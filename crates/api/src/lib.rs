@@ -116,6 +116,12 @@ fn api() -> OpenApiRouter<Agent> {
         .routes(routes!(pools::resize_volume))
         .routes(routes!(pools::import_volume))
         .routes(routes!(pools::import_ova))
+        .routes(routes!(
+            pools::upload_volume,
+            pools::upload_status,
+            pools::upload_discard
+        ))
+        .routes(routes!(pools::download_volume))
         .routes(routes!(pools::list_bridges, pools::create_bridge))
         .routes(routes!(replication::replication_status))
         .routes(routes!(replication::promote))

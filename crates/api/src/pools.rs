@@ -80,6 +80,101 @@ pub async fn import_volume(
     Ok((StatusCode::ACCEPTED, Json(TaskAccepted { task })))
 }
 
+#[utoipa::path(put, path = "/api/v1/pools/{pool}/upload/{volume}", tag = "storage",
+    params(("pool" = String, Path), ("volume" = String, Path), ferry_types::UploadParams),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "A piece of the image or ISO"),
+    responses((status = 200, description = "Received; with `task` when this was the last piece and the import started", body = ferry_types::UploadStatus),
+              (status = 400, description = "Larger than the pool's room", body = ApiErrorBody),
+              (status = 409, description = "The volume exists, another upload to it runs, or the offset is not what was received", body = ApiErrorBody)))]
+pub async fn upload_volume(
+    State(a): State<Agent>,
+    ApiPath((pool, volume)): ApiPath<(String, String)>,
+    crate::error::ApiQuery(q): crate::error::ApiQuery<ferry_types::UploadParams>,
+    body: axum::body::Body,
+) -> ApiResult<Json<ferry_types::UploadStatus>> {
+    use futures::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    let offset = q.offset.unwrap_or(0);
+    let mut up = a.upload_piece(&pool, &volume, offset).await?;
+    let io =
+        |what: String| move |source: std::io::Error| ferry_agent::AgentError::Io { what, source };
+    let mut got = offset;
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        // a broken piece keeps what arrived: the client goes on from there
+        let chunk = chunk
+            .map_err(|e| io("Receive the upload".into())(std::io::Error::other(e.to_string())))?;
+        if (got - offset).saturating_add(chunk.len() as u64) > up.room {
+            return Err(ferry_agent::AgentError::invalid(
+                "body",
+                format!(
+                    "the upload is larger than the {} bytes pool {pool} has room for",
+                    up.room
+                ),
+            )
+            .into());
+        }
+        got += chunk.len() as u64;
+        up.file
+            .write_all(&chunk)
+            .await
+            .map_err(io(format!("Write {}", up.path.display())))?;
+    }
+    up.file
+        .sync_all()
+        .await
+        .map_err(io(format!("Sync {}", up.path.display())))?;
+    drop(up);
+    let task = if q.last.unwrap_or(true) {
+        Some(a.upload_finish(&pool, &volume, q.format).await?)
+    } else {
+        None
+    };
+    Ok(Json(ferry_types::UploadStatus {
+        received: got,
+        task,
+    }))
+}
+
+#[utoipa::path(get, path = "/api/v1/pools/{pool}/upload/{volume}", tag = "storage",
+    params(("pool" = String, Path), ("volume" = String, Path)),
+    responses((status = 200, description = "How much of an unfinished upload is held (0: none)", body = ferry_types::UploadStatus),
+              (status = 409, body = ApiErrorBody)))]
+pub async fn upload_status(
+    State(a): State<Agent>,
+    ApiPath((pool, volume)): ApiPath<(String, String)>,
+) -> ApiResult<Json<ferry_types::UploadStatus>> {
+    let received = a.upload_received(&pool, &volume).await?;
+    Ok(Json(ferry_types::UploadStatus {
+        received,
+        task: None,
+    }))
+}
+
+#[utoipa::path(delete, path = "/api/v1/pools/{pool}/upload/{volume}", tag = "storage",
+    params(("pool" = String, Path), ("volume" = String, Path)),
+    responses((status = 204, description = "The unfinished upload is gone"), (status = 409, body = ApiErrorBody)))]
+pub async fn upload_discard(
+    State(a): State<Agent>,
+    ApiPath((pool, volume)): ApiPath<(String, String)>,
+) -> ApiResult<StatusCode> {
+    a.upload_discard(&pool, &volume).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/api/v1/pools/{pool}/download", tag = "storage", request_body = ferry_types::VolumeDownload,
+    params(("pool" = String, Path)),
+    responses((status = 202, description = "Download task started", body = TaskAccepted),
+              (status = 400, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+pub async fn download_volume(
+    State(a): State<Agent>,
+    ApiPath(pool): ApiPath<String>,
+    ApiJson(req): ApiJson<ferry_types::VolumeDownload>,
+) -> ApiResult<(StatusCode, Json<TaskAccepted>)> {
+    let task = a.download_volume(&pool, req).await?;
+    Ok((StatusCode::ACCEPTED, Json(TaskAccepted { task })))
+}
+
 #[utoipa::path(post, path = "/api/v1/pools/{pool}/import-ova", tag = "storage", request_body = ferry_types::OvaImport,
     params(("pool" = String, Path)),
     responses((status = 202, description = "Import task started: its result names the VM, its disks and what was not mapped", body = TaskAccepted),

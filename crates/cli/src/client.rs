@@ -202,11 +202,47 @@ impl Client {
     ) -> Result<T> {
         let url = format!("{}{}{path}", self.base, self.prefix);
         let mut req = self.http.request(method.clone(), &url);
-        if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
-        }
         if let Some(b) = body {
             req = req.json(b);
+        }
+        self.answer(method, path, req).await
+    }
+
+    /// A PUT of a file's bytes from `offset` on (streamed), with query `query`.
+    pub async fn put_file<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        file: &std::path::Path,
+        offset: u64,
+    ) -> Result<T> {
+        use tokio::io::AsyncSeekExt;
+        let mut f = tokio::fs::File::open(file)
+            .await
+            .with_context(|| format!("Open {}", file.display()))?;
+        let len = f.metadata().await?.len();
+        f.seek(std::io::SeekFrom::Start(offset)).await?;
+        let url = format!("{}{}{path}", self.base, self.prefix);
+        let req = self
+            .http
+            .put(&url)
+            .query(query)
+            .header("content-type", "application/octet-stream")
+            .header("content-length", len.saturating_sub(offset))
+            .body(reqwest::Body::wrap_stream(
+                tokio_util::io::ReaderStream::new(f),
+            ));
+        self.answer(Method::PUT, path, req).await
+    }
+
+    async fn answer<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        mut req: reqwest::RequestBuilder,
+    ) -> Result<T> {
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
         }
         let resp = req.send().await.with_context(|| {
             format!(

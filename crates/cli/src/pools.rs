@@ -68,6 +68,31 @@ pub enum VolumeCmd {
         #[arg(long)]
         format: Option<DiskFormat>,
     },
+    /// Upload an image or ISO from this machine (streamed; checked and converted like
+    /// import). --resume goes on with an upload that broke off.
+    Upload {
+        pool: String,
+        name: String,
+        #[arg(long)]
+        file: std::path::PathBuf,
+        /// Convert to qcow2 or raw.
+        #[arg(long)]
+        format: Option<DiskFormat>,
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Have the daemon fetch an image or ISO from an http(s) URL into the pool.
+    Download {
+        pool: String,
+        name: String,
+        #[arg(long)]
+        url: String,
+        /// The file's SHA-256 (hex): refused when it differs.
+        #[arg(long)]
+        sha256: Option<String>,
+        #[arg(long)]
+        format: Option<DiskFormat>,
+    },
     /// A replicated volume: primary, generation, each host's copy and its peers.
     Replication {
         pool: String,
@@ -259,6 +284,68 @@ pub(crate) async fn volume(c: &Client, g: &Global, cmd: VolumeCmd) -> Result<()>
                     &format!("/api/v1/pools/{pool}/volumes/{name}/resize"),
                     &VolumeResize { size },
                 )
+                .await?;
+            if g.json {
+                return print_json(&v);
+            }
+            show(&v);
+            Ok(())
+        }
+        VolumeCmd::Upload {
+            pool,
+            name,
+            file,
+            format,
+            resume,
+        } => {
+            let path = format!("/api/v1/pools/{pool}/upload/{name}");
+            let offset = if resume {
+                let s: ferry_types::UploadStatus = c.get(&path).await?;
+                s.received
+            } else {
+                0
+            };
+            let mut q = vec![("offset", offset.to_string()), ("last", "true".into())];
+            if let Some(f) = format {
+                q.push(("format", f.as_str().into()));
+            }
+            let s: ferry_types::UploadStatus = c.put_file(&path, &q, &file, offset).await?;
+            let task = s
+                .task
+                .ok_or_else(|| anyhow::anyhow!("the daemon started no import"))?;
+            c.wait_task(TaskAccepted { task }, g.json).await?;
+            let v: Volume = c
+                .get(&format!("/api/v1/pools/{pool}/volumes/{name}"))
+                .await?;
+            if g.json {
+                return print_json(&v);
+            }
+            show(&v);
+            Ok(())
+        }
+        VolumeCmd::Download {
+            pool,
+            name,
+            url,
+            sha256,
+            format,
+        } => {
+            let body = ferry_types::VolumeDownload {
+                name: name.clone(),
+                url,
+                format,
+                sha256,
+            };
+            let t: TaskAccepted = c
+                .send(
+                    Method::POST,
+                    &format!("/api/v1/pools/{pool}/download"),
+                    &body,
+                )
+                .await?;
+            c.wait_task(t, g.json).await?;
+            let v: Volume = c
+                .get(&format!("/api/v1/pools/{pool}/volumes/{name}"))
                 .await?;
             if g.json {
                 return print_json(&v);

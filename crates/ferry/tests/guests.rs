@@ -871,3 +871,256 @@ fn an_ova_from_vmware_becomes_a_vm_and_hostile_ones_change_nothing() -> Result<(
     );
     Ok(())
 }
+
+/// A process started for a test, ended (by its pid) when dropped.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn images_uploaded_in_pieces_or_downloaded_from_a_url_become_volumes_and_bad_ones_do_not(
+) -> Result<()> {
+    let lab = one_host()?;
+    let h1 = lab.cli("h1")?;
+    let tmp = tempfile::tempdir()?;
+    let d = tmp.path();
+    let s = |p: std::path::PathBuf| p.display().to_string();
+    let run = |prog: &str, args: &[&str]| -> Result<String> {
+        let o = std::process::Command::new(prog).args(args).output()?;
+        anyhow::ensure!(o.status.success(), "{prog} {args:?}: {o:?}");
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    // An image with marks, as qcow2; one naming a host file as its backing file.
+    let raw = d.join("disk.raw");
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::File::create(&raw)?;
+        f.set_len(32 << 20)?;
+        f.write_all(b"FERRY-UPLOAD-0")?;
+        f.seek(SeekFrom::Start(20 << 20))?;
+        f.write_all(b"FERRY-UPLOAD-20")?;
+    }
+    let img = d.join("img.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            &s(raw.clone()),
+            &s(img.clone()),
+        ],
+    )?;
+    let evil = d.join("evil.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            "/etc/passwd",
+            &s(evil.clone()),
+            "1M",
+        ],
+    )?;
+    let pool = h1.ferry_json(&["pool", "show", "local"])?;
+    let pool_dir =
+        std::path::PathBuf::from(pool["spec"]["path"].as_str().unwrap_or("/nonexistent"));
+    let same = |vol: &str| -> Result<()> {
+        run(
+            "qemu-img",
+            &[
+                "compare",
+                "-f",
+                "raw",
+                "-F",
+                "qcow2",
+                &s(raw.clone()),
+                &s(pool_dir.join(vol)),
+            ],
+        )?;
+        Ok(())
+    };
+
+    // Upload in one go.
+    h1.ferry_ok(&[
+        "volume",
+        "upload",
+        "local",
+        "up1",
+        "--file",
+        &s(img.clone()),
+    ])?;
+    same("up1")?;
+    // An upload broken off after its first piece goes on where it stopped.
+    let bytes = std::fs::read(&img)?;
+    let half = d.join("half");
+    std::fs::write(&half, &bytes[..bytes.len() / 2])?;
+    let token = h1.token()?;
+    let put = |url: &str, file: &std::path::Path| -> Result<Value> {
+        let o = h1
+            .cmd("curl")
+            .args(["-s", "-X", "PUT", "--unix-socket"])
+            .arg(&h1.socket)
+            .args([
+                "-H",
+                &format!("Authorization: Bearer {token}"),
+                "--data-binary",
+            ])
+            .arg(format!("@{}", file.display()))
+            .arg(format!("http://localhost{url}"))
+            .output()?;
+        Ok(serde_json::from_slice(&o.stdout).unwrap_or(Value::Null))
+    };
+    let first = put("/api/v1/pools/local/upload/up2?offset=0&last=false", &half)?;
+    assert_eq!(
+        first["received"].as_u64(),
+        Some((bytes.len() / 2) as u64),
+        "{first}"
+    );
+    // a piece from the wrong offset is refused with what is held
+    let wrong = put("/api/v1/pools/local/upload/up2?offset=5&last=false", &half)?;
+    assert!(
+        wrong["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains(&format!("holds {} bytes", bytes.len() / 2)),
+        "{wrong}"
+    );
+    h1.ferry_ok(&[
+        "volume",
+        "upload",
+        "local",
+        "up2",
+        "--file",
+        &s(img.clone()),
+        "--resume",
+    ])?;
+    same("up2")?;
+    // A hostile image is refused; nothing stays.
+    let o = h1.ferry(&[
+        "volume",
+        "upload",
+        "local",
+        "up3",
+        "--file",
+        &s(evil.clone()),
+    ])?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("backing"), "{err}");
+    assert!(!h1
+        .ferry(&["volume", "show", "local", "up3"])?
+        .status
+        .success());
+    // The existing name is refused.
+    assert!(!h1
+        .ferry(&[
+            "volume",
+            "upload",
+            "local",
+            "up1",
+            "--file",
+            &s(img.clone())
+        ])?
+        .status
+        .success());
+
+    // Download from an HTTP server in the lab's client namespace.
+    std::fs::copy(&img, d.join("www-img.qcow2"))?;
+    std::fs::copy(&evil, d.join("www-evil.qcow2"))?;
+    let _server = Child(
+        lab.client_cmd("python3")
+            .args([
+                "-m",
+                "http.server",
+                "8765",
+                "--bind",
+                ferry_lab::CLIENT_ADDR,
+                "--directory",
+            ])
+            .arg(d)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?,
+    );
+    let base = format!("http://{}:8765", ferry_lab::CLIENT_ADDR);
+    let sha = run("sha256sum", &[&s(img.clone())])?;
+    let sha = sha.split_whitespace().next().unwrap_or("").to_string();
+    let t = std::time::Instant::now();
+    loop {
+        let o = h1.ferry(&[
+            "volume",
+            "download",
+            "local",
+            "dl1",
+            "--url",
+            &format!("{base}/www-img.qcow2"),
+            "--sha256",
+            &sha,
+        ])?;
+        if o.status.success() {
+            break;
+        }
+        // the server may still be starting
+        anyhow::ensure!(
+            t.elapsed().as_secs() < 30,
+            "download failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    same("dl1")?;
+    for (name, url, extra, want) in [
+        (
+            "dl2",
+            "www-img.qcow2",
+            vec!["--sha256", "00".repeat(32).leak() as &str],
+            "SHA-256",
+        ),
+        ("dl3", "nothing-here.qcow2", vec![], "404"),
+        ("dl4", "www-evil.qcow2", vec![], "backing"),
+    ] {
+        let mut args = vec!["volume", "download", "local", name, "--url"];
+        let u = format!("{base}/{url}");
+        args.push(&u);
+        args.extend(extra);
+        let o = h1.ferry(&args)?;
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(want),
+            "{name}: {want:?} not in {err}"
+        );
+        assert!(
+            !h1.ferry(&["volume", "show", "local", name])?
+                .status
+                .success(),
+            "{name} made"
+        );
+    }
+    let o = h1.ferry(&[
+        "volume",
+        "download",
+        "local",
+        "dl5",
+        "--url",
+        "file:///etc/passwd",
+    ])?;
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("only http"));
+    let leftovers: Vec<String> = std::fs::read_dir(&pool_dir)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    Ok(())
+}

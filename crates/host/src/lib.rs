@@ -58,6 +58,7 @@ pub mod suspend;
 pub mod tasks;
 #[cfg(test)]
 mod tests;
+pub mod transfer;
 pub mod vms;
 
 pub use access::host_token_id;

@@ -39,7 +39,8 @@ pub use size::{whole, ByteSize};
 pub use startup::{HostPowerReport, HostPowerStep, HostShutdownAction, Startup};
 pub use state::{VmAction, VmState};
 pub use storage::{
-    OvaImport, Pool, PoolKind, PoolSpec, Volume, VolumeCreate, VolumeImport, VolumeResize,
+    OvaImport, Pool, PoolKind, PoolSpec, UploadParams, UploadStatus, Volume, VolumeCreate,
+    VolumeDownload, VolumeImport, VolumeResize,
 };
 pub use task::{Task, TaskAccepted, TaskState};
 pub use validate::{Invalid, ValidationErrors};

@@ -113,6 +113,73 @@ pub struct VolumeImport {
     pub format: Option<DiskFormat>,
 }
 
+/// Query of `PUT /api/v1/pools/{pool}/upload/{volume}`: one piece of an image or ISO
+/// sent by the client. Pieces go to a partial file; the last one starts the import.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct UploadParams {
+    /// Where this piece starts: 0 (the default) starts over; otherwise exactly the
+    /// bytes received so far (`GET` says how many), to go on after a broken upload.
+    #[serde(default)]
+    pub offset: Option<u64>,
+    /// Whether this is the last piece (default true): the upload is then checked and
+    /// imported like `import` (a task).
+    #[serde(default)]
+    pub last: Option<bool>,
+    /// Convert to this format (default: qcow2, raw for raw images and ISOs).
+    #[serde(default)]
+    pub format: Option<DiskFormat>,
+}
+
+/// How much of an upload the daemon holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct UploadStatus {
+    pub received: u64,
+    /// The import task, when the last piece came.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+}
+
+/// `POST /api/v1/pools/{pool}/download`: the daemon fetches an image or ISO over
+/// HTTP(S) and imports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeDownload {
+    pub name: String,
+    /// `http://` or `https://` (HTTPS checked against the host's CA bundle).
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<DiskFormat>,
+    /// The file's SHA-256 (hex): a download that differs is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+impl VolumeDownload {
+    pub fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut e = ValidationErrors::default();
+        check_name(&mut e, "name", &self.name);
+        let u = self.url.to_ascii_lowercase();
+        if !(u.starts_with("http://") || u.starts_with("https://")) {
+            e.push("url", "only http:// and https:// URLs are fetched");
+        } else if self.url.len() > 2048
+            || self
+                .url
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            e.push("url", "at most 2048 characters, no spaces");
+        }
+        if let Some(h) = &self.sha256 {
+            if h.len() != 64 || !h.chars().all(|c| c.is_ascii_hexdigit()) {
+                e.push("sha256", "64 hex digits");
+            }
+        }
+        e.into_result()
+    }
+}
+
 /// `POST /api/v1/pools/{pool}/import-ova`: an OVF appliance on the daemon's host made a
 /// VM, its disks volumes of the pool.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
