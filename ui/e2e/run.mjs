@@ -45,9 +45,17 @@ await browse('host', async (page, { shot, login, waitTerminal, consoleConnected,
   await page.locator('input[name=kernel]').fill(kernel);
   await page.locator('input[name=initrd]').fill(initrd);
   await page.locator('input[name=cmdline]').fill('console=ttyS0 quiet');
+  await page.getByTestId('wizard-next').click(); // Guest: the agent, cloud-init
+  await page.locator('input[name=agent]').check();
+  await page.locator('input[name=cloud-init]').check();
+  await page.locator('input[name=ci-user]').fill('admin');
+  await page.locator('input[name=ci-hostname]').fill('web1-guest');
+  await page.locator('textarea[name=ci-keys]').fill('ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFerryTestKeyForTheWizard0000000000000000 me@x\n');
+  await shot('wizard-guest');
   await page.getByTestId('wizard-next').click(); // Confirm
   const summary = JSON.parse(await page.getByTestId('create-summary').innerText());
   if (summary.disks[0].bus !== 'sata' || summary.memory_mib !== 128) throw new Error(`summary: ${JSON.stringify(summary)}`);
+  if (summary.agent !== true || summary.cloud_init?.hostname !== 'web1-guest' || summary.cloud_init?.ssh_keys?.length !== 1) throw new Error(`guest settings: ${JSON.stringify(summary)}`);
   await page.locator('input[name=start]').check();
   await shot('wizard-confirm');
   await page.getByTestId('wizard-create').click();
@@ -56,6 +64,13 @@ await browse('host', async (page, { shot, login, waitTerminal, consoleConnected,
   step('VM web1 created by the wizard and running');
   const vm = await api('GET', '/api/v1/vms/web1');
   if (vm.spec.disks[0].bus !== 'sata' || vm.state !== 'running') throw new Error(`VM as stored: ${JSON.stringify(vm)}`);
+  if (!vm.spec.agent || vm.spec.cloud_init?.user !== 'admin') throw new Error(`guest settings as stored: ${JSON.stringify(vm.spec)}`);
+  // The summary: cloud-init's settings, and the agent's answer — this busybox guest has
+  // no agent, so the page says it did not answer.
+  await page.getByTestId('cloud-init').filter({ hasText: 'host name web1-guest' }).waitFor();
+  await page.getByTestId('guest-agent').filter({ hasText: 'did not answer' }).waitFor({ timeout: 30000 });
+  step('guest settings kept; the summary says the agent did not answer');
+  await shot('guest-agent');
 
   // The serial console: the guest's ready marker, then a command typed in the page and
   // its output (computed by the guest's shell, so an echo of the input cannot match).
@@ -99,11 +114,25 @@ await browse('host', async (page, { shot, login, waitTerminal, consoleConnected,
   // An error shows the server's reason: a second VM named web1.
   await page.getByTestId('create-vm').click();
   await page.locator('input[name=name]').fill('web1');
-  for (let i = 0; i < 5; i++) await page.getByTestId('wizard-next').click();
+  for (let i = 0; i < 6; i++) await page.getByTestId('wizard-next').click();
   await page.getByTestId('wizard-create').click();
   await page.getByRole('alert').filter({ hasText: /already exists/ }).waitFor();
   step('duplicate name refused with the reason');
   await shot('error-reason');
+
+  // Upload an ISO from the browser into pool local: it becomes a volume.
+  await page.goto(`${url}/#/pools`);
+  await page.getByTestId('pool-local').click();
+  const iso = Buffer.alloc(3 << 20, 0);
+  iso.write('CD001', 0x8001);
+  await page.locator('input[name=upload-file]').setInputFiles({ name: 'tools.iso', mimeType: 'application/octet-stream', buffer: iso });
+  await page.getByTestId('upload-start').click();
+  await page.getByTestId('transfer-msg').filter({ hasText: 'volume tools.iso ready' }).waitFor({ timeout: 60000 });
+  await page.getByTestId('volumes').filter({ hasText: 'tools.iso' }).waitFor();
+  const uploaded = await api('GET', '/api/v1/pools/local/volumes/tools.iso');
+  if (uploaded.format !== 'raw' || uploaded.virtual_bytes !== iso.length) throw new Error(`uploaded: ${JSON.stringify(uploaded)}`);
+  step('an ISO uploaded from the page is a volume');
+  await shot('upload');
 
   // Stop it from its page; the task shows in the task list.
   await page.goto(`${url}/#/vm/${encodeURIComponent((await api('GET', '/api/v1/session')).host)}/web1`);

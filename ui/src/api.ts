@@ -31,6 +31,9 @@ export type ApiToken = S['ApiToken'];
 export type TokenCreated = S['TokenCreated'];
 export type AclEntry = S['AclEntry'];
 export type Role = S['Role'];
+export type GuestInfo = S['GuestInfo'];
+export type CloudInit = S['CloudInit'];
+export type UploadStatus = S['UploadStatus'];
 
 /** An error answer: the server's reason and its causes. */
 export class ApiError extends Error {
@@ -115,4 +118,51 @@ export function ago(ms: number): string {
 export function wsUrl(path: string): string {
   const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
   return `${proto}//${location.host}${path}`;
+}
+
+/**
+ * Uploads `file` as volume `name` of `pool` in pieces of 64 MiB (each a PUT the daemon
+ * appends to the upload's partial file); a piece that fails is sent again from what the
+ * daemon holds, up to three times. Resolves with the import task's id.
+ */
+export async function upload(pool: string, name: string, file: Blob, progress: (done: number) => void, host?: string): Promise<string> {
+  const path = `/api/v1/pools/${encodeURIComponent(pool)}/upload/${encodeURIComponent(name)}`;
+  const piece = 64 << 20;
+  let offset = 0;
+  let retries = 0;
+  for (;;) {
+    const end = Math.min(file.size, offset + piece);
+    const last = end >= file.size;
+    try {
+      const st = await putBytes<UploadStatus>(`${path}?offset=${offset}&last=${last}`, file.slice(offset, end), (n) => progress((offset + n) / Math.max(file.size, 1)), host);
+      offset = st.received;
+      if (last) {
+        if (!st.task) throw new ApiError(0, 'the daemon started no import');
+        return st.task;
+      }
+    } catch (e) {
+      if (retries++ >= 3 || (e instanceof ApiError && e.status >= 400 && e.status < 500 && e.status !== 409)) throw e;
+      const st = await get<UploadStatus>(path, host);
+      offset = st.received;
+    }
+  }
+}
+
+function putBytes<T>(path: string, body: Blob, progress: (n: number) => void, host?: string): Promise<T> {
+  return new Promise((resolve, reject) => {
+    const x = new XMLHttpRequest();
+    x.open('PUT', hostPath(host, path));
+    x.withCredentials = true;
+    x.setRequestHeader('x-ferry-csrf', '1');
+    x.setRequestHeader('content-type', 'application/octet-stream');
+    x.upload.onprogress = (e) => progress(e.loaded);
+    x.onerror = () => reject(new ApiError(0, 'the upload broke off'));
+    x.onload = () => {
+      let j: { error?: string; causes?: string[] } | null = null;
+      try { j = JSON.parse(x.responseText); } catch { /* not JSON */ }
+      if (x.status >= 200 && x.status < 300) resolve(j as T);
+      else reject(new ApiError(x.status, j?.error ?? `PUT ${path}: ${x.status}`, j?.causes ?? []));
+    };
+    x.send(body);
+  });
 }

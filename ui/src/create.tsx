@@ -1,13 +1,13 @@
 // The create wizard: general (name, host, CPUs, memory), disks with their bus,
-// CD-ROMs with an ISO, NICs, boot order, then a summary; creates the VM and, if asked,
-// starts it.
+// CD-ROMs with an ISO, NICs, boot order, the guest (agent, cloud-init), then a summary;
+// creates the VM and, if asked, starts it.
 import { useEffect, useState } from 'preact/hooks';
-import { errText, get, isLocal, post, type CdromSpec, type DiskSpec, type NicSpec, type Vm, type VmSpec, type Volume } from './api';
+import { errText, get, isLocal, post, type CdromSpec, type CloudInit, type DiskSpec, type NicSpec, type Vm, type VmSpec, type Volume } from './api';
 import { store, useStore } from './store';
 import { ErrorBox } from './widgets';
 import { started } from './tasks';
 
-const STEPS = ['General', 'Disks', 'CD-ROM', 'Network', 'Boot order', 'Confirm'];
+const STEPS = ['General', 'Disks', 'CD-ROM', 'Network', 'Boot order', 'Guest', 'Confirm'];
 
 export function CreateWizard() {
   const s = useStore();
@@ -24,6 +24,15 @@ export function CreateWizard() {
   const [kernel, setKernel] = useState('');
   const [initrd, setInitrd] = useState('');
   const [cmdline, setCmdline] = useState('console=ttyS0');
+  const [agent, setAgent] = useState(false);
+  const [ci, setCi] = useState(false);
+  const [ciUser, setCiUser] = useState('');
+  const [ciHash, setCiHash] = useState('');
+  const [ciKeys, setCiKeys] = useState('');
+  const [ciHost, setCiHost] = useState('');
+  const [ciIp, setCiIp] = useState('dhcp');
+  const [ciGw, setCiGw] = useState('');
+  const [ciDns, setCiDns] = useState('');
   const [error, setError] = useState('');
   const [busy, setBusy] = useState(false);
   const [isos, setIsos] = useState<Volume[]>([]);
@@ -38,6 +47,19 @@ export function CreateWizard() {
   const order = [...boot.filter((d) => devices.includes(d)), ...devices.filter((d) => !boot.includes(d))];
   const spec: VmSpec = { name, cpus, memory_mib: memory, disks, cdroms, nics, boot_order: order };
   if (kernel) spec.direct_boot = { kernel, initrd: initrd || undefined, cmdline };
+  if (agent) spec.agent = true;
+  if (ci) {
+    const c: CloudInit = {};
+    if (ciUser) c.user = ciUser;
+    if (ciHash) c.password_hash = ciHash;
+    const keys = ciKeys.split('\n').map((k) => k.trim()).filter((k) => k && !k.startsWith('#'));
+    if (keys.length) c.ssh_keys = keys;
+    if (ciHost) c.hostname = ciHost;
+    if (nics.length && ciIp && ciIp !== 'dhcp') c.network = [{ nic: 0, ip: ciIp, gw: ciGw || undefined }];
+    const dns = ciDns.split(/[\s,]+/).filter(Boolean);
+    if (dns.length) c.dns = dns;
+    spec.cloud_init = c;
+  }
   function upd<T>(list: T[], set: (l: T[]) => void, i: number, patch: Partial<T>) {
     set(list.map((x, j) => (j === i ? { ...x, ...patch } : x)));
   }
@@ -101,7 +123,7 @@ export function CreateWizard() {
           <div class="form-row">
             <b>net{i}</b>
             <label>Bridge <select value={n.bridge} onChange={(e) => upd(nics, setNics, i, { bridge: val(e) })}>{bridges.map((b) => <option>{b}</option>)}</select></label>
-            <label>Model <select value={n.model} onChange={(e) => upd(nics, setNics, i, { model: val(e) as NicSpec['model'] })}>{['virtio', 'e1000'].map((b) => <option>{b}</option>)}</select></label>
+            <label>Model <select value={n.model} onChange={(e) => upd(nics, setNics, i, { model: val(e) as NicSpec['model'] })}>{['virtio', 'e1000', 'e1000e', 'rtl8139', 'vmxnet3'].map((b) => <option>{b}</option>)}</select></label>
             <button onClick={() => setNics(nics.filter((_, j) => j !== i))}>Remove</button>
           </div>
         ))}
@@ -123,6 +145,26 @@ export function CreateWizard() {
           <label>Initrd <input name="initrd" value={initrd} onInput={(e) => setInitrd(val(e))} /></label>
           <label>Command line <input name="cmdline" value={cmdline} onInput={(e) => setCmdline(val(e))} /></label>
         </div>
+      </div>); break;
+    case 5: body = (
+      <div class="form">
+        <label class="check"><input type="checkbox" name="agent" checked={agent} onChange={(e) => setAgent((e.target as HTMLInputElement).checked)} /> QEMU guest agent (the guest needs qemu-guest-agent): its addresses and OS shown, shutdown and consistent snapshots through it</label>
+        <label class="check"><input type="checkbox" name="cloud-init" checked={ci} onChange={(e) => setCi((e.target as HTMLInputElement).checked)} /> cloud-init (for cloud images: user, keys, host name and address at first boot)</label>
+        {ci && (
+          <>
+            <div class="form-row">
+              <label>User <input name="ci-user" value={ciUser} onInput={(e) => setCiUser(val(e))} placeholder="the image's default" /></label>
+              <label>Password hash <input name="ci-hash" value={ciHash} onInput={(e) => setCiHash(val(e))} placeholder="$6$… (mkpasswd -m sha-512)" /></label>
+              <label>Host name <input name="ci-hostname" value={ciHost} onInput={(e) => setCiHost(val(e))} placeholder={name || 'the VM name'} /></label>
+            </div>
+            <label>SSH public keys (one per line) <textarea name="ci-keys" rows={3} value={ciKeys} onInput={(e) => setCiKeys((e.target as HTMLTextAreaElement).value)} /></label>
+            <div class="form-row">
+              <label>net0 address <input name="ci-ip" value={ciIp} onInput={(e) => setCiIp(val(e))} placeholder="dhcp or 10.0.0.5/24" /></label>
+              <label>Gateway <input name="ci-gw" value={ciGw} onInput={(e) => setCiGw(val(e))} /></label>
+              <label>DNS servers <input name="ci-dns" value={ciDns} onInput={(e) => setCiDns(val(e))} /></label>
+            </div>
+          </>
+        )}
       </div>); break;
     default: body = (
       <div class="form">

@@ -2,7 +2,7 @@
 // clone, snapshot, template, delete), tabs for the summary and hardware (edit while
 // stopped, move disks), serial and VNC consoles, graphs, snapshots and backups.
 import { useEffect, useRef, useState } from 'preact/hooks';
-import { bytes, call, errText, get, isLocal, post, type Snapshot, type SnapshotList, type Vm, type Volume } from './api';
+import { bytes, call, errText, get, isLocal, post, type GuestInfo, type Snapshot, type SnapshotList, type Vm, type Volume } from './api';
 import { store, useStore } from './store';
 import { Action, ErrorBox, Modal } from './widgets';
 import { SerialConsole } from './console';
@@ -85,8 +85,38 @@ export function VmPage(props: { host: string; name: string; tab: string }) {
   );
 }
 
+// What the guest agent says (the guest's host name, OS, addresses), or why it cannot.
+function GuestAgent(props: { vm: Vm; host: string }) {
+  const v = props.vm;
+  const running = v.state === 'running' || v.state === 'paused';
+  const [info, setInfo] = useState<GuestInfo | null>(null);
+  const [error, setError] = useState('');
+  const [tick, setTick] = useState(0);
+  useEffect(() => {
+    if (!v.spec.agent || !running) return;
+    setError('');
+    get<GuestInfo>(`/api/v1/vms/${enc(v.spec.name)}/agent`, isLocal(props.host) ? undefined : props.host)
+      .then(setInfo).catch((e) => { setInfo(null); setError(errText(e)); });
+  }, [v.spec.name, v.state, tick]);
+  if (!v.spec.agent) return <span class="muted">off</span>;
+  if (!running) return <span class="muted">on (the VM is {v.state})</span>;
+  return (
+    <div data-testid="guest-agent">
+      {error && <div class="error">{error}</div>}
+      {info && (
+        <>
+          <div>{info.hostname ?? '?'} — {info.os?.pretty_name ?? 'unknown OS'}{info.os?.kernel_release ? `, kernel ${info.os.kernel_release}` : ''}</div>
+          {(info.interfaces ?? []).map((i) => <div class="small">{i.name} {i.mac ?? ''}: {(i.addresses ?? []).join(', ') || 'no address'}</div>)}
+        </>
+      )}
+      <button class="small" onClick={() => setTick(tick + 1)}>Refresh</button>
+    </div>
+  );
+}
+
 function Summary(props: { vm: Vm; host: string }) {
   const v = props.vm;
+  const ci = v.spec.cloud_init;
   return (
     <table class="kv" data-testid="vm-summary">
       <tbody>
@@ -98,6 +128,10 @@ function Summary(props: { vm: Vm; host: string }) {
         <tr><td>CD-ROMs</td><td>{(v.spec.cdroms ?? []).map((c, i) => <div>cdrom{i}: {c.volume ? `${c.pool}/${c.volume}` : 'empty'}</div>)}</td></tr>
         <tr><td>NICs</td><td>{(v.spec.nics ?? []).map((c, i) => <div>net{i}: {c.model ?? 'virtio'} on {c.bridge}, MAC {c.mac}</div>)}</td></tr>
         <tr><td>Boot order</td><td>{(v.spec.boot_order ?? []).join(', ') || 'disks, CD-ROMs, NICs'}</td></tr>
+        <tr><td>Guest agent</td><td><GuestAgent vm={v} host={props.host} /></td></tr>
+        {ci && <tr><td>cloud-init</td><td data-testid="cloud-init">{[ci.user && `user ${ci.user}`, `host name ${ci.hostname ?? '(the VM name)'}`,
+          ...(ci.network ?? []).map((n) => `net${n.nic ?? 0} ${n.ip}${n.gw ? ` via ${n.gw}` : ''}`),
+          (ci.ssh_keys ?? []).length ? `${(ci.ssh_keys ?? []).length} SSH key(s)` : ''].filter(Boolean).join(', ')}</td></tr>}
         {v.pid && <tr><td>QEMU</td><td>pid {v.pid}, {v.accel}</td></tr>}
         {v.clone_of && <tr><td>Clone of</td><td>{v.clone_of.vm} ({v.clone_of.linked ? 'linked' : 'full'})</td></tr>}
         {v.current_snapshot && <tr><td>Current snapshot</td><td>{v.current_snapshot}</td></tr>}
