@@ -2,16 +2,24 @@
 # Builds the tiny test guest, cached outside the repo in ${FERRY_GUEST_DIR:-/var/cache/ferry/guest}:
 #   vmlinux    the ELF kernel from Debian's cloud kernel package (boots directly, PVH)
 #   initrd.img busybox-static + virtio (and vmxnet3) modules + scripts/guest-init
+# With FERRY_GUEST_ARCH=aarch64: the same guest for arm64 (Debian's arm64 cloud kernel,
+# busybox-static:arm64; the dpkg architecture arm64 added by setup.sh) in .../aarch64,
+# its kernel `vmlinuz` (a gzip-compressed Image, which QEMU boots directly).
 # Idempotent: rebuilds only when the inputs changed.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-out=${FERRY_GUEST_DIR:-/var/cache/ferry/guest}
+arch=${FERRY_GUEST_ARCH:-x86_64}
+case "$arch" in
+  x86_64) deb=amd64; out=${FERRY_GUEST_DIR:-/var/cache/ferry/guest}; kfile=vmlinux ;;
+  aarch64) deb=arm64; out=${FERRY_GUEST_DIR:-/var/cache/ferry/guest}/aarch64; kfile=vmlinuz ;;
+  *) echo "build-guest: no test guest for $arch" >&2; exit 1 ;;
+esac
 mkdir -p "$out"
 
-kpkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | sed -n 's/.*Depends: \(linux-image-[0-9].*\)$/\1/p' | head -1)
-[ -n "$kpkg" ] || { echo "build-guest: cannot resolve the cloud kernel package (apt-get update?)" >&2; exit 1; }
+kpkg=$(apt-cache depends "linux-image-cloud-$deb:$deb" 2>/dev/null | sed -n 's/.*Depends: \(linux-image-[0-9][^:]*\).*$/\1/p' | head -1)
+[ -n "$kpkg" ] || { echo "build-guest: cannot resolve the $deb cloud kernel package (apt-get update?)" >&2; exit 1; }
 stamp="$kpkg $(sha256sum "$here/guest-init" "$0" | sha256sum | cut -c1-16)"
-if [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$stamp" ] && [ -f "$out/vmlinux" ] && [ -f "$out/initrd.img" ]; then
+if [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$stamp" ] && [ -f "$out/$kfile" ] && [ -f "$out/initrd.img" ]; then
   echo "build-guest: cached ($stamp) in $out"
   exit 0
 fi
@@ -19,11 +27,12 @@ fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"
-echo "build-guest: downloading $kpkg"
-apt-get download -q "$kpkg" >/dev/null
-dpkg-deb -x ./*.deb root
+echo "build-guest: downloading $kpkg ($deb)"
+apt-get download -q "$kpkg:$deb" >/dev/null
+dpkg-deb -x ./linux-image-*.deb root
 kver=${kpkg#linux-image-}
 bz=root/boot/vmlinuz-$kver
+if [ "$arch" = x86_64 ]; then
 
 # The bzImage carries an LZ4 (legacy frame) compressed ELF vmlinux; extract it to boot it
 # directly (PVH entry), skipping real-mode setup.
@@ -40,9 +49,16 @@ while pos >= 0:
     pos = data.find(magic, pos + 1)
 sys.exit('no LZ4-compressed ELF kernel found in ' + sys.argv[1])
 PY
+  busybox=/bin/busybox
+else
+  cp "$bz" vmlinuz
+  apt-get download -q "busybox-static:$deb" >/dev/null
+  dpkg-deb -x ./busybox-static_*.deb bb
+  busybox=bb/bin/busybox
+fi
 
 mkdir -p ird/bin ird/sbin ird/etc ird/proc ird/sys ird/dev ird/tmp ird/run ird/mnt ird/www/cgi-bin ird/lib/modules ird/root
-cp /bin/busybox ird/bin/busybox
+cp "$busybox" ird/bin/busybox
 for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover \
          virtio_net vmxnet3 virtio_blk scsi_common scsi_mod sd_mod virtio_scsi virtio_console button evdev; do
   f=$(find root/lib/modules -name "$m.ko*" | head -1)
@@ -90,7 +106,7 @@ cp "$here/guest-init" ird/init
 chmod +x ird/init
 (cd ird && find . | cpio -o -H newc --quiet | gzip -1) > initrd.img
 
-install -m 0644 vmlinux "$out/vmlinux.tmp" && mv "$out/vmlinux.tmp" "$out/vmlinux"
+install -m 0644 "$kfile" "$out/$kfile.tmp" && mv "$out/$kfile.tmp" "$out/$kfile"
 install -m 0644 initrd.img "$out/initrd.img.tmp" && mv "$out/initrd.img.tmp" "$out/initrd.img"
 echo "$stamp" > "$out/stamp"
 echo "build-guest: built $out (kernel $kver)"

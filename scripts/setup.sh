@@ -24,10 +24,17 @@ SRC
   rm -f /var/lib/ferry-setup-apt-updated
 fi
 
-for p in busybox-static ovmf iproute2 nftables iputils-ping curl cpio lz4 python3 python3-venv protobuf-compiler libprotobuf-dev etcd-server etcd-client ganeti-htools fio nbdkit chromium debootstrap; do have "$p" || need_pkgs+=("$p"); done
+# Guests of other architectures (issue 22): arm64 packages for the aarch64 test guest.
+if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+  dpkg --add-architecture arm64
+  rm -f /var/lib/ferry-setup-apt-updated
+  apt-get update -q
+  touch /var/lib/ferry-setup-apt-updated
+fi
+for p in busybox-static ovmf qemu-efi-aarch64 iproute2 nftables iputils-ping curl cpio lz4 python3 python3-venv protobuf-compiler libprotobuf-dev etcd-server etcd-client ganeti-htools fio nbdkit chromium debootstrap; do have "$p" || need_pkgs+=("$p"); done
 command -v npm >/dev/null 2>&1 || need_pkgs+=(nodejs npm)
 q=$(qemu_major || true)
-if [ -z "$q" ] || [ "$q" -lt 10 ] || ! have qemu-utils; then need_qemu=1; else need_qemu=0; fi
+if [ -z "$q" ] || [ "$q" -lt 10 ] || ! have qemu-utils || ! command -v qemu-system-aarch64 >/dev/null; then need_qemu=1; else need_qemu=0; fi
 
 if [ ${#need_pkgs[@]} -gt 0 ] || [ "$need_qemu" = 1 ]; then
   if [ ! -e /var/lib/ferry-setup-apt-updated ]; then
@@ -35,7 +42,7 @@ if [ ${#need_pkgs[@]} -gt 0 ] || [ "$need_qemu" = 1 ]; then
     touch /var/lib/ferry-setup-apt-updated
   fi
   if [ "$need_qemu" = 1 ]; then
-    apt-get install -y -q -t bookworm-backports --no-install-recommends qemu-system-x86 qemu-utils
+    apt-get install -y -q -t bookworm-backports --no-install-recommends qemu-system-x86 qemu-system-arm qemu-utils
   fi
   if [ ${#need_pkgs[@]} -gt 0 ]; then
     apt-get install -y -q --no-install-recommends "${need_pkgs[@]}"
@@ -52,6 +59,7 @@ fi
 getent group ferry-qemu >/dev/null || groupadd --system ferry-qemu
 
 "$here/build-guest.sh"
+FERRY_GUEST_ARCH=aarch64 "$here/build-guest.sh"
 "$here/build-file-restore.sh"
 # A Debian 12 with systemd, QEMU and etcd: the host the package test installs ferry on.
 "$here/build-debian-guest.sh"

@@ -14,6 +14,7 @@ export function CreateWizard() {
   const [step, setStep] = useState(0);
   const [host, setHost] = useState(s.local);
   const [name, setName] = useState('');
+  const [arch, setArch] = useState<'x86_64' | 'aarch64' | 'riscv64'>('x86_64');
   const [cpus, setCpus] = useState(1);
   const [memory, setMemory] = useState(512);
   const [disks, setDisks] = useState<DiskSpec[]>([{ bus: 'virtio', size: '8G', pool: 'local', cache: 'none' }]);
@@ -46,6 +47,7 @@ export function CreateWizard() {
   const devices = [...disks.map((_, i) => `disk${i}`), ...cdroms.map((_, i) => `cdrom${i}`), ...nics.map((_, i) => `net${i}`)];
   const order = [...boot.filter((d) => devices.includes(d)), ...devices.filter((d) => !boot.includes(d))];
   const spec: VmSpec = { name, cpus, memory_mib: memory, disks, cdroms, nics, boot_order: order };
+  if (arch !== 'x86_64') spec.arch = arch;
   if (kernel) spec.direct_boot = { kernel, initrd: initrd || undefined, cmdline };
   if (agent) spec.agent = true;
   if (ci) {
@@ -84,6 +86,9 @@ export function CreateWizard() {
       <div class="form">
         <label>Name <input name="name" value={name} onInput={(e) => setName(val(e))} autoFocus /></label>
         <label>Host <select value={host} onChange={(e) => setHost(val(e))}>{s.hosts.map((h) => <option value={h.name}>{h.name}</option>)}</select></label>
+        <label>Architecture <select name="arch" value={arch} onChange={(e) => setArch(val(e) as typeof arch)}>
+          <option value="x86_64">x86_64</option><option value="aarch64">aarch64 (emulated on x86 hosts)</option><option value="riscv64">riscv64 (emulated)</option>
+        </select></label>
         <label>CPUs <input name="cpus" type="number" min={1} value={cpus} onInput={(e) => setCpus(Number(val(e)))} /></label>
         <label>Memory (MiB) <input name="memory" type="number" min={16} value={memory} onInput={(e) => setMemory(Number(val(e)))} /></label>
       </div>); break;
@@ -114,7 +119,7 @@ export function CreateWizard() {
             <button onClick={() => setCdroms(cdroms.filter((_, j) => j !== i))}>Remove</button>
           </div>
         ))}
-        <button onClick={() => setCdroms([...cdroms, { bus: 'ide' }])}>Add CD-ROM</button>
+        <button onClick={() => setCdroms([...cdroms, { bus: arch === 'x86_64' ? 'ide' : 'scsi' }])}>Add CD-ROM</button>
       </div>); break;
     case 3: body = (
       <div class="form">

@@ -290,6 +290,19 @@ fn print_caps(caps: Option<&ferry_types::HostCaps>) {
                 c.machines.len(),
                 c.qemu
             );
+            for o in &c.others {
+                let virt = o
+                    .latest_machine_version(ferry_types::Machine::Virt)
+                    .map(|v| format!("virt-{v}"))
+                    .unwrap_or_else(|| "virt".into());
+                println!(
+                    "emulated: {} ({}, QEMU {}, machine {virt}): CPU models {}",
+                    o.arch,
+                    o.accel,
+                    o.qemu,
+                    o.cpu_models.len()
+                );
+            }
         }
     }
 }

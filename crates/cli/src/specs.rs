@@ -225,6 +225,9 @@ pub fn spec_json(name: &str, a: &SpecArgs, base: Option<&VmSpec>) -> Result<Valu
     if let Some(b) = &a.boot {
         v["boot_order"] = json!(b.split(',').filter(|s| !s.is_empty()).collect::<Vec<_>>());
     }
+    if let Some(x) = &a.arch {
+        v["arch"] = json!(x);
+    }
     if let Some(m) = &a.machine {
         v["machine"] = json!(m);
     }

@@ -28,7 +28,11 @@ pub struct SpecArgs {
     /// Boot order: device ids, e.g. cdrom0,disk0,net0.
     #[arg(long)]
     pub boot: Option<String>,
-    /// pc (i440fx, default) or q35.
+    /// The guest's architecture: x86_64 (default), aarch64 or riscv64 (by emulation on
+    /// hosts of another architecture; `ferry host status` lists what a host runs).
+    #[arg(long)]
+    pub arch: Option<ferry_types::Arch>,
+    /// pc (i440fx, default) or q35; virt for aarch64 and riscv64 (their default).
     #[arg(long)]
     pub machine: Option<Machine>,
     /// The machine's QEMU version, e.g. 9.2 for pc-q35-9.2 (default at create: the

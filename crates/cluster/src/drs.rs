@@ -226,6 +226,7 @@ fn drs_vm(rec: &VmRecord, host: &str, load: Option<&VmLoad>, reach: &PoolReach) 
             && !rec.spec.cpu.as_deref().is_some_and(ferry_types::cpu::is_passthrough),
         pool: rec.spec.resource_pool.clone(),
         cpu_model: rec.spec.cpu.clone(),
+        arch: rec.spec.arch(),
         machine: rec.spec.pinned_machine(),
     }
 }
@@ -235,7 +236,7 @@ fn spec_vm(spec: &VmSpec, reach: &PoolReach) -> DrsVm {
     let mut rec = VmRecord::new(0, spec.clone());
     rec.spec
         .cpu
-        .get_or_insert_with(|| ferry_types::DEFAULT_CPU_MODEL.to_string());
+        .get_or_insert_with(|| spec.arch().default_cpu().to_string());
     rec.last_state = ferry_types::VmState::Stopped;
     drs_vm(&rec, "", None, reach)
 }

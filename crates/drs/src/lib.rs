@@ -77,6 +77,8 @@ pub struct Vm {
     /// Its CPU model and pinned machine type (None: defined before they were pinned).
     pub cpu_model: Option<String>,
     pub machine: Option<String>,
+    /// Its architecture (`x86_64`, `aarch64`, …): a host must run it.
+    pub arch: ferry_types::Arch,
 }
 
 impl Vm {
@@ -94,6 +96,7 @@ impl Vm {
             movable: true,
             pool: None,
             cpu_model: None,
+            arch: ferry_types::Arch::X86_64,
             machine: None,
         }
     }

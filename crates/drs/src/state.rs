@@ -107,8 +107,17 @@ impl<'a> State<'a> {
     pub fn rule_reasons(&self, vm: &Vm, h: usize, out: &mut Vec<String>) {
         let host = &self.c.hosts[h];
         let r = &vm.rules;
-        if let Some(caps) = &host.caps {
-            out.extend(caps.refusals(vm.cpu_model.as_deref(), vm.machine.as_deref()));
+        match &host.caps {
+            Some(caps) => out.extend(caps.refusals_for(
+                vm.arch.as_str(),
+                vm.cpu_model.as_deref(),
+                vm.machine.as_deref(),
+            )),
+            // a host that could not say what it runs runs its own x86_64 VMs as before
+            None if vm.arch != ferry_types::Arch::X86_64 => {
+                out.push(format!("did not say whether it runs {} guests", vm.arch))
+            }
+            None => {}
         }
         if !r.hosts.is_empty() && !r.hosts.contains(&host.name) {
             out.push(format!("not among the VM's hosts ({})", r.hosts.join(", ")));

@@ -133,7 +133,64 @@ fn caps(models: &[&str]) -> Option<std::sync::Arc<ferry_types::HostCaps>> {
         qemu: "10.0.2".into(),
         cpu_models: models.iter().map(|m| m.to_string()).collect(),
         machines: vec!["pc-q35-10.0".into()],
+        others: vec![],
     }))
+}
+
+#[test]
+fn only_hosts_that_run_the_vms_architecture_take_it() {
+    let mut c = three();
+    let mut with_arm = caps(&["x86-64-v2-AES"]).unwrap();
+    std::sync::Arc::make_mut(&mut with_arm).others = vec![ferry_types::HostCaps {
+        arch: "aarch64".into(),
+        accel: "tcg".into(),
+        qemu: "10.0.2".into(),
+        cpu_models: vec!["cortex-a72".into(), "max".into()],
+        machines: vec!["virt-10.0".into()],
+        others: vec![],
+    }];
+    c.hosts[0].caps = Some(with_arm);
+    c.hosts[1].caps = caps(&["x86-64-v2-AES"]);
+    // c says nothing: an x86_64 VM is not checked there, another arch is refused
+    let mut arm = Vm::new("arm", "", 1, G, 0.1);
+    arm.arch = ferry_types::Arch::Aarch64;
+    arm.cpu_model = Some("cortex-a72".into());
+    arm.machine = Some("virt-10.0".into());
+    let r = place(&c, &arm, &cfg());
+    assert_eq!(r.host.as_deref(), Some("a"), "{r:?}");
+    let why = |h: &str| {
+        r.hosts
+            .iter()
+            .find(|x| x.host == h)
+            .unwrap()
+            .reasons
+            .join("; ")
+    };
+    assert!(
+        why("b").contains("cannot run aarch64 guests"),
+        "{}",
+        why("b")
+    );
+    assert!(
+        why("c").contains("did not say whether it runs aarch64"),
+        "{}",
+        why("c")
+    );
+    // an unknown model of that arch is refused like any other
+    arm.cpu_model = Some("cortex-a999".into());
+    assert!(place(&c, &arm, &cfg()).host.is_none());
+    // HA restarts and evacuations too
+    arm.cpu_model = Some("cortex-a72".into());
+    arm.host = "b".into();
+    arm.ha = true;
+    c.vms.push(arm);
+    c.hosts[1].state = HostState::Down;
+    assert_eq!(
+        place_away(&mut c.clone(), "arm", "b", &cfg()).as_deref(),
+        Ok("a")
+    );
+    c.hosts[0].state = HostState::Down;
+    assert!(place_away(&mut c, "arm", "b", &cfg()).is_err());
 }
 
 #[test]

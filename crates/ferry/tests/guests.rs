@@ -1124,3 +1124,145 @@ fn images_uploaded_in_pieces_or_downloaded_from_a_url_become_volumes_and_bad_one
     assert!(leftovers.is_empty(), "{leftovers:?}");
     Ok(())
 }
+
+/// (host, pid) where `vm` runs.
+fn where_runs(lab: &ClusterLab, vm: &str) -> Vec<(String, i64)> {
+    let mut out = vec![];
+    for h in ["h1", "h2"] {
+        if let Ok(v) = lab.cli(h).and_then(|c| c.ferry_json(&["vm", "show", vm])) {
+            if v["state"] == "running" && v["host"].as_str().is_none_or(|x| x == h) {
+                if let Some(p) = v["pid"].as_i64() {
+                    out.push((h.to_string(), p));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn an_aarch64_guest_runs_by_emulation_snapshots_migrates_and_is_restarted_by_ha() -> Result<()> {
+    let dir = ferry_lab::guest_dir().join("aarch64");
+    for f in ["vmlinuz", "initrd.img"] {
+        anyhow::ensure!(
+            dir.join(f).exists(),
+            "{} missing: scripts/setup.sh builds it (FERRY_GUEST_ARCH=aarch64 scripts/build-guest.sh)",
+            dir.join(f).display()
+        );
+    }
+    let lab = ClusterLab::for_test(FERRY, 2)?;
+    let (h1, h2) = (lab.cli("h1")?, lab.cli("h2")?);
+    // Each host says it runs aarch64 guests, by emulation.
+    let caps = h1.ferry_json(&["host", "show"])?["caps"].clone();
+    let arm = caps["others"]
+        .as_array()
+        .and_then(|o| o.iter().find(|c| c["arch"] == "aarch64"))
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("no aarch64 in {caps}"))?;
+    assert_eq!(arm["accel"], "tcg", "{arm}");
+    assert!(
+        strings(&arm["cpu_models"])
+            .iter()
+            .any(|m| m == "cortex-a72"),
+        "{arm}"
+    );
+    assert!(h1
+        .ferry_ok(&["host", "status"])?
+        .contains("emulated: aarch64 (tcg"));
+    // An x86 disk bus on the virt board is refused with the field.
+    let o = h1.ferry(&[
+        "vm",
+        "create",
+        "bad",
+        "--arch",
+        "aarch64",
+        "--disk",
+        "bus=ide,size=16M",
+    ])?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("disks[0].bus"), "{err}");
+
+    let s = |p: std::path::PathBuf| p.display().to_string();
+    let t = std::time::Instant::now();
+    h1.ferry_ok(&[
+        "vm",
+        "create",
+        "arm",
+        "--arch",
+        "aarch64",
+        "--memory",
+        "256M",
+        "--disk",
+        "bus=virtio,pool=shared,size=16M",
+        "--nic",
+        "bridge=br0",
+        "--kernel",
+        &s(dir.join("vmlinuz")),
+        "--initrd",
+        &s(dir.join("initrd.img")),
+        "--append",
+        "console=ttyAMA0 ip=10.78.0.130/24 ferry.hostname=arm quiet",
+        "--ha",
+        "restart",
+    ])?;
+    h1.ferry_ok(&["vm", "start", "arm"])?;
+    h1.wait_console("arm", "FERRY-READY", std::time::Duration::from_secs(180))?;
+    println!(
+        "aarch64 guest ready {:.1} s after create",
+        t.elapsed().as_secs_f64()
+    );
+    let v = h1.ferry_json(&["vm", "show", "arm"])?;
+    assert_eq!(v["spec"]["machine"], "virt", "{v}");
+    assert_eq!(v["spec"]["cpu"], "cortex-a72", "{v}");
+    assert_eq!(v["accel"], "tcg", "{v}");
+    assert!(v["spec"]["machine_version"].is_string(), "{v}");
+    assert_eq!(h1.guest_sh("arm", "uname -m")?, "aarch64");
+
+    // A snapshot with memory, a change, a revert: the change is gone, the guest runs on.
+    h1.ferry_ok(&["vm", "snapshot", "arm", "s1", "--with-memory"])?;
+    h1.guest_sh("arm", "echo changed > /tmp/mark")?;
+    h1.ferry_ok(&["vm", "revert", "arm", "s1"])?;
+    assert_eq!(
+        h1.guest_sh("arm", "cat /tmp/mark 2>/dev/null || echo none")?,
+        "none"
+    );
+    h1.ferry_ok(&["vm", "snapshot-delete", "arm", "s1"])?;
+
+    // Live migration to h2: the same guest (its uptime goes on).
+    let up = |c: &ferry_lab::Cli| -> Result<f64> {
+        Ok(c.guest_sh("arm", "cut -d' ' -f1 /proc/uptime")?.parse()?)
+    };
+    let before = up(&h1)?;
+    h1.ferry_ok(&["vm", "migrate", "arm", "--to", "h2"])?;
+    let on = where_runs(&lab, "arm");
+    assert_eq!(on.len(), 1, "{on:?}");
+    assert_eq!(on[0].0, "h2", "{on:?}");
+    let after = up(&h2)?;
+    assert!(
+        after > before,
+        "uptime {before} -> {after}: not the same guest"
+    );
+    assert_eq!(h2.guest_sh("arm", "uname -m")?, "aarch64");
+
+    // Its QEMU killed: HA starts it again.
+    let pid = on[0].1;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid)?),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let t = std::time::Instant::now();
+    loop {
+        let on = where_runs(&lab, "arm");
+        if on.len() == 1 && on[0].1 != pid {
+            break;
+        }
+        anyhow::ensure!(t.elapsed().as_secs() < 90, "not restarted: {on:?}");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let host = where_runs(&lab, "arm")[0].0.clone();
+    let c = lab.cli(&host)?;
+    c.wait_console("arm", "FERRY-READY", std::time::Duration::from_secs(180))?;
+    assert_eq!(c.guest_sh("arm", "uname -m")?, "aarch64");
+    c.ferry_ok(&["vm", "stop", "arm"])?;
+    Ok(())
+}

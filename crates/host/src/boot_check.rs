@@ -319,7 +319,7 @@ impl Host {
             });
         }
         let ovmf = if spec.firmware == ferry_types::Firmware::Uefi {
-            let (code, tpl) = crate::lifecycle::ovmf_paths().ok_or_else(|| {
+            let (code, tpl) = crate::lifecycle::ovmf_paths(spec.arch()).ok_or_else(|| {
                 AgentError::refused(Refusal::HostLacks, "UEFI needs OVMF (Debian package ovmf)")
             })?;
             let vars = dir.join("efivars.fd");
@@ -330,7 +330,7 @@ impl Host {
         };
         let plan = LaunchPlan {
             spec: spec.clone(),
-            accel: self.inner.accel,
+            accel: self.accel_for(spec.arch()),
             run: run.clone(),
             disks,
             cdroms: vec![],
@@ -365,7 +365,14 @@ impl Host {
         let pid = self
             .inner
             .os
-            .spawn_qemu(&self.inner.cfg.qemu_binary, &argv, run, who, &[], None)
+            .spawn_qemu(
+                &self.qemu_binary_for(spec.arch()),
+                &argv,
+                run,
+                who,
+                &[],
+                None,
+            )
             .await
             .map_err(|e| AgentError::failed(Failure::Qemu, format!("boot check: {e}")))?;
         let marker = req.marker().to_string();

@@ -24,6 +24,33 @@ pub fn arch_of(binary: &str) -> String {
         .to_string()
 }
 
+/// The QEMU for guests of `arch`: beside the configured one (`qemu` names the host
+/// architecture's), else by name on the PATH.
+pub fn binary_for(qemu: &str, arch: ferry_types::Arch) -> String {
+    let own = format!("qemu-system-{}", arch_of(qemu));
+    if arch.as_str() == arch_of(qemu) {
+        return qemu.to_string();
+    }
+    match qemu.strip_suffix(&own) {
+        Some(dir) => format!("{dir}{}", arch.qemu_binary()),
+        None => arch.qemu_binary(),
+    }
+}
+
+/// Whether `bin` (a path, or a name on the PATH) is an executable file.
+pub fn installed(bin: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let runs = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if bin.contains('/') {
+        return runs(Path::new(bin));
+    }
+    std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).any(|d| runs(&d.join(bin))))
+        .unwrap_or(false)
+}
+
 /// Asks QEMU `bin` (with `accel`) which CPU models and machine types it has. The
 /// process is ended when this returns.
 pub async fn probe(
@@ -89,10 +116,12 @@ fn parse(defs: &Value, max: &Value, machines: &Value, version: &Value) -> (Probe
         .flatten()
         .filter_map(|d| {
             let name = d.get("name")?.as_str()?.to_string();
-            let usable = d
-                .get("unavailable-features")
-                .and_then(Value::as_array)
-                .is_some_and(|u| u.is_empty());
+            // x86 lists what a model lacks here; other targets (aarch64) say nothing:
+            // every model they list runs (under TCG)
+            let usable = match d.get("unavailable-features") {
+                None => true,
+                Some(u) => u.as_array().is_some_and(|u| u.is_empty()),
+            };
             Some((name, usable))
         })
         .collect();
@@ -175,23 +204,57 @@ impl Host {
         Ok(())
     }
 
-    /// Refuses a VM whose CPU model or machine type this host cannot run, with why.
+    /// The QEMU for a VM of `arch`.
+    pub fn qemu_binary_for(&self, arch: ferry_types::Arch) -> String {
+        binary_for(&self.inner.cfg.qemu_binary, arch)
+    }
+
+    /// How this host runs a VM of `arch`: its accelerator for its own architecture,
+    /// TCG for the others.
+    pub fn accel_for(&self, arch: ferry_types::Arch) -> Accel {
+        let own = self
+            .caps()
+            .map(|c| c.arch.clone())
+            .unwrap_or_else(|| arch_of(&self.inner.cfg.qemu_binary));
+        if arch.as_str() == own {
+            self.inner.accel
+        } else {
+            Accel::Tcg
+        }
+    }
+
+    /// Refuses a VM whose architecture, CPU model or machine type this host cannot
+    /// run, with why.
     pub fn check_runnable(&self, spec: &VmSpec) -> Result<()> {
         let Some(caps) = self.caps() else {
-            return Ok(());
+            if spec.arch().is_pc() {
+                return Ok(());
+            }
+            return Err(AgentError::refused(
+                Refusal::HostLacks,
+                format!(
+                    "Host {} could not ask its QEMU what it runs: no {} guests",
+                    self.host_name(),
+                    spec.arch()
+                ),
+            ));
         };
-        let why = caps.refusals(spec.cpu.as_deref(), spec.pinned_machine().as_deref());
+        let arch = spec.arch();
+        let why = caps.refusals_for(
+            arch.as_str(),
+            spec.cpu.as_deref(),
+            spec.pinned_machine().as_deref(),
+        );
         if why.is_empty() {
             return Ok(());
         }
+        let models = caps
+            .for_arch(arch.as_str())
+            .map(|c| format!(" (it runs {arch} CPU models {})", c.cpu_models.join(", ")))
+            .unwrap_or_else(|| format!(" (it runs {})", caps.arches().join(", ")));
         Err(AgentError::refused(
             Refusal::HostLacks,
-            format!(
-                "Host {} {} (it runs CPU models {})",
-                self.host_name(),
-                why.join(" and "),
-                caps.cpu_models.join(", ")
-            ),
+            format!("Host {} {}{models}", self.host_name(), why.join(" and ")),
         ))
     }
 
@@ -200,11 +263,12 @@ impl Host {
     /// an RNG and a balloon.
     pub(crate) fn pin_hardware(&self, spec: &mut VmSpec) {
         if spec.cpu.is_none() {
-            spec.cpu = Some(ferry_types::DEFAULT_CPU_MODEL.to_string());
+            spec.cpu = Some(spec.arch().default_cpu().to_string());
         }
         if spec.machine_version.is_none() {
             spec.machine_version = self
                 .caps()
+                .and_then(|c| c.for_arch(spec.arch().as_str()))
                 .and_then(|c| c.latest_machine_version(spec.machine));
         }
         for d in [&mut spec.tablet, &mut spec.rng, &mut spec.balloon] {
@@ -216,6 +280,30 @@ impl Host {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_architecture_has_its_qemu_beside_the_configured_one() {
+        use ferry_types::Arch;
+        assert_eq!(
+            binary_for("qemu-system-x86_64", Arch::X86_64),
+            "qemu-system-x86_64"
+        );
+        assert_eq!(
+            binary_for("qemu-system-x86_64", Arch::Aarch64),
+            "qemu-system-aarch64"
+        );
+        assert_eq!(
+            binary_for("/opt/q/bin/qemu-system-x86_64", Arch::Riscv64),
+            "/opt/q/bin/qemu-system-riscv64"
+        );
+        assert_eq!(
+            binary_for("/opt/wrapper", Arch::Aarch64),
+            "qemu-system-aarch64"
+        );
+        assert!(installed("sh"));
+        assert!(!installed("qemu-system-nonexistent"));
+        assert!(!installed("/etc/passwd"));
+    }
 
     #[test]
     fn arch_from_the_binary_name() {
@@ -235,7 +323,7 @@ mod tests {
         );
         assert_eq!(
             p.definitions,
-            [("a".into(), true), ("b".into(), false), ("c".into(), false)]
+            [("a".into(), true), ("b".into(), false), ("c".into(), true)]
         );
         assert_eq!(p.max_flags.into_iter().collect::<Vec<_>>(), ["aes"]);
         assert_eq!(p.machines, ["pc-q35-10.0"]);

@@ -316,11 +316,15 @@ impl HostOs for FakeOs {
 
     async fn probe_caps(
         &self,
-        _binary: &str,
+        binary: &str,
         accel: ferry_qemu::Accel,
         _run_dir: &std::path::Path,
         allowed: &[String],
     ) -> Option<ferry_types::HostCaps> {
+        // an x86_64 QEMU only
+        if crate::caps::arch_of(binary) != "x86_64" {
+            return None;
+        }
         // What QEMU 10.0 answers under TCG, in short.
         let probe = ferry_types::cpu::Probe {
             definitions: vec![("qemu64".into(), true), ("Westmere".into(), true)],

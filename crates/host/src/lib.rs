@@ -238,9 +238,24 @@ impl Host {
         let events = EventLog::load(local.clone()).await?;
         let tasks = Tasks::load(local, events.clone()).await?;
         let qemu_version = qemu_version(&cfg.qemu_binary).await;
-        let caps = os
+        let mut caps = os
             .probe_caps(&cfg.qemu_binary, accel, &cfg.run_dir, &cfg.cpu_models)
             .await;
+        // Guests of other architectures: by emulation, where their QEMU is installed.
+        if let Some(c) = caps.as_mut() {
+            for arch in ferry_types::arch::ARCHES {
+                if arch.as_str() == c.arch {
+                    continue;
+                }
+                let bin = caps::binary_for(&cfg.qemu_binary, arch);
+                if !caps::installed(&bin) {
+                    continue;
+                }
+                if let Some(o) = os.probe_caps(&bin, Accel::Tcg, &cfg.run_dir, &[]).await {
+                    c.others.push(o);
+                }
+            }
+        }
         let (rebooted, prev_boot) = Host::read_boot(&cfg);
         let cgroups = os.cgroups(&cfg.resources.cgroup_root);
         tracing::info!(cgroups = %cgroups.describe(), "resource pools");

@@ -44,8 +44,19 @@ pub fn io_throttle(id: &str, d: &ferry_types::DiskSpec) -> ferry_qmp::commands::
     }
 }
 
-/// OVMF code and vars templates, if installed.
-pub fn ovmf_paths() -> Option<(PathBuf, PathBuf)> {
+/// UEFI code and vars templates for guests of `arch`, if installed (OVMF for x86_64,
+/// AAVMF — Debian's qemu-efi-aarch64 — for aarch64).
+pub fn ovmf_paths(arch: ferry_types::Arch) -> Option<(PathBuf, PathBuf)> {
+    if arch == ferry_types::Arch::Aarch64 {
+        let (c, v) = (
+            PathBuf::from("/usr/share/AAVMF/AAVMF_CODE.fd"),
+            PathBuf::from("/usr/share/AAVMF/AAVMF_VARS.fd"),
+        );
+        return (c.is_file() && v.is_file()).then_some((c, v));
+    }
+    if arch != ferry_types::Arch::X86_64 {
+        return None;
+    }
     [
         (
             "/usr/share/OVMF/OVMF_CODE_4M.fd",
@@ -77,7 +88,7 @@ impl Host {
         if rec.spec.firmware != Firmware::Uefi {
             return Ok(None);
         }
-        let (code, vars_tpl) = ovmf_paths().ok_or_else(|| {
+        let (code, vars_tpl) = ovmf_paths(rec.spec.arch()).ok_or_else(|| {
             AgentError::refused(Refusal::HostLacks, "UEFI needs OVMF (Debian package ovmf)")
         })?;
         let dir = self.vm_state_dir(rec.id);
@@ -229,7 +240,7 @@ impl Host {
         };
         Ok(LaunchPlan {
             spec: spec.clone(),
-            accel: self.inner.accel,
+            accel: self.accel_for(spec.arch()),
             run,
             disks,
             cdroms,
@@ -441,7 +452,7 @@ impl Host {
             .inner
             .os
             .spawn_qemu(
-                &self.inner.cfg.qemu_binary,
+                &self.qemu_binary_for(rec.spec.arch()),
                 &argv,
                 &plan.run,
                 who.as_ref(),

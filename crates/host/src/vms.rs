@@ -113,7 +113,18 @@ impl Host {
     /// bridges, memory, MACs.
     pub(crate) async fn check_host(&self, spec: &VmSpec, own_name: Option<&str>) -> Result<()> {
         let mut e = ferry_types::ValidationErrors::default();
-        if let Some(caps) = self.caps() {
+        let arch = spec.arch();
+        let all = self.caps();
+        if let (Some(all), None) = (all, all.and_then(|c| c.for_arch(arch.as_str()))) {
+            e.push(
+                "arch",
+                format!(
+                    "this host runs no {arch} guests (it runs {}; install qemu-system-{arch})",
+                    all.arches().join(", ")
+                ),
+            );
+        }
+        if let Some(caps) = all.and_then(|c| c.for_arch(arch.as_str())) {
             if let Some(c) = spec.cpu.as_deref() {
                 if !caps.cpu_models.iter().any(|m| m == c) {
                     e.push(
@@ -211,11 +222,12 @@ impl Host {
                 }
             }
         }
-        if spec.firmware == ferry_types::Firmware::Uefi && crate::lifecycle::ovmf_paths().is_none()
+        if spec.firmware == ferry_types::Firmware::Uefi
+            && crate::lifecycle::ovmf_paths(spec.arch()).is_none()
         {
             e.push(
                 "firmware",
-                "UEFI needs OVMF (Debian package ovmf), which this host lacks",
+                "UEFI needs OVMF (Debian package ovmf; AAVMF, qemu-efi-aarch64, for aarch64), which this host lacks",
             );
         }
         // MACs must be unique among all VMs of the host.
@@ -293,6 +305,7 @@ impl Host {
     /// Defines a VM. Either everything is created (record and new volumes) or nothing.
     #[tracing::instrument(skip_all, fields(vm = %spec.name))]
     pub async fn create_vm(&self, mut spec: VmSpec) -> Result<Vm> {
+        spec.fill_arch_defaults();
         spec.validate()?;
         self.pin_hardware(&mut spec);
         self.check_resource_pool(&spec).await?;
@@ -334,6 +347,7 @@ impl Host {
     /// Replaces the definition of a stopped VM (new disks with a size are created); its
     /// startup policy and description alone change in any state.
     pub async fn edit_vm(&self, name: &str, mut spec: VmSpec) -> Result<Vm> {
+        spec.fill_arch_defaults();
         spec.validate()?;
         self.check_resource_pool(&spec).await?;
         if spec.name != name {

@@ -190,7 +190,10 @@ pub fn build_argv(p: &LaunchPlan) -> Vec<OsString> {
         Accel::Kvm => a.push("-accel", "kvm"),
         Accel::Tcg => a.push("-accel", "tcg,thread=single"),
     }
+    let pc = s.arch().is_pc();
     match (&s.cpu, p.accel) {
+        // other architectures' models are QEMU's own, as they are
+        (Some(m), _) if !pc => a.push("-cpu", m.clone()),
         (Some(m), _) => a.push("-cpu", ferry_types::cpu::qemu_cpu_arg(m)),
         // defined before CPU models: as it always ran
         (None, Accel::Kvm) => a.push("-cpu", "host"),
@@ -217,7 +220,15 @@ pub fn build_argv(p: &LaunchPlan) -> Vec<OsString> {
         ),
     );
     a.push("-serial", "chardev:serial0");
-    a.push("-vga", "std");
+    if pc {
+        a.push("-vga", "std");
+    } else {
+        // virt has no VGA: a virtio GPU for the VNC console
+        a.json(
+            "-device",
+            json!({"driver": "virtio-gpu-pci", "id": "video0"}),
+        );
+    }
     a.push("-display", "none");
     a.push("-vnc", format!("unix:{}", p.run.vnc.display()));
     if p.paused {
@@ -696,6 +707,34 @@ mod tests {
         assert_eq!(objects[0]["filename"], "/dev/urandom");
         p.spec.rng = Some(false);
         assert!(!has(&dev(&p), "virtio-rng-pci"));
+    }
+
+    #[test]
+    fn an_aarch64_guest_gets_the_virt_board_its_own_cpu_and_a_virtio_gpu() {
+        let mut p = plan();
+        p.spec.arch = Some(ferry_types::Arch::Aarch64);
+        p.spec.machine = Machine::Virt;
+        p.spec.machine_version = Some("10.0".into());
+        p.spec.cpu = Some("cortex-a72".into());
+        p.spec
+            .disks
+            .retain(|d| matches!(d.bus, DiskBus::Virtio | DiskBus::Scsi));
+        p.disks
+            .retain(|d| matches!(d.spec.bus, DiskBus::Virtio | DiskBus::Scsi));
+        p.spec.cdroms = vec![];
+        p.cdroms = vec![];
+        p.spec.boot_order = vec![];
+        let argv: Vec<String> = build_argv(&p)
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let arg = |f: &str| argv.windows(2).find(|w| w[0] == f).map(|w| w[1].clone());
+        assert_eq!(arg("-machine").as_deref(), Some("virt-10.0"));
+        assert_eq!(arg("-cpu").as_deref(), Some("cortex-a72"));
+        assert_eq!(arg("-vga"), None);
+        let dev = devices(&build_argv(&p), "-device");
+        assert!(dev.iter().any(|d| d["driver"] == "virtio-gpu-pci"));
+        assert!(!dev.iter().any(|d| d["driver"] == "ahci"));
     }
 
     #[test]

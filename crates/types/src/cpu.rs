@@ -129,6 +129,7 @@ pub fn machine_type(machine: Machine, version: Option<&str>) -> String {
     let (alias, prefix) = match machine {
         Machine::Pc => ("pc", "pc-i440fx-"),
         Machine::Q35 => ("q35", "pc-q35-"),
+        Machine::Virt => ("virt", "virt-"),
     };
     match version {
         Some(v) => format!("{prefix}{v}"),
@@ -149,8 +150,12 @@ pub struct HostCaps {
     /// the admin's `cpu_models` when set), sorted.
     pub cpu_models: Vec<String>,
     /// Versioned machine types of the families ferry uses (`pc-i440fx-*`,
-    /// `pc-q35-*`), sorted.
+    /// `pc-q35-*`, `virt-*`), sorted.
     pub machines: Vec<String>,
+    /// The other architectures it runs by emulation (TCG), each as its QEMU said.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(no_recursion)]
+    pub others: Vec<HostCaps>,
 }
 
 /// Orders `a.b` versions numerically (`9.2` < `10.0`).
@@ -169,6 +174,38 @@ impl HostCaps {
             .filter(|v| check_machine_version(v).is_ok())
             .max_by_key(|v| version_key(v))
             .map(str::to_string)
+    }
+
+    /// The caps for guests of `arch`: its own or an emulated one's.
+    pub fn for_arch(&self, arch: &str) -> Option<&HostCaps> {
+        if self.arch == arch {
+            Some(self)
+        } else {
+            self.others.iter().find(|o| o.arch == arch)
+        }
+    }
+
+    /// Every architecture it runs, with how: `x86_64 (kvm)`, `aarch64 (tcg)`.
+    pub fn arches(&self) -> Vec<String> {
+        std::iter::once(self)
+            .chain(&self.others)
+            .map(|c| format!("{} ({})", c.arch, c.accel))
+            .collect()
+    }
+
+    /// [`HostCaps::refusals`] for a guest of `arch`.
+    pub fn refusals_for(
+        &self,
+        arch: &str,
+        cpu: Option<&str>,
+        machine: Option<&str>,
+    ) -> Vec<String> {
+        match self.for_arch(arch) {
+            Some(c) => c.refusals(cpu, machine),
+            None => vec![format!(
+                "cannot run {arch} guests (it has no qemu-system-{arch})"
+            )],
+        }
     }
 
     /// Why this host cannot run a VM with CPU model `cpu` and machine type `machine`
@@ -242,7 +279,7 @@ pub fn host_caps(
         .machines
         .iter()
         .filter(|m| {
-            [Machine::Pc, Machine::Q35].iter().any(|f| {
+            [Machine::Pc, Machine::Q35, Machine::Virt].iter().any(|f| {
                 m.strip_prefix(&machine_type(*f, Some("")))
                     .is_some_and(|v| check_machine_version(v).is_ok())
             })
@@ -258,6 +295,7 @@ pub fn host_caps(
             qemu: qemu.to_string(),
             cpu_models: models.into_iter().collect(),
             machines,
+            others: vec![],
         },
         dropped,
     )

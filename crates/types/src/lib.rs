@@ -3,6 +3,7 @@
 //! this crate does no I/O.
 
 pub mod access;
+pub mod arch;
 pub mod backup;
 pub mod cluster;
 pub mod cpu;
@@ -22,6 +23,7 @@ pub mod validate;
 pub mod vm;
 
 pub use access::*;
+pub use arch::Arch;
 pub use backup::*;
 pub use cluster::*;
 pub use cpu::{HostCaps, DEFAULT_CPU_MODEL};

@@ -210,6 +210,8 @@ pub enum Machine {
     Pc,
     /// Q35: SATA (AHCI) built in, no IDE.
     Q35,
+    /// QEMU's `virt` board: aarch64 and riscv64 guests (PCI, virtio; no IDE or SATA).
+    Virt,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
@@ -238,6 +240,10 @@ pub struct DirectBoot {
 #[serde(deny_unknown_fields)]
 pub struct VmSpec {
     pub name: String,
+    /// The guest's CPU architecture (absent: x86_64). Other than the host's, it runs
+    /// by emulation (TCG) on hosts that have its QEMU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<crate::arch::Arch>,
     #[serde(default = "one")]
     pub cpus: u32,
     /// Memory in MiB.
@@ -513,6 +519,19 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], &'static str> {
 }
 
 impl VmSpec {
+    /// The guest's architecture.
+    pub fn arch(&self) -> crate::arch::Arch {
+        self.arch.unwrap_or_default()
+    }
+
+    /// What a new or edited spec means without saying it: a VM of another architecture
+    /// than x86_64 left at the default machine (pc) gets `virt`.
+    pub fn fill_arch_defaults(&mut self) {
+        if !self.arch().is_pc() && self.machine == Machine::Pc {
+            self.machine = Machine::Virt;
+        }
+    }
+
     /// The QEMU machine type (`pc-q35-10.0`, or the unversioned alias of an old VM).
     pub fn machine_type(&self) -> String {
         crate::cpu::machine_type(self.machine, self.machine_version.as_deref())
@@ -554,6 +573,49 @@ impl VmSpec {
         }
         if let Some(c) = &self.cloud_init {
             c.check(&mut e, self.nics.len());
+        }
+        let arch = self.arch();
+        match (arch.is_pc(), self.machine) {
+            (true, Machine::Virt) => e.push(
+                "machine",
+                "virt is the machine of aarch64 and riscv64 guests; x86_64 uses pc or q35",
+            ),
+            (false, Machine::Pc | Machine::Q35) => {
+                e.push("machine", format!("{arch} guests use the machine virt"))
+            }
+            _ => {}
+        }
+        if !arch.is_pc() {
+            for (i, d) in self.disks.iter().enumerate() {
+                if matches!(d.bus, DiskBus::Ide | DiskBus::Sata) {
+                    e.push(
+                        format!("disks[{i}].bus"),
+                        format!("{arch}'s virt machine has no IDE or SATA: use virtio or scsi"),
+                    );
+                }
+            }
+            for (i, c) in self.cdroms.iter().enumerate() {
+                if c.bus != CdromBus::Scsi {
+                    e.push(
+                        format!("cdroms[{i}].bus"),
+                        format!("{arch}'s virt machine has no IDE or SATA: use scsi"),
+                    );
+                }
+            }
+            if self.firmware == Firmware::Bios && self.direct_boot.is_none() {
+                e.push(
+                    "firmware",
+                    format!(
+                        "{arch} guests boot with UEFI (firmware uefi) or a kernel given directly"
+                    ),
+                );
+            }
+            if arch == crate::arch::Arch::Riscv64 && self.firmware == Firmware::Uefi {
+                e.push(
+                    "firmware",
+                    "riscv64 guests boot a kernel given directly here",
+                );
+            }
         }
         if let Some(Err(r)) = self.cpu.as_deref().map(crate::cpu::check_cpu_model) {
             e.push("cpu", r);
@@ -784,6 +846,48 @@ mod tests {
             "nics": [{"bridge": "vmbr0"}]
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn other_architectures_get_the_virt_board_and_its_buses() {
+        let mut s = spec();
+        s.arch = Some(crate::Arch::Aarch64);
+        s.fill_arch_defaults();
+        assert_eq!(s.machine, Machine::Virt);
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("cdroms[0].bus"), "{e}");
+        assert!(e.contains("firmware: aarch64 guests boot with UEFI"), "{e}");
+        s.cdroms[0].bus = CdromBus::Scsi;
+        s.firmware = Firmware::Uefi;
+        s.validate().unwrap();
+        s.disks[0].bus = DiskBus::Sata;
+        assert!(s
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("disks[0].bus"));
+        s.disks[0].bus = DiskBus::Virtio;
+        s.machine = Machine::Q35;
+        assert!(s
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("aarch64 guests use the machine virt"));
+        let mut x = spec();
+        x.machine = Machine::Virt;
+        assert!(x
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("x86_64 uses pc or q35"));
+        assert_eq!(
+            serde_json::to_value(crate::Arch::Aarch64).unwrap(),
+            serde_json::json!("aarch64")
+        );
+        assert!(
+            serde_json::to_value(spec()).unwrap().get("arch").is_none(),
+            "old specs unchanged"
+        );
     }
 
     #[test]

@@ -37,10 +37,14 @@
 //! full and incremental backups of a running QEMU's disk, guest writes during a backup,
 //! dedup of clones, restore, verify and GC, against `qemu-img` (no lab needed).
 //!
-//! Usage: `ferry-bench [core|snapshots|migration|failover|drs|replication|tls|scale|backup] [--runs N] [--vms N] [--json]` (as root; the
+//! `ferry-bench arches [--runs 3]`: each architecture's tiny guest booted through ferry
+//! against bare `qemu-system-ARCH` (TCG), with the goals of issue 22.
+//!
+//! Usage: `ferry-bench [core|arches|snapshots|migration|failover|drs|replication|tls|scale|backup] [--runs N] [--vms N] [--json]` (as root; the
 //! `ferry` binary next to this one, or `FERRY_BIN`). Everything runs in a lab namespace,
 //! removed at the end.
 
+mod archbench;
 mod backupbench;
 mod drsbench;
 mod failbench;
@@ -279,6 +283,9 @@ pub(crate) fn rt() -> tokio::runtime::Runtime {
 }
 
 fn main() -> Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("arches") {
+        return archbench::run();
+    }
     if std::env::args().nth(1).as_deref() == Some("snapshots") {
         return snapbench::run();
     }
