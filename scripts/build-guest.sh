@@ -4,19 +4,22 @@
 #   initrd.img busybox-static + virtio (and vmxnet3) modules + scripts/guest-init
 # With FERRY_GUEST_ARCH=aarch64: the same guest for arm64 (Debian's arm64 cloud kernel,
 # busybox-static:arm64; the dpkg architecture arm64 added by setup.sh) in .../aarch64,
-# its kernel `vmlinuz` (a gzip-compressed Image, which QEMU boots directly).
+# its kernel `vmlinuz` (an Image, which QEMU boots directly); FERRY_GUEST_ARCH=riscv64
+# likewise from Debian 13's riscv64 packages (Debian 12 has no riscv64; setup.sh adds a
+# trixie source limited to riscv64) in .../riscv64.
 # Idempotent: rebuilds only when the inputs changed.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 arch=${FERRY_GUEST_ARCH:-x86_64}
 case "$arch" in
-  x86_64) deb=amd64; out=${FERRY_GUEST_DIR:-/var/cache/ferry/guest}; kfile=vmlinux ;;
-  aarch64) deb=arm64; out=${FERRY_GUEST_DIR:-/var/cache/ferry/guest}/aarch64; kfile=vmlinuz ;;
+  x86_64) deb=amd64; meta=linux-image-cloud-amd64; out=${FERRY_GUEST_DIR:-/var/cache/ferry/guest}; kfile=vmlinux ;;
+  aarch64) deb=arm64; meta=linux-image-cloud-arm64; out=${FERRY_GUEST_DIR:-/var/cache/ferry/guest}/aarch64; kfile=vmlinuz ;;
+  riscv64) deb=riscv64; meta=linux-image-riscv64; out=${FERRY_GUEST_DIR:-/var/cache/ferry/guest}/riscv64; kfile=vmlinuz ;;
   *) echo "build-guest: no test guest for $arch" >&2; exit 1 ;;
 esac
 mkdir -p "$out"
 
-kpkg=$(apt-cache depends "linux-image-cloud-$deb:$deb" 2>/dev/null | sed -n 's/.*Depends: \(linux-image-[0-9][^:]*\).*$/\1/p' | head -1)
+kpkg=$(apt-cache depends "$meta:$deb" 2>/dev/null | sed -n 's/.*Depends: \(linux-image-[0-9][^:]*\).*$/\1/p' | head -1)
 [ -n "$kpkg" ] || { echo "build-guest: cannot resolve the $deb cloud kernel package (apt-get update?)" >&2; exit 1; }
 stamp="$kpkg $(sha256sum "$here/guest-init" "$0" | sha256sum | cut -c1-16)"
 if [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$stamp" ] && [ -f "$out/$kfile" ] && [ -f "$out/initrd.img" ]; then
@@ -32,6 +35,9 @@ apt-get download -q "$kpkg:$deb" >/dev/null
 dpkg-deb -x ./linux-image-*.deb root
 kver=${kpkg#linux-image-}
 bz=root/boot/vmlinuz-$kver
+[ -f "$bz" ] || bz=root/boot/vmlinux-$kver
+# Debian 13 keeps modules under /usr/lib
+[ -d root/lib/modules ] || { mkdir -p root/lib; mv root/usr/lib/modules root/lib/modules; }
 if [ "$arch" = x86_64 ]; then
 
 # The bzImage carries an LZ4 (legacy frame) compressed ELF vmlinux; extract it to boot it
@@ -55,6 +61,7 @@ else
   apt-get download -q "busybox-static:$deb" >/dev/null
   dpkg-deb -x ./busybox-static_*.deb bb
   busybox=bb/bin/busybox
+  [ -f "$busybox" ] || busybox=bb/usr/bin/busybox
 fi
 
 mkdir -p ird/bin ird/sbin ird/etc ird/proc ird/sys ird/dev ird/tmp ird/run ird/mnt ird/www/cgi-bin ird/lib/modules ird/root

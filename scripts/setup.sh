@@ -24,9 +24,28 @@ SRC
   rm -f /var/lib/ferry-setup-apt-updated
 fi
 
-# Guests of other architectures (issue 22): arm64 packages for the aarch64 test guest.
-if ! dpkg --print-foreign-architectures | grep -qx arm64; then
-  dpkg --add-architecture arm64
+# Guests of other architectures (issue 22): arm64 packages for the aarch64 test guest;
+# riscv64 ones from Debian 13 (Debian 12 has no riscv64), a source limited to riscv64 so
+# nothing of this host's own architecture ever comes from it.
+foreign_changed=0
+for a in arm64 riscv64; do
+  if ! dpkg --print-foreign-architectures | grep -qx "$a"; then
+    dpkg --add-architecture "$a"
+    foreign_changed=1
+  fi
+done
+if [ ! -e /etc/apt/sources.list.d/ferry-riscv64.sources ]; then
+  cat > /etc/apt/sources.list.d/ferry-riscv64.sources <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: trixie
+Components: main
+Architectures: riscv64
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+  foreign_changed=1
+fi
+if [ "$foreign_changed" = 1 ]; then
   rm -f /var/lib/ferry-setup-apt-updated
   apt-get update -q
   touch /var/lib/ferry-setup-apt-updated
@@ -34,7 +53,7 @@ fi
 for p in busybox-static ovmf qemu-efi-aarch64 iproute2 nftables iputils-ping curl cpio lz4 python3 python3-venv protobuf-compiler libprotobuf-dev etcd-server etcd-client ganeti-htools fio nbdkit chromium debootstrap; do have "$p" || need_pkgs+=("$p"); done
 command -v npm >/dev/null 2>&1 || need_pkgs+=(nodejs npm)
 q=$(qemu_major || true)
-if [ -z "$q" ] || [ "$q" -lt 10 ] || ! have qemu-utils || ! command -v qemu-system-aarch64 >/dev/null; then need_qemu=1; else need_qemu=0; fi
+if [ -z "$q" ] || [ "$q" -lt 10 ] || ! have qemu-utils || ! command -v qemu-system-aarch64 >/dev/null || ! command -v qemu-system-riscv64 >/dev/null; then need_qemu=1; else need_qemu=0; fi
 
 if [ ${#need_pkgs[@]} -gt 0 ] || [ "$need_qemu" = 1 ]; then
   if [ ! -e /var/lib/ferry-setup-apt-updated ]; then
@@ -42,7 +61,7 @@ if [ ${#need_pkgs[@]} -gt 0 ] || [ "$need_qemu" = 1 ]; then
     touch /var/lib/ferry-setup-apt-updated
   fi
   if [ "$need_qemu" = 1 ]; then
-    apt-get install -y -q -t bookworm-backports --no-install-recommends qemu-system-x86 qemu-system-arm qemu-utils
+    apt-get install -y -q -t bookworm-backports --no-install-recommends qemu-system-x86 qemu-system-arm qemu-system-riscv qemu-utils
   fi
   if [ ${#need_pkgs[@]} -gt 0 ]; then
     apt-get install -y -q --no-install-recommends "${need_pkgs[@]}"
@@ -60,6 +79,7 @@ getent group ferry-qemu >/dev/null || groupadd --system ferry-qemu
 
 "$here/build-guest.sh"
 FERRY_GUEST_ARCH=aarch64 "$here/build-guest.sh"
+FERRY_GUEST_ARCH=riscv64 "$here/build-guest.sh"
 "$here/build-file-restore.sh"
 # A Debian 12 with systemd, QEMU and etcd: the host the package test installs ferry on.
 "$here/build-debian-guest.sh"

@@ -223,7 +223,9 @@ fn drs_vm(rec: &VmRecord, host: &str, load: Option<&VmLoad>, reach: &PoolReach) 
             && !rec.template
             && rec.transit.is_none()
             // the host's own CPU passed through: moved only when an admin asks
-            && !rec.spec.cpu.as_deref().is_some_and(ferry_types::cpu::is_passthrough),
+            && !rec.spec.cpu.as_deref().is_some_and(ferry_types::cpu::is_passthrough)
+            // and never an architecture ferry does not move live
+            && rec.spec.arch().live_migrates(),
         pool: rec.spec.resource_pool.clone(),
         cpu_model: rec.spec.cpu.clone(),
         arch: rec.spec.arch(),

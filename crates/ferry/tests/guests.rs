@@ -1266,3 +1266,73 @@ fn an_aarch64_guest_runs_by_emulation_snapshots_migrates_and_is_restarted_by_ha(
     c.ferry_ok(&["vm", "stop", "arm"])?;
     Ok(())
 }
+
+#[test]
+fn a_riscv64_guest_runs_by_emulation_and_moves_cold() -> Result<()> {
+    let dir = ferry_lab::guest_dir().join("riscv64");
+    anyhow::ensure!(
+        dir.join("vmlinuz").exists(),
+        "{} missing: scripts/setup.sh builds it (FERRY_GUEST_ARCH=riscv64 scripts/build-guest.sh)",
+        dir.display()
+    );
+    let lab = ClusterLab::for_test(FERRY, 2)?;
+    let (h1, h2) = (lab.cli("h1")?, lab.cli("h2")?);
+    let caps = h1.ferry_json(&["host", "show"])?["caps"].clone();
+    assert!(
+        caps["others"]
+            .as_array()
+            .is_some_and(|o| o.iter().any(|c| c["arch"] == "riscv64")),
+        "{caps}"
+    );
+    // riscv64 boots a kernel given directly here; UEFI is refused with the reason.
+    let o = h1.ferry(&[
+        "vm",
+        "create",
+        "bad",
+        "--arch",
+        "riscv64",
+        "--firmware",
+        "uefi",
+    ])?;
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("riscv64 guests boot a kernel given directly")
+    );
+    let s = |p: std::path::PathBuf| p.display().to_string();
+    h1.ferry_ok(&[
+        "vm",
+        "create",
+        "rv",
+        "--arch",
+        "riscv64",
+        "--memory",
+        "256M",
+        "--disk",
+        "bus=virtio,pool=shared,size=16M",
+        "--kernel",
+        &s(dir.join("vmlinuz")),
+        "--initrd",
+        &s(dir.join("initrd.img")),
+        "--append",
+        "console=ttyS0 ferry.hostname=rv quiet",
+    ])?;
+    h1.ferry_ok(&["vm", "start", "rv"])?;
+    h1.wait_console("rv", "FERRY-READY", std::time::Duration::from_secs(180))?;
+    let v = h1.ferry_json(&["vm", "show", "rv"])?;
+    assert_eq!(
+        (v["spec"]["machine"].as_str(), v["spec"]["cpu"].as_str()),
+        (Some("virt"), Some("rv64")),
+        "{v}"
+    );
+    assert_eq!(h1.guest_sh("rv", "uname -m")?, "riscv64");
+    // Not moved while it runs (refused with the reason); moved cold, it boots on h2.
+    let o = h1.ferry(&["vm", "migrate", "rv", "--to", "h2"])?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("move it cold"), "{err}");
+    h1.ferry_ok(&["vm", "stop", "rv"])?;
+    h1.ferry_ok(&["vm", "move", "rv", "--to", "h2"])?;
+    h2.ferry_ok(&["vm", "start", "rv"])?;
+    h2.wait_console("rv", "FERRY-READY", std::time::Duration::from_secs(180))?;
+    assert_eq!(h2.guest_sh("rv", "uname -m")?, "riscv64");
+    h2.ferry_ok(&["vm", "stop", "rv"])?;
+    Ok(())
+}

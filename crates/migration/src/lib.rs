@@ -232,6 +232,15 @@ impl Migrations {
         let (rec, _) = self.record(name).await?;
         slot.state().check(VmAction::Migrate)?;
         self.refuse_live_restoring(&rec, "migrate it")?;
+        if !rec.spec.arch().live_migrates() {
+            return Err(AgentError::refused(
+                Refusal::NotMovable,
+                format!(
+                    "VM {name} is a {} guest: ferry does not move those while they run (a guest stopped answering after it in the lab); shut it down and move it cold",
+                    rec.spec.arch()
+                ),
+            ));
+        }
         if rec.transit.is_some() {
             return Err(AgentError::refused(
                 Refusal::Busy,

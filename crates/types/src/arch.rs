@@ -52,6 +52,13 @@ impl Arch {
         }
     }
 
+    /// Whether ferry moves VMs of this arch while they run. riscv64: not yet — in the
+    /// lab a riscv64 guest stopped answering after ferry's live migration (bare QEMU's
+    /// between two processes worked); they move cold.
+    pub fn live_migrates(self) -> bool {
+        self != Arch::Riscv64
+    }
+
     /// Whether VMs of this arch use the PC machine families (pc, q35) rather than virt.
     pub fn is_pc(self) -> bool {
         self == Arch::X86_64
