@@ -208,17 +208,18 @@ pub(crate) async fn pool(c: &Client, g: &Global, cmd: PoolCmd) -> Result<()> {
     }
 }
 
+fn show(v: &Volume) {
+    println!(
+        "{}/{}: {} {} ({} allocated)",
+        v.pool,
+        v.name,
+        v.format,
+        ByteSize(v.virtual_bytes),
+        ByteSize(v.allocated_bytes)
+    )
+}
+
 pub(crate) async fn volume(c: &Client, g: &Global, cmd: VolumeCmd) -> Result<()> {
-    let show = |v: &Volume| {
-        println!(
-            "{}/{}: {} {} ({} allocated)",
-            v.pool,
-            v.name,
-            v.format,
-            ByteSize(v.virtual_bytes),
-            ByteSize(v.allocated_bytes)
-        )
-    };
     match cmd {
         VolumeCmd::List { pool } => {
             let vols: Vec<Volume> = c.get(&format!("/api/v1/pools/{pool}/volumes")).await?;
@@ -313,15 +314,7 @@ pub(crate) async fn volume(c: &Client, g: &Global, cmd: VolumeCmd) -> Result<()>
             let task = s
                 .task
                 .ok_or_else(|| anyhow::anyhow!("the daemon started no import"))?;
-            c.wait_task(TaskAccepted { task }, g.json).await?;
-            let v: Volume = c
-                .get(&format!("/api/v1/pools/{pool}/volumes/{name}"))
-                .await?;
-            if g.json {
-                return print_json(&v);
-            }
-            show(&v);
-            Ok(())
+            volume_made(c, g, TaskAccepted { task }, &pool, &name).await
         }
         VolumeCmd::Download {
             pool,
@@ -343,15 +336,7 @@ pub(crate) async fn volume(c: &Client, g: &Global, cmd: VolumeCmd) -> Result<()>
                     &body,
                 )
                 .await?;
-            c.wait_task(t, g.json).await?;
-            let v: Volume = c
-                .get(&format!("/api/v1/pools/{pool}/volumes/{name}"))
-                .await?;
-            if g.json {
-                return print_json(&v);
-            }
-            show(&v);
-            Ok(())
+            volume_made(c, g, t, &pool, &name).await
         }
         VolumeCmd::Import {
             pool,
@@ -367,16 +352,27 @@ pub(crate) async fn volume(c: &Client, g: &Global, cmd: VolumeCmd) -> Result<()>
             let t: TaskAccepted = c
                 .send(Method::POST, &format!("/api/v1/pools/{pool}/import"), &body)
                 .await?;
-            c.wait_task(t, g.json).await?;
-            let v: Volume = c
-                .get(&format!("/api/v1/pools/{pool}/volumes/{name}"))
-                .await?;
-            if g.json {
-                return print_json(&v);
-            }
-            show(&v);
-            Ok(())
+            volume_made(c, g, t, &pool, &name).await
         }
         other => replication::run(c, g, other).await,
     }
+}
+
+/// Waits for the task that makes `pool/name`, then shows the volume.
+async fn volume_made(
+    c: &Client,
+    g: &Global,
+    t: TaskAccepted,
+    pool: &str,
+    name: &str,
+) -> Result<()> {
+    c.wait_task(t, g.json).await?;
+    let v: Volume = c
+        .get(&format!("/api/v1/pools/{pool}/volumes/{name}"))
+        .await?;
+    if g.json {
+        return print_json(&v);
+    }
+    show(&v);
+    Ok(())
 }

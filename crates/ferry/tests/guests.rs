@@ -1125,6 +1125,41 @@ fn images_uploaded_in_pieces_or_downloaded_from_a_url_become_volumes_and_bad_one
     Ok(())
 }
 
+/// Creates and starts a VM of `arch` booting the tiny guest in `dir` (its disk on the
+/// shared pool).
+fn boot_emulated(
+    cli: &ferry_lab::Cli,
+    name: &str,
+    arch: &str,
+    dir: &std::path::Path,
+    append: &str,
+    extra: &[&str],
+) -> Result<()> {
+    let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initrd.img"));
+    let (kernel, initrd) = (kernel.display().to_string(), initrd.display().to_string());
+    let mut args = vec![
+        "vm",
+        "create",
+        name,
+        "--arch",
+        arch,
+        "--memory",
+        "256M",
+        "--disk",
+        "bus=virtio,pool=shared,size=16M",
+        "--kernel",
+        &kernel,
+        "--initrd",
+        &initrd,
+        "--append",
+        append,
+    ];
+    args.extend_from_slice(extra);
+    cli.ferry_ok(&args)?;
+    cli.ferry_ok(&["vm", "start", name])?;
+    Ok(())
+}
+
 /// (host, pid) where `vm` runs.
 fn where_runs(lab: &ClusterLab, vm: &str) -> Vec<(String, i64)> {
     let mut out = vec![];
@@ -1182,30 +1217,15 @@ fn an_aarch64_guest_runs_by_emulation_snapshots_migrates_and_is_restarted_by_ha(
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("disks[0].bus"), "{err}");
 
-    let s = |p: std::path::PathBuf| p.display().to_string();
     let t = std::time::Instant::now();
-    h1.ferry_ok(&[
-        "vm",
-        "create",
+    boot_emulated(
+        &h1,
         "arm",
-        "--arch",
         "aarch64",
-        "--memory",
-        "256M",
-        "--disk",
-        "bus=virtio,pool=shared,size=16M",
-        "--nic",
-        "bridge=br0",
-        "--kernel",
-        &s(dir.join("vmlinuz")),
-        "--initrd",
-        &s(dir.join("initrd.img")),
-        "--append",
+        &dir,
         "console=ttyAMA0 ip=10.78.0.130/24 ferry.hostname=arm quiet",
-        "--ha",
-        "restart",
-    ])?;
-    h1.ferry_ok(&["vm", "start", "arm"])?;
+        &["--nic", "bridge=br0", "--ha", "restart"],
+    )?;
     h1.wait_console("arm", "FERRY-READY", std::time::Duration::from_secs(180))?;
     println!(
         "aarch64 guest ready {:.1} s after create",
@@ -1297,25 +1317,14 @@ fn a_riscv64_guest_runs_by_emulation_and_moves_cold() -> Result<()> {
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("riscv64 guests boot a kernel given directly")
     );
-    let s = |p: std::path::PathBuf| p.display().to_string();
-    h1.ferry_ok(&[
-        "vm",
-        "create",
+    boot_emulated(
+        &h1,
         "rv",
-        "--arch",
         "riscv64",
-        "--memory",
-        "256M",
-        "--disk",
-        "bus=virtio,pool=shared,size=16M",
-        "--kernel",
-        &s(dir.join("vmlinuz")),
-        "--initrd",
-        &s(dir.join("initrd.img")),
-        "--append",
+        &dir,
         "console=ttyS0 ferry.hostname=rv quiet",
-    ])?;
-    h1.ferry_ok(&["vm", "start", "rv"])?;
+        &[],
+    )?;
     h1.wait_console("rv", "FERRY-READY", std::time::Duration::from_secs(180))?;
     let v = h1.ferry_json(&["vm", "show", "rv"])?;
     assert_eq!(

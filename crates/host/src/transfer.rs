@@ -146,15 +146,36 @@ impl Host {
                 let r = dp
                     .import(&volume, &path, format, move |p| c.progress(p))
                     .await;
-                drop(lock);
-                let _ = std::fs::remove_file(&path);
-                let v = r?;
-                ctx.log(format!("{} bytes, format {}", v.virtual_bytes, v.format));
-                host.inner
-                    .events
-                    .emit(None, "volume", format!("volume {target} uploaded"));
-                Ok(())
+                host.finish_transfer(
+                    &ctx,
+                    lock,
+                    &path,
+                    r.map_err(AgentError::from),
+                    &target,
+                    "uploaded",
+                )
             }))
+    }
+
+    /// The end of an upload's or download's task: the partial file goes, the outcome is
+    /// logged.
+    fn finish_transfer(
+        &self,
+        ctx: &crate::tasks::TaskCtx,
+        lock: Flock<std::fs::File>,
+        path: &Path,
+        imported: Result<ferry_types::Volume>,
+        target: &str,
+        what: &str,
+    ) -> Result<()> {
+        drop(lock);
+        let _ = std::fs::remove_file(path);
+        let v = imported?;
+        ctx.log(format!("{} bytes, format {}", v.virtual_bytes, v.format));
+        self.inner
+            .events
+            .emit(None, "volume", format!("volume {target} {what}"));
+        Ok(())
     }
 
     /// Drops an unfinished upload.
@@ -213,14 +234,7 @@ impl Host {
                     }
                     Err(e) => Err(e),
                 };
-                drop(lock);
-                let _ = std::fs::remove_file(&path);
-                let v = r?;
-                ctx.log(format!("{} bytes, format {}", v.virtual_bytes, v.format));
-                host.inner
-                    .events
-                    .emit(None, "volume", format!("volume {target} downloaded"));
-                Ok(())
+                host.finish_transfer(&ctx, lock, &path, r, &target, "downloaded")
             }))
     }
 }
