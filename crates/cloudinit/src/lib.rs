@@ -179,12 +179,17 @@ pub fn write_image(seed: &Seed, path: &Path) -> Result<(), SeedError> {
     };
     let tmp = path.with_extension("new");
     let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(err)?;
+    let mut file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        // it holds the password hash: its owner's alone from the start
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(err)?
+    };
     let written = (|| {
         file.set_len(IMAGE_SIZE)?;
         fatfs::format_volume(

@@ -55,6 +55,28 @@ fn package(dir: &Path, version: &str) -> Result<()> {
     Ok(())
 }
 
+/// What the guest wrote to its work disk (`/work/log`, and `phase` = `done` when phase
+/// 2 passed), read through a read-only loop mount of the pool's copy, as console lines.
+fn work_disk_outcome(lab: &Lab) -> Result<String> {
+    let pool: serde_json::Value =
+        serde_json::from_str(&lab.ferry_ok(&["--json", "pool", "show", "local"])?)?;
+    let vol = Path::new(pool["spec"]["path"].as_str().unwrap_or("/nonexistent")).join("work");
+    let mnt = tempfile::tempdir_in("/var/tmp")?;
+    run(Command::new("mount")
+        .args(["-o", "ro,loop,noload"])
+        .arg(&vol)
+        .arg(mnt.path()))?;
+    let phase = std::fs::read_to_string(mnt.path().join("phase")).unwrap_or_default();
+    let log = std::fs::read_to_string(mnt.path().join("log")).unwrap_or_default();
+    let _ = Command::new("umount").arg(mnt.path()).status();
+    let verdict = if phase.trim() == "done" && !log.contains("FERRY-PKG-FAIL") {
+        "FERRY-PKG-OK (from the work disk)"
+    } else {
+        "FERRY-PKG-FAIL: the guest stopped before phase 2 was done (from the work disk)"
+    };
+    Ok(format!("{log}\n{verdict}\n"))
+}
+
 #[test]
 fn the_package_runs_under_systemd_restarts_upgrades_and_reboots_without_touching_vms() -> Result<()>
 {
@@ -134,6 +156,17 @@ fn the_package_runs_under_systemd_restarts_upgrades_and_reboots_without_touching
             if last.contains("FERRY-PKG-OK") || last.contains("FERRY-PKG-FAIL") {
                 break;
             }
+        }
+        // The guest powers off when it is done: what it found is on its work disk
+        // too (its console's history may not reach past the reboot).
+        let stopped = lab
+            .ferry(&["--json", "vm", "show", "debhost"])
+            .ok()
+            .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+            .is_some_and(|v| v["state"] == "stopped");
+        if stopped {
+            last = work_disk_outcome(&lab)?;
+            break;
         }
         std::thread::sleep(Duration::from_secs(2));
     }

@@ -22,10 +22,13 @@ const MAX_ADDRESSES: usize = 64;
 /// Longer strings from the guest are cut.
 const MAX_TEXT: usize = 256;
 
+/// How long an operation waits for another's use of the agent.
+const LOCK_WAIT: Duration = Duration::from_secs(15);
+
 fn text(s: Option<String>) -> Option<String> {
     s.map(|s| {
         s.chars()
-            .filter(|c| !c.is_control())
+            .filter(|c| !c.is_control() && !qga::is_format(*c))
             .take(MAX_TEXT)
             .collect()
     })
@@ -78,8 +81,15 @@ pub fn guest_info(
 }
 
 impl Host {
-    /// A synced connection to the agent of running VM `vm`, with the VM's agent lock.
-    async fn agent(&self, vm: &str) -> Result<(tokio::sync::OwnedMutexGuard<()>, GuestAgent)> {
+    /// A synced connection to the agent of running VM `vm`, with the VM's agent lock:
+    /// waited for up to [`LOCK_WAIT`] (`wait`), or refused at once when another client
+    /// has it (a query: a guest that answers slowly cannot queue up requests that hold
+    /// back shutdowns, snapshots and backups).
+    async fn agent(
+        &self,
+        vm: &str,
+        wait: bool,
+    ) -> Result<(tokio::sync::OwnedMutexGuard<()>, GuestAgent)> {
         let (rec, _) = self.record(vm).await?;
         if !rec.spec.agent {
             return Err(AgentError::refused(
@@ -94,7 +104,20 @@ impl Host {
                 format!("VM {vm} is not running"),
             ));
         }
-        let held = slot.agent.clone().lock_owned().await;
+        let lock = slot.agent.clone();
+        let busy = || {
+            AgentError::refused(
+                Refusal::Busy,
+                format!("VM {vm}: its guest agent is busy with another request"),
+            )
+        };
+        let held = if wait {
+            tokio::time::timeout(LOCK_WAIT, lock.lock_owned())
+                .await
+                .map_err(|_| busy())?
+        } else {
+            lock.try_lock_owned().map_err(|_| busy())?
+        };
         let pid = slot.with(|rt| rt.pid);
         let a = GuestAgent::connect(&self.run_paths(rec.id).qga, pid)
             .await
@@ -104,7 +127,7 @@ impl Host {
 
     /// What the guest agent of `vm` says: host name, OS, addresses.
     pub async fn guest_info(&self, vm: &str) -> Result<GuestInfo> {
-        let (_held, mut a) = self.agent(vm).await?;
+        let (_held, mut a) = self.agent(vm, false).await?;
         let info: qga::AgentInfo = a
             .call("guest-info", None, QUERY_TIMEOUT)
             .await
@@ -128,7 +151,7 @@ impl Host {
 
     /// Asks the guest to power off through its agent (no reply when it takes it).
     pub(crate) async fn agent_shutdown(&self, vm: &str) -> Result<()> {
-        let (_held, mut a) = self.agent(vm).await?;
+        let (_held, mut a) = self.agent(vm, true).await?;
         a.execute_silent(
             "guest-shutdown",
             Some(json!({"mode": "powerdown"})),
@@ -142,7 +165,7 @@ impl Host {
     /// follow). Anything else — no agent, no answer, a refusal — is logged and false:
     /// the caller goes on crash-consistent.
     pub(crate) async fn freeze(&self, vm: &str) -> bool {
-        let (_held, mut a) = match self.agent(vm).await {
+        let (held, mut a) = match self.agent(vm, true).await {
             Ok(a) => a,
             Err(e) => {
                 self.inner.events.emit(
@@ -162,8 +185,10 @@ impl Host {
                 true
             }
             Err(e) => {
-                // A freeze that timed out may still complete in the guest.
-                let _ = a.execute("guest-fsfreeze-thaw", None, THAW_TIMEOUT).await;
+                // A freeze that timed out may still complete in the guest: thawed on a
+                // fresh connection (a late reply on this one is not the thaw's).
+                drop((held, a));
+                self.thaw(vm).await;
                 self.inner.events.emit(
                     Some(vm),
                     "agent",
@@ -174,14 +199,21 @@ impl Host {
         }
     }
 
-    /// Thaws what [`Host::freeze`] froze; tried three times, an event when it fails.
+    /// Thaws what [`Host::freeze`] froze, until the agent says `thawed`; tried three
+    /// times, an event when it fails.
     pub(crate) async fn thaw(&self, vm: &str) {
         let mut last = String::new();
         for _ in 0..3 {
-            match self.agent(vm).await {
+            match self.agent(vm, true).await {
                 Ok((_held, mut a)) => {
-                    match a.execute("guest-fsfreeze-thaw", None, THAW_TIMEOUT).await {
-                        Ok(_) => return,
+                    let thawed = async {
+                        a.execute("guest-fsfreeze-thaw", None, THAW_TIMEOUT).await?;
+                        a.call::<String>("guest-fsfreeze-status", None, QUERY_TIMEOUT)
+                            .await
+                    };
+                    match thawed.await {
+                        Ok(s) if s == "thawed" => return,
+                        Ok(s) => last = format!("the agent says its file systems are {s}"),
                         Err(e) => last = e.to_string(),
                     }
                 }

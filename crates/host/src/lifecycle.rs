@@ -762,7 +762,22 @@ impl Host {
         }
         // The button was pressed: the guest may power off whenever it likes.
         intent.keep();
-        if self.wait_gone(slot, timeout).await {
+        if by_agent {
+            // an agent that said nothing may be hung: half the time, then the button too
+            let half = timeout / 2;
+            if self.wait_gone(slot, half).await {
+                return Ok(true);
+            }
+            self.inner.events.emit(
+                Some(name),
+                "vm",
+                format!("guest still running {half:?} after the agent's shutdown; pressing the ACPI power button too"),
+            );
+            let _ = qmp.run(&qc::SystemPowerdown).await;
+            if self.wait_gone(slot, timeout.saturating_sub(half)).await {
+                return Ok(true);
+            }
+        } else if self.wait_gone(slot, timeout).await {
             return Ok(true);
         }
         self.inner.events.emit(

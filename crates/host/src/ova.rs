@@ -172,6 +172,10 @@ impl Host {
         let volumes: Vec<String> = (0..plan.disks.len())
             .map(|i| format!("{stem}-disk{i}"))
             .collect();
+        // The VM it makes is checked before anything is copied.
+        let mut spec = spec_of(&plan, &req, pool, &volumes).map_err(|e| invalid(e.to_string()))?;
+        spec.fill_arch_defaults();
+        spec.validate()?;
         for v in &volumes {
             if dp.volume_path(v)?.exists() {
                 return Err(AgentError::refused(

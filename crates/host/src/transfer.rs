@@ -168,8 +168,9 @@ impl Host {
         target: &str,
         what: &str,
     ) -> Result<()> {
-        drop(lock);
+        // gone before the lock is: no other writer opens it meanwhile
         let _ = std::fs::remove_file(path);
+        drop(lock);
         let v = imported?;
         ctx.log(format!("{} bytes, format {}", v.virtual_bytes, v.format));
         self.inner
@@ -197,7 +198,18 @@ impl Host {
         let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(30))
             .read_timeout(Duration::from_secs(60))
-            .redirect(reqwest::redirect::Policy::limited(5))
+            .redirect(reqwest::redirect::Policy::custom(|a| {
+                // never from https down to http, at most 5 hops
+                let down = a.previous().iter().any(|u| u.scheme() == "https")
+                    && a.url().scheme() != "https";
+                if down {
+                    a.error("a redirect from https to http")
+                } else if a.previous().len() >= 5 {
+                    a.error("more than 5 redirects")
+                } else {
+                    a.follow()
+                }
+            }))
             .user_agent(concat!("ferry/", env!("CARGO_PKG_VERSION")));
         if let Ok(pem) = std::fs::read(CA_BUNDLE) {
             for c in reqwest::Certificate::from_pem_bundle(&pem).unwrap_or_default() {

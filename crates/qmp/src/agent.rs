@@ -95,11 +95,13 @@ fn parse_reply(command: &str, line: &[u8]) -> Option<Result<Value, AgentError>> 
         return Some(Ok(r.clone()));
     }
     let e = obj.get("error")?;
+    // the guest's words: no control or format characters reach a log or a terminal
     let s = |k: &str| {
         e.get(k)
             .and_then(Value::as_str)
             .unwrap_or("")
             .chars()
+            .filter(|c| !c.is_control() && !is_format(*c))
             .take(512)
             .collect::<String>()
     };
@@ -108,6 +110,12 @@ fn parse_reply(command: &str, line: &[u8]) -> Option<Result<Value, AgentError>> 
         class: s("class"),
         desc: s("desc"),
     }))
+}
+
+/// Unicode format characters (bidi overrides, zero-width): they reorder or hide text
+/// shown to an admin.
+pub fn is_format(c: char) -> bool {
+    matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{206f}' | '\u{feff}')
 }
 
 impl GuestAgent {

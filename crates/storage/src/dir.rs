@@ -151,11 +151,13 @@ impl DirPool {
         })
     }
 
-    /// A work file for making volume `name` (`{PARTIAL}{name}.{what}`): in the pool's
+    /// A work file for making volume `name` (`{PARTIAL}{what}~{name}`): in the pool's
     /// folder, removed by the start-up repair when an interrupted operation leaves it.
+    /// A volume name never holds `~`, so this is never another volume's own work file
+    /// (`{PARTIAL}{name}`, which `x.upload` would otherwise share with `x`'s upload).
     pub fn partial_path(&self, name: &str, what: &str) -> Result<PathBuf, StorageError> {
         self.volume_path(name)?;
-        Ok(self.path.join(format!("{PARTIAL}{name}.{what}")))
+        Ok(self.path.join(format!("{PARTIAL}{what}~{name}")))
     }
 
     /// Imports a raw image of a guest's disk (a restore) as `name` in `format`: read as

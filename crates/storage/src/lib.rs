@@ -17,7 +17,8 @@ pub use meta::{ChainLink, VolumeMeta};
 pub use qemu_img::{info as image_info, ImageInfo, ImageTool, ImgOp, InternalSnapshot, QemuImg};
 pub use source::{check as check_source, SourceFormat};
 
-/// Creates (or truncates) a file readable and writable by its owner only.
+/// Creates (or truncates) a file readable and writable by its owner only; never
+/// through a symlink.
 pub fn create_private(path: &std::path::Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
@@ -25,6 +26,7 @@ pub fn create_private(path: &std::path::Path) -> std::io::Result<std::fs::File> 
         .create(true)
         .truncate(true)
         .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
         .open(path)
 }
 

@@ -198,10 +198,14 @@ pub fn parse(xml: &str) -> Result<OvfPlan, String> {
         let t: u32 = text(*it, "ResourceType")
             .and_then(|t| t.parse().ok())
             .unwrap_or(0);
+        // shown to admins: no control or format characters
         let label = text(*it, "ElementName")
             .or_else(|| text(*it, "Description"))
             .unwrap_or("")
             .chars()
+            .filter(|c| {
+                !c.is_control() && !('\u{200b}'..='\u{206f}').contains(c) && *c != '\u{feff}'
+            })
             .take(80)
             .collect::<String>();
         match t {
