@@ -856,10 +856,14 @@ pub(crate) async fn vm(c: &Client, g: &Global, cmd: VmCmd) -> Result<()> {
                 return print_json(&task.result);
             }
             println!("VM {name} imported");
-            if let Some(r) = &task.result {
-                for u in r["unmapped"].as_array().into_iter().flatten() {
-                    println!("not mapped: {}", u.as_str().unwrap_or_default());
-                }
+            #[derive(serde::Deserialize)]
+            struct Imported {
+                unmapped: Vec<String>,
+            }
+            let r: Imported = serde_json::from_value(task.result.unwrap_or_default())
+                .context("the import task's result")?;
+            for u in r.unmapped {
+                println!("not mapped: {u}");
             }
             Ok(())
         }

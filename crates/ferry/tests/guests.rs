@@ -619,7 +619,9 @@ fn clones_of_a_cloud_template_get_their_own_identity_and_the_guest_agent_reports
         let info = agent_until(&h1, name, boot, |v| {
             v["hostname"] == name && has_addr(v, &format!("{ip}/24"))
         })?;
-        let pretty = info["os"]["pretty_name"].as_str().unwrap_or("");
+        let pretty = info["os"]["pretty_name"]
+            .as_str()
+            .ok_or_else(|| anyhow::anyhow!("no OS name from {name}'s agent: {info}"))?;
         assert!(pretty.contains("Debian GNU/Linux 12"), "{info}");
         assert!(info["agent_version"].is_string(), "{info}");
     }
@@ -697,6 +699,13 @@ fn clones_of_a_cloud_template_get_their_own_identity_and_the_guest_agent_reports
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("not running"), "{err}");
     Ok(())
+}
+
+/// The folder of pool `local` on the host `cli` talks to (typed: a missing path fails).
+fn pool_dir(cli: &ferry_lab::Cli) -> Result<std::path::PathBuf> {
+    let pool: ferry_types::Pool =
+        serde_json::from_value(cli.ferry_json(&["pool", "show", "local"])?)?;
+    Ok(pool.spec.path.into())
 }
 
 /// `tar cf OUT -C DIR FILES...`.
@@ -782,9 +791,7 @@ fn an_ova_from_vmware_becomes_a_vm_and_hostile_ones_change_nothing() -> Result<(
     // The disk's content came through the conversion.
     let vol = h1.ferry_json(&["volume", "show", "local", "web-disk0"])?;
     assert_eq!(vol["format"], "qcow2", "{vol}");
-    let pool = h1.ferry_json(&["pool", "show", "local"])?;
-    let path = std::path::Path::new(pool["spec"]["path"].as_str().unwrap_or("/nonexistent"))
-        .join("web-disk0");
+    let path = pool_dir(&h1)?.join("web-disk0");
     img(&[
         "compare",
         "-f",
@@ -933,9 +940,7 @@ fn images_uploaded_in_pieces_or_downloaded_from_a_url_become_volumes_and_bad_one
             "1M",
         ],
     )?;
-    let pool = h1.ferry_json(&["pool", "show", "local"])?;
-    let pool_dir =
-        std::path::PathBuf::from(pool["spec"]["path"].as_str().unwrap_or("/nonexistent"));
+    let pool_dir = pool_dir(&h1)?;
     let same = |vol: &str| -> Result<()> {
         run(
             "qemu-img",
@@ -1055,7 +1060,11 @@ fn images_uploaded_in_pieces_or_downloaded_from_a_url_become_volumes_and_bad_one
     );
     let base = format!("http://{}:8765", ferry_lab::CLIENT_ADDR);
     let sha = run("sha256sum", &[&s(img.clone())])?;
-    let sha = sha.split_whitespace().next().unwrap_or("").to_string();
+    let sha = sha
+        .split_whitespace()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("sha256sum printed nothing"))?
+        .to_string();
     let t = std::time::Instant::now();
     loop {
         let o = h1.ferry(&[

@@ -58,9 +58,9 @@ fn package(dir: &Path, version: &str) -> Result<()> {
 /// What the guest wrote to its work disk (`/work/log`, and `phase` = `done` when phase
 /// 2 passed), read through a read-only loop mount of the pool's copy, as console lines.
 fn work_disk_outcome(lab: &Lab) -> Result<String> {
-    let pool: serde_json::Value =
+    let pool: ferry_types::Pool =
         serde_json::from_str(&lab.ferry_ok(&["--json", "pool", "show", "local"])?)?;
-    let vol = Path::new(pool["spec"]["path"].as_str().unwrap_or("/nonexistent")).join("work");
+    let vol = Path::new(&pool.spec.path).join("work");
     let mnt = tempfile::tempdir_in("/var/tmp")?;
     run(Command::new("mount")
         .args(["-o", "ro,loop,noload"])
