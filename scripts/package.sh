@@ -66,7 +66,7 @@ Architecture: amd64
 Maintainer: ferry developers <ferry@localhost>
 Installed-Size: $size
 Depends: libc6 (>= 2.36), qemu-system-x86 (>= 1:10.0), qemu-utils (>= 1:10.0), etcd-server (>= 3.4), ovmf, iproute2, nftables, adduser
-Recommends: etcd-client
+Recommends: etcd-client, swtpm
 Section: admin
 Priority: optional
 Description: KVM virtualization cluster manager

@@ -50,7 +50,7 @@ if [ "$foreign_changed" = 1 ]; then
   apt-get update -q
   touch /var/lib/ferry-setup-apt-updated
 fi
-for p in busybox-static ovmf qemu-efi-aarch64 iproute2 nftables iputils-ping curl cpio lz4 python3 python3-venv protobuf-compiler libprotobuf-dev etcd-server etcd-client ganeti-htools fio nbdkit chromium debootstrap; do have "$p" || need_pkgs+=("$p"); done
+for p in busybox-static ovmf qemu-efi-aarch64 iproute2 nftables iputils-ping curl cpio lz4 python3 python3-venv protobuf-compiler libprotobuf-dev etcd-server etcd-client ganeti-htools fio nbdkit chromium debootstrap swtpm mtools dosfstools fdisk; do have "$p" || need_pkgs+=("$p"); done
 command -v npm >/dev/null 2>&1 || need_pkgs+=(nodejs npm)
 q=$(qemu_major || true)
 if [ -z "$q" ] || [ "$q" -lt 10 ] || ! have qemu-utils || ! command -v qemu-system-aarch64 >/dev/null || ! command -v qemu-system-riscv64 >/dev/null; then need_qemu=1; else need_qemu=0; fi
@@ -81,6 +81,7 @@ getent group ferry-qemu >/dev/null || groupadd --system ferry-qemu
 FERRY_GUEST_ARCH=aarch64 "$here/build-guest.sh"
 FERRY_GUEST_ARCH=riscv64 "$here/build-guest.sh"
 "$here/build-file-restore.sh"
+"$here/build-secureboot-disk.sh"
 # A Debian 12 with systemd, QEMU and etcd: the host the package test installs ferry on.
 "$here/build-debian-guest.sh"
 # A Debian 12 cloud guest (cloud-init, qemu-guest-agent): what the guests test clones.

@@ -26,6 +26,9 @@ export function CreateWizard() {
   const [initrd, setInitrd] = useState('');
   const [cmdline, setCmdline] = useState('console=ttyS0');
   const [agent, setAgent] = useState(false);
+  const [uefi, setUefi] = useState(false);
+  const [tpm, setTpm] = useState(false);
+  const [secureBoot, setSecureBoot] = useState(false);
   const [ci, setCi] = useState(false);
   const [ciUser, setCiUser] = useState('');
   const [ciHash, setCiHash] = useState('');
@@ -50,6 +53,12 @@ export function CreateWizard() {
   if (arch !== 'x86_64') spec.arch = arch;
   if (kernel) spec.direct_boot = { kernel, initrd: initrd || undefined, cmdline };
   if (agent) spec.agent = true;
+  if (arch === 'x86_64') {
+    // Secure Boot runs OVMF's Secure Boot build in SMM: q35 and UEFI
+    if (uefi || secureBoot) spec.firmware = 'uefi';
+    if (secureBoot) { spec.machine = 'q35'; spec.secure_boot = true; }
+    if (tpm) spec.tpm = true;
+  }
   if (ci) {
     const c: CloudInit = {};
     if (ciUser) c.user = ciUser;
@@ -153,6 +162,13 @@ export function CreateWizard() {
       </div>); break;
     case 5: body = (
       <div class="form">
+        {arch === 'x86_64' && (
+          <>
+            <label class="check"><input type="checkbox" name="uefi" checked={uefi || secureBoot} disabled={secureBoot} onChange={(e) => setUefi((e.target as HTMLInputElement).checked)} /> UEFI firmware (OVMF)</label>
+            <label class="check"><input type="checkbox" name="secure-boot" checked={secureBoot} onChange={(e) => setSecureBoot((e.target as HTMLInputElement).checked)} /> UEFI Secure Boot with Microsoft's keys (q35 machine): only signed boot loaders run</label>
+            <label class="check"><input type="checkbox" name="tpm" checked={tpm} onChange={(e) => setTpm((e.target as HTMLInputElement).checked)} /> TPM 2.0 (swtpm): its state stays with the VM. With Secure Boot: what Windows 11 needs</label>
+          </>
+        )}
         <label class="check"><input type="checkbox" name="agent" checked={agent} onChange={(e) => setAgent((e.target as HTMLInputElement).checked)} /> QEMU guest agent (the guest needs qemu-guest-agent): its addresses and OS shown, shutdown and consistent snapshots through it</label>
         <label class="check"><input type="checkbox" name="cloud-init" checked={ci} onChange={(e) => setCi((e.target as HTMLInputElement).checked)} /> cloud-init (for cloud images: user, keys, host name and address at first boot)</label>
         {ci && (

@@ -128,6 +128,7 @@ function Summary(props: { vm: Vm; host: string }) {
         <tr><td>CD-ROMs</td><td>{(v.spec.cdroms ?? []).map((c, i) => <div>cdrom{i}: {c.volume ? `${c.pool}/${c.volume}` : 'empty'}</div>)}</td></tr>
         <tr><td>NICs</td><td>{(v.spec.nics ?? []).map((c, i) => <div>net{i}: {c.model ?? 'virtio'} on {c.bridge}, MAC {c.mac}</div>)}</td></tr>
         <tr><td>Boot order</td><td>{(v.spec.boot_order ?? []).join(', ') || 'disks, CD-ROMs, NICs'}</td></tr>
+        <tr><td>Firmware</td><td data-testid="firmware">{v.spec.machine ?? 'pc'}, {v.spec.firmware === 'uefi' ? `UEFI${v.spec.secure_boot ? ' with Secure Boot' : ''}` : 'BIOS'}{v.spec.tpm ? ', TPM 2.0' : ''}</td></tr>
         <tr><td>Guest agent</td><td><GuestAgent vm={v} host={props.host} /></td></tr>
         {ci && <tr><td>cloud-init</td><td data-testid="cloud-init">{[ci.user && `user ${ci.user}`, `host name ${ci.hostname ?? '(the VM name)'}`,
           ...(ci.network ?? []).map((n) => `net${n.nic ?? 0} ${n.ip}${n.gw ? ` via ${n.gw}` : ''}`),

@@ -168,6 +168,7 @@ fn api() -> OpenApiRouter<Agent> {
         .routes(routes!(migration::upload_cold_disk))
         .routes(routes!(migration::upload_cold_state))
         .routes(routes!(migration::upload_cold_efivars))
+        .routes(routes!(migration::upload_cold_tpm))
         .routes(routes!(migration::finish_cold))
         .routes(routes!(migration::get_migration))
         .routes(routes!(migration::cluster_hosts))

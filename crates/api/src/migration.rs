@@ -274,6 +274,18 @@ pub async fn upload_cold_efivars(
     receive(&a, &name, ColdPiece::Efivars, body).await
 }
 
+#[utoipa::path(put, path = "/api/v1/migrations/cold/{name}/tpm", tag = "migration",
+    params(("name" = String, Path, description = "VM name")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The TPM's state (swtpm's state file)"),
+    responses((status = 204, description = "Stored"), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+pub async fn upload_cold_tpm(
+    State(a): State<Agent>,
+    ApiPath(name): ApiPath<String>,
+    body: axum::body::Body,
+) -> ApiResult<StatusCode> {
+    receive(&a, &name, ColdPiece::Tpm, body).await
+}
+
 #[utoipa::path(post, path = "/api/v1/migrations/cold/{name}/finish", tag = "migration", request_body = IncomingFinish,
     params(("name" = String, Path, description = "VM name")),
     responses((status = 200, description = "Done; locks taken over", body = Vec<String>),

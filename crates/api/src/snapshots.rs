@@ -23,7 +23,9 @@ pub async fn list_snapshots(
     State(a): State<Agent>,
     ApiPath(name): ApiPath<String>,
 ) -> ApiResult<Json<SnapshotList>> {
-    Ok(Json(a.list_snapshots(&name).await?))
+    let mut list = a.list_snapshots(&name).await?;
+    list.snapshots = list.snapshots.into_iter().map(|s| s.redacted()).collect();
+    Ok(Json(list))
 }
 
 #[utoipa::path(post, path = "/api/v1/vms/{name}/snapshots", tag = "snapshots", request_body = SnapshotCreate,

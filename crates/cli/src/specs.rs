@@ -250,12 +250,18 @@ pub fn spec_json(name: &str, a: &SpecArgs, base: Option<&VmSpec>) -> Result<Valu
             });
         }
     }
-    if let Some(x) = &a.agent {
-        v["agent"] = json!(match x.as_str() {
-            "on" => true,
-            "off" => false,
-            _ => bail!("--agent {x}: use on or off"),
-        });
+    for (k, flag, x) in [
+        ("agent", "agent", &a.agent),
+        ("tpm", "tpm", &a.tpm),
+        ("secure_boot", "secure-boot", &a.secure_boot),
+    ] {
+        if let Some(x) = x {
+            v[k] = json!(match x.as_str() {
+                "on" => true,
+                "off" => false,
+                _ => bail!("--{flag} {x}: use on or off"),
+            });
+        }
     }
     if !a.cloud_init.is_empty() {
         let base = v.get("cloud_init").cloned().filter(|c| !c.is_null());

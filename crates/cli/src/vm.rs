@@ -68,6 +68,14 @@ pub struct SpecArgs {
     /// bios (default) or uefi.
     #[arg(long)]
     pub firmware: Option<Firmware>,
+    /// A TPM 2.0 (swtpm; x86_64): on or off (default). Its state stays with the VM
+    /// (migration, cold moves, clones, snapshots).
+    #[arg(long)]
+    pub tpm: Option<String>,
+    /// UEFI Secure Boot with Microsoft's keys (needs --firmware uefi and --machine q35):
+    /// on or off (default). Switching it gives the VM new UEFI variables.
+    #[arg(long = "secure-boot")]
+    pub secure_boot: Option<String>,
     /// Direct boot: kernel file on the host.
     #[arg(long)]
     pub kernel: Option<String>,

@@ -230,6 +230,7 @@ fn drs_vm(rec: &VmRecord, host: &str, load: Option<&VmLoad>, reach: &PoolReach) 
         cpu_model: rec.spec.cpu.clone(),
         arch: rec.spec.arch(),
         machine: rec.spec.pinned_machine(),
+        needs: rec.spec.needs(),
     }
 }
 

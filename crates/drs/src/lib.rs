@@ -79,6 +79,8 @@ pub struct Vm {
     pub machine: Option<String>,
     /// Its architecture (`x86_64`, `aarch64`, …): a host must run it.
     pub arch: ferry_types::Arch,
+    /// Host features it needs (`tpm`, `secure-boot`: `HostCaps::features`).
+    pub needs: Vec<String>,
 }
 
 impl Vm {
@@ -98,6 +100,7 @@ impl Vm {
             cpu_model: None,
             arch: ferry_types::Arch::X86_64,
             machine: None,
+            needs: vec![],
         }
     }
 }

@@ -112,6 +112,7 @@ impl<'a> State<'a> {
                 vm.arch.as_str(),
                 vm.cpu_model.as_deref(),
                 vm.machine.as_deref(),
+                &vm.needs,
             )),
             // a host that could not say what it runs runs its own x86_64 VMs as before
             None if vm.arch != ferry_types::Arch::X86_64 => {

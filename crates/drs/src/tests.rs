@@ -134,6 +134,7 @@ fn caps(models: &[&str]) -> Option<std::sync::Arc<ferry_types::HostCaps>> {
         cpu_models: models.iter().map(|m| m.to_string()).collect(),
         machines: vec!["pc-q35-10.0".into()],
         others: vec![],
+        features: vec![],
     }))
 }
 
@@ -148,6 +149,7 @@ fn only_hosts_that_run_the_vms_architecture_take_it() {
         cpu_models: vec!["cortex-a72".into(), "max".into()],
         machines: vec!["virt-10.0".into()],
         others: vec![],
+        features: vec![],
     }];
     c.hosts[0].caps = Some(with_arm);
     c.hosts[1].caps = caps(&["x86-64-v2-AES"]);
@@ -613,4 +615,21 @@ proptest! {
         }
         prop_assert_eq!(parts, pools::Usage::of(&c, &vm.name));
     }
+}
+
+#[test]
+fn a_vm_needing_a_tpm_goes_only_where_swtpm_is() {
+    let mut c = three();
+    let mut with_tpm = caps(&["x86-64-v2-AES"]).unwrap();
+    std::sync::Arc::make_mut(&mut with_tpm).features = vec!["tpm".into()];
+    c.hosts[0].caps = caps(&["x86-64-v2-AES"]);
+    c.hosts[1].caps = Some(with_tpm);
+    c.hosts[2].caps = caps(&["x86-64-v2-AES"]);
+    let mut vm = Vm::new("win", "", 1, G, 0.1);
+    vm.cpu_model = Some("x86-64-v2-AES".into());
+    vm.needs = vec!["tpm".into()];
+    let r = place(&c, &vm, &cfg());
+    assert_eq!(r.host.as_deref(), Some("b"), "{r:?}");
+    let why = format!("{r:?}");
+    assert!(why.contains("has no swtpm"), "{why}");
 }

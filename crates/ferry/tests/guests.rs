@@ -20,6 +20,18 @@ fn guest_flags(cli: &ferry_lab::Cli, vm: &str, flags: &[&str]) -> Result<Vec<Str
     Ok(out.split_whitespace().map(str::to_string).collect())
 }
 
+/// Fails with how to build it when a cached guest image of the setup is missing.
+fn need_built(dir: &std::path::Path, files: &[&str], how: &str) -> Result<()> {
+    for f in files {
+        anyhow::ensure!(
+            dir.join(f).exists(),
+            "{} missing: scripts/setup.sh builds it ({how})",
+            dir.join(f).display()
+        );
+    }
+    Ok(())
+}
+
 fn strings(v: &Value) -> Vec<String> {
     v.as_array()
         .into_iter()
@@ -537,13 +549,11 @@ fn has_addr(v: &Value, addr: &str) -> bool {
 fn clones_of_a_cloud_template_get_their_own_identity_and_the_guest_agent_reports_them() -> Result<()>
 {
     let img = ferry_lab::guest_dir().join("debian-cloud");
-    for f in ["disk.qcow2", "vmlinuz", "initrd.img"] {
-        anyhow::ensure!(
-            img.join(f).exists(),
-            "{} missing: scripts/setup.sh builds it (scripts/build-debian-cloud.sh)",
-            img.join(f).display()
-        );
-    }
+    need_built(
+        &img,
+        &["disk.qcow2", "vmlinuz", "initrd.img"],
+        "scripts/build-debian-cloud.sh",
+    )?;
     let lab = one_host()?;
     let h1 = lab.cli("h1")?;
     let tmp = tempfile::tempdir()?;
@@ -1187,13 +1197,11 @@ fn where_runs(lab: &ClusterLab, vm: &str) -> Vec<(String, i64)> {
 #[test]
 fn an_aarch64_guest_runs_by_emulation_snapshots_migrates_and_is_restarted_by_ha() -> Result<()> {
     let dir = ferry_lab::guest_dir().join("aarch64");
-    for f in ["vmlinuz", "initrd.img"] {
-        anyhow::ensure!(
-            dir.join(f).exists(),
-            "{} missing: scripts/setup.sh builds it (FERRY_GUEST_ARCH=aarch64 scripts/build-guest.sh)",
-            dir.join(f).display()
-        );
-    }
+    need_built(
+        &dir,
+        &["vmlinuz", "initrd.img"],
+        "FERRY_GUEST_ARCH=aarch64 scripts/build-guest.sh",
+    )?;
     let lab = ClusterLab::for_test(FERRY, 2)?;
     let (h1, h2) = (lab.cli("h1")?, lab.cli("h2")?);
     // Each host says it runs aarch64 guests, by emulation.
@@ -1352,5 +1360,270 @@ fn a_riscv64_guest_runs_by_emulation_and_moves_cold() -> Result<()> {
     h2.wait_console("rv", "FERRY-READY", std::time::Duration::from_secs(180))?;
     assert_eq!(h2.guest_sh("rv", "uname -m")?, "riscv64");
     h2.ferry_ok(&["vm", "stop", "rv"])?;
+    Ok(())
+}
+
+/// The guest's TPM's reset count (TPM2_ReadClock on /dev/tpm0, sent as raw bytes): it
+/// grows by one at every power-on of the TPM, so it tells a kept TPM state from a new
+/// one.
+fn tpm_resets(cli: &ferry_lab::Cli, vm: &str) -> Result<u32> {
+    let hex = cli.guest_sh(
+        vm,
+        // one write(2) of the whole command: dd from a file, not the shell's printf
+        r"printf '\200\001\000\000\000\012\000\000\001\201' > /tmp/readclock; exec 3<>/dev/tpm0; dd if=/tmp/readclock bs=10 count=1 >&3 2>/dev/null; dd bs=64 count=1 <&3 2>/dev/null | od -An -v -tx1 | tr -d ' \n'; exec 3>&-",
+    )?;
+    // header: tag 8001, size 0x23, response code 0; then time, clock (8 bytes each),
+    // resetCount, restartCount (4 each), safe
+    anyhow::ensure!(
+        hex.len() == 70 && hex.starts_with("80010000002300000000"),
+        "TPM2_ReadClock answered {hex:?}"
+    );
+    Ok(u32::from_str_radix(&hex[52..60], 16)?)
+}
+
+/// (re)starts `vm` on `cli`'s host and waits for the guest.
+fn boot(cli: &ferry_lab::Cli, vm: &str) -> Result<()> {
+    cli.ferry_ok(&["vm", "start", vm])?;
+    cli.wait_console(vm, "FERRY-READY", std::time::Duration::from_secs(240))?;
+    Ok(())
+}
+
+#[test]
+fn a_tpm_keeps_its_state_with_the_vm_and_secure_boot_runs_only_signed_boot_loaders() -> Result<()> {
+    let sb = ferry_lab::guest_dir().join("secureboot");
+    need_built(
+        &sb,
+        &["esp.img", "vmlinuz"],
+        "scripts/build-secureboot-disk.sh",
+    )?;
+    let s = |p: std::path::PathBuf| p.display().to_string();
+    let lab = ClusterLab::for_test(FERRY, 2)?;
+    let (h1, h2) = (lab.cli("h1")?, lab.cli("h2")?);
+    let caps = h1.ferry_json(&["host", "show"])?["caps"].clone();
+    let features = strings(&caps["features"]);
+    assert!(
+        features.contains(&"tpm".to_string()) && features.contains(&"secure-boot".to_string()),
+        "{caps}"
+    );
+    // What cannot have them is refused with the field, and nothing is made.
+    let o = h1.ferry(&["vm", "create", "bad", "--secure-boot", "on"])?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && err.contains("secure_boot: Secure Boot needs the q35 machine")
+            && err.contains("Secure Boot is UEFI's"),
+        "{err}"
+    );
+    let o = h1.ferry(&[
+        "vm",
+        "create",
+        "bad",
+        "--arch",
+        "aarch64",
+        "--firmware",
+        "uefi",
+        "--tpm",
+        "on",
+    ])?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("tpm: ferry gives a TPM to x86_64"),
+        "{err}"
+    );
+    assert!(h1
+        .ferry(&["vm", "show", "bad"])
+        .is_ok_and(|o| !o.status.success()));
+
+    // A TPM 2.0 in the guest (the Debian-signed kernel through the firmware's loader).
+    h1.ferry_ok(&[
+        "vm",
+        "create",
+        "tpm1",
+        "--memory",
+        "256M",
+        "--disk",
+        "bus=virtio,pool=shared,size=16M",
+        "--kernel",
+        &s(sb.join("vmlinuz")),
+        "--initrd",
+        &s(ferry_lab::guest_dir().join("initrd.img")),
+        "--append",
+        "console=ttyS0 ferry.hostname=tpm1",
+        "--nic",
+        "bridge=br0",
+        "--tpm",
+        "on",
+    ])?;
+    boot(&h1, "tpm1")?;
+    assert_eq!(
+        h1.guest_sh("tpm1", "cat /sys/class/tpm/tpm0/tpm_version_major")?,
+        "2"
+    );
+    // swtpm runs as the VM's QEMU user, holding none of QEMU's taps.
+    let v = h1.ferry_json(&["vm", "show", "tpm1"])?;
+    let run = lab.run_dir("h1").join(v["id"].to_string()).join("qemu");
+    let pid: i32 = std::fs::read_to_string(run.join("swtpm.pid"))?
+        .trim()
+        .parse()?;
+    let uid_of = |pid: &str| -> Result<String> {
+        Ok(std::fs::read_to_string(format!("/proc/{pid}/status"))?
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|u| u.split_whitespace().next())
+            .unwrap_or_default()
+            .to_string())
+    };
+    let (uid, qemu_uid) = (uid_of(&pid.to_string())?, uid_of(&v["pid"].to_string())?);
+    assert!(
+        uid != "0" && uid == qemu_uid,
+        "swtpm uid {uid}, QEMU uid {qemu_uid}"
+    );
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let target = std::fs::read_link(fd?.path()).unwrap_or_default();
+        assert!(
+            !target.to_string_lossy().contains("tun")
+                && !target.to_string_lossy().contains("vhost"),
+            "swtpm holds {}",
+            target.display()
+        );
+    }
+    let r0 = tpm_resets(&h1, "tpm1")?;
+    // Its state outlives the VM's power-off: the next power-on counts on. swtpm ends
+    // with its QEMU.
+    h1.ferry_ok(&["vm", "stop", "tpm1"])?;
+    let t = std::time::Instant::now();
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        anyhow::ensure!(t.elapsed().as_secs() < 10, "swtpm {pid} outlived its QEMU");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    boot(&h1, "tpm1")?;
+    let r1 = tpm_resets(&h1, "tpm1")?;
+    assert_eq!(r1, r0 + 1, "a new TPM at the restart");
+
+    // A disk-only snapshot keeps the TPM's state; reverting puts it back.
+    h1.ferry_ok(&["vm", "stop", "tpm1"])?;
+    h1.ferry_ok(&["vm", "snapshot", "tpm1", "s1"])?;
+    // the snapshot says it keeps the TPM's state, and never shows it
+    let snaps = h1.ferry_json(&["vm", "snapshots", "tpm1"])?;
+    assert_eq!(snaps["snapshots"][0]["tpm"], true, "{snaps}");
+    assert!(
+        !snaps.to_string().contains("tpm_state"),
+        "the TPM's secrets shown: {snaps}"
+    );
+    boot(&h1, "tpm1")?;
+    assert_eq!(tpm_resets(&h1, "tpm1")?, r1 + 1);
+    h1.ferry_ok(&["vm", "stop", "tpm1"])?;
+    boot(&h1, "tpm1")?;
+    assert_eq!(tpm_resets(&h1, "tpm1")?, r1 + 2);
+    h1.ferry_ok(&["vm", "stop", "tpm1"])?;
+    h1.ferry_ok(&["vm", "revert", "tpm1", "s1"])?;
+    boot(&h1, "tpm1")?;
+    assert_eq!(
+        tpm_resets(&h1, "tpm1")?,
+        r1 + 1,
+        "the snapshot's TPM state is back"
+    );
+    let r = r1 + 1;
+
+    // A full clone gets a copy of the TPM's state.
+    h1.ferry_ok(&["vm", "stop", "tpm1"])?;
+    h1.ferry_ok(&["vm", "snapshot-delete", "tpm1", "s1"])?;
+    h1.ferry_ok(&["vm", "clone", "tpm1", "tpm2"])?;
+    boot(&h1, "tpm2")?;
+    assert_eq!(
+        tpm_resets(&h1, "tpm2")?,
+        r + 1,
+        "the clone's TPM is the original's copy"
+    );
+    h1.ferry_ok(&["vm", "stop", "tpm2"])?;
+    h1.ferry_ok(&["vm", "delete", "tpm2"])?;
+
+    // Live migration carries it in QEMU's stream (no new power-on: the same count), and
+    // h2 keeps it from then on.
+    boot(&h1, "tpm1")?;
+    assert_eq!(tpm_resets(&h1, "tpm1")?, r + 1);
+    h1.ferry_ok(&["vm", "migrate", "tpm1", "--to", "h2"])?;
+    assert_eq!(
+        tpm_resets(&h2, "tpm1")?,
+        r + 1,
+        "the TPM after live migration"
+    );
+    assert_eq!(h2.guest_sh("tpm1", "ls /dev/tpm0")?, "/dev/tpm0");
+    h2.ferry_ok(&["vm", "stop", "tpm1"])?;
+    boot(&h2, "tpm1")?;
+    assert_eq!(
+        tpm_resets(&h2, "tpm1")?,
+        r + 2,
+        "h2 keeps the migrated state"
+    );
+    // A cold move sends it.
+    h2.ferry_ok(&["vm", "stop", "tpm1"])?;
+    h2.ferry_ok(&["vm", "move", "tpm1", "--to", "h1"])?;
+    boot(&h1, "tpm1")?;
+    assert_eq!(tpm_resets(&h1, "tpm1")?, r + 3, "the TPM after a cold move");
+    h1.ferry_ok(&["vm", "stop", "tpm1"])?;
+
+    // Secure Boot: OVMF with Microsoft's keys runs Debian's shim (signed by Microsoft),
+    // which runs Debian's GRUB, which runs Debian's kernel; the kernel says Secure Boot
+    // is on. With a TPM beside it: what Windows 11 asks for.
+    h1.ferry_ok(&[
+        "volume",
+        "import",
+        "local",
+        "esp",
+        "--source",
+        &s(sb.join("esp.img")),
+    ])?;
+    h1.ferry_ok(&[
+        "vm",
+        "create",
+        "sb",
+        // OVMF and the kernel's EFI stub need more than 256 MiB here
+        "--memory",
+        "512M",
+        "--machine",
+        "q35",
+        "--firmware",
+        "uefi",
+        "--secure-boot",
+        "on",
+        "--tpm",
+        "on",
+        "--disk",
+        "bus=virtio,volume=esp",
+    ])?;
+    let t = std::time::Instant::now();
+    boot(&h1, "sb")?;
+    println!(
+        "Secure Boot guest ready {:.1} s after start",
+        t.elapsed().as_secs_f64()
+    );
+    let console = h1.ferry_ok(&["vm", "console", "sb", "--history"])?;
+    assert!(
+        console.contains("secureboot: Secure boot enabled"),
+        "{console}"
+    );
+    assert!(console.contains("UEFI Secure Boot is enabled"), "{console}");
+    assert_eq!(
+        h1.guest_sh("sb", "cat /sys/class/tpm/tpm0/tpm_version_major")?,
+        "2"
+    );
+    let sb_resets = tpm_resets(&h1, "sb")?;
+    // Switched off: new variables without the keys, and the same disk boots unchecked.
+    h1.ferry_ok(&["vm", "stop", "sb"])?;
+    h1.ferry_ok(&["vm", "edit", "sb", "--secure-boot", "off"])?;
+    boot(&h1, "sb")?;
+    let console = h1.ferry_ok(&["vm", "console", "sb", "--history"])?;
+    assert!(
+        console.contains("secureboot: Secure boot disabled"),
+        "{console}"
+    );
+    assert_eq!(tpm_resets(&h1, "sb")?, sb_resets + 1);
+    let events = h1.ferry_ok(&["events", "--vm", "sb"])?;
+    assert!(
+        events.contains("Secure Boot off: new UEFI variables"),
+        "{events}"
+    );
+    h1.ferry_ok(&["vm", "stop", "sb"])?;
     Ok(())
 }

@@ -319,7 +319,7 @@ impl Host {
             });
         }
         let ovmf = if spec.firmware == ferry_types::Firmware::Uefi {
-            let (code, tpl) = crate::lifecycle::ovmf_paths(spec.arch()).ok_or_else(|| {
+            let (code, tpl) = crate::lifecycle::firmware_paths(spec).ok_or_else(|| {
                 AgentError::refused(Refusal::HostLacks, "UEFI needs OVMF (Debian package ovmf)")
             })?;
             let vars = dir.join("efivars.fd");
@@ -336,6 +336,8 @@ impl Host {
             cdroms: vec![],
             taps: vec![],
             ovmf,
+            // the check boots the backup's disks alone: no TPM of the VM's
+            tpm: None,
             paused: false,
             incoming: false,
             nic_fds: false,
@@ -370,8 +372,7 @@ impl Host {
                 &argv,
                 run,
                 who,
-                &[],
-                None,
+                ferry_qemu::Launcher::default(),
             )
             .await
             .map_err(|e| AgentError::failed(Failure::Qemu, format!("boot check: {e}")))?;

@@ -156,13 +156,30 @@ fn parse(defs: &Value, max: &Value, machines: &Value, version: &Value) -> (Probe
     )
 }
 
+/// The devices beyond QEMU this host gives guests of `arch` (see
+/// [`HostCaps::features`]).
+pub fn features(arch: &str) -> Vec<String> {
+    let mut out = vec![];
+    if arch == ferry_types::Arch::X86_64.as_str() {
+        if installed(crate::tpm::SWTPM) {
+            out.push(ferry_types::cpu::FEATURE_TPM.to_string());
+        }
+        if crate::lifecycle::secure_boot_paths().is_some() {
+            out.push(ferry_types::cpu::FEATURE_SECURE_BOOT.to_string());
+        }
+    }
+    out
+}
+
 /// This host's caps: probed, limited to `allowed`; None when QEMU could not be asked
 /// (then nothing is checked against them, as before they existed).
 pub async fn detect(bin: &str, accel: Accel, dir: &Path, allowed: &[String]) -> Option<HostCaps> {
     let started = std::time::Instant::now();
     match probe(bin, accel, dir).await {
         Ok((p, qemu)) => {
-            let (caps, dropped) = host_caps(&arch_of(bin), &accel.to_string(), &qemu, &p, allowed);
+            let (mut caps, dropped) =
+                host_caps(&arch_of(bin), &accel.to_string(), &qemu, &p, allowed);
+            caps.features = features(&caps.arch);
             if !dropped.is_empty() {
                 tracing::warn!(
                     models = %dropped.join(", "),
@@ -244,6 +261,7 @@ impl Host {
             arch.as_str(),
             spec.cpu.as_deref(),
             spec.pinned_machine().as_deref(),
+            &spec.needs(),
         );
         if why.is_empty() {
             return Ok(());

@@ -98,6 +98,12 @@ impl Host {
                 }
             }
         }
+        // Its firmware's variables and TPM go with it, as its disks do.
+        if let Err(e) = self.clone_nvram(rec, id) {
+            self.remove_volumes(&made).await;
+            let _ = std::fs::remove_dir_all(self.vm_state_dir(id));
+            return Err(e);
+        }
         let new_rec = VmRecord {
             clone_of: Some(CloneOf {
                 vm: src.to_string(),
@@ -109,6 +115,7 @@ impl Host {
             Ok(true) => {}
             Ok(false) => {
                 self.remove_volumes(&made).await;
+                let _ = std::fs::remove_dir_all(self.vm_state_dir(id));
                 return Err(AgentError::refused(
                     Refusal::Exists,
                     format!("VM {} already exists", req.name),
@@ -116,6 +123,7 @@ impl Host {
             }
             Err(e) => {
                 self.remove_volumes(&made).await;
+                let _ = std::fs::remove_dir_all(self.vm_state_dir(id));
                 return Err(e);
             }
         }
@@ -125,6 +133,28 @@ impl Host {
             "vm",
             format!("{kind} clone of {src} (id {id})"),
         );
+        Ok(())
+    }
+}
+
+impl Host {
+    /// Copies VM `rec`'s UEFI variables and TPM state to VM `id` (a clone).
+    fn clone_nvram(&self, rec: &VmRecord, id: u32) -> Result<()> {
+        let (from, to) = (self.vm_state_dir(rec.id), self.vm_state_dir(id));
+        let io = |what: String| move |source| AgentError::Io { what, source };
+        for f in ["efivars.fd", "efivars.kind"] {
+            // the source's folder is the daemon's: these names are no links QEMU put
+            if from.join(f).is_file() {
+                std::fs::create_dir_all(&to).map_err(io(format!("Create {}", to.display())))?;
+                std::fs::copy(from.join(f), to.join(f))
+                    .map_err(io(format!("Copy {}", from.join(f).display())))?;
+            }
+        }
+        if rec.spec.tpm {
+            if let Some(state) = self.read_tpm_state(rec.id)? {
+                self.write_tpm_state(id, &state)?;
+            }
+        }
         Ok(())
     }
 }

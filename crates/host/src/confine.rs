@@ -212,6 +212,17 @@ impl Host {
             reachable(vars, who, &managed)?;
             own(vars, who.uid, who.gid, 0o600)?;
         }
+        if let Some(dir) = &plan.tpm {
+            // swtpm (as this user) keeps the TPM's state here
+            reachable(dir, who, &managed)?;
+            own(dir, who.uid, who.gid, 0o700)?;
+            for e in std::fs::read_dir(dir)
+                .map_err(io(format!("Read {}", dir.display())))?
+                .flatten()
+            {
+                own(&e.path(), who.uid, who.gid, 0o600)?;
+            }
+        }
         if let Some(b) = &plan.spec.direct_boot {
             for f in [Some(&b.kernel), b.initrd.as_ref()].into_iter().flatten() {
                 reachable(Path::new(f), who, &managed)?;

@@ -146,8 +146,7 @@ impl HostOs for FakeOs {
         argv: &[OsString],
         run: &RunPaths,
         _who: Option<&RunAs>,
-        _fds: &[(i32, OwnedFd)],
-        _before_exec: Option<ferry_qemu::BeforeExec<'_>>,
+        _launcher: ferry_qemu::Launcher<'_>,
     ) -> Result<i32, QemuError> {
         run.prepare()?;
         let paused = argv.iter().any(|a| a == "-S");

@@ -587,8 +587,7 @@ impl Host {
                 &argv,
                 &run,
                 who.as_ref(),
-                &[],
-                None,
+                ferry_qemu::Launcher::default(),
             )
             .await
         {

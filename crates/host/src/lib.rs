@@ -58,6 +58,7 @@ pub mod suspend;
 pub mod tasks;
 #[cfg(test)]
 mod tests;
+pub mod tpm;
 pub mod transfer;
 pub mod vms;
 

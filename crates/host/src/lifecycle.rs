@@ -72,6 +72,35 @@ pub fn ovmf_paths(arch: ferry_types::Arch) -> Option<(PathBuf, PathBuf)> {
     .find(|(c, v)| c.is_file() && v.is_file())
 }
 
+/// OVMF's Secure Boot build and its variables with Microsoft's keys enrolled (Debian's
+/// ovmf: `OVMF_CODE_4M.secboot.fd`, `OVMF_VARS_4M.ms.fd`), if installed.
+pub fn secure_boot_paths() -> Option<(PathBuf, PathBuf)> {
+    let (c, v) = (
+        PathBuf::from("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"),
+        PathBuf::from("/usr/share/OVMF/OVMF_VARS_4M.ms.fd"),
+    );
+    (c.is_file() && v.is_file()).then_some((c, v))
+}
+
+/// The UEFI code and variables template a VM boots with: with Secure Boot, OVMF's
+/// Secure Boot build with Microsoft's keys; else the plain one of its architecture.
+pub fn firmware_paths(spec: &ferry_types::VmSpec) -> Option<(PathBuf, PathBuf)> {
+    if spec.secure_boot {
+        secure_boot_paths()
+    } else {
+        ovmf_paths(spec.arch())
+    }
+}
+
+/// Which template a VM's UEFI variables were made from (`efivars.kind` beside them).
+fn vars_kind(spec: &ferry_types::VmSpec) -> &'static str {
+    if spec.secure_boot {
+        "secure-boot"
+    } else {
+        "plain"
+    }
+}
+
 impl Host {
     pub fn set_state(&self, name: &str, slot: &Slot, state: VmState) {
         let old = slot.with(|rt| std::mem::replace(&mut rt.state, state));
@@ -88,14 +117,36 @@ impl Host {
         if rec.spec.firmware != Firmware::Uefi {
             return Ok(None);
         }
-        let (code, vars_tpl) = ovmf_paths(rec.spec.arch()).ok_or_else(|| {
-            AgentError::refused(Refusal::HostLacks, "UEFI needs OVMF (Debian package ovmf)")
+        let (code, vars_tpl) = firmware_paths(&rec.spec).ok_or_else(|| {
+            AgentError::refused(
+                Refusal::HostLacks,
+                if rec.spec.secure_boot {
+                    "Secure Boot needs OVMF's Secure Boot build (Debian package ovmf: OVMF_CODE_4M.secboot.fd, OVMF_VARS_4M.ms.fd)"
+                } else {
+                    "UEFI needs OVMF (Debian package ovmf)"
+                },
+            )
         })?;
         let dir = self.vm_state_dir(rec.id);
         let vars = dir.join("efivars.fd");
+        let kind_file = dir.join("efivars.kind");
+        let kind = vars_kind(&rec.spec);
+        // Secure Boot switched on or off: variables from the other template (without
+        // Microsoft's keys, or with them) are made anew. Variables without a record of
+        // their template (made before it was kept, or carried by a cold move) stay.
+        let other = std::fs::read_to_string(&kind_file).is_ok_and(|k| k.trim() != kind);
+        if other {
+            let _ = std::fs::remove_file(&vars);
+            self.inner.events.emit(
+                Some(&rec.spec.name),
+                "firmware",
+                format!("Secure Boot {}: new UEFI variables ({kind} template); boot entries the guest made are gone", if rec.spec.secure_boot { "on" } else { "off" }),
+            );
+        }
         if !vars.exists() {
             std::fs::create_dir_all(&dir)
                 .and_then(|_| std::fs::copy(&vars_tpl, &vars).map(|_| ()))
+                .and_then(|_| std::fs::write(&kind_file, kind))
                 .map_err(|source| AgentError::Io {
                     what: format!("Create UEFI variables {}", vars.display()),
                     source,
@@ -221,6 +272,11 @@ impl Host {
         }
         let ovmf = self.uefi_files(rec)?;
         let run = self.run_paths(rec.id);
+        let tpm = if spec.tpm {
+            Some(self.prepare_tpm(rec.id)?)
+        } else {
+            None
+        };
         // cloud-init's seed, made again at every start (and on a migration's
         // destination: the same spec gives the same disk).
         let cloud_init = match ferry_cloudinit::render(spec) {
@@ -248,6 +304,7 @@ impl Host {
                 .map(|i| ferry_net::tap_name(rec.id, i))
                 .collect(),
             ovmf,
+            tpm,
             paused: false,
             incoming: false,
             nic_fds: true,
@@ -320,6 +377,10 @@ impl Host {
     pub async fn start_incoming(&self, op: &VmOp) -> Result<()> {
         let (name, slot) = (op.name(), op.slot());
         let (rec, _) = self.record(name).await?;
+        // the TPM's state comes in the migration stream: swtpm starts with none
+        if rec.spec.tpm {
+            self.clear_tpm(rec.id)?;
+        }
         let mut plan = self.plan(&rec).await?;
         plan.incoming = true;
         self.run_plan(name, slot, &rec, &plan, None).await
@@ -355,6 +416,7 @@ impl Host {
                 if let Some(pid) = pid {
                     let _ = self.inner.os.kill_qemu(pid, &plan.run).await;
                 }
+                self.end_swtpm(rec.id, &plan.run);
                 self.remove_taps(rec.id, rec.spec.nics.len()).await;
                 self.remove_overlays(rec.id);
                 let msg = format!("start failed: {}", crate::error_chain(&e).join(": "));
@@ -448,6 +510,14 @@ impl Host {
         // Its scope or pool cgroup before it becomes QEMU (KVM's threads stay where
         // they were made).
         let place = self.placement(rec).await?;
+        // swtpm, started by the launcher where QEMU goes, as QEMU's user
+        let companion = match &plan.tpm {
+            Some(_) => self
+                .tpm_companion(&rec.spec, rec.id, &plan.run)?
+                .map(|(_, argv)| argv)
+                .unwrap_or_default(),
+            None => vec![],
+        };
         let pid = self
             .inner
             .os
@@ -456,8 +526,11 @@ impl Host {
                 &argv,
                 &plan.run,
                 who.as_ref(),
-                &fds,
-                place.as_ref().map(|f| f as ferry_qemu::BeforeExec<'_>),
+                ferry_qemu::Launcher {
+                    fds: &fds,
+                    before_exec: place.as_ref().map(|f| f as ferry_qemu::BeforeExec<'_>),
+                    companion: &companion,
+                },
             )
             .await?;
         drop(fds);

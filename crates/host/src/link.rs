@@ -331,6 +331,17 @@ impl Peer {
             .map(|_| ())
     }
 
+    /// Sends bytes held in memory as the body of a PUT.
+    pub async fn put_bytes(&self, path: &str, body: Vec<u8>) -> Result<()> {
+        let req = self
+            .upload
+            .put(format!("{}{path}", self.host.api))
+            .body(body);
+        self.send::<serde_json::Value>(req, &format!("PUT {path}"))
+            .await
+            .map(|_| ())
+    }
+
     pub async fn post<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T> {
         let req = self
             .http

@@ -25,8 +25,7 @@ pub trait HostOs: Send + Sync + 'static {
         argv: &[OsString],
         run: &RunPaths,
         who: Option<&RunAs>,
-        fds: &[(i32, OwnedFd)],
-        before_exec: Option<ferry_qemu::BeforeExec<'_>>,
+        launcher: ferry_qemu::Launcher<'_>,
     ) -> Result<i32, QemuError>;
     /// Ends a VM's QEMU (SIGKILL when it lingers) and waits until it is gone.
     async fn kill_qemu(&self, pid: i32, run: &RunPaths) -> Result<(), QemuError>;
@@ -102,10 +101,9 @@ impl HostOs for RealOs {
         argv: &[OsString],
         run: &RunPaths,
         who: Option<&RunAs>,
-        fds: &[(i32, OwnedFd)],
-        before_exec: Option<ferry_qemu::BeforeExec<'_>>,
+        launcher: ferry_qemu::Launcher<'_>,
     ) -> Result<i32, QemuError> {
-        ferry_qemu::spawn_detached(binary, argv, run, who, fds, before_exec).await
+        ferry_qemu::spawn_detached(binary, argv, run, who, launcher).await
     }
 
     async fn kill_qemu(&self, pid: i32, run: &RunPaths) -> Result<(), QemuError> {

@@ -200,6 +200,8 @@ impl Host {
                         created_ms: crate::events::now_ms(),
                         description: "recovered after an interrupted snapshot".into(),
                         quiesced: false,
+                        tpm: false,
+                        tpm_state: None,
                     };
                     self.inner
                         .store

@@ -223,6 +223,13 @@ impl Host {
                 done.push(d.clone());
             }
         }
+        // With memory the TPM's state is in the saved device state; a disk-only
+        // snapshot keeps it in its record.
+        let tpm_state = if rec.spec.tpm && !req.with_memory {
+            self.read_tpm_state(rec.id)?.map(|s| crate::tpm::encode(&s))
+        } else {
+            None
+        };
         let snap = Snapshot {
             name: req.name.clone(),
             parent: rec.current_snapshot.clone(),
@@ -230,6 +237,8 @@ impl Host {
             created_ms: crate::events::now_ms(),
             description: req.description,
             quiesced,
+            tpm: tpm_state.is_some(),
+            tpm_state,
         };
         self.inner.store.put_json(&key, &snap).await?;
         self.update_record(vm, |r| r.current_snapshot = Some(req.name.clone()))
@@ -284,8 +293,16 @@ impl Host {
             if slot.state().has_process() {
                 self.stop_held(&op).await?;
             }
+            let tpm = match &snap.tpm_state {
+                Some(t) => Some(crate::tpm::decode(t)?),
+                None => None,
+            };
             self.offline_snapshot(&disks, SnapshotOp::Apply, name)
                 .await?;
+            if let Some(t) = tpm {
+                let (rec, _) = self.record(vm).await?;
+                self.write_tpm_state(rec.id, &t)?;
+            }
         }
         self.update_record(vm, |r| r.current_snapshot = Some(name.to_string()))
             .await?;

@@ -223,6 +223,21 @@ impl Host {
             }
         }
         if spec.firmware == ferry_types::Firmware::Uefi
+            && spec.secure_boot
+            && crate::lifecycle::secure_boot_paths().is_none()
+        {
+            e.push(
+                "secure_boot",
+                "Secure Boot needs OVMF's Secure Boot build (Debian package ovmf: OVMF_CODE_4M.secboot.fd, OVMF_VARS_4M.ms.fd), which this host lacks",
+            );
+        }
+        if spec.tpm && !crate::caps::installed(crate::tpm::SWTPM) {
+            e.push(
+                "tpm",
+                "a TPM needs swtpm (Debian package swtpm), which this host lacks",
+            );
+        }
+        if spec.firmware == ferry_types::Firmware::Uefi
             && crate::lifecycle::ovmf_paths(spec.arch()).is_none()
         {
             e.push(

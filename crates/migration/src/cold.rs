@@ -21,6 +21,8 @@ pub enum ColdPiece {
     State,
     /// The UEFI variables (a stopped VM's only copy of its boot entries).
     Efivars,
+    /// The TPM's state (a VM with a TPM).
+    Tpm,
 }
 
 impl Migrations {
@@ -166,6 +168,12 @@ impl Migrations {
             peer.put_file(&format!("/api/v1/migrations/cold/{name}/efivars"), &vars)
                 .await?;
         }
+        // read here, never by following what the VM's user may have put in its folder
+        if let Some(state) = self.read_tpm_state(rec.id)? {
+            ctx.log("copying the TPM's state");
+            peer.put_bytes(&format!("/api/v1/migrations/cold/{name}/tpm"), state)
+                .await?;
+        }
         peer.post::<Vec<String>>(
             &format!("/api/v1/migrations/cold/{name}/finish"),
             &IncomingFinish { success: true },
@@ -304,6 +312,15 @@ impl Migrations {
             })?;
             return Ok((dir.join("efivars.fd"), dir.join(".partial-efivars.fd")));
         }
+        if piece == ColdPiece::Tpm {
+            // received beside the TPM's folder, which is made anew from it when done
+            let dir = self.vm_state_dir(rec.id);
+            std::fs::create_dir_all(&dir).map_err(|source| AgentError::Io {
+                what: format!("Create {}", dir.display()),
+                source,
+            })?;
+            return Ok((self.tpm_dir(rec.id), dir.join(".partial-tpm")));
+        }
         let dp = self.dir_pool("local").await?;
         let file = match piece {
             ColdPiece::Disk(i) => {
@@ -344,6 +361,7 @@ impl Migrations {
         let room = free.saturating_sub(1 << 30);
         Ok(match piece {
             ColdPiece::Efivars => room.min(64 << 20),
+            ColdPiece::Tpm => room.min(ferry_host::tpm::MAX_STATE),
             ColdPiece::State => room.min((rec.spec.memory_mib << 20) + (512 << 20)),
             ColdPiece::Disk(_) => room,
         })
@@ -378,6 +396,15 @@ impl Migrations {
                 return Err(e.into());
             }
             return Ok(());
+        }
+        if piece == ColdPiece::Tpm {
+            let (rec, _) = self.record(name).await?;
+            let state = std::fs::read(partial).map_err(|source| AgentError::Io {
+                what: format!("Read {}", partial.display()),
+                source,
+            });
+            let _ = std::fs::remove_file(partial);
+            return self.write_tpm_state(rec.id, &state?);
         }
         std::fs::rename(partial, path).map_err(|source| AgentError::Io {
             what: format!("Publish {}", path.display()),

@@ -90,6 +90,9 @@ pub struct LaunchPlan {
     pub taps: Vec<String>,
     /// (code, vars) for UEFI.
     pub ovmf: Option<(PathBuf, PathBuf)>,
+    /// A VM with a TPM: swtpm (started by the launcher, see `tpm_companion`) serves
+    /// it on `run.tpm`, keeping its state in this folder.
+    pub tpm: Option<PathBuf>,
     /// Start with the vCPUs stopped (`-S`).
     pub paused: bool,
     /// Wait for incoming migration state (`-incoming defer`).
@@ -176,6 +179,26 @@ pub fn nic_device(n: &NicSpec, k: usize) -> Value {
     dev
 }
 
+/// swtpm's command line for a VM with a TPM (run by QEMU's launcher just before it
+/// becomes QEMU, as the VM's user, in its place): TPM 2.0, its state in `dir`, its
+/// control socket `run.tpm`, ending when QEMU leaves it; it forks once it listens.
+pub fn tpm_companion(swtpm: &str, dir: &std::path::Path, run: &RunPaths) -> Vec<OsString> {
+    let mut a = vec![OsString::from(swtpm), "socket".into(), "--tpm2".into()];
+    let kv = |k: &str, v: String| [OsString::from(k), OsString::from(v)];
+    a.extend(kv("--tpmstate", format!("dir={},mode=0600", dir.display())));
+    a.extend(kv(
+        "--ctrl",
+        format!("type=unixio,path={},mode=0600", run.tpm.display()),
+    ));
+    a.extend(kv("--pid", format!("file={}", run.swtpm_pid.display())));
+    a.extend(kv(
+        "--log",
+        format!("file={},level=1", run.sockets.join("swtpm.log").display()),
+    ));
+    a.extend(["--terminate".into(), "--daemon".into()]);
+    a
+}
+
 /// The full argv (without the binary).
 pub fn build_argv(p: &LaunchPlan) -> Vec<OsString> {
     let s = &p.spec;
@@ -185,7 +208,14 @@ pub fn build_argv(p: &LaunchPlan) -> Vec<OsString> {
     if p.ovmf.is_some() && s.firmware == Firmware::Uefi {
         mach.push_str(",pflash0=pflash0,pflash1=pflash1");
     }
+    if s.secure_boot {
+        // the Secure Boot firmware keeps its variables in SMM: only it writes them
+        mach.push_str(",smm=on");
+    }
     a.push("-machine", mach);
+    if s.secure_boot {
+        a.push("-global", "driver=cfi.pflash01,property=secure,value=on");
+    }
     match p.accel {
         Accel::Kvm => a.push("-accel", "kvm"),
         Accel::Tcg => a.push("-accel", "tcg,thread=single"),
@@ -246,6 +276,17 @@ pub fn build_argv(p: &LaunchPlan) -> Vec<OsString> {
         a.json(
             "-blockdev",
             json!({"driver": "file", "filename": vars, "node-name": "pflash1"}),
+        );
+    }
+    if p.tpm.is_some() && s.tpm {
+        a.push(
+            "-chardev",
+            format!("socket,id=tpm0chr,path={}", p.run.tpm.display()),
+        );
+        a.push("-tpmdev", "emulator,id=tpm0,chardev=tpm0chr");
+        a.json(
+            "-device",
+            json!({"driver": "tpm-tis", "tpmdev": "tpm0", "id": "tpm0dev"}),
         );
     }
     if let Some(k) = &s.direct_boot {
@@ -507,6 +548,7 @@ mod tests {
             ],
             taps: vec!["tap7i0".into()],
             ovmf: None,
+            tpm: None,
             paused: false,
             incoming: false,
             nic_fds: false,
@@ -521,6 +563,47 @@ mod tests {
             .filter(|w| w[0] == flag)
             .map(|w| serde_json::from_str(w[1].to_str().unwrap()).unwrap())
             .collect()
+    }
+
+    #[test]
+    fn a_tpm_and_secure_boot_reach_qemu() {
+        let mut p = plan();
+        // a spec with a TPM, without a TPM folder (a backup's boot check): no TPM
+        p.spec.tpm = true;
+        let argv = build_argv(&p);
+        assert!(!argv.iter().any(|a| a == "-tpmdev"));
+        p.tpm = Some("/state/vms/7/tpm".into());
+        let argv = build_argv(&p);
+        let after = |flag: &str| {
+            argv.windows(2)
+                .filter(|w| w[0] == flag)
+                .map(|w| w[1].to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            after("-chardev").last().unwrap(),
+            "socket,id=tpm0chr,path=/run/ferry/7/qemu/tpm.sock"
+        );
+        assert_eq!(after("-tpmdev"), ["emulator,id=tpm0,chardev=tpm0chr"]);
+        assert!(devices(&argv, "-device")
+            .iter()
+            .any(|d| d["driver"] == "tpm-tis" && d["tpmdev"] == "tpm0"));
+        assert!(!after("-machine")[0].contains("smm"));
+        p.spec.secure_boot = true;
+        let argv = build_argv(&p);
+        let machine: Vec<_> = argv.windows(2).filter(|w| w[0] == "-machine").collect();
+        assert!(machine[0][1].to_string_lossy().ends_with(",smm=on"));
+        assert!(argv
+            .windows(2)
+            .any(|w| w[0] == "-global" && w[1] == "driver=cfi.pflash01,property=secure,value=on"));
+        let c = tpm_companion("swtpm", std::path::Path::new("/state/vms/7/tpm"), &p.run);
+        let c: Vec<_> = c.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert_eq!(&c[..3], ["swtpm", "socket", "--tpm2"]);
+        assert!(
+            c.contains(&"dir=/state/vms/7/tpm,mode=0600".to_string()),
+            "{c:?}"
+        );
+        assert!(c.contains(&"--terminate".to_string()) && c.contains(&"--daemon".to_string()));
     }
 
     #[test]

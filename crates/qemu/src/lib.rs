@@ -9,12 +9,13 @@ mod process;
 
 pub use accel::{detect_accel, Accel, AccelSetting};
 pub use argv::{
-    build_argv, format_node, nic_device, nic_fd, BackingFile, LaunchPlan, NbdSource, ResolvedCdrom,
-    ResolvedDisk, RESTORE_RECONNECT_DELAY, SANDBOX,
+    build_argv, format_node, nic_device, nic_fd, tpm_companion, BackingFile, LaunchPlan, NbdSource,
+    ResolvedCdrom, ResolvedDisk, RESTORE_RECONNECT_DELAY, SANDBOX,
 };
 pub use helper::{helper_argv, HelperPlan, FILE_RESTORE_PORT};
 pub use process::{
-    kill_and_wait, peer_is, pid_alive, read_pid, spawn_detached, BeforeExec, RunAs, RunPaths,
+    kill_and_wait, peer_is, pid_alive, read_pid, spawn_detached, BeforeExec, Launcher, RunAs,
+    RunPaths,
 };
 
 #[derive(Debug, thiserror::Error)]

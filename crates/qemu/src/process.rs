@@ -26,6 +26,9 @@ pub struct RunPaths {
     pub qga: PathBuf,
     /// The cloud-init seed disk, written by the daemon at each start.
     pub cloud_init: PathBuf,
+    /// swtpm's control socket (a VM with a TPM) and its pidfile, swtpm's own.
+    pub tpm: PathBuf,
+    pub swtpm_pid: PathBuf,
     /// QEMU's standard output and error, a file the daemon opened for it.
     pub log: PathBuf,
 }
@@ -42,6 +45,8 @@ impl RunPaths {
             vnc: sockets.join("vnc.sock"),
             qga: sockets.join("qga.sock"),
             cloud_init: dir.join("cloud-init.img"),
+            tpm: sockets.join("tpm.sock"),
+            swtpm_pid: sockets.join("swtpm.pid"),
             log: dir.join("qemu.log"),
             sockets,
             dir,
@@ -56,7 +61,15 @@ impl RunPaths {
                 source,
             })?;
         }
-        for f in [&self.pidfile, &self.qmp, &self.serial, &self.vnc, &self.qga] {
+        for f in [
+            &self.pidfile,
+            &self.qmp,
+            &self.serial,
+            &self.vnc,
+            &self.qga,
+            &self.tpm,
+            &self.swtpm_pid,
+        ] {
             let _ = std::fs::remove_file(f);
         }
         Ok(())
@@ -79,6 +92,15 @@ pub struct RunAs {
 /// Run on the launcher's pid before it becomes QEMU (see [`spawn_detached`]).
 pub type BeforeExec<'a> = &'a (dyn Fn(i32) -> Result<(), String> + Send + Sync);
 
+/// What QEMU's launcher does besides executing QEMU (see [`spawn_detached`]): the
+/// open files QEMU inherits, where the process is placed first, the companion it runs.
+#[derive(Default)]
+pub struct Launcher<'a> {
+    pub fds: &'a [(i32, std::os::fd::OwnedFd)],
+    pub before_exec: Option<BeforeExec<'a>>,
+    pub companion: &'a [OsString],
+}
+
 /// Starts QEMU detached from the daemon (its own session, reparented away from the
 /// daemon, stdout and stderr in `qemu.log` of the run dir) and returns its pid once QEMU
 /// has initialised: its QMP monitor greets. The launcher stops itself before it
@@ -90,15 +112,22 @@ pub type BeforeExec<'a> = &'a (dyn Fn(i32) -> Result<(), String> + Send + Sync);
 /// which the seccomp sandbox forbids.) `run_as`: the user and groups QEMU runs as (the
 /// launcher drops to them before anything is executed); `fds`: open files QEMU
 /// inherits, each at the descriptor number given (every other descriptor is closed on
-/// exec).
+/// exec) — these three in `launcher`. `companion`: a program the launcher runs (as the same user, in the same
+/// place, with only standard input, output and error — the log) just before it
+/// becomes QEMU, which must return once it is ready (a daemon: swtpm for the TPM); if
+/// it fails, QEMU is not started.
 pub async fn spawn_detached(
     binary: &str,
     argv: &[OsString],
     run: &RunPaths,
     run_as: Option<&RunAs>,
-    fds: &[(i32, std::os::fd::OwnedFd)],
-    before_exec: Option<BeforeExec<'_>>,
+    launcher: Launcher<'_>,
 ) -> Result<i32, QemuError> {
+    let Launcher {
+        fds,
+        before_exec,
+        companion,
+    } = launcher;
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
     run.prepare()?;
@@ -116,7 +145,7 @@ pub async fn spawn_detached(
         })?;
     let mut cmd = tokio::process::Command::new("sh");
     cmd.arg("-c")
-        .arg(r#"setsid sh -c 'kill -STOP $$ && exec "$@"' sh "$@" >&3 2>&3 3>&- </dev/null & echo $!"#)
+        .arg(r#"setsid sh -c 'kill -STOP $$ && { [ -z "$FERRY_COMPANION" ] || eval "$FERRY_COMPANION"; } && unset FERRY_COMPANION && exec "$@"' sh "$@" >&3 2>&3 3>&- </dev/null & echo $!"#)
         .arg("sh")
         .arg(binary)
         .args(argv)
@@ -129,6 +158,9 @@ pub async fn spawn_detached(
         )
         .stdin(Stdio::null())
         .stderr(Stdio::null());
+    if !companion.is_empty() {
+        cmd.env("FERRY_COMPANION", companion_line(companion)?);
+    }
     // Sources and targets, fixed before the fork (nothing may allocate after it).
     let mut moves = [(-1i32, -1i32); 64];
     let mut n = 0;
@@ -255,6 +287,31 @@ pub async fn spawn_detached(
     }
 }
 
+/// The shell line that runs `argv` with every descriptor above standard error closed
+/// (QEMU's taps and vhost-net must not stay open in a daemon that outlives it; bash,
+/// because POSIX sh cannot name descriptors above 9).
+fn companion_line(argv: &[OsString]) -> Result<String, QemuError> {
+    const CLOSE_ALL: &str = r#"for f in /proc/$$/fd/*; do n=${f##*/}; case $n in 0|1|2) ;; *) eval "exec $n>&-" ;; esac; done; exec "$@""#;
+    let mut words = vec![
+        "bash".to_string(),
+        "-c".into(),
+        CLOSE_ALL.into(),
+        "companion".into(),
+    ];
+    for a in argv {
+        words.push(
+            a.to_str()
+                .map(str::to_string)
+                .ok_or_else(|| QemuError::Start {
+                    stderr: format!("{} is not UTF-8", a.to_string_lossy()),
+                })?,
+        );
+    }
+    shlex::try_join(words.iter().map(String::as_str)).map_err(|e| QemuError::Start {
+        stderr: format!("cannot quote the companion's command line: {e}"),
+    })
+}
+
 /// A process's state letter from `/proc/PID/stat` (`T`: stopped).
 fn proc_state(pid: i32) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -372,6 +429,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_companion_runs_with_its_words_intact() {
+        let line = companion_line(&[
+            "printf".into(),
+            "%s|".into(),
+            "a b".into(),
+            "'$(id)'".into(),
+        ])
+        .unwrap();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("exec 7</dev/null 9</dev/null; {line}"))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "a b|'$(id)'|");
+        // descriptors above standard error are closed before it runs
+        let line = companion_line(&["ls".into(), "/proc/self/fd".into()]).unwrap();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("exec 7</dev/null 9</dev/null; {line}"))
+            .output()
+            .unwrap();
+        let fds: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        assert!(
+            !fds.contains(&"7".to_string()) && !fds.contains(&"9".to_string()),
+            "{fds:?}"
+        );
+    }
+
+    #[test]
     fn pid_alive_checks_cmdline_not_just_pid() {
         let me = std::process::id() as i32;
         assert!(!pid_alive(me, Path::new("/nonexistent/qmp.sock")));
@@ -388,8 +477,7 @@ mod tests {
             &["-no-such-option".into()],
             &run,
             None,
-            &[],
-            None,
+            Launcher::default(),
         )
         .await;
         match r {

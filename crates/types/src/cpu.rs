@@ -156,7 +156,16 @@ pub struct HostCaps {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schema(no_recursion)]
     pub others: Vec<HostCaps>,
+    /// Devices beyond QEMU it can give guests of this architecture: `tpm` (swtpm is
+    /// installed), `secure-boot` (OVMF's Secure Boot build with Microsoft's keys).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
 }
+
+/// A host feature ([`HostCaps::features`]): swtpm, for VMs with a TPM.
+pub const FEATURE_TPM: &str = "tpm";
+/// A host feature: OVMF's Secure Boot build and variables with Microsoft's keys.
+pub const FEATURE_SECURE_BOOT: &str = "secure-boot";
 
 /// Orders `a.b` versions numerically (`9.2` < `10.0`).
 fn version_key(v: &str) -> (u32, u32) {
@@ -193,15 +202,30 @@ impl HostCaps {
             .collect()
     }
 
-    /// [`HostCaps::refusals`] for a guest of `arch`.
+    /// [`HostCaps::refusals`] for a guest of `arch` that needs `features`.
     pub fn refusals_for(
         &self,
         arch: &str,
         cpu: Option<&str>,
         machine: Option<&str>,
+        features: &[String],
     ) -> Vec<String> {
         match self.for_arch(arch) {
-            Some(c) => c.refusals(cpu, machine),
+            Some(c) => {
+                let mut out = c.refusals(cpu, machine);
+                for f in features {
+                    if !c.features.contains(f) {
+                        out.push(match f.as_str() {
+                            FEATURE_TPM => "has no swtpm for a TPM (Debian package swtpm)".into(),
+                            FEATURE_SECURE_BOOT => {
+                                "has no Secure Boot firmware (OVMF_CODE_4M.secboot.fd, OVMF_VARS_4M.ms.fd: Debian package ovmf)".into()
+                            }
+                            other => format!("lacks {other}"),
+                        });
+                    }
+                }
+                out
+            }
             None => vec![format!(
                 "cannot run {arch} guests (it has no qemu-system-{arch})"
             )],
@@ -296,6 +320,7 @@ pub fn host_caps(
             cpu_models: models.into_iter().collect(),
             machines,
             others: vec![],
+            features: vec![],
         },
         dropped,
     )

@@ -308,6 +308,15 @@ pub struct VmSpec {
     /// cloud-init (NoCloud) settings: a seed disk labelled `cidata` at every start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cloud_init: Option<crate::guest::CloudInit>,
+    /// A TPM 2.0 (swtpm, one per VM, running as the VM's QEMU user). Its state is kept
+    /// with the VM and goes with it: live migration, cold moves, clones, snapshots.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub tpm: bool,
+    /// UEFI Secure Boot with Microsoft's keys enrolled (OVMF's Secure Boot build; q35
+    /// with SMM): only signed boot loaders run. Changing it gives the VM new UEFI
+    /// variables at its next start (boot entries made by the guest are lost).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub secure_boot: bool,
 }
 
 /// A defined VM with its runtime status, as the API returns it.
@@ -379,6 +388,22 @@ pub struct Snapshot {
     /// with memory, where the saved RAM makes it whole).
     #[serde(default)]
     pub quiesced: bool,
+    /// It keeps the VM's TPM state (a disk-only snapshot of a VM with a TPM), put back
+    /// when it is reverted. With memory, the TPM's state is in the saved device state.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub tpm: bool,
+    /// That state (base64 of swtpm's state file). Kept in the store and carried with
+    /// the snapshot between hosts; never in an API answer (it holds the TPM's secrets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm_state: Option<String>,
+}
+
+impl Snapshot {
+    /// As the API shows it: without the TPM's secrets.
+    pub fn redacted(mut self) -> Snapshot {
+        self.tpm_state = None;
+        self
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -559,6 +584,18 @@ impl VmSpec {
         }
     }
 
+    /// The host features ([`crate::cpu::HostCaps::features`]) it needs.
+    pub fn needs(&self) -> Vec<String> {
+        let mut out = vec![];
+        if self.tpm {
+            out.push(crate::cpu::FEATURE_TPM.to_string());
+        }
+        if self.secure_boot {
+            out.push(crate::cpu::FEATURE_SECURE_BOOT.to_string());
+        }
+        out
+    }
+
     /// Structural checks; reports every problem, not just the first.
     pub fn validate(&self) -> Result<(), ValidationErrors> {
         let mut e = ValidationErrors::default();
@@ -614,6 +651,31 @@ impl VmSpec {
                 e.push(
                     "firmware",
                     "riscv64 guests boot a kernel given directly here",
+                );
+            }
+        }
+        if self.tpm && !arch.is_pc() {
+            e.push(
+                "tpm",
+                format!("ferry gives a TPM to x86_64 guests (TIS); {arch} guests have none"),
+            );
+        }
+        if self.secure_boot {
+            if !arch.is_pc() {
+                e.push("secure_boot", "Secure Boot is offered to x86_64 guests");
+            } else if self.machine != Machine::Q35 {
+                e.push(
+                    "secure_boot",
+                    "Secure Boot needs the q35 machine (its firmware runs in SMM, which pc lacks here)",
+                );
+            }
+            if self.firmware != Firmware::Uefi {
+                e.push("secure_boot", "Secure Boot is UEFI's: set firmware uefi");
+            }
+            if self.direct_boot.is_some() {
+                e.push(
+                    "secure_boot",
+                    "a kernel given directly bypasses the boot loader Secure Boot checks: boot from a disk",
                 );
             }
         }
@@ -887,6 +949,62 @@ mod tests {
         assert!(
             serde_json::to_value(spec()).unwrap().get("arch").is_none(),
             "old specs unchanged"
+        );
+    }
+
+    #[test]
+    fn a_tpm_and_secure_boot_need_what_they_run_on() {
+        let mut s = spec();
+        s.tpm = true;
+        s.validate().unwrap();
+        assert_eq!(s.needs(), ["tpm"]);
+        s.secure_boot = true;
+        let e = s.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("secure_boot: Secure Boot needs the q35 machine"),
+            "{e}"
+        );
+        assert!(e.contains("secure_boot: Secure Boot is UEFI's"), "{e}");
+        s.machine = Machine::Q35;
+        s.firmware = Firmware::Uefi;
+        s.cdroms[0].bus = CdromBus::Sata;
+        s.validate().unwrap();
+        assert_eq!(s.needs(), ["tpm", "secure-boot"]);
+        s.direct_boot = Some(DirectBoot {
+            kernel: "/k".into(),
+            initrd: None,
+            cmdline: String::new(),
+        });
+        assert!(s.validate().unwrap_err().to_string().contains("bypasses"));
+        let mut arm = spec();
+        arm.arch = Some(crate::Arch::Aarch64);
+        arm.fill_arch_defaults();
+        arm.firmware = Firmware::Uefi;
+        arm.cdroms[0].bus = CdromBus::Scsi;
+        arm.tpm = true;
+        assert!(arm
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("tpm: ferry gives a TPM to x86_64"));
+        // absent in old specs, and absent when off
+        let v = serde_json::to_value(spec()).unwrap();
+        assert!(v.get("tpm").is_none() && v.get("secure_boot").is_none());
+        // a snapshot's TPM state never leaves in an API answer
+        let snap = Snapshot {
+            name: "s".into(),
+            parent: None,
+            with_memory: false,
+            created_ms: 1,
+            description: String::new(),
+            quiesced: false,
+            tpm: true,
+            tpm_state: Some("c2VjcmV0".into()),
+        };
+        let shown = serde_json::to_value(snap.redacted()).unwrap();
+        assert!(
+            shown.get("tpm_state").is_none() && shown["tpm"] == true,
+            "{shown}"
         );
     }
 
