@@ -114,7 +114,13 @@ await browse('host', async (page, { shot, login, waitTerminal, consoleConnected,
   // An error shows the server's reason: a second VM named web1.
   await page.getByTestId('create-vm').click();
   await page.locator('input[name=name]').fill('web1');
-  for (let i = 0; i < 6; i++) await page.getByTestId('wizard-next').click();
+  for (let i = 0; i < 5; i++) await page.getByTestId('wizard-next').click();
+  // Windows 11's needs on the Guest step: Secure Boot brings q35 and UEFI with it
+  await page.locator('input[name=secure-boot]').check();
+  await page.locator('input[name=tpm]').check();
+  await page.getByTestId('wizard-next').click(); // Confirm
+  const win = JSON.parse(await page.getByTestId('create-summary').innerText());
+  if (win.machine !== 'q35' || win.firmware !== 'uefi' || win.secure_boot !== true || win.tpm !== true) throw new Error(`Secure Boot and TPM: ${JSON.stringify(win)}`);
   await page.getByTestId('wizard-create').click();
   await page.getByRole('alert').filter({ hasText: /already exists/ }).waitFor();
   step('duplicate name refused with the reason');

@@ -11,6 +11,7 @@ pub use ferry_cluster::{
     run_watchdog, Cluster,
 };
 pub use ferry_host::cache::{Change as CacheChange, ClusterCache};
+pub use ferry_host::lifecycle::VarsKind;
 pub use ferry_host::os::raise_fd_limit;
 pub use ferry_host::{
     audit, check_forwarded, confine, error_chain, host_memory_bytes, host_token_id, Accel,

@@ -1,7 +1,7 @@
 //! Live migration and maintenance: `/api/v1/vms/{name}/migrate`, the host-to-host
 //! `/api/v1/migrations/...` calls, `/api/v1/cluster/hosts`, `/api/v1/host/maintenance`.
 
-use crate::error::{ApiJson, ApiPath, ApiResult};
+use crate::error::{ApiJson, ApiPath, ApiQuery, ApiResult};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
@@ -262,16 +262,28 @@ pub async fn upload_cold_state(
     receive(&a, &name, ColdPiece::State, body).await
 }
 
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct EfivarsQuery {
+    /// The template the variables were made from: `plain` or `secure-boot`
+    /// (Microsoft's keys). Absent: plain.
+    pub kind: Option<String>,
+}
+
 #[utoipa::path(put, path = "/api/v1/migrations/cold/{name}/efivars", tag = "migration",
-    params(("name" = String, Path, description = "VM name")),
+    params(("name" = String, Path, description = "VM name"), EfivarsQuery),
     request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The UEFI variables file"),
     responses((status = 204, description = "Stored"), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
 pub async fn upload_cold_efivars(
     State(a): State<Agent>,
     ApiPath(name): ApiPath<String>,
+    ApiQuery(q): ApiQuery<EfivarsQuery>,
     body: axum::body::Body,
 ) -> ApiResult<StatusCode> {
-    receive(&a, &name, ColdPiece::Efivars, body).await
+    let kind = ferry_agent::VarsKind::parse(q.kind.as_deref().unwrap_or("plain"))?;
+    let r = receive(&a, &name, ColdPiece::Efivars, body).await?;
+    a.migrations().record_vars_kind(&name, kind).await?;
+    Ok(r)
 }
 
 #[utoipa::path(put, path = "/api/v1/migrations/cold/{name}/tpm", tag = "migration",

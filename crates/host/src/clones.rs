@@ -10,6 +10,8 @@ use crate::tasks::TaskCtx;
 use crate::Host;
 use ferry_types::validate::check_name;
 use ferry_types::{CloneOf, CloneRequest, ValidationErrors, VmAction};
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 
 impl Host {
     /// Checks a clone request before any work (for an immediate 4xx).
@@ -137,20 +139,46 @@ impl Host {
     }
 }
 
+/// The most UEFI variables a clone copies (OVMF's are 540 KiB; cold moves take 64 MiB).
+const MAX_VARS: u64 = 64 << 20;
+
 impl Host {
-    /// Copies VM `rec`'s UEFI variables and TPM state to VM `id` (a clone).
+    /// Copies VM `rec`'s UEFI variables and (unless it is a template) TPM state to VM
+    /// `id` (a clone).
     fn clone_nvram(&self, rec: &VmRecord, id: u32) -> Result<()> {
         let (from, to) = (self.vm_state_dir(rec.id), self.vm_state_dir(id));
         let io = |what: String| move |source| AgentError::Io { what, source };
         for f in ["efivars.fd", "efivars.kind"] {
-            // the source's folder is the daemon's: these names are no links QEMU put
-            if from.join(f).is_file() {
-                std::fs::create_dir_all(&to).map_err(io(format!("Create {}", to.display())))?;
-                std::fs::copy(from.join(f), to.join(f))
-                    .map_err(io(format!("Copy {}", from.join(f).display())))?;
+            // the source's folder is the daemon's (these names are no links QEMU put),
+            // the variables' content its QEMU's: at most what OVMF's are
+            let src = from.join(f);
+            let Ok(file) = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(&src)
+            else {
+                continue;
+            };
+            let len = file.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
+            if len > MAX_VARS {
+                return Err(AgentError::failed(
+                    crate::error::Failure::Corrupt,
+                    format!("{} is {len} bytes: not UEFI variables", src.display()),
+                ));
             }
+            std::fs::create_dir_all(&to).map_err(io(format!("Create {}", to.display())))?;
+            let mut out = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(to.join(f))
+                .map_err(io(format!("Create {}", to.join(f).display())))?;
+            std::io::copy(&mut file.take(MAX_VARS), &mut out)
+                .map_err(io(format!("Copy {}", src.display())))?;
         }
-        if rec.spec.tpm {
+        // A template's clones are new machines: each gets a TPM of its own (its own
+        // keys); a clone of a VM gets a copy of its TPM, as of its disks.
+        if rec.spec.tpm && !rec.template {
             if let Some(state) = self.read_tpm_state(rec.id)? {
                 self.write_tpm_state(id, &state)?;
             }

@@ -92,6 +92,19 @@ pub fn own(path: &Path, uid: u32, gid: u32, mode: u32) -> Result<()> {
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
         .map_err(io(what()))?;
+    // A second name of a file (a hard link its owner made) would hand over what the
+    // other name is: another VM's disk, a host file.
+    let fm = f.metadata().map_err(io(what()))?;
+    if fm.is_file() && fm.nlink() != 1 {
+        return Err(AgentError::failed(
+            Failure::Untrusted,
+            format!(
+                "{} has {} names (hard links); a VM's files have one",
+                path.display(),
+                fm.nlink()
+            ),
+        ));
+    }
     std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).map_err(io(what()))?;
     f.set_permissions(std::fs::Permissions::from_mode(mode))
         .map_err(io(what()))
@@ -213,14 +226,21 @@ impl Host {
             own(vars, who.uid, who.gid, 0o600)?;
         }
         if let Some(dir) = &plan.tpm {
-            // swtpm (as this user) keeps the TPM's state here
+            // swtpm (as this user) keeps the TPM's state here. The folder is made anew
+            // by the daemon from the checked state: nothing the user left in it (links
+            // to other files) is ever handed back to it.
+            let state = crate::tpm::read_state(dir)?;
+            match &state {
+                Some(st) => crate::tpm::write_state(dir, st)?,
+                None => {
+                    crate::tpm::clear(dir)?;
+                    std::fs::create_dir(dir).map_err(io(format!("Create {}", dir.display())))?;
+                }
+            }
             reachable(dir, who, &managed)?;
             own(dir, who.uid, who.gid, 0o700)?;
-            for e in std::fs::read_dir(dir)
-                .map_err(io(format!("Read {}", dir.display())))?
-                .flatten()
-            {
-                own(&e.path(), who.uid, who.gid, 0o600)?;
+            if state.is_some() {
+                own(&dir.join(crate::tpm::STATE_FILE), who.uid, who.gid, 0o600)?;
             }
         }
         if let Some(b) = &plan.spec.direct_boot {
@@ -348,5 +368,11 @@ mod tests {
         own(&target, 4242, 4343, 0o600).unwrap();
         let m = std::fs::metadata(&target).unwrap();
         assert_eq!((m.uid(), m.gid(), m.mode() & 0o777), (4242, 4343, 0o600));
+        // nor a file with a second name
+        let other = d.path().join("other");
+        std::fs::write(&other, "y").unwrap();
+        std::fs::hard_link(&other, d.path().join("second")).unwrap();
+        assert!(own(&d.path().join("second"), 4242, 4343, 0o600).is_err());
+        assert_eq!(std::fs::metadata(&other).unwrap().uid(), 0);
     }
 }

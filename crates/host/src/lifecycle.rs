@@ -93,12 +93,44 @@ pub fn firmware_paths(spec: &ferry_types::VmSpec) -> Option<(PathBuf, PathBuf)> 
 }
 
 /// Which template a VM's UEFI variables were made from (`efivars.kind` beside them).
-fn vars_kind(spec: &ferry_types::VmSpec) -> &'static str {
-    if spec.secure_boot {
-        "secure-boot"
-    } else {
-        "plain"
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VarsKind {
+    Plain,
+    /// With Microsoft's keys (Secure Boot).
+    SecureBoot,
+}
+
+impl VarsKind {
+    pub fn of(spec: &ferry_types::VmSpec) -> VarsKind {
+        if spec.secure_boot {
+            VarsKind::SecureBoot
+        } else {
+            VarsKind::Plain
+        }
     }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VarsKind::Plain => "plain",
+            VarsKind::SecureBoot => "secure-boot",
+        }
+    }
+
+    /// A kind as a peer names it.
+    pub fn parse(s: &str) -> Result<VarsKind> {
+        match s {
+            "plain" => Ok(VarsKind::Plain),
+            "secure-boot" => Ok(VarsKind::SecureBoot),
+            other => Err(AgentError::invalid(
+                "kind",
+                format!("{other:?}: the variables' kind is plain or secure-boot"),
+            )),
+        }
+    }
+}
+
+fn vars_kind(spec: &ferry_types::VmSpec) -> &'static str {
+    VarsKind::of(spec).as_str()
 }
 
 impl Host {
@@ -109,6 +141,23 @@ impl Host {
                 .events
                 .emit(Some(name), "state", format!("{old} -> {state}"));
         }
+    }
+
+    /// The template VM `id`'s UEFI variables came from (none recorded: plain).
+    pub fn vars_kind_of(&self, id: u32) -> VarsKind {
+        std::fs::read_to_string(self.vm_state_dir(id).join("efivars.kind"))
+            .ok()
+            .and_then(|k| VarsKind::parse(k.trim()).ok())
+            .unwrap_or(VarsKind::Plain)
+    }
+
+    /// Records the template VM `id`'s UEFI variables came from (a cold move's).
+    pub fn set_vars_kind(&self, id: u32, kind: VarsKind) -> Result<()> {
+        let f = self.vm_state_dir(id).join("efivars.kind");
+        std::fs::write(&f, kind.as_str()).map_err(|source| AgentError::Io {
+            what: format!("Write {}", f.display()),
+            source,
+        })
     }
 
     /// OVMF's code and this VM's own copy of the UEFI variables (made from the
@@ -132,9 +181,9 @@ impl Host {
         let kind_file = dir.join("efivars.kind");
         let kind = vars_kind(&rec.spec);
         // Secure Boot switched on or off: variables from the other template (without
-        // Microsoft's keys, or with them) are made anew. Variables without a record of
-        // their template (made before it was kept, or carried by a cold move) stay.
-        let other = std::fs::read_to_string(&kind_file).is_ok_and(|k| k.trim() != kind);
+        // Microsoft's keys, or with them) are made anew.
+        // (the daemon's own file; none: made before Secure Boot existed, so plain)
+        let other = vars.exists() && self.vars_kind_of(rec.id).as_str() != kind;
         if other {
             let _ = std::fs::remove_file(&vars);
             self.inner.events.emit(
@@ -416,7 +465,9 @@ impl Host {
                 if let Some(pid) = pid {
                     let _ = self.inner.os.kill_qemu(pid, &plan.run).await;
                 }
-                self.end_swtpm(rec.id, &plan.run);
+                if plan.tpm.is_some() {
+                    self.end_swtpm(rec.id, &plan.run);
+                }
                 self.remove_taps(rec.id, rec.spec.nics.len()).await;
                 self.remove_overlays(rec.id);
                 let msg = format!("start failed: {}", crate::error_chain(&e).join(": "));

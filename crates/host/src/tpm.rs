@@ -71,7 +71,9 @@ pub fn read_state(dir: &Path) -> Result<Option<Vec<u8>>> {
     Ok(Some(out))
 }
 
-/// Makes `dir` a new folder holding `state` alone (whatever was there is gone).
+/// Makes `dir` a new folder holding `state` alone (whatever was there is gone): the
+/// new folder is made beside it and exchanged with it in one step, so a crash leaves
+/// the old state or the new one, never none.
 pub fn write_state(dir: &Path, state: &[u8]) -> Result<()> {
     if state.len() as u64 > MAX_STATE {
         return Err(AgentError::invalid(
@@ -79,12 +81,22 @@ pub fn write_state(dir: &Path, state: &[u8]) -> Result<()> {
             format!("larger than {} KiB", MAX_STATE >> 10),
         ));
     }
-    clear(dir)?;
+    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
+        return Err(AgentError::invalid(
+            "tpm",
+            format!("{} is no folder's path", dir.display()),
+        ));
+    };
+    let mut new_name = std::ffi::OsString::from(".");
+    new_name.push(name);
+    new_name.push(".new");
+    let new = parent.join(&new_name);
+    clear(&new)?;
     std::fs::DirBuilder::new()
         .mode(0o700)
-        .create(dir)
-        .map_err(io(format!("Create {}", dir.display())))?;
-    let path = dir.join(STATE_FILE);
+        .create(&new)
+        .map_err(io(format!("Create {}", new.display())))?;
+    let path = new.join(STATE_FILE);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -94,7 +106,24 @@ pub fn write_state(dir: &Path, state: &[u8]) -> Result<()> {
         .map_err(io(format!("Write {}", path.display())))?;
     std::io::Write::write_all(&mut f, state)
         .and_then(|_| f.sync_all())
-        .map_err(io(format!("Write {}", path.display())))
+        .and_then(|_| std::fs::File::open(&new)?.sync_all())
+        .map_err(io(format!("Write {}", path.display())))?;
+    let p = std::fs::File::open(parent).map_err(io(format!("Open {}", parent.display())))?;
+    if std::fs::symlink_metadata(dir).is_ok() {
+        nix::fcntl::renameat2(
+            &p,
+            new_name.as_os_str(),
+            &p,
+            name,
+            nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+        )
+        .map_err(|e| io(format!("Replace {}", dir.display()))(e.into()))?;
+        clear(&new)?;
+    } else {
+        std::fs::rename(&new, dir).map_err(io(format!("Create {}", dir.display())))?;
+    }
+    p.sync_all()
+        .map_err(io(format!("Sync {}", parent.display())))
 }
 
 /// Removes `dir` and what is in it (links removed, never followed).
@@ -197,9 +226,21 @@ impl Host {
     /// once connected, swtpm ends with QEMU). Its pidfile is the VM user's: the pid
     /// counts only if that process is the VM user's swtpm of this run dir.
     pub(crate) fn end_swtpm(&self, id: u32, run: &ferry_qemu::RunPaths) {
-        let Ok(text) = std::fs::read_to_string(&run.swtpm_pid) else {
+        // the VM's user's file: no link followed, no FIFO waited on, a few bytes read
+        let Ok(f) = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&run.swtpm_pid)
+        else {
             return;
         };
+        if !f.metadata().is_ok_and(|m| m.is_file()) {
+            return;
+        }
+        let mut text = String::new();
+        if f.take(32).read_to_string(&mut text).is_err() {
+            return;
+        }
         let Ok(pid) = text.trim().parse::<i32>() else {
             return;
         };

@@ -165,8 +165,12 @@ impl Migrations {
         let vars = self.vm_state_dir(rec.id).join("efivars.fd");
         if vars.is_file() {
             ctx.log("copying the UEFI variables");
-            peer.put_file(&format!("/api/v1/migrations/cold/{name}/efivars"), &vars)
-                .await?;
+            let kind = self.vars_kind_of(rec.id).as_str();
+            peer.put_file(
+                &format!("/api/v1/migrations/cold/{name}/efivars?kind={kind}"),
+                &vars,
+            )
+            .await?;
         }
         // read here, never by following what the VM's user may have put in its folder
         if let Some(state) = self.read_tpm_state(rec.id)? {
@@ -365,6 +369,22 @@ impl Migrations {
             ColdPiece::State => room.min((rec.spec.memory_mib << 20) + (512 << 20)),
             ColdPiece::Disk(_) => room,
         })
+    }
+
+    /// Destination: the template the arriving VM's UEFI variables came from.
+    pub async fn record_vars_kind(
+        &self,
+        name: &str,
+        kind: ferry_host::lifecycle::VarsKind,
+    ) -> Result<()> {
+        let (rec, _) = self.record(name).await?;
+        if Transit::from(&rec.transit).is_none() {
+            return Err(AgentError::refused(
+                Refusal::NotInTransit,
+                format!("{name} is not arriving here"),
+            ));
+        }
+        self.set_vars_kind(rec.id, kind)
     }
 
     /// Destination: an uploaded piece is complete.
