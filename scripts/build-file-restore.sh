@@ -22,7 +22,7 @@ target=x86_64-unknown-linux-gnu
   -p ferry-filerestore --bin ferry-file-restore --target "$target" --target-dir target/file-restore)
 bin=$here/target/file-restore/$target/release/ferry-file-restore
 
-stamp="$(sha256sum "$bin" "$guest/vmlinux" "$guest/initrd.img" | sha256sum | cut -c1-16)"
+stamp="$(cat "$bin" "$guest/vmlinux" "$guest/initrd.img" | sha256sum | cut -c1-16)"
 if [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$stamp" ] && [ -f "$out/initrd.img" ] && [ -f "$out/vmlinux" ]; then
   echo "build-file-restore: cached ($stamp) in $out"
   exit 0

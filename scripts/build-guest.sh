@@ -7,7 +7,7 @@
 # its kernel `vmlinuz` (an Image, which QEMU boots directly); FERRY_GUEST_ARCH=riscv64
 # likewise from Debian 13's riscv64 packages (Debian 12 has no riscv64; setup.sh adds a
 # trixie source limited to riscv64) in .../riscv64.
-# Idempotent: rebuilds only when the inputs changed.
+# Idempotent: rebuilds only when the inputs changed (their contents, wherever the checkout is).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 arch=${FERRY_GUEST_ARCH:-x86_64}
@@ -21,7 +21,7 @@ mkdir -p "$out"
 
 kpkg=$(apt-cache depends "$meta:$deb" 2>/dev/null | sed -n 's/.*Depends: \(linux-image-[0-9][^:]*\).*$/\1/p' | head -1)
 [ -n "$kpkg" ] || { echo "build-guest: cannot resolve the $deb cloud kernel package (apt-get update?)" >&2; exit 1; }
-stamp="$kpkg $(sha256sum "$here/guest-init" "$0" | sha256sum | cut -c1-16)"
+stamp="$kpkg $(cat "$here/guest-init" "$0" | sha256sum | cut -c1-16)"
 if [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$stamp" ] && [ -f "$out/$kfile" ] && [ -f "$out/initrd.img" ]; then
   echo "build-guest: cached ($stamp) in $out"
   exit 0

@@ -19,7 +19,7 @@ pkg() { apt-cache depends "$1" 2>/dev/null | sed -n "s/.*Depends: \($2[^:]*\).*$
 kpkg=$(pkg linux-image-cloud-amd64 'linux-image-[0-9]')
 [ -n "$kpkg" ] || { echo "build-secureboot-disk: cannot resolve the cloud kernel package (apt-get update?)" >&2; exit 1; }
 ver() { apt-cache policy "$1" 2>/dev/null | sed -n 's/^ *Candidate: //p'; }
-stamp="$kpkg shim $(ver shim-signed) grub $(ver grub-efi-amd64-signed) $(sha256sum "$guest/initrd.img" "$0" | sha256sum | cut -c1-16)"
+stamp="$kpkg shim $(ver shim-signed) grub $(ver grub-efi-amd64-signed) $(cat "$guest/initrd.img" "$0" | sha256sum | cut -c1-16)"
 if [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$stamp" ] && [ -f "$out/esp.img" ] && [ -f "$out/vmlinuz" ]; then
   echo "build-secureboot-disk: cached ($stamp) in $out"
   exit 0

@@ -129,10 +129,6 @@ impl VarsKind {
     }
 }
 
-fn vars_kind(spec: &ferry_types::VmSpec) -> &'static str {
-    VarsKind::of(spec).as_str()
-}
-
 impl Host {
     pub fn set_state(&self, name: &str, slot: &Slot, state: VmState) {
         let old = slot.with(|rt| std::mem::replace(&mut rt.state, state));
@@ -179,23 +175,21 @@ impl Host {
         let dir = self.vm_state_dir(rec.id);
         let vars = dir.join("efivars.fd");
         let kind_file = dir.join("efivars.kind");
-        let kind = vars_kind(&rec.spec);
+        let kind = VarsKind::of(&rec.spec);
         // Secure Boot switched on or off: variables from the other template (without
         // Microsoft's keys, or with them) are made anew.
-        // (the daemon's own file; none: made before Secure Boot existed, so plain)
-        let other = vars.exists() && self.vars_kind_of(rec.id).as_str() != kind;
-        if other {
+        if vars.exists() && self.vars_kind_of(rec.id) != kind {
             let _ = std::fs::remove_file(&vars);
             self.inner.events.emit(
                 Some(&rec.spec.name),
                 "firmware",
-                format!("Secure Boot {}: new UEFI variables ({kind} template); boot entries the guest made are gone", if rec.spec.secure_boot { "on" } else { "off" }),
+                format!("Secure Boot {}: new UEFI variables ({} template); boot entries the guest made are gone", if rec.spec.secure_boot { "on" } else { "off" }, kind.as_str()),
             );
         }
         if !vars.exists() {
             std::fs::create_dir_all(&dir)
                 .and_then(|_| std::fs::copy(&vars_tpl, &vars).map(|_| ()))
-                .and_then(|_| std::fs::write(&kind_file, kind))
+                .and_then(|_| std::fs::write(&kind_file, kind.as_str()))
                 .map_err(|source| AgentError::Io {
                     what: format!("Create UEFI variables {}", vars.display()),
                     source,
@@ -322,7 +316,7 @@ impl Host {
         let ovmf = self.uefi_files(rec)?;
         let run = self.run_paths(rec.id);
         let tpm = if spec.tpm {
-            Some(self.prepare_tpm(rec.id)?)
+            Some(self.prepare_tpm(spec, rec.id)?)
         } else {
             None
         };
@@ -562,13 +556,11 @@ impl Host {
         // they were made).
         let place = self.placement(rec).await?;
         // swtpm, started by the launcher where QEMU goes, as QEMU's user
-        let companion = match &plan.tpm {
-            Some(_) => self
-                .tpm_companion(&rec.spec, rec.id, &plan.run)?
-                .map(|(_, argv)| argv)
-                .unwrap_or_default(),
-            None => vec![],
-        };
+        let companion = plan
+            .tpm
+            .as_deref()
+            .map(|dir| ferry_qemu::tpm_companion(crate::tpm::SWTPM, dir, &plan.run))
+            .unwrap_or_default();
         let pid = self
             .inner
             .os

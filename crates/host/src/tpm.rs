@@ -156,9 +156,19 @@ impl Host {
         self.vm_state_dir(id).join("tpm")
     }
 
-    /// The folder swtpm keeps VM `id`'s state in, made if missing (the daemon's until
-    /// the VM's QEMU user is given it at start).
-    pub(crate) fn prepare_tpm(&self, id: u32) -> Result<PathBuf> {
+    /// The folder swtpm keeps the state of VM `spec` (id `id`) in, made if missing (the
+    /// daemon's until the VM's QEMU user is given it at start); refused without swtpm.
+    pub(crate) fn prepare_tpm(&self, spec: &ferry_types::VmSpec, id: u32) -> Result<PathBuf> {
+        if !crate::caps::installed(SWTPM) {
+            return Err(AgentError::refused(
+                crate::error::Refusal::HostLacks,
+                format!(
+                    "{} has a TPM, which needs swtpm (Debian package swtpm) on {}",
+                    spec.name,
+                    self.host_name()
+                ),
+            ));
+        }
         let dir = self.tpm_dir(id);
         std::fs::create_dir_all(self.vm_state_dir(id))
             .map_err(io(format!("Create {}", self.vm_state_dir(id).display())))?;
@@ -195,31 +205,6 @@ impl Host {
     /// in QEMU's stream).
     pub fn clear_tpm(&self, id: u32) -> Result<()> {
         clear(&self.tpm_dir(id))
-    }
-
-    /// swtpm's command line for VM `id` (None: the VM has no TPM).
-    pub(crate) fn tpm_companion(
-        &self,
-        spec: &ferry_types::VmSpec,
-        id: u32,
-        run: &ferry_qemu::RunPaths,
-    ) -> Result<Option<(PathBuf, Vec<std::ffi::OsString>)>> {
-        if !spec.tpm {
-            return Ok(None);
-        }
-        if !crate::caps::installed(SWTPM) {
-            return Err(AgentError::refused(
-                crate::error::Refusal::HostLacks,
-                format!(
-                    "{} has a TPM, which needs swtpm (Debian package swtpm) on {}",
-                    spec.name,
-                    self.host_name()
-                ),
-            ));
-        }
-        let dir = self.prepare_tpm(id)?;
-        let argv = ferry_qemu::tpm_companion(SWTPM, &dir, run);
-        Ok(Some((dir, argv)))
     }
 
     /// Ends a swtpm of VM `id` left without its QEMU (QEMU failed before it connected;
